@@ -1,0 +1,55 @@
+"""DiffusionCore: diffusion models for CT, in pure PyTorch (no Slicer, no Qt).
+
+The public API:
+
+* :class:`Volume`, :func:`read_volume`, :func:`write_volume` - CT in HU with exact geometry;
+* :func:`degrade`, :func:`thin_grid` - thick-slice simulation and the thin grid that undoes it;
+* :func:`interpolate` - nearest / linear / cubic B-spline baselines;
+* :mod:`DiffusionCore.metrics` - PSNR, 3D SSIM, HU-MAE, body mask, consistency;
+* :func:`evaluate` - score methods on simulated thick slices;
+* ``SuperResolver`` (``DiffusionCore.sr``) and ``XrayToCTGenerator`` (``DiffusionCore.xray``) - the models.
+
+Everything user-facing raises :class:`DiffusionCoreError` subclasses with actionable messages.
+"""
+
+from .degrade import crop_to_slabs, degrade, thin_grid
+from .errors import (
+    Cancelled,
+    ConfigError,
+    DataUnavailableError,
+    DiffusionCoreError,
+    GeometryError,
+    InputError,
+    OutputError,
+    ResourceError,
+    WeightsError,
+)
+from .evaluate import evaluate, register_method
+from .interpolation import interpolate
+from .volume import Grid, Volume, read_volume, suggested_factor, thick_axis, write_volume
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cancelled",
+    "ConfigError",
+    "DataUnavailableError",
+    "DiffusionCoreError",
+    "GeometryError",
+    "Grid",
+    "InputError",
+    "OutputError",
+    "ResourceError",
+    "Volume",
+    "WeightsError",
+    "crop_to_slabs",
+    "degrade",
+    "evaluate",
+    "interpolate",
+    "read_volume",
+    "register_method",
+    "suggested_factor",
+    "thick_axis",
+    "thin_grid",
+    "write_volume",
+]

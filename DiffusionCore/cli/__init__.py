@@ -1,0 +1,1 @@
+"""The ``python -m DiffusionCore`` command line (see :mod:`DiffusionCore.cli.main`)."""

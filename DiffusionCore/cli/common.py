@@ -1,0 +1,73 @@
+"""Pieces every command shares: progress reporting, device choice, logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+class _LowerLevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname_lower = record.levelname.lower()
+        return super().format(record)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LowerLevelFormatter("%(levelname_lower)s: %(message)s"))
+    root = logging.getLogger("DiffusionCore")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress",
+        choices=("bar", "slicer", "none"),
+        default="bar",
+        help="progress display: a terminal bar (default), <filter-progress> lines for 3D Slicer, or none",
+    )
+
+
+class Progress:
+    """A ``progress(done, total, message)`` callback drawn as a tqdm bar or as Slicer progress lines.
+
+    Slicer's CLI protocol: ``<filter-progress>F</filter-progress>`` with F in [0, 1], and
+    ``<filter-comment>text</filter-comment>``, each on its own line of stdout, flushed.
+    """
+
+    def __init__(self, style: str = "bar", desc: str = ""):
+        self.style = style
+        self.desc = desc
+        self._bar: tqdm | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        with self._lock:
+            if self.style == "slicer":
+                frac = 0.0 if total <= 0 else min(1.0, max(0.0, done / total))
+                if message:
+                    print(f"<filter-comment>{message}</filter-comment>", flush=True)
+                print(f"<filter-progress>{frac:.4f}</filter-progress>", flush=True)
+            elif self.style == "bar":
+                if self._bar is None or self._bar.total != total:
+                    if self._bar is not None:
+                        self._bar.close()
+                    self._bar = tqdm(total=total, desc=self.desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+                self._bar.n = done
+                if message:
+                    self._bar.set_postfix_str(message, refresh=False)
+                self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

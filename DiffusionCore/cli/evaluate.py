@@ -1,0 +1,94 @@
+"""``evaluate``: score reconstruction methods on simulated thick slices of a thin-slice reference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import OutputError
+from ..evaluate import evaluate, format_table
+from ..volume import load_reference
+from .common import Progress, add_progress_argument
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="compare methods (nearest, linear, cubic, sr) on simulated thick slices",
+        description="Simulate thick slices from a thin-slice CT, reconstruct with each method, print a "
+        "table and optionally write JSON.",
+    )
+    p.add_argument("--reference", required=True, help="thin-slice CT: file, DICOM folder or sample name")
+    p.add_argument("--factor", type=int, required=True, help="slices per thick slab (2..8)")
+    p.add_argument("--axis", default="z", choices=("z", "y", "x"), help="array axis to degrade (default z)")
+    p.add_argument("--degradation", default="slab", choices=("slab", "decimate"), help="default slab")
+    p.add_argument("--methods", default="nearest,linear,cubic", help="comma-separated list")
+    p.add_argument("--weights", default=None, help="weights name or file for model methods (sr)")
+    p.add_argument("--num-steps", type=int, default=None, help="sampling steps for model methods")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (model methods)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for model methods")
+    p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
+    add_progress_argument(p)
+    p.set_defaults(func=run)
+
+
+def write_json_atomic(data: dict, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise OutputError(f"{p} already exists; pass --overwrite to replace it.")
+    if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
+        raise OutputError(f"cannot write {p}: the folder {p.parent} does not exist or is not writable.")
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(clean(data), f, indent=2)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.json_out:
+        out = Path(args.json_out)
+        if out.exists() and not args.overwrite:
+            raise OutputError(f"{out} already exists; pass --overwrite to replace it.")
+        if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+            raise OutputError(f"cannot write {out}: the folder {out.parent} does not exist or is not writable.")
+    ref = load_reference(args.reference)
+    options = {"weights": args.weights, "num_steps": args.num_steps, "device": args.device, "seed": args.seed}
+    progress = Progress(args.progress, desc="evaluate")
+    try:
+        report = evaluate(
+            ref,
+            args.factor,
+            axis=args.axis,
+            degradation=args.degradation,
+            methods=methods,
+            method_options=options,
+            reference_name=str(args.reference),
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    print(format_table(report))
+    if args.json_out:
+        write_json_atomic(report, args.json_out)
+    return 0

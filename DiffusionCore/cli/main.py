@@ -1,0 +1,82 @@
+"""``python -m DiffusionCore <command>``: one entry point for users, Slicer CLIs and scripts.
+
+Errors the user can act on print one ``error: ...`` line on stderr and exit with the error's code
+(2 bad input or options, 3 weights, 4 output, 5 resources, 6 sample data, 130 cancelled); ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import DiffusionCoreError
+from .common import setup_logging
+
+#: Modules of DiffusionCore.cli that each add one or more sub-commands through ``register(subparsers)``.
+COMMAND_MODULES = [
+    "evaluate",
+    "sample_data",
+]
+
+logger = logging.getLogger("DiffusionCore")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error convention (one ``error:`` line, exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m DiffusionCore", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__package__}.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except DiffusionCoreError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial output was kept.", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print(
+            "error: out of memory. Use smaller patches (--patch-size), fewer samples, or a machine with more "
+            "memory.",
+            file=sys.stderr,
+        )
+        return 5
+    except Exception as exc:  # a bug: say so plainly, keep the traceback behind --debug
+        if args.debug:
+            raise
+        print(
+            f"error: internal error ({type(exc).__name__}: {exc}). Run again with --debug for the traceback "
+            "and report it.",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The project's own error types.
+
+Every problem a user can cause or fix (bad input, bad weights, bad config, unwritable output) raises a
+subclass of :class:`DiffusionCoreError` with a message that names the problem and says what to do. The
+command line turns these into one ``error: ...`` line on stderr and the exit code of the class; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class DiffusionCoreError(Exception):
+    """Base class: a problem the user can act on. ``exit_code`` is what the command line returns."""
+
+    exit_code = 2
+
+
+class InputError(DiffusionCoreError, ValueError):
+    """The input image or volume cannot be used (wrong dimensionality, NaNs, unreadable file, ...)."""
+
+
+class GeometryError(InputError):
+    """The input's geometry does not fit the request (isotropic input, factor out of range, ...)."""
+
+
+class ConfigError(DiffusionCoreError, ValueError):
+    """A configuration file or option is invalid (unknown key, wrong type, out of range)."""
+
+
+class WeightsError(DiffusionCoreError):
+    """Weights are missing, corrupt, of another architecture, or fail their sha256 check."""
+
+    exit_code = 3
+
+
+class OutputError(DiffusionCoreError, OSError):
+    """The output cannot be written (unwritable folder, existing file without overwrite, ...)."""
+
+    exit_code = 4
+
+
+class ResourceError(DiffusionCoreError):
+    """The job does not fit the machine (memory estimate over the limit even with the smallest tiles)."""
+
+    exit_code = 5
+
+
+class DataUnavailableError(DiffusionCoreError):
+    """Sample data could not be fetched (offline, checksum mismatch, registry error)."""
+
+    exit_code = 6
+
+
+class Cancelled(DiffusionCoreError):
+    """The user cancelled the job; nothing partial was written."""
+
+    exit_code = 130

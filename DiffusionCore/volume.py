@@ -1,0 +1,465 @@
+"""CT volumes in HU with exact geometry, and their file formats.
+
+Conventions (the same everywhere in DiffusionCore):
+
+* ``Volume.array`` is float32 with shape ``(z, y, x)`` in Hounsfield units, i.e. the array order of
+  ``SimpleITK.GetArrayFromImage``: array axis 0 is the slice index k, axis 2 the column index i.
+* Geometry follows ITK: ``spacing`` and ``origin`` are given in index order ``(i, j, k)`` = ``(x, y, z)``,
+  in millimetres, in the LPS patient frame; ``direction`` is the 3x3 matrix whose column ``c`` is the unit
+  vector of index axis ``c`` in LPS. The physical point of voxel ``(i, j, k)`` is
+  ``origin + direction @ (spacing * (i, j, k))``.
+* Axis names used on the command line (``z``, ``y``, ``x``) refer to the *array* axes 0, 1, 2.
+
+Readers accept NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd) and a folder holding a
+DICOM series (rescale slope and intercept applied). Writers produce NIfTI, NRRD or MHA atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import GeometryError, InputError, OutputError
+
+logger = logging.getLogger(__name__)
+
+#: Values below this are padding markers (-2048, -3024, -32768 outside the scan circle), not tissue:
+#: air is about -1000 HU, so nothing real lies this low.
+PADDING_THRESHOLD_HU = -1500.0
+AIR_HU = -1024.0
+#: A spacing ratio at or above this makes an axis "thick" (through-plane).
+THICK_AXIS_MIN_RATIO = 1.5
+
+AXIS_NAMES = ("z", "y", "x")
+WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+
+def axis_index(axis: str | int) -> int:
+    """Array axis (0, 1, 2) for an axis name ``'z'``, ``'y'``, ``'x'`` or an int."""
+    if isinstance(axis, int | np.integer) and 0 <= int(axis) <= 2:
+        return int(axis)
+    if isinstance(axis, str) and axis.lower() in AXIS_NAMES:
+        return AXIS_NAMES.index(axis.lower())
+    raise InputError(f"unknown axis {axis!r}: use z, y or x (array axes 0, 1, 2)")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid in physical space (no intensities).
+
+    Attributes:
+        shape: array shape ``(z, y, x)``.
+        spacing: voxel size in mm, ITK order ``(x, y, z)``.
+        origin: LPS position in mm of the centre of voxel ``(0, 0, 0)``.
+        direction: 3x3 direction cosines, column c = index axis c (ITK convention).
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 numbers, row-major, hashable
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Spacing in array-axis order ``(z, y, x)``."""
+        return (self.spacing[2], self.spacing[1], self.spacing[0])
+
+    def index_to_physical(self) -> np.ndarray:
+        """4x4 matrix mapping homogeneous ``(i, j, k, 1)`` to LPS millimetres."""
+        m = np.eye(4)
+        m[:3, :3] = self.direction_matrix @ np.diag(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def to_sitk_reference(self) -> sitk.Image:
+        """An empty image carrying this grid (for ``sitk.Resample``)."""
+        z, y, x = self.shape
+        img = sitk.Image([int(x), int(y), int(z)], sitk.sitkUInt8)
+        img.SetSpacing([float(s) for s in self.spacing])
+        img.SetOrigin([float(o) for o in self.origin])
+        img.SetDirection([float(d) for d in self.direction])
+        return img
+
+
+@dataclass
+class Volume:
+    """A CT volume: float32 HU array ``(z, y, x)`` plus ITK geometry (see module docstring).
+
+    Attributes:
+        array: float32 array, shape ``(z, y, x)``, Hounsfield units.
+        spacing: mm per voxel, ``(x, y, z)``.
+        origin: LPS mm of voxel ``(0, 0, 0)``.
+        direction: 3x3 float64 direction cosines (columns = index axes).
+        metadata: free-form provenance (source path, series UID, notes); never used for computation.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        arr = np.asarray(self.array)
+        if arr.ndim != 3:
+            raise InputError(f"a volume needs a 3D array (z, y, x); got {arr.ndim}D with shape {arr.shape}")
+        self.array = np.ascontiguousarray(arr, dtype=np.float32)
+        self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
+        self.origin = tuple(float(o) for o in self.origin)  # type: ignore[assignment]
+        self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        if len(self.spacing) != 3 or len(self.origin) != 3:
+            raise InputError("spacing and origin need three values each (x, y, z)")
+        if not all(np.isfinite(s) and s > 0 for s in self.spacing):
+            raise GeometryError(
+                f"voxel spacing must be positive and finite; got {self.spacing} mm. "
+                "Fix the spacing in the file header (e.g. in 3D Slicer: Volumes > Volume Information)."
+            )
+
+    # -- geometry -----------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        return (self.spacing[2], self.spacing[1], self.spacing[0])
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(
+            shape=self.shape,
+            spacing=self.spacing,
+            origin=self.origin,
+            direction=tuple(float(v) for v in self.direction.ravel()),
+        )
+
+    def index_to_physical(self) -> np.ndarray:
+        """4x4 matrix mapping homogeneous ``(i, j, k, 1)`` to LPS millimetres."""
+        return self.grid.index_to_physical()
+
+    def with_array(self, array: np.ndarray, **metadata) -> Volume:
+        """A new volume with the same geometry and another array of the same shape."""
+        if tuple(array.shape) != self.shape:
+            raise ValueError(f"array shape {array.shape} differs from the volume's {self.shape}")
+        return Volume(array, self.spacing, self.origin, self.direction.copy(), {**self.metadata, **metadata})
+
+    def copy(self) -> Volume:
+        return Volume(self.array.copy(), self.spacing, self.origin, self.direction.copy(), dict(self.metadata))
+
+    @classmethod
+    def from_grid(cls, grid: Grid, array: np.ndarray, **metadata) -> Volume:
+        if tuple(array.shape) != tuple(grid.shape):
+            raise ValueError(f"array shape {array.shape} differs from the grid's {grid.shape}")
+        return cls(array, grid.spacing, grid.origin, grid.direction_matrix, dict(metadata))
+
+    # -- SimpleITK ----------------------------------------------------------------------------------
+    def to_sitk(self, dtype=np.float32) -> sitk.Image:
+        img = sitk.GetImageFromArray(self.array.astype(dtype, copy=False))
+        img.SetSpacing(self.spacing)
+        img.SetOrigin(self.origin)
+        img.SetDirection(tuple(float(v) for v in self.direction.ravel()))
+        return img
+
+    @classmethod
+    def from_sitk(cls, img: sitk.Image, *, source: str = "image", **metadata) -> Volume:
+        """A Volume from a SimpleITK image, with the checks of :func:`check_image_shape`."""
+        check_image_shape(img, source)
+        arr = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)
+        return cls(arr, img.GetSpacing(), img.GetOrigin(), np.asarray(img.GetDirection()).reshape(3, 3), metadata)
+
+
+# -- checks ------------------------------------------------------------------------------------------
+def check_image_shape(img: sitk.Image, source: str) -> None:
+    """Refuse images that are not single-component 3D volumes with at least two slices on every axis."""
+    ncomp = img.GetNumberOfComponentsPerPixel()
+    if ncomp > 1:
+        raise InputError(
+            f"{source} has {ncomp} components per voxel (RGB or vector image); a greyscale CT volume is "
+            "needed. Export the CT itself (scalar HU values), not a screenshot or colour rendering."
+        )
+    dim = img.GetDimension()
+    size = img.GetSize()
+    if dim == 2:
+        raise InputError(
+            f"{source} is a 2D image ({size[0]}x{size[1]}); a 3D CT volume is needed. For a radiograph use "
+            "the X-ray to CT tool (xray2ct); for a CT, load the whole series (the folder of DICOM slices)."
+        )
+    if dim != 3:
+        raise InputError(
+            f"{source} has {dim} dimensions (size {tuple(size)}); a 3D CT volume is needed. "
+            "For a 4D (time or multi-phase) series, extract one phase first."
+        )
+    if min(size) == 0:
+        raise InputError(f"{source} is empty (size {tuple(size)}).")
+    if min(size) < 2:
+        raise InputError(
+            f"{source} has size {tuple(size)} (x, y, z): a single slice, not a volume. "
+            "Load the whole series (all slices) instead."
+        )
+
+
+def check_ct(vol: Volume, source: str = "volume") -> list[str]:
+    """Refuse non-finite volumes; return (and log) warnings for volumes that do not look like CT in HU."""
+    arr = vol.array
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = int(arr.size - np.count_nonzero(finite))
+        if bad == arr.size:
+            raise InputError(f"{source}: every voxel is NaN or infinite; the file holds no image data.")
+        raise InputError(
+            f"{source}: {bad} of {arr.size} voxels are NaN or infinite. Replace them (e.g. with -1024 HU for "
+            "air) before running; the tool does not guess values for them."
+        )
+    warnings: list[str] = []
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo == hi:
+        warnings.append(f"{source} is constant ({lo:g} everywhere): there is no image content to work with.")
+    elif lo > -200.0 or hi < 0.0 or (hi - lo) < 200.0:
+        warnings.append(
+            f"{source} does not look like CT in Hounsfield units (values {lo:g} to {hi:g}; CT has air near "
+            "-1000 and soft tissue near 0-100). MR or normalised images give meaningless results here."
+        )
+    for w in warnings:
+        logger.warning(w)
+    return warnings
+
+
+def replace_padding(arr: np.ndarray) -> np.ndarray:
+    """Padding markers outside the scan circle (-2048, -3024, -32768, ...) become air (-1024 HU)."""
+    out = np.array(arr, dtype=np.float32, copy=True)
+    out[out < PADDING_THRESHOLD_HU] = AIR_HU
+    return out
+
+
+def thick_axis(vol: Volume | Grid, min_ratio: float = THICK_AXIS_MIN_RATIO) -> int | None:
+    """Array axis (0=z, 1=y, 2=x) whose spacing is clearly larger than the other two, else ``None``.
+
+    The through-plane axis of a thick-slice CT has a spacing at least ``min_ratio`` times the largest of
+    the other two. ``None`` means the volume is (nearly) isotropic: nothing to super-resolve.
+    """
+    sp = np.asarray(vol.spacing_zyx)
+    ax = int(np.argmax(sp))
+    others = np.delete(sp, ax)
+    if sp[ax] >= min_ratio * others.max():
+        return ax
+    return None
+
+
+def suggested_factor(vol: Volume | Grid, axis: int | None = None) -> int:
+    """Integer factor that brings the thick axis close to the in-plane spacing (1 when isotropic)."""
+    ax = thick_axis(vol) if axis is None else axis
+    if ax is None:
+        return 1
+    sp = np.asarray(vol.spacing_zyx)
+    inplane = np.delete(sp, ax).max()
+    return max(1, int(round(sp[ax] / inplane)))
+
+
+# -- reading -----------------------------------------------------------------------------------------
+def _sitk_message(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    for line in text:
+        if "Description:" in line or "ERROR" in line.upper():
+            return line.split("Description:")[-1].strip()
+    return text[-1] if text else type(exc).__name__
+
+
+def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
+    series: dict[str, list[str]] = {}
+    search_dirs = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir())
+    for d in search_dirs:
+        try:
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d))
+        except RuntimeError:
+            ids = ()
+        for uid in ids:
+            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), uid))
+            if len(files) > len(series.get(uid, [])):
+                series[uid] = files
+    if not series:
+        raise InputError(
+            f"{folder} is a folder without a readable DICOM series. Point to the folder that holds the "
+            "slices of one CT series (files ending in .dcm or without extension)."
+        )
+    uid, files = max(series.items(), key=lambda kv: len(kv[1]))
+    meta: dict = {"series_uid": uid, "n_files": len(files)}
+    if len(series) > 1:
+        others = ", ".join(f"{u[-12:]} ({len(f)} files)" for u, f in series.items() if u != uid)
+        msg = (
+            f"{folder} holds {len(series)} DICOM series; using the largest, ...{uid[-12:]} with {len(files)} "
+            f"files (others: {others}). Put one series per folder to choose another."
+        )
+        logger.warning(msg)
+        meta["note"] = msg
+    _check_slice_positions(files, folder)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"could not read the DICOM series in {folder}: {_sitk_message(exc)}") from None
+    return img, meta
+
+
+def _check_slice_positions(files: Sequence[str], folder: Path) -> None:
+    """Refuse series with missing slices (a gap in ImagePositionPatient along the slice normal)."""
+    if len(files) < 2:
+        raise InputError(f"the DICOM series in {folder} has only {len(files)} slice; a volume needs several.")
+    positions = []
+    normal = None
+    for f in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(f)
+        try:
+            r.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputError(f"corrupt DICOM file {f}: {_sitk_message(exc)}") from None
+        if not (r.HasMetaDataKey("0020|0032") and r.HasMetaDataKey("0020|0037")):
+            return  # no position information: nothing to check
+        try:
+            ipp = np.array([float(v) for v in r.GetMetaData("0020|0032").split("\\")])
+            if normal is None:
+                iop = np.array([float(v) for v in r.GetMetaData("0020|0037").split("\\")])
+                normal = np.cross(iop[:3], iop[3:])
+        except ValueError:
+            return
+        positions.append(float(ipp @ normal))
+    pos = np.sort(np.asarray(positions))
+    steps = np.diff(pos)
+    if np.any(steps <= 1e-6):
+        raise InputError(
+            f"the DICOM series in {folder} has two slices at the same position: it mixes several series "
+            "or acquisitions. Separate them into one folder per series."
+        )
+    median = float(np.median(steps))
+    worst = int(np.argmax(steps))
+    if steps[worst] > 1.5 * median:
+        raise InputError(
+            f"the DICOM series in {folder} is missing slices: a gap of {steps[worst]:.2f} mm after slice "
+            f"{worst + 1} where the spacing is {median:.2f} mm. Re-export the complete series."
+        )
+
+
+def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
+    """Read a CT volume from a file or a DICOM series folder.
+
+    Args:
+        path: NIfTI / NRRD / MHA file, or a folder of DICOM slices (the largest series is used).
+        check: run :func:`check_ct` (refuse NaN/Inf, warn on non-CT intensities).
+
+    Returns:
+        A :class:`Volume` in HU; padding markers below -1500 HU are replaced by air (-1024 HU).
+
+    Raises:
+        InputError: missing or unreadable file, 2D/4D/RGB image, single slice, NaN/Inf voxels.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p} does not exist. Check the path (and quote it if it contains spaces).")
+    meta: dict = {"source": str(p)}
+    if p.is_dir():
+        img, extra = _read_dicom_series(p)
+        meta.update(extra)
+    else:
+        try:
+            img = sitk.ReadImage(str(p))
+        except RuntimeError as exc:
+            raise InputError(
+                f"could not read {p}: {_sitk_message(exc)}. Supported: NIfTI (.nii, .nii.gz), NRRD, MHA, "
+                "or a folder with a DICOM series. The file may be corrupt or truncated."
+            ) from None
+    vol = Volume.from_sitk(img, source=str(p), **meta)
+    if check:
+        check_ct(vol, str(p))
+    vol.array = replace_padding(vol.array)
+    return vol
+
+
+# -- writing -----------------------------------------------------------------------------------------
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Validate an output path before any work is done (format, folder writable, no silent overwrite)."""
+    p = Path(path)
+    suffix = _suffix(p)
+    if suffix not in WRITABLE_SUFFIXES:
+        raise OutputError(f"cannot write {p.name}: use one of {', '.join(WRITABLE_SUFFIXES)}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"the output folder {parent} does not exist; create it first.")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"the output folder {parent} is not writable; choose another output path.")
+    if p.exists() and not overwrite:
+        raise OutputError(f"{p} already exists; pass --overwrite to replace it, or choose another name.")
+    if p.is_dir():
+        raise OutputError(f"{p} is a folder; give a file name such as result.nii.gz")
+    return p
+
+
+def write_volume(vol: Volume, path: str | os.PathLike, *, overwrite: bool = False, dtype: str = "auto") -> Path:
+    """Write a volume atomically (temporary file in the same folder, then rename).
+
+    Args:
+        vol: the volume.
+        path: ``.nii``, ``.nii.gz``, ``.nrrd`` or ``.mha``.
+        overwrite: replace an existing file.
+        dtype: ``"auto"`` (int16 when every voxel is an integer in range, else float32; lossless),
+            ``"int16"`` (rounded and clipped HU, as scanners store CT) or ``"float32"``.
+
+    Returns:
+        The path written.
+    """
+    p = check_output_path(path, overwrite=overwrite)
+    arr = vol.array
+    if dtype == "auto":
+        as_int = bool(np.all(arr == np.round(arr))) and arr.min() >= -32768 and arr.max() <= 32767
+        dtype = "int16" if as_int else "float32"
+    if dtype == "int16":
+        out = np.clip(np.round(arr), -32768, 32767).astype(np.int16)
+    elif dtype == "float32":
+        out = arr.astype(np.float32, copy=False)
+    else:
+        raise ValueError(f"dtype must be auto, int16 or float32, not {dtype!r}")
+    img = sitk.GetImageFromArray(out)
+    img.SetSpacing(vol.spacing)
+    img.SetOrigin(vol.origin)
+    img.SetDirection(tuple(float(v) for v in vol.direction.ravel()))
+    suffix = _suffix(p)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".partial{suffix}", dir=p.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(img, tmp, useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
+        os.replace(tmp, p)
+    except (RuntimeError, OSError) as exc:
+        msg = _sitk_message(exc) if isinstance(exc, RuntimeError) else str(exc)
+        raise OutputError(f"could not write {p}: {msg}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+def load_reference(name_or_path: str | os.PathLike) -> Volume:
+    """A volume from a path, or from a sample-data name (``chest-lidc``, ``chest-dx``)."""
+    p = Path(name_or_path)
+    if not p.exists() and isinstance(name_or_path, str) and "/" not in name_or_path:
+        from . import sampledata
+
+        if name_or_path in sampledata.CT_SAMPLES:
+            return read_volume(sampledata.fetch(name_or_path))
+    return read_volume(p)

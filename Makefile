@@ -1,0 +1,35 @@
+# SlicerCTDiffusion: the two commands a new user needs are `make demo` and `make test`.
+# Both create the virtual environment at .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; installed first and on its own so that no loose requirement pulls a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup demo test test-fast lint format clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[train,test,demo]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m DiffusionCore demo
+
+test: $(STAMP)
+	$(PY) -m ruff check DiffusionCore Testing benchmarks CTDiffusionSR XrayToCT
+	$(PY) -m pytest -q Testing
+
+lint: $(STAMP)
+	$(PY) -m ruff check DiffusionCore Testing benchmarks CTDiffusionSR XrayToCT
+
+format: $(STAMP)
+	$(PY) -m ruff format DiffusionCore Testing benchmarks CTDiffusionSR XrayToCT
+
+clean-venv:
+	rm -rf $(VENV)
