@@ -1,0 +1,1 @@
+"""Radiograph to CT: differentiable DRR, radiograph reading, the hybrid-ViT cascade and its pipeline."""
