@@ -368,7 +368,7 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p} does not exist. Check the path (and quote it if it contains spaces).")
-    meta: dict = {"source": str(p)}
+    meta: dict = {}
     if p.is_dir():
         img, extra = _read_dicom_series(p)
         meta.update(extra)
@@ -381,6 +381,7 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
                 "or a folder with a DICOM series. The file may be corrupt or truncated."
             ) from None
     vol = Volume.from_sitk(img, source=str(p), **meta)
+    vol.metadata["source"] = str(p)
     if check:
         check_ct(vol, str(p))
     vol.array = replace_padding(vol.array)
