@@ -50,7 +50,12 @@ def test_dict_with_nested_dataclass_and_defaults():
 
 
 def test_json_and_yaml_files_give_the_same_config(tmp_path):
-    data = {"steps": 7, "device": "cpu", "optim": {"betas": [0.5, 0.9]}, "data": {"cache": "c", "folders": ["a"]}}
+    data = {
+        "steps": 7,
+        "device": "cpu",
+        "optim": {"betas": [0.5, 0.9]},
+        "data": {"cache": "c", "folders": ["a"]},
+    }
     (tmp_path / "c.json").write_text(json.dumps(data))
     (tmp_path / "c.yaml").write_text(
         "steps: 7\ndevice: cpu\noptim:\n  betas: [0.5, 0.9]\ndata:\n  cache: c\n  folders:\n    - a\n"

@@ -1,0 +1,32 @@
+"""Model weights: safetensors only, sha256-checked, found by name in the bundled or the user registry.
+
+See :mod:`DiffusionCore.weights.registry` for the registry format and the checks.
+"""
+
+from .registry import (
+    METADATA_KEY,
+    ResolvedWeights,
+    cache_dir,
+    import_weights,
+    list_weights,
+    load_safetensors,
+    read_safetensors_header,
+    resolve_weights,
+    save_safetensors,
+    sha256_file,
+    user_registry_path,
+)
+
+__all__ = [
+    "METADATA_KEY",
+    "ResolvedWeights",
+    "cache_dir",
+    "import_weights",
+    "list_weights",
+    "load_safetensors",
+    "read_safetensors_header",
+    "resolve_weights",
+    "save_safetensors",
+    "sha256_file",
+    "user_registry_path",
+]

@@ -1,0 +1,527 @@
+"""Model weights: safetensors files only, identified by sha256, found by name in a registry.
+
+Weights are never unpickled: a pickle can run arbitrary code when loaded, so ``.pt`` / ``.ckpt`` / ``.bin``
+files are refused (detected by their first bytes, whatever their suffix). A weights file carries its own
+description in the safetensors header: the key ``"diffusioncore"`` holds a JSON object with at least
+``"family"`` (``"sr"``, ``"vae"``, ``"xray"``, ...) and usually ``"config"`` (the model configuration).
+
+Registries
+----------
+Two JSON files map names to files; the bundled one ships with the package, the user one collects weights
+that the user imported (``diffusioncore`` keeps them in its cache folder)::
+
+    DiffusionCore/weights/registry.json                 bundled, read-only
+    $DIFFUSIONCORE_CACHE/weights/registry.json          user (default cache: ~/.cache/diffusioncore)
+
+Both have the same format::
+
+    {"weights": {
+        "<name>": {
+            "file": "<file name, relative to the folder of this registry.json (or absolute)>",
+            "sha256": "<64 hex digits of the whole file>",
+            "family": "<model family, e.g. sr>",
+            "description": "<one sentence>",
+            "model_card": "<what it was trained on, intended use, limits (text or a relative .md path)>"
+        }
+    }}
+
+A name is looked up in the bundled registry first, then in the user one. A file path given instead of a
+name is accepted only when its sha256 is registered (under any name), unless the caller explicitly allows
+unregistered weights (``--allow-unregistered-weights`` on the command line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import OutputError, WeightsError
+
+logger = logging.getLogger(__name__)
+
+#: Key of the safetensors header metadata that holds DiffusionCore's JSON-encoded description.
+METADATA_KEY = "diffusioncore"
+#: The registry bundled with the package.
+BUNDLED_REGISTRY = Path(__file__).with_name("registry.json")
+#: safetensors refuses headers larger than this; a larger size field means "not a safetensors file".
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """A weights file that passed the registry checks.
+
+    Attributes:
+        path: the safetensors file.
+        sha256: hex digest of the whole file.
+        name: registry name, or ``None`` for an unregistered file that the caller allowed.
+        metadata: the decoded ``"diffusioncore"`` header metadata (``family``, ``config``, ...).
+    """
+
+    path: Path
+    sha256: str
+    name: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The tensors of the file, re-checked against :attr:`sha256`."""
+        tensors, _ = load_safetensors(self.path, expected_sha256=self.sha256, device=device)
+        return tensors
+
+
+def cache_dir() -> Path:
+    """The user cache folder: ``$DIFFUSIONCORE_CACHE`` or ``~/.cache/diffusioncore`` (not created here)."""
+    env = os.environ.get("DIFFUSIONCORE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "diffusioncore"
+
+
+def user_registry_path() -> Path:
+    """The user registry file, ``cache_dir()/weights/registry.json``."""
+    return cache_dir() / "weights" / "registry.json"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+) -> str:
+    """Write tensors and JSON metadata to a safetensors file atomically.
+
+    Args:
+        path: destination file (its folder is created).
+        tensors: name -> tensor (any device and dtype; written from CPU copies).
+        metadata: JSON-serialisable dict, stored JSON-encoded under the header key ``"diffusioncore"``.
+
+    Returns:
+        The sha256 of the written file.
+
+    Raises:
+        OutputError: the folder cannot be written.
+    """
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    prepared: dict[str, torch.Tensor] = {}
+    seen_storage: set[int] = set()
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"tensor {key!r} is a {type(value).__name__}, not a torch.Tensor")
+        t = value.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen_storage:
+            t = t.clone()  # safetensors refuses tensors sharing memory (tied weights, views)
+        elif ptr is not None:
+            seen_storage.add(ptr)
+        prepared[key] = t
+    header = {METADATA_KEY: json.dumps(dict(metadata or {}))}
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"cannot write {p}: {exc.strerror or exc}; choose a writable folder") from exc
+    try:
+        save_file(prepared, tmp, metadata=header)
+        digest = sha256_file(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def _describe_foreign_format(head: bytes) -> str | None:
+    """Name the format of a file that is not safetensors, from its first bytes (None if unknown)."""
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a Python pickle (e.g. a legacy torch.save .pt/.ckpt file)"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (e.g. a torch.save .pt/.pth/.ckpt file, which contains a pickle)"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy file"
+    if head.startswith(b"\x89HDF"):
+        return "an HDF5 file"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip file"
+    return None
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check that a file is a complete safetensors file and return its header, reading no tensor data.
+
+    Returns:
+        ``(tensor_entries, metadata)``: tensor name -> ``{"dtype", "shape", "data_offsets"}``, and the
+        decoded ``"diffusioncore"`` metadata (empty dict when absent).
+
+    Raises:
+        WeightsError: missing file, another format (pickles are named as such and never loaded),
+            truncated file, or a corrupt header.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise WeightsError(f"weights file {p} does not exist: check the path or the weights name")
+    if p.is_dir():
+        raise WeightsError(f"{p} is a folder, not a weights file: give the .safetensors file inside it")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        foreign = _describe_foreign_format(head)
+        if foreign is not None:
+            raise WeightsError(
+                f"{p} is {foreign}, not safetensors: it is never loaded, because unpickling can run arbitrary "
+                "code. Convert it to safetensors in a trusted environment (load it there and save the state "
+                "dict with safetensors.torch.save_file), then import the converted file"
+            )
+        if len(head) < 8:
+            raise WeightsError(
+                f"{p} is not a safetensors file (only {size} bytes): re-download or re-export it"
+            )
+        header_len = int.from_bytes(head, "little")
+        if header_len > _MAX_HEADER_BYTES:
+            raise WeightsError(
+                f"{p} is not a safetensors file (its first 8 bytes are not a header size): weights must be "
+                "safetensors files exported by DiffusionCore or converted with safetensors.torch.save_file"
+            )
+        raw = f.read(header_len)
+    if len(raw) < header_len:
+        if raw[:1] == b"{":
+            raise WeightsError(
+                f"{p} is truncated (header cut after {len(raw)} of {header_len} bytes): the download or copy "
+                "was interrupted; fetch or export the file again"
+            )
+        raise WeightsError(f"{p} is not a safetensors file: weights must be .safetensors files")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(
+            f"{p} is not a valid safetensors file (corrupt header): re-download or re-export it"
+        ) from exc
+    if not isinstance(header, dict):
+        raise WeightsError(
+            f"{p} is not a valid safetensors file (corrupt header): re-download or re-export it"
+        )
+    raw_meta = header.pop("__metadata__", None) or {}
+    data_end = 0
+    for name, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise WeightsError(
+                f"{p} has a corrupt entry for tensor {name!r}: re-download or re-export it"
+            ) from exc
+        data_end = max(data_end, int(end))
+    expected = 8 + header_len + data_end
+    if size < expected:
+        raise WeightsError(
+            f"{p} is truncated ({size} bytes, its header describes {expected}): the download or copy was "
+            "interrupted; fetch or export the file again"
+        )
+    metadata: dict[str, Any] = {}
+    if METADATA_KEY in raw_meta:
+        try:
+            metadata = json.loads(raw_meta[METADATA_KEY])
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise WeightsError(
+                f"{p} has unreadable '{METADATA_KEY}' metadata: re-export the weights"
+            ) from exc
+        if not isinstance(metadata, dict):
+            raise WeightsError(f"{p} has '{METADATA_KEY}' metadata that is not a JSON object: re-export it")
+    return header, metadata
+
+
+def load_safetensors(
+    path: str | os.PathLike, expected_sha256: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a safetensors file after checking its format (and its sha256 when given).
+
+    Args:
+        path: the ``.safetensors`` file.
+        expected_sha256: hex digest the whole file must have; ``None`` skips the check.
+        device: where the tensors are placed.
+
+    Returns:
+        ``(tensors, metadata)``: name -> tensor, and the decoded ``"diffusioncore"`` metadata.
+
+    Raises:
+        WeightsError: missing, not safetensors (pickles are never loaded), truncated, or sha256 mismatch.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    _, metadata = read_safetensors_header(p)
+    if expected_sha256 is not None:
+        actual = sha256_file(p)
+        if actual.lower() != expected_sha256.lower():
+            raise WeightsError(
+                f"{p} fails its sha256 check (expected {expected_sha256}, file has {actual}): the file is "
+                "corrupt or was replaced; delete it and fetch or import the weights again"
+            )
+    try:
+        tensors = load_file(str(p), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"cannot load {p}: {exc}; re-download or re-export the weights") from exc
+    return tensors, metadata
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def _read_registry(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"weights registry {path} is unreadable ({exc}); fix or delete it") from exc
+    entries = data.get("weights", {}) if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        raise WeightsError(
+            f'weights registry {path} must be {{"weights": {{name: entry}}}}; fix or delete it'
+        )
+    return entries
+
+
+def _write_registry(path: Path, entries: Mapping[str, Any]) -> None:
+    text = json.dumps({"weights": dict(sorted(entries.items()))}, indent=2) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".registry.", suffix=".partial", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot update weights registry {path}: {exc.strerror or exc}") from exc
+
+
+def _registries() -> list[tuple[str, Path, dict[str, dict[str, Any]]]]:
+    """(source, registry folder, entries) for the bundled then the user registry."""
+    user = user_registry_path()
+    return [
+        ("bundled", BUNDLED_REGISTRY.parent, _read_registry(BUNDLED_REGISTRY)),
+        ("user", user.parent, _read_registry(user)),
+    ]
+
+
+def _entry_path(folder: Path, entry: Mapping[str, Any]) -> Path:
+    file = Path(str(entry.get("file", "")))
+    return file if file.is_absolute() else folder / file
+
+
+def list_weights(family: str | None = None) -> list[dict[str, Any]]:
+    """Registered weights, bundled first, then the user's.
+
+    Args:
+        family: keep only this family (``None``: all).
+
+    Returns:
+        Dicts with ``name``, ``family``, ``sha256``, ``description``, ``model_card``, ``source``
+        (``"bundled"`` or ``"user"``), ``path`` and ``available`` (the file exists).
+    """
+    out = []
+    seen: set[str] = set()
+    for source, folder, entries in _registries():
+        for name, entry in entries.items():
+            if name in seen or (family is not None and entry.get("family") != family):
+                continue
+            seen.add(name)
+            path = _entry_path(folder, entry)
+            out.append(
+                {
+                    "name": name,
+                    "family": entry.get("family"),
+                    "sha256": entry.get("sha256"),
+                    "description": entry.get("description", ""),
+                    "model_card": entry.get("model_card", ""),
+                    "source": source,
+                    "path": path,
+                    "available": path.is_file(),
+                }
+            )
+    return out
+
+
+def _lookup_name(name: str) -> tuple[Path, dict[str, Any]] | None:
+    for _, folder, entries in _registries():
+        if name in entries:
+            return folder, entries[name]
+    return None
+
+
+def _lookup_sha(sha: str) -> str | None:
+    for _, _, entries in _registries():
+        for name, entry in entries.items():
+            if str(entry.get("sha256", "")).lower() == sha:
+                return name
+    return None
+
+
+def _check_family(
+    path: Path, metadata: Mapping[str, Any], registered: str | None, family: str | None
+) -> None:
+    if family is None:
+        return
+    found = metadata.get("family", registered)
+    if found is None:
+        raise WeightsError(
+            f"{path} does not say which model it belongs to (no 'family' in its '{METADATA_KEY}' metadata): "
+            f"export it with DiffusionCore (train ... export) so that it records family={family!r}"
+        )
+    if found != family:
+        raise WeightsError(
+            f"{path} holds weights of the {found!r} model family, but a {family!r} model was asked for: "
+            f"choose weights made for {family!r} (see `list_weights(family={family!r})`)"
+        )
+
+
+def resolve_weights(
+    name_or_path: str | os.PathLike, *, family: str | None, allow_unregistered: bool = False
+) -> ResolvedWeights:
+    """Find and check weights given by registry name or by file path.
+
+    Args:
+        name_or_path: a registered name (bundled or user registry) or a ``.safetensors`` file.
+        family: the model family the caller builds (``"sr"``, ``"vae"``, ``"xray"``, ...); the file's
+            metadata must name the same family. ``None`` skips the family check.
+        allow_unregistered: accept a file whose sha256 is in no registry.
+
+    Returns:
+        The checked :class:`ResolvedWeights` (sha256 verified for registered names).
+
+    Raises:
+        WeightsError: unknown name and no such file, missing registered file, not safetensors, truncated,
+            sha256 mismatch, unregistered file (without ``allow_unregistered``), or family mismatch.
+    """
+    text = os.fspath(name_or_path)
+    found = _lookup_name(text) if isinstance(name_or_path, str) else None
+    if found is not None:
+        folder, entry = found
+        path = _entry_path(folder, entry)
+        if not path.is_file():
+            raise WeightsError(
+                f"weights {text!r} are registered but their file {path} is missing: import them again "
+                "(`import_weights`) or reinstall the extension"
+            )
+        expected = str(entry.get("sha256", "")).lower()
+        _, metadata = read_safetensors_header(path)
+        actual = sha256_file(path)
+        if actual != expected:
+            raise WeightsError(
+                f"weights {text!r} ({path}) fail their sha256 check (registered {expected}, file has {actual}): "
+                "the file is corrupt or was replaced; import or fetch it again"
+            )
+        _check_family(path, metadata, entry.get("family"), family)
+        return ResolvedWeights(path=path, sha256=actual, name=text, metadata=metadata)
+
+    path = Path(text).expanduser()
+    if not path.exists():
+        names = [w["name"] for w in list_weights(family)]
+        known = ", ".join(names) if names else "none registered yet"
+        raise WeightsError(
+            f"no weights named {text!r} and no such file: give a .safetensors file or one of: {known}"
+        )
+    _, metadata = read_safetensors_header(path)
+    sha = sha256_file(path)
+    name = _lookup_sha(sha)
+    if name is None and not allow_unregistered:
+        raise WeightsError(
+            f"{path} (sha256 {sha}) is not a registered weights file: register it once with "
+            "`import_weights(path, name)` (or `python -m DiffusionCore weights import`), or pass "
+            "--allow-unregistered-weights (allow_unregistered=True) if you trust it"
+        )
+    registered_family = None
+    if name is not None:
+        entry = (_lookup_name(name) or (None, {}))[1]
+        registered_family = entry.get("family")
+    _check_family(path, metadata, registered_family, family)
+    if name is None:
+        logger.warning("using unregistered weights %s (sha256 %s)", path, sha)
+    return ResolvedWeights(path=path.resolve(), sha256=sha, name=name, metadata=metadata)
+
+
+def import_weights(
+    path: str | os.PathLike, name: str, *, family: str | None = None, description: str | None = None
+) -> ResolvedWeights:
+    """Copy a safetensors file into the user cache and register it under ``name``.
+
+    Args:
+        path: the ``.safetensors`` file to import.
+        name: registry name (letters, digits, ``.``, ``_``, ``-``); must not be a bundled name.
+        family: model family; defaults to the file's metadata ``family`` (one of the two is required, and
+            they must agree).
+        description: one sentence for listings; defaults to the metadata ``description``.
+
+    Returns:
+        The registered weights (``path`` inside ``cache_dir()/weights``).
+
+    Raises:
+        WeightsError: invalid name, bundled name, not a safetensors file, no family known, family conflict.
+        OutputError: the cache folder cannot be written.
+    """
+    if not _NAME_PATTERN.match(name):
+        raise WeightsError(
+            f"invalid weights name {name!r}: use letters, digits, '.', '_' and '-' (at most 128 characters)"
+        )
+    if name in _read_registry(BUNDLED_REGISTRY):
+        raise WeightsError(f"{name!r} is the name of bundled weights: choose another name")
+    src = Path(path).expanduser()
+    _, metadata = read_safetensors_header(src)
+    meta_family = metadata.get("family")
+    if family is not None and meta_family is not None and family != meta_family:
+        raise WeightsError(
+            f"{src} records family {meta_family!r}, not {family!r}: check which file you import"
+        )
+    family = family or meta_family
+    if family is None:
+        raise WeightsError(
+            f"{src} does not say which model it belongs to (no 'family' in its metadata): pass family=..."
+        )
+    folder = user_registry_path().parent
+    dest = folder / f"{name}.safetensors"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=folder)
+        os.close(fd)
+        try:
+            shutil.copyfile(src, tmp)
+            sha = sha256_file(tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise OutputError(f"cannot copy {src} into {folder}: {exc.strerror or exc}") from exc
+    entries = _read_registry(user_registry_path())
+    if name in entries and entries[name].get("sha256") != sha:
+        logger.info("replacing user weights %r (was sha256 %s)", name, entries[name].get("sha256"))
+    entries[name] = {
+        "file": dest.name,
+        "sha256": sha,
+        "family": family,
+        "description": description if description is not None else str(metadata.get("description", "")),
+        "model_card": str(metadata.get("model_card", "")),
+    }
+    _write_registry(user_registry_path(), entries)
+    logger.info("imported weights %r (%s, sha256 %s) into %s", name, family, sha, dest)
+    return ResolvedWeights(path=dest, sha256=sha, name=name, metadata=metadata)

@@ -1,0 +1,162 @@
+"""Weights: safetensors only (pickles never loaded), sha256 checks, registry names and user imports."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from DiffusionCore.errors import WeightsError
+from DiffusionCore.weights import (
+    cache_dir,
+    import_weights,
+    list_weights,
+    load_safetensors,
+    resolve_weights,
+    save_safetensors,
+    sha256_file,
+)
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """Every test gets its own empty user cache (never the real ~/.cache)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DIFFUSIONCORE_CACHE", str(cache))
+    return cache
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"conv.weight": torch.randn(4, 2, 3, 3, 3, generator=g), "conv.bias": torch.zeros(4)}
+
+
+def _weights_file(path, family="sr"):
+    sha = save_safetensors(path, _tensors(), {"family": family, "config": {"channels": 4}})
+    return path, sha
+
+
+def test_save_then_load_round_trip_with_metadata(tmp_path):
+    path, sha = _weights_file(tmp_path / "w.safetensors")
+    assert sha == sha256_file(path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+    tensors, meta = load_safetensors(path, expected_sha256=sha)
+    assert meta == {"family": "sr", "config": {"channels": 4}}
+    for k, v in _tensors().items():
+        assert torch.equal(tensors[k], v)
+
+
+def test_tied_weights_are_saved(tmp_path):
+    w = torch.randn(3, 3)
+    save_safetensors(tmp_path / "tied.safetensors", {"a": w, "b": w, "c": w[0]}, {})
+    tensors, _ = load_safetensors(tmp_path / "tied.safetensors")
+    assert torch.equal(tensors["b"], w) and torch.equal(tensors["c"], w[0])
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pickle_renamed_safetensors_is_refused_without_unpickling(tmp_path, monkeypatch, legacy):
+    evil = tmp_path / "model.safetensors"
+    torch.save({"weight": torch.ones(2)}, evil, _use_new_zipfile_serialization=not legacy)
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("the file was unpickled")
+
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(WeightsError) as info:
+        load_safetensors(evil)
+    msg = str(info.value)
+    assert "never loaded" in msg and "safetensors" in msg
+    with pytest.raises(WeightsError, match="never loaded"):
+        resolve_weights(evil, family="sr", allow_unregistered=True)
+    with pytest.raises(WeightsError, match="never loaded"):
+        import_weights(evil, "evil", family="sr")
+    assert not (cache_dir() / "weights" / "evil.safetensors").exists()
+
+
+def test_sha_mismatch_is_refused(tmp_path):
+    path, sha = _weights_file(tmp_path / "w.safetensors")
+    wrong = ("0" if sha[0] != "0" else "1") + sha[1:]
+    with pytest.raises(WeightsError, match="sha256"):
+        load_safetensors(path, expected_sha256=wrong)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path, _ = _weights_file(tmp_path / "w.safetensors")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 100])
+    with pytest.raises(WeightsError, match="truncated"):
+        load_safetensors(cut)
+    cut.write_bytes(data[:40])  # cut inside the header
+    with pytest.raises(WeightsError, match="truncated"):
+        load_safetensors(cut)
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_safetensors(tmp_path / "nothing.safetensors")
+
+
+def test_unregistered_file_refused_unless_allowed(tmp_path):
+    path, sha = _weights_file(tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError) as info:
+        resolve_weights(path, family="sr")
+    msg = str(info.value)
+    assert "not a registered" in msg and "import_weights" in msg and "--allow-unregistered-weights" in msg
+    resolved = resolve_weights(path, family="sr", allow_unregistered=True)
+    assert resolved.sha256 == sha and resolved.name is None and resolved.metadata["family"] == "sr"
+
+
+def test_family_mismatch_is_refused(tmp_path):
+    path, _ = _weights_file(tmp_path / "vae.safetensors", family="vae")
+    with pytest.raises(WeightsError, match="'vae' model family.*'sr'"):
+        resolve_weights(path, family="sr", allow_unregistered=True)
+    bare = tmp_path / "bare.safetensors"
+    save_safetensors(bare, _tensors(), {})
+    with pytest.raises(WeightsError, match="family"):
+        resolve_weights(bare, family="sr", allow_unregistered=True)
+
+
+def test_import_then_resolve_by_name_and_by_path(tmp_path, user_cache):
+    path, sha = _weights_file(tmp_path / "w.safetensors")
+    imported = import_weights(path, "my-sr", description="test weights")
+    assert imported.sha256 == sha and imported.path.parent == user_cache / "weights"
+    registry = json.loads((user_cache / "weights" / "registry.json").read_text())
+    assert registry["weights"]["my-sr"]["sha256"] == sha
+    assert registry["weights"]["my-sr"]["family"] == "sr"
+
+    by_name = resolve_weights("my-sr", family="sr")
+    assert by_name.name == "my-sr" and by_name.sha256 == sha and by_name.path == imported.path
+    assert torch.equal(by_name.load()["conv.weight"], _tensors()["conv.weight"])
+    # The original file is now accepted by path, because its hash is registered.
+    assert resolve_weights(path, family="sr").name == "my-sr"
+    listed = list_weights(family="sr")
+    assert [w["name"] for w in listed] == ["my-sr"] and listed[0]["available"]
+    assert list_weights(family="xray") == []
+
+
+def test_registered_file_that_changed_is_refused(tmp_path):
+    path, _ = _weights_file(tmp_path / "w.safetensors")
+    imported = import_weights(path, "my-sr")
+    save_safetensors(imported.path, {"x": torch.ones(1)}, {"family": "sr"})  # replaced behind our back
+    with pytest.raises(WeightsError, match="sha256"):
+        resolve_weights("my-sr", family="sr")
+    imported.path.unlink()
+    with pytest.raises(WeightsError, match="missing"):
+        resolve_weights("my-sr", family="sr")
+
+
+def test_unknown_name_lists_what_exists(tmp_path):
+    path, _ = _weights_file(tmp_path / "w.safetensors")
+    import_weights(path, "known-sr")
+    with pytest.raises(WeightsError, match="no weights named 'nope'.*known-sr"):
+        resolve_weights("nope", family="sr")
+
+
+def test_import_rejects_bad_names_and_family_conflicts(tmp_path):
+    path, _ = _weights_file(tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError, match="invalid weights name"):
+        import_weights(path, "../escape")
+    with pytest.raises(WeightsError, match="records family 'sr'"):
+        import_weights(path, "x", family="xray")
