@@ -1,0 +1,562 @@
+"""Resumable training checkpoints that a kill never leaves half-written.
+
+Layout of a training output folder::
+
+    out_dir/
+      checkpoint-00001000/
+        <model>.safetensors            one per model (e.g. vae.safetensors, denoiser.safetensors)
+        training_state.safetensors     optimizer, scheduler, grad-scaler and RNG states (+ extra)
+        state.json                     step, epoch, config, file sha256s (written last)
+      checkpoint-00002000/ ...
+      latest.json                      {"step": 2000, "checkpoint": "checkpoint-00002000", ...}
+      best.json                        optional, written by mark_best()
+
+A checkpoint is assembled in a hidden temporary folder beside the final one and renamed into place in one
+step; ``latest.json`` is then replaced atomically. A crash at any moment leaves the previous checkpoint and
+``latest.json`` intact, and :func:`find_latest` only ever returns complete checkpoints. Non-tensor state is
+stored as JSON in the safetensors header; nothing is pickled.
+
+Resuming restores the torch (CPU and CUDA), NumPy and Python global RNG states, and optionally named
+``numpy.random.Generator`` / ``torch.Generator`` objects, so the next optimizer step is bit-identical to
+the one an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import config_to_dict
+from ..errors import InputError, OutputError, WeightsError
+from ..weights.registry import load_safetensors, save_safetensors
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.json"
+TRAINING_STATE_FILE = "training_state.safetensors"
+LATEST_FILE = "latest.json"
+BEST_FILE = "best.json"
+_CKPT_PATTERN = re.compile(r"^checkpoint-(\d{8,})$")
+_TMP_PREFIX = ".tmp-checkpoint-"
+_TRASH_PREFIX = ".trash-checkpoint-"
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint at ``step``: ``checkpoint-{step:08d}``."""
+    return f"checkpoint-{step:08d}"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ------------------------------------------------------------------------------ JSON + tensor encoding
+
+
+class _Packer:
+    """Turns nested state (dicts with any keys, tuples, tensors, arrays) into JSON plus a tensor dict."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def pack(self, obj: Any, key: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            self.tensors[key] = obj
+            return {"__tensor__": key}
+        if isinstance(obj, np.ndarray):
+            self.tensors[key] = (
+                torch.from_numpy(np.ascontiguousarray(obj).astype(np.int64, copy=False))
+                if (obj.dtype.kind in "ui")
+                else torch.from_numpy(np.ascontiguousarray(obj))
+            )
+            return {"__ndarray__": key, "dtype": obj.dtype.str}
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, Mapping):
+            return {
+                "__dict__": [
+                    [self.pack(k, f"{key}.k{i}"), self.pack(v, f"{key}.{i}")]
+                    for i, (k, v) in enumerate(obj.items())
+                ]
+            }
+        if isinstance(obj, tuple):
+            return {"__tuple__": [self.pack(v, f"{key}.{i}") for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [self.pack(v, f"{key}.{i}") for i, v in enumerate(obj)]
+        if obj is None or isinstance(obj, bool | int | float | str):
+            return obj
+        raise TypeError(
+            f"cannot store {type(obj).__name__} at {key!r} in a checkpoint: only tensors, arrays, numbers, "
+            "strings, None, lists, tuples and dicts are supported"
+        )
+
+
+def _unpack(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_unpack(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].cpu().numpy().astype(np.dtype(obj["dtype"]))
+        if "__tuple__" in obj:
+            return tuple(_unpack(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {_unpack(k, tensors): _unpack(v, tensors) for k, v in obj["__dict__"]}
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].to("cpu", torch.uint8))
+    np.random.set_state(state["numpy"])
+    random.setstate(_as_tuples(state["python"]))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.to("cpu", torch.uint8) for s in cuda])
+        else:
+            logger.warning(
+                "checkpoint has CUDA RNG states for %d devices, this machine has %d: CUDA RNG not restored",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
+
+
+def _as_tuples(obj: Any) -> Any:
+    if isinstance(obj, list | tuple):
+        return tuple(_as_tuples(v) for v in obj)
+    return obj
+
+
+def _generator_state(gen: Any) -> Any:
+    if isinstance(gen, np.random.Generator):
+        return {"numpy_generator": gen.bit_generator.state}
+    if isinstance(gen, torch.Generator):
+        return {"torch_generator": gen.get_state()}
+    raise TypeError(f"generator of type {type(gen).__name__}: use numpy.random.Generator or torch.Generator")
+
+
+def _set_generator_state(gen: Any, state: Mapping[str, Any]) -> None:
+    if isinstance(gen, np.random.Generator):
+        gen.bit_generator.state = state["numpy_generator"]
+    else:
+        gen.set_state(state["torch_generator"].to("cpu", torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _is_complete(ckpt: Path) -> bool:
+    state = _read_json(ckpt / STATE_FILE)
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict):
+        return False
+    return all((ckpt / name).is_file() for name in state["files"])
+
+
+def _checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for p in out_dir.iterdir():
+        m = _CKPT_PATTERN.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _remove_dir(path: Path) -> None:
+    """Hide a folder by renaming it, then delete it (a crash mid-delete leaves nothing visible)."""
+    trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _clean_stale(out_dir: Path) -> None:
+    for p in out_dir.iterdir():
+        if p.is_dir() and (p.name.startswith(_TMP_PREFIX) or p.name.startswith(_TRASH_PREFIX)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- API
+
+
+def save_training_state(
+    out_dir: str | os.PathLike,
+    *,
+    step: int,
+    epoch: int,
+    models: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    schedulers: Mapping[str, Any] | None = None,
+    scalers: Mapping[str, Any] | None = None,
+    config: Any = None,
+    extra: Mapping[str, Any] | None = None,
+    generators: Mapping[str, Any] | None = None,
+    keep: int = 3,
+) -> Path:
+    """Write ``out_dir/checkpoint-{step:08d}/`` atomically, update ``latest.json`` and prune old ones.
+
+    Call it on the main process only (``DistInfo.is_main``).
+
+    Args:
+        out_dir: the training output folder (created if needed).
+        step: optimizer steps done so far.
+        epoch: epochs done so far (or the current epoch; stored as given).
+        models: name -> module (DDP / compile wrappers are unwrapped); each is saved as ``{name}.safetensors``.
+        optimizers: name -> optimizer.
+        schedulers: name -> LR scheduler (anything with ``state_dict()``), optional.
+        scalers: name -> ``torch.amp.GradScaler`` (or anything with ``state_dict()``), optional.
+        config: the run's configuration (dataclass or JSON-ready dict), stored in ``state.json``.
+        extra: more state to restore (numbers, strings, lists, dicts, tensors, arrays), e.g. the data
+            loader position or the best validation loss.
+        generators: name -> ``numpy.random.Generator`` / ``torch.Generator`` whose states are saved too
+            (e.g. the augmentation RNG), so that resuming continues their streams.
+        keep: how many most recent checkpoints to keep (the one marked best is kept in addition).
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        OutputError: ``out_dir`` cannot be written.
+    """
+    out = Path(out_dir)
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    name = checkpoint_name(step)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _clean_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}-", dir=out))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write checkpoints into {out}: {exc.strerror or exc}; choose a writable folder"
+        ) from exc
+    final = out / name
+    try:
+        files: dict[str, str] = {}
+        for model_name, model in models.items():
+            state = unwrap_model(model).state_dict()
+            tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+            fname = f"{model_name}.safetensors"
+            files[fname] = save_safetensors(
+                tmp / fname, tensors, {"kind": "model", "model": model_name, "step": step}
+            )
+
+        packer = _Packer()
+        payload = {
+            "optimizers": {k: packer.pack(o.state_dict(), f"optimizers.{k}") for k, o in optimizers.items()},
+            "schedulers": {
+                k: packer.pack(s.state_dict(), f"schedulers.{k}") for k, s in (schedulers or {}).items()
+            },
+            "scalers": {k: packer.pack(s.state_dict(), f"scalers.{k}") for k, s in (scalers or {}).items()},
+            "generators": {
+                k: packer.pack(_generator_state(g), f"generators.{k}") for k, g in (generators or {}).items()
+            },
+            "rng": packer.pack(_rng_state(), "rng"),
+            "extra": packer.pack(dict(extra or {}), "extra"),
+        }
+        files[TRAINING_STATE_FILE] = save_safetensors(tmp / TRAINING_STATE_FILE, packer.tensors, payload)
+
+        config_dict = config_to_dict(config) if config is not None else {}
+        state_json = {
+            "format_version": FORMAT_VERSION,
+            "step": int(step),
+            "epoch": int(epoch),
+            "config": config_dict,
+            "models": list(models),
+            "files": files,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        try:
+            json.dumps(config_to_dict(dict(extra or {})))
+            state_json["extra"] = config_to_dict(dict(extra or {}))
+        except TypeError:
+            pass  # extra holds tensors or arrays: restored from training_state only
+        _write_json_atomic(tmp / STATE_FILE, state_json)
+
+        if final.exists():
+            _remove_dir(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    _write_json_atomic(out / LATEST_FILE, {"step": int(step), "epoch": int(epoch), "checkpoint": name})
+    _prune(out, keep)
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _prune(out: Path, keep: int) -> None:
+    best = _read_json(out / BEST_FILE)
+    best_name = best.get("checkpoint") if isinstance(best, dict) else None
+    latest = _read_json(out / LATEST_FILE)
+    latest_name = latest.get("checkpoint") if isinstance(latest, dict) else None
+    complete = [(s, p) for s, p in _checkpoint_dirs(out) if _is_complete(p)]
+    keep_names = {p.name for _, p in complete[-keep:]} | {best_name, latest_name}
+    for _, p in complete:
+        if p.name not in keep_names:
+            _remove_dir(p)
+            logger.debug("pruned checkpoint %s", p)
+
+
+def mark_best(out_dir: str | os.PathLike, step: int, metric: float | None = None) -> Path:
+    """Record the checkpoint of ``step`` as the best one (kept by pruning); writes ``best.json``.
+
+    Raises:
+        InputError: no complete checkpoint exists for ``step``.
+    """
+    out = Path(out_dir)
+    ckpt = out / checkpoint_name(step)
+    if not _is_complete(ckpt):
+        raise InputError(f"no complete checkpoint for step {step} in {out}: save it before marking it best")
+    data: dict[str, Any] = {"step": int(step), "checkpoint": ckpt.name}
+    if metric is not None:
+        data["metric"] = float(metric)
+    _write_json_atomic(out / BEST_FILE, data)
+    return ckpt
+
+
+def find_best(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint marked by :func:`mark_best`, if it still exists and is complete."""
+    out = Path(out_dir)
+    best = _read_json(out / BEST_FILE)
+    if isinstance(best, dict) and isinstance(best.get("checkpoint"), str):
+        ckpt = out / best["checkpoint"]
+        if _is_complete(ckpt):
+            return ckpt
+    return None
+
+
+def find_latest(out_dir: str | os.PathLike) -> Path | None:
+    """The most recent complete checkpoint in ``out_dir`` (``None`` when there is none).
+
+    ``latest.json`` is followed when it points to a complete checkpoint; otherwise the folders are
+    scanned. Hidden temporary folders and folders without a valid ``state.json`` are never returned.
+    """
+    out = Path(out_dir)
+    latest = _read_json(out / LATEST_FILE)
+    if isinstance(latest, dict) and isinstance(latest.get("checkpoint"), str):
+        ckpt = out / latest["checkpoint"]
+        if _CKPT_PATTERN.match(ckpt.name) and _is_complete(ckpt):
+            return ckpt
+    for _, p in reversed(_checkpoint_dirs(out)):
+        if _is_complete(p):
+            return p
+    return None
+
+
+def _resolve_checkpoint(ckpt_dir: str | os.PathLike) -> Path:
+    p = Path(ckpt_dir)
+    if (p / STATE_FILE).is_file():
+        if not _is_complete(p):
+            raise WeightsError(f"checkpoint {p} is incomplete (files listed in state.json are missing)")
+        return p
+    found = find_latest(p) if p.is_dir() else None
+    if found is None:
+        raise InputError(
+            f"no checkpoint found in {p}: give a checkpoint-XXXXXXXX folder or a training output folder "
+            "that holds one (start without --resume to train from scratch)"
+        )
+    return found
+
+
+def read_checkpoint_info(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``state.json`` of a checkpoint (or of the latest one in a training folder), plus ``path``."""
+    ckpt = _resolve_checkpoint(ckpt_dir)
+    state = _read_json(ckpt / STATE_FILE)
+    assert isinstance(state, dict)
+    return {**state, "path": ckpt}
+
+
+def load_training_state(
+    ckpt_dir: str | os.PathLike,
+    *,
+    models: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+    schedulers: Mapping[str, Any] | None = None,
+    scalers: Mapping[str, Any] | None = None,
+    generators: Mapping[str, Any] | None = None,
+    map_location: str | torch.device = "cpu",
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Restore models, optimizers, schedulers, scalers and RNG states from a checkpoint.
+
+    Args:
+        ckpt_dir: a ``checkpoint-XXXXXXXX`` folder, or a training output folder (its latest checkpoint).
+        models: name -> module to load into (same names as when saved; wrappers are unwrapped).
+        optimizers: name -> optimizer built over the models' parameters, optional.
+        schedulers: name -> LR scheduler, optional.
+        scalers: name -> grad scaler, optional.
+        generators: name -> ``numpy.random.Generator`` / ``torch.Generator`` whose saved states are restored.
+        map_location: device for the loaded tensors (models and optimizers then move them where they live).
+        restore_rng: restore the global torch / CUDA / NumPy / Python RNG states (needed for an exact resume).
+
+    Returns:
+        ``{"step", "epoch", "config", "extra", "path"}``.
+
+    Raises:
+        InputError: no checkpoint found.
+        WeightsError: a file is corrupt, or the checkpoint does not match the given models / optimizers
+            (e.g. another configuration).
+    """
+    ckpt = _resolve_checkpoint(ckpt_dir)
+    state = _read_json(ckpt / STATE_FILE)
+    assert isinstance(state, dict)
+    files: dict[str, str] = state["files"]
+    for model_name, model in models.items():
+        fname = f"{model_name}.safetensors"
+        if fname not in files:
+            raise WeightsError(
+                f"checkpoint {ckpt} has no model {model_name!r} (it has {', '.join(state.get('models', []))}): "
+                "resume with the configuration it was trained with"
+            )
+        tensors, _ = load_safetensors(ckpt / fname, expected_sha256=files[fname], device=map_location)
+        try:
+            unwrap_model(model).load_state_dict(tensors, strict=True)
+        except RuntimeError as exc:
+            raise WeightsError(
+                f"checkpoint {ckpt} does not fit model {model_name!r} ({exc}); resume with the configuration "
+                "it was trained with"
+            ) from exc
+
+    tensors, payload = load_safetensors(
+        ckpt / TRAINING_STATE_FILE, expected_sha256=files[TRAINING_STATE_FILE], device=map_location
+    )
+
+    def restore(kind: str, objects: Mapping[str, Any] | None) -> None:
+        saved = payload.get(kind, {})
+        for key, obj in (objects or {}).items():
+            if key not in saved:
+                raise WeightsError(
+                    f"checkpoint {ckpt} has no {kind[:-1]} state {key!r}: resume with the same setup"
+                )
+            value = _unpack(saved[key], tensors)
+            try:
+                if kind == "generators":
+                    _set_generator_state(obj, value)
+                else:
+                    obj.load_state_dict(value)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise WeightsError(f"checkpoint {ckpt}: cannot restore {kind[:-1]} {key!r} ({exc})") from exc
+
+    restore("optimizers", optimizers)
+    restore("schedulers", schedulers)
+    restore("scalers", scalers)
+    restore("generators", generators)
+    if restore_rng:
+        rng = _unpack(payload["rng"], {k: v.to("cpu") for k, v in tensors.items()})
+        _set_rng_state(rng)
+    extra = _unpack(payload.get("extra", {}), tensors)
+    logger.info("resumed from %s (step %d)", ckpt, state["step"])
+    return {
+        "step": int(state["step"]),
+        "epoch": int(state["epoch"]),
+        "config": state.get("config", {}),
+        "extra": extra,
+        "path": ckpt,
+    }
+
+
+def export_weights(
+    ckpt_dir: str | os.PathLike,
+    out_file: str | os.PathLike,
+    model_name: str,
+    family: str,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> str:
+    """Write one model of a checkpoint as an inference weights file.
+
+    Args:
+        ckpt_dir: a checkpoint folder or a training output folder (its latest checkpoint).
+        out_file: destination ``.safetensors`` file (written atomically).
+        model_name: which model of the checkpoint (e.g. ``"denoiser"``).
+        family: model family recorded in the metadata (``"sr"``, ``"vae"``, ``"xray"``, ...).
+        extra_metadata: more JSON-ready metadata (description, model_card, a model-only ``config``, ...);
+            its keys override the defaults.
+
+    Returns:
+        The sha256 of the written file (register it with ``import_weights`` or in the bundled registry).
+
+    Raises:
+        InputError: no checkpoint found.
+        WeightsError: the checkpoint has no such model or its file is corrupt.
+    """
+    ckpt = _resolve_checkpoint(ckpt_dir)
+    state = _read_json(ckpt / STATE_FILE)
+    assert isinstance(state, dict)
+    fname = f"{model_name}.safetensors"
+    if fname not in state["files"]:
+        raise WeightsError(
+            f"checkpoint {ckpt} has no model {model_name!r}; it has: {', '.join(state.get('models', []))}"
+        )
+    tensors, _ = load_safetensors(ckpt / fname, expected_sha256=state["files"][fname])
+    metadata: dict[str, Any] = {
+        "family": family,
+        "model": model_name,
+        "config": state.get("config", {}),
+        "step": state["step"],
+        "epoch": state["epoch"],
+        "source_checkpoint": ckpt.name,
+        "source_sha256": state["files"][fname],
+    }
+    metadata.update(config_to_dict(dict(extra_metadata or {})))
+    digest = save_safetensors(out_file, tensors, metadata)
+    logger.info("exported %s of %s to %s (sha256 %s)", model_name, ckpt, out_file, digest)
+    return digest
