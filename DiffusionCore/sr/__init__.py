@@ -1,0 +1,25 @@
+"""CT slice super-resolution: 3D VAE + ResShift latent diffusion + UNet with IRControlNet.
+
+* :class:`~DiffusionCore.sr.model.SRModel` - one patch in, one patch out (model units);
+* :mod:`DiffusionCore.sr.intensity` - HU <-> model units (the only place);
+* ``SuperResolver`` (:mod:`DiffusionCore.sr.pipeline`) - whole volumes, tiling, progress, cancel;
+* :mod:`DiffusionCore.sr.training` - ``train vae`` / ``train sr``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import SRConfig
+from .intensity import HU_WINDOW, hu_to_unit, unit_to_hu
+from .model import SRModel
+
+__all__ = ["HU_WINDOW", "SRConfig", "SRModel", "SuperResolver", "hu_to_unit", "unit_to_hu"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SuperResolver":
+        from .pipeline import SuperResolver
+
+        return SuperResolver
+    raise AttributeError(name)

@@ -1,0 +1,45 @@
+"""HU <-> model units: the one place where the SR models' intensity window is defined.
+
+Model units are HU clipped to :data:`HU_WINDOW` and mapped linearly to ``[-1, 1]``: -1024 HU (air) -> -1,
+2048 HU (dense bone / contrast) -> +1. One model unit is 1536 HU. Every SR network, training loop and
+pipeline converts through these two functions and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+#: HU range mapped to [-1, 1]; values outside are clipped (the same window the PSNR figures use).
+HU_WINDOW: tuple[float, float] = (-1024.0, 2048.0)
+
+#: HU per model unit (half the window width).
+HU_PER_UNIT: float = (HU_WINDOW[1] - HU_WINDOW[0]) / 2.0
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
+
+def hu_to_unit(x: ArrayT) -> ArrayT:
+    """HU -> model units in ``[-1, 1]`` (clipped to :data:`HU_WINDOW` first).
+
+    Args:
+        x: numpy array or torch tensor in HU, any shape. numpy results are float32.
+    """
+    lo, hi = HU_WINDOW
+    if isinstance(x, torch.Tensor):
+        return (x.clamp(lo, hi) - lo) / HU_PER_UNIT - 1.0
+    return ((np.clip(np.asarray(x, dtype=np.float32), lo, hi) - lo) / HU_PER_UNIT - 1.0).astype(np.float32)
+
+
+def unit_to_hu(x: ArrayT) -> ArrayT:
+    """Model units -> HU (values clipped to ``[-1, 1]``, so the result lies in :data:`HU_WINDOW`).
+
+    Args:
+        x: numpy array or torch tensor in model units, any shape. numpy results are float32.
+    """
+    lo, _ = HU_WINDOW
+    if isinstance(x, torch.Tensor):
+        return (x.clamp(-1.0, 1.0) + 1.0) * HU_PER_UNIT + lo
+    return ((np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0) + 1.0) * HU_PER_UNIT + lo).astype(np.float32)

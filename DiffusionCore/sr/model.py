@@ -1,0 +1,375 @@
+"""SRModel: VAE + latent denoiser (UNet + IRControlNet) + diffusion process, one patch at a time.
+
+Formulation (why it can beat cubic interpolation with a small latent model):
+
+* the condition is the thick input cubic-interpolated onto the thin grid (model units), encoded by the VAE
+  to ``y``; the target is the thin volume's latent ``x0``;
+* ResShift diffuses between ``x0`` and ``y`` (``y`` *is* the starting point), and the UNet predicts the
+  residual ``x0 - y`` (``x0_hat = y + net(...)``; the output layer starts at zero, i.e. "keep the input");
+* with ``decode_residual`` (default) the output is ``cond + decode(x0_hat) - decode(y)``: only the
+  *difference* passes through the decoder, so the VAE's reconstruction error, which is nearly the same for
+  the input and the output, cancels. A fresh model returns the cubic input exactly.
+
+Weights files (safetensors, metadata family ``"sr"``): either one file with both parts (tensor names
+``vae.*`` and ``denoiser.*``, metadata ``component="sr"``) for :meth:`SRModel.from_pretrained`, or two files
+(``component="vae"`` and ``component="diffusion"``) for :meth:`SRModel.from_files`. The metadata holds the
+full :class:`SRConfig` so the networks are rebuilt from the file alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import config_to_dict, load_config
+from ..errors import Cancelled, InputError, WeightsError
+from .config import SRConfig, tiny_config
+from .controlnet import IRControlNet
+from .resshift import DDIMProcess, ResShiftProcess
+from .unet import LatentUNet
+from .vae import CTAutoencoderKL
+
+logger = logging.getLogger(__name__)
+
+FAMILY = "sr"
+
+
+def build_process(cfg: SRConfig) -> ResShiftProcess | DDIMProcess:
+    """The diffusion process a config asks for (ResShift with x0 prediction, or DDIM with eps)."""
+    d = cfg.diffusion
+    if d.predict_residual:
+        return ResShiftProcess(d.num_train_timesteps, d.kappa, d.power, d.eta_1, d.eta_T)
+    return DDIMProcess(d.num_train_timesteps)
+
+
+class SRDenoiser(nn.Module):
+    """The latent UNet and (optionally) its IRControlNet.
+
+    ``forward(x_in, t_value, y, cond_scale=None, use_control=True) -> (B, C, d, h, w)`` raw network output
+    (a residual to add to ``y`` for ResShift, noise for DDIM).
+    """
+
+    def __init__(self, cfg: SRConfig, latent_channels: int) -> None:
+        super().__init__()
+        self.unet = LatentUNet(cfg.unet, latent_channels, latent_channels)
+        self.controlnet = IRControlNet(cfg.unet, latent_channels) if cfg.unet.use_controlnet else None
+
+    def forward(
+        self,
+        x_in: torch.Tensor,
+        t_value: torch.Tensor,
+        y: torch.Tensor,
+        cond_scale: torch.Tensor | None = None,
+        use_control: bool = True,
+    ) -> torch.Tensor:
+        control = None
+        if use_control and self.controlnet is not None:
+            control = self.controlnet(x_in, y, t_value, cond_scale)
+        return self.unet(x_in, t_value, control)
+
+
+def _state_sha256(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class SRModel(nn.Module):
+    """Latent ResShift super-resolution of one patch (see the module docstring for the formulation).
+
+    Args:
+        config: :class:`SRConfig` (networks and diffusion).
+        vae: an existing VAE to use (default: a fresh one from ``config.vae``).
+
+    Attributes:
+        vae, denoiser, diffusion, config, weights_sha256.
+        latent_downsample: ``(fz, fy, fx)``: patch sizes must be multiples of this (VAE x UNet strides).
+        min_patch: smallest patch ``(D, H, W)`` the networks accept.
+    """
+
+    def __init__(self, config: SRConfig | None = None, vae: CTAutoencoderKL | None = None) -> None:
+        super().__init__()
+        self.config = config or SRConfig()
+        self.vae = vae if vae is not None else CTAutoencoderKL(self.config.vae)
+        self.denoiser = SRDenoiser(self.config, self.vae.latent_channels)
+        self.diffusion = build_process(self.config)
+        self.weights_sha256: str = ""
+        unet_ds = self.denoiser.unet.downsample
+        self.vae_downsample: tuple[int, int, int] = self.vae.downsample
+        self.latent_downsample: tuple[int, int, int] = tuple(  # type: ignore[assignment]
+            a * b for a, b in zip(self.vae.downsample, unet_ds)
+        )
+        self.min_patch: tuple[int, int, int] = tuple(max(2 * f, 8) for f in self.latent_downsample)  # type: ignore[assignment]
+
+    # --- construction -----------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, seed: int = 0) -> SRModel:
+        """A tiny random-weight model for tests and self-tests (CPU, well under 1 s per 16x32x32 patch).
+
+        The zero-initialised output layers get small random weights so the output differs from the input.
+        """
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            model = cls(tiny_config())
+            with torch.no_grad():
+                convs = [model.denoiser.unet.conv_out]
+                if model.denoiser.controlnet is not None:
+                    convs += list(model.denoiser.controlnet.zero_convs)
+                for conv in convs:
+                    conv.weight.normal_(0.0, 0.005)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        model.eval()
+        model.weights_sha256 = _state_sha256(model)
+        return model
+
+    @classmethod
+    def from_state(
+        cls,
+        config: SRConfig | dict,
+        tensors: dict[str, torch.Tensor],
+        sha256: str = "",
+        source: str = "weights",
+    ) -> SRModel:
+        """Build from a config and ``vae.*`` / ``denoiser.*`` tensors (WeightsError when they do not fit)."""
+        cfg = load_config(config, SRConfig) if isinstance(config, dict) else config
+        model = cls(cfg)
+        try:
+            missing, unexpected = model.load_state_dict(tensors, strict=False)
+        except RuntimeError as exc:
+            raise WeightsError(
+                f"{source} do not fit the SR architecture recorded in their own config ({exc}); "
+                "re-export them with `train sr` / `train vae`"
+            ) from exc
+        if missing or unexpected:
+            raise WeightsError(
+                f"{source} do not match the SR architecture: missing {sorted(missing)[:4]}..., unexpected "
+                f"{sorted(unexpected)[:4]}...; re-export them with DiffusionCore"
+            )
+        model.weights_sha256 = sha256
+        model.eval()
+        return model
+
+    @classmethod
+    def from_pretrained(cls, name_or_file: str | os.PathLike, allow_unregistered: bool = False) -> SRModel:
+        """Load a combined SR weights file (``component="sr"``) by registry name or path.
+
+        Raises:
+            WeightsError: unknown name, unregistered file (unless allowed), wrong family, or a file holding
+                only one part (use :meth:`from_files` with the VAE and diffusion files).
+        """
+        from ..weights import resolve_weights
+
+        rw = resolve_weights(name_or_file, family=FAMILY, allow_unregistered=allow_unregistered)
+        comp = rw.metadata.get("component", "sr")
+        if comp != "sr":
+            raise WeightsError(
+                f"{rw.path} holds only the {comp!r} part of an SR model: pass both files with "
+                "--vae-checkpoint and --diffusion-checkpoint (SRModel.from_files)"
+            )
+        if "config" not in rw.metadata:
+            raise WeightsError(f"{rw.path} has no 'config' in its metadata; re-export it with DiffusionCore")
+        return cls.from_state(rw.metadata["config"], rw.load(), rw.sha256, str(rw.path))
+
+    @classmethod
+    def from_files(
+        cls, vae_path: str | os.PathLike, diffusion_path: str | os.PathLike, allow_unregistered: bool = True
+    ) -> SRModel:
+        """Load from a VAE file and a diffusion (denoiser) file, as ``train vae`` / ``train sr`` export them.
+
+        The diffusion file's config decides the architecture; the VAE file must match its ``vae`` section.
+        ``weights_sha256`` is the sha256 of the two files' hashes joined by ``+``.
+        """
+        from ..weights import resolve_weights
+
+        rv = resolve_weights(vae_path, family=FAMILY, allow_unregistered=allow_unregistered)
+        rd = resolve_weights(diffusion_path, family=FAMILY, allow_unregistered=allow_unregistered)
+        if rd.metadata.get("component") not in ("diffusion", "sr") or "config" not in rd.metadata:
+            raise WeightsError(
+                f"{rd.path} is not an SR diffusion weights file (component 'diffusion' expected)"
+            )
+        if rv.metadata.get("component") not in ("vae", "sr"):
+            raise WeightsError(f"{rv.path} is not an SR VAE weights file (component 'vae' expected)")
+        vae_t = {k: v for k, v in rv.load().items() if k.startswith("vae.")}
+        den_t = {k: v for k, v in rd.load().items() if k.startswith("denoiser.")}
+        sha = hashlib.sha256(f"{rv.sha256}+{rd.sha256}".encode()).hexdigest()
+        return cls.from_state(rd.metadata["config"], {**vae_t, **den_t}, sha, f"{rv.path} + {rd.path}")
+
+    def save(self, path: str | os.PathLike, component: str = "sr", extra_metadata: dict | None = None) -> str:
+        """Write inference weights (``component`` ``"sr"`` = both parts, ``"vae"``, or ``"diffusion"``).
+
+        Returns:
+            The file's sha256.
+        """
+        from ..weights import save_safetensors
+
+        prefixes = {"sr": ("vae.", "denoiser."), "vae": ("vae.",), "diffusion": ("denoiser.",)}[component]
+        tensors = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
+        meta: dict[str, Any] = {
+            "family": FAMILY,
+            "component": component,
+            "config": config_to_dict(self.config),
+        }
+        meta.update(extra_metadata or {})
+        return save_safetensors(path, tensors, meta)
+
+    # --- latent space -----------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model units ``(B, 1, D, H, W)`` -> scaled latent mean ``(B, C, D/fz, H/fy, W/fx)``."""
+        mean, _ = self.vae.encode(x)
+        return mean * self.config.diffusion.latent_scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> model units ``(B, 1, D, H, W)``."""
+        return self.vae.decode(z / self.config.diffusion.latent_scale)
+
+    def predict(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        guidance: float = 1.0,
+        cond_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The process's target (``x0`` for ResShift, ``eps`` for DDIM) at ``x_t``, with guidance.
+
+        Args:
+            x_t: ``(B, C, d, h, w)`` noisy latent; ``t``: ``(B,)`` step indices; ``y``: condition latent.
+            guidance: classifier-free guidance scale; 1.0 is exactly the conditional prediction.
+            cond_scale: ``(B,)`` 0/1 per-sample condition keep mask (training's condition dropout).
+        """
+        proc = self.diffusion
+        x_in = proc.scale_input(x_t, t)
+        tv = proc.timestep_value(t).to(x_t.device)
+        residual = isinstance(proc, ResShiftProcess)
+
+        def run(use_control: bool, scale: torch.Tensor | None) -> torch.Tensor:
+            out = self.denoiser(x_in, tv, y, scale, use_control)
+            return y + out if residual else out
+
+        if guidance == 1.0 or self.denoiser.controlnet is None:
+            return run(True, cond_scale)
+        cond = run(True, None)
+        uncond = run(False, None)
+        return uncond + guidance * (cond - uncond)
+
+    # --- inference --------------------------------------------------------------------------------
+    def check_patch(self, shape: tuple[int, ...]) -> None:
+        """Raise InputError unless a ``(B, 1, D, H, W)`` shape fits the networks."""
+        if len(shape) != 5 or shape[1] != 1:
+            raise InputError(f"SR patches must be (B, 1, D, H, W) tensors, got shape {tuple(shape)}")
+        spatial = tuple(shape[2:])
+        if any(n % f for n, f in zip(spatial, self.latent_downsample)) or any(
+            n < m for n, m in zip(spatial, self.min_patch)
+        ):
+            raise InputError(
+                f"patch {spatial} does not fit the model: each size must be a multiple of "
+                f"{self.latent_downsample} and at least {self.min_patch}; choose another --patch-size"
+            )
+
+    @torch.no_grad()
+    def super_resolve_patch(
+        self,
+        cond: torch.Tensor,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        generator: torch.Generator | None = None,
+        cancel: threading.Event | None = None,
+        step_callback: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Super-resolve a patch.
+
+        Args:
+            cond: ``(B, 1, D, H, W)`` model units on the THIN grid: the cubic-interpolated thick input.
+            steps: sampling steps (default ``config.diffusion.num_inference_steps``).
+            guidance: classifier-free guidance scale (default from config; 1.0 = off).
+            generator: CPU generator for the sampling noise (same result on any device).
+            cancel: checked before every network evaluation; when set, raises Cancelled.
+            step_callback: ``step_callback(done, total)`` after every step.
+
+        Returns:
+            ``(B, 1, D, H, W)`` model units (the thin volume estimate; not clipped).
+        """
+        self.check_patch(tuple(cond.shape))
+        d = self.config.diffusion
+        steps = d.num_inference_steps if steps is None else int(steps)
+        guidance = d.guidance_scale if guidance is None else float(guidance)
+        dtype = next(self.parameters()).dtype
+        cond = cond.to(dtype)
+        y = self.encode(cond)
+
+        def net(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("super-resolution cancelled by the user; nothing was written")
+            return self.predict(x_t, t, y, guidance)
+
+        z0 = self.diffusion.sample(net, y, steps=steps, generator=generator, on_step=step_callback)
+        out = self.decode(z0)
+        if d.decode_residual:
+            out = cond + out - self.decode(y)
+        return out
+
+    def estimate_patch_memory(
+        self, patch_shape: tuple[int, int, int], batch: int = 1, device: str | torch.device = "cpu"
+    ) -> int:
+        """Rough peak activation memory (bytes) of :meth:`super_resolve_patch` for one patch size.
+
+        Counts the largest VAE feature maps (a handful live at once), the UNet + ControlNet features at
+        latent resolution (kept skips) and the attention matrices; ignores the weights themselves.
+        """
+        del device
+        bytes_per = 4
+        D, H, W = patch_shape
+        voxels = D * H * W
+        vcfg = self.config.vae
+        vae_peak = 0
+        f = [1, 1, 1]
+        for lvl, ch in enumerate(vcfg.channels):
+            vae_peak = max(vae_peak, ch * voxels // (f[0] * f[1] * f[2]))
+            if lvl < len(vcfg.downsample):
+                f = [a * b for a, b in zip(f, vcfg.downsample[lvl])]
+        vae_bytes = 6 * vae_peak * bytes_per
+        ucfg = self.config.unet
+        lat_vox = voxels // (self.vae_downsample[0] * self.vae_downsample[1] * self.vae_downsample[2])
+        unet_elems, g, attn = 0, [1, 1, 1], 0
+        for lvl, mult in enumerate(ucfg.channel_mult):
+            n = lat_vox // (g[0] * g[1] * g[2])
+            unet_elems += (ucfg.num_res_blocks + 2) * ucfg.model_channels * mult * n
+            if ucfg.attention_levels[lvl]:
+                attn = max(attn, ucfg.num_heads * n * n)
+            if lvl < len(ucfg.downsample):
+                g = [a * b for a, b in zip(g, ucfg.downsample[lvl])]
+        copies = 2 if self.denoiser.controlnet is not None else 1
+        unet_bytes = (3 * unet_elems * copies + attn) * bytes_per * 2  # guidance runs two passes
+        return int(batch * (max(vae_bytes, unet_bytes) + 4 * voxels * bytes_per))
+
+
+def load_sr_model(
+    weights: str | os.PathLike | None = None,
+    *,
+    vae_checkpoint: str | os.PathLike | None = None,
+    diffusion_checkpoint: str | os.PathLike | None = None,
+    allow_unregistered: bool = False,
+) -> SRModel:
+    """One entry point for the pipeline/CLI: a combined file or name, or a VAE + diffusion file pair."""
+    if vae_checkpoint or diffusion_checkpoint:
+        if not (vae_checkpoint and diffusion_checkpoint):
+            raise InputError("give both --vae-checkpoint and --diffusion-checkpoint, or neither")
+        return SRModel.from_files(vae_checkpoint, diffusion_checkpoint, allow_unregistered=True)
+    if weights is None:
+        raise InputError("no SR weights given: pass --weights NAME_OR_FILE")
+    return SRModel.from_pretrained(
+        Path(weights) if Path(str(weights)).exists() else str(weights), allow_unregistered
+    )

@@ -1,0 +1,157 @@
+"""SRModel: shapes, the residual formulation, guidance, cancel, weights files."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from DiffusionCore.errors import Cancelled, InputError, WeightsError
+from DiffusionCore.sr.config import tiny_config
+from DiffusionCore.sr.controlnet import IRControlNet
+from DiffusionCore.sr.intensity import HU_WINDOW, hu_to_unit, unit_to_hu
+from DiffusionCore.sr.model import SRModel
+from DiffusionCore.sr.unet import LatentUNet
+from DiffusionCore.sr.vae import CTAutoencoderKL
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    return SRModel.tiny(seed=0)
+
+
+def _cond(seed=0, shape=(1, 1, 16, 32, 32)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) * 2 - 1
+
+
+def test_intensity_roundtrip_and_clipping():
+    hu = np.array([-3000.0, -1024.0, 0.0, 2048.0, 5000.0], dtype=np.float32)
+    u = hu_to_unit(hu)
+    assert u.dtype == np.float32
+    np.testing.assert_allclose(u, [-1, -1, -1 + 1024 / 1536, 1, 1], atol=1e-6)
+    np.testing.assert_allclose(unit_to_hu(u), np.clip(hu, *HU_WINDOW), atol=1e-3)
+    t = torch.tensor([0.0, 100.0])
+    assert torch.allclose(unit_to_hu(hu_to_unit(t)), t, atol=1e-3)
+
+
+def test_vae_compresses_in_plane_only_by_default():
+    vae = CTAutoencoderKL(tiny_config().vae)
+    x = torch.zeros(2, 1, 8, 32, 16)
+    mean, logvar = vae.encode(x)
+    assert mean.shape == (2, 4, 8, 8, 4) and logvar.shape == mean.shape
+    assert vae.decode(mean).shape == x.shape
+    with pytest.raises(ValueError):
+        vae.encode(torch.zeros(1, 1, 8, 30, 16))
+
+
+def test_unet_and_controlnet_shapes_and_zero_init():
+    cfg = tiny_config().unet
+    unet = LatentUNet(cfg, 4, 4)
+    x = torch.randn(2, 4, 8, 8, 8)
+    t = torch.tensor([10.0, 500.0])
+    out = unet(x, t)
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0  # zero-initialised output: a fresh UNet predicts "no change"
+    ctrl = IRControlNet(cfg, 4)
+    ctrl.copy_from_unet(unet)
+    res = ctrl(x, torch.randn_like(x), t)
+    assert len(res) == len(unet.encoder.skip_channels) + 1
+    assert all(torch.count_nonzero(r) == 0 for r in res)  # zero convs: a fresh ControlNet changes nothing
+    for k, v in unet.encoder.state_dict().items():
+        if k != "conv_in.weight":
+            assert torch.equal(ctrl.encoder.state_dict()[k], v)
+
+
+def test_fresh_model_returns_the_cubic_input_exactly():
+    torch.manual_seed(0)
+    model = SRModel(tiny_config()).eval()
+    cond = _cond()
+    out = model.super_resolve_patch(cond, steps=2, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == cond.shape
+    assert torch.allclose(out, cond, atol=1e-6)
+
+
+def test_tiny_model_is_deterministic_given_the_generator(tiny):
+    cond = _cond(1, (2, 1, 8, 32, 32))
+    a = tiny.super_resolve_patch(cond, steps=4, guidance=1.0, generator=torch.Generator().manual_seed(5))
+    b = tiny.super_resolve_patch(cond, steps=4, guidance=1.0, generator=torch.Generator().manual_seed(5))
+    c = tiny.super_resolve_patch(cond, steps=4, guidance=1.0, generator=torch.Generator().manual_seed(6))
+    assert a.shape == cond.shape
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert tiny.latent_downsample == (4, 16, 16) and len(tiny.weights_sha256) == 64
+
+
+def test_guidance_one_is_exactly_the_conditional_path(tiny):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(1, 4, 8, 8, 8, generator=g)
+    x_t = torch.randn(1, 4, 8, 8, 8, generator=g)
+    t = torch.tensor([2])
+    with torch.no_grad():
+        guided = tiny.predict(x_t, t, y, guidance=1.0)
+        proc = tiny.diffusion
+        direct = y + tiny.denoiser(proc.scale_input(x_t, t), proc.timestep_value(t), y)
+        uncond = y + tiny.denoiser(proc.scale_input(x_t, t), proc.timestep_value(t), y, use_control=False)
+        strong = tiny.predict(x_t, t, y, guidance=2.0)
+    assert torch.equal(guided, direct)
+    assert torch.allclose(strong, uncond + 2.0 * (direct - uncond), atol=1e-6)
+    assert not torch.allclose(strong, guided)
+
+
+def test_cancel_stops_within_one_step(tiny):
+    cancel = threading.Event()
+    seen = []
+
+    def on_step(done, total):
+        seen.append(done)
+        if done == 1:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        tiny.super_resolve_patch(
+            _cond(),
+            steps=4,
+            guidance=1.0,
+            generator=torch.Generator().manual_seed(0),
+            cancel=cancel,
+            step_callback=on_step,
+        )
+    assert seen == [1]
+
+
+def test_bad_patch_shapes_are_refused(tiny):
+    with pytest.raises(InputError, match="multiple"):
+        tiny.super_resolve_patch(torch.zeros(1, 1, 16, 30, 32), steps=1)
+    with pytest.raises(InputError):
+        tiny.super_resolve_patch(torch.zeros(1, 2, 16, 32, 32), steps=1)
+
+
+def test_weights_files_roundtrip(tiny, tmp_path):
+    combined = tmp_path / "sr.safetensors"
+    sha = tiny.save(combined)
+    loaded = SRModel.from_pretrained(combined, allow_unregistered=True)
+    assert loaded.weights_sha256 == sha
+    vae_file, diff_file = tmp_path / "vae.safetensors", tmp_path / "diffusion.safetensors"
+    tiny.save(vae_file, component="vae")
+    tiny.save(diff_file, component="diffusion")
+    pair = SRModel.from_files(vae_file, diff_file)
+    cond = _cond(2)
+    ref = tiny.super_resolve_patch(cond, steps=2, generator=torch.Generator().manual_seed(0))
+    for m in (loaded, pair):
+        out = m.super_resolve_patch(cond, steps=2, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out, ref)
+    with pytest.raises(WeightsError, match="not a registered"):
+        SRModel.from_pretrained(combined)
+    with pytest.raises(WeightsError, match="vae"):
+        SRModel.from_pretrained(vae_file, allow_unregistered=True)
+
+
+def test_memory_estimate_grows_with_patch(tiny):
+    small = tiny.estimate_patch_memory((16, 32, 32))
+    big = tiny.estimate_patch_memory((32, 128, 128))
+    assert 0 < small < big
+    assert big >= 32 * 128 * 128 * 4  # at least the patch itself in float32
