@@ -1,0 +1,188 @@
+"""Shared pytest fixtures: small synthetic CT phantoms, oblique geometry, an isolated cache folder.
+
+Every fixture is tiny (at most 32^3 voxels) so the whole suite stays fast on two CPU cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from DiffusionCore.volume import Volume
+
+#: HU values of the phantom's tissues.
+AIR_HU, LUNG_HU, SOFT_HU, BONE_HU = -1000.0, -820.0, 40.0, 900.0
+
+
+def rotation_matrix(axis: tuple[float, float, float], degrees: float) -> np.ndarray:
+    """A 3x3 rotation (proper, orthonormal) about ``axis`` by ``degrees`` (Rodrigues' formula)."""
+    a = np.asarray(axis, dtype=np.float64)
+    a = a / np.linalg.norm(a)
+    t = np.deg2rad(degrees)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * (k @ k)
+
+
+def ct_phantom_array(shape: tuple[int, int, int] = (24, 32, 32), seed: int = 0) -> np.ndarray:
+    """A chest-like float32 HU array ``(z, y, x)``: air around an elliptic body of soft tissue holding two
+    lungs (about -820 HU) and a bone disc (900 HU), with smooth variation along z and mild noise."""
+    nz, ny, nx = shape
+    z, y, x = np.meshgrid(
+        np.linspace(-1, 1, nz), np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij"
+    )
+    arr = np.full(shape, AIR_HU, dtype=np.float64)
+    body = (x / 0.85) ** 2 + (y / 0.7) ** 2 < 1.0
+    arr[body] = SOFT_HU + 15.0 * np.sin(np.pi * z[body])
+    for cx in (-0.4, 0.4):
+        lung = ((x - cx) / 0.3) ** 2 + ((y + 0.05) / 0.45) ** 2 + (z / 1.3) ** 2 < 1.0
+        arr[lung] = LUNG_HU + 60.0 * z[lung]
+    bone = (x / 0.15) ** 2 + ((y - 0.5) / 0.12) ** 2 < 1.0
+    arr[bone] = BONE_HU - 200.0 * np.abs(z[bone])
+    rng = np.random.default_rng(seed)
+    arr[body] += rng.normal(0.0, 5.0, size=int(body.sum()))
+    return arr.astype(np.float32)
+
+
+@pytest.fixture
+def phantom() -> Volume:
+    """A 24x32x32 chest-like CT phantom, 0.8 x 0.8 x 2.0 mm, axis-aligned, origin at (-12, -12, -20) mm."""
+    return Volume(ct_phantom_array(), spacing=(0.8, 0.8, 2.0), origin=(-12.0, -12.0, -20.0))
+
+
+@pytest.fixture
+def oblique_direction() -> np.ndarray:
+    """A proper rotation (20 degrees about an oblique axis): no index axis is aligned with L, P or S."""
+    return rotation_matrix((0.3, -0.5, 0.8), 20.0)
+
+
+@pytest.fixture
+def oblique_phantom(oblique_direction: np.ndarray) -> Volume:
+    """The phantom with an oblique direction, anisotropic spacing and a non-trivial origin."""
+    return Volume(
+        ct_phantom_array(),
+        spacing=(0.7, 0.9, 2.5),
+        origin=(-101.5, 32.25, -405.0),
+        direction=oblique_direction,
+        metadata={"name": "oblique phantom"},
+    )
+
+
+@pytest.fixture
+def make_phantom() -> Callable[..., Volume]:
+    """Factory: ``make_phantom(shape=(24, 32, 32), spacing=(0.8, 0.8, 2.0), direction=None, seed=0)``."""
+
+    def _make(
+        shape: tuple[int, int, int] = (24, 32, 32),
+        spacing: tuple[float, float, float] = (0.8, 0.8, 2.0),
+        origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        direction: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> Volume:
+        return Volume(
+            ct_phantom_array(shape, seed),
+            spacing=spacing,
+            origin=origin,
+            direction=np.eye(3) if direction is None else direction,
+        )
+
+    return _make
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    """An empty DiffusionCore cache (``$DIFFUSIONCORE_CACHE``) for tests that must not touch the user's."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    monkeypatch.setenv("DIFFUSIONCORE_CACHE", str(root))
+    return root
+
+
+def write_dicom_series(
+    folder,
+    vol: Volume,
+    *,
+    intercept: float = -1024.0,
+    slope: float = 1.0,
+    series_uid: str = "1.2.826.0.1.3680043.8.498.1",
+    study_uid: str = "1.2.826.0.1.3680043.8.498.2",
+    skip: tuple[int, ...] = (),
+    prefix: str = "slice",
+) -> list:
+    """Write ``vol`` as a CT DICOM series (one file per z slice) with SimpleITK.
+
+    The volume's HU values are rounded to integers; SimpleITK's DICOM writer stores
+    ``(HU - intercept) / slope`` in the file and records RescaleIntercept/RescaleSlope, so a reader must
+    apply the rescale to get HU back. ImagePositionPatient, ImageOrientationPatient and PixelSpacing come
+    from the volume's geometry. Slices listed in ``skip`` are not written (a series with missing slices).
+    Returns the written paths.
+    """
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    img = sitk.GetImageFromArray(np.round(vol.array).astype(np.int16))
+    img.SetSpacing(vol.spacing)
+    img.SetOrigin(vol.origin)
+    img.SetDirection(tuple(float(v) for v in vol.direction.ravel()))
+    d = vol.direction
+    iop = "\\".join(f"{v:.10f}" for v in (*d[:, 0], *d[:, 1]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    paths = []
+    for k in range(vol.shape[0]):
+        if k in skip:
+            continue
+        sl = img[:, :, k]
+        ipp = img.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {
+            "0008|0060": "CT",
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|000d": study_uid,
+            "0020|000e": series_uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in ipp),
+            "0020|0037": iop,
+            "0028|0030": f"{vol.spacing[1]:.6f}\\{vol.spacing[0]:.6f}",
+            "0018|0050": f"{vol.spacing[2]:.6f}",
+            "0028|1052": f"{intercept:g}",
+            "0028|1053": f"{slope:g}",
+        }
+        for key, value in tags.items():
+            sl.SetMetaData(key, value)
+        path = folder / f"{prefix}{k:03d}.dcm"
+        writer.SetFileName(str(path))
+        writer.Execute(sl)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def dicom_series_writer() -> Callable[..., list]:
+    """:func:`write_dicom_series` as a fixture (``writer(folder, volume, intercept=..., skip=...)``)."""
+    return write_dicom_series
+
+
+@pytest.fixture
+def diffusioncore_log():
+    """Records of the ``DiffusionCore`` loggers, captured by a handler on that logger itself (so it works
+    even after a CLI call turned propagation off). Yields the list of ``logging.LogRecord``."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("DiffusionCore")
+    handler = Handler(level=logging.DEBUG)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)

@@ -1,0 +1,269 @@
+"""Volume I/O: exact geometry through every format, DICOM series, refusal of unusable inputs, atomic writes."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DiffusionCore import volume as volume_module
+from DiffusionCore.errors import GeometryError, InputError, OutputError
+from DiffusionCore.volume import (
+    Volume,
+    axis_index,
+    check_ct,
+    check_image_shape,
+    read_volume,
+    suggested_factor,
+    thick_axis,
+    write_volume,
+)
+
+GEOM_TOL = 1e-5  # NIfTI stores the affine in float32
+
+
+def assert_same_geometry(a: Volume, b: Volume, tol: float = GEOM_TOL) -> None:
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a.spacing, b.spacing, rtol=tol, atol=tol)
+    np.testing.assert_allclose(a.origin, b.origin, rtol=tol, atol=1e-3)
+    np.testing.assert_allclose(a.direction, b.direction, atol=tol)
+
+
+# -- round trips ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".nrrd", ".mha"])
+def test_round_trip_keeps_array_and_oblique_geometry(tmp_path, oblique_phantom, suffix):
+    path = write_volume(oblique_phantom, tmp_path / f"ct{suffix}")
+    back = read_volume(path)
+    np.testing.assert_array_equal(back.array, oblique_phantom.array)
+    assert_same_geometry(back, oblique_phantom)
+    np.testing.assert_allclose(back.index_to_physical(), oblique_phantom.index_to_physical(), atol=1e-3)
+
+
+def test_integer_volume_is_written_as_int16_and_read_back_exactly(tmp_path, oblique_phantom):
+    vol = oblique_phantom.with_array(np.round(oblique_phantom.array))
+    path = write_volume(vol, tmp_path / "ct.nii.gz")
+    assert sitk.ReadImage(str(path)).GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(read_volume(path).array, vol.array)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_affine_is_ras_version_of_our_lps_geometry(tmp_path, oblique_phantom, suffix):
+    path = write_volume(oblique_phantom, tmp_path / f"ct{suffix}")
+    img = nib.load(str(path))
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    np.testing.assert_allclose(img.affine, lps_to_ras @ oblique_phantom.index_to_physical(), atol=1e-3)
+    # nibabel indexes (i, j, k) = (x, y, z); ours is (z, y, x)
+    np.testing.assert_array_equal(np.asarray(img.dataobj).transpose(2, 1, 0), oblique_phantom.array)
+
+
+# -- DICOM series ------------------------------------------------------------------------------------
+def test_dicom_series_rescale_and_geometry(tmp_path, oblique_phantom, dicom_series_writer):
+    vol = oblique_phantom.with_array(np.round(oblique_phantom.array))
+    files = dicom_series_writer(tmp_path / "series", vol, intercept=-1024.0)
+    stored = np.frombuffer(files[0].read_bytes()[-2 * 32 * 32 :], "<u2").reshape(32, 32)
+    np.testing.assert_array_equal(stored.astype(np.float32) - 1024.0, vol.array[0])  # file holds HU + 1024
+    back = read_volume(tmp_path / "series")
+    np.testing.assert_array_equal(back.array, vol.array)  # the reader applied the rescale
+    assert_same_geometry(back, vol, tol=1e-6)
+    assert back.metadata["n_files"] == vol.shape[0]
+
+
+def test_folder_with_several_series_uses_the_largest_and_warns(
+    tmp_path, make_phantom, dicom_series_writer, diffusioncore_log
+):
+    big = make_phantom(shape=(8, 16, 16))
+    small = make_phantom(shape=(4, 16, 16), origin=(0.0, 0.0, 100.0), seed=1)
+    dicom_series_writer(tmp_path / "mixed", big, series_uid="1.2.3.4.100", prefix="big")
+    dicom_series_writer(tmp_path / "mixed", small, series_uid="1.2.3.4.200", prefix="small")
+    back = read_volume(tmp_path / "mixed")
+    assert back.shape == (8, 16, 16)
+    np.testing.assert_array_equal(back.array, np.round(big.array))
+    warnings = [r.getMessage() for r in diffusioncore_log if r.levelno == logging.WARNING]
+    assert any("2 DICOM series" in w and "largest" in w for w in warnings), warnings
+
+
+def test_series_with_a_missing_slice_is_refused(tmp_path, make_phantom, dicom_series_writer):
+    dicom_series_writer(tmp_path / "gap", make_phantom(shape=(8, 16, 16)), skip=(4,))
+    with pytest.raises(InputError, match="missing slices"):
+        read_volume(tmp_path / "gap")
+
+
+def test_folder_without_dicom_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match="without a readable DICOM series"):
+        read_volume(tmp_path)
+
+
+# -- unusable inputs ---------------------------------------------------------------------------------
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_volume(tmp_path / "nope.nii.gz")
+
+
+def test_truncated_nifti_is_an_input_error(tmp_path, phantom):
+    path = write_volume(phantom, tmp_path / "ct.nii.gz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="could not read"):
+        read_volume(path)
+
+
+def test_garbage_and_empty_files_are_input_errors(tmp_path):
+    garbage = tmp_path / "ct.nii.gz"
+    garbage.write_bytes(gzip.compress(b"this is not a NIfTI header" * 20))
+    with pytest.raises(InputError, match="could not read"):
+        read_volume(garbage)
+    empty = tmp_path / "empty.nii"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="could not read"):
+        read_volume(empty)
+
+
+def test_2d_image_is_refused_with_a_pointer_to_xray2ct(tmp_path):
+    path = tmp_path / "xray.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 30), np.int16)), str(path))
+    with pytest.raises(InputError, match=r"2D image \(30x20\).*xray2ct"):
+        read_volume(path)
+
+
+def test_4d_image_is_refused(tmp_path):
+    path = tmp_path / "cine.nii.gz"
+    phases = [sitk.GetImageFromArray(np.full((4, 5, 6), v, np.int16)) for v in (0, 10, 20)]
+    sitk.WriteImage(sitk.JoinSeries(phases), str(path))
+    with pytest.raises(InputError, match="4 dimensions.*extract one phase"):
+        read_volume(path)
+
+
+def test_rgb_volume_is_refused(tmp_path):
+    path = tmp_path / "rgb.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.uint8), isVector=True), str(path))
+    with pytest.raises(InputError, match="3 components per voxel"):
+        read_volume(path)
+
+
+def test_single_slice_and_empty_images_are_refused():
+    with pytest.raises(InputError, match="single slice"):
+        check_image_shape(sitk.Image([16, 16, 1], sitk.sitkInt16), "one.nii")
+    with pytest.raises(InputError, match="empty"):
+        check_image_shape(sitk.Image([16, 0, 4], sitk.sitkInt16), "none.nii")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
+def test_all_nan_and_some_nan_volumes_are_refused(tmp_path, phantom, suffix):
+    all_nan = phantom.with_array(np.full(phantom.shape, np.nan, np.float32))
+    path = write_volume(all_nan, tmp_path / f"nan{suffix}")
+    with pytest.raises(InputError, match="every voxel is NaN"):
+        read_volume(path)
+    some = phantom.array.copy()
+    some[3, 4, 5] = np.nan
+    some[0, 0, 0] = np.inf
+    path = write_volume(phantom.with_array(some), tmp_path / f"some{suffix}")
+    with pytest.raises(InputError, match=r"2 of \d+ voxels are NaN or infinite.*-1024"):
+        read_volume(path)
+
+
+def test_mr_like_intensities_warn_but_load(tmp_path, phantom, diffusioncore_log):
+    mr = phantom.with_array(np.clip(phantom.array + 1000.0, 0, None) * 0.5)  # 0..~950, no air at -1000
+    assert any("does not look like CT" in w for w in check_ct(mr))
+    read_volume(write_volume(mr, tmp_path / "mr.nii.gz"))
+    assert any("does not look like CT" in r.getMessage() for r in diffusioncore_log)
+    assert check_ct(phantom) == []
+
+
+@pytest.mark.parametrize("padding", [-2048.0, -3024.0])
+def test_padding_outside_the_scan_circle_becomes_air(tmp_path, phantom, padding):
+    arr = phantom.array.copy()
+    arr[:, :3, :3] = padding
+    back = read_volume(write_volume(phantom.with_array(arr), tmp_path / "pad.nii.gz"))
+    assert back.array.min() == -1024.0
+    np.testing.assert_array_equal(back.array[:, :3, :3], -1024.0)
+    np.testing.assert_array_equal(back.array[:, 3:, 3:], arr[:, 3:, 3:])
+
+
+def test_volume_refuses_bad_shapes_and_spacing():
+    with pytest.raises(InputError, match="3D array"):
+        Volume(np.zeros((4, 4), np.float32))
+    with pytest.raises(GeometryError, match="spacing must be positive"):
+        Volume(np.zeros((4, 4, 4), np.float32), spacing=(1.0, 0.0, 1.0))
+
+
+# -- thick axis --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "spacing, axis, factor",
+    [
+        ((0.7, 0.7, 5.0), 0, 7),
+        ((0.8, 0.8, 2.5), 0, 3),
+        ((0.8, 3.2, 0.8), 1, 4),
+        ((2.0, 0.5, 0.5), 2, 4),
+        ((0.7, 0.7, 0.9), None, 1),
+        ((1.0, 1.0, 1.0), None, 1),
+    ],
+)
+def test_thick_axis_and_suggested_factor(spacing, axis, factor):
+    vol = Volume(np.zeros((4, 4, 4), np.float32), spacing=spacing)
+    assert thick_axis(vol) == axis
+    assert thick_axis(vol.grid) == axis
+    assert suggested_factor(vol) == factor
+
+
+def test_axis_names():
+    assert [axis_index(a) for a in ("z", "y", "x", "Z", 0, 2)] == [0, 1, 2, 0, 0, 2]
+    with pytest.raises(InputError, match="unknown axis"):
+        axis_index("t")
+
+
+# -- writing -----------------------------------------------------------------------------------------
+def test_existing_file_is_not_overwritten_without_permission(tmp_path, phantom):
+    path = write_volume(phantom, tmp_path / "out.nii.gz")
+    before = path.read_bytes()
+    with pytest.raises(OutputError, match="already exists.*--overwrite"):
+        write_volume(phantom.with_array(phantom.array + 1), path)
+    assert path.read_bytes() == before
+    write_volume(phantom.with_array(phantom.array + 1), path, overwrite=True)
+    np.testing.assert_array_equal(read_volume(path).array, phantom.array + 1)
+
+
+def test_output_under_a_regular_file_or_missing_folder_fails_cleanly(tmp_path, phantom):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="does not exist"):
+        write_volume(phantom, blocker / "out.nii.gz")
+    with pytest.raises(OutputError, match="does not exist"):
+        write_volume(phantom, tmp_path / "no" / "such" / "out.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_unsupported_output_format(tmp_path, phantom):
+    with pytest.raises(OutputError, match="use one of"):
+        write_volume(phantom, tmp_path / "out.png")
+
+
+def test_a_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, phantom, monkeypatch):
+    path = write_volume(phantom, tmp_path / "out.nii.gz")
+    before = path.read_bytes()
+
+    def failing_write(img, filename, useCompression=False):
+        Path(filename).write_bytes(b"half a file")
+        raise RuntimeError("Description: disk full")
+
+    monkeypatch.setattr(volume_module.sitk, "WriteImage", failing_write)
+    with pytest.raises(OutputError, match="disk full"):
+        write_volume(phantom, path, overwrite=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]
+
+
+def test_paths_with_spaces_and_non_ascii(tmp_path, oblique_phantom):
+    folder = tmp_path / "Patient Ünïcødé 01" / "série ct"
+    folder.mkdir(parents=True)
+    path = write_volume(oblique_phantom, folder / "thin slices é.nii.gz")
+    back = read_volume(path)
+    np.testing.assert_array_equal(back.array, oblique_phantom.array)
+    assert_same_geometry(back, oblique_phantom)
+    assert os.listdir(folder) == ["thin slices é.nii.gz"]
