@@ -1,0 +1,135 @@
+"""HU metrics: PSNR, 3D SSIM, HU-MAE, body mask and consistency, checked against hand values and skimage."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.metrics import structural_similarity
+
+from DiffusionCore.degrade import crop_to_slabs, degrade, thin_grid
+from DiffusionCore.interpolation import interpolate
+from DiffusionCore.metrics import body_mask, consistency_psnr, hu_mae, psnr, quality_report, ssim3d
+
+PEAK = 3072.0  # width of the default HU range [-1024, 2048]
+
+
+def test_psnr_of_a_constant_offset():
+    ref = np.zeros((4, 5, 6), np.float32)
+    assert psnr(ref, ref + 10.0) == pytest.approx(10 * math.log10(PEAK**2 / 100.0), abs=1e-9)  # 49.74 dB
+    assert psnr(ref, ref) == math.inf
+
+
+def test_psnr_inside_a_mask_and_with_another_range():
+    ref = np.zeros((2, 4, 4), np.float32)
+    test = ref.copy()
+    test[0] = 30.0
+    test[1] = 3.0
+    mask = np.zeros(ref.shape, bool)
+    mask[1] = True
+    assert psnr(ref, test, mask=mask) == pytest.approx(10 * math.log10(PEAK**2 / 9.0))
+    mse_all = (30.0**2 + 3.0**2) / 2
+    assert psnr(ref, test) == pytest.approx(10 * math.log10(PEAK**2 / mse_all))
+    assert psnr(ref, test, hu_range=(-100.0, 100.0)) == pytest.approx(10 * math.log10(200.0**2 / mse_all))
+    with pytest.raises(ValueError, match="mask is empty"):
+        psnr(ref, test, mask=np.zeros(ref.shape, bool))
+
+
+def test_psnr_clips_both_volumes_to_the_hu_range():
+    ref = np.array([-3000.0, 3000.0, 0.0, 0.0]).reshape(1, 2, 2)
+    test = np.array([-1024.0, 2048.0, 0.0, 0.0]).reshape(1, 2, 2)
+    assert psnr(ref, test) == math.inf  # differences outside [-1024, 2048] do not count
+    test2 = test.copy()
+    test2[0, 1, 1] = 20.0
+    assert psnr(ref, test2) == pytest.approx(10 * math.log10(PEAK**2 / (400.0 / 4)))
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(ValueError, match="shapes differ"):
+        psnr(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
+
+
+def test_hu_mae_by_hand():
+    ref = np.zeros((1, 2, 2), np.float32)
+    test = np.array([10.0, -20.0, 0.0, 5000.0]).reshape(1, 2, 2)
+    assert hu_mae(ref, test) == pytest.approx((10 + 20 + 0 + 2048) / 4)  # 5000 clipped to 2048
+    mask = np.array([True, True, False, False]).reshape(1, 2, 2)
+    assert hu_mae(ref, test, mask) == pytest.approx(15.0)
+
+
+def _smooth_random(shape, seed, scale=600.0):
+    rng = np.random.default_rng(seed)
+    return (ndimage.gaussian_filter(rng.normal(size=shape), 1.5) * scale * 4).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ssim3d_matches_skimage(seed):
+    ref = _smooth_random((20, 22, 24), seed) - 300.0
+    test = ref + _smooth_random((20, 22, 24), seed + 10, scale=150.0)
+    test[2, 3, 4] = 5000.0  # outside the range: clipping must happen before SSIM
+    ours = ssim3d(ref, test)
+    ref_c, test_c = (
+        np.clip(ref, -1024, 2048).astype(np.float64),
+        np.clip(test, -1024, 2048).astype(np.float64),
+    )
+    theirs = structural_similarity(
+        ref_c, test_c, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=PEAK
+    )
+    assert 0.2 < ours < 0.999
+    assert ours == pytest.approx(theirs, abs=1e-3)
+    assert ssim3d(ref, ref) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_ssim3d_refuses_volumes_smaller_than_the_window():
+    with pytest.raises(ValueError, match="too small"):
+        ssim3d(np.zeros((10, 20, 20)), np.zeros((10, 20, 20)))
+
+
+def test_body_mask_fills_the_lungs_and_excludes_outside_air(phantom):
+    arr = phantom.array
+    mask = body_mask(phantom)
+    outside = body_outside_air(arr)
+    lungs = (arr < -500) & ~outside
+    assert lungs.sum() > 100
+    assert mask[lungs].all()
+    assert mask[arr > -500].all()
+    assert not mask[outside].any()
+
+
+def body_outside_air(arr):
+    """Air connected to the volume's in-plane border, slice by slice."""
+    out = np.zeros(arr.shape, bool)
+    for z in range(arr.shape[0]):
+        labels, _ = ndimage.label(arr[z] < -500)
+        edge = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))) - {0}
+        out[z] = np.isin(labels, list(edge))
+    return out
+
+
+def test_body_mask_of_pure_air_is_empty():
+    assert not body_mask(np.full((4, 8, 8), -1000.0)).any()
+
+
+def test_consistency_of_a_slab_consistent_output_is_high(oblique_phantom):
+    ref = crop_to_slabs(oblique_phantom, 4, "z")
+    thick = degrade(ref, 4, "z")
+    assert consistency_psnr(ref, thick, 4, "z") > 60.0  # the reference itself is perfectly consistent
+    blurred = ref.with_array(ndimage.uniform_filter1d(ref.array, 7, axis=0))
+    assert consistency_psnr(blurred, thick, 4, "z") < consistency_psnr(ref, thick, 4, "z") - 10.0
+    with pytest.raises(ValueError, match="not on the input's thin grid"):
+        consistency_psnr(crop_to_slabs(oblique_phantom, 2, "z"), thick, 2, "z")
+
+
+def test_quality_report_keys_and_cubic_beats_nearest(oblique_phantom):
+    ref = crop_to_slabs(oblique_phantom, 2, "z")
+    thick = degrade(ref, 2, "z")
+    grid = thin_grid(thick, 2, axis="z")
+    rep = {
+        m: quality_report(ref, interpolate(thick, grid, m), thick_input=thick, factor=2, axis="z")
+        for m in ("nearest", "cubic")
+    }
+    assert set(rep["cubic"]) == {"psnr", "psnr_body", "ssim", "hu_mae_body", "consistency_psnr"}
+    assert rep["cubic"]["psnr"] > rep["nearest"]["psnr"]
+    assert rep["cubic"]["ssim"] > rep["nearest"]["ssim"]
