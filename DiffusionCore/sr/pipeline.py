@@ -1,0 +1,632 @@
+"""Whole-volume super-resolution: thick-slice CT in, thin-slice CT out (:class:`SuperResolver`).
+
+The steps of :meth:`SuperResolver.run`:
+
+1. check the input (finite, 3D) and find the thin grid (:func:`DiffusionCore.degrade.thin_grid`): the
+   thick axis from the spacing (or ``axis``), the factor from :func:`~DiffusionCore.volume.suggested_factor`
+   when neither a factor nor a target spacing is given;
+2. cubic B-spline interpolation of the thick input onto the thin grid (the model's condition);
+3. HU -> model units (:mod:`DiffusionCore.sr.intensity`), the thick axis moved first so that patches are
+   ``(D, H, W)`` with D through-plane, whatever the acquisition plane;
+4. overlapping patches (:mod:`DiffusionCore.sr.tiling`) sized to the memory available; one
+   ``model.super_resolve_patch`` call per patch with its own seeded generator; smooth blending;
+5. model units -> HU and, optionally, data consistency (:func:`enforce_consistency`): the result degraded
+   again (slab average along the axis) reproduces the input exactly;
+6. with ``num_samples`` N > 1 the output is the mean of N samples and the report carries the per-voxel
+   standard deviation (HU) as a Volume on the same grid: where the model is unsure.
+
+Progress is reported over ``samples x tiles x steps`` (known before the first step); the cancel event is
+checked between steps and tiles and raises :class:`~DiffusionCore.errors.Cancelled`. The input Volume is
+never modified. The output lies exactly on the thin grid.
+
+Importing this module registers the ``sr`` method of :func:`DiffusionCore.evaluate.evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..degrade import MAX_FACTOR, thin_grid
+from ..errors import Cancelled, ConfigError, GeometryError, InputError, WeightsError
+from ..evaluate import register_method
+from ..interpolation import interpolate, interpolate_1d
+from ..volume import Grid, Volume, axis_index, check_ct, suggested_factor, thick_axis
+from .intensity import hu_to_unit, unit_to_hu
+from .tiling import (
+    DEFAULT_OVERLAP,
+    DEFAULT_PATCH_SIZE,
+    MEMORY_SAFETY_FRACTION,
+    choose_plan,
+    device_available_memory,
+    format_bytes,
+    host_available_memory,
+)
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, str], None]
+
+#: Used when the model's configuration does not say (the seed's defaults).
+FALLBACK_STEPS = 15
+FALLBACK_GUIDANCE = 1.0
+#: Whole-volume float32 arrays held at once (interpolated input, condition, blend accumulator, sample
+#: output, consistency scratch), plus two for the running mean and variance of several samples.
+_VOLUME_ARRAYS = 5
+_VOLUME_ARRAYS_PER_EXTRA_STATS = 2
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU -> ConfigError."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "device cuda was requested but no CUDA GPU is available to this PyTorch build: use --device "
+                "cpu (or auto), or install a CUDA build of PyTorch."
+            )
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"unknown device {device!r}: use auto, cpu or cuda")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (``VmHWM`` from /proc/self/status, else ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def tile_seed(seed: int, sample: int, tile: int) -> int:
+    """Independent, order-free seed for one (sample, tile) pair of a run with ``seed``."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(sample), int(tile)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("super-resolution cancelled; no output was written.")
+
+
+# -- data consistency -------------------------------------------------------------------------------
+def consistency_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """The linear map that corrects a thin-grid volume so its slab averages equal the thick input.
+
+    Along ``axis`` let ``S`` (m x n) average the thin slices whose centres fall inside each thick slab
+    (for an integer factor k: exactly :func:`DiffusionCore.degrade.degrade` with ``method="slab"``) and
+    ``B`` (n x m) be cubic B-spline interpolation from thick slice centres to thin slice centres (the
+    same spline as the cubic baseline). The correction of a thin volume ``y`` is ``B a`` with ``a``
+    solving ``S B a = x - S y``: a smooth (C2) curve through each column whose slab averages make up the
+    per-slab mean difference. Then ``S (y + B a) = x`` exactly, and nothing changes where the slab means
+    already agree.
+
+    Args:
+        thick: the input's grid.
+        thin: the output grid (differs from ``thick`` only along ``axis``).
+        axis: array axis (0, 1, 2).
+
+    Returns:
+        ``(M, rows)``: ``M`` (n x r) float64 maps the slab differences of the ``r`` slabs listed in ``rows``
+        (those holding at least one thin slice centre) to the thin-grid correction.
+    """
+    idx = 2 - axis
+    to_thick = np.linalg.inv(thick.index_to_physical()) @ thin.index_to_physical()
+    n, m = thin.shape[axis], thick.shape[axis]
+    coords = to_thick[idx, idx] * np.arange(n) + to_thick[idx, 3]  # thin centres in thick index units
+    slab = np.floor(coords + 0.5).astype(int)
+    inside = (slab >= 0) & (slab < m)
+    counts = np.bincount(slab[inside], minlength=m)
+    rows = np.flatnonzero(counts > 0)
+    s_mat = np.zeros((m, n))
+    s_mat[slab[inside], np.flatnonzero(inside)] = 1.0
+    s_mat = s_mat[rows] / counts[rows, None]
+    b_mat = interpolate_1d(np.eye(m)[:, :, None], coords, axis=0, method="cubic")[:, :, 0].astype(np.float64)
+    system = s_mat @ b_mat  # (r x m): slab averages of each spline basis function
+    m_mat = b_mat @ np.linalg.pinv(system)
+    return m_mat, rows
+
+
+def slab_means(arr: np.ndarray, thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slab averages of a thin-grid array along ``axis`` (see :func:`consistency_operator`) and their rows."""
+    idx = 2 - axis
+    to_thick = np.linalg.inv(thick.index_to_physical()) @ thin.index_to_physical()
+    n, m = thin.shape[axis], thick.shape[axis]
+    slab = np.floor(to_thick[idx, idx] * np.arange(n) + to_thick[idx, 3] + 0.5).astype(int)
+    moved = np.moveaxis(arr, axis, 0)
+    sums = np.zeros((m,) + moved.shape[1:], dtype=np.float64)
+    inside = (slab >= 0) & (slab < m)
+    np.add.at(sums, slab[inside], moved[inside])
+    counts = np.bincount(slab[inside], minlength=m)
+    rows = np.flatnonzero(counts > 0)
+    means = sums[rows] / counts[rows].reshape((-1,) + (1,) * (moved.ndim - 1))
+    return means, rows
+
+
+def enforce_consistency(output: Volume, thick: Volume, axis: int) -> Volume:
+    """``output`` (thin grid) corrected so that its slab averages along ``axis`` equal ``thick``.
+
+    Adds back the per-slab mean difference, spread smoothly with a cubic B-spline (see
+    :func:`consistency_operator`). The result degraded again with ``degrade(..., method="slab")``
+    reproduces ``thick`` to float32 rounding. Values are not clipped.
+
+    Args:
+        output: the super-resolved volume (HU) on the thin grid of ``thick``.
+        thick: the thick input (HU).
+        axis: the super-resolved array axis.
+    """
+    m_mat, rows = consistency_operator(thick.grid, output.grid, axis)
+    means, mean_rows = slab_means(output.array, thick.grid, output.grid, axis)
+    if not np.array_equal(rows, mean_rows):
+        raise RuntimeError("slab membership differs between operator and averages")
+    target = np.moveaxis(thick.array, axis, 0)[rows].astype(np.float64)
+    diff = (target - means).astype(np.float32)  # (r, ...) HU
+    correction = np.tensordot(m_mat.astype(np.float32), diff, axes=(1, 0))  # (n, ...)
+    arr = output.array + np.moveaxis(correction, 0, axis)
+    return output.with_array(arr.astype(np.float32))
+
+
+# -- the pipeline -----------------------------------------------------------------------------------
+class SuperResolver:
+    """Thick-slice CT -> thin-slice CT with a latent diffusion SR model, over overlapping patches.
+
+    Args:
+        model: an :class:`DiffusionCore.sr.model.SRModel` (or any module with the same interface:
+            ``super_resolve_patch``, ``estimate_patch_memory``, ``latent_downsample``, ``min_patch``,
+            ``weights_sha256``, ``config``).
+        weights_name: a name for reports (registry name or file).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, weights_name: str | None = None):
+        self.model = model
+        self.weights_name = weights_name
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_file: str | os.PathLike, *, allow_unregistered: bool = False) -> SuperResolver:
+        """Load registered weights by name, or a safetensors file (checked against the registry)."""
+        from .model import SRModel
+
+        model = SRModel.from_pretrained(name_or_file, allow_unregistered=allow_unregistered)
+        return cls(model, weights_name=str(name_or_file))
+
+    @classmethod
+    def from_files(cls, vae_path: str | os.PathLike, diffusion_path: str | os.PathLike) -> SuperResolver:
+        """Load separate VAE and diffusion weights files (the seed's ``--vae-checkpoint`` and
+        ``--diffusion-checkpoint``)."""
+        from .model import SRModel
+
+        model = SRModel.from_files(vae_path, diffusion_path, allow_unregistered=True)
+        return cls(model, weights_name=f"{vae_path} + {diffusion_path}")
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> SuperResolver:
+        """A tiny random-weight model for tests and self-tests. Its images are meaningless."""
+        from .model import SRModel
+
+        return cls(SRModel.tiny(seed=seed), weights_name="tiny-test-model (random weights)")
+
+    @classmethod
+    def default(cls) -> SuperResolver:
+        """The default registered SR weights (see :func:`default_weights_name`)."""
+        return cls.from_pretrained(default_weights_name())
+
+    # -- defaults ----------------------------------------------------------------------------------
+    @property
+    def default_steps(self) -> int:
+        cfg = getattr(getattr(self.model, "config", None), "diffusion", None)
+        return int(getattr(cfg, "num_inference_steps", FALLBACK_STEPS))
+
+    @property
+    def default_guidance(self) -> float:
+        cfg = getattr(getattr(self.model, "config", None), "diffusion", None)
+        return float(getattr(cfg, "guidance_scale", FALLBACK_GUIDANCE))
+
+    # -- running -----------------------------------------------------------------------------------
+    def target_grid(
+        self,
+        volume: Volume,
+        *,
+        factor: int | None = None,
+        target_spacing: float | None = None,
+        axis: str | int | None = None,
+    ) -> tuple[Grid, int, int | None]:
+        """The thin grid a run writes, its array axis, and the integer factor (``None`` for a spacing).
+
+        Raises:
+            GeometryError: isotropic input (no thick axis), both factor and spacing, bad values.
+        """
+        if factor is not None and target_spacing is not None:
+            raise GeometryError("give either a factor or a target spacing, not both.")
+        ax = thick_axis(volume) if axis is None else axis_index(axis)
+        if ax is None:
+            sp = ", ".join(f"{s:.3g}" for s in volume.spacing_zyx)
+            raise GeometryError(
+                f"the volume is already (nearly) isotropic (spacing z, y, x = {sp} mm): there is no thick "
+                "axis to super-resolve. Pass --axis (and --factor) if you really want to up-sample one."
+            )
+        if factor is None and target_spacing is None:
+            factor = suggested_factor(volume, ax)
+            if factor < 2:
+                raise GeometryError(
+                    f"axis {'zyx'[ax]} is not thicker than the others (spacing z, y, x = "
+                    f"{', '.join(f'{s:.3g}' for s in volume.spacing_zyx)} mm): give --factor or --target-spacing."
+                )
+            if factor > MAX_FACTOR:
+                logger.warning(
+                    "the slices are %.3g times thicker than the in-plane spacing; using the largest supported "
+                    "factor %d", volume.spacing_zyx[ax] / min(np.delete(volume.spacing_zyx, ax)), MAX_FACTOR
+                )
+                factor = MAX_FACTOR
+        grid = thin_grid(volume, factor, target_spacing=target_spacing, axis=ax)
+        return grid, ax, (int(factor) if factor is not None else None)
+
+    def run(
+        self,
+        volume: Volume,
+        *,
+        factor: int | None = None,
+        target_spacing: float | None = None,
+        axis: str | int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        patch_size: Sequence[int] | None = None,
+        overlap: Sequence[int] | None = None,
+        num_samples: int = 1,
+        data_consistency: bool = True,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+        memory_limit: int | None = None,
+    ) -> tuple[Volume, dict[str, Any]]:
+        """Super-resolve a thick-slice CT onto its thin grid.
+
+        Args:
+            volume: the thick-slice CT (HU); not modified.
+            factor: slices per thick slice (2..8); default from the spacing (thick / in-plane).
+            target_spacing: alternatively the output slice spacing in mm.
+            axis: the thick array axis ``z``/``y``/``x``; default: detected from the spacing.
+            steps: sampling steps (default: the weights' ``num_inference_steps``).
+            guidance: classifier-free guidance scale (1.0 = off; default: the weights' setting).
+            seed: random seed; the same seed gives the same output on the same device.
+            device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
+            patch_size: patch ``(D, H, W)`` on the thin grid, D along ``axis`` (default 32x256x256).
+            overlap: overlap between patches ``(D, H, W)`` (default 8x64x64).
+            num_samples: N > 1 averages N samples and reports their per-voxel standard deviation.
+            data_consistency: correct the output so that degrading it again reproduces the input.
+            progress: ``progress(done, total, message)``; ``total`` = samples x tiles x steps.
+            cancel: set it to stop between steps and tiles (raises Cancelled).
+            memory_limit: usable bytes (host and GPU); default: what the machine has free, times
+                :data:`~DiffusionCore.sr.tiling.MEMORY_SAFETY_FRACTION`.
+
+        Returns:
+            ``(output, report)``: the thin-slice Volume (HU, exactly on the thin grid) and a dict with
+            ``settings``, ``timings`` (seconds per stage), ``tiles``, ``memory``, ``weights_sha256``,
+            ``uncertainty`` (a Volume of per-voxel standard deviation in HU, or None) and, for an integer
+            factor, ``consistency_psnr`` (dB).
+
+        Raises:
+            InputError: NaN/Inf voxels. GeometryError: isotropic input, bad factor or spacing.
+            ResourceError: not enough memory even for the smallest patch. Cancelled: cancel was set.
+        """
+        check_ct(volume, "input volume")
+        grid, ax, k = self.target_grid(volume, factor=factor, target_spacing=target_spacing, axis=axis)
+        return self.run_to_grid(
+            volume,
+            grid,
+            axis=ax,
+            factor=k,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            device=device,
+            patch_size=patch_size,
+            overlap=overlap,
+            num_samples=num_samples,
+            data_consistency=data_consistency,
+            progress=progress,
+            cancel=cancel,
+            memory_limit=memory_limit,
+        )
+
+    def _memory_limits(self, dev: torch.device, memory_limit: int | None) -> tuple[int, int | None]:
+        if memory_limit is not None:
+            return int(memory_limit), (int(memory_limit) if dev.type == "cuda" else None)
+        host = int(host_available_memory() * MEMORY_SAFETY_FRACTION)
+        if dev.type == "cuda":
+            return host, int(device_available_memory(dev) * MEMORY_SAFETY_FRACTION)
+        return host, None
+
+    def run_to_grid(
+        self,
+        volume: Volume,
+        grid: Grid,
+        *,
+        axis: int,
+        factor: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        patch_size: Sequence[int] | None = None,
+        overlap: Sequence[int] | None = None,
+        num_samples: int = 1,
+        data_consistency: bool = True,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+        memory_limit: int | None = None,
+    ) -> tuple[Volume, dict[str, Any]]:
+        """:meth:`run` onto a given thin ``grid`` (differing from the input's only along ``axis``).
+
+        Arguments as for :meth:`run`; ``factor`` (when the grid is an integer subdivision) only labels the
+        report and enables its ``consistency_psnr``.
+        """
+        t_start = time.perf_counter()
+        steps = self.default_steps if steps is None else int(steps)
+        guidance = self.default_guidance if guidance is None else float(guidance)
+        if steps < 1:
+            raise ConfigError(f"the number of sampling steps must be at least 1; got {steps}")
+        if num_samples < 1:
+            raise ConfigError(f"num_samples must be at least 1; got {num_samples}")
+        patch_req = tuple(DEFAULT_PATCH_SIZE if patch_size is None else patch_size)
+        overlap_req = tuple(DEFAULT_OVERLAP if overlap is None else overlap)
+        if len(patch_req) != 3 or min(patch_req) < 1:
+            raise ConfigError(f"patch size needs three positive values (D H W); got {patch_req}")
+        if len(overlap_req) != 3 or min(overlap_req) < 0:
+            raise ConfigError(f"overlap needs three values of 0 or more (D H W); got {overlap_req}")
+        dev = resolve_device(device)
+        model = self.model
+        model.to(dev)
+        model.eval()
+
+        # memory budget and tiling (before any heavy work)
+        thin_dhw = tuple(int(s) for s in np.moveaxis(np.empty(grid.shape, dtype=np.uint8), axis, 0).shape)
+        voxels = int(np.prod(grid.shape))
+        n_arrays = _VOLUME_ARRAYS + (_VOLUME_ARRAYS_PER_EXTRA_STATS if num_samples > 1 else 0)
+        host_fixed = voxels * 4 * n_arrays
+        on_device = dev.type != "cpu"
+
+        def patch_bytes(shape: tuple[int, int, int]) -> int:
+            est = int(model.estimate_patch_memory(shape, batch=1, device=dev))
+            return est + (0 if on_device else int(np.prod(shape)) * 4 * 3)  # weight, prediction, condition
+
+        host_limit, device_limit = self._memory_limits(dev, memory_limit)
+        plan, budget, tried = choose_plan(
+            thin_dhw,
+            patch_req,
+            overlap_req,
+            multiple=tuple(int(v) for v in model.latent_downsample),
+            min_patch=tuple(int(v) for v in model.min_patch),
+            patch_bytes=patch_bytes,
+            host_fixed_bytes=host_fixed,
+            on_device=on_device,
+            host_limit=host_limit,
+            device_limit=device_limit,
+        )
+        if tried:
+            logger.warning(
+                "the patch %s does not fit in memory; using %s (%d tiles)",
+                "x".join(map(str, tried[0])), "x".join(map(str, plan.patch_size)), plan.n_tiles,
+            )
+        total = num_samples * plan.n_tiles * steps
+        done = 0
+
+        def report_progress(message: str) -> None:
+            if progress is not None:
+                progress(done, total, message)
+
+        report_progress(f"{plan.n_tiles} tiles x {steps} steps")
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        # condition: cubic interpolation onto the thin grid, HU -> model units, thick axis first, padded
+        t0 = time.perf_counter()
+        cubic = interpolate(volume, grid, "cubic")
+        cond = plan.pad(np.moveaxis(hu_to_unit(cubic.array), axis, 0))
+        timings = {"interpolate": time.perf_counter() - t0, "model": 0.0, "blend": 0.0, "consistency": 0.0}
+
+        mean: np.ndarray | None = None
+        m2: np.ndarray | None = None
+        tiles_info = {"count": plan.n_tiles, "grid": list(plan.grid_counts)}
+        with torch.inference_mode():
+            for sample in range(num_samples):
+                acc = np.zeros(plan.padded_shape, dtype=np.float32)
+                for tile in plan.tiles():
+                    _check_cancel(cancel)
+                    base = done
+                    label = f"sample {sample + 1}/{num_samples}, tile {tile.index + 1}/{plan.n_tiles}"
+
+                    def on_step(i: int, n: int, _base: int = base, _label: str = label) -> None:
+                        nonlocal done
+                        done = min(_base + steps, max(done + 1, _base + int(i)))
+                        report_progress(f"{_label}, step {done - _base}/{steps}")
+                        _check_cancel(cancel)
+
+                    t0 = time.perf_counter()
+                    patch = torch.from_numpy(np.ascontiguousarray(cond[tile.slices])).to(dev)[None, None]
+                    gen = torch.Generator().manual_seed(tile_seed(seed, sample, tile.index))  # CPU: same noise on any device
+                    pred = model.super_resolve_patch(
+                        patch, steps=steps, guidance=guidance, generator=gen, cancel=cancel, step_callback=on_step
+                    )
+                    pred_np = pred[0, 0].float().cpu().numpy()
+                    t1 = time.perf_counter()
+                    acc[tile.slices] += pred_np * tile.weight
+                    timings["model"] += t1 - t0
+                    timings["blend"] += time.perf_counter() - t1
+                    _check_cancel(cancel)
+                    done = base + steps
+                    report_progress(f"{label} done")
+                t0 = time.perf_counter()
+                hu = np.moveaxis(unit_to_hu(plan.crop(acc)), 0, axis)
+                del acc
+                sample_vol = Volume.from_grid(grid, np.ascontiguousarray(hu))
+                timings["blend"] += time.perf_counter() - t0
+                if data_consistency:
+                    t0 = time.perf_counter()
+                    sample_vol = enforce_consistency(sample_vol, volume, axis)
+                    timings["consistency"] += time.perf_counter() - t0
+                # running mean and variance (Welford) over samples, in HU
+                if mean is None:
+                    mean = sample_vol.array.copy()
+                    if num_samples > 1:
+                        m2 = np.zeros_like(mean)
+                else:
+                    delta = sample_vol.array - mean
+                    mean += delta / (sample + 1)
+                    m2 += delta * (sample_vol.array - mean)  # type: ignore[operator]
+                del sample_vol
+
+        assert mean is not None
+        output = Volume.from_grid(
+            grid,
+            mean,
+            **{
+                "source": volume.metadata.get("source", ""),
+                "method": "sr",
+                "synthetic": True,
+                "weights_sha256": self.weights_sha256,
+            },
+        )
+        uncertainty = None
+        if num_samples > 1 and m2 is not None:
+            std = np.sqrt(np.maximum(m2 / (num_samples - 1), 0.0)).astype(np.float32)
+            uncertainty = Volume.from_grid(grid, std, method="sr-std", unit="HU standard deviation")
+        timings["total"] = time.perf_counter() - t_start
+        report: dict[str, Any] = {
+            "settings": {
+                "factor": factor,
+                "axis": "zyx"[axis],
+                "input_spacing_mm": list(volume.spacing),
+                "output_spacing_mm": list(grid.spacing),
+                "output_shape": list(grid.shape),
+                "steps": steps,
+                "guidance": guidance,
+                "seed": int(seed),
+                "device": str(dev),
+                "patch_size": list(plan.patch_size),
+                "overlap": list(plan.overlap),
+                "requested_patch_size": list(patch_req),
+                "requested_overlap": list(overlap_req),
+                "num_samples": int(num_samples),
+                "data_consistency": bool(data_consistency),
+                "weights": self.weights_name,
+                "torch_threads": torch.get_num_threads(),
+            },
+            "timings": timings,
+            "tiles": {**tiles_info, "reduced_from": [list(t) for t in tried]},
+            "memory": {
+                **budget.as_dict(),
+                "peak_rss_bytes": peak_rss_bytes(),
+                "cuda_max_allocated_bytes": (
+                    int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
+                ),
+            },
+            "weights_sha256": self.weights_sha256,
+            "uncertainty": uncertainty,
+        }
+        if factor is not None and grid.shape[axis] == volume.shape[axis] * factor:
+            from ..metrics import consistency_psnr
+
+            report["consistency_psnr"] = float(consistency_psnr(output, volume, factor, axis, "slab"))
+        done = total
+        report_progress("done")
+        logger.info(
+            "super-resolution done in %.1f s (%d tiles, %d steps, peak RSS %s)",
+            timings["total"], plan.n_tiles, steps, format_bytes(report["memory"]["peak_rss_bytes"]),
+        )
+        return output, report
+
+    @property
+    def weights_sha256(self) -> str:
+        return str(getattr(self.model, "weights_sha256", ""))
+
+
+# -- default weights and the evaluate method ---------------------------------------------------------
+def default_weights_name() -> str:
+    """The registered SR weights used when none are named: the first available entry of family ``sr``
+    (bundled registry first, then the user's).
+
+    Raises:
+        WeightsError: no SR weights are registered (or their files are missing).
+    """
+    from ..weights import list_weights
+
+    entries = list_weights(family="sr")
+    for entry in entries:
+        if entry["available"]:
+            return str(entry["name"])
+    if entries:
+        names = ", ".join(e["name"] for e in entries)
+        raise WeightsError(
+            f"the registered SR weights ({names}) have no file on this machine: import them again, or pass "
+            "--weights NAME_OR_FILE."
+        )
+    raise WeightsError(
+        "no default SR weights are installed: pass --weights NAME_OR_FILE (a registered name or a "
+        ".safetensors file; add --allow-unregistered-weights for a file you trust), or --vae-checkpoint and "
+        "--diffusion-checkpoint."
+    )
+
+
+_RESOLVERS: dict[tuple[str, bool], SuperResolver] = {}
+_RESOLVERS_LOCK = threading.Lock()
+
+
+def _resolver_for(weights: str | None, allow_unregistered: bool) -> SuperResolver:
+    name = weights or default_weights_name()
+    key = (str(name), bool(allow_unregistered))
+    with _RESOLVERS_LOCK:
+        if key not in _RESOLVERS:
+            _RESOLVERS[key] = SuperResolver.from_pretrained(name, allow_unregistered=allow_unregistered)
+        return _RESOLVERS[key]
+
+
+def _evaluate_sr(thick: Volume, grid: Grid, options: dict) -> Volume:
+    """The ``sr`` method of :func:`DiffusionCore.evaluate.evaluate`.
+
+    Options: ``weights`` (name or file; default: :func:`default_weights_name`), ``num_steps``, ``device``,
+    ``seed``, ``allow_unregistered`` (bool), ``resolver`` (a ready :class:`SuperResolver`, for scripts).
+    """
+    resolver = options.get("resolver") or _resolver_for(options.get("weights"), bool(options.get("allow_unregistered")))
+    ax = None
+    for a in range(3):
+        if grid.shape[a] != thick.shape[a] or abs(grid.spacing_zyx[a] - thick.spacing_zyx[a]) > 1e-6:
+            if ax is not None:
+                raise InputError("the sr method needs a target grid that differs from the input along one axis")
+            ax = a
+    if ax is None:
+        raise InputError("the target grid equals the input grid: nothing to super-resolve")
+    ratio = thick.spacing_zyx[ax] / grid.spacing_zyx[ax]
+    k = int(round(ratio)) if abs(ratio - round(ratio)) < 1e-6 else None
+    out, _ = resolver.run_to_grid(
+        thick,
+        grid,
+        axis=ax,
+        factor=k,
+        steps=options.get("num_steps"),
+        device=options.get("device") or "auto",
+        seed=int(options.get("seed") or 0),
+    )
+    return out
+
+
+register_method("sr", _evaluate_sr)
