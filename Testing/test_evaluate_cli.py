@@ -1,0 +1,142 @@
+"""``python -m DiffusionCore evaluate`` as a user runs it: a real subprocess, its JSON, and its errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DiffusionCore.volume import write_volume
+
+RESULT_KEYS = {"method", "psnr", "psnr_body", "ssim", "hu_mae_body", "consistency_psnr", "seconds"}
+REPORT_KEYS = {"reference", "factor", "axis", "degradation", "hu_range", "results"}
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "DiffusionCore", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def small_ct(tmp_path, make_phantom) -> Path:
+    return write_volume(make_phantom(shape=(24, 32, 32), spacing=(0.8, 0.8, 1.0)), tmp_path / "small.nii.gz")
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for frag in fragments:
+        assert frag in errors[0], errors[0]
+    return errors[0]
+
+
+def test_evaluate_writes_the_documented_json(tmp_path, small_ct):
+    before = sha(small_ct)
+    proc = run_cli(
+        "evaluate",
+        "--reference",
+        str(small_ct),
+        "--factor",
+        "2",
+        "--json",
+        "r.json",
+        "--progress",
+        "none",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report) == REPORT_KEYS
+    assert report["factor"] == 2 and report["axis"] == "z" and report["degradation"] == "slab"
+    assert report["hu_range"] == [-1024, 2048]
+    assert report["reference"] == str(small_ct)
+    assert [r["method"] for r in report["results"]] == ["nearest", "linear", "cubic"]
+    for r in report["results"]:
+        assert set(r) == RESULT_KEYS
+        for key in RESULT_KEYS - {"method", "consistency_psnr"}:
+            assert isinstance(r[key], float) and np.isfinite(r[key])
+    by = {r["method"]: r for r in report["results"]}
+    assert by["cubic"]["psnr"] > by["nearest"]["psnr"]
+    assert by["nearest"]["consistency_psnr"] is None  # +inf (exactly consistent) is written as null
+    assert "cubic" in proc.stdout and "PSNR" in proc.stdout  # the table
+    assert sha(small_ct) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "small.nii.gz"]
+
+
+def test_missing_reference(tmp_path):
+    proc = run_cli("evaluate", "--reference", str(tmp_path / "nope.nii.gz"), "--factor", "2", cwd=tmp_path)
+    assert_one_error_line(proc, 2, "does not exist")
+
+
+def test_2d_reference_is_refused(tmp_path):
+    path = tmp_path / "xray.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 30), np.int16)), str(path))
+    before = sha(path)
+    proc = run_cli("evaluate", "--reference", str(path), "--factor", "2", cwd=tmp_path)
+    assert_one_error_line(proc, 2, "2D image")
+    assert sha(path) == before
+
+
+def test_factor_one_is_refused(tmp_path, small_ct):
+    before = sha(small_ct)
+    proc = run_cli(
+        "evaluate", "--reference", str(small_ct), "--factor", "1", "--progress", "none", cwd=tmp_path
+    )
+    assert_one_error_line(proc, 2, "factor 1")
+    assert sha(small_ct) == before
+
+
+def test_unknown_method_is_refused(tmp_path, small_ct):
+    proc = run_cli(
+        "evaluate", "--reference", str(small_ct), "--factor", "2", "--methods", "cubic,lanczos", cwd=tmp_path
+    )
+    assert_one_error_line(proc, 2, "unknown method 'lanczos'", "cubic")
+
+
+def test_unwritable_json_path(tmp_path, small_ct):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = run_cli(
+        "evaluate",
+        "--reference",
+        str(small_ct),
+        "--factor",
+        "2",
+        "--json",
+        str(blocker / "r.json"),
+        cwd=tmp_path,
+    )
+    assert_one_error_line(proc, 4, "r.json")
+    assert blocker.read_text() == "x"
+
+
+def test_existing_json_needs_overwrite(tmp_path, small_ct):
+    out = tmp_path / "r.json"
+    out.write_text("{}")
+    before = sha(small_ct)
+    proc = run_cli(
+        "evaluate", "--reference", str(small_ct), "--factor", "2", "--json", str(out), cwd=tmp_path
+    )
+    assert_one_error_line(proc, 4, "already exists", "--overwrite")
+    assert out.read_text() == "{}"
+    assert sha(small_ct) == before
