@@ -1,0 +1,193 @@
+"""One training script for CPU, one GPU, or several GPUs under ``torchrun`` (DistributedDataParallel).
+
+``torchrun --nproc_per_node=N`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR`` /
+``MASTER_PORT``) for each process; :func:`init_distributed` reads them and joins the process group
+(NCCL on CUDA, Gloo on CPU). Without them the same code runs as a single process and every helper
+below becomes a no-op::
+
+    info = init_distributed(cfg.device)
+    model = wrap_model(model.to(info.device), info)
+    my_files = shard_list(files, info)
+    ...
+    loss_value = all_reduce_mean(loss.detach(), info)
+    if info.is_main:
+        save_training_state(...)
+    cleanup(info)
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import ConfigError, ResourceError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job.
+
+    Attributes:
+        rank: global process index (0 .. world_size - 1).
+        world_size: number of processes.
+        local_rank: process index on this machine (selects the GPU).
+        device: the device this process computes on.
+        is_main: ``rank == 0``: the process that logs, saves checkpoints and writes outputs.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    is_main: bool
+
+    @property
+    def distributed(self) -> bool:
+        """True when several processes train together."""
+        return self.world_size > 1
+
+
+def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """The torch device for ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Args:
+        device: the requested device.
+        local_rank: GPU index used for a bare ``"cuda"`` / ``"auto"`` (one GPU per process under torchrun).
+
+    Raises:
+        ResourceError: CUDA requested on a machine without a usable CUDA GPU.
+        ConfigError: an unknown device string.
+    """
+    text = str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ResourceError(
+                f"device {device!r} was requested but no CUDA GPU is usable here (torch {torch.__version__}, "
+                f"CUDA build: {torch.version.cuda or 'none'}): use --device cpu or auto, or install a CUDA build "
+                "of PyTorch"
+            )
+        try:
+            dev = torch.device(text)
+        except RuntimeError as exc:
+            raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+        index = dev.index if dev.index is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise ResourceError(
+                f"device cuda:{index} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+        return torch.device("cuda", index)
+    raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from exc
+
+
+def init_distributed(device: str | torch.device = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun, else describe a single process.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` (each process then uses GPU ``LOCAL_RANK``).
+        timeout_s: how long collective operations wait for the slowest process.
+
+    Returns:
+        The :class:`DistInfo` of this process.
+
+    Raises:
+        ResourceError: CUDA requested but unavailable.
+        ConfigError: malformed torchrun environment variables.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        logger.info("joined process group: rank %d of %d (%s, device %s)", rank, world_size, backend, dev)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, is_main=rank == 0)
+
+
+def wrap_model(model: nn.Module, info: DistInfo, **ddp_kwargs) -> nn.Module:
+    """``DistributedDataParallel(model)`` when several processes train, else the model itself.
+
+    The model must already be on ``info.device``. Extra keyword arguments go to DDP (e.g.
+    ``find_unused_parameters=True`` for models with conditional branches).
+    """
+    if not info.distributed:
+        return model
+    if info.device.type == "cuda":
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index], output_device=info.device.index, **ddp_kwargs
+        )
+    return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+
+def shard_list(items: Sequence[T], info: DistInfo) -> list[T]:
+    """This process's share of ``items`` (every ``world_size``-th item from ``rank``); all of them alone."""
+    return list(items[info.rank :: info.world_size])
+
+
+def all_reduce_mean(value: float | torch.Tensor, info: DistInfo) -> float | torch.Tensor:
+    """The mean of ``value`` over all processes (a float for a float, a tensor for a tensor).
+
+    Args:
+        value: a Python number or a tensor (any shape; reduced element-wise, on ``info.device``).
+        info: this process's :class:`DistInfo`.
+    """
+    if not info.distributed:
+        return value
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to(info.device).clone()
+        if not t.is_floating_point():
+            t = t.to(torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return (t / info.world_size).to(value.device)
+    t = torch.tensor(float(value), dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item()) / info.world_size
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait until every process gets here (no-op for a single process)."""
+    if info.distributed and dist.is_initialized():
+        if info.device.type == "cuda":
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    """Leave the process group (call once at the end of training, also after errors)."""
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()

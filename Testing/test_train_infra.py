@@ -1,0 +1,398 @@
+"""Training infrastructure: distributed helpers, clean stop, metrics log, data discovery, augmentation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from DiffusionCore.errors import ConfigError, InputError, ResourceError
+from DiffusionCore.train.augment import (
+    AugmentConfig,
+    Augmenter,
+    apply_affine,
+    elastic,
+    hu_jitter,
+    random_crop,
+    random_crop_box,
+    random_flip,
+)
+from DiffusionCore.train.data import collect_volumes
+from DiffusionCore.train.distributed import (
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_distributed,
+    resolve_device,
+    shard_list,
+    wrap_model,
+)
+from DiffusionCore.train.logger import TrainLogger, read_metrics
+from DiffusionCore.train.stop import StopFlag
+from DiffusionCore.volume import Volume, read_volume, write_volume
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+def test_single_process_helpers_are_no_ops(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = init_distributed("cpu")
+    assert (info.rank, info.world_size, info.is_main, info.device) == (0, 1, True, torch.device("cpu"))
+    model = nn.Linear(2, 1)
+    assert wrap_model(model, info) is model
+    assert shard_list([1, 2, 3], info) == [1, 2, 3]
+    assert all_reduce_mean(2.5, info) == 2.5
+    t = torch.tensor([1.0, 2.0])
+    assert all_reduce_mean(t, info) is t
+    barrier(info)
+    cleanup(info)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ResourceError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_group_averages_and_syncs(tmp_path):
+    """Two processes started as torchrun would (RANK/WORLD_SIZE/MASTER_* env) train one DDP step."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, sys
+            import torch
+            from torch import nn
+            from DiffusionCore.train.distributed import (
+                all_reduce_mean, barrier, cleanup, init_distributed, shard_list, wrap_model)
+
+            info = init_distributed("cpu")
+            torch.manual_seed(0)
+            model = wrap_model(nn.Linear(3, 1), info)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            x = torch.full((4, 3), float(info.rank + 1))  # different data on each rank
+            model(x).sum().backward()
+            opt.step()
+            result = {
+                "rank": info.rank,
+                "world_size": info.world_size,
+                "is_main": info.is_main,
+                "mean_float": all_reduce_mean(float(info.rank + 1), info),
+                "mean_tensor": all_reduce_mean(torch.tensor([2.0 * info.rank, 1.0]), info).tolist(),
+                "shard": shard_list(list(range(5)), info),
+                "weight": model.module.weight.detach().flatten().tolist(),
+                "wrapped": type(model).__name__,
+            }
+            barrier(info)
+            cleanup(info)
+            with open(sys.argv[1], "w") as f:
+                json.dump(result, f)
+            """
+        )
+    )
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), str(tmp_path / f"rank{rank}.json")],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert (r0["world_size"], r0["is_main"], r1["is_main"]) == (2, True, False)
+    assert r0["mean_float"] == r1["mean_float"] == 1.5
+    assert r0["mean_tensor"] == r1["mean_tensor"] == [1.0, 1.0]
+    assert r0["shard"] == [0, 2, 4] and r1["shard"] == [1, 3]
+    assert r0["wrapped"] == "DistributedDataParallel"
+    # DDP averaged the gradients, so both ranks hold the same weights after a step on different data:
+    # grad of sum(w.x) over 4 rows is 4 * x, averaged over ranks 4 * 1.5 = 6.
+    assert r0["weight"] == r1["weight"]
+    torch.manual_seed(0)
+    initial = nn.Linear(3, 1).weight.detach().flatten()
+    assert torch.allclose(torch.tensor(r0["weight"]), initial - 0.1 * 6.0)
+
+
+# ---------------------------------------------------------------------------------------------- stop
+
+
+def test_sigterm_requests_a_clean_stop_in_a_real_process(tmp_path):
+    script = textwrap.dedent(
+        """
+        import signal, time
+        from DiffusionCore.train.stop import StopFlag
+        steps = 0
+        with StopFlag() as stop:
+            print("ready", flush=True)
+            while not stop.requested:
+                steps += 1
+                time.sleep(0.01)
+            print("checkpoint written after", steps, "steps; reason:", stop.reason, flush=True)
+        print("handler restored:", signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, flush=True)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "reason: SIGTERM" in out and "handler restored: True" in out
+
+
+def test_stop_file_and_second_signal():
+    previous = signal.getsignal(signal.SIGINT)
+    with StopFlag() as stop:
+        assert not stop.requested
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested and stop.reason == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # the second one aborts at once
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_stop_file(tmp_path):
+    stop_file = tmp_path / "STOP"
+    with StopFlag(stop_file=stop_file) as stop:
+        assert not stop.requested
+        stop_file.touch()
+        assert stop.requested and "STOP" in stop.reason
+        stop.clear_stop_file()
+    assert not stop_file.exists()
+
+
+# ---------------------------------------------------------------------------------------------- logger
+
+
+def test_logger_writes_metrics_jsonl_and_tensorboard(tmp_path):
+    with TrainLogger(tmp_path / "run") as log:
+        log.scalar("loss/train", 0.5, step=1)
+        log.scalar("loss/train", torch.tensor(0.25), step=2)
+        log.scalars({"lr": 1e-4, "loss/val": float("nan")}, step=2)
+        log.image("sample/axial", np.random.default_rng(0).normal(size=(16, 16)), step=2)
+        has_tb = log.tensorboard
+    records = read_metrics(tmp_path / "run")
+    assert [(r["step"], r["tag"], r["value"]) for r in records] == [
+        (1, "loss/train", 0.5),
+        (2, "loss/train", 0.25),
+        (2, "lr", 1e-4),
+        (2, "loss/val", "nan"),
+    ]
+    assert all(isinstance(r["time"], float) for r in records)
+    if has_tb:
+        assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    with pytest.raises(ValueError, match="image must be"):
+        TrainLogger(tmp_path / "x").image("bad", np.zeros((2, 4, 4)), 0)
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    log = TrainLogger(tmp_path / "rank1", enabled=False)
+    log.scalar("loss", 1.0, 0)
+    log.close()
+    assert not (tmp_path / "rank1").exists()
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _tiny_volume(value: float = 0.0) -> Volume:
+    arr = np.full((4, 6, 6), value, dtype=np.float32)
+    return Volume(arr, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+
+
+def _write_dicom_slices(folder, n=3, suffix=".dcm"):
+    """A real DICOM series: n CT slices, 2 mm apart, sharing one SeriesInstanceUID."""
+    folder.mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(n):
+        img = sitk.GetImageFromArray(np.full((1, 6, 6), 40 * k, dtype=np.int16))
+        for tag, value in {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.1.2",
+            "0008|0018": f"1.2.826.0.1.3680043.2.1125.1.2.{k + 1}",
+            "0020|0013": str(k + 1),
+            "0020|0032": f"0\\0\\{2.0 * k}",
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0028|0030": "1\\1",
+        }.items():
+            img.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k}{suffix}"))
+        writer.Execute(img)
+
+
+def test_collect_volumes_from_folder_list_file_and_list(tmp_path):
+    data = tmp_path / "data"
+    for sub in ("nested", ".hidden"):
+        (data / sub).mkdir(parents=True)
+    write_volume(_tiny_volume(), data / "a.nii.gz")
+    write_volume(_tiny_volume(), data / "nested" / "b.nrrd")
+    write_volume(_tiny_volume(), data / "nested" / "c.mha")
+    _write_dicom_slices(data / "patient1" / "series1")
+    (data / "notes.txt").write_text("not a volume")
+    write_volume(_tiny_volume(), data / ".hidden" / "d.nii")
+    found = collect_volumes(data)
+    assert found == [
+        data / "a.nii.gz",
+        data / "nested" / "b.nrrd",
+        data / "nested" / "c.mha",
+        data / "patient1" / "series1",
+    ]
+    for p in found:
+        assert read_volume(p, check=False).array.ndim == 3
+    assert read_volume(data / "patient1" / "series1", check=False).shape == (3, 6, 6)
+
+    listing = tmp_path / "train.txt"
+    listing.write_text("# training cases\ndata/a.nii.gz\n\ndata/patient1/series1  # DICOM\n")
+    assert collect_volumes(listing) == [data / "a.nii.gz", data / "patient1" / "series1"]
+    assert collect_volumes([data / "nested" / "c.mha", str(data / "a.nii.gz"), data / "a.nii.gz"]) == [
+        data / "nested" / "c.mha",
+        data / "a.nii.gz",
+    ]
+
+
+def test_collect_volumes_finds_dicom_without_suffix(tmp_path):
+    _write_dicom_slices(tmp_path / "series", suffix=".dcm")
+    for p in (tmp_path / "series").iterdir():
+        p.rename(p.with_suffix(""))
+    assert collect_volumes(tmp_path) == [tmp_path / "series"]
+
+
+def test_collect_volumes_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no CT volumes found in .*empty"):
+        collect_volumes(empty)
+    with pytest.raises(InputError, match="does not exist"):
+        collect_volumes(tmp_path / "missing")
+    listing = tmp_path / "list.txt"
+    listing.write_text("nope.nii.gz\n")
+    with pytest.raises(InputError, match="line 1: nope.nii.gz does not exist"):
+        collect_volumes(listing)
+    with pytest.raises(InputError, match="no training data"):
+        collect_volumes([])
+
+
+# ---------------------------------------------------------------------------------------------- augment
+
+
+def _ramp(shape=(12, 14, 16)) -> np.ndarray:
+    return np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+
+
+def test_random_crop_is_a_window_of_the_input_or_padded():
+    arr = _ramp()
+    rng = np.random.default_rng(0)
+    box = random_crop_box(arr.shape, (4, 5, 6), np.random.default_rng(0))
+    crop = random_crop(arr, (4, 5, 6), rng)
+    assert crop.shape == (4, 5, 6) and np.array_equal(crop, arr[box])
+    small = random_crop(np.zeros((2, 3, 4), np.float32), (4, 5, 6), rng, pad_value=-1024.0)
+    assert small.shape == (4, 5, 6)
+    assert np.count_nonzero(small == 0.0) == 2 * 3 * 4 and np.count_nonzero(small == -1024.0) == 120 - 24
+
+
+def test_flip_flips_only_the_requested_axes():
+    arr = _ramp()
+    for seed in range(6):
+        out = random_flip(arr, np.random.default_rng(seed), axes=(2,), p=0.5)
+        assert np.array_equal(out, arr) or np.array_equal(out, arr[:, :, ::-1])
+    assert np.array_equal(random_flip(arr, np.random.default_rng(0), axes=(0, 1), p=1.0), arr[::-1, ::-1])
+
+
+def test_affine_geometry():
+    arr = _ramp((5, 9, 9))
+    assert np.allclose(apply_affine(arr, (0, 0, 0), 1.0), arr)
+    # 90 degrees within the axial plane is an exact array rotation.
+    assert np.allclose(
+        apply_affine(arr, (90, 0, 0), 1.0, order=1), np.rot90(arr, k=1, axes=(1, 2)), atol=1e-3
+    )
+    # Zooming by 1.25 enlarges a centred ball's volume by 1.25^3.
+    z, y, x = np.mgrid[:31, :31, :31] - 15.0
+    ball = ((z**2 + y**2 + x**2) <= 8.0**2).astype(np.float32)
+    zoomed = apply_affine(ball, (0, 0, 0), 1.25, order=0, pad_value=0.0)
+    assert zoomed.sum() / ball.sum() == pytest.approx(1.25**3, rel=0.08)
+    # A rotation in millimetres keeps an anisotropic ball (3 mm slices) a ball: its voxel count is kept.
+    z2, y2, x2 = np.mgrid[:21, :41, :41]
+    aniso = (((z2 - 10) * 3.0) ** 2 + (y2 - 20.0) ** 2 + (x2 - 20.0) ** 2 <= 15.0**2).astype(np.float32)
+    turned = apply_affine(aniso, (0, 30, 0), 1.0, spacing_zyx=(3.0, 1.0, 1.0), order=0, pad_value=0.0)
+    assert turned.sum() == pytest.approx(aniso.sum(), rel=0.05)
+
+
+def test_elastic_displacement_has_the_requested_size():
+    shape = (24, 24, 24)
+    x_coord = np.broadcast_to(np.arange(24, dtype=np.float32), shape).copy()
+    assert np.allclose(elastic(x_coord, np.random.default_rng(0), sigma=3.0, alpha=0.0), x_coord)
+    warped = elastic(x_coord, np.random.default_rng(0), sigma=3.0, alpha=1.0)
+    # On a ramp of the x index, linear interpolation returns the sampled x: the output is x + dx.
+    interior = (slice(4, -4),) * 3
+    shift = (warped - x_coord)[interior]
+    assert np.abs(shift).max() <= 3.0 + 1e-4
+    assert 0.5 < shift.std() < 1.5
+    # Smooth: neighbouring voxels move almost together.
+    assert np.abs(np.diff(shift, axis=2)).mean() < 0.5 * np.abs(shift).mean()
+
+
+def test_hu_jitter_is_a_bounded_linear_change():
+    arr = np.linspace(-1000, 1000, 27, dtype=np.float32).reshape(3, 3, 3)
+    out = hu_jitter(arr, np.random.default_rng(3), scale=0.05, shift=10.0)
+    a, b = np.polyfit(arr.ravel(), out.ravel(), 1)
+    assert abs(a - 1) <= 0.05 + 1e-6 and abs(b) <= 10.0 + 1e-3
+    assert np.allclose(out, a * arr + b, atol=1e-2)
+
+
+def test_augmenter_is_deterministic_and_keeps_shape():
+    vol = np.random.default_rng(0).normal(0, 300, size=(20, 40, 40)).astype(np.float32)
+    aug = Augmenter({"crop_size": [8, 16, 16], "affine_p": 1.0, "elastic_p": 1.0, "hu_p": 1.0})
+    a = aug(vol, np.random.default_rng(7), spacing_zyx=(2.0, 1.0, 1.0))
+    b = aug(vol, np.random.default_rng(7), spacing_zyx=(2.0, 1.0, 1.0))
+    c = aug(vol, np.random.default_rng(8), spacing_zyx=(2.0, 1.0, 1.0))
+    assert a.shape == (8, 16, 16) and a.dtype == np.float32
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # No padding from the rotation reaches the patch (the volume has no air, so -1024 would be padding).
+    assert not np.any(a == -1024.0)
+    # Channels are transformed together; tensors in, tensors out.
+    stacked = torch.from_numpy(np.stack([vol, vol]))
+    t = aug(stacked, np.random.default_rng(7))
+    assert isinstance(t, torch.Tensor) and t.shape == (2, 8, 16, 16) and torch.equal(t[0], t[1])
+    # With everything off, the augmenter is a pure random crop.
+    plain = Augmenter(AugmentConfig(crop_size=(8, 16, 16), flip_p=0.0, affine_p=0.0, elastic_p=0.0, hu_p=0.0))
+    rng = np.random.default_rng(1)
+    rng.random(), rng.random()  # the augmenter draws its two geometric decisions first
+    box = random_crop_box(vol.shape, (8, 16, 16), rng)
+    assert np.array_equal(plain(vol, np.random.default_rng(1)), vol[box])
+    with pytest.raises(ConfigError, match="probability"):
+        Augmenter({"affine_p": 2.0})
