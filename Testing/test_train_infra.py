@@ -218,6 +218,20 @@ def test_logger_writes_metrics_jsonl_and_tensorboard(tmp_path):
         TrainLogger(tmp_path / "x").image("bad", np.zeros((2, 4, 4)), 0)
 
 
+def test_resumed_logger_drops_records_after_the_checkpoint(tmp_path):
+    with TrainLogger(tmp_path) as log:
+        for step in range(1, 6):
+            log.scalar("loss", 1.0 / step, step)
+    with TrainLogger(tmp_path, resume_step=3) as log:  # the run died after step 5, resumed from step 3
+        log.scalar("loss", 0.3, 4)
+    assert [(r["step"], r["value"]) for r in read_metrics(tmp_path)] == [
+        (1, 1.0),
+        (2, 0.5),
+        (3, 1 / 3),
+        (4, 0.3),
+    ]
+
+
 def test_disabled_logger_writes_nothing(tmp_path):
     log = TrainLogger(tmp_path / "rank1", enabled=False)
     log.scalar("loss", 1.0, 0)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -65,12 +66,16 @@ class TrainLogger:
     Args:
         out_dir: the training output folder (created).
         enabled: ``False`` makes every call a no-op (non-main processes).
+        resume_step: when resuming from the checkpoint of this step, records logged after it by the
+            interrupted run are dropped (from ``metrics.jsonl`` and TensorBoard), so curves do not fork.
 
     Raises:
         OutputError: ``out_dir`` cannot be written.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True) -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self._writer = None
@@ -79,6 +84,8 @@ class TrainLogger:
             return
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                self._drop_after(resume_step)
             self._file = open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise OutputError(
@@ -87,9 +94,20 @@ class TrainLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            purge = resume_step + 1 if resume_step is not None else None
+            self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
         except ImportError:
             logger.info("tensorboard is not installed: metrics go to %s only", self.out_dir / METRICS_FILE)
+
+    def _drop_after(self, step: int) -> None:
+        path = self.out_dir / METRICS_FILE
+        if not path.is_file():
+            return
+        kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= step]
+        fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", suffix=".partial", dir=self.out_dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, path)
 
     @property
     def tensorboard(self) -> bool:
