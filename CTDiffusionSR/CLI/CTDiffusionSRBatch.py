@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Slicer scripted CLI: thick-to-thin CT super-resolution with DiffusionCore's ``SuperResolver``.
+
+Runs the way Slicer runs a scripted CLI (flags first, then ``inputVolume outputVolume``, booleans as bare
+flags, ``--returnparameterfile FILE`` for the output values) and as a plain script:
+
+    python CTDiffusionSRBatch.py --factor 4 --numSteps 15 thick.nrrd thin.nrrd
+
+The interface is CTDiffusionSRBatch.xml; this parser mirrors it (a test checks that they agree).
+Progress is printed as ``<filter-progress>`` lines; a failure prints one ``error: ...`` line on stderr
+and exits with the DiffusionCore error's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("DiffusionCore")
+
+def _int_vector(text: str) -> tuple[int, ...]:
+    values = tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"need three comma-separated integers (D,H,W), got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("inputVolume", help="thick-slice CT (NRRD, NIfTI, MHA)")
+    p.add_argument("outputVolume", help="super-resolved CT to write")
+    p.add_argument("--uncertaintyVolume", default="", help="write the voxel-wise std over samples here")
+    p.add_argument("--factor", type=int, default=0, help="upsampling factor; 0 = from the slice spacing")
+    p.add_argument("--targetSpacing", type=float, default=0.0, help="target slice spacing in mm; 0 = use factor")
+    p.add_argument("--axis", choices=("auto", "z", "y", "x"), default="auto", help="thick array axis")
+    p.add_argument("--weights", default="", help="weights name or .safetensors file; empty = bundled default")
+    p.add_argument("--allowUnregisteredWeights", action="store_true", help="accept an unregistered file")
+    p.add_argument("--numSteps", type=int, default=0, help="sampling steps; 0 = model default")
+    p.add_argument("--guidanceScale", type=float, default=0.0, help="guidance scale; 0 = model default")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--patchSize", type=_int_vector, default=(0, 0, 0), help="D,H,W; 0,0,0 = automatic")
+    p.add_argument("--overlap", type=_int_vector, default=(0, 0, 0), help="D,H,W; 0,0,0 = default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--numSamples", type=int, default=1)
+    p.add_argument("--noDataConsistency", action="store_true", help="skip the projection onto the input")
+    p.add_argument("--tinyTestModel", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--reportFile", default="", help="write a JSON report here")
+    p.add_argument("--returnparameterfile", default="", help="file for output values (set by Slicer)")
+    return p
+
+
+def write_return_parameters(path: str, values: dict) -> None:
+    """Slicer's return-parameter file: one ``name = value`` line per output parameter."""
+    if not path:
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        for key, value in values.items():
+            f.write(f"{key} = {value}\n")
+
+
+def write_json(path: str, data: dict) -> None:
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, target)
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
+    """The settings that define the result (recorded in the report and on the Slicer node)."""
+    return {
+        "factor": args.factor or None,
+        "target_spacing": args.targetSpacing or None,
+        "axis": None if args.axis == "auto" else args.axis,
+        "steps": args.numSteps or None,
+        "guidance": args.guidanceScale or None,
+        "seed": args.seed,
+        "device": args.device,
+        "patch_size": tuple(args.patchSize) if any(args.patchSize) else None,
+        "overlap": tuple(args.overlap) if any(args.overlap) else None,
+        "num_samples": args.numSamples,
+        "data_consistency": not args.noDataConsistency,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from DiffusionCore.cli.common import Progress
+    from DiffusionCore.errors import InputError
+    from DiffusionCore.sr.pipeline import SuperResolver
+    from DiffusionCore.volume import check_output_path, read_volume, write_volume
+
+    t0 = time.perf_counter()
+    if args.uncertaintyVolume and args.numSamples < 2:
+        raise InputError("an uncertainty map needs at least 2 samples: set numSamples to 2 or more.")
+    check_output_path(args.outputVolume, overwrite=True)
+    volume = read_volume(args.inputVolume)
+    if args.tinyTestModel:
+        resolver = SuperResolver.tiny(seed=0)
+    elif args.weights:
+        resolver = SuperResolver.from_pretrained(args.weights, allow_unregistered=args.allowUnregisteredWeights)
+    else:
+        resolver = SuperResolver.default()
+    model_name = str(resolver.weights_name or args.weights or "default")
+    settings = settings_from_args(args)
+    progress = Progress("slicer")
+    print("<filter-comment>super-resolving</filter-comment>", flush=True)
+    result, report = resolver.run(volume, progress=progress, **settings)
+    write_volume(result, args.outputVolume, overwrite=True, dtype="float32")
+    uncertainty = report.get("uncertainty")
+    if args.uncertaintyVolume and uncertainty is not None:
+        write_volume(uncertainty, args.uncertaintyVolume, overwrite=True, dtype="float32")
+    sha = str(report.get("weights_sha256") or resolver.weights_sha256)
+    elapsed = time.perf_counter() - t0
+    if args.reportFile:
+        clean = {k: v for k, v in report.items() if k != "uncertainty"}
+        write_json(args.reportFile, {"model": model_name, "settings": settings, "seconds": elapsed, **clean})
+    write_return_parameters(
+        args.returnparameterfile, {"weightsSha256": sha, "modelName": model_name, "elapsedSeconds": f"{elapsed:.3f}"}
+    )
+    print("<filter-progress>1.0</filter-progress>", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from DiffusionCore.cli.common import setup_logging
+        from DiffusionCore.errors import DiffusionCoreError
+    except ImportError as exc:
+        print(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.", file=sys.stderr)
+        return 1
+    setup_logging()
+    try:
+        return run(args)
+    except DiffusionCoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: cancelled; no output was written.", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory: use a smaller patch size, fewer samples, or the GPU.", file=sys.stderr)
+        return 5
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Slicer scripted CLI: train a DiffusionCore model (``python -m DiffusionCore train FAMILY ...``).
+
+Runs the way Slicer runs a scripted CLI (flags, booleans as bare flags) and as a plain script:
+
+    python DiffusionTrain.py --family sr --config sr.json --data /data/ct --outputDirectory runs/sr1 --resume
+
+Stopping: SIGTERM/SIGINT, or a file named ``STOP`` in the output folder, ends training after a clean
+checkpoint (DiffusionCore.train.stop). Metrics stream to ``metrics.jsonl`` in the output folder (plotted
+by the modules' training panel) and to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", choices=("sr", "vae", "xray"), default="sr")
+    p.add_argument("--config", default="", help="JSON or YAML training config")
+    p.add_argument("--data", default="", help="folder of CT volumes or a text file listing them")
+    p.add_argument("--outputDirectory", default="", help="checkpoints, weights and logs go here")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--extraArguments", default="", help="more options of the train command")
+    p.add_argument("--returnparameterfile", default="", help="accepted for Slicer; nothing is returned")
+    return p
+
+
+def train_argv(args: argparse.Namespace, supported: set[str]) -> list[str]:
+    """The argument list of ``python -m DiffusionCore`` for this run.
+
+    Args:
+        args: parsed CLI arguments.
+        supported: option strings the installed ``train FAMILY`` command accepts; options it lacks are
+            left out rather than failing (the config file carries them instead).
+    """
+    argv = ["train", args.family]
+    wanted = [
+        ("--config", args.config),
+        ("--data", args.data),
+        ("--output-dir", args.outputDirectory),
+        ("--device", args.device),
+    ]
+    for flag, value in wanted:
+        if value and flag in supported:
+            argv += [flag, str(value)]
+    if args.resume:
+        argv.append("--resume")
+    if "--progress" in supported:
+        argv += ["--progress", "slicer"]
+    argv += shlex.split(args.extraArguments)
+    return argv
+
+
+def family_options(family: str) -> set[str]:
+    """Option strings of the installed ``train FAMILY`` command."""
+    from DiffusionCore.cli.main import build_parser as core_parser
+
+    def find(parser: argparse.ArgumentParser, path: list[str]) -> argparse.ArgumentParser | None:
+        if not path:
+            return parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) and path[0] in action.choices:
+                return find(action.choices[path[0]], path[1:])
+        return None
+
+    sub = find(core_parser(), ["train", family])
+    if sub is None:
+        return set()
+    return {opt for action in sub._actions for opt in action.option_strings}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from DiffusionCore.cli.main import main as core_main
+    except ImportError as exc:
+        print(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.", file=sys.stderr)
+        return 1
+    supported = family_options(args.family)
+    if not supported:
+        print(
+            f"error: this DiffusionCore has no 'train {args.family}' command; update the extension.",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.outputDirectory:
+        print("error: set an output folder (--outputDirectory) for checkpoints and logs.", file=sys.stderr)
+        return 2
+    return core_main(train_argv(args, supported))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

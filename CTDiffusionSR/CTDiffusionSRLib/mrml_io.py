@@ -1,0 +1,227 @@
+"""MRML volume nodes <-> ``DiffusionCore.Volume``, result nodes, subject hierarchy and provenance.
+
+No Qt here: everything works on a bare ``vtkMRMLScene`` (the slicer-core wheel) as well as in Slicer.
+
+Geometry: Slicer stores a volume as ``vtkImageData`` (x fastest, so the numpy view is ``(k, j, i)`` =
+``(z, y, x)``, the same order as ``Volume.array``) plus an IJK-to-RAS 4x4 matrix. DiffusionCore uses the
+ITK convention in LPS. The two frames differ by a sign flip of the first two physical axes, so
+``IJKToLPS = diag(-1, -1, 1) @ IJKToRAS`` exactly, for any (oblique) direction.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+from DiffusionCore.errors import InputError
+from DiffusionCore.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+#: Sign flip between RAS (Slicer) and LPS (ITK, DICOM, DiffusionCore).
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+#: Node attributes recording how a synthetic result was made (prefix keeps them apart from Slicer's).
+ATTRIBUTE_PREFIX = "CTDiffusion."
+ATTR_SYNTHETIC = ATTRIBUTE_PREFIX + "Synthetic"
+ATTR_MODEL = ATTRIBUTE_PREFIX + "Model"
+ATTR_WEIGHTS_SHA256 = ATTRIBUTE_PREFIX + "WeightsSHA256"
+ATTR_SETTINGS = ATTRIBUTE_PREFIX + "Settings"
+ATTR_DATE = ATTRIBUTE_PREFIX + "Date"
+ATTR_SOURCE = ATTRIBUTE_PREFIX + "SourceNode"
+ATTR_KIND = ATTRIBUTE_PREFIX + "Kind"
+
+
+def matrix_to_array(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    """A ``vtkMatrix4x4`` as a 4x4 float64 numpy array."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def array_to_matrix(arr: np.ndarray) -> vtk.vtkMatrix4x4:
+    """A 4x4 numpy array as a ``vtkMatrix4x4``."""
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(arr[r, c]))
+    return m
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    """The node's IJK-to-RAS matrix in world coordinates (a linear parent transform is applied).
+
+    Raises:
+        InputError: the volume sits under a non-linear transform (harden it first).
+    """
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    ijk = matrix_to_array(m)
+    parent = node.GetParentTransformNode()
+    if parent is not None:
+        if not parent.IsTransformToWorldLinear():
+            raise InputError(
+                f"volume '{node.GetName()}' is under a non-linear transform; harden the transform first "
+                "(Data module: right-click the volume > Harden transform)."
+            )
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        ijk = matrix_to_array(to_world) @ ijk
+    return ijk
+
+
+def geometry_from_ijk_to_ras(ijk_to_ras_matrix: np.ndarray) -> tuple[tuple, tuple, np.ndarray]:
+    """Split an IJK-to-RAS matrix into ITK ``(spacing (x,y,z), origin LPS, direction 3x3 LPS)``."""
+    lps = LPS_FROM_RAS @ ijk_to_ras_matrix[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    if np.any(spacing <= 0) or not np.all(np.isfinite(spacing)):
+        raise InputError(f"the volume's IJK-to-RAS matrix has a zero or invalid axis (spacing {spacing}).")
+    direction = lps / spacing
+    origin = LPS_FROM_RAS @ ijk_to_ras_matrix[:3, 3]
+    return tuple(float(s) for s in spacing), tuple(float(o) for o in origin), direction
+
+
+def ijk_to_ras_from_volume(vol: Volume) -> np.ndarray:
+    """The 4x4 IJK-to-RAS matrix of a Volume's grid (inverse of :func:`geometry_from_ijk_to_ras`)."""
+    m = np.eye(4)
+    m[:3, :3] = LPS_FROM_RAS @ np.asarray(vol.direction) @ np.diag(vol.spacing)
+    m[:3, 3] = LPS_FROM_RAS @ np.asarray(vol.origin)
+    return m
+
+
+def array_from_node(node) -> np.ndarray:
+    """A copy of the node's voxels as a numpy array ``(z, y, x)`` in the stored type.
+
+    Raises:
+        InputError: no image data, or more than one component per voxel (RGB / vector volume).
+    """
+    image = node.GetImageData() if node is not None else None
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        name = node.GetName() if node is not None else "(none)"
+        raise InputError(f"volume '{name}' has no image data; load or select a volume that holds voxels.")
+    scalars = image.GetPointData().GetScalars()
+    if scalars.GetNumberOfComponents() != 1:
+        raise InputError(
+            f"volume '{node.GetName()}' has {scalars.GetNumberOfComponents()} components per voxel (colour or "
+            "vector image); a greyscale scalar volume is needed."
+        )
+    nx, ny, nz = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx).copy()
+
+
+def volume_from_node(node) -> Volume:
+    """A DiffusionCore ``Volume`` (float32 HU, LPS geometry) from a scalar volume node; the node is untouched."""
+    arr = array_from_node(node).astype(np.float32)
+    spacing, origin, direction = geometry_from_ijk_to_ras(ijk_to_ras(node))
+    return Volume(arr, spacing, origin, direction, {"source": node.GetName()})
+
+
+def set_node_from_volume(node, vol: Volume, dtype: type | None = None) -> None:
+    """Replace the node's voxels and geometry with those of ``vol`` (array ``(z, y, x)``, LPS)."""
+    arr = np.ascontiguousarray(vol.array if dtype is None else vol.array.astype(dtype))
+    nz, ny, nx = arr.shape
+    image = vtk.vtkImageData()
+    image.SetDimensions(nx, ny, nz)
+    vtk_array = numpy_support.numpy_to_vtk(arr.ravel(), deep=True)
+    vtk_array.SetName("ImageScalars")
+    image.GetPointData().SetScalars(vtk_array)
+    node.SetIJKToRASMatrix(array_to_matrix(ijk_to_ras_from_volume(vol)))
+    node.SetAndObserveImageData(image)
+
+
+def add_volume_node(scene, vol: Volume, name: str, *, like=None, class_name: str = "vtkMRMLScalarVolumeNode"):
+    """A new volume node in ``scene`` holding ``vol``; display settings copied from ``like`` when given."""
+    node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+    set_node_from_volume(node, vol)
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    like_display = like.GetDisplayNode() if like is not None else None
+    if display is not None and like_display is not None:
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevel(like_display.GetWindow(), like_display.GetLevel())
+        if like_display.GetColorNodeID():
+            display.SetAndObserveColorNodeID(like_display.GetColorNodeID())
+    return node
+
+
+def subject_hierarchy(scene):
+    """The scene's subject hierarchy node (created when missing)."""
+    import slicer
+
+    return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+
+
+def _item_of(sh, node, parent_item: int | None = None) -> int:
+    item = sh.GetItemByDataNode(node)
+    if not item:
+        # In the Slicer application the subject hierarchy plugins create items for new nodes; on a bare
+        # MRML scene nobody does, so the item is made here.
+        item = sh.CreateItem(parent_item if parent_item is not None else sh.GetSceneItemID(), node)
+    return item
+
+
+def place_beside(scene, source_node, result_node) -> int:
+    """Put ``result_node`` under the same subject hierarchy parent (study/patient/folder) as ``source_node``.
+
+    Returns:
+        the result's subject hierarchy item ID.
+    """
+    sh = subject_hierarchy(scene)
+    parent = sh.GetItemParent(_item_of(sh, source_node))
+    item = _item_of(sh, result_node, parent)
+    sh.SetItemParent(item, parent)
+    return item
+
+
+def synthetic_name(source_name: str, label: str) -> str:
+    """Node name that says what it is: ``"CT_01 SR x4 (synthetic)"``."""
+    return f"{source_name} {label} (synthetic)"
+
+
+def set_provenance(node, *, kind: str, model: str, weights_sha256: str, settings: dict[str, Any], source=None) -> None:
+    """Record how a synthetic node was made, as node attributes (saved with the scene)."""
+    node.SetAttribute(ATTR_SYNTHETIC, "true")
+    node.SetAttribute(ATTR_KIND, kind)
+    node.SetAttribute(ATTR_MODEL, model)
+    node.SetAttribute(ATTR_WEIGHTS_SHA256, weights_sha256)
+    node.SetAttribute(ATTR_SETTINGS, json.dumps(settings, sort_keys=True, default=str))
+    node.SetAttribute(ATTR_DATE, datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+    if source is not None:
+        node.SetAttribute(ATTR_SOURCE, source.GetID())
+    description = (
+        f"SYNTHETIC image generated by a diffusion model ({model}, weights sha256 {weights_sha256[:12]}). "
+        "Not an acquired image: do not use for diagnosis."
+    )
+    node.SetDescription(description)
+
+
+def provenance(node) -> dict[str, Any]:
+    """The provenance attributes of a node (settings decoded from JSON); empty when none."""
+    if node.GetAttribute(ATTR_SYNTHETIC) is None:
+        return {}
+    return {
+        "kind": node.GetAttribute(ATTR_KIND),
+        "model": node.GetAttribute(ATTR_MODEL),
+        "weights_sha256": node.GetAttribute(ATTR_WEIGHTS_SHA256),
+        "settings": json.loads(node.GetAttribute(ATTR_SETTINGS) or "{}"),
+        "date": node.GetAttribute(ATTR_DATE),
+        "source": node.GetAttribute(ATTR_SOURCE),
+    }
+
+
+def write_node_to_file(node, path: str) -> None:
+    """Write a volume node (geometry in world coordinates) with DiffusionCore's writer (NRRD/NIfTI/MHA)."""
+    from DiffusionCore.volume import write_volume
+
+    write_volume(volume_from_node(node), path, overwrite=True, dtype="float32")
+
+
+def read_volume_file(path: str) -> Volume:
+    """Read a result file written by a CLI, without CT plausibility checks (uncertainty maps are not CT)."""
+    from DiffusionCore.volume import read_volume
+
+    return read_volume(path, check=False)

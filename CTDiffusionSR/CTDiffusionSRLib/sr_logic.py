@@ -1,0 +1,301 @@
+"""Super-resolution on MRML volume nodes: input checks, the SR job, the evaluation job and its table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from DiffusionCore.errors import DiffusionCoreError, InputError, OutputError
+from DiffusionCore.volume import axis_index, suggested_factor, thick_axis, write_volume
+
+from .jobs import CLIJob
+from .mrml_io import (
+    add_volume_node,
+    place_beside,
+    read_volume_file,
+    set_node_from_volume,
+    set_provenance,
+    synthetic_name,
+    volume_from_node,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Fewest slices along the thick axis that make sense to super-resolve.
+MIN_THICK_SLICES = 2
+
+
+@dataclass
+class SRSettings:
+    """What the user chose for one super-resolution run (0 / "" mean "the model's default").
+
+    Attributes:
+        factor: thin slices per thick slice; 0 = suggested from the spacing.
+        target_spacing: wanted slice spacing in mm instead of a factor; 0 = use the factor.
+        axis: "auto", "z", "y" or "x" (array axes).
+        weights: registered name or .safetensors path; "" = bundled default.
+        allow_unregistered_weights: accept a file whose sha256 is not registered.
+        steps: sampling steps; 0 = model default.
+        guidance: guidance scale (1 = off); 0 = model default.
+        device: "auto", "cpu" or "cuda".
+        patch_size: tile (D, H, W) in thin voxels; (0, 0, 0) = automatic.
+        overlap: tile overlap (D, H, W); (0, 0, 0) = default.
+        seed: sampler seed.
+        num_samples: samples averaged; >= 2 gives an uncertainty map.
+        data_consistency: project the result back onto the measured slices.
+        tiny_test_model: a random tiny model (self-tests only).
+    """
+
+    factor: int = 0
+    target_spacing: float = 0.0
+    axis: str = "auto"
+    weights: str = ""
+    allow_unregistered_weights: bool = False
+    steps: int = 0
+    guidance: float = 0.0
+    device: str = "auto"
+    patch_size: tuple[int, int, int] = (0, 0, 0)
+    overlap: tuple[int, int, int] = (0, 0, 0)
+    seed: int = 0
+    num_samples: int = 1
+    data_consistency: bool = True
+    tiny_test_model: bool = False
+
+    def cli_arguments(self) -> list[str]:
+        """Flags of CTDiffusionSRBatch for these settings (booleans as bare flags, as Slicer passes them)."""
+        args = [
+            "--factor", str(int(self.factor)),
+            "--targetSpacing", repr(float(self.target_spacing)),
+            "--axis", self.axis,
+            "--numSteps", str(int(self.steps)),
+            "--guidanceScale", repr(float(self.guidance)),
+            "--device", self.device,
+            "--patchSize", ",".join(str(int(v)) for v in self.patch_size),
+            "--overlap", ",".join(str(int(v)) for v in self.overlap),
+            "--seed", str(int(self.seed)),
+            "--numSamples", str(int(self.num_samples)),
+        ]
+        if self.weights:
+            args += ["--weights", self.weights]
+        if self.allow_unregistered_weights:
+            args.append("--allowUnregisteredWeights")
+        if not self.data_consistency:
+            args.append("--noDataConsistency")
+        if self.tiny_test_model:
+            args.append("--tinyTestModel")
+        return args
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_sr_input(node, settings: SRSettings | None = None) -> str:
+    """Why ``node`` cannot be super-resolved with ``settings``, or ``""`` when it can.
+
+    This is what the Apply button's tooltip says while the button is disabled.
+    """
+    settings = settings or SRSettings()
+    if node is None:
+        return "Select an input CT volume."
+    if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+        return f"'{node.GetName()}' is not a scalar (greyscale) volume."
+    image = node.GetImageData()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        return f"'{node.GetName()}' holds no voxels."
+    if image.GetPointData().GetScalars().GetNumberOfComponents() != 1:
+        return f"'{node.GetName()}' is a colour/vector image; a greyscale CT is needed."
+    dims = image.GetDimensions()
+    if min(dims) < MIN_THICK_SLICES:
+        return f"'{node.GetName()}' is 2D ({dims[0]}x{dims[1]}); the X-ray to CT module takes radiographs."
+    try:
+        vol_grid = volume_from_node(node).grid
+    except DiffusionCoreError as exc:
+        return str(exc)
+    if settings.axis == "auto" and thick_axis(vol_grid) is None and settings.target_spacing <= 0:
+        return (
+            f"'{node.GetName()}' is nearly isotropic (spacing {', '.join(f'{s:.2f}' for s in vol_grid.spacing)} mm): "
+            "choose the axis and a factor or target spacing."
+        )
+    if settings.factor < 0 or settings.num_samples < 1:
+        return "Factor must be 0 (automatic) or more and the number of samples at least 1."
+    return ""
+
+
+def effective_factor(node, settings: SRSettings) -> int:
+    """The factor the run will use (the one suggested from the slice spacing when settings say 0)."""
+    if settings.factor > 0:
+        return int(settings.factor)
+    grid = volume_from_node(node).grid
+    axis = None if settings.axis == "auto" else axis_index(settings.axis)
+    if settings.target_spacing > 0:
+        ax = axis if axis is not None else (thick_axis(grid) or 0)
+        return max(1, int(round(grid.spacing_zyx[ax] / settings.target_spacing)))
+    return int(suggested_factor(grid, axis))
+
+
+class SRJob(CLIJob):
+    """Super-resolve one volume node with CTDiffusionSRBatch in a background process.
+
+    The result is a NEW node "<input> SR x<k> (synthetic)" beside the input in the subject hierarchy (or
+    the chosen ``output_node``, never the input), with provenance attributes; with ``num_samples >= 2`` an
+    uncertainty node "<input> SR x<k> uncertainty (synthetic)" as well.
+    """
+
+    script_name = "CTDiffusionSRBatch"
+
+    def __init__(self, scene, input_node, settings: SRSettings, *, output_node=None, **kwargs):
+        super().__init__(scene, **kwargs)
+        reason = check_sr_input(input_node, settings)
+        if reason:
+            raise InputError(reason)
+        if output_node is not None and output_node.GetID() == input_node.GetID():
+            raise OutputError("the output must be a new volume, not the input (the input is never modified).")
+        self.input_node = input_node
+        self.output_node = output_node
+        self.settings = settings
+        self.factor = effective_factor(input_node, settings)
+        self.uncertainty_node = None
+
+    def prepare(self, tempdir: Path) -> list[str]:
+        write_volume(volume_from_node(self.input_node), tempdir / "input.nrrd", overwrite=True, dtype="float32")
+        args = self.settings.cli_arguments()
+        if self.settings.num_samples >= 2:
+            args += ["--uncertaintyVolume", str(tempdir / "uncertainty.nrrd")]
+        args += ["--reportFile", str(tempdir / "report.json"), "--returnparameterfile", str(tempdir / "return.txt")]
+        return [*args, str(tempdir / "input.nrrd"), str(tempdir / "output.nrrd")]
+
+    def import_results(self, tempdir: Path) -> list:
+        out_file = tempdir / "output.nrrd"
+        if not out_file.is_file():
+            raise OutputError("the super-resolution finished without writing its output; see the log.")
+        result = read_volume_file(str(out_file))
+        report = json.loads((tempdir / "report.json").read_text()) if (tempdir / "report.json").is_file() else {}
+        model = self.return_values.get("modelName") or report.get("model", "")
+        sha = self.return_values.get("weightsSha256") or str(report.get("weights_sha256", ""))
+        settings = {**self.settings.to_dict(), "factor_used": self.factor, "report_settings": report.get("settings")}
+        label = f"SR x{self.factor}"
+        if self.output_node is None:
+            node = add_volume_node(self.scene, result, synthetic_name(self.input_node.GetName(), label), like=self.input_node)
+            self.created_nodes.append(node)
+        else:
+            node = self.output_node
+            set_node_from_volume(node, result)
+        set_provenance(node, kind="super-resolution", model=model, weights_sha256=sha, settings=settings, source=self.input_node)
+        place_beside(self.scene, self.input_node, node)
+        nodes = [node]
+        unc_file = tempdir / "uncertainty.nrrd"
+        if unc_file.is_file():
+            unc = add_volume_node(
+                self.scene, read_volume_file(str(unc_file)), synthetic_name(self.input_node.GetName(), f"{label} uncertainty")
+            )
+            self.created_nodes.append(unc)
+            set_provenance(unc, kind="uncertainty", model=model, weights_sha256=sha, settings=settings, source=self.input_node)
+            place_beside(self.scene, self.input_node, unc)
+            self.uncertainty_node = unc
+            nodes.append(unc)
+        return nodes
+
+
+#: Columns of the evaluation table: (report key, column title).
+EVALUATION_COLUMNS = (
+    ("psnr", "PSNR (dB)"),
+    ("psnr_body", "PSNR body (dB)"),
+    ("ssim", "SSIM"),
+    ("hu_mae_body", "MAE body (HU)"),
+    ("consistency_psnr", "Consistency PSNR (dB)"),
+    ("seconds", "Seconds"),
+)
+
+
+def table_from_evaluation(scene, report: dict, name: str, table_node=None):
+    """A ``vtkMRMLTableNode`` with one row per method of a DiffusionCore evaluation report."""
+    import vtk
+
+    node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+    table = node.GetTable()
+    table.Initialize()
+    method_col = vtk.vtkStringArray()
+    method_col.SetName("Method")
+    table.AddColumn(method_col)
+    for _key, title in EVALUATION_COLUMNS:
+        col = vtk.vtkDoubleArray()
+        col.SetName(title)
+        table.AddColumn(col)
+    for row in report.get("results", []):
+        r = table.InsertNextBlankRow()
+        table.SetValue(r, 0, vtk.vtkVariant(str(row["method"])))
+        for c, (key, _title) in enumerate(EVALUATION_COLUMNS, start=1):
+            value = row.get(key)
+            table.SetValue(r, c, vtk.vtkVariant(float("nan") if value is None else float(value)))
+    node.SetAttribute("CTDiffusion.Evaluation", json.dumps({k: v for k, v in report.items() if k != "results"}))
+    table.Modified()
+    node.Modified()
+    return node
+
+
+class EvaluationJob(CLIJob):
+    """"Evaluate on this volume": simulate thick slices from a thin input, reconstruct, score; a table node.
+
+    Runs ``python -m DiffusionCore evaluate`` in a background process (the same command-line protocol).
+    """
+
+    script_name = "DiffusionCore evaluate"
+
+    def __init__(
+        self,
+        scene,
+        input_node,
+        *,
+        factor: int,
+        axis: str = "z",
+        methods: tuple[str, ...] = ("cubic", "sr"),
+        weights: str = "",
+        steps: int = 0,
+        device: str = "auto",
+        degradation: str = "slab",
+        **kwargs,
+    ):
+        super().__init__(scene, **kwargs)
+        if input_node is None or input_node.GetImageData() is None:
+            raise InputError("Select a thin-slice CT volume to evaluate on.")
+        if factor < 2:
+            raise InputError("The evaluation factor must be 2 or more (thin slices per simulated thick slice).")
+        self.input_node = input_node
+        self.factor, self.axis, self.methods = int(factor), axis, tuple(methods)
+        self.weights, self.steps, self.device, self.degradation = weights, int(steps), device, degradation
+        self.table_node = None
+
+    def argv(self, args):
+        from .process import python_executable
+
+        return [python_executable(), "-m", "DiffusionCore", *args]
+
+    def prepare(self, tempdir: Path) -> list[str]:
+        vol = volume_from_node(self.input_node)
+        if np.count_nonzero(vol.array > -500) == 0:
+            raise InputError(f"'{self.input_node.GetName()}' has no voxel above -500 HU: no body to evaluate in.")
+        write_volume(vol, tempdir / "reference.nrrd", overwrite=True, dtype="float32")
+        args = [
+            "evaluate", "--reference", str(tempdir / "reference.nrrd"), "--factor", str(self.factor),
+            "--axis", self.axis, "--degradation", self.degradation, "--methods", ",".join(self.methods),
+            "--device", self.device, "--json", str(tempdir / "evaluation.json"), "--progress", "slicer",
+        ]
+        if self.weights:
+            args += ["--weights", self.weights]
+        if self.steps:
+            args += ["--num-steps", str(self.steps)]
+        return args
+
+    def import_results(self, tempdir: Path) -> list:
+        report = json.loads((tempdir / "evaluation.json").read_text())
+        report["reference"] = self.input_node.GetName()
+        name = f"{self.input_node.GetName()} evaluation x{self.factor} {self.degradation}"
+        self.table_node = table_from_evaluation(self.scene, report, name)
+        self.created_nodes.append(self.table_node)
+        place_beside(self.scene, self.input_node, self.table_node)
+        return [self.table_node]

@@ -1,0 +1,60 @@
+"""Synthetic data for the modules' self-tests (and the pytest suite): small CT phantoms, a radiograph.
+
+The tiny models used with these have random weights: results are meaningless images of the right shape and
+geometry, which is what the self-tests check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from DiffusionCore.volume import Volume
+
+
+def rotation(rx: float, ry: float, rz: float) -> np.ndarray:
+    """A 3x3 rotation matrix from angles in degrees about x, y, z (applied in that order)."""
+    a, b, c = np.radians([rx, ry, rz])
+    x = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    y = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    z = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    return z @ y @ x
+
+
+def phantom_ct(
+    shape: tuple[int, int, int] = (6, 32, 32),
+    spacing: tuple[float, float, float] = (0.8, 0.8, 4.0),
+    direction: np.ndarray | None = None,
+    origin: tuple[float, float, float] = (12.5, -30.0, 41.0),
+    seed: int = 0,
+) -> Volume:
+    """A thick-slice CT phantom in HU: air, an elliptic soft-tissue body, a bright bone; oblique by default.
+
+    Args:
+        shape: array shape (z, y, x).
+        spacing: mm, ITK order (x, y, z); the default has 4 mm slices (thick along array axis z).
+        direction: 3x3 direction cosines; default a rotation of (10, -20, 30) degrees.
+        origin: LPS mm of voxel (0, 0, 0).
+        seed: noise seed.
+    """
+    rng = np.random.default_rng(seed)
+    _z, y, x = np.indices(shape)
+    cy, cx = (shape[1] - 1) / 2, (shape[2] - 1) / 2
+    arr = np.full(shape, -1000.0, np.float32)
+    body = ((y - cy) / (0.4 * shape[1])) ** 2 + ((x - cx) / (0.45 * shape[2])) ** 2 < 1
+    arr[body] = 40.0
+    bone = ((y - cy) / (0.12 * shape[1])) ** 2 + ((x - cx - 3) / (0.1 * shape[2])) ** 2 < 1
+    arr[bone] = 700.0
+    arr += rng.normal(0, 10, shape).astype(np.float32)
+    return Volume(arr, spacing, origin, rotation(10, -20, 30) if direction is None else direction)
+
+
+def phantom_radiograph(size: int = 64, seed: int = 0) -> np.ndarray:
+    """A chest-radiograph-like image (H, W) in [0, 1]: bright mediastinum and ribs, dark lungs."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
+    img = 0.35 + 0.3 * np.exp(-(x / 0.12) ** 2)
+    lungs = ((np.abs(x) - 0.2) / 0.15) ** 2 + (y / 0.35) ** 2 < 1
+    img[lungs] -= 0.2
+    img += 0.08 * (np.sin(y * 40) > 0.7)
+    img += rng.normal(0, 0.01, img.shape)
+    return np.clip(img, 0, 1).astype(np.float32)

@@ -1,0 +1,283 @@
+"""The training panel's logic: data export, config presets, the training process and its loss curve.
+
+Training runs ``DiffusionTrain`` (``python -m DiffusionCore train FAMILY``) in a background process. The
+trainer appends one JSON object per scalar to ``<output>/metrics.jsonl`` (``{"step", "tag", "value",
+"time"}``); :class:`MetricsFollower` reads what is new and :class:`LossCurve` shows it as a Slicer plot
+(one ``vtkMRMLTableNode`` per tag, one ``vtkMRMLPlotSeriesNode`` each, one ``vtkMRMLPlotChartNode``).
+Stop asks for a clean checkpoint by creating ``<output>/STOP``; the process is killed only if it does not
+end within a grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from DiffusionCore.errors import ConfigError, InputError, OutputError
+from DiffusionCore.volume import write_volume
+
+from .jobs import CLIJob
+from .mrml_io import volume_from_node
+from .process import JobState
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+STOP_FILE = "STOP"
+#: Seconds between the STOP file and killing a training process that did not end.
+STOP_GRACE_S = 120.0
+FAMILIES = ("sr", "vae", "xray")
+#: Where each family's preset configs live, inside the DiffusionCore package.
+PRESET_FOLDERS = {"sr": "sr/configs", "vae": "sr/configs", "xray": "xray/configs"}
+
+
+def list_presets(family: str) -> dict[str, Path]:
+    """Preset config files shipped with DiffusionCore for ``family``: ``{name: path}`` (may be empty)."""
+    import DiffusionCore
+
+    folder = Path(DiffusionCore.__file__).parent / PRESET_FOLDERS.get(family, "")
+    if not folder.is_dir():
+        return {}
+    files = sorted(p for p in folder.glob("*.json"))
+    if family == "vae":
+        files = [p for p in files if "vae" in p.stem] or files
+    elif family == "sr":
+        files = [p for p in files if "vae" not in p.stem] or files
+    return {p.stem: p for p in files}
+
+
+def write_config_text(text: str, output_dir: str | os.PathLike) -> Path:
+    """Check that ``text`` is a JSON object and save it as ``<output_dir>/config.json`` (what the run uses)."""
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"the training config is not valid JSON (line {exc.lineno}: {exc.msg}); fix it and retry.") from None
+    if not isinstance(data, dict):
+        raise ConfigError("the training config must be a JSON object ({...}) of settings.")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.json"
+    tmp = out / ".config.json.partial"
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "volume"
+
+
+def export_training_volumes(nodes: Sequence, folder: str | os.PathLike) -> Path:
+    """Write scene volumes as NRRD files and a list file ``volumes.txt`` that ``--data`` accepts."""
+    if not nodes:
+        raise InputError("no volumes selected for training; pick volumes in the scene or a data folder.")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, node in enumerate(nodes):
+        name = f"{i:03d}_{_safe_name(node.GetName())}.nrrd"
+        write_volume(volume_from_node(node), out / name, overwrite=True)
+        lines.append(name)
+    listing = out / "volumes.txt"
+    listing.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return listing
+
+
+class MetricsFollower:
+    """Reads the records appended to a ``metrics.jsonl`` since the last call (partial last lines wait)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.offset = 0
+
+    def read_new(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []
+        self.offset += end + 1
+        records = []
+        for line in data[: end + 1].decode("utf-8", errors="replace").splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("skipping a malformed line in %s", self.path)
+                continue
+            if isinstance(rec, dict) and {"step", "tag", "value"} <= rec.keys():
+                records.append(rec)
+        return records
+
+
+class LossCurve:
+    """A Slicer plot of training scalars: per tag a two-column table (step, value) and a line series.
+
+    Args:
+        scene: MRML scene.
+        name: prefix of the created nodes.
+        tag_filter: regular expression; only matching tags are drawn in the chart (all are tabulated).
+    """
+
+    def __init__(self, scene, name: str = "Training", tag_filter: str = "loss"):
+        self.scene = scene
+        self.name = name
+        self.tag_filter = re.compile(tag_filter)
+        self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{name} loss curve"))
+        self.chart.SetTitle(f"{name}: training curves")
+        self.chart.SetXAxisTitle("step")
+        self.chart.SetYAxisTitle("value")
+        self.tables: dict[str, object] = {}
+        self.series: dict[str, object] = {}
+
+    def _table(self, tag: str):
+        import vtk
+
+        if tag not in self.tables:
+            table_node = self.scene.AddNewNodeByClass("vtkMRMLTableNode", self.scene.GenerateUniqueName(f"{self.name} {tag}"))
+            table = table_node.GetTable()
+            for col_name in ("step", tag):
+                col = vtk.vtkDoubleArray()
+                col.SetName(col_name)
+                table.AddColumn(col)
+            self.tables[tag] = table_node
+            if self.tag_filter.search(tag):
+                series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", self.scene.GenerateUniqueName(tag))
+                series.SetAndObserveTableNodeID(table_node.GetID())
+                series.SetXColumnName("step")
+                series.SetYColumnName(tag)
+                series.SetPlotType(series.PlotTypeScatter)
+                series.SetMarkerStyle(series.MarkerStyleNone)
+                series.SetUniqueColor()
+                self.chart.AddAndObservePlotSeriesNodeID(series.GetID())
+                self.series[tag] = series
+        return self.tables[tag]
+
+    def add(self, records: Iterable[dict]) -> int:
+        """Append records ``{"step", "tag", "value"}``; returns how many were added."""
+        touched = {}
+        n = 0
+        for rec in records:
+            table_node = self._table(str(rec["tag"]))
+            table = table_node.GetTable()
+            row = table.InsertNextBlankRow()
+            table.SetValue(row, 0, float(rec["step"]))
+            table.SetValue(row, 1, float(rec["value"]))
+            touched[id(table_node)] = table_node
+            n += 1
+        for table_node in touched.values():
+            table_node.GetTable().Modified()
+            table_node.Modified()
+        return n
+
+    def values(self, tag: str) -> list[tuple[float, float]]:
+        """``[(step, value), ...]`` of one tag as tabulated."""
+        table = self.tables[tag].GetTable()
+        return [(table.GetValue(r, 0).ToDouble(), table.GetValue(r, 1).ToDouble()) for r in range(table.GetNumberOfRows())]
+
+    def nodes(self) -> list:
+        return [self.chart, *self.tables.values(), *self.series.values()]
+
+
+class TrainingJob(CLIJob):
+    """One training run of the DiffusionTrain CLI, followed through ``metrics.jsonl``.
+
+    Args:
+        scene: MRML scene for the loss curve.
+        family: "sr", "vae" or "xray".
+        config_path: JSON/YAML config file.
+        data: a folder of CT volumes or a list file.
+        output_dir: checkpoints, weights, TensorBoard and metrics go here.
+        resume: continue from the latest checkpoint in ``output_dir``.
+        device: "auto", "cpu" or "cuda".
+        extra_arguments: more options of the train command (one string).
+    """
+
+    script_name = "DiffusionTrain"
+
+    def __init__(
+        self,
+        scene,
+        *,
+        family: str,
+        config_path: str | os.PathLike,
+        data: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        resume: bool = False,
+        device: str = "auto",
+        extra_arguments: str = "",
+        curve_name: str = "Training",
+        **kwargs,
+    ):
+        super().__init__(scene, **kwargs)
+        if family not in FAMILIES:
+            raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}.")
+        if not data or not Path(data).exists():
+            raise InputError(f"training data {str(data)!r} does not exist; choose a folder of CT volumes or a list file.")
+        self.family, self.config_path, self.data = family, Path(config_path), Path(data)
+        self.output_dir = Path(output_dir)
+        self.resume, self.device, self.extra_arguments = resume, device, extra_arguments
+        self.curve_name = curve_name
+        self.curve: LossCurve | None = None
+        self.follower = MetricsFollower(self.output_dir / METRICS_FILE)
+        self._stop_requested_at: float | None = None
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """The folder to point TensorBoard at (``tensorboard --logdir``)."""
+        return self.output_dir
+
+    def prepare(self, tempdir: Path) -> list[str]:
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the output folder {self.output_dir}: {exc}") from None
+        stop = self.output_dir / STOP_FILE
+        if stop.exists():
+            stop.unlink()  # a STOP left from the previous run would end this one at once
+        if not self.resume and (self.output_dir / METRICS_FILE).exists():
+            self.follower.offset = (self.output_dir / METRICS_FILE).stat().st_size
+        args = [
+            "--family", self.family, "--config", str(self.config_path), "--data", str(self.data),
+            "--outputDirectory", str(self.output_dir), "--device", self.device,
+        ]
+        if self.resume:
+            args.append("--resume")
+        if self.extra_arguments:
+            args += ["--extraArguments", self.extra_arguments]
+        return args
+
+    def update(self) -> None:
+        records = self.follower.read_new()
+        if records:
+            if self.curve is None:
+                self.curve = LossCurve(self.scene, self.curve_name)
+            self.curve.add(records)
+        if self._stop_requested_at is not None and time.monotonic() - self._stop_requested_at > STOP_GRACE_S:
+            logger.warning("training did not stop within %.0f s of the STOP request; killing it", STOP_GRACE_S)
+            self._stop_requested_at = None
+            self.runner.cancel()
+
+    def import_results(self, tempdir: Path) -> list:
+        self.update()
+        return self.curve.nodes() if self.curve else []
+
+    def _remove_created_nodes(self) -> None:
+        # A stopped or failed run keeps its curve: the user wants to see how far it got.
+        self.created_nodes = []
+
+    def request_stop(self) -> None:
+        """Ask the trainer to write a clean checkpoint and end (``STOP`` file); killed after a grace period."""
+        if self.state == JobState.RUNNING:
+            (self.output_dir / STOP_FILE).write_text("stop requested from 3D Slicer\n", encoding="utf-8")
+            self._stop_requested_at = time.monotonic()

@@ -1,0 +1,458 @@
+"""The modules' Qt-free logic (CTDiffusionSRLib, XrayToCTLib) on real MRML from the slicer-core wheel.
+
+What a Slicer user relies on: the geometry of an oblique volume survives the trip into DiffusionCore and
+back exactly; results land in NEW nodes beside the input, labelled synthetic, with provenance; the input is
+never touched; a cancel kills the whole process tree and leaves nothing behind; the training curve follows
+metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is needed for the Slicer-side tests")
+
+ROOT = Path(__file__).resolve().parents[1]
+for _module_dir in (ROOT / "CTDiffusionSR", ROOT / "XrayToCT"):
+    if str(_module_dir) not in sys.path:
+        sys.path.insert(0, str(_module_dir))
+
+from CTDiffusionSRLib import mrml_io, views  # noqa: E402
+from CTDiffusionSRLib.dependencies import pip_install_arguments  # noqa: E402
+from CTDiffusionSRLib.jobs import read_return_parameters  # noqa: E402
+from CTDiffusionSRLib.process import JobState, ProcessRunner, parse_progress_line  # noqa: E402
+from CTDiffusionSRLib.sr_logic import (  # noqa: E402
+    EvaluationJob,
+    SRJob,
+    SRSettings,
+    check_sr_input,
+    table_from_evaluation,
+)
+from CTDiffusionSRLib.testing import phantom_ct, phantom_radiograph, rotation  # noqa: E402
+from CTDiffusionSRLib.training import LossCurve, MetricsFollower, TrainingJob, write_config_text  # noqa: E402
+
+from DiffusionCore.degrade import thin_grid  # noqa: E402
+from DiffusionCore.errors import ConfigError, InputError, OutputError  # noqa: E402
+from DiffusionCore.volume import Volume, read_volume  # noqa: E402
+
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    color_logic = slicer.vtkMRMLColorLogic()
+    color_logic.SetMRMLScene(s)
+    slicer.mrmlScene = s  # slicer.util helpers look for it
+    yield s
+    s.Clear(True)
+
+
+def _matrix(node) -> np.ndarray:
+    return mrml_io.ijk_to_ras(node)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its reaper counts as ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): fall back to a signal probe
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _volume_nodes(scene) -> list:
+    return [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+
+
+# -- MRML <-> Volume ------------------------------------------------------------------------------------
+def test_oblique_volume_round_trip_matches_slicers_own_writer(scene, tmp_path):
+    vol = phantom_ct()
+    node = mrml_io.add_volume_node(scene, vol, "CT_01")
+    back = mrml_io.volume_from_node(node)
+    np.testing.assert_array_equal(back.array, vol.array)
+    np.testing.assert_allclose(back.direction, vol.direction, atol=1e-12)
+    np.testing.assert_allclose(back.spacing, vol.spacing, atol=1e-12)
+    np.testing.assert_allclose(back.origin, vol.origin, atol=1e-12)
+    # Independent oracle: Slicer's storage node writes the node; DiffusionCore (ITK, LPS) reads the file.
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(tmp_path / "slicer_written.nrrd"))
+    assert storage.WriteData(node)
+    on_disk = read_volume(tmp_path / "slicer_written.nrrd", check=False)
+    np.testing.assert_allclose(on_disk.direction, vol.direction, atol=1e-6)
+    np.testing.assert_allclose(on_disk.origin, vol.origin, atol=1e-6)
+    np.testing.assert_allclose(on_disk.spacing, vol.spacing, atol=1e-6)
+    np.testing.assert_allclose(on_disk.array, vol.array, atol=1e-3)
+
+
+def test_volume_loaded_by_slicer_converts_to_the_same_lps_geometry(scene, tmp_path):
+    from DiffusionCore.volume import write_volume
+
+    vol = phantom_ct(direction=rotation(-15, 5, 60))
+    write_volume(vol, tmp_path / "ct.nrrd")
+    node = slicer.util.loadVolume(str(tmp_path / "ct.nrrd")) if hasattr(slicer, "app") else None
+    if node is None:  # slicer-core has no application: read with Slicer's storage node instead
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(tmp_path / "ct.nrrd"))
+        assert storage.ReadData(node)
+    got = mrml_io.volume_from_node(node)
+    np.testing.assert_allclose(got.direction, vol.direction, atol=1e-6)
+    np.testing.assert_allclose(got.origin, vol.origin, atol=1e-4)
+    np.testing.assert_allclose(got.array, vol.array, atol=1e-3)
+
+
+def test_linear_parent_transform_is_applied_and_nonlinear_refused(scene):
+    vol = Volume(np.zeros((4, 8, 8), np.float32), (1.0, 1.0, 3.0), (0, 0, 0), np.eye(3))
+    node = mrml_io.add_volume_node(scene, vol, "moved")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    m = np.eye(4)
+    m[:3, 3] = (10.0, 20.0, 30.0)  # RAS shift
+    transform.SetMatrixTransformToParent(mrml_io.array_to_matrix(m))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    got = mrml_io.volume_from_node(node)
+    np.testing.assert_allclose(got.origin, (-10.0, -20.0, 30.0))  # LPS
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    node.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(InputError, match="non-linear"):
+        mrml_io.volume_from_node(node)
+
+
+def test_sr_input_checks_say_why_apply_is_disabled(scene):
+    assert check_sr_input(None) == "Select an input CT volume."
+    iso = mrml_io.add_volume_node(scene, Volume(np.zeros((8, 8, 8), np.float32)), "iso")
+    assert "isotropic" in check_sr_input(iso)
+    assert check_sr_input(iso, SRSettings(target_spacing=0.5)) == ""
+    flat = mrml_io.add_volume_node(scene, Volume(np.zeros((1, 16, 16), np.float32)), "flat")
+    assert "2D" in check_sr_input(flat)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    assert "no voxels" in check_sr_input(empty)
+    good = mrml_io.add_volume_node(scene, phantom_ct(), "thick")
+    assert check_sr_input(good) == ""
+
+
+# -- background processes ---------------------------------------------------------------------------------
+def test_progress_lines_are_parsed():
+    assert parse_progress_line("<filter-progress>0.25</filter-progress>") == (0.25, None)
+    assert parse_progress_line("<filter-comment>tile 2/4</filter-comment>") == (None, "tile 2/4")
+    assert parse_progress_line("<filter-progress>1.7</filter-progress>")[0] == 1.0
+    assert parse_progress_line("info: loading") == (None, None)
+
+
+def test_process_runner_reports_progress_and_error_line(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            for i in range(4):
+                print(f"<filter-progress>{i / 4}</filter-progress>", flush=True)
+            print("<filter-comment>almost</filter-comment>", flush=True)
+            print("error: the input has NaN voxels; re-export it.", file=sys.stderr, flush=True)
+            sys.exit(2)
+            """
+        )
+    )
+    seen = []
+    runner = ProcessRunner([sys.executable, str(script)], on_progress=lambda f, m: seen.append(f)).start()
+    result = runner.wait(timeout=60)
+    assert result.state == JobState.FAILED and result.returncode == 2
+    assert result.error == "the input has NaN voxels; re-export it."
+    assert seen[:4] == [0.0, 0.25, 0.5, 0.75] and "almost" in result.log
+
+
+def test_cancel_kills_the_whole_process_tree(tmp_path):
+    script = tmp_path / "tree.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import subprocess, sys, time
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            print(f"child {child.pid}", flush=True)
+            print("<filter-progress>0.1</filter-progress>", flush=True)
+            time.sleep(120)
+            """
+        )
+    )
+    runner = ProcessRunner([sys.executable, str(script)]).start()
+    deadline = time.monotonic() + 30
+    while not any(line.startswith("child ") for line in runner.log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child_pid = int(next(line for line in runner.log if line.startswith("child ")).split()[1])
+    t0 = time.monotonic()
+    runner.cancel()
+    assert time.monotonic() - t0 < 10
+    assert runner.poll() == JobState.CANCELLED
+    deadline = time.monotonic() + 5
+    while _alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child_pid), "the job's own child process must be killed too"
+
+
+def test_return_parameter_file_is_read(tmp_path):
+    (tmp_path / "r.txt").write_text("weightsSha256 = abc\nelapsedSeconds = 1.5\n")
+    assert read_return_parameters(tmp_path / "r.txt") == {"weightsSha256": "abc", "elapsedSeconds": "1.5"}
+
+
+# -- the SR job end to end (tiny random model, CPU) -------------------------------------------------------
+def test_sr_job_makes_a_synthetic_node_on_the_thin_grid_beside_the_input(scene, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # to see that the private temp folder is removed
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    vol = phantom_ct()
+    node = mrml_io.add_volume_node(scene, vol, "CT_01")
+    sh = mrml_io.subject_hierarchy(scene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient"), "Study")
+    sh.CreateItem(study, node)
+    before_matrix, before_array, before_mtime = _matrix(node), mrml_io.array_from_node(node), node.GetImageData().GetMTime()
+
+    settings = SRSettings(factor=4, steps=2, device="cpu", seed=3, num_samples=2, tiny_test_model=True)
+    progress = []
+    job = SRJob(scene, node, settings, on_progress=lambda f, m: progress.append(f))
+    assert job.run(timeout=240) == JobState.COMPLETED, job.error
+    result, unc = job.result_nodes
+    assert result.GetName() == "CT_01 SR x4 (synthetic)"
+    assert unc.GetName() == "CT_01 SR x4 uncertainty (synthetic)"
+    expected = thin_grid(vol, 4, axis=0)
+    got = mrml_io.volume_from_node(result)
+    assert got.shape == expected.shape == (24, 32, 32)
+    np.testing.assert_allclose(got.spacing, expected.spacing, atol=1e-6)
+    np.testing.assert_allclose(got.origin, expected.origin, atol=1e-5)
+    np.testing.assert_allclose(got.direction, vol.direction, atol=1e-6)
+    assert np.isfinite(got.array).all() and np.all(mrml_io.volume_from_node(unc).array >= 0)
+    # input untouched
+    np.testing.assert_array_equal(_matrix(node), before_matrix)
+    np.testing.assert_array_equal(mrml_io.array_from_node(node), before_array)
+    assert node.GetImageData().GetMTime() == before_mtime
+    # provenance and placement
+    prov = mrml_io.provenance(result)
+    assert prov["kind"] == "super-resolution" and len(prov["weights_sha256"]) == 64
+    assert prov["model"].startswith("tiny-test-model")
+    assert prov["settings"]["factor_used"] == 4 and prov["settings"]["steps"] == 2
+    assert prov["date"] and prov["source"] == node.GetID()
+    assert "SYNTHETIC" in result.GetDescription()
+    assert sh.GetItemParent(sh.GetItemByDataNode(result)) == study
+    assert sh.GetItemParent(sh.GetItemByDataNode(unc)) == study
+    # progress and clean-up
+    assert progress and progress[-1] == pytest.approx(1.0) and min(progress) < 0.5
+    assert not list(tmp_path.glob("ctdiffusion-*")), "the private temporary folder must be removed"
+
+
+def test_sr_job_cancel_leaves_no_nodes_and_no_files(scene, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_02")
+    n_before = scene.GetNumberOfNodes()
+    job = SRJob(scene, node, SRSettings(factor=4, steps=200, device="cpu", tiny_test_model=True)).start()
+    deadline = time.monotonic() + 120
+    while job.progress <= 0.0 and time.monotonic() < deadline and job.poll() == JobState.RUNNING:
+        time.sleep(0.1)
+    assert job.poll() == JobState.RUNNING, job.error
+    job.cancel()
+    assert job.state == JobState.CANCELLED
+    assert scene.GetNumberOfNodes() == n_before
+    assert not list(tmp_path.glob("ctdiffusion-*"))
+    assert not _alive(job.runner.pid)
+
+
+def test_sr_job_refuses_writing_into_the_input(scene):
+    node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_03")
+    with pytest.raises(OutputError, match="never modified"):
+        SRJob(scene, node, SRSettings(tiny_test_model=True), output_node=node)
+
+
+def test_sr_job_surfaces_the_cli_error_line(scene):
+    node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_04")
+    job = SRJob(scene, node, SRSettings(factor=4, weights="/nonexistent/weights.safetensors", device="cpu"))
+    assert job.run(timeout=120) == JobState.FAILED
+    assert "weights" in job.error.lower() and not job.error.startswith("error:")
+    assert len(_volume_nodes(scene)) == 1
+
+
+# -- evaluation table -----------------------------------------------------------------------------------
+def test_evaluation_job_reports_metrics_in_a_table(scene):
+    thin = phantom_ct(shape=(16, 24, 24), spacing=(1.0, 1.0, 1.0))
+    node = mrml_io.add_volume_node(scene, thin, "thin CT")
+    job = EvaluationJob(scene, node, factor=4, axis="z", methods=("nearest", "cubic"), device="cpu")
+    assert job.run(timeout=120) == JobState.COMPLETED, job.error
+    table = job.table_node.GetTable()
+    assert table.GetNumberOfRows() == 2
+    assert [table.GetValue(r, 0).ToString() for r in range(2)] == ["nearest", "cubic"]
+    from DiffusionCore.evaluate import evaluate
+
+    expected = evaluate(thin, 4, axis="z", methods=("nearest", "cubic"))  # the same numbers, in-process
+    for r, row in enumerate(expected["results"]):
+        assert table.GetColumnByName("PSNR (dB)").GetValue(r) == pytest.approx(row["psnr"], rel=1e-4)
+        assert table.GetColumnByName("SSIM").GetValue(r) == pytest.approx(row["ssim"], rel=1e-4)
+
+
+def test_evaluation_table_from_report_keeps_missing_values_as_nan(scene):
+    report = {"factor": 2, "results": [{"method": "sr", "psnr": 30.0, "ssim": None, "seconds": 1.0}]}
+    node = table_from_evaluation(scene, report, "eval")
+    assert np.isnan(node.GetTable().GetColumnByName("SSIM").GetValue(0))
+    assert json.loads(node.GetAttribute("CTDiffusion.Evaluation"))["factor"] == 2
+
+
+# -- views -------------------------------------------------------------------------------------------------
+def test_compare_side_by_side_and_fade_set_linked_views(scene):
+    a = mrml_io.add_volume_node(scene, phantom_ct(), "input")
+    b = mrml_io.add_volume_node(scene, phantom_ct(seed=1), "result")
+    views.show_side_by_side(scene, a, b)
+    assert views.layout_node(scene).GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    red, yellow = views.composite_node(scene, "Red"), views.composite_node(scene, "Yellow")
+    assert (red.GetBackgroundVolumeID(), yellow.GetBackgroundVolumeID()) == (a.GetID(), b.GetID())
+    assert red.GetLinkedControl() and yellow.GetLinkedControl()
+    views.show_fade(scene, a, b, 0.3)
+    for view in ("Red", "Yellow", "Green"):
+        comp = views.composite_node(scene, view)
+        assert comp.GetForegroundVolumeID() == b.GetID() and comp.GetForegroundOpacity() == pytest.approx(0.3)
+    views.set_fade(scene, 1.0)
+    assert views.composite_node(scene, "Green").GetForegroundOpacity() == 1.0
+
+
+def test_uncertainty_overlay_uses_a_colour_table(scene):
+    base = mrml_io.add_volume_node(scene, phantom_ct(), "input")
+    unc = mrml_io.add_volume_node(scene, phantom_ct().with_array(np.abs(phantom_ct().array) / 100), "unc")
+    views.show_overlay(scene, base, unc, 0.4)
+    assert unc.GetDisplayNode().GetColorNodeID() in views.OVERLAY_COLOR_IDS
+    assert views.composite_node(scene, "Red").GetForegroundOpacity() == pytest.approx(0.4)
+    rgba = views.render_view(scene, "Red", (48, 48))
+    assert rgba.shape == (48, 48, 4)
+    colourful = np.abs(rgba[..., 0].astype(int) - rgba[..., 2].astype(int)) > 20
+    assert colourful.mean() > 0.05  # the overlay is in colour, not grey
+
+
+# -- training panel ------------------------------------------------------------------------------------
+def test_metrics_follower_reads_only_complete_new_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    follower = MetricsFollower(path)
+    assert follower.read_new() == []
+    with open(path, "w") as f:
+        f.write('{"step": 1, "tag": "train/loss", "value": 0.9, "time": 0}\n{"step": 2, "tag": "train/lo')
+    assert [r["step"] for r in follower.read_new()] == [1]
+    with open(path, "a") as f:
+        f.write('ss", "value": 0.7, "time": 1}\n')
+    assert [(r["step"], r["value"]) for r in follower.read_new()] == [(2, 0.7)]
+
+
+def test_loss_curve_becomes_a_plot_chart_with_table(scene):
+    curve = LossCurve(scene, "SR run")
+    curve.add([{"step": s, "tag": "train/loss", "value": 1.0 / s} for s in (1, 2, 3)])
+    curve.add([{"step": 3, "tag": "val/psnr", "value": 25.0}])
+    assert curve.values("train/loss") == [(1.0, 1.0), (2.0, 0.5), (3.0, 1 / 3)]
+    assert curve.chart.GetNumberOfPlotSeriesNodes() == 1  # only loss tags are drawn; psnr is tabulated
+    series = curve.chart.GetNthPlotSeriesNode(0)
+    assert series.GetTableNode() is curve.tables["train/loss"] and series.GetYColumnName() == "train/loss"
+
+
+def test_config_text_is_validated_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        write_config_text("{bad", tmp_path)
+    with pytest.raises(ConfigError, match="JSON object"):
+        write_config_text("[1, 2]", tmp_path)
+    path = write_config_text('{"epochs": 1}', tmp_path / "run")
+    assert json.loads(path.read_text()) == {"epochs": 1}
+
+
+def test_training_job_plots_metrics_and_stop_requests_a_clean_end(scene, tmp_path, monkeypatch):
+    # A stand-in trainer that behaves like DiffusionCore's: metrics.jsonl lines, exits cleanly on STOP.
+    fake_cli = tmp_path / "CLI" / "DiffusionTrain.py"
+    fake_cli.parent.mkdir()
+    fake_cli.write_text(
+        textwrap.dedent(
+            """
+            import argparse, json, pathlib, time
+            p = argparse.ArgumentParser()
+            for flag in ("--family", "--config", "--data", "--outputDirectory", "--device", "--extraArguments"):
+                p.add_argument(flag, default="")
+            p.add_argument("--resume", action="store_true")
+            a = p.parse_args()
+            out = pathlib.Path(a.outputDirectory)
+            with open(out / "metrics.jsonl", "a") as f:
+                for step in range(1, 1000):
+                    f.write(json.dumps({"step": step, "tag": "train/loss", "value": 1.0 / step, "time": 0}) + "\\n")
+                    f.flush()
+                    if (out / "STOP").exists():
+                        (out / "checkpoint-clean").write_text(str(step))
+                        break
+                    time.sleep(0.05)
+            """
+        )
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    monkeypatch.setattr(TrainingJob, "module_dir", lambda self: tmp_path)
+    job = TrainingJob(
+        scene, family="sr", config_path=tmp_path / "c.json", data=data, output_dir=tmp_path / "run", curve_name="t"
+    ).start()
+    deadline = time.monotonic() + 30
+    while (job.curve is None or len(job.curve.values("train/loss")) < 3) and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    assert job.curve is not None and job.curve.values("train/loss")[0] == (1.0, 1.0)
+    job.request_stop()
+    while job.poll() == JobState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.state == JobState.COMPLETED
+    assert (tmp_path / "run" / "checkpoint-clean").exists()
+    steps = [s for s, _ in job.curve.values("train/loss")]
+    assert steps == list(range(1, len(steps) + 1))  # every line plotted once, in order
+    assert job.tensorboard_dir == tmp_path / "run"
+
+
+def test_training_job_refuses_missing_data(scene, tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        TrainingJob(scene, family="sr", config_path="c.json", data=tmp_path / "nope", output_dir=tmp_path)
+
+
+def test_dependency_installs_never_touch_slicers_numpy_or_simpleitk():
+    assert pip_install_arguments(["einops>=0.7"]).startswith("--no-deps")
+    for protected in ("numpy>=2", "SimpleITK==2.4", "torch"):
+        with pytest.raises(ValueError):
+            pip_install_arguments([protected])
+
+
+# -- X-ray to CT ---------------------------------------------------------------------------------------
+def _radiograph_node(scene, pixels, spacing=(0.5, 0.5)):
+    from vtk.util import numpy_support
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chest PA")
+    image = slicer.vtkImageData() if hasattr(slicer, "vtkImageData") else None
+    import vtk
+
+    image = vtk.vtkImageData()
+    h, w = pixels.shape
+    image.SetDimensions(w, h, 1)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(pixels).ravel(), deep=True))
+    node.SetAndObserveImageData(image)
+    node.SetSpacing(spacing[1], spacing[0], 1.0)
+    return node
+
+
+def test_radiograph_node_checks_and_export(scene, tmp_path):
+    import SimpleITK as sitk
+    from XrayToCTLib import check_xray_input, write_radiograph
+
+    pixels = (phantom_radiograph(64) * 4000).astype(np.float32)
+    node = _radiograph_node(scene, pixels, spacing=(0.4, 0.3))
+    assert check_xray_input(node) == ""
+    path = write_radiograph(node, tmp_path / "r.mha")
+    img = sitk.ReadImage(str(path))
+    assert img.GetDimension() == 2 and img.GetSpacing() == pytest.approx((0.3, 0.4))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), pixels)
+    assert "3D volume" in check_xray_input(mrml_io.add_volume_node(scene, phantom_ct(), "ct"))
+    assert "pixels" in check_xray_input(_radiograph_node(scene, np.ones((10, 10), np.float32)))

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Slicer scripted CLI: a synthetic CT volume from one radiograph with DiffusionCore's ``XrayToCTGenerator``.
+
+Runs the way Slicer runs a scripted CLI (flags first, then ``inputRadiograph outputVolume``, booleans as
+bare flags, ``--returnparameterfile FILE``) and as a plain script:
+
+    python XrayToCTGenerate.py --numStages 2 --view pa chest.dcm ct.nrrd
+
+Each finished stage is announced on stdout as ``stage-ready {json}`` (stage, file, projection error) and,
+with ``--stageDirectory``, written there as ``stage<N>.nrrd`` so that Slicer can show a preview while the
+next stage runs. The interface is XrayToCTGenerate.xml; this parser mirrors it (a test checks that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("DiffusionCore")
+
+TINY_MODEL_NAME = "tiny-test-model (random weights)"
+STAGE_LINE_PREFIX = "stage-ready "
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("inputRadiograph", help="radiograph (DICOM, PNG, JPEG, MHA/NRRD single slice)")
+    p.add_argument("outputVolume", help="generated CT volume to write")
+    p.add_argument("--stageDirectory", default="", help="write stage<N>.nrrd previews into this folder")
+    p.add_argument("--referenceVolume", default="", help="reference CT for PSNR/SSIM in the report")
+    p.add_argument("--numStages", type=int, default=3, help="stages of the cascade to run (1-3)")
+    p.add_argument("--view", choices=("pa", "lateral"), default="pa")
+    p.add_argument("--fieldOfView", type=float, default=0.0, help="cube width in mm; 0 = automatic")
+    p.add_argument("--invertIntensities", action="store_true", help="invert the radiograph first")
+    p.add_argument("--weights", default="", help="weights name or .safetensors file; empty = bundled default")
+    p.add_argument("--allowUnregisteredWeights", action="store_true", help="accept an unregistered file")
+    p.add_argument("--numSteps", type=int, default=0, help="sampling steps per stage; 0 = model default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--tinyTestModel", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--reportFile", default="", help="write a JSON report here")
+    p.add_argument("--returnparameterfile", default="", help="file for output values (set by Slicer)")
+    return p
+
+
+def write_return_parameters(path: str, values: dict) -> None:
+    """Slicer's return-parameter file: one ``name = value`` line per output parameter."""
+    if not path:
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        for key, value in values.items():
+            f.write(f"{key} = {value}\n")
+
+
+def write_json(path: str, data: dict) -> None:
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable), encoding="utf-8")
+    os.replace(tmp, target)
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def projection_error(info: dict) -> float | None:
+    """The stage's projection error from the generator's per-stage info (first key naming it)."""
+    for key in ("projection_error", "reprojection_error", "projection_psnr", "reprojection_psnr"):
+        if key in info and isinstance(info[key], int | float):
+            return float(info[key])
+    for key, value in info.items():
+        if "projection" in key and isinstance(value, int | float):
+            return float(value)
+    return None
+
+
+#: Formats whose header carries a trustworthy pixel spacing (Slicer writes its radiographs as these).
+SPACING_HEADER_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz")
+
+
+def load_radiograph(path: str, invert: bool):
+    """The radiograph as DiffusionCore reads it (attenuation style in [0, 1]), optionally inverted.
+
+    DICOM spacing comes from its tags; MetaImage/NRRD/NIfTI files (what Slicer hands over) carry the
+    pixel spacing in their header, which is used when the reader found none.
+    """
+    import SimpleITK as sitk
+
+    from DiffusionCore.xray.radiograph import read_radiograph
+
+    radiograph = read_radiograph(path)
+    if radiograph.pixel_spacing is None and str(path).lower().endswith(SPACING_HEADER_SUFFIXES):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        col_mm, row_mm = reader.GetSpacing()[:2]
+        radiograph.pixel_spacing = (float(row_mm), float(col_mm))
+    if invert:
+        radiograph.array = (1.0 - radiograph.array).astype("float32")
+    return radiograph
+
+
+def run(args: argparse.Namespace) -> int:
+    from DiffusionCore.cli.common import Progress
+    from DiffusionCore.volume import check_output_path, read_volume, write_volume
+    from DiffusionCore.xray.pipeline import XrayToCTGenerator
+
+    t0 = time.perf_counter()
+    check_output_path(args.outputVolume, overwrite=True)
+    if args.stageDirectory:
+        Path(args.stageDirectory).mkdir(parents=True, exist_ok=True)
+    radiograph = load_radiograph(args.inputRadiograph, args.invertIntensities)
+    if args.tinyTestModel:
+        generator = XrayToCTGenerator.tiny(seed=0)
+        model_name = TINY_MODEL_NAME
+    else:
+        generator = XrayToCTGenerator.from_pretrained(
+            args.weights or None, allow_unregistered=args.allowUnregisteredWeights
+        )
+        model_name = args.weights or "default"
+    settings = {
+        "num_stages": args.numStages,
+        "steps": args.numSteps or None,
+        "seed": args.seed,
+        "device": args.device,
+        "view": args.view,
+        "fov_mm": args.fieldOfView or None,
+    }
+    errors: list[float | None] = []
+
+    def on_stage(stage: int, volume, info: dict) -> None:
+        err = projection_error(info)
+        errors.append(err)
+        record = {"stage": int(stage), "projection_error": err, "shape": list(volume.shape), "file": ""}
+        if args.stageDirectory:
+            path = Path(args.stageDirectory) / f"stage{int(stage)}.nrrd"
+            write_volume(volume, path, overwrite=True, dtype="float32")
+            record["file"] = str(path)
+        print(STAGE_LINE_PREFIX + json.dumps(record), flush=True)
+        err_text = "n/a" if err is None else f"{err:.4g}"
+        print(f"<filter-comment>stage {stage} ready, projection error {err_text}</filter-comment>", flush=True)
+
+    progress = Progress("slicer")
+    result, report = generator.run(radiograph, progress=progress, on_stage=on_stage, **settings)
+    write_volume(result, args.outputVolume, overwrite=True, dtype="float32")
+    metrics = {}
+    if args.referenceVolume:
+        from DiffusionCore.interpolation import interpolate
+        from DiffusionCore.metrics import psnr, ssim3d
+
+        reference = read_volume(args.referenceVolume)
+        on_ref = interpolate(result, reference.grid, "linear")
+        metrics = {"psnr": psnr(reference, on_ref), "ssim": ssim3d(reference, on_ref)}
+    elapsed = time.perf_counter() - t0
+    sha = str(report.get("weights_sha256", ""))
+    if args.reportFile:
+        write_json(
+            args.reportFile,
+            {"model": model_name, "settings": settings, "seconds": elapsed, "projection_errors": errors,
+             "reference_metrics": metrics, **report},
+        )
+    write_return_parameters(
+        args.returnparameterfile,
+        {
+            "weightsSha256": sha,
+            "modelName": model_name,
+            "projectionErrors": ",".join("nan" if e is None or math.isnan(e) else f"{e:.6g}" for e in errors),
+            "elapsedSeconds": f"{elapsed:.3f}",
+        },
+    )
+    print("<filter-progress>1.0</filter-progress>", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from DiffusionCore.cli.common import setup_logging
+        from DiffusionCore.errors import DiffusionCoreError
+    except ImportError as exc:
+        print(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.", file=sys.stderr)
+        return 1
+    setup_logging()
+    try:
+        return run(args)
+    except DiffusionCoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: cancelled; no output was written.", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory: run fewer stages or use the GPU.", file=sys.stderr)
+        return 5
+
+
+if __name__ == "__main__":
+    sys.exit(main())

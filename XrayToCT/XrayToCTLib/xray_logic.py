@@ -1,0 +1,249 @@
+"""Radiograph-to-CT on MRML nodes: the input radiograph, the background job and the per-stage preview.
+
+A radiograph loaded in Slicer (DICOM CR/DX, PNG, JPEG) is a single-slice scalar volume node (or a vector
+node for colour-encoded greyscale files). It is written to a private temporary file, the XrayToCTGenerate
+CLI runs in a background process, and each finished stage updates ONE result node in place: "<input> CT
+stage 1 (synthetic)" appears after the first stage, then becomes stage 2, stage 3. A cancel removes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from CTDiffusionSRLib.jobs import CLIJob
+from CTDiffusionSRLib.mrml_io import (
+    add_volume_node,
+    geometry_from_ijk_to_ras,
+    ijk_to_ras,
+    place_beside,
+    read_volume_file,
+    set_node_from_volume,
+    set_provenance,
+    synthetic_name,
+    volume_from_node,
+)
+
+from DiffusionCore.errors import InputError, OutputError
+from DiffusionCore.volume import write_volume
+
+logger = logging.getLogger(__name__)
+
+STAGE_LINE_PREFIX = "stage-ready "
+#: Smallest radiograph side in pixels that makes sense.
+MIN_SIDE = 32
+#: Display window/level for generated CT (HU), a soft-tissue/lung compromise.
+CT_WINDOW_LEVEL = (1500.0, -300.0)
+
+
+@dataclass
+class XraySettings:
+    """What the user chose for one generation (0 / "" mean "the model's default").
+
+    Attributes:
+        num_stages: stages of the cascade to run (1 = 64^3 preview ... 3 = 256^3).
+        view: "pa" or "lateral".
+        field_of_view: cube width in mm; 0 = automatic.
+        invert: invert the radiograph first (MONOCHROME1 loaded without inversion).
+        weights: registered name or .safetensors path; "" = bundled default.
+        allow_unregistered_weights: accept a file whose sha256 is not registered.
+        steps: sampling steps per stage; 0 = model default.
+        seed: sampler seed.
+        device: "auto", "cpu" or "cuda".
+        tiny_test_model: a random tiny model (self-tests only).
+    """
+
+    num_stages: int = 3
+    view: str = "pa"
+    field_of_view: float = 0.0
+    invert: bool = False
+    weights: str = ""
+    allow_unregistered_weights: bool = False
+    steps: int = 0
+    seed: int = 0
+    device: str = "auto"
+    tiny_test_model: bool = False
+
+    def cli_arguments(self) -> list[str]:
+        """Flags of XrayToCTGenerate for these settings (booleans as bare flags)."""
+        args = [
+            "--numStages", str(int(self.num_stages)),
+            "--view", self.view,
+            "--fieldOfView", repr(float(self.field_of_view)),
+            "--numSteps", str(int(self.steps)),
+            "--seed", str(int(self.seed)),
+            "--device", self.device,
+        ]
+        if self.weights:
+            args += ["--weights", self.weights]
+        for flag, on in (
+            ("--invertIntensities", self.invert),
+            ("--allowUnregisteredWeights", self.allow_unregistered_weights),
+            ("--tinyTestModel", self.tiny_test_model),
+        ):
+            if on:
+                args.append(flag)
+        return args
+
+
+def _pixels(node) -> np.ndarray:
+    """The node's pixels as ``(H, W)`` float32; colour-encoded greyscale is accepted, real colour refused."""
+    from vtk.util import numpy_support
+
+    image = node.GetImageData()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"'{node.GetName()}' holds no pixels; load a radiograph first.")
+    nx, ny, nz = image.GetDimensions()
+    if nz != 1:
+        raise InputError(
+            f"'{node.GetName()}' is a 3D volume ({nx}x{ny}x{nz}); a single 2D radiograph is needed "
+            "(for a CT volume use the CT Diffusion SR module)."
+        )
+    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    ncomp = image.GetPointData().GetScalars().GetNumberOfComponents()
+    arr = scalars.reshape(ny, nx, ncomp).astype(np.float32)
+    if ncomp > 1:
+        rgb = arr[..., :3]
+        if np.abs(rgb - rgb[..., :1]).max() > 1.0:
+            raise InputError(
+                f"'{node.GetName()}' is a colour image; a greyscale radiograph (DICOM CR/DX, or greyscale "
+                "PNG/JPEG) is needed."
+            )
+        arr = rgb[..., :1]
+    return arr[..., 0]
+
+
+def radiograph_from_node(node) -> tuple[np.ndarray, tuple[float, float]]:
+    """``(pixels (H, W) float32, pixel spacing (row, col) mm)`` of a radiograph node; the node is untouched."""
+    pixels = _pixels(node)
+    spacing, _origin, _direction = geometry_from_ijk_to_ras(ijk_to_ras(node))
+    return pixels, (float(spacing[1]), float(spacing[0]))
+
+
+def check_xray_input(node) -> str:
+    """Why ``node`` cannot be used as a radiograph, or ``""`` when it can (the Apply tooltip)."""
+    if node is None:
+        return "Select a radiograph (load a DICOM CR/DX, PNG or JPEG image)."
+    try:
+        pixels, _ = radiograph_from_node(node)
+    except InputError as exc:
+        return str(exc)
+    h, w = pixels.shape
+    if min(h, w) < MIN_SIDE:
+        return f"'{node.GetName()}' is only {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed."
+    if float(pixels.max()) <= float(pixels.min()):
+        return f"'{node.GetName()}' is blank (all pixels equal)."
+    return ""
+
+
+def write_radiograph(node, path: str | Path) -> Path:
+    """Write the radiograph node as a 2D float32 image (MetaImage keeps values and pixel spacing)."""
+    pixels, (row_mm, col_mm) = radiograph_from_node(node)
+    image = sitk.GetImageFromArray(pixels)
+    image.SetSpacing((col_mm, row_mm))
+    sitk.WriteImage(image, str(path))
+    return Path(path)
+
+
+class XrayJob(CLIJob):
+    """Generate a synthetic CT from a radiograph node with XrayToCTGenerate in a background process.
+
+    ``stage_errors`` maps stage -> projection error as the stages finish; ``preview_node`` is the result
+    node, updated after every stage.
+    """
+
+    script_name = "XrayToCTGenerate"
+
+    def __init__(self, scene, input_node, settings: XraySettings, *, reference_node=None, **kwargs):
+        super().__init__(scene, **kwargs)
+        reason = check_xray_input(input_node)
+        if reason:
+            raise InputError(reason)
+        if not 1 <= settings.num_stages <= 3:
+            raise InputError(f"the number of stages must be 1, 2 or 3; got {settings.num_stages}.")
+        self.input_node = input_node
+        self.reference_node = reference_node
+        self.settings = settings
+        self.preview_node = None
+        self.stage_errors: dict[int, float | None] = {}
+        self.stages_shown: list[int] = []
+        self._pending: list[dict] = []
+        self._pending_lock = threading.Lock()
+        self.reference_metrics: dict = {}
+
+    def module_dir(self) -> Path:
+        return Path(__file__).resolve().parent.parent
+
+    def prepare(self, tempdir: Path) -> list[str]:
+        write_radiograph(self.input_node, tempdir / "radiograph.mha")
+        args = self.settings.cli_arguments()
+        if self.reference_node is not None:
+            write_volume(volume_from_node(self.reference_node), tempdir / "reference.nrrd", overwrite=True, dtype="float32")
+            args += ["--referenceVolume", str(tempdir / "reference.nrrd")]
+        args += [
+            "--stageDirectory", str(tempdir / "stages"),
+            "--reportFile", str(tempdir / "report.json"),
+            "--returnparameterfile", str(tempdir / "return.txt"),
+        ]
+        return [*args, str(tempdir / "radiograph.mha"), str(tempdir / "output.nrrd")]
+
+    def handle_line(self, line: str) -> None:
+        if line.startswith(STAGE_LINE_PREFIX):
+            try:
+                record = json.loads(line[len(STAGE_LINE_PREFIX) :])
+            except json.JSONDecodeError:
+                return
+            with self._pending_lock:
+                self._pending.append(record)
+
+    def _stage_name(self, stage: int) -> str:
+        return synthetic_name(self.input_node.GetName(), f"CT stage {stage}")
+
+    def _show(self, volume, stage: int) -> None:
+        if self.preview_node is None:
+            self.preview_node = add_volume_node(self.scene, volume, self._stage_name(stage))
+            self.created_nodes.append(self.preview_node)
+            display = self.preview_node.GetDisplayNode()
+            if display is not None:
+                display.SetAutoWindowLevel(False)
+                display.SetWindowLevel(*CT_WINDOW_LEVEL)
+            place_beside(self.scene, self.input_node, self.preview_node)
+        else:
+            set_node_from_volume(self.preview_node, volume)
+            self.preview_node.SetName(self._stage_name(stage))
+        self._record_provenance(stage)
+        self.stages_shown.append(stage)
+
+    def _record_provenance(self, stage: int, model: str = "", sha: str = "") -> None:
+        settings = {**dataclasses.asdict(self.settings), "stage": stage, "projection_errors": self.stage_errors}
+        set_provenance(self.preview_node, kind="xray-to-ct", model=model, weights_sha256=sha, settings=settings, source=self.input_node)
+        self.preview_node.SetAttribute("CTDiffusion.ProjectionErrors", json.dumps(self.stage_errors))
+
+    def update(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        for record in pending:
+            stage = int(record["stage"])
+            self.stage_errors[stage] = record.get("projection_error")
+            if record.get("file") and Path(record["file"]).is_file():
+                self._show(read_volume_file(record["file"]), stage)
+
+    def import_results(self, tempdir: Path) -> list:
+        self.update()
+        out = tempdir / "output.nrrd"
+        if not out.is_file():
+            raise OutputError("the generation finished without writing its output; see the log.")
+        last = max(self.stage_errors) if self.stage_errors else self.settings.num_stages
+        self._show(read_volume_file(str(out)), last)
+        report = json.loads((tempdir / "report.json").read_text()) if (tempdir / "report.json").is_file() else {}
+        model = self.return_values.get("modelName") or str(report.get("model", ""))
+        sha = self.return_values.get("weightsSha256") or str(report.get("weights_sha256", ""))
+        self._record_provenance(last, model, sha)
+        self.reference_metrics = report.get("reference_metrics", {})
+        return [self.preview_node]
