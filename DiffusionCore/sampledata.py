@@ -482,7 +482,12 @@ def attribution(name: str) -> str:
 
 
 def _cached(sample: Sample) -> Path | None:
-    """The cached main file when it and its extras are present and verified; corrupt files are deleted."""
+    """The cached main file when it and its extras are present and verified, else ``None``.
+
+    Raises:
+        DataUnavailableError: a cached file fails its checksum (the file is deleted first, so the next
+            attempt downloads it again).
+    """
     folder = sample_dir(sample.name)
     target = folder / sample.filename
     if sample.is_series:
@@ -531,7 +536,13 @@ def fetch(name: str, *, offline: bool = False, downloader: Downloader | None = N
     """
     sample = get_sample(name)
     folder = sample_dir(name)
-    found = _cached(sample)
+    try:
+        found = _cached(sample)
+    except DataUnavailableError as exc:
+        if offline:
+            raise
+        logger.warning("%s Downloading it again.", exc)
+        found = None
     if found is not None:
         _ensure_attribution(sample)
         return found
