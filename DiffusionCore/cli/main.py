@@ -19,6 +19,7 @@ from .common import setup_logging
 COMMAND_MODULES = [
     "evaluate",
     "sample_data",
+    "sr",
 ]
 
 logger = logging.getLogger("DiffusionCore")

@@ -40,6 +40,7 @@ from ..degrade import MAX_FACTOR, thin_grid
 from ..errors import Cancelled, ConfigError, GeometryError, InputError, WeightsError
 from ..evaluate import register_method
 from ..interpolation import interpolate, interpolate_1d
+from ..train.distributed import resolve_device
 from ..volume import Grid, Volume, axis_index, check_ct, suggested_factor, thick_axis
 from .intensity import hu_to_unit, unit_to_hu
 from .tiling import (
@@ -66,25 +67,6 @@ _VOLUME_ARRAYS_PER_EXTRA_STATS = 2
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU -> ConfigError."""
-    if isinstance(device, torch.device):
-        return device
-    name = str(device).lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "device cuda was requested but no CUDA GPU is available to this PyTorch build: use --device "
-                "cpu (or auto), or install a CUDA build of PyTorch."
-            )
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise ConfigError(f"unknown device {device!r}: use auto, cpu or cuda")
-
-
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process (``VmHWM`` from /proc/self/status, else ru_maxrss)."""
     try:

@@ -1,0 +1,328 @@
+"""``sr``: thick-slice CT in, thin-slice CT out (one volume, or a folder / list of volumes).
+
+Every output path is checked before any work starts; outputs are written atomically at the end, so a
+failed, cancelled or killed run leaves no partial file. Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set)
+the volumes of a batch are shared out across the processes, each on its own GPU (``LOCAL_RANK``); the
+volumes are independent, so no process group is joined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import Cancelled, ConfigError, GeometryError, InputError, OutputError
+from ..train.distributed import DistInfo, resolve_device, shard_list
+from ..volume import WRITABLE_SUFFIXES, check_output_path, read_volume, write_volume
+from .common import Progress, add_progress_argument
+from .evaluate import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+#: Suffixes kept for outputs; others map to a writable one (DICOM folders become NIfTI).
+_OUTPUT_SUFFIX = {".mhd": ".mha", ".nhdr": ".nrrd"}
+_DEFAULT_OUTPUT_SUFFIX = ".nii.gz"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sr",
+        help="super-resolve thick-slice CT to thin slices (diffusion model)",
+        description="Super-resolve a thick-slice CT along its thick axis with a latent diffusion model. "
+        "INPUT is a volume (NIfTI, NRRD, MHA, or a DICOM series folder), a folder of volumes, or a text file "
+        "listing volumes (one per line); for several volumes OUTPUT is a folder and the names are kept. "
+        "The result is synthetic: it is the model's estimate, not measured data.",
+    )
+    p.add_argument("input", metavar="INPUT", help="volume file, DICOM series folder, folder of volumes, or list file")
+    p.add_argument("output", metavar="OUTPUT", help="output volume (.nii.gz, .nii, .nrrd, .mha), or a folder (batch)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--factor", type=int, default=None, help="slices per thick slice, 2..8 (default: from spacing)")
+    size.add_argument("--target-spacing", type=float, default=None, metavar="MM", help="output slice spacing in mm")
+    p.add_argument("--axis", choices=("z", "y", "x"), default=None, help="thick axis (default: from the spacing)")
+    p.add_argument("--weights", default=None, metavar="NAME_OR_FILE", help="registered SR weights name or .safetensors file (default: the installed default)")
+    p.add_argument("--vae-checkpoint", default=None, metavar="FILE", help="VAE weights file (with --diffusion-checkpoint)")
+    p.add_argument("--diffusion-checkpoint", default=None, metavar="FILE", help="diffusion weights file (with --vae-checkpoint)")
+    p.add_argument("--allow-unregistered-weights", action="store_true", help="accept a weights file that is in no registry (only files you trust)")
+    p.add_argument("--num-steps", type=int, default=None, help="sampling steps (default: the weights' own, e.g. 15)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale, 1.0 = off (default: the weights' own)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
+    p.add_argument("--use-patches", action="store_true", help="use --patch-size/--overlap (patches are always used for volumes larger than one patch; default 32x256x256, overlap 8x64x64)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="patch size on the thin grid (D along the thick axis); smaller when memory is short")
+    p.add_argument("--overlap", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="overlap between patches")
+    p.add_argument("--num-samples", type=int, default=1, help="average N samples; with --uncertainty also write their per-voxel standard deviation")
+    p.add_argument("--uncertainty", default=None, metavar="OUT", help="write the per-voxel standard deviation (HU) here (a folder for a batch); needs --num-samples 2 or more")
+    p.add_argument("--no-data-consistency", action="store_true", help="skip the correction that makes the output, thickened again, reproduce the input")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same device: same output)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--output-dtype", choices=("float32", "int16"), default="float32", help="voxel type of the output file (default float32)")
+    p.add_argument("--report", default=None, metavar="JSON", help="write settings, timings, memory and the weights' sha256 as JSON")
+    p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # random weights: meaningless images
+    add_progress_argument(p)
+    p.set_defaults(func=run)
+
+
+@dataclass
+class Job:
+    """One volume of a run: where it comes from and where its results go."""
+
+    source: Path
+    output: Path
+    uncertainty: Path | None
+
+
+def _output_name(source: Path) -> str:
+    name = source.name
+    lower = name.lower()
+    if source.is_dir():
+        return name + _DEFAULT_OUTPUT_SUFFIX
+    for suffix in WRITABLE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name
+    for old, new in _OUTPUT_SUFFIX.items():
+        if lower.endswith(old):
+            return name[: -len(old)] + new
+    return Path(name).stem + _DEFAULT_OUTPUT_SUFFIX
+
+
+def batch_output_names(sources: list[Path]) -> list[str]:
+    """Output file names for a batch: the input names (DICOM folders -> ``<folder>.nii.gz``); names that
+    occur twice get their folders relative to the common parent, joined with ``_``."""
+    names = [_output_name(s) for s in sources]
+    if len(set(names)) == len(names):
+        return names
+    root = Path(os.path.commonpath([str(s.resolve().parent) for s in sources]))
+    out = []
+    for s, n in zip(sources, names):
+        rel = s.resolve().parent.relative_to(root).parts
+        out.append("_".join((*rel, n)) if Counter(names)[n] > 1 else n)
+    if len(set(out)) != len(out):
+        dup = [n for n, c in Counter(out).items() if c > 1]
+        raise InputError(f"several inputs would be written to the same output name ({', '.join(dup)}); rename them")
+    return out
+
+
+def _is_batch(path: Path) -> tuple[bool, list[Path]]:
+    """(batch?, sources) for INPUT: a volume file or a DICOM series folder is one volume."""
+    from ..train.data import collect_volumes, is_volume_file
+
+    if not path.exists():
+        raise InputError(f"{path} does not exist. Check the path (and quote it if it contains spaces).")
+    if path.is_file() and is_volume_file(path):
+        return False, [path]
+    sources = collect_volumes(path)
+    if path.is_dir() and sources == [path]:
+        return False, [path]  # the folder is itself a DICOM series
+    return True, sources
+
+
+def _check_uncertainty_args(args: argparse.Namespace) -> None:
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be 1 or more; got {args.num_samples}")
+    if args.uncertainty and args.num_samples < 2:
+        raise ConfigError("--uncertainty needs --num-samples 2 or more (the spread of several samples)")
+    if (args.vae_checkpoint is None) != (args.diffusion_checkpoint is None):
+        raise ConfigError("give both --vae-checkpoint and --diffusion-checkpoint, or neither")
+    if args.tiny_test_model and (args.weights or args.vae_checkpoint):
+        raise ConfigError("--tiny-test-model cannot be combined with --weights or checkpoints")
+
+
+def _check_folder(folder: Path, what: str) -> Path:
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} is a file; for several volumes the {what} must be a folder.")
+    if not folder.exists():
+        if not folder.parent.is_dir():
+            raise OutputError(f"the folder {folder.parent} does not exist; create it first.")
+        try:
+            folder.mkdir()
+        except OSError as exc:
+            raise OutputError(f"cannot create the {what} folder {folder}: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"the {what} folder {folder} is not writable; choose another.")
+    return folder
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def dist_info(device: str) -> DistInfo:
+    """This process's place in a ``torchrun`` launch (a single process without one); no group is joined."""
+    rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} does not fit WORLD_SIZE={world}")
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=resolve_device(device, local), is_main=rank == 0)
+
+
+def plan_jobs(args: argparse.Namespace, info: DistInfo) -> tuple[bool, list[Job]]:
+    """The volumes this process handles (its share under torchrun) and their output paths, all checked
+    before any work.
+
+    Raises:
+        InputError: INPUT missing or holding no volumes. OutputError: an output cannot be written.
+    """
+    batch, sources = _is_batch(Path(args.input))
+    out = Path(args.output)
+    if not batch:
+        if out.is_dir():
+            out = out / _output_name(sources[0])
+        unc = Path(args.uncertainty) if args.uncertainty else None
+        if unc is not None and unc.is_dir():
+            unc = unc / _output_name(sources[0])
+        jobs = [Job(sources[0], out, unc)]
+    else:
+        names = batch_output_names(sources)
+        out_dir = _check_folder(out, "output")
+        unc_dir = _check_folder(Path(args.uncertainty), "uncertainty") if args.uncertainty else None
+        jobs = [Job(s, out_dir / n, unc_dir / n if unc_dir else None) for s, n in zip(sources, names)]
+    jobs = shard_list(jobs, info)
+    for job in jobs:
+        check_output_path(job.output, overwrite=args.overwrite)
+        if job.uncertainty is not None:
+            if job.uncertainty.resolve() == job.output.resolve():
+                raise OutputError("--uncertainty must name another file than the output")
+            check_output_path(job.uncertainty, overwrite=args.overwrite)
+    return batch, jobs
+
+
+def _report_path(args: argparse.Namespace, info: DistInfo) -> Path | None:
+    if not args.report:
+        return None
+    p = Path(args.report)
+    if info.world_size > 1:
+        p = p.with_name(f"{p.stem}.rank{info.rank}{p.suffix or '.json'}")
+    if p.exists() and not args.overwrite:
+        raise OutputError(f"{p} already exists; pass --overwrite to replace it.")
+    if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
+        raise OutputError(f"cannot write {p}: the folder {p.parent} does not exist or is not writable.")
+    return p
+
+
+def load_resolver(args: argparse.Namespace):
+    """The SuperResolver chosen by --tiny-test-model, --vae/--diffusion-checkpoint, --weights or the default."""
+    from ..sr.pipeline import SuperResolver, default_weights_name
+
+    if args.tiny_test_model:
+        logger.warning("--tiny-test-model: random weights for testing only; the output images are meaningless")
+        return SuperResolver.tiny(seed=0)
+    if args.vae_checkpoint:
+        return SuperResolver.from_files(args.vae_checkpoint, args.diffusion_checkpoint)
+    name = args.weights or default_weights_name()
+    return SuperResolver.from_pretrained(name, allow_unregistered=args.allow_unregistered_weights)
+
+
+class _BatchProgress:
+    """Maps each volume's ``progress(done, total)`` onto one bar over the whole batch (per mille units)."""
+
+    SCALE = 1000
+
+    def __init__(self, sink: Progress, n_volumes: int):
+        self.sink = sink
+        self.n = n_volumes
+        self.index = 0
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        frac = 0.0 if total <= 0 else min(1.0, done / total)
+        prefix = f"volume {self.index + 1}/{self.n}: " if self.n > 1 else ""
+        self.sink(int(round((self.index + frac) * self.SCALE)), self.n * self.SCALE, prefix + message)
+
+
+def _json_report(job: Job, report: dict[str, Any], extra: dict[str, float]) -> dict[str, Any]:
+    clean = {k: v for k, v in report.items() if k != "uncertainty"}
+    clean["timings"] = {**report["timings"], **extra}
+    return {"input": str(job.source), "output": str(job.output),
+            "uncertainty": str(job.uncertainty) if job.uncertainty else None, **clean}
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_uncertainty_args(args)
+    info = dist_info(args.device)
+    device = info.device
+    batch, jobs = plan_jobs(args, info)
+    report_path = _report_path(args, info)
+    if info.world_size > 1:
+        logger.info("process %d of %d: %d volume(s) on %s", info.rank, info.world_size, len(jobs), device)
+    resolver = load_resolver(args)
+    patch = args.patch_size
+    overlap = args.overlap
+    if (patch or overlap) and not args.use_patches:
+        logger.info("--patch-size/--overlap given: using patches as requested")
+
+    cancel = threading.Event()
+
+    def on_signal(signum, frame):  # a terminate request (Slicer's Cancel, kill): stop, write nothing
+        cancel.set()
+        raise Cancelled(f"stopped by signal {signal.Signals(signum).name}; no output was written.")
+
+    old_handler = signal.signal(signal.SIGTERM, on_signal) if threading.current_thread() is threading.main_thread() else None
+    sink = Progress(args.progress, desc="sr")
+    progress = _BatchProgress(sink, len(jobs))
+    reports: list[dict[str, Any]] = []
+    failures: list[str] = []
+    try:
+        for i, job in enumerate(jobs):
+            progress.index = i
+            t0 = time.perf_counter()
+            try:
+                volume = read_volume(job.source)
+            except InputError as exc:
+                if not batch:
+                    raise
+                failures.append(f"{job.source}: {exc}")
+                logger.warning("skipping %s: %s", job.source, exc)
+                continue
+            t_read = time.perf_counter() - t0
+            try:
+                output, report = resolver.run(
+                    volume,
+                    factor=args.factor,
+                    target_spacing=args.target_spacing,
+                    axis=args.axis,
+                    steps=args.num_steps,
+                    guidance=args.guidance_scale,
+                    seed=args.seed,
+                    device=device,
+                    patch_size=patch,
+                    overlap=overlap,
+                    num_samples=args.num_samples,
+                    data_consistency=not args.no_data_consistency,
+                    progress=progress,
+                    cancel=cancel,
+                )
+            except (GeometryError, InputError) as exc:
+                if not batch:
+                    raise
+                failures.append(f"{job.source}: {exc}")
+                logger.warning("skipping %s: %s", job.source, exc)
+                continue
+            t0 = time.perf_counter()
+            write_volume(output, job.output, overwrite=args.overwrite, dtype=args.output_dtype)
+            if job.uncertainty is not None and report["uncertainty"] is not None:
+                write_volume(report["uncertainty"], job.uncertainty, overwrite=args.overwrite, dtype="float32")
+            t_write = time.perf_counter() - t0
+            reports.append(_json_report(job, report, {"read": t_read, "write": t_write}))
+            logger.info(
+                "%s -> %s (%s, %.1f s)", job.source, job.output,
+                "x".join(map(str, output.shape)), report["timings"]["total"] + t_read + t_write,
+            )
+    finally:
+        sink.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    if report_path is not None:
+        data = reports[0] if not batch and reports else {"volumes": reports, "failed": failures}
+        write_json_atomic(data, report_path, overwrite=True)
+    if failures:
+        raise InputError(f"{len(failures)} of {len(jobs)} volumes failed (the others were written): " + "; ".join(failures))
+    return 0

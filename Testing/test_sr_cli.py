@@ -1,0 +1,211 @@
+"""The ``sr`` command end to end (tiny random-weight model): outputs on the thin grid, Slicer progress,
+batches shared across torchrun ranks, and bad inputs that end with one ``error:`` line, an exit code, the
+input untouched and no partial output."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from test_sr_pipeline import thick_ct
+
+from DiffusionCore.cli.main import main
+from DiffusionCore.degrade import thin_grid
+from DiffusionCore.volume import Volume, read_volume, write_volume
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sr_command(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "DiffusionCore", "sr", *args],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, **(env or {})}, **kw,
+    )
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if "partial" in p.name)
+
+
+@pytest.fixture
+def thick_file(tmp_path) -> Path:
+    c, s = np.cos(0.3), np.sin(0.3)
+    direction = np.array([[1, 0, 0], [0, c, -s], [0, s, c]])  # oblique
+    path = tmp_path / "thick.nrrd"
+    write_volume(thick_ct(shape=(2, 32, 48), direction=direction), path)
+    return path
+
+
+def test_sr_writes_thin_grid_output_with_slicer_progress_and_report(tmp_path, thick_file):
+    out = tmp_path / "thin.nii.gz"
+    before = digest(thick_file)
+    res = sr_command(str(thick_file), str(out), "--tiny-test-model", "--factor", "4", "--progress", "slicer",
+                     "--report", str(tmp_path / "report.json"))
+    assert res.returncode == 0, res.stderr
+    thick = read_volume(thick_file)
+    result = read_volume(out)
+    grid = thin_grid(thick, 4)
+    assert result.shape == grid.shape == (8, 32, 48)
+    np.testing.assert_allclose(result.spacing, grid.spacing, atol=1e-5)
+    np.testing.assert_allclose(result.origin, grid.origin, atol=1e-4)
+    np.testing.assert_allclose(result.direction.ravel(), grid.direction, atol=1e-6)
+    fractions = [float(line[len("<filter-progress>"):-len("</filter-progress>")])
+                 for line in res.stdout.splitlines() if line.startswith("<filter-progress>")]
+    assert len(fractions) >= 4 and fractions[-1] == 1.0
+    assert all(0.0 <= a <= b <= 1.0 for a, b in zip(fractions, fractions[1:]))
+    assert "meaningless" in res.stderr
+    import json
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["weights_sha256"]) == 64 and report["settings"]["factor"] == 4
+    assert set(report["timings"]) >= {"read", "interpolate", "model", "blend", "consistency", "write"}
+    assert digest(thick_file) == before
+
+
+def test_batch_folder_is_shared_across_ranks_and_keeps_names(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, name in enumerate(("a.nii.gz", "b.nrrd", "c.mha")):
+        write_volume(thick_ct(shape=(2, 32, 32), seed=i), src / name)
+    out = tmp_path / "out"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "DiffusionCore", "sr", str(src), str(out), "--tiny-test-model", "--factor", "4",
+             "--num-samples", "2", "--uncertainty", str(tmp_path / "unc"), "--progress", "none"],
+            cwd=ROOT, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for r in (0, 1)
+    ]
+    logs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert sorted(os.listdir(out)) == ["a.nii.gz", "b.nrrd", "c.mha"]
+    assert sorted(os.listdir(tmp_path / "unc")) == ["a.nii.gz", "b.nrrd", "c.mha"]
+    assert "a.nii.gz" in logs[0][1] and "c.mha" in logs[0][1] and "b.nrrd" in logs[1][1]  # rank 0: a, c; rank 1: b
+    assert read_volume(out / "b.nrrd").shape == (8, 32, 32)
+    assert read_volume(tmp_path / "unc" / "a.nii.gz").array.max() > 0
+
+
+def test_terminate_during_inference_leaves_no_output(tmp_path):
+    src = tmp_path / "big.nii.gz"
+    write_volume(thick_ct(shape=(8, 64, 64)), src)
+    out = tmp_path / "out.nii.gz"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "DiffusionCore", "sr", str(src), str(out), "--tiny-test-model", "--factor", "4",
+         "--use-patches", "--patch-size", "8", "32", "32", "--progress", "slicer"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 90
+    for line in proc.stdout:  # wait until sampling has started
+        if line.startswith("<filter-progress>") and float(line[17:23]) > 0:
+            break
+        assert time.time() < deadline
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: stopped by signal SIGTERM; no output was written."
+    ]
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+# -- bad inputs: one error line, the class exit code, input untouched, no output ---------------------------
+def _write_2d(path: Path) -> None:
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((16, 16), np.int16)), str(path))
+
+
+def _write_isotropic(path: Path) -> None:
+    write_volume(thick_ct(shape=(8, 16, 16), spacing=(1.0, 1.0, 1.0)), path)
+
+
+def _write_nan(path: Path) -> None:
+    vol = thick_ct(shape=(3, 16, 16))
+    vol.array[1, 2, 3] = np.nan
+    write_volume(vol, path, dtype="float32")
+
+
+def _write_pickle(path: Path) -> None:
+    torch.save({"w": torch.zeros(2)}, path)
+
+
+CASES = {
+    "2d image": (_write_2d, [], 2, "2D image"),
+    "isotropic": (_write_isotropic, [], 2, "isotropic"),
+    "nan": (_write_nan, [], 2, "NaN"),
+    "missing weights": (None, ["--weights", "{tmp}/nope.safetensors"], 3, "no such file"),
+    "pickle weights": (None, ["--weights", "{tmp}/evil.safetensors", "--allow-unregistered-weights"], 3, "pickle"),
+    "existing output": (None, ["--existing"], 4, "already exists"),
+    "missing output folder": (None, ["--output-in-missing-folder"], 4, "does not exist"),
+    "output is a file's child": (None, ["--output-under-file"], 4, "does not exist"),
+    "uncertainty without samples": (None, ["--uncertainty", "{tmp}/u.nii.gz"], 2, "--num-samples"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_inputs_end_with_one_error_line(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFUSIONCORE_CACHE", str(tmp_path / "cache"))
+    write, extra, code, words = CASES[case]
+    src = tmp_path / "input.nii.gz"
+    (write or (lambda p: write_volume(thick_ct(shape=(2, 32, 32)), p)))(src)
+    _write_pickle(tmp_path / "evil.safetensors")
+    out = tmp_path / "result.nii.gz"
+    args = [a.format(tmp=tmp_path) for a in extra]
+    if "--existing" in args:
+        args.remove("--existing")
+        out.write_bytes(b"keep me")
+    if "--output-in-missing-folder" in args:
+        args.remove("--output-in-missing-folder")
+        out = tmp_path / "missing" / "result.nii.gz"
+    if "--output-under-file" in args:
+        args.remove("--output-under-file")
+        out = src / "result.nii.gz"
+    if not any(a.startswith("--weights") for a in args):
+        args.append("--tiny-test-model")
+    before = digest(src)
+    listing = sorted(os.listdir(tmp_path))
+    rc = main(["sr", str(src), str(out), "--progress", "none", *args])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == code, err
+    assert len(errors) == 1 and words in errors[0], err
+    assert digest(src) == before
+    if case == "existing output":
+        assert out.read_bytes() == b"keep me"
+    else:
+        assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == listing  # nothing new, no partial files
+
+
+def test_no_default_weights_says_how_to_pass_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFUSIONCORE_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "input.nii.gz"
+    write_volume(thick_ct(shape=(2, 32, 32)), src)
+    rc = main(["sr", str(src), str(tmp_path / "out.nii.gz"), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "no default SR weights are installed" in err and "--weights" in err
+
+
+def test_batch_list_file_and_volume_api(tmp_path, capsys):
+    a = tmp_path / "one.nii.gz"
+    write_volume(thick_ct(shape=(2, 32, 32)), a)
+    listing = tmp_path / "volumes.txt"
+    listing.write_text("one.nii.gz\n")
+    rc = main(["sr", str(listing), str(tmp_path / "out"), "--tiny-test-model", "--progress", "none",
+               "--output-dtype", "int16", "--factor", "2", "--num-steps", "2"])
+    assert rc == 0, capsys.readouterr().err
+    result = read_volume(tmp_path / "out" / "one.nii.gz")
+    assert isinstance(result, Volume) and result.shape == (4, 32, 32)
+    assert sitk.ReadImage(str(tmp_path / "out" / "one.nii.gz")).GetPixelID() == sitk.sitkInt16
