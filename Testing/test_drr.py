@@ -72,8 +72,14 @@ def test_parallel_beam_matches_ellipsoid_chords():
 
 
 def test_cone_beam_matches_ellipsoid_chords_with_magnification():
-    geom = DRRGeometry(view="lateral", projection="cone", sdd=400.0, sid=250.0, detector_shape=(56, 48),
-                       pixel_spacing=(2.5, 2.0))
+    geom = DRRGeometry(
+        view="lateral",
+        projection="cone",
+        sdd=400.0,
+        sid=250.0,
+        detector_shape=(56, 48),
+        pixel_spacing=(2.5, 2.0),
+    )
     _check_against_analytic(geom)
     # the shadow is magnified by sdd/sid: its height on the detector ~ 2 * SEMI_z * 1.6
     drr = render_drr(_ellipsoid(), SPACING, geom)[0, 0]
@@ -120,8 +126,9 @@ def test_hu_to_mu_physics():
 
 def test_gradients_reach_the_volume_and_batches_are_independent():
     mu = (_ellipsoid().repeat(2, 1, 1, 1, 1) * torch.tensor([1.0, 2.0]).view(2, 1, 1, 1, 1)).requires_grad_()
-    geom = DRRGeometry(view="pa", projection="cone", sdd=400, sid=250, detector_shape=(16, 16),
-                       pixel_spacing=(5.0, 5.0))
+    geom = DRRGeometry(
+        view="pa", projection="cone", sdd=400, sid=250, detector_shape=(16, 16), pixel_spacing=(5.0, 5.0)
+    )
     out = render_drr(mu, SPACING, geom, max_samples_per_chunk=5000)  # many chunks, recomputed in backward
     torch.testing.assert_close(out[1], 2 * out[0], rtol=1e-4, atol=1e-6)
     out[0].sum().backward()
@@ -161,14 +168,30 @@ def test_agrees_with_diffdrr_on_a_random_phantom():
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     image = torchio.ScalarImage(tensor=torch.from_numpy(density)[None], affine=affine)
     subject = read(image, orientation="PA")
-    subject.density = torchio.ScalarImage(tensor=torch.from_numpy(density)[None], affine=subject.volume.affine)
+    subject.density = torchio.ScalarImage(
+        tensor=torch.from_numpy(density)[None], affine=subject.volume.affine
+    )
     drr = DRR(subject, sdd=600.0, height=32, delx=3.0)
-    theirs = drr(torch.zeros(1, 3), torch.tensor([[0.0, 400.0, 0.0]]), parameterization="euler_angles",
-                 convention="ZXY")[0, 0]
+    theirs = drr(
+        torch.zeros(1, 3),
+        torch.tensor([[0.0, 400.0, 0.0]]),
+        parameterization="euler_angles",
+        convention="ZXY",
+    )[0, 0]
     # our volume: array (z, y, x) = numpy transpose of the (x, y, z) NIfTI-like tensor
     mu = torch.from_numpy(density.transpose(2, 1, 0).copy())[None, None]
-    ours = render_drr(mu, (2.0, 2.0, 2.0), DRRGeometry(view="pa", projection="cone", sdd=600.0, sid=400.0,
-                                                        detector_shape=(32, 32), pixel_spacing=(3.0, 3.0)))[0, 0]
+    ours = render_drr(
+        mu,
+        (2.0, 2.0, 2.0),
+        DRRGeometry(
+            view="pa",
+            projection="cone",
+            sdd=600.0,
+            sid=400.0,
+            detector_shape=(32, 32),
+            pixel_spacing=(3.0, 3.0),
+        ),
+    )[0, 0]
     best = max(_ncc(ours, t) for t in _dihedral(theirs))
     assert best > 0.98
 

@@ -86,7 +86,9 @@ def beer_lambert(line_integral: torch.Tensor, i0: float = 1.0) -> torch.Tensor:
     return i0 * torch.exp(-line_integral)
 
 
-def radiograph_style(line_integral: torch.Tensor, percentile: float = 99.5, eps: float = 1e-6) -> torch.Tensor:
+def radiograph_style(
+    line_integral: torch.Tensor, percentile: float = 99.5, eps: float = 1e-6
+) -> torch.Tensor:
     """Line integrals scaled per image to the [0, 1] attenuation style of :class:`Radiograph`.
 
     ``L / quantile(L, percentile)`` clipped to [0, 1], per image, so air is 0 and the densest path ~1; the
@@ -147,8 +149,12 @@ class DRRGeometry:
         """Detector-plane magnification of the isocentre plane (1 for parallel beam)."""
         return self.sdd / self.sid if self.projection == "cone" else 1.0
 
-    def with_detector_for(self, shape_zyx: tuple[int, int, int], spacing_zyx: tuple[float, float, float],
-                          detector_shape: tuple[int, int] | None = None) -> DRRGeometry:
+    def with_detector_for(
+        self,
+        shape_zyx: tuple[int, int, int],
+        spacing_zyx: tuple[float, float, float],
+        detector_shape: tuple[int, int] | None = None,
+    ) -> DRRGeometry:
         """The same geometry with a detector that covers the volume's projected field of view."""
         d, h, w = shape_zyx
         sz, sy, sx = spacing_zyx
@@ -156,8 +162,9 @@ class DRRGeometry:
         extent_cols = (w * sx) if self.view == "pa" else (h * sy)
         rows, cols = detector_shape or ((d, w) if self.view == "pa" else (d, h))
         m = self.magnification
-        return replace(self, detector_shape=(rows, cols),
-                       pixel_spacing=(extent_rows * m / rows, extent_cols * m / cols))
+        return replace(
+            self, detector_shape=(rows, cols), pixel_spacing=(extent_rows * m / rows, extent_cols * m / cols)
+        )
 
 
 def _rotation_matrix(angles_deg: tuple[float, float, float]) -> torch.Tensor:
@@ -206,7 +213,9 @@ def detector_rays(geometry: DRRGeometry) -> tuple[torch.Tensor, torch.Tensor]:
     return origins, dirs
 
 
-def _ray_box(origins: torch.Tensor, dirs: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ray_box(
+    origins: torch.Tensor, dirs: torch.Tensor, half: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Entry and exit distances of rays through the box [-half, half] (slab method); exit < entry: miss."""
     inv = 1.0 / torch.where(dirs.abs() < 1e-12, torch.full_like(dirs, 1e-12), dirs)
     t1 = (-half - origins) * inv
@@ -244,7 +253,9 @@ def render_drr(
         (B, 1, rows, cols) line integrals ``L`` (dimensionless); ``exp(-L)`` is the transmission.
     """
     if mu.ndim != 5 or mu.shape[1] != 1:
-        raise InputError(f"render_drr needs a (B, 1, D, H, W) attenuation tensor; got shape {tuple(mu.shape)}")
+        raise InputError(
+            f"render_drr needs a (B, 1, D, H, W) attenuation tensor; got shape {tuple(mu.shape)}"
+        )
     b, _, dd, hh, ww = mu.shape
     sz, sy, sx = (float(s) for s in spacing_zyx)
     half = torch.tensor([ww * sx / 2, hh * sy / 2, dd * sz / 2], dtype=torch.float64)
@@ -280,7 +291,9 @@ def render_drr(
     return out.reshape(b, 1, rows, cols)
 
 
-def project_parallel_axis(mu: torch.Tensor, spacing_zyx: tuple[float, float, float], view: str = "pa") -> torch.Tensor:
+def project_parallel_axis(
+    mu: torch.Tensor, spacing_zyx: tuple[float, float, float], view: str = "pa"
+) -> torch.Tensor:
     """Axis-aligned parallel-beam line integrals on the volume's own grid (a sum; fast, differentiable).
 
     Equal to :func:`render_drr` with a parallel beam and a detector matching the volume's grid.

@@ -1,0 +1,215 @@
+"""Stage configurations of the X-ray to CT cascade (JSON/YAML files, every field documented).
+
+The seed's keys work as written: ``stage``, ``resolution``, ``xray_resolution``, ``model.*``, ``training.*``
+and ``loss_weights.*``. Files for the three stages ship in ``DiffusionCore/xray/configs/``; print every
+field with ``python -m DiffusionCore train xray --config-help``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import load_config
+from ..errors import ConfigError
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+@dataclass
+class XrayModelConfig:
+    voxel_channels: int = field(
+        default=64, metadata={"help": "Width of the voxel token features (ViT width)."}
+    )
+    vit_depth: int = field(default=4, metadata={"help": "Number of hybrid ViT blocks."})
+    vit_heads: int = field(
+        default=4, metadata={"help": "Attention heads per block (must divide voxel_channels)."}
+    )
+    use_depth_lifting: bool = field(
+        default=True, metadata={"help": "Back-project X-ray features into the voxel grid with depth priors."}
+    )
+    use_adaln: bool = field(
+        default=True,
+        metadata={"help": "AdaLN-Zero modulation from time + X-ray + previous stage (else plain pre-norm)."},
+    )
+    v_parameterization: bool = field(
+        default=True, metadata={"help": "Predict v = alpha*eps - sigma*x0 (True) or the noise eps (False)."}
+    )
+    use_memory_efficient: bool = field(
+        default=True,
+        metadata={"help": "Windowed SDPA attention when the token count exceeds max_full_tokens."},
+    )
+    patch_size: int = field(default=4, metadata={"help": "Voxel patch size: tokens = (resolution/patch)^3."})
+    window_size: int = field(default=8, metadata={"help": "Attention window side in tokens (windowed mode)."})
+    max_full_tokens: int = field(
+        default=4096, metadata={"help": "Largest token count attended globally; above it windows are used."}
+    )
+    encoder_channels: list[int] = field(
+        default_factory=lambda: [32, 64, 128],
+        metadata={"help": "Channels of the X-ray encoder's scales (each halves the resolution)."},
+    )
+    xray_tokens: int = field(
+        default=16,
+        metadata={"help": "Side of the X-ray token grid used by cross-attention (tokens = side^2)."},
+    )
+    depth_bands: int = field(
+        default=3,
+        metadata={"help": "Anatomical depth bands of the lifting prior (anterior, mid, posterior)."},
+    )
+    mlp_ratio: float = field(
+        default=4.0, metadata={"help": "Hidden width of the ViT MLP over its input width."}
+    )
+    cross_attention: bool = field(
+        default=True, metadata={"help": "Cross-attention from voxels to X-ray tokens."}
+    )
+
+
+@dataclass
+class XrayTrainingConfig:
+    batch_size: int = field(
+        default=2, metadata={"help": "Volumes per optimizer step (per process under DDP)."}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    epochs: int = field(default=100, metadata={"help": "Passes over the training volumes."})
+    steps_per_epoch: int = field(
+        default=50, metadata={"help": "Optimizer steps per epoch (each draws fresh augmented samples)."}
+    )
+    max_steps: int = field(
+        default=0, metadata={"help": "Stop after this many steps (0 = epochs x steps_per_epoch)."}
+    )
+    gradient_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip (0 disables)."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute ViT blocks in the backward pass to save memory."}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(default=100, metadata={"help": "Linear learning-rate warm-up steps."})
+    amp: bool = field(default=True, metadata={"help": "bfloat16 autocast on GPU (ignored on CPU)."})
+    seed: int = field(default=0, metadata={"help": "Random seed (data order, augmentation, noise)."})
+    checkpoint_every: int = field(
+        default=500, metadata={"help": "Write a resumable checkpoint every N steps."}
+    )
+    log_every: int = field(default=10, metadata={"help": "Log scalars every N steps."})
+    keep_checkpoints: int = field(default=3, metadata={"help": "How many recent checkpoints to keep."})
+    num_workers: int = field(default=0, metadata={"help": "Data-loading worker processes."})
+
+
+@dataclass
+class XrayLossWeights:
+    v_loss: float = field(default=1.0, metadata={"help": "Weight of the diffusion loss (v or eps MSE)."})
+    drr_loss: float = field(
+        default=0.2,
+        metadata={"help": "Weight of the DRR (re-projection) loss; seed defaults 0.2 / 0.3 / 0.5 per stage."},
+    )
+    depth_prior_loss: float = field(
+        default=0.1, metadata={"help": "Weight of the lifted-volume loss that trains the depth priors."}
+    )
+    perceptual_loss: float = field(
+        default=0.0,
+        metadata={"help": "Weight of a structural (SSIM, no downloaded network) loss on orthogonal slices."},
+    )
+    gradient_loss: float = field(default=0.1, metadata={"help": "Weight of the 3D image-gradient L1 loss."})
+
+
+@dataclass
+class XrayDataConfig:
+    fov_mm: float = field(
+        default=350.0, metadata={"help": "Side of the cubic field of view, mm (CT cropped/padded)."}
+    )
+    view: str = field(default="pa", metadata={"help": "Radiograph view used for training: pa or lateral."})
+    pose_jitter_deg: float = field(
+        default=2.0, metadata={"help": "Max pose rotation of the DRR source, degrees."}
+    )
+    intensity_jitter: float = field(default=0.1, metadata={"help": "Relative DRR gain/gamma jitter."})
+    noise_std: float = field(
+        default=0.01, metadata={"help": "Gaussian noise added to DRRs (attenuation style)."}
+    )
+    blur_sigma_px: float = field(
+        default=1.0, metadata={"help": "Max scatter-like Gaussian blur of DRRs, pixels."}
+    )
+    hu_jitter: float = field(default=0.03, metadata={"help": "Relative HU scale jitter of the CT."})
+    flip: bool = field(default=True, metadata={"help": "Random left-right flips of CT and DRR together."})
+    max_rotation_deg: float = field(default=5.0, metadata={"help": "Max 3D rotation of the CT, degrees."})
+    prev_noise: float = field(
+        default=0.1, metadata={"help": "Noise on the previous-stage volume given to stages 2-3 in training."}
+    )
+
+
+@dataclass
+class XrayDiffusionConfig:
+    sampling_steps: int = field(default=8, metadata={"help": "Default DDIM steps at generation."})
+    min_t: float = field(default=1e-3, metadata={"help": "Smallest training time t in (0, 1)."})
+    prev_stage_t: float = field(
+        default=0.6,
+        metadata={"help": "Stages 2-3 start DDIM from the noised previous-stage volume at this t (< 1)."},
+    )
+
+
+@dataclass
+class XrayStageConfig:
+    stage: int = field(default=1, metadata={"help": "Cascade stage: 1 (64^3), 2 (128^3) or 3 (256^3)."})
+    resolution: int = field(default=64, metadata={"help": "Voxels per side of this stage's cube."})
+    xray_resolution: int = field(default=128, metadata={"help": "Pixels per side of the radiograph input."})
+    model: XrayModelConfig = field(default_factory=XrayModelConfig, metadata={"help": "Network settings."})
+    training: XrayTrainingConfig = field(
+        default_factory=XrayTrainingConfig, metadata={"help": "Optimisation."}
+    )
+    loss_weights: XrayLossWeights = field(default_factory=XrayLossWeights, metadata={"help": "Loss weights."})
+    data: XrayDataConfig = field(
+        default_factory=XrayDataConfig, metadata={"help": "Field of view, augmentation."}
+    )
+    diffusion: XrayDiffusionConfig = field(
+        default_factory=XrayDiffusionConfig, metadata={"help": "Sampling."}
+    )
+
+    def __post_init__(self) -> None:
+        m = self.model
+        if self.stage not in (1, 2, 3):
+            raise ConfigError(f"stage must be 1, 2 or 3; got {self.stage}")
+        if self.resolution % m.patch_size:
+            raise ConfigError(
+                f"resolution {self.resolution} must be a multiple of model.patch_size {m.patch_size}"
+            )
+        if m.voxel_channels % m.vit_heads:
+            raise ConfigError(
+                f"model.voxel_channels {m.voxel_channels} must be divisible by vit_heads {m.vit_heads}"
+            )
+        if self.xray_resolution < 16 or self.xray_resolution % (2 ** len(m.encoder_channels)):
+            raise ConfigError(
+                f"xray_resolution {self.xray_resolution} must be >= 16 and a multiple of "
+                f"{2 ** len(m.encoder_channels)} (2 ^ number of encoder scales)"
+            )
+        if self.data.view not in ("pa", "lateral"):
+            raise ConfigError(f"data.view must be pa or lateral; got {self.data.view!r}")
+
+
+def load_stage_config(source: str | Path | dict | XrayStageConfig | None) -> XrayStageConfig:
+    """A stage config from a file, a dict, a config, or a shipped name (``stage1`` ... ``stage3``)."""
+    if isinstance(source, str) and source in ("stage1", "stage2", "stage3"):
+        source = CONFIG_DIR / f"{source}.json"
+    return load_config(source, XrayStageConfig)
+
+
+def tiny_stage_config(stage: int, resolution: int, xray_resolution: int = 32) -> XrayStageConfig:
+    """A tiny configuration for tests and self-tests (seconds on CPU)."""
+    return load_config(
+        {
+            "stage": stage,
+            "resolution": resolution,
+            "xray_resolution": xray_resolution,
+            "model": {
+                "voxel_channels": 16,
+                "vit_depth": 1,
+                "vit_heads": 2,
+                "patch_size": 4,
+                "window_size": 4,
+                "max_full_tokens": 256,
+                "encoder_channels": [8, 16],
+                "xray_tokens": 4,
+                "mlp_ratio": 2.0,
+            },
+            "training": {"batch_size": 2, "learning_rate": 2e-3, "warmup_steps": 0, "amp": False},
+            "loss_weights": {"drr_loss": [0.2, 0.3, 0.5][stage - 1]},
+            "diffusion": {"sampling_steps": 2},
+        },
+        XrayStageConfig,
+    )

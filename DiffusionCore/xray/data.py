@@ -1,0 +1,262 @@
+"""Training data for the X-ray cascade: CT cubes per stage and the DRRs rendered from them.
+
+* :func:`ct_to_cube` resamples a CT onto a cube of ``fov_mm`` side centred on the volume's centre, axes
+  aligned with the patient (LPS, array (z, y, x) with z superior-increasing), Gaussian-prefiltered so a
+  512^2 scan does not alias at 64^3.
+* :func:`render_training_drr` renders the training-geometry radiograph (axis-aligned parallel beam, or the
+  ray marcher with a pose jitter) and applies radiograph augmentation (gain/gamma, scatter-like blur, noise).
+* :class:`XrayCubeDataset` draws augmented (cube, DRR) pairs: CT flips, small rotations, HU jitter.
+* :func:`prepare_dataset` writes the cubes (NIfTI, int16 HU) and DRRs (``.npy``) plus ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..sr.intensity import hu_to_unit
+from ..train.augment import random_affine
+from ..volume import AIR_HU, Volume, read_volume, write_volume
+from .config import XrayDataConfig
+from .drr import DRRGeometry, hu_to_mu, project_parallel_axis, radiograph_style, render_drr
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def cube_grid_geometry(resolution: int, fov_mm: float, centre_lps: np.ndarray) -> tuple[tuple, tuple]:
+    """(spacing (x, y, z), origin (x, y, z)) of an identity-direction cube centred on ``centre_lps``."""
+    sp = fov_mm / resolution
+    origin = tuple(float(c - (resolution - 1) / 2 * sp) for c in centre_lps)
+    return (sp, sp, sp), origin
+
+
+def volume_centre(vol: Volume) -> np.ndarray:
+    """Physical LPS point (mm) at the centre of the volume's voxel grid."""
+    idx = (np.array(vol.shape[::-1], dtype=np.float64) - 1) / 2
+    return np.asarray(vol.origin) + vol.direction @ (np.asarray(vol.spacing) * idx)
+
+
+def ct_to_cube(vol: Volume, resolution: int, fov_mm: float) -> Volume:
+    """Resample a CT (HU) onto an isotropic ``resolution^3`` cube of side ``fov_mm`` (air outside).
+
+    Args:
+        vol: CT volume in HU.
+        resolution: voxels per side.
+        fov_mm: cube side in mm.
+
+    Returns:
+        Volume (R, R, R) HU, spacing fov/R, identity direction, centred on the input's centre.
+    """
+    spacing, origin = cube_grid_geometry(resolution, fov_mm, volume_centre(vol))
+    img = vol.to_sitk()
+    sigmas = [max(0.0, 0.5 * (spacing[0] ** 2 - s**2)) ** 0.5 / s for s in vol.spacing]  # in voxels
+    if max(sigmas) > 0.3:
+        img = sitk.SmoothingRecursiveGaussian(img, [s * sp for s, sp in zip(sigmas, vol.spacing)])
+    ref = sitk.Image([resolution] * 3, sitk.sitkFloat32)
+    ref.SetSpacing(spacing)
+    ref.SetOrigin(origin)
+    out = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    return Volume.from_sitk(out, source="cube", cube_of=vol.metadata.get("source", ""))
+
+
+def render_training_drr(
+    cube_hu: torch.Tensor,
+    fov_mm: float,
+    xray_resolution: int,
+    view: str = "pa",
+    *,
+    rng: np.random.Generator | None = None,
+    aug: XrayDataConfig | None = None,
+) -> torch.Tensor:
+    """Training-geometry radiograph(s) of HU cube(s), in attenuation style.
+
+    Args:
+        cube_hu: (B, 1, R, R, R) HU.
+        fov_mm: cube side, mm.
+        xray_resolution: output side in pixels.
+        view: ``pa`` or ``lateral``.
+        rng: random generator for augmentation; None renders the clean DRR.
+        aug: augmentation strengths (pose jitter, gain/gamma, blur, noise).
+
+    Returns:
+        (B, 1, X, X) in [0, 1].
+    """
+    r = cube_hu.shape[-1]
+    sp = fov_mm / r
+    mu = hu_to_mu(cube_hu.float())
+    if rng is not None and aug is not None and aug.pose_jitter_deg > 0:
+        angles = tuple(float(a) for a in rng.uniform(-aug.pose_jitter_deg, aug.pose_jitter_deg, 3))
+        geom = DRRGeometry(view=view, rotation_deg=angles, step_voxels=1.0).with_detector_for(
+            (r, r, r), (sp,) * 3
+        )
+        line = render_drr(mu, (sp,) * 3, geom)
+    else:
+        line = project_parallel_axis(mu, (sp,) * 3, view)
+    if line.shape[-1] != xray_resolution:
+        line = F.interpolate(
+            line, size=(xray_resolution,) * 2, mode="bilinear", align_corners=False, antialias=True
+        )
+    img = radiograph_style(line)
+    if rng is None or aug is None:
+        return img
+    b = img.shape[0]
+    gain = torch.from_numpy(
+        rng.uniform(1 - aug.intensity_jitter, 1 + aug.intensity_jitter, (b, 1, 1, 1))
+    ).float()
+    gamma = torch.from_numpy(
+        rng.uniform(1 - aug.intensity_jitter, 1 + aug.intensity_jitter, (b, 1, 1, 1))
+    ).float()
+    img = (img.clamp_min(0) ** gamma * gain).clamp(0, 1)
+    if aug.blur_sigma_px > 0:
+        sigma = float(rng.uniform(0, aug.blur_sigma_px))
+        if sigma > 0.2:
+            k = int(2 * round(3 * sigma) + 1)
+            x = torch.arange(k, dtype=torch.float32) - k // 2
+            g = torch.exp(-0.5 * (x / sigma) ** 2)
+            g = g / g.sum()
+            pad = k // 2
+            img = F.conv2d(F.pad(img, (pad, pad, 0, 0), mode="replicate"), g.view(1, 1, 1, k))
+            img = F.conv2d(F.pad(img, (0, 0, pad, pad), mode="replicate"), g.view(1, 1, k, 1))
+    if aug.noise_std > 0:
+        img = img + torch.from_numpy(rng.normal(0, aug.noise_std, img.shape)).float()
+    return img.clamp(0, 1)
+
+
+class XrayCubeDataset:
+    """Augmented (CT cube, DRR) pairs at the resolutions of one or more stages.
+
+    Args:
+        cubes: per CT, a dict ``resolution -> (R, R, R) HU array``.
+        aug: augmentation settings.
+        fov_mm: cube side (mm).
+    """
+
+    def __init__(self, cubes: list[dict[int, np.ndarray]], aug: XrayDataConfig, fov_mm: float):
+        if not cubes:
+            raise InputError("no training CT volumes: give at least one CT (file, DICOM folder or list)")
+        self.cubes = cubes
+        self.aug = aug
+        self.fov_mm = fov_mm
+
+    def __len__(self) -> int:
+        return len(self.cubes)
+
+    def sample(
+        self,
+        rng: np.random.Generator,
+        batch: int,
+        resolutions: list[int],
+        xray_resolution: int,
+        augment: bool = True,
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """A batch: ``({R: (B, 1, R, R, R) model units}, (B, 1, X, X) DRR)``; the DRR is rendered from the
+        finest requested cube after the same augmentation is applied to every resolution."""
+        vols: dict[int, list[np.ndarray]] = {r: [] for r in resolutions}
+        for _ in range(batch):
+            item = self.cubes[int(rng.integers(len(self.cubes)))]
+            flip = augment and self.aug.flip and rng.random() < 0.5
+            scale = 1 + rng.uniform(-self.aug.hu_jitter, self.aug.hu_jitter) if augment else 1.0
+            rot_seed = int(rng.integers(2**31))
+            for r in resolutions:
+                c = item[r]
+                if augment and self.aug.max_rotation_deg > 0:
+                    c = random_affine(
+                        c, np.random.default_rng(rot_seed), self.aug.max_rotation_deg, (1.0, 1.0)
+                    )
+                if flip:
+                    c = c[:, :, ::-1]
+                c = (c - AIR_HU) * scale + AIR_HU
+                vols[r].append(np.ascontiguousarray(c, dtype=np.float32))
+        hu = {r: torch.from_numpy(np.stack(v))[:, None] for r, v in vols.items()}
+        finest = max(resolutions)
+        drr = render_training_drr(hu[finest], self.fov_mm, xray_resolution, self.aug.view,
+                                  rng=rng if augment else None, aug=self.aug)  # fmt: skip
+        return {r: hu_to_unit(h) for r, h in hu.items()}, drr
+
+
+def load_cubes(paths: list[Path], resolutions: list[int], fov_mm: float) -> list[dict[int, np.ndarray]]:
+    """Read CTs (or prepared cube folders) and resample them to every requested resolution."""
+    out = []
+    for p in paths:
+        vol = read_volume(p)
+        out.append({r: ct_to_cube(vol, r, fov_mm).array for r in resolutions})
+        logger.info("loaded %s as cubes %s", p, resolutions)
+    return out
+
+
+def prepare_dataset(
+    ct_paths: list[Path],
+    output_dir: str | os.PathLike,
+    *,
+    resolutions: tuple[int, ...] = (64, 128, 256),
+    xray_resolutions: tuple[int, ...] = (128, 256, 512),
+    fov_mm: float = 350.0,
+    view: str = "pa",
+    augmented_copies: int = 2,
+    aug: XrayDataConfig | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress=None,
+) -> Path:
+    """Write training cubes and DRRs for every CT; returns the manifest path.
+
+    Layout: ``output_dir/<case>/cube_<R>.nii.gz`` (int16 HU), ``drr_<X>.npy`` (clean, float32 [0, 1]) and
+    ``drr_<X>_aug<k>.npy`` (augmented), and ``output_dir/manifest.json`` listing every file and setting.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    aug = aug or XrayDataConfig(view=view, fov_mm=fov_mm)
+    rng = np.random.default_rng(seed)
+    cases = []
+    total = len(ct_paths)
+    for i, p in enumerate(ct_paths):
+        vol = read_volume(p)
+        name = Path(str(p).rstrip("/")).name.split(".")[0] or f"case{i:04d}"
+        case_dir = out / f"{i:04d}_{name}"
+        case_dir.mkdir(exist_ok=True)
+        files: dict[str, str] = {}
+        for r, x in zip(resolutions, xray_resolutions):
+            cube = ct_to_cube(vol, r, fov_mm)
+            write_volume(cube, case_dir / f"cube_{r}.nii.gz", overwrite=overwrite, dtype="int16")
+            files[f"cube_{r}"] = str((case_dir / f"cube_{r}.nii.gz").relative_to(out))
+            hu = torch.from_numpy(cube.array)[None, None]
+            drr = render_training_drr(hu, fov_mm, x, view)[0, 0].numpy()
+            _save_npy(case_dir / f"drr_{x}.npy", drr)
+            files[f"drr_{x}"] = str((case_dir / f"drr_{x}.npy").relative_to(out))
+            for k in range(augmented_copies):
+                a = render_training_drr(hu, fov_mm, x, view, rng=rng, aug=aug)[0, 0].numpy()
+                _save_npy(case_dir / f"drr_{x}_aug{k}.npy", a)
+                files[f"drr_{x}_aug{k}"] = str((case_dir / f"drr_{x}_aug{k}.npy").relative_to(out))
+        cases.append({"source": str(p), "files": files})
+        if progress is not None:
+            progress(i + 1, total, f"prepared {name}")
+    manifest = {
+        "fov_mm": fov_mm,
+        "view": view,
+        "resolutions": list(resolutions),
+        "xray_resolutions": list(xray_resolutions),
+        "drr": "parallel beam, HU -> mu at 70 keV, line integrals scaled to [0, 1] at the 99.5th percentile",
+        "cases": cases,
+    }
+    path = out / MANIFEST
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        np.save(f, arr.astype(np.float32))
+    os.replace(tmp, path)

@@ -1,0 +1,87 @@
+"""Depth lifting: radiograph features back-projected along the rays into the voxel grid.
+
+The training geometry is a parallel beam (``drr.project_parallel_axis``), so a detector pixel (row, col)
+sees exactly the voxel column (z, x) for a PA view (rows superior first, so z is flipped) or (z, y) for a
+lateral view. Each feature is spread along the ray's depth axis with a learnable anatomical depth prior: a
+mixture of Gaussian bands (anterior / mid / posterior at initialisation, as in the seed), mixed per
+channel, plus a learnable depth embedding. A 1x1x1 head turns the lifted features into a coarse volume,
+the "lifting-only" estimate (trained by the depth-prior loss; a baseline of ``evaluate-xray``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+#: Initial band centres along the depth axis (0 = anterior / patient right, 1 = posterior / left).
+DEFAULT_BAND_CENTRES = (0.25, 0.5, 0.75)
+
+
+class DepthPrior(nn.Module):
+    """Per-channel depth weights from K learnable Gaussian bands.
+
+    Args:
+        channels: feature channels.
+        bands: number of bands K (3: anterior, mid, posterior).
+    """
+
+    def __init__(self, channels: int, bands: int = 3):
+        super().__init__()
+        centres = torch.linspace(0.2, 0.8, bands) if bands != 3 else torch.tensor(DEFAULT_BAND_CENTRES)
+        self.centres = nn.Parameter(centres.clone())
+        self.log_widths = nn.Parameter(torch.full((bands,), -1.9))  # width ~0.15 of the depth
+        self.mix = nn.Parameter(torch.zeros(channels, bands))
+
+    def forward(self, depth: int) -> torch.Tensor:
+        """Weights (C, depth) for ``depth`` positions; each channel's weights average to ~1."""
+        pos = (torch.arange(depth, device=self.centres.device, dtype=self.centres.dtype) + 0.5) / depth
+        g = torch.exp(-0.5 * ((pos[None] - self.centres[:, None]) / self.log_widths.exp()[:, None]) ** 2)
+        g = g / g.mean(dim=1, keepdim=True).clamp_min(1e-6)  # (K, depth), mean 1 per band
+        return torch.softmax(self.mix, dim=1) @ g
+
+
+class DepthLifting(nn.Module):
+    """Lift multi-scale 2D features (B, C_i, h_i, w_i) to voxel features (B, C, G, G, G).
+
+    Args:
+        in_channels: channels of each encoder scale.
+        out_channels: voxel feature channels.
+        bands: depth-prior bands.
+        use_prior: False spreads features uniformly (ablation; the prior is still a module, unused).
+    """
+
+    def __init__(self, in_channels: list[int], out_channels: int, bands: int = 3, use_prior: bool = True):
+        super().__init__()
+        self.proj = nn.Conv2d(sum(in_channels), out_channels, 1)
+        self.prior = DepthPrior(out_channels, bands)
+        self.use_prior = use_prior
+        self.depth_embed = nn.Parameter(torch.zeros(out_channels, 64))
+        self.head = nn.Conv3d(out_channels, 1, 1)
+
+    def forward(self, feats: list[torch.Tensor], grid: int, view: str = "pa") -> torch.Tensor:
+        """Args:
+            feats: encoder features, list of (B, C_i, h_i, w_i).
+            grid: voxel grid side G.
+            view: ``pa`` (depth axis y) or ``lateral`` (depth axis x).
+
+        Returns:
+            (B, C, G, G, G) voxel features, array order (z, y, x).
+        """
+        maps = [F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=False) for f in feats]
+        f2d = self.proj(torch.cat(maps, dim=1)).flip(2)  # rows superior-first -> z ascending
+        c = f2d.shape[1]
+        weights = self.prior(grid) if self.use_prior else torch.ones(c, grid, device=f2d.device)
+        emb = F.interpolate(self.depth_embed[None], size=grid, mode="linear", align_corners=False)[0]
+        if view == "pa":  # image (z, x); depth along y
+            vol = f2d[:, :, :, None, :] * weights[None, :, None, :, None] + emb[None, :, None, :, None]
+        else:  # image (z, y); depth along x
+            vol = f2d[:, :, :, :, None] * weights[None, :, None, None, :] + emb[None, :, None, None, :]
+        return vol
+
+    def lifted_volume(self, voxel_feats: torch.Tensor, resolution: int) -> torch.Tensor:
+        """Coarse volume estimate (B, 1, R, R, R) in model units from lifted features."""
+        coarse = self.head(voxel_feats)
+        return torch.tanh(
+            F.interpolate(coarse, size=(resolution,) * 3, mode="trilinear", align_corners=False)
+        )

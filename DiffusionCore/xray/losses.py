@@ -1,0 +1,116 @@
+"""Training losses of one cascade stage: v-loss, DRR re-projection loss, depth-prior loss, gradient loss.
+
+All volumes are in model units (HU window of ``DiffusionCore.sr.intensity``); the DRR loss converts the
+predicted clean volume back to HU, then to attenuation at 70 keV (``drr.hu_to_mu``), projects it with the
+training geometry (axis-aligned parallel beam) and compares normalised line integrals with the target's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..sr.intensity import unit_to_hu
+from .cascade import StageModel
+from .config import XrayLossWeights
+from .drr import hu_to_mu, project_parallel_axis
+from .vdiffusion import predict_x0_eps, q_sample, v_from_x0_eps
+
+
+def gradient_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between finite differences along z, y, x of (B, 1, D, H, W) volumes."""
+    loss = pred.new_zeros(())
+    for dim in (2, 3, 4):
+        loss = loss + (torch.diff(pred, dim=dim) - torch.diff(target, dim=dim)).abs().mean()
+    return loss / 3
+
+
+def line_integrals(vol_unit: torch.Tensor, spacing_mm: float, view: str) -> torch.Tensor:
+    """Parallel-beam line integrals (B, 1, D, W|H) of a volume in model units with isotropic spacing."""
+    return project_parallel_axis(hu_to_mu(unit_to_hu(vol_unit)), (spacing_mm,) * 3, view)
+
+
+def drr_l1(pred_unit: torch.Tensor, target_unit: torch.Tensor, spacing_mm: float, view: str) -> torch.Tensor:
+    """L1 between the DRRs of prediction and target, scaled by the target's 99th percentile per sample."""
+    lp = line_integrals(pred_unit, spacing_mm, view)
+    with torch.no_grad():
+        lt = line_integrals(target_unit, spacing_mm, view)
+        scale = torch.quantile(lt.flatten(1), 0.99, dim=1).clamp_min(1e-3).view(-1, 1, 1, 1)
+    return ((lp - lt) / scale).abs().mean()
+
+
+def _ssim2d(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    size = int(2 * round(3 * sigma) + 1)
+    x = torch.arange(size, dtype=a.dtype, device=a.device) - size // 2
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    g = g / g.sum()
+    k = (g[:, None] * g[None, :])[None, None]
+    pad = size // 2
+
+    def blur(z: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(z, (pad,) * 4, mode="replicate"), k)
+
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2  # data range 2 (model units)
+    ma, mb = blur(a), blur(b)
+    va, vb, cov = blur(a * a) - ma**2, blur(b * b) - mb**2, blur(a * b) - ma * mb
+    return (((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))).mean()
+
+
+def structural_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - SSIM on the three central orthogonal slices (a perceptual-style loss needing no network)."""
+    d, h, w = pred.shape[-3:]
+    pairs = [
+        (pred[:, :, d // 2], target[:, :, d // 2]),
+        (pred[:, :, :, h // 2], target[:, :, :, h // 2]),
+        (pred[..., w // 2], target[..., w // 2]),
+    ]
+    return sum(1 - _ssim2d(p, t) for p, t in pairs) / 3
+
+
+def stage_loss(
+    model: StageModel,
+    x0: torch.Tensor,
+    xray: torch.Tensor,
+    prev: torch.Tensor | None,
+    weights: XrayLossWeights,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted training loss of one stage on one batch.
+
+    Args:
+        model: the stage.
+        x0: (B, 1, R, R, R) target CT cube, model units.
+        xray: (B, 1, H, W) DRR input, attenuation style.
+        prev: (B, 1, r, r, r) previous-stage volume (stages 2-3) or None.
+        weights: loss weights (``v_loss``, ``drr_loss``, ``depth_prior_loss``, ``perceptual_loss``,
+            ``gradient_loss``).
+        generator: RNG for t and noise (deterministic tests).
+
+    Returns:
+        (total loss tensor, dict of the unweighted components as floats).
+    """
+    cfg = model.cfg
+    b = x0.shape[0]
+    min_t = cfg.diffusion.min_t
+    t = torch.rand(b, generator=generator, device=x0.device) * (1 - min_t) + min_t
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    xt = q_sample(x0, t, eps)
+    out, lifted = model(xt, t, xray, prev, return_lifted=True)
+    out = out.float()
+    vparam = cfg.model.v_parameterization
+    target = v_from_x0_eps(x0, eps, t) if vparam else eps
+    parts: dict[str, torch.Tensor] = {"v_loss": F.mse_loss(out, target)}
+    x0_pred, _ = predict_x0_eps(out, xt, t, vparam, clip=False)
+    x0_pred = x0_pred.clamp(-1.5, 1.5)
+    spacing = cfg.data.fov_mm / cfg.resolution
+    if weights.drr_loss > 0:
+        parts["drr_loss"] = drr_l1(x0_pred, x0, spacing, cfg.data.view)
+    if weights.depth_prior_loss > 0 and lifted is not None:
+        parts["depth_prior_loss"] = F.l1_loss(lifted.float(), x0)
+    if weights.gradient_loss > 0:
+        parts["gradient_loss"] = gradient_l1(x0_pred, x0)
+    if weights.perceptual_loss > 0:
+        parts["perceptual_loss"] = structural_loss(x0_pred, x0)
+    total = sum(getattr(weights, k) * v for k, v in parts.items())
+    return total, {k: float(v.detach()) for k, v in parts.items()}

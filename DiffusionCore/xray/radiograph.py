@@ -1,0 +1,223 @@
+"""Real radiographs: reading (DICOM CR/DX, PNG, JPEG), windowing, resizing and matching to the DRR style.
+
+The model sees radiographs in the *attenuation style* of :func:`DiffusionCore.xray.drr.radiograph_style`:
+a float32 (H, W) image in [0, 1], air dark (0), dense bone bright (~1), rows superior first, columns the
+patient's right first for a PA view. Real images are brought there by: MONOCHROME1 inversion (DICOM),
+robust percentile windowing, optional quantile matching to a reference DRR, then resizing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+
+logger = logging.getLogger(__name__)
+
+#: Images smaller than this on either side are refused (a thumbnail or an icon, not a radiograph).
+MIN_RADIOGRAPH_SIDE = 32
+#: Percentiles used to window an image to [0, 1] (robust to collimator edges and burned-in labels).
+WINDOW_PERCENTILES = (0.5, 99.5)
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+@dataclass
+class Radiograph:
+    """A radiograph in attenuation style.
+
+    Attributes:
+        array: float32 (H, W) in [0, 1]; bright = more attenuation.
+        pixel_spacing: (row, col) mm, or None when the file does not record it.
+        metadata: provenance (source, photometric interpretation, modality, ...).
+    """
+
+    array: np.ndarray
+    pixel_spacing: tuple[float, float] | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        arr = np.asarray(self.array)
+        check_radiograph_array(arr, self.metadata.get("source", "image"))
+        self.array = np.ascontiguousarray(arr, dtype=np.float32)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.array.shape[0]), int(self.array.shape[1])
+
+
+def check_radiograph_array(arr: np.ndarray, source: str = "image") -> None:
+    """Refuse arrays that cannot be a single grayscale radiograph (raises InputError)."""
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        raise InputError(
+            f"{source} is a colour (RGB) image; a radiograph is grayscale. Export it as a grayscale "
+            "DICOM/PNG (or convert it, e.g. in 3D Slicer or an image editor) and try again."
+        )
+    if arr.ndim == 3 and min(arr.shape) > 1:
+        raise InputError(
+            f"{source} is a 3D volume of shape {arr.shape}, not a radiograph. xray2ct needs one 2D "
+            "projection image (a chest X-ray); to make a radiograph from a CT use the DRR tools."
+        )
+    if arr.ndim == 3:
+        arr = arr.reshape([s for s in arr.shape if s != 1] or [1])
+    if arr.ndim != 2:
+        raise InputError(f"{source} has {arr.ndim} dimensions; a radiograph is a 2D image (rows, columns).")
+    if min(arr.shape) < MIN_RADIOGRAPH_SIDE:
+        raise InputError(
+            f"{source} is only {arr.shape[0]}x{arr.shape[1]} pixels; a radiograph needs at least "
+            f"{MIN_RADIOGRAPH_SIDE} pixels per side. Use the full-resolution image, not a thumbnail."
+        )
+    if not np.all(np.isfinite(arr)):
+        raise InputError(f"{source} contains NaN or infinite values; re-export the image.")
+
+
+def _dicom_tags(reader: sitk.ImageFileReader) -> dict[str, str]:
+    tags = {}
+    for key, name in (
+        ("0028|0004", "photometric"),
+        ("0008|0060", "modality"),
+        ("0028|0030", "pixel_spacing"),
+        ("0018|1164", "imager_pixel_spacing"),
+        ("0028|0101", "bits_stored"),
+    ):
+        if reader.HasMetaDataKey(key):
+            tags[name] = reader.GetMetaData(key).strip()
+    return tags
+
+
+def _parse_spacing(text: str | None) -> tuple[float, float] | None:
+    if not text:
+        return None
+    try:
+        parts = [float(p) for p in text.replace(",", "\\").split("\\") if p.strip()]
+    except ValueError:
+        return None
+    if len(parts) == 2 and all(p > 0 for p in parts):
+        return (parts[0], parts[1])
+    return None
+
+
+def read_radiograph(path: str | os.PathLike) -> Radiograph:
+    """Read a radiograph file into attenuation style.
+
+    Args:
+        path: DICOM (CR/DX/DX-like, any transfer syntax SimpleITK reads), PNG, JPEG, TIFF or BMP.
+
+    Returns:
+        :class:`Radiograph` with ``array`` (H, W) float32 in [0, 1] (MONOCHROME1 inverted, percentile
+        windowed), ``pixel_spacing`` (row, col) mm from the DICOM header or None.
+
+    Raises:
+        InputError: missing/unreadable/corrupt file, colour image, 3D volume, image smaller than
+            :data:`MIN_RADIOGRAPH_SIDE` pixels per side.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"radiograph {p} does not exist or is a folder; give the path of one image file.")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+        img = reader.Execute()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"cannot read {p} as an image ({first[:200]}). The file is corrupt or not a DICOM/PNG/JPEG "
+            "radiograph; re-export it from the PACS or viewer."
+        ) from exc
+    is_dicom = reader.GetImageIO() == "GDCMImageIO" or p.suffix.lower() == ".dcm"
+    tags = _dicom_tags(reader) if is_dicom else {}
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError(
+            f"{p.name} is a colour (RGB) image; a radiograph is grayscale. Export it as a grayscale "
+            "DICOM/PNG and try again."
+        )
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    check_radiograph_array(arr, p.name)
+    arr = arr.reshape([s for s in arr.shape if s != 1]) if arr.ndim == 3 else arr
+    photometric = tags.get("photometric", "MONOCHROME2")
+    if photometric == "MONOCHROME1":
+        arr = arr.max() - arr  # MONOCHROME1: high values are dark; invert so bone is bright
+    spacing = _parse_spacing(tags.get("pixel_spacing")) or _parse_spacing(tags.get("imager_pixel_spacing"))
+    meta = {"source": str(p), "format": "dicom" if is_dicom else p.suffix.lower().lstrip("."), **tags}
+    return Radiograph(window_radiograph(arr), spacing, meta)
+
+
+def window_radiograph(arr: np.ndarray, percentiles: tuple[float, float] = WINDOW_PERCENTILES) -> np.ndarray:
+    """Robust windowing to [0, 1] between two percentiles of the image's values.
+
+    Args:
+        arr: (H, W) any intensity units, bright = attenuating.
+    """
+    lo, hi = np.percentile(arr, percentiles)
+    if hi <= lo:
+        raise InputError("the radiograph is blank (all pixels have the same value); check the file.")
+    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def resize_radiograph(rad: Radiograph, size: int | tuple[int, int], *, square: bool = True) -> Radiograph:
+    """Centre-crop to a square (optional) and resize with antialiasing.
+
+    Args:
+        rad: input radiograph.
+        size: output side or (rows, cols).
+        square: crop the longer side symmetrically first so the aspect ratio is kept.
+
+    Returns:
+        A new :class:`Radiograph`; pixel spacing rescaled when known.
+    """
+    arr = rad.array
+    h, w = arr.shape
+    if square and h != w:
+        s = min(h, w)
+        r0, c0 = (h - s) // 2, (w - s) // 2
+        arr = arr[r0 : r0 + s, c0 : c0 + s]
+        h = w = s
+    rows, cols = (size, size) if isinstance(size, int) else size
+    t = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
+    out = F.interpolate(t, size=(rows, cols), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    spacing = None
+    if rad.pixel_spacing is not None:
+        spacing = (rad.pixel_spacing[0] * h / rows, rad.pixel_spacing[1] * w / cols)
+    return Radiograph(out.clamp(0, 1).numpy(), spacing, {**rad.metadata, "resized_from": [h, w]})
+
+
+def match_drr_style(image: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """Map a real radiograph's intensities onto the DRR style (quantile matching).
+
+    Args:
+        image: (H, W) in [0, 1] (e.g. :attr:`Radiograph.array`).
+        reference: a DRR in attenuation style to match (its histogram); None only windows the image.
+
+    Returns:
+        (H, W) float32 in [0, 1] whose value distribution follows ``reference``.
+    """
+    img = window_radiograph(np.asarray(image, dtype=np.float32))
+    if reference is None:
+        return img
+    qs = np.linspace(0.0, 1.0, 257)
+    src_q = np.quantile(img, qs)
+    ref_q = np.quantile(np.asarray(reference, dtype=np.float32), qs)
+    src_q = np.maximum.accumulate(src_q + np.arange(qs.size) * 1e-9)  # strictly increasing for interp
+    return np.clip(np.interp(img, src_q, ref_q), 0.0, 1.0).astype(np.float32)
+
+
+def as_radiograph(image: Radiograph | np.ndarray | str | os.PathLike) -> Radiograph:
+    """A :class:`Radiograph` from a radiograph, a path, or a (H, W) array (windowed to [0, 1])."""
+    if isinstance(image, Radiograph):
+        return image
+    if isinstance(image, str | os.PathLike):
+        return read_radiograph(image)
+    arr = np.asarray(image, dtype=np.float32)
+    check_radiograph_array(arr, "the array")
+    arr = arr.reshape([s for s in arr.shape if s != 1]) if arr.ndim == 3 else arr
+    if arr.min() < 0 or arr.max() > 1:
+        arr = window_radiograph(arr)
+    return Radiograph(arr, None, {"source": "array"})

@@ -1,0 +1,119 @@
+"""v-parameterised diffusion with a cosine schedule and a few-step DDIM sampler.
+
+Continuous time ``t`` in [0, 1]: ``alpha(t) = cos(pi t / 2)``, ``sigma(t) = sin(pi t / 2)`` (alpha^2 + sigma^2
+= 1). Forward process ``x_t = alpha x0 + sigma eps``; the network predicts ``v = alpha eps - sigma x0``,
+from which ``x0 = alpha x_t - sigma v`` and ``eps = sigma x_t + alpha v``. With ``v_parameterization=False``
+the network predicts ``eps`` instead. Everything is in model units (HU mapped to [-1, 1] by
+``DiffusionCore.sr.intensity.hu_to_unit``).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+
+import torch
+
+from ..errors import Cancelled
+
+
+def alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signal and noise scales at time ``t`` (any shape, values in [0, 1])."""
+    return torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)
+
+
+def _bc(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, *([1] * (like.ndim - 1))) if x.ndim == 1 else x
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Noised sample ``x_t = alpha x0 + sigma eps``. x0, eps (B, ...); t (B,)."""
+    a, s = alpha_sigma(_bc(t, x0))
+    return a * x0 + s * eps
+
+
+def v_from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Velocity target ``v = alpha eps - sigma x0``."""
+    a, s = alpha_sigma(_bc(t, x0))
+    return a * eps - s * x0
+
+
+def x0_from_v(xt: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Clean estimate ``x0 = alpha x_t - sigma v``."""
+    a, s = alpha_sigma(_bc(t, xt))
+    return a * xt - s * v
+
+
+def eps_from_v(xt: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Noise estimate ``eps = sigma x_t + alpha v``."""
+    a, s = alpha_sigma(_bc(t, xt))
+    return s * xt + a * v
+
+
+def x0_from_eps(
+    xt: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, min_alpha: float = 1e-3
+) -> torch.Tensor:
+    """Clean estimate from a noise prediction ``x0 = (x_t - sigma eps) / alpha``."""
+    a, s = alpha_sigma(_bc(t, xt))
+    return (xt - s * eps) / a.clamp_min(min_alpha)
+
+
+def predict_x0_eps(
+    output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, v_parameterization: bool, clip: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) from the network output (v or eps); x0 optionally clipped to [-1, 1]."""
+    if v_parameterization:
+        x0 = x0_from_v(xt, output, t)
+        eps = eps_from_v(xt, output, t)
+    else:
+        eps = output
+        x0 = x0_from_eps(xt, eps, t)
+    if clip:
+        x0c = x0.clamp(-1.0, 1.0)
+        a, s = alpha_sigma(_bc(t, xt))
+        eps = torch.where(s > 1e-4, (xt - a * x0c) / s.clamp_min(1e-4), eps)
+        x0 = x0c
+    return x0, eps
+
+
+@torch.no_grad()
+def ddim_sample(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_start: torch.Tensor,
+    *,
+    steps: int,
+    v_parameterization: bool = True,
+    t_start: float = 1.0,
+    cancel: threading.Event | None = None,
+    step_callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from ``t_start`` to 0 in ``steps`` uniform steps.
+
+    Args:
+        model_fn: ``model_fn(x_t, t) -> v`` (or eps), x_t (B, 1, D, H, W), t (B,).
+        x_start: the sample at ``t_start`` (pure noise when 1.0, a noised previous-stage volume otherwise).
+        steps: number of network evaluations (>= 1).
+        t_start: starting time in (0, 1].
+        cancel: checked before every step; raises :class:`Cancelled` when set.
+        step_callback: ``(done, total)`` after every step.
+
+    Returns:
+        The clean sample x0 in model units (B, 1, D, H, W), clipped to [-1, 1].
+    """
+    steps = max(1, int(steps))
+    times = torch.linspace(t_start, 0.0, steps + 1, device=x_start.device)
+    x = x_start
+    b = x.shape[0]
+    x0 = x
+    for i in range(steps):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("generation cancelled; nothing was written.")
+        t, t_next = times[i], times[i + 1]
+        out = model_fn(x, t.expand(b))
+        x0, eps = predict_x0_eps(out.float(), x, t.expand(b), v_parameterization)
+        a_n, s_n = alpha_sigma(t_next)
+        x = a_n * x0 + s_n * eps
+        if step_callback is not None:
+            step_callback(i + 1, steps)
+    return x0
