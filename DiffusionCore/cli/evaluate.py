@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..evaluate import evaluate, format_table
+from ..files import publish
 from ..volume import load_reference
 from .common import Progress, add_progress_argument
 
@@ -57,7 +58,7 @@ def write_json_atomic(data: dict, path: str | os.PathLike, overwrite: bool = Tru
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(clean(data), f, indent=2)
-        os.replace(tmp, p)
+        publish(tmp, p)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -32,7 +32,6 @@ unregistered weights (``--allow-unregistered-weights`` on the command line).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ from typing import Any
 import torch
 
 from ..errors import OutputError, WeightsError
+from ..files import cache_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ BUNDLED_REGISTRY = Path(__file__).with_name("registry.json")
 #: safetensors refuses headers larger than this; a larger size field means "not a safetensors file".
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -82,26 +81,9 @@ class ResolvedWeights:
         return tensors
 
 
-def cache_dir() -> Path:
-    """The user cache folder: ``$DIFFUSIONCORE_CACHE`` or ``~/.cache/diffusioncore`` (not created here)."""
-    env = os.environ.get("DIFFUSIONCORE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "diffusioncore"
-
-
 def user_registry_path() -> Path:
     """The user registry file, ``cache_dir()/weights/registry.json``."""
     return cache_dir() / "weights" / "registry.json"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_safetensors(
