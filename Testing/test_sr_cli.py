@@ -209,3 +209,15 @@ def test_batch_list_file_and_volume_api(tmp_path, capsys):
     result = read_volume(tmp_path / "out" / "one.nii.gz")
     assert isinstance(result, Volume) and result.shape == (4, 32, 32)
     assert sitk.ReadImage(str(tmp_path / "out" / "one.nii.gz")).GetPixelID() == sitk.sitkInt16
+
+
+def test_batch_goes_on_after_a_bad_volume_and_says_which_failed(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_volume(thick_ct(shape=(2, 32, 32)), src / "good.nii.gz")
+    _write_nan(src / "bad.nii.gz")
+    rc = main(["sr", str(src), str(tmp_path / "out"), "--tiny-test-model", "--progress", "none", "--num-steps", "1"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "1 of 2 volumes failed" in errors[0] and "bad.nii.gz" in errors[0]
+    assert os.listdir(tmp_path / "out") == ["good.nii.gz"]

@@ -343,3 +343,13 @@ def test_evaluate_method_sr_needs_weights_and_uses_registered_default(tmp_path, 
     assert [r["method"] for r in result["results"]] == ["cubic", "sr"]
     assert result["results"][1]["consistency_psnr"] > 60
     assert fn is evaluate_mod.get_method("sr")
+
+
+def test_progress_counts_the_steps_the_model_really_runs(tiny):
+    calls = []
+    vol = thick_ct(shape=(2, 32, 32))
+    _, report = tiny.run(vol, factor=4, steps=50, progress=lambda d, t, m: calls.append((d, t)))
+    n_train = tiny.model.config.diffusion.num_train_timesteps  # ResShift cannot take more steps than T
+    assert report["settings"]["steps"] == n_train and report["settings"]["requested_steps"] == 50
+    assert {t for _, t in calls} == {n_train}
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1][0] == n_train

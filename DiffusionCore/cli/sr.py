@@ -109,16 +109,26 @@ def batch_output_names(sources: list[Path]) -> list[str]:
     return out
 
 
+#: Text files listing one volume per line.
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+
+
 def _is_batch(path: Path) -> tuple[bool, list[Path]]:
-    """(batch?, sources) for INPUT: a volume file or a DICOM series folder is one volume."""
-    from ..train.data import collect_volumes, is_volume_file
+    """(batch?, sources) for INPUT: a volume file, a DICOM file or a DICOM series folder is one volume; a
+    folder of volumes or a list file (.txt, .lst, .list) is a batch. Other files are read as one volume
+    (so that an unsupported file gets the reader's explanation)."""
+    from ..train.data import collect_volumes, is_dicom_file
 
     if not path.exists():
         raise InputError(f"{path} does not exist. Check the path (and quote it if it contains spaces).")
-    if path.is_file() and is_volume_file(path):
+    if path.is_file():
+        if path.suffix.lower() in LIST_SUFFIXES:
+            return True, collect_volumes(path)
+        if is_dicom_file(path):
+            return False, [path.parent]
         return False, [path]
     sources = collect_volumes(path)
-    if path.is_dir() and sources == [path]:
+    if sources == [path]:
         return False, [path]  # the folder is itself a DICOM series
     return True, sources
 
@@ -253,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     report_path = _report_path(args, info)
     if info.world_size > 1:
         logger.info("process %d of %d: %d volume(s) on %s", info.rank, info.world_size, len(jobs), device)
-    resolver = load_resolver(args)
+    resolver = None  # loaded after the first volume is read: input problems are reported first
     patch = args.patch_size
     overlap = args.overlap
     if (patch or overlap) and not args.use_patches:
@@ -283,6 +293,8 @@ def run(args: argparse.Namespace) -> int:
                 logger.warning("skipping %s: %s", job.source, exc)
                 continue
             t_read = time.perf_counter() - t0
+            if resolver is None:
+                resolver = load_resolver(args)
             try:
                 output, report = resolver.run(
                     volume,

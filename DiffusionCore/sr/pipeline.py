@@ -222,6 +222,14 @@ class SuperResolver:
         cfg = getattr(getattr(self.model, "config", None), "diffusion", None)
         return float(getattr(cfg, "guidance_scale", FALLBACK_GUIDANCE))
 
+    def effective_steps(self, steps: int) -> int:
+        """Network evaluations per patch for a requested step count (a process with ``T`` steps runs at
+        most ``T``); the progress total is counted in these."""
+        process = getattr(self.model, "diffusion", None)
+        if process is not None and hasattr(process, "sampling_timesteps"):
+            return max(1, len(process.sampling_timesteps(int(steps))))
+        return int(steps)
+
     # -- running -----------------------------------------------------------------------------------
     def target_grid(
         self,
@@ -367,6 +375,8 @@ class SuperResolver:
         guidance = self.default_guidance if guidance is None else float(guidance)
         if steps < 1:
             raise ConfigError(f"the number of sampling steps must be at least 1; got {steps}")
+        requested_steps = steps
+        steps = self.effective_steps(steps)
         if num_samples < 1:
             raise ConfigError(f"num_samples must be at least 1; got {num_samples}")
         patch_req = tuple(DEFAULT_PATCH_SIZE if patch_size is None else patch_size)
@@ -501,6 +511,7 @@ class SuperResolver:
                 "output_spacing_mm": list(grid.spacing),
                 "output_shape": list(grid.shape),
                 "steps": steps,
+                "requested_steps": requested_steps,
                 "guidance": guidance,
                 "seed": int(seed),
                 "device": str(dev),
