@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "evaluate",
     "sample_data",
     "sr",
+    "xray",
 ]
 
 logger = logging.getLogger("DiffusionCore")

@@ -9,7 +9,10 @@ import argparse
 import importlib
 
 #: Modules that add ``train`` sub-commands.
-FAMILY_MODULES: list[str] = []
+FAMILY_MODULES: list[str] = [
+    "DiffusionCore.sr.train_cli",
+    "DiffusionCore.xray.train_cli",
+]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

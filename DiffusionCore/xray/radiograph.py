@@ -2,7 +2,7 @@
 
 The model sees radiographs in the *attenuation style* of :func:`DiffusionCore.xray.drr.radiograph_style`:
 a float32 (H, W) image in [0, 1], air dark (0), dense bone bright (~1), rows superior first, columns the
-patient's right first for a PA view. Real images are brought there by: MONOCHROME1 inversion (DICOM),
+patient's right first for a PA view. Real images are brought there by: MONOCHROME1 inversion (DICOM, done by SimpleITK's reader),
 robust percentile windowing, optional quantile matching to a reference DRR, then resizing.
 """
 
@@ -142,9 +142,9 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
     check_radiograph_array(arr, p.name)
     arr = arr.reshape([s for s in arr.shape if s != 1]) if arr.ndim == 3 else arr
-    photometric = tags.get("photometric", "MONOCHROME2")
-    if photometric == "MONOCHROME1":
-        arr = arr.max() - arr  # MONOCHROME1: high values are dark; invert so bone is bright
+    # MONOCHROME1 (high values display dark): SimpleITK's GDCM reader already returns such images inverted
+    # to MONOCHROME2 semantics (2^BitsStored - 1 - value), so bright = attenuating here for both; checked
+    # on a crafted MONOCHROME1 file in Testing/test_xray_cli.py.
     spacing = _parse_spacing(tags.get("pixel_spacing")) or _parse_spacing(tags.get("imager_pixel_spacing"))
     meta = {"source": str(p), "format": "dicom" if is_dicom else p.suffix.lower().lstrip("."), **tags}
     return Radiograph(window_radiograph(arr), spacing, meta)

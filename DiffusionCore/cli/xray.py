@@ -1,0 +1,203 @@
+"""``xray2ct``, ``prepare-xray-data`` and ``evaluate-xray``: the X-ray to CT commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import InputError, OutputError
+from .common import Progress, add_progress_argument
+
+logger = logging.getLogger(__name__)
+
+#: Weights used when --weights is not given (a registered name).
+DEFAULT_WEIGHTS = "xray-cascade"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "xray2ct",
+        help="generate a CT volume from a chest radiograph (synthetic; not for diagnosis)",
+        description="Generate a synthetic CT from one radiograph (DICOM CR/DX, PNG or JPEG) with the X-ray "
+        "to CT cascade; each stage is checked by re-projecting it (DRR) against the radiograph.",
+    )
+    p.add_argument("xray", help="radiograph file (DICOM, PNG, JPEG) or a sample name (cxr-pa)")
+    p.add_argument("output", help="output volume (.nii.gz, .nrrd, .mha)")
+    p.add_argument(
+        "--num-stages", type=int, default=3, help="cascade stages to run (1: 64^3 preview, 3: 256^3)"
+    )
+    p.add_argument("--view", default="pa", choices=("pa", "lateral"), help="radiograph view (default pa)")
+    p.add_argument("--weights", default=None, help=f"weights name or file (default {DEFAULT_WEIGHTS})")
+    p.add_argument("--allow-unregistered-weights", action="store_true",
+                   help="accept a weights file whose sha256 is not registered")  # fmt: skip
+    p.add_argument(
+        "--steps", type=int, default=None, help="DDIM steps per stage (default: the weights' config)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--fov-mm", type=float, default=None, help="side of the output cube in mm")
+    p.add_argument(
+        "--save-stages", action="store_true", help="also write OUTPUT_stageN files for every stage"
+    )
+    p.add_argument("--report", default=None, help="write the JSON report (projection error per stage) here")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # tests: random tiny net
+    add_progress_argument(p)
+    p.set_defaults(func=run_xray2ct)
+
+    q = sub.add_parser(
+        "prepare-xray-data",
+        help="resample CTs to training cubes and render their DRRs (X-ray to CT training data)",
+        description="For every CT: cubes per stage (64^3, 128^3, 256^3 over --fov-mm) as int16 NIfTI, the "
+        "training-geometry DRR and augmented DRRs (pose jitter, intensity, noise, blur) as .npy, and a "
+        "manifest.json. train xray --data accepts the output folder.",
+    )
+    q.add_argument("--data", nargs="+", required=True, help="CT folder(s), list file or sample names")
+    q.add_argument("--output-dir", required=True, help="folder for cubes, DRRs and manifest.json")
+    q.add_argument("--fov-mm", type=float, default=350.0, help="side of the cubic field of view (mm)")
+    q.add_argument("--resolutions", default="64,128,256", help="cube sides, comma-separated")
+    q.add_argument("--xray-resolutions", default="128,256,512", help="DRR sides, one per cube side")
+    q.add_argument("--view", default="pa", choices=("pa", "lateral"), help="DRR view")
+    q.add_argument("--augmented-copies", type=int, default=2, help="augmented DRRs per cube")
+    q.add_argument("--seed", type=int, default=0, help="augmentation seed")
+    q.add_argument("--overwrite", action="store_true", help="replace existing cube files")
+    add_progress_argument(q)
+    q.set_defaults(func=run_prepare)
+
+    e = sub.add_parser(
+        "evaluate-xray",
+        help="score X-ray to CT stages against a reference CT (model, mean-ct, lifting-only)",
+        description="Render the training-geometry DRR of a reference CT, generate from it, and report 3D PSNR, "
+        "3D SSIM (HU [-1024, 2048]) and re-projection PSNR per stage for the model and two baselines.",
+    )
+    e.add_argument("--reference", required=True, help="reference CT: file, DICOM folder or sample name")
+    e.add_argument("--num-stages", type=int, default=None, help="stages to evaluate (default all)")
+    e.add_argument("--methods", default="model,mean-ct,lifting-only", help="comma-separated methods")
+    e.add_argument("--weights", default=None, help=f"weights name or file (default {DEFAULT_WEIGHTS})")
+    e.add_argument("--allow-unregistered-weights", action="store_true", help="accept unregistered weights")
+    e.add_argument("--steps", type=int, default=None, help="DDIM steps per stage")
+    e.add_argument("--seed", type=int, default=0, help="noise seed")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
+    e.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)
+    add_progress_argument(e)
+    e.set_defaults(func=run_evaluate)
+
+
+def _generator(args: argparse.Namespace):
+    from ..xray.pipeline import XrayToCTGenerator
+
+    if args.tiny_test_model:
+        logger.warning("--tiny-test-model: a tiny random network for tests; the output is noise, not a CT")
+        return XrayToCTGenerator.tiny()
+    return XrayToCTGenerator.from_pretrained(args.weights or DEFAULT_WEIGHTS,
+                                             allow_unregistered=args.allow_unregistered_weights)  # fmt: skip
+
+
+def _radiograph(name: str):
+    from ..xray.radiograph import read_radiograph
+
+    p = Path(name)
+    if not p.exists() and "/" not in name:
+        from .. import sampledata
+
+        if name in sampledata.SAMPLES and sampledata.SAMPLES[name].kind == "radiograph":
+            return read_radiograph(sampledata.fetch(name))
+    return read_radiograph(p)
+
+
+def run_xray2ct(args: argparse.Namespace) -> int:
+    from ..volume import check_output_path, write_volume
+    from .evaluate import write_json_atomic
+
+    out = check_output_path(args.output, overwrite=args.overwrite)
+    if args.report and Path(args.report).exists() and not args.overwrite:
+        raise OutputError(f"{args.report} already exists; pass --overwrite to replace it.")
+    rad = _radiograph(args.xray)
+    gen = _generator(args)
+    stage_paths: list[str] = []
+
+    def on_stage(stage: int, vol, info: dict) -> None:
+        if args.save_stages and stage < args.num_stages:
+            name = out.name
+            for suf in (".nii.gz", ".nrrd", ".mha", ".nii"):
+                if name.endswith(suf):
+                    path = out.with_name(name[: -len(suf)] + f"_stage{stage}" + suf)
+                    break
+            write_volume(vol, path, overwrite=args.overwrite)
+            stage_paths.append(str(path))
+
+    progress = Progress(args.progress, desc="xray2ct")
+    try:
+        vol, report = gen.run(rad, num_stages=args.num_stages, steps=args.steps, seed=args.seed,
+                              device=args.device, view=args.view, fov_mm=args.fov_mm, progress=progress,
+                              on_stage=on_stage)  # fmt: skip
+    finally:
+        progress.close()
+    write_volume(vol, out, overwrite=args.overwrite)
+    report["output"] = str(out)
+    report["stage_outputs"] = stage_paths
+    for s in report["stages"]:
+        logger.info("stage %d: %d^3 at %.2f mm, projection PSNR %.2f dB, NCC %.3f", s["stage"], s["resolution"],
+                    s["spacing_mm"], s["projection_psnr"], s["projection_ncc"])  # fmt: skip
+    if args.report:
+        write_json_atomic(report, args.report)
+    print(f"wrote {out} ({vol.shape[0]}^3 at {vol.spacing[0]:.2f} mm; synthetic CT)")
+    return 0
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 8:
+        raise InputError(f"{what} must list sizes of at least 8, got {text!r}")
+    return vals
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from ..xray.data import prepare_dataset
+    from ..xray.train import _ct_paths
+
+    res = _int_list(args.resolutions, "--resolutions")
+    xres = _int_list(args.xray_resolutions, "--xray-resolutions")
+    if len(res) != len(xres):
+        raise InputError("--resolutions and --xray-resolutions need the same number of values")
+    paths = _ct_paths(args.data if len(args.data) > 1 else args.data[0])
+    progress = Progress(args.progress, desc="prepare-xray-data")
+    try:
+        manifest = prepare_dataset(paths, args.output_dir, resolutions=res, xray_resolutions=xres,
+                                   fov_mm=args.fov_mm, view=args.view, augmented_copies=args.augmented_copies,
+                                   seed=args.seed, overwrite=args.overwrite, progress=progress)  # fmt: skip
+    finally:
+        progress.close()
+    print(f"wrote {manifest} ({len(paths)} CT volume(s))")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from ..volume import load_reference
+    from ..xray.evaluate import evaluate_xray, format_xray_table
+    from .evaluate import write_json_atomic
+
+    if args.json_out:
+        out = Path(args.json_out)
+        if out.exists() and not args.overwrite:
+            raise OutputError(f"{out} already exists; pass --overwrite to replace it.")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    ref = load_reference(args.reference)
+    gen = _generator(args)
+    progress = Progress(args.progress, desc="evaluate-xray")
+    try:
+        report = evaluate_xray(gen, ref, num_stages=args.num_stages, methods=methods, steps=args.steps,
+                               seed=args.seed, device=args.device, reference_name=str(args.reference),
+                               progress=progress)  # fmt: skip
+    finally:
+        progress.close()
+    print(format_xray_table(report))
+    if args.json_out:
+        write_json_atomic(report, args.json_out, overwrite=True)
+    return 0

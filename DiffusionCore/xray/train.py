@@ -1,0 +1,371 @@
+"""Training of the X-ray to CT cascade: one stage at a time (previous stages frozen) or jointly.
+
+Radiographs are DRRs rendered on the fly from augmented CT cubes (:mod:`DiffusionCore.xray.data`), so any
+folder of CTs (e.g. LIDC-IDRI DICOM series) is a training set. Stages 2-3 are conditioned in training on
+the ground-truth cube of the previous resolution plus Gaussian noise (``data.prev_noise``; noise-conditioning
+augmentation of cascaded diffusion), at generation on the previous stage's output.
+
+Runs on CPU, one GPU (bfloat16 autocast) or several (``torchrun``, DDP); writes atomic resumable checkpoints,
+TensorBoard + ``metrics.jsonl`` (losses, DRR re-projection error, slices) and, at the end, the cascade weights
+``xray_cascade.safetensors`` for :class:`XrayToCTGenerator`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import config_to_dict
+from ..errors import ConfigError, InputError, WeightsError
+from ..sr.intensity import hu_to_unit
+from .cascade import UnifiedHybridViTCascade
+from .config import XrayStageConfig, load_stage_config
+from .data import MANIFEST, XrayCubeDataset, ct_to_cube, load_cubes
+from .losses import line_integrals, stage_loss
+
+logger = logging.getLogger(__name__)
+
+EXPORT_NAME = "xray_cascade.safetensors"
+
+
+@dataclass
+class XrayTrainOptions:
+    """What to train and from what (the command line's options).
+
+    Attributes:
+        configs: stage configs (the last one is the stage trained; earlier stages come from
+            ``stage_checkpoints`` / ``load_all_stages`` or the shipped configs).
+        data: CT folder, list file, sample name(s) or a ``prepare-xray-data`` output folder.
+        output_dir: training folder (checkpoints, logs, exported weights).
+        stage_checkpoints: stage number -> weights file or training folder holding that stage.
+        freeze_previous: keep the earlier stages fixed (``--freeze-stage1``).
+        train_all_stages: train every stage jointly (sum of the stages' losses).
+        load_all_stages: a cascade weights file or training folder to start from.
+        unfreeze_all: with ``load_all_stages``: fine-tune every stage.
+        resume: continue from the latest checkpoint in ``output_dir``.
+        device: auto, cpu or cuda.
+        max_steps: override of ``training.max_steps`` (0 keeps the config's).
+        tiny_test_model: replace the configs' networks by tiny ones (tests only).
+    """
+
+    configs: list[XrayStageConfig]
+    data: Any
+    output_dir: Path
+    stage_checkpoints: dict[int, str] = field(default_factory=dict)
+    freeze_previous: bool = False
+    train_all_stages: bool = False
+    load_all_stages: str | None = None
+    unfreeze_all: bool = False
+    resume: bool = False
+    device: str = "auto"
+    max_steps: int = 0
+    tiny_test_model: bool = False
+
+
+def complete_configs(configs: list[XrayStageConfig]) -> list[XrayStageConfig]:
+    """Stage configs 1..S for the highest given stage S, filling gaps with the shipped stageN.json."""
+    by_stage = {c.stage: c for c in configs}
+    top = max(by_stage)
+    return [by_stage.get(s) or load_stage_config(f"stage{s}") for s in range(1, top + 1)]
+
+
+def _ct_paths(data: Any) -> list[Path]:
+    from ..sampledata import CT_SAMPLES, fetch
+
+    items = data if isinstance(data, list | tuple) else [data]
+    paths: list[Path] = []
+    rest = []
+    for it in items:
+        if isinstance(it, str) and it in CT_SAMPLES and not Path(it).exists():
+            paths.append(Path(fetch(it)))
+        else:
+            rest.append(it)
+    if rest:
+        from ..train.data import collect_volumes
+
+        paths += [Path(p) for p in collect_volumes(rest if len(rest) > 1 else rest[0])]
+    return paths
+
+
+def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> list[dict[int, np.ndarray]]:
+    """Cubes from a ``prepare-xray-data`` folder (manifest.json) or from CT volumes."""
+    from ..volume import read_volume
+
+    if isinstance(data, str | os.PathLike) and (Path(data) / MANIFEST).is_file():
+        root = Path(data)
+        manifest = json.loads((root / MANIFEST).read_text())
+        if abs(float(manifest["fov_mm"]) - fov_mm) > 1e-3:
+            raise ConfigError(
+                f"the prepared data in {root} has a {manifest['fov_mm']} mm field of view but the config "
+                f"asks for {fov_mm} mm; prepare it again with --fov-mm {fov_mm} or change data.fov_mm"
+            )
+        out = []
+        for case in manifest["cases"]:
+            cubes = {}
+            for r in resolutions:
+                key = f"cube_{r}"
+                if key in case["files"]:
+                    cubes[r] = read_volume(root / case["files"][key], check=False).array
+                else:
+                    finest = max(int(k.split("_")[1]) for k in case["files"] if k.startswith("cube_"))
+                    cubes[r] = ct_to_cube(
+                        read_volume(root / case["files"][f"cube_{finest}"]), r, fov_mm
+                    ).array
+            out.append(cubes)
+        return out
+    return load_cubes(_ct_paths(data), resolutions, fov_mm)
+
+
+class CascadeObjective(nn.Module):
+    """Wraps the cascade so one forward computes the summed loss of the trained stages (DDP-friendly)."""
+
+    def __init__(self, cascade: UnifiedHybridViTCascade, trained: list[int]):
+        super().__init__()
+        self.cascade = cascade
+        self.trained = trained
+
+    def forward(
+        self, vols: dict[int, torch.Tensor], xray: torch.Tensor, prev_noise: float
+    ) -> tuple[torch.Tensor, dict]:
+        total = xray.new_zeros(())
+        parts: dict[str, float] = {}
+        for s in self.trained:
+            stage = self.cascade.stages[s - 1]
+            cfg = stage.cfg
+            prev = None
+            if s > 1:
+                prev = vols[self.cascade.configs[s - 2].resolution]
+                prev = (prev + prev_noise * torch.randn_like(prev)).clamp(-1, 1)
+            loss, p = stage_loss(stage, vols[cfg.resolution], xray, prev, cfg.loss_weights)
+            total = total + loss
+            parts.update({f"stage{s}/{k}": v for k, v in p.items()})
+            parts[f"stage{s}/total"] = float(loss.detach())
+        return total, parts
+
+
+def _load_stage_weights(cascade: UnifiedHybridViTCascade, source: str, stages: list[int]) -> None:
+    """Copy the given stages' tensors from a cascade weights file or a training folder."""
+    from ..train.checkpoint import find_latest
+    from ..weights.registry import load_safetensors
+
+    p = Path(source)
+    if p.is_dir():
+        exported = p / EXPORT_NAME
+        if exported.is_file():
+            p = exported
+        else:
+            latest = find_latest(p) if not (p / "cascade.safetensors").is_file() else p
+            if latest is None:
+                raise WeightsError(f"{source} holds no checkpoint or {EXPORT_NAME}; train that stage first")
+            p = Path(latest) / "cascade.safetensors"
+    tensors, _ = load_safetensors(p)
+    own = cascade.state_dict()
+    loaded = 0
+    for s in stages:
+        prefix = f"stages.{s - 1}."
+        for k in own:
+            if k.startswith(prefix):
+                if k not in tensors or tensors[k].shape != own[k].shape:
+                    raise WeightsError(
+                        f"{p} does not hold a matching stage {s} (tensor {k} missing or of another shape); "
+                        "use the checkpoint trained with the same stage config"
+                    )
+                own[k] = tensors[k]
+                loaded += 1
+    cascade.load_state_dict(own)
+    logger.info("loaded stage(s) %s from %s (%d tensors)", stages, p, loaded)
+
+
+def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
+    """Train (part of) the cascade; returns a summary (steps, final losses, weights path and sha256).
+
+    Raises:
+        ConfigError, InputError, WeightsError: bad configs, data or starting weights.
+    """
+    from ..train.checkpoint import find_latest, load_training_state, save_training_state
+    from ..train.distributed import all_reduce_mean, cleanup, init_distributed, wrap_model
+    from ..train.logger import TrainLogger
+    from ..train.stop import StopFlag
+    from .config import tiny_stage_config
+
+    configs = complete_configs(opts.configs)
+    if opts.tiny_test_model:
+        configs = [tiny_stage_config(c.stage, 16 * 2 ** (c.stage - 1)) for c in configs]
+    top = configs[-1]
+    tcfg = top.training
+    info = init_distributed(opts.device)
+    torch.manual_seed(tcfg.seed + info.rank)
+    rng = np.random.default_rng(tcfg.seed + info.rank)
+    cascade = UnifiedHybridViTCascade(configs)
+    for st, c in zip(cascade.stages, configs):
+        st.gradient_checkpointing = c.training.gradient_checkpointing
+    for s, src in sorted(opts.stage_checkpoints.items()):
+        if s >= top.stage:
+            raise ConfigError(
+                f"--stage{s}-checkpoint given while training stage {top.stage}; it must be earlier"
+            )
+        _load_stage_weights(cascade, src, [s])
+    if opts.load_all_stages:
+        _load_stage_weights(cascade, opts.load_all_stages, list(range(1, top.stage + 1)))
+    if opts.train_all_stages or opts.unfreeze_all:
+        trained = list(range(1, top.stage + 1))
+    else:
+        trained = [top.stage]
+        if top.stage > 1 and not opts.stage_checkpoints and not opts.load_all_stages:
+            logger.warning(
+                "training stage %d without --stage%d-checkpoint: the exported cascade's earlier stages are "
+                "untrained; pass the previous stage's weights to get a usable cascade",
+                top.stage,
+                top.stage - 1,
+            )
+    for s in range(1, top.stage + 1):
+        frozen = s not in trained or (opts.freeze_previous and s < top.stage and not opts.unfreeze_all)
+        for p in cascade.stages[s - 1].parameters():
+            p.requires_grad_(not frozen)
+        if frozen and s in trained:
+            trained.remove(s)
+    cascade.to(info.device)
+    objective = CascadeObjective(cascade, trained)
+    wrapped = wrap_model(objective, info, find_unused_parameters=True) if info.distributed else objective
+    params = [p for p in cascade.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(
+            "nothing to train: every stage is frozen (drop --freeze-stage1 or add --unfreeze-all)"
+        )
+    opt = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    warm = max(1, tcfg.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+    max_steps = opts.max_steps or tcfg.max_steps or tcfg.epochs * tcfg.steps_per_epoch
+    out_dir = Path(opts.output_dir)
+    resolutions = sorted({c.resolution for c in configs[: top.stage]})
+    cubes = load_training_cubes(opts.data, resolutions, top.data.fov_mm)
+    r1 = configs[0].resolution
+    mean_hu = np.mean([c[r1] for c in cubes], axis=0)
+    cascade.mean_ct.copy_(hu_to_unit(torch.from_numpy(mean_hu))[None, None].to(cascade.mean_ct.device))
+    from ..train.distributed import shard_list
+
+    if info.distributed and len(cubes) >= info.world_size:
+        cubes = shard_list(cubes, info)
+    dataset = XrayCubeDataset(cubes, top.data, top.data.fov_mm)
+    step, epoch = 0, 0
+    config_dict = {"configs": [config_to_dict(c) for c in configs], "trained": trained}
+    if opts.resume:
+        latest = find_latest(out_dir)
+        if latest is None:
+            logger.warning("--resume: no checkpoint in %s; starting from scratch", out_dir)
+        else:
+            state = load_training_state(latest, models={"cascade": cascade}, optimizers={"opt": opt},
+                                        schedulers={"lr": sched}, generators={"data": rng},
+                                        map_location=info.device)  # fmt: skip
+            step, epoch = int(state["step"]), int(state["epoch"])
+            logger.info("resumed from %s at step %d", latest, step)
+    tlog = TrainLogger(out_dir, enabled=info.is_main)
+    use_amp = tcfg.amp and info.device.type == "cuda"
+    xres = max(configs[s - 1].xray_resolution for s in range(1, top.stage + 1))
+    last_parts: dict[str, float] = {}
+    t_start = time.time()
+    cascade.train()
+
+    def save() -> None:
+        if info.is_main:
+            save_training_state(out_dir, step=step, epoch=epoch, models={"cascade": cascade},
+                                optimizers={"opt": opt}, schedulers={"lr": sched}, config=config_dict,
+                                extra={"trained": trained}, generators={"data": rng},
+                                keep=tcfg.keep_checkpoints)  # fmt: skip
+
+    stopped = None
+    with StopFlag(out_dir / "STOP") as stop:
+        while step < max_steps:
+            if stop.requested:
+                stopped = stop.reason
+                break
+            vols, xray = dataset.sample(rng, tcfg.batch_size, resolutions, xres)
+            vols = {r: v.to(info.device) for r, v in vols.items()}
+            xray = xray.to(info.device)
+            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, parts = wrapped(vols, xray, top.data.prev_noise)
+            if not math.isfinite(float(loss.detach())):
+                raise InputError(
+                    f"training diverged at step {step} (loss {float(loss)}); lower training.learning_rate"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.gradient_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, tcfg.gradient_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            epoch = step // max(1, tcfg.steps_per_epoch)
+            last_parts = {k: float(all_reduce_mean(v, info)) for k, v in parts.items()}
+            if step % tcfg.log_every == 0 or step == max_steps:
+                for k, v in last_parts.items():
+                    tlog.scalar(f"loss/{k}", v, step)
+                tlog.scalar("lr", sched.get_last_lr()[0], step)
+                logger.info("step %d/%d %s", step, max_steps,
+                            " ".join(f"{k}={v:.4f}" for k, v in last_parts.items() if k.endswith("total")))  # fmt: skip
+            if progress is not None:
+                progress(step, max_steps, f"loss {float(loss.detach()):.4f}")
+            if step % tcfg.checkpoint_every == 0:
+                log_validation(cascade, trained, vols, xray, tlog, step)
+                save()
+        if stopped is None and stop.requested:
+            stopped = stop.reason
+    save()
+    summary: dict[str, Any] = {"steps": step, "losses": last_parts, "seconds": time.time() - t_start,
+                               "stopped": stopped, "trained_stages": trained}  # fmt: skip
+    if info.is_main:
+        weights = out_dir / EXPORT_NAME
+        sha = cascade.save_pretrained(
+            weights,
+            {
+                "trained_stages": trained,
+                "steps": step,
+                "data": str(opts.data),
+                "description": "X-ray to CT cascade trained with DiffusionCore train xray",
+            },
+        )
+        summary.update({"weights": str(weights), "sha256": sha})
+        logger.info("wrote %s (sha256 %s)", weights, sha)
+    tlog.close()
+    cleanup(info)
+    return summary
+
+
+@torch.no_grad()
+def log_validation(
+    cascade: UnifiedHybridViTCascade,
+    trained: list[int],
+    vols: dict[int, torch.Tensor],
+    xray: torch.Tensor,
+    tlog: Any,
+    step: int,
+) -> None:
+    """Log the lifting-only and one-step estimates' DRR re-projection error and a central slice per stage."""
+    was = cascade.training
+    cascade.eval()
+    for s in trained:
+        st = cascade.stages[s - 1]
+        r = st.cfg.resolution
+        target = vols[r][:1]
+        est = st.lifted_only(xray[:1])
+        sp = st.cfg.data.fov_mm / r
+        lt = line_integrals(target, sp, st.cfg.data.view)
+        le = line_integrals(est, sp, st.cfg.data.view)
+        tlog.scalar(f"val/stage{s}/lifting_projection_l1", float((le - lt).abs().mean() / lt.amax()), step)
+        tlog.image(
+            f"val/stage{s}/lifted_coronal", ((est[0, 0, :, r // 2].flip(0) + 1) / 2).cpu().numpy(), step
+        )
+        tlog.image(
+            f"val/stage{s}/target_coronal", ((target[0, 0, :, r // 2].flip(0) + 1) / 2).cpu().numpy(), step
+        )
+    cascade.train(was)

@@ -1,0 +1,90 @@
+"""``train xray``: progressive or joint training of the X-ray to CT cascade from a folder of CTs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def register(fam: argparse._SubParsersAction) -> None:
+    p = fam.add_parser(
+        "xray",
+        help="train the X-ray to CT cascade (one stage, or all jointly) on DRRs of your CTs",
+        description="Train a stage of the X-ray to CT cascade on DRRs rendered from CT volumes. Example: "
+        "train xray --config stage2.json --data CTs/ --output-dir runs/s2 --stage1-checkpoint runs/s1 "
+        "--freeze-stage1. Stop with Ctrl-C or by creating OUTPUT_DIR/STOP; continue with --resume.",
+    )
+    p.add_argument("--config", nargs="+", default=None,
+                   help="stage config file(s) (JSON/YAML) or shipped names stage1, stage2, stage3; the highest "
+                   "stage is trained")  # fmt: skip
+    p.add_argument("--data", nargs="+", default=None,
+                   help="CT folder(s) (NIfTI/NRRD/MHA/DICOM series), a list file, sample names (chest-lidc) or "
+                   "a prepare-xray-data output folder")  # fmt: skip
+    p.add_argument("--output-dir", default=None, help="training folder: checkpoints, logs, exported weights")
+    p.add_argument("--stage1-checkpoint", default=None, help="weights file or training folder of stage 1")
+    p.add_argument("--stage2-checkpoint", default=None, help="weights file or training folder of stage 2")
+    p.add_argument(
+        "--freeze-stage1", action="store_true", help="keep the earlier stage(s) fixed while training"
+    )
+    p.add_argument(
+        "--train-all-stages", action="store_true", help="train every stage up to the config's jointly"
+    )
+    p.add_argument("--load-all-stages", default=None, help="start every stage from this cascade weights file")
+    p.add_argument("--unfreeze-all", action="store_true", help="with --load-all-stages: fine-tune all stages")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --output-dir"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun sets one GPU per process)")
+    p.add_argument(
+        "--max-steps", type=int, default=0, help="stop after this many steps (overrides the config)"
+    )
+    p.add_argument("--config-help", action="store_true", help="print every config field and exit")
+    p.add_argument(
+        "--tiny-test-model", action="store_true", help=argparse.SUPPRESS
+    )  # tests only: tiny networks
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..config import config_help
+    from .config import XrayStageConfig, load_stage_config
+    from .train import XrayTrainOptions, train_xray
+
+    if args.config_help:
+        print(config_help(XrayStageConfig))
+        return 0
+    missing = [n for n, v in (("--config", args.config), ("--data", args.data), ("--output-dir", args.output_dir))
+               if not v]  # fmt: skip
+    if missing:
+        raise ConfigError(f"train xray needs {', '.join(missing)}; see --help")
+    if args.unfreeze_all and not args.load_all_stages:
+        raise ConfigError("--unfreeze-all needs --load-all-stages WEIGHTS (the cascade to fine-tune)")
+    if args.tiny_test_model:
+        logger.warning("--tiny-test-model: training a tiny test network, not a usable model")
+    configs = [load_stage_config(c) for c in args.config]
+    ckpts = {s: v for s, v in ((1, args.stage1_checkpoint), (2, args.stage2_checkpoint)) if v}
+    data = args.data if len(args.data) > 1 else args.data[0]
+    opts = XrayTrainOptions(
+        configs=configs,
+        data=data,
+        output_dir=Path(args.output_dir),
+        stage_checkpoints=ckpts,
+        freeze_previous=args.freeze_stage1,
+        train_all_stages=args.train_all_stages,
+        load_all_stages=args.load_all_stages,
+        unfreeze_all=args.unfreeze_all,
+        resume=args.resume,
+        device=args.device,
+        max_steps=args.max_steps,
+        tiny_test_model=args.tiny_test_model,
+    )
+    summary = train_xray(opts)
+    print(json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
+    return 0

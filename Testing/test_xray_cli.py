@@ -1,0 +1,159 @@
+"""X-ray commands end to end with tiny networks, radiograph reading, and the bad inputs users give."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DiffusionCore.cli.main import main
+from DiffusionCore.errors import InputError
+from DiffusionCore.volume import Volume, read_volume, write_volume
+from DiffusionCore.xray.radiograph import match_drr_style, read_radiograph, resize_radiograph
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("xray")
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, 40)] * 3, indexing="ij")
+    body = np.where((x / 0.8) ** 2 + (y / 0.6) ** 2 < 1, 40.0, -1000.0)
+    ct = (body + np.where(x**2 + (y - 0.4) ** 2 < 0.02, 900.0, 0.0)).astype(np.float32)
+    write_volume(Volume(ct, (8.0, 8.0, 8.0)), d / "ct.nii.gz")
+    gray = (np.random.default_rng(0).random((64, 72)) * 255).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(gray), str(d / "xr.png"))
+    rgb = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(d / "rgb.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(gray[:10, :10]), str(d / "tiny.png"))
+    good = np.zeros((64, 64), np.uint16)
+    good[:, 32:] = 1000
+    img = sitk.GetImageFromArray(good)
+    img.SetMetaData("0008|0060", "CR")
+    img.SetMetaData("0028|0030", "0.5\\0.4")
+    sitk.WriteImage(img, str(d / "m2.dcm"))
+    raw = (d / "m2.dcm").read_bytes()
+    assert b"MONOCHROME2" in raw
+    (d / "m1.dcm").write_bytes(raw.replace(b"MONOCHROME2", b"MONOCHROME1"))  # same length, valid DICOM
+    (d / "corrupt.dcm").write_bytes(raw[:200] + os.urandom(300))
+    return {p.stem.split(".")[0]: p for p in d.iterdir()} | {"dir": d}
+
+
+def test_read_radiograph_dicom_monochrome_and_spacing(files):
+    m2 = read_radiograph(files["m2"])
+    m1 = read_radiograph(files["m1"])
+    assert m2.pixel_spacing == (0.5, 0.4) and m2.metadata["photometric"] == "MONOCHROME2"
+    assert m2.array[0, 40] == 1.0 and m2.array[0, 0] == 0.0
+    assert m1.metadata["photometric"] == "MONOCHROME1"
+    assert m1.array[0, 40] == 0.0 and m1.array[0, 0] == 1.0  # inverted: bright = attenuating
+    png = read_radiograph(files["xr"])
+    assert png.shape == (64, 72) and png.array.min() == 0 and png.array.max() == 1
+    small = resize_radiograph(m2, 32)
+    assert small.shape == (32, 32) and small.pixel_spacing == (1.0, 0.8)
+    ref = np.linspace(0, 1, 4096).reshape(64, 64) ** 2
+    matched = match_drr_style(png.array, ref)
+    assert abs(np.median(matched) - np.median(ref)) < 0.02
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("rgb", "colour"),
+        ("ct", "3D volume"),
+        ("tiny", "10x10"),
+        ("corrupt", "corrupt"),
+        ("missing", "does not"),
+    ],
+)
+def test_bad_radiographs_give_one_error_line(files, tmp_path, capsys, name, message):
+    src = files.get(name, files["dir"] / "missing.png")
+    with pytest.raises(InputError, match=message):
+        read_radiograph(src)
+    code = main(["xray2ct", str(src), str(tmp_path / "o.nii.gz"), "--tiny-test-model", "--progress", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_xray2ct_end_to_end_subprocess(files, tmp_path):
+    out = tmp_path / "ct_out.nii.gz"
+    cmd = [sys.executable, "-m", "DiffusionCore", "xray2ct", str(files["xr"]), str(out), "--tiny-test-model",
+           "--num-stages", "2", "--steps", "2", "--save-stages", "--fov-mm", "300", "--report",
+           str(tmp_path / "r.json"), "--progress", "slicer"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "<filter-progress>1.0000</filter-progress>" in res.stdout
+    vol = read_volume(out)
+    assert vol.shape == (32, 32, 32) and np.allclose(vol.spacing, 300 / 32)
+    stage1 = read_volume(tmp_path / "ct_out_stage1.nii.gz")
+    assert stage1.shape == (16, 16, 16)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == [1, 2] and report["fov_mm"] == 300
+    again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+    assert again.returncode == 4 and "already exists" in again.stderr
+
+
+def _train(argv: list[str]) -> int:
+    from DiffusionCore.cli import train as train_cli
+
+    parser = argparse.ArgumentParser()
+    train_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "xray", *argv])
+    return args.func(args)
+
+
+def test_prepare_train_resume_next_stage_and_evaluate(files, tmp_path):
+    data = tmp_path / "prepared"
+    assert main(["prepare-xray-data", "--data", str(files["ct"]), "--output-dir", str(data), "--resolutions",
+                 "16,32", "--xray-resolutions", "32,32", "--fov-mm", "350", "--progress", "none"]) == 0  # fmt: skip
+    manifest = json.loads((data / "manifest.json").read_text())
+    files_ = manifest["cases"][0]["files"]
+    assert {"cube_16", "cube_32", "drr_32", "drr_32_aug0"} <= set(files_)
+    cube = read_volume(data / files_["cube_32"])
+    assert cube.shape == (32, 32, 32) and np.allclose(cube.spacing, 350 / 32)
+    drr = np.load(data / files_["drr_32"])
+    assert drr.shape == (32, 32) and 0 <= drr.min() and drr.max() <= 1
+
+    s1 = tmp_path / "s1"
+    common = ["--data", str(data), "--tiny-test-model", "--device", "cpu"]
+    assert _train(["--config", "stage1", "--output-dir", str(s1), "--max-steps", "2", *common]) == 0
+    assert (s1 / "xray_cascade.safetensors").is_file() and (s1 / "metrics.jsonl").is_file()
+    assert (
+        _train(["--config", "stage1", "--output-dir", str(s1), "--max-steps", "3", "--resume", *common]) == 0
+    )
+    state = json.loads((s1 / "latest.json").read_text())
+    assert "00000003" in json.dumps(state)
+    s2 = tmp_path / "s2"
+    assert _train(["--config", "stage2", "--output-dir", str(s2), "--max-steps", "2", "--stage1-checkpoint",
+                   str(s1), "--freeze-stage1", *common]) == 0  # fmt: skip
+    from DiffusionCore.xray.cascade import UnifiedHybridViTCascade
+
+    c1 = UnifiedHybridViTCascade.from_pretrained(s1 / "xray_cascade.safetensors")
+    c2 = UnifiedHybridViTCascade.from_pretrained(s2 / "xray_cascade.safetensors")
+    w1, w2 = c1.stages[0].final.weight, c2.stages[0].final.weight
+    assert c2.num_stages == 2 and np.array_equal(w1.detach().numpy(), w2.detach().numpy())  # stage 1 frozen
+    assert c2.mean_ct.min() < -0.5 < c2.mean_ct.max() - 0.3  # the mean training CT is stored
+
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "DiffusionCore", "evaluate-xray", "--reference", str(files["ct"]), "--weights",
+           str(s2 / "xray_cascade.safetensors"), "--allow-unregistered-weights", "--steps", "1", "--json",
+           str(out), "--progress", "none"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    assert report["reference"] == str(files["ct"])
+    got = {(r["method"], r["stage"]) for r in report["results"]}
+    assert got == {(m, s) for m in ("model", "mean-ct", "lifting-only") for s in (1, 2)}
+    for r in report["results"]:
+        assert set(r) == {"method", "stage", "psnr3d", "ssim3d", "reprojection_psnr", "seconds"}
+        assert np.isfinite(r["psnr3d"]) and -1 <= r["ssim3d"] <= 1
+    unregistered = [c for c in cmd[:-4] if c != "--allow-unregistered-weights"]  # no --json, no flag
+    refused = subprocess.run(unregistered, capture_output=True, text=True, env=ENV, timeout=120)
+    assert refused.returncode == 3 and "error:" in refused.stderr
