@@ -56,6 +56,7 @@ class PerVoxelModel(torch.nn.Module):
 
     def super_resolve_patch(self, cond, *, steps, guidance, generator, cancel, step_callback):
         self.patch_shapes.append(tuple(cond.shape[2:]))
+        assert cond.ndim == 5 and cond.shape[1] == 1
         for i in range(steps):
             if step_callback is not None:
                 step_callback(i + 1, steps)
@@ -353,3 +354,18 @@ def test_progress_counts_the_steps_the_model_really_runs(tiny):
     assert report["settings"]["steps"] == n_train and report["settings"]["requested_steps"] == 50
     assert {t for _, t in calls} == {n_train}
     assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1][0] == n_train
+
+
+def test_several_tiles_per_model_call_blend_the_same_way():
+    vol = thick_ct()
+    model = PerVoxelModel()
+    calls = []
+    out1, _ = SuperResolver(model).run(vol, factor=4, patch_size=(8, 16, 16), overlap=(2, 4, 4), data_consistency=False)
+    model.patch_shapes.clear()
+    out3, rep = SuperResolver(model).run(
+        vol, factor=4, patch_size=(8, 16, 16), overlap=(2, 4, 4), data_consistency=False, tile_batch=3,
+        progress=lambda d, t, m: calls.append(d),
+    )
+    assert rep["settings"]["tile_batch"] == 3 and len(model.patch_shapes) == -(-rep["tiles"]["count"] // 3)
+    np.testing.assert_array_equal(out1.array, out3.array)
+    assert calls[-1] == rep["tiles"]["count"] * 3 and calls == sorted(calls)

@@ -57,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--use-patches", action="store_true", help="use --patch-size/--overlap (patches are always used for volumes larger than one patch; default 32x256x256, overlap 8x64x64)")
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="patch size on the thin grid (D along the thick axis); smaller when memory is short")
     p.add_argument("--overlap", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="overlap between patches")
+    p.add_argument("--tile-batch", type=int, default=None, metavar="N", help="patches per model call (default: 1 on the CPU, as many as fit (up to 8) on a GPU)")
     p.add_argument("--num-samples", type=int, default=1, help="average N samples; with --uncertainty also write their per-voxel standard deviation")
     p.add_argument("--uncertainty", default=None, metavar="OUT", help="write the per-voxel standard deviation (HU) here (a folder for a batch); needs --num-samples 2 or more")
     p.add_argument("--no-data-consistency", action="store_true", help="skip the correction that makes the output, thickened again, reproduce the input")
@@ -311,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
                     data_consistency=not args.no_data_consistency,
                     progress=progress,
                     cancel=cancel,
+                    tile_batch=args.tile_batch,
                 )
             except (GeometryError, InputError) as exc:
                 if not batch:

@@ -24,6 +24,7 @@ Importing this module registers the ``sr`` method of :func:`DiffusionCore.evalua
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import resource
@@ -60,6 +61,8 @@ ProgressFn = Callable[[int, int, str], None]
 #: Used when the model's configuration does not say (the seed's defaults).
 FALLBACK_STEPS = 15
 FALLBACK_GUIDANCE = 1.0
+#: Most patches per model call on a GPU (more gives little once the GPU is busy).
+MAX_TILE_BATCH = 8
 #: Whole-volume float32 arrays held at once (interpolated input, condition, blend accumulator, sample
 #: output, consistency scratch), plus two for the running mean and variance of several samples.
 _VOLUME_ARRAYS = 5
@@ -222,6 +225,22 @@ class SuperResolver:
         cfg = getattr(getattr(self.model, "config", None), "diffusion", None)
         return float(getattr(cfg, "guidance_scale", FALLBACK_GUIDANCE))
 
+    def _tile_batch(self, requested: int | None, plan, dev: torch.device, device_limit: int | None) -> int:
+        """Tiles per model call: as asked, else 1 on the CPU (no gain there) and on a GPU the most (up to
+        :data:`MAX_TILE_BATCH`) whose memory estimate fits."""
+        if requested is not None:
+            if int(requested) < 1:
+                raise ConfigError(f"tile batch must be 1 or more; got {requested}")
+            return min(int(requested), plan.n_tiles)
+        if dev.type == "cpu" or device_limit is None:
+            return 1
+        best = 1
+        for b in range(2, min(MAX_TILE_BATCH, plan.n_tiles) + 1):
+            if int(self.model.estimate_patch_memory(plan.patch_size, batch=b, device=dev)) > device_limit:
+                break
+            best = b
+        return best
+
     def effective_steps(self, steps: int) -> int:
         """Network evaluations per patch for a requested step count (a process with ``T`` steps runs at
         most ``T``); the progress total is counted in these."""
@@ -287,6 +306,7 @@ class SuperResolver:
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
         memory_limit: int | None = None,
+        tile_batch: int | None = None,
     ) -> tuple[Volume, dict[str, Any]]:
         """Super-resolve a thick-slice CT onto its thin grid.
 
@@ -307,6 +327,9 @@ class SuperResolver:
             cancel: set it to stop between steps and tiles (raises Cancelled).
             memory_limit: usable bytes (host and GPU); default: what the machine has free, times
                 :data:`~DiffusionCore.sr.tiling.MEMORY_SAFETY_FRACTION`.
+            tile_batch: patches per model call (default: 1 on the CPU; on a GPU as many as fit, at most
+                :data:`MAX_TILE_BATCH`). The sampling noise of a call is drawn for its patches together,
+                so the output for a seed depends on this number (and on nothing else but the settings).
 
         Returns:
             ``(output, report)``: the thin-slice Volume (HU, exactly on the thin grid) and a dict with
@@ -336,6 +359,7 @@ class SuperResolver:
             progress=progress,
             cancel=cancel,
             memory_limit=memory_limit,
+            tile_batch=tile_batch,
         )
 
     def _memory_limits(self, dev: torch.device, memory_limit: int | None) -> tuple[int, int | None]:
@@ -364,6 +388,7 @@ class SuperResolver:
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
         memory_limit: int | None = None,
+        tile_batch: int | None = None,
     ) -> tuple[Volume, dict[str, Any]]:
         """:meth:`run` onto a given thin ``grid`` (differing from the input's only along ``axis``).
 
@@ -401,6 +426,7 @@ class SuperResolver:
             est = int(model.estimate_patch_memory(shape, batch=1, device=dev))
             return est + (0 if on_device else int(np.prod(shape)) * 4 * 3)  # weight, prediction, condition
 
+
         host_limit, device_limit = self._memory_limits(dev, memory_limit)
         plan, budget, tried = choose_plan(
             thin_dhw,
@@ -419,6 +445,7 @@ class SuperResolver:
                 "the patch %s does not fit in memory; using %s (%d tiles)",
                 "x".join(map(str, tried[0])), "x".join(map(str, plan.patch_size)), plan.n_tiles,
             )
+        batch = self._tile_batch(tile_batch, plan, dev, device_limit)
         total = num_samples * plan.n_tiles * steps
         done = 0
 
@@ -442,30 +469,34 @@ class SuperResolver:
         with torch.inference_mode():
             for sample in range(num_samples):
                 acc = np.zeros(plan.padded_shape, dtype=np.float32)
-                for tile in plan.tiles():
+                tiles = plan.tiles()
+                while group := list(itertools.islice(tiles, batch)):
                     _check_cancel(cancel)
-                    base = done
-                    label = f"sample {sample + 1}/{num_samples}, tile {tile.index + 1}/{plan.n_tiles}"
+                    base, nb = done, len(group)
+                    first, last = group[0].index + 1, group[-1].index + 1
+                    label = f"sample {sample + 1}/{num_samples}, tile {first}{f'-{last}' if nb > 1 else ''}/{plan.n_tiles}"
 
-                    def on_step(i: int, n: int, _base: int = base, _label: str = label) -> None:
+                    def on_step(i: int, n: int, _base: int = base, _nb: int = nb, _label: str = label) -> None:
                         nonlocal done
-                        done = min(_base + steps, max(done + 1, _base + int(i)))
-                        report_progress(f"{_label}, step {done - _base}/{steps}")
+                        done = min(_base + steps * _nb, max(done + _nb, _base + int(i) * _nb))
+                        report_progress(f"{_label}, step {(done - _base) // _nb}/{steps}")
                         _check_cancel(cancel)
 
                     t0 = time.perf_counter()
-                    patch = torch.from_numpy(np.ascontiguousarray(cond[tile.slices])).to(dev)[None, None]
-                    gen = torch.Generator().manual_seed(tile_seed(seed, sample, tile.index))  # CPU: same noise on any device
+                    patch = torch.from_numpy(np.stack([cond[t.slices] for t in group]))[:, None].to(dev)
+                    # one CPU generator per call, seeded by its first tile: the same noise on any device
+                    gen = torch.Generator().manual_seed(tile_seed(seed, sample, group[0].index))
                     pred = model.super_resolve_patch(
                         patch, steps=steps, guidance=guidance, generator=gen, cancel=cancel, step_callback=on_step
                     )
-                    pred_np = pred[0, 0].float().cpu().numpy()
+                    pred_np = pred[:, 0].float().cpu().numpy()
                     t1 = time.perf_counter()
-                    acc[tile.slices] += pred_np * tile.weight
+                    for tile, p in zip(group, pred_np):
+                        acc[tile.slices] += p * tile.weight
                     timings["model"] += t1 - t0
                     timings["blend"] += time.perf_counter() - t1
                     _check_cancel(cancel)
-                    done = base + steps
+                    done = base + steps * nb
                     report_progress(f"{label} done")
                 t0 = time.perf_counter()
                 hu = np.moveaxis(unit_to_hu(plan.crop(acc)), 0, axis)
@@ -520,6 +551,7 @@ class SuperResolver:
                 "requested_patch_size": list(patch_req),
                 "requested_overlap": list(overlap_req),
                 "num_samples": int(num_samples),
+                "tile_batch": batch,
                 "data_consistency": bool(data_consistency),
                 "weights": self.weights_name,
                 "torch_threads": torch.get_num_threads(),
