@@ -87,6 +87,7 @@ def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int, de
     result, report = resolver.run(
         vol, factor=args.factor, steps=steps, device=device, seed=0,
         patch_size=args.patch_size, overlap=args.overlap, data_consistency=not args.no_data_consistency,
+        tile_batch=args.tile_batch,
     )
     t0 = time.perf_counter()
     write_volume(result, out, overwrite=True, dtype="int16")
@@ -111,6 +112,7 @@ def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int, de
         "output_shape": list(result.shape),
         "tiles": report["tiles"]["count"],
         "patch_size": report["settings"]["patch_size"],
+        "tile_batch": report["settings"]["tile_batch"],
         "peak_rss_bytes": peak_rss_bytes(),
         "cuda_max_allocated_bytes": report["memory"]["cuda_max_allocated_bytes"],
         "consistency_psnr": report.get("consistency_psnr"),
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU (default 2)")
     parser.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
     parser.add_argument("--overlap", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
+    parser.add_argument("--tile-batch", type=int, default=None, help="patches per model call (default: auto)")
     parser.add_argument("--no-data-consistency", action="store_true")
     parser.add_argument("--warmup", action="store_true", help="run once untimed first (CUDA kernel selection)")
     args = parser.parse_args(argv)
