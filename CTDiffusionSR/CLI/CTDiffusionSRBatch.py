@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python-real
 """Slicer scripted CLI: thick-to-thin CT super-resolution with DiffusionCore's ``SuperResolver``.
 
 Runs the way Slicer runs a scripted CLI (flags first, then ``inputVolume outputVolume``, booleans as bare

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python-real
 """Slicer scripted CLI: train a DiffusionCore model (``python -m DiffusionCore train FAMILY ...``).
 
 Runs the way Slicer runs a scripted CLI (flags, booleans as bare flags) and as a plain script:
@@ -35,19 +35,25 @@ def train_argv(args: argparse.Namespace, supported: set[str]) -> list[str]:
 
     Args:
         args: parsed CLI arguments.
-        supported: option strings the installed ``train FAMILY`` command accepts; options it lacks are
-            left out rather than failing (the config file carries them instead).
+        supported: option strings the installed ``train FAMILY`` command accepts.
+
+    Raises:
+        ValueError: a value was given for an option the installed command does not have.
     """
     argv = ["train", args.family]
+    output_flag = "--output-dir" if "--output-dir" in supported else "--out-dir"  # families spell it differently
     wanted = [
         ("--config", args.config),
         ("--data", args.data),
-        ("--output-dir", args.outputDirectory),
+        (output_flag, args.outputDirectory),
         ("--device", args.device),
     ]
     for flag, value in wanted:
-        if value and flag in supported:
-            argv += [flag, str(value)]
+        if not value:
+            continue
+        if flag not in supported:
+            raise ValueError(f"'train {args.family}' has no {flag} option in this DiffusionCore; update the extension.")
+        argv += [flag, str(value)]
     if args.resume:
         argv.append("--resume")
     if "--progress" in supported:
@@ -91,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.outputDirectory:
         print("error: set an output folder (--outputDirectory) for checkpoints and logs.", file=sys.stderr)
         return 2
-    return core_main(train_argv(args, supported))
+    try:
+        argv_core = train_argv(args, supported)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return core_main(argv_core)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python-real
 """Slicer scripted CLI: a synthetic CT volume from one radiograph with DiffusionCore's ``XrayToCTGenerator``.
 
 Runs the way Slicer runs a scripted CLI (flags first, then ``inputRadiograph outputVolume``, booleans as
@@ -71,15 +71,10 @@ def _jsonable(value):
     return str(value)
 
 
-def projection_error(info: dict) -> float | None:
-    """The stage's projection error from the generator's per-stage info (first key naming it)."""
-    for key in ("projection_error", "reprojection_error", "projection_psnr", "reprojection_psnr"):
-        if key in info and isinstance(info[key], int | float):
-            return float(info[key])
-    for key, value in info.items():
-        if "projection" in key and isinstance(value, int | float):
-            return float(value)
-    return None
+def projection_figures(info: dict) -> dict[str, float]:
+    """The stage's re-projection agreement with the input radiograph (e.g. ``projection_psnr`` in dB on
+    [0, 1] and ``projection_ncc``), taken from the generator's per-stage info."""
+    return {k: float(v) for k, v in info.items() if "projection" in k and isinstance(v, int | float)}
 
 
 #: Formats whose header carries a trustworthy pixel spacing (Slicer writes its radiographs as these).
@@ -122,8 +117,10 @@ def run(args: argparse.Namespace) -> int:
         generator = XrayToCTGenerator.tiny(seed=0)
         model_name = TINY_MODEL_NAME
     else:
+        from DiffusionCore.cli.xray import DEFAULT_WEIGHTS
+
         generator = XrayToCTGenerator.from_pretrained(
-            args.weights or None, allow_unregistered=args.allowUnregisteredWeights
+            args.weights or DEFAULT_WEIGHTS, allow_unregistered=args.allowUnregisteredWeights
         )
         model_name = args.weights or "default"
     settings = {
@@ -134,19 +131,19 @@ def run(args: argparse.Namespace) -> int:
         "view": args.view,
         "fov_mm": args.fieldOfView or None,
     }
-    errors: list[float | None] = []
+    errors: list[dict[str, float]] = []
 
     def on_stage(stage: int, volume, info: dict) -> None:
-        err = projection_error(info)
-        errors.append(err)
-        record = {"stage": int(stage), "projection_error": err, "shape": list(volume.shape), "file": ""}
+        figures = projection_figures(info)
+        errors.append(figures)
+        record = {"stage": int(stage), "projection": figures, "shape": list(volume.shape), "file": ""}
         if args.stageDirectory:
             path = Path(args.stageDirectory) / f"stage{int(stage)}.nrrd"
             write_volume(volume, path, overwrite=True, dtype="float32")
             record["file"] = str(path)
         print(STAGE_LINE_PREFIX + json.dumps(record), flush=True)
-        err_text = "n/a" if err is None else f"{err:.4g}"
-        print(f"<filter-comment>stage {stage} ready, projection error {err_text}</filter-comment>", flush=True)
+        text = ", ".join(f"{k} {v:.4g}" for k, v in figures.items()) or "no projection figures"
+        print(f"<filter-comment>stage {stage} ready: {text}</filter-comment>", flush=True)
 
     progress = Progress("slicer")
     result, report = generator.run(radiograph, progress=progress, on_stage=on_stage, **settings)
@@ -172,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         {
             "weightsSha256": sha,
             "modelName": model_name,
-            "projectionErrors": ",".join("nan" if e is None or math.isnan(e) else f"{e:.6g}" for e in errors),
+            "projectionErrors": ",".join(f"{e.get('projection_psnr', math.nan):.6g}" for e in errors),
             "elapsedSeconds": f"{elapsed:.3f}",
         },
     )

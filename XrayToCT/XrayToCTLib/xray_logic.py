@@ -154,7 +154,8 @@ def write_radiograph(node, path: str | Path) -> Path:
 class XrayJob(CLIJob):
     """Generate a synthetic CT from a radiograph node with XrayToCTGenerate in a background process.
 
-    ``stage_errors`` maps stage -> projection error as the stages finish; ``preview_node`` is the result
+    ``stage_errors`` maps stage -> re-projection figures (``{"projection_psnr": dB, "projection_ncc": r}``)
+    as the stages finish; ``preview_node`` is the result
     node, updated after every stage.
     """
 
@@ -171,7 +172,7 @@ class XrayJob(CLIJob):
         self.reference_node = reference_node
         self.settings = settings
         self.preview_node = None
-        self.stage_errors: dict[int, float | None] = {}
+        self.stage_errors: dict[int, dict[str, float]] = {}
         self.stages_shown: list[int] = []
         self._pending: list[dict] = []
         self._pending_lock = threading.Lock()
@@ -230,7 +231,7 @@ class XrayJob(CLIJob):
             pending, self._pending = self._pending, []
         for record in pending:
             stage = int(record["stage"])
-            self.stage_errors[stage] = record.get("projection_error")
+            self.stage_errors[stage] = dict(record.get("projection") or {})
             if record.get("file") and Path(record["file"]).is_file():
                 self._show(read_volume_file(record["file"]), stage)
 

@@ -1,0 +1,660 @@
+"""CT Diffusion SR: thick-to-thin slice super-resolution of CT volumes with a latent diffusion model.
+
+Module, widget, logic and self-test in the layout of Slicer's scripted-module template. The widget stays
+thin: the work is done by CTDiffusionSRLib (no Qt, tested on real MRML) which runs the CTDiffusionSRBatch
+command-line module in a background process; this file only binds widgets to the parameter node, polls the
+job from a timer in the GUI thread, and shows results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import time
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+#: QSettings key of the weights cache folder (exported to jobs as DIFFUSIONCORE_CACHE).
+CACHE_SETTINGS_KEY = "CTDiffusion/CacheFolder"
+#: Milliseconds between two looks at a running job.
+POLL_INTERVAL_MS = 200
+PROGRESS_STEPS = 1000
+
+
+#
+# CTDiffusionSR
+#
+class CTDiffusionSR(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "CT Diffusion SR"
+        self.parent.categories = ["Filtering.Denoising and Super-Resolution"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SlicerCTDiffusion contributors"]
+        self.parent.helpText = """
+Thick-to-thin slice super-resolution of CT with a latent diffusion model (ResShift + IRControlNet).
+Pick a thick-slice CT, keep the suggested factor, press Apply. The result is a NEW volume named
+"... SR xN (synthetic)": a plausible thin-slice image, not a measurement. Do not use it for diagnosis.
+"Evaluate on this volume" simulates thick slices from a thin CT and scores the model against cubic
+interpolation. The Training section trains or fine-tunes models on your own data.
+See the <a href="https://github.com/SlicerCTDiffusion/SlicerCTDiffusion">documentation</a>.
+"""
+        self.parent.acknowledgementText = """
+Built on DiffusionCore (PyTorch). Method ideas from ResShift (Yue et al.) and ControlNet (Zhang et al.).
+"""
+
+
+#
+# Parameter node
+#
+@parameterNodeWrapper
+class CTDiffusionSRParameterNode:
+    """The module's settings, saved with the scene.
+
+    factor 0 = suggested from the slice spacing; steps / guidance 0 = the model's defaults; patch and
+    overlap 0 = automatic; outputVolume None = a new node.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    resultVolume: vtkMRMLScalarVolumeNode
+    uncertaintyVolume: vtkMRMLScalarVolumeNode
+    factor: Annotated[int, WithinRange(0, 8)] = 0
+    targetSpacing: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
+    axis: Annotated[str, Choice(["auto", "z", "y", "x"])] = "auto"
+    weights: str = ""
+    steps: Annotated[int, WithinRange(0, 1000)] = 0
+    guidance: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
+    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    patchDepth: Annotated[int, WithinRange(0, 512)] = 0
+    patchHeight: Annotated[int, WithinRange(0, 1024)] = 0
+    patchWidth: Annotated[int, WithinRange(0, 1024)] = 0
+    overlapDepth: Annotated[int, WithinRange(0, 256)] = 0
+    overlapHeight: Annotated[int, WithinRange(0, 512)] = 0
+    overlapWidth: Annotated[int, WithinRange(0, 512)] = 0
+    seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    numSamples: Annotated[int, WithinRange(1, 16)] = 1
+    dataConsistency: bool = True
+    showUncertainty: bool = True
+    fadeOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    evaluationFactor: Annotated[int, WithinRange(2, 8)] = 4
+    trainingFamily: Annotated[str, Choice(["sr", "vae", "xray"])] = "sr"
+    trainingDataFolder: pathlib.Path = pathlib.Path()
+    trainingUseSceneVolumes: bool = False
+    trainingOutputFolder: pathlib.Path = pathlib.Path()
+    trainingDevice: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    trainingResume: bool = False
+    trainingExtraArguments: str = ""
+
+
+#
+# Shared widget helpers (also used by the XrayToCT module)
+#
+def ensureDependencies(training: bool = False) -> bool:
+    """torch via the PyTorch extension, the rest via pip after asking; False when the user declined.
+
+    Slicer's numpy and SimpleITK are never replaced (packages are installed with --no-deps).
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        try:
+            import PyTorchUtils
+        except ImportError:
+            slicer.util.errorDisplay(
+                "PyTorch is not installed in Slicer. Install the 'PyTorch' extension from the Extensions "
+                "Manager, restart Slicer, then open this module again."
+            )
+            return False
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            if torchLogic.installTorch(askConfirmation=True) is None:
+                slicer.util.errorDisplay("PyTorch is required. Install it from the PyTorch module and try again.")
+                return False
+    from CTDiffusionSRLib.dependencies import missing_requirements, pip_install_arguments
+
+    missing = missing_requirements(training=training)
+    if missing:
+        if not slicer.util.confirmOkCancelDisplay(
+            "CT Diffusion needs these Python packages, which will be downloaded and installed now "
+            f"(Slicer's own numpy and SimpleITK are left as they are):\n\n{', '.join(missing)}",
+            "Install Python packages",
+        ):
+            return False
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(pip_install_arguments(missing))
+    return True
+
+
+def applyCacheFolderSetting() -> str:
+    """Export the weights cache folder from the application settings to this process and its jobs."""
+    folder = str(qt.QSettings().value(CACHE_SETTINGS_KEY, "") or "")
+    if folder:
+        os.environ["DIFFUSIONCORE_CACHE"] = folder
+    return folder
+
+
+class JobMonitor:
+    """Follows one CLIJob from a QTimer in the GUI thread: progress bar, status label, log panel."""
+
+    def __init__(self, progressBar, statusLabel, logTextEdit, onFinished):
+        self.progressBar = progressBar
+        self.statusLabel = statusLabel
+        self.logTextEdit = logTextEdit
+        self.onFinished = onFinished
+        self.job = None
+        self.startTime = 0.0
+        self._lines: list[str] = []
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_INTERVAL_MS)
+        self.timer.connect("timeout()", self.poll)
+
+    @property
+    def running(self) -> bool:
+        from CTDiffusionSRLib.process import JobState
+
+        return self.job is not None and self.job.state == JobState.RUNNING
+
+    def queueLine(self, line: str) -> None:  # reader thread: only store
+        self._lines.append(line)
+
+    def start(self, job, title: str) -> None:
+        self.job = job
+        self.startTime = time.monotonic()
+        self.progressBar.setRange(0, PROGRESS_STEPS)
+        self.progressBar.value = 0
+        self.progressBar.visible = True
+        self.statusLabel.text = f"{title}: starting..."
+        self.logTextEdit.appendPlainText(f"--- {title} ---")
+        job.start()
+        self.timer.start()
+
+    def cancel(self) -> None:
+        if self.running:
+            self.job.cancel()
+        self.poll()
+
+    def poll(self) -> None:
+        from CTDiffusionSRLib.process import JobState
+
+        if self.job is None:
+            self.timer.stop()
+            return
+        lines, self._lines = self._lines, []
+        for line in lines:
+            self.logTextEdit.appendPlainText(line)
+        runner = self.job.runner
+        if runner is not None:
+            self.progressBar.value = int(runner.progress * PROGRESS_STEPS)
+            elapsed = time.monotonic() - self.startTime
+            self.statusLabel.text = f"{runner.comment or 'running'} ({elapsed:.0f} s)"
+        state = self.job.poll()
+        if state == JobState.RUNNING:
+            return
+        self.timer.stop()
+        elapsed = time.monotonic() - self.startTime
+        if state == JobState.COMPLETED:
+            self.progressBar.value = PROGRESS_STEPS
+            self.statusLabel.text = f"Done in {elapsed:.1f} s."
+        elif state == JobState.CANCELLED:
+            self.statusLabel.text = "Cancelled; nothing was added to the scene."
+        else:
+            self.statusLabel.text = f"Failed: {self.job.error}"
+            self.logTextEdit.appendPlainText(f"error: {self.job.error}")
+        job, self.job = self.job, None
+        self.onFinished(job, state)
+
+
+class TrainingPanel:
+    """The Training section (the same widgets in both modules' .ui): data, config, output, start/stop."""
+
+    def __init__(self, ui, parameterNodeGetter, defaultFamily: str):
+        self.ui = ui
+        self.getParameterNode = parameterNodeGetter
+        self.defaultFamily = defaultFamily
+        self.job = None
+        self.ui.trainingVolumesSelector.setMRMLScene(slicer.mrmlScene)
+        self.timer = qt.QTimer()
+        self.timer.setInterval(1000)
+        self.timer.connect("timeout()", self.poll)
+        self.ui.trainingStartButton.connect("clicked(bool)", self.onStart)
+        self.ui.trainingStopButton.connect("clicked(bool)", self.onStop)
+        self.ui.trainingPresetComboBox.connect("currentIndexChanged(int)", self.onPresetSelected)
+        self.ui.trainingFamilyComboBox.connect("currentIndexChanged(int)", lambda _i: self.fillPresets())
+        self.ui.trainingStopButton.enabled = False
+        self._presets: dict = {}
+
+    def fillPresets(self) -> None:
+        try:
+            from CTDiffusionSRLib.training import list_presets
+        except ImportError:
+            return
+        family = self.ui.trainingFamilyComboBox.currentText or self.defaultFamily
+        self._presets = list_presets(family)
+        self.ui.trainingPresetComboBox.clear()
+        self.ui.trainingPresetComboBox.addItems(["(defaults)", *self._presets.keys()])
+
+    def onPresetSelected(self, index: int) -> None:
+        name = self.ui.trainingPresetComboBox.currentText
+        path = self._presets.get(name)
+        self.ui.trainingConfigTextEdit.setPlainText(pathlib.Path(path).read_text() if path else "{}")
+
+    def onStart(self) -> None:
+        if not ensureDependencies(training=True):
+            return
+        from CTDiffusionSRLib.training import TrainingJob, export_training_volumes, write_config_text
+
+        p = self.getParameterNode()
+        output = str(p.trainingOutputFolder)
+        if output in ("", "."):
+            slicer.util.errorDisplay("Choose an output folder for checkpoints and logs.")
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
+            config = write_config_text(self.ui.trainingConfigTextEdit.toPlainText(), output)
+            if p.trainingUseSceneVolumes:
+                nodes = self.ui.trainingVolumesSelector.checkedNodes()
+                data = export_training_volumes(nodes, pathlib.Path(output) / "scene_volumes")
+            else:
+                data = p.trainingDataFolder
+            self.job = TrainingJob(
+                slicer.mrmlScene,
+                family=p.trainingFamily,
+                config_path=config,
+                data=data,
+                output_dir=output,
+                resume=p.trainingResume,
+                device=p.trainingDevice,
+                extra_arguments=p.trainingExtraArguments,
+                curve_name=f"Training {p.trainingFamily}",
+            ).start()
+            self.ui.tensorBoardLabel.text = f"TensorBoard: tensorboard --logdir \"{self.job.tensorboard_dir}\""
+            self.ui.trainingStartButton.enabled = False
+            self.ui.trainingStopButton.enabled = True
+            self.ui.trainingStatusLabel.text = "Training..."
+            self.timer.start()
+
+    def onStop(self) -> None:
+        if self.job is not None:
+            self.job.request_stop()
+            self.ui.trainingStatusLabel.text = "Stopping after a clean checkpoint..."
+
+    def poll(self) -> None:
+        from CTDiffusionSRLib.process import JobState
+
+        if self.job is None:
+            self.timer.stop()
+            return
+        state = self.job.poll()
+        self.ui.trainingProgressBar.value = int(self.job.progress * 100)
+        if self.job.curve is not None and not getattr(self, "_shown", False):
+            self._shown = True
+            slicer.modules.plots.logic().ShowChartInLayout(self.job.curve.chart)
+        if state == JobState.RUNNING:
+            return
+        self.timer.stop()
+        self.ui.trainingStartButton.enabled = True
+        self.ui.trainingStopButton.enabled = False
+        self.ui.trainingStatusLabel.text = {
+            JobState.COMPLETED: "Training ended; checkpoints are in the output folder.",
+            JobState.CANCELLED: "Training stopped.",
+        }.get(state, f"Training failed: {self.job.error}")
+        self.job = None
+
+    def cleanup(self) -> None:
+        self.timer.stop()
+        if self.job is not None:
+            self.job.request_stop()
+
+
+#
+# CTDiffusionSRWidget
+#
+class CTDiffusionSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CTDiffusionSR.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CTDiffusionSRLogic()
+        applyCacheFolderSetting()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.monitor = JobMonitor(self.ui.progressBar, self.ui.statusLabel, self.ui.logTextEdit, self.onJobFinished)
+        self.ui.progressBar.visible = False
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.compareSideBySideButton.connect("clicked(bool)", self.onCompareSideBySide)
+        self.ui.compareFadeButton.connect("clicked(bool)", self.onCompareFade)
+        self.ui.fadeSlider.connect("valueChanged(double)", self.onFadeChanged)
+        self.ui.evaluateButton.connect("clicked(bool)", self.onEvaluateButton)
+        self.ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
+        self.ui.weightsComboBox.connect("currentTextChanged(QString)", self.onWeightsChanged)
+        self.ui.cacheFolderPathLineEdit.currentPath = applyCacheFolderSetting()
+        self.ui.cacheFolderPathLineEdit.connect("currentPathChanged(QString)", self.onCacheFolderChanged)
+        self.training = TrainingPanel(self.ui, lambda: self._parameterNode, "sr")
+        self.training.fillPresets()
+        self.fillWeights()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.monitor.cancel()
+        self.training.cleanup()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.monitor.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if self.monitor.running:
+            self.ui.applyButton.text = "Cancel"
+            self.ui.applyButton.toolTip = "Stop the running job; nothing is added to the scene."
+            self.ui.applyButton.enabled = True
+            return
+        self.ui.applyButton.text = "Apply"
+        reason = self.logic.inputProblem(p.inputVolume, self.logic.settingsFrom(p)) if p else "No parameter node."
+        self.ui.applyButton.enabled = not reason
+        self.ui.applyButton.toolTip = reason or "Super-resolve the input into a new synthetic volume."
+        haveResult = bool(p and p.inputVolume and p.resultVolume)
+        self.ui.compareSideBySideButton.enabled = haveResult
+        self.ui.compareFadeButton.enabled = haveResult
+        self.ui.evaluateButton.enabled = bool(p and p.inputVolume) and not self.monitor.running
+
+    # -- weights ----------------------------------------------------------------------------------------
+    def fillWeights(self) -> None:
+        self.ui.weightsComboBox.clear()
+        self.ui.weightsComboBox.addItem("")  # = the bundled default
+        try:
+            from DiffusionCore.weights import list_weights
+
+            for entry in list_weights(family="sr"):
+                self.ui.weightsComboBox.addItem(entry["name"])
+        except ImportError:
+            pass
+
+    def onWeightsChanged(self, text: str) -> None:
+        if self._parameterNode:
+            self._parameterNode.weights = text
+
+    def onImportWeights(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(None, "Import model weights", "", "Weights (*.safetensors)")
+        if not path or not ensureDependencies():
+            return
+        name = qt.QInputDialog.getText(None, "Import model weights", "Name for these weights:", qt.QLineEdit.Normal, pathlib.Path(path).stem)
+        if not name:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not import the weights.", waitCursor=True):
+            from DiffusionCore.weights import import_weights
+
+            resolved = import_weights(path, name)
+            self.fillWeights()
+            self.ui.weightsComboBox.setCurrentText(resolved.name)
+            self.ui.statusLabel.text = f"Imported {resolved.name} (sha256 {resolved.sha256[:12]}...)."
+
+    def onCacheFolderChanged(self, path: str) -> None:
+        qt.QSettings().setValue(CACHE_SETTINGS_KEY, path)
+        applyCacheFolderSetting()
+
+    # -- running ----------------------------------------------------------------------------------------
+    def onApplyButton(self) -> None:
+        if self.monitor.running:
+            self.monitor.cancel()
+            return
+        if not ensureDependencies():
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not start the super-resolution.", waitCursor=True):
+            job = self.logic.createJob(p.inputVolume, self.logic.settingsFrom(p), p.outputVolume, self.monitor.queueLine)
+            self.monitor.start(job, f"Super-resolution of {p.inputVolume.GetName()}")
+        self._checkCanApply()
+
+    def onEvaluateButton(self) -> None:
+        if self.monitor.running or not ensureDependencies():
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not start the evaluation.", waitCursor=True):
+            job = self.logic.createEvaluationJob(p.inputVolume, p.evaluationFactor, self.logic.settingsFrom(p), self.monitor.queueLine)
+            self.monitor.start(job, f"Evaluation on {p.inputVolume.GetName()}")
+        self._checkCanApply()
+
+    def onJobFinished(self, job, state) -> None:
+        from CTDiffusionSRLib.process import JobState
+
+        self._checkCanApply()
+        if state == JobState.FAILED:
+            slicer.util.errorDisplay(f"The job failed: {job.error}")
+            return
+        if state != JobState.COMPLETED:
+            return
+        p = self._parameterNode
+        if getattr(job, "table_node", None) is not None:
+            self.logic.showTable(job.table_node)
+            return
+        result = job.result_nodes[0]
+        p.resultVolume = result
+        p.uncertaintyVolume = getattr(job, "uncertainty_node", None)
+        if p.uncertaintyVolume and p.showUncertainty:
+            self.logic.showUncertainty(p.inputVolume, p.uncertaintyVolume)
+        else:
+            self.logic.compareFade(p.inputVolume, result, p.fadeOpacity)
+        self._checkCanApply()
+
+    # -- compare ----------------------------------------------------------------------------------------
+    def onCompareSideBySide(self) -> None:
+        p = self._parameterNode
+        self.logic.compareSideBySide(p.inputVolume, p.resultVolume)
+
+    def onCompareFade(self) -> None:
+        p = self._parameterNode
+        self.logic.compareFade(p.inputVolume, p.resultVolume, p.fadeOpacity)
+
+    def onFadeChanged(self, value: float) -> None:
+        self.logic.setFade(value)
+
+
+#
+# CTDiffusionSRLogic
+#
+class CTDiffusionSRLogic(ScriptedLoadableModuleLogic):
+    """Scripting API on ``slicer.mrmlScene``; the work itself is in CTDiffusionSRLib (Qt-free).
+
+    Example (Slicer's Python console)::
+
+        logic = slicer.util.getModuleLogic("CTDiffusionSR")
+        result = logic.process(slicer.util.getNode("CT_01"), factor=4, steps=15)
+    """
+
+    def getParameterNode(self):
+        return CTDiffusionSRParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def settingsFrom(p):
+        """SRSettings from the parameter node (None when DiffusionCore cannot be imported yet)."""
+        try:
+            from CTDiffusionSRLib.sr_logic import SRSettings
+        except ImportError:
+            return None
+        return SRSettings(
+            factor=p.factor,
+            target_spacing=p.targetSpacing,
+            axis=p.axis,
+            weights=p.weights,
+            steps=p.steps,
+            guidance=p.guidance,
+            device=p.device,
+            patch_size=(p.patchDepth, p.patchHeight, p.patchWidth),
+            overlap=(p.overlapDepth, p.overlapHeight, p.overlapWidth),
+            seed=p.seed,
+            num_samples=p.numSamples,
+            data_consistency=p.dataConsistency,
+        )
+
+    @staticmethod
+    def inputProblem(node, settings) -> str:
+        """Why Apply is disabled ("" when it is not)."""
+        if node is None:
+            return "Select an input CT volume."
+        if settings is None:  # packages not installed yet: Apply installs them first
+            return ""
+        from CTDiffusionSRLib.sr_logic import check_sr_input
+
+        return check_sr_input(node, settings)
+
+    def createJob(self, inputNode, settings, outputNode=None, onLine=None):
+        from CTDiffusionSRLib.sr_logic import SRJob
+
+        return SRJob(slicer.mrmlScene, inputNode, settings, output_node=outputNode, on_line=onLine)
+
+    def createEvaluationJob(self, inputNode, factor: int, settings, onLine=None):
+        from CTDiffusionSRLib.sr_logic import EvaluationJob
+
+        methods = ("cubic", "sr")
+        return EvaluationJob(
+            slicer.mrmlScene, inputNode, factor=factor, methods=methods, weights=settings.weights,
+            steps=settings.steps, device=settings.device, on_line=onLine,
+        )
+
+    def process(self, inputNode, outputNode=None, timeout: float | None = None, **settings):
+        """Run the super-resolution and wait (scripts, self-test). Returns the result node.
+
+        Raises:
+            RuntimeError: the job failed (its error line is the message).
+        """
+        from CTDiffusionSRLib.process import JobState
+        from CTDiffusionSRLib.sr_logic import SRSettings
+
+        job = self.createJob(inputNode, SRSettings(**settings), outputNode)
+        start = time.time()
+        state = job.run(timeout)
+        logging.info("super-resolution %s in %.1f s", state.value, time.time() - start)
+        if state != JobState.COMPLETED:
+            raise RuntimeError(job.error)
+        return job.result_nodes[0]
+
+    # -- views ----------------------------------------------------------------------------------------
+    def compareSideBySide(self, inputNode, resultNode) -> None:
+        from CTDiffusionSRLib import views
+
+        views.show_side_by_side(slicer.mrmlScene, inputNode, resultNode)
+        slicer.util.resetSliceViews()
+
+    def compareFade(self, inputNode, resultNode, opacity: float) -> None:
+        from CTDiffusionSRLib import views
+
+        views.show_fade(slicer.mrmlScene, inputNode, resultNode, opacity)
+        slicer.util.resetSliceViews()
+
+    def setFade(self, opacity: float) -> None:
+        from CTDiffusionSRLib import views
+
+        views.set_fade(slicer.mrmlScene, opacity)
+
+    def showUncertainty(self, baseNode, uncertaintyNode) -> None:
+        from CTDiffusionSRLib import views
+
+        views.show_overlay(slicer.mrmlScene, baseNode, uncertaintyNode, 0.5)
+
+    def showTable(self, tableNode) -> None:
+        layoutManager = slicer.app.layoutManager()
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetActiveTableID(tableNode.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+
+
+#
+# CTDiffusionSRTest
+#
+class CTDiffusionSRTest(ScriptedLoadableModuleTest):
+    """Self-test: super-resolve a small synthetic oblique CT with the tiny random-weight model on CPU.
+
+    Run it from the module's "Reload and Test" button (developer mode) or
+    ``slicer.util.getModuleTest("CTDiffusionSR").runTest()``.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SuperResolutionOnSyntheticVolume()
+
+    def test_SuperResolutionOnSyntheticVolume(self):
+        import numpy as np
+        from CTDiffusionSRLib import mrml_io
+        from CTDiffusionSRLib.testing import phantom_ct
+
+        from DiffusionCore.degrade import thin_grid
+
+        self.delayDisplay("Creating a synthetic thick-slice CT")
+        volume = phantom_ct()
+        inputNode = mrml_io.add_volume_node(slicer.mrmlScene, volume, "Phantom CT")
+        before = mrml_io.array_from_node(inputNode)
+
+        self.delayDisplay("Super-resolving with the tiny test model")
+        logic = CTDiffusionSRLogic()
+        result = logic.process(inputNode, factor=4, steps=2, device="cpu", tiny_test_model=True, timeout=300)
+
+        expected = thin_grid(volume, 4, axis=0)
+        got = mrml_io.volume_from_node(result)
+        self.assertEqual(got.shape, tuple(expected.shape))
+        self.assertTrue(np.allclose(got.origin, expected.origin, atol=1e-4))
+        self.assertTrue(np.allclose(got.spacing, expected.spacing, atol=1e-6))
+        self.assertEqual(result.GetName(), "Phantom CT SR x4 (synthetic)")
+        self.assertEqual(result.GetAttribute("CTDiffusion.Synthetic"), "true")
+        self.assertTrue(np.array_equal(mrml_io.array_from_node(inputNode), before))
+        logic.compareFade(inputNode, result, 0.5)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,86 @@
+"""Train a DiffusionCore model headless, inside 3D Slicer or with plain Python.
+
+Inside Slicer (its Python, its installed torch, no window):
+
+    Slicer --no-main-window --python-script <extension>/scripts/headless_train.py -- \\
+        --family sr --config sr.json --data /data/ct --output-dir runs/sr1 [--resume] [--device cuda]
+
+With plain Python (DiffusionCore installed, e.g. ``pip install -e .[train]``):
+
+    python scripts/headless_train.py --family sr --config sr.json --data /data/ct --output-dir runs/sr1
+
+Options after the known ones are passed to ``python -m DiffusionCore train FAMILY`` unchanged
+(e.g. ``--epochs 2 --batch-size 1``). Stop with Ctrl-C or by creating ``<output-dir>/STOP``: the trainer
+writes a clean checkpoint first; ``--resume`` continues from it. Exit code: the train command's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+logger = logging.getLogger("DiffusionCore")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="headless_train.py", description=__doc__.splitlines()[0])
+    p.add_argument("--family", choices=("sr", "vae", "xray"), default="sr", help="model family to train")
+    p.add_argument("--config", default=None, help="JSON or YAML training config")
+    p.add_argument("--data", default=None, help="folder of CT volumes, or a text file listing them")
+    p.add_argument("--output-dir", required=True, help="checkpoints, weights, TensorBoard logs, metrics.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda")
+    return p
+
+
+def train_arguments(args: argparse.Namespace, extra: list[str], supported: set[str]) -> list[str]:
+    """``python -m DiffusionCore`` arguments for this run (the families name the output option differently)."""
+    out_flag = "--output-dir" if "--output-dir" in supported else "--out-dir"
+    argv = ["train", args.family, out_flag, args.output_dir]
+    for flag, value in (("--config", args.config), ("--data", args.data), ("--device", args.device)):
+        if value is not None:
+            argv += [flag, value]
+    if args.resume:
+        argv.append("--resume")
+    return argv + extra
+
+
+def supported_options(family: str) -> set[str]:
+    """Option strings of the installed ``train FAMILY`` command."""
+    from DiffusionCore.cli.main import build_parser as core_parser
+
+    parser = core_parser()
+    for path_part in ("train", family):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[path_part]
+    return {opt for action in parser._actions for opt in action.option_strings}
+
+
+def script_arguments(argv: list[str]) -> list[str]:
+    """The script's own arguments: Slicer passes everything after ``--`` (the separator may remain)."""
+    return argv[1:] if argv and argv[0] == "--" else argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(script_arguments(sys.argv[1:] if argv is None else argv))
+    from DiffusionCore.cli.main import main as core_main
+
+    return core_main(train_arguments(args, extra, supported_options(args.family)))
+
+
+def _exit(code: int) -> None:
+    """Leave Slicer (when running in it) or the interpreter with ``code``."""
+    try:
+        import slicer
+
+        app = getattr(slicer, "app", None)
+    except ImportError:
+        app = None
+    if app is not None and hasattr(app, "exit"):
+        app.exit(code)  # --no-main-window: without this Slicer keeps running
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    _exit(main())
