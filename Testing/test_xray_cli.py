@@ -141,6 +141,18 @@ def test_prepare_train_resume_next_stage_and_evaluate(files, tmp_path):
     assert c2.num_stages == 2 and np.array_equal(w1.detach().numpy(), w2.detach().numpy())  # stage 1 frozen
     assert c2.mean_ct.min() < -0.5 < c2.mean_ct.max() - 0.3  # the mean training CT is stored
 
+    joint = tmp_path / "joint"
+    assert _train(["--config", "stage2", "--output-dir", str(joint), "--max-steps", "1", "--train-all-stages",
+                   *common]) == 0  # fmt: skip
+    tuned = tmp_path / "tuned"
+    assert _train(["--config", "stage2", "--output-dir", str(tuned), "--max-steps", "1", "--load-all-stages",
+                   str(s2 / "xray_cascade.safetensors"), "--unfreeze-all", *common]) == 0  # fmt: skip
+    ct = UnifiedHybridViTCascade.from_pretrained(tuned / "xray_cascade.safetensors")
+    for stage in (0, 1):  # both stages started from s2's weights and both moved
+        assert not np.array_equal(ct.stages[stage].final.weight.detach().numpy(),
+                                  c2.stages[stage].final.weight.detach().numpy())  # fmt: skip
+    assert json.loads((joint / "latest.json").read_text())
+
     out = tmp_path / "eval.json"
     cmd = [sys.executable, "-m", "DiffusionCore", "evaluate-xray", "--reference", str(files["ct"]), "--weights",
            str(s2 / "xray_cascade.safetensors"), "--allow-unregistered-weights", "--steps", "1", "--json",
