@@ -84,7 +84,7 @@ def test_batch_folder_is_shared_across_ranks_and_keeps_names(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "DiffusionCore", "sr", str(src), str(out), "--tiny-test-model", "--factor", "4",
-             "--num-samples", "2", "--uncertainty", str(tmp_path / "unc"), "--progress", "none"],
+             "--num-samples", "2", "--uncertainty", str(tmp_path / "unc"), "--progress", "none", "--num-steps", "1"],
             cwd=ROOT, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )

@@ -111,6 +111,7 @@ def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int, de
         "input_shape": list(vol.shape),
         "output_shape": list(result.shape),
         "tiles": report["tiles"]["count"],
+        "tile_overhead": report["tiles"]["overhead"],
         "patch_size": report["settings"]["patch_size"],
         "tile_batch": report["settings"]["tile_batch"],
         "peak_rss_bytes": peak_rss_bytes(),

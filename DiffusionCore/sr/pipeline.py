@@ -465,7 +465,12 @@ class SuperResolver:
 
         mean: np.ndarray | None = None
         m2: np.ndarray | None = None
-        tiles_info = {"count": plan.n_tiles, "grid": list(plan.grid_counts)}
+        tiles_info = {
+            "count": plan.n_tiles,
+            "grid": list(plan.grid_counts),
+            # voxels the model processes per output voxel (overlap and padding make it > 1)
+            "overhead": plan.n_tiles * float(np.prod(plan.patch_size)) / float(np.prod(plan.volume_shape)),
+        }
         with torch.inference_mode():
             for sample in range(num_samples):
                 acc = np.zeros(plan.padded_shape, dtype=np.float32)
