@@ -112,6 +112,7 @@ class TrainConfig:
         0.5,
         "Probability of using an in-plane axis as the thick axis (self-supervision from sharper in-plane).",
     )
+    affine_probability: float = _f(0.2, "Probability of a small random rotation/zoom of a training patch.")
     stage: str = _f(
         "joint", "SR stage: 'base' (UNet only), 'control' (freeze UNet, train ControlNet), 'joint'."
     )
@@ -128,7 +129,6 @@ class TrainConfig:
     checkpoint_every: int = _f(200, "Write a resumable checkpoint every N steps.")
     keep_checkpoints: int = _f(3, "Checkpoints kept (plus the best).")
     log_every: int = _f(10, "Log the training loss every N steps.")
-    num_workers: int = _f(0, "DataLoader worker processes.")
     seed: int = _f(0, "Random seed.")
     device: str = _f("auto", "auto, cpu or cuda.")
 

@@ -1,0 +1,681 @@
+"""Training of the SR stack: ``train_vae`` (the 3D autoencoder) and ``train_sr`` (latent ResShift/DDIM).
+
+Both loops share one shape: a config (:class:`SRConfig`), random patches drawn with a per-step seed
+(``(seed, rank, step)``, so a resumed run draws exactly the batches it would have drawn), AdamW with a
+linear warm-up, gradient clipping, bf16 autocast on GPU only, DDP under ``torchrun``, TensorBoard +
+``metrics.jsonl``, atomic resumable checkpoints, a clean stop on SIGINT/SIGTERM or an ``out_dir/STOP`` file,
+validation in HU on held-out patches with best-checkpoint selection, and an inference export at the end:
+
+* ``train_vae`` -> ``out_dir/vae.safetensors`` (component ``"vae"``), validation: reconstruction PSNR;
+* ``train_sr``  -> ``out_dir/sr_model.safetensors`` (VAE + denoiser in one file, component ``"sr"``),
+  validation: PSNR of the super-resolved patches against the thin reference, next to cubic's.
+
+SR stages (``train.stage``): ``base`` trains the UNet alone (the prior, conditioned only through
+ResShift's ``y``), ``control`` freezes it and trains the IRControlNet (initialised as a copy of the UNet
+encoder), ``joint`` trains both.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import config_to_dict, load_config
+from ..errors import Cancelled, ConfigError, InputError, WeightsError
+from .config import SRConfig
+from .data import VolumeRegion, load_regions, sample_batch, validation_set
+from .intensity import unit_to_hu
+from .model import SRModel
+from .resshift import ResShiftProcess
+from .vae import CTAutoencoderKL
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("base", "control", "joint")
+VAE_EXPORT = "vae.safetensors"
+SR_EXPORT = "sr_model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def resolve_config(config: SRConfig | dict | str | os.PathLike | None) -> SRConfig:
+    """An :class:`SRConfig` from a dataclass, dict, JSON/YAML file or ``None`` (defaults); validated."""
+    cfg = load_config(config, SRConfig) if not isinstance(config, SRConfig) else config
+    t = cfg.train
+    if t.stage not in STAGES:
+        raise ConfigError(f"train.stage {t.stage!r} is not one of {', '.join(STAGES)}")
+    if t.degradation not in ("slab", "decimate"):
+        raise ConfigError(f"train.degradation {t.degradation!r}: use 'slab' or 'decimate'")
+    if any(k < 2 or k > 8 for k in t.factors) or not t.factors:
+        raise ConfigError(f"train.factors {t.factors}: each factor must be between 2 and 8")
+    if len(t.patch_size) != 3 or any(s < 1 for s in t.patch_size):
+        raise ConfigError(f"train.patch_size {t.patch_size}: give three positive sizes D H W")
+    if t.batch_size < 1 or t.learning_rate <= 0:
+        raise ConfigError("train.batch_size must be >= 1 and train.learning_rate > 0")
+    return cfg
+
+
+def psnr_hu(ref_units: np.ndarray, test_units: np.ndarray) -> float:
+    """PSNR in dB of model-unit arrays converted to HU (window [-1024, 2048], peak 3072)."""
+    from ..metrics import psnr
+
+    return psnr(unit_to_hu(ref_units), unit_to_hu(test_units))
+
+
+def _step_generators(seed: int, rank: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    np_rng = np.random.default_rng([seed, rank, step])
+    torch_gen = torch.Generator().manual_seed(int(np_rng.integers(0, 2**62)))
+    return np_rng, torch_gen
+
+
+def _check_patch(cfg: SRConfig, multiple: tuple[int, int, int]) -> None:
+    bad = [s for s, m in zip(cfg.train.patch_size, multiple) if s % m]
+    if bad:
+        raise ConfigError(
+            f"--patch-size {tuple(cfg.train.patch_size)} must be a multiple of {multiple} per axis (D H W) "
+            "for this network layout"
+        )
+
+
+def _lr_lambda(warmup: int) -> Callable[[int], float]:
+    return lambda step: min(1.0, (step + 1) / max(1, warmup))
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+class _Run:
+    """Shared state of a training run: distributed info, logger, stop flag, checkpoint bookkeeping."""
+
+    def __init__(self, cfg: SRConfig, out_dir: str | os.PathLike, cancel: threading.Event | None) -> None:
+        from ..train.distributed import init_distributed
+        from ..train.logger import TrainLogger
+        from ..train.stop import StopFlag
+
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.info = init_distributed(cfg.train.device)
+        self.device = self.info.device
+        self.amp = bool(cfg.train.use_amp and self.device.type == "cuda")
+        if cfg.train.use_amp and not self.amp:
+            logger.info("--use-amp ignored on %s (bf16 autocast only helps on GPU)", self.device)
+        self.log = TrainLogger(self.out, enabled=self.info.is_main)
+        self.stop = StopFlag(self.out / "STOP")
+        if self.info.is_main:
+            self.stop.clear_stop_file()
+        self.cancel = cancel
+
+    def total_steps(self) -> int:
+        t = self.cfg.train
+        total = t.epochs * t.steps_per_epoch
+        return min(total, t.max_steps) if t.max_steps > 0 else total
+
+    def should_stop(self) -> bool:
+        local = self.stop.requested or (self.cancel is not None and self.cancel.is_set())
+        if self.info.distributed:
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+            dist.all_reduce(flag)
+            return bool(flag.item() > 0)
+        return local
+
+    def close(self) -> None:
+        from ..train.distributed import cleanup
+
+        self.log.close()
+        cleanup(self.info)
+
+
+def _fit(
+    run: _Run,
+    *,
+    models: dict[str, nn.Module],
+    trainable: nn.Module,
+    objective: Callable[[nn.Module, int, np.random.Generator, torch.Generator], torch.Tensor],
+    validate: Callable[[int], dict[str, float]],
+    score_key: str,
+    resume: bool,
+    extra_state: Callable[[], dict[str, Any]],
+    restore_extra: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """The optimisation loop shared by both families (see the module docstring)."""
+    from ..train.checkpoint import find_latest, load_training_state, mark_best, save_training_state
+    from ..train.distributed import all_reduce_mean, barrier, wrap_model
+
+    cfg, t, info = run.cfg, run.cfg.train, run.info
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: every parameter is frozen for this stage")
+    opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps))
+    step, best = 0, -math.inf
+    if resume:
+        latest = find_latest(run.out)
+        if latest is None:
+            raise InputError(f"--resume: no checkpoint in {run.out}; start without --resume")
+        state = load_training_state(
+            latest, models=models, optimizers={"opt": opt}, schedulers={"lr": sched}, map_location="cpu"
+        )
+        step = state["step"]
+        extra = state["extra"] or {}
+        best = float(extra.get("best_score", -math.inf))
+        restore_extra(extra)
+        logger.info("resumed at step %d from %s", step, latest)
+    for m in models.values():
+        m.to(run.device)
+    for group in opt.state.values():
+        for k, v in group.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                group[k] = v.to(run.device)
+    wrapped = wrap_model(trainable, info)
+    total = run.total_steps()
+    result: dict[str, Any] = {"stopped": False, "steps": step, "best_score": best, "out_dir": str(run.out)}
+
+    def checkpoint(step: int, score: float | None) -> None:
+        nonlocal best
+        if not info.is_main:
+            return
+        improved = score is not None and score > best
+        if improved:
+            best = score
+        save_training_state(
+            run.out,
+            step=step,
+            epoch=step // max(1, t.steps_per_epoch),
+            models=models,
+            optimizers={"opt": opt},
+            schedulers={"lr": sched},
+            config=cfg,
+            extra={**extra_state(), "best_score": best},
+            keep=t.keep_checkpoints,
+        )
+        if improved:
+            mark_best(run.out, step, score)
+
+    def run_validation(step: int) -> float | None:
+        if not info.is_main:
+            return None
+        trainable.eval()
+        metrics = validate(step)
+        trainable.train()
+        run.log.scalars({f"val/{k}": v for k, v in metrics.items()}, step)
+        if metrics:
+            logger.info("step %d validation: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        return metrics.get(score_key)
+
+    if step == 0 and info.is_main and t.val_every > 0:
+        run_validation(0)
+    trainable.train()
+    t0 = time.perf_counter()
+    with run.stop:
+        while step < total:
+            if run.should_stop():
+                checkpoint(step, None)
+                barrier(info)
+                result["stopped"] = True
+                logger.info("stopped at step %d; a checkpoint was written (resume with --resume)", step)
+                break
+            np_rng, gen = _step_generators(t.seed, info.rank, step)
+            with _autocast(run.device, run.amp):
+                loss = objective(wrapped, step, np_rng, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            if step % t.log_every == 0 or step == total:
+                value = float(all_reduce_mean(loss.detach().float(), info))
+                run.log.scalar("loss/train", value, step)
+                run.log.scalar("lr", opt.param_groups[0]["lr"], step)
+                rate = step / max(1e-9, time.perf_counter() - t0)
+                logger.info("step %d/%d loss %.5f (%.2f steps/s)", step, total, value, rate)
+            validate_now = t.val_every > 0 and (step % t.val_every == 0 or step == total)
+            if validate_now:
+                score = run_validation(step)
+                checkpoint(step, score)
+            elif step % t.checkpoint_every == 0:
+                checkpoint(step, None)
+            barrier(info)
+        else:
+            if not (t.val_every > 0) and info.is_main:
+                checkpoint(step, None)
+    result.update(steps=step, best_score=best)
+    if run.cancel is not None and run.cancel.is_set():
+        raise Cancelled(f"training cancelled at step {step}; the last checkpoint in {run.out} can be resumed")
+    return result
+
+
+def _regions(cfg: SRConfig, data: Any) -> tuple[list[VolumeRegion], list[VolumeRegion]]:
+    t = cfg.train
+    train_data = t.data if data is None else ([data] if isinstance(data, str | os.PathLike) else list(data))
+    return load_regions([str(d) for d in train_data], [str(v) for v in t.val_data], t.val_fraction)
+
+
+def _to_tensor(arr: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+def vae_loss(
+    vae: nn.Module, x: torch.Tensor, kl_weight: float, grad_weight: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """L1 reconstruction + ``grad_weight`` x L1 of finite differences + ``kl_weight`` x KL.
+
+    Args:
+        x: ``(B, 1, D, H, W)`` model units.
+    """
+    recon, mean, logvar = vae(x, generator)
+    loss = F.l1_loss(recon, x)
+    if grad_weight > 0:
+        for dim in (2, 3, 4):
+            loss = loss + grad_weight * F.l1_loss(torch.diff(recon, dim=dim), torch.diff(x, dim=dim))
+    return loss + kl_weight * CTAutoencoderKL.kl_loss(mean, logvar) / x[0].numel()
+
+
+class _VAEObjective(nn.Module):
+    def __init__(self, vae: CTAutoencoderKL, kl_weight: float, grad_weight: float) -> None:
+        super().__init__()
+        self.vae = vae
+        self.kl_weight = kl_weight
+        self.grad_weight = grad_weight
+
+    def forward(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return vae_loss(self.vae, x, self.kl_weight, self.grad_weight, gen)
+
+
+def train_vae(
+    config: SRConfig | dict | str | os.PathLike | None,
+    data: Any = None,
+    out_dir: str | os.PathLike = "vae-run",
+    resume: bool = False,
+    cancel: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Train the 3D VAE on random thin-slice patches; export ``out_dir/vae.safetensors``.
+
+    Args:
+        config: :class:`SRConfig` (the ``vae`` and ``train`` sections are used), dict or file.
+        data: training volumes (overrides ``train.data``): folder, list file, file or list of them.
+        out_dir: checkpoints, logs and the exported weights.
+        resume: continue from the latest checkpoint in ``out_dir``.
+        cancel: an event that stops training after the current step (then raises Cancelled).
+
+    Returns:
+        ``{"steps", "best_score" (validation PSNR dB), "stopped", "out_dir", "weights", "weights_sha256"}``.
+    """
+    cfg = resolve_config(config)
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    vae = CTAutoencoderKL(cfg.vae)
+    _check_patch(cfg, vae.downsample)
+    train_r, val_r = _regions(cfg, data)
+    run = _Run(cfg, out_dir, cancel)
+    try:
+        if t.channels_last:
+            vae.to(memory_format=torch.channels_last_3d)
+        objective_module = _VAEObjective(vae, t.kl_weight, t.gradient_loss_weight)
+        patch = tuple(t.patch_size)
+        val = validation_set(val_r, t.val_patches, patch, t.factors, t.degradation)
+
+        def objective(
+            wrapped: nn.Module, step: int, rng: np.random.Generator, gen: torch.Generator
+        ) -> torch.Tensor:
+            thin, _, _ = sample_batch(
+                train_r,
+                t.batch_size,
+                patch,
+                (2,),
+                rng,
+                t.degradation,
+                t.inplane_probability,
+                t.augment,
+                t.affine_probability,
+            )
+            return wrapped(_to_tensor(thin, run.device, t.channels_last), gen)
+
+        @torch.no_grad()
+        def validate(step: int) -> dict[str, float]:
+            if not val:
+                return {}
+            refs, recs = [], []
+            for thin, _, _ in val:
+                x = _to_tensor(thin[None, None], run.device, t.channels_last)
+                mean, _ = vae.encode(x)
+                recs.append(vae.decode(mean).float().cpu().numpy()[0, 0])
+                refs.append(thin)
+            ref, rec = np.stack(refs), np.stack(recs)
+            mid = ref.shape[2] // 2
+            run.log.image("val/ref_recon", np.concatenate([ref[0, :, mid], rec[0, :, mid]], axis=1), step)
+            return {"psnr_recon": psnr_hu(ref, rec)}
+
+        result = _fit(
+            run,
+            models={"vae": vae},
+            trainable=objective_module,
+            objective=objective,
+            validate=validate,
+            score_key="psnr_recon",
+            resume=resume,
+            extra_state=dict,
+            restore_extra=lambda extra: None,
+        )
+        if run.info.is_main and not result["stopped"]:
+            result.update(_export_best(run.out, Path(run.out) / VAE_EXPORT, component="vae"))
+        return result
+    finally:
+        run.close()
+
+
+# ---------------------------------------------------------------------------------------------- SR
+class SRObjective(nn.Module):
+    """The SR training loss as a module (so DDP can wrap it).
+
+    ``forward(x0, y, t, noise, keep)``: latents ``x0`` (thin) and ``y`` (cubic input) ``(B, C, d, h, w)``,
+    step indices ``t`` ``(B,)``, noise like ``x0`` and a per-sample condition keep mask ``keep`` ``(B,)``;
+    returns the MSE between the network's prediction (``x0`` for ResShift, ``eps`` for DDIM) and its target.
+    """
+
+    def __init__(self, model: SRModel, stage: str = "joint") -> None:
+        super().__init__()
+        self.model = model
+        self.use_control = stage != "base" and model.denoiser.controlnet is not None
+
+    def forward(
+        self, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        proc = self.model.diffusion
+        if isinstance(proc, ResShiftProcess):
+            x_t = proc.q_sample(x0, y, t, noise)
+            target = x0
+        else:
+            x_t = proc.q_sample(x0, t, noise)
+            target = noise
+        x_in = proc.scale_input(x_t, t)
+        out = self.model.denoiser(x_in, proc.timestep_value(t).to(x0.device), y, keep, self.use_control)
+        pred = y + out if isinstance(proc, ResShiftProcess) else out
+        return F.mse_loss(pred.float(), target.float())
+
+
+def set_stage(model: SRModel, stage: str) -> None:
+    """Freeze what a stage does not train: VAE always; UNet in ``control``; ControlNet in ``base``."""
+    model.vae.requires_grad_(False)
+    model.denoiser.unet.requires_grad_(stage != "control")
+    if model.denoiser.controlnet is not None:
+        model.denoiser.controlnet.requires_grad_(stage != "base")
+
+
+def load_vae_weights(source: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """VAE config dict and ``vae.*`` tensors from an exported file or a ``train vae`` output folder."""
+    from ..weights import load_safetensors
+
+    p = Path(source)
+    if p.is_dir():
+        if (p / VAE_EXPORT).is_file():
+            p = p / VAE_EXPORT
+        else:
+            raise WeightsError(f"{source} has no {VAE_EXPORT}: finish `train vae` there or give the file")
+    tensors, meta = load_safetensors(p)
+    if meta.get("family") != "sr" or meta.get("component") not in ("vae", "sr"):
+        raise WeightsError(f"{p} is not an SR VAE weights file (exported by `train vae`)")
+    vae_t = {k: v for k, v in tensors.items() if k.startswith("vae.")}
+    return dict(meta.get("config", {}).get("vae", {})), vae_t
+
+
+def _load_denoiser_init(model: SRModel, source: str | os.PathLike) -> None:
+    from ..train.checkpoint import find_best, find_latest, load_training_state
+    from ..weights import load_safetensors
+
+    p = Path(source)
+    if p.is_dir():
+        ckpt = find_best(p) or find_latest(p) or p
+        load_training_state(ckpt, models={"denoiser": model.denoiser}, restore_rng=False)
+        return
+    tensors, _ = load_safetensors(p)
+    den = {k[len("denoiser.") :]: v for k, v in tensors.items() if k.startswith("denoiser.")}
+    try:
+        model.denoiser.load_state_dict(den, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{p} does not fit this SR configuration ({exc})") from exc
+
+
+def train_sr(
+    config: SRConfig | dict | str | os.PathLike | None,
+    data: Any = None,
+    out_dir: str | os.PathLike = "sr-run",
+    resume: bool = False,
+    cancel: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Train the latent denoiser (a stage of it) on thick/thin patch pairs; export ``out_dir/sr_model.safetensors``.
+
+    Args:
+        config: :class:`SRConfig` (``train.vae_weights`` must name a trained VAE), dict or file.
+        data: training volumes (overrides ``train.data``).
+        out_dir: checkpoints, logs and the exported weights.
+        resume: continue from the latest checkpoint in ``out_dir``.
+        cancel: an event that stops training after the current step (then raises Cancelled).
+
+    Returns:
+        ``{"steps", "best_score" (validation PSNR dB), "cubic_psnr", "stopped", "out_dir", "weights", ...}``.
+    """
+    cfg = resolve_config(config)
+    t = cfg.train
+    if not t.vae_weights:
+        raise ConfigError("train sr needs a trained VAE: pass --vae FILE_OR_DIR (the output of `train vae`)")
+    vae_cfg, vae_tensors = load_vae_weights(t.vae_weights)
+    if vae_cfg:
+        cfg = replace(cfg, vae=load_config(vae_cfg, type(cfg.vae)))
+    torch.manual_seed(t.seed)
+    model = SRModel(cfg)
+    try:
+        model.load_state_dict(vae_tensors, strict=False)
+    except RuntimeError as exc:
+        raise WeightsError(f"{t.vae_weights} does not fit the VAE configuration ({exc})") from exc
+    _check_patch(cfg, model.latent_downsample)
+    if t.init_from and not resume:
+        _load_denoiser_init(model, t.init_from)
+        if t.stage == "control" and model.denoiser.controlnet is not None:
+            model.denoiser.controlnet.copy_from_unet(model.denoiser.unet)
+    elif t.stage == "control" and not resume and model.denoiser.controlnet is not None:
+        logger.warning("stage 'control' without --init-from: the UNet prior is untrained")
+        model.denoiser.controlnet.copy_from_unet(model.denoiser.unet)
+    set_stage(model, t.stage)
+    latent_pairs = None
+    if t.latent_dir:
+        from .latents import load_latent_dir
+
+        latent_pairs = load_latent_dir(t.latent_dir, t.val_fraction, hold_out=not t.val_data)
+    train_r: list[VolumeRegion] = []
+    val_r: list[VolumeRegion] = []
+    if latent_pairs is None or data is not None or t.data:
+        train_r, val_r = _regions(cfg, data)
+    elif t.val_data:
+        val_r, _ = load_regions([str(v) for v in t.val_data], [], 0.0)
+    else:
+        logger.warning("no image data for validation: best-checkpoint selection falls back to the latest")
+    run = _Run(cfg, out_dir, cancel)
+    try:
+        device = run.device
+        model.to(device)
+        if t.channels_last:
+            model.to(memory_format=torch.channels_last_3d)
+        patch = tuple(t.patch_size)
+        lat_patch = tuple(s // f for s, f in zip(patch, model.vae_downsample))
+        if not resume:
+            if latent_pairs is not None:
+                std = float(torch.cat([p.x0.flatten() for p in latent_pairs]).std())
+                model.config.diffusion.latent_scale = 1.0 / max(std, 1e-3)
+            else:
+                model.config.diffusion.latent_scale = _latent_scale(model, train_r, patch, t, device)
+        objective_module = SRObjective(model, t.stage)
+        p_drop = cfg.unet.cond_dropout if objective_module.use_control else 0.0
+        val = validation_set(val_r, t.val_patches, patch, t.factors, t.degradation)
+        val_steps = t.val_steps or cfg.diffusion.num_inference_steps
+
+        def objective(
+            wrapped: nn.Module, step: int, rng: np.random.Generator, gen: torch.Generator
+        ) -> torch.Tensor:
+            if latent_pairs is not None:
+                from .latents import sample_latent_batch
+
+                x0, y = sample_latent_batch(latent_pairs, t.batch_size, lat_patch, rng)
+                scale = model.config.diffusion.latent_scale
+                x0, y = (x0 * scale).to(device), (y * scale).to(device)
+            else:
+                thin, cond, _ = sample_batch(
+                    train_r,
+                    t.batch_size,
+                    patch,
+                    t.factors,
+                    rng,
+                    t.degradation,
+                    t.inplane_probability,
+                    t.augment,
+                    t.affine_probability,
+                )
+                with torch.no_grad():
+                    x0 = model.encode(_to_tensor(thin, device, t.channels_last))
+                    y = model.encode(_to_tensor(cond, device, t.channels_last))
+            b = x0.shape[0]
+            steps_t = torch.randint(0, model.diffusion.num_steps, (b,), generator=gen).to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
+            keep = (torch.rand(b, generator=gen) >= p_drop).float().to(device)
+            return wrapped(x0, y, steps_t, noise, keep)
+
+        @torch.no_grad()
+        def validate(step: int) -> dict[str, float]:
+            if not val:
+                return {}
+            was_training = model.training
+            model.eval()
+            refs, conds, outs, base_outs = [], [], [], []
+            compare_base = objective_module.use_control
+            for i, (thin, cond, _) in enumerate(val):
+                c = _to_tensor(cond[None, None], device, t.channels_last)
+                gen = torch.Generator().manual_seed(1000 + i)
+                out = model.super_resolve_patch(c, steps=val_steps, guidance=1.0, generator=gen)
+                outs.append(out.float().cpu().numpy()[0, 0])
+                if compare_base:
+                    gen = torch.Generator().manual_seed(1000 + i)
+                    base = model.super_resolve_patch(c, steps=val_steps, guidance=0.0, generator=gen)
+                    base_outs.append(base.float().cpu().numpy()[0, 0])
+                refs.append(thin)
+                conds.append(cond)
+            model.train(was_training)
+            ref, cnd, out = np.stack(refs), np.stack(conds), np.stack(outs)
+            mid = ref.shape[2] // 2
+            run.log.image(
+                "val/cubic_sr_ref", np.concatenate([cnd[0, :, mid], out[0, :, mid], ref[0, :, mid]], 1), step
+            )
+            metrics = {"psnr_sr": psnr_hu(ref, out), "psnr_cubic": psnr_hu(ref, cnd)}
+            metrics["gain_db"] = metrics["psnr_sr"] - metrics["psnr_cubic"]
+            if base_outs:
+                metrics["psnr_without_control"] = psnr_hu(ref, np.stack(base_outs))
+            return metrics
+
+        def extra_state() -> dict[str, Any]:
+            return {"latent_scale": float(model.config.diffusion.latent_scale)}
+
+        def restore_extra(extra: dict[str, Any]) -> None:
+            if "latent_scale" in extra:
+                model.config.diffusion.latent_scale = float(extra["latent_scale"])
+
+        result = _fit(
+            run,
+            models={"vae": model.vae, "denoiser": model.denoiser},
+            trainable=objective_module,
+            objective=objective,
+            validate=validate,
+            score_key="psnr_sr",
+            resume=resume,
+            extra_state=extra_state,
+            restore_extra=restore_extra,
+        )
+        if val and run.info.is_main:
+            result["cubic_psnr"] = psnr_hu(np.stack([v[0] for v in val]), np.stack([v[1] for v in val]))
+        if run.info.is_main and not result["stopped"]:
+            result.update(_export_best(run.out, Path(run.out) / SR_EXPORT, component="sr"))
+        return result
+    finally:
+        run.close()
+
+
+@torch.no_grad()
+def _latent_scale(
+    model: SRModel, regions: list[VolumeRegion], patch: tuple, t: Any, device: torch.device
+) -> float:
+    """``1 / std`` of thin-patch latents (a few random patches), so diffusion sees unit-variance latents."""
+    rng = np.random.default_rng([t.seed, 99])
+    thin, _, _ = sample_batch(regions, max(2, t.batch_size), patch, t.factors, rng, t.degradation, 0.0, False)
+    mean, _ = model.vae.encode(torch.from_numpy(thin).to(device))
+    std = float(mean.float().std())
+    scale = 1.0 / max(std, 1e-3)
+    logger.info("latent scale %.4f (latent std %.4f)", scale, std)
+    return scale
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_sr(
+    ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, component: str = "sr"
+) -> dict[str, Any]:
+    """Write inference weights from a training checkpoint (or a training folder: its best, else latest).
+
+    Args:
+        ckpt_dir: ``checkpoint-XXXXXXXX`` folder or a ``train vae`` / ``train sr`` output folder.
+        out_file: the ``.safetensors`` file to write (atomically).
+        component: ``"sr"`` (VAE + denoiser), ``"vae"`` or ``"diffusion"``.
+
+    Returns:
+        ``{"weights": path, "weights_sha256": sha, "checkpoint": folder}``.
+    """
+    from ..train.checkpoint import find_best, find_latest, load_training_state, read_checkpoint_info
+
+    p = Path(ckpt_dir)
+    ckpt = p if (p / "state.json").is_file() else (find_best(p) or find_latest(p))
+    if ckpt is None:
+        raise InputError(f"no checkpoint in {ckpt_dir}: train first (train vae / train sr)")
+    info = read_checkpoint_info(ckpt)
+    cfg = load_config(info.get("config", {}), SRConfig)
+    model = SRModel(cfg)
+    names = info.get("models", [])
+    models = {"vae": model.vae}
+    if "denoiser" in names:
+        models["denoiser"] = model.denoiser
+    elif component != "vae":
+        raise WeightsError(f"{ckpt} holds only a VAE: export it with component 'vae'")
+    state = load_training_state(ckpt, models=models, restore_rng=False)
+    extra = state.get("extra") or {}
+    if "latent_scale" in extra:
+        model.config.diffusion.latent_scale = float(extra["latent_scale"])
+    sha = model.save(
+        out_file,
+        component=component,
+        extra_metadata={"step": state["step"], "source_checkpoint": Path(ckpt).name},
+    )
+    logger.info("exported %s (%s) from %s", out_file, sha[:12], ckpt)
+    return {"weights": str(out_file), "weights_sha256": sha, "checkpoint": str(ckpt)}
+
+
+def _export_best(out_dir: Path, out_file: Path, component: str) -> dict[str, Any]:
+    return export_sr(out_dir, out_file, component)
+
+
+def describe(cfg: SRConfig) -> dict[str, Any]:
+    """The config as a JSON-ready dict (for reports)."""
+    return config_to_dict(cfg)

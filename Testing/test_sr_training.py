@@ -1,0 +1,298 @@
+"""SR training: learning, exact resume, DDP, cancel, the CLI end to end, latents, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from DiffusionCore.errors import Cancelled, ConfigError, InputError
+from DiffusionCore.sr.config import tiny_config
+from DiffusionCore.sr.data import degrade_and_interpolate, sample_batch, thin_coordinates
+from DiffusionCore.sr.model import SRModel
+from DiffusionCore.sr.training import SRObjective, set_stage, train_sr, train_vae
+from DiffusionCore.volume import Volume, write_volume
+
+PY = sys.executable
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# Runs the real CLI entry point (error convention included) with the ``train`` command registered.
+CLI = (
+    "import sys; import DiffusionCore.cli.main as m; "
+    "'train' in m.COMMAND_MODULES or m.COMMAND_MODULES.append('train'); sys.exit(m.main(sys.argv[1:]))"
+)
+
+
+def _phantom(seed: int = 0, shape=(40, 64, 64)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]].astype(np.float32)
+    arr = np.full(shape, -1000.0, np.float32)
+    for _ in range(14):
+        c = rng.uniform([0, 0, 0], shape)
+        r = rng.uniform(3, 10)
+        arr[((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) < r * r] = rng.uniform(-300, 1200)
+    return arr
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("vols")
+    write_volume(Volume(_phantom(0), (0.7, 0.7, 1.0), (0, 0, 0), np.eye(3), {}), d / "a.nii.gz")
+    return d
+
+
+def _cfg(folder: Path, **train):
+    cfg = tiny_config()
+    t = cfg.train
+    t.data = [str(folder)]
+    t.patch_size = (8, 32, 32)
+    t.batch_size = 1
+    t.val_fraction = 0.3
+    t.val_patches = 1
+    t.val_every = 0
+    t.checkpoint_every = 2
+    t.factors = (2, 4)
+    t.device = "cpu"
+    t.log_every = 1
+    for k, v in train.items():
+        setattr(t, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def vae_dir(folder, tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("vae")
+    result = train_vae(_cfg(folder, max_steps=2, val_every=2), out_dir=out)
+    assert result["steps"] == 2 and Path(result["weights"]).is_file()
+    return out
+
+
+@pytest.mark.parametrize("method", ["slab", "decimate"])
+def test_training_degradation_equals_the_inference_path(method):
+    """Training pairs are made exactly as inference sees thick input: degrade, then cubic onto thin_grid."""
+    from DiffusionCore.degrade import degrade, thin_grid
+    from DiffusionCore.interpolation import interpolate
+
+    arr = _phantom(1, (16, 12, 10))
+    vol = Volume(arr, (0.7, 0.7, 1.0), (3.0, -2.0, 5.0), np.eye(3), {})
+    thick = degrade(vol, 4, "z", method)
+    reference = interpolate(thick, thin_grid(thick, 4, axis="z"), "cubic").array
+    if method == "slab":
+        np.testing.assert_allclose(degrade_and_interpolate(arr, 4, method), reference, atol=1e-2)
+    np.testing.assert_allclose(thin_coordinates(8, 4, "slab")[:2], [-0.375, -0.125])
+
+
+def test_tiny_model_overfits_one_patch():
+    torch.manual_seed(0)
+    model = SRModel(tiny_config())
+    set_stage(model, "joint")
+    z, y, x = np.mgrid[:8, :32, :32].astype(np.float32)
+    thin = (np.sin(z * 0.9) * np.cos(x * 0.3) * 0.5 + 0.1 * np.sin(y * 0.5)).astype(np.float32)
+    cond = degrade_and_interpolate(thin, 4)
+    with torch.no_grad():
+        x0 = model.encode(torch.from_numpy(thin)[None, None])
+        yl = model.encode(torch.from_numpy(cond)[None, None])
+    objective = SRObjective(model, "joint")
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(100):
+        t = torch.randint(0, model.diffusion.num_steps, (1,), generator=g)
+        loss = objective(x0, yl, t, torch.randn(x0.shape, generator=g), torch.ones(1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) / 10
+
+
+def test_stages_freeze_the_right_parts():
+    model = SRModel(tiny_config())
+    set_stage(model, "control")
+    assert not any(p.requires_grad for p in model.denoiser.unet.parameters())
+    assert all(p.requires_grad for p in model.denoiser.controlnet.parameters())
+    assert not any(p.requires_grad for p in model.vae.parameters())
+    set_stage(model, "base")
+    assert all(p.requires_grad for p in model.denoiser.unet.parameters())
+    assert not any(p.requires_grad for p in model.denoiser.controlnet.parameters())
+
+
+def test_batches_are_deterministic_and_in_range(folder):
+    from DiffusionCore.sr.data import load_regions
+
+    train, val = load_regions([str(folder)], [], 0.3)
+    assert train[0].z1 == 28 and val[0].z0 == 28
+    a = sample_batch(train, 2, (8, 32, 32), (2, 4), np.random.default_rng(3), inplane_probability=0.5)
+    b = sample_batch(train, 2, (8, 32, 32), (2, 4), np.random.default_rng(3), inplane_probability=0.5)
+    assert a[0].shape == (2, 1, 8, 32, 32) and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert a[0].min() >= -1.1 and a[0].max() <= 1.1
+
+
+def test_resume_gives_the_same_next_step(folder, vae_dir, tmp_path):
+    cfg = _cfg(folder, vae_weights=str(vae_dir), max_steps=2)
+    train_sr(cfg, out_dir=tmp_path / "a")
+    cfg.train.max_steps = 3
+    resumed = train_sr(cfg, out_dir=tmp_path / "a", resume=True)
+    straight = train_sr(_cfg(folder, vae_weights=str(vae_dir), max_steps=3), out_dir=tmp_path / "b")
+    assert resumed["steps"] == straight["steps"] == 3
+    wa = load_file(tmp_path / "a" / "checkpoint-00000003" / "denoiser.safetensors")
+    wb = load_file(tmp_path / "b" / "checkpoint-00000003" / "denoiser.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    changed = load_file(tmp_path / "a" / "checkpoint-00000002" / "denoiser.safetensors")
+    assert any(not torch.equal(wa[k], changed[k]) for k in wa)
+    model = SRModel.from_pretrained(tmp_path / "a" / "sr_model.safetensors", allow_unregistered=True)
+    assert model.config.diffusion.latent_scale == pytest.approx(cfg.diffusion.latent_scale)
+
+
+def test_cancel_stops_training_with_a_checkpoint(folder, vae_dir, tmp_path):
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        train_sr(_cfg(folder, vae_weights=str(vae_dir), max_steps=5), out_dir=tmp_path, cancel=cancel)
+    assert (tmp_path / "checkpoint-00000000" / "state.json").is_file()
+
+
+def test_validation_reports_psnr_against_cubic(folder, vae_dir, tmp_path):
+    cfg = _cfg(folder, vae_weights=str(vae_dir), max_steps=1, val_every=1)
+    result = train_sr(cfg, out_dir=tmp_path)
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tags = {m["tag"] for m in lines}
+    assert {"val/psnr_sr", "val/psnr_cubic", "val/gain_db", "loss/train"} <= tags
+    assert np.isfinite(result["cubic_psnr"]) and (tmp_path / "best.json").is_file()
+
+
+def test_latents_roundtrip_and_latent_training(folder, vae_dir, tmp_path):
+    from DiffusionCore.sr.latents import prepare_latents
+
+    files = prepare_latents([str(folder)], vae_dir, tmp_path / "lat", factors=(4,), device="cpu")
+    tensors = load_file(files[0])
+    assert tensors["x0"].shape == (4, 40, 16, 16) and tensors["y"].shape == tensors["x0"].shape
+    assert not torch.equal(tensors["x0"], tensors["y"])
+    cfg = _cfg(folder, vae_weights=str(vae_dir), max_steps=1, latent_dir=str(tmp_path / "lat"))
+    cfg.train.data = []
+    assert train_sr(cfg, out_dir=tmp_path / "run")["steps"] == 1
+
+
+def test_bad_inputs(folder, vae_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no CT volumes"):
+        train_vae(_cfg(empty, max_steps=1), out_dir=tmp_path / "x")
+    with pytest.raises(ConfigError, match="vae"):
+        train_sr(_cfg(folder, max_steps=1), out_dir=tmp_path / "y")
+    with pytest.raises(ConfigError, match="multiple"):
+        train_sr(_cfg(folder, vae_weights=str(vae_dir), patch_size=(8, 30, 32)), out_dir=tmp_path / "z")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": {"epochz": 3}}))
+    proc = subprocess.run(
+        [PY, "-c", CLI, "train", "sr", "--config", str(bad), "--out-dir", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "epochz" in proc.stderr and "epochs" in proc.stderr
+
+
+def test_cli_train_runs_end_to_end_and_resumes(folder, tmp_path):
+    common = ["--data", str(folder), "--patch-size", "8", "32", "32", "--batch-size", "1", "--device", "cpu"]
+    tiny = tmp_path / "tiny.json"
+    cfg = tiny_config()
+    tiny.write_text(
+        json.dumps(
+            {
+                "vae": {"channels": list(cfg.vae.channels)},
+                "unet": {"num_heads": 2},
+                "diffusion": {"num_train_timesteps": 4, "num_inference_steps": 4},
+                "train": {"val_patches": 1, "val_fraction": 0.3, "factors": [4]},
+            }
+        )
+    )
+    out_v, out_s = tmp_path / "vae", tmp_path / "sr"
+
+    def cli(*args):
+        proc = subprocess.run([PY, "-c", CLI, *args], capture_output=True, text=True, env=ENV, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    cli(
+        "train",
+        "vae",
+        "--config",
+        str(tiny),
+        *common,
+        "--max-steps",
+        "1",
+        "--kl-weight",
+        "1e-6",
+        "--out-dir",
+        str(out_v),
+    )
+    sr_args = [
+        "train",
+        "sr",
+        "--config",
+        str(tiny),
+        *common,
+        "--vae",
+        str(out_v),
+        "--model-channels",
+        "16",
+        "--num-train-timesteps",
+        "4",
+        "--no-cfg",
+        "--out-dir",
+        str(out_s),
+    ]
+    first = cli(*sr_args, "--max-steps", "1")
+    again = cli(*sr_args, "--max-steps", "2", "--resume")
+    assert first["steps"] == 1 and again["steps"] == 2
+    assert (out_s / "checkpoint-00000002").is_dir() and (out_s / "sr_model.safetensors").is_file()
+    exported = cli(
+        "train", "export-sr", str(out_s), str(tmp_path / "d.safetensors"), "--component", "diffusion"
+    )
+    pair = SRModel.from_files(out_v / "vae.safetensors", exported["weights"])
+    assert pair.config.unet.model_channels == 16 and pair.config.unet.cond_dropout == 0.0
+
+
+def test_two_process_ddp_step(folder, vae_dir, tmp_path):
+    from DiffusionCore.config import config_to_dict
+
+    cfg_file = tmp_path / "ddp.json"
+    cfg_file.write_text(json.dumps(config_to_dict(_cfg(folder, vae_weights=str(vae_dir), max_steps=2))))
+    script = tmp_path / "ddp_train.py"
+    script.write_text(
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from DiffusionCore.sr.training import train_sr\n"
+        "train_sr(sys.argv[1], out_dir=sys.argv[2])\n"
+    )
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=0",
+            str(script),
+            str(cfg_file),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(s) for s in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["tag"] == "loss/train"] == [1, 2]
+    assert (tmp_path / "out" / "checkpoint-00000002" / "denoiser.safetensors").is_file()
