@@ -17,6 +17,7 @@ from .common import setup_logging
 
 #: Modules of DiffusionCore.cli that each add one or more sub-commands through ``register(subparsers)``.
 COMMAND_MODULES = [
+    "prepare_latents",
     "evaluate",
     "sample_data",
     "sr",
