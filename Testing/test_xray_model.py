@@ -229,3 +229,19 @@ def test_gradient_checkpointing_and_eps_parameterisation_train():
     assert "perceptual_loss" in parts and torch.isfinite(loss)
     assert stage.blocks[0].adaln[-1].weight.grad.abs().sum() > 0
     assert stage.lifting.prior.mix.grad.abs().sum() > 0
+
+
+def test_real_radiographs_are_matched_to_the_mean_ct_drr_style():
+    from DiffusionCore.xray.radiograph import Radiograph
+
+    gen = XrayToCTGenerator.tiny(0)
+    assert gen.reference_drr(32) is None  # an all-air mean CT carries no style
+    gen.cascade.mean_ct.copy_(_phantom_cubes(1, 16))
+    ref = gen.reference_drr(32)
+    skewed = np.repeat(np.linspace(0, 1, 64, dtype=np.float32)[None] ** 3, 64, axis=0)
+    x, fov, source = gen.prepare_input(Radiograph(skewed, None, {"source": "chest.png"}), None)
+    assert x.shape == (1, 1, 32, 32) and source == "training field of view" and fov == 350.0
+    for q in (0.25, 0.5, 0.75):
+        assert abs(np.quantile(x.numpy(), q) - np.quantile(ref, q)) < 0.05
+    plain, fov, source = gen.prepare_input(skewed, 300.0)  # arrays (e.g. DRRs) are only windowed
+    assert source == "user" and np.quantile(plain.numpy(), 0.5) < 0.2

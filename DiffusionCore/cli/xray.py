@@ -92,8 +92,20 @@ def _generator(args: argparse.Namespace):
     if args.tiny_test_model:
         logger.warning("--tiny-test-model: a tiny random network for tests; the output is noise, not a CT")
         return XrayToCTGenerator.tiny()
-    return XrayToCTGenerator.from_pretrained(args.weights or DEFAULT_WEIGHTS,
-                                             allow_unregistered=args.allow_unregistered_weights)  # fmt: skip
+    from ..errors import WeightsError
+
+    try:
+        return XrayToCTGenerator.from_pretrained(
+            args.weights or DEFAULT_WEIGHTS, allow_unregistered=args.allow_unregistered_weights
+        )
+    except WeightsError as exc:
+        if args.weights:
+            raise
+        raise WeightsError(
+            f"no X-ray to CT weights named {DEFAULT_WEIGHTS!r} are installed ({exc}). Train them with "
+            "'train xray' and pass --weights OUTPUT_DIR/xray_cascade.safetensors --allow-unregistered-weights, "
+            "or register the file with the weights registry."
+        ) from exc
 
 
 def _radiograph(name: str):

@@ -8,6 +8,10 @@ Output geometry: a cube of side ``fov_mm`` centred at the LPS origin, identity d
 with z superior-increasing. ``fov_mm`` is, in order: the user's value; the radiograph's pixel spacing times
 the side of its central square crop divided by :data:`NOMINAL_MAGNIFICATION` (a PA chest radiograph at
 180 cm magnifies mid-chest anatomy ~1.1x on the detector); else the field of view the model was trained on.
+
+Real radiographs read from files are windowed (0.5 / 99.5 percentiles) and then quantile-matched to the DRR of
+the mean training CT stored in the weights, so their grey levels follow the DRR style the model was trained on;
+arrays (e.g. DRRs) are only windowed.
 """
 
 from __future__ import annotations
@@ -116,8 +120,23 @@ class XrayToCTGenerator:
             fov, source = float(self.cascade.configs[0].data.fov_mm), "training field of view"
         x = max(c.xray_resolution for c in self.cascade.configs)
         rad = resize_radiograph(rad, x)
-        arr = match_drr_style(rad.array)
+        reference = self.reference_drr(x) if rad.metadata.get("source", "array") != "array" else None
+        arr = match_drr_style(rad.array, reference)
         return torch.from_numpy(arr)[None, None], fov, source
+
+    @torch.no_grad()
+    def reference_drr(self, size: int) -> np.ndarray | None:
+        """DRR of the mean training CT (attenuation style, size x size): the intensity distribution that real
+        radiographs are quantile-matched to. None when the weights carry no informative mean CT."""
+        mean = self.cascade.mean_ct.float().cpu()
+        r = mean.shape[-1]
+        fov = self.cascade.configs[0].data.fov_mm
+        drr = radiograph_style(project_parallel_axis(hu_to_mu(unit_to_hu(mean)), (fov / r,) * 3,
+                                                     self.cascade.configs[0].data.view))  # fmt: skip
+        drr = torch.nn.functional.interpolate(drr, size=(size, size), mode="bilinear", align_corners=False)[
+            0, 0
+        ]
+        return drr.numpy() if float(drr.std()) > 0.05 else None
 
     @torch.no_grad()
     def run(
