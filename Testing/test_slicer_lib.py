@@ -50,8 +50,9 @@ def scene():
     color_logic = slicer.vtkMRMLColorLogic()
     color_logic.SetMRMLScene(s)
     slicer.mrmlScene = s  # slicer.util helpers look for it
-    yield s
+    yield s  # color_logic stays alive meanwhile: its lookup tables feed the slice views
     s.Clear(True)
+    del color_logic
 
 
 def _matrix(node) -> np.ndarray:

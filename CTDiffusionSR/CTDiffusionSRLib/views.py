@@ -7,6 +7,7 @@ own reslice-and-blend pipeline, the same that produces Slicer's slice views, wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -36,28 +37,6 @@ def _find_by_layout_name(scene, class_name: str, name: str):
     return None
 
 
-def slice_logic(scene, view: str, orientation: str | None = None):
-    """A ``vtkMRMLSliceLogic`` for view ``view`` (``"Red"``...), creating its slice node when missing."""
-    layout_node(scene)  # the standard views exist from here on
-    logic = _slicer().vtkMRMLSliceLogic()
-    logic.SetMRMLScene(scene)
-    node = _find_by_layout_name(scene, "vtkMRMLSliceNode", view)
-    if node is None:
-        node = logic.AddSliceNode(view)
-    else:
-        logic.SetSliceNode(node)
-    node.SetOrientation(orientation or VIEW_ORIENTATIONS.get(view, "Axial"))
-    return logic
-
-
-def composite_node(scene, view: str):
-    """The slice-composite node of ``view`` (layers shown in it), created with the view when missing."""
-    node = _find_by_layout_name(scene, "vtkMRMLSliceCompositeNode", view)
-    if node is None:
-        node = slice_logic(scene, view).GetSliceCompositeNode()
-    return node
-
-
 def layout_node(scene):
     """The scene's layout node.
 
@@ -74,6 +53,49 @@ def layout_node(scene):
     return node
 
 
+@contextlib.contextmanager
+def slice_logic(scene, view: str, orientation: str | None = None):
+    """A ``vtkMRMLSliceLogic`` bound to view ``view`` (``"Red"``...) for the duration of a ``with`` block.
+
+    The logic is detached from the scene afterwards: in Slicer the application owns one logic per view, and
+    extra logics left observing the same slice node would each keep a pipeline of their own.
+    """
+    layout_node(scene)  # the standard views exist from here on
+    logic = _slicer().vtkMRMLSliceLogic()
+    logic.SetMRMLScene(scene)
+    node = _find_by_layout_name(scene, "vtkMRMLSliceNode", view)
+    if node is None:
+        node = logic.AddSliceNode(view)
+    else:
+        logic.SetSliceNode(node)
+    if orientation is not None:
+        node.SetOrientation(orientation)
+    try:
+        yield logic
+    finally:
+        logic.SetMRMLScene(None)
+
+
+def slice_node(scene, view: str):
+    """The slice node of ``view`` (orientation, offset, field of view, XY-to-RAS), created when missing."""
+    layout_node(scene)
+    node = _find_by_layout_name(scene, "vtkMRMLSliceNode", view)
+    if node is None:
+        with slice_logic(scene, view) as logic:
+            node = logic.GetSliceNode()
+    return node
+
+
+def composite_node(scene, view: str):
+    """The slice-composite node of ``view`` (layers shown in it), created with the view when missing."""
+    layout_node(scene)
+    node = _find_by_layout_name(scene, "vtkMRMLSliceCompositeNode", view)
+    if node is None:
+        with slice_logic(scene, view) as logic:
+            node = logic.GetSliceCompositeNode()
+    return node
+
+
 def _set_layers(scene, view: str, background, foreground=None, opacity: float = 0.0, linked: bool = True) -> None:
     comp = composite_node(scene, view)
     comp.SetBackgroundVolumeID(background.GetID() if background is not None else None)
@@ -87,15 +109,15 @@ def show_side_by_side(scene, input_node, result_node) -> None:
     """Input left (Red), result right (Yellow), both axial with linked navigation."""
     layout_node(scene).SetViewArrangement(_slicer().vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
     for view, volume in (("Red", input_node), ("Yellow", result_node)):
-        slice_logic(scene, view, "Axial")
+        slice_node(scene, view).SetOrientation("Axial")
         _set_layers(scene, view, volume, None, 0.0, linked=True)
 
 
 def show_fade(scene, input_node, result_node, opacity: float = 0.5) -> None:
     """Result over input in the three standard views; ``opacity`` 0 shows the input, 1 the result."""
     layout_node(scene).SetViewArrangement(_slicer().vtkMRMLLayoutNode.SlicerLayoutConventionalView)
-    for view in VIEW_ORIENTATIONS:
-        slice_logic(scene, view)
+    for view, orientation in VIEW_ORIENTATIONS.items():
+        slice_node(scene, view).SetOrientation(orientation)
         _set_layers(scene, view, input_node, result_node, opacity, linked=True)
 
 
@@ -122,29 +144,35 @@ def show_overlay(scene, base_node, overlay_node, opacity: float = 0.5) -> None:
         display.SetAutoWindowLevel(False)
         display.SetWindowLevelMinMax(lo, hi if hi > lo else lo + 1.0)
     layout_node(scene).SetViewArrangement(_slicer().vtkMRMLLayoutNode.SlicerLayoutConventionalView)
-    for view in VIEW_ORIENTATIONS:
-        slice_logic(scene, view)
+    for view, orientation in VIEW_ORIENTATIONS.items():
+        slice_node(scene, view).SetOrientation(orientation)
         _set_layers(scene, view, base_node, overlay_node, opacity, linked=True)
 
 
-def render_view(scene, view: str, size: tuple[int, int] = (256, 256), fit: bool = True) -> np.ndarray:
+def render_view(
+    scene, view: str, size: tuple[int, int] = (256, 256), fit: bool = True, through_ras: tuple | None = None
+) -> np.ndarray:
     """What slice view ``view`` shows, as an RGBA uint8 array ``(H, W, 4)`` (row 0 = top).
 
     Uses the slice logic's reslice and blend pipeline (the image Slicer draws in the view); no window or
-    OpenGL context is needed.
+    OpenGL context is needed. ``fit`` first fits the view to the volumes (as Slicer's "reset view");
+    ``through_ras`` then moves the slice plane through that RAS point (mm).
     """
-    logic = slice_logic(scene, view)
-    node = logic.GetSliceNode()
-    node.SetDimensions(int(size[0]), int(size[1]), 1)
-    if fit:
-        logic.FitSliceToAll()
-        logic.SnapSliceOffsetToIJK()
-    producer = logic.GetImageDataConnection().GetProducer()
-    producer.Update()
-    image = producer.GetOutputDataObject(0)
-    w, h, _ = image.GetDimensions()
-    rgba = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)
-    return np.ascontiguousarray(rgba[::-1])  # VTK's row 0 is the bottom
+    with slice_logic(scene, view) as logic:
+        logic.UpdatePipeline()  # layers from the composite node as it is now
+        node = logic.GetSliceNode()
+        node.SetDimensions(int(size[0]), int(size[1]), 1)
+        if fit:
+            logic.FitSliceToAll()
+            logic.SnapSliceOffsetToIJK()
+        if through_ras is not None:
+            node.JumpSliceByOffsetting(*(float(v) for v in through_ras))
+        producer = logic.GetImageDataConnection().GetProducer()
+        producer.Update()
+        image = producer.GetOutputDataObject(0)
+        w, h, _ = image.GetDimensions()
+        rgba = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)
+        return np.array(rgba[::-1])  # a copy; VTK's row 0 is the bottom
 
 
 def save_png(rgba: np.ndarray, path: str | Path) -> Path:

@@ -1,0 +1,218 @@
+"""Structural checks of what only the Slicer application can run: the .ui files, the module files, CMake.
+
+The Qt layer (qt, ctk, qMRML widgets, parameterNodeWrapper's GUI binding) exists only inside Slicer, so it
+is checked here without running it: every widget the module code touches exists in its .ui; every
+``SlicerParameterName`` names a field of the module's ``@parameterNodeWrapper`` class with a type that
+Slicer's GUI connectors can bind to that widget class; custom widget classes are declared; each module file
+has the Module/Widget/Logic/Test classes Slicer's factory and generic tests look for; CMake lists every
+file that must be installed.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = {
+    "CTDiffusionSR": ROOT / "CTDiffusionSR",
+    "XrayToCT": ROOT / "XrayToCT",
+}
+#: Qt's own widget classes (everything else must be declared as a custom widget).
+QT_CLASSES = {
+    "QWidget", "QLabel", "QPushButton", "QSpinBox", "QDoubleSpinBox", "QComboBox", "QCheckBox", "QLineEdit",
+    "QPlainTextEdit", "QTextEdit", "QProgressBar", "QSlider", "QGroupBox", "QRadioButton", "QFrame",
+}
+#: Which parameter types Slicer's parameterNodeWrapper GUI connectors bind to which widget class
+#: (slicer/parameterNodeWrapper/guiConnectors.py): widget class -> accepted annotation kinds.
+CONNECTORS = {
+    "QCheckBox": {"bool"},
+    "QPushButton": {"bool"},
+    "QSpinBox": {"int"},
+    "QSlider": {"int"},
+    "QDoubleSpinBox": {"float"},
+    "ctkSliderWidget": {"float-bounded"},
+    "QComboBox": {"choice"},
+    "QLineEdit": {"str"},
+    "QTextEdit": {"str"},
+    "ctkPathLineEdit": {"path"},
+    "ctkDirectoryButton": {"path"},
+    "qMRMLNodeComboBox": {"node"},
+}
+
+
+def ui_widgets(ui_path: Path) -> dict[str, ET.Element]:
+    root = ET.parse(ui_path).getroot()
+    widgets = {}
+    for w in root.iter("widget"):
+        name = w.get("name")
+        assert name not in widgets, f"{ui_path.name}: widget name {name} is used twice"
+        widgets[name] = w
+    return widgets
+
+
+def string_property(widget: ET.Element, name: str) -> str | None:
+    for p in widget.findall("property"):
+        if p.get("name") == name:
+            s = p.find("string")
+            return s.text if s is not None else None
+    return None
+
+
+def wrapper_fields(module_py: Path) -> dict[str, str]:
+    """``{field: annotation source}`` of the ``@parameterNodeWrapper`` class in a module file."""
+    tree = ast.parse(module_py.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(
+            (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list
+        ):
+            return {
+                stmt.target.id: ast.unparse(stmt.annotation)
+                for stmt in node.body
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+            }
+    raise AssertionError(f"{module_py.name} has no @parameterNodeWrapper class")
+
+
+def annotation_kind(annotation: str) -> set[str]:
+    """What a parameter annotation is, in the connector table's terms."""
+    kinds = set()
+    if "Choice(" in annotation:
+        kinds.add("choice")
+    base = re.sub(r"Annotated\[(\w+(?:\.\w+)?),.*\]", r"\1", annotation)
+    if base in ("int", "float", "str", "bool"):
+        kinds.add(base)
+        if base == "float" and "WithinRange(" in annotation:
+            kinds.add("float-bounded")
+    if "pathlib.Path" in base or base == "Path":
+        kinds.add("path")
+    if re.fullmatch(r"vtkMRML\w+( \| vtkMRML\w+)*", base):
+        kinds.add("node")
+    return kinds
+
+
+def ui_attribute_uses(module_py: Path, classes: set[str] | None = None) -> set[str]:
+    """Names ``X`` in ``self.ui.X`` inside the module file (optionally only inside the given classes)."""
+    tree = ast.parse(module_py.read_text())
+    scopes = [n for n in tree.body if isinstance(n, ast.ClassDef) and (classes is None or n.name in classes)]
+    used = set()
+    for scope in scopes:
+        for node in ast.walk(scope):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "ui"
+                and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == "self"
+            ):
+                used.add(node.attr)
+    return used
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_every_widget_the_module_uses_exists_in_its_ui(module):
+    widgets = ui_widgets(MODULES[module] / "Resources" / "UI" / f"{module}.ui")
+    used = ui_attribute_uses(MODULES[module] / f"{module}.py")
+    if module == "XrayToCT":  # it reuses CT Diffusion SR's training panel on its own .ui
+        used |= ui_attribute_uses(MODULES["CTDiffusionSR"] / "CTDiffusionSR.py", {"TrainingPanel"})
+    missing = sorted(used - set(widgets))
+    assert not missing, f"{module}.ui lacks widgets the module code uses: {missing}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_every_parameter_binding_matches_a_wrapper_field_and_widget_type(module):
+    widgets = ui_widgets(MODULES[module] / "Resources" / "UI" / f"{module}.ui")
+    fields = wrapper_fields(MODULES[module] / f"{module}.py")
+    bound = {}
+    for name, w in widgets.items():
+        param = string_property(w, "SlicerParameterName")
+        if param is None:
+            continue
+        assert param in fields, f"{name}: SlicerParameterName {param!r} is not a field of the parameter node"
+        assert param not in bound, f"{param} is bound to both {bound[param]} and {name}"
+        bound[param] = name
+        cls = w.get("class")
+        accepted = CONNECTORS.get(cls)
+        assert accepted is not None, f"{name}: Slicer has no parameter connector for {cls}"
+        kinds = annotation_kind(fields[param])
+        assert accepted & kinds, f"{name} ({cls}) cannot show {param}: {fields[param]}"
+        if cls == "QComboBox":
+            choices = re.search(r"Choice\(\[(.*?)\]\)", fields[param]).group(1)
+            items = [i.find("property/string").text for i in w.findall("item")]
+            assert items == [c.strip().strip("'\"") for c in choices.split(",")], f"{name}: items {items} vs {choices}"
+    assert {"inputVolume", "inputRadiograph"} & set(bound), "the input selector must be bound"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_custom_widget_classes_are_declared(module):
+    ui_path = MODULES[module] / "Resources" / "UI" / f"{module}.ui"
+    root = ET.parse(ui_path).getroot()
+    used = {w.get("class") for w in root.iter("widget")}
+    declared = {c.findtext("class"): c for c in root.iter("customwidget")}
+    undeclared = sorted(used - QT_CLASSES - set(declared))
+    assert not undeclared, f"{ui_path.name}: custom classes without a <customwidget>: {undeclared}"
+    for cls, decl in declared.items():
+        assert decl.findtext("header") == f"{cls}.h" and decl.findtext("extends")
+    assert root.find("widget").get("class") == "qMRMLWidget"  # setMRMLScene reaches the node selectors
+    receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    mrml_widgets = {n for n, w in ui_widgets(ui_path).items() if w.get("class", "").startswith("qMRML") and w.get("class") != "qMRMLWidget"}
+    assert mrml_widgets <= receivers, f"node selectors not connected to the scene: {mrml_widgets - receivers}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_module_file_has_the_classes_slicer_looks_for(module):
+    tree = ast.parse((MODULES[module] / f"{module}.py").read_text())
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    expected_bases = {
+        module: "ScriptedLoadableModule",
+        f"{module}Widget": "ScriptedLoadableModuleWidget",
+        f"{module}Logic": "ScriptedLoadableModuleLogic",
+        f"{module}Test": "ScriptedLoadableModuleTest",
+    }
+    for name, base in expected_bases.items():
+        assert name in classes, f"{module}.py lacks class {name}"
+        assert base in {ast.unparse(b) for b in classes[name].bases}
+    test_cls = classes[f"{module}Test"]
+    methods = {f.name: f for f in test_cls.body if isinstance(f, ast.FunctionDef)}
+    called = {c.func.attr for c in ast.walk(methods["runTest"]) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)}
+    self_tests = {m for m in methods if m.startswith("test_")}
+    assert self_tests and self_tests <= called, "runTest must run every test_ method"
+    assert "tiny_test_model=True" in ast.unparse(test_cls), "the self-test runs the tiny model (no download)"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_cmake_installs_every_module_file(module):
+    folder = MODULES[module]
+    cmake = (folder / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule" in cmake and "WITH_GENERIC_TESTS" in cmake
+    listed = set(re.findall(r"\$\{MODULE_NAME\}(Lib/\w+\.py|\.py)", cmake))
+    actual = {f"Lib/{p.name}" for p in (folder / f"{module}Lib").glob("*.py")} | {".py"}
+    assert listed == actual, f"{module}/CMakeLists.txt lists {sorted(listed)}, the folder has {sorted(actual)}"
+    for res in re.findall(r"Resources/\S+", cmake):
+        assert (folder / res.replace("${MODULE_NAME}", module)).is_file(), res
+    cli_cmake = (folder / "CLI" / "CMakeLists.txt").read_text()
+    assert "SlicerMacroBuildScriptedCLI" in cli_cmake
+    for xml in (folder / "CLI").glob("*.xml"):
+        assert xml.stem in cli_cmake and xml.with_suffix(".py").is_file()
+
+
+def test_extension_cmake_metadata():
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        assert re.search(rf'set\({key} "[^"]+"\)', cmake), key
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in cmake
+    for module in MODULES:
+        assert f"add_subdirectory({module})" in cmake
+    assert "Slicer_EXTENSION_GENERATE_CONFIG" in cmake and "Slicer_EXTENSION_CPACK" in cmake
+    assert "DiffusionCore/*.py" in cmake  # the engine is installed with the modules
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_icon_is_a_real_png(module):
+    data = (MODULES[module] / "Resources" / "Icons" / f"{module}.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 500
