@@ -69,6 +69,28 @@ def test_v_eps_x0_conversions_round_trip():
     torch.testing.assert_close(x0_from_eps(xt, eps, t[:3].tolist() and t), x0, atol=2e-3, rtol=1e-3)
 
 
+def test_diffusion_loss_is_the_v_error_implied_by_the_x0_head():
+    from DiffusionCore.xray.losses import diffusion_loss
+    from DiffusionCore.xray.vdiffusion import predict_x0_eps
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 1, 4, 4, 4, generator=g) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0.4, 0.6, 0.9])  # sigma above the floor
+    xt = q_sample(x0, t, eps)
+    x0_hat = x0 + 0.1 * torch.randn(x0.shape, generator=g)
+    _, eps_hat = predict_x0_eps(x0_hat, xt, t, "x0", clip=False)
+    from DiffusionCore.xray.vdiffusion import alpha_sigma
+
+    a, s = alpha_sigma(t.view(-1, 1, 1, 1, 1))
+    v_hat = a * eps_hat - s * x0_hat
+    expected = ((v_hat - v_from_x0_eps(x0, eps, t)) ** 2).mean()
+    torch.testing.assert_close(diffusion_loss(x0_hat, x0, t, True), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        diffusion_loss(x0_hat, x0, t, False), ((eps_hat - eps) ** 2).mean(), rtol=1e-4, atol=1e-6
+    )
+
+
 def test_ddim_with_an_oracle_recovers_the_data_point():
     """For data concentrated at one point the optimal v is known; DDIM must land on that point."""
     target = torch.linspace(-0.9, 0.9, 27).view(1, 1, 3, 3, 3)

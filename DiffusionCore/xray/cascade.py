@@ -108,7 +108,10 @@ class StageModel(nn.Module):
         *,
         return_lifted: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-        """Predict v (or eps).
+        """Predict the clean volume x0 (model units); v and eps follow from ``vdiffusion.predict_x0_eps``.
+
+        The token head outputs a correction on a base: zero for stage 1, the upsampled previous-stage volume
+        for stages 2-3 (a residual cascade).
 
         Args:
             x_t: (B, 1, R, R, R) noisy volume, model units.
@@ -147,6 +150,8 @@ class StageModel(nn.Module):
         out = self.final(modulate(self.final_norm(seq), shift, scale))  # (B, G^3, p^3)
         p = self.cfg.model.patch_size
         out = out.view(b, g, g, g, p, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, 1, g * p, g * p, g * p)
+        if self.has_prev:
+            out = out + self.prepare_prev(prev)
         if not return_lifted:
             return out
         lifted = (
@@ -201,7 +206,7 @@ class StageModel(nn.Module):
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self(x, t, xray, prev)
 
-        return ddim_sample(fn, x_start, steps=steps, v_parameterization=self.cfg.model.v_parameterization,
+        return ddim_sample(fn, x_start, steps=steps, prediction="x0",
                            t_start=t0, cancel=cancel, step_callback=step_callback)  # fmt: skip
 
 

@@ -33,7 +33,10 @@ class XrayModelConfig:
         metadata={"help": "AdaLN-Zero modulation from time + X-ray + previous stage (else plain pre-norm)."},
     )
     v_parameterization: bool = field(
-        default=True, metadata={"help": "Predict v = alpha*eps - sigma*x0 (True) or the noise eps (False)."}
+        default=True,
+        metadata={
+            "help": "Train on the error of v = alpha*eps - sigma*x0 (True) or of eps (False) implied by x0."
+        },
     )
     use_memory_efficient: bool = field(
         default=True,

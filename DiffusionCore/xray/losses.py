@@ -14,7 +14,11 @@ from ..sr.intensity import unit_to_hu
 from .cascade import StageModel
 from .config import XrayLossWeights
 from .drr import hu_to_mu, project_parallel_axis
-from .vdiffusion import predict_x0_eps, q_sample, v_from_x0_eps
+from .vdiffusion import alpha_sigma, q_sample
+
+#: Floor on sigma in the diffusion-loss weight 1 / sigma^2 (v) or alpha^2 / sigma^2 (eps): bounds the weight at
+#: small t, where the implied v / eps error is irreducible per-voxel noise that does not affect x0.
+SIGMA_FLOOR = 0.3
 
 
 def gradient_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -67,6 +71,25 @@ def structural_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return sum(1 - _ssim2d(p, t) for p, t in pairs) / 3
 
 
+def diffusion_loss(
+    x0_pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, v_parameterization: bool
+) -> torch.Tensor:
+    """MSE of the v (or eps) implied by an x0 prediction at the same ``x_t``.
+
+    With ``x_t`` fixed, ``v_hat - v = -(x0_hat - x0) / sigma`` and ``eps_hat - eps = -alpha (x0_hat - x0) /
+    sigma``, so the v-MSE is the x0-MSE weighted by ``1 / sigma^2`` (= SNR + 1) and the eps-MSE by ``alpha^2 /
+    sigma^2`` (= SNR); sigma is floored at :data:`SIGMA_FLOOR`.
+
+    Args:
+        x0_pred, x0: (B, 1, D, H, W) model units.
+        t: (B,) diffusion times.
+    """
+    a, s = alpha_sigma(t.view(-1, 1, 1, 1, 1))
+    s = s.clamp_min(SIGMA_FLOOR)
+    weight = 1.0 / s**2 if v_parameterization else a**2 / s**2
+    return (weight * (x0_pred - x0) ** 2).mean()
+
+
 def stage_loss(
     model: StageModel,
     x0: torch.Tensor,
@@ -96,12 +119,11 @@ def stage_loss(
     t = torch.rand(b, generator=generator, device=x0.device) * (1 - min_t) + min_t
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
     xt = q_sample(x0, t, eps)
-    out, lifted = model(xt, t, xray, prev, return_lifted=True)
-    out = out.float()
-    vparam = cfg.model.v_parameterization
-    target = v_from_x0_eps(x0, eps, t) if vparam else eps
-    parts: dict[str, torch.Tensor] = {"v_loss": F.mse_loss(out, target)}
-    x0_pred, _ = predict_x0_eps(out, xt, t, vparam, clip=False)
+    x0_pred, lifted = model(xt, t, xray, prev, return_lifted=True)
+    x0_pred = x0_pred.float()
+    parts: dict[str, torch.Tensor] = {
+        "v_loss": diffusion_loss(x0_pred, x0, t, cfg.model.v_parameterization),
+    }
     x0_pred = x0_pred.clamp(-1.5, 1.5)
     spacing = cfg.data.fov_mm / cfg.resolution
     if weights.drr_loss > 0:

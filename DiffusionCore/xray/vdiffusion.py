@@ -1,10 +1,14 @@
 """v-parameterised diffusion with a cosine schedule and a few-step DDIM sampler.
 
 Continuous time ``t`` in [0, 1]: ``alpha(t) = cos(pi t / 2)``, ``sigma(t) = sin(pi t / 2)`` (alpha^2 + sigma^2
-= 1). Forward process ``x_t = alpha x0 + sigma eps``; the network predicts ``v = alpha eps - sigma x0``,
-from which ``x0 = alpha x_t - sigma v`` and ``eps = sigma x_t + alpha v``. With ``v_parameterization=False``
-the network predicts ``eps`` instead. Everything is in model units (HU mapped to [-1, 1] by
-``DiffusionCore.sr.intensity.hu_to_unit``).
+= 1). Forward process ``x_t = alpha x0 + sigma eps``; velocity ``v = alpha eps - sigma x0``, so
+``x0 = alpha x_t - sigma v`` and ``eps = sigma x_t + alpha v``.
+
+A sampler or loss can take the network output as ``v``, ``eps`` or ``x0`` (``prediction``); the others follow
+exactly from the identities above. The cascade's stages output a preconditioned ``x0`` estimate and are trained
+on the v (or eps) error it implies (see ``losses.diffusion_loss``): a patch-token network cannot carry the
+per-voxel noise that a direct v output must cancel in ``x0 = alpha x_t - sigma v``. Everything is in model
+units (HU mapped to [-1, 1] by ``DiffusionCore.sr.intensity.hu_to_unit``).
 """
 
 from __future__ import annotations
@@ -60,18 +64,22 @@ def x0_from_eps(
 
 
 def predict_x0_eps(
-    output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, v_parameterization: bool, clip: bool = True
+    output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, prediction: str = "v", clip: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) from the network output (v or eps); x0 optionally clipped to [-1, 1]."""
-    if v_parameterization:
-        x0 = x0_from_v(xt, output, t)
-        eps = eps_from_v(xt, output, t)
-    else:
+    """(x0, eps) from a network output that is ``v``, ``eps`` or ``x0``; x0 optionally clipped to [-1, 1]."""
+    a, s = alpha_sigma(_bc(t, xt))
+    if prediction == "v":
+        x0, eps = x0_from_v(xt, output, t), eps_from_v(xt, output, t)
+    elif prediction == "eps":
         eps = output
         x0 = x0_from_eps(xt, eps, t)
+    elif prediction == "x0":
+        x0 = output
+        eps = (xt - a * x0) / s.clamp_min(1e-4)
+    else:
+        raise ValueError(f"prediction must be v, eps or x0; got {prediction!r}")
     if clip:
         x0c = x0.clamp(-1.0, 1.0)
-        a, s = alpha_sigma(_bc(t, xt))
         eps = torch.where(s > 1e-4, (xt - a * x0c) / s.clamp_min(1e-4), eps)
         x0 = x0c
     return x0, eps
@@ -83,7 +91,7 @@ def ddim_sample(
     x_start: torch.Tensor,
     *,
     steps: int,
-    v_parameterization: bool = True,
+    prediction: str = "v",
     t_start: float = 1.0,
     cancel: threading.Event | None = None,
     step_callback: Callable[[int, int], None] | None = None,
@@ -91,7 +99,8 @@ def ddim_sample(
     """Deterministic DDIM (eta = 0) from ``t_start`` to 0 in ``steps`` uniform steps.
 
     Args:
-        model_fn: ``model_fn(x_t, t) -> v`` (or eps), x_t (B, 1, D, H, W), t (B,).
+        model_fn: ``model_fn(x_t, t) -> output``, x_t (B, 1, D, H, W), t (B,).
+        prediction: what the output is: ``v``, ``eps`` or ``x0``.
         x_start: the sample at ``t_start`` (pure noise when 1.0, a noised previous-stage volume otherwise).
         steps: number of network evaluations (>= 1).
         t_start: starting time in (0, 1].
@@ -111,7 +120,7 @@ def ddim_sample(
             raise Cancelled("generation cancelled; nothing was written.")
         t, t_next = times[i], times[i + 1]
         out = model_fn(x, t.expand(b))
-        x0, eps = predict_x0_eps(out.float(), x, t.expand(b), v_parameterization)
+        x0, eps = predict_x0_eps(out.float(), x, t.expand(b), prediction)
         a_n, s_n = alpha_sigma(t_next)
         x = a_n * x0 + s_n * eps
         if step_callback is not None:
