@@ -97,7 +97,9 @@ def test_guidance_one_is_exactly_the_conditional_path(tiny):
         direct = y + tiny.denoiser(proc.scale_input(x_t, t), proc.timestep_value(t), y)
         uncond = y + tiny.denoiser(proc.scale_input(x_t, t), proc.timestep_value(t), y, use_control=False)
         strong = tiny.predict(x_t, t, y, guidance=2.0)
+        zero = tiny.predict(x_t, t, y, guidance=0.0)
     assert torch.equal(guided, direct)
+    assert torch.equal(zero, uncond)
     assert torch.allclose(strong, uncond + 2.0 * (direct - uncond), atol=1e-6)
     assert not torch.allclose(strong, guided)
 

@@ -282,7 +282,7 @@ def test_two_process_ddp_step(folder, vae_dir, tmp_path):
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            "--master_port=0",
+            "--standalone",
             str(script),
             str(cfg_file),
             str(tmp_path / "out"),

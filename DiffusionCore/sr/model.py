@@ -246,7 +246,8 @@ class SRModel(nn.Module):
 
         Args:
             x_t: ``(B, C, d, h, w)`` noisy latent; ``t``: ``(B,)`` step indices; ``y``: condition latent.
-            guidance: classifier-free guidance scale; 1.0 is exactly the conditional prediction.
+            guidance: classifier-free guidance scale; 1.0 is exactly the conditional prediction, 0.0
+                exactly the unconditional one (the UNet without its ControlNet).
             cond_scale: ``(B,)`` 0/1 per-sample condition keep mask (training's condition dropout).
         """
         proc = self.diffusion
@@ -260,6 +261,8 @@ class SRModel(nn.Module):
 
         if guidance == 1.0 or self.denoiser.controlnet is None:
             return run(True, cond_scale)
+        if guidance == 0.0:  # the unconditional (base UNet only) path, one pass
+            return run(False, None)
         cond = run(True, None)
         uncond = run(False, None)
         return uncond + guidance * (cond - uncond)
