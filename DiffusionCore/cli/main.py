@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "prepare_latents",
     "evaluate",
     "sample_data",
+    "demo",
     "sr",
     "xray",
 ]
