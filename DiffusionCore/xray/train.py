@@ -236,7 +236,10 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
             trained.remove(s)
     cascade.to(info.device)
     objective = CascadeObjective(cascade, trained)
-    wrapped = wrap_model(objective, info, find_unused_parameters=True) if info.distributed else objective
+    # the lifting head is used only by the depth-prior loss; DDP must be told when that loss is off
+    unused = any(configs[k - 1].model.use_depth_lifting and configs[k - 1].loss_weights.depth_prior_loss == 0
+                 for k in trained)  # fmt: skip
+    wrapped = wrap_model(objective, info, find_unused_parameters=unused) if info.distributed else objective
     params = [p for p in cascade.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(
@@ -307,7 +310,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
             step += 1
             epoch = step // max(1, tcfg.steps_per_epoch)
             last_parts = {k: float(all_reduce_mean(v, info)) for k, v in parts.items()}
-            if step % tcfg.log_every == 0 or step == max_steps:
+            if (step % tcfg.log_every == 0 or step == max_steps) and info.is_main:
                 for k, v in last_parts.items():
                     tlog.scalar(f"loss/{k}", v, step)
                 tlog.scalar("lr", sched.get_last_lr()[0], step)
@@ -350,21 +353,29 @@ def log_validation(
     tlog: Any,
     step: int,
 ) -> None:
-    """Log the lifting-only and one-step estimates' DRR re-projection error and a central slice per stage."""
+    """Log, per trained stage, the DRR re-projection error (relative L1 of line integrals) of the lifting-only
+    volume and of a one-step estimate from t = 0.5, and coronal slices of target and estimates."""
+    from .vdiffusion import q_sample
+
     was = cascade.training
     cascade.eval()
     for s in trained:
         st = cascade.stages[s - 1]
         r = st.cfg.resolution
         target = vols[r][:1]
-        est = st.lifted_only(xray[:1])
+        prev = None
+        if s > 1:
+            prev = vols[cascade.configs[s - 2].resolution][:1]
+        t = torch.full((1,), 0.5, device=target.device)
+        one_step = st(q_sample(target, t, torch.randn_like(target)), t, xray[:1], prev).clamp(-1, 1)
         sp = st.cfg.data.fov_mm / r
         lt = line_integrals(target, sp, st.cfg.data.view)
-        le = line_integrals(est, sp, st.cfg.data.view)
-        tlog.scalar(f"val/stage{s}/lifting_projection_l1", float((le - lt).abs().mean() / lt.amax()), step)
-        tlog.image(
-            f"val/stage{s}/lifted_coronal", ((est[0, 0, :, r // 2].flip(0) + 1) / 2).cpu().numpy(), step
-        )
+        for name, est in (("lifting", st.lifted_only(xray[:1])), ("one_step_t0.5", one_step)):
+            le = line_integrals(est, sp, st.cfg.data.view)
+            tlog.scalar(f"val/stage{s}/{name}_projection_l1", float((le - lt).abs().mean() / lt.amax()), step)
+            tlog.image(
+                f"val/stage{s}/{name}_coronal", ((est[0, 0, :, r // 2].flip(0) + 1) / 2).cpu().numpy(), step
+            )
         tlog.image(
             f"val/stage{s}/target_coronal", ((target[0, 0, :, r // 2].flip(0) + 1) / 2).cpu().numpy(), step
         )
