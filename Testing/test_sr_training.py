@@ -296,3 +296,14 @@ def test_two_process_ddp_step(folder, vae_dir, tmp_path):
     metrics = [json.loads(s) for s in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["tag"] == "loss/train"] == [1, 2]
     assert (tmp_path / "out" / "checkpoint-00000002" / "denoiser.safetensors").is_file()
+
+
+def test_shipped_configs_load_and_build():
+    from DiffusionCore.sr.training import resolve_config
+
+    folder = Path(__file__).resolve().parents[1] / "DiffusionCore" / "sr" / "configs"
+    files = sorted(folder.glob("*.json"))
+    assert {f.name for f in files} >= {"resshift_4step.json", "resshift_15step.json"}
+    for f in files:
+        cfg = resolve_config(f)
+        assert SRModel(cfg).diffusion.num_steps == cfg.diffusion.num_train_timesteps
