@@ -68,11 +68,20 @@ def render_pair(scene, input_node, result_node, size=(256, 256)) -> dict[str, tu
     return pairs
 
 
+def on_black(rgba: np.ndarray) -> np.ndarray:
+    """Composite a slice view over black, as Slicer draws it (outside the volume the blend is transparent)."""
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    out = rgba.copy()
+    out[..., :3] = np.round(rgba[..., :3] * alpha).astype(np.uint8)
+    out[..., 3] = 255
+    return out
+
+
 def montage(pairs: dict[str, tuple[np.ndarray, np.ndarray]], gap: int = 4) -> np.ndarray:
     """Rows Red/Yellow/Green, columns input | result, on a dark background."""
     rows = []
     for view in VIEWS:
-        a, b = pairs[view]
+        a, b = (on_black(x) for x in pairs[view])
         sep = np.full((a.shape[0], gap, 4), (40, 40, 40, 255), np.uint8)
         rows.append(np.concatenate([a, sep, b], axis=1))
         rows.append(np.full((gap, rows[-1].shape[1], 4), (40, 40, 40, 255), np.uint8))
@@ -144,12 +153,10 @@ def test_screenshots_of_input_and_super_resolved_result(tmp_path):
 def readme_volume() -> tuple[Volume, str]:
     """A crop of the real chest-dx CT (5 mm slices) when cached, else the phantom."""
     try:
-        from DiffusionCore.sampledata import get_sample
+        from DiffusionCore.sampledata import fetch
         from DiffusionCore.volume import read_volume
 
-        sample = get_sample("chest-dx")
-        path = Path(sample.path) if hasattr(sample, "path") else Path(sample)
-        ct = read_volume(path)
+        ct = read_volume(fetch("chest-dx", offline=True))
         z0 = ct.shape[0] // 2 - 8
         crop = ct.array[z0 : z0 + 16, 96:416:2, 96:416:2]
         origin = ct.index_to_physical() @ np.array([96, 96, z0, 1.0])
@@ -178,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = render_pair(scene, input_node, result, (args.size, args.size))
     views.save_png(montage(pairs), out / "compare_views.png")
     for view, (before, after) in pairs.items():
-        views.save_png(before, out / f"{view.lower()}_input.png")
-        views.save_png(after, out / f"{view.lower()}_result.png")
+        views.save_png(on_black(before), out / f"{view.lower()}_input.png")
+        views.save_png(on_black(after), out / f"{view.lower()}_result.png")
     model = args.weights or "tiny random-weight test model (output is NOT a meaningful super-resolution)"
     (out / "README.txt").write_text(
         f"Rendered by Testing/test_screenshots.py with slicer-core's vtkMRMLSliceLogic (no window).\n"

@@ -457,3 +457,53 @@ def test_radiograph_node_checks_and_export(scene, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(img), pixels)
     assert "3D volume" in check_xray_input(mrml_io.add_volume_node(scene, phantom_ct(), "ct"))
     assert "pixels" in check_xray_input(_radiograph_node(scene, np.ones((10, 10), np.float32)))
+
+
+def test_xray_job_shows_stage_previews_then_the_final_volume(scene, tmp_path, monkeypatch):
+    import tempfile
+
+    from XrayToCTLib import XrayJob, XraySettings
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    node = _radiograph_node(scene, (phantom_radiograph(64) * 3000).astype(np.float32), spacing=(5.0, 5.0))
+    sh = mrml_io.subject_hierarchy(scene)
+    study = sh.CreateStudyItem(sh.GetSceneItemID(), "Study")
+    sh.CreateItem(study, node)
+    before = mrml_io.array_from_node(node)
+    job = XrayJob(scene, node, XraySettings(num_stages=2, steps=2, device="cpu", tiny_test_model=True)).start()
+    names = []
+    deadline = time.monotonic() + 180
+    while job.poll() == JobState.RUNNING and time.monotonic() < deadline:
+        if job.preview_node is not None:
+            names.append(job.preview_node.GetName())
+        time.sleep(0.02)
+    assert job.state == JobState.COMPLETED, job.error
+    result = job.result_nodes[0]
+    assert result is job.preview_node and result.GetName() == "chest PA CT stage 2 (synthetic)"
+    assert job.stages_shown[:2] == [1, 2]  # stage 1 was shown before stage 2 replaced it
+    assert set(names) <= {"chest PA CT stage 1 (synthetic)", "chest PA CT stage 2 (synthetic)"}
+    assert sorted(job.stage_errors) == [1, 2] and all("projection_psnr" in v for v in job.stage_errors.values())
+    vol = mrml_io.volume_from_node(result)
+    assert vol.shape == (32, 32, 32) and np.isfinite(vol.array).all()
+    assert mrml_io.provenance(result)["kind"] == "xray-to-ct"
+    assert json.loads(result.GetAttribute("CTDiffusion.ProjectionErrors")).keys() == {"1", "2"}
+    assert sh.GetItemParent(sh.GetItemByDataNode(result)) == study
+    np.testing.assert_array_equal(mrml_io.array_from_node(node), before)
+    assert not list(tmp_path.glob("ctdiffusion-*"))
+
+
+def test_xray_job_cancel_removes_the_preview(scene):
+    from XrayToCTLib import XrayJob, XraySettings
+
+    node = _radiograph_node(scene, (phantom_radiograph(64) * 3000).astype(np.float32), spacing=(5.0, 5.0))
+    mrml_io.subject_hierarchy(scene)  # Slicer always has one; here it would otherwise appear with the preview
+    ids_before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    job = XrayJob(scene, node, XraySettings(num_stages=2, steps=25, device="cpu", tiny_test_model=True)).start()
+    deadline = time.monotonic() + 120
+    while job.poll() == JobState.RUNNING and job.preview_node is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.state == JobState.RUNNING and job.preview_node is not None, "stage 1 preview expected first"
+    job.cancel()
+    assert job.state == JobState.CANCELLED
+    ids_after = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    assert ids_after == ids_before  # the preview, its display node and its hierarchy item are gone

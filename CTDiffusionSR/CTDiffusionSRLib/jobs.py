@@ -51,6 +51,27 @@ def read_return_parameters(path: str | os.PathLike) -> dict[str, str]:
     return values
 
 
+def remove_node_and_helpers(scene, node) -> None:
+    """Remove a node with its display and storage nodes and its subject hierarchy item.
+
+    (Slicer's application logic removes a volume's display nodes with it; a bare scene does not.)
+    """
+    helpers = []
+    if node.IsA("vtkMRMLDisplayableNode"):
+        helpers += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    if node.IsA("vtkMRMLStorableNode"):
+        helpers += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+    sh = scene.GetSubjectHierarchyNode()
+    if sh is not None:
+        item = sh.GetItemByDataNode(node)
+        if item:
+            sh.RemoveItem(item, False, False)
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and scene.IsNodePresent(helper):
+            scene.RemoveNode(helper)
+
+
 class CLIJob:
     """One run of a scripted CLI for the modules. Subclasses write inputs and import outputs.
 
@@ -174,7 +195,7 @@ class CLIJob:
     def _remove_created_nodes(self) -> None:
         for node in self.created_nodes:
             if node is not None and self.scene.IsNodePresent(node):
-                self.scene.RemoveNode(node)
+                remove_node_and_helpers(self.scene, node)
         self.created_nodes = []
         self.result_nodes = []
 
