@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import queue
 import time
 from typing import Annotated
 
@@ -157,7 +158,7 @@ class JobMonitor:
         self.onFinished = onFinished
         self.job = None
         self.startTime = 0.0
-        self._lines: list[str] = []
+        self._lines: queue.SimpleQueue[str] = queue.SimpleQueue()  # filled by the job's reader thread
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_INTERVAL_MS)
         self.timer.connect("timeout()", self.poll)
@@ -169,7 +170,7 @@ class JobMonitor:
         return self.job is not None and self.job.state == JobState.RUNNING
 
     def queueLine(self, line: str) -> None:  # reader thread: only store
-        self._lines.append(line)
+        self._lines.put(line)
 
     def start(self, job, title: str) -> None:
         self.job = job
@@ -193,9 +194,8 @@ class JobMonitor:
         if self.job is None:
             self.timer.stop()
             return
-        lines, self._lines = self._lines, []
-        for line in lines:
-            self.logTextEdit.appendPlainText(line)
+        while not self._lines.empty():
+            self.logTextEdit.appendPlainText(self._lines.get_nowait())
         runner = self.job.runner
         if runner is not None:
             self.progressBar.value = int(runner.progress * PROGRESS_STEPS)

@@ -295,3 +295,24 @@ def test_train_cli_needs_an_output_folder(tmp_path):
     proc = subprocess.run(slicer_command_line("DiffusionTrain", {"family": "sr"}), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_headless_training_script_builds_the_train_command(monkeypatch):
+    import DiffusionCore.cli.main as core_main
+
+    if "train" not in core_main.COMMAND_MODULES:  # see test_train_cli_trains_and_writes_metrics_and_weights
+        monkeypatch.setattr(core_main, "COMMAND_MODULES", [*core_main.COMMAND_MODULES, "train"])
+    spec = importlib.util.spec_from_file_location("headless_train", ROOT / "scripts" / "headless_train.py")
+    headless = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headless)
+    # Slicer hands the script everything after "--"; options it does not know go to the train command.
+    argv = headless.script_arguments(["--", "--family", "vae", "--output-dir", "run", "--resume", "--max-steps", "2"])
+    args, extra = headless.build_parser().parse_known_args(argv)
+    for family, out_flag in (("vae", "--out-dir"), ("xray", "--output-dir")):
+        args.family = family
+        supported = headless.supported_options(family)
+        command = headless.train_arguments(args, extra, supported)
+        assert command[:4] == ["train", family, out_flag, "run"] and out_flag in supported
+        assert "--resume" in command and command[-2:] == ["--max-steps", "2"]
+        parsed = core_main.build_parser().parse_args(command)  # the train command accepts it
+        assert parsed.resume is True

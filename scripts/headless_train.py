@@ -52,8 +52,10 @@ def supported_options(family: str) -> set[str]:
 
     parser = core_parser()
     for path_part in ("train", family):
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        parser = sub.choices[path_part]
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or path_part not in subs[0].choices:
+            return set()
+        parser = subs[0].choices[path_part]
     return {opt for action in parser._actions for opt in action.option_strings}
 
 
@@ -66,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(script_arguments(sys.argv[1:] if argv is None else argv))
     from DiffusionCore.cli.main import main as core_main
 
-    return core_main(train_arguments(args, extra, supported_options(args.family)))
+    supported = supported_options(args.family)
+    if not supported:
+        print(f"error: this DiffusionCore has no 'train {args.family}' command; update it.", file=sys.stderr)
+        return 2
+    return core_main(train_arguments(args, extra, supported))
 
 
 def _exit(code: int) -> None:

@@ -38,6 +38,19 @@ def find_cli_script(module_dir: str | os.PathLike, name: str) -> Path:
     raise FileNotFoundError(f"the command-line module {name}.py was not found next to {base}; reinstall the extension.")
 
 
+def job_environment() -> dict[str, str]:
+    """Environment additions for a job: DiffusionCore importable in the child Python.
+
+    Inside Slicer, DiffusionCore sits next to the scripted modules, a folder that is on Slicer's
+    ``sys.path`` but not necessarily on the ``PYTHONPATH`` a child ``PythonSlicer`` starts with.
+    """
+    import DiffusionCore
+
+    root = str(Path(DiffusionCore.__file__).resolve().parent.parent)
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return {"PYTHONPATH": os.pathsep.join(paths)}
+
+
 def read_return_parameters(path: str | os.PathLike) -> dict[str, str]:
     """Parse a Slicer return-parameter file (``name = value`` lines)."""
     values: dict[str, str] = {}
@@ -124,7 +137,9 @@ class CLIJob:
         self.tempdir = tempfile.mkdtemp(prefix="ctdiffusion-")
         try:
             args = self.prepare(Path(self.tempdir))
-            self.runner = ProcessRunner(self.argv(args), on_progress=self.on_progress, on_line=self._on_line)
+            self.runner = ProcessRunner(
+                self.argv(args), on_progress=self.on_progress, on_line=self._on_line, env=job_environment()
+            )
             self.runner.start()
         except BaseException:
             self._cleanup()

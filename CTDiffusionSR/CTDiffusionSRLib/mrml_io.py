@@ -20,7 +20,7 @@ import vtk
 from vtk.util import numpy_support
 
 from DiffusionCore.errors import InputError
-from DiffusionCore.volume import Volume
+from DiffusionCore.volume import Grid, Volume
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,16 @@ def ijk_to_ras_from_volume(vol: Volume) -> np.ndarray:
     m[:3, :3] = LPS_FROM_RAS @ np.asarray(vol.direction) @ np.diag(vol.spacing)
     m[:3, 3] = LPS_FROM_RAS @ np.asarray(vol.origin)
     return m
+
+
+def grid_from_node(node) -> Grid:
+    """The node's voxel grid (LPS, ITK conventions) without copying its voxels (cheap: for input checks)."""
+    image = node.GetImageData()
+    if image is None:
+        raise InputError(f"volume '{node.GetName()}' has no image data; load or select a volume that holds voxels.")
+    nx, ny, nz = image.GetDimensions()
+    spacing, origin, direction = geometry_from_ijk_to_ras(ijk_to_ras(node))
+    return Grid((nz, ny, nx), spacing, origin, tuple(float(v) for v in direction.ravel()))
 
 
 def array_from_node(node) -> np.ndarray:

@@ -16,6 +16,7 @@ from DiffusionCore.volume import axis_index, suggested_factor, thick_axis, write
 from .jobs import CLIJob
 from .mrml_io import (
     add_volume_node,
+    grid_from_node,
     place_beside,
     read_volume_file,
     set_node_from_volume,
@@ -113,7 +114,7 @@ def check_sr_input(node, settings: SRSettings | None = None) -> str:
     if min(dims) < MIN_THICK_SLICES:
         return f"'{node.GetName()}' is 2D ({dims[0]}x{dims[1]}); the X-ray to CT module takes radiographs."
     try:
-        vol_grid = volume_from_node(node).grid
+        vol_grid = grid_from_node(node)
     except DiffusionCoreError as exc:
         return str(exc)
     if settings.axis == "auto" and thick_axis(vol_grid) is None and settings.target_spacing <= 0:
@@ -130,7 +131,7 @@ def effective_factor(node, settings: SRSettings) -> int:
     """The factor the run will use (the one suggested from the slice spacing when settings say 0)."""
     if settings.factor > 0:
         return int(settings.factor)
-    grid = volume_from_node(node).grid
+    grid = grid_from_node(node)
     axis = None if settings.axis == "auto" else axis_index(settings.axis)
     if settings.target_spacing > 0:
         ax = axis if axis is not None else (thick_axis(grid) or 0)
