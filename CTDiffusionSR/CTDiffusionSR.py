@@ -584,6 +584,17 @@ class CTDiffusionSRLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(job.error)
         return job.result_nodes[0]
 
+    def processWithCLIModule(self, inputNode, outputNode, wait: bool = True, **parameters):
+        """Run the CTDiffusionSRBatch CLI module through Slicer's CLI machinery (``slicer.cli.run``).
+
+        The same command-line module the widget's background job runs, here driven by Slicer (its
+        temporary files, its progress and cancel in the CLI node). Parameter names are those of
+        CTDiffusionSRBatch.xml, e.g. ``factor=4, numSteps=15, device="cuda"``. The output node is not
+        renamed or annotated: use :meth:`process` for a labelled result beside the input.
+        """
+        cliParameters = {"inputVolume": inputNode.GetID(), "outputVolume": outputNode.GetID(), **parameters}
+        return slicer.cli.run(slicer.modules.ctdiffusionsrbatch, None, cliParameters, wait_for_completion=wait)
+
     # -- views ----------------------------------------------------------------------------------------
     def compareSideBySide(self, inputNode, resultNode) -> None:
         from CTDiffusionSRLib import views
