@@ -507,3 +507,19 @@ def test_xray_job_cancel_removes_the_preview(scene):
     assert job.state == JobState.CANCELLED
     ids_after = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     assert ids_after == ids_before  # the preview, its display node and its hierarchy item are gone
+
+
+def test_training_presets_are_configs_the_trainers_accept(tmp_path):
+    from CTDiffusionSRLib.training import list_presets
+
+    from DiffusionCore.config import load_config
+    from DiffusionCore.sr.config import SRConfig
+    from DiffusionCore.xray.config import load_stage_config
+
+    assert list_presets("sr") and list_presets("xray")
+    for family, loader in (("sr", lambda p: load_config(p, SRConfig)), ("vae", lambda p: load_config(p, SRConfig)),
+                           ("xray", load_stage_config)):
+        for name, path in list_presets(family).items():
+            loader(path)  # raises ConfigError on an unknown key or a wrong type
+            # what the panel shows and saves is accepted the same way
+            loader(write_config_text(path.read_text(), tmp_path / family / name))
