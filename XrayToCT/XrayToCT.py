@@ -180,6 +180,9 @@ class XrayToCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         self.ui.projectionErrorLabel.text = "-"
+        if not p.invertIntensities and self.logic.isMonochrome1(p.inputRadiograph):
+            p.invertIntensities = True  # Slicer loads MONOCHROME1 pixels as stored: bone dark
+            self.ui.logTextEdit.appendPlainText("MONOCHROME1 radiograph: intensities will be inverted (bone bright).")
         with slicer.util.tryWithErrorDisplay("Could not start the generation.", waitCursor=True):
             job = self.logic.createJob(p.inputRadiograph, self.logic.settingsFrom(p), p.referenceVolume, self.monitor.queueLine)
             self.monitor.start(job, f"X-ray to CT from {p.inputRadiograph.GetName()}")
@@ -253,6 +256,16 @@ class XrayToCTLogic(ScriptedLoadableModuleLogic):
         except ImportError:  # packages not installed yet: Apply installs them first
             return ""
         return check_xray_input(node)
+
+    @staticmethod
+    def isMonochrome1(node) -> bool:
+        """True when the node was loaded from a DICOM file with Photometric Interpretation MONOCHROME1."""
+        uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split() if node is not None else []
+        database = getattr(slicer, "dicomDatabase", None)
+        if not uids or database is None:
+            return False
+        path = database.fileForInstance(uids[0])
+        return bool(path) and database.fileValue(path, "0028,0004").strip() == "MONOCHROME1"
 
     @staticmethod
     def formatProjectionErrors(stageErrors: dict) -> str:
