@@ -85,7 +85,9 @@ def load_radiograph(path: str, invert: bool):
     """The radiograph as DiffusionCore reads it (attenuation style in [0, 1]), optionally inverted.
 
     DICOM spacing comes from its tags; MetaImage/NRRD/NIfTI files (what Slicer hands over) carry the
-    pixel spacing in their header, which is used when the reader found none.
+    pixel spacing in their header, which is used when the reader found none, unless it is exactly 1 x 1 mm:
+    that is what images without spacing information (PNG, JPEG loaded in Slicer) report, and a real
+    radiograph's pixels are far smaller, so it is treated as unknown (the model's field of view is used).
     """
     import SimpleITK as sitk
 
@@ -97,7 +99,8 @@ def load_radiograph(path: str, invert: bool):
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
         col_mm, row_mm = reader.GetSpacing()[:2]
-        radiograph.pixel_spacing = (float(row_mm), float(col_mm))
+        if (float(row_mm), float(col_mm)) != (1.0, 1.0):
+            radiograph.pixel_spacing = (float(row_mm), float(col_mm))
     if invert:
         radiograph.array = (1.0 - radiograph.array).astype("float32")
     return radiograph
