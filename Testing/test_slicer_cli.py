@@ -256,6 +256,8 @@ def test_xray_cli_runs_as_slicer_runs_it(scene, tmp_path):
     np.testing.assert_allclose(ct.array, stage2.array, atol=1e-3)
     ret = read_return_file(tmp_path / "return.txt")
     assert len(ret["projectionErrors"].split(",")) == 2 and ret["modelName"].startswith("tiny-test-model")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["fov_source"].startswith("pixel spacing")  # the 5 mm header spacing reached the model
 
 
 def _train_registered() -> bool:
