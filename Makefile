@@ -22,14 +22,14 @@ demo: $(STAMP)
 	$(PY) -m DiffusionCore demo
 
 test: $(STAMP)
-	$(PY) -m ruff check DiffusionCore Testing benchmarks CTDiffusionSR XrayToCT
+	$(PY) -m ruff check DiffusionCore Testing benchmarks scripts CTDiffusionSR XrayToCT
 	$(PY) -m pytest -q Testing
 
 lint: $(STAMP)
-	$(PY) -m ruff check DiffusionCore Testing benchmarks CTDiffusionSR XrayToCT
+	$(PY) -m ruff check DiffusionCore Testing benchmarks scripts CTDiffusionSR XrayToCT
 
 format: $(STAMP)
-	$(PY) -m ruff format DiffusionCore Testing benchmarks CTDiffusionSR XrayToCT
+	$(PY) -m ruff format DiffusionCore Testing benchmarks scripts CTDiffusionSR XrayToCT
 
 clean-venv:
 	rm -rf $(VENV)

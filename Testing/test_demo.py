@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from DiffusionCore import demo, degrade, sampledata, write_volume
+from DiffusionCore import degrade, demo, sampledata, write_volume
 from DiffusionCore.cli.main import main
 from DiffusionCore.sr.model import SRModel
 from DiffusionCore.weights.registry import import_weights

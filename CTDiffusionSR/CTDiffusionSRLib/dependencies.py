@@ -16,10 +16,10 @@ REQUIREMENTS = {
     "tqdm": "tqdm>=4.60",
     "nibabel": "nibabel>=5.0",
     "scipy": "scipy>=1.10",
-    "monai": "monai==1.6.1",
+    "yaml": "pyyaml>=6",
 }
 #: Also needed for the training panel.
-TRAINING_REQUIREMENTS = {"tensorboard": "tensorboard>=2.14", "yaml": "pyyaml>=6"}
+TRAINING_REQUIREMENTS = {"tensorboard": "tensorboard>=2.14"}
 #: Packages Slicer provides; never installed or upgraded by this extension.
 PROTECTED = ("numpy", "simpleitk", "vtk", "torch", "qt", "ctk")
 

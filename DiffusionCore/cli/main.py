@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "demo",
     "sr",
     "xray",
+    "train",
 ]
 
 logger = logging.getLogger("DiffusionCore")
