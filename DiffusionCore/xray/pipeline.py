@@ -10,7 +10,7 @@ the side of its central square crop divided by :data:`NOMINAL_MAGNIFICATION` (a 
 180 cm magnifies mid-chest anatomy ~1.1x on the detector); else the field of view the model was trained on.
 
 Real radiographs read from files are windowed (0.5 / 99.5 percentiles) and then quantile-matched to the DRR of
-the mean training CT stored in the weights, so their grey levels follow the DRR style the model was trained on;
+the mean training CT stored in the weights (its in-body pixels), so their grey levels follow the DRR style the model was trained on;
 arrays (e.g. DRRs) are only windowed.
 """
 
@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: Detector-plane magnification assumed when converting a radiograph's pixel spacing to patient mm.
 NOMINAL_MAGNIFICATION = 1.1
+#: DRR pixels below this (attenuation style) are air beside the body, left out of the style reference.
+BODY_DRR_THRESHOLD = 0.05
 
 
 def volume_from_unit(vol_unit: torch.Tensor, fov_mm: float, **metadata: Any) -> Volume:
@@ -126,17 +128,17 @@ class XrayToCTGenerator:
 
     @torch.no_grad()
     def reference_drr(self, size: int) -> np.ndarray | None:
-        """DRR of the mean training CT (attenuation style, size x size): the intensity distribution that real
-        radiographs are quantile-matched to. None when the weights carry no informative mean CT."""
+        """In-body pixel values (1D) of the DRR of the mean training CT (attenuation style, rendered at
+        size x size): the distribution real radiographs are quantile-matched to. None when the weights carry
+        no informative mean CT."""
         mean = self.cascade.mean_ct.float().cpu()
         r = mean.shape[-1]
         fov = self.cascade.configs[0].data.fov_mm
         drr = radiograph_style(project_parallel_axis(hu_to_mu(unit_to_hu(mean)), (fov / r,) * 3,
                                                      self.cascade.configs[0].data.view))  # fmt: skip
-        drr = torch.nn.functional.interpolate(drr, size=(size, size), mode="bilinear", align_corners=False)[
-            0, 0
-        ]
-        return drr.numpy() if float(drr.std()) > 0.05 else None
+        drr = torch.nn.functional.interpolate(drr, size=(size, size), mode="bilinear", align_corners=False)
+        body = drr[drr > BODY_DRR_THRESHOLD]  # a collimated radiograph shows (almost) no air beside the body
+        return body.numpy() if body.numel() > 16 and float(body.std()) > 0.05 else None
 
     @torch.no_grad()
     def run(
