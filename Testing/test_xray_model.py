@@ -238,6 +238,7 @@ def test_gradient_checkpointing_and_eps_parameterisation_train():
     cfg.training.gradient_checkpointing = True
     cfg.model.v_parameterization = False
     cfg.loss_weights.perceptual_loss = 0.5
+    cfg.model.refine_channels = 4
     torch.manual_seed(0)
     cascade = UnifiedHybridViTCascade([cfg]).train()
     x0 = _phantom_cubes(1, 16)
@@ -251,6 +252,7 @@ def test_gradient_checkpointing_and_eps_parameterisation_train():
     assert "perceptual_loss" in parts and torch.isfinite(loss)
     assert stage.blocks[0].adaln[-1].weight.grad.abs().sum() > 0
     assert stage.lifting.prior.mix.grad.abs().sum() > 0
+    assert stage.refine[0].weight.grad.abs().sum() > 0  # the refinement head trains too
 
 
 def test_real_radiographs_are_matched_to_the_mean_ct_drr_style():

@@ -80,6 +80,15 @@ class StageModel(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         self.gradient_checkpointing = cfg.training.gradient_checkpointing
+        self.refine = None
+        if m.refine_channels > 0:  # sees the token output, x_t and the base: removes patch seams, adds detail
+            k = m.refine_channels
+            self.refine = nn.Sequential(
+                nn.Conv3d(3, k, 3, padding=1), nn.SiLU(), nn.Conv3d(k, k, 3, padding=1), nn.SiLU(),
+                nn.Conv3d(k, 1, 3, padding=1),
+            )  # fmt: skip
+            nn.init.zeros_(self.refine[-1].weight)
+            nn.init.zeros_(self.refine[-1].bias)
 
     @property
     def resolution(self) -> int:
@@ -110,8 +119,8 @@ class StageModel(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Predict the clean volume x0 (model units); v and eps follow from ``vdiffusion.predict_x0_eps``.
 
-        The token head outputs a correction on a base: zero for stage 1, the upsampled previous-stage volume
-        for stages 2-3 (a residual cascade).
+        The token head (plus the optional full-resolution refinement head) outputs a correction on a base:
+        zero for stage 1, the upsampled previous-stage volume for stages 2-3 (a residual cascade).
 
         Args:
             x_t: (B, 1, R, R, R) noisy volume, model units.
@@ -150,8 +159,10 @@ class StageModel(nn.Module):
         out = self.final(modulate(self.final_norm(seq), shift, scale))  # (B, G^3, p^3)
         p = self.cfg.model.patch_size
         out = out.view(b, g, g, g, p, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, 1, g * p, g * p, g * p)
-        if self.has_prev:
-            out = out + self.prepare_prev(prev)
+        base = self.prepare_prev(prev) if self.has_prev else torch.zeros_like(out)
+        if self.refine is not None:
+            out = out + self.refine(torch.cat([out, x_t, base], dim=1))
+        out = out + base
         if not return_lifted:
             return out
         lifted = (

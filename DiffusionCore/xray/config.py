@@ -65,6 +65,10 @@ class XrayModelConfig:
     cross_attention: bool = field(
         default=True, metadata={"help": "Cross-attention from voxels to X-ray tokens."}
     )
+    refine_channels: int = field(
+        default=0,
+        metadata={"help": "Width of a full-resolution 3D conv head refining the token output (0 = none)."},
+    )
 
 
 @dataclass
