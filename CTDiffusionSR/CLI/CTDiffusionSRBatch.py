@@ -23,6 +23,7 @@ from pathlib import Path
 
 logger = logging.getLogger("DiffusionCore")
 
+
 def _int_vector(text: str) -> tuple[int, ...]:
     values = tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
     if len(values) != 3:
@@ -36,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outputVolume", help="super-resolved CT to write")
     p.add_argument("--uncertaintyVolume", default="", help="write the voxel-wise std over samples here")
     p.add_argument("--factor", type=int, default=0, help="upsampling factor; 0 = from the slice spacing")
-    p.add_argument("--targetSpacing", type=float, default=0.0, help="target slice spacing in mm; 0 = use factor")
+    p.add_argument(
+        "--targetSpacing", type=float, default=0.0, help="target slice spacing in mm; 0 = use factor"
+    )
     p.add_argument("--axis", choices=("auto", "z", "y", "x"), default="auto", help="thick array axis")
     p.add_argument("--weights", default="", help="weights name or .safetensors file; empty = bundled default")
     p.add_argument("--allowUnregisteredWeights", action="store_true", help="accept an unregistered file")
@@ -101,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     if args.tinyTestModel:
         resolver = SuperResolver.tiny(seed=0)
     elif args.weights:
-        resolver = SuperResolver.from_pretrained(args.weights, allow_unregistered=args.allowUnregisteredWeights)
+        resolver = SuperResolver.from_pretrained(
+            args.weights, allow_unregistered=args.allowUnregisteredWeights
+        )
     else:
         resolver = SuperResolver.default()
     model_name = str(resolver.weights_name or args.weights or "default")
@@ -119,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         clean = {k: v for k, v in report.items() if k != "uncertainty"}
         write_json(args.reportFile, {"model": model_name, "settings": settings, "seconds": elapsed, **clean})
     write_return_parameters(
-        args.returnparameterfile, {"weightsSha256": sha, "modelName": model_name, "elapsedSeconds": f"{elapsed:.3f}"}
+        args.returnparameterfile,
+        {"weightsSha256": sha, "modelName": model_name, "elapsedSeconds": f"{elapsed:.3f}"},
     )
     print("<filter-progress>1.0</filter-progress>", flush=True)
     return 0
@@ -128,23 +134,15 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from DiffusionCore.cli.common import setup_logging
-        from DiffusionCore.errors import DiffusionCoreError
+        from DiffusionCore.cli.common import run_guarded, setup_logging
     except ImportError as exc:
-        print(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.", file=sys.stderr)
+        print(
+            f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.",
+            file=sys.stderr,
+        )
         return 1
     setup_logging()
-    try:
-        return run(args)
-    except DiffusionCoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: cancelled; no output was written.", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("error: out of memory: use a smaller patch size, fewer samples, or the GPU.", file=sys.stderr)
-        return 5
+    return run_guarded(lambda: run(args), memory_hint="use a smaller patch size, fewer samples, or the GPU")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ class Progress:
                 if self._bar is None or self._bar.total != total:
                     if self._bar is not None:
                         self._bar.close()
-                    self._bar = tqdm(total=total, desc=self.desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+                    self._bar = tqdm(
+                        total=total, desc=self.desc, file=sys.stderr, leave=False, dynamic_ncols=True
+                    )
                 self._bar.n = done
                 if message:
                     self._bar.set_postfix_str(message, refresh=False)
@@ -71,3 +73,41 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def run_guarded(
+    fn: Callable[[], int | None], *, debug: bool = False, memory_hint: str = "use smaller patches"
+) -> int:
+    """Run a command body with the project's error convention.
+
+    Errors of the project's types print one ``error: ...`` line on stderr and return their exit code;
+    an interrupt returns 130, out of memory 5, and any other exception (a bug) 1 with a plea to report
+    it. ``debug`` re-raises instead, for the traceback. Used by ``python -m DiffusionCore`` and by the
+    Slicer scripted CLI modules alike.
+    """
+    from ..errors import DiffusionCoreError
+
+    try:
+        return int(fn() or 0)
+    except DiffusionCoreError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial output was kept.", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if debug:
+            raise
+        print(f"error: out of memory: {memory_hint}, or use a machine with more memory.", file=sys.stderr)
+        return 5
+    except Exception as exc:  # a bug: say so plainly, keep the traceback behind --debug
+        if debug:
+            raise
+        print(
+            f"error: internal error ({type(exc).__name__}: {exc}). Run again with --debug for the traceback "
+            "and report it.",
+            file=sys.stderr,
+        )
+        return 1

@@ -12,8 +12,7 @@ import importlib
 import logging
 import sys
 
-from ..errors import DiffusionCoreError
-from .common import setup_logging
+from .common import run_guarded, setup_logging
 
 #: Modules of DiffusionCore.cli that each add one or more sub-commands through ``register(subparsers)``.
 COMMAND_MODULES = [
@@ -53,34 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        return int(args.func(args) or 0)
-    except DiffusionCoreError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; no partial output was kept.", file=sys.stderr)
-        return 130
-    except MemoryError:
-        if args.debug:
-            raise
-        print(
-            "error: out of memory. Use smaller patches (--patch-size), fewer samples, or a machine with more "
-            "memory.",
-            file=sys.stderr,
-        )
-        return 5
-    except Exception as exc:  # a bug: say so plainly, keep the traceback behind --debug
-        if args.debug:
-            raise
-        print(
-            f"error: internal error ({type(exc).__name__}: {exc}). Run again with --debug for the traceback "
-            "and report it.",
-            file=sys.stderr,
-        )
-        return 1
+    return run_guarded(
+        lambda: args.func(args),
+        debug=args.debug,
+        memory_hint="use smaller patches (--patch-size) or fewer samples",
+    )
 
 
 if __name__ == "__main__":

@@ -164,8 +164,14 @@ def run(args: argparse.Namespace) -> int:
     if args.reportFile:
         write_json(
             args.reportFile,
-            {"model": model_name, "settings": settings, "seconds": elapsed, "projection_errors": errors,
-             "reference_metrics": metrics, **report},
+            {
+                "model": model_name,
+                "settings": settings,
+                "seconds": elapsed,
+                "projection_errors": errors,
+                "reference_metrics": metrics,
+                **report,
+            },
         )
     write_return_parameters(
         args.returnparameterfile,
@@ -183,23 +189,15 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from DiffusionCore.cli.common import setup_logging
-        from DiffusionCore.errors import DiffusionCoreError
+        from DiffusionCore.cli.common import run_guarded, setup_logging
     except ImportError as exc:
-        print(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.", file=sys.stderr)
+        print(
+            f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.",
+            file=sys.stderr,
+        )
         return 1
     setup_logging()
-    try:
-        return run(args)
-    except DiffusionCoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: cancelled; no output was written.", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("error: out of memory: run fewer stages or use the GPU.", file=sys.stderr)
-        return 5
+    return run_guarded(lambda: run(args), memory_hint="run fewer stages or use the GPU")
 
 
 if __name__ == "__main__":
