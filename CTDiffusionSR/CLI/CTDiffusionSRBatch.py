@@ -14,12 +14,9 @@ and exits with the DiffusionCore error's code.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import time
-from pathlib import Path
 
 logger = logging.getLogger("DiffusionCore")
 
@@ -57,22 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def write_return_parameters(path: str, values: dict) -> None:
-    """Slicer's return-parameter file: one ``name = value`` line per output parameter."""
-    if not path:
-        return
-    with open(path, "w", encoding="utf-8") as f:
-        for key, value in values.items():
-            f.write(f"{key} = {value}\n")
-
-
-def write_json(path: str, data: dict) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, target)
-
-
 def settings_from_args(args: argparse.Namespace) -> dict:
     """The settings that define the result (recorded in the report and on the Slicer node)."""
     return {
@@ -91,7 +72,8 @@ def settings_from_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from DiffusionCore.cli.common import Progress
+    from DiffusionCore.cli.common import Progress, write_return_parameters
+    from DiffusionCore.cli.evaluate import write_json_atomic
     from DiffusionCore.errors import InputError
     from DiffusionCore.sr.pipeline import SuperResolver
     from DiffusionCore.volume import check_output_path, read_volume, write_volume
@@ -122,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     if args.reportFile:
         clean = {k: v for k, v in report.items() if k != "uncertainty"}
-        write_json(args.reportFile, {"model": model_name, "settings": settings, "seconds": elapsed, **clean})
+        write_json_atomic({"model": model_name, "settings": settings, "seconds": elapsed, **clean}, args.reportFile)
     write_return_parameters(
         args.returnparameterfile,
         {"weightsSha256": sha, "modelName": model_name, "elapsedSeconds": f"{elapsed:.3f}"},

@@ -111,3 +111,12 @@ def run_guarded(
             file=sys.stderr,
         )
         return 1
+
+
+def write_return_parameters(path: str, values: dict) -> None:
+    """Slicer's return-parameter file (``--returnparameterfile``): one ``name = value`` line per output."""
+    if not path:
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        for key, value in values.items():
+            f.write(f"{key} = {value}\n")

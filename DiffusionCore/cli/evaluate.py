@@ -38,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _jsonable(value):
+    """What JSON cannot hold: arrays and tensors as lists, anything else as its text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
 def write_json_atomic(data: dict, path: str | os.PathLike, overwrite: bool = True) -> Path:
     p = Path(path)
     if p.exists() and not overwrite:
@@ -57,7 +62,7 @@ def write_json_atomic(data: dict, path: str | os.PathLike, overwrite: bool = Tru
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(clean(data), f, indent=2)
+            json.dump(clean(data), f, indent=2, default=_jsonable)
         publish(tmp, p)
     finally:
         if os.path.exists(tmp):

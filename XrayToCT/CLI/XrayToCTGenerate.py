@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,28 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reportFile", default="", help="write a JSON report here")
     p.add_argument("--returnparameterfile", default="", help="file for output values (set by Slicer)")
     return p
-
-
-def write_return_parameters(path: str, values: dict) -> None:
-    """Slicer's return-parameter file: one ``name = value`` line per output parameter."""
-    if not path:
-        return
-    with open(path, "w", encoding="utf-8") as f:
-        for key, value in values.items():
-            f.write(f"{key} = {value}\n")
-
-
-def write_json(path: str, data: dict) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable), encoding="utf-8")
-    os.replace(tmp, target)
-
-
-def _jsonable(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
 
 
 def projection_figures(info: dict) -> dict[str, float]:
@@ -107,7 +84,8 @@ def load_radiograph(path: str, invert: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from DiffusionCore.cli.common import Progress
+    from DiffusionCore.cli.common import Progress, write_return_parameters
+    from DiffusionCore.cli.evaluate import write_json_atomic
     from DiffusionCore.volume import check_output_path, read_volume, write_volume
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
 
@@ -162,8 +140,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     sha = str(report.get("weights_sha256", ""))
     if args.reportFile:
-        write_json(
-            args.reportFile,
+        write_json_atomic(
             {
                 "model": model_name,
                 "settings": settings,
@@ -172,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
                 "reference_metrics": metrics,
                 **report,
             },
+            args.reportFile,
         )
     write_return_parameters(
         args.returnparameterfile,
