@@ -196,8 +196,17 @@ def load_stage_config(source: str | Path | dict | XrayStageConfig | None) -> Xra
     return load_config(source, XrayStageConfig)
 
 
-def tiny_stage_config(stage: int, resolution: int, xray_resolution: int = 32) -> XrayStageConfig:
-    """A tiny configuration for tests and self-tests (seconds on CPU)."""
+def tiny_stage_config(
+    stage: int, resolution: int, xray_resolution: int = 32, refine_channels: int = 0
+) -> XrayStageConfig:
+    """A tiny configuration for tests and self-tests (seconds on CPU).
+
+    Args:
+        stage: cascade stage (1-3).
+        resolution: cube side in voxels (a multiple of 4).
+        xray_resolution: radiograph side in pixels (a multiple of 4, at least 16).
+        refine_channels: width of the full-resolution refinement head (0 = none).
+    """
     return load_config(
         {
             "stage": stage,
@@ -213,6 +222,7 @@ def tiny_stage_config(stage: int, resolution: int, xray_resolution: int = 32) ->
                 "encoder_channels": [8, 16],
                 "xray_tokens": 4,
                 "mlp_ratio": 2.0,
+                "refine_channels": refine_channels,
             },
             "training": {
                 "batch_size": 2,

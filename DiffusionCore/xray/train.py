@@ -186,6 +186,69 @@ def _load_stage_weights(cascade: UnifiedHybridViTCascade, source: str, stages: l
     logger.info("loaded stage(s) %s from %s (%d tensors)", stages, p, loaded)
 
 
+def resolve_amp(requested: bool, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``training.amp`` on ``device``: bfloat16 on a GPU that supports it, else None.
+
+    On CPU (or a GPU without bfloat16) the option is ignored with an info note: training runs in float32.
+    """
+    if not requested:
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        logger.info("training.amp: this GPU has no bfloat16 support; training in float32")
+        return None
+    logger.info(
+        "training.amp: bfloat16 autocast is used on GPUs only; training in float32 on %s", device.type
+    )
+    return None
+
+
+def train_step(
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    vols: dict[int, torch.Tensor],
+    xray: torch.Tensor,
+    prev_noise: float,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    gradient_clip: float = 0.0,
+    step: int = 0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimizer step of a :class:`CascadeObjective` (possibly DDP-wrapped).
+
+    Args:
+        objective: the objective (or its DDP wrapper); its forward returns (loss, parts).
+        optimizer: optimizer over ``params``.
+        params: the trained parameters (gradient clipping).
+        vols: resolution -> (B, 1, R, R, R) target cubes, model units.
+        xray: (B, 1, X, X) DRRs, attenuation style [0, 1].
+        prev_noise: noise std on the previous-stage cube (model units).
+        amp_dtype: autocast dtype (``torch.bfloat16``) or None for float32; parameters and gradients stay float32.
+        gradient_clip: gradient-norm clip (0 disables).
+        step: the step number, for the divergence message.
+
+    Returns:
+        (the loss, detached; the unweighted loss components).
+
+    Raises:
+        InputError: the loss is not finite (training diverged).
+    """
+    with torch.autocast(xray.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        loss, parts = objective(vols, xray, prev_noise)
+    if not math.isfinite(float(loss.detach())):
+        raise InputError(
+            f"training diverged at step {step} (loss {float(loss)}); lower training.learning_rate"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if gradient_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, gradient_clip)
+    optimizer.step()
+    return loss.detach(), parts
+
+
 def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     """Train (part of) the cascade; returns a summary (steps, final losses, weights path and sha256).
 
@@ -200,7 +263,9 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
 
     configs = complete_configs(opts.configs)
     if opts.tiny_test_model:
-        configs = [tiny_stage_config(c.stage, 16 * 2 ** (c.stage - 1)) for c in configs]
+        # tiny networks with the configs' structure: a refinement head where the config has one
+        configs = [tiny_stage_config(c.stage, 16 * 2 ** (c.stage - 1), refine_channels=4 if c.model.refine_channels
+                                     else 0) for c in configs]  # fmt: skip
     top = configs[-1]
     tcfg = top.training
     info = init_distributed(opts.device)
@@ -271,16 +336,23 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
                                         schedulers={"lr": sched}, generators={"data": rng},
                                         map_location=info.device)  # fmt: skip
             step, epoch = int(state["step"]), int(state["epoch"])
+            if info.rank > 0:  # the checkpoint holds rank 0's random streams; the others draw their own
+                rng = np.random.default_rng([tcfg.seed, info.rank, step])
+                torch.manual_seed(tcfg.seed + 7919 * info.rank + step)
             logger.info("resumed from %s at step %d", latest, step)
     tlog = TrainLogger(out_dir, enabled=info.is_main)
-    use_amp = tcfg.amp and info.device.type == "cuda"
+    amp_dtype = resolve_amp(tcfg.amp, info.device)
     xres = max(configs[s - 1].xray_resolution for s in range(1, top.stage + 1))
     last_parts: dict[str, float] = {}
     t_start = time.time()
     cascade.train()
 
+    saved_step = -1
+
     def save() -> None:
-        if info.is_main:
+        nonlocal saved_step
+        if info.is_main and saved_step != step:
+            saved_step = step
             save_training_state(out_dir, step=step, epoch=epoch, models={"cascade": cascade},
                                 optimizers={"opt": opt}, schedulers={"lr": sched}, config=config_dict,
                                 extra={"trained": trained}, generators={"data": rng},
@@ -289,23 +361,18 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     stopped = None
     with StopFlag(out_dir / "STOP") as stop:
         while step < max_steps:
-            if stop.requested:
-                stopped = stop.reason
+            requested = stop.requested
+            # every rank stops at the same step (else the others would wait in all-reduce forever)
+            if info.distributed:
+                requested = all_reduce_mean(float(requested), info) > 0
+            if requested:
+                stopped = stop.reason or "stop requested by another process"
                 break
             vols, xray = dataset.sample(rng, tcfg.batch_size, resolutions, xres)
             vols = {r: v.to(info.device) for r, v in vols.items()}
             xray = xray.to(info.device)
-            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, parts = wrapped(vols, xray, top.data.prev_noise)
-            if not math.isfinite(float(loss.detach())):
-                raise InputError(
-                    f"training diverged at step {step} (loss {float(loss)}); lower training.learning_rate"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg.gradient_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, tcfg.gradient_clip)
-            opt.step()
+            loss, parts = train_step(wrapped, opt, params, vols, xray, top.data.prev_noise, amp_dtype=amp_dtype,
+                                     gradient_clip=tcfg.gradient_clip, step=step)  # fmt: skip
             sched.step()
             step += 1
             epoch = step // max(1, tcfg.steps_per_epoch)
@@ -319,7 +386,8 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
             if progress is not None:
                 progress(step, max_steps, f"loss {float(loss.detach()):.4f}")
             if step % tcfg.checkpoint_every == 0:
-                log_validation(cascade, trained, vols, xray, tlog, step)
+                if info.is_main:
+                    log_validation(cascade, trained, vols, xray, tlog, step)
                 save()
         if stopped is None and stop.requested:
             stopped = stop.reason

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 from ..errors import ConfigError
 
@@ -25,7 +26,8 @@ def register(fam: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", default=None,
                    help="CT folder(s) (NIfTI/NRRD/MHA/DICOM series), a list file, sample names (chest-lidc) or "
                    "a prepare-xray-data output folder")  # fmt: skip
-    p.add_argument("--output-dir", default=None, help="training folder: checkpoints, logs, exported weights")
+    p.add_argument("--output-dir", "--out-dir", dest="output_dir", default=None,
+                   help="training folder: checkpoints, logs, exported weights (--out-dir as in train sr / vae)")  # fmt: skip
     p.add_argument("--stage1-checkpoint", default=None, help="weights file or training folder of stage 1")
     p.add_argument("--stage2-checkpoint", default=None, help="weights file or training folder of stage 2")
     p.add_argument(
@@ -86,5 +88,6 @@ def run(args: argparse.Namespace) -> int:
         tiny_test_model=args.tiny_test_model,
     )
     summary = train_xray(opts)
-    print(json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
+    if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun only the main process reports
+        print(json.dumps(summary, indent=2, default=str))
     return 0
