@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from DiffusionCore.cli.main import main
 from DiffusionCore.errors import InputError
@@ -19,6 +20,14 @@ from DiffusionCore.volume import Volume, read_volume, write_volume
 from DiffusionCore.xray.radiograph import match_drr_style, read_radiograph, resize_radiograph
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +129,10 @@ def test_prepare_train_resume_next_stage_and_evaluate(files, tmp_path):
     assert cube.shape == (32, 32, 32) and np.allclose(cube.spacing, 350 / 32)
     drr = np.load(data / files_["drr_32"])
     assert drr.shape == (32, 32) and 0 <= drr.min() and drr.max() <= 1
+    augmented = np.load(data / files_["drr_32_aug0"])
+    assert augmented.shape == (32, 32) and 0 <= augmented.min() and augmented.max() <= 1
+    assert 0 < np.abs(augmented - drr).mean() < 0.2  # jittered, noisy and blurred, still the same anatomy
+    assert manifest["fov_mm"] == 350 and manifest["resolutions"] == [16, 32]
 
     s1 = tmp_path / "s1"
     common = ["--data", str(data), "--tiny-test-model", "--device", "cpu"]
@@ -162,11 +175,12 @@ def test_prepare_train_resume_next_stage_and_evaluate(files, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
-    assert report["reference"] == str(files["ct"])
+    assert report["reference"] == str(files["ct"]) and isinstance(report["results"], list)
     got = {(r["method"], r["stage"]) for r in report["results"]}
     assert got == {(m, s) for m in ("model", "mean-ct", "lifting-only") for s in (1, 2)}
     for r in report["results"]:
         assert set(r) == {"method", "stage", "psnr3d", "ssim3d", "reprojection_psnr", "seconds"}
+        assert type(r["stage"]) is int and all(type(r[k]) is float for k in list(r)[2:])
         assert np.isfinite(r["psnr3d"]) and -1 <= r["ssim3d"] <= 1
     unregistered = [c for c in cmd[:-4] if c != "--allow-unregistered-weights"]  # no --json, no flag
     refused = subprocess.run(unregistered, capture_output=True, text=True, env=ENV, timeout=120)

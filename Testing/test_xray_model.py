@@ -213,6 +213,25 @@ def test_seed_api_save_and_from_pretrained(tmp_path):
     assert XrayToCTGenerator.from_pretrained(str(path), allow_unregistered=True).num_stages == 2
 
 
+def test_seed_api_runs_a_three_stage_cascade():
+    m = UnifiedHybridViTCascade.tiny(2, resolutions=(8, 16, 32)).eval()
+    xray = torch.rand(32, 32)  # (H, W) as in the seed
+    full = m.generate(xray, num_stages=3, steps=1, generator=torch.Generator().manual_seed(0))
+    assert full.shape == (1, 1, 32, 32, 32) and torch.isfinite(full).all()
+    s1 = m.generate_stage1(xray, steps=1)
+    s2 = m.generate_stage2(xray, s1, steps=1)
+    s3 = m.generate_stage3(xray, s2, steps=1)
+    assert (s1.shape[-1], s2.shape[-1], s3.shape[-1]) == (8, 16, 32)
+    assert m.generate_stage3(xray, steps=1).shape == (1, 1, 32, 32, 32)  # earlier stages run when not given
+    torch.manual_seed(0)
+    a = m.generate(xray, num_stages=3, steps=1)
+    torch.manual_seed(0)
+    b = m.generate_stage3(xray, m.generate_stage2(xray, m.generate_stage1(xray, steps=1), steps=1), steps=1)
+    torch.testing.assert_close(a, b)  # generate is the three stages chained
+    with pytest.raises(InputError):
+        m.generate_stages(xray, num_stages=4)
+
+
 def test_stage_configs_accept_the_seed_keys_and_reject_bad_ones():
     cfgs = [load_stage_config(f"stage{i}") for i in (1, 2, 3)]
     assert [(c.resolution, c.loss_weights.drr_loss) for c in cfgs] == [(64, 0.2), (128, 0.3), (256, 0.5)]
