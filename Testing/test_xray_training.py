@@ -1,4 +1,4 @@
-"""X-ray cascade training: two-process DDP through the command line, AMP on CPU, the refinement head."""
+"""X-ray cascade training: two-process DDP through the command line, AMP on CPU, the refinement head, logs."""
 
 from __future__ import annotations
 
@@ -194,6 +194,14 @@ def test_amp_on_cpu_is_ignored_with_a_note_and_the_refinement_head_trains(ct_fil
     # (no weight decay here, so any change is a gradient step)
     assert first["stages.0.refine.4.weight"].abs().sum() > 0
     assert not torch.equal(first["stages.0.refine.0.weight"], second["stages.0.refine.0.weight"])
+    # TensorBoard holds the losses, the re-projection error and coronal slices
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"loss/stage1/drr_loss", "val/stage1/lifting_projection_l1"} <= set(events.Tags()["scalars"])
+    slices = {f"val/stage1/{n}_coronal" for n in ("target", "lifting", "one_step_t0.5")}
+    assert slices <= set(events.Tags()["images"])
     exported = UnifiedHybridViTCascade.from_pretrained(out / "xray_cascade.safetensors")
     assert exported.stages[0].refine is not None
     torch.testing.assert_close(exported.stages[0].refine[0].weight, second["stages.0.refine.0.weight"])
