@@ -120,6 +120,16 @@ class TrainConfig:
     vae_weights: str = _f(
         "", "VAE weights (exported safetensors or a `train vae` output folder) for SR training."
     )
+    pixel_loss_weight: float = _f(
+        0.0,
+        "Weight of an L1 loss on the decoded output (cubic input + decode(x0_hat) - decode(y)) against the thin "
+        "patch, in model units, added to the latent loss: trains the network on what the user sees.",
+    )
+    finetune_decoder: bool = _f(
+        False,
+        "Also train the VAE decoder in SR training (with pixel_loss_weight > 0) so it renders the through-plane "
+        "detail the latent model adds; the encoder stays frozen.",
+    )
     use_amp: bool = _f(False, "bf16 autocast (GPU only; ignored on CPU where it is slower).")
     channels_last: bool = _f(False, "Use channels_last_3d memory format.")
     augment: bool = _f(True, "Random flips, small rotations/scaling, HU jitter on training patches.")

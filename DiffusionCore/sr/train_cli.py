@@ -27,7 +27,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-split", default=None, help="text file, one training volume per line")
     p.add_argument("--val-split", default=None, help="text file, one validation volume per line")
     p.add_argument("--val-data", nargs="+", default=None, help="held-out volumes (default: top z-range)")
-    p.add_argument("--out-dir", default=None, help="output folder: checkpoints, logs, exported weights")
+    p.add_argument(
+        "--out-dir",
+        "--output-dir",
+        dest="out_dir",
+        default=None,
+        help="output folder: checkpoints, logs, exported weights",
+    )
     p.add_argument("--epochs", type=int, default=None, help="passes of --steps-per-epoch steps (default 20)")
     p.add_argument(
         "--steps-per-epoch", type=int, default=None, help="optimizer steps per epoch (default 200)"
@@ -112,6 +118,18 @@ def register(fam: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--init-from", default=None, help="start from this SR run folder or sr_model.safetensors")
     s.add_argument("--factors", type=int, nargs="+", default=None, help="simulated factors (default 2 3 4)")
+    s.add_argument(
+        "--pixel-loss-weight",
+        type=float,
+        default=None,
+        help="weight of the L1 loss on the decoded output image (default 0: latent loss only)",
+    )
+    s.add_argument(
+        "--finetune-decoder",
+        action="store_true",
+        default=None,
+        help="also train the VAE decoder through the pixel loss (encoder stays frozen)",
+    )
     s.set_defaults(func=run_sr)
 
     e = fam.add_parser(
@@ -191,6 +209,10 @@ def build_config(args: argparse.Namespace, family: str) -> SRConfig:
             t["init_from"] = args.init_from
         if args.factors:
             t["factors"] = list(args.factors)
+        if args.pixel_loss_weight is not None:
+            t["pixel_loss_weight"] = args.pixel_loss_weight
+        if args.finetune_decoder:
+            t["finetune_decoder"] = True
         if args.predict_residual is not None:
             df["predict_residual"] = args.predict_residual
             if (

@@ -387,18 +387,29 @@ def train_vae(
 class SRObjective(nn.Module):
     """The SR training loss as a module (so DDP can wrap it).
 
-    ``forward(x0, y, t, noise, keep)``: latents ``x0`` (thin) and ``y`` (cubic input) ``(B, C, d, h, w)``,
-    step indices ``t`` ``(B,)``, noise like ``x0`` and a per-sample condition keep mask ``keep`` ``(B,)``;
-    returns the MSE between the network's prediction (``x0`` for ResShift, ``eps`` for DDIM) and its target.
+    ``forward(x0, y, t, noise, keep, thin=None, cond=None)``: latents ``x0`` (thin) and ``y`` (cubic input)
+    ``(B, C, d, h, w)``, step indices ``t`` ``(B,)``, noise like ``x0`` and a per-sample condition keep mask
+    ``keep`` ``(B,)``; returns the MSE between the network's prediction (``x0`` for ResShift, ``eps`` for
+    DDIM) and its target. With ``pixel_weight > 0`` (ResShift only) and the image patches ``thin`` / ``cond``
+    ``(B, 1, D, H, W)`` in model units, adds ``pixel_weight`` x the L1 error of the image the user gets,
+    ``cond + decode(x0_hat) - decode(y)`` (or ``decode(x0_hat)`` without ``decode_residual``).
     """
 
-    def __init__(self, model: SRModel, stage: str = "joint") -> None:
+    def __init__(self, model: SRModel, stage: str = "joint", pixel_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.use_control = stage != "base" and model.denoiser.controlnet is not None
+        self.pixel_weight = float(pixel_weight) if isinstance(model.diffusion, ResShiftProcess) else 0.0
 
     def forward(
-        self, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, keep: torch.Tensor
+        self,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        keep: torch.Tensor,
+        thin: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         proc = self.model.diffusion
         if isinstance(proc, ResShiftProcess):
@@ -410,12 +421,21 @@ class SRObjective(nn.Module):
         x_in = proc.scale_input(x_t, t)
         out = self.model.denoiser(x_in, proc.timestep_value(t).to(x0.device), y, keep, self.use_control)
         pred = y + out if isinstance(proc, ResShiftProcess) else out
-        return F.mse_loss(pred.float(), target.float())
+        loss = F.mse_loss(pred.float(), target.float())
+        if self.pixel_weight > 0 and thin is not None and cond is not None:
+            image = self.model.decode(pred)
+            if self.model.config.diffusion.decode_residual:
+                image = cond + image - self.model.decode(y)
+            loss = loss + self.pixel_weight * F.l1_loss(image.float(), thin.float())
+        return loss
 
 
-def set_stage(model: SRModel, stage: str) -> None:
-    """Freeze what a stage does not train: VAE always; UNet in ``control``; ControlNet in ``base``."""
+def set_stage(model: SRModel, stage: str, finetune_decoder: bool = False) -> None:
+    """Freeze what a stage does not train: the VAE (but its decoder with ``finetune_decoder``); the UNet in
+    ``control``; the ControlNet in ``base``."""
     model.vae.requires_grad_(False)
+    if finetune_decoder:
+        model.vae.decoder.requires_grad_(True)
     model.denoiser.unet.requires_grad_(stage != "control")
     if model.denoiser.controlnet is not None:
         model.denoiser.controlnet.requires_grad_(stage != "base")
@@ -495,7 +515,12 @@ def train_sr(
     elif t.stage == "control" and not resume and model.denoiser.controlnet is not None:
         logger.warning("stage 'control' without --init-from: the UNet prior is untrained")
         model.denoiser.controlnet.copy_from_unet(model.denoiser.unet)
-    set_stage(model, t.stage)
+    pixel = t.pixel_loss_weight > 0 and not t.latent_dir
+    if t.pixel_loss_weight > 0 and t.latent_dir:
+        logger.warning("pixel_loss_weight needs image patches: ignored with --latent-dir")
+    if t.finetune_decoder and not pixel:
+        raise ConfigError("finetune_decoder needs pixel_loss_weight > 0 and image data (not --latent-dir)")
+    set_stage(model, t.stage, t.finetune_decoder)
     latent_pairs = None
     if t.latent_dir:
         from .latents import load_latent_dir
@@ -523,7 +548,7 @@ def train_sr(
                 model.config.diffusion.latent_scale = 1.0 / max(std, 1e-3)
             else:
                 model.config.diffusion.latent_scale = _latent_scale(model, train_r, patch, t, device)
-        objective_module = SRObjective(model, t.stage)
+        objective_module = SRObjective(model, t.stage, t.pixel_loss_weight if pixel else 0.0)
         p_drop = cfg.unet.cond_dropout if objective_module.use_control else 0.0
         val = validation_set(val_r, t.val_patches, patch, t.factors, t.degradation)
         val_steps = t.val_steps or cfg.diffusion.num_inference_steps
@@ -549,13 +574,17 @@ def train_sr(
                     t.augment,
                     t.affine_probability,
                 )
+                thin_t = _to_tensor(thin, device, t.channels_last)
+                cond_t = _to_tensor(cond, device, t.channels_last)
                 with torch.no_grad():
-                    x0 = model.encode(_to_tensor(thin, device, t.channels_last))
-                    y = model.encode(_to_tensor(cond, device, t.channels_last))
+                    x0 = model.encode(thin_t)
+                    y = model.encode(cond_t)
             b = x0.shape[0]
             steps_t = torch.randint(0, model.diffusion.num_steps, (b,), generator=gen).to(device)
             noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
             keep = (torch.rand(b, generator=gen) >= p_drop).float().to(device)
+            if pixel and latent_pairs is None:
+                return wrapped(x0, y, steps_t, noise, keep, thin_t, cond_t)
             return wrapped(x0, y, steps_t, noise, keep)
 
         @torch.no_grad()

@@ -85,7 +85,10 @@ class _Decoder(nn.Module):
                 blocks.append(ResBlock3d(c, co))
                 c = co
             if level < len(ch) - 1:
-                blocks.append(Upsample3d(c, strides[level]))
+                # The up-sampling conv already maps to the next (narrower) level's channels, so the
+                # costliest convolutions (at full resolution) run with the fewest channels.
+                blocks.append(Upsample3d(c, strides[level], out_channels=ch[level + 1]))
+                c = ch[level + 1]
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = group_norm(c)
         self.conv_out = nn.Conv3d(c, 1, 3, padding=1)
