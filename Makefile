@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[train,test,demo]"
+	# DiffDRR: the reference renderer the DRR test compares against; --no-deps keeps its GPU extras out.
+	$(PY) -m pip install -q --no-deps diffdrr==0.6.1
+	$(PY) -m pip install -q fastcore==2.2.39 pandas==3.1.1 torchio==1.2.1
 	touch $(STAMP)
 
 setup: $(STAMP)
