@@ -69,6 +69,30 @@ class XrayModelConfig:
         default=0,
         metadata={"help": "Width of a full-resolution 3D conv head refining the token output (0 = none)."},
     )
+    train_patch: int = field(
+        default=0,
+        metadata={
+            "help": "Side (voxels) of the random cubic patch of this stage's grid each training step sees "
+            "(0 = the whole grid); a multiple of the patch alignment (patch_size, x window_size where "
+            "attention is windowed)."
+        },
+    )
+    inference_patch: int = field(
+        default=0,
+        metadata={
+            "help": "Side (voxels) of the cubic patches the denoiser runs on at generation, blended into the "
+            "grid (0 = whole grid, switching to patches by itself when its memory estimate exceeds the free "
+            "memory); a multiple of the patch alignment."
+        },
+    )
+    patch_overlap: int = field(
+        default=16,
+        metadata={
+            "help": "Least overlap (voxels) of neighbouring generation patches, blended by a raised-cosine "
+            "ramp, where attention inside a patch is global; window-aligned patches of a windowed grid are "
+            "exact and do not overlap."
+        },
+    )
 
 
 @dataclass
@@ -187,11 +211,49 @@ class XrayStageConfig:
             )
         if self.data.view not in ("pa", "lateral"):
             raise ConfigError(f"data.view must be pa or lateral; got {self.data.view!r}")
+        align = patch_alignment(self)
+        why = f"patch_size {m.patch_size}"
+        if align != m.patch_size:
+            why += f" x window_size {m.window_size}, as attention over this grid is windowed"
+        for name in ("train_patch", "inference_patch"):
+            side = getattr(m, name)
+            if side < 0 or side % align:
+                raise ConfigError(
+                    f"model.{name} {side} must be 0 (whole grid) or a positive multiple of {align} voxels "
+                    f"({why}); e.g. {max(align, side // align * align)}"
+                )
+        if m.train_patch > self.resolution:
+            raise ConfigError(
+                f"model.train_patch {m.train_patch} exceeds the stage resolution {self.resolution}; "
+                "use at most the resolution (or 0 for the whole grid)"
+            )
+        if m.patch_overlap < 0:
+            raise ConfigError(f"model.patch_overlap must be >= 0 voxels; got {m.patch_overlap}")
+
+
+def windowed_attention(cfg: XrayStageConfig) -> bool:
+    """Whether self-attention over this stage's whole token grid uses windows (too many tokens to attend
+    globally, and ``use_memory_efficient`` on). Patches of such a grid use the same windows."""
+    m = cfg.model
+    return bool(m.use_memory_efficient) and (cfg.resolution // m.patch_size) ** 3 > m.max_full_tokens
+
+
+def patch_alignment(cfg: XrayStageConfig) -> int:
+    """Voxels that patch sides and patch origins are multiples of: one token (``patch_size``), or one attention
+    window (``patch_size * window_size``) where the grid's attention is windowed, so that a patch holds whole
+    windows of the grid and computes them exactly as the whole-grid pass does."""
+    m = cfg.model
+    return m.patch_size * (m.window_size if windowed_attention(cfg) else 1)
+
+
+#: Configs shipped in ``configs/``, by name: the three stages, and ``stage3_384`` (a 384^3 stage 3 trained on
+#: random 128^3 patches and generated in window-aligned 192^3 patches, 0.91 mm voxels over 350 mm).
+SHIPPED_CONFIGS = ("stage1", "stage2", "stage3", "stage3_384")
 
 
 def load_stage_config(source: str | Path | dict | XrayStageConfig | None) -> XrayStageConfig:
-    """A stage config from a file, a dict, a config, or a shipped name (``stage1`` ... ``stage3``)."""
-    if isinstance(source, str) and source in ("stage1", "stage2", "stage3"):
+    """A stage config from a file, a dict, a config, or a shipped name (:data:`SHIPPED_CONFIGS`)."""
+    if isinstance(source, str) and source in SHIPPED_CONFIGS:
         source = CONFIG_DIR / f"{source}.json"
     return load_config(source, XrayStageConfig)
 

@@ -79,9 +79,13 @@ class DepthLifting(nn.Module):
             vol = f2d[:, :, :, :, None] * weights[None, :, None, None, :] + emb[None, :, None, None, :]
         return vol
 
-    def lifted_volume(self, voxel_feats: torch.Tensor, resolution: int) -> torch.Tensor:
-        """Coarse volume estimate (B, 1, R, R, R) in model units from lifted features."""
+    def lifted_volume(
+        self, voxel_feats: torch.Tensor, resolution: int | tuple[int, int, int]
+    ) -> torch.Tensor:
+        """Coarse volume estimate (B, 1, R, R, R) in model units from lifted features (B, C, G, G, G).
+
+        ``resolution`` may be a (D, H, W) triple for a non-cubic block of features (a patch's part).
+        """
+        size = (resolution,) * 3 if isinstance(resolution, int) else tuple(resolution)
         coarse = self.head(voxel_feats)
-        return torch.tanh(
-            F.interpolate(coarse, size=(resolution,) * 3, mode="trilinear", align_corners=False)
-        )
+        return torch.tanh(F.interpolate(coarse, size=size, mode="trilinear", align_corners=False))

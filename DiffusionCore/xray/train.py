@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ import torch.nn as nn
 from ..config import config_to_dict
 from ..errors import ConfigError, InputError, WeightsError
 from ..sr.intensity import hu_to_unit
-from .cascade import UnifiedHybridViTCascade
-from .config import XrayStageConfig, load_stage_config
+from .cascade import StageModel, UnifiedHybridViTCascade, _crop
+from .config import XrayLossWeights, XrayStageConfig, load_stage_config, patch_alignment, tiny_stage_config
 from .data import MANIFEST, XrayCubeDataset, ct_to_cube, load_cubes
 from .losses import line_integrals, stage_loss
 
@@ -126,6 +126,92 @@ def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> lis
     return load_cubes(_ct_paths(data), resolutions, fov_mm)
 
 
+def patch_origin(cfg: XrayStageConfig, generator: torch.Generator | None = None) -> tuple[int, int, int]:
+    """A random (z, y, x) voxel corner for a training patch of side ``model.train_patch``.
+
+    Per axis a multiple of :func:`config.patch_alignment` (so the patch holds the same attention windows
+    that generation uses), or the last position ``R - P`` so that the grid's far end is trained as well.
+    """
+    r, side = cfg.resolution, cfg.model.train_patch
+    candidates = sorted(set(range(0, r - side + 1, patch_alignment(cfg))) | {r - side})
+    idx = torch.randint(len(candidates), (3,), generator=generator)
+    return tuple(candidates[int(i)] for i in idx)  # type: ignore[return-value]
+
+
+class _PatchView:
+    """A stage seen through one patch of its grid, called like the stage by ``losses.stage_loss``; keeps its
+    last prediction for the patch DRR loss."""
+
+    def __init__(self, stage: StageModel, origin: tuple[int, int, int]):
+        self.stage, self.origin, self.cfg = stage, origin, stage.cfg
+        self.prediction: torch.Tensor | None = None
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, xray: torch.Tensor, prev: torch.Tensor | None, *,
+                 return_lifted: bool = False) -> Any:  # fmt: skip
+        out = self.stage(x_t, t, xray, prev, return_lifted=return_lifted, origin=self.origin)
+        self.prediction = out[0] if return_lifted else out
+        return out
+
+
+def patch_stage_loss(
+    stage: StageModel,
+    x0: torch.Tensor,
+    xray: torch.Tensor,
+    prev: torch.Tensor | None,
+    weights: XrayLossWeights,
+    *,
+    origin: tuple[int, int, int] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Training loss of one stage on one random cubic patch of its grid (``model.train_patch``).
+
+    The network denoises only the patch (its positional embeddings, lifted features and previous-stage input
+    read at the patch's place; the whole radiograph and previous volume condition it through cross-attention
+    and AdaLN). The diffusion, depth-prior, gradient and structural losses are those of
+    ``losses.stage_loss`` on the patch.
+
+    The DRR loss needs the whole volume, which a patch step does not predict. On a patch it compares the
+    patch's own contribution to the line integrals: the part of every ray that crosses the patch's slab of
+    depth. Line integrals add up along a ray, so this is exactly the change that the patch's error makes to
+    the whole DRR over the rays it covers. It is normalised by the 99th percentile of the whole target's DRR
+    (not the patch's, which is near zero for a patch in air and would weight such patches up).
+
+    Args:
+        stage: the stage.
+        x0: (B, 1, R, R, R) whole target cube, model units (the patch is cut from it).
+        xray: (B, 1, H, W) DRR input, attenuation style.
+        prev: (B, 1, r, r, r) whole previous-stage volume (stages 2-3) or None.
+        weights: loss weights.
+        origin: the patch corner; default :func:`patch_origin` (random).
+        generator: RNG for the corner, t and noise (deterministic tests).
+
+    Returns:
+        (total loss tensor, dict of the unweighted components as floats).
+    """
+    cfg = stage.cfg
+    side = cfg.model.train_patch
+    origin = origin if origin is not None else patch_origin(cfg, generator)
+    view = _PatchView(stage, origin)
+    target = _crop(x0, origin, side)
+    loss, parts = stage_loss(view, target, xray, prev, replace(weights, drr_loss=0.0), generator=generator)  # type: ignore[arg-type]
+    if weights.drr_loss > 0 and view.prediction is not None:
+        spacing = cfg.data.fov_mm / cfg.resolution
+        pred = line_integrals(view.prediction.float().clamp(-1.5, 1.5), spacing, cfg.data.view)
+        with torch.no_grad():
+            ref = line_integrals(target, spacing, cfg.data.view)
+            whole = line_integrals(x0, spacing, cfg.data.view)
+            scale = torch.quantile(whole.flatten(1), 0.99, dim=1).clamp_min(1e-3).view(-1, 1, 1, 1)
+        drr = ((pred - ref) / scale).abs().mean()
+        loss = loss + weights.drr_loss * drr
+        parts["drr_loss"] = float(drr.detach())
+    return loss, parts
+
+
+def trains_on_patches(cfg: XrayStageConfig) -> bool:
+    """Whether the stage trains on random patches (``0 < model.train_patch < resolution``)."""
+    return 0 < cfg.model.train_patch < cfg.resolution
+
+
 class CascadeObjective(nn.Module):
     """Wraps the cascade so one forward computes the summed loss of the trained stages (DDP-friendly)."""
 
@@ -146,7 +232,10 @@ class CascadeObjective(nn.Module):
             if s > 1:
                 prev = vols[self.cascade.configs[s - 2].resolution]
                 prev = (prev + prev_noise * torch.randn_like(prev)).clamp(-1, 1)
-            loss, p = stage_loss(stage, vols[cfg.resolution], xray, prev, cfg.loss_weights)
+            if trains_on_patches(cfg):
+                loss, p = patch_stage_loss(stage, vols[cfg.resolution], xray, prev, cfg.loss_weights)
+            else:
+                loss, p = stage_loss(stage, vols[cfg.resolution], xray, prev, cfg.loss_weights)
             total = total + loss
             parts.update({f"stage{s}/{k}": v for k, v in p.items()})
             parts[f"stage{s}/total"] = float(loss.detach())
@@ -249,6 +338,20 @@ def train_step(
     return loss.detach(), parts
 
 
+def _tiny_like(cfg: XrayStageConfig) -> XrayStageConfig:
+    """A tiny network with ``cfg``'s structure: a refinement head, and half-grid patches, where it has them."""
+    t = tiny_stage_config(
+        cfg.stage, 16 * 2 ** (cfg.stage - 1), refine_channels=4 if cfg.model.refine_channels else 0
+    )
+    if cfg.model.train_patch or cfg.model.inference_patch:
+        align = patch_alignment(t)
+        half = max(align, t.resolution // 2 // align * align)
+        model = replace(t.model, train_patch=half if cfg.model.train_patch else 0,
+                        inference_patch=half if cfg.model.inference_patch else 0)  # fmt: skip
+        t = replace(t, model=model)
+    return t
+
+
 def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     """Train (part of) the cascade; returns a summary (steps, final losses, weights path and sha256).
 
@@ -259,13 +362,11 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     from ..train.distributed import all_reduce_mean, cleanup, init_distributed, wrap_model
     from ..train.logger import TrainLogger
     from ..train.stop import StopFlag
-    from .config import tiny_stage_config
 
     configs = complete_configs(opts.configs)
     if opts.tiny_test_model:
-        # tiny networks with the configs' structure: a refinement head where the config has one
-        configs = [tiny_stage_config(c.stage, 16 * 2 ** (c.stage - 1), refine_channels=4 if c.model.refine_channels
-                                     else 0) for c in configs]  # fmt: skip
+        # tiny networks with the configs' structure: a refinement head and patches where the config has them
+        configs = [_tiny_like(c) for c in configs]
     top = configs[-1]
     tcfg = top.training
     info = init_distributed(opts.device)
@@ -282,6 +383,10 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
         _load_stage_weights(cascade, src, [s])
     if opts.load_all_stages:
         _load_stage_weights(cascade, opts.load_all_stages, list(range(1, top.stage + 1)))
+    for c in configs:
+        if trains_on_patches(c):
+            logger.info("stage %d trains on random %d^3 patches of its %d^3 grid; its DRR loss compares each "
+                        "patch's share of the line integrals", c.stage, c.model.train_patch, c.resolution)  # fmt: skip
     if opts.train_all_stages or opts.unfreeze_all:
         trained = list(range(1, top.stage + 1))
     else:
@@ -435,7 +540,14 @@ def log_validation(
         if s > 1:
             prev = vols[cascade.configs[s - 2].resolution][:1]
         t = torch.full((1,), 0.5, device=target.device)
-        one_step = st(q_sample(target, t, torch.randn_like(target)), t, xray[:1], prev).clamp(-1, 1)
+        x_t = q_sample(target, t, torch.randn_like(target))
+        ctx = st.condition(xray[:1], prev)
+        plan = st.sampling_plan(1, target.device)  # a patch-trained stage may not fit as a whole
+        if plan is None:
+            one_step = st.predict(x_t, t, ctx)
+        else:
+            one_step = st.predict_tiled(x_t, t, st.pad_condition(ctx, plan), plan)
+        one_step = one_step.clamp(-1, 1)
         sp = st.cfg.data.fov_mm / r
         lt = line_integrals(target, sp, st.cfg.data.view)
         for name, est in (("lifting", st.lifted_only(xray[:1])), ("one_step_t0.5", one_step)):

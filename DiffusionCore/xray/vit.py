@@ -102,31 +102,40 @@ class HybridViTBlock(nn.Module):
             nn.init.zeros_(self.adaln[-1].weight)
             nn.init.zeros_(self.adaln[-1].bias)
 
-    def _self_attention(self, x: torch.Tensor, grid: int) -> torch.Tensor:
+    def _self_attention(self, x: torch.Tensor, grid: int, windowed: bool | None = None) -> torch.Tensor:
         n = x.shape[1]
-        if not self.memory_efficient or n <= self.max_full_tokens or grid % self.window:
+        if windowed is None:
+            windowed = self.memory_efficient and n > self.max_full_tokens
+        if not windowed or grid % self.window:
             return self.attn(x)
         b = x.shape[0]
         return _from_windows(self.attn(_to_windows(x, grid, self.window)), b, grid, self.window)
 
     def forward(
-        self, x: torch.Tensor, cond: torch.Tensor, context: torch.Tensor | None, grid: int
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        context: torch.Tensor | None,
+        grid: int,
+        windowed: bool | None = None,
     ) -> torch.Tensor:
         """Args:
         x: tokens (B, G^3, C) in (z, y, x) raster order.
         cond: conditioning vector (B, C).
         context: X-ray tokens (B, T, C) or None.
         grid: G.
+        windowed: force windowed (True) or global (False) self-attention; None decides by the token count
+            (windows above ``max_full_tokens``). A patch of a larger grid passes the whole grid's choice.
         """
         if self.adaln is not None:
             mods = self.adaln(cond).chunk(self.adaln[-1].out_features // x.shape[-1], dim=-1)
             sh1, sc1, g1, sh2, sc2, g2 = mods[:6]
             gc = mods[6] if len(mods) > 6 else None
-            x = x + g1[:, None] * self._self_attention(modulate(self.norm1(x), sh1, sc1), grid)
+            x = x + g1[:, None] * self._self_attention(modulate(self.norm1(x), sh1, sc1), grid, windowed)
             if self.cross is not None and context is not None:
                 x = x + gc[:, None] * self.cross(self.norm_c(x), context)
             return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
-        x = x + self._self_attention(self.norm1(x), grid)
+        x = x + self._self_attention(self.norm1(x), grid, windowed)
         if self.cross is not None and context is not None:
             x = x + self.cross(self.norm_c(x), context)
         return x + self.mlp(self.norm2(x))
