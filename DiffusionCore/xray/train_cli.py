@@ -21,7 +21,7 @@ def register(fam: argparse._SubParsersAction) -> None:
         "--freeze-stage1. Stop with Ctrl-C or by creating OUTPUT_DIR/STOP; continue with --resume.",
     )
     p.add_argument("--config", nargs="+", default=None,
-                   help="stage config file(s) (JSON/YAML) or shipped names stage1, stage2, stage3; the highest "
+                   help="stage config file(s) (JSON/YAML) or shipped names stage1, stage2, stage3, stage3_384; the highest "
                    "stage is trained")  # fmt: skip
     p.add_argument("--data", nargs="+", default=None,
                    help="CT folder(s) (NIfTI/NRRD/MHA/DICOM series), a list file, sample names (chest-lidc) or "
