@@ -17,6 +17,7 @@ DICOM series (rescale slope and intercept applied). Writers produce NIfTI, NRRD 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 #: air is about -1000 HU, so nothing real lies this low.
 PADDING_THRESHOLD_HU = -1500.0
 AIR_HU = -1024.0
+#: A CT in HU spans at least this many HU (air to soft tissue); less means another modality or units.
+MIN_CT_RANGE_HU = 200.0
 #: A spacing ratio at or above this makes an axis "thick" (through-plane).
 THICK_AXIS_MIN_RATIO = 1.5
 
@@ -211,9 +214,13 @@ def check_image_shape(img: sitk.Image, source: str) -> None:
         )
 
 
-def check_ct(vol: Volume, source: str = "volume") -> list[str]:
-    """Refuse non-finite volumes; return (and log) warnings for volumes that do not look like CT in HU."""
-    arr = vol.array
+def check_ct(vol: Volume | np.ndarray, source: str = "volume") -> list[str]:
+    """Refuse non-finite volumes; return (and log) warnings for volumes that do not look like CT in HU.
+
+    Args:
+        vol: a Volume, or its voxel array (any shape and dtype, HU).
+    """
+    arr = vol.array if isinstance(vol, Volume) else np.asarray(vol)
     finite = np.isfinite(arr)
     if not finite.all():
         bad = int(arr.size - np.count_nonzero(finite))
@@ -235,6 +242,34 @@ def check_ct(vol: Volume, source: str = "volume") -> list[str]:
     for w in warnings:
         logger.warning(w)
     return warnings
+
+
+def require_ct(vol: Volume | np.ndarray, source: str = "volume") -> None:
+    """Refuse volumes a CT model cannot work on: non-finite voxels (see :func:`check_ct`), a constant
+    volume, or intensities that are not CT in Hounsfield units.
+
+    CT in HU always holds values below 0 (air near -1000, fat near -100) and spans hundreds of HU; MR,
+    PET, normalised images ([0, 1], [-1, 1]) and CT stored without its rescale intercept (0..4095) do
+    not.
+
+    Raises:
+        InputError: NaN/Inf voxels, a constant volume, or non-CT intensities.
+    """
+    check_ct(vol, source)
+    arr = vol.array if isinstance(vol, Volume) else np.asarray(vol)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo == hi:
+        raise InputError(
+            f"{source} is constant ({lo:g} everywhere): there is no image content to work with. Check that "
+            "the right file or series was exported."
+        )
+    if lo >= 0.0 or (hi - lo) < MIN_CT_RANGE_HU:
+        raise InputError(
+            f"{source} does not look like CT in Hounsfield units (values {lo:g} to {hi:g}; CT has air near "
+            "-1000 and soft tissue near 0-100): the model is trained on CT only, so MR, PET or normalised "
+            "images give meaningless results. For a CT stored without its rescale intercept, fix the header "
+            "(e.g. subtract 1024); if this really is CT in HU, pass --allow-non-ct (allow_non_ct=True in Python)."
+        )
 
 
 def replace_padding(arr: np.ndarray) -> np.ndarray:
@@ -296,6 +331,12 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
         )
     uid, files = max(series.items(), key=lambda kv: len(kv[1]))
     meta: dict = {"series_uid": uid, "n_files": len(files)}
+    if sum(len(f) == len(files) for f in series.values()) > 1:
+        listing = ", ".join(f"...{u[-12:]} ({len(f)} files)" for u, f in series.items())
+        raise InputError(
+            f"{folder} holds {len(series)} DICOM series and the largest ones are the same size ({listing}): "
+            "there is no telling which one is meant. Put each series in its own folder and choose one."
+        )
     if len(series) > 1:
         others = ", ".join(f"{u[-12:]} ({len(f)} files)" for u, f in series.items() if u != uid)
         msg = (
@@ -305,6 +346,7 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
         logger.warning(msg)
         meta["note"] = msg
     _check_slice_positions(files, folder)
+    _check_series_size(files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
@@ -353,6 +395,38 @@ def _check_slice_positions(files: Sequence[str], folder: Path) -> None:
         )
 
 
+def _check_nifti_spacing(p: Path) -> None:
+    """Refuse a NIfTI-1 file without sform whose voxel size (pixdim) is zero or not finite: ITK and nibabel
+    both silently replace it by 1 mm, which would give the volume a made-up geometry."""
+    import gzip
+    import struct
+    import zlib
+
+    try:
+        opener = gzip.open if _suffix(p) == ".nii.gz" else open
+        with opener(p, "rb") as f:
+            raw = f.read(348)
+    except (OSError, EOFError, zlib.error):
+        return  # unreadable: the reader says so
+    if len(raw) < 348:
+        return
+    for endian in ("<", ">"):
+        if struct.unpack_from(f"{endian}i", raw, 0)[0] == 348:
+            break
+    else:
+        return  # not NIfTI-1 (NIfTI-2 or not NIfTI at all): the reader decides
+    ndim = struct.unpack_from(f"{endian}h", raw, 40)[0]
+    pixdim = struct.unpack_from(f"{endian}8f", raw, 76)
+    sform_code = struct.unpack_from(f"{endian}h", raw, 254)[0]
+    spatial = [float(v) for v in pixdim[1 : 1 + max(0, min(3, ndim))]]
+    if sform_code == 0 and any(v == 0.0 or not np.isfinite(v) for v in spatial):
+        raise GeometryError(
+            f"{p} records a voxel spacing of ({', '.join(f'{v:g}' for v in spatial)}) mm (pixdim): zero or undefined spacing has no "
+            "geometry to work with (readers would silently assume 1 mm). Fix the spacing in the header, e.g. "
+            "in 3D Slicer (Volumes > Volume Information) or with nibabel, and save the file again."
+        )
+
+
 def _check_nifti(p: Path) -> np.ndarray | None:
     """Checks ITK's NIfTI reader skips: it reads a truncated file without complaint (missing voxels become
     0) and turns NaN into 0. Raises InputError for a truncated file; for float data returns the boolean
@@ -362,10 +436,13 @@ def _check_nifti(p: Path) -> np.ndarray | None:
 
     import nibabel as nib
 
+    _check_nifti_spacing(p)
     try:
         img = nib.load(str(p))
         hdr = img.header
-        expected = int(hdr.get_data_offset()) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
+        shape = [int(v) for v in hdr.get_data_shape()]
+        voxels = math.prod(shape)  # Python ints: a corrupt header cannot overflow this
+        expected = int(hdr.get_data_offset()) + voxels * hdr.get_data_dtype().itemsize
     except Exception as exc:  # nibabel raises several types for a bad header
         raise InputError(f"could not read {p}: {exc}. The file is not a valid NIfTI image.") from None
     if _suffix(p) == ".nii.gz":
@@ -384,8 +461,104 @@ def _check_nifti(p: Path) -> np.ndarray | None:
         )
     if hdr.get_data_dtype().kind != "f":
         return None
-    bad = ~np.isfinite(np.asanyarray(img.dataobj))
+    from .files import check_memory_for
+
+    check_memory_for(voxels * 2 * hdr.get_data_dtype().itemsize, f"checking {p.name} for NaN voxels", "crop the volume")
+    try:
+        bad = ~np.isfinite(np.asanyarray(img.dataobj))
+    except Exception as exc:  # a header that passed the size check but still does not describe the data
+        raise InputError(f"could not read {p}: {exc}. The file is not a valid NIfTI image.") from None
     return bad.T.copy() if bad.any() else None
+
+
+#: Bytes per voxel while reading: the file's pixels (up to 8 bytes), the float32 array and its padding-free copy.
+_READ_BYTES_PER_VOXEL = 16
+
+
+#: MetaImage files with more dimensions than this are refused before ITK parses them.
+_MAX_METAIMAGE_DIMS = 8
+
+
+def check_metaimage_header(p: Path) -> None:
+    """Validate the text header of a MetaImage file (``.mha`` / ``.mhd``) before ITK reads it: ITK's
+    MetaIO crashes the whole process (segmentation fault) on a header whose ``NDims`` is negative or huge.
+
+    Raises:
+        InputError: ``NDims`` or ``DimSize`` is missing, not an integer, or out of range.
+    """
+    if _suffix(p) not in (".mha", ".mhd"):
+        return
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError as exc:
+        raise InputError(f"could not read {p}: {exc.strerror or exc}") from None
+    fields: dict[str, str] = {}
+    for raw_line in head.split(b"\n"):
+        key, sep, value = raw_line.decode("latin-1").partition("=")
+        if not sep:
+            continue
+        key = key.strip().lower()
+        fields.setdefault(key, value.strip())
+        if key == "elementdatafile":
+            break
+    bad = f"{p} is not a valid MetaImage file"
+    try:
+        ndims = int(fields["ndims"].split()[0])
+    except (KeyError, ValueError, IndexError):
+        raise InputError(f"{bad} (no valid NDims in its header); the file is corrupt. Export it again.") from None
+    if not 1 <= ndims <= _MAX_METAIMAGE_DIMS:
+        raise InputError(f"{bad} (NDims = {ndims} in its header); the file is corrupt. Export it again.")
+    try:
+        sizes = [int(v) for v in fields["dimsize"].split()]
+    except (KeyError, ValueError):
+        raise InputError(f"{bad} (no valid DimSize in its header); the file is corrupt. Export it again.") from None
+    if len(sizes) < ndims or min(sizes[:ndims]) < 1:
+        raise InputError(f"{bad} (DimSize = {fields['dimsize']} for NDims = {ndims}); the file is corrupt.")
+
+
+def _check_read_size(p: Path, n_slices: int | None = None) -> None:
+    """Read only the header of ``p`` and refuse a volume that cannot fit in memory, before ITK allocates it
+    (a corrupt or hostile header can claim billions of voxels). ``n_slices`` multiplies a single DICOM
+    slice's size by the number of files of its series."""
+    from .files import check_memory_for
+
+    check_metaimage_header(p)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(
+            f"could not read {p}: {_sitk_message(exc)}. Supported: NIfTI (.nii, .nii.gz), NRRD, MHA, "
+            "or a folder with a DICOM series. The file may be corrupt or truncated."
+        ) from None
+    size = [int(v) for v in reader.GetSize()]
+    if n_slices is not None:
+        size = size[:2] + [n_slices]
+    voxels = int(np.prod(size, dtype=np.float64)) * max(1, int(reader.GetNumberOfComponents()))
+    check_memory_for(
+        voxels * _READ_BYTES_PER_VOXEL,
+        f"reading {p.name} ({'x'.join(map(str, size))} voxels)",
+        "crop or downsample the volume (e.g. in 3D Slicer: Crop Volume)",
+    )
+
+
+def _check_series_size(files: Sequence[str]) -> None:
+    """:func:`_check_read_size` for a DICOM series: the largest slice of any file times the number of files
+    (one corrupt slice header can claim a huge image)."""
+    largest = max(files, key=lambda f: _slice_pixels(f))
+    _check_read_size(Path(largest), n_slices=len(files))
+
+
+def _slice_pixels(file: str) -> int:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"corrupt DICOM file {file}: {_sitk_message(exc)}") from None
+    return math.prod(int(v) for v in reader.GetSize()[:2]) * max(1, int(reader.GetNumberOfComponents()))
 
 
 def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
@@ -400,6 +573,8 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
 
     Raises:
         InputError: missing or unreadable file, 2D/4D/RGB image, single slice, NaN/Inf voxels.
+        GeometryError: zero or undefined voxel spacing.
+        ResourceError: the volume cannot fit in the available memory (checked from the header first).
     """
     p = Path(path)
     if not p.exists():
@@ -412,6 +587,7 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
     else:
         if _suffix(p) in (".nii", ".nii.gz"):
             nonfinite = _check_nifti(p)
+        _check_read_size(p)
         try:
             img = sitk.ReadImage(str(p))
         except RuntimeError as exc:
@@ -435,6 +611,23 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
+def _folder_writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``: a private probe file is created and removed (the
+    permission bits alone do not say it for root, ACLs, read-only or network file systems)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+    return True
+
+
 def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Validate an output path before any work is done (format, folder writable, no silent overwrite)."""
     p = Path(path)
@@ -444,7 +637,7 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"the output folder {parent} does not exist; create it first.")
-    if not os.access(parent, os.W_OK):
+    if not _folder_writable(parent):
         raise OutputError(f"the output folder {parent} is not writable; choose another output path.")
     if p.exists() and not overwrite:
         raise OutputError(f"{p} already exists; pass --overwrite to replace it, or choose another name.")

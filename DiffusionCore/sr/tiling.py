@@ -26,14 +26,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import ResourceError
+from ..files import (  # noqa: F401  (re-exported: the memory helpers live in files.py, which needs no torch)
+    MEMORY_LIMIT_ENV,
+    format_bytes,
+    host_available_memory,
+    memory_limit_from_env,
+    parse_memory_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -273,40 +278,6 @@ def apply_tiled(arr: np.ndarray, plan: TilePlan, fn: Callable[[np.ndarray, Tile]
 
 
 # -- memory ------------------------------------------------------------------------------------------
-def _meminfo_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _cgroup_available() -> int | None:
-    """Free memory under a cgroup v2 limit (containers), when one is set."""
-    base = Path("/sys/fs/cgroup")
-    try:
-        limit = (base / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        used = int((base / "memory.current").read_text().strip())
-        return max(0, int(limit) - used)
-    except (OSError, ValueError):
-        return None
-
-
-def host_available_memory() -> int:
-    """Bytes of host memory available to this process (MemAvailable, capped by a cgroup limit)."""
-    candidates = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
-    if not candidates:
-        try:
-            candidates.append(int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")))
-        except (ValueError, OSError, AttributeError):
-            return 1 << 62  # unknown: do not refuse work we cannot judge
-    return min(candidates)
-
-
 def device_available_memory(device) -> int:
     """Free bytes on ``device``: ``torch.cuda.mem_get_info`` on CUDA, the host's memory otherwise."""
     import torch
@@ -316,14 +287,6 @@ def device_available_memory(device) -> int:
         free, _total = torch.cuda.mem_get_info(dev)
         return int(free)
     return host_available_memory()
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 @dataclass(frozen=True)

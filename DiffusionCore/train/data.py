@@ -129,5 +129,5 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> li
             f"no CT volumes found in {where}: expected NIfTI (.nii, .nii.gz), NRRD, MHA/MHD files or folders "
             "holding DICOM series"
         )
-    logger.info("found %d CT volume(s) for training", len(unique))
+    logger.info("found %d CT volume(s)", len(unique))
     return unique

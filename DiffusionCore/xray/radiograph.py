@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..volume import check_metaimage_header
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,17 @@ def _parse_spacing(text: str | None) -> tuple[float, float] | None:
     return None
 
 
+def _check_size(p: Path, size: list[int], components: int) -> None:
+    """Refuse, from the header alone, an image that cannot fit in memory (a corrupt header can claim
+    billions of pixels) before it is decoded."""
+    from ..files import check_memory_for
+
+    pixels = int(np.prod(size, dtype=np.float64)) * max(1, components)
+    check_memory_for(
+        pixels * 16, f"decoding {p.name} ({'x'.join(map(str, size))} pixels)", "use a smaller image"
+    )
+
+
 def read_radiograph(path: str | os.PathLike) -> Radiograph:
     """Read a radiograph file into attenuation style.
 
@@ -121,10 +133,12 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"radiograph {p} does not exist or is a folder; give the path of one image file.")
+    check_metaimage_header(p)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
         reader.ReadImageInformation()
+        _check_size(p, [int(v) for v in reader.GetSize()], int(reader.GetNumberOfComponents()))
         img = reader.Execute()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
