@@ -75,6 +75,15 @@ class Progress:
             self._bar = None
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """torch's allocation failures: ``torch.OutOfMemoryError`` (CUDA) and the CPU allocator's
+    ``RuntimeError`` ("can't allocate memory"); recognised without importing torch."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
 def run_guarded(
     fn: Callable[[], int | None], *, debug: bool = False, memory_hint: str = "use smaller patches"
 ) -> int:
@@ -105,6 +114,9 @@ def run_guarded(
     except Exception as exc:  # a bug: say so plainly, keep the traceback behind --debug
         if debug:
             raise
+        if _is_out_of_memory(exc):
+            print(f"error: out of memory: {memory_hint}, or use a machine with more memory.", file=sys.stderr)
+            return 5
         print(
             f"error: internal error ({type(exc).__name__}: {exc}). Run again with --debug for the traceback "
             "and report it.",

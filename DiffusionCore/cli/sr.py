@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, ConfigError, GeometryError, InputError, OutputError
+from ..sr.tiling import parse_memory_size
 from ..train.distributed import DistInfo, resolve_device, shard_list
 from ..volume import WRITABLE_SUFFIXES, check_output_path, read_volume, write_volume
 from .common import Progress, add_progress_argument
@@ -57,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--use-patches", action="store_true", help="use --patch-size/--overlap (patches are always used for volumes larger than one patch; default 32x256x256, overlap 8x64x64)")
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="patch size on the thin grid (D along the thick axis); smaller when memory is short")
     p.add_argument("--overlap", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="overlap between patches")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE", help="plan tiles to use at most this much memory, e.g. 4GiB (default: $DIFFUSIONCORE_MEMORY_LIMIT, else the free memory); patches shrink to fit, or the run stops with the estimate")
+    p.add_argument("--allow-non-ct", action="store_true", help="run on a volume whose intensities do not look like CT in HU (e.g. a CT cropped inside the body); the model is trained on CT only")
     p.add_argument("--tile-batch", type=int, default=None, metavar="N", help="patches per model call (default: 1 on the CPU, as many as fit (up to 8) on a GPU)")
     p.add_argument("--num-samples", type=int, default=1, help="average N samples; with --uncertainty also write their per-voxel standard deviation")
     p.add_argument("--uncertainty", default=None, metavar="OUT", help="write the per-voxel standard deviation (HU) here (a folder for a batch); needs --num-samples 2 or more")
@@ -267,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
     resolver = None  # loaded after the first volume is read: input problems are reported first
     patch = args.patch_size
     overlap = args.overlap
+    memory_limit = parse_memory_size(args.memory_limit) if args.memory_limit else None
     if (patch or overlap) and not args.use_patches:
         logger.info("--patch-size/--overlap given: using patches as requested")
 
@@ -313,6 +317,8 @@ def run(args: argparse.Namespace) -> int:
                     progress=progress,
                     cancel=cancel,
                     tile_batch=args.tile_batch,
+                    memory_limit=memory_limit,
+                    allow_non_ct=args.allow_non_ct,
                 )
             except (GeometryError, InputError) as exc:
                 if not batch:

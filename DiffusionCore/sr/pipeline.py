@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from ..degrade import MAX_FACTOR, thin_grid
-from ..errors import Cancelled, ConfigError, GeometryError, InputError, WeightsError
+from ..errors import Cancelled, ConfigError, GeometryError, InputError, ResourceError, WeightsError
 from ..evaluate import register_method
 from ..interpolation import interpolate, interpolate_1d
 from ..train.distributed import resolve_device
-from ..volume import Grid, Volume, axis_index, check_ct, suggested_factor, thick_axis
+from ..volume import Grid, Volume, axis_index, check_ct, require_ct, suggested_factor, thick_axis
 from .intensity import hu_to_unit, unit_to_hu
 from .tiling import (
     DEFAULT_OVERLAP,
@@ -52,6 +52,7 @@ from .tiling import (
     device_available_memory,
     format_bytes,
     host_available_memory,
+    memory_limit_from_env,
 )
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,15 @@ def tile_seed(seed: int, sample: int, tile: int) -> int:
     """Independent, order-free seed for one (sample, tile) pair of a run with ``seed``."""
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(sample), int(tile)]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: ``MemoryError``, ``torch.OutOfMemoryError`` (CUDA) or the
+    ``RuntimeError`` the CPU allocator raises ("can't allocate memory")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:
@@ -307,6 +317,7 @@ class SuperResolver:
         cancel: threading.Event | None = None,
         memory_limit: int | None = None,
         tile_batch: int | None = None,
+        allow_non_ct: bool = False,
     ) -> tuple[Volume, dict[str, Any]]:
         """Super-resolve a thick-slice CT onto its thin grid.
 
@@ -325,11 +336,14 @@ class SuperResolver:
             data_consistency: correct the output so that degrading it again reproduces the input.
             progress: ``progress(done, total, message)``; ``total`` = samples x tiles x steps.
             cancel: set it to stop between steps and tiles (raises Cancelled).
-            memory_limit: usable bytes (host and GPU); default: what the machine has free, times
+            memory_limit: usable bytes (host and GPU); default: ``$DIFFUSIONCORE_MEMORY_LIMIT`` when set
+                (e.g. ``4GiB``), else what the machine has free, times
                 :data:`~DiffusionCore.sr.tiling.MEMORY_SAFETY_FRACTION`.
             tile_batch: patches per model call (default: 1 on the CPU; on a GPU as many as fit, at most
                 :data:`MAX_TILE_BATCH`). The sampling noise of a call is drawn for its patches together,
                 so the output for a seed depends on this number (and on nothing else but the settings).
+            allow_non_ct: run on a volume whose intensities do not look like CT in HU (constant volumes
+                and NaN/Inf voxels are refused regardless).
 
         Returns:
             ``(output, report)``: the thin-slice Volume (HU, exactly on the thin grid) and a dict with
@@ -338,10 +352,16 @@ class SuperResolver:
             factor, ``consistency_psnr`` (dB).
 
         Raises:
-            InputError: NaN/Inf voxels. GeometryError: isotropic input, bad factor or spacing.
+            InputError: NaN/Inf voxels, a constant volume, non-CT intensities (unless ``allow_non_ct``).
+            GeometryError: isotropic input, bad factor or spacing.
             ResourceError: not enough memory even for the smallest patch. Cancelled: cancel was set.
         """
-        check_ct(volume, "input volume")
+        if allow_non_ct:
+            check_ct(volume, "input volume")
+            if float(volume.array.min()) == float(volume.array.max()):
+                require_ct(volume, "input volume")  # constant: refused even when non-CT is allowed
+        else:
+            require_ct(volume, "input volume")
         grid, ax, k = self.target_grid(volume, factor=factor, target_spacing=target_spacing, axis=axis)
         return self.run_to_grid(
             volume,
@@ -363,6 +383,8 @@ class SuperResolver:
         )
 
     def _memory_limits(self, dev: torch.device, memory_limit: int | None) -> tuple[int, int | None]:
+        if memory_limit is None:
+            memory_limit = memory_limit_from_env()
         if memory_limit is not None:
             return int(memory_limit), (int(memory_limit) if dev.type == "cuda" else None)
         host = int(host_available_memory() * MEMORY_SAFETY_FRACTION)
@@ -491,9 +513,22 @@ class SuperResolver:
                     patch = torch.from_numpy(np.stack([cond[t.slices] for t in group]))[:, None].to(dev)
                     # one CPU generator per call, seeded by its first tile: the same noise on any device
                     gen = torch.Generator().manual_seed(tile_seed(seed, sample, group[0].index))
-                    pred = model.super_resolve_patch(
-                        patch, steps=steps, guidance=guidance, generator=gen, cancel=cancel, step_callback=on_step
-                    )
+                    try:
+                        pred = model.super_resolve_patch(
+                            patch, steps=steps, guidance=guidance, generator=gen, cancel=cancel, step_callback=on_step
+                        )
+                    except (RuntimeError, MemoryError) as exc:
+                        if not is_out_of_memory(exc):
+                            raise
+                        del patch
+                        if dev.type == "cuda":
+                            torch.cuda.empty_cache()
+                        raise ResourceError(
+                            f"out of memory on {dev} while running the model on {nb} patch(es) of "
+                            f"{'x'.join(map(str, plan.patch_size))} voxels (the estimate was {budget.describe()}). "
+                            "Use smaller patches (--patch-size), --tile-batch 1, a lower "
+                            "DIFFUSIONCORE_MEMORY_LIMIT, or a machine with more memory."
+                        ) from None
                     pred_np = pred[:, 0].float().cpu().numpy()
                     t1 = time.perf_counter()
                     for tile, p in zip(group, pred_np):
