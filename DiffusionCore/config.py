@@ -86,7 +86,14 @@ def read_config_file(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist: check the path (JSON or YAML file expected)")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{p} is not a text file (byte {exc.start} is not UTF-8): a JSON or YAML config is expected"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
     suffix = p.suffix.lower()
     try:
         if suffix == ".json":

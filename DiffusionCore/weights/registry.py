@@ -204,15 +204,21 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], di
             f"{p} is not a valid safetensors file (corrupt header): re-download or re-export it"
         )
     raw_meta = header.pop("__metadata__", None) or {}
+    if not isinstance(raw_meta, dict):
+        raise WeightsError(
+            f"{p} is not a valid safetensors file (its __metadata__ is not a mapping): re-download or re-export it"
+        )
     data_end = 0
     for name, entry in header.items():
         try:
             begin, end = entry["data_offsets"]
+            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+                raise ValueError("offsets must be two non-negative integers in order")
         except (TypeError, KeyError, ValueError) as exc:
             raise WeightsError(
                 f"{p} has a corrupt entry for tensor {name!r}: re-download or re-export it"
             ) from exc
-        data_end = max(data_end, int(end))
+        data_end = max(data_end, end)
     expected = 8 + header_len + data_end
     if size < expected:
         raise WeightsError(
