@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--numSamples", type=int, default=1)
     p.add_argument("--noDataConsistency", action="store_true", help="skip the projection onto the input")
+    p.add_argument("--allowNonCT", action="store_true", help="run on intensities that do not look like CT")
     p.add_argument("--tinyTestModel", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--reportFile", default="", help="write a JSON report here")
     p.add_argument("--returnparameterfile", default="", help="file for output values (set by Slicer)")
@@ -68,6 +69,7 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         "overlap": tuple(args.overlap) if any(args.overlap) else None,
         "num_samples": args.numSamples,
         "data_consistency": not args.noDataConsistency,
+        "allow_non_ct": args.allowNonCT,
     }
 
 

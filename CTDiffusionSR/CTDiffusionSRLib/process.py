@@ -195,9 +195,19 @@ class ProcessRunner:
         state = self.poll()
         with self._lock:
             err = error_line(self._stderr) or error_line(self.log)
+            code = self._proc.returncode
+            if state == JobState.FAILED and not err and code is not None and code < 0:
+                try:
+                    name = signal.Signals(-code).name
+                except ValueError:
+                    name = f"signal {-code}"
+                err = (
+                    f"the job's process was killed ({name}) before it finished, e.g. by the system when memory "
+                    "ran out; nothing was imported. Try fewer stages, smaller patches or the GPU."
+                )
             if state == JobState.FAILED and not err:
                 tail = [s for s in self._stderr if s.strip()][-3:]
-                err = " | ".join(tail) or f"the job exited with code {self._proc.returncode}"
+                err = " | ".join(tail) or f"the job exited with code {code}"
             return ProcessResult(state, self._proc.returncode, err, list(self.log))
 
     def cancel(self) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from DiffusionCore.degrade import MAX_FACTOR
 from DiffusionCore.errors import DiffusionCoreError, InputError, OutputError
-from DiffusionCore.volume import axis_index, suggested_factor, thick_axis, write_volume
+from DiffusionCore.volume import axis_index, check_ct, require_ct, suggested_factor, thick_axis, write_volume
 
 from .jobs import CLIJob
 from .mrml_io import (
@@ -49,6 +50,7 @@ class SRSettings:
         seed: sampler seed.
         num_samples: samples averaged; >= 2 gives an uncertainty map.
         data_consistency: project the result back onto the measured slices.
+        allow_non_ct: run on intensities that do not look like CT in HU (e.g. a CT cropped inside the body).
         tiny_test_model: a random tiny model (self-tests only).
     """
 
@@ -65,6 +67,7 @@ class SRSettings:
     seed: int = 0
     num_samples: int = 1
     data_consistency: bool = True
+    allow_non_ct: bool = False
     tiny_test_model: bool = False
 
     def cli_arguments(self) -> list[str]:
@@ -87,6 +90,8 @@ class SRSettings:
             args.append("--allowUnregisteredWeights")
         if not self.data_consistency:
             args.append("--noDataConsistency")
+        if self.allow_non_ct:
+            args.append("--allowNonCT")
         if self.tiny_test_model:
             args.append("--tinyTestModel")
         return args
@@ -124,6 +129,27 @@ def check_sr_input(node, settings: SRSettings | None = None) -> str:
         )
     if settings.factor < 0 or settings.num_samples < 1:
         return "Factor must be 0 (automatic) or more and the number of samples at least 1."
+    if settings.factor == 1 or settings.factor > MAX_FACTOR:
+        return f"Factor {settings.factor} is outside 2..{MAX_FACTOR} (0 = from the slice spacing)."
+    return ""
+
+
+def intensity_problem(node, settings: SRSettings) -> str:
+    """The pipeline's intensity checks (NaN/Inf, constant, non-CT values) on the node's voxels, or ``""``:
+    run when Apply is pressed, so that the job is refused at once instead of failing in the background."""
+    from vtk.util import numpy_support
+
+    voxels = numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())  # a view, no copy
+    name = f"'{node.GetName()}'"
+    try:
+        if settings.allow_non_ct:
+            check_ct(voxels, name)
+            if float(np.min(voxels)) == float(np.max(voxels)):
+                require_ct(voxels, name)  # constant: refused even when non-CT values are allowed
+        else:
+            require_ct(voxels, name)
+    except InputError as exc:
+        return str(exc)
     return ""
 
 
@@ -139,6 +165,21 @@ def effective_factor(node, settings: SRSettings) -> int:
     return int(suggested_factor(grid, axis))
 
 
+def check_weights(weights: str, family: str, allow_unregistered: bool) -> None:
+    """Check chosen weights that exist here (a registered name or a file) before a job starts: safetensors,
+    sha256 registered or explicitly allowed, the right model family. A wrong file is then reported at once
+    instead of by the background process; a name or path that does not exist is left to the job, whose
+    command reports it with the registered names.
+
+    Raises:
+        WeightsError: what :func:`DiffusionCore.weights.resolve_weights` refuses.
+    """
+    from DiffusionCore.weights import list_weights, resolve_weights
+
+    if weights in {w["name"] for w in list_weights()} or Path(weights).expanduser().is_file():
+        resolve_weights(weights, family=family, allow_unregistered=allow_unregistered)
+
+
 class SRJob(CLIJob):
     """Super-resolve one volume node with CTDiffusionSRBatch in a background process.
 
@@ -151,11 +192,13 @@ class SRJob(CLIJob):
 
     def __init__(self, scene, input_node, settings: SRSettings, *, output_node=None, **kwargs):
         super().__init__(scene, **kwargs)
-        reason = check_sr_input(input_node, settings)
+        reason = check_sr_input(input_node, settings) or intensity_problem(input_node, settings)
         if reason:
             raise InputError(reason)
         if output_node is not None and output_node.GetID() == input_node.GetID():
             raise OutputError("the output must be a new volume, not the input (the input is never modified).")
+        if settings.weights and not settings.tiny_test_model:
+            check_weights(settings.weights, "sr", settings.allow_unregistered_weights)
         self.input_node = input_node
         self.output_node = output_node
         self.settings = settings

@@ -51,6 +51,23 @@ def list_presets(family: str) -> dict[str, Path]:
     return {p.stem: p for p in files}
 
 
+def check_training_config(family: str, config_path: str | os.PathLike) -> None:
+    """Validate a training config file against the family's configuration class before a run starts.
+
+    Raises:
+        ConfigError: unreadable file, unknown key (with the closest valid one), wrong type or value.
+    """
+    if family == "xray":
+        from DiffusionCore.xray.config import load_stage_config
+
+        load_stage_config(Path(config_path))
+    else:
+        from DiffusionCore.config import load_config
+        from DiffusionCore.sr.config import SRConfig
+
+        load_config(Path(config_path), SRConfig)
+
+
 def write_config_text(text: str, output_dir: str | os.PathLike) -> Path:
     """Check that ``text`` is a JSON object and save it as ``<output_dir>/config.json`` (what the run uses)."""
     try:
@@ -224,6 +241,8 @@ class TrainingJob(CLIJob):
             raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}.")
         if not data or not Path(data).exists():
             raise InputError(f"training data {str(data)!r} does not exist; choose a folder of CT volumes or a list file.")
+        if Path(config_path).is_file():
+            check_training_config(family, config_path)
         self.family, self.config_path, self.data = family, Path(config_path), Path(data)
         self.output_dir = Path(output_dir)
         self.resume, self.device, self.extra_arguments = resume, device, extra_arguments

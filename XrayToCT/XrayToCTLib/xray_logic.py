@@ -29,6 +29,7 @@ from CTDiffusionSRLib.mrml_io import (
     synthetic_name,
     volume_from_node,
 )
+from CTDiffusionSRLib.sr_logic import check_weights
 
 from DiffusionCore.errors import InputError, OutputError
 from DiffusionCore.volume import write_volume
@@ -168,6 +169,8 @@ class XrayJob(CLIJob):
             raise InputError(reason)
         if not 1 <= settings.num_stages <= 3:
             raise InputError(f"the number of stages must be 1, 2 or 3; got {settings.num_stages}.")
+        if settings.weights and not settings.tiny_test_model:
+            check_weights(settings.weights, "xray", settings.allow_unregistered_weights)
         self.input_node = input_node
         self.reference_node = reference_node
         self.settings = settings
