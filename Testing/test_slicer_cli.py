@@ -310,7 +310,8 @@ def test_headless_training_script_builds_the_train_command(monkeypatch):
     # Slicer hands the script everything after "--"; options it does not know go to the train command.
     argv = headless.script_arguments(["--", "--family", "vae", "--output-dir", "run", "--resume", "--max-steps", "2"])
     args, extra = headless.build_parser().parse_known_args(argv)
-    for family, out_flag in (("vae", "--out-dir"), ("xray", "--output-dir")):
+    # every training family accepts --output-dir (SR / VAE also keep their older --out-dir spelling)
+    for family, out_flag in (("vae", "--output-dir"), ("xray", "--output-dir")):
         args.family = family
         supported = headless.supported_options(family)
         command = headless.train_arguments(args, extra, supported)
