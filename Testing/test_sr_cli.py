@@ -117,7 +117,7 @@ def test_terminate_during_inference_leaves_no_output(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
-        "error: stopped by signal SIGTERM; no output was written."
+        "error: sr was stopped by signal SIGTERM; no output was written."
     ]
     assert not out.exists() and leftovers(tmp_path) == []
 

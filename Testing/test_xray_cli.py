@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,21 @@ def test_prepare_train_resume_next_stage_and_evaluate(files, tmp_path):
     unregistered = [c for c in cmd[:-4] if c != "--allow-unregistered-weights"]  # no --json, no flag
     refused = subprocess.run(unregistered, capture_output=True, text=True, env=ENV, timeout=120)
     assert refused.returncode == 3 and "error:" in refused.stderr
+
+
+def test_terminate_during_generation_leaves_no_output(files, tmp_path):
+    """Slicer's Cancel (SIGTERM) stops xray2ct with exit 130 and one error line; no volume is written."""
+    out = tmp_path / "ct_out.nii.gz"
+    cmd = [sys.executable, "-m", "DiffusionCore", "xray2ct", str(files["xr"]), str(out), "--tiny-test-model",
+           "--num-stages", "2", "--steps", "400", "--progress", "slicer"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    for line in proc.stdout:  # wait until sampling has started
+        if line.startswith("<filter-progress>") and float(line[17:23]) > 0:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        "error: xray2ct was stopped by signal SIGTERM; no output was written."
+    ]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if "ct_out" in p.name] == []

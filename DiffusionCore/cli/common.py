@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
@@ -132,3 +134,27 @@ def write_return_parameters(path: str, values: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for key, value in values.items():
             f.write(f"{key} = {value}\n")
+
+
+@contextmanager
+def sigterm_cancels(cancel: threading.Event | None = None, what: str = "the run") -> Iterator[None]:
+    """While active, SIGTERM (Slicer's Cancel button, ``kill``) sets ``cancel`` and raises Cancelled.
+
+    Outputs are written atomically after the work, so a terminated command leaves no output file. Only
+    the main thread can install signal handlers; elsewhere this does nothing.
+    """
+    from ..errors import Cancelled
+
+    def on_signal(signum, frame):
+        if cancel is not None:
+            cancel.set()
+        raise Cancelled(f"{what} was stopped by signal {signal.Signals(signum).name}; no output was written.")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

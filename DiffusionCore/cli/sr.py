@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import threading
 import time
 from collections import Counter
@@ -19,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import Cancelled, ConfigError, GeometryError, InputError, OutputError
+from ..errors import ConfigError, GeometryError, InputError, OutputError
 from ..sr.tiling import parse_memory_size
 from ..train.distributed import DistInfo, resolve_device, shard_list
 from ..volume import WRITABLE_SUFFIXES, check_output_path, read_volume, write_volume
-from .common import Progress, add_progress_argument
+from .common import Progress, add_progress_argument, sigterm_cancels
 from .evaluate import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -276,70 +275,65 @@ def run(args: argparse.Namespace) -> int:
 
     cancel = threading.Event()
 
-    def on_signal(signum, frame):  # a terminate request (Slicer's Cancel, kill): stop, write nothing
-        cancel.set()
-        raise Cancelled(f"stopped by signal {signal.Signals(signum).name}; no output was written.")
-
-    old_handler = signal.signal(signal.SIGTERM, on_signal) if threading.current_thread() is threading.main_thread() else None
-    sink = Progress(args.progress, desc="sr")
-    progress = _BatchProgress(sink, len(jobs))
-    reports: list[dict[str, Any]] = []
-    failures: list[str] = []
-    try:
-        for i, job in enumerate(jobs):
-            progress.index = i
-            t0 = time.perf_counter()
-            try:
-                volume = read_volume(job.source)
-            except InputError as exc:
-                if not batch:
-                    raise
-                failures.append(f"{job.source}: {exc}")
-                logger.warning("skipping %s: %s", job.source, exc)
-                continue
-            t_read = time.perf_counter() - t0
-            if resolver is None:
-                resolver = load_resolver(args)
-            try:
-                output, report = resolver.run(
-                    volume,
-                    factor=args.factor,
-                    target_spacing=args.target_spacing,
-                    axis=args.axis,
-                    steps=args.num_steps,
-                    guidance=args.guidance_scale,
-                    seed=args.seed,
-                    device=device,
-                    patch_size=patch,
-                    overlap=overlap,
-                    num_samples=args.num_samples,
-                    data_consistency=not args.no_data_consistency,
-                    progress=progress,
-                    cancel=cancel,
-                    tile_batch=args.tile_batch,
-                    memory_limit=memory_limit,
-                    allow_non_ct=args.allow_non_ct,
+    # a terminate request (Slicer's Cancel, kill) stops between steps and writes nothing
+    with sigterm_cancels(cancel, "sr"):
+        sink = Progress(args.progress, desc="sr")
+        progress = _BatchProgress(sink, len(jobs))
+        reports: list[dict[str, Any]] = []
+        failures: list[str] = []
+        try:
+            for i, job in enumerate(jobs):
+                progress.index = i
+                t0 = time.perf_counter()
+                try:
+                    volume = read_volume(job.source)
+                except InputError as exc:
+                    if not batch:
+                        raise
+                    failures.append(f"{job.source}: {exc}")
+                    logger.warning("skipping %s: %s", job.source, exc)
+                    continue
+                t_read = time.perf_counter() - t0
+                if resolver is None:
+                    resolver = load_resolver(args)
+                try:
+                    output, report = resolver.run(
+                        volume,
+                        factor=args.factor,
+                        target_spacing=args.target_spacing,
+                        axis=args.axis,
+                        steps=args.num_steps,
+                        guidance=args.guidance_scale,
+                        seed=args.seed,
+                        device=device,
+                        patch_size=patch,
+                        overlap=overlap,
+                        num_samples=args.num_samples,
+                        data_consistency=not args.no_data_consistency,
+                        progress=progress,
+                        cancel=cancel,
+                        tile_batch=args.tile_batch,
+                        memory_limit=memory_limit,
+                        allow_non_ct=args.allow_non_ct,
+                    )
+                except (GeometryError, InputError) as exc:
+                    if not batch:
+                        raise
+                    failures.append(f"{job.source}: {exc}")
+                    logger.warning("skipping %s: %s", job.source, exc)
+                    continue
+                t0 = time.perf_counter()
+                write_volume(output, job.output, overwrite=args.overwrite, dtype=args.output_dtype)
+                if job.uncertainty is not None and report["uncertainty"] is not None:
+                    write_volume(report["uncertainty"], job.uncertainty, overwrite=args.overwrite, dtype="float32")
+                t_write = time.perf_counter() - t0
+                reports.append(_json_report(job, report, {"read": t_read, "write": t_write}))
+                logger.info(
+                    "%s -> %s (%s, %.1f s)", job.source, job.output,
+                    "x".join(map(str, output.shape)), report["timings"]["total"] + t_read + t_write,
                 )
-            except (GeometryError, InputError) as exc:
-                if not batch:
-                    raise
-                failures.append(f"{job.source}: {exc}")
-                logger.warning("skipping %s: %s", job.source, exc)
-                continue
-            t0 = time.perf_counter()
-            write_volume(output, job.output, overwrite=args.overwrite, dtype=args.output_dtype)
-            if job.uncertainty is not None and report["uncertainty"] is not None:
-                write_volume(report["uncertainty"], job.uncertainty, overwrite=args.overwrite, dtype="float32")
-            t_write = time.perf_counter() - t0
-            reports.append(_json_report(job, report, {"read": t_read, "write": t_write}))
-            logger.info(
-                "%s -> %s (%s, %.1f s)", job.source, job.output,
-                "x".join(map(str, output.shape)), report["timings"]["total"] + t_read + t_write,
-            )
-    finally:
-        sink.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        finally:
+            sink.close()
     if report_path is not None:
         data = reports[0] if not batch and reports else {"volumes": reports, "failed": failures}
         write_json_atomic(data, report_path, overwrite=True)

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from ..errors import InputError, OutputError
-from .common import Progress, add_progress_argument
+from .common import Progress, add_progress_argument, sigterm_cancels
 
 logger = logging.getLogger(__name__)
 
@@ -142,13 +142,14 @@ def run_xray2ct(args: argparse.Namespace) -> int:
             stage_paths.append(str(path))
 
     progress = Progress(args.progress, desc="xray2ct")
-    try:
-        vol, report = gen.run(rad, num_stages=args.num_stages, steps=args.steps, seed=args.seed,
-                              device=args.device, view=args.view, fov_mm=args.fov_mm, progress=progress,
-                              on_stage=on_stage)  # fmt: skip
-    finally:
-        progress.close()
-    write_volume(vol, out, overwrite=args.overwrite)
+    with sigterm_cancels(what="xray2ct"):
+        try:
+                vol, report = gen.run(rad, num_stages=args.num_stages, steps=args.steps, seed=args.seed,
+                                  device=args.device, view=args.view, fov_mm=args.fov_mm, progress=progress,
+                                  on_stage=on_stage)  # fmt: skip
+        finally:
+            progress.close()
+        write_volume(vol, out, overwrite=args.overwrite)
     report["output"] = str(out)
     report["stage_outputs"] = stage_paths
     for s in report["stages"]:
