@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+import torch
 
 from DiffusionCore.volume import Volume
 
@@ -186,3 +187,12 @@ def diffusioncore_log():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread (restored afterwards): tiny models are faster without threading."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

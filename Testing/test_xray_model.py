@@ -24,13 +24,7 @@ from DiffusionCore.xray.vdiffusion import (
 )
 from DiffusionCore.xray.vit import HybridViTBlock, _from_windows, _to_windows
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_adaln_zero_block_is_identity_at_init_and_learns_away_from_it():

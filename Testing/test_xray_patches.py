@@ -14,13 +14,7 @@ from DiffusionCore.xray.config import load_stage_config, patch_alignment, tiny_s
 from DiffusionCore.xray.pipeline import XrayToCTGenerator
 from DiffusionCore.xray.train import CascadeObjective, patch_stage_loss, train_step
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _stage(stage: int = 2, resolution: int = 32, refine: int = 4, **model) -> StageModel:
@@ -126,6 +120,7 @@ def test_a_grid_that_is_not_a_multiple_of_the_patch_is_padded_and_cropped():
     assert out.shape == (40, 40, 40) and out.spacing == (7.5,) * 3
     assert np.allclose(np.asarray(out.origin) + 39 * 7.5 / 2, 0.0)
     assert gen.cascade.stages[1].last_plan.n_tiles == 27
+    assert report["stages"][1]["patches"]["patches"] == 27  # the report says the stage ran in patches
     assert np.isfinite(report["stages"][1]["projection_psnr"])
 
 
