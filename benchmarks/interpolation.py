@@ -14,7 +14,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from DiffusionCore import sampledata
+from DiffusionCore.cli.evaluate import write_json_atomic
 from DiffusionCore.evaluate import evaluate, format_table
 from DiffusionCore.metrics import BODY_THRESHOLD_HU, HU_RANGE
 from DiffusionCore.volume import load_reference
@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = Path(args.json_out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(out, path)
     print(f"\nwrote {path}")
     return 0
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from DiffusionCore.cli.evaluate import write_json_atomic
 from DiffusionCore.evaluate import evaluate, format_table, register_method
 from DiffusionCore.interpolation import interpolate
 from DiffusionCore.sr.pipeline import SuperResolver, enforce_consistency
@@ -118,16 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         "reports": reports,
         "total_seconds": time.perf_counter() - t0,
     }
-    publish_json(Path(args.json_out), out)
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, args.json_out)
     print(f"\nwrote {args.json_out}")
     return 0
-
-
-def publish_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

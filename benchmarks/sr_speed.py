@@ -19,7 +19,6 @@ script, never for reporting speed.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from DiffusionCore.cli.evaluate import write_json_atomic
 from DiffusionCore.sr.pipeline import SuperResolver, peak_rss_bytes
 from DiffusionCore.train.distributed import resolve_device
 from DiffusionCore.volume import Volume, load_reference, read_volume, write_volume
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json_atomic(result, out)
     return 0
 
 

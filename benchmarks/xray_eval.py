@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from DiffusionCore.cli.evaluate import write_json_atomic  # noqa: E402
 from DiffusionCore.volume import load_reference  # noqa: E402
 from DiffusionCore.xray.data import ct_to_cube  # noqa: E402
 from DiffusionCore.xray.drr import DRRGeometry, hu_to_mu, project_parallel_axis, render_drr  # noqa: E402
@@ -178,11 +179,10 @@ def main() -> None:
         q.add_argument("--json", default=None)
     args = p.parse_args()
     result = drr_agreement(args) if args.what == "drr" else evaluate(args)
-    text = json.dumps(result, indent=2, default=str)
     if args.what == "drr":
-        print(text)
+        print(json.dumps(result, indent=2, default=str))
     if args.json:
-        Path(args.json).write_text(text)
+        write_json_atomic(result, args.json)
 
 
 if __name__ == "__main__":
