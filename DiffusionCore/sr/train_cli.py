@@ -245,26 +245,23 @@ def _prepare(args: argparse.Namespace, family: str) -> SRConfig | None:
     return build_config(args, family)
 
 
-def run_vae(args: argparse.Namespace) -> int:
-    from .training import train_vae
+def _run_training(args: argparse.Namespace, family: str) -> int:
+    from .training import train_sr, train_vae
 
-    cfg = _prepare(args, "vae")
+    cfg = _prepare(args, family)
     if cfg is None:
         return 0
-    result = train_vae(cfg, None, args.out_dir, resume=args.resume)
-    print(json.dumps(result, default=str))
+    train = train_vae if family == "vae" else train_sr
+    print(json.dumps(train(cfg, None, args.out_dir, resume=args.resume), default=str))
     return 0
+
+
+def run_vae(args: argparse.Namespace) -> int:
+    return _run_training(args, "vae")
 
 
 def run_sr(args: argparse.Namespace) -> int:
-    from .training import train_sr
-
-    cfg = _prepare(args, "sr")
-    if cfg is None:
-        return 0
-    result = train_sr(cfg, None, args.out_dir, resume=args.resume)
-    print(json.dumps(result, default=str))
-    return 0
+    return _run_training(args, "sr")
 
 
 def run_export(args: argparse.Namespace) -> int:

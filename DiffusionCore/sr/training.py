@@ -583,7 +583,7 @@ def train_sr(
             steps_t = torch.randint(0, model.diffusion.num_steps, (b,), generator=gen).to(device)
             noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
             keep = (torch.rand(b, generator=gen) >= p_drop).float().to(device)
-            if pixel and latent_pairs is None:
+            if pixel:  # image patches are at hand (pixel excludes --latent-dir)
                 return wrapped(x0, y, steps_t, noise, keep, thin_t, cond_t)
             return wrapped(x0, y, steps_t, noise, keep)
 
