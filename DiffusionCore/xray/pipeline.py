@@ -209,6 +209,8 @@ class XrayToCTGenerator:
             info = {"stage": stage, "resolution": int(vol_unit.shape[-1]), "seconds": now - stage_t[-1],
                     "steps": steps_per[stage - 1], "spacing_mm": fov / vol_unit.shape[-1]}  # fmt: skip
             stage_t.append(now)
+            plan = self.cascade.stages[stage - 1].last_plan
+            info["patches"] = plan.describe() if plan is not None else None  # None: one whole-grid pass
             info.update(projection_error(vol_unit, xray, fov, view))
             stages.append(info)
             vol = volume_from_unit(vol_unit[:1], fov, synthetic=True, stage=stage, source="xray2ct")
