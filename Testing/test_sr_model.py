@@ -95,11 +95,18 @@ def test_guidance_one_is_exactly_the_conditional_path(tiny):
         guided = tiny.predict(x_t, t, y, guidance=1.0)
         proc = tiny.diffusion
         direct = y + tiny.denoiser(proc.scale_input(x_t, t), proc.timestep_value(t), y)
-        uncond = y + tiny.denoiser(proc.scale_input(x_t, t), proc.timestep_value(t), y, use_control=False)
+        x_in, tv = proc.scale_input(x_t, t), proc.timestep_value(t)
+        uncond = y + tiny.denoiser(x_in, tv, y, torch.zeros(1), use_control=False)
+        base = y + tiny.denoiser(x_in, tv, y, use_control=False)
         strong = tiny.predict(x_t, t, y, guidance=2.0)
         zero = tiny.predict(x_t, t, y, guidance=0.0)
+        no_control = tiny.predict(x_t, t, y, control=False)
     assert torch.equal(guided, direct)
     assert torch.equal(zero, uncond)
+    assert torch.equal(no_control, base)
+    # the condition reaches the UNet through its input as well as through the ControlNet
+    assert tiny.denoiser.concat_condition and not torch.allclose(base, uncond)
+    assert not torch.allclose(direct, base)
     assert torch.allclose(strong, uncond + 2.0 * (direct - uncond), atol=1e-6)
     assert not torch.allclose(strong, guided)
 
@@ -157,3 +164,37 @@ def test_memory_estimate_grows_with_patch(tiny):
     big = tiny.estimate_patch_memory((32, 128, 128))
     assert 0 < small < big
     assert big >= 32 * 128 * 128 * 4  # at least the patch itself in float32
+
+
+def test_windowed_attention_matches_attention_inside_each_window():
+    """Tiles larger than the training patch attend inside windows: checked against a per-window loop,
+    with uneven edge windows (padding masked), and a window covering the map is global attention."""
+    import itertools
+
+    import torch.nn.functional as F
+
+    from DiffusionCore.nn.blocks import SelfAttention3d
+
+    torch.manual_seed(0)
+    win = SelfAttention3d(16, 4, (2, 3, 4))
+    torch.nn.init.normal_(win.proj.weight)  # the fresh block is the identity
+    x = torch.randn(2, 16, 5, 7, 9)
+    got = win(x)
+    qkv = win.qkv(win.norm(x))
+    ref = torch.zeros_like(x)
+    for z0, y0, x0 in itertools.product(range(0, 5, 2), range(0, 7, 3), range(0, 9, 4)):
+        blk = qkv[:, :, z0 : z0 + 2, y0 : y0 + 3, x0 : x0 + 4]
+        d, h, w = blk.shape[2:]
+        q, k, v = (blk.reshape(2, 3, 4, 4, -1)[:, i].transpose(-1, -2) for i in range(3))
+        o = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(2, 16, d, h, w)
+        ref[:, :, z0 : z0 + d, y0 : y0 + h, x0 : x0 + w] = o
+    torch.testing.assert_close(got, x + win.proj(ref), atol=1e-5, rtol=1e-5)
+
+    glob = SelfAttention3d(16, 4, None)
+    glob.load_state_dict(win.state_dict())
+    whole = SelfAttention3d(16, 4, (5, 7, 9))
+    whole.load_state_dict(win.state_dict())
+    assert torch.equal(whole(x), glob(x))
+    assert (glob(x) - got).abs().max() > 1e-3  # windows really limit the context
+    with pytest.raises(ValueError, match="3 positive sizes"):
+        SelfAttention3d(16, 4, (0, 2, 2))

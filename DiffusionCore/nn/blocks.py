@@ -136,28 +136,77 @@ class ResBlock3d(nn.Module):
 
 
 class SelfAttention3d(nn.Module):
-    """Multi-head self-attention over all voxels of a (low-resolution) 3D feature map, residual.
+    """Multi-head self-attention over the voxels of a (low-resolution) 3D feature map, residual.
 
-    Cost grows with ``(D*H*W)^2``: use it only at the coarsest levels. The output projection starts at
-    zero, so a fresh block is the identity.
+    Without ``window`` every voxel attends to every other: cost grows with ``(D*H*W)^2``, so use it only at
+    the coarsest levels. With ``window=(wd, wh, ww)`` the map is cut into non-overlapping windows of that
+    many voxels and attention runs inside each window (cost linear in the map size). A map no larger than
+    the window is attended globally, so a window equal to the training patch's grid at that level gives
+    inference tiles the context the network was trained with. Edge windows are padded and the padding is
+    masked out of the keys. The output projection starts at zero, so a fresh block is the identity.
     """
 
-    def __init__(self, channels: int, num_heads: int = 4) -> None:
+    def __init__(self, channels: int, num_heads: int = 4, window: Sequence[int] | None = None) -> None:
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
+        if window is not None and (len(window) != 3 or min(int(w) for w in window) < 1):
+            raise ValueError(f"attention window needs 3 positive sizes (z, y, x), got {window}")
         self.num_heads = num_heads
+        self.window: tuple[int, int, int] | None = (
+            tuple(int(w) for w in window) if window is not None else None  # type: ignore[assignment]
+        )
         self.norm = group_norm(channels)
         self.qkv = nn.Conv3d(channels, 3 * channels, 1)
         self.proj = zero_module(nn.Conv3d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, d, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, d * h * w)
-        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, N, C/heads)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(-1, -2).reshape(b, c, d, h, w)
-        return x + self.proj(out)
+        qkv = self.qkv(self.norm(x))
+        win = self.window
+        if win is None or (d <= win[0] and h <= win[1] and w <= win[2]):
+            out = self._attend(qkv.reshape(b, 3 * c, 1, d * h * w), None)
+            return x + self.proj(out.reshape(b, c, d, h, w))
+        ws = tuple(min(a, s) for a, s in zip(win, (d, h, w)))
+        n = tuple(-(-s // a) for s, a in zip((d, h, w), ws))
+        pad = tuple(k * a - s for k, a, s in zip(n, ws, (d, h, w)))
+        mask = None
+        if any(pad):
+            qkv = F.pad(qkv, (0, pad[2], 0, pad[1], 0, pad[0]))
+            valid = torch.zeros(
+                (1, 1) + tuple(k * a for k, a in zip(n, ws)), dtype=torch.bool, device=x.device
+            )
+            valid[..., :d, :h, :w] = True
+            mask = _to_windows(valid, n, ws)  # (1, nwin, 1, L)
+            mask = mask.expand(b, -1, -1, -1).reshape(b * mask.shape[1], 1, 1, mask.shape[-1])
+        out = self._attend(_to_windows(qkv, n, ws).reshape(b * n[0] * n[1] * n[2], 3 * c, 1, -1), mask)
+        out = _from_windows(out.reshape(b, n[0] * n[1] * n[2], c, -1), n, ws)
+        return x + self.proj(out[..., :d, :h, :w].contiguous())
+
+    def _attend(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``qkv`` ``(B', 3C, 1, L)`` -> attention output ``(B', C, L)``; ``mask`` ``(B', 1, 1, L)`` keys to keep."""
+        bb, c3, _, length = qkv.shape
+        c = c3 // 3
+        qkv = qkv.reshape(bb, 3, self.num_heads, c // self.num_heads, length)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B', heads, L, C/heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(-1, -2).reshape(bb, c, length)
+
+
+def _to_windows(t: torch.Tensor, n: Sequence[int], ws: Sequence[int]) -> torch.Tensor:
+    """``(B, C, n0*w0, n1*w1, n2*w2)`` -> ``(B, n0*n1*n2, C, w0*w1*w2)`` (window-major)."""
+    b, c = t.shape[:2]
+    t = t.reshape(b, c, n[0], ws[0], n[1], ws[1], n[2], ws[2])
+    t = t.permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return t.reshape(b, n[0] * n[1] * n[2], c, ws[0] * ws[1] * ws[2])
+
+
+def _from_windows(t: torch.Tensor, n: Sequence[int], ws: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`_to_windows`: ``(B, nwin, C, L)`` -> ``(B, C, n0*w0, n1*w1, n2*w2)``."""
+    b, _, c, _ = t.shape
+    t = t.reshape(b, n[0], n[1], n[2], c, ws[0], ws[1], ws[2])
+    t = t.permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return t.reshape(b, c, n[0] * ws[0], n[1] * ws[1], n[2] * ws[2])
 
 
 class Downsample3d(nn.Module):

@@ -48,8 +48,19 @@ class UNetConfig:
         "Self-attention after the res blocks of each level (use only at low resolution).",
     )
     num_heads: int = _f(4, "Attention heads.")
+    attention_window: tuple[int, int, int] | None = _f(
+        (8, 8, 8),
+        "Attention window (z, y, x) in voxels of the attention level; null = global. Keeps inference tiles "
+        "at the context size the network was trained with and the cost linear in the tile size.",
+    )
     dropout: float = _f(0.0, "Dropout in the UNet residual blocks.")
     use_controlnet: bool = _f(True, "Condition through an IRControlNet fed the low-resolution latent.")
+    concat_condition: bool = _f(
+        True,
+        "Also feed the condition latent y to the UNet's input beside x_t (as ResShift does), so the base "
+        "network can regress the residual from y from the first step instead of waiting for the "
+        "zero-initialised ControlNet; dropped with the condition (guidance).",
+    )
     cond_dropout: float = _f(0.1, "Probability of dropping the condition in training (enables guidance).")
     gradient_checkpointing: bool = _f(
         False, "Recompute UNet activations in the backward pass to save memory."

@@ -54,12 +54,15 @@ class SRDenoiser(nn.Module):
     """The latent UNet and (optionally) its IRControlNet.
 
     ``forward(x_in, t_value, y, cond_scale=None, use_control=True) -> (B, C, d, h, w)`` raw network output
-    (a residual to add to ``y`` for ResShift, noise for DDIM).
+    (a residual to add to ``y`` for ResShift, noise for DDIM). With ``concat_condition`` the UNet's input
+    is ``concat(x_in, y * cond_scale)``.
     """
 
     def __init__(self, cfg: SRConfig, latent_channels: int) -> None:
         super().__init__()
-        self.unet = LatentUNet(cfg.unet, latent_channels, latent_channels)
+        self.concat_condition = bool(cfg.unet.concat_condition)
+        in_ch = 2 * latent_channels if self.concat_condition else latent_channels
+        self.unet = LatentUNet(cfg.unet, in_ch, latent_channels)
         self.controlnet = IRControlNet(cfg.unet, latent_channels) if cfg.unet.use_controlnet else None
 
     def forward(
@@ -73,6 +76,9 @@ class SRDenoiser(nn.Module):
         control = None
         if use_control and self.controlnet is not None:
             control = self.controlnet(x_in, y, t_value, cond_scale)
+        if self.concat_condition:
+            y_in = y if cond_scale is None else y * cond_scale.to(y.dtype).reshape(-1, 1, 1, 1, 1)
+            x_in = torch.cat([x_in, y_in], dim=1)
         return self.unet(x_in, t_value, control)
 
 
@@ -241,14 +247,18 @@ class SRModel(nn.Module):
         y: torch.Tensor,
         guidance: float = 1.0,
         cond_scale: torch.Tensor | None = None,
+        control: bool = True,
     ) -> torch.Tensor:
         """The process's target (``x0`` for ResShift, ``eps`` for DDIM) at ``x_t``, with guidance.
 
         Args:
             x_t: ``(B, C, d, h, w)`` noisy latent; ``t``: ``(B,)`` step indices; ``y``: condition latent.
             guidance: classifier-free guidance scale; 1.0 is exactly the conditional prediction, 0.0
-                exactly the unconditional one (the UNet without its ControlNet).
+                exactly the unconditional one (no ControlNet and, with ``concat_condition``, a zero
+                condition input).
             cond_scale: ``(B,)`` 0/1 per-sample condition keep mask (training's condition dropout).
+            control: False runs the base network alone (the condition input kept, the ControlNet off):
+                what the ControlNet adds is the difference.
         """
         proc = self.diffusion
         x_in = proc.scale_input(x_t, t)
@@ -259,12 +269,15 @@ class SRModel(nn.Module):
             out = self.denoiser(x_in, tv, y, scale, use_control)
             return y + out if residual else out
 
-        if guidance == 1.0 or self.denoiser.controlnet is None:
+        if not control:
+            return run(False, cond_scale)
+        if guidance == 1.0 or (self.denoiser.controlnet is None and not self.denoiser.concat_condition):
             return run(True, cond_scale)
-        if guidance == 0.0:  # the unconditional (base UNet only) path, one pass
-            return run(False, None)
+        drop = torch.zeros(x_t.shape[0], device=x_t.device, dtype=x_t.dtype)
+        if guidance == 0.0:  # the unconditional path (no ControlNet, no condition input), one pass
+            return run(False, drop)
         cond = run(True, None)
-        uncond = run(False, None)
+        uncond = run(False, drop)
         return uncond + guidance * (cond - uncond)
 
     # --- inference --------------------------------------------------------------------------------
@@ -291,6 +304,7 @@ class SRModel(nn.Module):
         generator: torch.Generator | None = None,
         cancel: threading.Event | None = None,
         step_callback: Callable[[int, int], None] | None = None,
+        control: bool = True,
     ) -> torch.Tensor:
         """Super-resolve a patch.
 
@@ -301,6 +315,7 @@ class SRModel(nn.Module):
             generator: CPU generator for the sampling noise (same result on any device).
             cancel: checked before every network evaluation; when set, raises Cancelled.
             step_callback: ``step_callback(done, total)`` after every step.
+            control: False skips the ControlNet (see :meth:`predict`).
 
         Returns:
             ``(B, 1, D, H, W)`` model units (the thin volume estimate; not clipped).
@@ -316,7 +331,7 @@ class SRModel(nn.Module):
         def net(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("super-resolution cancelled by the user; nothing was written")
-            return self.predict(x_t, t, y, guidance)
+            return self.predict(x_t, t, y, guidance, control=control)
 
         z0 = self.diffusion.sample(net, y, steps=steps, generator=generator, on_step=step_callback)
         out = self.decode(z0)
@@ -350,8 +365,10 @@ class SRModel(nn.Module):
         for lvl, mult in enumerate(ucfg.channel_mult):
             n = lat_vox // (g[0] * g[1] * g[2])
             unet_elems += (ucfg.num_res_blocks + 2) * ucfg.model_channels * mult * n
-            if ucfg.attention_levels[lvl]:
-                attn = max(attn, ucfg.num_heads * n * n)
+            if ucfg.attention_levels[lvl] or lvl == len(ucfg.channel_mult) - 1:
+                win = ucfg.attention_window
+                per_query = n if win is None else min(n, win[0] * win[1] * win[2])
+                attn = max(attn, ucfg.num_heads * n * per_query)
             if lvl < len(ucfg.downsample):
                 g = [a * b for a, b in zip(g, ucfg.downsample[lvl])]
         copies = 2 if self.denoiser.controlnet is not None else 1

@@ -602,7 +602,7 @@ def train_sr(
                 outs.append(out.float().cpu().numpy()[0, 0])
                 if compare_base:
                     gen = torch.Generator().manual_seed(1000 + i)
-                    base = model.super_resolve_patch(c, steps=val_steps, guidance=0.0, generator=gen)
+                    base = model.super_resolve_patch(c, steps=val_steps, generator=gen, control=False)
                     base_outs.append(base.float().cpu().numpy()[0, 0])
                 refs.append(thin)
                 conds.append(cond)

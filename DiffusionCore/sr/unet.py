@@ -87,14 +87,21 @@ class UNetEncoder(nn.Module):
         for lvl, mult in enumerate(cfg.channel_mult):
             co = mc * mult
             for _ in range(cfg.num_res_blocks):
-                attn = SelfAttention3d(co, cfg.num_heads) if cfg.attention_levels[lvl] else None
+                attn = (
+                    SelfAttention3d(co, cfg.num_heads, cfg.attention_window)
+                    if cfg.attention_levels[lvl]
+                    else None
+                )
                 self.down.append(_Layer(ResBlock3d(c, co, self.emb_dim, cfg.dropout), attn))
                 c = co
                 self.skip_channels.append(c)
             if lvl < n - 1:
                 self.down.append(_Layer(resample=Downsample3d(c, cfg.downsample[lvl])))
                 self.skip_channels.append(c)
-        self.mid = _Layer(ResBlock3d(c, c, self.emb_dim, cfg.dropout), SelfAttention3d(c, cfg.num_heads))
+        self.mid = _Layer(
+            ResBlock3d(c, c, self.emb_dim, cfg.dropout),
+            SelfAttention3d(c, cfg.num_heads, cfg.attention_window),
+        )
         self.mid2 = _Layer(ResBlock3d(c, c, self.emb_dim, cfg.dropout))
         self.out_channels = c
         self.gradient_checkpointing = cfg.gradient_checkpointing
@@ -141,7 +148,11 @@ class LatentUNet(nn.Module):
             co = mc * cfg.channel_mult[lvl]
             for i in range(cfg.num_res_blocks + 1):
                 sc = skip_ch.pop()
-                attn = SelfAttention3d(co, cfg.num_heads) if cfg.attention_levels[lvl] else None
+                attn = (
+                    SelfAttention3d(co, cfg.num_heads, cfg.attention_window)
+                    if cfg.attention_levels[lvl]
+                    else None
+                )
                 up = (
                     Upsample3d(co, cfg.downsample[lvl - 1]) if (lvl > 0 and i == cfg.num_res_blocks) else None
                 )
