@@ -187,6 +187,12 @@ def test_resume_gives_the_same_next_step(folder, vae_dir, tmp_path):
     assert any(not torch.equal(wa[k], changed[k]) for k in wa)
     model = SRModel.from_pretrained(tmp_path / "a" / "sr_model.safetensors", allow_unregistered=True)
     assert model.config.diffusion.latent_scale == pytest.approx(cfg.diffusion.latent_scale)
+    # the residual's size is measured from the data, kept across resume and export, and sizes the noise
+    d = model.config.diffusion
+    first = json.loads((tmp_path / "a" / "checkpoint-00000002" / "state.json").read_text())
+    assert d.residual_std != 1.0 and 0 < d.residual_std < 1
+    assert d.residual_std == pytest.approx(first["extra"]["residual_std"])
+    assert model.diffusion.kappa == pytest.approx(d.kappa * d.residual_std)
 
 
 def test_cancel_stops_training_with_a_checkpoint(folder, vae_dir, tmp_path):

@@ -92,6 +92,12 @@ class DiffusionConfig:
     latent_scale: float = _f(
         1.0, "Latents are multiplied by this before diffusion (set from data in training)."
     )
+    residual_std: float = _f(
+        1.0,
+        "Typical std of the latent residual x0 - y (scaled latent units; set from data in training). "
+        "ResShift's noise is kappa x residual_std and the network predicts the residual in these units, "
+        "so kappa keeps its meaning however small the thick/thin difference is in the latent.",
+    )
 
 
 @dataclass

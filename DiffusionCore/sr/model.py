@@ -5,7 +5,12 @@ Formulation (why it can beat cubic interpolation with a small latent model):
 * the condition is the thick input cubic-interpolated onto the thin grid (model units), encoded by the VAE
   to ``y``; the target is the thin volume's latent ``x0``;
 * ResShift diffuses between ``x0`` and ``y`` (``y`` *is* the starting point), and the UNet predicts the
-  residual ``x0 - y`` (``x0_hat = y + net(...)``; the output layer starts at zero, i.e. "keep the input");
+  residual ``x0 - y`` (``x0_hat = y + residual_std * net(...)``; the output layer starts at zero, i.e.
+  "keep the input"). ``residual_std``, measured from data when training starts, is the typical size of
+  ``x0 - y`` in the latent: a few percent of the latent's spread, because the latent keeps the through-plane
+  axis. ResShift's noise is ``kappa * residual_std``, so the noise is sized to the residual it hides
+  (as in ResShift on images) rather than to the latent, which would bury the residual at every step but
+  the last;
 * with ``decode_residual`` (default) the output is ``cond + decode(x0_hat) - decode(y)``: only the
   *difference* passes through the decoder, so the VAE's reconstruction error, which is nearly the same for
   the input and the output, cancels. A fresh model returns the cubic input exactly.
@@ -46,7 +51,7 @@ def build_process(cfg: SRConfig) -> ResShiftProcess | DDIMProcess:
     """The diffusion process a config asks for (ResShift with x0 prediction, or DDIM with eps)."""
     d = cfg.diffusion
     if d.predict_residual:
-        return ResShiftProcess(d.num_train_timesteps, d.kappa, d.power, d.eta_1, d.eta_T)
+        return ResShiftProcess(d.num_train_timesteps, d.kappa * d.residual_std, d.power, d.eta_1, d.eta_T)
     return DDIMProcess(d.num_train_timesteps)
 
 
@@ -231,6 +236,16 @@ class SRModel(nn.Module):
         return save_safetensors(path, tensors, meta)
 
     # --- latent space -----------------------------------------------------------------------------
+    def set_latent_statistics(self, latent_scale: float, residual_std: float) -> None:
+        """Store the data-derived latent scale and residual std in the config and rebuild the process."""
+        self.config.diffusion.latent_scale = float(latent_scale)
+        self.config.diffusion.residual_std = float(residual_std)
+        self.diffusion = build_process(self.config)
+
+    def residual_to_x0(self, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """ResShift network output (the residual in ``residual_std`` units) -> ``x0`` estimate."""
+        return y + self.config.diffusion.residual_std * out
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Model units ``(B, 1, D, H, W)`` -> scaled latent mean ``(B, C, D/fz, H/fy, W/fx)``."""
         mean, _ = self.vae.encode(x)
@@ -238,7 +253,10 @@ class SRModel(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latent -> model units ``(B, 1, D, H, W)``."""
-        return self.vae.decode(z / self.config.diffusion.latent_scale)
+        z = z / self.config.diffusion.latent_scale
+        if self.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d):
+            z = z.contiguous(memory_format=torch.channels_last_3d)
+        return self.vae.decode(z)
 
     def predict(
         self,
@@ -267,7 +285,7 @@ class SRModel(nn.Module):
 
         def run(use_control: bool, scale: torch.Tensor | None) -> torch.Tensor:
             out = self.denoiser(x_in, tv, y, scale, use_control)
-            return y + out if residual else out
+            return self.residual_to_x0(y, out) if residual else out
 
         if not control:
             return run(False, cond_scale)

@@ -436,6 +436,9 @@ class SuperResolver:
         model = self.model
         model.to(dev)
         model.eval()
+        decoder = getattr(getattr(model, "vae", None), "decoder", None)
+        if dev.type == "cpu" and decoder is not None:  # its full-resolution convolutions: ~20% faster
+            decoder.to(memory_format=torch.channels_last_3d)
 
         # memory budget and tiling (before any heavy work)
         thin_dhw = tuple(int(s) for s in np.moveaxis(np.empty(grid.shape, dtype=np.uint8), axis, 0).shape)

@@ -420,7 +420,7 @@ class SRObjective(nn.Module):
             target = noise
         x_in = proc.scale_input(x_t, t)
         out = self.model.denoiser(x_in, proc.timestep_value(t).to(x0.device), y, keep, self.use_control)
-        pred = y + out if isinstance(proc, ResShiftProcess) else out
+        pred = self.model.residual_to_x0(y, out) if isinstance(proc, ResShiftProcess) else out
         loss = F.mse_loss(pred.float(), target.float())
         if self.pixel_weight > 0 and thin is not None and cond is not None:
             image = self.model.decode(pred)
@@ -545,9 +545,16 @@ def train_sr(
         if not resume:
             if latent_pairs is not None:
                 std = float(torch.cat([p.x0.flatten() for p in latent_pairs]).std())
-                model.config.diffusion.latent_scale = 1.0 / max(std, 1e-3)
+                res = float(torch.cat([(p.x0 - p.y).flatten() for p in latent_pairs]).std())
+                model.set_latent_statistics(1.0 / max(std, 1e-3), res / max(std, 1e-3))
             else:
-                model.config.diffusion.latent_scale = _latent_scale(model, train_r, patch, t, device)
+                model.set_latent_statistics(*_latent_statistics(model, train_r, patch, t, device))
+            logger.info(
+                "latent scale %.4f, residual std %.4f (ResShift noise kappa x residual std = %.4f)",
+                model.config.diffusion.latent_scale,
+                model.config.diffusion.residual_std,
+                model.diffusion.kappa if isinstance(model.diffusion, ResShiftProcess) else 0.0,
+            )
         objective_module = SRObjective(model, t.stage, t.pixel_loss_weight if pixel else 0.0)
         p_drop = cfg.unet.cond_dropout if objective_module.use_control else 0.0
         val = validation_set(val_r, t.val_patches, patch, t.factors, t.degradation)
@@ -619,11 +626,11 @@ def train_sr(
             return metrics
 
         def extra_state() -> dict[str, Any]:
-            return {"latent_scale": float(model.config.diffusion.latent_scale)}
+            d = model.config.diffusion
+            return {"latent_scale": float(d.latent_scale), "residual_std": float(d.residual_std)}
 
         def restore_extra(extra: dict[str, Any]) -> None:
-            if "latent_scale" in extra:
-                model.config.diffusion.latent_scale = float(extra["latent_scale"])
+            _restore_latent_statistics(model, extra)
 
         result = _fit(
             run,
@@ -645,18 +652,32 @@ def train_sr(
         run.close()
 
 
+def _restore_latent_statistics(model: SRModel, extra: dict[str, Any]) -> None:
+    d = model.config.diffusion
+    if "latent_scale" in extra or "residual_std" in extra:
+        model.set_latent_statistics(
+            float(extra.get("latent_scale", d.latent_scale)), float(extra.get("residual_std", d.residual_std))
+        )
+
+
 @torch.no_grad()
-def _latent_scale(
+def _latent_statistics(
     model: SRModel, regions: list[VolumeRegion], patch: tuple, t: Any, device: torch.device
-) -> float:
-    """``1 / std`` of thin-patch latents (a few random patches), so diffusion sees unit-variance latents."""
+) -> tuple[float, float]:
+    """``(1 / std of thin latents, std of x0 - y in those units)`` from a few random training pairs.
+
+    The first makes the latents unit-variance; the second sizes ResShift's noise and the network's output
+    to the thick/thin difference, which in a latent that keeps the through-plane axis is a few percent of
+    the latent's own spread.
+    """
     rng = np.random.default_rng([t.seed, 99])
-    thin, _, _ = sample_batch(regions, max(2, t.batch_size), patch, t.factors, rng, t.degradation, 0.0, False)
-    mean, _ = model.vae.encode(torch.from_numpy(thin).to(device))
-    std = float(mean.float().std())
-    scale = 1.0 / max(std, 1e-3)
-    logger.info("latent scale %.4f (latent std %.4f)", scale, std)
-    return scale
+    n = max(4, t.batch_size)
+    thin, cond, _ = sample_batch(regions, n, patch, t.factors, rng, t.degradation, 0.0, False)
+    x0, _ = model.vae.encode(torch.from_numpy(thin).to(device))
+    y, _ = model.vae.encode(torch.from_numpy(cond).to(device))
+    std = max(float(x0.float().std()), 1e-3)
+    res = max(float((x0 - y).float().std()) / std, 1e-4)
+    return 1.0 / std, res
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -689,9 +710,7 @@ def export_sr(
     elif component != "vae":
         raise WeightsError(f"{ckpt} holds only a VAE: export it with component 'vae'")
     state = load_training_state(ckpt, models=models, restore_rng=False)
-    extra = state.get("extra") or {}
-    if "latent_scale" in extra:
-        model.config.diffusion.latent_scale = float(extra["latent_scale"])
+    _restore_latent_statistics(model, state.get("extra") or {})
     sha = model.save(
         out_file,
         component=component,
