@@ -198,3 +198,27 @@ def test_windowed_attention_matches_attention_inside_each_window():
     assert (glob(x) - got).abs().max() > 1e-3  # windows really limit the context
     with pytest.raises(ValueError, match="3 positive sizes"):
         SelfAttention3d(16, 4, (0, 2, 2))
+
+
+def test_vae_shortcut_starts_as_an_exact_fold_or_block_means():
+    """Residual autoencoding: a fresh VAE with one latent channel per voxel of a latent cell reconstructs
+    exactly; with fewer channels it returns group means; without the shortcut it is a plain network."""
+    from DiffusionCore.sr.config import VAEConfig
+    from DiffusionCore.sr.vae import channels_to_space, space_to_channels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((2, 1, 8, 32, 32), generator=g) * 2 - 1
+    assert torch.equal(channels_to_space(space_to_channels(x, (2, 4, 4)), (2, 4, 4)), x)
+    with torch.no_grad():
+        exact = CTAutoencoderKL(VAEConfig(channels=(8, 8, 16), latent_channels=16)).eval()
+        mean, logvar = exact.encode(x)
+        assert mean.shape == (2, 16, 8, 8, 8) and torch.equal(exact.decode(mean), x)
+        assert float(logvar.max()) < -7  # a narrow posterior: training noise does not swamp the fold
+        means = CTAutoencoderKL(VAEConfig(channels=(8, 8, 16), latent_channels=4)).eval()
+        rec = means.decode(means.encode(x)[0])
+        rows = x.reshape(2, 1, 8, 32, 8, 4).mean(-1, keepdim=True).expand(-1, -1, -1, -1, -1, 4)
+        torch.testing.assert_close(rec, rows.reshape(x.shape))
+        plain = CTAutoencoderKL(VAEConfig(channels=(8, 8, 16), latent_channels=16, shortcut=False)).eval()
+        assert (plain.decode(plain.encode(x)[0]) - x).abs().mean() > 0.1
+    with pytest.raises(ValueError, match="divide one another"):
+        CTAutoencoderKL(VAEConfig(channels=(8, 8, 16), latent_channels=3))

@@ -31,6 +31,13 @@ class VAEConfig:
         "must produce (latent is (D, H/4, W/4) by default).",
     )
     mid_attention: bool = _f(False, "Self-attention in the VAE middle block (about 3x slower on CPU).")
+    shortcut: bool = _f(
+        True,
+        "Space-to-channel shortcut around the encoder and decoder (residual autoencoding, as in DC-AE): the "
+        "latent starts as the patch's voxels folded into channels (block means when there are fewer latent "
+        "channels than voxels per block) and the networks learn what to add. With as many latent channels "
+        "as voxels per block the fresh VAE is exact.",
+    )
 
 
 @dataclass
