@@ -8,9 +8,9 @@ Formulation (why it can beat cubic interpolation with a small latent model):
   residual ``x0 - y`` (``x0_hat = y + residual_std * net(...)``; the output layer starts at zero, i.e.
   "keep the input"). ``residual_std``, measured from data when training starts, is the typical size of
   ``x0 - y`` in the latent: a small fraction of the latent's spread (2-20% measured on chest CT),
-  because the thick input already carries most of each thin slice. ResShift's noise is ``kappa * residual_std``, so the noise is sized to the residual it hides
-  (as in ResShift on images) rather than to the latent, which would bury the residual at every step but
-  the last;
+  because the thick input already carries most of each thin slice. ResShift's noise is
+  ``kappa * residual_std``, so the noise is sized to the residual it hides (as in ResShift on images)
+  rather than to the latent, which would bury the residual at every step but the last;
 * with ``decode_residual`` (default) the output is ``cond + decode(x0_hat) - decode(y)``: only the
   *difference* passes through the decoder, so the VAE's reconstruction error, which is nearly the same for
   the input and the output, cancels. A fresh model returns the cubic input exactly.
