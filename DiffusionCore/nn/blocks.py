@@ -184,7 +184,10 @@ class SelfAttention3d(nn.Module):
         return x + self.proj(out[..., :d, :h, :w].contiguous())
 
     def _attend(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """``qkv`` ``(B', 3C, 1, L)`` -> attention output ``(B', C, L)``; ``mask`` ``(B', 1, 1, L)`` keys to keep."""
+        """``qkv`` ``(B', 3C, 1, L)`` -> attention output ``(B', C, L)``.
+
+        ``mask`` ``(B', 1, 1, L)``: the keys to keep (``None``: all).
+        """
         bb, c3, _, length = qkv.shape
         c = c3 // 3
         qkv = qkv.reshape(bb, 3, self.num_heads, c // self.num_heads, length)

@@ -16,6 +16,7 @@ and training only has to learn the rest: a few hundred CPU steps instead of tens
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -63,7 +64,7 @@ def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def _check_shortcut(cfg: VAEConfig) -> None:
-    n = int(torch.tensor(_prod_strides(cfg.downsample)).prod())
+    n = math.prod(_prod_strides(cfg.downsample))
     if cfg.shortcut and n % cfg.latent_channels and cfg.latent_channels % n:
         raise ValueError(
             f"VAE shortcut: latent_channels ({cfg.latent_channels}) and the voxels per latent cell ({n}) "
@@ -162,8 +163,7 @@ class _Decoder(nn.Module):
             h = blk(h)
         out = self.conv_out(F.silu(self.norm_out(h)))
         if self.shortcut:
-            n = self.factor[0] * self.factor[1] * self.factor[2]
-            out = out + channels_to_space(_match_channels(z, n), self.factor)
+            out = out + channels_to_space(_match_channels(z, math.prod(self.factor)), self.factor)
         return out
 
 
