@@ -185,6 +185,11 @@ def test_resume_gives_the_same_next_step(folder, vae_dir, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     changed = load_file(tmp_path / "a" / "checkpoint-00000002" / "denoiser.safetensors")
     assert any(not torch.equal(wa[k], changed[k]) for k in wa)
+    # the weight average is part of the exact resume
+    ea = load_file(tmp_path / "a" / "checkpoint-00000003" / "ema.safetensors")
+    eb = load_file(tmp_path / "b" / "checkpoint-00000003" / "ema.safetensors")
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert int(ea["num_updates"]) == 3
     model = SRModel.from_pretrained(tmp_path / "a" / "sr_model.safetensors", allow_unregistered=True)
     assert model.config.diffusion.latent_scale == pytest.approx(cfg.diffusion.latent_scale)
     # the residual's size is measured from the data, kept across resume and export, and sizes the noise
@@ -193,6 +198,23 @@ def test_resume_gives_the_same_next_step(folder, vae_dir, tmp_path):
     assert d.residual_std != 1.0 and 0 < d.residual_std < 1
     assert d.residual_std == pytest.approx(first["extra"]["residual_std"])
     assert model.diffusion.kappa == pytest.approx(d.kappa * d.residual_std)
+
+
+def test_export_writes_the_weight_average_and_old_checkpoints_resume(folder, vae_dir, tmp_path):
+    # a run without the average (as written before it existed), resumed with it
+    train_sr(_cfg(folder, vae_weights=str(vae_dir), max_steps=2, ema_decay=0.0), out_dir=tmp_path)
+    assert not (tmp_path / "checkpoint-00000002" / "ema.safetensors").exists()
+    cfg = _cfg(folder, vae_weights=str(vae_dir), max_steps=4, ema_decay=0.5, learning_rate=1e-2)
+    train_sr(cfg, out_dir=tmp_path, resume=True)
+    ckpt = tmp_path / "checkpoint-00000004"
+    raw = load_file(ckpt / "denoiser.safetensors")
+    avg = load_file(ckpt / "ema.safetensors")
+    exported = load_file(tmp_path / "sr_model.safetensors")
+    key = "unet.conv_out.weight"
+    assert not torch.equal(raw[key], avg[f"denoiser__{key.replace('.', '__')}"])
+    assert torch.equal(exported[f"denoiser.{key}"], avg[f"denoiser__{key.replace('.', '__')}"])
+    # frozen weights are not averaged: the VAE goes out as it came in
+    assert not any(k.startswith("vae__") for k in avg)
 
 
 def test_cancel_stops_training_with_a_checkpoint(folder, vae_dir, tmp_path):
@@ -292,6 +314,8 @@ def test_cli_train_runs_end_to_end_and_resumes(folder, tmp_path):
         "--num-train-timesteps",
         "4",
         "--no-cfg",
+        "--ema-decay",
+        "0.9",
         "--out-dir",
         str(out_s),
     ]
@@ -304,6 +328,8 @@ def test_cli_train_runs_end_to_end_and_resumes(folder, tmp_path):
     )
     pair = SRModel.from_files(out_v / "vae.safetensors", exported["weights"])
     assert pair.config.unet.model_channels == 16 and pair.config.unet.cond_dropout == 0.0
+    state = json.loads((out_s / "checkpoint-00000002" / "state.json").read_text())
+    assert state["config"]["train"]["ema_decay"] == 0.9 and "ema.safetensors" in state["files"]
 
 
 def test_two_process_ddp_step(folder, vae_dir, tmp_path):

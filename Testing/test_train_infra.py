@@ -410,3 +410,34 @@ def test_augmenter_is_deterministic_and_keeps_shape():
     assert np.array_equal(plain(vol, np.random.default_rng(1)), vol[box])
     with pytest.raises(ConfigError, match="probability"):
         Augmenter({"affine_p": 2.0})
+
+
+def test_ema_averages_only_trained_weights_and_restores_them():
+    from DiffusionCore.train.ema import ParameterEMA
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    net[1].requires_grad_(False)  # a frozen part is not averaged
+    ema = ParameterEMA({"net": net}, decay=0.9)
+    assert {k for k in ema.state_dict()} == {"net__0__weight", "net__0__bias", "num_updates"}
+    start = net[0].weight.detach().clone()
+    expected = start.clone()
+    for n in range(30):
+        with torch.no_grad():
+            net[0].weight.add_(1.0)
+        d = min(0.9, (1 + n) / (10 + n))  # warm-up, then the configured decay
+        assert ema.current_decay() == pytest.approx(d)
+        ema.update()
+        expected = d * expected + (1 - d) * net[0].weight.detach()
+    assert int(ema.num_updates) == 30
+    assert torch.allclose(ema.net__0__weight, expected, atol=1e-5)
+    trained = net[0].weight.detach().clone()
+    with ema.applied():
+        assert torch.allclose(net[0].weight, expected, atol=1e-5)
+    assert torch.equal(net[0].weight, trained)  # the trained weights come back
+    # the state travels like a model's (exact resume)
+    other = ParameterEMA({"net": net}, decay=0.9)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.net__0__weight, ema.net__0__weight) and int(other.num_updates) == 30
+    with pytest.raises(ValueError, match="decay"):
+        ParameterEMA({"net": net}, decay=1.0)

@@ -125,6 +125,11 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_steps: int = _f(100, "Linear learning-rate warm-up steps.")
     grad_clip: float = _f(1.0, "Gradient norm clip (0: off).")
+    ema_decay: float = _f(
+        0.999,
+        "Decay of the exponential moving average of the trained weights (0: off). Validation scores the "
+        "average, the best checkpoint is chosen by it, and export writes it.",
+    )
     patch_size: tuple[int, int, int] = _f(
         (32, 128, 128), "Training patch (D, H, W) on the thin grid, voxels."
     )

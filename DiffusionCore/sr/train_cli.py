@@ -42,6 +42,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="patches per step and process (default 2)")
     p.add_argument("--learning-rate", type=float, default=None, help="AdamW learning rate (default 1e-4)")
     p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="decay of the weight average that validation scores and export writes (default 0.999; 0: off)",
+    )
+    p.add_argument(
         "--patch-size",
         type=int,
         nargs=3,
@@ -182,6 +188,7 @@ def build_config(args: argparse.Namespace, family: str) -> SRConfig:
         "max_steps": "max_steps",
         "batch_size": "batch_size",
         "learning_rate": "learning_rate",
+        "ema_decay": "ema_decay",
         "device": "device",
         "use_amp": "use_amp",
         "channels_last": "channels_last",

@@ -17,6 +17,7 @@ encoder), ``joint`` trains both.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -154,8 +155,15 @@ def _fit(
     restore_extra: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
     """The optimisation loop shared by both families (see the module docstring)."""
-    from ..train.checkpoint import find_latest, load_training_state, mark_best, save_training_state
+    from ..train.checkpoint import (
+        find_latest,
+        load_training_state,
+        mark_best,
+        read_checkpoint_info,
+        save_training_state,
+    )
     from ..train.distributed import all_reduce_mean, barrier, wrap_model
+    from ..train.ema import EMA_MODEL, ParameterEMA
 
     cfg, t, info = run.cfg, run.cfg.train, run.info
     params = [p for p in trainable.parameters() if p.requires_grad]
@@ -163,20 +171,31 @@ def _fit(
         raise ConfigError("nothing to train: every parameter is frozen for this stage")
     opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps))
+    ema = ParameterEMA(models, t.ema_decay) if t.ema_decay > 0 else None
+    saved_models = {**models, EMA_MODEL: ema} if ema is not None else dict(models)
     step, best = 0, -math.inf
     if resume:
         latest = find_latest(run.out)
         if latest is None:
             raise InputError(f"--resume: no checkpoint in {run.out}; start without --resume")
+        has_ema = f"{EMA_MODEL}.safetensors" in read_checkpoint_info(latest).get("files", {})
         state = load_training_state(
-            latest, models=models, optimizers={"opt": opt}, schedulers={"lr": sched}, map_location="cpu"
+            latest,
+            models=saved_models if has_ema else models,
+            optimizers={"opt": opt},
+            schedulers={"lr": sched},
+            map_location="cpu",
         )
+        if ema is not None and not has_ema:  # a checkpoint from a run without EMA: average from here on
+            ema = ParameterEMA(models, t.ema_decay)
+            saved_models[EMA_MODEL] = ema
+            logger.info("%s holds no EMA weights; the average starts from the resumed weights", latest)
         step = state["step"]
         extra = state["extra"] or {}
         best = float(extra.get("best_score", -math.inf))
         restore_extra(extra)
         logger.info("resumed at step %d from %s", step, latest)
-    for m in models.values():
+    for m in saved_models.values():
         m.to(run.device)
     for group in opt.state.values():
         for k, v in group.items():
@@ -197,7 +216,7 @@ def _fit(
             run.out,
             step=step,
             epoch=step // max(1, t.steps_per_epoch),
-            models=models,
+            models=saved_models,
             optimizers={"opt": opt},
             schedulers={"lr": sched},
             config=cfg,
@@ -211,7 +230,8 @@ def _fit(
         if not info.is_main:
             return None
         trainable.eval()
-        metrics = validate(step)
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            metrics = validate(step)
         trainable.train()
         run.log.scalars({f"val/{k}": v for k, v in metrics.items()}, step)
         if metrics:
@@ -239,6 +259,8 @@ def _fit(
                 torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update()
             step += 1
             if step % t.log_every == 0 or step == total:
                 value = float(all_reduce_mean(loss.detach().float(), info))
@@ -695,6 +717,7 @@ def export_sr(
         ``{"weights": path, "weights_sha256": sha, "checkpoint": folder}``.
     """
     from ..train.checkpoint import find_best, find_latest, load_training_state, read_checkpoint_info
+    from ..train.ema import load_checkpoint_averages
 
     p = Path(ckpt_dir)
     ckpt = p if (p / "state.json").is_file() else (find_best(p) or find_latest(p))
@@ -710,6 +733,8 @@ def export_sr(
     elif component != "vae":
         raise WeightsError(f"{ckpt} holds only a VAE: export it with component 'vae'")
     state = load_training_state(ckpt, models=models, restore_rng=False)
+    if load_checkpoint_averages(ckpt, models):
+        logger.info("exporting the EMA weights of %s", ckpt)
     _restore_latent_statistics(model, state.get("extra") or {})
     sha = model.save(
         out_file,
