@@ -363,12 +363,7 @@ def _check_slice_positions(files: Sequence[str], folder: Path) -> None:
     positions = []
     normal = None
     for f in files:
-        r = sitk.ImageFileReader()
-        r.SetFileName(f)
-        try:
-            r.ReadImageInformation()
-        except RuntimeError as exc:
-            raise InputError(f"corrupt DICOM file {f}: {_sitk_message(exc)}") from None
+        r = _dicom_header(f)
         if not (r.HasMetaDataKey("0020|0032") and r.HasMetaDataKey("0020|0037")):
             return  # no position information: nothing to check
         try:
@@ -551,13 +546,19 @@ def _check_series_size(files: Sequence[str]) -> None:
     _check_read_size(Path(largest), n_slices=len(files))
 
 
-def _slice_pixels(file: str) -> int:
+def _dicom_header(file: str) -> sitk.ImageFileReader:
+    """A reader holding ``file``'s header (no pixels read); InputError names a corrupt file."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(file)
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise InputError(f"corrupt DICOM file {file}: {_sitk_message(exc)}") from None
+    return reader
+
+
+def _slice_pixels(file: str) -> int:
+    reader = _dicom_header(file)
     return math.prod(int(v) for v in reader.GetSize()[:2]) * max(1, int(reader.GetNumberOfComponents()))
 
 
