@@ -65,8 +65,9 @@ Built on DiffusionCore (PyTorch). Method ideas from ResShift (Yue et al.) and Co
 class CTDiffusionSRParameterNode:
     """The module's settings, saved with the scene.
 
-    factor 0 = suggested from the slice spacing; steps / guidance 0 = the model's defaults; patch and
-    overlap 0 = automatic; outputVolume None = a new node.
+    factor 0 = suggested from the slice spacing; steps 0 = the posterior-mean estimate (N > 0: a posterior
+    sample in N steps); guidance 0 = the model's default; patch and overlap 0 = automatic; outputVolume
+    None = a new node.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode

@@ -104,6 +104,36 @@ def test_resshift_sampling_with_oracle_returns_x0(steps):
     assert torch.equal(start, y)
 
 
+@pytest.mark.parametrize("num_steps,steps", [(15, None), (4, None), (15, 4)])
+def test_mean_estimate_is_one_evaluation_at_y_and_beats_a_sample_in_squared_error(num_steps, steps):
+    """Gaussian toy with a known posterior: x0 | y ~ N(y, s^2). The Bayes x0 predictor from x_t is linear,
+    E[x0 | x_t] = y + g_t (x_t - y) with g_t = (1 - eta_t) s^2 / ((1 - eta_t)^2 s^2 + kappa^2 eta_t). The mean
+    estimate evaluates it once, at x_T = y, and so returns E[x0 | y] = y: the least squared error there is
+    (s^2). The reverse chain returns a random draw: its error against an independent x0 is larger."""
+    proc = ResShiftProcess(num_steps=num_steps, kappa=2.0)
+    s, n = 0.5, 100_000
+    g = torch.Generator().manual_seed(4)
+    y = 0.3 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    x0 = y + s * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    calls = []
+
+    def bayes(x_t, t):
+        calls.append((x_t, t))
+        eta = proc.eta(t)[:, None].to(x_t.dtype)
+        return y + (1 - eta) * s**2 / ((1 - eta) ** 2 * s**2 + proc.kappa**2 * eta) * (x_t - y)
+
+    steps_seen = []
+    mean = proc.estimate_mean(bayes, y, on_step=lambda i, k: steps_seen.append((i, k)))
+    assert len(calls) == 1 and steps_seen == [(1, 1)]
+    assert torch.equal(calls[0][0], y) and bool((calls[0][1] == num_steps - 1).all())
+    assert torch.allclose(mean, y)
+    mse_mean = float(((mean - x0) ** 2).mean()) / s**2
+    sample = proc.sample(bayes, y, steps=steps, generator=g)
+    mse_sample = float(((sample - x0) ** 2).mean()) / s**2
+    assert mse_mean == pytest.approx(1.0, rel=0.02)
+    assert mse_sample > 1.2 * mse_mean
+
+
 def test_ddim_with_oracle_noise_returns_x0():
     proc = DDIMProcess(num_steps=1000)
     g = torch.Generator().manual_seed(3)

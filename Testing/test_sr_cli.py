@@ -71,6 +71,7 @@ def test_sr_writes_thin_grid_output_with_slicer_progress_and_report(tmp_path, th
 
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["weights_sha256"]) == 64 and report["settings"]["factor"] == 4
+    assert report["settings"]["estimate"] == "mean" and report["settings"]["steps"] == 1  # the default
     assert set(report["timings"]) >= {"read", "interpolate", "model", "blend", "consistency", "write"}
     assert digest(thick_file) == before
 
@@ -151,6 +152,8 @@ CASES = {
     "missing output folder": (None, ["--output-in-missing-folder"], 4, "does not exist"),
     "output is a file's child": (None, ["--output-under-file"], 4, "does not exist"),
     "uncertainty without samples": (None, ["--uncertainty", "{tmp}/u.nii.gz"], 2, "--num-samples"),
+    "samples of the mean": (None, ["--estimate", "mean", "--num-samples", "2"], 2, "--estimate sample"),
+    "steps of the mean": (None, ["--estimate", "mean", "--num-steps", "4"], 2, "--estimate sample"),
 }
 
 

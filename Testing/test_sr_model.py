@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from DiffusionCore.errors import Cancelled, InputError, WeightsError
+from DiffusionCore.errors import Cancelled, ConfigError, InputError, WeightsError
 from DiffusionCore.sr.config import tiny_config
 from DiffusionCore.sr.controlnet import IRControlNet
 from DiffusionCore.sr.intensity import HU_WINDOW, hu_to_unit, unit_to_hu
@@ -84,6 +84,34 @@ def test_tiny_model_is_deterministic_given_the_generator(tiny):
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert tiny.latent_downsample == (4, 16, 16) and len(tiny.weights_sha256) == 64
+
+
+def test_the_default_estimate_is_the_one_step_mean_and_ddim_weights_sample(tiny):
+    cond = _cond(1, (1, 1, 8, 32, 32))
+    assert tiny.default_estimate == "mean"
+    seen = []
+    a = tiny.super_resolve_patch(cond, generator=torch.Generator().manual_seed(5), step_callback=lambda i, n: seen.append(n))
+    b = tiny.super_resolve_patch(cond, generator=torch.Generator().manual_seed(6), estimate="mean")
+    assert seen == [1] and torch.equal(a, b)  # one evaluation, no noise: the seed does not matter
+    y = tiny.encode(cond)
+    t_last = torch.full((1,), tiny.diffusion.num_steps - 1)
+    expected = cond + tiny.decode(tiny.predict(y, t_last, y)) - tiny.decode(y)
+    assert torch.allclose(a, expected, atol=1e-5)
+    sample = tiny.super_resolve_patch(cond, steps=2, generator=torch.Generator().manual_seed(5))  # steps: a sample
+    assert not torch.allclose(sample, a, atol=1e-4)
+    with pytest.raises(ConfigError, match="estimate 'sample'"):
+        tiny.super_resolve_patch(cond, steps=3, estimate="mean")
+    with pytest.raises(ConfigError, match="one of"):
+        tiny.super_resolve_patch(cond, estimate="median")
+
+    cfg = tiny_config()
+    cfg.diffusion.predict_residual = False
+    cfg.diffusion.num_train_timesteps = 10
+    ddim = SRModel(cfg).eval()
+    assert ddim.default_estimate == "sample"
+    assert ddim.super_resolve_patch(cond, steps=2, generator=torch.Generator().manual_seed(0)).shape == cond.shape
+    with pytest.raises(ConfigError, match="DDIM"):
+        ddim.super_resolve_patch(cond, estimate="mean")
 
 
 def test_guidance_one_is_exactly_the_conditional_path(tiny):

@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from DiffusionCore.degrade import degrade, thin_grid
-from DiffusionCore.errors import Cancelled, GeometryError, InputError, ResourceError, WeightsError
+from DiffusionCore.errors import (
+    Cancelled,
+    ConfigError,
+    GeometryError,
+    InputError,
+    ResourceError,
+    WeightsError,
+)
 from DiffusionCore.interpolation import interpolate
 from DiffusionCore.metrics import consistency_psnr
 from DiffusionCore.sr.intensity import hu_to_unit, unit_to_hu
@@ -54,7 +61,13 @@ class PerVoxelModel(torch.nn.Module):
         self.config = SimpleNamespace(diffusion=SimpleNamespace(num_inference_steps=3, guidance_scale=1.0))
         self.patch_shapes: list[tuple[int, ...]] = []
 
-    def super_resolve_patch(self, cond, *, steps, guidance, generator, cancel, step_callback):
+    default_estimate = "sample"  # a step count per patch, so progress and cancel are counted in steps
+
+    def resolve_estimate(self, estimate):
+        return estimate or self.default_estimate
+
+    def super_resolve_patch(self, cond, *, steps, guidance, generator, cancel, step_callback, estimate):
+        steps = 1 if estimate == "mean" else steps
         self.patch_shapes.append(tuple(cond.shape[2:]))
         assert cond.ndim == 5 and cond.shape[1] == 1
         for i in range(steps):
@@ -266,9 +279,14 @@ def small_thick() -> Volume:
     return thick_ct(shape=(2, 32, 48), spacing=(0.8, 0.8, 4.0))  # thin grid 8 x 32 x 48
 
 
-def test_tiny_model_pipeline_equals_blending_its_tiles(tiny):
+@pytest.mark.parametrize("estimate", ["mean", "sample"])
+def test_tiny_model_pipeline_equals_blending_its_tiles(tiny, estimate):
     vol = small_thick()
-    out, report = tiny.run(vol, factor=4, patch_size=(8, 32, 32), overlap=(0, 0, 16), seed=5, data_consistency=False)
+    out, report = tiny.run(
+        vol, factor=4, patch_size=(8, 32, 32), overlap=(0, 0, 16), seed=5, data_consistency=False, estimate=estimate
+    )
+    assert report["settings"]["estimate"] == estimate
+    assert report["settings"]["steps"] == (1 if estimate == "mean" else tiny.default_steps)
     assert report["tiles"]["count"] == 2
     cond = hu_to_unit(interpolate(vol, thin_grid(vol, 4), "cubic").array)
     plan = plan_tiles(cond.shape, (8, 32, 32), (0, 0, 16), multiple=tiny.model.latent_downsample, min_patch=tiny.model.min_patch)
@@ -277,7 +295,10 @@ def test_tiny_model_pipeline_equals_blending_its_tiles(tiny):
         gen = torch.Generator().manual_seed(tile_seed(5, 0, tile.index))
         x = torch.from_numpy(np.ascontiguousarray(patch))[None, None]
         with torch.inference_mode():
-            y = tiny.model.super_resolve_patch(x, steps=tiny.default_steps, guidance=1.0, generator=gen, cancel=None, step_callback=None)
+            y = tiny.model.super_resolve_patch(
+                x, steps=None if estimate == "mean" else tiny.default_steps, guidance=1.0, generator=gen,
+                estimate=estimate,
+            )
         return y[0, 0].numpy()
 
     expected = unit_to_hu(apply_tiled(cond, plan, one_tile))
@@ -288,13 +309,17 @@ def test_tiny_model_pipeline_equals_blending_its_tiles(tiny):
     assert report["memory"]["peak_rss_bytes"] > 0
 
 
-def test_same_seed_same_output_other_seed_differs(tiny):
+def test_same_seed_same_sample_other_seed_differs_and_the_mean_needs_no_seed(tiny):
     vol = thick_ct(shape=(2, 32, 32))
-    a, _ = tiny.run(vol, factor=4, seed=3)
-    b, _ = tiny.run(vol, factor=4, seed=3)
-    c, _ = tiny.run(vol, factor=4, seed=4)
+    a, _ = tiny.run(vol, factor=4, seed=3, estimate="sample")
+    b, _ = tiny.run(vol, factor=4, seed=3, estimate="sample")
+    c, _ = tiny.run(vol, factor=4, seed=4, estimate="sample")
     np.testing.assert_array_equal(a.array, b.array)
     assert np.abs(a.array - c.array).mean() > 0.1
+    m3, _ = tiny.run(vol, factor=4, seed=3)
+    m4, _ = tiny.run(vol, factor=4, seed=4)
+    np.testing.assert_array_equal(m3.array, m4.array)  # the default, the mean, is deterministic
+    assert np.abs(m3.array - a.array).mean() > 0.1
 
 
 def test_num_samples_gives_mean_and_std_volume(tiny):
@@ -354,6 +379,21 @@ def test_progress_counts_the_steps_the_model_really_runs(tiny):
     assert report["settings"]["steps"] == n_train and report["settings"]["requested_steps"] == 50
     assert {t for _, t in calls} == {n_train}
     assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1][0] == n_train
+
+
+def test_the_default_mean_is_one_step_per_tile_and_sampling_options_ask_for_samples(tiny):
+    vol = thick_ct(shape=(2, 32, 32))
+    calls = []
+    _, report = tiny.run(vol, factor=4, progress=lambda d, t, m: calls.append((d, t)))
+    s = report["settings"]
+    assert s["estimate"] == "mean" and s["steps"] == 1
+    assert {t for _, t in calls} == {report["tiles"]["count"]}  # one network evaluation per tile
+    for kwargs in ({"steps": 2}, {"num_samples": 2}, {"estimate": "sample"}):
+        _, rep = tiny.run(vol, factor=4, data_consistency=False, **kwargs)
+        assert rep["settings"]["estimate"] == "sample", kwargs
+    for kwargs in ({"num_samples": 2}, {"steps": 3}):
+        with pytest.raises(ConfigError, match="estimate 'sample'"):
+            tiny.run(vol, factor=4, estimate="mean", **kwargs)
 
 
 def test_several_tiles_per_model_call_blend_the_same_way():

@@ -79,6 +79,7 @@ class StageTimer:
 def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int, device, timer: StageTimer) -> dict:
     timer.reset()
     if device.type == "cuda":
+        torch.cuda.init()  # the allocator refuses a peak-stats reset before CUDA's lazy initialisation
         torch.cuda.reset_peak_memory_stats(device)
     t_all = time.perf_counter()
     t0 = time.perf_counter()

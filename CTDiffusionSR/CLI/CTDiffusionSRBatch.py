@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--axis", choices=("auto", "z", "y", "x"), default="auto", help="thick array axis")
     p.add_argument("--weights", default="", help="weights name or .safetensors file; empty = bundled default")
     p.add_argument("--allowUnregisteredWeights", action="store_true", help="accept an unregistered file")
-    p.add_argument("--numSteps", type=int, default=0, help="sampling steps; 0 = model default")
+    p.add_argument("--numSteps", type=int, default=0, help="0: the posterior-mean estimate (one step); N > 0: a posterior sample in N steps")
     p.add_argument("--guidanceScale", type=float, default=0.0, help="guidance scale; 0 = model default")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--patchSize", type=_int_vector, default=(0, 0, 0), help="D,H,W; 0,0,0 = automatic")

@@ -42,7 +42,7 @@ class SRSettings:
         axis: "auto", "z", "y" or "x" (array axes).
         weights: registered name or .safetensors path; "" = bundled default.
         allow_unregistered_weights: accept a file whose sha256 is not registered.
-        steps: sampling steps; 0 = model default.
+        steps: 0 = the weights' default estimate (the posterior mean, one step); N > 0 = a posterior sample in N steps.
         guidance: guidance scale (1 = off); 0 = model default.
         device: "auto", "cpu" or "cuda".
         patch_size: tile (D, H, W) in thin voxels; (0, 0, 0) = automatic.

@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--degradation", default="slab", choices=("slab", "decimate"), help="default slab")
     p.add_argument("--methods", default="nearest,linear,cubic", help="comma-separated list")
     p.add_argument("--weights", default=None, help="weights name or file for model methods (sr)")
-    p.add_argument("--num-steps", type=int, default=None, help="sampling steps for model methods")
+    p.add_argument("--allow-unregistered-weights", action="store_true", help="accept a weights file that is in no registry (only files you trust)")
+    p.add_argument("--estimate", choices=("mean", "sample"), default=None, help="sr: the posterior mean (one step; the weights' default) or a posterior sample")
+    p.add_argument("--num-steps", type=int, default=None, help="sampling steps for model methods (sr: implies --estimate sample)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (model methods)")
     p.add_argument("--seed", type=int, default=0, help="random seed for model methods")
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
@@ -79,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
         if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
             raise OutputError(f"cannot write {out}: the folder {out.parent} does not exist or is not writable.")
     ref = load_reference(args.reference)
-    options = {"weights": args.weights, "num_steps": args.num_steps, "device": args.device, "seed": args.seed}
+    options = {
+        "weights": args.weights, "estimate": args.estimate, "num_steps": args.num_steps, "device": args.device,
+        "seed": args.seed, "allow_unregistered": args.allow_unregistered_weights,
+    }
     progress = Progress(args.progress, desc="evaluate")
     try:
         report = evaluate(

@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae-checkpoint", default=None, metavar="FILE", help="VAE weights file (with --diffusion-checkpoint)")
     p.add_argument("--diffusion-checkpoint", default=None, metavar="FILE", help="diffusion weights file (with --vae-checkpoint)")
     p.add_argument("--allow-unregistered-weights", action="store_true", help="accept a weights file that is in no registry (only files you trust)")
-    p.add_argument("--num-steps", type=int, default=None, help="sampling steps (default: the weights' own, e.g. 15)")
+    p.add_argument("--estimate", choices=("mean", "sample"), default=None, help="mean: the posterior mean, one network evaluation per patch, deterministic, the closest to the true thin slices on average (default for ResShift weights); sample: a draw from the posterior through --num-steps steps, with plausible fine texture but more squared error (up to twice)")
+    p.add_argument("--num-steps", type=int, default=None, help="sampling steps of --estimate sample (giving it implies sample; default: the weights' own, e.g. 4)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale, 1.0 = off (default: the weights' own)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     p.add_argument("--use-patches", action="store_true", help="use --patch-size/--overlap (patches are always used for volumes larger than one patch; default 32x256x256, overlap 8x64x64)")
@@ -60,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-limit", default=None, metavar="SIZE", help="plan tiles to use at most this much memory, e.g. 4GiB (default: $DIFFUSIONCORE_MEMORY_LIMIT, else the free memory); patches shrink to fit, or the run stops with the estimate")
     p.add_argument("--allow-non-ct", action="store_true", help="run on a volume whose intensities do not look like CT in HU (e.g. a CT cropped inside the body); the model is trained on CT only")
     p.add_argument("--tile-batch", type=int, default=None, metavar="N", help="patches per model call (default: 1 on the CPU, as many as fit (up to 8) on a GPU)")
-    p.add_argument("--num-samples", type=int, default=1, help="average N samples; with --uncertainty also write their per-voxel standard deviation")
+    p.add_argument("--num-samples", type=int, default=1, help="average N posterior samples (implies --estimate sample); with --uncertainty also write their per-voxel standard deviation")
     p.add_argument("--uncertainty", default=None, metavar="OUT", help="write the per-voxel standard deviation (HU) here (a folder for a batch); needs --num-samples 2 or more")
     p.add_argument("--no-data-consistency", action="store_true", help="skip the correction that makes the output, thickened again, reproduce the input")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same device: same output)")
@@ -141,6 +142,9 @@ def _check_uncertainty_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--num-samples must be 1 or more; got {args.num_samples}")
     if args.uncertainty and args.num_samples < 2:
         raise ConfigError("--uncertainty needs --num-samples 2 or more (the spread of several samples)")
+    from ..sr.model import requested_estimate
+
+    requested_estimate(args.estimate, args.num_steps, args.num_samples)  # conflicts, before any volume is read
     if (args.vae_checkpoint is None) != (args.diffusion_checkpoint is None):
         raise ConfigError("give both --vae-checkpoint and --diffusion-checkpoint, or neither")
     if args.tiny_test_model and (args.weights or args.vae_checkpoint):
@@ -303,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
                         target_spacing=args.target_spacing,
                         axis=args.axis,
                         steps=args.num_steps,
+                        estimate=args.estimate,
                         guidance=args.guidance_scale,
                         seed=args.seed,
                         device=device,

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from ..config import config_to_dict, load_config
-from ..errors import Cancelled, InputError, WeightsError
-from .config import SRConfig, tiny_config
+from ..errors import Cancelled, ConfigError, InputError, WeightsError
+from .config import ESTIMATES, MEAN, SAMPLE, SRConfig, tiny_config
 from .controlnet import IRControlNet
 from .resshift import DDIMProcess, ResShiftProcess
 from .unet import LatentUNet
@@ -53,6 +53,28 @@ def build_process(cfg: SRConfig) -> ResShiftProcess | DDIMProcess:
     if d.predict_residual:
         return ResShiftProcess(d.num_train_timesteps, d.kappa * d.residual_std, d.power, d.eta_1, d.eta_T)
     return DDIMProcess(d.num_train_timesteps)
+
+
+def requested_estimate(estimate: str | None, steps: int | None, num_samples: int) -> str | None:
+    """The estimate that the options ask for, before the weights are known: ``estimate`` itself, 'sample'
+    when only a step count or several samples are given, else None (the weights' default).
+
+    Raises:
+        ConfigError: 'mean' with several samples or with a step count other than 1.
+    """
+    if estimate == MEAN and num_samples > 1:
+        raise ConfigError(
+            "the mean estimate is deterministic, so several samples of it would be identical: use "
+            "estimate 'sample' with several samples (--estimate sample --num-samples N)"
+        )
+    if estimate == MEAN and steps is not None and int(steps) != 1:
+        raise ConfigError(
+            f"the mean estimate is one network evaluation; a step count ({steps}) applies to estimate "
+            "'sample' (--estimate sample --num-steps N)"
+        )
+    if estimate is None and (steps is not None or num_samples > 1):
+        return SAMPLE
+    return estimate
 
 
 class SRDenoiser(nn.Module):
@@ -299,6 +321,30 @@ class SRModel(nn.Module):
         return uncond + guidance * (cond - uncond)
 
     # --- inference --------------------------------------------------------------------------------
+    @property
+    def default_estimate(self) -> str:
+        """``config.diffusion.estimate`` ('mean' or 'sample'); always 'sample' for DDIM weights."""
+        return self.resolve_estimate(None)
+
+    def resolve_estimate(self, estimate: str | None) -> str:
+        """The estimate to run: ``estimate`` checked, or the config's (DDIM weights can only sample)."""
+        resshift = isinstance(self.diffusion, ResShiftProcess)
+        if estimate is None:
+            estimate = self.config.diffusion.estimate if resshift else SAMPLE
+            if estimate not in ESTIMATES:
+                raise WeightsError(
+                    f"the weights' config has estimate {estimate!r}; expected one of {', '.join(ESTIMATES)}"
+                )
+            return estimate
+        if estimate not in ESTIMATES:
+            raise ConfigError(f"estimate {estimate!r}: use one of {', '.join(ESTIMATES)}")
+        if estimate == MEAN and not resshift:
+            raise ConfigError(
+                "these weights use plain latent diffusion (DDIM, trained with --no-predict-residual), which has "
+                "no one-step mean estimate: use estimate 'sample'"
+            )
+        return estimate
+
     def check_patch(self, shape: tuple[int, ...]) -> None:
         """Raise InputError unless a ``(B, 1, D, H, W)`` shape fits the networks."""
         if len(shape) != 5 or shape[1] != 1:
@@ -323,23 +369,27 @@ class SRModel(nn.Module):
         cancel: threading.Event | None = None,
         step_callback: Callable[[int, int], None] | None = None,
         control: bool = True,
+        estimate: str | None = None,
     ) -> torch.Tensor:
         """Super-resolve a patch.
 
         Args:
             cond: ``(B, 1, D, H, W)`` model units on the THIN grid: the cubic-interpolated thick input.
-            steps: sampling steps (default ``config.diffusion.num_inference_steps``).
+            steps: sampling steps for the 'sample' estimate (default ``config.diffusion.num_inference_steps``).
             guidance: classifier-free guidance scale (default from config; 1.0 = off).
             generator: CPU generator for the sampling noise (same result on any device).
             cancel: checked before every network evaluation; when set, raises Cancelled.
             step_callback: ``step_callback(done, total)`` after every step.
             control: False skips the ControlNet (see :meth:`predict`).
+            estimate: 'mean' (one evaluation, deterministic) or 'sample' (the reverse chain). Default:
+                'sample' when ``steps`` is given, else the config's (see :func:`requested_estimate`).
 
         Returns:
             ``(B, 1, D, H, W)`` model units (the thin volume estimate; not clipped).
         """
         self.check_patch(tuple(cond.shape))
         d = self.config.diffusion
+        mean = self.resolve_estimate(requested_estimate(estimate, steps, 1)) == MEAN
         steps = d.num_inference_steps if steps is None else int(steps)
         guidance = d.guidance_scale if guidance is None else float(guidance)
         dtype = next(self.parameters()).dtype
@@ -351,7 +401,10 @@ class SRModel(nn.Module):
                 raise Cancelled("super-resolution cancelled by the user; nothing was written")
             return self.predict(x_t, t, y, guidance, control=control)
 
-        z0 = self.diffusion.sample(net, y, steps=steps, generator=generator, on_step=step_callback)
+        if mean:
+            z0 = self.diffusion.estimate_mean(net, y, on_step=step_callback)
+        else:
+            z0 = self.diffusion.sample(net, y, steps=steps, generator=generator, on_step=step_callback)
         out = self.decode(z0)
         if d.decode_residual:
             out = cond + out - self.decode(y)

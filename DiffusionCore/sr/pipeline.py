@@ -9,13 +9,15 @@ The steps of :meth:`SuperResolver.run`:
 3. HU -> model units (:mod:`DiffusionCore.sr.intensity`), the thick axis moved first so that patches are
    ``(D, H, W)`` with D through-plane, whatever the acquisition plane;
 4. overlapping patches (:mod:`DiffusionCore.sr.tiling`) sized to the memory available; one
-   ``model.super_resolve_patch`` call per patch with its own seeded generator; smooth blending;
+   ``model.super_resolve_patch`` call per patch with its own seeded generator; smooth blending. The
+   estimate is the posterior mean (one network evaluation per patch, deterministic) unless a sample is
+   asked for (``estimate='sample'``, a step count, or ``num_samples`` > 1: the ResShift reverse chain);
 5. model units -> HU and, optionally, data consistency (:func:`enforce_consistency`): the result degraded
    again (slab average along the axis) reproduces the input exactly;
 6. with ``num_samples`` N > 1 the output is the mean of N samples and the report carries the per-voxel
    standard deviation (HU) as a Volume on the same grid: where the model is unsure.
 
-Progress is reported over ``samples x tiles x steps`` (known before the first step); the cancel event is
+Progress is reported over ``samples x tiles x steps`` (1 step for the mean) (known before the first step); the cancel event is
 checked between steps and tiles and raises :class:`~DiffusionCore.errors.Cancelled`. The input Volume is
 never modified. The output lies exactly on the thin grid.
 
@@ -43,7 +45,9 @@ from ..evaluate import register_method
 from ..interpolation import interpolate, interpolate_1d
 from ..train.distributed import resolve_device
 from ..volume import Grid, Volume, axis_index, check_ct, require_ct, suggested_factor, thick_axis
+from .config import MEAN
 from .intensity import hu_to_unit, unit_to_hu
+from .model import requested_estimate
 from .tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_PATCH_SIZE,
@@ -231,6 +235,22 @@ class SuperResolver:
         return int(getattr(cfg, "num_inference_steps", FALLBACK_STEPS))
 
     @property
+    def default_estimate(self) -> str:
+        """'mean' or 'sample': what the weights return when nothing else is asked for."""
+        return self.model.default_estimate
+
+    def resolve_estimate(self, estimate: str | None, steps: int | None, num_samples: int) -> str:
+        """The estimate a run makes: as asked; else 'sample' when a step count or several samples are asked
+        for (both only mean something for samples); else the weights' default.
+
+        Raises:
+            ConfigError: 'mean' with several samples or a step count other than 1, an unknown estimate, or
+                'mean' for DDIM weights.
+        """
+        estimate = requested_estimate(estimate, steps, num_samples)
+        return self.model.resolve_estimate(estimate)
+
+    @property
     def default_guidance(self) -> float:
         cfg = getattr(getattr(self.model, "config", None), "diffusion", None)
         return float(getattr(cfg, "guidance_scale", FALLBACK_GUIDANCE))
@@ -307,6 +327,7 @@ class SuperResolver:
         axis: str | int | None = None,
         steps: int | None = None,
         guidance: float | None = None,
+        estimate: str | None = None,
         seed: int = 0,
         device: str | torch.device = "auto",
         patch_size: Sequence[int] | None = None,
@@ -326,13 +347,19 @@ class SuperResolver:
             factor: slices per thick slice (2..8); default from the spacing (thick / in-plane).
             target_spacing: alternatively the output slice spacing in mm.
             axis: the thick array axis ``z``/``y``/``x``; default: detected from the spacing.
-            steps: sampling steps (default: the weights' ``num_inference_steps``).
+            steps: sampling steps of the 'sample' estimate (default: the weights' ``num_inference_steps``);
+                giving a count asks for a sample unless ``estimate`` says otherwise.
             guidance: classifier-free guidance scale (1.0 = off; default: the weights' setting).
+            estimate: 'mean' (the posterior mean: one network evaluation per patch, deterministic, the
+                smallest squared error) or 'sample' (a draw from the posterior: the reverse chain, plausible
+                texture, more squared error: up to twice). Default: 'sample' when ``steps`` or
+                ``num_samples`` > 1 is given, else the weights' ``estimate`` (see :meth:`resolve_estimate`).
             seed: random seed; the same seed gives the same output on the same device.
             device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
             patch_size: patch ``(D, H, W)`` on the thin grid, D along ``axis`` (default 32x256x256).
             overlap: overlap between patches ``(D, H, W)`` (default 8x64x64).
-            num_samples: N > 1 averages N samples and reports their per-voxel standard deviation.
+            num_samples: N > 1 averages N samples and reports their per-voxel standard deviation (needs
+                estimate 'sample'; the mean of N samples has (1 + 1/N) times the squared error of 'mean').
             data_consistency: correct the output so that degrading it again reproduces the input.
             progress: ``progress(done, total, message)``; ``total`` = samples x tiles x steps.
             cancel: set it to stop between steps and tiles (raises Cancelled).
@@ -370,6 +397,7 @@ class SuperResolver:
             factor=k,
             steps=steps,
             guidance=guidance,
+            estimate=estimate,
             seed=seed,
             device=device,
             patch_size=patch_size,
@@ -401,6 +429,7 @@ class SuperResolver:
         factor: int | None = None,
         steps: int | None = None,
         guidance: float | None = None,
+        estimate: str | None = None,
         seed: int = 0,
         device: str | torch.device = "auto",
         patch_size: Sequence[int] | None = None,
@@ -418,14 +447,18 @@ class SuperResolver:
         report and enables its ``consistency_psnr``.
         """
         t_start = time.perf_counter()
-        steps = self.default_steps if steps is None else int(steps)
-        guidance = self.default_guidance if guidance is None else float(guidance)
-        if steps < 1:
+        if steps is not None and int(steps) < 1:
             raise ConfigError(f"the number of sampling steps must be at least 1; got {steps}")
-        requested_steps = steps
-        steps = self.effective_steps(steps)
         if num_samples < 1:
             raise ConfigError(f"num_samples must be at least 1; got {num_samples}")
+        estimate = self.resolve_estimate(estimate, steps, num_samples)
+        guidance = self.default_guidance if guidance is None else float(guidance)
+        if estimate == MEAN:
+            steps = requested_steps = 1
+        else:
+            steps = self.default_steps if steps is None else int(steps)
+            requested_steps = steps
+            steps = self.effective_steps(steps)
         patch_req = tuple(DEFAULT_PATCH_SIZE if patch_size is None else patch_size)
         overlap_req = tuple(DEFAULT_OVERLAP if overlap is None else overlap)
         if len(patch_req) != 3 or min(patch_req) < 1:
@@ -518,7 +551,8 @@ class SuperResolver:
                     gen = torch.Generator().manual_seed(tile_seed(seed, sample, group[0].index))
                     try:
                         pred = model.super_resolve_patch(
-                            patch, steps=steps, guidance=guidance, generator=gen, cancel=cancel, step_callback=on_step
+                            patch, steps=steps, guidance=guidance, generator=gen, cancel=cancel,
+                            step_callback=on_step, estimate=estimate,
                         )
                     except (RuntimeError, MemoryError) as exc:
                         if not is_out_of_memory(exc):
@@ -584,6 +618,7 @@ class SuperResolver:
                 "input_spacing_mm": list(volume.spacing),
                 "output_spacing_mm": list(grid.spacing),
                 "output_shape": list(grid.shape),
+                "estimate": estimate,
                 "steps": steps,
                 "requested_steps": requested_steps,
                 "guidance": guidance,
@@ -671,7 +706,7 @@ def _resolver_for(weights: str | None, allow_unregistered: bool) -> SuperResolve
 def _evaluate_sr(thick: Volume, grid: Grid, options: dict) -> Volume:
     """The ``sr`` method of :func:`DiffusionCore.evaluate.evaluate`.
 
-    Options: ``weights`` (name or file; default: :func:`default_weights_name`), ``num_steps``, ``device``,
+    Options: ``weights`` (name or file; default: :func:`default_weights_name`), ``estimate``, ``num_steps``, ``device``,
     ``seed``, ``allow_unregistered`` (bool), ``resolver`` (a ready :class:`SuperResolver`, for scripts).
     """
     resolver = options.get("resolver") or _resolver_for(options.get("weights"), bool(options.get("allow_unregistered")))
@@ -691,6 +726,7 @@ def _evaluate_sr(thick: Volume, grid: Grid, options: dict) -> Volume:
         axis=ax,
         factor=k,
         steps=options.get("num_steps"),
+        estimate=options.get("estimate"),
         device=options.get("device") or "auto",
         seed=int(options.get("seed") or 0),
     )

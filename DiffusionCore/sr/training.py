@@ -581,6 +581,9 @@ def train_sr(
         p_drop = cfg.unet.cond_dropout if objective_module.use_control else 0.0
         val = validation_set(val_r, t.val_patches, patch, t.factors, t.degradation)
         val_steps = t.val_steps or cfg.diffusion.num_inference_steps
+        val_estimate = model.default_estimate  # validation scores what inference returns by default
+        if val_estimate == "mean":
+            val_steps = None
 
         def objective(
             wrapped: nn.Module, step: int, rng: np.random.Generator, gen: torch.Generator
@@ -627,11 +630,15 @@ def train_sr(
             for i, (thin, cond, _) in enumerate(val):
                 c = _to_tensor(cond[None, None], device, t.channels_last)
                 gen = torch.Generator().manual_seed(1000 + i)
-                out = model.super_resolve_patch(c, steps=val_steps, guidance=1.0, generator=gen)
+                out = model.super_resolve_patch(
+                    c, steps=val_steps, guidance=1.0, generator=gen, estimate=val_estimate
+                )
                 outs.append(out.float().cpu().numpy()[0, 0])
                 if compare_base:
                     gen = torch.Generator().manual_seed(1000 + i)
-                    base = model.super_resolve_patch(c, steps=val_steps, generator=gen, control=False)
+                    base = model.super_resolve_patch(
+                        c, steps=val_steps, generator=gen, control=False, estimate=val_estimate
+                    )
                     base_outs.append(base.float().cpu().numpy()[0, 0])
                 refs.append(thin)
                 conds.append(cond)
