@@ -9,7 +9,7 @@ Prints a table and writes JSON (with the weights' sha256, device and thread coun
 
 Usage::
 
-    python benchmarks/sr_speed.py results/sr_speed.json --weights NAME_OR_FILE [--steps 4 15] [--device cpu]
+    python benchmarks/sr_speed.py results/sr_speed.json --weights NAME_OR_FILE [--estimate mean | --steps 4 15] [--device cpu]
     python benchmarks/sr_speed.py /tmp/check.json --tiny-test-model --input synthetic --shape 8 64 64
 
 ``--tiny-test-model`` uses random weights (meaningless images, smaller networks): only for checking the
@@ -76,7 +76,7 @@ class StageTimer:
             self.seconds[k] = 0.0
 
 
-def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int, device, timer: StageTimer) -> dict:
+def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int | None, device, timer: StageTimer) -> dict:
     timer.reset()
     if device.type == "cuda":
         torch.cuda.init()  # the allocator refuses a peak-stats reset before CUDA's lazy initialisation
@@ -86,7 +86,7 @@ def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int, de
     vol = read_volume(src)
     t_read = time.perf_counter() - t0
     result, report = resolver.run(
-        vol, factor=args.factor, steps=steps, device=device, seed=0,
+        vol, factor=args.factor, steps=steps, estimate=args.estimate, device=device, seed=0,
         patch_size=args.patch_size, overlap=args.overlap, data_consistency=not args.no_data_consistency,
         tile_batch=args.tile_batch,
     )
@@ -106,7 +106,8 @@ def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int, de
         "write": t_write,
     }
     return {
-        "steps": steps,
+        "estimate": report["settings"]["estimate"],
+        "steps": report["settings"]["steps"],
         "wall_seconds": wall,
         "stages_seconds": stages,
         "input_shape": list(vol.shape),
@@ -123,11 +124,11 @@ def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int, de
 
 def format_table(rows: list[dict]) -> str:
     stages = list(rows[0]["stages_seconds"]) if rows else []
-    head = ["steps", "wall s", *[f"{s} s" for s in stages], "tiles", "peak RSS GiB", "GPU max GiB"]
+    head = ["estimate", "steps", "wall s", *[f"{s} s" for s in stages], "tiles", "peak RSS GiB", "GPU max GiB"]
     lines = ["  ".join(f"{h:>12}" for h in head)]
     for r in rows:
         gpu = r["cuda_max_allocated_bytes"]
-        vals = [f"{r['steps']:>12d}", f"{r['wall_seconds']:12.2f}", *[f"{r['stages_seconds'][s]:12.2f}" for s in stages],
+        vals = [f"{r['estimate']:>12}", f"{r['steps']:>12d}", f"{r['wall_seconds']:12.2f}", *[f"{r['stages_seconds'][s]:12.2f}" for s in stages],
                 f"{r['tiles']:>12d}", f"{r['peak_rss_bytes'] / 2**30:12.2f}", f"{gpu / 2**30:12.2f}" if gpu else f"{'-':>12}"]
         lines.append("  ".join(vals))
     return "\n".join(lines)
@@ -144,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=(64, 512, 512), metavar=("Z", "Y", "X"),
                         help="shape of the synthetic input (default 64 512 512)")
     parser.add_argument("--factor", type=int, default=4)
-    parser.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default: the weights' own)")
+    parser.add_argument("--estimate", choices=("mean", "sample"), default=None,
+                        help="mean (one step) or sample (default: the weights' own, or sample with --steps)")
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help="sampling step counts, one run each (default: one run of the weights' default estimate)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU (default 2)")
     parser.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         resolver = SuperResolver.from_pretrained(args.weights, allow_unregistered=args.allow_unregistered_weights)
     timer = StageTimer(resolver.model, device)
-    steps_list = args.steps or [resolver.default_steps]
+    steps_list = args.steps or [None]
 
     with tempfile.TemporaryDirectory(prefix="sr_speed_") as tmp:
         tmpdir = Path(tmp)

@@ -42,7 +42,7 @@ import torch
 from ..degrade import MAX_FACTOR, thin_grid
 from ..errors import Cancelled, ConfigError, GeometryError, InputError, ResourceError, WeightsError
 from ..evaluate import register_method
-from ..interpolation import interpolate, interpolate_1d
+from ..interpolation import cubic_matrix, interpolate
 from ..train.distributed import resolve_device
 from ..volume import Grid, Volume, axis_index, check_ct, require_ct, suggested_factor, thick_axis
 from .config import MEAN
@@ -127,37 +127,42 @@ def consistency_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray
         ``(M, rows)``: ``M`` (n x r) float64 maps the slab differences of the ``r`` slabs listed in ``rows``
         (those holding at least one thin slice centre) to the thin-grid correction.
     """
+    s_mat, rows, coords = slab_operator(thick, thin, axis)
+    b_mat = cubic_matrix(thick.shape[axis], coords)
+    system = s_mat @ b_mat  # (r x m): slab averages of each spline basis function
+    m_mat = b_mat @ np.linalg.pinv(system)
+    return m_mat, rows
+
+
+def slab_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(S, rows, coords)``: ``S`` (r x n) averages the thin slices whose centres fall in each of the ``r``
+    thick slabs listed in ``rows`` (those holding at least one); ``coords`` are the thin slice centres in
+    thick index units."""
     idx = 2 - axis
     to_thick = np.linalg.inv(thick.index_to_physical()) @ thin.index_to_physical()
     n, m = thin.shape[axis], thick.shape[axis]
-    coords = to_thick[idx, idx] * np.arange(n) + to_thick[idx, 3]  # thin centres in thick index units
+    coords = to_thick[idx, idx] * np.arange(n) + to_thick[idx, 3]
     slab = np.floor(coords + 0.5).astype(int)
     inside = (slab >= 0) & (slab < m)
     counts = np.bincount(slab[inside], minlength=m)
     rows = np.flatnonzero(counts > 0)
     s_mat = np.zeros((m, n))
     s_mat[slab[inside], np.flatnonzero(inside)] = 1.0
-    s_mat = s_mat[rows] / counts[rows, None]
-    b_mat = interpolate_1d(np.eye(m)[:, :, None], coords, axis=0, method="cubic")[:, :, 0].astype(np.float64)
-    system = s_mat @ b_mat  # (r x m): slab averages of each spline basis function
-    m_mat = b_mat @ np.linalg.pinv(system)
-    return m_mat, rows
+    return s_mat[rows] / counts[rows, None], rows, coords
+
+
+def _along_axis(mat: np.ndarray, arr: np.ndarray, axis: int) -> np.ndarray:
+    """``mat`` (p x n) applied along ``axis`` of ``arr`` as one float32 matrix product; the axis comes first."""
+    moved = np.moveaxis(arr, axis, 0)
+    flat = np.ascontiguousarray(moved, dtype=np.float32).reshape(moved.shape[0], -1)
+    return (mat.astype(np.float32) @ flat).reshape((mat.shape[0],) + moved.shape[1:])
 
 
 def slab_means(arr: np.ndarray, thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Slab averages of a thin-grid array along ``axis`` (see :func:`consistency_operator`) and their rows."""
-    idx = 2 - axis
-    to_thick = np.linalg.inv(thick.index_to_physical()) @ thin.index_to_physical()
-    n, m = thin.shape[axis], thick.shape[axis]
-    slab = np.floor(to_thick[idx, idx] * np.arange(n) + to_thick[idx, 3] + 0.5).astype(int)
-    moved = np.moveaxis(arr, axis, 0)
-    sums = np.zeros((m,) + moved.shape[1:], dtype=np.float64)
-    inside = (slab >= 0) & (slab < m)
-    np.add.at(sums, slab[inside], moved[inside])
-    counts = np.bincount(slab[inside], minlength=m)
-    rows = np.flatnonzero(counts > 0)
-    means = sums[rows] / counts[rows].reshape((-1,) + (1,) * (moved.ndim - 1))
-    return means, rows
+    """Slab averages of a thin-grid array along ``axis`` (see :func:`slab_operator`; the axis first) and
+    their rows."""
+    s_mat, rows, _ = slab_operator(thick, thin, axis)
+    return _along_axis(s_mat, arr, axis), rows
 
 
 def enforce_consistency(output: Volume, thick: Volume, axis: int) -> Volume:
@@ -176,11 +181,10 @@ def enforce_consistency(output: Volume, thick: Volume, axis: int) -> Volume:
     means, mean_rows = slab_means(output.array, thick.grid, output.grid, axis)
     if not np.array_equal(rows, mean_rows):
         raise RuntimeError("slab membership differs between operator and averages")
-    target = np.moveaxis(thick.array, axis, 0)[rows].astype(np.float64)
-    diff = (target - means).astype(np.float32)  # (r, ...) HU
-    correction = np.tensordot(m_mat.astype(np.float32), diff, axes=(1, 0))  # (n, ...)
+    diff = np.moveaxis(thick.array, axis, 0)[rows].astype(np.float32) - means  # (r, ...) HU
+    correction = _along_axis(m_mat, np.moveaxis(diff, 0, axis), axis)  # (n, ...)
     arr = output.array + np.moveaxis(correction, 0, axis)
-    return output.with_array(arr.astype(np.float32))
+    return output.with_array(arr.astype(np.float32, copy=False))
 
 
 # -- the pipeline -----------------------------------------------------------------------------------

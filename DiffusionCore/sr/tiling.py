@@ -279,13 +279,16 @@ def apply_tiled(arr: np.ndarray, plan: TilePlan, fn: Callable[[np.ndarray, Tile]
 
 # -- memory ------------------------------------------------------------------------------------------
 def device_available_memory(device) -> int:
-    """Free bytes on ``device``: ``torch.cuda.mem_get_info`` on CUDA, the host's memory otherwise."""
+    """Free bytes on ``device``: on CUDA what the driver reports free (``torch.cuda.mem_get_info``) plus what
+    PyTorch's caching allocator holds unused (reserved by an earlier run in this process, e.g. the previous
+    volume of a batch, and reusable); the host's memory otherwise."""
     import torch
 
     dev = torch.device(device)
     if dev.type == "cuda":
         free, _total = torch.cuda.mem_get_info(dev)
-        return int(free)
+        cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        return int(free) + max(int(cached), 0)
     return host_available_memory()
 
 
