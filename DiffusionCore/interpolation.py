@@ -98,7 +98,7 @@ def interpolate_1d(arr: np.ndarray, coords: np.ndarray, axis: int, method: str) 
         out = (w @ flat).reshape((len(u),) + a.shape[1:])
     else:
         raise InputError(f"unknown interpolation {method!r}: use one of {', '.join(INTERPOLATION_METHODS)}")
-    return np.ascontiguousarray(np.moveaxis(out.astype(np.float32), 0, axis))
+    return np.ascontiguousarray(np.moveaxis(out.astype(np.float32, copy=False), 0, axis))
 
 
 def interpolate(vol: Volume, grid: Grid, method: str = "cubic") -> Volume:

@@ -140,3 +140,20 @@ def test_existing_json_needs_overwrite(tmp_path, small_ct):
     assert_one_error_line(proc, 4, "already exists", "--overwrite")
     assert out.read_text() == "{}"
     assert sha(small_ct) == before
+
+
+def test_evaluate_sr_with_a_weights_file_and_the_estimate_options(tmp_path, small_ct):
+    from DiffusionCore.sr.model import SRModel
+
+    weights = tmp_path / "mine.safetensors"
+    SRModel.tiny().save(weights)
+    common = ["evaluate", "--reference", str(small_ct), "--factor", "2", "--methods", "cubic,sr",
+              "--weights", str(weights), "--device", "cpu", "--progress", "none"]
+    refused = run_cli(*common, cwd=tmp_path)
+    assert_one_error_line(refused, 3, "--allow-unregistered-weights")
+    conflict = run_cli(*common, "--allow-unregistered-weights", "--estimate", "mean", "--num-steps", "3", cwd=tmp_path)
+    assert_one_error_line(conflict, 2, "--estimate sample")
+    proc = run_cli(*common, "--allow-unregistered-weights", "--estimate", "mean", "--json", "r.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    by = {r["method"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert set(by) == {"cubic", "sr"} and np.isfinite(by["sr"]["psnr"])

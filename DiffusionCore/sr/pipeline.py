@@ -107,7 +107,7 @@ def _check_cancel(cancel: threading.Event | None) -> None:
 
 
 # -- data consistency -------------------------------------------------------------------------------
-def consistency_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray]:
+def consistency_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The linear map that corrects a thin-grid volume so its slab averages equal the thick input.
 
     Along ``axis`` let ``S`` (m x n) average the thin slices whose centres fall inside each thick slab
@@ -124,14 +124,15 @@ def consistency_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray
         axis: array axis (0, 1, 2).
 
     Returns:
-        ``(M, rows)``: ``M`` (n x r) float64 maps the slab differences of the ``r`` slabs listed in ``rows``
-        (those holding at least one thin slice centre) to the thin-grid correction.
+        ``(M, S, rows)``: ``M`` (n x r) float64 maps the slab differences of the ``r`` slabs listed in
+        ``rows`` (those holding at least one thin slice centre) to the thin-grid correction; ``S`` (r x n)
+        is the slab average (:func:`slab_operator`).
     """
     s_mat, rows, coords = slab_operator(thick, thin, axis)
     b_mat = cubic_matrix(thick.shape[axis], coords)
     system = s_mat @ b_mat  # (r x m): slab averages of each spline basis function
     m_mat = b_mat @ np.linalg.pinv(system)
-    return m_mat, rows
+    return m_mat, s_mat, rows
 
 
 def slab_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -177,12 +178,10 @@ def enforce_consistency(output: Volume, thick: Volume, axis: int) -> Volume:
         thick: the thick input (HU).
         axis: the super-resolved array axis.
     """
-    m_mat, rows = consistency_operator(thick.grid, output.grid, axis)
-    means, mean_rows = slab_means(output.array, thick.grid, output.grid, axis)
-    if not np.array_equal(rows, mean_rows):
-        raise RuntimeError("slab membership differs between operator and averages")
-    diff = np.moveaxis(thick.array, axis, 0)[rows].astype(np.float32) - means  # (r, ...) HU
-    correction = _along_axis(m_mat, np.moveaxis(diff, 0, axis), axis)  # (n, ...)
+    m_mat, s_mat, rows = consistency_operator(thick.grid, output.grid, axis)
+    means = _along_axis(s_mat, output.array, axis)  # (r, ...) HU, the axis first
+    diff = np.moveaxis(thick.array, axis, 0)[rows].astype(np.float32) - means
+    correction = _along_axis(m_mat, diff, 0)  # (n, ...)
     arr = output.array + np.moveaxis(correction, 0, axis)
     return output.with_array(arr.astype(np.float32, copy=False))
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import config_to_dict, load_config
 from ..errors import Cancelled, ConfigError, InputError, WeightsError
-from .config import SRConfig
+from .config import MEAN, SRConfig
 from .data import VolumeRegion, load_regions, sample_batch, validation_set
 from .intensity import unit_to_hu
 from .model import SRModel
@@ -580,10 +580,8 @@ def train_sr(
         objective_module = SRObjective(model, t.stage, t.pixel_loss_weight if pixel else 0.0)
         p_drop = cfg.unet.cond_dropout if objective_module.use_control else 0.0
         val = validation_set(val_r, t.val_patches, patch, t.factors, t.degradation)
-        val_steps = t.val_steps or cfg.diffusion.num_inference_steps
         val_estimate = model.default_estimate  # validation scores what inference returns by default
-        if val_estimate == "mean":
-            val_steps = None
+        val_steps = None if val_estimate == MEAN else (t.val_steps or cfg.diffusion.num_inference_steps)
 
         def objective(
             wrapped: nn.Module, step: int, rng: np.random.Generator, gen: torch.Generator
