@@ -1,11 +1,15 @@
 """File helpers shared by the whole package (no torch import): the cache folder, file checksums, atomic
-publishing, and the host memory a job may plan to use."""
+publishing, parallel gzip, and the host memory a job may plan to use."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 import os
+import struct
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import ConfigError
@@ -39,6 +43,54 @@ def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, final)
+
+
+# -- parallel gzip ---------------------------------------------------------------------------------
+#: zlib level of the volumes DiffusionCore writes as .nii.gz: level 1 compresses CT about 30x faster
+#: than level 6 and the file is only a few per cent larger.
+GZIP_LEVEL = 1
+_GZIP_BLOCK = 2 << 20
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _deflate_block(block: bytes, level: int, last: bool) -> bytes:
+    # raw deflate (no header); a sync flush ends a block on a byte boundary without the final-block bit,
+    # so independently compressed blocks concatenate into one valid deflate stream
+    comp = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return comp.compress(block) + comp.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+def gzip_file(src: str | os.PathLike, dst: str | os.PathLike, *, level: int = GZIP_LEVEL, threads: int | None = None) -> None:
+    """Compress ``src`` into ``dst`` as one gzip member, using ``threads`` cores (default: all usable).
+
+    The input is cut into 2 MiB blocks deflated in parallel (zlib releases the GIL) and joined into a
+    single deflate stream, the way ``pigz`` does; any gzip reader (zlib, ITK, nibabel, ``gunzip``) reads
+    it. At most ``2 x threads`` blocks are in memory at once. ``dst`` is overwritten.
+    """
+    threads = usable_cpus() if threads is None else max(1, int(threads))
+    size = os.path.getsize(src)
+    n_blocks = max(1, -(-size // _GZIP_BLOCK))
+    crc = 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout, ThreadPoolExecutor(threads) as pool:
+        # header: magic, deflate, no flags, no mtime (reproducible files), fastest-level hint, OS unknown
+        fout.write(b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + (b"\x04" if level == 1 else b"\x00") + b"\xff")
+        pending: deque = deque()
+        for i in range(n_blocks):
+            block = fin.read(_GZIP_BLOCK)
+            crc = zlib.crc32(block, crc)
+            pending.append(pool.submit(_deflate_block, block, level, i == n_blocks - 1))
+            while len(pending) > 2 * threads:
+                fout.write(pending.popleft().result())
+        while pending:
+            fout.write(pending.popleft().result())
+        fout.write(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
 
 
 # -- memory ------------------------------------------------------------------------------------------

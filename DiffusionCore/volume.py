@@ -21,6 +21,7 @@ import math
 import os
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import GeometryError, InputError, OutputError
-from .files import publish
+from .files import gzip_file, publish, usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -647,6 +648,25 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
     return p
 
 
+def _rounded_int16(arr: np.ndarray) -> np.ndarray:
+    """``arr`` rounded to the nearest integer and clipped to the int16 range, slab by slab on all cores
+    (numpy releases the GIL), with one slab-sized temporary per worker."""
+    out = np.empty(arr.shape, dtype=np.int16)
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        out[...] = np.clip(np.round(arr), -32768, 32767)
+        return out
+    step = max(1, -(-arr.shape[0] // (4 * usable_cpus())))
+
+    def convert(start: int) -> None:
+        part = np.round(arr[start : start + step])
+        np.clip(part, -32768, 32767, out=part)
+        out[start : start + step] = part
+
+    with ThreadPoolExecutor(usable_cpus()) as pool:
+        list(pool.map(convert, range(0, arr.shape[0], step)))
+    return out
+
+
 def write_volume(vol: Volume, path: str | os.PathLike, *, overwrite: bool = False, dtype: str = "auto") -> Path:
     """Write a volume atomically (temporary file in the same folder, then rename).
 
@@ -666,7 +686,7 @@ def write_volume(vol: Volume, path: str | os.PathLike, *, overwrite: bool = Fals
         as_int = bool(np.all(arr == np.round(arr))) and arr.min() >= -32768 and arr.max() <= 32767
         dtype = "int16" if as_int else "float32"
     if dtype == "int16":
-        out = np.clip(np.round(arr), -32768, 32767).astype(np.int16)
+        out = _rounded_int16(arr)
     elif dtype == "float32":
         out = arr.astype(np.float32, copy=False)
     else:
@@ -676,17 +696,26 @@ def write_volume(vol: Volume, path: str | os.PathLike, *, overwrite: bool = Fals
     img.SetOrigin(vol.origin)
     img.SetDirection(tuple(float(v) for v in vol.direction.ravel()))
     suffix = _suffix(p)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".partial{suffix}", dir=p.parent)
-    os.close(fd)
+    # .nii.gz: ITK writes the plain .nii (header and geometry), then all cores gzip it (ITK's own gzip is
+    # single-threaded and ~10x slower on a 512x512x256 volume)
+    gzip_after = suffix == ".nii.gz"
+    temps = []
     try:
-        sitk.WriteImage(img, tmp, useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
-        publish(tmp, p)
+        for ext in (".nii", suffix) if gzip_after else (suffix,):
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".partial{ext}", dir=p.parent)
+            os.close(fd)
+            temps.append(tmp)
+        sitk.WriteImage(img, temps[0], useCompression=suffix in (".nrrd", ".mha"))
+        if gzip_after:
+            gzip_file(temps[0], temps[1])
+        publish(temps[-1], p)
     except (RuntimeError, OSError) as exc:
         msg = _sitk_message(exc) if isinstance(exc, RuntimeError) else str(exc)
         raise OutputError(f"could not write {p}: {msg}") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return p
 
 

@@ -36,6 +36,14 @@ def test_intensity_roundtrip_and_clipping():
     np.testing.assert_allclose(unit_to_hu(u), np.clip(hu, *HU_WINDOW), atol=1e-3)
     t = torch.tensor([0.0, 100.0])
     assert torch.allclose(unit_to_hu(hu_to_unit(t)), t, atol=1e-3)
+    # numpy inputs of any layout and type give a new float32 array; the caller's array stays as it was
+    vol = np.arange(-1500, 2500, 10, dtype=np.int16).reshape(20, 20)[:, ::2].T
+    before = vol.copy()
+    u = hu_to_unit(vol)
+    assert u.dtype == np.float32 and u.shape == vol.shape and not np.shares_memory(u, vol)
+    np.testing.assert_array_equal(vol, before)
+    np.testing.assert_allclose(u, (np.clip(vol, *HU_WINDOW) + 1024) / 1536 - 1, atol=1e-6)
+    assert float(hu_to_unit(-1024.0)) == -1.0 and float(unit_to_hu(1.0)) == 2048.0
 
 
 def test_vae_compresses_in_plane_only_by_default():

@@ -231,6 +231,21 @@ def test_enforce_consistency_leaves_consistent_volumes_unchanged():
     np.testing.assert_allclose(again.array, thin.array, atol=1e-3)
 
 
+@pytest.mark.parametrize("axis", [0, 2])
+def test_enforce_consistency_in_place_equals_the_copy_and_the_copy_keeps_the_input(axis):
+    rng = np.random.default_rng(axis)
+    truth = Volume(rng.normal(0, 200, (24, 10, 12)).astype(np.float32), (0.7, 0.7, 1.0) if axis == 0 else (1.0, 0.7, 0.7))
+    thick = degrade(truth, 4, "zyx"[axis])
+    guess = truth.with_array(truth.array + rng.normal(0, 50, truth.shape).astype(np.float32))
+    before = guess.array.copy()
+    copied = enforce_consistency(guess, thick, axis)
+    np.testing.assert_array_equal(guess.array, before)
+    np.testing.assert_allclose(degrade(copied, 4, "zyx"[axis]).array, thick.array, atol=1e-2)
+    same = enforce_consistency(guess, thick, axis, in_place=True)
+    assert same.array is guess.array
+    np.testing.assert_array_equal(same.array, copied.array)
+
+
 def test_progress_total_is_known_in_advance_and_monotone():
     calls = []
     vol = thick_ct()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from DiffusionCore import files as files_module
 from DiffusionCore import volume as volume_module
 from DiffusionCore.errors import GeometryError, InputError, OutputError
 from DiffusionCore.volume import (
@@ -267,3 +269,50 @@ def test_paths_with_spaces_and_non_ascii(tmp_path, oblique_phantom):
     np.testing.assert_array_equal(back.array, oblique_phantom.array)
     assert_same_geometry(back, oblique_phantom)
     assert os.listdir(folder) == ["thin slices é.nii.gz"]
+
+
+# -- parallel gzip -------------------------------------------------------------------------------------
+def test_nii_gz_is_one_gzip_member_that_itk_nibabel_and_gunzip_read(tmp_path, make_phantom, monkeypatch):
+    # more than one 2 MiB compression block, compressed on two threads, still one gzip member with the
+    # same bytes and geometry as ITK's own uncompressed NIfTI
+    vol = make_phantom(shape=(40, 128, 128), spacing=(0.7, 0.8, 3.0), origin=(-10.0, 5.5, -300.0))
+    vol.array[:] += np.random.default_rng(1).normal(0, 30, vol.shape).astype(np.float32)
+    monkeypatch.setattr(volume_module, "gzip_file", lambda s, d: files_module.gzip_file(s, d, threads=2))
+    gz = write_volume(vol, tmp_path / "thin.nii.gz", dtype="float32")
+    plain = write_volume(vol, tmp_path / "thin.nii", dtype="float32")
+    raw = plain.read_bytes()
+    assert len(raw) > (2 << 20)  # two blocks
+    d = zlib.decompressobj(31)
+    assert d.decompress(gz.read_bytes()) == raw and d.eof and d.unused_data == b""
+    assert gzip.decompress(gz.read_bytes()) == raw
+    back = read_volume(gz)
+    np.testing.assert_array_equal(back.array, vol.array)
+    assert_same_geometry(back, vol)
+    nib_img = nib.load(str(gz))
+    np.testing.assert_array_equal(np.asarray(nib_img.dataobj).transpose(2, 1, 0), vol.array)
+    np.testing.assert_allclose(nib_img.affine, nib.load(str(plain)).affine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thin.nii", "thin.nii.gz"]  # no temporaries left
+
+
+@pytest.mark.parametrize("size", [0, 1, (2 << 20), 5 * (1 << 20) + 17])
+def test_gzip_file_gives_the_same_bytes_on_any_thread_count(tmp_path, size):
+    data = np.random.default_rng(size).integers(0, 16, size, dtype=np.uint8).tobytes()
+    src = tmp_path / "data.bin"
+    src.write_bytes(data)
+    outputs = []
+    for threads in (1, 3):
+        dst = tmp_path / f"data{threads}.gz"
+        files_module.gzip_file(src, dst, threads=threads)
+        outputs.append(dst.read_bytes())
+        assert gzip.decompress(outputs[-1]) == data
+    assert outputs[0] == outputs[1]
+
+
+def test_int16_output_rounds_and_clips(tmp_path, phantom):
+    vol = phantom.with_array(np.full(phantom.shape, 12.5, dtype=np.float32))
+    vol.array[0, 0, :4] = [-40000.0, 40000.0, -0.6, 1.49]
+    img = sitk.ReadImage(str(write_volume(vol, tmp_path / "a.nii.gz", dtype="int16")))
+    assert img.GetPixelID() == sitk.sitkInt16
+    back = sitk.GetArrayFromImage(img)
+    np.testing.assert_array_equal(back[0, 0, :4], [-32768, 32767, -1, 1])
+    assert np.all(back[1:] == 12)  # round half to even, like numpy

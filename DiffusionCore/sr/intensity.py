@@ -21,6 +21,12 @@ HU_PER_UNIT: float = (HU_WINDOW[1] - HU_WINDOW[0]) / 2.0
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
+def _float32_copy(x) -> np.ndarray:
+    """A new C-contiguous float32 array with the values of ``x`` (the caller's array is never changed);
+    the conversions then run in place on it with torch's threads (a volume is 64M+ voxels)."""
+    return np.array(x, dtype=np.float32, order="C", copy=True)
+
+
 def hu_to_unit(x: ArrayT) -> ArrayT:
     """HU -> model units in ``[-1, 1]`` (clipped to :data:`HU_WINDOW` first).
 
@@ -30,7 +36,9 @@ def hu_to_unit(x: ArrayT) -> ArrayT:
     lo, hi = HU_WINDOW
     if isinstance(x, torch.Tensor):
         return (x.clamp(lo, hi) - lo) / HU_PER_UNIT - 1.0
-    return ((np.clip(np.asarray(x, dtype=np.float32), lo, hi) - lo) / HU_PER_UNIT - 1.0).astype(np.float32)
+    out = _float32_copy(x)
+    hu_to_unit_(torch.from_numpy(out))
+    return out
 
 
 def unit_to_hu(x: ArrayT) -> ArrayT:
@@ -42,4 +50,17 @@ def unit_to_hu(x: ArrayT) -> ArrayT:
     lo, _ = HU_WINDOW
     if isinstance(x, torch.Tensor):
         return (x.clamp(-1.0, 1.0) + 1.0) * HU_PER_UNIT + lo
-    return ((np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0) + 1.0) * HU_PER_UNIT + lo).astype(np.float32)
+    out = _float32_copy(x)
+    unit_to_hu_(torch.from_numpy(out))
+    return out
+
+
+def hu_to_unit_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`hu_to_unit` in place on a float tensor (no whole-volume temporaries); returns ``x``."""
+    lo, hi = HU_WINDOW
+    return x.clamp_(lo, hi).sub_(lo).div_(HU_PER_UNIT).sub_(1.0)
+
+
+def unit_to_hu_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`unit_to_hu` in place on a float tensor (no whole-volume temporaries); returns ``x``."""
+    return x.clamp_(-1.0, 1.0).add_(1.0).mul_(HU_PER_UNIT).add_(HU_WINDOW[0])

@@ -46,12 +46,13 @@ from ..interpolation import cubic_matrix, interpolate
 from ..train.distributed import resolve_device
 from ..volume import Grid, Volume, axis_index, check_ct, require_ct, suggested_factor, thick_axis
 from .config import MEAN
-from .intensity import hu_to_unit, unit_to_hu
+from .intensity import hu_to_unit_, unit_to_hu_
 from .model import requested_estimate
 from .tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_PATCH_SIZE,
     MEMORY_SAFETY_FRACTION,
+    Tile,
     choose_plan,
     device_available_memory,
     format_bytes,
@@ -99,6 +100,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def tile_weight(tile: Tile, device: torch.device) -> torch.Tensor:
+    """A tile's blending weight ``(D, H, W)`` built on ``device`` from its three 1D factors."""
+    wz, wy, wx = (torch.from_numpy(f).to(device) for f in tile.factors)
+    return wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:
@@ -166,7 +173,7 @@ def slab_means(arr: np.ndarray, thick: Grid, thin: Grid, axis: int) -> tuple[np.
     return _along_axis(s_mat, arr, axis), rows
 
 
-def enforce_consistency(output: Volume, thick: Volume, axis: int) -> Volume:
+def enforce_consistency(output: Volume, thick: Volume, axis: int, *, in_place: bool = False) -> Volume:
     """``output`` (thin grid) corrected so that its slab averages along ``axis`` equal ``thick``.
 
     Adds back the per-slab mean difference, spread smoothly with a cubic B-spline (see
@@ -177,13 +184,19 @@ def enforce_consistency(output: Volume, thick: Volume, axis: int) -> Volume:
         output: the super-resolved volume (HU) on the thin grid of ``thick``.
         thick: the thick input (HU).
         axis: the super-resolved array axis.
+        in_place: add the correction into ``output.array`` (a float32 array the caller owns) instead of
+            a copy; saves a whole-volume allocation.
     """
     m_mat, s_mat, rows = consistency_operator(thick.grid, output.grid, axis)
     means = _along_axis(s_mat, output.array, axis)  # (r, ...) HU, the axis first
     diff = np.moveaxis(thick.array, axis, 0)[rows].astype(np.float32) - means
     correction = _along_axis(m_mat, diff, 0)  # (n, ...)
-    arr = output.array + np.moveaxis(correction, 0, axis)
-    return output.with_array(arr.astype(np.float32, copy=False))
+    if in_place and output.array.dtype == np.float32 and output.array.flags.writeable:
+        arr = output.array
+    else:
+        arr = output.array.astype(np.float32)  # a copy
+    torch.from_numpy(np.moveaxis(arr, axis, 0)).add_(torch.from_numpy(correction))  # all cores
+    return output if arr is output.array else output.with_array(arr)
 
 
 # -- the pipeline -----------------------------------------------------------------------------------
@@ -520,8 +533,12 @@ class SuperResolver:
 
         # condition: cubic interpolation onto the thin grid, HU -> model units, thick axis first, padded
         t0 = time.perf_counter()
-        cubic = interpolate(volume, grid, "cubic")
-        cond = plan.pad(np.moveaxis(hu_to_unit(cubic.array), axis, 0))
+        units = interpolate(volume, grid, "cubic").array
+        if np.may_share_memory(units, volume.array) or units.dtype != np.float32:
+            units = units.astype(np.float32)  # converted in place below: never the caller's array
+        hu_to_unit_(torch.from_numpy(units))
+        cond = torch.from_numpy(plan.pad(np.moveaxis(units, axis, 0)))
+        del units
         timings = {"interpolate": time.perf_counter() - t0, "model": 0.0, "blend": 0.0, "consistency": 0.0}
 
         mean: np.ndarray | None = None
@@ -534,7 +551,7 @@ class SuperResolver:
         }
         with torch.inference_mode():
             for sample in range(num_samples):
-                acc = np.zeros(plan.padded_shape, dtype=np.float32)
+                acc = torch.zeros(plan.padded_shape, dtype=torch.float32)
                 tiles = plan.tiles()
                 while group := list(itertools.islice(tiles, batch)):
                     _check_cancel(cancel)
@@ -549,7 +566,7 @@ class SuperResolver:
                         _check_cancel(cancel)
 
                     t0 = time.perf_counter()
-                    patch = torch.from_numpy(np.stack([cond[t.slices] for t in group]))[:, None].to(dev)
+                    patch = torch.stack([cond[t.slices] for t in group])[:, None].to(dev)
                     # one CPU generator per call, seeded by its first tile: the same noise on any device
                     gen = torch.Generator().manual_seed(tile_seed(seed, sample, group[0].index))
                     try:
@@ -569,27 +586,34 @@ class SuperResolver:
                             "Use smaller patches (--patch-size), --tile-batch 1, a lower "
                             "DIFFUSIONCORE_MEMORY_LIMIT, or a machine with more memory."
                         ) from None
-                    pred_np = pred[:, 0].float().cpu().numpy()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
                     t1 = time.perf_counter()
-                    for tile, p in zip(group, pred_np):
-                        acc[tile.slices] += p * tile.weight
+                    # weighted where the prediction is (the GPU), summed into the accumulator on the host
+                    weights = torch.stack([tile_weight(t, dev) for t in group])
+                    weighted = (pred[:, 0].float() * weights).cpu()
+                    del pred, weights
+                    for tile, p in zip(group, weighted):
+                        acc[tile.slices] += p
                     timings["model"] += t1 - t0
                     timings["blend"] += time.perf_counter() - t1
                     _check_cancel(cancel)
                     done = base + steps * nb
                     report_progress(f"{label} done")
                 t0 = time.perf_counter()
-                hu = np.moveaxis(unit_to_hu(plan.crop(acc)), 0, axis)
+                hu = unit_to_hu_(acc).numpy()
                 del acc
-                sample_vol = Volume.from_grid(grid, np.ascontiguousarray(hu))
+                # copies only where the crop or the axis order needs it
+                sample_vol = Volume.from_grid(grid, np.ascontiguousarray(np.moveaxis(plan.crop(hu), 0, axis)))
+                del hu
                 timings["blend"] += time.perf_counter() - t0
                 if data_consistency:
                     t0 = time.perf_counter()
-                    sample_vol = enforce_consistency(sample_vol, volume, axis)
+                    sample_vol = enforce_consistency(sample_vol, volume, axis, in_place=True)
                     timings["consistency"] += time.perf_counter() - t0
                 # running mean and variance (Welford) over samples, in HU
                 if mean is None:
-                    mean = sample_vol.array.copy()
+                    mean = sample_vol.array  # a new array each sample: updated in place below
                     if num_samples > 1:
                         m2 = np.zeros_like(mean)
                 else:

@@ -155,12 +155,18 @@ class Tile:
     Attributes:
         index: position in the plan's tile order.
         slices: where the patch lies in the *padded* volume, ``(z, y, x)`` slices.
-        weight: float32 blending weight of shape ``(D, H, W)``.
+        factors: the separable blending weight: three float32 1D arrays (lengths ``D``, ``H``, ``W``).
     """
 
     index: int
     slices: tuple[slice, slice, slice]
-    weight: np.ndarray
+    factors: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The float32 blending weight of shape ``(D, H, W)`` (the outer product of :attr:`factors`)."""
+        wz, wy, wx = self.factors
+        return wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
 
 
 @dataclass(frozen=True)
@@ -196,13 +202,11 @@ class TilePlan:
         index = 0
         pz, py, px = self.patch_size
         for a, sz in enumerate(self.starts[0]):
-            wz = self._weights[0][a]
             for b, sy in enumerate(self.starts[1]):
-                wzy = wz[:, None] * self._weights[1][b][None, :]
                 for c, sx in enumerate(self.starts[2]):
-                    weight = (wzy[:, :, None] * self._weights[2][c][None, None, :]).astype(np.float32)
                     slices = (slice(sz, sz + pz), slice(sy, sy + py), slice(sx, sx + px))
-                    yield Tile(index, slices, weight)
+                    factors = tuple(w.astype(np.float32) for w in (self._weights[0][a], self._weights[1][b], self._weights[2][c]))
+                    yield Tile(index, slices, factors)  # type: ignore[arg-type]
                     index += 1
 
     def pad(self, arr: np.ndarray) -> np.ndarray:
