@@ -53,11 +53,17 @@ _GZIP_BLOCK = 2 << 20
 
 
 def usable_cpus() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    """Threads for DiffusionCore's own parallel work (gzip, conversions): the cores this process may run
+    on (its affinity mask, not the machine's count), at most ``OMP_NUM_THREADS`` when that is set, as
+    for torch."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        n = os.cpu_count() or 1
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        n = min(n, int(env))
+    return max(1, n)
 
 
 def _deflate_block(block: bytes, level: int, last: bool) -> bytes:

@@ -316,3 +316,13 @@ def test_int16_output_rounds_and_clips(tmp_path, phantom):
     back = sitk.GetArrayFromImage(img)
     np.testing.assert_array_equal(back[0, 0, :4], [-32768, 32767, -1, 1])
     assert np.all(back[1:] == 12)  # round half to even, like numpy
+
+
+def test_parallel_work_uses_at_most_omp_num_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = files_module.usable_cpus()
+    assert cores == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert files_module.usable_cpus() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")  # ignored, as torch falls back to its default
+    assert files_module.usable_cpus() == cores
