@@ -667,7 +667,9 @@ def _rounded_int16(arr: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_volume(vol: Volume, path: str | os.PathLike, *, overwrite: bool = False, dtype: str = "auto") -> Path:
+def write_volume(
+    vol: Volume, path: str | os.PathLike, *, overwrite: bool = False, dtype: str = "auto", compress: bool = True
+) -> Path:
     """Write a volume atomically (temporary file in the same folder, then rename).
 
     Args:
@@ -676,6 +678,9 @@ def write_volume(vol: Volume, path: str | os.PathLike, *, overwrite: bool = Fals
         overwrite: replace an existing file.
         dtype: ``"auto"`` (int16 when every voxel is an integer in range, else float32; lossless),
             ``"int16"`` (rounded and clipped HU, as scanners store CT) or ``"float32"``.
+        compress: gzip the voxels of ``.nrrd`` and ``.mha`` files. Hand-off files that are read once and
+            deleted (the Slicer modules' temporary files) skip it: a 256x512x512 float32 volume then
+            writes in ~1 s instead of ~5 s. ``.nii`` and ``.nii.gz`` follow their suffix.
 
     Returns:
         The path written.
@@ -705,7 +710,7 @@ def write_volume(vol: Volume, path: str | os.PathLike, *, overwrite: bool = Fals
             fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".partial{ext}", dir=p.parent)
             os.close(fd)
             temps.append(tmp)
-        sitk.WriteImage(img, temps[0], useCompression=suffix in (".nrrd", ".mha"))
+        sitk.WriteImage(img, temps[0], useCompression=compress and suffix in (".nrrd", ".mha"))
         if gzip_after:
             gzip_file(temps[0], temps[1])
         publish(temps[-1], p)

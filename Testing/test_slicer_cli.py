@@ -200,6 +200,8 @@ def test_sr_cli_runs_as_slicer_runs_it(scene, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert fractions and fractions[-1] == 1.0 and fractions == sorted(fractions)
     out = read_like_slicer(scene, tmp_path / "out.nrrd", "result")
+    # Slicer's hand-off files are read once and deleted: written without the slow gzip
+    assert b"encoding: raw" in (tmp_path / "out.nrrd").read_bytes()[:2000]
     expected = thin_grid(vol, 4, axis=0)
     got = mrml_io.volume_from_node(out)
     assert got.shape == expected.shape

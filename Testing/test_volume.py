@@ -326,3 +326,18 @@ def test_parallel_work_uses_at_most_omp_num_threads(monkeypatch):
     assert files_module.usable_cpus() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "not a number")  # ignored, as torch falls back to its default
     assert files_module.usable_cpus() == cores
+
+
+@pytest.mark.parametrize("suffix,gzip_marker,raw_marker", [
+    (".nrrd", b"encoding: gzip", b"encoding: raw"),
+    (".mha", b"CompressedData = True", b"CompressedData = False"),
+])
+def test_compression_of_nrrd_and_mha_can_be_turned_off(tmp_path, oblique_phantom, suffix, gzip_marker, raw_marker):
+    packed = write_volume(oblique_phantom, tmp_path / f"packed{suffix}")
+    plain = write_volume(oblique_phantom, tmp_path / f"plain{suffix}", compress=False)
+    assert gzip_marker in packed.read_bytes()[:2000] and raw_marker in plain.read_bytes()[:2000]
+    assert plain.stat().st_size > packed.stat().st_size
+    for path in (packed, plain):
+        back = read_volume(path)
+        np.testing.assert_array_equal(back.array, oblique_phantom.array)
+        assert_same_geometry(back, oblique_phantom)

@@ -98,10 +98,10 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress("slicer")
     print("<filter-comment>super-resolving</filter-comment>", flush=True)
     result, report = resolver.run(volume, progress=progress, **settings)
-    write_volume(result, args.outputVolume, overwrite=True, dtype="float32")
+    write_volume(result, args.outputVolume, overwrite=True, dtype="float32", compress=False)
     uncertainty = report.get("uncertainty")
     if args.uncertaintyVolume and uncertainty is not None:
-        write_volume(uncertainty, args.uncertaintyVolume, overwrite=True, dtype="float32")
+        write_volume(uncertainty, args.uncertaintyVolume, overwrite=True, dtype="float32", compress=False)
     sha = str(report.get("weights_sha256") or resolver.weights_sha256)
     elapsed = time.perf_counter() - t0
     if args.reportFile:

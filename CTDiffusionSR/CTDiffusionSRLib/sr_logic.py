@@ -206,7 +206,7 @@ class SRJob(CLIJob):
         self.uncertainty_node = None
 
     def prepare(self, tempdir: Path) -> list[str]:
-        write_volume(volume_from_node(self.input_node), tempdir / "input.nrrd", overwrite=True, dtype="float32")
+        write_volume(volume_from_node(self.input_node), tempdir / "input.nrrd", overwrite=True, dtype="float32", compress=False)
         args = self.settings.cli_arguments()
         if self.settings.num_samples >= 2:
             args += ["--uncertaintyVolume", str(tempdir / "uncertainty.nrrd")]
@@ -323,7 +323,7 @@ class EvaluationJob(CLIJob):
         vol = volume_from_node(self.input_node)
         if np.count_nonzero(vol.array > -500) == 0:
             raise InputError(f"'{self.input_node.GetName()}' has no voxel above -500 HU: no body to evaluate in.")
-        write_volume(vol, tempdir / "reference.nrrd", overwrite=True, dtype="float32")
+        write_volume(vol, tempdir / "reference.nrrd", overwrite=True, dtype="float32", compress=False)
         args = [
             "evaluate", "--reference", str(tempdir / "reference.nrrd"), "--factor", str(self.factor),
             "--axis", self.axis, "--degradation", self.degradation, "--methods", ",".join(self.methods),

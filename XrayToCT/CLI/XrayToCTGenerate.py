@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         record = {"stage": int(stage), "projection": figures, "shape": list(volume.shape), "file": ""}
         if args.stageDirectory:
             path = Path(args.stageDirectory) / f"stage{int(stage)}.nrrd"
-            write_volume(volume, path, overwrite=True, dtype="float32")
+            write_volume(volume, path, overwrite=True, dtype="float32", compress=False)
             record["file"] = str(path)
         print(STAGE_LINE_PREFIX + json.dumps(record), flush=True)
         text = ", ".join(f"{k} {v:.4g}" for k, v in figures.items()) or "no projection figures"
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     progress = Progress("slicer")
     result, report = generator.run(radiograph, progress=progress, on_stage=on_stage, **settings)
-    write_volume(result, args.outputVolume, overwrite=True, dtype="float32")
+    write_volume(result, args.outputVolume, overwrite=True, dtype="float32", compress=False)
     metrics = {}
     if args.referenceVolume:
         from DiffusionCore.interpolation import interpolate

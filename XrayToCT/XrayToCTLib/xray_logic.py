@@ -188,7 +188,7 @@ class XrayJob(CLIJob):
         write_radiograph(self.input_node, tempdir / "radiograph.mha")
         args = self.settings.cli_arguments()
         if self.reference_node is not None:
-            write_volume(volume_from_node(self.reference_node), tempdir / "reference.nrrd", overwrite=True, dtype="float32")
+            write_volume(volume_from_node(self.reference_node), tempdir / "reference.nrrd", overwrite=True, dtype="float32", compress=False)
             args += ["--referenceVolume", str(tempdir / "reference.nrrd")]
         args += [
             "--stageDirectory", str(tempdir / "stages"),
