@@ -81,19 +81,22 @@ def gzip_file(src: str | os.PathLike, dst: str | os.PathLike, *, level: int = GZ
     it. At most ``2 x threads`` blocks are in memory at once. ``dst`` is overwritten.
     """
     threads = usable_cpus() if threads is None else max(1, int(threads))
-    size = os.path.getsize(src)
-    n_blocks = max(1, -(-size // _GZIP_BLOCK))
-    crc = 0
+    crc = size = 0
     with open(src, "rb") as fin, open(dst, "wb") as fout, ThreadPoolExecutor(threads) as pool:
         # header: magic, deflate, no flags, no mtime (reproducible files), fastest-level hint, OS unknown
         fout.write(b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + (b"\x04" if level == 1 else b"\x00") + b"\xff")
         pending: deque = deque()
-        for i in range(n_blocks):
-            block = fin.read(_GZIP_BLOCK)
+        block = fin.read(_GZIP_BLOCK)
+        while True:
+            following = fin.read(_GZIP_BLOCK)  # read ahead: the last block ends the stream
             crc = zlib.crc32(block, crc)
-            pending.append(pool.submit(_deflate_block, block, level, i == n_blocks - 1))
+            size += len(block)
+            pending.append(pool.submit(_deflate_block, block, level, not following))
             while len(pending) > 2 * threads:
                 fout.write(pending.popleft().result())
+            if not following:
+                break
+            block = following
         while pending:
             fout.write(pending.popleft().result())
         fout.write(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))

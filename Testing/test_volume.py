@@ -341,3 +341,18 @@ def test_compression_of_nrrd_and_mha_can_be_turned_off(tmp_path, oblique_phantom
         back = read_volume(path)
         np.testing.assert_array_equal(back.array, oblique_phantom.array)
         assert_same_geometry(back, oblique_phantom)
+
+
+def test_a_full_disk_while_compressing_leaves_no_temporaries_and_keeps_the_old_file(tmp_path, phantom, monkeypatch):
+    path = write_volume(phantom, tmp_path / "out.nii.gz")
+    before = path.read_bytes()
+
+    def disk_full(src, dst):
+        Path(dst).write_bytes(b"\x1f\x8b half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(volume_module, "gzip_file", disk_full)
+    with pytest.raises(OutputError, match="No space left"):
+        write_volume(phantom, path, overwrite=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]
