@@ -652,17 +652,15 @@ def _rounded_int16(arr: np.ndarray) -> np.ndarray:
     """``arr`` rounded to the nearest integer and clipped to the int16 range, slab by slab on all cores
     (numpy releases the GIL), with one slab-sized temporary per worker."""
     out = np.empty(arr.shape, dtype=np.int16)
-    if arr.ndim == 0 or arr.shape[0] == 0:
-        out[...] = np.clip(np.round(arr), -32768, 32767)
-        return out
-    step = max(1, -(-arr.shape[0] // (4 * usable_cpus())))
+    threads = usable_cpus()
+    step = max(1, -(-arr.shape[0] // (4 * threads)))
 
     def convert(start: int) -> None:
         part = np.round(arr[start : start + step])
         np.clip(part, -32768, 32767, out=part)
         out[start : start + step] = part
 
-    with ThreadPoolExecutor(usable_cpus()) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         list(pool.map(convert, range(0, arr.shape[0], step)))
     return out
 

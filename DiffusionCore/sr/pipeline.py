@@ -58,6 +58,7 @@ from .tiling import (
     format_bytes,
     host_available_memory,
     memory_limit_from_env,
+    separable_weight,
 )
 
 logger = logging.getLogger(__name__)
@@ -104,8 +105,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def tile_weight(tile: Tile, device: torch.device) -> torch.Tensor:
     """A tile's blending weight ``(D, H, W)`` built on ``device`` from its three 1D factors."""
-    wz, wy, wx = (torch.from_numpy(f).to(device) for f in tile.factors)
-    return wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
+    return separable_weight(*(torch.from_numpy(f).to(device) for f in tile.factors))
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:

@@ -165,8 +165,12 @@ class Tile:
     @property
     def weight(self) -> np.ndarray:
         """The float32 blending weight of shape ``(D, H, W)`` (the outer product of :attr:`factors`)."""
-        wz, wy, wx = self.factors
-        return wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
+        return separable_weight(*self.factors)
+
+
+def separable_weight(wz, wy, wx):
+    """The 3D weight ``wz ⊗ wy ⊗ wx`` of shape ``(D, H, W)`` from three 1D numpy arrays or tensors."""
+    return wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
 
 
 @dataclass(frozen=True)
@@ -205,8 +209,8 @@ class TilePlan:
             for b, sy in enumerate(self.starts[1]):
                 for c, sx in enumerate(self.starts[2]):
                     slices = (slice(sz, sz + pz), slice(sy, sy + py), slice(sx, sx + px))
-                    factors = tuple(w.astype(np.float32) for w in (self._weights[0][a], self._weights[1][b], self._weights[2][c]))
-                    yield Tile(index, slices, factors)  # type: ignore[arg-type]
+                    factors = (self._weights[0][a], self._weights[1][b], self._weights[2][c])
+                    yield Tile(index, slices, factors)
                     index += 1
 
     def pad(self, arr: np.ndarray) -> np.ndarray:
@@ -261,7 +265,9 @@ def plan_tiles(
     ov = tuple(min(o, p // 2) for o, p in zip(ov_req, patch))
     padded = tuple(max(n, p) for n, p in zip(shape, patch))
     starts = tuple(tuple(_starts(n, p, o)) for n, p, o in zip(padded, patch, ov))
-    weights = tuple(blend_weights_1d(s, p, n) for s, p, n in zip(starts, patch, padded))
+    weights = tuple(
+        [w.astype(np.float32) for w in blend_weights_1d(s, p, n)] for s, p, n in zip(starts, patch, padded)
+    )
     return TilePlan(shape, padded, patch, ov, starts, weights)  # type: ignore[arg-type]
 
 
