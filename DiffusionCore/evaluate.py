@@ -27,7 +27,7 @@ Reconstructor = Callable[[Volume, Grid, dict], Volume]
 
 _METHODS: dict[str, Reconstructor] = {}
 #: Methods provided by other modules, imported when first asked for (they call register_method).
-_LAZY_METHODS = {"sr": "DiffusionCore.sr.pipeline"}
+_LAZY_METHODS = {name: "DiffusionCore.sr.pipeline" for name in ("sr", "sr+adapt", "cubic+dc")}
 
 
 def register_method(name: str, fn: Reconstructor) -> None:

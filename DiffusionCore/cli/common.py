@@ -158,3 +158,35 @@ def sigterm_cancels(cancel: threading.Event | None = None, what: str = "the run"
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--adapt [SECONDS]`` and ``--adapt-steps N``: test-time adaptation of the through-plane predictor."""
+    from ..sr.adapt import DEFAULT_ADAPT_SECONDS
+
+    parser.add_argument(
+        "--adapt", type=float, nargs="?", const=DEFAULT_ADAPT_SECONDS, default=None, metavar="SECONDS",
+        help="first fine-tune a copy of the model for at most SECONDS on pairs made from this scan's own "
+        f"in-plane slices (default {DEFAULT_ADAPT_SECONDS:g} s when given without a value); the shipped weights "
+        "are not changed",
+    )
+    parser.add_argument(
+        "--adapt-steps", type=int, default=None, metavar="N",
+        help="adapt for exactly N steps instead of a time budget (the same output for the same seed)",
+    )
+
+
+def adapt_settings(args: argparse.Namespace):
+    """The :class:`~DiffusionCore.sr.adapt.AdaptSettings` that ``--adapt`` / ``--adapt-steps`` ask for, or None.
+
+    Raises:
+        ConfigError: a non-finite or negative time, or steps below 1.
+    """
+    from ..sr.adapt import DEFAULT_ADAPT_SECONDS, AdaptSettings
+
+    seconds, steps = getattr(args, "adapt", None), getattr(args, "adapt_steps", None)
+    if seconds is None and steps is None:
+        return None
+    if seconds is not None and steps is None and seconds == 0:
+        return None  # --adapt 0: off
+    return AdaptSettings(seconds=DEFAULT_ADAPT_SECONDS if seconds is None else float(seconds), steps=steps)

@@ -9,11 +9,13 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import OutputError
 from ..evaluate import evaluate, format_table
 from ..files import publish
 from ..volume import load_reference
-from .common import Progress, add_progress_argument
+from .common import Progress, adapt_settings, add_adapt_arguments, add_progress_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--factor", type=int, required=True, help="slices per thick slab (2..8)")
     p.add_argument("--axis", default="z", choices=("z", "y", "x"), help="array axis to degrade (default z)")
     p.add_argument("--degradation", default="slab", choices=("slab", "decimate"), help="default slab")
-    p.add_argument("--methods", default="nearest,linear,cubic", help="comma-separated list")
+    p.add_argument(
+        "--methods", default="nearest,linear,cubic",
+        help="comma-separated list of nearest, linear, cubic, cubic+dc (cubic then the data-consistency step "
+        "that sr uses), sr, sr+adapt (sr adapted to the thick input first; see --adapt)",
+    )
+    p.add_argument(
+        "--slices", type=int, nargs=2, default=None, metavar=("START", "STOP"),
+        help="evaluate only reference slices START..STOP-1 along --axis (e.g. a held-out test region)",
+    )
     p.add_argument("--weights", default=None, help="weights name or file for model methods (sr)")
     p.add_argument("--allow-unregistered-weights", action="store_true", help="accept a weights file that is in no registry (only files you trust)")
     p.add_argument("--estimate", choices=("mean", "sample"), default=None, help="sr: the posterior mean (one step; the weights' default) or a posterior sample")
@@ -36,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed for model methods")
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
+    add_adapt_arguments(p)
     add_progress_argument(p)
     p.set_defaults(func=run)
 
@@ -72,6 +83,21 @@ def write_json_atomic(data: dict, path: str | os.PathLike, overwrite: bool = Tru
     return p
 
 
+def crop_slices(vol, axis: str, start: int, stop: int):
+    """The slices ``start..stop-1`` of ``vol`` along ``axis``, with the geometry that keeps them in place."""
+    from ..errors import InputError
+    from ..volume import Volume, axis_index
+
+    ax = axis_index(axis)
+    n = vol.shape[ax]
+    if not 0 <= start < stop <= n:
+        raise InputError(f"--slices {start} {stop}: the reference has slices 0..{n - 1} along {axis}")
+    idx = 2 - ax
+    origin = np.asarray(vol.origin) + vol.grid.direction_matrix[:, idx] * vol.spacing[idx] * start
+    arr = np.take(vol.array, np.arange(start, stop), axis=ax)
+    return Volume(arr, vol.spacing, tuple(float(o) for o in origin), vol.direction.copy(), dict(vol.metadata))
+
+
 def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.json_out:
@@ -81,9 +107,11 @@ def run(args: argparse.Namespace) -> int:
         if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
             raise OutputError(f"cannot write {out}: the folder {out.parent} does not exist or is not writable.")
     ref = load_reference(args.reference)
+    if args.slices is not None:
+        ref = crop_slices(ref, args.axis, *args.slices)
     options = {
         "weights": args.weights, "estimate": args.estimate, "num_steps": args.num_steps, "device": args.device,
-        "seed": args.seed, "allow_unregistered": args.allow_unregistered_weights,
+        "seed": args.seed, "allow_unregistered": args.allow_unregistered_weights, "adapt": adapt_settings(args),
     }
     progress = Progress(args.progress, desc="evaluate")
     try:

@@ -22,7 +22,7 @@ from ..errors import ConfigError, GeometryError, InputError, OutputError
 from ..sr.tiling import parse_memory_size
 from ..train.distributed import DistInfo, resolve_device, shard_list
 from ..volume import WRITABLE_SUFFIXES, check_output_path, read_volume, write_volume
-from .common import Progress, add_progress_argument, sigterm_cancels
+from .common import Progress, adapt_settings, add_adapt_arguments, add_progress_argument, sigterm_cancels
 from .evaluate import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dtype", choices=("float32", "int16"), default="float32", help="voxel type of the output file (default float32)")
     p.add_argument("--report", default=None, metavar="JSON", help="write settings, timings, memory and the weights' sha256 as JSON")
     p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # random weights: meaningless images
+    add_adapt_arguments(p)
     add_progress_argument(p)
     p.set_defaults(func=run)
 
@@ -264,6 +265,7 @@ def _json_report(job: Job, report: dict[str, Any], extra: dict[str, float]) -> d
 
 def run(args: argparse.Namespace) -> int:
     _check_uncertainty_args(args)
+    adapt = adapt_settings(args)  # option errors before any volume is read
     info = dist_info(args.device)
     device = info.device
     batch, jobs = plan_jobs(args, info)
@@ -320,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
                         tile_batch=args.tile_batch,
                         memory_limit=memory_limit,
                         allow_non_ct=args.allow_non_ct,
+                        adapt=adapt,
                     )
                 except (GeometryError, InputError) as exc:
                     if not batch:

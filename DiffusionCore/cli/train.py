@@ -11,6 +11,7 @@ import importlib
 #: Modules that add ``train`` sub-commands.
 FAMILY_MODULES: list[str] = [
     "DiffusionCore.sr.train_cli",
+    "DiffusionCore.sr.throughplane_train",
     "DiffusionCore.xray.train_cli",
 ]
 

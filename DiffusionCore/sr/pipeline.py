@@ -45,9 +45,12 @@ from ..evaluate import register_method
 from ..interpolation import cubic_matrix, interpolate
 from ..train.distributed import resolve_device
 from ..volume import Grid, Volume, axis_index, check_ct, require_ct, suggested_factor, thick_axis
-from .config import MEAN
-from .intensity import hu_to_unit_, unit_to_hu_
+from .adapt import AdaptSettings, adapt_predictor
+from .config import MEAN, SAMPLE
+from .intensity import HU_PER_UNIT, hu_to_unit, hu_to_unit_, unit_to_hu_
 from .model import requested_estimate
+from .throughplane import COMPONENT as THROUGHPLANE
+from .throughplane import ThroughPlaneNet, predict_residual
 from .tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_PATCH_SIZE,
@@ -65,6 +68,8 @@ logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, str], None]
 
+#: Progress units given to test-time adaptation (it is bounded by time, not by a count known in advance).
+ADAPT_PROGRESS_UNITS = 100
 #: Used when the model's configuration does not say (the seed's defaults).
 FALLBACK_STEPS = 15
 FALLBACK_GUIDANCE = 1.0
@@ -199,27 +204,75 @@ def enforce_consistency(output: Volume, thick: Volume, axis: int, *, in_place: b
     return output if arr is output.array else output.with_array(arr)
 
 
+# -- reports ----------------------------------------------------------------------------------------
+def _geometry_settings(volume: Volume, grid: Grid, axis: int, factor: int | None) -> dict[str, Any]:
+    """The report's description of the grids of a run."""
+    return {
+        "factor": factor,
+        "axis": "zyx"[axis],
+        "input_spacing_mm": list(volume.spacing),
+        "output_spacing_mm": list(grid.spacing),
+        "output_shape": list(grid.shape),
+    }
+
+
+def _add_consistency_psnr(report: dict[str, Any], output: Volume, volume: Volume, axis: int, factor: int | None) -> None:
+    """For an integer subdivision: how well the output, thickened again, reproduces the input (dB)."""
+    if factor is not None and output.shape[axis] == volume.shape[axis] * factor:
+        from ..metrics import consistency_psnr
+
+        report["consistency_psnr"] = float(consistency_psnr(output, volume, factor, axis, "slab"))
+
+
 # -- the pipeline -----------------------------------------------------------------------------------
 class SuperResolver:
-    """Thick-slice CT -> thin-slice CT with a latent diffusion SR model, over overlapping patches.
+    """Thick-slice CT -> thin-slice CT: a through-plane predictor and/or a latent diffusion model.
+
+    The starting point is the thick input cubic-interpolated onto the thin grid, plus, when the weights
+    have a through-plane predictor (:mod:`DiffusionCore.sr.throughplane`), its predicted residual
+    (optionally after adapting a copy of it to the input scan: :mod:`DiffusionCore.sr.adapt`). A latent
+    diffusion model, when present, refines that starting point patch by patch (it is ResShift's ``y``).
+    Data consistency comes last.
 
     Args:
         model: an :class:`DiffusionCore.sr.model.SRModel` (or any module with the same interface:
             ``super_resolve_patch``, ``estimate_patch_memory``, ``latent_downsample``, ``min_patch``,
-            ``weights_sha256``, ``config``).
+            ``weights_sha256``, ``config``), or ``None`` for weights that hold a predictor only.
         weights_name: a name for reports (registry name or file).
+        predictor: the through-plane predictor, or ``None``.
+        weights_sha256: the weights file's sha256 (default: the model's).
     """
 
-    def __init__(self, model: torch.nn.Module, *, weights_name: str | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module | None,
+        *,
+        weights_name: str | None = None,
+        predictor: ThroughPlaneNet | None = None,
+        weights_sha256: str | None = None,
+    ):
+        if model is None and predictor is None:
+            raise ConfigError("a SuperResolver needs a diffusion model, a through-plane predictor, or both")
         self.model = model
+        self.predictor = predictor
         self.weights_name = weights_name
+        self._weights_sha256 = weights_sha256
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_file: str | os.PathLike, *, allow_unregistered: bool = False) -> SuperResolver:
-        """Load registered weights by name, or a safetensors file (checked against the registry)."""
+        """Load registered weights by name, or a safetensors file (checked against the registry).
+
+        A file whose metadata says ``component="throughplane"`` holds a through-plane predictor only; any
+        other SR file is a latent diffusion model (:meth:`SRModel.from_pretrained`).
+        """
+        from ..weights.registry import resolve_weights
         from .model import SRModel
 
+        resolved = resolve_weights(name_or_file, family="sr", allow_unregistered=allow_unregistered)
+        if resolved.metadata.get("component") == THROUGHPLANE:
+            predictor = load_predictor(resolved)
+            return cls(None, weights_name=str(name_or_file), predictor=predictor, weights_sha256=resolved.sha256)
         model = SRModel.from_pretrained(name_or_file, allow_unregistered=allow_unregistered)
         return cls(model, weights_name=str(name_or_file))
 
@@ -240,6 +293,14 @@ class SuperResolver:
         return cls(SRModel.tiny(seed=seed), weights_name="tiny-test-model (random weights)")
 
     @classmethod
+    def tiny_predictor(cls, seed: int = 0) -> SuperResolver:
+        """A tiny random-weight through-plane predictor without a diffusion stage, for tests and self-tests."""
+        from .throughplane import tiny_predictor
+
+        return cls(None, predictor=tiny_predictor(seed), weights_name="tiny-test-predictor (random weights)",
+                   weights_sha256="0" * 64)
+
+    @classmethod
     def default(cls) -> SuperResolver:
         """The default registered SR weights (see :func:`default_weights_name`)."""
         return cls.from_pretrained(default_weights_name())
@@ -253,7 +314,7 @@ class SuperResolver:
     @property
     def default_estimate(self) -> str:
         """'mean' or 'sample': what the weights return when nothing else is asked for."""
-        return self.model.default_estimate
+        return MEAN if self.model is None else self.model.default_estimate
 
     def resolve_estimate(self, estimate: str | None, steps: int | None, num_samples: int) -> str:
         """The estimate a run makes: as asked; else 'sample' when a step count or several samples are asked
@@ -264,6 +325,14 @@ class SuperResolver:
                 'mean' for DDIM weights.
         """
         estimate = requested_estimate(estimate, steps, num_samples)
+        if self.model is None:
+            if estimate == SAMPLE:
+                raise ConfigError(
+                    f"the weights {self.weights_name} are a through-plane predictor without a diffusion stage: "
+                    "they give one deterministic estimate. Drop --estimate sample, --num-steps and "
+                    "--num-samples, or use weights with a diffusion stage."
+                )
+            return MEAN
         return self.model.resolve_estimate(estimate)
 
     @property
@@ -355,6 +424,7 @@ class SuperResolver:
         memory_limit: int | None = None,
         tile_batch: int | None = None,
         allow_non_ct: bool = False,
+        adapt: AdaptSettings | None = None,
     ) -> tuple[Volume, dict[str, Any]]:
         """Super-resolve a thick-slice CT onto its thin grid.
 
@@ -387,6 +457,8 @@ class SuperResolver:
                 so the output for a seed depends on this number (and on nothing else but the settings).
             allow_non_ct: run on a volume whose intensities do not look like CT in HU (constant volumes
                 and NaN/Inf voxels are refused regardless).
+            adapt: fine-tune a copy of the through-plane predictor on the input scan first
+                (:class:`~DiffusionCore.sr.adapt.AdaptSettings`: a time or step budget); None: no adaptation.
 
         Returns:
             ``(output, report)``: the thin-slice Volume (HU, exactly on the thin grid) and a dict with
@@ -424,7 +496,190 @@ class SuperResolver:
             cancel=cancel,
             memory_limit=memory_limit,
             tile_batch=tile_batch,
+            adapt=adapt,
         )
+
+    # -- the starting point: cubic interpolation plus the through-plane predictor --------------------
+    def predictor_factor(self, volume: Volume | Grid, grid: Grid, axis: int) -> int | None:
+        """The factor the through-plane predictor runs at for this thin grid: the trained factor nearest
+        to the spacing ratio (the result is then resampled onto ``grid`` when the ratio is not that
+        integer); None without a predictor or for a ratio under 1.5."""
+        if self.predictor is None:
+            return None
+        ratio = float(volume.spacing_zyx[axis]) / float(grid.spacing_zyx[axis])
+        if ratio < 1.5:
+            return None
+        k = min(self.predictor.factors, key=lambda f: (abs(f - ratio), f))
+        return k if volume.shape[axis] >= 2 else None
+
+    def starting_point(
+        self,
+        volume: Volume,
+        grid: Grid,
+        axis: int,
+        factor: int | None,
+        *,
+        adapt: AdaptSettings | None = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        progress: Callable[[int, str], None] | None = None,
+        cancel: threading.Event | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The thin-grid volume (HU, float32, a new array in ``grid``'s layout) that the diffusion stage
+        refines, or that is the result when there is none: cubic interpolation plus the through-plane
+        predictor's residual at ``factor`` (see :meth:`predictor_factor`; None: cubic only).
+
+        Progress counts :data:`ADAPT_PROGRESS_UNITS` for adaptation (when asked) and then one unit per
+        predicted plane (the two in-plane sizes of the input added).
+
+        Returns:
+            ``(hu, report)``: the volume, and ``{"used", "factor", "adaptation", ...}`` for the run report.
+        """
+        timings = {} if timings is None else timings
+
+        def tell(d: int, message: str) -> None:
+            if progress is not None:
+                progress(d, message)
+
+        t0 = time.perf_counter()
+        if factor is None or self.predictor is None:
+            hu = interpolate(volume, grid, "cubic").array
+            if np.may_share_memory(hu, volume.array) or hu.dtype != np.float32:
+                hu = hu.astype(np.float32)  # the caller may change it in place: never the input's array
+            timings["interpolate"] = timings.get("interpolate", 0.0) + time.perf_counter() - t0
+            why = "no through-plane predictor in these weights" if self.predictor is None else (
+                f"no trained factor near the spacing ratio (trained: {self.predictor.factors})")
+            return hu, {"used": False, "reason": why}
+        net = self.predictor
+        k = int(factor)
+        thick = np.moveaxis(volume.array, axis, 0)
+        spacing = tuple(float(volume.spacing_zyx[a]) for a in [axis] + [a for a in range(3) if a != axis])
+        offset = 0
+        adapt_report = None
+        if adapt is not None:
+            net, adapt_report = adapt_predictor(
+                net, np.ascontiguousarray(thick, dtype=np.float32), spacing, k, adapt, seed=seed, device=device,
+                progress=lambda frac, msg: tell(int(round(frac * ADAPT_PROGRESS_UNITS)), msg), cancel=cancel,
+            )
+            timings["adapt"] = time.perf_counter() - t0
+            offset = ADAPT_PROGRESS_UNITS
+            t0 = time.perf_counter()
+        kgrid = thin_grid(volume, k, axis=axis)
+        exact = kgrid.shape == grid.shape and np.allclose(kgrid.spacing, grid.spacing, rtol=0, atol=1e-6) and np.allclose(
+            kgrid.origin, grid.origin, rtol=0, atol=1e-4)
+        if exact:
+            kgrid = grid
+        hu = interpolate(volume, kgrid, "cubic").array
+        if np.may_share_memory(hu, volume.array) or hu.dtype != np.float32:
+            hu = hu.astype(np.float32)
+        timings["interpolate"] = timings.get("interpolate", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        net.to(device).eval()
+        thick_units = torch.from_numpy(hu_to_unit(thick))  # a new (m, H, W) array
+        residual = predict_residual(
+            net, thick_units, k, device=device, cancel=cancel,
+            progress=lambda d, _t, msg: tell(offset + d, msg),
+        )
+        torch.from_numpy(np.moveaxis(hu, axis, 0)).add_(residual.mul_(HU_PER_UNIT))  # in place, all cores
+        del residual, thick_units
+        if not exact:  # the predictor's own integer grid, resampled onto the asked-for spacing
+            hu = interpolate(Volume.from_grid(kgrid, hu), grid, "cubic").array.astype(np.float32, copy=False)
+        timings["predictor"] = time.perf_counter() - t0
+        return hu, {"used": True, "factor": k, "resampled_to_grid": not exact, "adaptation": adapt_report}
+
+    def _run_predictor_only(
+        self,
+        volume: Volume,
+        grid: Grid,
+        *,
+        axis: int,
+        factor: int | None,
+        predictor_factor: int | None,
+        seed: int,
+        dev: torch.device,
+        data_consistency: bool,
+        progress: ProgressFn | None,
+        cancel: threading.Event | None,
+        memory_limit: int | None,
+        adapt: AdaptSettings | None,
+        t_start: float,
+        estimate: str,
+    ) -> tuple[Volume, dict[str, Any]]:
+        """:meth:`run_to_grid` for weights without a diffusion stage: the starting point, then consistency."""
+        from ..files import check_memory_for
+
+        if predictor_factor is None:
+            ratio = volume.spacing_zyx[axis] / grid.spacing_zyx[axis]
+            raise GeometryError(
+                f"the through-plane predictor works for factors {self.predictor.factors[0]}-"  # type: ignore[union-attr]
+                f"{self.predictor.factors[-1]}, and this grid is {ratio:.2f} times finer than the input: "  # type: ignore[union-attr]
+                "choose a smaller target spacing, or use cubic interpolation (evaluate --methods cubic)"
+            )
+        voxels = int(np.prod(grid.shape))
+        if memory_limit is None:  # cubic, residual, resampling and consistency scratch: ~4 volumes
+            check_memory_for(voxels * 16, f"super-resolving onto {'x'.join(map(str, grid.shape))} voxels",
+                             "use a smaller volume or factor")
+        elif voxels * 16 > memory_limit:
+            raise ResourceError(
+                f"not enough memory: super-resolving onto {'x'.join(map(str, grid.shape))} voxels needs about "
+                f"{format_bytes(voxels * 16)}, above the limit of {format_bytes(memory_limit)}; raise the limit "
+                "or use a smaller volume"
+            )
+        thick_in_plane = [n for a, n in enumerate(volume.shape) if a != axis]
+        total = (ADAPT_PROGRESS_UNITS if adapt is not None else 0) + sum(thick_in_plane)
+
+        def tell(d: int, message: str) -> None:
+            if progress is not None:
+                progress(min(d, total), total, message)
+
+        tell(0, "through-plane predictor" + (" with adaptation" if adapt is not None else ""))
+        timings: dict[str, float] = {"consistency": 0.0}
+        hu, predictor_report = self.starting_point(
+            volume, grid, axis, predictor_factor, adapt=adapt, seed=seed, device=dev, progress=tell, cancel=cancel,
+            timings=timings,
+        )
+        _check_cancel(cancel)
+        out = Volume.from_grid(grid, hu)
+        if data_consistency:
+            t0 = time.perf_counter()
+            out = enforce_consistency(out, volume, axis, in_place=True)
+            timings["consistency"] = time.perf_counter() - t0
+        output = Volume.from_grid(
+            grid, out.array, source=volume.metadata.get("source", ""), method="sr", synthetic=True,
+            weights_sha256=self.weights_sha256,
+        )
+        timings["total"] = time.perf_counter() - t_start
+        report: dict[str, Any] = {
+            "settings": {
+                **_geometry_settings(volume, grid, axis, factor),
+                "estimate": estimate,
+                "steps": 0,
+                "requested_steps": None,
+                "guidance": None,
+                "seed": int(seed),
+                "device": str(dev),
+                "patch_size": None,
+                "overlap": None,
+                "num_samples": 1,
+                "tile_batch": None,
+                "data_consistency": bool(data_consistency),
+                "weights": self.weights_name,
+                "torch_threads": torch.get_num_threads(),
+                "adapt": None if adapt is None else {"seconds": adapt.seconds, "steps": adapt.steps},
+            },
+            "predictor": predictor_report,
+            "timings": timings,
+            "tiles": {"count": 0, "grid": [], "overhead": 0.0, "reduced_from": []},
+            "memory": {"peak_rss_bytes": peak_rss_bytes(), "cuda_max_allocated_bytes": (
+                int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None)},
+            "weights_sha256": self.weights_sha256,
+            "uncertainty": None,
+        }
+        _add_consistency_psnr(report, output, volume, axis, factor)
+        tell(total, "done")
+        logger.info("super-resolution done in %.1f s (through-plane predictor, x%d)", timings["total"], predictor_factor)
+        return output, report
 
     def _memory_limits(self, dev: torch.device, memory_limit: int | None) -> tuple[int, int | None]:
         if memory_limit is None:
@@ -456,6 +711,7 @@ class SuperResolver:
         cancel: threading.Event | None = None,
         memory_limit: int | None = None,
         tile_batch: int | None = None,
+        adapt: AdaptSettings | None = None,
     ) -> tuple[Volume, dict[str, Any]]:
         """:meth:`run` onto a given thin ``grid`` (differing from the input's only along ``axis``).
 
@@ -483,6 +739,21 @@ class SuperResolver:
             raise ConfigError(f"overlap needs three values of 0 or more (D H W); got {overlap_req}")
         dev = resolve_device(device)
         model = self.model
+        if adapt is not None and self.predictor is None:
+            raise ConfigError(
+                f"adaptation fine-tunes the through-plane predictor, and the weights {self.weights_name} have none: "
+                "drop --adapt or use weights with a predictor (the default weights have one)"
+            )
+        predictor_factor = self.predictor_factor(volume, grid, axis)
+        thick_in_plane = [n for a, n in enumerate(volume.shape) if a != axis]
+        pre_units = sum(thick_in_plane) if predictor_factor is not None else 0
+        adapt_units = ADAPT_PROGRESS_UNITS if (adapt is not None and predictor_factor is not None) else 0
+        if model is None:
+            return self._run_predictor_only(
+                volume, grid, axis=axis, factor=factor, predictor_factor=predictor_factor, seed=seed, dev=dev,
+                data_consistency=data_consistency, progress=progress, cancel=cancel, memory_limit=memory_limit,
+                adapt=adapt, t_start=t_start, estimate=estimate,
+            )
         model.to(dev)
         model.eval()
         decoder = getattr(getattr(model, "vae", None), "decoder", None)
@@ -520,7 +791,7 @@ class SuperResolver:
                 "x".join(map(str, tried[0])), "x".join(map(str, plan.patch_size)), plan.n_tiles,
             )
         batch = self._tile_batch(tile_batch, plan, dev, device_limit)
-        total = num_samples * plan.n_tiles * steps
+        total = adapt_units + pre_units + num_samples * plan.n_tiles * steps
         done = 0
 
         def report_progress(message: str) -> None:
@@ -531,15 +802,24 @@ class SuperResolver:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
 
-        # condition: cubic interpolation onto the thin grid, HU -> model units, thick axis first, padded
+        # condition: the starting point (cubic interpolation, plus the predictor's residual when there is
+        # one) on the thin grid, HU -> model units, thick axis first, padded
+        def pre_progress(d: int, message: str) -> None:
+            nonlocal done
+            done = d
+            report_progress(message)
+
+        timings = {"model": 0.0, "blend": 0.0, "consistency": 0.0}
+        units, predictor_report = self.starting_point(
+            volume, grid, axis, predictor_factor, adapt=adapt, seed=seed, device=dev, progress=pre_progress,
+            cancel=cancel, timings=timings,
+        )
         t0 = time.perf_counter()
-        units = interpolate(volume, grid, "cubic").array
-        if np.may_share_memory(units, volume.array) or units.dtype != np.float32:
-            units = units.astype(np.float32)  # converted in place below: never the caller's array
         hu_to_unit_(torch.from_numpy(units))
         cond = torch.from_numpy(plan.pad(np.moveaxis(units, axis, 0)))
         del units
-        timings = {"interpolate": time.perf_counter() - t0, "model": 0.0, "blend": 0.0, "consistency": 0.0}
+        timings["interpolate"] += time.perf_counter() - t0
+        done = adapt_units + pre_units
 
         mean: np.ndarray | None = None
         m2: np.ndarray | None = None
@@ -640,11 +920,7 @@ class SuperResolver:
         timings["total"] = time.perf_counter() - t_start
         report: dict[str, Any] = {
             "settings": {
-                "factor": factor,
-                "axis": "zyx"[axis],
-                "input_spacing_mm": list(volume.spacing),
-                "output_spacing_mm": list(grid.spacing),
-                "output_shape": list(grid.shape),
+                **_geometry_settings(volume, grid, axis, factor),
                 "estimate": estimate,
                 "steps": steps,
                 "requested_steps": requested_steps,
@@ -661,6 +937,7 @@ class SuperResolver:
                 "weights": self.weights_name,
                 "torch_threads": torch.get_num_threads(),
             },
+            "predictor": predictor_report,
             "timings": timings,
             "tiles": {**tiles_info, "reduced_from": [list(t) for t in tried]},
             "memory": {
@@ -673,10 +950,7 @@ class SuperResolver:
             "weights_sha256": self.weights_sha256,
             "uncertainty": uncertainty,
         }
-        if factor is not None and grid.shape[axis] == volume.shape[axis] * factor:
-            from ..metrics import consistency_psnr
-
-            report["consistency_psnr"] = float(consistency_psnr(output, volume, factor, axis, "slab"))
+        _add_consistency_psnr(report, output, volume, axis, factor)
         done = total
         report_progress("done")
         logger.info(
@@ -687,10 +961,36 @@ class SuperResolver:
 
     @property
     def weights_sha256(self) -> str:
+        if self._weights_sha256:
+            return str(self._weights_sha256)
         return str(getattr(self.model, "weights_sha256", ""))
 
 
-# -- default weights and the evaluate method ---------------------------------------------------------
+# -- weights, default weights and the evaluate methods ----------------------------------------------
+def load_predictor(resolved) -> ThroughPlaneNet:
+    """The through-plane predictor of checked weights (:class:`~DiffusionCore.weights.registry.ResolvedWeights`).
+
+    Raises:
+        WeightsError: no predictor configuration, tensors that do not fit it, or non-finite values.
+    """
+    from .throughplane import from_state
+
+    cfg = (resolved.metadata.get("config") or {}).get("throughplane")
+    if not isinstance(cfg, dict):
+        raise WeightsError(f"{resolved.path} says it holds a through-plane predictor but has no configuration for it")
+    tensors = resolved.load()
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise WeightsError(
+            f"{resolved.path} holds non-finite values (NaN/Inf) in {len(bad)} tensor(s), e.g. {bad[0]}: the "
+            "training that wrote it diverged; use other weights"
+        )
+    try:
+        return from_state(tensors, cfg)
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise WeightsError(f"{resolved.path}: the through-plane predictor's configuration is invalid ({exc})") from exc
+
+
 def default_weights_name() -> str:
     """The registered SR weights used when none are named: the first available entry of family ``sr``
     (bundled registry first, then the user's).
@@ -756,8 +1056,26 @@ def _evaluate_sr(thick: Volume, grid: Grid, options: dict) -> Volume:
         estimate=options.get("estimate"),
         device=options.get("device") or "auto",
         seed=int(options.get("seed") or 0),
+        adapt=options.get("adapt"),
     )
     return out
 
 
+def _evaluate_cubic_dc(thick: Volume, grid: Grid, options: dict) -> Volume:
+    """The ``cubic+dc`` method: cubic B-spline interpolation followed by the same data-consistency step
+    as ``sr`` (so that ``sr`` minus ``cubic+dc`` is the network's own share)."""
+    ax = next(a for a in range(3) if grid.shape[a] != thick.shape[a] or abs(grid.spacing_zyx[a] - thick.spacing_zyx[a]) > 1e-6)
+    out = interpolate(thick, grid, "cubic")
+    arr = out.array if out.array.dtype == np.float32 and not np.may_share_memory(out.array, thick.array) else out.array.astype(np.float32)
+    return enforce_consistency(Volume.from_grid(grid, arr), thick, ax, in_place=True)
+
+
+def _evaluate_sr_adapt(thick: Volume, grid: Grid, options: dict) -> Volume:
+    """The ``sr+adapt`` method: ``sr`` with test-time adaptation on the thick input (``options["adapt"]``,
+    default :class:`~DiffusionCore.sr.adapt.AdaptSettings`)."""
+    return _evaluate_sr(thick, grid, {**options, "adapt": options.get("adapt") or AdaptSettings()})
+
+
 register_method("sr", _evaluate_sr)
+register_method("sr+adapt", _evaluate_sr_adapt)
+register_method("cubic+dc", _evaluate_cubic_dc)

@@ -1,0 +1,373 @@
+"""Training of the through-plane predictor (``train throughplane``): cheap, resumable, time-bounded.
+
+The recipe (every field of :class:`ThroughPlaneTrainConfig` has a default and a sentence of help):
+
+* data: thin-slice CTs; the top ``test_fraction`` of each volume's slices is never read for training or
+  validation (the test region that the published figures use), the ``val_fraction`` below it is the
+  validation region, the rest trains;
+* pairs (:mod:`DiffusionCore.sr.planes`): real thin slices along z slab-averaged by ``k``, and in-plane
+  self-supervision (axial slices, one fine axis resampled to ``S / k``), flipped and intensity-jittered;
+* L1 loss on the thin plane (cubic + predicted residual) in model units, AdamW, an exponential moving
+  average of the weights (what validation scores and export writes);
+* stops after ``max_steps`` or ``max_minutes`` (whichever first), on SIGTERM or a ``STOP`` file, always
+  with a checkpoint; ``--resume`` continues exactly; ``--init-from WEIGHTS`` starts from exported weights
+  (training accumulates across sessions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import config_to_dict
+from ..errors import ConfigError, InputError
+from .planes import PairSettings, PlaneSource, sample_pairs
+from .throughplane import COMPONENT, ThroughPlaneConfig, ThroughPlaneNet, cubic_planes, state_dict_for_file
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "predictor"
+EXPORT_FILE = "throughplane.safetensors"
+
+
+@dataclass
+class ThroughPlaneTrainConfig:
+    """Training of the through-plane predictor.
+
+    Attributes:
+        model: the architecture (channels, blocks, factors).
+        pairs: how plane pairs are drawn (plane size, share of real thin slices, simulated thickness).
+        factor_weights: how often each factor is trained, ``{"k": weight}`` (unlisted factors: weight 1).
+        batch_size: planes per step.
+        learning_rate: AdamW learning rate (constant after warm-up).
+        warmup_steps: linear warm-up of the learning rate.
+        weight_decay: AdamW weight decay.
+        ema_decay: decay of the weight average that validation scores and export writes (0: off).
+        max_steps: stop after this many optimizer steps in total.
+        max_minutes: stop after this many minutes of this run (0: no limit).
+        val_every: validate (and log) every N steps.
+        checkpoint_every: checkpoint every N steps.
+        val_pairs: pairs per validated factor.
+        val_factors: factors validated.
+        test_fraction: top share of each volume's slices never used (the test region).
+        val_fraction: share of slices below the test region used for validation only.
+        seed: random seed.
+        threads: torch threads (0: torch's default).
+    """
+
+    model: ThroughPlaneConfig = field(default_factory=ThroughPlaneConfig)
+    pairs: PairSettings = field(default_factory=PairSettings)
+    factor_weights: dict[str, float] = field(default_factory=lambda: {"2": 2.5, "4": 2.5})
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    ema_decay: float = 0.999
+    max_steps: int = 100000
+    max_minutes: float = 0.0
+    val_every: int = 250
+    checkpoint_every: int = 500
+    val_pairs: int = 48
+    val_factors: list[int] = field(default_factory=lambda: [2, 4])
+    test_fraction: float = 0.3
+    val_fraction: float = 0.1
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ThroughPlaneConfig(**self.model)
+        if isinstance(self.pairs, dict):
+            p = dict(self.pairs)
+            if "thick_mm" in p:
+                p["thick_mm"] = tuple(p["thick_mm"])
+            self.pairs = PairSettings(**p)
+        for name in ("learning_rate", "max_minutes", "weight_decay", "test_fraction", "val_fraction"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0; got {v}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0; got {self.learning_rate}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        for name in ("batch_size", "max_steps", "val_every", "checkpoint_every", "val_pairs"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be 1 or more; got {getattr(self, name)}")
+        if self.test_fraction + self.val_fraction >= 0.9:
+            raise ConfigError("test_fraction + val_fraction must leave at least 10% of the slices for training")
+
+    def factor_probabilities(self) -> tuple[list[int], np.ndarray]:
+        ks = list(self.model.factors)
+        w = np.array([float(self.factor_weights.get(str(k), 1.0)) for k in ks])
+        if (w < 0).any() or w.sum() <= 0:
+            raise ConfigError(f"factor_weights must be >= 0 with a positive sum; got {self.factor_weights}")
+        return ks, w / w.sum()
+
+
+def split_regions(n: int, test_fraction: float, val_fraction: float) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """``(train, val, test)`` slice ranges of a volume with ``n`` slices: test at the top, val below it."""
+    test0 = int(round(n * (1.0 - test_fraction)))
+    val0 = int(round(n * (1.0 - test_fraction - val_fraction)))
+    if val0 < 4:
+        raise InputError(f"a volume with {n} slices is too short to hold out test and validation regions")
+    return (0, val0), (val0, test0), (test0, n)
+
+
+def load_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig) -> tuple[list[PlaneSource], list[PlaneSource]]:
+    """Training and validation plane sources (HU, slice axis first) from thin-slice CT files."""
+    from ..volume import read_volume
+
+    train, val = [], []
+    for p in paths:
+        vol = read_volume(p)
+        arr = np.ascontiguousarray(vol.array, dtype=np.float32)
+        tr, va, te = split_regions(arr.shape[0], cfg.test_fraction, cfg.val_fraction)
+        logger.info("%s: train slices %d-%d, validation %d-%d, test %d-%d (never read)", p.name, tr[0], tr[1] - 1,
+                    va[0], va[1] - 1, te[0], te[1] - 1)
+        train.append(PlaneSource(p.name, arr, vol.spacing_zyx, *tr))
+        if va[1] > va[0]:
+            val.append(PlaneSource(p.name + "[val]", arr, vol.spacing_zyx, *va))
+    return train, val
+
+
+def validation_batches(
+    sources: list[PlaneSource], cfg: ThroughPlaneTrainConfig
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed validation pairs per factor (the same every time)."""
+    out = {}
+    settings = PairSettings(**{**asdict(cfg.pairs), "intensity_jitter": 0.0,
+                               "thick_rows": min(8, cfg.pairs.thick_rows), "width": cfg.pairs.width})
+    for k in cfg.val_factors:
+        rng = np.random.default_rng(12345 + int(k))
+        thick, thin = sample_pairs(sources, int(k), int(cfg.val_pairs), settings, rng)
+        out[int(k)] = (torch.from_numpy(thick), torch.from_numpy(thin))
+    return out
+
+
+def psnr_units(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR in dB for model units (data range 2: the HU window)."""
+    mse = float(torch.mean((pred - target) ** 2))
+    return 10.0 * math.log10(4.0 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def validate(net: ThroughPlaneNet, batches: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """``val/psnr_xK`` and ``val/gain_xK`` (dB over cubic) per factor, and their mean gain."""
+    net.eval()
+    res: dict[str, float] = {}
+    gains = []
+    for k, (thick, thin) in batches.items():
+        cubic = cubic_planes(thick, k)
+        pred = cubic + net(thick, k)
+        p, c = psnr_units(pred, thin), psnr_units(cubic, thin)
+        res[f"val/psnr_x{k}"] = p
+        res[f"val/gain_x{k}"] = p - c
+        gains.append(p - c)
+    res["val/gain"] = float(np.mean(gains))
+    net.train()
+    return res
+
+
+def load_predictor_weights(net: ThroughPlaneNet, path: str, allow_unregistered: bool = True) -> None:
+    """Copy the predictor of an exported weights file into ``net`` (for ``--init-from``)."""
+    from ..weights.registry import resolve_weights
+    from .throughplane import from_state
+
+    resolved = resolve_weights(path, family="sr", allow_unregistered=allow_unregistered)
+    tensors = resolved.load()
+    cfg = (resolved.metadata.get("config") or {}).get("throughplane")
+    if cfg is None:
+        raise ConfigError(f"{path} holds no through-plane predictor (its metadata has no config.throughplane)")
+    src = from_state(tensors, cfg)
+    if src.config.channels != net.config.channels or src.config.blocks != net.config.blocks:
+        raise ConfigError(
+            f"--init-from {path}: its predictor ({src.config.channels} channels, {src.config.blocks} blocks) "
+            f"differs from the configured one ({net.config.channels}, {net.config.blocks})"
+        )
+    own = net.state_dict()
+    copied = 0
+    for key, value in src.state_dict().items():
+        if key in own and own[key].shape == value.shape:
+            own[key].copy_(value)
+            copied += 1
+    logger.info("initialised %d of %d tensors from %s", copied, len(own), path)
+
+
+def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any]) -> str:
+    """Write the predictor as an inference weights file (family ``sr``, component ``throughplane``)."""
+    from ..weights.registry import save_safetensors
+
+    meta = {
+        "family": "sr",
+        "component": COMPONENT,
+        "config": {"throughplane": config_to_dict(net.config)},
+        "training": summary,
+    }
+    return save_safetensors(path, state_dict_for_file(net), meta)
+
+
+def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume: bool = False,
+          init_from: str | None = None) -> dict[str, Any]:
+    """Train (or continue training) the predictor; returns a summary and writes ``out_dir/throughplane.safetensors``."""
+    from ..train.checkpoint import find_latest, load_training_state, save_training_state
+    from ..train.data import collect_volumes
+    from ..train.ema import ParameterEMA
+    from ..train.logger import TrainLogger
+    from ..train.stop import StopFlag
+
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    out = Path(out_dir)
+    paths = collect_volumes(data)
+    train_src, val_src = load_sources(paths, cfg)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    net = ThroughPlaneNet(cfg.model)
+    if init_from:
+        load_predictor_weights(net, init_from)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    ema = ParameterEMA({MODEL_NAME: net}, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    models: dict[str, torch.nn.Module] = {MODEL_NAME: net}
+    if ema is not None:
+        models["ema"] = ema
+    step = 0
+    patches_before = 0
+    cpu_seconds_before = 0.0
+    if resume and find_latest(out) is not None:
+        state = load_training_state(out, models=models, optimizers={"opt": opt}, generators={"data": rng})
+        step = int(state["step"])
+        patches_before = int(state["extra"].get("patches", 0))
+        cpu_seconds_before = float(state["extra"].get("cpu_seconds", 0.0))
+    ks, probs = cfg.factor_probabilities()
+    val = validation_batches(val_src, cfg) if val_src else {}
+    log = TrainLogger(out, resume_step=step if resume else None)
+    t_start = time.perf_counter()
+    cpu_start = time.process_time()
+    best = -float("inf")
+    history: list[dict[str, float]] = []
+    timing = {"data": 0.0, "step": 0.0}
+    patches = 0
+    last: dict[str, float] = {}
+
+    def checkpoint() -> None:
+        save_training_state(
+            out, step=step, epoch=0, models=models, optimizers={"opt": opt}, config=config_to_dict(cfg),
+            extra={"patches": patches_before + patches,
+                   "cpu_seconds": cpu_seconds_before + time.process_time() - cpu_start},
+            generators={"data": rng},
+        )
+
+    net.train()
+    with StopFlag(out / "STOP") as stop:
+        while step < cfg.max_steps:
+            if stop.requested:
+                break
+            if cfg.max_minutes and time.perf_counter() - t_start > 60.0 * cfg.max_minutes:
+                logger.info("time limit of %.1f min reached", cfg.max_minutes)
+                break
+            t0 = time.perf_counter()
+            k = int(rng.choice(ks, p=probs))
+            thick_np, thin_np = sample_pairs(train_src, k, cfg.batch_size, cfg.pairs, rng)
+            thick, thin = torch.from_numpy(thick_np), torch.from_numpy(thin_np)
+            t1 = time.perf_counter()
+            lr = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            pred = cubic_planes(thick, k) + net(thick, k)
+            loss = torch.nn.functional.l1_loss(pred, thin)
+            if not torch.isfinite(loss):
+                raise ConfigError(f"the training loss became {float(loss)} at step {step}: lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if ema is not None:
+                ema.update()
+            step += 1
+            patches += cfg.batch_size
+            timing["data"] += t1 - t0
+            timing["step"] += time.perf_counter() - t1
+            if step % 20 == 0:
+                log.scalars({"loss/train": float(loss.detach()), "lr": lr}, step)
+            if val and step % cfg.val_every == 0:
+                if ema is not None:
+                    with ema.applied():
+                        last = validate(net, val)
+                else:
+                    last = validate(net, val)
+                elapsed = time.perf_counter() - t_start
+                last["patches_per_s"] = patches / max(elapsed, 1e-9)
+                log.scalars(last, step)
+                history.append({"step": step, **last})
+                logger.info("step %d  loss %.4f  %s", step, float(loss),
+                            "  ".join(f"{k_}={v:.3f}" for k_, v in last.items()))
+                best = max(best, last["val/gain"])
+            if step % cfg.checkpoint_every == 0:
+                checkpoint()
+    checkpoint()
+    log.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "steps": step,
+        "patches": patches_before + patches,
+        "cpu_hours": round((cpu_seconds_before + time.process_time() - cpu_start) / 3600.0, 3),
+        "this_run": {"steps": patches // cfg.batch_size, "seconds": round(elapsed, 1),
+                     "patches_per_s": round(patches / max(elapsed, 1e-9), 2),
+                     "data_seconds": round(timing["data"], 1), "step_seconds": round(timing["step"], 1)},
+        "validation": last,
+        "init_from": init_from,
+        "data": [p.name for p in paths],
+    }
+    if ema is not None:
+        ema.copy_to_models()
+    digest = export_predictor(net, out / EXPORT_FILE, summary)
+    summary["exported"] = {"file": str(out / EXPORT_FILE), "sha256": digest}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    logger.info("exported %s (sha256 %s)", out / EXPORT_FILE, digest)
+    return summary
+
+
+# -- command line -------------------------------------------------------------------------------------
+def register(fam: argparse._SubParsersAction) -> None:
+    p = fam.add_parser(
+        "throughplane",
+        help="train the through-plane predictor (the SR pipeline's fast first stage)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help="JSON or YAML file (ThroughPlaneTrainConfig); options override it")
+    p.add_argument("--data", nargs="+", required=True, help="thin-slice CT volumes: folders, files or list files")
+    p.add_argument("--out-dir", "--output-dir", dest="out_dir", required=True, help="checkpoints, logs, weights")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes of this run")
+    p.add_argument("--batch-size", type=int, default=None, help="planes per step (default 16)")
+    p.add_argument("--learning-rate", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--ema-decay", type=float, default=None, help="weight-average decay (default 0.999; 0: off)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--init-from", default=None, help="start from an exported weights file (e.g. the shipped one)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from ..config import load_config, read_config_file
+
+    overrides = {
+        k: getattr(args, k)
+        for k in ("max_steps", "max_minutes", "batch_size", "learning_rate", "ema_decay", "threads", "seed")
+        if getattr(args, k) is not None
+    }
+    base = dict(read_config_file(args.config)) if args.config else {}
+    cfg = load_config({**base, **overrides}, ThroughPlaneTrainConfig)
+    summary = train(cfg, args.data, args.out_dir, resume=args.resume, init_from=args.init_from)
+    print(json.dumps({k: summary[k] for k in ("steps", "patches", "cpu_hours", "validation", "exported")}, indent=1))
+    return 0

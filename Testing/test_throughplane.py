@@ -1,0 +1,287 @@
+"""The through-plane predictor, its training pairs, its training command, and adaptation to the user's scan."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import ct_phantom_array
+
+from DiffusionCore.degrade import degrade, thin_grid
+from DiffusionCore.errors import Cancelled, ConfigError, WeightsError
+from DiffusionCore.evaluate import evaluate
+from DiffusionCore.interpolation import interpolate
+from DiffusionCore.sr.adapt import AdaptSettings, adapt_predictor
+from DiffusionCore.sr.pipeline import SuperResolver, enforce_consistency
+from DiffusionCore.sr.planes import PairSettings, PlaneSource, box_resample, sample_pairs, slab_mean
+from DiffusionCore.sr.throughplane import (
+    ThroughPlaneConfig,
+    ThroughPlaneNet,
+    cubic_planes,
+    predict_residual,
+    state_dict_for_file,
+    tiny_predictor,
+)
+from DiffusionCore.volume import Volume, write_volume
+from DiffusionCore.weights.registry import save_safetensors
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def thick_phantom(shape=(12, 48, 48), seed=0) -> Volume:
+    """A thick-slice phantom: 0.8 mm in-plane, 4 mm slices."""
+    return Volume(ct_phantom_array(shape, seed=seed), spacing=(0.8, 0.8, 4.0), origin=(-5.0, 3.0, -20.0))
+
+
+# -- pairs --------------------------------------------------------------------------------------------
+def test_box_resample_is_the_exact_box_mean():
+    rng = np.random.default_rng(0)
+    arr = rng.normal(size=(40, 3))
+    # width 1 from an integer start: the rows themselves
+    np.testing.assert_allclose(box_resample(arr, 5.0, 1.0, 10), arr[5:15], atol=1e-5)
+    # width 2.5 from 1.25: by hand, a quarter of row 1, rows 2 and 3 whole, a quarter of row 3... per box
+    out = box_resample(arr, 1.25, 2.5, 3)
+    manual0 = (0.75 * arr[1] + arr[2] + 0.75 * arr[3]) / 2.5
+    np.testing.assert_allclose(out[0], manual0, atol=1e-5)
+    # slab-averaging k boxes of width r is one box of width k*r (what makes in-plane pairs consistent)
+    np.testing.assert_allclose(slab_mean(box_resample(arr, 0.5, 1.5, 24), 3), box_resample(arr, 0.5, 4.5, 8),
+                               atol=1e-5)
+
+
+def test_pairs_are_slab_averages_in_model_units():
+    vol = ct_phantom_array((40, 64, 64))
+    src = PlaneSource("phantom", vol, (2.0, 0.8, 0.8))
+    thick, thin = sample_pairs([src], 4, 6, PairSettings(thick_rows=6, width=32), np.random.default_rng(1))
+    assert thick.shape == (6, 1, 6, 32) and thin.shape == (6, 1, 24, 32)
+    assert thick.dtype == np.float32 and -1.0 <= thin.min() and thin.max() <= 1.0
+    # each thick row is the mean of its 4 thin rows (inside the HU window, where clipping does not act)
+    inside = (np.abs(thin) < 0.99).all(axis=2, keepdims=True)
+    means = thin.reshape(6, 1, 6, 4, 32).mean(axis=3)
+    np.testing.assert_allclose(np.where(inside, means, thick), thick, atol=1e-4)
+
+
+def test_a_volume_too_small_for_the_plane_is_refused_with_the_reason():
+    src = PlaneSource("small", ct_phantom_array((8, 16, 16)), (2.0, 0.8, 0.8))
+    with pytest.raises(Exception, match="no plane of"):
+        sample_pairs([src], 8, 2, PairSettings(thick_rows=16, width=96), np.random.default_rng(0))
+
+
+# -- the network --------------------------------------------------------------------------------------
+def test_a_fresh_predictor_returns_cubic_interpolation():
+    net = ThroughPlaneNet(ThroughPlaneConfig(channels=4, blocks=1, factors=[2, 4])).eval()
+    thick = torch.randn(3, 1, 7, 20)
+    with torch.no_grad():
+        assert torch.count_nonzero(net(thick, 4)) == 0
+    assert net(thick, 4).shape == (3, 1, 28, 20)
+    with pytest.raises(ConfigError, match="no head for factor 3"):
+        net(thick, 3)
+
+
+def test_volume_prediction_averages_both_plane_orientations():
+    net = tiny_predictor(0)
+    thick = torch.randn(5, 9, 11)
+    res = predict_residual(net, thick, 2, plane_batch=4)
+    with torch.no_grad():
+        a = net(thick.permute(1, 0, 2).unsqueeze(1), 2)[:, 0].permute(1, 0, 2)  # planes over H
+        b = net(thick.permute(2, 0, 1).unsqueeze(1), 2)[:, 0].permute(1, 2, 0)  # planes over W
+    torch.testing.assert_close(res, 0.5 * (a + b), atol=1e-5, rtol=1e-5)
+
+
+def test_cubic_planes_match_the_volume_interpolation():
+    vol = thick_phantom()
+    grid = thin_grid(vol, 4)
+    cubic = interpolate(vol, grid, "cubic").array  # HU
+    planes = torch.from_numpy(np.ascontiguousarray(vol.array[:, 10:12, :].transpose(1, 0, 2)))[:, None]
+    np.testing.assert_allclose(cubic_planes(planes, 4)[:, 0].numpy(), cubic[:, 10:12, :].transpose(1, 0, 2),
+                               atol=1e-2)
+
+
+# -- the pipeline -------------------------------------------------------------------------------------
+def test_pipeline_with_a_fresh_predictor_equals_cubic_plus_consistency():
+    vol = thick_phantom()
+    fresh = SuperResolver(None, predictor=ThroughPlaneNet(ThroughPlaneConfig(channels=4, blocks=1)).eval(),
+                          weights_sha256="1" * 64, weights_name="fresh")
+    out, report = fresh.run(vol, factor=4, device="cpu")
+    grid = thin_grid(vol, 4)
+    expected = enforce_consistency(interpolate(vol, grid, "cubic"), vol, 0)
+    np.testing.assert_allclose(out.array, expected.array, atol=1e-2)
+    assert report["predictor"]["used"] and report["predictor"]["factor"] == 4
+    assert report["consistency_psnr"] > 100
+    assert out.metadata["synthetic"] and report["weights_sha256"] == "1" * 64
+
+
+def test_pipeline_with_a_predictor_never_changes_the_input_and_reports_progress():
+    vol = thick_phantom()
+    before = vol.array.copy()
+    seen = []
+    out, report = SuperResolver.tiny_predictor().run(vol, factor=2, device="cpu",
+                                                      progress=lambda d, t, m: seen.append((d, t)))
+    np.testing.assert_array_equal(vol.array, before)
+    assert out.shape == (24, 48, 48) and np.isfinite(out.array).all()
+    totals = {t for _, t in seen}
+    assert totals == {48 + 48} and seen[-1][0] == seen[-1][1]
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    # the output reproduces the input when thickened again (data consistency)
+    np.testing.assert_allclose(degrade(out, 2).array, vol.array, atol=0.05)
+
+
+def test_a_target_spacing_between_factors_runs_the_nearest_factor_and_resamples():
+    vol = thick_phantom()
+    out, report = SuperResolver.tiny_predictor().run(vol, target_spacing=1.5, device="cpu")
+    assert report["predictor"]["factor"] == 3 and report["predictor"]["resampled_to_grid"]
+    assert abs(out.spacing_zyx[0] - 1.5) < 1e-6 and np.isfinite(out.array).all()
+
+
+def test_predictor_only_weights_refuse_samples_with_the_fix():
+    with pytest.raises(ConfigError, match="without a diffusion stage"):
+        SuperResolver.tiny_predictor().run(thick_phantom(), factor=2, num_samples=2, device="cpu")
+
+
+def test_cancel_stops_the_predictor_and_the_adaptation():
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        SuperResolver.tiny_predictor().run(thick_phantom(), factor=2, device="cpu", cancel=cancel)
+    with pytest.raises(Cancelled):
+        SuperResolver.tiny_predictor().run(thick_phantom(), factor=2, device="cpu", cancel=cancel,
+                                           adapt=AdaptSettings(steps=3))
+
+
+def test_adaptation_needs_a_predictor():
+    with pytest.raises(ConfigError, match="adaptation fine-tunes the through-plane predictor"):
+        SuperResolver.tiny().run(thick_phantom((8, 32, 32)), factor=2, device="cpu", adapt=AdaptSettings(steps=1))
+
+
+def _weights_file(tmp_path, net, name="tp.safetensors"):
+    meta = {"family": "sr", "component": "throughplane",
+            "config": {"throughplane": {"channels": net.config.channels, "blocks": net.config.blocks,
+                                        "factors": net.config.factors}}}
+    path = tmp_path / name
+    save_safetensors(path, state_dict_for_file(net), meta)
+    return path
+
+
+def test_weights_file_round_trip_and_refusals(tmp_path):
+    net = tiny_predictor(3)
+    path = _weights_file(tmp_path, net)
+    loaded = SuperResolver.from_pretrained(str(path), allow_unregistered=True)
+    assert loaded.model is None
+    for a, b in zip(net.state_dict().values(), loaded.predictor.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    bad = tiny_predictor(3)
+    with torch.no_grad():
+        bad.stem.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(WeightsError, match="non-finite"):
+        SuperResolver.from_pretrained(str(_weights_file(tmp_path, bad, "nan.safetensors")), allow_unregistered=True)
+    with pytest.raises(WeightsError, match="in no registry|not registered|unregistered"):
+        SuperResolver.from_pretrained(str(path))
+
+
+# -- adaptation -----------------------------------------------------------------------------------------
+def test_adaptation_lowers_the_loss_on_the_scans_own_pairs_and_leaves_the_weights_alone():
+    vol = thick_phantom((10, 64, 64))
+    net = tiny_predictor(1)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    settings = AdaptSettings(steps=40, batch_size=8, thick_rows=6, width=32, learning_rate=3e-3)
+    adapted, report = adapt_predictor(net, vol.array, (4.0, 0.8, 0.8), 2, settings, seed=0)
+    assert report["steps"] == 40 and report["skipped"] is None
+    assert report["loss_after"] < report["loss_before"]
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, before[k])  # the given weights are not changed
+    assert adapted is not net
+
+
+def test_adaptation_with_a_step_budget_is_deterministic():
+    vol = thick_phantom()
+    settings = AdaptSettings(steps=5, batch_size=4, thick_rows=6, width=32)
+    runs = [SuperResolver.tiny_predictor().run(vol, factor=2, device="cpu", seed=7, adapt=settings) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0][0].array, runs[1][0].array)
+    other = SuperResolver.tiny_predictor().run(vol, factor=2, device="cpu", seed=8, adapt=settings)[0]
+    assert not np.array_equal(other.array, runs[0][0].array)
+    rep = runs[0][1]["predictor"]["adaptation"]
+    assert rep["steps"] == 5 and "loss_before" in rep and "loss_after" in rep
+
+
+def test_adaptation_settings_are_checked():
+    for bad in ({"seconds": float("nan")}, {"seconds": -1}, {"seconds": 0}, {"steps": 0}):
+        with pytest.raises(ConfigError):
+            AdaptSettings(**bad)
+
+
+def test_adaptation_on_a_scan_too_small_for_pairs_is_skipped_with_the_reason():
+    vol = Volume(ct_phantom_array((6, 12, 12)), spacing=(0.8, 0.8, 4.0))
+    adapted, report = adapt_predictor(tiny_predictor(), vol.array, (4.0, 0.8, 0.8), 4, AdaptSettings(steps=2))
+    assert report["skipped"] and report["steps"] == 0
+
+
+# -- evaluate ---------------------------------------------------------------------------------------------
+def test_evaluate_cubic_dc_is_cubic_made_consistent():
+    ref = Volume(ct_phantom_array((24, 40, 40)), spacing=(0.8, 0.8, 1.0))
+    report = evaluate(ref, 4, methods=["cubic", "cubic+dc", "sr"],
+                      method_options={"resolver": SuperResolver.tiny_predictor()})
+    rows = {r["method"]: r for r in report["results"]}
+    assert rows["cubic"]["consistency_psnr"] < 80 < rows["cubic+dc"]["consistency_psnr"]
+    assert rows["sr"]["consistency_psnr"] > 80
+    assert np.isfinite(rows["sr"]["psnr_body"])
+
+
+# -- the training command -----------------------------------------------------------------------------
+def _run(args, **kw):
+    return subprocess.run([sys.executable, "-m", "DiffusionCore", *args], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+@pytest.fixture
+def training_volume(tmp_path):
+    path = tmp_path / "thin.nii.gz"
+    write_volume(Volume(ct_phantom_array((60, 64, 64), seed=3), spacing=(0.8, 0.8, 1.0)), path)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({
+        "model": {"channels": 8, "blocks": 1, "factors": [2, 4]},
+        "pairs": {"thick_rows": 6, "width": 32},
+        "batch_size": 4, "val_every": 10, "checkpoint_every": 10, "val_pairs": 4, "learning_rate": 0.003,
+    }))
+    return path, cfg
+
+
+def test_train_throughplane_learns_exports_resumes_and_continues_from_weights(training_volume, tmp_path):
+    data, cfg = training_volume
+    out = tmp_path / "run"
+    env_threads = {"OMP_NUM_THREADS": "1"}
+    import os
+
+    env = {**os.environ, **env_threads}
+    r = _run(["train", "throughplane", "--config", str(cfg), "--data", str(data), "--out-dir", str(out),
+              "--max-steps", "30", "--seed", "1"], env=env)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["patches"] == 120
+    assert summary["validation"]["val/gain"] > 0  # better than cubic on held-out slices
+    weights = out / "throughplane.safetensors"
+    resolver = SuperResolver.from_pretrained(str(weights), allow_unregistered=True)
+    assert resolver.predictor.factors == [2, 4]
+    # --resume continues the step count
+    r = _run(["train", "throughplane", "--config", str(cfg), "--data", str(data), "--out-dir", str(out),
+              "--max-steps", "40", "--resume"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 40
+    # --init-from starts a new run from exported weights
+    out2 = tmp_path / "run2"
+    r = _run(["train", "throughplane", "--config", str(cfg), "--data", str(data), "--out-dir", str(out2),
+              "--max-steps", "1", "--init-from", str(weights)], env=env)
+    assert r.returncode == 0, r.stderr
+    assert "initialised" in r.stderr
+
+
+def test_train_throughplane_refuses_bad_options(training_volume, tmp_path):
+    data, cfg = training_volume
+    for bad in (["--learning-rate", "nan"], ["--max-steps", "0"], ["--ema-decay", "2"]):
+        r = _run(["train", "throughplane", "--config", str(cfg), "--data", str(data), "--out-dir",
+                  str(tmp_path / "x"), *bad])
+        assert r.returncode == 2, (bad, r.stderr)
+        assert "error:" in r.stderr
