@@ -722,6 +722,23 @@ def write_volume(
     return p
 
 
+def crop_slices(vol: Volume, axis: str | int, start: int, stop: int) -> Volume:
+    """Slices ``start..stop-1`` of ``vol`` along ``axis`` (a copy), with the origin moved so that every kept
+    voxel stays where it was.
+
+    Raises:
+        InputError: the range is empty or leaves the volume.
+    """
+    ax = axis_index(axis)
+    n = vol.shape[ax]
+    if not 0 <= start < stop <= n:
+        raise InputError(f"slices {start}..{stop - 1} along {'zyx'[ax]}: the volume has slices 0..{n - 1}")
+    idx = 2 - ax
+    origin = np.asarray(vol.origin) + vol.grid.direction_matrix[:, idx] * vol.spacing[idx] * start
+    arr = np.take(vol.array, np.arange(start, stop), axis=ax)
+    return Volume(arr, vol.spacing, tuple(float(o) for o in origin), vol.direction.copy(), dict(vol.metadata))
+
+
 def load_reference(name_or_path: str | os.PathLike) -> Volume:
     """A volume from a path, or from a sample-data name (``chest-lidc``, ``chest-dx``)."""
     p = Path(name_or_path)

@@ -17,7 +17,7 @@ from DiffusionCore.weights.registry import import_weights
 @pytest.fixture
 def local_samples(tmp_path, make_phantom, monkeypatch):
     """chest-lidc / chest-dx stand-ins: a thin phantom and its 4x slab-averaged version on disk."""
-    thin = make_phantom(shape=(32, 32, 32), spacing=(0.8, 0.8, 1.0), seed=3)
+    thin = make_phantom(shape=(40, 32, 32), spacing=(0.8, 0.8, 1.0), seed=3)  # its top 30%: 12 slices
     thick = degrade(thin, 4)
     files = {"chest-lidc": tmp_path / "thin.nii.gz", "chest-dx": tmp_path / "thick.nii.gz"}
     write_volume(thin, files["chest-lidc"])
@@ -50,7 +50,7 @@ def test_demo_uses_registered_sr_weights(local_samples, cache_home, tmp_path, ca
     out = tmp_path / "out"
     summary = demo.run_demo(out, skip_xray=True, steps=2)
     methods = [r["method"] for r in summary["evaluation"]["results"]]
-    assert methods == ["nearest", "linear", "cubic", "sr"]
+    assert methods == ["nearest", "linear", "cubic", "cubic+dc", "sr"]  # no predictor: no sr+adapt
     sr = summary["evaluation"]["results"][-1]
     assert np.isfinite(sr["psnr"]) and sr["seconds"] > 0
     assert (out / "chest-dx_sr_x4.nii.gz").exists()

@@ -3,13 +3,14 @@
 Data: the ``chest-dx`` sample (a real 512x512x64 chest CT at 0.842x0.842x5.0 mm, a DICOM series), or any
 volume passed with ``--input``, or ``--input synthetic`` (a CT-like phantom of ``--shape``, 5 mm slices).
 Factor 4 along the thick axis (64 -> 256 slices by default). For each step count: wall time, time per stage
-(``encode`` / ``decode`` are the VAE calls inside the model, ``sample`` the diffusion steps), peak RSS and,
+(``adapt`` the adaptation to the input, ``predictor`` the through-plane predictor, ``encode`` /
+``decode`` the VAE calls inside a diffusion model, ``sample`` its diffusion steps), peak RSS and,
 on CUDA, ``torch.cuda.max_memory_allocated``. CPU runs use ``--threads`` (default 2) torch threads.
 Prints a table and writes JSON (with the weights' sha256, device and thread count).
 
 Usage::
 
-    python benchmarks/sr_speed.py results/sr_speed.json --weights NAME_OR_FILE [--estimate mean | --steps 4 15] [--device cpu]
+    python benchmarks/sr_speed.py results/sr_speed.json [--weights NAME_OR_FILE] [--adapt 120] [--estimate mean | --steps 4 15] [--device cpu]
     python benchmarks/sr_speed.py /tmp/check.json --tiny-test-model --input synthetic --shape 8 64 64
 
 ``--tiny-test-model`` uses random weights (meaningless images, smaller networks): only for checking the
@@ -28,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from DiffusionCore.cli.common import adapt_settings, add_adapt_arguments
 from DiffusionCore.cli.evaluate import write_json_atomic
-from DiffusionCore.sr.pipeline import SuperResolver, peak_rss_bytes
+from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name, peak_rss_bytes
 from DiffusionCore.train.distributed import resolve_device
 from DiffusionCore.volume import Volume, load_reference, read_volume, write_volume
 
@@ -50,11 +52,12 @@ def synthetic_ct(shape: tuple[int, int, int], spacing=(0.842, 0.842, 5.0), seed:
 class StageTimer:
     """Wraps the model's ``encode`` and ``decode`` (instance attributes shadow the methods) to time them."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module | None, device: torch.device):
         self.seconds = {"encode": 0.0, "decode": 0.0}
         self.device = device
         for name in self.seconds:
-            setattr(model, name, self._timed(name, getattr(model, name)))
+            if model is not None:  # weights without a diffusion stage have nothing to encode or decode
+                setattr(model, name, self._timed(name, getattr(model, name)))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -88,7 +91,7 @@ def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int | N
     result, report = resolver.run(
         vol, factor=args.factor, steps=steps, estimate=args.estimate, device=device, seed=0,
         patch_size=args.patch_size, overlap=args.overlap, data_consistency=not args.no_data_consistency,
-        tile_batch=args.tile_batch,
+        tile_batch=args.tile_batch, adapt=adapt_settings(args),
     )
     t0 = time.perf_counter()
     write_volume(result, out, overwrite=True, dtype="int16")
@@ -97,15 +100,19 @@ def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int | N
     tm = report["timings"]
     stages = {
         "read": t_read,
+        "adapt": tm.get("adapt", 0.0),
         "interpolate": tm["interpolate"],
+        "predictor": tm.get("predictor", 0.0),
         "encode": timer.seconds["encode"],
-        "sample": max(0.0, tm["model"] - timer.seconds["encode"] - timer.seconds["decode"]),
+        "sample": max(0.0, tm.get("model", 0.0) - timer.seconds["encode"] - timer.seconds["decode"]),
         "decode": timer.seconds["decode"],
-        "blend": tm["blend"],
+        "blend": tm.get("blend", 0.0),
         "consistency": tm["consistency"],
         "write": t_write,
     }
+    adaptation = (report.get("predictor") or {}).get("adaptation")
     return {
+        "adaptation": adaptation,
         "estimate": report["settings"]["estimate"],
         "steps": report["settings"]["steps"],
         "wall_seconds": wall,
@@ -137,8 +144,8 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_out", help="where to write the results (JSON)")
-    weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--weights", help="SR weights name or .safetensors file")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", help="SR weights name or .safetensors file (default: the installed default)")
     weights.add_argument("--tiny-test-model", action="store_true", help="random tiny model: checks the script only")
     parser.add_argument("--allow-unregistered-weights", action="store_true")
     parser.add_argument("--input", default="chest-dx", help="sample name, volume path, or 'synthetic' (default chest-dx)")
@@ -156,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile-batch", type=int, default=None, help="patches per model call (default: auto)")
     parser.add_argument("--no-data-consistency", action="store_true")
     parser.add_argument("--warmup", action="store_true", help="run once untimed first (CUDA kernel selection)")
+    add_adapt_arguments(parser)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -164,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         resolver = SuperResolver.tiny()
         print("warning: --tiny-test-model has random weights: figures only check the script", file=sys.stderr)
     else:
+        args.weights = args.weights or default_weights_name()
         resolver = SuperResolver.from_pretrained(args.weights, allow_unregistered=args.allow_unregistered_weights)
     timer = StageTimer(resolver.model, device)
     steps_list = args.steps or [None]

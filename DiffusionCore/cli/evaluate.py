@@ -9,12 +9,10 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import OutputError
 from ..evaluate import evaluate, format_table
 from ..files import publish
-from ..volume import load_reference
+from ..volume import crop_slices, load_reference
 from .common import Progress, adapt_settings, add_adapt_arguments, add_progress_argument
 
 
@@ -81,21 +79,6 @@ def write_json_atomic(data: dict, path: str | os.PathLike, overwrite: bool = Tru
         if os.path.exists(tmp):
             os.unlink(tmp)
     return p
-
-
-def crop_slices(vol, axis: str, start: int, stop: int):
-    """The slices ``start..stop-1`` of ``vol`` along ``axis``, with the geometry that keeps them in place."""
-    from ..errors import InputError
-    from ..volume import Volume, axis_index
-
-    ax = axis_index(axis)
-    n = vol.shape[ax]
-    if not 0 <= start < stop <= n:
-        raise InputError(f"--slices {start} {stop}: the reference has slices 0..{n - 1} along {axis}")
-    idx = 2 - ax
-    origin = np.asarray(vol.origin) + vol.grid.direction_matrix[:, idx] * vol.spacing[idx] * start
-    arr = np.take(vol.array, np.arange(start, stop), axis=ax)
-    return Volume(arr, vol.spacing, tuple(float(o) for o in origin), vol.direction.copy(), dict(vol.metadata))
 
 
 def run(args: argparse.Namespace) -> int:

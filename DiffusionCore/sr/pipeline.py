@@ -50,7 +50,7 @@ from .config import MEAN, SAMPLE
 from .intensity import HU_PER_UNIT, hu_to_unit, hu_to_unit_, unit_to_hu_
 from .model import requested_estimate
 from .throughplane import COMPONENT as THROUGHPLANE
-from .throughplane import ThroughPlaneNet, predict_residual
+from .throughplane import ThroughPlaneNet, body_box, predict_residual
 from .tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_PATCH_SIZE,
@@ -576,13 +576,15 @@ class SuperResolver:
         timings["interpolate"] = timings.get("interpolate", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         net.to(device).eval()
-        thick_units = torch.from_numpy(hu_to_unit(thick))  # a new (m, H, W) array
+        h0, h1, w0, w1 = body_box(thick)  # the air around the patient has no residual: not predicted
+        thick_units = torch.from_numpy(hu_to_unit(thick[:, h0:h1, w0:w1]))  # a new (m, h, w) array
         residual = predict_residual(
             net, thick_units, k, device=device, cancel=cancel,
             progress=lambda d, _t, msg: tell(offset + d, msg),
         )
-        torch.from_numpy(np.moveaxis(hu, axis, 0)).add_(residual.mul_(HU_PER_UNIT))  # in place, all cores
-        del residual, thick_units
+        target = torch.from_numpy(np.moveaxis(hu, axis, 0))[:, h0:h1, w0:w1]
+        target.add_(residual.mul_(HU_PER_UNIT))  # in place, all cores
+        del residual, thick_units, target
         if not exact:  # the predictor's own integer grid, resampled onto the asked-for spacing
             hu = interpolate(Volume.from_grid(kgrid, hu), grid, "cubic").array.astype(np.float32, copy=False)
         timings["predictor"] = time.perf_counter() - t0
@@ -626,8 +628,7 @@ class SuperResolver:
                 f"{format_bytes(voxels * 16)}, above the limit of {format_bytes(memory_limit)}; raise the limit "
                 "or use a smaller volume"
             )
-        thick_in_plane = [n for a, n in enumerate(volume.shape) if a != axis]
-        total = (ADAPT_PROGRESS_UNITS if adapt is not None else 0) + sum(thick_in_plane)
+        total = (ADAPT_PROGRESS_UNITS if adapt is not None else 0) + predictor_planes(volume, axis)
 
         def tell(d: int, message: str) -> None:
             if progress is not None:
@@ -745,8 +746,7 @@ class SuperResolver:
                 "drop --adapt or use weights with a predictor (the default weights have one)"
             )
         predictor_factor = self.predictor_factor(volume, grid, axis)
-        thick_in_plane = [n for a, n in enumerate(volume.shape) if a != axis]
-        pre_units = sum(thick_in_plane) if predictor_factor is not None else 0
+        pre_units = predictor_planes(volume, axis) if predictor_factor is not None else 0
         adapt_units = ADAPT_PROGRESS_UNITS if (adapt is not None and predictor_factor is not None) else 0
         if model is None:
             return self._run_predictor_only(
@@ -967,6 +967,12 @@ class SuperResolver:
 
 
 # -- weights, default weights and the evaluate methods ----------------------------------------------
+def predictor_planes(volume: Volume, axis: int) -> int:
+    """Planes the through-plane predictor runs on for ``volume`` (the progress units of that stage)."""
+    h0, h1, w0, w1 = body_box(np.moveaxis(volume.array, axis, 0))
+    return (h1 - h0) + (w1 - w0)
+
+
 def load_predictor(resolved) -> ThroughPlaneNet:
     """The through-plane predictor of checked weights (:class:`~DiffusionCore.weights.registry.ResolvedWeights`).
 
@@ -1034,7 +1040,8 @@ def _evaluate_sr(thick: Volume, grid: Grid, options: dict) -> Volume:
     """The ``sr`` method of :func:`DiffusionCore.evaluate.evaluate`.
 
     Options: ``weights`` (name or file; default: :func:`default_weights_name`), ``estimate``, ``num_steps``, ``device``,
-    ``seed``, ``allow_unregistered`` (bool), ``resolver`` (a ready :class:`SuperResolver`, for scripts).
+    ``seed``, ``allow_unregistered`` (bool), ``resolver`` (a ready :class:`SuperResolver`, for scripts),
+    ``adapt`` (:class:`~DiffusionCore.sr.adapt.AdaptSettings` for the ``sr+adapt`` method; ``sr`` never adapts).
     """
     resolver = options.get("resolver") or _resolver_for(options.get("weights"), bool(options.get("allow_unregistered")))
     ax = None
@@ -1056,7 +1063,7 @@ def _evaluate_sr(thick: Volume, grid: Grid, options: dict) -> Volume:
         estimate=options.get("estimate"),
         device=options.get("device") or "auto",
         seed=int(options.get("seed") or 0),
-        adapt=options.get("adapt"),
+        adapt=options.get("adapt") if options.get("adapting") else None,
     )
     return out
 
@@ -1073,7 +1080,7 @@ def _evaluate_cubic_dc(thick: Volume, grid: Grid, options: dict) -> Volume:
 def _evaluate_sr_adapt(thick: Volume, grid: Grid, options: dict) -> Volume:
     """The ``sr+adapt`` method: ``sr`` with test-time adaptation on the thick input (``options["adapt"]``,
     default :class:`~DiffusionCore.sr.adapt.AdaptSettings`)."""
-    return _evaluate_sr(thick, grid, {**options, "adapt": options.get("adapt") or AdaptSettings()})
+    return _evaluate_sr(thick, grid, {**options, "adapt": options.get("adapt") or AdaptSettings(), "adapting": True})
 
 
 register_method("sr", _evaluate_sr)

@@ -141,6 +141,24 @@ def cubic_planes(thick: torch.Tensor, k: int) -> torch.Tensor:
 
 ProgressFn = Callable[[int, int, str], None]
 
+#: Voxels at or below this HU count as air around the patient: planes there are not predicted (the
+#: residual of air is zero) .
+AIR_HU = -900.0
+#: Voxels kept around the body box (more than the network's receptive field in-plane).
+BODY_MARGIN = 16
+
+
+def body_box(thick_hu: np.ndarray, margin: int = BODY_MARGIN) -> tuple[int, int, int, int]:
+    """``(h0, h1, w0, w1)``: the in-plane extent of ``(m, H, W)`` holding anything denser than air, widened by
+    ``margin`` (the whole extent when there is nothing but air)."""
+    dense = thick_hu > AIR_HU
+    rows, cols = np.flatnonzero(dense.any(axis=(0, 2))), np.flatnonzero(dense.any(axis=(0, 1)))
+    hh, ww = thick_hu.shape[1:]
+    if rows.size == 0:
+        return 0, hh, 0, ww
+    return (max(0, int(rows[0]) - margin), min(hh, int(rows[-1]) + 1 + margin),
+            max(0, int(cols[0]) - margin), min(ww, int(cols[-1]) + 1 + margin))
+
 
 @torch.no_grad()
 def predict_residual(
