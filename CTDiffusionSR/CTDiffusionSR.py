@@ -49,7 +49,8 @@ class CTDiffusionSR(ScriptedLoadableModule):
 Thick-to-thin slice super-resolution of CT with a latent diffusion model (ResShift + IRControlNet).
 Pick a thick-slice CT, keep the suggested factor, press Apply. The result is a NEW volume named
 "... SR xN (synthetic)": a plausible thin-slice image, not a measurement. Do not use it for diagnosis.
-"Evaluate on this volume" simulates thick slices from a thin CT and scores the model against cubic
+"Adapt to this scan" first fine-tunes a copy of the model on the input's own in-plane detail (slower,
+often sharper). "Evaluate on this volume" simulates thick slices from a thin CT and scores the model against cubic
 interpolation. The Training section trains or fine-tunes models on your own data.
 See the <a href="https://github.com/SlicerCTDiffusion/SlicerCTDiffusion">documentation</a>.
 """
@@ -67,7 +68,8 @@ class CTDiffusionSRParameterNode:
 
     factor 0 = suggested from the slice spacing; steps 0 = the posterior-mean estimate (N > 0: a posterior
     sample in N steps); guidance 0 = the model's default; patch and overlap 0 = automatic; outputVolume
-    None = a new node.
+    None = a new node; adaptToScan: first fine-tune a copy of the model for adaptSeconds on the input's own
+    in-plane detail.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -81,6 +83,8 @@ class CTDiffusionSRParameterNode:
     steps: Annotated[int, WithinRange(0, 1000)] = 0
     guidance: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    adaptToScan: bool = False
+    adaptSeconds: Annotated[float, WithinRange(0.0, 3600.0)] = 120.0
     patchDepth: Annotated[int, WithinRange(0, 512)] = 0
     patchHeight: Annotated[int, WithinRange(0, 1024)] = 0
     patchWidth: Annotated[int, WithinRange(0, 1024)] = 0
@@ -541,6 +545,7 @@ class CTDiffusionSRLogic(ScriptedLoadableModuleLogic):
             seed=p.seed,
             num_samples=p.numSamples,
             data_consistency=p.dataConsistency,
+            adapt_seconds=p.adaptSeconds if p.adaptToScan else 0.0,
         )
 
     @staticmethod

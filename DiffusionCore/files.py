@@ -212,6 +212,38 @@ def check_memory_for(n_bytes: int, what: str, advice: str) -> None:
         )
 
 
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's allocator to keep freed memory for reuse instead of returning it to the system.
+
+    CPU convolutions allocate and free activation buffers of a few MB at every layer; by default glibc
+    maps each one afresh (``mmap``) and the kernel zeroes its pages, which costs about a third of the CPU
+    time of the through-plane predictor (measured: 9.3 s -> 6.2 s). Raising the mmap and trim thresholds
+    (``mallopt``) lets the heap reuse them. Process-wide, idempotent; a no-op where glibc is absent.
+
+    Returns:
+        True when the setting was applied (now or before).
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        ok = all(
+            libc.mallopt(param, value) == 1
+            for param, value in ((m_mmap_threshold, 1 << 30), (m_trim_threshold, 1 << 31), (m_top_pad, 256 << 20))
+        )
+    except (OSError, AttributeError):
+        return False
+    _ALLOCATOR_TUNED = bool(ok)
+    return _ALLOCATOR_TUNED
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

@@ -30,6 +30,7 @@ from CTDiffusionSRLib.process import parse_progress_line  # noqa: E402
 from CTDiffusionSRLib.testing import phantom_ct, phantom_radiograph  # noqa: E402
 
 from DiffusionCore.degrade import thin_grid  # noqa: E402
+from DiffusionCore.errors import ConfigError  # noqa: E402
 
 CLI_FILES = {
     "CTDiffusionSRBatch": ROOT / "CTDiffusionSR" / "CLI" / "CTDiffusionSRBatch",
@@ -181,6 +182,31 @@ def test_script_parser_mirrors_the_xml(name):
     assert not extra, f"{name}.py accepts options the XML does not declare: {extra}"
 
 
+def test_sr_cli_declares_adaptation_and_records_it_as_json():
+    params = {p.name: p for p in _parameters("CTDiffusionSRBatch")}
+    seconds, steps, tiny = params["adaptSeconds"], params["adaptSteps"], params["tinyTestPredictor"]
+    assert (seconds.typ, seconds.default, seconds.longflag) == ("float", 0.0, "--adaptSeconds")  # 0 = off
+    assert "Adapt to this scan" in seconds.description and "0 = off" in seconds.description
+    assert (steps.typ, steps.default, steps.longflag) == ("integer", 0, "--adaptSteps")
+    assert tiny.typ == "boolean" and tiny.hidden  # like tinyTestModel: for self-tests only
+    script = _script("CTDiffusionSRBatch")
+    parser = script.build_parser()
+
+    def adapt(*flags):
+        settings = script.settings_from_args(parser.parse_args([*flags, "in.nrrd", "out.nrrd"]))
+        json.dumps(settings)  # the report and the Slicer node record the settings as JSON
+        return settings["adapt"], script.adapt_settings(settings["adapt"])
+
+    # Slicer passes every value, defaults included: 0 and 0 mean no adaptation
+    assert adapt("--adaptSeconds", "0", "--adaptSteps", "0") == (None, None)
+    recorded, engine = adapt("--adaptSeconds", "30")
+    assert recorded == {"seconds": 30.0, "steps": None} and (engine.seconds, engine.steps) == (30.0, None)
+    recorded, engine = adapt("--adaptSeconds", "0", "--adaptSteps", "5")
+    assert recorded == {"seconds": 0.0, "steps": 5} and engine.steps == 5
+    with pytest.raises(ConfigError):
+        adapt("--adaptSeconds", "-1")
+
+
 # -- end to end ------------------------------------------------------------------------------------------
 def test_sr_cli_runs_as_slicer_runs_it(scene, tmp_path):
     vol = phantom_ct()
@@ -215,6 +241,42 @@ def test_sr_cli_runs_as_slicer_runs_it(scene, tmp_path):
     assert len(ret["weightsSha256"]) == 64 and float(ret["elapsedSeconds"]) > 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["settings"]["num_samples"] == 2 and report["weights_sha256"] == ret["weightsSha256"]
+
+
+def test_sr_cli_adapts_to_the_scan_before_super_resolving(scene, tmp_path):
+    vol = phantom_ct()
+    inp = write_like_slicer(scene, mrml_io.add_volume_node(scene, vol, "CT_01"), tmp_path / "input.nrrd")
+    argv = slicer_command_line(
+        "CTDiffusionSRBatch",
+        {
+            "inputVolume": inp, "outputVolume": tmp_path / "out.nrrd", "factor": 4, "device": "cpu",
+            "tinyTestPredictor": True, "adaptSeconds": 0, "adaptSteps": 2, "reportFile": tmp_path / "report.json",
+        },
+    )
+    proc, fractions = run_like_slicer(argv)
+    assert proc.returncode == 0, proc.stderr
+    assert fractions and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    got = mrml_io.volume_from_node(read_like_slicer(scene, tmp_path / "out.nrrd", "result"))
+    assert got.shape == thin_grid(vol, 4, axis=0).shape and np.isfinite(got.array).all()
+    report = json.loads((tmp_path / "report.json").read_text())
+    adaptation = report["predictor"]["adaptation"]
+    assert adaptation["steps"] == 2 and adaptation["skipped"] is None  # exactly the steps asked for
+    assert np.isfinite([adaptation["loss_before"], adaptation["loss_after"]]).all()
+    assert report["settings"]["adapt"]["steps"] == 2
+
+
+def test_sr_cli_refuses_adaptation_for_weights_without_a_predictor(scene, tmp_path):
+    inp = write_like_slicer(scene, mrml_io.add_volume_node(scene, phantom_ct(), "CT_01"), tmp_path / "input.nrrd")
+    argv = slicer_command_line(
+        "CTDiffusionSRBatch",
+        {"inputVolume": inp, "outputVolume": tmp_path / "out.nrrd", "factor": 4, "device": "cpu",
+         "tinyTestModel": True, "adaptSteps": 2},
+    )
+    proc, _ = run_like_slicer(argv)
+    assert proc.returncode == ConfigError.exit_code
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "predictor" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.nrrd").exists()
 
 
 def test_sr_cli_failure_is_one_error_line_with_the_error_code(scene, tmp_path):

@@ -147,6 +147,24 @@ def test_sr_input_checks_say_why_apply_is_disabled(scene):
     assert check_sr_input(good) == ""
 
 
+def test_sr_settings_pass_adaptation_to_the_batch_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sr_batch", ROOT / "CTDiffusionSR" / "CLI" / "CTDiffusionSRBatch.py")
+    batch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(batch)
+
+    def adapt(settings: SRSettings):
+        args = batch.build_parser().parse_args([*settings.cli_arguments(), "in.nrrd", "out.nrrd"])
+        return batch.settings_from_args(args)["adapt"]
+
+    assert adapt(SRSettings()) is None  # off by default
+    assert adapt(SRSettings(adapt_seconds=120.0)) == {"seconds": 120.0, "steps": None}
+    assert adapt(SRSettings(adapt_steps=3)) == {"seconds": 0.0, "steps": 3}
+    args = SRSettings(tiny_test_predictor=True).cli_arguments()
+    assert "--tinyTestPredictor" in args and "--tinyTestModel" not in args
+
+
 # -- background processes ---------------------------------------------------------------------------------
 def test_progress_lines_are_parsed():
     assert parse_progress_line("<filter-progress>0.25</filter-progress>") == (0.25, None)

@@ -147,6 +147,30 @@ def test_every_parameter_binding_matches_a_wrapper_field_and_widget_type(module)
     assert {"inputVolume", "inputRadiograph"} & set(bound), "the input selector must be bound"
 
 
+def test_adapt_to_this_scan_is_a_checkbox_and_a_seconds_box_bound_to_the_parameter_node():
+    module_py = MODULES["CTDiffusionSR"] / "CTDiffusionSR.py"
+    ui_path = MODULES["CTDiffusionSR"] / "Resources" / "UI" / "CTDiffusionSR.ui"
+    widgets = ui_widgets(ui_path)
+    fields = wrapper_fields(module_py)
+    check, seconds = widgets["adaptToScanCheckBox"], widgets["adaptSecondsSpinBox"]
+    assert (check.get("class"), string_property(check, "SlicerParameterName")) == ("QCheckBox", "adaptToScan")
+    assert (seconds.get("class"), string_property(seconds, "SlicerParameterName")) == ("QDoubleSpinBox", "adaptSeconds")
+    assert string_property(check, "text") == "Adapt to this scan"
+    assert string_property(check, "toolTip") and string_property(seconds, "toolTip")
+    assert fields["adaptToScan"] == "bool"
+    low, high = re.search(r"WithinRange\(([\d.]+), ([\d.]+)\)", fields["adaptSeconds"]).groups()
+    limits = {p.get("name"): float(p.findtext("double")) for p in seconds.findall("property") if p.find("double") is not None}
+    assert (limits["minimum"], limits["maximum"]) == (float(low), float(high))
+    # the seconds box is active only while the checkbox is ticked (a .ui connection; no widget code)
+    root = ET.parse(ui_path).getroot()
+    toggles = {(c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot")) for c in root.iter("connection")}
+    assert ("adaptToScanCheckBox", "toggled(bool)", "adaptSecondsSpinBox", "setEnabled(bool)") in toggles
+    # the widget turns the pair into the one setting the logic knows: seconds, or 0 when unticked
+    tree = ast.parse(module_py.read_text())
+    settings_from = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "settingsFrom")
+    assert "adapt_seconds=p.adaptSeconds if p.adaptToScan else 0.0" in ast.unparse(settings_from)
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_custom_widget_classes_are_declared(module):
     ui_path = MODULES[module] / "Resources" / "UI" / f"{module}.ui"

@@ -43,20 +43,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--numSteps", type=int, default=0, help="0: the posterior-mean estimate (one step); N > 0: a posterior sample in N steps")
     p.add_argument("--guidanceScale", type=float, default=0.0, help="guidance scale; 0 = model default")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--adaptSeconds", type=float, default=0.0,
+        help="seconds spent fine-tuning a copy of the model on this scan's own in-plane detail first; 0 = off",
+    )
     p.add_argument("--patchSize", type=_int_vector, default=(0, 0, 0), help="D,H,W; 0,0,0 = automatic")
     p.add_argument("--overlap", type=_int_vector, default=(0, 0, 0), help="D,H,W; 0,0,0 = default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--numSamples", type=int, default=1)
     p.add_argument("--noDataConsistency", action="store_true", help="skip the projection onto the input")
     p.add_argument("--allowNonCT", action="store_true", help="run on intensities that do not look like CT")
+    p.add_argument(
+        "--adaptSteps", type=int, default=0, help="adapt for exactly N steps instead of seconds; 0 = use seconds"
+    )
     p.add_argument("--tinyTestModel", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tinyTestPredictor", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--reportFile", default="", help="write a JSON report here")
     p.add_argument("--returnparameterfile", default="", help="file for output values (set by Slicer)")
     return p
 
 
 def settings_from_args(args: argparse.Namespace) -> dict:
-    """The settings that define the result (recorded in the report and on the Slicer node)."""
+    """The settings that define the result (recorded in the report and on the Slicer node).
+
+    JSON-serialisable: ``"adapt"`` is ``{"seconds", "steps"}`` or None; :func:`adapt_settings` turns it into
+    the engine's ``AdaptSettings`` when the run starts.
+    """
+    adapt = None
+    if args.adaptSeconds or args.adaptSteps:
+        adapt = {"seconds": args.adaptSeconds, "steps": args.adaptSteps or None}
     return {
         "factor": args.factor or None,
         "target_spacing": args.targetSpacing or None,
@@ -70,7 +85,19 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         "num_samples": args.numSamples,
         "data_consistency": not args.noDataConsistency,
         "allow_non_ct": args.allowNonCT,
+        "adapt": adapt,
     }
+
+
+def adapt_settings(adapt: dict | None):
+    """The ``AdaptSettings`` of the ``"adapt"`` entry of :func:`settings_from_args`, or None (no adaptation).
+
+    Raises:
+        ConfigError: a negative or non-finite time, or steps below 1.
+    """
+    from DiffusionCore.sr.adapt import AdaptSettings
+
+    return None if adapt is None else AdaptSettings(**adapt)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,9 +110,13 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.uncertaintyVolume and args.numSamples < 2:
         raise InputError("an uncertainty map needs at least 2 samples: set numSamples to 2 or more.")
+    settings = settings_from_args(args)
+    adapt = adapt_settings(settings["adapt"])  # option errors before any volume is read
     check_output_path(args.outputVolume, overwrite=True)
     volume = read_volume(args.inputVolume)
-    if args.tinyTestModel:
+    if args.tinyTestPredictor:
+        resolver = SuperResolver.tiny_predictor(seed=0)
+    elif args.tinyTestModel:
         resolver = SuperResolver.tiny(seed=0)
     elif args.weights:
         resolver = SuperResolver.from_pretrained(
@@ -94,10 +125,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         resolver = SuperResolver.default()
     model_name = str(resolver.weights_name or args.weights or "default")
-    settings = settings_from_args(args)
     progress = Progress("slicer")
     print("<filter-comment>super-resolving</filter-comment>", flush=True)
-    result, report = resolver.run(volume, progress=progress, **settings)
+    result, report = resolver.run(volume, progress=progress, **{**settings, "adapt": adapt})
     write_volume(result, args.outputVolume, overwrite=True, dtype="float32", compress=False)
     uncertainty = report.get("uncertainty")
     if args.uncertaintyVolume and uncertainty is not None:

@@ -51,7 +51,11 @@ class SRSettings:
         num_samples: samples averaged; >= 2 gives an uncertainty map.
         data_consistency: project the result back onto the measured slices.
         allow_non_ct: run on intensities that do not look like CT in HU (e.g. a CT cropped inside the body).
+        adapt_seconds: seconds spent fine-tuning a copy of the model on this scan's own in-plane detail
+            before super-resolving; 0 = no adaptation.
+        adapt_steps: adapt for exactly this many steps instead (deterministic); 0 = use ``adapt_seconds``.
         tiny_test_model: a random tiny model (self-tests only).
+        tiny_test_predictor: a random tiny through-plane predictor that can be adapted (self-tests only).
     """
 
     factor: int = 0
@@ -68,7 +72,10 @@ class SRSettings:
     num_samples: int = 1
     data_consistency: bool = True
     allow_non_ct: bool = False
+    adapt_seconds: float = 0.0
+    adapt_steps: int = 0
     tiny_test_model: bool = False
+    tiny_test_predictor: bool = False
 
     def cli_arguments(self) -> list[str]:
         """Flags of CTDiffusionSRBatch for these settings (booleans as bare flags, as Slicer passes them)."""
@@ -83,6 +90,8 @@ class SRSettings:
             "--overlap", ",".join(str(int(v)) for v in self.overlap),
             "--seed", str(int(self.seed)),
             "--numSamples", str(int(self.num_samples)),
+            "--adaptSeconds", repr(float(self.adapt_seconds)),
+            "--adaptSteps", str(int(self.adapt_steps)),
         ]
         if self.weights:
             args += ["--weights", self.weights]
@@ -94,6 +103,8 @@ class SRSettings:
             args.append("--allowNonCT")
         if self.tiny_test_model:
             args.append("--tinyTestModel")
+        if self.tiny_test_predictor:
+            args.append("--tinyTestPredictor")
         return args
 
     def to_dict(self) -> dict:
@@ -197,7 +208,7 @@ class SRJob(CLIJob):
             raise InputError(reason)
         if output_node is not None and output_node.GetID() == input_node.GetID():
             raise OutputError("the output must be a new volume, not the input (the input is never modified).")
-        if settings.weights and not settings.tiny_test_model:
+        if settings.weights and not (settings.tiny_test_model or settings.tiny_test_predictor):
             check_weights(settings.weights, "sr", settings.allow_unregistered_weights)
         self.input_node = input_node
         self.output_node = output_node
