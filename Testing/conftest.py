@@ -92,6 +92,19 @@ def make_phantom() -> Callable[..., Volume]:
 
 
 @pytest.fixture
+def no_bundled_weights(tmp_path, monkeypatch):
+    """A bundled weights registry with no entries: what a build without shipped weights (or a user who
+    removed them) sees."""
+    from DiffusionCore.weights import registry
+
+    empty = tmp_path / "bundled" / "registry.json"
+    empty.parent.mkdir()
+    empty.write_text('{"weights": {}}')
+    monkeypatch.setattr(registry, "BUNDLED_REGISTRY", empty)
+    return empty
+
+
+@pytest.fixture
 def cache_home(tmp_path, monkeypatch):
     """An empty DiffusionCore cache (``$DIFFUSIONCORE_CACHE``) for tests that must not touch the user's."""
     root = tmp_path / "cache"

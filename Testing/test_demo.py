@@ -27,7 +27,7 @@ def local_samples(tmp_path, make_phantom, monkeypatch):
 
 
 def test_demo_without_weights_writes_picture_table_and_says_what_is_missing(local_samples, cache_home, tmp_path,
-                                                                              capsys):
+                                                                              capsys, no_bundled_weights):
     out = tmp_path / "demo out"
     rc = main(["demo", "--output-dir", str(out), "--skip-xray"])
     printed = capsys.readouterr().out
@@ -43,7 +43,7 @@ def test_demo_without_weights_writes_picture_table_and_says_what_is_missing(loca
     assert (out / "chest-dx_cubic_x4.nii.gz").exists()
 
 
-def test_demo_uses_registered_sr_weights(local_samples, cache_home, tmp_path, capsys):
+def test_demo_uses_registered_sr_weights(local_samples, cache_home, tmp_path, capsys, no_bundled_weights):
     weights = tmp_path / "tiny.safetensors"
     SRModel.tiny(seed=0).save(weights, extra_metadata={"description": "tiny random model for tests"})
     import_weights(weights, "tiny-test", family="sr")

@@ -192,7 +192,7 @@ def test_bad_inputs_end_with_one_error_line(case, tmp_path, capsys, monkeypatch)
     assert sorted(os.listdir(tmp_path)) == listing  # nothing new, no partial files
 
 
-def test_no_default_weights_says_how_to_pass_them(tmp_path, capsys, monkeypatch):
+def test_no_default_weights_says_how_to_pass_them(tmp_path, capsys, monkeypatch, no_bundled_weights):
     monkeypatch.setenv("DIFFUSIONCORE_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "input.nii.gz"
     write_volume(thick_ct(shape=(2, 32, 32)), src)

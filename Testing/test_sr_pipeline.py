@@ -371,7 +371,7 @@ def test_cancel_stops_within_one_step(tiny):
         tiny.run(vol, factor=4, cancel=cancel)  # already set: stops before the first step
 
 
-def test_evaluate_method_sr_needs_weights_and_uses_registered_default(tmp_path, monkeypatch, tiny):
+def test_evaluate_method_sr_needs_weights_and_uses_registered_default(tmp_path, monkeypatch, tiny, no_bundled_weights):
     monkeypatch.setenv("DIFFUSIONCORE_CACHE", str(tmp_path / "cache"))
     import importlib
 

@@ -285,3 +285,16 @@ def test_train_throughplane_refuses_bad_options(training_volume, tmp_path):
                   str(tmp_path / "x"), *bad])
         assert r.returncode == 2, (bad, r.stderr)
         assert "error:" in r.stderr
+
+
+def test_the_shipped_recipe_config_loads_with_every_factor_the_cli_allows():
+    from pathlib import Path
+
+    from DiffusionCore.config import load_config, read_config_file
+    from DiffusionCore.degrade import MAX_FACTOR
+    from DiffusionCore.sr.throughplane_train import ThroughPlaneTrainConfig
+
+    path = Path(__file__).parents[1] / "DiffusionCore" / "sr" / "configs" / "throughplane_default.json"
+    cfg = load_config(read_config_file(path), ThroughPlaneTrainConfig)
+    assert cfg.model.factors == list(range(2, MAX_FACTOR + 1))
+    assert cfg.test_fraction == 0.3  # the held-out test region the model card's figures use

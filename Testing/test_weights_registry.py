@@ -118,7 +118,7 @@ def test_family_mismatch_is_refused(tmp_path):
         resolve_weights(bare, family="sr", allow_unregistered=True)
 
 
-def test_import_then_resolve_by_name_and_by_path(tmp_path, user_cache):
+def test_import_then_resolve_by_name_and_by_path(tmp_path, user_cache, no_bundled_weights):
     path, sha = _weights_file(tmp_path / "w.safetensors")
     imported = import_weights(path, "my-sr", description="test weights")
     assert imported.sha256 == sha and imported.path.parent == user_cache / "weights"
