@@ -298,3 +298,21 @@ def test_the_shipped_recipe_config_loads_with_every_factor_the_cli_allows():
     cfg = load_config(read_config_file(path), ThroughPlaneTrainConfig)
     assert cfg.model.factors == list(range(2, MAX_FACTOR + 1))
     assert cfg.test_fraction == 0.3  # the held-out test region the model card's figures use
+
+
+# -- the sr command ---------------------------------------------------------------------------------------
+def test_sr_cli_refuses_bad_adaptation_options_before_any_work(tmp_path, capsys):
+    from DiffusionCore.cli.main import main
+
+    src = tmp_path / "in.nii.gz"
+    write_volume(thick_phantom(), src)
+    before = src.read_bytes()
+    out = tmp_path / "out.nii.gz"
+    for bad in (["--adapt", "nan"], ["--adapt", "-5"], ["--adapt-steps", "0"], ["--adapt", "5"]):
+        # the last: the tiny test model is a latent diffusion model without a predictor to adapt
+        rc = main(["sr", str(src), str(out), "--tiny-test-model", *bad, "--progress", "none"])
+        err = capsys.readouterr().err
+        assert rc == 2, (bad, err)
+        assert err.strip().startswith("error:") or "\nerror:" in err
+        assert not out.exists()
+    assert src.read_bytes() == before

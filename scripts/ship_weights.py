@@ -1,0 +1,74 @@
+"""Put exported weights into the package as bundled defaults (a maintainer step before a commit).
+
+Copies a ``.safetensors`` file written by a training run's export into ``DiffusionCore/weights/NAME.safetensors``
+with its metadata completed (name, description, model card), and records its sha256 in the bundled
+registry ``DiffusionCore/weights/registry.json``. Refuses files that are not safetensors, hold non-finite
+values, or belong to another model family. Both files are written atomically.
+
+Usage::
+
+    python scripts/ship_weights.py runs/tp-B/throughplane.safetensors --name sr-default --family sr \\
+        --description "..." --model-card "See docs/model_cards/sr-default.md ..."
+
+Score the file with the benchmark scripts first (``benchmarks/sr_quality.py``) and ship it only when it beats
+what is shipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from DiffusionCore.weights.registry import (
+    BUNDLED_REGISTRY,
+    load_safetensors,
+    read_safetensors_header,
+    save_safetensors,
+)
+
+
+def ship(src: Path, name: str, family: str, description: str, model_card: str) -> tuple[Path, str]:
+    """Write the bundled copy and its registry entry; returns ``(path, sha256)``."""
+    _, metadata = read_safetensors_header(src)
+    if metadata.get("family") != family:
+        raise SystemExit(f"error: {src} records family {metadata.get('family')!r}, not {family!r}")
+    tensors, _ = load_safetensors(src)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SystemExit(f"error: {src} holds non-finite values in {bad[0]} (and {len(bad) - 1} more): not shipped")
+    dest = BUNDLED_REGISTRY.parent / f"{name}.safetensors"
+    meta = {**metadata, "name": name, "description": description, "model_card": model_card}
+    digest = save_safetensors(dest, tensors, meta)
+    registry = json.loads(BUNDLED_REGISTRY.read_text()) if BUNDLED_REGISTRY.is_file() else {"weights": {}}
+    registry.setdefault("weights", {})[name] = {
+        "file": dest.name, "sha256": digest, "family": family, "description": description, "model_card": model_card,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".registry.", suffix=".partial", dir=BUNDLED_REGISTRY.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(registry, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, BUNDLED_REGISTRY)
+    return dest, digest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("weights", type=Path, help="the exported .safetensors file")
+    p.add_argument("--name", required=True, help="registry name, e.g. sr-default")
+    p.add_argument("--family", required=True, help="model family the file must record (sr, xray, ...)")
+    p.add_argument("--description", required=True, help="one sentence for listings")
+    p.add_argument("--model-card", required=True, help="what it was trained on, intended use, where the card is")
+    args = p.parse_args(argv)
+    dest, digest = ship(args.weights, args.name, args.family, args.description, args.model_card)
+    print(f"{dest} ({dest.stat().st_size / 2**20:.2f} MiB) sha256 {digest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
