@@ -316,3 +316,14 @@ def test_sr_cli_refuses_bad_adaptation_options_before_any_work(tmp_path, capsys)
         assert err.strip().startswith("error:") or "\nerror:" in err
         assert not out.exists()
     assert src.read_bytes() == before
+
+
+def test_a_volume_thick_along_x_gives_the_transposed_result_of_the_same_volume_thick_along_z():
+    vol_z = thick_phantom((10, 24, 28))  # (z, y, x), 4 mm along z
+    arr_x = np.ascontiguousarray(np.transpose(vol_z.array, (2, 1, 0)))  # (z, y, x) with x the thick axis
+    vol_x = Volume(arr_x, spacing=(4.0, 0.8, 0.8))  # spacing is (x, y, z)
+    resolver = SuperResolver.tiny_predictor(seed=4)
+    out_z, rep_z = resolver.run(vol_z, factor=2, device="cpu")
+    out_x, rep_x = resolver.run(vol_x, factor=2, device="cpu")
+    assert rep_x["settings"]["axis"] == "x" and rep_x["predictor"]["used"]
+    np.testing.assert_allclose(np.transpose(out_x.array, (2, 1, 0)), out_z.array, atol=1e-2)
