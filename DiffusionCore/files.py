@@ -221,7 +221,11 @@ def keep_freed_memory() -> bool:
     CPU convolutions allocate and free activation buffers of a few MB at every layer; by default glibc
     maps each one afresh (``mmap``) and the kernel zeroes its pages, which costs about a third of the CPU
     time of the through-plane predictor (measured: 9.3 s -> 6.2 s). Raising the mmap and trim thresholds
-    (``mallopt``) lets the heap reuse them. Process-wide, idempotent; a no-op where glibc is absent.
+    (``mallopt``) lets the heap reuse them. Process-wide and never undone, so only one-shot processes call
+    it (the ``sr`` and ``train throughplane`` commands, the Slicer batch CLI, the benchmarks), not the
+    library: a long-lived process (Slicer, a test session) would keep every freed block. Idempotent; a
+    no-op where glibc is absent or ``DIFFUSIONCORE_KEEP_FREED_MEMORY=0`` (the test suite sets it, since it
+    runs the commands in its own process).
 
     Returns:
         True when the setting was applied (now or before).
@@ -229,6 +233,8 @@ def keep_freed_memory() -> bool:
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
         return True
+    if os.environ.get("DIFFUSIONCORE_KEEP_FREED_MEMORY", "1") == "0":
+        return False
     try:
         import ctypes
 
@@ -236,7 +242,7 @@ def keep_freed_memory() -> bool:
         m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
         ok = all(
             libc.mallopt(param, value) == 1
-            for param, value in ((m_mmap_threshold, 1 << 30), (m_trim_threshold, 1 << 31), (m_top_pad, 256 << 20))
+            for param, value in ((m_mmap_threshold, 256 << 20), (m_trim_threshold, 512 << 20), (m_top_pad, 64 << 20))
         )
     except (OSError, AttributeError):
         return False

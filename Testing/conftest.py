@@ -5,6 +5,7 @@ Every fixture is tiny (at most 32^3 voxels) so the whole suite stays fast on two
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -15,6 +16,10 @@ from DiffusionCore.volume import Volume
 
 #: HU values of the phantom's tissues.
 AIR_HU, LUNG_HU, SOFT_HU, BONE_HU = -1000.0, -820.0, 40.0, 900.0
+
+
+# The commands run inside this test process: they must not tune its allocator for the whole session.
+os.environ["DIFFUSIONCORE_KEEP_FREED_MEMORY"] = "0"
 
 
 def rotation_matrix(axis: tuple[float, float, float], degrees: float) -> np.ndarray:

@@ -31,6 +31,7 @@ import torch
 
 from DiffusionCore.cli.evaluate import write_json_atomic
 from DiffusionCore.evaluate import evaluate, format_table
+from DiffusionCore.files import keep_freed_memory
 from DiffusionCore.sr.adapt import AdaptSettings
 from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name
 from DiffusionCore.volume import crop_slices, load_reference
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory()
     name = args.weights or default_weights_name()
     resolver = SuperResolver.from_pretrained(name, allow_unregistered=args.allow_unregistered_weights)
     methods = ["cubic", "cubic+dc", "sr"]

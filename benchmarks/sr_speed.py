@@ -31,6 +31,7 @@ import torch
 
 from DiffusionCore.cli.common import adapt_settings, add_adapt_arguments
 from DiffusionCore.cli.evaluate import write_json_atomic
+from DiffusionCore.files import keep_freed_memory
 from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name, peak_rss_bytes
 from DiffusionCore.train.distributed import resolve_device
 from DiffusionCore.volume import Volume, load_reference, read_volume, write_volume
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory()
     device = resolve_device(args.device)
     if args.tiny_test_model:
         resolver = SuperResolver.tiny()

@@ -54,6 +54,8 @@ def ship(src: Path, name: str, family: str, description: str, model_card: str) -
         json.dump(registry, f, indent=1)
         f.write("\n")
     os.replace(tmp, BUNDLED_REGISTRY)
+    for path in (dest, BUNDLED_REGISTRY):
+        path.chmod(0o644)  # package data: readable by everyone
     return dest, digest
 
 

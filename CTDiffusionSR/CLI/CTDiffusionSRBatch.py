@@ -112,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("an uncertainty map needs at least 2 samples: set numSamples to 2 or more.")
     settings = settings_from_args(args)
     adapt = adapt_settings(settings["adapt"])  # option errors before any volume is read
+    from DiffusionCore.files import keep_freed_memory
+
+    keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     check_output_path(args.outputVolume, overwrite=True)
     volume = read_volume(args.inputVolume)
     if args.tinyTestPredictor:

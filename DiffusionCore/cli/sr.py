@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, GeometryError, InputError, OutputError
+from ..files import keep_freed_memory
 from ..sr.tiling import parse_memory_size
 from ..train.distributed import DistInfo, resolve_device, shard_list
 from ..volume import WRITABLE_SUFFIXES, check_output_path, read_volume, write_volume
@@ -268,6 +269,7 @@ def _json_report(job: Job, report: dict[str, Any], extra: dict[str, float]) -> d
 def run(args: argparse.Namespace) -> int:
     _check_uncertainty_args(args)
     adapt = adapt_settings(args)  # option errors before any volume is read
+    keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     info = dist_info(args.device)
     device = info.device
     batch, jobs = plan_jobs(args, info)

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from ..errors import Cancelled, ConfigError
-from ..files import keep_freed_memory
 from .planes import PairSettings, PlaneSource, sample_pairs
 from .throughplane import ThroughPlaneNet, cubic_planes
 
@@ -113,7 +112,6 @@ def adapt_predictor(
     """
     k = int(factor)
     t_start = time.perf_counter()
-    keep_freed_memory()
     pitch = float(min(spacing[1], spacing[2]))
     size = _plane_size(thick_hu.shape[1:], pitch, float(spacing[0]), k, settings)
     report: dict[str, Any] = {"factor": k, "seconds_budget": float(settings.seconds), "steps_budget": settings.steps}

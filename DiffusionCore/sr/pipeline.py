@@ -42,7 +42,6 @@ import torch
 from ..degrade import MAX_FACTOR, thin_grid
 from ..errors import Cancelled, ConfigError, GeometryError, InputError, ResourceError, WeightsError
 from ..evaluate import register_method
-from ..files import keep_freed_memory
 from ..interpolation import cubic_matrix, interpolate
 from ..train.distributed import resolve_device
 from ..volume import Grid, Volume, axis_index, check_ct, require_ct, suggested_factor, thick_axis
@@ -721,7 +720,6 @@ class SuperResolver:
         report and enables its ``consistency_psnr``.
         """
         t_start = time.perf_counter()
-        keep_freed_memory()  # activation buffers are reused, not mapped and zeroed afresh (~1/3 of CPU time)
         if steps is not None and int(steps) < 1:
             raise ConfigError(f"the number of sampling steps must be at least 1; got {steps}")
         if num_samples < 1:

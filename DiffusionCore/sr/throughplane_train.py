@@ -218,14 +218,12 @@ def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any]) 
 def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume: bool = False,
           init_from: str | None = None) -> dict[str, Any]:
     """Train (or continue training) the predictor; returns a summary and writes ``out_dir/throughplane.safetensors``."""
-    from ..files import keep_freed_memory
     from ..train.checkpoint import find_latest, load_training_state, save_training_state
     from ..train.data import collect_volumes
     from ..train.ema import ParameterEMA
     from ..train.logger import TrainLogger
     from ..train.stop import StopFlag
 
-    keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     out = Path(out_dir)
@@ -362,6 +360,9 @@ def register(fam: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     from ..config import load_config, read_config_file
+    from ..files import keep_freed_memory
+
+    keep_freed_memory()  # a one-shot process: activation buffers are reused, not mapped afresh
 
     overrides = {
         k: getattr(args, k)
