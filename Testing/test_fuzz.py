@@ -181,7 +181,7 @@ def dicom_series(workdir) -> list[bytes]:
     return [p.read_bytes() for p in files]
 
 
-@FUZZ
+@settings(FUZZ, deadline=timedelta(seconds=30))  # a series of files: slower under a loaded CPU
 @given(which=st.integers(0, 2), mutation=MUTATIONS)
 def test_volume_reader_on_a_dicom_series_with_a_mutated_slice(workdir, dicom_series, which, mutation):
     folder = workdir / "mutated-series"

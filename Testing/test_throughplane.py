@@ -294,7 +294,7 @@ def test_the_shipped_recipe_config_loads_with_every_factor_the_cli_allows():
     from DiffusionCore.degrade import MAX_FACTOR
     from DiffusionCore.sr.throughplane_train import ThroughPlaneTrainConfig
 
-    path = Path(__file__).parents[1] / "DiffusionCore" / "sr" / "configs" / "throughplane_default.json"
+    path = Path(__file__).parents[1] / "DiffusionCore" / "sr" / "configs" / "throughplane" / "default.json"
     cfg = load_config(read_config_file(path), ThroughPlaneTrainConfig)
     assert cfg.model.factors == list(range(2, MAX_FACTOR + 1))
     assert cfg.test_fraction == 0.3  # the held-out test region the model card's figures use

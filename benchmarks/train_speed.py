@@ -13,7 +13,7 @@ Families (``--family``, default both):
   initialised, the VAE included (``train sr`` needs a trained VAE; a random one of the same architecture
   costs the same time), with the config's default latent statistics instead of ones measured on data.
 * ``throughplane``: the through-plane predictor of ``train throughplane`` with its recipe
-  (``throughplane_default.json``). A patch is one 2D thick/thin plane pair. Parts: ``data``
+  (``throughplane/default.json``). A patch is one 2D thick/thin plane pair. Parts: ``data``
   (``sample_pairs``), ``forward`` (``cubic_planes`` + the network + L1), ``backward``, ``optimizer``
   (zero_grad, AdamW, EMA update). As in ``train throughplane``, glibc's allocator is tuned first
   (``keep_freed_memory``); it is process-wide, so the latent family runs first, untuned as in ``train sr``.
@@ -51,7 +51,7 @@ from DiffusionCore.config import config_to_dict, load_config, read_config_file
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "DiffusionCore" / "sr" / "configs"
 DEFAULT_LATENT_CONFIG = CONFIG_DIR / "default_cpu_gpu_training.json"
-DEFAULT_THROUGHPLANE_CONFIG = CONFIG_DIR / "throughplane_default.json"
+DEFAULT_THROUGHPLANE_CONFIG = CONFIG_DIR / "throughplane" / "default.json"
 DEFAULT_SAMPLES = ("chest-lidc", "chest-dx")
 
 
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="SR training config (default: default_cpu_gpu_training.json)")
     parser.add_argument("--latent-batch", type=int, default=None, help="patches per latent step (default: the config's)")
     parser.add_argument("--throughplane-config", default=str(DEFAULT_THROUGHPLANE_CONFIG),
-                        help="through-plane training config (default: throughplane_default.json)")
+                        help="through-plane training config (default: sr/configs/throughplane/default.json)")
     parser.add_argument("--throughplane-batch", type=int, default=None,
                         help="planes per predictor step (default: the config's)")
     args = parser.parse_args(argv)
