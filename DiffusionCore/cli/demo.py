@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..files import keep_freed_memory
+
+    keep_freed_memory()  # a one-shot process: the model's buffers are reused, not mapped afresh
     out = Path(args.output_dir)
     summary = run_demo(out, device=args.device, factor=args.factor, skip_xray=args.skip_xray,
                        sr_weights=args.sr_weights, xray_weights=args.xray_weights, steps=args.steps)

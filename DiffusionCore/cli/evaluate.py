@@ -82,6 +82,9 @@ def write_json_atomic(data: dict, path: str | os.PathLike, overwrite: bool = Tru
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..files import keep_freed_memory
+
+    keep_freed_memory()  # a one-shot process: the model's buffers are reused, not mapped afresh
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.json_out:
         out = Path(args.json_out)
