@@ -55,6 +55,17 @@ DEFAULT_THROUGHPLANE_CONFIG = CONFIG_DIR / "throughplane" / "default.json"
 DEFAULT_SAMPLES = ("chest-lidc", "chest-dx")
 
 
+def run_steps(step, timer, warmup: int, timed: int) -> tuple[float, float]:
+    """``warmup`` untimed calls of ``step(i)``, then ``timed`` timed ones; returns their (wall, CPU) seconds."""
+    for i in range(warmup):
+        step(i)
+    timer.enabled = True
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    for i in range(warmup, warmup + timed):
+        step(i)
+    return time.perf_counter() - wall0, time.process_time() - cpu0
+
+
 def cpu_name() -> str:
     """The CPU model (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
     try:
@@ -205,13 +216,7 @@ def time_latent(args, data: list[str]) -> dict:
             ema.update()
         timer.lap("optimizer")
 
-    for i in range(args.warmup):
-        step(i)
-    timer.enabled = True
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    for i in range(args.warmup, args.warmup + args.steps_latent):
-        step(i)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    wall, cpu = run_steps(step, timer, args.warmup, args.steps_latent)
     voxels = args.steps_latent * batch * int(np.prod(patch))
     return {
         "family": "latent",
@@ -280,13 +285,7 @@ def time_throughplane(args, data: list[str]) -> dict:
         if timer.enabled:
             drawn.append(k)
 
-    for i in range(args.warmup):
-        step(i)
-    timer.enabled = True
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    for i in range(args.warmup, args.warmup + args.steps_throughplane):
-        step(i)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    wall, cpu = run_steps(step, timer, args.warmup, args.steps_throughplane)
     voxels = sum(batch * m * k * width for k in drawn)  # thin-plane pixels (the network works at 1/k of them)
     return {
         "family": "throughplane",
