@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -250,10 +250,3 @@ def from_state(tensors: dict[str, torch.Tensor], config: dict | ThroughPlaneConf
     net.eval()
     return net
 
-
-def count_parameters(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
-def supported_factors(net: ThroughPlaneNet | None) -> Sequence[int]:
-    return net.factors if net is not None else ()
