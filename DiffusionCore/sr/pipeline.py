@@ -525,13 +525,16 @@ class SuperResolver:
         progress: Callable[[int, str], None] | None = None,
         cancel: threading.Event | None = None,
         timings: dict[str, float] | None = None,
+        box: tuple[int, int, int, int] | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """The thin-grid volume (HU, float32, a new array in ``grid``'s layout) that the diffusion stage
         refines, or that is the result when there is none: cubic interpolation plus the through-plane
         predictor's residual at ``factor`` (see :meth:`predictor_factor`; None: cubic only).
 
         Progress counts :data:`ADAPT_PROGRESS_UNITS` for adaptation (when asked) and then one unit per
-        predicted plane (the two in-plane sizes of the input added).
+        predicted plane (the two in-plane sizes of the body box added). ``box`` is the body box
+        (:func:`~DiffusionCore.sr.throughplane.body_box` of the input, thick axis first) when the caller
+        already has it.
 
         Returns:
             ``(hu, report)``: the volume, and ``{"used", "factor", "adaptation", ...}`` for the run report.
@@ -576,7 +579,7 @@ class SuperResolver:
         timings["interpolate"] = timings.get("interpolate", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         net.to(device).eval()
-        h0, h1, w0, w1 = body_box(thick)  # the air around the patient has no residual: not predicted
+        h0, h1, w0, w1 = box or body_box(thick)  # the air around the patient has no residual: not predicted
         thick_units = torch.from_numpy(hu_to_unit(thick[:, h0:h1, w0:w1]))  # a new (m, h, w) array
         residual = predict_residual(
             net, thick_units, k, device=device, cancel=cancel,
@@ -628,7 +631,8 @@ class SuperResolver:
                 f"{format_bytes(voxels * 16)}, above the limit of {format_bytes(memory_limit)}; raise the limit "
                 "or use a smaller volume"
             )
-        total = (ADAPT_PROGRESS_UNITS if adapt is not None else 0) + predictor_planes(volume, axis)
+        box = body_box(np.moveaxis(volume.array, axis, 0))
+        total = (ADAPT_PROGRESS_UNITS if adapt is not None else 0) + planes_in(box)
 
         def tell(d: int, message: str) -> None:
             if progress is not None:
@@ -638,7 +642,7 @@ class SuperResolver:
         timings: dict[str, float] = {"consistency": 0.0}
         hu, predictor_report = self.starting_point(
             volume, grid, axis, predictor_factor, adapt=adapt, seed=seed, device=dev, progress=tell, cancel=cancel,
-            timings=timings,
+            timings=timings, box=box,
         )
         _check_cancel(cancel)
         out = Volume.from_grid(grid, hu)
@@ -746,7 +750,8 @@ class SuperResolver:
                 "drop --adapt or use weights with a predictor (the default weights have one)"
             )
         predictor_factor = self.predictor_factor(volume, grid, axis)
-        pre_units = predictor_planes(volume, axis) if predictor_factor is not None else 0
+        box = body_box(np.moveaxis(volume.array, axis, 0)) if predictor_factor is not None else None
+        pre_units = planes_in(box) if box is not None else 0
         adapt_units = ADAPT_PROGRESS_UNITS if (adapt is not None and predictor_factor is not None) else 0
         if model is None:
             return self._run_predictor_only(
@@ -812,7 +817,7 @@ class SuperResolver:
         timings = {"model": 0.0, "blend": 0.0, "consistency": 0.0}
         units, predictor_report = self.starting_point(
             volume, grid, axis, predictor_factor, adapt=adapt, seed=seed, device=dev, progress=pre_progress,
-            cancel=cancel, timings=timings,
+            cancel=cancel, timings=timings, box=box,
         )
         t0 = time.perf_counter()
         hu_to_unit_(torch.from_numpy(units))
@@ -967,9 +972,9 @@ class SuperResolver:
 
 
 # -- weights, default weights and the evaluate methods ----------------------------------------------
-def predictor_planes(volume: Volume, axis: int) -> int:
-    """Planes the through-plane predictor runs on for ``volume`` (the progress units of that stage)."""
-    h0, h1, w0, w1 = body_box(np.moveaxis(volume.array, axis, 0))
+def planes_in(box: tuple[int, int, int, int]) -> int:
+    """Planes the through-plane predictor runs on inside a body box (the progress units of that stage)."""
+    h0, h1, w0, w1 = box
     return (h1 - h0) + (w1 - w0)
 
 
