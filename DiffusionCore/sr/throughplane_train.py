@@ -180,14 +180,9 @@ def validate(net: ThroughPlaneNet, batches: dict[int, tuple[torch.Tensor, torch.
 def load_predictor_weights(net: ThroughPlaneNet, path: str, allow_unregistered: bool = True) -> None:
     """Copy the predictor of an exported weights file into ``net`` (for ``--init-from``)."""
     from ..weights.registry import resolve_weights
-    from .throughplane import from_state
+    from .pipeline import load_predictor
 
-    resolved = resolve_weights(path, family="sr", allow_unregistered=allow_unregistered)
-    tensors = resolved.load()
-    cfg = (resolved.metadata.get("config") or {}).get("throughplane")
-    if cfg is None:
-        raise ConfigError(f"{path} holds no through-plane predictor (its metadata has no config.throughplane)")
-    src = from_state(tensors, cfg)
+    src = load_predictor(resolve_weights(path, family="sr", allow_unregistered=allow_unregistered))
     if src.config.channels != net.config.channels or src.config.blocks != net.config.blocks:
         raise ConfigError(
             f"--init-from {path}: its predictor ({src.config.channels} channels, {src.config.blocks} blocks) "
@@ -330,7 +325,9 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
         ema.copy_to_models()
     digest = export_predictor(net, out / EXPORT_FILE, summary)
     summary["exported"] = {"file": str(out / EXPORT_FILE), "sha256": digest}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    from ..cli.evaluate import write_json_atomic
+
+    write_json_atomic(summary, out / "summary.json")
     logger.info("exported %s (sha256 %s)", out / EXPORT_FILE, digest)
     return summary
 
