@@ -17,7 +17,7 @@ from typing import Any
 from .degrade import Degradation, crop_to_slabs, degrade, thin_grid
 from .errors import InputError
 from .interpolation import INTERPOLATION_METHODS, interpolate
-from .metrics import HU_RANGE, body_mask, quality_report
+from .metrics import HU_RANGE, ReferenceStats, quality_report
 from .volume import Grid, Volume, axis_index
 
 logger = logging.getLogger(__name__)
@@ -68,13 +68,17 @@ def evaluate(
         ``{"reference", "factor", "axis", "degradation", "hu_range", "results": [{"method", "psnr",
         "psnr_body", "ssim", "hu_mae_body", "consistency_psnr", "seconds"}]}``; ``seconds`` is the time
         the method took to reconstruct (metrics not included).
+
+    What depends on the reference alone (body mask, the SSIM's local mean and variance) is computed
+    once and shared by all methods (:class:`~DiffusionCore.metrics.ReferenceStats`).
     """
     ax = axis_index(axis)
     fns = [(m, get_method(m)) for m in methods]  # fail on unknown names before any work
     ref = crop_to_slabs(reference, factor, ax)
     thick = degrade(ref, factor, ax, degradation)
     grid = thin_grid(thick, factor, axis=ax)
-    mask = body_mask(ref)
+    ref_stats = ReferenceStats(ref)
+    mask = ref_stats.body_mask()
     if not mask.any():
         raise InputError(f"{reference_name}: no voxel above -500 HU, so there is no body to evaluate in.")
     results = []
@@ -88,7 +92,7 @@ def evaluate(
         if out.shape != ref.shape:
             raise RuntimeError(f"method {name} returned shape {out.shape}, expected {ref.shape}")
         scores = quality_report(
-            ref, out, thick_input=thick, factor=factor, axis=ax, degradation=degradation, mask=mask,
+            ref_stats, out, thick_input=thick, factor=factor, axis=ax, degradation=degradation, mask=mask,
             hu_range=hu_range,
         )
         results.append({"method": name, **{k: float(v) for k, v in scores.items()}, "seconds": seconds})

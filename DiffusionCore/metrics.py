@@ -11,15 +11,22 @@ All metrics clip both volumes to a stated HU range first (default ``[-1024, 2048
 * :func:`body_mask`: HU > -500, largest connected component, holes filled (in 3D and slice by slice, so
   the lungs count as body);
 * :func:`consistency_psnr`: a super-resolved volume degraded again the same way against its input.
+
+Scoring several volumes against one reference: wrap it once in a :class:`ReferenceStats` and pass that
+wherever a reference is asked for. What depends on the reference alone (its body mask, its local SSIM
+mean and variance) is then computed on first use and shared, and the figures are the same as with the
+bare array.
+
+Large volumes are processed in slabs along array axis 0, so the temporaries stay small whatever the
+volume's size.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from .degrade import Degradation, degrade
@@ -30,10 +37,80 @@ BODY_THRESHOLD_HU = -500.0
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
+#: Voxels per slab of the slab-wise PSNR and MAE (one 512 x 512 slice, 2 MiB of float64): temporaries
+#: stay in the CPU's cache and are reused by the allocator instead of mapping fresh pages every time.
+CHUNK_VOXELS = 1 << 18
+#: SSIM output voxels per slab (2 slices of 512 x 512): the in-plane passes then run in the CPU's cache.
+SSIM_SLAB_VOXELS = 1 << 19
 
 
-def _arr(x: Volume | np.ndarray) -> np.ndarray:
-    return x.array if isinstance(x, Volume) else np.asarray(x)
+class ReferenceStats:
+    """A reference volume plus what the metrics derive from it alone, computed once on first use.
+
+    Pass it instead of the reference to :func:`psnr`, :func:`hu_mae`, :func:`ssim3d`, :func:`body_mask`
+    and :func:`quality_report` to score several volumes against one reference without recomputing its
+    body mask and its local SSIM moments. The arrays it hands out are read-only; the reference is not
+    copied, so it must not be changed while the stats are in use.
+
+    Memory: the reference itself (not copied) plus, per ``(hu_range, sigma)`` used, two float32 maps of
+    the SSIM-valid region (the volume less one window radius at every border), plus one bool mask per
+    threshold used.
+
+    Args:
+        reference: the reference CT, ``(z, y, x)`` in HU.
+    """
+
+    def __init__(self, reference: Volume | np.ndarray) -> None:
+        self.array = _arr(reference)
+        if self.array.ndim != 3:
+            raise ValueError(f"a reference needs a 3D array (z, y, x); got shape {self.array.shape}")
+        self._masks: dict[float, np.ndarray] = {}
+        self._moments: dict[tuple[float, float, float], tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.array.shape)
+
+    def body_mask(self, threshold: float = BODY_THRESHOLD_HU) -> np.ndarray:
+        """The reference's :func:`body_mask` (bool, read-only)."""
+        key = float(threshold)
+        if key not in self._masks:
+            mask = _body_mask(self.array, key)
+            mask.setflags(write=False)
+            self._masks[key] = mask
+        return self._masks[key]
+
+    def local_moments(
+        self, hu_range: tuple[float, float] = HU_RANGE, sigma: float = SSIM_SIGMA
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Gaussian-weighted local mean and (population) variance of the clipped reference.
+
+        Returns:
+            ``(mean, variance)``, float32, read-only, each of shape ``shape - 2 * radius`` per axis (the
+            SSIM window's centres that lie a whole window inside the volume; radius 5 for sigma 1.5).
+        """
+        key = (float(hu_range[0]), float(hu_range[1]), float(sigma))
+        if key not in self._moments:
+            taps = _gaussian_kernel(sigma, SSIM_TRUNCATE)
+            _check_window(self.array.shape, taps)
+            rad = _radius(taps)
+            mean = np.empty(tuple(s - 2 * rad for s in self.array.shape), np.float32)
+            var = np.empty_like(mean)
+            for out, x in _ssim_slabs(self.array, rad, hu_range):
+                mean[out] = _gaussian_valid(x, taps)
+                x *= x
+                var[out] = _gaussian_valid(x, taps)
+                var[out] -= mean[out] * mean[out]
+            mean.setflags(write=False)
+            var.setflags(write=False)
+            self._moments[key] = (mean, var)
+        return self._moments[key]
+
+
+def _arr(x: Volume | np.ndarray | ReferenceStats) -> np.ndarray:
+    if isinstance(x, (Volume, ReferenceStats)):
+        return x.array
+    return np.asarray(x)
 
 
 def _check_pair(ref: np.ndarray, test: np.ndarray) -> None:
@@ -41,12 +118,32 @@ def _check_pair(ref: np.ndarray, test: np.ndarray) -> None:
         raise ValueError(f"shapes differ: reference {ref.shape}, test {test.shape}")
 
 
+def _slabs(shape: tuple[int, ...], voxels: int, start: int = 0, stop: int | None = None) -> Iterator[slice]:
+    """Consecutive slices along axis 0 covering ``[start, stop)``, about ``voxels`` voxels each."""
+    stop = shape[0] if stop is None else stop
+    step = max(1, voxels // max(1, math.prod(shape[1:])))
+    for s in range(start, stop, step):
+        yield slice(s, min(s + step, stop))
+
+
 def clip_hu(arr: np.ndarray, hu_range: tuple[float, float] = HU_RANGE) -> np.ndarray:
     return np.clip(arr, hu_range[0], hu_range[1])
 
 
+def _clipped_differences(
+    ref: np.ndarray, test: np.ndarray, hu_range: tuple[float, float], mask: np.ndarray | None
+) -> Iterator[np.ndarray]:
+    """``clip(ref) - clip(test)`` in float64 (exact for float32 input), slab by slab, inside ``mask``."""
+    if mask is not None and mask.shape != ref.shape:
+        raise ValueError(f"the mask has shape {mask.shape}, the volumes {ref.shape}")
+    for sl in _slabs(ref.shape, CHUNK_VOXELS):
+        d = clip_hu(ref[sl], hu_range).astype(np.float64)  # clipping first is exact and cheaper
+        d -= clip_hu(test[sl], hu_range)
+        yield d if mask is None else d[mask[sl]]
+
+
 def psnr(
-    ref: Volume | np.ndarray,
+    ref: Volume | np.ndarray | ReferenceStats,
     test: Volume | np.ndarray,
     hu_range: tuple[float, float] = HU_RANGE,
     mask: np.ndarray | None = None,
@@ -57,18 +154,19 @@ def psnr(
     """
     r, t = _arr(ref), _arr(test)
     _check_pair(r, t)
-    diff = clip_hu(r.astype(np.float64), hu_range) - clip_hu(t.astype(np.float64), hu_range)
-    if mask is not None:
-        diff = diff[mask]
-        if diff.size == 0:
-            raise ValueError("the mask is empty")
-    mse = float(np.mean(diff * diff))
+    sq, n = 0.0, 0
+    for d in _clipped_differences(r, t, hu_range, mask):
+        sq += float(np.dot(d.ravel(), d.ravel()))
+        n += d.size
+    if n == 0:
+        raise ValueError("the mask is empty")
+    mse = sq / n
     peak = hu_range[1] - hu_range[0]
     return math.inf if mse == 0.0 else 10.0 * math.log10(peak * peak / mse)
 
 
 def hu_mae(
-    ref: Volume | np.ndarray,
+    ref: Volume | np.ndarray | ReferenceStats,
     test: Volume | np.ndarray,
     mask: np.ndarray | None = None,
     hu_range: tuple[float, float] = HU_RANGE,
@@ -76,32 +174,58 @@ def hu_mae(
     """Mean absolute HU error (both clipped to ``hu_range``), inside ``mask`` when given."""
     r, t = _arr(ref), _arr(test)
     _check_pair(r, t)
-    diff = np.abs(clip_hu(r.astype(np.float64), hu_range) - clip_hu(t.astype(np.float64), hu_range))
-    if mask is not None:
-        diff = diff[mask]
-        if diff.size == 0:
-            raise ValueError("the mask is empty")
-    return float(diff.mean())
+    total, n = 0.0, 0
+    for d in _clipped_differences(r, t, hu_range, mask):
+        total += float(np.abs(d, out=d).sum())
+        n += d.size
+    if n == 0:
+        raise ValueError("the mask is empty")
+    return total / n
 
 
-def body_mask(ref: Volume | np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.ndarray:
-    """Boolean body mask of a CT: ``HU > threshold``, the largest 3D component, holes filled.
+#: Face connectivity in 3D, and face connectivity inside each axial slice only (no link along axis 0).
+_FACES_3D = ndimage.generate_binary_structure(3, 1)
+_FACES_IN_SLICE = np.zeros((3, 3, 3), bool)
+_FACES_IN_SLICE[1] = ndimage.generate_binary_structure(2, 1)
 
-    Holes are filled in 3D and then in every axial slice (array axis 0), so air spaces open to the edge
-    of the scan in 3D (airways, lungs reaching the top slice) still count as body.
+
+def _fill_holes(mask: np.ndarray, structure: np.ndarray, border_axes: tuple[int, ...]) -> np.ndarray:
+    """``mask`` with every background component that touches no border of ``border_axes`` filled.
+
+    With ``structure`` face connectivity this is ``scipy.ndimage.binary_fill_holes`` (in 3D, or in every
+    slice when the structure links no slices and the borders are those of the slices), in one labelling.
     """
-    a = _arr(ref)
-    fg = a > threshold
-    labels, n = ndimage.label(fg)
+    labels, n = ndimage.label(~mask, structure)
+    open_to_border = np.zeros(n + 1, bool)  # per label; label 0 is the mask itself, kept
+    for ax in border_axes:
+        open_to_border[np.take(labels, 0, axis=ax)] = True
+        open_to_border[np.take(labels, -1, axis=ax)] = True
+    open_to_border[0] = False
+    return ~open_to_border[labels]
+
+
+def _body_mask(a: np.ndarray, threshold: float) -> np.ndarray:
+    labels, n = ndimage.label(a > threshold)
     if n == 0:
         return np.zeros(a.shape, dtype=bool)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     mask = labels == int(np.argmax(sizes))
-    mask = ndimage.binary_fill_holes(mask)
-    for z in range(mask.shape[0]):
-        mask[z] = ndimage.binary_fill_holes(mask[z])
-    return mask
+    del labels
+    mask = _fill_holes(mask, _FACES_3D, (0, 1, 2))
+    return _fill_holes(mask, _FACES_IN_SLICE, (1, 2))
+
+
+def body_mask(ref: Volume | np.ndarray | ReferenceStats, threshold: float = BODY_THRESHOLD_HU) -> np.ndarray:
+    """Boolean body mask of a CT: ``HU > threshold``, the largest 3D component, holes filled.
+
+    Holes are filled in 3D and then in every axial slice (array axis 0), so air spaces open to the edge
+    of the scan in 3D (airways, lungs reaching the top slice) still count as body. For a
+    :class:`ReferenceStats` this is its cached (read-only) mask.
+    """
+    if isinstance(ref, ReferenceStats):
+        return ref.body_mask(threshold)
+    return _body_mask(_arr(ref), threshold)
 
 
 def _gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
@@ -111,49 +235,102 @@ def _gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:
     return k / k.sum()
 
 
+def _radius(taps: np.ndarray) -> int:
+    return (len(taps) - 1) // 2
+
+
+def _check_window(shape: tuple[int, ...], taps: np.ndarray) -> None:
+    rad = _radius(taps)
+    if min(shape) <= 2 * rad:
+        raise ValueError(f"volume {tuple(shape)} is too small for a {2 * rad + 1}-voxel SSIM window")
+
+
+def _gaussian_valid(a: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """Separable Gaussian filter of a float32 ``(z, y, x)`` block, 'valid' along every axis.
+
+    Three 1D passes of the (symmetric) ``taps``; the output is ``2 * radius`` shorter along each axis and
+    holds the window means whose window lies entirely inside ``a``, so no border rule is involved.
+    """
+    rad = _radius(taps)
+    w = taps.astype(a.dtype)
+    for axis in range(3):
+        v = np.moveaxis(a, axis, 0)  # a view: the pass runs along its first axis
+        n = v.shape[0] - 2 * rad
+        out = v[rad : rad + n] * w[rad]
+        pair = np.empty_like(out)
+        for i in range(rad):  # taps i and 2 rad - i are equal
+            np.add(v[i : i + n], v[2 * rad - i : 2 * rad - i + n], out=pair)
+            pair *= w[i]
+            out += pair
+        a = np.moveaxis(out, 0, axis)
+    return a
+
+
+def _ssim_slabs(
+    arr: np.ndarray,
+    rad: int,
+    hu_range: tuple[float, float],
+    other: np.ndarray | None = None,
+    slices: int | None = None,
+) -> Iterator[tuple]:
+    """Slab by slab along axis 0: the index of the slab's output in the valid region, and the clipped
+    float32 input block (with its ``rad``-slice halo) of ``arr`` (and of ``other`` when given).
+
+    ``slices`` output slices per slab; by default about SSIM_SLAB_VOXELS output voxels."""
+    voxels = SSIM_SLAB_VOXELS if slices is None else slices * math.prod(arr.shape[1:])
+    for sl in _slabs(arr.shape, voxels, rad, arr.shape[0] - rad):
+        inp = slice(sl.start - rad, sl.stop + rad)
+        out = slice(sl.start - rad, sl.stop - rad)
+        x = clip_hu(arr[inp], hu_range).astype(np.float32, copy=False)
+        if other is None:
+            yield out, x
+        else:
+            yield out, x, clip_hu(other[inp], hu_range).astype(np.float32, copy=False)
+
+
 def ssim3d(
-    ref: Volume | np.ndarray,
+    ref: Volume | np.ndarray | ReferenceStats,
     test: Volume | np.ndarray,
     hu_range: tuple[float, float] = HU_RANGE,
     sigma: float = SSIM_SIGMA,
-    chunk: int = 48,
+    chunk: int | None = None,
 ) -> float:
     """Mean 3D SSIM (Gaussian window) of two volumes clipped to ``hu_range``.
 
     The mean runs over voxels at least one window radius (5 for sigma 1.5) from every border, where the
-    window lies inside the volume; the boundary extension then never matters. Work is done in chunks
-    along axis 0 so memory stays bounded for full-size CT.
+    window lies inside the volume; the boundary extension then never matters. The Gaussian is applied as
+    three 1D passes in float32 (the mean is summed in float64), slab by slab along axis 0 so memory stays
+    bounded for full-size CT. With a :class:`ReferenceStats` the reference's local mean and variance are
+    computed once and reused.
+
+    Args:
+        chunk: output slices per slab; by default about :data:`SSIM_SLAB_VOXELS` voxels.
     """
-    r, t = _arr(ref), _arr(test)
+    stats = ref if isinstance(ref, ReferenceStats) else ReferenceStats(ref)
+    r, t = stats.array, _arr(test)
     _check_pair(r, t)
-    k1 = _gaussian_kernel(sigma, SSIM_TRUNCATE)
-    rad = (len(k1) - 1) // 2
-    if min(r.shape) <= 2 * rad:
-        raise ValueError(f"volume {r.shape} is too small for a {2 * rad + 1}-voxel SSIM window")
+    taps = _gaussian_kernel(sigma, SSIM_TRUNCATE)
+    _check_window(r.shape, taps)
+    rad = _radius(taps)
+    mu_x, var_x = stats.local_moments(hu_range, sigma)
     data_range = hu_range[1] - hu_range[0]
-    c1 = (SSIM_K1 * data_range) ** 2
-    c2 = (SSIM_K2 * data_range) ** 2
-    kern = torch.from_numpy(k1)
-    weights = [
-        kern.view(1, 1, -1, 1, 1).repeat(5, 1, 1, 1, 1),
-        kern.view(1, 1, 1, -1, 1).repeat(5, 1, 1, 1, 1),
-        kern.view(1, 1, 1, 1, -1).repeat(5, 1, 1, 1, 1),
-    ]
-    total, count = 0.0, 0
-    n0 = r.shape[0]
-    for start in range(rad, n0 - rad, chunk):
-        stop = min(start + chunk, n0 - rad)
-        x = torch.from_numpy(clip_hu(r[start - rad : stop + rad].astype(np.float64), hu_range))
-        y = torch.from_numpy(clip_hu(t[start - rad : stop + rad].astype(np.float64), hu_range))
-        stack = torch.stack([x, y, x * x, y * y, x * y])[None]
-        for w in weights:
-            stack = F.conv3d(stack, w, groups=5)
-        ux, uy, uxx, uyy, uxy = stack[0]
-        vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
-        s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-        total += float(s.sum())
-        count += s.numel()
-    return total / count
+    c1 = np.float32((SSIM_K1 * data_range) ** 2)
+    c2 = np.float32((SSIM_K2 * data_range) ** 2)
+    total = 0.0
+    for out, x, y in _ssim_slabs(r, rad, hu_range, t, chunk):
+        ux, vx = mu_x[out], var_x[out]
+        x *= y
+        uxy = _gaussian_valid(x, taps)
+        uy = _gaussian_valid(y, taps)
+        y *= y
+        vy = _gaussian_valid(y, taps)
+        vy -= uy * uy  # uyy - uy^2
+        uxy -= ux * uy  # covariance
+        num = (2 * ux * uy + c1) * (2 * uxy + c2)
+        den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
+        num /= den
+        total += float(num.sum(dtype=np.float64))
+    return total / mu_x.size
 
 
 def consistency_psnr(
@@ -178,7 +355,7 @@ def consistency_psnr(
 
 
 def quality_report(
-    reference: Volume,
+    reference: Volume | ReferenceStats,
     output: Volume,
     *,
     thick_input: Volume | None = None,
@@ -188,7 +365,11 @@ def quality_report(
     mask: np.ndarray | None = None,
     hu_range: tuple[float, float] = HU_RANGE,
 ) -> dict[str, float]:
-    """All SR metrics at once: psnr, psnr_body, ssim, hu_mae_body and (with an input) consistency_psnr."""
+    """All SR metrics at once: psnr, psnr_body, ssim, hu_mae_body and (with an input) consistency_psnr.
+
+    Scoring several outputs against one reference: pass ``ReferenceStats(reference)`` as ``reference``
+    (the body mask and the SSIM's reference moments are then computed once).
+    """
     if mask is None:
         mask = body_mask(reference)
     out = {
