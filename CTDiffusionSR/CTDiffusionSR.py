@@ -42,7 +42,7 @@ class CTDiffusionSR(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "CT Diffusion SR"
-        self.parent.categories = ["Filtering.Denoising and Super-Resolution"]
+        self.parent.categories = ["Image Synthesis"]
         self.parent.dependencies = []
         self.parent.contributors = ["SlicerCTDiffusion contributors"]
         self.parent.helpText = """
@@ -57,6 +57,10 @@ See the <a href="https://github.com/SlicerCTDiffusion/SlicerCTDiffusion">documen
         self.parent.acknowledgementText = """
 Built on DiffusionCore (PyTorch). Method ideas from ResShift (Yue et al.) and ControlNet (Zhang et al.).
 """
+        from CTDiffusionSRLib.slicer_version import check_slicer_version
+
+        check_slicer_version(self.parent.title)
+        slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 #
@@ -104,6 +108,42 @@ class CTDiffusionSRParameterNode:
     trainingDevice: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     trainingResume: bool = False
     trainingExtraArguments: str = ""
+
+
+#
+# Sample Data module: the thick-slice chest CT and the PA radiograph (CTDiffusionSRLib.sample_data)
+#
+def registerSampleData() -> None:
+    """Add one button per sample to the Sample Data module; each fetches through DiffusionCore's cache."""
+    import SampleData
+    from CTDiffusionSRLib.sample_data import SAMPLE_DATA_CATEGORY, SAMPLE_SOURCES, registration_arguments
+
+    applyCacheFolderSetting()
+    logic = SampleData.SampleDataLogic
+    registered = {s.sampleName for s in logic.sampleDataSourcesByCategory(SAMPLE_DATA_CATEGORY)}
+    moduleFolder = os.path.dirname(__file__)
+    for source in SAMPLE_SOURCES:
+        if source.title not in registered:  # a module reload must not add the buttons twice
+            logic.registerCustomSampleDataSource(
+                **registration_arguments(source, moduleFolder), customDownloader=loadSampleData
+            )
+
+
+def loadSampleData(dataSource):
+    """Fetch one sample (sha256-checked, cached) and load it as a volume node; returns the node.
+
+    ``dataSource`` is what the Sample Data button passes, or a name for scripts: ``loadSampleData("cxr-pa")``.
+    A failure (offline and not cached, checksum mismatch) is shown in a dialog, then raised.
+    """
+    from CTDiffusionSRLib.sample_data import attribution, fetch_sample_file, source_for
+
+    source = source_for(dataSource if isinstance(dataSource, str) else dataSource.sampleName)
+    applyCacheFolderSetting()
+    with slicer.util.tryWithErrorDisplay(f"Could not load the sample '{source.title}'.", waitCursor=True):
+        slicer.util.showStatusMessage(f"Loading {source.title} (downloaded once, then from the cache)...")
+        node = slicer.util.loadVolume(str(fetch_sample_file(source)), source.properties())
+        logging.info(attribution(source))
+        return node
 
 
 #

@@ -33,7 +33,7 @@ class XrayToCT(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "X-ray to CT"
-        self.parent.categories = ["Filtering.Denoising and Super-Resolution"]
+        self.parent.categories = ["Image Synthesis"]
         self.parent.dependencies = ["CTDiffusionSR"]
         self.parent.contributors = ["SlicerCTDiffusion contributors"]
         self.parent.helpText = """
@@ -44,6 +44,9 @@ anatomy consistent with the projection, not a measurement: never use it for diag
 See the <a href="https://github.com/SlicerCTDiffusion/SlicerCTDiffusion">documentation</a>.
 """
         self.parent.acknowledgementText = "Built on DiffusionCore (PyTorch)."
+        from CTDiffusionSRLib.slicer_version import check_slicer_version
+
+        check_slicer_version(self.parent.title)
 
 
 #
