@@ -39,6 +39,14 @@ class OutputError(DiffusionCoreError, OSError):
     exit_code = 4
 
 
+class NumericalError(DiffusionCoreError):
+    """A result failed its final check (NaN/Inf voxels, a constant volume, values far outside CT's range):
+    the computation broke down although the inputs, options and weights passed their checks. Nothing is
+    written; exit code 1, as for any other internal failure."""
+
+    exit_code = 1
+
+
 class ResourceError(DiffusionCoreError):
     """The job does not fit the machine (memory estimate over the limit even with the smallest tiles)."""
 

@@ -1,5 +1,6 @@
 """File helpers shared by the whole package (no torch import): the cache folder, file checksums, atomic
-publishing, parallel gzip, and the host memory a job may plan to use."""
+publishing, the guard that keeps outputs off inputs, parallel gzip, and the host memory a job may plan to
+use."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import os
 import struct
 import zlib
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 _CHUNK = 1 << 20
 
@@ -43,6 +45,80 @@ def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, final)
+
+
+# -- outputs never overwrite inputs ------------------------------------------------------------------------
+PathLike = str | os.PathLike
+
+
+def _file_identity(path: PathLike) -> tuple[int, int] | None:
+    """(device, inode) of what ``path`` names after following links, or None when there is nothing there."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterable[tuple[str, PathLike | None]]) -> None:
+    """Refuse, whatever ``--overwrite`` says, any output that is an input file or lies inside an input folder,
+    and two outputs that are one file. Called by every command with all its planned outputs before any work.
+
+    Files are compared by identity (device and inode), not by name: a symbolic or hard link to an input, a
+    path through ``..`` and another spelling of the name on a case-insensitive file system all name the
+    input itself. A folder input (a DICOM series) protects everything below it, and the files directly in
+    it are compared by identity too.
+
+    Args:
+        inputs: the files and folders the command reads: volumes, radiographs, list files, weights.
+            ``None`` and paths that do not exist (sample names) are skipped.
+        outputs: ``(what, path)`` for every file the command will write, e.g. ``("--report", "r.json")``;
+            ``what`` starts the message (``"the output"``, ``"--report"``). ``None`` paths are skipped.
+
+    Raises:
+        OutputError: exit code 4; the message names the output, the input and what to do.
+    """
+    files: dict[tuple[int, int], Path] = {}
+    folders: dict[tuple[int, int], Path] = {}
+    for item in inputs:
+        if item is None or (ident := _file_identity(item)) is None:
+            continue
+        path = Path(item)
+        if not path.is_dir():
+            files.setdefault(ident, path)
+            continue
+        folders.setdefault(ident, path)
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_file():
+                        st = entry.stat()
+                        files.setdefault((st.st_dev, st.st_ino), Path(entry.path))
+        except OSError:
+            pass  # an unreadable folder is reported by the reader
+    seen: dict[str, tuple[str, Path]] = {}
+    for what, item in outputs:
+        if item is None:
+            continue
+        out = Path(item)
+        ident = _file_identity(out)
+        if ident in files:
+            same = "" if os.path.abspath(out) == os.path.abspath(files[ident]) else " (the same file under another name)"
+            raise OutputError(
+                f"{what} {out} is the input {files[ident]}{same}: writing it would destroy the input, so it is "
+                f"refused even with --overwrite. Choose another path for {what}."
+            )
+        real = Path(os.path.realpath(out))  # links and '..' resolved the way the file would be opened
+        for folder in (real, *real.parents):
+            if (ident := _file_identity(folder)) in folders:
+                raise OutputError(
+                    f"{what} {out} lies inside the input folder {folders[ident]}: writing there would change "
+                    "the input series, so it is refused even with --overwrite. Choose a path outside it."
+                )
+        key = os.path.normcase(str(real))
+        if key in seen:
+            raise OutputError(f"{what} {out} and {seen[key][0]} {seen[key][1]} are the same file: give them different names.")
+        seen[key] = (what, out)
 
 
 # -- parallel gzip ---------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ def _int_vector(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from DiffusionCore.cli.common import finite_float
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("inputVolume", help="thick-slice CT (NRRD, NIfTI, MHA)")
     p.add_argument("outputVolume", help="super-resolved CT to write")
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="", help="weights name or .safetensors file; empty = bundled default")
     p.add_argument("--allowUnregisteredWeights", action="store_true", help="accept an unregistered file")
     p.add_argument("--numSteps", type=int, default=0, help="0: the posterior-mean estimate (one step); N > 0: a posterior sample in N steps")
-    p.add_argument("--guidanceScale", type=float, default=0.0, help="guidance scale; 0 = model default")
+    p.add_argument("--guidanceScale", type=finite_float(0.0, 10.0), default=0.0,
+                   help="guidance scale; 0 = model default")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
         "--adaptSeconds", type=float, default=0.0,
@@ -101,7 +104,7 @@ def adapt_settings(adapt: dict | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from DiffusionCore.cli.common import Progress, write_return_parameters
+    from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
     from DiffusionCore.cli.evaluate import write_json_atomic
     from DiffusionCore.errors import InputError
     from DiffusionCore.sr.pipeline import SuperResolver
@@ -131,8 +134,11 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress("slicer")
     print("<filter-comment>super-resolving</filter-comment>", flush=True)
     result, report = resolver.run(volume, progress=progress, **{**settings, "adapt": adapt})
-    write_volume(result, args.outputVolume, overwrite=True, dtype="float32", compress=False)
+    check_result(result, f"the super-resolved volume of {args.inputVolume}")
     uncertainty = report.get("uncertainty")
+    if args.uncertaintyVolume and uncertainty is not None:
+        check_result(uncertainty, "the uncertainty map", hu_range=(0.0, 32767.0), allow_constant=True)
+    write_volume(result, args.outputVolume, overwrite=True, dtype="float32", compress=False)
     if args.uncertaintyVolume and uncertainty is not None:
         write_volume(uncertainty, args.uncertaintyVolume, overwrite=True, dtype="float32", compress=False)
     sha = str(report.get("weights_sha256") or resolver.weights_sha256)

@@ -1,16 +1,22 @@
-"""Pieces every command shares: progress reporting, device choice, logging."""
+"""Pieces every command shares: progress reporting, device choice, logging, option types, and the final
+check of every volume a command writes."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from ..volume import Volume
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -160,18 +166,109 @@ def sigterm_cancels(cancel: threading.Event | None = None, what: str = "the run"
         signal.signal(signal.SIGTERM, old)
 
 
+# -- option types: every number is checked when the command line is parsed, before any work ---------
+def _range_text(low: float | None, high: float | None, low_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"above {low:g} and at most {high:g}" if low_open else f"from {low:g} to {high:g}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    return f"<= {high:g}" if high is not None else ""
+
+
+def finite_float(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` for a float option: NaN, infinities and values outside ``[low, high]`` (``low``
+    excluded when ``low_open``) are refused when the command line is parsed, with
+    ``error: argument --NAME: must be a finite number >= 0; got nan`` and exit code 2.
+
+    ``float()`` accepts ``nan``, ``inf`` and ``1e999``; a NaN option would flow into the model and come out
+    as an all-NaN volume, so no float option of the commands uses plain ``type=float``.
+    """
+    rule = " ".join(("a finite number", _range_text(low, high, low_open))).strip()
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}; got {text!r}") from None
+        below = low is not None and (value < low or (low_open and value == low))
+        if not math.isfinite(value) or below or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {rule}; got {text}")
+        return value
+
+    parse.__name__ = "finite number"
+    return parse
+
+
+def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer option in ``[low, high]``, checked when the command line is parsed
+    (``error: argument --steps: must be an integer >= 1; got 0``, exit code 2)."""
+    rule = f"an integer {_range_text(low, high, False)}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}; got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {rule}; got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+# -- the final check of every result before it is written ---------------------------------------------
+#: Range (HU) outside which a result voxel is not tissue but a numerical failure: below the padding values
+#: scanners use (-2048 HU; air is -1000) or above what an int16 CT file can hold (32767 HU).
+RESULT_HU_RANGE = (-2048.0, 32767.0)
+
+
+def check_result(vol: Volume, what: str, *, hu_range: tuple[float, float] = RESULT_HU_RANGE,
+                 allow_constant: bool = False) -> None:
+    """Refuse a result that cannot be a CT: NaN or infinite voxels, values outside ``hu_range``, or one value
+    everywhere (unless ``allow_constant``). Run on the float32 HU array, before any integer cast (which would
+    turn NaN into 0 HU and hide the failure).
+
+    Args:
+        vol: the result, HU.
+        what: what it is, for the message (e.g. ``"the sr result for ct.nii.gz"``).
+        hu_range: the plausible range; e.g. ``(0, 32767)`` for a standard-deviation map.
+        allow_constant: accept a constant volume (a standard deviation of 0 everywhere is an answer).
+
+    Raises:
+        NumericalError: the result failed; the message says how. Exit code 1.
+    """
+    import numpy as np
+
+    from ..errors import NumericalError
+
+    arr = vol.array
+    tail = "; nothing was written. Check the weights and options, or run again with --debug and report it."
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = int(arr.size - np.count_nonzero(finite))
+        raise NumericalError(f"{what} holds {bad} NaN or infinite voxels (of {arr.size}): the computation "
+                             f"failed numerically{tail}")  # fmt: skip
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < hu_range[0] or hi > hu_range[1]:
+        raise NumericalError(f"{what} holds values from {lo:.6g} to {hi:.6g} HU, far outside the plausible "
+                             f"{hu_range[0]:g}..{hu_range[1]:g} HU: the computation failed numerically{tail}")  # fmt: skip
+    if lo == hi and not allow_constant:
+        raise NumericalError(f"{what} is constant ({lo:g} HU everywhere): an empty result{tail}")
+
+
 def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
     """``--adapt [SECONDS]`` and ``--adapt-steps N``: test-time adaptation of the through-plane predictor."""
     from ..sr.adapt import DEFAULT_ADAPT_SECONDS
 
     parser.add_argument(
-        "--adapt", type=float, nargs="?", const=DEFAULT_ADAPT_SECONDS, default=None, metavar="SECONDS",
+        "--adapt", type=finite_float(0.0), nargs="?", const=DEFAULT_ADAPT_SECONDS, default=None, metavar="SECONDS",
         help="first fine-tune a copy of the model for at most SECONDS on pairs made from this scan's own "
         f"in-plane slices (default {DEFAULT_ADAPT_SECONDS:g} s when given without a value); the shipped weights "
         "are not changed",
     )
     parser.add_argument(
-        "--adapt-steps", type=int, default=None, metavar="N",
+        "--adapt-steps", type=bounded_int(1), default=None, metavar="N",
         help="adapt for exactly N steps instead of a time budget (the same output for the same seed)",
     )
 

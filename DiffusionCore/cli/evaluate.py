@@ -9,9 +9,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import NumericalError, OutputError
 from ..evaluate import evaluate, format_table
-from ..files import publish
+from ..files import publish, refuse_overwriting_inputs
 from ..volume import crop_slices, load_reference
 from .common import Progress, adapt_settings, add_adapt_arguments, add_progress_argument
 
@@ -54,6 +54,23 @@ def _jsonable(value):
     return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
+def check_scores(results: list[dict], what: str) -> None:
+    """Refuse an evaluation in which a method scored NaN (its reconstruction held NaN voxels): such a row would
+    be written as ``null`` and read as a result. An infinite PSNR (an exact reconstruction) is kept.
+
+    Raises:
+        NumericalError: exit code 1; nothing is printed or written.
+    """
+    for row in results:
+        bad = [k for k, v in row.items() if isinstance(v, float) and math.isnan(v)]
+        if bad:
+            label = row.get("method", "?") + (f" (stage {row['stage']})" if "stage" in row else "")
+            raise NumericalError(
+                f"{what}: method {label} scored NaN ({', '.join(bad)}): its result failed numerically; nothing "
+                "was written. Check the weights and options, or run again with --debug and report it."
+            )
+
+
 def write_json_atomic(data: dict, path: str | os.PathLike, overwrite: bool = True) -> Path:
     p = Path(path)
     if p.exists() and not overwrite:
@@ -86,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     keep_freed_memory()  # a one-shot process: the model's buffers are reused, not mapped afresh
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    refuse_overwriting_inputs([args.reference, args.weights], [("--json", args.json_out)])
     if args.json_out:
         out = Path(args.json_out)
         if out.exists() and not args.overwrite:
@@ -113,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         progress.close()
+    check_scores(report["results"], "evaluate")
     print(format_table(report))
     if args.json_out:
         write_json_atomic(report, args.json_out)

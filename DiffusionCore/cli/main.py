@@ -1,8 +1,8 @@
 """``python -m DiffusionCore <command>``: one entry point for users, Slicer CLIs and scripts.
 
 Errors the user can act on print one ``error: ...`` line on stderr and exit with the error's code
-(2 bad input or options, 3 weights, 4 output, 5 resources, 6 sample data, 130 cancelled); ``--debug``
-shows the traceback instead.
+(1 a result that failed its final check, 2 bad input or options, 3 weights, 4 output, 5 resources,
+6 sample data, 130 cancelled); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a refused option (exit 2) or --help (0): returned, like every other outcome
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     setup_logging(args.verbose)
     return run_guarded(
         lambda: args.func(args),

@@ -19,11 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, GeometryError, InputError, OutputError
-from ..files import keep_freed_memory
+from ..files import keep_freed_memory, refuse_overwriting_inputs
 from ..sr.tiling import parse_memory_size
 from ..train.distributed import DistInfo, resolve_device, shard_list
 from ..volume import WRITABLE_SUFFIXES, check_output_path, read_volume, write_volume
-from .common import Progress, adapt_settings, add_adapt_arguments, add_progress_argument, sigterm_cancels
+from .common import (
+    Progress,
+    adapt_settings,
+    add_adapt_arguments,
+    add_progress_argument,
+    check_result,
+    finite_float,
+    sigterm_cancels,
+)
 from .evaluate import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -31,6 +39,11 @@ logger = logging.getLogger(__name__)
 #: Suffixes kept for outputs; others map to a writable one (DICOM folders become NIfTI).
 _OUTPUT_SUFFIX = {".mhd": ".mha", ".nhdr": ".nrrd"}
 _DEFAULT_OUTPUT_SUFFIX = ".nii.gz"
+#: --guidance-scale: 0 = unconditional, 1 = off; larger values exaggerate the condition (the Slicer module's
+#: range too). Checked when the command line is parsed: a NaN or huge scale gives an all-NaN volume.
+GUIDANCE_SCALE_RANGE = (0.0, 10.0)
+#: The standard-deviation map (--uncertainty) is checked against this range (HU) before it is written.
+UNCERTAINTY_HU_RANGE = (0.0, 32767.0)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", metavar="OUTPUT", help="output volume (.nii.gz, .nii, .nrrd, .mha), or a folder (batch)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--factor", type=int, default=None, help="slices per thick slice, 2..8 (default: from spacing)")
-    size.add_argument("--target-spacing", type=float, default=None, metavar="MM", help="output slice spacing in mm")
+    size.add_argument("--target-spacing", type=finite_float(0.0, low_open=True), default=None, metavar="MM", help="output slice spacing in mm")
     p.add_argument("--axis", choices=("z", "y", "x"), default=None, help="thick axis (default: from the spacing)")
     p.add_argument("--weights", default=None, metavar="NAME_OR_FILE", help="registered SR weights name or .safetensors file (default: the installed default)")
     p.add_argument("--vae-checkpoint", default=None, metavar="FILE", help="VAE weights file (with --diffusion-checkpoint)")
@@ -56,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-unregistered-weights", action="store_true", help="accept a weights file that is in no registry (only files you trust)")
     p.add_argument("--estimate", choices=("mean", "sample"), default=None, help="mean: the posterior mean, one network evaluation per patch, deterministic, the closest to the true thin slices on average (default for ResShift weights); sample: a draw from the posterior through --num-steps steps, with plausible fine texture but more squared error (up to twice)")
     p.add_argument("--num-steps", type=int, default=None, help="sampling steps of --estimate sample (giving it implies sample; default: the weights' own, e.g. 4)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale, 1.0 = off (default: the weights' own)")
+    p.add_argument("--guidance-scale", type=finite_float(*GUIDANCE_SCALE_RANGE), default=None, help="classifier-free guidance scale, 0..10, 1.0 = off (default: the weights' own)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     p.add_argument("--use-patches", action="store_true", help="use --patch-size/--overlap (patches are always used for volumes larger than one patch; default 32x256x256, overlap 8x64x64)")
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="patch size on the thin grid (D along the thick axis); smaller when memory is short")
@@ -186,9 +199,15 @@ def dist_info(device: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=resolve_device(device, local), is_main=rank == 0)
 
 
+def _input_files(args: argparse.Namespace) -> list[str | None]:
+    """Files the command reads besides the volumes: INPUT itself (a list file) and weights files."""
+    return [args.input, args.weights, args.vae_checkpoint, args.diffusion_checkpoint]
+
+
 def plan_jobs(args: argparse.Namespace, info: DistInfo) -> tuple[bool, list[Job]]:
     """The volumes this process handles (its share under torchrun) and their output paths, all checked
-    before any work.
+    before any work: no output, uncertainty map or report may be an input (every planned output against
+    every input, whatever --overwrite says), and each must be writable.
 
     Raises:
         InputError: INPUT missing or holding no volumes. OutputError: an output cannot be written.
@@ -204,25 +223,36 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> tuple[bool, list[Job]
         jobs = [Job(sources[0], out, unc)]
     else:
         names = batch_output_names(sources)
-        out_dir = _check_folder(out, "output")
-        unc_dir = _check_folder(Path(args.uncertainty), "uncertainty") if args.uncertainty else None
-        jobs = [Job(s, out_dir / n, unc_dir / n if unc_dir else None) for s, n in zip(sources, names)]
+        unc_dir = Path(args.uncertainty) if args.uncertainty else None
+        jobs = [Job(s, out / n, unc_dir / n if unc_dir else None) for s, n in zip(sources, names)]
+    planned = [(what, path) for job in jobs for what, path in (("the output", job.output), ("--uncertainty", job.uncertainty))]
+    refuse_overwriting_inputs([*_input_files(args), *sources], [*planned, ("--report", _report_file(args, info))])
+    if batch:  # the folders are created only once no output can hit an input
+        _check_folder(out, "output")
+        if unc_dir is not None:
+            _check_folder(unc_dir, "uncertainty")
     jobs = shard_list(jobs, info)
     for job in jobs:
         check_output_path(job.output, overwrite=args.overwrite)
         if job.uncertainty is not None:
-            if job.uncertainty.resolve() == job.output.resolve():
-                raise OutputError("--uncertainty must name another file than the output")
             check_output_path(job.uncertainty, overwrite=args.overwrite)
     return batch, jobs
 
 
-def _report_path(args: argparse.Namespace, info: DistInfo) -> Path | None:
+def _report_file(args: argparse.Namespace, info: DistInfo) -> Path | None:
+    """This process's --report path (one per process under torchrun), unchecked."""
     if not args.report:
         return None
     p = Path(args.report)
     if info.world_size > 1:
         p = p.with_name(f"{p.stem}.rank{info.rank}{p.suffix or '.json'}")
+    return p
+
+
+def _report_path(args: argparse.Namespace, info: DistInfo) -> Path | None:
+    p = _report_file(args, info)
+    if p is None:
+        return None
     if p.exists() and not args.overwrite:
         raise OutputError(f"{p} already exists; pass --overwrite to replace it.")
     if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
@@ -335,9 +365,14 @@ def run(args: argparse.Namespace) -> int:
                     logger.warning("skipping %s: %s", job.source, exc)
                     continue
                 t0 = time.perf_counter()
+                std = report["uncertainty"] if job.uncertainty is not None else None
+                check_result(output, f"the sr result for {job.source}")  # before any integer cast
+                if std is not None:  # a spread of 0 everywhere is an answer, not an empty result
+                    check_result(std, f"the uncertainty map for {job.source}", hu_range=UNCERTAINTY_HU_RANGE,
+                                 allow_constant=True)  # fmt: skip
                 write_volume(output, job.output, overwrite=args.overwrite, dtype=args.output_dtype)
-                if job.uncertainty is not None and report["uncertainty"] is not None:
-                    write_volume(report["uncertainty"], job.uncertainty, overwrite=args.overwrite, dtype="float32")
+                if std is not None:
+                    write_volume(std, job.uncertainty, overwrite=args.overwrite, dtype="float32")
                 t_write = time.perf_counter() - t0
                 reports.append(_json_report(job, report, {"read": t_read, "write": t_write}))
                 logger.info(
