@@ -30,6 +30,7 @@ from .errors import DiffusionCoreError
 from .evaluate import evaluate, format_table
 from .interpolation import interpolate
 from .volume import Volume, read_volume, write_volume
+from .weights.registry import first_available
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,19 @@ def _views(vol: Volume, centre: tuple[int, int, int] | None = None) -> list[tupl
     return [(a[cz], sy / sx), (a[::-1, cy, :], sz / sx), (a[::-1, :, cx], sz / sy)]
 
 
+def _save_figure(fig, path: Path, title: str, dpi: int) -> Path:
+    """Title, lay out and write a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def comparison_figure(columns: dict[str, Volume], path: Path, title: str, differences: tuple[str, ...] = ()) -> Path:
     """A grid of axial / coronal / sagittal views, one column per volume (all on the same physical grid
     or resampled to it by the caller); the columns named in ``differences`` are HU differences, shown in
@@ -81,20 +95,7 @@ def comparison_figure(columns: dict[str, Volume], path: Path, title: str, differ
                 ax.set_title(name, fontsize=11)
             if c == 0:
                 ax.set_ylabel(("axial", "coronal", "sagittal")[r])
-    fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def _default_weights(family: str) -> str | None:
-    """The first registered weights of ``family`` whose file is on this machine, or ``None``."""
-    from .weights.registry import list_weights
-
-    return next((e["name"] for e in list_weights(family) if e["available"]), None)
+    return _save_figure(fig, path, title, dpi=90)
 
 
 def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xray: bool = False,
@@ -116,7 +117,7 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
     nearest = interpolate(thick, grid, "nearest")
     write_volume(cubic, output_dir / f"chest-dx_cubic_x{factor}.nii.gz", overwrite=True)
     columns = {f"input {thick.spacing_zyx[0]:.1f} mm (nearest)": nearest, f"cubic x{factor}": cubic}
-    sr_name = sr_weights or _default_weights("sr")
+    sr_name = sr_weights or first_available("sr")
     methods = ["nearest", "linear", "cubic"]
     if sr_name is None:
         note = ("No default SR weights are installed in this version, so the SR column is left out; "
@@ -160,7 +161,7 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
 
     # 4. X-ray to CT
     if not skip_xray:
-        xname = xray_weights or _default_weights("xray")
+        xname = xray_weights or first_available("xray")
         if xname is None:
             note = ("No default X-ray-to-CT weights are installed in this version; skipping that part "
                     "(train them with `python -m DiffusionCore train xray`, README).")
@@ -175,17 +176,65 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
     return summary
 
 
+def reprojection(vol: Volume, view: str = "pa") -> np.ndarray:
+    """The training-geometry radiograph (attenuation style, rows superior first) of an X-ray-to-CT cube."""
+    import torch
+
+    from .xray.drr import hu_to_mu, project_parallel_axis, radiograph_style
+
+    mu = hu_to_mu(torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32))[None, None])
+    return radiograph_style(project_parallel_axis(mu, vol.spacing_zyx, view))[0, 0].numpy()
+
+
+def xray_figure(radiograph: np.ndarray, rows: dict[str, Volume], path: Path, title: str, view: str = "pa") -> Path:
+    """X-ray to CT picture: the input radiograph, then per volume (generated, and the reference CT where one
+    exists) its re-projection beside its axial, coronal and sagittal views. Written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 5, figsize=(20, 4.4 * len(rows)), squeeze=False)
+    for r, (name, vol) in enumerate(rows.items()):
+        panels = [(radiograph, "input radiograph (as the model sees it)", 1.0) if r == 0 else (None, "", 1.0),
+                  (reprojection(vol, view), f"{name}: re-projection", 1.0)]
+        panels += [(img, f"{name}: {label}", aspect)
+                   for (img, aspect), label in zip(_views(vol), ("axial", "coronal", "sagittal"))]  # fmt: skip
+        for c, (img, label, aspect) in enumerate(panels):
+            ax = axes[r][c]
+            ax.axis("off")
+            if img is None:
+                continue
+            is_ct = c >= 2
+            ax.imshow(img, cmap="gray", vmin=DISPLAY_WINDOW[0] if is_ct else 0.0,
+                      vmax=DISPLAY_WINDOW[1] if is_ct else 1.0, aspect=aspect, interpolation="nearest")  # fmt: skip
+            ax.set_title(label, fontsize=10)
+    return _save_figure(fig, path, title, dpi=80)
+
+
 def _xray_part(output_dir: Path, ref: Volume, weights: str, device: str, steps: int | None,
                timings: dict, summary: dict) -> None:
+    import torch
+
+    from .xray.data import ct_to_cube, render_training_drr
     from .xray.evaluate import evaluate_xray, format_xray_table
     from .xray.pipeline import XrayToCTGenerator
     from .xray.radiograph import read_radiograph
 
     gen = XrayToCTGenerator.from_pretrained(weights)
+    cfg = gen.cascade.configs[-1]
+    label = ("chest-lidc (one of the two CTs the shipped weights were trained on; the figures on a CT they never "
+             "saw are in docs/model_cards/xray-default.md)")  # fmt: skip
     report = _timed(timings, "X-ray to CT evaluation (DRR of chest-lidc)", evaluate_xray, gen, ref,
-                    steps=steps, device=device, reference_name="chest-lidc")
+                    steps=steps, device=device, reference_name=label)
     print(format_xray_table(report))
     summary["xray_evaluation"] = report
+    cube = ct_to_cube(ref, cfg.resolution, cfg.data.fov_mm)
+    drr = render_training_drr(torch.from_numpy(cube.array)[None, None], cfg.data.fov_mm, cfg.xray_resolution,
+                              cfg.data.view)[0, 0].numpy()  # fmt: skip
+    vol, _ = gen.run(drr, device=device, steps=steps, view=cfg.data.view, fov_mm=cfg.data.fov_mm)
+    xray_figure(drr, {"generated (synthetic)": vol, "reference CT": cube}, output_dir / "xray2ct_drr.png",
+                "X-ray to CT from a DRR of chest-lidc (a training CT), against that CT", cfg.data.view)
     try:
         pa = read_radiograph(sampledata.fetch("cxr-pa"))
     except DiffusionCoreError as exc:
@@ -193,6 +242,9 @@ def _xray_part(output_dir: Path, ref: Volume, weights: str, device: str, steps: 
         return
     vol, rep = _timed(timings, "X-ray to CT (real PA radiograph)", gen.run, pa, device=device, steps=steps)
     write_volume(vol, output_dir / "xray2ct_pa.nii.gz", overwrite=True)
-    comparison_figure({"generated from cxr-pa (synthetic)": vol}, output_dir / "xray2ct_pa.png",
-                      "X-ray to CT from a real PA radiograph (no ground-truth CT exists)")
+    seen = gen.prepare_input(pa, None)[0][0, 0].numpy()
+    picture = xray_figure(seen, {"generated (synthetic)": vol}, output_dir / "xray2ct_pa.png",
+                          "X-ray to CT from a real PA radiograph (cxr-pa): no ground-truth CT exists for it",
+                          cfg.data.view)  # fmt: skip
+    print(f"X-ray to CT pictures: {output_dir / 'xray2ct_drr.png'}, {picture}")
     summary["xray_report"] = {k: v for k, v in rep.items() if not isinstance(v, Volume)}

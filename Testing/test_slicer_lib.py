@@ -165,6 +165,22 @@ def test_sr_settings_pass_adaptation_to_the_batch_cli():
     assert "--tinyTestPredictor" in args and "--tinyTestModel" not in args
 
 
+def test_xray_settings_pass_the_consistency_choice_to_the_generate_cli():
+    import importlib.util
+
+    from XrayToCTLib import XraySettings
+
+    spec = importlib.util.spec_from_file_location("xray_cli", ROOT / "XrayToCT" / "CLI" / "XrayToCTGenerate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+
+    def parsed(settings: XraySettings):
+        return cli.build_parser().parse_args([*settings.cli_arguments(), "in.png", "out.nrrd"])
+
+    assert parsed(XraySettings()).noConsistency is False  # on by default
+    assert parsed(XraySettings(consistency=False)).noConsistency is True
+
+
 # -- background processes ---------------------------------------------------------------------------------
 def test_progress_lines_are_parsed():
     assert parse_progress_line("<filter-progress>0.25</filter-progress>") == (0.25, None)

@@ -172,7 +172,10 @@ def test_prepare_train_resume_next_stage_and_evaluate(files, tmp_path):
     report = json.loads(out.read_text())
     assert report["reference"] == str(files["ct"]) and isinstance(report["results"], list)
     got = {(r["method"], r["stage"]) for r in report["results"]}
-    assert got == {(m, s) for m in ("model", "mean-ct", "lifting-only") for s in (1, 2)}
+    assert got == {(m, s) for m in ("model", "model-raw", "mean-ct", "lifting-only") for s in (1, 2)}
+    by = {(r["method"], r["stage"]): r for r in report["results"]}
+    for s in (1, 2):  # the consistency step makes each stage re-project onto the input
+        assert by[("model", s)]["reprojection_psnr"] > by[("model-raw", s)]["reprojection_psnr"]
     for r in report["results"]:
         assert set(r) == {"method", "stage", "psnr3d", "ssim3d", "reprojection_psnr", "seconds"}
         assert type(r["stage"]) is int and all(type(r[k]) is float for k in list(r)[2:])

@@ -1,6 +1,7 @@
-"""Training cost of the two trainable SR families, per step and per patch, and where the time goes.
+"""Training cost of the trainable families (SR, X-ray to CT), per step and per patch, and where time goes.
 
-Families (``--family``, default both):
+Families (``--family``: ``latent``, ``throughplane``, ``xray``, ``both`` = the two SR families (default), or
+``all``):
 
 * ``latent``: the latent diffusion stack of ``train sr`` (VAE + latent UNet + IRControlNet + ResShift), with
   the recipe of the run that beat cubic (``default_cpu_gpu_training.json``: batch 16, patch 16x64x64,
@@ -16,30 +17,53 @@ Families (``--family``, default both):
   (``throughplane/default.json``). A patch is one 2D thick/thin plane pair. Parts: ``data``
   (``sample_pairs``), ``forward`` (``cubic_planes`` + the network + L1), ``backward``, ``optimizer``
   (zero_grad, AdamW, EMA update). As in ``train throughplane``, glibc's allocator is tuned first
-  (``keep_freed_memory``); it is process-wide, so the latent family runs first, untuned as in ``train sr``.
+  (``keep_freed_memory``); it is process-wide, so the latent and xray families run before it, untuned as in
+  ``train sr`` and ``train xray``.
+* ``xray``: one stage of the X-ray to CT cascade as ``train xray`` trains it (``--xray-config``, default
+  ``xray/configs/stage1_cpu.json`` where it exists, else the shipped ``stage1``). A patch is one sample: an
+  augmented CT cube and the DRR rendered from it. For a stage above 1 the configs are completed as in
+  ``train xray`` (``complete_configs``): the earlier stages are built and frozen but not run, since the
+  previous resolution's ground-truth cube plus ``data.prev_noise`` is the stage's input, and the data part
+  draws the cubes of every resolution. Parts: ``data`` (``XrayCubeDataset.sample``: CT flip, rotation, HU
+  jitter, DRR rendering and radiograph augmentation), ``conditioning`` (``StageModel.condition``: the X-ray
+  encoder and the depth lifting, plus the previous-stage input), ``denoiser fwd`` (noising, ViT blocks, token
+  head, refinement head and the diffusion, depth-prior, gradient and structural losses), ``drr loss`` (line
+  integrals of the prediction against the target's), ``backward`` (zero_grad and the backward pass; with
+  ``gradient_checkpointing`` it recomputes the ViT blocks), ``optimizer`` (gradient clipping, AdamW,
+  learning-rate schedule, EMA update where ``training.ema_decay`` > 0). The step is ``train_step`` of a
+  ``CascadeObjective`` written out (:func:`xray_stage_loss`): the stage's forward is its ``condition`` then
+  its ``predict``, and the loss terms of ``losses.stage_loss`` (``train.patch_stage_loss`` for a
+  patch-trained stage) are computed from the same random draws and summed in the same order; only the
+  DRR term is computed after the others, in its own timed block (it reads nothing but the prediction and
+  the target, so no value changes). Float32 on the CPU, as ``train xray`` there (``training.amp`` applies
+  to GPUs). Random weights.
 
 Each step reproduces one step of the real training loop (same sampling, same loss, same optimizer) with a
 timer around each part. Data: the ``chest-lidc`` and ``chest-dx`` samples, or ``--data``; volumes are read
 once before timing (reading is not part of a step). ``--warmup`` (default 2) untimed steps, then
-``--steps-latent`` / ``--steps-throughplane`` timed ones, on ``--threads`` (default 2) torch threads, CPU.
-Reports seconds per step by part and percentages, steps/s, patches/s, and thin-grid voxels/s (3D patch
-voxels for the latent stack, thin-plane pixels for the predictor), so the two families compare.
-Prints a table and writes JSON.
+``--steps-latent`` / ``--steps-throughplane`` / ``--steps-xray`` timed ones, on ``--threads`` (default 2)
+torch threads, CPU. Reports seconds per step by part and percentages, steps/s, patches (samples)/s, and
+thin-grid voxels/s (3D patch voxels for the latent stack, thin-plane pixels for the predictor, the predicted
+cube's voxels for the x-ray stage), so the families compare, and the trained parameters. Prints a table and
+writes JSON.
 
 Usage::
 
-    python benchmarks/train_speed.py results/train_speed.json [--family latent|throughplane|both] [--threads 2]
+    python benchmarks/train_speed.py results/train_speed.json [--family latent|throughplane|xray|both|all]
     python benchmarks/train_speed.py /tmp/train_speed.json --steps-latent 3 --steps-throughplane 20
     python benchmarks/train_speed.py /tmp/ts.json --family latent --latent-config DiffusionCore/sr/configs/default_cpu.json
+    python benchmarks/train_speed.py /tmp/ts.json --family xray --steps-xray 5 [--xray-config stage2]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +76,12 @@ from DiffusionCore.config import config_to_dict, load_config, read_config_file
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "DiffusionCore" / "sr" / "configs"
 DEFAULT_LATENT_CONFIG = CONFIG_DIR / "default_cpu_gpu_training.json"
 DEFAULT_THROUGHPLANE_CONFIG = CONFIG_DIR / "throughplane" / "default.json"
+XRAY_CONFIG_DIR = CONFIG_DIR.parents[1] / "xray" / "configs"
+XRAY_CPU_CONFIG = XRAY_CONFIG_DIR / "stage1_cpu.json"
+DEFAULT_XRAY_CONFIG = str(XRAY_CPU_CONFIG) if XRAY_CPU_CONFIG.is_file() else "stage1"
 DEFAULT_SAMPLES = ("chest-lidc", "chest-dx")
+FAMILIES = {"latent": ("latent",), "throughplane": ("throughplane",), "xray": ("xray",),
+            "both": ("latent", "throughplane"), "all": ("latent", "xray", "throughplane")}
 
 
 def run_steps(step, timer, warmup: int, timed: int) -> tuple[float, float]:
@@ -302,6 +331,160 @@ def time_throughplane(args, data: list[str]) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------- x-ray cascade
+def xray_stage_loss(
+    cascade,
+    s: int,
+    vols: dict[int, torch.Tensor],
+    xray: torch.Tensor,
+    prev_noise: float,
+    lap: Callable[[str], None] = lambda part: None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage ``s``'s loss as ``CascadeObjective.forward`` computes it, cut into timed parts.
+
+    The same random draws in the same order (previous-stage noise, patch corner, t, noise) and the same terms
+    as ``losses.stage_loss``, or ``train.patch_stage_loss`` for a patch-trained stage; ``stage(...)`` is
+    called as ``stage.condition`` then ``stage.predict``, which is what its forward does. ``lap(part)`` is
+    called after ``conditioning``, ``denoiser fwd`` and ``drr loss``.
+    """
+    from DiffusionCore.xray.cascade import _crop
+    from DiffusionCore.xray.losses import diffusion_loss, drr_l1, gradient_l1, line_integrals, structural_loss
+    from DiffusionCore.xray.train import patch_origin, trains_on_patches
+    from DiffusionCore.xray.vdiffusion import q_sample
+
+    stage = cascade.stages[s - 1]
+    cfg = stage.cfg
+    w = cfg.loss_weights
+    whole = vols[cfg.resolution]
+    prev = None
+    if s > 1:  # the previous stage's ground-truth cube plus noise, as in training
+        prev = vols[cascade.configs[s - 2].resolution]
+        prev = (prev + prev_noise * torch.randn_like(prev)).clamp(-1, 1)
+    ctx = stage.condition(xray, prev)
+    lap("conditioning")
+    patch = trains_on_patches(cfg)
+    origin = patch_origin(cfg) if patch else None
+    x0 = _crop(whole, origin, cfg.model.train_patch) if patch else whole
+    min_t = cfg.diffusion.min_t
+    t = torch.rand(x0.shape[0], device=x0.device) * (1 - min_t) + min_t
+    eps = torch.randn(x0.shape, device=x0.device)
+    pred, lifted = stage.predict(q_sample(x0, t, eps), t, ctx, origin=origin, return_lifted=True)
+    pred = pred.float()
+    parts: dict[str, torch.Tensor] = {"v_loss": diffusion_loss(pred, x0, t, cfg.model.v_parameterization)}
+    pred = pred.clamp(-1.5, 1.5)
+    if w.depth_prior_loss > 0 and lifted is not None:
+        parts["depth_prior_loss"] = F.l1_loss(lifted.float(), x0)
+    if w.gradient_loss > 0:
+        parts["gradient_loss"] = gradient_l1(pred, x0)
+    if w.perceptual_loss > 0:
+        parts["perceptual_loss"] = structural_loss(pred, x0)
+    lap("denoiser fwd")
+    spacing = cfg.data.fov_mm / cfg.resolution
+    if w.drr_loss > 0 and patch:  # patch_stage_loss: the patch's share of the line integrals
+        lp = line_integrals(pred, spacing, cfg.data.view)
+        with torch.no_grad():
+            ref = line_integrals(x0, spacing, cfg.data.view)
+            scale = torch.quantile(line_integrals(whole, spacing, cfg.data.view).flatten(1), 0.99, dim=1)
+            scale = scale.clamp_min(1e-3).view(-1, 1, 1, 1)
+        drr = ((lp - ref) / scale).abs().mean()
+        total = sum(getattr(w, k) * v for k, v in parts.items()) + w.drr_loss * drr
+        parts["drr_loss"] = drr
+    else:
+        if w.drr_loss > 0:
+            parts = {"v_loss": parts["v_loss"], "drr_loss": drr_l1(pred, x0, spacing, cfg.data.view),
+                     **{k: v for k, v in parts.items() if k != "v_loss"}}  # stage_loss's order of the sum
+        total = sum(getattr(w, k) * v for k, v in parts.items())
+    lap("drr loss")
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def resolve_xray_configs(source: str) -> list:
+    """Stage configs 1..S for ``--xray-config`` (a shipped name or a file), earlier stages as ``train xray``
+    completes them (``train.complete_configs``)."""
+    from DiffusionCore.xray.config import load_stage_config
+    from DiffusionCore.xray.train import complete_configs
+
+    return complete_configs([load_stage_config(source)])
+
+
+def time_xray(args, data: list[str]) -> dict:
+    """Time ``train xray`` steps of one stage (see the module docstring); returns the family's JSON entry."""
+    from DiffusionCore.train.ema import ParameterEMA
+    from DiffusionCore.xray.cascade import UnifiedHybridViTCascade
+    from DiffusionCore.xray.data import XrayCubeDataset
+    from DiffusionCore.xray.train import load_training_cubes, trains_on_patches
+
+    configs = resolve_xray_configs(args.xray_config)
+    top = configs[-1]
+    s, tc = top.stage, top.training
+    batch = int(args.xray_batch or tc.batch_size)
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    cascade = UnifiedHybridViTCascade(configs)  # random weights: the time does not depend on them
+    for st, c in zip(cascade.stages, configs):
+        st.gradient_checkpointing = c.training.gradient_checkpointing
+    for k, st in enumerate(cascade.stages, start=1):  # earlier stages frozen (and not run: ground-truth prev)
+        st.requires_grad_(k == s)
+    params = [p for p in cascade.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    warm = max(1, tc.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm))
+    ema = ParameterEMA({"cascade": cascade}, tc.ema_decay) if tc.ema_decay > 0 else None
+    resolutions = sorted({c.resolution for c in configs})
+    xres = max(c.xray_resolution for c in configs)
+    cubes = load_training_cubes(data, resolutions, top.data.fov_mm)  # read once, outside the timing
+    dataset = XrayCubeDataset(cubes, top.data, top.data.fov_mm)
+    timer = PartTimer(["data", "conditioning", "denoiser fwd", "drr loss", "backward", "optimizer"])
+    cascade.train()
+
+    def step(i: int) -> None:
+        timer.start()
+        vols, xray = dataset.sample(rng, batch, resolutions, xres)
+        timer.lap("data")
+        loss, _ = xray_stage_loss(cascade, s, vols, xray, top.data.prev_noise, timer.lap)
+        if not math.isfinite(float(loss.detach())):
+            raise RuntimeError(f"x-ray stage {s}: the loss is not finite at step {i}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        timer.lap("backward")
+        if tc.gradient_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, tc.gradient_clip)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.update()
+        timer.lap("optimizer")
+
+    wall, cpu = run_steps(step, timer, args.warmup, args.steps_xray)
+    side = top.model.train_patch if trains_on_patches(top) else top.resolution
+    voxels = args.steps_xray * batch * side**3
+    return {
+        "family": "xray",
+        "config": Path(args.xray_config).name,
+        "stage": s,
+        "batch_size": batch,
+        "patch_size": [side] * 3,
+        "patch": "one (CT cube, DRR) sample; voxels: the cube the stage predicts (its training patch where "
+                 "it trains on patches)",
+        "resolution": top.resolution,
+        "xray_resolution": xres,
+        "train_patch": top.model.train_patch,
+        "previous_stages": "frozen, not run (the previous resolution's ground-truth cube plus noise is the "
+                           "input, as in training)" if s > 1 else "none",
+        "gradient_checkpointing": bool(top.training.gradient_checkpointing),
+        "ema": bool(ema is not None),
+        "precision": "float32 (training.amp is used on GPUs only)",
+        "trainable_parameters": sum(p.numel() for p in params),
+        "cascade_parameters": sum(p.numel() for p in cascade.parameters()),
+        "weights": "random initialisation (the time does not depend on the weights)",
+        "allocator_tuned": _allocator_tuned(),
+        "warmup_steps": args.warmup,
+        **summarise(timer, args.steps_xray, batch, voxels, wall, cpu),
+        "samples_per_s": args.steps_xray * batch / sum(timer.seconds.values()),
+        "config_values": [config_to_dict(c) for c in configs],
+    }
+
+
 def _allocator_tuned() -> bool:
     from DiffusionCore import files
 
@@ -314,6 +497,14 @@ def format_family(r: dict) -> str:
         patch = "x".join(map(str, r["patch_size"]))
         head = (f"latent stack ({r['config']}, stage {r['stage']}, random-init VAE): batch {r['batch_size']} x "
                 f"{patch} patches, {r['trainable_parameters'] / 1e6:.2f} M trained parameters")
+    elif r["family"] == "xray":
+        res, side = r["resolution"], r["patch_size"][0]
+        where = f", random {side}^3 patches" if side != res else ""
+        prev = ", earlier stages frozen (ground-truth previous cube)" if r["stage"] > 1 else ""
+        head = (f"x-ray cascade stage {r['stage']} ({r['config']}, random init{prev}): batch "
+                f"{r['batch_size']} x ({res}^3 CT cube, {r['xray_resolution']}^2 DRR){where}, "
+                f"{r['trainable_parameters'] / 1e6:.2f} M trained parameters "
+                f"({r['cascade_parameters'] / 1e6:.2f} M in the cascade)")
     else:
         m, w = r["patch_size"]
         ks = ", ".join(f"x{k}: {n}" for k, n in r["factors_drawn"].items())
@@ -336,13 +527,17 @@ def format_summary(rows: list[dict]) -> str:
         lines.append(f"{r['family']:<14}{r['batch_size']:>6}{patch:>12}{r['seconds_per_step']:9.3f}"
                      f"{r['steps_per_s']:9.3f}{r['patches_per_s']:11.2f}{r['thin_voxels_per_patch']:16.0f}"
                      f"{r['thin_voxels_per_s'] / 1e6:13.3f}")
+    if any(r["family"] == "xray" for r in rows):
+        lines.append("xray: a patch is one (CT cube, DRR) sample; its voxels are the cube's (the training "
+                     "patch's for a patch-trained stage)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_out", help="where to write the results (JSON)")
-    parser.add_argument("--family", choices=("latent", "throughplane", "both"), default="both")
+    parser.add_argument("--family", choices=tuple(FAMILIES), default="both",
+                        help="latent, throughplane, xray, both (the two SR families; default) or all")
     parser.add_argument("--data", nargs="+", default=None,
                         help="thin-slice CT volumes (files, folders or list files; default: the chest-lidc and "
                              "chest-dx samples)")
@@ -358,8 +553,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="through-plane training config (default: sr/configs/throughplane/default.json)")
     parser.add_argument("--throughplane-batch", type=int, default=None,
                         help="planes per predictor step (default: the config's)")
+    parser.add_argument("--steps-xray", type=int, default=5,
+                        help="timed steps of the x-ray stage (default 5)")
+    parser.add_argument("--xray-config", default=DEFAULT_XRAY_CONFIG,
+                        help="x-ray stage config: a shipped name (stage1, stage2, ...) or a file (default: "
+                             "xray/configs/stage1_cpu.json where it exists, else stage1)")
+    parser.add_argument("--xray-batch", type=int, default=None,
+                        help="samples per x-ray step (default: the config's)")
     args = parser.parse_args(argv)
-    if args.steps_latent < 1 or args.steps_throughplane < 1 or args.warmup < 0:
+    if min(args.steps_latent, args.steps_throughplane, args.steps_xray) < 1 or args.warmup < 0:
         parser.error("--steps-* must be >= 1 and --warmup >= 0")
 
     torch.set_num_threads(args.threads)
@@ -371,9 +573,12 @@ def main(argv: list[str] | None = None) -> int:
         data, data_names = [str(sampledata.fetch(name)) for name in DEFAULT_SAMPLES], list(DEFAULT_SAMPLES)
 
     rows = []
-    if args.family in ("latent", "both"):  # first: the predictor's allocator tuning is process-wide
+    families = FAMILIES[args.family]
+    if "latent" in families:  # the predictor's allocator tuning is process-wide: it runs last
         rows.append(time_latent(args, data))
-    if args.family in ("throughplane", "both"):
+    if "xray" in families:
+        rows.append(time_xray(args, data))
+    if "throughplane" in families:
         rows.append(time_throughplane(args, data))
 
     result = {
@@ -386,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "note": "a step reproduces the training loop's step with timers around its parts; fresh random "
-                "weights (the VAE included) cost the same time as trained ones",
+                "weights (the VAE included) cost the same time as trained ones; for xray a patch is one "
+                "(CT cube, DRR) sample",
         "results": rows,
     }
     print(f"Training speed on {result['cpu']} ({result['cpu_count']} CPUs), {result['threads']} torch threads, "

@@ -7,13 +7,9 @@ import logging
 from pathlib import Path
 
 from ..errors import InputError, OutputError
-from .common import Progress, add_progress_argument, sigterm_cancels
+from .common import Progress, add_progress_argument, bounded_int, check_result, finite_float, sigterm_cancels
 
 logger = logging.getLogger(__name__)
-
-#: Weights used when --weights is not given (a registered name).
-DEFAULT_WEIGHTS = "xray-cascade"
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,21 +21,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("xray", help="radiograph file (DICOM, PNG, JPEG) or a sample name (cxr-pa)")
     p.add_argument("output", help="output volume (.nii.gz, .nrrd, .mha)")
     p.add_argument(
-        "--num-stages", type=int, default=3, help="cascade stages to run (1: 64^3 preview, 3: 256^3)"
+        "--num-stages", type=bounded_int(1), default=3, help="cascade stages to run (1: 64^3 preview, 3: 256^3)"
     )
     p.add_argument("--view", default="pa", choices=("pa", "lateral"), help="radiograph view (default pa)")
-    p.add_argument("--weights", default=None, help=f"weights name or file (default {DEFAULT_WEIGHTS})")
+    p.add_argument("--weights", default=None, help="weights name or file (default: the shipped xray-default)")
     p.add_argument("--allow-unregistered-weights", action="store_true",
                    help="accept a weights file whose sha256 is not registered")  # fmt: skip
     p.add_argument(
-        "--steps", type=int, default=None, help="DDIM steps per stage (default: the weights' config)"
+        "--steps", type=bounded_int(1), default=None, help="DDIM steps per stage (default: the weights' config)"
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--fov-mm", type=float, default=None, help="side of the output cube in mm")
+    p.add_argument("--fov-mm", type=finite_float(0.0, low_open=True), default=None, help="side of the output cube in mm")
     p.add_argument(
         "--save-stages", action="store_true", help="also write OUTPUT_stageN files for every stage"
     )
+    p.add_argument("--no-consistency", dest="consistency", action="store_false",
+                   help="skip the re-projection consistency step that makes each stage's DRR match the input "
+                   "(shows the network's output alone)")  # fmt: skip
     p.add_argument("--report", default=None, help="write the JSON report (projection error per stage) here")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # tests: random tiny net
@@ -55,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--data", nargs="+", required=True, help="CT folder(s), list file or sample names")
     q.add_argument("--output-dir", required=True, help="folder for cubes, DRRs and manifest.json")
-    q.add_argument("--fov-mm", type=float, default=350.0, help="side of the cubic field of view (mm)")
+    q.add_argument("--fov-mm", type=finite_float(0.0, low_open=True), default=350.0, help="side of the cubic field of view (mm)")
     q.add_argument("--resolutions", default="64,128,256", help="cube sides, comma-separated")
     q.add_argument("--xray-resolutions", default="128,256,512", help="DRR sides, one per cube side")
     q.add_argument("--view", default="pa", choices=("pa", "lateral"), help="DRR view")
@@ -72,11 +71,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "3D SSIM (HU [-1024, 2048]) and re-projection PSNR per stage for the model and two baselines.",
     )
     e.add_argument("--reference", required=True, help="reference CT: file, DICOM folder or sample name")
-    e.add_argument("--num-stages", type=int, default=None, help="stages to evaluate (default all)")
-    e.add_argument("--methods", default="model,mean-ct,lifting-only", help="comma-separated methods")
-    e.add_argument("--weights", default=None, help=f"weights name or file (default {DEFAULT_WEIGHTS})")
+    e.add_argument("--num-stages", type=bounded_int(1), default=None, help="stages to evaluate (default all)")
+    e.add_argument("--methods", default="model,model-raw,mean-ct,lifting-only",
+                   help="comma-separated methods: model (the cascade with its re-projection consistency step), "
+                   "model-raw (without it), mean-ct (the prior), lifting-only")  # fmt: skip
+    e.add_argument("--weights", default=None, help="weights name or file (default: the shipped xray-default)")
     e.add_argument("--allow-unregistered-weights", action="store_true", help="accept unregistered weights")
-    e.add_argument("--steps", type=int, default=None, help="DDIM steps per stage")
+    e.add_argument("--steps", type=bounded_int(1), default=None, help="DDIM steps per stage")
     e.add_argument("--seed", type=int, default=0, help="noise seed")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
@@ -92,20 +93,9 @@ def _generator(args: argparse.Namespace):
     if args.tiny_test_model:
         logger.warning("--tiny-test-model: a tiny random network for tests; the output is noise, not a CT")
         return XrayToCTGenerator.tiny()
-    from ..errors import WeightsError
-
-    try:
-        return XrayToCTGenerator.from_pretrained(
-            args.weights or DEFAULT_WEIGHTS, allow_unregistered=args.allow_unregistered_weights
-        )
-    except WeightsError as exc:
-        if args.weights:
-            raise
-        raise WeightsError(
-            f"no X-ray to CT weights named {DEFAULT_WEIGHTS!r} are installed ({exc}). Train them with "
-            "'train xray' and pass --weights OUTPUT_DIR/xray_cascade.safetensors --allow-unregistered-weights, "
-            "or register the file with the weights registry."
-        ) from exc
+    if args.weights:
+        return XrayToCTGenerator.from_pretrained(args.weights, allow_unregistered=args.allow_unregistered_weights)
+    return XrayToCTGenerator.default()
 
 
 def _radiograph(name: str):
@@ -120,36 +110,48 @@ def _radiograph(name: str):
     return read_radiograph(p)
 
 
+def _stage_path(out: Path, stage: int) -> Path:
+    """Where --save-stages writes stage ``stage``: OUTPUT_stageN with OUTPUT's suffix."""
+    name = out.name
+    for suf in (".nii.gz", ".nrrd", ".mha", ".nii"):
+        if name.endswith(suf):
+            return out.with_name(name[: -len(suf)] + f"_stage{stage}" + suf)
+    return out.with_name(f"{name}_stage{stage}")
+
+
 def run_xray2ct(args: argparse.Namespace) -> int:
+    from ..files import refuse_overwriting_inputs
     from ..volume import check_output_path, write_volume
     from .evaluate import write_json_atomic
 
+    stage_files = {s: _stage_path(Path(args.output), s) for s in range(1, args.num_stages)} if args.save_stages else {}
+    refuse_overwriting_inputs([args.xray, args.weights], [("the output", args.output), ("--report", args.report),
+                                                          *(("a stage output", p) for p in stage_files.values())])  # fmt: skip
     out = check_output_path(args.output, overwrite=args.overwrite)
     if args.report and Path(args.report).exists() and not args.overwrite:
         raise OutputError(f"{args.report} already exists; pass --overwrite to replace it.")
     rad = _radiograph(args.xray)
     gen = _generator(args)
-    stage_paths: list[str] = []
+    stage_volumes: list[tuple] = []  # written with the final result, once every volume passed its check
 
     def on_stage(stage: int, vol, info: dict) -> None:
-        if args.save_stages and stage < args.num_stages:
-            name = out.name
-            for suf in (".nii.gz", ".nrrd", ".mha", ".nii"):
-                if name.endswith(suf):
-                    path = out.with_name(name[: -len(suf)] + f"_stage{stage}" + suf)
-                    break
-            write_volume(vol, path, overwrite=args.overwrite)
-            stage_paths.append(str(path))
+        if stage in stage_files:
+            check_result(vol, f"stage {stage} of the xray2ct result")
+            stage_volumes.append((vol, stage_files[stage]))
 
     progress = Progress(args.progress, desc="xray2ct")
     with sigterm_cancels(what="xray2ct"):
         try:
                 vol, report = gen.run(rad, num_stages=args.num_stages, steps=args.steps, seed=args.seed,
                                   device=args.device, view=args.view, fov_mm=args.fov_mm, progress=progress,
-                                  on_stage=on_stage)  # fmt: skip
+                                  on_stage=on_stage, consistency=args.consistency)  # fmt: skip
         finally:
             progress.close()
+        check_result(vol, "the xray2ct result")
+        for stage_vol, path in stage_volumes:
+            write_volume(stage_vol, path, overwrite=args.overwrite)
         write_volume(vol, out, overwrite=args.overwrite)
+    stage_paths = [str(path) for _, path in stage_volumes]
     report["output"] = str(out)
     report["stage_outputs"] = stage_paths
     for s in report["stages"]:
@@ -192,10 +194,12 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from ..files import refuse_overwriting_inputs
     from ..volume import load_reference
     from ..xray.evaluate import evaluate_xray, format_xray_table
-    from .evaluate import write_json_atomic
+    from .evaluate import check_scores, write_json_atomic
 
+    refuse_overwriting_inputs([args.reference, args.weights], [("--json", args.json_out)])
     if args.json_out:
         out = Path(args.json_out)
         if out.exists() and not args.overwrite:
@@ -210,6 +214,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                progress=progress)  # fmt: skip
     finally:
         progress.close()
+    check_scores(report["results"], "evaluate-xray")
     print(format_xray_table(report))
     if args.json_out:
         write_json_atomic(report, args.json_out, overwrite=True)

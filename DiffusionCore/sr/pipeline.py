@@ -1009,22 +1009,11 @@ def default_weights_name() -> str:
     Raises:
         WeightsError: no SR weights are registered (or their files are missing).
     """
-    from ..weights import list_weights
+    from ..weights.registry import default_weights_name as registry_default
 
-    entries = list_weights(family="sr")
-    for entry in entries:
-        if entry["available"]:
-            return str(entry["name"])
-    if entries:
-        names = ", ".join(e["name"] for e in entries)
-        raise WeightsError(
-            f"the registered SR weights ({names}) have no file on this machine: import them again, or pass "
-            "--weights NAME_OR_FILE."
-        )
-    raise WeightsError(
-        "no default SR weights are installed: pass --weights NAME_OR_FILE (a registered name or a "
-        ".safetensors file; add --allow-unregistered-weights for a file you trust), or --vae-checkpoint and "
-        "--diffusion-checkpoint."
+    return registry_default(
+        "sr", "SR", "pass --weights NAME_OR_FILE (a registered name or a .safetensors file; add "
+        "--allow-unregistered-weights for a file you trust), or --vae-checkpoint and --diffusion-checkpoint."
     )
 
 

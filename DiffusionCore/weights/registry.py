@@ -239,20 +239,28 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], di
 
 
 def load_safetensors(
-    path: str | os.PathLike, expected_sha256: str | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    expected_sha256: str | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    check_finite: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a safetensors file after checking its format (and its sha256 when given).
+    """Load a safetensors file after checking its format (and its sha256 when given), and refuse one whose
+    floating-point tensors hold NaN or Inf (the file of a diverged training: every result would be NaN).
 
     Args:
         path: the ``.safetensors`` file.
         expected_sha256: hex digest the whole file must have; ``None`` skips the check.
         device: where the tensors are placed.
+        check_finite: refuse non-finite values (on by default, for every weights file and checkpoint;
+            turn off only to inspect a broken file).
 
     Returns:
         ``(tensors, metadata)``: name -> tensor, and the decoded ``"diffusioncore"`` metadata.
 
     Raises:
-        WeightsError: missing, not safetensors (pickles are never loaded), truncated, or sha256 mismatch.
+        WeightsError: missing, not safetensors (pickles are never loaded), truncated, sha256 mismatch, or
+            NaN/Inf values.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -270,6 +278,13 @@ def load_safetensors(
         tensors = load_file(str(p), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise WeightsError(f"cannot load {p}: {exc}; re-download or re-export the weights") from exc
+    if check_finite:
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise WeightsError(
+                f"{p} holds non-finite values (NaN/Inf) in {len(bad)} tensor(s), e.g. {bad[0]}: the training "
+                "that wrote it diverged; use other weights"
+            )
     return tensors, metadata
 
 
@@ -348,6 +363,29 @@ def list_weights(family: str | None = None) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+def first_available(family: str) -> str | None:
+    """The name of the first registered weights of ``family`` whose file is on this machine (bundled registry
+    first, then the user's), or ``None``: the weights used when a command is given none."""
+    return next((str(e["name"]) for e in list_weights(family) if e["available"]), None)
+
+
+def default_weights_name(family: str, what: str, how_to_get: str) -> str:
+    """The weights a command uses when given none: :func:`first_available` of ``family``, or a
+    :class:`WeightsError` that says what is missing (``what``, e.g. "SR") and ``how_to_get`` it.
+    """
+    name = first_available(family)
+    if name is not None:
+        return name
+    entries = list_weights(family=family)
+    if entries:
+        names = ", ".join(e["name"] for e in entries)
+        raise WeightsError(
+            f"the registered {what} weights ({names}) have no file on this machine: import them again, or "
+            "pass --weights NAME_OR_FILE."
+        )
+    raise WeightsError(f"no default {what} weights are installed: {how_to_get}")
 
 
 def _lookup_name(name: str) -> tuple[Path, dict[str, Any]] | None:

@@ -723,8 +723,12 @@ class UnifiedHybridViTCascade(nn.Module):
         on_stage: Callable[[int, torch.Tensor], None] | None = None,
         step_callback: Callable[[int, int, int], None] | None = None,
         memory_limit: int | None = None,
+        post_stage: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """Run stages 1..num_stages; returns every stage's volume (B, 1, R_i, R_i, R_i), model units.
+
+        ``post_stage(stage, volume)``, when given, replaces each stage's volume before it is reported and
+        passed to the next stage (e.g. the re-projection consistency step of :mod:`.consistency`).
 
         A stage runs over patches where its config asks for them (``model.inference_patch``) or where its
         whole grid would not fit ``memory_limit`` bytes (default: the device's free memory); see
@@ -740,6 +744,8 @@ class UnifiedHybridViTCascade(nn.Module):
             cb = (lambda d, t, i=i: step_callback(i + 1, d, t)) if step_callback else None
             prev = self.stages[i].sample(x, prev, steps=steps, generator=generator, cancel=cancel,
                                          step_callback=cb, memory_limit=memory_limit)  # fmt: skip
+            if post_stage is not None:
+                prev = post_stage(i + 1, prev)
             outs.append(prev)
             if on_stage is not None:
                 on_stage(i + 1, prev)

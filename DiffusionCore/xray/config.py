@@ -122,6 +122,13 @@ class XrayTrainingConfig:
     log_every: int = field(default=10, metadata={"help": "Log scalars every N steps."})
     keep_checkpoints: int = field(default=3, metadata={"help": "How many recent checkpoints to keep."})
     num_workers: int = field(default=0, metadata={"help": "Data-loading worker processes."})
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Decay of the weight average that validation logs and export writes (0: off, the raw "
+            "weights are exported)."
+        },
+    )
 
 
 @dataclass
@@ -229,6 +236,8 @@ class XrayStageConfig:
             )
         if m.patch_overlap < 0:
             raise ConfigError(f"model.patch_overlap must be >= 0 voxels; got {m.patch_overlap}")
+        if not 0.0 <= self.training.ema_decay < 1.0:
+            raise ConfigError(f"training.ema_decay must be in [0, 1) (0: off); got {self.training.ema_decay}")
 
 
 def windowed_attention(cfg: XrayStageConfig) -> bool:
@@ -248,7 +257,7 @@ def patch_alignment(cfg: XrayStageConfig) -> int:
 
 #: Configs shipped in ``configs/``, by name: the three stages, and ``stage3_384`` (a 384^3 stage 3 trained on
 #: random 128^3 patches and generated in window-aligned 192^3 patches, 0.91 mm voxels over 350 mm).
-SHIPPED_CONFIGS = ("stage1", "stage2", "stage3", "stage3_384")
+SHIPPED_CONFIGS = ("stage1", "stage2", "stage3", "stage3_384", "stage1_cpu", "stage2_cpu")
 
 
 def load_stage_config(source: str | Path | dict | XrayStageConfig | None) -> XrayStageConfig:

@@ -1,8 +1,9 @@
 """``evaluate-xray``: generate a CT from the training-geometry DRR of a reference CT and score every stage.
 
-Methods, all in the same run on the same input: ``model`` (the cascade, each stage), ``mean-ct`` (the mean
-training CT stored in the weights: the prior alone) and ``lifting-only`` (each stage's depth-lifted volume,
-no diffusion). Metrics (BENCHMARK.md): 3D PSNR and 3D SSIM with HU clipped to [-1024, 2048] against the
+Methods, all in the same run on the same input: ``model`` (the cascade, each stage, with the re-projection
+consistency step that ``xray2ct`` applies by default), ``model-raw`` (the cascade without it: the network's
+own output), ``mean-ct`` (the mean training CT stored in the weights: the prior alone) and ``lifting-only``
+(each stage's depth-lifted volume, no diffusion). Metrics (BENCHMARK.md): 3D PSNR and 3D SSIM with HU clipped to [-1024, 2048] against the
 reference resampled to the stage's cube, and re-projection PSNR (DRR of the output vs the input, [0, 1]).
 """
 
@@ -20,7 +21,7 @@ from ..volume import Volume
 from .data import ct_to_cube, render_training_drr
 from .pipeline import XrayToCTGenerator, projection_error, volume_from_unit
 
-METHODS = ("model", "mean-ct", "lifting-only")
+METHODS = ("model", "model-raw", "mean-ct", "lifting-only")
 HU_RANGE = (-1024.0, 2048.0)
 
 
@@ -68,15 +69,18 @@ def evaluate_xray(
             "seconds": seconds,
         })  # fmt: skip
 
-    if "model" in methods:
+    for method in ("model", "model-raw"):
+        if method not in methods:
+            continue
 
-        def on_stage(stage: int, vol: Volume, info: dict) -> None:
+        def on_stage(stage: int, vol: Volume, info: dict, method: str = method) -> None:
             from ..sr.intensity import hu_to_unit
 
-            score("model", stage, hu_to_unit(torch.from_numpy(vol.array))[None, None], info["seconds"])
+            score(method, stage, hu_to_unit(torch.from_numpy(vol.array))[None, None], info["seconds"])
 
         generator.run(xray[0, 0].numpy(), num_stages=n, steps=steps, seed=seed, device=device, view=view,
-                      fov_mm=fov, on_stage=on_stage, progress=progress)  # fmt: skip
+                      fov_mm=fov, on_stage=on_stage, progress=progress,
+                      consistency=method == "model")  # fmt: skip
     with torch.no_grad():
         for c in cfgs:
             r = c.resolution

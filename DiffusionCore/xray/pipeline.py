@@ -29,6 +29,7 @@ from ..errors import InputError
 from ..sr.intensity import unit_to_hu
 from ..volume import Volume
 from .cascade import FAMILY, UnifiedHybridViTCascade
+from .consistency import drr_consistency
 from .drr import hu_to_mu, project_parallel_axis, radiograph_style
 from .radiograph import Radiograph, as_radiograph, match_drr_style, resize_radiograph
 
@@ -73,6 +74,21 @@ def projection_error(
     return {"projection_psnr": float(10 * np.log10(1.0 / max(mse, 1e-12))), "projection_ncc": ncc}
 
 
+def default_weights_name() -> str:
+    """The registered X-ray-to-CT weights used when none are named: the first available entry of family
+    ``xray`` (bundled registry first, then the user's; the shipped ones are ``xray-default``).
+
+    Raises:
+        WeightsError: no X-ray-to-CT weights are registered (or their files are missing).
+    """
+    from ..weights.registry import default_weights_name as registry_default
+
+    return registry_default(
+        FAMILY, "X-ray-to-CT", "train them with 'train xray' and pass --weights "
+        "OUTPUT_DIR/xray_cascade.safetensors --allow-unregistered-weights, or import a weights file."
+    )
+
+
 class XrayToCTGenerator:
     """Radiograph -> CT pipeline around a :class:`UnifiedHybridViTCascade`.
 
@@ -89,6 +105,11 @@ class XrayToCTGenerator:
         return cls(
             UnifiedHybridViTCascade.from_pretrained(name_or_file, allow_unregistered=allow_unregistered)
         )
+
+    @classmethod
+    def default(cls) -> XrayToCTGenerator:
+        """The default registered weights (see :func:`default_weights_name`)."""
+        return cls.from_pretrained(default_weights_name())
 
     @classmethod
     def tiny(cls, seed: int = 0) -> XrayToCTGenerator:
@@ -154,6 +175,7 @@ class XrayToCTGenerator:
         progress: Callable[[int, int, str], None] | None = None,
         cancel: threading.Event | None = None,
         on_stage: Callable[[int, Volume, dict], None] | None = None,
+        consistency: bool = True,
     ) -> tuple[Volume, dict[str, Any]]:
         """Generate a CT from a radiograph.
 
@@ -168,6 +190,8 @@ class XrayToCTGenerator:
             progress: ``progress(done, total, message)``.
             cancel: set to stop between steps (raises :class:`Cancelled`; nothing is returned).
             on_stage: ``on_stage(stage, volume, info)`` after each stage.
+            consistency: after each stage, scale every ray's attenuation so the volume re-projects onto the
+                input (:func:`.consistency.drr_consistency`); the next stage starts from the corrected volume.
 
         Returns:
             (Volume in HU, report with ``stages`` (per stage: resolution, seconds, projection error),
@@ -220,8 +244,17 @@ class XrayToCTGenerator:
             if on_stage is not None:
                 on_stage(stage, vol, info)
 
+        corrections: dict[int, dict[str, float]] = {}
+
+        def post_stage(stage: int, vol_unit: torch.Tensor) -> torch.Tensor:
+            out, corrections[stage] = drr_consistency(vol_unit, xray, fov, view)
+            return out
+
         self.cascade.generate_stages(xray, num_stages, steps=steps, generator=gen, cancel=cancel,
-                                     on_stage=stage_cb, step_callback=step_cb)  # fmt: skip
+                                     on_stage=stage_cb, step_callback=step_cb,
+                                     post_stage=post_stage if consistency else None)  # fmt: skip
+        for info in stages:
+            info["consistency"] = corrections.get(info["stage"])
         report = {
             "stages": stages,
             "weights_sha256": self.weights_sha256,
@@ -234,6 +267,7 @@ class XrayToCTGenerator:
                 "seed": seed,
                 "device": str(dev),
                 "view": view,
+                "consistency": bool(consistency),
             },  # fmt: skip
             "timings": {"total_s": time.time() - t0},
             "notes": notes,

@@ -12,6 +12,7 @@ TensorBoard + ``metrics.jsonl`` (losses, DRR re-projection error, slices) and, a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -55,6 +56,8 @@ class XrayTrainOptions:
         resume: continue from the latest checkpoint in ``output_dir``.
         device: auto, cpu or cuda.
         max_steps: override of ``training.max_steps`` (0 keeps the config's).
+        max_minutes: stop after this many minutes of this run (0: no limit); the run ends as after a STOP
+            file: checkpoint, then export.
         tiny_test_model: replace the configs' networks by tiny ones (tests only).
     """
 
@@ -69,6 +72,7 @@ class XrayTrainOptions:
     resume: bool = False
     device: str = "auto"
     max_steps: int = 0
+    max_minutes: float = 0.0
     tiny_test_model: bool = False
 
 
@@ -243,12 +247,14 @@ class CascadeObjective(nn.Module):
 
 
 def _load_stage_weights(cascade: UnifiedHybridViTCascade, source: str, stages: list[int]) -> None:
-    """Copy the given stages' tensors from a cascade weights file or a training folder."""
+    """Copy the given stages' tensors from a cascade weights file, a registered name or a training folder."""
     from ..train.checkpoint import find_latest
-    from ..weights.registry import load_safetensors
+    from ..weights.registry import load_safetensors, resolve_weights
 
     p = Path(source)
-    if p.is_dir():
+    if not p.exists():  # a registered name (e.g. the shipped xray-default): checked against its sha256
+        p = resolve_weights(str(source), family="xray").path
+    elif p.is_dir():
         exported = p / EXPORT_NAME
         if exported.is_file():
             p = exported
@@ -360,6 +366,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     """
     from ..train.checkpoint import find_latest, load_training_state, save_training_state
     from ..train.distributed import all_reduce_mean, cleanup, init_distributed, wrap_model
+    from ..train.ema import EMA_MODEL, ParameterEMA
     from ..train.logger import TrainLogger
     from ..train.stop import StopFlag
 
@@ -416,6 +423,10 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
             "nothing to train: every stage is frozen (drop --freeze-stage1 or add --unfreeze-all)"
         )
     opt = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    ema = ParameterEMA({"cascade": cascade}, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+    models: dict[str, nn.Module] = {"cascade": cascade}
+    if ema is not None:
+        models[EMA_MODEL] = ema
     warm = max(1, tcfg.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
     max_steps = opts.max_steps or tcfg.max_steps or tcfg.epochs * tcfg.steps_per_epoch
@@ -437,7 +448,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
         if latest is None:
             logger.warning("--resume: no checkpoint in %s; starting from scratch", out_dir)
         else:
-            state = load_training_state(latest, models={"cascade": cascade}, optimizers={"opt": opt},
+            state = load_training_state(latest, models=models, optimizers={"opt": opt},
                                         schedulers={"lr": sched}, generators={"data": rng},
                                         map_location=info.device)  # fmt: skip
             step, epoch = int(state["step"]), int(state["epoch"])
@@ -458,7 +469,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
         nonlocal saved_step
         if info.is_main and saved_step != step:
             saved_step = step
-            save_training_state(out_dir, step=step, epoch=epoch, models={"cascade": cascade},
+            save_training_state(out_dir, step=step, epoch=epoch, models=models,
                                 optimizers={"opt": opt}, schedulers={"lr": sched}, config=config_dict,
                                 extra={"trained": trained}, generators={"data": rng},
                                 keep=tcfg.keep_checkpoints)  # fmt: skip
@@ -473,12 +484,18 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
             if requested:
                 stopped = stop.reason or "stop requested by another process"
                 break
+            if opts.max_minutes and time.time() - t_start > 60.0 * opts.max_minutes:
+                stopped = f"time limit of {opts.max_minutes:g} min reached"
+                logger.info("%s", stopped)
+                break
             vols, xray = dataset.sample(rng, tcfg.batch_size, resolutions, xres)
             vols = {r: v.to(info.device) for r, v in vols.items()}
             xray = xray.to(info.device)
             loss, parts = train_step(wrapped, opt, params, vols, xray, top.data.prev_noise, amp_dtype=amp_dtype,
                                      gradient_clip=tcfg.gradient_clip, step=step)  # fmt: skip
             sched.step()
+            if ema is not None:
+                ema.update()
             step += 1
             epoch = step // max(1, tcfg.steps_per_epoch)
             last_parts = {k: float(all_reduce_mean(v, info)) for k, v in parts.items()}
@@ -492,7 +509,8 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
                 progress(step, max_steps, f"loss {float(loss.detach()):.4f}")
             if step % tcfg.checkpoint_every == 0:
                 if info.is_main:
-                    log_validation(cascade, trained, vols, xray, tlog, step)
+                    with ema.applied() if ema is not None else contextlib.nullcontext():
+                        log_validation(cascade, trained, vols, xray, tlog, step)
                 save()
         if stopped is None and stop.requested:
             stopped = stop.reason
@@ -500,12 +518,15 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     summary: dict[str, Any] = {"steps": step, "losses": last_parts, "seconds": time.time() - t_start,
                                "stopped": stopped, "trained_stages": trained}  # fmt: skip
     if info.is_main:
+        if ema is not None:  # export the weight average (the checkpoints keep both)
+            ema.copy_to_models()
         weights = out_dir / EXPORT_NAME
         sha = cascade.save_pretrained(
             weights,
             {
                 "trained_stages": trained,
                 "steps": step,
+                "weight_average": bool(ema is not None),
                 "data": str(opts.data),
                 "description": "X-ray to CT cascade trained with DiffusionCore train xray",
             },

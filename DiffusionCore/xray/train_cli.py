@@ -36,7 +36,9 @@ def register(fam: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--train-all-stages", action="store_true", help="train every stage up to the config's jointly"
     )
-    p.add_argument("--load-all-stages", default=None, help="start every stage from this cascade weights file")
+    p.add_argument("--load-all-stages", "--init-from", dest="load_all_stages", default=None,
+                   help="start every stage from this cascade weights file, registered name or training folder "
+                   "(--init-from: continue training from shipped weights, e.g. xray-default)")  # fmt: skip
     p.add_argument("--unfreeze-all", action="store_true", help="with --load-all-stages: fine-tune all stages")
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --output-dir"
@@ -45,6 +47,8 @@ def register(fam: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-steps", type=int, default=0, help="stop after this many steps (overrides the config)"
     )
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop after this many minutes (checkpoint and export as after a STOP file)")  # fmt: skip
     p.add_argument("--config-help", action="store_true", help="print every config field and exit")
     p.add_argument(
         "--tiny-test-model", action="store_true", help=argparse.SUPPRESS
@@ -66,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
                if not v]  # fmt: skip
     if missing:
         raise ConfigError(f"train xray needs {', '.join(missing)}; see --help")
+    if not (args.max_minutes >= 0 and args.max_minutes != float("inf")):
+        raise ConfigError(f"--max-minutes must be a finite number >= 0 (0: no limit); got {args.max_minutes}")
+    if args.max_steps < 0:
+        raise ConfigError(f"--max-steps must be >= 0 (0: the config's); got {args.max_steps}")
     if args.unfreeze_all and not args.load_all_stages:
         raise ConfigError("--unfreeze-all needs --load-all-stages WEIGHTS (the cascade to fine-tune)")
     if args.tiny_test_model:
@@ -85,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         device=args.device,
         max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
         tiny_test_model=args.tiny_test_model,
     )
     summary = train_xray(opts)

@@ -28,6 +28,8 @@ STAGE_LINE_PREFIX = "stage-ready "
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from DiffusionCore.cli.common import finite_float
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("inputRadiograph", help="radiograph (DICOM, PNG, JPEG, MHA/NRRD single slice)")
     p.add_argument("outputVolume", help="generated CT volume to write")
@@ -35,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--referenceVolume", default="", help="reference CT for PSNR/SSIM in the report")
     p.add_argument("--numStages", type=int, default=3, help="stages of the cascade to run (1-3)")
     p.add_argument("--view", choices=("pa", "lateral"), default="pa")
-    p.add_argument("--fieldOfView", type=float, default=0.0, help="cube width in mm; 0 = automatic")
+    p.add_argument("--fieldOfView", type=finite_float(0.0), default=0.0, help="cube width in mm; 0 = automatic")
     p.add_argument("--invertIntensities", action="store_true", help="invert the radiograph first")
     p.add_argument("--weights", default="", help="weights name or .safetensors file; empty = bundled default")
     p.add_argument("--allowUnregisteredWeights", action="store_true", help="accept an unregistered file")
+    p.add_argument("--noConsistency", action="store_true", help="skip the re-projection consistency step")
     p.add_argument("--numSteps", type=int, default=0, help="sampling steps per stage; 0 = model default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -84,7 +87,7 @@ def load_radiograph(path: str, invert: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from DiffusionCore.cli.common import Progress, write_return_parameters
+    from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
     from DiffusionCore.cli.evaluate import write_json_atomic
     from DiffusionCore.volume import check_output_path, read_volume, write_volume
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
@@ -98,13 +101,15 @@ def run(args: argparse.Namespace) -> int:
         generator = XrayToCTGenerator.tiny(seed=0)
         model_name = TINY_MODEL_NAME
     else:
-        from DiffusionCore.cli.xray import DEFAULT_WEIGHTS
-
-        generator = XrayToCTGenerator.from_pretrained(
-            args.weights or DEFAULT_WEIGHTS, allow_unregistered=args.allowUnregisteredWeights
-        )
+        if args.weights:
+            generator = XrayToCTGenerator.from_pretrained(
+                args.weights, allow_unregistered=args.allowUnregisteredWeights
+            )
+        else:
+            generator = XrayToCTGenerator.default()
         model_name = args.weights or "default"
     settings = {
+        "consistency": not args.noConsistency,
         "num_stages": args.numStages,
         "steps": args.numSteps or None,
         "seed": args.seed,
@@ -119,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         errors.append(figures)
         record = {"stage": int(stage), "projection": figures, "shape": list(volume.shape), "file": ""}
         if args.stageDirectory:
+            check_result(volume, f"the stage {stage} volume")
             path = Path(args.stageDirectory) / f"stage{int(stage)}.nrrd"
             write_volume(volume, path, overwrite=True, dtype="float32", compress=False)
             record["file"] = str(path)
@@ -128,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
     progress = Progress("slicer")
     result, report = generator.run(radiograph, progress=progress, on_stage=on_stage, **settings)
+    check_result(result, "the generated CT")
     write_volume(result, args.outputVolume, overwrite=True, dtype="float32", compress=False)
     metrics = {}
     if args.referenceVolume:

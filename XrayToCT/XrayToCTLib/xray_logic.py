@@ -58,6 +58,7 @@ class XraySettings:
         seed: sampler seed.
         device: "auto", "cpu" or "cuda".
         tiny_test_model: a random tiny model (self-tests only).
+        consistency: make each stage re-project onto the radiograph (off: the network's output alone).
     """
 
     num_stages: int = 3
@@ -70,6 +71,7 @@ class XraySettings:
     seed: int = 0
     device: str = "auto"
     tiny_test_model: bool = False
+    consistency: bool = True
 
     def cli_arguments(self) -> list[str]:
         """Flags of XrayToCTGenerate for these settings (booleans as bare flags)."""
@@ -87,6 +89,7 @@ class XraySettings:
             ("--invertIntensities", self.invert),
             ("--allowUnregisteredWeights", self.allow_unregistered_weights),
             ("--tinyTestModel", self.tiny_test_model),
+            ("--noConsistency", not self.consistency),
         ):
             if on:
                 args.append(flag)
