@@ -565,7 +565,7 @@ class StageModel(nn.Module):
         feats, _, _ = self.encoder(self.prepare_xray(xray))
         return self.lifting.lifted_volume(
             self.lifting(feats, self.grid, self.cfg.data.view), self.cfg.resolution
-        )
+        ).clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def sample(

@@ -82,10 +82,12 @@ class DepthLifting(nn.Module):
     def lifted_volume(
         self, voxel_feats: torch.Tensor, resolution: int | tuple[int, int, int]
     ) -> torch.Tensor:
-        """Coarse volume estimate (B, 1, R, R, R) in model units from lifted features (B, C, G, G, G).
+        """Coarse volume estimate (B, 1, R, R, R) in model units (unclamped) from lifted features (B, C, G, G, G).
 
         ``resolution`` may be a (D, H, W) triple for a non-cubic block of features (a patch's part).
         """
         size = (resolution,) * 3 if isinstance(resolution, int) else tuple(resolution)
         coarse = self.head(voxel_feats)
-        return torch.tanh(F.interpolate(coarse, size=size, mode="trilinear", align_corners=False))
+        # linear, not squashed: a tanh here saturates at air (-1) early in training, where it passes no
+        # gradient and the depth-prior loss stops teaching the lifting anything (callers clamp for display)
+        return F.interpolate(coarse, size=size, mode="trilinear", align_corners=False)
