@@ -165,7 +165,7 @@ def test_sr_settings_pass_adaptation_to_the_batch_cli():
     assert "--tinyTestPredictor" in args and "--tinyTestModel" not in args
 
 
-def test_xray_settings_pass_the_consistency_choice_to_the_generate_cli():
+def test_xray_settings_pass_consistency_and_samples_to_the_generate_cli():
     import importlib.util
 
     from XrayToCTLib import XraySettings
@@ -179,6 +179,7 @@ def test_xray_settings_pass_the_consistency_choice_to_the_generate_cli():
 
     assert parsed(XraySettings()).noConsistency is False  # on by default
     assert parsed(XraySettings(consistency=False)).noConsistency is True
+    assert parsed(XraySettings()).numSamples == 0 and parsed(XraySettings(num_samples=3)).numSamples == 3
 
 
 # -- background processes ---------------------------------------------------------------------------------

@@ -724,8 +724,14 @@ class UnifiedHybridViTCascade(nn.Module):
         step_callback: Callable[[int, int, int], None] | None = None,
         memory_limit: int | None = None,
         post_stage: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        num_samples: int | None = None,
     ) -> list[torch.Tensor]:
         """Run stages 1..num_stages; returns every stage's volume (B, 1, R_i, R_i, R_i), model units.
+
+        Each stage draws ``num_samples`` samples (default: its config's ``diffusion.num_samples``) from the
+        same generator and returns their mean, an estimate of the most likely volume: a single sample of a
+        model trained on few CTs carries texture noise that the mean removes. ``step_callback`` then counts
+        ``samples x steps`` per stage.
 
         ``post_stage(stage, volume)``, when given, replaces each stage's volume before it is reported and
         passed to the next stage (e.g. the re-projection consistency step of :mod:`.consistency`).
@@ -741,9 +747,17 @@ class UnifiedHybridViTCascade(nn.Module):
         outs: list[torch.Tensor] = []
         prev = None
         for i in range(n):
-            cb = (lambda d, t, i=i: step_callback(i + 1, d, t)) if step_callback else None
-            prev = self.stages[i].sample(x, prev, steps=steps, generator=generator, cancel=cancel,
-                                         step_callback=cb, memory_limit=memory_limit)  # fmt: skip
+            k = int(num_samples or self.configs[i].diffusion.num_samples)
+            if k < 1:
+                raise InputError(f"num_samples must be at least 1; got {k}")
+            total = None
+            for j in range(k):
+                cb = ((lambda d, t, i=i, j=j, k=k: step_callback(i + 1, j * t + d, k * t)) if step_callback
+                      else None)  # fmt: skip
+                one = self.stages[i].sample(x, prev, steps=steps, generator=generator, cancel=cancel,
+                                            step_callback=cb, memory_limit=memory_limit)  # fmt: skip
+                total = one if total is None else total + one
+            prev = total / k
             if post_stage is not None:
                 prev = post_stage(i + 1, prev)
             outs.append(prev)

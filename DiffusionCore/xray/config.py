@@ -180,6 +180,13 @@ class XrayDiffusionConfig:
         default=0.6,
         metadata={"help": "Stages 2-3 start DDIM from the noised previous-stage volume at this t (< 1)."},
     )
+    num_samples: int = field(
+        default=1,
+        metadata={
+            "help": "Default samples averaged per stage at generation (their mean estimates the most likely "
+            "CT; more cost proportionally more time)."
+        },
+    )
 
 
 @dataclass
@@ -236,6 +243,8 @@ class XrayStageConfig:
             )
         if m.patch_overlap < 0:
             raise ConfigError(f"model.patch_overlap must be >= 0 voxels; got {m.patch_overlap}")
+        if self.diffusion.num_samples < 1:
+            raise ConfigError(f"diffusion.num_samples must be >= 1; got {self.diffusion.num_samples}")
         if not 0.0 <= self.training.ema_decay < 1.0:
             raise ConfigError(f"training.ema_decay must be in [0, 1) (0: off); got {self.training.ema_decay}")
 

@@ -32,6 +32,7 @@ def evaluate_xray(
     num_stages: int | None = None,
     methods: tuple[str, ...] = METHODS,
     steps: int | None = None,
+    num_samples: int | None = None,
     seed: int = 0,
     device: str = "auto",
     reference_name: str = "reference",
@@ -79,6 +80,7 @@ def evaluate_xray(
             score(method, stage, hu_to_unit(torch.from_numpy(vol.array))[None, None], info["seconds"])
 
         generator.run(xray[0, 0].numpy(), num_stages=n, steps=steps, seed=seed, device=device, view=view,
+                      num_samples=num_samples,
                       fov_mm=fov, on_stage=on_stage, progress=progress,
                       consistency=method == "model")  # fmt: skip
     with torch.no_grad():
@@ -103,6 +105,7 @@ def evaluate_xray(
             "view": view,
             "num_stages": n,
             "steps": steps,
+            "num_samples": num_samples,
             "seed": seed,
             "hu_range": list(HU_RANGE),
             "weights_sha256": generator.weights_sha256,

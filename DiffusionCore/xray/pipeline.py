@@ -176,6 +176,7 @@ class XrayToCTGenerator:
         cancel: threading.Event | None = None,
         on_stage: Callable[[int, Volume, dict], None] | None = None,
         consistency: bool = True,
+        num_samples: int | None = None,
     ) -> tuple[Volume, dict[str, Any]]:
         """Generate a CT from a radiograph.
 
@@ -192,6 +193,7 @@ class XrayToCTGenerator:
             on_stage: ``on_stage(stage, volume, info)`` after each stage.
             consistency: after each stage, scale every ray's attenuation so the volume re-projects onto the
                 input (:func:`.consistency.drr_consistency`); the next stage starts from the corrected volume.
+            num_samples: samples averaged per stage (default: each stage's ``diffusion.num_samples``).
 
         Returns:
             (Volume in HU, report with ``stages`` (per stage: resolution, seconds, projection error),
@@ -217,9 +219,14 @@ class XrayToCTGenerator:
         self.cascade.to(dev)
         xray = xray.to(dev)
         gen = torch.Generator(device=dev).manual_seed(int(seed))
-        steps_per = [steps or c.diffusion.sampling_steps for c in self.cascade.configs[:num_stages]]
-        total = sum(steps_per)
-        done_before = [sum(steps_per[:i]) for i in range(num_stages)]
+        if num_samples is not None and num_samples < 1:
+            raise InputError(f"num_samples must be at least 1; got {num_samples}")
+        cfgs = self.cascade.configs[:num_stages]
+        steps_per = [steps or c.diffusion.sampling_steps for c in cfgs]
+        samples_per = [num_samples or c.diffusion.num_samples for c in cfgs]
+        work = [n * k for n, k in zip(steps_per, samples_per)]
+        total = sum(work)
+        done_before = [sum(work[:i]) for i in range(num_stages)]
         stages: list[dict[str, Any]] = []
         volumes: list[Volume] = []
         stage_t = [time.time()]
@@ -231,7 +238,7 @@ class XrayToCTGenerator:
         def stage_cb(stage: int, vol_unit: torch.Tensor) -> None:
             now = time.time()
             info = {"stage": stage, "resolution": int(vol_unit.shape[-1]), "seconds": now - stage_t[-1],
-                    "steps": steps_per[stage - 1], "spacing_mm": fov / vol_unit.shape[-1]}  # fmt: skip
+                    "steps": steps_per[stage - 1], "num_samples": samples_per[stage - 1], "spacing_mm": fov / vol_unit.shape[-1]}  # fmt: skip
             stage_t.append(now)
             plan = self.cascade.stages[stage - 1].last_plan
             info["patches"] = plan.describe() if plan is not None else None  # None: one whole-grid pass
@@ -252,7 +259,8 @@ class XrayToCTGenerator:
 
         self.cascade.generate_stages(xray, num_stages, steps=steps, generator=gen, cancel=cancel,
                                      on_stage=stage_cb, step_callback=step_cb,
-                                     post_stage=post_stage if consistency else None)  # fmt: skip
+                                     post_stage=post_stage if consistency else None,
+                                     num_samples=num_samples)  # fmt: skip
         for info in stages:
             info["consistency"] = corrections.get(info["stage"])
         report = {
@@ -264,6 +272,7 @@ class XrayToCTGenerator:
             "settings": {
                 "num_stages": num_stages,
                 "steps": steps_per,
+                "num_samples": samples_per,
                 "seed": seed,
                 "device": str(dev),
                 "view": view,

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowUnregisteredWeights", action="store_true", help="accept an unregistered file")
     p.add_argument("--noConsistency", action="store_true", help="skip the re-projection consistency step")
     p.add_argument("--numSteps", type=int, default=0, help="sampling steps per stage; 0 = model default")
+    p.add_argument("--numSamples", type=int, default=0, help="samples averaged per stage; 0 = model default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--tinyTestModel", action="store_true", help=argparse.SUPPRESS)
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         "consistency": not args.noConsistency,
         "num_stages": args.numStages,
         "steps": args.numSteps or None,
+        "num_samples": args.numSamples or None,
         "seed": args.seed,
         "device": args.device,
         "view": args.view,

@@ -55,6 +55,7 @@ class XraySettings:
         weights: registered name or .safetensors path; "" = bundled default.
         allow_unregistered_weights: accept a file whose sha256 is not registered.
         steps: sampling steps per stage; 0 = model default.
+        num_samples: samples averaged per stage; 0 = model default.
         seed: sampler seed.
         device: "auto", "cpu" or "cuda".
         tiny_test_model: a random tiny model (self-tests only).
@@ -68,6 +69,7 @@ class XraySettings:
     weights: str = ""
     allow_unregistered_weights: bool = False
     steps: int = 0
+    num_samples: int = 0
     seed: int = 0
     device: str = "auto"
     tiny_test_model: bool = False
@@ -80,6 +82,7 @@ class XraySettings:
             "--view", self.view,
             "--fieldOfView", repr(float(self.field_of_view)),
             "--numSteps", str(int(self.steps)),
+            "--numSamples", str(int(self.num_samples)),
             "--seed", str(int(self.seed)),
             "--device", self.device,
         ]

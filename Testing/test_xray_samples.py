@@ -1,0 +1,58 @@
+"""X-ray to CT: several samples averaged per stage (the estimate of the most likely CT)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import ct_phantom_array
+
+from DiffusionCore.errors import InputError
+from DiffusionCore.xray.data import render_training_drr
+from DiffusionCore.xray.pipeline import XrayToCTGenerator
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _drr() -> np.ndarray:
+    truth = ct_phantom_array((32, 32, 32), seed=5).astype(np.float32)
+    return render_training_drr(torch.from_numpy(truth)[None, None], 350.0, 64, "pa")[0, 0].numpy()
+
+
+def _tiny() -> XrayToCTGenerator:
+    """The tiny test generator with its zero-initialised output layers perturbed, so samples differ."""
+    gen = XrayToCTGenerator.tiny()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in gen.cascade.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return gen
+
+
+def test_the_mean_of_samples_is_what_is_returned_and_reported():
+    gen = _tiny()
+    x = torch.from_numpy(_drr())[None, None]
+    stages = gen.cascade.generate_stages(x, 1, steps=2, generator=torch.Generator().manual_seed(7), num_samples=3)
+    g = torch.Generator().manual_seed(7)
+    draws = [gen.cascade.stages[0].sample(x, None, steps=2, generator=g) for _ in range(3)]
+    torch.testing.assert_close(stages[0], sum(draws) / 3)
+    assert not torch.allclose(draws[0], draws[1])  # three different samples were averaged
+
+    seen = []
+    vol, report = gen.run(_drr(), device="cpu", steps=2, num_samples=3, consistency=False,
+                          progress=lambda done, total, msg: seen.append((done, total)))  # fmt: skip
+    assert report["settings"]["num_samples"] == [3, 3]
+    assert [s["num_samples"] for s in report["stages"]] == [3, 3]
+    assert seen[-1] == (12, 12)  # 2 stages x 3 samples x 2 steps
+    single, _ = gen.run(_drr(), device="cpu", steps=2, num_samples=1, consistency=False)
+    assert not np.array_equal(vol.array, single.array)
+    again, _ = gen.run(_drr(), device="cpu", steps=2, num_samples=3, consistency=False)
+    np.testing.assert_array_equal(vol.array, again.array)  # same seed, same result
+
+
+def test_the_default_comes_from_the_weights_config_and_zero_is_refused():
+    gen = _tiny()
+    _, report = gen.run(_drr(), device="cpu", steps=1)
+    assert report["settings"]["num_samples"] == [c.diffusion.num_samples for c in gen.cascade.configs]
+    with pytest.raises(InputError, match="num_samples"):
+        gen.run(_drr(), device="cpu", steps=1, num_samples=0)
