@@ -12,6 +12,10 @@ Conventions (the same everywhere in DiffusionCore):
 
 Readers accept NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd) and a folder holding a
 DICOM series (rescale slope and intercept applied). Writers produce NIfTI, NRRD or MHA atomically.
+
+Geometry is exact or refused (:mod:`DiffusionCore.geometry`): a gantry-tilted DICOM series is resampled
+onto an orthogonal grid with a warning; a NIfTI's sform wins over a pixdim or qform that contradicts it;
+a sheared grid is never written to NIfTI, which would orthogonalise it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,15 @@ import SimpleITK as sitk
 
 from .errors import GeometryError, InputError, OutputError
 from .files import gzip_file, publish, usable_cpus
+from .geometry import (
+    POSITION_TOL_VOXELS,
+    axis_angles_deg,
+    gantry_tilt,
+    grid_distance_mm,
+    index_to_physical,
+    orthogonalisation_shift_mm,
+    resample_gantry_tilt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +359,7 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
         )
         logger.warning(msg)
         meta["note"] = msg
-    _check_slice_positions(files, folder)
+    positions = _slice_positions(files, folder)
     _check_series_size(files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -354,29 +367,47 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
         img = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"could not read the DICOM series in {folder}: {_sitk_message(exc)}") from None
+    if positions is not None:
+        img = _regularize_gantry_tilt(img, positions, folder, meta)
     return img, meta
 
 
-def _check_slice_positions(files: Sequence[str], folder: Path) -> None:
-    """Refuse series with missing slices (a gap in ImagePositionPatient along the slice normal)."""
+#: Slices whose orientations (ImageOrientationPatient) differ by more than this are not one volume.
+_MAX_ORIENTATION_DIFFERENCE = 1e-3
+
+
+def _slice_positions(files: Sequence[str], folder: Path) -> np.ndarray | None:
+    """ImagePositionPatient of every file, ``(n, 3)`` in file order (which is the array's slice order), or
+    ``None`` when the headers do not record positions. Refuses series with missing or doubled slices (a
+    gap or a repeat along the slice normal) and series that mix slice orientations."""
     if len(files) < 2:
         raise InputError(f"the DICOM series in {folder} has only {len(files)} slice; a volume needs several.")
     positions = []
-    normal = None
-    for f in files:
+    first_iop = None
+    for n, f in enumerate(files):
         r = _dicom_header(f)
         if not (r.HasMetaDataKey("0020|0032") and r.HasMetaDataKey("0020|0037")):
-            return  # no position information: nothing to check
+            return None  # no position information: nothing to check
         try:
             ipp = np.array([float(v) for v in r.GetMetaData("0020|0032").split("\\")])
-            if normal is None:
-                iop = np.array([float(v) for v in r.GetMetaData("0020|0037").split("\\")])
-                normal = np.cross(iop[:3], iop[3:])
+            iop = np.array([float(v) for v in r.GetMetaData("0020|0037").split("\\")])
         except ValueError:
-            return
-        positions.append(float(ipp @ normal))
-    pos = np.sort(np.asarray(positions))
-    steps = np.diff(pos)
+            return None
+        if ipp.shape != (3,) or iop.shape != (6,):
+            return None
+        if first_iop is None:
+            first_iop = iop
+        elif np.max(np.abs(iop - first_iop)) > _MAX_ORIENTATION_DIFFERENCE:
+            angle = max(_angle_deg(iop[:3], first_iop[:3]), _angle_deg(iop[3:], first_iop[3:]))
+            raise InputError(
+                f"the DICOM series in {folder} mixes slice orientations: {Path(f).name} (slice {n + 1}) is "
+                f"turned {angle:.1f} degrees from the first slice, so the slices do not form one volume "
+                "(a localizer or a reformatted image mixed in?). Keep only the slices of one acquisition."
+            )
+        positions.append(ipp)
+    pos = np.asarray(positions)
+    normal = np.cross(first_iop[:3], first_iop[3:])
+    steps = np.diff(np.sort(pos @ normal))
     if np.any(steps <= 1e-6):
         raise InputError(
             f"the DICOM series in {folder} has two slices at the same position: it mixes several series "
@@ -389,11 +420,67 @@ def _check_slice_positions(files: Sequence[str], folder: Path) -> None:
             f"the DICOM series in {folder} is missing slices: a gap of {steps[worst]:.2f} mm after slice "
             f"{worst + 1} where the spacing is {median:.2f} mm. Re-export the complete series."
         )
+    return pos
 
 
-def _check_nifti_spacing(p: Path) -> None:
-    """Refuse a NIfTI-1 file without sform whose voxel size (pixdim) is zero or not finite: ITK and nibabel
-    both silently replace it by 1 mm, which would give the volume a made-up geometry."""
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return math.degrees(math.acos(min(1.0, max(-1.0, cos))))
+
+
+def _regularize_gantry_tilt(img: sitk.Image, positions: np.ndarray, folder: Path, meta: dict) -> sitk.Image:
+    """A gantry-tilted series (the step between slices is not along the slice normal) resampled onto an
+    orthogonal grid, with a warning naming the tilt; other series are returned as read.
+
+    ITK stacks a tilted series as if it were orthogonal: the slice spacing becomes the table step (too long
+    by 1 / cos(tilt)) and the in-plane drift of the slices is dropped. Here each slice is shifted within its
+    own plane to where its ImagePositionPatient puts it (see :func:`geometry.resample_gantry_tilt`), so every
+    voxel lands at its physical position; slices are never mixed."""
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    spacing = img.GetSpacing()
+    tilt = gantry_tilt(positions, direction, spacing[:2])
+    if tilt is None:
+        return img
+    if tilt.off_line_mm > POSITION_TOL_VOXELS * min(spacing[:2]):
+        raise InputError(
+            f"the slices of the DICOM series in {folder} do not follow one line: their positions "
+            f"(ImagePositionPatient) drift within the slice plane by up to {tilt.drift_mm:.1f} mm, and not "
+            f"in proportion to their distance (one lies {tilt.off_line_mm:.2f} mm off the straight line "
+            "fitting them), so no single geometry places every voxel. Re-export the series from the scanner "
+            "or PACS."
+        )
+    from .files import check_memory_for
+
+    lo, hi = tilt.shifts_ij.min(axis=0), tilt.shifts_ij.max(axis=0)
+    size = img.GetSize()
+    voxels = (size[0] + hi[0] - lo[0] + 2) * (size[1] + hi[1] - lo[1] + 2) * size[2]
+    check_memory_for(
+        int(voxels) * _READ_BYTES_PER_VOXEL,
+        f"resampling the gantry-tilted DICOM series in {folder.name}",
+        "crop the series or re-export it without the tilt",
+    )
+    arr, (i0, j0) = resample_gantry_tilt(sitk.GetArrayViewFromImage(img), tilt, fill=AIR_HU)
+    origin = positions[0] + i0 * spacing[0] * direction[:, 0] + j0 * spacing[1] * direction[:, 1]
+    out = sitk.GetImageFromArray(arr)
+    out.SetSpacing((spacing[0], spacing[1], tilt.normal_spacing))
+    out.SetOrigin(tuple(float(v) for v in origin))
+    out.SetDirection(tuple(float(v) for v in tilt.direction.ravel()))
+    msg = (
+        f"the DICOM series in {folder} was acquired with a gantry tilt of {tilt.angle_deg:.1f} degrees (its "
+        f"slices drift {tilt.drift_mm:.1f} mm within their plane and lie {tilt.normal_spacing:.3g} mm apart "
+        f"along their normal, not {spacing[2]:.3g} mm): resampled onto an orthogonal grid of "
+        f"{arr.shape[2]}x{arr.shape[1]}x{arr.shape[0]} voxels (x, y, z), each slice shifted within its own "
+        f"plane (linear interpolation); beyond a slice's field of view the grid holds air ({AIR_HU:g} HU)."
+    )
+    logger.warning(msg)
+    meta["gantry_tilt_deg"] = round(tilt.angle_deg, 3)
+    meta["geometry_note"] = msg
+    return out
+
+
+def _nifti1_spacing_fields(p: Path) -> tuple[list[float], int] | None:
+    """The spatial voxel size (pixdim) and sform_code of a NIfTI-1 file as stored (ITK and nibabel replace a
+    zero pixdim by 1 when they read it), or ``None`` when the header cannot be read or is not NIfTI-1."""
     import gzip
     import struct
     import zlib
@@ -403,24 +490,75 @@ def _check_nifti_spacing(p: Path) -> None:
         with opener(p, "rb") as f:
             raw = f.read(348)
     except (OSError, EOFError, zlib.error):
-        return  # unreadable: the reader says so
+        return None  # unreadable: the reader says so
     if len(raw) < 348:
-        return
+        return None
     for endian in ("<", ">"):
         if struct.unpack_from(f"{endian}i", raw, 0)[0] == 348:
             break
     else:
-        return  # not NIfTI-1 (NIfTI-2 or not NIfTI at all): the reader decides
+        return None  # not NIfTI-1 (NIfTI-2 or not NIfTI at all): the reader decides
     ndim = struct.unpack_from(f"{endian}h", raw, 40)[0]
     pixdim = struct.unpack_from(f"{endian}8f", raw, 76)
     sform_code = struct.unpack_from(f"{endian}h", raw, 254)[0]
-    spatial = [float(v) for v in pixdim[1 : 1 + max(0, min(3, ndim))]]
+    return [float(v) for v in pixdim[1 : 1 + max(0, min(3, ndim))]], int(sform_code)
+
+
+def _check_nifti_spacing(p: Path) -> None:
+    """Refuse a NIfTI-1 file without sform whose voxel size (pixdim) is zero or not finite: ITK and nibabel
+    both silently replace it by 1 mm, which would give the volume a made-up geometry. (With an sform, the
+    sform gives the geometry: :func:`_nifti_sform_geometry`.)"""
+    fields = _nifti1_spacing_fields(p)
+    if fields is None:
+        return
+    spatial, sform_code = fields
     if sform_code == 0 and any(v == 0.0 or not np.isfinite(v) for v in spatial):
         raise GeometryError(
             f"{p} records a voxel spacing of ({', '.join(f'{v:g}' for v in spatial)}) mm (pixdim): zero or undefined spacing has no "
             "geometry to work with (readers would silently assume 1 mm). Fix the spacing in the header, e.g. "
             "in 3D Slicer (Volumes > Volume Information) or with nibabel, and save the file again."
         )
+
+
+def _nifti_sform_geometry(img: sitk.Image, p: Path, meta: dict) -> sitk.Image:
+    """``img`` (as ITK read the NIfTI file ``p``) with the geometry of the file's sform when it has a valid
+    one (sform_code > 0) that ITK's geometry contradicts, as nibabel and 3D Slicer read it.
+
+    ITK takes the voxel size from pixdim even when the sform says otherwise (a pixdim of 0 becomes 1 mm), and
+    falls back to the qform for a sheared sform; either would misplace voxels by up to the whole extent."""
+    import nibabel as nib
+
+    if img.GetDimension() != 3:
+        return img
+    try:
+        sform, code = nib.load(str(p)).header.get_sform(coded=True)
+    except Exception:  # the checks before this one have read the header: nothing to add here
+        return img
+    if not code or sform is None or not np.all(np.isfinite(sform)):
+        return img
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(sform, dtype=np.float64)  # nibabel's affine is RAS
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    degenerate = abs(np.linalg.det(lps[:3, :3])) < 1e-12 * float(np.prod(spacing))
+    if not np.all((spacing > 0) & np.isfinite(spacing)) or degenerate:
+        return img  # a degenerate sform holds no geometry; ITK's reading stands
+    itk_matrix = index_to_physical(img.GetSpacing(), img.GetOrigin(), np.reshape(img.GetDirection(), (3, 3)))
+    shape = tuple(reversed(img.GetSize()))
+    moved = grid_distance_mm(itk_matrix, lps, shape)
+    if moved <= POSITION_TOL_VOXELS * float(spacing.min()):
+        return img
+    fields = _nifti1_spacing_fields(p)
+    pixdim = fields[0] if fields else img.GetSpacing()
+    msg = (
+        f"{p}: the header's voxel size (pixdim {', '.join(f'{v:g}' for v in pixdim)} mm) or qform "
+        f"contradicts its sform (voxel size {', '.join(f'{v:.4g}' for v in spacing)} mm), which would move "
+        f"voxels by up to {moved:.1f} mm; using the sform, as nibabel and 3D Slicer do."
+    )
+    logger.warning(msg)
+    meta["geometry_note"] = msg
+    img.SetSpacing(tuple(float(v) for v in spacing))
+    img.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
+    img.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing).ravel()))
+    return img
 
 
 def _check_nifti(p: Path) -> np.ndarray | None:
@@ -571,10 +709,13 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
         check: run :func:`check_ct` (refuse NaN/Inf, warn on non-CT intensities).
 
     Returns:
-        A :class:`Volume` in HU; padding markers below -1500 HU are replaced by air (-1024 HU).
+        A :class:`Volume` in HU; padding markers below -1500 HU are replaced by air (-1024 HU). A
+        gantry-tilted DICOM series comes back resampled onto an orthogonal grid (with a warning;
+        ``metadata["gantry_tilt_deg"]``).
 
     Raises:
-        InputError: missing or unreadable file, 2D/4D/RGB image, single slice, NaN/Inf voxels.
+        InputError: missing or unreadable file, 2D/4D/RGB image, single slice, NaN/Inf voxels; a DICOM
+            series with missing slices, mixed slice orientations or slices off one line.
         GeometryError: zero or undefined voxel spacing.
         ResourceError: the volume cannot fit in the available memory (checked from the header first).
     """
@@ -597,6 +738,8 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
                 f"could not read {p}: {_sitk_message(exc)}. Supported: NIfTI (.nii, .nii.gz), NRRD, MHA, "
                 "or a folder with a DICOM series. The file may be corrupt or truncated."
             ) from None
+        if _suffix(p) in (".nii", ".nii.gz"):
+            img = _nifti_sform_geometry(img, p, meta)
     vol = Volume.from_sitk(img, source=str(p), **meta)
     vol.metadata["source"] = str(p)
     if nonfinite is not None and nonfinite.shape == vol.shape:
@@ -648,6 +791,37 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
     return p
 
 
+#: Formats whose geometry is an orthonormal direction matrix only (NIfTI's qform is a rotation; ITK writes
+#: the sform from it too): a sheared grid written there is orthogonalised, which moves voxels. NRRD
+#: (space directions) and MetaImage (TransformMatrix) hold any direction matrix, exactly.
+_ORTHONORMAL_ONLY_SUFFIXES = (".nii", ".nii.gz")
+
+
+def check_output_geometry(vol: Volume | Grid, path: str | os.PathLike) -> None:
+    """Refuse to write a grid the output format cannot hold: a sheared (non-orthonormal) direction matrix
+    in NIfTI, which would move voxels (by up to tens of mm). Cheap; call it before the work that produces
+    the volume, as :func:`write_volume` does before writing.
+
+    Raises:
+        OutputError: the format would move some voxel by more than a tenth of a voxel; the message names
+            the formats that keep the geometry (NRRD, MHA).
+    """
+    p = Path(path)
+    if _suffix(p) not in _ORTHONORMAL_ONLY_SUFFIXES:
+        return
+    grid = vol.grid if isinstance(vol, Volume) else vol
+    moved = orthogonalisation_shift_mm(grid.direction_matrix, grid.spacing, grid.shape)
+    if moved <= POSITION_TOL_VOXELS * min(grid.spacing):
+        return
+    angles = ", ".join(f"{a:.1f}" for a in axis_angles_deg(grid.direction_matrix))
+    stem = p.name[: -len(_suffix(p))]
+    raise OutputError(
+        f"cannot write {p.name}: the volume's grid is sheared (its axes meet at {angles} degrees, not 90) "
+        f"and NIfTI holds only orthogonal grids, so writing it would move voxels by up to {moved:.1f} mm. "
+        f"Write it as NRRD ({stem}.nrrd) or MHA ({stem}.mha), which keep this geometry exactly."
+    )
+
+
 def _rounded_int16(arr: np.ndarray) -> np.ndarray:
     """``arr`` rounded to the nearest integer and clipped to the int16 range, slab by slab on all cores
     (numpy releases the GIL), with one slab-sized temporary per worker."""
@@ -682,8 +856,13 @@ def write_volume(
 
     Returns:
         The path written.
+
+    Raises:
+        OutputError: the path cannot be written, or its format cannot hold the volume's geometry (a sheared
+            grid in NIfTI: see :func:`check_output_geometry`).
     """
     p = check_output_path(path, overwrite=overwrite)
+    check_output_geometry(vol, p)
     arr = vol.array
     if dtype == "auto":
         as_int = bool(np.all(arr == np.round(arr))) and arr.min() >= -32768 and arr.max() <= 32767

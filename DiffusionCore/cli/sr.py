@@ -22,7 +22,7 @@ from ..errors import ConfigError, GeometryError, InputError, OutputError
 from ..files import keep_freed_memory, refuse_overwriting_inputs
 from ..sr.tiling import parse_memory_size
 from ..train.distributed import DistInfo, resolve_device, shard_list
-from ..volume import WRITABLE_SUFFIXES, check_output_path, read_volume, write_volume
+from ..volume import WRITABLE_SUFFIXES, check_output_geometry, check_output_path, read_volume, write_volume
 from .common import (
     Progress,
     adapt_settings,
@@ -327,7 +327,8 @@ def run(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 try:
                     volume = read_volume(job.source)
-                except InputError as exc:
+                    check_output_geometry(volume, job.output)  # a grid the output format cannot hold: no work
+                except (InputError, OutputError) as exc:
                     if not batch:
                         raise
                     failures.append(f"{job.source}: {exc}")

@@ -1,0 +1,278 @@
+"""Geometry is exact or refused: gantry-tilted DICOM series, sheared grids and NIfTI files whose pixdim
+contradicts their sform.
+
+Each test builds a file whose true geometry is known (a ball at a known physical position, or a known
+affine) and checks where the reader puts every voxel, or that the writer refuses a format that would move
+them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import ct_phantom_array, rotation_matrix, write_dicom_series
+
+from DiffusionCore.cli.main import main as cli_main
+from DiffusionCore.errors import InputError, OutputError
+from DiffusionCore.geometry import axis_angles_deg, gantry_tilt, orthogonalisation_shift_mm
+from DiffusionCore.volume import Volume, check_output_geometry, read_volume, write_volume
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+BALL_HU, TISSUE_HU = 900.0, 40.0
+
+
+def physical_points(vol: Volume) -> np.ndarray:
+    """LPS position (mm) of every voxel centre, shape ``(z, y, x, 3)``."""
+    k, j, i = np.meshgrid(*(np.arange(n) for n in vol.shape), indexing="ij")
+    ijk1 = np.stack([i, j, k, np.ones_like(i)], axis=-1).astype(np.float64)
+    return (ijk1 @ vol.index_to_physical().T)[..., :3]
+
+
+def ball_volume(shape, spacing, origin, direction, centre, radius: float) -> Volume:
+    """Soft tissue holding a bone ball of ``radius`` mm at the LPS point ``centre``, sampled at the voxel
+    centres of the given (possibly sheared) grid."""
+    grid = Volume(np.zeros(shape, np.float32), spacing, origin, direction)
+    inside = np.linalg.norm(physical_points(grid) - np.asarray(centre), axis=-1) < radius
+    return grid.with_array(np.where(inside, BALL_HU, TISSUE_HU).astype(np.float32))
+
+
+def tilted_direction(kind: str, degrees: float) -> np.ndarray:
+    """Columns: the rows' direction, the columns' direction, the table step's direction (not the normal)."""
+    t = np.deg2rad(degrees)
+    if kind == "gantry":  # the usual tilt: the image plane turns about the L-R axis, the table moves along S
+        return np.array([[1.0, 0.0, 0.0], [0.0, np.cos(t), 0.0], [0.0, np.sin(t), 1.0]])
+    # a stack whose slices drift along both in-plane axes, on an oblique image plane
+    rot = rotation_matrix((0.3, -0.5, 0.8), 25.0)
+    step = rot @ np.array([0.2, 0.3, 1.0]) / np.linalg.norm([0.2, 0.3, 1.0])
+    return np.c_[rot[:, 0], rot[:, 1], step]
+
+
+# -- gantry tilt -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind, degrees", [("gantry", 20.0), ("gantry", -15.0), ("oblique", 0.0)])
+def test_gantry_tilted_series_puts_every_voxel_at_its_physical_position(
+    tmp_path, kind, degrees, diffusioncore_log
+):
+    direction = tilted_direction(kind, degrees)
+    shape, spacing, origin = (32, 48, 40), (0.8, 0.8, 2.5), (-16.0, -19.0, -30.0)
+    # a ball near the middle of the acquisition (inside every slice's field of view), off the voxel centres
+    centre = np.asarray(origin) + direction @ (np.asarray(spacing) * (19.3, 24.6, 15.4))
+    radius = 6.0
+    truth = ball_volume(shape, spacing, origin, direction, centre, radius)
+    write_dicom_series(tmp_path / "tilted", truth)
+
+    vol = read_volume(tmp_path / "tilted")
+
+    normal = np.cross(direction[:, 0], direction[:, 1])
+    step = direction[:, 2] * 2.5
+    np.testing.assert_allclose(vol.direction.T @ vol.direction, np.eye(3), atol=1e-9)  # an orthogonal grid
+    np.testing.assert_allclose(np.abs(vol.direction[:, 2] @ normal), 1.0, atol=1e-9)
+    np.testing.assert_allclose(vol.spacing[2], abs(step @ normal), rtol=1e-5)  # not the table step (2.5)
+    assert vol.shape[0] == truth.shape[0]  # slices are never mixed or added
+    # every acquired pixel is kept: the grid is widened by the drift
+    assert vol.shape[1] >= truth.shape[1] and vol.shape[2] >= truth.shape[2]
+    # where the ball is: voxels clearly inside or outside it (further than an in-plane pixel diagonal from
+    # its surface, the reach of the in-plane interpolation) are classified as the truth says
+    dist = np.linalg.norm(physical_points(vol) - centre, axis=-1)
+    clear = np.abs(dist - radius) > 0.8 * np.sqrt(2) + 1e-6
+    is_bone = vol.array > (BALL_HU + TISSUE_HU) / 2
+    assert clear.sum() > 0.9 * vol.array.size
+    np.testing.assert_array_equal(is_bone[clear], (dist < radius)[clear])
+    centroid = physical_points(vol)[is_bone].mean(axis=0)
+    assert np.linalg.norm(centroid - centre) < min(vol.spacing)
+    # the notice names the tilt
+    tilt = np.degrees(np.arccos(abs(direction[:, 2] @ normal)))
+    notes = [r.getMessage() for r in diffusioncore_log if "gantry tilt" in r.getMessage()]
+    assert len(notes) == 1 and f"gantry tilt of {tilt:.1f} degrees" in notes[0]
+    assert vol.metadata["gantry_tilt_deg"] == pytest.approx(tilt, abs=1e-3)
+
+
+def test_untilted_series_is_not_resampled(tmp_path, oblique_phantom, diffusioncore_log):
+    vol = oblique_phantom.with_array(np.round(oblique_phantom.array))
+    write_dicom_series(tmp_path / "series", vol)
+    back = read_volume(tmp_path / "series")
+    np.testing.assert_array_equal(back.array, vol.array)
+    assert "gantry_tilt_deg" not in back.metadata
+    assert not [r for r in diffusioncore_log if r.levelno >= logging.WARNING]
+
+
+def test_gantry_tilt_ignores_rounded_positions():
+    """Positions written with two decimals drift by rounding only: no tilt, no resampling."""
+    d = rotation_matrix((0.3, -0.5, 0.8), 20.0)
+    positions = np.round(np.array([10.0, -20.0, 5.0]) + np.outer(np.arange(60) * 1.25, d[:, 2]), 2)
+    assert gantry_tilt(positions, d, (0.7, 0.7)) is None
+
+
+def rewrite_tag(path, tag: str, value: str) -> None:
+    """Change one header tag of a DICOM file, keeping its UIDs."""
+    img = sitk.ReadImage(str(path))
+    img.SetMetaData(tag, value)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(path))
+    writer.Execute(img)
+
+
+def test_series_mixing_slice_orientations_is_refused(tmp_path, make_phantom):
+    files = write_dicom_series(tmp_path / "mixed", make_phantom(shape=(6, 16, 16)))
+    rewrite_tag(files[3], "0020|0037", "1\\0\\0\\0\\0.8660254\\0.5")  # 30 degrees off the others
+    with pytest.raises(
+        InputError, match=r"mixes slice orientations: slice003.dcm \(slice 4\) is turned 30.0 deg"
+    ):
+        read_volume(tmp_path / "mixed")
+
+
+def test_tilted_series_whose_slices_do_not_follow_one_line_is_refused(tmp_path, make_phantom):
+    """A tilt drifts in proportion to the table position; one slice off that line has no geometry."""
+    vol = make_phantom(shape=(8, 16, 16), spacing=(0.8, 0.8, 2.5), direction=tilted_direction("gantry", 20.0))
+    files = write_dicom_series(tmp_path / "tilted", vol)
+    ipp = np.asarray(vol.index_to_physical() @ [0.0, 0.0, 5.0, 1.0])[:3] + [2.0, 0.0, 0.0]  # 2 mm along x
+    rewrite_tag(files[5], "0020|0032", "\\".join(f"{v:.6f}" for v in ipp))
+    with pytest.raises(InputError, match=r"do not follow one line.*lies 1\.\d\d mm off the straight line"):
+        read_volume(tmp_path / "tilted")
+
+
+# -- sheared grids ---------------------------------------------------------------------------------------
+def sheared_volume() -> Volume:
+    """A CT on a sheared grid (the k axis leans 20 degrees towards y), as read from a sheared NRRD."""
+    t = np.deg2rad(20.0)
+    shear = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, np.sin(t)], [0.0, 0.0, np.cos(t)]])
+    return Volume(ct_phantom_array((8, 32, 32)), (0.8, 0.8, 3.2), (-12.0, -12.0, -20.0), shear)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_sheared_grid_round_trips_exactly_through_nrrd_and_mha(tmp_path, suffix):
+    vol = sheared_volume()
+    back = read_volume(write_volume(vol, tmp_path / f"sheared{suffix}"))
+    np.testing.assert_array_equal(back.array, vol.array)
+    np.testing.assert_allclose(physical_points(back), physical_points(vol), atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_sheared_grid_is_refused_in_nifti_with_a_format_that_holds_it(tmp_path, suffix):
+    vol = sheared_volume()
+    assert orthogonalisation_shift_mm(vol.direction, vol.spacing, vol.shape) > 5.0  # what NIfTI would do
+    with pytest.raises(
+        OutputError, match=r"sheared \(its axes meet at 90.0, 90.0, 70.0 degrees.*NRRD \(ct.nrrd\)"
+    ):
+        write_volume(vol, tmp_path / f"ct{suffix}")
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary file
+    with pytest.raises(OutputError, match="move voxels by up to"):
+        check_output_geometry(vol.grid, tmp_path / f"ct{suffix}")  # the same check, before any work
+
+
+def test_nearly_orthonormal_grid_is_still_written_to_nifti(tmp_path, oblique_phantom):
+    """Direction cosines rounded to 6 decimals (as DICOM headers hold them) move no voxel measurably."""
+    vol = Volume(
+        oblique_phantom.array,
+        oblique_phantom.spacing,
+        oblique_phantom.origin,
+        np.round(oblique_phantom.direction, 6),
+    )
+    back = read_volume(write_volume(vol, tmp_path / "ct.nii.gz"))
+    np.testing.assert_allclose(physical_points(back), physical_points(vol), atol=1e-3)
+
+
+@pytest.fixture
+def cli_logging():
+    """The ``DiffusionCore`` logger as it was before a command run in this process replaced its handler
+    with one on the (captured) stderr."""
+    logger = logging.getLogger("DiffusionCore")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_sr_refuses_a_sheared_result_in_nifti_and_writes_it_to_nrrd(tmp_path, capsys, cli_logging):
+    write_volume(sheared_volume(), tmp_path / "sheared.nrrd")
+    argv = ["--progress", "none", "--num-steps", "1", "--tiny-test-model"]
+    assert cli_main(["sr", str(tmp_path / "sheared.nrrd"), str(tmp_path / "out.nii.gz"), *argv]) == 4
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "NIfTI holds only orthogonal grids" in errors[0] and "out.nrrd" in errors[0]
+    assert not (tmp_path / "out.nii.gz").exists()
+    assert cli_main(["sr", str(tmp_path / "sheared.nrrd"), str(tmp_path / "out.nrrd"), *argv]) == 0
+    out = read_volume(tmp_path / "out.nrrd")
+    np.testing.assert_allclose(out.direction, sheared_volume().direction, atol=1e-9)
+
+
+# -- NIfTI: pixdim against sform -------------------------------------------------------------------------
+def nifti_with_sform(path, affine_ras: np.ndarray, *, pixdim_z: float | None, qform: bool = False):
+    """A NIfTI holding a 32x32x8 (i, j, k) int16 CT with ``affine_ras`` as its sform (code 1) and the
+    stored pixdim[3] set to ``pixdim_z`` (None: as nibabel computes it)."""
+    data = np.full((32, 32, 8), TISSUE_HU, np.int16)
+    data[:4] = -1000
+    data[10:14, 20:26, 5] = int(BALL_HU)  # an asymmetric marker: a mirrored reading cannot pass
+    img = nib.Nifti1Image(data, affine_ras)
+    img.set_sform(affine_ras, code=1)
+    img.set_qform(affine_ras if qform else None, code=1 if qform else 0)
+    if pixdim_z is not None:
+        img.header["pixdim"][3] = pixdim_z
+    nib.save(img, str(path))
+    if pixdim_z is not None:  # stored as given (nibabel replaces a 0 only when it reads the file)
+        with gzip.open(path, "rb") as f:
+            assert struct.unpack_from("<f", f.read(348), 76 + 4 * 3)[0] == pixdim_z
+    return path, data
+
+
+def axis_aligned_affine() -> np.ndarray:
+    a = np.diag([-0.8, -0.8, 5.0, 1.0])
+    a[:3, 3] = (20.0, 30.0, -40.0)
+    return a
+
+
+def oblique_affine() -> np.ndarray:
+    a = np.eye(4)
+    a[:3, :3] = rotation_matrix((1.0, 2.0, 0.5), 30.0) @ np.diag([0.7, 0.9, 5.0])
+    a[:3, 3] = (-50.0, 12.5, 80.0)
+    return a
+
+
+def sheared_affine() -> np.ndarray:
+    a = axis_aligned_affine()
+    a[1, 2] = 5.0 * np.sin(np.deg2rad(20.0))  # the k axis leans 20 degrees towards A
+    a[2, 2] = 5.0 * np.cos(np.deg2rad(20.0))
+    return a
+
+
+@pytest.mark.parametrize(
+    "affine, pixdim_z, qform",
+    [
+        (axis_aligned_affine(), 0.0, False),  # pixdim z = 0: ITK reads 1 mm, the sform says 5 mm
+        (oblique_affine(), 0.0, True),  # an oblique sform, and a qform made from pixdim z = 0
+        (axis_aligned_affine(), 1.0, False),  # pixdim contradicts the sform
+        (sheared_affine(), None, True),  # a sheared sform: ITK falls back to the (rotation-only) qform
+    ],
+    ids=["pixdim0", "pixdim0-oblique-qform", "pixdim-contradicts", "sheared-sform"],
+)
+def test_nifti_geometry_comes_from_its_sform(tmp_path, affine, pixdim_z, qform, diffusioncore_log):
+    path, data = nifti_with_sform(tmp_path / "ct.nii.gz", affine, pixdim_z=pixdim_z, qform=qform)
+    vol = read_volume(path)
+    np.testing.assert_allclose(vol.index_to_physical(), LPS_TO_RAS @ affine, atol=1e-4)
+    np.testing.assert_array_equal(vol.array, data.transpose(2, 1, 0))  # nibabel (i, j, k) -> ours (z, y, x)
+    assert nib.load(str(path)).affine == pytest.approx(affine, abs=1e-4)  # nibabel agrees
+    notes = [r.getMessage() for r in diffusioncore_log if "sform" in r.getMessage()]
+    assert len(notes) == 1 and "using the sform, as nibabel and 3D Slicer do" in notes[0]
+    if pixdim_z == 0.0:
+        assert "0 mm)" in notes[0]
+
+
+def test_sheared_nifti_is_read_exactly_and_kept_in_nrrd(tmp_path):
+    path, _ = nifti_with_sform(tmp_path / "ct.nii.gz", sheared_affine(), pixdim_z=None, qform=True)
+    vol = read_volume(path)
+    assert axis_angles_deg(vol.direction)[2] == pytest.approx(110.0, abs=1e-3)  # j and k, in LPS
+    with pytest.raises(OutputError, match="NRRD"):
+        write_volume(vol, tmp_path / "copy.nii.gz")
+    back = read_volume(write_volume(vol, tmp_path / "copy.nrrd"))
+    np.testing.assert_allclose(back.index_to_physical(), LPS_TO_RAS @ sheared_affine(), atol=1e-4)
+
+
+def test_consistent_nifti_reads_without_a_notice(tmp_path, oblique_phantom, diffusioncore_log):
+    back = read_volume(write_volume(oblique_phantom, tmp_path / "ct.nii.gz"))
+    np.testing.assert_allclose(back.index_to_physical(), oblique_phantom.index_to_physical(), atol=1e-3)
+    assert "geometry_note" not in back.metadata
+    assert not [r for r in diffusioncore_log if "sform" in r.getMessage()]
