@@ -1,12 +1,34 @@
-"""``train <family>``: one command for every model family (vae, sr, xray).
+"""``train <family>``: one command for every model family (vae, sr, throughplane, xray).
 
-Each family lives with its model and adds its own sub-command through ``register(train_subparsers)``.
+Each family lives with its model and adds its own sub-command through ``register(train_subparsers)``. What
+every family shares is added here, once:
+
+* **numeric options are checked when parsed**: every option named in :data:`NUMERIC_OPTIONS` gets its
+  checked type (``finite_float`` / ``bounded_int``), whatever the family declared, so ``--learning-rate nan``,
+  ``--ema-decay 2``, ``--checkpoint-every 0`` or ``--max-steps 0`` end with one ``error:`` line and exit
+  code 2 before anything is read. Leaving out ``--max-steps`` keeps the config's (for ``train vae`` /
+  ``sr`` a config's ``max_steps: 0`` means no limit; for ``train xray`` epochs x steps_per_epoch).
+* **the output folder is claimed** for the run (:func:`~DiffusionCore.train.outdir.claim_output_dir`): a
+  lock (a second run on the folder refuses, exit code 4), and a folder holding a previous run's checkpoints
+  or weights is refused unless ``--resume`` or ``--overwrite`` (added to every family here).
+* **how a run ends**: the loop ends at ``--max-steps``, at ``--max-minutes`` or on a ``STOP`` file with a
+  checkpoint, the export and exit code 0. SIGTERM or Ctrl-C end it the same way (checkpoint, then export,
+  so a stopped background run is not lost) and then exit with 130; during setup or the export they stop at
+  once with 130. A second signal aborts without a checkpoint. A loss that becomes NaN/Inf stops the run with
+  exit code 1 and no export (``DiffusionCore.train.numerics``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from .common import bounded_int, finite_float
 
 #: Modules that add ``train`` sub-commands.
 FAMILY_MODULES: list[str] = [
@@ -15,10 +37,114 @@ FAMILY_MODULES: list[str] = [
     "DiffusionCore.xray.train_cli",
 ]
 
+#: The checked type of every numeric option of any ``train`` family, by option string.
+NUMERIC_OPTIONS: dict[str, Callable[[str], object]] = {
+    "--max-steps": bounded_int(1),
+    "--max-minutes": finite_float(0.0),  # 0: no time limit
+    "--epochs": bounded_int(1),
+    "--steps-per-epoch": bounded_int(1),
+    "--batch-size": bounded_int(1),
+    "--learning-rate": finite_float(0.0, low_open=True),
+    "--ema-decay": finite_float(0.0, 1.0),  # 0: off; 1 (no averaging at all) is refused with the config
+    "--kl-weight": finite_float(0.0),
+    "--pixel-loss-weight": finite_float(0.0),
+    "--patch-size": bounded_int(1),
+    "--val-every": bounded_int(0),  # 0: no validation
+    "--checkpoint-every": bounded_int(1),
+    "--seed": bounded_int(0),
+    "--threads": bounded_int(0),  # 0: torch's default
+    "--num-train-timesteps": bounded_int(1),
+    "--num-inference-steps": bounded_int(1),
+    "--model-channels": bounded_int(1),
+    "--factors": bounded_int(2, 8),
+}
+
+
+#: Options naming what a run starts from (another run's folder or weights), by ``args`` attribute.
+STARTS_FROM = ("init_from", "load_all_stages", "stage1_checkpoint", "stage2_checkpoint", "vae")
+
+
+def _check_numeric_options(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option in NUMERIC_OPTIONS:
+                action.type = NUMERIC_OPTIONS[option]
+
+
+def _output_dir(args: argparse.Namespace) -> str | None:
+    return getattr(args, "out_dir", None) or getattr(args, "output_dir", None)
+
+
+@contextmanager
+def _terminate_cancels(out_dir: str) -> Iterator[None]:
+    """Outside the training loop (setup, export), SIGTERM stops the command at once with exit code 130; the
+    loop installs its own handlers (a clean stop) and puts these back after."""
+    from ..errors import Cancelled
+
+    def on_signal(signum, frame):
+        raise Cancelled(
+            f"training was stopped by signal {signal.Signals(signum).name} outside its training loop; the "
+            f"checkpoints in {out_dir} (if any) can be continued with --resume"
+        )
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_in_claimed_folder(
+    family_run: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """A family's command run inside its claimed output folder, ending with 130 when a signal stopped it."""
+
+    def run(args: argparse.Namespace) -> int:
+        from ..errors import Cancelled
+        from ..train import stop
+        from ..train.outdir import claim_output_dir
+
+        out = _output_dir(args)
+        if not out or getattr(args, "show_config", False) or getattr(args, "config_help", False):
+            return family_run(args)  # nothing is trained; the family says what is missing
+        is_main = os.environ.get("RANK", "0") in ("", "0")  # under torchrun rank 0 holds the folder
+        reads = [v for k in STARTS_FROM if isinstance(v := getattr(args, k, None), str) and v]
+        claim = claim_output_dir(
+            out, resume=args.resume, overwrite=args.overwrite, is_main=is_main, reads=reads
+        )
+        with _terminate_cancels(out), claim:
+            stop.forget_signals()
+            code = family_run(args)
+            name = stop.stopped_by_signal()
+        if name is not None:
+            raise Cancelled(
+                f"training was stopped by {name}: the checkpoint and the exported weights in {out} were written "
+                "first; continue with --resume"
+            )
+        return code
+
+    return run
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (vae, sr, xray); resumable, TensorBoard logs")
+    p = sub.add_parser(
+        "train", help="train a model (vae, sr, throughplane, xray); resumable, TensorBoard logs"
+    )
     fam = p.add_subparsers(dest="family", metavar="FAMILY", parser_class=type(p))
     fam.required = True
     for name in FAMILY_MODULES:
         importlib.import_module(name).register(fam)
+    for parser in {id(q): q for q in fam.choices.values()}.values():  # each once (aliases share one)
+        _check_numeric_options(parser)
+        trains = any(a.dest in ("out_dir", "output_dir") for a in parser._actions)
+        if trains:  # a training run (not export-sr): its output folder is claimed
+            parser.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="replace the previous run in the output folder (its checkpoints; its weights when this "
+                "run exports) instead of refusing; --resume continues it instead",
+            )
+            parser.set_defaults(func=_run_in_claimed_folder(parser.get_default("func")))

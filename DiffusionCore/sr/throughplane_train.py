@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from ..config import config_to_dict
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, NumericalError
+from ..train.numerics import LossWatch, check_training_numbers
 from .planes import PairSettings, PlaneSource, sample_pairs
 from .throughplane import COMPONENT, ThroughPlaneConfig, ThroughPlaneNet, cubic_planes, state_dict_for_file
 
@@ -91,17 +92,16 @@ class ThroughPlaneTrainConfig:
             if "thick_mm" in p:
                 p["thick_mm"] = tuple(p["thick_mm"])
             self.pairs = PairSettings(**p)
-        for name in ("learning_rate", "max_minutes", "weight_decay", "test_fraction", "val_fraction"):
+        check_training_numbers(self)  # learning rate, EMA decay, step counts, ... (shared by every family)
+        for name in ("test_fraction", "val_fraction"):
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0; got {v}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0; got {self.learning_rate}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
-        for name in ("batch_size", "max_steps", "val_every", "checkpoint_every", "val_pairs"):
+        for name in ("max_steps", "val_every", "val_pairs"):  # here 0 has no meaning
             if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be 1 or more; got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be an integer >= 1; got {getattr(self, name)}")
+        if int(self.threads) < 0:
+            raise ConfigError(f"threads must be an integer >= 0 (0: torch's default); got {self.threads}")
         if self.test_fraction + self.val_fraction >= 0.9:
             raise ConfigError("test_fraction + val_fraction must leave at least 10% of the slices for training")
 
@@ -199,8 +199,13 @@ def load_predictor_weights(net: ThroughPlaneNet, path: str, allow_unregistered: 
 
 def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any]) -> str:
     """Write the predictor as an inference weights file (family ``sr``, component ``throughplane``)."""
+    from ..train.numerics import nonfinite_tensors
     from ..weights.registry import save_safetensors
 
+    bad = nonfinite_tensors(net.state_dict())
+    if bad:  # never reached through train(): its last checkpoint refuses these weights first
+        raise NumericalError(f"the predictor holds NaN/Inf in {len(bad)} tensor(s), e.g. {bad[0]}: training "
+                             f"diverged; {path} was not written")  # fmt: skip
     meta = {
         "family": "sr",
         "component": COMPONENT,
@@ -253,7 +258,13 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     patches = 0
     last: dict[str, float] = {}
 
+    saved_step = -1
+
     def checkpoint() -> None:
+        nonlocal saved_step
+        if saved_step == step:  # the last step was checkpointed already
+            return
+        saved_step = step
         save_training_state(
             out, step=step, epoch=0, models=models, optimizers={"opt": opt}, config=config_to_dict(cfg),
             extra={"patches": patches_before + patches,
@@ -262,6 +273,7 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
         )
 
     net.train()
+    watch = LossWatch(cfg.learning_rate)
     with StopFlag(out / "STOP") as stop:
         while step < cfg.max_steps:
             if stop.requested:
@@ -279,8 +291,7 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
                 g["lr"] = lr
             pred = cubic_planes(thick, k) + net(thick, k)
             loss = torch.nn.functional.l1_loss(pred, thin)
-            if not torch.isfinite(loss):
-                raise ConfigError(f"the training loss became {float(loss)} at step {step}: lower the learning rate")
+            watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -302,7 +313,7 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
                 last["patches_per_s"] = patches / max(elapsed, 1e-9)
                 log.scalars(last, step)
                 history.append({"step": step, **last})
-                logger.info("step %d  loss %.4f  %s", step, float(loss),
+                logger.info("step %d  loss %.4f  %s", step, float(loss.detach()),
                             "  ".join(f"{k_}={v:.3f}" for k_, v in last.items()))
                 best = max(best, last["val/gain"])
             if step % cfg.checkpoint_every == 0:

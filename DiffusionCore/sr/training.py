@@ -35,6 +35,7 @@ from torch import nn
 
 from ..config import config_to_dict, load_config
 from ..errors import Cancelled, ConfigError, InputError, WeightsError
+from ..train.numerics import check_training_numbers
 from .config import MEAN, SRConfig
 from .data import VolumeRegion, load_regions, sample_batch, validation_set
 from .intensity import unit_to_hu
@@ -62,8 +63,7 @@ def resolve_config(config: SRConfig | dict | str | os.PathLike | None) -> SRConf
         raise ConfigError(f"train.factors {t.factors}: each factor must be between 2 and 8")
     if len(t.patch_size) != 3 or any(s < 1 for s in t.patch_size):
         raise ConfigError(f"train.patch_size {t.patch_size}: give three positive sizes D H W")
-    if t.batch_size < 1 or t.learning_rate <= 0:
-        raise ConfigError("train.batch_size must be >= 1 and train.learning_rate > 0")
+    check_training_numbers(t, "train.")  # NaN, infinities and out-of-range values of the loop's settings
     return cfg
 
 
@@ -164,6 +164,7 @@ def _fit(
     )
     from ..train.distributed import all_reduce_mean, barrier, wrap_model
     from ..train.ema import EMA_MODEL, ParameterEMA
+    from ..train.numerics import LossWatch
 
     cfg, t, info = run.cfg, run.cfg.train, run.info
     params = [p for p in trainable.parameters() if p.requires_grad]
@@ -242,17 +243,19 @@ def _fit(
         run_validation(0)
     trainable.train()
     t0 = time.perf_counter()
+    watch = LossWatch(t.learning_rate)
     with run.stop:
         while step < total:
             if run.should_stop():
                 checkpoint(step, None)
                 barrier(info)
-                result["stopped"] = True
+                result["stopped"] = run.stop.reason or "cancelled"
                 logger.info("stopped at step %d; a checkpoint was written (resume with --resume)", step)
                 break
             np_rng, gen = _step_generators(t.seed, info.rank, step)
             with _autocast(run.device, run.amp):
                 loss = objective(wrapped, step, np_rng, gen)
+            watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip > 0:
@@ -398,7 +401,7 @@ def train_vae(
             extra_state=dict,
             restore_extra=lambda extra: None,
         )
-        if run.info.is_main and not result["stopped"]:
+        if run.info.is_main:  # also after a stop (STOP file, SIGTERM, Ctrl-C): the checkpoint just written
             result.update(_export_best(run.out, Path(run.out) / VAE_EXPORT, component="vae"))
         return result
     finally:
@@ -672,7 +675,7 @@ def train_sr(
         )
         if val and run.info.is_main:
             result["cubic_psnr"] = psnr_hu(np.stack([v[0] for v in val]), np.stack([v[1] for v in val]))
-        if run.info.is_main and not result["stopped"]:
+        if run.info.is_main:  # also after a stop (STOP file, SIGTERM, Ctrl-C): the checkpoint just written
             result.update(_export_best(run.out, Path(run.out) / SR_EXPORT, component="sr"))
         return result
     finally:

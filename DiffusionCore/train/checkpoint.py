@@ -40,8 +40,9 @@ import torch
 from torch import nn
 
 from ..config import config_to_dict
-from ..errors import InputError, OutputError, WeightsError
+from ..errors import InputError, NumericalError, OutputError, WeightsError
 from ..weights.registry import load_safetensors, save_safetensors
+from .numerics import nonfinite_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -274,11 +275,30 @@ def save_training_state(
 
     Raises:
         OutputError: ``out_dir`` cannot be written.
+        NumericalError: a model or the optimizer state holds NaN/Inf (the run diverged): nothing is written.
     """
     out = Path(out_dir)
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     name = checkpoint_name(step)
+    model_tensors = {
+        model_name: {k: v for k, v in unwrap_model(model).state_dict().items() if isinstance(v, torch.Tensor)}
+        for model_name, model in models.items()
+    }
+    packer = _Packer()
+    payload = {
+        "optimizers": {k: packer.pack(o.state_dict(), f"optimizers.{k}") for k, o in optimizers.items()},
+        "schedulers": {
+            k: packer.pack(s.state_dict(), f"schedulers.{k}") for k, s in (schedulers or {}).items()
+        },
+        "scalers": {k: packer.pack(s.state_dict(), f"scalers.{k}") for k, s in (scalers or {}).items()},
+        "generators": {
+            k: packer.pack(_generator_state(g), f"generators.{k}") for k, g in (generators or {}).items()
+        },
+        "rng": packer.pack(_rng_state(), "rng"),
+        "extra": packer.pack(dict(extra or {}), "extra"),
+    }
+    _refuse_nonfinite(out, step, model_tensors, packer.tensors)
     try:
         out.mkdir(parents=True, exist_ok=True)
         _clean_stale(out)
@@ -290,27 +310,11 @@ def save_training_state(
     final = out / name
     try:
         files: dict[str, str] = {}
-        for model_name, model in models.items():
-            state = unwrap_model(model).state_dict()
-            tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        for model_name, tensors in model_tensors.items():
             fname = f"{model_name}.safetensors"
             files[fname] = save_safetensors(
                 tmp / fname, tensors, {"kind": "model", "model": model_name, "step": step}
             )
-
-        packer = _Packer()
-        payload = {
-            "optimizers": {k: packer.pack(o.state_dict(), f"optimizers.{k}") for k, o in optimizers.items()},
-            "schedulers": {
-                k: packer.pack(s.state_dict(), f"schedulers.{k}") for k, s in (schedulers or {}).items()
-            },
-            "scalers": {k: packer.pack(s.state_dict(), f"scalers.{k}") for k, s in (scalers or {}).items()},
-            "generators": {
-                k: packer.pack(_generator_state(g), f"generators.{k}") for k, g in (generators or {}).items()
-            },
-            "rng": packer.pack(_rng_state(), "rng"),
-            "extra": packer.pack(dict(extra or {}), "extra"),
-        }
         files[TRAINING_STATE_FILE] = save_safetensors(tmp / TRAINING_STATE_FILE, packer.tensors, payload)
 
         config_dict = config_to_dict(config) if config is not None else {}
@@ -341,6 +345,28 @@ def save_training_state(
     _prune(out, keep)
     logger.info("saved checkpoint %s", final)
     return final
+
+
+def _refuse_nonfinite(
+    out: Path, step: int, models: Mapping[str, Mapping[str, torch.Tensor]], state: Mapping[str, torch.Tensor]
+) -> None:
+    """A checkpoint never holds NaN/Inf: such weights are a diverged run's, and every export and resume reads
+    a checkpoint (``load_safetensors`` refuses non-finite tensors)."""
+    bad = [f"{name}: {key}" for name, tensors in models.items() for key in nonfinite_tensors(tensors)]
+    bad += [f"optimizer state: {key}" for key in nonfinite_tensors(state)]
+    if not bad:
+        return
+    last = find_latest(out)
+    kept = (
+        f"the last checkpoint, {last.name}, holds finite weights"
+        if last
+        else "there is no earlier checkpoint"
+    )
+    raise NumericalError(
+        f"training diverged by step {step}: {len(bad)} tensor(s) hold NaN or Inf (e.g. {bad[0]}). The checkpoint "
+        f"was not written and nothing was exported; {kept}. Lower the learning rate and train again "
+        "(--overwrite replaces this run)"
+    )
 
 
 def _prune(out: Path, keep: int) -> None:

@@ -1,10 +1,13 @@
 """Stopping a training run cleanly: Ctrl+C, ``kill`` (SIGTERM) or a ``STOP`` file.
 
 Inside ``with StopFlag(stop_file=out_dir / "STOP") as stop:`` the first SIGINT or SIGTERM only sets
-``stop.requested``; the training loop checks it between steps, writes a checkpoint and returns. A second
-signal stops at once (``KeyboardInterrupt``). The Slicer training panel's Stop button creates the STOP file,
-which works on every platform and from another process. Signal handlers can only be installed from the
+``stop.requested``; the training loop checks it between steps, writes a checkpoint, exports and returns. A
+second signal stops at once (``KeyboardInterrupt``). The Slicer training panel's Stop button creates the STOP
+file, which works on every platform and from another process. Signal handlers can only be installed from the
 main thread; elsewhere only the STOP file is watched.
+
+A STOP file is a requested stop: the ``train`` command then ends with exit code 0. A signal is not: the
+command ends with 130 (after the checkpoint and the export), and :func:`stopped_by_signal` tells it so.
 """
 
 from __future__ import annotations
@@ -22,6 +25,22 @@ logger = logging.getLogger(__name__)
 _SIGNALS = tuple(
     s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None
 )
+
+
+#: The signal that stopped the last run of this process (see :func:`stopped_by_signal`).
+_stopping_signal: str | None = None
+
+
+def stopped_by_signal() -> str | None:
+    """``"SIGTERM"`` or ``"SIGINT"`` when a signal stopped a training loop of this process since the last
+    :func:`forget_signals`, else ``None``."""
+    return _stopping_signal
+
+
+def forget_signals() -> None:
+    """Reset :func:`stopped_by_signal` (before a run starts)."""
+    global _stopping_signal
+    _stopping_signal = None
 
 
 class StopFlag:
@@ -55,8 +74,10 @@ class StopFlag:
             self.reason = reason
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        global _stopping_signal
         self._signal_count += 1
         name = signal.Signals(signum).name
+        _stopping_signal = _stopping_signal or name
         if self._signal_count > 1:
             raise KeyboardInterrupt(f"second {name}: stopping immediately without a checkpoint")
         self.request(name)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -27,8 +26,9 @@ import torch
 import torch.nn as nn
 
 from ..config import config_to_dict
-from ..errors import ConfigError, InputError, WeightsError
+from ..errors import ConfigError, WeightsError
 from ..sr.intensity import hu_to_unit
+from ..train.numerics import LossWatch, check_training_numbers
 from .cascade import StageModel, UnifiedHybridViTCascade, _crop
 from .config import XrayLossWeights, XrayStageConfig, load_stage_config, patch_alignment, tiny_stage_config
 from .data import MANIFEST, XrayCubeDataset, ct_to_cube, load_cubes
@@ -310,6 +310,7 @@ def train_step(
     amp_dtype: torch.dtype | None = None,
     gradient_clip: float = 0.0,
     step: int = 0,
+    watch: LossWatch | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One optimizer step of a :class:`CascadeObjective` (possibly DDP-wrapped).
 
@@ -323,19 +324,17 @@ def train_step(
         amp_dtype: autocast dtype (``torch.bfloat16``) or None for float32; parameters and gradients stay float32.
         gradient_clip: gradient-norm clip (0 disables).
         step: the step number, for the divergence message.
+        watch: the run's :class:`LossWatch` (default: a NaN/Inf check only).
 
     Returns:
         (the loss, detached; the unweighted loss components).
 
     Raises:
-        InputError: the loss is not finite (training diverged).
+        NumericalError: the loss is not finite, or exploded (training diverged); the weights are left as they were.
     """
     with torch.autocast(xray.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         loss, parts = objective(vols, xray, prev_noise)
-    if not math.isfinite(float(loss.detach())):
-        raise InputError(
-            f"training diverged at step {step} (loss {float(loss)}); lower training.learning_rate"
-        )
+    (watch or LossWatch(optimizer.defaults.get("lr")))(loss, step)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if gradient_clip > 0:
@@ -376,6 +375,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
         configs = [_tiny_like(c) for c in configs]
     top = configs[-1]
     tcfg = top.training
+    check_training_numbers(tcfg, "training.")
     info = init_distributed(opts.device)
     torch.manual_seed(tcfg.seed + info.rank)
     rng = np.random.default_rng(tcfg.seed + info.rank)
@@ -475,6 +475,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
                                 keep=tcfg.keep_checkpoints)  # fmt: skip
 
     stopped = None
+    watch = LossWatch(tcfg.learning_rate)
     with StopFlag(out_dir / "STOP") as stop:
         while step < max_steps:
             requested = stop.requested
@@ -492,7 +493,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
             vols = {r: v.to(info.device) for r, v in vols.items()}
             xray = xray.to(info.device)
             loss, parts = train_step(wrapped, opt, params, vols, xray, top.data.prev_noise, amp_dtype=amp_dtype,
-                                     gradient_clip=tcfg.gradient_clip, step=step)  # fmt: skip
+                                     gradient_clip=tcfg.gradient_clip, step=step, watch=watch)  # fmt: skip
             sched.step()
             if ema is not None:
                 ema.update()

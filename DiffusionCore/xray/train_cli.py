@@ -45,10 +45,10 @@ def register(fam: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun sets one GPU per process)")
     p.add_argument(
-        "--max-steps", type=int, default=0, help="stop after this many steps (overrides the config)"
+        "--max-steps", type=int, default=None, help="stop after this many steps (default: the config's)"
     )
     p.add_argument("--max-minutes", type=float, default=0.0,
-                   help="stop after this many minutes (checkpoint and export as after a STOP file)")  # fmt: skip
+                   help="stop after this many minutes (checkpoint and export as after a STOP file; 0: no limit)")  # fmt: skip
     p.add_argument("--config-help", action="store_true", help="print every config field and exit")
     p.add_argument(
         "--tiny-test-model", action="store_true", help=argparse.SUPPRESS
@@ -70,10 +70,6 @@ def run(args: argparse.Namespace) -> int:
                if not v]  # fmt: skip
     if missing:
         raise ConfigError(f"train xray needs {', '.join(missing)}; see --help")
-    if not (args.max_minutes >= 0 and args.max_minutes != float("inf")):
-        raise ConfigError(f"--max-minutes must be a finite number >= 0 (0: no limit); got {args.max_minutes}")
-    if args.max_steps < 0:
-        raise ConfigError(f"--max-steps must be >= 0 (0: the config's); got {args.max_steps}")
     if args.unfreeze_all and not args.load_all_stages:
         raise ConfigError("--unfreeze-all needs --load-all-stages WEIGHTS (the cascade to fine-tune)")
     if args.tiny_test_model:
@@ -92,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         unfreeze_all=args.unfreeze_all,
         resume=args.resume,
         device=args.device,
-        max_steps=args.max_steps,
+        max_steps=args.max_steps or 0,  # checked when parsed (>= 1); not given: the config's
         max_minutes=args.max_minutes,
         tiny_test_model=args.tiny_test_model,
     )

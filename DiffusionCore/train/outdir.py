@@ -1,0 +1,274 @@
+"""The output folder of a training run: one run at a time, and a previous run is never replaced silently.
+
+Every ``train`` family claims its folder the same way (the ``train`` command does it, see
+``DiffusionCore.cli.train``)::
+
+    with claim_output_dir(out_dir, resume=args.resume, overwrite=args.overwrite):
+        train(...)
+
+* **One run per folder.** ``OUT/train.lock`` is created atomically (``O_CREAT | O_EXCL``) and holds the
+  process id, host and start time of the run. A second run on the folder refuses (``OutputError``, exit code
+  4) while the first one lives. A lock whose process is gone (killed with SIGKILL, a crash, a reboot) is
+  taken over with a warning. The lock is removed when the run ends, however it ends (but ``kill -9``); a
+  folder the claim created is removed again if the run left it empty (refused before it began).
+* **A previous run is kept unless asked.** A folder holding checkpoints or exported weights
+  (``*.safetensors``) is refused without ``--resume`` (continue it) or ``--overwrite`` (replace it). With
+  ``--overwrite`` the previous run's checkpoints are moved into a hidden folder that the new run's first
+  checkpoint deletes (until then they can be recovered), so old and new checkpoints never mix; its exported
+  weights are replaced when the new run exports (they may be the new run's ``--init-from``); ``metrics.jsonl``
+  is appended to. ``--init-from`` reads another folder's weights into a new folder: nothing to refuse.
+* A ``STOP`` file left by an earlier run is removed (it would end the new run at once).
+
+Under ``torchrun`` only rank 0 (``is_main``) takes the lock and changes the folder; every rank checks it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, OutputError
+from .checkpoint import _CKPT_PATTERN, _TRASH_PREFIX, BEST_FILE, LATEST_FILE
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = "train.lock"
+STOP_FILE = "STOP"
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux ``/proc``), or None elsewhere; with
+    the pid it names one process, even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # the name may hold spaces and parentheses
+    return fields[19] if len(fields) > 19 else None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":  # os.kill(pid, 0) would send CTRL_C_EVENT there
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return kernel32.GetLastError() == 5  # ERROR_ACCESS_DENIED: it exists
+        code = ctypes.c_ulong()
+        try:
+            ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        finally:
+            kernel32.CloseHandle(handle)
+        return bool(ok) and code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _holder_alive(holder: dict[str, Any]) -> bool | None:
+    """Whether the process recorded in a lock still runs; None when it cannot be told (another host)."""
+    if holder.get("host") != socket.gethostname():
+        return None
+    pid = int(holder.get("pid", -1))
+    if not _pid_alive(pid):
+        return False
+    started = holder.get("started")
+    return started is None or _start_time(pid) in (None, started)  # a reused pid is another process
+
+
+# ---------------------------------------------------------------------------------------------- the lock
+class _Lock:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.token = secrets.token_hex(8)
+
+    def _content(self) -> dict[str, Any]:
+        pid = os.getpid()
+        return {"pid": pid, "host": socket.gethostname(), "started": _start_time(pid), "token": self.token,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv}  # fmt: skip
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self._content(), f)
+            f.write("\n")
+        return True
+
+    def _read(self) -> tuple[str, dict[str, Any]]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return "", {}
+        try:
+            holder = json.loads(text)
+        except json.JSONDecodeError:  # a lock being written this instant, or garbage
+            holder = {}
+        return text, holder if isinstance(holder, dict) else {}
+
+    def acquire(self) -> None:
+        out = self.path.parent
+        for _ in range(20):
+            if self._create():
+                return
+            text, holder = self._read()
+            if not text:  # released meanwhile, or its holder is writing it this instant: look again
+                time.sleep(0.05)
+                continue
+            alive = _holder_alive(holder) if holder else True
+            if alive is False:
+                logger.warning(
+                    "taking over the lock %s of process %s, which no longer runs (killed or crashed); its last "
+                    "checkpoint can be continued with --resume", self.path, holder.get("pid"))  # fmt: skip
+                if self._read()[0] == text:  # still the same dead holder's lock
+                    self.path.unlink(missing_ok=True)
+                continue
+            where = f"process {holder.get('pid', '?')}" + (
+                f" on {holder['host']}" if holder.get("host") not in (None, socket.gethostname()) else ""
+            )
+            tail = (
+                "; if that run is over (the machine was restarted), delete the lock file"
+                if alive is None or not holder
+                else ""
+            )
+            raise OutputError(
+                f"{out} is in use by another training run ({where}, lock file {self.path}): wait for it to end, "
+                f"stop it (create {out / STOP_FILE}), or choose another --out-dir{tail}"
+            )
+        raise OutputError(f"could not take the lock {self.path}: it stays empty or keeps changing; if no run uses "
+                          f"{out}, delete the lock file and start again")  # fmt: skip
+
+    def release(self) -> None:
+        _, holder = self._read()
+        if holder.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- the claim
+def previous_run(out_dir: str | os.PathLike) -> list[str]:
+    """Names in ``out_dir`` that belong to a run: checkpoint folders, ``latest.json`` / ``best.json`` and
+    exported weights (``*.safetensors``); empty for a new or empty folder."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = [
+        p.name
+        for p in out.iterdir()
+        if (p.is_dir() and _CKPT_PATTERN.match(p.name))
+        or p.name in (LATEST_FILE, BEST_FILE)
+        or (p.is_file() and p.suffix == ".safetensors")
+    ]
+    return sorted(found)
+
+
+def _set_previous_checkpoints_aside(out: Path) -> None:
+    """Move the previous run's checkpoints (and latest/best) into one hidden folder, deleted by the first
+    checkpoint of the new run (``save_training_state`` removes stale ``.trash-checkpoint-*`` folders)."""
+    names = [n for n in previous_run(out) if not n.endswith(".safetensors")]
+    if not names:
+        return
+    aside = out / f"{_TRASH_PREFIX}overwritten-{os.getpid()}-{time.monotonic_ns()}"
+    aside.mkdir()
+    for name in names:
+        os.replace(out / name, aside / name)
+    logger.warning(
+        "--overwrite: the previous run's checkpoints (%s) are replaced by this run's", ", ".join(names)
+    )
+
+
+@contextmanager
+def claim_output_dir(
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    is_main: bool = True,
+    reads: Iterable[str | os.PathLike] = (),
+) -> Iterator[Path]:
+    """Hold ``out_dir`` for one training run (see the module docstring).
+
+    Args:
+        out_dir: the run's output folder (created if needed).
+        resume: the run continues the run in the folder (``--resume``).
+        overwrite: the run replaces the run in the folder (``--overwrite``).
+        is_main: rank 0 of a ``torchrun`` job (or a single process): takes the lock and prepares the folder.
+        reads: folders or files the run starts from (``--init-from``, ...): with ``overwrite``, one that is the
+            output folder or a checkpoint in it is refused, since its checkpoints are set aside.
+
+    Yields:
+        The folder.
+
+    Raises:
+        ConfigError: ``resume`` and ``overwrite`` together.
+        OutputError: the folder cannot be created or written, another run holds it, or it holds a previous
+            run and neither ``resume`` nor ``overwrite`` was given (exit code 4).
+    """
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume continues the run in the folder and --overwrite replaces it: give one of them"
+        )
+    if overwrite:
+        for source in reads:
+            src = Path(source).resolve()
+            if src.is_dir() and (src == out.resolve() or out.resolve() in src.parents):
+                raise OutputError(
+                    f"--overwrite sets aside the checkpoints in {out}, and the run would start from {source}: "
+                    "give that run's exported weights file instead, or train into another --out-dir"
+                )
+    lock = _Lock(out / LOCK_FILE)
+    created = is_main and not out.exists()
+    if is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the output folder {out}: {exc.strerror or exc}; choose another --out-dir") from exc  # fmt: skip
+    try:
+        if is_main:
+            try:
+                lock.acquire()
+            except OutputError:
+                raise
+            except OSError as exc:
+                raise OutputError(f"cannot write into the output folder {out}: {exc.strerror or exc}; choose a "
+                                  "writable --out-dir") from exc  # fmt: skip
+        found = previous_run(out)
+        if found and not resume:
+            if not overwrite:
+                shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+                raise OutputError(
+                    f"{out} already holds a training run ({shown}): pass --resume to continue it, --overwrite to "
+                    "replace it with a new run, or choose another --out-dir (--init-from WEIGHTS starts a new run "
+                    "from a previous run's weights in a new folder)"
+                )
+            if is_main:
+                _set_previous_checkpoints_aside(out)
+        if is_main:
+            (out / STOP_FILE).unlink(missing_ok=True)  # an earlier run's STOP would end this one at once
+        yield out
+    finally:
+        if is_main:
+            lock.release()
+        if created:  # a run refused before it wrote anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
