@@ -1,0 +1,71 @@
+"""The shipped default X-ray-to-CT weights: registered, intact, used whenever no weights are named."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import ct_phantom_array
+
+from DiffusionCore import demo, sampledata
+from DiffusionCore.cli.main import main
+from DiffusionCore.files import sha256_file
+from DiffusionCore.volume import Volume, read_volume, write_volume
+from DiffusionCore.weights import list_weights
+from DiffusionCore.xray.data import render_training_drr
+from DiffusionCore.xray.pipeline import XrayToCTGenerator, default_weights_name
+
+DEFAULT = "xray-default"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _entry() -> dict:
+    bundled = [e for e in list_weights(family="xray") if e["source"] == "bundled"]
+    assert [e["name"] for e in bundled] == [DEFAULT]
+    return bundled[0]
+
+
+def test_the_default_xray_weights_are_bundled_registered_and_intact():
+    entry = _entry()
+    assert entry["available"], "the weights file named in DiffusionCore/weights/registry.json is missing"
+    assert sha256_file(entry["path"]) == entry["sha256"]
+    assert entry["path"].stat().st_size < 20 * 2**20
+    assert "model_cards/xray-default.md" in entry["model_card"]
+    assert default_weights_name() == DEFAULT
+    gen = XrayToCTGenerator.default()
+    assert gen.weights_sha256 == entry["sha256"] and gen.num_stages >= 1
+    assert all(torch.isfinite(v).all() for v in gen.cascade.state_dict().values() if v.is_floating_point())
+
+
+def test_xray2ct_without_weights_uses_the_default(tmp_path):
+    truth = ct_phantom_array((64, 64, 64), seed=6)
+    drr = render_training_drr(torch.from_numpy(truth)[None, None], 350.0, 128, "pa")[0, 0].numpy()
+    src, out, rep = tmp_path / "pa.mha", tmp_path / "ct.nii.gz", tmp_path / "report.json"
+    write_volume(Volume(drr[None].astype(np.float32), (1.0, 1.0, 1.0)), src)
+    rc = main(["xray2ct", str(src), str(out), "--num-stages", "1", "--steps", "2", "--num-samples", "1",
+               "--report", str(rep), "--progress", "none"])  # fmt: skip
+    assert rc == 0
+    ct = read_volume(out)
+    assert ct.shape == (64, 64, 64) and np.isfinite(ct.array).all()
+    report = json.loads(rep.read_text())
+    assert report["weights_sha256"] == _entry()["sha256"]
+    assert report["stages"][0]["projection_psnr"] > 25  # the consistency step makes it re-project onto the input
+
+
+def test_demo_xray_part_uses_the_default_and_draws_both_pictures(tmp_path, monkeypatch):
+    truth = ct_phantom_array((64, 64, 64), seed=7)
+    ref = Volume(truth, (5.0, 5.0, 5.0))
+    drr = render_training_drr(torch.from_numpy(truth)[None, None], 350.0, 128, "pa")[0, 0].numpy()
+    pa = tmp_path / "pa.mha"
+    write_volume(Volume(drr[None].astype(np.float32), (1.0, 1.0, 1.0)), pa)
+    monkeypatch.setattr(sampledata, "fetch", lambda name, **kw: pa)
+    summary: dict = {"notes": []}
+    demo._xray_part(tmp_path, ref, default_weights_name(), "cpu", 1, {}, summary)
+    rows = summary["xray_evaluation"]["results"]
+    assert {r["method"] for r in rows} == {"model", "model-raw", "mean-ct", "lifting-only"}
+    assert summary["xray_evaluation"]["settings"]["weights_sha256"] == _entry()["sha256"]
+    for name in ("xray2ct_drr.png", "xray2ct_pa.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert read_volume(tmp_path / "xray2ct_pa.nii.gz").shape == (64, 64, 64)
