@@ -152,7 +152,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # -- helpers -----------------------------------------------------------------------------------------------
 def cmake_text() -> str:
-    return (ROOT / "CMakeLists.txt").read_text()
+    return (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
 
 
 def project_name() -> str:
@@ -189,7 +189,7 @@ def repo_file_from_raw_url(url: str) -> Path:
 
 def module_init_assignments(module: str) -> dict[str, ast.expr]:
     """``self.parent.<attr> = <value>`` in the module class's ``__init__``, by attribute."""
-    tree = ast.parse((MODULE_FILES[module] / f"{module}.py").read_text())
+    tree = ast.parse((MODULE_FILES[module] / f"{module}.py").read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == module)
     init = next(f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
     found = {}
@@ -255,8 +255,8 @@ def test_licence_file_at_the_root_is_the_licence_the_project_states():
     assert found, f"check_license_file: one of {LICENSE_FILE_NAMES} at the repository root"
     text = found[0].read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0" in text and len(text) > 10_000  # the full text
-    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
-    assert re.search(r"## Licence\s+Apache-2\.0", (ROOT / "README.md").read_text())
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r"## Licence\s+Apache-2\.0", (ROOT / "README.md").read_text(encoding="utf-8"))
 
 
 def test_extension_icon_is_a_128_pixel_png_in_the_repository():
@@ -321,7 +321,7 @@ def test_no_category_says_diffusion():
 
 # -- the supported Slicer version ----------------------------------------------------------------------------
 def test_readme_install_states_the_minimum_slicer_version():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     install = readme[readme.index("### Install") : readme.index("### The modules")]
     assert f"3D Slicer {slicer_version.minimum_version_text()} or later" in install
     assert "Extensions Manager" in install and "cmake -DSlicer_DIR" in install and "module paths" in install
@@ -384,7 +384,7 @@ def test_outside_slicer_nothing_is_checked(monkeypatch):
 
 @pytest.mark.parametrize("module", sorted(MODULE_FILES))
 def test_each_module_checks_the_version_when_it_loads(module):
-    tree = ast.parse((MODULE_FILES[module] / f"{module}.py").read_text())
+    tree = ast.parse((MODULE_FILES[module] / f"{module}.py").read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == module)
     init = ast.unparse(next(f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"))
     assert "check_slicer_version(self.parent.title)" in init
@@ -410,7 +410,7 @@ def test_sample_sources_cover_both_modules_with_the_right_kind_of_scan():
 
 def test_registration_arguments_fit_sample_data_and_name_the_cached_files(cache_home):
     module_folder = ROOT / "CTDiffusionSR"
-    cmake = (module_folder / "CMakeLists.txt").read_text()
+    cmake = (module_folder / "CMakeLists.txt").read_text(encoding="utf-8")
     for source in sample_data.SAMPLE_SOURCES:
         args = sample_data.registration_arguments(source, module_folder)
         assert set(args) <= REGISTER_PARAMETERS - {"customDownloader"}  # the shell adds its loader
@@ -430,7 +430,7 @@ def test_registration_arguments_fit_sample_data_and_name_the_cached_files(cache_
 
 
 def test_the_module_registers_after_startup_with_its_own_loader():
-    tree = ast.parse((ROOT / "CTDiffusionSR" / "CTDiffusionSR.py").read_text())
+    tree = ast.parse((ROOT / "CTDiffusionSR" / "CTDiffusionSR.py").read_text(encoding="utf-8"))
     connections = {
         (call.args[0].value, ast.unparse(call.args[1]))
         for call in ast.walk(tree)
