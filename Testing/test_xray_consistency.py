@@ -74,3 +74,13 @@ def test_tissue_on_rays_the_radiograph_shows_as_air_is_removed():
     out, _ = drr_consistency(g, xray, FOV, "pa")
     assert float(unit_to_hu(out)[0, 0, :, 10:20, 0:2].max()) < -990
     assert projection_error(out, xray, FOV, "pa")["projection_psnr"] > 40
+
+
+def test_a_thick_slice_ct_is_resampled_to_every_stage_cube(make_phantom):
+    from DiffusionCore.xray.data import ct_to_cube
+
+    # 5 mm slices are coarser than a 128^3 cube's 2.7 mm voxels, 0.7 mm pixels finer: only x and y are smoothed
+    thick = make_phantom(shape=(20, 64, 64), spacing=(0.7, 0.7, 5.0), seed=8)
+    for r in (64, 128):
+        cube = ct_to_cube(thick, r, 350.0)
+        assert cube.shape == (r, r, r) and np.isfinite(cube.array).all() and cube.array.max() > 0

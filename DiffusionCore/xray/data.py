@@ -61,7 +61,8 @@ def ct_to_cube(vol: Volume, resolution: int, fov_mm: float) -> Volume:
     img = vol.to_sitk()
     sigmas = [max(0.0, 0.5 * (spacing[0] ** 2 - s**2)) ** 0.5 / s for s in vol.spacing]  # in voxels
     if max(sigmas) > 0.3:
-        img = sitk.SmoothingRecursiveGaussian(img, [s * sp for s, sp in zip(sigmas, vol.spacing)])
+        # ITK needs a positive width on every axis: an axis already as coarse as the cube gets a negligible one
+        img = sitk.SmoothingRecursiveGaussian(img, [max(s, 1e-3) * sp for s, sp in zip(sigmas, vol.spacing)])
     ref = sitk.Image([resolution] * 3, sitk.sitkFloat32)
     ref.SetSpacing(spacing)
     ref.SetOrigin(origin)
