@@ -180,10 +180,10 @@ def reprojection(vol: Volume, view: str = "pa") -> np.ndarray:
     """The training-geometry radiograph (attenuation style, rows superior first) of an X-ray-to-CT cube."""
     import torch
 
-    from .xray.drr import hu_to_mu, project_parallel_axis, radiograph_style
+    from .xray.pipeline import reproject_hu
 
-    mu = hu_to_mu(torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32))[None, None])
-    return radiograph_style(project_parallel_axis(mu, vol.spacing_zyx, view))[0, 0].numpy()
+    hu = torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32))[None, None]
+    return reproject_hu(hu, vol.spacing_zyx, view)[0, 0].numpy()
 
 
 def xray_figure(radiograph: np.ndarray, rows: dict[str, Volume], path: Path, title: str, view: str = "pa") -> Path:

@@ -143,8 +143,10 @@ def write_return_parameters(path: str, values: dict) -> None:
 
 
 @contextmanager
-def sigterm_cancels(cancel: threading.Event | None = None, what: str = "the run") -> Iterator[None]:
-    """While active, SIGTERM (Slicer's Cancel button, ``kill``) sets ``cancel`` and raises Cancelled.
+def sigterm_cancels(cancel: threading.Event | None = None, what: str = "the run",
+                    outcome: str = "; no output was written.") -> Iterator[None]:
+    """While active, SIGTERM (Slicer's Cancel button, ``kill``) sets ``cancel`` and raises Cancelled (exit
+    130) with the message ``"{what} was stopped by signal SIGTERM{outcome}"``.
 
     Outputs are written atomically after the work, so a terminated command leaves no output file. Only
     the main thread can install signal handlers; elsewhere this does nothing.
@@ -154,7 +156,7 @@ def sigterm_cancels(cancel: threading.Event | None = None, what: str = "the run"
     def on_signal(signum, frame):
         if cancel is not None:
             cancel.set()
-        raise Cancelled(f"{what} was stopped by signal {signal.Signals(signum).name}; no output was written.")
+        raise Cancelled(f"{what} was stopped by signal {signal.Signals(signum).name}{outcome}")
 
     if threading.current_thread() is not threading.main_thread():
         yield

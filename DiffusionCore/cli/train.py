@@ -23,12 +23,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
-from .common import bounded_int, finite_float
+from .common import bounded_int, finite_float, sigterm_cancels
 
 #: Modules that add ``train`` sub-commands.
 FAMILY_MODULES: list[str] = [
@@ -75,28 +72,6 @@ def _output_dir(args: argparse.Namespace) -> str | None:
     return getattr(args, "out_dir", None) or getattr(args, "output_dir", None)
 
 
-@contextmanager
-def _terminate_cancels(out_dir: str) -> Iterator[None]:
-    """Outside the training loop (setup, export), SIGTERM stops the command at once with exit code 130; the
-    loop installs its own handlers (a clean stop) and puts these back after."""
-    from ..errors import Cancelled
-
-    def on_signal(signum, frame):
-        raise Cancelled(
-            f"training was stopped by signal {signal.Signals(signum).name} outside its training loop; the "
-            f"checkpoints in {out_dir} (if any) can be continued with --resume"
-        )
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, on_signal)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _run_in_claimed_folder(
     family_run: Callable[[argparse.Namespace], int],
 ) -> Callable[[argparse.Namespace], int]:
@@ -115,7 +90,10 @@ def _run_in_claimed_folder(
         claim = claim_output_dir(
             out, resume=args.resume, overwrite=args.overwrite, is_main=is_main, reads=reads
         )
-        with _terminate_cancels(out), claim:
+        # outside the training loop (setup, export) SIGTERM stops at once (exit 130); the loop installs its
+        # own handlers (a clean stop) and puts these back after
+        outcome = f" outside its training loop; the checkpoints in {out} (if any) can be continued with --resume"
+        with sigterm_cancels(what="training", outcome=outcome), claim:
             stop.forget_signals()
             code = family_run(args)
             name = stop.stopped_by_signal()

@@ -50,6 +50,12 @@ def volume_from_unit(vol_unit: torch.Tensor, fov_mm: float, **metadata: Any) -> 
     return Volume(arr, (sp, sp, sp), origin, np.eye(3), dict(metadata))
 
 
+def reproject_hu(hu: torch.Tensor, spacing_zyx: tuple[float, float, float], view: str) -> torch.Tensor:
+    """The training-geometry radiograph (B, 1, R, R) of HU cube(s) (B, 1, R, R, R): parallel-beam line
+    integrals in the attenuation style of the model's input, rows superior first."""
+    return radiograph_style(project_parallel_axis(hu_to_mu(hu), spacing_zyx, view))
+
+
 def projection_error(
     vol_unit: torch.Tensor, xray: torch.Tensor, fov_mm: float, view: str
 ) -> dict[str, float]:
@@ -63,9 +69,7 @@ def projection_error(
         ``{"projection_psnr": dB on [0, 1], "projection_ncc": normalised cross-correlation}``.
     """
     r = vol_unit.shape[-1]
-    drr = radiograph_style(
-        project_parallel_axis(hu_to_mu(unit_to_hu(vol_unit.float())), (fov_mm / r,) * 3, view)
-    )
+    drr = reproject_hu(unit_to_hu(vol_unit.float()), (fov_mm / r,) * 3, view)
     ref = torch.nn.functional.interpolate(xray.float(), size=drr.shape[-2:], mode="bilinear", antialias=True,
                                           align_corners=False)  # fmt: skip
     mse = float(((drr - ref) ** 2).mean())
