@@ -183,7 +183,9 @@ def test_weights_files_roundtrip(tiny, tmp_path):
     vae_file, diff_file = tmp_path / "vae.safetensors", tmp_path / "diffusion.safetensors"
     tiny.save(vae_file, component="vae")
     tiny.save(diff_file, component="diffusion")
-    pair = SRModel.from_files(vae_file, diff_file)
+    with pytest.raises(WeightsError, match="not a registered"):
+        SRModel.from_files(vae_file, diff_file)  # a checkpoint pair is checked like any weights file
+    pair = SRModel.from_files(vae_file, diff_file, allow_unregistered=True)
     cond = _cond(2)
     ref = tiny.super_resolve_patch(cond, steps=2, generator=torch.Generator().manual_seed(0))
     for m in (loaded, pair):

@@ -326,7 +326,7 @@ def test_cli_train_runs_end_to_end_and_resumes(folder, tmp_path):
     exported = cli(
         "train", "export-sr", str(out_s), str(tmp_path / "d.safetensors"), "--component", "diffusion"
     )
-    pair = SRModel.from_files(out_v / "vae.safetensors", exported["weights"])
+    pair = SRModel.from_files(out_v / "vae.safetensors", exported["weights"], allow_unregistered=True)
     assert pair.config.unet.model_channels == 16 and pair.config.unet.cond_dropout == 0.0
     state = json.loads((out_s / "checkpoint-00000002" / "state.json").read_text())
     assert state["config"]["train"]["ema_decay"] == 0.9 and "ema.safetensors" in state["files"]

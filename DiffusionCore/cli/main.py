@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "sr",
     "xray",
     "train",
+    "weights",
 ]
 
 logger = logging.getLogger("DiffusionCore")

@@ -268,7 +268,9 @@ def load_resolver(args: argparse.Namespace):
         logger.warning("--tiny-test-model: random weights for testing only; the output images are meaningless")
         return SuperResolver.tiny(seed=0)
     if args.vae_checkpoint:
-        return SuperResolver.from_files(args.vae_checkpoint, args.diffusion_checkpoint)
+        return SuperResolver.from_files(
+            args.vae_checkpoint, args.diffusion_checkpoint, allow_unregistered=args.allow_unregistered_weights
+        )
     name = args.weights or default_weights_name()
     return SuperResolver.from_pretrained(name, allow_unregistered=args.allow_unregistered_weights)
 

@@ -217,12 +217,13 @@ class SRModel(nn.Module):
 
     @classmethod
     def from_files(
-        cls, vae_path: str | os.PathLike, diffusion_path: str | os.PathLike, allow_unregistered: bool = True
+        cls, vae_path: str | os.PathLike, diffusion_path: str | os.PathLike, allow_unregistered: bool = False
     ) -> SRModel:
         """Load from a VAE file and a diffusion (denoiser) file, as ``train vae`` / ``train sr`` export them.
 
         The diffusion file's config decides the architecture; the VAE file must match its ``vae`` section.
-        ``weights_sha256`` is the sha256 of the two files' hashes joined by ``+``.
+        ``weights_sha256`` is the sha256 of the two files' hashes joined by ``+``. Both files go through the
+        registry's sha256 check like any other weights (``allow_unregistered`` accepts files in no registry).
         """
         from ..weights import resolve_weights
 
@@ -458,7 +459,7 @@ def load_sr_model(
     if vae_checkpoint or diffusion_checkpoint:
         if not (vae_checkpoint and diffusion_checkpoint):
             raise InputError("give both --vae-checkpoint and --diffusion-checkpoint, or neither")
-        return SRModel.from_files(vae_checkpoint, diffusion_checkpoint, allow_unregistered=True)
+        return SRModel.from_files(vae_checkpoint, diffusion_checkpoint, allow_unregistered=allow_unregistered)
     if weights is None:
         raise InputError("no SR weights given: pass --weights NAME_OR_FILE")
     return SRModel.from_pretrained(

@@ -277,12 +277,14 @@ class SuperResolver:
         return cls(model, weights_name=str(name_or_file))
 
     @classmethod
-    def from_files(cls, vae_path: str | os.PathLike, diffusion_path: str | os.PathLike) -> SuperResolver:
-        """Load separate VAE and diffusion weights files (the seed's ``--vae-checkpoint`` and
-        ``--diffusion-checkpoint``)."""
+    def from_files(
+        cls, vae_path: str | os.PathLike, diffusion_path: str | os.PathLike, *, allow_unregistered: bool = False
+    ) -> SuperResolver:
+        """Load separate VAE and diffusion weights files (``--vae-checkpoint`` and ``--diffusion-checkpoint``),
+        each checked against the registry like ``--weights`` (``allow_unregistered``: accept files in none)."""
         from .model import SRModel
 
-        model = SRModel.from_files(vae_path, diffusion_path, allow_unregistered=True)
+        model = SRModel.from_files(vae_path, diffusion_path, allow_unregistered=allow_unregistered)
         return cls(model, weights_name=f"{vae_path} + {diffusion_path}")
 
     @classmethod

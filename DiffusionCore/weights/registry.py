@@ -447,7 +447,7 @@ def resolve_weights(
         if not path.is_file():
             raise WeightsError(
                 f"weights {text!r} are registered but their file {path} is missing: import them again "
-                "(`import_weights`) or reinstall the extension"
+                "(`python -m DiffusionCore weights import FILE --name NAME`) or reinstall the extension"
             )
         expected = str(entry.get("sha256", "")).lower()
         _, metadata = read_safetensors_header(path)
@@ -473,8 +473,8 @@ def resolve_weights(
     if name is None and not allow_unregistered:
         raise WeightsError(
             f"{path} (sha256 {sha}) is not a registered weights file: register it once with "
-            "`import_weights(path, name)` (or `python -m DiffusionCore weights import`), or pass "
-            "--allow-unregistered-weights (allow_unregistered=True) if you trust it"
+            f"`python -m DiffusionCore weights import {path} --name NAME` (in Python: `import_weights`), or "
+            "pass --allow-unregistered-weights (allow_unregistered=True) if you trust it"
         )
     registered_family = None
     if name is not None:
@@ -551,3 +551,76 @@ def import_weights(
     _write_registry(user_registry_path(), entries)
     logger.info("imported weights %r (%s, sha256 %s) into %s", name, family, sha, dest)
     return ResolvedWeights(path=dest, sha256=sha, name=name, metadata=metadata)
+
+
+def remove_weights(name: str) -> Path:
+    """Unregister user weights ``name`` and delete the file that :func:`import_weights` copied.
+
+    Returns:
+        The path of the deleted file.
+
+    Raises:
+        WeightsError: ``name`` is bundled (it ships with the extension) or registered nowhere.
+        OutputError: the user registry or the file cannot be changed.
+    """
+    if name in _read_registry(BUNDLED_REGISTRY):
+        raise WeightsError(
+            f"{name!r} ships with the extension and cannot be removed; import your own weights under "
+            "another name and pass --weights NAME"
+        )
+    registry = user_registry_path()
+    entries = _read_registry(registry)
+    if name not in entries:
+        known = ", ".join(e["name"] for e in list_weights() if e["source"] == "user") or "none"
+        raise WeightsError(f"no imported weights named {name!r} (imported: {known})")
+    path = _entry_path(registry.parent, entries.pop(name))
+    _write_registry(registry, entries)
+    # The copy lives in the cache folder; a file registered by absolute path elsewhere is the user's own.
+    if path.parent.resolve() == registry.parent.resolve():
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"unregistered {name!r} but cannot delete {path}: {exc.strerror or exc}") from exc
+    logger.info("removed weights %r (%s)", name, path)
+    return path
+
+
+@dataclass(frozen=True)
+class WeightsCheck:
+    """The outcome of :func:`verify_weights` for one registered name."""
+
+    name: str
+    source: str
+    path: Path
+    ok: bool
+    problem: str = ""
+
+
+def verify_weights(names: list[str] | None = None) -> list[WeightsCheck]:
+    """Check registered weights: the file exists, is safetensors, matches its sha256 and its family.
+
+    Args:
+        names: registered names to check (``None``: every registered name).
+
+    Returns:
+        One :class:`WeightsCheck` per name, in registry order.
+
+    Raises:
+        WeightsError: a name in ``names`` is registered nowhere.
+    """
+    entries = {e["name"]: e for e in list_weights()}
+    unknown = [n for n in names or [] if n not in entries]
+    if unknown:
+        raise WeightsError(
+            f"no weights named {', '.join(map(repr, unknown))}; registered: {', '.join(entries) or 'none'}"
+        )
+    checks = []
+    for name in names or list(entries):
+        entry = entries[name]
+        try:
+            resolve_weights(name, family=entry["family"])
+        except WeightsError as exc:
+            checks.append(WeightsCheck(name, entry["source"], entry["path"], False, str(exc)))
+        else:
+            checks.append(WeightsCheck(name, entry["source"], entry["path"], True))
+    return checks

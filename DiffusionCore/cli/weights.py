@@ -1,0 +1,92 @@
+"""``weights``: list, import, remove and verify the registered model weights.
+
+Every command that runs a model (``sr``, ``evaluate``, ``xray2ct``, the Slicer modules) takes weights by
+registered name, or a file whose sha256 is registered; ``weights import`` registers a file once, so that
+it can be used by name without ``--allow-unregistered-weights``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import WeightsError
+from ..weights import registry
+
+FAMILIES = ("sr", "xray", "vae")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "weights",
+        help="list, import, remove or verify registered model weights",
+        description="Model weights are safetensors files registered by name with their sha256: the bundled "
+        f"registry ships with the extension, the user registry lives in {registry.user_registry_path()} "
+        "(set DIFFUSIONCORE_CACHE to move it).",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+
+    ls = actions.add_parser("list", help="the registered weights, bundled first, and whether their file is here")
+    ls.add_argument("--family", choices=FAMILIES, default=None, help="only weights of this model family")
+    ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    ls.set_defaults(func=_list)
+
+    imp = actions.add_parser(
+        "import",
+        help="copy a .safetensors file into the user registry under a name",
+        description="Copy FILE into the user registry and register it under NAME with its sha256. The file must "
+        "be safetensors (pickled .pt/.ckpt files are refused) and say which model family it belongs to.",
+    )
+    imp.add_argument("file", metavar="FILE", help="the .safetensors weights file (e.g. exported by `train`)")
+    imp.add_argument("--name", required=True, help="the name to use with --weights (letters, digits, . _ -)")
+    imp.add_argument("--family", choices=FAMILIES, default=None, help="model family (default: the file's own)")
+    imp.add_argument("--description", default=None, help="one sentence for listings (default: the file's own)")
+    imp.set_defaults(func=_import)
+
+    rm = actions.add_parser("remove", help="unregister imported weights and delete their copy")
+    rm.add_argument("name", metavar="NAME", help="a name listed as 'user' by `weights list`")
+    rm.set_defaults(func=_remove)
+
+    ver = actions.add_parser(
+        "verify", help="check that registered files exist and match their sha256 (exit 3 if one does not)"
+    )
+    ver.add_argument("names", nargs="*", metavar="NAME", help="names to check (default: all)")
+    ver.set_defaults(func=_verify)
+
+
+def _list(args: argparse.Namespace) -> int:
+    entries = registry.list_weights(args.family)
+    if args.json:
+        print(json.dumps([{**e, "path": str(e["path"])} for e in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"no weights registered{f' for family {args.family}' if args.family else ''}")
+        return 0
+    for e in entries:
+        state = "available" if e["available"] else "file missing"
+        print(f"{e['name']:20s} {str(e['family']):5s} {e['source']:8s} {state:12s} {e['description']}")
+        print(f"{'':20s} sha256 {e['sha256']}  {e['path']}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    rw = registry.import_weights(args.file, args.name, family=args.family, description=args.description)
+    print(f"imported {args.name} (sha256 {rw.sha256}) as {rw.path}; use it with --weights {args.name}")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    path = registry.remove_weights(args.name)
+    print(f"removed {args.name} ({path})")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    checks = registry.verify_weights(args.names or None)
+    for c in checks:
+        print(f"{c.name:20s} {c.source:8s} {'ok' if c.ok else 'FAILED: ' + c.problem}")
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        raise WeightsError(f"{len(failed)} of {len(checks)} registered weights failed: {', '.join(failed)}")
+    return 0
