@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	# DiffDRR: the reference renderer the DRR test compares against; --no-deps keeps its GPU extras out.
 	$(PY) -m pip install -q --no-deps diffdrr==0.6.1
 	$(PY) -m pip install -q fastcore==2.2.39 pandas==3.1.1 torchio==1.2.1
+	# dciodvfy (dicom3tools) validates the DICOM series the tests write; installed where apt is at hand as
+	# root (CI), skipped with a message elsewhere.
+	-command -v dciodvfy >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get install -y -q dicom3tools >/dev/null 2>&1; } || echo "dciodvfy not installed: the DICOM validator test will be skipped"
 	touch $(STAMP)
 
 setup: $(STAMP)

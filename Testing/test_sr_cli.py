@@ -93,7 +93,7 @@ def test_batch_folder_is_shared_across_ranks_and_keeps_names(tmp_path):
     ]
     logs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
-    assert sorted(os.listdir(out)) == ["a.nii.gz", "b.nrrd", "c.mha"]
+    assert sorted(os.listdir(out)) == ["a.json", "a.nii.gz", "b.nrrd", "c.mha"]  # a.json: the NIfTI's provenance
     assert sorted(os.listdir(tmp_path / "unc")) == ["a.nii.gz", "b.nrrd", "c.mha"]
     assert "a.nii.gz" in logs[0][1] and "c.mha" in logs[0][1] and "b.nrrd" in logs[1][1]  # rank 0: a, c; rank 1: b
     assert read_volume(out / "b.nrrd").shape == (8, 32, 32)
@@ -223,4 +223,4 @@ def test_batch_goes_on_after_a_bad_volume_and_says_which_failed(tmp_path, capsys
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and "1 of 2 volumes failed" in errors[0] and "bad.nii.gz" in errors[0]
-    assert os.listdir(tmp_path / "out") == ["good.nii.gz"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["good.json", "good.nii.gz"]  # the result and its provenance

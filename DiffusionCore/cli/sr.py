@@ -18,8 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..dicom_out import check_dicom_geometry
 from ..errors import ConfigError, GeometryError, InputError, OutputError
 from ..files import keep_freed_memory, refuse_overwriting_inputs
+from ..provenance import Provenance
+from ..results import (
+    OUTPUT_FORMATS,
+    check_result_output,
+    dicom_source_for,
+    planned_files,
+    wants_dicom,
+    write_result,
+)
 from ..sr.tiling import parse_memory_size
 from ..train.distributed import DistInfo, resolve_device, shard_list
 from ..volume import WRITABLE_SUFFIXES, check_output_geometry, check_output_path, read_volume, write_volume
@@ -82,7 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-data-consistency", action="store_true", help="skip the correction that makes the output, thickened again, reproduce the input")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same device: same output)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--output-dtype", choices=("float32", "int16"), default="float32", help="voxel type of the output file (default float32)")
+    p.add_argument("--output-dtype", choices=("float32", "int16"), default="float32", help="voxel type of the output file (default float32; a DICOM series is always int16 HU)")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto", help="dicom: write OUTPUT as a folder holding a DICOM series labelled synthetic (for a batch: one series folder per input); file: NIfTI, NRRD or MHA by OUTPUT's suffix; auto (default): a DICOM series when the input is DICOM and OUTPUT has no volume-file suffix, else a file")
     p.add_argument("--report", default=None, metavar="JSON", help="write settings, timings, memory and the weights' sha256 as JSON")
     p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # random weights: meaningless images
     add_adapt_arguments(p)
@@ -97,6 +108,7 @@ class Job:
     source: Path
     output: Path
     uncertainty: Path | None
+    as_dicom: bool = False
 
 
 def _output_name(source: Path) -> str:
@@ -215,17 +227,21 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> tuple[bool, list[Job]
     batch, sources = _is_batch(Path(args.input))
     out = Path(args.output)
     if not batch:
-        if out.is_dir():
+        as_dicom = wants_dicom(args.output_format, sources[0], out)
+        if out.is_dir() and not as_dicom:
             out = out / _output_name(sources[0])
         unc = Path(args.uncertainty) if args.uncertainty else None
         if unc is not None and unc.is_dir():
             unc = unc / _output_name(sources[0])
-        jobs = [Job(sources[0], out, unc)]
+        jobs = [Job(sources[0], out, unc, as_dicom)]
     else:
         names = batch_output_names(sources)
         unc_dir = Path(args.uncertainty) if args.uncertainty else None
-        jobs = [Job(s, out / n, unc_dir / n if unc_dir else None) for s, n in zip(sources, names)]
-    planned = [(what, path) for job in jobs for what, path in (("the output", job.output), ("--uncertainty", job.uncertainty))]
+        as_dicom = args.output_format == "dicom"
+        jobs = [Job(s, out / (_series_folder_name(n) if as_dicom else n), unc_dir / n if unc_dir else None, as_dicom)
+                for s, n in zip(sources, names)]  # fmt: skip
+    planned = [("the output", path) for job in jobs for path in planned_files(job.output, job.as_dicom)]
+    planned += [("--uncertainty", job.uncertainty) for job in jobs]
     refuse_overwriting_inputs([*_input_files(args), *sources], [*planned, ("--report", _report_file(args, info))])
     if batch:  # the folders are created only once no output can hit an input
         _check_folder(out, "output")
@@ -233,10 +249,35 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> tuple[bool, list[Job]
             _check_folder(unc_dir, "uncertainty")
     jobs = shard_list(jobs, info)
     for job in jobs:
-        check_output_path(job.output, overwrite=args.overwrite)
+        check_result_output(job.output, job.as_dicom, overwrite=args.overwrite)
         if job.uncertainty is not None:
             check_output_path(job.uncertainty, overwrite=args.overwrite)
     return batch, jobs
+
+
+def _series_folder_name(file_name: str) -> str:
+    """A batch's DICOM series folder for an input: its output file name without the volume suffix."""
+    lower = file_name.lower()
+    for suffix in (".nii.gz", *WRITABLE_SUFFIXES):
+        if lower.endswith(suffix):
+            return file_name[: -len(suffix)]
+    return file_name
+
+
+def sr_provenance(job_source: str | Path, volume_metadata: dict[str, Any], report: dict[str, Any]) -> Provenance:
+    """The provenance of one ``sr`` result, from its report."""
+    settings = report["settings"]
+    factor = settings.get("factor")
+    if factor:
+        title = f"SR x{factor} (synthetic)"
+    else:
+        thin = min(settings.get("output_spacing_mm") or [0.0])
+        title = f"SR {thin:g} mm (synthetic)"
+    return Provenance(
+        task="sr", title=title, weights=str(settings.get("weights", "")),
+        weights_sha256=str(report.get("weights_sha256", "")), settings=settings, input=str(job_source),
+        input_uid=str(volume_metadata.get("series_uid", "")),
+    )  # fmt: skip
 
 
 def _report_file(args: argparse.Namespace, info: DistInfo) -> Path | None:
@@ -329,7 +370,12 @@ def run(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 try:
                     volume = read_volume(job.source)
-                    check_output_geometry(volume, job.output)  # a grid the output format cannot hold: no work
+                    if job.as_dicom:  # the input's headers and a grid DICOM can hold, checked before any work
+                        check_dicom_geometry(volume)
+                        dicom_source = dicom_source_for(job.source, volume.metadata.get("series_uid"))
+                    else:
+                        dicom_source = None
+                        check_output_geometry(volume, job.output)  # a grid the format cannot hold: no work
                 except (InputError, OutputError) as exc:
                     if not batch:
                         raise
@@ -373,7 +419,10 @@ def run(args: argparse.Namespace) -> int:
                 if std is not None:  # a spread of 0 everywhere is an answer, not an empty result
                     check_result(std, f"the uncertainty map for {job.source}", hu_range=UNCERTAINTY_HU_RANGE,
                                  allow_constant=True)  # fmt: skip
-                write_volume(output, job.output, overwrite=args.overwrite, dtype=args.output_dtype)
+                provenance = sr_provenance(job.source, volume.metadata, report)
+                report["provenance"] = provenance.as_dict()
+                write_result(output, job.output, provenance, as_dicom=job.as_dicom, dicom_source=dicom_source,
+                             overwrite=args.overwrite, dtype=args.output_dtype)  # fmt: skip
                 if std is not None:
                     write_volume(std, job.uncertainty, overwrite=args.overwrite, dtype="float32")
                 t_write = time.perf_counter() - t0

@@ -1,0 +1,365 @@
+"""Write a generated CT as a DICOM series (CT Image Storage, one file per slice) with pydicom.
+
+The series is labelled synthetic wherever it goes: ImageType ``DERIVED\\SECONDARY\\AXIAL``, a
+SeriesDescription ending in the run's title (``"SR x4 (synthetic)"``), ImageComments saying that the image
+was generated, a DerivationDescription naming the model, the weights' sha256 and the settings,
+and a Source Image Sequence pointing at the input instances.
+
+Identity: a new SeriesInstanceUID and new SOPInstanceUIDs (pydicom's UID root); the patient and study
+modules of the input (a CT series for ``sr``, the radiograph for ``xray2ct``); for ``sr`` also the input's
+FrameOfReferenceUID, since the thin grid lies in the same patient space. Without a DICOM input (a NIfTI
+CT), the patient module stays empty and the study is new.
+
+Geometry: ImagePositionPatient of each slice (LPS, oblique grids too), ImageOrientationPatient,
+PixelSpacing, SliceThickness and SpacingBetweenSlices of the written grid. Voxels are int16 HU (rounded,
+clipped) with Rescale Slope 1 and Intercept 0.
+
+The series is written into a hidden folder beside the output and renamed into place when every file is
+written, so a failed or cancelled run leaves no partial series.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError, OutputError
+from .provenance import NOT_ACQUIRED, SOFTWARE, Provenance
+from .volume import Volume
+
+logger = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: Attributes of the input copied as they are: Patient, General Study, Patient Study modules.
+_PATIENT_STUDY_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+    "PatientSize", "PatientWeight", "OtherPatientIDs", "EthnicGroup", "PatientComments",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    "StudyDescription", "SpecificCharacterSet",
+)  # fmt: skip
+#: Series-level attributes of an input CT that still describe the thin series.
+_SERIES_KEYWORDS = ("PatientPosition", "BodyPartExamined", "KVP", "ConvolutionKernel", "ContrastBolusAgent")
+#: The General Series' SeriesNumber of a derived series: the input's plus this (or this alone).
+SERIES_NUMBER_OFFSET = 1000
+#: Standard windows when the input has none (xray2ct): mediastinum.
+DEFAULT_WINDOW = (40.0, 400.0)
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError as exc:  # a dependency of the package; only a broken install lacks it
+        raise OutputError(
+            "writing DICOM needs the pydicom package, which is missing: reinstall DiffusionCore "
+            "(pip install -e .) or write NIfTI/NRRD instead"
+        ) from exc
+    return pydicom
+
+
+@dataclass(frozen=True)
+class SourceInstance:
+    """One input instance: its SOP class and instance UIDs and, for slices, its position along the normal."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    position: tuple[float, float, float] | None = None
+
+
+@dataclass
+class DicomSource:
+    """What the written series takes from its DICOM input: the patient and study attributes, the series'
+    frame of reference and window, and the instances it derives from."""
+
+    header: Any  # pydicom Dataset of the first instance, without pixel data
+    instances: list[SourceInstance] = field(default_factory=list)
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, series_uid: str | None = None) -> DicomSource:
+        """Read the headers (never the pixels) of a DICOM file or of the series in a folder.
+
+        Args:
+            path: a DICOM file (a radiograph) or a folder holding a series.
+            series_uid: the series to take from the folder (default: the largest one).
+
+        Raises:
+            InputError: no DICOM file at ``path``.
+        """
+        pydicom = _pydicom()
+        p = Path(path)
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        by_series: dict[str, list[Any]] = {}
+        for f in files:
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError):
+                continue
+            if "SOPInstanceUID" not in ds:
+                continue
+            by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+        if not by_series:
+            raise InputError(f"{p} holds no readable DICOM file: the DICOM output needs a DICOM input's headers")
+        if series_uid is not None and series_uid in by_series:
+            chosen = by_series[series_uid]
+        else:
+            chosen = max(by_series.values(), key=len)
+        instances = []
+        for ds in chosen:
+            pos = ds.get("ImagePositionPatient")
+            instances.append(SourceInstance(
+                str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                tuple(float(v) for v in pos) if pos is not None and len(pos) == 3 else None,
+            ))  # fmt: skip
+        return cls(header=chosen[0], instances=instances)
+
+    @property
+    def series_uid(self) -> str:
+        return str(self.header.get("SeriesInstanceUID", ""))
+
+
+def check_dicom_geometry(vol: Volume) -> np.ndarray:
+    """The direction matrix, if a DICOM series can hold the grid (orthonormal axes); else an OutputError."""
+    d = np.asarray(vol.direction, dtype=np.float64).reshape(3, 3)
+    if not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
+        raise OutputError(
+            "the volume's grid is sheared (its axes are not perpendicular), which a DICOM CT series cannot hold "
+            "exactly: write NRRD or MHA instead (--output-format nrrd)"
+        )
+    return d
+
+
+def _ds_text(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def series_description(source: DicomSource | None, title: str) -> str:
+    """``"<input description> <title>"`` in at most 64 characters, always ending in ``title``."""
+    base = str(source.header.get("SeriesDescription", "")).strip() if source is not None else ""
+    room = 64 - len(title) - 1
+    if not base or room < 4:
+        return title[:64]
+    return f"{base[:room].rstrip()} {title}"
+
+
+def _fmt(value: float) -> str:
+    """A DS value: as many significant digits as its 16 characters hold."""
+    for digits in range(12, 5, -1):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return text
+    return f"{value:.6g}"
+
+
+def _nearest_sources(source: DicomSource | None, positions: np.ndarray, normal: np.ndarray) -> list[list[SourceInstance]]:
+    """For each written slice, the input instances it derives from: the input slice nearest along the
+    normal (SR), or every input instance (a radiograph, or inputs without positions)."""
+    if source is None:
+        return [[] for _ in positions]
+    placed = [s for s in source.instances if s.position is not None]
+    if len(placed) < 2:
+        return [list(source.instances) for _ in positions]
+    where = np.array([np.dot(s.position, normal) for s in placed])
+    out = []
+    for p in positions:
+        out.append([placed[int(np.argmin(np.abs(where - float(np.dot(p, normal)))))]])
+    return out
+
+
+def _base_dataset(source: DicomSource | None, prov: Provenance, *, keep_frame: bool) -> tuple[Any, dict[str, str]]:
+    """The attributes shared by every slice, and the UIDs of the new series."""
+    _pydicom()
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    ds = Dataset()
+    src = source.header if source is not None else None
+    if src is not None:
+        for kw in _PATIENT_STUDY_KEYWORDS:
+            if kw in src:
+                setattr(ds, kw, src.data_element(kw).value)
+        if src.get("Modality") == "CT":
+            for kw in _SERIES_KEYWORDS:
+                if kw in src:
+                    setattr(ds, kw, src.data_element(kw).value)
+    uids = {
+        "series": generate_uid(),
+        "study": str(ds.get("StudyInstanceUID", "")) or generate_uid(),
+        "frame": (str(src.get("FrameOfReferenceUID", "")) if (keep_frame and src is not None) else "") or generate_uid(),
+    }
+    if "SpecificCharacterSet" not in ds:
+        ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: descriptions may name files with any characters
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+               "ReferringPhysicianName", "StudyID", "AccessionNumber"):  # fmt: skip
+        if kw not in ds:
+            setattr(ds, kw, "")  # type 2: present, may be empty
+    ds.StudyInstanceUID = uids["study"]
+    ds.SeriesInstanceUID = uids["series"]
+    ds.FrameOfReferenceUID = uids["frame"]
+    ds.PositionReferenceIndicator = ""
+    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.Modality = "CT"
+    number = src.get("SeriesNumber") if src is not None else None
+    ds.SeriesNumber = (int(number) if number not in (None, "") else 0) + SERIES_NUMBER_OFFSET
+    ds.SeriesDescription = series_description(source, prov.title)
+    if "PatientPosition" not in ds:
+        ds.PatientPosition = ""  # type 2C for CT: unknown for a CT made from a radiograph
+    today = prov.date[:10].replace("-", "")
+    clock = prov.date[11:19].replace(":", "")
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = today
+    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = clock
+    ds.Manufacturer = SOFTWARE
+    ds.ManufacturerModelName = f"{SOFTWARE} {prov.task}"
+    ds.SoftwareVersions = __version__
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.Laterality = ""  # type 2C: empty, the series is not of one side of a paired organ
+    ds.DerivationDescription = _ds_text(prov.derivation(), 1024)
+    ds.ImageComments = _ds_text(
+        f"SYNTHETIC: {NOT_ACQUIRED}. {prov.title} from {prov.input or 'the input'} by {prov.software}, "
+        f"weights {prov.weights} (sha256 {prov.weights_sha256}).", 10240,
+    )  # fmt: skip
+    if "KVP" not in ds:
+        ds.KVP = ""
+    ds.AcquisitionNumber = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = "0"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    centre, width = DEFAULT_WINDOW
+    if src is not None and "WindowCenter" in src and "WindowWidth" in src:
+        ds.WindowCenter = src.WindowCenter
+        ds.WindowWidth = src.WindowWidth
+    else:
+        ds.WindowCenter, ds.WindowWidth = _fmt(centre), _fmt(width)
+    return ds, uids
+
+
+def write_dicom_series(
+    vol: Volume,
+    folder: str | os.PathLike,
+    provenance: Provenance,
+    *,
+    source: DicomSource | None = None,
+    keep_frame_of_reference: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``vol`` (HU) as a CT DICOM series into ``folder``, atomically.
+
+    Args:
+        vol: the generated volume; slices are taken along its third index axis (k).
+        folder: the series folder: new, empty, or (with ``overwrite``) a series this function wrote before.
+        provenance: what made the volume (:class:`~DiffusionCore.provenance.Provenance`).
+        source: the DICOM input's headers (:meth:`DicomSource.from_path`), or ``None``.
+        keep_frame_of_reference: reuse the input's FrameOfReferenceUID (SR: the same patient space); ``False``
+            for a volume whose space is not the input's (a CT generated from a radiograph).
+        overwrite: replace a series previously written here.
+
+    Returns:
+        The series folder.
+
+    Raises:
+        OutputError: the folder holds other files, cannot be written, or the grid is sheared.
+    """
+    _pydicom()
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    out = check_dicom_output(folder, overwrite=overwrite)
+    d = check_dicom_geometry(vol)
+    sx, sy, sz = vol.spacing
+    nz = vol.shape[0]
+    origin = np.asarray(vol.origin, dtype=np.float64)
+    positions = np.stack([origin + k * sz * d[:, 2] for k in range(nz)])
+    normal = np.cross(d[:, 0], d[:, 1])
+    base, _ = _base_dataset(source, provenance, keep_frame=keep_frame_of_reference)
+    refs = _nearest_sources(source, positions, normal)
+    pixels = np.clip(np.rint(vol.array), -32768, 32767).astype("<i2")
+    orientation = [_fmt(v) for v in (*d[:, 0], *d[:, 1])]
+    spacing = [_fmt(sy), _fmt(sx)]  # row spacing (between rows), then column spacing
+    parent = out.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    try:
+        for k in range(nz):
+            ds = base.copy()
+            ds.SOPInstanceUID = generate_uid()
+            ds.InstanceNumber = k + 1
+            ds.ImagePositionPatient = [_fmt(v) for v in positions[k]]
+            ds.ImageOrientationPatient = orientation
+            ds.PixelSpacing = spacing
+            ds.SliceThickness = _fmt(sz)
+            ds.SpacingBetweenSlices = _fmt(sz)
+            ds.SliceLocation = _fmt(float(np.dot(positions[k], normal)))
+            ds.Rows, ds.Columns = int(vol.shape[1]), int(vol.shape[2])
+            if refs[k]:
+                items = []
+                for ref in refs[k]:
+                    item = Dataset()
+                    item.ReferencedSOPClassUID = ref.sop_class_uid
+                    item.ReferencedSOPInstanceUID = ref.sop_instance_uid
+                    items.append(item)
+                ds.SourceImageSequence = items
+            ds.PixelData = pixels[k].tobytes()
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.file_meta = meta
+            ds.save_as(tmp / f"{k + 1:05d}.dcm", enforce_file_format=True)
+        _publish_folder(tmp, out)
+    except OSError as exc:
+        raise OutputError(f"could not write the DICOM series {out}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote %d DICOM slices to %s (%s)", nz, out, base.SeriesDescription)
+    return out
+
+
+def _is_our_series(folder: Path) -> bool:
+    """Whether ``folder`` holds only a series written by :func:`write_dicom_series` (``NNNNN.dcm`` files)."""
+    names = [p.name for p in folder.iterdir()]
+    return bool(names) and all(n.endswith(".dcm") and n[:-4].isdigit() for n in names)
+
+
+def check_dicom_output(folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Check a series folder before any work: its parent exists and is writable, and the folder is new,
+    empty, or (with ``overwrite``) a series written here before. Never deletes anything else."""
+    out = Path(folder)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"the output folder {parent} does not exist; create it first.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"the output folder {parent} is not writable; choose another output path.")
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"{out} is a file; a DICOM series is written into a folder: give a folder name")
+        if any(out.iterdir()):
+            if not _is_our_series(out):
+                raise OutputError(
+                    f"{out} already holds other files; a DICOM series needs a new or empty folder: give one"
+                )
+            if not overwrite:
+                raise OutputError(f"{out} already holds a DICOM series; pass --overwrite to replace it")
+    return out
+
+
+def _publish_folder(tmp: Path, out: Path) -> None:
+    """Move the finished series into place; a replaced series is removed only after the rename."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / "series")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""Writing a generated volume with its provenance, in the format its output path asks for.
+
+``sr`` and ``xray2ct`` (and the Slicer CLIs) write every result through :func:`write_result`:
+
+- a DICOM series (:mod:`DiffusionCore.dicom_out`) when the output is a folder and DICOM is asked for, or is
+  the natural choice (a DICOM input and an output path without a volume-file suffix: :func:`wants_dicom`);
+- NRRD or MetaImage with the provenance in header fields;
+- NIfTI with "SYNTHETIC ..." in ``descrip`` and the whole provenance in a JSON sidecar (``x.nii.gz`` ->
+  ``x.json``), written atomically next to it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .dicom_out import DicomSource, check_dicom_output, write_dicom_series
+from .provenance import Provenance, header_fields, nifti_descrip, sidecar_path
+from .volume import WRITABLE_SUFFIXES, Volume, check_output_path, write_volume
+
+#: ``--output-format`` choices: ``auto`` (DICOM for a DICOM input written to a folder, else the suffix),
+#: ``dicom`` (a series folder) or ``file`` (the suffix decides: NIfTI, NRRD, MHA).
+OUTPUT_FORMATS = ("auto", "dicom", "file")
+
+
+def has_volume_suffix(path: str | os.PathLike) -> bool:
+    name = Path(path).name.lower()
+    return any(name.endswith(s) for s in WRITABLE_SUFFIXES)
+
+
+def is_dicom_input(path: str | os.PathLike) -> bool:
+    """A DICOM file, or a folder holding DICOM files (by content, not name; the first files found decide)."""
+    from .train.data import is_dicom_file
+
+    p = Path(path)
+    if p.is_file():
+        return is_dicom_file(p)
+    if p.is_dir():
+        for n, f in enumerate(x for x in p.rglob("*") if x.is_file()):
+            if is_dicom_file(f):
+                return True
+            if n >= 50:
+                break
+    return False
+
+
+def wants_dicom(output_format: str, source: str | os.PathLike, output: str | os.PathLike) -> bool:
+    """Whether a result goes out as a DICOM series.
+
+    ``dicom``: always; ``file``: never; ``auto``: when the input is DICOM and the output path has no volume
+    suffix (a folder, new or existing).
+    """
+    if output_format == "dicom":
+        return True
+    if output_format == "file":
+        return False
+    return is_dicom_input(source) and not has_volume_suffix(output)
+
+
+def planned_files(output: str | os.PathLike, as_dicom: bool) -> list[Path]:
+    """Every path a result writes: the series folder, or the file and (NIfTI) its JSON sidecar."""
+    p = Path(output)
+    if as_dicom:
+        return [p]
+    name = p.name.lower()
+    return [p, sidecar_path(p)] if name.endswith((".nii", ".nii.gz")) else [p]
+
+
+def check_result_output(output: str | os.PathLike, as_dicom: bool, *, overwrite: bool = False) -> None:
+    """Check before any work that the result (and its sidecar) can be written."""
+    if as_dicom:
+        check_dicom_output(output, overwrite=overwrite)
+        return
+    for path in planned_files(output, False):
+        if path.suffix.lower() == ".json":
+            if path.exists() and not overwrite:
+                from .errors import OutputError
+
+                raise OutputError(f"{path} (the provenance sidecar of {Path(output).name}) already exists; "
+                                  "pass --overwrite to replace it, or choose another name.")  # fmt: skip
+        else:
+            check_output_path(path, overwrite=overwrite)
+
+
+def write_result(
+    vol: Volume,
+    output: str | os.PathLike,
+    provenance: Provenance,
+    *,
+    as_dicom: bool = False,
+    dicom_source: DicomSource | None = None,
+    keep_frame_of_reference: bool = True,
+    overwrite: bool = False,
+    dtype: str = "auto",
+) -> list[Path]:
+    """Write ``vol`` with its provenance; returns the paths written (see module docstring)."""
+    if as_dicom:
+        return [write_dicom_series(vol, output, provenance, source=dicom_source,
+                                   keep_frame_of_reference=keep_frame_of_reference, overwrite=overwrite)]  # fmt: skip
+    p = Path(output)
+    header = {**header_fields(provenance), "ITK_FileNotes": nifti_descrip(provenance)}
+    written = [write_volume(vol, p, overwrite=overwrite, dtype=dtype, header=header)]
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        from .cli.evaluate import write_json_atomic
+
+        written.append(write_json_atomic({"provenance": provenance.as_dict()}, sidecar_path(p), overwrite=True))
+    return written
+
+
+def dicom_source_for(path: str | os.PathLike, series_uid: str | None = None) -> DicomSource | None:
+    """The DICOM headers of an input, or ``None`` when it is not DICOM."""
+    return DicomSource.from_path(path, series_uid) if is_dicom_input(path) else None

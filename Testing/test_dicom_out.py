@@ -1,0 +1,199 @@
+"""DICOM in, DICOM out, labelled synthetic; provenance in NRRD, NIfTI (+ JSON sidecar) and the report.
+
+Through the real ``sr`` command (subprocesses, the tiny test predictor) on a DICOM series written by
+SimpleITK; the output is read back by pydicom, by SimpleITK (through the project's reader) and checked by
+``dciodvfy`` (dicom3tools) when it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from conftest import rotation_matrix, write_dicom_series
+
+from DiffusionCore.dicom_out import write_dicom_series as write_series
+from DiffusionCore.errors import OutputError
+from DiffusionCore.provenance import Provenance
+from DiffusionCore.volume import Volume, read_volume
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sr(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "DiffusionCore", "sr", *map(str, argv), "--tiny-test-model",
+                           "--device", "cpu"], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env,
+                          cwd=ROOT, timeout=300)  # fmt: skip
+
+
+@pytest.fixture
+def thick_series(tmp_path, make_phantom) -> tuple[Path, Volume]:
+    vol = make_phantom(shape=(8, 32, 32), spacing=(0.9, 0.9, 4.0), origin=(-14.0, -20.0, 100.0),
+                       direction=rotation_matrix((0.2, 1.0, 0.1), 12.0))  # fmt: skip
+    folder = tmp_path / "thick"
+    write_dicom_series(folder, vol)
+    for f in sorted(folder.iterdir()):  # what a scanner adds: patient, study and window
+        ds = pydicom.dcmread(f)
+        ds.PatientName, ds.PatientID, ds.StudyDescription = "Doe^Jane", "P-0042", "CHEST"
+        ds.SeriesDescription, ds.SeriesNumber = "Thorax 4mm", 3
+        ds.WindowCenter, ds.WindowWidth = "-600", "1500"
+        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.77"
+        ds.save_as(f)
+    return folder, vol
+
+
+def _dicom_files(folder: Path) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(f) for f in sorted(folder.iterdir())]
+
+
+def test_a_thick_dicom_series_becomes_a_thin_synthetic_series(tmp_path, thick_series):
+    source, thick = thick_series
+    before = {f.name: f.read_bytes() for f in source.iterdir()}
+    out = tmp_path / "thin"
+    done = _sr(source, out, "--factor", "2", "--report", tmp_path / "r.json")
+    assert done.returncode == 0, done.stderr
+    assert {f.name: f.read_bytes() for f in source.iterdir()} == before  # the input is untouched
+
+    files = _dicom_files(out)
+    assert len(files) == 16
+    src = pydicom.dcmread(sorted(source.iterdir())[0])
+    series = {ds.SeriesInstanceUID for ds in files}
+    assert len(series) == 1 and series != {src.SeriesInstanceUID}
+    assert len({ds.SOPInstanceUID for ds in files}) == 16
+    src_instances = {pydicom.dcmread(f).SOPInstanceUID for f in source.iterdir()}
+    for ds in files:
+        assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+        assert ds.PatientName == "Doe^Jane" and ds.PatientID == "P-0042"
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+        assert ds.SeriesDescription == "Thorax 4mm SR x2 (synthetic)"
+        assert "SYNTHETIC" in ds.ImageComments and "not acquired" in ds.ImageComments
+        assert "tiny-test" in ds.DerivationDescription and '"factor":2' in ds.DerivationDescription
+        assert ds.Manufacturer == "CTDiffusion" and ds.SoftwareVersions
+        assert ds.SOPInstanceUID.startswith(pydicom.uid.PYDICOM_ROOT_UID)
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID in src_instances
+        assert (ds.WindowCenter, ds.WindowWidth) == (-600, 1500)
+        assert float(ds.SliceThickness) == pytest.approx(2.0) and float(ds.SpacingBetweenSlices) == pytest.approx(2.0)
+        assert ds.pixel_array.dtype == np.int16 and float(ds.RescaleSlope) == 1.0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["provenance"]["synthetic"] is True and report["provenance"]["title"] == "SR x2 (synthetic)"
+    assert report["provenance"]["input_uid"] == src.SeriesInstanceUID
+
+    # the same result written as NIfTI: geometry equal within 0.01 mm, voxels within 1 HU
+    nii = tmp_path / "thin.nii.gz"
+    assert _sr(source, nii, "--factor", "2").returncode == 0
+    a, b = read_volume(out), read_volume(nii)
+    assert a.shape == b.shape
+    assert np.abs(np.subtract(a.origin, b.origin)).max() < 0.01
+    assert np.abs(np.subtract(a.spacing, b.spacing)).max() < 0.01
+    assert np.abs(a.direction - b.direction).max() < 1e-4
+    assert np.abs(a.array - b.array).max() <= 1.0
+    # SimpleITK's own series reader agrees
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(out)))
+    img = reader.Execute()
+    assert np.abs(np.subtract(img.GetOrigin(), b.origin)).max() < 0.01
+    assert thick.shape[0] * 2 == img.GetSize()[2]
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                    reason="dciodvfy (Debian package dicom3tools) is not installed: apt-get install dicom3tools")
+def test_dciodvfy_finds_no_error(tmp_path, thick_series):
+    source, _ = thick_series
+    out = tmp_path / "thin"
+    assert _sr(source, out, "--factor", "2").returncode == 0
+    for f in sorted(out.iterdir())[:3]:
+        check = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True)
+        errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], errors
+
+
+def test_output_format_choices_and_refusals(tmp_path, thick_series, make_phantom):
+    source, _ = thick_series
+    as_file = tmp_path / "res"
+    as_file.mkdir()
+    done = _sr(source, as_file, "--factor", "2", "--output-format", "file")
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in as_file.iterdir()] == ["thick.nii.gz", "thick.json"] or \
+        sorted(p.name for p in as_file.iterdir()) == ["thick.json", "thick.nii.gz"]
+
+    nifti = tmp_path / "ct.nii.gz"
+    from DiffusionCore.volume import write_volume
+
+    write_volume(make_phantom(shape=(8, 32, 32), spacing=(0.9, 0.9, 4.0)), nifti)
+    series = tmp_path / "from-nifti"
+    done = _sr(nifti, series, "--factor", "2", "--output-format", "dicom")
+    assert done.returncode == 0, done.stderr
+    first = _dicom_files(series)[0]
+    assert first.PatientID == "" and first.SeriesDescription == "SR x2 (synthetic)"
+
+    again = _sr(source, series, "--factor", "2")
+    assert again.returncode == 4 and "already holds a DICOM series" in again.stderr and "--overwrite" in again.stderr
+    old = {p.name for p in series.iterdir()}
+    replaced = _sr(source, series, "--factor", "2", "--overwrite")
+    assert replaced.returncode == 0 and {p.name for p in series.iterdir()} == old
+    assert _dicom_files(series)[0].PatientID == "P-0042"
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    refused = _sr(source, busy, "--factor", "2", "--output-format", "dicom", "--overwrite")
+    assert refused.returncode == 4 and "holds other files" in refused.stderr
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+
+    inside = _sr(source, source / "thin", "--factor", "2")
+    assert inside.returncode == 4 and not (source / "thin").exists()
+
+
+def test_a_failed_write_leaves_no_partial_series(tmp_path, make_phantom, monkeypatch):
+    vol = make_phantom(shape=(6, 16, 16), spacing=(1.0, 1.0, 2.0))
+    prov = Provenance("sr", "SR x2 (synthetic)", "w", "0" * 64, {"factor": 2})
+    calls = []
+    real_save = pydicom.Dataset.save_as
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom.Dataset, "save_as", failing)
+    with pytest.raises(OutputError, match="No space left"):
+        write_series(vol, tmp_path / "series", prov)
+    assert list(tmp_path.iterdir()) == []
+
+    sheared = Volume(vol.array, direction=np.array([[1.0, 0.3, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    monkeypatch.setattr(pydicom.Dataset, "save_as", real_save)
+    with pytest.raises(OutputError, match="sheared.*NRRD"):
+        write_series(sheared, tmp_path / "series", prov)
+
+
+def test_provenance_in_nrrd_and_nifti(tmp_path, make_phantom):
+    from DiffusionCore.volume import write_volume
+
+    nifti = tmp_path / "ct.nii.gz"
+    write_volume(make_phantom(shape=(8, 32, 32), spacing=(0.9, 0.9, 4.0)), nifti)
+    nrrd = tmp_path / "thin.nrrd"
+    assert _sr(nifti, nrrd, "--factor", "2").returncode == 0
+    header = nrrd.read_bytes().split(b"\n\n", 1)[0].decode()
+    assert "ctdiffusion_synthetic:=true" in header and "ctdiffusion_title:=SR x2 (synthetic)" in header
+    assert "ctdiffusion_weights_sha256:=" in header and "ctdiffusion_input:=" in header
+    img = sitk.ImageFileReader()
+    img.SetFileName(str(nrrd))
+    img.ReadImageInformation()
+    assert img.GetMetaData("ctdiffusion_task") == "sr"
+
+    out = tmp_path / "thin.nii.gz"
+    assert _sr(nifti, out, "--factor", "2").returncode == 0
+    assert nib.load(out).header["descrip"].tobytes().startswith(b"SYNTHETIC SR x2 (synthetic)")
+    side = json.loads((tmp_path / "thin.json").read_text())["provenance"]
+    assert side["synthetic"] is True and side["input"].endswith("ct.nii.gz") and side["settings"]["factor"] == 2
