@@ -383,3 +383,31 @@ def test_headless_training_script_builds_the_train_command(monkeypatch):
         assert "--resume" in command and command[-2:] == ["--max-steps", "2"]
         parsed = core_main.build_parser().parse_args(command)  # the train command accepts it
         assert parsed.resume is True
+
+
+@pytest.mark.parametrize(("name", "default"), [("CTDiffusionSRBatch", "sr-default"), ("XrayToCTGenerate", "xray-default")])
+def test_weights_is_a_safetensors_file_parameter_that_tells_the_truth(name, default):
+    weights = next(p for p in _parameters(name) if p.name == "weights")
+    # in Slicer's CLI panel: a file picker for .safetensors, not a free-text box
+    assert (weights.typ, weights.channel, weights.longflag, weights.fileExtensions) == ("file", "input", "--weights", [".safetensors"])
+    assert "bundled default" not in weights.description
+    assert default in weights.description and "Import weights" in weights.description
+    # the module (and a terminal) may still pass a registered name to the same flag
+    args = _script(name).build_parser().parse_args(["--weights", default, "in", "out"])
+    assert args.weights == default
+
+
+def test_train_cli_passes_overwrite_to_the_train_command():
+    script = _script("DiffusionTrain")
+    params = {p.name: p for p in _parameters("DiffusionTrain")}
+    assert params["overwrite"].typ == "boolean" and "Resume or Overwrite" in params["overwrite"].description
+    parser = script.build_parser()
+    supported = script.family_options("sr")
+    assert "--overwrite" in supported  # DiffusionCore's train command has it for every family
+    for flags, expected in (([], set()), (["--overwrite"], {"--overwrite"}), (["--resume"], {"--resume"})):
+        args = parser.parse_args(["--family", "sr", "--outputDirectory", "run", *flags])
+        argv = script.train_argv(args, supported)
+        assert {"--overwrite", "--resume"} & set(argv) == expected
+    old = parser.parse_args(["--family", "sr", "--outputDirectory", "run", "--overwrite"])
+    with pytest.raises(ValueError, match="no --overwrite option"):
+        script.train_argv(old, supported - {"--overwrite"})

@@ -458,11 +458,13 @@ def test_training_job_refuses_missing_data(scene, tmp_path):
         TrainingJob(scene, family="sr", config_path="c.json", data=tmp_path / "nope", output_dir=tmp_path)
 
 
-def test_dependency_installs_never_touch_slicers_numpy_or_simpleitk():
-    assert pip_install_arguments(["einops>=0.7"]).startswith("--no-deps")
+def test_dependency_installs_never_touch_slicers_numpy_or_simpleitk(tmp_path):
+    # dependencies are installed (no --no-deps), under a constraints file that pins Slicer's packages
+    args = pip_install_arguments(["einops>=0.7,<1"], tmp_path / "constraints.txt")
+    assert args == ["--constraint", str(tmp_path / "constraints.txt"), "einops>=0.7,<1"] and "--no-deps" not in args
     for protected in ("numpy>=2", "SimpleITK==2.4", "torch"):
         with pytest.raises(ValueError):
-            pip_install_arguments([protected])
+            pip_install_arguments([protected], tmp_path / "constraints.txt")
 
 
 # -- X-ray to CT ---------------------------------------------------------------------------------------
@@ -561,3 +563,110 @@ def test_training_presets_are_configs_the_trainers_accept(tmp_path):
             loader(path)  # raises ConfigError on an unknown key or a wrong type
             # what the panel shows and saves is accepted the same way
             loader(write_config_text(path.read_text(), tmp_path / family / name))
+
+
+def _dicom_radiograph(path, stored: np.ndarray, photometric: str) -> Path:
+    """A one-frame CR DICOM file with these stored pixels and Photometric Interpretation."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(stored.astype(np.uint16))
+    img.SetMetaData("0008|0060", "CR")
+    img.SetMetaData("0028|0030", "0.5\\0.5")
+    sitk.WriteImage(img, str(path))
+    raw = path.read_bytes()
+    assert b"MONOCHROME2" in raw
+    path.write_bytes(raw.replace(b"MONOCHROME2", photometric.encode()))  # same length: still valid DICOM
+    return path
+
+
+def test_monochrome1_radiograph_is_not_inverted_a_second_time(scene, tmp_path):
+    """Slicer's DICOM reader (vtkITK's archetype reader with ITK's GDCMImageIO, here in slicer-core) already
+    returns MONOCHROME1 pixels inverted, bone bright; the module must then use them as they are."""
+    import importlib.util
+
+    from XrayToCTLib import XraySettings, photometric_note, write_radiograph
+
+    spec = importlib.util.spec_from_file_location("xray_cli", ROOT / "XrayToCT" / "CLI" / "XrayToCTGenerate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+
+    shown = (phantom_radiograph(64) * 4000).astype(np.uint16)  # what the radiograph shows: mediastinum bright
+    files = {
+        "MONOCHROME2": _dicom_radiograph(tmp_path / "m2.dcm", shown, "MONOCHROME2"),
+        # MONOCHROME1 stores the negative: high values display dark
+        "MONOCHROME1": _dicom_radiograph(tmp_path / "m1.dcm", 65535 - shown.astype(np.int64), "MONOCHROME1"),
+    }
+    seen = {}
+    for photometric, path in files.items():
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", photometric)
+        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(path))
+        storage.SetSingleFile(1)
+        assert storage.ReadData(node), f"Slicer could not read {path}"
+        settings = XraySettings()  # what Apply uses: the module no longer inverts on its own
+        assert "--invertIntensities" not in settings.cli_arguments()
+        exported = write_radiograph(node, tmp_path / f"{photometric}.mha")  # what the job hands the CLI
+        seen[photometric] = cli.load_radiograph(str(exported), settings.invert).array
+        centre, lung = seen[photometric][:, 30:34].mean(), seen[photometric][:, 17:21].mean()
+        assert centre > lung + 0.1, f"{photometric}: the mediastinum must be brighter than the lungs"
+        # the former automatic inversion of MONOCHROME1 would have turned bone dark
+        inverted = cli.load_radiograph(str(exported), True).array
+        assert inverted[:, 30:34].mean() < inverted[:, 17:21].mean()
+    np.testing.assert_allclose(seen["MONOCHROME1"], seen["MONOCHROME2"], atol=1e-4)
+    assert "already shows it with bone bright" in photometric_note("MONOCHROME1")
+    assert photometric_note("MONOCHROME2") == "" and photometric_note("") == ""
+
+
+def _fake_train_cli(tmp_path) -> Path:
+    """A stand-in DiffusionTrain that records its arguments and refuses a folder holding a run, like train."""
+    fake_cli = tmp_path / "CLI" / "DiffusionTrain.py"
+    fake_cli.parent.mkdir(exist_ok=True)
+    fake_cli.write_text(
+        textwrap.dedent(
+            """
+            import argparse, json, pathlib, sys
+            p = argparse.ArgumentParser()
+            for flag in ("--family", "--config", "--data", "--outputDirectory", "--device", "--extraArguments"):
+                p.add_argument(flag, default="")
+            p.add_argument("--resume", action="store_true")
+            p.add_argument("--overwrite", action="store_true")
+            a = p.parse_args()
+            out = pathlib.Path(a.outputDirectory)
+            (out / "argv.json").write_text(json.dumps(sys.argv[1:]))
+            if list(out.glob("*.safetensors")) and not (a.resume or a.overwrite):
+                print("error: already holds a training run: pass --resume or --overwrite", file=sys.stderr)
+                sys.exit(4)
+            (out / "model.safetensors").write_text("new run")
+            """
+        )
+    )
+    return fake_cli
+
+
+def test_training_overwrite_is_passed_and_a_previous_run_is_explained_first(scene, tmp_path, monkeypatch):
+    from CTDiffusionSRLib.training import output_folder_problem
+
+    _fake_train_cli(tmp_path)
+    monkeypatch.setattr(TrainingJob, "module_dir", lambda self: tmp_path)
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    assert output_folder_problem(run) == ""  # a new folder
+    run.mkdir()
+    (run / "model.safetensors").write_text("previous run")
+    problem = output_folder_problem(run)
+    assert "already holds a training run (model.safetensors)" in problem and "'Overwrite'" in problem and "'Resume'" in problem
+    assert output_folder_problem(run, overwrite=True) == "" and output_folder_problem(run, resume=True) == ""
+    assert "only one" in output_folder_problem(run, resume=True, overwrite=True)
+    with pytest.raises(ConfigError, match="only one"):
+        TrainingJob(scene, family="sr", config_path=tmp_path / "c.json", data=data, output_dir=run, resume=True, overwrite=True)
+
+    def train(**flags):
+        job = TrainingJob(scene, family="sr", config_path=tmp_path / "c.json", data=data, output_dir=run, **flags)
+        assert job.run(timeout=60) in (JobState.COMPLETED, JobState.FAILED)
+        return job, json.loads((run / "argv.json").read_text())
+
+    job, argv = train()
+    assert job.state == JobState.FAILED and "--overwrite" not in argv  # what the panel now says beforehand
+    job, argv = train(overwrite=True)
+    assert job.state == JobState.COMPLETED and "--overwrite" in argv and "--resume" not in argv
+    assert (run / "model.safetensors").read_text() == "new run"

@@ -240,3 +240,84 @@ def test_extension_cmake_metadata():
 def test_icon_is_a_real_png(module):
     data = (MODULES[module] / "Resources" / "Icons" / f"{module}.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 500
+
+
+def test_guidance_zero_reads_model_default_and_steps_zero_reads_the_mean():
+    widgets = ui_widgets(MODULES["CTDiffusionSR"] / "Resources" / "UI" / "CTDiffusionSR.ui")
+    guidance, steps = widgets["guidanceSpinBox"], widgets["stepsSpinBox"]
+    assert string_property(guidance, "specialValueText") == "model default"
+    assert "0 = the model's default" in string_property(guidance, "toolTip")
+    assert string_property(steps, "specialValueText") == "mean (1 step)"
+    assert "posterior-mean" in string_property(steps, "toolTip")
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_training_panel_has_an_overwrite_checkbox_passed_to_the_job(module):
+    widgets = ui_widgets(MODULES[module] / "Resources" / "UI" / f"{module}.ui")
+    box = widgets["trainingOverwriteCheckBox"]
+    assert (box.get("class"), string_property(box, "SlicerParameterName")) == ("QCheckBox", "trainingOverwrite")
+    assert "Overwrite" in string_property(box, "text") and "Resume" in string_property(box, "toolTip")
+    assert wrapper_fields(MODULES[module] / f"{module}.py")["trainingOverwrite"] == "bool"
+    panel = ast.parse((MODULES["CTDiffusionSR"] / "CTDiffusionSR.py").read_text())
+    on_start = next(n for n in ast.walk(panel) if isinstance(n, ast.FunctionDef) and n.name == "onStart")
+    source = ast.unparse(on_start)
+    assert "overwrite=p.trainingOverwrite" in source
+    assert "output_folder_problem(output, p.trainingResume, p.trainingOverwrite)" in source
+
+
+@pytest.mark.parametrize(("module", "family"), [("CTDiffusionSR", "sr"), ("XrayToCT", "xray")])
+def test_both_modules_import_weights_beside_the_selector_and_gate_apply_on_them(module, family):
+    root = ET.parse(MODULES[module] / "Resources" / "UI" / f"{module}.ui").getroot()
+    row = next(w for w in root.iter("widget") if w.get("name") == "weightsRow")
+    assert {w.get("name") for w in row.iter("widget")} == {"weightsRow", "weightsComboBox", "importWeightsButton"}
+    button = ui_widgets(MODULES[module] / "Resources" / "UI" / f"{module}.ui")["importWeightsButton"]
+    assert string_property(button, "text") == "Import weights..."
+    tree = ast.parse((MODULES[module] / f"{module}.py").read_text())
+    source = ast.unparse(next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == f"{module}Widget"))
+    assert "self.ui.importWeightsButton.connect('clicked(bool)', self.onImportWeights)" in source
+    assert f"importWeights('{family}'" in source and f"fillWeightsComboBox(self.ui.weightsComboBox, '{family}'" in source
+    assert f"weights_problem('{family}', p.weights)" in source and 'apply_state(' in source
+    assert "DiffusionCore" not in source  # listing weights when the module opens must not import torch
+
+
+#: Calls whose first argument a user reads.
+USER_TEXT_CALLS = {"errorDisplay", "warningDisplay", "infoDisplay", "confirmOkCancelDisplay", "confirmYesNoDisplay",
+                   "tryWithErrorDisplay", "delayDisplay", "showStatusMessage", "appendPlainText"}  # fmt: skip
+
+
+def _is_literal_text(node: ast.expr) -> bool:
+    return isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str) and any(c.isalpha() for c in node.value))
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_user_visible_strings_are_wrapped_for_translation(module):
+    path = MODULES[module] / f"{module}.py"
+    tree = ast.parse(path.read_text())
+    assert any(isinstance(n, ast.ImportFrom) and n.module == "slicer.i18n" and any(a.name == "tr" and a.asname == "_" for a in n.names) for n in tree.body)
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_":
+            # lupdate extracts only plain literals: no f-strings, no variables (use .format(name=...))
+            if not (len(node.args) == 1 and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                problems.append(f"line {node.lineno}: _() of {ast.unparse(node.args[0])[:40]}")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in USER_TEXT_CALLS:
+            if node.args and _is_literal_text(node.args[0]):
+                problems.append(f"line {node.lineno}: {node.func.attr}({ast.unparse(node.args[0])[:40]})")
+        if isinstance(node, ast.Assign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Attribute) and target.attr in ("text", "toolTip", "title", "helpText", "acknowledgementText"):
+                    if _is_literal_text(node.value):
+                        problems.append(f"line {node.lineno}: .{target.attr} = {ast.unparse(node.value)[:40]}")
+    assert not problems, f"{module}.py: user-visible text not wrapped in _(): {problems}"
+    init = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == module)
+    assigned = {ast.unparse(t): v for n in ast.walk(init) if isinstance(n, ast.Assign) for t, v in [(n.targets[0], n.value)]}
+    for attr in ("self.parent.title", "self.parent.helpText", "self.parent.acknowledgementText"):
+        assert isinstance(assigned[attr], ast.Call) and ast.unparse(assigned[attr].func) == "_", attr
+
+
+def test_lib_messages_are_translatable_in_slicer_and_plain_outside():
+    for name in ("dependencies", "weights_choice", "training"):
+        source = (MODULES["CTDiffusionSR"] / "CTDiffusionSRLib" / f"{name}.py").read_text()
+        assert "from slicer.i18n import tr as _" in source and "except ImportError:" in source, name
+    assert "from slicer.i18n import tr as _" in (MODULES["XrayToCT"] / "XrayToCTLib" / "xray_logic.py").read_text()

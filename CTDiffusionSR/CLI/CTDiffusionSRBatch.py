@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--targetSpacing", type=float, default=0.0, help="target slice spacing in mm; 0 = use factor"
     )
     p.add_argument("--axis", choices=("auto", "z", "y", "x"), default="auto", help="thick array axis")
-    p.add_argument("--weights", default="", help="weights name or .safetensors file; empty = bundled default")
+    p.add_argument(
+        "--weights", default="",
+        help="a .safetensors weights file or a registered name; empty = the first registered SR weights installed",
+    )
     p.add_argument("--allowUnregisteredWeights", action="store_true", help="accept an unregistered file")
     p.add_argument("--numSteps", type=int, default=0, help="0: the posterior-mean estimate (one step); N > 0: a posterior sample in N steps")
     p.add_argument("--guidanceScale", type=finite_float(0.0, 10.0), default=0.0,
@@ -92,6 +95,31 @@ def settings_from_args(args: argparse.Namespace) -> dict:
     }
 
 
+def installed_default_weights() -> str:
+    """The registered SR weights a run uses when none are chosen (the first whose file is here).
+
+    Raises:
+        WeightsError: none is installed; the message says how to get weights in Slicer.
+    """
+    from DiffusionCore.errors import WeightsError
+    from DiffusionCore.weights import first_available, list_weights
+
+    name = first_available("sr")
+    if name is not None:
+        return name
+    registered = [str(e["name"]) for e in list_weights("sr")]
+    if registered:
+        raise WeightsError(
+            f"the registered SR weights ({', '.join(registered)}) have no file on this computer: import them "
+            "again with 'Import weights...' in the CT Diffusion SR module, or choose a .safetensors file as "
+            "Weights file."
+        )
+    raise WeightsError(
+        "no SR weights are installed: choose a .safetensors file as Weights file, or import one with 'Import "
+        "weights...' in the CT Diffusion SR module (reinstalling the extension restores the shipped sr-default)."
+    )
+
+
 def adapt_settings(adapt: dict | None):
     """The ``AdaptSettings`` of the ``"adapt"`` entry of :func:`settings_from_args`, or None (no adaptation).
 
@@ -129,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             args.weights, allow_unregistered=args.allowUnregisteredWeights
         )
     else:
-        resolver = SuperResolver.default()
+        resolver = SuperResolver.from_pretrained(installed_default_weights())
     model_name = str(resolver.weights_name or args.weights or "default")
     progress = Progress("slicer")
     print("<filter-comment>super-resolving</filter-comment>", flush=True)

@@ -7,7 +7,8 @@ Runs the way Slicer runs a scripted CLI (flags, booleans as bare flags) and as a
 
 Stopping: SIGTERM/SIGINT, or a file named ``STOP`` in the output folder, ends training after a clean
 checkpoint (DiffusionCore.train.stop). Metrics stream to ``metrics.jsonl`` in the output folder (plotted
-by the modules' training panel) and to TensorBoard.
+by the modules' training panel) and, where TensorBoard is installed, to TensorBoard. A folder that
+holds a previous run is refused unless ``--resume`` (continue it) or ``--overwrite`` (replace it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="", help="folder of CT volumes or a text file listing them")
     p.add_argument("--outputDirectory", default="", help="checkpoints, weights and logs go here")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the previous run in the output folder")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--extraArguments", default="", help="more options of the train command")
     p.add_argument("--returnparameterfile", default="", help="accepted for Slicer; nothing is returned")
@@ -54,8 +56,12 @@ def train_argv(args: argparse.Namespace, supported: set[str]) -> list[str]:
         if flag not in supported:
             raise ValueError(f"'train {args.family}' has no {flag} option in this DiffusionCore; update the extension.")
         argv += [flag, str(value)]
-    if args.resume:
-        argv.append("--resume")
+    for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite)):
+        if not on:
+            continue
+        if flag not in supported:
+            raise ValueError(f"'train {args.family}' has no {flag} option in this DiffusionCore; update the extension.")
+        argv.append(flag)
     if "--progress" in supported:
         argv += ["--progress", "slicer"]
     argv += shlex.split(args.extraArguments)

@@ -2,48 +2,51 @@
 
 Everything here runs on a bare MRML scene (the slicer-core wheel) as well as inside 3D Slicer, which is how
 the test suite exercises it.
+
+The names below are loaded on first use (PEP 562): importing a light submodule (``dependencies``,
+``weights_choice``, ``slicer_version``) when a module is opened imports neither DiffusionCore, nor torch,
+nor the packages that are installed only when Apply is first pressed.
 """
 
-from .jobs import CLIJob, find_cli_script, read_return_parameters
-from .mrml_io import (
-    add_volume_node,
-    place_beside,
-    provenance,
-    set_node_from_volume,
-    set_provenance,
-    synthetic_name,
-    volume_from_node,
-)
-from .process import JobState, ProcessResult, ProcessRunner, parse_progress_line, python_executable
-from .sr_logic import (
-    EvaluationJob,
-    SRJob,
-    SRSettings,
-    check_sr_input,
-    effective_factor,
-    table_from_evaluation,
-)
+from __future__ import annotations
 
-__all__ = [
-    "CLIJob",
-    "EvaluationJob",
-    "JobState",
-    "ProcessResult",
-    "ProcessRunner",
-    "SRJob",
-    "SRSettings",
-    "add_volume_node",
-    "check_sr_input",
-    "effective_factor",
-    "find_cli_script",
-    "parse_progress_line",
-    "place_beside",
-    "provenance",
-    "python_executable",
-    "read_return_parameters",
-    "set_node_from_volume",
-    "set_provenance",
-    "synthetic_name",
-    "table_from_evaluation",
-    "volume_from_node",
-]
+import importlib
+
+#: public name -> submodule that defines it
+_EXPORTS = {
+    "CLIJob": "jobs",
+    "find_cli_script": "jobs",
+    "read_return_parameters": "jobs",
+    "add_volume_node": "mrml_io",
+    "place_beside": "mrml_io",
+    "provenance": "mrml_io",
+    "set_node_from_volume": "mrml_io",
+    "set_provenance": "mrml_io",
+    "synthetic_name": "mrml_io",
+    "volume_from_node": "mrml_io",
+    "JobState": "process",
+    "ProcessResult": "process",
+    "ProcessRunner": "process",
+    "parse_progress_line": "process",
+    "python_executable": "process",
+    "EvaluationJob": "sr_logic",
+    "SRJob": "sr_logic",
+    "SRSettings": "sr_logic",
+    "check_sr_input": "sr_logic",
+    "effective_factor": "sr_logic",
+    "table_from_evaluation": "sr_logic",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

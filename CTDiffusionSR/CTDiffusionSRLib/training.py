@@ -25,6 +25,14 @@ from .jobs import CLIJob
 from .mrml_io import volume_from_node
 from .process import JobState
 
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # outside the Slicer application (tests, plain Python): the English text
+
+    def _(text: str) -> str:
+        return text
+
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -66,6 +74,28 @@ def check_training_config(family: str, config_path: str | os.PathLike) -> None:
         from DiffusionCore.sr.config import SRConfig
 
         load_config(Path(config_path), SRConfig)
+
+
+def output_folder_problem(output_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> str:
+    """Why a training run cannot start in ``output_dir`` with these choices ("" when it can).
+
+    The train command refuses a folder that holds a previous run (checkpoints or exported weights) unless
+    it is continued (Resume) or replaced (Overwrite); this says so before a process is started.
+    """
+    if resume and overwrite:
+        return _("Resume continues the run in the output folder and Overwrite replaces it: tick only one of them.")
+    if resume or overwrite:
+        return ""
+    from DiffusionCore.train.outdir import previous_run
+
+    found = previous_run(output_dir) if Path(output_dir).is_dir() else []
+    if not found:
+        return ""
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    return _(
+        "The output folder {folder} already holds a training run ({files}). Tick 'Resume' to continue it, "
+        "tick 'Overwrite' to replace it, or choose another output folder."
+    ).format(folder=output_dir, files=shown)
 
 
 def write_config_text(text: str, output_dir: str | os.PathLike) -> Path:
@@ -216,6 +246,7 @@ class TrainingJob(CLIJob):
         data: a folder of CT volumes or a list file.
         output_dir: checkpoints, weights, TensorBoard and metrics go here.
         resume: continue from the latest checkpoint in ``output_dir``.
+        overwrite: replace the previous run in ``output_dir`` (its checkpoints; its weights on export).
         device: "auto", "cpu" or "cuda".
         extra_arguments: more options of the train command (one string).
     """
@@ -231,12 +262,15 @@ class TrainingJob(CLIJob):
         data: str | os.PathLike,
         output_dir: str | os.PathLike,
         resume: bool = False,
+        overwrite: bool = False,
         device: str = "auto",
         extra_arguments: str = "",
         curve_name: str = "Training",
         **kwargs,
     ):
         super().__init__(scene, **kwargs)
+        if resume and overwrite:
+            raise ConfigError(output_folder_problem(output_dir, resume, overwrite))
         if family not in FAMILIES:
             raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}.")
         if not data or not Path(data).exists():
@@ -245,7 +279,8 @@ class TrainingJob(CLIJob):
             check_training_config(family, config_path)
         self.family, self.config_path, self.data = family, Path(config_path), Path(data)
         self.output_dir = Path(output_dir)
-        self.resume, self.device, self.extra_arguments = resume, device, extra_arguments
+        self.resume, self.overwrite = resume, overwrite
+        self.device, self.extra_arguments = device, extra_arguments
         self.curve_name = curve_name
         self.curve: LossCurve | None = None
         self.follower = MetricsFollower(self.output_dir / METRICS_FILE)
@@ -264,7 +299,7 @@ class TrainingJob(CLIJob):
         stop = self.output_dir / STOP_FILE
         if stop.exists():
             stop.unlink()  # a STOP left from the previous run would end this one at once
-        if not self.resume and (self.output_dir / METRICS_FILE).exists():
+        if not self.resume and (self.output_dir / METRICS_FILE).exists():  # a new run: plot only its own
             self.follower.offset = (self.output_dir / METRICS_FILE).stat().st_size
         args = [
             "--family", self.family, "--config", str(self.config_path), "--data", str(self.data),
@@ -272,6 +307,8 @@ class TrainingJob(CLIJob):
         ]
         if self.resume:
             args.append("--resume")
+        if self.overwrite:
+            args.append("--overwrite")
         if self.extra_arguments:
             args += ["--extraArguments", self.extra_arguments]
         return args

@@ -38,8 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--numStages", type=int, default=3, help="stages of the cascade to run (1-3)")
     p.add_argument("--view", choices=("pa", "lateral"), default="pa")
     p.add_argument("--fieldOfView", type=finite_float(0.0), default=0.0, help="cube width in mm; 0 = automatic")
-    p.add_argument("--invertIntensities", action="store_true", help="invert the radiograph first")
-    p.add_argument("--weights", default="", help="weights name or .safetensors file; empty = bundled default")
+    p.add_argument(
+        "--invertIntensities", action="store_true",
+        help="invert the radiograph first (bones dark); never needed for DICOM MONOCHROME1, which is read inverted",
+    )
+    p.add_argument(
+        "--weights", default="",
+        help="a .safetensors weights file or a registered name; empty = the first registered X-ray weights installed",
+    )
     p.add_argument("--allowUnregisteredWeights", action="store_true", help="accept an unregistered file")
     p.add_argument("--noConsistency", action="store_true", help="skip the re-projection consistency step")
     p.add_argument("--numSteps", type=int, default=0, help="sampling steps per stage; 0 = model default")
@@ -60,6 +66,32 @@ def projection_figures(info: dict) -> dict[str, float]:
 
 #: Formats whose header carries a trustworthy pixel spacing (Slicer writes its radiographs as these).
 SPACING_HEADER_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz")
+
+
+def installed_default_weights() -> str:
+    """The registered X-ray weights a run uses when none are chosen (the first whose file is here).
+
+    Raises:
+        WeightsError: none is installed; the message says how to get weights in Slicer.
+    """
+    from DiffusionCore.errors import WeightsError
+    from DiffusionCore.weights import first_available, list_weights
+
+    name = first_available("xray")
+    if name is not None:
+        return name
+    registered = [str(e["name"]) for e in list_weights("xray")]
+    if registered:
+        raise WeightsError(
+            f"the registered X-ray weights ({', '.join(registered)}) have no file on this computer: import them "
+            "again with 'Import weights...' in the X-ray to CT module, or choose a .safetensors file as "
+            "Weights file."
+        )
+    raise WeightsError(
+        "no X-ray to CT weights are installed: choose a .safetensors file as Weights file, or import one with "
+        "'Import weights...' in the X-ray to CT module (reinstalling the extension restores the shipped "
+        "xray-default)."
+    )
 
 
 def load_radiograph(path: str, invert: bool):
@@ -107,8 +139,9 @@ def run(args: argparse.Namespace) -> int:
                 args.weights, allow_unregistered=args.allowUnregisteredWeights
             )
         else:
-            generator = XrayToCTGenerator.default()
-        model_name = args.weights or "default"
+            args.weights = installed_default_weights()
+            generator = XrayToCTGenerator.from_pretrained(args.weights)
+        model_name = args.weights
     settings = {
         "consistency": not args.noConsistency,
         "num_stages": args.numStages,

@@ -34,6 +34,14 @@ from CTDiffusionSRLib.sr_logic import check_weights
 from DiffusionCore.errors import InputError, OutputError
 from DiffusionCore.volume import write_volume
 
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # outside the Slicer application (tests, plain Python): the English text
+
+    def _(text: str) -> str:
+        return text
+
+
 logger = logging.getLogger(__name__)
 
 STAGE_LINE_PREFIX = "stage-ready "
@@ -51,7 +59,8 @@ class XraySettings:
         num_stages: stages of the cascade to run (1 = 64^3 preview ... 3 = 256^3).
         view: "pa" or "lateral".
         field_of_view: cube width in mm; 0 = automatic.
-        invert: invert the radiograph first (MONOCHROME1 loaded without inversion).
+        invert: invert the radiograph first, for an image whose bones appear dark (a negative exported as
+            PNG/JPEG). Never needed for DICOM MONOCHROME1: see :func:`photometric_note`.
         weights: registered name or .safetensors path; "" = bundled default.
         allow_unregistered_weights: accept a file whose sha256 is not registered.
         steps: sampling steps per stage; 0 = model default.
@@ -131,6 +140,23 @@ def radiograph_from_node(node) -> tuple[np.ndarray, tuple[float, float]]:
     pixels = _pixels(node)
     spacing, _origin, _direction = geometry_from_ijk_to_ras(ijk_to_ras(node))
     return pixels, (float(spacing[1]), float(spacing[0]))
+
+
+def photometric_note(photometric_interpretation: str) -> str:
+    """What the log says about a DICOM radiograph's Photometric Interpretation ("" when nothing to say).
+
+    A MONOCHROME1 radiograph (high stored values display dark) needs no inversion here: Slicer's DICOM
+    reader (vtkITKArchetypeImageSeriesReader with ITK's GDCMImageIO, Slicer's default reader) already
+    returns its pixels inverted to MONOCHROME2 meaning, bone bright, and so does the reader of the
+    command-line module. Inverting again would make bone dark, so the module never inverts on its own;
+    the "Invert intensities" box is for images whose bones really appear dark.
+    """
+    if (photometric_interpretation or "").strip().upper() == "MONOCHROME1":
+        return _(
+            "MONOCHROME1 radiograph: Slicer's DICOM reader already shows it with bone bright; it is used as "
+            "loaded (tick 'Invert intensities' only if bones appear dark)."
+        )
+    return ""
 
 
 def check_xray_input(node) -> str:

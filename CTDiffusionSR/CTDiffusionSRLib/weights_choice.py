@@ -1,0 +1,184 @@
+"""The weights a module offers, which one is preselected, and whether Apply can run with the choice.
+
+Qt-free and torch-free: the widgets call this when a module is opened, and opening a module must not import
+torch into Slicer's process (``DiffusionCore.weights`` does). So the two registries of
+:mod:`DiffusionCore.weights.registry` (the bundled one inside the installed DiffusionCore package, the
+user's in the cache folder) are read here as the JSON files they are, in the same order and with the same
+meaning as ``list_weights``; a test checks that both views agree. Importing a file
+(:func:`import_weights_file`) goes through DiffusionCore itself (it checks and hashes the file).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # outside the Slicer application (tests, plain Python): the English text
+
+    def _(text: str) -> str:
+        return text
+
+
+logger = logging.getLogger(__name__)
+
+#: What each model family is called in messages.
+FAMILY_TITLES = {"sr": "CT super-resolution", "xray": "X-ray to CT"}
+#: The environment variable that overrides DiffusionCore's cache folder (DiffusionCore.files.cache_dir).
+CACHE_ENVIRONMENT_VARIABLE = "DIFFUSIONCORE_CACHE"
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One registered weights entry, as ``DiffusionCore.weights.list_weights`` describes it."""
+
+    name: str
+    family: str
+    description: str
+    source: str  # "bundled" or "user"
+    path: Path
+    available: bool  # the file is on this machine
+
+
+def bundled_registry_path() -> Path | None:
+    """``DiffusionCore/weights/registry.json`` of the installed package (found without importing it)."""
+    spec = importlib.util.find_spec("DiffusionCore")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "weights" / "registry.json"
+
+
+def user_registry_path() -> Path:
+    """``<cache>/weights/registry.json``, the cache being ``$DIFFUSIONCORE_CACHE`` or ``~/.cache/diffusioncore``."""
+    env = os.environ.get(CACHE_ENVIRONMENT_VARIABLE)
+    cache = Path(env).expanduser() if env else Path.home() / ".cache" / "diffusioncore"
+    return cache / "weights" / "registry.json"
+
+
+def _entries(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        logger.warning("weights registry %s is unreadable (%s); its weights are not offered", path, exc)
+        return {}
+    entries = data.get("weights") if isinstance(data, dict) else None
+    return entries if isinstance(entries, dict) else {}
+
+
+def registered_weights(family: str) -> list[WeightsEntry]:
+    """The registered weights of ``family``: bundled first, then the user's; a name in both is the bundled one."""
+    out, seen = [], set()
+    for source, registry in (("bundled", bundled_registry_path()), ("user", user_registry_path())):
+        for name, entry in _entries(registry).items():
+            if name in seen or not isinstance(entry, dict) or entry.get("family") != family:
+                continue
+            seen.add(name)
+            file = Path(str(entry.get("file", "")))
+            path = file if file.is_absolute() else registry.parent / file
+            out.append(
+                WeightsEntry(str(name), family, str(entry.get("description", "")), source, path, path.is_file())
+            )
+    return out
+
+
+def default_weights(family: str) -> str | None:
+    """The weights used when none are named: the first registered entry whose file is here, else None."""
+    return next((e.name for e in registered_weights(family) if e.available), None)
+
+
+def weights_items(family: str, current: str = "") -> tuple[list[str], str]:
+    """The names the weights selector lists (those whose file is here) and the one to show selected.
+
+    ``current`` is the parameter node's choice ("" = the default); a chosen file path or a name not in the
+    list is kept as the selection (the selector is editable) and judged by :func:`weights_problem`.
+    """
+    names = [e.name for e in registered_weights(family) if e.available]
+    selected = current or default_weights(family) or ""
+    return names, selected
+
+
+def weights_problem(family: str, chosen: str = "") -> str:
+    """Why Apply cannot run with the chosen weights ("" when it can): the Apply button's tooltip.
+
+    Args:
+        family: "sr" or "xray".
+        chosen: a registered name, a .safetensors path, or "" for the default.
+    """
+    title = FAMILY_TITLES.get(family, family)
+    entries = {e.name: e for e in registered_weights(family)}
+    if not chosen:
+        if default_weights(family) is not None:
+            return ""
+        if entries:
+            return _(
+                "The registered {title} weights ({names}) have no file on this computer. Press 'Import "
+                "weights...' to add a .safetensors weights file, or reinstall the extension."
+            ).format(title=title, names=", ".join(entries))
+        return _(
+            "No {title} weights are installed. Press 'Import weights...' to add a .safetensors weights "
+            "file (trained with the Training section or 'python -m DiffusionCore train'), or reinstall the "
+            "extension to get the shipped default."
+        ).format(title=title)
+    if chosen in entries:
+        if entries[chosen].available:
+            return ""
+        return _(
+            "The file of the weights '{name}' is missing ({path}). Import the weights again or choose others."
+        ).format(name=chosen, path=entries[chosen].path)
+    path = Path(chosen).expanduser()
+    if path.is_file():
+        return ""
+    return _(
+        "'{chosen}' is neither registered {title} weights nor an existing file. Choose weights from the "
+        "list or press 'Import weights...'."
+    ).format(chosen=chosen, title=title)
+
+
+def import_weights_file(path: str | os.PathLike, name: str, family: str) -> tuple[str, str]:
+    """Copy a .safetensors file into the user registry under ``name`` (checked to be ``family`` weights).
+
+    Returns:
+        ``(name, sha256)`` of the imported weights.
+
+    Raises:
+        WeightsError: not safetensors, wrong family, name taken, ...
+    """
+    from DiffusionCore.weights import import_weights
+
+    title = FAMILY_TITLES.get(family, family)
+    resolved = import_weights(path, name.strip(), family=family, description=_("{title} weights imported in 3D Slicer").format(title=title))
+    return str(resolved.name), str(resolved.sha256)
+
+
+@dataclass(frozen=True)
+class ApplyState:
+    """How the Apply button looks: its text, whether it is enabled, its tooltip, and whether the
+    'Import weights' button should be pointed out (no usable weights)."""
+
+    text: str
+    enabled: bool
+    tooltip: str
+    needs_weights: bool = False
+
+
+def apply_state(*, running: bool, input_problem: str, weights_problem: str, action: str, cancel: str) -> ApplyState:
+    """The Apply button for the module's state.
+
+    Args:
+        running: a job is running (Apply turns into Cancel).
+        input_problem: why the input cannot be used ("" when it can).
+        weights_problem: from :func:`weights_problem`.
+        action: the tooltip when Apply can run.
+        cancel: the tooltip of the Cancel button.
+    """
+    if running:
+        return ApplyState(_("Cancel"), True, cancel)
+    reason = input_problem or weights_problem
+    return ApplyState(_("Apply"), not reason, reason or action, needs_weights=bool(weights_problem))
