@@ -445,6 +445,7 @@ class CTDiffusionSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.compareSideBySideButton.connect("clicked(bool)", self.onCompareSideBySide)
         self.ui.compareFadeButton.connect("clicked(bool)", self.onCompareFade)
+        self.ui.exportResultButton.connect("clicked(bool)", self.onExportResult)
         self.ui.fadeSlider.connect("valueChanged(double)", self.onFadeChanged)
         self.ui.evaluateButton.connect("clicked(bool)", self.onEvaluateButton)
         self.ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
@@ -515,6 +516,7 @@ class CTDiffusionSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         haveResult = bool(p and p.inputVolume and p.resultVolume)
         self.ui.compareSideBySideButton.enabled = haveResult
         self.ui.compareFadeButton.enabled = haveResult
+        self.ui.exportResultButton.enabled = haveResult
         self.ui.evaluateButton.enabled = bool(p and p.inputVolume) and not self.monitor.running
 
     # -- weights ----------------------------------------------------------------------------------------
@@ -590,6 +592,29 @@ class CTDiffusionSRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onFadeChanged(self, value: float) -> None:
         self.logic.setFade(value)
+
+    def onExportResult(self) -> None:
+        exportResultWithDialog(self._parameterNode.resultVolume)
+
+
+def exportResultWithDialog(node) -> None:
+    """Ask where and how, then write ``node`` with its provenance (DICOM series, NRRD or NIfTI)."""
+    from CTDiffusionSRLib.mrml_io import EXPORT_FILTERS, export_result, export_target
+
+    if node is None:
+        return
+    filters = ";;".join(text for text, _suffix, _dicom in EXPORT_FILTERS)
+    dialog = qt.QFileDialog(slicer.util.mainWindow(), _("Export result"), "", filters)
+    dialog.setAcceptMode(qt.QFileDialog.AcceptSave)
+    if not dialog.exec_():
+        return
+    path, asDicom = export_target(dialog.selectedFiles()[0], dialog.selectedNameFilter())
+    try:
+        written = export_result(node, path, as_dicom=asDicom)
+    except Exception as exc:  # noqa: BLE001 - every failure is shown to the user with its message
+        slicer.util.errorDisplay(_("Export failed: {error}").format(error=exc))
+        return
+    slicer.util.infoDisplay(_("Exported {name} to {path}").format(name=node.GetName(), path=written[0]))
 
 
 #

@@ -92,9 +92,17 @@ class DicomSource:
         Raises:
             InputError: no DICOM file at ``path``.
         """
-        pydicom = _pydicom()
         p = Path(path)
         files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        return cls.from_files(files, series_uid, where=str(p))
+
+    @classmethod
+    def from_files(
+        cls, files: list[str | os.PathLike], series_uid: str | None = None, *, where: str = "the given files"
+    ) -> DicomSource:
+        """Read the headers of these DICOM files (e.g. the instances a Slicer node was loaded from)."""
+        pydicom = _pydicom()
+        p = where
         by_series: dict[str, list[Any]] = {}
         for f in files:
             try:

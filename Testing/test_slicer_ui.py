@@ -321,3 +321,14 @@ def test_lib_messages_are_translatable_in_slicer_and_plain_outside():
         source = (MODULES["CTDiffusionSR"] / "CTDiffusionSRLib" / f"{name}.py").read_text()
         assert "from slicer.i18n import tr as _" in source and "except ImportError:" in source, name
     assert "from slicer.i18n import tr as _" in (MODULES["XrayToCT"] / "XrayToCTLib" / "xray_logic.py").read_text()
+
+
+@pytest.mark.parametrize("module", ["CTDiffusionSR", "XrayToCT"])
+def test_both_modules_export_the_result_with_its_provenance(module):
+    button = ui_widgets(MODULES[module] / "Resources" / "UI" / f"{module}.ui")["exportResultButton"]
+    assert string_property(button, "text") == "Export result..." and "DICOM" in string_property(button, "toolTip")
+    tree = ast.parse((MODULES[module] / f"{module}.py").read_text())
+    source = ast.unparse(next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == f"{module}Widget"))
+    assert "self.ui.exportResultButton.connect('clicked(bool)', self.onExportResult)" in source
+    assert "exportResultWithDialog(self._parameterNode.resultVolume)" in source
+    assert "self.ui.exportResultButton.enabled" in source  # enabled only once a result exists

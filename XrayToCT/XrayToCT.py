@@ -109,6 +109,7 @@ class XrayToCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.weightsComboBox.connect("currentTextChanged(QString)", self.onWeightsChanged)
         self.ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
+        self.ui.exportResultButton.connect("clicked(bool)", self.onExportResult)
         self.training = TrainingPanel(self.ui, lambda: self._parameterNode, "xray")
         self.training.fillPresets()
         self.fillWeights()
@@ -164,6 +165,7 @@ class XrayToCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.text = state.text
         self.ui.applyButton.enabled = state.enabled
         self.ui.applyButton.toolTip = state.tooltip
+        self.ui.exportResultButton.enabled = bool(p and p.resultVolume) and not self.monitor.running
 
     def fillWeights(self) -> None:
         from CTDiffusionSR import fillWeightsComboBox
@@ -213,6 +215,11 @@ class XrayToCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.preview_node is not None and len(job.stages_shown) != self._shownStages:
             self._shownStages = len(job.stages_shown)
             slicer.util.setSliceViewerLayers(background=job.preview_node, fit=True)
+
+    def onExportResult(self) -> None:
+        from CTDiffusionSR import exportResultWithDialog
+
+        exportResultWithDialog(self._parameterNode.resultVolume)
 
     def onJobFinished(self, job, state) -> None:
         from CTDiffusionSRLib.process import JobState

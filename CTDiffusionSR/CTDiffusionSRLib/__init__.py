@@ -22,6 +22,8 @@ _EXPORTS = {
     "provenance": "mrml_io",
     "set_node_from_volume": "mrml_io",
     "set_provenance": "mrml_io",
+    "export_result": "mrml_io",
+    "provenance_record": "mrml_io",
     "synthetic_name": "mrml_io",
     "volume_from_node": "mrml_io",
     "JobState": "process",

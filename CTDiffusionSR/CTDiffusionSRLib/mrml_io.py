@@ -36,6 +36,11 @@ ATTR_SETTINGS = ATTRIBUTE_PREFIX + "Settings"
 ATTR_DATE = ATTRIBUTE_PREFIX + "Date"
 ATTR_SOURCE = ATTRIBUTE_PREFIX + "SourceNode"
 ATTR_KIND = ATTRIBUTE_PREFIX + "Kind"
+ATTR_TITLE = ATTRIBUTE_PREFIX + "Title"
+#: Slicer's DICOM loader records a node's SOP instance UIDs (space-separated) under this attribute.
+ATTR_DICOM_INSTANCES = "DICOM.instanceUIDs"
+#: The task name of :class:`DiffusionCore.provenance.Provenance` for each kind of result node.
+TASK_OF_KIND = {"super-resolution": "sr", "uncertainty": "sr", "xray-to-ct": "xray2ct"}
 
 
 def matrix_to_array(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
@@ -192,10 +197,14 @@ def synthetic_name(source_name: str, label: str) -> str:
     return f"{source_name} {label} (synthetic)"
 
 
-def set_provenance(node, *, kind: str, model: str, weights_sha256: str, settings: dict[str, Any], source=None) -> None:
-    """Record how a synthetic node was made, as node attributes (saved with the scene)."""
+def set_provenance(
+    node, *, kind: str, model: str, weights_sha256: str, settings: dict[str, Any], source=None, title: str = ""
+) -> None:
+    """Record how a synthetic node was made, as node attributes (saved with the scene). ``title`` is the label
+    that ends an exported series' description, e.g. ``"SR x4 (synthetic)"``."""
     node.SetAttribute(ATTR_SYNTHETIC, "true")
     node.SetAttribute(ATTR_KIND, kind)
+    node.SetAttribute(ATTR_TITLE, title or f"{kind} (synthetic)")
     node.SetAttribute(ATTR_MODEL, model)
     node.SetAttribute(ATTR_WEIGHTS_SHA256, weights_sha256)
     node.SetAttribute(ATTR_SETTINGS, json.dumps(settings, sort_keys=True, default=str))
@@ -221,6 +230,101 @@ def provenance(node) -> dict[str, Any]:
         "date": node.GetAttribute(ATTR_DATE),
         "source": node.GetAttribute(ATTR_SOURCE),
     }
+
+
+def provenance_record(node):
+    """The node's provenance as a :class:`DiffusionCore.provenance.Provenance` (what exported files carry).
+
+    Raises:
+        InputError: the node is not a result of these modules (no provenance attributes).
+    """
+    from DiffusionCore.provenance import Provenance
+
+    info = provenance(node)
+    if not info:
+        raise InputError(
+            f"{node.GetName()} is not a result of CT Diffusion SR or X-ray to CT (it has no provenance): export it "
+            "with Slicer's own Save or DICOM export"
+        )
+    source = node.GetScene().GetNodeByID(info["source"]) if info.get("source") and node.GetScene() else None
+    return Provenance(
+        task=TASK_OF_KIND.get(info["kind"] or "", info["kind"] or ""),
+        title=node.GetAttribute(ATTR_TITLE) or f"{info['kind']} (synthetic)",
+        weights=str(info["model"] or ""),
+        weights_sha256=str(info["weights_sha256"] or ""),
+        settings=info["settings"],
+        input=source.GetName() if source is not None else "",
+        input_uid=(source.GetAttribute(ATTR_DICOM_INSTANCES) or "").split(" ")[0] if source is not None else "",
+        date=str(info["date"] or ""),
+    )
+
+
+def dicom_source_files(node) -> list[str]:
+    """The files of the DICOM instances ``node`` was loaded from (through Slicer's DICOM database); empty for a
+    node not loaded from DICOM, or outside Slicer."""
+    uids = (node.GetAttribute(ATTR_DICOM_INSTANCES) or "").split()
+    if not uids:
+        return []
+    try:
+        import slicer
+
+        database = slicer.dicomDatabase
+    except (ImportError, AttributeError):
+        return []
+    if database is None:
+        return []
+    return [f for f in (database.fileForInstance(uid) for uid in uids) if f]
+
+
+def export_result(node, path: str, *, as_dicom: bool = False, source_files: list[str] | None = None,
+                  overwrite: bool = False) -> list:  # fmt: skip
+    """Export a result node with its provenance through DiffusionCore's writer: a DICOM series labelled
+    synthetic (``as_dicom``; patient and study from the input's DICOM files when known), or NRRD / MHA with
+    the provenance header fields, or NIfTI with its JSON sidecar. Slicer's own Save and DICOM export do not
+    carry these fields. Returns the paths written.
+
+    Args:
+        node: a result node of these modules.
+        path: the series folder (DICOM) or the file.
+        as_dicom: write a DICOM series.
+        source_files: the input's DICOM files (default: those of the node's source node, from Slicer's DICOM
+            database, when it was loaded from DICOM).
+        overwrite: replace an earlier export.
+    """
+    from DiffusionCore.dicom_out import DicomSource
+    from DiffusionCore.results import check_result_output, write_result
+
+    record = provenance_record(node)
+    check_result_output(path, as_dicom, overwrite=overwrite)
+    source = None
+    if as_dicom:
+        if source_files is None:
+            input_node = node.GetScene().GetNodeByID(node.GetAttribute(ATTR_SOURCE) or "") if node.GetScene() else None
+            source_files = dicom_source_files(input_node) if input_node is not None else []
+        source = DicomSource.from_files(source_files) if source_files else None
+    return write_result(volume_from_node(node), path, record, as_dicom=as_dicom, dicom_source=source,
+                        keep_frame_of_reference=record.task == "sr", overwrite=overwrite)  # fmt: skip
+
+
+#: The export dialog's file types: (filter text, suffix added when missing, DICOM series?).
+EXPORT_FILTERS = (
+    ("DICOM series, labelled synthetic (a new folder)", "", True),
+    ("NRRD with provenance fields (*.nrrd)", ".nrrd", False),
+    ("NIfTI with a JSON provenance sidecar (*.nii.gz)", ".nii.gz", False),
+)
+
+
+def export_target(chosen_path: str, chosen_filter: str) -> tuple[str, bool]:
+    """(path, as_dicom) for what the export dialog returned: the DICOM filter names a series folder; a file
+    filter adds its suffix when the name has none."""
+    for text, suffix, dicom in EXPORT_FILTERS:
+        if chosen_filter == text:
+            if dicom:
+                return chosen_path, True
+            lower = chosen_path.lower()
+            known = any(lower.endswith(x) for x in (".nrrd", ".nii.gz", ".nii", ".mha"))
+            return (chosen_path if known else chosen_path + suffix), False
+    return chosen_path, False
 
 
 def write_node_to_file(node, path: str) -> None:

@@ -240,7 +240,8 @@ class SRJob(CLIJob):
         else:
             node = self.output_node
             set_node_from_volume(node, result)
-        set_provenance(node, kind="super-resolution", model=model, weights_sha256=sha, settings=settings, source=self.input_node)
+        set_provenance(node, kind="super-resolution", model=model, weights_sha256=sha, settings=settings,
+                       source=self.input_node, title=f"{label} (synthetic)")  # fmt: skip
         place_beside(self.scene, self.input_node, node)
         nodes = [node]
         unc_file = tempdir / "uncertainty.nrrd"
@@ -249,7 +250,8 @@ class SRJob(CLIJob):
                 self.scene, read_volume_file(str(unc_file)), synthetic_name(self.input_node.GetName(), f"{label} uncertainty")
             )
             self.created_nodes.append(unc)
-            set_provenance(unc, kind="uncertainty", model=model, weights_sha256=sha, settings=settings, source=self.input_node)
+            set_provenance(unc, kind="uncertainty", model=model, weights_sha256=sha, settings=settings,
+                           source=self.input_node, title=f"{label} uncertainty (synthetic)")  # fmt: skip
             place_beside(self.scene, self.input_node, unc)
             self.uncertainty_node = unc
             nodes.append(unc)

@@ -258,7 +258,8 @@ class XrayJob(CLIJob):
 
     def _record_provenance(self, stage: int, model: str = "", sha: str = "") -> None:
         settings = {**dataclasses.asdict(self.settings), "stage": stage, "projection_errors": self.stage_errors}
-        set_provenance(self.preview_node, kind="xray-to-ct", model=model, weights_sha256=sha, settings=settings, source=self.input_node)
+        set_provenance(self.preview_node, kind="xray-to-ct", model=model, weights_sha256=sha, settings=settings,
+                       source=self.input_node, title="CT from radiograph (synthetic)")  # fmt: skip
         self.preview_node.SetAttribute("CTDiffusion.ProjectionErrors", json.dumps(self.stage_errors))
 
     def update(self) -> None:

@@ -1,0 +1,105 @@
+"""Exporting a module's result from the scene with its provenance (real MRML nodes from slicer-core).
+
+Slicer's own Save (NRRD) and DICOM export do not carry the synthetic label (checked below for NRRD), so the
+modules export through DiffusionCore's writer: a DICOM series labelled synthetic with the input's patient
+and study, or NRRD/NIfTI with the provenance fields.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is needed for the Slicer-side tests")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "CTDiffusionSR") not in sys.path:
+    sys.path.insert(0, str(ROOT / "CTDiffusionSR"))
+
+from conftest import write_dicom_series  # noqa: E402
+from CTDiffusionSRLib import mrml_io  # noqa: E402
+
+from DiffusionCore.errors import InputError  # noqa: E402
+from DiffusionCore.volume import read_volume  # noqa: E402
+
+
+@pytest.fixture
+def scene_with_result(tmp_path, make_phantom):
+    thick = make_phantom(shape=(6, 24, 24), spacing=(0.8, 0.8, 4.0), origin=(5.0, -3.0, 40.0))
+    series = tmp_path / "thick"
+    write_dicom_series(series, thick)
+    for f in series.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.PatientID, ds.SeriesDescription = "P-7", "Chest 4mm"
+        ds.save_as(f)
+    scene = slicer.vtkMRMLScene()
+    input_node = mrml_io.add_volume_node(scene, thick, "CT")
+    thin = thick.with_array(thick.array)  # stands in for the SR result: the geometry is what matters here
+    result = mrml_io.add_volume_node(scene, thin, mrml_io.synthetic_name("CT", "SR x2"), like=input_node)
+    mrml_io.set_provenance(result, kind="super-resolution", model="sr-default", weights_sha256="ab" * 32,
+                           settings={"factor": 2}, source=input_node, title="SR x2 (synthetic)")  # fmt: skip
+    return scene, input_node, result, sorted(str(f) for f in series.iterdir()), thick
+
+
+def test_export_as_dicom_keeps_the_label_and_the_input_identity(tmp_path, scene_with_result):
+    scene, input_node, result, files, thick = scene_with_result
+    out = tmp_path / "export"
+    mrml_io.export_result(result, str(out), as_dicom=True, source_files=files)
+    written = [pydicom.dcmread(f) for f in sorted(out.iterdir())]
+    assert len(written) == 6
+    first = written[0]
+    assert first.SeriesDescription == "Chest 4mm SR x2 (synthetic)" and first.PatientID == "P-7"
+    assert list(first.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "SYNTHETIC" in first.ImageComments
+    assert "sr-default" in first.DerivationDescription and "ab" * 32 in first.DerivationDescription
+    assert first.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
+    back = read_volume(out)
+    assert np.abs(np.subtract(back.origin, thick.origin)).max() < 0.01
+    assert np.abs(back.array - np.rint(thick.array)).max() <= 1.0
+
+
+def test_export_to_nrrd_and_nifti_carries_the_provenance(tmp_path, scene_with_result):
+    scene, _, result, _, _ = scene_with_result
+    nrrd = tmp_path / "result.nrrd"
+    mrml_io.export_result(result, str(nrrd))
+    header = nrrd.read_bytes().split(b"\n\n", 1)[0].decode()
+    assert "ctdiffusion_synthetic:=true" in header and "ctdiffusion_weights:=sr-default" in header
+    assert "ctdiffusion_input:=CT" in header
+    nifti = tmp_path / "result.nii.gz"
+    mrml_io.export_result(result, str(nifti))
+    side = json.loads((tmp_path / "result.json").read_text())["provenance"]
+    assert side["title"] == "SR x2 (synthetic)" and side["task"] == "sr"
+
+    # Slicer's own NRRD writer drops them: the reason for the export action
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(tmp_path / "saved.nrrd"))
+    assert storage.WriteData(result)
+    assert b"ctdiffusion" not in (tmp_path / "saved.nrrd").read_bytes()[:2000]
+
+
+def test_only_results_are_exported_and_nothing_is_replaced_silently(tmp_path, scene_with_result):
+    scene, input_node, result, _, _ = scene_with_result
+    with pytest.raises(InputError, match="no provenance"):
+        mrml_io.export_result(input_node, str(tmp_path / "ct.nrrd"))
+    out = tmp_path / "export"
+    mrml_io.export_result(result, str(out), as_dicom=True)  # no DICOM source known: a new study
+    from DiffusionCore.errors import OutputError
+
+    with pytest.raises(OutputError, match="--overwrite"):
+        mrml_io.export_result(result, str(out), as_dicom=True)
+    mrml_io.export_result(result, str(out), as_dicom=True, overwrite=True)
+    assert len(list(out.iterdir())) == 6
+
+
+def test_the_export_dialog_choice_names_the_format():
+    dicom, nrrd, nifti = (text for text, _suffix, _dicom in mrml_io.EXPORT_FILTERS)
+    assert mrml_io.export_target("/data/thin", dicom) == ("/data/thin", True)
+    assert mrml_io.export_target("/data/thin", nrrd) == ("/data/thin.nrrd", False)
+    assert mrml_io.export_target("/data/thin.nrrd", nrrd) == ("/data/thin.nrrd", False)
+    assert mrml_io.export_target("/data/thin", nifti) == ("/data/thin.nii.gz", False)
+    assert mrml_io.export_target("/data/thin.mha", nifti) == ("/data/thin.mha", False)
