@@ -1,0 +1,119 @@
+"""Reading an enhanced (multi-frame) CT DICOM file with pydicom.
+
+A classic CT series is one file per slice and is read through SimpleITK/GDCM (:mod:`DiffusionCore.volume`),
+which also decodes the compressed transfer syntaxes scanners and PACS send (JPEG lossless, JPEG-LS,
+JPEG 2000, RLE). An enhanced CT (Enhanced CT Image Storage, or a Legacy Converted Enhanced CT) holds the
+whole volume in one file, its geometry in functional groups: ITK does not read those per-frame positions,
+so this module does, frame by frame:
+
+- Plane Position (per frame): ImagePositionPatient of each frame; frames are sorted along the slice normal
+  and must be evenly spaced (missing frames are refused, as for a classic series);
+- Plane Orientation and Pixel Measures (shared or per frame): one orientation and one pixel spacing;
+- Pixel Value Transformation (shared or per frame): RescaleSlope / RescaleIntercept to HU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .volume import Volume
+
+ENHANCED_CT_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
+#: Relative spread of the slice steps accepted as even (larger: missing or doubled frames).
+_STEP_TOLERANCE = 0.01
+_ORIENTATION_TOLERANCE = 1e-3
+
+
+def is_enhanced_ct(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DICOM file of an enhanced (multi-frame) CT class (header only)."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # noqa: BLE001 - not DICOM, unreadable: not an enhanced CT
+        return False
+    return str(ds.get("SOPClassUID", "")) in ENHANCED_CT_CLASSES
+
+
+def _group(ds, frame, sequence: str, what: str, path: Path):
+    """The first item of a functional group, per frame if present there, else shared."""
+    for holder in (frame, ds.get("SharedFunctionalGroupsSequence", [None])[0]):
+        if holder is not None and sequence in holder and len(holder.get(sequence)):
+            return holder.get(sequence)[0]
+    raise InputError(
+        f"{path} is an enhanced CT without {what} ({sequence}) in its functional groups: its geometry is "
+        "unknown. Export the series from the scanner or PACS as classic single-frame CT images."
+    )
+
+
+def read_enhanced_ct(path: str | os.PathLike) -> Volume:
+    """Read an enhanced multi-frame CT file into a :class:`Volume` in HU (LPS geometry).
+
+    Raises:
+        InputError: missing functional groups, mixed orientations, uneven or doubled frame positions, pixel
+            data that cannot be decoded (with the plugin to install).
+    """
+    import pydicom
+
+    p = Path(path)
+    try:
+        ds = pydicom.dcmread(p)
+    except Exception as exc:  # noqa: BLE001 - a damaged file: say so with the file's name
+        raise InputError(f"corrupt DICOM file {p}: {exc}") from None
+    frames = ds.get("PerFrameFunctionalGroupsSequence")
+    n = int(ds.get("NumberOfFrames", 0) or 0)
+    if not frames or n < 2 or len(frames) != n:
+        raise InputError(
+            f"{p} is an enhanced CT with {n} frame(s) and {len(frames or [])} per-frame functional group(s): a "
+            "volume needs at least two frames, each with its own position."
+        )
+    positions = np.array([[float(v) for v in _group(ds, f, "PlanePositionSequence", "frame positions", p)
+                           .ImagePositionPatient] for f in frames])  # fmt: skip
+    orientations = np.array([[float(v) for v in _group(ds, f, "PlaneOrientationSequence", "the orientation", p)
+                              .ImageOrientationPatient] for f in frames])  # fmt: skip
+    if np.abs(orientations - orientations[0]).max() > _ORIENTATION_TOLERANCE:
+        raise InputError(f"{p} mixes frame orientations: it is not one volume; export its stacks separately.")
+    measures = _group(ds, frames[0], "PixelMeasuresSequence", "the pixel spacing", p)
+    row_spacing, col_spacing = (float(v) for v in measures.PixelSpacing)
+    row, col = orientations[0][:3], orientations[0][3:]
+    normal = np.cross(row, col)
+    where = positions @ normal
+    order = np.argsort(where, kind="stable")
+    steps = np.diff(where[order])
+    step = float(np.median(steps))
+    if step <= 0 or np.abs(steps - step).max() > _STEP_TOLERANCE * step:
+        raise InputError(
+            f"{p}: its frames are not evenly spaced along the slice normal (steps from {steps.min():.3f} to "
+            f"{steps.max():.3f} mm): frames are missing or doubled; export the complete volume."
+        )
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - no decoder for its transfer syntax
+        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
+        raise InputError(
+            f"cannot decode the pixel data of {p} (transfer syntax {getattr(syntax, 'name', syntax)}): {exc}. "
+            "Install the decoder plugins (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg) or export "
+            "it uncompressed."
+        ) from None
+    pixels = np.asarray(pixels, dtype=np.float32).reshape(n, int(ds.Rows), int(ds.Columns))
+    hu = np.empty_like(pixels)
+    for k, f in enumerate(frames):
+        try:
+            t = _group(ds, f, "PixelValueTransformationSequence", "a rescale", p)
+            slope, intercept = float(t.RescaleSlope), float(t.RescaleIntercept)
+        except InputError:
+            slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
+        hu[k] = pixels[k] * slope + intercept
+    hu = hu[order]
+    direction = np.stack([row, col, normal], axis=1)
+    return Volume(
+        hu, spacing=(col_spacing, row_spacing, step), origin=tuple(positions[order[0]]), direction=direction,
+        metadata={"source": str(p), "series_uid": str(ds.get("SeriesInstanceUID", "")), "enhanced_ct": True},
+    )  # fmt: skip
