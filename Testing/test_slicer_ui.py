@@ -117,8 +117,8 @@ def ui_attribute_uses(module_py: Path, classes: set[str] | None = None) -> set[s
 def test_every_widget_the_module_uses_exists_in_its_ui(module):
     widgets = ui_widgets(MODULES[module] / "Resources" / "UI" / f"{module}.ui")
     used = ui_attribute_uses(MODULES[module] / f"{module}.py")
-    if module == "XrayToCT":  # it reuses CT Diffusion SR's training panel on its own .ui
-        used |= ui_attribute_uses(MODULES["CTDiffusionSR"] / "CTDiffusionSR.py", {"TrainingPanel"})
+    # both modules use the shared training panel (CTDiffusionSRLib/widgets.py) on their own .ui
+    used |= ui_attribute_uses(MODULES["CTDiffusionSR"] / "CTDiffusionSRLib" / "widgets.py", {"TrainingPanel"})
     missing = sorted(used - set(widgets))
     assert not missing, f"{module}.ui lacks widgets the module code uses: {missing}"
 
@@ -258,7 +258,7 @@ def test_training_panel_has_an_overwrite_checkbox_passed_to_the_job(module):
     assert (box.get("class"), string_property(box, "SlicerParameterName")) == ("QCheckBox", "trainingOverwrite")
     assert "Overwrite" in string_property(box, "text") and "Resume" in string_property(box, "toolTip")
     assert wrapper_fields(MODULES[module] / f"{module}.py")["trainingOverwrite"] == "bool"
-    panel = ast.parse((MODULES["CTDiffusionSR"] / "CTDiffusionSR.py").read_text())
+    panel = ast.parse((MODULES["CTDiffusionSR"] / "CTDiffusionSRLib" / "widgets.py").read_text())
     on_start = next(n for n in ast.walk(panel) if isinstance(n, ast.FunctionDef) and n.name == "onStart")
     source = ast.unparse(on_start)
     assert "overwrite=p.trainingOverwrite" in source
@@ -332,3 +332,14 @@ def test_both_modules_export_the_result_with_its_provenance(module):
     assert "self.ui.exportResultButton.connect('clicked(bool)', self.onExportResult)" in source
     assert "exportResultWithDialog(self._parameterNode.resultVolume)" in source
     assert "self.ui.exportResultButton.enabled" in source  # enabled only once a result exists
+
+
+def test_xray_to_ct_shares_the_slicer_glue_without_importing_the_other_module():
+    """The shared Qt glue lives in CTDiffusionSRLib/widgets.py; no XrayToCT file imports CTDiffusionSR.py."""
+    for path in sorted((ROOT / "XrayToCT").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "CTDiffusionSR" not in imported, f"{path.name} imports the CTDiffusionSR module file"
+    xray = (MODULES["XrayToCT"] / "XrayToCT.py").read_text()
+    assert "from CTDiffusionSRLib.widgets import JobMonitor, TrainingPanel, applyCacheFolderSetting" in xray

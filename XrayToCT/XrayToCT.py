@@ -90,7 +90,7 @@ class XrayToCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
 
     def setup(self) -> None:
-        from CTDiffusionSR import JobMonitor, TrainingPanel, applyCacheFolderSetting
+        from CTDiffusionSRLib.widgets import JobMonitor, TrainingPanel, applyCacheFolderSetting
 
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/XrayToCT.ui"))
@@ -168,7 +168,7 @@ class XrayToCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportResultButton.enabled = bool(p and p.resultVolume) and not self.monitor.running
 
     def fillWeights(self) -> None:
-        from CTDiffusionSR import fillWeightsComboBox
+        from CTDiffusionSRLib.widgets import fillWeightsComboBox
 
         fillWeightsComboBox(self.ui.weightsComboBox, "xray", self._parameterNode.weights if self._parameterNode else "")
 
@@ -177,7 +177,7 @@ class XrayToCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.weights = text
 
     def onImportWeights(self) -> None:
-        from CTDiffusionSR import importWeights
+        from CTDiffusionSRLib.widgets import importWeights
 
         name = importWeights("xray", self.ui.statusLabel)
         if name:
@@ -185,7 +185,7 @@ class XrayToCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.weightsComboBox.setCurrentText(name)
 
     def onApplyButton(self) -> None:
-        from CTDiffusionSR import ensureDependencies
+        from CTDiffusionSRLib.widgets import ensureDependencies
 
         if self.monitor.running:
             self.monitor.cancel()
@@ -217,7 +217,7 @@ class XrayToCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.setSliceViewerLayers(background=job.preview_node, fit=True)
 
     def onExportResult(self) -> None:
-        from CTDiffusionSR import exportResultWithDialog
+        from CTDiffusionSRLib.widgets import exportResultWithDialog
 
         exportResultWithDialog(self._parameterNode.resultVolume)
 

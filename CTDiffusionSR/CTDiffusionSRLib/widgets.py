@@ -1,0 +1,308 @@
+"""Qt glue shared by the CT Diffusion SR and X-ray to CT modules: dependency installation, the weights
+selector and import, the job monitor (progress, log, cancel), the training panel and the result export.
+
+Slicer and Qt only; the decisions live in the Qt-free modules beside this one (dependencies,
+weights_choice, process, training, mrml_io), which the tests run on real MRML.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import queue
+import time
+
+import qt
+import slicer
+from slicer.i18n import tr as _
+
+CACHE_SETTINGS_KEY = "CTDiffusion/CacheFolder"
+#: Milliseconds between two looks at a running job.
+POLL_INTERVAL_MS = 200
+PROGRESS_STEPS = 1000
+
+
+def ensureDependencies(training: bool = False) -> bool:
+    """Install what DiffusionCore needs, after ONE confirmation: torch through the PyTorch extension
+    (PyTorchUtils, with the version requirement), the other packages through pip (Slicer's numpy and
+    SimpleITK pinned). False when something is missing and was not installed (the user declined, or the
+    installation failed: a dialog says what happened and what to do). The decisions are in
+    CTDiffusionSRLib.dependencies; this only shows dialogs and calls Slicer.
+    """
+    import tempfile
+
+    from CTDiffusionSRLib import dependencies
+
+    try:
+        import PyTorchUtils
+    except ImportError:
+        PyTorchUtils = None
+    plan = dependencies.plan_dependencies(PyTorchUtils is not None, training=training)
+    if not plan.missing and not plan.blocking_problem:
+        return True
+    if plan.blocking_problem:
+        slicer.util.errorDisplay(plan.blocking_problem, windowTitle=_("PyTorch extension needed"))
+        return False
+    if not slicer.util.confirmOkCancelDisplay(plan.confirmation_text(), _("Install Python packages")):
+        return False
+
+    def installTorch(requirement):
+        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement)
+
+    with slicer.util.WaitCursor(), tempfile.TemporaryDirectory() as folder:
+        outcome = dependencies.run_install(
+            plan,
+            install_torch=installTorch,
+            pip_install=slicer.util.pip_install,
+            replan=lambda: dependencies.plan_dependencies(PyTorchUtils is not None, training=training),
+            constraints_folder=folder,
+        )
+    if not outcome.ok:
+        slicer.util.errorDisplay(outcome.message, windowTitle=_("Installation failed"), detailedText=outcome.details)
+        return False
+    if outcome.restart_needed:
+        if slicer.util.confirmOkCancelDisplay(outcome.message + "\n\n" + _("Restart now?"), _("Restart Slicer")):
+            slicer.util.restart()
+        return False
+    return True
+
+
+def applyCacheFolderSetting() -> str:
+    """Export the weights cache folder from the application settings to this process and its jobs."""
+    folder = str(qt.QSettings().value(CACHE_SETTINGS_KEY, "") or "")
+    if folder:
+        os.environ["DIFFUSIONCORE_CACHE"] = folder
+    return folder
+
+
+def fillWeightsComboBox(comboBox, family: str, current: str) -> None:
+    """List the registered weights of ``family`` whose file is here, the default preselected (no torch import)."""
+    from CTDiffusionSRLib.weights_choice import weights_items
+
+    names, selected = weights_items(family, current)
+    wasBlocked = comboBox.blockSignals(True)
+    comboBox.clear()
+    comboBox.addItems(names)
+    comboBox.setCurrentText(selected)
+    comboBox.blockSignals(wasBlocked)
+
+
+def importWeights(family: str, statusLabel) -> str:
+    """Ask for a .safetensors file and a name, register it as ``family`` weights; the name, or "" if none."""
+    path = qt.QFileDialog.getOpenFileName(None, _("Import model weights"), "", _("Weights (*.safetensors)"))
+    if not path or not ensureDependencies():
+        return ""
+    name = qt.QInputDialog.getText(
+        None, _("Import model weights"), _("Name for these weights:"), qt.QLineEdit.Normal, pathlib.Path(path).stem
+    )
+    if not name:
+        return ""
+    with slicer.util.tryWithErrorDisplay(_("Could not import the weights."), waitCursor=True):
+        from CTDiffusionSRLib.weights_choice import import_weights_file
+
+        imported, sha256 = import_weights_file(path, name, family)
+        statusLabel.text = _("Imported {name} (sha256 {sha}...).").format(name=imported, sha=sha256[:12])
+        return imported
+    return ""
+
+
+class JobMonitor:
+    """Follows one CLIJob from a QTimer in the GUI thread: progress bar, status label, log panel."""
+
+    def __init__(self, progressBar, statusLabel, logTextEdit, onFinished):
+        self.progressBar = progressBar
+        self.statusLabel = statusLabel
+        self.logTextEdit = logTextEdit
+        self.onFinished = onFinished
+        self.job = None
+        self.startTime = 0.0
+        self._lines: queue.SimpleQueue[str] = queue.SimpleQueue()  # filled by the job's reader thread
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_INTERVAL_MS)
+        self.timer.connect("timeout()", self.poll)
+
+    @property
+    def running(self) -> bool:
+        from CTDiffusionSRLib.process import JobState
+
+        return self.job is not None and self.job.state == JobState.RUNNING
+
+    def queueLine(self, line: str) -> None:  # reader thread: only store
+        self._lines.put(line)
+
+    def start(self, job, title: str) -> None:
+        self.job = job
+        self.startTime = time.monotonic()
+        self.progressBar.setRange(0, PROGRESS_STEPS)
+        self.progressBar.value = 0
+        self.progressBar.visible = True
+        self.statusLabel.text = _("{title}: starting...").format(title=title)
+        self.logTextEdit.appendPlainText(_("--- {title} ---").format(title=title))
+        job.start()
+        self.timer.start()
+
+    def cancel(self) -> None:
+        if self.running:
+            self.job.cancel()
+        self.poll()
+
+    def poll(self) -> None:
+        from CTDiffusionSRLib.process import JobState
+
+        if self.job is None:
+            self.timer.stop()
+            return
+        while not self._lines.empty():
+            self.logTextEdit.appendPlainText(self._lines.get_nowait())
+        runner = self.job.runner
+        if runner is not None:
+            self.progressBar.value = int(runner.progress * PROGRESS_STEPS)
+            elapsed = time.monotonic() - self.startTime
+            self.statusLabel.text = _("{what} ({seconds} s)").format(what=runner.comment or _("running"), seconds=f"{elapsed:.0f}")
+        state = self.job.poll()
+        if state == JobState.RUNNING:
+            return
+        self.timer.stop()
+        elapsed = time.monotonic() - self.startTime
+        if state == JobState.COMPLETED:
+            self.progressBar.value = PROGRESS_STEPS
+            self.statusLabel.text = _("Done in {seconds} s.").format(seconds=f"{elapsed:.1f}")
+        elif state == JobState.CANCELLED:
+            self.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+        else:
+            self.statusLabel.text = _("Failed: {error}").format(error=self.job.error)
+            self.logTextEdit.appendPlainText(_("error: {error}").format(error=self.job.error))
+        job, self.job = self.job, None
+        self.onFinished(job, state)
+
+
+class TrainingPanel:
+    """The Training section (the same widgets in both modules' .ui): data, config, output, start/stop."""
+
+    def __init__(self, ui, parameterNodeGetter, defaultFamily: str):
+        self.ui = ui
+        self.getParameterNode = parameterNodeGetter
+        self.defaultFamily = defaultFamily
+        self.job = None
+        self.ui.trainingVolumesSelector.setMRMLScene(slicer.mrmlScene)
+        self.timer = qt.QTimer()
+        self.timer.setInterval(1000)
+        self.timer.connect("timeout()", self.poll)
+        self.ui.trainingStartButton.connect("clicked(bool)", self.onStart)
+        self.ui.trainingStopButton.connect("clicked(bool)", self.onStop)
+        self.ui.trainingPresetComboBox.connect("currentIndexChanged(int)", self.onPresetSelected)
+        self.ui.trainingFamilyComboBox.connect("currentIndexChanged(int)", lambda _i: self.fillPresets())
+        self.ui.trainingStopButton.enabled = False
+        self._presets: dict = {}
+
+    def fillPresets(self) -> None:
+        try:
+            from CTDiffusionSRLib.training import list_presets
+        except ImportError:
+            return
+        family = self.ui.trainingFamilyComboBox.currentText or self.defaultFamily
+        self._presets = list_presets(family)
+        self.ui.trainingPresetComboBox.clear()
+        self.ui.trainingPresetComboBox.addItems([_("(defaults)"), *self._presets.keys()])
+
+    def onPresetSelected(self, index: int) -> None:
+        name = self.ui.trainingPresetComboBox.currentText
+        path = self._presets.get(name)
+        self.ui.trainingConfigTextEdit.setPlainText(pathlib.Path(path).read_text() if path else "{}")
+
+    def onStart(self) -> None:
+        if not ensureDependencies(training=True):
+            return
+        from CTDiffusionSRLib.dependencies import tensorboard_hint
+        from CTDiffusionSRLib.training import (
+            TrainingJob,
+            export_training_volumes,
+            output_folder_problem,
+            write_config_text,
+        )
+
+        p = self.getParameterNode()
+        output = str(p.trainingOutputFolder)
+        if output in ("", "."):
+            slicer.util.errorDisplay(_("Choose an output folder for checkpoints and logs."))
+            return
+        problem = output_folder_problem(output, p.trainingResume, p.trainingOverwrite)
+        if problem:
+            slicer.util.errorDisplay(problem)
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
+            config = write_config_text(self.ui.trainingConfigTextEdit.toPlainText(), output)
+            if p.trainingUseSceneVolumes:
+                nodes = self.ui.trainingVolumesSelector.checkedNodes()
+                data = export_training_volumes(nodes, pathlib.Path(output) / "scene_volumes")
+            else:
+                data = p.trainingDataFolder
+            self.job = TrainingJob(
+                slicer.mrmlScene,
+                family=p.trainingFamily,
+                config_path=config,
+                data=data,
+                output_dir=output,
+                resume=p.trainingResume,
+                overwrite=p.trainingOverwrite,
+                device=p.trainingDevice,
+                extra_arguments=p.trainingExtraArguments,
+                curve_name=_("Training {family}").format(family=p.trainingFamily),
+            ).start()
+            self.ui.tensorBoardLabel.text = tensorboard_hint(self.job.tensorboard_dir)
+            self.ui.trainingStartButton.enabled = False
+            self.ui.trainingStopButton.enabled = True
+            self.ui.trainingStatusLabel.text = _("Training...")
+            self.timer.start()
+
+    def onStop(self) -> None:
+        if self.job is not None:
+            self.job.request_stop()
+            self.ui.trainingStatusLabel.text = _("Stopping after a clean checkpoint...")
+
+    def poll(self) -> None:
+        from CTDiffusionSRLib.process import JobState
+
+        if self.job is None:
+            self.timer.stop()
+            return
+        state = self.job.poll()
+        self.ui.trainingProgressBar.value = int(self.job.progress * 100)
+        if self.job.curve is not None and not getattr(self, "_shown", False):
+            self._shown = True
+            slicer.modules.plots.logic().ShowChartInLayout(self.job.curve.chart)
+        if state == JobState.RUNNING:
+            return
+        self.timer.stop()
+        self.ui.trainingStartButton.enabled = True
+        self.ui.trainingStopButton.enabled = False
+        self.ui.trainingStatusLabel.text = {
+            JobState.COMPLETED: _("Training ended; checkpoints are in the output folder."),
+            JobState.CANCELLED: _("Training stopped."),
+        }.get(state, _("Training failed: {error}").format(error=self.job.error))
+        self.job = None
+
+    def cleanup(self) -> None:
+        self.timer.stop()
+        if self.job is not None:
+            self.job.request_stop()
+
+
+def exportResultWithDialog(node) -> None:
+    """Ask where and how, then write ``node`` with its provenance (DICOM series, NRRD or NIfTI)."""
+    from CTDiffusionSRLib.mrml_io import EXPORT_FILTERS, export_result, export_target
+
+    if node is None:
+        return
+    filters = ";;".join(text for text, _suffix, _dicom in EXPORT_FILTERS)
+    dialog = qt.QFileDialog(slicer.util.mainWindow(), _("Export result"), "", filters)
+    dialog.setAcceptMode(qt.QFileDialog.AcceptSave)
+    if not dialog.exec_():
+        return
+    path, asDicom = export_target(dialog.selectedFiles()[0], dialog.selectedNameFilter())
+    try:
+        written = export_result(node, path, as_dicom=asDicom)
+    except Exception as exc:  # noqa: BLE001 - every failure is shown to the user with its message
+        slicer.util.errorDisplay(_("Export failed: {error}").format(error=exc))
+        return
+    slicer.util.infoDisplay(_("Exported {name} to {path}").format(name=node.GetName(), path=written[0]))
