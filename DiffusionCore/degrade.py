@@ -13,16 +13,19 @@ super-resolution or interpolation writes to; for a slab-averaged volume it is th
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import numpy as np
 
 from .errors import GeometryError, InputError
-from .volume import Grid, Volume, axis_index, thick_axis
+from .volume import Grid, Volume, axis_index, suggested_factor, thick_axis
 
 Degradation = Literal["slab", "decimate"]
 DEGRADATIONS = ("slab", "decimate")
 MAX_FACTOR = 8
+
+logger = logging.getLogger(__name__)
 
 
 def _check_factor(factor: int, n: int, axis: int) -> int:
@@ -166,3 +169,47 @@ def thin_grid(
         origin=_shift_origin(grid, ax, offset_thick),
         direction=grid.direction,
     )
+
+
+def plan_thin_grid(
+    thick: Volume | Grid,
+    *,
+    factor: int | None = None,
+    target_spacing: float | None = None,
+    axis: str | int | None = None,
+) -> tuple[Grid, int, int | None]:
+    """The one decision of what a super-resolution run produces: the thin grid, its array axis, and the
+    integer factor (``None`` when a target spacing is given). Without a factor or spacing, the factor is
+    suggested from the spacing and clamped to :data:`MAX_FACTOR`.
+
+    Used by the SR pipeline, the ``sr`` command and the Slicer module (which shows the factor before a run).
+
+    Raises:
+        GeometryError: isotropic input (no thick axis), both factor and spacing, an axis that is not thicker
+            than the others, bad values.
+    """
+    grid = thick.grid if isinstance(thick, Volume) else thick
+    if factor is not None and target_spacing is not None:
+        raise GeometryError("give either a factor or a target spacing, not both.")
+    ax = thick_axis(grid) if axis is None else axis_index(axis)
+    if ax is None:
+        sp = ", ".join(f"{s:.3g}" for s in grid.spacing_zyx)
+        raise GeometryError(
+            f"the volume is already (nearly) isotropic (spacing z, y, x = {sp} mm): there is no thick "
+            "axis to super-resolve. Pass --axis (and --factor) if you really want to up-sample one."
+        )
+    if factor is None and target_spacing is None:
+        factor = suggested_factor(grid, ax)
+        if factor < 2:
+            raise GeometryError(
+                f"axis {'zyx'[ax]} is not thicker than the others (spacing z, y, x = "
+                f"{', '.join(f'{s:.3g}' for s in grid.spacing_zyx)} mm): give --factor or --target-spacing."
+            )
+        if factor > MAX_FACTOR:
+            logger.warning(
+                "the slices are %.3g times thicker than the in-plane spacing; using the largest supported "
+                "factor %d", grid.spacing_zyx[ax] / min(np.delete(np.asarray(grid.spacing_zyx), ax)), MAX_FACTOR
+            )
+            factor = MAX_FACTOR
+    out = thin_grid(grid, factor, target_spacing=target_spacing, axis=ax)
+    return out, ax, (int(factor) if factor is not None else None)

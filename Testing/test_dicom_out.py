@@ -197,3 +197,27 @@ def test_provenance_in_nrrd_and_nifti(tmp_path, make_phantom):
     assert nib.load(out).header["descrip"].tobytes().startswith(b"SYNTHETIC SR x2 (synthetic)")
     side = json.loads((tmp_path / "thin.json").read_text())["provenance"]
     assert side["synthetic"] is True and side["input"].endswith("ct.nii.gz") and side["settings"]["factor"] == 2
+
+
+def test_slicer_reads_the_written_series_as_one_volume(tmp_path, thick_series):
+    """Slicer's DICOM plugin loads a scalar volume through the archetype reader (GDCM) used here; slicer-core
+    has no DICOM database, so the import into one is not exercised."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is needed")
+    source, _ = thick_series
+    out = tmp_path / "thin"
+    assert _sr(source, out, "--factor", "2").returncode == 0
+    scene = slicer.vtkMRMLScene()
+    node = slicer.vtkMRMLScalarVolumeNode()
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(sorted(out.iterdir())[0]))
+    assert storage.ReadData(node)
+    dims = node.GetImageData().GetDimensions()
+    assert dims == (32, 32, 16)
+    ours = read_volume(out)
+    spacing = node.GetSpacing()
+    assert np.allclose(spacing, ours.spacing, atol=0.01)
+    ras_origin = np.array(node.GetOrigin())
+    lps = np.array([-1.0, -1.0, 1.0]) * ras_origin
+    assert np.abs(lps - np.array(ours.origin)).max() < 0.01

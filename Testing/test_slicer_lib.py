@@ -147,6 +147,22 @@ def test_sr_input_checks_say_why_apply_is_disabled(scene):
     assert check_sr_input(good) == ""
 
 
+def test_the_module_shows_the_factor_the_pipeline_will_use(scene):
+    """One decision of the thin grid (DiffusionCore.degrade.plan_thin_grid) for the pipeline and the module:
+    12 mm slices over 0.8 mm pixels suggest x15, clamped to the supported x8 in both."""
+    from CTDiffusionSRLib.sr_logic import effective_factor
+
+    from DiffusionCore.degrade import MAX_FACTOR
+    from DiffusionCore.sr.pipeline import SuperResolver
+
+    very_thick = phantom_ct(spacing=(0.8, 0.8, 12.0))
+    node = mrml_io.add_volume_node(scene, very_thick, "very thick")
+    resolver = SuperResolver.tiny_predictor()
+    assert effective_factor(node, SRSettings()) == resolver.target_grid(very_thick)[2] == MAX_FACTOR
+    assert effective_factor(node, SRSettings(factor=3)) == 3
+    assert effective_factor(node, SRSettings(target_spacing=3.0)) == 4
+
+
 def test_sr_settings_pass_adaptation_to_the_batch_cli():
     import importlib.util
 

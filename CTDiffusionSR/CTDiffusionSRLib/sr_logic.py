@@ -12,7 +12,7 @@ import numpy as np
 
 from DiffusionCore.degrade import MAX_FACTOR
 from DiffusionCore.errors import DiffusionCoreError, InputError, OutputError
-from DiffusionCore.volume import axis_index, check_ct, require_ct, suggested_factor, thick_axis, write_volume
+from DiffusionCore.volume import check_ct, require_ct, thick_axis, write_volume
 
 from .jobs import CLIJob
 from .mrml_io import (
@@ -165,15 +165,19 @@ def intensity_problem(node, settings: SRSettings) -> str:
 
 
 def effective_factor(node, settings: SRSettings) -> int:
-    """The factor the run will use (the one suggested from the slice spacing when settings say 0)."""
+    """The factor the run will use, as the pipeline decides it (``DiffusionCore.degrade.plan_thin_grid``:
+    suggested from the slice spacing and clamped to the supported maximum when settings say 0; for a target
+    spacing, the nearest integer factor, for the node's name)."""
+    from DiffusionCore.degrade import plan_thin_grid
+
     if settings.factor > 0:
         return int(settings.factor)
     grid = grid_from_node(node)
-    axis = None if settings.axis == "auto" else axis_index(settings.axis)
+    axis = None if settings.axis == "auto" else settings.axis
     if settings.target_spacing > 0:
-        ax = axis if axis is not None else (thick_axis(grid) or 0)
+        _, ax, _ = plan_thin_grid(grid, target_spacing=settings.target_spacing, axis=axis)
         return max(1, int(round(grid.spacing_zyx[ax] / settings.target_spacing)))
-    return int(suggested_factor(grid, axis))
+    return int(plan_thin_grid(grid, axis=axis)[2])
 
 
 def check_weights(weights: str, family: str, allow_unregistered: bool) -> None:

@@ -39,12 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..degrade import MAX_FACTOR, thin_grid
+from ..degrade import plan_thin_grid, thin_grid
 from ..errors import Cancelled, ConfigError, GeometryError, InputError, ResourceError, WeightsError
 from ..evaluate import register_method
 from ..interpolation import cubic_matrix, interpolate
 from ..train.distributed import resolve_device
-from ..volume import Grid, Volume, axis_index, check_ct, require_ct, suggested_factor, thick_axis
+from ..volume import Grid, Volume, check_ct, require_ct
 from .adapt import AdaptSettings, adapt_predictor
 from .config import MEAN, SAMPLE
 from .intensity import HU_PER_UNIT, hu_to_unit, hu_to_unit_, unit_to_hu_
@@ -375,35 +375,13 @@ class SuperResolver:
         target_spacing: float | None = None,
         axis: str | int | None = None,
     ) -> tuple[Grid, int, int | None]:
-        """The thin grid a run writes, its array axis, and the integer factor (``None`` for a spacing).
+        """The thin grid a run writes, its array axis, and the integer factor (``None`` for a spacing): see
+        :func:`DiffusionCore.degrade.plan_thin_grid`, the one place this is decided.
 
         Raises:
             GeometryError: isotropic input (no thick axis), both factor and spacing, bad values.
         """
-        if factor is not None and target_spacing is not None:
-            raise GeometryError("give either a factor or a target spacing, not both.")
-        ax = thick_axis(volume) if axis is None else axis_index(axis)
-        if ax is None:
-            sp = ", ".join(f"{s:.3g}" for s in volume.spacing_zyx)
-            raise GeometryError(
-                f"the volume is already (nearly) isotropic (spacing z, y, x = {sp} mm): there is no thick "
-                "axis to super-resolve. Pass --axis (and --factor) if you really want to up-sample one."
-            )
-        if factor is None and target_spacing is None:
-            factor = suggested_factor(volume, ax)
-            if factor < 2:
-                raise GeometryError(
-                    f"axis {'zyx'[ax]} is not thicker than the others (spacing z, y, x = "
-                    f"{', '.join(f'{s:.3g}' for s in volume.spacing_zyx)} mm): give --factor or --target-spacing."
-                )
-            if factor > MAX_FACTOR:
-                logger.warning(
-                    "the slices are %.3g times thicker than the in-plane spacing; using the largest supported "
-                    "factor %d", volume.spacing_zyx[ax] / min(np.delete(volume.spacing_zyx, ax)), MAX_FACTOR
-                )
-                factor = MAX_FACTOR
-        grid = thin_grid(volume, factor, target_spacing=target_spacing, axis=ax)
-        return grid, ax, (int(factor) if factor is not None else None)
+        return plan_thin_grid(volume, factor=factor, target_spacing=target_spacing, axis=axis)
 
     def run(
         self,
