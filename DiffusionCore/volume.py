@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,16 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import GeometryError, InputError, OutputError
-from .files import gzip_file, publish, usable_cpus
+from .files import (
+    CompressedDataError,
+    gzip_file,
+    inflated_size,
+    native_stderr_captured,
+    partial_file,
+    publish,
+    remove_stale_partials,
+    usable_cpus,
+)
 from .geometry import (
     POSITION_TOL_VOXELS,
     axis_angles_deg,
@@ -319,11 +329,46 @@ def suggested_factor(vol: Volume | Grid, axis: int | None = None) -> int:
 
 # -- reading -----------------------------------------------------------------------------------------
 def _sitk_message(exc: Exception) -> str:
+    """The substance of a SimpleITK exception, without ITK's source paths and object addresses."""
     text = str(exc).strip().splitlines()
     for line in text:
         if "Description:" in line or "ERROR" in line.upper():
-            return line.split("Description:")[-1].strip()
+            line = line.split("Description:")[-1].strip()
+            return re.sub(r"^ITK ERROR:\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", line)
     return text[-1] if text else type(exc).__name__
+
+
+#: Words in ITK's console output that mean the voxel data were not read as the header describes them (MetaIO
+#: prints "Uncompress failed" and reads on, leaving garbage voxels).
+_ITK_READ_FAILURES = ("fail", "not read completely", "error", "cannot", "corrupt")
+
+
+def _itk(call, *args, reading: Path | None = None):
+    """``call(*args)`` (a SimpleITK function) with ITK's own console output kept off the terminal
+    (:func:`~DiffusionCore.files.native_stderr_captured`; logged at debug level).
+
+    Args:
+        reading: the file being read: output reporting a read failure (while ITK returns an image anyway)
+            refuses it with an InputError naming what ITK said.
+    """
+    with native_stderr_captured() as native:
+        result = call(*args)
+    said = [_itk_substance(line) for line in native if not line.startswith("WARNING: In ")]
+    said = [line for line in said if line]
+    failures = [line for line in said if any(w in line.lower() for w in _ITK_READ_FAILURES)]
+    if reading is not None and failures:
+        raise InputError(
+            f"could not read {reading}: ITK reported \"{failures[0]}\" while reading its voxels, so they are not "
+            "what its header describes: the file is corrupt. Export or copy it again."
+        )
+    if reading is not None and said:  # a warning of ITK's about this file, in our words and format
+        logger.warning("%s: %s (reported by ITK while reading it)", reading, "; ".join(dict.fromkeys(said)))
+    return result
+
+
+def _itk_substance(line: str) -> str:
+    """An ITK console line without its object address (``ImageSeriesReader (0x55e5...): ``)."""
+    return re.sub(r"^\w+ \(0x[0-9a-fA-F]+\):\s*", "", line).strip()
 
 
 def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
@@ -331,11 +376,11 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
     search_dirs = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir())
     for d in search_dirs:
         try:
-            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d))
+            ids = _itk(sitk.ImageSeriesReader.GetGDCMSeriesIDs, str(d))
         except RuntimeError:
             ids = ()
         for uid in ids:
-            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), uid))
+            files = list(_itk(sitk.ImageSeriesReader.GetGDCMSeriesFileNames, str(d), uid))
             if len(files) > len(series.get(uid, [])):
                 series[uid] = files
     if not series:
@@ -360,11 +405,11 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
         logger.warning(msg)
         meta["note"] = msg
     positions = _slice_positions(files, folder)
-    _check_series_size(files)
+    _check_series_size(files, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        img = reader.Execute()
+        img = _itk(reader.Execute, reading=folder)
     except RuntimeError as exc:
         raise InputError(f"could not read the DICOM series in {folder}: {_sitk_message(exc)}") from None
     if positions is not None:
@@ -585,8 +630,10 @@ def _check_nifti(p: Path) -> np.ndarray | None:
             with gzip.open(p, "rb") as f:
                 while chunk := f.read(1 << 22):
                     size += len(chunk)
-        except (EOFError, OSError, zlib.error):
+        except EOFError:
             size = -1
+        except (OSError, zlib.error) as exc:  # a wrong byte or a failed CRC-32: not an incomplete copy
+            raise InputError(_corrupt_message(p, "gzip", str(exc))) from None
     else:
         size = p.stat().st_size
     if size < expected:
@@ -651,6 +698,127 @@ def check_metaimage_header(p: Path) -> None:
         raise InputError(f"{bad} (DimSize = {fields['dimsize']} for NDims = {ndims}); the file is corrupt.")
 
 
+def _corrupt_message(p: Path, what: str, detail: str) -> str:
+    return (f"could not read {p}: its {what}-compressed data are corrupt ({detail}): the file was damaged (a bad "
+            "disk, a faulty transfer), not cut short. Copy it again from its source.")  # fmt: skip
+
+
+def _header_fields(p: Path, separator: str) -> tuple[dict[str, str], int] | None:
+    """The ``key SEP value`` lines of a text header (MetaImage ``=``, NRRD ``:``), lower-case keys, and the
+    offset of the data after it: after MetaImage's ``ElementDataFile = LOCAL`` line or NRRD's blank line."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    fields: dict[str, str] = {}
+    offset = 0
+    for raw in head.split(b"\n"):
+        offset += len(raw) + 1
+        line = raw.decode("latin-1").strip()
+        if separator == ":" and not line:
+            return fields, offset  # NRRD: a blank line ends the header
+        key, sep, value = line.partition(separator)
+        if sep and not line.startswith("#"):
+            fields.setdefault(key.strip().lower(), value.strip().lstrip("="))
+        if separator == "=" and key.strip().lower() == "elementdatafile":
+            return fields, offset
+    return None
+
+
+#: Bytes per voxel of MetaImage element types.
+_MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+              "MET_DOUBLE": 8}  # fmt: skip
+
+
+def _check_compressed_data(p: Path) -> None:
+    """Check the voxel data of a MetaImage or NRRD file against its header before ITK reads them: ITK's
+    MetaImage reader prints "Uncompress failed" and returns garbage voxels (a constant or wild volume) when the
+    header's ``CompressedData`` does not match the data, and both readers report a damaged gzip stream as a
+    read error without saying why. Distinguishes a header that lies about compression, a truncated file and
+    corrupt compressed data (a wrong byte or checksum).
+
+    Raises:
+        InputError: naming which of these it is.
+    """
+    suffix = _suffix(p)
+    if suffix in (".mha", ".mhd"):
+        parsed = _header_fields(p, "=")
+        if parsed is None:
+            return
+        fields, offset = parsed
+        data_file = fields.get("elementdatafile", "")
+        if data_file.upper() != "LOCAL":
+            if not data_file or " " in data_file or "headersize" in fields:
+                return  # a list or pattern of files, or an explicit header size: left to ITK
+            p, offset = p.parent / data_file, 0
+        try:
+            dims = [int(v) for v in fields.get("dimsize", "").split()]
+            channels = int(fields.get("elementnumberofchannels", "1"))
+            item = _MET_BYTES[fields.get("elementtype", "").upper()]
+        except (ValueError, KeyError):
+            return
+        expected = math.prod(dims) * channels * item
+        compressed = fields.get("compresseddata", "false").lower() == "true"
+        claim = f"CompressedData = {'True' if compressed else 'False'}"
+    elif suffix == ".nrrd":
+        parsed = _header_fields(p, ":")
+        if parsed is None:
+            return
+        fields, offset = parsed
+        if "data file" in fields or "datafile" in fields:
+            return  # detached data: left to ITK
+        encoding = fields.get("encoding", "raw").lower()
+        if encoding not in ("gzip", "gz"):
+            return
+        compressed, expected, claim = True, None, f"encoding: {encoding}"
+    else:
+        return
+    if not p.is_file():
+        return
+    with open(p, "rb") as f:
+        f.seek(offset)
+        if compressed:
+            try:
+                inflated = inflated_size(f)
+            except CompressedDataError as exc:
+                if exc.kind == "not compressed":
+                    raise InputError(
+                        f"could not read {p}: its header says the voxel data are compressed ({claim}), but they "
+                        "are not: the header does not describe the data. Fix the header or export the file again."
+                    ) from None
+                if exc.kind == "truncated":
+                    raise InputError(f"could not read {p}: the file is truncated (incomplete copy or download). "
+                                     "Copy it again.") from None  # fmt: skip
+                raise InputError(_corrupt_message(p, "zlib" if suffix in (".mha", ".mhd") else "gzip", exc.detail)) from None
+            if expected is not None and inflated != expected:
+                raise InputError(
+                    f"could not read {p}: its compressed voxel data hold {inflated} bytes where its header "
+                    f"(DimSize, ElementType) describes {expected}: the header does not describe the data. "
+                    "Export the file again."
+                )
+            return
+        start = f.read(2)
+        available = len(start) + max(0, p.stat().st_size - offset - 2)
+        if expected is not None and available < expected:
+            f.seek(offset)
+            try:
+                compressed_anyway = inflated_size(f) == expected
+            except CompressedDataError:
+                compressed_anyway = False
+            if compressed_anyway:
+                raise InputError(
+                    f"could not read {p}: its header says the voxel data are not compressed ({claim}), but they "
+                    "are (zlib): the header does not describe the data. Fix the header (CompressedData = True) or "
+                    "export the file again."
+                )
+            raise InputError(
+                f"could not read {p}: the file is truncated (its header describes {expected} bytes of voxels, "
+                f"{available} are there; an incomplete copy or download). Copy it again."
+            )
+
+
 def _check_read_size(p: Path, n_slices: int | None = None) -> None:
     """Read only the header of ``p`` and refuse a volume that cannot fit in memory, before ITK allocates it
     (a corrupt or hostile header can claim billions of voxels). ``n_slices`` multiplies a single DICOM
@@ -658,10 +826,11 @@ def _check_read_size(p: Path, n_slices: int | None = None) -> None:
     from .files import check_memory_for
 
     check_metaimage_header(p)
+    _check_compressed_data(p)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
-        reader.ReadImageInformation()
+        _itk(reader.ReadImageInformation)
     except RuntimeError as exc:
         raise InputError(
             f"could not read {p}: {_sitk_message(exc)}. Supported: NIfTI (.nii, .nii.gz), NRRD, MHA, "
@@ -678,10 +847,25 @@ def _check_read_size(p: Path, n_slices: int | None = None) -> None:
     )
 
 
-def _check_series_size(files: Sequence[str]) -> None:
+def _check_series_size(files: Sequence[str], folder: Path) -> None:
     """:func:`_check_read_size` for a DICOM series: the largest slice of any file times the number of files
-    (one corrupt slice header can claim a huge image)."""
-    largest = max(files, key=lambda f: _slice_pixels(f))
+    (one corrupt slice header can claim a huge image). Refuses a series whose slices differ in size, naming
+    the odd file."""
+    sizes = {f: _slice_size(f) for f in files}
+    counts: dict[tuple[int, ...], int] = {}
+    for size in sizes.values():
+        counts[size] = counts.get(size, 0) + 1
+    if len(counts) > 1:
+        usual = max(counts, key=lambda k: counts[k])
+        odd = next(f for f, size in sizes.items() if size != usual)
+        shown = "x".join(map(str, sizes[odd][:2]))
+        raise InputError(
+            f"the DICOM series in {folder} mixes slice sizes: {Path(odd).name} is {shown} pixels"
+            f"{' with ' + str(sizes[odd][2]) + ' components' if sizes[odd][2] != usual[2] else ''}, where "
+            f"{counts[usual]} of its {len(files)} slices are {'x'.join(map(str, usual[:2]))}: it is not a slice of "
+            "this volume. Remove it (or keep only the slices of one acquisition) and try again."
+        )
+    largest = max(files, key=lambda f: math.prod(sizes[f]))
     _check_read_size(Path(largest), n_slices=len(files))
 
 
@@ -690,15 +874,17 @@ def _dicom_header(file: str) -> sitk.ImageFileReader:
     reader = sitk.ImageFileReader()
     reader.SetFileName(file)
     try:
-        reader.ReadImageInformation()
+        _itk(reader.ReadImageInformation)
     except RuntimeError as exc:
         raise InputError(f"corrupt DICOM file {file}: {_sitk_message(exc)}") from None
     return reader
 
 
-def _slice_pixels(file: str) -> int:
+def _slice_size(file: str) -> tuple[int, int, int]:
+    """(columns, rows, components per pixel) of one DICOM file, from its header."""
     reader = _dicom_header(file)
-    return math.prod(int(v) for v in reader.GetSize()[:2]) * max(1, int(reader.GetNumberOfComponents()))
+    cols, rows = (int(v) for v in reader.GetSize()[:2])
+    return cols, rows, max(1, int(reader.GetNumberOfComponents()))
 
 
 def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
@@ -732,7 +918,7 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
             nonfinite = _check_nifti(p)
         _check_read_size(p)
         try:
-            img = sitk.ReadImage(str(p))
+            img = _itk(sitk.ReadImage, str(p), reading=p)
         except RuntimeError as exc:
             raise InputError(
                 f"could not read {p}: {_sitk_message(exc)}. Supported: NIfTI (.nii, .nii.gz), NRRD, MHA, "
@@ -774,7 +960,9 @@ def _folder_writable(folder: Path) -> bool:
 
 
 def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Validate an output path before any work is done (format, folder writable, no silent overwrite)."""
+    """Validate an output path before any work is done (format, folder writable, no silent overwrite), and
+    delete the hidden temporary files of this output that a killed earlier run left (``.NAME.*.partial*``
+    of a process that no longer runs)."""
     p = Path(path)
     suffix = _suffix(p)
     if suffix not in WRITABLE_SUFFIXES:
@@ -788,6 +976,10 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
         raise OutputError(f"{p} already exists; pass --overwrite to replace it, or choose another name.")
     if p.is_dir():
         raise OutputError(f"{p} is a folder; give a file name such as result.nii.gz")
+    removed = remove_stale_partials(p)
+    if removed:
+        logger.info("removed %d temporary file(s) that an interrupted earlier run left beside %s: %s", len(removed),
+                    p.name, ", ".join(removed))  # fmt: skip
     return p
 
 
@@ -894,10 +1086,8 @@ def write_volume(
     temps = []
     try:
         for ext in (".nii", suffix) if gzip_after else (suffix,):
-            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".partial{ext}", dir=p.parent)
-            os.close(fd)
-            temps.append(tmp)
-        sitk.WriteImage(img, temps[0], useCompression=compress and suffix in (".nrrd", ".mha"))
+            temps.append(partial_file(p, ext))
+        _itk(sitk.WriteImage, img, temps[0], compress and suffix in (".nrrd", ".mha"))
         if gzip_after:
             gzip_file(temps[0], temps[1])
         publish(temps[-1], p)

@@ -66,6 +66,7 @@ def test_an_unregistered_checkpoint_pair_is_refused_like_any_weights_file(tmp_pa
     assert trusted.returncode == 0, trusted.stderr
     assert out.is_file() and "using unregistered weights" in trusted.stderr
     out.unlink()
+    (tmp_path / "out.json").unlink()  # the result's provenance sidecar
 
     for name, file in (("my-vae", vae), ("my-diffusion", diffusion)):
         done = _cli(cache, "weights", "import", str(file), "--name", name)

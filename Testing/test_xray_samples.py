@@ -56,3 +56,33 @@ def test_the_default_comes_from_the_weights_config_and_zero_is_refused():
     assert report["settings"]["num_samples"] == [c.diffusion.num_samples for c in gen.cascade.configs]
     with pytest.raises(InputError, match="num_samples"):
         gen.run(_drr(), device="cpu", steps=1, num_samples=0)
+
+
+def test_stage_one_can_start_from_its_lifting_only_volume():
+    """``diffusion.lifting_start_t`` < 1: DDIM starts at that t from the lifting-only volume plus noise (the
+    diffusion refines the deterministic estimate) instead of from pure noise at t = 1."""
+    from DiffusionCore.xray.vdiffusion import alpha_sigma, ddim_sample
+
+    gen = _tiny()
+    stage = gen.cascade.stages[0]
+    x = torch.from_numpy(_drr())[None, None]
+    from_noise = stage.sample(x, None, steps=3, generator=torch.Generator().manual_seed(3))
+    stage.cfg.diffusion.lifting_start_t = 0.4
+    refined = stage.sample(x, None, steps=3, generator=torch.Generator().manual_seed(3))
+    r = stage.cfg.resolution
+    noise = torch.randn(1, 1, r, r, r, generator=torch.Generator().manual_seed(3))
+    a, s = alpha_sigma(torch.tensor(0.4))
+    ctx = stage.condition(x, None)
+    expected = ddim_sample(lambda v, t: stage.predict(v, t, ctx), a * stage.lifted_only(x) + s * noise, steps=3,
+                           prediction="x0", t_start=0.4)  # fmt: skip
+    torch.testing.assert_close(refined, expected)
+    assert not torch.allclose(refined, from_noise)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5, float("nan")])
+def test_a_lifting_start_outside_zero_one_is_refused(value):
+    from DiffusionCore.errors import ConfigError
+    from DiffusionCore.xray.config import XrayDiffusionConfig, XrayStageConfig
+
+    with pytest.raises(ConfigError, match="lifting_start_t"):
+        XrayStageConfig(diffusion=XrayDiffusionConfig(lifting_start_t=value))

@@ -92,6 +92,13 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
+def one_line(text: str, limit: int | None = None) -> str:
+    """A message as one line: its lines joined by "; " (an error is one line on stderr, whatever raised it), cut
+    to ``limit`` characters when given."""
+    text = "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return text if limit is None or len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 def run_guarded(
     fn: Callable[[], int | None], *, debug: bool = False, memory_hint: str = "use smaller patches"
 ) -> int:
@@ -109,7 +116,7 @@ def run_guarded(
     except DiffusionCoreError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; no partial output was kept.", file=sys.stderr)
@@ -126,8 +133,8 @@ def run_guarded(
             print(f"error: out of memory: {memory_hint}, or use a machine with more memory.", file=sys.stderr)
             return 5
         print(
-            f"error: internal error ({type(exc).__name__}: {exc}). Run again with --debug for the traceback "
-            "and report it.",
+            f"error: internal error ({type(exc).__name__}: {one_line(str(exc), 300)}). Run again with --debug for "
+            "the traceback and report it.",
             file=sys.stderr,
         )
         return 1
@@ -216,6 +223,29 @@ def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
         return value
 
     parse.__name__ = "integer"
+    return parse
+
+
+def name_list(choices: tuple[str, ...] | None = None) -> Callable[[str], tuple[str, ...]]:
+    """An argparse ``type`` for a comma-separated list of names (``--methods cubic,sr``), checked when the command
+    line is parsed (exit code 2): at least one name, no empty entry (``a,,b``, a trailing comma), no name twice,
+    and each one of ``choices`` when given."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in text.split(","))
+        if not any(names):
+            raise argparse.ArgumentTypeError(f"must name at least one, comma-separated; got {text!r}")
+        if not all(names):
+            raise argparse.ArgumentTypeError(f"has an empty entry (two commas, or one at an end): {text!r}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise argparse.ArgumentTypeError(f"names {', '.join(twice)} more than once: {text!r}")
+        unknown = [n for n in names if choices is not None and n not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}: choose from {', '.join(choices or ())}")
+        return names
+
+    parse.__name__ = "list"
     return parse
 
 

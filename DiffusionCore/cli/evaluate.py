@@ -6,14 +6,13 @@ import argparse
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from ..errors import NumericalError, OutputError
 from ..evaluate import evaluate, format_table
-from ..files import publish, refuse_overwriting_inputs
+from ..files import partial_file, publish, refuse_overwriting_inputs, remove_stale_partials
 from ..volume import crop_slices, load_reference
-from .common import Progress, adapt_settings, add_adapt_arguments, add_progress_argument
+from .common import Progress, adapt_settings, add_adapt_arguments, add_progress_argument, name_list
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--axis", default="z", choices=("z", "y", "x"), help="array axis to degrade (default z)")
     p.add_argument("--degradation", default="slab", choices=("slab", "decimate"), help="default slab")
     p.add_argument(
-        "--methods", default="nearest,linear,cubic",
+        "--methods", type=name_list(), default=("nearest", "linear", "cubic"),
         help="comma-separated list of nearest, linear, cubic, cubic+dc (cubic then the data-consistency step "
         "that sr uses), sr, sr+adapt (sr adapted to the thick input first; see --adapt)",
     )
@@ -87,9 +86,10 @@ def write_json_atomic(data: dict, path: str | os.PathLike, overwrite: bool = Tru
             return [clean(x) for x in v]
         return v
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
+    remove_stale_partials(p)
+    tmp = partial_file(p)
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(clean(data), f, indent=2, default=_jsonable)
         publish(tmp, p)
     finally:
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from ..files import keep_freed_memory
 
     keep_freed_memory()  # a one-shot process: the model's buffers are reused, not mapped afresh
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(args.methods)  # unknown names are refused by evaluate() before any work
     refuse_overwriting_inputs([args.reference, args.weights], [("--json", args.json_out)])
     if args.json_out:
         out = Path(args.json_out)

@@ -17,7 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("names", nargs="*", metavar="NAME", help=f"sample names: {', '.join(sampledata.SAMPLES)}")
     p.add_argument(
-        "--list", action="store_true", help="list the samples and whether they are cached; fetch nothing"
+        "--list",
+        action="store_true",
+        help="list the samples and whether they are cached (sha256-checked: a damaged file shows as corrupt); "
+        "fetch nothing",
     )
     p.add_argument("--offline", action="store_true", help="use only cached files and files placed by hand")
     p.set_defaults(func=run)
@@ -25,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _list() -> int:
     for name, s in sampledata.SAMPLES.items():
-        cached = (sampledata.sample_dir(name) / s.filename).is_file()
-        print(f"{name:12s} {s.kind:10s} {'cached' if cached else 'not cached':10s} {s.description}")
+        state = sampledata.cache_state(name)  # "corrupt": a cached file fails its sha256
+        shown = "corrupt (fetched again on next use)" if state == "corrupt" else state
+        print(f"{name:12s} {s.kind:10s} {shown:10s} {s.description}")
         print(f"{'':12s} {s.package.registry} {s.package.spec}; licence: {s.licence}")
     print(f"cache: {sampledata.sample_root()}")
     return 0

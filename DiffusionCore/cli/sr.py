@@ -20,7 +20,7 @@ from typing import Any
 
 from ..dicom_out import check_dicom_geometry
 from ..errors import ConfigError, GeometryError, InputError, OutputError
-from ..files import keep_freed_memory, refuse_overwriting_inputs
+from ..files import current_rss_bytes, format_bytes, keep_freed_memory, refuse_overwriting_inputs
 from ..provenance import Provenance
 from ..results import (
     OUTPUT_FORMATS,
@@ -84,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--use-patches", action="store_true", help="use --patch-size/--overlap (patches are always used for volumes larger than one patch; default 32x256x256, overlap 8x64x64)")
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="patch size on the thin grid (D along the thick axis); smaller when memory is short")
     p.add_argument("--overlap", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="overlap between patches")
-    p.add_argument("--memory-limit", default=None, metavar="SIZE", help="plan tiles to use at most this much memory, e.g. 4GiB (default: $DIFFUSIONCORE_MEMORY_LIMIT, else the free memory); patches shrink to fit, or the run stops with the estimate")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE", help="cap on the working memory the run plans, e.g. 4GiB (default: $DIFFUSIONCORE_MEMORY_LIMIT, else the free memory): the volumes and patches, whose estimate must fit (patches shrink to fit, or the run stops with the estimate); the process itself (Python, PyTorch and the weights, about 0.3-0.5 GB on CPU) comes on top")
     p.add_argument("--allow-non-ct", action="store_true", help="run on a volume whose intensities do not look like CT in HU (e.g. a CT cropped inside the body); the model is trained on CT only")
     p.add_argument("--tile-batch", type=int, default=None, metavar="N", help="patches per model call (default: 1 on the CPU, as many as fit (up to 8) on a GPU)")
     p.add_argument("--num-samples", type=int, default=1, help="average N posterior samples (implies --estimate sample); with --uncertainty also write their per-voxel standard deviation")
@@ -339,6 +339,21 @@ def _json_report(job: Job, report: dict[str, Any], extra: dict[str, float]) -> d
             "uncertainty": str(job.uncertainty) if job.uncertainty else None, **clean}
 
 
+def _tell_memory_limit(report: dict[str, Any], limit: int, rss_before: int | None) -> None:
+    """Say what ``--memory-limit`` covered when the process used more (the limit is a planning budget for the
+    volumes and patches; the interpreter, PyTorch and the weights were there before), and record it."""
+    memory = report.setdefault("memory", {})
+    memory["limit_bytes"] = int(limit)
+    memory["limit_covers"] = "the volumes and patches the run plans; not the Python process, PyTorch or the weights"
+    memory["rss_before_bytes"] = rss_before
+    peak = memory.get("peak_rss_bytes")
+    if peak and peak > limit:
+        before = f", of which {format_bytes(rss_before)} were in use before the work" if rss_before else ""
+        logger.info("--memory-limit %s caps the working memory the run plans (volumes and patches); the process "
+                    "peaked at %s%s (Python, PyTorch and the weights come on top of the limit)",
+                    format_bytes(limit), format_bytes(peak), before)  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     _check_uncertainty_args(args)
     adapt = adapt_settings(args)  # option errors before any volume is read
@@ -385,6 +400,7 @@ def run(args: argparse.Namespace) -> int:
                 t_read = time.perf_counter() - t0
                 if resolver is None:
                     resolver = load_resolver(args)
+                rss_before = current_rss_bytes()
                 try:
                     output, report = resolver.run(
                         volume,
@@ -413,6 +429,8 @@ def run(args: argparse.Namespace) -> int:
                     failures.append(f"{job.source}: {exc}")
                     logger.warning("skipping %s: %s", job.source, exc)
                     continue
+                if memory_limit is not None:
+                    _tell_memory_limit(report, memory_limit, rss_before)
                 t0 = time.perf_counter()
                 std = report["uncertainty"] if job.uncertainty is not None else None
                 check_result(output, f"the sr result for {job.source}")  # before any integer cast

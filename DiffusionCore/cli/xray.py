@@ -6,10 +6,21 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..errors import InputError, OutputError
-from .common import Progress, add_progress_argument, bounded_int, check_result, finite_float, sigterm_cancels
+from ..errors import ConfigError, InputError, OutputError
+from .common import (
+    Progress,
+    add_progress_argument,
+    bounded_int,
+    check_result,
+    finite_float,
+    name_list,
+    sigterm_cancels,
+)
 
 logger = logging.getLogger(__name__)
+
+#: Stages a cascade can have (64^3, 128^3, 256^3): the most --num-stages accepts when it is parsed.
+MAX_STAGES = 3
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -21,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("xray", help="radiograph file (DICOM, PNG, JPEG) or a sample name (cxr-pa)")
     p.add_argument("output", help="output volume (.nii.gz, .nrrd, .mha)")
     p.add_argument(
-        "--num-stages", type=bounded_int(1), default=3, help="cascade stages to run (1: 64^3 preview, 3: 256^3)"
+        "--num-stages", type=bounded_int(1, MAX_STAGES), default=None,
+        help="cascade stages to run (1: 64^3 preview ... 3: 256^3; default: every stage the weights have); more "
+        "than the weights have is refused",
     )
     p.add_argument("--view", default="pa", choices=("pa", "lateral"), help="radiograph view (default pa)")
     p.add_argument("--weights", default=None, help="weights name or file (default: the shipped xray-default)")
@@ -74,8 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "3D SSIM (HU [-1024, 2048]) and re-projection PSNR per stage for the model and two baselines.",
     )
     e.add_argument("--reference", required=True, help="reference CT: file, DICOM folder or sample name")
-    e.add_argument("--num-stages", type=bounded_int(1), default=None, help="stages to evaluate (default all)")
-    e.add_argument("--methods", default="model,model-raw,mean-ct,lifting-only",
+    e.add_argument("--num-stages", type=bounded_int(1, MAX_STAGES), default=None,
+                   help="stages to evaluate (default: all the weights have; more is refused)")
+    e.add_argument("--methods", type=name_list(), default=("model", "model-raw", "mean-ct", "lifting-only"),
                    help="comma-separated methods: model (the cascade with its re-projection consistency step), "
                    "model-raw (without it), mean-ct (the prior), lifting-only")  # fmt: skip
     e.add_argument("--weights", default=None, help="weights name or file (default: the shipped xray-default)")
@@ -93,14 +107,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _generator(args: argparse.Namespace):
+    """The generator the options ask for; an explicit ``--num-stages`` beyond its stages is refused (exit 2)."""
     from ..xray.pipeline import XrayToCTGenerator
 
     if args.tiny_test_model:
         logger.warning("--tiny-test-model: a tiny random network for tests; the output is noise, not a CT")
-        return XrayToCTGenerator.tiny()
-    if args.weights:
-        return XrayToCTGenerator.from_pretrained(args.weights, allow_unregistered=args.allow_unregistered_weights)
-    return XrayToCTGenerator.default()
+        gen = XrayToCTGenerator.tiny()
+    elif args.weights:
+        gen = XrayToCTGenerator.from_pretrained(args.weights, allow_unregistered=args.allow_unregistered_weights)
+    else:
+        gen = XrayToCTGenerator.default()
+    if args.num_stages is not None and args.num_stages > gen.num_stages:
+        sides = ", ".join(f"{c.resolution}^3" for c in gen.cascade.configs)
+        raise ConfigError(
+            f"--num-stages {args.num_stages}: the X-ray to CT weights have {gen.num_stages} stage(s) ({sides}); "
+            f"give --num-stages {gen.num_stages} or less, or leave it out to run every stage"
+        )
+    return gen
 
 
 def _radiograph(name: str):
@@ -129,7 +152,8 @@ def run_xray2ct(args: argparse.Namespace) -> int:
     from ..volume import check_output_path, write_volume
     from .evaluate import write_json_atomic
 
-    stage_files = {s: _stage_path(Path(args.output), s) for s in range(1, args.num_stages)} if args.save_stages else {}
+    planned = args.num_stages or MAX_STAGES  # the weights say how many there are once they are loaded
+    stage_files = {s: _stage_path(Path(args.output), s) for s in range(1, planned)} if args.save_stages else {}
     refuse_overwriting_inputs([args.xray, args.weights], [("the output", args.output), ("--report", args.report),
                                                           *(("a stage output", p) for p in stage_files.values())])  # fmt: skip
     out = check_output_path(args.output, overwrite=args.overwrite)
@@ -137,6 +161,8 @@ def run_xray2ct(args: argparse.Namespace) -> int:
         raise OutputError(f"{args.report} already exists; pass --overwrite to replace it.")
     rad = _radiograph(args.xray)
     gen = _generator(args)
+    num_stages = args.num_stages or gen.num_stages
+    stage_files = {s: p for s, p in stage_files.items() if s < num_stages}
     stage_volumes: list[tuple] = []  # written with the final result, once every volume passed its check
 
     def on_stage(stage: int, vol, info: dict) -> None:
@@ -147,7 +173,7 @@ def run_xray2ct(args: argparse.Namespace) -> int:
     progress = Progress(args.progress, desc="xray2ct")
     with sigterm_cancels(what="xray2ct"):
         try:
-                vol, report = gen.run(rad, num_stages=args.num_stages, steps=args.steps, seed=args.seed,
+                vol, report = gen.run(rad, num_stages=num_stages, steps=args.steps, seed=args.seed,
                                       num_samples=args.num_samples,
                                   device=args.device, view=args.view, fov_mm=args.fov_mm, progress=progress,
                                   on_stage=on_stage, consistency=args.consistency)  # fmt: skip
@@ -210,7 +236,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         out = Path(args.json_out)
         if out.exists() and not args.overwrite:
             raise OutputError(f"{out} already exists; pass --overwrite to replace it.")
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    methods = tuple(args.methods)
     ref = load_reference(args.reference)
     gen = _generator(args)
     progress = Progress(args.progress, desc="evaluate-xray")

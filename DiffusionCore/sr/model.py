@@ -36,6 +36,14 @@ from torch import nn
 
 from ..config import config_to_dict, load_config
 from ..errors import Cancelled, ConfigError, InputError, WeightsError
+from ..nn.architecture import (
+    build_checked,
+    build_from_weights,
+    require_heads,
+    require_positive,
+    require_sizes,
+    weights_architecture,
+)
 from .config import ESTIMATES, MEAN, SAMPLE, SRConfig, tiny_config
 from .controlnet import IRControlNet
 from .resshift import DDIMProcess, ResShiftProcess
@@ -75,6 +83,40 @@ def requested_estimate(estimate: str | None, steps: int | None, num_samples: int
     if estimate is None and (steps is not None or num_samples > 1):
         return SAMPLE
     return estimate
+
+
+def check_sr_architecture(cfg: SRConfig) -> None:
+    """The rules an SR configuration's networks must follow, checked before they are built (from a config file
+    or from a weights file's metadata): non-empty channel lists, positive sizes and strides, one stride per
+    level change, attention heads dividing the widths they split.
+
+    Raises:
+        ConfigError: naming the key (``from_state`` reports it as the weights' fault).
+    """
+    v, u = cfg.vae, cfg.unet
+    channels = require_sizes("vae.channels", v.channels)
+    require_sizes("vae.downsample", v.downsample, length=len(channels) - 1, allow_empty=len(channels) == 1)
+    for i, stride in enumerate(v.downsample):
+        require_sizes(f"vae.downsample[{i}]", stride, length=3)
+    require_positive("vae.latent_channels", v.latent_channels)
+    require_positive("vae.num_res_blocks", v.num_res_blocks, minimum=0)
+    width = require_positive("unet.model_channels", u.model_channels)
+    mult = require_sizes("unet.channel_mult", u.channel_mult)
+    require_sizes("unet.downsample", u.downsample, length=len(mult) - 1, allow_empty=len(mult) == 1)
+    for i, stride in enumerate(u.downsample):
+        require_sizes(f"unet.downsample[{i}]", stride, length=3)
+    if len(u.attention_levels) != len(mult):
+        raise ConfigError(f"unet.attention_levels must list one entry per level ({len(mult)}); got "
+                          f"{list(u.attention_levels)}")  # fmt: skip
+    require_positive("unet.num_res_blocks", u.num_res_blocks, minimum=0)
+    for level, m in enumerate(mult):  # attention runs at the attention levels and in the middle block
+        if u.attention_levels[level] or level == len(mult) - 1:
+            require_heads(f"unet.model_channels x unet.channel_mult[{level}]", width * m, "unet.num_heads",
+                          u.num_heads)  # fmt: skip
+    if u.attention_window is not None:
+        require_sizes("unet.attention_window", u.attention_window, length=3)
+    require_positive("diffusion.num_train_timesteps", cfg.diffusion.num_train_timesteps)
+    require_positive("diffusion.num_inference_steps", cfg.diffusion.num_inference_steps)
 
 
 class SRDenoiser(nn.Module):
@@ -133,8 +175,12 @@ class SRModel(nn.Module):
     def __init__(self, config: SRConfig | None = None, vae: CTAutoencoderKL | None = None) -> None:
         super().__init__()
         self.config = config or SRConfig()
-        self.vae = vae if vae is not None else CTAutoencoderKL(self.config.vae)
-        self.denoiser = SRDenoiser(self.config, self.vae.latent_channels)
+        check_sr_architecture(self.config)
+        self.vae = vae if vae is not None else build_checked(lambda: CTAutoencoderKL(self.config.vae),
+                                                             "the SR autoencoder")  # fmt: skip
+        self.denoiser = build_checked(
+            lambda: SRDenoiser(self.config, self.vae.latent_channels), "the SR denoiser"
+        )
         self.diffusion = build_process(self.config)
         self.weights_sha256: str = ""
         unet_ds = self.denoiser.unet.downsample
@@ -175,21 +221,15 @@ class SRModel(nn.Module):
         sha256: str = "",
         source: str = "weights",
     ) -> SRModel:
-        """Build from a config and ``vae.*`` / ``denoiser.*`` tensors (WeightsError when they do not fit)."""
-        cfg = load_config(config, SRConfig) if isinstance(config, dict) else config
-        model = cls(cfg)
-        try:
-            missing, unexpected = model.load_state_dict(tensors, strict=False)
-        except RuntimeError as exc:
-            raise WeightsError(
-                f"{source} do not fit the SR architecture recorded in their own config ({exc}); "
-                "re-export them with `train sr` / `train vae`"
-            ) from exc
-        if missing or unexpected:
-            raise WeightsError(
-                f"{source} do not match the SR architecture: missing {sorted(missing)[:4]}..., unexpected "
-                f"{sorted(unexpected)[:4]}...; re-export them with DiffusionCore"
-            )
+        """Build from a config and ``vae.*`` / ``denoiser.*`` tensors.
+
+        Raises:
+            WeightsError: a config that cannot be built, or tensors that do not fit it (one line, checked before
+                the networks are allocated).
+        """
+        with weights_architecture(source):
+            cfg = load_config(config, SRConfig) if isinstance(config, dict) else config
+        model = build_from_weights(lambda: cls(cfg), tensors, source, "the SR model")
         model.weights_sha256 = sha256
         model.eval()
         return model

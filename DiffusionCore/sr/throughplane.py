@@ -235,18 +235,12 @@ def from_state(tensors: dict[str, torch.Tensor], config: dict | ThroughPlaneConf
     Raises:
         WeightsError: tensors missing or of the wrong shape for the config.
     """
-    from ..errors import WeightsError
+    from ..nn.architecture import build_from_weights
 
     cfg = config if isinstance(config, ThroughPlaneConfig) else ThroughPlaneConfig(**dict(config))
-    net = ThroughPlaneNet(cfg)
     state = {k[len(PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(PREFIX)}
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise WeightsError(
-            f"the through-plane predictor's tensors do not fit its configuration ({str(exc).splitlines()[0]}): "
-            "the weights file is damaged or was written by another version; export it again"
-        ) from exc
+    net = build_from_weights(lambda: ThroughPlaneNet(cfg), state, "the through-plane predictor's weights",
+                             "the through-plane predictor")  # fmt: skip
     net.eval()
     return net
 

@@ -35,11 +35,12 @@ from torch import nn
 
 from ..config import config_to_dict, load_config
 from ..errors import Cancelled, ConfigError, InputError, WeightsError
+from ..nn.architecture import build_checked
 from ..train.numerics import check_training_numbers
 from .config import MEAN, SRConfig
 from .data import VolumeRegion, load_regions, sample_batch, validation_set
 from .intensity import unit_to_hu
-from .model import SRModel
+from .model import SRModel, check_sr_architecture
 from .resshift import ResShiftProcess
 from .vae import CTAutoencoderKL
 
@@ -64,6 +65,7 @@ def resolve_config(config: SRConfig | dict | str | os.PathLike | None) -> SRConf
     if len(t.patch_size) != 3 or any(s < 1 for s in t.patch_size):
         raise ConfigError(f"train.patch_size {t.patch_size}: give three positive sizes D H W")
     check_training_numbers(t, "train.")  # NaN, infinities and out-of-range values of the loop's settings
+    check_sr_architecture(cfg)  # empty channel lists, zero strides or heads, ... before any network is built
     return cfg
 
 
@@ -348,7 +350,7 @@ def train_vae(
     cfg = resolve_config(config)
     t = cfg.train
     torch.manual_seed(t.seed)
-    vae = CTAutoencoderKL(cfg.vae)
+    vae = build_checked(lambda: CTAutoencoderKL(cfg.vae), "the SR autoencoder")
     _check_patch(cfg, vae.downsample)
     train_r, val_r = _regions(cfg, data)
     run = _Run(cfg, out_dir, cancel)

@@ -41,6 +41,8 @@ from torch import nn
 
 from ..config import config_to_dict
 from ..errors import InputError, NumericalError, OutputError, WeightsError
+from ..files import publish, shared_mode
+from ..nn.architecture import load_state
 from ..weights.registry import load_safetensors, save_safetensors
 from .numerics import nonfinite_tensors
 
@@ -190,7 +192,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)  # the permissions of any file the user writes (mkstemp made it owner-only)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -336,6 +338,7 @@ def save_training_state(
 
         if final.exists():
             _remove_dir(final)
+        shared_mode(tmp)  # mkdtemp made it owner-only: a checkpoint is as readable as its files (umask)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -494,13 +497,9 @@ def load_training_state(
                 "resume with the configuration it was trained with"
             )
         tensors, _ = load_safetensors(ckpt / fname, expected_sha256=files[fname], device=map_location)
-        try:
-            unwrap_model(model).load_state_dict(tensors, strict=True)
-        except RuntimeError as exc:
-            raise WeightsError(
-                f"checkpoint {ckpt} does not fit model {model_name!r} ({exc}); resume with the configuration "
-                "it was trained with"
-            ) from exc
+        load_state(unwrap_model(model), tensors, f"checkpoint {ckpt}", plural=False,
+                   against=f"model {model_name!r} of this configuration",
+                   advice="Resume with the configuration it was trained with")  # fmt: skip
 
     tensors, payload = load_safetensors(
         ckpt / TRAINING_STATE_FILE, expected_sha256=files[TRAINING_STATE_FILE], device=map_location

@@ -69,6 +69,9 @@ class TrainLogger:
         resume_step: when resuming from the checkpoint of this step, records logged after it by the
             interrupted run are dropped (from ``metrics.jsonl`` and TensorBoard), so curves do not fork.
 
+    ``metrics.jsonl`` and ``tensorboard/`` are created at the first record, so a run refused before its
+    first step leaves neither.
+
     Raises:
         OutputError: ``out_dir`` cannot be written.
     """
@@ -80,24 +83,46 @@ class TrainLogger:
         self.enabled = enabled
         self._writer = None
         self._file = None
+        self._resume_step = resume_step
+        self._opened = False
+        self._tensorboard = False
         if not enabled:
             return
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None:
-                self._drop_after(resume_step)
-            self._file = open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=self.out_dir)
+            os.close(fd)
+            os.unlink(probe)
         except OSError as exc:
             raise OutputError(
                 f"cannot write training logs into {self.out_dir}: {exc.strerror or exc}"
             ) from exc
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            import torch.utils.tensorboard  # noqa: F401
 
-            purge = resume_step + 1 if resume_step is not None else None
-            self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
+            self._tensorboard = True
         except ImportError:
             logger.info("tensorboard is not installed: metrics go to %s only", self.out_dir / METRICS_FILE)
+
+    def _open(self) -> None:
+        """Open ``metrics.jsonl`` and the TensorBoard writer at the first record: a run refused while it is set
+        up (bad data, a config error) leaves neither behind."""
+        if self._opened:
+            return
+        self._opened = True
+        try:
+            if self._resume_step is not None:
+                self._drop_after(self._resume_step)
+            self._file = open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write training logs into {self.out_dir}: {exc.strerror or exc}"
+            ) from exc
+        if self._tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = self._resume_step + 1 if self._resume_step is not None else None
+            self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
 
     def _drop_after(self, step: int) -> None:
         path = self.out_dir / METRICS_FILE
@@ -112,7 +137,7 @@ class TrainLogger:
     @property
     def tensorboard(self) -> bool:
         """True when TensorBoard event files are written too."""
-        return self._writer is not None
+        return self.enabled and self._tensorboard
 
     def scalar(self, tag: str, value: float | torch.Tensor, step: int) -> None:
         """Record one value (e.g. ``"loss/train"``) at an optimizer step."""
@@ -125,6 +150,7 @@ class TrainLogger:
             "value": v if math.isfinite(v) else str(v),
             "time": time.time(),
         }
+        self._open()
         assert self._file is not None
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -144,6 +170,7 @@ class TrainLogger:
         if not self.enabled:
             return
         img = _to_image(array)
+        self._open()
         if self._writer is not None:
             self._writer.add_image(tag, img, int(step), dataformats="CHW")
 

@@ -104,6 +104,8 @@ def save_safetensors(
     """
     from safetensors.torch import save_file
 
+    from ..files import publish
+
     p = Path(path)
     prepared: dict[str, torch.Tensor] = {}
     seen_storage: set[int] = set()
@@ -127,7 +129,7 @@ def save_safetensors(
     try:
         save_file(prepared, tmp, metadata=header)
         digest = sha256_file(tmp)
-        os.replace(tmp, p)
+        publish(tmp, p)  # mkstemp made it owner-only; weights are shared like any file the user writes (umask)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import config_to_dict, load_config
 from ..errors import ConfigError, InputError, ResourceError, WeightsError
+from ..nn.architecture import build_checked, build_from_weights, weights_architecture
 from ..sr.tiling import MEMORY_SAFETY_FRACTION, blend_weights_1d, device_available_memory, format_bytes
 from .config import XrayStageConfig, patch_alignment, tiny_stage_config, windowed_attention
 from .encoder import XrayEncoder
@@ -582,8 +583,9 @@ class StageModel(nn.Module):
     ) -> torch.Tensor:
         """Generate this stage's volume (B, 1, R, R, R) in model units with DDIM.
 
-        Stage 1 starts from pure noise at t = 1; stages 2-3 start from the upsampled previous volume noised to
-        ``diffusion.prev_stage_t`` (fewer steps, consistent with the coarse anatomy). Each step's x0 comes
+        Stage 1 starts from pure noise at t = 1, or from its lifting-only volume noised to
+        ``diffusion.lifting_start_t`` when that is below 1; stages 2-3 start from the upsampled previous volume
+        noised to ``diffusion.prev_stage_t`` (consistent with the coarse anatomy). Each step's x0 comes
         from one whole-grid pass or from blended patches (:meth:`sampling_plan`; ``patch`` and
         ``memory_limit`` are passed to it); the plan used is kept in :attr:`last_plan`.
         """
@@ -596,6 +598,10 @@ class StageModel(nn.Module):
             t0 = float(self.cfg.diffusion.prev_stage_t)
             a, s = alpha_sigma(torch.tensor(t0))
             x_start = a * ctx.prev + s * noise
+        elif self.lifting is not None and self.cfg.diffusion.lifting_start_t < 1.0:
+            t0 = float(self.cfg.diffusion.lifting_start_t)
+            a, s = alpha_sigma(torch.tensor(t0))
+            x_start = a * self.lifted_only(xray) + s * noise
         else:
             t0 = 1.0
             x_start = noise
@@ -633,7 +639,8 @@ class UnifiedHybridViTCascade(nn.Module):
                     f"stage configs must be in order 1, 2, 3; position {i + 1} has stage {c.stage}"
                 )
         self.configs = list(configs)
-        self.stages = nn.ModuleList(StageModel(c) for c in configs)
+        self.stages = nn.ModuleList(build_checked(lambda c=c: StageModel(c), f"stage {c.stage} of the cascade")
+                                    for c in configs)  # fmt: skip
         r1 = configs[0].resolution
         #: Mean training CT at stage-1 resolution, model units (the prior-only baseline); air until trained.
         self.register_buffer("mean_ct", torch.full((1, 1, r1, r1, r1), -1.0))
@@ -652,23 +659,24 @@ class UnifiedHybridViTCascade(nn.Module):
 
     @classmethod
     def from_tensors(
-        cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]
+        cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], source: str = "the weights"
     ) -> UnifiedHybridViTCascade:
+        """The cascade a weights file describes, with its tensors.
+
+        Raises:
+            WeightsError: another family, configurations that cannot be built, or tensors that do not fit them
+                (one line, before the networks are allocated).
+        """
         if metadata.get("family") not in (None, FAMILY):
             raise WeightsError(
                 f"these weights are for the {metadata.get('family')!r} family, not X-ray to CT"
             )
         cfgs = metadata.get("configs")
-        if not cfgs:
-            raise WeightsError("the weights file has no stage configurations in its metadata; re-export it")
-        model = cls([load_config(c, XrayStageConfig) for c in cfgs])
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise WeightsError(
-                f"the weights do not match the architecture in their own metadata (missing {len(missing)} "
-                f"tensors, e.g. {missing[:2]}; unexpected {len(unexpected)}, e.g. {unexpected[:2]})"
-            )
-        return model
+        if not cfgs or not isinstance(cfgs, list):
+            raise WeightsError(f"{source} have no stage configurations in their metadata; export them again")
+        with weights_architecture(source):
+            configs = [load_config(c, XrayStageConfig) for c in cfgs]
+        return build_from_weights(lambda: cls(configs), tensors, source, "the X-ray to CT cascade")
 
     @classmethod
     def from_pretrained(
@@ -685,7 +693,7 @@ class UnifiedHybridViTCascade(nn.Module):
 
         resolved = resolve_weights(str(path), family=FAMILY, allow_unregistered=allow_unregistered)
         tensors, meta = load_safetensors(resolved.path, expected_sha256=resolved.sha256)
-        model = cls.from_tensors(tensors, meta)
+        model = cls.from_tensors(tensors, meta, str(resolved.path))
         model.weights_sha256 = resolved.sha256
         model.eval()
         return model

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..errors import ConfigError
+from ..nn.architecture import finite_positive, require_heads, require_positive, require_sizes
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -187,6 +188,14 @@ class XrayDiffusionConfig:
             "CT; more cost proportionally more time)."
         },
     )
+    lifting_start_t: float = field(
+        default=1.0,
+        metadata={
+            "help": "Stage 1 starts DDIM from its lifting-only volume noised to this t (< 1: the diffusion "
+            "refines the deterministic estimate, with proportionally fewer steps' worth of change); 1.0 starts "
+            "from pure noise."
+        },
+    )
 
 
 @dataclass
@@ -210,6 +219,7 @@ class XrayStageConfig:
         m = self.model
         if self.stage not in (1, 2, 3):
             raise ConfigError(f"stage must be 1, 2 or 3; got {self.stage}")
+        check_xray_architecture(self)
         if self.resolution % m.patch_size:
             raise ConfigError(
                 f"resolution {self.resolution} must be a multiple of model.patch_size {m.patch_size}"
@@ -245,8 +255,37 @@ class XrayStageConfig:
             raise ConfigError(f"model.patch_overlap must be >= 0 voxels; got {m.patch_overlap}")
         if self.diffusion.num_samples < 1:
             raise ConfigError(f"diffusion.num_samples must be >= 1; got {self.diffusion.num_samples}")
+        if not 0.0 < self.diffusion.lifting_start_t <= 1.0:
+            raise ConfigError(
+                f"diffusion.lifting_start_t must be in (0, 1] (1: start from noise); got {self.diffusion.lifting_start_t}"
+            )
         if not 0.0 <= self.training.ema_decay < 1.0:
             raise ConfigError(f"training.ema_decay must be in [0, 1) (0: off); got {self.training.ema_decay}")
+
+
+def check_xray_architecture(cfg: XrayStageConfig) -> None:
+    """The sizes a stage's network is built from: positive, non-empty, heads dividing the width. Checked before
+    the rules that divide by them, whether the config comes from a file or from a weights file's metadata.
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    m = cfg.model
+    require_positive("resolution", cfg.resolution)
+    require_positive("xray_resolution", cfg.xray_resolution)
+    width = require_positive("model.voxel_channels", m.voxel_channels)
+    require_heads("model.voxel_channels", width, "model.vit_heads", m.vit_heads)
+    require_positive("model.vit_depth", m.vit_depth, minimum=0)
+    require_positive("model.patch_size", m.patch_size)
+    require_positive("model.window_size", m.window_size)
+    require_positive("model.max_full_tokens", m.max_full_tokens)
+    require_sizes("model.encoder_channels", m.encoder_channels)
+    require_positive("model.xray_tokens", m.xray_tokens)
+    require_positive("model.depth_bands", m.depth_bands)
+    finite_positive("model.mlp_ratio", m.mlp_ratio)
+    require_positive("model.refine_channels", m.refine_channels, minimum=0)
+    if m.patch_size > cfg.resolution:
+        raise ConfigError(f"model.patch_size {m.patch_size} exceeds the stage resolution {cfg.resolution}")
 
 
 def windowed_attention(cfg: XrayStageConfig) -> bool:

@@ -9,6 +9,7 @@ reference resampled to the stage's cube, and re-projection PSNR (DRR of the outp
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -20,6 +21,8 @@ from ..metrics import psnr, ssim3d
 from ..volume import Volume
 from .data import ct_to_cube, render_training_drr
 from .pipeline import XrayToCTGenerator, projection_error, volume_from_unit
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("model", "model-raw", "mean-ct", "lifting-only")
 HU_RANGE = (-1024.0, 2048.0)
@@ -49,6 +52,8 @@ def evaluate_xray(
         raise InputError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
     cascade = generator.cascade
     n = min(num_stages or cascade.num_stages, cascade.num_stages)
+    if num_stages is not None and num_stages > n:
+        logger.warning("%d stages were asked for, but the weights have %d; evaluating %d", num_stages, n, n)
     cfgs = cascade.configs[:n]
     fov = cfgs[0].data.fov_mm
     view = cfgs[0].data.view

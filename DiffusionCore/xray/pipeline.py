@@ -170,7 +170,7 @@ class XrayToCTGenerator:
         self,
         image: Radiograph | np.ndarray | str,
         *,
-        num_stages: int = 3,
+        num_stages: int | None = None,
         steps: int | None = None,
         seed: int = 0,
         device: str = "auto",
@@ -186,7 +186,8 @@ class XrayToCTGenerator:
 
         Args:
             image: :class:`Radiograph`, a (H, W) array, or a file path.
-            num_stages: 1..the number of stages of the weights (more than it has is capped, with a note).
+            num_stages: 1..the number of stages of the weights (default: all; more than it has is capped, with a
+                warning and a note in the report).
             steps: DDIM steps per stage (default: each stage's config).
             seed: noise seed (same seed, same output).
             device: auto, cpu or cuda.
@@ -212,8 +213,11 @@ class XrayToCTGenerator:
                 f"give a {trained_view} radiograph (or weights trained on {view} views)"
             )
         notes = []
+        num_stages = self.num_stages if num_stages is None else int(num_stages)
         if num_stages > self.num_stages:
-            notes.append(f"the weights have {self.num_stages} stage(s); ran {self.num_stages}")
+            note = f"{num_stages} stages were asked for, but the weights have {self.num_stages}; ran {self.num_stages}"
+            logger.warning(note)
+            notes.append(note)
             num_stages = self.num_stages
         if num_stages < 1:
             raise InputError("num_stages must be at least 1")
