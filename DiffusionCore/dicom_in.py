@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from .errors import InputError
-from .volume import Volume
 
 ENHANCED_CT_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
@@ -29,6 +29,28 @@ ENHANCED_CT_CLASSES = {
 #: Relative spread of the slice steps accepted as even (larger: missing or doubled frames).
 _STEP_TOLERANCE = 0.01
 _ORIENTATION_TOLERANCE = 1e-3
+
+
+#: A folder holding at most this many files is checked for an enhanced CT file (one file per series).
+FEW_FILES = 4
+
+
+def enhanced_ct_in(path: str | os.PathLike) -> Path | None:
+    """The enhanced CT file ``path`` is, or the one a small folder holds (a folder of many files is a classic
+    series, one file per slice), else ``None``."""
+    p = Path(path)
+    if p.is_file():
+        return p if is_enhanced_ct(p) else None
+    if not p.is_dir():
+        return None
+    files = []
+    for f in p.rglob("*"):
+        if f.is_file():
+            files.append(f)
+            if len(files) > FEW_FILES:
+                return None
+    found = [f for f in files if is_enhanced_ct(f)]
+    return found[0] if len(found) == 1 else None
 
 
 def is_enhanced_ct(path: str | os.PathLike) -> bool:
@@ -53,8 +75,19 @@ def _group(ds, frame, sequence: str, what: str, path: Path):
     )
 
 
-def read_enhanced_ct(path: str | os.PathLike) -> Volume:
-    """Read an enhanced multi-frame CT file into a :class:`Volume` in HU (LPS geometry).
+class EnhancedCT(NamedTuple):
+    """An enhanced CT's voxels and geometry, in the terms of :class:`DiffusionCore.volume.Volume`."""
+
+    array: np.ndarray  # (z, y, x) HU, frames sorted along the slice normal
+    spacing: tuple[float, float, float]  # (x, y, z) mm
+    origin: tuple[float, float, float]  # LPS mm of the first voxel
+    direction: np.ndarray  # 3x3, columns = index axes
+    metadata: dict
+
+
+def read_enhanced_ct(path: str | os.PathLike) -> EnhancedCT:
+    """Read an enhanced multi-frame CT file (HU, LPS geometry); :func:`DiffusionCore.volume.read_volume` does
+    this for such a file or a folder holding one.
 
     Raises:
         InputError: missing functional groups, mixed orientations, uneven or doubled frame positions, pixel
@@ -113,7 +146,7 @@ def read_enhanced_ct(path: str | os.PathLike) -> Volume:
         hu[k] = pixels[k] * slope + intercept
     hu = hu[order]
     direction = np.stack([row, col, normal], axis=1)
-    return Volume(
-        hu, spacing=(col_spacing, row_spacing, step), origin=tuple(positions[order[0]]), direction=direction,
-        metadata={"source": str(p), "series_uid": str(ds.get("SeriesInstanceUID", "")), "enhanced_ct": True},
-    )  # fmt: skip
+    return EnhancedCT(
+        hu, (col_spacing, row_spacing, step), tuple(float(v) for v in positions[order[0]]), direction,
+        {"series_uid": str(ds.get("SeriesInstanceUID", "")), "enhanced_ct": True},
+    )

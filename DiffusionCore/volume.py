@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .dicom_in import enhanced_ct_in, read_enhanced_ct
 from .errors import GeometryError, InputError, OutputError
 from .files import (
     CompressedDataError,
@@ -910,6 +911,14 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
         raise InputError(f"{p} does not exist. Check the path (and quote it if it contains spaces).")
     meta: dict = {}
     nonfinite = None
+    enhanced = enhanced_ct_in(p) if p.is_dir() or _suffix(p) not in WRITABLE_SUFFIXES else None
+    if enhanced is not None:  # one multi-frame file: its geometry is in functional groups ITK does not read
+        ct = read_enhanced_ct(enhanced)
+        vol = Volume(ct.array, ct.spacing, ct.origin, ct.direction, {**ct.metadata, "source": str(p)})
+        if check:
+            check_ct(vol, str(p))
+        vol.array = replace_padding(vol.array)
+        return vol
     if p.is_dir():
         img, extra = _read_dicom_series(p)
         meta.update(extra)

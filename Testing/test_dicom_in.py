@@ -90,13 +90,16 @@ def _enhanced_ct(path, vol: Volume, *, order=None, drop_position=None, intercept
 def test_an_enhanced_ct_is_read_with_the_geometry_of_its_functional_groups(tmp_path, make_phantom):
     vol = make_phantom(shape=(6, 20, 24), spacing=(0.75, 0.8, 2.0), origin=(-12.0, 30.0, 55.0),
                        direction=rotation_matrix((1.0, 0.3, 0.2), 15.0))  # fmt: skip
-    path = _enhanced_ct(tmp_path / "enhanced.dcm", vol, order=[3, 0, 5, 1, 4, 2])  # frames stored out of order
-    assert is_enhanced_ct(path) and not is_enhanced_ct(tmp_path)
-    back = read_enhanced_ct(path)
-    assert back.shape == vol.shape
-    assert np.allclose(back.spacing, vol.spacing) and np.allclose(back.origin, vol.origin, atol=1e-4)
-    assert np.allclose(back.direction, vol.direction, atol=1e-6)
-    assert np.abs(back.array - np.rint(vol.array)).max() == 0
+    folder = tmp_path / "series"
+    folder.mkdir()
+    path = _enhanced_ct(folder / "enhanced.dcm", vol, order=[3, 0, 5, 1, 4, 2])  # frames stored out of order
+    assert is_enhanced_ct(path) and not is_enhanced_ct(folder)
+    for given in (path, folder):  # the file, or the folder that holds it, as a user gives either
+        back = read_volume(given)
+        assert back.shape == vol.shape and back.metadata["enhanced_ct"]
+        assert np.allclose(back.spacing, vol.spacing) and np.allclose(back.origin, vol.origin, atol=1e-4)
+        assert np.allclose(back.direction, vol.direction, atol=1e-6)
+        assert np.abs(back.array - np.rint(vol.array)).max() == 0
 
 
 def test_an_enhanced_ct_without_positions_or_with_a_missing_frame_is_refused(tmp_path, make_phantom):
@@ -112,3 +115,22 @@ def test_an_enhanced_ct_without_positions_or_with_a_missing_frame_is_refused(tmp
     ds.save_as(gap)
     with pytest.raises(InputError, match="not evenly spaced"):
         read_enhanced_ct(gap)
+
+
+def test_sr_takes_an_enhanced_ct_and_writes_a_classic_synthetic_series(tmp_path, make_phantom):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    vol = make_phantom(shape=(6, 32, 32), spacing=(0.8, 0.8, 4.0))
+    folder = tmp_path / "enhanced"
+    folder.mkdir()
+    _enhanced_ct(folder / "ct.dcm", vol)
+    out = tmp_path / "thin"
+    done = subprocess.run([sys.executable, "-m", "DiffusionCore", "sr", str(folder), str(out), "--factor", "2",
+                           "--tiny-test-model", "--device", "cpu"], capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(list(out.iterdir())) == 12 and read_volume(out).shape == (12, 32, 32)
