@@ -15,6 +15,7 @@ so this module does, frame by frame:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,7 +59,9 @@ def is_enhanced_ct(path: str | os.PathLike) -> bool:
     try:
         import pydicom
 
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        with warnings.catch_warnings():  # a damaged file is the classic reader's to report, in our words
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
     except Exception:  # noqa: BLE001 - not DICOM, unreadable: not an enhanced CT
         return False
     return str(ds.get("SOPClassUID", "")) in ENHANCED_CT_CLASSES
