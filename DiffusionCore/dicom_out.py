@@ -138,7 +138,7 @@ def check_dicom_geometry(vol: Volume) -> np.ndarray:
     if not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
         raise OutputError(
             "the volume's grid is sheared (its axes are not perpendicular), which a DICOM CT series cannot hold "
-            "exactly: write NRRD or MHA instead (--output-format nrrd)"
+            "exactly: write NRRD or MHA instead (--output-format file and a .nrrd or .mha name)"
         )
     return d
 

@@ -221,3 +221,65 @@ def test_slicer_reads_the_written_series_as_one_volume(tmp_path, thick_series):
     ras_origin = np.array(node.GetOrigin())
     lps = np.array([-1.0, -1.0, 1.0]) * ras_origin
     assert np.abs(lps - np.array(ours.origin)).max() < 0.01
+
+
+def _dicom_radiograph(path: Path) -> Path:
+    """A small DX radiograph (MONOCHROME2) with patient and study, written with pydicom."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    yy, xx = np.mgrid[0:96, 0:96]
+    image = (1000 + 2000 * np.exp(-(((xx - 48) / 30.0) ** 2 + ((yy - 48) / 38.0) ** 2))).astype(np.uint16)
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.Modality, ds.PatientName, ds.PatientID, ds.SeriesDescription = "DX", "Roe^Ann", "P-9", "Chest PA"
+    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelSpacing = [3.6, 3.6]
+    ds.PixelData = image.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _xray2ct(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "DiffusionCore", "xray2ct", *map(str, argv), "--tiny-test-model",
+                           "--device", "cpu"], capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          env=env, cwd=ROOT, timeout=300)  # fmt: skip
+
+
+def test_xray2ct_writes_a_synthetic_ct_series_in_the_radiographs_study(tmp_path):
+    radiograph = _dicom_radiograph(tmp_path / "pa.dcm")
+    before = radiograph.read_bytes()
+    out = tmp_path / "ct"
+    done = _xray2ct(radiograph, out, "--report", tmp_path / "r.json")
+    assert done.returncode == 0, done.stderr
+    assert radiograph.read_bytes() == before
+    src = pydicom.dcmread(radiograph)
+    files = _dicom_files(out)
+    assert len(files) == read_volume(out).shape[0] >= 16
+    for ds in files:
+        assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == "P-9"
+        assert ds.SeriesInstanceUID != src.SeriesInstanceUID and ds.Modality == "CT"
+        assert ds.FrameOfReferenceUID != src.FrameOfReferenceUID  # a generated CT is not in the radiograph's space
+        assert ds.SeriesDescription == "Chest PA CT from radiograph (synthetic)"
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        assert "SYNTHETIC" in ds.ImageComments and list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["provenance"]["task"] == "xray2ct" and report["provenance"]["input_uid"] == src.SOPInstanceUID
+    if shutil.which("dciodvfy"):
+        check = subprocess.run(["dciodvfy", str(sorted(out.iterdir())[0])], capture_output=True, text=True)
+        assert [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")] == []
+
+    nifti = tmp_path / "ct.nii.gz"
+    assert _xray2ct(radiograph, nifti).returncode == 0
+    assert json.loads((tmp_path / "ct.json").read_text())["provenance"]["title"] == "CT from radiograph (synthetic)"
+    png_like = _xray2ct(radiograph, tmp_path / "again", "--output-format", "file")
+    assert png_like.returncode == 4 and "again" in png_like.stderr  # a file output needs a volume suffix

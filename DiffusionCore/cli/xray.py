@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from ..errors import ConfigError, InputError, OutputError
+from ..results import OUTPUT_FORMATS
 from .common import (
     Progress,
     add_progress_argument,
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "to CT cascade; each stage is checked by re-projecting it (DRR) against the radiograph.",
     )
     p.add_argument("xray", help="radiograph file (DICOM, PNG, JPEG) or a sample name (cxr-pa)")
-    p.add_argument("output", help="output volume (.nii.gz, .nrrd, .mha)")
+    p.add_argument("output", help="output volume (.nii.gz, .nrrd, .mha) or, for a DICOM series, a new folder")
     p.add_argument(
         "--num-stages", type=bounded_int(1, MAX_STAGES), default=None,
         help="cascade stages to run (1: 64^3 preview ... 3: 256^3; default: every stage the weights have); more "
@@ -57,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(shows the network's output alone)")  # fmt: skip
     p.add_argument("--report", default=None, help="write the JSON report (projection error per stage) here")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto",
+                   help="dicom: OUTPUT is a folder for a CT DICOM series labelled synthetic, in the radiograph's "
+                   "study; file: NIfTI, NRRD or MHA by OUTPUT's suffix; auto (default): a DICOM series when the "
+                   "radiograph is DICOM and OUTPUT has no volume-file suffix")  # fmt: skip
     p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # tests: random tiny net
     add_progress_argument(p)
     p.set_defaults(func=run_xray2ct)
@@ -108,7 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _generator(args: argparse.Namespace):
     """The generator the options ask for; an explicit ``--num-stages`` beyond its stages is refused (exit 2)."""
-    from ..xray.pipeline import XrayToCTGenerator
+    from ..xray.pipeline import XrayToCTGenerator, default_weights_name
 
     if args.tiny_test_model:
         logger.warning("--tiny-test-model: a tiny random network for tests; the output is noise, not a CT")
@@ -117,6 +122,8 @@ def _generator(args: argparse.Namespace):
         gen = XrayToCTGenerator.from_pretrained(args.weights, allow_unregistered=args.allow_unregistered_weights)
     else:
         gen = XrayToCTGenerator.default()
+    gen.weights_label = ("tiny-test-model (random weights)" if args.tiny_test_model
+                         else args.weights or default_weights_name())  # fmt: skip
     if args.num_stages is not None and args.num_stages > gen.num_stages:
         sides = ", ".join(f"{c.resolution}^3" for c in gen.cascade.configs)
         raise ConfigError(
@@ -126,16 +133,24 @@ def _generator(args: argparse.Namespace):
     return gen
 
 
-def _radiograph(name: str):
-    from ..xray.radiograph import read_radiograph
-
+def _radiograph_path(name: str) -> Path:
+    """The radiograph file: a path, or a radiograph sample's name (fetched, sha256-checked)."""
     p = Path(name)
     if not p.exists() and "/" not in name:
         from .. import sampledata
 
         if name in sampledata.SAMPLES and sampledata.SAMPLES[name].kind == "radiograph":
-            return read_radiograph(sampledata.fetch(name))
-    return read_radiograph(p)
+            return Path(sampledata.fetch(name))
+    return p
+
+
+def xray_provenance(source: Path, report: dict, weights: str, input_uid: str = ""):
+    """The provenance of an ``xray2ct`` result."""
+    from ..provenance import Provenance
+
+    return Provenance(task="xray2ct", title="CT from radiograph (synthetic)", weights=weights,
+                      weights_sha256=str(report.get("weights_sha256", "")), settings=report.get("settings", {}),
+                      input=str(source), input_uid=input_uid)  # fmt: skip
 
 
 def _stage_path(out: Path, stage: int) -> Path:
@@ -149,17 +164,23 @@ def _stage_path(out: Path, stage: int) -> Path:
 
 def run_xray2ct(args: argparse.Namespace) -> int:
     from ..files import refuse_overwriting_inputs
-    from ..volume import check_output_path, write_volume
+    from ..results import check_result_output, dicom_source_for, planned_files, wants_dicom, write_result
+    from ..xray.radiograph import read_radiograph
     from .evaluate import write_json_atomic
 
+    source = _radiograph_path(args.xray)
+    out = Path(args.output)
+    as_dicom = wants_dicom(args.output_format, source, out)
     planned = args.num_stages or MAX_STAGES  # the weights say how many there are once they are loaded
-    stage_files = {s: _stage_path(Path(args.output), s) for s in range(1, planned)} if args.save_stages else {}
-    refuse_overwriting_inputs([args.xray, args.weights], [("the output", args.output), ("--report", args.report),
-                                                          *(("a stage output", p) for p in stage_files.values())])  # fmt: skip
-    out = check_output_path(args.output, overwrite=args.overwrite)
+    stage_files = {s: _stage_path(out, s) for s in range(1, planned)} if args.save_stages else {}
+    outputs = [("the output", f) for f in planned_files(out, as_dicom)]
+    outputs += [("a stage output", f) for p in stage_files.values() for f in planned_files(p, as_dicom)]
+    refuse_overwriting_inputs([args.xray, source, args.weights], [*outputs, ("--report", args.report)])
+    check_result_output(out, as_dicom, overwrite=args.overwrite)
     if args.report and Path(args.report).exists() and not args.overwrite:
         raise OutputError(f"{args.report} already exists; pass --overwrite to replace it.")
-    rad = _radiograph(args.xray)
+    rad = read_radiograph(source)
+    dicom_source = dicom_source_for(source) if as_dicom else None
     gen = _generator(args)
     num_stages = args.num_stages or gen.num_stages
     stage_files = {s: p for s, p in stage_files.items() if s < num_stages}
@@ -173,16 +194,21 @@ def run_xray2ct(args: argparse.Namespace) -> int:
     progress = Progress(args.progress, desc="xray2ct")
     with sigterm_cancels(what="xray2ct"):
         try:
-                vol, report = gen.run(rad, num_stages=num_stages, steps=args.steps, seed=args.seed,
-                                      num_samples=args.num_samples,
-                                  device=args.device, view=args.view, fov_mm=args.fov_mm, progress=progress,
-                                  on_stage=on_stage, consistency=args.consistency)  # fmt: skip
+            vol, report = gen.run(rad, num_stages=num_stages, steps=args.steps, seed=args.seed,
+                                  num_samples=args.num_samples, device=args.device, view=args.view,
+                                  fov_mm=args.fov_mm, progress=progress, on_stage=on_stage,
+                                  consistency=args.consistency)  # fmt: skip
         finally:
             progress.close()
         check_result(vol, "the xray2ct result")
+        uid = str(dicom_source.header.get("SOPInstanceUID", "")) if dicom_source is not None else ""
+        provenance = xray_provenance(source, report, gen.weights_label, uid)
+        report["provenance"] = provenance.as_dict()
         for stage_vol, path in stage_volumes:
-            write_volume(stage_vol, path, overwrite=args.overwrite)
-        write_volume(vol, out, overwrite=args.overwrite)
+            write_result(stage_vol, path, provenance, as_dicom=as_dicom, dicom_source=dicom_source,
+                         keep_frame_of_reference=False, overwrite=args.overwrite)  # fmt: skip
+        write_result(vol, out, provenance, as_dicom=as_dicom, dicom_source=dicom_source,
+                     keep_frame_of_reference=False, overwrite=args.overwrite)  # fmt: skip
     stage_paths = [str(path) for _, path in stage_volumes]
     report["output"] = str(out)
     report["stage_outputs"] = stage_paths
@@ -191,7 +217,8 @@ def run_xray2ct(args: argparse.Namespace) -> int:
                     s["spacing_mm"], s["projection_psnr"], s["projection_ncc"])  # fmt: skip
     if args.report:
         write_json_atomic(report, args.report)
-    print(f"wrote {out} ({vol.shape[0]}^3 at {vol.spacing[0]:.2f} mm; synthetic CT)")
+    what = "a DICOM series" if as_dicom else f"{vol.shape[0]}^3 at {vol.spacing[0]:.2f} mm"
+    print(f"wrote {out} ({what}; synthetic CT)")
     return 0
 
 
