@@ -64,7 +64,7 @@ def test_an_unregistered_checkpoint_pair_is_refused_like_any_weights_file(tmp_pa
 
     trusted = _cli(cache, *argv, "--allow-unregistered-weights")
     assert trusted.returncode == 0, trusted.stderr
-    assert out.is_file() and "using unregistered weights" in trusted.stderr
+    assert out.is_file() and trusted.stderr.count("using unregistered weights") == 2  # once per file
     out.unlink()
     (tmp_path / "out.json").unlink()  # the result's provenance sidecar
 
@@ -140,3 +140,12 @@ def test_refusals_name_the_problem(tmp_path, pair):
 
     unknown = _cli(cache, "weights", "verify", "no-such-weights")
     assert unknown.returncode == 3 and "no weights named 'no-such-weights'" in unknown.stderr
+
+
+def test_a_trusted_unregistered_file_is_checked_and_named_once(tmp_path, thick_ct):
+    combined = tmp_path / "sr.safetensors"
+    SRModel.tiny(seed=0).save(combined)
+    done = _cli(tmp_path / "cache", "sr", str(thick_ct), str(tmp_path / "o.nii.gz"), "--factor", "2",
+                "--weights", str(combined), "--allow-unregistered-weights", "--device", "cpu")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("using unregistered weights") == 1

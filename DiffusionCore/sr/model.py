@@ -244,7 +244,11 @@ class SRModel(nn.Module):
         """
         from ..weights import resolve_weights
 
-        rw = resolve_weights(name_or_file, family=FAMILY, allow_unregistered=allow_unregistered)
+        return cls.from_resolved(resolve_weights(name_or_file, family=FAMILY, allow_unregistered=allow_unregistered))
+
+    @classmethod
+    def from_resolved(cls, rw) -> SRModel:
+        """Build from weights already found and checked (:class:`~DiffusionCore.weights.ResolvedWeights`)."""
         comp = rw.metadata.get("component", "sr")
         if comp != "sr":
             raise WeightsError(

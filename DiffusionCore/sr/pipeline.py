@@ -273,8 +273,7 @@ class SuperResolver:
         if resolved.metadata.get("component") == THROUGHPLANE:
             predictor = load_predictor(resolved)
             return cls(None, weights_name=str(name_or_file), predictor=predictor, weights_sha256=resolved.sha256)
-        model = SRModel.from_pretrained(name_or_file, allow_unregistered=allow_unregistered)
-        return cls(model, weights_name=str(name_or_file))
+        return cls(SRModel.from_resolved(resolved), weights_name=str(name_or_file))  # checked once, warned once
 
     @classmethod
     def from_files(
