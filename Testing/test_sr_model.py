@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from DiffusionCore.errors import Cancelled, ConfigError, InputError, WeightsError
+from DiffusionCore.intensity import HU_WINDOW, hu_to_unit, unit_to_hu
 from DiffusionCore.sr.config import tiny_config
 from DiffusionCore.sr.controlnet import IRControlNet
-from DiffusionCore.sr.intensity import HU_WINDOW, hu_to_unit, unit_to_hu
 from DiffusionCore.sr.model import SRModel
 from DiffusionCore.sr.unet import LatentUNet
 from DiffusionCore.sr.vae import CTAutoencoderKL

@@ -23,11 +23,11 @@ from DiffusionCore.errors import (
     ResourceError,
     WeightsError,
 )
+from DiffusionCore.intensity import hu_to_unit, unit_to_hu
 from DiffusionCore.interpolation import interpolate
 from DiffusionCore.metrics import consistency_psnr
-from DiffusionCore.sr.intensity import hu_to_unit, unit_to_hu
 from DiffusionCore.sr.pipeline import SuperResolver, enforce_consistency, tile_seed
-from DiffusionCore.sr.tiling import (
+from DiffusionCore.tiling import (
     apply_tiled,
     choose_plan,
     device_available_memory,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import ct_phantom_array
 
-from DiffusionCore.sr.intensity import hu_to_unit, unit_to_hu
+from DiffusionCore.intensity import hu_to_unit, unit_to_hu
 from DiffusionCore.xray.consistency import drr_consistency
 from DiffusionCore.xray.data import render_training_drr
 from DiffusionCore.xray.pipeline import XrayToCTGenerator, projection_error

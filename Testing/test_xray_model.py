@@ -134,7 +134,7 @@ def _phantom_cubes(n: int, r: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_tiny_stage_loss_falls_on_a_tiny_set():
-    from DiffusionCore.sr.intensity import unit_to_hu
+    from DiffusionCore.intensity import unit_to_hu
     from DiffusionCore.xray.data import render_training_drr
 
     torch.manual_seed(0)

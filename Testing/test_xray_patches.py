@@ -146,7 +146,7 @@ def test_patches_are_chosen_by_the_memory_estimate_and_refused_below_the_smalles
 
 
 def test_patch_training_steps_run_and_the_loss_falls_on_a_tiny_set():
-    from DiffusionCore.sr.intensity import unit_to_hu
+    from DiffusionCore.intensity import unit_to_hu
     from DiffusionCore.xray.data import render_training_drr
 
     cfgs = [tiny_stage_config(1, 16), tiny_stage_config(2, 32, refine_channels=4)]

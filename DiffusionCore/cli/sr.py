@@ -30,7 +30,7 @@ from ..results import (
     wants_dicom,
     write_result,
 )
-from ..sr.tiling import parse_memory_size
+from ..tiling import parse_memory_size
 from ..train.distributed import DistInfo, resolve_device, shard_list
 from ..volume import WRITABLE_SUFFIXES, check_output_geometry, check_output_path, read_volume, write_volume
 from .common import (

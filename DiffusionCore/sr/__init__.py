@@ -1,7 +1,7 @@
 """CT slice super-resolution: 3D VAE + ResShift latent diffusion + UNet with IRControlNet.
 
 * :class:`~DiffusionCore.sr.model.SRModel` - one patch in, one patch out (model units);
-* :mod:`DiffusionCore.sr.intensity` - HU <-> model units (the only place);
+* :mod:`DiffusionCore.intensity` - HU <-> model units (the only place);
 * ``SuperResolver`` (:mod:`DiffusionCore.sr.pipeline`) - whole volumes, tiling, progress, cancel;
 * :mod:`DiffusionCore.sr.training` - ``train vae`` / ``train sr``.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..intensity import HU_WINDOW, hu_to_unit, unit_to_hu
 from .config import SRConfig
-from .intensity import HU_WINDOW, hu_to_unit, unit_to_hu
 from .model import SRModel
 
 __all__ = ["HU_WINDOW", "SRConfig", "SRModel", "SuperResolver", "hu_to_unit", "unit_to_hu"]

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..intensity import hu_to_unit
 from ..interpolation import interpolate_1d
-from .intensity import hu_to_unit
 
 logger = logging.getLogger(__name__)
 

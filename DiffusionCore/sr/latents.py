@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..intensity import hu_to_unit
 from .data import degrade_and_interpolate
-from .intensity import hu_to_unit
 from .vae import CTAutoencoderKL
 
 logger = logging.getLogger(__name__)

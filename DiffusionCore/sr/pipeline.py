@@ -6,9 +6,9 @@ The steps of :meth:`SuperResolver.run`:
    thick axis from the spacing (or ``axis``), the factor from :func:`~DiffusionCore.volume.suggested_factor`
    when neither a factor nor a target spacing is given;
 2. cubic B-spline interpolation of the thick input onto the thin grid (the model's condition);
-3. HU -> model units (:mod:`DiffusionCore.sr.intensity`), the thick axis moved first so that patches are
+3. HU -> model units (:mod:`DiffusionCore.intensity`), the thick axis moved first so that patches are
    ``(D, H, W)`` with D through-plane, whatever the acquisition plane;
-4. overlapping patches (:mod:`DiffusionCore.sr.tiling`) sized to the memory available; one
+4. overlapping patches (:mod:`DiffusionCore.tiling`) sized to the memory available; one
    ``model.super_resolve_patch`` call per patch with its own seeded generator; smooth blending. The
    estimate is the posterior mean (one network evaluation per patch, deterministic) unless a sample is
    asked for (``estimate='sample'``, a step count, or ``num_samples`` > 1: the ResShift reverse chain);
@@ -42,16 +42,9 @@ import torch
 from ..degrade import plan_thin_grid, thin_grid
 from ..errors import Cancelled, ConfigError, GeometryError, InputError, ResourceError, WeightsError
 from ..evaluate import register_method
+from ..intensity import HU_PER_UNIT, hu_to_unit, hu_to_unit_, unit_to_hu_
 from ..interpolation import cubic_matrix, interpolate
-from ..train.distributed import resolve_device
-from ..volume import Grid, Volume, check_ct, require_ct
-from .adapt import AdaptSettings, adapt_predictor
-from .config import MEAN, SAMPLE
-from .intensity import HU_PER_UNIT, hu_to_unit, hu_to_unit_, unit_to_hu_
-from .model import requested_estimate
-from .throughplane import COMPONENT as THROUGHPLANE
-from .throughplane import ThroughPlaneNet, body_box, predict_residual
-from .tiling import (
+from ..tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_PATCH_SIZE,
     MEMORY_SAFETY_FRACTION,
@@ -63,6 +56,13 @@ from .tiling import (
     memory_limit_from_env,
     separable_weight,
 )
+from ..train.distributed import resolve_device
+from ..volume import Grid, Volume, check_ct, require_ct
+from .adapt import AdaptSettings, adapt_predictor
+from .config import MEAN, SAMPLE
+from .model import requested_estimate
+from .throughplane import COMPONENT as THROUGHPLANE
+from .throughplane import ThroughPlaneNet, body_box, predict_residual
 
 logger = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ class SuperResolver:
             cancel: set it to stop between steps and tiles (raises Cancelled).
             memory_limit: usable bytes (host and GPU); default: ``$DIFFUSIONCORE_MEMORY_LIMIT`` when set
                 (e.g. ``4GiB``), else what the machine has free, times
-                :data:`~DiffusionCore.sr.tiling.MEMORY_SAFETY_FRACTION`.
+                :data:`~DiffusionCore.tiling.MEMORY_SAFETY_FRACTION`.
             tile_batch: patches per model call (default: 1 on the CPU; on a GPU as many as fit, at most
                 :data:`MAX_TILE_BATCH`). The sampling noise of a call is drawn for its patches together,
                 so the output for a seed depends on this number (and on nothing else but the settings).

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from .intensity import hu_to_unit
+from ..intensity import hu_to_unit
 
 #: Voxels above this HU belong to the body (for choosing crops that are not all air).
 BODY_HU = -500.0

@@ -35,11 +35,11 @@ from torch import nn
 
 from ..config import config_to_dict, load_config
 from ..errors import Cancelled, ConfigError, InputError, WeightsError
+from ..intensity import unit_to_hu
 from ..nn.architecture import build_checked
 from ..train.numerics import check_training_numbers
 from .config import MEAN, SRConfig
 from .data import VolumeRegion, load_regions, sample_batch, validation_set
-from .intensity import unit_to_hu
 from .model import SRModel, check_sr_architecture
 from .resshift import ResShiftProcess
 from .vae import CTAutoencoderKL

@@ -1,7 +1,7 @@
 """The hybrid-ViT cascade: one :class:`StageModel` per resolution (64^3 -> 128^3 -> 256^3).
 
 A stage predicts v (or eps) for a noisy volume ``x_t`` (model units, HU window of
-``DiffusionCore.sr.intensity``) conditioned on the radiograph (through depth lifting, a global embedding in
+``DiffusionCore.intensity``) conditioned on the radiograph (through depth lifting, a global embedding in
 AdaLN-Zero, and cross-attention tokens) and, for stages 2-3, on the previous stage's volume upsampled to this
 stage's grid. :class:`UnifiedHybridViTCascade` holds the stages and keeps the seed's API
 (``from_pretrained``, ``generate``, ``generate_stage1/2/3``).
@@ -11,7 +11,7 @@ over cubic patches (:func:`plan_patches`): the radiograph encoding, the depth li
 volume are computed once for the whole grid; at every DDIM step the token network runs patch by patch, each
 patch reading positional embeddings, lifted features and the previous volume at its place in the grid and the
 whole radiograph through cross-attention and AdaLN; the patch outputs are blended (raised-cosine weights of
-``sr.tiling``) and the refinement head runs over the blended grid in chunks with a halo. Where the grid's
+``DiffusionCore.tiling``) and the refinement head runs over the blended grid in chunks with a halo. Where the grid's
 attention is windowed, patches are window-aligned and the result equals the whole-grid pass (to float
 rounding); where it is global, patches overlap and approximate it. Training draws random patches (see
 ``train.patch_stage_loss``).
@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import config_to_dict, load_config
 from ..errors import ConfigError, InputError, ResourceError, WeightsError
 from ..nn.architecture import build_checked, build_from_weights, weights_architecture
-from ..sr.tiling import MEMORY_SAFETY_FRACTION, blend_weights_1d, device_available_memory, format_bytes
+from ..tiling import MEMORY_SAFETY_FRACTION, blend_weights_1d, device_available_memory, format_bytes
 from .config import XrayStageConfig, patch_alignment, tiny_stage_config, windowed_attention
 from .encoder import XrayEncoder
 from .lifting import DepthLifting
@@ -82,7 +82,7 @@ class PatchPlan:
         starts: patch corners along each axis (the same for z, y and x).
         windowed: self-attention in windows of the whole grid (patches are then exact) or global inside
             each patch (patches approximate the whole-grid pass; their overlaps are blended).
-        weights: per start, the 1D blending weight (``sr.tiling.blend_weights_1d``: raised-cosine ramps
+        weights: per start, the 1D blending weight (``tiling.blend_weights_1d``: raised-cosine ramps
             across overlaps, summing to one at every voxel).
     """
 
@@ -163,7 +163,7 @@ def plan_patches(cfg: XrayStageConfig, patch: int, overlap: int | None = None) -
 
 def _usable_memory(device: torch.device | str) -> int:
     """Bytes a sampling run may plan to use on ``device``: its free memory plus, on a GPU, what this process
-    holds cached there (reusable), times ``sr.tiling.MEMORY_SAFETY_FRACTION``."""
+    holds cached there (reusable), times ``tiling.MEMORY_SAFETY_FRACTION``."""
     dev = torch.device(device)
     free = device_available_memory(dev)
     if dev.type == "cuda":
@@ -520,7 +520,7 @@ class StageModel(nn.Module):
 
         ``patch`` (or ``model.inference_patch``) asks for patches of that side; without one the whole grid is
         used when its :meth:`memory_estimate` fits ``memory_limit`` (default: the free memory of ``device``,
-        plus what this process holds cached there, times ``sr.tiling.MEMORY_SAFETY_FRACTION``). Where the
+        plus what this process holds cached there, times ``tiling.MEMORY_SAFETY_FRACTION``). Where the
         whole grid or the asked patch does not fit, the patch side is halved (keeping the alignment) until
         it does.
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..sr.intensity import hu_to_unit, unit_to_hu
+from ..intensity import hu_to_unit, unit_to_hu
 from .drr import MU_WATER_PER_MM, hu_to_mu, project_parallel_axis
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..sr.intensity import hu_to_unit
+from ..intensity import hu_to_unit
 from ..train.augment import random_affine
 from ..volume import AIR_HU, Volume, read_volume, write_volume
 from .config import XrayDataConfig

@@ -80,7 +80,7 @@ def evaluate_xray(
             continue
 
         def on_stage(stage: int, vol: Volume, info: dict, method: str = method) -> None:
-            from ..sr.intensity import hu_to_unit
+            from ..intensity import hu_to_unit
 
             score(method, stage, hu_to_unit(torch.from_numpy(vol.array))[None, None], info["seconds"])
 

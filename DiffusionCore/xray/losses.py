@@ -1,6 +1,6 @@
 """Training losses of one cascade stage: v-loss, DRR re-projection loss, depth-prior loss, gradient loss.
 
-All volumes are in model units (HU window of ``DiffusionCore.sr.intensity``); the DRR loss converts the
+All volumes are in model units (HU window of ``DiffusionCore.intensity``); the DRR loss converts the
 predicted clean volume back to HU, then to attenuation at 70 keV (``drr.hu_to_mu``), projects it with the
 training geometry (axis-aligned parallel beam) and compares normalised line integrals with the target's.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..sr.intensity import unit_to_hu
+from ..intensity import unit_to_hu
 from .cascade import StageModel
 from .config import XrayLossWeights
 from .drr import hu_to_mu, project_parallel_axis

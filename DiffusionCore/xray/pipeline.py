@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..sr.intensity import unit_to_hu
+from ..intensity import unit_to_hu
 from ..volume import Volume
 from .cascade import FAMILY, UnifiedHybridViTCascade
 from .consistency import drr_consistency

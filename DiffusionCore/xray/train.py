@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..config import config_to_dict
 from ..errors import ConfigError, WeightsError
-from ..sr.intensity import hu_to_unit
+from ..intensity import hu_to_unit
 from ..train.numerics import LossWatch, check_training_numbers
 from .cascade import StageModel, UnifiedHybridViTCascade, _crop
 from .config import XrayLossWeights, XrayStageConfig, load_stage_config, patch_alignment, tiny_stage_config

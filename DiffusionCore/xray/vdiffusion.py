@@ -8,7 +8,7 @@ A sampler or loss can take the network output as ``v``, ``eps`` or ``x0`` (``pre
 exactly from the identities above. The cascade's stages output a preconditioned ``x0`` estimate and are trained
 on the v (or eps) error it implies (see ``losses.diffusion_loss``): a patch-token network cannot carry the
 per-voxel noise that a direct v output must cancel in ``x0 = alpha x_t - sigma v``. Everything is in model
-units (HU mapped to [-1, 1] by ``DiffusionCore.sr.intensity.hu_to_unit``).
+units (HU mapped to [-1, 1] by ``DiffusionCore.intensity.hu_to_unit``).
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ResourceError
-from ..files import (  # noqa: F401  (re-exported: the memory helpers live in files.py, which needs no torch)
+from .errors import ResourceError
+from .files import (  # noqa: F401  (re-exported: the memory helpers live in files.py, which needs no torch)
     MEMORY_LIMIT_ENV,
     format_bytes,
     host_available_memory,

@@ -1,8 +1,8 @@
-"""HU <-> model units: the one place where the SR models' intensity window is defined.
+"""HU <-> model units: the one place where the models' intensity window is defined (SR and X-ray to CT).
 
 Model units are HU clipped to :data:`HU_WINDOW` and mapped linearly to ``[-1, 1]``: -1024 HU (air) -> -1,
-2048 HU (dense bone / contrast) -> +1. One model unit is 1536 HU. Every SR network, training loop and
-pipeline converts through these two functions and nowhere else.
+2048 HU (dense bone / contrast) -> +1. One model unit is 1536 HU. Every network, training loop and
+pipeline of both families converts through these functions and nowhere else.
 """
 
 from __future__ import annotations
