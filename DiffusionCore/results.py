@@ -30,7 +30,7 @@ def has_volume_suffix(path: str | os.PathLike) -> bool:
 
 def is_dicom_input(path: str | os.PathLike) -> bool:
     """A DICOM file, or a folder holding DICOM files (by content, not name; the first files found decide)."""
-    from .train.data import is_dicom_file
+    from .inputs import is_dicom_file
 
     p = Path(path)
     if p.is_file():

@@ -48,9 +48,9 @@ from DiffusionCore.errors import (
     ResourceError,
     WeightsError,
 )
+from DiffusionCore.inputs import collect_volumes
 from DiffusionCore.sr.config import SRConfig
 from DiffusionCore.sr.pipeline import SuperResolver
-from DiffusionCore.train.data import collect_volumes
 from DiffusionCore.volume import Volume, read_volume, write_volume
 from DiffusionCore.xray.radiograph import read_radiograph
 

@@ -16,7 +16,9 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from DiffusionCore.devices import resolve_device, shard_list
 from DiffusionCore.errors import ConfigError, InputError, ResourceError
+from DiffusionCore.inputs import collect_volumes
 from DiffusionCore.train.augment import (
     AugmentConfig,
     Augmenter,
@@ -27,14 +29,11 @@ from DiffusionCore.train.augment import (
     random_crop_box,
     random_flip,
 )
-from DiffusionCore.train.data import collect_volumes
 from DiffusionCore.train.distributed import (
     all_reduce_mean,
     barrier,
     cleanup,
     init_distributed,
-    resolve_device,
-    shard_list,
     wrap_model,
 )
 from DiffusionCore.train.logger import TrainLogger, read_metrics
@@ -84,8 +83,9 @@ def test_two_process_gloo_group_averages_and_syncs(tmp_path):
             import json, sys
             import torch
             from torch import nn
+            from DiffusionCore.devices import shard_list
             from DiffusionCore.train.distributed import (
-                all_reduce_mean, barrier, cleanup, init_distributed, shard_list, wrap_model)
+                all_reduce_mean, barrier, cleanup, init_distributed, wrap_model)
 
             info = init_distributed("cpu")
             torch.manual_seed(0)

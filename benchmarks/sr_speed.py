@@ -31,9 +31,9 @@ import torch
 
 from DiffusionCore.cli.common import adapt_settings, add_adapt_arguments
 from DiffusionCore.cli.evaluate import write_json_atomic
+from DiffusionCore.devices import resolve_device
 from DiffusionCore.files import keep_freed_memory
 from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name, peak_rss_bytes
-from DiffusionCore.train.distributed import resolve_device
 from DiffusionCore.volume import Volume, load_reference, read_volume, write_volume
 
 

@@ -271,10 +271,10 @@ def time_latent(args, data: list[str]) -> dict:
 def time_throughplane(args, data: list[str]) -> dict:
     """Time ``train throughplane`` steps (see the module docstring); returns the family's JSON entry."""
     from DiffusionCore.files import keep_freed_memory
+    from DiffusionCore.inputs import collect_volumes
     from DiffusionCore.sr.planes import sample_pairs
     from DiffusionCore.sr.throughplane import ThroughPlaneNet, cubic_planes
     from DiffusionCore.sr.throughplane_train import ThroughPlaneTrainConfig, load_sources
-    from DiffusionCore.train.data import collect_volumes
     from DiffusionCore.train.ema import ParameterEMA
 
     keep_freed_memory()  # as train throughplane does

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..devices import DistInfo, process_info, shard_list
 from ..dicom_out import check_dicom_geometry
 from ..errors import ConfigError, GeometryError, InputError, OutputError
 from ..files import current_rss_bytes, format_bytes, keep_freed_memory, refuse_overwriting_inputs
@@ -31,7 +32,6 @@ from ..results import (
     write_result,
 )
 from ..tiling import parse_memory_size
-from ..train.distributed import DistInfo, resolve_device, shard_list
 from ..volume import WRITABLE_SUFFIXES, check_output_geometry, check_output_path, read_volume, write_volume
 from .common import (
     Progress,
@@ -150,7 +150,7 @@ def _is_batch(path: Path) -> tuple[bool, list[Path]]:
     """(batch?, sources) for INPUT: a volume file, a DICOM file or a DICOM series folder is one volume; a
     folder of volumes or a list file (.txt, .lst, .list) is a batch. Other files are read as one volume
     (so that an unsupported file gets the reader's explanation)."""
-    from ..train.data import collect_volumes, is_dicom_file
+    from ..inputs import collect_volumes, is_dicom_file
 
     if not path.exists():
         raise InputError(f"{path} does not exist. Check the path (and quote it if it contains spaces).")
@@ -193,22 +193,6 @@ def _check_folder(folder: Path, what: str) -> Path:
     if not os.access(folder, os.W_OK):
         raise OutputError(f"the {what} folder {folder} is not writable; choose another.")
     return folder
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    try:
-        return int(value) if value else default
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def dist_info(device: str) -> DistInfo:
-    """This process's place in a ``torchrun`` launch (a single process without one); no group is joined."""
-    rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
-    if not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} does not fit WORLD_SIZE={world}")
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=resolve_device(device, local), is_main=rank == 0)
 
 
 def _input_files(args: argparse.Namespace) -> list[str | None]:
@@ -358,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
     _check_uncertainty_args(args)
     adapt = adapt_settings(args)  # option errors before any volume is read
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
-    info = dist_info(args.device)
+    info = process_info(args.device)  # its place in a torchrun launch; no group is joined
     device = info.device
     batch, jobs = plan_jobs(args, info)
     report_path = _report_path(args, info)

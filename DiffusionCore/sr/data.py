@@ -59,7 +59,7 @@ def load_regions(
     Raises:
         InputError: no volumes found, or a volume too small to hold out a z-range.
     """
-    from ..train.data import collect_volumes
+    from ..inputs import collect_volumes
     from ..volume import read_volume
 
     if not train:

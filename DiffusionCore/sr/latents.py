@@ -92,9 +92,9 @@ def prepare_latents(
     Raises:
         InputError: no volumes; OutputError: an existing file without ``overwrite``.
     """
+    from ..devices import resolve_device
     from ..errors import OutputError
-    from ..train.data import collect_volumes
-    from ..train.distributed import resolve_device
+    from ..inputs import collect_volumes
     from ..volume import read_volume
     from ..weights import save_safetensors, sha256_file
     from .training import load_vae_weights

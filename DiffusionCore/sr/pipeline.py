@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..degrade import plan_thin_grid, thin_grid
+from ..devices import resolve_device
 from ..errors import Cancelled, ConfigError, GeometryError, InputError, ResourceError, WeightsError
 from ..evaluate import register_method
 from ..intensity import HU_PER_UNIT, hu_to_unit, hu_to_unit_, unit_to_hu_
@@ -56,7 +57,6 @@ from ..tiling import (
     memory_limit_from_env,
     separable_weight,
 )
-from ..train.distributed import resolve_device
 from ..volume import Grid, Volume, check_ct, require_ct
 from .adapt import AdaptSettings, adapt_predictor
 from .config import MEAN, SAMPLE

@@ -218,8 +218,8 @@ def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any]) 
 def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume: bool = False,
           init_from: str | None = None) -> dict[str, Any]:
     """Train (or continue training) the predictor; returns a summary and writes ``out_dir/throughplane.safetensors``."""
+    from ..inputs import collect_volumes
     from ..train.checkpoint import find_latest, load_training_state, save_training_state
-    from ..train.data import collect_volumes
     from ..train.ema import ParameterEMA
     from ..train.logger import TrainLogger
     from ..train.stop import StopFlag

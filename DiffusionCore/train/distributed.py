@@ -7,7 +7,7 @@ below becomes a no-op::
 
     info = init_distributed(cfg.device)
     model = wrap_model(model.to(info.device), info)
-    my_files = shard_list(files, info)
+    my_files = shard_list(files, info)      # DiffusionCore.devices.shard_list
     ...
     loss_value = all_reduce_mean(loss.detach(), info)
     if info.is_main:
@@ -19,91 +19,14 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ConfigError, ResourceError
+from ..devices import DistInfo, env_int, resolve_device
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits in the job.
-
-    Attributes:
-        rank: global process index (0 .. world_size - 1).
-        world_size: number of processes.
-        local_rank: process index on this machine (selects the GPU).
-        device: the device this process computes on.
-        is_main: ``rank == 0``: the process that logs, saves checkpoints and writes outputs.
-    """
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    is_main: bool
-
-    @property
-    def distributed(self) -> bool:
-        """True when several processes train together."""
-        return self.world_size > 1
-
-
-def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
-    """The torch device for ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-
-    Args:
-        device: the requested device.
-        local_rank: GPU index used for a bare ``"cuda"`` / ``"auto"`` (one GPU per process under torchrun).
-
-    Raises:
-        ResourceError: CUDA requested on a machine without a usable CUDA GPU.
-        ConfigError: an unknown device string.
-    """
-    text = str(device).strip().lower()
-    if text == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    if text.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ResourceError(
-                f"device {device!r} was requested but no CUDA GPU is usable here (torch {torch.__version__}, "
-                f"CUDA build: {torch.version.cuda or 'none'}): use --device cpu or auto, or install a CUDA build "
-                "of PyTorch"
-            )
-        try:
-            dev = torch.device(text)
-        except RuntimeError as exc:
-            raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
-        index = dev.index if dev.index is not None else local_rank
-        if index >= torch.cuda.device_count():
-            raise ResourceError(
-                f"device cuda:{index} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
-            )
-        return torch.device("cuda", index)
-    raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from exc
-
 
 def init_distributed(device: str | torch.device = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Join the torchrun process group if launched by torchrun, else describe a single process.
@@ -119,9 +42,9 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float = 180
         ResourceError: CUDA requested but unavailable.
         ConfigError: malformed torchrun environment variables.
     """
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    world_size = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0)
+    local_rank = env_int("LOCAL_RANK", 0)
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -151,11 +74,6 @@ def wrap_model(model: nn.Module, info: DistInfo, **ddp_kwargs) -> nn.Module:
             model, device_ids=[info.device.index], output_device=info.device.index, **ddp_kwargs
         )
     return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
-
-
-def shard_list(items: Sequence[T], info: DistInfo) -> list[T]:
-    """This process's share of ``items`` (every ``world_size``-th item from ``rank``); all of them alone."""
-    return list(items[info.rank :: info.world_size])
 
 
 def all_reduce_mean(value: float | torch.Tensor, info: DistInfo) -> float | torch.Tensor:

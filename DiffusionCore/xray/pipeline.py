@@ -204,7 +204,7 @@ class XrayToCTGenerator:
             (Volume in HU, report with ``stages`` (per stage: resolution, seconds, projection error),
             ``settings``, ``weights_sha256``, ``fov_mm``, ``timings``).
         """
-        from ..train.distributed import resolve_device
+        from ..devices import resolve_device
 
         trained_view = self.cascade.configs[0].data.view
         if view != trained_view:

@@ -95,7 +95,7 @@ def _ct_paths(data: Any) -> list[Path]:
         else:
             rest.append(it)
     if rest:
-        from ..train.data import collect_volumes
+        from ..inputs import collect_volumes
 
         paths += [Path(p) for p in collect_volumes(rest if len(rest) > 1 else rest[0])]
     return paths
@@ -436,7 +436,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     r1 = configs[0].resolution
     mean_hu = np.mean([c[r1] for c in cubes], axis=0)
     cascade.mean_ct.copy_(hu_to_unit(torch.from_numpy(mean_hu))[None, None].to(cascade.mean_ct.device))
-    from ..train.distributed import shard_list
+    from ..devices import shard_list
 
     if info.distributed and len(cubes) >= info.world_size:
         cubes = shard_list(cubes, info)

@@ -1,6 +1,6 @@
-"""Finding the CT volumes a training run uses.
+"""Finding the CT volumes a command uses (training data, a batch of ``sr`` inputs).
 
-Training data can be given as
+Volumes can be given as
 
 * a folder: every NIfTI / NRRD / MetaImage file below it, and every folder holding a DICOM series
   (``.dcm`` files or extension-less files with the DICOM preamble), recursively; hidden entries skipped;
@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import InputError
+from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> li
     for item in items:
         p = Path(item).expanduser()
         if not p.exists():
-            raise InputError(f"training data {p} does not exist: check the path")
+            raise InputError(f"{p} does not exist: check the path")
         found.extend(_expand(p))
     unique = list(dict.fromkeys(found))
     if not unique:
