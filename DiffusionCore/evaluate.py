@@ -8,7 +8,6 @@ themselves from their own module, loaded on first use.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -26,11 +25,12 @@ logger = logging.getLogger(__name__)
 Reconstructor = Callable[[Volume, Grid, dict], Volume]
 
 _METHODS: dict[str, Reconstructor] = {}
-#: Methods provided by other modules, imported when first asked for (they call register_method).
-_LAZY_METHODS = {name: "DiffusionCore.sr.pipeline" for name in ("sr", "sr+adapt", "cubic+dc")}
 
 
 def register_method(name: str, fn: Reconstructor) -> None:
+    """Make ``name`` a method of :func:`evaluate`. The interpolations register here; the model methods
+    (``sr``, ``sr+adapt``, ``cubic+dc``) register when :mod:`DiffusionCore.sr.pipeline` is imported, which the
+    ``evaluate`` command, the demo and the benchmarks do."""
     _METHODS[name] = fn
 
 
@@ -39,14 +39,9 @@ for _name in INTERPOLATION_METHODS:
 
 
 def get_method(name: str) -> Reconstructor:
-    if name not in _METHODS and name in _LAZY_METHODS:
-        try:
-            importlib.import_module(_LAZY_METHODS[name])
-        except ImportError as exc:
-            raise InputError(f"method {name!r} is not available: {exc}") from None
     if name not in _METHODS:
-        known = sorted(set(_METHODS) | set(_LAZY_METHODS))
-        raise InputError(f"unknown method {name!r}: choose from {', '.join(known)}")
+        hint = "" if "sr" in _METHODS else " (the model methods sr, sr+adapt and cubic+dc need `import DiffusionCore.sr.pipeline` first)"
+        raise InputError(f"unknown method {name!r}: choose from {', '.join(sorted(_METHODS))}{hint}")
     return _METHODS[name]
 
 

@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     from ..files import keep_freed_memory
 
     keep_freed_memory()  # a one-shot process: the model's buffers are reused, not mapped afresh
+    from ..sr import pipeline  # noqa: F401  (registers the model methods: sr, sr+adapt, cubic+dc)
+
     methods = list(args.methods)  # unknown names are refused by evaluate() before any work
     refuse_overwriting_inputs([args.reference, args.weights], [("--json", args.json_out)])
     if args.json_out:
