@@ -595,3 +595,14 @@ def cache_state(name: str) -> str:
     except OSError:
         ok = False
     return "cached" if ok else "corrupt"
+
+
+def load_reference(name_or_path: str | os.PathLike):
+    """A CT volume (:class:`~DiffusionCore.volume.Volume`) from a path, or from a CT sample's name
+    (``chest-lidc``, ``chest-dx``: fetched and sha256-checked)."""
+    from .volume import read_volume
+
+    p = Path(name_or_path)
+    if not p.exists() and isinstance(name_or_path, str) and "/" not in name_or_path and name_or_path in CT_SAMPLES:
+        return read_volume(fetch(name_or_path))
+    return read_volume(p)

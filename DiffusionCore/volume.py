@@ -1125,14 +1125,3 @@ def crop_slices(vol: Volume, axis: str | int, start: int, stop: int) -> Volume:
     origin = np.asarray(vol.origin) + vol.grid.direction_matrix[:, idx] * vol.spacing[idx] * start
     arr = np.take(vol.array, np.arange(start, stop), axis=ax)
     return Volume(arr, vol.spacing, tuple(float(o) for o in origin), vol.direction.copy(), dict(vol.metadata))
-
-
-def load_reference(name_or_path: str | os.PathLike) -> Volume:
-    """A volume from a path, or from a sample-data name (``chest-lidc``, ``chest-dx``)."""
-    p = Path(name_or_path)
-    if not p.exists() and isinstance(name_or_path, str) and "/" not in name_or_path:
-        from . import sampledata
-
-        if name_or_path in sampledata.CT_SAMPLES:
-            return read_volume(sampledata.fetch(name_or_path))
-    return read_volume(p)

@@ -27,7 +27,7 @@ from DiffusionCore import sampledata
 from DiffusionCore.cli.evaluate import write_json_atomic
 from DiffusionCore.evaluate import evaluate, format_table
 from DiffusionCore.metrics import BODY_THRESHOLD_HU, HU_RANGE
-from DiffusionCore.volume import load_reference
+from DiffusionCore.sampledata import load_reference
 
 
 def main(argv: list[str] | None = None) -> int:

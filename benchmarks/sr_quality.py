@@ -32,9 +32,10 @@ import torch
 from DiffusionCore.cli.evaluate import write_json_atomic
 from DiffusionCore.evaluate import evaluate, format_table
 from DiffusionCore.files import keep_freed_memory
+from DiffusionCore.sampledata import load_reference
 from DiffusionCore.sr.adapt import AdaptSettings
 from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name
-from DiffusionCore.volume import crop_slices, load_reference
+from DiffusionCore.volume import crop_slices
 
 
 def parse_reference(text: str):

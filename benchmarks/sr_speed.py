@@ -33,8 +33,9 @@ from DiffusionCore.cli.common import adapt_settings, add_adapt_arguments
 from DiffusionCore.cli.evaluate import write_json_atomic
 from DiffusionCore.devices import resolve_device
 from DiffusionCore.files import keep_freed_memory
+from DiffusionCore.sampledata import load_reference
 from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name, peak_rss_bytes
-from DiffusionCore.volume import Volume, load_reference, read_volume, write_volume
+from DiffusionCore.volume import Volume, read_volume, write_volume
 
 
 def synthetic_ct(shape: tuple[int, int, int], spacing=(0.842, 0.842, 5.0), seed: int = 0) -> Volume:

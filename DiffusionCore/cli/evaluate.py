@@ -11,7 +11,8 @@ from pathlib import Path
 from ..errors import NumericalError, OutputError
 from ..evaluate import evaluate, format_table
 from ..files import partial_file, publish, refuse_overwriting_inputs, remove_stale_partials
-from ..volume import crop_slices, load_reference
+from ..sampledata import load_reference
+from ..volume import crop_slices
 from .common import Progress, adapt_settings, add_adapt_arguments, add_progress_argument, name_list
 
 

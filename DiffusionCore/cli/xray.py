@@ -254,7 +254,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..files import refuse_overwriting_inputs
-    from ..volume import load_reference
+    from ..sampledata import load_reference
     from ..xray.evaluate import evaluate_xray, format_xray_table
     from .evaluate import check_scores, write_json_atomic
 

@@ -97,7 +97,7 @@ def prepare_latents(
     from ..inputs import collect_volumes
     from ..volume import read_volume
     from ..weights import save_safetensors, sha256_file
-    from .training import load_vae_weights
+    from .model import load_vae_weights
 
     paths = collect_volumes(data if isinstance(data, list | tuple) else [data])
     dev = resolve_device(device)

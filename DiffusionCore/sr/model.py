@@ -509,3 +509,24 @@ def load_sr_model(
     return SRModel.from_pretrained(
         Path(weights) if Path(str(weights)).exists() else str(weights), allow_unregistered
     )
+
+
+#: File name of the VAE weights that ``train vae`` exports into its output folder.
+VAE_EXPORT = "vae.safetensors"
+
+
+def load_vae_weights(source: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """VAE config dict and ``vae.*`` tensors from an exported file or a ``train vae`` output folder."""
+    from ..weights import load_safetensors
+
+    p = Path(source)
+    if p.is_dir():
+        if (p / VAE_EXPORT).is_file():
+            p = p / VAE_EXPORT
+        else:
+            raise WeightsError(f"{source} has no {VAE_EXPORT}: finish `train vae` there or give the file")
+    tensors, meta = load_safetensors(p)
+    if meta.get("family") != "sr" or meta.get("component") not in ("vae", "sr"):
+        raise WeightsError(f"{p} is not an SR VAE weights file (exported by `train vae`)")
+    vae_t = {k: v for k, v in tensors.items() if k.startswith("vae.")}
+    return dict(meta.get("config", {}).get("vae", {})), vae_t

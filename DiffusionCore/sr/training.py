@@ -40,14 +40,13 @@ from ..nn.architecture import build_checked
 from ..train.numerics import check_training_numbers
 from .config import MEAN, SRConfig
 from .data import VolumeRegion, load_regions, sample_batch, validation_set
-from .model import SRModel, check_sr_architecture
+from .model import VAE_EXPORT, SRModel, check_sr_architecture, load_vae_weights
 from .resshift import ResShiftProcess
 from .vae import CTAutoencoderKL
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("base", "control", "joint")
-VAE_EXPORT = "vae.safetensors"
 SR_EXPORT = "sr_model.safetensors"
 
 
@@ -466,23 +465,6 @@ def set_stage(model: SRModel, stage: str, finetune_decoder: bool = False) -> Non
     model.denoiser.unet.requires_grad_(stage != "control")
     if model.denoiser.controlnet is not None:
         model.denoiser.controlnet.requires_grad_(stage != "base")
-
-
-def load_vae_weights(source: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """VAE config dict and ``vae.*`` tensors from an exported file or a ``train vae`` output folder."""
-    from ..weights import load_safetensors
-
-    p = Path(source)
-    if p.is_dir():
-        if (p / VAE_EXPORT).is_file():
-            p = p / VAE_EXPORT
-        else:
-            raise WeightsError(f"{source} has no {VAE_EXPORT}: finish `train vae` there or give the file")
-    tensors, meta = load_safetensors(p)
-    if meta.get("family") != "sr" or meta.get("component") not in ("vae", "sr"):
-        raise WeightsError(f"{p} is not an SR VAE weights file (exported by `train vae`)")
-    vae_t = {k: v for k, v in tensors.items() if k.startswith("vae.")}
-    return dict(meta.get("config", {}).get("vae", {})), vae_t
 
 
 def _load_denoiser_init(model: SRModel, source: str | os.PathLike) -> None:
