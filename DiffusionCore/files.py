@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -554,3 +555,56 @@ def inflated_size(f) -> int:
     if not inflater.eof:
         raise CompressedDataError("truncated", "the stream ends before its end marker")
     return size
+
+
+def _jsonable(value):
+    """What JSON cannot hold: arrays and tensors as lists, anything else as its text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def _finite_only(value):
+    """NaN and infinities as ``null`` (JSON has no such numbers; strict readers refuse ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_only(x) for k, x in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_only(x) for x in value]
+    return value
+
+
+def write_json_atomic(
+    data, path: str | os.PathLike, *, overwrite: bool = True, durable: bool = False, nonfinite_as_null: bool = True
+) -> Path:
+    """Write ``data`` as indented JSON, atomically: the file appears whole or not at all.
+
+    Args:
+        data: JSON-serialisable data; arrays and tensors become lists, other objects their text.
+        path: the file.
+        overwrite: replace an existing file (else :class:`OutputError`).
+        durable: flush to disk before the rename (checkpoint state that a crash must not lose).
+        nonfinite_as_null: write NaN and infinities as ``null`` (reports, for any JSON reader); ``False``
+            keeps Python's ``NaN`` / ``Infinity`` (state read back by DiffusionCore itself).
+
+    Raises:
+        OutputError: the file exists without ``overwrite``, or its folder is missing or not writable.
+    """
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise OutputError(f"{p} already exists; pass --overwrite to replace it.")
+    if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
+        raise OutputError(f"cannot write {p}: the folder {p.parent} does not exist or is not writable.")
+    remove_stale_partials(p)
+    tmp = partial_file(p)
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            json.dump(_finite_only(data) if nonfinite_as_null else data, out, indent=2, default=_jsonable)
+            out.write("\n")
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
+        publish(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p

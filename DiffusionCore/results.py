@@ -101,7 +101,7 @@ def write_result(
     header = {**header_fields(provenance), "ITK_FileNotes": nifti_descrip(provenance)}
     written = [write_volume(vol, p, overwrite=overwrite, dtype=dtype, header=header)]
     if p.name.lower().endswith((".nii", ".nii.gz")):
-        from .cli.evaluate import write_json_atomic
+        from .files import write_json_atomic
 
         written.append(write_json_atomic({"provenance": provenance.as_dict()}, sidecar_path(p), overwrite=True))
     return written

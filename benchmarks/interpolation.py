@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from DiffusionCore import sampledata
-from DiffusionCore.cli.evaluate import write_json_atomic
 from DiffusionCore.evaluate import evaluate, format_table
+from DiffusionCore.files import write_json_atomic
 from DiffusionCore.metrics import BODY_THRESHOLD_HU, HU_RANGE
 from DiffusionCore.sampledata import load_reference
 

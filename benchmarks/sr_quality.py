@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 
-from DiffusionCore.cli.evaluate import write_json_atomic
 from DiffusionCore.evaluate import evaluate, format_table
-from DiffusionCore.files import keep_freed_memory
+from DiffusionCore.files import keep_freed_memory, write_json_atomic
 from DiffusionCore.sampledata import load_reference
 from DiffusionCore.sr.adapt import AdaptSettings
 from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name

@@ -30,9 +30,8 @@ import numpy as np
 import torch
 
 from DiffusionCore.cli.common import adapt_settings, add_adapt_arguments
-from DiffusionCore.cli.evaluate import write_json_atomic
 from DiffusionCore.devices import resolve_device
-from DiffusionCore.files import keep_freed_memory
+from DiffusionCore.files import keep_freed_memory, write_json_atomic
 from DiffusionCore.sampledata import load_reference
 from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name, peak_rss_bytes
 from DiffusionCore.volume import Volume, read_volume, write_volume

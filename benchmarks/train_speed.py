@@ -70,8 +70,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from DiffusionCore.cli.evaluate import write_json_atomic
 from DiffusionCore.config import config_to_dict, load_config, read_config_file
+from DiffusionCore.files import write_json_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "DiffusionCore" / "sr" / "configs"
 DEFAULT_LATENT_CONFIG = CONFIG_DIR / "default_cpu_gpu_training.json"

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from DiffusionCore.cli.evaluate import write_json_atomic  # noqa: E402
+from DiffusionCore.files import write_json_atomic  # noqa: E402
 from DiffusionCore.sampledata import load_reference  # noqa: E402
 from DiffusionCore.xray.data import ct_to_cube  # noqa: E402
 from DiffusionCore.xray.drr import DRRGeometry, hu_to_mu, project_parallel_axis, render_drr  # noqa: E402

@@ -133,8 +133,8 @@ def adapt_settings(adapt: dict | None):
 
 def run(args: argparse.Namespace) -> int:
     from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
-    from DiffusionCore.cli.evaluate import write_json_atomic
     from DiffusionCore.errors import InputError
+    from DiffusionCore.files import write_json_atomic
     from DiffusionCore.sr.pipeline import SuperResolver
     from DiffusionCore.volume import check_output_path, read_volume, write_volume
 

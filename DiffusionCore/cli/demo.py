@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..demo import run_demo
-from .evaluate import write_json_atomic
+from ..files import write_json_atomic
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from pathlib import Path
 
 from ..errors import NumericalError, OutputError
 from ..evaluate import evaluate, format_table
-from ..files import partial_file, publish, refuse_overwriting_inputs, remove_stale_partials
+from ..files import refuse_overwriting_inputs, write_json_atomic
 from ..sampledata import load_reference
 from ..volume import crop_slices
 from .common import Progress, adapt_settings, add_adapt_arguments, add_progress_argument, name_list
@@ -49,11 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _jsonable(value):
-    """What JSON cannot hold: arrays and tensors as lists, anything else as its text."""
-    return value.tolist() if hasattr(value, "tolist") else str(value)
-
-
 def check_scores(results: list[dict], what: str) -> None:
     """Refuse an evaluation in which a method scored NaN (its reconstruction held NaN voxels): such a row would
     be written as ``null`` and read as a result. An infinite PSNR (an exact reconstruction) is kept.
@@ -69,34 +63,6 @@ def check_scores(results: list[dict], what: str) -> None:
                 f"{what}: method {label} scored NaN ({', '.join(bad)}): its result failed numerically; nothing "
                 "was written. Check the weights and options, or run again with --debug and report it."
             )
-
-
-def write_json_atomic(data: dict, path: str | os.PathLike, overwrite: bool = True) -> Path:
-    p = Path(path)
-    if p.exists() and not overwrite:
-        raise OutputError(f"{p} already exists; pass --overwrite to replace it.")
-    if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
-        raise OutputError(f"cannot write {p}: the folder {p.parent} does not exist or is not writable.")
-
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    remove_stale_partials(p)
-    tmp = partial_file(p)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(clean(data), f, indent=2, default=_jsonable)
-        publish(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

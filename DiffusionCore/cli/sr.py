@@ -21,7 +21,13 @@ from typing import Any
 from ..devices import DistInfo, process_info, shard_list
 from ..dicom_out import check_dicom_geometry
 from ..errors import ConfigError, GeometryError, InputError, OutputError
-from ..files import current_rss_bytes, format_bytes, keep_freed_memory, refuse_overwriting_inputs
+from ..files import (
+    current_rss_bytes,
+    format_bytes,
+    keep_freed_memory,
+    refuse_overwriting_inputs,
+    write_json_atomic,
+)
 from ..provenance import Provenance
 from ..results import (
     OUTPUT_FORMATS,
@@ -42,7 +48,6 @@ from .common import (
     finite_float,
     sigterm_cancels,
 )
-from .evaluate import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -163,10 +163,9 @@ def _stage_path(out: Path, stage: int) -> Path:
 
 
 def run_xray2ct(args: argparse.Namespace) -> int:
-    from ..files import refuse_overwriting_inputs
+    from ..files import refuse_overwriting_inputs, write_json_atomic
     from ..results import check_result_output, dicom_source_for, planned_files, wants_dicom, write_result
     from ..xray.radiograph import read_radiograph
-    from .evaluate import write_json_atomic
 
     source = _radiograph_path(args.xray)
     out = Path(args.output)
@@ -253,10 +252,10 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..files import refuse_overwriting_inputs
+    from ..files import refuse_overwriting_inputs, write_json_atomic
     from ..sampledata import load_reference
     from ..xray.evaluate import evaluate_xray, format_xray_table
-    from .evaluate import check_scores, write_json_atomic
+    from .evaluate import check_scores
 
     refuse_overwriting_inputs([args.reference, args.weights], [("--json", args.json_out)])
     if args.json_out:

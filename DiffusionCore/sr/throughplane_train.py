@@ -336,7 +336,7 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
         ema.copy_to_models()
     digest = export_predictor(net, out / EXPORT_FILE, summary)
     summary["exported"] = {"file": str(out / EXPORT_FILE), "sha256": digest}
-    from ..cli.evaluate import write_json_atomic
+    from ..files import write_json_atomic
 
     write_json_atomic(summary, out / "summary.json")
     logger.info("exported %s (sha256 %s)", out / EXPORT_FILE, digest)

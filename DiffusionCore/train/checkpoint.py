@@ -41,7 +41,7 @@ from torch import nn
 
 from ..config import config_to_dict
 from ..errors import InputError, NumericalError, OutputError, WeightsError
-from ..files import publish, shared_mode
+from ..files import shared_mode, write_json_atomic
 from ..nn.architecture import load_state
 from ..weights.registry import load_safetensors, save_safetensors
 from .numerics import nonfinite_tensors
@@ -184,20 +184,6 @@ def _set_generator_state(gen: Any, state: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp, path)  # the permissions of any file the user writes (mkstemp made it owner-only)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_json(path: Path) -> Any | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -334,7 +320,7 @@ def save_training_state(
             state_json["extra"] = config_to_dict(dict(extra or {}))
         except TypeError:
             pass  # extra holds tensors or arrays: restored from training_state only
-        _write_json_atomic(tmp / STATE_FILE, state_json)
+        write_json_atomic(state_json, tmp / STATE_FILE, durable=True, nonfinite_as_null=False)
 
         if final.exists():
             _remove_dir(final)
@@ -344,7 +330,8 @@ def save_training_state(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    _write_json_atomic(out / LATEST_FILE, {"step": int(step), "epoch": int(epoch), "checkpoint": name})
+    write_json_atomic({"step": int(step), "epoch": int(epoch), "checkpoint": name}, out / LATEST_FILE, durable=True,
+                      nonfinite_as_null=False)  # fmt: skip
     _prune(out, keep)
     logger.info("saved checkpoint %s", final)
     return final
@@ -398,7 +385,7 @@ def mark_best(out_dir: str | os.PathLike, step: int, metric: float | None = None
     data: dict[str, Any] = {"step": int(step), "checkpoint": ckpt.name}
     if metric is not None:
         data["metric"] = float(metric)
-    _write_json_atomic(out / BEST_FILE, data)
+    write_json_atomic(data, out / BEST_FILE, durable=True, nonfinite_as_null=False)
     return ckpt
 
 

@@ -121,7 +121,7 @@ def load_radiograph(path: str, invert: bool):
 
 def run(args: argparse.Namespace) -> int:
     from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
-    from DiffusionCore.cli.evaluate import write_json_atomic
+    from DiffusionCore.files import write_json_atomic
     from DiffusionCore.volume import check_output_path, read_volume, write_volume
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
 
