@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from DiffusionCore.errors import ConfigError
+from DiffusionCore.train.precision import resolve_amp
 from DiffusionCore.volume import Volume, write_volume
 from DiffusionCore.xray.cascade import UnifiedHybridViTCascade
 from DiffusionCore.xray.config import tiny_stage_config
-from DiffusionCore.xray.train import CascadeObjective, XrayTrainOptions, resolve_amp, train_step, train_xray
+from DiffusionCore.xray.train import CascadeObjective, XrayTrainOptions, train_step, train_xray
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -177,11 +178,11 @@ def _tiny_run_config(**training):
 def test_amp_on_cpu_is_ignored_with_a_note_and_the_refinement_head_trains(ct_file, tmp_path, caplog):
     cfg = _tiny_run_config(amp=True, weight_decay=0.0, checkpoint_every=1, max_steps=2, batch_size=1)
     out = tmp_path / "run"
-    with caplog.at_level(logging.INFO, logger="DiffusionCore.xray.train"):
+    with caplog.at_level(logging.INFO, logger="DiffusionCore"):
         summary = train_xray(XrayTrainOptions(configs=[cfg], data=str(ct_file), output_dir=out, device="cpu"))
     assert summary["steps"] == 2
     assert any(
-        "training.amp" in r.getMessage() and "float32 on cpu" in r.getMessage() for r in caplog.records
+        "mixed precision" in r.getMessage() and "float32 on cpu" in r.getMessage() for r in caplog.records
     )
     first = load_file(out / "checkpoint-00000001" / "cascade.safetensors")
     second = load_file(out / "checkpoint-00000002" / "cascade.safetensors")

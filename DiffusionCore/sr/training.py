@@ -38,6 +38,7 @@ from ..errors import Cancelled, ConfigError, InputError, WeightsError
 from ..intensity import unit_to_hu
 from ..nn.architecture import build_checked
 from ..train.numerics import check_training_numbers
+from ..train.precision import autocast, resolve_amp
 from .config import MEAN, SRConfig
 from .data import VolumeRegion, load_regions, sample_batch, validation_set
 from .model import VAE_EXPORT, SRModel, check_sr_architecture, load_vae_weights
@@ -94,12 +95,6 @@ def _lr_lambda(warmup: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / max(1, warmup))
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 class _Run:
     """Shared state of a training run: distributed info, logger, stop flag, checkpoint bookkeeping."""
 
@@ -112,9 +107,7 @@ class _Run:
         self.out = Path(out_dir)
         self.info = init_distributed(cfg.train.device)
         self.device = self.info.device
-        self.amp = bool(cfg.train.use_amp and self.device.type == "cuda")
-        if cfg.train.use_amp and not self.amp:
-            logger.info("--use-amp ignored on %s (bf16 autocast only helps on GPU)", self.device)
+        self.amp = resolve_amp(bool(cfg.train.use_amp), self.device)  # bfloat16 on a capable GPU, else None
         self.log = TrainLogger(self.out, enabled=self.info.is_main)
         self.stop = StopFlag(self.out / "STOP")
         if self.info.is_main:
@@ -254,7 +247,7 @@ def _fit(
                 logger.info("stopped at step %d; a checkpoint was written (resume with --resume)", step)
                 break
             np_rng, gen = _step_generators(t.seed, info.rank, step)
-            with _autocast(run.device, run.amp):
+            with autocast(run.device, run.amp):
                 loss = objective(wrapped, step, np_rng, gen)
             watch(loss, step)
             opt.zero_grad(set_to_none=True)

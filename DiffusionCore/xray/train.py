@@ -29,6 +29,7 @@ from ..config import config_to_dict
 from ..errors import ConfigError, WeightsError
 from ..intensity import hu_to_unit
 from ..train.numerics import LossWatch, check_training_numbers
+from ..train.precision import autocast, resolve_amp
 from .cascade import StageModel, UnifiedHybridViTCascade, _crop
 from .config import XrayLossWeights, XrayStageConfig, load_stage_config, patch_alignment, tiny_stage_config
 from .data import MANIFEST, XrayCubeDataset, ct_to_cube, load_cubes
@@ -281,24 +282,6 @@ def _load_stage_weights(cascade: UnifiedHybridViTCascade, source: str, stages: l
     logger.info("loaded stage(s) %s from %s (%d tensors)", stages, p, loaded)
 
 
-def resolve_amp(requested: bool, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``training.amp`` on ``device``: bfloat16 on a GPU that supports it, else None.
-
-    On CPU (or a GPU without bfloat16) the option is ignored with an info note: training runs in float32.
-    """
-    if not requested:
-        return None
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        logger.info("training.amp: this GPU has no bfloat16 support; training in float32")
-        return None
-    logger.info(
-        "training.amp: bfloat16 autocast is used on GPUs only; training in float32 on %s", device.type
-    )
-    return None
-
-
 def train_step(
     objective: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -332,7 +315,7 @@ def train_step(
     Raises:
         NumericalError: the loss is not finite, or exploded (training diverged); the weights are left as they were.
     """
-    with torch.autocast(xray.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+    with autocast(xray.device, amp_dtype):
         loss, parts = objective(vols, xray, prev_noise)
     (watch or LossWatch(optimizer.defaults.get("lr")))(loss, step)
     optimizer.zero_grad(set_to_none=True)
