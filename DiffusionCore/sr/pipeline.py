@@ -805,87 +805,18 @@ class SuperResolver:
         timings["interpolate"] += time.perf_counter() - t0
         done = adapt_units + pre_units
 
-        mean: np.ndarray | None = None
-        m2: np.ndarray | None = None
         tiles_info = {
             "count": plan.n_tiles,
             "grid": list(plan.grid_counts),
             # voxels the model processes per output voxel (overlap and padding make it > 1)
             "overhead": plan.n_tiles * float(np.prod(plan.patch_size)) / float(np.prod(plan.volume_shape)),
         }
-        with torch.inference_mode():
-            for sample in range(num_samples):
-                acc = torch.zeros(plan.padded_shape, dtype=torch.float32)
-                tiles = plan.tiles()
-                while group := list(itertools.islice(tiles, batch)):
-                    _check_cancel(cancel)
-                    base, nb = done, len(group)
-                    first, last = group[0].index + 1, group[-1].index + 1
-                    label = f"sample {sample + 1}/{num_samples}, tile {first}{f'-{last}' if nb > 1 else ''}/{plan.n_tiles}"
-
-                    def on_step(i: int, n: int, _base: int = base, _nb: int = nb, _label: str = label) -> None:
-                        nonlocal done
-                        done = min(_base + steps * _nb, max(done + _nb, _base + int(i) * _nb))
-                        report_progress(f"{_label}, step {(done - _base) // _nb}/{steps}")
-                        _check_cancel(cancel)
-
-                    t0 = time.perf_counter()
-                    patch = torch.stack([cond[t.slices] for t in group])[:, None].to(dev)
-                    # one CPU generator per call, seeded by its first tile: the same noise on any device
-                    gen = torch.Generator().manual_seed(tile_seed(seed, sample, group[0].index))
-                    try:
-                        pred = model.super_resolve_patch(
-                            patch, steps=steps, guidance=guidance, generator=gen, cancel=cancel,
-                            step_callback=on_step, estimate=estimate,
-                        )
-                    except (RuntimeError, MemoryError) as exc:
-                        if not is_out_of_memory(exc):
-                            raise
-                        del patch
-                        if dev.type == "cuda":
-                            torch.cuda.empty_cache()
-                        raise ResourceError(
-                            f"out of memory on {dev} while running the model on {nb} patch(es) of "
-                            f"{'x'.join(map(str, plan.patch_size))} voxels (the estimate was {budget.describe()}). "
-                            "Use smaller patches (--patch-size), --tile-batch 1, a lower "
-                            "DIFFUSIONCORE_MEMORY_LIMIT, or a machine with more memory."
-                        ) from None
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize(dev)
-                    t1 = time.perf_counter()
-                    # weighted where the prediction is (the GPU), summed into the accumulator on the host
-                    weights = torch.stack([tile_weight(t, dev) for t in group])
-                    weighted = (pred[:, 0].float() * weights).cpu()
-                    del pred, weights
-                    for tile, p in zip(group, weighted):
-                        acc[tile.slices] += p
-                    timings["model"] += t1 - t0
-                    timings["blend"] += time.perf_counter() - t1
-                    _check_cancel(cancel)
-                    done = base + steps * nb
-                    report_progress(f"{label} done")
-                t0 = time.perf_counter()
-                hu = unit_to_hu_(acc).numpy()
-                del acc
-                # copies only where the crop or the axis order needs it
-                sample_vol = Volume.from_grid(grid, np.ascontiguousarray(np.moveaxis(plan.crop(hu), 0, axis)))
-                del hu
-                timings["blend"] += time.perf_counter() - t0
-                if data_consistency:
-                    t0 = time.perf_counter()
-                    sample_vol = enforce_consistency(sample_vol, volume, axis, in_place=True)
-                    timings["consistency"] += time.perf_counter() - t0
-                # running mean and variance (Welford) over samples, in HU
-                if mean is None:
-                    mean = sample_vol.array  # a new array each sample: updated in place below
-                    if num_samples > 1:
-                        m2 = np.zeros_like(mean)
-                else:
-                    delta = sample_vol.array - mean
-                    mean += delta / (sample + 1)
-                    m2 += delta * (sample_vol.array - mean)  # type: ignore[operator]
-                del sample_vol
-
+        mean, m2, done = self._sample_tiles(
+            model, cond, plan, volume, grid, axis, num_samples=num_samples, batch=batch, steps=steps,
+            guidance=guidance, estimate=estimate, seed=seed, dev=dev, budget=budget, cancel=cancel,
+            data_consistency=data_consistency, timings=timings, done=done,
+            tell=lambda at, message: progress(at, total, message) if progress is not None else None,
+        )
         assert mean is not None
         output = Volume.from_grid(
             grid,
@@ -942,6 +873,98 @@ class SuperResolver:
             timings["total"], plan.n_tiles, steps, format_bytes(report["memory"]["peak_rss_bytes"]),
         )
         return output, report
+
+    def _sample_tiles(
+        self, model, cond: torch.Tensor, plan, volume: Volume, grid: Grid, axis: int, *, num_samples: int,
+        batch: int, steps: int, guidance: float, estimate: str, seed: int, dev: torch.device, budget,
+        cancel: threading.Event | None, data_consistency: bool, timings: dict[str, float], done: int,
+        tell: Callable[[int, str], None],
+    ) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """The tile loop of :meth:`run_to_grid`: every sample over every tile (``batch`` tiles per model call),
+        blended, made consistent with the input, and folded into a running mean and variance (Welford, HU).
+        ``tell(done, message)`` reports progress, counting from ``done``.
+
+        Returns:
+            The mean volume's array on ``grid``, the sum of squared deviations (``None`` for one sample) and the
+            progress count reached.
+        """
+        mean: np.ndarray | None = None
+        m2: np.ndarray | None = None
+        with torch.inference_mode():
+            for sample in range(num_samples):
+                acc = torch.zeros(plan.padded_shape, dtype=torch.float32)
+                tiles = plan.tiles()
+                while group := list(itertools.islice(tiles, batch)):
+                    _check_cancel(cancel)
+                    base, nb = done, len(group)
+                    first, last = group[0].index + 1, group[-1].index + 1
+                    label = f"sample {sample + 1}/{num_samples}, tile {first}{f'-{last}' if nb > 1 else ''}/{plan.n_tiles}"
+
+                    def on_step(i: int, n: int, _base: int = base, _nb: int = nb, _label: str = label) -> None:
+                        nonlocal done
+                        done = min(_base + steps * _nb, max(done + _nb, _base + int(i) * _nb))
+                        tell(done, f"{_label}, step {(done - _base) // _nb}/{steps}")
+                        _check_cancel(cancel)
+
+                    t0 = time.perf_counter()
+                    patch = torch.stack([cond[t.slices] for t in group])[:, None].to(dev)
+                    # one CPU generator per call, seeded by its first tile: the same noise on any device
+                    gen = torch.Generator().manual_seed(tile_seed(seed, sample, group[0].index))
+                    try:
+                        pred = model.super_resolve_patch(
+                            patch, steps=steps, guidance=guidance, generator=gen, cancel=cancel,
+                            step_callback=on_step, estimate=estimate,
+                        )
+                    except (RuntimeError, MemoryError) as exc:
+                        if not is_out_of_memory(exc):
+                            raise
+                        del patch
+                        if dev.type == "cuda":
+                            torch.cuda.empty_cache()
+                        raise ResourceError(
+                            f"out of memory on {dev} while running the model on {nb} patch(es) of "
+                            f"{'x'.join(map(str, plan.patch_size))} voxels (the estimate was {budget.describe()}). "
+                            "Use smaller patches (--patch-size), --tile-batch 1, a lower "
+                            "DIFFUSIONCORE_MEMORY_LIMIT, or a machine with more memory."
+                        ) from None
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    t1 = time.perf_counter()
+                    # weighted where the prediction is (the GPU), summed into the accumulator on the host
+                    weights = torch.stack([tile_weight(t, dev) for t in group])
+                    weighted = (pred[:, 0].float() * weights).cpu()
+                    del pred, weights
+                    for tile, p in zip(group, weighted):
+                        acc[tile.slices] += p
+                    timings["model"] += t1 - t0
+                    timings["blend"] += time.perf_counter() - t1
+                    _check_cancel(cancel)
+                    done = base + steps * nb
+                    tell(done, f"{label} done")
+                t0 = time.perf_counter()
+                hu = unit_to_hu_(acc).numpy()
+                del acc
+                # copies only where the crop or the axis order needs it
+                sample_vol = Volume.from_grid(grid, np.ascontiguousarray(np.moveaxis(plan.crop(hu), 0, axis)))
+                del hu
+                timings["blend"] += time.perf_counter() - t0
+                if data_consistency:
+                    t0 = time.perf_counter()
+                    sample_vol = enforce_consistency(sample_vol, volume, axis, in_place=True)
+                    timings["consistency"] += time.perf_counter() - t0
+                # running mean and variance (Welford) over samples, in HU
+                if mean is None:
+                    mean = sample_vol.array  # a new array each sample: updated in place below
+                    if num_samples > 1:
+                        m2 = np.zeros_like(mean)
+                else:
+                    delta = sample_vol.array - mean
+                    mean += delta / (sample + 1)
+                    m2 += delta * (sample_vol.array - mean)  # type: ignore[operator]
+                del sample_vol
+
+        assert mean is not None
+        return mean, m2, done
 
     @property
     def weights_sha256(self) -> str:
