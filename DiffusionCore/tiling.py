@@ -98,14 +98,31 @@ def fit_patch_size(
     return tuple(out)  # type: ignore[return-value]
 
 
-def _starts(length: int, patch: int, overlap: int) -> list[int]:
-    """Evenly spread tile starts covering ``[0, length)`` with at least ``overlap`` between neighbours."""
+def tile_starts(length: int, patch: int, overlap: int, align: int = 1) -> list[int]:
+    """Tile starts covering ``[0, length)`` with at least ``overlap`` between neighbours, as evenly as possible.
+
+    Args:
+        length: the (padded) axis length.
+        patch: tile length.
+        overlap: least overlap between neighbouring tiles.
+        align: starts on multiples of this (``length`` and ``patch`` must be multiples of it): the tokens or
+            attention windows of a transformer, so that a patch computes what the whole grid computes.
+    """
     if length <= patch:
         return [0]
-    stride = max(1, patch - overlap)
-    n = math.ceil((length - patch) / stride) + 1
-    starts = np.round(np.linspace(0, length - patch, n)).astype(int)
-    return sorted(set(int(s) for s in starts))
+    if align == 1:
+        stride = max(1, patch - overlap)
+        n = math.ceil((length - patch) / stride) + 1
+        starts = np.round(np.linspace(0, length - patch, n)).astype(int)
+        return sorted(set(int(s) for s in starts))
+    units = (length - patch) // align
+    max_step = max(1, (patch - overlap) // align)
+    gaps = -(-units // max_step)
+    base, extra = divmod(units, gaps)
+    out = [0]
+    for i in range(gaps):
+        out.append(out[-1] + (base + (1 if i < extra else 0)) * align)
+    return out
 
 
 def _sin2_ramp(n: int) -> np.ndarray:
@@ -264,7 +281,7 @@ def plan_tiles(
         raise ValueError(f"overlap must not be negative; got {ov_req}")
     ov = tuple(min(o, p // 2) for o, p in zip(ov_req, patch))
     padded = tuple(max(n, p) for n, p in zip(shape, patch))
-    starts = tuple(tuple(_starts(n, p, o)) for n, p, o in zip(padded, patch, ov))
+    starts = tuple(tuple(tile_starts(n, p, o)) for n, p, o in zip(padded, patch, ov))
     weights = tuple(
         [w.astype(np.float32) for w in blend_weights_1d(s, p, n)] for s, p, n in zip(starts, patch, padded)
     )

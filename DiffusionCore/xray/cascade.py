@@ -35,7 +35,13 @@ from torch.utils.checkpoint import checkpoint
 from ..config import config_to_dict, load_config
 from ..errors import ConfigError, InputError, ResourceError, WeightsError
 from ..nn.architecture import build_checked, build_from_weights, weights_architecture
-from ..tiling import MEMORY_SAFETY_FRACTION, blend_weights_1d, device_available_memory, format_bytes
+from ..tiling import (
+    MEMORY_SAFETY_FRACTION,
+    blend_weights_1d,
+    device_available_memory,
+    format_bytes,
+    tile_starts,
+)
 from .config import XrayStageConfig, patch_alignment, tiny_stage_config, windowed_attention
 from .encoder import XrayEncoder
 from .lifting import DepthLifting
@@ -120,21 +126,6 @@ class PatchPlan:
                     yield (sz, sy, sx), wzy[:, :, None] * w[c][None, None, :]
 
 
-def _aligned_starts(length: int, patch: int, overlap: int, align: int) -> list[int]:
-    """Patch corners on multiples of ``align`` covering ``[0, length)`` (``length`` and ``patch`` multiples of
-    ``align``), neighbours overlapping by at least ``overlap`` and the shifts as even as the alignment allows."""
-    if length <= patch:
-        return [0]
-    units = (length - patch) // align
-    max_step = max(1, (patch - overlap) // align)
-    gaps = -(-units // max_step)
-    base, extra = divmod(units, gaps)
-    starts = [0]
-    for i in range(gaps):
-        starts.append(starts[-1] + (base + (1 if i < extra else 0)) * align)
-    return starts
-
-
 def plan_patches(cfg: XrayStageConfig, patch: int, overlap: int | None = None) -> PatchPlan:
     """Lay cubic patches of side ``patch`` over the stage's grid.
 
@@ -156,7 +147,7 @@ def plan_patches(cfg: XrayStageConfig, patch: int, overlap: int | None = None) -
     side = min(padded, max(align, int(patch) // align * align))
     windowed = windowed_attention(cfg)
     ov = 0 if windowed else min(side // 2, cfg.model.patch_overlap if overlap is None else int(overlap))
-    starts = _aligned_starts(padded, side, ov, align)
+    starts = tile_starts(padded, side, ov, align)
     weights = blend_weights_1d(starts, side, padded)
     return PatchPlan(r, padded, side, tuple(starts), windowed, tuple(weights))
 
