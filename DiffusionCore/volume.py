@@ -342,6 +342,9 @@ def _sitk_message(exc: Exception) -> str:
 #: Words in ITK's console output that mean the voxel data were not read as the header describes them (MetaIO
 #: prints "Uncompress failed" and reads on, leaving garbage voxels).
 _ITK_READ_FAILURES = ("fail", "not read completely", "error", "cannot", "corrupt")
+#: ITK's notes about what this module checks and reports itself, in its own words (a NIfTI sform that
+#: contradicts the voxel size: :func:`_nifti_sform_geometry`); not repeated as warnings.
+_ITK_HANDLED_HERE = ("sform",)
 
 
 def _itk(call, *args, reading: Path | None = None):
@@ -362,6 +365,7 @@ def _itk(call, *args, reading: Path | None = None):
             f"could not read {reading}: ITK reported \"{failures[0]}\" while reading its voxels, so they are not "
             "what its header describes: the file is corrupt. Export or copy it again."
         )
+    said = [line for line in said if not any(h in line for h in _ITK_HANDLED_HERE)]
     if reading is not None and said:  # a warning of ITK's about this file, in our words and format
         logger.warning("%s: %s (reported by ITK while reading it)", reading, "; ".join(dict.fromkeys(said)))
     return result

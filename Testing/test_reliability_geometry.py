@@ -87,7 +87,7 @@ def test_gantry_tilted_series_puts_every_voxel_at_its_physical_position(
     assert np.linalg.norm(centroid - centre) < min(vol.spacing)
     # the notice names the tilt
     tilt = np.degrees(np.arccos(abs(direction[:, 2] @ normal)))
-    notes = [r.getMessage() for r in diffusioncore_log if "gantry tilt" in r.getMessage()]
+    notes = [r.getMessage() for r in diffusioncore_log if r.levelno > logging.DEBUG and "gantry tilt" in r.getMessage()]
     assert len(notes) == 1 and f"gantry tilt of {tilt:.1f} degrees" in notes[0]
     assert vol.metadata["gantry_tilt_deg"] == pytest.approx(tilt, abs=1e-3)
 
@@ -255,7 +255,7 @@ def test_nifti_geometry_comes_from_its_sform(tmp_path, affine, pixdim_z, qform, 
     np.testing.assert_allclose(vol.index_to_physical(), LPS_TO_RAS @ affine, atol=1e-4)
     np.testing.assert_array_equal(vol.array, data.transpose(2, 1, 0))  # nibabel (i, j, k) -> ours (z, y, x)
     assert nib.load(str(path)).affine == pytest.approx(affine, abs=1e-4)  # nibabel agrees
-    notes = [r.getMessage() for r in diffusioncore_log if "sform" in r.getMessage()]
+    notes = [r.getMessage() for r in diffusioncore_log if r.levelno > logging.DEBUG and "sform" in r.getMessage()]
     assert len(notes) == 1 and "using the sform, as nibabel and 3D Slicer do" in notes[0]
     if pixdim_z == 0.0:
         assert "0 mm)" in notes[0]
@@ -275,4 +275,4 @@ def test_consistent_nifti_reads_without_a_notice(tmp_path, oblique_phantom, diff
     back = read_volume(write_volume(oblique_phantom, tmp_path / "ct.nii.gz"))
     np.testing.assert_allclose(back.index_to_physical(), oblique_phantom.index_to_physical(), atol=1e-3)
     assert "geometry_note" not in back.metadata
-    assert not [r for r in diffusioncore_log if "sform" in r.getMessage()]
+    assert not [r for r in diffusioncore_log if r.levelno > logging.DEBUG and "sform" in r.getMessage()]
