@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _cli(cache: Path, *argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DIFFUSIONCORE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "DiffusionCore", *argv], capture_output=True, text=True, env=env, cwd=ROOT,
+        [sys.executable, "-m", "DiffusionCore", *argv], capture_output=True, text=True, encoding="utf-8",
+        errors="replace", env=env, cwd=ROOT,
         timeout=300,
     )
 
