@@ -86,3 +86,16 @@ def test_a_lifting_start_outside_zero_one_is_refused(value):
 
     with pytest.raises(ConfigError, match="lifting_start_t"):
         XrayStageConfig(diffusion=XrayDiffusionConfig(lifting_start_t=value))
+
+
+def test_a_run_chooses_its_lifting_start_and_reports_it():
+    gen = _tiny()
+    x = _drr()
+    weights_own, report = gen.run(x, seed=1, device="cpu", steps=2, consistency=False)
+    assert report["settings"]["lifting_start_t"] == 1.0  # the tiny weights start from noise
+    same, _ = gen.run(x, seed=1, device="cpu", steps=2, consistency=False, lifting_start_t=1.0)
+    refined, report = gen.run(x, seed=1, device="cpu", steps=2, consistency=False, lifting_start_t=0.5)
+    assert np.array_equal(same.array, weights_own.array) and not np.array_equal(refined.array, same.array)
+    assert report["settings"]["lifting_start_t"] == 0.5
+    with pytest.raises(InputError, match="lifting start time"):
+        gen.run(x, seed=1, device="cpu", steps=2, lifting_start_t=0.0)

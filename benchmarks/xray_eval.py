@@ -154,7 +154,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     runs = []
     for seed in args.seeds:
         report = evaluate_xray(gen, reference, num_stages=args.num_stages, steps=args.steps, seed=seed,
-                               num_samples=args.num_samples, device=args.device,
+                               num_samples=args.num_samples, lifting_start_t=args.lifting_start,
+                               device=args.device,
                                reference_name=str(args.reference))  # fmt: skip
         print(f"seed {seed}")
         print(format_xray_table(report))
@@ -193,6 +194,8 @@ def main() -> None:
     e.add_argument("--num-stages", type=int, default=None)
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--num-samples", type=int, default=None, help="samples averaged per stage (default: weights')")
+    e.add_argument("--lifting-start", type=float, default=None,
+                   help="stage 1's start time from the lifting-only volume (1: from noise; default: weights')")
     e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds; the table is their mean")
     e.add_argument("--device", default="cpu")
     for q in (d, e):

@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steps", type=bounded_int(1), default=None, help="DDIM steps per stage (default: the weights' config)"
     )
+    p.add_argument("--lifting-start", type=finite_float(0.0, 1.0, low_open=True), default=None, metavar="T",
+                   help="stage 1 starts from its lifting-only estimate noised to time T and lets the diffusion "
+                   "refine it (smaller T: closer to that estimate); 1 starts from pure noise (default: the "
+                   "weights' own, 0.6 for xray-default)")  # fmt: skip
     p.add_argument("--num-samples", type=bounded_int(1), default=None,
                    help="samples averaged per stage (default: the weights' config); their mean is the most "
                    "likely CT, each costs one more run of the stage")  # fmt: skip
@@ -100,6 +104,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--weights", default=None, help="weights name or file (default: the shipped xray-default)")
     e.add_argument("--allow-unregistered-weights", action="store_true", help="accept unregistered weights")
     e.add_argument("--steps", type=bounded_int(1), default=None, help="DDIM steps per stage")
+    e.add_argument("--lifting-start", type=finite_float(0.0, 1.0, low_open=True), default=None, metavar="T",
+                   help="stage 1 starts from its lifting-only estimate noised to time T and lets the diffusion "
+                   "refine it (smaller T: closer to that estimate); 1 starts from pure noise (default: the "
+                   "weights' own, 0.6 for xray-default)")  # fmt: skip
     e.add_argument("--num-samples", type=bounded_int(1), default=None,
                    help="samples averaged per stage (default: the weights' config)")  # fmt: skip
     e.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -194,7 +202,8 @@ def run_xray2ct(args: argparse.Namespace) -> int:
     with sigterm_cancels(what="xray2ct"):
         try:
             vol, report = gen.run(rad, num_stages=num_stages, steps=args.steps, seed=args.seed,
-                                  num_samples=args.num_samples, device=args.device, view=args.view,
+                                  num_samples=args.num_samples, lifting_start_t=args.lifting_start,
+                                  device=args.device, view=args.view,
                                   fov_mm=args.fov_mm, progress=progress, on_stage=on_stage,
                                   consistency=args.consistency)  # fmt: skip
         finally:
@@ -268,7 +277,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     progress = Progress(args.progress, desc="evaluate-xray")
     try:
         report = evaluate_xray(gen, ref, num_stages=args.num_stages, methods=methods, steps=args.steps,
-                               num_samples=args.num_samples,
+                               num_samples=args.num_samples, lifting_start_t=args.lifting_start,
                                seed=args.seed, device=args.device, reference_name=str(args.reference),
                                progress=progress)  # fmt: skip
     finally:

@@ -559,6 +559,13 @@ class StageModel(nn.Module):
             self.lifting(feats, self.grid, self.cfg.data.view), self.cfg.resolution
         ).clamp(-1.0, 1.0)
 
+    def _lifting_start(self, override: float | None) -> float:
+        """Stage 1's start time: ``override`` (a run's choice) or ``diffusion.lifting_start_t`` (the weights')."""
+        t = float(self.cfg.diffusion.lifting_start_t if override is None else override)
+        if not 0.0 < t <= 1.0:
+            raise InputError(f"the lifting start time must be in (0, 1] (1: start from noise); got {t}")
+        return t
+
     @torch.no_grad()
     def sample(
         self,
@@ -571,6 +578,7 @@ class StageModel(nn.Module):
         step_callback: Callable[[int, int], None] | None = None,
         patch: int | None = None,
         memory_limit: int | None = None,
+        lifting_start_t: float | None = None,
     ) -> torch.Tensor:
         """Generate this stage's volume (B, 1, R, R, R) in model units with DDIM.
 
@@ -589,8 +597,8 @@ class StageModel(nn.Module):
             t0 = float(self.cfg.diffusion.prev_stage_t)
             a, s = alpha_sigma(torch.tensor(t0))
             x_start = a * ctx.prev + s * noise
-        elif self.lifting is not None and self.cfg.diffusion.lifting_start_t < 1.0:
-            t0 = float(self.cfg.diffusion.lifting_start_t)
+        elif self.lifting is not None and (start := self._lifting_start(lifting_start_t)) < 1.0:
+            t0 = start
             a, s = alpha_sigma(torch.tensor(t0))
             x_start = a * self.lifted_only(xray) + s * noise
         else:
@@ -724,6 +732,7 @@ class UnifiedHybridViTCascade(nn.Module):
         memory_limit: int | None = None,
         post_stage: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         num_samples: int | None = None,
+        lifting_start_t: float | None = None,
     ) -> list[torch.Tensor]:
         """Run stages 1..num_stages; returns every stage's volume (B, 1, R_i, R_i, R_i), model units.
 
@@ -754,6 +763,7 @@ class UnifiedHybridViTCascade(nn.Module):
                 cb = ((lambda d, t, i=i, j=j, k=k: step_callback(i + 1, j * t + d, k * t)) if step_callback
                       else None)  # fmt: skip
                 one = self.stages[i].sample(x, prev, steps=steps, generator=generator, cancel=cancel,
+                                            lifting_start_t=lifting_start_t,
                                             step_callback=cb, memory_limit=memory_limit)  # fmt: skip
                 total = one if total is None else total + one
             prev = total / k

@@ -36,6 +36,7 @@ def evaluate_xray(
     methods: tuple[str, ...] = METHODS,
     steps: int | None = None,
     num_samples: int | None = None,
+    lifting_start_t: float | None = None,
     seed: int = 0,
     device: str = "auto",
     reference_name: str = "reference",
@@ -85,7 +86,7 @@ def evaluate_xray(
             score(method, stage, hu_to_unit(torch.from_numpy(vol.array))[None, None], info["seconds"])
 
         generator.run(xray[0, 0].numpy(), num_stages=n, steps=steps, seed=seed, device=device, view=view,
-                      num_samples=num_samples,
+                      num_samples=num_samples, lifting_start_t=lifting_start_t,
                       fov_mm=fov, on_stage=on_stage, progress=progress,
                       consistency=method == "model")  # fmt: skip
     with torch.no_grad():
@@ -111,6 +112,7 @@ def evaluate_xray(
             "num_stages": n,
             "steps": steps,
             "num_samples": num_samples,
+            "lifting_start_t": lifting_start_t,
             "seed": seed,
             "hu_range": list(HU_RANGE),
             "weights_sha256": generator.weights_sha256,

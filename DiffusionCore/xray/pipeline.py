@@ -181,6 +181,7 @@ class XrayToCTGenerator:
         on_stage: Callable[[int, Volume, dict], None] | None = None,
         consistency: bool = True,
         num_samples: int | None = None,
+        lifting_start_t: float | None = None,
     ) -> tuple[Volume, dict[str, Any]]:
         """Generate a CT from a radiograph.
 
@@ -199,6 +200,8 @@ class XrayToCTGenerator:
             consistency: after each stage, scale every ray's attenuation so the volume re-projects onto the
                 input (:func:`.consistency.drr_consistency`); the next stage starts from the corrected volume.
             num_samples: samples averaged per stage (default: each stage's ``diffusion.num_samples``).
+            lifting_start_t: where stage 1 starts: its lifting-only volume noised to this time (< 1), or pure
+                noise (1.0); default: the weights' ``diffusion.lifting_start_t``.
 
         Returns:
             (Volume in HU, report with ``stages`` (per stage: resolution, seconds, projection error),
@@ -268,7 +271,7 @@ class XrayToCTGenerator:
         self.cascade.generate_stages(xray, num_stages, steps=steps, generator=gen, cancel=cancel,
                                      on_stage=stage_cb, step_callback=step_cb,
                                      post_stage=post_stage if consistency else None,
-                                     num_samples=num_samples)  # fmt: skip
+                                     num_samples=num_samples, lifting_start_t=lifting_start_t)  # fmt: skip
         for info in stages:
             info["consistency"] = corrections.get(info["stage"])
         report = {
@@ -281,6 +284,8 @@ class XrayToCTGenerator:
                 "num_stages": num_stages,
                 "steps": steps_per,
                 "num_samples": samples_per,
+                "lifting_start_t": float(lifting_start_t if lifting_start_t is not None
+                                         else cfgs[0].diffusion.lifting_start_t),  # fmt: skip
                 "seed": seed,
                 "device": str(dev),
                 "view": view,
