@@ -62,9 +62,10 @@ def is_enhanced_ct(path: str | os.PathLike) -> bool:
         with warnings.catch_warnings():  # a damaged file is the classic reader's to report, in our words
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+            sop_class = str(ds.get("SOPClassUID", ""))  # values are decoded (and checked) when read
     except Exception:  # noqa: BLE001 - not DICOM, unreadable: not an enhanced CT
         return False
-    return str(ds.get("SOPClassUID", "")) in ENHANCED_CT_CLASSES
+    return sop_class in ENHANCED_CT_CLASSES
 
 
 def _group(ds, frame, sequence: str, what: str, path: Path):
