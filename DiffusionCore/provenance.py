@@ -110,12 +110,11 @@ def nifti_descrip(prov: Provenance) -> str:
 
 def sidecar_path(path: str | os.PathLike) -> Path:
     """The JSON sidecar of a NIfTI file: ``x.nii.gz`` / ``x.nii`` -> ``x.json`` in the same folder."""
+    from .volume import split_volume_suffix
+
     p = Path(path)
-    name = p.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return p.with_name(name[: -len(suffix)] + ".json")
-    return p.with_name(p.name + ".json")
+    stem, suffix = split_volume_suffix(p.name)
+    return p.with_name((stem if suffix in (".nii", ".nii.gz") else p.name) + ".json")
 
 
 def read_header_fields(metadata: dict[str, str]) -> dict[str, str]:

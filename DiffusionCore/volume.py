@@ -955,6 +955,16 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
+def split_volume_suffix(name: str | os.PathLike) -> tuple[str, str]:
+    """``(stem, suffix)`` of a file name whose suffix is a writable volume format (``"ct.nii.gz"`` ->
+    ``("ct", ".nii.gz")``, any case); ``(name, "")`` otherwise."""
+    text = Path(name).name
+    suffix = _suffix(Path(text))
+    if suffix in WRITABLE_SUFFIXES:
+        return text[: -len(suffix)], text[-len(suffix):]
+    return text, ""
+
+
 def _folder_writable(folder: Path) -> bool:
     """Whether a file can be created in ``folder``: a private probe file is created and removed (the
     permission bits alone do not say it for root, ACLs, read-only or network file systems)."""

@@ -101,22 +101,14 @@ def installed_default_weights() -> str:
     Raises:
         WeightsError: none is installed; the message says how to get weights in Slicer.
     """
-    from DiffusionCore.errors import WeightsError
-    from DiffusionCore.weights import first_available, list_weights
+    from DiffusionCore.weights.registry import default_weights_name
 
-    name = first_available("sr")
-    if name is not None:
-        return name
-    registered = [str(e["name"]) for e in list_weights("sr")]
-    if registered:
-        raise WeightsError(
-            f"the registered SR weights ({', '.join(registered)}) have no file on this computer: import them "
-            "again with 'Import weights...' in the CT Diffusion SR module, or choose a .safetensors file as "
-            "Weights file."
-        )
-    raise WeightsError(
-        "no SR weights are installed: choose a .safetensors file as Weights file, or import one with 'Import "
-        "weights...' in the CT Diffusion SR module (reinstalling the extension restores the shipped sr-default)."
+    return default_weights_name(
+        "sr", "SR",
+        how_to_get="choose a .safetensors file as Weights file, or import one with 'Import weights...' in the "
+        "CT Diffusion SR module (reinstalling the extension restores the shipped sr-default).",
+        how_to_reimport="import them again with 'Import weights...' in the CT Diffusion SR module, or choose a "
+        ".safetensors file as Weights file.",
     )
 
 

@@ -38,7 +38,14 @@ from ..results import (
     write_result,
 )
 from ..tiling import parse_memory_size
-from ..volume import WRITABLE_SUFFIXES, check_output_geometry, check_output_path, read_volume, write_volume
+from ..volume import (
+    WRITABLE_SUFFIXES,
+    check_output_geometry,
+    check_output_path,
+    read_volume,
+    split_volume_suffix,
+    write_volume,
+)
 from .common import (
     Progress,
     adapt_settings,
@@ -246,11 +253,7 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> tuple[bool, list[Job]
 
 def _series_folder_name(file_name: str) -> str:
     """A batch's DICOM series folder for an input: its output file name without the volume suffix."""
-    lower = file_name.lower()
-    for suffix in (".nii.gz", *WRITABLE_SUFFIXES):
-        if lower.endswith(suffix):
-            return file_name[: -len(suffix)]
-    return file_name
+    return split_volume_suffix(file_name)[0]
 
 
 def sr_provenance(job_source: str | Path, volume_metadata: dict[str, Any], report: dict[str, Any]) -> Provenance:

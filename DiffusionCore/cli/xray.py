@@ -121,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _generator(args: argparse.Namespace):
     """The generator the options ask for; an explicit ``--num-stages`` beyond its stages is refused (exit 2)."""
-    from ..xray.pipeline import XrayToCTGenerator, default_weights_name
+    from ..xray.pipeline import XrayToCTGenerator
 
     if args.tiny_test_model:
         logger.warning("--tiny-test-model: a tiny random network for tests; the output is noise, not a CT")
@@ -130,8 +130,6 @@ def _generator(args: argparse.Namespace):
         gen = XrayToCTGenerator.from_pretrained(args.weights, allow_unregistered=args.allow_unregistered_weights)
     else:
         gen = XrayToCTGenerator.default()
-    gen.weights_label = ("tiny-test-model (random weights)" if args.tiny_test_model
-                         else args.weights or default_weights_name())  # fmt: skip
     if args.num_stages is not None and args.num_stages > gen.num_stages:
         sides = ", ".join(f"{c.resolution}^3" for c in gen.cascade.configs)
         raise ConfigError(
@@ -139,6 +137,13 @@ def _generator(args: argparse.Namespace):
             f"give --num-stages {gen.num_stages} or less, or leave it out to run every stage"
         )
     return gen
+
+
+def _weights_label(args: argparse.Namespace) -> str:
+    """The weights a run used, as its provenance names them."""
+    from ..xray.pipeline import default_weights_name
+
+    return "tiny-test-model (random weights)" if args.tiny_test_model else args.weights or default_weights_name()
 
 
 def _radiograph_path(name: str) -> Path:
@@ -163,11 +168,10 @@ def xray_provenance(source: Path, report: dict, weights: str, input_uid: str = "
 
 def _stage_path(out: Path, stage: int) -> Path:
     """Where --save-stages writes stage ``stage``: OUTPUT_stageN with OUTPUT's suffix."""
-    name = out.name
-    for suf in (".nii.gz", ".nrrd", ".mha", ".nii"):
-        if name.endswith(suf):
-            return out.with_name(name[: -len(suf)] + f"_stage{stage}" + suf)
-    return out.with_name(f"{name}_stage{stage}")
+    from ..volume import split_volume_suffix
+
+    stem, suffix = split_volume_suffix(out.name)
+    return out.with_name(f"{stem}_stage{stage}{suffix}")
 
 
 def run_xray2ct(args: argparse.Namespace) -> int:
@@ -210,7 +214,7 @@ def run_xray2ct(args: argparse.Namespace) -> int:
             progress.close()
         check_result(vol, "the xray2ct result")
         uid = str(dicom_source.header.get("SOPInstanceUID", "")) if dicom_source is not None else ""
-        provenance = xray_provenance(source, report, gen.weights_label, uid)
+        provenance = xray_provenance(source, report, _weights_label(args), uid)
         report["provenance"] = provenance.as_dict()
         for stage_vol, path in stage_volumes:
             write_result(stage_vol, path, provenance, as_dicom=as_dicom, dicom_source=dicom_source,

@@ -373,9 +373,13 @@ def first_available(family: str) -> str | None:
     return next((str(e["name"]) for e in list_weights(family) if e["available"]), None)
 
 
-def default_weights_name(family: str, what: str, how_to_get: str) -> str:
+def default_weights_name(
+    family: str, what: str, how_to_get: str, how_to_reimport: str = "import them again, or pass --weights NAME_OR_FILE."
+) -> str:
     """The weights a command uses when given none: :func:`first_available` of ``family``, or a
-    :class:`WeightsError` that says what is missing (``what``, e.g. "SR") and ``how_to_get`` it.
+    :class:`WeightsError` that says what is missing (``what``, e.g. "SR") and ``how_to_get`` it, or, when
+    registered weights lost their file, ``how_to_reimport`` them (each caller names its own way: a command-line
+    option, or the Slicer module's Import button).
     """
     name = first_available(family)
     if name is not None:
@@ -383,10 +387,7 @@ def default_weights_name(family: str, what: str, how_to_get: str) -> str:
     entries = list_weights(family=family)
     if entries:
         names = ", ".join(e["name"] for e in entries)
-        raise WeightsError(
-            f"the registered {what} weights ({names}) have no file on this machine: import them again, or "
-            "pass --weights NAME_OR_FILE."
-        )
+        raise WeightsError(f"the registered {what} weights ({names}) have no file on this machine: {how_to_reimport}")
     raise WeightsError(f"no default {what} weights are installed: {how_to_get}")
 
 

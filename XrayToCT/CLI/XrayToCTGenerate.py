@@ -74,23 +74,14 @@ def installed_default_weights() -> str:
     Raises:
         WeightsError: none is installed; the message says how to get weights in Slicer.
     """
-    from DiffusionCore.errors import WeightsError
-    from DiffusionCore.weights import first_available, list_weights
+    from DiffusionCore.weights.registry import default_weights_name
 
-    name = first_available("xray")
-    if name is not None:
-        return name
-    registered = [str(e["name"]) for e in list_weights("xray")]
-    if registered:
-        raise WeightsError(
-            f"the registered X-ray weights ({', '.join(registered)}) have no file on this computer: import them "
-            "again with 'Import weights...' in the X-ray to CT module, or choose a .safetensors file as "
-            "Weights file."
-        )
-    raise WeightsError(
-        "no X-ray to CT weights are installed: choose a .safetensors file as Weights file, or import one with "
-        "'Import weights...' in the X-ray to CT module (reinstalling the extension restores the shipped "
-        "xray-default)."
+    return default_weights_name(
+        "xray", "X-ray to CT",
+        how_to_get="choose a .safetensors file as Weights file, or import one with 'Import weights...' in the "
+        "X-ray to CT module (reinstalling the extension restores the shipped xray-default).",
+        how_to_reimport="import them again with 'Import weights...' in the X-ray to CT module, or choose a "
+        ".safetensors file as Weights file.",
     )
 
 
