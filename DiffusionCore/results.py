@@ -7,15 +7,21 @@
 - NRRD or MetaImage with the provenance in header fields;
 - NIfTI with "SYNTHETIC ..." in ``descrip`` and the whole provenance in a JSON sidecar (``x.nii.gz`` ->
   ``x.json``), written atomically next to it.
+
+:func:`stamp_provenance` adds the same fields to a file another program wrote (Slicer's own Save of a result
+node, whose writer keeps no custom header fields).
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
 from .dicom_out import DicomSource, check_dicom_output, write_dicom_series
-from .provenance import Provenance, header_fields, nifti_descrip, sidecar_path
+from .errors import OutputError
+from .files import partial_file, publish, write_json_atomic
+from .provenance import HEADER_PREFIX, Provenance, header_fields, nifti_descrip, sidecar_path
 from .volume import WRITABLE_SUFFIXES, Volume, check_output_path, write_volume
 
 #: ``--output-format`` choices: ``auto`` (DICOM for a DICOM input written to a folder, else the suffix),
@@ -101,12 +107,82 @@ def write_result(
     header = {**header_fields(provenance), "ITK_FileNotes": nifti_descrip(provenance)}
     written = [write_volume(vol, p, overwrite=overwrite, dtype=dtype, header=header)]
     if p.name.lower().endswith((".nii", ".nii.gz")):
-        from .files import write_json_atomic
-
-        written.append(write_json_atomic({"provenance": provenance.as_dict()}, sidecar_path(p), overwrite=True))
+        written.append(
+            write_json_atomic({"provenance": provenance.as_dict()}, sidecar_path(p), overwrite=True)
+        )
     return written
 
 
 def dicom_source_for(path: str | os.PathLike, series_uid: str | None = None) -> DicomSource | None:
     """The DICOM headers of an input, or ``None`` when it is not DICOM."""
     return DicomSource.from_path(path, series_uid) if is_dicom_input(path) else None
+
+
+def _nrrd_header_end(data: bytes) -> int:
+    """Index just past the blank line that ends an attached NRRD header (the length of a detached one)."""
+    end = data.find(b"\n\n")
+    return len(data) if end < 0 else end + 2
+
+
+def _stamped_nrrd(data: bytes, fields: dict[str, str]) -> bytes:
+    end = _nrrd_header_end(data)
+    lines = [
+        ln for ln in data[:end].decode("latin-1").splitlines() if ln and not ln.startswith(HEADER_PREFIX)
+    ]
+    lines += [f"{k}:={v}" for k, v in fields.items()]
+    return ("\n".join(lines) + "\n\n").encode("latin-1") + data[end:]
+
+
+def _stamped_metaimage(data: bytes, fields: dict[str, str]) -> bytes:
+    marker = data.find(b"ElementDataFile")  # the last header line; the voxels of a .mha follow it
+    if marker < 0 or (marker > 0 and data[marker - 1 : marker] != b"\n"):
+        raise OutputError("not a MetaImage header (no ElementDataFile line)")
+    kept = [
+        ln for ln in data[:marker].decode("latin-1").splitlines() if ln and not ln.startswith(HEADER_PREFIX)
+    ]
+    kept += [f"{k} = {v}" for k, v in fields.items()]
+    return ("\n".join(kept) + "\n").encode("latin-1") + data[marker:]
+
+
+def stamp_provenance(path: str | os.PathLike, provenance: Provenance) -> bool:
+    """Add the provenance to a volume file written by another program, in place and atomically.
+
+    NRRD (``.nrrd``, ``.nhdr``) and MetaImage (``.mha``, ``.mhd``) get the header fields (earlier ones are
+    replaced; the voxel bytes are copied unchanged); NIfTI gets "SYNTHETIC ..." in ``descrip`` and the JSON
+    sidecar. Returns False for a format that has no place for them (nothing is changed).
+
+    Raises:
+        OutputError: the file is missing, unreadable, not of the format its suffix says, or not writable.
+    """
+    p = Path(path)
+    name = p.name.lower()
+    if not p.is_file():
+        raise OutputError(f"cannot add the provenance to {p}: no such file")
+    fields = header_fields(provenance)
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            gz = name.endswith(".gz")
+            raw = p.read_bytes()
+            data = bytearray(gzip.decompress(raw) if gz else raw)
+            if len(data) < 348 or int.from_bytes(data[:4], "little") not in (348, 0x5C010000):
+                raise OutputError("not a NIfTI-1 file")
+            data[148:228] = nifti_descrip(provenance).encode("ascii").ljust(80, b"\0")  # the descrip field
+            tmp = partial_file(p)
+            Path(tmp).write_bytes(gzip.compress(bytes(data), compresslevel=6) if gz else bytes(data))
+            publish(tmp, p)
+            write_json_atomic({"provenance": provenance.as_dict()}, sidecar_path(p), overwrite=True)
+            return True
+        if name.endswith((".nrrd", ".nhdr")):
+            stamped = _stamped_nrrd(p.read_bytes(), fields)
+        elif name.endswith((".mha", ".mhd")):
+            stamped = _stamped_metaimage(p.read_bytes(), fields)
+        else:
+            return False
+        tmp = partial_file(p)
+        Path(tmp).write_bytes(stamped)
+        publish(tmp, p)
+        return True
+    except OutputError as exc:
+        raise OutputError(f"cannot add the provenance to {p}: {exc}") from None
+    except (OSError, ValueError, EOFError, gzip.BadGzipFile) as exc:
+        raise OutputError(f"cannot add the provenance to {p}: {exc}") from None

@@ -1,4 +1,4 @@
-"""Reading DICOM more fully: compressed classic series (RLE, JPEG 2000) through the project's reader, and
+"""Reading DICOM more fully: compressed classic series (RLE, JPEG 2000, JPEG lossless) through the project's reader, and
 enhanced multi-frame CT files (geometry from their functional groups), with clear errors for what is not a
 volume."""
 
@@ -10,7 +10,7 @@ import pytest
 from conftest import rotation_matrix, write_dicom_series
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, RLELossless, generate_uid
 
 from DiffusionCore.dicom_in import is_enhanced_ct, read_enhanced_ct
 from DiffusionCore.errors import InputError
@@ -25,7 +25,32 @@ def _compressed_copy(src, dst, syntax, **kwargs):
         ds.save_as(dst / f.name)
 
 
-@pytest.mark.parametrize("syntax", ["rle", "j2k"])
+def _jpeg_lossless_copy(src, dst):
+    """Each slice's pixels encoded as JPEG lossless (process 14, selection value 1) by GDCM, the encoder at
+    hand (pydicom has none for this syntax), and grafted into the original file so every other tag stays."""
+    import SimpleITK as sitk
+
+    dst.mkdir()
+    for f in sorted(src.iterdir()):
+        ds = pydicom.dcmread(f)
+        scratch = dst / f"{f.name}.gdcm"
+        writer = sitk.ImageFileWriter()
+        writer.SetImageIO("GDCMImageIO")
+        writer.SetUseCompression(True)
+        writer.SetCompressor("JPEG")
+        writer.SetFileName(str(scratch))
+        writer.Execute(sitk.GetImageFromArray(ds.pixel_array))
+        encoded = pydicom.dcmread(scratch)
+        scratch.unlink()
+        assert encoded.file_meta.TransferSyntaxUID == JPEGLosslessSV1
+        ds.PixelData = encoded.PixelData
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.save_as(dst / f.name, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("syntax", ["rle", "j2k", "jpeg-lossless"])
 def test_compressed_series_read_like_the_uncompressed_one(tmp_path, make_phantom, syntax):
     vol = make_phantom(shape=(5, 64, 64), spacing=(0.7, 0.7, 2.5))
     plain = tmp_path / "plain"
@@ -33,11 +58,14 @@ def test_compressed_series_read_like_the_uncompressed_one(tmp_path, make_phantom
     packed = tmp_path / syntax
     if syntax == "rle":
         _compressed_copy(plain, packed, RLELossless)  # pydicom's own encoder
-    else:
+    elif syntax == "j2k":
         pytest.importorskip("openjpeg", reason="the JPEG 2000 encoder (pylibjpeg-openjpeg) makes the test file")
         _compressed_copy(plain, packed, JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    else:
+        _jpeg_lossless_copy(plain, packed)
     first = pydicom.dcmread(sorted(packed.iterdir())[0])
-    assert first.file_meta.TransferSyntaxUID == (RLELossless if syntax == "rle" else JPEG2000Lossless)
+    expected = {"rle": RLELossless, "j2k": JPEG2000Lossless, "jpeg-lossless": JPEGLosslessSV1}[syntax]
+    assert first.file_meta.TransferSyntaxUID == expected
     a, b = read_volume(plain), read_volume(packed)
     assert b.shape == a.shape and np.array_equal(a.array, b.array)
     assert np.allclose(a.origin, b.origin) and np.allclose(a.spacing, b.spacing)

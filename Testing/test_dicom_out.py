@@ -154,6 +154,25 @@ def test_output_format_choices_and_refusals(tmp_path, thick_series, make_phantom
     assert inside.returncode == 4 and not (source / "thin").exists()
 
 
+def test_a_batch_of_series_becomes_one_synthetic_series_folder_per_input(tmp_path, thick_series, make_phantom):
+    source, thick = thick_series
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    shutil.copytree(source, batch / "chest")
+    write_dicom_series(batch / "second", make_phantom(shape=(6, 24, 24), spacing=(0.8, 0.8, 3.0)))
+    out = tmp_path / "thin"
+    done = _sr(batch, out, "--factor", "2", "--output-format", "dicom")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["chest", "second"]
+    chest, second = _dicom_files(out / "chest"), _dicom_files(out / "second")
+    assert len(chest) == 2 * thick.shape[0] and len(second) == 12
+    assert {ds.PatientID for ds in chest} == {"P-0042"}  # each series keeps its own input's patient and study
+    assert {ds.SeriesDescription for ds in chest} == {"Thorax 4mm SR x2 (synthetic)"}
+    assert {ds.SeriesDescription for ds in second} == {"SR x2 (synthetic)"}
+    assert {ds.SeriesInstanceUID for ds in chest}.isdisjoint({ds.SeriesInstanceUID for ds in second})
+    assert read_volume(out / "second").shape == (12, 24, 24)
+
+
 def test_a_failed_write_leaves_no_partial_series(tmp_path, make_phantom, monkeypatch):
     vol = make_phantom(shape=(6, 16, 16), spacing=(1.0, 1.0, 2.0))
     prov = Provenance("sr", "SR x2 (synthetic)", "w", "0" * 64, {"factor": 2})

@@ -1,8 +1,8 @@
 """Exporting a module's result from the scene with its provenance (real MRML nodes from slicer-core).
 
-Slicer's own Save (NRRD) and DICOM export do not carry the synthetic label (checked below for NRRD), so the
-modules export through DiffusionCore's writer: a DICOM series labelled synthetic with the input's patient
-and study, or NRRD/NIfTI with the provenance fields.
+Slicer's DICOM export does not carry the synthetic label, so the modules export through DiffusionCore's
+writer: a DICOM series labelled synthetic with the input's patient and study, or NRRD/NIfTI with the
+provenance fields. Slicer's own Save of a result node keeps them too: the file is stamped after the write.
 """
 
 from __future__ import annotations
@@ -74,12 +74,43 @@ def test_export_to_nrrd_and_nifti_carries_the_provenance(tmp_path, scene_with_re
     side = json.loads((tmp_path / "result.json").read_text())["provenance"]
     assert side["title"] == "SR x2 (synthetic)" and side["task"] == "sr"
 
-    # Slicer's own NRRD writer drops them: the reason for the export action
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(tmp_path / "saved.nrrd"))
+
+
+@pytest.mark.parametrize("name", ["saved.nrrd", "saved.nhdr", "saved.mha", "saved.nii.gz"])
+def test_slicers_own_save_of_a_result_keeps_the_provenance(tmp_path, scene_with_result, name):
+    """Slicer's writer keeps no custom header fields; the result's storage node is watched and the file it
+    has just written gets them (NRRD/MetaImage header fields; NIfTI descrip and JSON sidecar)."""
+    scene, input_node, result, _, thick = scene_with_result
+    storage = result.GetStorageNode()
+    assert storage is not None
+    path = tmp_path / name
+    storage.SetFileName(str(path))
     assert storage.WriteData(result)
-    assert b"ctdiffusion" not in (tmp_path / "saved.nrrd").read_bytes()[:2000]
+    back = read_volume(path)
+    assert np.array_equal(back.array, thick.array.astype(back.array.dtype))  # the voxels are untouched
+    assert np.abs(np.subtract(back.origin, thick.origin)).max() < 1e-4
+    if name.endswith(".nii.gz"):
+        import nibabel as nib
+
+        assert bytes(nib.load(str(path)).header["descrip"]).startswith(b"SYNTHETIC SR x2 (synthetic)")
+        side = json.loads((tmp_path / "saved.json").read_text())["provenance"]
+        assert side["synthetic"] is True and side["weights_sha256"] == "ab" * 32
+    else:
+        header = path.read_bytes()[:4000].decode("latin-1")
+        sep = ":=" if ".n" in name else " = "
+        assert f"ctdiffusion_synthetic{sep}true" in header and f"ctdiffusion_weights{sep}sr-default" in header
+    # a second save (the user edits and saves again) is stamped again, once
+    assert storage.WriteData(result)
+    text = path.read_bytes()[:4000] if not name.endswith(".gz") else b""
+    assert text.count(b"ctdiffusion_synthetic") == (0 if name.endswith(".gz") else 1)
+    assert read_volume(path).shape == thick.shape
+
+    # the input is not a result: Slicer's save of it stays as Slicer wrote it
+    input_node.AddDefaultStorageNode()
+    plain = tmp_path / "input.nrrd"
+    input_node.GetStorageNode().SetFileName(str(plain))
+    assert input_node.GetStorageNode().WriteData(input_node)
+    assert b"ctdiffusion" not in plain.read_bytes()[:4000]
 
 
 def test_only_results_are_exported_and_nothing_is_replaced_silently(tmp_path, scene_with_result):

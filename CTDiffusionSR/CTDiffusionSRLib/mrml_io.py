@@ -216,6 +216,63 @@ def set_provenance(
         "Not an acquired image: do not use for diagnosis."
     )
     node.SetDescription(description)
+    watch_saves(node)
+
+
+#: Python attribute of a watched storage node (VTK's wrapping keeps it as long as the node lives): the last
+#: file it stamped, ``(path, mtime_ns, size)``, or None before its first write.
+_STAMPED = "_ctdiffusion_last_stamp"
+
+
+def watch_saves(node) -> bool:
+    """Make Slicer's own Save of a result node carry the provenance too.
+
+    Slicer writes volumes through ITK with no custom header fields, so the node's storage node is observed:
+    once it reports a finished write, the file gets the provenance in place
+    (:func:`DiffusionCore.results.stamp_provenance`: NRRD / MetaImage header fields, NIfTI ``descrip`` and
+    JSON sidecar). Returns False when the node is not in a scene (nothing to observe). Idempotent.
+    """
+    scene = node.GetScene()
+    if scene is None:
+        return False
+    storage = node.GetStorageNode()
+    if storage is None:
+        node.AddDefaultStorageNode()
+        storage = node.GetStorageNode()
+    if storage is None:
+        return False
+    if hasattr(storage, _STAMPED):
+        return True
+    setattr(storage, _STAMPED, None)
+    node_id = node.GetID()
+    storage.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, _event: _stamp_after_write(caller, node_id))
+    return True
+
+
+def _stamp_after_write(storage, node_id: str) -> None:
+    """Observer of a result's storage node: stamp the file it has just written (once per write)."""
+    import os
+
+    if storage.GetWriteState() != storage.TransferDone or not storage.GetFileName():
+        return
+    scene = storage.GetScene()
+    node = scene.GetNodeByID(node_id) if scene is not None else None
+    path = storage.GetFileName()
+    if node is None or not provenance(node) or not os.path.isfile(path):
+        return
+    stat = os.stat(path)
+    if getattr(storage, _STAMPED, None) == (path, stat.st_mtime_ns, stat.st_size):
+        return  # already stamped: a later ModifiedEvent of the same write
+    from DiffusionCore.errors import OutputError
+    from DiffusionCore.results import stamp_provenance
+
+    try:
+        stamp_provenance(path, provenance_record(node))
+    except OutputError as exc:
+        logger.warning("%s was saved without its provenance fields: %s", path, exc)
+        return
+    stat = os.stat(path)
+    setattr(storage, _STAMPED, (path, stat.st_mtime_ns, stat.st_size))
 
 
 def provenance(node) -> dict[str, Any]:
