@@ -123,7 +123,7 @@ def test_mean_estimate_is_one_evaluation_at_y_and_beats_a_sample_in_squared_erro
         return y + (1 - eta) * s**2 / ((1 - eta) ** 2 * s**2 + proc.kappa**2 * eta) * (x_t - y)
 
     steps_seen = []
-    mean = proc.estimate_mean(bayes, y, on_step=lambda i, k: steps_seen.append((i, k)))
+    mean = proc.estimate_mean(bayes, y, step_callback=lambda i, k: steps_seen.append((i, k)))
     assert len(calls) == 1 and steps_seen == [(1, 1)]
     assert torch.equal(calls[0][0], y) and bool((calls[0][1] == num_steps - 1).all())
     assert torch.allclose(mean, y)

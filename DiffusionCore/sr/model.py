@@ -447,9 +447,9 @@ class SRModel(nn.Module):
             return self.predict(x_t, t, y, guidance, control=control)
 
         if mean:
-            z0 = self.diffusion.estimate_mean(net, y, on_step=step_callback)
+            z0 = self.diffusion.estimate_mean(net, y, step_callback=step_callback)
         else:
-            z0 = self.diffusion.sample(net, y, steps=steps, generator=generator, on_step=step_callback)
+            z0 = self.diffusion.sample(net, y, steps=steps, generator=generator, step_callback=step_callback)
         out = self.decode(z0)
         if d.decode_residual:
             out = cond + out - self.decode(y)

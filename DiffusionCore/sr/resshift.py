@@ -17,19 +17,19 @@ is exact for this Markov chain.
 :class:`DDIMProcess` is the plain alternative (``--no-predict-residual``): Gaussian diffusion of ``x0``
 from pure noise with noise (eps) prediction and deterministic DDIM sampling.
 
-Timesteps are 0-based indices ``0..T-1`` (index ``i`` is the paper's ``t = i + 1``).
+Both speak :class:`DiffusionCore.schedulers.Scheduler` (``set_timesteps``, ``add_noise``, ``step``) and
+sample with its :func:`~DiffusionCore.schedulers.denoise` loop. Timesteps are 0-based indices ``0..T-1``
+(index ``i`` is the paper's ``t = i + 1``); index ``-1`` is the clean end (``eta_0 = 0``, ``abar = 1``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
-#: ``denoise(x_in, t, ...)`` returns the network's raw prediction; the process tells what it means.
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from ..schedulers import ModelFn, StepCallback, StepOutput, Timestep, ddim_step, denoise
 
 
 def default_eta_1(kappa: float) -> float:
@@ -125,6 +125,14 @@ class ResShiftProcess:
         mean, var = self.q_mean_var(x0, y, t)
         return mean + torch.sqrt(var) * noise
 
+    def add_noise(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, *, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """:meth:`q_sample` in the scheduler interface's argument order; ``y`` is required."""
+        if y is None:
+            raise ValueError("ResShift noises towards the condition: add_noise needs y")
+        return self.q_sample(x0, y, t, noise)
+
     def posterior_mean_var(
         self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +177,7 @@ class ResShiftProcess:
         return self.q_sample(x0, y, t.to(x0.device), noise), t.to(x0.device), x0
 
     # --- sampling ---------------------------------------------------------------------------------
-    def sampling_timesteps(self, steps: int | None) -> list[int]:
+    def set_timesteps(self, steps: int | None) -> list[int]:
         """Descending 0-based indices to visit: all ``T`` or ``steps`` of them evenly spread (always ``T-1``)."""
         T = self.num_steps
         if steps is None or steps >= T:
@@ -179,12 +187,34 @@ class ResShiftProcess:
         idx = np.unique(np.round(np.linspace(T - 1, 0, steps)).astype(int))[::-1]
         return [int(i) for i in idx]
 
-    def estimate_mean(
+    #: the name ``sr.pipeline`` asks for (the same method)
+    sampling_timesteps = set_timesteps
+
+    def step(
         self,
-        predict_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        y: torch.Tensor,
+        output: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: Timestep | None,
+        x_t: torch.Tensor,
         *,
-        on_step: Callable[[int, int], None] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
+        """Draw ``x_s ~ q(x_s | x_t, x0 = output)`` for ``s = t_prev`` (the posterior mean at the clean end).
+
+        Args:
+            output: ``x0_hat``, shape of ``x_t``; ``t``: ``(B,)`` indices; ``t_prev``: an index or None (-1).
+            generator: CPU generator for the posterior noise.
+        """
+        b = x_t.shape[0]
+        s = -1 if t_prev is None else int(t_prev)
+        mean, var = self.posterior_mean_var(x_t, output, t, torch.full((b,), s, dtype=torch.long))
+        if s < 0:
+            return StepOutput(mean, output)
+        z = torch.randn(x_t.shape, generator=generator, dtype=torch.float32).to(x_t.device, x_t.dtype)
+        return StepOutput(mean + torch.sqrt(var) * z, output)
+
+    def estimate_mean(
+        self, predict_x0: ModelFn, y: torch.Tensor, *, step_callback: StepCallback | None = None
     ) -> torch.Tensor:
         """Posterior-mean estimate of ``x0`` given ``y``: one network evaluation, no noise.
 
@@ -198,22 +228,22 @@ class ResShiftProcess:
         Args:
             predict_x0: ``f(x_t, t (B,) indices) -> x0_hat``.
             y: ``(B, C, ...)`` low-resolution latent.
-            on_step: ``on_step(1, 1)`` after the evaluation; may raise to cancel.
+            step_callback: ``step_callback(1, 1)`` after the evaluation; may raise to cancel.
         """
         t = torch.full((y.shape[0],), self.num_steps - 1, dtype=torch.long, device=y.device)
         x0_hat = predict_x0(y, t)
-        if on_step is not None:
-            on_step(1, 1)
+        if step_callback is not None:
+            step_callback(1, 1)
         return x0_hat
 
     def sample(
         self,
-        predict_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        predict_x0: ModelFn,
         y: torch.Tensor,
         *,
         steps: int | None = None,
         generator: torch.Generator | None = None,
-        on_step: Callable[[int, int], None] | None = None,
+        step_callback: StepCallback | None = None,
     ) -> torch.Tensor:
         """Reverse process from ``y + kappa sqrt(eta_T) eps`` to ``x0``.
 
@@ -222,29 +252,15 @@ class ResShiftProcess:
             y: ``(B, C, ...)`` low-resolution latent.
             steps: number of network evaluations (default ``T``).
             generator: CPU generator for the noise (reproducible on any device).
-            on_step: ``on_step(done, total)`` after each step; may raise to cancel.
+            step_callback: ``step_callback(done, total)`` after each step; may raise to cancel.
 
         Returns:
             ``(B, C, ...)`` the final ``x0`` estimate.
         """
-        ts = self.sampling_timesteps(steps)
+        ts = self.set_timesteps(steps)
         noise = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device, y.dtype)
         x = self.prior_sample(y, noise)
-        b = y.shape[0]
-        x0_hat = x
-        for i, t in enumerate(ts):
-            tt = torch.full((b,), t, dtype=torch.long, device=y.device)
-            x0_hat = predict_x0(x, tt)
-            s = ts[i + 1] if i + 1 < len(ts) else -1
-            mean, var = self.posterior_mean_var(x, x0_hat, tt, torch.full((b,), s, dtype=torch.long))
-            if s >= 0:
-                z = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device, y.dtype)
-                x = mean + torch.sqrt(var) * z
-            else:
-                x = mean
-            if on_step is not None:
-                on_step(i + 1, len(ts))
-        return x
+        return denoise(self, predict_x0, x, ts, generator=generator, step_callback=step_callback).prev
 
 
 class DDIMProcess:
@@ -275,6 +291,12 @@ class DDIMProcess:
         a = _bcast(self.abar(t), x0)
         return torch.sqrt(a) * x0 + torch.sqrt(1 - a) * noise
 
+    def add_noise(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, *, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """:meth:`q_sample` in the scheduler interface's argument order (``y`` conditions the network only)."""
+        return self.q_sample(x0, t, noise)
+
     def scale_input(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """DDIM inputs already have unit variance: identity."""
         return x_t
@@ -291,33 +313,46 @@ class DDIMProcess:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         return self.q_sample(x0, t.to(x0.device), noise), t.to(x0.device), noise
 
-    def sampling_timesteps(self, steps: int | None) -> list[int]:
+    def set_timesteps(self, steps: int | None) -> list[int]:
+        """Descending indices from ``T-1`` to 0: ``steps`` (default 50, at most ``T``) evenly spread."""
         steps = 50 if steps is None else int(steps)
         steps = max(1, min(steps, self.num_steps))
         idx = np.unique(np.round(np.linspace(self.num_steps - 1, 0, steps)).astype(int))[::-1]
         return [int(i) for i in idx]
 
+    #: the name ``sr.pipeline`` asks for (the same method)
+    sampling_timesteps = set_timesteps
+
+    def step(
+        self,
+        output: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: Timestep | None,
+        x_t: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
+        """DDIM (eta = 0) from ``t`` to ``t_prev`` (None: -1, the clean end) given the eps prediction ``output``."""
+        b = x_t.shape[0]
+        s = -1 if t_prev is None else int(t_prev)
+        a_t = _bcast(self.abar(t), x_t)
+        a_s = _bcast(self.abar(torch.full((b,), s)), x_t)
+        x0 = (x_t - torch.sqrt(1 - a_t) * output) / torch.sqrt(a_t)
+        return StepOutput(ddim_step(x0, output, torch.sqrt(a_s), torch.sqrt(1 - a_s)), x0)
+
     def sample(
         self,
-        predict_eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        predict_eps: ModelFn,
         y: torch.Tensor,
         *,
         steps: int | None = None,
         generator: torch.Generator | None = None,
-        on_step: Callable[[int, int], None] | None = None,
+        step_callback: StepCallback | None = None,
     ) -> torch.Tensor:
-        """Deterministic DDIM (eta = 0) from pure noise; ``y`` only sets the shape and device."""
-        ts = self.sampling_timesteps(steps)
+        """Deterministic DDIM (eta = 0) from pure noise; ``y`` only sets the shape and device.
+
+        ``step_callback(done, total)`` follows every step; it may raise to cancel.
+        """
+        ts = self.set_timesteps(steps)
         x = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device, y.dtype)
-        b = y.shape[0]
-        for i, t in enumerate(ts):
-            tt = torch.full((b,), t, dtype=torch.long, device=y.device)
-            eps = predict_eps(x, tt)
-            a_t = _bcast(self.abar(tt), x)
-            s = ts[i + 1] if i + 1 < len(ts) else -1
-            a_s = _bcast(self.abar(torch.full((b,), s)), x)
-            x0 = (x - torch.sqrt(1 - a_t) * eps) / torch.sqrt(a_t)
-            x = torch.sqrt(a_s) * x0 + torch.sqrt(1 - a_s) * eps
-            if on_step is not None:
-                on_step(i + 1, len(ts))
-        return x
+        return denoise(self, predict_eps, x, ts, generator=generator, step_callback=step_callback).prev

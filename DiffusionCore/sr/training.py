@@ -431,12 +431,8 @@ class SRObjective(nn.Module):
         cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         proc = self.model.diffusion
-        if isinstance(proc, ResShiftProcess):
-            x_t = proc.q_sample(x0, y, t, noise)
-            target = x0
-        else:
-            x_t = proc.q_sample(x0, t, noise)
-            target = noise
+        x_t = proc.add_noise(x0, noise, t, y=y)
+        target = x0 if isinstance(proc, ResShiftProcess) else noise
         x_in = proc.scale_input(x_t, t)
         out = self.model.denoiser(x_in, proc.timestep_value(t).to(x0.device), y, keep, self.use_control)
         pred = self.model.residual_to_x0(y, out) if isinstance(proc, ResShiftProcess) else out

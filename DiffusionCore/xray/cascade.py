@@ -45,7 +45,7 @@ from ..tiling import (
 from .config import XrayStageConfig, patch_alignment, tiny_stage_config, windowed_attention
 from .encoder import XrayEncoder
 from .lifting import DepthLifting
-from .vdiffusion import alpha_sigma, ddim_sample
+from .vdiffusion import VDiffusion
 from .vit import HybridViTBlock, modulate, timestep_embedding
 
 logger = logging.getLogger(__name__)
@@ -593,14 +593,13 @@ class StageModel(nn.Module):
         steps = steps or self.cfg.diffusion.sampling_steps
         noise = torch.randn(b, 1, r, r, r, generator=generator, device=xray.device)
         ctx = self.condition(xray, prev)
+        diffusion = VDiffusion(prediction="x0")
         if self.has_prev:
             t0 = float(self.cfg.diffusion.prev_stage_t)
-            a, s = alpha_sigma(torch.tensor(t0))
-            x_start = a * ctx.prev + s * noise
+            x_start = diffusion.add_noise(ctx.prev, noise, torch.tensor(t0))
         elif self.lifting is not None and (start := self._lifting_start(lifting_start_t)) < 1.0:
             t0 = start
-            a, s = alpha_sigma(torch.tensor(t0))
-            x_start = a * self.lifted_only(xray) + s * noise
+            x_start = diffusion.add_noise(self.lifted_only(xray), noise, torch.tensor(t0))
         else:
             t0 = 1.0
             x_start = noise
@@ -617,8 +616,9 @@ class StageModel(nn.Module):
             def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return self.predict_tiled(x, t, padded, plan)
 
-        return ddim_sample(fn, x_start, steps=steps, prediction="x0",
-                           t_start=t0, cancel=cancel, step_callback=step_callback)  # fmt: skip
+        return diffusion.sample(
+            fn, x_start, steps=steps, t_start=t0, cancel=cancel, step_callback=step_callback
+        )
 
 
 class UnifiedHybridViTCascade(nn.Module):

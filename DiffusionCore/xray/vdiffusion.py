@@ -9,17 +9,20 @@ exactly from the identities above. The cascade's stages output a preconditioned 
 on the v (or eps) error it implies (see ``losses.diffusion_loss``): a patch-token network cannot carry the
 per-voxel noise that a direct v output must cancel in ``x0 = alpha x_t - sigma v``. Everything is in model
 units (HU mapped to [-1, 1] by ``DiffusionCore.intensity.hu_to_unit``).
+
+:class:`VDiffusion` is this process as a :class:`DiffusionCore.schedulers.Scheduler`; :func:`ddim_sample` is
+its sampler as a function.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
 
 import torch
 
 from ..errors import Cancelled
+from ..schedulers import ModelFn, StepCallback, StepOutput, Timestep, ddim_step, denoise
 
 
 def alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,44 +88,100 @@ def predict_x0_eps(
     return x0, eps
 
 
-@torch.no_grad()
+class VDiffusion:
+    """The cosine v-diffusion as a :class:`~DiffusionCore.schedulers.Scheduler`, sampled with DDIM (eta = 0).
+
+    Args:
+        prediction: what the network outputs: ``v``, ``eps`` or ``x0`` (``predicts``).
+        clip: clip every step's x0 estimate to [-1, 1] (the eps estimate follows it).
+    """
+
+    def __init__(self, prediction: str = "v", clip: bool = True) -> None:
+        if prediction not in ("v", "eps", "x0"):
+            raise ValueError(f"prediction must be v, eps or x0; got {prediction!r}")
+        self.predicts = prediction
+        self.clip = clip
+
+    def set_timesteps(
+        self, steps: int | None, *, t_start: float = 1.0, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """``steps`` (at least 1; no default) uniform times from ``t_start`` down to ``t_start / steps``.
+
+        Returns:
+            ``(steps,)`` float32 times on ``device``; the chain's end, t = 0, is the step after the last.
+        """
+        if steps is None:
+            raise ValueError("VDiffusion has no default step count: pass steps")
+        steps = max(1, int(steps))
+        return torch.linspace(t_start, 0.0, steps + 1, device=device)[:-1]
+
+    def add_noise(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, *, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """:func:`q_sample` in the scheduler interface's argument order (``y`` is not used)."""
+        return q_sample(x0, t, noise)
+
+    def step(
+        self,
+        output: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: Timestep | None,
+        x_t: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
+        """DDIM from ``t`` to ``t_prev`` (None: 0) with the (clipped) x0 and eps implied by ``output``."""
+        x0, eps = predict_x0_eps(output.float(), x_t, t, self.predicts, self.clip)
+        if t_prev is None:
+            t_prev = torch.zeros((), device=x_t.device)
+        a, s = alpha_sigma(t_prev)
+        return StepOutput(ddim_step(x0, eps, a, s), x0)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model_fn: ModelFn,
+        x_start: torch.Tensor,
+        *,
+        steps: int,
+        t_start: float = 1.0,
+        cancel: threading.Event | None = None,
+        step_callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0) from ``t_start`` to 0 in ``steps`` uniform steps.
+
+        Args:
+            model_fn: ``model_fn(x_t, t) -> output``, x_t (B, 1, D, H, W), t (B,).
+            x_start: the sample at ``t_start`` (pure noise when 1.0, a noised previous-stage volume otherwise).
+            steps: number of network evaluations (>= 1).
+            t_start: starting time in (0, 1].
+            cancel: checked before every step; raises :class:`Cancelled` when set.
+            step_callback: ``(done, total)`` after every step.
+
+        Returns:
+            The last step's x0 estimate in model units (B, 1, D, H, W) (clipped to [-1, 1] with ``clip``).
+        """
+
+        def checked(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("generation cancelled; nothing was written.")
+            return model_fn(x, t)
+
+        times = self.set_timesteps(steps, t_start=t_start, device=x_start.device)
+        return denoise(self, checked, x_start, times, step_callback=step_callback).x0
+
+
 def ddim_sample(
-    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model_fn: ModelFn,
     x_start: torch.Tensor,
     *,
     steps: int,
     prediction: str = "v",
     t_start: float = 1.0,
     cancel: threading.Event | None = None,
-    step_callback: Callable[[int, int], None] | None = None,
+    step_callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from ``t_start`` to 0 in ``steps`` uniform steps.
-
-    Args:
-        model_fn: ``model_fn(x_t, t) -> output``, x_t (B, 1, D, H, W), t (B,).
-        prediction: what the output is: ``v``, ``eps`` or ``x0``.
-        x_start: the sample at ``t_start`` (pure noise when 1.0, a noised previous-stage volume otherwise).
-        steps: number of network evaluations (>= 1).
-        t_start: starting time in (0, 1].
-        cancel: checked before every step; raises :class:`Cancelled` when set.
-        step_callback: ``(done, total)`` after every step.
-
-    Returns:
-        The clean sample x0 in model units (B, 1, D, H, W), clipped to [-1, 1].
-    """
-    steps = max(1, int(steps))
-    times = torch.linspace(t_start, 0.0, steps + 1, device=x_start.device)
-    x = x_start
-    b = x.shape[0]
-    x0 = x
-    for i in range(steps):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("generation cancelled; nothing was written.")
-        t, t_next = times[i], times[i + 1]
-        out = model_fn(x, t.expand(b))
-        x0, eps = predict_x0_eps(out.float(), x, t.expand(b), prediction)
-        a_n, s_n = alpha_sigma(t_next)
-        x = a_n * x0 + s_n * eps
-        if step_callback is not None:
-            step_callback(i + 1, steps)
-    return x0
+    """``VDiffusion(prediction).sample(...)``: deterministic DDIM from ``t_start`` to 0, x0 clipped to [-1, 1]."""
+    return VDiffusion(prediction).sample(
+        model_fn, x_start, steps=steps, t_start=t_start, cancel=cancel, step_callback=step_callback
+    )
