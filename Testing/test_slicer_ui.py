@@ -5,7 +5,8 @@ is checked here without running it: every widget the module code touches exists 
 ``SlicerParameterName`` names a field of the module's ``@parameterNodeWrapper`` class with a type that
 Slicer's GUI connectors can bind to that widget class; custom widget classes are declared; each module file
 has the Module/Widget/Logic/Test classes Slicer's factory and generic tests look for; CMake lists every
-file that must be installed.
+file that must be installed. The module code is the module file (a thin shell), its panel in the Lib
+(parameter node, logic and widget) and the panel lifecycle both modules share (module_widget.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ MODULES = {
     "CTDiffusionSR": ROOT / "CTDiffusionSR",
     "XrayToCT": ROOT / "XrayToCT",
 }
+#: Each module's panel: its parameter node, its ScriptedLoadableModuleLogic and its widget.
+PANELS = {
+    "CTDiffusionSR": ROOT / "CTDiffusionSR" / "CTDiffusionSRLib" / "sr_widget.py",
+    "XrayToCT": ROOT / "XrayToCT" / "XrayToCTLib" / "xray_widget.py",
+}
+#: The panel lifecycle both modules share (class ModuleWidget).
+SHARED_PANEL = ROOT / "CTDiffusionSR" / "CTDiffusionSRLib" / "module_widget.py"
 #: Qt's own widget classes (everything else must be declared as a custom widget).
 QT_CLASSES = {
     "QWidget", "QLabel", "QPushButton", "QSpinBox", "QDoubleSpinBox", "QComboBox", "QCheckBox", "QLineEdit",
@@ -64,7 +72,7 @@ def string_property(widget: ET.Element, name: str) -> str | None:
 
 
 def wrapper_fields(module_py: Path) -> dict[str, str]:
-    """``{field: annotation source}`` of the ``@parameterNodeWrapper`` class in a module file."""
+    """``{field: annotation source}`` of the ``@parameterNodeWrapper`` class in a module's panel file."""
     tree = ast.parse(module_py.read_text())
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any(
@@ -96,7 +104,7 @@ def annotation_kind(annotation: str) -> set[str]:
 
 
 def ui_attribute_uses(module_py: Path, classes: set[str] | None = None) -> set[str]:
-    """Names ``X`` in ``self.ui.X`` inside the module file (optionally only inside the given classes)."""
+    """Names ``X`` in ``self.ui.X`` inside a Python file (optionally only inside the given classes)."""
     tree = ast.parse(module_py.read_text())
     scopes = [n for n in tree.body if isinstance(n, ast.ClassDef) and (classes is None or n.name in classes)]
     used = set()
@@ -113,10 +121,21 @@ def ui_attribute_uses(module_py: Path, classes: set[str] | None = None) -> set[s
     return used
 
 
+def panel_class_source(path: Path, name: str | None = None) -> str:
+    """The source of class ``name`` in ``path``; without a name, of the module's panel (a ModuleWidget)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ClassDef):
+            bases = {ast.unparse(b) for b in node.bases}
+            if node.name == name or (name is None and "ModuleWidget" in bases):
+                return ast.unparse(node)
+    raise AssertionError(f"{path.name} has no class {name or 'derived from ModuleWidget'}")
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_every_widget_the_module_uses_exists_in_its_ui(module):
     widgets = ui_widgets(MODULES[module] / "Resources" / "UI" / f"{module}.ui")
-    used = ui_attribute_uses(MODULES[module] / f"{module}.py")
+    used = ui_attribute_uses(MODULES[module] / f"{module}.py") | ui_attribute_uses(PANELS[module])
+    used |= ui_attribute_uses(SHARED_PANEL)  # the lifecycle both panels share
     # both modules use the shared training panel (CTDiffusionSRLib/widgets.py) on their own .ui
     used |= ui_attribute_uses(MODULES["CTDiffusionSR"] / "CTDiffusionSRLib" / "widgets.py", {"TrainingPanel"})
     missing = sorted(used - set(widgets))
@@ -126,7 +145,7 @@ def test_every_widget_the_module_uses_exists_in_its_ui(module):
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_every_parameter_binding_matches_a_wrapper_field_and_widget_type(module):
     widgets = ui_widgets(MODULES[module] / "Resources" / "UI" / f"{module}.ui")
-    fields = wrapper_fields(MODULES[module] / f"{module}.py")
+    fields = wrapper_fields(PANELS[module])
     bound = {}
     for name, w in widgets.items():
         param = string_property(w, "SlicerParameterName")
@@ -148,7 +167,7 @@ def test_every_parameter_binding_matches_a_wrapper_field_and_widget_type(module)
 
 
 def test_adapt_to_this_scan_is_a_checkbox_and_a_seconds_box_bound_to_the_parameter_node():
-    module_py = MODULES["CTDiffusionSR"] / "CTDiffusionSR.py"
+    module_py = PANELS["CTDiffusionSR"]
     ui_path = MODULES["CTDiffusionSR"] / "Resources" / "UI" / "CTDiffusionSR.ui"
     widgets = ui_widgets(ui_path)
     fields = wrapper_fields(module_py)
@@ -191,6 +210,11 @@ def test_custom_widget_classes_are_declared(module):
 def test_module_file_has_the_classes_slicer_looks_for(module):
     tree = ast.parse((MODULES[module] / f"{module}.py").read_text())
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    # the logic is the panel's, imported into the module file under its name
+    panel = ast.parse(PANELS[module].read_text())
+    classes[f"{module}Logic"] = next(n for n in panel.body if isinstance(n, ast.ClassDef) and n.name == f"{module}Logic")
+    imported = {a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert f"{module}Logic" in imported, f"{module}.py does not import {module}Logic"
     expected_bases = {
         module: "ScriptedLoadableModule",
         f"{module}Widget": "ScriptedLoadableModuleWidget",
@@ -257,7 +281,7 @@ def test_training_panel_has_an_overwrite_checkbox_passed_to_the_job(module):
     box = widgets["trainingOverwriteCheckBox"]
     assert (box.get("class"), string_property(box, "SlicerParameterName")) == ("QCheckBox", "trainingOverwrite")
     assert "Overwrite" in string_property(box, "text") and "Resume" in string_property(box, "toolTip")
-    assert wrapper_fields(MODULES[module] / f"{module}.py")["trainingOverwrite"] == "bool"
+    assert wrapper_fields(PANELS[module])["trainingOverwrite"] == "bool"
     panel = ast.parse((MODULES["CTDiffusionSR"] / "CTDiffusionSRLib" / "widgets.py").read_text())
     on_start = next(n for n in ast.walk(panel) if isinstance(n, ast.FunctionDef) and n.name == "onStart")
     source = ast.unparse(on_start)
@@ -272,12 +296,14 @@ def test_both_modules_import_weights_beside_the_selector_and_gate_apply_on_them(
     assert {w.get("name") for w in row.iter("widget")} == {"weightsRow", "weightsComboBox", "importWeightsButton"}
     button = ui_widgets(MODULES[module] / "Resources" / "UI" / f"{module}.ui")["importWeightsButton"]
     assert string_property(button, "text") == "Import weights..."
-    tree = ast.parse((MODULES[module] / f"{module}.py").read_text())
-    source = ast.unparse(next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == f"{module}Widget"))
+    # the selector, the import and the Apply gate are the shared lifecycle's, for the panel's family
+    source = panel_class_source(SHARED_PANEL, "ModuleWidget")
     assert "self.ui.importWeightsButton.connect('clicked(bool)', self.onImportWeights)" in source
-    assert f"importWeights('{family}'" in source and f"fillWeightsComboBox(self.ui.weightsComboBox, '{family}'" in source
-    assert f"weights_problem('{family}', p.weights)" in source and 'apply_state(' in source
-    assert "DiffusionCore" not in source  # listing weights when the module opens must not import torch
+    assert "importWeights(self.family" in source and "fillWeightsComboBox(self.ui.weightsComboBox, self.family" in source
+    assert "weights_problem(self.family, p.weights)" in source and 'apply_state(' in source
+    panel = panel_class_source(PANELS[module])
+    assert f"family = '{family}'" in panel
+    assert "DiffusionCore" not in source + panel  # listing weights when the module opens must not import torch
 
 
 #: Calls whose first argument a user reads.
@@ -291,9 +317,21 @@ def _is_literal_text(node: ast.expr) -> bool:
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_user_visible_strings_are_wrapped_for_translation(module):
-    path = MODULES[module] / f"{module}.py"
+    problems = []
+    for path in (MODULES[module] / f"{module}.py", PANELS[module], SHARED_PANEL):
+        problems += untranslated_texts(path)
+    assert not problems, f"{module}: user-visible text not wrapped in _(): {problems}"
+    tree = ast.parse((MODULES[module] / f"{module}.py").read_text())
+    init = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == module)
+    assigned = {ast.unparse(t): v for n in ast.walk(init) if isinstance(n, ast.Assign) for t, v in [(n.targets[0], n.value)]}
+    for attr in ("self.parent.title", "self.parent.helpText", "self.parent.acknowledgementText"):
+        assert isinstance(assigned[attr], ast.Call) and ast.unparse(assigned[attr].func) == "_", attr
+
+
+def untranslated_texts(path: Path) -> list[str]:
+    """User-visible literals in ``path`` that are not wrapped in ``_()`` (which must be Slicer's ``tr``)."""
     tree = ast.parse(path.read_text())
-    assert any(isinstance(n, ast.ImportFrom) and n.module == "slicer.i18n" and any(a.name == "tr" and a.asname == "_" for a in n.names) for n in tree.body)
+    assert any(isinstance(n, ast.ImportFrom) and n.module == "slicer.i18n" and any(a.name == "tr" and a.asname == "_" for a in n.names) for n in tree.body), path.name
     problems = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_":
@@ -309,11 +347,7 @@ def test_user_visible_strings_are_wrapped_for_translation(module):
                 if isinstance(target, ast.Attribute) and target.attr in ("text", "toolTip", "title", "helpText", "acknowledgementText"):
                     if _is_literal_text(node.value):
                         problems.append(f"line {node.lineno}: .{target.attr} = {ast.unparse(node.value)[:40]}")
-    assert not problems, f"{module}.py: user-visible text not wrapped in _(): {problems}"
-    init = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == module)
-    assigned = {ast.unparse(t): v for n in ast.walk(init) if isinstance(n, ast.Assign) for t, v in [(n.targets[0], n.value)]}
-    for attr in ("self.parent.title", "self.parent.helpText", "self.parent.acknowledgementText"):
-        assert isinstance(assigned[attr], ast.Call) and ast.unparse(assigned[attr].func) == "_", attr
+    return [f"{path.name} {problem}" for problem in problems]
 
 
 def test_lib_messages_are_translatable_in_slicer_and_plain_outside():
@@ -327,19 +361,18 @@ def test_lib_messages_are_translatable_in_slicer_and_plain_outside():
 def test_both_modules_export_the_result_with_its_provenance(module):
     button = ui_widgets(MODULES[module] / "Resources" / "UI" / f"{module}.ui")["exportResultButton"]
     assert string_property(button, "text") == "Export result..." and "DICOM" in string_property(button, "toolTip")
-    tree = ast.parse((MODULES[module] / f"{module}.py").read_text())
-    source = ast.unparse(next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == f"{module}Widget"))
+    source = panel_class_source(SHARED_PANEL, "ModuleWidget")  # the export both panels share
     assert "self.ui.exportResultButton.connect('clicked(bool)', self.onExportResult)" in source
     assert "exportResultWithDialog(self._parameterNode.resultVolume)" in source
-    assert "self.ui.exportResultButton.enabled" in source  # enabled only once a result exists
+    assert "self.ui.exportResultButton.enabled" in panel_class_source(PANELS[module])  # once a result exists
 
 
 def test_xray_to_ct_shares_the_slicer_glue_without_importing_the_other_module():
-    """The shared Qt glue lives in CTDiffusionSRLib/widgets.py; no XrayToCT file imports CTDiffusionSR.py."""
+    """The shared Qt glue lives in CTDiffusionSRLib (widgets.py, module_widget.py); no XrayToCT file imports
+    CTDiffusionSR.py."""
     for path in sorted((ROOT / "XrayToCT").rglob("*.py")):
         tree = ast.parse(path.read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert "CTDiffusionSR" not in imported, f"{path.name} imports the CTDiffusionSR module file"
-    xray = (MODULES["XrayToCT"] / "XrayToCT.py").read_text()
-    assert "from CTDiffusionSRLib.widgets import JobMonitor, TrainingPanel, applyCacheFolderSetting" in xray
+    assert "from CTDiffusionSRLib.module_widget import ModuleWidget" in PANELS["XrayToCT"].read_text()

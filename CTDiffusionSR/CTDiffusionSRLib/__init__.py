@@ -6,6 +6,9 @@ the test suite exercises it.
 The names below are loaded on first use (PEP 562): importing a light submodule (``dependencies``,
 ``weights_choice``, ``slicer_version``) when a module is opened imports neither DiffusionCore, nor torch,
 nor the packages that are installed only when Apply is first pressed.
+
+The Qt glue beside them (``widgets``, ``module_widget``, ``sr_widget``: what the module panels are made
+of) runs only inside Slicer and is imported by its module path, never through this table.
 """
 
 from __future__ import annotations

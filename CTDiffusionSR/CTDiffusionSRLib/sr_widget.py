@@ -1,0 +1,301 @@
+"""The CT Diffusion SR panel, its parameter node and its scripting logic (Slicer and Qt glue).
+
+The module file (CTDiffusionSR.py) only builds :class:`SRWidget` and forwards its lifecycle; the lifecycle
+shared with the X-ray to CT module is in :mod:`CTDiffusionSRLib.module_widget`. The work is done by the
+Qt-free modules beside this one (sr_logic, views, process), which run the CTDiffusionSRBatch command-line
+module in a background process; this file binds widgets to the parameter node, starts jobs and shows results.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+from typing import Annotated
+
+import qt
+import slicer
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+from .module_widget import ModuleWidget
+from .widgets import CACHE_SETTINGS_KEY, applyCacheFolderSetting, ensureDependencies
+
+
+#
+# Parameter node
+#
+@parameterNodeWrapper
+class CTDiffusionSRParameterNode:
+    """The module's settings, saved with the scene.
+
+    factor 0 = suggested from the slice spacing; steps 0 = the posterior-mean estimate (N > 0: a posterior
+    sample in N steps); guidance 0 = the model's default; patch and overlap 0 = automatic; outputVolume
+    None = a new node; adaptToScan: first fine-tune a copy of the model for adaptSeconds on the input's own
+    in-plane detail.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    resultVolume: vtkMRMLScalarVolumeNode
+    uncertaintyVolume: vtkMRMLScalarVolumeNode
+    factor: Annotated[int, WithinRange(0, 8)] = 0
+    targetSpacing: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
+    axis: Annotated[str, Choice(["auto", "z", "y", "x"])] = "auto"
+    weights: str = ""
+    steps: Annotated[int, WithinRange(0, 1000)] = 0
+    guidance: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
+    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    adaptToScan: bool = False
+    adaptSeconds: Annotated[float, WithinRange(0.0, 3600.0)] = 120.0
+    patchDepth: Annotated[int, WithinRange(0, 512)] = 0
+    patchHeight: Annotated[int, WithinRange(0, 1024)] = 0
+    patchWidth: Annotated[int, WithinRange(0, 1024)] = 0
+    overlapDepth: Annotated[int, WithinRange(0, 256)] = 0
+    overlapHeight: Annotated[int, WithinRange(0, 512)] = 0
+    overlapWidth: Annotated[int, WithinRange(0, 512)] = 0
+    seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    numSamples: Annotated[int, WithinRange(1, 16)] = 1
+    dataConsistency: bool = True
+    showUncertainty: bool = True
+    fadeOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    evaluationFactor: Annotated[int, WithinRange(2, 8)] = 4
+    trainingFamily: Annotated[str, Choice(["sr", "vae", "xray"])] = "sr"
+    trainingDataFolder: pathlib.Path = pathlib.Path()
+    trainingUseSceneVolumes: bool = False
+    trainingOutputFolder: pathlib.Path = pathlib.Path()
+    trainingDevice: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    trainingResume: bool = False
+    trainingOverwrite: bool = False
+    trainingExtraArguments: str = ""
+
+
+#
+# CTDiffusionSRLogic
+#
+class CTDiffusionSRLogic(ScriptedLoadableModuleLogic):
+    """Scripting API on ``slicer.mrmlScene``; the work itself is in CTDiffusionSRLib (Qt-free).
+
+    Example (Slicer's Python console)::
+
+        logic = slicer.util.getModuleLogic("CTDiffusionSR")
+        result = logic.process(slicer.util.getNode("CT_01"), factor=4, steps=15)
+    """
+
+    def getParameterNode(self):
+        return CTDiffusionSRParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def settingsFrom(p):
+        """SRSettings from the parameter node (None when DiffusionCore cannot be imported yet)."""
+        try:
+            from CTDiffusionSRLib.sr_logic import SRSettings
+        except ImportError:
+            return None
+        return SRSettings(
+            factor=p.factor,
+            target_spacing=p.targetSpacing,
+            axis=p.axis,
+            weights=p.weights,
+            steps=p.steps,
+            guidance=p.guidance,
+            device=p.device,
+            patch_size=(p.patchDepth, p.patchHeight, p.patchWidth),
+            overlap=(p.overlapDepth, p.overlapHeight, p.overlapWidth),
+            seed=p.seed,
+            num_samples=p.numSamples,
+            data_consistency=p.dataConsistency,
+            adapt_seconds=p.adaptSeconds if p.adaptToScan else 0.0,
+        )
+
+    @staticmethod
+    def inputProblem(node, settings) -> str:
+        """Why Apply is disabled ("" when it is not)."""
+        if node is None:
+            return _("Select an input CT volume.")
+        if settings is None:  # packages not installed yet: Apply installs them first
+            return ""
+        from CTDiffusionSRLib.sr_logic import check_sr_input
+
+        return check_sr_input(node, settings)
+
+    def createJob(self, inputNode, settings, outputNode=None, onLine=None):
+        from CTDiffusionSRLib.sr_logic import SRJob
+
+        return SRJob(slicer.mrmlScene, inputNode, settings, output_node=outputNode, on_line=onLine)
+
+    def createEvaluationJob(self, inputNode, factor: int, settings, onLine=None):
+        from CTDiffusionSRLib.sr_logic import EvaluationJob
+
+        methods = ("cubic", "sr")
+        return EvaluationJob(
+            slicer.mrmlScene,
+            inputNode,
+            factor=factor,
+            methods=methods,
+            weights=settings.weights,
+            steps=settings.steps,
+            device=settings.device,
+            on_line=onLine,
+        )
+
+    def process(self, inputNode, outputNode=None, timeout: float | None = None, **settings):
+        """Run the super-resolution and wait (scripts, self-test). Returns the result node.
+
+        Raises:
+            RuntimeError: the job failed (its error line is the message).
+        """
+        from CTDiffusionSRLib.process import JobState
+        from CTDiffusionSRLib.sr_logic import SRSettings
+
+        job = self.createJob(inputNode, SRSettings(**settings), outputNode)
+        start = time.time()
+        state = job.run(timeout)
+        logging.info("super-resolution %s in %.1f s", state.value, time.time() - start)
+        if state != JobState.COMPLETED:
+            raise RuntimeError(job.error)
+        return job.result_nodes[0]
+
+    def processWithCLIModule(self, inputNode, outputNode, wait: bool = True, **parameters):
+        """Run the CTDiffusionSRBatch CLI module through Slicer's CLI machinery (``slicer.cli.run``).
+
+        The same command-line module the widget's background job runs, here driven by Slicer (its
+        temporary files, its progress and cancel in the CLI node). Parameter names are those of
+        CTDiffusionSRBatch.xml, e.g. ``factor=4, numSteps=15, device="cuda"``. The output node is not
+        renamed or annotated: use :meth:`process` for a labelled result beside the input.
+        """
+        cliParameters = {"inputVolume": inputNode.GetID(), "outputVolume": outputNode.GetID(), **parameters}
+        return slicer.cli.run(
+            slicer.modules.ctdiffusionsrbatch, None, cliParameters, wait_for_completion=wait
+        )
+
+    # -- views ----------------------------------------------------------------------------------------
+    def compareSideBySide(self, inputNode, resultNode) -> None:
+        from CTDiffusionSRLib import views
+
+        views.show_side_by_side(slicer.mrmlScene, inputNode, resultNode)
+        slicer.util.resetSliceViews()
+
+    def compareFade(self, inputNode, resultNode, opacity: float) -> None:
+        from CTDiffusionSRLib import views
+
+        views.show_fade(slicer.mrmlScene, inputNode, resultNode, opacity)
+        slicer.util.resetSliceViews()
+
+    def setFade(self, opacity: float) -> None:
+        from CTDiffusionSRLib import views
+
+        views.set_fade(slicer.mrmlScene, opacity)
+
+    def showUncertainty(self, baseNode, uncertaintyNode) -> None:
+        from CTDiffusionSRLib import views
+
+        views.show_overlay(slicer.mrmlScene, baseNode, uncertaintyNode, 0.5)
+
+    def showTable(self, tableNode) -> None:
+        layoutManager = slicer.app.layoutManager()
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetActiveTableID(tableNode.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+
+
+#
+# SRWidget
+#
+class SRWidget(ModuleWidget):
+    """The CT Diffusion SR panel: super-resolution, comparison views, evaluation, cache folder, training."""
+
+    family = "sr"
+    uiPath = pathlib.Path(__file__).parent.parent / "Resources" / "UI" / "CTDiffusionSR.ui"
+    logicClass = CTDiffusionSRLogic
+
+    def setupModuleWidgets(self) -> None:
+        self.ui.compareSideBySideButton.connect("clicked(bool)", self.onCompareSideBySide)
+        self.ui.compareFadeButton.connect("clicked(bool)", self.onCompareFade)
+        self.ui.fadeSlider.connect("valueChanged(double)", self.onFadeChanged)
+        self.ui.evaluateButton.connect("clicked(bool)", self.onEvaluateButton)
+        self.ui.cacheFolderPathLineEdit.currentPath = applyCacheFolderSetting()
+        self.ui.cacheFolderPathLineEdit.connect("currentPathChanged(QString)", self.onCacheFolderChanged)
+
+    def initializeParameterNode(self) -> None:
+        """The module's parameter node; an empty input becomes the scene's first scalar volume."""
+        super().initializeParameterNode()
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+
+    def inputProblem(self, p) -> str:
+        return self.logic.inputProblem(p.inputVolume, self.logic.settingsFrom(p))
+
+    def applyTexts(self) -> tuple[str, str]:
+        return (
+            _("Super-resolve the input into a new synthetic volume."),
+            _("Stop the running job; nothing is added to the scene."),
+        )
+
+    def updateResultButtons(self, p) -> None:
+        if self.monitor.running:
+            return
+        haveResult = bool(p and p.inputVolume and p.resultVolume)
+        self.ui.compareSideBySideButton.enabled = haveResult
+        self.ui.compareFadeButton.enabled = haveResult
+        self.ui.exportResultButton.enabled = haveResult
+        self.ui.evaluateButton.enabled = bool(p and p.inputVolume) and not self.monitor.running
+
+    def onCacheFolderChanged(self, path: str) -> None:
+        qt.QSettings().setValue(CACHE_SETTINGS_KEY, path)
+        applyCacheFolderSetting()
+
+    # -- running ----------------------------------------------------------------------------------------
+    def startJob(self, p) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not start the super-resolution."), waitCursor=True):
+            job = self.logic.createJob(
+                p.inputVolume, self.logic.settingsFrom(p), p.outputVolume, self.monitor.queueLine
+            )
+            self.monitor.start(job, _("Super-resolution of {name}").format(name=p.inputVolume.GetName()))
+
+    def onEvaluateButton(self) -> None:
+        if self.monitor.running or not ensureDependencies():
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Could not start the evaluation."), waitCursor=True):
+            job = self.logic.createEvaluationJob(
+                p.inputVolume, p.evaluationFactor, self.logic.settingsFrom(p), self.monitor.queueLine
+            )
+            self.monitor.start(job, _("Evaluation on {name}").format(name=p.inputVolume.GetName()))
+        self._checkCanApply()
+
+    def failureText(self, error: str) -> str:
+        return _("The job failed: {error}").format(error=error)
+
+    def showResult(self, job) -> None:
+        """An evaluation shows its table; a super-resolution becomes the result, faded over the input (or
+        its uncertainty map shown)."""
+        p = self._parameterNode
+        if getattr(job, "table_node", None) is not None:
+            self.logic.showTable(job.table_node)
+            return
+        result = job.result_nodes[0]
+        p.resultVolume = result
+        p.uncertaintyVolume = getattr(job, "uncertainty_node", None)
+        if p.uncertaintyVolume and p.showUncertainty:
+            self.logic.showUncertainty(p.inputVolume, p.uncertaintyVolume)
+        else:
+            self.logic.compareFade(p.inputVolume, result, p.fadeOpacity)
+        self._checkCanApply()
+
+    # -- compare ----------------------------------------------------------------------------------------
+    def onCompareSideBySide(self) -> None:
+        p = self._parameterNode
+        self.logic.compareSideBySide(p.inputVolume, p.resultVolume)
+
+    def onCompareFade(self) -> None:
+        p = self._parameterNode
+        self.logic.compareFade(p.inputVolume, p.resultVolume, p.fadeOpacity)
+
+    def onFadeChanged(self, value: float) -> None:
+        self.logic.setFade(value)
