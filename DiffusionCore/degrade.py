@@ -8,7 +8,10 @@ degradation; figures must say which one they use).
 Geometry is exact: the thick volume's spacing along the axis is ``k`` times the thin spacing and its
 origin sits at the centre of the first slab (slab average) or on the kept slice (decimation), so it lies
 in the same physical place as the thin volume in any viewer. ``thin_grid`` gives the grid a
-super-resolution or interpolation writes to; for a slab-averaged volume it is the original thin grid.
+super-resolution or interpolation writes to; for a slab-averaged volume it is the original thin grid, and
+``plan_thin_grid`` is the one decision of that grid and its factor for a super-resolution run.
+``enforce_consistency`` inverts the slab average on the thin grid: it corrects a thin volume so that its
+slab averages reproduce the thick input (the last step of super-resolution).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Literal
 import numpy as np
 
 from .errors import GeometryError, InputError
+from .interpolation import cubic_matrix
 from .volume import Grid, Volume, axis_index, suggested_factor, thick_axis
 
 Degradation = Literal["slab", "decimate"]
@@ -102,6 +106,92 @@ def crop_to_slabs(vol: Volume, factor: int, axis: str | int = "z") -> Volume:
     m = vol.shape[ax] // k
     arr = np.moveaxis(vol.array, ax, 0)[: m * k]
     return Volume(np.moveaxis(arr, 0, ax).copy(), vol.spacing, vol.origin, vol.direction.copy(), dict(vol.metadata))
+
+
+# -- data consistency: the correction that the slab degradation maps back onto the thick input ----------
+def consistency_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The linear map that corrects a thin-grid volume so its slab averages equal the thick input.
+
+    Along ``axis`` let ``S`` (m x n) average the thin slices whose centres fall inside each thick slab
+    (for an integer factor k: exactly :func:`degrade` with ``method="slab"``) and ``B`` (n x m) be cubic
+    B-spline interpolation from thick slice centres to thin slice centres (the same spline as the cubic
+    baseline). The correction of a thin volume ``y`` is ``B a`` with ``a`` solving ``S B a = x - S y``: a
+    smooth (C2) curve through each column whose slab averages make up the per-slab mean difference. Then
+    ``S (y + B a) = x`` exactly, and nothing changes where the slab means already agree.
+
+    Args:
+        thick: the input's grid.
+        thin: the output grid (differs from ``thick`` only along ``axis``).
+        axis: array axis (0, 1, 2).
+
+    Returns:
+        ``(M, S, rows)``: ``M`` (n x r) float64 maps the slab differences of the ``r`` slabs listed in
+        ``rows`` (those holding at least one thin slice centre) to the thin-grid correction; ``S`` (r x n)
+        is the slab average (:func:`slab_operator`).
+    """
+    s_mat, rows, coords = slab_operator(thick, thin, axis)
+    b_mat = cubic_matrix(thick.shape[axis], coords)
+    system = s_mat @ b_mat  # (r x m): slab averages of each spline basis function
+    m_mat = b_mat @ np.linalg.pinv(system)
+    return m_mat, s_mat, rows
+
+
+def slab_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(S, rows, coords)``: ``S`` (r x n) averages the thin slices whose centres fall in each of the ``r``
+    thick slabs listed in ``rows`` (those holding at least one); ``coords`` are the thin slice centres in
+    thick index units."""
+    idx = 2 - axis
+    to_thick = np.linalg.inv(thick.index_to_physical()) @ thin.index_to_physical()
+    n, m = thin.shape[axis], thick.shape[axis]
+    coords = to_thick[idx, idx] * np.arange(n) + to_thick[idx, 3]
+    slab = np.floor(coords + 0.5).astype(int)
+    inside = (slab >= 0) & (slab < m)
+    counts = np.bincount(slab[inside], minlength=m)
+    rows = np.flatnonzero(counts > 0)
+    s_mat = np.zeros((m, n))
+    s_mat[slab[inside], np.flatnonzero(inside)] = 1.0
+    return s_mat[rows] / counts[rows, None], rows, coords
+
+
+def _along_axis(mat: np.ndarray, arr: np.ndarray, axis: int) -> np.ndarray:
+    """``mat`` (p x n) applied along ``axis`` of ``arr`` as one float32 matrix product; the axis comes first."""
+    moved = np.moveaxis(arr, axis, 0)
+    flat = np.ascontiguousarray(moved, dtype=np.float32).reshape(moved.shape[0], -1)
+    return (mat.astype(np.float32) @ flat).reshape((mat.shape[0],) + moved.shape[1:])
+
+
+def slab_means(arr: np.ndarray, thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slab averages of a thin-grid array along ``axis`` (see :func:`slab_operator`; the axis first) and
+    their rows."""
+    s_mat, rows, _ = slab_operator(thick, thin, axis)
+    return _along_axis(s_mat, arr, axis), rows
+
+
+def enforce_consistency(output: Volume, thick: Volume, axis: int, *, in_place: bool = False) -> Volume:
+    """``output`` (thin grid) corrected so that its slab averages along ``axis`` equal ``thick``.
+
+    Adds back the per-slab mean difference, spread smoothly with a cubic B-spline (see
+    :func:`consistency_operator`). The result degraded again with ``degrade(..., method="slab")``
+    reproduces ``thick`` to float32 rounding. Values are not clipped.
+
+    Args:
+        output: the super-resolved volume (HU) on the thin grid of ``thick``.
+        thick: the thick input (HU).
+        axis: the super-resolved array axis.
+        in_place: add the correction into ``output.array`` (a float32 array the caller owns) instead of
+            a copy; saves a whole-volume allocation.
+    """
+    m_mat, s_mat, rows = consistency_operator(thick.grid, output.grid, axis)
+    means = _along_axis(s_mat, output.array, axis)  # (r, ...) HU, the axis first
+    diff = np.moveaxis(thick.array, axis, 0)[rows].astype(np.float32) - means
+    correction = _along_axis(m_mat, diff, 0)  # (n, ...)
+    if in_place and output.array.dtype == np.float32 and output.array.flags.writeable:
+        arr = output.array
+    else:
+        arr = output.array.astype(np.float32)  # a copy
+    view = np.moveaxis(arr, axis, 0)
+    view += correction  # in place through the view: float32 sums, no whole-volume temporary
+    return output if arr is output.array else output.with_array(arr)
 
 
 def thin_grid(

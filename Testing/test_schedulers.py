@@ -58,9 +58,6 @@ def test_set_timesteps_sequences():
         ts = ddim.set_timesteps(steps)
         assert len(ts) == length and ts[0] == 999 and ts[-1] == (999 if length == 1 else 0)
         assert all(a > b for a, b in zip(ts, ts[1:]))
-    # the pipeline's progress totals ask for the same sequence under the older name
-    assert rs.sampling_timesteps(4) == rs.set_timesteps(4)
-    assert ddim.sampling_timesteps(7) == ddim.set_timesteps(7)
     vd = VDiffusion()
     assert vd.set_timesteps(4).tolist() == [1.0, 0.75, 0.5, 0.25]
     ts = vd.set_timesteps(3, t_start=0.4)

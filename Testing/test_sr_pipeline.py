@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from DiffusionCore.degrade import degrade, thin_grid
+from DiffusionCore.degrade import degrade, enforce_consistency, thin_grid
 from DiffusionCore.errors import (
     Cancelled,
     ConfigError,
@@ -26,7 +26,7 @@ from DiffusionCore.errors import (
 from DiffusionCore.intensity import hu_to_unit, unit_to_hu
 from DiffusionCore.interpolation import interpolate
 from DiffusionCore.metrics import consistency_psnr
-from DiffusionCore.sr.pipeline import SuperResolver, enforce_consistency, tile_seed
+from DiffusionCore.sr.pipeline import SuperResolver, tile_seed
 from DiffusionCore.tiling import (
     apply_tiled,
     choose_plan,
@@ -177,7 +177,7 @@ def test_thick_axis_other_than_z_and_target_spacing():
     assert out.shape == grid.shape == (24, 18, 40)
     np.testing.assert_allclose(out.origin, grid.origin, atol=1e-9)
     # data consistency also holds for a non-integer grid: thin centres averaged per thick slab
-    from DiffusionCore.sr.pipeline import slab_means
+    from DiffusionCore.degrade import slab_means
 
     means, rows = slab_means(out.array, vol.grid, out.grid, 1)
     np.testing.assert_allclose(means, np.moveaxis(vol.array, 1, 0)[rows], atol=0.05)

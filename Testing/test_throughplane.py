@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import ct_phantom_array
 
-from DiffusionCore.degrade import degrade, thin_grid
+from DiffusionCore.degrade import degrade, enforce_consistency, thin_grid
 from DiffusionCore.errors import Cancelled, ConfigError, WeightsError
 from DiffusionCore.evaluate import evaluate
 from DiffusionCore.interpolation import interpolate
 from DiffusionCore.sr.adapt import AdaptSettings, adapt_predictor
-from DiffusionCore.sr.pipeline import SuperResolver, enforce_consistency
+from DiffusionCore.sr.pipeline import SuperResolver
 from DiffusionCore.sr.planes import PairSettings, PlaneSource, box_resample, sample_pairs, slab_mean
 from DiffusionCore.sr.throughplane import (
     ThroughPlaneConfig,

@@ -123,6 +123,18 @@ def adapt_settings(adapt: dict | None):
     return None if adapt is None else AdaptSettings(**adapt)
 
 
+def run_settings(settings: dict):
+    """The engine's ``SRRunSettings`` for the recorded settings of :func:`settings_from_args`, checked.
+
+    Raises:
+        ConfigError: options out of range or contradicting each other (e.g. the mean estimate with several
+            samples), or a bad adaptation budget. GeometryError: both a factor and a target spacing.
+    """
+    from DiffusionCore.sr.settings import SRRunSettings
+
+    return SRRunSettings(**{**settings, "adapt": adapt_settings(settings["adapt"])})
+
+
 def run(args: argparse.Namespace) -> int:
     from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
     from DiffusionCore.errors import InputError
@@ -134,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if args.uncertaintyVolume and args.numSamples < 2:
         raise InputError("an uncertainty map needs at least 2 samples: set numSamples to 2 or more.")
     settings = settings_from_args(args)
-    adapt = adapt_settings(settings["adapt"])  # option errors before any volume is read
+    engine_settings = run_settings(settings)  # option errors before any volume is read
     from DiffusionCore.files import keep_freed_memory
 
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
@@ -153,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     model_name = str(resolver.weights_name or args.weights or "default")
     progress = Progress("slicer")
     print("<filter-comment>super-resolving</filter-comment>", flush=True)
-    result, report = resolver.run(volume, progress=progress, **{**settings, "adapt": adapt})
+    result, report = resolver.run(volume, engine_settings, progress=progress)
     check_result(result, f"the super-resolved volume of {args.inputVolume}")
     uncertainty = report.get("uncertainty")
     if args.uncertaintyVolume and uncertainty is not None:

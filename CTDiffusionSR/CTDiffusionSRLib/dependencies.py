@@ -1,6 +1,6 @@
 """Which Python packages DiffusionCore needs inside Slicer, what is missing, and how to install it safely.
 
-Qt-free: the module shell (``ensureDependencies`` in CTDiffusionSR.py) asks :func:`plan_dependencies` what is
+Qt-free: the Qt glue (``ensureDependencies`` in widgets.py) asks :func:`plan_dependencies` what is
 missing, shows ONE confirmation listing all of it (:meth:`DependencyPlan.confirmation_text`), then hands
 PyTorchUtils' ``installTorch`` and ``slicer.util.pip_install`` to :func:`run_install`, which runs them in
 order, captures their output and turns any failure into one message that says what happened and what to

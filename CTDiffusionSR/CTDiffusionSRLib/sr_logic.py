@@ -110,6 +110,42 @@ class SRSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def thin_grid_options(self) -> dict:
+        """``factor``, ``target_spacing`` and ``axis`` as the engine takes them (0 and "auto": None, its default)."""
+        return {
+            "factor": int(self.factor) or None,
+            "target_spacing": float(self.target_spacing) or None,
+            "axis": None if self.axis == "auto" else self.axis,
+        }
+
+    def run_settings(self):
+        """The engine's ``SRRunSettings`` (:mod:`DiffusionCore.sr.settings`) for these settings, checked: the
+        settings CTDiffusionSRBatch builds from :meth:`cli_arguments`. Imports torch (the engine).
+
+        Raises:
+            ConfigError: options out of range or contradicting each other. GeometryError: both a factor and a
+                target spacing.
+        """
+        from DiffusionCore.sr.adapt import AdaptSettings
+        from DiffusionCore.sr.settings import SRRunSettings
+
+        adapt = None
+        if self.adapt_seconds or self.adapt_steps:
+            adapt = AdaptSettings(seconds=float(self.adapt_seconds), steps=int(self.adapt_steps) or None)
+        return SRRunSettings(
+            **self.thin_grid_options(),
+            steps=int(self.steps) or None,
+            guidance=float(self.guidance) or None,
+            seed=int(self.seed),
+            device=self.device,
+            patch_size=tuple(int(v) for v in self.patch_size) if any(self.patch_size) else None,
+            overlap=tuple(int(v) for v in self.overlap) if any(self.overlap) else None,
+            num_samples=int(self.num_samples),
+            data_consistency=bool(self.data_consistency),
+            allow_non_ct=bool(self.allow_non_ct),
+            adapt=adapt,
+        )
+
 
 def check_sr_input(node, settings: SRSettings | None = None) -> str:
     """Why ``node`` cannot be super-resolved with ``settings``, or ``""`` when it can.
@@ -165,19 +201,20 @@ def intensity_problem(node, settings: SRSettings) -> str:
 
 
 def effective_factor(node, settings: SRSettings) -> int:
-    """The factor the run will use, as the pipeline decides it (``DiffusionCore.degrade.plan_thin_grid``:
-    suggested from the slice spacing and clamped to the supported maximum when settings say 0; for a target
-    spacing, the nearest integer factor, for the node's name)."""
+    """The factor the run will use, as the engine decides it (:func:`DiffusionCore.degrade.plan_thin_grid`, the
+    one decision of the thin grid: the factor asked for, else suggested from the slice spacing and clamped to
+    the supported maximum); for a target spacing, the nearest integer factor (for the node's name).
+
+    Raises:
+        GeometryError: what ``plan_thin_grid`` refuses (e.g. both a factor and a target spacing).
+    """
     from DiffusionCore.degrade import plan_thin_grid
 
-    if settings.factor > 0:
-        return int(settings.factor)
     grid = grid_from_node(node)
-    axis = None if settings.axis == "auto" else settings.axis
-    if settings.target_spacing > 0:
-        _, ax, _ = plan_thin_grid(grid, target_spacing=settings.target_spacing, axis=axis)
-        return max(1, int(round(grid.spacing_zyx[ax] / settings.target_spacing)))
-    return int(plan_thin_grid(grid, axis=axis)[2])
+    _, ax, k = plan_thin_grid(grid, **settings.thin_grid_options())
+    if k is None:  # a target spacing
+        k = max(1, int(round(grid.spacing_zyx[ax] / settings.target_spacing)))
+    return int(k)
 
 
 def check_weights(weights: str, family: str, allow_unregistered: bool) -> None:

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..devices import DistInfo, process_info, shard_list
 from ..dicom_out import check_dicom_geometry
@@ -55,6 +55,11 @@ from .common import (
     finite_float,
     sigterm_cancels,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..sr.settings import SRRunSettings
 
 logger = logging.getLogger(__name__)
 
@@ -183,9 +188,6 @@ def _check_uncertainty_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--num-samples must be 1 or more; got {args.num_samples}")
     if args.uncertainty and args.num_samples < 2:
         raise ConfigError("--uncertainty needs --num-samples 2 or more (the spread of several samples)")
-    from ..sr.model import requested_estimate
-
-    requested_estimate(args.estimate, args.num_steps, args.num_samples)  # conflicts, before any volume is read
     if (args.vae_checkpoint is None) != (args.diffusion_checkpoint is None):
         raise ConfigError("give both --vae-checkpoint and --diffusion-checkpoint, or neither")
     if args.tiny_test_model and (args.weights or args.vae_checkpoint):
@@ -293,6 +295,36 @@ def _report_path(args: argparse.Namespace, info: DistInfo) -> Path | None:
     return p
 
 
+def run_settings(args: argparse.Namespace, device: str | torch.device | None = None) -> SRRunSettings:
+    """The :class:`~DiffusionCore.sr.settings.SRRunSettings` of the command line, checked (before any volume is
+    read). ``device``: this process's device (its GPU under torchrun); default ``--device``.
+
+    Raises:
+        ConfigError: options that are out of range or contradict each other (a bad --memory-limit or --adapt too).
+        GeometryError: both --factor and --target-spacing.
+    """
+    from ..sr.settings import SRRunSettings
+
+    return SRRunSettings(
+        factor=args.factor,
+        target_spacing=args.target_spacing,
+        axis=args.axis,
+        steps=args.num_steps,
+        guidance=args.guidance_scale,
+        estimate=args.estimate,
+        seed=args.seed,
+        device=args.device if device is None else device,
+        patch_size=args.patch_size,
+        overlap=args.overlap,
+        num_samples=args.num_samples,
+        data_consistency=not args.no_data_consistency,
+        memory_limit=parse_memory_size(args.memory_limit) if args.memory_limit else None,
+        tile_batch=args.tile_batch,
+        allow_non_ct=args.allow_non_ct,
+        adapt=adapt_settings(args),
+    )
+
+
 def load_resolver(args: argparse.Namespace):
     """The SuperResolver chosen by --tiny-test-model, --vae/--diffusion-checkpoint, --weights or the default."""
     from ..sr.pipeline import SuperResolver, default_weights_name
@@ -348,19 +380,16 @@ def _tell_memory_limit(report: dict[str, Any], limit: int, rss_before: int | Non
 
 def run(args: argparse.Namespace) -> int:
     _check_uncertainty_args(args)
-    adapt = adapt_settings(args)  # option errors before any volume is read
-    keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     info = process_info(args.device)  # its place in a torchrun launch; no group is joined
-    device = info.device
+    settings = run_settings(args, info.device)  # option errors before any volume is read
+    keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     batch, jobs = plan_jobs(args, info)
     report_path = _report_path(args, info)
     if info.world_size > 1:
-        logger.info("process %d of %d: %d volume(s) on %s", info.rank, info.world_size, len(jobs), device)
+        logger.info("process %d of %d: %d volume(s) on %s", info.rank, info.world_size, len(jobs), info.device)
     resolver = None  # loaded after the first volume is read: input problems are reported first
-    patch = args.patch_size
-    overlap = args.overlap
-    memory_limit = parse_memory_size(args.memory_limit) if args.memory_limit else None
-    if (patch or overlap) and not args.use_patches:
+    memory_limit = settings.memory_limit
+    if (args.patch_size or args.overlap) and not args.use_patches:
         logger.info("--patch-size/--overlap given: using patches as requested")
 
     cancel = threading.Event()
@@ -394,27 +423,7 @@ def run(args: argparse.Namespace) -> int:
                     resolver = load_resolver(args)
                 rss_before = current_rss_bytes()
                 try:
-                    output, report = resolver.run(
-                        volume,
-                        factor=args.factor,
-                        target_spacing=args.target_spacing,
-                        axis=args.axis,
-                        steps=args.num_steps,
-                        estimate=args.estimate,
-                        guidance=args.guidance_scale,
-                        seed=args.seed,
-                        device=device,
-                        patch_size=patch,
-                        overlap=overlap,
-                        num_samples=args.num_samples,
-                        data_consistency=not args.no_data_consistency,
-                        progress=progress,
-                        cancel=cancel,
-                        tile_batch=args.tile_batch,
-                        memory_limit=memory_limit,
-                        allow_non_ct=args.allow_non_ct,
-                        adapt=adapt,
-                    )
+                    output, report = resolver.run(volume, settings, progress=progress, cancel=cancel)
                 except (GeometryError, InputError) as exc:
                     if not batch:
                         raise

@@ -12,10 +12,14 @@ The steps of :meth:`SuperResolver.run`:
    ``model.super_resolve_patch`` call per patch with its own seeded generator; smooth blending. The
    estimate is the posterior mean (one network evaluation per patch, deterministic) unless a sample is
    asked for (``estimate='sample'``, a step count, or ``num_samples`` > 1: the ResShift reverse chain);
-5. model units -> HU and, optionally, data consistency (:func:`enforce_consistency`): the result degraded
-   again (slab average along the axis) reproduces the input exactly;
+5. model units -> HU and, optionally, data consistency (:func:`DiffusionCore.degrade.enforce_consistency`):
+   the result degraded again (slab average along the axis) reproduces the input exactly;
 6. with ``num_samples`` N > 1 the output is the mean of N samples and the report carries the per-voxel
    standard deviation (HU) as a Volume on the same grid: where the model is unsure.
+
+The options of a run are one :class:`~DiffusionCore.sr.settings.SRRunSettings` (or the same names as keyword
+arguments); :meth:`SuperResolver.plan` makes the checks that depend on the weights and decides the tiling
+before any heavy work.
 
 Progress is reported over ``samples x tiles x steps`` (1 step for the mean) (known before the first step); the cancel event is
 checked between steps and tiles and raises :class:`~DiffusionCore.errors.Cancelled`. The input Volume is
@@ -32,24 +36,27 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..degrade import plan_thin_grid, thin_grid
+from ..degrade import enforce_consistency, plan_thin_grid, thin_grid
 from ..devices import resolve_device
 from ..errors import Cancelled, ConfigError, GeometryError, InputError, ResourceError, WeightsError
 from ..evaluate import register_method
 from ..intensity import HU_PER_UNIT, hu_to_unit, hu_to_unit_, unit_to_hu_
-from ..interpolation import cubic_matrix, interpolate
+from ..interpolation import interpolate
 from ..tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_PATCH_SIZE,
     MEMORY_SAFETY_FRACTION,
+    MemoryBudget,
     Tile,
+    TilePlan,
     choose_plan,
     device_available_memory,
     format_bytes,
@@ -57,10 +64,11 @@ from ..tiling import (
     memory_limit_from_env,
     separable_weight,
 )
-from ..volume import Grid, Volume, check_ct, require_ct
+from ..volume import Grid, Volume, axis_index, check_ct, require_ct
 from .adapt import AdaptSettings, adapt_predictor
 from .config import MEAN, SAMPLE
 from .model import requested_estimate
+from .settings import SRRunSettings
 from .throughplane import COMPONENT as THROUGHPLANE
 from .throughplane import ThroughPlaneNet, body_box, predict_residual
 
@@ -118,92 +126,6 @@ def _check_cancel(cancel: threading.Event | None) -> None:
         raise Cancelled("super-resolution cancelled; no output was written.")
 
 
-# -- data consistency -------------------------------------------------------------------------------
-def consistency_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The linear map that corrects a thin-grid volume so its slab averages equal the thick input.
-
-    Along ``axis`` let ``S`` (m x n) average the thin slices whose centres fall inside each thick slab
-    (for an integer factor k: exactly :func:`DiffusionCore.degrade.degrade` with ``method="slab"``) and
-    ``B`` (n x m) be cubic B-spline interpolation from thick slice centres to thin slice centres (the
-    same spline as the cubic baseline). The correction of a thin volume ``y`` is ``B a`` with ``a``
-    solving ``S B a = x - S y``: a smooth (C2) curve through each column whose slab averages make up the
-    per-slab mean difference. Then ``S (y + B a) = x`` exactly, and nothing changes where the slab means
-    already agree.
-
-    Args:
-        thick: the input's grid.
-        thin: the output grid (differs from ``thick`` only along ``axis``).
-        axis: array axis (0, 1, 2).
-
-    Returns:
-        ``(M, S, rows)``: ``M`` (n x r) float64 maps the slab differences of the ``r`` slabs listed in
-        ``rows`` (those holding at least one thin slice centre) to the thin-grid correction; ``S`` (r x n)
-        is the slab average (:func:`slab_operator`).
-    """
-    s_mat, rows, coords = slab_operator(thick, thin, axis)
-    b_mat = cubic_matrix(thick.shape[axis], coords)
-    system = s_mat @ b_mat  # (r x m): slab averages of each spline basis function
-    m_mat = b_mat @ np.linalg.pinv(system)
-    return m_mat, s_mat, rows
-
-
-def slab_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(S, rows, coords)``: ``S`` (r x n) averages the thin slices whose centres fall in each of the ``r``
-    thick slabs listed in ``rows`` (those holding at least one); ``coords`` are the thin slice centres in
-    thick index units."""
-    idx = 2 - axis
-    to_thick = np.linalg.inv(thick.index_to_physical()) @ thin.index_to_physical()
-    n, m = thin.shape[axis], thick.shape[axis]
-    coords = to_thick[idx, idx] * np.arange(n) + to_thick[idx, 3]
-    slab = np.floor(coords + 0.5).astype(int)
-    inside = (slab >= 0) & (slab < m)
-    counts = np.bincount(slab[inside], minlength=m)
-    rows = np.flatnonzero(counts > 0)
-    s_mat = np.zeros((m, n))
-    s_mat[slab[inside], np.flatnonzero(inside)] = 1.0
-    return s_mat[rows] / counts[rows, None], rows, coords
-
-
-def _along_axis(mat: np.ndarray, arr: np.ndarray, axis: int) -> np.ndarray:
-    """``mat`` (p x n) applied along ``axis`` of ``arr`` as one float32 matrix product; the axis comes first."""
-    moved = np.moveaxis(arr, axis, 0)
-    flat = np.ascontiguousarray(moved, dtype=np.float32).reshape(moved.shape[0], -1)
-    return (mat.astype(np.float32) @ flat).reshape((mat.shape[0],) + moved.shape[1:])
-
-
-def slab_means(arr: np.ndarray, thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Slab averages of a thin-grid array along ``axis`` (see :func:`slab_operator`; the axis first) and
-    their rows."""
-    s_mat, rows, _ = slab_operator(thick, thin, axis)
-    return _along_axis(s_mat, arr, axis), rows
-
-
-def enforce_consistency(output: Volume, thick: Volume, axis: int, *, in_place: bool = False) -> Volume:
-    """``output`` (thin grid) corrected so that its slab averages along ``axis`` equal ``thick``.
-
-    Adds back the per-slab mean difference, spread smoothly with a cubic B-spline (see
-    :func:`consistency_operator`). The result degraded again with ``degrade(..., method="slab")``
-    reproduces ``thick`` to float32 rounding. Values are not clipped.
-
-    Args:
-        output: the super-resolved volume (HU) on the thin grid of ``thick``.
-        thick: the thick input (HU).
-        axis: the super-resolved array axis.
-        in_place: add the correction into ``output.array`` (a float32 array the caller owns) instead of
-            a copy; saves a whole-volume allocation.
-    """
-    m_mat, s_mat, rows = consistency_operator(thick.grid, output.grid, axis)
-    means = _along_axis(s_mat, output.array, axis)  # (r, ...) HU, the axis first
-    diff = np.moveaxis(thick.array, axis, 0)[rows].astype(np.float32) - means
-    correction = _along_axis(m_mat, diff, 0)  # (n, ...)
-    if in_place and output.array.dtype == np.float32 and output.array.flags.writeable:
-        arr = output.array
-    else:
-        arr = output.array.astype(np.float32)  # a copy
-    torch.from_numpy(np.moveaxis(arr, axis, 0)).add_(torch.from_numpy(correction))  # all cores
-    return output if arr is output.array else output.with_array(arr)
-
-
 # -- reports ----------------------------------------------------------------------------------------
 def _geometry_settings(volume: Volume, grid: Grid, axis: int, factor: int | None) -> dict[str, Any]:
     """The report's description of the grids of a run."""
@@ -225,6 +147,47 @@ def _add_consistency_psnr(report: dict[str, Any], output: Volume, volume: Volume
 
 
 # -- the pipeline -----------------------------------------------------------------------------------
+@dataclass
+class SRPlan:
+    """What :meth:`SuperResolver.plan` decides for a run before any heavy work.
+
+    Attributes:
+        grid: the thin grid written. axis: its array axis. factor: the integer factor (None: not an integer
+            subdivision; it labels the report).
+        estimate: 'mean' or 'sample'. steps: network evaluations per patch (1 for the mean).
+        requested_steps: the step count asked for (or the weights' default; 1 for the mean). guidance: the
+            guidance scale.
+        patch_size, overlap: the patch and overlap asked for (the defaults filled in).
+        device: where the networks run.
+        predictor_factor: the factor the through-plane predictor runs at (None: cubic interpolation only).
+        box: the body box the predictor runs in (thick axis first), or None.
+        adapt_units, pre_units: progress units of the adaptation and of the predictor.
+        tiling: the patches (None for weights without a diffusion stage). budget: its memory estimate.
+        reduced_from: the patch sizes tried first that did not fit in memory. batch: patches per model call.
+        total: the progress total.
+    """
+
+    grid: Grid
+    axis: int
+    factor: int | None
+    estimate: str
+    steps: int
+    requested_steps: int
+    guidance: float
+    patch_size: tuple[int, ...]
+    overlap: tuple[int, ...]
+    device: torch.device
+    predictor_factor: int | None
+    box: tuple[int, int, int, int] | None
+    adapt_units: int
+    pre_units: int
+    tiling: TilePlan | None = None
+    budget: MemoryBudget | None = None
+    reduced_from: list[tuple[int, int, int]] = field(default_factory=list)
+    batch: int = 1
+    total: int = 0
+
+
 class SuperResolver:
     """Thick-slice CT -> thin-slice CT: a through-plane predictor and/or a latent diffusion model.
 
@@ -341,12 +304,13 @@ class SuperResolver:
         cfg = getattr(getattr(self.model, "config", None), "diffusion", None)
         return float(getattr(cfg, "guidance_scale", FALLBACK_GUIDANCE))
 
-    def _tile_batch(self, requested: int | None, plan, dev: torch.device, device_limit: int | None) -> int:
-        """Tiles per model call: as asked, else 1 on the CPU (no gain there) and on a GPU the most (up to
-        :data:`MAX_TILE_BATCH`) whose memory estimate fits."""
+    def _tile_batch(
+        self, requested: int | None, plan: TilePlan, dev: torch.device, device_limit: int | None
+    ) -> int:
+        """Tiles per model call: as asked (at least 1: :class:`~DiffusionCore.sr.settings.SRRunSettings` checks
+        it), else 1 on the CPU (no gain there) and on a GPU the most (up to :data:`MAX_TILE_BATCH`) whose memory
+        estimate fits."""
         if requested is not None:
-            if int(requested) < 1:
-                raise ConfigError(f"tile batch must be 1 or more; got {requested}")
             return min(int(requested), plan.n_tiles)
         if dev.type == "cpu" or device_limit is None:
             return 1
@@ -361,8 +325,8 @@ class SuperResolver:
         """Network evaluations per patch for a requested step count (a process with ``T`` steps runs at
         most ``T``); the progress total is counted in these."""
         process = getattr(self.model, "diffusion", None)
-        if process is not None and hasattr(process, "sampling_timesteps"):
-            return max(1, len(process.sampling_timesteps(int(steps))))
+        if process is not None and hasattr(process, "set_timesteps"):
+            return max(1, len(process.set_timesteps(int(steps))))
         return int(steps)
 
     # -- running -----------------------------------------------------------------------------------
@@ -385,59 +349,31 @@ class SuperResolver:
     def run(
         self,
         volume: Volume,
+        settings: SRRunSettings | None = None,
         *,
-        factor: int | None = None,
-        target_spacing: float | None = None,
-        axis: str | int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        estimate: str | None = None,
-        seed: int = 0,
-        device: str | torch.device = "auto",
-        patch_size: Sequence[int] | None = None,
-        overlap: Sequence[int] | None = None,
-        num_samples: int = 1,
-        data_consistency: bool = True,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
-        memory_limit: int | None = None,
-        tile_batch: int | None = None,
-        allow_non_ct: bool = False,
-        adapt: AdaptSettings | None = None,
+        **overrides: Any,
     ) -> tuple[Volume, dict[str, Any]]:
         """Super-resolve a thick-slice CT onto its thin grid.
 
         Args:
             volume: the thick-slice CT (HU); not modified.
-            factor: slices per thick slice (2..8); default from the spacing (thick / in-plane).
-            target_spacing: alternatively the output slice spacing in mm.
-            axis: the thick array axis ``z``/``y``/``x``; default: detected from the spacing.
-            steps: sampling steps of the 'sample' estimate (default: the weights' ``num_inference_steps``);
-                giving a count asks for a sample unless ``estimate`` says otherwise.
-            guidance: classifier-free guidance scale (1.0 = off; default: the weights' setting).
-            estimate: 'mean' (the posterior mean: one network evaluation per patch, deterministic, the
-                smallest squared error) or 'sample' (a draw from the posterior: the reverse chain, plausible
-                texture, more squared error: up to twice). Default: 'sample' when ``steps`` or
-                ``num_samples`` > 1 is given, else the weights' ``estimate`` (see :meth:`resolve_estimate`).
-            seed: random seed; the same seed gives the same output on the same device.
-            device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
-            patch_size: patch ``(D, H, W)`` on the thin grid, D along ``axis`` (default 32x256x256).
-            overlap: overlap between patches ``(D, H, W)`` (default 8x64x64).
-            num_samples: N > 1 averages N samples and reports their per-voxel standard deviation (needs
-                estimate 'sample'; the mean of N samples has (1 + 1/N) times the squared error of 'mean').
-            data_consistency: correct the output so that degrading it again reproduces the input.
+            settings: the run's options (:class:`~DiffusionCore.sr.settings.SRRunSettings`: factor or target
+                spacing, axis, estimate, steps, guidance, seed, device, patches, samples, data consistency,
+                memory limit, tile batch, non-CT input, adaptation); default: all defaults.
             progress: ``progress(done, total, message)``; ``total`` = samples x tiles x steps.
             cancel: set it to stop between steps and tiles (raises Cancelled).
-            memory_limit: usable bytes (host and GPU); default: ``$DIFFUSIONCORE_MEMORY_LIMIT`` when set
-                (e.g. ``4GiB``), else what the machine has free, times
-                :data:`~DiffusionCore.tiling.MEMORY_SAFETY_FRACTION`.
-            tile_batch: patches per model call (default: 1 on the CPU; on a GPU as many as fit, at most
-                :data:`MAX_TILE_BATCH`). The sampling noise of a call is drawn for its patches together,
-                so the output for a seed depends on this number (and on nothing else but the settings).
-            allow_non_ct: run on a volume whose intensities do not look like CT in HU (constant volumes
-                and NaN/Inf voxels are refused regardless).
-            adapt: fine-tune a copy of the through-plane predictor on the input scan first
-                (:class:`~DiffusionCore.sr.adapt.AdaptSettings`: a time or step budget); None: no adaptation.
+            **overrides: options by name (the fields of ``SRRunSettings``), applied over ``settings``:
+                ``run(vol, factor=4, seed=1)``.
+
+        The estimate is 'mean' (the posterior mean: one network evaluation per patch, deterministic, the
+        smallest squared error) or 'sample' (a draw from the posterior: the reverse chain, plausible texture,
+        more squared error: up to twice); by default 'sample' when ``steps`` or ``num_samples`` > 1 is given,
+        else the weights' ``estimate`` (see :meth:`resolve_estimate`). ``num_samples`` N > 1 needs 'sample';
+        the mean of N samples has (1 + 1/N) times the squared error of 'mean'. The sampling noise of a model
+        call is drawn for its patches together, so the output for a seed depends on ``tile_batch`` (and on
+        nothing else but the settings).
 
         Returns:
             ``(output, report)``: the thin-slice Volume (HU, exactly on the thin grid) and a dict with
@@ -447,36 +383,22 @@ class SuperResolver:
 
         Raises:
             InputError: NaN/Inf voxels, a constant volume, non-CT intensities (unless ``allow_non_ct``).
-            GeometryError: isotropic input, bad factor or spacing.
+            GeometryError: isotropic input, bad factor or spacing, both a factor and a spacing.
+            ConfigError: settings that contradict each other or the weights.
             ResourceError: not enough memory even for the smallest patch. Cancelled: cancel was set.
         """
-        if allow_non_ct:
+        settings = SRRunSettings.of(settings, overrides)
+        if settings.allow_non_ct:
             check_ct(volume, "input volume")
             if float(volume.array.min()) == float(volume.array.max()):
                 require_ct(volume, "input volume")  # constant: refused even when non-CT is allowed
         else:
             require_ct(volume, "input volume")
-        grid, ax, k = self.target_grid(volume, factor=factor, target_spacing=target_spacing, axis=axis)
-        return self.run_to_grid(
-            volume,
-            grid,
-            axis=ax,
-            factor=k,
-            steps=steps,
-            guidance=guidance,
-            estimate=estimate,
-            seed=seed,
-            device=device,
-            patch_size=patch_size,
-            overlap=overlap,
-            num_samples=num_samples,
-            data_consistency=data_consistency,
-            progress=progress,
-            cancel=cancel,
-            memory_limit=memory_limit,
-            tile_batch=tile_batch,
-            adapt=adapt,
+        grid, ax, k = self.target_grid(
+            volume, factor=settings.factor, target_spacing=settings.target_spacing, axis=settings.axis
         )
+        settings = settings.replace(factor=k, axis=ax)
+        return self.run_to_grid(volume, grid, settings, progress=progress, cancel=cancel)
 
     # -- the starting point: cubic interpolation plus the through-plane predictor --------------------
     def predictor_factor(self, volume: Volume | Grid, grid: Grid, axis: int) -> int | None:
@@ -575,24 +497,20 @@ class SuperResolver:
     def _run_predictor_only(
         self,
         volume: Volume,
-        grid: Grid,
+        plan: SRPlan,
+        settings: SRRunSettings,
         *,
-        axis: int,
-        factor: int | None,
-        predictor_factor: int | None,
-        seed: int,
-        dev: torch.device,
-        data_consistency: bool,
         progress: ProgressFn | None,
         cancel: threading.Event | None,
-        memory_limit: int | None,
-        adapt: AdaptSettings | None,
         t_start: float,
-        estimate: str,
     ) -> tuple[Volume, dict[str, Any]]:
         """:meth:`run_to_grid` for weights without a diffusion stage: the starting point, then consistency."""
         from ..files import check_memory_for
 
+        grid, axis, factor, dev = plan.grid, plan.axis, plan.factor, plan.device
+        predictor_factor, estimate = plan.predictor_factor, plan.estimate
+        seed, memory_limit, adapt = settings.seed, settings.memory_limit, settings.adapt
+        data_consistency = settings.data_consistency
         if predictor_factor is None:
             ratio = volume.spacing_zyx[axis] / grid.spacing_zyx[axis]
             raise GeometryError(
@@ -610,8 +528,7 @@ class SuperResolver:
                 f"{format_bytes(voxels * 16)}, above the limit of {format_bytes(memory_limit)}; raise the limit "
                 "or use a smaller volume"
             )
-        box = body_box(np.moveaxis(volume.array, axis, 0))
-        total = (ADAPT_PROGRESS_UNITS if adapt is not None else 0) + planes_in(box)
+        box, total = plan.box, plan.total  # the body box the plan found; adaptation and predicted planes
 
         def tell(d: int, message: str) -> None:
             if progress is not None:
@@ -679,50 +596,60 @@ class SuperResolver:
         self,
         volume: Volume,
         grid: Grid,
+        settings: SRRunSettings | None = None,
         *,
-        axis: int,
-        factor: int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        estimate: str | None = None,
-        seed: int = 0,
-        device: str | torch.device = "auto",
-        patch_size: Sequence[int] | None = None,
-        overlap: Sequence[int] | None = None,
-        num_samples: int = 1,
-        data_consistency: bool = True,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
-        memory_limit: int | None = None,
-        tile_batch: int | None = None,
-        adapt: AdaptSettings | None = None,
+        **overrides: Any,
     ) -> tuple[Volume, dict[str, Any]]:
-        """:meth:`run` onto a given thin ``grid`` (differing from the input's only along ``axis``).
+        """:meth:`run` onto a given thin ``grid`` (differing from the input's only along the settings' ``axis``,
+        which must be given).
 
         Arguments as for :meth:`run`; ``factor`` (when the grid is an integer subdivision) only labels the
-        report and enables its ``consistency_psnr``.
+        report and enables its ``consistency_psnr``; ``target_spacing`` and ``allow_non_ct`` are not used.
+        The run is :meth:`plan`, then the tile loop (:meth:`_refine`), then the report (:meth:`_tiled_report`).
         """
         t_start = time.perf_counter()
-        if steps is not None and int(steps) < 1:
-            raise ConfigError(f"the number of sampling steps must be at least 1; got {steps}")
-        if num_samples < 1:
-            raise ConfigError(f"num_samples must be at least 1; got {num_samples}")
-        estimate = self.resolve_estimate(estimate, steps, num_samples)
-        guidance = self.default_guidance if guidance is None else float(guidance)
+        settings = SRRunSettings.of(settings, overrides)
+        plan = self.plan(volume, grid, settings)
+        if self.model is None:
+            return self._run_predictor_only(
+                volume, plan, settings, progress=progress, cancel=cancel, t_start=t_start
+            )
+        mean, m2, timings, predictor_report = self._refine(
+            volume, plan, settings, progress=progress, cancel=cancel
+        )
+        return self._tiled_report(
+            volume, plan, settings, mean, m2, timings, predictor_report, progress=progress, t_start=t_start
+        )
+
+    def plan(self, volume: Volume, grid: Grid, settings: SRRunSettings) -> SRPlan:
+        """Everything a run onto ``grid`` decides before any heavy work: the checks that depend on the weights
+        (the estimate, a predictor to adapt), the step count and guidance, the device, the predictor's factor
+        and body box and, with a diffusion stage, the patches that fit in memory and the patches per call. The
+        diffusion model is moved to the device first (its memory estimates are for it there).
+
+        Raises:
+            ConfigError: an estimate the weights cannot give, adaptation without a predictor, no axis.
+            ResourceError: not enough memory even for the smallest patch.
+        """
+        if settings.axis is None:
+            raise ConfigError("run_to_grid needs the axis along which the grid is finer than the input")
+        axis = axis_index(settings.axis)
+        num_samples = settings.num_samples
+        estimate = self.resolve_estimate(settings.estimate, settings.steps, num_samples)
+        guidance = self.default_guidance if settings.guidance is None else float(settings.guidance)
         if estimate == MEAN:
             steps = requested_steps = 1
         else:
-            steps = self.default_steps if steps is None else int(steps)
+            steps = self.default_steps if settings.steps is None else int(settings.steps)
             requested_steps = steps
             steps = self.effective_steps(steps)
-        patch_req = tuple(DEFAULT_PATCH_SIZE if patch_size is None else patch_size)
-        overlap_req = tuple(DEFAULT_OVERLAP if overlap is None else overlap)
-        if len(patch_req) != 3 or min(patch_req) < 1:
-            raise ConfigError(f"patch size needs three positive values (D H W); got {patch_req}")
-        if len(overlap_req) != 3 or min(overlap_req) < 0:
-            raise ConfigError(f"overlap needs three values of 0 or more (D H W); got {overlap_req}")
-        dev = resolve_device(device)
+        patch_req = tuple(DEFAULT_PATCH_SIZE if settings.patch_size is None else settings.patch_size)
+        overlap_req = tuple(DEFAULT_OVERLAP if settings.overlap is None else settings.overlap)
+        dev = resolve_device(settings.device)
         model = self.model
+        adapt = settings.adapt
         if adapt is not None and self.predictor is None:
             raise ConfigError(
                 f"adaptation fine-tunes the through-plane predictor, and the weights {self.weights_name} have none: "
@@ -732,12 +659,14 @@ class SuperResolver:
         box = body_box(np.moveaxis(volume.array, axis, 0)) if predictor_factor is not None else None
         pre_units = planes_in(box) if box is not None else 0
         adapt_units = ADAPT_PROGRESS_UNITS if (adapt is not None and predictor_factor is not None) else 0
+        plan = SRPlan(
+            grid=grid, axis=axis, factor=settings.factor, estimate=estimate, steps=steps,
+            requested_steps=requested_steps, guidance=guidance, patch_size=patch_req, overlap=overlap_req,
+            device=dev, predictor_factor=predictor_factor, box=box, adapt_units=adapt_units, pre_units=pre_units,
+            total=adapt_units + pre_units,
+        )  # fmt: skip
         if model is None:
-            return self._run_predictor_only(
-                volume, grid, axis=axis, factor=factor, predictor_factor=predictor_factor, seed=seed, dev=dev,
-                data_consistency=data_consistency, progress=progress, cancel=cancel, memory_limit=memory_limit,
-                adapt=adapt, t_start=t_start, estimate=estimate,
-            )
+            return plan
         model.to(dev)
         model.eval()
         decoder = getattr(getattr(model, "vae", None), "decoder", None)
@@ -755,9 +684,8 @@ class SuperResolver:
             est = int(model.estimate_patch_memory(shape, batch=1, device=dev))
             return est + (0 if on_device else int(np.prod(shape)) * 4 * 3)  # weight, prediction, condition
 
-
-        host_limit, device_limit = self._memory_limits(dev, memory_limit)
-        plan, budget, tried = choose_plan(
+        host_limit, device_limit = self._memory_limits(dev, settings.memory_limit)
+        tiling, budget, tried = choose_plan(
             thin_dhw,
             patch_req,
             overlap_req,
@@ -772,17 +700,39 @@ class SuperResolver:
         if tried:
             logger.warning(
                 "the patch %s does not fit in memory; using %s (%d tiles)",
-                "x".join(map(str, tried[0])), "x".join(map(str, plan.patch_size)), plan.n_tiles,
-            )
-        batch = self._tile_batch(tile_batch, plan, dev, device_limit)
-        total = adapt_units + pre_units + num_samples * plan.n_tiles * steps
+                "x".join(map(str, tried[0])), "x".join(map(str, tiling.patch_size)), tiling.n_tiles,
+            )  # fmt: skip
+        plan.tiling, plan.budget, plan.reduced_from = tiling, budget, tried
+        plan.batch = self._tile_batch(settings.tile_batch, tiling, dev, device_limit)
+        plan.total = adapt_units + pre_units + num_samples * tiling.n_tiles * steps
+        return plan
+
+    def _refine(
+        self,
+        volume: Volume,
+        plan: SRPlan,
+        settings: SRRunSettings,
+        *,
+        progress: ProgressFn | None,
+        cancel: threading.Event | None,
+    ) -> tuple[np.ndarray, np.ndarray | None, dict[str, float], dict[str, Any]]:
+        """The tiled stage of :meth:`run_to_grid`: the starting point as the model's condition, then every sample
+        over every tile (:meth:`_sample_tiles`).
+
+        Returns:
+            The mean (HU) on the plan's grid, the sum of squared deviations of the samples (None for one),
+            the timings so far and the predictor's report.
+        """
+        model, tiling, grid, axis, dev = self.model, plan.tiling, plan.grid, plan.axis, plan.device
+        assert tiling is not None and plan.budget is not None
+        total = plan.total
         done = 0
 
         def report_progress(message: str) -> None:
             if progress is not None:
                 progress(done, total, message)
 
-        report_progress(f"{plan.n_tiles} tiles x {steps} steps")
+        report_progress(f"{tiling.n_tiles} tiles x {plan.steps} steps")
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
 
@@ -795,29 +745,44 @@ class SuperResolver:
 
         timings = {"model": 0.0, "blend": 0.0, "consistency": 0.0}
         units, predictor_report = self.starting_point(
-            volume, grid, axis, predictor_factor, adapt=adapt, seed=seed, device=dev, progress=pre_progress,
-            cancel=cancel, timings=timings, box=box,
-        )
+            volume, grid, axis, plan.predictor_factor, adapt=settings.adapt, seed=settings.seed, device=dev,
+            progress=pre_progress, cancel=cancel, timings=timings, box=plan.box,
+        )  # fmt: skip
         t0 = time.perf_counter()
         hu_to_unit_(torch.from_numpy(units))
-        cond = torch.from_numpy(plan.pad(np.moveaxis(units, axis, 0)))
+        cond = torch.from_numpy(tiling.pad(np.moveaxis(units, axis, 0)))
         del units
         timings["interpolate"] += time.perf_counter() - t0
-        done = adapt_units + pre_units
+        done = plan.adapt_units + plan.pre_units
 
-        tiles_info = {
-            "count": plan.n_tiles,
-            "grid": list(plan.grid_counts),
-            # voxels the model processes per output voxel (overlap and padding make it > 1)
-            "overhead": plan.n_tiles * float(np.prod(plan.patch_size)) / float(np.prod(plan.volume_shape)),
-        }
         mean, m2, done = self._sample_tiles(
-            model, cond, plan, volume, grid, axis, num_samples=num_samples, batch=batch, steps=steps,
-            guidance=guidance, estimate=estimate, seed=seed, dev=dev, budget=budget, cancel=cancel,
-            data_consistency=data_consistency, timings=timings, done=done,
-            tell=lambda at, message: progress(at, total, message) if progress is not None else None,
-        )
-        assert mean is not None
+            model, cond, tiling, volume, grid, axis, num_samples=settings.num_samples, batch=plan.batch,
+            steps=plan.steps, guidance=plan.guidance, estimate=plan.estimate, seed=settings.seed, dev=dev,
+            budget=plan.budget, cancel=cancel, data_consistency=settings.data_consistency, timings=timings,
+            done=done, tell=lambda at, message: progress(at, total, message) if progress is not None else None,
+        )  # fmt: skip
+        return mean, m2, timings, predictor_report
+
+    def _tiled_report(
+        self,
+        volume: Volume,
+        plan: SRPlan,
+        settings: SRRunSettings,
+        mean: np.ndarray,
+        m2: np.ndarray | None,
+        timings: dict[str, float],
+        predictor_report: dict[str, Any],
+        *,
+        progress: ProgressFn | None,
+        t_start: float,
+    ) -> tuple[Volume, dict[str, Any]]:
+        """The output Volume, the uncertainty map of several samples and the report of a tiled run."""
+        tiling, grid, axis, dev = plan.tiling, plan.grid, plan.axis, plan.device
+        assert tiling is not None and plan.budget is not None
+        num_samples, factor = settings.num_samples, plan.factor
+        # voxels the model processes per output voxel (overlap and padding make it > 1)
+        overhead = tiling.n_tiles * float(np.prod(tiling.patch_size)) / float(np.prod(tiling.volume_shape))
+        tiles_info = {"count": tiling.n_tiles, "grid": list(tiling.grid_counts), "overhead": overhead}
         output = Volume.from_grid(
             grid,
             mean,
@@ -836,27 +801,27 @@ class SuperResolver:
         report: dict[str, Any] = {
             "settings": {
                 **_geometry_settings(volume, grid, axis, factor),
-                "estimate": estimate,
-                "steps": steps,
-                "requested_steps": requested_steps,
-                "guidance": guidance,
-                "seed": int(seed),
+                "estimate": plan.estimate,
+                "steps": plan.steps,
+                "requested_steps": plan.requested_steps,
+                "guidance": plan.guidance,
+                "seed": int(settings.seed),
                 "device": str(dev),
-                "patch_size": list(plan.patch_size),
-                "overlap": list(plan.overlap),
-                "requested_patch_size": list(patch_req),
-                "requested_overlap": list(overlap_req),
+                "patch_size": list(tiling.patch_size),
+                "overlap": list(tiling.overlap),
+                "requested_patch_size": list(plan.patch_size),
+                "requested_overlap": list(plan.overlap),
                 "num_samples": int(num_samples),
-                "tile_batch": batch,
-                "data_consistency": bool(data_consistency),
+                "tile_batch": plan.batch,
+                "data_consistency": bool(settings.data_consistency),
                 "weights": self.weights_name,
                 "torch_threads": torch.get_num_threads(),
             },
             "predictor": predictor_report,
             "timings": timings,
-            "tiles": {**tiles_info, "reduced_from": [list(t) for t in tried]},
+            "tiles": {**tiles_info, "reduced_from": [list(t) for t in plan.reduced_from]},
             "memory": {
-                **budget.as_dict(),
+                **plan.budget.as_dict(),
                 "peak_rss_bytes": peak_rss_bytes(),
                 "cuda_max_allocated_bytes": (
                     int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
@@ -866,12 +831,12 @@ class SuperResolver:
             "uncertainty": uncertainty,
         }
         _add_consistency_psnr(report, output, volume, axis, factor)
-        done = total
-        report_progress("done")
+        if progress is not None:
+            progress(plan.total, plan.total, "done")
         logger.info(
             "super-resolution done in %.1f s (%d tiles, %d steps, peak RSS %s)",
-            timings["total"], plan.n_tiles, steps, format_bytes(report["memory"]["peak_rss_bytes"]),
-        )
+            timings["total"], tiling.n_tiles, plan.steps, format_bytes(report["memory"]["peak_rss_bytes"]),
+        )  # fmt: skip
         return output, report
 
     def _sample_tiles(
@@ -1050,17 +1015,16 @@ def _evaluate_sr(thick: Volume, grid: Grid, options: dict) -> Volume:
         raise InputError("the target grid equals the input grid: nothing to super-resolve")
     ratio = thick.spacing_zyx[ax] / grid.spacing_zyx[ax]
     k = int(round(ratio)) if abs(ratio - round(ratio)) < 1e-6 else None
-    out, _ = resolver.run_to_grid(
-        thick,
-        grid,
-        axis=ax,
+    settings = SRRunSettings(
         factor=k,
+        axis=ax,
         steps=options.get("num_steps"),
         estimate=options.get("estimate"),
         device=options.get("device") or "auto",
         seed=int(options.get("seed") or 0),
         adapt=options.get("adapt") if options.get("adapting") else None,
     )
+    out, _ = resolver.run_to_grid(thick, grid, settings)
     return out
 
 

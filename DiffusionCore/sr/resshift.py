@@ -187,9 +187,6 @@ class ResShiftProcess:
         idx = np.unique(np.round(np.linspace(T - 1, 0, steps)).astype(int))[::-1]
         return [int(i) for i in idx]
 
-    #: the name ``sr.pipeline`` asks for (the same method)
-    sampling_timesteps = set_timesteps
-
     def step(
         self,
         output: torch.Tensor,
@@ -319,9 +316,6 @@ class DDIMProcess:
         steps = max(1, min(steps, self.num_steps))
         idx = np.unique(np.round(np.linspace(self.num_steps - 1, 0, steps)).astype(int))[::-1]
         return [int(i) for i in idx]
-
-    #: the name ``sr.pipeline`` asks for (the same method)
-    sampling_timesteps = set_timesteps
 
     def step(
         self,
