@@ -134,8 +134,8 @@ def _stamped_nrrd(data: bytes, fields: dict[str, str]) -> bytes:
 
 
 def _stamped_metaimage(data: bytes, fields: dict[str, str]) -> bytes:
-    marker = data.find(b"ElementDataFile")  # the last header line; the voxels of a .mha follow it
-    if marker < 0 or (marker > 0 and data[marker - 1 : marker] != b"\n"):
+    marker = data.find(b"\nElementDataFile") + 1  # the last header line; the voxels of a .mha follow it
+    if marker <= 0:
         raise OutputError("not a MetaImage header (no ElementDataFile line)")
     kept = [
         ln for ln in data[:marker].decode("latin-1").splitlines() if ln and not ln.startswith(HEADER_PREFIX)

@@ -302,3 +302,29 @@ def test_xray2ct_writes_a_synthetic_ct_series_in_the_radiographs_study(tmp_path)
     assert json.loads((tmp_path / "ct.json").read_text())["provenance"]["title"] == "CT from radiograph (synthetic)"
     png_like = _xray2ct(radiograph, tmp_path / "again", "--output-format", "file")
     assert png_like.returncode == 4 and "again" in png_like.stderr  # a file output needs a volume suffix
+
+
+def test_stamping_a_file_written_elsewhere(tmp_path, make_phantom):
+    """What Slicer's Save hands over: the provenance is added in place, voxels untouched; files that are not
+    what their suffix says are refused with the file's name, and formats without header fields are left as
+    they are."""
+    from DiffusionCore.results import stamp_provenance
+
+    prov = Provenance("sr", "SR x2 (synthetic)", "sr-default", "cd" * 32, {"factor": 2})
+    vol = make_phantom(shape=(4, 16, 16), spacing=(1.0, 1.0, 2.0))
+    mha = tmp_path / "saved.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(vol.array.astype(np.int16)), str(mha))
+    assert stamp_provenance(mha, prov) and stamp_provenance(mha, prov)
+    header = mha.read_bytes()[:3000].decode("latin-1")
+    assert header.count("ctdiffusion_synthetic = true") == 1 and header.index("ctdiffusion") < header.index("ElementDataFile")
+    assert np.array_equal(read_volume(mha).array, vol.array.astype(np.int16))
+
+    fake = tmp_path / "broken.nii"
+    fake.write_bytes(b"not a nifti file at all" * 20)
+    with pytest.raises(OutputError, match="broken.nii"):
+        stamp_provenance(fake, prov)
+    with pytest.raises(OutputError, match="no such file"):
+        stamp_provenance(tmp_path / "missing.nrrd", prov)
+    other = tmp_path / "saved.vtk"
+    other.write_bytes(b"# vtk DataFile")
+    assert stamp_provenance(other, prov) is False and other.read_bytes() == b"# vtk DataFile"
