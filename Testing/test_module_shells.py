@@ -146,8 +146,7 @@ report["heavy_imports"] = sorted(m for m in ("torch", "DiffusionCore") if m in s
 
 from CTDiffusionSRLib.module_widget import ModuleWidget
 
-import inspect
-hooks = {{n for n, f in vars(ModuleWidget).items() if inspect.isfunction(f) and "raise NotImplementedError" in inspect.getsource(f)}}
+hooks = set(ModuleWidget.__abstractmethods__)
 report["hooks"] = sorted(hooks)
 
 class Layout:
@@ -165,7 +164,7 @@ for shell, panelModule, panelName in [(CTDiffusionSR, {sr_panel!r}, {sr_name!r})
     entry = report[shell.__name__] = {{}}
     entry["panel_is_module_widget"] = issubclass(panelClass, ModuleWidget)
     entry["panel_redefines"] = sorted(set(vars(panelClass)) & {shared!r})
-    entry["panel_misses_hooks"] = sorted(h for h in hooks if getattr(panelClass, h) is getattr(ModuleWidget, h))
+    entry["panel_misses_hooks"] = sorted(panelClass.__abstractmethods__)
     entry["logic_is_panels"] = getattr(shell, shell.__name__ + "Logic") is panelClass.logicClass
     entry["logic_module"] = panelClass.logicClass.__module__
 

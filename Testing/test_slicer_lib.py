@@ -336,6 +336,10 @@ def test_sr_job_surfaces_the_cli_error_line(scene):
     assert job.run(timeout=120) == JobState.FAILED
     assert "weights" in job.error.lower() and not job.error.startswith("error:")
     assert len(_volume_nodes(scene)) == 1
+    # the logics' blocking form (scripts, self-tests) raises that line
+    again = SRJob(scene, node, SRSettings(factor=4, weights="/nonexistent/weights.safetensors", device="cpu"))
+    with pytest.raises(RuntimeError, match="weights"):
+        again.run_for_result(timeout=120, what="super-resolution")
 
 
 # -- evaluation table -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ of) runs only inside Slicer and is imported by its module path, never through th
 from __future__ import annotations
 
 import importlib
+import sys
 
 #: public name -> submodule that defines it
 _EXPORTS = {
@@ -45,13 +46,22 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def lazy_exports(package: str, exports: dict[str, str]):
+    """``(__getattr__, __dir__)`` for a package whose names ``exports`` (name -> submodule) load on first
+    use (PEP 562); XrayToCTLib uses it too."""
+    namespace = sys.modules[package].__dict__
+
+    def getattr_(name: str):
+        if name in exports:
+            value = getattr(importlib.import_module(f".{exports[name]}", package), name)
+            namespace[name] = value
+            return value
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def dir_() -> list[str]:
+        return sorted({*namespace, *exports})
+
+    return getattr_, dir_
 
 
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

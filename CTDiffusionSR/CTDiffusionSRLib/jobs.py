@@ -180,6 +180,21 @@ class CLIJob:
         """Start and wait (scripting and tests)."""
         return self.start().wait(timeout)
 
+    def run_for_result(self, timeout: float | None = None, what: str = "job"):
+        """Start, wait and return the first result node (the logics' ``process``: scripts, self-tests).
+
+        Raises:
+            RuntimeError: the job did not complete (its error line is the message).
+        """
+        import time
+
+        start = time.time()
+        state = self.run(timeout)
+        logger.info("%s %s in %.1f s", what, state.value, time.time() - start)
+        if state != JobState.COMPLETED:
+            raise RuntimeError(self.error)
+        return self.result_nodes[0]
+
     def cancel(self) -> None:
         """Kill the CLI's process tree and drop anything this job created."""
         if self.runner is not None and self.state == JobState.RUNNING:

@@ -6,11 +6,12 @@ module's layout and forwards enter, exit, cleanup and reload. What both panels d
 the .ui and the logic, the parameter node bound to the .ui and followed, the scene-close observers, the
 weights selector with "Import weights...", Apply and its job monitor (dependencies installed first, a second
 press cancels), the training panel, the result export, and the cleanup of observers and running jobs. A
-panel names its family, .ui and logic and fills in the hooks (the ``NotImplementedError`` methods).
+panel names its family, .ui and logic and fills in the hooks (the abstract methods).
 """
 
 from __future__ import annotations
 
+import abc
 import importlib
 import pathlib
 import sys
@@ -39,7 +40,7 @@ def reloadModules(*names: str) -> None:
             importlib.reload(sys.modules[name])
 
 
-class ModuleWidget(VTKObservationMixin):
+class ModuleWidget(VTKObservationMixin, abc.ABC):
     """One module's panel, built from its .ui; ``uiWidget`` is what the module shell adds to its layout.
 
     Subclasses set ``family``, ``uiPath`` and ``logicClass`` and implement the hooks: ``inputProblem``,
@@ -142,17 +143,17 @@ class ModuleWidget(VTKObservationMixin):
         self.ui.applyButton.toolTip = state.tooltip
         self.updateResultButtons(p)
 
+    @abc.abstractmethod
     def inputProblem(self, p) -> str:
         """Why Apply is disabled for the parameter node ``p``'s input ("" when it is not)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def applyTexts(self) -> tuple[str, str]:
         """Apply's tooltips: what it does, and what pressing it during the job does."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def updateResultButtons(self, p) -> None:
         """Enable the buttons that act on the result (``p`` may be None)."""
-        raise NotImplementedError
 
     # -- weights --------------------------------------------------------------------------------------
     def fillWeights(self) -> None:
@@ -180,9 +181,9 @@ class ModuleWidget(VTKObservationMixin):
         self.startJob(self._parameterNode)
         self._checkCanApply()
 
+    @abc.abstractmethod
     def startJob(self, p) -> None:
         """Create the job for the parameter node ``p`` and hand it to ``self.monitor``."""
-        raise NotImplementedError
 
     def onJobFinished(self, job, state) -> None:
         from CTDiffusionSRLib.process import JobState
@@ -194,13 +195,13 @@ class ModuleWidget(VTKObservationMixin):
         if state == JobState.COMPLETED:
             self.showResult(job)
 
+    @abc.abstractmethod
     def failureText(self, error: str) -> str:
         """The dialog text for a failed job."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def showResult(self, job) -> None:
         """Record and show the result of a completed job."""
-        raise NotImplementedError
 
     def onExportResult(self) -> None:
         exportResultWithDialog(self._parameterNode.resultVolume)

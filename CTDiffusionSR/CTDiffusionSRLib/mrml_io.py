@@ -13,13 +13,14 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 from typing import Any
 
 import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-from DiffusionCore.errors import InputError
+from DiffusionCore.errors import InputError, OutputError
 from DiffusionCore.volume import Grid, Volume
 
 logger = logging.getLogger(__name__)
@@ -251,8 +252,6 @@ def watch_saves(node) -> bool:
 
 def _stamp_after_write(storage, node_id: str) -> None:
     """Observer of a result's storage node: stamp the file it has just written (once per write)."""
-    import os
-
     if storage.GetWriteState() != storage.TransferDone or not storage.GetFileName():
         return
     scene = storage.GetScene()
@@ -263,8 +262,7 @@ def _stamp_after_write(storage, node_id: str) -> None:
     stat = os.stat(path)
     if getattr(storage, _STAMPED, None) == (path, stat.st_mtime_ns, stat.st_size):
         return  # already stamped: a later ModifiedEvent of the same write
-    from DiffusionCore.errors import OutputError
-    from DiffusionCore.results import stamp_provenance
+    from DiffusionCore.results import stamp_provenance  # pydicom and the writers: loaded only when saving
 
     try:
         stamp_provenance(path, provenance_record(node))

@@ -8,9 +8,7 @@ module in a background process; this file binds widgets to the parameter node, s
 
 from __future__ import annotations
 
-import logging
 import pathlib
-import time
 from typing import Annotated
 
 import qt
@@ -147,16 +145,10 @@ class CTDiffusionSRLogic(ScriptedLoadableModuleLogic):
         Raises:
             RuntimeError: the job failed (its error line is the message).
         """
-        from CTDiffusionSRLib.process import JobState
         from CTDiffusionSRLib.sr_logic import SRSettings
 
         job = self.createJob(inputNode, SRSettings(**settings), outputNode)
-        start = time.time()
-        state = job.run(timeout)
-        logging.info("super-resolution %s in %.1f s", state.value, time.time() - start)
-        if state != JobState.COMPLETED:
-            raise RuntimeError(job.error)
-        return job.result_nodes[0]
+        return job.run_for_result(timeout, "super-resolution")
 
     def processWithCLIModule(self, inputNode, outputNode, wait: bool = True, **parameters):
         """Run the CTDiffusionSRBatch CLI module through Slicer's CLI machinery (``slicer.cli.run``).

@@ -7,7 +7,7 @@ nor the packages that are installed only when Apply is first pressed.
 
 from __future__ import annotations
 
-import importlib
+from CTDiffusionSRLib import lazy_exports
 
 #: public name -> submodule that defines it
 _EXPORTS = {
@@ -20,15 +20,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -9,9 +9,7 @@ finished stage updates the result node, so the 64^3 stage-1 preview appears firs
 
 from __future__ import annotations
 
-import logging
 import pathlib
-import time
 from typing import Annotated
 
 import slicer
@@ -129,17 +127,10 @@ class XrayToCTLogic(ScriptedLoadableModuleLogic):
         Raises:
             RuntimeError: the job failed (its error line is the message).
         """
-        from CTDiffusionSRLib.process import JobState
-
         from .xray_logic import XraySettings
 
         job = self.createJob(inputNode, XraySettings(**settings), referenceNode)
-        start = time.time()
-        state = job.run(timeout)
-        logging.info("x-ray to CT %s in %.1f s", state.value, time.time() - start)
-        if state != JobState.COMPLETED:
-            raise RuntimeError(job.error)
-        return job.result_nodes[0]
+        return job.run_for_result(timeout, "x-ray to CT")
 
 
 #
