@@ -44,7 +44,7 @@ def test_xray_stage_loss_matches_cascade_objective(bench, patch, one_torch_threa
         laps: list[str] = []
         torch.manual_seed(1)
         loss, parts = bench.xray_stage_loss(cascade, s, vols, xray, 0.1, laps.append)
-        assert laps == ["conditioning", "denoiser fwd", "drr loss"]
+        assert laps == ["previous stage"] * (s > 1) + ["conditioning", "denoiser fwd", "drr loss"]
         torch.testing.assert_close(loss, ref)
         expected = {k.split("/", 1)[1]: v for k, v in ref_parts.items() if not k.endswith("/total")}
         assert parts == pytest.approx(expected)

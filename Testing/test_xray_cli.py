@@ -172,7 +172,8 @@ def test_prepare_train_resume_next_stage_and_evaluate(files, tmp_path):
     report = json.loads(out.read_text())
     assert report["reference"] == str(files["ct"]) and isinstance(report["results"], list)
     got = {(r["method"], r["stage"]) for r in report["results"]}
-    assert got == {(m, s) for m in ("model", "model-raw", "mean-ct", "lifting-only") for s in (1, 2)}
+    assert got == {(m, s) for m in ("model", "model-raw", "mean-ct", "lifting-only") for s in (1, 2)} | {
+        ("previous-stage", 2)}  # stage 1's model volume upsampled: the row stage 2 must beat
     by = {(r["method"], r["stage"]): r for r in report["results"]}
     for s in (1, 2):  # the consistency step makes each stage re-project onto the input
         assert by[("model", s)]["reprojection_psnr"] > by[("model-raw", s)]["reprojection_psnr"]

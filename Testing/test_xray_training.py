@@ -224,3 +224,73 @@ def test_a_training_step_runs_under_cpu_bfloat16_autocast():
         p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params if p.grad is not None
     )
     assert any(not torch.equal(a, p) for a, p in zip(before, params))
+
+
+def _two_stage_cascade(prev_from_model: float) -> UnifiedHybridViTCascade:
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    s1 = tiny_stage_config(1, 16)
+    s2 = tiny_stage_config(2, 32)
+    s2 = replace(s2, data=replace(s2.data, prev_from_model=prev_from_model, prev_noise=0.0))
+    return UnifiedHybridViTCascade([s1, s2])
+
+
+def test_stage_two_is_conditioned_on_stage_ones_own_estimate_for_its_share_of_samples():
+    """Generation hands stage 2 stage 1's output, not the truth: training does the same for a share of samples."""
+    from DiffusionCore.xray.consistency import drr_consistency
+
+    xray = torch.rand(3, 1, 32, 32)
+    vols = {16: torch.rand(3, 1, 16, 16, 16) * 2 - 1, 32: torch.rand(3, 1, 32, 32, 32) * 2 - 1}
+    truth_only = CascadeObjective(_two_stage_cascade(0.0), [2])
+    assert torch.equal(truth_only.previous_volume(2, vols, xray, 0.0), vols[16])
+
+    cascade = _two_stage_cascade(1.0)
+    objective = CascadeObjective(cascade, [2])
+    prev = objective.previous_volume(2, vols, xray, 0.0)
+    assert prev.shape == vols[16].shape and not torch.allclose(prev, vols[16])
+    # it is stage 1's one-pass estimate after the consistency step: it re-projects onto the input
+    torch.manual_seed(1)
+    est = cascade.stages[0].quick_estimate(xray)
+    again, _ = drr_consistency(est, xray, cascade.configs[0].data.fov_mm)
+    torch.manual_seed(1)
+    torch.testing.assert_close(objective.model_estimate(1, xray), again)
+    assert cascade.stages[0].training  # left as it was
+
+    half = CascadeObjective(_two_stage_cascade(0.5), [2])
+    torch.manual_seed(3)
+    mixed = half.previous_volume(2, {16: vols[16].repeat(4, 1, 1, 1, 1), 32: vols[32].repeat(4, 1, 1, 1, 1)},
+                                 xray.repeat(4, 1, 1, 1), 0.0)  # fmt: skip
+    from_truth = [torch.equal(m, v) for m, v in zip(mixed, vols[16].repeat(4, 1, 1, 1, 1))]
+    assert 0 < sum(from_truth) < 12  # some samples from the truth, some from the model
+
+
+def test_stages_after_the_first_train_only_at_the_times_they_are_sampled_at():
+    from DiffusionCore.xray.losses import stage_loss
+
+    cascade = _two_stage_cascade(0.0)
+    seen: list[torch.Tensor] = []
+    stage2 = cascade.stages[1]
+    real = stage2.forward
+
+    def spy(x_t, t, *a, **k):
+        seen.append(t.detach().clone())
+        return real(x_t, t, *a, **k)
+
+    stage2.forward = spy  # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(0)
+    vols = torch.rand(8, 1, 32, 32, 32) * 2 - 1
+    for _ in range(4):
+        stage_loss(stage2, vols, torch.rand(8, 1, 32, 32), torch.rand(8, 1, 16, 16, 16) * 2 - 1,
+                   cascade.configs[1].loss_weights, generator=g)  # fmt: skip
+    t = torch.cat(seen)
+    assert t.max() <= cascade.configs[1].diffusion.prev_stage_t and t.min() >= cascade.configs[1].diffusion.min_t
+    assert t.max() > 0.5 * cascade.configs[1].diffusion.prev_stage_t  # the whole range, not a corner of it
+
+
+def test_prev_from_model_outside_zero_one_is_refused():
+    from dataclasses import replace
+
+    cfg = tiny_stage_config(2, 32)
+    with pytest.raises(ConfigError, match="prev_from_model"):
+        replace(cfg, data=replace(cfg.data, prev_from_model=1.5))

@@ -345,11 +345,19 @@ def xray_stage_loss(
     The same random draws in the same order (previous-stage noise, patch corner, t, noise) and the same terms
     as ``losses.stage_loss``, or ``train.patch_stage_loss`` for a patch-trained stage; ``stage(...)`` is
     called as ``stage.condition`` then ``stage.predict``, which is what its forward does. ``lap(part)`` is
-    called after ``conditioning``, ``denoiser fwd`` and ``drr loss``.
+    called after ``previous stage`` (stages 2-3: the volume they are conditioned on), ``conditioning``,
+    ``denoiser fwd`` and ``drr loss``.
     """
     from DiffusionCore.xray.cascade import _crop
-    from DiffusionCore.xray.losses import diffusion_loss, drr_l1, gradient_l1, line_integrals, structural_loss
-    from DiffusionCore.xray.train import patch_origin, trains_on_patches
+    from DiffusionCore.xray.losses import (
+        diffusion_loss,
+        drr_l1,
+        gradient_l1,
+        line_integrals,
+        structural_loss,
+        training_times,
+    )
+    from DiffusionCore.xray.train import CascadeObjective, patch_origin, trains_on_patches
     from DiffusionCore.xray.vdiffusion import q_sample
 
     stage = cascade.stages[s - 1]
@@ -357,16 +365,15 @@ def xray_stage_loss(
     w = cfg.loss_weights
     whole = vols[cfg.resolution]
     prev = None
-    if s > 1:  # the previous stage's ground-truth cube plus noise, as in training
-        prev = vols[cascade.configs[s - 2].resolution]
-        prev = (prev + prev_noise * torch.randn_like(prev)).clamp(-1, 1)
+    if s > 1:  # the earlier stages' estimate or the ground truth, plus noise, as in training
+        prev = CascadeObjective(cascade, [s]).previous_volume(s, vols, xray, prev_noise)
+        lap("previous stage")
     ctx = stage.condition(xray, prev)
     lap("conditioning")
     patch = trains_on_patches(cfg)
     origin = patch_origin(cfg) if patch else None
     x0 = _crop(whole, origin, cfg.model.train_patch) if patch else whole
-    min_t = cfg.diffusion.min_t
-    t = torch.rand(x0.shape[0], device=x0.device) * (1 - min_t) + min_t
+    t = training_times(cfg, x0.shape[0], prev is not None, device=x0.device)
     eps = torch.randn(x0.shape, device=x0.device)
     pred, lifted = stage.predict(q_sample(x0, t, eps), t, ctx, origin=origin, return_lifted=True)
     pred = pred.float()
@@ -423,7 +430,7 @@ def time_xray(args, data: list[str]) -> dict:
     cascade = UnifiedHybridViTCascade(configs)  # random weights: the time does not depend on them
     for st, c in zip(cascade.stages, configs):
         st.gradient_checkpointing = c.training.gradient_checkpointing
-    for k, st in enumerate(cascade.stages, start=1):  # earlier stages frozen (and not run: ground-truth prev)
+    for k, st in enumerate(cascade.stages, start=1):  # earlier stages frozen (run without gradients for prev)
         st.requires_grad_(k == s)
     params = [p for p in cascade.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
@@ -434,7 +441,8 @@ def time_xray(args, data: list[str]) -> dict:
     xres = max(c.xray_resolution for c in configs)
     cubes = load_training_cubes(data, resolutions, top.data.fov_mm)  # read once, outside the timing
     dataset = XrayCubeDataset(cubes, top.data, top.data.fov_mm)
-    timer = PartTimer(["data", "conditioning", "denoiser fwd", "drr loss", "backward", "optimizer"])
+    timer = PartTimer(["data", *(["previous stage"] if s > 1 else []), "conditioning", "denoiser fwd", "drr loss",
+                       "backward", "optimizer"])  # fmt: skip
     cascade.train()
 
     def step(i: int) -> None:

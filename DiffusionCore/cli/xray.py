@@ -98,9 +98,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--reference", required=True, help="reference CT: file, DICOM folder or sample name")
     e.add_argument("--num-stages", type=bounded_int(1, MAX_STAGES), default=None,
                    help="stages to evaluate (default: all the weights have; more is refused)")
-    e.add_argument("--methods", type=name_list(), default=("model", "model-raw", "mean-ct", "lifting-only"),
+    e.add_argument("--methods", type=name_list(),
+                   default=("model", "model-raw", "mean-ct", "lifting-only", "previous-stage"),
                    help="comma-separated methods: model (the cascade with its re-projection consistency step), "
-                   "model-raw (without it), mean-ct (the prior), lifting-only")  # fmt: skip
+                   "model-raw (without it), mean-ct (the prior), lifting-only, previous-stage (from stage 2 on: "
+                   "the previous stage's model volume upsampled; needs model)")  # fmt: skip
     e.add_argument("--weights", default=None, help="weights name or file (default: the shipped xray-default)")
     e.add_argument("--allow-unregistered-weights", action="store_true", help="accept unregistered weights")
     e.add_argument("--steps", type=bounded_int(1), default=None, help="DDIM steps per stage")

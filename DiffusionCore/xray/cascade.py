@@ -566,6 +566,32 @@ class StageModel(nn.Module):
             raise InputError(f"the lifting start time must be in (0, 1] (1: start from noise); got {t}")
         return t
 
+    def _start(
+        self, xray: torch.Tensor, ctx: StageCondition, noise: torch.Tensor, lifting_start_t: float | None
+    ) -> tuple[float, torch.Tensor]:
+        """Where sampling starts: (t0, x at t0): the noised previous volume (stages 2-3), the noised lifting-only
+        volume (stage 1 with a start below 1) or pure noise."""
+        if self.has_prev:
+            t0 = float(self.cfg.diffusion.prev_stage_t)
+            return t0, VDiffusion(prediction="x0").add_noise(ctx.prev, noise, torch.tensor(t0))
+        if self.lifting is not None and (start := self._lifting_start(lifting_start_t)) < 1.0:
+            return start, VDiffusion(prediction="x0").add_noise(self.lifted_only(xray), noise, torch.tensor(start))
+        return 1.0, noise
+
+    @torch.no_grad()
+    def quick_estimate(
+        self, xray: torch.Tensor, prev: torch.Tensor | None = None, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A one-pass stand-in for :meth:`sample` (B, 1, R, R, R), model units: x0 predicted once at the
+        sampling start. Training conditions the next stage on it, so that stage learns to refine volumes with
+        this stage's own kind of errors (depth misplacement, blur) and not only noised ground truth."""
+        r = self.cfg.resolution
+        noise = torch.randn(xray.shape[0], 1, r, r, r, generator=generator, device=xray.device)
+        ctx = self.condition(xray, prev)
+        t0, x_start = self._start(xray, ctx, noise, None)
+        out = self.predict(x_start, torch.full((xray.shape[0],), t0, device=xray.device), ctx)
+        return out.clamp(-1.0, 1.0)  # type: ignore[union-attr]
+
     @torch.no_grad()
     def sample(
         self,
@@ -594,15 +620,7 @@ class StageModel(nn.Module):
         noise = torch.randn(b, 1, r, r, r, generator=generator, device=xray.device)
         ctx = self.condition(xray, prev)
         diffusion = VDiffusion(prediction="x0")
-        if self.has_prev:
-            t0 = float(self.cfg.diffusion.prev_stage_t)
-            x_start = diffusion.add_noise(ctx.prev, noise, torch.tensor(t0))
-        elif self.lifting is not None and (start := self._lifting_start(lifting_start_t)) < 1.0:
-            t0 = start
-            x_start = diffusion.add_noise(self.lifted_only(xray), noise, torch.tensor(t0))
-        else:
-            t0 = 1.0
-            x_start = noise
+        t0, x_start = self._start(xray, ctx, noise, lifting_start_t)
         plan = self.sampling_plan(b, xray.device, patch, memory_limit)
         self.last_plan = plan
         if plan is None:

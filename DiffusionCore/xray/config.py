@@ -171,6 +171,14 @@ class XrayDataConfig:
     prev_noise: float = field(
         default=0.1, metadata={"help": "Noise on the previous-stage volume given to stages 2-3 in training."}
     )
+    prev_from_model: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of training samples of stages 2-3 whose previous-stage volume is that stage's own "
+            "one-pass estimate from the DRR (with the re-projection consistency step), as at generation; "
+            "the others get the ground truth at the previous resolution. Both get prev_noise."
+        },
+    )
 
 
 @dataclass
@@ -261,6 +269,14 @@ class XrayStageConfig:
             )
         if not 0.0 <= self.training.ema_decay < 1.0:
             raise ConfigError(f"training.ema_decay must be in [0, 1) (0: off); got {self.training.ema_decay}")
+        d = self.diffusion
+        if not 0.0 < d.min_t < d.prev_stage_t <= 1.0:
+            raise ConfigError(
+                f"diffusion.min_t ({d.min_t}) and diffusion.prev_stage_t ({d.prev_stage_t}) must satisfy "
+                "0 < min_t < prev_stage_t <= 1"
+            )
+        if not 0.0 <= self.data.prev_from_model <= 1.0:
+            raise ConfigError(f"data.prev_from_model must be in [0, 1] (a share of samples); got {self.data.prev_from_model}")
 
 
 def check_xray_architecture(cfg: XrayStageConfig) -> None:

@@ -2,8 +2,10 @@
 
 Methods, all in the same run on the same input: ``model`` (the cascade, each stage, with the re-projection
 consistency step that ``xray2ct`` applies by default), ``model-raw`` (the cascade without it: the network's
-own output), ``mean-ct`` (the mean training CT stored in the weights: the prior alone) and ``lifting-only``
-(each stage's depth-lifted volume, no diffusion). Metrics (BENCHMARK.md): 3D PSNR and 3D SSIM with HU clipped to [-1024, 2048] against the
+own output), ``mean-ct`` (the mean training CT stored in the weights: the prior alone), ``lifting-only``
+(each stage's depth-lifted volume, no diffusion) and, from stage 2 on, ``previous-stage`` (the previous stage's
+``model`` volume upsampled trilinearly to this stage's cube: what a stage adds is its gain over this row;
+it needs ``model``). Metrics (BENCHMARK.md): 3D PSNR and 3D SSIM with HU clipped to [-1024, 2048] against the
 reference resampled to the stage's cube, and re-projection PSNR (DRR of the output vs the input, [0, 1]).
 """
 
@@ -24,7 +26,7 @@ from .pipeline import XrayToCTGenerator, projection_error, volume_from_unit
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("model", "model-raw", "mean-ct", "lifting-only")
+METHODS = ("model", "model-raw", "mean-ct", "lifting-only", "previous-stage")
 HU_RANGE = (-1024.0, 2048.0)
 
 
@@ -76,6 +78,7 @@ def evaluate_xray(
             "seconds": seconds,
         })  # fmt: skip
 
+    last: dict[str, torch.Tensor] = {}  # the model's previous stage, for previous-stage
     for method in ("model", "model-raw"):
         if method not in methods:
             continue
@@ -83,7 +86,15 @@ def evaluate_xray(
         def on_stage(stage: int, vol: Volume, info: dict, method: str = method) -> None:
             from ..intensity import hu_to_unit
 
-            score(method, stage, hu_to_unit(torch.from_numpy(vol.array))[None, None], info["seconds"])
+            unit = hu_to_unit(torch.from_numpy(vol.array))[None, None]
+            score(method, stage, unit, info["seconds"])
+            if method != "model":
+                return
+            if "previous-stage" in methods and "prev" in last:
+                r = unit.shape[-1]
+                up = F.interpolate(last["prev"].float(), size=(r,) * 3, mode="trilinear", align_corners=False)
+                score("previous-stage", stage, up, 0.0)
+            last["prev"] = unit
 
         generator.run(xray[0, 0].numpy(), num_stages=n, steps=steps, seed=seed, device=device, view=view,
                       num_samples=num_samples, lifting_start_t=lifting_start_t,

@@ -90,6 +90,16 @@ def diffusion_loss(
     return (weight * (x0_pred - x0) ** 2).mean()
 
 
+def training_times(
+    cfg, b: int, has_prev: bool, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(b,) training times, uniform in [min_t, 1]; for stages 2-3 in [min_t, prev_stage_t], since their sampling
+    starts from the noised previous volume at prev_stage_t and never visits later times."""
+    min_t = cfg.diffusion.min_t
+    max_t = float(cfg.diffusion.prev_stage_t) if has_prev else 1.0
+    return torch.rand(b, generator=generator, device=device) * (max_t - min_t) + min_t
+
+
 def stage_loss(
     model: StageModel,
     x0: torch.Tensor,
@@ -115,8 +125,7 @@ def stage_loss(
     """
     cfg = model.cfg
     b = x0.shape[0]
-    min_t = cfg.diffusion.min_t
-    t = torch.rand(b, generator=generator, device=x0.device) * (1 - min_t) + min_t
+    t = training_times(cfg, b, prev is not None, generator=generator, device=x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
     xt = q_sample(x0, t, eps)
     x0_pred, lifted = model(xt, t, xray, prev, return_lifted=True)

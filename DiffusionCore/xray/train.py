@@ -2,8 +2,10 @@
 
 Radiographs are DRRs rendered on the fly from augmented CT cubes (:mod:`DiffusionCore.xray.data`), so any
 folder of CTs (e.g. LIDC-IDRI DICOM series) is a training set. Stages 2-3 are conditioned in training on
-the ground-truth cube of the previous resolution plus Gaussian noise (``data.prev_noise``; noise-conditioning
-augmentation of cascaded diffusion), at generation on the previous stage's output.
+the previous stages' own one-pass estimate from the DRR for a share of the samples (``data.prev_from_model``),
+else the ground-truth cube of the previous resolution, both plus Gaussian noise (``data.prev_noise``;
+noise-conditioning augmentation of cascaded diffusion); at generation on the previous stage's output. They are
+trained at the times they are sampled at (t up to ``diffusion.prev_stage_t``).
 
 Runs on CPU, one GPU (bfloat16 autocast) or several (``torchrun``, DDP); writes atomic resumable checkpoints,
 TensorBoard + ``metrics.jsonl`` (losses, DRR re-projection error, slices) and, at the end, the cascade weights
@@ -233,10 +235,7 @@ class CascadeObjective(nn.Module):
         for s in self.trained:
             stage = self.cascade.stages[s - 1]
             cfg = stage.cfg
-            prev = None
-            if s > 1:
-                prev = vols[self.cascade.configs[s - 2].resolution]
-                prev = (prev + prev_noise * torch.randn_like(prev)).clamp(-1, 1)
+            prev = self.previous_volume(s, vols, xray, prev_noise) if s > 1 else None
             if trains_on_patches(cfg):
                 loss, p = patch_stage_loss(stage, vols[cfg.resolution], xray, prev, cfg.loss_weights)
             else:
@@ -245,6 +244,42 @@ class CascadeObjective(nn.Module):
             parts.update({f"stage{s}/{k}": v for k, v in p.items()})
             parts[f"stage{s}/total"] = float(loss.detach())
         return total, parts
+
+
+    def previous_volume(
+        self, s: int, vols: dict[int, torch.Tensor], xray: torch.Tensor, prev_noise: float
+    ) -> torch.Tensor:
+        """What stage ``s`` (2-3) is conditioned on: per sample, with probability ``data.prev_from_model``, the
+        earlier stages' own one-pass estimate from this DRR followed by the re-projection consistency step (what
+        generation hands it, in kind), else the ground truth at the previous resolution; plus ``prev_noise``."""
+        truth = vols[self.cascade.configs[s - 2].resolution]
+        share = float(self.cascade.configs[s - 1].data.prev_from_model)
+        prev = truth
+        if share > 0:
+            pick = torch.rand(truth.shape[0], device=truth.device) < share
+            if bool(pick.any()):
+                est = self.model_estimate(s - 1, xray[pick])
+                prev = truth.clone()
+                prev[pick] = est.to(truth.dtype)
+        return (prev + prev_noise * torch.randn_like(prev)).clamp(-1, 1)
+
+    @torch.no_grad()
+    def model_estimate(self, s: int, xray: torch.Tensor) -> torch.Tensor:
+        """Stages 1..s run once each (:meth:`StageModel.quick_estimate`), each followed by the consistency step."""
+        from .consistency import drr_consistency
+
+        vol = None
+        for k in range(1, s + 1):
+            stage = self.cascade.stages[k - 1]
+            was_training = stage.training
+            stage.eval()
+            try:
+                vol = stage.quick_estimate(xray, vol)
+            finally:
+                stage.train(was_training)
+            vol, _ = drr_consistency(vol, xray, stage.cfg.data.fov_mm, stage.cfg.data.view)
+        assert vol is not None
+        return vol
 
 
 def _load_stage_weights(cascade: UnifiedHybridViTCascade, source: str, stages: list[int]) -> None:
