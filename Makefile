@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test test-fast lint format clean-venv
+.PHONY: setup demo test lint format clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,9 +28,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m DiffusionCore demo
 
+# Test files run in parallel (pytest-xdist; one file per worker at a time, so module fixtures are built once);
+# TEST_WORKERS=0 runs them in this process. The 20 slowest tests are listed at the end.
+TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(PY) -m ruff check DiffusionCore Testing benchmarks scripts CTDiffusionSR XrayToCT
-	$(PY) -m pytest -q Testing
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 Testing
 
 lint: $(STAMP)
 	$(PY) -m ruff check DiffusionCore Testing benchmarks scripts CTDiffusionSR XrayToCT

@@ -21,6 +21,14 @@ AIR_HU, LUNG_HU, SOFT_HU, BONE_HU = -1000.0, -820.0, 40.0, 900.0
 # The commands run inside this test process: they must not tune its allocator for the whole session.
 os.environ["DIFFUSIONCORE_KEEP_FREED_MEMORY"] = "0"
 
+# Under pytest-xdist (`make test`) the workers share the cores: one torch / OpenMP thread each, here and in the
+# commands the tests start. OpenMP threads that outnumber the cores spin against each other: with two 2-thread
+# workers on 2 cores a tiny training test took 50 times as long.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 def rotation_matrix(axis: tuple[float, float, float], degrees: float) -> np.ndarray:
     """A 3x3 rotation (proper, orthonormal) about ``axis`` by ``degrees`` (Rodrigues' formula)."""
