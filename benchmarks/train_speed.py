@@ -357,7 +357,7 @@ def xray_stage_loss(
         structural_loss,
         training_times,
     )
-    from DiffusionCore.xray.train import CascadeObjective, patch_origin, trains_on_patches
+    from DiffusionCore.xray.train import patch_origin, previous_stage_volume, trains_on_patches
     from DiffusionCore.xray.vdiffusion import q_sample
 
     stage = cascade.stages[s - 1]
@@ -366,7 +366,7 @@ def xray_stage_loss(
     whole = vols[cfg.resolution]
     prev = None
     if s > 1:  # the earlier stages' estimate or the ground truth, plus noise, as in training
-        prev = CascadeObjective(cascade, [s]).previous_volume(s, vols, xray, prev_noise)
+        prev = previous_stage_volume(cascade, s, vols, xray, prev_noise)
         lap("previous stage")
     ctx = stage.condition(xray, prev)
     lap("conditioning")

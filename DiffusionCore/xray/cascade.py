@@ -45,7 +45,7 @@ from ..tiling import (
 from .config import XrayStageConfig, patch_alignment, tiny_stage_config, windowed_attention
 from .encoder import XrayEncoder
 from .lifting import DepthLifting
-from .vdiffusion import VDiffusion
+from .vdiffusion import VDiffusion, q_sample
 from .vit import HybridViTBlock, modulate, timestep_embedding
 
 logger = logging.getLogger(__name__)
@@ -572,11 +572,12 @@ class StageModel(nn.Module):
         """Where sampling starts: (t0, x at t0): the noised previous volume (stages 2-3), the noised lifting-only
         volume (stage 1 with a start below 1) or pure noise."""
         if self.has_prev:
-            t0 = float(self.cfg.diffusion.prev_stage_t)
-            return t0, VDiffusion(prediction="x0").add_noise(ctx.prev, noise, torch.tensor(t0))
-        if self.lifting is not None and (start := self._lifting_start(lifting_start_t)) < 1.0:
-            return start, VDiffusion(prediction="x0").add_noise(self.lifted_only(xray), noise, torch.tensor(start))
-        return 1.0, noise
+            t0, x0 = float(self.cfg.diffusion.prev_stage_t), ctx.prev
+        elif self.lifting is not None and (t0 := self._lifting_start(lifting_start_t)) < 1.0:
+            x0 = self.lifted_only(xray)
+        else:
+            return 1.0, noise
+        return t0, q_sample(x0, torch.tensor(t0), noise)
 
     @torch.no_grad()
     def quick_estimate(

@@ -235,7 +235,7 @@ class CascadeObjective(nn.Module):
         for s in self.trained:
             stage = self.cascade.stages[s - 1]
             cfg = stage.cfg
-            prev = self.previous_volume(s, vols, xray, prev_noise) if s > 1 else None
+            prev = previous_stage_volume(self.cascade, s, vols, xray, prev_noise) if s > 1 else None
             if trains_on_patches(cfg):
                 loss, p = patch_stage_loss(stage, vols[cfg.resolution], xray, prev, cfg.loss_weights)
             else:
@@ -246,40 +246,39 @@ class CascadeObjective(nn.Module):
         return total, parts
 
 
-    def previous_volume(
-        self, s: int, vols: dict[int, torch.Tensor], xray: torch.Tensor, prev_noise: float
-    ) -> torch.Tensor:
-        """What stage ``s`` (2-3) is conditioned on: per sample, with probability ``data.prev_from_model``, the
-        earlier stages' own one-pass estimate from this DRR followed by the re-projection consistency step (what
-        generation hands it, in kind), else the ground truth at the previous resolution; plus ``prev_noise``."""
-        truth = vols[self.cascade.configs[s - 2].resolution]
-        share = float(self.cascade.configs[s - 1].data.prev_from_model)
-        prev = truth
-        if share > 0:
-            pick = torch.rand(truth.shape[0], device=truth.device) < share
-            if bool(pick.any()):
-                est = self.model_estimate(s - 1, xray[pick])
-                prev = truth.clone()
-                prev[pick] = est.to(truth.dtype)
-        return (prev + prev_noise * torch.randn_like(prev)).clamp(-1, 1)
+def previous_stage_volume(
+    cascade: UnifiedHybridViTCascade, s: int, vols: dict[int, torch.Tensor], xray: torch.Tensor, prev_noise: float
+) -> torch.Tensor:
+    """What stage ``s`` (2-3) is conditioned on in training: per sample, with probability ``data.prev_from_model``,
+    the earlier stages' own one-pass estimate from this DRR followed by the re-projection consistency step (what
+    generation hands it, in kind), else the ground truth at the previous resolution; plus ``prev_noise``."""
+    truth = vols[cascade.configs[s - 2].resolution]
+    share = float(cascade.configs[s - 1].data.prev_from_model)
+    prev = truth
+    if share > 0:
+        pick = torch.rand(truth.shape[0], device=truth.device) < share
+        if bool(pick.any()):
+            prev = truth.clone()
+            prev[pick] = earlier_stages_estimate(cascade, s - 1, xray[pick]).to(truth.dtype)
+    return (prev + prev_noise * torch.randn_like(prev)).clamp(-1, 1)
 
-    @torch.no_grad()
-    def model_estimate(self, s: int, xray: torch.Tensor) -> torch.Tensor:
-        """Stages 1..s run once each (:meth:`StageModel.quick_estimate`), each followed by the consistency step."""
-        from .consistency import drr_consistency
 
-        vol = None
-        for k in range(1, s + 1):
-            stage = self.cascade.stages[k - 1]
-            was_training = stage.training
-            stage.eval()
-            try:
-                vol = stage.quick_estimate(xray, vol)
-            finally:
-                stage.train(was_training)
-            vol, _ = drr_consistency(vol, xray, stage.cfg.data.fov_mm, stage.cfg.data.view)
-        assert vol is not None
-        return vol
+@torch.no_grad()
+def earlier_stages_estimate(cascade: UnifiedHybridViTCascade, s: int, xray: torch.Tensor) -> torch.Tensor:
+    """Stages 1..s run once each (:meth:`StageModel.quick_estimate`), each followed by the consistency step."""
+    from .consistency import drr_consistency
+
+    vol = None
+    for stage in cascade.stages[:s]:
+        was_training = stage.training
+        stage.eval()
+        try:
+            vol = stage.quick_estimate(xray, vol)
+        finally:
+            stage.train(was_training)
+        vol, _ = drr_consistency(vol, xray, stage.cfg.data.fov_mm, stage.cfg.data.view)
+    assert vol is not None
+    return vol
 
 
 def _load_stage_weights(cascade: UnifiedHybridViTCascade, source: str, stages: list[int]) -> None:
