@@ -1,0 +1,60 @@
+"""``benchmarks/sr_adapt_ablation.py``: its pair variants change the pairs adaptation trains on, and only
+inside the variant's run."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ct_phantom_array
+
+from DiffusionCore.sr import adapt as adapt_module
+from DiffusionCore.sr import planes
+from DiffusionCore.sr.planes import PairSettings, PlaneSource, sample_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    spec = importlib.util.spec_from_file_location(
+        "sr_adapt_ablation", ROOT / "benchmarks" / "sr_adapt_ablation.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _pairs(settings: PairSettings) -> np.ndarray:
+    src = PlaneSource("scan", ct_phantom_array((12, 96, 96)), (5.0, 0.8, 0.8), thin_reference=False)
+    return sample_pairs([src], 4, 8, settings, np.random.default_rng(3))[1]
+
+
+def test_noise_and_profile_variants_change_in_plane_pairs_and_are_undone(ablation):
+    settings = PairSettings(
+        thick_rows=4, width=32, through_plane_probability=0.0, thick_mm=5.0, intensity_jitter=0.0
+    )
+    plain = _pairs(settings)
+    with ablation.pair_variant(0.0, 30.0, 0.0, seed=0):
+        noisy = _pairs(settings)
+    with ablation.pair_variant(1.0, 0.0, 0.0, seed=0):
+        blurred = _pairs(settings)
+    # the same planes (same pair draws), plus noise of about 30 HU (model units: HU / 1536) / minus detail
+    assert 0.5 * 30 / 1536 < float(np.std(noisy - plain)) < 2 * 30 / 1536
+    rough = lambda a: float(np.abs(np.diff(a, axis=2)).mean())  # noqa: E731  (along the thick axis)
+    assert rough(blurred) < rough(plain)
+    # outside the block the pair maker is the package's own again
+    np.testing.assert_array_equal(_pairs(settings), plain)
+    assert planes.in_plane_pair is ablation.planes.in_plane_pair and adapt_module.PairSettings is PairSettings
+
+
+def test_zoom_variant_cuts_pairs_along_the_scans_own_slice_axis(ablation):
+    with ablation.pair_variant(0.0, 0.0, 0.25, seed=0):
+        src = adapt_module.PlaneSource(
+            "scan", ct_phantom_array((40, 64, 64)), (5.0, 0.8, 0.8), thin_reference=False
+        )
+        settings = adapt_module.PairSettings(thick_rows=4, width=32, through_plane_probability=0.0)
+    assert src.thin_reference and settings.through_plane_probability == 0.25
+    assert adapt_module.PlaneSource is PlaneSource
