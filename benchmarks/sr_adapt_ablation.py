@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         p.error("--variants must be a JSON list of objects")
     torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger(adapt_module.__name__).setLevel(logging.INFO)  # its line gives the steps taken
     keep_freed_memory()
     label, ref = parse_reference(args.reference)
     weights = args.weights or default_weights_name()
