@@ -1,6 +1,6 @@
 """Adaptation variants on one reference: body PSNR gain over cubic of ``sr`` and of ``sr+adapt`` per variant.
 
-The model card's "tried, not adopted" figures for test-time adaptation come from here. Each variant is a JSON
+Most of the model card's "tried, not adopted" figures for test-time adaptation come from here. Each variant is a JSON
 object of :class:`~DiffusionCore.sr.adapt.AdaptSettings` fields (``seconds``, ``steps``, ``batch_size``,
 ``learning_rate``, ...) plus three knobs on the pairs that adaptation makes from the scan, which exist only
 in this script (they wrap the pair maker of :mod:`DiffusionCore.sr.planes` for the variant's run):
