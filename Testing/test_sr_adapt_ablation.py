@@ -36,6 +36,7 @@ def test_noise_and_profile_variants_change_in_plane_pairs_and_are_undone(ablatio
     settings = PairSettings(
         thick_rows=4, width=32, through_plane_probability=0.0, thick_mm=5.0, intensity_jitter=0.0
     )
+    originals = planes.in_plane_pair, adapt_module.PairSettings, adapt_module.PlaneSource
     plain = _pairs(settings)
     with ablation.pair_variant(0.0, 30.0, 0.0, seed=0):
         noisy = _pairs(settings)
@@ -47,7 +48,7 @@ def test_noise_and_profile_variants_change_in_plane_pairs_and_are_undone(ablatio
     assert rough(blurred) < rough(plain)
     # outside the block the pair maker is the package's own again
     np.testing.assert_array_equal(_pairs(settings), plain)
-    assert planes.in_plane_pair is ablation.planes.in_plane_pair and adapt_module.PairSettings is PairSettings
+    assert (planes.in_plane_pair, adapt_module.PairSettings, adapt_module.PlaneSource) == originals
 
 
 def test_zoom_variant_cuts_pairs_along_the_scans_own_slice_axis(ablation):
