@@ -11,6 +11,7 @@ from DiffusionCore import degrade, demo, sampledata, write_volume
 from DiffusionCore.cli.main import main
 from DiffusionCore.degrade import MAX_FACTOR
 from DiffusionCore.files import sha256_file
+from DiffusionCore.sr.adapt import DEFAULT_ADAPT_STEPS
 from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name
 from DiffusionCore.volume import Volume, read_volume
 from DiffusionCore.weights import list_weights
@@ -51,6 +52,16 @@ def test_sr_without_weights_uses_the_default(tmp_path, make_phantom):
     assert report["settings"]["weights"] == DEFAULT
     assert report["weights_sha256"] == SuperResolver.default().weights_sha256
     assert report["consistency_psnr"] > 60  # thickened again, it reproduces its input
+    # adapted to the scan first, by default, for the default (deterministic) number of steps
+    adaptation = report["predictor"]["adaptation"]
+    assert adaptation["steps"] == DEFAULT_ADAPT_STEPS and adaptation["skipped"] is None
+    assert report["settings"]["adapt"] == {"seconds": 0.0, "steps": DEFAULT_ADAPT_STEPS}
+    # --no-adapt: the weights as they are
+    rc = main(["sr", str(src), str(out), "--factor", "4", "--report", str(rep), "--progress", "none", "--overwrite",
+               "--no-adapt"])
+    assert rc == 0
+    report = json.loads(rep.read_text())
+    assert report["predictor"]["adaptation"] is None and report["settings"]["adapt"] is None
 
 
 @pytest.fixture
@@ -65,12 +76,13 @@ def local_samples(tmp_path, make_phantom, monkeypatch):
 
 def test_demo_uses_the_default_with_adaptation_and_draws_sr_minus_cubic(local_samples, cache_home, tmp_path,
                                                                         monkeypatch):
-    monkeypatch.setattr(demo, "DEMO_ADAPT_SECONDS", 1.0)
+    monkeypatch.setattr(demo, "DEMO_ADAPT_STEPS", 2)
     out = tmp_path / "demo"
     summary = demo.run_demo(out, skip_xray=True)
     methods = [r["method"] for r in summary["evaluation"]["results"]]
     assert methods == ["nearest", "linear", "cubic", "cubic+dc", "sr", "sr+adapt"]
     assert summary["sr_report"]["weights_sha256"] == SuperResolver.default().weights_sha256
+    assert summary["sr_report"]["predictor"]["adaptation"]["steps"] == 2  # the SR volume is what `sr` gives
     assert (out / "chest-dx_sr_x4.nii.gz").exists()
     assert (out / "chest-dx_comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert isinstance(read_volume(out / "chest-dx_sr_x4.nii.gz"), Volume)

@@ -182,12 +182,17 @@ def test_script_parser_mirrors_the_xml(name):
     assert not extra, f"{name}.py accepts options the XML does not declare: {extra}"
 
 
-def test_sr_cli_declares_adaptation_and_records_it_as_json():
+def test_sr_cli_declares_adaptation_on_by_default_and_records_it_as_json():
+    from DiffusionCore.sr.adapt import DEFAULT_ADAPT_STEPS
+
     params = {p.name: p for p in _parameters("CTDiffusionSRBatch")}
-    seconds, steps, tiny = params["adaptSeconds"], params["adaptSteps"], params["tinyTestPredictor"]
-    assert (seconds.typ, seconds.default, seconds.longflag) == ("float", 0.0, "--adaptSeconds")  # 0 = off
-    assert "Adapt to this scan" in seconds.description and "0 = off" in seconds.description
-    assert (steps.typ, steps.default, steps.longflag) == ("integer", 0, "--adaptSteps")
+    steps, off, seconds = params["adaptSteps"], params["noAdapt"], params["adaptSeconds"]
+    tiny = params["tinyTestPredictor"]
+    # on by default, with the engine's default step count (what `sr` does)
+    assert (steps.typ, steps.default, steps.longflag) == ("integer", DEFAULT_ADAPT_STEPS, "--adaptSteps")
+    assert "Adapt to this scan" in steps.description and not steps.hidden
+    assert (off.typ, off.default, off.longflag) == ("boolean", False, "--noAdapt")
+    assert (seconds.typ, seconds.default, seconds.longflag) == ("float", 0.0, "--adaptSeconds")  # 0 = use steps
     assert tiny.typ == "boolean" and tiny.hidden  # like tinyTestModel: for self-tests only
     script = _script("CTDiffusionSRBatch")
     parser = script.build_parser()
@@ -197,14 +202,18 @@ def test_sr_cli_declares_adaptation_and_records_it_as_json():
         json.dumps(settings)  # the report and the Slicer node record the settings as JSON
         return settings["adapt"], script.adapt_settings(settings["adapt"])
 
-    # Slicer passes every value, defaults included: 0 and 0 mean no adaptation
-    assert adapt("--adaptSeconds", "0", "--adaptSteps", "0") == (None, None)
-    recorded, engine = adapt("--adaptSeconds", "30")
-    assert recorded == {"seconds": 30.0, "steps": None} and (engine.seconds, engine.steps) == (30.0, None)
-    recorded, engine = adapt("--adaptSeconds", "0", "--adaptSteps", "5")
-    assert recorded == {"seconds": 0.0, "steps": 5} and engine.steps == 5
-    with pytest.raises(ConfigError):
-        adapt("--adaptSeconds", "-1")
+    # Slicer passes every value, defaults included
+    recorded, engine = adapt("--adaptSteps", str(DEFAULT_ADAPT_STEPS), "--adaptSeconds", "0")
+    assert recorded == {"seconds": 0.0, "steps": DEFAULT_ADAPT_STEPS, "optional": True}
+    assert (engine.steps, engine.optional) == (DEFAULT_ADAPT_STEPS, True)
+    assert adapt("--noAdapt", "--adaptSteps", "400", "--adaptSeconds", "0") == (None, None)
+    recorded, engine = adapt("--adaptSeconds", "30")  # a time budget replaces the steps
+    assert recorded == {"seconds": 30.0, "steps": None, "optional": True} and (engine.seconds, engine.steps) == (30.0, None)
+    recorded, engine = adapt("--adaptSteps", "5")
+    assert recorded["steps"] == 5 and engine.steps == 5
+    for bad in (["--adaptSeconds", "-1"], ["--adaptSeconds", "nan"], ["--adaptSteps", "0"]):
+        with pytest.raises(ConfigError):
+            adapt(*bad)
 
 
 # -- end to end ------------------------------------------------------------------------------------------
@@ -250,7 +259,7 @@ def test_sr_cli_adapts_to_the_scan_before_super_resolving(scene, tmp_path):
         "CTDiffusionSRBatch",
         {
             "inputVolume": inp, "outputVolume": tmp_path / "out.nrrd", "factor": 4, "device": "cpu",
-            "tinyTestPredictor": True, "adaptSeconds": 0, "adaptSteps": 2, "reportFile": tmp_path / "report.json",
+            "tinyTestPredictor": True, "adaptSteps": 2, "reportFile": tmp_path / "report.json",
         },
     )
     proc, fractions = run_like_slicer(argv)
@@ -265,18 +274,20 @@ def test_sr_cli_adapts_to_the_scan_before_super_resolving(scene, tmp_path):
     assert report["settings"]["adapt"]["steps"] == 2
 
 
-def test_sr_cli_refuses_adaptation_for_weights_without_a_predictor(scene, tmp_path):
+def test_sr_cli_goes_on_without_adaptation_for_weights_without_a_predictor(scene, tmp_path):
+    # adaptation is on by default, so weights with nothing to adapt must not stop the run: the report says why
     inp = write_like_slicer(scene, mrml_io.add_volume_node(scene, phantom_ct(), "CT_01"), tmp_path / "input.nrrd")
     argv = slicer_command_line(
         "CTDiffusionSRBatch",
         {"inputVolume": inp, "outputVolume": tmp_path / "out.nrrd", "factor": 4, "device": "cpu",
-         "tinyTestModel": True, "adaptSteps": 2},
+         "tinyTestModel": True, "reportFile": tmp_path / "report.json"},
     )
     proc, _ = run_like_slicer(argv)
-    assert proc.returncode == ConfigError.exit_code
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "predictor" in errors[0] and "Traceback" not in proc.stderr
-    assert not (tmp_path / "out.nrrd").exists()
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    adaptation = report["predictor"]["adaptation"]
+    assert adaptation["steps"] == 0 and "no through-plane predictor" in adaptation["skipped"]
+    assert (tmp_path / "out.nrrd").exists()
 
 
 def test_sr_cli_failure_is_one_error_line_with_the_error_code(scene, tmp_path):

@@ -174,9 +174,13 @@ def test_sr_settings_pass_adaptation_to_the_batch_cli():
         args = batch.build_parser().parse_args([*settings.cli_arguments(), "in.nrrd", "out.nrrd"])
         return batch.settings_from_args(args)["adapt"]
 
-    assert adapt(SRSettings()) is None  # off by default
-    assert adapt(SRSettings(adapt_seconds=120.0)) == {"seconds": 120.0, "steps": None}
-    assert adapt(SRSettings(adapt_steps=3)) == {"seconds": 0.0, "steps": 3}
+    from DiffusionCore.sr.adapt import DEFAULT_ADAPT_STEPS
+
+    # on by default, with the engine's default step count; optional: weights without a predictor go on
+    assert adapt(SRSettings()) == {"seconds": 0.0, "steps": DEFAULT_ADAPT_STEPS, "optional": True}
+    assert adapt(SRSettings(adapt_to_scan=False)) is None
+    assert adapt(SRSettings(adapt_seconds=120.0)) == {"seconds": 120.0, "steps": None, "optional": True}
+    assert adapt(SRSettings(adapt_steps=3)) == {"seconds": 0.0, "steps": 3, "optional": True}
     args = SRSettings(tiny_test_predictor=True).cli_arguments()
     assert "--tinyTestPredictor" in args and "--tinyTestModel" not in args
 

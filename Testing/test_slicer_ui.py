@@ -166,28 +166,38 @@ def test_every_parameter_binding_matches_a_wrapper_field_and_widget_type(module)
     assert {"inputVolume", "inputRadiograph"} & set(bound), "the input selector must be bound"
 
 
-def test_adapt_to_this_scan_is_a_checkbox_and_a_seconds_box_bound_to_the_parameter_node():
+def test_adapt_to_this_scan_is_a_ticked_checkbox_and_a_steps_box_bound_to_the_parameter_node():
     module_py = PANELS["CTDiffusionSR"]
     ui_path = MODULES["CTDiffusionSR"] / "Resources" / "UI" / "CTDiffusionSR.ui"
     widgets = ui_widgets(ui_path)
     fields = wrapper_fields(module_py)
-    check, seconds = widgets["adaptToScanCheckBox"], widgets["adaptSecondsSpinBox"]
+    check, steps = widgets["adaptToScanCheckBox"], widgets["adaptStepsSpinBox"]
     assert (check.get("class"), string_property(check, "SlicerParameterName")) == ("QCheckBox", "adaptToScan")
-    assert (seconds.get("class"), string_property(seconds, "SlicerParameterName")) == ("QDoubleSpinBox", "adaptSeconds")
+    assert (steps.get("class"), string_property(steps, "SlicerParameterName")) == ("QSpinBox", "adaptSteps")
     assert string_property(check, "text") == "Adapt to this scan"
-    assert string_property(check, "toolTip") and string_property(seconds, "toolTip")
+    assert string_property(check, "toolTip") and string_property(steps, "toolTip")
+    # on by default, in the .ui and in the parameter node, with the engine's default step count
+    from DiffusionCore.sr.adapt import DEFAULT_ADAPT_STEPS
+
+    assert check.find("property[@name='checked']").findtext("bool") == "true"
     assert fields["adaptToScan"] == "bool"
-    low, high = re.search(r"WithinRange\(([\d.]+), ([\d.]+)\)", fields["adaptSeconds"]).groups()
-    limits = {p.get("name"): float(p.findtext("double")) for p in seconds.findall("property") if p.find("double") is not None}
-    assert (limits["minimum"], limits["maximum"]) == (float(low), float(high))
-    # the seconds box is active only while the checkbox is ticked (a .ui connection; no widget code)
+    tree = ast.parse(module_py.read_text())
+    defaults = {n.target.id: ast.literal_eval(n.value) for n in ast.walk(tree)
+                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.value is not None
+                and n.target.id in ("adaptToScan", "adaptSteps")}  # fmt: skip
+    assert defaults == {"adaptToScan": True, "adaptSteps": DEFAULT_ADAPT_STEPS}
+    numbers = {p.get("name"): int(p.findtext("number")) for p in steps.findall("property") if p.find("number") is not None}
+    assert numbers["value"] == DEFAULT_ADAPT_STEPS
+    low, high = re.search(r"WithinRange\((\d+), (\d+)\)", fields["adaptSteps"]).groups()
+    assert (numbers["minimum"], numbers["maximum"]) == (int(low), int(high)) and int(low) >= 1
+    # the steps box is active only while the checkbox is ticked (a .ui connection; no widget code)
     root = ET.parse(ui_path).getroot()
     toggles = {(c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot")) for c in root.iter("connection")}
-    assert ("adaptToScanCheckBox", "toggled(bool)", "adaptSecondsSpinBox", "setEnabled(bool)") in toggles
-    # the widget turns the pair into the one setting the logic knows: seconds, or 0 when unticked
-    tree = ast.parse(module_py.read_text())
+    assert ("adaptToScanCheckBox", "toggled(bool)", "adaptStepsSpinBox", "setEnabled(bool)") in toggles
+    # the widget hands both to the logic
     settings_from = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "settingsFrom")
-    assert "adapt_seconds=p.adaptSeconds if p.adaptToScan else 0.0" in ast.unparse(settings_from)
+    code = ast.unparse(settings_from)
+    assert "adapt_to_scan=p.adaptToScan" in code and "adapt_steps=p.adaptSteps" in code
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -20,7 +20,7 @@ from DiffusionCore.cli.main import build_parser as build_main_parser
 from DiffusionCore.cli.main import main
 from DiffusionCore.degrade import thin_grid
 from DiffusionCore.errors import ConfigError, GeometryError
-from DiffusionCore.sr.adapt import AdaptSettings
+from DiffusionCore.sr.adapt import DEFAULT_ADAPT_STEPS, AdaptSettings
 from DiffusionCore.sr.pipeline import SuperResolver
 from DiffusionCore.sr.settings import SRRunSettings
 from DiffusionCore.volume import Volume, write_volume
@@ -162,6 +162,9 @@ def test_weight_dependent_checks_stay_with_the_resolver():
         SuperResolver.tiny_predictor().run(vol, SRRunSettings(factor=2, steps=3))
     with pytest.raises(ConfigError, match="adaptation fine-tunes the through-plane predictor"):
         SuperResolver.tiny().run(vol, SRRunSettings(factor=2, adapt=AdaptSettings(seconds=1.0)))
+    # the default adaptation is optional: weights with nothing to adapt run without it, and say so
+    _, report = SuperResolver.tiny().run(vol, SRRunSettings(factor=2, adapt=AdaptSettings(optional=True)))
+    assert report["predictor"]["adaptation"] == {"skipped": "no through-plane predictor in these weights", "steps": 0}
 
 
 # -- the three callers build equal settings --------------------------------------------------------------
@@ -197,6 +200,8 @@ def test_the_sr_command_and_the_batch_cli_build_equal_settings(index):
     from_batch = batch.run_settings(recorded)
     assert from_cli == from_batch
     assert isinstance(from_cli, SRRunSettings)
+    if index == 0:  # adaptation is on by default in both, with the same step count
+        assert from_cli.adapt == AdaptSettings() and from_cli.adapt.steps == DEFAULT_ADAPT_STEPS
     if index == 1:
         assert from_cli.adapt == AdaptSettings(seconds=30.0) and from_cli.patch_size == (16, 64, 64)
 

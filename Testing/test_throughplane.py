@@ -16,7 +16,7 @@ from DiffusionCore.degrade import degrade, enforce_consistency, thin_grid
 from DiffusionCore.errors import Cancelled, ConfigError, WeightsError
 from DiffusionCore.evaluate import evaluate
 from DiffusionCore.interpolation import interpolate
-from DiffusionCore.sr.adapt import AdaptSettings, adapt_predictor
+from DiffusionCore.sr.adapt import DEFAULT_ADAPT_STEPS, AdaptSettings, adapt_predictor
 from DiffusionCore.sr.pipeline import SuperResolver
 from DiffusionCore.sr.planes import PairSettings, PlaneSource, box_resample, sample_pairs, slab_mean
 from DiffusionCore.sr.throughplane import (
@@ -208,9 +208,12 @@ def test_adaptation_with_a_step_budget_is_deterministic():
 
 
 def test_adaptation_settings_are_checked():
-    for bad in ({"seconds": float("nan")}, {"seconds": -1}, {"seconds": 0}, {"steps": 0}):
+    for bad in ({"seconds": float("nan")}, {"seconds": -1}, {"steps": 0}):
         with pytest.raises(ConfigError):
             AdaptSettings(**bad)
+    # no budget given: the default step count (deterministic); a step count wins over a time budget
+    assert AdaptSettings().steps == AdaptSettings(seconds=0).steps == DEFAULT_ADAPT_STEPS
+    assert AdaptSettings(seconds=30).steps is None and AdaptSettings(seconds=30, steps=5).steps == 5
 
 
 def test_adaptation_on_a_scan_too_small_for_pairs_is_skipped_with_the_reason():
@@ -308,7 +311,8 @@ def test_sr_cli_refuses_bad_adaptation_options_before_any_work(tmp_path, capsys)
     write_volume(thick_phantom(), src)
     before = src.read_bytes()
     out = tmp_path / "out.nii.gz"
-    for bad in (["--adapt", "nan"], ["--adapt", "-5"], ["--adapt-steps", "0"], ["--adapt", "5"]):
+    for bad in (["--adapt", "nan"], ["--adapt", "-5"], ["--adapt-steps", "0"], ["--adapt", "60", "--adapt-steps", "9"],
+                ["--adapt", "5"]):
         # the last: the tiny test model is a latent diffusion model without a predictor to adapt
         rc = main(["sr", str(src), str(out), "--tiny-test-model", *bad, "--progress", "none"])
         err = capsys.readouterr().err

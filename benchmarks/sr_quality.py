@@ -2,15 +2,16 @@
 
 For each reference region and factor (slab average of k slices along z, one thick slice per slab) this
 scores cubic B-spline interpolation, ``cubic+dc`` (cubic followed by the pipeline's data-consistency step
-alone, no network), ``sr`` (what users get with the defaults) and, with ``--adapt SECONDS``, ``sr+adapt``
-(the same after adapting a copy of the predictor to the thick input for that long). ``sr`` minus
+alone, no network), ``sr`` (the weights as they are: ``sr --no-adapt``) and ``sr+adapt`` (the same after
+adapting a copy of the predictor to the thick input: what users get with the defaults, 400 steps;
+``--adapt-steps N`` or ``--adapt SECONDS`` change it, ``--no-adapt`` leaves the row out). ``sr`` minus
 ``cubic+dc`` is the network's own share. Metrics as in ``benchmarks/interpolation.py`` (PSNR full and
 body, 3D SSIM, body HU-MAE, consistency PSNR; HU clipped to [-1024, 2048]).
 
 Usage::
 
     python benchmarks/sr_quality.py results/sr_quality.json [--weights NAME_OR_FILE] \\
-        --reference chest-lidc:93:133 chest-dx:45:64 [--factors 2 4] [--adapt 120] [--threads 2]
+        --reference chest-lidc:93:133 chest-dx:45:64 [--factors 2 4] [--adapt-steps N | --adapt SECONDS | --no-adapt] [--threads 2]
 
 A reference is a sample name or a path, optionally with ``:START:STOP`` (the slices kept along z). The
 model card's figures use the test regions that the default weights' recipe never reads: ``chest-lidc``
@@ -54,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="SR weights name or file (default: the installed default)")
     p.add_argument("--allow-unregistered-weights", action="store_true")
     p.add_argument("--factors", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--adapt", type=float, default=0.0, metavar="SECONDS", help="also score sr+adapt (0: no)")
-    p.add_argument("--adapt-steps", type=int, default=None, help="adapt for exactly N steps instead")
+    p.add_argument("--adapt", type=float, default=None, metavar="SECONDS",
+                   help="sr+adapt with a time budget instead of the default step count")
+    p.add_argument("--adapt-steps", type=int, default=None, help="sr+adapt with N steps (wins over --adapt)")
+    p.add_argument("--no-adapt", action="store_true", help="leave sr+adapt out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
@@ -67,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     resolver = SuperResolver.from_pretrained(name, allow_unregistered=args.allow_unregistered_weights)
     methods = ["cubic", "cubic+dc", "sr"]
     options = {"resolver": resolver, "device": args.device, "seed": args.seed}
-    if args.adapt > 0 or args.adapt_steps:
+    if not args.no_adapt:
         methods.append("sr+adapt")
-        options["adapt"] = AdaptSettings(seconds=args.adapt or 1.0, steps=args.adapt_steps)
+        options["adapt"] = AdaptSettings(seconds=args.adapt or 0.0, steps=args.adapt_steps)  # neither: the default
     setup = {
         "weights": str(name),
         "weights_sha256": resolver.weights_sha256,

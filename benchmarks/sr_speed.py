@@ -6,11 +6,13 @@ Factor 4 along the thick axis (64 -> 256 slices by default). For each step count
 (``adapt`` the adaptation to the input, ``predictor`` the through-plane predictor, ``encode`` /
 ``decode`` the VAE calls inside a diffusion model, ``sample`` its diffusion steps), peak RSS and,
 on CUDA, ``torch.cuda.max_memory_allocated``. CPU runs use ``--threads`` (default 2) torch threads.
+Adaptation as ``sr`` does it: on by default (the default step count), ``--no-adapt``, ``--adapt SECONDS`` or
+``--adapt-steps N``.
 Prints a table and writes JSON (with the weights' sha256, device and thread count).
 
 Usage::
 
-    python benchmarks/sr_speed.py results/sr_speed.json [--weights NAME_OR_FILE] [--adapt 120] [--estimate mean | --steps 4 15] [--device cpu]
+    python benchmarks/sr_speed.py results/sr_speed.json [--weights NAME_OR_FILE] [--no-adapt | --adapt-steps N] [--estimate mean | --steps 4 15] [--device cpu]
     python benchmarks/sr_speed.py /tmp/check.json --tiny-test-model --input synthetic --shape 8 64 64
 
 ``--tiny-test-model`` uses random weights (meaningless images, smaller networks): only for checking the

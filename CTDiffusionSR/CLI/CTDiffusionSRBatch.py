@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance scale; 0 = model default")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
-        "--adaptSeconds", type=float, default=0.0,
-        help="seconds spent fine-tuning a copy of the model on this scan's own in-plane detail first; 0 = off",
+        "--adaptSteps", type=int, default=400,
+        help="steps spent fine-tuning a copy of the model on this scan's own in-plane detail first (default 400)",
     )
+    p.add_argument("--noAdapt", action="store_true", help="no adaptation to the scan")
     p.add_argument("--patchSize", type=_int_vector, default=(0, 0, 0), help="D,H,W; 0,0,0 = automatic")
     p.add_argument("--overlap", type=_int_vector, default=(0, 0, 0), help="D,H,W; 0,0,0 = default")
     p.add_argument("--seed", type=int, default=0)
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noDataConsistency", action="store_true", help="skip the projection onto the input")
     p.add_argument("--allowNonCT", action="store_true", help="run on intensities that do not look like CT")
     p.add_argument(
-        "--adaptSteps", type=int, default=0, help="adapt for exactly N steps instead of seconds; 0 = use seconds"
+        "--adaptSeconds", type=float, default=0.0, help="a time budget for the adaptation instead of steps; 0 = use steps"
     )
     p.add_argument("--tinyTestModel", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tinyTestPredictor", action="store_true", help=argparse.SUPPRESS)
@@ -72,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> dict:
     """The settings that define the result (recorded in the report and on the Slicer node).
 
-    JSON-serialisable: ``"adapt"`` is ``{"seconds", "steps"}`` or None; :func:`adapt_settings` turns it into
-    the engine's ``AdaptSettings`` when the run starts.
+    JSON-serialisable: ``"adapt"`` is ``{"seconds", "steps", "optional"}`` (the engine's ``budget_fields``) or
+    None (``--noAdapt``); :func:`adapt_settings` turns it into the engine's ``AdaptSettings`` when the run starts.
     """
-    adapt = None
-    if args.adaptSeconds or args.adaptSteps:
-        adapt = {"seconds": args.adaptSeconds, "steps": args.adaptSteps or None}
+    from DiffusionCore.sr.adapt import budget_fields
+
+    adapt = None if args.noAdapt else budget_fields(args.adaptSteps, args.adaptSeconds, optional=True)
     return {
         "factor": args.factor or None,
         "target_spacing": args.targetSpacing or None,

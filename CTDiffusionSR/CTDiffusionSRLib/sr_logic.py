@@ -51,9 +51,11 @@ class SRSettings:
         num_samples: samples averaged; >= 2 gives an uncertainty map.
         data_consistency: project the result back onto the measured slices.
         allow_non_ct: run on intensities that do not look like CT in HU (e.g. a CT cropped inside the body).
-        adapt_seconds: seconds spent fine-tuning a copy of the model on this scan's own in-plane detail
-            before super-resolving; 0 = no adaptation.
-        adapt_steps: adapt for exactly this many steps instead (deterministic); 0 = use ``adapt_seconds``.
+        adapt_to_scan: first fine-tune a copy of the model on this scan's own in-plane detail (on by default;
+            skipped, with a note in the report, when the weights have no through-plane predictor).
+        adapt_steps: training steps of that adaptation (deterministic; 400 = the engine's default).
+        adapt_seconds: a time budget in seconds instead of ``adapt_steps`` when > 0 (the step count then
+            depends on the machine's speed).
         tiny_test_model: a random tiny model (self-tests only).
         tiny_test_predictor: a random tiny through-plane predictor that can be adapted (self-tests only).
     """
@@ -72,8 +74,9 @@ class SRSettings:
     num_samples: int = 1
     data_consistency: bool = True
     allow_non_ct: bool = False
+    adapt_to_scan: bool = True
+    adapt_steps: int = 400  # DiffusionCore.sr.adapt.DEFAULT_ADAPT_STEPS (this module does not import torch)
     adapt_seconds: float = 0.0
-    adapt_steps: int = 0
     tiny_test_model: bool = False
     tiny_test_predictor: bool = False
 
@@ -90,9 +93,11 @@ class SRSettings:
             "--overlap", ",".join(str(int(v)) for v in self.overlap),
             "--seed", str(int(self.seed)),
             "--numSamples", str(int(self.num_samples)),
-            "--adaptSeconds", repr(float(self.adapt_seconds)),
             "--adaptSteps", str(int(self.adapt_steps)),
+            "--adaptSeconds", repr(float(self.adapt_seconds)),
         ]
+        if not self.adapt_to_scan:
+            args.append("--noAdapt")
         if self.weights:
             args += ["--weights", self.weights]
         if self.allow_unregistered_weights:
@@ -126,12 +131,12 @@ class SRSettings:
             ConfigError: options out of range or contradicting each other. GeometryError: both a factor and a
                 target spacing.
         """
-        from DiffusionCore.sr.adapt import AdaptSettings
+        from DiffusionCore.sr.adapt import AdaptSettings, budget_fields
         from DiffusionCore.sr.settings import SRRunSettings
 
         adapt = None
-        if self.adapt_seconds or self.adapt_steps:
-            adapt = AdaptSettings(seconds=float(self.adapt_seconds), steps=int(self.adapt_steps) or None)
+        if self.adapt_to_scan:
+            adapt = AdaptSettings(**budget_fields(self.adapt_steps, self.adapt_seconds, optional=True))
         return SRRunSettings(
             **self.thin_grid_options(),
             steps=int(self.steps) or None,

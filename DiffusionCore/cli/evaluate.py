@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods", type=name_list(), default=("nearest", "linear", "cubic"),
         help="comma-separated list of nearest, linear, cubic, cubic+dc (cubic then the data-consistency step "
-        "that sr uses), sr, sr+adapt (sr adapted to the thick input first; see --adapt)",
+        "that sr uses), sr (the weights as they are: sr --no-adapt), sr+adapt (adapted to the thick input "
+        "first, what the sr command does by default; --adapt / --adapt-steps change how long)",
     )
     p.add_argument(
         "--slices", type=int, nargs=2, default=None, metavar=("START", "STOP"),

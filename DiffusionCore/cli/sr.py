@@ -78,7 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sr",
         help="super-resolve thick-slice CT to thin slices",
         description="Super-resolve a thick-slice CT along its thick axis: cubic interpolation plus a learned "
-        "through-plane predictor (optionally adapted to this scan first: --adapt), refined by a latent diffusion "
+        "through-plane predictor (first adapted to this scan's own in-plane detail; --no-adapt skips that), "
+        "refined by a latent diffusion "
         "model when the weights have one, then made consistent with the input. "
         "INPUT is a volume (NIfTI, NRRD, MHA, or a DICOM series folder), a folder of volumes, or a text file "
         "listing volumes (one per line); for several volumes OUTPUT is a folder and the names are kept. "

@@ -76,7 +76,7 @@ logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, str], None]
 
-#: Progress units given to test-time adaptation (it is bounded by time, not by a count known in advance).
+#: Progress units given to test-time adaptation (a share of the bar: it may be bounded by time, not by a count).
 ADAPT_PROGRESS_UNITS = 100
 #: Used when the model's configuration does not say (the seed's defaults).
 FALLBACK_STEPS = 15
@@ -454,7 +454,7 @@ class SuperResolver:
             timings["interpolate"] = timings.get("interpolate", 0.0) + time.perf_counter() - t0
             why = "no through-plane predictor in these weights" if self.predictor is None else (
                 f"no trained factor near the spacing ratio (trained: {self.predictor.factors})")
-            return hu, {"used": False, "reason": why}
+            return hu, {"used": False, "reason": why, "adaptation": None if adapt is None else {"skipped": why, "steps": 0}}
         net = self.predictor
         k = int(factor)
         thick = np.moveaxis(volume.array, axis, 0)
@@ -650,10 +650,10 @@ class SuperResolver:
         dev = resolve_device(settings.device)
         model = self.model
         adapt = settings.adapt
-        if adapt is not None and self.predictor is None:
+        if adapt is not None and self.predictor is None and not adapt.optional:
             raise ConfigError(
                 f"adaptation fine-tunes the through-plane predictor, and the weights {self.weights_name} have none: "
-                "drop --adapt or use weights with a predictor (the default weights have one)"
+                "use --no-adapt or weights with a predictor (the default weights have one)"
             )
         predictor_factor = self.predictor_factor(volume, grid, axis)
         box = body_box(np.moveaxis(volume.array, axis, 0)) if predictor_factor is not None else None
@@ -1002,7 +1002,8 @@ def _evaluate_sr(thick: Volume, grid: Grid, options: dict) -> Volume:
 
     Options: ``weights`` (name or file; default: :func:`default_weights_name`), ``estimate``, ``num_steps``, ``device``,
     ``seed``, ``allow_unregistered`` (bool), ``resolver`` (a ready :class:`SuperResolver`, for scripts),
-    ``adapt`` (:class:`~DiffusionCore.sr.adapt.AdaptSettings` for the ``sr+adapt`` method; ``sr`` never adapts).
+    ``adapt`` (:class:`~DiffusionCore.sr.adapt.AdaptSettings` for the ``sr+adapt`` method). ``sr`` is the weights
+    as they are (``sr --no-adapt``); ``sr+adapt`` is what the ``sr`` command does by default.
     """
     resolver = options.get("resolver") or _resolver_for(options.get("weights"), bool(options.get("allow_unregistered")))
     ax = None
@@ -1038,8 +1039,9 @@ def _evaluate_cubic_dc(thick: Volume, grid: Grid, options: dict) -> Volume:
 
 
 def _evaluate_sr_adapt(thick: Volume, grid: Grid, options: dict) -> Volume:
-    """The ``sr+adapt`` method: ``sr`` with test-time adaptation on the thick input (``options["adapt"]``,
-    default :class:`~DiffusionCore.sr.adapt.AdaptSettings`)."""
+    """The ``sr+adapt`` method (what the ``sr`` command does by default): ``sr`` with test-time adaptation on
+    the thick input (``options["adapt"]``, default :class:`~DiffusionCore.sr.adapt.AdaptSettings`: the
+    default step count)."""
     return _evaluate_sr(thick, grid, {**options, "adapt": options.get("adapt") or AdaptSettings(), "adapting": True})
 
 

@@ -50,7 +50,9 @@ class SRRunSettings:
         tile_batch: patches per model call (default: 1 on the CPU, on a GPU as many as fit).
         allow_non_ct: run on a volume whose intensities do not look like CT in HU.
         adapt: fine-tune a copy of the through-plane predictor on the input scan first
-            (:class:`~DiffusionCore.sr.adapt.AdaptSettings`); None: no adaptation.
+            (:class:`~DiffusionCore.sr.adapt.AdaptSettings`); None: no adaptation. This object's default is
+            None; the ``sr`` command, the Slicer module and its batch CLI pass ``AdaptSettings(optional=True)``
+            unless told not to (adaptation is on by default for users).
 
     Raises:
         ConfigError: a step count below 1, fewer than 1 sample, an estimate that contradicts the steps or
