@@ -32,7 +32,7 @@ class CTDiffusionSRParameterNode:
     factor 0 = suggested from the slice spacing; steps 0 = the posterior-mean estimate (N > 0: a posterior
     sample in N steps); guidance 0 = the model's default; patch and overlap 0 = automatic; outputVolume
     None = a new node; adaptToScan (on by default): first fine-tune a copy of the model for adaptSteps steps
-    on the input's own in-plane detail (400 take about a minute on 2 CPU cores).
+    on the input's own in-plane detail (400 take 1 to 1.5 minutes on 2 CPU cores).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode

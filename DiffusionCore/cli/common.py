@@ -302,7 +302,7 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--adapt-steps", type=bounded_int(1), default=None, metavar="N",
-        help=f"adapt for exactly N steps (default {DEFAULT_ADAPT_STEPS}, about a minute on 2 CPU cores): before "
+        help=f"adapt for exactly N steps (default {DEFAULT_ADAPT_STEPS}, 1 to 1.5 minutes on 2 CPU cores): before "
         "super-resolving, a copy of the model is fine-tuned on pairs made from this scan's own in-plane slices; "
         "the same output for the same seed; the installed weights are not changed",
     )
