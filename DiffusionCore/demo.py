@@ -11,7 +11,8 @@ Steps (each timed):
    weights' training never reads: :func:`DiffusionCore.sr.throughplane_train.split_regions`; slab-average
    thick slices): interpolation, cubic + data consistency, SR without adaptation (``sr --no-adapt``) and
    SR adapted to the thick input (``sr+adapt``: what ``sr`` does by default), and print the table;
-4. X-ray to CT: the evaluation on a DRR of chest-lidc (table) and a CT from the real PA radiograph.
+4. X-ray to CT: the evaluation on a DRR of chest-lidc (table) and a CT from each real radiograph
+   (:data:`REAL_RADIOGRAPHS`: the PA radiograph and the AP CT topogram), with pictures.
 
 Parts that need default weights say so plainly when none are installed and carry on with the rest.
 """
@@ -215,6 +216,13 @@ def xray_figure(radiograph: np.ndarray, rows: dict[str, Volume], path: Path, tit
     return _save_figure(fig, path, title, dpi=80)
 
 
+#: The real radiographs the demo turns into CTs: (sample, what it is, output file stem, summary key).
+REAL_RADIOGRAPHS = (
+    ("cxr-pa", "real PA radiograph", "xray2ct_pa", "xray_report"),
+    ("ct-topogram", "real CT chest topogram (AP scout)", "xray2ct_topogram", "xray_topogram_report"),
+)
+
+
 def _xray_part(output_dir: Path, ref: Volume, weights: str, device: str, steps: int | None,
                timings: dict, summary: dict) -> None:
     import torch
@@ -238,16 +246,18 @@ def _xray_part(output_dir: Path, ref: Volume, weights: str, device: str, steps: 
     vol, _ = gen.run(drr, device=device, steps=steps, view=cfg.data.view, fov_mm=cfg.data.fov_mm)
     xray_figure(drr, {"generated (synthetic)": vol, "reference CT": cube}, output_dir / "xray2ct_drr.png",
                 "X-ray to CT from a DRR of chest-lidc (a training CT), against that CT", cfg.data.view)
-    try:
-        pa = read_radiograph(sampledata.fetch("cxr-pa"))
-    except DiffusionCoreError as exc:
-        summary["notes"].append(f"real radiograph part skipped: {exc}")
-        return
-    vol, rep = _timed(timings, "X-ray to CT (real PA radiograph)", gen.run, pa, device=device, steps=steps)
-    write_volume(vol, output_dir / "xray2ct_pa.nii.gz", overwrite=True)
-    seen = gen.prepare_input(pa, None)[0][0, 0].numpy()
-    picture = xray_figure(seen, {"generated (synthetic)": vol}, output_dir / "xray2ct_pa.png",
-                          "X-ray to CT from a real PA radiograph (cxr-pa): no ground-truth CT exists for it",
-                          cfg.data.view)  # fmt: skip
-    print(f"X-ray to CT pictures: {output_dir / 'xray2ct_drr.png'}, {picture}")
-    summary["xray_report"] = {k: v for k, v in rep.items() if not isinstance(v, Volume)}
+    pictures = [output_dir / "xray2ct_drr.png"]
+    for sample, what, stem, key in REAL_RADIOGRAPHS:
+        try:
+            image = read_radiograph(sampledata.fetch(sample))
+        except DiffusionCoreError as exc:
+            summary["notes"].append(f"{what} part skipped: {exc}")
+            continue
+        vol, rep = _timed(timings, f"X-ray to CT ({what})", gen.run, image, device=device, steps=steps)
+        write_volume(vol, output_dir / f"{stem}.nii.gz", overwrite=True)
+        seen = gen.prepare_input(image, None)[0][0, 0].numpy()
+        pictures.append(xray_figure(seen, {"generated (synthetic)": vol}, output_dir / f"{stem}.png",
+                                    f"X-ray to CT from a {what} ({sample}): no ground-truth CT exists for it",
+                                    cfg.data.view))  # fmt: skip
+        summary[key] = {k: v for k, v in rep.items() if not isinstance(v, Volume)}
+    print("X-ray to CT pictures: " + ", ".join(str(p) for p in pictures))

@@ -54,7 +54,7 @@ def test_xray2ct_without_weights_uses_the_default(tmp_path):
     assert report["stages"][0]["projection_psnr"] > 25  # the consistency step makes it re-project onto the input
 
 
-def test_demo_xray_part_uses_the_default_and_draws_both_pictures(tmp_path, monkeypatch):
+def test_demo_xray_part_uses_the_default_and_draws_every_picture(tmp_path, monkeypatch):
     truth = ct_phantom_array((64, 64, 64), seed=7)
     ref = Volume(truth, (5.0, 5.0, 5.0))
     drr = render_training_drr(torch.from_numpy(truth)[None, None], 350.0, 128, "pa")[0, 0].numpy()
@@ -66,6 +66,8 @@ def test_demo_xray_part_uses_the_default_and_draws_both_pictures(tmp_path, monke
     rows = summary["xray_evaluation"]["results"]
     assert {r["method"] for r in rows} == {"model", "model-raw", "mean-ct", "lifting-only"}
     assert summary["xray_evaluation"]["settings"]["weights_sha256"] == _entry()["sha256"]
-    for name in ("xray2ct_drr.png", "xray2ct_pa.png"):
+    for name in ("xray2ct_drr.png", "xray2ct_pa.png", "xray2ct_topogram.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-    assert read_volume(tmp_path / "xray2ct_pa.nii.gz").shape == (64, 64, 64)
+    for name in ("xray2ct_pa.nii.gz", "xray2ct_topogram.nii.gz"):  # both real radiographs: PA and the AP topogram
+        assert read_volume(tmp_path / name).shape == (64, 64, 64)
+    assert summary["xray_report"]["weights_sha256"] == summary["xray_topogram_report"]["weights_sha256"]
