@@ -120,6 +120,8 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
     nearest = interpolate(thick, grid, "nearest")
     write_volume(cubic, output_dir / f"chest-dx_cubic_x{factor}.nii.gz", overwrite=True)
     columns = {f"input {thick.spacing_zyx[0]:.1f} mm (nearest)": nearest, f"cubic x{factor}": cubic}
+    from .sr.adapt import AdaptSettings
+
     sr_name = sr_weights or first_available("sr")
     methods = ["nearest", "linear", "cubic"]
     if sr_name is None:
@@ -128,7 +130,6 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
         print(note)
         summary["notes"].append(note)
     else:
-        from .sr.adapt import AdaptSettings
         from .sr.pipeline import SuperResolver
 
         resolver = SuperResolver.from_pretrained(sr_name)
@@ -147,7 +148,6 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
     print(f"comparison picture: {fig}")
 
     # 3. evaluation on the thin reference's test region (never read by the default weights' training)
-    from .sr.adapt import AdaptSettings
     from .sr.throughplane_train import ThroughPlaneTrainConfig, split_regions
     from .volume import crop_slices
 

@@ -30,6 +30,7 @@ def _int_vector(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from DiffusionCore.cli.common import finite_float
+    from DiffusionCore.sr.adapt import DEFAULT_ADAPT_STEPS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("inputVolume", help="thick-slice CT (NRRD, NIfTI, MHA)")
@@ -50,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance scale; 0 = model default")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
-        "--adaptSteps", type=int, default=400,
-        help="steps spent fine-tuning a copy of the model on this scan's own in-plane detail first (default 400)",
+        "--adaptSteps", type=int, default=DEFAULT_ADAPT_STEPS,
+        help="steps spent fine-tuning a copy of the model on this scan's own in-plane detail first "
+        f"(default {DEFAULT_ADAPT_STEPS})",
     )
     p.add_argument("--noAdapt", action="store_true", help="no adaptation to the scan")
     p.add_argument("--patchSize", type=_int_vector, default=(0, 0, 0), help="D,H,W; 0,0,0 = automatic")
