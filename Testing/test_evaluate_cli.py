@@ -113,6 +113,14 @@ def test_unknown_method_is_refused(tmp_path, small_ct):
     assert_one_error_line(proc, 2, "unknown method 'lanczos'", "cubic")
 
 
+@pytest.mark.parametrize("off", [["--no-adapt"], ["--adapt", "0"]])
+def test_sr_adapt_with_adaptation_turned_off_is_refused(tmp_path, small_ct, off):
+    proc = run_cli("evaluate", "--reference", str(small_ct), "--factor", "2", "--methods", "cubic,sr+adapt", *off,
+                   "--json", "r.json", cwd=tmp_path)  # fmt: skip
+    assert_one_error_line(proc, 2, "sr+adapt", off[0])
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_unwritable_json_path(tmp_path, small_ct):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from ..errors import NumericalError, OutputError
+from ..errors import ConfigError, NumericalError, OutputError
 from ..evaluate import evaluate, format_table
 from ..files import refuse_overwriting_inputs, write_json_atomic
 from ..sampledata import load_reference
@@ -73,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
     from ..sr import pipeline  # noqa: F401  (registers the model methods: sr, sr+adapt, cubic+dc)
 
     methods = list(args.methods)  # unknown names are refused by evaluate() before any work
+    if "sr+adapt" in methods and adapt_settings(args) is None:
+        raise ConfigError(
+            "the method sr+adapt adapts the model, but --no-adapt (or --adapt 0) turns adaptation off: drop one "
+            "of them (the method sr is the weights without adaptation)"
+        )
     refuse_overwriting_inputs([args.reference, args.weights], [("--json", args.json_out)])
     if args.json_out:
         out = Path(args.json_out)
