@@ -168,6 +168,21 @@ class XrayDataConfig:
     hu_jitter: float = field(default=0.03, metadata={"help": "Relative HU scale jitter of the CT."})
     flip: bool = field(default=True, metadata={"help": "Random left-right flips of CT and DRR together."})
     max_rotation_deg: float = field(default=5.0, metadata={"help": "Max 3D rotation of the CT, degrees."})
+    zoom_jitter: float = field(
+        default=0.0,
+        metadata={
+            "help": "Body-habitus zoom of the CT: each axis scaled on its own by exp(u), u uniform in +-this "
+            "(0.12: about 0.89-1.13), so one chest becomes wider, deeper or longer ones; 0 turns it off."
+        },
+    )
+    elastic_mm: float = field(
+        default=0.0,
+        metadata={
+            "help": "Smooth elastic deformation of the CT: displacement standard deviation in mm (a field "
+            "varying over about a quarter of the field of view; the same field at every stage's "
+            "resolution); 0 turns it off."
+        },
+    )
     prev_noise: float = field(
         default=0.1, metadata={"help": "Noise on the previous-stage volume given to stages 2-3 in training."}
     )

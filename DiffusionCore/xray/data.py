@@ -5,7 +5,8 @@
   512^2 scan does not alias at 64^3.
 * :func:`render_training_drr` renders the training-geometry radiograph (axis-aligned parallel beam, or the
   ray marcher with a pose jitter) and applies radiograph augmentation (gain/gamma, scatter-like blur, noise).
-* :class:`XrayCubeDataset` draws augmented (cube, DRR) pairs: CT flips, small rotations, HU jitter.
+* :class:`XrayCubeDataset` draws augmented (cube, DRR) pairs: CT flips, small rotations, body-habitus zoom per axis,
+  smooth elastic deformation, HU jitter.
 * :func:`prepare_dataset` writes the cubes (NIfTI, int16 HU) and DRRs (``.npy``) plus ``manifest.json``.
 """
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..intensity import hu_to_unit
-from ..train.augment import random_affine
+from ..train.augment import rotation_matrix
 from ..volume import AIR_HU, Volume, read_volume, write_volume
 from .config import XrayDataConfig
 from .drr import DRRGeometry, hu_to_mu, project_parallel_axis, radiograph_style, render_drr
@@ -168,12 +169,13 @@ class XrayCubeDataset:
             flip = augment and self.aug.flip and rng.random() < 0.5
             scale = 1 + rng.uniform(-self.aug.hu_jitter, self.aug.hu_jitter) if augment else 1.0
             rot_seed = int(rng.integers(2**31))
+            zoom = tuple(np.exp(rng.uniform(-self.aug.zoom_jitter, self.aug.zoom_jitter, size=3)))
+            control = rng.standard_normal((3, *ELASTIC_CONTROL)) if self.aug.elastic_mm > 0 else None
             for r in resolutions:
                 c = item[r]
-                if augment and self.aug.max_rotation_deg > 0:
-                    c = random_affine(
-                        c, np.random.default_rng(rot_seed), self.aug.max_rotation_deg, (1.0, 1.0)
-                    )
+                if augment and (self.aug.max_rotation_deg > 0 or self.aug.zoom_jitter > 0 or control is not None):
+                    angles = np.random.default_rng(rot_seed).uniform(-1, 1, size=3) * self.aug.max_rotation_deg
+                    c = warp_cube(c, angles, zoom, control, self.aug.elastic_mm / (self.fov_mm / r))
                 if flip:
                     c = c[:, :, ::-1]
                 c = (c - AIR_HU) * scale + AIR_HU
@@ -183,6 +185,48 @@ class XrayCubeDataset:
         drr = render_training_drr(hu[finest], self.fov_mm, xray_resolution, self.aug.view,
                                   rng=rng if augment else None, aug=self.aug)  # fmt: skip
         return {r: hu_to_unit(h) for r, h in hu.items()}, drr
+
+
+#: Control grid of the elastic augmentation: a displacement per axis at 6^3 points, upsampled to the cube, so the
+#: field varies over about a quarter of the field of view and is the same at every resolution.
+ELASTIC_CONTROL = (6, 6, 6)
+
+
+def warp_cube(
+    cube: np.ndarray,
+    angles_deg: np.ndarray,
+    zoom_zyx: tuple[float, float, float],
+    control: np.ndarray | None = None,
+    std_voxels: float = 0.0,
+) -> np.ndarray:
+    """Rotate, zoom each axis and elastically deform ``cube`` (R, R, R) HU about its centre, in one resampling.
+
+    Args:
+        angles_deg: ``(about_z, about_y, about_x)`` (see :func:`~DiffusionCore.train.augment.rotation_matrix`).
+        zoom_zyx: per-axis zoom of the anatomy (> 1 enlarges), applied before the rotation.
+        control: (3, *ELASTIC_CONTROL) standard-normal displacements (z, y, x) or None for no deformation.
+        std_voxels: displacement standard deviation in voxels of this cube (clipped at 3 sd).
+
+    Returns:
+        (R, R, R) float32 HU, air where the warp reads from outside the cube.
+    """
+    r = cube.shape
+    # output voxel o reads input voxel c + Z^-1 R^T (o - c) + d(o)
+    matrix = np.diag(1.0 / np.asarray(zoom_zyx, dtype=np.float64)) @ rotation_matrix(angles_deg).T
+    axes = [torch.linspace(-1.0, 1.0, n, dtype=torch.float64) * (n - 1) / 2 for n in r]  # o - c, voxels
+    o = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (R, R, R, 3) zyx
+    src = o @ torch.from_numpy(matrix).T
+    if control is not None and std_voxels > 0:
+        up = F.interpolate(torch.from_numpy(control)[None].double(), size=r, mode="trilinear", align_corners=True)
+        disp = (up[0] / up[0].std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6) * std_voxels).clamp(
+            -3 * std_voxels, 3 * std_voxels
+        )
+        src = src + disp.permute(1, 2, 3, 0)
+    half = torch.tensor([(n - 1) / 2 for n in r], dtype=torch.float64)
+    grid = (src / half).flip(-1)[None].float()  # grid_sample wants (x, y, z), normalised to [-1, 1]
+    inp = torch.from_numpy(np.asarray(cube, dtype=np.float32) - AIR_HU)[None, None]
+    out = F.grid_sample(inp, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out[0, 0].numpy() + AIR_HU
 
 
 def load_cubes(paths: list[Path], resolutions: list[int], fov_mm: float) -> list[dict[int, np.ndarray]]:

@@ -1,0 +1,74 @@
+"""X-ray training data: the body-habitus zoom and the elastic deformation keep the CT and its DRR together."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from DiffusionCore.volume import AIR_HU
+from DiffusionCore.xray.config import XrayDataConfig
+from DiffusionCore.xray.data import ELASTIC_CONTROL, XrayCubeDataset, render_training_drr, warp_cube
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _chest(r: int) -> np.ndarray:
+    """An elliptic body (40 HU) with two lungs and a posterior spine, air outside, on an r^3 cube."""
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, r)] * 3, indexing="ij")
+    ct = np.where((x / 0.7) ** 2 + (y / 0.5) ** 2 < 1, 40.0, AIR_HU)
+    ct[((np.abs(x) - 0.35) / 0.2) ** 2 + (y / 0.3) ** 2 < 1] = -800.0
+    ct[x**2 + (y - 0.35) ** 2 < 0.01] = 900.0
+    ct[np.abs(z) > 0.8] = AIR_HU  # the scanned range ends before the cube does
+    return ct.astype(np.float32)
+
+
+def test_identity_warp_keeps_the_cube():
+    cube = _chest(32)
+    out = warp_cube(cube, np.zeros(3), (1.0, 1.0, 1.0))
+    assert np.allclose(out, cube, atol=1e-2)  # HU, float32 sampling positions
+
+
+def test_zoom_scales_each_axis_of_the_anatomy_on_its_own():
+    cube = _chest(48)
+    depth, width = (cube[24, :, 24] > -500).sum(), (cube[24, 24, :] > -500).sum()
+    wide = warp_cube(cube, np.zeros(3), (1.0, 1.0, 1.2))  # x only: a wider chest, as deep as before
+    assert (wide[24, 24, :] > -500).sum() == pytest.approx(1.2 * width, abs=2)
+    assert (wide[24, :, 24] > -500).sum() == pytest.approx(depth, abs=1)
+    deep = warp_cube(cube, np.zeros(3), (1.0, 0.85, 1.0))  # y only: a shallower chest
+    assert (deep[24, :, 24] > -500).sum() == pytest.approx(0.85 * depth, abs=2)
+    assert (deep[24, 24, :] > -500).sum() == pytest.approx(width, abs=1)
+    assert deep.min() >= AIR_HU - 1e-3  # what comes from outside the cube is air
+
+
+def test_elastic_field_is_smooth_bounded_and_the_same_at_every_resolution():
+    rng = np.random.default_rng(3)
+    control = rng.standard_normal((3, *ELASTIC_CONTROL))
+    warped = {r: warp_cube(_chest(r), np.zeros(3), (1, 1, 1), control, 6.0 / (350.0 / r)) for r in (32, 64)}
+    for r, w in warped.items():
+        changed = np.abs(w - _chest(r)) > 1
+        assert 0.01 < changed.mean() < 0.5, r  # deformed, but the body is still where it was
+    # the same deformation at both resolutions: the 64^3 warp, averaged down, is closer to the 32^3 warp with
+    # the same control points than to one with other control points
+    other = warp_cube(_chest(32), np.zeros(3), (1, 1, 1), rng.standard_normal(control.shape), 6.0 / (350.0 / 32))
+    down = warped[64].reshape(32, 2, 32, 2, 32, 2).mean(axis=(1, 3, 5))
+    assert np.abs(down - warped[32]).mean() < 0.7 * np.abs(down - other).mean()
+    none = warp_cube(_chest(32), np.zeros(3), (1, 1, 1), control, 0.0)
+    assert np.allclose(none, _chest(32), atol=1e-2)
+
+
+def test_augmented_drr_is_the_projection_of_the_augmented_cube():
+    cubes = [{32: _chest(32)}]
+    aug = XrayDataConfig(zoom_jitter=0.12, elastic_mm=6.0, intensity_jitter=0.0, noise_std=0.0, blur_sigma_px=0.0,
+                         pose_jitter_deg=0.0, hu_jitter=0.0)  # fmt: skip
+    ds = XrayCubeDataset(cubes, aug, 350.0)
+    vols, drr = ds.sample(np.random.default_rng(0), 3, [32], 32)
+    from DiffusionCore.intensity import unit_to_hu
+
+    again = render_training_drr(unit_to_hu(vols[32]), 350.0, 32, "pa")
+    assert torch.allclose(drr, again, atol=1e-5)
+    plain, _ = XrayCubeDataset(cubes, XrayDataConfig(max_rotation_deg=0.0, flip=False), 350.0).sample(
+        np.random.default_rng(0), 3, [32], 32, augment=False
+    )
+    widths = [int((vols[32][i, 0, 16, 16, :] > -0.5).sum()) for i in range(3)]
+    assert len(set(widths)) > 1 or widths[0] != int((plain[32][0, 0, 16, 16, :] > -0.5).sum())
