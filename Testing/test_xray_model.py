@@ -244,6 +244,8 @@ def test_stage_configs_accept_the_seed_keys_and_reject_bad_ones():
         load_stage_config({"model": {"vit_dept": 3}})
     with pytest.raises(ConfigError, match="multiple of model.patch_size"):
         load_stage_config({"resolution": 62})
+    with pytest.raises(ConfigError, match="refine_channels"):
+        load_stage_config({"model": {"refine_xray": True, "refine_channels": 0}})
 
 
 def test_gradient_checkpointing_and_eps_parameterisation_train():

@@ -49,8 +49,9 @@ def _phantoms(n: int, r: int) -> torch.Tensor:
     return torch.tensor(np.stack(vols), dtype=torch.float32)[:, None]
 
 
-def test_patchwise_generation_equals_the_whole_grid_where_attention_is_windowed():
-    st = _stage(window_size=2)  # 32^3, 8^3 tokens > max_full_tokens: attention in 2^3-token windows
+@pytest.mark.parametrize("refine_xray", [False, True])
+def test_patchwise_generation_equals_the_whole_grid_where_attention_is_windowed(refine_xray):
+    st = _stage(window_size=2, refine_xray=refine_xray)  # 32^3, 8^3 tokens > max_full_tokens: 2^3-token windows
     assert patch_alignment(st.cfg) == 8  # a 16^3 patch holds 8 windows (few enough tokens to attend globally)
     xray, prev = _inputs()
     whole = st.sample(xray, prev, steps=2, generator=torch.Generator().manual_seed(1))
@@ -77,6 +78,29 @@ def test_a_patch_reads_its_place_in_the_grid():
         torch.testing.assert_close(lifted_part, _crop(lifted, origin, 16), atol=1e-6, rtol=0)
         wrong = st(_crop(x, origin, 16), t, xray, prev, origin=(0, 0, 0))  # same voxels, wrong place
     assert float((wrong - part).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("view", ["pa", "lateral"])
+def test_the_refinement_head_reads_each_voxels_ray_and_depth(view):
+    st = _stage(stage=1, resolution=32, refine_xray=True)
+    st.cfg = replace(st.cfg, data=replace(st.cfg.data, view=view))
+    xray = torch.zeros(1, 1, 32, 32)
+    xray[0, 0, 5, 20] = 1.0  # one bright ray: 6th row from the top (superior), 21st column
+    zero = torch.zeros(1, 1, 32, 32, 32)
+    ctx = st.condition(xray)
+    inp = st._refine_input(zero, zero, zero, ctx, (0, 0, 0))
+    assert inp.shape == (1, 5, 32, 32, 32)
+    rays, depth = inp[0, 3], inp[0, 4]
+    z, across = np.unravel_index(int(rays.amax(dim=1 if view == "pa" else 2).argmax()), (32, 32))
+    assert (z, across) == (31 - 5, 20)  # z runs superior-increasing: the top row is the last slice
+    depth_dim = 1 if view == "pa" else 2
+    assert float((rays - rays.mean(dim=depth_dim, keepdim=True)).abs().max()) == 0.0  # constant along the ray
+    line = depth.movedim(depth_dim, 0)[:, 0, 0]
+    torch.testing.assert_close(line, torch.linspace(-1, 1, 32))  # the voxel's depth, front to back
+    assert float((depth - depth.mean(dim=depth_dim, keepdim=True)).abs().max()) > 0.5
+    part = st._refine_input(zero[..., :16, :16, :16], zero[..., :16, :16, :16], zero[..., :16, :16, :16], ctx,
+                            (16, 0, 16))  # fmt: skip
+    torch.testing.assert_close(part, _crop(inp, (16, 0, 16), 16))  # a patch reads its place
 
 
 def test_global_attention_patches_blend_without_seams():

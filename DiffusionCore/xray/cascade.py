@@ -67,6 +67,9 @@ class StageCondition:
         lifted: (B, C, G, G, G) depth-lifted X-ray features on the whole token grid, or None.
         prev: (B, 1, N, N, N) previous-stage volume on this grid (N = R, or the padded side of a
             :class:`PatchPlan`), model units; None for stage 1.
+        rays: the radiograph at the grid's resolution, one value per ray: (B, 1, R, 1, R) for a PA view (depth
+            along y), (B, 1, R, R, 1) for a lateral one; None unless the refinement head reads it
+            (``model.refine_xray``).
     """
 
     tokens: torch.Tensor
@@ -74,6 +77,7 @@ class StageCondition:
     prev_cond: torch.Tensor | None
     lifted: torch.Tensor | None
     prev: torch.Tensor | None
+    rays: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +254,7 @@ class StageModel(nn.Module):
         if m.refine_channels > 0:  # sees the token output, x_t and the base: removes patch seams, adds detail
             k = m.refine_channels
             self.refine = nn.Sequential(
-                nn.Conv3d(3, k, 3, padding=1), nn.SiLU(), nn.Conv3d(k, k, 3, padding=1), nn.SiLU(),
+                nn.Conv3d(5 if m.refine_xray else 3, k, 3, padding=1), nn.SiLU(), nn.Conv3d(k, k, 3, padding=1), nn.SiLU(),
                 nn.Conv3d(k, 1, 3, padding=1),
             )  # fmt: skip
             nn.init.zeros_(self.refine[-1].weight)
@@ -302,7 +306,34 @@ class StageModel(nn.Module):
         if self.has_prev:
             prev_up = self.prepare_prev(prev)
             prev_cond = self.prev_embed(prev_up)
-        return StageCondition(tokens=tokens, glob=glob, prev_cond=prev_cond, lifted=lifted, prev=prev_up)
+        rays = None
+        if self.refine is not None and self.cfg.model.refine_xray:
+            r = self.cfg.resolution
+            img = F.interpolate(xray.float(), size=(r, r), mode="bilinear", align_corners=False, antialias=True)
+            img = img.flip(2)  # rows superior-first -> z ascending
+            rays = img[:, :, :, None, :] if self.cfg.data.view == "pa" else img[:, :, :, :, None]
+        return StageCondition(tokens=tokens, glob=glob, prev_cond=prev_cond, lifted=lifted, prev=prev_up, rays=rays)
+
+    def _refine_input(
+        self, out: torch.Tensor, x_t: torch.Tensor, base: torch.Tensor, ctx: StageCondition,
+        origin: tuple[int, int, int],
+    ) -> torch.Tensor:
+        """The refinement head's input over the cube at ``origin``: the token output, x_t and the base, then
+        (``model.refine_xray``) the radiograph value of each voxel's ray and the voxel's depth in [-1, 1]."""
+        parts = [out, x_t, base]
+        if ctx.rays is not None:
+            b, s = out.shape[0], out.shape[-1]
+            r = self.cfg.resolution
+            depth_axis = 3 if self.cfg.data.view == "pa" else 4
+            sl = [slice(None), slice(None)] + [slice(o, o + s) for o in origin]
+            sl[depth_axis] = slice(None)  # the rays are constant along the depth axis
+            rays = ctx.rays[tuple(sl)].to(out.dtype)
+            o = origin[depth_axis - 2]
+            depth = torch.linspace(-1.0, 1.0, r, device=out.device, dtype=out.dtype)[o : o + s]
+            shape = [1, 1, 1, 1, 1]
+            shape[depth_axis] = s
+            parts += [rays.expand(b, 1, s, s, s), depth.view(shape).expand(b, 1, s, s, s)]
+        return torch.cat(parts, dim=1)
 
     def _check_patch(self, x_t: torch.Tensor, origin: tuple[int, int, int] | None) -> tuple[int, int, int]:
         s = x_t.shape[-1]
@@ -376,7 +407,7 @@ class StageModel(nn.Module):
         out = self._token_output(x_t, t, ctx, o, None if whole else windowed_attention(self.cfg))
         base = _crop(ctx.prev, o, s) if self.has_prev else torch.zeros_like(out)
         if self.refine is not None:
-            out = out + self.refine(torch.cat([out, x_t, base], dim=1))
+            out = out + self.refine(self._refine_input(out, x_t, base, ctx, o))
         out = out + base
         if not return_lifted:
             return out
@@ -455,7 +486,7 @@ class StageModel(nn.Module):
         out = acc[..., :r, :r, :r]
         base = ctx.prev[..., :r, :r, :r] if self.has_prev else torch.zeros_like(out)
         if self.refine is not None:
-            inp = torch.cat([out, x_t, base], dim=1)
+            inp = self._refine_input(out, x_t, base, ctx, (0, 0, 0))
             out = out + _chunked(self.refine, inp, plan.patch, self.refine_halo)
         return out + base
 
@@ -497,7 +528,7 @@ class StageModel(nn.Module):
         fixed = 16 * n_pad**3 + c * self.grid**3
         k = m.refine_channels
         chunk = r if patch is None else min(r, side + 2 * self.refine_halo)
-        refine = (3 + 2 * k) * chunk**3 if k else 0
+        refine = ((5 if m.refine_xray else 3) + 2 * k) * chunk**3 if k else 0
         return int(1.25 * 4 * batch * (fixed + per_block + scores + 4 * side**3 + refine))
 
     def sampling_plan(

@@ -70,6 +70,14 @@ class XrayModelConfig:
         default=0,
         metadata={"help": "Width of a full-resolution 3D conv head refining the token output (0 = none)."},
     )
+    refine_xray: bool = field(
+        default=False,
+        metadata={
+            "help": "The refinement head also reads the radiograph itself at the stage's resolution, spread "
+            "along each ray, and each voxel's depth along the ray: a full-resolution path from the radiograph "
+            "to the output beside the token grid's (needs refine_channels > 0)."
+        },
+    )
     train_patch: int = field(
         default=0,
         metadata={
@@ -315,6 +323,8 @@ def check_xray_architecture(cfg: XrayStageConfig) -> None:
     require_positive("model.depth_bands", m.depth_bands)
     finite_positive("model.mlp_ratio", m.mlp_ratio)
     require_positive("model.refine_channels", m.refine_channels, minimum=0)
+    if m.refine_xray and not m.refine_channels:
+        raise ConfigError("model.refine_xray needs a refinement head: set model.refine_channels above 0")
     if m.patch_size > cfg.resolution:
         raise ConfigError(f"model.patch_size {m.patch_size} exceeds the stage resolution {cfg.resolution}")
 

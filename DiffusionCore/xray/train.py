@@ -365,6 +365,8 @@ def _tiny_like(cfg: XrayStageConfig) -> XrayStageConfig:
     t = tiny_stage_config(
         cfg.stage, 16 * 2 ** (cfg.stage - 1), refine_channels=4 if cfg.model.refine_channels else 0
     )
+    if cfg.model.refine_xray and t.model.refine_channels:
+        t = replace(t, model=replace(t.model, refine_xray=True))
     if cfg.model.train_patch or cfg.model.inference_patch:
         align = patch_alignment(t)
         half = max(align, t.resolution // 2 // align * align)
