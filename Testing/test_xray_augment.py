@@ -72,3 +72,19 @@ def test_augmented_drr_is_the_projection_of_the_augmented_cube():
     )
     widths = [int((vols[32][i, 0, 16, 16, :] > -0.5).sum()) for i in range(3)]
     assert len(set(widths)) > 1 or widths[0] != int((plain[32][0, 0, 16, 16, :] > -0.5).sum())
+
+
+def test_the_model_cards_experiment_config_is_the_cpu_recipe_plus_the_new_keys():
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from DiffusionCore.xray.config import load_stage_config
+
+    root = Path(__file__).resolve().parents[1]
+    tried = load_stage_config(str(root / "benchmarks" / "xray_stage1_rays.json"))
+    cpu = load_stage_config("stage1_cpu")
+    assert (tried.data.zoom_jitter, tried.data.elastic_mm, tried.model.refine_xray) == (0.12, 6.0, True)
+    a, b = asdict(tried), asdict(cpu)
+    for section, key in (("data", "zoom_jitter"), ("data", "elastic_mm"), ("model", "refine_xray")):
+        a[section].pop(key), b[section].pop(key)
+    assert a == b
