@@ -51,8 +51,19 @@ FUZZ = settings(
 FUZZ_MEMORY_LIMIT = "32MiB"
 
 
-#: Address space a fuzzed reader may reach (a backstop, see below).
+#: Address space a fuzzed reader may add to what the test process already holds (a backstop, see below).
 FUZZ_ADDRESS_SPACE = 10 * 2**30
+
+
+def _address_space_in_use() -> int:
+    """Bytes of virtual address space this process holds now (0 where /proc does not say)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 @pytest.fixture(autouse=True)
@@ -61,10 +72,14 @@ def _memory_cap(monkeypatch):
     # Backstop: in a full test session one mutated DICOM series was seen to make the reader allocate more
     # than 20 GB (the machine's OOM killer ended the session; not reproduced with this file alone). Under
     # an address-space cap such an allocation fails with MemoryError, which the reader reports cleanly.
+    # The cap sits above what the process already holds: a test worker that ran other files first (torch,
+    # VTK, thread stacks and allocator arenas) can hold many GB of address space, and a fixed cap below that
+    # made every later allocation fail (a segmentation fault in the worker).
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = FUZZ_ADDRESS_SPACE if hard == resource.RLIM_INFINITY else min(FUZZ_ADDRESS_SPACE, hard)
+    want = _address_space_in_use() + FUZZ_ADDRESS_SPACE
+    cap = want if hard == resource.RLIM_INFINITY else min(want, hard)
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     yield
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
