@@ -302,14 +302,20 @@ def gzip_file(src: str | os.PathLike, dst: str | os.PathLike, *, level: int = GZ
 
 
 # -- memory ------------------------------------------------------------------------------------------
-def _meminfo_available() -> int | None:
+def proc_bytes(path: str, key: str) -> int | None:
+    """Bytes that a ``/proc`` file in the ``KEY:  N kB`` format gives for ``key`` (e.g. ``/proc/meminfo``
+    ``MemAvailable``, ``/proc/self/status`` ``VmHWM``); None where the file or the key is missing."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _meminfo_available() -> int | None:
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def _cgroup_available() -> int | None:

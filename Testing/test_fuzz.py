@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from DiffusionCore.config import config_to_dict, load_config
 from DiffusionCore.errors import DiffusionCoreError
+from DiffusionCore.files import proc_bytes
 from DiffusionCore.sr.config import SRConfig
 from DiffusionCore.volume import Volume, read_volume, write_volume
 from DiffusionCore.weights import load_safetensors, read_safetensors_header, save_safetensors
@@ -55,17 +56,6 @@ FUZZ_MEMORY_LIMIT = "32MiB"
 FUZZ_ADDRESS_SPACE = 10 * 2**30
 
 
-def _address_space_in_use() -> int:
-    """Bytes of virtual address space this process holds now (0 where /proc does not say)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 @pytest.fixture(autouse=True)
 def _memory_cap(monkeypatch):
     monkeypatch.setenv("DIFFUSIONCORE_MEMORY_LIMIT", FUZZ_MEMORY_LIMIT)
@@ -78,7 +68,7 @@ def _memory_cap(monkeypatch):
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    want = _address_space_in_use() + FUZZ_ADDRESS_SPACE
+    want = (proc_bytes("/proc/self/status", "VmSize") or 0) + FUZZ_ADDRESS_SPACE
     cap = want if hard == resource.RLIM_INFINITY else min(want, hard)
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     yield

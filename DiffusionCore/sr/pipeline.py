@@ -38,7 +38,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,13 +91,10 @@ _VOLUME_ARRAYS_PER_EXTRA_STATS = 2
 # -- helpers ------------------------------------------------------------------------------------------
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process (``VmHWM`` from /proc/self/status, else ru_maxrss)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    from ..files import proc_bytes
+
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def tile_seed(seed: int, sample: int, tile: int) -> int:
