@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from ..sr import pipeline  # noqa: F401  (registers the model methods: sr, sr+adapt, cubic+dc)
 
     methods = list(args.methods)  # unknown names are refused by evaluate() before any work
-    if "sr+adapt" in methods and adapt_settings(args) is None:
+    adapt = adapt_settings(args)
+    if "sr+adapt" in methods and adapt is None:
         raise ConfigError(
             "the method sr+adapt adapts the model, but --no-adapt (or --adapt 0) turns adaptation off: drop one "
             "of them (the method sr is the weights without adaptation)"
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         ref = crop_slices(ref, args.axis, *args.slices)
     options = {
         "weights": args.weights, "estimate": args.estimate, "num_steps": args.num_steps, "device": args.device,
-        "seed": args.seed, "allow_unregistered": args.allow_unregistered_weights, "adapt": adapt_settings(args),
+        "seed": args.seed, "allow_unregistered": args.allow_unregistered_weights, "adapt": adapt,
     }
     progress = Progress(args.progress, desc="evaluate")
     try:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -192,6 +193,14 @@ class XrayCubeDataset:
 ELASTIC_CONTROL = (6, 6, 6)
 
 
+@functools.lru_cache(maxsize=4)
+def _centred_voxels(shape: tuple[int, int, int]) -> torch.Tensor:
+    """(D, H, W, 3) float64 voxel positions (z, y, x) relative to the grid's centre (read-only; cached, since
+    every training sample of a stage warps a cube of the same shape)."""
+    axes = [torch.linspace(-1.0, 1.0, n, dtype=torch.float64) * (n - 1) / 2 for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
 def warp_cube(
     cube: np.ndarray,
     angles_deg: np.ndarray,
@@ -213,9 +222,7 @@ def warp_cube(
     r = cube.shape
     # output voxel o reads input voxel c + Z^-1 R^T (o - c) + d(o)
     matrix = np.diag(1.0 / np.asarray(zoom_zyx, dtype=np.float64)) @ rotation_matrix(angles_deg).T
-    axes = [torch.linspace(-1.0, 1.0, n, dtype=torch.float64) * (n - 1) / 2 for n in r]  # o - c, voxels
-    o = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (R, R, R, 3) zyx
-    src = o @ torch.from_numpy(matrix).T
+    src = _centred_voxels(r) @ torch.from_numpy(matrix).T
     if control is not None and std_voxels > 0:
         up = F.interpolate(torch.from_numpy(control)[None].double(), size=r, mode="trilinear", align_corners=True)
         disp = (up[0] / up[0].std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6) * std_voxels).clamp(
