@@ -436,8 +436,8 @@ def keep_freed_memory() -> bool:
     maps each one afresh (``mmap``) and the kernel zeroes its pages, which costs about a third of the CPU
     time of the through-plane predictor (measured: 9.3 s -> 6.2 s). Raising the mmap and trim thresholds
     (``mallopt``) lets the heap reuse them. Process-wide and never undone, so only one-shot processes call
-    it (the ``sr``, ``evaluate``, ``demo`` and ``train throughplane`` commands, the Slicer batch CLI, the
-    benchmarks), not the library: a long-lived process (Slicer, a test session) would keep every freed
+    it (the ``sr``, ``evaluate``, ``xray2ct``, ``evaluate-xray``, ``demo`` and every ``train`` command, the
+    Slicer batch CLI, the benchmarks), not the library: a long-lived process (Slicer, a test session) would keep every freed
     block. Idempotent; a
     no-op where glibc is absent or ``DIFFUSIONCORE_KEEP_FREED_MEMORY=0`` (the test suite sets it, since it
     runs the commands in its own process).

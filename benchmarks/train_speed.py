@@ -16,9 +16,7 @@ Families (``--family``: ``latent``, ``throughplane``, ``xray``, ``both`` = the t
 * ``throughplane``: the through-plane predictor of ``train throughplane`` with its recipe
   (``throughplane/default.json``). A patch is one 2D thick/thin plane pair. Parts: ``data``
   (``sample_pairs``), ``forward`` (``cubic_planes`` + the network + L1), ``backward``, ``optimizer``
-  (zero_grad, AdamW, EMA update). As in ``train throughplane``, glibc's allocator is tuned first
-  (``keep_freed_memory``); it is process-wide, so the latent and xray families run before it, untuned as in
-  ``train sr`` and ``train xray``.
+  (zero_grad, AdamW, EMA update).
 * ``xray``: one stage of the X-ray to CT cascade as ``train xray`` trains it (``--xray-config``, default
   ``xray/configs/stage1_cpu.json`` where it exists, else the shipped ``stage1``). A patch is one sample: an
   augmented CT cube and the DRR rendered from it. For a stage above 1 the configs are completed as in
@@ -46,6 +44,10 @@ torch threads, CPU. Reports seconds per step by part and percentages, steps/s, p
 thin-grid voxels/s (3D patch voxels for the latent stack, thin-plane pixels for the predictor, the predicted
 cube's voxels for the x-ray stage), so the families compare, and the trained parameters. Prints a table and
 writes JSON.
+
+As every ``train`` command does, glibc's allocator is told to keep freed buffers (``keep_freed_memory``)
+before anything is timed; ``DIFFUSIONCORE_KEEP_FREED_MEMORY=0`` leaves it untuned, which is how the commands
+ran before 2026-12-03 (each family's entry records ``allocator_tuned``).
 
 Usage::
 
@@ -270,14 +272,12 @@ def time_latent(args, data: list[str]) -> dict:
 # ---------------------------------------------------------------------------------------------- predictor
 def time_throughplane(args, data: list[str]) -> dict:
     """Time ``train throughplane`` steps (see the module docstring); returns the family's JSON entry."""
-    from DiffusionCore.files import keep_freed_memory
     from DiffusionCore.inputs import collect_volumes
     from DiffusionCore.sr.planes import sample_pairs
     from DiffusionCore.sr.throughplane import ThroughPlaneNet, cubic_planes
     from DiffusionCore.sr.throughplane_train import ThroughPlaneTrainConfig, load_sources
     from DiffusionCore.train.ema import ParameterEMA
 
-    keep_freed_memory()  # as train throughplane does
     cfg = load_config(read_config_file(args.throughplane_config), ThroughPlaneTrainConfig)
     batch = int(args.throughplane_batch or cfg.batch_size)
     train_src, _ = load_sources(collect_volumes(data), cfg)  # read once, outside the timing
@@ -580,9 +580,12 @@ def main(argv: list[str] | None = None) -> int:
 
         data, data_names = [str(sampledata.fetch(name)) for name in DEFAULT_SAMPLES], list(DEFAULT_SAMPLES)
 
+    from DiffusionCore.files import keep_freed_memory
+
+    keep_freed_memory()  # as every train command does (a no-op with DIFFUSIONCORE_KEEP_FREED_MEMORY=0)
     rows = []
     families = FAMILIES[args.family]
-    if "latent" in families:  # the predictor's allocator tuning is process-wide: it runs last
+    if "latent" in families:
         rows.append(time_latent(args, data))
     if "xray" in families:
         rows.append(time_xray(args, data))

@@ -177,7 +177,7 @@ def _stage_path(out: Path, stage: int) -> Path:
 
 
 def run_xray2ct(args: argparse.Namespace) -> int:
-    from ..files import refuse_overwriting_inputs, write_json_atomic
+    from ..files import keep_freed_memory, refuse_overwriting_inputs, write_json_atomic
     from ..results import check_result_output, dicom_source_for, planned_files, wants_dicom, write_result
     from ..xray.radiograph import read_radiograph
 
@@ -194,6 +194,7 @@ def run_xray2ct(args: argparse.Namespace) -> int:
         raise OutputError(f"{args.report} already exists; pass --overwrite to replace it.")
     rad = read_radiograph(source)
     dicom_source = dicom_source_for(source) if as_dicom else None
+    keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     gen = _generator(args)
     num_stages = args.num_stages or gen.num_stages
     stage_files = {s: p for s, p in stage_files.items() if s < num_stages}
@@ -267,7 +268,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..files import refuse_overwriting_inputs, write_json_atomic
+    from ..files import keep_freed_memory, refuse_overwriting_inputs, write_json_atomic
     from ..sampledata import load_reference
     from ..xray.evaluate import evaluate_xray, format_xray_table
     from .evaluate import check_scores
@@ -279,6 +280,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise OutputError(f"{out} already exists; pass --overwrite to replace it.")
     methods = tuple(args.methods)
     ref = load_reference(args.reference)
+    keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     gen = _generator(args)
     progress = Progress(args.progress, desc="evaluate-xray")
     try:

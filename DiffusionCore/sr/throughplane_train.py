@@ -368,9 +368,6 @@ def register(fam: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     from ..config import load_config, read_config_file
-    from ..files import keep_freed_memory
-
-    keep_freed_memory()  # a one-shot process: activation buffers are reused, not mapped afresh
 
     overrides = {
         k: getattr(args, k)
