@@ -1,4 +1,5 @@
-"""X-ray training data: the body-habitus zoom and the elastic deformation keep the CT and its DRR together."""
+"""X-ray training data: the body-habitus zoom and the elastic deformation keep the CT and its DRR together; the
+clinical look of processed radiographs changes a DRR's detail, not its values."""
 
 from __future__ import annotations
 
@@ -6,9 +7,18 @@ import numpy as np
 import pytest
 import torch
 
+from DiffusionCore.errors import ConfigError
 from DiffusionCore.volume import AIR_HU
 from DiffusionCore.xray.config import XrayDataConfig
-from DiffusionCore.xray.data import ELASTIC_CONTROL, XrayCubeDataset, render_training_drr, warp_cube
+from DiffusionCore.xray.data import (
+    CLINICAL_LOOK,
+    ELASTIC_CONTROL,
+    XrayCubeDataset,
+    clinical_look,
+    gaussian_blur2d,
+    render_training_drr,
+    warp_cube,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -88,3 +98,69 @@ def test_the_model_cards_experiment_config_is_the_cpu_recipe_plus_the_new_keys()
     for section, key in (("data", "zoom_jitter"), ("data", "elastic_mm"), ("model", "refine_xray")):
         a[section].pop(key), b[section].pop(key)
     assert a == b
+
+
+def _detail(img: torch.Tensor) -> float:
+    """Mean absolute difference from a 2-pixel blur: how much fine detail (edges) an image shows."""
+    return float((img - gaussian_blur2d(img, 2.0)).abs().mean())
+
+
+def test_clinical_look_sharpens_the_drr_and_keeps_its_values():
+    drr = render_training_drr(torch.from_numpy(_chest(64))[None, None], 350.0, 64, "pa")
+    looked = clinical_look(drr, *CLINICAL_LOOK)
+    # the same values (a real radiograph is put on a DRR's histogram before the model sees it) ...
+    assert torch.equal(looked.flatten().sort().values, drr.flatten().sort().values)
+    # ... in another arrangement: edges enhanced, as in a processed radiograph
+    assert _detail(looked) > 1.3 * _detail(drr)
+    assert torch.equal(clinical_look(drr, 0.0, 3.0, 0.0), drr)  # no processing: the DRR itself
+
+
+def test_gaussian_blur_keeps_flat_images_and_accepts_kernels_wider_than_the_image():
+    flat = torch.full((2, 1, 12, 12), 0.3)
+    assert torch.allclose(gaussian_blur2d(flat, 16.0), flat)  # a 97-pixel kernel on a 12-pixel image
+    step = torch.zeros(1, 1, 12, 12)
+    step[..., 6:] = 1.0
+    blurred = gaussian_blur2d(step, 1.0)
+    assert 0.0 < float(blurred[0, 0, 0, 5]) < 0.5 < float(blurred[0, 0, 0, 6]) < 1.0
+
+
+def test_processing_augmentation_gives_some_drrs_the_clinical_look():
+    hu = torch.from_numpy(np.stack([_chest(32)] * 8))[:, None]
+    plain = render_training_drr(hu, 350.0, 32, rng=np.random.default_rng(5), aug=XrayDataConfig())
+    looked = render_training_drr(hu, 350.0, 32, rng=np.random.default_rng(5), aug=XrayDataConfig(processing=0.5))
+    changed = [not torch.equal(a, b) for a, b in zip(plain, looked)]
+    assert 0 < sum(changed) < 8  # about half of them
+    for a, b in zip(plain, looked):  # each keeps its own values
+        assert torch.equal(a.flatten().sort().values, b.flatten().sort().values)
+    from DiffusionCore.xray.config import load_stage_config
+
+    with pytest.raises(ConfigError, match="data.processing"):
+        load_stage_config({"stage": 1, "resolution": 64, "data": {"processing": 1.5}})
+
+
+def test_evaluation_can_give_the_reference_drr_the_clinical_look():
+    from DiffusionCore.volume import Volume
+    from DiffusionCore.xray.evaluate import evaluate_xray
+    from DiffusionCore.xray.pipeline import XrayToCTGenerator
+
+    ref = Volume(_chest(40), spacing=(350.0 / 40,) * 3)
+    gen = XrayToCTGenerator.tiny(0)
+    kw = dict(num_stages=1, methods=("lifting-only",), device="cpu")
+    plain = evaluate_xray(gen, ref, **kw)
+    looked = evaluate_xray(gen, ref, look=CLINICAL_LOOK, **kw)
+    assert "clinical look" in looked["settings"]["input"] and "clinical look" not in plain["settings"]["input"]
+    # the lifting estimate reads the input: another input, another volume
+    assert looked["results"][0]["psnr3d"] != plain["results"][0]["psnr3d"]
+
+
+def test_the_clinical_look_experiment_is_the_ray_config_plus_the_processing_share():
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from DiffusionCore.xray.config import load_stage_config
+
+    root = Path(__file__).resolve().parents[1]
+    tried = asdict(load_stage_config(str(root / "benchmarks" / "xray_stage1_processing.json")))
+    rays = asdict(load_stage_config(str(root / "benchmarks" / "xray_stage1_rays.json")))
+    assert tried["data"].pop("processing") == 0.5 and rays["data"].pop("processing") == 0.0
+    assert tried == rays

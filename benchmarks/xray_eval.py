@@ -144,6 +144,7 @@ def drr_agreement(args: argparse.Namespace) -> dict:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
+    from DiffusionCore.xray.data import CLINICAL_LOOK
     from DiffusionCore.xray.evaluate import evaluate_xray, format_xray_table
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
 
@@ -155,7 +156,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     for seed in args.seeds:
         report = evaluate_xray(gen, reference, num_stages=args.num_stages, steps=args.steps, seed=seed,
                                num_samples=args.num_samples, lifting_start_t=args.lifting_start,
-                               device=args.device,
+                               device=args.device, look=CLINICAL_LOOK if args.processed else None,
                                reference_name=str(args.reference))  # fmt: skip
         print(f"seed {seed}")
         print(format_xray_table(report))
@@ -198,6 +199,9 @@ def main() -> None:
                    help="stage 1's start time from the lifting-only volume (1: from noise; default: weights')")
     e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds; the table is their mean")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--processed", action="store_true",
+                   help="give the DRR the look of a processed clinical radiograph first (data.CLINICAL_LOOK: "
+                        "unsharp masking and flattened broad contrast, the histogram kept)")
     for q in (d, e):
         q.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
         q.add_argument("--json", default=None)

@@ -191,6 +191,14 @@ class XrayDataConfig:
             "resolution); 0 turns it off."
         },
     )
+    processing: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of training DRRs given the look of a processed clinical radiograph (random unsharp "
+            "masking and flattening of broad brightness differences, the histogram kept), so that the model "
+            "reads real radiographs as it reads DRRs; 0 turns it off."
+        },
+    )
     prev_noise: float = field(
         default=0.1, metadata={"help": "Noise on the previous-stage volume given to stages 2-3 in training."}
     )
@@ -300,6 +308,8 @@ class XrayStageConfig:
             )
         if not 0.0 <= self.data.prev_from_model <= 1.0:
             raise ConfigError(f"data.prev_from_model must be in [0, 1] (a share of samples); got {self.data.prev_from_model}")
+        if not 0.0 <= self.data.processing <= 1.0:
+            raise ConfigError(f"data.processing must be in [0, 1] (a share of samples); got {self.data.processing}")
 
 
 def check_xray_architecture(cfg: XrayStageConfig) -> None:

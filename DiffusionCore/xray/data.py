@@ -123,16 +123,72 @@ def render_training_drr(
     if aug.blur_sigma_px > 0:
         sigma = float(rng.uniform(0, aug.blur_sigma_px))
         if sigma > 0.2:
-            k = int(2 * round(3 * sigma) + 1)
-            x = torch.arange(k, dtype=torch.float32) - k // 2
-            g = torch.exp(-0.5 * (x / sigma) ** 2)
-            g = g / g.sum()
-            pad = k // 2
-            img = F.conv2d(F.pad(img, (pad, pad, 0, 0), mode="replicate"), g.view(1, 1, 1, k))
-            img = F.conv2d(F.pad(img, (0, 0, pad, pad), mode="replicate"), g.view(1, 1, k, 1))
+            img = gaussian_blur2d(img, sigma)
     if aug.noise_std > 0:
         img = img + torch.from_numpy(rng.normal(0, aug.noise_std, img.shape)).float()
-    return img.clamp(0, 1)
+    img = img.clamp(0, 1)
+    if aug.processing > 0:
+        scale = img.shape[-1] / 128  # the ranges below are pixels of a 128^2 radiograph
+        for i in range(b):
+            if rng.random() < aug.processing:
+                amount, sigma, flatten = (float(rng.uniform(lo, hi)) for lo, hi in PROCESSING_RANGES)
+                img[i : i + 1] = clinical_look(img[i : i + 1], amount, sigma * scale, flatten,
+                                               FLATTEN_SIGMA_PX * scale)  # fmt: skip
+    return img
+
+
+#: Ranges of the clinical-look augmentation (``data.processing``), uniform: unsharp-mask amount, its Gaussian
+#: sigma in pixels of a 128^2 radiograph, and how much of the broad (``FLATTEN_SIGMA_PX``) variation is removed.
+PROCESSING_RANGES = ((0.0, 3.0), (1.0, 6.0), (0.0, 0.7))
+FLATTEN_SIGMA_PX = 16.0
+
+#: The fixed look that ``benchmarks/xray_eval.py evaluate --processed`` gives the DRR of a reference CT: amount,
+#: sigma (pixels of 128^2) and flattening, mid-range of :data:`PROCESSING_RANGES`.
+CLINICAL_LOOK = (1.5, 3.0, 0.4)
+
+
+def gaussian_blur2d(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) images, edges replicated (also for kernels wider than the image)."""
+    k = int(2 * round(3 * sigma) + 1)
+    x = torch.arange(k, dtype=torch.float32) - k // 2
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    g = (g / g.sum()).to(img.dtype)
+    c = img.shape[1]
+    for dim, shape in ((-1, (1, 1, 1, k)), (-2, (1, 1, k, 1))):
+        n = img.shape[dim]
+        idx = torch.clamp(torch.arange(-(k // 2), n + k // 2), 0, n - 1)
+        img = F.conv2d(img.index_select(dim, idx), g.view(shape).expand(c, *shape[1:]), groups=c)
+    return img
+
+
+def clinical_look(img: torch.Tensor, amount: float, sigma_px: float, flatten: float,
+                  flatten_sigma_px: float = FLATTEN_SIGMA_PX) -> torch.Tensor:  # fmt: skip
+    """A DRR made to look like a processed clinical radiograph, its value histogram kept.
+
+    Clinical radiographs are shown after processing that a DRR lacks: unsharp masking sharpens edges (ribs,
+    vessels, the lung borders) and the broad brightness differences (mediastinum against lungs) are partly
+    flattened so that the spine shows through the heart. The image's values are then put back on its own
+    histogram (each pixel takes the value of the same rank in the input), because a real radiograph's
+    histogram is matched to a DRR's before the model sees it (``radiograph.match_drr_style``): what is left is
+    the spatial look.
+
+    Args:
+        img: (B, 1, H, W) in [0, 1].
+        amount: unsharp-mask gain (0: none).
+        sigma_px: its Gaussian sigma, pixels.
+        flatten: share (0-1) of the broad variation removed (0: none).
+        flatten_sigma_px: sigma of the broad variation, pixels.
+    """
+    out = img
+    if flatten > 0:
+        broad = gaussian_blur2d(out, flatten_sigma_px)
+        out = out - flatten * (broad - broad.mean(dim=(-2, -1), keepdim=True))
+    if amount > 0:
+        out = out + amount * (out - gaussian_blur2d(out, sigma_px))
+    flat_in, flat_out = img.flatten(1), out.flatten(1)
+    ranks = flat_out.argsort(dim=1)
+    matched = torch.empty_like(flat_in).scatter_(1, ranks, flat_in.sort(dim=1).values)
+    return matched.view_as(img)
 
 
 class XrayCubeDataset:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..metrics import psnr, ssim3d
 from ..volume import Volume
-from .data import ct_to_cube, render_training_drr
+from .data import FLATTEN_SIGMA_PX, clinical_look, ct_to_cube, render_training_drr
 from .pipeline import XrayToCTGenerator, projection_error, volume_from_unit
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,13 @@ def evaluate_xray(
     device: str = "auto",
     reference_name: str = "reference",
     progress=None,
+    look: tuple[float, float, float] | None = None,
 ) -> dict[str, Any]:
     """Score methods on one reference CT.
+
+    ``look`` = (amount, sigma in pixels of a 128^2 radiograph, flattening) gives the DRR the look of a processed
+    clinical radiograph first (:func:`~DiffusionCore.xray.data.clinical_look`, e.g. ``data.CLINICAL_LOOK``): how
+    well a model reads a radiograph that is not a plain DRR.
 
     Returns:
         ``{"reference": str, "results": [{"method", "stage", "psnr3d", "ssim3d", "reprojection_psnr",
@@ -64,6 +69,9 @@ def evaluate_xray(
     finest = refs[cfgs[-1].stage]
     xres = max(c.xray_resolution for c in cascade.configs)
     xray = render_training_drr(torch.from_numpy(finest.array)[None, None], fov, xres, view)
+    if look is not None:
+        scale = xres / 128
+        xray = clinical_look(xray, look[0], look[1] * scale, look[2], FLATTEN_SIGMA_PX * scale)
     results: list[dict[str, Any]] = []
 
     def score(method: str, stage: int, vol_unit: torch.Tensor, seconds: float) -> None:
@@ -127,7 +135,8 @@ def evaluate_xray(
             "seed": seed,
             "hu_range": list(HU_RANGE),
             "weights_sha256": generator.weights_sha256,
-            "input": "parallel-beam DRR of the reference at 70 keV (training geometry)",
+            "input": "parallel-beam DRR of the reference at 70 keV (training geometry)"
+            + ("" if look is None else f", given a clinical look (amount, sigma px at 128^2, flattening) {list(look)}"),
         },  # fmt: skip
     }
 
