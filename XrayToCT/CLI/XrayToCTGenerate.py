@@ -112,7 +112,7 @@ def load_radiograph(path: str, invert: bool):
 
 def run(args: argparse.Namespace) -> int:
     from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
-    from DiffusionCore.files import write_json_atomic
+    from DiffusionCore.files import keep_freed_memory, write_json_atomic
     from DiffusionCore.volume import check_output_path, read_volume, write_volume
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
 
@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stageDirectory:
         Path(args.stageDirectory).mkdir(parents=True, exist_ok=True)
     radiograph = load_radiograph(args.inputRadiograph, args.invertIntensities)
+    keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     if args.tinyTestModel:
         generator = XrayToCTGenerator.tiny(seed=0)
         model_name = TINY_MODEL_NAME
