@@ -87,7 +87,7 @@ def _run_in_claimed_folder(
         if not out or getattr(args, "show_config", False) or getattr(args, "config_help", False):
             return family_run(args)  # nothing is trained; the family says what is missing
         # a one-shot process: every step's activation buffers are reused instead of mapped afresh (train xray
-        # went from about 20 to 38 steps per minute on 2 cores)
+        # went from 29.5 to 37.4 steps per minute on 2 cores, benchmarks/xray_stage1_rays.json)
         keep_freed_memory()
         is_main = os.environ.get("RANK", "0") in ("", "0")  # under torchrun rank 0 holds the folder
         reads = [v for k in STARTS_FROM if isinstance(v := getattr(args, k, None), str) and v]
