@@ -314,10 +314,6 @@ def proc_bytes(path: str, key: str) -> int | None:
     return None
 
 
-def _meminfo_available() -> int | None:
-    return proc_bytes("/proc/meminfo", "MemAvailable")
-
-
 def _cgroup_available() -> int | None:
     """Free memory under a cgroup v2 limit (containers), when one is set."""
     base = Path("/sys/fs/cgroup")
@@ -333,7 +329,7 @@ def _cgroup_available() -> int | None:
 
 def host_available_memory() -> int:
     """Bytes of host memory available to this process (MemAvailable, capped by a cgroup limit)."""
-    candidates = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
+    candidates = [v for v in (proc_bytes("/proc/meminfo", "MemAvailable"), _cgroup_available()) if v is not None]
     if not candidates:
         try:
             candidates.append(int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")))
@@ -437,10 +433,9 @@ def keep_freed_memory() -> bool:
     time of the through-plane predictor (measured: 9.3 s -> 6.2 s). Raising the mmap and trim thresholds
     (``mallopt``) lets the heap reuse them. Process-wide and never undone, so only one-shot processes call
     it (the ``sr``, ``evaluate``, ``xray2ct``, ``evaluate-xray``, ``demo`` and every ``train`` command, the
-    Slicer batch CLI, the benchmarks), not the library: a long-lived process (Slicer, a test session) would keep every freed
-    block. Idempotent; a
-    no-op where glibc is absent or ``DIFFUSIONCORE_KEEP_FREED_MEMORY=0`` (the test suite sets it, since it
-    runs the commands in its own process).
+    Slicer CLIs, the benchmarks), not the library: a long-lived process (Slicer, a test session) would keep
+    every freed block. Idempotent; a no-op where glibc is absent or ``DIFFUSIONCORE_KEEP_FREED_MEMORY=0`` (the
+    test suite sets it, since it runs the commands in its own process).
 
     Returns:
         True when the setting was applied (now or before).

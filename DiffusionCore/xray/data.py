@@ -128,12 +128,10 @@ def render_training_drr(
         img = img + torch.from_numpy(rng.normal(0, aug.noise_std, img.shape)).float()
     img = img.clamp(0, 1)
     if aug.processing > 0:
-        scale = img.shape[-1] / 128  # the ranges below are pixels of a 128^2 radiograph
         for i in range(b):
             if rng.random() < aug.processing:
-                amount, sigma, flatten = (float(rng.uniform(lo, hi)) for lo, hi in PROCESSING_RANGES)
-                img[i : i + 1] = clinical_look(img[i : i + 1], amount, sigma * scale, flatten,
-                                               FLATTEN_SIGMA_PX * scale)  # fmt: skip
+                look = (float(rng.uniform(lo, hi)) for lo, hi in PROCESSING_RANGES)
+                img[i : i + 1] = clinical_look(img[i : i + 1], *look)
     return img
 
 
@@ -150,19 +148,18 @@ CLINICAL_LOOK = (1.5, 3.0, 0.4)
 def gaussian_blur2d(img: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W) images, edges replicated (also for kernels wider than the image)."""
     k = int(2 * round(3 * sigma) + 1)
-    x = torch.arange(k, dtype=torch.float32) - k // 2
+    x = torch.arange(k, dtype=img.dtype, device=img.device) - k // 2
     g = torch.exp(-0.5 * (x / sigma) ** 2)
-    g = (g / g.sum()).to(img.dtype)
+    g = g / g.sum()
     c = img.shape[1]
     for dim, shape in ((-1, (1, 1, 1, k)), (-2, (1, 1, k, 1))):
         n = img.shape[dim]
-        idx = torch.clamp(torch.arange(-(k // 2), n + k // 2), 0, n - 1)
+        idx = torch.clamp(torch.arange(-(k // 2), n + k // 2, device=img.device), 0, n - 1)
         img = F.conv2d(img.index_select(dim, idx), g.view(shape).expand(c, *shape[1:]), groups=c)
     return img
 
 
-def clinical_look(img: torch.Tensor, amount: float, sigma_px: float, flatten: float,
-                  flatten_sigma_px: float = FLATTEN_SIGMA_PX) -> torch.Tensor:  # fmt: skip
+def clinical_look(img: torch.Tensor, amount: float, sigma_px: float, flatten: float) -> torch.Tensor:
     """A DRR made to look like a processed clinical radiograph, its value histogram kept.
 
     Clinical radiographs are shown after processing that a DRR lacks: unsharp masking sharpens edges (ribs,
@@ -175,16 +172,17 @@ def clinical_look(img: torch.Tensor, amount: float, sigma_px: float, flatten: fl
     Args:
         img: (B, 1, H, W) in [0, 1].
         amount: unsharp-mask gain (0: none).
-        sigma_px: its Gaussian sigma, pixels.
-        flatten: share (0-1) of the broad variation removed (0: none).
-        flatten_sigma_px: sigma of the broad variation, pixels.
+        sigma_px: its Gaussian sigma in pixels of a 128^2 radiograph (scaled to the image's width).
+        flatten: share (0-1) of the variation over :data:`FLATTEN_SIGMA_PX` (pixels of 128^2, scaled the same
+            way) that is removed (0: none).
     """
+    scale = img.shape[-1] / 128
     out = img
     if flatten > 0:
-        broad = gaussian_blur2d(out, flatten_sigma_px)
+        broad = gaussian_blur2d(out, FLATTEN_SIGMA_PX * scale)
         out = out - flatten * (broad - broad.mean(dim=(-2, -1), keepdim=True))
     if amount > 0:
-        out = out + amount * (out - gaussian_blur2d(out, sigma_px))
+        out = out + amount * (out - gaussian_blur2d(out, sigma_px * scale))
     flat_in, flat_out = img.flatten(1), out.flatten(1)
     ranks = flat_out.argsort(dim=1)
     matched = torch.empty_like(flat_in).scatter_(1, ranks, flat_in.sort(dim=1).values)

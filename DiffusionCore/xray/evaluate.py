@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..metrics import psnr, ssim3d
 from ..volume import Volume
-from .data import FLATTEN_SIGMA_PX, clinical_look, ct_to_cube, render_training_drr
+from .data import clinical_look, ct_to_cube, render_training_drr
 from .pipeline import XrayToCTGenerator, projection_error, volume_from_unit
 
 logger = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ def evaluate_xray(
     xres = max(c.xray_resolution for c in cascade.configs)
     xray = render_training_drr(torch.from_numpy(finest.array)[None, None], fov, xres, view)
     if look is not None:
-        scale = xres / 128
-        xray = clinical_look(xray, look[0], look[1] * scale, look[2], FLATTEN_SIGMA_PX * scale)
+        xray = clinical_look(xray, *look)
     results: list[dict[str, Any]] = []
 
     def score(method: str, stage: int, vol_unit: torch.Tensor, seconds: float) -> None:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ..intensity import unit_to_hu
 from .cascade import StageModel
 from .config import XrayLossWeights
+from .data import gaussian_blur2d
 from .drr import hu_to_mu, project_parallel_axis
 from .vdiffusion import alpha_sigma, q_sample
 
@@ -44,15 +45,8 @@ def drr_l1(pred_unit: torch.Tensor, target_unit: torch.Tensor, spacing_mm: float
 
 
 def _ssim2d(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
-    size = int(2 * round(3 * sigma) + 1)
-    x = torch.arange(size, dtype=a.dtype, device=a.device) - size // 2
-    g = torch.exp(-0.5 * (x / sigma) ** 2)
-    g = g / g.sum()
-    k = (g[:, None] * g[None, :])[None, None]
-    pad = size // 2
-
     def blur(z: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(z, (pad,) * 4, mode="replicate"), k)
+        return gaussian_blur2d(z, sigma)
 
     c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2  # data range 2 (model units)
     ma, mb = blur(a), blur(b)
