@@ -39,6 +39,19 @@ def rotation_matrix(axis: tuple[float, float, float], degrees: float) -> np.ndar
     return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * (k @ k)
 
 
+def body_phantom_cubes(n: int, r: int, seed: int = 0) -> torch.Tensor:
+    """Random ellipsoid 'bodies' with a dense 'spine' behind their centre, model units (n, 1, r, r, r): the
+    volumes the X-ray stage tests train and sample on."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, r)] * 3, indexing="ij")
+    vols = []
+    for _ in range(n):
+        a, b = rng.uniform(0.5, 0.8, 2)
+        body = (x / a) ** 2 + (y / b) ** 2 < 1
+        vols.append(np.where(body, 0.0, -1.0) + np.where((x**2 + (y - 0.4 * b) ** 2) < 0.02, 0.6, 0.0))
+    return torch.tensor(np.stack(vols), dtype=torch.float32)[:, None]
+
+
 def ct_phantom_array(shape: tuple[int, int, int] = (24, 32, 32), seed: int = 0) -> np.ndarray:
     """A chest-like float32 HU array ``(z, y, x)``: air around an elliptic body of soft tissue holding two
     lungs (about -820 HU) and a bone disc (900 HU), with smooth variation along z and mild noise."""

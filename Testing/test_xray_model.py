@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import body_phantom_cubes
 
 from DiffusionCore.errors import Cancelled, ConfigError, InputError, WeightsError
 from DiffusionCore.xray.cascade import UnifiedHybridViTCascade
@@ -120,19 +121,6 @@ def test_depth_prior_bands_and_pa_lifting_spreads_along_y():
     assert set(zs.tolist()) == {7} and set(xs.tolist()) == {3} and len(set(ys.tolist())) == 8
 
 
-def _phantom_cubes(n: int, r: int, seed: int = 0) -> torch.Tensor:
-    """Random ellipsoid 'bodies' with a dense 'spine', model units (n, 1, r, r, r)."""
-    rng = np.random.default_rng(seed)
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, r)] * 3, indexing="ij")
-    vols = []
-    for _ in range(n):
-        a, b = rng.uniform(0.5, 0.8, 2)
-        body = (x / a) ** 2 + (y / b) ** 2 < 1
-        v = np.where(body, 0.0, -1.0) + np.where((x**2 + (y - 0.4 * b) ** 2) < 0.02, 0.6, 0.0)
-        vols.append(v)
-    return torch.tensor(np.stack(vols), dtype=torch.float32)[:, None]
-
-
 def test_tiny_stage_loss_falls_on_a_tiny_set():
     from DiffusionCore.intensity import unit_to_hu
     from DiffusionCore.xray.data import render_training_drr
@@ -140,7 +128,7 @@ def test_tiny_stage_loss_falls_on_a_tiny_set():
     torch.manual_seed(0)
     cascade = UnifiedHybridViTCascade.tiny(0, resolutions=(16,))
     stage = cascade.stages[0]
-    x0 = _phantom_cubes(2, 16)
+    x0 = body_phantom_cubes(2, 16)
     xray = render_training_drr(unit_to_hu(x0), 350.0, 32)
     weights = stage.cfg.loss_weights
 
@@ -256,7 +244,7 @@ def test_gradient_checkpointing_and_eps_parameterisation_train():
     cfg.model.refine_channels = 4
     torch.manual_seed(0)
     cascade = UnifiedHybridViTCascade([cfg]).train()
-    x0 = _phantom_cubes(1, 16)
+    x0 = body_phantom_cubes(1, 16)
     stage = cascade.stages[0]
     opt = torch.optim.SGD(stage.parameters(), lr=0.1)
     for _ in range(2):  # the zero-initialised output layer learns first, then gradients reach the blocks
@@ -275,7 +263,7 @@ def test_real_radiographs_are_matched_to_the_mean_ct_drr_style():
 
     gen = XrayToCTGenerator.tiny(0)
     assert gen.reference_drr(32) is None  # an all-air mean CT carries no style
-    gen.cascade.mean_ct.copy_(_phantom_cubes(1, 16))
+    gen.cascade.mean_ct.copy_(body_phantom_cubes(1, 16))
     ref = gen.reference_drr(32)
     skewed = np.repeat(np.linspace(0, 1, 64, dtype=np.float32)[None] ** 3, 64, axis=0)
     x, fov, source = gen.prepare_input(Radiograph(skewed, None, {"source": "chest.png"}), None)

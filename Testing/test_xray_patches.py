@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import body_phantom_cubes
 
 from DiffusionCore.errors import ConfigError, ResourceError
 from DiffusionCore.xray.cascade import StageModel, UnifiedHybridViTCascade, _crop, plan_patches
@@ -35,18 +36,6 @@ def _inputs(prev_side: int | None = 16, seed: int = 3) -> tuple[torch.Tensor, to
     xray = torch.rand(1, 1, 32, 32, generator=g)
     prev = None if prev_side is None else torch.rand(1, 1, *(prev_side,) * 3, generator=g) * 2 - 1
     return xray, prev
-
-
-def _phantoms(n: int, r: int) -> torch.Tensor:
-    """Ellipsoid 'bodies' with a dense 'spine', model units (n, 1, r, r, r)."""
-    rng = np.random.default_rng(0)
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, r)] * 3, indexing="ij")
-    vols = []
-    for _ in range(n):
-        a, b = rng.uniform(0.5, 0.8, 2)
-        body = (x / a) ** 2 + (y / b) ** 2 < 1
-        vols.append(np.where(body, 0.0, -1.0) + np.where((x**2 + (y - 0.4 * b) ** 2) < 0.02, 0.6, 0.0))
-    return torch.tensor(np.stack(vols), dtype=torch.float32)[:, None]
 
 
 @pytest.mark.parametrize("refine_xray", [False, True])
@@ -180,7 +169,7 @@ def test_patch_training_steps_run_and_the_loss_falls_on_a_tiny_set():
     torch.manual_seed(0)
     cascade = UnifiedHybridViTCascade(cfgs)
     stage = cascade.stages[1]
-    x0 = _phantoms(2, 32)
+    x0 = body_phantom_cubes(2, 32)
     xray = render_training_drr(unit_to_hu(x0), 350.0, 32)
     prev = torch.nn.functional.avg_pool3d(x0, 2)
     w = stage.cfg.loss_weights

@@ -135,9 +135,11 @@ def plan_patches(cfg: XrayStageConfig, patch: int, overlap: int | None = None) -
 
     Patch sides and corners are multiples of :func:`config.patch_alignment` (a token; a window of the whole
     grid where its attention is windowed). The grid is padded at its end to a multiple of that alignment.
-    With windowed attention every patch computes exactly what the whole-grid pass computes for its voxels,
-    so the patches only tile (no overlap); with global attention inside patches they overlap by at least
-    ``overlap`` (default ``model.patch_overlap``, at most half a patch) and are blended.
+    With windowed attention (and the linear token head) every patch computes exactly what the whole-grid pass
+    computes for its voxels, so the patches only tile (no overlap); with global attention inside patches, or a
+    convolutional decoder (whose convolutions would read across a patch's border), they overlap by at least
+    ``overlap`` (default ``model.patch_overlap``, at most half a patch; patches of one alignment unit cannot
+    overlap) and are blended.
 
     Args:
         cfg: the stage configuration.
@@ -150,7 +152,8 @@ def plan_patches(cfg: XrayStageConfig, patch: int, overlap: int | None = None) -
     padded = -(-r // align) * align
     side = min(padded, max(align, int(patch) // align * align))
     windowed = windowed_attention(cfg)
-    ov = 0 if windowed else min(side // 2, cfg.model.patch_overlap if overlap is None else int(overlap))
+    exact = windowed and not cfg.model.decoder_channels  # a decoder's convolutions read across patch borders
+    ov = 0 if exact else min(side // 2, cfg.model.patch_overlap if overlap is None else int(overlap))
     starts = tile_starts(padded, side, ov, align)
     weights = blend_weights_1d(starts, side, padded)
     return PatchPlan(r, padded, side, tuple(starts), windowed, tuple(weights))
@@ -204,6 +207,41 @@ def _chunked(fn: nn.Module, x: torch.Tensor, chunk: int, halo: int) -> torch.Ten
     return out
 
 
+class VoxelDecoder(nn.Module):
+    """Token features (B, C, g, g, g) to voxels (B, 1, S, S, S), S = g * 2^levels: per level a 2x transposed
+    convolution, then a 3^3 convolution that also reads the voxel context (x_t and the like) averaged to that
+    level's resolution, so each level can place what the tokens say by what the volume shows there. The last
+    convolution starts at zero, so an untrained decoder outputs zero, as the linear head does.
+
+    Args:
+        width: token feature width C.
+        channels: one width per level (coarse to fine).
+        context: channels of the voxel context read at every level.
+    """
+
+    def __init__(self, width: int, channels: list[int] | tuple[int, ...], context: int):
+        super().__init__()
+        self.ups = nn.ModuleList()
+        self.convs = nn.ModuleList()
+        cin = width
+        for ch in channels:
+            self.ups.append(nn.ConvTranspose3d(cin, ch, 2, stride=2))
+            self.convs.append(nn.Conv3d(ch + context, ch, 3, padding=1))
+            cin = ch
+        self.out = nn.Conv3d(cin, 1, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        side = context.shape[-1]
+        for up, conv in zip(self.ups, self.convs):
+            h = F.silu(up(h))
+            f = side // h.shape[-1]
+            part = context if f == 1 else F.avg_pool3d(context, f)
+            h = F.silu(conv(torch.cat([h, part.to(h.dtype)], dim=1)))
+        return self.out(h)
+
+
 class StageModel(nn.Module):
     """One cascade stage (see module docstring).
 
@@ -245,10 +283,16 @@ class StageModel(nn.Module):
         )  # fmt: skip
         self.final_norm = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
         self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(c, 2 * c))
-        self.final = nn.Linear(c, p**3)
-        for layer in (self.final_adaln[-1], self.final):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.final_adaln[-1].weight)
+        nn.init.zeros_(self.final_adaln[-1].bias)
+        self.final = self.decoder = None
+        if m.decoder_channels:  # the tokens are decoded to voxels by convolutions that also read the volume
+            context = 1 + int(self.has_prev) + (2 if m.refine_xray else 0)
+            self.decoder = VoxelDecoder(c, m.decoder_channels, context)
+        else:  # a linear map from each token to its p^3 voxels
+            self.final = nn.Linear(c, p**3)
+            nn.init.zeros_(self.final.weight)
+            nn.init.zeros_(self.final.bias)
         self.gradient_checkpointing = cfg.training.gradient_checkpointing
         self.refine = None
         if m.refine_channels > 0:  # sees the token output, x_t and the base: removes patch seams, adds detail
@@ -307,7 +351,7 @@ class StageModel(nn.Module):
             prev_up = self.prepare_prev(prev)
             prev_cond = self.prev_embed(prev_up)
         rays = None
-        if self.refine is not None and self.cfg.model.refine_xray:
+        if self.cfg.model.refine_xray and (self.refine is not None or self.decoder is not None):
             r = self.cfg.resolution
             img = F.interpolate(xray.float(), size=(r, r), mode="bilinear", align_corners=False, antialias=True)
             img = img.flip(2)  # rows superior-first -> z ascending
@@ -320,8 +364,26 @@ class StageModel(nn.Module):
     ) -> torch.Tensor:
         """The refinement head's input over the cube at ``origin``: the token output, x_t and the base, then
         (``model.refine_xray``) the radiograph value of each voxel's ray and the voxel's depth in [-1, 1]."""
-        parts = [out, x_t, base]
+        return torch.cat([out, x_t, base, *self._ray_parts(ctx, origin, out)], dim=1)
+
+    def _decoder_context(
+        self, x_t: torch.Tensor, ctx: StageCondition, origin: tuple[int, int, int]
+    ) -> torch.Tensor:
+        """What the decoder reads beside the tokens over the cube at ``origin``: x_t, the previous stage's
+        volume (stages 2-3), and the ray parts of :meth:`_refine_input` (``model.refine_xray``)."""
+        parts = [x_t]
+        if self.has_prev:
+            parts.append(_crop(ctx.prev, origin, x_t.shape[-1]).to(x_t.dtype))
+        return torch.cat(parts + self._ray_parts(ctx, origin, x_t), dim=1)
+
+    def _ray_parts(
+        self, ctx: StageCondition, origin: tuple[int, int, int], like: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """The radiograph value of each voxel's ray and the voxel's depth in [-1, 1] over the cube of ``like``
+        at ``origin`` (two (B, 1, S, S, S) tensors), or nothing without ``model.refine_xray``."""
+        parts: list[torch.Tensor] = []
         if ctx.rays is not None:
+            out = like
             b, s = out.shape[0], out.shape[-1]
             r = self.cfg.resolution
             depth_axis = 3 if self.cfg.data.view == "pa" else 4
@@ -329,11 +391,15 @@ class StageModel(nn.Module):
             sl[depth_axis] = slice(None)  # the rays are constant along the depth axis
             rays = ctx.rays[tuple(sl)].to(out.dtype)
             o = origin[depth_axis - 2]
-            depth = torch.linspace(-1.0, 1.0, r, device=out.device, dtype=out.dtype)[o : o + s]
+            depth = torch.linspace(-1.0, 1.0, r, device=out.device, dtype=out.dtype)
+            if o + s > r:  # a patch reaching into the padding of a padded grid: the depths run on past 1
+                extra = torch.arange(1, o + s - r + 1, device=out.device, dtype=out.dtype) * (2.0 / max(r - 1, 1))
+                depth = torch.cat([depth, 1.0 + extra])
+            depth = depth[o : o + s]
             shape = [1, 1, 1, 1, 1]
             shape[depth_axis] = s
             parts += [rays.expand(b, 1, s, s, s), depth.view(shape).expand(b, 1, s, s, s)]
-        return torch.cat(parts, dim=1)
+        return parts
 
     def _check_patch(self, x_t: torch.Tensor, origin: tuple[int, int, int] | None) -> tuple[int, int, int]:
         s = x_t.shape[-1]
@@ -385,7 +451,11 @@ class StageModel(nn.Module):
             else:
                 seq = blk(seq, cond, ctx.tokens, g, windowed)
         shift, scale = self.final_adaln(cond).chunk(2, dim=-1)
-        out = self.final(modulate(self.final_norm(seq), shift, scale))  # (B, g^3, p^3)
+        seq = modulate(self.final_norm(seq), shift, scale)
+        if self.decoder is not None:
+            h = seq.transpose(1, 2).reshape(b, -1, g, g, g)
+            return self.decoder(h, self._decoder_context(x_t, ctx, origin))
+        out = self.final(seq)  # (B, g^3, p^3)
         return out.view(b, g, g, g, p, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, 1, s, s, s)
 
     def predict(
@@ -491,10 +561,19 @@ class StageModel(nn.Module):
         return out + base
 
     def pad_condition(self, ctx: StageCondition, plan: PatchPlan) -> StageCondition:
-        """``ctx`` with the previous-stage volume padded at its end to the plan's padded grid."""
-        if ctx.prev is None or plan.padded == ctx.prev.shape[-1]:
+        """``ctx`` with the previous-stage volume (and the rays, edge-repeated across them) padded at its end to
+        the plan's padded grid."""
+        n = plan.padded
+        prev, rays = ctx.prev, ctx.rays
+        if prev is not None and prev.shape[-1] != n:
+            prev = _pad_end(prev, n)
+        if rays is not None and max(rays.shape[2:]) != n:
+            pad = n - max(rays.shape[2:])
+            widths = [0 if rays.shape[axis] == 1 else pad for axis in (4, 4, 3, 3, 2, 2)]
+            rays = F.pad(rays, [w if i % 2 else 0 for i, w in enumerate(widths)], mode="replicate")
+        if prev is ctx.prev and rays is ctx.rays:
             return ctx
-        return dataclasses.replace(ctx, prev=_pad_end(ctx.prev, plan.padded))
+        return dataclasses.replace(ctx, prev=prev, rays=rays)
 
     def memory_estimate(self, batch: int = 1, patch: int | None = None) -> int:
         """Rough peak bytes of one sampling run of this stage (float32, no gradients).
@@ -529,7 +608,13 @@ class StageModel(nn.Module):
         k = m.refine_channels
         chunk = r if patch is None else min(r, side + 2 * self.refine_halo)
         refine = ((5 if m.refine_xray else 3) + 2 * k) * chunk**3 if k else 0
-        return int(1.25 * 4 * batch * (fixed + per_block + scores + 4 * side**3 + refine))
+        # decoder: per level its upsampled features, their activation, the context and the convolution's output
+        ctx_ch = 1 + int(self.has_prev) + (2 if m.refine_xray else 0)
+        levels = len(m.decoder_channels)
+        decoder = sum(
+            (3 * ch + 2 * ctx_ch) * (side // 2 ** (levels - 1 - i)) ** 3 for i, ch in enumerate(m.decoder_channels)
+        )
+        return int(1.25 * 4 * batch * (fixed + per_block + scores + 4 * side**3 + refine + decoder))
 
     def sampling_plan(
         self,

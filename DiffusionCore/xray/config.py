@@ -73,9 +73,18 @@ class XrayModelConfig:
     refine_xray: bool = field(
         default=False,
         metadata={
-            "help": "The refinement head also reads the radiograph itself at the stage's resolution, spread "
-            "along each ray, and each voxel's depth along the ray: a full-resolution path from the radiograph "
-            "to the output beside the token grid's (needs refine_channels > 0)."
+            "help": "The refinement head (and the decoder, where there is one) also reads the radiograph itself "
+            "at the stage's resolution, spread along each ray, and each voxel's depth along the ray: a "
+            "full-resolution path from the radiograph to the output beside the token grid's (needs "
+            "refine_channels > 0 or decoder_channels)."
+        },
+    )
+    decoder_channels: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Widths of a convolutional decoder from the token grid to the voxels, one per doubling of "
+            "the resolution (so log2(patch_size) entries; each level also reads x_t, the previous stage's volume "
+            "and, with refine_xray, the rays, averaged to its resolution). Empty: a linear head per token."
         },
     )
     train_patch: int = field(
@@ -333,8 +342,17 @@ def check_xray_architecture(cfg: XrayStageConfig) -> None:
     require_positive("model.depth_bands", m.depth_bands)
     finite_positive("model.mlp_ratio", m.mlp_ratio)
     require_positive("model.refine_channels", m.refine_channels, minimum=0)
-    if m.refine_xray and not m.refine_channels:
-        raise ConfigError("model.refine_xray needs a refinement head: set model.refine_channels above 0")
+    decoder = require_sizes("model.decoder_channels", m.decoder_channels, allow_empty=True)
+    if decoder and 2 ** len(decoder) != m.patch_size:
+        raise ConfigError(
+            f"model.decoder_channels needs one width per doubling from a token to its {m.patch_size}^3 voxels "
+            f"(log2 of model.patch_size entries); got {len(decoder)}: {list(decoder)}"
+        )
+    if m.refine_xray and not (m.refine_channels or decoder):
+        raise ConfigError(
+            "model.refine_xray needs a refinement head or a decoder: set model.refine_channels above 0 or "
+            "model.decoder_channels"
+        )
     if m.patch_size > cfg.resolution:
         raise ConfigError(f"model.patch_size {m.patch_size} exceeds the stage resolution {cfg.resolution}")
 
