@@ -52,6 +52,35 @@ def body_phantom_cubes(n: int, r: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(np.stack(vols), dtype=torch.float32)[:, None]
 
 
+def fit_tiny_xray_stage(xray_seed: int, steps: int = 30, **model):
+    """A tiny 16^3 stage-1 cascade with ``model`` settings, trained ``steps`` Adam steps on two
+    :func:`body_phantom_cubes` and random radiographs, the same noise and times each step (so its losses can only
+    fall by learning). Returns (cascade, stage, radiographs, the loss parts of each step)."""
+    from dataclasses import replace
+
+    from DiffusionCore.xray.cascade import UnifiedHybridViTCascade
+    from DiffusionCore.xray.config import tiny_stage_config
+    from DiffusionCore.xray.losses import stage_loss
+
+    cfg = tiny_stage_config(1, 16)
+    cfg = replace(cfg, model=replace(cfg.model, **model))
+    torch.manual_seed(0)
+    cascade = UnifiedHybridViTCascade([cfg]).train()
+    stage = cascade.stages[0]
+    x0 = body_phantom_cubes(2, 16)
+    xray = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(xray_seed))
+    opt = torch.optim.Adam(stage.parameters(), lr=3e-3)
+    history = []
+    for _ in range(steps):
+        torch.manual_seed(1)
+        opt.zero_grad()
+        loss, parts = stage_loss(stage, x0, xray, None, cfg.loss_weights)
+        loss.backward()
+        opt.step()
+        history.append({"total": loss.item(), **parts})
+    return cascade, stage, xray, history
+
+
 def ct_phantom_array(shape: tuple[int, int, int] = (24, 32, 32), seed: int = 0) -> np.ndarray:
     """A chest-like float32 HU array ``(z, y, x)``: air around an elliptic body of soft tissue holding two
     lungs (about -820 HU) and a bone disc (900 HU), with smooth variation along z and mild noise."""

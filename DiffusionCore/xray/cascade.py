@@ -44,7 +44,7 @@ from ..tiling import (
 )
 from .config import XrayStageConfig, patch_alignment, tiny_stage_config, windowed_attention
 from .encoder import XrayEncoder
-from .lifting import DepthLifting
+from .lifting import DepthLifting, RayProfileHead
 from .vdiffusion import VDiffusion, q_sample
 from .vit import HybridViTBlock, modulate, timestep_embedding
 
@@ -70,6 +70,8 @@ class StageCondition:
         rays: the radiograph at the grid's resolution, one value per ray: (B, 1, R, 1, R) for a PA view (depth
             along y), (B, 1, R, R, 1) for a lateral one; None unless the refinement head reads it
             (``model.refine_xray``).
+        profile: (B, 1, N, N, N) the full-resolution lifting volume (``model.lifting_profile``), model units;
+            None without that head.
     """
 
     tokens: torch.Tensor
@@ -78,6 +80,7 @@ class StageCondition:
     lifted: torch.Tensor | None
     prev: torch.Tensor | None
     rays: torch.Tensor | None = None
+    profile: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +263,14 @@ class StageModel(nn.Module):
             DepthLifting(list(m.encoder_channels), c, m.depth_bands) if m.use_depth_lifting else None
         )
         self.has_prev = cfg.stage > 1
-        self.patch_embed = nn.Conv3d(2 if self.has_prev else 1, c, p, stride=p)
+        self.profile = (
+            RayProfileHead(list(m.encoder_channels), m.lifting_profile, cfg.resolution)
+            if m.lifting_profile and self.lifting is not None
+            else None
+        )
+        #: Volumes read beside x_t, voxel by voxel: the previous stage's (stages 2-3), the full-resolution lifting.
+        self.n_volumes = int(self.has_prev) + int(self.profile is not None)
+        self.patch_embed = nn.Conv3d(1 + self.n_volumes, c, p, stride=p)
         self.pos = nn.Parameter(torch.zeros(3, c, self.grid))
         nn.init.normal_(self.pos, std=0.02)
         self.time_mlp = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
@@ -287,7 +297,7 @@ class StageModel(nn.Module):
         nn.init.zeros_(self.final_adaln[-1].bias)
         self.final = self.decoder = None
         if m.decoder_channels:  # the tokens are decoded to voxels by convolutions that also read the volume
-            context = 1 + int(self.has_prev) + (2 if m.refine_xray else 0)
+            context = 1 + self.n_volumes + (2 if m.refine_xray else 0)
             self.decoder = VoxelDecoder(c, m.decoder_channels, context)
         else:  # a linear map from each token to its p^3 voxels
             self.final = nn.Linear(c, p**3)
@@ -298,7 +308,8 @@ class StageModel(nn.Module):
         if m.refine_channels > 0:  # sees the token output, x_t and the base: removes patch seams, adds detail
             k = m.refine_channels
             self.refine = nn.Sequential(
-                nn.Conv3d(5 if m.refine_xray else 3, k, 3, padding=1), nn.SiLU(), nn.Conv3d(k, k, 3, padding=1), nn.SiLU(),
+                nn.Conv3d((5 if m.refine_xray else 3) + int(self.profile is not None), k, 3, padding=1), nn.SiLU(),
+                nn.Conv3d(k, k, 3, padding=1), nn.SiLU(),
                 nn.Conv3d(k, 1, 3, padding=1),
             )  # fmt: skip
             nn.init.zeros_(self.refine[-1].weight)
@@ -344,8 +355,10 @@ class StageModel(nn.Module):
         """
         if self.has_prev and prev is None:
             raise InputError(f"stage {self.cfg.stage} needs the previous stage's volume")
-        feats, glob, tokens = self.encoder(self.prepare_xray(xray))
+        prepared = self.prepare_xray(xray)
+        feats, glob, tokens = self.encoder(prepared)
         lifted = self.lifting(feats, self.grid, self.cfg.data.view) if self.lifting is not None else None
+        profile = self.profile(feats, prepared, self.cfg.data.view) if self.profile is not None else None
         prev_up = prev_cond = None
         if self.has_prev:
             prev_up = self.prepare_prev(prev)
@@ -356,25 +369,31 @@ class StageModel(nn.Module):
             img = F.interpolate(xray.float(), size=(r, r), mode="bilinear", align_corners=False, antialias=True)
             img = img.flip(2)  # rows superior-first -> z ascending
             rays = img[:, :, :, None, :] if self.cfg.data.view == "pa" else img[:, :, :, :, None]
-        return StageCondition(tokens=tokens, glob=glob, prev_cond=prev_cond, lifted=lifted, prev=prev_up, rays=rays)
+        return StageCondition(tokens=tokens, glob=glob, prev_cond=prev_cond, lifted=lifted, prev=prev_up, rays=rays,
+                              profile=profile)  # fmt: skip
 
     def _refine_input(
         self, out: torch.Tensor, x_t: torch.Tensor, base: torch.Tensor, ctx: StageCondition,
         origin: tuple[int, int, int],
     ) -> torch.Tensor:
         """The refinement head's input over the cube at ``origin``: the token output, x_t and the base, then
-        (``model.refine_xray``) the radiograph value of each voxel's ray and the voxel's depth in [-1, 1]."""
-        return torch.cat([out, x_t, base, *self._ray_parts(ctx, origin, out)], dim=1)
+        (``model.refine_xray``) the radiograph value of each voxel's ray and the voxel's depth in [-1, 1], then
+        (``model.lifting_profile``) the full-resolution lifting volume."""
+        profile = [] if ctx.profile is None else [_crop(ctx.profile, origin, out.shape[-1]).to(out.dtype)]
+        return torch.cat([out, x_t, base, *self._ray_parts(ctx, origin, out), *profile], dim=1)
+
+    def _volumes(self, ctx: StageCondition, origin: tuple[int, int, int], like: torch.Tensor) -> list[torch.Tensor]:
+        """The volumes read beside x_t over the cube of ``like`` at ``origin`` (:attr:`n_volumes` of them)."""
+        s = like.shape[-1]
+        return [_crop(v, origin, s).to(like.dtype) for v in (ctx.prev, ctx.profile) if v is not None]
 
     def _decoder_context(
         self, x_t: torch.Tensor, ctx: StageCondition, origin: tuple[int, int, int]
     ) -> torch.Tensor:
         """What the decoder reads beside the tokens over the cube at ``origin``: x_t, the previous stage's
-        volume (stages 2-3), and the ray parts of :meth:`_refine_input` (``model.refine_xray``)."""
-        parts = [x_t]
-        if self.has_prev:
-            parts.append(_crop(ctx.prev, origin, x_t.shape[-1]).to(x_t.dtype))
-        return torch.cat(parts + self._ray_parts(ctx, origin, x_t), dim=1)
+        volume (stages 2-3), the full-resolution lifting volume (``model.lifting_profile``), and the ray parts of
+        :meth:`_refine_input` (``model.refine_xray``)."""
+        return torch.cat([x_t, *self._volumes(ctx, origin, x_t), *self._ray_parts(ctx, origin, x_t)], dim=1)
 
     def _ray_parts(
         self, ctx: StageCondition, origin: tuple[int, int, int], like: torch.Tensor
@@ -432,7 +451,7 @@ class StageModel(nn.Module):
         g = s // p
         idx = [torch.arange(o // p, o // p + g, device=x_t.device).clamp_(max=self.grid - 1) for o in origin]
         whole = g == self.grid and origin == (0, 0, 0)
-        inp = x_t if not self.has_prev else torch.cat([x_t, _crop(ctx.prev, origin, s)], dim=1)
+        inp = torch.cat([x_t, *self._volumes(ctx, origin, x_t)], dim=1) if self.n_volumes else x_t
         h = self.patch_embed(inp)
         pz, py, px = (self.pos[k] if whole else self.pos[k][:, idx[k]] for k in range(3))
         h = h + pz[None, :, :, None, None] + py[None, :, None, :, None] + px[None, :, None, None, :]
@@ -481,24 +500,28 @@ class StageModel(nn.Module):
         out = out + base
         if not return_lifted:
             return out
-        return out, self._lifted_part(ctx.lifted, o, s)
+        return out, self._lifted_part(ctx, o, s)
 
     def _lifted_part(
-        self, feats: torch.Tensor | None, origin: tuple[int, int, int], side: int
+        self, ctx: StageCondition, origin: tuple[int, int, int], side: int
     ) -> torch.Tensor | None:
         """The lifting-only volume (B, 1, S, S, S) over the cube at ``origin``: equal to that crop of the whole
-        grid's, computed from the features of the cube's tokens plus one token around it (interpolation)."""
+        grid's, computed from the features of the cube's tokens plus one token around it (interpolation), plus
+        the full-resolution lifting volume's crop (``model.lifting_profile``)."""
+        feats = ctx.lifted
         if feats is None or self.lifting is None:
             return None
         r = self.cfg.resolution
         if side == r:
-            return self.lifting.lifted_volume(feats, r)
-        p = self.cfg.model.patch_size
-        lo = [max(0, o // p - 1) for o in origin]
-        hi = [min(self.grid, (o + side) // p + 1) for o in origin]
-        part = feats[:, :, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        vol = self.lifting.lifted_volume(part, tuple((b - a) * p for a, b in zip(lo, hi)))
-        return _crop(vol, tuple(o - a * p for o, a in zip(origin, lo)), side)
+            vol = self.lifting.lifted_volume(feats, r)
+        else:
+            p = self.cfg.model.patch_size
+            lo = [max(0, o // p - 1) for o in origin]
+            hi = [min(self.grid, (o + side) // p + 1) for o in origin]
+            part = feats[:, :, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            vol = self.lifting.lifted_volume(part, tuple((b - a) * p for a, b in zip(lo, hi)))
+            vol = _crop(vol, tuple(o - a * p for o, a in zip(origin, lo)), side)
+        return vol if ctx.profile is None else vol + _crop(ctx.profile, origin, side).to(vol.dtype)
 
     def forward(
         self,
@@ -561,19 +584,21 @@ class StageModel(nn.Module):
         return out + base
 
     def pad_condition(self, ctx: StageCondition, plan: PatchPlan) -> StageCondition:
-        """``ctx`` with the previous-stage volume (and the rays, edge-repeated across them) padded at its end to
-        the plan's padded grid."""
+        """``ctx`` with the previous-stage volume, the full-resolution lifting volume (and the rays, edge-repeated
+        across them) padded at its end to the plan's padded grid."""
         n = plan.padded
-        prev, rays = ctx.prev, ctx.rays
+        prev, rays, profile = ctx.prev, ctx.rays, ctx.profile
         if prev is not None and prev.shape[-1] != n:
             prev = _pad_end(prev, n)
+        if profile is not None and profile.shape[-1] != n:
+            profile = _pad_end(profile, n)
         if rays is not None and max(rays.shape[2:]) != n:
             pad = n - max(rays.shape[2:])
             widths = [0 if rays.shape[axis] == 1 else pad for axis in (4, 4, 3, 3, 2, 2)]
             rays = F.pad(rays, [w if i % 2 else 0 for i, w in enumerate(widths)], mode="replicate")
-        if prev is ctx.prev and rays is ctx.rays:
+        if prev is ctx.prev and rays is ctx.rays and profile is ctx.profile:
             return ctx
-        return dataclasses.replace(ctx, prev=prev, rays=rays)
+        return dataclasses.replace(ctx, prev=prev, rays=rays, profile=profile)
 
     def memory_estimate(self, batch: int = 1, patch: int | None = None) -> int:
         """Rough peak bytes of one sampling run of this stage (float32, no gradients).
@@ -607,9 +632,10 @@ class StageModel(nn.Module):
         fixed = 16 * n_pad**3 + c * self.grid**3
         k = m.refine_channels
         chunk = r if patch is None else min(r, side + 2 * self.refine_halo)
-        refine = ((5 if m.refine_xray else 3) + 2 * k) * chunk**3 if k else 0
+        refine = ((5 if m.refine_xray else 3) + self.n_volumes + 2 * k) * chunk**3 if k else 0
+        fixed += 2 * n_pad**3 if self.profile is not None else 0  # the full-resolution lifting volume, padded
         # decoder: per level its upsampled features, their activation, the context and the convolution's output
-        ctx_ch = 1 + int(self.has_prev) + (2 if m.refine_xray else 0)
+        ctx_ch = 1 + self.n_volumes + (2 if m.refine_xray else 0)
         levels = len(m.decoder_channels)
         decoder = sum(
             (3 * ch + 2 * ctx_ch) * (side // 2 ** (levels - 1 - i)) ** 3 for i, ch in enumerate(m.decoder_channels)
@@ -670,10 +696,12 @@ class StageModel(nn.Module):
         if self.lifting is None:
             r = self.cfg.resolution
             return torch.zeros(xray.shape[0], 1, r, r, r, device=xray.device)
-        feats, _, _ = self.encoder(self.prepare_xray(xray))
-        return self.lifting.lifted_volume(
-            self.lifting(feats, self.grid, self.cfg.data.view), self.cfg.resolution
-        ).clamp(-1.0, 1.0)
+        prepared = self.prepare_xray(xray)
+        feats, _, _ = self.encoder(prepared)
+        vol = self.lifting.lifted_volume(self.lifting(feats, self.grid, self.cfg.data.view), self.cfg.resolution)
+        if self.profile is not None:
+            vol = vol + self.profile(feats, prepared, self.cfg.data.view)
+        return vol.clamp(-1.0, 1.0)
 
     def _lifting_start(self, override: float | None) -> float:
         """Stage 1's start time: ``override`` (a run's choice) or ``diffusion.lifting_start_t`` (the weights')."""

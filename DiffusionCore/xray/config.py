@@ -79,6 +79,14 @@ class XrayModelConfig:
             "refine_channels > 0 or decoder_channels)."
         },
     )
+    lifting_profile: int = field(
+        default=0,
+        metadata={
+            "help": "Width of a 2D network that lifts the radiograph at full resolution: for every pixel the "
+            "value of each voxel along its ray, added to the token-grid lifting estimate and read by the denoiser "
+            "(its token embedding and refinement head or decoder) as a volume; 0 = none. Needs use_depth_lifting."
+        },
+    )
     decoder_channels: list[int] = field(
         default_factory=list,
         metadata={
@@ -342,6 +350,9 @@ def check_xray_architecture(cfg: XrayStageConfig) -> None:
     require_positive("model.depth_bands", m.depth_bands)
     finite_positive("model.mlp_ratio", m.mlp_ratio)
     require_positive("model.refine_channels", m.refine_channels, minimum=0)
+    require_positive("model.lifting_profile", m.lifting_profile, minimum=0)
+    if m.lifting_profile and not m.use_depth_lifting:
+        raise ConfigError("model.lifting_profile is a depth-lifting head: it needs model.use_depth_lifting")
     decoder = require_sizes("model.decoder_channels", m.decoder_channels, allow_empty=True)
     if decoder and 2 ** len(decoder) != m.patch_size:
         raise ConfigError(

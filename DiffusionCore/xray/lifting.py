@@ -6,6 +6,11 @@ lateral view. Each feature is spread along the ray's depth axis with a learnable
 mixture of Gaussian bands (anterior / mid / posterior at initialisation, as in the seed), mixed per
 channel, plus a learnable depth embedding. A 1x1x1 head turns the lifted features into a coarse volume,
 the "lifting-only" estimate (trained by the depth-prior loss; a baseline of ``evaluate-xray``).
+
+That estimate lives on the token grid (8^3 cells for stage 1) and each ray's depth profile is a mix of a few
+broad bands, so it cannot place anything as narrow as the spine. :class:`RayProfileHead` (``model.lifting_profile``)
+adds a full-resolution one: a 2D network over the radiograph that outputs, for every pixel, the value of each voxel
+along its ray (the depth axis as channels).
 """
 
 from __future__ import annotations
@@ -91,3 +96,48 @@ class DepthLifting(nn.Module):
         # linear, not squashed: a tanh here saturates at air (-1) early in training, where it passes no
         # gradient and the depth-prior loss stops teaching the lifting anything (callers clamp for display)
         return F.interpolate(coarse, size=size, mode="trilinear", align_corners=False)
+
+
+class RayProfileHead(nn.Module):
+    """The attenuation at every depth along every ray, at the stage's full resolution: a 2D convolutional network
+    over the encoder's features (all scales, resized to the stage's R x R), the radiograph itself and each pixel's
+    place on the detector, whose R output channels are the R voxels along the pixel's ray.
+
+    Args:
+        in_channels: channels of each encoder scale.
+        width: the network's width.
+        resolution: the stage's grid side R (rays per detector side and voxels per ray).
+        blocks: residual 3x3 convolutions.
+    """
+
+    def __init__(self, in_channels: list[int], width: int, resolution: int, blocks: int = 3):
+        super().__init__()
+        self.resolution = resolution
+        self.inp = nn.Conv2d(sum(in_channels) + 3, width, 1)
+        self.body = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(blocks))
+        self.out = nn.Conv2d(width, resolution, 1)
+        nn.init.zeros_(self.out.weight)  # starts as no correction to the coarse estimate
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, feats: list[torch.Tensor], xray: torch.Tensor, view: str = "pa") -> torch.Tensor:
+        """Args:
+            feats: encoder features, list of (B, C_i, h_i, w_i).
+            xray: (B, 1, H, W) the radiograph the features came from, attenuation style [0, 1].
+            view: ``pa`` (depth axis y) or ``lateral`` (depth axis x).
+
+        Returns:
+            (B, 1, R, R, R) volume in model units, array order (z, y, x).
+        """
+        r = self.resolution
+        size = (r, r)
+        maps = [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats]
+        img = F.interpolate(xray.to(maps[0].dtype), size=size, mode="bilinear", align_corners=False, antialias=True)
+        axis = torch.linspace(-1.0, 1.0, r, device=img.device, dtype=img.dtype)
+        rows, cols = torch.meshgrid(axis, axis, indexing="ij")
+        coords = torch.stack([rows, cols])[None].expand(img.shape[0], 2, r, r)
+        h = F.silu(self.inp(torch.cat([*maps, img * 2.0 - 1.0, coords], dim=1)))
+        for conv in self.body:
+            h = h + F.silu(conv(h))
+        prof = self.out(h).flip(2)  # (B, depth, rows, cols); rows superior-first -> z ascending
+        vol = prof.permute(0, 2, 1, 3) if view == "pa" else prof.permute(0, 2, 3, 1)
+        return vol[:, None]

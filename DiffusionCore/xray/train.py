@@ -361,13 +361,15 @@ def train_step(
 
 
 def _tiny_like(cfg: XrayStageConfig) -> XrayStageConfig:
-    """A tiny network with ``cfg``'s structure: a refinement head, a decoder, the rays, and half-grid patches,
-    where it has them."""
+    """A tiny network with ``cfg``'s structure: a refinement head, a decoder, the rays, the full-resolution
+    lifting, and half-grid patches, where it has them."""
     t = tiny_stage_config(
         cfg.stage, 16 * 2 ** (cfg.stage - 1), refine_channels=4 if cfg.model.refine_channels else 0
     )
     if cfg.model.decoder_channels:  # the tiny network's 4^3-voxel tokens: two doublings
         t = replace(t, model=replace(t.model, decoder_channels=[8, 4]))
+    if cfg.model.lifting_profile:
+        t = replace(t, model=replace(t.model, lifting_profile=8))
     if cfg.model.refine_xray and (t.model.refine_channels or t.model.decoder_channels):
         t = replace(t, model=replace(t.model, refine_xray=True))
     if cfg.model.train_patch or cfg.model.inference_patch:
