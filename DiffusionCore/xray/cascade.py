@@ -632,7 +632,7 @@ class StageModel(nn.Module):
         fixed = 16 * n_pad**3 + c * self.grid**3
         k = m.refine_channels
         chunk = r if patch is None else min(r, side + 2 * self.refine_halo)
-        refine = ((5 if m.refine_xray else 3) + self.n_volumes + 2 * k) * chunk**3 if k else 0
+        refine = ((5 if m.refine_xray else 3) + int(self.profile is not None) + 2 * k) * chunk**3 if k else 0
         fixed += 2 * n_pad**3 if self.profile is not None else 0  # the full-resolution lifting volume, padded
         # decoder: per level its upsampled features, their activation, the context and the convolution's output
         ctx_ch = 1 + self.n_volumes + (2 if m.refine_xray else 0)
