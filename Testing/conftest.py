@@ -52,6 +52,27 @@ def body_phantom_cubes(n: int, r: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(np.stack(vols), dtype=torch.float32)[:, None]
 
 
+def tiny_xray_stage(stage: int, resolution: int, refine: int = 0, perturb: bool = True, **model):
+    """A tiny X-ray stage in eval mode (``tiny_stage_config`` with ``model`` settings); with ``perturb`` every
+    weight is nudged by a seeded random amount, so that no zero-initialised layer is left and every path carries
+    a real signal."""
+    from dataclasses import replace
+
+    from DiffusionCore.xray.cascade import StageModel
+    from DiffusionCore.xray.config import tiny_stage_config
+
+    cfg = tiny_stage_config(stage, resolution, refine_channels=refine)
+    cfg = replace(cfg, model=replace(cfg.model, **model))
+    torch.manual_seed(0)
+    st = StageModel(cfg).eval()
+    if perturb:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in st.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return st
+
+
 def fit_tiny_xray_stage(xray_seed: int, steps: int = 30, **model):
     """A tiny 16^3 stage-1 cascade with ``model`` settings, trained ``steps`` Adam steps on two
     :func:`body_phantom_cubes` and random radiographs, the same noise and times each step (so its losses can only

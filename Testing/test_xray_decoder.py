@@ -4,17 +4,16 @@ convolutions that also read the volume, in place of the linear head per token.""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import fit_tiny_xray_stage
+from conftest import fit_tiny_xray_stage, tiny_xray_stage
 
 from DiffusionCore.errors import ConfigError
 from DiffusionCore.xray.cascade import StageModel, UnifiedHybridViTCascade, plan_patches
-from DiffusionCore.xray.config import load_stage_config, tiny_stage_config
+from DiffusionCore.xray.config import load_stage_config
 from DiffusionCore.xray.train import _tiny_like
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -23,16 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _stage(stage: int = 1, resolution: int = 32, decoder=(8, 4), perturb: bool = True, **model) -> StageModel:
-    cfg = tiny_stage_config(stage, resolution)
-    cfg = replace(cfg, model=replace(cfg.model, decoder_channels=list(decoder), **model))
-    torch.manual_seed(0)
-    st = StageModel(cfg).eval()
-    if perturb:  # no zero-initialised layer left: a real signal through every path
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in st.parameters():
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return st
+    return tiny_xray_stage(stage, resolution, perturb=perturb, decoder_channels=list(decoder), **model)
 
 
 def test_the_decoder_needs_one_width_per_doubling_and_carries_the_rays():

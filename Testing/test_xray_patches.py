@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import body_phantom_cubes
+from conftest import body_phantom_cubes, tiny_xray_stage
 
 from DiffusionCore.errors import ConfigError, ResourceError
 from DiffusionCore.xray.cascade import StageModel, UnifiedHybridViTCascade, _crop, plan_patches
@@ -20,15 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _stage(stage: int = 2, resolution: int = 32, refine: int = 4, **model) -> StageModel:
     """A tiny stage whose every weight is perturbed (no zero-initialised identity layers left)."""
-    cfg = tiny_stage_config(stage, resolution, refine_channels=refine)
-    cfg = replace(cfg, model=replace(cfg.model, **model))
-    torch.manual_seed(0)
-    st = StageModel(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in st.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return st
+    return tiny_xray_stage(stage, resolution, refine, **model)
 
 
 def _inputs(prev_side: int | None = 16, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor | None]:

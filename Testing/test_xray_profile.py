@@ -3,18 +3,17 @@ the voxels along each pixel's ray, added to the token-grid lifting estimate and 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import fit_tiny_xray_stage
+from conftest import fit_tiny_xray_stage, tiny_xray_stage
 
 from DiffusionCore.errors import ConfigError
 from DiffusionCore.xray.cascade import StageModel, UnifiedHybridViTCascade, _crop, plan_patches
-from DiffusionCore.xray.config import load_stage_config, tiny_stage_config
+from DiffusionCore.xray.config import load_stage_config
 from DiffusionCore.xray.lifting import RayProfileHead
 from DiffusionCore.xray.train import _tiny_like
 
@@ -24,15 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _stage(stage: int = 1, resolution: int = 32, **model) -> StageModel:
-    cfg = tiny_stage_config(stage, resolution, refine_channels=4)
-    cfg = replace(cfg, model=replace(cfg.model, lifting_profile=8, **model))
-    torch.manual_seed(0)
-    st = StageModel(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # no zero-initialised layer left
-        for p in st.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return st
+    return tiny_xray_stage(stage, resolution, 4, lifting_profile=8, **model)
 
 
 def test_the_full_resolution_lifting_is_configured_with_depth_lifting():
@@ -88,7 +79,7 @@ def test_the_lifting_estimate_adds_the_full_resolution_volume_and_a_patch_reads_
         inner = (..., slice(3, -3), slice(3, -3), slice(3, -3))  # the refinement head's halo reads past the patch
         torch.testing.assert_close(part[inner], _crop(whole, origin, 16)[inner], atol=1e-5, rtol=0)
         # the denoiser reads the volume: another radiograph's profile changes the output for the same x_t
-        other = dataclasses.replace(ctx, profile=torch.zeros_like(ctx.profile))
+        other = replace(ctx, profile=torch.zeros_like(ctx.profile))
         assert float((st.predict(x, t, other) - st.predict(x, t, ctx)).abs().max()) > 1e-3
     big = StageModel(replace(st.cfg, resolution=40, model=replace(st.cfg.model, window_size=4))).eval()
     # 10^3 tokens in windows of 4^3: the grid is padded to 48 voxels for patches of 16

@@ -402,17 +402,16 @@ class StageModel(nn.Module):
         at ``origin`` (two (B, 1, S, S, S) tensors), or nothing without ``model.refine_xray``."""
         parts: list[torch.Tensor] = []
         if ctx.rays is not None:
-            out = like
-            b, s = out.shape[0], out.shape[-1]
+            b, s = like.shape[0], like.shape[-1]
             r = self.cfg.resolution
             depth_axis = 3 if self.cfg.data.view == "pa" else 4
             sl = [slice(None), slice(None)] + [slice(o, o + s) for o in origin]
             sl[depth_axis] = slice(None)  # the rays are constant along the depth axis
-            rays = ctx.rays[tuple(sl)].to(out.dtype)
+            rays = ctx.rays[tuple(sl)].to(like.dtype)
             o = origin[depth_axis - 2]
-            depth = torch.linspace(-1.0, 1.0, r, device=out.device, dtype=out.dtype)
+            depth = torch.linspace(-1.0, 1.0, r, device=like.device, dtype=like.dtype)
             if o + s > r:  # a patch reaching into the padding of a padded grid: the depths run on past 1
-                extra = torch.arange(1, o + s - r + 1, device=out.device, dtype=out.dtype) * (2.0 / max(r - 1, 1))
+                extra = torch.arange(1, o + s - r + 1, device=like.device, dtype=like.dtype) * (2.0 / max(r - 1, 1))
                 depth = torch.cat([depth, 1.0 + extra])
             depth = depth[o : o + s]
             shape = [1, 1, 1, 1, 1]
@@ -500,15 +499,15 @@ class StageModel(nn.Module):
         out = out + base
         if not return_lifted:
             return out
-        return out, self._lifted_part(ctx, o, s)
+        return out, self._lifted_part(ctx.lifted, ctx.profile, o, s)
 
     def _lifted_part(
-        self, ctx: StageCondition, origin: tuple[int, int, int], side: int
+        self, feats: torch.Tensor | None, profile: torch.Tensor | None, origin: tuple[int, int, int], side: int
     ) -> torch.Tensor | None:
         """The lifting-only volume (B, 1, S, S, S) over the cube at ``origin``: equal to that crop of the whole
-        grid's, computed from the features of the cube's tokens plus one token around it (interpolation), plus
-        the full-resolution lifting volume's crop (``model.lifting_profile``)."""
-        feats = ctx.lifted
+        grid's, computed from the lifted features (``StageCondition.lifted``) of the cube's tokens plus one token
+        around it (interpolation), plus the crop of the full-resolution lifting volume ``profile``
+        (``model.lifting_profile``; None without it)."""
         if feats is None or self.lifting is None:
             return None
         r = self.cfg.resolution
@@ -521,7 +520,7 @@ class StageModel(nn.Module):
             part = feats[:, :, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
             vol = self.lifting.lifted_volume(part, tuple((b - a) * p for a, b in zip(lo, hi)))
             vol = _crop(vol, tuple(o - a * p for o, a in zip(origin, lo)), side)
-        return vol if ctx.profile is None else vol + _crop(ctx.profile, origin, side).to(vol.dtype)
+        return vol if profile is None else vol + _crop(profile, origin, side).to(vol.dtype)
 
     def forward(
         self,
@@ -698,10 +697,10 @@ class StageModel(nn.Module):
             return torch.zeros(xray.shape[0], 1, r, r, r, device=xray.device)
         prepared = self.prepare_xray(xray)
         feats, _, _ = self.encoder(prepared)
-        vol = self.lifting.lifted_volume(self.lifting(feats, self.grid, self.cfg.data.view), self.cfg.resolution)
-        if self.profile is not None:
-            vol = vol + self.profile(feats, prepared, self.cfg.data.view)
-        return vol.clamp(-1.0, 1.0)
+        view = self.cfg.data.view
+        profile = self.profile(feats, prepared, view) if self.profile is not None else None
+        r = self.cfg.resolution
+        return self._lifted_part(self.lifting(feats, self.grid, view), profile, (0, 0, 0), r).clamp(-1.0, 1.0)
 
     def _lifting_start(self, override: float | None) -> float:
         """Stage 1's start time: ``override`` (a run's choice) or ``diffusion.lifting_start_t`` (the weights')."""
@@ -711,14 +710,15 @@ class StageModel(nn.Module):
         return t
 
     def _start(
-        self, xray: torch.Tensor, ctx: StageCondition, noise: torch.Tensor, lifting_start_t: float | None
+        self, ctx: StageCondition, noise: torch.Tensor, lifting_start_t: float | None
     ) -> tuple[float, torch.Tensor]:
         """Where sampling starts: (t0, x at t0): the noised previous volume (stages 2-3), the noised lifting-only
-        volume (stage 1 with a start below 1) or pure noise."""
+        volume (stage 1 with a start below 1; :meth:`lifted_only`, from ``ctx`` instead of encoding the radiograph
+        again) or pure noise."""
         if self.has_prev:
             t0, x0 = float(self.cfg.diffusion.prev_stage_t), ctx.prev
         elif self.lifting is not None and (t0 := self._lifting_start(lifting_start_t)) < 1.0:
-            x0 = self.lifted_only(xray)
+            x0 = self._lifted_part(ctx.lifted, ctx.profile, (0, 0, 0), self.cfg.resolution).clamp(-1.0, 1.0)
         else:
             return 1.0, noise
         return t0, q_sample(x0, torch.tensor(t0), noise)
@@ -733,7 +733,7 @@ class StageModel(nn.Module):
         r = self.cfg.resolution
         noise = torch.randn(xray.shape[0], 1, r, r, r, generator=generator, device=xray.device)
         ctx = self.condition(xray, prev)
-        t0, x_start = self._start(xray, ctx, noise, None)
+        t0, x_start = self._start(ctx, noise, None)
         out = self.predict(x_start, torch.full((xray.shape[0],), t0, device=xray.device), ctx)
         return out.clamp(-1.0, 1.0)  # type: ignore[union-attr]
 
@@ -765,7 +765,7 @@ class StageModel(nn.Module):
         noise = torch.randn(b, 1, r, r, r, generator=generator, device=xray.device)
         ctx = self.condition(xray, prev)
         diffusion = VDiffusion(prediction="x0")
-        t0, x_start = self._start(xray, ctx, noise, lifting_start_t)
+        t0, x_start = self._start(ctx, noise, lifting_start_t)
         plan = self.sampling_plan(b, xray.device, patch, memory_limit)
         self.last_plan = plan
         if plan is None:
