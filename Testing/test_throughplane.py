@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import ct_phantom_array
 
+from DiffusionCore.config import config_to_dict
 from DiffusionCore.degrade import degrade, enforce_consistency, thin_grid
 from DiffusionCore.errors import Cancelled, ConfigError, WeightsError
 from DiffusionCore.evaluate import evaluate
@@ -80,6 +81,36 @@ def test_a_fresh_predictor_returns_cubic_interpolation():
     assert net(thick, 4).shape == (3, 1, 28, 20)
     with pytest.raises(ConfigError, match="no head for factor 3"):
         net(thick, 3)
+
+
+def _randomised(net: ThroughPlaneNet, seed: int = 0) -> ThroughPlaneNet:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return net.eval()
+
+
+def test_the_two_level_predictor_sees_wider_context_on_planes_of_any_size(tmp_path):
+    two = ThroughPlaneConfig(channels=4, blocks=1, factors=[2, 4], low_blocks=2, post_blocks=1)
+    fresh = ThroughPlaneNet(two).eval()
+    thick = torch.randn(2, 1, 7, 21)  # odd sizes: the half-resolution level is cropped back to the plane
+    with torch.no_grad():
+        assert torch.count_nonzero(fresh(thick, 4)) == 0  # a fresh network is still cubic interpolation
+    net, flat = _randomised(ThroughPlaneNet(two)), _randomised(ThroughPlaneNet(ThroughPlaneConfig(4, 1, [2, 4])))
+    assert net(thick, 4).shape == (2, 1, 28, 21)
+    # a change 12 pixels away reaches a thin pixel through the half-resolution level only
+    far = thick.clone()
+    far[..., 0] += 1.0
+    with torch.no_grad():
+        assert (net(far, 4) - net(thick, 4))[..., 12].abs().max() > 1e-3
+        assert (flat(far, 4) - flat(thick, 4))[..., 12].abs().max() == 0
+    # the weights file carries the architecture, and the pipeline rebuilds the same network from it
+    loaded = SuperResolver.from_pretrained(str(_weights_file(tmp_path, net)), allow_unregistered=True).predictor
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(thick, 2), net(thick, 2))
+    with pytest.raises(ConfigError, match="post_blocks follow the half-resolution level"):
+        ThroughPlaneConfig(channels=4, blocks=1, post_blocks=1)
 
 
 def test_volume_prediction_averages_both_plane_orientations():
@@ -158,9 +189,7 @@ def test_adaptation_needs_a_predictor():
 
 
 def _weights_file(tmp_path, net, name="tp.safetensors"):
-    meta = {"family": "sr", "component": "throughplane",
-            "config": {"throughplane": {"channels": net.config.channels, "blocks": net.config.blocks,
-                                        "factors": net.config.factors}}}
+    meta = {"family": "sr", "component": "throughplane", "config": {"throughplane": config_to_dict(net.config)}}
     path = tmp_path / name
     save_safetensors(path, state_dict_for_file(net), meta)
     return path

@@ -49,18 +49,29 @@ class ThroughPlaneConfig:
     """Architecture of the through-plane predictor.
 
     Attributes:
-        channels: feature channels of every convolution.
+        channels: feature channels of every convolution at the thick resolution.
         blocks: residual blocks (two 3x3 convolutions each) at the thick resolution.
         factors: the integer factors the network has a head for (thin slices per thick slice).
+        low_blocks: residual blocks of a second level at half the resolution along both axes of the plane,
+            with twice the channels (0: no second level, a single-resolution network). For about the cost of
+            as many full-resolution blocks they see four times the area, so the context of a structure
+            (a rib's course, an organ's outline) reaches each thin slice.
+        post_blocks: full-resolution residual blocks after the second level's features are added back
+            (needs ``low_blocks``).
     """
 
     channels: int = 32
     blocks: int = 5
     factors: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])
+    low_blocks: int = 0
+    post_blocks: int = 0
 
     def __post_init__(self) -> None:
-        if int(self.channels) < 1 or int(self.blocks) < 0:
-            raise ConfigError(f"through-plane predictor: channels >= 1 and blocks >= 0; got {self}")
+        if int(self.channels) < 1 or int(self.blocks) < 0 or int(self.low_blocks) < 0 or int(self.post_blocks) < 0:
+            raise ConfigError(f"through-plane predictor: channels >= 1 and block counts >= 0; got {self}")
+        if int(self.post_blocks) > 0 and int(self.low_blocks) == 0:
+            raise ConfigError("through-plane predictor: post_blocks follow the half-resolution level; set "
+                              f"low_blocks > 0 or put the blocks in 'blocks' (got {self})")
         if not self.factors or any(int(k) < 2 for k in self.factors):
             raise ConfigError(f"through-plane predictor: factors must be integers >= 2; got {self.factors}")
         self.factors = sorted({int(k) for k in self.factors})
@@ -94,6 +105,14 @@ class ThroughPlaneNet(nn.Module):
             {str(k): nn.Parameter(torch.zeros(1, ch, 1, 1)) for k in self.config.factors}
         )
         self.body = nn.Sequential(*[_ResBlock(ch) for _ in range(int(self.config.blocks))])
+        if int(self.config.low_blocks) > 0:
+            # second level: stride-2 down, blocks at twice the width, 2x up; its output starts at zero
+            self.down = nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1, padding_mode="replicate")
+            self.low = nn.Sequential(*[_ResBlock(2 * ch) for _ in range(int(self.config.low_blocks))])
+            self.up = nn.ConvTranspose2d(2 * ch, ch, 2, stride=2)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+            self.post = nn.Sequential(*[_ResBlock(ch) for _ in range(int(self.config.post_blocks))])
         self.act = nn.ReLU(inplace=True)
         self.heads = nn.ModuleDict(
             {str(k): nn.Conv2d(ch, k, 3, padding=1, padding_mode="replicate") for k in self.config.factors}
@@ -115,8 +134,12 @@ class ThroughPlaneNet(nn.Module):
                 f"the through-plane predictor has no head for factor {factor} (it has {self.config.factors})"
             )
         k = int(factor)
-        h = self.stem(thick) + self.factor_embedding[str(k)]
-        h = self.act(self.body(h))
+        h = self.body(self.stem(thick) + self.factor_embedding[str(k)])
+        if int(self.config.low_blocks) > 0:
+            m, w = h.shape[-2:]
+            low = self.up(self.low(self.act(self.down(h))))  # (B, C, 2*ceil(m/2), 2*ceil(w/2))
+            h = self.post(h + low[..., :m, :w])
+        h = self.act(h)
         out = self.heads[str(k)](h)  # (B, k, m, W): one value per thin slice of each slab
         b, _, m, w = out.shape
         return out.permute(0, 2, 1, 3).reshape(b, 1, m * k, w)
@@ -144,7 +167,8 @@ ProgressFn = Callable[[int, int, str], None]
 #: Voxels at or below this HU count as air around the patient: planes there are not predicted (the
 #: residual of air is zero) .
 AIR_HU = -900.0
-#: Voxels kept around the body box (more than the network's receptive field in-plane).
+#: Voxels kept around the body box: the crop's edges are air, which the convolutions' replicate padding
+#: continues, so a network whose receptive field is wider than this margin sees what it would see uncropped.
 BODY_MARGIN = 16
 
 
