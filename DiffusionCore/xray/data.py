@@ -1,8 +1,8 @@
 """Training data for the X-ray cascade: CT cubes per stage and the DRRs rendered from them.
 
-* :func:`ct_to_cube` resamples a CT onto a cube of ``fov_mm`` side centred on the volume's centre, axes
-  aligned with the patient (LPS, array (z, y, x) with z superior-increasing), Gaussian-prefiltered so a
-  512^2 scan does not alias at 64^3.
+* :func:`ct_to_cube` resamples a CT onto a cube of ``fov_mm`` side centred on the volume's centre left-right and
+  head-foot and on the body front-to-back, axes aligned with the patient (LPS, array (z, y, x) with z
+  superior-increasing), Gaussian-prefiltered so a 512^2 scan does not alias at 64^3.
 * :func:`render_training_drr` renders the training-geometry radiograph (axis-aligned parallel beam, or the
   ray marcher with a pose jitter) and applies radiograph augmentation (gain/gamma, scatter-like blur, noise).
 * :class:`XrayCubeDataset` draws augmented (cube, DRR) pairs: CT flips, small rotations, body-habitus zoom per axis,
@@ -48,18 +48,45 @@ def volume_centre(vol: Volume) -> np.ndarray:
     return np.asarray(vol.origin) + vol.direction @ (np.asarray(vol.spacing) * idx)
 
 
-def ct_to_cube(vol: Volume, resolution: int, fov_mm: float) -> Volume:
+#: The coarse cube that finds the body's front-to-back extent (:func:`body_ap_offset`): voxels per side, and its
+#: side as a multiple of the cube's (wider, so a body that the cube would cut still shows its whole extent).
+BODY_PROBE_RESOLUTION = 96
+BODY_PROBE_FOV = 1.5
+
+
+def body_ap_offset(cube: Volume) -> float:
+    """How far (mm, along LPS y: + posterior) the middle of the body lies from the centre of an identity-direction
+    cube: the middle of the front-to-back extent of its body mask (HU > -500, largest component, so the table
+    apart from the patient does not count). 0 when the cube holds no body."""
+    from ..metrics import body_mask
+
+    rows = np.flatnonzero(body_mask(cube.array).any(axis=(0, 2)))  # array (z, y, x): y is axis 1
+    if rows.size == 0:
+        return 0.0
+    return float((rows[0] + rows[-1]) / 2 - (cube.shape[1] - 1) / 2) * float(cube.spacing[1])
+
+
+def ct_to_cube(vol: Volume, resolution: int, fov_mm: float, *, body_centred: bool = True) -> Volume:
     """Resample a CT (HU) onto an isotropic ``resolution^3`` cube of side ``fov_mm`` (air outside).
 
     Args:
         vol: CT volume in HU.
         resolution: voxels per side.
         fov_mm: cube side in mm.
+        body_centred: move the cube front-to-back so the body's extent is centred in it. Where the patient lies
+            in the scan's field of view front-to-back depends on the table height; a frontal radiograph does
+            not show it, so a generated CT cannot know it, and training on it would teach an offset that no
+            input decides. Left-right and head-foot stay on the volume's centre (the radiograph shows them).
 
     Returns:
-        Volume (R, R, R) HU, spacing fov/R, identity direction, centred on the input's centre.
+        Volume (R, R, R) HU, spacing fov/R, identity direction, centred on the input's centre (front-to-back on
+        the body's middle when ``body_centred``).
     """
-    spacing, origin = cube_grid_geometry(resolution, fov_mm, volume_centre(vol))
+    centre = volume_centre(vol)
+    if body_centred:
+        probe = ct_to_cube(vol, BODY_PROBE_RESOLUTION, BODY_PROBE_FOV * fov_mm, body_centred=False)
+        centre = centre + np.array([0.0, body_ap_offset(probe), 0.0])
+    spacing, origin = cube_grid_geometry(resolution, fov_mm, centre)
     img = vol.to_sitk()
     sigmas = [max(0.0, 0.5 * (spacing[0] ** 2 - s**2)) ** 0.5 / s for s in vol.spacing]  # in voxels
     if max(sigmas) > 0.3:
