@@ -25,6 +25,7 @@ from DiffusionCore.sr.throughplane import (
     ThroughPlaneNet,
     cubic_planes,
     predict_residual,
+    random_weights,
     state_dict_for_file,
     tiny_predictor,
 )
@@ -83,21 +84,14 @@ def test_a_fresh_predictor_returns_cubic_interpolation():
         net(thick, 3)
 
 
-def _randomised(net: ThroughPlaneNet, seed: int = 0) -> ThroughPlaneNet:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return net.eval()
-
-
 def test_the_two_level_predictor_sees_wider_context_on_planes_of_any_size(tmp_path):
     two = ThroughPlaneConfig(channels=4, blocks=1, factors=[2, 4], low_blocks=2, post_blocks=1)
     fresh = ThroughPlaneNet(two).eval()
     thick = torch.randn(2, 1, 7, 21)  # odd sizes: the half-resolution level is cropped back to the plane
     with torch.no_grad():
         assert torch.count_nonzero(fresh(thick, 4)) == 0  # a fresh network is still cubic interpolation
-    net, flat = _randomised(ThroughPlaneNet(two)), _randomised(ThroughPlaneNet(ThroughPlaneConfig(4, 1, [2, 4])))
+    net = random_weights(ThroughPlaneNet(two), 0, 0.3)
+    flat = random_weights(ThroughPlaneNet(ThroughPlaneConfig(4, 1, [2, 4])), 0, 0.3)
     assert net(thick, 4).shape == (2, 1, 28, 21)
     # a change 12 pixels away reaches a thin pixel through the half-resolution level only
     far = thick.clone()

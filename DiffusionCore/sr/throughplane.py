@@ -240,11 +240,16 @@ def predict_residual(
 def tiny_predictor(seed: int = 0) -> ThroughPlaneNet:
     """A tiny random-weight predictor for tests and self-tests (its heads are not zero, so its output
     differs from cubic interpolation). Its images are meaningless."""
+    return random_weights(ThroughPlaneNet(ThroughPlaneConfig(channels=4, blocks=1)), seed, 0.05)
+
+
+def random_weights(net: ThroughPlaneNet, seed: int = 0, scale: float = 0.05) -> ThroughPlaneNet:
+    """``net`` with every parameter drawn from N(0, scale^2) (seeded), in eval mode: a test network whose heads
+    are not zero. Its images are meaningless."""
     gen = torch.Generator().manual_seed(int(seed))
-    net = ThroughPlaneNet(ThroughPlaneConfig(channels=4, blocks=1))
     with torch.no_grad():
         for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return net.eval()
 
 

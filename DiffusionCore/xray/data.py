@@ -66,26 +66,38 @@ def body_ap_offset(cube: Volume) -> float:
     return float((rows[0] + rows[-1]) / 2 - (cube.shape[1] - 1) / 2) * float(cube.spacing[1])
 
 
-def ct_to_cube(vol: Volume, resolution: int, fov_mm: float, *, body_centred: bool = True) -> Volume:
-    """Resample a CT (HU) onto an isotropic ``resolution^3`` cube of side ``fov_mm`` (air outside).
+def ct_to_cubes(vol: Volume, resolutions: list[int] | tuple[int, ...], fov_mm: float, *,
+                body_centred: bool = True) -> dict[int, Volume]:
+    """Resample a CT (HU) onto isotropic cubes of side ``fov_mm``, one per resolution (air outside), all centred on
+    the same point (found once).
 
     Args:
         vol: CT volume in HU.
-        resolution: voxels per side.
+        resolutions: voxels per side of each cube.
         fov_mm: cube side in mm.
-        body_centred: move the cube front-to-back so the body's extent is centred in it. Where the patient lies
+        body_centred: move the cubes front-to-back so the body's extent is centred in them. Where the patient lies
             in the scan's field of view front-to-back depends on the table height; a frontal radiograph does
             not show it, so a generated CT cannot know it, and training on it would teach an offset that no
             input decides. Left-right and head-foot stay on the volume's centre (the radiograph shows them).
 
     Returns:
-        Volume (R, R, R) HU, spacing fov/R, identity direction, centred on the input's centre (front-to-back on
-        the body's middle when ``body_centred``).
+        ``{R: Volume (R, R, R) HU}``, spacing fov/R, identity direction, centred on the input's centre
+        (front-to-back on the body's middle when ``body_centred``).
     """
     centre = volume_centre(vol)
     if body_centred:
-        probe = ct_to_cube(vol, BODY_PROBE_RESOLUTION, BODY_PROBE_FOV * fov_mm, body_centred=False)
+        probe = _resample_cube(vol, BODY_PROBE_RESOLUTION, BODY_PROBE_FOV * fov_mm, centre)
         centre = centre + np.array([0.0, body_ap_offset(probe), 0.0])
+    return {int(r): _resample_cube(vol, int(r), fov_mm, centre) for r in resolutions}
+
+
+def ct_to_cube(vol: Volume, resolution: int, fov_mm: float, *, body_centred: bool = True) -> Volume:
+    """One cube of :func:`ct_to_cubes` (same arguments, one resolution)."""
+    return ct_to_cubes(vol, [resolution], fov_mm, body_centred=body_centred)[int(resolution)]
+
+
+def _resample_cube(vol: Volume, resolution: int, fov_mm: float, centre: np.ndarray) -> Volume:
+    """The ``resolution^3`` cube of side ``fov_mm`` centred on the LPS point ``centre`` (Gaussian-prefiltered)."""
     spacing, origin = cube_grid_geometry(resolution, fov_mm, centre)
     img = vol.to_sitk()
     sigmas = [max(0.0, 0.5 * (spacing[0] ** 2 - s**2)) ** 0.5 / s for s in vol.spacing]  # in voxels
@@ -322,7 +334,7 @@ def load_cubes(paths: list[Path], resolutions: list[int], fov_mm: float) -> list
     out = []
     for p in paths:
         vol = read_volume(p)
-        out.append({r: ct_to_cube(vol, r, fov_mm).array for r in resolutions})
+        out.append({r: cube.array for r, cube in ct_to_cubes(vol, resolutions, fov_mm).items()})
         logger.info("loaded %s as cubes %s", p, resolutions)
     return out
 
@@ -358,8 +370,9 @@ def prepare_dataset(
         case_dir = out / f"{i:04d}_{name}"
         case_dir.mkdir(exist_ok=True)
         files: dict[str, str] = {}
+        cubes = ct_to_cubes(vol, resolutions, fov_mm)
         for r, x in zip(resolutions, xray_resolutions):
-            cube = ct_to_cube(vol, r, fov_mm)
+            cube = cubes[r]
             write_volume(cube, case_dir / f"cube_{r}.nii.gz", overwrite=overwrite, dtype="int16")
             files[f"cube_{r}"] = str((case_dir / f"cube_{r}.nii.gz").relative_to(out))
             hu = torch.from_numpy(cube.array)[None, None]

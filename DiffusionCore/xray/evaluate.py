@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..metrics import psnr, ssim3d
 from ..volume import Volume
-from .data import clinical_look, ct_to_cube, render_training_drr
+from .data import clinical_look, ct_to_cubes, render_training_drr
 from .pipeline import XrayToCTGenerator, projection_error, volume_from_unit
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ def evaluate_xray(
     cfgs = cascade.configs[:n]
     fov = cfgs[0].data.fov_mm
     view = cfgs[0].data.view
-    refs = {c.stage: ct_to_cube(reference, c.resolution, fov) for c in cfgs}
+    by_resolution = ct_to_cubes(reference, [c.resolution for c in cfgs], fov)
+    refs = {c.stage: by_resolution[c.resolution] for c in cfgs}
     finest = refs[cfgs[-1].stage]
     xres = max(c.xray_resolution for c in cascade.configs)
     xray = render_training_drr(torch.from_numpy(finest.array)[None, None], fov, xres, view)
