@@ -15,7 +15,7 @@ from DiffusionCore.xray.data import (
     ELASTIC_CONTROL,
     XrayCubeDataset,
     clinical_look,
-    gaussian_blur2d,
+    gaussian_blur,
     render_training_drr,
     warp_cube,
 )
@@ -102,7 +102,7 @@ def test_the_model_cards_experiment_config_is_the_cpu_recipe_plus_the_new_keys()
 
 def _detail(img: torch.Tensor) -> float:
     """Mean absolute difference from a 2-pixel blur: how much fine detail (edges) an image shows."""
-    return float((img - gaussian_blur2d(img, 2.0)).abs().mean())
+    return float((img - gaussian_blur(img, 2.0)).abs().mean())
 
 
 def test_clinical_look_sharpens_the_drr_and_keeps_its_values():
@@ -117,10 +117,10 @@ def test_clinical_look_sharpens_the_drr_and_keeps_its_values():
 
 def test_gaussian_blur_keeps_flat_images_and_accepts_kernels_wider_than_the_image():
     flat = torch.full((2, 1, 12, 12), 0.3)
-    assert torch.allclose(gaussian_blur2d(flat, 16.0), flat)  # a 97-pixel kernel on a 12-pixel image
+    assert torch.allclose(gaussian_blur(flat, 16.0), flat)  # a 97-pixel kernel on a 12-pixel image
     step = torch.zeros(1, 1, 12, 12)
     step[..., 6:] = 1.0
-    blurred = gaussian_blur2d(step, 1.0)
+    blurred = gaussian_blur(step, 1.0)
     assert 0.0 < float(blurred[0, 0, 0, 5]) < 0.5 < float(blurred[0, 0, 0, 6]) < 1.0
 
 

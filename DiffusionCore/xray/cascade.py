@@ -42,6 +42,7 @@ from ..tiling import (
     format_bytes,
     tile_starts,
 )
+from .atlas import register_atlas
 from .config import XrayStageConfig, patch_alignment, tiny_stage_config, windowed_attention
 from .encoder import XrayEncoder
 from .lifting import DepthLifting, RayProfileHead
@@ -262,7 +263,11 @@ class StageModel(nn.Module):
         self.lifting = (
             DepthLifting(list(m.encoder_channels), c, m.depth_bands) if m.use_depth_lifting else None
         )
-        self.has_prev = cfg.stage > 1
+        #: Stage 1 with ``model.atlas_prior`` refines its registered atlas as stages 2-3 refine the previous volume.
+        self.uses_atlas = cfg.stage == 1 and m.atlas_prior
+        self.has_prev = cfg.stage > 1 or self.uses_atlas
+        if self.uses_atlas:  # the mean training CT blurred (model units); set by training, stored in the weights
+            self.register_buffer("atlas", torch.full((1, 1, cfg.resolution, cfg.resolution, cfg.resolution), -1.0))
         self.profile = (
             RayProfileHead(list(m.encoder_channels), m.lifting_profile, cfg.resolution)
             if m.lifting_profile and self.lifting is not None
@@ -346,13 +351,23 @@ class StageModel(nn.Module):
             if isinstance(mod, nn.Conv3d)
         )
 
+    def registered_atlas(self, xray: torch.Tensor) -> torch.Tensor:
+        """The weights' atlas fitted to each (B, 1, H, W) radiograph (B, 1, R, R, R), model units (``model.atlas_prior``;
+        :func:`~DiffusionCore.xray.atlas.register_atlas`)."""
+        if not self.uses_atlas:
+            raise InputError(f"stage {self.cfg.stage} has no atlas (model.atlas_prior is off)")
+        return register_atlas(self.atlas, xray, self.cfg.data.fov_mm, self.cfg.data.view)[0]
+
     def condition(self, xray: torch.Tensor, prev: torch.Tensor | None = None) -> StageCondition:
         """Everything the denoiser needs besides ``x_t`` and ``t``, for the whole grid (once per radiograph).
 
         Args:
             xray: (B, 1, H, W) radiograph, attenuation style [0, 1] (resized to xray_resolution).
-            prev: (B, 1, r, r, r) previous-stage volume in model units (stages 2-3; required there).
+            prev: (B, 1, r, r, r) previous-stage volume in model units (stages 2-3; required there); for stage 1
+                with ``model.atlas_prior`` its atlas (default: the weights' atlas registered to ``xray``).
         """
+        if self.uses_atlas and prev is None:
+            prev = self.registered_atlas(xray)
         if self.has_prev and prev is None:
             raise InputError(f"stage {self.cfg.stage} needs the previous stage's volume")
         prepared = self.prepare_xray(xray)
@@ -712,7 +727,8 @@ class StageModel(nn.Module):
     def _start(
         self, ctx: StageCondition, noise: torch.Tensor, lifting_start_t: float | None
     ) -> tuple[float, torch.Tensor]:
-        """Where sampling starts: (t0, x at t0): the noised previous volume (stages 2-3), the noised lifting-only
+        """Where sampling starts: (t0, x at t0): the noised previous volume (stages 2-3; stage 1's registered atlas
+        with ``model.atlas_prior``), the noised lifting-only
         volume (stage 1 with a start below 1; :meth:`lifted_only`, from ``ctx`` instead of encoding the radiograph
         again) or pure noise."""
         if self.has_prev:
@@ -755,7 +771,8 @@ class StageModel(nn.Module):
 
         Stage 1 starts from pure noise at t = 1, or from its lifting-only volume noised to
         ``diffusion.lifting_start_t`` when that is below 1; stages 2-3 start from the upsampled previous volume
-        noised to ``diffusion.prev_stage_t`` (consistent with the coarse anatomy). Each step's x0 comes
+        noised to ``diffusion.prev_stage_t`` (consistent with the coarse anatomy), and so does stage 1 from its
+        registered atlas with ``model.atlas_prior`` (``prev``; default: :meth:`registered_atlas`). Each step's x0 comes
         from one whole-grid pass or from blended patches (:meth:`sampling_plan`; ``patch`` and
         ``memory_limit`` are passed to it); the plan used is kept in :attr:`last_plan`.
         """
@@ -916,7 +933,7 @@ class UnifiedHybridViTCascade(nn.Module):
             raise InputError(f"num_stages must be between 1 and {self.num_stages} for these weights; got {n}")
         x = self._as_xray(xray).to(next(self.parameters()).device)
         outs: list[torch.Tensor] = []
-        prev = None
+        prev = self.stages[0].registered_atlas(x) if self.stages[0].uses_atlas else None  # once for all samples
         for i in range(n):
             k = int(num_samples or self.configs[i].diffusion.num_samples)
             if k < 1:

@@ -87,6 +87,15 @@ class XrayModelConfig:
             "(its token embedding and refinement head or decoder) as a volume; 0 = none. Needs use_depth_lifting."
         },
     )
+    atlas_prior: bool = field(
+        default=False,
+        metadata={
+            "help": "Stage 1 only: refine an anatomical atlas (the mean training CT, blurred by data.atlas_blur_voxels, "
+            "registered to the radiograph by an affine map) as stages 2-3 refine the previous stage's volume: it is "
+            "read beside x_t, the output is a residual on it, and sampling starts from it noised to "
+            "diffusion.prev_stage_t. See DiffusionCore.xray.atlas."
+        },
+    )
     decoder_channels: list[int] = field(
         default_factory=list,
         metadata={
@@ -216,6 +225,24 @@ class XrayDataConfig:
             "reads real radiographs as it reads DRRs; 0 turns it off."
         },
     )
+    atlas_blur_voxels: float = field(
+        default=2.0,
+        metadata={"help": "model.atlas_prior: Gaussian blur (voxels of the stage's grid) of the atlas, in training "
+                  "and in the weights' mean-CT atlas."},
+    )
+    atlas_zoom: float = field(
+        default=0.08,
+        metadata={"help": "model.atlas_prior, training: per-axis log-zoom range of the sample's own CT made into "
+                  "its atlas (another patient's size)."},
+    )
+    atlas_shift_voxels: float = field(
+        default=2.0, metadata={"help": "model.atlas_prior, training: largest shift of the atlas, voxels."}
+    )
+    atlas_deform_voxels: float = field(
+        default=1.5,
+        metadata={"help": "model.atlas_prior, training: standard deviation of the atlas's smooth deformation "
+                  "(another patient's shape), voxels."},
+    )
     prev_noise: float = field(
         default=0.1, metadata={"help": "Noise on the previous-stage volume given to stages 2-3 in training."}
     )
@@ -325,6 +352,11 @@ class XrayStageConfig:
             )
         if not 0.0 <= self.data.prev_from_model <= 1.0:
             raise ConfigError(f"data.prev_from_model must be in [0, 1] (a share of samples); got {self.data.prev_from_model}")
+        if m.atlas_prior and self.stage != 1:
+            raise ConfigError(f"model.atlas_prior is for stage 1 (stages 2-3 refine the previous stage); stage {self.stage} has it")
+        for name in ("atlas_blur_voxels", "atlas_zoom", "atlas_shift_voxels", "atlas_deform_voxels"):
+            if not getattr(self.data, name) >= 0.0:
+                raise ConfigError(f"data.{name} must be >= 0; got {getattr(self.data, name)}")
         if not 0.0 <= self.data.processing <= 1.0:
             raise ConfigError(f"data.processing must be in [0, 1] (a share of samples); got {self.data.processing}")
 

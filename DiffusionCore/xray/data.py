@@ -162,7 +162,7 @@ def render_training_drr(
     if aug.blur_sigma_px > 0:
         sigma = float(rng.uniform(0, aug.blur_sigma_px))
         if sigma > 0.2:
-            img = gaussian_blur2d(img, sigma)
+            img = gaussian_blur(img, sigma)
     if aug.noise_std > 0:
         img = img + torch.from_numpy(rng.normal(0, aug.noise_std, img.shape)).float()
     img = img.clamp(0, 1)
@@ -184,17 +184,22 @@ FLATTEN_SIGMA_PX = 16.0
 CLINICAL_LOOK = (1.5, 3.0, 0.4)
 
 
-def gaussian_blur2d(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, H, W) images, edges replicated (also for kernels wider than the image)."""
+def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) images or (B, C, D, H, W) volumes, edges replicated (also for
+    kernels wider than the image)."""
     k = int(2 * round(3 * sigma) + 1)
     x = torch.arange(k, dtype=img.dtype, device=img.device) - k // 2
     g = torch.exp(-0.5 * (x / sigma) ** 2)
     g = g / g.sum()
-    c = img.shape[1]
-    for dim, shape in ((-1, (1, 1, 1, k)), (-2, (1, 1, k, 1))):
+    c, nd = img.shape[1], img.dim() - 2
+    conv = F.conv2d if nd == 2 else F.conv3d
+    for axis in range(nd):
+        dim = img.dim() - 1 - axis
+        shape = [1] * nd
+        shape[nd - 1 - axis] = k
         n = img.shape[dim]
         idx = torch.clamp(torch.arange(-(k // 2), n + k // 2, device=img.device), 0, n - 1)
-        img = F.conv2d(img.index_select(dim, idx), g.view(shape).expand(c, *shape[1:]), groups=c)
+        img = conv(img.index_select(dim, idx), g.view(1, 1, *shape).expand(c, 1, *shape), groups=c)
     return img
 
 
@@ -218,10 +223,10 @@ def clinical_look(img: torch.Tensor, amount: float, sigma_px: float, flatten: fl
     scale = img.shape[-1] / 128
     out = img
     if flatten > 0:
-        broad = gaussian_blur2d(out, FLATTEN_SIGMA_PX * scale)
+        broad = gaussian_blur(out, FLATTEN_SIGMA_PX * scale)
         out = out - flatten * (broad - broad.mean(dim=(-2, -1), keepdim=True))
     if amount > 0:
-        out = out + amount * (out - gaussian_blur2d(out, sigma_px * scale))
+        out = out + amount * (out - gaussian_blur(out, sigma_px * scale))
     flat_in, flat_out = img.flatten(1), out.flatten(1)
     ranks = flat_out.argsort(dim=1)
     matched = torch.empty_like(flat_in).scatter_(1, ranks, flat_in.sort(dim=1).values)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..intensity import unit_to_hu
 from .cascade import StageModel
 from .config import XrayLossWeights
-from .data import gaussian_blur2d
+from .data import gaussian_blur
 from .drr import hu_to_mu, project_parallel_axis
 from .vdiffusion import alpha_sigma, q_sample
 
@@ -47,7 +47,7 @@ def drr_l1(pred_unit: torch.Tensor, target_unit: torch.Tensor, spacing_mm: float
 def _ssim2d(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2  # data range 2 (model units)
     # the local means of a, b, a^2, b^2 and a*b in one blur over their channels
-    ma, mb, maa, mbb, mab = gaussian_blur2d(torch.cat([a, b, a * a, b * b, a * b], dim=1), sigma).split(a.shape[1], 1)
+    ma, mb, maa, mbb, mab = gaussian_blur(torch.cat([a, b, a * a, b * b, a * b], dim=1), sigma).split(a.shape[1], 1)
     va, vb, cov = maa - ma**2, mbb - mb**2, mab - ma * mb
     return (((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))).mean()
 

@@ -32,9 +32,10 @@ from ..errors import ConfigError, WeightsError
 from ..intensity import hu_to_unit
 from ..train.numerics import LossWatch, check_training_numbers
 from ..train.precision import autocast, resolve_amp
+from .atlas import training_atlas
 from .cascade import StageModel, UnifiedHybridViTCascade, _crop
 from .config import XrayLossWeights, XrayStageConfig, load_stage_config, patch_alignment, tiny_stage_config
-from .data import MANIFEST, XrayCubeDataset, ct_to_cube, load_cubes
+from .data import MANIFEST, XrayCubeDataset, ct_to_cube, gaussian_blur, load_cubes
 from .losses import line_integrals, stage_loss
 
 logger = logging.getLogger(__name__)
@@ -235,7 +236,13 @@ class CascadeObjective(nn.Module):
         for s in self.trained:
             stage = self.cascade.stages[s - 1]
             cfg = stage.cfg
-            prev = previous_stage_volume(self.cascade, s, vols, xray, prev_noise) if s > 1 else None
+            prev = None
+            if s > 1:
+                prev = previous_stage_volume(self.cascade, s, vols, xray, prev_noise)
+            elif stage.uses_atlas:
+                d = cfg.data
+                prev = training_atlas(vols[cfg.resolution], d.atlas_blur_voxels, d.atlas_zoom, d.atlas_shift_voxels,
+                                      d.atlas_deform_voxels)  # fmt: skip
             if trains_on_patches(cfg):
                 loss, p = patch_stage_loss(stage, vols[cfg.resolution], xray, prev, cfg.loss_weights)
             else:
@@ -362,7 +369,7 @@ def train_step(
 
 def _tiny_like(cfg: XrayStageConfig) -> XrayStageConfig:
     """A tiny network with ``cfg``'s structure: a refinement head, a decoder, the rays, the full-resolution
-    lifting, and half-grid patches, where it has them."""
+    lifting, the atlas, and half-grid patches, where it has them."""
     t = tiny_stage_config(
         cfg.stage, 16 * 2 ** (cfg.stage - 1), refine_channels=4 if cfg.model.refine_channels else 0
     )
@@ -370,6 +377,8 @@ def _tiny_like(cfg: XrayStageConfig) -> XrayStageConfig:
         t = replace(t, model=replace(t.model, decoder_channels=[8, 4]))
     if cfg.model.lifting_profile:
         t = replace(t, model=replace(t.model, lifting_profile=8))
+    if cfg.model.atlas_prior:
+        t = replace(t, model=replace(t.model, atlas_prior=True))
     if cfg.model.refine_xray and (t.model.refine_channels or t.model.decoder_channels):
         t = replace(t, model=replace(t.model, refine_xray=True))
     if cfg.model.train_patch or cfg.model.inference_patch:
@@ -460,6 +469,10 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     r1 = configs[0].resolution
     mean_hu = np.mean([c[r1] for c in cubes], axis=0)
     cascade.mean_ct.copy_(hu_to_unit(torch.from_numpy(mean_hu))[None, None].to(cascade.mean_ct.device))
+    first = cascade.stages[0]
+    if first.uses_atlas and 1 in trained:  # the atlas generation registers: the mean CT, blurred as in training
+        blur = configs[0].data.atlas_blur_voxels
+        first.atlas.copy_(gaussian_blur(cascade.mean_ct, blur) if blur > 0 else cascade.mean_ct)
     from ..devices import shard_list
 
     if info.distributed and len(cubes) >= info.world_size:

@@ -1,0 +1,140 @@
+"""Stage 1's anatomical atlas (``model.atlas_prior``): the mean training CT, blurred, registered to the radiograph
+by an affine map, and refined by the network as stages 2-3 refine the previous stage's volume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import body_phantom_cubes
+
+from DiffusionCore.errors import ConfigError, InputError
+from DiffusionCore.volume import Volume, write_volume
+from DiffusionCore.xray.atlas import _drr, _ncc, register_atlas, training_atlas, warp_atlas
+from DiffusionCore.xray.cascade import UnifiedHybridViTCascade
+from DiffusionCore.xray.config import load_stage_config, tiny_stage_config
+from DiffusionCore.xray.data import gaussian_blur
+from DiffusionCore.xray.train import XrayTrainOptions, _tiny_like, train_xray
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FOV = 350.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _chest(r: int = 32) -> torch.Tensor:
+    """A chest-like cube (1, 1, r, r, r) in model units: an elliptic body, two lungs and a spine behind."""
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, r)] * 3, indexing="ij")
+    vol = np.where(((x / 0.7) ** 2 + (y / 0.5) ** 2 < 1) & (np.abs(z) < 0.85), 0.0, -1.0)
+    lungs = ((np.abs(x) - 0.35) / 0.2) ** 2 + (y / 0.3) ** 2 + (z / 0.7) ** 2 < 1
+    vol[lungs] = -0.8
+    vol[(x**2 + (y - 0.35) ** 2 < 0.01) & (np.abs(z) < 0.9)] = 0.7
+    return torch.tensor(vol, dtype=torch.float32)[None, None]
+
+
+@pytest.mark.parametrize("view", ["pa", "lateral"])
+def test_registration_finds_the_size_and_place_of_the_body_on_the_radiograph(view):
+    atlas = gaussian_blur(_chest(), 1.0)
+    truth = torch.tensor([[0.12, -0.1, 0.15, -0.12]])  # wider, shorter, moved across and down the detector
+    xray = _drr(warp_atlas(_chest(), truth, view), FOV, view, 64)
+    kept_atlas, kept_xray = atlas.clone(), xray.clone()
+    moved, params = register_atlas(atlas, xray, FOV, view)
+    assert torch.equal(atlas, kept_atlas) and torch.equal(xray, kept_xray)  # inputs untouched
+    assert moved.shape == atlas.shape and params.shape == (1, 4)
+    torch.testing.assert_close(params, truth, atol=0.04, rtol=0)
+    before = float(_ncc(_drr(atlas, FOV, view, 64), xray))
+    after = float(_ncc(_drr(moved, FOV, view, 64), xray))
+    assert after > before + 0.02
+    again, _ = register_atlas(atlas, xray, FOV, view)
+    assert torch.equal(again, moved)  # deterministic
+
+
+def test_the_training_atlas_is_the_ct_blurred_moved_and_deformed():
+    truth = body_phantom_cubes(3, 24)
+    torch.manual_seed(0)
+    torch.testing.assert_close(training_atlas(truth, 0.0, 0.0, 0.0, 0.0), truth, atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    atlas = training_atlas(truth, 1.5, 0.1, 2.0, 1.5)
+    assert atlas.shape == truth.shape and float(atlas.min()) >= -1.0 - 1e-5 and float(atlas.max()) <= 1.0 + 1e-5
+    for a, t in zip(atlas, truth):  # coarse and wrong, but the same anatomy
+        err = float((a - t).abs().mean())
+        corr = float(np.corrcoef(a.flatten().numpy(), t.flatten().numpy())[0, 1])
+        assert err > 0.02 and corr > 0.6
+    torch.manual_seed(1)
+    assert not torch.allclose(training_atlas(truth, 1.5, 0.1, 2.0, 1.5), atlas)  # random per draw
+
+
+def test_the_atlas_recipe_is_the_shipped_recipe_with_the_atlas():
+    atlas = json.loads((REPO / "benchmarks/xray_stage1_atlas.json").read_text())
+    shipped = json.loads((REPO / "benchmarks/xray_stage1_profile.json").read_text())
+    assert atlas["model"].pop("atlas_prior") is True
+    assert atlas == shipped
+    assert _tiny_like(load_stage_config(REPO / "benchmarks/xray_stage1_atlas.json")).model.atlas_prior
+
+
+def test_only_stage_one_takes_an_atlas():
+    with pytest.raises(ConfigError, match="atlas_prior is for stage 1"):
+        load_stage_config({"stage": 2, "resolution": 128, "model": {"atlas_prior": True}})
+    with pytest.raises(ConfigError, match="atlas_zoom"):
+        load_stage_config({"model": {"atlas_prior": True}, "data": {"atlas_zoom": -0.1}})
+
+
+def _atlas_cascade() -> UnifiedHybridViTCascade:
+    cfg = tiny_stage_config(1, 32, refine_channels=4)
+    cfg = replace(cfg, model=replace(cfg.model, atlas_prior=True))
+    torch.manual_seed(0)
+    cascade = UnifiedHybridViTCascade([cfg]).eval()
+    with torch.no_grad():
+        cascade.stages[0].atlas.copy_(gaussian_blur(_chest(), 1.0))
+    return cascade
+
+
+def test_generation_refines_the_atlas_registered_to_the_radiograph(tmp_path):
+    cascade = _atlas_cascade()
+    stage = cascade.stages[0]
+    assert stage.has_prev and stage.n_volumes == 1
+    xray = _drr(warp_atlas(_chest(), torch.tensor([[0.1, 0.0, -0.1, 0.1]])), FOV, "pa", 32)
+    registered = stage.registered_atlas(xray)
+    with torch.no_grad():  # the atlas is the stage's base: its condition holds the registered atlas
+        torch.testing.assert_close(stage.condition(xray).prev, registered)
+    # an untrained stage (its output layers start at zero) predicts no correction: generation returns the atlas
+    # fitted to this radiograph, whatever the noise
+    out = cascade.generate(xray, 1, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, registered.clamp(-1, 1), atol=1e-4, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained stage corrects it: the output moves away from the atlas
+        for p in stage.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    corrected = cascade.generate(xray, 1, generator=torch.Generator().manual_seed(0))
+    assert float((corrected - out).abs().mean()) > 0.01
+    path = tmp_path / "atlas.safetensors"
+    cascade.save_pretrained(path)
+    loaded = UnifiedHybridViTCascade.from_pretrained(path)
+    assert loaded.stages[0].uses_atlas
+    torch.testing.assert_close(loaded.stages[0].atlas, stage.atlas)
+    plain = UnifiedHybridViTCascade([tiny_stage_config(1, 32)])
+    with pytest.raises(InputError, match="no atlas"):
+        plain.stages[0].registered_atlas(xray)
+
+
+def test_training_stores_the_blurred_mean_ct_as_the_atlas(tmp_path):
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, 24)] * 3, indexing="ij")
+    ct = np.where((x / 0.8) ** 2 + (y / 0.6) ** 2 < 1, 40.0, -1000.0)
+    ct += np.where(x**2 + (y - 0.45) ** 2 < 0.015, 900.0, 0.0)
+    path = tmp_path / "ct.nii.gz"
+    write_volume(Volume(ct.astype(np.float32), (14.0, 14.0, 14.0)), path)
+    cfg = tiny_stage_config(1, 16)
+    cfg = replace(cfg, model=replace(cfg.model, atlas_prior=True))
+    cfg.training.max_steps = 2
+    cfg.training.batch_size = 1
+    out = tmp_path / "run"
+    summary = train_xray(XrayTrainOptions(configs=[cfg], data=str(path), output_dir=out, device="cpu"))
+    assert summary["steps"] == 2
+    cascade = UnifiedHybridViTCascade.from_pretrained(out / "xray_cascade.safetensors", allow_unregistered=True)
+    blur = cfg.data.atlas_blur_voxels
+    torch.testing.assert_close(cascade.stages[0].atlas, gaussian_blur(cascade.mean_ct, blur))
+    assert float(cascade.mean_ct.max()) > -0.5  # the mean CT, not the untrained air
