@@ -138,3 +138,18 @@ def test_training_stores_the_blurred_mean_ct_as_the_atlas(tmp_path):
     blur = cfg.data.atlas_blur_voxels
     torch.testing.assert_close(cascade.stages[0].atlas, gaussian_blur(cascade.mean_ct, blur))
     assert float(cascade.mean_ct.max()) > -0.5  # the mean CT, not the untrained air
+
+
+def test_evaluate_xray_scores_the_registered_atlas_stage_one_starts_from():
+    from DiffusionCore.intensity import unit_to_hu
+    from DiffusionCore.xray.evaluate import evaluate_xray
+    from DiffusionCore.xray.pipeline import XrayToCTGenerator
+
+    cascade = _atlas_cascade()  # untrained: it returns its registered atlas, so the two rows agree
+    ref = Volume(unit_to_hu(_chest())[0, 0].numpy(), (FOV / 32,) * 3)
+    report = evaluate_xray(XrayToCTGenerator(cascade), ref, steps=2, num_samples=1, device="cpu")
+    by = {r["method"]: r for r in report["results"]}
+    assert set(by) == {"model", "model-raw", "mean-ct", "lifting-only", "atlas"}
+    assert by["atlas"]["stage"] == 1
+    assert abs(by["atlas"]["psnr3d"] - by["model-raw"]["psnr3d"]) < 0.05
+    assert by["atlas"]["psnr3d"] > by["mean-ct"]["psnr3d"] + 3  # registered, not the untrained air

@@ -5,7 +5,8 @@ consistency step that ``xray2ct`` applies by default), ``model-raw`` (the cascad
 own output), ``mean-ct`` (the mean training CT stored in the weights: the prior alone), ``lifting-only``
 (each stage's depth-lifted volume, no diffusion) and, from stage 2 on, ``previous-stage`` (the previous stage's
 ``model`` volume upsampled trilinearly to this stage's cube: what a stage adds is its gain over this row;
-it needs ``model``). Metrics (BENCHMARK.md): 3D PSNR and 3D SSIM with HU clipped to [-1024, 2048] against the
+it needs ``model``) and, for weights whose stage 1 refines an atlas (``model.atlas_prior``), ``atlas`` (that atlas
+registered to the input: what stage 1 adds is its gain over this row). Metrics (BENCHMARK.md): 3D PSNR and 3D SSIM with HU clipped to [-1024, 2048] against the
 reference resampled to the stage's cube, and re-projection PSNR (DRR of the output vs the input, [0, 1]).
 """
 
@@ -26,7 +27,7 @@ from .pipeline import XrayToCTGenerator, projection_error, volume_from_unit
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("model", "model-raw", "mean-ct", "lifting-only", "previous-stage")
+METHODS = ("model", "model-raw", "mean-ct", "lifting-only", "previous-stage", "atlas")
 HU_RANGE = (-1024.0, 2048.0)
 
 
@@ -117,11 +118,14 @@ def evaluate_xray(
                     cascade.mean_ct.float().cpu(), size=(r,) * 3, mode="trilinear", align_corners=False
                 )
                 score("mean-ct", c.stage, mean, time.time() - t0)
+            stage = cascade.stages[c.stage - 1].cpu()
             if "lifting-only" in methods:
                 t0 = time.time()
-                stage = cascade.stages[c.stage - 1].cpu()
                 lifted = stage.lifted_only(xray)
                 score("lifting-only", c.stage, lifted, time.time() - t0)
+            if "atlas" in methods and stage.uses_atlas:
+                t0 = time.time()
+                score("atlas", c.stage, stage.registered_atlas(xray), time.time() - t0)
     return {
         "reference": reference_name,
         "results": results,
