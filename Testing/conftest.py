@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from DiffusionCore.volume import Volume
+from DiffusionCore.volume import Volume, write_volume
 
 #: HU values of the phantom's tissues.
 AIR_HU, LUNG_HU, SOFT_HU, BONE_HU = -1000.0, -820.0, 40.0, 900.0
@@ -285,3 +286,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ct_file(tmp_path_factory) -> Path:
+    """A 24^3 chest-like CT (14 mm voxels: a 336 mm cube) with a body, lungs and a spine."""
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, 24)] * 3, indexing="ij")
+    ct = np.where((x / 0.8) ** 2 + (y / 0.6) ** 2 < 1, 40.0, -1000.0)
+    ct[((np.abs(x) - 0.4) / 0.25) ** 2 + (y / 0.4) ** 2 < 1] = -800.0
+    ct += np.where(x**2 + (y - 0.45) ** 2 < 0.015, 900.0, 0.0)
+    path = tmp_path_factory.mktemp("ct") / "ct.nii.gz"
+    write_volume(Volume(ct.astype(np.float32), (14.0, 14.0, 14.0)), path)
+    return path

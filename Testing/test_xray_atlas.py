@@ -13,16 +13,21 @@ import torch
 from conftest import body_phantom_cubes
 
 from DiffusionCore.errors import ConfigError, InputError
-from DiffusionCore.volume import Volume, write_volume
-from DiffusionCore.xray.atlas import _drr, _ncc, register_atlas, training_atlas, warp_atlas
+from DiffusionCore.intensity import unit_to_hu
+from DiffusionCore.volume import Volume
+from DiffusionCore.xray.atlas import _ncc, register_atlas, training_atlas, warp_atlas
 from DiffusionCore.xray.cascade import UnifiedHybridViTCascade
 from DiffusionCore.xray.config import load_stage_config, tiny_stage_config
-from DiffusionCore.xray.data import gaussian_blur
+from DiffusionCore.xray.data import gaussian_blur, render_training_drr
 from DiffusionCore.xray.train import XrayTrainOptions, _tiny_like, train_xray
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FOV = 350.0
+
+
+def _drr(unit: torch.Tensor, fov: float, view: str, size: int) -> torch.Tensor:
+    return render_training_drr(unit_to_hu(unit), fov, size, view)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -121,18 +126,13 @@ def test_generation_refines_the_atlas_registered_to_the_radiograph(tmp_path):
         plain.stages[0].registered_atlas(xray)
 
 
-def test_training_stores_the_blurred_mean_ct_as_the_atlas(tmp_path):
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, 24)] * 3, indexing="ij")
-    ct = np.where((x / 0.8) ** 2 + (y / 0.6) ** 2 < 1, 40.0, -1000.0)
-    ct += np.where(x**2 + (y - 0.45) ** 2 < 0.015, 900.0, 0.0)
-    path = tmp_path / "ct.nii.gz"
-    write_volume(Volume(ct.astype(np.float32), (14.0, 14.0, 14.0)), path)
+def test_training_stores_the_blurred_mean_ct_as_the_atlas(ct_file, tmp_path):
     cfg = tiny_stage_config(1, 16)
     cfg = replace(cfg, model=replace(cfg.model, atlas_prior=True))
     cfg.training.max_steps = 2
     cfg.training.batch_size = 1
     out = tmp_path / "run"
-    summary = train_xray(XrayTrainOptions(configs=[cfg], data=str(path), output_dir=out, device="cpu"))
+    summary = train_xray(XrayTrainOptions(configs=[cfg], data=str(ct_file), output_dir=out, device="cpu"))
     assert summary["steps"] == 2
     cascade = UnifiedHybridViTCascade.from_pretrained(out / "xray_cascade.safetensors", allow_unregistered=True)
     blur = cfg.data.atlas_blur_voxels
@@ -141,7 +141,6 @@ def test_training_stores_the_blurred_mean_ct_as_the_atlas(tmp_path):
 
 
 def test_evaluate_xray_scores_the_registered_atlas_stage_one_starts_from():
-    from DiffusionCore.intensity import unit_to_hu
     from DiffusionCore.xray.evaluate import evaluate_xray
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
 

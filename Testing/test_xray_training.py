@@ -10,14 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from DiffusionCore.errors import ConfigError
 from DiffusionCore.train.precision import resolve_amp
-from DiffusionCore.volume import Volume, write_volume
 from DiffusionCore.xray.cascade import UnifiedHybridViTCascade
 from DiffusionCore.xray.config import tiny_stage_config
 from DiffusionCore.xray.train import (
@@ -104,18 +102,6 @@ sys.exit(code)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def ct_file(tmp_path_factory) -> Path:
-    """A 24^3 chest-like CT (14 mm voxels: a 336 mm cube) with a body, lungs and a spine."""
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, 24)] * 3, indexing="ij")
-    ct = np.where((x / 0.8) ** 2 + (y / 0.6) ** 2 < 1, 40.0, -1000.0)
-    ct[((np.abs(x) - 0.4) / 0.25) ** 2 + (y / 0.4) ** 2 < 1] = -800.0
-    ct += np.where(x**2 + (y - 0.45) ** 2 < 0.015, 900.0, 0.0)
-    path = tmp_path_factory.mktemp("ct") / "ct.nii.gz"
-    write_volume(Volume(ct.astype(np.float32), (14.0, 14.0, 14.0)), path)
-    return path
 
 
 def _digest_file(path: Path) -> str:

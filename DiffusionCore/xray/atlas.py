@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..intensity import unit_to_hu
-from .data import gaussian_blur
-from .drr import hu_to_mu, project_parallel_axis, radiograph_style
+from .data import gaussian_blur, render_training_drr
 
 #: Registration settings: iterations of Adam, its step, the blur of both images (pixels of a 64^2 DRR), the
 #: weight of the pull of the parameters toward the identity, the DRR's side.
@@ -49,14 +48,6 @@ def warp_atlas(atlas: torch.Tensor, params: torch.Tensor, view: str = "pa") -> t
     b = params.shape[0]
     grid = F.affine_grid(_affine(params, view), [b, 1, *atlas.shape[-3:]], align_corners=False)
     return F.grid_sample(atlas.expand(b, -1, -1, -1, -1), grid, padding_mode="border", align_corners=False)
-
-
-def _drr(unit: torch.Tensor, fov_mm: float, view: str, size: int) -> torch.Tensor:
-    sp = fov_mm / unit.shape[-1]
-    line = project_parallel_axis(hu_to_mu(unit_to_hu(unit)), (sp,) * 3, view)
-    if line.shape[-1] != size:
-        line = F.interpolate(line, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return radiograph_style(line)
 
 
 def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -88,7 +79,7 @@ def register_atlas(
     opt = torch.optim.Adam([params], lr=s["lr"])
     with torch.enable_grad():
         for _ in range(s["iters"]):
-            moved = _drr(warp_atlas(atlas, params, view), fov_mm, view, s["size"])
+            moved = render_training_drr(unit_to_hu(warp_atlas(atlas, params, view)), fov_mm, s["size"], view)
             loss = (1 - _ncc(gaussian_blur(moved, s["sigma_px"]), target)).sum()
             loss = loss + s["prior"] * params.square().sum()
             opt.zero_grad()
