@@ -15,7 +15,7 @@ from conftest import body_phantom_cubes
 from DiffusionCore.errors import ConfigError, InputError
 from DiffusionCore.intensity import unit_to_hu
 from DiffusionCore.volume import Volume
-from DiffusionCore.xray.atlas import _ncc, register_atlas, training_atlas, warp_atlas
+from DiffusionCore.xray.atlas import normalised_cross_correlation, register_atlas, training_atlas, warp_atlas
 from DiffusionCore.xray.cascade import UnifiedHybridViTCascade
 from DiffusionCore.xray.config import load_stage_config, tiny_stage_config
 from DiffusionCore.xray.data import gaussian_blur, render_training_drr
@@ -51,8 +51,8 @@ def test_registration_finds_the_size_and_place_of_the_body_on_the_radiograph(vie
     assert torch.equal(atlas, kept_atlas) and torch.equal(xray, kept_xray)  # inputs untouched
     assert moved.shape == atlas.shape and params.shape == (1, 4)
     torch.testing.assert_close(params, truth, atol=0.04, rtol=0)
-    before = float(_ncc(_drr(atlas, FOV, view, 64), xray))
-    after = float(_ncc(_drr(moved, FOV, view, 64), xray))
+    before = float(normalised_cross_correlation(_drr(atlas, FOV, view, 64), xray))
+    after = float(normalised_cross_correlation(_drr(moved, FOV, view, 64), xray))
     assert after > before + 0.02
     again, _ = register_atlas(atlas, xray, FOV, view)
     assert torch.equal(again, moved)  # deterministic

@@ -50,7 +50,7 @@ def warp_atlas(atlas: torch.Tensor, params: torch.Tensor, view: str = "pa") -> t
     return F.grid_sample(atlas.expand(b, -1, -1, -1, -1), grid, padding_mode="border", align_corners=False)
 
 
-def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def normalised_cross_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Normalised cross-correlation per sample of (B, 1, H, W) images."""
     a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
     b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
@@ -80,7 +80,7 @@ def register_atlas(
     with torch.enable_grad():
         for _ in range(s["iters"]):
             moved = render_training_drr(unit_to_hu(warp_atlas(atlas, params, view)), fov_mm, s["size"], view)
-            loss = (1 - _ncc(gaussian_blur(moved, s["sigma_px"]), target)).sum()
+            loss = (1 - normalised_cross_correlation(gaussian_blur(moved, s["sigma_px"]), target)).sum()
             loss = loss + s["prior"] * params.square().sum()
             opt.zero_grad()
             loss.backward()

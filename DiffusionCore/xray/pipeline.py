@@ -28,6 +28,7 @@ import torch
 from ..errors import InputError
 from ..intensity import unit_to_hu
 from ..volume import Volume
+from .atlas import normalised_cross_correlation
 from .cascade import FAMILY, UnifiedHybridViTCascade
 from .consistency import drr_consistency
 from .drr import hu_to_mu, project_parallel_axis, radiograph_style
@@ -73,8 +74,7 @@ def projection_error(
     ref = torch.nn.functional.interpolate(xray.float(), size=drr.shape[-2:], mode="bilinear", antialias=True,
                                           align_corners=False)  # fmt: skip
     mse = float(((drr - ref) ** 2).mean())
-    a, b = drr - drr.mean(), ref - ref.mean()
-    ncc = float((a * b).mean() / (a.std() * b.std() + 1e-12))
+    ncc = float(normalised_cross_correlation(drr, ref)[0])
     return {"projection_psnr": float(10 * np.log10(1.0 / max(mse, 1e-12))), "projection_ncc": ncc}
 
 
