@@ -7,7 +7,9 @@ the command line, a clear exception in Python), never a bare ``ValueError`` / ``
 never a crash or an attempt to allocate what a corrupt header claims.
 
 Bounded for CI: every target runs a fixed number of examples (``MAX_EXAMPLES``), derandomized (the same
-examples on every run), with a per-example deadline; the whole file runs in well under a minute.
+examples on every run). There is no per-example deadline: a deadline is a timing check that a loaded CPU misses, and
+what it guarded (a reader that allocates what a corrupt header claims) is caught by the memory cap below. The whole
+file runs in well under a minute on an idle machine.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import gzip
 import json
 import string
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from DiffusionCore.xray.radiograph import read_radiograph
 MAX_EXAMPLES = 75
 FUZZ = settings(
     max_examples=MAX_EXAMPLES,
-    deadline=timedelta(seconds=5),
+    deadline=None,
     derandomize=True,
     database=None,
     suppress_health_check=[
@@ -186,7 +187,7 @@ def dicom_series(workdir) -> list[bytes]:
     return [p.read_bytes() for p in files]
 
 
-@settings(FUZZ, deadline=timedelta(seconds=30))  # a series of files: slower under a loaded CPU
+@FUZZ
 @given(which=st.integers(0, 2), mutation=MUTATIONS)
 def test_volume_reader_on_a_dicom_series_with_a_mutated_slice(workdir, dicom_series, which, mutation):
     folder = workdir / "mutated-series"
