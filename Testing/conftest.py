@@ -74,6 +74,19 @@ def tiny_xray_stage(stage: int, resolution: int, refine: int = 0, perturb: bool 
     return st
 
 
+def train_tiny_xray(cfg, data, out):
+    """``train xray`` for 2 steps of batch 1 on ``data`` with the tiny config ``cfg``, into ``out``; returns the exported
+    cascade, loaded from its file."""
+    from DiffusionCore.xray.cascade import UnifiedHybridViTCascade
+    from DiffusionCore.xray.train import XrayTrainOptions, train_xray
+
+    cfg.training.max_steps = 2
+    cfg.training.batch_size = 1
+    summary = train_xray(XrayTrainOptions(configs=[cfg], data=str(data), output_dir=out, device="cpu"))
+    assert summary["steps"] == 2
+    return UnifiedHybridViTCascade.from_pretrained(out / "xray_cascade.safetensors", allow_unregistered=True)
+
+
 def fit_tiny_xray_stage(xray_seed: int, steps: int = 30, **model):
     """A tiny 16^3 stage-1 cascade with ``model`` settings, trained ``steps`` Adam steps on two
     :func:`body_phantom_cubes` and random radiographs, the same noise and times each step (so its losses can only

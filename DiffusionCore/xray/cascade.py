@@ -44,6 +44,7 @@ from ..tiling import (
 )
 from .atlas import register_atlas
 from .config import XrayStageConfig, patch_alignment, tiny_stage_config, windowed_attention
+from .data import gaussian_blur
 from .encoder import XrayEncoder
 from .lifting import DepthLifting, RayProfileHead
 from .vdiffusion import VDiffusion, q_sample
@@ -266,8 +267,15 @@ class StageModel(nn.Module):
         #: Stage 1 with ``model.atlas_prior`` refines its registered atlas as stages 2-3 refine the previous volume.
         self.uses_atlas = cfg.stage == 1 and m.atlas_prior
         self.has_prev = cfg.stage > 1 or self.uses_atlas
-        if self.uses_atlas:  # the mean training CT blurred (model units); set by training, stored in the weights
-            self.register_buffer("atlas", torch.full((1, 1, cfg.resolution, cfg.resolution, cfg.resolution), -1.0))
+        #: Stage 1 with ``model.lifting_mean_prior``: the full-resolution lifting volume is the mean CT plus a correction.
+        self.uses_mean_prior = cfg.stage == 1 and m.lifting_mean_prior
+        # The atlas and the lifting's prior come from the cascade's mean training CT (:meth:`set_mean_ct`): derived,
+        # never stored in the weights, so they cannot disagree with it.
+        r = cfg.resolution
+        if self.uses_atlas:
+            self.register_buffer("atlas", torch.full((1, 1, r, r, r), -1.0), persistent=False)
+        if self.uses_mean_prior:
+            self.register_buffer("mean_prior", torch.full((1, 1, r, r, r), -1.0), persistent=False)
         self.profile = (
             RayProfileHead(list(m.encoder_channels), m.lifting_profile, cfg.resolution)
             if m.lifting_profile and self.lifting is not None
@@ -351,6 +359,25 @@ class StageModel(nn.Module):
             if isinstance(mod, nn.Conv3d)
         )
 
+    @torch.no_grad()
+    def set_mean_ct(self, mean_ct: torch.Tensor) -> None:
+        """Derive the priors that stage 1 reads from the cascade's mean training CT (1, 1, R, R, R), model units: the
+        atlas (``model.atlas_prior``; blurred by ``data.atlas_blur_voxels``) and the lifting's mean
+        (``model.lifting_mean_prior``). Nothing to do for other stages."""
+        if self.uses_atlas:
+            blur = self.cfg.data.atlas_blur_voxels
+            self.atlas.copy_(gaussian_blur(mean_ct.float(), blur) if blur > 0 else mean_ct)
+        if self.uses_mean_prior:
+            self.mean_prior.copy_(mean_ct)
+
+    def _ray_profile(self, feats: list[torch.Tensor], prepared: torch.Tensor) -> torch.Tensor | None:
+        """The full-resolution lifting volume (B, 1, R, R, R): the ray head's output, on the mean CT with
+        ``model.lifting_mean_prior``; None without the head."""
+        if self.profile is None:
+            return None
+        prof = self.profile(feats, prepared, self.cfg.data.view)
+        return prof + self.mean_prior.to(prof.dtype) if self.uses_mean_prior else prof
+
     def registered_atlas(self, xray: torch.Tensor) -> torch.Tensor:
         """The weights' atlas fitted to each (B, 1, H, W) radiograph (B, 1, R, R, R), model units (``model.atlas_prior``;
         :func:`~DiffusionCore.xray.atlas.register_atlas`)."""
@@ -373,7 +400,7 @@ class StageModel(nn.Module):
         prepared = self.prepare_xray(xray)
         feats, glob, tokens = self.encoder(prepared)
         lifted = self.lifting(feats, self.grid, self.cfg.data.view) if self.lifting is not None else None
-        profile = self.profile(feats, prepared, self.cfg.data.view) if self.profile is not None else None
+        profile = self._ray_profile(feats, prepared)
         prev_up = prev_cond = None
         if self.has_prev:
             prev_up = self.prepare_prev(prev)
@@ -712,10 +739,9 @@ class StageModel(nn.Module):
             return torch.zeros(xray.shape[0], 1, r, r, r, device=xray.device)
         prepared = self.prepare_xray(xray)
         feats, _, _ = self.encoder(prepared)
-        view = self.cfg.data.view
-        profile = self.profile(feats, prepared, view) if self.profile is not None else None
+        profile = self._ray_profile(feats, prepared)
         r = self.cfg.resolution
-        return self._lifted_part(self.lifting(feats, self.grid, view), profile, (0, 0, 0), r).clamp(-1.0, 1.0)
+        return self._lifted_part(self.lifting(feats, self.grid, self.cfg.data.view), profile, (0, 0, 0), r).clamp(-1.0, 1.0)
 
     def _lifting_start(self, override: float | None) -> float:
         """Stage 1's start time: ``override`` (a run's choice) or ``diffusion.lifting_start_t`` (the weights')."""
@@ -824,6 +850,18 @@ class UnifiedHybridViTCascade(nn.Module):
         #: Mean training CT at stage-1 resolution, model units (the prior-only baseline); air until trained.
         self.register_buffer("mean_ct", torch.full((1, 1, r1, r1, r1), -1.0))
         self.weights_sha256 = ""
+        self.derive_priors()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.derive_priors())
+
+    def set_mean_ct(self, mean_ct: torch.Tensor) -> None:
+        """Store the mean training CT (1, 1, R1, R1, R1), model units, and what stage 1 derives from it."""
+        with torch.no_grad():
+            self.mean_ct.copy_(mean_ct.to(self.mean_ct))
+        self.derive_priors()
+
+    def derive_priors(self) -> None:
+        """Stage 1's atlas and lifting prior from :attr:`mean_ct` (after construction, loading and training)."""
+        self.stages[0].set_mean_ct(self.mean_ct)
 
     @property
     def num_stages(self) -> int:

@@ -87,6 +87,15 @@ class XrayModelConfig:
             "(its token embedding and refinement head or decoder) as a volume; 0 = none. Needs use_depth_lifting."
         },
     )
+    lifting_mean_prior: bool = field(
+        default=False,
+        metadata={
+            "help": "Stage 1 only: the full-resolution lifting volume is the mean training CT plus the lifting "
+            "head's correction, instead of the correction alone: the anatomy every chest shares (the spine behind "
+            "the mediastinum, the body's depth) is there from the start, and the radiograph moves it. Needs "
+            "lifting_profile."
+        },
+    )
     atlas_prior: bool = field(
         default=False,
         metadata={
@@ -352,6 +361,11 @@ class XrayStageConfig:
             )
         if not 0.0 <= self.data.prev_from_model <= 1.0:
             raise ConfigError(f"data.prev_from_model must be in [0, 1] (a share of samples); got {self.data.prev_from_model}")
+        if m.lifting_mean_prior and self.stage != 1:
+            raise ConfigError(f"model.lifting_mean_prior is for stage 1 (the mean CT is at its grid); stage {self.stage} has it")
+        if m.lifting_mean_prior and not m.lifting_profile:
+            raise ConfigError("model.lifting_mean_prior adds the mean CT to the full-resolution lifting volume: it needs "
+                              "model.lifting_profile > 0")  # fmt: skip
         if m.atlas_prior and self.stage != 1:
             raise ConfigError(f"model.atlas_prior is for stage 1 (stages 2-3 refine the previous stage); stage {self.stage} has it")
         for name in ("atlas_blur_voxels", "atlas_zoom", "atlas_shift_voxels", "atlas_deform_voxels"):

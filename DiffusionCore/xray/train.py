@@ -35,7 +35,7 @@ from ..train.precision import autocast, resolve_amp
 from .atlas import training_atlas
 from .cascade import StageModel, UnifiedHybridViTCascade, _crop
 from .config import XrayLossWeights, XrayStageConfig, load_stage_config, patch_alignment, tiny_stage_config
-from .data import MANIFEST, XrayCubeDataset, ct_to_cube, gaussian_blur, load_cubes
+from .data import MANIFEST, XrayCubeDataset, ct_to_cube, load_cubes
 from .losses import line_integrals, stage_loss
 
 logger = logging.getLogger(__name__)
@@ -369,7 +369,7 @@ def train_step(
 
 def _tiny_like(cfg: XrayStageConfig) -> XrayStageConfig:
     """A tiny network with ``cfg``'s structure: a refinement head, a decoder, the rays, the full-resolution
-    lifting, the atlas, and half-grid patches, where it has them."""
+    lifting (on the mean CT), the atlas, and half-grid patches, where it has them."""
     t = tiny_stage_config(
         cfg.stage, 16 * 2 ** (cfg.stage - 1), refine_channels=4 if cfg.model.refine_channels else 0
     )
@@ -379,6 +379,8 @@ def _tiny_like(cfg: XrayStageConfig) -> XrayStageConfig:
         t = replace(t, model=replace(t.model, lifting_profile=8))
     if cfg.model.atlas_prior:
         t = replace(t, model=replace(t.model, atlas_prior=True))
+    if cfg.model.lifting_mean_prior:
+        t = replace(t, model=replace(t.model, lifting_mean_prior=True))
     if cfg.model.refine_xray and (t.model.refine_channels or t.model.decoder_channels):
         t = replace(t, model=replace(t.model, refine_xray=True))
     if cfg.model.train_patch or cfg.model.inference_patch:
@@ -468,11 +470,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     cubes = load_training_cubes(opts.data, resolutions, top.data.fov_mm)
     r1 = configs[0].resolution
     mean_hu = np.mean([c[r1] for c in cubes], axis=0)
-    cascade.mean_ct.copy_(hu_to_unit(torch.from_numpy(mean_hu))[None, None].to(cascade.mean_ct.device))
-    first = cascade.stages[0]
-    if first.uses_atlas and 1 in trained:  # the atlas generation registers: the mean CT, blurred as in training
-        blur = configs[0].data.atlas_blur_voxels
-        first.atlas.copy_(gaussian_blur(cascade.mean_ct, blur) if blur > 0 else cascade.mean_ct)
+    cascade.set_mean_ct(hu_to_unit(torch.from_numpy(mean_hu))[None, None])
     from ..devices import shard_list
 
     if info.distributed and len(cubes) >= info.world_size:
