@@ -151,3 +151,29 @@ def test_evaluate_xray_scores_the_registered_atlas_stage_one_starts_from():
     assert by["atlas"]["stage"] == 1
     assert abs(by["atlas"]["psnr3d"] - by["model-raw"]["psnr3d"]) < 0.05
     assert by["atlas"]["psnr3d"] > by["mean-ct"]["psnr3d"] + 3  # registered to this patient's radiograph
+
+
+def test_stage_two_training_over_an_atlas_stage_one_does_not_register_per_step(monkeypatch):
+    """Stage 2 learns from stage 1's own estimate; an atlas stage 1 makes it from each sample's training atlas, as
+    its own training does, not by registering the mean CT to every DRR (seconds per step)."""
+    from DiffusionCore.xray import cascade as cascade_module
+    from DiffusionCore.xray.train import earlier_stages_estimate, previous_stage_volume
+
+    s1 = tiny_stage_config(1, 16)
+    s1 = replace(s1, model=replace(s1.model, atlas_prior=True))
+    s2 = tiny_stage_config(2, 32)
+    s2 = replace(s2, data=replace(s2.data, prev_from_model=1.0, prev_noise=0.0))
+    torch.manual_seed(0)
+    cascade = UnifiedHybridViTCascade([s1, s2])
+
+    def no_registration(*_a, **_k):
+        raise AssertionError("registered the atlas in a training step")
+
+    monkeypatch.setattr(cascade_module, "register_atlas", no_registration)
+    truth = body_phantom_cubes(2, 32)
+    vols = {16: torch.nn.functional.interpolate(truth, size=(16,) * 3, mode="trilinear"), 32: truth}
+    xray = _drr(vols[16], FOV, "pa", 32)
+    prev = previous_stage_volume(cascade, 2, vols, xray, 0.0)
+    assert prev.shape == vols[16].shape and not torch.allclose(prev, vols[16])  # the model's estimate
+    with pytest.raises(AssertionError, match="registered"):  # without the training atlas it would register
+        earlier_stages_estimate(cascade, 1, xray)

@@ -236,13 +236,10 @@ class CascadeObjective(nn.Module):
         for s in self.trained:
             stage = self.cascade.stages[s - 1]
             cfg = stage.cfg
-            prev = None
             if s > 1:
                 prev = previous_stage_volume(self.cascade, s, vols, xray, prev_noise)
-            elif stage.uses_atlas:
-                d = cfg.data
-                prev = training_atlas(vols[cfg.resolution], d.atlas_blur_voxels, d.atlas_zoom, d.atlas_shift_voxels,
-                                      d.atlas_deform_voxels)  # fmt: skip
+            else:
+                prev = stage_one_training_atlas(stage, vols[cfg.resolution])
             if trains_on_patches(cfg):
                 loss, p = patch_stage_loss(stage, vols[cfg.resolution], xray, prev, cfg.loss_weights)
             else:
@@ -266,16 +263,33 @@ def previous_stage_volume(
         pick = torch.rand(truth.shape[0], device=truth.device) < share
         if bool(pick.any()):
             prev = truth.clone()
-            prev[pick] = earlier_stages_estimate(cascade, s - 1, xray[pick]).to(truth.dtype)
+            first = vols[cascade.configs[0].resolution][pick]
+            prev[pick] = earlier_stages_estimate(cascade, s - 1, xray[pick], first).to(truth.dtype)
     return (prev + prev_noise * torch.randn_like(prev)).clamp(-1, 1)
 
 
+def stage_one_training_atlas(stage: nn.Module, truth: torch.Tensor) -> torch.Tensor | None:
+    """What an atlas stage 1 (``model.atlas_prior``) starts from in training: each sample's own CT (B, 1, R, R, R)
+    at its grid made into another patient's atlas (:func:`~DiffusionCore.xray.atlas.training_atlas`), instead of
+    registering the mean CT to every DRR (seconds per step). None for a stage without an atlas."""
+    if not stage.uses_atlas:
+        return None
+    d = stage.cfg.data
+    return training_atlas(truth, d.atlas_blur_voxels, d.atlas_zoom, d.atlas_shift_voxels, d.atlas_deform_voxels)
+
+
 @torch.no_grad()
-def earlier_stages_estimate(cascade: UnifiedHybridViTCascade, s: int, xray: torch.Tensor) -> torch.Tensor:
-    """Stages 1..s run once each (:meth:`StageModel.quick_estimate`), each followed by the consistency step."""
+def earlier_stages_estimate(
+    cascade: UnifiedHybridViTCascade, s: int, xray: torch.Tensor, first_truth: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Stages 1..s run once each (:meth:`StageModel.quick_estimate`), each followed by the consistency step.
+
+    ``first_truth``: the samples' CTs at stage 1's grid; an atlas stage 1 then starts from
+    :func:`stage_one_training_atlas` of them rather than registering its atlas to each DRR."""
     from .consistency import drr_consistency
 
-    vol = None
+    first = cascade.stages[0]
+    vol = stage_one_training_atlas(first, first_truth) if first_truth is not None else None
     for stage in cascade.stages[:s]:
         was_training = stage.training
         stage.eval()
