@@ -36,14 +36,10 @@ def _pair() -> tuple[UnifiedHybridViTCascade, UnifiedHybridViTCascade, torch.Ten
     plain = UnifiedHybridViTCascade([_config(False)]).eval()
     prior = UnifiedHybridViTCascade([_config(True)]).eval()
     prior.load_state_dict(plain.state_dict())  # the prior adds no tensor: the same weights fit both
-    mean = body_phantom_cubes(1, 16)[:1]
+    mean = body_phantom_cubes(1, 16)
     for c in (plain, prior):
         c.set_mean_ct(mean)
     return plain, prior, mean
-
-
-def _xray(mean: torch.Tensor) -> torch.Tensor:
-    return render_training_drr(unit_to_hu(mean), 350.0, 32, "pa")
 
 
 def test_config_needs_stage_one_and_the_full_resolution_lifting():
@@ -56,7 +52,7 @@ def test_config_needs_stage_one_and_the_full_resolution_lifting():
 
 def test_the_lifting_volume_is_the_mean_ct_plus_the_heads_correction():
     plain, prior, mean = _pair()
-    xray = _xray(mean)
+    xray = render_training_drr(unit_to_hu(mean), 350.0, 32, "pa")
     with torch.no_grad():
         for c in (plain, prior):  # heads that say nothing: the lifting-only volume is the prior alone
             c.stages[0].lifting.head.weight.zero_()

@@ -263,7 +263,7 @@ def test_real_radiographs_are_matched_to_the_mean_ct_drr_style():
 
     gen = XrayToCTGenerator.tiny(0)
     assert gen.reference_drr(32) is None  # an all-air mean CT carries no style
-    gen.cascade.mean_ct.copy_(body_phantom_cubes(1, 16))
+    gen.cascade.set_mean_ct(body_phantom_cubes(1, 16))
     ref = gen.reference_drr(32)
     skewed = np.repeat(np.linspace(0, 1, 64, dtype=np.float32)[None] ** 3, 64, axis=0)
     x, fov, source = gen.prepare_input(Radiograph(skewed, None, {"source": "chest.png"}), None)

@@ -269,7 +269,7 @@ class StageModel(nn.Module):
         self.has_prev = cfg.stage > 1 or self.uses_atlas
         #: Stage 1 with ``model.lifting_mean_prior``: the full-resolution lifting volume is the mean CT plus a correction.
         self.uses_mean_prior = cfg.stage == 1 and m.lifting_mean_prior
-        # The atlas and the lifting's prior come from the cascade's mean training CT (:meth:`set_mean_ct`): derived,
+        # The atlas and the lifting's prior come from the cascade's mean training CT (:meth:`derive_priors`): derived,
         # never stored in the weights, so they cannot disagree with it.
         r = cfg.resolution
         if self.uses_atlas:
@@ -360,7 +360,7 @@ class StageModel(nn.Module):
         )
 
     @torch.no_grad()
-    def set_mean_ct(self, mean_ct: torch.Tensor) -> None:
+    def derive_priors(self, mean_ct: torch.Tensor) -> None:
         """Derive the priors that stage 1 reads from the cascade's mean training CT (1, 1, R, R, R), model units: the
         atlas (``model.atlas_prior``; blurred by ``data.atlas_blur_voxels``) and the lifting's mean
         (``model.lifting_mean_prior``). Nothing to do for other stages."""
@@ -854,14 +854,15 @@ class UnifiedHybridViTCascade(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _keys: module.derive_priors())
 
     def set_mean_ct(self, mean_ct: torch.Tensor) -> None:
-        """Store the mean training CT (1, 1, R1, R1, R1), model units, and what stage 1 derives from it."""
+        """Store the mean training CT (1, 1, R1, R1, R1), model units, and what stage 1 derives from it (the one way to
+        change it: a direct write to :attr:`mean_ct` would leave the derived priors behind)."""
         with torch.no_grad():
             self.mean_ct.copy_(mean_ct.to(self.mean_ct))
         self.derive_priors()
 
     def derive_priors(self) -> None:
         """Stage 1's atlas and lifting prior from :attr:`mean_ct` (after construction, loading and training)."""
-        self.stages[0].set_mean_ct(self.mean_ct)
+        self.stages[0].derive_priors(self.mean_ct)
 
     @property
     def num_stages(self) -> int:
