@@ -267,6 +267,8 @@ class StageModel(nn.Module):
         #: Stage 1 with ``model.atlas_prior`` refines its registered atlas as stages 2-3 refine the previous volume.
         self.uses_atlas = cfg.stage == 1 and m.atlas_prior
         self.has_prev = cfg.stage > 1 or self.uses_atlas
+        #: Stage 1 with ``model.lifting_residual``: the output is a correction on the lifting-only volume.
+        self.lifting_residual = cfg.stage == 1 and m.lifting_residual
         #: Stage 1 with ``model.lifting_mean_prior``: the full-resolution lifting volume is the mean CT plus a correction.
         self.uses_mean_prior = cfg.stage == 1 and m.lifting_mean_prior
         # The atlas and the lifting's prior come from the cascade's mean training CT (:meth:`derive_priors`): derived,
@@ -535,13 +537,26 @@ class StageModel(nn.Module):
             raise InputError(f"a {s}^3 patch at {o} does not fit in stage {self.cfg.stage}'s {r}^3 grid")
         whole = s == r
         out = self._token_output(x_t, t, ctx, o, None if whole else windowed_attention(self.cfg))
-        base = _crop(ctx.prev, o, s) if self.has_prev else torch.zeros_like(out)
+        lifted = self._lifted_part(ctx.lifted, ctx.profile, o, s) if return_lifted or self.lifting_residual else None
+        base = self._base(ctx, o, out, lifted)
         if self.refine is not None:
             out = out + self.refine(self._refine_input(out, x_t, base, ctx, o))
         out = out + base
         if not return_lifted:
             return out
-        return out, self._lifted_part(ctx.lifted, ctx.profile, o, s)
+        return out, lifted
+
+    def _base(
+        self, ctx: StageCondition, origin: tuple[int, int, int], like: torch.Tensor, lifted: torch.Tensor | None
+    ) -> torch.Tensor:
+        """What the denoiser's output corrects over the cube of ``like`` at ``origin``: the previous stage's volume
+        (stages 2-3; stage 1's atlas), the lifting-only volume ``lifted`` of that cube (stage 1 with
+        ``model.lifting_residual``), or zero."""
+        if self.has_prev:
+            return _crop(ctx.prev, origin, like.shape[-1]).to(like.dtype)
+        if self.lifting_residual:
+            return lifted.to(like.dtype)  # type: ignore[union-attr]
+        return torch.zeros_like(like)
 
     def _lifted_part(
         self, feats: torch.Tensor | None, profile: torch.Tensor | None, origin: tuple[int, int, int], side: int
@@ -577,7 +592,8 @@ class StageModel(nn.Module):
         """Predict the clean volume x0 (model units); v and eps follow from ``vdiffusion.predict_x0_eps``.
 
         The token head (plus the optional full-resolution refinement head) outputs a correction on a base:
-        zero for stage 1, the upsampled previous-stage volume for stages 2-3 (a residual cascade).
+        zero for stage 1 (its lifting-only volume with ``model.lifting_residual``, its atlas with
+        ``model.atlas_prior``), the upsampled previous-stage volume for stages 2-3 (a residual cascade).
 
         A cube smaller than the grid is a patch whose corner lies at ``origin`` in the grid (training on
         random patches): it reads positional embeddings, lifted features and the previous volume at that
@@ -618,7 +634,8 @@ class StageModel(nn.Module):
             sl = (slice(None), slice(None), *(slice(o, o + plan.patch) for o in origin))
             acc[sl] += self._token_output(xp[sl], t, ctx, origin, plan.windowed) * weight
         out = acc[..., :r, :r, :r]
-        base = ctx.prev[..., :r, :r, :r] if self.has_prev else torch.zeros_like(out)
+        lifted = self._lifted_part(ctx.lifted, ctx.profile, (0, 0, 0), r) if self.lifting_residual else None
+        base = self._base(ctx, (0, 0, 0), out, lifted)
         if self.refine is not None:
             inp = self._refine_input(out, x_t, base, ctx, (0, 0, 0))
             out = out + _chunked(self.refine, inp, plan.patch, self.refine_halo)

@@ -96,6 +96,16 @@ class XrayModelConfig:
             "lifting_profile."
         },
     )
+    lifting_residual: bool = field(
+        default=False,
+        metadata={
+            "help": "Stage 1 only: the denoiser outputs a correction on the lifting-only volume (the token-grid "
+            "lifting plus, with lifting_profile, the full-resolution one), as stages 2-3 correct the previous "
+            "stage's volume, instead of the whole volume: what the lifting resolves (e.g. the spine behind the "
+            "mediastinum) is kept unless the radiograph and x_t say otherwise. Needs use_depth_lifting; not with "
+            "atlas_prior (whose output is a correction on the atlas)."
+        },
+    )
     atlas_prior: bool = field(
         default=False,
         metadata={
@@ -366,6 +376,11 @@ class XrayStageConfig:
         if m.lifting_mean_prior and not m.lifting_profile:
             raise ConfigError("model.lifting_mean_prior adds the mean CT to the full-resolution lifting volume: it needs "
                               "model.lifting_profile > 0")  # fmt: skip
+        if m.lifting_residual and (self.stage != 1 or not m.use_depth_lifting or m.atlas_prior):
+            raise ConfigError("model.lifting_residual makes stage 1's output a correction on its lifting volume: it is for "
+                              "stage 1, needs model.use_depth_lifting, and does not go with model.atlas_prior (whose "
+                              f"output is a correction on the atlas); stage {self.stage} has use_depth_lifting "
+                              f"{m.use_depth_lifting}, atlas_prior {m.atlas_prior}")  # fmt: skip
         if m.atlas_prior and self.stage != 1:
             raise ConfigError(f"model.atlas_prior is for stage 1 (stages 2-3 refine the previous stage); stage {self.stage} has it")
         for name in ("atlas_blur_voxels", "atlas_zoom", "atlas_shift_voxels", "atlas_deform_voxels"):
