@@ -74,6 +74,8 @@ class StageCondition:
             (``model.refine_xray``).
         profile: (B, 1, N, N, N) the full-resolution lifting volume (``model.lifting_profile``), model units;
             None without that head.
+        base: (B, 1, N, N, N) the lifting-only volume of the whole grid, which the output corrects (stage 1 with
+            ``model.lifting_residual``; computed once per radiograph), model units; None otherwise.
     """
 
     tokens: torch.Tensor
@@ -83,6 +85,7 @@ class StageCondition:
     prev: torch.Tensor | None
     rays: torch.Tensor | None = None
     profile: torch.Tensor | None = None
+    base: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,8 +416,10 @@ class StageModel(nn.Module):
             img = F.interpolate(xray.float(), size=(r, r), mode="bilinear", align_corners=False, antialias=True)
             img = img.flip(2)  # rows superior-first -> z ascending
             rays = img[:, :, :, None, :] if self.cfg.data.view == "pa" else img[:, :, :, :, None]
+        r = self.cfg.resolution
+        base = self._lifted_part(lifted, profile, (0, 0, 0), r) if self.lifting_residual else None
         return StageCondition(tokens=tokens, glob=glob, prev_cond=prev_cond, lifted=lifted, prev=prev_up, rays=rays,
-                              profile=profile)  # fmt: skip
+                              profile=profile, base=base)  # fmt: skip
 
     def _refine_input(
         self, out: torch.Tensor, x_t: torch.Tensor, base: torch.Tensor, ctx: StageCondition,
@@ -537,25 +542,20 @@ class StageModel(nn.Module):
             raise InputError(f"a {s}^3 patch at {o} does not fit in stage {self.cfg.stage}'s {r}^3 grid")
         whole = s == r
         out = self._token_output(x_t, t, ctx, o, None if whole else windowed_attention(self.cfg))
-        lifted = self._lifted_part(ctx.lifted, ctx.profile, o, s) if return_lifted or self.lifting_residual else None
-        base = self._base(ctx, o, out, lifted)
+        base = self._base(ctx, o, out)
         if self.refine is not None:
             out = out + self.refine(self._refine_input(out, x_t, base, ctx, o))
         out = out + base
         if not return_lifted:
             return out
-        return out, lifted
+        return out, self._lifted_part(ctx.lifted, ctx.profile, o, s)
 
-    def _base(
-        self, ctx: StageCondition, origin: tuple[int, int, int], like: torch.Tensor, lifted: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _base(self, ctx: StageCondition, origin: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
         """What the denoiser's output corrects over the cube of ``like`` at ``origin``: the previous stage's volume
-        (stages 2-3; stage 1's atlas), the lifting-only volume ``lifted`` of that cube (stage 1 with
-        ``model.lifting_residual``), or zero."""
-        if self.has_prev:
-            return _crop(ctx.prev, origin, like.shape[-1]).to(like.dtype)
-        if self.lifting_residual:
-            return lifted.to(like.dtype)  # type: ignore[union-attr]
+        (stages 2-3; stage 1's atlas), the lifting-only volume (stage 1 with ``model.lifting_residual``), or zero."""
+        for vol in (ctx.prev, ctx.base):
+            if vol is not None:
+                return _crop(vol, origin, like.shape[-1]).to(like.dtype)
         return torch.zeros_like(like)
 
     def _lifted_part(
@@ -634,8 +634,7 @@ class StageModel(nn.Module):
             sl = (slice(None), slice(None), *(slice(o, o + plan.patch) for o in origin))
             acc[sl] += self._token_output(xp[sl], t, ctx, origin, plan.windowed) * weight
         out = acc[..., :r, :r, :r]
-        lifted = self._lifted_part(ctx.lifted, ctx.profile, (0, 0, 0), r) if self.lifting_residual else None
-        base = self._base(ctx, (0, 0, 0), out, lifted)
+        base = self._base(ctx, (0, 0, 0), out)
         if self.refine is not None:
             inp = self._refine_input(out, x_t, base, ctx, (0, 0, 0))
             out = out + _chunked(self.refine, inp, plan.patch, self.refine_halo)
