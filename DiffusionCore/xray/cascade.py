@@ -776,7 +776,9 @@ class StageModel(nn.Module):
         if self.has_prev:
             t0, x0 = float(self.cfg.diffusion.prev_stage_t), ctx.prev
         elif self.lifting is not None and (t0 := self._lifting_start(lifting_start_t)) < 1.0:
-            x0 = self._lifted_part(ctx.lifted, ctx.profile, (0, 0, 0), self.cfg.resolution).clamp(-1.0, 1.0)
+            r = self.cfg.resolution  # the residual stage's condition holds the lifting volume already
+            x0 = (ctx.base if ctx.base is not None else self._lifted_part(ctx.lifted, ctx.profile, (0, 0, 0), r))
+            x0 = x0.clamp(-1.0, 1.0)
         else:
             return 1.0, noise
         return t0, q_sample(x0, torch.tensor(t0), noise)
