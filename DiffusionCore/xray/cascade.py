@@ -548,7 +548,14 @@ class StageModel(nn.Module):
         out = out + base
         if not return_lifted:
             return out
-        return out, self._lifted_part(ctx.lifted, ctx.profile, o, s)
+        return out, self._lifting_volume(ctx, o, s)
+
+    def _lifting_volume(self, ctx: StageCondition, origin: tuple[int, int, int], side: int) -> torch.Tensor | None:
+        """The lifting-only volume over the cube at ``origin``: cropped from the condition's whole-grid copy where it
+        holds one (``model.lifting_residual``), else computed for the cube (:meth:`_lifted_part`)."""
+        if ctx.base is not None:
+            return _crop(ctx.base, origin, side)
+        return self._lifted_part(ctx.lifted, ctx.profile, origin, side)
 
     def _base(self, ctx: StageCondition, origin: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
         """What the denoiser's output corrects over the cube of ``like`` at ``origin``: the previous stage's volume
@@ -776,9 +783,7 @@ class StageModel(nn.Module):
         if self.has_prev:
             t0, x0 = float(self.cfg.diffusion.prev_stage_t), ctx.prev
         elif self.lifting is not None and (t0 := self._lifting_start(lifting_start_t)) < 1.0:
-            r = self.cfg.resolution  # the residual stage's condition holds the lifting volume already
-            x0 = (ctx.base if ctx.base is not None else self._lifted_part(ctx.lifted, ctx.profile, (0, 0, 0), r))
-            x0 = x0.clamp(-1.0, 1.0)
+            x0 = self._lifting_volume(ctx, (0, 0, 0), self.cfg.resolution).clamp(-1.0, 1.0)  # type: ignore[union-attr]
         else:
             return 1.0, noise
         return t0, q_sample(x0, torch.tensor(t0), noise)
