@@ -74,6 +74,16 @@ def tiny_xray_stage(stage: int, resolution: int, refine: int = 0, perturb: bool 
     return st
 
 
+def assert_tiled_sampling_matches(stage, xray, min_std: float) -> None:
+    """Generation from 16^3 patches of a 32^3 windowed stage (8 tiles) equals whole-grid generation, and the volume
+    is not flat (its std above ``min_std``)."""
+    whole = stage.sample(xray, steps=2, generator=torch.Generator().manual_seed(1))
+    tiled = stage.sample(xray, steps=2, generator=torch.Generator().manual_seed(1), patch=16)
+    assert stage.last_plan is not None and stage.last_plan.n_tiles == 8
+    assert float(whole.std()) > min_std
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+
+
 def train_tiny_xray(cfg, data, out):
     """``train xray`` for 2 steps of batch 1 on ``data`` with the tiny config ``cfg``, into ``out``; returns the exported
     cascade, loaded from its file."""

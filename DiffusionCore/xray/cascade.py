@@ -47,7 +47,7 @@ from .config import XrayStageConfig, patch_alignment, tiny_stage_config, windowe
 from .data import gaussian_blur
 from .encoder import XrayEncoder
 from .lifting import DepthLifting, RayProfileHead
-from .vdiffusion import VDiffusion, q_sample
+from .vdiffusion import VDiffusion, alpha_sigma, q_sample
 from .vit import HybridViTBlock, modulate, timestep_embedding
 
 logger = logging.getLogger(__name__)
@@ -545,7 +545,7 @@ class StageModel(nn.Module):
         base = self._base(ctx, o, out)
         if self.refine is not None:
             out = out + self.refine(self._refine_input(out, x_t, base, ctx, o))
-        out = out + base
+        out = self._x0(out, x_t, t, base)
         if not return_lifted:
             return out
         return out, self._lifting_volume(ctx, o, s)
@@ -600,7 +600,9 @@ class StageModel(nn.Module):
 
         The token head (plus the optional full-resolution refinement head) outputs a correction on a base:
         zero for stage 1 (its lifting-only volume with ``model.lifting_residual``, its atlas with
-        ``model.atlas_prior``), the upsampled previous-stage volume for stages 2-3 (a residual cascade).
+        ``model.atlas_prior``), the upsampled previous-stage volume for stages 2-3 (a residual cascade); with
+        ``model.skip_sigma_data`` the correction is scaled by the noise level and x_t is passed through where
+        little noise is left (:meth:`_x0`).
 
         A cube smaller than the grid is a patch whose corner lies at ``origin`` in the grid (training on
         random patches): it reads positional embeddings, lifted features and the previous volume at that
@@ -645,7 +647,18 @@ class StageModel(nn.Module):
         if self.refine is not None:
             inp = self._refine_input(out, x_t, base, ctx, (0, 0, 0))
             out = out + _chunked(self.refine, inp, plan.patch, self.refine_halo)
-        return out + base
+        return self._x0(out, x_t, t, base)
+
+    def _x0(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """x0 from the heads' output: ``base + out``, or with ``model.skip_sigma_data`` s the noise-level skip
+        ``base + c_skip (x_t - alpha base) + c_out out`` (c_skip = alpha s^2 / (alpha^2 s^2 + sigma^2), c_out =
+        sigma s / sqrt(alpha^2 s^2 + sigma^2)): x_t itself where no noise is left, base + s * out from pure noise."""
+        sd = float(self.cfg.model.skip_sigma_data)
+        if sd <= 0:
+            return out + base
+        a, s = alpha_sigma(t.reshape(-1, *([1] * (out.ndim - 1))).to(out.dtype))
+        d = (a * sd) ** 2 + s**2
+        return base + (a * sd**2 / d) * (x_t.to(out.dtype) - a * base) + (s * sd / d.sqrt()) * out
 
     def pad_condition(self, ctx: StageCondition, plan: PatchPlan) -> StageCondition:
         """``ctx`` with the previous-stage volume, the full-resolution lifting volume (and the rays, edge-repeated

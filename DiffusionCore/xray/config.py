@@ -106,6 +106,18 @@ class XrayModelConfig:
             "atlas_prior (whose output is a correction on the atlas)."
         },
     )
+    skip_sigma_data: float = field(
+        default=0.0,
+        metadata={
+            "help": "A noise-level skip on the denoiser's output (0 = none): x0 = base + c_skip(t) (x_t - alpha base) "
+            "+ c_out(t) * correction, with c_skip = alpha s^2 / (alpha^2 s^2 + sigma^2) and c_out = sigma s / "
+            "sqrt(alpha^2 s^2 + sigma^2) for s = this value (the typical spread of x0 around the base, model units), "
+            "the base being what the stage corrects (the previous stage's volume, the lifting volume, the atlas, or "
+            "zero). Where little noise is left the output is x_t itself, so the anatomy x_t already holds is kept "
+            "by construction instead of redrawn by the token head; the network learns only what x_t and the base "
+            "do not say. Changes what the weights mean: train from scratch with it."
+        },
+    )
     atlas_prior: bool = field(
         default=False,
         metadata={
@@ -381,6 +393,9 @@ class XrayStageConfig:
                               "stage 1, needs model.use_depth_lifting, and does not go with model.atlas_prior (whose "
                               f"output is a correction on the atlas); stage {self.stage} has use_depth_lifting "
                               f"{m.use_depth_lifting}, atlas_prior {m.atlas_prior}")  # fmt: skip
+        if not 0.0 <= m.skip_sigma_data <= 2.0:
+            raise ConfigError("model.skip_sigma_data is the typical spread of the clean volume around what the stage "
+                              f"corrects, in model units (e.g. 0.1; 0 = no skip); got {m.skip_sigma_data}")  # fmt: skip
         if m.atlas_prior and self.stage != 1:
             raise ConfigError(f"model.atlas_prior is for stage 1 (stages 2-3 refine the previous stage); stage {self.stage} has it")
         for name in ("atlas_blur_voxels", "atlas_zoom", "atlas_shift_voxels", "atlas_deform_voxels"):

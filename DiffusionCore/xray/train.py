@@ -383,7 +383,8 @@ def train_step(
 
 def _tiny_like(cfg: XrayStageConfig) -> XrayStageConfig:
     """A tiny network with ``cfg``'s structure: a refinement head, a decoder, the rays, the full-resolution
-    lifting (on the mean CT), the atlas, the lifting residual, and half-grid patches, where it has them."""
+    lifting (on the mean CT), the atlas, the lifting residual, the noise-level skip, and half-grid patches, where it
+    has them."""
     t = tiny_stage_config(
         cfg.stage, 16 * 2 ** (cfg.stage - 1), refine_channels=4 if cfg.model.refine_channels else 0
     )
@@ -394,6 +395,7 @@ def _tiny_like(cfg: XrayStageConfig) -> XrayStageConfig:
     for switch in ("atlas_prior", "lifting_mean_prior", "lifting_residual"):
         if getattr(cfg.model, switch):
             t = replace(t, model=replace(t.model, **{switch: True}))
+    t = replace(t, model=replace(t.model, skip_sigma_data=cfg.model.skip_sigma_data))
     if cfg.model.refine_xray and (t.model.refine_channels or t.model.decoder_channels):
         t = replace(t, model=replace(t.model, refine_xray=True))
     if cfg.model.train_patch or cfg.model.inference_patch:
