@@ -117,3 +117,13 @@ def test_the_recipe_is_the_mean_prior_recipe_with_the_residual(ct_file, tmp_path
     assert cfg.model.lifting_residual
     cascade = train_tiny_xray(cfg, ct_file, tmp_path / "run")  # trains, exports and loads with the switch
     assert cascade.stages[0].lifting_residual
+
+
+def test_the_nowarp_recipe_is_the_residual_recipe_without_zoom_and_elastic_deformation():
+    recipe = json.loads((REPO / "benchmarks/xray_stage1_nowarp.json").read_text())
+    base = json.loads((REPO / "benchmarks/xray_stage1_residual.json").read_text())
+    assert (base["data"]["zoom_jitter"], base["data"]["elastic_mm"]) != (0.0, 0.0)
+    base["data"].update(zoom_jitter=0.0, elastic_mm=0.0)
+    assert recipe == base
+    cfg = load_stage_config(REPO / "benchmarks/xray_stage1_nowarp.json")
+    assert cfg.model.lifting_residual and cfg.data.zoom_jitter == 0.0 and cfg.data.elastic_mm == 0.0
