@@ -55,6 +55,24 @@ def test_where_no_noise_is_left_the_output_is_x_t_whatever_the_weights():
     assert float((redrawn - x).abs().mean()) > 0.1  # without the skip the heads redraw the volume
 
 
+def test_a_later_stage_keeps_x_t_too_and_corrects_the_previous_volume_from_noise():
+    # stages 2-3: the base is the upsampled previous-stage volume
+    plain = tiny_xray_stage(2, 32, refine=4)
+    skip = tiny_xray_stage(2, 32, refine=4, skip_sigma_data=SD)
+    skip.load_state_dict(plain.state_dict())
+    xray = _xray()
+    prev = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    with torch.no_grad():
+        ctx = skip.condition(xray, prev)
+        kept = skip.predict(x, torch.tensor([1e-4]), ctx)
+        one = torch.tensor([1.0])
+        correction = plain.predict(x, one, plain.condition(xray, prev)) - ctx.prev
+        from_noise = skip.predict(x, one, ctx)
+    torch.testing.assert_close(kept, x, atol=2e-3, rtol=0)
+    torch.testing.assert_close(from_noise, ctx.prev + SD * correction, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("refine", [0, 4])
 def test_the_output_is_the_skip_formula_on_the_same_correction_whole_patch_or_tiled(refine):
     # a patch equals the whole grid's crop without the refinement head (with it, only tiled sampling does)

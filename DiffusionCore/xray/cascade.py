@@ -47,7 +47,7 @@ from .config import XrayStageConfig, patch_alignment, tiny_stage_config, windowe
 from .data import gaussian_blur
 from .encoder import XrayEncoder
 from .lifting import DepthLifting, RayProfileHead
-from .vdiffusion import VDiffusion, alpha_sigma, q_sample
+from .vdiffusion import VDiffusion, q_sample, skip_scales
 from .vit import HybridViTBlock, modulate, timestep_embedding
 
 logger = logging.getLogger(__name__)
@@ -650,15 +650,14 @@ class StageModel(nn.Module):
         return self._x0(out, x_t, t, base)
 
     def _x0(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """x0 from the heads' output: ``base + out``, or with ``model.skip_sigma_data`` s the noise-level skip
-        ``base + c_skip (x_t - alpha base) + c_out out`` (c_skip = alpha s^2 / (alpha^2 s^2 + sigma^2), c_out =
-        sigma s / sqrt(alpha^2 s^2 + sigma^2)): x_t itself where no noise is left, base + s * out from pure noise."""
+        """x0 from the heads' output: ``base + out``, or with ``model.skip_sigma_data`` the noise-level skip
+        ``base + c_skip (x_t - alpha base) + c_out out`` (:func:`.vdiffusion.skip_scales`): x_t itself where no noise
+        is left, base + s * out from pure noise."""
         sd = float(self.cfg.model.skip_sigma_data)
         if sd <= 0:
             return out + base
-        a, s = alpha_sigma(t.reshape(-1, *([1] * (out.ndim - 1))).to(out.dtype))
-        d = (a * sd) ** 2 + s**2
-        return base + (a * sd**2 / d) * (x_t.to(out.dtype) - a * base) + (s * sd / d.sqrt()) * out
+        c_skip, c_out, a = skip_scales(t, out, sd)
+        return base + c_skip * (x_t.to(out.dtype) - a * base) + c_out * out
 
     def pad_condition(self, ctx: StageCondition, plan: PatchPlan) -> StageCondition:
         """``ctx`` with the previous-stage volume, the full-resolution lifting volume (and the rays, edge-repeated

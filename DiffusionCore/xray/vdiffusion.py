@@ -66,6 +66,19 @@ def x0_from_eps(
     return (xt - s * eps) / a.clamp_min(min_alpha)
 
 
+def skip_scales(
+    t: torch.Tensor, like: torch.Tensor, sigma_data: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out, alpha) at ``t``, shaped to broadcast against ``like``, for an output preconditioned around a
+    base: ``x0 = base + c_skip (x_t - alpha base) + c_out F``. With s = ``sigma_data`` (the spread of x0 around the
+    base), c_skip = alpha s^2 / (alpha^2 s^2 + sigma^2) is the linear estimate of the residual from its noised copy
+    and c_out = sigma s / sqrt(alpha^2 s^2 + sigma^2) that estimate's error scale: x_t itself at t = 0, base + s F at
+    t = 1."""
+    a, s = alpha_sigma(_bc(t, like).to(like.dtype))
+    d = (a * sigma_data) ** 2 + s**2
+    return a * sigma_data**2 / d, s * sigma_data / d.sqrt(), a
+
+
 def predict_x0_eps(
     output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, prediction: str = "v", clip: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
