@@ -16,10 +16,18 @@ from DiffusionCore.config import config_to_dict
 from DiffusionCore.degrade import degrade, enforce_consistency, thin_grid
 from DiffusionCore.errors import Cancelled, ConfigError, WeightsError
 from DiffusionCore.evaluate import evaluate
+from DiffusionCore.intensity import hu_to_unit
 from DiffusionCore.interpolation import interpolate
-from DiffusionCore.sr.adapt import DEFAULT_ADAPT_STEPS, AdaptSettings, adapt_predictor
+from DiffusionCore.sr.adapt import DEFAULT_ADAPT_STEPS, AdaptSettings, adapt_predictor, scan_noise_hu
 from DiffusionCore.sr.pipeline import SuperResolver
-from DiffusionCore.sr.planes import PairSettings, PlaneSource, box_resample, sample_pairs, slab_mean
+from DiffusionCore.sr.planes import (
+    PairSettings,
+    PlaneSource,
+    box_resample,
+    kernel_look,
+    sample_pairs,
+    slab_mean,
+)
 from DiffusionCore.sr.throughplane import (
     ThroughPlaneConfig,
     ThroughPlaneNet,
@@ -71,6 +79,63 @@ def test_a_volume_too_small_for_the_plane_is_refused_with_the_reason():
     src = PlaneSource("small", ct_phantom_array((8, 16, 16)), (2.0, 0.8, 0.8))
     with pytest.raises(Exception, match="no plane of"):
         sample_pairs([src], 8, 2, PairSettings(thick_rows=16, width=96), np.random.default_rng(0))
+
+
+def _high_frequency(plane: np.ndarray) -> float:
+    """The spread of the plane's second differences: what a smoother kernel lowers and a sharper one raises."""
+    return float(np.diff(plane, 2, axis=-1).std() + np.diff(plane, 2, axis=-2).std())
+
+
+def _pairs_with_and_without(k: int, batch: int, seed: int, **augmentation):
+    """The same draws of phantom pairs without and with ``augmentation`` (PairSettings fields)."""
+    src = PlaneSource("phantom", ct_phantom_array((40, 64, 64)), (2.0, 0.8, 0.8))
+    plain = PairSettings(thick_rows=6, width=32, intensity_jitter=0.0)
+    return [sample_pairs([src], k, batch, PairSettings(**{**plain.__dict__, **extra}), np.random.default_rng(seed))
+            for extra in ({}, augmentation)]
+
+
+def test_kernel_jitter_gives_pairs_another_kernels_look_and_keeps_them_consistent():
+    (thick0, thin0), (thick1, thin1) = _pairs_with_and_without(4, 24, 3, kernel_jitter=1.0)
+    # the thick plane is still the slab average of the (new-looking) thin plane
+    inside = (np.abs(thin1) < 0.99).all(axis=2, keepdims=True)
+    means = thin1.reshape(24, 1, 6, 4, 32).mean(axis=3)
+    np.testing.assert_allclose(np.where(inside, means, thick1), thick1, atol=1e-4)
+    # some pairs come out smoother and some sharper than the same draws without the jitter
+    ratio = np.array([_high_frequency(a) / _high_frequency(b) for a, b in zip(thin1[:, 0], thin0[:, 0])])
+    assert (ratio < 0.9).any() and (ratio > 1.1).any()
+    # the look itself: a negative value smooths, a positive one sharpens, zero leaves the plane alone
+    plane = ct_phantom_array((1, 48, 48))[0] + np.random.default_rng(0).normal(0, 20, (48, 48)).astype(np.float32)
+    assert _high_frequency(kernel_look(plane, -1.0)) < 0.8 * _high_frequency(plane)
+    assert _high_frequency(kernel_look(plane, 1.0)) > 1.2 * _high_frequency(plane)
+    np.testing.assert_array_equal(kernel_look(plane, 0.0), plane)
+
+
+def test_input_noise_reaches_the_thick_plane_only():
+    (thick0, thin0), (thick1, thin1) = _pairs_with_and_without(2, 64, 5, input_noise_hu=40.0)
+    np.testing.assert_array_equal(thin1, thin0)  # the target stays the clean thin plane
+    scale = (hu_to_unit(np.float32(40.0)) - hu_to_unit(np.float32(0.0)))  # 40 HU in model units
+    inside = (np.abs(thick0) < 0.9) & (np.abs(thick1) < 0.9)
+    sd = np.array([(thick1[i] - thick0[i])[inside[i]].std() for i in range(64)]) / scale
+    assert sd.max() <= 1.1 and sd.min() < 0.3 and sd.max() > 0.7  # per-pair spread drawn in [0, 40] HU
+
+
+@pytest.mark.parametrize("field", ["kernel_jitter", "input_noise_hu", "intensity_jitter"])
+def test_pair_augmentation_settings_are_checked(field):
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ConfigError, match=field):
+            PairSettings(**{field: bad})
+
+
+def test_validation_pairs_carry_no_augmentation(tmp_path):
+    from DiffusionCore.sr.throughplane_train import ThroughPlaneTrainConfig, validation_batches
+
+    src = PlaneSource("phantom", ct_phantom_array((40, 64, 64)), (2.0, 0.8, 0.8))
+    pairs = {"thick_rows": 6, "width": 32}
+    plain = ThroughPlaneTrainConfig(pairs=pairs, val_pairs=4)
+    augmented = ThroughPlaneTrainConfig(pairs={**pairs, "kernel_jitter": 1.0, "input_noise_hu": 30.0}, val_pairs=4)
+    for k, (thick, thin) in validation_batches([src], plain).items():
+        thick_a, thin_a = validation_batches([src], augmented)[k]
+        assert torch.equal(thick, thick_a) and torch.equal(thin, thin_a)
 
 
 # -- the network --------------------------------------------------------------------------------------
@@ -239,6 +304,42 @@ def test_adaptation_settings_are_checked():
     assert AdaptSettings(seconds=30).steps is None and AdaptSettings(seconds=30, steps=5).steps == 5
 
 
+def _with_noise(arr: np.ndarray, sd: float, seed: int = 0) -> np.ndarray:
+    out = arr.copy()
+    body = out > -500
+    out[body] += np.random.default_rng(seed).normal(0.0, sd, int(body.sum())).astype(np.float32)
+    return out
+
+
+def test_scan_noise_is_measured_on_the_soft_tissue_of_the_slices():
+    arr = ct_phantom_array((8, 96, 96))  # 5 HU of noise in the body
+    assert 3.5 < scan_noise_hu(arr) < 6.5
+    assert 27.0 < scan_noise_hu(_with_noise(arr, 30.0)) < 34.0  # sqrt(5^2 + 30^2) = 30.4
+    assert scan_noise_hu(np.full((4, 32, 32), -1000.0, np.float32)) == 0.0  # no soft tissue to measure it on
+    # edges inside the soft-tissue range (bands of -100 and +100 HU, 8 pixels wide) do not count as noise
+    bands = np.where((np.arange(64) // 8) % 2 == 0, -100.0, 100.0).astype(np.float32)
+    striped = np.broadcast_to(bands, (4, 64, 64)) + np.random.default_rng(1).normal(0, 10, (4, 64, 64))
+    assert 8.5 < scan_noise_hu(striped.astype(np.float32)) < 11.5
+
+
+def test_adaptation_with_matched_noise_adds_what_the_pairs_lack_and_is_deterministic():
+    noisy = _with_noise(thick_phantom((10, 64, 64)).array, 30.0)
+    kept = noisy.copy()
+    settings = AdaptSettings(steps=4, batch_size=4, thick_rows=6, width=32, match_noise=True)
+    runs = [adapt_predictor(tiny_predictor(1), noisy, (4.0, 0.8, 0.8), 2, settings, seed=0) for _ in range(2)]
+    np.testing.assert_array_equal(noisy, kept)  # the scan is not changed
+    rep = runs[0][1]
+    assert 27.0 < rep["noise_hu"] < 34.0
+    # an in-plane pair's thick row averages S / pitch = 5 pixels: the noise of the other 4/5 is added
+    assert rep["input_noise_hu"] == pytest.approx(rep["noise_hu"] * np.sqrt(1.0 - 0.8 / 4.0), abs=0.02)
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    plain, plain_rep = adapt_predictor(tiny_predictor(1), noisy, (4.0, 0.8, 0.8), 2,
+                                       AdaptSettings(steps=4, batch_size=4, thick_rows=6, width=32), seed=0)
+    assert "noise_hu" not in plain_rep
+    assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), runs[0][0].parameters()))
+
+
 def test_adaptation_on_a_scan_too_small_for_pairs_is_skipped_with_the_reason():
     vol = Volume(ct_phantom_array((6, 12, 12)), spacing=(0.8, 0.8, 4.0))
     adapted, report = adapt_predictor(tiny_predictor(), vol.array, (4.0, 0.8, 0.8), 4, AdaptSettings(steps=2))
@@ -324,6 +425,13 @@ def test_the_shipped_recipe_config_loads_with_every_factor_the_cli_allows():
     cfg = load_config(read_config_file(path), ThroughPlaneTrainConfig)
     assert cfg.model.factors == list(range(2, MAX_FACTOR + 1))
     assert cfg.test_fraction == 0.3  # the held-out test region the model card's figures use
+    # the augmented recipe tried on 2026-12-04 is this one with the two pair augmentations switched on
+    augmented = read_config_file(Path(__file__).parents[1] / "benchmarks" / "throughplane_augment.json")
+    base = read_config_file(path)
+    assert {k: v for k, v in augmented["pairs"].items() if base["pairs"].get(k) != v} == {
+        "kernel_jitter": 0.7, "input_noise_hu": 30.0}
+    assert {k: v for k, v in augmented.items() if k != "pairs"} == {k: v for k, v in base.items() if k != "pairs"}
+    load_config(augmented, ThroughPlaneTrainConfig)
 
 
 # -- the sr command ---------------------------------------------------------------------------------------

@@ -57,6 +57,10 @@ class AdaptSettings:
         thick_rows: thick rows per plane.
         width: in-plane width of a plane.
         check_pairs: pairs of the fixed check batch on which the loss before and after is measured.
+        match_noise: give the pairs' thick planes the scan's own noise. An in-plane pair's thick row averages
+            S / pitch pixels of a slice, so it holds a fraction of the noise of the scan's real thick slices that
+            the adapted network will read; white noise of the missing level (:func:`scan_noise_hu`) is added to
+            each pair's thick plane, the thin target staying as it is.
         optional: when the weights have no through-plane predictor, go on without adaptation (the report
             says so) instead of stopping; the default adaptation is optional, one asked for is not.
     """
@@ -68,6 +72,7 @@ class AdaptSettings:
     thick_rows: int = 16
     width: int = 96
     check_pairs: int = 32
+    match_noise: bool = False
     optional: bool = field(default=False, compare=False)  # how a missing predictor is met, not what is done
 
     def __post_init__(self) -> None:
@@ -88,6 +93,37 @@ def budget_fields(steps: int, seconds: float, *, optional: bool = False) -> dict
     if float(seconds) != 0:
         return {"seconds": float(seconds), "steps": None, "optional": bool(optional)}
     return {"seconds": 0.0, "steps": int(steps), "optional": bool(optional)}
+
+
+#: HU range of the voxels whose neighbour differences measure a scan's noise (soft tissue: flat, away from edges).
+NOISE_HU_RANGE = (-150.0, 150.0)
+#: Fewest neighbour pairs for a noise estimate; with fewer there is no soft tissue to measure it on.
+NOISE_MIN_PAIRS = 500
+
+
+def scan_noise_hu(thick_hu: np.ndarray, max_slices: int = 16) -> float:
+    """The per-pixel noise standard deviation (HU) of a scan's slices, 0 when it cannot be measured.
+
+    Measured on up to ``max_slices`` slices spread over the scan: the differences of horizontally and vertically
+    neighbouring pixels that both lie in soft tissue (:data:`NOISE_HU_RANGE`), 1.4826 times their median absolute
+    value divided by sqrt 2 (robust to the few edges left). Written here rather than taken from scikit-image's
+    ``estimate_sigma`` because that one reads the whole image, where a CT's clipped air outside the body has no noise,
+    and it is not among the package's dependencies.
+    """
+    m = thick_hu.shape[0]
+    idx = np.unique(np.linspace(0, m - 1, min(m, max_slices)).round().astype(int))
+    diffs = []
+    for i in idx:
+        sl = np.asarray(thick_hu[i], dtype=np.float32)
+        soft = (sl >= NOISE_HU_RANGE[0]) & (sl <= NOISE_HU_RANGE[1])
+        for axis in (0, 1):
+            d = np.diff(sl, axis=axis)
+            both = soft[1:] & soft[:-1] if axis == 0 else soft[:, 1:] & soft[:, :-1]
+            diffs.append(d[both])
+    d = np.concatenate(diffs)
+    if d.size < NOISE_MIN_PAIRS:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2.0))
 
 
 def _plane_size(shape_bc: tuple[int, int], pitch: float, thick_mm: float, k: int, s: AdaptSettings) -> tuple[int, int] | None:
@@ -142,8 +178,13 @@ def adapt_predictor(
         logger.warning("adaptation skipped: %s", why)
         return net, {**report, "skipped": why, "steps": 0, "seconds": 0.0}
     rows, width = size
+    noise = 0.0
+    if settings.match_noise:  # what the pairs' box averages leave of the scan's noise, added back
+        report["noise_hu"] = round(scan_noise_hu(thick_hu), 2)
+        noise = report["noise_hu"] * math.sqrt(max(0.0, 1.0 - pitch / float(spacing[0])))
+        report["input_noise_hu"] = round(noise, 2)
     pairs = PairSettings(thick_rows=rows, width=width, through_plane_probability=0.0,
-                         thick_mm=float(spacing[0]), intensity_jitter=0.02)
+                         thick_mm=float(spacing[0]), intensity_jitter=0.02, input_noise_hu=(noise, noise))
     source = PlaneSource("input", thick_hu, tuple(float(s) for s in spacing), thin_reference=False)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 7])
     check_thick, check_thin = (torch.from_numpy(a) for a in sample_pairs(

@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..intensity import hu_to_unit
 
 #: Voxels above this HU belong to the body (for choosing crops that are not all air).
@@ -183,6 +184,13 @@ class PairSettings:
             the rest are in-plane pairs.
         thick_mm: range of the thick spacing ``S`` simulated by in-plane pairs (mm).
         intensity_jitter: +- relative scale of (HU + 1024), the same for the pair.
+        kernel_jitter: the reconstruction kernel varies from scanner to scanner: each thin plane is smoothed
+            (a Gaussian of up to this many pixels' sigma) or sharpened (unsharp masking of up to this gain,
+            sigma 1 pixel) at random before its thick plane is made, so the pair stays consistent (0: off).
+        input_noise_hu: the standard deviation (HU) of white noise added to the thick plane only, drawn per pair
+            in ``[0, input_noise_hu]`` (or in ``[lo, hi]`` for a pair of numbers): scans noisier than the
+            training CTs (lower dose, sharper kernels) give noisy thick slices whose thin estimate should still
+            be the clean one (0: off).
     """
 
     thick_rows: int = 16
@@ -190,6 +198,31 @@ class PairSettings:
     through_plane_probability: float = 0.5
     thick_mm: tuple[float, float] = (2.0, 6.0)
     intensity_jitter: float = 0.05
+    kernel_jitter: float = 0.0
+    input_noise_hu: float | tuple[float, float] = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("intensity_jitter", "kernel_jitter", "input_noise_hu"):
+            v = np.atleast_1d(np.asarray(getattr(self, name), dtype=np.float64))
+            if not np.isfinite(v).all() or (v < 0).any() or v.size > 2 or (v.size == 2 and v[0] > v[1]):
+                raise ConfigError(f"pair settings: {name} must be a finite number >= 0 (input_noise_hu also a range "
+                                  f"[lo, hi]); got {getattr(self, name)}")
+
+    @property
+    def input_noise_range(self) -> tuple[float, float]:
+        """``(lo, hi)`` of the thick planes' noise standard deviation in HU."""
+        v = self.input_noise_hu
+        return (0.0, float(v)) if np.isscalar(v) else (float(v[0]), float(v[1]))
+
+
+def kernel_look(thin: np.ndarray, u: float) -> np.ndarray:
+    """``thin`` (HU) smoothed by a Gaussian of sigma ``-u`` pixels (``u < 0``) or sharpened by unsharp masking of gain
+    ``u`` (sigma 1 pixel, ``u > 0``): the same anatomy as another reconstruction kernel would show it."""
+    if u < 0:
+        return ndimage.gaussian_filter(thin, -u, mode="nearest").astype(np.float32)
+    if u > 0:
+        return (thin + u * (thin - ndimage.gaussian_filter(thin, 1.0, mode="nearest"))).astype(np.float32)
+    return thin
 
 
 def sample_pairs(
@@ -201,8 +234,9 @@ def sample_pairs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A batch of pairs for factor ``k``: ``(thick (B, 1, m, W), thin (B, 1, m*k, W))`` in model units.
 
-    Sources are chosen in proportion to their size; each pair is flipped at random along both axes and
-    its intensities scaled a little.
+    Sources are chosen in proportion to their size; each pair is flipped at random along both axes, its
+    intensities scaled a little, and (``settings.kernel_jitter``, ``settings.input_noise_hu``) given another
+    kernel's look and noise on its thick plane.
 
     Raises:
         InputError: no source yields a pair of this size (volumes too small for the plane).
@@ -235,8 +269,14 @@ def sample_pairs(
         if settings.intensity_jitter > 0:
             scale = 1.0 + float(rng.uniform(-1, 1)) * settings.intensity_jitter
             thin = (thin + 1024.0) * scale - 1024.0
+        if settings.kernel_jitter > 0:
+            thin = kernel_look(np.asarray(thin, dtype=np.float32), float(rng.uniform(-1, 1)) * settings.kernel_jitter)
         thins.append(np.ascontiguousarray(thin, dtype=np.float32))
     thin_hu = np.stack(thins)[:, None]  # (B, 1, n, W)
     thick_hu = slab_mean(np.moveaxis(thin_hu, 2, 0), k)
     thick_hu = np.moveaxis(thick_hu, 0, 2)
+    lo, hi = settings.input_noise_range
+    if hi > 0:
+        sd = rng.uniform(lo, hi, size=(thick_hu.shape[0], 1, 1, 1))
+        thick_hu = (thick_hu + sd * rng.standard_normal(thick_hu.shape)).astype(np.float32)
     return hu_to_unit(thick_hu), hu_to_unit(thin_hu)

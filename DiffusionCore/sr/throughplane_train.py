@@ -6,7 +6,9 @@ The recipe (every field of :class:`ThroughPlaneTrainConfig` has a default and a 
   validation (the test region that the published figures use), the ``val_fraction`` below it is the
   validation region, the rest trains;
 * pairs (:mod:`DiffusionCore.sr.planes`): real thin slices along z slab-averaged by ``k``, and in-plane
-  self-supervision (axial slices, one fine axis resampled to ``S / k``), flipped and intensity-jittered;
+  self-supervision (axial slices, one fine axis resampled to ``S / k``), flipped and intensity-jittered, and
+  optionally given another kernel's look (``pairs.kernel_jitter``) and noise on the thick plane
+  (``pairs.input_noise_hu``);
 * L1 loss on the thin plane (cubic + predicted residual) in model units, AdamW, an exponential moving
   average of the weights (what validation scores and export writes);
 * stops after ``max_steps`` or ``max_minutes`` (whichever first), on SIGTERM or a ``STOP`` file, always
@@ -144,7 +146,8 @@ def validation_batches(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Fixed validation pairs per factor (the same every time)."""
     out = {}
-    settings = PairSettings(**{**asdict(cfg.pairs), "intensity_jitter": 0.0,
+    plain = {"intensity_jitter": 0.0, "kernel_jitter": 0.0, "input_noise_hu": 0.0}  # the pairs as they are
+    settings = PairSettings(**{**asdict(cfg.pairs), **plain,
                                "thick_rows": min(8, cfg.pairs.thick_rows), "width": cfg.pairs.width})
     for k in cfg.val_factors:
         rng = np.random.default_rng(12345 + int(k))
