@@ -138,6 +138,42 @@ def test_processing_augmentation_gives_some_drrs_the_clinical_look():
         load_stage_config({"stage": 1, "resolution": 64, "data": {"processing": 1.5}})
 
 
+def test_processing_flatten_sets_how_much_of_the_broad_contrast_the_look_may_remove():
+    from DiffusionCore.xray.config import load_stage_config
+
+    hu = torch.from_numpy(np.stack([_chest(64)] * 8))[:, None]
+
+    def midline_contrast(flatten_max: float) -> np.ndarray:
+        """Per DRR: the broad brightness of the midline (mediastinum and spine) over the lungs beside it."""
+        aug = XrayDataConfig(processing=1.0, processing_flatten=flatten_max)
+        broad = gaussian_blur(render_training_drr(hu, 350.0, 64, rng=np.random.default_rng(2), aug=aug), 4.0)
+        row = broad[:, 0, 32]
+        return (row[:, 30:34].mean(1) - 0.5 * (row[:, 12:20].mean(1) + row[:, 44:52].mean(1))).numpy()
+
+    default, strong, none = midline_contrast(0.7), midline_contrast(1.3), midline_contrast(0.0)
+    # the same draws, each flattened further: the midline stands out less in every DRR, much less in some
+    assert (strong <= default + 1e-4).all() and (default <= none + 1e-4).all()
+    assert (default - strong).max() > 0.1
+    assert XrayDataConfig().processing_flatten == 0.7  # the range the processed look had until now
+    for bad in (-0.1, 2.5):
+        with pytest.raises(ConfigError, match="data.processing_flatten"):
+            load_stage_config({"stage": 1, "resolution": 64, "data": {"processing_flatten": bad}})
+
+
+def test_the_equalised_look_experiment_is_the_shipped_recipe_plus_a_stronger_processed_look():
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from DiffusionCore.xray.config import load_stage_config
+
+    root = Path(__file__).resolve().parents[1]
+    tried = asdict(load_stage_config(str(root / "benchmarks" / "xray_stage1_equalised.json")))
+    shipped = asdict(load_stage_config(str(root / "benchmarks" / "xray_stage1_residual.json")))
+    assert (tried["data"].pop("processing"), tried["data"].pop("processing_flatten")) == (0.5, 1.3)
+    assert (shipped["data"].pop("processing"), shipped["data"].pop("processing_flatten")) == (0.0, 0.7)
+    assert tried == shipped
+
+
 def test_evaluation_can_give_the_reference_drr_the_clinical_look():
     from DiffusionCore.volume import Volume
     from DiffusionCore.xray.evaluate import evaluate_xray

@@ -156,7 +156,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     for seed in args.seeds:
         report = evaluate_xray(gen, reference, num_stages=args.num_stages, steps=args.steps, seed=seed,
                                num_samples=args.num_samples, lifting_start_t=args.lifting_start,
-                               device=args.device, look=CLINICAL_LOOK if args.processed else None,
+                               device=args.device, look=tuple(args.look) if args.look else
+                               CLINICAL_LOOK if args.processed else None,
                                reference_name=str(args.reference))  # fmt: skip
         print(f"seed {seed}")
         print(format_xray_table(report))
@@ -202,6 +203,10 @@ def main() -> None:
     e.add_argument("--processed", action="store_true",
                    help="give the DRR the look of a processed clinical radiograph first (data.CLINICAL_LOOK: "
                         "unsharp masking and flattened broad contrast, the histogram kept)")
+    e.add_argument("--look", type=float, nargs=3, default=None, metavar=("AMOUNT", "SIGMA", "FLATTEN"),
+                   help="like --processed with this look (xray.data.clinical_look: unsharp-mask gain, its sigma in "
+                        "pixels of 128^2, share of the broad contrast removed; e.g. 1.5 3 1.0 for an equalised "
+                        "radiograph whose lateral chest walls are as bright as its midline)")
     for q in (d, e):
         q.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
         q.add_argument("--json", default=None)

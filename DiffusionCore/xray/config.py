@@ -256,6 +256,15 @@ class XrayDataConfig:
             "reads real radiographs as it reads DRRs; 0 turns it off."
         },
     )
+    processing_flatten: float = field(
+        default=0.7,
+        metadata={
+            "help": "data.processing: the largest share of the broad brightness differences (a Gaussian of 16 "
+            "pixels of a 128^2 radiograph) that a processed look removes, drawn per DRR in [0, this]. Above 1 the "
+            "broad profile is inverted (the lateral chest walls brighter than the midline), as in an equalised, "
+            "collimated clinical radiograph."
+        },
+    )
     atlas_blur_voxels: float = field(
         default=2.0,
         metadata={"help": "model.atlas_prior: Gaussian blur (voxels of the stage's grid) of the atlas, in training "
@@ -403,6 +412,9 @@ class XrayStageConfig:
                 raise ConfigError(f"data.{name} must be >= 0; got {getattr(self.data, name)}")
         if not 0.0 <= self.data.processing <= 1.0:
             raise ConfigError(f"data.processing must be in [0, 1] (a share of samples); got {self.data.processing}")
+        if not 0.0 <= self.data.processing_flatten <= 2.0:
+            raise ConfigError("data.processing_flatten must be in [0, 2] (a share of the broad brightness differences "
+                              f"removed; above 1 inverts them); got {self.data.processing_flatten}")  # fmt: skip
 
 
 def check_xray_architecture(cfg: XrayStageConfig) -> None:

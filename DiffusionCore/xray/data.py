@@ -169,13 +169,15 @@ def render_training_drr(
     if aug.processing > 0:
         for i in range(b):
             if rng.random() < aug.processing:
-                look = (float(rng.uniform(lo, hi)) for lo, hi in PROCESSING_RANGES)
+                ranges = (*PROCESSING_RANGES[:2], (0.0, float(aug.processing_flatten)))
+                look = (float(rng.uniform(lo, hi)) for lo, hi in ranges)
                 img[i : i + 1] = clinical_look(img[i : i + 1], *look)
     return img
 
 
 #: Ranges of the clinical-look augmentation (``data.processing``), uniform: unsharp-mask amount, its Gaussian
-#: sigma in pixels of a 128^2 radiograph, and how much of the broad (``FLATTEN_SIGMA_PX``) variation is removed.
+#: sigma in pixels of a 128^2 radiograph, and how much of the broad (``FLATTEN_SIGMA_PX``) variation is removed (the
+#: upper end is ``data.processing_flatten``, 0.7 by default).
 PROCESSING_RANGES = ((0.0, 3.0), (1.0, 6.0), (0.0, 0.7))
 FLATTEN_SIGMA_PX = 16.0
 
@@ -217,8 +219,8 @@ def clinical_look(img: torch.Tensor, amount: float, sigma_px: float, flatten: fl
         img: (B, 1, H, W) in [0, 1].
         amount: unsharp-mask gain (0: none).
         sigma_px: its Gaussian sigma in pixels of a 128^2 radiograph (scaled to the image's width).
-        flatten: share (0-1) of the variation over :data:`FLATTEN_SIGMA_PX` (pixels of 128^2, scaled the same
-            way) that is removed (0: none).
+        flatten: share of the variation over :data:`FLATTEN_SIGMA_PX` (pixels of 128^2, scaled the same way) that
+            is removed (0: none; above 1 the broad profile is inverted, as in an equalised radiograph).
     """
     scale = img.shape[-1] / 128
     out = img
