@@ -261,8 +261,8 @@ class XrayDataConfig:
         metadata={
             "help": "data.processing: the largest share of the broad brightness differences (a Gaussian of 16 "
             "pixels of a 128^2 radiograph) that a processed look removes, drawn per DRR in [0, this]. Above 1 the "
-            "broad profile is inverted (the lateral chest walls brighter than the midline), as in an equalised, "
-            "collimated clinical radiograph."
+            "broad profile is inverted (the lateral chest walls brighter than the midline), as in an equalised "
+            "clinical radiograph."
         },
     )
     atlas_blur_voxels: float = field(

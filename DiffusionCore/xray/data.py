@@ -169,20 +169,20 @@ def render_training_drr(
     if aug.processing > 0:
         for i in range(b):
             if rng.random() < aug.processing:
-                ranges = (*PROCESSING_RANGES[:2], (0.0, float(aug.processing_flatten)))
+                ranges = (*PROCESSING_RANGES, (0.0, float(aug.processing_flatten)))
                 look = (float(rng.uniform(lo, hi)) for lo, hi in ranges)
                 img[i : i + 1] = clinical_look(img[i : i + 1], *look)
     return img
 
 
-#: Ranges of the clinical-look augmentation (``data.processing``), uniform: unsharp-mask amount, its Gaussian
-#: sigma in pixels of a 128^2 radiograph, and how much of the broad (``FLATTEN_SIGMA_PX``) variation is removed (the
-#: upper end is ``data.processing_flatten``, 0.7 by default).
-PROCESSING_RANGES = ((0.0, 3.0), (1.0, 6.0), (0.0, 0.7))
+#: Ranges of the clinical-look augmentation (``data.processing``), uniform: unsharp-mask amount and its Gaussian
+#: sigma in pixels of a 128^2 radiograph. How much of the broad (``FLATTEN_SIGMA_PX``) variation is removed is drawn
+#: in ``[0, data.processing_flatten]`` (0.7 by default).
+PROCESSING_RANGES = ((0.0, 3.0), (1.0, 6.0))
 FLATTEN_SIGMA_PX = 16.0
 
 #: The fixed look that ``benchmarks/xray_eval.py evaluate --processed`` gives the DRR of a reference CT: amount,
-#: sigma (pixels of 128^2) and flattening, mid-range of :data:`PROCESSING_RANGES`.
+#: sigma (pixels of 128^2) and flattening, mid-range of :data:`PROCESSING_RANGES` and of the default flattening range.
 CLINICAL_LOOK = (1.5, 3.0, 0.4)
 
 
