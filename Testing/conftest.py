@@ -84,6 +84,19 @@ def assert_tiled_sampling_matches(stage, xray, min_std: float) -> None:
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
 
 
+def recipe_changes(recipe: dict, parent: dict, prefix: str = "") -> dict[str, tuple]:
+    """``{"section.key": (parent's value, recipe's value)}`` for every leaf where a recipe (a config as a nested dict)
+    differs from the one it was derived from; a key one of them lacks counts as None there."""
+    out: dict[str, tuple] = {}
+    for key in sorted(set(recipe) | set(parent)):
+        a, b = parent.get(key), recipe.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(recipe_changes(b, a, f"{prefix}{key}."))
+        elif a != b:
+            out[f"{prefix}{key}"] = (a, b)
+    return out
+
+
 def train_tiny_xray(cfg, data, out):
     """``train xray`` for 2 steps of batch 1 on ``data`` with the tiny config ``cfg``, into ``out``; returns the exported
     cascade, loaded from its file."""

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import ct_phantom_array
+from conftest import ct_phantom_array, recipe_changes
 
 from DiffusionCore.config import config_to_dict
 from DiffusionCore.degrade import degrade, enforce_consistency, thin_grid
@@ -428,9 +428,7 @@ def test_the_shipped_recipe_config_loads_with_every_factor_the_cli_allows():
     # the augmented recipe tried on 2026-12-04 is this one with the two pair augmentations switched on
     augmented = read_config_file(Path(__file__).parents[1] / "benchmarks" / "throughplane_augment.json")
     base = read_config_file(path)
-    assert {k: v for k, v in augmented["pairs"].items() if base["pairs"].get(k) != v} == {
-        "kernel_jitter": 0.7, "input_noise_hu": 30.0}
-    assert {k: v for k, v in augmented.items() if k != "pairs"} == {k: v for k, v in base.items() if k != "pairs"}
+    assert recipe_changes(augmented, base) == {"pairs.input_noise_hu": (None, 30.0), "pairs.kernel_jitter": (None, 0.7)}
     load_config(augmented, ThroughPlaneTrainConfig)
 
 

@@ -200,10 +200,11 @@ def main() -> None:
                    help="stage 1's start time from the lifting-only volume (1: from noise; default: weights')")
     e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds; the table is their mean")
     e.add_argument("--device", default="cpu")
-    e.add_argument("--processed", action="store_true",
+    looks = e.add_mutually_exclusive_group()
+    looks.add_argument("--processed", action="store_true",
                    help="give the DRR the look of a processed clinical radiograph first (data.CLINICAL_LOOK: "
                         "unsharp masking and flattened broad contrast, the histogram kept)")
-    e.add_argument("--look", type=float, nargs=3, default=None, metavar=("AMOUNT", "SIGMA", "FLATTEN"),
+    looks.add_argument("--look", type=float, nargs=3, default=None, metavar=("AMOUNT", "SIGMA", "FLATTEN"),
                    help="like --processed with this look (xray.data.clinical_look: unsharp-mask gain, its sigma in "
                         "pixels of 128^2, share of the broad contrast removed; e.g. 1.5 3 1.0 for an equalised "
                         "radiograph whose lateral chest walls are as bright as its midline)")
