@@ -430,6 +430,10 @@ def test_the_shipped_recipe_config_loads_with_every_factor_the_cli_allows():
     base = read_config_file(path)
     assert recipe_changes(augmented, base) == {"pairs.input_noise_hu": (None, 30.0), "pairs.kernel_jitter": (None, 0.7)}
     load_config(augmented, ThroughPlaneTrainConfig)
+    # and the one tried after it: the augmented recipe with in-plane slabs up to 20 mm
+    thick = read_config_file(Path(__file__).parents[1] / "benchmarks" / "throughplane_thick20.json")
+    assert recipe_changes(thick, augmented) == {"pairs.thick_mm": ([2.0, 10.0], [2.0, 20.0])}
+    assert load_config(thick, ThroughPlaneTrainConfig).pairs.thick_mm == (2.0, 20.0)
 
 
 # -- the sr command ---------------------------------------------------------------------------------------
