@@ -175,7 +175,8 @@ def test_the_two_level_predictor_sees_wider_context_on_planes_of_any_size(tmp_pa
 def test_volume_prediction_averages_both_plane_orientations():
     net = tiny_predictor(0)
     thick = torch.randn(5, 9, 11)
-    res = predict_residual(net, thick, 2, plane_batch=4)
+    res = predict_residual(net, thick, 2, plane_batch=4)  # runs a channels-last copy of the network
+    assert all(p.is_contiguous() for p in net.parameters())  # the caller's network keeps its layout
     with torch.no_grad():
         a = net(thick.permute(1, 0, 2).unsqueeze(1), 2)[:, 0].permute(1, 0, 2)  # planes over H
         b = net(thick.permute(2, 0, 1).unsqueeze(1), 2)[:, 0].permute(1, 2, 0)  # planes over W
@@ -271,7 +272,7 @@ def test_weights_file_round_trip_and_refusals(tmp_path):
 
 
 # -- adaptation -----------------------------------------------------------------------------------------
-def test_adaptation_lowers_the_loss_on_the_scans_own_pairs_and_leaves_the_weights_alone():
+def test_adaptation_lowers_the_loss_on_the_scans_own_pairs_and_leaves_the_weights_alone(tmp_path):
     vol = thick_phantom((10, 64, 64))
     net = tiny_predictor(1)
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -282,6 +283,11 @@ def test_adaptation_lowers_the_loss_on_the_scans_own_pairs_and_leaves_the_weight
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, before[k])  # the given weights are not changed
     assert adapted is not net
+    # the adapted copy (trained channels-last, the CPU's fast layout) is written as a weights file like any other
+    loaded = SuperResolver.from_pretrained(str(_weights_file(tmp_path, adapted)), allow_unregistered=True).predictor
+    thick = torch.randn(2, 1, 6, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(thick, 2), adapted(thick, 2), atol=1e-5, rtol=1e-5)
 
 
 def test_adaptation_with_a_step_budget_is_deterministic():

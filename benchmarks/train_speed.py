@@ -283,7 +283,7 @@ def time_throughplane(args, data: list[str]) -> dict:
     train_src, _ = load_sources(collect_volumes(data), cfg)  # read once, outside the timing
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    net = ThroughPlaneNet(cfg.model)
+    net = ThroughPlaneNet(cfg.model).to(memory_format=torch.channels_last)  # as train throughplane lays it out
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ema = ParameterEMA({"predictor": net}, cfg.ema_decay) if cfg.ema_decay > 0 else None
     ks, probs = cfg.factor_probabilities()

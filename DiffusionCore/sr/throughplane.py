@@ -23,6 +23,7 @@ Weights files (safetensors, family ``"sr"``, ``component="throughplane"``) hold 
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable
@@ -184,6 +185,16 @@ def body_box(thick_hu: np.ndarray, margin: int = BODY_MARGIN) -> tuple[int, int,
             max(0, int(cols[0]) - margin), min(ww, int(cols[-1]) + 1 + margin))
 
 
+def channels_last(net: ThroughPlaneNet) -> ThroughPlaneNet:
+    """A copy of ``net`` whose convolution weights are stored channels-last (NHWC).
+
+    oneDNN's CPU convolutions run this network's 32-channel 3x3 convolutions about 1.2-1.6 times faster in
+    that layout (``benchmarks/sr_speed.py``); the outputs agree with the default layout to float rounding.
+    The caller's network is left as it is.
+    """
+    return copy.deepcopy(net).to(memory_format=torch.channels_last)
+
+
 @torch.no_grad()
 def predict_residual(
     net: ThroughPlaneNet,
@@ -211,6 +222,7 @@ def predict_residual(
         and from the ``(m, H)`` planes.
     """
     k = int(factor)
+    net = channels_last(net).to(device)
     m, hh, ww = thick_units.shape
     out = torch.zeros((m * k, hh, ww), dtype=torch.float32)
     total = hh + ww

@@ -237,6 +237,7 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     net = ThroughPlaneNet(cfg.model)
     if init_from:
         load_predictor_weights(net, init_from)
+    net.to(memory_format=torch.channels_last)  # the CPU convolutions' fast layout (see throughplane.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ema = ParameterEMA({MODEL_NAME: net}, cfg.ema_decay) if cfg.ema_decay > 0 else None
     models: dict[str, torch.nn.Module] = {MODEL_NAME: net}
