@@ -178,7 +178,7 @@ def test_prepare_train_resume_next_stage_and_evaluate(files, tmp_path):
     for s in (1, 2):  # the consistency step makes each stage re-project onto the input
         assert by[("model", s)]["reprojection_psnr"] > by[("model-raw", s)]["reprojection_psnr"]
     for r in report["results"]:
-        assert set(r) == {"method", "stage", "psnr3d", "ssim3d", "reprojection_psnr", "seconds"}
+        assert set(r) == {"method", "stage", "psnr3d", "ssim3d", "reprojection_psnr", "cross_view_psnr", "seconds"}
         assert type(r["stage"]) is int and all(type(r[k]) is float for k in list(r)[2:])
         assert np.isfinite(r["psnr3d"]) and -1 <= r["ssim3d"] <= 1
     unregistered = [c for c in cmd[:-4] if c != "--allow-unregistered-weights"]  # no --json, no flag

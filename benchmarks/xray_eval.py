@@ -168,7 +168,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     for i, row in enumerate(runs[0]["results"]):
         same = [r["results"][i] for r in runs]
         rows.append({**row, **{k: float(np.mean([s[k] for s in same])) for k in ("psnr3d", "ssim3d",
-                                                                                 "reprojection_psnr", "seconds")},
+                                                                                 "reprojection_psnr", "cross_view_psnr",
+                                                                                 "seconds")},
                      "psnr3d_spread": float(np.ptp([s["psnr3d"] for s in same]))})  # fmt: skip
     mean["results"] = rows
     mean["settings"] = {**runs[0]["settings"], "seeds": list(args.seeds), "threads": args.threads}

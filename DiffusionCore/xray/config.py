@@ -212,6 +212,12 @@ class XrayLossWeights:
         metadata={"help": "Weight of a structural (SSIM, no downloaded network) loss on orthogonal slices."},
     )
     gradient_loss: float = field(default=0.1, metadata={"help": "Weight of the 3D image-gradient L1 loss."})
+    cross_view_drr_loss: float = field(
+        default=0.0,
+        metadata={"help": "Weight of a DRR loss in the view at right angles to the input's (lateral for a PA "
+                          "radiograph), rendered from the training CT: it scores where the volume puts things in "
+                          "depth (the spine behind the heart), which the input view cannot show. 0: off."},
+    )
 
 
 @dataclass
@@ -410,6 +416,9 @@ class XrayStageConfig:
         for name in ("atlas_blur_voxels", "atlas_zoom", "atlas_shift_voxels", "atlas_deform_voxels"):
             if not getattr(self.data, name) >= 0.0:
                 raise ConfigError(f"data.{name} must be >= 0; got {getattr(self.data, name)}")
+        for name in ("v_loss", "drr_loss", "depth_prior_loss", "perceptual_loss", "gradient_loss", "cross_view_drr_loss"):
+            if not getattr(self.loss_weights, name) >= 0.0:
+                raise ConfigError(f"loss_weights.{name} must be >= 0 (0: off); got {getattr(self.loss_weights, name)}")
         if not 0.0 <= self.data.processing <= 1.0:
             raise ConfigError(f"data.processing must be in [0, 1] (a share of samples); got {self.data.processing}")
         if not 0.0 <= self.data.processing_flatten <= 2.0:

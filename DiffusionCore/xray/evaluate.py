@@ -7,7 +7,10 @@ own output), ``mean-ct`` (the mean training CT stored in the weights: the prior 
 ``model`` volume upsampled trilinearly to this stage's cube: what a stage adds is its gain over this row;
 it needs ``model``) and, for weights whose stage 1 refines an atlas (``model.atlas_prior``), ``atlas`` (that atlas
 registered to the input: what stage 1 adds is its gain over this row). Metrics (BENCHMARK.md): 3D PSNR and 3D SSIM with HU clipped to [-1024, 2048] against the
-reference resampled to the stage's cube, and re-projection PSNR (DRR of the output vs the input, [0, 1]).
+reference resampled to the stage's cube, re-projection PSNR (DRR of the output vs the input, [0, 1]) and
+cross-view PSNR: the output's DRR in the view at right angles to the input's (lateral for a PA radiograph)
+against the reference's, both scaled by the reference's 99.5th percentile. The input cannot show where things
+lie along its rays; the cross view shows exactly that (the spine behind the heart or inside it).
 """
 
 from __future__ import annotations
@@ -23,12 +26,34 @@ from ..errors import InputError
 from ..metrics import psnr, ssim3d
 from ..volume import Volume
 from .data import clinical_look, ct_to_cubes, render_training_drr
+from .drr import hu_to_mu, project_parallel_axis
+from .losses import cross_view
 from .pipeline import XrayToCTGenerator, projection_error, volume_from_unit
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("model", "model-raw", "mean-ct", "lifting-only", "previous-stage", "atlas")
 HU_RANGE = (-1024.0, 2048.0)
+
+
+def cross_view_psnr(vol_hu: torch.Tensor, ref_hu: torch.Tensor, fov_mm: float, view: str) -> float:
+    """PSNR (dB) of a volume's parallel-beam DRR in the view at right angles to ``view`` against the reference's.
+
+    Both are line integrals of the attenuation at 70 keV divided by the reference DRR's 99.5th percentile (one
+    scale for both, so a volume too dense or too light along those rays scores lower), on [0, 1].
+
+    Args:
+        vol_hu, ref_hu: (1, 1, R, R, R) cubes in HU on the same grid.
+        fov_mm: the cube's side.
+        view: the input's view (``pa`` or ``lateral``).
+    """
+    spacing = (fov_mm / vol_hu.shape[-1],) * 3
+    other = cross_view(view)
+    ref = project_parallel_axis(hu_to_mu(ref_hu.float()), spacing, other)
+    scale = torch.quantile(ref.flatten(), 0.995).clamp_min(1e-6)
+    out = project_parallel_axis(hu_to_mu(vol_hu.float()), spacing, other)
+    mse = float((((out - ref) / scale).clamp(-1, 1) ** 2).mean())
+    return float(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))))
 
 
 def evaluate_xray(
@@ -54,7 +79,7 @@ def evaluate_xray(
 
     Returns:
         ``{"reference": str, "results": [{"method", "stage", "psnr3d", "ssim3d", "reprojection_psnr",
-        "seconds"}], "settings": {...}}``.
+        "cross_view_psnr", "seconds"}], "settings": {...}}``.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -84,6 +109,8 @@ def evaluate_xray(
             "psnr3d": psnr(ref, vol.array, HU_RANGE),
             "ssim3d": ssim3d(ref, vol.array, HU_RANGE),
             "reprojection_psnr": projection_error(vol_unit.cpu(), xray, fov, view)["projection_psnr"],
+            "cross_view_psnr": cross_view_psnr(torch.from_numpy(vol.array)[None, None],
+                                               torch.from_numpy(ref)[None, None], fov, view),  # fmt: skip
             "seconds": seconds,
         })  # fmt: skip
 
@@ -148,8 +175,10 @@ def evaluate_xray(
 def format_xray_table(report: dict[str, Any]) -> str:
     """A plain-text table of an :func:`evaluate_xray` report."""
     lines = [f"reference: {report['reference']}",
-             f"{'method':<14}{'stage':>6}{'PSNR3D dB':>11}{'SSIM3D':>9}{'reproj dB':>11}{'seconds':>9}"]  # fmt: skip
+             f"{'method':<14}{'stage':>6}{'PSNR3D dB':>11}{'SSIM3D':>9}{'reproj dB':>11}{'cross-view dB':>15}"
+             f"{'seconds':>9}"]  # fmt: skip
     for r in report["results"]:
         lines.append(f"{r['method']:<14}{r['stage']:>6}{r['psnr3d']:>11.2f}{r['ssim3d']:>9.3f}"
-                     f"{r['reprojection_psnr']:>11.2f}{r['seconds']:>9.2f}")  # fmt: skip
+                     f"{r['reprojection_psnr']:>11.2f}{r.get('cross_view_psnr', float('nan')):>15.2f}"
+                     f"{r['seconds']:>9.2f}")  # fmt: skip
     return "\n".join(lines)

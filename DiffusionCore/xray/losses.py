@@ -1,4 +1,5 @@
-"""Training losses of one cascade stage: v-loss, DRR re-projection loss, depth-prior loss, gradient loss.
+"""Training losses of one cascade stage: v-loss, DRR re-projection loss (and optionally one in the view at right
+angles to the input's), depth-prior loss, gradient loss.
 
 All volumes are in model units (HU window of ``DiffusionCore.intensity``); the DRR loss converts the
 predicted clean volume back to HU, then to attenuation at 70 keV (``drr.hu_to_mu``), projects it with the
@@ -42,6 +43,11 @@ def drr_l1(pred_unit: torch.Tensor, target_unit: torch.Tensor, spacing_mm: float
         lt = line_integrals(target_unit, spacing_mm, view)
         scale = torch.quantile(lt.flatten(1), 0.99, dim=1).clamp_min(1e-3).view(-1, 1, 1, 1)
     return ((lp - lt) / scale).abs().mean()
+
+
+def cross_view(view: str) -> str:
+    """The radiograph view at right angles to ``view`` (``pa`` <-> ``lateral``)."""
+    return "lateral" if view == "pa" else "pa"
 
 
 def _ssim2d(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
@@ -108,8 +114,8 @@ def stage_loss(
         x0: (B, 1, R, R, R) target CT cube, model units.
         xray: (B, 1, H, W) DRR input, attenuation style.
         prev: (B, 1, r, r, r) previous-stage volume (stages 2-3) or None.
-        weights: loss weights (``v_loss``, ``drr_loss``, ``depth_prior_loss``, ``perceptual_loss``,
-            ``gradient_loss``).
+        weights: loss weights (``v_loss``, ``drr_loss``, ``cross_view_drr_loss``, ``depth_prior_loss``,
+            ``perceptual_loss``, ``gradient_loss``).
         generator: RNG for t and noise (deterministic tests).
 
     Returns:
@@ -129,6 +135,8 @@ def stage_loss(
     spacing = cfg.data.fov_mm / cfg.resolution
     if weights.drr_loss > 0:
         parts["drr_loss"] = drr_l1(x0_pred, x0, spacing, cfg.data.view)
+    if weights.cross_view_drr_loss > 0:
+        parts["cross_view_drr_loss"] = drr_l1(x0_pred, x0, spacing, cross_view(cfg.data.view))
     if weights.depth_prior_loss > 0 and lifted is not None:
         parts["depth_prior_loss"] = F.l1_loss(lifted.float(), x0)
     if weights.gradient_loss > 0:

@@ -36,7 +36,7 @@ from .atlas import training_atlas
 from .cascade import StageModel, UnifiedHybridViTCascade, _crop
 from .config import XrayLossWeights, XrayStageConfig, load_stage_config, patch_alignment, tiny_stage_config
 from .data import MANIFEST, XrayCubeDataset, ct_to_cube, load_cubes
-from .losses import line_integrals, stage_loss
+from .losses import cross_view, line_integrals, stage_loss
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,8 @@ def patch_stage_loss(
     patch's own contribution to the line integrals: the part of every ray that crosses the patch's slab of
     depth. Line integrals add up along a ray, so this is exactly the change that the patch's error makes to
     the whole DRR over the rays it covers. It is normalised by the 99th percentile of the whole target's DRR
-    (not the patch's, which is near zero for a patch in air and would weight such patches up).
+    (not the patch's, which is near zero for a patch in air and would weight such patches up). The cross-view DRR
+    loss (``cross_view_drr_loss``) is computed the same way in the view at right angles to the input's.
 
     Args:
         stage: the stage.
@@ -201,17 +202,21 @@ def patch_stage_loss(
     origin = origin if origin is not None else patch_origin(cfg, generator)
     view = _PatchView(stage, origin)
     target = _crop(x0, origin, side)
-    loss, parts = stage_loss(view, target, xray, prev, replace(weights, drr_loss=0.0), generator=generator)  # type: ignore[arg-type]
-    if weights.drr_loss > 0 and view.prediction is not None:
-        spacing = cfg.data.fov_mm / cfg.resolution
-        pred = line_integrals(view.prediction.float().clamp(-1.5, 1.5), spacing, cfg.data.view)
+    loss, parts = stage_loss(view, target, xray, prev, replace(weights, drr_loss=0.0, cross_view_drr_loss=0.0),  # type: ignore[arg-type]
+                             generator=generator)
+    spacing = cfg.data.fov_mm / cfg.resolution
+    for name, weight, drr_view in (("drr_loss", weights.drr_loss, cfg.data.view),
+                                   ("cross_view_drr_loss", weights.cross_view_drr_loss, cross_view(cfg.data.view))):
+        if weight <= 0 or view.prediction is None:
+            continue
+        pred = line_integrals(view.prediction.float().clamp(-1.5, 1.5), spacing, drr_view)
         with torch.no_grad():
-            ref = line_integrals(target, spacing, cfg.data.view)
-            whole = line_integrals(x0, spacing, cfg.data.view)
+            ref = line_integrals(target, spacing, drr_view)
+            whole = line_integrals(x0, spacing, drr_view)
             scale = torch.quantile(whole.flatten(1), 0.99, dim=1).clamp_min(1e-3).view(-1, 1, 1, 1)
         drr = ((pred - ref) / scale).abs().mean()
-        loss = loss + weights.drr_loss * drr
-        parts["drr_loss"] = float(drr.detach())
+        loss = loss + weight * drr
+        parts[name] = float(drr.detach())
     return loss, parts
 
 
