@@ -188,9 +188,9 @@ def body_box(thick_hu: np.ndarray, margin: int = BODY_MARGIN) -> tuple[int, int,
 def channels_last(net: ThroughPlaneNet) -> ThroughPlaneNet:
     """A copy of ``net`` whose convolution weights are stored channels-last (NHWC).
 
-    oneDNN's CPU convolutions run this network's 32-channel 3x3 convolutions about 1.2-1.6 times faster in
-    that layout (``benchmarks/sr_speed.py``); the outputs agree with the default layout to float rounding.
-    The caller's network is left as it is.
+    oneDNN's CPU convolutions run this network's 32-channel 3x3 convolutions faster in that layout (the
+    speed benchmark, ``benchmarks/sr_speed.py``: 11-18% less time for the predictor and the adaptation at 2
+    threads); the outputs agree with the default layout to float rounding. The caller's network is left as it is.
     """
     return copy.deepcopy(net).to(memory_format=torch.channels_last)
 

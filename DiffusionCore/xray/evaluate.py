@@ -52,7 +52,7 @@ def cross_view_psnr(vol_hu: torch.Tensor, ref_hu: torch.Tensor, fov_mm: float, v
     ref = project_parallel_axis(hu_to_mu(ref_hu.float()), spacing, other)
     scale = torch.quantile(ref.flatten(), 0.995).clamp_min(1e-6)
     out = project_parallel_axis(hu_to_mu(vol_hu.float()), spacing, other)
-    mse = float((((out - ref) / scale).clamp(-1, 1) ** 2).mean())
+    mse = float((((out - ref) / scale) ** 2).mean())
     return float(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))))
 
 
