@@ -14,7 +14,8 @@ from DiffusionCore.errors import ConfigError
 from DiffusionCore.intensity import unit_to_hu
 from DiffusionCore.xray.config import load_stage_config, tiny_stage_config
 from DiffusionCore.xray.data import render_training_drr
-from DiffusionCore.xray.losses import cross_view, drr_l1, stage_loss
+from DiffusionCore.xray.drr import cross_view
+from DiffusionCore.xray.losses import drr_l1, stage_loss
 from DiffusionCore.xray.train import patch_stage_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

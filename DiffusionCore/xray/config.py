@@ -7,7 +7,7 @@ field with ``python -m DiffusionCore train xray --config-help``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..config import load_config
@@ -416,7 +416,7 @@ class XrayStageConfig:
         for name in ("atlas_blur_voxels", "atlas_zoom", "atlas_shift_voxels", "atlas_deform_voxels"):
             if not getattr(self.data, name) >= 0.0:
                 raise ConfigError(f"data.{name} must be >= 0; got {getattr(self.data, name)}")
-        for name in ("v_loss", "drr_loss", "depth_prior_loss", "perceptual_loss", "gradient_loss", "cross_view_drr_loss"):
+        for name in (f.name for f in fields(self.loss_weights)):
             if not getattr(self.loss_weights, name) >= 0.0:
                 raise ConfigError(f"loss_weights.{name} must be >= 0 (0: off); got {getattr(self.loss_weights, name)}")
         if not 0.0 <= self.data.processing <= 1.0:

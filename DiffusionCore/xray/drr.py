@@ -46,6 +46,11 @@ MU_WATER_PER_MM = 0.0193
 VIEWS = ("pa", "lateral")
 
 
+def cross_view(view: str) -> str:
+    """The radiograph view at right angles to ``view`` (``pa`` <-> ``lateral``)."""
+    return "lateral" if view == "pa" else "pa"
+
+
 @dataclass(frozen=True)
 class Attenuation:
     """HU -> linear attenuation mapping.

@@ -15,7 +15,7 @@ from ..intensity import unit_to_hu
 from .cascade import StageModel
 from .config import XrayLossWeights
 from .data import gaussian_blur
-from .drr import hu_to_mu, project_parallel_axis
+from .drr import cross_view, hu_to_mu, project_parallel_axis
 from .vdiffusion import alpha_sigma, q_sample
 
 #: Floor on sigma in the diffusion-loss weight 1 / sigma^2 (v) or alpha^2 / sigma^2 (eps): bounds the weight at
@@ -43,11 +43,6 @@ def drr_l1(pred_unit: torch.Tensor, target_unit: torch.Tensor, spacing_mm: float
         lt = line_integrals(target_unit, spacing_mm, view)
         scale = torch.quantile(lt.flatten(1), 0.99, dim=1).clamp_min(1e-3).view(-1, 1, 1, 1)
     return ((lp - lt) / scale).abs().mean()
-
-
-def cross_view(view: str) -> str:
-    """The radiograph view at right angles to ``view`` (``pa`` <-> ``lateral``)."""
-    return "lateral" if view == "pa" else "pa"
 
 
 def _ssim2d(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:

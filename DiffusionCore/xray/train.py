@@ -36,7 +36,8 @@ from .atlas import training_atlas
 from .cascade import StageModel, UnifiedHybridViTCascade, _crop
 from .config import XrayLossWeights, XrayStageConfig, load_stage_config, patch_alignment, tiny_stage_config
 from .data import MANIFEST, XrayCubeDataset, ct_to_cube, load_cubes
-from .losses import cross_view, line_integrals, stage_loss
+from .drr import cross_view
+from .losses import line_integrals, stage_loss
 
 logger = logging.getLogger(__name__)
 
