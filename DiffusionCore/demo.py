@@ -193,15 +193,27 @@ def reprojection(vol: Volume, view: str = "pa") -> np.ndarray:
 def xray_figure(radiograph: np.ndarray, rows: dict[str, Volume], path: Path, title: str, view: str = "pa") -> Path:
     """X-ray to CT picture: the input radiograph, then per volume (generated, and the reference CT where one
     exists) its re-projection beside its axial, coronal and sagittal views. Written atomically as PNG."""
+    return xray_rows_figure([(name, radiograph if r == 0 else None, vol) for r, (name, vol) in enumerate(rows.items())],
+                            path, title, (view,))  # fmt: skip
+
+
+def xray_rows_figure(rows: list[tuple[str, np.ndarray | None, Volume]], path: Path, title: str,
+                     views: tuple[str, ...] = ("pa",)) -> Path:  # fmt: skip
+    """X-ray to CT picture, one row per volume: the radiograph it came from as the model sees it (blank where
+    None), its re-projection in each of ``views`` (e.g. ``("pa", "lateral")``: the lateral one shows where
+    the volume puts things along the input's rays), and its axial, coronal and sagittal views through the
+    centre. Written atomically as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(rows), 5, figsize=(20, 4.4 * len(rows)), squeeze=False)
-    for r, (name, vol) in enumerate(rows.items()):
-        panels = [(radiograph, "input radiograph (as the model sees it)", 1.0) if r == 0 else (None, "", 1.0),
-                  (reprojection(vol, view), f"{name}: re-projection", 1.0)]
+    fig, axes = plt.subplots(len(rows), 4 + len(views), figsize=(4 * (4 + len(views)), 4.4 * len(rows)),
+                             squeeze=False)  # fmt: skip
+    for r, (name, radiograph, vol) in enumerate(rows):
+        panels = [(radiograph, "input radiograph (as the model sees it)" if r == 0 else "input", 1.0)]
+        panels += [(reprojection(vol, v), f"{name}: " + ("re-projection" if v == views[0] else f"{v} projection"),
+                    1.0) for v in views]  # fmt: skip
         panels += [(img, f"{name}: {label}", aspect)
                    for (img, aspect), label in zip(_views(vol), ("axial", "coronal", "sagittal"))]  # fmt: skip
         for c, (img, label, aspect) in enumerate(panels):
@@ -209,7 +221,7 @@ def xray_figure(radiograph: np.ndarray, rows: dict[str, Volume], path: Path, tit
             ax.axis("off")
             if img is None:
                 continue
-            is_ct = c >= 2
+            is_ct = c > len(views)
             ax.imshow(img, cmap="gray", vmin=DISPLAY_WINDOW[0] if is_ct else 0.0,
                       vmax=DISPLAY_WINDOW[1] if is_ct else 1.0, aspect=aspect, interpolation="nearest")  # fmt: skip
             ax.set_title(label, fontsize=10)

@@ -10,6 +10,11 @@ Usage::
     # mean over three noise seeds (default weights: the shipped xray-default)
     python benchmarks/xray_eval.py evaluate --reference chest-dx --weights runs/s1/xray_cascade.safetensors
 
+    # pictures (no ground truth exists for the real radiographs): per weights, the CT generated from a DRR of
+    # the reference CT, from the real PA radiograph and from the CT topogram, each with its PA and lateral
+    # re-projections and its axial, coronal and sagittal views through the centre; the reference CT on top
+    python benchmarks/xray_eval.py views views.png --weights xray-default runs/s1/xray_cascade.safetensors
+
 The DRR comparison resamples the CT to an identity-direction cube (128^3 over 350 mm, as in training), then
 renders a PA cone beam (SDD 1020 mm, SID 850 mm, 200x200 detector at 2 mm) with DiffDRR's Siddon renderer and
 with DiffusionCore's ray marcher, twice: on the same attenuation volume (projector geometry agreement) and with
@@ -179,6 +184,46 @@ def evaluate(args: argparse.Namespace) -> dict:
     return mean
 
 
+#: The inputs ``views`` turns into CTs: "drr" (a DRR of the reference CT) or sample radiographs.
+VIEW_INPUTS = ("drr", "cxr-pa", "ct-topogram")
+
+
+def views(args: argparse.Namespace) -> dict:
+    """Draw the ``views`` picture (see the module docstring) and return what it shows, row by row: the
+    re-projection agreement with each input (``projection_psnr`` / ``projection_ncc``, as ``xray2ct``
+    reports them) and the weights' sha256."""
+    from DiffusionCore.demo import xray_rows_figure
+    from DiffusionCore.sampledata import fetch
+    from DiffusionCore.xray.data import render_training_drr
+    from DiffusionCore.xray.pipeline import XrayToCTGenerator
+
+    torch.set_num_threads(args.threads)
+    gens = [XrayToCTGenerator.from_pretrained(w, allow_unregistered=True) if w else XrayToCTGenerator.default()
+            for w in args.weights]  # fmt: skip
+    cfg = gens[0].cascade.configs[0]
+    cube = ct_to_cube(load_reference(args.reference), cfg.resolution, cfg.data.fov_mm)
+    drr = render_training_drr(torch.from_numpy(cube.array)[None, None], cfg.data.fov_mm, cfg.xray_resolution,
+                              cfg.data.view)[0, 0].numpy()  # fmt: skip
+    rows = [(f"{args.reference} (reference)", drr, cube)]
+    report = {"reference": str(args.reference), "seed": args.seed, "lifting_start_t": args.lifting_start, "rows": []}
+    for weights, gen in zip(args.weights, gens):
+        label = Path(weights).parent.name if weights and weights.endswith(".safetensors") else weights or "default"
+        for source in args.inputs:
+            image, fov = (drr, cfg.data.fov_mm) if source == "drr" else (str(fetch(source)), None)
+            vol, rep = gen.run(image, num_stages=args.num_stages, seed=args.seed, device=args.device, fov_mm=fov,
+                               lifting_start_t=args.lifting_start)  # fmt: skip
+            seen = gen.prepare_input(image, fov)[0][0, 0].numpy()
+            rows.append((f"{label}, {args.reference if source == 'drr' else source}", seen, vol))
+            last = rep["stages"][-1]
+            report["rows"].append({"weights": weights or "default", "weights_sha256": gen.weights_sha256,
+                                   "input": source, "projection_psnr": last["projection_psnr"],
+                                   "projection_ncc": last["projection_ncc"]})  # fmt: skip
+    xray_rows_figure(rows, Path(args.figure), f"X-ray to CT: {', '.join(str(w or 'default') for w in args.weights)}"
+                     f" (seed {args.seed}); no ground truth exists for the real radiographs", ("pa", "lateral"))  # fmt: skip
+    print(f"picture: {args.figure}")
+    return report
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -209,11 +254,22 @@ def main() -> None:
                    help="like --processed with this look (xray.data.clinical_look: unsharp-mask gain, its sigma in "
                         "pixels of 128^2, share of the broad contrast removed; e.g. 1.5 3 1.0 for an equalised "
                         "radiograph whose lateral chest walls are as bright as its midline)")
-    for q in (d, e):
+    v = sub.add_parser("views", help="pictures with PA and lateral re-projections for given weights")
+    v.add_argument("figure", help="PNG to write")
+    v.add_argument("--weights", nargs="+", default=[None],
+                   help="weights names or files, a block of rows each (default: the shipped default)")
+    v.add_argument("--reference", default="chest-dx", help="the CT on top, whose DRR is the 'drr' input")
+    v.add_argument("--inputs", nargs="+", default=list(VIEW_INPUTS), choices=VIEW_INPUTS)
+    v.add_argument("--num-stages", type=int, default=1)
+    v.add_argument("--lifting-start", type=float, default=None,
+                   help="stage 1's start time from the lifting-only volume (1: from noise; default: weights')")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default="cpu")
+    for q in (d, e, v):
         q.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
         q.add_argument("--json", default=None)
     args = p.parse_args()
-    result = drr_agreement(args) if args.what == "drr" else evaluate(args)
+    result = {"drr": drr_agreement, "evaluate": evaluate, "views": views}[args.what](args)
     if args.what == "drr":
         print(json.dumps(result, indent=2, default=str))
     if args.json:
