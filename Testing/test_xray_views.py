@@ -24,11 +24,13 @@ def test_views_draws_a_row_per_weights_and_input_with_the_lateral_projection(tmp
         weights.append(path)
     picture, report = tmp_path / "views.png", tmp_path / "views.json"
     run = subprocess.run([sys.executable, str(SCRIPT), "views", str(picture), "--weights", *map(str, weights),
-                          "--reference", str(ct_file), "--inputs", "drr", "--threads", "1", "--json", str(report)],
+                          "--reference", str(ct_file), "--inputs", "drr", "--num-samples", "1", "--threads", "1", "--json", str(report)],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
 
-    rows = json.loads(report.read_text())["rows"]
+    written = json.loads(report.read_text())
+    assert written["num_samples"] == 1
+    rows = written["rows"]
     assert [(Path(r["weights"]).parent.name, r["input"]) for r in rows] == [("tiny0", "drr"), ("tiny1", "drr")]
     assert [r["weights_sha256"] for r in rows] == [hashlib.sha256(w.read_bytes()).hexdigest() for w in weights]
     assert all(0.0 < r["projection_ncc"] <= 1.0 and r["projection_psnr"] > 0 for r in rows)

@@ -205,13 +205,14 @@ def views(args: argparse.Namespace) -> dict:
     drr = render_training_drr(torch.from_numpy(cube.array)[None, None], cfg.data.fov_mm, cfg.xray_resolution,
                               cfg.data.view)[0, 0].numpy()  # fmt: skip
     rows = [(f"{args.reference} (reference)", drr, cube)]
-    report = {"reference": str(args.reference), "seed": args.seed, "lifting_start_t": args.lifting_start, "rows": []}
+    report = {"reference": str(args.reference), "seed": args.seed, "lifting_start_t": args.lifting_start,
+              "num_samples": args.num_samples, "rows": []}  # fmt: skip
     for weights, gen in zip(args.weights, gens):
         label = Path(weights).parent.name if weights and weights.endswith(".safetensors") else weights or "default"
         for source in args.inputs:
             image, fov = (drr, cfg.data.fov_mm) if source == "drr" else (str(fetch(source)), None)
             vol, rep = gen.run(image, num_stages=args.num_stages, seed=args.seed, device=args.device, fov_mm=fov,
-                               lifting_start_t=args.lifting_start)  # fmt: skip
+                               lifting_start_t=args.lifting_start, num_samples=args.num_samples)  # fmt: skip
             seen = gen.prepare_input(image, fov)[0][0, 0].numpy()
             rows.append((f"{label}, {args.reference if source == 'drr' else source}", seen, vol))
             last = rep["stages"][-1]
@@ -263,6 +264,7 @@ def main() -> None:
     v.add_argument("--num-stages", type=int, default=1)
     v.add_argument("--lifting-start", type=float, default=None,
                    help="stage 1's start time from the lifting-only volume (1: from noise; default: weights')")
+    v.add_argument("--num-samples", type=int, default=None, help="samples averaged per stage (default: weights')")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="cpu")
     for q in (d, e, v):

@@ -218,6 +218,12 @@ class XrayLossWeights:
                           "radiograph), rendered from the training CT: it scores where the volume puts things in "
                           "depth (the spine behind the heart), which the input view cannot show. 0: off."},
     )
+    bone_loss: float = field(
+        default=0.0,
+        metadata={"help": "Weight of an L1 loss over the voxels the training CT holds as bone (above losses.BONE_HU): "
+                          "spine and ribs are a few percent of the cube, so the losses averaged over every voxel "
+                          "barely notice them smoothed away. 0: off."},
+    )
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Training losses of one cascade stage: v-loss, DRR re-projection loss (and optionally one in the view at right
-angles to the input's), depth-prior loss, gradient loss.
+angles to the input's), depth-prior loss, gradient loss, and optionally an L1 loss over the target's bone.
 
 All volumes are in model units (HU window of ``DiffusionCore.intensity``); the DRR loss converts the
 predicted clean volume back to HU, then to attenuation at 70 keV (``drr.hu_to_mu``), projects it with the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..intensity import unit_to_hu
+from ..intensity import hu_to_unit, unit_to_hu
 from .cascade import StageModel
 from .config import XrayLossWeights
 from .data import gaussian_blur
@@ -21,6 +21,10 @@ from .vdiffusion import alpha_sigma, q_sample
 #: Floor on sigma in the diffusion-loss weight 1 / sigma^2 (v) or alpha^2 / sigma^2 (eps): bounds the weight at
 #: small t, where the implied v / eps error is irreducible per-voxel noise that does not affect x0.
 SIGMA_FLOOR = 0.3
+
+#: HU above which a training CT's voxel counts as bone for the bone loss (cortical and trabecular bone of spine and
+#: ribs; contrast-filled vessels above it count too).
+BONE_HU = 200.0
 
 
 def gradient_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -43,6 +47,13 @@ def drr_l1(pred_unit: torch.Tensor, target_unit: torch.Tensor, spacing_mm: float
         lt = line_integrals(target_unit, spacing_mm, view)
         scale = torch.quantile(lt.flatten(1), 0.99, dim=1).clamp_min(1e-3).view(-1, 1, 1, 1)
     return ((lp - lt) / scale).abs().mean()
+
+
+def bone_l1(pred: torch.Tensor, target: torch.Tensor, bone_hu: float = BONE_HU) -> torch.Tensor:
+    """Mean absolute error (model units) over the voxels where ``target`` (B, 1, D, H, W) is above ``bone_hu``;
+    0 where a cube (or patch) holds no bone."""
+    mask = (target > float(hu_to_unit(bone_hu))).to(pred.dtype)
+    return ((pred - target).abs() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def _ssim2d(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
@@ -110,7 +121,7 @@ def stage_loss(
         xray: (B, 1, H, W) DRR input, attenuation style.
         prev: (B, 1, r, r, r) previous-stage volume (stages 2-3) or None.
         weights: loss weights (``v_loss``, ``drr_loss``, ``cross_view_drr_loss``, ``depth_prior_loss``,
-            ``perceptual_loss``, ``gradient_loss``).
+            ``perceptual_loss``, ``gradient_loss``, ``bone_loss``).
         generator: RNG for t and noise (deterministic tests).
 
     Returns:
@@ -138,5 +149,7 @@ def stage_loss(
         parts["gradient_loss"] = gradient_l1(x0_pred, x0)
     if weights.perceptual_loss > 0:
         parts["perceptual_loss"] = structural_loss(x0_pred, x0)
+    if weights.bone_loss > 0:
+        parts["bone_loss"] = bone_l1(x0_pred, x0)
     total = sum(getattr(weights, k) * v for k, v in parts.items())
     return total, {k: float(v.detach()) for k, v in parts.items()}
