@@ -84,6 +84,30 @@ def assert_tiled_sampling_matches(stage, xray, min_std: float) -> None:
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
 
 
+def assert_optional_loss_term(stage, x0: torch.Tensor, xray: torch.Tensor, term: str, weight: float = 0.5) -> None:
+    """An optional loss weight ``term`` of ``stage``'s loss weights (0 in ``stage.cfg``): at 0 ``stage_loss`` leaves the
+    term out; at ``weight`` it reports it and the total grows by exactly ``weight`` times it; and with every other
+    weight at 0 its gradient alone reaches the network."""
+    from dataclasses import fields, replace
+
+    from DiffusionCore.xray.losses import stage_loss
+
+    assert getattr(stage.cfg.loss_weights, term) == 0.0
+    with torch.no_grad():
+        off, parts_off = stage_loss(stage, x0, xray, None, stage.cfg.loss_weights,
+                                    generator=torch.Generator().manual_seed(4))  # fmt: skip
+        weights = replace(stage.cfg.loss_weights, **{term: weight})
+        on, parts_on = stage_loss(stage, x0, xray, None, weights, generator=torch.Generator().manual_seed(4))
+    assert term not in parts_off and parts_on[term] > 0
+    assert float(on - off) == pytest.approx(weight * parts_on[term], rel=1e-4)
+    alone = replace(weights, **{f.name: 0.0 for f in fields(weights) if f.name != term})
+    stage.zero_grad()
+    loss, parts = stage_loss(stage, x0, xray, None, alone, generator=torch.Generator().manual_seed(4))
+    assert set(parts) == {"v_loss", term}  # the diffusion loss is always reported, weighted 0 here
+    loss.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in stage.parameters())
+
+
 def recipe_changes(recipe: dict, parent: dict, prefix: str = "") -> dict[str, tuple]:
     """``{"section.key": (parent's value, recipe's value)}`` for every leaf where a recipe (a config as a nested dict)
     differs from the one it was derived from; a key one of them lacks counts as None there."""

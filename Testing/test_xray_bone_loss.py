@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import recipe_changes, tiny_xray_stage
+from conftest import assert_optional_loss_term, recipe_changes, tiny_xray_stage
 
 from DiffusionCore.intensity import hu_to_unit, unit_to_hu
 from DiffusionCore.xray.config import load_stage_config
 from DiffusionCore.xray.data import render_training_drr
-from DiffusionCore.xray.losses import BONE_HU, bone_l1, gradient_l1, stage_loss
+from DiffusionCore.xray.losses import BONE_HU, bone_l1, gradient_l1
 from DiffusionCore.xray.train import patch_stage_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,21 +58,7 @@ def _stage_with(bone: float, stage: int = 1, resolution: int = 16, **model):
 
 def test_stage_loss_adds_the_bone_term_with_its_weight_and_only_when_asked():
     x0 = torch.cat([_chest()[0], _chest()[0].flip(-1)])
-    xray = render_training_drr(unit_to_hu(x0), 350.0, 32)
-    stage = _stage_with(0.0)
-    with torch.no_grad():
-        off, parts_off = stage_loss(stage, x0, xray, None, stage.cfg.loss_weights,
-                                    generator=torch.Generator().manual_seed(4))  # fmt: skip
-        weights = replace(stage.cfg.loss_weights, bone_loss=0.5)
-        on, parts_on = stage_loss(stage, x0, xray, None, weights, generator=torch.Generator().manual_seed(4))
-    assert "bone_loss" not in parts_off and parts_on["bone_loss"] > 0
-    assert float(on - off) == pytest.approx(0.5 * parts_on["bone_loss"], rel=1e-4)
-    stage.zero_grad()  # the gradient reaches the network through it alone
-    loss, _ = stage_loss(stage, x0, xray, None, replace(weights, v_loss=0.0, drr_loss=0.0, depth_prior_loss=0.0,
-                                                        gradient_loss=0.0),  # fmt: skip
-                         generator=torch.Generator().manual_seed(4))
-    loss.backward()
-    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in stage.parameters())
+    assert_optional_loss_term(_stage_with(0.0), x0, render_training_drr(unit_to_hu(x0), 350.0, 32), "bone_loss")
 
 
 def test_a_patch_step_scores_the_bone_inside_the_patch():

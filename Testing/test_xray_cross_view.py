@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import body_phantom_cubes, recipe_changes, tiny_xray_stage
+from conftest import assert_optional_loss_term, body_phantom_cubes, recipe_changes, tiny_xray_stage
 
 from DiffusionCore.errors import ConfigError
 from DiffusionCore.intensity import unit_to_hu
@@ -61,22 +61,7 @@ def _stage_with(cross: float, stage: int = 1, resolution: int = 16, **model):
 def test_stage_loss_adds_the_cross_view_term_with_its_weight_and_only_when_asked():
     x0 = body_phantom_cubes(2, 16)
     xray = render_training_drr(unit_to_hu(x0), 350.0, 32)
-    stage = _stage_with(0.0)
-    with torch.no_grad():
-        off, parts_off = stage_loss(stage, x0, xray, None, stage.cfg.loss_weights,
-                                    generator=torch.Generator().manual_seed(4))  # fmt: skip
-        weights = replace(stage.cfg.loss_weights, cross_view_drr_loss=0.5)
-        on, parts_on = stage_loss(stage, x0, xray, None, weights, generator=torch.Generator().manual_seed(4))
-    assert "cross_view_drr_loss" not in parts_off
-    assert parts_on["cross_view_drr_loss"] > 0
-    assert float(on - off) == pytest.approx(0.5 * parts_on["cross_view_drr_loss"], rel=1e-4)
-    # the gradient reaches the network through it
-    stage.zero_grad()
-    loss, _ = stage_loss(stage, x0, xray, None, replace(weights, v_loss=0.0, drr_loss=0.0, depth_prior_loss=0.0,
-                                                        gradient_loss=0.0),  # fmt: skip
-                         generator=torch.Generator().manual_seed(4))
-    loss.backward()
-    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in stage.parameters())
+    assert_optional_loss_term(_stage_with(0.0), x0, xray, "cross_view_drr_loss")
 
 
 def test_a_patch_step_scores_the_patch_in_the_cross_view_as_in_the_input_view():
