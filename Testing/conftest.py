@@ -53,17 +53,18 @@ def body_phantom_cubes(n: int, r: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(np.stack(vols), dtype=torch.float32)[:, None]
 
 
-def tiny_xray_stage(stage: int, resolution: int, refine: int = 0, perturb: bool = True, **model):
-    """A tiny X-ray stage in eval mode (``tiny_stage_config`` with ``model`` settings); with ``perturb`` every
-    weight is nudged by a seeded random amount, so that no zero-initialised layer is left and every path carries
-    a real signal."""
+def tiny_xray_stage(stage: int, resolution: int, refine: int = 0, perturb: bool = True,
+                    loss_weights: dict | None = None, **model):  # fmt: skip
+    """A tiny X-ray stage in eval mode (``tiny_stage_config`` with ``model`` settings and ``loss_weights`` changed);
+    with ``perturb`` every weight is nudged by a seeded random amount, so that no zero-initialised layer is left and
+    every path carries a real signal."""
     from dataclasses import replace
 
     from DiffusionCore.xray.cascade import StageModel
     from DiffusionCore.xray.config import tiny_stage_config
 
     cfg = tiny_stage_config(stage, resolution, refine_channels=refine)
-    cfg = replace(cfg, model=replace(cfg.model, **model))
+    cfg = replace(cfg, model=replace(cfg.model, **model), loss_weights=replace(cfg.loss_weights, **(loss_weights or {})))
     torch.manual_seed(0)
     st = StageModel(cfg).eval()
     if perturb:

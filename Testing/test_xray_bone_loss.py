@@ -3,7 +3,7 @@ away pays for it, however few voxels the spine is."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -50,19 +50,13 @@ def test_the_bone_loss_counts_the_bone_alone_whatever_its_share_of_the_cube():
     assert float(gradient_l1(smoothed, truth)) > 0  # (the gradient loss does see edges, but over every voxel)
 
 
-def _stage_with(bone: float, stage: int = 1, resolution: int = 16, **model):
-    s = tiny_xray_stage(stage, resolution, 4, **model)
-    s.cfg = replace(s.cfg, loss_weights=replace(s.cfg.loss_weights, bone_loss=bone))
-    return s
-
-
 def test_stage_loss_adds_the_bone_term_with_its_weight_and_only_when_asked():
     x0 = torch.cat([_chest()[0], _chest()[0].flip(-1)])
-    assert_optional_loss_term(_stage_with(0.0), x0, render_training_drr(unit_to_hu(x0), 350.0, 32), "bone_loss")
+    assert_optional_loss_term(tiny_xray_stage(1, 16, 4), x0, render_training_drr(unit_to_hu(x0), 350.0, 32), "bone_loss")
 
 
 def test_a_patch_step_scores_the_bone_inside_the_patch():
-    stage = _stage_with(0.5, stage=2, resolution=32, train_patch=16)
+    stage = tiny_xray_stage(2, 32, 4, loss_weights={"bone_loss": 0.5}, train_patch=16)
     x0 = _chest(32)[0]
     xray = render_training_drr(unit_to_hu(x0), 350.0, 32)
     prev = torch.nn.functional.avg_pool3d(x0, 2)

@@ -52,20 +52,14 @@ def test_the_cross_view_loss_sees_a_spine_put_at_the_wrong_depth_where_the_input
     assert parts["drr_loss"] < 1e-6 and parts["cross_view_drr_loss"] > 0.01
 
 
-def _stage_with(cross: float, stage: int = 1, resolution: int = 16, **model):
-    s = tiny_xray_stage(stage, resolution, 4, **model)
-    s.cfg = replace(s.cfg, loss_weights=replace(s.cfg.loss_weights, cross_view_drr_loss=cross))
-    return s
-
-
 def test_stage_loss_adds_the_cross_view_term_with_its_weight_and_only_when_asked():
     x0 = body_phantom_cubes(2, 16)
     xray = render_training_drr(unit_to_hu(x0), 350.0, 32)
-    assert_optional_loss_term(_stage_with(0.0), x0, xray, "cross_view_drr_loss")
+    assert_optional_loss_term(tiny_xray_stage(1, 16, 4), x0, xray, "cross_view_drr_loss")
 
 
 def test_a_patch_step_scores_the_patch_in_the_cross_view_as_in_the_input_view():
-    stage = _stage_with(0.5, stage=2, resolution=32, train_patch=16)
+    stage = tiny_xray_stage(2, 32, 4, loss_weights={"cross_view_drr_loss": 0.5}, train_patch=16)
     x0 = body_phantom_cubes(1, 32)
     xray = render_training_drr(unit_to_hu(x0), 350.0, 32)
     prev = torch.nn.functional.avg_pool3d(x0, 2)

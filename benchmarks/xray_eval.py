@@ -196,6 +196,7 @@ def views(args: argparse.Namespace) -> dict:
     from DiffusionCore.sampledata import fetch
     from DiffusionCore.xray.data import render_training_drr
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
+    from DiffusionCore.xray.radiograph import read_radiograph
 
     torch.set_num_threads(args.threads)
     gens = [XrayToCTGenerator.from_pretrained(w, allow_unregistered=True) if w else XrayToCTGenerator.default()
@@ -210,7 +211,7 @@ def views(args: argparse.Namespace) -> dict:
     for weights, gen in zip(args.weights, gens):
         label = Path(weights).parent.name if weights and weights.endswith(".safetensors") else weights or "default"
         for source in args.inputs:
-            image, fov = (drr, cfg.data.fov_mm) if source == "drr" else (str(fetch(source)), None)
+            image, fov = (drr, cfg.data.fov_mm) if source == "drr" else (read_radiograph(fetch(source)), None)
             vol, rep = gen.run(image, num_stages=args.num_stages, seed=args.seed, device=args.device, fov_mm=fov,
                                lifting_start_t=args.lifting_start, num_samples=args.num_samples)  # fmt: skip
             seen = gen.prepare_input(image, fov)[0][0, 0].numpy()
