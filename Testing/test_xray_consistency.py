@@ -60,7 +60,7 @@ def test_xray2ct_applies_it_by_default_and_reports_it():
     assert report["settings"]["consistency"] is True and raw_report["settings"]["consistency"] is False
     for with_, without in zip(report["stages"], raw_report["stages"]):
         assert with_["projection_psnr"] > without["projection_psnr"]
-        assert set(with_["consistency"]) == {"rays_corrected", "mean_abs_log_ratio"}
+        assert set(with_["consistency"]) == {"rays_corrected", "rays_emptied", "mean_abs_log_ratio"}
         assert without["consistency"] is None
     assert not np.array_equal(vol.array, raw.array)
 
@@ -71,9 +71,12 @@ def test_tissue_on_rays_the_radiograph_shows_as_air_is_removed():
     guess = truth.copy()
     guess[:, 10:20, 0:2] = 40.0  # soft tissue outside the body, on rays that cross only air
     g = hu_to_unit(torch.from_numpy(guess))[None, None]
-    out, _ = drr_consistency(g, xray, FOV, "pa")
+    out, stats = drr_consistency(g, xray, FOV, "pa")
     assert float(unit_to_hu(out)[0, 0, :, 10:20, 0:2].max()) < -990
     assert projection_error(out, xray, FOV, "pa")["projection_psnr"] > 40
+    # the report counts the emptied rays and keeps a finite mean factor (a report's JSON holds no infinities)
+    assert 0 < stats["rays_emptied"] <= stats["rays_corrected"]
+    assert np.isfinite(stats["mean_abs_log_ratio"])
 
 
 def test_a_thick_slice_ct_is_resampled_to_every_stage_cube(make_phantom):

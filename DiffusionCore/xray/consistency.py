@@ -66,7 +66,8 @@ def drr_consistency(
 
     Returns:
         (corrected volume (B, 1, R, R, R) in model units, ``{"rays_corrected": fraction of detector pixels
-        changed, "mean_abs_log_ratio": mean |log factor| over them}``).
+        changed, "rays_emptied": fraction of detector pixels whose rays were emptied (the radiograph shows air
+        there), "mean_abs_log_ratio": mean |log factor| over the changed rays that were scaled, not emptied}``).
     """
     s = settings or ConsistencySettings()
     r = vol_unit.shape[-1]
@@ -101,9 +102,13 @@ def drr_consistency(
     mu_new = mu * factor
     hu_new = torch.where(mu > 0, 1000.0 * (mu_new / MU_WATER_PER_MM - 1.0), hu)
     changed = usable & ((ratio - 1).abs() > 1e-6)
-    n = int(changed.sum())
+    # rays emptied outright (factor 0: the radiograph shows air there) have no finite log factor: they are
+    # counted on their own, and the mean |log factor| is over the rays that were scaled
+    emptied = changed & (ratio <= 0)
+    scaled = changed & ~emptied
     stats = {
         "rays_corrected": float(changed.float().mean()),
-        "mean_abs_log_ratio": float(ratio[changed].log().abs().mean()) if n else 0.0,
+        "rays_emptied": float(emptied.float().mean()),
+        "mean_abs_log_ratio": float(ratio[scaled].log().abs().mean()) if bool(scaled.any()) else 0.0,
     }
     return hu_to_unit(hu_new).to(vol_unit.dtype), stats
