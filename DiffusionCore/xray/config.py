@@ -279,20 +279,20 @@ class XrayDataConfig:
     )
     atlas_blur_voxels: float = field(
         default=2.0,
-        metadata={"help": "model.atlas_prior: Gaussian blur (voxels of the stage's grid) of the atlas, in training "
+        metadata={"help": "model.atlas_prior (and data.prev_from_atlas): Gaussian blur (voxels of the stage's grid) of the atlas, in training "
                   "and in the weights' mean-CT atlas."},
     )
     atlas_zoom: float = field(
         default=0.08,
-        metadata={"help": "model.atlas_prior, training: per-axis log-zoom range of the sample's own CT made into "
+        metadata={"help": "model.atlas_prior (and data.prev_from_atlas), training: per-axis log-zoom range of the sample's own CT made into "
                   "its atlas (another patient's size)."},
     )
     atlas_shift_voxels: float = field(
-        default=2.0, metadata={"help": "model.atlas_prior, training: largest shift of the atlas, voxels."}
+        default=2.0, metadata={"help": "model.atlas_prior (and data.prev_from_atlas), training: largest shift of the atlas, voxels."}
     )
     atlas_deform_voxels: float = field(
         default=1.5,
-        metadata={"help": "model.atlas_prior, training: standard deviation of the atlas's smooth deformation "
+        metadata={"help": "model.atlas_prior (and data.prev_from_atlas), training: standard deviation of the atlas's smooth deformation "
                   "(another patient's shape), voxels."},
     )
     prev_noise: float = field(
@@ -303,7 +303,18 @@ class XrayDataConfig:
         metadata={
             "help": "Share of training samples of stages 2-3 whose previous-stage volume is that stage's own "
             "one-pass estimate from the DRR (with the re-projection consistency step), as at generation; "
-            "the others get the ground truth at the previous resolution. Both get prev_noise."
+            "the others get the ground truth at the previous resolution (or, for data.prev_from_atlas, its "
+            "misregistered copy). All get prev_noise."
+        },
+    )
+    prev_from_atlas: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of training samples of stages 2-3 whose previous-stage volume is their own CT at the "
+            "previous resolution made into another patient's (data.atlas_blur_voxels, atlas_zoom, "
+            "atlas_shift_voxels, atlas_deform_voxels, in voxels of the previous stage's grid) and then given the "
+            "re-projection consistency step: a previous stage as wrong as on a CT it never saw, where its own "
+            "estimate on a training CT is far closer to the truth. Off (0) by default."
         },
     )
 
@@ -404,6 +415,14 @@ class XrayStageConfig:
             )
         if not 0.0 <= self.data.prev_from_model <= 1.0:
             raise ConfigError(f"data.prev_from_model must be in [0, 1] (a share of samples); got {self.data.prev_from_model}")
+        if not 0.0 <= self.data.prev_from_atlas <= 1.0 - self.data.prev_from_model:
+            raise ConfigError(
+                f"data.prev_from_atlas must be in [0, 1 - data.prev_from_model] (a share of samples); got "
+                f"{self.data.prev_from_atlas} with prev_from_model {self.data.prev_from_model}"
+            )
+        if self.data.prev_from_atlas and self.stage == 1:
+            raise ConfigError("data.prev_from_atlas is for stages 2-3 (stage 1 has no previous stage); stage 1 has "
+                              f"{self.data.prev_from_atlas}")  # fmt: skip
         if m.lifting_mean_prior and self.stage != 1:
             raise ConfigError(f"model.lifting_mean_prior is for stage 1 (the mean CT is at its grid); stage {self.stage} has it")
         if m.lifting_mean_prior and not m.lifting_profile:

@@ -261,16 +261,28 @@ def previous_stage_volume(
 ) -> torch.Tensor:
     """What stage ``s`` (2-3) is conditioned on in training: per sample, with probability ``data.prev_from_model``,
     the earlier stages' own one-pass estimate from this DRR followed by the re-projection consistency step (what
-    generation hands it, in kind), else the ground truth at the previous resolution; plus ``prev_noise``."""
+    generation hands it, in kind); with probability ``data.prev_from_atlas``, the ground truth at the previous
+    resolution made into another patient's (:func:`~DiffusionCore.xray.atlas.training_atlas` with the stage's
+    ``data.atlas_*``) followed by the consistency step (a previous stage as wrong as on a CT it never saw); else
+    the ground truth at the previous resolution. All plus ``prev_noise``."""
+    from .consistency import drr_consistency
+
     truth = vols[cascade.configs[s - 2].resolution]
-    share = float(cascade.configs[s - 1].data.prev_from_model)
+    d = cascade.configs[s - 1].data
+    share, atlas_share = float(d.prev_from_model), float(d.prev_from_atlas)
     prev = truth
-    if share > 0:
-        pick = torch.rand(truth.shape[0], device=truth.device) < share
-        if bool(pick.any()):
+    if share > 0 or atlas_share > 0:
+        u = torch.rand(truth.shape[0], device=truth.device)
+        pick, misregister = u < share, (u >= share) & (u < share + atlas_share)
+        if bool(pick.any()) or bool(misregister.any()):
             prev = truth.clone()
+        if bool(pick.any()):
             first = vols[cascade.configs[0].resolution][pick]
             prev[pick] = earlier_stages_estimate(cascade, s - 1, xray[pick], first).to(truth.dtype)
+        if bool(misregister.any()):
+            moved = training_atlas(truth[misregister].float(), d.atlas_blur_voxels, d.atlas_zoom,
+                                   d.atlas_shift_voxels, d.atlas_deform_voxels)  # fmt: skip
+            prev[misregister] = drr_consistency(moved, xray[misregister], d.fov_mm, d.view)[0].to(truth.dtype)
     return (prev + prev_noise * torch.randn_like(prev)).clamp(-1, 1)
 
 
