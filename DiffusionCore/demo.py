@@ -175,8 +175,9 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
             _xray_part(output_dir, ref, xname, device, steps, timings, summary)
 
     print("\ntimings:")
+    width = max((len(k) for k in timings), default=0)
     for k, v in timings.items():
-        print(f"  {k:<40} {v:8.1f} s")
+        print(f"  {k:<{width}} {v:8.1f} s")
     return summary
 
 

@@ -41,6 +41,10 @@ def test_demo_without_weights_writes_picture_table_and_says_what_is_missing(loca
     assert methods == ["nearest", "linear", "cubic"]
     assert summary["notes"] and "timings" in summary
     assert (out / "chest-dx_cubic_x4.nii.gz").exists()
+    # the timings are a table: every stage's seconds in one column, however long its name
+    rows = printed.split("\ntimings:\n", 1)[1].splitlines()
+    rows = [r for r in rows if r.endswith(" s")]
+    assert len(rows) >= 3 and len({len(r) for r in rows}) == 1
 
 
 def test_demo_uses_registered_sr_weights(local_samples, cache_home, tmp_path, capsys, no_bundled_weights):
