@@ -62,12 +62,21 @@ def _views(vol: Volume, centre: tuple[int, int, int] | None = None) -> list[tupl
     return [(a[cz], sy / sx), (a[::-1, cy, :], sz / sx), (a[::-1, :, cx], sz / sy)]
 
 
+def _lay_out(fig, title: str) -> None:
+    """Put ``title`` at the top of ``fig`` and lay the panels out below it (``tight_layout`` alone leaves no room
+    for a figure title, which then runs over the top row's panel titles)."""
+    top = 0.995
+    text = fig.suptitle(title, fontsize=12, y=top, va="top")
+    fig.canvas.draw()
+    height = text.get_window_extent().height / fig.bbox.height
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, top - height - 0.005))
+
+
 def _save_figure(fig, path: Path, title: str, dpi: int) -> Path:
     """Title, lay out and write a matplotlib figure as PNG atomically, then close it."""
     import matplotlib.pyplot as plt
 
-    fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
+    _lay_out(fig, title)
     tmp = path.with_name(f".{path.name}.partial.png")
     fig.savefig(tmp, dpi=dpi)
     plt.close(fig)

@@ -59,3 +59,23 @@ def test_demo_uses_registered_sr_weights(local_samples, cache_home, tmp_path, ca
     assert np.isfinite(sr["psnr"]) and sr["seconds"] > 0
     assert (out / "chest-dx_sr_x4.nii.gz").exists()
     assert summary["sr_report"]["weights_sha256"]
+
+
+def test_a_figure_title_keeps_clear_of_the_panel_titles():
+    """The pictures' overall title sits above the top row's panel titles, not over them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 6, figsize=(24, 17.6))  # the layout of `xray_eval.py views`: 4 rows of 6 panels
+    for ax in axes.flat:
+        ax.imshow(np.zeros((8, 8)))
+        ax.axis("off")
+        ax.set_title("generated (synthetic): re-projection", fontsize=10)
+    demo._lay_out(fig, "X-ray to CT from a DRR of chest-dx (seed 0); no ground truth exists for the real radiographs")
+    fig.canvas.draw()
+    title = fig._suptitle.get_window_extent()
+    panel_tops = [ax.title.get_window_extent().y1 for ax in axes[0]]
+    plt.close(fig)
+    assert title.y1 <= fig.bbox.height and title.y0 >= max(panel_tops)
