@@ -63,13 +63,11 @@ def _views(vol: Volume, centre: tuple[int, int, int] | None = None) -> list[tupl
 
 
 def _lay_out(fig, title: str) -> None:
-    """Put ``title`` at the top of ``fig`` and lay the panels out below it (``tight_layout`` alone leaves no room
-    for a figure title, which then runs over the top row's panel titles)."""
-    top = 0.995
-    text = fig.suptitle(title, fontsize=12, y=top, va="top")
-    fig.canvas.draw()
-    height = text.get_window_extent().height / fig.bbox.height
-    fig.tight_layout(rect=(0.0, 0.0, 1.0, top - height - 0.005))
+    """Put ``title`` at the top of ``fig`` and lay the panels out below it, each row clear of the titles of the
+    next: matplotlib's constrained layout, which (unlike ``tight_layout``) keeps room for a figure title; with
+    ``tight_layout`` it ran over the top row's panel titles."""
+    fig.suptitle(title, fontsize=12)
+    fig.set_layout_engine("constrained")
 
 
 def _save_figure(fig, path: Path, title: str, dpi: int) -> Path:
