@@ -62,12 +62,13 @@ def _views(vol: Volume, centre: tuple[int, int, int] | None = None) -> list[tupl
     return [(a[cz], sy / sx), (a[::-1, cy, :], sz / sx), (a[::-1, :, cx], sz / sy)]
 
 
-def _lay_out(fig, title: str) -> None:
+def _lay_out(fig, title: str):
     """Put ``title`` at the top of ``fig`` and lay the panels out below it, each row clear of the titles of the
     next: matplotlib's constrained layout, which (unlike ``tight_layout``) keeps room for a figure title; with
-    ``tight_layout`` it ran over the top row's panel titles."""
-    fig.suptitle(title, fontsize=12)
+    ``tight_layout`` it ran over the top row's panel titles. Returns the title's text artist."""
+    text = fig.suptitle(title, fontsize=12)
     fig.set_layout_engine("constrained")
+    return text
 
 
 def _save_figure(fig, path: Path, title: str, dpi: int) -> Path:

@@ -78,9 +78,9 @@ def test_a_figure_title_keeps_clear_of_the_panel_titles(rows, cols, blank):
         axes[r][c].set_title("generated (synthetic): re-projection", fontsize=10)
     for ax in axes.flat:
         ax.axis("off")
-    demo._lay_out(fig, "X-ray to CT from a DRR of chest-dx (seed 0); no ground truth exists for the real radiographs")
+    text = demo._lay_out(fig, "X-ray to CT from a DRR of chest-dx (seed 0); no ground truth exists for the real radiographs")
     fig.canvas.draw()
-    title = fig._suptitle.get_window_extent()
+    title = text.get_window_extent()
     panel_tops = [axes[0][c].title.get_window_extent().y1 for c in range(cols)]
     clear = [axes[r][c].title.get_window_extent().y1
              <= min(axes[r - 1][j].get_window_extent().y0 for j in range(cols) if (r - 1, j) in shown)

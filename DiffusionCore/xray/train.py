@@ -35,6 +35,7 @@ from ..train.precision import autocast, resolve_amp
 from .atlas import training_atlas
 from .cascade import StageModel, UnifiedHybridViTCascade, _crop
 from .config import XrayLossWeights, XrayStageConfig, load_stage_config, patch_alignment, tiny_stage_config
+from .consistency import drr_consistency
 from .data import MANIFEST, XrayCubeDataset, ct_to_cube, load_cubes
 from .drr import cross_view
 from .losses import line_integrals, stage_loss
@@ -265,8 +266,6 @@ def previous_stage_volume(
     resolution made into another patient's (:func:`~DiffusionCore.xray.atlas.training_atlas` with the stage's
     ``data.atlas_*``) followed by the consistency step (a previous stage as wrong as on a CT it never saw); else
     the ground truth at the previous resolution. All plus ``prev_noise``."""
-    from .consistency import drr_consistency
-
     truth = vols[cascade.configs[s - 2].resolution]
     d = cascade.configs[s - 1].data
     share, atlas_share = float(d.prev_from_model), float(d.prev_from_atlas)
@@ -274,8 +273,7 @@ def previous_stage_volume(
     if share > 0 or atlas_share > 0:
         u = torch.rand(truth.shape[0], device=truth.device)
         pick, misregister = u < share, (u >= share) & (u < share + atlas_share)
-        if bool(pick.any()) or bool(misregister.any()):
-            prev = truth.clone()
+        prev = truth.clone()
         if bool(pick.any()):
             first = vols[cascade.configs[0].resolution][pick]
             prev[pick] = earlier_stages_estimate(cascade, s - 1, xray[pick], first).to(truth.dtype)
@@ -304,8 +302,6 @@ def earlier_stages_estimate(
 
     ``first_truth``: the samples' CTs at stage 1's grid; an atlas stage 1 then starts from
     :func:`stage_one_training_atlas` of them rather than registering its atlas to each DRR."""
-    from .consistency import drr_consistency
-
     first = cascade.stages[0]
     vol = stage_one_training_atlas(first, first_truth) if first_truth is not None else None
     for stage in cascade.stages[:s]:
