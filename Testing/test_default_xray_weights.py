@@ -64,7 +64,7 @@ def test_demo_xray_part_uses_the_default_and_draws_every_picture(tmp_path, monke
     summary: dict = {"notes": []}
     demo._xray_part(tmp_path, ref, default_weights_name(), "cpu", 1, {}, summary)
     rows = summary["xray_evaluation"]["results"]
-    assert {r["method"] for r in rows} == {"model", "model-raw", "mean-ct", "lifting-only"}
+    assert {r["method"] for r in rows} == {"model", "model-raw", "mean-ct", "lifting-only", "lifting+dc"}
     assert summary["xray_evaluation"]["settings"]["weights_sha256"] == _entry()["sha256"]
     for name in ("xray2ct_drr.png", "xray2ct_pa.png", "xray2ct_topogram.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

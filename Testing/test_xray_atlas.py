@@ -147,7 +147,7 @@ def test_evaluate_xray_scores_the_registered_atlas_stage_one_starts_from():
     ref = Volume(unit_to_hu(moved)[0, 0].numpy(), (FOV / 32,) * 3)
     report = evaluate_xray(XrayToCTGenerator(cascade), ref, steps=2, num_samples=1, device="cpu")
     by = {r["method"]: r for r in report["results"]}
-    assert set(by) == {"model", "model-raw", "mean-ct", "lifting-only", "atlas"}
+    assert set(by) == {"model", "model-raw", "mean-ct", "lifting-only", "lifting+dc", "atlas"}
     assert by["atlas"]["stage"] == 1
     assert abs(by["atlas"]["psnr3d"] - by["model-raw"]["psnr3d"]) < 0.05
     assert by["atlas"]["psnr3d"] > by["mean-ct"]["psnr3d"] + 3  # registered to this patient's radiograph

@@ -6,7 +6,7 @@ Usage::
     #   pip install --no-deps --target /tmp/diffdrr diffdrr==0.6.1 fastcore torchio pandas jaxtyping ...)
     PYTHONPATH=/tmp/diffdrr python benchmarks/xray_eval.py drr --reference chest-lidc --json drr.json --figure drr.png
 
-    # generation quality per stage against a held-out CT (model, model-raw, mean-ct, lifting-only), the
+    # generation quality per stage against a held-out CT (model, model-raw, mean-ct, lifting-only, lifting+dc), the
     # mean over three noise seeds (default weights: the shipped xray-default)
     python benchmarks/xray_eval.py evaluate --reference chest-dx --weights runs/s1/xray_cascade.safetensors
 
@@ -167,7 +167,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         print(f"seed {seed}")
         print(format_xray_table(report))
         runs.append(report)
-    # the mean over the seeds (the generation is a sample; mean-ct and lifting-only do not depend on it)
+    # the mean over the seeds (the generation is a sample; mean-ct, lifting-only and lifting+dc do not depend on it)
     mean = dict(runs[0])
     rows = []
     for i, row in enumerate(runs[0]["results"]):

@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lifting-start", type=finite_float(0.0, 1.0, low_open=True), default=None, metavar="T",
                    help="stage 1 starts from its lifting-only estimate noised to time T and lets the diffusion "
                    "refine it (smaller T: closer to that estimate); 1 starts from pure noise (default: the "
-                   "weights' own, 0.6 for xray-default)")  # fmt: skip
+                   "weights' own, 1.0 for xray-default)")  # fmt: skip
     p.add_argument("--num-samples", type=bounded_int(1), default=None,
                    help="samples averaged per stage (default: the weights' config); their mean is the most "
                    "likely CT, each costs one more run of the stage")  # fmt: skip
@@ -93,15 +93,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate-xray",
         help="score X-ray to CT stages against a reference CT (model, mean-ct, lifting-only)",
         description="Render the training-geometry DRR of a reference CT, generate from it, and report 3D PSNR, "
-        "3D SSIM (HU [-1024, 2048]) and re-projection PSNR per stage for the model and two baselines.",
+        "3D SSIM (HU [-1024, 2048]) and re-projection PSNR per stage for the model and its baselines.",
     )
     e.add_argument("--reference", required=True, help="reference CT: file, DICOM folder or sample name")
     e.add_argument("--num-stages", type=bounded_int(1, MAX_STAGES), default=None,
                    help="stages to evaluate (default: all the weights have; more is refused)")
     e.add_argument("--methods", type=name_list(),
-                   default=("model", "model-raw", "mean-ct", "lifting-only", "previous-stage", "atlas"),
+                   default=("model", "model-raw", "mean-ct", "lifting-only", "lifting+dc", "previous-stage", "atlas"),
                    help="comma-separated methods: model (the cascade with its re-projection consistency step), "
-                   "model-raw (without it), mean-ct (the prior), lifting-only, previous-stage (from stage 2 on: "
+                   "model-raw (without it), mean-ct (the prior), lifting-only, lifting+dc (the lifting-only volume "
+                   "followed by the same consistency step), previous-stage (from stage 2 on: "
                    "the previous stage's model volume upsampled; needs model), atlas (weights whose stage 1 "
                    "refines an atlas: that atlas registered to the input)")  # fmt: skip
     e.add_argument("--weights", default=None, help="weights name or file (default: the shipped xray-default)")
@@ -110,7 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--lifting-start", type=finite_float(0.0, 1.0, low_open=True), default=None, metavar="T",
                    help="stage 1 starts from its lifting-only estimate noised to time T and lets the diffusion "
                    "refine it (smaller T: closer to that estimate); 1 starts from pure noise (default: the "
-                   "weights' own, 0.6 for xray-default)")  # fmt: skip
+                   "weights' own, 1.0 for xray-default)")  # fmt: skip
     e.add_argument("--num-samples", type=bounded_int(1), default=None,
                    help="samples averaged per stage (default: the weights' config)")  # fmt: skip
     e.add_argument("--seed", type=int, default=0, help="noise seed")

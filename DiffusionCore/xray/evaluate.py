@@ -3,7 +3,9 @@
 Methods, all in the same run on the same input: ``model`` (the cascade, each stage, with the re-projection
 consistency step that ``xray2ct`` applies by default), ``model-raw`` (the cascade without it: the network's
 own output), ``mean-ct`` (the mean training CT stored in the weights: the prior alone), ``lifting-only``
-(each stage's depth-lifted volume, no diffusion) and, from stage 2 on, ``previous-stage`` (the previous stage's
+(each stage's depth-lifted volume, no diffusion), ``lifting+dc`` (that volume followed by the same consistency
+step: what the diffusion adds beyond the lifting and the physics is ``model``'s gain over this row) and, from
+stage 2 on, ``previous-stage`` (the previous stage's
 ``model`` volume upsampled trilinearly to this stage's cube: what a stage adds is its gain over this row;
 it needs ``model``) and, for weights whose stage 1 refines an atlas (``model.atlas_prior``), ``atlas`` (that atlas
 registered to the input: what stage 1 adds is its gain over this row). Metrics (BENCHMARK.md): 3D PSNR and 3D SSIM with HU clipped to [-1024, 2048] against the
@@ -25,13 +27,14 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..metrics import psnr, ssim3d
 from ..volume import Volume
+from .consistency import drr_consistency
 from .data import clinical_look, ct_to_cubes, render_training_drr
 from .drr import cross_view, hu_to_mu, project_parallel_axis
 from .pipeline import XrayToCTGenerator, projection_error, volume_from_unit
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("model", "model-raw", "mean-ct", "lifting-only", "previous-stage", "atlas")
+METHODS = ("model", "model-raw", "mean-ct", "lifting-only", "lifting+dc", "previous-stage", "atlas")
 HU_RANGE = (-1024.0, 2048.0)
 
 
@@ -146,10 +149,16 @@ def evaluate_xray(
                 )
                 score("mean-ct", c.stage, mean, time.time() - t0)
             stage = cascade.stages[c.stage - 1].cpu()
-            if "lifting-only" in methods:
+            if "lifting-only" in methods or "lifting+dc" in methods:
                 t0 = time.time()
                 lifted = stage.lifted_only(xray)
-                score("lifting-only", c.stage, lifted, time.time() - t0)
+                lifting_s = time.time() - t0
+                if "lifting-only" in methods:
+                    score("lifting-only", c.stage, lifted, lifting_s)
+                if "lifting+dc" in methods:
+                    t0 = time.time()
+                    corrected, _ = drr_consistency(lifted, xray, fov, view)
+                    score("lifting+dc", c.stage, corrected, lifting_s + time.time() - t0)
             if "atlas" in methods and stage.uses_atlas:
                 t0 = time.time()
                 score("atlas", c.stage, stage.registered_atlas(xray), time.time() - t0)
