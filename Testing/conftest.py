@@ -349,13 +349,21 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def ct_file(tmp_path_factory) -> Path:
-    """A 24^3 chest-like CT (14 mm voxels: a 336 mm cube) with a body, lungs and a spine."""
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, 24)] * 3, indexing="ij")
+def chest_like_ct(rows: int = 24, body_offset: float = 0.0) -> np.ndarray:
+    """A (24, rows, 24) chest-like CT in HU (meant for 14 mm voxels) with a body, lungs and a spine; the body's
+    centre lies ``body_offset`` of the front-to-back half-extent off the array's centre, as a table height can
+    put it (24 rows span the body's depth about as 24 columns span its width)."""
+    z, y, x = np.meshgrid(np.linspace(-1, 1, 24), np.linspace(-1, 1, rows), np.linspace(-1, 1, 24), indexing="ij")
+    y = (y - body_offset) * rows / 24
     ct = np.where((x / 0.8) ** 2 + (y / 0.6) ** 2 < 1, 40.0, -1000.0)
     ct[((np.abs(x) - 0.4) / 0.25) ** 2 + (y / 0.4) ** 2 < 1] = -800.0
     ct += np.where(x**2 + (y - 0.45) ** 2 < 0.015, 900.0, 0.0)
+    return ct.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def ct_file(tmp_path_factory) -> Path:
+    """A 24^3 chest-like CT (14 mm voxels: a 336 mm cube) with a body, lungs and a spine."""
     path = tmp_path_factory.mktemp("ct") / "ct.nii.gz"
-    write_volume(Volume(ct.astype(np.float32), (14.0, 14.0, 14.0)), path)
+    write_volume(Volume(chest_like_ct(), (14.0, 14.0, 14.0)), path)
     return path

@@ -15,6 +15,11 @@ Usage::
     # re-projections and its axial, coronal and sagittal views through the centre; the reference CT on top
     python benchmarks/xray_eval.py views views.png --weights xray-default runs/s1/xray_cascade.safetensors
 
+    # what stage 1's denoiser does to the lifting volume it corrects: its x0 estimate at each start time (the
+    # lifting volume noised to t, pure noise at 1), averaged over noise draws, scored like evaluate against the
+    # reference beside the lifting volume itself; --figure draws them and the corrections (estimate - lifting)
+    python benchmarks/xray_eval.py estimates --reference chest-lidc --times 0.3 0.6 1.0 --figure estimates.png
+
 The DRR comparison resamples the CT to an identity-direction cube (128^3 over 350 mm, as in training), then
 renders a PA cone beam (SDD 1020 mm, SID 850 mm, 200x200 detector at 2 mm) with DiffDRR's Siddon renderer and
 with DiffusionCore's ray marcher, twice: on the same attenuation volume (projector geometry agreement) and with
@@ -226,6 +231,88 @@ def views(args: argparse.Namespace) -> dict:
     return report
 
 
+def estimates(args: argparse.Namespace) -> dict:
+    """Stage 1's x0 estimate from its own sampling start at each time in ``args.times`` (the lifting-only volume
+    noised to t; pure noise at t = 1), the mean over ``args.draws`` noise draws, against the reference CT: how far
+    the denoiser moves the lifting volume, and whether toward the reference. One pass per draw, no sampling steps
+    after it and no consistency step: the denoiser's own first move."""
+    from DiffusionCore.intensity import unit_to_hu
+    from DiffusionCore.metrics import psnr, ssim3d
+    from DiffusionCore.xray.data import render_training_drr
+    from DiffusionCore.xray.evaluate import HU_RANGE
+    from DiffusionCore.xray.pipeline import XrayToCTGenerator
+
+    torch.set_num_threads(args.threads)
+    gen = (XrayToCTGenerator.from_pretrained(args.weights, allow_unregistered=True) if args.weights
+           else XrayToCTGenerator.default())  # fmt: skip
+    stage, cfg = gen.cascade.stages[0].eval(), gen.cascade.configs[0]
+    r = cfg.resolution
+    ref_hu = ct_to_cube(load_reference(args.reference), r, cfg.data.fov_mm).array.astype(np.float32)
+    xray = render_training_drr(torch.from_numpy(ref_hu)[None, None], cfg.data.fov_mm, cfg.xray_resolution,
+                               cfg.data.view)  # fmt: skip
+    body = ref_hu > -500.0
+
+    def scores(unit: torch.Tensor) -> dict:
+        hu = unit_to_hu(unit.float())[0, 0].numpy()
+        return {"psnr3d": psnr(ref_hu, hu, HU_RANGE), "ssim3d": ssim3d(ref_hu, hu, HU_RANGE),
+                "mae_body_hu": float(np.abs(np.clip(hu, *HU_RANGE) - np.clip(ref_hu, *HU_RANGE))[body].mean())}  # fmt: skip
+
+    gen_ = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        ctx = stage.condition(xray)
+        lifting = stage.lifted_only(xray)
+        rows = [{"volume": "lifting-only", "t": None, **scores(lifting)}]
+        pictures = [("reference", torch.from_numpy(ref_hu)), ("lifting-only", unit_to_hu(lifting)[0, 0])]
+        for t in args.times:
+            total = torch.zeros_like(lifting)
+            for _ in range(args.draws):
+                noise = torch.randn(lifting.shape, generator=gen_)
+                t0, x_start = stage._start(ctx, noise, t)
+                total += stage.predict(x_start, torch.full((lifting.shape[0],), t0), ctx)
+            mean = total / args.draws
+            rows.append({"volume": "estimate", "t": float(t), **scores(mean),
+                         "mean_abs_change_hu": float((unit_to_hu(mean) - unit_to_hu(lifting)).abs().mean())})  # fmt: skip
+            pictures.append((f"estimate at t {t:g}", unit_to_hu(mean)[0, 0]))
+            pictures.append((f"estimate - lifting, t {t:g}", (unit_to_hu(mean) - unit_to_hu(lifting))[0, 0]))
+    print(f"reference: {args.reference}; stage 1 x0 estimate, mean of {args.draws} draws (seed {args.seed})")
+    print(f"{'volume':<14}{'t':>6}{'PSNR3D dB':>11}{'SSIM3D':>9}{'MAE body HU':>13}{'change HU':>11}")
+    for row in rows:
+        t = "" if row["t"] is None else f"{row['t']:.2f}"
+        change = f"{row['mean_abs_change_hu']:.1f}" if "mean_abs_change_hu" in row else ""
+        print(f"{row['volume']:<14}{t:>6}{row['psnr3d']:>11.2f}{row['ssim3d']:>9.3f}{row['mae_body_hu']:>13.1f}"
+              f"{change:>11}")  # fmt: skip
+    if args.figure:
+        _estimates_figure(pictures, Path(args.figure), f"stage 1 of {args.weights or 'xray-default'}: x0 estimates "
+                          f"from the DRR of {args.reference}, mean of {args.draws} draws")  # fmt: skip
+        print(f"picture: {args.figure}")
+    return {"reference": str(args.reference), "weights_sha256": gen.weights_sha256, "draws": args.draws,
+            "seed": args.seed, "hu_range": list(HU_RANGE), "rows": rows}  # fmt: skip
+
+
+def _estimates_figure(pictures: list, path: Path, title: str) -> None:
+    """Axial (at 55% of the height, through the heart) and mid-sagittal planes of each volume; the corrections on a
+    blue-white-red scale of +-300 HU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, len(pictures), figsize=(2.4 * len(pictures), 5.2), layout="constrained")
+    for i, (name, hu) in enumerate(pictures):
+        vol = hu.numpy()
+        r = vol.shape[-1]
+        style = (dict(cmap="bwr", vmin=-300, vmax=300) if name.startswith("estimate -")
+                 else dict(cmap="gray", vmin=-1000, vmax=600))  # fmt: skip
+        ax[0, i].imshow(vol[int(r * 0.55)], **style)
+        ax[1, i].imshow(vol[::-1, :, r // 2], **style)
+        ax[0, i].set_title(name, fontsize=8)
+        ax[0, i].axis("off")
+        ax[1, i].axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -268,11 +355,21 @@ def main() -> None:
     v.add_argument("--num-samples", type=int, default=None, help="samples averaged per stage (default: weights')")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="cpu")
-    for q in (d, e, v):
+    s = sub.add_parser("estimates", help="stage 1's x0 estimate at each start time against the lifting volume")
+    s.add_argument("--reference", default="chest-lidc", help="the CT whose DRR is the input, and the reference")
+    s.add_argument("--weights", default=None, help="weights name or file (default: the shipped default)")
+    s.add_argument("--times", type=float, nargs="+", default=[0.3, 0.6, 0.9, 1.0],
+                   help="start times (the lifting volume noised to t; 1: pure noise)")
+    s.add_argument("--draws", type=int, default=8, help="noise draws averaged per time")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--figure", default=None, help="PNG to write (axial and sagittal planes)")
+    for q in (d, e, v, s):
         q.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
         q.add_argument("--json", default=None)
     args = p.parse_args()
-    result = {"drr": drr_agreement, "evaluate": evaluate, "views": views}[args.what](args)
+    if args.what == "estimates" and (args.draws < 1 or not all(0.0 < t <= 1.0 for t in args.times)):
+        p.error("--draws must be at least 1 and every --times value in (0, 1]")
+    result = {"drr": drr_agreement, "evaluate": evaluate, "views": views, "estimates": estimates}[args.what](args)
     if args.what == "drr":
         print(json.dumps(result, indent=2, default=str))
     if args.json:
