@@ -802,15 +802,21 @@ class StageModel(nn.Module):
 
     @torch.no_grad()
     def quick_estimate(
-        self, xray: torch.Tensor, prev: torch.Tensor | None = None, *, generator: torch.Generator | None = None
+        self,
+        xray: torch.Tensor,
+        prev: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        lifting_start_t: float | None = None,
     ) -> torch.Tensor:
         """A one-pass stand-in for :meth:`sample` (B, 1, R, R, R), model units: x0 predicted once at the
         sampling start. Training conditions the next stage on it, so that stage learns to refine volumes with
-        this stage's own kind of errors (depth misplacement, blur) and not only noised ground truth."""
+        this stage's own kind of errors (depth misplacement, blur) and not only noised ground truth.
+        ``lifting_start_t`` is stage 1's start time, as in :meth:`sample` (default: the weights')."""
         r = self.cfg.resolution
         noise = torch.randn(xray.shape[0], 1, r, r, r, generator=generator, device=xray.device)
         ctx = self.condition(xray, prev)
-        t0, x_start = self._start(ctx, noise, None)
+        t0, x_start = self._start(ctx, noise, lifting_start_t)
         out = self.predict(x_start, torch.full((xray.shape[0],), t0, device=xray.device), ctx)
         return out.clamp(-1.0, 1.0)  # type: ignore[union-attr]
 
