@@ -237,7 +237,7 @@ def estimates(args: argparse.Namespace) -> dict:
     the denoiser moves the lifting volume, and whether toward the reference. One pass per draw, no sampling steps
     after it and no consistency step: the denoiser's own first move."""
     from DiffusionCore.intensity import unit_to_hu
-    from DiffusionCore.metrics import psnr, ssim3d
+    from DiffusionCore.metrics import body_mask, hu_mae, psnr, ssim3d
     from DiffusionCore.xray.data import render_training_drr
     from DiffusionCore.xray.evaluate import HU_RANGE
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
@@ -250,12 +250,12 @@ def estimates(args: argparse.Namespace) -> dict:
     ref_hu = ct_to_cube(load_reference(args.reference), r, cfg.data.fov_mm).array.astype(np.float32)
     xray = render_training_drr(torch.from_numpy(ref_hu)[None, None], cfg.data.fov_mm, cfg.xray_resolution,
                                cfg.data.view)  # fmt: skip
-    body = ref_hu > -500.0
+    body = body_mask(ref_hu)
 
     def scores(unit: torch.Tensor) -> dict:
         hu = unit_to_hu(unit.float())[0, 0].numpy()
         return {"psnr3d": psnr(ref_hu, hu, HU_RANGE), "ssim3d": ssim3d(ref_hu, hu, HU_RANGE),
-                "mae_body_hu": float(np.abs(np.clip(hu, *HU_RANGE) - np.clip(ref_hu, *HU_RANGE))[body].mean())}  # fmt: skip
+                "mae_body_hu": hu_mae(ref_hu, hu, body, HU_RANGE)}  # fmt: skip
 
     gen_ = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():

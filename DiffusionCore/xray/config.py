@@ -279,21 +279,23 @@ class XrayDataConfig:
     )
     atlas_blur_voxels: float = field(
         default=2.0,
-        metadata={"help": "model.atlas_prior (and data.prev_from_atlas): Gaussian blur (voxels of the stage's grid) of the atlas, in training "
-                  "and in the weights' mean-CT atlas."},
+        metadata={"help": "model.atlas_prior (and data.prev_from_atlas): Gaussian blur (voxels of the stage's "
+                  "grid) of the atlas, in training and in the weights' mean-CT atlas."},
     )
     atlas_zoom: float = field(
         default=0.08,
-        metadata={"help": "model.atlas_prior (and data.prev_from_atlas), training: per-axis log-zoom range of the sample's own CT made into "
-                  "its atlas (another patient's size)."},
+        metadata={"help": "model.atlas_prior (and data.prev_from_atlas), training: per-axis log-zoom range of "
+                  "the sample's own CT made into its atlas (another patient's size)."},
     )
     atlas_shift_voxels: float = field(
-        default=2.0, metadata={"help": "model.atlas_prior (and data.prev_from_atlas), training: largest shift of the atlas, voxels."}
+        default=2.0,
+        metadata={"help": "model.atlas_prior (and data.prev_from_atlas), training: largest shift of the atlas, "
+                  "voxels."},
     )
     atlas_deform_voxels: float = field(
         default=1.5,
-        metadata={"help": "model.atlas_prior (and data.prev_from_atlas), training: standard deviation of the atlas's smooth deformation "
-                  "(another patient's shape), voxels."},
+        metadata={"help": "model.atlas_prior (and data.prev_from_atlas), training: standard deviation of the "
+                  "atlas's smooth deformation (another patient's shape), voxels."},
     )
     prev_noise: float = field(
         default=0.1, metadata={"help": "Noise on the previous-stage volume given to stages 2-3 in training."}
