@@ -173,11 +173,13 @@ def test_prepare_train_resume_next_stage_and_evaluate(files, tmp_path):
     assert report["reference"] == str(files["ct"]) and isinstance(report["results"], list)
     got = {(r["method"], r["stage"]) for r in report["results"]}
     assert got == {(m, s) for m in ("model", "model-raw", "mean-ct", "lifting-only", "lifting+dc") for s in (1, 2)} | {
-        ("previous-stage", 2)}  # stage 1's model volume upsampled: the row stage 2 must beat
+        ("previous-stage", 2), ("previous-stage+dc", 2)}  # stage 1's model volume upsampled: the rows stage 2 must beat
     by = {(r["method"], r["stage"]): r for r in report["results"]}
     for s in (1, 2):  # the consistency step makes each stage, and the lifting volume, re-project onto the input
         assert by[("model", s)]["reprojection_psnr"] > by[("model-raw", s)]["reprojection_psnr"]
         assert by[("lifting+dc", s)]["reprojection_psnr"] > by[("lifting-only", s)]["reprojection_psnr"] + 3
+    # and the upsampled stage 1 too, at stage 2's finer grid and radiograph
+    assert by[("previous-stage+dc", 2)]["reprojection_psnr"] > by[("previous-stage", 2)]["reprojection_psnr"] + 3
     for r in report["results"]:
         assert set(r) == {"method", "stage", "psnr3d", "ssim3d", "reprojection_psnr", "cross_view_psnr", "seconds"}
         assert type(r["stage"]) is int and all(type(r[k]) is float for k in list(r)[2:])

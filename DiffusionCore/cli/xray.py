@@ -99,12 +99,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--num-stages", type=bounded_int(1, MAX_STAGES), default=None,
                    help="stages to evaluate (default: all the weights have; more is refused)")
     e.add_argument("--methods", type=name_list(),
-                   default=("model", "model-raw", "mean-ct", "lifting-only", "lifting+dc", "previous-stage", "atlas"),
+                   default=("model", "model-raw", "mean-ct", "lifting-only", "lifting+dc", "previous-stage",
+                            "previous-stage+dc", "atlas"),
                    help="comma-separated methods: model (the cascade with its re-projection consistency step), "
                    "model-raw (without it), mean-ct (the prior), lifting-only, lifting+dc (the lifting-only volume "
-                   "followed by the same consistency step), previous-stage (from stage 2 on: "
-                   "the previous stage's model volume upsampled; needs model), atlas (weights whose stage 1 "
-                   "refines an atlas: that atlas registered to the input)")  # fmt: skip
+                   "followed by the same consistency step), previous-stage (from stage 2 on: the previous stage's "
+                   "model volume upsampled; needs model), previous-stage+dc (that volume followed by the consistency "
+                   "step at the stage's grid: the stage network's own share is model's gain over it), atlas (weights "
+                   "whose stage 1 refines an atlas: that atlas registered to the input)")  # fmt: skip
     e.add_argument("--weights", default=None, help="weights name or file (default: the shipped xray-default)")
     e.add_argument("--allow-unregistered-weights", action="store_true", help="accept unregistered weights")
     e.add_argument("--steps", type=bounded_int(1), default=None, help="DDIM steps per stage")

@@ -177,6 +177,15 @@ def _usable_memory(device: torch.device | str) -> int:
     return int(free * MEMORY_SAFETY_FRACTION)
 
 
+def detail_only(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, D, H, W; even sides) less the mean of each of its 2x2x2 blocks: what a grid of half the resolution
+    cannot hold. Every block of the result sums to zero, so adding it to a volume keeps that volume's block means
+    (``model.keep_coarse``; a patch is block-aligned because its origin is a multiple of the token size)."""
+    if any(s % 2 for s in x.shape[2:]):
+        raise InputError(f"detail_only needs even sides; got {tuple(x.shape[2:])}")
+    return x - F.interpolate(F.avg_pool3d(x, 2), scale_factor=2, mode="nearest")
+
+
 def _crop(x: torch.Tensor, origin: tuple[int, int, int], side: int) -> torch.Tensor:
     """The (B, C, side, side, side) cube of ``x`` at ``origin``."""
     z, y, w = origin
@@ -652,7 +661,10 @@ class StageModel(nn.Module):
     def _x0(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """x0 from the heads' output: ``base + out``, or with ``model.skip_sigma_data`` the noise-level skip
         ``base + c_skip (x_t - alpha base) + c_out out`` (:func:`.vdiffusion.skip_scales`): x_t itself where no noise
-        is left, base + s * out from pure noise."""
+        is left, base + s * out from pure noise. With ``model.keep_coarse`` the correction ``out`` first loses its
+        2x2x2-block means (:func:`detail_only`), so x0 keeps the base's."""
+        if self.cfg.model.keep_coarse:
+            out = detail_only(out)
         sd = float(self.cfg.model.skip_sigma_data)
         if sd <= 0:
             return out + base

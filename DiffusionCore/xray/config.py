@@ -118,6 +118,16 @@ class XrayModelConfig:
             "do not say. Changes what the weights mean: train from scratch with it."
         },
     )
+    keep_coarse: bool = field(
+        default=False,
+        metadata={
+            "help": "Stages 2-3 only: the stage adds detail only. Its correction on the upsampled previous-stage volume "
+            "loses its 2x2x2-block means, so every block of the output averages to that block of its input: where "
+            "things are stays what the previous stage (and its consistency step) decided, and the stage adds what "
+            "its finer grid can show inside each coarse voxel. Measured on a CT that stages trained without it never "
+            "saw, their change to the block means was the whole of their loss against their input."
+        },
+    )
     atlas_prior: bool = field(
         default=False,
         metadata={
@@ -438,6 +448,9 @@ class XrayStageConfig:
         if not 0.0 <= m.skip_sigma_data <= 2.0:
             raise ConfigError("model.skip_sigma_data is the typical spread of the clean volume around what the stage "
                               f"corrects, in model units (e.g. 0.1; 0 = no skip); got {m.skip_sigma_data}")  # fmt: skip
+        if m.keep_coarse and self.stage == 1:
+            raise ConfigError("model.keep_coarse keeps the previous stage's coarse volume: it is for stages 2-3 (stage 1 "
+                              "has no previous stage)")  # fmt: skip
         if m.atlas_prior and self.stage != 1:
             raise ConfigError(f"model.atlas_prior is for stage 1 (stages 2-3 refine the previous stage); stage {self.stage} has it")
         for name in ("atlas_blur_voxels", "atlas_zoom", "atlas_shift_voxels", "atlas_deform_voxels"):

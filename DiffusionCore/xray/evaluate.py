@@ -7,7 +7,8 @@ own output), ``mean-ct`` (the mean training CT stored in the weights: the prior 
 step: what the diffusion adds beyond the lifting and the physics is ``model``'s gain over this row) and, from
 stage 2 on, ``previous-stage`` (the previous stage's
 ``model`` volume upsampled trilinearly to this stage's cube: what a stage adds is its gain over this row;
-it needs ``model``) and, for weights whose stage 1 refines an atlas (``model.atlas_prior``), ``atlas`` (that atlas
+it needs ``model``), ``previous-stage+dc`` (that upsampled volume followed by the consistency step at this stage's
+grid: the stage network's own share is ``model``'s gain over this row) and, for weights whose stage 1 refines an atlas (``model.atlas_prior``), ``atlas`` (that atlas
 registered to the input: what stage 1 adds is its gain over this row). Metrics (BENCHMARK.md): 3D PSNR and 3D SSIM with HU clipped to [-1024, 2048] against the
 reference resampled to the stage's cube, re-projection PSNR (DRR of the output vs the input, [0, 1]) and
 cross-view PSNR: the output's DRR in the view at right angles to the input's (lateral for a PA radiograph)
@@ -34,7 +35,8 @@ from .pipeline import XrayToCTGenerator, projection_error, volume_from_unit
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("model", "model-raw", "mean-ct", "lifting-only", "lifting+dc", "previous-stage", "atlas")
+METHODS = ("model", "model-raw", "mean-ct", "lifting-only", "lifting+dc", "previous-stage", "previous-stage+dc",
+           "atlas")
 HU_RANGE = (-1024.0, 2048.0)
 
 
@@ -129,10 +131,15 @@ def evaluate_xray(
             score(method, stage, unit, info["seconds"])
             if method != "model":
                 return
-            if "previous-stage" in methods and "prev" in last:
+            if "prev" in last and ("previous-stage" in methods or "previous-stage+dc" in methods):
                 r = unit.shape[-1]
                 up = F.interpolate(last["prev"].float(), size=(r,) * 3, mode="trilinear", align_corners=False)
-                score("previous-stage", stage, up, 0.0)
+                if "previous-stage" in methods:
+                    score("previous-stage", stage, up, 0.0)
+                if "previous-stage+dc" in methods:
+                    t0 = time.time()
+                    corrected, _ = drr_consistency(up, xray, fov, view)
+                    score("previous-stage+dc", stage, corrected, time.time() - t0)
             last["prev"] = unit
 
         generator.run(xray[0, 0].numpy(), num_stages=n, steps=steps, seed=seed, device=device, view=view,

@@ -406,7 +406,7 @@ def _tiny_like(cfg: XrayStageConfig) -> XrayStageConfig:
         t = replace(t, model=replace(t.model, decoder_channels=[8, 4]))
     if cfg.model.lifting_profile:
         t = replace(t, model=replace(t.model, lifting_profile=8))
-    for switch in ("atlas_prior", "lifting_mean_prior", "lifting_residual"):
+    for switch in ("atlas_prior", "lifting_mean_prior", "lifting_residual", "keep_coarse"):
         if getattr(cfg.model, switch):
             t = replace(t, model=replace(t.model, **{switch: True}))
     t = replace(t, model=replace(t.model, skip_sigma_data=cfg.model.skip_sigma_data))
