@@ -32,9 +32,15 @@ from DiffusionCore.weights.registry import (
     save_safetensors,
 )
 
+#: The largest finite float16 value.
+HALF_MAX = float(torch.finfo(torch.float16).max)
 
-def ship(src: Path, name: str, family: str, description: str, model_card: str) -> tuple[Path, str]:
-    """Write the bundled copy and its registry entry; returns ``(path, sha256)``."""
+
+def ship(src: Path, name: str, family: str, description: str, model_card: str, *, half: bool = False,
+         registry_file: Path = BUNDLED_REGISTRY) -> tuple[Path, str]:
+    """Write the bundled copy and its registry entry (``registry_file``, the weights beside it); returns
+    ``(path, sha256)``. ``half``: store the floating-point tensors as float16 (half the size; the networks load
+    them into float32), refused where a value would not fit float16's range."""
     _, metadata = read_safetensors_header(src)
     if metadata.get("family") != family:
         raise SystemExit(f"error: {src} records family {metadata.get('family')!r}, not {family!r}")
@@ -42,19 +48,25 @@ def ship(src: Path, name: str, family: str, description: str, model_card: str) -
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise SystemExit(f"error: {src} holds non-finite values in {bad[0]} (and {len(bad) - 1} more): not shipped")
-    dest = BUNDLED_REGISTRY.parent / f"{name}.safetensors"
+    if half:
+        big = [k for k, v in tensors.items() if v.is_floating_point() and float(v.abs().max()) > HALF_MAX]
+        if big:
+            raise SystemExit(f"error: {big[0]} holds values beyond float16's range: ship it without --half")
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    registry_file = Path(registry_file)
+    dest = registry_file.parent / f"{name}.safetensors"
     meta = {**metadata, "name": name, "description": description, "model_card": model_card}
     digest = save_safetensors(dest, tensors, meta)
-    registry = json.loads(BUNDLED_REGISTRY.read_text()) if BUNDLED_REGISTRY.is_file() else {"weights": {}}
+    registry = json.loads(registry_file.read_text()) if registry_file.is_file() else {"weights": {}}
     registry.setdefault("weights", {})[name] = {
         "file": dest.name, "sha256": digest, "family": family, "description": description, "model_card": model_card,
     }
-    fd, tmp = tempfile.mkstemp(prefix=".registry.", suffix=".partial", dir=BUNDLED_REGISTRY.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".registry.", suffix=".partial", dir=registry_file.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(registry, f, indent=1)
         f.write("\n")
-    os.replace(tmp, BUNDLED_REGISTRY)
-    for path in (dest, BUNDLED_REGISTRY):
+    os.replace(tmp, registry_file)
+    for path in (dest, registry_file):
         path.chmod(0o644)  # package data: readable by everyone
     return dest, digest
 
@@ -66,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", required=True, help="model family the file must record (sr, xray, ...)")
     p.add_argument("--description", required=True, help="one sentence for listings")
     p.add_argument("--model-card", required=True, help="what it was trained on, intended use, where the card is")
+    p.add_argument("--half", action="store_true",
+                   help="store the tensors as float16 (half the file); score the shipped file again to show that "
+                   "nothing measurable changed")  # fmt: skip
     args = p.parse_args(argv)
-    dest, digest = ship(args.weights, args.name, args.family, args.description, args.model_card)
+    dest, digest = ship(args.weights, args.name, args.family, args.description, args.model_card, half=args.half)
     print(f"{dest} ({dest.stat().st_size / 2**20:.2f} MiB) sha256 {digest}")
     return 0
 
