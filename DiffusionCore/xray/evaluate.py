@@ -191,10 +191,10 @@ def evaluate_xray(
 def format_xray_table(report: dict[str, Any]) -> str:
     """A plain-text table of an :func:`evaluate_xray` report."""
     lines = [f"reference: {report['reference']}",
-             f"{'method':<14}{'stage':>6}{'PSNR3D dB':>11}{'SSIM3D':>9}{'reproj dB':>11}{'cross-view dB':>15}"
+             f"{'method':<18}{'stage':>6}{'PSNR3D dB':>11}{'SSIM3D':>9}{'reproj dB':>11}{'cross-view dB':>15}"
              f"{'seconds':>9}"]  # fmt: skip
     for r in report["results"]:
-        lines.append(f"{r['method']:<14}{r['stage']:>6}{r['psnr3d']:>11.2f}{r['ssim3d']:>9.3f}"
+        lines.append(f"{r['method']:<18}{r['stage']:>6}{r['psnr3d']:>11.2f}{r['ssim3d']:>9.3f}"
                      f"{r['reprojection_psnr']:>11.2f}{r['cross_view_psnr']:>15.2f}"
                      f"{r['seconds']:>9.2f}")  # fmt: skip
     return "\n".join(lines)
