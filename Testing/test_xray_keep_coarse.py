@@ -74,6 +74,19 @@ def test_the_output_keeps_the_previous_volumes_block_means_whole_grid_patch_and_
     assert float(inside.float().mean()) > 0.5
 
 
+def test_with_the_noise_level_skip_the_coarse_volume_is_kept_too():
+    # the skip passes x_t through, whose block means are not the base's: the whole change to the base loses them
+    stage = tiny_xray_stage(2, 32, refine=4, keep_coarse=True, skip_sigma_data=0.1)
+    xray = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    prev = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    with torch.no_grad():
+        ctx = stage.condition(xray, prev)
+        for tv in (0.05, 0.4):
+            x0 = stage.predict(x, torch.tensor([tv]), ctx)
+            torch.testing.assert_close(_blocks(x0), _blocks(ctx.prev), atol=1e-5, rtol=0)
+
+
 def test_the_recipe_is_the_shipped_stage_2_config_with_the_switch():
     recipe = json.loads((REPO / "benchmarks/xray_stage2_detail.json").read_text())
     base = json.loads((REPO / "DiffusionCore/xray/configs/stage2_cpu.json").read_text())

@@ -661,15 +661,15 @@ class StageModel(nn.Module):
     def _x0(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """x0 from the heads' output: ``base + out``, or with ``model.skip_sigma_data`` the noise-level skip
         ``base + c_skip (x_t - alpha base) + c_out out`` (:func:`.vdiffusion.skip_scales`): x_t itself where no noise
-        is left, base + s * out from pure noise. With ``model.keep_coarse`` the correction ``out`` first loses its
+        is left, base + s * out from pure noise. With ``model.keep_coarse`` the whole change to the base then loses its
         2x2x2-block means (:func:`detail_only`), so x0 keeps the base's."""
-        if self.cfg.model.keep_coarse:
-            out = detail_only(out)
         sd = float(self.cfg.model.skip_sigma_data)
         if sd <= 0:
-            return out + base
-        c_skip, c_out, a = skip_scales(t, out, sd)
-        return base + c_skip * (x_t.to(out.dtype) - a * base) + c_out * out
+            x0 = out + base
+        else:
+            c_skip, c_out, a = skip_scales(t, out, sd)
+            x0 = base + c_skip * (x_t.to(out.dtype) - a * base) + c_out * out
+        return base + detail_only(x0 - base) if self.cfg.model.keep_coarse else x0
 
     def pad_condition(self, ctx: StageCondition, plan: PatchPlan) -> StageCondition:
         """``ctx`` with the previous-stage volume, the full-resolution lifting volume (and the rays, edge-repeated

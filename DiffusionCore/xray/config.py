@@ -124,8 +124,9 @@ class XrayModelConfig:
             "help": "Stages 2-3 only: the stage adds detail only. Its correction on the upsampled previous-stage volume "
             "loses its 2x2x2-block means, so every block of the output averages to that block of its input: where "
             "things are stays what the previous stage (and its consistency step) decided, and the stage adds what "
-            "its finer grid can show inside each coarse voxel. Measured on a CT that stages trained without it never "
-            "saw, their change to the block means was the whole of their loss against their input."
+            "its finer grid can show inside each coarse voxel. On a CT never seen, stage 2 trained without it lost "
+            "against its input in the block means alone; with it, stage 2 is level with its input after the "
+            "consistency step (docs/model_cards/xray-default.md): it makes the stage safe, not yet better."
         },
     )
     atlas_prior: bool = field(

@@ -5,14 +5,14 @@ consistency step that ``xray2ct`` applies by default), ``model-raw`` (the cascad
 own output), ``mean-ct`` (the mean training CT stored in the weights: the prior alone), ``lifting-only``
 (each stage's depth-lifted volume, no diffusion), ``lifting+dc`` (that volume followed by the same consistency
 step: what the diffusion adds beyond the lifting and the physics is ``model``'s gain over this row) and, from
-stage 2 on, ``previous-stage`` (the previous stage's
-``model`` volume upsampled trilinearly to this stage's cube: what a stage adds is its gain over this row;
-it needs ``model``), ``previous-stage+dc`` (that upsampled volume followed by the consistency step at this stage's
-grid: the stage network's own share is ``model``'s gain over this row) and, for weights whose stage 1 refines an atlas (``model.atlas_prior``), ``atlas`` (that atlas
-registered to the input: what stage 1 adds is its gain over this row). Metrics (BENCHMARK.md): 3D PSNR and 3D SSIM with HU clipped to [-1024, 2048] against the
-reference resampled to the stage's cube, re-projection PSNR (DRR of the output vs the input, [0, 1]) and
-cross-view PSNR: the output's DRR in the view at right angles to the input's (lateral for a PA radiograph)
-against the reference's, both scaled by the reference's 99.5th percentile. The input cannot show where things
+stage 2 on, ``previous-stage`` (the previous stage's ``model`` volume upsampled trilinearly to this stage's cube:
+what a stage adds is its gain over this row; it needs ``model``), ``previous-stage+dc`` (that upsampled volume
+followed by the consistency step at this stage's grid: the stage network's own share is ``model``'s gain over this
+row) and, for weights whose stage 1 refines an atlas (``model.atlas_prior``), ``atlas`` (that atlas registered to
+the input: what stage 1 adds is its gain over this row). Metrics (BENCHMARK.md): 3D PSNR and 3D SSIM with HU
+clipped to [-1024, 2048] against the reference resampled to the stage's cube, re-projection PSNR (DRR of the
+output vs the input, [0, 1]) and cross-view PSNR: the output's DRR in the view at right angles to the input's
+(lateral for a PA radiograph) against the reference's, both scaled by the reference's 99.5th percentile. The input cannot show where things
 lie along its rays; the cross view shows exactly that (the spine behind the heart or inside it).
 """
 
