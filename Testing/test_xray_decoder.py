@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fit_tiny_xray_stage, tiny_xray_stage
+from conftest import fit_tiny_xray_stage, recipe_changes, tiny_xray_stage
 
 from DiffusionCore.errors import ConfigError
 from DiffusionCore.xray.cascade import StageModel, UnifiedHybridViTCascade, plan_patches
@@ -37,9 +37,8 @@ def test_the_decoder_needs_one_width_per_doubling_and_carries_the_rays():
     # the experiment's config: the ray recipe with the decoder in place of the linear head and refinement head
     rays = json.loads((REPO / "benchmarks/xray_stage1_rays.json").read_text())
     tried = json.loads((REPO / "benchmarks/xray_stage1_decoder.json").read_text())
-    assert tried["model"].pop("decoder_channels") == [64, 16, 4] and tried["model"]["refine_channels"] == 0
-    tried["model"]["refine_channels"] = rays["model"]["refine_channels"]
-    assert tried == rays
+    assert recipe_changes(tried, rays) == {"model.decoder_channels": (None, [64, 16, 4]),
+                                           "model.refine_channels": (rays["model"]["refine_channels"], 0)}
     # the tiny network of the training self-test keeps the decoder and the rays
     tiny = _tiny_like(load_stage_config(REPO / "benchmarks/xray_stage1_decoder.json"))
     assert tiny.model.decoder_channels == [8, 4] and tiny.model.refine_xray and tiny.model.refine_channels == 0

@@ -6,8 +6,8 @@ Usage::
     #   pip install --no-deps --target /tmp/diffdrr diffdrr==0.6.1 fastcore torchio pandas jaxtyping ...)
     PYTHONPATH=/tmp/diffdrr python benchmarks/xray_eval.py drr --reference chest-lidc --json drr.json --figure drr.png
 
-    # generation quality per stage against a held-out CT (model, model-raw, mean-ct, lifting-only, lifting+dc), the
-    # mean over three noise seeds (default weights: the shipped xray-default)
+    # generation quality per stage against a held-out CT (model, model-raw, mean-ct, lifting-only, lifting+dc; from
+    # stage 2 on previous-stage and previous-stage+dc), the mean over three noise seeds (default weights: the shipped xray-default)
     python benchmarks/xray_eval.py evaluate --reference chest-dx --weights runs/s1/xray_cascade.safetensors
 
     # pictures (no ground truth exists for the real radiographs): per weights, the CT generated from a DRR of
@@ -237,9 +237,8 @@ def estimates(args: argparse.Namespace) -> dict:
     the denoiser moves the lifting volume, and whether toward the reference. One pass per draw, no sampling steps
     after it and no consistency step: the denoiser's own first move."""
     from DiffusionCore.intensity import unit_to_hu
-    from DiffusionCore.metrics import body_mask, hu_mae, psnr, ssim3d
+    from DiffusionCore.metrics import HU_RANGE, body_mask, hu_mae, psnr, ssim3d
     from DiffusionCore.xray.data import render_training_drr
-    from DiffusionCore.xray.evaluate import HU_RANGE
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
 
     torch.set_num_threads(args.threads)

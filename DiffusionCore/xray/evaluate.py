@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..metrics import psnr, ssim3d
+from ..metrics import HU_RANGE, psnr, ssim3d
 from ..volume import Volume
 from .consistency import drr_consistency
 from .data import clinical_look, ct_to_cubes, render_training_drr
@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("model", "model-raw", "mean-ct", "lifting-only", "lifting+dc", "previous-stage", "previous-stage+dc",
            "atlas")
-HU_RANGE = (-1024.0, 2048.0)
 
 
 def cross_view_psnr(vol_hu: torch.Tensor, ref_hu: torch.Tensor, fov_mm: float, view: str) -> float:
