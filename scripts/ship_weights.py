@@ -17,10 +17,7 @@ what is shipped.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,8 +25,10 @@ import torch
 from DiffusionCore.weights.registry import (
     BUNDLED_REGISTRY,
     load_safetensors,
+    read_registry,
     read_safetensors_header,
     save_safetensors,
+    write_registry,
 )
 
 #: The largest finite float16 value.
@@ -57,15 +56,11 @@ def ship(src: Path, name: str, family: str, description: str, model_card: str, *
     dest = registry_file.parent / f"{name}.safetensors"
     meta = {**metadata, "name": name, "description": description, "model_card": model_card}
     digest = save_safetensors(dest, tensors, meta)
-    registry = json.loads(registry_file.read_text()) if registry_file.is_file() else {"weights": {}}
-    registry.setdefault("weights", {})[name] = {
+    entries = read_registry(registry_file)
+    entries[name] = {
         "file": dest.name, "sha256": digest, "family": family, "description": description, "model_card": model_card,
     }
-    fd, tmp = tempfile.mkstemp(prefix=".registry.", suffix=".partial", dir=registry_file.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(registry, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, registry_file)
+    write_registry(registry_file, entries)
     for path in (dest, registry_file):
         path.chmod(0o644)  # package data: readable by everyone
     return dest, digest

@@ -293,7 +293,8 @@ def load_safetensors(
 # ---------------------------------------------------------------------------------------------- registry
 
 
-def _read_registry(path: Path) -> dict[str, dict[str, Any]]:
+def read_registry(path: Path) -> dict[str, dict[str, Any]]:
+    """The entries (name -> entry) of the registry file ``path``; empty when there is none."""
     if not path.is_file():
         return {}
     try:
@@ -308,7 +309,8 @@ def _read_registry(path: Path) -> dict[str, dict[str, Any]]:
     return entries
 
 
-def _write_registry(path: Path, entries: Mapping[str, Any]) -> None:
+def write_registry(path: Path, entries: Mapping[str, Any]) -> None:
+    """Write ``entries`` as the registry file ``path``, sorted by name, atomically."""
     text = json.dumps({"weights": dict(sorted(entries.items()))}, indent=2) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,8 +326,8 @@ def _registries() -> list[tuple[str, Path, dict[str, dict[str, Any]]]]:
     """(source, registry folder, entries) for the bundled then the user registry."""
     user = user_registry_path()
     return [
-        ("bundled", BUNDLED_REGISTRY.parent, _read_registry(BUNDLED_REGISTRY)),
-        ("user", user.parent, _read_registry(user)),
+        ("bundled", BUNDLED_REGISTRY.parent, read_registry(BUNDLED_REGISTRY)),
+        ("user", user.parent, read_registry(user)),
     ]
 
 
@@ -512,7 +514,7 @@ def import_weights(
         raise WeightsError(
             f"invalid weights name {name!r}: use letters, digits, '.', '_' and '-' (at most 128 characters)"
         )
-    if name in _read_registry(BUNDLED_REGISTRY):
+    if name in read_registry(BUNDLED_REGISTRY):
         raise WeightsError(f"{name!r} is the name of bundled weights: choose another name")
     src = Path(path).expanduser()
     _, metadata = read_safetensors_header(src)
@@ -541,7 +543,7 @@ def import_weights(
             raise
     except OSError as exc:
         raise OutputError(f"cannot copy {src} into {folder}: {exc.strerror or exc}") from exc
-    entries = _read_registry(user_registry_path())
+    entries = read_registry(user_registry_path())
     if name in entries and entries[name].get("sha256") != sha:
         logger.info("replacing user weights %r (was sha256 %s)", name, entries[name].get("sha256"))
     entries[name] = {
@@ -551,7 +553,7 @@ def import_weights(
         "description": description if description is not None else str(metadata.get("description", "")),
         "model_card": str(metadata.get("model_card", "")),
     }
-    _write_registry(user_registry_path(), entries)
+    write_registry(user_registry_path(), entries)
     logger.info("imported weights %r (%s, sha256 %s) into %s", name, family, sha, dest)
     return ResolvedWeights(path=dest, sha256=sha, name=name, metadata=metadata)
 
@@ -566,18 +568,18 @@ def remove_weights(name: str) -> Path:
         WeightsError: ``name`` is bundled (it ships with the extension) or registered nowhere.
         OutputError: the user registry or the file cannot be changed.
     """
-    if name in _read_registry(BUNDLED_REGISTRY):
+    if name in read_registry(BUNDLED_REGISTRY):
         raise WeightsError(
             f"{name!r} ships with the extension and cannot be removed; import your own weights under "
             "another name and pass --weights NAME"
         )
     registry = user_registry_path()
-    entries = _read_registry(registry)
+    entries = read_registry(registry)
     if name not in entries:
         known = ", ".join(e["name"] for e in list_weights() if e["source"] == "user") or "none"
         raise WeightsError(f"no imported weights named {name!r} (imported: {known})")
     path = _entry_path(registry.parent, entries.pop(name))
-    _write_registry(registry, entries)
+    write_registry(registry, entries)
     # The copy lives in the cache folder; a file registered by absolute path elsewhere is the user's own.
     if path.parent.resolve() == registry.parent.resolve():
         try:
