@@ -11,7 +11,8 @@ in the same physical place as the thin volume in any viewer. ``thin_grid`` gives
 super-resolution or interpolation writes to; for a slab-averaged volume it is the original thin grid, and
 ``plan_thin_grid`` is the one decision of that grid and its factor for a super-resolution run.
 ``enforce_consistency`` inverts the slab average on the thin grid: it corrects a thin volume so that its
-slab averages reproduce the thick input (the last step of super-resolution).
+slab averages reproduce the thick input (the last step of super-resolution), with no thin voxel darker than
+air (:func:`physical_floor`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 
 from .errors import GeometryError, InputError
 from .interpolation import cubic_matrix
-from .volume import Grid, Volume, axis_index, suggested_factor, thick_axis
+from .volume import AIR_HU, Grid, Volume, axis_index, suggested_factor, thick_axis
 
 Degradation = Literal["slab", "decimate"]
 DEGRADATIONS = ("slab", "decimate")
@@ -144,13 +145,21 @@ def slab_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.nd
     to_thick = np.linalg.inv(thick.index_to_physical()) @ thin.index_to_physical()
     n, m = thin.shape[axis], thick.shape[axis]
     coords = to_thick[idx, idx] * np.arange(n) + to_thick[idx, 3]
-    slab = np.floor(coords + 0.5).astype(int)
-    inside = (slab >= 0) & (slab < m)
+    slab = slab_of(coords, m)
+    inside = slab >= 0
     counts = np.bincount(slab[inside], minlength=m)
     rows = np.flatnonzero(counts > 0)
     s_mat = np.zeros((m, n))
     s_mat[slab[inside], np.flatnonzero(inside)] = 1.0
     return s_mat[rows] / counts[rows, None], rows, coords
+
+
+def slab_of(coords: np.ndarray, m: int) -> np.ndarray:
+    """The thick slab (0..m-1) whose extent holds each thin slice centre (``coords`` in thick index units), or -1
+    for a centre outside all ``m`` slabs."""
+    slab = np.floor(coords + 0.5).astype(int)
+    slab[(slab < 0) | (slab >= m)] = -1
+    return slab
 
 
 def _along_axis(mat: np.ndarray, arr: np.ndarray, axis: int) -> np.ndarray:
@@ -167,12 +176,67 @@ def slab_means(arr: np.ndarray, thick: Grid, thin: Grid, axis: int) -> tuple[np.
     return _along_axis(s_mat, arr, axis), rows
 
 
-def enforce_consistency(output: Volume, thick: Volume, axis: int, *, in_place: bool = False) -> Volume:
+def physical_floor(thick: Volume) -> float:
+    """The lowest value a thin voxel may take: air (-1024 HU), or the input's own darkest value if that is
+    lower (a scanner whose air noise reaches below -1024 HU). Nothing in a CT is darker than air, so a value
+    below it is an interpolation overshoot (cubic ringing at an air boundary), never anatomy."""
+    return min(float(np.min(thick.array)), AIR_HU)
+
+
+def floor_within_slabs(arr: np.ndarray, slab: np.ndarray, floor: float, max_rounds: int = 16) -> int:
+    """Raise the voxels of ``arr`` (thin slices along axis 0, float32, changed in place) that lie below
+    ``floor`` to it, keeping every slab's mean: in each column of a slab the excess is taken back evenly from
+    that column's voxels still above the floor (the Euclidean projection onto "same slab mean, nothing below
+    the floor", found by repeating until no voxel is below). Thin slices in no slab (``slab`` -1) are only
+    clipped. A slab whose mean is itself below the floor cannot be mended and ends at the floor.
+
+    Args:
+        arr: (n, ...) thin-grid values, the slab axis first.
+        slab: (n,) the slab of each thin slice (``-1``: outside every slab).
+        floor: the lowest allowed value.
+
+    Returns:
+        The number of voxels that were below the floor.
+    """
+    below = int(np.count_nonzero(arr < floor))
+    if not below:
+        return 0
+    for s in np.unique(slab):
+        idx = np.flatnonzero(slab == s)
+        block = arr[idx]  # a copy: (k, ...)
+        columns = (block < floor).any(axis=0)  # only the columns holding a low voxel change
+        if not columns.any():
+            continue
+        sub = block[:, columns]  # (k, c)
+        if s >= 0 and len(idx) > 1:
+            for _ in range(max_rounds):
+                low = sub < floor
+                if not low.any():
+                    break
+                lift = np.subtract(sub.dtype.type(floor), sub, out=np.zeros_like(sub), where=low)
+                excess = lift.sum(axis=0)  # per column: what raising its low voxels adds to the slab
+                sub[low] = floor
+                free = sub > floor
+                count = free.sum(axis=0, dtype=sub.dtype)
+                share = np.divide(excess, count, out=np.zeros_like(excess), where=count > 0)
+                np.subtract(sub, share, out=sub, where=free)
+        np.maximum(sub, floor, out=sub)  # outside the slabs, a slab whose mean lies below the floor, rounding
+        block[:, columns] = sub
+        arr[idx] = block
+    return below
+
+
+def enforce_consistency(
+    output: Volume, thick: Volume, axis: int, *, in_place: bool = False, floor: bool = True
+) -> Volume:
     """``output`` (thin grid) corrected so that its slab averages along ``axis`` equal ``thick``.
 
     Adds back the per-slab mean difference, spread smoothly with a cubic B-spline (see
     :func:`consistency_operator`). The result degraded again with ``degrade(..., method="slab")``
-    reproduces ``thick`` to float32 rounding. Values are not clipped.
+    reproduces ``thick`` to float32 rounding. With ``floor`` no voxel ends below :func:`physical_floor`: cubic
+    ringing at air boundaries would otherwise leave voxels darker than air (down to about -2400 HU on a chest
+    at 5 mm); they are raised to it and the slab's other voxels give the excess back
+    (:func:`floor_within_slabs`), so the slab averages still reproduce ``thick``.
 
     Args:
         output: the super-resolved volume (HU) on the thin grid of ``thick``.
@@ -180,6 +244,8 @@ def enforce_consistency(output: Volume, thick: Volume, axis: int, *, in_place: b
         axis: the super-resolved array axis.
         in_place: add the correction into ``output.array`` (a float32 array the caller owns) instead of
             a copy; saves a whole-volume allocation.
+        floor: keep every voxel at or above :func:`physical_floor` (default); False leaves the values as the
+            correction makes them.
     """
     m_mat, s_mat, rows = consistency_operator(thick.grid, output.grid, axis)
     means = _along_axis(s_mat, output.array, axis)  # (r, ...) HU, the axis first
@@ -191,6 +257,9 @@ def enforce_consistency(output: Volume, thick: Volume, axis: int, *, in_place: b
         arr = output.array.astype(np.float32)  # a copy
     view = np.moveaxis(arr, axis, 0)
     view += correction  # in place through the view: float32 sums, no whole-volume temporary
+    if floor:
+        _, _, coords = slab_operator(thick.grid, output.grid, axis)
+        floor_within_slabs(view, slab_of(coords, thick.shape[axis]), physical_floor(thick))
     return output if arr is output.array else output.with_array(arr)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from DiffusionCore.degrade import degrade, enforce_consistency, thin_grid
+from DiffusionCore.degrade import degrade, enforce_consistency, physical_floor, slab_means, thin_grid
 from DiffusionCore.errors import (
     Cancelled,
     ConfigError,
@@ -244,6 +244,40 @@ def test_enforce_consistency_in_place_equals_the_copy_and_the_copy_keeps_the_inp
     same = enforce_consistency(guess, thick, axis, in_place=True)
     assert same.array is guess.array
     np.testing.assert_array_equal(same.array, copied.array)
+
+
+def plate_phantom(air: float = -1024.0) -> Volume:
+    """5 mm slabs of a body in air crossed by thin dense plates: cubic interpolation rings far below air at them."""
+    z = np.full((40, 24, 24), air, np.float32)
+    z[:, 4:20, 4:20] = 40.0
+    z[13:15] = 3000.0  # a 2.5 mm plate: the 5 mm slabs see half of it
+    z[25:27, :, :10] = 1500.0
+    return degrade(Volume(z, (0.8, 0.8, 1.25)), 4, "z")
+
+
+@pytest.mark.parametrize("spacing", [1.25, 2.0])  # x4, and 5 -> 2 mm (not a whole factor: slabs of 2 and 3 slices)
+def test_consistency_leaves_no_voxel_darker_than_air_and_still_reproduces_the_input(spacing):
+    thick = plate_phantom()
+    grid = thin_grid(thick, target_spacing=spacing)
+    cubic = interpolate(thick, grid, "cubic")
+    unfloored = enforce_consistency(cubic, thick, 0, floor=False)
+    assert unfloored.array.min() < -1500  # the ringing is real: far darker than air
+    out = enforce_consistency(cubic, thick, 0)
+    assert out.array.min() == -1024.0
+    means, rows = slab_means(out.array, thick.grid, grid, 0)
+    np.testing.assert_allclose(means, thick.array[rows], atol=0.05)  # every slab still averages to the input
+    changed = out.array != unfloored.array
+    assert changed.any() and (np.abs(out.array - unfloored.array)[changed] > 0).all()
+    assert np.array_equal(out.array[~changed], unfloored.array[~changed])  # slabs without ringing are untouched
+
+
+def test_the_floor_is_air_or_the_inputs_own_darkest_value():
+    assert physical_floor(plate_phantom()) == -1024.0
+    noisy = plate_phantom(air=-1100.0)  # a scanner whose air noise reaches below -1024 HU
+    assert physical_floor(noisy) == -1100.0
+    out = enforce_consistency(interpolate(noisy, thin_grid(noisy, 4), "cubic"), noisy, 0)
+    assert out.array.min() == -1100.0
+    assert physical_floor(plate_phantom().with_array(plate_phantom().array + 1500.0)) == -1024.0  # no air in view
 
 
 def test_progress_total_is_known_in_advance_and_monotone():

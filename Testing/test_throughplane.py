@@ -14,7 +14,7 @@ from conftest import ct_phantom_array, recipe_changes
 
 from DiffusionCore.config import config_to_dict
 from DiffusionCore.degrade import degrade, enforce_consistency, thin_grid
-from DiffusionCore.errors import Cancelled, ConfigError, WeightsError
+from DiffusionCore.errors import Cancelled, ConfigError, GeometryError, WeightsError
 from DiffusionCore.evaluate import evaluate
 from DiffusionCore.intensity import hu_to_unit
 from DiffusionCore.interpolation import interpolate
@@ -228,6 +228,12 @@ def test_a_target_spacing_between_factors_runs_the_nearest_factor_and_resamples(
     assert abs(out.spacing_zyx[0] - 1.5) < 1e-6 and np.isfinite(out.array).all()
 
 
+def test_a_target_spacing_too_close_to_the_input_says_which_spacings_work():
+    vol = thick_phantom()  # 4 mm slices
+    with pytest.raises(GeometryError, match=r"only 1\.33 times finer than the input's 4 mm.*at most 2\.67 mm, e\.g\. 2 mm"):
+        SuperResolver.tiny_predictor().run(vol, target_spacing=3.0, device="cpu")
+
+
 def test_predictor_only_weights_refuse_samples_with_the_fix():
     with pytest.raises(ConfigError, match="without a diffusion stage"):
         SuperResolver.tiny_predictor().run(thick_phantom(), factor=2, num_samples=2, device="cpu")
@@ -367,6 +373,24 @@ def test_evaluate_cubic_dc_is_cubic_made_consistent():
 def _run(args, **kw):
     return subprocess.run([sys.executable, "-m", "DiffusionCore", *args], capture_output=True, text=True,
                           timeout=300, **kw)
+
+
+def test_sr_to_a_spacing_between_factors_writes_no_value_darker_than_air(tmp_path):
+    """5 mm to 2 mm with the shipped weights: the x2 prediction resampled to 2 mm rang down to -2089 HU on a chest and
+    the run stopped as numerically failed; now it writes a volume whose darkest voxel is air."""
+    import nibabel as nib
+
+    z = np.full((40, 48, 48), -1024.0, np.float32)
+    z[:, 8:40, 8:40] = 40.0
+    z[13:15] = 3000.0
+    z[25:27, :, :20] = 1500.0
+    src, out = tmp_path / "plates.nii.gz", tmp_path / "thin.nii.gz"
+    write_volume(degrade(Volume(z, (0.8, 0.8, 1.25)), 4, "z"), src)
+    r = _run(["sr", str(src), str(out), "--target-spacing", "2", "--no-adapt", "--progress", "none",
+              "--output-dtype", "float32"])
+    assert r.returncode == 0, r.stderr
+    written = np.asarray(nib.load(str(out)).dataobj)  # as written: read_volume would turn deep undershoot into air
+    assert written.shape[-1] == 25 and written.min() == -1024.0
 
 
 @pytest.fixture

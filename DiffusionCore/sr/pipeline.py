@@ -77,6 +77,9 @@ ProgressFn = Callable[[int, int, str], None]
 
 #: Progress units given to test-time adaptation (a share of the bar: it may be bounded by time, not by a count).
 ADAPT_PROGRESS_UNITS = 100
+#: The least spacing ratio (input / output slice spacing) the through-plane predictor runs at; its smallest factor
+#: is 2, and a finer grid is resampled from the nearest factor's.
+MIN_PREDICTOR_RATIO = 1.5
 #: Used when the model's configuration does not say (the seed's defaults).
 FALLBACK_STEPS = 15
 FALLBACK_GUIDANCE = 1.0
@@ -400,11 +403,11 @@ class SuperResolver:
     def predictor_factor(self, volume: Volume | Grid, grid: Grid, axis: int) -> int | None:
         """The factor the through-plane predictor runs at for this thin grid: the trained factor nearest
         to the spacing ratio (the result is then resampled onto ``grid`` when the ratio is not that
-        integer); None without a predictor or for a ratio under 1.5."""
+        integer); None without a predictor or for a ratio under :data:`MIN_PREDICTOR_RATIO`."""
         if self.predictor is None:
             return None
         ratio = float(volume.spacing_zyx[axis]) / float(grid.spacing_zyx[axis])
-        if ratio < 1.5:
+        if ratio < MIN_PREDICTOR_RATIO:
             return None
         k = min(self.predictor.factors, key=lambda f: (abs(f - ratio), f))
         return k if volume.shape[axis] >= 2 else None
@@ -508,11 +511,13 @@ class SuperResolver:
         seed, memory_limit, adapt = settings.seed, settings.memory_limit, settings.adapt
         data_consistency = settings.data_consistency
         if predictor_factor is None:
-            ratio = volume.spacing_zyx[axis] / grid.spacing_zyx[axis]
+            spacing = float(volume.spacing_zyx[axis])
+            ratio = spacing / grid.spacing_zyx[axis]
             raise GeometryError(
-                f"the through-plane predictor works for factors {self.predictor.factors[0]}-"  # type: ignore[union-attr]
-                f"{self.predictor.factors[-1]}, and this grid is {ratio:.2f} times finer than the input: "  # type: ignore[union-attr]
-                "choose a smaller target spacing, or use cubic interpolation (evaluate --methods cubic)"
+                f"the target spacing ({grid.spacing_zyx[axis]:.3g} mm) is only {ratio:.2f} times finer than the "
+                f"input's {spacing:.3g} mm; the through-plane predictor needs at least {MIN_PREDICTOR_RATIO:g} "
+                f"(its factors are {self.predictor.factors[0]}-{self.predictor.factors[-1]}): choose a target "  # type: ignore[union-attr]
+                f"spacing of at most {spacing / MIN_PREDICTOR_RATIO:.3g} mm, e.g. {spacing / 2:.3g} mm (x2)"
             )
         voxels = int(np.prod(grid.shape))
         if memory_limit is None:  # cubic, residual, resampling and consistency scratch: ~4 volumes
