@@ -20,6 +20,7 @@ from DiffusionCore.errors import (
     ConfigError,
     GeometryError,
     InputError,
+    NumericalError,
     ResourceError,
     WeightsError,
 )
@@ -278,6 +279,17 @@ def test_the_floor_is_air_or_the_inputs_own_darkest_value():
     out = enforce_consistency(interpolate(noisy, thin_grid(noisy, 4), "cubic"), noisy, 0)
     assert out.array.min() == -1100.0
     assert physical_floor(plate_phantom().with_array(plate_phantom().array + 1500.0)) == -1024.0  # no air in view
+
+
+def test_a_volume_far_deeper_below_air_than_ringing_is_refused_not_floored():
+    thick = plate_phantom()  # -1024..1520 HU: nothing below -1024 - 2 * 2544 HU can be ringing
+    grid = thin_grid(thick, 4)
+    guess = interpolate(thick, grid, "cubic").array.copy()
+    guess[5, 3, 3] = -20000.0  # a broken model's voxel
+    with pytest.raises(NumericalError, match=r"reaches -[\d.]+ HU, more than twice the input's value range below air \(-6112 HU\)"):
+        enforce_consistency(Volume.from_grid(grid, guess), thick, 0)
+    out = enforce_consistency(Volume.from_grid(grid, guess), thick, 0, floor=False)  # without the floor: no check
+    assert out.array.min() < -10000
 
 
 def test_progress_total_is_known_in_advance_and_monotone():
