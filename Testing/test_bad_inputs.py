@@ -618,7 +618,7 @@ def _(d: Path, s: Shared) -> Case:
     src = write_png(d / "photo.png", rgb, rgb=True)
     out = d / "out.nii.gz"
     return Case(["xray2ct", str(src), str(out), "--tiny-test-model", "--progress", "none", "--num-stages", "1"],
-                2, "is a colour (RGB) image; a radiograph is grayscale", [src], out,
+                2, "is a colour image (its red, green and blue differ); a radiograph is greyscale", [src], out,
                 api=lambda: read_radiograph(src), api_error=InputError, api_message="colour",
                 lib=xray_lib(lambda scene: _image_node(scene, rgb, "photo", vector=True)), lib_error=InputError,
                 lib_message="is a colour image")  # fmt: skip

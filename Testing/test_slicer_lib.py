@@ -523,6 +523,23 @@ def test_radiograph_node_checks_and_export(scene, tmp_path):
     assert "pixels" in check_xray_input(_radiograph_node(scene, np.ones((10, 10), np.float32)))
 
 
+def test_a_greyscale_radiograph_loaded_as_colour_gives_the_greyscale_pixels(scene):
+    import vtk
+    from vtk.util import numpy_support
+    from XrayToCTLib import check_xray_input
+    from XrayToCTLib.xray_logic import radiograph_from_node
+
+    pixels = (phantom_radiograph(64) * 250).astype(np.uint8)
+    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "chest PA (RGB)")  # how Slicer loads an RGB PNG
+    image = vtk.vtkImageData()
+    image.SetDimensions(64, 64, 1)
+    rgb = np.repeat(pixels.reshape(-1, 1), 3, axis=1)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(rgb), deep=True))
+    node.SetAndObserveImageData(image)
+    assert check_xray_input(node) == ""
+    np.testing.assert_array_equal(radiograph_from_node(node)[0], pixels.astype(np.float32))
+
+
 def test_xray_job_shows_stage_previews_then_the_final_volume(scene, tmp_path, monkeypatch):
     import tempfile
 

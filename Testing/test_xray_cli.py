@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from DiffusionCore.cli.main import main
 from DiffusionCore.errors import InputError
 from DiffusionCore.volume import Volume, read_volume, write_volume
-from DiffusionCore.xray.radiograph import match_drr_style, read_radiograph, resize_radiograph
+from DiffusionCore.xray.radiograph import as_radiograph, match_drr_style, read_radiograph, resize_radiograph
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -84,6 +84,32 @@ def test_bad_radiographs_give_one_error_line(files, tmp_path, capsys, name, mess
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and message in err[-1]
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_greyscale_radiograph_saved_in_colour_is_read_as_greyscale(files, tmp_path):
+    """Screenshots, image editors and JPEG exports store radiographs as RGB(A) with equal channels."""
+    grey = sitk.GetArrayFromImage(sitk.ReadImage(str(files["xr"])))
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    rgba = np.concatenate([rgb, np.full(grey.shape + (1,), 255, np.uint8)], axis=-1)
+    chroma = np.random.default_rng(2).integers(-1, 2, rgb.shape)  # JPEG's colour rounding: +-1 grey level
+    jpeg_like = np.clip(rgb.astype(np.int16) + chroma, 0, 255).astype(np.uint8)
+    want = read_radiograph(files["xr"]).array
+    for name, pixels in {"rgb": rgb, "rgba": rgba, "jpeg_like": jpeg_like}.items():
+        path = tmp_path / f"{name}.png"
+        sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=True), str(path))
+        got = read_radiograph(path).array
+        np.testing.assert_allclose(got, want, atol=0 if name != "jpeg_like" else 0.01)
+    np.testing.assert_array_equal(as_radiograph(rgb).array, as_radiograph(grey).array)
+    outs = {}
+    for name in ("xr", "rgb"):
+        src = files["xr"] if name == "xr" else tmp_path / "rgb.png"
+        outs[name] = tmp_path / f"{name}.nii.gz"
+        assert main(["xray2ct", str(src), str(outs[name]), "--tiny-test-model", "--progress", "none"]) == 0
+    np.testing.assert_array_equal(read_volume(outs["rgb"]).array, read_volume(outs["xr"]).array)
+    tinted = rgb.copy()
+    tinted[..., 0] = np.clip(tinted[..., 0].astype(np.int16) + 40, 0, 255)  # a colour cast is colour
+    with pytest.raises(InputError, match="is a colour image"):
+        as_radiograph(tinted)
 
 
 def test_xray2ct_end_to_end_subprocess(files, tmp_path):

@@ -28,6 +28,10 @@ MIN_RADIOGRAPH_SIDE = 32
 #: Percentiles used to window an image to [0, 1] (robust to collimator edges and burned-in labels).
 WINDOW_PERCENTILES = (0.5, 99.5)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: Largest difference between the colour channels, as a share of the image's value range (at least one grey
+#: level), at which a 3- or 4-channel image is still greyscale stored in colour (as image editors, screenshots and
+#: JPEG exports save radiographs); beyond it the image is refused as colour.
+GREY_CHANNEL_TOLERANCE = 0.01
 
 
 @dataclass
@@ -46,7 +50,10 @@ class Radiograph:
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.array)
-        check_radiograph_array(arr, self.metadata.get("source", "image"))
+        source = self.metadata.get("source", "image")
+        if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # greyscale stored in colour; real colour is refused
+            arr = greyscale_pixels(arr, source)
+        check_radiograph_array(arr, source)
         self.array = np.ascontiguousarray(arr, dtype=np.float32)
 
     @property
@@ -54,13 +61,32 @@ class Radiograph:
         return int(self.array.shape[0]), int(self.array.shape[1])
 
 
-def check_radiograph_array(arr: np.ndarray, source: str = "image") -> None:
-    """Refuse arrays that cannot be a single grayscale radiograph (raises InputError)."""
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+def greyscale_pixels(arr: np.ndarray, source: str = "image") -> np.ndarray:
+    """``(H, W)`` float32 from an ``(H, W, C)`` image with 2-4 channels stored per pixel: the grey channel of a
+    grey + alpha image, or the mean of red, green and blue when they agree to within
+    :data:`GREY_CHANNEL_TOLERANCE` (greyscale saved in colour); alpha is ignored.
+
+    Raises:
+        InputError: the colour channels differ (a photograph, a colour-mapped picture): not a radiograph.
+    """
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.shape[-1] == 2:
+        return np.ascontiguousarray(arr[..., 0])
+    rgb = arr[..., :3]
+    spread = float(rgb.max() - rgb.min()) if rgb.size else 0.0
+    if float(np.abs(rgb - rgb[..., :1]).max(initial=0.0)) > max(1.0, GREY_CHANNEL_TOLERANCE * spread):
         raise InputError(
-            f"{source} is a colour (RGB) image; a radiograph is grayscale. Export it as a grayscale "
-            "DICOM/PNG (or convert it, e.g. in 3D Slicer or an image editor) and try again."
+            f"{source} is a colour image (its red, green and blue differ); a radiograph is greyscale. Export it "
+            "as a greyscale DICOM/PNG (or convert it, e.g. in 3D Slicer or an image editor) and try again."
         )
+    return rgb.mean(axis=-1)
+
+
+def check_radiograph_array(arr: np.ndarray, source: str = "image") -> None:
+    """Refuse arrays that cannot be a single greyscale radiograph (raises InputError)."""
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        greyscale_pixels(arr, source)  # refuses real colour; callers convert greyscale stored in colour with it
+        return
     if arr.ndim == 3 and min(arr.shape) > 1:
         raise InputError(
             f"{source} is a 3D volume of shape {arr.shape}, not a radiograph. xray2ct needs one 2D "
@@ -148,12 +174,9 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
         ) from exc
     is_dicom = reader.GetImageIO() == "GDCMImageIO" or p.suffix.lower() == ".dcm"
     tags = _dicom_tags(reader) if is_dicom else {}
-    if img.GetNumberOfComponentsPerPixel() > 1:
-        raise InputError(
-            f"{p.name} is a colour (RGB) image; a radiograph is grayscale. Export it as a grayscale "
-            "DICOM/PNG and try again."
-        )
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    if img.GetNumberOfComponentsPerPixel() > 1:  # greyscale saved in colour is read; real colour is refused
+        arr = greyscale_pixels(arr, p.name)
     check_radiograph_array(arr, p.name)
     arr = arr.reshape([s for s in arr.shape if s != 1]) if arr.ndim == 3 else arr
     # MONOCHROME1 (high values display dark): SimpleITK's GDCM reader already returns such images inverted
@@ -230,6 +253,8 @@ def as_radiograph(image: Radiograph | np.ndarray | str | os.PathLike) -> Radiogr
     if isinstance(image, str | os.PathLike):
         return read_radiograph(image)
     arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        arr = greyscale_pixels(arr, "the array")
     check_radiograph_array(arr, "the array")
     arr = arr.reshape([s for s in arr.shape if s != 1]) if arr.ndim == 3 else arr
     if arr.min() < 0 or arr.max() > 1:

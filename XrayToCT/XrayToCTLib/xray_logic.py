@@ -112,6 +112,10 @@ def _pixels(node) -> np.ndarray:
     """The node's pixels as ``(H, W)`` float32; colour-encoded greyscale is accepted, real colour refused."""
     from vtk.util import numpy_support
 
+    from DiffusionCore.xray.radiograph import (
+        greyscale_pixels,  # torch: imported when needed, not at module load
+    )
+
     image = node.GetImageData()
     if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
         raise InputError(f"'{node.GetName()}' holds no pixels; load a radiograph first.")
@@ -125,13 +129,7 @@ def _pixels(node) -> np.ndarray:
     ncomp = image.GetPointData().GetScalars().GetNumberOfComponents()
     arr = scalars.reshape(ny, nx, ncomp).astype(np.float32)
     if ncomp > 1:
-        rgb = arr[..., :3]
-        if np.abs(rgb - rgb[..., :1]).max() > 1.0:
-            raise InputError(
-                f"'{node.GetName()}' is a colour image; a greyscale radiograph (DICOM CR/DX, or greyscale "
-                "PNG/JPEG) is needed."
-            )
-        arr = rgb[..., :1]
+        return greyscale_pixels(arr, f"'{node.GetName()}'")
     return arr[..., 0]
 
 
