@@ -201,12 +201,14 @@ def check_ringing_depth(lowest_value: float, floor: float, highest_input: float)
         )
 
 
-def floor_within_slabs(arr: np.ndarray, slab: np.ndarray, floor: float, max_rounds: int = 16) -> int:
+def floor_within_slabs(arr: np.ndarray, slab: np.ndarray, floor: float) -> int:
     """Raise the voxels of ``arr`` (thin slices along axis 0, float32, changed in place) that lie below
     ``floor`` to it, keeping every slab's mean: in each column of a slab the excess is taken back evenly from
     that column's voxels still above the floor (the Euclidean projection onto "same slab mean, nothing below
-    the floor", found by repeating until no voxel is below). Thin slices in no slab (``slab`` -1) are only
-    clipped. A slab whose mean is itself below the floor cannot be mended and ends at the floor.
+    the floor", found by repeating until no voxel is below: each round puts at least one more voxel of every
+    column still short on the floor, so a slab of k thin slices takes at most k rounds). Thin slices in no slab
+    (``slab`` -1) are only clipped. A slab whose mean is itself below the floor cannot be mended and ends at the
+    floor.
 
     Args:
         arr: (n, ...) thin-grid values, the slab axis first.
@@ -227,7 +229,7 @@ def floor_within_slabs(arr: np.ndarray, slab: np.ndarray, floor: float, max_roun
             continue
         sub = block[:, columns]  # (k, c)
         if s >= 0 and len(idx) > 1:
-            for _ in range(max_rounds):
+            for _ in range(len(idx) + 1):
                 low = sub < floor
                 if not low.any():
                     break

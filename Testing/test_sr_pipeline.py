@@ -256,7 +256,7 @@ def plate_phantom(air: float = -1024.0) -> Volume:
     return degrade(Volume(z, (0.8, 0.8, 1.25)), 4, "z")
 
 
-@pytest.mark.parametrize("spacing", [1.25, 2.0])  # x4, and 5 -> 2 mm (not a whole factor: slabs of 2 and 3 slices)
+@pytest.mark.parametrize("spacing", [1.25, 2.0, 0.7])  # x4; 5 -> 2 mm (slabs of 2 or 3 slices); 7 or 8
 def test_consistency_leaves_no_voxel_darker_than_air_and_still_reproduces_the_input(spacing):
     thick = plate_phantom()
     grid = thin_grid(thick, target_spacing=spacing)
