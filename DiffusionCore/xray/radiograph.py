@@ -15,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
 
 from ..errors import InputError
 from ..volume import check_metaimage_header
@@ -217,6 +215,9 @@ def resize_radiograph(rad: Radiograph, size: int | tuple[int, int], *, square: b
         r0, c0 = (h - s) // 2, (w - s) // 2
         arr = arr[r0 : r0 + s, c0 : c0 + s]
         h = w = s
+    import torch  # here, so that reading and checking radiographs (the Slicer module's input check) need no torch
+    import torch.nn.functional as F
+
     rows, cols = (size, size) if isinstance(size, int) else size
     t = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
     out = F.interpolate(t, size=(rows, cols), mode="bilinear", align_corners=False, antialias=True)[0, 0]

@@ -33,6 +33,7 @@ from CTDiffusionSRLib.sr_logic import check_weights
 
 from DiffusionCore.errors import InputError, OutputError
 from DiffusionCore.volume import write_volume
+from DiffusionCore.xray.radiograph import greyscale_pixels
 
 try:
     from slicer.i18n import tr as _
@@ -111,10 +112,6 @@ class XraySettings:
 def _pixels(node) -> np.ndarray:
     """The node's pixels as ``(H, W)`` float32; colour-encoded greyscale is accepted, real colour refused."""
     from vtk.util import numpy_support
-
-    from DiffusionCore.xray.radiograph import (
-        greyscale_pixels,  # torch: imported when needed, not at module load
-    )
 
     image = node.GetImageData()
     if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
