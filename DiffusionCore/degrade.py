@@ -183,6 +183,21 @@ def physical_floor(thick: Volume) -> float:
     return min(float(np.min(thick.array)), AIR_HU)
 
 
+#: Voxels that must share the input's largest value for it to count as the scanner's cap (values are stored up to
+#: a limit, often 3071 HU, and everything denser is clipped to it: a plateau a reconstruction never makes by chance).
+SATURATED_VOXELS = 64
+
+
+def physical_ceiling(thick: Volume) -> float | None:
+    """The highest value a thin voxel may take, or None: the input's maximum when it is the scanner's cap (at least
+    :data:`SATURATED_VOXELS` voxels hold exactly it; both sample chests are clipped so, at 2976 and 3071 HU). Thin
+    slices from the same scanner are clipped at that cap too, so the consistency step must not push a thin voxel
+    above it (next to metal or dense contrast beside air it did, by up to 2,600 HU). Without such a plateau thin
+    slices may be brighter than any thick slab, and there is no ceiling."""
+    top = float(np.max(thick.array))
+    return top if int(np.count_nonzero(thick.array == top)) >= SATURATED_VOXELS else None
+
+
 def check_ringing_depth(lowest_value: float, floor: float, highest_input: float) -> None:
     """Refuse a thin volume that reaches further below the floor than interpolation ringing can: more than twice
     the input's own value range (``highest_input`` - ``floor``) below it. Cubic ringing and its consistency
@@ -256,7 +271,8 @@ def enforce_consistency(
     reproduces ``thick`` to float32 rounding. With ``floor`` no voxel ends below :func:`physical_floor`: cubic
     ringing at air boundaries would otherwise leave voxels darker than air (down to about -2400 HU on a chest
     at 5 mm); they are raised to it and the slab's other voxels give the excess back
-    (:func:`floor_within_slabs`), so the slab averages still reproduce ``thick``. A volume reaching much further
+    (:func:`floor_within_slabs`), so the slab averages still reproduce ``thick``. Likewise no voxel ends above
+    the scanner's cap when the input is clipped at one (:func:`physical_ceiling`). A volume reaching much further
     below air than ringing can is refused first (:func:`check_ringing_depth`).
 
     Raises:
@@ -268,8 +284,8 @@ def enforce_consistency(
         axis: the super-resolved array axis.
         in_place: add the correction into ``output.array`` (a float32 array the caller owns) instead of
             a copy; saves a whole-volume allocation.
-        floor: keep every voxel at or above :func:`physical_floor` (default); False leaves the values as the
-            correction makes them.
+        floor: keep every voxel at or above :func:`physical_floor` and at or below :func:`physical_ceiling`
+            (default); False leaves the values as the correction makes them.
     """
     m_mat, s_mat, rows = consistency_operator(thick.grid, output.grid, axis)
     means = _along_axis(s_mat, output.array, axis)  # (r, ...) HU, the axis first
@@ -282,10 +298,15 @@ def enforce_consistency(
     view = np.moveaxis(arr, axis, 0)
     view += correction  # in place through the view: float32 sums, no whole-volume temporary
     if floor:
-        lowest = physical_floor(thick)
+        lowest, highest = physical_floor(thick), physical_ceiling(thick)
         check_ringing_depth(float(view.min()), lowest, float(np.max(thick.array)))
         _, _, coords = slab_operator(thick.grid, output.grid, axis)
-        floor_within_slabs(view, slab_of(coords, thick.shape[axis]), lowest)
+        slab = slab_of(coords, thick.shape[axis])
+        floor_within_slabs(view, slab, lowest)
+        if highest is not None and float(view.max()) > highest:  # the same, upside down: only raises voxels
+            np.negative(view, out=view)
+            floor_within_slabs(view, slab, -highest)
+            np.negative(view, out=view)
     return output if arr is output.array else output.with_array(arr)
 
 
