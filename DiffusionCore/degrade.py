@@ -110,7 +110,9 @@ def crop_to_slabs(vol: Volume, factor: int, axis: str | int = "z") -> Volume:
 
 
 # -- data consistency: the correction that the slab degradation maps back onto the thick input ----------
-def consistency_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def consistency_operator(
+    thick: Grid, thin: Grid, axis: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The linear map that corrects a thin-grid volume so its slab averages equal the thick input.
 
     Along ``axis`` let ``S`` (m x n) average the thin slices whose centres fall inside each thick slab
@@ -126,15 +128,15 @@ def consistency_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray
         axis: array axis (0, 1, 2).
 
     Returns:
-        ``(M, S, rows)``: ``M`` (n x r) float64 maps the slab differences of the ``r`` slabs listed in
+        ``(M, S, rows, slab)``: ``M`` (n x r) float64 maps the slab differences of the ``r`` slabs listed in
         ``rows`` (those holding at least one thin slice centre) to the thin-grid correction; ``S`` (r x n)
-        is the slab average (:func:`slab_operator`).
+        is the slab average (:func:`slab_operator`); ``slab`` (n,) the slab of each thin slice (:func:`slab_of`).
     """
     s_mat, rows, coords = slab_operator(thick, thin, axis)
     b_mat = cubic_matrix(thick.shape[axis], coords)
     system = s_mat @ b_mat  # (r x m): slab averages of each spline basis function
     m_mat = b_mat @ np.linalg.pinv(system)
-    return m_mat, s_mat, rows
+    return m_mat, s_mat, rows, slab_of(coords, thick.shape[axis])
 
 
 def slab_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -216,7 +218,7 @@ def check_ringing_depth(lowest_value: float, floor: float, highest_input: float)
         )
 
 
-def floor_within_slabs(arr: np.ndarray, slab: np.ndarray, floor: float) -> int:
+def floor_within_slabs(arr: np.ndarray, slab: np.ndarray, floor: float) -> None:
     """Raise the voxels of ``arr`` (thin slices along axis 0, float32, changed in place) that lie below
     ``floor`` to it, keeping every slab's mean: in each column of a slab the excess is taken back evenly from
     that column's voxels still above the floor (the Euclidean projection onto "same slab mean, nothing below
@@ -229,13 +231,9 @@ def floor_within_slabs(arr: np.ndarray, slab: np.ndarray, floor: float) -> int:
         arr: (n, ...) thin-grid values, the slab axis first.
         slab: (n,) the slab of each thin slice (``-1``: outside every slab).
         floor: the lowest allowed value.
-
-    Returns:
-        The number of voxels that were below the floor.
     """
-    below = int(np.count_nonzero(arr < floor))
-    if not below:
-        return 0
+    if not (arr < floor).any():
+        return
     for s in np.unique(slab):
         idx = np.flatnonzero(slab == s)
         block = arr[idx]  # a copy: (k, ...)
@@ -258,7 +256,6 @@ def floor_within_slabs(arr: np.ndarray, slab: np.ndarray, floor: float) -> int:
         np.maximum(sub, floor, out=sub)  # outside the slabs, a slab whose mean lies below the floor, rounding
         block[:, columns] = sub
         arr[idx] = block
-    return below
 
 
 def enforce_consistency(
@@ -287,7 +284,7 @@ def enforce_consistency(
         floor: keep every voxel at or above :func:`physical_floor` and at or below :func:`physical_ceiling`
             (default); False leaves the values as the correction makes them.
     """
-    m_mat, s_mat, rows = consistency_operator(thick.grid, output.grid, axis)
+    m_mat, s_mat, rows, slab = consistency_operator(thick.grid, output.grid, axis)
     means = _along_axis(s_mat, output.array, axis)  # (r, ...) HU, the axis first
     diff = np.moveaxis(thick.array, axis, 0)[rows].astype(np.float32) - means
     correction = _along_axis(m_mat, diff, 0)  # (n, ...)
@@ -300,8 +297,6 @@ def enforce_consistency(
     if floor:
         lowest, highest = physical_floor(thick), physical_ceiling(thick)
         check_ringing_depth(float(view.min()), lowest, float(np.max(thick.array)))
-        _, _, coords = slab_operator(thick.grid, output.grid, axis)
-        slab = slab_of(coords, thick.shape[axis])
         floor_within_slabs(view, slab, lowest)
         if highest is not None and float(view.max()) > highest:  # the same, upside down: only raises voxels
             np.negative(view, out=view)

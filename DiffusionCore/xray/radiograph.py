@@ -47,12 +47,7 @@ class Radiograph:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        arr = np.asarray(self.array)
-        source = self.metadata.get("source", "image")
-        if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # greyscale stored in colour; real colour is refused
-            arr = greyscale_pixels(arr, source)
-        check_radiograph_array(arr, source)
-        self.array = np.ascontiguousarray(arr, dtype=np.float32)
+        self.array = np.ascontiguousarray(radiograph_pixels(self.array, self.metadata.get("source", "image")))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -80,11 +75,16 @@ def greyscale_pixels(arr: np.ndarray, source: str = "image") -> np.ndarray:
     return rgb.mean(axis=-1)
 
 
-def check_radiograph_array(arr: np.ndarray, source: str = "image") -> None:
-    """Refuse arrays that cannot be a single greyscale radiograph (raises InputError)."""
+def radiograph_pixels(arr: np.ndarray, source: str = "image") -> np.ndarray:
+    """The ``(H, W)`` float32 pixels of an array that is one greyscale radiograph: greyscale stored in colour
+    (``(H, W, 3)`` or ``(H, W, 4)``) is converted (:func:`greyscale_pixels`) and single-slice axes are dropped.
+
+    Raises:
+        InputError: real colour, a 3D volume, fewer or more than 2 dimensions, a thumbnail, NaN or Inf.
+    """
+    arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        greyscale_pixels(arr, source)  # refuses real colour; callers convert greyscale stored in colour with it
-        return
+        arr = greyscale_pixels(arr, source)
     if arr.ndim == 3 and min(arr.shape) > 1:
         raise InputError(
             f"{source} is a 3D volume of shape {arr.shape}, not a radiograph. xray2ct needs one 2D "
@@ -101,6 +101,7 @@ def check_radiograph_array(arr: np.ndarray, source: str = "image") -> None:
         )
     if not np.all(np.isfinite(arr)):
         raise InputError(f"{source} contains NaN or infinite values; re-export the image.")
+    return arr
 
 
 def _dicom_tags(reader: sitk.ImageFileReader) -> dict[str, str]:
@@ -173,10 +174,9 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     is_dicom = reader.GetImageIO() == "GDCMImageIO" or p.suffix.lower() == ".dcm"
     tags = _dicom_tags(reader) if is_dicom else {}
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
-    if img.GetNumberOfComponentsPerPixel() > 1:  # greyscale saved in colour is read; real colour is refused
+    if img.GetNumberOfComponentsPerPixel() > 1:  # greyscale saved in colour (grey + alpha too); real colour refused
         arr = greyscale_pixels(arr, p.name)
-    check_radiograph_array(arr, p.name)
-    arr = arr.reshape([s for s in arr.shape if s != 1]) if arr.ndim == 3 else arr
+    arr = radiograph_pixels(arr, p.name)
     # MONOCHROME1 (high values display dark): SimpleITK's GDCM reader already returns such images inverted
     # to MONOCHROME2 semantics (2^BitsStored - 1 - value), so bright = attenuating here for both; checked
     # on a crafted MONOCHROME1 file in Testing/test_xray_cli.py.
@@ -253,11 +253,7 @@ def as_radiograph(image: Radiograph | np.ndarray | str | os.PathLike) -> Radiogr
         return image
     if isinstance(image, str | os.PathLike):
         return read_radiograph(image)
-    arr = np.asarray(image, dtype=np.float32)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        arr = greyscale_pixels(arr, "the array")
-    check_radiograph_array(arr, "the array")
-    arr = arr.reshape([s for s in arr.shape if s != 1]) if arr.ndim == 3 else arr
+    arr = radiograph_pixels(image, "the array")
     if arr.min() < 0 or arr.max() > 1:
         arr = window_radiograph(arr)
     return Radiograph(arr, None, {"source": "array"})
