@@ -334,6 +334,26 @@ def test_sr_job_refuses_writing_into_the_input(scene):
         SRJob(scene, node, SRSettings(tiny_test_model=True), output_node=node)
 
 
+def test_sr_job_names_the_target_spacings_the_predictor_can_make(scene, tmp_path):
+    """4 mm slices to 3 mm is too close for the shipped weights' predictor (smallest factor 2): Apply says so at
+    once, with the spacings that work, instead of a background job failing; weights without a predictor (a
+    cubic start) take it, and so do the shipped ones at a spacing they can make."""
+    from DiffusionCore.errors import GeometryError
+    from DiffusionCore.sr.model import SRModel
+
+    node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_05")  # 4 mm slices
+    n_before = scene.GetNumberOfNodes()
+    for weights in ("", "sr-default"):  # the default (preselected) and the same named
+        with pytest.raises(GeometryError, match=r"only 1\.33 times finer than the input's 4 mm.*at most 2\.67 mm"):
+            SRJob(scene, node, SRSettings(target_spacing=3.0, weights=weights, device="cpu"))
+    assert scene.GetNumberOfNodes() == n_before
+    SRJob(scene, node, SRSettings(target_spacing=2.5, device="cpu"))  # ratio 1.6: made from the x2 grid
+    latent_only = tmp_path / "latent.safetensors"
+    SRModel.tiny(seed=0).save(latent_only)
+    SRJob(scene, node, SRSettings(target_spacing=3.0, weights=str(latent_only), allow_unregistered_weights=True,
+                                  device="cpu"))
+
+
 def test_sr_job_surfaces_the_cli_error_line(scene):
     node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_04")
     job = SRJob(scene, node, SRSettings(factor=4, weights="/nonexistent/weights.safetensors", device="cpu"))

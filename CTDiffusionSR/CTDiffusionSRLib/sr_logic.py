@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from DiffusionCore.degrade import MAX_FACTOR
-from DiffusionCore.errors import DiffusionCoreError, InputError, OutputError
+from DiffusionCore.degrade import MAX_FACTOR, plan_thin_grid
+from DiffusionCore.errors import DiffusionCoreError, GeometryError, InputError, OutputError
 from DiffusionCore.volume import check_ct, require_ct, thick_axis, write_volume
 
 from .jobs import CLIJob
@@ -213,8 +213,6 @@ def effective_factor(node, settings: SRSettings) -> int:
     Raises:
         GeometryError: what ``plan_thin_grid`` refuses (e.g. both a factor and a target spacing).
     """
-    from DiffusionCore.degrade import plan_thin_grid
-
     grid = grid_from_node(node)
     _, ax, k = plan_thin_grid(grid, **settings.thin_grid_options())
     if k is None:  # a target spacing
@@ -222,11 +220,15 @@ def effective_factor(node, settings: SRSettings) -> int:
     return int(k)
 
 
-def check_weights(weights: str, family: str, allow_unregistered: bool) -> None:
+def check_weights(weights: str, family: str, allow_unregistered: bool):
     """Check chosen weights that exist here (a registered name or a file) before a job starts: safetensors,
     sha256 registered or explicitly allowed, the right model family. A wrong file is then reported at once
     instead of by the background process; a name or path that does not exist is left to the job, whose
     command reports it with the registered names.
+
+    Returns:
+        The checked weights (``ResolvedWeights``: their header's metadata says what they hold), or None for a
+        name or path that does not exist here.
 
     Raises:
         WeightsError: what :func:`DiffusionCore.weights.resolve_weights` refuses.
@@ -234,7 +236,27 @@ def check_weights(weights: str, family: str, allow_unregistered: bool) -> None:
     from DiffusionCore.weights import list_weights, resolve_weights
 
     if weights in {w["name"] for w in list_weights()} or Path(weights).expanduser().is_file():
-        resolve_weights(weights, family=family, allow_unregistered=allow_unregistered)
+        return resolve_weights(weights, family=family, allow_unregistered=allow_unregistered)
+    return None
+
+
+def target_spacing_problem(node, settings: SRSettings, resolved) -> str:
+    """Why the chosen weights cannot make ``settings.target_spacing`` from ``node`` (``""`` when they can, or
+    when no target spacing is asked): a through-plane predictor needs the output at least 1.5 times finer
+    than the input (its smallest factor is 2). The job would stop with the same message; the module says it
+    when Apply is pressed, with the spacings that work."""
+    if settings.target_spacing <= 0 or resolved is None:
+        return ""
+    config = (resolved.metadata.get("config") or {}).get("throughplane")
+    if not isinstance(config, dict):  # no predictor: any finer spacing works (cubic start)
+        return ""
+    from DiffusionCore.sr.settings import predictor_spacing_problem
+    from DiffusionCore.sr.throughplane import ThroughPlaneConfig
+
+    grid = grid_from_node(node)
+    _, axis, _ = plan_thin_grid(grid, **settings.thin_grid_options())
+    return predictor_spacing_problem(grid.spacing_zyx[axis], settings.target_spacing,
+                                     ThroughPlaneConfig(**config).factors)
 
 
 class SRJob(CLIJob):
@@ -254,8 +276,14 @@ class SRJob(CLIJob):
             raise InputError(reason)
         if output_node is not None and output_node.GetID() == input_node.GetID():
             raise OutputError("the output must be a new volume, not the input (the input is never modified).")
-        if settings.weights and not (settings.tiny_test_model or settings.tiny_test_predictor):
-            check_weights(settings.weights, "sr", settings.allow_unregistered_weights)
+        if not (settings.tiny_test_model or settings.tiny_test_predictor):
+            from DiffusionCore.weights.registry import first_available
+
+            weights = settings.weights or first_available("sr")
+            resolved = check_weights(weights, "sr", settings.allow_unregistered_weights) if weights else None
+            problem = target_spacing_problem(input_node, settings, resolved)
+            if problem:
+                raise GeometryError(problem[0].upper() + problem[1:] + ".")
         self.input_node = input_node
         self.output_node = output_node
         self.settings = settings

@@ -67,7 +67,7 @@ from ..volume import Grid, Volume, axis_index, check_ct, require_ct
 from .adapt import AdaptSettings, adapt_predictor
 from .config import MEAN, SAMPLE
 from .model import requested_estimate
-from .settings import SRRunSettings
+from .settings import MIN_PREDICTOR_RATIO, SRRunSettings, predictor_spacing_problem
 from .throughplane import COMPONENT as THROUGHPLANE
 from .throughplane import ThroughPlaneNet, body_box, predict_residual
 
@@ -77,9 +77,6 @@ ProgressFn = Callable[[int, int, str], None]
 
 #: Progress units given to test-time adaptation (a share of the bar: it may be bounded by time, not by a count).
 ADAPT_PROGRESS_UNITS = 100
-#: The least spacing ratio (input / output slice spacing) the through-plane predictor runs at; its smallest factor
-#: is 2, and a finer grid is resampled from the nearest factor's.
-MIN_PREDICTOR_RATIO = 1.5
 #: Used when the model's configuration does not say (the seed's defaults).
 FALLBACK_STEPS = 15
 FALLBACK_GUIDANCE = 1.0
@@ -511,14 +508,9 @@ class SuperResolver:
         seed, memory_limit, adapt = settings.seed, settings.memory_limit, settings.adapt
         data_consistency = settings.data_consistency
         if predictor_factor is None:
-            spacing = float(volume.spacing_zyx[axis])
-            ratio = spacing / grid.spacing_zyx[axis]
-            raise GeometryError(
-                f"the target spacing ({grid.spacing_zyx[axis]:.3g} mm) is only {ratio:.2f} times finer than the "
-                f"input's {spacing:.3g} mm; the through-plane predictor needs at least {MIN_PREDICTOR_RATIO:g} "
-                f"(its factors are {self.predictor.factors[0]}-{self.predictor.factors[-1]}): choose a target "  # type: ignore[union-attr]
-                f"spacing of at most {spacing / MIN_PREDICTOR_RATIO:.3g} mm, e.g. {spacing / 2:.3g} mm (x2)"
-            )
+            raise GeometryError(predictor_spacing_problem(
+                volume.spacing_zyx[axis], grid.spacing_zyx[axis], self.predictor.factors)  # type: ignore[union-attr]
+                or "the through-plane predictor needs at least 2 slices along the thick axis")
         voxels = int(np.prod(grid.shape))
         if memory_limit is None:  # cubic, residual, resampling and consistency scratch: ~4 volumes
             check_memory_for(voxels * 16, f"super-resolving onto {'x'.join(map(str, grid.shape))} voxels",

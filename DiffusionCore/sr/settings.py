@@ -24,6 +24,27 @@ if TYPE_CHECKING:
 
     from .adapt import AdaptSettings
 
+#: The least spacing ratio (input / output slice spacing) the through-plane predictor runs at; its smallest factor
+#: is 2, and a finer grid is resampled from the nearest factor's.
+MIN_PREDICTOR_RATIO = 1.5
+
+
+def predictor_spacing_problem(input_spacing: float, target_spacing: float, factors: list[int]) -> str:
+    """Why weights with a through-plane predictor of ``factors`` cannot make slices ``target_spacing`` mm apart
+    from slices ``input_spacing`` mm apart, naming the spacings that work; ``""`` when they can.
+
+    The ``sr`` command refuses such a run with this message, and the Slicer module before its job starts.
+    """
+    ratio = float(input_spacing) / float(target_spacing)
+    if ratio >= MIN_PREDICTOR_RATIO:
+        return ""
+    return (
+        f"the target spacing ({target_spacing:.3g} mm) is only {ratio:.2f} times finer than the input's "
+        f"{input_spacing:.3g} mm; the through-plane predictor needs at least {MIN_PREDICTOR_RATIO:g} (its factors "
+        f"are {min(factors)}-{max(factors)}): choose a target spacing of at most "
+        f"{input_spacing / MIN_PREDICTOR_RATIO:.3g} mm, e.g. {input_spacing / 2:.3g} mm (x2)"
+    )
+
 
 @dataclass(frozen=True)
 class SRRunSettings:
