@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,6 +111,89 @@ def test_a_greyscale_radiograph_saved_in_colour_is_read_as_greyscale(files, tmp_
     tinted[..., 0] = np.clip(tinted[..., 0].astype(np.int16) + 40, 0, 255)  # a colour cast is colour
     with pytest.raises(InputError, match="is a colour image"):
         as_radiograph(tinted)
+
+
+def _dicom_variant(src: Path, dst: Path, pixels: np.ndarray | None = None, **tags) -> Path:
+    """A copy of the DICOM radiograph ``src`` with other pixels and header tags (pydicom keywords)."""
+    import pydicom
+
+    ds = pydicom.dcmread(src)
+    if pixels is not None:
+        ds.Rows, ds.Columns = pixels.shape
+        ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.save_as(dst)
+    return dst
+
+
+def test_dicom_images_that_are_not_radiographs_are_refused(files, tmp_path, capsys):
+    """A CT slice, an MR image or a mammogram saved as one DICOM image would otherwise become a "CT" from a
+    "radiograph"; a CT localizer (topogram, scout) is a projection radiograph and is read."""
+    cases = {
+        "ct_slice": ({"Modality": "CT", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"]}, "is a CT slice (DICOM Modality CT)"),
+        "mr": ({"Modality": "MR"}, "is an MR image"),
+        "mammo": ({"Modality": "MG"}, "is a mammogram"),
+    }
+    for name, (tags, message) in cases.items():
+        src = _dicom_variant(files["m2"], tmp_path / f"{name}.dcm", **tags)
+        with pytest.raises(InputError, match=re.escape(message)):
+            read_radiograph(src)
+        code = main(["xray2ct", str(src), str(tmp_path / f"{name}.nii.gz"), "--tiny-test-model", "--progress", "none"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and message in err[-1] and "radiograph (CR or DX) or a CT topogram" in err[-1]
+        assert not (tmp_path / f"{name}.nii.gz").exists()
+    scout = _dicom_variant(files["m2"], tmp_path / "scout.dcm", Modality="CT",
+                           ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
+    rad = read_radiograph(scout)
+    assert rad.metadata["view"] == "pa" and rad.metadata["view_from"] == "image directions L\\F"
+    np.testing.assert_array_equal(rad.array, read_radiograph(files["m2"]).array)
+
+
+def test_a_radiograph_is_turned_as_its_header_says(files, tmp_path):
+    """Frontal radiographs stored mirrored, upside down or on their side (PatientOrientation, or a CT localizer's
+    ImageOrientationPatient) reach the model head up with the patient's left on the right, as the training DRRs
+    are; one whose header says nothing is left as it is."""
+    rng = np.random.default_rng(3)
+    upright = (rng.random((40, 56)) * 4000).astype(np.uint16)  # not square, so that a transpose shows
+    spacing = ["0.5", "0.25"]  # (row, col) mm of the upright image
+    want = read_radiograph(_dicom_variant(files["m2"], tmp_path / "up.dcm", upright, PatientOrientation=["L", "F"],
+                                          PixelSpacing=spacing))
+    assert "oriented" not in want.metadata and want.pixel_spacing == (0.5, 0.25)
+    stored = {
+        "mirrored": (upright[:, ::-1], {"PatientOrientation": ["R", "F"]}, "flipped left-right"),
+        "upside_down": (upright[::-1], {"PatientOrientation": ["L", "H"]}, "flipped upside down"),
+        "on_its_side": (upright.T, {"PatientOrientation": ["F", "L"]}, "transposed"),
+        "both": (upright[::-1, ::-1].T, {"PatientOrientation": ["H", "R"]}, "transposed and flipped left-right and flipped upside down"),
+        "scout_mirrored": (upright[:, ::-1], {"Modality": "CT", "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                                              "ImageOrientationPatient": [-1, 0, 0, 0, 0, -1]}, "flipped left-right"),
+    }
+    for name, (pixels, tags, done) in stored.items():
+        pix_spacing = spacing[::-1] if pixels.shape != upright.shape else spacing
+        rad = read_radiograph(_dicom_variant(files["m2"], tmp_path / f"{name}.dcm", pixels, PixelSpacing=pix_spacing,
+                                             **tags))
+        np.testing.assert_array_equal(rad.array, want.array, err_msg=name)
+        assert rad.pixel_spacing == (0.5, 0.25), name
+        assert rad.metadata["oriented"].startswith(done + " to the model's orientation"), name
+    plain = read_radiograph(_dicom_variant(files["m2"], tmp_path / "plain.dcm", upright[:, ::-1], PixelSpacing=spacing))
+    np.testing.assert_array_equal(plain.array, want.array[:, ::-1])  # no header: nothing to go by
+    assert "view" not in plain.metadata
+
+
+def test_a_lateral_radiograph_is_named_as_such(files, tmp_path, capsys):
+    """The shipped weights take frontal views: a lateral (ViewPosition LL) is refused with what the header says
+    and how to override a wrong header; --view pa overrides it."""
+    src = _dicom_variant(files["m2"], tmp_path / "lat.dcm", ViewPosition="LL")
+    assert read_radiograph(src).metadata["view"] == "lateral"
+    out = tmp_path / "lat.nii.gz"
+    code = main(["xray2ct", str(src), str(out), "--tiny-test-model", "--progress", "none"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and not out.exists()
+    assert "trained on pa radiographs, the input is marked lateral (its DICOM header: ViewPosition LL)" in err
+    assert "give the view (--view)" in err
+    assert main(["xray2ct", str(src), str(out), "--tiny-test-model", "--progress", "none", "--view", "pa"]) == 0
+    frontal = _dicom_variant(files["m2"], tmp_path / "ap.dcm", ViewPosition="AP")
+    assert main(["xray2ct", str(frontal), str(tmp_path / "ap.nii.gz"), "--tiny-test-model", "--progress", "none"]) == 0
 
 
 def test_xray2ct_end_to_end_subprocess(files, tmp_path):

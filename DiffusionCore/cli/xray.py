@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="cascade stages to run (1: 64^3 preview ... 3: 256^3; default: every stage the weights have); more "
         "than the weights have is refused",
     )
-    p.add_argument("--view", default="pa", choices=("pa", "lateral"), help="radiograph view (default pa)")
+    p.add_argument("--view", default=None, choices=("pa", "lateral"),
+                   help="radiograph view, pa for any frontal view (default: what a DICOM radiograph's header says, "
+                   "else pa)")  # fmt: skip
     p.add_argument("--weights", default=None, help="weights name or file (default: the shipped xray-default)")
     p.add_argument("--allow-unregistered-weights", action="store_true",
                    help="accept a weights file whose sha256 is not registered")  # fmt: skip

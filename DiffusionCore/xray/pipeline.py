@@ -174,7 +174,7 @@ class XrayToCTGenerator:
         steps: int | None = None,
         seed: int = 0,
         device: str = "auto",
-        view: str = "pa",
+        view: str | None = None,
         fov_mm: float | None = None,
         progress: Callable[[int, int, str], None] | None = None,
         cancel: threading.Event | None = None,
@@ -192,7 +192,9 @@ class XrayToCTGenerator:
             steps: DDIM steps per stage (default: each stage's config).
             seed: noise seed (same seed, same output).
             device: auto, cpu or cuda.
-            view: the radiograph's view; must be the one the weights were trained on.
+            view: the radiograph's view (``"pa"``: any frontal view; ``"lateral"``); must be the one the weights
+                were trained on. Default: what a DICOM radiograph's header says (:func:`.radiograph.header_view`),
+                else ``"pa"``.
             fov_mm: side of the output cube in mm (see module docstring for the default).
             progress: ``progress(done, total, message)``.
             cancel: set to stop between steps (raises :class:`Cancelled`; nothing is returned).
@@ -209,11 +211,16 @@ class XrayToCTGenerator:
         """
         from ..devices import resolve_device
 
+        rad = as_radiograph(image)
         trained_view = self.cascade.configs[0].data.view
+        from_header = view is None and "view" in rad.metadata
+        view = view or rad.metadata.get("view") or "pa"
         if view != trained_view:
+            said = f" (its DICOM header: {rad.metadata.get('view_from')})" if from_header else ""
+            fix = "; if the header is wrong, give the view (--view)" if from_header else ""
             raise InputError(
-                f"these weights were trained on {trained_view} radiographs, the input is marked {view}; "
-                f"give a {trained_view} radiograph (or weights trained on {view} views)"
+                f"these weights were trained on {trained_view} radiographs, the input is marked {view}{said}; "
+                f"give a {trained_view} radiograph (or weights trained on {view} views){fix}"
             )
         notes = []
         num_stages = self.num_stages if num_stages is None else int(num_stages)
@@ -224,8 +231,10 @@ class XrayToCTGenerator:
             num_stages = self.num_stages
         if num_stages < 1:
             raise InputError("num_stages must be at least 1")
+        if rad.metadata.get("oriented"):
+            notes.append(f"the radiograph was {rad.metadata['oriented']}")
         t0 = time.time()
-        xray, fov, fov_source = self.prepare_input(image, fov_mm)
+        xray, fov, fov_source = self.prepare_input(rad, fov_mm)
         dev = resolve_device(device)
         self.cascade.to(dev)
         xray = xray.to(dev)

@@ -30,6 +30,22 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 #: level), at which a 3- or 4-channel image is still greyscale stored in colour (as image editors, screenshots and
 #: JPEG exports save radiographs); beyond it the image is refused as colour.
 GREY_CHANNEL_TOLERANCE = 0.01
+#: DICOM modalities whose images are not projection radiographs, as a message names them (a CT image is one only
+#: when it is a localizer: a topogram or scout).
+NOT_RADIOGRAPHS = {
+    "CT": "a CT slice", "MR": "an MR image", "PT": "a PET image", "NM": "a nuclear medicine image",
+    "US": "an ultrasound image", "MG": "a mammogram", "IO": "an intra-oral (dental) radiograph",
+    "PX": "a panoramic dental radiograph", "OP": "an ophthalmic photograph", "OPT": "an ophthalmic tomography image",
+    "SM": "a microscopy slide", "XC": "a photograph", "ES": "an endoscopy image", "SEG": "a segmentation",
+}
+#: DICOM ViewPosition (0018,5101) -> the view the model knows: "pa" is every frontal view (AP and PA, and the
+#: decubitus views, whose horizontal beam is frontal too; the header's orientation turns them upright).
+VIEW_POSITIONS = {"PA": "pa", "AP": "pa", "LLD": "pa", "RLD": "pa", "LL": "lateral", "RL": "lateral",
+                  "LLO": "oblique", "RLO": "oblique"}
+#: Where the model's input points, per view: (along a row, down a column) as patient directions (DICOM letters:
+#: L/R left/right, A/P anterior/posterior, H/F head/feet). See the module docstring and DiffusionCore.xray.drr.
+CANONICAL_DIRECTIONS = {"pa": ("L", "F"), "lateral": ("P", "F")}
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
 
 
 @dataclass
@@ -112,6 +128,10 @@ def _dicom_tags(reader: sitk.ImageFileReader) -> dict[str, str]:
         ("0028|0030", "pixel_spacing"),
         ("0018|1164", "imager_pixel_spacing"),
         ("0028|0101", "bits_stored"),
+        ("0008|0008", "image_type"),
+        ("0018|5101", "view_position"),
+        ("0020|0020", "patient_orientation"),
+        ("0020|0037", "image_orientation"),
     ):
         if reader.HasMetaDataKey(key):
             tags[name] = reader.GetMetaData(key).strip()
@@ -128,6 +148,95 @@ def _parse_spacing(text: str | None) -> tuple[float, float] | None:
     if len(parts) == 2 and all(p > 0 for p in parts):
         return (parts[0], parts[1])
     return None
+
+
+def check_projection_modality(tags: dict[str, str], name: str) -> None:
+    """Refuse a DICOM image that is not a projection radiograph (a CT slice, an MR image, ...), by its header.
+
+    Raises:
+        InputError: the modality is one of :data:`NOT_RADIOGRAPHS` (a CT image that is not a localizer).
+    """
+    modality = tags.get("modality", "").strip().upper()
+    localizer = "LOCALIZER" in tags.get("image_type", "").upper().split("\\")
+    if modality in NOT_RADIOGRAPHS and not (modality == "CT" and localizer):
+        hint = " To super-resolve a CT, give its series to `sr` or the CT Diffusion SR module." if modality == "CT" else ""
+        raise InputError(
+            f"{name} is {NOT_RADIOGRAPHS[modality]} (DICOM Modality {modality}), not a radiograph: give a chest "
+            f"radiograph (CR or DX) or a CT topogram (scout).{hint}"
+        )
+
+
+def _direction_letter(cosines: list[float]) -> str | None:
+    """The patient direction (L/R/A/P/H/F) a DICOM (LPS) direction cosine vector points along, or None when it
+    is oblique (no component above 0.9)."""
+    axis = int(np.argmax(np.abs(cosines)))
+    if abs(cosines[axis]) < 0.9:
+        return None
+    return ("L", "P", "H")[axis] if cosines[axis] > 0 else ("R", "A", "F")[axis]
+
+
+def image_directions(tags: dict[str, str]) -> tuple[str, str] | None:
+    """Where the image's rows and columns point in the patient, ``(along a row, down a column)`` as DICOM letters,
+    from PatientOrientation (CR, DX) or else ImageOrientationPatient (a CT localizer); None when the header says
+    neither or an oblique direction."""
+    parts = [v.strip().upper() for v in tags.get("patient_orientation", "").split("\\")]
+    if len(parts) == 2 and all(parts):
+        letters = tuple(v if v in _OPPOSITE else None for v in parts)
+    else:
+        try:
+            cos = [float(v) for v in tags.get("image_orientation", "").split("\\")]
+        except ValueError:
+            cos = []
+        letters = (_direction_letter(cos[:3]), _direction_letter(cos[3:])) if len(cos) == 6 else (None, None)
+    if None in letters or _OPPOSITE[letters[0]] == letters[1] or letters[0] == letters[1]:
+        return None
+    return letters  # type: ignore[return-value]
+
+
+def header_view(tags: dict[str, str], directions: tuple[str, str] | None) -> tuple[str, str] | None:
+    """``(view, what in the header says so)`` of a DICOM radiograph: ViewPosition, else the image's directions
+    (left-right and head-feet: frontal; front-back and head-feet: lateral); None when the header says neither."""
+    position = tags.get("view_position", "").strip().upper()
+    if position in VIEW_POSITIONS:
+        return VIEW_POSITIONS[position], f"ViewPosition {position}"
+    if directions is not None:
+        axes = {frozenset((d, _OPPOSITE[d])) for d in directions}
+        if frozenset("HF") in axes:
+            view = "pa" if frozenset("LR") in axes else "lateral"
+            return view, f"image directions {directions[0]}\\{directions[1]}"
+    return None
+
+
+def orient_to_model(
+    arr: np.ndarray, spacing: tuple[float, float] | None, directions: tuple[str, str] | None, view: str | None
+) -> tuple[np.ndarray, tuple[float, float] | None, str]:
+    """Turn an image whose header gives its directions to the model's orientation for ``view``
+    (:data:`CANONICAL_DIRECTIONS`: a frontal view with the head at the top and the patient's left on the right, as
+    radiographs are read): transposed and/or flipped. Images whose header says nothing are left as they are.
+
+    Returns:
+        ``(array, (row, col) spacing, what was done or "")``.
+    """
+    want = CANONICAL_DIRECTIONS.get(view or "")
+
+    def axis(letter: str) -> frozenset:
+        return frozenset((letter, _OPPOSITE[letter]))
+
+    if want is None or directions is None or {axis(d) for d in directions} != {axis(d) for d in want}:
+        return arr, spacing, ""  # not this view's axes (e.g. a lateral image called frontal): left alone
+    row, col = directions
+    done = []
+    if axis(row) == axis(want[1]):  # the head-feet axis runs along the rows
+        arr, row, col = arr.T, col, row
+        spacing = None if spacing is None else (spacing[1], spacing[0])
+        done.append("transposed")
+    if row != want[0]:
+        arr = arr[:, ::-1]
+        done.append("flipped left-right" if view == "pa" else "flipped front-back")
+    if col != want[1]:
+        arr = arr[::-1, :]
+        done.append("flipped upside down")
+    return np.ascontiguousarray(arr), spacing, " and ".join(done)
 
 
 def _check_size(p: Path, size: list[int], components: int) -> None:
@@ -173,6 +282,7 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
         ) from exc
     is_dicom = reader.GetImageIO() == "GDCMImageIO" or p.suffix.lower() == ".dcm"
     tags = _dicom_tags(reader) if is_dicom else {}
+    check_projection_modality(tags, p.name)
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
     if img.GetNumberOfComponentsPerPixel() > 1:  # greyscale saved in colour (grey + alpha too); real colour refused
         arr = greyscale_pixels(arr, p.name)
@@ -182,6 +292,14 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     # on a crafted MONOCHROME1 file in Testing/test_xray_cli.py.
     spacing = _parse_spacing(tags.get("pixel_spacing")) or _parse_spacing(tags.get("imager_pixel_spacing"))
     meta = {"source": str(p), "format": "dicom" if is_dicom else p.suffix.lower().lstrip("."), **tags}
+    directions = image_directions(tags)
+    view = header_view(tags, directions)
+    if view is not None:
+        meta["view"], meta["view_from"] = view
+    arr, spacing, turned = orient_to_model(arr, spacing, directions, meta.get("view"))
+    if turned:
+        meta["oriented"] = f"{turned} to the model's orientation, as its header says ({directions[0]}\\{directions[1]})"  # type: ignore[index]
+        logger.info("%s: %s", p.name, meta["oriented"])
     return Radiograph(window_radiograph(arr), spacing, meta)
 
 
