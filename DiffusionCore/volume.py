@@ -409,6 +409,7 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
         )
         logger.warning(msg)
         meta["note"] = msg
+    files = _without_localizers(files, folder, meta)
     positions = _slice_positions(files, folder)
     _check_series_size(files, folder)
     reader = sitk.ImageSeriesReader()
@@ -420,6 +421,24 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
     if positions is not None:
         img = _regularize_gantry_tilt(img, positions, folder, meta)
     return img, meta
+
+
+def _without_localizers(files: list[str], folder: Path, meta: dict) -> list[str]:
+    """The series' files less its localizer images (ImageType LOCALIZER: the topogram or scout that some scanners
+    store in the CT series itself), which are projections, not slices of the volume; the run's notes say so."""
+    kept = []
+    for f in files:
+        r = _dicom_header(f)
+        image_type = r.GetMetaData("0008|0008").upper().split("\\") if r.HasMetaDataKey("0008|0008") else []
+        if "LOCALIZER" not in [v.strip() for v in image_type]:
+            kept.append(f)
+    if len(kept) < len(files):
+        msg = (f"{folder}: left out {len(files) - len(kept)} localizer image(s) (topogram or scout) of the series; "
+               "they are projections, not slices")
+        logger.info(msg)
+        meta["note"] = f"{meta['note']} {msg}." if meta.get("note") else msg + "."
+        meta["n_files"] = len(kept)
+    return kept
 
 
 #: Slices whose orientations (ImageOrientationPatient) differ by more than this are not one volume.

@@ -127,6 +127,27 @@ def test_series_mixing_slice_orientations_is_refused(tmp_path, make_phantom):
         read_volume(tmp_path / "mixed")
 
 
+def test_a_localizer_stored_in_the_ct_series_is_left_out(tmp_path, make_phantom, diffusioncore_log):
+    """Some scanners put the topogram (ImageType LOCALIZER, a coronal projection) in the CT series itself: the
+    volume is read from the slices alone, and the notes say what was left out."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    vol = make_phantom(shape=(6, 16, 16))
+    clean = read_volume(write_dicom_series(tmp_path / "clean", vol)[0].parent)
+    files = write_dicom_series(tmp_path / "with_scout", vol)
+    scout = pydicom.dcmread(files[0])
+    scout.SOPInstanceUID = generate_uid()
+    scout.InstanceNumber = 0
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    scout.save_as(files[0].parent / "scout.dcm")
+    got = read_volume(files[0].parent)
+    np.testing.assert_array_equal(got.array, clean.array)
+    assert np.allclose(got.grid.index_to_physical(), clean.grid.index_to_physical())
+    assert any("left out 1 localizer image(s)" in r.getMessage() for r in diffusioncore_log)
+
+
 def test_tilted_series_whose_slices_do_not_follow_one_line_is_refused(tmp_path, make_phantom):
     """A tilt drifts in proportion to the table position; one slice off that line has no geometry."""
     vol = make_phantom(shape=(8, 16, 16), spacing=(0.8, 0.8, 2.5), direction=tilted_direction("gantry", 20.0))
