@@ -84,6 +84,14 @@ class Provenance:
         return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def sr_label(factor: int | None, slice_spacing_mm: float | None = None) -> str:
+    """The short name of a super-resolution result: ``"SR x4"`` for a factor, ``"SR 1.5 mm"`` for a target slice
+    spacing (the output's spacing along the thick axis: a ratio such as 5 -> 1.5 mm is no integer factor)."""
+    if factor:
+        return f"SR x{int(factor)}"
+    return f"SR {float(slice_spacing_mm or 0.0):.3g} mm"
+
+
 def header_fields(prov: Provenance) -> dict[str, str]:
     """Key/value pairs for a NRRD or MetaImage header (string values, no newlines)."""
     fields = {

@@ -348,6 +348,9 @@ def test_sr_job_names_the_target_spacings_the_predictor_can_make(scene, tmp_path
             SRJob(scene, node, SRSettings(target_spacing=3.0, weights=weights, device="cpu"))
     assert scene.GetNumberOfNodes() == n_before
     SRJob(scene, node, SRSettings(target_spacing=2.5, device="cpu"))  # ratio 1.6: made from the x2 grid
+    job = SRJob(scene, node, SRSettings(target_spacing=1.5, adapt_to_scan=False, device="cpu", tiny_test_predictor=True))
+    assert job.run(timeout=240) == JobState.COMPLETED, job.error
+    assert job.result_nodes[0].GetName() == "CT_05 SR 1.5 mm (synthetic)"  # 4 mm / 1.5 mm is no integer factor
     latent_only = tmp_path / "latent.safetensors"
     SRModel.tiny(seed=0).save(latent_only)
     SRJob(scene, node, SRSettings(target_spacing=3.0, weights=str(latent_only), allow_unregistered_weights=True,

@@ -76,6 +76,24 @@ def test_sr_writes_thin_grid_output_with_slicer_progress_and_report(tmp_path, th
     assert digest(thick_file) == before
 
 
+def test_a_target_spacing_names_the_result_by_its_slice_spacing(tmp_path):
+    """4 mm slices to 1.5 mm (no integer factor): the result's title (what its sidecar, NIfTI header and DICOM
+    SeriesDescription carry) says "SR 1.5 mm", the new slice spacing, not the 0.8 mm in-plane pixel size."""
+    import json
+
+    src = tmp_path / "thick.nrrd"
+    write_volume(thick_ct(), src)  # 0.8 x 0.8 x 4 mm
+    out = tmp_path / "thin.nii.gz"
+    assert main(["sr", str(src), str(out), "--tiny-test-model", "--target-spacing", "1.5",
+                 "--progress", "none"]) == 0
+    assert read_volume(out).spacing[2] == pytest.approx(1.5)
+    side = json.loads(out.with_name("thin.json").read_text())
+    assert side["provenance"]["title"] == "SR 1.5 mm (synthetic)"
+    assert main(["sr", str(src), str(tmp_path / "x2.nii.gz"), "--tiny-test-model", "--factor",
+                 "2", "--progress", "none"]) == 0
+    assert json.loads((tmp_path / "x2.json").read_text())["provenance"]["title"] == "SR x2 (synthetic)"
+
+
 def test_batch_folder_is_shared_across_ranks_and_keeps_names(tmp_path):
     src = tmp_path / "in"
     src.mkdir()

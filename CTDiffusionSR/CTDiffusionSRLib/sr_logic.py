@@ -12,6 +12,7 @@ import numpy as np
 
 from DiffusionCore.degrade import MAX_FACTOR, plan_thin_grid
 from DiffusionCore.errors import DiffusionCoreError, GeometryError, InputError, OutputError
+from DiffusionCore.provenance import sr_label
 from DiffusionCore.volume import check_ct, require_ct, thick_axis, write_volume
 
 from .jobs import CLIJob
@@ -307,7 +308,7 @@ class SRJob(CLIJob):
         model = self.return_values.get("modelName") or report.get("model", "")
         sha = self.return_values.get("weightsSha256") or str(report.get("weights_sha256", ""))
         settings = {**self.settings.to_dict(), "factor_used": self.factor, "report_settings": report.get("settings")}
-        label = f"SR x{self.factor}"
+        label = sr_label(None if self.settings.target_spacing > 0 else self.factor, self.settings.target_spacing)
         if self.output_node is None:
             node = add_volume_node(self.scene, result, synthetic_name(self.input_node.GetName(), label), like=self.input_node)
             self.created_nodes.append(node)

@@ -28,7 +28,7 @@ from ..files import (
     refuse_overwriting_inputs,
     write_json_atomic,
 )
-from ..provenance import Provenance
+from ..provenance import Provenance, sr_label
 from ..results import (
     OUTPUT_FORMATS,
     check_result_output,
@@ -262,12 +262,10 @@ def _series_folder_name(file_name: str) -> str:
 def sr_provenance(job_source: str | Path, volume_metadata: dict[str, Any], report: dict[str, Any]) -> Provenance:
     """The provenance of one ``sr`` result, from its report."""
     settings = report["settings"]
-    factor = settings.get("factor")
-    if factor:
-        title = f"SR x{factor} (synthetic)"
-    else:
-        thin = min(settings.get("output_spacing_mm") or [0.0])
-        title = f"SR {thin:g} mm (synthetic)"
+    spacing_xyz = settings.get("output_spacing_mm") or []
+    along = {"x": 0, "y": 1, "z": 2}.get(str(settings.get("axis")))  # the thick axis: the new slice spacing
+    thin = spacing_xyz[along] if along is not None and len(spacing_xyz) == 3 else None
+    title = f"{sr_label(settings.get('factor'), thin)} (synthetic)"
     return Provenance(
         task="sr", title=title, weights=str(settings.get("weights", "")),
         weights_sha256=str(report.get("weights_sha256", "")), settings=settings, input=str(job_source),
