@@ -196,6 +196,20 @@ def test_a_lateral_radiograph_is_named_as_such(files, tmp_path, capsys):
     assert main(["xray2ct", str(frontal), str(tmp_path / "ap.nii.gz"), "--tiny-test-model", "--progress", "none"]) == 0
 
 
+def test_a_radiograph_of_another_body_part_is_run_with_a_warning(files, tmp_path, capsys):
+    """The weights are chest models: a shoulder radiograph (BodyPartExamined SHOULDER, as the shoulder-ap sample
+    says) still runs, and the log and the report say that the result is no CT of the shoulder."""
+    for part, warned in (("SHOULDER", True), ("CHEST", False)):
+        src = _dicom_variant(files["m2"], tmp_path / f"{part}.dcm", BodyPartExamined=part)
+        report = tmp_path / f"{part}_report.json"
+        assert main(["xray2ct", str(src), str(tmp_path / f"{part}.nii.gz"), "--tiny-test-model", "--progress", "none",
+                     "--report", str(report)]) == 0
+        notes = " ".join(json.loads(report.read_text())["notes"])
+        err = capsys.readouterr().err
+        says = f"BodyPartExamined {part}, and the weights were trained on chest radiographs"
+        assert (says in notes and says in err) == warned and (says in notes or says in err) == warned, part
+
+
 def test_xray2ct_end_to_end_subprocess(files, tmp_path):
     out = tmp_path / "ct_out.nii.gz"
     cmd = [sys.executable, "-m", "DiffusionCore", "xray2ct", str(files["xr"]), str(out), "--tiny-test-model",

@@ -32,7 +32,7 @@ from .atlas import normalised_cross_correlation
 from .cascade import FAMILY, UnifiedHybridViTCascade
 from .consistency import drr_consistency
 from .drr import hu_to_mu, project_parallel_axis, radiograph_style
-from .radiograph import Radiograph, as_radiograph, match_drr_style, resize_radiograph
+from .radiograph import Radiograph, as_radiograph, body_part_note, match_drr_style, resize_radiograph
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +233,9 @@ class XrayToCTGenerator:
             raise InputError("num_stages must be at least 1")
         if rad.metadata.get("oriented"):
             notes.append(f"the radiograph was {rad.metadata['oriented']}")
+        if body_part_note(rad.metadata):
+            logger.warning(body_part_note(rad.metadata))
+            notes.append(body_part_note(rad.metadata))
         t0 = time.time()
         xray, fov, fov_source = self.prepare_input(rad, fov_mm)
         dev = resolve_device(device)

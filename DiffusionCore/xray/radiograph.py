@@ -46,6 +46,18 @@ VIEW_POSITIONS = {"PA": "pa", "AP": "pa", "LLD": "pa", "RLD": "pa", "LL": "later
 #: L/R left/right, A/P anterior/posterior, H/F head/feet). See the module docstring and DiffusionCore.xray.drr.
 CANONICAL_DIRECTIONS = {"pa": ("L", "F"), "lateral": ("P", "F")}
 _OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
+#: BodyPartExamined (0018,0015) values of a chest radiograph (DICOM's defined term is CHEST; the others are in use).
+CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "HEART", "RIBS", "CHEST_PA", "CHEST_AP", "TORSO"}
+
+
+def body_part_note(metadata: dict) -> str:
+    """A warning for a DICOM radiograph whose header names a body part other than the chest (the X-ray to CT
+    weights are chest models: a shoulder or an abdomen still gives a chest-like volume), or ``""``."""
+    part = str(metadata.get("body_part", "")).strip().upper()
+    if not part or part in CHEST_BODY_PARTS:
+        return ""
+    return (f"the radiograph's header says BodyPartExamined {part}, and the weights were trained on chest radiographs: "
+            "the result is a chest-like volume, not a CT of that region")
 
 
 @dataclass
@@ -132,6 +144,7 @@ def _dicom_tags(reader: sitk.ImageFileReader) -> dict[str, str]:
         ("0018|5101", "view_position"),
         ("0020|0020", "patient_orientation"),
         ("0020|0037", "image_orientation"),
+        ("0018|0015", "body_part"),
     ):
         if reader.HasMetaDataKey(key):
             tags[name] = reader.GetMetaData(key).strip()
