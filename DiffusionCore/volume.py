@@ -246,15 +246,7 @@ def check_ct(vol: Volume | np.ndarray, source: str = "volume") -> list[str]:
         vol: a Volume, or its voxel array (any shape and dtype, HU).
     """
     arr = vol.array if isinstance(vol, Volume) else np.asarray(vol)
-    finite = np.isfinite(arr)
-    if not finite.all():
-        bad = int(arr.size - np.count_nonzero(finite))
-        if bad == arr.size:
-            raise InputError(f"{source}: every voxel is NaN or infinite; the file holds no image data.")
-        raise InputError(
-            f"{source}: {bad} of {arr.size} voxels are NaN or infinite. Replace them (e.g. with -1024 HU for "
-            "air) before running; the tool does not guess values for them."
-        )
+    _require_finite(arr, source)
     warnings: list[str] = []
     lo, hi = float(arr.min()), float(arr.max())
     if lo == hi:
@@ -269,6 +261,18 @@ def check_ct(vol: Volume | np.ndarray, source: str = "volume") -> list[str]:
     return warnings
 
 
+def _require_finite(arr: np.ndarray, source: str) -> None:
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = int(arr.size - np.count_nonzero(finite))
+        if bad == arr.size:
+            raise InputError(f"{source}: every voxel is NaN or infinite; the file holds no image data.")
+        raise InputError(
+            f"{source}: {bad} of {arr.size} voxels are NaN or infinite. Replace them (e.g. with -1024 HU for "
+            "air) before running; the tool does not guess values for them."
+        )
+
+
 def require_ct(vol: Volume | np.ndarray, source: str = "volume") -> None:
     """Refuse volumes a CT model cannot work on: non-finite voxels (see :func:`check_ct`), a constant
     volume, or intensities that are not CT in Hounsfield units.
@@ -280,8 +284,8 @@ def require_ct(vol: Volume | np.ndarray, source: str = "volume") -> None:
     Raises:
         InputError: NaN/Inf voxels, a constant volume, or non-CT intensities.
     """
-    check_ct(vol, source)
     arr = vol.array if isinstance(vol, Volume) else np.asarray(vol)
+    _require_finite(arr, source)
     lo, hi = float(arr.min()), float(arr.max())
     if lo == hi:
         raise InputError(
@@ -295,6 +299,7 @@ def require_ct(vol: Volume | np.ndarray, source: str = "volume") -> None:
             "images give meaningless results. For a CT stored without its rescale intercept, fix the header "
             "(e.g. subtract 1024); if this really is CT in HU, pass --allow-non-ct (allow_non_ct=True in Python)."
         )
+    check_ct(arr, source)  # the milder doubts, as warnings, about what passes (refused volumes are not warned of too)
 
 
 def replace_padding(arr: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ from DiffusionCore.volume import (
     check_ct,
     check_image_shape,
     read_volume,
+    require_ct,
     suggested_factor,
     thick_axis,
     write_volume,
@@ -176,6 +177,18 @@ def test_mr_like_intensities_warn_but_load(tmp_path, phantom, diffusioncore_log)
     read_volume(write_volume(mr, tmp_path / "mr.nii.gz"))
     assert any("does not look like CT" in r.getMessage() for r in diffusioncore_log)
     assert check_ct(phantom) == []
+
+
+def test_a_refused_volume_is_refused_once_not_also_warned_of(phantom, diffusioncore_log):
+    """require_ct (what sr runs before the model) raises one error for a volume it refuses, without first
+    logging the same doubt as a warning; a volume it takes with a doubt (no air, but values below 0) is warned of."""
+    raw = phantom.with_array(phantom.array + 1024.0)  # a CT stored without its rescale intercept: 0..
+    with pytest.raises(InputError, match="subtract 1024"):
+        require_ct(raw, "input volume")
+    assert not [r for r in diffusioncore_log if r.levelno >= logging.WARNING]
+    no_air = phantom.with_array(np.maximum(phantom.array, -150.0))
+    require_ct(no_air, "input volume")
+    assert any("does not look like CT" in r.getMessage() for r in diffusioncore_log)
 
 
 @pytest.mark.parametrize("padding", [-2048.0, -3024.0])
