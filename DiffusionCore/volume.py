@@ -437,6 +437,11 @@ def _without_localizers(files: list[str], folder: Path, meta: dict) -> list[str]
         image_type = r.GetMetaData("0008|0008").upper().split("\\") if r.HasMetaDataKey("0008|0008") else []
         if "LOCALIZER" not in [v.strip() for v in image_type]:
             kept.append(f)
+    if not kept:
+        raise InputError(
+            f"the DICOM series in {folder} holds only localizer images (topograms or scouts), no CT slices: point to "
+            "the folder of the CT series itself."
+        )
     if len(kept) < len(files):
         msg = (f"{folder}: left out {len(files) - len(kept)} localizer image(s) (topogram or scout) of the series; "
                "they are projections, not slices")

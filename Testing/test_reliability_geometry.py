@@ -146,6 +146,11 @@ def test_a_localizer_stored_in_the_ct_series_is_left_out(tmp_path, make_phantom,
     np.testing.assert_array_equal(got.array, clean.array)
     assert np.allclose(got.grid.index_to_physical(), clean.grid.index_to_physical())
     assert any("left out 1 localizer image(s)" in r.getMessage() for r in diffusioncore_log)
+    only = tmp_path / "only_scout"
+    only.mkdir()
+    scout.save_as(only / "scout.dcm")
+    with pytest.raises(InputError, match="holds only localizer images"):
+        read_volume(only)
 
 
 def test_tilted_series_whose_slices_do_not_follow_one_line_is_refused(tmp_path, make_phantom):
