@@ -156,6 +156,39 @@ def slab_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.nd
     return s_mat[rows] / counts[rows, None], rows, coords
 
 
+#: How far a series' recorded slice thickness may differ from its slice spacing (as a share of the spacing) before a
+#: run says that its slices are not the contiguous slabs that super-resolution assumes.
+SLAB_THICKNESS_TOLERANCE = 0.2
+
+
+def slab_thickness_note(volume: Volume, axis: int) -> str:
+    """What a DICOM series' SliceThickness says against the thick-slice model, or ``""``.
+
+    Super-resolution (the predictor, its adaptation pairs and the data-consistency step) takes each thick slice as
+    the average of the slab between its neighbours: thickness = spacing. An overlapping reconstruction (thicker than
+    the spacing) and an interspaced one (thinner, with gaps) are not that; the note says what it means for the result.
+    Only the slice axis of a series (array axis 0) has a recorded thickness.
+    """
+    thickness = volume.metadata.get("slice_thickness_mm")
+    if not thickness or axis != 0:
+        return ""
+    spacing = float(volume.spacing_zyx[0])
+    if thickness > spacing * (1 + SLAB_THICKNESS_TOLERANCE):
+        return (
+            f"the series' slices are {thickness:g} mm thick but {spacing:g} mm apart (an overlapping reconstruction): "
+            f"super-resolution takes each slice as the average of the {spacing:g} mm slab around it, so the result "
+            f"keeps part of the blur of the thicker slices; where the scanner also reconstructed {thickness:g} mm "
+            f"slices without overlap, that series fits the model"
+        )
+    if thickness < spacing * (1 - SLAB_THICKNESS_TOLERANCE):
+        return (
+            f"the series' slices are {thickness:g} mm thick but {spacing:g} mm apart, with gaps between them (an "
+            f"interspaced protocol): super-resolution takes each slice as the average of the whole {spacing:g} mm "
+            "slab around it, so what lies in the gaps is an estimate from the slices on either side, not measured"
+        )
+    return ""
+
+
 def slab_of(coords: np.ndarray, m: int) -> np.ndarray:
     """The thick slab (0..m-1) whose extent holds each thin slice centre (``coords`` in thick index units), or -1
     for a centre outside all ``m`` slabs."""

@@ -415,6 +415,9 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
         logger.warning(msg)
         meta["note"] = msg
     files = _without_localizers(files, folder, meta)
+    thickness = _slice_thickness(files[0])
+    if thickness is not None:
+        meta["slice_thickness_mm"] = thickness
     positions = _slice_positions(files, folder)
     _check_series_size(files, folder)
     reader = sitk.ImageSeriesReader()
@@ -426,6 +429,16 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
     if positions is not None:
         img = _regularize_gantry_tilt(img, positions, folder, meta)
     return img, meta
+
+
+def _slice_thickness(file: str) -> float | None:
+    """SliceThickness (0018,0050) in mm of a DICOM slice, or None when the header has no usable value."""
+    r = _dicom_header(file)
+    try:
+        value = float(r.GetMetaData("0018|0050").strip()) if r.HasMetaDataKey("0018|0050") else 0.0
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def _without_localizers(files: list[str], folder: Path, meta: dict) -> list[str]:

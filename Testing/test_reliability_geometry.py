@@ -153,6 +153,32 @@ def test_a_localizer_stored_in_the_ct_series_is_left_out(tmp_path, make_phantom,
         read_volume(only)
 
 
+def test_slices_thicker_or_thinner_than_their_spacing_are_named(tmp_path, make_phantom, diffusioncore_log):
+    """Super-resolution takes each slice as the average of the slab between its neighbours. A series whose
+    SliceThickness says otherwise (an overlapping reconstruction, or an interspaced one with gaps) still runs, and
+    the log and the report say what that means; a series as thick as its spacing gets no note."""
+    from DiffusionCore.sr.pipeline import SuperResolver
+
+    vol = make_phantom(shape=(6, 16, 16))
+    s = vol.spacing[2]
+    for thickness, says in ((f"{2.5 * s:g}", "an overlapping reconstruction"), (f"{s / 4:g}", "with gaps between them"),
+                            (f"{s:g}", None)):
+        files = write_dicom_series(tmp_path / thickness, vol)
+        for f in files:
+            rewrite_tag(f, "0018|0050", thickness)
+        thick = read_volume(tmp_path / thickness)
+        assert thick.metadata["slice_thickness_mm"] == float(thickness)
+        diffusioncore_log.clear()
+        _, report = SuperResolver.tiny_predictor().run(thick, factor=2)
+        notes = report.get("notes", [])
+        warned = [r.getMessage() for r in diffusioncore_log if r.levelno >= logging.WARNING and "mm thick" in r.getMessage()]
+        if says is None:
+            assert notes == [] and warned == []
+        else:
+            assert len(notes) == 1 and says in notes[0] and f"{float(thickness):g} mm thick but {s:g} mm apart" in notes[0]
+            assert warned == notes
+
+
 def test_tilted_series_whose_slices_do_not_follow_one_line_is_refused(tmp_path, make_phantom):
     """A tilt drifts in proportion to the table position; one slice off that line has no geometry."""
     vol = make_phantom(shape=(8, 16, 16), spacing=(0.8, 0.8, 2.5), direction=tilted_direction("gantry", 20.0))

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..degrade import enforce_consistency, plan_thin_grid, thin_grid
+from ..degrade import enforce_consistency, plan_thin_grid, slab_thickness_note, thin_grid
 from ..devices import resolve_device
 from ..errors import Cancelled, ConfigError, GeometryError, InputError, ResourceError, WeightsError
 from ..evaluate import register_method
@@ -394,7 +394,13 @@ class SuperResolver:
             volume, factor=settings.factor, target_spacing=settings.target_spacing, axis=settings.axis
         )
         settings = settings.replace(factor=k, axis=ax)
-        return self.run_to_grid(volume, grid, settings, progress=progress, cancel=cancel)
+        note = slab_thickness_note(volume, ax)
+        if note:
+            logger.warning(note)
+        out, report = self.run_to_grid(volume, grid, settings, progress=progress, cancel=cancel)
+        if note:
+            report["notes"] = [*report.get("notes", []), note]
+        return out, report
 
     # -- the starting point: cubic interpolation plus the through-plane predictor --------------------
     def predictor_factor(self, volume: Volume | Grid, grid: Grid, axis: int) -> int | None:
