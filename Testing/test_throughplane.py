@@ -422,6 +422,12 @@ def test_train_throughplane_learns_exports_resumes_and_continues_from_weights(tr
     weights = out / "throughplane.safetensors"
     resolver = SuperResolver.from_pretrained(str(weights), allow_unregistered=True)
     assert resolver.predictor.factors == [2, 4]
+    # `weights import` lists it with what it is (the export's description)
+    r = _run(["weights", "import", str(weights), "--name", "my-predictor"],
+             env={**env, "DIFFUSIONCORE_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    listing = _run(["weights", "list"], env={**env, "DIFFUSIONCORE_CACHE": str(tmp_path / "cache")}).stdout
+    assert f"through-plane predictor (factors 2-4), trained with train throughplane for 30 steps on {data.name}" in listing
     # --resume continues the step count
     r = _run(["train", "throughplane", "--config", str(cfg), "--data", str(data), "--out-dir", str(out),
               "--max-steps", "40", "--resume"], env=env)

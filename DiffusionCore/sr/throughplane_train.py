@@ -209,9 +209,13 @@ def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any]) 
     if bad:  # never reached through train(): its last checkpoint refuses these weights first
         raise NumericalError(f"the predictor holds NaN/Inf in {len(bad)} tensor(s), e.g. {bad[0]}: training "
                              f"diverged; {path} was not written")  # fmt: skip
+    factors = net.config.factors
+    trained_on = ", ".join(summary.get("data") or []) or "unrecorded data"
     meta = {
         "family": "sr",
         "component": COMPONENT,
+        "description": f"CT super-resolution, through-plane predictor (factors {min(factors)}-{max(factors)}), trained "
+                       f"with train throughplane for {summary.get('steps', 0)} steps on {trained_on}",
         "config": {"throughplane": config_to_dict(net.config)},
         "training": summary,
     }
