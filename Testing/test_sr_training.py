@@ -215,6 +215,11 @@ def test_export_writes_the_weight_average_and_old_checkpoints_resume(folder, vae
     assert torch.equal(exported[f"denoiser.{key}"], avg[f"denoiser__{key.replace('.', '__')}"])
     # frozen weights are not averaged: the VAE goes out as it came in
     assert not any(k.startswith("vae__") for k in avg)
+    # the export says what it is, for `weights import` and `weights list`
+    from DiffusionCore.weights.registry import read_safetensors_header
+
+    _, meta = read_safetensors_header(tmp_path / "sr_model.safetensors")
+    assert meta["description"] == "CT super-resolution, latent diffusion, trained with train sr for 4 steps"
 
 
 def test_cancel_stops_training_with_a_checkpoint(folder, vae_dir, tmp_path):

@@ -720,7 +720,11 @@ def export_sr(
     sha = model.save(
         out_file,
         component=component,
-        extra_metadata={"step": state["step"], "source_checkpoint": Path(ckpt).name},
+        extra_metadata={
+            "step": state["step"], "source_checkpoint": Path(ckpt).name,
+            "description": ("CT super-resolution VAE" if component == "vae" else "CT super-resolution, latent diffusion")
+            + f", trained with train {'vae' if component == 'vae' else 'sr'} for {state['step']} steps",
+        },
     )
     logger.info("exported %s (%s) from %s", out_file, sha[:12], ckpt)
     return {"weights": str(out_file), "weights_sha256": sha, "checkpoint": str(ckpt)}
