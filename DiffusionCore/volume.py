@@ -441,14 +441,19 @@ def _slice_thickness(file: str) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
+def is_localizer(image_type: str) -> bool:
+    """Whether a DICOM ImageType (0008,0008) value (``"ORIGINAL\\PRIMARY\\LOCALIZER"``) marks a localizer: a CT
+    topogram or scout, a projection image rather than a slice."""
+    return "LOCALIZER" in [v.strip() for v in image_type.upper().split("\\")]
+
+
 def _without_localizers(files: list[str], folder: Path, meta: dict) -> list[str]:
     """The series' files less its localizer images (ImageType LOCALIZER: the topogram or scout that some scanners
     store in the CT series itself), which are projections, not slices of the volume; the run's notes say so."""
     kept = []
     for f in files:
         r = _dicom_header(f)
-        image_type = r.GetMetaData("0008|0008").upper().split("\\") if r.HasMetaDataKey("0008|0008") else []
-        if "LOCALIZER" not in [v.strip() for v in image_type]:
+        if not is_localizer(r.GetMetaData("0008|0008") if r.HasMetaDataKey("0008|0008") else ""):
             kept.append(f)
     if not kept:
         raise InputError(

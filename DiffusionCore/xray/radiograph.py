@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..volume import check_metaimage_header
+from ..volume import check_metaimage_header, is_localizer
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +170,7 @@ def check_projection_modality(tags: dict[str, str], name: str) -> None:
         InputError: the modality is one of :data:`NOT_RADIOGRAPHS` (a CT image that is not a localizer).
     """
     modality = tags.get("modality", "").strip().upper()
-    localizer = "LOCALIZER" in tags.get("image_type", "").upper().split("\\")
-    if modality in NOT_RADIOGRAPHS and not (modality == "CT" and localizer):
+    if modality in NOT_RADIOGRAPHS and not (modality == "CT" and is_localizer(tags.get("image_type", ""))):
         hint = " To super-resolve a CT, give its series to `sr` or the CT Diffusion SR module." if modality == "CT" else ""
         raise InputError(
             f"{name} is {NOT_RADIOGRAPHS[modality]} (DICOM Modality {modality}), not a radiograph: give a chest "
