@@ -13,6 +13,7 @@ Each returned path is something :func:`DiffusionCore.volume.read_volume` opens (
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Iterable
@@ -22,6 +23,14 @@ from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
+#: DICOM modalities whose files are never slices of a volume: radiographs, mammograms, dental and fluoroscopy images,
+#: ultrasound, photographs, reports, presentation states, segmentations, structure sets and plans. A folder that holds
+#: only these (or only CT localizers) is skipped when volumes are collected: a cohort's patient folders (e.g.
+#: LIDC-IDRI's) hold such series beside the CTs.
+NOT_VOLUME_MODALITIES = frozenset({
+    "CR", "DX", "RG", "MG", "IO", "PX", "XA", "RF", "US", "ES", "XC", "SM", "OP", "SR", "PR", "KO", "SEG",
+    "RTSTRUCT", "RTPLAN", "RTRECORD", "DOC",
+})
 #: Suffixes of single-file volumes (".dcm" files are grouped into series folders instead).
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _DICOM_MAGIC_OFFSET = 128
@@ -51,26 +60,73 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
-def _scan_folder(folder: Path) -> list[Path]:
+def _dicom_kind(path: Path) -> tuple[str, int] | None:
+    """``(what the file is if it is no slice of a volume, or "", its number of frames)`` from its header, or None
+    when pydicom cannot read the header (left to the volume reader, which names the file)."""
+    import pydicom
+
+    from .volume import is_localizer
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "ImageType", "NumberOfFrames"])
+    except Exception:  # noqa: BLE001 - any unreadable header: the volume reader reports it with the file's name
+        return None
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    image_type = ds.get("ImageType", "") or ""  # a MultiValue, or a str when it has one value
+    image_type = image_type if isinstance(image_type, str) else "\\".join(str(v) for v in image_type)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    if modality in NOT_VOLUME_MODALITIES:
+        return f"{modality} images", frames
+    if is_localizer(image_type):
+        return "CT localizers (topograms or scouts)", frames
+    return "", frames
+
+
+def _not_a_ct_series(dicom_files: Iterable[Path]) -> str:
+    """Why a folder's DICOM files hold no CT series (e.g. "CR images"), or ``""`` when they may: decided from the
+    headers of as few files as it takes (the first, for a CT series)."""
+    files = iter(dicom_files)
+    kinds: set[str] = set()
+    seen = 0
+    for path in files:
+        seen += 1
+        kind = _dicom_kind(path)
+        if kind is None:
+            return ""
+        what, frames = kind
+        if what:
+            kinds.add(what)
+            continue
+        if frames > 1 or next(files, None) is not None:  # a multi-frame volume, or a second file: a series
+            return ""
+        return "a single image, not a series of slices"
+    return ", ".join(sorted(kinds)) if seen else ""
+
+
+def _scan_folder(folder: Path, skipped: list[str]) -> list[Path]:
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         root_path = Path(root)
-        has_dicom = False
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            p = root_path / name
-            if is_volume_file(p):
-                found.append(p)
-            elif not has_dicom and is_dicom_file(p):
-                has_dicom = True
-        if has_dicom:
-            found.append(root_path)
+        names = [n for n in sorted(files) if not n.startswith(".")]
+        found.extend(root_path / n for n in names if is_volume_file(root_path / n))
+        dicom = (p for p in (root_path / n for n in names if not is_volume_file(root_path / n)) if is_dicom_file(p))
+        first = next(dicom, None)
+        if first is None:
+            continue
+        why = _not_a_ct_series(itertools.chain([first], dicom))
+        if why:
+            skipped.append(f"{root_path} holds {why}")
+            logger.warning("skipped %s: its DICOM files are %s, not a CT series", root_path, why)
+            continue
+        found.append(root_path)
     return found
 
 
-def _read_list_file(path: Path) -> list[Path]:
+def _read_list_file(path: Path, skipped: list[str]) -> list[Path]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -88,16 +144,16 @@ def _read_list_file(path: Path) -> list[Path]:
             p = path.parent / p
         if not p.exists():
             raise InputError(f"{path}, line {number}: {entry} does not exist; fix or remove that line")
-        out.extend(_expand(p))
+        out.extend(_expand(p, skipped))
     return out
 
 
-def _expand(path: Path) -> list[Path]:
+def _expand(path: Path, skipped: list[str]) -> list[Path]:
     if path.is_dir():
-        return _scan_folder(path)
+        return _scan_folder(path, skipped)
     if is_volume_file(path) or is_dicom_file(path):
         return [path.parent] if path.suffix.lower() == ".dcm" or not path.suffix else [path]
-    return _read_list_file(path)
+    return _read_list_file(path, skipped)
 
 
 def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -117,17 +173,19 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> li
     if not items:
         raise InputError("no training data given: pass a folder of CT volumes, a list file, or volume files")
     found: list[Path] = []
+    skipped: list[str] = []  # DICOM folders that hold no CT series, and why
     for item in items:
         p = Path(item).expanduser()
         if not p.exists():
             raise InputError(f"{p} does not exist: check the path")
-        found.extend(_expand(p))
+        found.extend(_expand(p, skipped))
     unique = list(dict.fromkeys(found))
     if not unique:
         where = ", ".join(str(i) for i in items)
+        passed_over = f" ({'; '.join(skipped)})" if skipped else ""
         raise InputError(
-            f"no CT volumes found in {where}: expected NIfTI (.nii, .nii.gz), NRRD, MHA/MHD files or folders "
-            "holding DICOM series"
+            f"no CT volumes found in {where}{passed_over}: expected NIfTI (.nii, .nii.gz), NRRD, MHA/MHD files or "
+            "folders holding DICOM series of CT slices"
         )
     logger.info("found %d CT volume(s)", len(unique))
     return unique

@@ -247,15 +247,16 @@ def _tiny_volume(value: float = 0.0) -> Volume:
     return Volume(arr, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
 
 
-def _write_dicom_slices(folder, n=3, suffix=".dcm"):
-    """A real DICOM series: n CT slices, 2 mm apart, sharing one SeriesInstanceUID."""
+def _write_dicom_slices(folder, n=3, suffix=".dcm", modality="CT", image_type="ORIGINAL\\PRIMARY\\AXIAL"):
+    """A real DICOM series: n slices (CT by default), 2 mm apart, sharing one SeriesInstanceUID."""
     folder.mkdir(parents=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(n):
         img = sitk.GetImageFromArray(np.full((1, 6, 6), 40 * k, dtype=np.int16))
         for tag, value in {
-            "0008|0060": "CT",
+            "0008|0060": modality,
+            "0008|0008": image_type,
             "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
             "0020|000e": "1.2.826.0.1.3680043.2.1125.1.2",
             "0008|0018": f"1.2.826.0.1.3680043.2.1125.1.2.{k + 1}",
@@ -304,6 +305,24 @@ def test_collect_volumes_finds_dicom_without_suffix(tmp_path):
     for p in (tmp_path / "series").iterdir():
         p.rename(p.with_suffix(""))
     assert collect_volumes(tmp_path) == [tmp_path / "series"]
+
+
+def test_collect_volumes_passes_over_dicom_folders_that_hold_no_ct_series(tmp_path, diffusioncore_log):
+    """A cohort's patient folders (LIDC-IDRI's, for one) hold radiographs, scouts and single images beside the CT
+    series: training and batch `sr` use the CT series and say which folders they passed over, and why."""
+    cohort = tmp_path / "cohort"
+    _write_dicom_slices(cohort / "p1" / "ct")
+    _write_dicom_slices(cohort / "p1" / "chest_radiograph", n=1, modality="CR", image_type="ORIGINAL\\PRIMARY")
+    _write_dicom_slices(cohort / "p1" / "scout", n=2, image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    _write_dicom_slices(cohort / "p1" / "one_slice", n=1)
+    write_volume(_tiny_volume(), cohort / "p2.nii.gz")
+    assert collect_volumes(cohort) == [cohort / "p2.nii.gz", cohort / "p1" / "ct"]
+    said = " ".join(r.getMessage() for r in diffusioncore_log)
+    assert "p1/chest_radiograph: its DICOM files are CR images, not a CT series" in said
+    assert "p1/scout: its DICOM files are CT localizers (topograms or scouts)" in said
+    assert "p1/one_slice: its DICOM files are a single image, not a series of slices" in said
+    with pytest.raises(InputError, match=r"no CT volumes found in .*chest_radiograph \(.*chest_radiograph holds CR images\)"):
+        collect_volumes(cohort / "p1" / "chest_radiograph")
 
 
 def test_collect_volumes_errors(tmp_path):
