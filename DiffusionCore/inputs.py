@@ -3,7 +3,9 @@
 Volumes can be given as
 
 * a folder: every NIfTI / NRRD / MetaImage file below it, and every folder holding a DICOM series
-  (``.dcm`` files or extension-less files with the DICOM preamble), recursively; hidden entries skipped;
+  (``.dcm`` files or extension-less files with the DICOM preamble), recursively; hidden entries skipped, and DICOM
+  folders that hold no CT series (radiographs, scouts, single images, reports: :data:`NOT_VOLUME_MODALITIES`) passed
+  over with a warning;
 * a text file with one path per line (relative paths are relative to the text file; ``#`` starts a comment);
 * a single volume file;
 * a list of any of these.
@@ -90,9 +92,7 @@ def _not_a_ct_series(dicom_files: Iterable[Path]) -> str:
     headers of as few files as it takes (the first, for a CT series)."""
     files = iter(dicom_files)
     kinds: set[str] = set()
-    seen = 0
     for path in files:
-        seen += 1
         kind = _dicom_kind(path)
         if kind is None:
             return ""
@@ -103,7 +103,7 @@ def _not_a_ct_series(dicom_files: Iterable[Path]) -> str:
         if frames > 1 or next(files, None) is not None:  # a multi-frame volume, or a second file: a series
             return ""
         return "a single image, not a series of slices"
-    return ", ".join(sorted(kinds)) if seen else ""
+    return ", ".join(sorted(kinds))
 
 
 def _scan_folder(folder: Path, skipped: list[str]) -> list[Path]:
