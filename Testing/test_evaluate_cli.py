@@ -106,6 +106,21 @@ def test_factor_one_is_refused(tmp_path, small_ct):
     assert sha(small_ct) == before
 
 
+def test_methods_can_be_given_comma_or_space_separated(tmp_path, small_ct):
+    """``--methods cubic,linear`` and ``--methods cubic linear`` (as ``--factors 2 4`` is given elsewhere) name the
+    same methods in the same order."""
+    tables = {}
+    for name, methods in {"comma": ["nearest,cubic"], "space": ["nearest", "cubic"], "both": ["nearest,", "cubic"]}.items():
+        proc = run_cli("evaluate", "--reference", str(small_ct), "--factor", "2", "--methods", *methods, "--progress",
+                       "none", "--json", f"{name}.json", cwd=tmp_path)  # fmt: skip
+        if name == "both":  # a trailing comma is an empty entry, however the list is split
+            assert_one_error_line(proc, 2, "argument --methods: has an empty entry")
+            continue
+        assert proc.returncode == 0, proc.stderr
+        tables[name] = [r["method"] for r in json.loads((tmp_path / f"{name}.json").read_text())["results"]]
+    assert tables["comma"] == tables["space"] == ["nearest", "cubic"]
+
+
 def test_unknown_method_is_refused(tmp_path, small_ct):
     proc = run_cli(
         "evaluate", "--reference", str(small_ct), "--factor", "2", "--methods", "cubic,lanczos", cwd=tmp_path

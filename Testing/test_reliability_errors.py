@@ -369,16 +369,17 @@ def test_a_corrupt_cached_sample_is_listed_as_corrupt(tmp_path, monkeypatch, cap
 # ---------------------------------------------------------------------------------------------- options
 @pytest.mark.parametrize(("methods", "message"), [
     (",", "must name at least one"), ("cubic,,", "has an empty entry"), ("cubic,cubic", "names cubic more than once"),
+    ("cubic cubic", "names cubic more than once"),  # space-separated: checked as one list too
 ])  # fmt: skip
 def test_evaluate_methods_lists_are_checked_when_parsed(methods, message, tmp_path, capsys):
     assert (
         main(
-            ["evaluate", "--reference", str(tmp_path / "none.nii.gz"), "--factor", "2", "--methods", methods]
+            ["evaluate", "--reference", str(tmp_path / "none.nii.gz"), "--factor", "2", "--methods", *methods.split()]
         )
         == 2
     )
     assert f"error: argument --methods: {message}" in capsys.readouterr().err
-    assert main(["evaluate-xray", "--reference", "none.nii.gz", "--methods", methods]) == 2
+    assert main(["evaluate-xray", "--reference", "none.nii.gz", "--methods", *methods.split()]) == 2
 
 
 def test_xray2ct_stage_counts_beyond_the_weights_are_refused(tmp_path, capsys):

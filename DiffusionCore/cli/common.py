@@ -249,6 +249,23 @@ def name_list(choices: tuple[str, ...] | None = None) -> Callable[[str], tuple[s
     return parse
 
 
+class NameList(argparse.Action):
+    """An option that takes names comma-separated, space-separated or both (``--methods cubic,sr`` or
+    ``--methods cubic sr``), checked as one list by :func:`name_list` when the command line is parsed."""
+
+    def __init__(self, option_strings, dest, names: tuple[str, ...] | None = None, **kwargs) -> None:
+        kwargs.setdefault("nargs", "+")
+        kwargs.setdefault("metavar", "NAME")
+        super().__init__(option_strings, dest, **kwargs)
+        self._parse = name_list(names)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        try:
+            setattr(namespace, self.dest, self._parse(",".join(values)))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument {option_string}: {exc}")
+
+
 # -- the final check of every result before it is written ---------------------------------------------
 #: Range (HU) outside which a result voxel is not tissue but a numerical failure: below the padding values
 #: scanners use (-2048 HU; air is -1000) or above what an int16 CT file can hold (32767 HU).

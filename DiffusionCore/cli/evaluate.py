@@ -12,7 +12,7 @@ from ..evaluate import evaluate, format_table
 from ..files import refuse_overwriting_inputs, write_json_atomic
 from ..sampledata import load_reference
 from ..volume import crop_slices
-from .common import Progress, adapt_settings, add_adapt_arguments, add_progress_argument, name_list
+from .common import NameList, Progress, adapt_settings, add_adapt_arguments, add_progress_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--axis", default="z", choices=("z", "y", "x"), help="array axis to degrade (default z)")
     p.add_argument("--degradation", default="slab", choices=("slab", "decimate"), help="default slab")
     p.add_argument(
-        "--methods", type=name_list(), default=("nearest", "linear", "cubic"),
-        help="comma-separated list of nearest, linear, cubic, cubic+dc (cubic then the data-consistency step "
+        "--methods", action=NameList, default=("nearest", "linear", "cubic"),
+        help="methods, comma- or space-separated: nearest, linear, cubic, cubic+dc (cubic then the data-consistency step "
         "that sr uses), sr (the weights as they are: sr --no-adapt), sr+adapt (adapted to the thick input "
         "first, what the sr command does by default; --adapt / --adapt-steps change how long)",
     )

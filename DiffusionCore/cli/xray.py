@@ -9,12 +9,12 @@ from pathlib import Path
 from ..errors import ConfigError, InputError, OutputError
 from ..results import OUTPUT_FORMATS
 from .common import (
+    NameList,
     Progress,
     add_progress_argument,
     bounded_int,
     check_result,
     finite_float,
-    name_list,
     sigterm_cancels,
 )
 
@@ -100,10 +100,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--reference", required=True, help="reference CT: file, DICOM folder or sample name")
     e.add_argument("--num-stages", type=bounded_int(1, MAX_STAGES), default=None,
                    help="stages to evaluate (default: all the weights have; more is refused)")
-    e.add_argument("--methods", type=name_list(),
+    e.add_argument("--methods", action=NameList,
                    default=("model", "model-raw", "mean-ct", "lifting-only", "lifting+dc", "previous-stage",
                             "previous-stage+dc", "atlas"),
-                   help="comma-separated methods: model (the cascade with its re-projection consistency step), "
+                   help="methods, comma- or space-separated: model (the cascade with its re-projection consistency step), "
                    "model-raw (without it), mean-ct (the prior), lifting-only, lifting+dc (the lifting-only volume "
                    "followed by the same consistency step), previous-stage (from stage 2 on: the previous stage's "
                    "model volume upsampled; needs model), previous-stage+dc (that volume followed by the consistency "
