@@ -1036,7 +1036,9 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
     p = Path(path)
     suffix = _suffix(p)
     if suffix not in WRITABLE_SUFFIXES:
-        raise OutputError(f"cannot write {p.name}: use one of {', '.join(WRITABLE_SUFFIXES)}")
+        dicom = (" A DICOM result is a series of files: give a new folder (e.g. "
+                 f"{p.with_suffix('')}) with --output-format dicom.") if suffix == ".dcm" else ""
+        raise OutputError(f"cannot write {p.name}: use one of {', '.join(WRITABLE_SUFFIXES)}.{dicom}")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"the output folder {parent} does not exist; create it first.")

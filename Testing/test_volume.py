@@ -255,8 +255,12 @@ def test_output_under_a_regular_file_or_missing_folder_fails_cleanly(tmp_path, p
 
 
 def test_unsupported_output_format(tmp_path, phantom):
-    with pytest.raises(OutputError, match="use one of"):
+    with pytest.raises(OutputError, match="use one of") as png:
         write_volume(phantom, tmp_path / "out.png")
+    assert "DICOM" not in str(png.value)
+    # a .dcm name: a DICOM result is a folder of files, and the message says how to ask for one
+    with pytest.raises(OutputError, match=r"give a new folder \(e\.g\. .*out\) with --output-format dicom"):
+        write_volume(phantom, tmp_path / "out.dcm")
 
 
 def test_a_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, phantom, monkeypatch):
