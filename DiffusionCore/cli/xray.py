@@ -156,13 +156,9 @@ def _weights_label(args: argparse.Namespace) -> str:
 
 def _radiograph_path(name: str) -> Path:
     """The radiograph file: a path, or a radiograph sample's name (fetched, sha256-checked)."""
-    p = Path(name)
-    if not p.exists() and "/" not in name:
-        from .. import sampledata
+    from ..sampledata import sample_or_path
 
-        if name in sampledata.SAMPLES and sampledata.SAMPLES[name].kind == "radiograph":
-            return Path(sampledata.fetch(name))
-    return p
+    return sample_or_path(name, "radiograph")
 
 
 def xray_provenance(source: Path, report: dict, weights: str, input_uid: str = ""):
