@@ -414,12 +414,13 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
         )
         logger.warning(msg)
         meta["note"] = msg
-    files = _without_localizers(files, folder, meta)
-    thickness = _slice_thickness(files[0])
+    headers = {f: _dicom_header(f) for f in files}  # each file's header read once, for every check below
+    files = _without_localizers(files, headers, folder, meta)
+    thickness = _slice_thickness(headers[files[0]])
     if thickness is not None:
         meta["slice_thickness_mm"] = thickness
-    positions = _slice_positions(files, folder)
-    _check_series_size(files, folder)
+    positions = _slice_positions(files, headers, folder)
+    _check_series_size(files, headers, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
@@ -431,9 +432,8 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
     return img, meta
 
 
-def _slice_thickness(file: str) -> float | None:
-    """SliceThickness (0018,0050) in mm of a DICOM slice, or None when the header has no usable value."""
-    r = _dicom_header(file)
+def _slice_thickness(r: sitk.ImageFileReader) -> float | None:
+    """SliceThickness (0018,0050) in mm of a DICOM slice's header, or None when it has no usable value."""
     try:
         value = float(r.GetMetaData("0018|0050").strip()) if r.HasMetaDataKey("0018|0050") else 0.0
     except ValueError:
@@ -447,12 +447,14 @@ def is_localizer(image_type: str) -> bool:
     return "LOCALIZER" in [v.strip() for v in image_type.upper().split("\\")]
 
 
-def _without_localizers(files: list[str], folder: Path, meta: dict) -> list[str]:
+def _without_localizers(
+    files: list[str], headers: dict[str, sitk.ImageFileReader], folder: Path, meta: dict
+) -> list[str]:
     """The series' files less its localizer images (ImageType LOCALIZER: the topogram or scout that some scanners
     store in the CT series itself), which are projections, not slices of the volume; the run's notes say so."""
     kept = []
     for f in files:
-        r = _dicom_header(f)
+        r = headers[f]
         if not is_localizer(r.GetMetaData("0008|0008") if r.HasMetaDataKey("0008|0008") else ""):
             kept.append(f)
     if not kept:
@@ -473,7 +475,9 @@ def _without_localizers(files: list[str], folder: Path, meta: dict) -> list[str]
 _MAX_ORIENTATION_DIFFERENCE = 1e-3
 
 
-def _slice_positions(files: Sequence[str], folder: Path) -> np.ndarray | None:
+def _slice_positions(
+    files: Sequence[str], headers: dict[str, sitk.ImageFileReader], folder: Path
+) -> np.ndarray | None:
     """ImagePositionPatient of every file, ``(n, 3)`` in file order (which is the array's slice order), or
     ``None`` when the headers do not record positions. Refuses series with missing or doubled slices (a
     gap or a repeat along the slice normal) and series that mix slice orientations."""
@@ -482,7 +486,7 @@ def _slice_positions(files: Sequence[str], folder: Path) -> np.ndarray | None:
     positions = []
     first_iop = None
     for n, f in enumerate(files):
-        r = _dicom_header(f)
+        r = headers[f]
         if not (r.HasMetaDataKey("0020|0032") and r.HasMetaDataKey("0020|0037")):
             return None  # no position information: nothing to check
         try:
@@ -899,11 +903,11 @@ def _check_read_size(p: Path, n_slices: int | None = None) -> None:
     )
 
 
-def _check_series_size(files: Sequence[str], folder: Path) -> None:
+def _check_series_size(files: Sequence[str], headers: dict[str, sitk.ImageFileReader], folder: Path) -> None:
     """:func:`_check_read_size` for a DICOM series: the largest slice of any file times the number of files
     (one corrupt slice header can claim a huge image). Refuses a series whose slices differ in size, naming
     the odd file."""
-    sizes = {f: _slice_size(f) for f in files}
+    sizes = {f: _slice_size(headers[f]) for f in files}
     counts: dict[tuple[int, ...], int] = {}
     for size in sizes.values():
         counts[size] = counts.get(size, 0) + 1
@@ -932,9 +936,8 @@ def _dicom_header(file: str) -> sitk.ImageFileReader:
     return reader
 
 
-def _slice_size(file: str) -> tuple[int, int, int]:
+def _slice_size(reader: sitk.ImageFileReader) -> tuple[int, int, int]:
     """(columns, rows, components per pixel) of one DICOM file, from its header."""
-    reader = _dicom_header(file)
     cols, rows = (int(v) for v in reader.GetSize()[:2])
     return cols, rows, max(1, int(reader.GetNumberOfComponents()))
 
