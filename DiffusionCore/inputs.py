@@ -64,25 +64,25 @@ def is_dicom_file(path: Path) -> bool:
 
 def _dicom_kind(path: Path) -> tuple[str, int] | None:
     """``(what the file is if it is no slice of a volume, or "", its number of frames)`` from its header, or None
-    when pydicom cannot read the header (left to the volume reader, which names the file)."""
-    import pydicom
-
-    from .volume import is_localizer
+    when the header cannot be read (left to the volume reader, which names the file)."""
+    from .volume import dicom_header, is_localizer
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "ImageType", "NumberOfFrames"])
-    except Exception:  # noqa: BLE001 - any unreadable header: the volume reader reports it with the file's name
+        r = dicom_header(str(path))
+    except InputError:
         return None
-    modality = str(ds.get("Modality", "") or "").strip().upper()
-    image_type = ds.get("ImageType", "") or ""  # a MultiValue, or a str when it has one value
-    image_type = image_type if isinstance(image_type, str) else "\\".join(str(v) for v in image_type)
+
+    def tag(key: str) -> str:
+        return r.GetMetaData(key).strip() if r.HasMetaDataKey(key) else ""
+
+    modality = tag("0008|0060").upper()
     try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
+        frames = int(tag("0028|0008") or 1)
+    except ValueError:
         frames = 1
     if modality in NOT_VOLUME_MODALITIES:
         return f"{modality} images", frames
-    if is_localizer(image_type):
+    if is_localizer(tag("0008|0008")):
         return "CT localizers (topograms or scouts)", frames
     return "", frames
 
@@ -111,9 +111,9 @@ def _scan_folder(folder: Path, skipped: list[str]) -> list[Path]:
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         root_path = Path(root)
-        names = [n for n in sorted(files) if not n.startswith(".")]
-        found.extend(root_path / n for n in names if is_volume_file(root_path / n))
-        dicom = (p for p in (root_path / n for n in names if not is_volume_file(root_path / n)) if is_dicom_file(p))
+        paths = [root_path / n for n in sorted(files) if not n.startswith(".")]
+        found.extend(p for p in paths if is_volume_file(p))
+        dicom = (p for p in paths if not is_volume_file(p) and is_dicom_file(p))  # read lazily: few are needed
         first = next(dicom, None)
         if first is None:
             continue

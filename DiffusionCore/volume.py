@@ -414,7 +414,7 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
         )
         logger.warning(msg)
         meta["note"] = msg
-    headers = {f: _dicom_header(f) for f in files}  # each file's header read once, for every check below
+    headers = {f: dicom_header(f) for f in files}  # each file's header read once, for every check below
     files = _without_localizers(files, headers, folder, meta)
     thickness = _slice_thickness(headers[files[0]])
     if thickness is not None:
@@ -925,7 +925,7 @@ def _check_series_size(files: Sequence[str], headers: dict[str, sitk.ImageFileRe
     _check_read_size(Path(largest), n_slices=len(files))
 
 
-def _dicom_header(file: str) -> sitk.ImageFileReader:
+def dicom_header(file: str) -> sitk.ImageFileReader:
     """A reader holding ``file``'s header (no pixels read); InputError names a corrupt file."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(file)
