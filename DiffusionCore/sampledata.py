@@ -597,6 +597,10 @@ def cache_state(name: str) -> str:
     return "cached" if ok else "corrupt"
 
 
+#: How messages name each kind of sample: (as an adjective, as the thing a command needs).
+_KIND_WORDS = {"ct": ("CT", "CT volume"), "radiograph": ("radiograph", "radiograph")}
+
+
 def sample_or_path(name_or_path: str | os.PathLike, kind: str) -> Path:
     """A path as given, or, for the name of a sample of ``kind`` (``"ct"`` or ``"radiograph"``) that is no path
     here, that sample's file (fetched and sha256-checked): what the commands take where they take a file.
@@ -613,10 +617,6 @@ def sample_or_path(name_or_path: str | os.PathLike, kind: str) -> Path:
         raise InputError(f"{name} is a {_KIND_WORDS[SAMPLES[name].kind][0]} sample, and a {_KIND_WORDS[kind][1]} is "
                          f"needed here: use {wanted}, or a file of your own")
     return Path(fetch(name))
-
-
-#: How messages name each kind of sample: (as an adjective, as the thing a command needs).
-_KIND_WORDS = {"ct": ("CT", "CT volume"), "radiograph": ("radiograph", "radiograph")}
 
 
 def load_reference(name_or_path: str | os.PathLike):

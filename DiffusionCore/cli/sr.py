@@ -41,6 +41,7 @@ from ..sampledata import sample_or_path
 from ..tiling import parse_memory_size
 from ..volume import (
     WRITABLE_SUFFIXES,
+    axis_index,
     check_output_geometry,
     check_output_path,
     read_volume,
@@ -264,8 +265,8 @@ def sr_provenance(job_source: str | Path, volume_metadata: dict[str, Any], repor
     """The provenance of one ``sr`` result, from its report."""
     settings = report["settings"]
     spacing_xyz = settings.get("output_spacing_mm") or []
-    along = {"x": 0, "y": 1, "z": 2}.get(str(settings.get("axis")))  # the thick axis: the new slice spacing
-    thin = spacing_xyz[along] if along is not None and len(spacing_xyz) == 3 else None
+    axis = settings.get("axis")  # the thick axis: its output spacing is the new slice spacing
+    thin = spacing_xyz[2 - axis_index(axis)] if axis is not None and len(spacing_xyz) == 3 else None
     title = f"{sr_label(settings.get('factor'), thin)} (synthetic)"
     return Provenance(
         task="sr", title=title, weights=str(settings.get("weights", "")),

@@ -233,9 +233,10 @@ class XrayToCTGenerator:
             raise InputError("num_stages must be at least 1")
         if rad.metadata.get("oriented"):
             notes.append(f"the radiograph was {rad.metadata['oriented']}")
-        if body_part_note(rad.metadata):
-            logger.warning(body_part_note(rad.metadata))
-            notes.append(body_part_note(rad.metadata))
+        other_part = body_part_note(rad.metadata)
+        if other_part:
+            logger.warning(other_part)
+            notes.append(other_part)
         t0 = time.time()
         xray, fov, fov_source = self.prepare_input(rad, fov_mm)
         dev = resolve_device(device)

@@ -90,14 +90,15 @@ def complete_configs(configs: list[XrayStageConfig]) -> list[XrayStageConfig]:
 
 
 def _ct_paths(data: Any) -> list[Path]:
-    from ..sampledata import CT_SAMPLES, fetch
+    from ..sampledata import sample_or_path
 
     items = data if isinstance(data, list | tuple) else [data]
     paths: list[Path] = []
     rest = []
     for it in items:
-        if isinstance(it, str) and it in CT_SAMPLES and not Path(it).exists():
-            paths.append(Path(fetch(it)))
+        resolved = sample_or_path(it, "ct")  # a CT sample's name: its fetched file
+        if resolved != Path(it):
+            paths.append(resolved)
         else:
             rest.append(it)
     if rest:
