@@ -629,13 +629,16 @@ def test_training_presets_are_configs_the_trainers_accept(tmp_path):
             loader(write_config_text(path.read_text(), tmp_path / family / name))
 
 
-def _dicom_radiograph(path, stored: np.ndarray, photometric: str) -> Path:
-    """A one-frame CR DICOM file with these stored pixels and Photometric Interpretation."""
+def _dicom_radiograph(path, stored: np.ndarray, photometric: str, **tags: str) -> Path:
+    """A one-frame CR DICOM file with these stored pixels and Photometric Interpretation (``tags``: more header
+    fields by sitk key, e.g. ``{"0018|5101": "LL"}``)."""
     import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(stored.astype(np.uint16))
     img.SetMetaData("0008|0060", "CR")
     img.SetMetaData("0028|0030", "0.5\\0.5")
+    for key, value in tags.items():
+        img.SetMetaData(key, value)
     sitk.WriteImage(img, str(path))
     raw = path.read_bytes()
     assert b"MONOCHROME2" in raw
@@ -679,6 +682,110 @@ def test_monochrome1_radiograph_is_not_inverted_a_second_time(scene, tmp_path):
     np.testing.assert_allclose(seen["MONOCHROME1"], seen["MONOCHROME2"], atol=1e-4)
     assert "already shows it with bone bright" in photometric_note("MONOCHROME1")
     assert photometric_note("MONOCHROME2") == "" and photometric_note("") == ""
+
+
+class _DicomDatabase:
+    """Stands in for ``slicer.dicomDatabase`` (ctkDICOMDatabase): the file of each instance UID it was loaded from."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = {uid: str(path) for uid, path in files.items()}
+
+    def fileForInstance(self, uid: str) -> str:  # noqa: N802 (ctkDICOMDatabase's name)
+        return self.files.get(uid, "")
+
+
+def _load_dicom_node(scene, path: Path, name: str, uid: str, monkeypatch, database: dict):
+    """``path`` read into a node by Slicer's own reader, marked as loaded from the DICOM database the way Slicer's DICOM
+    module marks it (the ``DICOM.instanceUIDs`` attribute)."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    storage.SetSingleFile(1)
+    assert storage.ReadData(node), f"Slicer could not read {path}"
+    node.SetAttribute("DICOM.instanceUIDs", uid)
+    database[uid] = path
+    monkeypatch.setattr(slicer, "dicomDatabase", _DicomDatabase(database), raising=False)
+    return node
+
+
+def _xray_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("xray_cli", ROOT / "XrayToCT" / "CLI" / "XrayToCTGenerate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_a_radiograph_from_slicers_dicom_database_is_turned_as_its_header_says(scene, tmp_path, monkeypatch):
+    """A radiograph stored mirrored and upside down (PatientOrientation R\\H) reaches the model the way the engine
+    turns the DICOM file itself: the module hands the command the file the node was loaded from."""
+    from XrayToCTLib import XrayJob, XraySettings, check_xray_input, write_radiograph
+
+    from DiffusionCore.xray.radiograph import read_radiograph
+
+    cli = _xray_cli()
+    shown = (phantom_radiograph(64) * 4000).astype(np.float32)
+    shown[:8, :20] = 4000.0  # a bright corner, so that each flip moves it
+    stored = shown[::-1, ::-1]  # how a radiograph read R\\H keeps its pixels
+    path = _dicom_radiograph(tmp_path / "rh.dcm", stored, "MONOCHROME2", **{"0020|0020": "R\\H"})
+    database: dict = {}
+    node = _load_dicom_node(scene, path, "chest PA", "1.2.3.1", monkeypatch, database)
+    assert check_xray_input(node) == ""
+    job = XrayJob(scene, node, XraySettings(tiny_test_model=True, device="cpu"))
+    args = job.prepare(tmp_path)
+    assert args[args.index("--dicomHeader") + 1] == str(path) and args[args.index("--view") + 1] == "auto"
+    exported = write_radiograph(node, tmp_path / "r.mha")
+    as_slicer_hands_it = cli.load_radiograph(str(exported), False, str(path))
+    engine = read_radiograph(path)  # the engine's own reading of the DICOM file
+    np.testing.assert_allclose(as_slicer_hands_it.array, engine.array, atol=1e-6)
+    assert engine.array[:8, :20].mean() > 0.9  # the bright corner is back at the top left
+    assert "flipped left-right and flipped upside down" in as_slicer_hands_it.metadata["oriented"]
+    # without the header, the node's pixels would reach the model mirrored
+    assert not np.allclose(cli.load_radiograph(str(exported), False).array, engine.array, atol=1e-3)
+    # a node not loaded from DICOM hands no header
+    plain = _radiograph_node(scene, shown)
+    (tmp_path / "plain").mkdir()
+    assert "--dicomHeader" not in XrayJob(scene, plain, XraySettings(tiny_test_model=True)).prepare(tmp_path / "plain")
+
+
+def test_a_lateral_or_ct_image_from_slicers_dicom_database_is_refused_by_its_header(scene, tmp_path, monkeypatch):
+    from XrayToCTLib import XrayJob, XraySettings, check_xray_input
+
+    pixels = (phantom_radiograph(64) * 4000).astype(np.float32)
+    database: dict = {}
+    lateral = _load_dicom_node(
+        scene, _dicom_radiograph(tmp_path / "ll.dcm", pixels, "MONOCHROME2", **{"0018|5101": "LL"}), "chest LL",
+        "1.2.3.2", monkeypatch, database,
+    )
+    assert check_xray_input(lateral) == ""  # a radiograph; whether the weights take its view is the model's call
+    job = XrayJob(scene, lateral, XraySettings(num_stages=1, steps=1, device="cpu", tiny_test_model=True))
+    assert job.run(timeout=120) == JobState.FAILED
+    assert "trained on pa radiographs, the input is marked lateral (its DICOM header: ViewPosition LL)" in job.error
+    # the view chosen in the module wins over the header
+    chosen = XrayJob(scene, lateral, XraySettings(view="pa", num_stages=1, steps=1, device="cpu", tiny_test_model=True))
+    assert chosen.run(timeout=120) == JobState.COMPLETED, chosen.error
+    # a CT slice loaded from DICOM is refused when it is picked, before Apply
+    ct_slice = _load_dicom_node(
+        scene, _dicom_radiograph(tmp_path / "ct.dcm", pixels, "MONOCHROME2", **{"0008|0060": "CT"}), "CT slice",
+        "1.2.3.3", monkeypatch, database,
+    )
+    problem = check_xray_input(ct_slice)
+    assert "'CT slice' is a CT slice (DICOM Modality CT), not a radiograph" in problem
+    with pytest.raises(InputError, match="not a radiograph"):
+        XrayJob(scene, ct_slice, XraySettings(tiny_test_model=True))
+
+
+def test_photometric_interpretation_is_read_from_the_nodes_dicom_file(scene, tmp_path, monkeypatch):
+    from XrayToCTLib.xray_logic import photometric_interpretation
+
+    pixels = (phantom_radiograph(64) * 4000).astype(np.float32)
+    node = _load_dicom_node(scene, _dicom_radiograph(tmp_path / "m1.dcm", 65535 - pixels, "MONOCHROME1"), "m1",
+                            "1.2.3.4", monkeypatch, {})  # fmt: skip
+    assert photometric_interpretation(node) == "MONOCHROME1"
+    assert photometric_interpretation(_radiograph_node(scene, pixels)) == ""
+    (tmp_path / "m1.dcm").unlink()  # the database's file is gone: used as a plain image, with a warning
+    assert photometric_interpretation(node) == ""
 
 
 def _fake_train_cli(tmp_path) -> Path:

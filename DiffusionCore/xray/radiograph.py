@@ -303,7 +303,27 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     # to MONOCHROME2 semantics (2^BitsStored - 1 - value), so bright = attenuating here for both; checked
     # on a crafted MONOCHROME1 file in Testing/test_xray_cli.py.
     spacing = _parse_spacing(tags.get("pixel_spacing")) or _parse_spacing(tags.get("imager_pixel_spacing"))
-    meta = {"source": str(p), "format": "dicom" if is_dicom else p.suffix.lower().lstrip("."), **tags}
+    arr, spacing, meta = apply_dicom_header(arr, spacing, tags, p.name)
+    meta = {"source": str(p), "format": "dicom" if is_dicom else p.suffix.lower().lstrip("."), **meta}
+    return Radiograph(window_radiograph(arr), spacing, meta)
+
+
+def apply_dicom_header(
+    arr: np.ndarray, spacing: tuple[float, float] | None, tags: dict[str, str], name: str
+) -> tuple[np.ndarray, tuple[float, float] | None, dict]:
+    """What a DICOM radiograph's header says, applied to its pixels (in the file's row and column order): the
+    modality checked (:func:`check_projection_modality`), the view read (:func:`header_view`) and the image turned
+    to the model's orientation (:func:`orient_to_model`).
+
+    Returns:
+        ``(array, (row, col) spacing, metadata)``: the header's tags, with ``view`` and ``view_from`` when it gives a
+        view and ``oriented`` when the image was turned.
+
+    Raises:
+        InputError: the header says the image is not a radiograph.
+    """
+    check_projection_modality(tags, name)
+    meta: dict = dict(tags)
     directions = image_directions(tags)
     view = header_view(tags, directions)
     if view is not None:
@@ -311,8 +331,28 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     arr, spacing, turned = orient_to_model(arr, spacing, directions, meta.get("view"))
     if turned:
         meta["oriented"] = f"{turned} to the model's orientation, as its header says ({directions[0]}\\{directions[1]})"  # type: ignore[index]
-        logger.info("%s: %s", p.name, meta["oriented"])
-    return Radiograph(window_radiograph(arr), spacing, meta)
+        logger.info("%s: %s", name, meta["oriented"])
+    return arr, spacing, meta
+
+
+def read_dicom_header(path: str | os.PathLike) -> dict[str, str]:
+    """The tags of a DICOM radiograph's header that :func:`apply_dicom_header` uses, read without decoding its pixels
+    (e.g. the file a Slicer node was loaded from, whose pixels come from the node).
+
+    Raises:
+        InputError: the file is missing or is not DICOM.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"the DICOM file {p} does not exist; give the file the radiograph was loaded from.")
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"{p} is not a readable DICOM file; give the DICOM file the radiograph was loaded from.") from exc
+    return _dicom_tags(reader)
 
 
 def window_radiograph(arr: np.ndarray, percentiles: tuple[float, float] = WINDOW_PERCENTILES) -> np.ndarray:

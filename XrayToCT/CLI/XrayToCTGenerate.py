@@ -36,7 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stageDirectory", default="", help="write stage<N>.nrrd previews into this folder")
     p.add_argument("--referenceVolume", default="", help="reference CT for PSNR/SSIM in the report")
     p.add_argument("--numStages", type=int, default=3, help="stages of the cascade to run (1-3)")
-    p.add_argument("--view", choices=("pa", "lateral"), default="pa")
+    p.add_argument(
+        "--view", choices=("auto", "pa", "lateral"), default="auto",
+        help="auto: what the DICOM header says (--dicomHeader or a DICOM input), else pa",
+    )
+    p.add_argument(
+        "--dicomHeader", default="",
+        help="the DICOM file the radiograph was loaded from (Slicer passes it): its modality, view and orientation "
+        "are used as for a DICOM input",
+    )
     p.add_argument("--fieldOfView", type=finite_float(0.0), default=0.0, help="cube width in mm; 0 = automatic")
     p.add_argument(
         "--invertIntensities", action="store_true",
@@ -85,17 +93,26 @@ def installed_default_weights() -> str:
     )
 
 
-def load_radiograph(path: str, invert: bool):
+def load_radiograph(path: str, invert: bool, dicom_header: str = ""):
     """The radiograph as DiffusionCore reads it (attenuation style in [0, 1]), optionally inverted.
 
     DICOM spacing comes from its tags; MetaImage/NRRD/NIfTI files (what Slicer hands over) carry the
     pixel spacing in their header, which is used when the reader found none, unless it is exactly 1 x 1 mm:
     that is what images without spacing information (PNG, JPEG loaded in Slicer) report, and a real
     radiograph's pixels are far smaller, so it is treated as unknown (the model's field of view is used).
+
+    ``dicom_header``: the DICOM file a Slicer node was loaded from. Slicer keeps the file's row and column order in
+    the node, so the header's modality, view and orientation apply to the pixels handed over as they would to the
+    file itself (:func:`DiffusionCore.xray.radiograph.apply_dicom_header`).
     """
     import SimpleITK as sitk
 
-    from DiffusionCore.xray.radiograph import read_radiograph
+    from DiffusionCore.xray.radiograph import (
+        Radiograph,
+        apply_dicom_header,
+        read_dicom_header,
+        read_radiograph,
+    )
 
     radiograph = read_radiograph(path)
     if radiograph.pixel_spacing is None and str(path).lower().endswith(SPACING_HEADER_SUFFIXES):
@@ -105,6 +122,11 @@ def load_radiograph(path: str, invert: bool):
         col_mm, row_mm = reader.GetSpacing()[:2]
         if (float(row_mm), float(col_mm)) != (1.0, 1.0):
             radiograph.pixel_spacing = (float(row_mm), float(col_mm))
+    if dicom_header:
+        tags = read_dicom_header(dicom_header)
+        array, spacing, said = apply_dicom_header(radiograph.array, radiograph.pixel_spacing, tags,
+                                                  Path(dicom_header).name)  # fmt: skip
+        radiograph = Radiograph(array, spacing, {**radiograph.metadata, **said, "dicom_header": str(dicom_header)})
     if invert:
         radiograph.array = (1.0 - radiograph.array).astype("float32")
     return radiograph
@@ -120,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(args.outputVolume, overwrite=True)
     if args.stageDirectory:
         Path(args.stageDirectory).mkdir(parents=True, exist_ok=True)
-    radiograph = load_radiograph(args.inputRadiograph, args.invertIntensities)
+    radiograph = load_radiograph(args.inputRadiograph, args.invertIntensities, args.dicomHeader)
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     if args.tinyTestModel:
         generator = XrayToCTGenerator.tiny(seed=0)
@@ -141,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         "num_samples": args.numSamples or None,
         "seed": args.seed,
         "device": args.device,
-        "view": args.view,
+        "view": None if args.view == "auto" else args.view,
         "fov_mm": args.fieldOfView or None,
     }
     errors: list[dict[str, float]] = []

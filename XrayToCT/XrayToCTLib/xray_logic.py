@@ -20,6 +20,7 @@ import SimpleITK as sitk
 from CTDiffusionSRLib.jobs import CLIJob
 from CTDiffusionSRLib.mrml_io import (
     add_volume_node,
+    dicom_source_files,
     geometry_from_ijk_to_ras,
     ijk_to_ras,
     place_beside,
@@ -33,7 +34,7 @@ from CTDiffusionSRLib.sr_logic import check_weights
 
 from DiffusionCore.errors import InputError, OutputError
 from DiffusionCore.volume import write_volume
-from DiffusionCore.xray.radiograph import greyscale_pixels
+from DiffusionCore.xray.radiograph import check_projection_modality, greyscale_pixels, read_dicom_header
 
 try:
     from slicer.i18n import tr as _
@@ -58,7 +59,7 @@ class XraySettings:
 
     Attributes:
         num_stages: stages of the cascade to run (1 = 64^3 preview ... 3 = 256^3).
-        view: "pa" or "lateral".
+        view: "auto" (what the radiograph's DICOM header says, else "pa"), "pa" or "lateral".
         field_of_view: cube width in mm; 0 = automatic.
         invert: invert the radiograph first, for an image whose bones appear dark (a negative exported as
             PNG/JPEG). Never needed for DICOM MONOCHROME1: see :func:`photometric_note`.
@@ -73,7 +74,7 @@ class XraySettings:
     """
 
     num_stages: int = 3
-    view: str = "pa"
+    view: str = "auto"
     field_of_view: float = 0.0
     invert: bool = False
     weights: str = ""
@@ -154,12 +155,39 @@ def photometric_note(photometric_interpretation: str) -> str:
     return ""
 
 
+def dicom_header_file(node) -> str:
+    """The DICOM file ``node`` was loaded from (through Slicer's DICOM database), or ``""`` when it was not loaded
+    from DICOM (a PNG, JPEG or NRRD file; outside Slicer). Its header tells the radiograph's modality, view and
+    orientation, which the node itself does not keep."""
+    files = dicom_source_files(node) if node is not None else []
+    return files[0] if files else ""
+
+
+def dicom_header_tags(node) -> dict[str, str]:
+    """The header tags of the DICOM file ``node`` was loaded from (:func:`read_dicom_header`); empty when it was not
+    loaded from DICOM or the file can no longer be read (it is then used as a plain image)."""
+    path = dicom_header_file(node)
+    if not path:
+        return {}
+    try:
+        return read_dicom_header(path)
+    except InputError as exc:
+        logger.warning("the DICOM header of '%s' cannot be read (%s); it is used as a plain image", node.GetName(), exc)
+        return {}
+
+
+def photometric_interpretation(node) -> str:
+    """The DICOM Photometric Interpretation of the file ``node`` was loaded from ("" when not DICOM)."""
+    return dicom_header_tags(node).get("photometric", "")
+
+
 def check_xray_input(node) -> str:
     """Why ``node`` cannot be used as a radiograph, or ``""`` when it can (the Apply tooltip)."""
     if node is None:
         return "Select a radiograph (load a DICOM CR/DX, PNG or JPEG image)."
     try:
         pixels, _ = radiograph_from_node(node)
+        check_projection_modality(dicom_header_tags(node), f"'{node.GetName()}'")
     except InputError as exc:
         return str(exc)
     h, w = pixels.shape
@@ -201,6 +229,8 @@ class XrayJob(CLIJob):
         self.input_node = input_node
         self.reference_node = reference_node
         self.settings = settings
+        #: the DICOM file the radiograph was loaded from: the command reads its modality, view and orientation
+        self.dicom_header = dicom_header_file(input_node) if dicom_header_tags(input_node) else ""
         self.preview_node = None
         self.stage_errors: dict[int, dict[str, float]] = {}
         self.stages_shown: list[int] = []
@@ -217,6 +247,8 @@ class XrayJob(CLIJob):
         if self.reference_node is not None:
             write_volume(volume_from_node(self.reference_node), tempdir / "reference.nrrd", overwrite=True, dtype="float32", compress=False)
             args += ["--referenceVolume", str(tempdir / "reference.nrrd")]
+        if self.dicom_header:
+            args += ["--dicomHeader", self.dicom_header]
         args += [
             "--stageDirectory", str(tempdir / "stages"),
             "--reportFile", str(tempdir / "report.json"),

@@ -30,7 +30,7 @@ class XrayToCTParameterNode:
     inputRadiograph: vtkMRMLScalarVolumeNode | vtkMRMLVectorVolumeNode
     referenceVolume: vtkMRMLScalarVolumeNode
     resultVolume: vtkMRMLScalarVolumeNode
-    view: Annotated[str, Choice(["pa", "lateral"])] = "pa"
+    view: Annotated[str, Choice(["auto", "pa", "lateral"])] = "auto"
     invertIntensities: bool = False
     numStages: Annotated[int, WithinRange(1, 3)] = 3
     fieldOfView: Annotated[float, WithinRange(0.0, 1000.0)] = 0.0
@@ -91,12 +91,9 @@ class XrayToCTLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def photometricInterpretation(node) -> str:
         """The DICOM Photometric Interpretation of the file the node was loaded from ("" when not DICOM)."""
-        uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split() if node is not None else []
-        database = getattr(slicer, "dicomDatabase", None)
-        if not uids or database is None:
-            return ""
-        path = database.fileForInstance(uids[0])
-        return database.fileValue(path, "0028,0004").strip() if path else ""
+        from .xray_logic import photometric_interpretation
+
+        return photometric_interpretation(node)
 
     @staticmethod
     def formatProjectionErrors(stageErrors: dict) -> str:
