@@ -441,6 +441,20 @@ def _slice_thickness(r: sitk.ImageFileReader) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
+def dicom_slice_thickness(files: list[str]) -> float | None:
+    """The SliceThickness in mm of a CT series given as its files (e.g. those a Slicer node was loaded from): that of
+    its first slice that is not a localizer; None when no file says, or none can be read (the file then only lacks
+    this note: the volume itself comes from elsewhere)."""
+    for file in files:
+        try:
+            reader = dicom_header(file)
+        except InputError:
+            continue
+        if not is_localizer(reader.GetMetaData("0008|0008") if reader.HasMetaDataKey("0008|0008") else ""):
+            return _slice_thickness(reader)
+    return None
+
+
 def is_localizer(image_type: str) -> bool:
     """Whether a DICOM ImageType (0008,0008) value (``"ORIGINAL\\PRIMARY\\LOCALIZER"``) marks a localizer: a CT
     topogram or scout, a projection image rather than a slice."""

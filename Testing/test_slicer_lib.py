@@ -357,6 +357,40 @@ def test_sr_job_names_the_target_spacings_the_predictor_can_make(scene, tmp_path
                                   device="cpu"))
 
 
+def test_sr_job_passes_the_dicom_series_slice_thickness_and_the_log_names_an_overlapping_one(
+    scene, tmp_path, monkeypatch
+):
+    """A node loaded from Slicer's DICOM database keeps the slices' spacing but not their thickness; the job reads it
+    from the series' files, so an overlapping reconstruction gets the same note as on the command line."""
+    import pydicom
+    from conftest import write_dicom_series
+
+    vol = phantom_ct()
+    files = write_dicom_series(tmp_path / "series", vol)
+    spacing = float(vol.spacing_zyx[0])
+    uids = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SliceThickness = f"{2.5 * spacing:g}"
+        ds.save_as(f)
+        uids.append(str(ds.SOPInstanceUID))
+    node = mrml_io.add_volume_node(scene, read_volume(tmp_path / "series"), "CT overlapping")
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+    monkeypatch.setattr(slicer, "dicomDatabase", _DicomDatabase(dict(zip(uids, files))), raising=False)
+    lines = []
+    settings = SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False)
+    job = SRJob(scene, node, settings, on_line=lines.append)
+    args = job.prepare(tmp_path)
+    assert float(args[args.index("--sliceThickness") + 1]) == pytest.approx(2.5 * spacing)
+    assert job.run(timeout=240) == JobState.COMPLETED, job.error
+    said = f"the series' slices are {2.5 * spacing:g} mm thick but {spacing:g} mm apart (an overlapping reconstruction)"
+    assert any(said in line for line in lines), lines
+    # a node not loaded from DICOM has no thickness to pass
+    plain = mrml_io.add_volume_node(scene, vol, "CT plain")
+    (tmp_path / "plain").mkdir()
+    assert "--sliceThickness" not in SRJob(scene, plain, settings).prepare(tmp_path / "plain")
+
+
 def test_sr_job_surfaces_the_cli_error_line(scene):
     node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_04")
     job = SRJob(scene, node, SRSettings(factor=4, weights="/nonexistent/weights.safetensors", device="cpu"))

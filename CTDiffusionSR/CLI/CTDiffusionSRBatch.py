@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noDataConsistency", action="store_true", help="skip the projection onto the input")
     p.add_argument("--allowNonCT", action="store_true", help="run on intensities that do not look like CT")
     p.add_argument(
+        "--sliceThickness", type=finite_float(0.0), default=0.0,
+        help="the input's slice thickness in mm (DICOM SliceThickness; Slicer passes it); 0 = not known",
+    )
+    p.add_argument(
         "--adaptSeconds", type=float, default=0.0, help="a time budget for the adaptation instead of steps; 0 = use steps"
     )
     p.add_argument("--tinyTestModel", action="store_true", help=argparse.SUPPRESS)
@@ -155,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     check_output_path(args.outputVolume, overwrite=True)
     volume = read_volume(args.inputVolume)
+    if args.sliceThickness > 0:  # what the DICOM series said, for the note on overlapping or interspaced slices
+        volume.metadata["slice_thickness_mm"] = float(args.sliceThickness)
     if args.tinyTestPredictor:
         resolver = SuperResolver.tiny_predictor(seed=0)
     elif args.tinyTestModel:

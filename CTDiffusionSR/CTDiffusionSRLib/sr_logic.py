@@ -13,11 +13,12 @@ import numpy as np
 from DiffusionCore.degrade import MAX_FACTOR, plan_thin_grid
 from DiffusionCore.errors import DiffusionCoreError, GeometryError, InputError, OutputError
 from DiffusionCore.provenance import sr_label
-from DiffusionCore.volume import check_ct, require_ct, thick_axis, write_volume
+from DiffusionCore.volume import check_ct, dicom_slice_thickness, require_ct, thick_axis, write_volume
 
 from .jobs import CLIJob
 from .mrml_io import (
     add_volume_node,
+    dicom_source_files,
     grid_from_node,
     place_beside,
     read_volume_file,
@@ -296,6 +297,9 @@ class SRJob(CLIJob):
         args = self.settings.cli_arguments()
         if self.settings.num_samples >= 2:
             args += ["--uncertaintyVolume", str(tempdir / "uncertainty.nrrd")]
+        thickness = dicom_slice_thickness(dicom_source_files(self.input_node))
+        if thickness:  # only a DICOM series knows its slices' thickness; the node keeps their spacing alone
+            args += ["--sliceThickness", repr(float(thickness))]
         args += ["--reportFile", str(tempdir / "report.json"), "--returnparameterfile", str(tempdir / "return.txt")]
         return [*args, str(tempdir / "input.nrrd"), str(tempdir / "output.nrrd")]
 
