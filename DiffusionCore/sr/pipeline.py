@@ -69,14 +69,15 @@ from .config import MEAN, SAMPLE
 from .model import requested_estimate
 from .settings import MIN_PREDICTOR_RATIO, SRRunSettings, predictor_spacing_problem
 from .throughplane import COMPONENT as THROUGHPLANE
-from .throughplane import ThroughPlaneNet, body_box, predict_residual
+from .throughplane import ThroughPlaneNet, body_box, channels_last, predict_residual
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, str], None]
 
-#: Progress units given to test-time adaptation (a share of the bar: it may be bounded by time, not by a count).
-ADAPT_PROGRESS_UNITS = 100
+#: Forward passes' worth of work in one optimizer step of test-time adaptation: its forward, and a backward of about
+#: twice that. Weighs adaptation against the predictor on the progress bar (:func:`adaptation_units`).
+ADAPT_STEP_PASSES = 3
 #: Used when the model's configuration does not say (the seed's defaults).
 FALLBACK_STEPS = 15
 FALLBACK_GUIDANCE = 1.0
@@ -429,15 +430,16 @@ class SuperResolver:
         cancel: threading.Event | None = None,
         timings: dict[str, float] | None = None,
         box: tuple[int, int, int, int] | None = None,
+        adapt_units: int | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """The thin-grid volume (HU, float32, a new array in ``grid``'s layout) that the diffusion stage
         refines, or that is the result when there is none: cubic interpolation plus the through-plane
         predictor's residual at ``factor`` (see :meth:`predictor_factor`; None: cubic only).
 
-        Progress counts :data:`ADAPT_PROGRESS_UNITS` for adaptation (when asked) and then one unit per
-        predicted plane (the two in-plane sizes of the body box added). ``box`` is the body box
-        (:func:`~DiffusionCore.sr.throughplane.body_box` of the input, thick axis first) when the caller
-        already has it.
+        Progress counts ``adapt_units`` for adaptation (when asked; default :func:`adaptation_units`) and then one
+        unit per predicted plane (the two in-plane sizes of the body box added), so that the bar moves with the
+        time spent. ``box`` is the body box (:func:`~DiffusionCore.sr.throughplane.body_box` of the input, thick
+        axis first) when the caller already has it.
 
         Returns:
             ``(hu, report)``: the volume, and ``{"used", "factor", "adaptation", ...}`` for the run report.
@@ -463,13 +465,15 @@ class SuperResolver:
         spacing = tuple(float(volume.spacing_zyx[a]) for a in [axis] + [a for a in range(3) if a != axis])
         offset = 0
         adapt_report = None
+        box = box or body_box(thick)  # the air around the patient has no residual: not predicted
         if adapt is not None:
+            units = adaptation_units(adapt, net, thick.shape[0], box, k, device) if adapt_units is None else adapt_units
             net, adapt_report = adapt_predictor(
                 net, np.ascontiguousarray(thick, dtype=np.float32), spacing, k, adapt, seed=seed, device=device,
-                progress=lambda frac, msg: tell(int(round(frac * ADAPT_PROGRESS_UNITS)), msg), cancel=cancel,
+                progress=lambda frac, msg: tell(int(round(frac * units)), msg), cancel=cancel,
             )
             timings["adapt"] = time.perf_counter() - t0
-            offset = ADAPT_PROGRESS_UNITS
+            offset = units
             t0 = time.perf_counter()
         kgrid = thin_grid(volume, k, axis=axis)
         exact = kgrid.shape == grid.shape and np.allclose(kgrid.spacing, grid.spacing, rtol=0, atol=1e-6) and np.allclose(
@@ -482,7 +486,7 @@ class SuperResolver:
         timings["interpolate"] = timings.get("interpolate", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         net.to(device).eval()
-        h0, h1, w0, w1 = box or body_box(thick)  # the air around the patient has no residual: not predicted
+        h0, h1, w0, w1 = box
         thick_units = torch.from_numpy(hu_to_unit(thick[:, h0:h1, w0:w1]))  # a new (m, h, w) array
         residual = predict_residual(
             net, thick_units, k, device=device, cancel=cancel,
@@ -537,7 +541,7 @@ class SuperResolver:
         timings: dict[str, float] = {"consistency": 0.0}
         hu, predictor_report = self.starting_point(
             volume, grid, axis, predictor_factor, adapt=adapt, seed=seed, device=dev, progress=tell, cancel=cancel,
-            timings=timings, box=box,
+            timings=timings, box=box, adapt_units=plan.adapt_units,
         )
         _check_cancel(cancel)
         out = Volume.from_grid(grid, hu)
@@ -657,7 +661,10 @@ class SuperResolver:
         predictor_factor = self.predictor_factor(volume, grid, axis)
         box = body_box(np.moveaxis(volume.array, axis, 0)) if predictor_factor is not None else None
         pre_units = planes_in(box) if box is not None else 0
-        adapt_units = ADAPT_PROGRESS_UNITS if (adapt is not None and predictor_factor is not None) else 0
+        adapt_units = 0
+        if adapt is not None and predictor_factor is not None and box is not None and self.predictor is not None:
+            m = volume.shape[axis]
+            adapt_units = adaptation_units(adapt, self.predictor, m, box, predictor_factor, dev)
         plan = SRPlan(
             grid=grid, axis=axis, factor=settings.factor, estimate=estimate, steps=steps,
             requested_steps=requested_steps, guidance=guidance, patch_size=patch_req, overlap=overlap_req,
@@ -745,7 +752,7 @@ class SuperResolver:
         timings = {"model": 0.0, "blend": 0.0, "consistency": 0.0}
         units, predictor_report = self.starting_point(
             volume, grid, axis, plan.predictor_factor, adapt=settings.adapt, seed=settings.seed, device=dev,
-            progress=pre_progress, cancel=cancel, timings=timings, box=plan.box,
+            progress=pre_progress, cancel=cancel, timings=timings, box=plan.box, adapt_units=plan.adapt_units,
         )  # fmt: skip
         t0 = time.perf_counter()
         hu_to_unit_(torch.from_numpy(units))
@@ -942,6 +949,40 @@ def planes_in(box: tuple[int, int, int, int]) -> int:
     """Planes the through-plane predictor runs on inside a body box (the progress units of that stage)."""
     h0, h1, w0, w1 = box
     return (h1 - h0) + (w1 - w0)
+
+
+def adaptation_units(
+    adapt: AdaptSettings, net: ThroughPlaneNet, m: int, box: tuple[int, int, int, int], factor: int,
+    device: torch.device | str = "cpu",
+) -> int:
+    """Progress units of test-time adaptation, counted in the predictor's planes (one unit each), so that the bar
+    moves with the time spent: adaptation took about half of a default run on the sample scans, but had a fixed
+    tenth of the bar.
+
+    With a step count, the units are the work of those steps against that of one of the predictor's planes: each
+    step is :data:`ADAPT_STEP_PASSES` passes over ``batch_size`` planes of ``thick_rows x width`` thick pixels, a
+    predictor's plane one pass over ``m`` thick rows of the body box's width (the network's cost grows with its
+    input's pixels). On 2 CPU cores, chest-dx at x4: 900 units for the default 400 steps against 1,024 planes, and
+    45 s against 50 s measured. With a time budget, the units are that time over the predictor's measured time per
+    plane (one small batch of planes, timed after a first call).
+    """
+    h0, h1, w0, w1 = box
+    h, w = max(1, h1 - h0), max(1, w1 - w0)
+    plane_pixels = m * 2.0 * h * w / (h + w)  # the predictor's planes: h of width w, w of width h
+    if adapt.steps is not None:
+        work = int(adapt.steps) * ADAPT_STEP_PASSES * adapt.batch_size * adapt.thick_rows * adapt.width
+        return max(1, int(round(work / plane_pixels)))
+    planes = torch.zeros((4, 1, m, int(round(plane_pixels / m))), dtype=torch.float32, device=device)
+    run = channels_last(net).to(device).eval()
+    sync = torch.cuda.synchronize if planes.is_cuda else (lambda: None)
+    with torch.no_grad():
+        run(planes, factor)  # the first call allocates; the second is what a plane costs
+        sync()
+        t0 = time.perf_counter()
+        run(planes, factor)
+        sync()
+        per_plane = max((time.perf_counter() - t0) / planes.shape[0], 1e-6)
+    return max(1, int(round(float(adapt.seconds) / per_plane)))
 
 
 def load_predictor(resolved) -> ThroughPlaneNet:
