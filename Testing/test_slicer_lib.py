@@ -630,6 +630,25 @@ def test_xray_job_shows_stage_previews_then_the_final_volume(scene, tmp_path, mo
     assert not list(tmp_path.glob("ctdiffusion-*"))
 
 
+def test_xray_job_runs_every_stage_the_weights_have_by_default_without_a_warning(scene):
+    """The module's Stages box starts at "all the weights have" (0): the shipped weights have one stage, and asking
+    for 3 by default warned "3 stages were asked for, but the weights have 1" on every run."""
+    from XrayToCTLib import XrayJob, XraySettings
+
+    assert XraySettings().num_stages == 0
+    node = _radiograph_node(scene, (phantom_radiograph(64) * 3000).astype(np.float32), spacing=(5.0, 5.0))
+    lines = []
+    job = XrayJob(scene, node, XraySettings(steps=1, device="cpu", tiny_test_model=True), on_line=lines.append)
+    assert job.run(timeout=180) == JobState.COMPLETED, job.error
+    assert job.result_nodes[0].GetName() == "chest PA CT stage 2 (synthetic)"  # the tiny model's two stages
+    assert not [line for line in lines if "were asked for" in line], lines
+    asked = []
+    again = XrayJob(scene, node, XraySettings(num_stages=3, steps=1, device="cpu", tiny_test_model=True),
+                    on_line=asked.append)  # fmt: skip
+    assert again.run(timeout=180) == JobState.COMPLETED, again.error
+    assert [line for line in asked if "3 stages were asked for, but the weights have 2; ran 2" in line]
+
+
 def test_xray_job_cancel_removes_the_preview(scene):
     from XrayToCTLib import XrayJob, XraySettings
 

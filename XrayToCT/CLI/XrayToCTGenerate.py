@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outputVolume", help="generated CT volume to write")
     p.add_argument("--stageDirectory", default="", help="write stage<N>.nrrd previews into this folder")
     p.add_argument("--referenceVolume", default="", help="reference CT for PSNR/SSIM in the report")
-    p.add_argument("--numStages", type=int, default=3, help="stages of the cascade to run (1-3)")
+    p.add_argument("--numStages", type=int, default=0,
+                   help="stages of the cascade to run (1-3); 0 = every stage the weights have")
     p.add_argument(
         "--view", choices=("auto", "pa", "lateral"), default="auto",
         help="auto: what the DICOM header says (--dicomHeader or a DICOM input), else pa",
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         model_name = args.weights
     settings = {
         "consistency": not args.noConsistency,
-        "num_stages": args.numStages,
+        "num_stages": args.numStages or None,
         "steps": args.numSteps or None,
         "num_samples": args.numSamples or None,
         "seed": args.seed,

@@ -58,7 +58,7 @@ class XraySettings:
     """What the user chose for one generation (0 / "" mean "the model's default").
 
     Attributes:
-        num_stages: stages of the cascade to run (1 = 64^3 preview ... 3 = 256^3).
+        num_stages: stages of the cascade to run (1 = 64^3 preview ... 3 = 256^3; 0 = every stage the weights have).
         view: "auto" (what the radiograph's DICOM header says, else "pa"), "pa" or "lateral".
         field_of_view: cube width in mm; 0 = automatic.
         invert: invert the radiograph first, for an image whose bones appear dark (a negative exported as
@@ -73,7 +73,7 @@ class XraySettings:
         consistency: make each stage re-project onto the radiograph (off: the network's output alone).
     """
 
-    num_stages: int = 3
+    num_stages: int = 0
     view: str = "auto"
     field_of_view: float = 0.0
     invert: bool = False
@@ -222,8 +222,8 @@ class XrayJob(CLIJob):
         reason = check_xray_input(input_node)
         if reason:
             raise InputError(reason)
-        if not 1 <= settings.num_stages <= 3:
-            raise InputError(f"the number of stages must be 1, 2 or 3; got {settings.num_stages}.")
+        if not 0 <= settings.num_stages <= 3:
+            raise InputError(f"the number of stages must be 1, 2 or 3 (0: all the weights have); got {settings.num_stages}.")
         if settings.weights and not settings.tiny_test_model:
             check_weights(settings.weights, "xray", settings.allow_unregistered_weights)
         self.input_node = input_node
@@ -303,7 +303,7 @@ class XrayJob(CLIJob):
         out = tempdir / "output.nrrd"
         if not out.is_file():
             raise OutputError("the generation finished without writing its output; see the log.")
-        last = max(self.stage_errors) if self.stage_errors else self.settings.num_stages
+        last = max(self.stage_errors) if self.stage_errors else max(1, self.settings.num_stages)
         self._show(read_volume_file(str(out)), last)
         report = json.loads((tempdir / "report.json").read_text()) if (tempdir / "report.json").is_file() else {}
         model = self.return_values.get("modelName") or str(report.get("model", ""))

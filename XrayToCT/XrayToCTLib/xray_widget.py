@@ -32,7 +32,7 @@ class XrayToCTParameterNode:
     resultVolume: vtkMRMLScalarVolumeNode
     view: Annotated[str, Choice(["auto", "pa", "lateral"])] = "auto"
     invertIntensities: bool = False
-    numStages: Annotated[int, WithinRange(1, 3)] = 3
+    numStages: Annotated[int, WithinRange(0, 3)] = 0
     fieldOfView: Annotated[float, WithinRange(0.0, 1000.0)] = 0.0
     weights: str = ""
     steps: Annotated[int, WithinRange(0, 1000)] = 0
@@ -57,7 +57,7 @@ class XrayToCTLogic(ScriptedLoadableModuleLogic):
     Example::
 
         logic = slicer.util.getModuleLogic("XrayToCT")
-        ct = logic.process(slicer.util.getNode("chest PA"), num_stages=3)
+        ct = logic.process(slicer.util.getNode("chest PA"))
     """
 
     def getParameterNode(self):
