@@ -357,6 +357,26 @@ def test_sr_job_names_the_target_spacings_the_predictor_can_make(scene, tmp_path
                                   device="cpu"))
 
 
+def test_sr_job_refuses_steps_and_samples_that_predictor_weights_cannot_give(scene, tmp_path):
+    """The panel offers Steps and Samples (posterior samples from a diffusion stage); the shipped weights hold a
+    through-plane predictor alone. Apply says so at once instead of a background job failing; weights with a
+    diffusion stage take them."""
+    from DiffusionCore.sr.model import SRModel
+
+    node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_06")
+    for settings, named in ((SRSettings(steps=15, device="cpu"), "Steps 15"),
+                            (SRSettings(num_samples=4, device="cpu"), "Samples 4"),
+                            (SRSettings(steps=5, num_samples=2, weights="sr-default", device="cpu"), "Steps 5 and Samples 2")):  # fmt: skip
+        with pytest.raises(InputError, match=rf"sr-default are a through-plane predictor without a diffusion stage.*"
+                                             rf"so {named} cannot be used\. Set Steps to 0 and Samples to 1"):  # fmt: skip
+            SRJob(scene, node, settings)
+    SRJob(scene, node, SRSettings(device="cpu"))  # the defaults: the predictor's one estimate
+    diffusion = tmp_path / "latent.safetensors"
+    SRModel.tiny(seed=0).save(diffusion)
+    SRJob(scene, node, SRSettings(steps=15, num_samples=4, weights=str(diffusion), allow_unregistered_weights=True,
+                                  device="cpu"))  # fmt: skip
+
+
 def test_sr_job_passes_the_dicom_series_slice_thickness_and_the_log_names_an_overlapping_one(
     scene, tmp_path, monkeypatch
 ):

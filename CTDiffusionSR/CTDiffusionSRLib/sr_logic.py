@@ -242,6 +242,29 @@ def check_weights(weights: str, family: str, allow_unregistered: bool):
     return None
 
 
+def sampling_problem(settings: SRSettings, resolved, name: str) -> str:
+    """Why ``settings`` ask the chosen weights for what they cannot give (``""`` when they can): Steps and Samples
+    draw posterior samples from a diffusion stage, and weights that hold a through-plane predictor alone (the
+    shipped sr-default) give one deterministic estimate. The job would stop with the engine's message; the
+    module says it, in its own words, when Apply is pressed."""
+    if resolved is None:
+        return ""
+    from DiffusionCore.sr.throughplane import COMPONENT
+
+    if resolved.metadata.get("component") != COMPONENT:
+        return ""
+    asked = [f"{label} {value}" for label, value, on in (
+        ("Steps", settings.steps, settings.steps > 0), ("Samples", settings.num_samples, settings.num_samples >= 2),
+    ) if on]  # fmt: skip
+    if not asked:
+        return ""
+    return (
+        f"The weights {name} are a through-plane predictor without a diffusion stage: they give one deterministic "
+        f"estimate, so {' and '.join(asked)} cannot be used. Set Steps to 0 and Samples to 1, or choose weights with "
+        "a diffusion stage."
+    )
+
+
 def target_spacing_problem(node, settings: SRSettings, resolved) -> str:
     """Why the chosen weights cannot make ``settings.target_spacing`` from ``node`` (``""`` when they can, or
     when no target spacing is asked): a through-plane predictor needs the output at least 1.5 times finer
@@ -286,6 +309,9 @@ class SRJob(CLIJob):
             problem = target_spacing_problem(input_node, settings, resolved)
             if problem:
                 raise GeometryError(problem[0].upper() + problem[1:] + ".")
+            problem = sampling_problem(settings, resolved, weights)
+            if problem:
+                raise InputError(problem)
         self.input_node = input_node
         self.output_node = output_node
         self.settings = settings
