@@ -43,8 +43,8 @@ Thick-to-thin slice super-resolution of CT with a latent diffusion model (ResShi
 Pick a thick-slice CT, keep the suggested factor, press Apply. The result is a NEW volume named
 "... SR xN (synthetic)": a plausible thin-slice image, not a measurement. Do not use it for diagnosis.
 "Adapt to this scan" (on by default) first fine-tunes a copy of the model on the input's own in-plane
-detail for 400 steps (about 40 to 90 seconds on 2 CPU cores); untick it for the model as installed. "Evaluate on this volume" simulates thick slices from a thin CT and scores the model against cubic
-interpolation. The Training section trains or fine-tunes models on your own data.
+detail for 400 steps (about 40 to 90 seconds on 2 CPU cores); untick it for the model as installed. "Evaluate on this volume" simulates thick slices from a thin CT and scores the model, as Apply runs it, against cubic
+interpolation with and without data consistency. The Training section trains or fine-tunes models on your own data.
 See the <a href="https://github.com/SlicerCTDiffusion/SlicerCTDiffusion">documentation</a>.
 """)
         self.parent.acknowledgementText = _("""

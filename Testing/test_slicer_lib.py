@@ -440,6 +440,37 @@ def test_evaluation_job_reports_metrics_in_a_table(scene):
         assert table.GetColumnByName("SSIM").GetValue(r) == pytest.approx(row["ssim"], rel=1e-4)
 
 
+def test_evaluation_scores_what_apply_gives_and_the_networks_share(scene):
+    """"Evaluate on this volume" scores super-resolution as Apply runs it (adapted to the scan, with the panel's
+    steps, when "Adapt to this scan" is on) beside cubic and cubic + data consistency; it scored the weights
+    without adaptation, which is not what Apply gives."""
+    from CTDiffusionSRLib.sr_logic import evaluation_methods
+
+    assert evaluation_methods(SRSettings()) == ("cubic", "cubic+dc", "sr+adapt")
+    assert evaluation_methods(SRSettings(adapt_to_scan=False)) == ("cubic", "cubic+dc", "sr")
+    thin = phantom_ct(shape=(32, 64, 64), spacing=(1.0, 1.0, 1.0))
+    node = mrml_io.add_volume_node(scene, thin, "thin CT")
+    settings = SRSettings(adapt_steps=3, device="cpu")
+    lines = []
+    job = EvaluationJob(scene, node, factor=2, methods=evaluation_methods(settings), adapt_steps=settings.adapt_steps,
+                        device="cpu", on_line=lines.append)  # fmt: skip
+    assert job.run(timeout=300) == JobState.COMPLETED, job.error
+    table = job.table_node.GetTable()
+    assert [table.GetValue(r, 0).ToString() for r in range(table.GetNumberOfRows())] == ["cubic", "cubic+dc", "sr+adapt"]
+    assert [line for line in lines if "adapted to the scan" in line and "(3 steps)" in line], lines
+    timed = EvaluationJob(scene, node, factor=2, methods=evaluation_methods(settings), adapt_seconds=30.0)
+    args = timed.prepare(_fresh_dir())
+    assert args[args.index("--adapt") + 1] == "30.0" and "--adapt-steps" not in args
+    plain = EvaluationJob(scene, node, factor=2, methods=evaluation_methods(SRSettings(adapt_to_scan=False)))
+    assert "--adapt" not in plain.prepare(_fresh_dir()) and "--adapt-steps" not in plain.prepare(_fresh_dir())
+
+
+def _fresh_dir() -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="ctdiffusion-test-"))
+
+
 def test_evaluation_table_from_report_keeps_missing_values_as_nan(scene):
     report = {"factor": 2, "results": [{"method": "sr", "psnr": 30.0, "ssim": None, "seconds": 1.0}]}
     node = table_from_evaluation(scene, report, "eval")

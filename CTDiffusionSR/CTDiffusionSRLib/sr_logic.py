@@ -400,10 +400,19 @@ def table_from_evaluation(scene, report: dict, name: str, table_node=None):
     return node
 
 
+def evaluation_methods(settings: SRSettings) -> tuple[str, ...]:
+    """What "Evaluate on this volume" scores: cubic B-spline, cubic followed by the data-consistency step (so that
+    the network's own share shows), and super-resolution as Apply runs it: adapted to the scan when "Adapt to this
+    scan" is on (``sr+adapt``, with the panel's steps or time), else the weights as they are (``sr``)."""
+    return ("cubic", "cubic+dc", "sr+adapt" if settings.adapt_to_scan else "sr")
+
+
 class EvaluationJob(CLIJob):
     """"Evaluate on this volume": simulate thick slices from a thin input, reconstruct, score; a table node.
 
     Runs ``python -m DiffusionCore evaluate`` in a background process (the same command-line protocol).
+    ``adapt_steps`` / ``adapt_seconds``: how long ``sr+adapt`` adapts (the panel's settings; a time budget
+    when ``adapt_seconds`` > 0).
     """
 
     script_name = "DiffusionCore evaluate"
@@ -420,6 +429,8 @@ class EvaluationJob(CLIJob):
         steps: int = 0,
         device: str = "auto",
         degradation: str = "slab",
+        adapt_steps: int = 400,
+        adapt_seconds: float = 0.0,
         **kwargs,
     ):
         super().__init__(scene, **kwargs)
@@ -430,6 +441,7 @@ class EvaluationJob(CLIJob):
         self.input_node = input_node
         self.factor, self.axis, self.methods = int(factor), axis, tuple(methods)
         self.weights, self.steps, self.device, self.degradation = weights, int(steps), device, degradation
+        self.adapt_steps, self.adapt_seconds = int(adapt_steps), float(adapt_seconds)
         self.table_node = None
 
     def argv(self, args):
@@ -451,6 +463,8 @@ class EvaluationJob(CLIJob):
             args += ["--weights", self.weights]
         if self.steps:
             args += ["--num-steps", str(self.steps)]
+        if "sr+adapt" in self.methods:
+            args += ["--adapt", repr(self.adapt_seconds)] if self.adapt_seconds > 0 else ["--adapt-steps", str(self.adapt_steps)]
         return args
 
     def import_results(self, tempdir: Path) -> list:

@@ -126,17 +126,18 @@ class CTDiffusionSRLogic(ScriptedLoadableModuleLogic):
         return SRJob(slicer.mrmlScene, inputNode, settings, output_node=outputNode, on_line=onLine)
 
     def createEvaluationJob(self, inputNode, factor: int, settings, onLine=None):
-        from CTDiffusionSRLib.sr_logic import EvaluationJob
+        from CTDiffusionSRLib.sr_logic import EvaluationJob, evaluation_methods
 
-        methods = ("cubic", "sr")
         return EvaluationJob(
             slicer.mrmlScene,
             inputNode,
             factor=factor,
-            methods=methods,
+            methods=evaluation_methods(settings),
             weights=settings.weights,
             steps=settings.steps,
             device=settings.device,
+            adapt_steps=settings.adapt_steps,
+            adapt_seconds=settings.adapt_seconds,
             on_line=onLine,
         )
 
