@@ -847,6 +847,8 @@ def test_a_radiograph_from_slicers_dicom_database_is_turned_as_its_header_says(s
     assert "flipped left-right and flipped upside down" in as_slicer_hands_it.metadata["oriented"]
     # without the header, the node's pixels would reach the model mirrored
     assert not np.allclose(cli.load_radiograph(str(exported), False).array, engine.array, atol=1e-3)
+    # a DICOM input given its own file as the header too is turned once, not twice
+    np.testing.assert_allclose(cli.load_radiograph(str(path), False, str(path)).array, engine.array, atol=1e-6)
     # a node not loaded from DICOM hands no header
     plain = _radiograph_node(scene, shown)
     (tmp_path / "plain").mkdir()

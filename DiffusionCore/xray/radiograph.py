@@ -294,7 +294,7 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
         ) from exc
     is_dicom = reader.GetImageIO() == "GDCMImageIO" or p.suffix.lower() == ".dcm"
     tags = _dicom_tags(reader) if is_dicom else {}
-    check_projection_modality(tags, p.name)
+    check_projection_modality(tags, p.name)  # before the pixel checks: a colour ultrasound is refused as ultrasound
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
     if img.GetNumberOfComponentsPerPixel() > 1:  # greyscale saved in colour (grey + alpha too); real colour refused
         arr = greyscale_pixels(arr, p.name)

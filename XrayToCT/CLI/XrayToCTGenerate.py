@@ -123,7 +123,9 @@ def load_radiograph(path: str, invert: bool, dicom_header: str = ""):
         col_mm, row_mm = reader.GetSpacing()[:2]
         if (float(row_mm), float(col_mm)) != (1.0, 1.0):
             radiograph.pixel_spacing = (float(row_mm), float(col_mm))
-    if dicom_header:
+    if dicom_header and radiograph.metadata.get("format") == "dicom":
+        logger.info("the input is DICOM: its own header is used, not %s", dicom_header)  # else turned twice
+    elif dicom_header:
         tags = read_dicom_header(dicom_header)
         array, spacing, said = apply_dicom_header(radiograph.array, radiograph.pixel_spacing, tags,
                                                   Path(dicom_header).name)  # fmt: skip
