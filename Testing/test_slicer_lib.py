@@ -849,6 +849,13 @@ def test_a_radiograph_from_slicers_dicom_database_is_turned_as_its_header_says(s
     assert not np.allclose(cli.load_radiograph(str(exported), False).array, engine.array, atol=1e-3)
     # a DICOM input given its own file as the header too is turned once, not twice
     np.testing.assert_allclose(cli.load_radiograph(str(path), False, str(path)).array, engine.array, atol=1e-6)
+    # a real 1 x 1 mm pixel spacing (a CT topogram's) looks in the node like an image without one (PNG, JPEG), which
+    # the command takes as unknown; the header says it is real, so the field of view is the engine's
+    scout = _dicom_radiograph(tmp_path / "scout.dcm", shown, "MONOCHROME2", **{"0028|0030": "1\\1"})
+    scout_node = _load_dicom_node(scene, scout, "scout", "1.2.3.9", monkeypatch, database)
+    handed = write_radiograph(scout_node, tmp_path / "scout.mha")
+    assert cli.load_radiograph(str(handed), False).pixel_spacing is None
+    assert cli.load_radiograph(str(handed), False, str(scout)).pixel_spacing == read_radiograph(scout).pixel_spacing == (1.0, 1.0)
     # a node not loaded from DICOM hands no header
     plain = _radiograph_node(scene, shown)
     (tmp_path / "plain").mkdir()

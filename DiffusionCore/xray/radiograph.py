@@ -163,6 +163,12 @@ def _parse_spacing(text: str | None) -> tuple[float, float] | None:
     return None
 
 
+def header_spacing(tags: dict[str, str]) -> tuple[float, float] | None:
+    """``(row, col)`` pixel spacing in mm from a DICOM header's PixelSpacing, else its ImagerPixelSpacing (the
+    detector's, as CR and DX images often give only that); None when it gives neither."""
+    return _parse_spacing(tags.get("pixel_spacing")) or _parse_spacing(tags.get("imager_pixel_spacing"))
+
+
 def check_projection_modality(tags: dict[str, str], name: str) -> None:
     """Refuse a DICOM image that is not a projection radiograph (a CT slice, an MR image, ...), by its header.
 
@@ -302,8 +308,7 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     # MONOCHROME1 (high values display dark): SimpleITK's GDCM reader already returns such images inverted
     # to MONOCHROME2 semantics (2^BitsStored - 1 - value), so bright = attenuating here for both; checked
     # on a crafted MONOCHROME1 file in Testing/test_xray_cli.py.
-    spacing = _parse_spacing(tags.get("pixel_spacing")) or _parse_spacing(tags.get("imager_pixel_spacing"))
-    arr, spacing, meta = apply_dicom_header(arr, spacing, tags, p.name)
+    arr, spacing, meta = apply_dicom_header(arr, header_spacing(tags), tags, p.name)
     meta = {"source": str(p), "format": "dicom" if is_dicom else p.suffix.lower().lstrip("."), **meta}
     return Radiograph(window_radiograph(arr), spacing, meta)
 

@@ -111,6 +111,7 @@ def load_radiograph(path: str, invert: bool, dicom_header: str = ""):
     from DiffusionCore.xray.radiograph import (
         Radiograph,
         apply_dicom_header,
+        header_spacing,
         read_dicom_header,
         read_radiograph,
     )
@@ -127,8 +128,9 @@ def load_radiograph(path: str, invert: bool, dicom_header: str = ""):
         logger.info("the input is DICOM: its own header is used, not %s", dicom_header)  # else turned twice
     elif dicom_header:
         tags = read_dicom_header(dicom_header)
-        array, spacing, said = apply_dicom_header(radiograph.array, radiograph.pixel_spacing, tags,
-                                                  Path(dicom_header).name)  # fmt: skip
+        # a spacing the image file left unknown (1 x 1 mm, as Slicer shows a header without PixelSpacing) from the tags
+        spacing = radiograph.pixel_spacing or header_spacing(tags)
+        array, spacing, said = apply_dicom_header(radiograph.array, spacing, tags, Path(dicom_header).name)
         radiograph = Radiograph(array, spacing, {**radiograph.metadata, **said, "dicom_header": str(dicom_header)})
     if invert:
         radiograph.array = (1.0 - radiograph.array).astype("float32")
