@@ -91,11 +91,15 @@ def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int | N
     t0 = time.perf_counter()
     vol = read_volume(src)
     t_read = time.perf_counter() - t0
+    shown: list[tuple[float, float]] = []  # (seconds since the run started, the progress bar's fraction)
+    t_run = time.perf_counter()
     result, report = resolver.run(
         vol, factor=args.factor, steps=steps, estimate=args.estimate, device=device, seed=0,
         patch_size=args.patch_size, overlap=args.overlap, data_consistency=not args.no_data_consistency,
         tile_batch=args.tile_batch, adapt=adapt_settings(args),
+        progress=lambda done, total, _msg: shown.append((time.perf_counter() - t_run, done / max(total, 1))),
     )
+    run_seconds = time.perf_counter() - t_run
     t0 = time.perf_counter()
     write_volume(result, out, overwrite=True, dtype="int16")
     t_write = time.perf_counter() - t0
@@ -129,17 +133,26 @@ def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int | N
         "peak_rss_bytes": peak_rss_bytes(),
         "cuda_max_allocated_bytes": report["memory"]["cuda_max_allocated_bytes"],
         "consistency_psnr": report.get("consistency_psnr"),
+        "progress_at_time_quarters": progress_at_quarters(shown, run_seconds),
     }
+
+
+def progress_at_quarters(shown: list[tuple[float, float]], seconds: float) -> list[float]:
+    """The progress bar's fraction when a quarter, a half and three quarters of the run's time had passed: a bar that
+    moves with the time reads about 0.25, 0.5 and 0.75."""
+    return [max([f for t, f in shown if t <= q * seconds], default=0.0) for q in (0.25, 0.5, 0.75)]
 
 
 def format_table(rows: list[dict]) -> str:
     stages = list(rows[0]["stages_seconds"]) if rows else []
-    head = ["estimate", "steps", "wall s", *[f"{s} s" for s in stages], "tiles", "peak RSS GiB", "GPU max GiB"]
+    head = ["estimate", "steps", "wall s", *[f"{s} s" for s in stages], "tiles", "peak RSS GiB", "GPU max GiB",
+            "bar @1/4,1/2,3/4"]
     lines = ["  ".join(f"{h:>12}" for h in head)]
     for r in rows:
         gpu = r["cuda_max_allocated_bytes"]
         vals = [f"{r['estimate']:>12}", f"{r['steps']:>12d}", f"{r['wall_seconds']:12.2f}", *[f"{r['stages_seconds'][s]:12.2f}" for s in stages],
-                f"{r['tiles']:>12d}", f"{r['peak_rss_bytes'] / 2**30:12.2f}", f"{gpu / 2**30:12.2f}" if gpu else f"{'-':>12}"]
+                f"{r['tiles']:>12d}", f"{r['peak_rss_bytes'] / 2**30:12.2f}", f"{gpu / 2**30:12.2f}" if gpu else f"{'-':>12}",
+                "/".join(f"{v:.2f}" for v in r["progress_at_time_quarters"])]
         lines.append("  ".join(vals))
     return "\n".join(lines)
 
