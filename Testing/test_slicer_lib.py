@@ -878,6 +878,16 @@ def test_a_lateral_or_ct_image_from_slicers_dicom_database_is_refused_by_its_hea
     # the view chosen in the module wins over the header
     chosen = XrayJob(scene, lateral, XraySettings(view="pa", num_stages=1, steps=1, device="cpu", tiny_test_model=True))
     assert chosen.run(timeout=120) == JobState.COMPLETED, chosen.error
+    # with the shipped (frontal) weights the module refuses it when Apply is pressed, in its own words
+    with pytest.raises(InputError, match=r"'chest LL' is marked lateral \(its DICOM header: ViewPosition LL\), and the "
+                                         r"weights xray-default were trained on pa radiographs: use a frontal \(PA or AP\) "
+                                         r"radiograph, or choose View: pa if the header is wrong\."):  # fmt: skip
+        XrayJob(scene, lateral, XraySettings())
+    XrayJob(scene, lateral, XraySettings(view="pa"))  # the header overruled
+    plain = _radiograph_node(scene, pixels)
+    XrayJob(scene, plain, XraySettings())  # no header: taken as frontal
+    with pytest.raises(InputError, match=r"is marked lateral \(View is set to lateral\).*radiograph\.$"):
+        XrayJob(scene, plain, XraySettings(view="lateral"))
     # a CT slice loaded from DICOM is refused when it is picked, before Apply
     ct_slice = _load_dicom_node(
         scene, _dicom_radiograph(tmp_path / "ct.dcm", pixels, "MONOCHROME2", **{"0008|0060": "CT"}), "CT slice",

@@ -34,7 +34,13 @@ from CTDiffusionSRLib.sr_logic import check_weights
 
 from DiffusionCore.errors import InputError, OutputError
 from DiffusionCore.volume import write_volume
-from DiffusionCore.xray.radiograph import check_projection_modality, greyscale_pixels, read_dicom_header
+from DiffusionCore.xray.radiograph import (
+    check_projection_modality,
+    greyscale_pixels,
+    header_view,
+    image_directions,
+    read_dicom_header,
+)
 
 try:
     from slicer.i18n import tr as _
@@ -181,6 +187,33 @@ def photometric_interpretation(node) -> str:
     return dicom_header_tags(node).get("photometric", "")
 
 
+def view_problem(node, settings: XraySettings, resolved, name: str) -> str:
+    """Why the radiograph's view does not fit the chosen weights (``""`` when it does, or when nothing says): the
+    view chosen in the module, or with View ``auto`` the one its DICOM header gives, against the view the weights
+    were trained on. The command would stop with the engine's message; the module says it, in its own words, when
+    Apply is pressed."""
+    if resolved is None:
+        return ""
+    configs = resolved.metadata.get("configs") or [{}]
+    trained = str(((configs[0] or {}).get("data") or {}).get("view", "pa"))
+    if settings.view != "auto":
+        view, said = settings.view, "View is set to " + settings.view
+    else:
+        tags = dicom_header_tags(node)
+        found = header_view(tags, image_directions(tags)) if tags else None
+        if found is None:
+            return ""
+        view, said = found[0], "its DICOM header: " + found[1]
+    if view == trained:
+        return ""
+    wanted = "frontal (PA or AP)" if trained == "pa" else trained
+    fix = f", or choose View: {trained} if the header is wrong" if settings.view == "auto" else ""
+    return (
+        f"'{node.GetName()}' is marked {view} ({said}), and the weights {name} were trained on {trained} radiographs: "
+        f"use a {wanted} radiograph{fix}."
+    )
+
+
 def check_xray_input(node) -> str:
     """Why ``node`` cannot be used as a radiograph, or ``""`` when it can (the Apply tooltip)."""
     if node is None:
@@ -224,8 +257,14 @@ class XrayJob(CLIJob):
             raise InputError(reason)
         if not 0 <= settings.num_stages <= 3:
             raise InputError(f"the number of stages must be 1, 2 or 3 (0: all the weights have); got {settings.num_stages}.")
-        if settings.weights and not settings.tiny_test_model:
-            check_weights(settings.weights, "xray", settings.allow_unregistered_weights)
+        if not settings.tiny_test_model:
+            from DiffusionCore.weights.registry import first_available
+
+            weights = settings.weights or first_available("xray")
+            resolved = check_weights(weights, "xray", settings.allow_unregistered_weights) if weights else None
+            problem = view_problem(input_node, settings, resolved, weights)
+            if problem:
+                raise InputError(problem)
         self.input_node = input_node
         self.reference_node = reference_node
         self.settings = settings
