@@ -371,6 +371,9 @@ def test_sr_job_refuses_steps_and_samples_that_predictor_weights_cannot_give(sce
                                              rf"so {named} cannot be used\. Set Steps to 0 and Samples to 1"):  # fmt: skip
             SRJob(scene, node, settings)
     SRJob(scene, node, SRSettings(device="cpu"))  # the defaults: the predictor's one estimate
+    with pytest.raises(InputError, match=r"so Steps 15 cannot be used"):  # "Evaluate on this volume" alike
+        EvaluationJob(scene, node, factor=2, methods=("cubic", "sr"), steps=15)
+    EvaluationJob(scene, node, factor=2, methods=("cubic",), steps=15)  # no model method: the steps are unused
     diffusion = tmp_path / "latent.safetensors"
     SRModel.tiny(seed=0).save(diffusion)
     SRJob(scene, node, SRSettings(steps=15, num_samples=4, weights=str(diffusion), allow_unregistered_weights=True,

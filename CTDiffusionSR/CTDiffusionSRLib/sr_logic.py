@@ -438,6 +438,14 @@ class EvaluationJob(CLIJob):
             raise InputError("Select a thin-slice CT volume to evaluate on.")
         if factor < 2:
             raise InputError("The evaluation factor must be 2 or more (thin slices per simulated thick slice).")
+        if int(steps) > 0 and {"sr", "sr+adapt"} & set(methods):
+            from DiffusionCore.weights.registry import first_available
+
+            name = weights or first_available("sr")
+            problem = sampling_problem(SRSettings(steps=int(steps)), check_weights(name, "sr", False) if name else None,
+                                       name)  # fmt: skip
+            if problem:
+                raise InputError(problem)
         self.input_node = input_node
         self.factor, self.axis, self.methods = int(factor), axis, tuple(methods)
         self.weights, self.steps, self.device, self.degradation = weights, int(steps), device, degradation
