@@ -839,9 +839,14 @@ def test_a_radiograph_from_slicers_dicom_database_is_turned_as_its_header_says(s
     database: dict = {}
     node = _load_dicom_node(scene, path, "chest PA", "1.2.3.1", monkeypatch, database)
     assert check_xray_input(node) == ""
-    job = XrayJob(scene, node, XraySettings(tiny_test_model=True, device="cpu"))
+    lines = []
+    job = XrayJob(scene, node, XraySettings(num_stages=1, steps=1, tiny_test_model=True, device="cpu"),
+                  on_line=lines.append)  # fmt: skip
     args = job.prepare(tmp_path)
     assert args[args.index("--dicomHeader") + 1] == str(path) and args[args.index("--view") + 1] == "auto"
+    assert job.run(timeout=120) == JobState.COMPLETED, job.error  # the module's log says what the header decided
+    assert [line for line in lines if "view frontal (pa: PA and AP alike), as its DICOM header says (image directions "
+            "R\\H)" in line], lines
     exported = write_radiograph(node, tmp_path / "r.mha")
     as_slicer_hands_it = cli.load_radiograph(str(exported), False, str(path))
     engine = read_radiograph(path)  # the engine's own reading of the DICOM file
