@@ -222,6 +222,9 @@ class XrayToCTGenerator:
                 f"these weights were trained on {trained_view} radiographs, the input is marked {view}{said}; "
                 f"give a {trained_view} radiograph (or weights trained on {view} views){fix}"
             )
+        if from_header:  # the log says what the header decided (also in the X-ray to CT module's log)
+            shown = {"pa": "frontal (pa: PA and AP alike)"}.get(view, view)
+            logger.info("view %s, as its DICOM header says (%s)", shown, rad.metadata.get("view_from"))
         notes = []
         num_stages = self.num_stages if num_stages is None else int(num_stages)
         if num_stages > self.num_stages:

@@ -148,9 +148,6 @@ def run(args: argparse.Namespace) -> int:
     if args.stageDirectory:
         Path(args.stageDirectory).mkdir(parents=True, exist_ok=True)
     radiograph = load_radiograph(args.inputRadiograph, args.invertIntensities, args.dicomHeader)
-    if args.view == "auto" and radiograph.metadata.get("view_from"):
-        view = {"pa": "frontal (pa: PA and AP alike)"}.get(radiograph.metadata["view"], radiograph.metadata["view"])
-        logger.info("view %s, as its DICOM header says (%s)", view, radiograph.metadata["view_from"])
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     if args.tinyTestModel:
         generator = XrayToCTGenerator.tiny(seed=0)
