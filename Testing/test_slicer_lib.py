@@ -443,7 +443,7 @@ def test_evaluation_job_reports_metrics_in_a_table(scene):
         assert table.GetColumnByName("SSIM").GetValue(r) == pytest.approx(row["ssim"], rel=1e-4)
 
 
-def test_evaluation_scores_what_apply_gives_and_the_networks_share(scene):
+def test_evaluation_scores_what_apply_gives_and_the_networks_share(scene, tmp_path):
     """"Evaluate on this volume" scores super-resolution as Apply runs it (adapted to the scan, with the panel's
     steps, when "Adapt to this scan" is on) beside cubic and cubic + data consistency; it scored the weights
     without adaptation, which is not what Apply gives."""
@@ -462,16 +462,11 @@ def test_evaluation_scores_what_apply_gives_and_the_networks_share(scene):
     assert [table.GetValue(r, 0).ToString() for r in range(table.GetNumberOfRows())] == ["cubic", "cubic+dc", "sr+adapt"]
     assert [line for line in lines if "adapted to the scan" in line and "(3 steps)" in line], lines
     timed = EvaluationJob(scene, node, factor=2, methods=evaluation_methods(settings), adapt_seconds=30.0)
-    args = timed.prepare(_fresh_dir())
+    args = timed.prepare(tmp_path)
     assert args[args.index("--adapt") + 1] == "30.0" and "--adapt-steps" not in args
     plain = EvaluationJob(scene, node, factor=2, methods=evaluation_methods(SRSettings(adapt_to_scan=False)))
-    assert "--adapt" not in plain.prepare(_fresh_dir()) and "--adapt-steps" not in plain.prepare(_fresh_dir())
-
-
-def _fresh_dir() -> Path:
-    import tempfile
-
-    return Path(tempfile.mkdtemp(prefix="ctdiffusion-test-"))
+    args = plain.prepare(tmp_path)
+    assert "--adapt" not in args and "--adapt-steps" not in args
 
 
 def test_evaluation_table_from_report_keeps_missing_values_as_nan(scene):
