@@ -74,7 +74,7 @@ def ijk_to_ras(node) -> np.ndarray:
                 f"volume '{node.GetName()}' is under a non-linear transform; harden the transform first "
                 "(Data module: right-click the volume > Harden transform). A gantry-tilted CT series that Slicer "
                 "loaded with its acquisition-geometry regularization is in this case: hardening resamples it, while "
-                "`python -m DiffusionCore sr SERIES_FOLDER OUTPUT` corrects the tilt from the DICOM files themselves."
+                "the command python -m DiffusionCore sr SERIES_FOLDER OUTPUT corrects the tilt from the DICOM files themselves."
             )
         to_world = vtk.vtkMatrix4x4()
         parent.GetMatrixTransformToWorld(to_world)
