@@ -113,6 +113,7 @@ class _Run:
         if self.info.is_main:
             self.stop.clear_stop_file()
         self.cancel = cancel
+        self.completed = False
 
     def total_steps(self) -> int:
         t = self.cfg.train
@@ -130,10 +131,12 @@ class _Run:
         return local
 
     def close(self) -> None:
+        """The end of the run: ``completed`` is set by the trainers just before a normal return (every rank then
+        waits for the others before leaving the process group: :func:`~DiffusionCore.train.distributed.cleanup`)."""
         from ..train.distributed import cleanup
 
         self.log.close()
-        cleanup(self.info)
+        cleanup(self.info, completed=self.completed)
 
 
 def _fit(
@@ -397,6 +400,7 @@ def train_vae(
         )
         if run.info.is_main:  # also after a stop (STOP file, SIGTERM, Ctrl-C): the checkpoint just written
             result.update(_export_best(run.out, Path(run.out) / VAE_EXPORT, component="vae"))
+        run.completed = True
         return result
     finally:
         run.close()
@@ -650,6 +654,7 @@ def train_sr(
             result["cubic_psnr"] = psnr_hu(np.stack([v[0] for v in val]), np.stack([v[1] for v in val]))
         if run.info.is_main:  # also after a stop (STOP file, SIGTERM, Ctrl-C): the checkpoint just written
             result.update(_export_best(run.out, Path(run.out) / SR_EXPORT, component="sr"))
+        run.completed = True
         return result
     finally:
         run.close()

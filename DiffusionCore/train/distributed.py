@@ -105,7 +105,15 @@ def barrier(info: DistInfo) -> None:
             dist.barrier()
 
 
-def cleanup(info: DistInfo) -> None:
-    """Leave the process group (call once at the end of training, also after errors)."""
+def cleanup(info: DistInfo, *, completed: bool = False) -> None:
+    """Leave the process group (call once at the end of training, also after errors).
+
+    ``completed``: every rank reached the normal end of training, so all wait for each other before leaving. A rank
+    that tore the group down while the main one was still writing the exported weights could abort in Gloo's threads
+    ("terminate called without an active exception", seen once in CI on the two-process X-ray training). After an
+    error the other ranks may never come, so there is no waiting then.
+    """
     if info.distributed and dist.is_initialized():
+        if completed:
+            barrier(info)
         dist.destroy_process_group()

@@ -600,7 +600,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
         summary.update({"weights": str(weights), "sha256": sha})
         logger.info("wrote %s (sha256 %s)", weights, sha)
     tlog.close()
-    cleanup(info)
+    cleanup(info, completed=True)
     return summary
 
 
