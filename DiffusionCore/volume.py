@@ -247,8 +247,12 @@ def check_ct(vol: Volume | np.ndarray, source: str = "volume") -> list[str]:
     """
     arr = vol.array if isinstance(vol, Volume) else np.asarray(vol)
     _require_finite(arr, source)
+    return _ct_doubts(float(arr.min()), float(arr.max()), source)
+
+
+def _ct_doubts(lo: float, hi: float, source: str) -> list[str]:
+    """The warnings (logged, and returned) for a finite volume whose values run from ``lo`` to ``hi``."""
     warnings: list[str] = []
-    lo, hi = float(arr.min()), float(arr.max())
     if lo == hi:
         warnings.append(f"{source} is constant ({lo:g} everywhere): there is no image content to work with.")
     elif lo > -200.0 or hi < 0.0 or (hi - lo) < 200.0:
@@ -299,7 +303,7 @@ def require_ct(vol: Volume | np.ndarray, source: str = "volume") -> None:
             "images give meaningless results. For a CT stored without its rescale intercept, fix the header "
             "(e.g. subtract 1024); if this really is CT in HU, pass --allow-non-ct (allow_non_ct=True in Python)."
         )
-    check_ct(arr, source)  # the milder doubts, as warnings, about what passes (refused volumes are not warned of too)
+    _ct_doubts(lo, hi, source)  # the milder doubts, as warnings, about what passes (refused volumes are not warned of)
 
 
 def replace_padding(arr: np.ndarray) -> np.ndarray:
@@ -450,7 +454,7 @@ def dicom_slice_thickness(files: list[str]) -> float | None:
             reader = dicom_header(file)
         except InputError:
             continue
-        if not is_localizer(reader.GetMetaData("0008|0008") if reader.HasMetaDataKey("0008|0008") else ""):
+        if not _header_is_localizer(reader):
             return _slice_thickness(reader)
     return None
 
@@ -461,6 +465,11 @@ def is_localizer(image_type: str) -> bool:
     return "LOCALIZER" in [v.strip() for v in image_type.upper().split("\\")]
 
 
+def _header_is_localizer(r: sitk.ImageFileReader) -> bool:
+    """:func:`is_localizer` of a DICOM file's header (its ImageType)."""
+    return is_localizer(r.GetMetaData("0008|0008") if r.HasMetaDataKey("0008|0008") else "")
+
+
 def _without_localizers(
     files: list[str], headers: dict[str, sitk.ImageFileReader], folder: Path, meta: dict
 ) -> list[str]:
@@ -468,8 +477,7 @@ def _without_localizers(
     store in the CT series itself), which are projections, not slices of the volume; the run's notes say so."""
     kept = []
     for f in files:
-        r = headers[f]
-        if not is_localizer(r.GetMetaData("0008|0008") if r.HasMetaDataKey("0008|0008") else ""):
+        if not _header_is_localizer(headers[f]):
             kept.append(f)
     if not kept:
         raise InputError(

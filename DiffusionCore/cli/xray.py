@@ -154,13 +154,6 @@ def _weights_label(args: argparse.Namespace) -> str:
     return "tiny-test-model (random weights)" if args.tiny_test_model else args.weights or default_weights_name()
 
 
-def _radiograph_path(name: str) -> Path:
-    """The radiograph file: a path, or a radiograph sample's name (fetched, sha256-checked)."""
-    from ..sampledata import sample_or_path
-
-    return sample_or_path(name, "radiograph")
-
-
 def xray_provenance(source: Path, report: dict, weights: str, input_uid: str = ""):
     """The provenance of an ``xray2ct`` result."""
     from ..provenance import Provenance
@@ -181,9 +174,10 @@ def _stage_path(out: Path, stage: int) -> Path:
 def run_xray2ct(args: argparse.Namespace) -> int:
     from ..files import keep_freed_memory, refuse_overwriting_inputs, write_json_atomic
     from ..results import check_result_output, dicom_source_for, planned_files, wants_dicom, write_result
+    from ..sampledata import sample_or_path
     from ..xray.radiograph import read_radiograph
 
-    source = _radiograph_path(args.xray)
+    source = sample_or_path(args.xray, "radiograph")  # a path, or a radiograph sample's name (fetched, checked)
     out = Path(args.output)
     as_dicom = wants_dicom(args.output_format, source, out)
     planned = args.num_stages or MAX_STAGES  # the weights say how many there are once they are loaded
