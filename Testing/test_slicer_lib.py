@@ -36,7 +36,13 @@ from CTDiffusionSRLib.sr_logic import (  # noqa: E402
     check_sr_input,
     table_from_evaluation,
 )
-from CTDiffusionSRLib.testing import phantom_ct, phantom_radiograph, rotation  # noqa: E402
+from CTDiffusionSRLib.testing import (  # noqa: E402
+    DicomDatabaseStandIn,
+    load_dicom_node,
+    phantom_ct,
+    phantom_radiograph,
+    rotation,
+)
 from CTDiffusionSRLib.training import LossCurve, MetricsFollower, TrainingJob, write_config_text  # noqa: E402
 
 from DiffusionCore.degrade import thin_grid  # noqa: E402
@@ -399,7 +405,9 @@ def test_sr_job_passes_the_dicom_series_slice_thickness_and_the_log_names_an_ove
         uids.append(str(ds.SOPInstanceUID))
     node = mrml_io.add_volume_node(scene, read_volume(tmp_path / "series"), "CT overlapping")
     node.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
-    monkeypatch.setattr(slicer, "dicomDatabase", _DicomDatabase(dict(zip(uids, files))), raising=False)
+    database = DicomDatabaseStandIn()
+    database.files = {uid: str(f) for uid, f in zip(uids, files)}
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
     lines = []
     settings = SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False)
     job = SRJob(scene, node, settings, on_line=lines.append)
@@ -786,27 +794,11 @@ def test_monochrome1_radiograph_is_not_inverted_a_second_time(scene, tmp_path):
     assert photometric_note("MONOCHROME2") == "" and photometric_note("") == ""
 
 
-class _DicomDatabase:
-    """Stands in for ``slicer.dicomDatabase`` (ctkDICOMDatabase): the file of each instance UID it was loaded from."""
-
-    def __init__(self, files: dict[str, Path]):
-        self.files = {uid: str(path) for uid, path in files.items()}
-
-    def fileForInstance(self, uid: str) -> str:  # noqa: N802 (ctkDICOMDatabase's name)
-        return self.files.get(uid, "")
-
-
-def _load_dicom_node(scene, path: Path, name: str, uid: str, monkeypatch, database: dict):
-    """``path`` read into a node by Slicer's own reader, marked as loaded from the DICOM database the way Slicer's DICOM
-    module marks it (the ``DICOM.instanceUIDs`` attribute)."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    storage.SetSingleFile(1)
-    assert storage.ReadData(node), f"Slicer could not read {path}"
-    node.SetAttribute("DICOM.instanceUIDs", uid)
-    database[uid] = path
-    monkeypatch.setattr(slicer, "dicomDatabase", _DicomDatabase(database), raising=False)
+def _load_dicom_node(scene, path: Path, name: str, uid: str, monkeypatch, database: DicomDatabaseStandIn):
+    """``path`` read into a node by Slicer's own reader and marked as loaded from the DICOM database
+    (:func:`CTDiffusionSRLib.testing.load_dicom_node`); ``database`` stands in for ``slicer.dicomDatabase``."""
+    node = load_dicom_node(scene, [path], name, database, uids=[uid])
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
     return node
 
 
@@ -831,7 +823,7 @@ def test_a_radiograph_from_slicers_dicom_database_is_turned_as_its_header_says(s
     shown[:8, :20] = 4000.0  # a bright corner, so that each flip moves it
     stored = shown[::-1, ::-1]  # how a radiograph read R\\H keeps its pixels
     path = _dicom_radiograph(tmp_path / "rh.dcm", stored, "MONOCHROME2", **{"0020|0020": "R\\H"})
-    database: dict = {}
+    database = DicomDatabaseStandIn()
     node = _load_dicom_node(scene, path, "chest PA", "1.2.3.1", monkeypatch, database)
     assert check_xray_input(node) == ""
     lines = []
@@ -869,7 +861,7 @@ def test_a_lateral_or_ct_image_from_slicers_dicom_database_is_refused_by_its_hea
     from XrayToCTLib import XrayJob, XraySettings, check_xray_input
 
     pixels = (phantom_radiograph(64) * 4000).astype(np.float32)
-    database: dict = {}
+    database = DicomDatabaseStandIn()
     lateral = _load_dicom_node(
         scene, _dicom_radiograph(tmp_path / "ll.dcm", pixels, "MONOCHROME2", **{"0018|5101": "LL"}), "chest LL",
         "1.2.3.2", monkeypatch, database,
@@ -907,7 +899,7 @@ def test_photometric_interpretation_is_read_from_the_nodes_dicom_file(scene, tmp
 
     pixels = (phantom_radiograph(64) * 4000).astype(np.float32)
     node = _load_dicom_node(scene, _dicom_radiograph(tmp_path / "m1.dcm", 65535 - pixels, "MONOCHROME1"), "m1",
-                            "1.2.3.4", monkeypatch, {})  # fmt: skip
+                            "1.2.3.4", monkeypatch, DicomDatabaseStandIn())  # fmt: skip
     assert photometric_interpretation(node) == "MONOCHROME1"
     assert photometric_interpretation(_radiograph_node(scene, pixels)) == ""
     (tmp_path / "m1.dcm").unlink()  # the database's file is gone: used as a plain image, with a warning

@@ -27,30 +27,6 @@ for module in ("CTDiffusionSR", "XrayToCT"):
         sys.path.insert(0, str(ROOT / module))
 
 
-class DicomDatabase:
-    """``slicer.dicomDatabase``'s lookup of an instance's file, for nodes this script marks."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, str] = {}
-
-    def fileForInstance(self, uid: str) -> str:  # noqa: N802 (ctkDICOMDatabase's name)
-        return self.files.get(uid, "")
-
-
-def load_node(scene, files: list[Path], name: str, database: DicomDatabase):
-    """``files`` (one radiograph, or a series) read by Slicer's reader into a node marked as loaded from DICOM."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(files[0]))
-    storage.SetSingleFile(1 if len(files) == 1 else 0)
-    if not storage.ReadData(node):
-        raise RuntimeError(f"Slicer's reader could not read {files[0]}")
-    uids = [f"{name}.{i}" for i in range(len(files))]
-    database.files.update(zip(uids, map(str, files)))
-    node.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
-    return node
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-sr", action="store_true",
@@ -62,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from CTDiffusionSRLib import mrml_io
     from CTDiffusionSRLib.process import JobState
     from CTDiffusionSRLib.sr_logic import SRJob, SRSettings
+    from CTDiffusionSRLib.testing import DicomDatabaseStandIn, load_dicom_node
     from XrayToCTLib import XrayJob, XraySettings
 
     from DiffusionCore import sampledata
@@ -71,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
     from DiffusionCore.xray.radiograph import read_radiograph
 
-    database = DicomDatabase()
+    database = DicomDatabaseStandIn()
     slicer.dicomDatabase = database
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
@@ -79,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     generator = XrayToCTGenerator.from_pretrained("xray-default")
     for sample in ("cxr-pa", "ct-topogram"):
         path = Path(sampledata.fetch(sample))
-        node = load_node(scene, [path], sample, database)
+        node = load_dicom_node(scene, [path], sample, database)
         job = XrayJob(scene, node, XraySettings(device=args.device))
         if job.run(timeout=600) != JobState.COMPLETED:
             raise RuntimeError(f"{sample}: the module's job failed: {job.error}")
@@ -88,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"X-ray to CT, {sample}", module, engine))
     if not args.skip_sr:
         folder = Path(sampledata.fetch("chest-dx")).parent / "dicom"
-        node = load_node(scene, sorted(folder.glob("*.dcm")), "chest-dx", database)
+        node = load_dicom_node(scene, sorted(folder.glob("*.dcm")), "chest-dx", database)
         job = SRJob(scene, node, SRSettings(factor=4, device=args.device))  # adapted to the scan, as Apply does
         if job.run(timeout=900) != JobState.COMPLETED:
             raise RuntimeError(f"chest-dx: the module's job failed: {job.error}")

@@ -242,10 +242,10 @@ def check_weights(weights: str, family: str, allow_unregistered: bool):
     return None
 
 
-def sampling_problem(settings: SRSettings, resolved, name: str) -> str:
-    """Why ``settings`` ask the chosen weights for what they cannot give (``""`` when they can): Steps and Samples
-    draw posterior samples from a diffusion stage, and weights that hold a through-plane predictor alone (the
-    shipped sr-default) give one deterministic estimate. The job would stop with the engine's message; the
+def sampling_problem(steps: int, num_samples: int, resolved, name: str) -> str:
+    """Why ``steps`` and ``num_samples`` ask the chosen weights for what they cannot give (``""`` when they can):
+    Steps and Samples draw posterior samples from a diffusion stage, and weights that hold a through-plane predictor
+    alone (the shipped sr-default) give one deterministic estimate. The job would stop with the engine's message; the
     module says it, in its own words, when Apply is pressed."""
     if resolved is None:
         return ""
@@ -254,7 +254,7 @@ def sampling_problem(settings: SRSettings, resolved, name: str) -> str:
     if resolved.metadata.get("component") != COMPONENT:
         return ""
     asked = [f"{label} {value}" for label, value, on in (
-        ("Steps", settings.steps, settings.steps > 0), ("Samples", settings.num_samples, settings.num_samples >= 2),
+        ("Steps", steps, steps > 0), ("Samples", num_samples, num_samples >= 2),
     ) if on]  # fmt: skip
     if not asked:
         return ""
@@ -309,7 +309,7 @@ class SRJob(CLIJob):
             problem = target_spacing_problem(input_node, settings, resolved)
             if problem:
                 raise GeometryError(problem[0].upper() + problem[1:] + ".")
-            problem = sampling_problem(settings, resolved, weights)
+            problem = sampling_problem(settings.steps, settings.num_samples, resolved, weights)
             if problem:
                 raise InputError(problem)
         self.input_node = input_node
@@ -442,8 +442,7 @@ class EvaluationJob(CLIJob):
             from DiffusionCore.weights.registry import first_available
 
             name = weights or first_available("sr")
-            problem = sampling_problem(SRSettings(steps=int(steps)), check_weights(name, "sr", False) if name else None,
-                                       name)  # fmt: skip
+            problem = sampling_problem(int(steps), 1, check_weights(name, "sr", False) if name else None, name)
             if problem:
                 raise InputError(problem)
         self.input_node = input_node

@@ -58,3 +58,31 @@ def phantom_radiograph(size: int = 64, seed: int = 0) -> np.ndarray:
     img += 0.08 * (np.sin(y * 40) > 0.7)
     img += rng.normal(0, 0.01, img.shape)
     return np.clip(img, 0, 1).astype(np.float32)
+
+
+class DicomDatabaseStandIn:
+    """Stands in for ``slicer.dicomDatabase`` (ctkDICOMDatabase, which only the Slicer application has) where the
+    modules use it: ``fileForInstance(uid)``, the file a DICOM instance was loaded from."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, str] = {}
+
+    def fileForInstance(self, uid: str) -> str:  # noqa: N802 (ctkDICOMDatabase's name)
+        return self.files.get(uid, "")
+
+
+def load_dicom_node(scene, files, name: str, database: DicomDatabaseStandIn, uids=None):
+    """``files`` (one image, or a series) read by Slicer's own reader (the archetype storage node) into a new scalar
+    volume node, marked as loaded from the DICOM database the way Slicer's DICOM module marks it: the
+    ``DICOM.instanceUIDs`` attribute, whose UIDs ``database`` maps to the files (``uids``: default ``name.0``, ...)."""
+    files = [str(f) for f in files]
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(files[0])
+    storage.SetSingleFile(1 if len(files) == 1 else 0)
+    if not storage.ReadData(node):
+        raise RuntimeError(f"Slicer's reader could not read {files[0]}")
+    uids = list(uids) if uids is not None else [f"{name}.{i}" for i in range(len(files))]
+    database.files.update(zip(uids, files))
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+    return node

@@ -187,11 +187,11 @@ def photometric_interpretation(node) -> str:
     return dicom_header_tags(node).get("photometric", "")
 
 
-def view_problem(node, settings: XraySettings, resolved, name: str) -> str:
+def view_problem(node, settings: XraySettings, resolved, name: str, tags: dict[str, str] | None = None) -> str:
     """Why the radiograph's view does not fit the chosen weights (``""`` when it does, or when nothing says): the
     view chosen in the module, or with View ``auto`` the one its DICOM header gives, against the view the weights
     were trained on. The command would stop with the engine's message; the module says it, in its own words, when
-    Apply is pressed."""
+    Apply is pressed. ``tags``: the node's header tags when the caller has read them (:func:`dicom_header_tags`)."""
     if resolved is None:
         return ""
     configs = resolved.metadata.get("configs") or [{}]
@@ -199,7 +199,7 @@ def view_problem(node, settings: XraySettings, resolved, name: str) -> str:
     if settings.view != "auto":
         view, said = settings.view, "View is set to " + settings.view
     else:
-        tags = dicom_header_tags(node)
+        tags = dicom_header_tags(node) if tags is None else tags
         found = header_view(tags, image_directions(tags)) if tags else None
         if found is None:
             return ""
@@ -214,13 +214,14 @@ def view_problem(node, settings: XraySettings, resolved, name: str) -> str:
     )
 
 
-def check_xray_input(node) -> str:
-    """Why ``node`` cannot be used as a radiograph, or ``""`` when it can (the Apply tooltip)."""
+def check_xray_input(node, tags: dict[str, str] | None = None) -> str:
+    """Why ``node`` cannot be used as a radiograph, or ``""`` when it can (the Apply tooltip). ``tags``: the node's
+    header tags when the caller has read them (:func:`dicom_header_tags`)."""
     if node is None:
         return "Select a radiograph (load a DICOM CR/DX, PNG or JPEG image)."
     try:
         pixels, _ = radiograph_from_node(node)
-        check_projection_modality(dicom_header_tags(node), f"'{node.GetName()}'")
+        check_projection_modality(dicom_header_tags(node) if tags is None else tags, f"'{node.GetName()}'")
     except InputError as exc:
         return str(exc)
     h, w = pixels.shape
@@ -252,7 +253,8 @@ class XrayJob(CLIJob):
 
     def __init__(self, scene, input_node, settings: XraySettings, *, reference_node=None, **kwargs):
         super().__init__(scene, **kwargs)
-        reason = check_xray_input(input_node)
+        tags = dicom_header_tags(input_node)  # read once: the checks below and the command's --dicomHeader use it
+        reason = check_xray_input(input_node, tags)
         if reason:
             raise InputError(reason)
         if not 0 <= settings.num_stages <= 3:
@@ -262,14 +264,14 @@ class XrayJob(CLIJob):
 
             weights = settings.weights or first_available("xray")
             resolved = check_weights(weights, "xray", settings.allow_unregistered_weights) if weights else None
-            problem = view_problem(input_node, settings, resolved, weights)
+            problem = view_problem(input_node, settings, resolved, weights, tags)
             if problem:
                 raise InputError(problem)
         self.input_node = input_node
         self.reference_node = reference_node
         self.settings = settings
         #: the DICOM file the radiograph was loaded from: the command reads its modality, view and orientation
-        self.dicom_header = dicom_header_file(input_node) if dicom_header_tags(input_node) else ""
+        self.dicom_header = dicom_header_file(input_node) if tags else ""
         self.preview_node = None
         self.stage_errors: dict[int, dict[str, float]] = {}
         self.stages_shown: list[int] = []
