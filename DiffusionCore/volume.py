@@ -538,12 +538,39 @@ def _slice_positions(
         )
     median = float(np.median(steps))
     worst = int(np.argmax(steps))
-    if steps[worst] > 1.5 * median:
+    big = steps > 1.5 * median
+    if big.any() and not np.any(big[1:] & big[:-1]):  # isolated gaps; a run of wider steps is a second spacing
         raise InputError(
             f"the DICOM series in {folder} is missing slices: a gap of {steps[worst]:.2f} mm after slice "
             f"{worst + 1} where the spacing is {median:.2f} mm. Re-export the complete series."
         )
+    _check_even_spacing(np.sort(pos @ normal), steps, folder)
     return pos
+
+
+#: Slices further than this fraction of the mean slice spacing from where an evenly spaced stack puts them are
+#: not one regular volume (the grid would misplace them); closer, it is rounding or jitter in the positions.
+_MAX_SPACING_DEVIATION = 0.1
+
+
+def _check_even_spacing(along: np.ndarray, steps: np.ndarray, folder: Path) -> None:
+    """Refuse a series whose slices are not evenly spaced along their normal (``along``: their sorted positions,
+    ``steps`` the differences): a volume has one slice spacing, and ITK would stack them at their mean spacing,
+    placing some slices millimetres away from where they were acquired (a protocol with two slice spacings, e.g.
+    5 mm through the posterior fossa and 10 mm above it; a series merged from two reconstructions)."""
+    mean = float(along[-1] - along[0]) / (len(along) - 1)
+    off = np.abs(along - (along[0] + mean * np.arange(len(along))))
+    worst = int(np.argmax(off))
+    if off[worst] <= _MAX_SPACING_DEVIATION * mean:
+        return
+    lo, hi = int(np.argmin(steps)), int(np.argmax(steps))
+    raise InputError(
+        f"the slices of the DICOM series in {folder} are not evenly spaced: {steps[lo]:.2f} mm apart after slice "
+        f"{lo + 1} but {steps[hi]:.2f} mm after slice {hi + 1} (sorted along the slice normal). A volume has one "
+        f"slice spacing, so slice {worst + 1} would be placed {off[worst]:.1f} mm from where it was acquired. Put "
+        "the slices of each spacing in their own folder (e.g. the two parts of a protocol with two slice spacings) "
+        "and run each."
+    )
 
 
 def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:

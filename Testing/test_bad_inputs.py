@@ -473,6 +473,21 @@ def _(d: Path, s: Shared) -> Case:
                 api=lambda: read_volume(folder), api_error=InputError, api_message="missing slices")  # fmt: skip
 
 
+@case("dicom-series-two-slice-spacings")
+def _(d: Path, s: Shared) -> Case:
+    import pydicom
+
+    folder = d / "series"
+    files = write_dicom_series(folder, ct(shape=(8, 16, 16)))
+    for f, z in zip(files, (0.0, 3.2, 6.4, 9.6, 16.0, 22.4, 28.8, 35.2)):  # 3.2 mm, then 6.4 mm from slice 4
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [-12.0, -12.0, -20.0 + z]
+        ds.save_as(f)
+    out = d / "out.nii.gz"
+    return Case(tiny_sr_argv(folder, out), 2, "are not evenly spaced", [folder], out,
+                api=lambda: read_volume(folder), api_error=InputError, api_message="3.20 mm apart after slice 1 but 6.40 mm")  # fmt: skip
+
+
 @case("dicom-several-series-same-size")
 def _(d: Path, s: Shared) -> Case:
     folder = d / "mixed"

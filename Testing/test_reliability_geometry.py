@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 import struct
 
 import nibabel as nib
@@ -177,6 +178,35 @@ def test_slices_thicker_or_thinner_than_their_spacing_are_named(tmp_path, make_p
         else:
             assert len(notes) == 1 and says in notes[0] and f"{float(thickness):g} mm thick but {s:g} mm apart" in notes[0]
             assert warned == notes
+
+
+@pytest.mark.parametrize(
+    "steps, says",
+    [
+        # a protocol with two slice spacings, either one the most common: refused, naming both spacings
+        ((5, 5, 5, 5, 10, 10, 10, 10, 10), "5.00 mm apart after slice 1 but 10.00 mm after slice 5"),
+        ((5, 5, 5, 5, 5, 5, 5, 10, 10), "5.00 mm apart after slice 1 but 10.00 mm after slice 8"),
+        ((5, 5, 5, 5.6, 4.4, 5, 5, 5, 5), "slice 5 would be placed 0.6 mm"),  # one slice 12% of a spacing off
+        ((5, 5, 5, 5, 5, 10, 5, 5, 5), "missing slices: a gap of 10.00 mm after slice 6"),  # one slice missing
+        ((5, 5, 5, 5.3, 4.7, 5, 5, 5, 5), None),  # 0.3 mm of jitter: read as evenly spaced
+    ],
+)
+def test_unevenly_spaced_series_is_refused_not_stacked_at_a_mean_spacing(tmp_path, make_phantom, steps, says):
+    """ITK stacks a series at its mean slice spacing whatever the positions say; a series whose slices are not
+    evenly spaced is refused, with the spacings named, instead of being read with slices millimetres off."""
+    vol = make_phantom(shape=(len(steps) + 1, 16, 16), spacing=(0.8, 0.8, 5.0), direction=np.eye(3))
+    files = write_dicom_series(tmp_path / "series", vol)
+    along = np.concatenate([[0.0], np.cumsum(steps)])
+    for f, z in zip(files, along):
+        rewrite_tag(f, "0020|0032", "\\".join(f"{v:.6f}" for v in (*vol.origin[:2], vol.origin[2] + z)))
+    if says is None:
+        got = read_volume(tmp_path / "series")
+        assert got.spacing[2] == pytest.approx(5.0) and got.shape == vol.shape
+        return
+    with pytest.raises(InputError, match=re.escape(says)) as info:
+        read_volume(tmp_path / "series")
+    if "evenly" in says or "apart" in says:
+        assert "are not evenly spaced" in str(info.value) and "in their own folder" in str(info.value)
 
 
 def test_tilted_series_whose_slices_do_not_follow_one_line_is_refused(tmp_path, make_phantom):
