@@ -140,6 +140,144 @@ def test_linear_parent_transform_is_applied_and_nonlinear_refused(scene):
         mrml_io.volume_from_node(node)
 
 
+def _own_matrix(node) -> np.ndarray:
+    """The node's own IJK-to-RAS matrix (its parent transform left out)."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return mrml_io.matrix_to_array(m)
+
+
+def _tilted_dicom_series(folder, degrees: float = 20.0, steps=None):
+    """A gantry-tilted CT series (slices 4 mm along the table, the image plane turned about L-R) of a body with a
+    dense ball, written as DICOM; ``steps`` (mm along the table) make it unevenly spaced instead."""
+    from conftest import write_dicom_series
+
+    t = np.deg2rad(degrees)
+    direction = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(t), 0.0], [0.0, np.sin(t), 1.0]])
+    vol = phantom_ct(shape=(10, 32, 32), spacing=(0.8, 0.8, 4.0), direction=direction, origin=(-12.0, -14.0, -20.0))
+    files = write_dicom_series(folder, vol)
+    if steps is not None:
+        import pydicom
+
+        for f, z in zip(files, np.concatenate([[0.0], np.cumsum(steps)])):
+            ds = pydicom.dcmread(f)
+            ds.ImagePositionPatient = [float(v) for v in np.asarray(vol.origin) + z * direction[:, 2]]
+            ds.save_as(f)
+    return files
+
+
+def test_series_under_slicers_regularization_transform_is_read_from_its_dicom_files(scene, tmp_path, monkeypatch):
+    """Slicer's DICOM module loads a series it cannot stack regularly (a gantry tilt, with the ITK of Slicer before
+    5.x) as a straight stack under a non-linear "acquisition transform". Apply then ran on nothing but a refusal
+    ("harden the transform"); now the job reads the node's DICOM files, where the tilt is resampled exactly as
+    ``sr SERIES_FOLDER`` does, and the result is the engine's on the folder, placed in world space without a
+    transform. The input node and its transform are untouched."""
+    from CTDiffusionSRLib.testing import regularize_like_slicer
+
+    from DiffusionCore.sr.pipeline import SuperResolver
+
+    files = _tilted_dicom_series(tmp_path / "series")
+    database = DicomDatabaseStandIn()
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    node = load_dicom_node(scene, files, "tilted head", database, uids=[f"tilted.{i}" for i in range(len(files))])
+    transform = regularize_like_slicer(scene, node, files)
+    before_matrix, before_array = _own_matrix(node), mrml_io.array_from_node(node)
+    with pytest.raises(InputError, match="non-linear transform"):
+        mrml_io.grid_from_node(node)  # the node's own geometry is still refused
+    series = mrml_io.regularized_dicom_series(node)
+    assert series is not None and series.files == [str(f) for f in files]
+    assert series.grid.spacing[2] == pytest.approx(4.0 * np.cos(np.deg2rad(20.0)), rel=1e-6)  # along the normal
+    settings = SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False)
+    assert check_sr_input(node, settings) == ""
+
+    job = SRJob(scene, node, settings)
+    assert job.run(timeout=240) == JobState.COMPLETED, job.error
+    (result,) = job.result_nodes
+    assert result.GetParentTransformNode() is None
+    expected, _ = SuperResolver.tiny_predictor(seed=0).run(read_volume(tmp_path / "series"), settings.run_settings())
+    got = mrml_io.volume_from_node(result)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got.grid.index_to_physical(), expected.grid.index_to_physical(), atol=1e-4)
+    np.testing.assert_allclose(got.array, expected.array, atol=0.5)
+    assert result.GetName() == "tilted head SR x2 (synthetic)"
+    np.testing.assert_array_equal(_own_matrix(node), before_matrix)
+    np.testing.assert_array_equal(mrml_io.array_from_node(node), before_array)
+    assert node.GetParentTransformNode() is transform
+
+    # "Evaluate on this volume" and the training export take the files too
+    (tmp_path / "eval").mkdir()
+    args = EvaluationJob(scene, node, factor=2, methods=("cubic",)).prepare(tmp_path / "eval")
+    reference = Path(args[args.index("--reference") + 1])
+    assert reference.is_dir() and len(list(reference.iterdir())) == len(files)
+    from CTDiffusionSRLib.training import export_training_volumes
+
+    listing = export_training_volumes([node], tmp_path / "training")
+    (entry,) = listing.read_text().split()
+    assert (listing.parent / entry).is_dir() and len(list((listing.parent / entry).iterdir())) == len(files)
+
+
+def test_tilted_series_that_slicer_reads_as_a_sheared_grid_is_super_resolved_on_that_grid(scene, tmp_path, monkeypatch):
+    """Slicer's own reader (ITK that keeps the slice positions) reads a tilted series as a sheared grid, with no
+    transform: the job runs on it, and the result lies on the sheared thin grid, overlaying the input."""
+    files = _tilted_dicom_series(tmp_path / "series")
+    database = DicomDatabaseStandIn()
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    node = load_dicom_node(scene, files, "sheared", database)
+    assert node.GetParentTransformNode() is None and mrml_io.regularized_dicom_series(node) is None
+    vol = mrml_io.volume_from_node(node)
+    assert abs(vol.direction[:, 1] @ vol.direction[:, 2]) > 0.3  # sheared: the table step is not the normal
+    job = SRJob(scene, node, SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False))
+    assert job.run(timeout=240) == JobState.COMPLETED, job.error
+    got = mrml_io.volume_from_node(job.result_nodes[0])
+    expected = thin_grid(vol, 2, axis=0)
+    np.testing.assert_allclose(got.grid.index_to_physical(), expected.index_to_physical(), atol=1e-4)
+
+
+def test_series_under_regularization_with_uneven_spacing_gets_the_engines_message(scene, tmp_path, monkeypatch):
+    """Slicer regularizes an unevenly spaced series too; read from its files, the job stops with the engine's
+    message naming the two spacings (instead of "harden the transform")."""
+    from CTDiffusionSRLib.testing import regularize_like_slicer
+
+    files = _tilted_dicom_series(tmp_path / "series", degrees=0.0, steps=(4, 4, 4, 4, 8, 8, 8, 8, 8))
+    database = DicomDatabaseStandIn()
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    node = load_dicom_node(scene, files, "two-spacings", database)
+    regularize_like_slicer(scene, node, files)
+    job = SRJob(scene, node, SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False))
+    assert job.run(timeout=240) == JobState.FAILED
+    assert "are not evenly spaced: 4.00 mm apart after slice 1 but 8.00 mm after slice 5" in job.error
+
+
+def test_a_non_linear_transform_that_is_not_slicers_regularization_is_still_refused(scene, tmp_path, monkeypatch):
+    """A deformation of the user's own on a DICOM node (or the regularization once its files are gone) cannot be
+    replaced by reading the files: Apply stays disabled with the message that says to harden it."""
+    from CTDiffusionSRLib.testing import regularize_like_slicer
+    from vtk.util import numpy_support
+
+    files = _tilted_dicom_series(tmp_path / "series")
+    database = DicomDatabaseStandIn()
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    node = load_dicom_node(scene, files, "warped", database)
+    transform = regularize_like_slicer(scene, node, files)
+    grid = transform.GetTransformToParent().GetDisplacementGrid()
+    numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars())[:] += 3.0  # 3 mm more: not where the files say
+    grid.Modified()
+    transform.GetTransformToParent().Modified()
+    settings = SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False)
+    assert mrml_io.regularized_dicom_series(node) is None
+    assert "non-linear transform; harden the transform first" in check_sr_input(node, settings)
+
+    node2 = load_dicom_node(scene, files, "files gone", database, uids=[f"gone.{i}" for i in range(len(files))])
+    regularize_like_slicer(scene, node2, files)
+    assert mrml_io.regularized_dicom_series(node2) is not None
+    for f in files:
+        Path(f).unlink()
+    assert mrml_io.regularized_dicom_series(node2) is None
+    assert "non-linear transform; harden the transform first" in check_sr_input(node2, settings)
+
+
 def test_sr_input_checks_say_why_apply_is_disabled(scene):
     assert check_sr_input(None) == "Select an input CT volume."
     iso = mrml_io.add_volume_node(scene, Volume(np.zeros((8, 8, 8), np.float32)), "iso")

@@ -14,6 +14,7 @@ import datetime
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,8 +74,9 @@ def ijk_to_ras(node) -> np.ndarray:
             raise InputError(
                 f"volume '{node.GetName()}' is under a non-linear transform; harden the transform first "
                 "(Data module: right-click the volume > Harden transform). A gantry-tilted CT series that Slicer "
-                "loaded with its acquisition-geometry regularization is in this case: hardening resamples it, while "
-                "the command python -m DiffusionCore sr SERIES_FOLDER OUTPUT corrects the tilt from the DICOM files themselves."
+                "loaded with its acquisition-geometry regularization is read from its DICOM files instead, but only "
+                "while Slicer's DICOM database still holds them and the transform is the one the DICOM module made; "
+                "the command python -m DiffusionCore sr SERIES_FOLDER OUTPUT corrects the tilt from the files too."
             )
         to_world = vtk.vtkMatrix4x4()
         parent.GetMatrixTransformToWorld(to_world)
@@ -331,6 +333,111 @@ def dicom_source_files(node) -> list[str]:
     if database is None:
         return []
     return [f for f in (database.fileForInstance(uid) for uid in uids) if f]
+
+
+@dataclass(frozen=True)
+class RegularizedSeries:
+    """A CT series that Slicer's DICOM module loaded under its acquisition-geometry regularization transform: a
+    gantry-tilted series (its slices drift within their plane from one to the next) is read as a straight stack,
+    and a non-linear grid transform puts each slice where its DICOM file says. The jobs read such a node from its
+    files, where DiffusionCore resamples the tilt onto an orthogonal grid (as ``sr SERIES_FOLDER`` does), instead of
+    refusing the transform.
+
+    Attributes:
+        files: the node's DICOM files, one per slice, in the node's slice order.
+        grid: the grid of the stack as stored, with the slice spacing measured along the slices' normal (the
+            stored spacing is the table step, longer by 1 / cos(tilt)): the axes, the slice count and the
+            spacings of the grid the files are read onto, near enough for the checks before a job (that grid is
+            wider in-plane by the drift).
+    """
+
+    files: list[str]
+    grid: Grid
+
+
+def _position_lps(file: str) -> np.ndarray | None:
+    """ImagePositionPatient (LPS mm) of a DICOM file, or None when its header does not say or cannot be read."""
+    from DiffusionCore.volume import dicom_header
+
+    try:
+        reader = dicom_header(file)
+        if not reader.HasMetaDataKey("0020|0032"):
+            return None
+        position = np.array([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+    except (InputError, ValueError):
+        return None
+    return position if position.shape == (3,) and np.all(np.isfinite(position)) else None
+
+
+def regularized_dicom_series(node) -> RegularizedSeries | None:
+    """The node's DICOM files when it sits under the regularization transform of Slicer's DICOM module (see
+    :class:`RegularizedSeries`), else None: no non-linear transform, not loaded from DICOM, files no longer in the
+    database or on disk, or a non-linear transform that does not put the first and last slices where their files
+    say (a deformation of the user's own, which reading the files would drop)."""
+    parent = node.GetParentTransformNode() if node is not None else None
+    image = node.GetImageData() if node is not None else None
+    if parent is None or parent.IsTransformToWorldLinear() or image is None:
+        return None
+    nx, ny, nz = image.GetDimensions()
+    files = dicom_source_files(node)
+    if nz < 2 or len(files) != nz or not all(os.path.isfile(f) for f in files):
+        return None
+    first, last = _position_lps(files[0]), _position_lps(files[-1])
+    if first is None or last is None:
+        return None
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    ijk = matrix_to_array(m)
+    to_world = vtk.vtkGeneralTransform()
+    parent.GetTransformToWorld(to_world)
+    ends = [LPS_FROM_RAS @ np.array(to_world.TransformPoint(*(ijk @ (0.0, 0.0, k, 1.0))[:3])) for k in (0, nz - 1)]
+    spacing, origin, direction = geometry_from_ijk_to_ras(ijk)
+    tolerance = 0.25 * min(spacing[:2])
+    miss = min(max(np.linalg.norm(ends[0] - a), np.linalg.norm(ends[1] - b)) for a, b in ((first, last), (last, first)))
+    if miss > tolerance:
+        return None
+    normal = np.cross(direction[:, 0], direction[:, 1])
+    step = abs(float((last - first) @ normal)) / (nz - 1)
+    if step <= 0:
+        return None
+    grid = Grid((nz, ny, nx), (spacing[0], spacing[1], step), tuple(float(v) for v in origin),
+                tuple(float(v) for v in direction.ravel()))  # fmt: skip
+    return RegularizedSeries(files, grid)
+
+
+def job_grid(node) -> Grid:
+    """The grid a job's input will have, for the checks before it starts: :func:`grid_from_node`, or for a series
+    under Slicer's regularization transform the grid its files are read onto (:class:`RegularizedSeries`)."""
+    series = regularized_dicom_series(node)
+    return series.grid if series is not None else grid_from_node(node)
+
+
+def write_job_input(node, folder: str | os.PathLike, name: str) -> str:
+    """The node as a background job's input in ``folder``: ``name.nrrd`` (float32, world geometry), or for a series
+    under Slicer's regularization transform (:func:`regularized_dicom_series`) a folder ``name`` holding its DICOM
+    files (linked, or copied where links cannot be made), which DiffusionCore reads with the tilt resampled onto an
+    orthogonal grid. The node is never modified. Returns the path to pass to the job."""
+    import shutil
+    from pathlib import Path
+
+    from DiffusionCore.volume import write_volume
+
+    series = regularized_dicom_series(node)
+    if series is None:
+        path = Path(folder) / f"{name}.nrrd"
+        write_volume(volume_from_node(node), path, overwrite=True, dtype="float32", compress=False)
+        return str(path)
+    target = Path(folder) / name
+    target.mkdir(parents=True, exist_ok=True)
+    for i, file in enumerate(series.files):
+        link = target / f"{i:05d}_{Path(file).name}"
+        try:
+            os.link(file, link)
+        except OSError:
+            shutil.copyfile(file, link)
+    logger.info("'%s' is under Slicer's regularization transform: the job reads its %d DICOM files, where the tilt "
+                "is resampled onto an orthogonal grid", node.GetName(), len(series.files))  # fmt: skip
+    return str(target)
 
 
 def export_result(node, path: str, *, as_dicom: bool = False, source_files: list[str] | None = None,

@@ -13,19 +13,19 @@ import numpy as np
 from DiffusionCore.degrade import MAX_FACTOR, plan_thin_grid
 from DiffusionCore.errors import DiffusionCoreError, GeometryError, InputError, OutputError
 from DiffusionCore.provenance import sr_label
-from DiffusionCore.volume import check_ct, dicom_slice_thickness, require_ct, thick_axis, write_volume
+from DiffusionCore.volume import check_ct, dicom_slice_thickness, require_ct, thick_axis
 
 from .jobs import CLIJob
 from .mrml_io import (
     add_volume_node,
     dicom_source_files,
-    grid_from_node,
+    job_grid,
     place_beside,
     read_volume_file,
     set_node_from_volume,
     set_provenance,
     synthetic_name,
-    volume_from_node,
+    write_job_input,
 )
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def check_sr_input(node, settings: SRSettings | None = None) -> str:
     if min(dims) < MIN_THICK_SLICES:
         return f"'{node.GetName()}' is 2D ({dims[0]}x{dims[1]}); the X-ray to CT module takes radiographs."
     try:
-        vol_grid = grid_from_node(node)
+        vol_grid = job_grid(node)
     except DiffusionCoreError as exc:
         return str(exc)
     if settings.axis == "auto" and thick_axis(vol_grid) is None and settings.target_spacing <= 0:
@@ -215,7 +215,7 @@ def effective_factor(node, settings: SRSettings) -> int:
     Raises:
         GeometryError: what ``plan_thin_grid`` refuses (e.g. both a factor and a target spacing).
     """
-    grid = grid_from_node(node)
+    grid = job_grid(node)
     _, ax, k = plan_thin_grid(grid, **settings.thin_grid_options())
     if k is None:  # a target spacing
         k = max(1, int(round(grid.spacing_zyx[ax] / settings.target_spacing)))
@@ -278,7 +278,7 @@ def target_spacing_problem(node, settings: SRSettings, resolved) -> str:
     from DiffusionCore.sr.settings import predictor_spacing_problem
     from DiffusionCore.sr.throughplane import ThroughPlaneConfig
 
-    grid = grid_from_node(node)
+    grid = job_grid(node)
     _, axis, _ = plan_thin_grid(grid, **settings.thin_grid_options())
     return predictor_spacing_problem(grid.spacing_zyx[axis], settings.target_spacing,
                                      ThroughPlaneConfig(**config).factors)
@@ -319,7 +319,7 @@ class SRJob(CLIJob):
         self.uncertainty_node = None
 
     def prepare(self, tempdir: Path) -> list[str]:
-        write_volume(volume_from_node(self.input_node), tempdir / "input.nrrd", overwrite=True, dtype="float32", compress=False)
+        source = write_job_input(self.input_node, tempdir, "input")
         args = self.settings.cli_arguments()
         if self.settings.num_samples >= 2:
             args += ["--uncertaintyVolume", str(tempdir / "uncertainty.nrrd")]
@@ -327,7 +327,7 @@ class SRJob(CLIJob):
         if thickness:  # only a DICOM series knows its slices' thickness; the node keeps their spacing alone
             args += ["--sliceThickness", repr(float(thickness))]
         args += ["--reportFile", str(tempdir / "report.json"), "--returnparameterfile", str(tempdir / "return.txt")]
-        return [*args, str(tempdir / "input.nrrd"), str(tempdir / "output.nrrd")]
+        return [*args, source, str(tempdir / "output.nrrd")]
 
     def import_results(self, tempdir: Path) -> list:
         out_file = tempdir / "output.nrrd"
@@ -337,6 +337,9 @@ class SRJob(CLIJob):
         report = json.loads((tempdir / "report.json").read_text()) if (tempdir / "report.json").is_file() else {}
         model = self.return_values.get("modelName") or report.get("model", "")
         sha = self.return_values.get("weightsSha256") or str(report.get("weights_sha256", ""))
+        used = (report.get("settings") or {}).get("factor")
+        if isinstance(used, int) and used >= 2:  # the engine's decision, on the grid it really read
+            self.factor = used
         settings = {**self.settings.to_dict(), "factor_used": self.factor, "report_settings": report.get("settings")}
         label = sr_label(None if self.settings.target_spacing > 0 else self.factor, self.settings.target_spacing)
         if self.output_node is None:
@@ -457,12 +460,14 @@ class EvaluationJob(CLIJob):
         return [python_executable(), "-m", "DiffusionCore", *args]
 
     def prepare(self, tempdir: Path) -> list[str]:
-        vol = volume_from_node(self.input_node)
-        if np.count_nonzero(vol.array > -500) == 0:
+        from vtk.util import numpy_support
+
+        voxels = numpy_support.vtk_to_numpy(self.input_node.GetImageData().GetPointData().GetScalars())  # a view
+        if np.count_nonzero(voxels > -500) == 0:
             raise InputError(f"'{self.input_node.GetName()}' has no voxel above -500 HU: no body to evaluate in.")
-        write_volume(vol, tempdir / "reference.nrrd", overwrite=True, dtype="float32", compress=False)
+        reference = write_job_input(self.input_node, tempdir, "reference")
         args = [
-            "evaluate", "--reference", str(tempdir / "reference.nrrd"), "--factor", str(self.factor),
+            "evaluate", "--reference", reference, "--factor", str(self.factor),
             "--axis", self.axis, "--degradation", self.degradation, "--methods", ",".join(self.methods),
             "--device", self.device, "--json", str(tempdir / "evaluation.json"), "--progress", "slicer",
         ]

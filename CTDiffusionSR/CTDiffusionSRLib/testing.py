@@ -86,3 +86,57 @@ def load_dicom_node(scene, files, name: str, database: DicomDatabaseStandIn, uid
     database.files.update(zip(uids, files))
     node.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
     return node
+
+
+def regularize_like_slicer(scene, node, files):
+    """Put ``node`` under the acquisition-geometry regularization of Slicer's DICOM module, as Slicer does for a
+    series its reader cannot place on a regular grid ("apply regularization transform"): the node becomes a
+    straight stack along the slices' normal at their mean spacing (how ITK before 5.x stacked a gantry-tilted
+    series; an unevenly spaced one still is), and a grid transform moves each slice to where its file's
+    ImagePositionPatient puts it (one displacement per slice, at the four corners of its plane). ``files`` in slice
+    order. Returns the transform node."""
+    import SimpleITK as sitk
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    ras_of = np.diag([-1.0, -1.0, 1.0])
+    positions, orientation = [], None
+    for file in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(file))
+        reader.ReadImageInformation()
+        positions.append(ras_of @ [float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        orientation = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+    positions = np.asarray(positions)
+    row, col = ras_of @ orientation[:3], ras_of @ orientation[3:]
+    normal = np.cross(row, col)
+    along = (positions[-1] - positions[0]) @ normal / (len(files) - 1)
+    nx, ny, nz = node.GetImageData().GetDimensions()
+    sx, sy, _ = node.GetSpacing()
+    straight = np.eye(4)
+    straight[:3, :3] = np.c_[row * sx, col * sy, normal * along]
+    straight[:3, 3] = positions[0]
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, straight[r, c])
+    node.SetIJKToRASMatrix(matrix)
+    grid = vtk.vtkImageData()
+    grid.SetOrigin(*node.GetOrigin())
+    grid.SetDimensions(2, 2, nz)
+    grid.SetSpacing(sx * nx, sy * ny, abs(along))
+    grid.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    shifts = numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars()).reshape(nz, 2, 2, 3)
+    for k in range(nz):
+        shifts[k] = positions[k] - (straight @ (0.0, 0.0, k, 1.0))[:3]
+    direction = vtk.vtkMatrix4x4()
+    node.GetIJKToRASDirectionMatrix(direction)
+    transform = slicer.vtkOrientedGridTransform()
+    transform.SetGridDirectionMatrix(direction)
+    transform.SetDisplacementGridData(grid)
+    transform.SetInterpolationModeToLinear()
+    transform_node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", node.GetName() + " acquisition transform")
+    transform_node.SetAndObserveTransformToParent(transform)
+    node.SetAndObserveTransformNodeID(transform_node.GetID())
+    return transform_node
