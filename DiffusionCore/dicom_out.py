@@ -11,7 +11,9 @@ FrameOfReferenceUID, since the thin grid lies in the same patient space. Without
 CT), the patient module stays empty and the study is new.
 
 Geometry: ImagePositionPatient of each slice (LPS, oblique grids too), ImageOrientationPatient,
-PixelSpacing, SliceThickness and SpacingBetweenSlices of the written grid. Voxels are int16 HU (rounded,
+PixelSpacing, SliceThickness and SpacingBetweenSlices (along the slices' normal) of the written grid. A
+gantry-tilted grid (sheared along k only: the slices step along the table, not their normal) is written as a
+tilted acquisition is, each slice at its own position. Voxels are int16 HU (rounded,
 clipped) with Rescale Slope 1 and Intercept 0.
 
 The series is written into a hidden folder beside the output and renamed into place when every file is
@@ -132,13 +134,29 @@ class DicomSource:
         return str(self.header.get("SeriesInstanceUID", ""))
 
 
+#: The steepest slice stack a DICOM series is written with: the slices' step may lean from their normal by up to
+#: this angle (a gantry tilt; clinical scanners tilt by 30 degrees at most).
+MAX_DICOM_TILT_DEG = 45.0
+
+
 def check_dicom_geometry(vol: Volume) -> np.ndarray:
-    """The direction matrix, if a DICOM series can hold the grid (orthonormal axes); else an OutputError."""
+    """The direction matrix, if a DICOM series can hold the grid, else an OutputError. A DICOM image has
+    perpendicular rows and columns (ImageOrientationPatient), and each slice its own position
+    (ImagePositionPatient), so it holds an orthonormal grid and also a gantry-tilted one: rows and columns
+    perpendicular, the step from slice to slice leaning from their normal (as a tilted acquisition stores it,
+    and as 3D Slicer reads a tilted series: a grid sheared along k only)."""
     d = np.asarray(vol.direction, dtype=np.float64).reshape(3, 3)
-    if not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
+    row, col, step = d[:, 0], d[:, 1], d[:, 2]
+    in_plane = abs(float(row @ col)) < 1e-4 and np.allclose(np.linalg.norm(d, axis=0), 1.0, atol=1e-4)
+    normal = np.cross(row, col)
+    lean = float(np.degrees(np.arccos(np.clip(abs(float(step @ normal)) / max(float(np.linalg.norm(normal)), 1e-12),
+                                              0.0, 1.0))))  # fmt: skip
+    if not in_plane or lean > MAX_DICOM_TILT_DEG:
+        what = ("its rows and columns are not perpendicular" if not in_plane
+                else f"its slices step {lean:.0f} degrees from their normal")  # fmt: skip
         raise OutputError(
-            "the volume's grid is sheared (its axes are not perpendicular), which a DICOM CT series cannot hold "
-            "exactly: write NRRD or MHA instead (--output-format file and a .nrrd or .mha name)"
+            f"the volume's grid is sheared ({what}), which a DICOM CT series cannot hold exactly: write NRRD or "
+            "MHA instead (--output-format file and a .nrrd or .mha name)"
         )
     return d
 
@@ -290,6 +308,7 @@ def write_dicom_series(
     origin = np.asarray(vol.origin, dtype=np.float64)
     positions = np.stack([origin + k * sz * d[:, 2] for k in range(nz)])
     normal = np.cross(d[:, 0], d[:, 1])
+    between = sz * abs(float(d[:, 2] @ normal))  # along the normal: sz itself unless the grid is tilted
     base, _ = _base_dataset(source, provenance, keep_frame=keep_frame_of_reference)
     refs = _nearest_sources(source, positions, normal)
     pixels = np.clip(np.rint(vol.array), -32768, 32767).astype("<i2")
@@ -305,8 +324,8 @@ def write_dicom_series(
             ds.ImagePositionPatient = [_fmt(v) for v in positions[k]]
             ds.ImageOrientationPatient = orientation
             ds.PixelSpacing = spacing
-            ds.SliceThickness = _fmt(sz)
-            ds.SpacingBetweenSlices = _fmt(sz)
+            ds.SliceThickness = _fmt(between)
+            ds.SpacingBetweenSlices = _fmt(between)
             ds.SliceLocation = _fmt(float(np.dot(positions[k], normal)))
             ds.Rows, ds.Columns = int(vol.shape[1]), int(vol.shape[2])
             if refs[k]:

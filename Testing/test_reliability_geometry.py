@@ -248,6 +248,41 @@ def test_sheared_grid_is_refused_in_nifti_with_a_format_that_holds_it(tmp_path, 
         check_output_geometry(vol.grid, tmp_path / f"ct{suffix}")  # the same check, before any work
 
 
+def test_tilted_grid_is_written_to_dicom_as_a_tilted_acquisition(tmp_path, diffusioncore_log):
+    """A grid sheared along k only (rows and columns perpendicular, the slices stepping along the table: how 3D
+    Slicer reads a gantry-tilted series, and so what the SR module makes of one) is what a tilted acquisition
+    stores, each slice at its own ImagePositionPatient: the DICOM export writes it, and reading the series back
+    puts every voxel where it was. A shear within the slice plane is still refused."""
+    import pydicom
+
+    from DiffusionCore.dicom_out import write_dicom_series as write_series
+    from DiffusionCore.provenance import Provenance
+
+    direction = tilted_direction("gantry", 20.0)
+    shape, spacing, origin = (24, 48, 40), (0.8, 0.8, 2.0), (-16.0, -19.0, -30.0)
+    centre = np.asarray(origin) + direction @ (np.asarray(spacing) * (19.3, 24.6, 11.4))
+    vol = ball_volume(shape, spacing, origin, direction, centre, 6.0)
+    prov = Provenance("sr", "SR x2 (synthetic)", "w", "0" * 64, {"factor": 2})
+    folder = write_series(vol, tmp_path / "series", prov)
+
+    files = sorted(folder.iterdir())
+    first, last = pydicom.dcmread(files[0]), pydicom.dcmread(files[-1])
+    np.testing.assert_allclose([float(v) for v in last.ImagePositionPatient],
+                               (vol.index_to_physical() @ (0.0, 0.0, shape[0] - 1, 1.0))[:3], atol=1e-3)  # fmt: skip
+    assert float(first.SpacingBetweenSlices) == pytest.approx(2.0 * np.cos(np.deg2rad(20.0)), rel=1e-5)
+    back = read_volume(folder)  # resampled onto an orthogonal grid, as any tilted series
+    assert back.metadata["gantry_tilt_deg"] == pytest.approx(20.0, abs=1e-3)
+    dist = np.linalg.norm(physical_points(back) - centre, axis=-1)
+    clear = np.abs(dist - 6.0) > 0.8 * np.sqrt(2) + 1e-3
+    is_bone = back.array > (BALL_HU + TISSUE_HU) / 2
+    np.testing.assert_array_equal(is_bone[clear], (dist < 6.0)[clear])
+
+    skewed = np.eye(3)
+    skewed[:, 1] = (np.sin(np.deg2rad(10.0)), np.cos(np.deg2rad(10.0)), 0.0)  # columns 80 degrees from the rows
+    with pytest.raises(OutputError, match=r"sheared \(its rows and columns are not perpendicular\).*NRRD"):
+        write_series(Volume(vol.array, spacing, origin, skewed), tmp_path / "skewed", prov)
+
+
 def test_nearly_orthonormal_grid_is_still_written_to_nifti(tmp_path, oblique_phantom):
     """Direction cosines rounded to 6 decimals (as DICOM headers hold them) move no voxel measurably."""
     vol = Volume(

@@ -233,6 +233,11 @@ def test_tilted_series_that_slicer_reads_as_a_sheared_grid_is_super_resolved_on_
     got = mrml_io.volume_from_node(job.result_nodes[0])
     expected = thin_grid(vol, 2, axis=0)
     np.testing.assert_allclose(got.grid.index_to_physical(), expected.index_to_physical(), atol=1e-4)
+    # the export as DICOM writes it as a tilted acquisition (it was refused as sheared), in the input's study
+    (folder,) = mrml_io.export_result(job.result_nodes[0], str(tmp_path / "export"), as_dicom=True)
+    back = read_volume(folder)
+    assert back.metadata["gantry_tilt_deg"] == pytest.approx(20.0, abs=1e-3)
+    assert back.shape[0] == got.shape[0]
 
 
 def test_series_under_regularization_with_uneven_spacing_gets_the_engines_message(scene, tmp_path, monkeypatch):
