@@ -10,7 +10,8 @@ Volumes can be given as
 * a single volume file;
 * a list of any of these.
 
-Each returned path is something :func:`DiffusionCore.volume.read_volume` opens (a file or a DICOM folder).
+Each returned path is something :func:`DiffusionCore.volume.read_volume` opens (a file or a DICOM folder);
+:func:`readable_volumes` reads them for training, passing over DICOM series that cannot be read as one volume.
 """
 
 from __future__ import annotations
@@ -189,3 +190,32 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> li
         )
     logger.info("found %d CT volume(s)", len(unique))
     return unique
+
+
+def readable_volumes(paths: Iterable[str | os.PathLike]):
+    """Read each volume of ``paths`` (from :func:`collect_volumes`) in turn, yielding ``(path, Volume)``.
+
+    A DICOM series folder that cannot be read as one regular CT volume (missing slices, slices unevenly spaced or
+    in mixed orientations, a corrupt file, no CT values) is passed over with a warning naming it and why, as folders
+    holding no CT series are when the volumes are collected: a cohort (e.g. LIDC-IDRI) holds a few such series, and
+    one of them must not stop a training run on the rest. A volume file that cannot be read stops with its error, and
+    so does a run in which no volume can be read (InputError listing why each failed).
+    """
+    from .volume import read_volume
+
+    failed: list[str] = []
+    yielded = False
+    for p in paths:
+        path = Path(p)
+        try:
+            vol = read_volume(path)
+        except InputError as exc:
+            if not path.is_dir():
+                raise
+            failed.append(f"{path}: {exc}")
+            logger.warning("passed over %s: %s", path, exc)
+            continue
+        yielded = True
+        yield path, vol
+    if not yielded and failed:
+        raise InputError("none of the CT volumes could be read: " + "; ".join(failed))

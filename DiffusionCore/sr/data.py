@@ -59,21 +59,16 @@ def load_regions(
     Raises:
         InputError: no volumes found, or a volume too small to hold out a z-range.
     """
-    from ..inputs import collect_volumes
-    from ..volume import read_volume
+    from ..inputs import collect_volumes, readable_volumes
 
     if not train:
         raise InputError("no training data given: pass --data DIR_OR_LIST (or --data-dir with --train-split)")
     train_paths = collect_volumes(list(train))
     val_paths = collect_volumes(list(val)) if val else []
 
-    def load(p: Path) -> np.ndarray:
-        vol = read_volume(p)
-        return hu_to_unit(vol.array)
-
     tr, va = [], []
-    for p in train_paths:
-        arr = load(p)
+    for p, vol in readable_volumes(train_paths):
+        arr = hu_to_unit(vol.array)
         n = arr.shape[0]
         if val_paths or val_fraction <= 0:
             tr.append(VolumeRegion(Path(p).name, arr, 0, n))
@@ -86,8 +81,8 @@ def load_regions(
                 )
             tr.append(VolumeRegion(Path(p).name, arr, 0, cut))
             va.append(VolumeRegion(Path(p).name + "[val]", arr, cut, n))
-    for p in val_paths:
-        arr = load(p)
+    for p, vol in readable_volumes(val_paths):
+        arr = hu_to_unit(vol.array)
         va.append(VolumeRegion(Path(p).name, arr, 0, arr.shape[0]))
     logger.info("training on %d volume(s), validating on %d region(s)", len(tr), len(va))
     return tr, va

@@ -94,8 +94,7 @@ def prepare_latents(
     """
     from ..devices import resolve_device
     from ..errors import OutputError
-    from ..inputs import collect_volumes
-    from ..volume import read_volume
+    from ..inputs import collect_volumes, readable_volumes
     from ..weights import save_safetensors, sha256_file
     from .model import load_vae_weights
 
@@ -116,8 +115,7 @@ def prepare_latents(
     written: list[Path] = []
     total = len(paths) * len(factors)
     done = 0
-    for p in paths:
-        vol = read_volume(p)
+    for p, vol in readable_volumes(paths):
         units = hu_to_unit(vol.array)
         stem = Path(p).name.split(".")[0]
         for k in factors:

@@ -126,11 +126,10 @@ def split_regions(n: int, test_fraction: float, val_fraction: float) -> tuple[tu
 
 def load_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig) -> tuple[list[PlaneSource], list[PlaneSource]]:
     """Training and validation plane sources (HU, slice axis first) from thin-slice CT files."""
-    from ..volume import read_volume
+    from ..inputs import readable_volumes
 
     train, val = [], []
-    for p in paths:
-        vol = read_volume(p)
+    for p, vol in readable_volumes(paths):
         arr = np.ascontiguousarray(vol.array, dtype=np.float32)
         tr, va, te = split_regions(arr.shape[0], cfg.test_fraction, cfg.val_fraction)
         logger.info("%s: train slices %d-%d, validation %d-%d, test %d-%d (never read)", p.name, tr[0], tr[1] - 1,

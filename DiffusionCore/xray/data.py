@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..inputs import readable_volumes
 from ..intensity import hu_to_unit
 from ..train.augment import rotation_matrix
-from ..volume import AIR_HU, Volume, read_volume, write_volume
+from ..volume import AIR_HU, Volume, write_volume
 from .config import XrayDataConfig
 from .drr import DRRGeometry, hu_to_mu, project_parallel_axis, radiograph_style, render_drr
 
@@ -339,8 +340,7 @@ def warp_cube(
 def load_cubes(paths: list[Path], resolutions: list[int], fov_mm: float) -> list[dict[int, np.ndarray]]:
     """Read CTs (or prepared cube folders) and resample them to every requested resolution."""
     out = []
-    for p in paths:
-        vol = read_volume(p)
+    for p, vol in readable_volumes(paths):
         out.append({r: cube.array for r, cube in ct_to_cubes(vol, resolutions, fov_mm).items()})
         logger.info("loaded %s as cubes %s", p, resolutions)
     return out
@@ -371,8 +371,7 @@ def prepare_dataset(
     rng = np.random.default_rng(seed)
     cases = []
     total = len(ct_paths)
-    for i, p in enumerate(ct_paths):
-        vol = read_volume(p)
+    for i, (p, vol) in enumerate(readable_volumes(ct_paths)):
         name = Path(str(p).rstrip("/")).name.split(".")[0] or f"case{i:04d}"
         case_dir = out / f"{i:04d}_{name}"
         case_dir.mkdir(exist_ok=True)
