@@ -216,6 +216,10 @@ def test_series_under_slicers_regularization_transform_is_read_from_its_dicom_fi
     listing = export_training_volumes([node], tmp_path / "training")
     (entry,) = listing.read_text().split()
     assert (listing.parent / entry).is_dir() and len(list((listing.parent / entry).iterdir())) == len(files)
+    (listing.parent / entry / "00099_other_series.dcm").write_bytes(b"an earlier export's file")
+    export_training_volumes([node], tmp_path / "training")  # exported again: the same files, nothing else
+    assert sorted(p.name for p in (listing.parent / entry).iterdir()) == [
+        f"{i:05d}_{Path(f).name}" for i, f in enumerate(files)]  # fmt: skip
 
 
 def test_tilted_series_that_slicer_reads_as_a_sheared_grid_is_super_resolved_on_that_grid(scene, tmp_path, monkeypatch):

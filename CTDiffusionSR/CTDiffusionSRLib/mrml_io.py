@@ -429,6 +429,8 @@ def write_job_input(node, folder: str | os.PathLike, name: str) -> str:
         return str(path)
     target = Path(folder) / name
     target.mkdir(parents=True, exist_ok=True)
+    for old in target.glob("[0-9][0-9][0-9][0-9][0-9]_*"):  # an earlier export's files: never two series mixed
+        old.unlink()
     for i, file in enumerate(series.files):
         link = target / f"{i:05d}_{Path(file).name}"
         try:
