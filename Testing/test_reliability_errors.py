@@ -313,10 +313,10 @@ def test_itk_warnings_become_one_warning_line(tmp_path):
     import pydicom
 
     paths = write_dicom_series(tmp_path / "uneven", Volume(ct_phantom_array((6, 32, 32)), (0.8, 0.8, 3.2)))
-    for p in paths[4:]:  # the last two slices 1 mm further: uneven, but no missing slice
+    for p in paths[4:]:  # the last two slices 0.25 mm further: uneven (ITK warns), within a tenth of a spacing
         ds = pydicom.dcmread(p)
         ds.ImagePositionPatient = [
-            float(v) + (1.0 if i == 2 else 0.0) for i, v in enumerate(ds.ImagePositionPatient)
+            float(v) + (0.25 if i == 2 else 0.0) for i, v in enumerate(ds.ImagePositionPatient)
         ]
         ds.save_as(p)
     proc = cli(["sr", str(tmp_path / "uneven"), "out.nrrd", "--progress", "none"], tmp_path)
