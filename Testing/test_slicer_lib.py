@@ -186,7 +186,7 @@ def test_series_under_slicers_regularization_transform_is_read_from_its_dicom_fi
     before_matrix, before_array = _own_matrix(node), mrml_io.array_from_node(node)
     with pytest.raises(InputError, match="non-linear transform"):
         mrml_io.grid_from_node(node)  # the node's own geometry is still refused
-    series = mrml_io.regularized_dicom_series(node)
+    series = mrml_io.irregular_dicom_series(node)
     assert series is not None and series.files == [str(f) for f in files]
     assert series.grid.spacing[2] == pytest.approx(4.0 * np.cos(np.deg2rad(20.0)), rel=1e-6)  # along the normal
     settings = SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False)
@@ -222,26 +222,40 @@ def test_series_under_slicers_regularization_transform_is_read_from_its_dicom_fi
         f"{i:05d}_{Path(f).name}" for i, f in enumerate(files)]  # fmt: skip
 
 
-def test_tilted_series_that_slicer_reads_as_a_sheared_grid_is_super_resolved_on_that_grid(scene, tmp_path, monkeypatch):
+def test_tilted_series_that_slicer_reads_as_a_sheared_grid_gives_the_commands_result(scene, tmp_path, monkeypatch):
     """Slicer's own reader (ITK that keeps the slice positions) reads a tilted series as a sheared grid, with no
-    transform: the job runs on it, and the result lies on the sheared thin grid, overlaying the input."""
+    transform. Super-resolved on that grid, each thick slice's slab would run along the table instead of across the
+    slice; the job reads the node's DICOM files instead, so Apply gives what ``sr SERIES_FOLDER`` gives (the tilt
+    resampled onto an orthogonal grid), in world space where the input is. A sheared node the user moved (a linear
+    transform) is super-resolved as it is."""
+    from DiffusionCore.sr.pipeline import SuperResolver
+
     files = _tilted_dicom_series(tmp_path / "series")
     database = DicomDatabaseStandIn()
     monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
     node = load_dicom_node(scene, files, "sheared", database)
-    assert node.GetParentTransformNode() is None and mrml_io.regularized_dicom_series(node) is None
+    assert node.GetParentTransformNode() is None
     vol = mrml_io.volume_from_node(node)
     assert abs(vol.direction[:, 1] @ vol.direction[:, 2]) > 0.3  # sheared: the table step is not the normal
-    job = SRJob(scene, node, SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False))
+    series = mrml_io.irregular_dicom_series(node)
+    assert series is not None and series.grid.spacing[2] == pytest.approx(4.0 * np.cos(np.deg2rad(20.0)), rel=1e-6)
+    settings = SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False)
+    job = SRJob(scene, node, settings)
     assert job.run(timeout=240) == JobState.COMPLETED, job.error
     got = mrml_io.volume_from_node(job.result_nodes[0])
-    expected = thin_grid(vol, 2, axis=0)
-    np.testing.assert_allclose(got.grid.index_to_physical(), expected.index_to_physical(), atol=1e-4)
-    # the export as DICOM writes it as a tilted acquisition (it was refused as sheared), in the input's study
-    (folder,) = mrml_io.export_result(job.result_nodes[0], str(tmp_path / "export"), as_dicom=True)
-    back = read_volume(folder)
-    assert back.metadata["gantry_tilt_deg"] == pytest.approx(20.0, abs=1e-3)
-    assert back.shape[0] == got.shape[0]
+    expected, _ = SuperResolver.tiny_predictor(seed=0).run(read_volume(tmp_path / "series"), settings.run_settings())
+    np.testing.assert_allclose(got.grid.index_to_physical(), expected.grid.index_to_physical(), atol=1e-4)
+    np.testing.assert_allclose(got.array, expected.array, atol=0.5)
+
+    moved = load_dicom_node(scene, files, "moved", database)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[:3, 3] = (5.0, 0.0, 0.0)
+    transform.SetMatrixTransformToParent(mrml_io.array_to_matrix(shift))
+    moved.SetAndObserveTransformNodeID(transform.GetID())
+    assert mrml_io.irregular_dicom_series(moved) is None  # the files would drop the user's move
+    (tmp_path / "moved").mkdir()
+    assert mrml_io.write_job_input(moved, tmp_path / "moved", "input").endswith("input.nrrd")
 
 
 def test_series_under_regularization_with_uneven_spacing_gets_the_engines_message(scene, tmp_path, monkeypatch):
@@ -275,15 +289,15 @@ def test_a_non_linear_transform_that_is_not_slicers_regularization_is_still_refu
     grid.Modified()
     transform.GetTransformToParent().Modified()
     settings = SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False)
-    assert mrml_io.regularized_dicom_series(node) is None
+    assert mrml_io.irregular_dicom_series(node) is None
     assert "non-linear transform; harden the transform first" in check_sr_input(node, settings)
 
     node2 = load_dicom_node(scene, files, "files gone", database, uids=[f"gone.{i}" for i in range(len(files))])
     regularize_like_slicer(scene, node2, files)
-    assert mrml_io.regularized_dicom_series(node2) is not None
+    assert mrml_io.irregular_dicom_series(node2) is not None
     for f in files:
         Path(f).unlink()
-    assert mrml_io.regularized_dicom_series(node2) is None
+    assert mrml_io.irregular_dicom_series(node2) is None
     assert "non-linear transform; harden the transform first" in check_sr_input(node2, settings)
 
 

@@ -336,19 +336,22 @@ def dicom_source_files(node) -> list[str]:
 
 
 @dataclass(frozen=True)
-class RegularizedSeries:
-    """A CT series that Slicer's DICOM module loaded under its acquisition-geometry regularization transform: a
-    gantry-tilted series (its slices drift within their plane from one to the next) is read as a straight stack,
-    and a non-linear grid transform puts each slice where its DICOM file says. The jobs read such a node from its
-    files, where DiffusionCore resamples the tilt onto an orthogonal grid (as ``sr SERIES_FOLDER`` does), instead of
-    refusing the transform.
+class IrregularSeries:
+    """A CT series that Slicer could not load as a regular grid, which the jobs read from its DICOM files instead, so
+    that DiffusionCore resamples it exactly as ``sr SERIES_FOLDER`` does and the result is the command's:
+
+    * a gantry-tilted series (its slices drift within their plane from one to the next), which Slicer's reader
+      loads as a sheared grid (the slice step not along the slices' normal): on that grid the slab each thick slice
+      averages would run along the table rather than across the slice;
+    * a series under the acquisition-geometry regularization transform of Slicer's DICOM module (a straight stack
+      and a non-linear grid transform that puts each slice where its file says): a tilt read by an older reader, or
+      slices unevenly spaced (which the command then refuses, naming the spacings).
 
     Attributes:
         files: the node's DICOM files, one per slice, in the node's slice order.
-        grid: the grid of the stack as stored, with the slice spacing measured along the slices' normal (the
-            stored spacing is the table step, longer by 1 / cos(tilt)): the axes, the slice count and the
-            spacings of the grid the files are read onto, near enough for the checks before a job (that grid is
-            wider in-plane by the drift).
+        grid: the grid of the stack as stored, with the slice spacing measured along the slices' normal: the axes,
+            the slice count and the spacings of the grid the files are read onto, near enough for the checks before
+            a job (that grid is wider in-plane by the drift).
     """
 
     files: list[str]
@@ -369,14 +372,23 @@ def _position_lps(file: str) -> np.ndarray | None:
     return position if position.shape == (3,) and np.all(np.isfinite(position)) else None
 
 
-def regularized_dicom_series(node) -> RegularizedSeries | None:
-    """The node's DICOM files when it sits under the regularization transform of Slicer's DICOM module (see
-    :class:`RegularizedSeries`), else None: no non-linear transform, not loaded from DICOM, files no longer in the
-    database or on disk, or a non-linear transform that does not put the first and last slices where their files
-    say (a deformation of the user's own, which reading the files would drop)."""
-    parent = node.GetParentTransformNode() if node is not None else None
+def irregular_dicom_series(node) -> IrregularSeries | None:
+    """The node's DICOM files when it is a series Slicer could not load as a regular grid (see
+    :class:`IrregularSeries`), else None: a regular grid, a node not loaded from DICOM, files no longer in the database
+    or on disk, a transform of the user's own (linear, or non-linear but not putting the first and last slices
+    where their files say: reading the files would drop it)."""
     image = node.GetImageData() if node is not None else None
-    if parent is None or parent.IsTransformToWorldLinear() or image is None:
+    if image is None:
+        return None
+    parent = node.GetParentTransformNode()
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    ijk = matrix_to_array(m)
+    spacing, origin, direction = geometry_from_ijk_to_ras(ijk)
+    if parent is None:
+        if np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+            return None  # a regular grid
+    elif parent.IsTransformToWorldLinear():
         return None
     nx, ny, nz = image.GetDimensions()
     files = dicom_source_files(node)
@@ -385,13 +397,12 @@ def regularized_dicom_series(node) -> RegularizedSeries | None:
     first, last = _position_lps(files[0]), _position_lps(files[-1])
     if first is None or last is None:
         return None
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    ijk = matrix_to_array(m)
-    to_world = vtk.vtkGeneralTransform()
-    parent.GetTransformToWorld(to_world)
-    ends = [LPS_FROM_RAS @ np.array(to_world.TransformPoint(*(ijk @ (0.0, 0.0, k, 1.0))[:3])) for k in (0, nz - 1)]
-    spacing, origin, direction = geometry_from_ijk_to_ras(ijk)
+    if parent is None:
+        ends = [LPS_FROM_RAS @ (ijk @ (0.0, 0.0, k, 1.0))[:3] for k in (0, nz - 1)]
+    else:
+        to_world = vtk.vtkGeneralTransform()
+        parent.GetTransformToWorld(to_world)
+        ends = [LPS_FROM_RAS @ np.array(to_world.TransformPoint(*(ijk @ (0.0, 0.0, k, 1.0))[:3])) for k in (0, nz - 1)]
     tolerance = 0.25 * min(spacing[:2])
     miss = min(max(np.linalg.norm(ends[0] - a), np.linalg.norm(ends[1] - b)) for a, b in ((first, last), (last, first)))
     if miss > tolerance:
@@ -402,27 +413,27 @@ def regularized_dicom_series(node) -> RegularizedSeries | None:
         return None
     grid = Grid((nz, ny, nx), (spacing[0], spacing[1], step), tuple(float(v) for v in origin),
                 tuple(float(v) for v in direction.ravel()))  # fmt: skip
-    return RegularizedSeries(files, grid)
+    return IrregularSeries(files, grid)
 
 
 def job_grid(node) -> Grid:
     """The grid a job's input will have, for the checks before it starts: :func:`grid_from_node`, or for a series
-    under Slicer's regularization transform the grid its files are read onto (:class:`RegularizedSeries`)."""
-    series = regularized_dicom_series(node)
+    Slicer could not load as a regular grid the grid its files are read onto (:class:`IrregularSeries`)."""
+    series = irregular_dicom_series(node)
     return series.grid if series is not None else grid_from_node(node)
 
 
 def write_job_input(node, folder: str | os.PathLike, name: str) -> str:
     """The node as a background job's input in ``folder``: ``name.nrrd`` (float32, world geometry), or for a series
-    under Slicer's regularization transform (:func:`regularized_dicom_series`) a folder ``name`` holding its DICOM
-    files (linked, or copied where links cannot be made), which DiffusionCore reads with the tilt resampled onto an
-    orthogonal grid. The node is never modified. Returns the path to pass to the job."""
+    Slicer could not load as a regular grid (:func:`irregular_dicom_series`) a folder ``name`` holding its DICOM
+    files (linked, or copied where links cannot be made), which DiffusionCore reads as ``sr SERIES_FOLDER`` does (a
+    tilt resampled onto an orthogonal grid). The node is never modified. Returns the path to pass to the job."""
     import shutil
     from pathlib import Path
 
     from DiffusionCore.volume import write_volume
 
-    series = regularized_dicom_series(node)
+    series = irregular_dicom_series(node)
     if series is None:
         path = Path(folder) / f"{name}.nrrd"
         write_volume(volume_from_node(node), path, overwrite=True, dtype="float32", compress=False)
@@ -437,8 +448,8 @@ def write_job_input(node, folder: str | os.PathLike, name: str) -> str:
             os.link(file, link)
         except OSError:
             shutil.copyfile(file, link)
-    logger.info("'%s' is under Slicer's regularization transform: the job reads its %d DICOM files, where the tilt "
-                "is resampled onto an orthogonal grid", node.GetName(), len(series.files))  # fmt: skip
+    logger.info("'%s' is not a regular grid (a gantry tilt, or Slicer's regularization transform): the job reads its "
+                "%d DICOM files, as sr SERIES_FOLDER does", node.GetName(), len(series.files))  # fmt: skip
     return str(target)
 
 

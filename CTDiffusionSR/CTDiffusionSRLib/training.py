@@ -22,7 +22,7 @@ from DiffusionCore.errors import ConfigError, InputError, OutputError
 from DiffusionCore.volume import write_volume
 
 from .jobs import CLIJob
-from .mrml_io import regularized_dicom_series, volume_from_node, write_job_input
+from .mrml_io import irregular_dicom_series, volume_from_node, write_job_input
 from .process import JobState
 
 try:
@@ -120,9 +120,9 @@ def _safe_name(name: str) -> str:
 
 
 def export_training_volumes(nodes: Sequence, folder: str | os.PathLike) -> Path:
-    """Write scene volumes as NRRD files and a list file ``volumes.txt`` that ``--data`` accepts. A series under
-    Slicer's regularization transform (a gantry-tilted CT) is given as a folder of its DICOM files instead, which
-    training reads with the tilt resampled (:func:`~.mrml_io.write_job_input`)."""
+    """Write scene volumes as NRRD files and a list file ``volumes.txt`` that ``--data`` accepts. A series
+    Slicer could not load as a regular grid (a gantry-tilted CT) is given as a folder of its DICOM files instead,
+    which training reads with the tilt resampled (:func:`~.mrml_io.write_job_input`)."""
     if not nodes:
         raise InputError("no volumes selected for training; pick volumes in the scene or a data folder.")
     out = Path(folder)
@@ -130,7 +130,7 @@ def export_training_volumes(nodes: Sequence, folder: str | os.PathLike) -> Path:
     lines = []
     for i, node in enumerate(nodes):
         stem = f"{i:03d}_{_safe_name(node.GetName())}"
-        if regularized_dicom_series(node) is not None:
+        if irregular_dicom_series(node) is not None:
             lines.append(Path(write_job_input(node, out, stem)).name)
             continue
         write_volume(volume_from_node(node), out / f"{stem}.nrrd", overwrite=True)
