@@ -87,6 +87,7 @@ class EnhancedCT(NamedTuple):
     origin: tuple[float, float, float]  # LPS mm of the first voxel
     direction: np.ndarray  # 3x3, columns = index axes
     metadata: dict
+    positions: np.ndarray  # (z, 3) LPS mm of each frame's first pixel, in the array's order (a tilt drifts them)
 
 
 def read_enhanced_ct(path: str | os.PathLike) -> EnhancedCT:
@@ -152,5 +153,5 @@ def read_enhanced_ct(path: str | os.PathLike) -> EnhancedCT:
     direction = np.stack([row, col, normal], axis=1)
     return EnhancedCT(
         hu, (col_spacing, row_spacing, step), tuple(float(v) for v in positions[order[0]]), direction,
-        {"series_uid": str(ds.get("SeriesInstanceUID", "")), "enhanced_ct": True},
+        {"series_uid": str(ds.get("SeriesInstanceUID", "")), "enhanced_ct": True}, positions[order],
     )

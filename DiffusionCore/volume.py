@@ -584,16 +584,43 @@ def _regularize_gantry_tilt(img: sitk.Image, positions: np.ndarray, folder: Path
 
     ITK stacks a tilted series as if it were orthogonal: the slice spacing becomes the table step (too long
     by 1 / cos(tilt)) and the in-plane drift of the slices is dropped. Here each slice is shifted within its
-    own plane to where its ImagePositionPatient puts it (see :func:`geometry.resample_gantry_tilt`), so every
-    voxel lands at its physical position; slices are never mixed."""
+    own plane to where its ImagePositionPatient puts it (see :func:`_tilt_corrected`)."""
     direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
     spacing = img.GetSpacing()
-    tilt = gantry_tilt(positions, direction, spacing[:2])
-    if tilt is None:
+    corrected = _tilt_corrected(sitk.GetArrayViewFromImage(img), positions, direction, spacing[:2],
+                                f"the DICOM series in {folder}", meta)  # fmt: skip
+    if corrected is None:
         return img
-    if tilt.off_line_mm > POSITION_TOL_VOXELS * min(spacing[:2]):
+    arr, origin, regular, normal_spacing = corrected
+    out = sitk.GetImageFromArray(arr)
+    out.SetSpacing((spacing[0], spacing[1], normal_spacing))
+    out.SetOrigin(origin)
+    out.SetDirection(tuple(float(v) for v in regular.ravel()))
+    return out
+
+
+def _tilt_corrected(
+    array: np.ndarray, positions: np.ndarray, direction: np.ndarray, spacing_xy: Sequence[float], what: str, meta: dict
+) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray, float] | None:
+    """A gantry-tilted stack (``array`` (z, y, x), slice k's first pixel at ``positions[k]`` LPS) resampled onto an
+    orthogonal grid, or None when the slices lie along their normal. Each slice is shifted within its own plane to
+    where its position puts it (:func:`geometry.resample_gantry_tilt`), so every voxel lands at its physical
+    position; slices are never mixed. A warning names the tilt (``meta`` records it). For a classic series and an
+    enhanced multi-frame CT alike.
+
+    Returns:
+        ``(array, origin LPS, direction 3x3, slice spacing along the normal)``.
+
+    Raises:
+        InputError: slices that drift, but not along one line (no single geometry places every voxel).
+        ResourceError: the widened grid does not fit in memory.
+    """
+    tilt = gantry_tilt(positions, direction, spacing_xy)
+    if tilt is None:
+        return None
+    if tilt.off_line_mm > POSITION_TOL_VOXELS * min(spacing_xy):
         raise InputError(
-            f"the slices of the DICOM series in {folder} do not follow one line: their positions "
+            f"the slices of {what} do not follow one line: their positions "
             f"(ImagePositionPatient) drift within the slice plane by up to {tilt.drift_mm:.1f} mm, and not "
             f"in proportion to their distance (one lies {tilt.off_line_mm:.2f} mm off the straight line "
             "fitting them), so no single geometry places every voxel. Re-export the series from the scanner "
@@ -602,30 +629,28 @@ def _regularize_gantry_tilt(img: sitk.Image, positions: np.ndarray, folder: Path
     from .files import check_memory_for
 
     lo, hi = tilt.shifts_ij.min(axis=0), tilt.shifts_ij.max(axis=0)
-    size = img.GetSize()
-    voxels = (size[0] + hi[0] - lo[0] + 2) * (size[1] + hi[1] - lo[1] + 2) * size[2]
+    nz, ny, nx = array.shape
+    voxels = (nx + hi[0] - lo[0] + 2) * (ny + hi[1] - lo[1] + 2) * nz
     check_memory_for(
         int(voxels) * _READ_BYTES_PER_VOXEL,
-        f"resampling the gantry-tilted DICOM series in {folder.name}",
+        f"resampling the gantry-tilted {what.removeprefix('the ')}",
         "crop the series or re-export it without the tilt",
     )
-    arr, (i0, j0) = resample_gantry_tilt(sitk.GetArrayViewFromImage(img), tilt, fill=AIR_HU)
-    origin = positions[0] + i0 * spacing[0] * direction[:, 0] + j0 * spacing[1] * direction[:, 1]
-    out = sitk.GetImageFromArray(arr)
-    out.SetSpacing((spacing[0], spacing[1], tilt.normal_spacing))
-    out.SetOrigin(tuple(float(v) for v in origin))
-    out.SetDirection(tuple(float(v) for v in tilt.direction.ravel()))
+    arr, (i0, j0) = resample_gantry_tilt(array, tilt, fill=AIR_HU)
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    origin = positions[0] + i0 * spacing_xy[0] * d[:, 0] + j0 * spacing_xy[1] * d[:, 1]
+    table = float(np.linalg.norm(positions[-1] - positions[0])) / (nz - 1)
     msg = (
-        f"the DICOM series in {folder} was acquired with a gantry tilt of {tilt.angle_deg:.1f} degrees (its "
+        f"{what} was acquired with a gantry tilt of {tilt.angle_deg:.1f} degrees (its "
         f"slices drift {tilt.drift_mm:.1f} mm within their plane and lie {tilt.normal_spacing:.3g} mm apart "
-        f"along their normal, not {spacing[2]:.3g} mm): resampled onto an orthogonal grid of "
+        f"along their normal, {table:.3g} mm along the table): resampled onto an orthogonal grid of "
         f"{arr.shape[2]}x{arr.shape[1]}x{arr.shape[0]} voxels (x, y, z), each slice shifted within its own "
         f"plane (linear interpolation); beyond a slice's field of view the grid holds air ({AIR_HU:g} HU)."
     )
     logger.warning(msg)
     meta["gantry_tilt_deg"] = round(tilt.angle_deg, 3)
     meta["geometry_note"] = msg
-    return out
+    return arr, tuple(float(v) for v in origin), tilt.direction, float(tilt.normal_spacing)
 
 
 def _nifti1_spacing_fields(p: Path) -> tuple[list[float], int] | None:
@@ -1017,7 +1042,14 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
     enhanced = enhanced_ct_in(p) if p.is_dir() or _suffix(p) not in WRITABLE_SUFFIXES else None
     if enhanced is not None:  # one multi-frame file: its geometry is in functional groups ITK does not read
         ct = read_enhanced_ct(enhanced)
-        vol = Volume(ct.array, ct.spacing, ct.origin, ct.direction, {**ct.metadata, "source": str(p)})
+        extra = {**ct.metadata, "source": str(p)}
+        corrected = _tilt_corrected(ct.array, ct.positions, ct.direction, ct.spacing[:2], f"the enhanced CT {enhanced}",
+                                    extra)  # fmt: skip
+        if corrected is None:
+            vol = Volume(ct.array, ct.spacing, ct.origin, ct.direction, extra)
+        else:
+            arr, origin, regular, normal_spacing = corrected
+            vol = Volume(arr, (*ct.spacing[:2], normal_spacing), origin, regular, extra)
         if check:
             check_ct(vol, str(p))
         vol.array = replace_padding(vol.array)

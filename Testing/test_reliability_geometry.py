@@ -55,9 +55,12 @@ def tilted_direction(kind: str, degrees: float) -> np.ndarray:
 
 
 # -- gantry tilt -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind, degrees", [("gantry", 20.0), ("gantry", -15.0), ("oblique", 0.0)])
+@pytest.mark.parametrize("kind, degrees, storage", [
+    ("gantry", 20.0, "series"), ("gantry", -15.0, "series"), ("oblique", 0.0, "series"),
+    ("gantry", 20.0, "enhanced"),  # one enhanced multi-frame CT file: its frames' positions drift the same way
+])  # fmt: skip
 def test_gantry_tilted_series_puts_every_voxel_at_its_physical_position(
-    tmp_path, kind, degrees, diffusioncore_log
+    tmp_path, kind, degrees, storage, diffusioncore_log
 ):
     direction = tilted_direction(kind, degrees)
     shape, spacing, origin = (32, 48, 40), (0.8, 0.8, 2.5), (-16.0, -19.0, -30.0)
@@ -65,7 +68,13 @@ def test_gantry_tilted_series_puts_every_voxel_at_its_physical_position(
     centre = np.asarray(origin) + direction @ (np.asarray(spacing) * (19.3, 24.6, 15.4))
     radius = 6.0
     truth = ball_volume(shape, spacing, origin, direction, centre, radius)
-    write_dicom_series(tmp_path / "tilted", truth)
+    if storage == "series":
+        write_dicom_series(tmp_path / "tilted", truth)
+    else:
+        from test_dicom_in import _enhanced_ct
+
+        (tmp_path / "tilted").mkdir()
+        _enhanced_ct(tmp_path / "tilted" / "enhanced.dcm", truth)
 
     vol = read_volume(tmp_path / "tilted")
 
