@@ -995,8 +995,40 @@ def _check_series_size(files: Sequence[str], headers: dict[str, sitk.ImageFileRe
             f"{counts[usual]} of its {len(files)} slices are {'x'.join(map(str, usual[:2]))}: it is not a slice of "
             "this volume. Remove it (or keep only the slices of one acquisition) and try again."
         )
+    _check_pixel_spacings(files, headers, folder)
     largest = max(files, key=lambda f: math.prod(sizes[f]))
     _check_read_size(Path(largest), n_slices=len(files))
+
+
+def _check_pixel_spacings(files: Sequence[str], headers: dict[str, sitk.ImageFileReader], folder: Path) -> None:
+    """Refuse a series whose slices differ in pixel spacing (PixelSpacing, 0028,0030), naming the odd file: ITK
+    stacks every slice at the first one's spacing, so a slice of another field of view would be stretched (by up to
+    the difference times its width: tens of mm across a 512-pixel slice)."""
+    spacings: dict[str, tuple[float, ...]] = {}
+    for f in files:
+        r = headers[f]
+        if not r.HasMetaDataKey("0028|0030"):
+            return  # no spacing recorded: nothing to compare
+        try:
+            spacings[f] = tuple(round(float(v), 4) for v in r.GetMetaData("0028|0030").split("\\"))
+        except ValueError:
+            return
+    counts: dict[tuple[float, ...], int] = {}
+    for value in spacings.values():
+        counts[value] = counts.get(value, 0) + 1
+    if len(counts) < 2:
+        return
+    usual = max(counts, key=lambda k: counts[k])
+    if all(len(v) == len(usual) and np.allclose(v, usual, rtol=1e-3, atol=1e-4) for v in counts):
+        return  # rounding
+    odd = next(f for f, value in spacings.items() if value != usual and not np.allclose(value, usual, rtol=1e-3))
+    shown = " x ".join(f"{v:g}" for v in spacings[odd])
+    raise InputError(
+        f"the DICOM series in {folder} mixes pixel spacings: {Path(odd).name} has {shown} mm pixels, where "
+        f"{counts[usual]} of its {len(files)} slices have {' x '.join(f'{v:g}' for v in usual)} mm: it is not a slice "
+        "of this volume (another reconstruction or field of view). Remove it (or keep only the slices of one "
+        "acquisition) and try again."
+    )
 
 
 def dicom_header(file: str) -> sitk.ImageFileReader:

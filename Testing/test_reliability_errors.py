@@ -335,6 +335,23 @@ def test_a_dicom_slice_of_another_size_is_named(tmp_path):
         read_volume(tmp_path / "series")
 
 
+def test_a_dicom_slice_of_another_pixel_spacing_is_named(tmp_path):
+    """ITK stacks every slice at the first one's pixel spacing: a slice of another field of view would be stretched
+    into the volume. It is named instead; spacings that differ only by rounding are read."""
+    import pydicom
+
+    paths = write_dicom_series(tmp_path / "series", Volume(ct_phantom_array((6, 32, 32)), (0.8, 0.8, 3.2)))
+    ds = pydicom.dcmread(paths[3])
+    ds.PixelSpacing = ["0.80004", "0.79996"]
+    ds.save_as(paths[3])
+    assert read_volume(tmp_path / "series").spacing[:2] == pytest.approx((0.8, 0.8))
+    ds.PixelSpacing = ["0.9", "0.9"]
+    ds.save_as(paths[3])
+    with pytest.raises(InputError, match=r"mixes pixel spacings: slice003.dcm has 0.9 x 0.9 mm pixels, where 5 of its "
+                                         r"6 slices have 0.8 x 0.8 mm"):  # fmt: skip
+        read_volume(tmp_path / "series")
+
+
 # ---------------------------------------------------------------------------------------------- the cache
 def test_a_cache_that_is_a_file_or_unwritable_exits_4(tmp_path):
     (tmp_path / "a-file").write_text("")
