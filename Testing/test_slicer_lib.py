@@ -848,6 +848,34 @@ def test_xray_job_shows_stage_previews_then_the_final_volume(scene, tmp_path, mo
     assert not list(tmp_path.glob("ctdiffusion-*"))
 
 
+def test_xray_job_scores_against_a_reference_ct_also_from_a_tilted_series(scene, tmp_path, monkeypatch):
+    """The module's optional reference CT gives PSNR and SSIM in the report; a tilted reference series (which
+    Slicer reads as a sheared grid) is read from its DICOM files, as the SR module reads one."""
+    from CTDiffusionSRLib.testing import regularize_like_slicer
+    from XrayToCTLib import XrayJob, XraySettings
+
+    node = _radiograph_node(scene, (phantom_radiograph(64) * 3000).astype(np.float32), spacing=(5.0, 5.0))
+    plain = mrml_io.add_volume_node(scene, phantom_ct(shape=(12, 32, 32), spacing=(8.0, 8.0, 8.0)), "reference CT")
+    files = _tilted_dicom_series(tmp_path / "series")
+    database = DicomDatabaseStandIn()
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    tilted = load_dicom_node(scene, files, "tilted", database)
+    stack = load_dicom_node(scene, files, "stack", database, uids=[f"stack.{i}" for i in range(len(files))])
+    regularize_like_slicer(scene, stack, files)
+    settings = XraySettings(num_stages=1, steps=1, device="cpu", tiny_test_model=True)
+    from DiffusionCore.xray.evaluate import reference_scores
+
+    for reference, as_folder in ((plain, False), (tilted, True), (stack, True)):
+        job = XrayJob(scene, node, settings, reference_node=reference)
+        (tmp_path / reference.GetName()).mkdir()
+        given = Path((args := job.prepare(tmp_path / reference.GetName()))[args.index("--referenceVolume") + 1])
+        assert given.is_dir() == as_folder
+        assert job.run(timeout=180) == JobState.COMPLETED, job.error
+        truth = read_volume(given) if as_folder else mrml_io.volume_from_node(reference)
+        expected = reference_scores(mrml_io.volume_from_node(job.result_nodes[0]), truth)
+        assert job.reference_metrics == pytest.approx(expected, rel=1e-4)
+
+
 def test_xray_job_runs_every_stage_the_weights_have_by_default_without_a_warning(scene):
     """The module's Stages box starts at "all the weights have" (0): the shipped weights have one stage, and asking
     for 3 by default warned "3 stages were asked for, but the weights have 1" on every run."""

@@ -44,3 +44,24 @@ def test_cubes_are_centred_on_the_body_front_to_back_and_forget_the_table_height
 def test_a_cube_without_a_body_stays_on_the_scans_centre():
     air = Volume(np.full((8, 32, 32), AIR_HU, dtype=np.float32), spacing=(2.0, 2.0, 4.0))
     np.testing.assert_allclose(ct_to_cube(air, 16, 100.0).origin, ct_to_cube(air, 16, 100.0, body_centred=False).origin)
+
+
+def test_a_reference_ct_is_scored_on_its_body_centred_cube_whatever_its_position_and_size():
+    """The X-ray module's reference CT (XrayToCTGenerate --referenceVolume): a generated cube is centred on the body of
+    its radiograph, at the origin; the reference is scored on its own body-centred cube of that size and field of
+    view, as evaluate-xray scores. The old measure put the cube into the reference's patient coordinates (a scan
+    tens of centimetres from the origin compared air with air) and failed on a reference thinner than the SSIM
+    window (10 slices: an internal error)."""
+    from DiffusionCore.xray.evaluate import reference_scores
+
+    scan = scan_with_body_at(10)
+    far = Volume(scan.array, scan.spacing, (-64.0, -112.0, -640.0))  # the same scan 60 cm down the table
+    thin = Volume(scan.array[::2], (2.0, 2.0, 8.0), scan.origin)  # 10 slices
+    for reference in (scan, far, thin):
+        cube = ct_to_cube(reference, 32, 240.0)
+        generated = Volume(cube.array, cube.spacing, (-(32 - 1) / 2 * 7.5,) * 3)  # at the origin, as generated
+        own = reference_scores(generated, reference)
+        assert own["psnr"] > 60.0 and own["ssim"] > 0.999
+        blank = Volume(np.full_like(cube.array, AIR_HU), cube.spacing, generated.origin)
+        worse = reference_scores(blank, reference)
+        assert worse["psnr"] < own["psnr"] - 30.0 and worse["ssim"] < 0.9

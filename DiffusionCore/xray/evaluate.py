@@ -39,6 +39,17 @@ METHODS = ("model", "model-raw", "mean-ct", "lifting-only", "lifting+dc", "previ
            "atlas")
 
 
+def reference_scores(result: Volume, reference: Volume) -> dict[str, float]:
+    """3D PSNR and 3D SSIM of a generated CT against a reference CT, as :func:`evaluate_xray` scores a stage: the
+    reference resampled to the body-centred cube of the result's size and field of view (the training geometry, in
+    which a generated cube is centred on the body of its radiograph), HU clipped to [-1024, 2048]. The figures mean
+    something when the radiograph shows that CT in the training geometry (its DRR, or a radiograph of the same
+    patient taken alike); any reference size works, even one thinner than the SSIM window."""
+    r = int(result.shape[0])
+    ref = ct_to_cubes(reference, [r], float(result.spacing[0]) * r)[r].array
+    return {"psnr": psnr(ref, result.array, HU_RANGE), "ssim": ssim3d(ref, result.array, HU_RANGE)}
+
+
 def cross_view_psnr(vol_hu: torch.Tensor, ref_hu: torch.Tensor, fov_mm: float, view: str) -> float:
     """PSNR (dB) of a volume's parallel-beam DRR in the view at right angles to ``view`` against the reference's.
 

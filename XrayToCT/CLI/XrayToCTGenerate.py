@@ -191,13 +191,10 @@ def run(args: argparse.Namespace) -> int:
     check_result(result, "the generated CT")
     write_volume(result, args.outputVolume, overwrite=True, dtype="float32", compress=False)
     metrics = {}
-    if args.referenceVolume:
-        from DiffusionCore.interpolation import interpolate
-        from DiffusionCore.metrics import psnr, ssim3d
+    if args.referenceVolume:  # scored as evaluate-xray scores: on the reference's body-centred cube
+        from DiffusionCore.xray.evaluate import reference_scores
 
-        reference = read_volume(args.referenceVolume)
-        on_ref = interpolate(result, reference.grid, "linear")
-        metrics = {"psnr": psnr(reference, on_ref), "ssim": ssim3d(reference, on_ref)}
+        metrics = reference_scores(result, read_volume(args.referenceVolume))
     elapsed = time.perf_counter() - t0
     sha = str(report.get("weights_sha256", ""))
     if args.reportFile:

@@ -28,12 +28,11 @@ from CTDiffusionSRLib.mrml_io import (
     set_node_from_volume,
     set_provenance,
     synthetic_name,
-    volume_from_node,
+    write_job_input,
 )
 from CTDiffusionSRLib.sr_logic import check_weights
 
 from DiffusionCore.errors import InputError, OutputError
-from DiffusionCore.volume import write_volume
 from DiffusionCore.xray.radiograph import (
     check_projection_modality,
     greyscale_pixels,
@@ -285,9 +284,8 @@ class XrayJob(CLIJob):
     def prepare(self, tempdir: Path) -> list[str]:
         write_radiograph(self.input_node, tempdir / "radiograph.mha")
         args = self.settings.cli_arguments()
-        if self.reference_node is not None:
-            write_volume(volume_from_node(self.reference_node), tempdir / "reference.nrrd", overwrite=True, dtype="float32", compress=False)
-            args += ["--referenceVolume", str(tempdir / "reference.nrrd")]
+        if self.reference_node is not None:  # a tilted series is read from its files, as the SR module reads it
+            args += ["--referenceVolume", write_job_input(self.reference_node, tempdir, "reference")]
         if self.dicom_header:
             args += ["--dicomHeader", self.dicom_header]
         args += [
