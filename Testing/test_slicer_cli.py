@@ -368,6 +368,48 @@ def test_train_cli_trains_and_writes_metrics_and_weights(tmp_path):
     assert (tmp_path / "run" / "vae.safetensors").is_file()
 
 
+def test_train_cli_trains_the_shipped_sr_design_from_slicer(tmp_path):
+    """The SR module's training panel (DiffusionTrain) trains the through-plane predictor, the design of the shipped
+    sr-default weights, by default: it had only the latent diffusion families, so a Slicer user could not fine-tune
+    the shipped model on their own data. It trains on the CPU: the panel's Device "auto" is left out for it, "cuda"
+    is refused with a message."""
+    import os
+
+    from conftest import ct_phantom_array
+
+    from DiffusionCore.sr.pipeline import SuperResolver
+    from DiffusionCore.volume import Volume, write_volume
+
+    (tmp_path / "data").mkdir()
+    write_volume(Volume(ct_phantom_array((60, 64, 64), seed=3), spacing=(0.8, 0.8, 1.0)), tmp_path / "data" / "a.nii.gz")
+    (tmp_path / "tiny.json").write_text(json.dumps({
+        "model": {"channels": 8, "blocks": 1, "factors": [2, 4]}, "pairs": {"thick_rows": 6, "width": 32},
+        "batch_size": 4, "val_every": 5, "checkpoint_every": 5, "val_pairs": 4,
+    }))  # fmt: skip
+    assert _script("DiffusionTrain").build_parser().parse_args([]).family == "throughplane"
+    values = {"config": tmp_path / "tiny.json", "data": tmp_path / "data", "outputDirectory": tmp_path / "run",
+              "extraArguments": "--max-steps 20"}  # fmt: skip
+    argv = slicer_command_line("DiffusionTrain", values)
+    if not _train_registered():
+        shim = (
+            "import runpy, sys; import DiffusionCore.cli.main as m; m.COMMAND_MODULES.append('train'); "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+        )
+        argv = [sys.executable, "-c", shim, *argv[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/train", "val/gain"} <= {r["tag"] for r in records}  # what the panel plots
+    resolver = SuperResolver.from_pretrained(str(tmp_path / "run" / "throughplane.safetensors"), allow_unregistered=True)
+    assert resolver.predictor.factors == [2, 4]
+    cuda = slicer_command_line("DiffusionTrain", {**values, "device": "cuda", "outputDirectory": tmp_path / "run2"})
+    proc = subprocess.run(cuda if _train_registered() else [sys.executable, "-c", shim, *cuda[1:]],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "'train throughplane' trains on the CPU (it has no --device option)" in proc.stderr
+
+
 def test_train_cli_needs_an_output_folder(tmp_path):
     proc = subprocess.run(slicer_command_line("DiffusionTrain", {"family": "sr"}), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
@@ -394,6 +436,15 @@ def test_headless_training_script_builds_the_train_command(monkeypatch):
         assert "--resume" in command and command[-2:] == ["--max-steps", "2"]
         parsed = core_main.build_parser().parse_args(command)  # the train command accepts it
         assert parsed.resume is True
+    # the shipped SR design trains on the CPU: "--device auto" is left out for it, "--device cuda" refused
+    args.family, args.device, args.data = "throughplane", "auto", "data"
+    supported = headless.supported_options("throughplane")
+    command = headless.train_arguments(args, extra, supported)
+    assert command[:2] == ["train", "throughplane"] and "--device" not in command
+    assert core_main.build_parser().parse_args(command).resume is True
+    args.device = "cuda"
+    with pytest.raises(ValueError, match="trains on the CPU"):
+        headless.train_arguments(args, extra, supported)
 
 
 @pytest.mark.parametrize(("name", "default"), [("CTDiffusionSRBatch", "sr-default"), ("XrayToCTGenerate", "xray-default")])

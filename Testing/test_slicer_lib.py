@@ -913,19 +913,28 @@ def test_xray_job_cancel_removes_the_preview(scene):
 
 
 def test_training_presets_are_configs_the_trainers_accept(tmp_path):
-    from CTDiffusionSRLib.training import list_presets
+    from CTDiffusionSRLib.training import FAMILIES, check_training_config, list_presets
 
     from DiffusionCore.config import load_config
     from DiffusionCore.sr.config import SRConfig
+    from DiffusionCore.sr.throughplane_train import ThroughPlaneTrainConfig
     from DiffusionCore.xray.config import load_stage_config
 
+    # the SR panel's first family is the design of the shipped weights, with its preset
+    assert FAMILIES[0] == "throughplane" and list(list_presets("throughplane")) == ["default"]
     assert list_presets("sr") and list_presets("xray")
     for family, loader in (("sr", lambda p: load_config(p, SRConfig)), ("vae", lambda p: load_config(p, SRConfig)),
-                           ("xray", load_stage_config)):
+                           ("xray", load_stage_config),
+                           ("throughplane", lambda p: load_config(p, ThroughPlaneTrainConfig))):  # fmt: skip
         for name, path in list_presets(family).items():
             loader(path)  # raises ConfigError on an unknown key or a wrong type
             # what the panel shows and saves is accepted the same way
             loader(write_config_text(path.read_text(), tmp_path / family / name))
+    # a config of another design is refused before a run starts, naming the key
+    sr_preset = next(iter(list_presets("sr").values()))
+    with pytest.raises(ConfigError):
+        check_training_config("throughplane", sr_preset)
+    check_training_config("throughplane", list_presets("throughplane")["default"])
 
 
 def _dicom_radiograph(path, stored: np.ndarray, photometric: str, **tags: str) -> Path:

@@ -3,11 +3,11 @@
 Inside Slicer (its Python, its installed torch, no window):
 
     Slicer --no-main-window --python-script <extension>/scripts/headless_train.py -- \\
-        --family sr --config sr.json --data /data/ct --output-dir runs/sr1 [--resume] [--device cuda]
+        --family throughplane --data /data/ct --output-dir runs/tp1 [--resume] [--init-from sr-default]
 
 With plain Python (DiffusionCore installed, e.g. ``pip install -e .[train]``):
 
-    python scripts/headless_train.py --family sr --config sr.json --data /data/ct --output-dir runs/sr1
+    python scripts/headless_train.py --family sr --config sr.json --data /data/ct --output-dir runs/sr1 --device cuda
 
 Options after the known ones are passed to ``python -m DiffusionCore train FAMILY`` unchanged
 (e.g. ``--epochs 2 --batch-size 1``). Stop with Ctrl-C or by creating ``<output-dir>/STOP``: the trainer
@@ -25,7 +25,8 @@ logger = logging.getLogger("DiffusionCore")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="headless_train.py", description=__doc__.splitlines()[0])
-    p.add_argument("--family", choices=("sr", "vae", "xray"), default="sr", help="model family to train")
+    p.add_argument("--family", choices=("throughplane", "sr", "vae", "xray"), default="throughplane",
+                   help="model family to train (throughplane: the shipped SR design, on the CPU)")
     p.add_argument("--config", default=None, help="JSON or YAML training config")
     p.add_argument("--data", default=None, help="folder of CT volumes, or a text file listing them")
     p.add_argument("--output-dir", required=True, help="checkpoints, weights, TensorBoard logs, metrics.jsonl")
@@ -38,7 +39,12 @@ def train_arguments(args: argparse.Namespace, extra: list[str], supported: set[s
     """``python -m DiffusionCore`` arguments for this run (the families name the output option differently)."""
     out_flag = "--output-dir" if "--output-dir" in supported else "--out-dir"
     argv = ["train", args.family, out_flag, args.output_dir]
-    for flag, value in (("--config", args.config), ("--data", args.data), ("--device", args.device)):
+    device = args.device
+    if device is not None and "--device" not in supported:  # train throughplane runs on the CPU
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"'train {args.family}' trains on the CPU (it has no --device option); leave --device out")
+        device = None
+    for flag, value in (("--config", args.config), ("--data", args.data), ("--device", device)):
         if value is not None:
             argv += [flag, value]
     if args.resume:
@@ -72,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     if not supported:
         print(f"error: this DiffusionCore has no 'train {args.family}' command; update it.", file=sys.stderr)
         return 2
-    return core_main(train_arguments(args, extra, supported))
+    try:
+        command = train_arguments(args, extra, supported)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return core_main(command)
 
 
 def _exit(code: int) -> None:

@@ -3,7 +3,7 @@
 
 Runs the way Slicer runs a scripted CLI (flags, booleans as bare flags) and as a plain script:
 
-    python DiffusionTrain.py --family sr --config sr.json --data /data/ct --outputDirectory runs/sr1 --resume
+    python DiffusionTrain.py --family throughplane --data /data/ct --outputDirectory runs/tp1 --resume
 
 Stopping: SIGTERM/SIGINT, or a file named ``STOP`` in the output folder, ends training after a clean
 checkpoint (DiffusionCore.train.stop). Metrics stream to ``metrics.jsonl`` in the output folder (plotted
@@ -17,10 +17,14 @@ import argparse
 import shlex
 import sys
 
+#: The model families ``train`` has: throughplane is the shipped SR design (the through-plane predictor, trained on
+#: the CPU), sr the latent diffusion stage, vae its autoencoder, xray the radiograph-to-CT cascade.
+FAMILIES = ("throughplane", "sr", "vae", "xray")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--family", choices=("sr", "vae", "xray"), default="sr")
+    p.add_argument("--family", choices=FAMILIES, default="throughplane")
     p.add_argument("--config", default="", help="JSON or YAML training config")
     p.add_argument("--data", default="", help="folder of CT volumes or a text file listing them")
     p.add_argument("--outputDirectory", default="", help="checkpoints, weights and logs go here")
@@ -48,7 +52,7 @@ def train_argv(args: argparse.Namespace, supported: set[str]) -> list[str]:
         ("--config", args.config),
         ("--data", args.data),
         (output_flag, args.outputDirectory),
-        ("--device", args.device),
+        ("--device", device_argument(args.family, args.device, supported)),
     ]
     for flag, value in wanted:
         if not value:
@@ -66,6 +70,16 @@ def train_argv(args: argparse.Namespace, supported: set[str]) -> list[str]:
         argv += ["--progress", "slicer"]
     argv += shlex.split(args.extraArguments)
     return argv
+
+
+def device_argument(family: str, device: str, supported: set[str]) -> str:
+    """The ``--device`` value to pass ("" for none): ``train throughplane`` trains on the CPU and has no such option,
+    so the panel's default "auto" is dropped for it, while asking it for "cuda" is an error that says so."""
+    if not device or "--device" in supported:
+        return device
+    if device in ("auto", "cpu"):
+        return ""
+    raise ValueError(f"'train {family}' trains on the CPU (it has no --device option); set Device to auto or cpu.")
 
 
 def family_options(family: str) -> set[str]:

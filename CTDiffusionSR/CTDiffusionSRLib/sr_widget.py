@@ -60,7 +60,7 @@ class CTDiffusionSRParameterNode:
     showUncertainty: bool = True
     fadeOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     evaluationFactor: Annotated[int, WithinRange(2, 8)] = 4
-    trainingFamily: Annotated[str, Choice(["sr", "vae", "xray"])] = "sr"
+    trainingFamily: Annotated[str, Choice(["throughplane", "sr", "vae", "xray"])] = "throughplane"
     trainingDataFolder: pathlib.Path = pathlib.Path()
     trainingUseSceneVolumes: bool = False
     trainingOutputFolder: pathlib.Path = pathlib.Path()

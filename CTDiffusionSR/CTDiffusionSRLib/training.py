@@ -39,9 +39,10 @@ METRICS_FILE = "metrics.jsonl"
 STOP_FILE = "STOP"
 #: Seconds between the STOP file and killing a training process that did not end.
 STOP_GRACE_S = 120.0
-FAMILIES = ("sr", "vae", "xray")
+FAMILIES = ("throughplane", "sr", "vae", "xray")
 #: Where each family's preset configs live, inside the DiffusionCore package.
-PRESET_FOLDERS = {"sr": "sr/configs", "vae": "sr/configs", "xray": "xray/configs"}
+PRESET_FOLDERS = {"throughplane": "sr/configs/throughplane", "sr": "sr/configs", "vae": "sr/configs",
+                  "xray": "xray/configs"}
 
 
 def list_presets(family: str) -> dict[str, Path]:
@@ -69,6 +70,11 @@ def check_training_config(family: str, config_path: str | os.PathLike) -> None:
         from DiffusionCore.xray.config import load_stage_config
 
         load_stage_config(Path(config_path))
+    elif family == "throughplane":
+        from DiffusionCore.config import load_config
+        from DiffusionCore.sr.throughplane_train import ThroughPlaneTrainConfig
+
+        load_config(Path(config_path), ThroughPlaneTrainConfig)
     else:
         from DiffusionCore.config import load_config
         from DiffusionCore.sr.config import SRConfig
@@ -246,7 +252,7 @@ class TrainingJob(CLIJob):
 
     Args:
         scene: MRML scene for the loss curve.
-        family: "sr", "vae" or "xray".
+        family: "throughplane" (the shipped SR design), "sr", "vae" or "xray".
         config_path: JSON/YAML config file.
         data: a folder of CT volumes or a list file.
         output_dir: checkpoints, weights, TensorBoard and metrics go here.

@@ -38,7 +38,7 @@ class XrayToCTParameterNode:
     steps: Annotated[int, WithinRange(0, 1000)] = 0
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
-    trainingFamily: Annotated[str, Choice(["xray", "sr", "vae"])] = "xray"
+    trainingFamily: Annotated[str, Choice(["xray", "throughplane", "sr", "vae"])] = "xray"
     trainingDataFolder: pathlib.Path = pathlib.Path()
     trainingUseSceneVolumes: bool = False
     trainingOutputFolder: pathlib.Path = pathlib.Path()
