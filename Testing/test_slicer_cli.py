@@ -339,6 +339,19 @@ def _train_registered() -> bool:
     return bool(_script("DiffusionTrain").family_options("vae"))
 
 
+def _train_command_line(values: dict) -> list[str]:
+    """DiffusionTrain's command line as Slicer builds it; where DiffusionCore's command table lacks "train" in this
+    checkout, the same script run with it registered."""
+    argv = slicer_command_line("DiffusionTrain", values)
+    if _train_registered():
+        return argv
+    shim = (
+        "import runpy, sys; import DiffusionCore.cli.main as m; m.COMMAND_MODULES.append('train'); "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    return [sys.executable, "-c", shim, *argv[1:]]
+
+
 def test_train_cli_trains_and_writes_metrics_and_weights(tmp_path):
     from DiffusionCore.config import config_to_dict
     from DiffusionCore.sr.config import tiny_config
@@ -353,15 +366,7 @@ def test_train_cli_trains_and_writes_metrics_and_weights(tmp_path):
         "device": "cpu",
         "extraArguments": f"--max-steps 2 --batch-size 1 --patch-size 16 32 32 --val-data {tmp_path / 'val.nrrd'} --val-every 100 --checkpoint-every 100",
     }
-    argv = slicer_command_line("DiffusionTrain", values)
-    if not _train_registered():
-        # DiffusionCore's command table lacks "train" in this checkout; run the same script with it registered.
-        shim = (
-            "import runpy, sys; import DiffusionCore.cli.main as m; m.COMMAND_MODULES.append('train'); "
-            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-        )
-        argv = [sys.executable, "-c", shim, *argv[1:]]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(_train_command_line(values), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["tag"].startswith("loss") for r in records) and all({"step", "tag", "value"} <= r.keys() for r in records)
@@ -389,23 +394,15 @@ def test_train_cli_trains_the_shipped_sr_design_from_slicer(tmp_path):
     assert _script("DiffusionTrain").build_parser().parse_args([]).family == "throughplane"
     values = {"config": tmp_path / "tiny.json", "data": tmp_path / "data", "outputDirectory": tmp_path / "run",
               "extraArguments": "--max-steps 20"}  # fmt: skip
-    argv = slicer_command_line("DiffusionTrain", values)
-    if not _train_registered():
-        shim = (
-            "import runpy, sys; import DiffusionCore.cli.main as m; m.COMMAND_MODULES.append('train'); "
-            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-        )
-        argv = [sys.executable, "-c", shim, *argv[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(_train_command_line(values), capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss/train", "val/gain"} <= {r["tag"] for r in records}  # what the panel plots
     resolver = SuperResolver.from_pretrained(str(tmp_path / "run" / "throughplane.safetensors"), allow_unregistered=True)
     assert resolver.predictor.factors == [2, 4]
-    cuda = slicer_command_line("DiffusionTrain", {**values, "device": "cuda", "outputDirectory": tmp_path / "run2"})
-    proc = subprocess.run(cuda if _train_registered() else [sys.executable, "-c", shim, *cuda[1:]],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    cuda = _train_command_line({**values, "device": "cuda", "outputDirectory": tmp_path / "run2"})
+    proc = subprocess.run(cuda, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "'train throughplane' trains on the CPU (it has no --device option)" in proc.stderr
 
