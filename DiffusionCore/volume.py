@@ -431,8 +431,7 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
         img = _itk(reader.Execute, reading=folder)
     except RuntimeError as exc:
         raise InputError(f"could not read the DICOM series in {folder}: {_sitk_message(exc)}") from None
-    if positions is not None:
-        img = _regularize_gantry_tilt(img, positions, folder, meta)
+    img = _regularize_gantry_tilt(img, positions, folder, meta)
     return img, meta
 
 
@@ -497,27 +496,28 @@ def _without_localizers(
 _MAX_ORIENTATION_DIFFERENCE = 1e-3
 
 
-def _slice_positions(
-    files: Sequence[str], headers: dict[str, sitk.ImageFileReader], folder: Path
-) -> np.ndarray | None:
-    """ImagePositionPatient of every file, ``(n, 3)`` in file order (which is the array's slice order), or
-    ``None`` when the headers do not record positions. Refuses series with missing or doubled slices (a
-    gap or a repeat along the slice normal) and series that mix slice orientations."""
+def _slice_positions(files: Sequence[str], headers: dict[str, sitk.ImageFileReader], folder: Path) -> np.ndarray:
+    """ImagePositionPatient of every file, ``(n, 3)`` in file order (which is the array's slice order). Refuses
+    series whose slices do not record their position and orientation, series with missing or doubled slices (a
+    gap or a repeat along the slice normal), unevenly spaced ones and series that mix slice orientations."""
     if len(files) < 2:
         raise InputError(f"the DICOM series in {folder} has only {len(files)} slice; a volume needs several.")
     positions = []
     first_iop = None
     for n, f in enumerate(files):
         r = headers[f]
-        if not (r.HasMetaDataKey("0020|0032") and r.HasMetaDataKey("0020|0037")):
-            return None  # no position information: nothing to check
         try:
-            ipp = np.array([float(v) for v in r.GetMetaData("0020|0032").split("\\")])
-            iop = np.array([float(v) for v in r.GetMetaData("0020|0037").split("\\")])
+            ipp = np.array([float(v) for v in r.GetMetaData("0020|0032").split("\\")]) if r.HasMetaDataKey("0020|0032") else None
+            iop = np.array([float(v) for v in r.GetMetaData("0020|0037").split("\\")]) if r.HasMetaDataKey("0020|0037") else None
         except ValueError:
-            return None
-        if ipp.shape != (3,) or iop.shape != (6,):
-            return None
+            ipp = iop = None
+        if ipp is None or iop is None or ipp.shape != (3,) or iop.shape != (6,) or not np.all(np.isfinite(ipp)):
+            raise InputError(
+                f"the DICOM series in {folder} does not record where its slices lie: {Path(f).name} (slice {n + 1}) "
+                "has no usable ImagePositionPatient and ImageOrientationPatient, so the slices' spacing, order and "
+                "orientation are unknown (ITK would stack them 1 mm apart). Export the series with its geometry, or "
+                "convert it to NIfTI or NRRD with its slice spacing set."
+            )
         if first_iop is None:
             first_iop = iop
         elif np.max(np.abs(iop - first_iop)) > _MAX_ORIENTATION_DIFFERENCE:

@@ -352,6 +352,20 @@ def test_a_dicom_slice_of_another_pixel_spacing_is_named(tmp_path):
         read_volume(tmp_path / "series")
 
 
+def test_a_dicom_series_without_slice_positions_is_refused_not_stacked_1_mm_apart(tmp_path):
+    """Without ImagePositionPatient ITK stacks the slices 1 mm apart whatever they are (5 mm slices read as 1 mm,
+    their order the files'); the series is refused, naming the slice that does not say where it lies."""
+    import pydicom
+
+    paths = write_dicom_series(tmp_path / "series", Volume(ct_phantom_array((6, 32, 32)), (0.8, 0.8, 5.0)))
+    ds = pydicom.dcmread(paths[2])
+    del ds.ImagePositionPatient
+    ds.save_as(paths[2])
+    with pytest.raises(InputError, match=r"does not record where its slices lie: slice002.dcm \(slice 3\) has no "
+                                         r"usable ImagePositionPatient"):  # fmt: skip
+        read_volume(tmp_path / "series")
+
+
 # ---------------------------------------------------------------------------------------------- the cache
 def test_a_cache_that_is_a_file_or_unwritable_exits_4(tmp_path):
     (tmp_path / "a-file").write_text("")
