@@ -127,6 +127,33 @@ def _dicom_variant(src: Path, dst: Path, pixels: np.ndarray | None = None, **tag
     return dst
 
 
+@pytest.mark.parametrize(("tags", "magnification", "says"), [
+    ({}, 1.1, "nominal 1.1"),  # the header gives nothing: a PA chest at 180 cm
+    ({"ImagerPixelSpacing": [0.5, 0.4], "EstimatedRadiographicMagnificationFactor": 1.25}, 1.25,
+     "EstimatedRadiographicMagnificationFactor 1.25"),
+    ({"DistanceSourceToDetector": 1800, "DistanceSourceToPatient": 1600}, 1.125,
+     "DistanceSourceToDetector / DistanceSourceToPatient"),
+    ({"EstimatedRadiographicMagnificationFactor": 7.0}, 1.1, "nominal"),  # not a radiograph's: a header error
+    ({"PixelSpacingCalibrationType": "GEOMETRY", "EstimatedRadiographicMagnificationFactor": 1.25}, 1.0,
+     "calibrated to the patient"),
+    ({"ImagerPixelSpacing": [0.55, 0.44]}, 1.0, "PixelSpacing (in the patient"),  # the modality corrected it
+    ({"Modality": "CT", "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, 1.0, "a CT localizer"),
+])  # fmt: skip
+def test_the_field_of_view_divides_the_detector_spacing_by_the_headers_magnification(files, tmp_path, tags,
+                                                                                      magnification, says):
+    """The cube's side is the radiograph's size in the patient: its pixel spacing over the magnification of the
+    anatomy on the detector. That was 1.1 for every image; a CT localizer's spacing is already in the patient (its
+    cube was 10% too small, so the anatomy 10% too large), and a DX header often gives its own factor or distances."""
+    from DiffusionCore.xray.pipeline import XrayToCTGenerator
+
+    path = _dicom_variant(files["m2"], tmp_path / "r.dcm", **tags)
+    rad = read_radiograph(path)
+    assert rad.metadata["magnification"] == pytest.approx(magnification) and says in rad.metadata["magnification_from"]
+    _, fov, source = XrayToCTGenerator.tiny(seed=0).prepare_input(rad, None)
+    assert fov == pytest.approx(min(64 * 0.5, 64 * 0.4) / magnification)
+    assert source.startswith(f"pixel spacing / magnification {magnification:.3g}: ") and says in source
+
+
 def test_dicom_images_that_are_not_radiographs_are_refused(files, tmp_path, capsys):
     """A CT slice, an MR image or a mammogram saved as one DICOM image would otherwise become a "CT" from a
     "radiograph"; a CT localizer (topogram, scout) is a projection radiograph and is read."""

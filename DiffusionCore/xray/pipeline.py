@@ -6,8 +6,10 @@ stage's volume as soon as it is ready (a preview after stage 1).
 
 Output geometry: a cube of side ``fov_mm`` centred at the LPS origin, identity direction, array (z, y, x)
 with z superior-increasing. ``fov_mm`` is, in order: the user's value; the radiograph's pixel spacing times
-the side of its central square crop divided by :data:`NOMINAL_MAGNIFICATION` (a PA chest radiograph at
-180 cm magnifies mid-chest anatomy ~1.1x on the detector); else the field of view the model was trained on.
+the side of its central square crop divided by the detector's magnification of the anatomy (from its DICOM header:
+:func:`~DiffusionCore.xray.radiograph.header_magnification`, 1 for a CT localizer, else the header's factor or
+:data:`~DiffusionCore.xray.radiograph.NOMINAL_MAGNIFICATION`, 1.1 for a PA chest at 180 cm); else the field of
+view the model was trained on.
 
 Real radiographs read from files are windowed (0.5 / 99.5 percentiles) and then quantile-matched to the DRR of
 the mean training CT stored in the weights (its in-body pixels), so their grey levels follow the DRR style the model was trained on;
@@ -32,12 +34,17 @@ from .atlas import normalised_cross_correlation
 from .cascade import FAMILY, UnifiedHybridViTCascade
 from .consistency import drr_consistency
 from .drr import hu_to_mu, project_parallel_axis, radiograph_style
-from .radiograph import Radiograph, as_radiograph, body_part_note, match_drr_style, resize_radiograph
+from .radiograph import (
+    NOMINAL_MAGNIFICATION,
+    Radiograph,
+    as_radiograph,
+    body_part_note,
+    match_drr_style,
+    resize_radiograph,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Detector-plane magnification assumed when converting a radiograph's pixel spacing to patient mm.
-NOMINAL_MAGNIFICATION = 1.1
 #: DRR pixels below this (attenuation style) are air beside the body, left out of the style reference.
 BODY_DRR_THRESHOLD = 0.05
 
@@ -141,8 +148,10 @@ class XrayToCTGenerator:
                 )
             fov, source = float(fov_mm), "user"
         elif rad.pixel_spacing is not None:
-            fov = min(h * rad.pixel_spacing[0], w * rad.pixel_spacing[1]) / NOMINAL_MAGNIFICATION
-            source = f"pixel spacing / magnification {NOMINAL_MAGNIFICATION}"
+            magnification = float(rad.metadata.get("magnification", NOMINAL_MAGNIFICATION))
+            why = rad.metadata.get("magnification_from", f"nominal {NOMINAL_MAGNIFICATION}")
+            fov = min(h * rad.pixel_spacing[0], w * rad.pixel_spacing[1]) / magnification
+            source = f"pixel spacing / magnification {magnification:.3g}: {why}"
         else:
             fov, source = float(self.cascade.configs[0].data.fov_mm), "training field of view"
         x = max(c.xray_resolution for c in self.cascade.configs)

@@ -145,6 +145,10 @@ def _dicom_tags(reader: sitk.ImageFileReader) -> dict[str, str]:
         ("0020|0020", "patient_orientation"),
         ("0020|0037", "image_orientation"),
         ("0018|0015", "body_part"),
+        ("0018|1114", "estimated_magnification"),
+        ("0018|1110", "source_detector_mm"),
+        ("0018|1111", "source_patient_mm"),
+        ("0028|0a02", "spacing_calibration"),
     ):
         if reader.HasMetaDataKey(key):
             tags[name] = reader.GetMetaData(key).strip()
@@ -167,6 +171,50 @@ def header_spacing(tags: dict[str, str]) -> tuple[float, float] | None:
     """``(row, col)`` pixel spacing in mm from a DICOM header's PixelSpacing, else its ImagerPixelSpacing (the
     detector's, as CR and DX images often give only that); None when it gives neither."""
     return _parse_spacing(tags.get("pixel_spacing")) or _parse_spacing(tags.get("imager_pixel_spacing"))
+
+
+#: Detector-plane magnification assumed for a radiograph whose header does not give one: a PA chest at 180 cm
+#: magnifies mid-chest anatomy about 1.1 times on the detector.
+NOMINAL_MAGNIFICATION = 1.1
+#: Magnifications outside this range are not a radiograph's (a header error): the nominal one is used instead.
+MAGNIFICATION_RANGE = (1.0, 2.0)
+
+
+def header_magnification(tags: dict[str, str]) -> tuple[float, str]:
+    """How much larger than in the patient the anatomy is at the pixel spacing :func:`header_spacing` gives, and why:
+
+    * a CT localizer (topogram, scout): 1, its PixelSpacing is in the patient, at the isocentre (CT Image module);
+    * a PixelSpacing calibrated to the patient (PixelSpacingCalibrationType), or one that differs from the
+      ImagerPixelSpacing beside it (the modality already corrected it): 1;
+    * else the header's EstimatedRadiographicMagnificationFactor, or DistanceSourceToDetector over
+      DistanceSourceToPatient;
+    * else :data:`NOMINAL_MAGNIFICATION` (tags without any of these: PNG, JPEG, a DICOM that does not say).
+    """
+    modality = tags.get("modality", "").strip().upper()
+    if modality == "CT" and is_localizer(tags.get("image_type", "")) and _parse_spacing(tags.get("pixel_spacing")):
+        return 1.0, "a CT localizer's pixel spacing (in the patient, at the isocentre)"
+    pixel, imager = _parse_spacing(tags.get("pixel_spacing")), _parse_spacing(tags.get("imager_pixel_spacing"))
+    if pixel is not None and tags.get("spacing_calibration", "").strip():
+        return 1.0, f"PixelSpacing calibrated to the patient ({tags['spacing_calibration'].strip()})"
+    detector = imager is not None and max(imager) < 1.0  # 1 x 1 mm is no detector's: GDCM writes it when it knows none
+    if pixel is not None and detector and not np.allclose(pixel, imager, rtol=1e-3):
+        return 1.0, "PixelSpacing (in the patient; the ImagerPixelSpacing beside it is the detector's)"
+
+    def number(key: str) -> float | None:
+        try:
+            value = float(tags.get(key, "").split("\\")[0])
+        except ValueError:
+            return None
+        return value if np.isfinite(value) and value > 0 else None
+
+    lo, hi = MAGNIFICATION_RANGE
+    factor = number("estimated_magnification")
+    if factor is not None and lo <= factor <= hi:
+        return factor, f"EstimatedRadiographicMagnificationFactor {factor:g}"
+    sid, sod = number("source_detector_mm"), number("source_patient_mm")
+    if sid is not None and sod is not None and lo <= sid / sod <= hi:
+        return sid / sod, f"DistanceSourceToDetector / DistanceSourceToPatient ({sid:g} / {sod:g} mm)"
+    return NOMINAL_MAGNIFICATION, f"nominal {NOMINAL_MAGNIFICATION} (a PA chest at 180 cm; the header gives none)"
 
 
 def check_projection_modality(tags: dict[str, str], name: str) -> None:
@@ -329,6 +377,7 @@ def apply_dicom_header(
     """
     check_projection_modality(tags, name)
     meta: dict = dict(tags)
+    meta["magnification"], meta["magnification_from"] = header_magnification(tags)
     directions = image_directions(tags)
     view = header_view(tags, directions)
     if view is not None:
