@@ -496,6 +496,16 @@ def _without_localizers(
 _MAX_ORIENTATION_DIFFERENCE = 1e-3
 
 
+def _tag_numbers(reader: sitk.ImageFileReader, key: str) -> np.ndarray | None:
+    """A DICOM header's multi-valued decimal tag (``"a\\b\\c"``) as numbers, or None when absent or not numbers."""
+    if not reader.HasMetaDataKey(key):
+        return None
+    try:
+        return np.array([float(v) for v in reader.GetMetaData(key).split("\\")])
+    except ValueError:
+        return None
+
+
 def _slice_positions(files: Sequence[str], headers: dict[str, sitk.ImageFileReader], folder: Path) -> np.ndarray:
     """ImagePositionPatient of every file, ``(n, 3)`` in file order (which is the array's slice order). Refuses
     series whose slices do not record their position and orientation, series with missing or doubled slices (a
@@ -505,12 +515,7 @@ def _slice_positions(files: Sequence[str], headers: dict[str, sitk.ImageFileRead
     positions = []
     first_iop = None
     for n, f in enumerate(files):
-        r = headers[f]
-        try:
-            ipp = np.array([float(v) for v in r.GetMetaData("0020|0032").split("\\")]) if r.HasMetaDataKey("0020|0032") else None
-            iop = np.array([float(v) for v in r.GetMetaData("0020|0037").split("\\")]) if r.HasMetaDataKey("0020|0037") else None
-        except ValueError:
-            ipp = iop = None
+        ipp, iop = _tag_numbers(headers[f], "0020|0032"), _tag_numbers(headers[f], "0020|0037")
         if ipp is None or iop is None or ipp.shape != (3,) or iop.shape != (6,) or not np.all(np.isfinite(ipp)):
             raise InputError(
                 f"the DICOM series in {folder} does not record where its slices lie: {Path(f).name} (slice {n + 1}) "
@@ -1006,22 +1011,23 @@ def _check_pixel_spacings(files: Sequence[str], headers: dict[str, sitk.ImageFil
     the difference times its width: tens of mm across a 512-pixel slice)."""
     spacings: dict[str, tuple[float, ...]] = {}
     for f in files:
-        r = headers[f]
-        if not r.HasMetaDataKey("0028|0030"):
+        numbers = _tag_numbers(headers[f], "0028|0030")
+        if numbers is None:
             return  # no spacing recorded: nothing to compare
-        try:
-            spacings[f] = tuple(round(float(v), 4) for v in r.GetMetaData("0028|0030").split("\\"))
-        except ValueError:
-            return
+        spacings[f] = tuple(round(float(v), 4) for v in numbers)
     counts: dict[tuple[float, ...], int] = {}
     for value in spacings.values():
         counts[value] = counts.get(value, 0) + 1
     if len(counts) < 2:
         return
     usual = max(counts, key=lambda k: counts[k])
-    if all(len(v) == len(usual) and np.allclose(v, usual, rtol=1e-3, atol=1e-4) for v in counts):
-        return  # rounding
-    odd = next(f for f, value in spacings.items() if value != usual and not np.allclose(value, usual, rtol=1e-3))
+
+    def same(value: tuple[float, ...]) -> bool:  # equal but for rounding
+        return len(value) == len(usual) and bool(np.allclose(value, usual, rtol=1e-3, atol=1e-4))
+
+    odd = next((f for f, value in spacings.items() if not same(value)), None)
+    if odd is None:
+        return
     shown = " x ".join(f"{v:g}" for v in spacings[odd])
     raise InputError(
         f"the DICOM series in {folder} mixes pixel spacings: {Path(odd).name} has {shown} mm pixels, where "
