@@ -350,6 +350,10 @@ def test_a_dicom_slice_of_another_pixel_spacing_is_named(tmp_path):
     with pytest.raises(InputError, match=r"mixes pixel spacings: slice003.dcm has 0.9 x 0.9 mm pixels, where 5 of its "
                                          r"6 slices have 0.8 x 0.8 mm"):  # fmt: skip
         read_volume(tmp_path / "series")
+    ds.PixelSpacing = "0.8"  # one value where two belong: also not this volume's slice
+    ds.save_as(paths[3])
+    with pytest.raises(InputError, match=r"slice003.dcm has 0.8 mm pixels, where 5 of its 6 slices have 0.8 x 0.8 mm"):
+        read_volume(tmp_path / "series")
 
 
 def test_a_dicom_series_without_slice_positions_is_refused_not_stacked_1_mm_apart(tmp_path):
