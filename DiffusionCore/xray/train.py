@@ -600,6 +600,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
         summary.update({"weights": str(weights), "sha256": sha})
         logger.info("wrote %s (sha256 %s)", weights, sha)
     tlog.close()
+    del wrapped  # the DDP wrapper holds the process group: released before leaving it (see cleanup)
     cleanup(info, completed=True)
     return summary
 
