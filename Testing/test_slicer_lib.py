@@ -273,6 +273,32 @@ def test_series_under_regularization_with_uneven_spacing_gets_the_engines_messag
     assert "are not evenly spaced: 4.00 mm apart after slice 1 but 8.00 mm after slice 5" in job.error
 
 
+def test_an_unevenly_spaced_series_loaded_without_regularization_is_not_super_resolved_misplaced(
+    scene, tmp_path, monkeypatch
+):
+    """With the DICOM module's acquisition-geometry regularization off, Slicer's reader stacks an unevenly spaced
+    series at its mean spacing and nothing marks it: the job ran on slices millimetres from where they were acquired.
+    When the job starts, the node's slices are compared with their files; these are read instead, and the job stops
+    with the command's message naming the two spacings. A regular DICOM node still goes as its voxels."""
+    files = _tilted_dicom_series(tmp_path / "series", degrees=0.0, steps=(4, 4, 4, 4, 8, 8, 8, 8, 8))
+    database = DicomDatabaseStandIn()
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    node = load_dicom_node(scene, files, "uneven", database)
+    assert node.GetParentTransformNode() is None
+    assert mrml_io.grid_from_node(node).spacing[2] == pytest.approx(56.0 / 9)  # stacked at the mean spacing
+    settings = SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False)
+    assert check_sr_input(node, settings) == ""  # nothing to see before the job reads the headers
+    assert mrml_io.misplaced_dicom_series(node) is not None
+    job = SRJob(scene, node, settings)
+    assert job.run(timeout=240) == JobState.FAILED
+    assert "are not evenly spaced: 4.00 mm apart after slice 1 but 8.00 mm after slice 5" in job.error
+
+    even = load_dicom_node(scene, _tilted_dicom_series(tmp_path / "even", degrees=0.0), "even", database)
+    assert mrml_io.series_to_read_from_files(even) is None
+    (tmp_path / "job").mkdir()
+    assert mrml_io.write_job_input(even, tmp_path / "job", "input").endswith("input.nrrd")
+
+
 def test_a_non_linear_transform_that_is_not_slicers_regularization_is_still_refused(scene, tmp_path, monkeypatch):
     """A deformation of the user's own on a DICOM node (or the regularization once its files are gone) cannot be
     replaced by reading the files: Apply stays disabled with the message that says to harden it."""

@@ -416,6 +416,46 @@ def irregular_dicom_series(node) -> IrregularSeries | None:
     return IrregularSeries(files, grid)
 
 
+def misplaced_dicom_series(node) -> IrregularSeries | None:
+    """The node's DICOM files when the node, a regular grid without a transform, holds their slices where their
+    headers do not put them, else None. Slicer's reader stacks an unevenly spaced series (two slice spacings, say) at
+    its mean spacing; with the DICOM module's acquisition-geometry regularization off, nothing else marks it, and the
+    node misplaces slices by millimetres. Read from its files, the series is then refused with the spacings named,
+    as ``sr SERIES_FOLDER`` refuses it. Reads every file's header, so it runs when a job starts, not for a tooltip.
+    A node whose first slice is not the first file's (a crop) is not this case."""
+    image = node.GetImageData() if node is not None else None
+    if image is None or node.GetParentTransformNode() is not None:
+        return None
+    nz = image.GetDimensions()[2]
+    files = dicom_source_files(node)
+    if nz < 3 or len(files) != nz or not all(os.path.isfile(f) for f in files):
+        return None
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    ijk = matrix_to_array(m)
+    spacing, _, direction = geometry_from_ijk_to_ras(ijk)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        return None  # sheared: irregular_dicom_series decides
+    stored = np.array([LPS_FROM_RAS @ (ijk @ (0.0, 0.0, k, 1.0))[:3] for k in range(nz)])
+    read = [_position_lps(f) for f in files]
+    if any(p is None for p in read):
+        return None
+    acquired = np.array(read)
+    if np.linalg.norm(stored[0] - acquired[0]) > np.linalg.norm(stored[0] - acquired[-1]):
+        acquired = acquired[::-1]  # the files listed from the other end
+    if np.linalg.norm(stored[0] - acquired[0]) > 0.25 * min(spacing[:2]):
+        return None
+    if np.max(np.linalg.norm(stored - acquired, axis=1)) <= 0.1 * spacing[2]:
+        return None  # where the files say, within rounding
+    return IrregularSeries(files, grid_from_node(node))
+
+
+def series_to_read_from_files(node) -> IrregularSeries | None:
+    """The node's DICOM files when a job must read them instead of the node's voxels (:func:`irregular_dicom_series`,
+    :func:`misplaced_dicom_series`), else None."""
+    return irregular_dicom_series(node) or misplaced_dicom_series(node)
+
+
 def job_grid(node) -> Grid:
     """The grid a job's input will have, for the checks before it starts: :func:`grid_from_node`, or for a series
     Slicer could not load as a regular grid the grid its files are read onto (:class:`IrregularSeries`)."""
@@ -425,7 +465,7 @@ def job_grid(node) -> Grid:
 
 def write_job_input(node, folder: str | os.PathLike, name: str) -> str:
     """The node as a background job's input in ``folder``: ``name.nrrd`` (float32, world geometry), or for a series
-    Slicer could not load as a regular grid (:func:`irregular_dicom_series`) a folder ``name`` holding its DICOM
+    Slicer could not load as a regular grid (:func:`series_to_read_from_files`) a folder ``name`` holding its DICOM
     files (linked, or copied where links cannot be made), which DiffusionCore reads as ``sr SERIES_FOLDER`` does (a
     tilt resampled onto an orthogonal grid). The node is never modified. Returns the path to pass to the job."""
     import shutil
@@ -433,7 +473,7 @@ def write_job_input(node, folder: str | os.PathLike, name: str) -> str:
 
     from DiffusionCore.volume import write_volume
 
-    series = irregular_dicom_series(node)
+    series = series_to_read_from_files(node)
     if series is None:
         path = Path(folder) / f"{name}.nrrd"
         write_volume(volume_from_node(node), path, overwrite=True, dtype="float32", compress=False)
@@ -448,8 +488,9 @@ def write_job_input(node, folder: str | os.PathLike, name: str) -> str:
             os.link(file, link)
         except OSError:
             shutil.copyfile(file, link)
-    logger.info("'%s' is not a regular grid (a gantry tilt, or Slicer's regularization transform): the job reads its "
-                "%d DICOM files, as sr SERIES_FOLDER does", node.GetName(), len(series.files))  # fmt: skip
+    logger.info("'%s' is not a regular grid as loaded (a gantry tilt, Slicer's regularization transform, or slices "
+                "where their files do not put them): the job reads its %d DICOM files, as sr SERIES_FOLDER does",
+                node.GetName(), len(series.files))  # fmt: skip
     return str(target)
 
 

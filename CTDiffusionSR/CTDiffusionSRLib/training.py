@@ -22,7 +22,7 @@ from DiffusionCore.errors import ConfigError, InputError, OutputError
 from DiffusionCore.volume import write_volume
 
 from .jobs import CLIJob
-from .mrml_io import irregular_dicom_series, volume_from_node, write_job_input
+from .mrml_io import series_to_read_from_files, volume_from_node, write_job_input
 from .process import JobState
 
 try:
@@ -136,7 +136,7 @@ def export_training_volumes(nodes: Sequence, folder: str | os.PathLike) -> Path:
     lines = []
     for i, node in enumerate(nodes):
         stem = f"{i:03d}_{_safe_name(node.GetName())}"
-        if irregular_dicom_series(node) is not None:
+        if series_to_read_from_files(node) is not None:
             lines.append(Path(write_job_input(node, out, stem)).name)
             continue
         write_volume(volume_from_node(node), out / f"{stem}.nrrd", overwrite=True)
