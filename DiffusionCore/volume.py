@@ -25,6 +25,7 @@ import math
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -504,6 +505,16 @@ def _tag_numbers(reader: sitk.ImageFileReader, key: str) -> np.ndarray | None:
         return np.array([float(v) for v in reader.GetMetaData(key).split("\\")])
     except ValueError:
         return None
+
+
+def dicom_image_position(file: str) -> np.ndarray | None:
+    """ImagePositionPatient (LPS mm) of a DICOM file, read from its header alone; None when the header does not record
+    a usable one or cannot be read."""
+    try:
+        position = _tag_numbers(dicom_header(file), "0020|0032")
+    except InputError:
+        return None
+    return position if position is not None and position.shape == (3,) and np.all(np.isfinite(position)) else None
 
 
 def _slice_positions(files: Sequence[str], headers: dict[str, sitk.ImageFileReader], folder: Path) -> np.ndarray:
@@ -1015,12 +1026,10 @@ def _check_pixel_spacings(files: Sequence[str], headers: dict[str, sitk.ImageFil
         if numbers is None:
             return  # no spacing recorded: nothing to compare
         spacings[f] = tuple(round(float(v), 4) for v in numbers)
-    counts: dict[tuple[float, ...], int] = {}
-    for value in spacings.values():
-        counts[value] = counts.get(value, 0) + 1
+    counts = Counter(spacings.values())
     if len(counts) < 2:
         return
-    usual = max(counts, key=lambda k: counts[k])
+    usual = counts.most_common(1)[0][0]
 
     def same(value: tuple[float, ...]) -> bool:  # equal but for rounding
         return len(value) == len(usual) and bool(np.allclose(value, usual, rtol=1e-3, atol=1e-4))

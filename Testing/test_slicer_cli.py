@@ -376,8 +376,8 @@ def test_train_cli_trains_and_writes_metrics_and_weights(tmp_path):
 def test_train_cli_trains_the_shipped_sr_design_from_slicer(tmp_path):
     """The SR module's training panel (DiffusionTrain) trains the through-plane predictor, the design of the shipped
     sr-default weights, by default: it had only the latent diffusion families, so a Slicer user could not fine-tune
-    the shipped model on their own data. It trains on the CPU: the panel's Device "auto" is left out for it, "cuda"
-    is refused with a message."""
+    the shipped model on their own data. It trains on the CPU: the panel's Device "auto" is accepted, "cuda" refused
+    with a message."""
     import os
 
     from conftest import ct_phantom_array
@@ -404,7 +404,7 @@ def test_train_cli_trains_the_shipped_sr_design_from_slicer(tmp_path):
     cuda = _train_command_line({**values, "device": "cuda", "outputDirectory": tmp_path / "run2"})
     proc = subprocess.run(cuda, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "'train throughplane' trains on the CPU (it has no --device option)" in proc.stderr
+    assert "'train throughplane' trains on the CPU: give --device auto or cpu" in proc.stderr
 
 
 def test_train_cli_needs_an_output_folder(tmp_path):
@@ -433,15 +433,14 @@ def test_headless_training_script_builds_the_train_command(monkeypatch):
         assert "--resume" in command and command[-2:] == ["--max-steps", "2"]
         parsed = core_main.build_parser().parse_args(command)  # the train command accepts it
         assert parsed.resume is True
-    # the shipped SR design trains on the CPU: "--device auto" is left out for it, "--device cuda" refused
+    # the shipped SR design trains on the CPU: it takes "--device auto" as every family does, and refuses "cuda"
     args.family, args.device, args.data = "throughplane", "auto", "data"
     supported = headless.supported_options("throughplane")
     command = headless.train_arguments(args, extra, supported)
-    assert command[:2] == ["train", "throughplane"] and "--device" not in command
+    assert command[:2] == ["train", "throughplane"] and command[command.index("--device") + 1] == "auto"
     assert core_main.build_parser().parse_args(command).resume is True
     args.device = "cuda"
-    with pytest.raises(ValueError, match="trains on the CPU"):
-        headless.train_arguments(args, extra, supported)
+    assert core_main.main(headless.train_arguments(args, extra, supported)) == 2  # refused before any data is read
 
 
 @pytest.mark.parametrize(("name", "default"), [("CTDiffusionSRBatch", "sr-default"), ("XrayToCTGenerate", "xray-default")])

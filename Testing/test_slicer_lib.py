@@ -288,7 +288,8 @@ def test_an_unevenly_spaced_series_loaded_without_regularization_is_not_super_re
     assert mrml_io.grid_from_node(node).spacing[2] == pytest.approx(56.0 / 9)  # stacked at the mean spacing
     settings = SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False)
     assert check_sr_input(node, settings) == ""  # nothing to see before the job reads the headers
-    assert mrml_io.misplaced_dicom_series(node) is not None
+    assert mrml_io.irregular_dicom_series(node) is None  # two headers cannot tell (the tooltip's check)
+    assert mrml_io.series_to_read_from_files(node) is not None  # every slice against its file (the job's check)
     job = SRJob(scene, node, settings)
     assert job.run(timeout=240) == JobState.FAILED
     assert "are not evenly spaced: 4.00 mm apart after slice 1 but 8.00 mm after slice 5" in job.error

@@ -39,12 +39,7 @@ def train_arguments(args: argparse.Namespace, extra: list[str], supported: set[s
     """``python -m DiffusionCore`` arguments for this run (the families name the output option differently)."""
     out_flag = "--output-dir" if "--output-dir" in supported else "--out-dir"
     argv = ["train", args.family, out_flag, args.output_dir]
-    device = args.device
-    if device is not None and "--device" not in supported:  # train throughplane runs on the CPU
-        if device not in ("auto", "cpu"):
-            raise ValueError(f"'train {args.family}' trains on the CPU (it has no --device option); leave --device out")
-        device = None
-    for flag, value in (("--config", args.config), ("--data", args.data), ("--device", device)):
+    for flag, value in (("--config", args.config), ("--data", args.data), ("--device", args.device)):
         if value is not None:
             argv += [flag, value]
     if args.resume:
@@ -78,12 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if not supported:
         print(f"error: this DiffusionCore has no 'train {args.family}' command; update it.", file=sys.stderr)
         return 2
-    try:
-        command = train_arguments(args, extra, supported)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return core_main(command)
+    return core_main(train_arguments(args, extra, supported))
 
 
 def _exit(code: int) -> None:

@@ -52,7 +52,7 @@ def train_argv(args: argparse.Namespace, supported: set[str]) -> list[str]:
         ("--config", args.config),
         ("--data", args.data),
         (output_flag, args.outputDirectory),
-        ("--device", device_argument(args.family, args.device, supported)),
+        ("--device", args.device),
     ]
     for flag, value in wanted:
         if not value:
@@ -70,16 +70,6 @@ def train_argv(args: argparse.Namespace, supported: set[str]) -> list[str]:
         argv += ["--progress", "slicer"]
     argv += shlex.split(args.extraArguments)
     return argv
-
-
-def device_argument(family: str, device: str, supported: set[str]) -> str:
-    """The ``--device`` value to pass ("" for none): ``train throughplane`` trains on the CPU and has no such option,
-    so the panel's default "auto" is dropped for it, while asking it for "cuda" is an error that says so."""
-    if not device or "--device" in supported:
-        return device
-    if device in ("auto", "cpu"):
-        return ""
-    raise ValueError(f"'train {family}' trains on the CPU (it has no --device option); set Device to auto or cpu.")
 
 
 def family_options(family: str) -> set[str]:

@@ -358,43 +358,42 @@ class IrregularSeries:
     grid: Grid
 
 
-def _position_lps(file: str) -> np.ndarray | None:
-    """ImagePositionPatient (LPS mm) of a DICOM file, or None when its header does not say or cannot be read."""
-    from DiffusionCore.volume import dicom_header
+def _series_to_read(node, every_slice: bool) -> IrregularSeries | None:
+    """:func:`irregular_dicom_series` (``every_slice`` False: two headers read) or :func:`series_to_read_from_files`
+    (``every_slice`` True: a regular grid without a transform is also checked slice by slice against its files)."""
+    from DiffusionCore.volume import dicom_image_position
 
-    try:
-        reader = dicom_header(file)
-        if not reader.HasMetaDataKey("0020|0032"):
-            return None
-        position = np.array([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
-    except (InputError, ValueError):
-        return None
-    return position if position.shape == (3,) and np.all(np.isfinite(position)) else None
-
-
-def irregular_dicom_series(node) -> IrregularSeries | None:
-    """The node's DICOM files when it is a series Slicer could not load as a regular grid (see
-    :class:`IrregularSeries`), else None: a regular grid, a node not loaded from DICOM, files no longer in the database
-    or on disk, a transform of the user's own (linear, or non-linear but not putting the first and last slices
-    where their files say: reading the files would drop it)."""
     image = node.GetImageData() if node is not None else None
     if image is None:
         return None
     parent = node.GetParentTransformNode()
+    if parent is not None and parent.IsTransformToWorldLinear():
+        return None  # a transform of the user's own: reading the files would drop it
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     ijk = matrix_to_array(m)
     spacing, origin, direction = geometry_from_ijk_to_ras(ijk)
-    if parent is None:
-        if np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
-            return None  # a regular grid
-    elif parent.IsTransformToWorldLinear():
+    regular = parent is None and np.allclose(direction.T @ direction, np.eye(3), atol=1e-4)
+    if regular and not every_slice:
         return None
     nx, ny, nz = image.GetDimensions()
     files = dicom_source_files(node)
-    if nz < 2 or len(files) != nz or not all(os.path.isfile(f) for f in files):
+    if nz < (3 if regular else 2) or len(files) != nz or not all(os.path.isfile(f) for f in files):
         return None
-    first, last = _position_lps(files[0]), _position_lps(files[-1])
+    if regular:  # where Slicer stacked the slices against where their files put them
+        read = [dicom_image_position(f) for f in files]
+        if any(p is None for p in read):
+            return None
+        stored = np.array([LPS_FROM_RAS @ (ijk @ (0.0, 0.0, k, 1.0))[:3] for k in range(nz)])
+        acquired = np.array(read)
+        if np.linalg.norm(stored[0] - acquired[0]) > np.linalg.norm(stored[0] - acquired[-1]):
+            acquired = acquired[::-1]  # the files listed from the other end
+        if np.linalg.norm(stored[0] - acquired[0]) > 0.25 * min(spacing[:2]):
+            return None  # not the first file's slice first: a crop
+        if np.max(np.linalg.norm(stored - acquired, axis=1)) <= 0.1 * spacing[2]:
+            return None  # where the files say, within rounding
+        return IrregularSeries(files, grid_from_node(node))
+    first, last = dicom_image_position(files[0]), dicom_image_position(files[-1])
     if first is None or last is None:
         return None
     if parent is None:
@@ -403,10 +402,9 @@ def irregular_dicom_series(node) -> IrregularSeries | None:
         to_world = vtk.vtkGeneralTransform()
         parent.GetTransformToWorld(to_world)
         ends = [LPS_FROM_RAS @ np.array(to_world.TransformPoint(*(ijk @ (0.0, 0.0, k, 1.0))[:3])) for k in (0, nz - 1)]
-    tolerance = 0.25 * min(spacing[:2])
     miss = min(max(np.linalg.norm(ends[0] - a), np.linalg.norm(ends[1] - b)) for a, b in ((first, last), (last, first)))
-    if miss > tolerance:
-        return None
+    if miss > 0.25 * min(spacing[:2]):
+        return None  # a non-linear transform that is not the DICOM module's regularization
     normal = np.cross(direction[:, 0], direction[:, 1])
     step = abs(float((last - first) @ normal)) / (nz - 1)
     if step <= 0:
@@ -416,44 +414,23 @@ def irregular_dicom_series(node) -> IrregularSeries | None:
     return IrregularSeries(files, grid)
 
 
-def misplaced_dicom_series(node) -> IrregularSeries | None:
-    """The node's DICOM files when the node, a regular grid without a transform, holds their slices where their
-    headers do not put them, else None. Slicer's reader stacks an unevenly spaced series (two slice spacings, say) at
-    its mean spacing; with the DICOM module's acquisition-geometry regularization off, nothing else marks it, and the
-    node misplaces slices by millimetres. Read from its files, the series is then refused with the spacings named,
-    as ``sr SERIES_FOLDER`` refuses it. Reads every file's header, so it runs when a job starts, not for a tooltip.
-    A node whose first slice is not the first file's (a crop) is not this case."""
-    image = node.GetImageData() if node is not None else None
-    if image is None or node.GetParentTransformNode() is not None:
-        return None
-    nz = image.GetDimensions()[2]
-    files = dicom_source_files(node)
-    if nz < 3 or len(files) != nz or not all(os.path.isfile(f) for f in files):
-        return None
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    ijk = matrix_to_array(m)
-    spacing, _, direction = geometry_from_ijk_to_ras(ijk)
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
-        return None  # sheared: irregular_dicom_series decides
-    stored = np.array([LPS_FROM_RAS @ (ijk @ (0.0, 0.0, k, 1.0))[:3] for k in range(nz)])
-    read = [_position_lps(f) for f in files]
-    if any(p is None for p in read):
-        return None
-    acquired = np.array(read)
-    if np.linalg.norm(stored[0] - acquired[0]) > np.linalg.norm(stored[0] - acquired[-1]):
-        acquired = acquired[::-1]  # the files listed from the other end
-    if np.linalg.norm(stored[0] - acquired[0]) > 0.25 * min(spacing[:2]):
-        return None
-    if np.max(np.linalg.norm(stored - acquired, axis=1)) <= 0.1 * spacing[2]:
-        return None  # where the files say, within rounding
-    return IrregularSeries(files, grid_from_node(node))
+def irregular_dicom_series(node) -> IrregularSeries | None:
+    """The node's DICOM files when it is a series Slicer could not load as a regular grid (see
+    :class:`IrregularSeries`), else None: a regular grid, a node not loaded from DICOM, files no longer in the database
+    or on disk, a transform of the user's own (linear, or non-linear but not putting the first and last slices
+    where their files say: reading the files would drop it). Reads two headers: cheap enough for a tooltip."""
+    return _series_to_read(node, every_slice=False)
 
 
 def series_to_read_from_files(node) -> IrregularSeries | None:
-    """The node's DICOM files when a job must read them instead of the node's voxels (:func:`irregular_dicom_series`,
-    :func:`misplaced_dicom_series`), else None."""
-    return irregular_dicom_series(node) or misplaced_dicom_series(node)
+    """The node's DICOM files when a job must read them instead of the node's voxels, else None: an
+    :func:`irregular_dicom_series`, or a regular grid without a transform whose slices are not where their files put
+    them. Slicer's reader stacks an unevenly spaced series (two slice spacings, say) at its mean spacing; with the DICOM
+    module's acquisition-geometry regularization off nothing else marks it, and the node misplaces slices by
+    millimetres. Read from its files, the series is refused with the spacings named, as ``sr SERIES_FOLDER`` refuses
+    it. Reads every file's header, so it runs when a job starts, not for a tooltip. A node whose first slice is not the
+    first file's (a crop) is not this case."""
+    return _series_to_read(node, every_slice=True)
 
 
 def job_grid(node) -> Grid:

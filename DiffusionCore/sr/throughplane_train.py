@@ -370,11 +370,17 @@ def register(fam: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--init-from", default=None, help="start from an exported weights file (e.g. the shipped one)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="it trains on the CPU: auto and cpu are accepted (as every train command takes --device)")
     p.set_defaults(func=run_cli)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from ..config import load_config, read_config_file
+    from ..errors import ConfigError
+
+    if args.device == "cuda":
+        raise ConfigError("'train throughplane' trains on the CPU: give --device auto or cpu, or leave it out.")
 
     overrides = {
         k: getattr(args, k)
