@@ -522,6 +522,55 @@ def test_sr_job_cancel_leaves_no_nodes_and_no_files(scene, tmp_path, monkeypatch
     assert not _alive(job.runner.pid)
 
 
+def _stale_hierarchy_items(scene) -> list[str]:
+    """Subject hierarchy items whose data node is not in the scene (what the Data module would list as ghosts)."""
+    import vtk
+
+    sh = mrml_io.subject_hierarchy(scene)
+    items = vtk.vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), items, True)
+    stale = []
+    for i in range(items.GetNumberOfIds()):
+        data = sh.GetItemDataNode(items.GetId(i))
+        if data is not None and not scene.IsNodePresent(data):
+            stale.append(data.GetName())
+    return stale
+
+
+def test_sr_job_whose_chosen_output_or_input_is_deleted_while_it_runs_still_delivers_the_result(scene):
+    """A user may delete nodes while a job runs in the background. The result was written into a chosen output
+    node that was no longer in the scene (lost, while the job reported success), and a deleted input got a
+    subject hierarchy item for a node outside the scene. Now the result lands in a new node in the scene, the
+    job says why, and no ghost item or stale source ID is left."""
+    from CTDiffusionSRLib.jobs import remove_node_and_helpers
+
+    settings = SRSettings(factor=4, steps=2, device="cpu", seed=3, tiny_test_model=True)
+    node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_01")
+    chosen = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my output")
+    job = SRJob(scene, node, settings, output_node=chosen).start()
+    scene.RemoveNode(chosen)
+    assert job.wait(240) == JobState.COMPLETED, job.error
+    result = job.result_nodes[0]
+    assert scene.IsNodePresent(result) and result is not chosen
+    assert result.GetName() == "CT_01 SR x4 (synthetic)"
+    assert mrml_io.volume_from_node(result).shape == (24, 32, 32)
+    assert job.notices and "'my output' was deleted" in job.notices[0]
+    assert chosen.GetImageData() is None  # nothing was written into the deleted node
+    assert mrml_io.provenance(result)["source"] == node.GetID()
+
+    sh = mrml_io.subject_hierarchy(scene)
+    study = sh.CreateStudyItem(sh.GetSceneItemID(), "Study")
+    sh.CreateItem(study, node)
+    job = SRJob(scene, node, settings).start()
+    remove_node_and_helpers(scene, node)
+    assert job.wait(240) == JobState.COMPLETED, job.error
+    result = job.result_nodes[0]
+    assert scene.IsNodePresent(result) and result.GetName().startswith("CT_01 SR x4 (synthetic)")
+    assert sh.GetItemParent(sh.GetItemByDataNode(result)) == sh.GetSceneItemID()
+    assert _stale_hierarchy_items(scene) == []
+    assert mrml_io.provenance(result)["source"] is None and not job.notices
+
+
 def test_sr_job_refuses_writing_into_the_input(scene):
     node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_03")
     with pytest.raises(OutputError, match="never modified"):
@@ -937,6 +986,29 @@ def test_xray_job_cancel_removes_the_preview(scene):
     assert job.state == JobState.CANCELLED
     ids_after = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     assert ids_after == ids_before  # the preview, its display node and its hierarchy item are gone
+
+
+def test_xray_job_whose_preview_is_deleted_while_it_runs_puts_the_next_stage_in_a_new_node(scene):
+    """Deleting the stage-1 preview while stage 2 runs lost the final volume: it was written into the deleted
+    node and the job reported success."""
+    from CTDiffusionSRLib.jobs import remove_node_and_helpers
+    from XrayToCTLib import XrayJob, XraySettings
+
+    node = _radiograph_node(scene, (phantom_radiograph(64) * 3000).astype(np.float32), spacing=(5.0, 5.0))
+    job = XrayJob(scene, node, XraySettings(num_stages=2, steps=25, device="cpu", tiny_test_model=True)).start()
+    deadline = time.monotonic() + 120
+    while job.poll() == JobState.RUNNING and job.preview_node is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.state == JobState.RUNNING and job.preview_node is not None, "stage 1 preview expected first"
+    deleted = job.preview_node
+    remove_node_and_helpers(scene, deleted)
+    assert job.wait(180) == JobState.COMPLETED, job.error
+    result = job.result_nodes[0]
+    assert result is not deleted and scene.IsNodePresent(result)
+    assert result.GetName() == "chest PA CT stage 2 (synthetic)"
+    assert mrml_io.volume_from_node(result).shape == (32, 32, 32)
+    assert job.notices and "was deleted while the job ran; stage 2 is in a new volume" in job.notices[0]
+    assert _stale_hierarchy_items(scene) == []
 
 
 def test_training_presets_are_configs_the_trainers_accept(tmp_path):

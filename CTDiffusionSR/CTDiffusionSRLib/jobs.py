@@ -109,6 +109,8 @@ class CLIJob:
         self.created_nodes: list = []
         self.result_nodes: list = []
         self.return_values: dict[str, str] = {}
+        #: what the user should know about a completed job (e.g. a chosen output deleted while it ran)
+        self.notices: list[str] = []
 
     # -- to override -------------------------------------------------------------------------------
     def module_dir(self) -> Path:

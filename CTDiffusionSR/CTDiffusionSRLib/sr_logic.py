@@ -19,6 +19,7 @@ from .jobs import CLIJob
 from .mrml_io import (
     add_volume_node,
     dicom_source_files,
+    in_scene,
     job_grid,
     place_beside,
     read_volume_file,
@@ -342,12 +343,17 @@ class SRJob(CLIJob):
             self.factor = used
         settings = {**self.settings.to_dict(), "factor_used": self.factor, "report_settings": report.get("settings")}
         label = sr_label(None if self.settings.target_spacing > 0 else self.factor, self.settings.target_spacing)
-        if self.output_node is None:
-            node = add_volume_node(self.scene, result, synthetic_name(self.input_node.GetName(), label), like=self.input_node)
-            self.created_nodes.append(node)
-        else:
+        if in_scene(self.scene, self.output_node):
             node = self.output_node
             set_node_from_volume(node, result)
+        else:
+            if self.output_node is not None:
+                self.notices.append(
+                    f"The chosen output volume '{self.output_node.GetName()}' was deleted while the job ran; "
+                    "the result is in a new volume."
+                )
+            node = add_volume_node(self.scene, result, synthetic_name(self.input_node.GetName(), label), like=self.input_node)
+            self.created_nodes.append(node)
         set_provenance(node, kind="super-resolution", model=model, weights_sha256=sha, settings=settings,
                        source=self.input_node, title=f"{label} (synthetic)")  # fmt: skip
         place_beside(self.scene, self.input_node, node)

@@ -166,7 +166,9 @@ class JobMonitor:
         elapsed = time.monotonic() - self.startTime
         if state == JobState.COMPLETED:
             self.progressBar.value = PROGRESS_STEPS
-            self.statusLabel.text = _("Done in {seconds} s.").format(seconds=f"{elapsed:.1f}")
+            self.statusLabel.text = " ".join([_("Done in {seconds} s.").format(seconds=f"{elapsed:.1f}"), *self.job.notices])
+            for notice in self.job.notices:
+                self.logTextEdit.appendPlainText(notice)
         elif state == JobState.CANCELLED:
             self.statusLabel.text = _("Cancelled; nothing was added to the scene.")
         else:

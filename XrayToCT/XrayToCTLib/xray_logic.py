@@ -23,6 +23,7 @@ from CTDiffusionSRLib.mrml_io import (
     dicom_source_files,
     geometry_from_ijk_to_ras,
     ijk_to_ras,
+    in_scene,
     place_beside,
     read_volume_file,
     set_node_from_volume,
@@ -308,6 +309,12 @@ class XrayJob(CLIJob):
         return synthetic_name(self.input_node.GetName(), f"CT stage {stage}")
 
     def _show(self, volume, stage: int) -> None:
+        if self.preview_node is not None and not in_scene(self.scene, self.preview_node):
+            self.notices.append(
+                f"The preview volume '{self.preview_node.GetName()}' was deleted while the job ran; "
+                f"stage {stage} is in a new volume."
+            )
+            self.preview_node = None
         if self.preview_node is None:
             self.preview_node = add_volume_node(self.scene, volume, self._stage_name(stage))
             self.created_nodes.append(self.preview_node)
