@@ -367,3 +367,41 @@ def ct_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ct") / "ct.nii.gz"
     write_volume(Volume(chest_like_ct(), (14.0, 14.0, 14.0)), path)
     return path
+
+
+#: A stand-in for the modules' DiffusionTrain CLI that behaves like DiffusionCore's trainers: it records its
+#: arguments (argv.json), refuses a folder that holds a run unless told to resume or overwrite, appends
+#: ``train/loss`` lines to metrics.jsonl (``$FAKE_TRAINER_STEPS`` of them, 1000 by default, 20 per second) and
+#: ends cleanly with a checkpoint and weights, early when STOP appears.
+FAKE_TRAINER = """
+import argparse, json, os, pathlib, sys, time
+p = argparse.ArgumentParser()
+for flag in ("--family", "--config", "--data", "--outputDirectory", "--device", "--extraArguments"):
+    p.add_argument(flag, default="")
+p.add_argument("--resume", action="store_true")
+p.add_argument("--overwrite", action="store_true")
+a = p.parse_args()
+out = pathlib.Path(a.outputDirectory)
+(out / "argv.json").write_text(json.dumps(sys.argv[1:]))
+if list(out.glob("*.safetensors")) and not (a.resume or a.overwrite):
+    print("error: already holds a training run: pass --resume or --overwrite", file=sys.stderr)
+    sys.exit(4)
+step = 0
+with open(out / "metrics.jsonl", "a") as f:
+    for step in range(1, int(os.environ.get("FAKE_TRAINER_STEPS", "1000")) + 1):
+        f.write(json.dumps({"step": step, "tag": "train/loss", "value": 1.0 / step, "time": 0}) + "\\n")
+        f.flush()
+        if (out / "STOP").exists():
+            break
+        time.sleep(0.05)
+(out / "checkpoint-clean").write_text(str(step))
+(out / "model.safetensors").write_text("new run")
+"""
+
+
+def write_fake_trainer(module_dir: Path) -> Path:
+    """:data:`FAKE_TRAINER` as ``module_dir/CLI/DiffusionTrain.py`` (point ``TrainingJob.module_dir`` there)."""
+    script = module_dir / "CLI" / "DiffusionTrain.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(FAKE_TRAINER)
+    return script

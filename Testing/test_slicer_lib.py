@@ -25,6 +25,7 @@ for _module_dir in (ROOT / "CTDiffusionSR", ROOT / "XrayToCT"):
     if str(_module_dir) not in sys.path:
         sys.path.insert(0, str(_module_dir))
 
+from conftest import write_fake_trainer  # noqa: E402
 from CTDiffusionSRLib import mrml_io, views  # noqa: E402
 from CTDiffusionSRLib.dependencies import pip_install_arguments  # noqa: E402
 from CTDiffusionSRLib.jobs import read_return_parameters  # noqa: E402
@@ -783,30 +784,7 @@ def test_config_text_is_validated_before_training(tmp_path):
 
 
 def test_training_job_plots_metrics_and_stop_requests_a_clean_end(scene, tmp_path, monkeypatch):
-    # A stand-in trainer that behaves like DiffusionCore's: metrics.jsonl lines, exits cleanly on STOP.
-    fake_cli = tmp_path / "CLI" / "DiffusionTrain.py"
-    fake_cli.parent.mkdir()
-    fake_cli.write_text(
-        textwrap.dedent(
-            """
-            import argparse, json, pathlib, time
-            p = argparse.ArgumentParser()
-            for flag in ("--family", "--config", "--data", "--outputDirectory", "--device", "--extraArguments"):
-                p.add_argument(flag, default="")
-            p.add_argument("--resume", action="store_true")
-            a = p.parse_args()
-            out = pathlib.Path(a.outputDirectory)
-            with open(out / "metrics.jsonl", "a") as f:
-                for step in range(1, 1000):
-                    f.write(json.dumps({"step": step, "tag": "train/loss", "value": 1.0 / step, "time": 0}) + "\\n")
-                    f.flush()
-                    if (out / "STOP").exists():
-                        (out / "checkpoint-clean").write_text(str(step))
-                        break
-                    time.sleep(0.05)
-            """
-        )
-    )
+    write_fake_trainer(tmp_path)  # metrics.jsonl lines, a clean end on STOP
     data = tmp_path / "data"
     data.mkdir()
     monkeypatch.setattr(TrainingJob, "module_dir", lambda self: tmp_path)
@@ -1203,36 +1181,11 @@ def test_photometric_interpretation_is_read_from_the_nodes_dicom_file(scene, tmp
     assert photometric_interpretation(node) == ""
 
 
-def _fake_train_cli(tmp_path) -> Path:
-    """A stand-in DiffusionTrain that records its arguments and refuses a folder holding a run, like train."""
-    fake_cli = tmp_path / "CLI" / "DiffusionTrain.py"
-    fake_cli.parent.mkdir(exist_ok=True)
-    fake_cli.write_text(
-        textwrap.dedent(
-            """
-            import argparse, json, pathlib, sys
-            p = argparse.ArgumentParser()
-            for flag in ("--family", "--config", "--data", "--outputDirectory", "--device", "--extraArguments"):
-                p.add_argument(flag, default="")
-            p.add_argument("--resume", action="store_true")
-            p.add_argument("--overwrite", action="store_true")
-            a = p.parse_args()
-            out = pathlib.Path(a.outputDirectory)
-            (out / "argv.json").write_text(json.dumps(sys.argv[1:]))
-            if list(out.glob("*.safetensors")) and not (a.resume or a.overwrite):
-                print("error: already holds a training run: pass --resume or --overwrite", file=sys.stderr)
-                sys.exit(4)
-            (out / "model.safetensors").write_text("new run")
-            """
-        )
-    )
-    return fake_cli
-
-
 def test_training_overwrite_is_passed_and_a_previous_run_is_explained_first(scene, tmp_path, monkeypatch):
     from CTDiffusionSRLib.training import output_folder_problem
 
-    _fake_train_cli(tmp_path)
+    write_fake_trainer(tmp_path)
+    monkeypatch.setenv("FAKE_TRAINER_STEPS", "1")
     monkeypatch.setattr(TrainingJob, "module_dir", lambda self: tmp_path)
     data, run = tmp_path / "data", tmp_path / "run"
     data.mkdir()

@@ -131,14 +131,23 @@ class JobMonitor:
         self._lines.put(line)
 
     def start(self, job, title: str) -> None:
-        self.job = job
+        """Show ``job`` starting and start it. A job that cannot start (its input cannot be written, its process
+        cannot be launched) is not kept: the bar is hidden, the status line says why, and the error is raised
+        again for the caller's dialog."""
         self.startTime = time.monotonic()
         self.progressBar.setRange(0, PROGRESS_STEPS)
         self.progressBar.value = 0
         self.progressBar.visible = True
         self.statusLabel.text = _("{title}: starting...").format(title=title)
         self.logTextEdit.appendPlainText(_("--- {title} ---").format(title=title))
-        job.start()
+        try:
+            job.start()
+        except Exception as exc:
+            self.progressBar.visible = False
+            self.statusLabel.text = _("Could not start: {error}").format(error=exc)
+            self.logTextEdit.appendPlainText(_("error: {error}").format(error=exc))
+            raise
+        self.job = job
         self.timer.start()
 
     def cancel(self) -> None:
@@ -196,6 +205,7 @@ class TrainingPanel:
         self.ui.trainingFamilyComboBox.connect("currentIndexChanged(int)", lambda _i: self.fillPresets())
         self.ui.trainingStopButton.enabled = False
         self._presets: dict = {}
+        self._shownCurve = None
 
     def fillPresets(self) -> None:
         try:
@@ -270,8 +280,8 @@ class TrainingPanel:
             return
         state = self.job.poll()
         self.ui.trainingProgressBar.value = int(self.job.progress * 100)
-        if self.job.curve is not None and not getattr(self, "_shown", False):
-            self._shown = True
+        if self.job.curve is not None and self._shownCurve is not self.job.curve:  # each run's own curve, once
+            self._shownCurve = self.job.curve
             slicer.modules.plots.logic().ShowChartInLayout(self.job.curve.chart)
         if state == JobState.RUNNING:
             return
