@@ -405,3 +405,25 @@ def write_fake_trainer(module_dir: Path) -> Path:
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(FAKE_TRAINER)
     return script
+
+
+def write_cohort_with_unreadable_series(root: Path) -> list[Path]:
+    """A cohort of three DICOM CT series of 12 slices of 16x16 at 2.5 mm, as ``collect_volumes`` lists them: p1
+    is readable; reading refuses p2 (a missing slice) and p3 (2.5 mm, then 5 mm apart)."""
+    import pydicom
+
+    good = Volume(ct_phantom_array((12, 16, 16)), (0.8, 0.8, 2.5), (0.0, 0.0, 0.0))
+    write_dicom_series(root / "p1" / "ct", good, series_uid="1.2.826.0.1.3680043.8.498.11")
+    write_dicom_series(root / "p2" / "ct", good, series_uid="1.2.826.0.1.3680043.8.498.12", skip=(5,))
+    files = write_dicom_series(root / "p3" / "ct", good, series_uid="1.2.826.0.1.3680043.8.498.13")
+    for k, f in enumerate(files[8:], start=8):  # 2.5 mm apart, then 5 mm
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [0.0, 0.0, 20.0 + 5.0 * (k - 8)]
+        ds.save_as(f)
+    return [root / "p1" / "ct", root / "p2" / "ct", root / "p3" / "ct"]
+
+
+def passed_over(records) -> list[str]:
+    """The warnings of :func:`DiffusionCore.inputs.readable_volumes` about series it passed over."""
+    return [r.getMessage() for r in records if r.levelno >= 30 and "passed over" in r.getMessage()]
+

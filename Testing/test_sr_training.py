@@ -251,6 +251,23 @@ def test_latents_roundtrip_and_latent_training(folder, vae_dir, tmp_path):
     assert train_sr(cfg, out_dir=tmp_path / "run")["steps"] == 1
 
 
+def test_latent_training_data_passes_over_cohort_series_that_cannot_be_read(vae_dir, tmp_path, diffusioncore_log):
+    """`train sr` and `prepare-latents` read a cohort as the through-plane trainer does: a series that is not one
+    regular volume is passed over with a warning naming it, and the others are used."""
+    from conftest import passed_over, write_cohort_with_unreadable_series
+
+    from DiffusionCore.sr.data import load_regions
+    from DiffusionCore.sr.latents import prepare_latents
+
+    write_cohort_with_unreadable_series(tmp_path / "cohort")
+    train, val = load_regions([str(tmp_path / "cohort")], [], val_fraction=0.0)
+    assert [(r.name, r.z1 - r.z0) for r in train] == [("ct", 12)] and val == []
+    files = prepare_latents([str(tmp_path / "cohort")], vae_dir, tmp_path / "lat", factors=(4,), device="cpu")
+    assert [f.name for f in files] == ["ct_x4.safetensors"]
+    said = passed_over(diffusioncore_log)
+    assert len(said) == 4 and all("p2/ct" in s or "p3/ct" in s for s in said)
+
+
 def test_bad_inputs(folder, vae_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

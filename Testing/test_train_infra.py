@@ -330,25 +330,17 @@ def test_training_passes_over_cohort_series_that_cannot_be_read_as_one_volume(tm
     refuses them, and training passes over each with a warning saying why, as it passes over folders that hold no
     CT series, instead of stopping at the first. With none readable it stops and lists why; a volume file that
     cannot be read still stops the run with its own error."""
-    import pydicom
-    from conftest import ct_phantom_array, write_dicom_series
+    from conftest import passed_over, write_cohort_with_unreadable_series
 
     from DiffusionCore.inputs import readable_volumes
     from DiffusionCore.sr.throughplane_train import ThroughPlaneTrainConfig, load_sources
 
     cohort = tmp_path / "cohort"
-    good = Volume(ct_phantom_array((12, 16, 16)), (0.8, 0.8, 2.5), (0.0, 0.0, 0.0))
-    write_dicom_series(cohort / "p1" / "ct", good, series_uid="1.2.826.0.1.3680043.8.498.11")
-    write_dicom_series(cohort / "p2" / "ct", good, series_uid="1.2.826.0.1.3680043.8.498.12", skip=(5,))
-    files = write_dicom_series(cohort / "p3" / "ct", good, series_uid="1.2.826.0.1.3680043.8.498.13")
-    for k, f in enumerate(files[8:], start=8):  # 2.5 mm apart, then 5 mm
-        ds = pydicom.dcmread(f)
-        ds.ImagePositionPatient = [0.0, 0.0, 20.0 + 5.0 * (k - 8)]
-        ds.save_as(f)
+    written = write_cohort_with_unreadable_series(cohort)
     paths = collect_volumes(cohort)
-    assert paths == [cohort / "p1" / "ct", cohort / "p2" / "ct", cohort / "p3" / "ct"]
+    assert paths == written
     assert [p for p, _ in readable_volumes(paths)] == [cohort / "p1" / "ct"]
-    said = [r.getMessage() for r in diffusioncore_log if r.levelno >= 30 and "passed over" in r.getMessage()]
+    said = passed_over(diffusioncore_log)
     assert len(said) == 2 and "p2/ct" in said[0] and "missing slices" in said[0]
     assert "p3/ct" in said[1] and "are not evenly spaced: 2.50 mm apart" in said[1]
     train, val = load_sources(paths, ThroughPlaneTrainConfig())  # the shipped predictor's trainer reads through it

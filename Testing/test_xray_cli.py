@@ -264,6 +264,25 @@ def _train(argv: list[str]) -> int:
     return args.func(args)
 
 
+def test_xray_training_data_passes_over_cohort_series_that_cannot_be_read(tmp_path, diffusioncore_log):
+    """`prepare-xray-data` and `train xray` on CT folders read a cohort as the SR trainers do: a series that is
+    not one regular volume is passed over with a warning naming it, and the others are used."""
+    from conftest import passed_over, write_cohort_with_unreadable_series
+
+    from DiffusionCore.xray.data import load_cubes
+
+    paths = write_cohort_with_unreadable_series(tmp_path / "cohort")
+    cubes = load_cubes(paths, [16], 350.0)
+    assert len(cubes) == 1 and cubes[0][16].shape == (16, 16, 16)
+    said = passed_over(diffusioncore_log)
+    assert len(said) == 2 and "p2/ct" in said[0] and "p3/ct" in said[1]
+    data = tmp_path / "prepared"
+    assert main(["prepare-xray-data", "--data", str(tmp_path / "cohort"), "--output-dir", str(data), "--resolutions",
+                 "16", "--xray-resolutions", "16", "--progress", "none"]) == 0  # fmt: skip
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert [Path(case["source"]) for case in manifest["cases"]] == [paths[0]]
+
+
 def test_prepare_train_resume_next_stage_and_evaluate(files, tmp_path):
     data = tmp_path / "prepared"
     assert main(["prepare-xray-data", "--data", str(files["ct"]), "--output-dir", str(data), "--resolutions",
