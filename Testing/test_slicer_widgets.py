@@ -1,18 +1,23 @@
-"""The Qt glue both modules share (CTDiffusionSRLib/widgets.py: the job monitor and the training panel), run.
+"""The Qt glue of both modules, run: the shared job monitor and training panel (CTDiffusionSRLib/widgets.py) and
+the two panels themselves (the SR and X-ray panels over their shared lifecycle, module_widget.py).
 
 The Qt layer (PythonQt's ``qt`` module, the .ui widgets, Slicer's dialogs) exists only inside Slicer. Here a
 small stand-in gives the PythonQt idioms that widgets.py uses (properties set as attributes, signals
 connected by their C++ signature, a QTimer), and records the dialogs instead of showing them. Everything
 below the widgets is real: MRML scenes from slicer-core, the SR job's background process with a tiny
-model, the training job's process and its loss curve. What this checks is what a user sees in the panel:
-the progress bar, the status line and the log through a job's life, and the training panel's buttons,
-status and chart.
+model or the shipped weights, the training job's process and its loss curve, the slice views' MRML nodes. A
+panel's .ui is read from its file, so every widget the code touches must exist there; the parameter node is a
+stand-in for Slicer's parameterNodeWrapper over a real scripted module node (values and node references kept on
+it, Modified events observed). What this checks is what a user sees: the Apply button's state and tooltip, the
+progress bar, the status line and the log through a job's life, the result in the views, and the training
+panel's buttons, status and chart.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import sys
 import time
 import types
@@ -30,7 +35,7 @@ from conftest import write_fake_trainer  # noqa: E402
 from CTDiffusionSRLib import mrml_io  # noqa: E402
 from CTDiffusionSRLib.process import JobState  # noqa: E402
 from CTDiffusionSRLib.sr_logic import SRJob, SRSettings  # noqa: E402
-from CTDiffusionSRLib.testing import phantom_ct  # noqa: E402
+from CTDiffusionSRLib.testing import phantom_ct, phantom_radiograph  # noqa: E402
 from CTDiffusionSRLib.training import TrainingJob  # noqa: E402
 
 
@@ -46,10 +51,14 @@ class Widget:
     def connect(self, signal: str, slot) -> None:
         self.slots.setdefault(signal, []).append(slot)
 
+    def blockSignals(self, block: bool) -> bool:
+        was, self.blocked = getattr(self, "blocked", False), bool(block)
+        return was
+
     def emit(self, signal: str, *args) -> None:
         """Call the connected slots; like PythonQt, a slot that takes fewer arguments than the signal carries gets
         the first ones (Slicer's ``connect("clicked(bool)", self.onApply)`` with ``def onApply(self)``)."""
-        for slot in self.slots.get(signal, []):
+        for slot in [] if getattr(self, "blocked", False) else self.slots.get(signal, []):
             params = inspect.signature(slot).parameters.values()
             if any(p.kind is p.VAR_POSITIONAL for p in params):
                 slot(*args)
@@ -295,3 +304,248 @@ def test_the_training_panel_runs_stops_and_shows_each_runs_curve(widgets, scene,
     params.trainingOutputFolder = str(tmp_path / "run1")  # holds a finished run: neither resume nor overwrite
     panel.onStart()
     assert "already holds a training run" in widgets.dialogs.errors[-1] and panel.job is None
+
+
+# -- the panels ---------------------------------------------------------------------------------------------
+class NodeComboBox(Widget):
+    def currentNode(self):
+        return None
+
+    def checkedNodes(self) -> list:
+        return []
+
+
+#: .ui widget classes -> stand-ins (anything else is a plain Widget)
+UI_CLASSES = {"QComboBox": ComboBox, "QPlainTextEdit": TextEdit, "qMRMLNodeComboBox": NodeComboBox,
+              "qMRMLCheckableNodeComboBox": NodeComboBox}  # fmt: skip
+
+
+def load_ui(path) -> Widget:
+    """slicer.util.loadUI: the .ui's root widget, holding a stand-in for every named widget in the file."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+    children = {w.get("name"): UI_CLASSES.get(w.get("class"), Widget)() for w in root.iter("widget")}
+    return Widget(children=children)
+
+
+def parameter_node_wrapper(cls):
+    """Slicer's @parameterNodeWrapper, reduced to what the panels use: typed parameters with defaults kept on a
+    vtkMRMLScriptedModuleNode (nodes as node references), its Modified events, connectGui/disconnectGui."""
+    import json
+    import typing
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    defaults = {name: getattr(cls, name) for name in hints if hasattr(cls, name)}
+
+    def base(hint):
+        return typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+
+    def is_node(hint) -> bool:
+        types_ = typing.get_args(hint) or (hint,)
+        return all(isinstance(t, type) and issubclass(t, slicer.vtkMRMLNode) for t in types_)
+
+    class Wrapper:
+        def __init__(self, node):
+            object.__setattr__(self, "parameterNode", node)
+
+        def __getattr__(self, name):
+            if name not in hints:
+                raise AttributeError(f"{cls.__name__} has no parameter {name!r}")
+            hint = base(hints[name])
+            if is_node(hint):
+                return self.parameterNode.GetNodeReference(name)
+            text = self.parameterNode.GetParameter(name)
+            value = json.loads(text) if text else defaults.get(name)
+            return Path(value) if hint is Path else value
+
+        def __setattr__(self, name, value):
+            if name not in hints:
+                raise AttributeError(f"{cls.__name__} has no parameter {name!r}")
+            if is_node(base(hints[name])):
+                self.parameterNode.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+            else:
+                self.parameterNode.SetParameter(name, json.dumps(str(value) if isinstance(value, Path) else value))
+            self.parameterNode.Modified()
+
+        def AddObserver(self, *args):
+            return self.parameterNode.AddObserver(*args)
+
+        def RemoveObserver(self, tag):
+            self.parameterNode.RemoveObserver(tag)
+
+        def connectGui(self, ui):
+            return ("gui", id(ui))
+
+        def disconnectGui(self, tag):
+            pass
+
+    Wrapper.__name__ = cls.__name__
+    return Wrapper
+
+
+class ScriptedLoadableModuleLogic:
+    def getParameterNode(self):
+        name = type(self).__name__.removesuffix("Logic")
+        node = slicer.mrmlScene.GetFirstNodeByName(name)
+        return node or slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", name)
+
+
+class Views:
+    """What the panels ask of Slicer's views (slicer.util.setSliceViewerLayers, resetSliceViews), recorded."""
+
+    def __init__(self):
+        self.layers: list[dict] = []
+
+    def setSliceViewerLayers(self, **kwargs) -> None:
+        self.layers.append(kwargs)
+
+
+@pytest.fixture
+def panels(widgets, monkeypatch):
+    """The two panel modules imported against the stand-in; ``panels.views`` records the view changes."""
+    xray_dir = str(ROOT / "XrayToCT")
+    monkeypatch.syspath_prepend(xray_dir)
+    qt = sys.modules["qt"]
+    settings: dict = {}
+    qt.QSettings = lambda: types.SimpleNamespace(value=lambda key, default="": settings.get(key, default),
+                                                 setValue=settings.__setitem__)  # fmt: skip
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = parameter_node_wrapper
+    wrapper.Choice = wrapper.WithinRange = lambda *args: None
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    scripted.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
+    views = Views()
+    monkeypatch.setattr(slicer.util, "loadUI", load_ui)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda root: types.SimpleNamespace(**root.children))
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", views.setSliceViewerLayers)
+    monkeypatch.setattr(slicer.util, "resetSliceViews", lambda: None)
+    names = ("CTDiffusionSRLib.module_widget", "CTDiffusionSRLib.sr_widget", "XrayToCTLib.xray_widget")
+    for name in names:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    module_widget = importlib.import_module("CTDiffusionSRLib.module_widget")
+    monkeypatch.setattr(module_widget, "ensureDependencies", lambda training=False: True)
+    sr_widget = importlib.import_module("CTDiffusionSRLib.sr_widget")
+    monkeypatch.setattr(sr_widget, "ensureDependencies", lambda training=False: True)
+    xray_widget = importlib.import_module("XrayToCTLib.xray_widget")
+    yield types.SimpleNamespace(sr=sr_widget, xray=xray_widget, views=views, dialogs=widgets.dialogs)
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def _open(panel_class):
+    panel = panel_class(types.SimpleNamespace(isEntered=True))
+    panel.enter()
+    return panel, panel._parameterNode, panel.ui
+
+
+def _until_idle(panel, seconds: float = 240.0) -> None:
+    _run_timer(panel.monitor.timer, lambda: not panel.monitor.running, seconds)
+
+
+def test_the_sr_panel_runs_the_shipped_weights_on_the_scenes_ct_and_shows_the_result(panels, scene):
+    from CTDiffusionSRLib import views
+
+    node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_01")
+    panel, p, ui = _open(panels.sr.SRWidget)
+    assert p.inputVolume is node  # the scene's CT is taken as the input
+    assert ui.weightsComboBox.currentText == "sr-default"  # the shipped weights, preselected
+    assert ui.applyButton.enabled and ui.applyButton.text == "Apply"
+    assert ui.applyButton.toolTip == "Super-resolve the input into a new synthetic volume."
+    assert not ui.compareFadeButton.enabled and not ui.exportResultButton.enabled
+    p.adaptToScan = False  # seconds instead of a minute; adaptation has tests of its own
+    ui.applyButton.emit("clicked(bool)", True)
+    assert panel.monitor.running and ui.applyButton.text == "Cancel" and ui.applyButton.enabled
+    assert ui.progressBar.visible
+    _until_idle(panel)
+    assert panels.dialogs.errors == [] and ui.statusLabel.text.startswith("Done in "), ui.statusLabel.text
+    result = p.resultVolume
+    assert result is not None and result.GetName() == "CT_01 SR x5 (synthetic)"
+    assert mrml_io.provenance(result)["weights_sha256"] == json.loads(
+        (ROOT / "DiffusionCore" / "weights" / "registry.json").read_text())["weights"]["sr-default"]["sha256"]
+    assert ui.applyButton.text == "Apply" and ui.compareFadeButton.enabled and ui.exportResultButton.enabled
+    red = views.composite_node(scene, "Red")
+    assert red.GetBackgroundVolumeID() == node.GetID() and red.GetForegroundVolumeID() == result.GetID()
+    assert red.GetForegroundOpacity() == pytest.approx(0.5)
+    ui.fadeSlider.emit("valueChanged(double)", 1.0)
+    assert red.GetForegroundOpacity() == pytest.approx(1.0)
+    ui.compareSideBySideButton.emit("clicked(bool)", True)
+    yellow = views.composite_node(scene, "Yellow")
+    assert red.GetBackgroundVolumeID() == node.GetID() and yellow.GetBackgroundVolumeID() == result.GetID()
+    panel.cleanup()
+
+
+def test_the_sr_panel_says_why_apply_is_disabled_and_a_second_press_cancels(panels, scene):
+    panel, p, ui = _open(panels.sr.SRWidget)
+    assert not ui.applyButton.enabled and ui.applyButton.toolTip == "Select an input CT volume."
+    flat = mrml_io.add_volume_node(scene, phantom_ct(shape=(1, 32, 32)), "scout")
+    p.inputVolume = flat
+    assert not ui.applyButton.enabled and "'scout' is 2D" in ui.applyButton.toolTip
+    p.inputVolume = mrml_io.add_volume_node(scene, phantom_ct(), "CT_02")
+    assert ui.applyButton.enabled
+    p.weights = "no-such-weights"
+    assert not ui.applyButton.enabled and "no-such-weights" in ui.applyButton.toolTip
+    p.weights = "sr-default"
+    nodes_before = scene.GetNumberOfNodes()
+    ui.applyButton.emit("clicked(bool)", True)  # with the default adaptation: long enough to cancel
+    _run_timer(panel.monitor.timer, lambda: ui.progressBar.value > 0, seconds=120)
+    assert panel.monitor.running
+    ui.applyButton.emit("clicked(bool)", True)
+    assert not panel.monitor.running and ui.statusLabel.text == "Cancelled; nothing was added to the scene."
+    assert ui.applyButton.text == "Apply" and p.resultVolume is None and panels.dialogs.errors == []
+    assert scene.GetNumberOfNodes() == nodes_before
+    panel.cleanup()
+
+
+def test_closing_the_scene_stops_the_job_without_an_error_dialog(panels, scene):
+    mrml_io.add_volume_node(scene, phantom_ct(), "CT_03")
+    panel, p, ui = _open(panels.sr.SRWidget)
+    ui.applyButton.emit("clicked(bool)", True)
+    assert panel.monitor.running
+    job = panel.monitor.job
+    scene.Clear(False)  # File > Close Scene
+    assert job.state == JobState.CANCELLED and not panel.monitor.running
+    assert panels.dialogs.errors == [] and not _alive_pid(job.runner.pid)
+    assert panel._parameterNode is not None and panel._parameterNode.inputVolume is None  # a fresh parameter node
+    panel.cleanup()
+
+
+def _alive_pid(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").is_file() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_the_xray_panel_shows_each_stage_and_its_projection_error(panels, scene):
+    import numpy as np
+    import vtk
+    from vtk.util import numpy_support
+
+    panel, p, ui = _open(panels.xray.XrayWidget)
+    assert ui.weightsComboBox.currentText == "xray-default"
+    assert not ui.applyButton.enabled and "Select a radiograph" in ui.applyButton.toolTip
+    pixels = (phantom_radiograph(64) * 3000).astype(np.float32)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chest PA")
+    image = vtk.vtkImageData()
+    image.SetDimensions(64, 64, 1)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(pixels.ravel(), deep=True))
+    node.SetAndObserveImageData(image)
+    node.SetSpacing(5.0, 5.0, 1.0)
+    p.inputRadiograph = node
+    assert ui.applyButton.enabled, ui.applyButton.toolTip
+    ui.applyButton.emit("clicked(bool)", True)
+    assert panel.monitor.running and ui.projectionErrorLabel.text == "-"
+    _until_idle(panel)
+    assert panels.dialogs.errors == [] and ui.statusLabel.text.startswith("Done in "), ui.statusLabel.text
+    result = p.resultVolume
+    assert result is not None and result.GetName() == "chest PA CT stage 1 (synthetic)"
+    assert ui.projectionErrorLabel.text.startswith("stage 1: PSNR ") and "NCC" in ui.projectionErrorLabel.text
+    assert panels.views.layers[-1] == {"background": result, "fit": True}
+    assert ui.exportResultButton.enabled
+    panel.cleanup()
