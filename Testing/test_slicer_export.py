@@ -127,6 +127,26 @@ def test_only_results_are_exported_and_nothing_is_replaced_silently(tmp_path, sc
     assert len(list(out.iterdir())) == 6
 
 
+def test_export_replaces_only_what_the_save_dialog_confirmed(tmp_path, scene_with_result):
+    """The Export result button: Qt's save dialog asks before it returns an existing file, so that file is
+    replaced (exporting twice to result.nrrd failed with "already exists; pass --overwrite", a command-line flag,
+    after the user had said Yes). A name that the filter's suffix was added to, and a DICOM folder, are not
+    replaced: the message says to choose another name, not a flag."""
+    from DiffusionCore.errors import OutputError
+
+    _, _, result, _, _ = scene_with_result
+    dicom, nrrd, nifti = (text for text, _suffix, _dicom in mrml_io.EXPORT_FILTERS)
+    for name, chosen_filter in (("result.nrrd", nrrd), ("result.nii.gz", nifti)):
+        first = mrml_io.export_chosen(result, str(tmp_path / name), chosen_filter)
+        assert mrml_io.export_chosen(result, str(tmp_path / name), chosen_filter) == first
+    assert read_volume(tmp_path / "result.nrrd").shape == mrml_io.volume_from_node(result).shape
+    with pytest.raises(OutputError, match=r"result.nrrd already exists; choose another name in the export dialog\.$"):
+        mrml_io.export_chosen(result, str(tmp_path / "result"), nrrd)  # the dialog was asked about "result"
+    mrml_io.export_chosen(result, str(tmp_path / "series"), dicom)
+    with pytest.raises(OutputError, match=r"already holds a DICOM series; choose another name in the export dialog\.$"):
+        mrml_io.export_chosen(result, str(tmp_path / "series"), dicom)
+
+
 def test_the_export_dialog_choice_names_the_format():
     dicom, nrrd, nifti = (text for text, _suffix, _dicom in mrml_io.EXPORT_FILTERS)
     assert mrml_io.export_target("/data/thin", dicom) == ("/data/thin", True)

@@ -127,10 +127,14 @@ class Dialogs:
 
     def __init__(self):
         self.errors: list[str] = []
+        self.infos: list[str] = []
         self.charts: list = []
 
     def errorDisplay(self, text, **_kwargs) -> None:
         self.errors.append(str(text))
+
+    def infoDisplay(self, text, **_kwargs) -> None:
+        self.infos.append(str(text))
 
     def tryWithErrorDisplay(self, message="", waitCursor=False):
         dialogs = self
@@ -171,6 +175,8 @@ def widgets(monkeypatch):
     monkeypatch.delitem(sys.modules, "CTDiffusionSRLib.widgets", raising=False)
     dialogs = Dialogs()
     monkeypatch.setattr(slicer.util, "errorDisplay", dialogs.errorDisplay)
+    monkeypatch.setattr(slicer.util, "infoDisplay", dialogs.infoDisplay)
+    monkeypatch.setattr(slicer.util, "mainWindow", lambda: None)
     monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", dialogs.tryWithErrorDisplay)
     plots = types.SimpleNamespace(logic=lambda: types.SimpleNamespace(ShowChartInLayout=dialogs.charts.append))
     monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(plots=plots), raising=False)
@@ -391,6 +397,29 @@ class ScriptedLoadableModuleLogic:
         return node or slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", name)
 
 
+class SaveDialog:
+    """qt.QFileDialog in save mode, answered with ``answer`` = (file, filter), as the user would choose them."""
+
+    AcceptSave = 1
+    answer: tuple[str, str] = ("", "")
+
+    def __init__(self, parent, caption, folder, filters):
+        self.filters = filters.split(";;")
+
+    def setAcceptMode(self, mode) -> None:
+        self.mode = mode
+
+    def exec_(self) -> bool:
+        assert self.answer[1] in self.filters and self.mode == self.AcceptSave
+        return bool(self.answer[0])
+
+    def selectedFiles(self) -> list[str]:
+        return [self.answer[0]]
+
+    def selectedNameFilter(self) -> str:
+        return self.answer[1]
+
+
 class Views:
     """What the panels ask of Slicer's views (slicer.util.setSliceViewerLayers, resetSliceViews), recorded."""
 
@@ -407,6 +436,7 @@ def panels(widgets, monkeypatch):
     xray_dir = str(ROOT / "XrayToCT")
     monkeypatch.syspath_prepend(xray_dir)
     qt = sys.modules["qt"]
+    qt.QFileDialog = SaveDialog
     settings: dict = {}
     qt.QSettings = lambda: types.SimpleNamespace(value=lambda key, default="": settings.get(key, default),
                                                  setValue=settings.__setitem__)  # fmt: skip
@@ -445,7 +475,7 @@ def _until_idle(panel, seconds: float = 240.0) -> None:
     _run_timer(panel.monitor.timer, lambda: not panel.monitor.running, seconds)
 
 
-def test_the_sr_panel_runs_the_shipped_weights_on_the_scenes_ct_and_shows_the_result(panels, scene):
+def test_the_sr_panel_runs_the_shipped_weights_on_the_scenes_ct_and_shows_the_result(panels, scene, tmp_path):
     from CTDiffusionSRLib import views
 
     node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_01")
@@ -474,6 +504,13 @@ def test_the_sr_panel_runs_the_shipped_weights_on_the_scenes_ct_and_shows_the_re
     ui.compareSideBySideButton.emit("clicked(bool)", True)
     yellow = views.composite_node(scene, "Yellow")
     assert red.GetBackgroundVolumeID() == node.GetID() and yellow.GetBackgroundVolumeID() == result.GetID()
+    # Export result, twice to the same file: the save dialog has asked whether to replace it
+    SaveDialog.answer = (str(tmp_path / "CT_01 SR.nrrd"), "NRRD with provenance fields (*.nrrd)")
+    for _ in range(2):
+        ui.exportResultButton.emit("clicked(bool)", True)
+    assert panels.dialogs.errors == [] and len(panels.dialogs.infos) == 2, panels.dialogs.errors
+    assert f"to {tmp_path / 'CT_01 SR.nrrd'}" in panels.dialogs.infos[-1]
+    assert b"ctdiffusion_synthetic:=true" in (tmp_path / "CT_01 SR.nrrd").read_bytes()[:4000]
     panel.cleanup()
 
 

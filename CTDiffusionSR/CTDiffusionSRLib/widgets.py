@@ -302,7 +302,7 @@ class TrainingPanel:
 
 def exportResultWithDialog(node) -> None:
     """Ask where and how, then write ``node`` with its provenance (DICOM series, NRRD or NIfTI)."""
-    from CTDiffusionSRLib.mrml_io import EXPORT_FILTERS, export_result, export_target
+    from CTDiffusionSRLib.mrml_io import EXPORT_FILTERS, export_chosen
 
     if node is None:
         return
@@ -311,9 +311,8 @@ def exportResultWithDialog(node) -> None:
     dialog.setAcceptMode(qt.QFileDialog.AcceptSave)
     if not dialog.exec_():
         return
-    path, asDicom = export_target(dialog.selectedFiles()[0], dialog.selectedNameFilter())
     try:
-        written = export_result(node, path, as_dicom=asDicom)
+        written = export_chosen(node, dialog.selectedFiles()[0], dialog.selectedNameFilter())
     except Exception as exc:  # noqa: BLE001 - every failure is shown to the user with its message
         slicer.util.errorDisplay(_("Export failed: {error}").format(error=exc))
         return
