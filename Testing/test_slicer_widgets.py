@@ -94,6 +94,7 @@ class ComboBox(Widget):
         if text in self.items:
             self.currentIndex = self.items.index(text)
             self.emit("currentIndexChanged(int)", self.currentIndex)
+            self.emit("currentTextChanged(QString)", text)
 
 
 class TextEdit(Widget):
@@ -420,6 +421,16 @@ class SaveDialog:
         return self.answer[1]
 
 
+class Answers:
+    """What the user answers in the open-file and text dialogs (qt.QFileDialog.getOpenFileName, QInputDialog)."""
+
+    open_file = ""
+    name = ""
+
+
+SaveDialog.getOpenFileName = staticmethod(lambda parent, caption, folder, filters: Answers.open_file)
+
+
 class Views:
     """What the panels ask of Slicer's views (slicer.util.setSliceViewerLayers, resetSliceViews), recorded."""
 
@@ -437,6 +448,8 @@ def panels(widgets, monkeypatch):
     monkeypatch.syspath_prepend(xray_dir)
     qt = sys.modules["qt"]
     qt.QFileDialog = SaveDialog
+    qt.QLineEdit = types.SimpleNamespace(Normal=0)
+    qt.QInputDialog = types.SimpleNamespace(getText=lambda parent, title, label, mode, text: Answers.name)
     settings: dict = {}
     qt.QSettings = lambda: types.SimpleNamespace(value=lambda key, default="": settings.get(key, default),
                                                  setValue=settings.__setitem__)  # fmt: skip
@@ -585,4 +598,55 @@ def test_the_xray_panel_shows_each_stage_and_its_projection_error(panels, scene)
     assert ui.projectionErrorLabel.text.startswith("stage 1: PSNR ") and "NCC" in ui.projectionErrorLabel.text
     assert panels.views.layers[-1] == {"background": result, "fit": True}
     assert ui.exportResultButton.enabled
+    panel.cleanup()
+
+
+def test_import_weights_registers_the_file_and_selects_it_or_says_why_not(panels, scene, cache_home, tmp_path):
+    import shutil
+
+    panel, p, ui = _open(panels.sr.SRWidget)
+    mrml_io.add_volume_node(scene, phantom_ct(), "CT_04")
+    p.inputVolume = scene.GetFirstNodeByName("CT_04")
+    mine = tmp_path / "my weights.safetensors"
+    shutil.copy(ROOT / "DiffusionCore" / "weights" / "sr-default.safetensors", mine)
+    Answers.open_file, Answers.name = str(mine), "my-sr"
+    ui.importWeightsButton.emit("clicked(bool)", True)
+    assert panels.dialogs.errors == [] and ui.statusLabel.text.startswith("Imported my-sr (sha256 ")
+    assert "my-sr" in ui.weightsComboBox.items and ui.weightsComboBox.currentText == "my-sr"
+    assert p.weights == "my-sr" and ui.applyButton.enabled  # chosen, and usable
+    Answers.open_file, Answers.name = str(ROOT / "DiffusionCore" / "weights" / "xray-default.safetensors"), "xr"
+    ui.importWeightsButton.emit("clicked(bool)", True)  # X-ray weights offered to the SR module
+    assert len(panels.dialogs.errors) == 1 and panels.dialogs.errors[0].startswith("Could not import the weights.")
+    assert "xray" in panels.dialogs.errors[0] and "xr" not in ui.weightsComboBox.items and p.weights == "my-sr"
+    Answers.open_file = ""  # the dialog was cancelled
+    ui.importWeightsButton.emit("clicked(bool)", True)
+    assert len(panels.dialogs.errors) == 1 and p.weights == "my-sr"
+    panel.cleanup()
+
+
+def test_evaluate_on_this_volume_fills_a_table_and_shows_it(panels, scene, monkeypatch):
+    shown = []
+    selection = types.SimpleNamespace(SetActiveTableID=shown.append)
+    app = types.SimpleNamespace(
+        layoutManager=lambda: types.SimpleNamespace(setLayout=lambda layout: shown.append(("layout", layout))),
+        applicationLogic=lambda: types.SimpleNamespace(GetSelectionNode=lambda: selection,
+                                                       PropagateTableSelection=lambda: shown.append("propagated")),
+    )  # fmt: skip
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    thin = mrml_io.add_volume_node(scene, phantom_ct(shape=(24, 32, 32), spacing=(0.8, 0.8, 1.0)), "thin CT")
+    panel, p, ui = _open(panels.sr.SRWidget)
+    p.adaptToScan = False
+    p.evaluationFactor = 4
+    assert p.inputVolume is thin and ui.evaluateButton.enabled
+    ui.evaluateButton.emit("clicked(bool)", True)
+    assert panel.monitor.running and ui.applyButton.text == "Cancel"
+    assert not ui.evaluateButton.enabled  # it did nothing while a job ran, yet looked pressable
+    _until_idle(panel)
+    assert ui.evaluateButton.enabled and ui.applyButton.text == "Apply"
+    assert panels.dialogs.errors == [], panels.dialogs.errors
+    table = scene.GetFirstNodeByName("thin CT evaluation x4 slab")
+    assert table is not None and shown[-2:] == [table.GetID(), "propagated"]
+    methods = [table.GetTable().GetValue(r, 0).ToString() for r in range(table.GetTable().GetNumberOfRows())]
+    assert methods == ["cubic", "cubic+dc", "sr"]
+    assert p.resultVolume is None  # an evaluation is not a result
     panel.cleanup()

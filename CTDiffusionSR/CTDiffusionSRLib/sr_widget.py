@@ -232,13 +232,13 @@ class SRWidget(ModuleWidget):
         )
 
     def updateResultButtons(self, p) -> None:
+        self.ui.evaluateButton.enabled = bool(p and p.inputVolume) and not self.monitor.running  # one job at a time
         if self.monitor.running:
             return
         haveResult = bool(p and p.inputVolume and p.resultVolume)
         self.ui.compareSideBySideButton.enabled = haveResult
         self.ui.compareFadeButton.enabled = haveResult
         self.ui.exportResultButton.enabled = haveResult
-        self.ui.evaluateButton.enabled = bool(p and p.inputVolume) and not self.monitor.running
 
     def onCacheFolderChanged(self, path: str) -> None:
         qt.QSettings().setValue(CACHE_SETTINGS_KEY, path)
