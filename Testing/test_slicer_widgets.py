@@ -589,10 +589,12 @@ def test_the_xray_panel_shows_each_stage_and_its_projection_error(panels, scene)
     node.SetSpacing(5.0, 5.0, 1.0)
     p.inputRadiograph = node
     assert ui.applyButton.enabled, ui.applyButton.toolTip
+    p.referenceVolume = mrml_io.add_volume_node(scene, phantom_ct(shape=(12, 32, 32), spacing=(8.0, 8.0, 8.0)), "ref")
     ui.applyButton.emit("clicked(bool)", True)
     assert panel.monitor.running and ui.projectionErrorLabel.text == "-"
     _until_idle(panel)
     assert panels.dialogs.errors == [] and ui.statusLabel.text.startswith("Done in "), ui.statusLabel.text
+    assert "Against the reference CT: " in ui.statusLabel.text and "psnr" in ui.statusLabel.text.lower()
     result = p.resultVolume
     assert result is not None and result.GetName() == "chest PA CT stage 1 (synthetic)"
     assert ui.projectionErrorLabel.text.startswith("stage 1: PSNR ") and "NCC" in ui.projectionErrorLabel.text
@@ -649,4 +651,22 @@ def test_evaluate_on_this_volume_fills_a_table_and_shows_it(panels, scene, monke
     methods = [table.GetTable().GetValue(r, 0).ToString() for r in range(table.GetTable().GetNumberOfRows())]
     assert methods == ["cubic", "cubic+dc", "sr"]
     assert p.resultVolume is None  # an evaluation is not a result
+    panel.cleanup()
+
+
+def test_a_new_cache_folder_lists_the_weights_imported_there_at_once(panels, scene, cache_home, tmp_path, monkeypatch):
+    import os
+
+    from DiffusionCore.weights import import_weights
+
+    shared = tmp_path / "shared cache"
+    shared.mkdir()
+    monkeypatch.setenv("DIFFUSIONCORE_CACHE", str(shared))
+    import_weights(ROOT / "DiffusionCore" / "weights" / "sr-default.safetensors", "team-sr", family="sr")
+    monkeypatch.setenv("DIFFUSIONCORE_CACHE", str(cache_home))
+    panel, p, ui = _open(panels.sr.SRWidget)
+    assert "team-sr" not in ui.weightsComboBox.items
+    ui.cacheFolderPathLineEdit.emit("currentPathChanged(QString)", str(shared))
+    assert os.environ["DIFFUSIONCORE_CACHE"] == str(shared)  # this process and the jobs it starts
+    assert "team-sr" in ui.weightsComboBox.items and "sr-default" in ui.weightsComboBox.items
     panel.cleanup()

@@ -241,8 +241,11 @@ class SRWidget(ModuleWidget):
         self.ui.exportResultButton.enabled = haveResult
 
     def onCacheFolderChanged(self, path: str) -> None:
+        """Weights imported there are listed at once (and Apply judged on them), not after the module is re-entered."""
         qt.QSettings().setValue(CACHE_SETTINGS_KEY, path)
         applyCacheFolderSetting()
+        self.fillWeights()
+        self._checkCanApply()
 
     # -- running ----------------------------------------------------------------------------------------
     def startJob(self, p) -> None:
