@@ -670,3 +670,27 @@ def test_a_new_cache_folder_lists_the_weights_imported_there_at_once(panels, sce
     assert os.environ["DIFFUSIONCORE_CACHE"] == str(shared)  # this process and the jobs it starts
     assert "team-sr" in ui.weightsComboBox.items and "sr-default" in ui.weightsComboBox.items
     panel.cleanup()
+
+
+def test_the_result_is_compared_with_the_volume_it_was_made_from(panels, scene):
+    """The user picks another input while a job runs (or after it): the result was faded over, and compared side
+    by side with, whatever the selector then held, a different scan."""
+    from CTDiffusionSRLib import views
+
+    node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_05")
+    other = mrml_io.add_volume_node(scene, phantom_ct(seed=1), "CT_06")
+    panel, p, ui = _open(panels.sr.SRWidget)
+    p.inputVolume, p.adaptToScan = node, False
+    ui.applyButton.emit("clicked(bool)", True)
+    p.inputVolume = other  # chosen while the job runs
+    _until_idle(panel)
+    result = p.resultVolume
+    assert result is not None and result.GetName().startswith("CT_05 SR")
+    red = views.composite_node(scene, "Red")
+    assert red.GetBackgroundVolumeID() == node.GetID() and red.GetForegroundVolumeID() == result.GetID()
+    ui.compareSideBySideButton.emit("clicked(bool)", True)
+    assert red.GetBackgroundVolumeID() == node.GetID()
+    assert views.composite_node(scene, "Yellow").GetBackgroundVolumeID() == result.GetID()
+    ui.compareFadeButton.emit("clicked(bool)", True)
+    assert red.GetBackgroundVolumeID() == node.GetID() and red.GetForegroundVolumeID() == result.GetID()
+    panel.cleanup()

@@ -300,6 +300,13 @@ def provenance(node) -> dict[str, Any]:
     }
 
 
+def source_node(node):
+    """The input a result node was made from (its provenance's source), while that node is in the scene; else None."""
+    scene = node.GetScene() if node is not None else None
+    source_id = node.GetAttribute(ATTR_SOURCE) if scene is not None else None
+    return scene.GetNodeByID(source_id) if source_id else None
+
+
 def provenance_record(node):
     """The node's provenance as a :class:`DiffusionCore.provenance.Provenance` (what exported files carry).
 
@@ -503,7 +510,7 @@ def export_result(node, path: str, *, as_dicom: bool = False, source_files: list
     source = None
     if as_dicom:
         if source_files is None:
-            input_node = node.GetScene().GetNodeByID(node.GetAttribute(ATTR_SOURCE) or "") if node.GetScene() else None
+            input_node = source_node(node)
             source_files = dicom_source_files(input_node) if input_node is not None else []
         source = DicomSource.from_files(source_files) if source_files else None
     return write_result(volume_from_node(node), path, record, as_dicom=as_dicom, dicom_source=source,

@@ -280,19 +280,25 @@ class SRWidget(ModuleWidget):
         p.resultVolume = result
         p.uncertaintyVolume = getattr(job, "uncertainty_node", None)
         if p.uncertaintyVolume and p.showUncertainty:
-            self.logic.showUncertainty(p.inputVolume, p.uncertaintyVolume)
+            self.logic.showUncertainty(self.sourceOf(result), p.uncertaintyVolume)
         else:
-            self.logic.compareFade(p.inputVolume, result, p.fadeOpacity)
+            self.logic.compareFade(self.sourceOf(result), result, p.fadeOpacity)
         self._checkCanApply()
 
     # -- compare ----------------------------------------------------------------------------------------
+    def sourceOf(self, result):
+        """The volume ``result`` was made from (the input may have been changed since), else the current input."""
+        from CTDiffusionSRLib.mrml_io import source_node
+
+        return source_node(result) or self._parameterNode.inputVolume
+
     def onCompareSideBySide(self) -> None:
         p = self._parameterNode
-        self.logic.compareSideBySide(p.inputVolume, p.resultVolume)
+        self.logic.compareSideBySide(self.sourceOf(p.resultVolume), p.resultVolume)
 
     def onCompareFade(self) -> None:
         p = self._parameterNode
-        self.logic.compareFade(p.inputVolume, p.resultVolume, p.fadeOpacity)
+        self.logic.compareFade(self.sourceOf(p.resultVolume), p.resultVolume, p.fadeOpacity)
 
     def onFadeChanged(self, value: float) -> None:
         self.logic.setFade(value)
