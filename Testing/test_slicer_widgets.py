@@ -21,6 +21,7 @@ import json
 import sys
 import time
 import types
+import unittest
 from pathlib import Path
 
 import pytest
@@ -431,6 +432,15 @@ class Answers:
 SaveDialog.getOpenFileName = staticmethod(lambda parent, caption, folder, filters: Answers.open_file)
 
 
+class ScriptedLoadableModuleTest(unittest.TestCase):
+    """Slicer's self-test base: a TestCase whose delayDisplay shows each step (recorded here)."""
+
+    shown: list[str] = []
+
+    def delayDisplay(self, message, msec=None) -> None:
+        self.shown.append(str(message))
+
+
 class Views:
     """What the panels ask of Slicer's views (slicer.util.setSliceViewerLayers, resetSliceViews), recorded."""
 
@@ -458,6 +468,8 @@ def panels(widgets, monkeypatch):
     wrapper.Choice = wrapper.WithinRange = lambda *args: None
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
     scripted.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    scripted.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
+    scripted.ScriptedLoadableModule = scripted.ScriptedLoadableModuleWidget = type("Base", (), {})
     monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
     views = Views()
@@ -694,3 +706,19 @@ def test_the_result_is_compared_with_the_volume_it_was_made_from(panels, scene):
     ui.compareFadeButton.emit("clicked(bool)", True)
     assert red.GetBackgroundVolumeID() == node.GetID() and red.GetForegroundVolumeID() == result.GetID()
     panel.cleanup()
+
+
+@pytest.mark.parametrize("module", ["CTDiffusionSR", "XrayToCT"])
+def test_the_modules_self_tests_pass(panels, scene, module, monkeypatch):
+    """What "Reload and Test" runs in Slicer (developer mode): the module file's Test class, here with torch."""
+    monkeypatch.syspath_prepend(str(ROOT / module))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    shell = importlib.import_module(module)
+    ScriptedLoadableModuleTest.shown = []
+    case = getattr(shell, module + "Test")("runTest")
+    outcome = unittest.TestResult()
+    case.run(outcome)
+    sys.modules.pop(module, None)
+    assert outcome.wasSuccessful(), [text for _, text in outcome.errors + outcome.failures]
+    assert ScriptedLoadableModuleTest.shown[-1] == "Test passed"
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2  # its input and its result
