@@ -39,8 +39,9 @@ class CTDiffusionSR(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["SlicerCTDiffusion contributors"]
         self.parent.helpText = _("""
-Thick-to-thin slice super-resolution of CT with a latent diffusion model (ResShift + IRControlNet).
-Pick a thick-slice CT, keep the suggested factor, press Apply. The result is a NEW volume named
+Thick-to-thin slice super-resolution of CT. The shipped weights (sr-default) are a through-plane predictor network
+trained on two chest CTs; weights with a latent diffusion stage (ResShift + IRControlNet), trained in the Training
+section or imported, refine its estimate. Pick a thick-slice CT, keep the suggested factor, press Apply. The result is a NEW volume named
 "... SR xN (synthetic)": a plausible thin-slice image, not a measurement. Do not use it for diagnosis.
 "Adapt to this scan" (on by default) first fine-tunes a copy of the model on the input's own in-plane
 detail for 400 steps (about 40 to 90 seconds on 2 CPU cores); untick it for the model as installed. "Evaluate on this volume" simulates thick slices from a thin CT and scores the model, as Apply runs it, against cubic

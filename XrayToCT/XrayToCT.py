@@ -37,8 +37,9 @@ class XrayToCT(ScriptedLoadableModule):
         self.parent.dependencies = ["CTDiffusionSR"]
         self.parent.contributors = ["SlicerCTDiffusion contributors"]
         self.parent.helpText = _("""
-Generates a SYNTHETIC CT volume from a single radiograph (PA or lateral) with a cascaded diffusion model:
-stage 1 (64^3) appears first as a preview, then stages 2 and 3 refine it. The projection error of each
+Generates a SYNTHETIC CT volume from a single radiograph with a cascaded diffusion model. The shipped weights
+(xray-default) have its first stage only (64^3, frontal PA/AP views, trained on two chest CTs); with weights of more
+stages, each stage is shown as a preview while the next refines it (128^3, then 256^3). The projection error of each
 stage (how well the generated CT re-projects onto the radiograph) is shown. The result is a plausible
 anatomy consistent with the projection, not a measurement: never use it for diagnosis.
 See the <a href="https://github.com/SlicerCTDiffusion/SlicerCTDiffusion">documentation</a>.
