@@ -147,6 +147,32 @@ def test_export_replaces_only_what_the_save_dialog_confirmed(tmp_path, scene_wit
         mrml_io.export_chosen(result, str(tmp_path / "series"), dicom)
 
 
+def test_a_result_finds_its_source_after_its_scene_is_imported_beside_other_volumes(tmp_path, scene_with_result):
+    """The DICOM export takes the patient and study from the result's source scan, and the SR panel compares the
+    result with it. The source was looked up by the node ID recorded in an attribute; importing the saved scene
+    into a scene that already holds volumes renumbers the IDs, and that ID then named another scan (its patient's
+    identity would have gone into the exported series). A node reference follows the renumbering."""
+    scene, input_node, result, _, _ = scene_with_result
+    assert mrml_io.source_node(result) is input_node
+    for node in (input_node, result):
+        node.AddDefaultStorageNode()
+        node.GetStorageNode().SetFileName(str(tmp_path / f"{node.GetID()}.nrrd"))
+        assert node.GetStorageNode().WriteData(node)
+    scene.SetURL(str(tmp_path / "study.mrml"))
+    assert scene.Commit()
+    other = slicer.vtkMRMLScene()
+    for name in ("another patient", "and another"):
+        mrml_io.add_volume_node(other, mrml_io.volume_from_node(input_node), name)
+    other.SetURL(str(tmp_path / "study.mrml"))
+    other.Import()
+    imported = other.GetFirstNodeByName(result.GetName())
+    assert other.GetNodeByID(imported.GetAttribute(mrml_io.ATTR_SOURCE)).GetName() == "another patient"  # stale
+    assert mrml_io.source_node(imported).GetName() == "CT"
+    assert mrml_io.provenance_record(imported).input == "CT"  # what the exported files name as the input
+    other.RemoveNode(mrml_io.source_node(imported))
+    assert mrml_io.source_node(imported) is None
+
+
 def test_the_export_dialog_choice_names_the_format():
     dicom, nrrd, nifti = (text for text, _suffix, _dicom in mrml_io.EXPORT_FILTERS)
     assert mrml_io.export_target("/data/thin", dicom) == ("/data/thin", True)
