@@ -15,7 +15,7 @@ import os
 import slicer
 from CTDiffusionSRLib.module_widget import reloadModules
 from CTDiffusionSRLib.sr_widget import CTDiffusionSRLogic, CTDiffusionSRParameterNode, SRWidget
-from CTDiffusionSRLib.widgets import applyCacheFolderSetting
+from CTDiffusionSRLib.widgets import applyCacheFolderSetting, watchResultSaves
 from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -55,6 +55,7 @@ Built on DiffusionCore (PyTorch). Method ideas from ResShift (Yue et al.) and Co
 
         check_slicer_version(self.parent.title)
         slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", watchResultSaves)  # results loaded with a scene keep their label
 
 
 #

@@ -427,3 +427,15 @@ def passed_over(records) -> list[str]:
     """The warnings of :func:`DiffusionCore.inputs.readable_volumes` about series it passed over."""
     return [r.getMessage() for r in records if r.levelno >= 30 and "passed over" in r.getMessage()]
 
+
+def save_scene(scene, nodes, path: Path) -> Path:
+    """Save ``scene`` as ``path`` (.mrml) with each of ``nodes`` written beside it as ``<node ID>.nrrd``, as
+    Slicer's Save does; returns ``path``."""
+    for node in nodes:
+        node.GetStorageNode() or node.AddDefaultStorageNode()
+        node.GetStorageNode().SetFileName(str(path.parent / f"{node.GetID()}.nrrd"))
+        assert node.GetStorageNode().WriteData(node)
+    scene.SetURL(str(path))
+    assert scene.Commit()
+    return path
+

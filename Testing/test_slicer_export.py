@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "CTDiffusionSR") not in sys.path:
     sys.path.insert(0, str(ROOT / "CTDiffusionSR"))
 
-from conftest import write_dicom_series  # noqa: E402
+from conftest import save_scene, write_dicom_series  # noqa: E402
 from CTDiffusionSRLib import mrml_io  # noqa: E402
 
 from DiffusionCore.errors import InputError  # noqa: E402
@@ -154,12 +154,7 @@ def test_a_result_finds_its_source_after_its_scene_is_imported_beside_other_volu
     identity would have gone into the exported series). A node reference follows the renumbering."""
     scene, input_node, result, _, _ = scene_with_result
     assert mrml_io.source_node(result) is input_node
-    for node in (input_node, result):
-        node.AddDefaultStorageNode()
-        node.GetStorageNode().SetFileName(str(tmp_path / f"{node.GetID()}.nrrd"))
-        assert node.GetStorageNode().WriteData(node)
-    scene.SetURL(str(tmp_path / "study.mrml"))
-    assert scene.Commit()
+    save_scene(scene, (input_node, result), tmp_path / "study.mrml")
     other = slicer.vtkMRMLScene()
     for name in ("another patient", "and another"):
         mrml_io.add_volume_node(other, mrml_io.volume_from_node(input_node), name)
@@ -171,6 +166,32 @@ def test_a_result_finds_its_source_after_its_scene_is_imported_beside_other_volu
     assert mrml_io.provenance_record(imported).input == "CT"  # what the exported files name as the input
     other.RemoveNode(mrml_io.source_node(imported))
     assert mrml_io.source_node(imported) is None
+
+
+def test_a_result_loaded_with_a_saved_scene_keeps_its_provenance_when_saved_again(tmp_path, scene_with_result):
+    """A result saved with the scene and loaded in a later session has its provenance attributes, but nothing
+    watched its saves: saving it again (e.g. after an edit) wrote the image without the synthetic label. The
+    modules now watch every scene loaded into Slicer's (at startup and when a panel opens)."""
+    scene, input_node, result, _, _ = scene_with_result
+    save_scene(scene, (input_node, result), tmp_path / "study.mrml")
+
+    def load_and_save_again(watched: bool) -> str:
+        later = slicer.vtkMRMLScene()  # Slicer's scene in the next session
+        if watched:
+            mrml_io.watch_results_of_loaded_scenes(later)
+            mrml_io.watch_results_of_loaded_scenes(later)  # both modules call it: one watcher
+        later.SetURL(str(tmp_path / "study.mrml"))
+        later.Import()
+        loaded = later.GetFirstNodeByName(result.GetName())
+        assert mrml_io.provenance(loaded)["kind"] == "super-resolution"
+        again = tmp_path / f"saved again {watched}.nrrd"
+        loaded.GetStorageNode().SetFileName(str(again))
+        assert loaded.GetStorageNode().WriteData(loaded)
+        return again.read_bytes()[:4000].decode("latin-1")
+
+    assert "ctdiffusion_synthetic:=true" not in load_and_save_again(watched=False)  # what happened before
+    header = load_and_save_again(watched=True)
+    assert header.count("ctdiffusion_synthetic:=true") == 1 and "ctdiffusion_input:=CT" in header
 
 
 def test_the_export_dialog_choice_names_the_format():

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "CTDiffusionSR") not in sys.path:
     sys.path.insert(0, str(ROOT / "CTDiffusionSR"))
 
-from conftest import write_fake_trainer  # noqa: E402
+from conftest import save_scene, write_fake_trainer  # noqa: E402
 from CTDiffusionSRLib import mrml_io  # noqa: E402
 from CTDiffusionSRLib.process import JobState  # noqa: E402
 from CTDiffusionSRLib.sr_logic import SRJob, SRSettings  # noqa: E402
@@ -722,3 +722,20 @@ def test_the_modules_self_tests_pass(panels, scene, module, monkeypatch):
     assert outcome.wasSuccessful(), [text for _, text in outcome.errors + outcome.failures]
     assert ScriptedLoadableModuleTest.shown[-1] == "Test passed"
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2  # its input and its result
+
+
+def test_opening_a_panel_makes_results_of_scenes_loaded_later_keep_their_label_when_saved(panels, scene, tmp_path):
+    earlier = slicer.vtkMRMLScene()  # the session that made the result and saved the scene
+    source = mrml_io.add_volume_node(earlier, phantom_ct(), "CT_07")
+    result = mrml_io.add_volume_node(earlier, phantom_ct(seed=1), "CT_07 SR x4 (synthetic)")
+    mrml_io.set_provenance(result, kind="super-resolution", model="sr-default", weights_sha256="ab" * 32,
+                           settings={}, source=source, title="SR x4 (synthetic)")  # fmt: skip
+    save_scene(earlier, (source, result), tmp_path / "earlier.mrml")
+    panel, p, ui = _open(panels.xray.XrayWidget)  # either panel
+    scene.SetURL(str(tmp_path / "earlier.mrml"))
+    scene.Import()  # File > Load Scene, after the panel was opened
+    loaded = scene.GetFirstNodeByName("CT_07 SR x4 (synthetic)")
+    loaded.GetStorageNode().SetFileName(str(tmp_path / "again.nrrd"))
+    assert loaded.GetStorageNode().WriteData(loaded)
+    assert b"ctdiffusion_synthetic:=true" in (tmp_path / "again.nrrd").read_bytes()[:4000]
+    panel.cleanup()

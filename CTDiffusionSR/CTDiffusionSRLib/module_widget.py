@@ -29,6 +29,7 @@ from .widgets import (
     exportResultWithDialog,
     fillWeightsComboBox,
     importWeights,
+    watchResultSaves,
 )
 
 
@@ -66,6 +67,7 @@ class ModuleWidget(VTKObservationMixin, abc.ABC):
         self.uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = self.logicClass()
         applyCacheFolderSetting()
+        watchResultSaves()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)

@@ -268,6 +268,32 @@ def watch_saves(node) -> bool:
     return True
 
 
+def watch_results(scene) -> int:
+    """:func:`watch_saves` for every result node in ``scene`` (results of an earlier session, loaded with a saved
+    scene, carry their provenance attributes but nothing watches their saves). Returns how many are watched."""
+    watched = 0
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLVolumeNode")
+        if node.GetAttribute(ATTR_SYNTHETIC) == "true" and watch_saves(node):
+            watched += 1
+    return watched
+
+
+def watch_results_of_loaded_scenes(scene) -> None:
+    """From now on, the results in every scene loaded or imported into ``scene`` keep their provenance when Slicer
+    saves them (:func:`watch_results` after each import). Idempotent: the modules call it at Slicer's startup and
+    when a panel opens."""
+    if getattr(scene, _WATCHING_IMPORTS, False):
+        return
+    scene.AddObserver(scene.EndImportEvent, lambda caller, _event: watch_results(caller))
+    setattr(scene, _WATCHING_IMPORTS, True)
+    watch_results(scene)
+
+
+#: Python attribute of a scene whose imports are watched (:func:`watch_results_of_loaded_scenes`).
+_WATCHING_IMPORTS = "_ctdiffusion_watching_imports"
+
+
 def _stamp_after_write(storage, node_id: str) -> None:
     """Observer of a result's storage node: stamp the file it has just written (once per write)."""
     if storage.GetWriteState() != storage.TransferDone or not storage.GetFileName():

@@ -75,6 +75,17 @@ def applyCacheFolderSetting() -> str:
     return folder
 
 
+def watchResultSaves() -> None:
+    """Results loaded with a saved scene keep their provenance when Slicer saves them again
+    (:func:`CTDiffusionSRLib.mrml_io.watch_results_of_loaded_scenes`); a no-op until DiffusionCore's packages are
+    installed (the first Apply installs them; opening a panel then calls this again)."""
+    try:
+        from CTDiffusionSRLib.mrml_io import watch_results_of_loaded_scenes
+    except ImportError:
+        return
+    watch_results_of_loaded_scenes(slicer.mrmlScene)
+
+
 def fillWeightsComboBox(comboBox, family: str, current: str) -> None:
     """List the registered weights of ``family`` whose file is here, the default preselected (no torch import)."""
     from CTDiffusionSRLib.weights_choice import weights_items
