@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .errors import InputError
@@ -219,3 +219,11 @@ def readable_volumes(paths: Iterable[str | os.PathLike]):
         yield path, vol
     if not yielded and failed:
         raise InputError("none of the CT volumes could be read: " + "; ".join(failed))
+
+
+def done_through(paths: Sequence[str | os.PathLike], path: str | os.PathLike) -> int:
+    """How many of ``paths`` are behind once :func:`readable_volumes` has yielded ``path`` (1-based): the ones it
+    passed over count, so that progress over a cohort reaches its total."""
+    target = Path(path)
+    return next(n for n, p in enumerate(paths, start=1) if Path(p) == target)
+

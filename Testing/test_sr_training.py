@@ -262,8 +262,11 @@ def test_latent_training_data_passes_over_cohort_series_that_cannot_be_read(vae_
     write_cohort_with_unreadable_series(tmp_path / "cohort")
     train, val = load_regions([str(tmp_path / "cohort")], [], val_fraction=0.0)
     assert [(r.name, r.z1 - r.z0) for r in train] == [("ct", 12)] and val == []
-    files = prepare_latents([str(tmp_path / "cohort")], vae_dir, tmp_path / "lat", factors=(4,), device="cpu")
+    steps = []
+    files = prepare_latents([str(tmp_path / "cohort")], vae_dir, tmp_path / "lat", factors=(4,), device="cpu",
+                            progress=lambda done, total, _what: steps.append((done, total)))  # fmt: skip
     assert [f.name for f in files] == ["ct_x4.safetensors"]
+    assert steps == [(1, 3), (3, 3)]  # the bar ends full although two series were passed over
     said = passed_over(diffusioncore_log)
     assert len(said) == 4 and all("p2/ct" in s or "p3/ct" in s for s in said)
 

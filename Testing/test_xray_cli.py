@@ -281,6 +281,12 @@ def test_xray_training_data_passes_over_cohort_series_that_cannot_be_read(tmp_pa
                  "16", "--xray-resolutions", "16", "--progress", "none"]) == 0  # fmt: skip
     manifest = json.loads((data / "manifest.json").read_text())
     assert [Path(case["source"]) for case in manifest["cases"]] == [paths[0]]
+    from DiffusionCore.xray.data import prepare_dataset
+
+    steps = []
+    prepare_dataset(paths[::-1], tmp_path / "again", resolutions=(16,), xray_resolutions=(16,),
+                    progress=lambda done, total, _what: steps.append((done, total)))  # fmt: skip
+    assert steps == [(3, 3)]  # the readable series is last here; those passed over count as done
 
 
 def test_prepare_train_resume_next_stage_and_evaluate(files, tmp_path):

@@ -94,7 +94,7 @@ def prepare_latents(
     """
     from ..devices import resolve_device
     from ..errors import OutputError
-    from ..inputs import collect_volumes, readable_volumes
+    from ..inputs import collect_volumes, done_through, readable_volumes
     from ..weights import save_safetensors, sha256_file
     from .model import load_vae_weights
 
@@ -116,6 +116,7 @@ def prepare_latents(
     total = len(paths) * len(factors)
     done = 0
     for p, vol in readable_volumes(paths):
+        done = (done_through(paths, p) - 1) * len(factors)  # series passed over count as done
         units = hu_to_unit(vol.array)
         stem = Path(p).name.split(".")[0]
         for k in factors:
@@ -146,6 +147,8 @@ def prepare_latents(
             logger.info("wrote %s (latent %s)", target, tuple(x0.shape))
             if progress is not None:
                 progress(done, total, f"{stem} x{k}")
+    if progress is not None and done < total:  # the last series were passed over
+        progress(total, total, "the rest passed over")
     return written
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..inputs import readable_volumes
+from ..inputs import done_through, readable_volumes
 from ..intensity import hu_to_unit
 from ..train.augment import rotation_matrix
 from ..volume import AIR_HU, Volume, write_volume
@@ -370,7 +370,7 @@ def prepare_dataset(
     aug = aug or XrayDataConfig(view=view, fov_mm=fov_mm)
     rng = np.random.default_rng(seed)
     cases = []
-    total = len(ct_paths)
+    total, done = len(ct_paths), 0
     for i, (p, vol) in enumerate(readable_volumes(ct_paths)):
         name = Path(str(p).rstrip("/")).name.split(".")[0] or f"case{i:04d}"
         case_dir = out / f"{i:04d}_{name}"
@@ -390,8 +390,11 @@ def prepare_dataset(
                 _save_npy(case_dir / f"drr_{x}_aug{k}.npy", a)
                 files[f"drr_{x}_aug{k}"] = str((case_dir / f"drr_{x}_aug{k}.npy").relative_to(out))
         cases.append({"source": str(p), "files": files})
+        done = done_through(ct_paths, p)  # by the source's place in the list: series passed over count as done
         if progress is not None:
-            progress(i + 1, total, f"prepared {name}")
+            progress(done, total, f"prepared {name}")
+    if progress is not None and done < total:  # the last series were passed over
+        progress(total, total, "the rest passed over")
     manifest = {
         "fov_mm": fov_mm,
         "view": view,
