@@ -313,6 +313,18 @@ def test_the_training_panel_runs_stops_and_shows_each_runs_curve(widgets, scene,
     panel.onStart()
     assert "already holds a training run" in widgets.dialogs.errors[-1] and panel.job is None
 
+    # Resume (e.g. after restarting Slicer, the text back at the defaults): the run keeps its own settings
+    ui.trainingConfigTextEdit.setPlainText("{}")
+    params.trainingResume = True
+    panel.onStart()
+    assert panel.job is not None, widgets.dialogs.errors
+    ui.trainingStopButton.emit("clicked(bool)", True)
+    _run_timer(panel.timer, lambda: panel.job is None, seconds=60)
+    argv = json.loads((tmp_path / "run1" / "argv.json").read_text())
+    assert "--resume" in argv and argv[argv.index("--config") + 1] == str(tmp_path / "run1" / "config.json")
+    assert (tmp_path / "run1" / "config.json").read_text() == json.dumps(json.loads(preset), indent=2)
+    assert json.loads(ui.trainingConfigTextEdit.toPlainText()) == json.loads(preset)  # shown in the panel
+
 
 # -- the panels ---------------------------------------------------------------------------------------------
 class NodeComboBox(Widget):

@@ -121,6 +121,20 @@ def write_config_text(text: str, output_dir: str | os.PathLike) -> Path:
     return path
 
 
+def run_config(text: str, output_dir: str | os.PathLike, resume: bool) -> tuple[Path, bool]:
+    """The config file a run from the training panel uses, and whether it is the run's own.
+
+    Resuming continues with the settings the run started with: its ``config.json`` is kept and used, whatever the
+    panel's text now says (after a restart the text is back at the defaults, and writing it would have changed
+    the run's settings half-way and lost the record of them). Otherwise ``text`` is checked and written
+    (:func:`write_config_text`).
+    """
+    own = Path(output_dir) / "config.json"
+    if resume and own.is_file():
+        return own, True
+    return write_config_text(text, output_dir), False
+
+
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "volume"
 

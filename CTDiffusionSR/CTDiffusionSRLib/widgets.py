@@ -241,7 +241,7 @@ class TrainingPanel:
             TrainingJob,
             export_training_volumes,
             output_folder_problem,
-            write_config_text,
+            run_config,
         )
 
         p = self.getParameterNode()
@@ -254,7 +254,9 @@ class TrainingPanel:
             slicer.util.errorDisplay(problem)
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
-            config = write_config_text(self.ui.trainingConfigTextEdit.toPlainText(), output)
+            config, ownConfig = run_config(self.ui.trainingConfigTextEdit.toPlainText(), output, p.trainingResume)
+            if ownConfig:  # resuming: the run's own settings, shown
+                self.ui.trainingConfigTextEdit.setPlainText(config.read_text(encoding="utf-8"))
             if p.trainingUseSceneVolumes:
                 nodes = self.ui.trainingVolumesSelector.checkedNodes()
                 data = export_training_volumes(nodes, pathlib.Path(output) / "scene_volumes")
