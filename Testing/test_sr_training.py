@@ -308,9 +308,12 @@ def test_cli_train_runs_end_to_end_and_resumes(folder, tmp_path):
     )
     out_v, out_s = tmp_path / "vae", tmp_path / "sr"
 
+    said = []
+
     def cli(*args):
         proc = subprocess.run([PY, "-c", CLI, *args], capture_output=True, text=True, env=ENV, timeout=180)
         assert proc.returncode == 0, proc.stderr[-2000:]
+        said.append(proc.stderr)
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     cli(
@@ -347,6 +350,7 @@ def test_cli_train_runs_end_to_end_and_resumes(folder, tmp_path):
     first = cli(*sr_args, "--max-steps", "1")
     again = cli(*sr_args, "--max-steps", "2", "--resume")
     assert first["steps"] == 1 and again["steps"] == 2
+    assert "differ from the run's" not in said[-1]  # the same settings (what training measured is not a change)
     assert (out_s / "checkpoint-00000002").is_dir() and (out_s / "sr_model.safetensors").is_file()
     exported = cli(
         "train", "export-sr", str(out_s), str(tmp_path / "d.safetensors"), "--component", "diffusion"

@@ -461,6 +461,12 @@ def test_train_throughplane_learns_exports_resumes_and_continues_from_weights(tr
               "--max-steps", "40", "--resume"], env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 40
+    assert "differ from the run's" not in r.stderr  # a longer run (and the seed) are free to change
+    # ... and says so when it continues with other settings (they apply from there on)
+    r = _run(["train", "throughplane", "--config", str(cfg), "--data", str(data), "--out-dir", str(out),
+              "--max-steps", "42", "--resume", "--learning-rate", "0.0005"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert "resuming with settings that differ from the run's" in r.stderr and "learning_rate: 0.003 -> 0.0005" in r.stderr
     # --init-from starts a new run from exported weights
     out2 = tmp_path / "run2"
     r = _run(["train", "throughplane", "--config", str(cfg), "--data", str(data), "--out-dir", str(out2),

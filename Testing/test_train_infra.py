@@ -488,3 +488,16 @@ def test_ema_averages_only_trained_weights_and_restores_them():
     assert torch.equal(other.net__0__weight, ema.net__0__weight) and int(other.num_updates) == 30
     with pytest.raises(ValueError, match="decay"):
         ParameterEMA({"net": net}, decay=1.0)
+
+
+def test_resuming_with_other_settings_is_named_setting_by_setting():
+    from DiffusionCore.train.checkpoint import config_differences
+
+    saved = {"learning_rate": 0.001, "model": {"channels": 32, "factors": [2, 4]}, "max_steps": 100, "seed": 1}
+    same_run_longer = {**saved, "max_steps": 500, "seed": 0}  # how long and the seed are free to change
+    assert config_differences(saved, same_run_longer) == []
+    other = {"learning_rate": 0.0002, "model": {"channels": 32, "factors": [2, 3]}, "max_steps": 100, "amp": True}
+    assert config_differences(saved, other) == [
+        "amp: '(none)' -> True", "learning_rate: 0.001 -> 0.0002", "model.factors.1: 4 -> 3",
+    ]  # fmt: skip
+    assert config_differences({"factors": [2, 4]}, {"factors": [2]}) == ["factors: [2, 4] -> [2]"]

@@ -225,7 +225,7 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
           init_from: str | None = None) -> dict[str, Any]:
     """Train (or continue training) the predictor; returns a summary and writes ``out_dir/throughplane.safetensors``."""
     from ..inputs import collect_volumes
-    from ..train.checkpoint import find_latest, load_training_state, save_training_state
+    from ..train.checkpoint import find_latest, load_training_state, save_training_state, warn_resumed_config
     from ..train.ema import ParameterEMA
     from ..train.logger import TrainLogger
     from ..train.stop import StopFlag
@@ -251,6 +251,7 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     cpu_seconds_before = 0.0
     if resume and find_latest(out) is not None:
         state = load_training_state(out, models=models, optimizers={"opt": opt}, generators={"data": rng})
+        warn_resumed_config(state, cfg, find_latest(out))
         step = int(state["step"])
         patches_before = int(state["extra"].get("patches", 0))
         cpu_seconds_before = float(state["extra"].get("cpu_seconds", 0.0))

@@ -158,6 +158,7 @@ def _fit(
         mark_best,
         read_checkpoint_info,
         save_training_state,
+        warn_resumed_config,
     )
     from ..train.distributed import all_reduce_mean, barrier, wrap_model
     from ..train.ema import EMA_MODEL, ParameterEMA
@@ -192,6 +193,7 @@ def _fit(
         extra = state["extra"] or {}
         best = float(extra.get("best_score", -math.inf))
         restore_extra(extra)
+        warn_resumed_config(state, cfg, latest)  # after what training measured is restored into cfg
         logger.info("resumed at step %d from %s", step, latest)
     for m in saved_models.values():
         m.to(run.device)

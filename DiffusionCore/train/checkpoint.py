@@ -572,3 +572,48 @@ def export_weights(
     digest = save_safetensors(out_file, tensors, metadata)
     logger.info("exported %s of %s to %s (sha256 %s)", model_name, ckpt, out_file, digest)
     return digest
+
+
+#: Settings a resumed run may change without a word: how long it runs, where, how often it logs and saves, and the
+#: seed (the random streams come back from the checkpoint).
+RESUME_FREE_SETTINGS = frozenset({
+    "max_steps", "max_minutes", "epochs", "threads", "device", "num_workers", "log_every", "val_every",
+    "checkpoint_every", "keep_checkpoints", "seed",
+})  # fmt: skip
+
+
+def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """``"key: saved -> current"`` for each setting that differs between two JSON-ready configs (nested keys dotted),
+    except those of :data:`RESUME_FREE_SETTINGS`."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out: list[str] = []
+        for key in sorted(set(saved) | set(current), key=str):
+            if key in RESUME_FREE_SETTINGS:
+                continue
+            name = f"{prefix}{key}"
+            if key not in saved or key not in current:
+                out.append(f"{name}: {saved.get(key, '(none)')!r} -> {current.get(key, '(none)')!r}")
+            else:
+                out += config_differences(saved[key], current[key], name + ".")
+        return out
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [d for i, (a, b) in enumerate(zip(saved, current)) for d in config_differences(a, b, f"{prefix}{i}.")]
+    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
+
+
+def warn_resumed_config(state: dict, current: Any, checkpoint: str | os.PathLike) -> list[str]:
+    """Warn when a run is resumed with settings other than those it was checkpointed with (``state["config"]``,
+    from :func:`load_training_state`): they apply from here on, which may be meant (a lower learning rate) or not
+    (another config file by mistake). Returns the differences."""
+    saved = state.get("config") or {}
+    if not saved:
+        return []
+    differences = config_differences(saved, config_to_dict(current))
+    if differences:
+        shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+        logger.warning(
+            "resuming with settings that differ from the run's (%s keeps them in state.json), from this step on: %s",
+            checkpoint, shown,
+        )
+    return differences
+

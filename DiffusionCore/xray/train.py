@@ -428,7 +428,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     Raises:
         ConfigError, InputError, WeightsError: bad configs, data or starting weights.
     """
-    from ..train.checkpoint import find_latest, load_training_state, save_training_state
+    from ..train.checkpoint import find_latest, load_training_state, save_training_state, warn_resumed_config
     from ..train.distributed import all_reduce_mean, cleanup, init_distributed, wrap_model
     from ..train.ema import EMA_MODEL, ParameterEMA
     from ..train.logger import TrainLogger
@@ -516,6 +516,8 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
             state = load_training_state(latest, models=models, optimizers={"opt": opt},
                                         schedulers={"lr": sched}, generators={"data": rng},
                                         map_location=info.device)  # fmt: skip
+            if info.is_main:
+                warn_resumed_config(state, config_dict, latest)
             step, epoch = int(state["step"]), int(state["epoch"])
             if info.rank > 0:  # the checkpoint holds rank 0's random streams; the others draw their own
                 rng = np.random.default_rng([tcfg.seed, info.rank, step])
