@@ -226,4 +226,3 @@ def done_through(paths: Sequence[str | os.PathLike], path: str | os.PathLike) ->
     passed over count, so that progress over a cohort reaches its total."""
     target = Path(path)
     return next(n for n, p in enumerate(paths, start=1) if Path(p) == target)
-

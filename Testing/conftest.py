@@ -438,4 +438,3 @@ def save_scene(scene, nodes, path: Path) -> Path:
     scene.SetURL(str(path))
     assert scene.Commit()
     return path
-

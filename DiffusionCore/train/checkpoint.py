@@ -616,4 +616,3 @@ def warn_resumed_config(state: dict, current: Any, checkpoint: str | os.PathLike
             checkpoint, shown,
         )
     return differences
-
