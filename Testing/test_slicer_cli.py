@@ -469,3 +469,30 @@ def test_train_cli_passes_overwrite_to_the_train_command():
     old = parser.parse_args(["--family", "sr", "--outputDirectory", "run", "--overwrite"])
     with pytest.raises(ValueError, match="no --overwrite option"):
         script.train_argv(old, supported - {"--overwrite"})
+
+
+def test_every_training_front_end_offers_the_same_families_as_the_train_command():
+    """The family list is written out in each front end, which must parse its arguments before DiffusionCore can be
+    imported (to say when it is not installed): the Slicer CLI (its XML is checked against it above), the headless
+    script, the training panel's Lib and both panels' parameter nodes. They must stay the train command's families,
+    the shipped design first."""
+    import ast
+
+    from CTDiffusionSRLib.training import FAMILIES
+
+    from DiffusionCore.cli.main import build_parser as core_parser
+
+    train = core_parser()._subparsers._group_actions[0].choices["train"]
+    commands = set(train._subparsers._group_actions[0].choices)  # the families, and export-sr / export-vae
+    spec = importlib.util.spec_from_file_location("headless_train", ROOT / "scripts" / "headless_train.py")
+    headless = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headless)
+    headless_families = next(a.choices for a in headless.build_parser()._actions if a.dest == "family")
+    assert FAMILIES[0] == "throughplane" and set(FAMILIES) == {c for c in commands if not c.startswith("export")}
+    assert tuple(_script("DiffusionTrain").FAMILIES) == tuple(headless_families) == FAMILIES
+    for panel, first in (("CTDiffusionSR/CTDiffusionSRLib/sr_widget.py", "throughplane"),
+                         ("XrayToCT/XrayToCTLib/xray_widget.py", "xray")):  # fmt: skip
+        tree = ast.parse((ROOT / panel).read_text(encoding="utf-8"))
+        field = next(n for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) and ast.unparse(n.target) == "trainingFamily")
+        choices = ast.literal_eval(next(c for c in ast.walk(field.annotation) if isinstance(c, ast.List)))
+        assert set(choices) == set(FAMILIES) and choices[0] == first and field.value.value == first

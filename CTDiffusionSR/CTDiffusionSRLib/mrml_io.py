@@ -268,6 +268,10 @@ def watch_saves(node) -> bool:
     return True
 
 
+#: Python attribute of a scene whose imports are watched (:func:`watch_results_of_loaded_scenes`).
+_WATCHING_IMPORTS = "_ctdiffusion_watching_imports"
+
+
 def watch_results(scene) -> int:
     """:func:`watch_saves` for every result node in ``scene`` (results of an earlier session, loaded with a saved
     scene, carry their provenance attributes but nothing watches their saves). Returns how many are watched."""
@@ -288,10 +292,6 @@ def watch_results_of_loaded_scenes(scene) -> None:
     scene.AddObserver(scene.EndImportEvent, lambda caller, _event: watch_results(caller))
     setattr(scene, _WATCHING_IMPORTS, True)
     watch_results(scene)
-
-
-#: Python attribute of a scene whose imports are watched (:func:`watch_results_of_loaded_scenes`).
-_WATCHING_IMPORTS = "_ctdiffusion_watching_imports"
 
 
 def _stamp_after_write(storage, node_id: str) -> None:
@@ -487,11 +487,13 @@ def job_grid(node) -> Grid:
     return series.grid if series is not None else grid_from_node(node)
 
 
-def write_job_input(node, folder: str | os.PathLike, name: str) -> str:
-    """The node as a background job's input in ``folder``: ``name.nrrd`` (float32, world geometry), or for a series
-    Slicer could not load as a regular grid (:func:`series_to_read_from_files`) a folder ``name`` holding its DICOM
-    files (linked, or copied where links cannot be made), which DiffusionCore reads as ``sr SERIES_FOLDER`` does (a
-    tilt resampled onto an orthogonal grid). The node is never modified. Returns the path to pass to the job."""
+def write_job_input(node, folder: str | os.PathLike, name: str, *, dtype: str = "float32", compress: bool = False) -> str:
+    """The node as a background job's input in ``folder``: ``name.nrrd`` (world geometry; ``dtype`` and ``compress`` as
+    :func:`DiffusionCore.volume.write_volume` takes them: by default float32, uncompressed, for a job that starts at
+    once), or for a series Slicer could not load as a regular grid (:func:`series_to_read_from_files`) a folder ``name``
+    holding its DICOM files (linked, or copied where links cannot be made), which DiffusionCore reads as
+    ``sr SERIES_FOLDER`` does (a tilt resampled onto an orthogonal grid). The node is never modified. Returns the path
+    to pass to the job."""
     import shutil
     from pathlib import Path
 
@@ -500,7 +502,7 @@ def write_job_input(node, folder: str | os.PathLike, name: str) -> str:
     series = series_to_read_from_files(node)
     if series is None:
         path = Path(folder) / f"{name}.nrrd"
-        write_volume(volume_from_node(node), path, overwrite=True, dtype="float32", compress=False)
+        write_volume(volume_from_node(node), path, overwrite=True, dtype=dtype, compress=compress)
         return str(path)
     target = Path(folder) / name
     target.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from DiffusionCore.errors import ConfigError, InputError, OutputError
-from DiffusionCore.volume import write_volume
 
 from .jobs import CLIJob
-from .mrml_io import series_to_read_from_files, volume_from_node, write_job_input
+from .mrml_io import write_job_input
 from .process import JobState
 
 try:
@@ -148,13 +147,9 @@ def export_training_volumes(nodes: Sequence, folder: str | os.PathLike) -> Path:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     lines = []
-    for i, node in enumerate(nodes):
-        stem = f"{i:03d}_{_safe_name(node.GetName())}"
-        if series_to_read_from_files(node) is not None:
-            lines.append(Path(write_job_input(node, out, stem)).name)
-            continue
-        write_volume(volume_from_node(node), out / f"{stem}.nrrd", overwrite=True)
-        lines.append(f"{stem}.nrrd")
+    for i, node in enumerate(nodes):  # stored as the node's voxels (compressed), or a folder of its DICOM files
+        written = write_job_input(node, out, f"{i:03d}_{_safe_name(node.GetName())}", dtype="auto", compress=True)
+        lines.append(Path(written).name)
     listing = out / "volumes.txt"
     listing.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return listing
