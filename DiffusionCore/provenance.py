@@ -5,22 +5,31 @@ One :class:`Provenance` travels with every result and is written into whatever f
 
 - DICOM: SeriesDescription, ImageType DERIVED\\SECONDARY, DerivationDescription, ImageComments,
   Source Image Sequence (:mod:`DiffusionCore.dicom_out`);
-- NRRD and MetaImage: header fields ``ctdiffusion_*`` (:func:`header_fields`), which 3D Slicer keeps;
+- NRRD and MetaImage: header fields ``ctdiffusion_*`` (:func:`header_fields`; 3D Slicer's own writer drops them,
+  so the modules stamp them again after Slicer saves a result);
 - NIfTI: the 80-character ``descrip`` field (:func:`nifti_descrip`) and a JSON sidecar beside the file
   (``result.nii.gz`` -> ``result.json``, :func:`sidecar_path`);
 - the ``--report`` JSON: the ``provenance`` object (:meth:`Provenance.as_dict`).
+
+:func:`read_provenance` reads it back from any of these files (how 3D Slicer recognises a result loaded from a
+file as synthetic).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+
+logger = logging.getLogger(__name__)
 
 SOFTWARE = "CTDiffusion"
 #: Prefix of the NRRD / MetaImage header keys.
@@ -128,3 +137,105 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 def read_header_fields(metadata: dict[str, str]) -> dict[str, str]:
     """The provenance fields of a header dictionary (prefix stripped)."""
     return {k[len(HEADER_PREFIX):]: v for k, v in metadata.items() if k.startswith(HEADER_PREFIX)}
+
+
+#: Most header bytes read when looking for the provenance of a file (a NRRD or MetaImage header is a few KB).
+HEADER_READ_LIMIT = 1 << 20
+_DERIVATION = re.compile(
+    rf"^(?P<title>.*) by {SOFTWARE} \S+ \((?P<task>[^)]*)\); weights (?P<weights>.*) sha256 (?P<sha>[0-9a-fA-F]*); "
+    r"settings (?P<settings>.*)$", re.S)
+
+
+def _header_text(path: Path, end_marker: bytes) -> str:
+    """The text before ``end_marker`` (or the first :data:`HEADER_READ_LIMIT` bytes)."""
+    with open(path, "rb") as f:
+        data = f.read(HEADER_READ_LIMIT)
+    end = data.find(end_marker)
+    return (data if end < 0 else data[:end]).decode("latin-1")
+
+
+def _from_fields(fields: dict[str, str]) -> Provenance | None:
+    if fields.get("synthetic", "").lower() != "true":
+        return None
+    try:
+        settings = json.loads(fields.get("settings") or "{}")
+    except ValueError:
+        settings = {}
+    return Provenance(
+        task=fields.get("task", ""), title=fields.get("title", "") or "synthetic", weights=fields.get("weights", ""),
+        weights_sha256=fields.get("weights_sha256", ""), settings=settings if isinstance(settings, dict) else {},
+        input=fields.get("input", ""), input_uid=fields.get("input_uid", ""), date=fields.get("date", ""),
+    )
+
+
+def _from_nifti(path: Path) -> Provenance | None:
+    side = sidecar_path(path)
+    if side.is_file() and side.stat().st_size <= HEADER_READ_LIMIT:
+        try:
+            record = json.loads(side.read_text(encoding="utf-8")).get("provenance")
+        except (ValueError, AttributeError):
+            record = None
+        if isinstance(record, dict) and record.get("synthetic") is True:
+            return _from_fields({k: v if isinstance(v, str) else json.dumps(v) for k, v in record.items()
+                                 if k != "synthetic"} | {"synthetic": "true"})
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(348)
+    descrip = head[148:228].split(b"\0", 1)[0].decode("ascii", "replace") if len(head) >= 228 else ""
+    if not descrip.startswith("SYNTHETIC"):
+        return None
+    text = descrip[len("SYNTHETIC"):].strip()  # "{title} CTDiffusion sha256:{prefix}", possibly cut at 80 bytes
+    title, _, rest = text.partition(f" {SOFTWARE}")
+    sha = rest.partition("sha256:")[2].strip()
+    return Provenance(task="", title=title.strip() or "synthetic", weights="", weights_sha256=sha, date="")
+
+
+def _from_dicom(path: Path) -> Provenance | None:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=False,
+                         specific_tags=["Manufacturer", "ImageComments", "DerivationDescription", "StudyDate"])
+    comments = str(ds.get("ImageComments", ""))
+    if ds.get("Manufacturer", "") != SOFTWARE or not comments.startswith("SYNTHETIC"):
+        return None
+    m = _DERIVATION.match(str(ds.get("DerivationDescription", "")))
+    fields = {"synthetic": "true"}
+    if m:
+        fields.update(title=m["title"], task=m["task"], weights=m["weights"], weights_sha256=m["sha"],
+                      settings=m["settings"])
+    source = re.search(rf" from (.*) by {SOFTWARE} ", comments)
+    fields["input"] = source.group(1) if source and source.group(1) != "the input" else ""
+    return _from_fields(fields)
+
+
+def read_provenance(path: str | os.PathLike | None) -> Provenance | None:
+    """The provenance recorded in a volume file written by this software (or stamped after another program
+    wrote it), or None when the file records none, cannot be read, or is of a format with no place for it.
+
+    Reads only headers: NRRD / MetaImage header fields, a NIfTI file's JSON sidecar (else "SYNTHETIC" in its
+    ``descrip``: the title and the weights' sha256 prefix only), a DICOM file's tags as :mod:`DiffusionCore.dicom_out`
+    writes them. Never raises: a file that cannot be read is simply not recognised (logged at debug level).
+    """
+    if not path:
+        return None
+    p = Path(path)
+    name = p.name.lower()
+    try:
+        if not p.is_file():
+            return None
+        if name.endswith((".nrrd", ".nhdr")):
+            text = _header_text(p, b"\n\n")
+            pairs = (line.partition(":=") for line in text.splitlines() if ":=" in line)
+            return _from_fields(read_header_fields({k.strip(): v.strip() for k, _, v in pairs}))
+        if name.endswith((".mha", ".mhd")):
+            text = _header_text(p, b"\nElementDataFile")
+            pairs = (line.partition("=") for line in text.splitlines() if "=" in line)
+            return _from_fields(read_header_fields({k.strip(): v.strip() for k, _, v in pairs}))
+        if name.endswith((".nii", ".nii.gz")):
+            return _from_nifti(p)
+        with open(p, "rb") as f:
+            is_dicom = f.read(132)[128:132] == b"DICM"
+        return _from_dicom(p) if is_dicom else None
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is not a recognised result; loading goes on
+        logger.debug("no provenance read from %s: %s", p, exc)
+        return None

@@ -98,14 +98,16 @@ def write_result(
     keep_frame_of_reference: bool = True,
     overwrite: bool = False,
     dtype: str = "auto",
+    compress: bool = True,
 ) -> list[Path]:
-    """Write ``vol`` with its provenance; returns the paths written (see module docstring)."""
+    """Write ``vol`` with its provenance; returns the paths written (see module docstring). ``compress`` False
+    writes a volume file without gzip (3D Slicer's hand-off files, read once and deleted)."""
     if as_dicom:
         return [write_dicom_series(vol, output, provenance, source=dicom_source,
                                    keep_frame_of_reference=keep_frame_of_reference, overwrite=overwrite)]  # fmt: skip
     p = Path(output)
     header = {**header_fields(provenance), "ITK_FileNotes": nifti_descrip(provenance)}
-    written = [write_volume(vol, p, overwrite=overwrite, dtype=dtype, header=header)]
+    written = [write_volume(vol, p, overwrite=overwrite, dtype=dtype, compress=compress, header=header)]
     if p.name.lower().endswith((".nii", ".nii.gz")):
         written.append(
             write_json_atomic({"provenance": provenance.as_dict()}, sidecar_path(p), overwrite=True)

@@ -328,3 +328,50 @@ def test_stamping_a_file_written_elsewhere(tmp_path, make_phantom):
     other = tmp_path / "saved.vtk"
     other.write_bytes(b"# vtk DataFile")
     assert stamp_provenance(other, prov) is False and other.read_bytes() == b"# vtk DataFile"
+
+
+@pytest.mark.parametrize("name", ["out.nrrd", "out.mha", "out.nii.gz", "dicom"])
+def test_the_provenance_is_read_back_from_every_format_written(tmp_path, make_phantom, thick_series, name):
+    """How a result loaded from a file later (3D Slicer's Add Data, another session) is recognised as synthetic:
+    what each writer recorded comes back, and a file that records nothing, or cannot be read, is not a result."""
+    from DiffusionCore.provenance import read_provenance
+    from DiffusionCore.results import dicom_source_for, write_result
+    from DiffusionCore.volume import write_volume
+
+    series, _ = thick_series
+
+    prov = Provenance("sr", "SR x2 (synthetic)", "sr-default", "cd" * 32, {"factor": 2, "adapt": {"steps": 400}},
+                      input="thick.nrrd", input_uid="1.2.3", date="2026-12-05T10:00:00+00:00")
+    if name == "dicom":
+        written = write_result(read_volume(series), tmp_path / "series", prov, as_dicom=True,
+                               dicom_source=dicom_source_for(series))
+        path = sorted(Path(written[0]).iterdir())[0]
+    else:
+        path = write_result(make_phantom(shape=(4, 16, 16), spacing=(1.0, 1.0, 2.0)), tmp_path / name, prov)[0]
+    back = read_provenance(path)
+    assert back is not None
+    assert (back.title, back.weights, back.weights_sha256, back.task) == ("SR x2 (synthetic)", "sr-default", "cd" * 32, "sr")
+    assert back.settings == prov.settings and back.input == "thick.nrrd"
+    if name != "dicom":
+        assert (back.input_uid, back.date) == ("1.2.3", prov.date)
+
+    if name.endswith(".nii.gz"):  # without its sidecar the 80-byte descrip still says what it is
+        (tmp_path / "out.json").unlink()
+        bare = read_provenance(path)
+        assert bare.title == "SR x2 (synthetic)" and "cd" * 6 == bare.weights_sha256
+        (tmp_path / "out.json").write_text("{not json")
+        assert read_provenance(path).title == "SR x2 (synthetic)"
+
+    plain = tmp_path / ("plain" + (name if name != "dicom" else ".dcm"))
+    if name == "dicom":
+        shutil.copy(sorted(series.iterdir())[0], plain)  # an acquired CT slice
+    else:
+        write_result(make_phantom(shape=(4, 16, 16)), plain, prov)
+        write_volume(read_volume(plain), plain, overwrite=True)  # rewritten by a writer that records nothing
+        for side in tmp_path.glob("plain*.json"):
+            side.unlink()
+    assert read_provenance(plain) is None
+    broken = tmp_path / ("broken" + (name if name != "dicom" else ".dcm"))
+    broken.write_bytes(b"\x00" * 40)
+    assert read_provenance(broken) is None and read_provenance(tmp_path / "missing.nrrd") is None
+    assert read_provenance(None) is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,20 @@ def read_like_slicer(scene, path: Path, name: str):
     storage.SetFileName(str(path))
     assert storage.ReadData(node), f"Slicer could not read {path}"
     return node
+
+
+def read_cli_output_like_slicer(node, path: Path) -> None:
+    """What Slicer does with a CLI's output file when the CLI ends (``ReadDataRequestFile::Execute`` in
+    Base/Logic/vtkSlicerApplicationLogicRequests.h): a storage node for the hand-off file on the output node
+    that the CLI's panel created, read, the file name cleared, the file deleted, the node modified."""
+    node.AddDefaultStorageNode(str(path))
+    storage = node.GetStorageNode()
+    storage.SetWriteStateIdle()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node, True), f"Slicer could not read {path}"
+    storage.SetFileName("")  # nullptr in C++
+    path.unlink()
+    node.Modified()
 
 
 def read_return_file(path: Path) -> dict[str, str]:
@@ -237,6 +252,13 @@ def test_sr_cli_runs_as_slicer_runs_it(scene, tmp_path):
     out = read_like_slicer(scene, tmp_path / "out.nrrd", "result")
     # Slicer's hand-off files are read once and deleted: written without the slow gzip
     assert b"encoding: raw" in (tmp_path / "out.nrrd").read_bytes()[:2000]
+    # the output nodes that the CLI's panel created are labelled synthetic when Slicer reads the files back
+    mrml_io.watch_results_of_loaded_scenes(scene)
+    labelled = {}
+    for key in ("out", "unc"):
+        labelled[key] = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Output Volume")
+        shutil.copy(tmp_path / f"{key}.nrrd", tmp_path / f"handoff_{key}.nrrd")
+        read_cli_output_like_slicer(labelled[key], tmp_path / f"handoff_{key}.nrrd")
     expected = thin_grid(vol, 4, axis=0)
     got = mrml_io.volume_from_node(out)
     assert got.shape == expected.shape
@@ -250,6 +272,12 @@ def test_sr_cli_runs_as_slicer_runs_it(scene, tmp_path):
     assert len(ret["weightsSha256"]) == 64 and float(ret["elapsedSeconds"]) > 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["settings"]["num_samples"] == 2 and report["weights_sha256"] == ret["weightsSha256"]
+    info = mrml_io.provenance(labelled["out"])
+    assert info["kind"] == "super-resolution" and info["weights_sha256"] == ret["weightsSha256"]
+    assert info["settings"]["num_samples"] == 2 and labelled["out"].GetName() == "Output Volume (synthetic)"
+    assert mrml_io.provenance_record(labelled["unc"]).title == "SR x4 uncertainty (synthetic)"
+    assert mrml_io.provenance(labelled["unc"])["kind"] == "uncertainty"
+    assert labelled["out"].GetDescription().startswith("SYNTHETIC")
 
 
 def test_sr_cli_adapts_to_the_scan_before_super_resolving(scene, tmp_path):
@@ -325,6 +353,11 @@ def test_xray_cli_runs_as_slicer_runs_it(scene, tmp_path):
     stage_lines = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("stage-ready ")]
     assert [s["stage"] for s in stage_lines] == [1, 2]
     assert all(Path(s["file"]).is_file() and "projection_psnr" in s["projection"] for s in stage_lines)
+    mrml_io.watch_results_of_loaded_scenes(scene)
+    output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Output Volume")
+    shutil.copy(tmp_path / "ct.nrrd", tmp_path / "handoff.nrrd")
+    read_cli_output_like_slicer(output, tmp_path / "handoff.nrrd")
+    assert mrml_io.provenance(output)["kind"] == "xray-to-ct" and "synthetic" in output.GetName()
     ct = mrml_io.volume_from_node(read_like_slicer(scene, tmp_path / "ct.nrrd", "ct"))
     stage2 = mrml_io.volume_from_node(read_like_slicer(scene, Path(stage_lines[1]["file"]), "stage 2"))
     assert ct.shape == stage2.shape and ct.shape[0] > stage_lines[0]["shape"][0]  # stage 2 is finer

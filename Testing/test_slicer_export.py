@@ -201,3 +201,72 @@ def test_the_export_dialog_choice_names_the_format():
     assert mrml_io.export_target("/data/thin.nrrd", nrrd) == ("/data/thin.nrrd", False)
     assert mrml_io.export_target("/data/thin", nifti) == ("/data/thin.nii.gz", False)
     assert mrml_io.export_target("/data/thin.mha", nifti) == ("/data/thin.mha", False)
+
+
+def _load_file(scene, path: Path):
+    """What Slicer's Add Data (and the DICOM browser's scalar volume plugin) does with a volume file."""
+    logic = slicer.vtkSlicerVolumesLogic()
+    logic.SetMRMLScene(scene)
+    node = logic.AddArchetypeVolume(str(path), path.name.split(".")[0])
+    assert node is not None and node.GetImageData() is not None
+    return node
+
+
+@pytest.mark.parametrize("name", ["thin.nrrd", "thin.nii.gz", "dicom"])
+def test_a_result_loaded_from_its_file_is_labelled_synthetic(tmp_path, scene_with_result, make_phantom, name):
+    """A result saved to a file (or written by ``python -m DiffusionCore sr``) and loaded in a later session on its
+    own: Slicer's reader keeps none of the file's provenance, so the node was an unlabelled volume, its next save
+    dropped the label from the file, and export refused it. Recognised from the file, it is labelled again."""
+    scene, _, result, _, _ = scene_with_result
+    if name == "dicom":
+        mrml_io.export_result(result, str(tmp_path / "series"), as_dicom=True)
+        path = sorted((tmp_path / "series").iterdir())[0]
+    else:
+        path = tmp_path / name
+        mrml_io.export_result(result, str(path))
+    acquired = tmp_path / "acquired.nrrd"
+    from DiffusionCore.volume import write_volume
+
+    write_volume(make_phantom(shape=(6, 24, 24)), acquired)
+
+    unwatched = slicer.vtkMRMLScene()  # what happened before
+    assert mrml_io.provenance(_load_file(unwatched, path)) == {}
+
+    later = slicer.vtkMRMLScene()
+    mrml_io.watch_results_of_loaded_scenes(later)
+    plain = _load_file(later, acquired)
+    loaded = _load_file(later, path)
+    assert mrml_io.provenance(plain) == {} and plain.GetName() == "acquired"
+    info = mrml_io.provenance(loaded)
+    assert (info["kind"], info["model"], info["weights_sha256"]) == ("super-resolution", "sr-default", "ab" * 32)
+    assert info["settings"] == {"factor": 2}
+    assert "synthetic" in loaded.GetName().lower() and loaded.GetDescription().startswith("SYNTHETIC")
+    record = mrml_io.provenance_record(loaded)
+    assert record.title == "SR x2 (synthetic)" and record.input == "CT"  # the input as the file recorded it
+    assert mrml_io.source_node(loaded) is None  # no scan in the scene is taken for its source
+
+    again = tmp_path / "saved again.nrrd"  # Slicer's own Save keeps the label now
+    loaded.GetStorageNode().SetFileName(str(again))
+    assert loaded.GetStorageNode().WriteData(loaded)
+    header = again.read_bytes()[:4000].decode("latin-1")
+    assert header.count("ctdiffusion_synthetic:=true") == 1 and "ctdiffusion_input:=CT" in header
+    out = tmp_path / "exported"  # and export makes a new study, labelled
+    mrml_io.export_result(loaded, str(out), as_dicom=True)
+    first = pydicom.dcmread(sorted(out.iterdir())[0])
+    assert first.SeriesDescription.endswith("SR x2 (synthetic)") and first.PatientID != "P-7"
+
+
+def test_results_loaded_before_the_modules_watched_are_recognised_when_a_panel_opens(tmp_path, scene_with_result):
+    """Files loaded before Slicer's startup completed (e.g. given on its command line) are recognised when the
+    watching starts, and an X-ray to CT result keeps its kind."""
+    scene, _, result, _, _ = scene_with_result
+    result.SetAttribute(mrml_io.ATTR_KIND, "xray-to-ct")
+    result.SetAttribute(mrml_io.ATTR_TITLE, "CT from radiograph (synthetic)")
+    path = tmp_path / "ct from radiograph (synthetic).nrrd"
+    mrml_io.export_result(result, str(path))
+    later = slicer.vtkMRMLScene()
+    loaded = _load_file(later, path)
+    assert mrml_io.provenance(loaded) == {}
+    mrml_io.watch_results_of_loaded_scenes(later)
+    assert mrml_io.provenance(loaded)["kind"] == "xray-to-ct"
+    assert loaded.GetName() == "ct from radiograph (synthetic)"  # already says it: not renamed

@@ -14,6 +14,7 @@ and exits with the DiffusionCore error's code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -144,10 +145,12 @@ def run_settings(settings: dict):
 
 def run(args: argparse.Namespace) -> int:
     from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
+    from DiffusionCore.cli.sr import sr_provenance
     from DiffusionCore.errors import InputError
     from DiffusionCore.files import write_json_atomic
+    from DiffusionCore.results import write_result
     from DiffusionCore.sr.pipeline import SuperResolver
-    from DiffusionCore.volume import check_output_path, read_volume, write_volume
+    from DiffusionCore.volume import check_output_path, read_volume
 
     t0 = time.perf_counter()
     if args.uncertaintyVolume and args.numSamples < 2:
@@ -179,9 +182,13 @@ def run(args: argparse.Namespace) -> int:
     uncertainty = report.get("uncertainty")
     if args.uncertaintyVolume and uncertainty is not None:
         check_result(uncertainty, "the uncertainty map", hu_range=(0.0, 32767.0), allow_constant=True)
-    write_volume(result, args.outputVolume, overwrite=True, dtype="float32", compress=False)
+    # with the provenance in the file: Slicer reads it into the output node, which the modules then label synthetic
+    provenance = sr_provenance(args.inputVolume, volume.metadata, report)
+    write_result(result, args.outputVolume, provenance, overwrite=True, dtype="float32", compress=False)
     if args.uncertaintyVolume and uncertainty is not None:
-        write_volume(uncertainty, args.uncertaintyVolume, overwrite=True, dtype="float32", compress=False)
+        title = provenance.title.replace(" (synthetic)", " uncertainty (synthetic)")
+        write_result(uncertainty, args.uncertaintyVolume, dataclasses.replace(provenance, title=title), overwrite=True,
+                     dtype="float32", compress=False)
     sha = str(report.get("weights_sha256") or resolver.weights_sha256)
     elapsed = time.perf_counter() - t0
     if args.reportFile:

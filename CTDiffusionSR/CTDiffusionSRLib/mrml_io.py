@@ -42,6 +42,10 @@ ATTR_SOURCE = ATTRIBUTE_PREFIX + "SourceNode"
 #: cleared when the node is deleted.
 SOURCE_REFERENCE_ROLE = "ctdiffusionSource"
 ATTR_KIND = ATTRIBUTE_PREFIX + "Kind"
+#: The input a result was made from, as recorded in its file, for a result loaded from a file on its own (no
+#: source node in the scene to name it); with :data:`ATTR_INPUT_UID`, its DICOM UID.
+ATTR_INPUT = ATTRIBUTE_PREFIX + "Input"
+ATTR_INPUT_UID = ATTRIBUTE_PREFIX + "InputUID"
 ATTR_TITLE = ATTRIBUTE_PREFIX + "Title"
 #: Slicer's DICOM loader records a node's SOP instance UIDs (space-separated) under this attribute.
 ATTR_DICOM_INSTANCES = "DICOM.instanceUIDs"
@@ -216,17 +220,23 @@ def synthetic_name(source_name: str, label: str) -> str:
 
 
 def set_provenance(
-    node, *, kind: str, model: str, weights_sha256: str, settings: dict[str, Any], source=None, title: str = ""
+    node, *, kind: str, model: str, weights_sha256: str, settings: dict[str, Any], source=None, title: str = "",
+    date: str = "", recorded_input: tuple[str, str] = ("", ""),
 ) -> None:
     """Record how a synthetic node was made, as node attributes (saved with the scene). ``title`` is the label
-    that ends an exported series' description, e.g. ``"SR x4 (synthetic)"``."""
+    that ends an exported series' description, e.g. ``"SR x4 (synthetic)"``; ``date`` (ISO 8601) defaults to now;
+    ``recorded_input`` is the input's name and DICOM UID as a result file recorded them, when no source node is
+    given."""
     node.SetAttribute(ATTR_SYNTHETIC, "true")
     node.SetAttribute(ATTR_KIND, kind)
     node.SetAttribute(ATTR_TITLE, title or f"{kind} (synthetic)")
     node.SetAttribute(ATTR_MODEL, model)
     node.SetAttribute(ATTR_WEIGHTS_SHA256, weights_sha256)
     node.SetAttribute(ATTR_SETTINGS, json.dumps(settings, sort_keys=True, default=str))
-    node.SetAttribute(ATTR_DATE, datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+    node.SetAttribute(ATTR_DATE, date or datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+    for attr, value in zip((ATTR_INPUT, ATTR_INPUT_UID), recorded_input):
+        if value:
+            node.SetAttribute(attr, value)
     if source is not None and source.GetScene() is not None:  # a deleted source's ID may name another node later
         node.SetAttribute(ATTR_SOURCE, source.GetID())
         node.SetNodeReferenceID(SOURCE_REFERENCE_ROLE, source.GetID())
@@ -274,21 +284,92 @@ _WATCHING_IMPORTS = "_ctdiffusion_watching_imports"
 
 def watch_results(scene) -> int:
     """:func:`watch_saves` for every result node in ``scene`` (results of an earlier session, loaded with a saved
-    scene, carry their provenance attributes but nothing watches their saves). Returns how many are watched."""
+    scene, carry their provenance attributes but nothing watches their saves), after recognising the results
+    loaded from files on their own (:func:`recognise_result_file`). Returns how many are watched."""
     watched = 0
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")):
         node = scene.GetNthNodeByClass(i, "vtkMRMLVolumeNode")
+        recognise_result_file(node)
         if node.GetAttribute(ATTR_SYNTHETIC) == "true" and watch_saves(node):
             watched += 1
     return watched
 
 
+def _kind_of(task: str, title: str) -> str:
+    """The node kind (:data:`TASK_OF_KIND`'s keys) of a recorded task and title."""
+    if task == "xray2ct":
+        return "xray-to-ct"
+    if task == "sr":
+        return "uncertainty" if "uncertainty" in title.lower() else "super-resolution"
+    return task or "synthetic"
+
+
+def recognise_result_file(node) -> bool:
+    """Label a volume node loaded from a result file as the synthetic result it is.
+
+    A result saved to a file (NRRD, MetaImage, NIfTI with its sidecar, or exported as DICOM) and loaded later on
+    its own (Add Data, drag and drop, the DICOM browser), or a file written by ``python -m DiffusionCore sr`` or
+    ``xray2ct``, records its provenance in the file; Slicer's reader keeps none of it. The node gets the provenance
+    attributes back (model, weights, settings, date, the input as recorded), the description that says it is not an
+    acquired image, "(synthetic)" in its name if the file name lacked it, and its saves are watched. It has no
+    source node: its export makes a new study, never one under a guessed patient. Returns True when the node was
+    labelled; False for a node that already has provenance, has no file, or whose file records none.
+    """
+    if node is None or node.GetAttribute(ATTR_SYNTHETIC) is not None:
+        return False
+    storage = node.GetStorageNode()
+    path = storage.GetFileName() if storage is not None else None
+    if not path:
+        return False
+    from DiffusionCore.provenance import read_provenance
+
+    record = read_provenance(path)
+    if record is None:
+        return False
+    set_provenance(node, kind=_kind_of(record.task, record.title), model=record.weights,
+                   weights_sha256=record.weights_sha256, settings=record.settings, title=record.title,
+                   date=record.date or "unrecorded", recorded_input=(record.input, record.input_uid))  # fmt: skip
+    if "synthetic" not in (node.GetName() or "").lower():
+        node.SetName(f"{node.GetName()} (synthetic)")
+    logger.info("%s was loaded from a result file (%s): labelled synthetic", node.GetName(), path)
+    return True
+
+
+#: Python attribute of a volume node that waits for its storage node's file (:func:`_recognise_when_stored`).
+_AWAITING_FILE = "_ctdiffusion_awaiting_file"
+
+
+def _recognise_when_stored(node) -> None:
+    """:func:`recognise_result_file` once the node knows its file. Slicer's volume reader adds a node to the
+    scene before it sets the node's storage node; a node made by a module never gets a file, and one that
+    gets provenance first needs nothing more."""
+    if recognise_result_file(node) or node.GetAttribute(ATTR_SYNTHETIC) is not None or hasattr(node, _AWAITING_FILE):
+        return
+
+    def check(caller, _event) -> None:
+        storage = caller.GetStorageNode()
+        if caller.GetAttribute(ATTR_SYNTHETIC) is None and (storage is None or not storage.GetFileName()):
+            return
+        caller.RemoveObserver(getattr(caller, _AWAITING_FILE))
+        delattr(caller, _AWAITING_FILE)
+        recognise_result_file(caller)
+
+    setattr(node, _AWAITING_FILE, node.AddObserver(vtk.vtkCommand.ModifiedEvent, check))
+
+
 def watch_results_of_loaded_scenes(scene) -> None:
     """From now on, the results in every scene loaded or imported into ``scene`` keep their provenance when Slicer
-    saves them (:func:`watch_results` after each import). Idempotent: the modules call it at Slicer's startup and
-    when a panel opens."""
+    saves them (:func:`watch_results` after each import), and a result loaded from a file on its own is recognised
+    (:func:`recognise_result_file`). Idempotent: the modules call it at Slicer's startup and when a panel opens."""
     if getattr(scene, _WATCHING_IMPORTS, False):
         return
+
+    def node_added(_scene, _event, node=None) -> None:
+        if node is not None and node.IsA("vtkMRMLVolumeNode"):
+            _recognise_when_stored(node)
+
+    node_added.CallDataType = vtk.VTK_OBJECT
+    scene.AddObserver(scene.NodeAddedEvent, node_added)
     scene.AddObserver(scene.EndImportEvent, lambda caller, _event: watch_results(caller))
     setattr(scene, _WATCHING_IMPORTS, True)
     watch_results(scene)
@@ -359,8 +440,9 @@ def provenance_record(node):
         weights=str(info["model"] or ""),
         weights_sha256=str(info["weights_sha256"] or ""),
         settings=info["settings"],
-        input=source.GetName() if source is not None else "",
-        input_uid=(source.GetAttribute(ATTR_DICOM_INSTANCES) or "").split(" ")[0] if source is not None else "",
+        input=source.GetName() if source is not None else node.GetAttribute(ATTR_INPUT) or "",
+        input_uid=((source.GetAttribute(ATTR_DICOM_INSTANCES) or "").split(" ")[0] if source is not None
+                   else node.GetAttribute(ATTR_INPUT_UID) or ""),
         date=str(info["date"] or ""),
     )
 

@@ -157,8 +157,10 @@ class CTDiffusionSRLogic(ScriptedLoadableModuleLogic):
 
         The same command-line module the widget's background job runs, here driven by Slicer (its
         temporary files, its progress and cancel in the CLI node). Parameter names are those of
-        CTDiffusionSRBatch.xml, e.g. ``factor=4, numSteps=15, device="cuda"``. The output node is not
-        renamed or annotated: use :meth:`process` for a labelled result beside the input.
+        CTDiffusionSRBatch.xml, e.g. ``factor=4, numSteps=15, device="cuda"``. The output file carries the
+        provenance, so the output node is labelled synthetic when Slicer reads it back
+        (:func:`CTDiffusionSRLib.mrml_io.recognise_result_file`), but it is not placed beside the input and has no
+        link to it: use :meth:`process` for a result beside the input that export ties to its patient.
         """
         cliParameters = {"inputVolume": inputNode.GetID(), "outputVolume": outputNode.GetID(), **parameters}
         return slicer.cli.run(

@@ -139,7 +139,9 @@ def load_radiograph(path: str, invert: bool, dicom_header: str = ""):
 
 def run(args: argparse.Namespace) -> int:
     from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
+    from DiffusionCore.cli.xray import xray_provenance
     from DiffusionCore.files import keep_freed_memory, write_json_atomic
+    from DiffusionCore.results import write_result
     from DiffusionCore.volume import check_output_path, read_volume, write_volume
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
 
@@ -189,7 +191,9 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress("slicer")
     result, report = generator.run(radiograph, progress=progress, on_stage=on_stage, **settings)
     check_result(result, "the generated CT")
-    write_volume(result, args.outputVolume, overwrite=True, dtype="float32", compress=False)
+    # with the provenance in the file: Slicer reads it into the output node, which the modules then label synthetic
+    write_result(result, args.outputVolume, xray_provenance(Path(args.inputRadiograph), report, model_name),
+                 overwrite=True, dtype="float32", compress=False)
     metrics = {}
     if args.referenceVolume:  # scored as evaluate-xray scores: on the reference's body-centred cube
         from DiffusionCore.xray.evaluate import reference_scores
