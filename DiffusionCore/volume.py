@@ -564,6 +564,18 @@ def _slice_positions(files: Sequence[str], headers: dict[str, sitk.ImageFileRead
     return pos
 
 
+def check_series_slices(files: Sequence[str], series: str) -> None:
+    """The checks reading a DICOM series makes on where its slices lie (each records its position and orientation;
+    no slice missing or doubled; one orientation; one slice spacing), on the headers of ``files`` alone, so that a
+    front end can refuse the series before a job reads it. ``series`` names it in the messages (a folder, or the
+    volume's name in 3D Slicer).
+
+    Raises:
+        InputError: what reading the series would refuse, in the same words.
+    """
+    _slice_positions(list(files), {f: dicom_header(f) for f in files}, Path(series))
+
+
 #: Slices further than this fraction of the mean slice spacing from where an evenly spaced stack puts them are
 #: not one regular volume (the grid would misplace them); closer, it is rounding or jitter in the positions.
 _MAX_SPACING_DEVIATION = 0.1

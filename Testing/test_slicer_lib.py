@@ -269,9 +269,9 @@ def test_series_under_regularization_with_uneven_spacing_gets_the_engines_messag
     monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
     node = load_dicom_node(scene, files, "two-spacings", database)
     regularize_like_slicer(scene, node, files)
-    job = SRJob(scene, node, SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False))
-    assert job.run(timeout=240) == JobState.FAILED
-    assert "are not evenly spaced: 4.00 mm apart after slice 1 but 8.00 mm after slice 5" in job.error
+    with pytest.raises(InputError, match="'two-spacings' are not evenly spaced: 4.00 mm apart after slice 1 but "
+                                         "8.00 mm after slice 5"):
+        SRJob(scene, node, SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False))
 
 
 def test_an_unevenly_spaced_series_loaded_without_regularization_is_not_super_resolved_misplaced(
@@ -280,7 +280,8 @@ def test_an_unevenly_spaced_series_loaded_without_regularization_is_not_super_re
     """With the DICOM module's acquisition-geometry regularization off, Slicer's reader stacks an unevenly spaced
     series at its mean spacing and nothing marks it: the job ran on slices millimetres from where they were acquired.
     When the job starts, the node's slices are compared with their files; these are read instead, and the job stops
-    with the command's message naming the two spacings. A regular DICOM node still goes as its voxels."""
+    with the command's message naming the two spacings, when Apply is pressed. A regular DICOM node still goes as its
+    voxels."""
     files = _tilted_dicom_series(tmp_path / "series", degrees=0.0, steps=(4, 4, 4, 4, 8, 8, 8, 8, 8))
     database = DicomDatabaseStandIn()
     monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
@@ -291,9 +292,11 @@ def test_an_unevenly_spaced_series_loaded_without_regularization_is_not_super_re
     assert check_sr_input(node, settings) == ""  # nothing to see before the job reads the headers
     assert mrml_io.irregular_dicom_series(node) is None  # two headers cannot tell (the tooltip's check)
     assert mrml_io.series_to_read_from_files(node) is not None  # every slice against its file (the job's check)
-    job = SRJob(scene, node, settings)
-    assert job.run(timeout=240) == JobState.FAILED
-    assert "are not evenly spaced: 4.00 mm apart after slice 1 but 8.00 mm after slice 5" in job.error
+    uneven = "are not evenly spaced: 4.00 mm apart after slice 1 but 8.00 mm after slice 5"
+    with pytest.raises(InputError, match=uneven):  # refused when Apply is pressed, not by a job in the background
+        SRJob(scene, node, settings)
+    with pytest.raises(InputError, match=uneven):  # and "Evaluate on this volume" the same
+        EvaluationJob(scene, node, factor=2)
 
     even = load_dicom_node(scene, _tilted_dicom_series(tmp_path / "even", degrees=0.0), "even", database)
     assert mrml_io.series_to_read_from_files(even) is None

@@ -13,7 +13,7 @@ import numpy as np
 from DiffusionCore.degrade import MAX_FACTOR, plan_thin_grid
 from DiffusionCore.errors import DiffusionCoreError, GeometryError, InputError, OutputError
 from DiffusionCore.provenance import sr_label
-from DiffusionCore.volume import check_ct, dicom_slice_thickness, require_ct, thick_axis
+from DiffusionCore.volume import check_ct, check_series_slices, dicom_slice_thickness, require_ct, thick_axis
 
 from .jobs import CLIJob
 from .mrml_io import (
@@ -23,6 +23,7 @@ from .mrml_io import (
     job_grid,
     place_beside,
     read_volume_file,
+    series_to_read_from_files,
     set_node_from_volume,
     set_provenance,
     synthetic_name,
@@ -285,6 +286,20 @@ def target_spacing_problem(node, settings: SRSettings, resolved) -> str:
                                      ThroughPlaneConfig(**config).factors)
 
 
+def refuse_series_the_job_cannot_read(node) -> None:
+    """Refuse, when Apply is pressed, a DICOM series that the job would read from its files and then stop on
+    (:func:`CTDiffusionSRLib.mrml_io.series_to_read_from_files`: e.g. slices of two spacings, which Slicer's
+    reader stacks at their mean spacing), with the message the engine gives, instead of a job that fails in the
+    background. Reads every slice's header.
+
+    Raises:
+        InputError: the engine's message (:func:`DiffusionCore.volume.check_series_slices`).
+    """
+    series = series_to_read_from_files(node)
+    if series is not None:
+        check_series_slices(series.files, f"'{node.GetName()}'")
+
+
 class SRJob(CLIJob):
     """Super-resolve one volume node with CTDiffusionSRBatch in a background process.
 
@@ -302,6 +317,7 @@ class SRJob(CLIJob):
             raise InputError(reason)
         if output_node is not None and output_node.GetID() == input_node.GetID():
             raise OutputError("the output must be a new volume, not the input (the input is never modified).")
+        refuse_series_the_job_cannot_read(input_node)
         if not (settings.tiny_test_model or settings.tiny_test_predictor):
             from DiffusionCore.weights.registry import first_available
 
@@ -447,6 +463,7 @@ class EvaluationJob(CLIJob):
             raise InputError("Select a thin-slice CT volume to evaluate on.")
         if factor < 2:
             raise InputError("The evaluation factor must be 2 or more (thin slices per simulated thick slice).")
+        refuse_series_the_job_cannot_read(input_node)
         if int(steps) > 0 and {"sr", "sr+adapt"} & set(methods):
             from DiffusionCore.weights.registry import first_available
 
