@@ -193,8 +193,8 @@ def _from_nifti(path: Path) -> Provenance | None:
 def _from_dicom(path: Path) -> Provenance | None:
     import pydicom
 
-    ds = pydicom.dcmread(path, stop_before_pixels=True, force=False,
-                         specific_tags=["Manufacturer", "ImageComments", "DerivationDescription", "StudyDate"])
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=False, specific_tags=[
+        "Manufacturer", "ImageComments", "DerivationDescription", "SeriesDate", "SeriesTime"])
     comments = str(ds.get("ImageComments", ""))
     if ds.get("Manufacturer", "") != SOFTWARE or not comments.startswith("SYNTHETIC"):
         return None
@@ -203,8 +203,12 @@ def _from_dicom(path: Path) -> Provenance | None:
     if m:
         fields.update(title=m["title"], task=m["task"], weights=m["weights"], weights_sha256=m["sha"],
                       settings=m["settings"])
-    source = re.search(rf" from (.*) by {SOFTWARE} ", comments)
-    fields["input"] = source.group(1) if source and source.group(1) != "the input" else ""
+        # "{title} from {input} by CTDiffusion ...": the title may hold " from " itself ("CT from radiograph")
+        source = re.search(rf"{re.escape(m['title'])} from (.*) by {SOFTWARE} ", comments)
+        fields["input"] = source.group(1) if source and source.group(1) != "the input" else ""
+    day, clock = str(ds.get("SeriesDate", "")), str(ds.get("SeriesTime", ""))
+    if len(day) == 8 and len(clock) >= 6:  # written in UTC from the run's date
+        fields["date"] = f"{day[:4]}-{day[4:6]}-{day[6:]}T{clock[:2]}:{clock[2:4]}:{clock[4:6]}+00:00"
     return _from_fields(fields)
 
 
