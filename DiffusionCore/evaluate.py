@@ -16,7 +16,7 @@ from typing import Any
 from .degrade import Degradation, crop_to_slabs, degrade, thin_grid
 from .errors import InputError
 from .interpolation import INTERPOLATION_METHODS, interpolate
-from .metrics import HU_RANGE, ReferenceStats, quality_report
+from .metrics import HU_RANGE, ReferenceStats, quality_report, ssim_window
 from .volume import Grid, Volume, axis_index
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,14 @@ def evaluate(
     ax = axis_index(axis)
     fns = [(m, get_method(m)) for m in methods]  # fail on unknown names before any work
     ref = crop_to_slabs(reference, factor, ax)
+    window = ssim_window()
+    if min(ref.shape) < window:
+        raise InputError(
+            f"{reference_name}: a volume of {'x'.join(map(str, ref.shape))} voxels"
+            f"{' (cropped to whole slabs of ' + str(factor) + ')' if ref.shape != reference.shape else ''} is too "
+            f"small to score: the 3D SSIM window is {window} voxels, so a reference needs at least {window} along "
+            "each axis. Use a larger thin-slice volume (or a larger --slices range)."
+        )
     thick = degrade(ref, factor, ax, degradation)
     grid = thin_grid(thick, factor, axis=ax)
     ref_stats = ReferenceStats(ref)

@@ -239,6 +239,12 @@ def _radius(taps: np.ndarray) -> int:
     return (len(taps) - 1) // 2
 
 
+def ssim_window(sigma: float = SSIM_SIGMA) -> int:
+    """Voxels along each axis of the 3D SSIM window (11 for sigma 1.5): a volume must be longer than this along
+    every axis to be scored."""
+    return 2 * _radius(_gaussian_kernel(sigma, SSIM_TRUNCATE)) + 1
+
+
 def _check_window(shape: tuple[int, ...], taps: np.ndarray) -> None:
     rad = _radius(taps)
     if min(shape) <= 2 * rad:

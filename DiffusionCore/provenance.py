@@ -243,3 +243,19 @@ def read_provenance(path: str | os.PathLike | None) -> Provenance | None:
     except Exception as exc:  # noqa: BLE001 - an unreadable file is not a recognised result; loading goes on
         logger.debug("no provenance read from %s: %s", p, exc)
         return None
+
+
+def synthetic_input_warning(path: str | os.PathLike) -> str:
+    """A warning when an input (a file, or a DICOM series folder) is itself a result of this software, else ``""``:
+    a model's estimate made from another model's estimate compounds the first one's errors, and scores against a
+    synthetic reference measure agreement with that model, not with an acquisition."""
+    p = Path(path)
+    if p.is_dir():  # a DICOM series: its first file says it for the series
+        p = next((f for f in sorted(p.iterdir()) if f.is_file()), p)
+    record = read_provenance(p)
+    if record is None:
+        return ""
+    made_with = f", made with {record.weights}" if record.weights else ""
+    return (f"{Path(path).name} is itself a synthetic image ({record.title}{made_with}), not an acquired scan: a "
+            "result made from it, or scored against it, rests on that model's estimate. Use the acquired scan where "
+            "you have it.")

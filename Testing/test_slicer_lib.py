@@ -506,6 +506,14 @@ def test_sr_job_makes_a_synthetic_node_on_the_thin_grid_beside_the_input(scene, 
     # progress and clean-up
     assert progress and progress[-1] == pytest.approx(1.0) and min(progress) < 0.5
     assert not list(tmp_path.glob("ctdiffusion-*")), "the private temporary folder must be removed"
+    assert job.notices == []  # an acquired input: nothing to say
+
+    # the result taken as the input of another run (or of an evaluation): the panel says what it rests on
+    for again in (SRJob(scene, result, SRSettings(factor=2, axis="z", device="cpu", tiny_test_predictor=True)),
+                  EvaluationJob(scene, result, factor=2)):
+        assert again.notices == ["'CT_01 SR x4 (synthetic)' is itself a synthetic image (SR x4 (synthetic)), not an "
+                                 "acquired scan: this result rests on that model's estimate. Use the acquired scan "
+                                 "where you have it."]
 
 
 def test_sr_job_cancel_leaves_no_nodes_and_no_files(scene, tmp_path, monkeypatch):

@@ -242,3 +242,37 @@ def test_batch_goes_on_after_a_bad_volume_and_says_which_failed(tmp_path, capsys
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and "1 of 2 volumes failed" in errors[0] and "bad.nii.gz" in errors[0]
     assert sorted(os.listdir(tmp_path / "out")) == ["good.json", "good.nii.gz"]  # the result and its provenance
+
+
+def test_a_synthetic_input_is_named_as_such_and_the_uncertainty_map_is_labelled(tmp_path):
+    """A result taken as the input of another run, or as an evaluation's reference (e.g. a file picked by mistake):
+    the commands say it is synthetic; an acquired scan gives no such warning. The uncertainty map carries its own
+    provenance."""
+    from DiffusionCore.provenance import read_provenance
+
+    src = tmp_path / "thick.nrrd"
+    write_volume(thick_ct(shape=(8, 32, 32)), src)
+    first = sr_command(str(src), str(tmp_path / "thin.nrrd"), "--tiny-test-model", "--factor", "2", "--num-samples",
+                       "2", "--num-steps", "1", "--uncertainty", str(tmp_path / "unc.nrrd"), "--progress", "none")
+    assert first.returncode == 0, first.stderr
+    assert "synthetic image" not in first.stderr
+    assert read_provenance(tmp_path / "unc.nrrd").title == "SR x2 uncertainty (synthetic)"
+    assert read_provenance(tmp_path / "thin.nrrd").title == "SR x2 (synthetic)"
+    again = sr_command(str(tmp_path / "thin.nrrd"), str(tmp_path / "again.nrrd"), "--tiny-test-model", "--factor",
+                       "2", "--progress", "none")
+    assert again.returncode == 0, again.stderr
+    assert "thin.nrrd is itself a synthetic image (SR x2 (synthetic), made with tiny-test-model" in again.stderr
+    scored = subprocess.run(
+        [sys.executable, "-m", "DiffusionCore", "evaluate", "--reference", str(tmp_path / "thin.nrrd"), "--factor",
+         "2", "--methods", "cubic", "--progress", "none"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert scored.returncode == 0, scored.stderr
+    assert "thin.nrrd is itself a synthetic image" in scored.stderr
+    tiny = subprocess.run(  # 8 slices: fewer than the 3D SSIM window
+        [sys.executable, "-m", "DiffusionCore", "evaluate", "--reference", str(src), "--factor", "2", "--methods",
+         "cubic", "--progress", "none"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert tiny.returncode == 2 and "internal error" not in tiny.stderr
+    assert "a volume of 8x32x32 voxels is too small to score: the 3D SSIM window is 11 voxels" in tiny.stderr

@@ -14,7 +14,6 @@ and exits with the DiffusionCore error's code.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import time
@@ -145,7 +144,7 @@ def run_settings(settings: dict):
 
 def run(args: argparse.Namespace) -> int:
     from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
-    from DiffusionCore.cli.sr import sr_provenance
+    from DiffusionCore.cli.sr import sr_provenance, uncertainty_provenance
     from DiffusionCore.errors import InputError
     from DiffusionCore.files import write_json_atomic
     from DiffusionCore.results import write_result
@@ -186,8 +185,7 @@ def run(args: argparse.Namespace) -> int:
     provenance = sr_provenance(args.inputVolume, volume.metadata, report)
     write_result(result, args.outputVolume, provenance, overwrite=True, dtype="float32", compress=False)
     if args.uncertaintyVolume and uncertainty is not None:
-        title = provenance.title.replace(" (synthetic)", " uncertainty (synthetic)")
-        write_result(uncertainty, args.uncertaintyVolume, dataclasses.replace(provenance, title=title), overwrite=True,
+        write_result(uncertainty, args.uncertaintyVolume, uncertainty_provenance(provenance), overwrite=True,
                      dtype="float32", compress=False)
     sha = str(report.get("weights_sha256") or resolver.weights_sha256)
     elapsed = time.perf_counter() - t0

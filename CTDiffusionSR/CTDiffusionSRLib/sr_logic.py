@@ -17,6 +17,8 @@ from DiffusionCore.volume import check_ct, check_series_slices, dicom_slice_thic
 
 from .jobs import CLIJob
 from .mrml_io import (
+    ATTR_SYNTHETIC,
+    ATTR_TITLE,
     add_volume_node,
     dicom_source_files,
     in_scene,
@@ -286,6 +288,16 @@ def target_spacing_problem(node, settings: SRSettings, resolved) -> str:
                                      ThroughPlaneConfig(**config).factors)
 
 
+def synthetic_input_notice(node) -> str:
+    """What the panel says after a job whose input is itself a result of these modules (``""`` otherwise): its
+    result rests on a model's estimate, not on an acquired scan (the engine's warning, in the panel's words)."""
+    if node is None or node.GetAttribute(ATTR_SYNTHETIC) != "true":
+        return ""
+    title = node.GetAttribute(ATTR_TITLE) or "synthetic"
+    return (f"'{node.GetName()}' is itself a synthetic image ({title}), not an acquired scan: this result rests on "
+            "that model's estimate. Use the acquired scan where you have it.")
+
+
 def refuse_series_the_job_cannot_read(node) -> None:
     """Refuse, when Apply is pressed, a DICOM series that the job would read from its files and then stop on
     (:func:`CTDiffusionSRLib.mrml_io.series_to_read_from_files`: e.g. slices of two spacings, which Slicer's
@@ -334,6 +346,9 @@ class SRJob(CLIJob):
         self.settings = settings
         self.factor = effective_factor(input_node, settings)
         self.uncertainty_node = None
+        notice = synthetic_input_notice(input_node)
+        if notice:
+            self.notices.append(notice)
 
     def prepare(self, tempdir: Path) -> list[str]:
         source = write_job_input(self.input_node, tempdir, "input")
@@ -472,6 +487,9 @@ class EvaluationJob(CLIJob):
             if problem:
                 raise InputError(problem)
         self.input_node = input_node
+        notice = synthetic_input_notice(input_node)
+        if notice:
+            self.notices.append(notice)
         self.factor, self.axis, self.methods = int(factor), axis, tuple(methods)
         self.weights, self.steps, self.device, self.degradation = weights, int(steps), device, degradation
         self.adapt_steps, self.adapt_seconds = int(adapt_steps), float(adapt_seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from pathlib import Path
@@ -10,9 +11,12 @@ from pathlib import Path
 from ..errors import ConfigError, NumericalError, OutputError
 from ..evaluate import evaluate, format_table
 from ..files import refuse_overwriting_inputs, write_json_atomic
+from ..provenance import synthetic_input_warning
 from ..sampledata import load_reference
 from ..volume import crop_slices
 from .common import NameList, Progress, adapt_settings, add_adapt_arguments, add_progress_argument
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
             raise OutputError(f"cannot write {out}: the folder {out.parent} does not exist or is not writable.")
     ref = load_reference(args.reference)
+    if Path(args.reference).exists():  # a sample name is an acquired scan
+        warning = synthetic_input_warning(args.reference)
+        if warning:
+            logger.warning("%s", warning)
     if args.slices is not None:
         ref = crop_slices(ref, args.axis, *args.slices)
     options = {

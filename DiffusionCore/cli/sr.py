@@ -9,6 +9,7 @@ volumes are independent, so no process group is joined.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ from ..files import (
     refuse_overwriting_inputs,
     write_json_atomic,
 )
-from ..provenance import Provenance, sr_label
+from ..provenance import Provenance, sr_label, synthetic_input_warning
 from ..results import (
     OUTPUT_FORMATS,
     check_result_output,
@@ -46,7 +47,6 @@ from ..volume import (
     check_output_path,
     read_volume,
     split_volume_suffix,
-    write_volume,
 )
 from .common import (
     Progress,
@@ -275,6 +275,11 @@ def sr_provenance(job_source: str | Path, volume_metadata: dict[str, Any], repor
     )  # fmt: skip
 
 
+def uncertainty_provenance(provenance: Provenance) -> Provenance:
+    """The provenance of the uncertainty map that goes with an ``sr`` result (its title says what it is)."""
+    return dataclasses.replace(provenance, title=provenance.title.replace(" (synthetic)", " uncertainty (synthetic)"))
+
+
 def _report_file(args: argparse.Namespace, info: DistInfo) -> Path | None:
     """This process's --report path (one per process under torchrun), unchecked."""
     if not args.report:
@@ -407,6 +412,9 @@ def run(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 try:
                     volume = read_volume(job.source)
+                    warning = synthetic_input_warning(job.source)
+                    if warning:
+                        logger.warning("%s", warning)
                     if job.as_dicom:  # the input's headers and a grid DICOM can hold, checked before any work
                         check_dicom_geometry(volume)
                         dicom_source = dicom_source_for(job.source, volume.metadata.get("series_uid"))
@@ -444,7 +452,8 @@ def run(args: argparse.Namespace) -> int:
                 write_result(output, job.output, provenance, as_dicom=job.as_dicom, dicom_source=dicom_source,
                              overwrite=args.overwrite, dtype=args.output_dtype)  # fmt: skip
                 if std is not None:
-                    write_volume(std, job.uncertainty, overwrite=args.overwrite, dtype="float32")
+                    write_result(std, job.uncertainty, uncertainty_provenance(provenance), overwrite=args.overwrite,
+                                 dtype="float32")
                 t_write = time.perf_counter() - t0
                 reports.append(_json_report(job, report, {"read": t_read, "write": t_write}))
                 logger.info(
