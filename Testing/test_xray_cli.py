@@ -87,6 +87,21 @@ def test_bad_radiographs_give_one_error_line(files, tmp_path, capsys, name, mess
     assert not (tmp_path / "o.nii.gz").exists()
 
 
+def test_a_reference_ct_with_nothing_to_see_in_the_training_geometry_is_named(tmp_path, capsys):
+    """evaluate-xray renders the reference's radiograph itself; for a CT that holds too little body in the 350 mm
+    cube (a scan a few centimetres across) that radiograph is blank. The message said "the radiograph is blank ...
+    check the file", of a radiograph the user never gave."""
+    box = np.full((20, 20, 20), -1000.0, np.float32)
+    box[5:15, 5:15, 5:15] = 40.0
+    write_volume(Volume(box, (1.0, 1.0, 1.0)), tmp_path / "small.nrrd")
+    code = main(["evaluate-xray", "--reference", str(tmp_path / "small.nrrd"), "--tiny-test-model", "--progress",
+                 "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"error: {tmp_path / 'small.nrrd'}: its radiograph in the training geometry "
+                                            "(a PA view of")
+    assert "check the file" not in err[-1]
+
+
 def test_a_greyscale_radiograph_saved_in_colour_is_read_as_greyscale(files, tmp_path):
     """Screenshots, image editors and JPEG exports store radiographs as RGB(A) with equal channels."""
     grey = sitk.GetArrayFromImage(sitk.ReadImage(str(files["xr"])))
