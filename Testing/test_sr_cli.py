@@ -112,7 +112,7 @@ def test_batch_folder_is_shared_across_ranks_and_keeps_names(tmp_path):
     logs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     assert sorted(os.listdir(out)) == ["a.json", "a.nii.gz", "b.nrrd", "c.mha"]  # a.json: the NIfTI's provenance
-    assert sorted(os.listdir(tmp_path / "unc")) == ["a.nii.gz", "b.nrrd", "c.mha"]
+    assert sorted(os.listdir(tmp_path / "unc")) == ["a.json", "a.nii.gz", "b.nrrd", "c.mha"]  # maps: provenance too
     assert "a.nii.gz" in logs[0][1] and "c.mha" in logs[0][1] and "b.nrrd" in logs[1][1]  # rank 0: a, c; rank 1: b
     assert read_volume(out / "b.nrrd").shape == (8, 32, 32)
     assert read_volume(tmp_path / "unc" / "a.nii.gz").array.max() > 0
