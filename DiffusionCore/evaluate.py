@@ -45,6 +45,25 @@ def get_method(name: str) -> Reconstructor:
     return _METHODS[name]
 
 
+def check_scorable(shape: tuple[int, ...], factor: int, axis: int, reference_name: str = "reference") -> None:
+    """Refuse a reference of ``shape`` (z, y, x) that is too small to score once cut to whole slabs of ``factor``
+    along ``axis``: the 3D SSIM window must fit along every axis.
+
+    Raises:
+        InputError: naming the size, the window and what to do.
+    """
+    cropped = list(shape)
+    cropped[axis] -= cropped[axis] % max(1, int(factor))
+    window = ssim_window()
+    if min(cropped) < window:
+        raise InputError(
+            f"{reference_name}: a volume of {'x'.join(map(str, cropped))} voxels"
+            f"{' (cropped to whole slabs of ' + str(factor) + ')' if tuple(cropped) != tuple(shape) else ''} is too "
+            f"small to score: the 3D SSIM window is {window} voxels, so a reference needs at least {window} along "
+            "each axis. Use a larger thin-slice volume (or a larger --slices range)."
+        )
+
+
 def evaluate(
     reference: Volume,
     factor: int,
@@ -69,15 +88,8 @@ def evaluate(
     """
     ax = axis_index(axis)
     fns = [(m, get_method(m)) for m in methods]  # fail on unknown names before any work
+    check_scorable(reference.shape, factor, ax, reference_name)
     ref = crop_to_slabs(reference, factor, ax)
-    window = ssim_window()
-    if min(ref.shape) < window:
-        raise InputError(
-            f"{reference_name}: a volume of {'x'.join(map(str, ref.shape))} voxels"
-            f"{' (cropped to whole slabs of ' + str(factor) + ')' if ref.shape != reference.shape else ''} is too "
-            f"small to score: the 3D SSIM window is {window} voxels, so a reference needs at least {window} along "
-            "each axis. Use a larger thin-slice volume (or a larger --slices range)."
-        )
     thick = degrade(ref, factor, ax, degradation)
     grid = thin_grid(thick, factor, axis=ax)
     ref_stats = ReferenceStats(ref)

@@ -240,7 +240,7 @@ def _radius(taps: np.ndarray) -> int:
 
 
 def ssim_window(sigma: float = SSIM_SIGMA) -> int:
-    """Voxels along each axis of the 3D SSIM window (11 for sigma 1.5): a volume must be longer than this along
+    """Voxels along each axis of the 3D SSIM window (11 for sigma 1.5): a volume must be at least this long along
     every axis to be scored."""
     return 2 * _radius(_gaussian_kernel(sigma, SSIM_TRUNCATE)) + 1
 

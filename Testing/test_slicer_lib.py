@@ -699,6 +699,14 @@ def test_evaluation_job_reports_metrics_in_a_table(scene):
         assert table.GetColumnByName("PSNR (dB)").GetValue(r) == pytest.approx(row["psnr"], rel=1e-4)
         assert table.GetColumnByName("SSIM").GetValue(r) == pytest.approx(row["ssim"], rel=1e-4)
 
+    # a volume too small to score: refused when Evaluate is pressed, with the command's message (it failed in the
+    # background with an internal error before)
+    small = mrml_io.add_volume_node(scene, phantom_ct(shape=(12, 24, 24), spacing=(1.0, 1.0, 1.0)), "small")
+    with pytest.raises(InputError, match="'small': a volume of 8x24x24 voxels .cropped to whole slabs of 8. is too "
+                                         "small to score: the 3D SSIM window is 11 voxels"):
+        EvaluationJob(scene, small, factor=8, axis="z")
+    EvaluationJob(scene, small, factor=4, axis="z")  # 12 slices in three slabs of 4: enough
+
 
 def test_evaluation_scores_what_apply_gives_and_the_networks_share(scene, tmp_path):
     """"Evaluate on this volume" scores super-resolution as Apply runs it (adapted to the scan, with the panel's

@@ -12,8 +12,16 @@ import numpy as np
 
 from DiffusionCore.degrade import MAX_FACTOR, plan_thin_grid
 from DiffusionCore.errors import DiffusionCoreError, GeometryError, InputError, OutputError
+from DiffusionCore.evaluate import check_scorable
 from DiffusionCore.provenance import sr_label
-from DiffusionCore.volume import check_ct, check_series_slices, dicom_slice_thickness, require_ct, thick_axis
+from DiffusionCore.volume import (
+    axis_index,
+    check_ct,
+    check_series_slices,
+    dicom_slice_thickness,
+    require_ct,
+    thick_axis,
+)
 
 from .jobs import CLIJob
 from .mrml_io import (
@@ -478,6 +486,7 @@ class EvaluationJob(CLIJob):
             raise InputError("Select a thin-slice CT volume to evaluate on.")
         if factor < 2:
             raise InputError("The evaluation factor must be 2 or more (thin slices per simulated thick slice).")
+        check_scorable(job_grid(input_node).shape, int(factor), axis_index(axis), f"'{input_node.GetName()}'")
         refuse_series_the_job_cannot_read(input_node)
         if int(steps) > 0 and {"sr", "sr+adapt"} & set(methods):
             from DiffusionCore.weights.registry import first_available
