@@ -87,6 +87,19 @@ def test_bad_radiographs_give_one_error_line(files, tmp_path, capsys, name, mess
     assert not (tmp_path / "o.nii.gz").exists()
 
 
+def test_a_radiograph_far_from_square_is_run_with_a_warning_about_the_crop(files, tmp_path, capsys):
+    """The model reads the middle square of the radiograph; of a panoramic strip that is a small part, and the run
+    went ahead without a word."""
+    strip = (np.random.default_rng(2).random((40, 200)) * 255).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(strip), str(tmp_path / "strip.png"))
+    for src, warned in ((tmp_path / "strip.png", True), (files["xr"], False)):  # xr.png: 64x72
+        assert main(["xray2ct", str(src), str(tmp_path / f"{src.stem}.nii.gz"), "--tiny-test-model", "--progress",
+                     "none"]) == 0
+        err = capsys.readouterr().err
+        assert ("only its middle 40x40 square is used (20% of the image)" in err) is warned
+        assert ("square is used" in err) is warned
+
+
 def test_a_reference_ct_with_nothing_to_see_in_the_training_geometry_is_named(tmp_path, capsys):
     """evaluate-xray renders the reference's radiograph itself; for a CT that holds too little body in the 350 mm
     cube (a scan a few centimetres across) that radiograph is blank. The message said "the radiograph is blank ...

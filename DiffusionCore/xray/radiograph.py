@@ -421,6 +421,10 @@ def window_radiograph(arr: np.ndarray, percentiles: tuple[float, float] = WINDOW
     return np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
+#: A radiograph whose shorter side is below this share of its longer one loses much of itself to the square crop.
+MIN_SQUARE_SHARE = 0.7
+
+
 def resize_radiograph(rad: Radiograph, size: int | tuple[int, int], *, square: bool = True) -> Radiograph:
     """Centre-crop to a square (optional) and resize with antialiasing.
 
@@ -436,6 +440,12 @@ def resize_radiograph(rad: Radiograph, size: int | tuple[int, int], *, square: b
     h, w = arr.shape
     if square and h != w:
         s = min(h, w)
+        if s < MIN_SQUARE_SHARE * max(h, w):
+            logger.warning(
+                "the radiograph is %dx%d pixels: only its middle %dx%d square is used (%.0f%% of the image). A chest "
+                "radiograph is about as wide as it is tall; crop the image to the chest if this is not one.",
+                h, w, s, s, 100.0 * s / max(h, w),
+            )  # fmt: skip
         r0, c0 = (h - s) // 2, (w - s) // 2
         arr = arr[r0 : r0 + s, c0 : c0 + s]
         h = w = s
