@@ -330,7 +330,7 @@ def test_training_passes_over_cohort_series_that_cannot_be_read_as_one_volume(tm
     refuses them, and training passes over each with a warning saying why, as it passes over folders that hold no
     CT series, instead of stopping at the first. With none readable it stops and lists why; a volume file that
     cannot be read still stops the run with its own error."""
-    from conftest import passed_over, write_cohort_with_unreadable_series
+    from conftest import passed_over, write_cohort_with_unreadable_series, write_dicom_series
 
     from DiffusionCore.inputs import readable_volumes
     from DiffusionCore.sr.throughplane_train import ThroughPlaneTrainConfig, load_sources
@@ -351,6 +351,20 @@ def test_training_passes_over_cohort_series_that_cannot_be_read_as_one_volume(tm
     broken.write_bytes(b"not a volume")
     with pytest.raises(InputError, match="broken.nii.gz"):
         list(readable_volumes([broken, *paths]))
+
+    # a series too short to hold out test and validation slices (a scout of 3 slices) is passed over the same way;
+    # named on the command line as a file, it stops the run with its name
+    scout = Volume(np.full((3, 16, 16), 40.0, np.float32), (0.8, 0.8, 2.5))
+    write_dicom_series(cohort / "p4" / "scout", scout, series_uid="1.2.826.0.1.3680043.8.498.14")
+    diffusioncore_log.clear()
+    train, _ = load_sources([*paths, cohort / "p4" / "scout"], ThroughPlaneTrainConfig())
+    assert [s.name for s in train] == ["ct"]
+    assert any("p4/scout" in said and "3 slices is too short" in said for said in passed_over(diffusioncore_log))
+    with pytest.raises(InputError, match=r"none of the CT volumes is long enough to train on: .*p4/scout"):
+        load_sources([cohort / "p4" / "scout"], ThroughPlaneTrainConfig())
+    write_volume(scout, tmp_path / "scout.nrrd")
+    with pytest.raises(InputError, match=r"scout.nrrd: a volume with 3 slices is too short .*leave it out of --data"):
+        load_sources([tmp_path / "scout.nrrd", *paths], ThroughPlaneTrainConfig())
 
 
 def test_collect_volumes_errors(tmp_path):

@@ -128,15 +128,24 @@ def load_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig) -> tuple[list[
     """Training and validation plane sources (HU, slice axis first) from thin-slice CT files."""
     from ..inputs import readable_volumes
 
-    train, val = [], []
+    train, val, short = [], [], []
     for p, vol in readable_volumes(paths):
         arr = np.ascontiguousarray(vol.array, dtype=np.float32)
-        tr, va, te = split_regions(arr.shape[0], cfg.test_fraction, cfg.val_fraction)
+        try:
+            tr, va, te = split_regions(arr.shape[0], cfg.test_fraction, cfg.val_fraction)
+        except InputError as exc:
+            if not Path(p).is_dir():  # a file named on the command line: the user's own choice, so it stops the run
+                raise InputError(f"{p.name}: {exc} (it needs a thin-slice CT; leave it out of --data)") from None
+            short.append(f"{p}: {exc}")  # a series of a cohort (a scout, a few slices): passed over, as unreadable ones
+            logger.warning("passed over %s: %s", p, exc)
+            continue
         logger.info("%s: train slices %d-%d, validation %d-%d, test %d-%d (never read)", p.name, tr[0], tr[1] - 1,
                     va[0], va[1] - 1, te[0], te[1] - 1)
         train.append(PlaneSource(p.name, arr, vol.spacing_zyx, *tr))
         if va[1] > va[0]:
             val.append(PlaneSource(p.name + "[val]", arr, vol.spacing_zyx, *va))
+    if not train:
+        raise InputError("none of the CT volumes is long enough to train on: " + "; ".join(short))
     return train, val
 
 
