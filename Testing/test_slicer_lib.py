@@ -279,9 +279,8 @@ def test_an_unevenly_spaced_series_loaded_without_regularization_is_not_super_re
 ):
     """With the DICOM module's acquisition-geometry regularization off, Slicer's reader stacks an unevenly spaced
     series at its mean spacing and nothing marks it: the job ran on slices millimetres from where they were acquired.
-    When the job starts, the node's slices are compared with their files; these are read instead, and the job stops
-    with the command's message naming the two spacings, when Apply is pressed. A regular DICOM node still goes as its
-    voxels."""
+    When Apply (or Evaluate) is pressed, the node's slices are compared with their files, and the run is refused with
+    the command's message naming the two spacings. A regular DICOM node still goes as its voxels."""
     files = _tilted_dicom_series(tmp_path / "series", degrees=0.0, steps=(4, 4, 4, 4, 8, 8, 8, 8, 8))
     database = DicomDatabaseStandIn()
     monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
