@@ -150,14 +150,14 @@ def _own_matrix(node) -> np.ndarray:
     return mrml_io.matrix_to_array(m)
 
 
-def _tilted_dicom_series(folder, degrees: float = 20.0, steps=None):
-    """A gantry-tilted CT series (slices 4 mm along the table, the image plane turned about L-R) of a body with a
-    dense ball, written as DICOM; ``steps`` (mm along the table) make it unevenly spaced instead."""
+def _tilted_dicom_series(folder, degrees: float = 20.0, steps=None, slices: int = 10):
+    """A gantry-tilted CT series of ``slices`` slices (4 mm along the table, the image plane turned about L-R) of a
+    body with a dense ball, written as DICOM; ``steps`` (mm along the table) make it unevenly spaced instead."""
     from conftest import write_dicom_series
 
     t = np.deg2rad(degrees)
     direction = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(t), 0.0], [0.0, np.sin(t), 1.0]])
-    vol = phantom_ct(shape=(10, 32, 32), spacing=(0.8, 0.8, 4.0), direction=direction, origin=(-12.0, -14.0, -20.0))
+    vol = phantom_ct(shape=(slices, 32, 32), spacing=(0.8, 0.8, 4.0), direction=direction, origin=(-12.0, -14.0, -20.0))
     files = write_dicom_series(folder, vol)
     if steps is not None:
         import pydicom
@@ -179,7 +179,7 @@ def test_series_under_slicers_regularization_transform_is_read_from_its_dicom_fi
 
     from DiffusionCore.sr.pipeline import SuperResolver
 
-    files = _tilted_dicom_series(tmp_path / "series")
+    files = _tilted_dicom_series(tmp_path / "series", slices=12)  # 12: enough to score for Evaluate below
     database = DicomDatabaseStandIn()
     monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
     node = load_dicom_node(scene, files, "tilted head", database, uids=[f"tilted.{i}" for i in range(len(files))])
@@ -627,7 +627,8 @@ def test_sr_job_refuses_steps_and_samples_that_predictor_weights_cannot_give(sce
     SRJob(scene, node, SRSettings(device="cpu"))  # the defaults: the predictor's one estimate
     with pytest.raises(InputError, match=r"so Steps 15 cannot be used"):  # "Evaluate on this volume" alike
         EvaluationJob(scene, node, factor=2, methods=("cubic", "sr"), steps=15)
-    EvaluationJob(scene, node, factor=2, methods=("cubic",), steps=15)  # no model method: the steps are unused
+    larger = mrml_io.add_volume_node(scene, phantom_ct(shape=(12, 32, 32)), "CT_07")  # large enough to score
+    EvaluationJob(scene, larger, factor=2, methods=("cubic",), steps=15)  # no model method: the steps are unused
     diffusion = tmp_path / "latent.safetensors"
     SRModel.tiny(seed=0).save(diffusion)
     SRJob(scene, node, SRSettings(steps=15, num_samples=4, weights=str(diffusion), allow_unregistered_weights=True,

@@ -486,8 +486,6 @@ class EvaluationJob(CLIJob):
             raise InputError("Select a thin-slice CT volume to evaluate on.")
         if factor < 2:
             raise InputError("The evaluation factor must be 2 or more (thin slices per simulated thick slice).")
-        check_scorable(job_grid(input_node).shape, int(factor), axis_index(axis), f"'{input_node.GetName()}'")
-        refuse_series_the_job_cannot_read(input_node)
         if int(steps) > 0 and {"sr", "sr+adapt"} & set(methods):
             from DiffusionCore.weights.registry import first_available
 
@@ -495,6 +493,8 @@ class EvaluationJob(CLIJob):
             problem = sampling_problem(int(steps), 1, check_weights(name, "sr", False) if name else None, name)
             if problem:
                 raise InputError(problem)
+        refuse_series_the_job_cannot_read(input_node)
+        check_scorable(job_grid(input_node).shape, int(factor), axis_index(axis), f"'{input_node.GetName()}'")
         self.input_node = input_node
         notice = synthetic_input_notice(input_node)
         if notice:
