@@ -155,7 +155,7 @@ def _header_text(path: Path, end_marker: bytes) -> str:
 
 
 def _from_fields(fields: dict[str, str]) -> Provenance | None:
-    if fields.get("synthetic", "").lower() != "true":
+    if fields.get("synthetic", "").lower() != "true":  # "true" in a header, json.dumps(True) from a sidecar
         return None
     try:
         settings = json.loads(fields.get("settings") or "{}")
@@ -175,9 +175,8 @@ def _from_nifti(path: Path) -> Provenance | None:
             record = json.loads(side.read_text(encoding="utf-8")).get("provenance")
         except (ValueError, AttributeError):
             record = None
-        if isinstance(record, dict) and record.get("synthetic") is True:
-            return _from_fields({k: v if isinstance(v, str) else json.dumps(v) for k, v in record.items()
-                                 if k != "synthetic"} | {"synthetic": "true"})
+        if isinstance(record, dict) and record.get("synthetic") is True:  # the fields as a header holds them
+            return _from_fields({k: v if isinstance(v, str) else json.dumps(v) for k, v in record.items()})
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as f:
         head = f.read(348)

@@ -22,6 +22,7 @@ import vtk
 from vtk.util import numpy_support
 
 from DiffusionCore.errors import InputError, OutputError
+from DiffusionCore.provenance import read_provenance
 from DiffusionCore.volume import Grid, Volume
 
 logger = logging.getLogger(__name__)
@@ -304,6 +305,10 @@ def _kind_of(task: str, title: str) -> str:
     return task or "synthetic"
 
 
+#: Python attribute of a volume node: the file :func:`recognise_result_file` last read for it.
+_EXAMINED_FILE = "_ctdiffusion_examined_file"
+
+
 def recognise_result_file(node) -> bool:
     """Label a volume node loaded from a result file as the synthetic result it is.
 
@@ -319,10 +324,9 @@ def recognise_result_file(node) -> bool:
         return False
     storage = node.GetStorageNode()
     path = storage.GetFileName() if storage is not None else None
-    if not path:
-        return False
-    from DiffusionCore.provenance import read_provenance
-
+    if not path or getattr(node, _EXAMINED_FILE, None) == path:
+        return False  # no file, or this file read already (every import re-examines the scene's volumes)
+    setattr(node, _EXAMINED_FILE, path)
     record = read_provenance(path)
     if record is None:
         return False
@@ -569,19 +573,26 @@ def job_grid(node) -> Grid:
     return series.grid if series is not None else grid_from_node(node)
 
 
-def write_job_input(node, folder: str | os.PathLike, name: str, *, dtype: str = "float32", compress: bool = False) -> str:
+#: ``write_job_input``'s default ``series``: find out with :func:`series_to_read_from_files` (reads every header).
+FIND_SERIES = object()
+
+
+def write_job_input(node, folder: str | os.PathLike, name: str, *, dtype: str = "float32", compress: bool = False,
+                    series: IrregularSeries | None | object = FIND_SERIES) -> str:
     """The node as a background job's input in ``folder``: ``name.nrrd`` (world geometry; ``dtype`` and ``compress`` as
     :func:`DiffusionCore.volume.write_volume` takes them: by default float32, uncompressed, for a job that starts at
     once), or for a series Slicer could not load as a regular grid (:func:`series_to_read_from_files`) a folder ``name``
     holding its DICOM files (linked, or copied where links cannot be made), which DiffusionCore reads as
-    ``sr SERIES_FOLDER`` does (a tilt resampled onto an orthogonal grid). The node is never modified. Returns the path
-    to pass to the job."""
+    ``sr SERIES_FOLDER`` does (a tilt resampled onto an orthogonal grid). ``series``: what
+    :func:`series_to_read_from_files` returned for the node, when the caller has it already. The node is never
+    modified. Returns the path to pass to the job."""
     import shutil
     from pathlib import Path
 
     from DiffusionCore.volume import write_volume
 
-    series = series_to_read_from_files(node)
+    if series is FIND_SERIES:
+        series = series_to_read_from_files(node)
     if series is None:
         path = Path(folder) / f"{name}.nrrd"
         write_volume(volume_from_node(node), path, overwrite=True, dtype=dtype, compress=compress)

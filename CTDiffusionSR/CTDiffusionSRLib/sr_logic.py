@@ -306,11 +306,14 @@ def synthetic_input_notice(node) -> str:
             "that model's estimate. Use the acquired scan where you have it.")
 
 
-def refuse_series_the_job_cannot_read(node) -> None:
+def refuse_series_the_job_cannot_read(node):
     """Refuse, when Apply is pressed, a DICOM series that the job would read from its files and then stop on
     (:func:`CTDiffusionSRLib.mrml_io.series_to_read_from_files`: e.g. slices of two spacings, which Slicer's
     reader stacks at their mean spacing), with the message the engine gives, instead of a job that fails in the
-    background. Reads every slice's header.
+    background. Reads every slice's header once: the job hands what it found to ``write_job_input``.
+
+    Returns:
+        The series the job reads from its files, or None (the node's voxels).
 
     Raises:
         InputError: the engine's message (:func:`DiffusionCore.volume.check_series_slices`).
@@ -318,6 +321,7 @@ def refuse_series_the_job_cannot_read(node) -> None:
     series = series_to_read_from_files(node)
     if series is not None:
         check_series_slices(series.files, f"'{node.GetName()}'")
+    return series
 
 
 class SRJob(CLIJob):
@@ -337,7 +341,7 @@ class SRJob(CLIJob):
             raise InputError(reason)
         if output_node is not None and output_node.GetID() == input_node.GetID():
             raise OutputError("the output must be a new volume, not the input (the input is never modified).")
-        refuse_series_the_job_cannot_read(input_node)
+        self.series = refuse_series_the_job_cannot_read(input_node)
         if not (settings.tiny_test_model or settings.tiny_test_predictor):
             from DiffusionCore.weights.registry import first_available
 
@@ -359,7 +363,7 @@ class SRJob(CLIJob):
             self.notices.append(notice)
 
     def prepare(self, tempdir: Path) -> list[str]:
-        source = write_job_input(self.input_node, tempdir, "input")
+        source = write_job_input(self.input_node, tempdir, "input", series=self.series)
         args = self.settings.cli_arguments()
         if self.settings.num_samples >= 2:
             args += ["--uncertaintyVolume", str(tempdir / "uncertainty.nrrd")]
@@ -493,7 +497,7 @@ class EvaluationJob(CLIJob):
             problem = sampling_problem(int(steps), 1, check_weights(name, "sr", False) if name else None, name)
             if problem:
                 raise InputError(problem)
-        refuse_series_the_job_cannot_read(input_node)
+        self.series = refuse_series_the_job_cannot_read(input_node)
         check_scorable(job_grid(input_node).shape, int(factor), axis_index(axis), f"'{input_node.GetName()}'")
         self.input_node = input_node
         notice = synthetic_input_notice(input_node)
@@ -515,7 +519,7 @@ class EvaluationJob(CLIJob):
         voxels = numpy_support.vtk_to_numpy(self.input_node.GetImageData().GetPointData().GetScalars())  # a view
         if np.count_nonzero(voxels > -500) == 0:
             raise InputError(f"'{self.input_node.GetName()}' has no voxel above -500 HU: no body to evaluate in.")
-        reference = write_job_input(self.input_node, tempdir, "reference")
+        reference = write_job_input(self.input_node, tempdir, "reference", series=self.series)
         args = [
             "evaluate", "--reference", reference, "--factor", str(self.factor),
             "--axis", self.axis, "--degradation", self.degradation, "--methods", ",".join(self.methods),

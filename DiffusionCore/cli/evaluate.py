@@ -91,10 +91,9 @@ def run(args: argparse.Namespace) -> int:
         if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
             raise OutputError(f"cannot write {out}: the folder {out.parent} does not exist or is not writable.")
     ref = load_reference(args.reference)
-    if Path(args.reference).exists():  # a sample name is an acquired scan
-        warning = synthetic_input_warning(args.reference)
-        if warning:
-            logger.warning("%s", warning)
+    warning = synthetic_input_warning(args.reference)  # "" for a sample name: no such file
+    if warning:
+        logger.warning("%s", warning)
     if args.slices is not None:
         ref = crop_slices(ref, args.axis, *args.slices)
     options = {
