@@ -332,6 +332,51 @@ def test_sr_cli_failure_is_one_error_line_with_the_error_code(scene, tmp_path):
     assert not (tmp_path / "out.nrrd").exists()
 
 
+def test_a_cli_output_node_takes_the_provenance_of_each_run_read_into_it(scene, tmp_path):
+    """Slicer's CLI panel keeps its output node selected after a run and hands every run's result to that node
+    through the same file name. A node loaded from an acquired file and then chosen as the output stayed unlabelled,
+    and a second run (another factor) left the first run's settings on the node. Each run's file now labels it."""
+    from DiffusionCore.volume import write_volume
+
+    def result_file(factor: int, path: Path) -> Path:
+        made = mrml_io.add_volume_node(scene, phantom_ct(), f"made x{factor}")
+        mrml_io.set_provenance(made, kind="super-resolution", model="sr-default", weights_sha256=f"{factor}" * 64,
+                               settings={"factor": factor}, title=f"SR x{factor} (synthetic)",
+                               recorded_input=(f"CT x{factor}", ""))  # fmt: skip
+        mrml_io.export_result(made, str(path))
+        scene.RemoveNode(made)
+        return path
+
+    mrml_io.watch_results_of_loaded_scenes(scene)
+    write_volume(phantom_ct(), tmp_path / "acquired.nrrd")
+    logic = slicer.vtkSlicerVolumesLogic()
+    logic.SetMRMLScene(scene)
+    output = logic.AddArchetypeVolume(str(tmp_path / "acquired.nrrd"), "acquired")  # loaded, then chosen as output
+    assert mrml_io.provenance(output) == {}
+    handoff = tmp_path / "IAEBC_vtkMRMLScalarVolumeNodeB.nrrd"  # one name per node, run after run
+    read_cli_output_like_slicer(output, result_file(2, handoff))
+    info = mrml_io.provenance(output)
+    assert (info["kind"], info["settings"], info["weights_sha256"]) == ("super-resolution", {"factor": 2}, "2" * 64)
+    assert output.GetName() == "acquired (synthetic)" and output.GetDescription().startswith("SYNTHETIC")
+    read_cli_output_like_slicer(output, result_file(4, handoff))  # Apply again, another factor
+    info = mrml_io.provenance(output)
+    assert (info["settings"], info["weights_sha256"]) == ({"factor": 4}, "4" * 64)
+    assert mrml_io.provenance_record(output).title == "SR x4 (synthetic)"
+    assert mrml_io.provenance_record(output).input == "CT x4" and output.GetName() == "acquired (synthetic)"
+
+    # a result made in this session and saved by Slicer keeps its source: its own file is not another run's
+    source = mrml_io.add_volume_node(scene, phantom_ct(), "CT")
+    live = mrml_io.add_volume_node(scene, phantom_ct(), "CT SR x3 (synthetic)")
+    mrml_io.set_provenance(live, kind="super-resolution", model="sr-default", weights_sha256="3" * 64,
+                           settings={"factor": 3}, source=source, title="SR x3 (synthetic)")  # fmt: skip
+    storage = live.GetStorageNode()
+    storage.SetFileName(str(tmp_path / "saved.nrrd"))
+    assert storage.WriteData(live)
+    assert "ctdiffusion_synthetic:=true" in (tmp_path / "saved.nrrd").read_bytes()[:4000].decode("latin-1")
+    live.SetName("CT SR x3 (synthetic) renamed")  # any later change examines the saved file
+    assert mrml_io.source_node(live) is source and mrml_io.provenance(live)["settings"] == {"factor": 3}
+
+
 def test_xray_cli_runs_as_slicer_runs_it(scene, tmp_path):
     import SimpleITK as sitk
 

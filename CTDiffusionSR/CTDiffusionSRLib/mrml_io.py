@@ -290,7 +290,7 @@ def watch_results(scene) -> int:
     watched = 0
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")):
         node = scene.GetNthNodeByClass(i, "vtkMRMLVolumeNode")
-        recognise_result_file(node)
+        _watch_file(node)
         if node.GetAttribute(ATTR_SYNTHETIC) == "true" and watch_saves(node):
             watched += 1
     return watched
@@ -305,60 +305,82 @@ def _kind_of(task: str, title: str) -> str:
     return task or "synthetic"
 
 
-#: Python attribute of a volume node: the file :func:`recognise_result_file` last read for it.
+#: Python attribute of a volume node: the file :func:`recognise_result_file` last read for it, ``(path, mtime_ns,
+#: size)``: Slicer hands a CLI's output to the same node through the same file name at every run.
 _EXAMINED_FILE = "_ctdiffusion_examined_file"
 
 
+def _file_key(node) -> tuple[str, int, int] | None:
+    """``(path, mtime_ns, size)`` of the file the node's storage node names, None without one on disk."""
+    storage = node.GetStorageNode()
+    path = storage.GetFileName() if storage is not None else None
+    if not path:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return path, stat.st_mtime_ns, stat.st_size
+
+
+def _same_result(a, b) -> bool:
+    """Whether two provenance records describe the same result (a node's own file saved again, not another run)."""
+    return (a.task, a.weights_sha256, a.settings, a.title, a.date) == (b.task, b.weights_sha256, b.settings, b.title, b.date)
+
+
 def recognise_result_file(node) -> bool:
-    """Label a volume node loaded from a result file as the synthetic result it is.
+    """Label a volume node by the provenance its file records.
 
     A result saved to a file (NRRD, MetaImage, NIfTI with its sidecar, or exported as DICOM) and loaded later on
     its own (Add Data, drag and drop, the DICOM browser), or a file written by ``python -m DiffusionCore sr`` or
-    ``xray2ct``, records its provenance in the file; Slicer's reader keeps none of it. The node gets the provenance
-    attributes back (model, weights, settings, date, the input as recorded), the description that says it is not an
-    acquired image, "(synthetic)" in its name if the file name lacked it, and its saves are watched. It has no
-    source node: its export makes a new study, never one under a guessed patient. Returns True when the node was
-    labelled; False for a node that already has provenance, has no file, or whose file records none.
+    ``xray2ct`` or by the batch CLIs, records its provenance in the file; Slicer's reader keeps none of it. The node
+    gets the provenance attributes back (model, weights, settings, date, the input as recorded), the description that
+    says it is not an acquired image, "(synthetic)" in its name if the file name lacked it, and its saves are watched.
+    It has no source node: its export makes a new study, never one under a guessed patient.
+
+    A node labelled already is labelled again when its file records another result: a CLI's panel keeps its output
+    node selected, so running it again (another factor, other weights) reads the new result into the same node, which
+    must not keep the first run's settings. A file recording no provenance changes nothing. Returns True when the node
+    was labelled; False when its file is the one examined last, or records no result or the node's own.
     """
-    if node is None or node.GetAttribute(ATTR_SYNTHETIC) is not None:
+    if node is None:
         return False
-    storage = node.GetStorageNode()
-    path = storage.GetFileName() if storage is not None else None
-    if not path or getattr(node, _EXAMINED_FILE, None) == path:
+    key = _file_key(node)
+    if key is None or getattr(node, _EXAMINED_FILE, None) == key:
         return False  # no file, or this file read already (every import re-examines the scene's volumes)
-    setattr(node, _EXAMINED_FILE, path)
-    record = read_provenance(path)
+    setattr(node, _EXAMINED_FILE, key)
+    record = read_provenance(key[0])
     if record is None:
         return False
+    if provenance(node):
+        if _same_result(provenance_record(node), record):
+            return False  # its own file (Slicer's Save of it, stamped)
+        for attr in (ATTR_SOURCE, ATTR_INPUT, ATTR_INPUT_UID):  # another run's: its input is the file's
+            node.RemoveAttribute(attr)
+        node.RemoveNodeReferenceIDs(SOURCE_REFERENCE_ROLE)
+        logger.info("%s holds another result now (%s): its provenance is that result's", node.GetName(), key[0])
     set_provenance(node, kind=_kind_of(record.task, record.title), model=record.weights,
                    weights_sha256=record.weights_sha256, settings=record.settings, title=record.title,
                    date=record.date or "unrecorded", recorded_input=(record.input, record.input_uid))  # fmt: skip
     if "synthetic" not in (node.GetName() or "").lower():
         node.SetName(f"{node.GetName()} (synthetic)")
-    logger.info("%s was loaded from a result file (%s): labelled synthetic", node.GetName(), path)
+    logger.info("%s was loaded from a result file (%s): labelled synthetic", node.GetName(), key[0])
     return True
 
 
-#: Python attribute of a volume node that waits for its storage node's file (:func:`_recognise_when_stored`).
-_AWAITING_FILE = "_ctdiffusion_awaiting_file"
+#: Python attribute of a volume node whose file is watched (:func:`_watch_file`): the observer's tag.
+_WATCHING_FILE = "_ctdiffusion_watching_file"
 
 
-def _recognise_when_stored(node) -> None:
-    """:func:`recognise_result_file` once the node knows its file. Slicer's volume reader adds a node to the
-    scene before it sets the node's storage node; a node made by a module never gets a file, and one that
-    gets provenance first needs nothing more."""
-    if recognise_result_file(node) or node.GetAttribute(ATTR_SYNTHETIC) is not None or hasattr(node, _AWAITING_FILE):
-        return
-
-    def check(caller, _event) -> None:
-        storage = caller.GetStorageNode()
-        if caller.GetAttribute(ATTR_SYNTHETIC) is None and (storage is None or not storage.GetFileName()):
-            return
-        caller.RemoveObserver(getattr(caller, _AWAITING_FILE))
-        delattr(caller, _AWAITING_FILE)
-        recognise_result_file(caller)
-
-    setattr(node, _AWAITING_FILE, node.AddObserver(vtk.vtkCommand.ModifiedEvent, check))
+def _watch_file(node) -> None:
+    """:func:`recognise_result_file` now and whenever the node is modified: Slicer's volume reader adds a node to
+    the scene before it sets the node's storage node, and Slicer reads a CLI's output into the node the CLI's panel
+    names, which may be a node loaded from another file or an earlier run's result. Reading a file modifies the node;
+    Slicer's Save does not, and the node's file is examined once per version (path, time, size)."""
+    recognise_result_file(node)
+    if not hasattr(node, _WATCHING_FILE):
+        setattr(node, _WATCHING_FILE,
+                node.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, _event: recognise_result_file(caller)))
 
 
 def watch_results_of_loaded_scenes(scene) -> None:
@@ -370,7 +392,7 @@ def watch_results_of_loaded_scenes(scene) -> None:
 
     def node_added(_scene, _event, node=None) -> None:
         if node is not None and node.IsA("vtkMRMLVolumeNode"):
-            _recognise_when_stored(node)
+            _watch_file(node)
 
     node_added.CallDataType = vtk.VTK_OBJECT
     scene.AddObserver(scene.NodeAddedEvent, node_added)
