@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, OutputExistsError
 from .provenance import NOT_ACQUIRED, SOFTWARE, Provenance
 from .volume import Volume
 
@@ -377,7 +377,7 @@ def check_dicom_output(folder: str | os.PathLike, *, overwrite: bool = False) ->
                     f"{out} already holds other files; a DICOM series needs a new or empty folder: give one"
                 )
             if not overwrite:
-                raise OutputError(f"{out} already holds a DICOM series; pass --overwrite to replace it")
+                raise OutputExistsError(out, "already holds a DICOM series")
     return out
 
 

@@ -39,6 +39,26 @@ class OutputError(DiffusionCoreError, OSError):
     exit_code = 4
 
 
+#: What the command line advises for an output that exists (:class:`OutputExistsError`).
+OVERWRITE_ADVICE = "pass --overwrite to replace it, or choose another name"
+
+
+class OutputExistsError(OutputError):
+    """An output exists (a file, or a folder holding a DICOM series) and replacing it was not asked for.
+
+    ``path`` and ``what`` are kept so that a front end with no ``--overwrite`` (the Slicer export dialog) can give its
+    own advice (:meth:`advising`) instead of the command line's.
+    """
+
+    def __init__(self, path, what: str = "already exists", advice: str = OVERWRITE_ADVICE) -> None:
+        self.path, self.what, self.advice = str(path), what, advice
+        super().__init__(f"{self.path} {what}; {advice}.")
+
+    def advising(self, advice: str) -> OutputExistsError:
+        """The same refusal with another front end's advice."""
+        return OutputExistsError(self.path, self.what, advice)
+
+
 class NumericalError(DiffusionCoreError):
     """A result failed its final check (NaN/Inf voxels, a constant volume, values far outside CT's range):
     the computation broke down although the inputs, options and weights passed their checks. Nothing is

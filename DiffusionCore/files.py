@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, OutputError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -574,6 +574,21 @@ def _finite_only(value):
     return value
 
 
+def check_writable_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """``path`` as a Path once a file can be written there (a report, a JSON of scores).
+
+    Raises:
+        OutputExistsError: the file exists without ``overwrite``.
+        OutputError: its folder is missing or not writable.
+    """
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise OutputExistsError(p)
+    if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
+        raise OutputError(f"cannot write {p}: the folder {p.parent} does not exist or is not writable.")
+    return p
+
+
 def write_json_atomic(
     data, path: str | os.PathLike, *, overwrite: bool = True, durable: bool = False, nonfinite_as_null: bool = True
 ) -> Path:
@@ -590,11 +605,7 @@ def write_json_atomic(
     Raises:
         OutputError: the file exists without ``overwrite``, or its folder is missing or not writable.
     """
-    p = Path(path)
-    if p.exists() and not overwrite:
-        raise OutputError(f"{p} already exists; pass --overwrite to replace it.")
-    if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
-        raise OutputError(f"cannot write {p}: the folder {p.parent} does not exist or is not writable.")
+    p = check_writable_file(path, overwrite=overwrite)
     remove_stale_partials(p)
     tmp = partial_file(p)
     try:

@@ -80,10 +80,9 @@ def check_result_output(output: str | os.PathLike, as_dicom: bool, *, overwrite:
     for path in planned_files(output, False):
         if path.suffix.lower() == ".json":
             if path.exists() and not overwrite:
-                from .errors import OutputError
+                from .errors import OutputExistsError
 
-                raise OutputError(f"{path} (the provenance sidecar of {Path(output).name}) already exists; "
-                                  "pass --overwrite to replace it, or choose another name.")  # fmt: skip
+                raise OutputExistsError(path, f"(the provenance sidecar of {Path(output).name}) already exists")
         else:
             check_output_path(path, overwrite=overwrite)
 

@@ -35,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .dicom_in import enhanced_ct_in, read_enhanced_ct
-from .errors import GeometryError, InputError, OutputError
+from .errors import GeometryError, InputError, OutputError, OutputExistsError
 from .files import (
     CompressedDataError,
     gzip_file,
@@ -1188,7 +1188,7 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
     if not _folder_writable(parent):
         raise OutputError(f"the output folder {parent} is not writable; choose another output path.")
     if p.exists() and not overwrite:
-        raise OutputError(f"{p} already exists; pass --overwrite to replace it, or choose another name.")
+        raise OutputExistsError(p)
     if p.is_dir():
         raise OutputError(f"{p} is a folder; give a file name such as result.nii.gz")
     removed = remove_stale_partials(p)

@@ -283,6 +283,17 @@ def test_xray2ct_end_to_end_subprocess(files, tmp_path):
     assert again.returncode == 4 and "already exists" in again.stderr
 
 
+def test_xray2ct_refuses_a_report_it_could_not_write_before_it_runs(files, tmp_path):
+    """A --report in a folder that does not exist was found out only at the end, after the CT had been written: the
+    run said it failed (exit 4) and left its output. It is refused before anything runs, as ``sr`` refuses it."""
+    out = tmp_path / "ct.nii.gz"
+    cmd = [sys.executable, "-m", "DiffusionCore", "xray2ct", str(files["xr"]), str(out), "--tiny-test-model",
+           "--steps", "1", "--report", str(tmp_path / "missing" / "r.json")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 4 and "missing does not exist or is not writable" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
+
+
 def _train(argv: list[str]) -> int:
     from DiffusionCore.cli import train as train_cli
 

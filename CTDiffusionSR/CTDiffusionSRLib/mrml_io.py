@@ -690,16 +690,13 @@ def export_chosen(node, chosen_path: str, chosen_filter: str) -> list:
     """Export ``node`` where the export dialog said (:func:`export_target`). Qt's save dialog has already asked
     the user to confirm replacing the file it returns, so that file is replaced; a name that the filter's suffix
     was added to, or a DICOM series folder, is never replaced without being asked. Returns the paths written."""
-    from DiffusionCore.errors import OutputError
+    from DiffusionCore.errors import OutputExistsError
 
     path, as_dicom = export_target(chosen_path, chosen_filter)
     try:
         return export_result(node, path, as_dicom=as_dicom, overwrite=not as_dicom and path == chosen_path)
-    except OutputError as exc:  # the engine's advice names its command-line flag; here it is the dialog
-        message = str(exc)
-        for flag_advice in ("; pass --overwrite to replace it, or choose another name.", "; pass --overwrite to replace it"):
-            message = message.replace(flag_advice, "; choose another name in the export dialog.")
-        raise OutputError(message) from None
+    except OutputExistsError as exc:  # the engine's advice names its command-line flag; here it is the dialog
+        raise exc.advising("choose another name in the export dialog") from None
 
 
 def write_node_to_file(node, path: str) -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-from pathlib import Path
 
-from ..errors import ConfigError, NumericalError, OutputError
+from ..errors import ConfigError, NumericalError
 from ..evaluate import evaluate, format_table
-from ..files import refuse_overwriting_inputs, write_json_atomic
+from ..files import check_writable_file, refuse_overwriting_inputs, write_json_atomic
 from ..provenance import synthetic_input_warning
 from ..sampledata import load_reference
 from ..volume import crop_slices
@@ -85,11 +83,7 @@ def run(args: argparse.Namespace) -> int:
         )
     refuse_overwriting_inputs([args.reference, args.weights], [("--json", args.json_out)])
     if args.json_out:
-        out = Path(args.json_out)
-        if out.exists() and not args.overwrite:
-            raise OutputError(f"{out} already exists; pass --overwrite to replace it.")
-        if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-            raise OutputError(f"cannot write {out}: the folder {out.parent} does not exist or is not writable.")
+        check_writable_file(args.json_out, overwrite=args.overwrite)
     ref = load_reference(args.reference)
     warning = synthetic_input_warning(args.reference)  # "" for a sample name: no such file
     if warning:

@@ -23,6 +23,7 @@ from ..devices import DistInfo, process_info, shard_list
 from ..dicom_out import check_dicom_geometry
 from ..errors import ConfigError, GeometryError, InputError, OutputError
 from ..files import (
+    check_writable_file,
     current_rss_bytes,
     format_bytes,
     keep_freed_memory,
@@ -294,11 +295,7 @@ def _report_path(args: argparse.Namespace, info: DistInfo) -> Path | None:
     p = _report_file(args, info)
     if p is None:
         return None
-    if p.exists() and not args.overwrite:
-        raise OutputError(f"{p} already exists; pass --overwrite to replace it.")
-    if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
-        raise OutputError(f"cannot write {p}: the folder {p.parent} does not exist or is not writable.")
-    return p
+    return check_writable_file(p, overwrite=args.overwrite)
 
 
 def run_settings(args: argparse.Namespace, device: str | torch.device | None = None) -> SRRunSettings:

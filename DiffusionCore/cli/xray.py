@@ -6,7 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..errors import ConfigError, InputError, OutputError
+from ..errors import ConfigError, InputError
+from ..files import check_writable_file
 from ..results import OUTPUT_FORMATS
 from .common import (
     NameList,
@@ -186,8 +187,8 @@ def run_xray2ct(args: argparse.Namespace) -> int:
     outputs += [("a stage output", f) for p in stage_files.values() for f in planned_files(p, as_dicom)]
     refuse_overwriting_inputs([args.xray, source, args.weights], [*outputs, ("--report", args.report)])
     check_result_output(out, as_dicom, overwrite=args.overwrite)
-    if args.report and Path(args.report).exists() and not args.overwrite:
-        raise OutputError(f"{args.report} already exists; pass --overwrite to replace it.")
+    if args.report:
+        check_writable_file(args.report, overwrite=args.overwrite)
     rad = read_radiograph(source)
     dicom_source = dicom_source_for(source) if as_dicom else None
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
@@ -271,9 +272,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     refuse_overwriting_inputs([args.reference, args.weights], [("--json", args.json_out)])
     if args.json_out:
-        out = Path(args.json_out)
-        if out.exists() and not args.overwrite:
-            raise OutputError(f"{out} already exists; pass --overwrite to replace it.")
+        check_writable_file(args.json_out, overwrite=args.overwrite)
     methods = tuple(args.methods)
     ref = load_reference(args.reference)
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
