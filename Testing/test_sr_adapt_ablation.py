@@ -59,3 +59,21 @@ def test_zoom_variant_cuts_pairs_along_the_scans_own_slice_axis(ablation):
         settings = adapt_module.PairSettings(thick_rows=4, width=32, through_plane_probability=0.0)
     assert src.thin_reference and settings.through_plane_probability == 0.25
     assert adapt_module.PlaneSource is PlaneSource
+
+
+def test_rehearsal_variant_mixes_real_through_plane_pairs_into_the_steps_only(ablation):
+    scan = PlaneSource("scan", ct_phantom_array((12, 96, 96)), (5.0, 0.8, 0.8), thin_reference=False)
+    thin_ct = np.full((80, 96, 96), 2500.0, dtype=np.float32)  # a thin-slice CT told apart by its values
+    rehearse = [PlaneSource("thin", thin_ct, (1.25, 0.8, 0.8))]
+    settings = PairSettings(thick_rows=4, width=32, through_plane_probability=0.0, thick_mm=5.0)
+    rehearsed = lambda thin: (thin.reshape(len(thin), -1).mean(axis=1) > 0.9).sum()  # noqa: E731 (2500 HU: > 1)
+    with ablation.pair_variant(0.0, 0.0, 0.0, seed=0, rehearsal=0.5, rehearsal_from=rehearse):
+        rng = np.random.default_rng(5)
+        check = adapt_module.sample_pairs([scan], 4, 32, settings, rng)[1]  # adaptation draws its check batch first
+        steps = [adapt_module.sample_pairs([scan], 4, 16, settings, rng)[1] for _ in range(20)]
+    assert rehearsed(check) == 0  # the check batch is the scan's own
+    share = sum(rehearsed(s) for s in steps) / (16 * 20)
+    assert 0.35 < share < 0.65 and all(s.shape == (16, 1, 16, 32) for s in steps)
+    assert adapt_module.sample_pairs is sample_pairs  # undone outside the block
+    with pytest.raises(SystemExit, match="--rehearsal-data"), ablation.pair_variant(0.0, 0.0, 0.0, 0, rehearsal=0.5):
+        pass
