@@ -639,6 +639,21 @@ def _(d: Path, s: Shared) -> Case:
                 lib_message="is a colour image")  # fmt: skip
 
 
+@case("nan-radiograph")
+def _(d: Path, s: Shared) -> Case:
+    pixels = radiograph_pixels().astype(np.float32)
+    pixels[5, 7] = np.nan
+    pixels[40, 3] = np.inf
+    src = d / "chest.mha"  # a float image (PNG cannot hold NaN)
+    sitk.WriteImage(sitk.GetImageFromArray(pixels), str(src))
+    out = d / "out.nii.gz"
+    return Case(["xray2ct", str(src), str(out), "--tiny-test-model", "--progress", "none", "--num-stages", "1"],
+                2, "contains NaN or infinite values", [src], out,
+                api=lambda: read_radiograph(src), api_error=InputError, api_message="NaN or infinite",
+                lib=xray_lib(lambda scene: _image_node(scene, pixels, "chest")), lib_error=InputError,
+                lib_message="'chest' contains NaN or infinite values")  # fmt: skip
+
+
 @case("xray-weights-of-another-architecture")
 def _(d: Path, s: Shared) -> Case:
     src = write_png(d / "chest.png", radiograph_pixels())

@@ -39,6 +39,7 @@ from DiffusionCore.xray.radiograph import (
     greyscale_pixels,
     header_view,
     image_directions,
+    radiograph_pixels,
     read_dicom_header,
 )
 
@@ -53,8 +54,6 @@ except ImportError:  # outside the Slicer application (tests, plain Python): the
 logger = logging.getLogger(__name__)
 
 STAGE_LINE_PREFIX = "stage-ready "
-#: Smallest radiograph side in pixels that makes sense.
-MIN_SIDE = 32
 #: Display window/level for generated CT (HU), a soft-tissue/lung compromise.
 CT_WINDOW_LEVEL = (1500.0, -300.0)
 
@@ -117,7 +116,9 @@ class XraySettings:
 
 
 def _pixels(node) -> np.ndarray:
-    """The node's pixels as ``(H, W)`` float32; colour-encoded greyscale is accepted, real colour refused."""
+    """The node's pixels as ``(H, W)`` float32; colour-encoded greyscale is accepted. Refused as ``xray2ct`` refuses
+    them (:func:`~DiffusionCore.xray.radiograph.radiograph_pixels`): real colour, a thumbnail, NaN or infinite
+    values."""
     from vtk.util import numpy_support
 
     image = node.GetImageData()
@@ -132,9 +133,8 @@ def _pixels(node) -> np.ndarray:
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     ncomp = image.GetPointData().GetScalars().GetNumberOfComponents()
     arr = scalars.reshape(ny, nx, ncomp).astype(np.float32)
-    if ncomp > 1:
-        return greyscale_pixels(arr, f"'{node.GetName()}'")
-    return arr[..., 0]
+    name = f"'{node.GetName()}'"
+    return radiograph_pixels(greyscale_pixels(arr, name) if ncomp > 1 else arr[..., 0], name)
 
 
 def radiograph_from_node(node) -> tuple[np.ndarray, tuple[float, float]]:
@@ -224,9 +224,6 @@ def check_xray_input(node, tags: dict[str, str] | None = None) -> str:
         check_projection_modality(dicom_header_tags(node) if tags is None else tags, f"'{node.GetName()}'")
     except InputError as exc:
         return str(exc)
-    h, w = pixels.shape
-    if min(h, w) < MIN_SIDE:
-        return f"'{node.GetName()}' is only {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed."
     if float(pixels.max()) <= float(pixels.min()):
         return f"'{node.GetName()}' is blank (all pixels equal)."
     return ""
