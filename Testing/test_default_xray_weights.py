@@ -71,3 +71,27 @@ def test_demo_xray_part_uses_the_default_and_draws_every_picture(tmp_path, monke
     for name in ("xray2ct_pa.nii.gz", "xray2ct_topogram.nii.gz"):  # both real radiographs: PA and the AP topogram
         assert read_volume(tmp_path / name).shape == (64, 64, 64)
     assert summary["xray_report"]["weights_sha256"] == summary["xray_topogram_report"]["weights_sha256"]
+
+
+def test_train_xray_without_a_config_continues_the_shipped_weights(tmp_path, capsys):
+    """The recipe of the shipped weights was a file under benchmarks/, which an installed extension does not have:
+    `train xray --init-from xray-default` with any shipped config stopped on tensors of another shape. Without
+    --config, train xray now uses that recipe (the package's stage1_default), so the weights continue."""
+    from DiffusionCore.weights.registry import load_safetensors
+
+    ct = tmp_path / "ct.nii.gz"
+    write_volume(Volume(ct_phantom_array((40, 96, 96), seed=3), (0.8, 0.8, 2.5)), ct)
+    run = tmp_path / "run"
+    rc = main(["train", "xray", "--data", str(ct), "--output-dir", str(run), "--max-steps", "1",
+               "--init-from", DEFAULT])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    trained, _ = load_safetensors(run / "xray_cascade.safetensors")
+    shipped, _ = load_safetensors(_entry()["path"])
+    stage1 = [k for k in shipped if k.startswith("stages.0.")]
+    assert stage1 and all(trained[k].shape == shipped[k].shape for k in stage1)
+    moved = max(float((trained[k].float() - shipped[k].float()).abs().max()) for k in stage1)
+    assert 0 < moved < 0.05  # one step away from the shipped tensors, not a new network
+    # another recipe cannot take them, and the message names the one that can
+    rc = main(["train", "xray", "--config", "stage1_cpu", "--data", str(ct), "--output-dir", str(tmp_path / "other"),
+               "--max-steps", "1", "--init-from", DEFAULT])  # fmt: skip
+    assert rc == 3 and "--config stage1_default" in capsys.readouterr().err

@@ -1009,7 +1009,7 @@ def test_xray_job_whose_preview_is_deleted_while_it_runs_puts_the_next_stage_in_
 
 
 def test_training_presets_are_configs_the_trainers_accept(tmp_path):
-    from CTDiffusionSRLib.training import FAMILIES, check_training_config, list_presets
+    from CTDiffusionSRLib.training import FAMILIES, check_training_config, default_preset, list_presets
 
     from DiffusionCore.config import load_config
     from DiffusionCore.sr.config import SRConfig
@@ -1019,6 +1019,12 @@ def test_training_presets_are_configs_the_trainers_accept(tmp_path):
     # the SR panel's first family is the design of the shipped weights, with its preset
     assert FAMILIES[0] == "throughplane" and list(list_presets("throughplane")) == ["default"]
     assert list_presets("sr") and list_presets("xray")
+    # the panel starts from the recipe of the family's shipped weights (the X-ray one lived under benchmarks/, which
+    # an installed extension lacks), the one the command line trains without --config
+    from DiffusionCore.xray.config import DEFAULT_CONFIG
+
+    assert default_preset("throughplane") == "default" and default_preset("xray") == DEFAULT_CONFIG == "stage1_default"
+    assert default_preset("sr") == default_preset("vae") == ""  # no shipped weights: the config class's defaults
     for family, loader in (("sr", lambda p: load_config(p, SRConfig)), ("vae", lambda p: load_config(p, SRConfig)),
                            ("xray", load_stage_config),
                            ("throughplane", lambda p: load_config(p, ThroughPlaneTrainConfig))):  # fmt: skip

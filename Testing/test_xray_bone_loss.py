@@ -70,6 +70,6 @@ def test_a_patch_step_scores_the_bone_inside_the_patch():
 
 
 def test_the_bone_recipe_is_the_shipped_recipe_plus_the_one_loss():
-    shipped = asdict(load_stage_config(str(ROOT / "benchmarks" / "xray_stage1_equalised.json")))
+    shipped = asdict(load_stage_config("stage1_default"))
     tried = asdict(load_stage_config(str(ROOT / "benchmarks" / "xray_stage1_bone.json")))
     assert recipe_changes(tried, shipped) == {"loss_weights.bone_loss": (0.0, 0.5)}

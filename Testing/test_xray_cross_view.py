@@ -84,7 +84,7 @@ def test_a_negative_loss_weight_is_refused_naming_the_key():
 
 
 def test_the_cross_view_recipe_is_the_shipped_recipe_plus_the_one_loss():
-    shipped = asdict(load_stage_config(str(ROOT / "benchmarks" / "xray_stage1_equalised.json")))
+    shipped = asdict(load_stage_config("stage1_default"))
     tried = asdict(load_stage_config(str(ROOT / "benchmarks" / "xray_stage1_crossview.json")))
     assert recipe_changes(tried, shipped) == {"loss_weights.cross_view_drr_loss": (0.0, 0.5)}
 

@@ -44,6 +44,18 @@ PRESET_FOLDERS = {"throughplane": "sr/configs/throughplane", "sr": "sr/configs",
                   "xray": "xray/configs"}
 
 
+#: The preset holding the recipe of each family's shipped weights (``sr-default``, ``xray-default``): what the panel
+#: shows when a family is chosen, as the command line trains it when no config is named.
+SHIPPED_RECIPE_PRESETS = {"throughplane": "default", "xray": "stage1_default"}
+
+
+def default_preset(family: str) -> str:
+    """The name of the preset the panel selects for ``family``: its shipped weights' recipe, or ``""`` (the config
+    class's defaults) for a family with no shipped weights."""
+    name = SHIPPED_RECIPE_PRESETS.get(family, "")
+    return name if name in list_presets(family) else ""
+
+
 def list_presets(family: str) -> dict[str, Path]:
     """Preset config files shipped with DiffusionCore for ``family``: ``{name: path}`` (may be empty)."""
     import DiffusionCore

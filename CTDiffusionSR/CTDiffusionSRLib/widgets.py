@@ -220,13 +220,16 @@ class TrainingPanel:
 
     def fillPresets(self) -> None:
         try:
-            from CTDiffusionSRLib.training import list_presets
+            from CTDiffusionSRLib.training import default_preset, list_presets
         except ImportError:
             return
         family = self.ui.trainingFamilyComboBox.currentText or self.defaultFamily
         self._presets = list_presets(family)
         self.ui.trainingPresetComboBox.clear()
         self.ui.trainingPresetComboBox.addItems([_("(defaults)"), *self._presets.keys()])
+        recipe = default_preset(family)  # the shipped weights' recipe, shown as the starting point
+        if recipe:
+            self.ui.trainingPresetComboBox.setCurrentText(recipe)
 
     def onPresetSelected(self, index: int) -> None:
         name = self.ui.trainingPresetComboBox.currentText

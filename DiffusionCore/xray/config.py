@@ -521,9 +521,14 @@ def patch_alignment(cfg: XrayStageConfig) -> int:
     return m.patch_size * (m.window_size if windowed_attention(cfg) else 1)
 
 
-#: Configs shipped in ``configs/``, by name: the three stages, and ``stage3_384`` (a 384^3 stage 3 trained on
-#: random 128^3 patches and generated in window-aligned 192^3 patches, 0.91 mm voxels over 350 mm).
-SHIPPED_CONFIGS = ("stage1", "stage2", "stage3", "stage3_384", "stage1_cpu", "stage2_cpu")
+#: The recipe of the shipped ``xray-default`` weights (stage 1): what ``train xray`` and the training panel use when
+#: no config is named, and the one under which ``--init-from xray-default`` continues those weights.
+DEFAULT_CONFIG = "stage1_default"
+
+#: Configs shipped in ``configs/``, by name: the shipped weights' recipe, the three stages' GPU recipes, ``stage3_384``
+#: (a 384^3 stage 3 trained on random 128^3 patches and generated in window-aligned 192^3 patches, 0.91 mm voxels over
+#: 350 mm), and the CPU recipes of stages 1 (the one shipped before ``stage1_default``) and 2.
+SHIPPED_CONFIGS = (DEFAULT_CONFIG, "stage1", "stage2", "stage3", "stage3_384", "stage1_cpu", "stage2_cpu")
 
 
 def load_stage_config(source: str | Path | dict | XrayStageConfig | None) -> XrayStageConfig:

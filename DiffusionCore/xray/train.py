@@ -34,7 +34,14 @@ from ..train.numerics import LossWatch, check_training_numbers
 from ..train.precision import autocast, resolve_amp
 from .atlas import training_atlas
 from .cascade import StageModel, UnifiedHybridViTCascade, _crop
-from .config import XrayLossWeights, XrayStageConfig, load_stage_config, patch_alignment, tiny_stage_config
+from .config import (
+    DEFAULT_CONFIG,
+    XrayLossWeights,
+    XrayStageConfig,
+    load_stage_config,
+    patch_alignment,
+    tiny_stage_config,
+)
 from .consistency import drr_consistency
 from .data import MANIFEST, XrayCubeDataset, ct_to_cube, load_cubes
 from .drr import cross_view
@@ -344,7 +351,8 @@ def _load_stage_weights(cascade: UnifiedHybridViTCascade, source: str, stages: l
                 if k not in tensors or tensors[k].shape != own[k].shape:
                     raise WeightsError(
                         f"{p} does not hold a matching stage {s} (tensor {k} missing or of another shape); "
-                        "use the checkpoint trained with the same stage config"
+                        "use the checkpoint trained with the same stage config (the shipped xray-default weights: "
+                        f"--config {DEFAULT_CONFIG}, or no --config)"
                     )
                 own[k] = tensors[k]
                 loaded += 1

@@ -21,8 +21,9 @@ def register(fam: argparse._SubParsersAction) -> None:
         "--freeze-stage1. Stop with Ctrl-C or by creating OUTPUT_DIR/STOP; continue with --resume.",
     )
     p.add_argument("--config", nargs="+", default=None,
-                   help="stage config file(s) (JSON/YAML) or shipped names stage1, stage2, stage3, stage3_384; the highest "
-                   "stage is trained")  # fmt: skip
+                   help="stage config file(s) (JSON/YAML) or shipped names (stage1_default, stage1, stage2, stage3, "
+                   "stage3_384, stage1_cpu, stage2_cpu); the highest stage is trained. Default: stage1_default, the "
+                   "recipe of the shipped xray-default weights (the one --init-from xray-default needs)")  # fmt: skip
     p.add_argument("--data", nargs="+", default=None,
                    help="CT folder(s) (NIfTI/NRRD/MHA/DICOM series), a list file, sample names (chest-lidc) or "
                    "a prepare-xray-data output folder")  # fmt: skip
@@ -60,16 +61,18 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..config import config_help
-    from .config import XrayStageConfig, load_stage_config
+    from .config import DEFAULT_CONFIG, XrayStageConfig, load_stage_config
     from .train import XrayTrainOptions, train_xray
 
     if args.config_help:
         print(config_help(XrayStageConfig))
         return 0
-    missing = [n for n, v in (("--config", args.config), ("--data", args.data), ("--output-dir", args.output_dir))
-               if not v]  # fmt: skip
+    missing = [n for n, v in (("--data", args.data), ("--output-dir", args.output_dir)) if not v]
     if missing:
         raise ConfigError(f"train xray needs {', '.join(missing)}; see --help")
+    if not args.config:
+        args.config = [DEFAULT_CONFIG]
+        logger.info("no --config: training stage 1 with %s, the recipe of the shipped xray-default weights", DEFAULT_CONFIG)
     if args.unfreeze_all and not args.load_all_stages:
         raise ConfigError("--unfreeze-all needs --load-all-stages WEIGHTS (the cascade to fine-tune)")
     if args.tiny_test_model:
