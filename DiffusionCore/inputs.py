@@ -8,6 +8,8 @@ Volumes can be given as
   over with a warning;
 * a text file with one path per line (relative paths are relative to the text file; ``#`` starts a comment);
 * a single volume file;
+* the name of a CT sample (``chest-lidc``, ``chest-dx``: fetched and sha256-checked, as ``sr`` takes it) where no such
+  path exists;
 * a list of any of these.
 
 Each returned path is something :func:`DiffusionCore.volume.read_volume` opens (a file or a DICOM folder);
@@ -170,13 +172,15 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> li
     Raises:
         InputError: a path does not exist, or no CT volume was found.
     """
+    from .sampledata import sample_or_path
+
     items = [data] if isinstance(data, str | os.PathLike) else list(data)
     if not items:
         raise InputError("no training data given: pass a folder of CT volumes, a list file, or volume files")
     found: list[Path] = []
     skipped: list[str] = []  # DICOM folders that hold no CT series, and why
     for item in items:
-        p = Path(item).expanduser()
+        p = sample_or_path(item, "ct").expanduser()  # a CT sample's name that is no path here: its fetched file
         if not p.exists():
             raise InputError(f"{p} does not exist: check the path")
         found.extend(_expand(p, skipped))

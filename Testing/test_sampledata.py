@@ -133,11 +133,18 @@ def test_commands_take_a_sample_name_where_they_take_a_file(fake_sample, cache_h
     assert sample_or_path("fake-ct", "ct") == fetched  # from the cache
     with pytest.raises(InputError, match="fake-ct is a CT sample, and a radiograph is needed here: use cxr-pa"):
         sample_or_path("fake-ct", "radiograph")
+    # training data too (`train throughplane --data chest-lidc chest-dx`: "chest-lidc does not exist" before)
+    from DiffusionCore.inputs import collect_volumes
+
+    (tmp_path / "mine.nii.gz").write_bytes(b"a volume of the user's")
+    assert collect_volumes(["fake-ct", tmp_path / "mine.nii.gz"]) == [fetched, tmp_path / "mine.nii.gz"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fake-ct").write_text("a file of the user's")
     assert sample_or_path("fake-ct", "radiograph") == Path("fake-ct")
     assert sample_or_path("no-such-sample", "ct") == Path("no-such-sample")  # left to the reader's message
     for argv, message in (
+        (["train", "throughplane", "--data", "cxr-pa", "--out-dir", "run"], "cxr-pa is a radiograph sample, and a CT"),
+        (["train", "vae", "--data", "shoulder-ap", "--out-dir", "run"], "shoulder-ap is a radiograph sample, and a CT"),
         (["sr", "cxr-pa", "out.nii.gz"], "cxr-pa is a radiograph sample, and a CT volume is needed here: use chest-lidc"),
         (["xray2ct", "chest-dx", "out.nii.gz"], "chest-dx is a CT sample, and a radiograph is needed here: use cxr-pa"),
         (["evaluate", "--reference", "ct-topogram", "--factor", "2"], "ct-topogram is a radiograph sample"),

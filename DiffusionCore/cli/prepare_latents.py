@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "back to the thin grid; one safetensors file per volume and factor.",
     )
     p.add_argument(
-        "--data", nargs="+", required=True, help="thin-slice volumes: folders, files or list files"
+        "--data", nargs="+", required=True, help="thin-slice volumes: folders, files, list files or CT sample names"
     )
     p.add_argument("--vae", required=True, help="trained VAE: vae.safetensors or a `train vae` output folder")
     p.add_argument("--output-dir", required=True, help="folder for the latent files")

@@ -369,7 +369,7 @@ def register(fam: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", default=None, help="JSON or YAML file (ThroughPlaneTrainConfig); options override it")
-    p.add_argument("--data", nargs="+", required=True, help="thin-slice CT volumes: folders, files or list files")
+    p.add_argument("--data", nargs="+", required=True, help="thin-slice CT volumes: folders, files, list files or CT sample names (chest-lidc chest-dx)")
     p.add_argument("--out-dir", "--output-dir", dest="out_dir", required=True, help="checkpoints, logs, weights")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes of this run")

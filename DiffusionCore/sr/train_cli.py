@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="JSON or YAML config file (SRConfig); options override it")
     p.add_argument("--show-config", action="store_true", help="print every config field with help and exit")
-    p.add_argument("--data", nargs="+", default=None, help="training volumes: folders, files or list files")
+    p.add_argument("--data", nargs="+", default=None, help="training volumes: folders, files, list files or CT sample names (chest-lidc chest-dx)")
     p.add_argument("--data-dir", default=None, help="root folder for --train-split / --val-split entries")
     p.add_argument("--train-split", default=None, help="text file, one training volume per line")
     p.add_argument("--val-split", default=None, help="text file, one validation volume per line")

@@ -97,22 +97,9 @@ def complete_configs(configs: list[XrayStageConfig]) -> list[XrayStageConfig]:
 
 
 def _ct_paths(data: Any) -> list[Path]:
-    from ..sampledata import sample_or_path
+    from ..inputs import collect_volumes
 
-    items = data if isinstance(data, list | tuple) else [data]
-    paths: list[Path] = []
-    rest = []
-    for it in items:
-        resolved = sample_or_path(it, "ct")  # a CT sample's name: its fetched file
-        if resolved != Path(it):
-            paths.append(resolved)
-        else:
-            rest.append(it)
-    if rest:
-        from ..inputs import collect_volumes
-
-        paths += [Path(p) for p in collect_volumes(rest if len(rest) > 1 else rest[0])]
-    return paths
+    return [Path(p) for p in collect_volumes(data)]  # folders, list files, volume files and CT samples' names
 
 
 def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> list[dict[int, np.ndarray]]:
