@@ -404,3 +404,21 @@ def test_shipped_configs_load_and_build():
     for f in files:
         cfg = resolve_config(f)
         assert SRModel(cfg).diffusion.num_steps == cfg.diffusion.num_train_timesteps
+
+
+def test_validation_patches_fit_a_held_out_region_shorter_than_the_training_patch(folder, tmp_path):
+    """`train vae --data chest-lidc chest-dx` with the default config stopped at once: the top 20% of a scan of 64
+    or 133 slices (13, 27 slices) is shorter than the 32-slice training patch. A cohort of 100-slice scans stops the
+    same way. Validation now uses shallower patches that fit, a multiple of the factors."""
+    from DiffusionCore.sr.data import VolumeRegion, validation_depth
+
+    cfg = _cfg(folder, max_steps=1, val_every=1, patch_size=(16, 32, 32), val_fraction=0.2)  # 8 of 40 slices held out
+    train_vae(cfg, out_dir=tmp_path)
+    metrics = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(m["tag"] == "val/psnr_recon" and np.isfinite(m["value"]) for m in metrics)
+    arr = np.zeros((40, 8, 8), np.float32)
+    regions = [VolumeRegion("a[val]", arr, 27, 40), VolumeRegion("b[val]", arr, 13, 40)]  # 13 and 27 slices
+    assert validation_depth(regions, 32, (2, 4)) == 12 and validation_depth(regions, 8, (2, 4)) == 8
+    assert validation_depth(regions, 32, (2, 4), multiple=8) == 8
+    with pytest.raises(InputError, match=r"has 3 slices, too few .*val_fraction"):
+        validation_depth([VolumeRegion("c[val]", arr, 37, 40)], 32, (2, 4))

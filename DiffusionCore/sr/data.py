@@ -11,6 +11,7 @@ learns to restore finer through-plane detail than the thin slices themselves car
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +231,32 @@ def sample_batch(
     return np.stack(thins)[:, None], np.stack(conds)[:, None], ks
 
 
+def validation_depth(regions: Sequence[VolumeRegion], depth: int, factors: Sequence[int], multiple: int = 1) -> int:
+    """The depth (slices) of the validation patches: the training patch's, or, where a held-out region is shorter
+    (the top 20% of a scan of 100 slices is 20 slices, a patch 32), the largest depth that fits every region and is a
+    multiple of every factor and of ``multiple`` (what the networks need along z). Validation patches share one depth
+    (they are scored as one batch).
+
+    Raises:
+        InputError: a held-out region is too short for even the smallest such depth.
+    """
+    step = math.lcm(int(multiple), *(int(k) for k in factors))
+    shortest = min(r.shape[0] for r in regions)
+    if shortest >= depth:
+        return int(depth)
+    fit = shortest // step * step
+    if fit < max(step, 4):
+        short = min(regions, key=lambda r: r.shape[0])
+        raise InputError(
+            f"the held-out region {short.name} has {shortest} slices, too few for a validation patch (at least "
+            f"{max(step, 4)} slices: a multiple of the factors {list(factors)}); hold out more slices (val_fraction) "
+            "or pass --val-data with separate volumes"
+        )
+    logger.info("validation patches of %d slices: the held-out regions are shorter than the training patch's %d",
+                fit, depth)  # fmt: skip
+    return int(fit)
+
+
 def validation_set(
     regions: Sequence[VolumeRegion],
     count: int,
@@ -237,10 +264,14 @@ def validation_set(
     factors: Sequence[int],
     method: str = "slab",
     seed: int = 1234,
+    multiple: int = 1,
 ) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """A fixed list of ``count`` held-out ``(thin, cond, k)`` patches along the real slice axis."""
+    """A fixed list of ``count`` held-out ``(thin, cond, k)`` patches along the real slice axis, of the training
+    patch's size, or shallower where the held-out regions are (:func:`validation_depth`; ``multiple``: the depth the
+    networks need a multiple of)."""
     if not regions:
         return []
+    patch = (validation_depth(regions, patch[0], factors, multiple), *patch[1:])
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):

@@ -356,7 +356,7 @@ def train_vae(
             vae.to(memory_format=torch.channels_last_3d)
         objective_module = _VAEObjective(vae, t.kl_weight, t.gradient_loss_weight)
         patch = tuple(t.patch_size)
-        val = validation_set(val_r, t.val_patches, patch, t.factors, t.degradation)
+        val = validation_set(val_r, t.val_patches, patch, t.factors, t.degradation, multiple=vae.downsample[0])
 
         def objective(
             wrapped: nn.Module, step: int, rng: np.random.Generator, gen: torch.Generator
@@ -561,7 +561,8 @@ def train_sr(
             )
         objective_module = SRObjective(model, t.stage, t.pixel_loss_weight if pixel else 0.0)
         p_drop = cfg.unet.cond_dropout if objective_module.use_control else 0.0
-        val = validation_set(val_r, t.val_patches, patch, t.factors, t.degradation)
+        val = validation_set(val_r, t.val_patches, patch, t.factors, t.degradation,
+                             multiple=model.latent_downsample[0])  # fmt: skip
         val_estimate = model.default_estimate  # validation scores what inference returns by default
         val_steps = None if val_estimate == MEAN else (t.val_steps or cfg.diffusion.num_inference_steps)
 
