@@ -391,6 +391,13 @@ def run_cli(args: argparse.Namespace) -> int:
 
     if args.device == "cuda":
         raise ConfigError("'train throughplane' trains on the CPU: give --device auto or cpu, or leave it out.")
+    from ..devices import env_int
+
+    if env_int("WORLD_SIZE", 1) > 1:  # each process would train and write the same folder on its own
+        raise ConfigError(
+            "'train throughplane' runs as one process on the CPU (its small network uses the CPU's threads: "
+            "--threads N), not under torchrun: start it with python -m DiffusionCore train throughplane ..."
+        )
 
     overrides = {
         k: getattr(args, k)
