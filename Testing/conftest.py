@@ -109,15 +109,21 @@ def assert_optional_loss_term(stage, x0: torch.Tensor, xray: torch.Tensor, term:
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in stage.parameters())
 
 
+#: Config keys read only when generating (the exported weights' default setting), not part of a training recipe:
+#: the shipped X-ray preset stores the shipped file's start time, 1.0, where the recipes derived from it say 0.6.
+GENERATION_ONLY = frozenset({"diffusion.lifting_start_t"})
+
+
 def recipe_changes(recipe: dict, parent: dict, prefix: str = "") -> dict[str, tuple]:
     """``{"section.key": (parent's value, recipe's value)}`` for every leaf where a recipe (a config as a nested dict)
-    differs from the one it was derived from; a key one of them lacks counts as None there."""
+    differs from the one it was derived from; a key one of them lacks counts as None there. Generation settings
+    (:data:`GENERATION_ONLY`) are not compared."""
     out: dict[str, tuple] = {}
     for key in sorted(set(recipe) | set(parent)):
         a, b = parent.get(key), recipe.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out.update(recipe_changes(b, a, f"{prefix}{key}."))
-        elif a != b:
+        elif a != b and f"{prefix}{key}" not in GENERATION_ONLY:
             out[f"{prefix}{key}"] = (a, b)
     return out
 

@@ -77,8 +77,13 @@ def test_train_xray_without_a_config_continues_the_shipped_weights(tmp_path, cap
     """The recipe of the shipped weights was a file under benchmarks/, which an installed extension does not have:
     `train xray --init-from xray-default` with any shipped config stopped on tensors of another shape. Without
     --config, train xray now uses that recipe (the package's stage1_default), so the weights continue."""
-    from DiffusionCore.weights.registry import load_safetensors
+    from dataclasses import asdict
 
+    from DiffusionCore.weights.registry import load_safetensors
+    from DiffusionCore.xray.config import DEFAULT_CONFIG, load_stage_config
+
+    # the preset is the shipped file's own stage config, every key (its start time too)
+    assert asdict(load_stage_config(DEFAULT_CONFIG)) == asdict(XrayToCTGenerator.default().cascade.stages[0].cfg)
     ct = tmp_path / "ct.nii.gz"
     write_volume(Volume(ct_phantom_array((40, 96, 96), seed=3), (0.8, 0.8, 2.5)), ct)
     run = tmp_path / "run"
