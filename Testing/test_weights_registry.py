@@ -160,3 +160,14 @@ def test_import_rejects_bad_names_and_family_conflicts(tmp_path):
         import_weights(path, "../escape")
     with pytest.raises(WeightsError, match="records family 'sr'"):
         import_weights(path, "x", family="xray")
+
+
+def test_a_training_folder_given_as_weights_names_the_file_to_give(tmp_path):
+    """`sr --weights runs/tp` (the run folder, not its export) said only 'give the .safetensors file inside it'."""
+    run = tmp_path / "tp"
+    (run / "checkpoint-00000010").mkdir(parents=True)
+    with pytest.raises(WeightsError, match="holds no exported .safetensors file"):
+        load_safetensors(run)
+    _weights_file(run / "throughplane.safetensors")
+    with pytest.raises(WeightsError, match=r"a folder, not a weights file; give the weights file inside it: .*tp/throughplane\.safetensors$"):
+        load_safetensors(run)

@@ -166,7 +166,10 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], di
     if not p.exists():
         raise WeightsError(f"weights file {p} does not exist: check the path or the weights name")
     if p.is_dir():
-        raise WeightsError(f"{p} is a folder, not a weights file: give the .safetensors file inside it")
+        exported = sorted(str(f) for f in p.glob("*.safetensors") if f.is_file())  # a training run's export
+        inside = (f"give the weights file inside it: {' or '.join(exported)}" if exported else
+                  "it holds no exported .safetensors file (a training run exports its weights when it ends)")
+        raise WeightsError(f"{p} is a folder, not a weights file; {inside}")
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(8)
