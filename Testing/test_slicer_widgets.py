@@ -280,11 +280,12 @@ def test_the_training_panel_runs_stops_and_shows_each_runs_curve(widgets, scene,
     params = types.SimpleNamespace(
         trainingOutputFolder="", trainingResume=False, trainingOverwrite=False, trainingUseSceneVolumes=False,
         trainingDataFolder=str(tmp_path / "data"), trainingFamily="throughplane", trainingDevice="cpu",
-        trainingExtraArguments="",
+        trainingExtraArguments="", trainingFromShippedWeights=False,
     )  # fmt: skip
     panel = widgets.TrainingPanel(ui, lambda: params, "throughplane")
     panel.fillPresets()
     assert ui.trainingPresetComboBox.items == ["(defaults)", "default"]
+    assert ui.trainingPresetComboBox.currentText == "default"  # the shipped weights' recipe, selected
     ui.trainingPresetComboBox.setCurrentText("default")
     preset = Path(panel._presets["default"]).read_text()
     assert ui.trainingConfigTextEdit.toPlainText() == preset.rstrip("\n")  # the preset's text, to edit
@@ -324,6 +325,22 @@ def test_the_training_panel_runs_stops_and_shows_each_runs_curve(widgets, scene,
     assert "--resume" in argv and argv[argv.index("--config") + 1] == str(tmp_path / "run1" / "config.json")
     assert (tmp_path / "run1" / "config.json").read_text() == json.dumps(json.loads(preset), indent=2)
     assert json.loads(ui.trainingConfigTextEdit.toPlainText()) == json.loads(preset)  # shown in the panel
+
+    # "Start from the shipped weights": a new run that continues sr-default (the command's --init-from)
+    params.trainingFromShippedWeights = True
+    panel.onStart()  # with Resume still ticked: refused, naming both
+    assert "untick 'Start from the shipped weights' (or Resume)" in widgets.dialogs.errors[-1] and panel.job is None
+    params.trainingResume, params.trainingOutputFolder = False, str(tmp_path / "run3")
+    params.trainingExtraArguments = "--max-steps 5"
+    panel.onStart()
+    assert panel.job is not None, widgets.dialogs.errors
+    ui.trainingStopButton.emit("clicked(bool)", True)
+    _run_timer(panel.timer, lambda: panel.job is None, seconds=60)
+    argv = json.loads((tmp_path / "run3" / "argv.json").read_text())
+    assert argv[argv.index("--extraArguments") + 1] == "--init-from sr-default --max-steps 5"  # the CLI splits it
+    params.trainingFamily, params.trainingOutputFolder = "sr", str(tmp_path / "run4")  # no weights ship for it
+    panel.onStart()
+    assert "no weights ship for 'sr'" in widgets.dialogs.errors[-1] and panel.job is None
 
 
 # -- the panels ---------------------------------------------------------------------------------------------

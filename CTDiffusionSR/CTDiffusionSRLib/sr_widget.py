@@ -67,6 +67,7 @@ class CTDiffusionSRParameterNode:
     trainingDevice: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     trainingResume: bool = False
     trainingOverwrite: bool = False
+    trainingFromShippedWeights: bool = False
     trainingExtraArguments: str = ""
 
 

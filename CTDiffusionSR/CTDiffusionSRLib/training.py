@@ -49,6 +49,10 @@ PRESET_FOLDERS = {"throughplane": "sr/configs/throughplane", "sr": "sr/configs",
 SHIPPED_RECIPE_PRESETS = {"throughplane": "default", "xray": "stage1_default"}
 
 
+#: The weights that ship for each family, which "Start from the shipped weights" continues (``--init-from``).
+SHIPPED_WEIGHTS = {"throughplane": "sr-default", "xray": "xray-default"}
+
+
 def default_preset(family: str) -> str:
     """The name of the preset the panel selects for ``family``: its shipped weights' recipe, or ``""`` (the config
     class's defaults) for a family with no shipped weights."""
@@ -281,6 +285,8 @@ class TrainingJob(CLIJob):
         overwrite: replace the previous run in ``output_dir`` (its checkpoints; its weights on export).
         device: "auto", "cpu" or "cuda".
         extra_arguments: more options of the train command (one string).
+        from_shipped_weights: start from the family's shipped weights (:data:`SHIPPED_WEIGHTS`, ``--init-from``)
+            instead of from scratch.
     """
 
     script_name = "DiffusionTrain"
@@ -298,11 +304,20 @@ class TrainingJob(CLIJob):
         device: str = "auto",
         extra_arguments: str = "",
         curve_name: str = "Training",
+        from_shipped_weights: bool = False,
         **kwargs,
     ):
         super().__init__(scene, **kwargs)
         if resume and overwrite:
             raise ConfigError(output_folder_problem(output_dir, resume, overwrite))
+        if from_shipped_weights and family not in SHIPPED_WEIGHTS:
+            raise ConfigError(f"no weights ship for '{family}' to start from; untick 'Start from the shipped weights' "
+                              f"or choose {' or '.join(SHIPPED_WEIGHTS)}.")  # fmt: skip
+        if from_shipped_weights and resume:
+            raise ConfigError("Resume continues the run in the output folder from its own checkpoint; untick "
+                              "'Start from the shipped weights' (or Resume) to start a new run from them.")  # fmt: skip
+        if from_shipped_weights:  # the train command's own option, before the user's extra ones
+            extra_arguments = f"--init-from {SHIPPED_WEIGHTS[family]} {extra_arguments}".strip()
         if family not in FAMILIES:
             raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}.")
         if not data or not Path(data).exists():

@@ -275,6 +275,7 @@ class TrainingPanel:
                 overwrite=p.trainingOverwrite,
                 device=p.trainingDevice,
                 extra_arguments=p.trainingExtraArguments,
+                from_shipped_weights=p.trainingFromShippedWeights,
                 curve_name=_("Training {family}").format(family=p.trainingFamily),
             ).start()
             self.ui.tensorBoardLabel.text = tensorboard_hint(self.job.tensorboard_dir)

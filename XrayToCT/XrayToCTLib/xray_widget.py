@@ -45,6 +45,7 @@ class XrayToCTParameterNode:
     trainingDevice: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     trainingResume: bool = False
     trainingOverwrite: bool = False
+    trainingFromShippedWeights: bool = False
     trainingExtraArguments: str = ""
 
 
