@@ -574,6 +574,23 @@ def _finite_only(value):
     return value
 
 
+def folder_writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``: a private probe file is created and removed (the
+    permission bits alone do not say it for root, ACLs, read-only or network file systems)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+    return True
+
+
 def check_writable_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """``path`` as a Path once a file can be written there (a report, a JSON of scores).
 
@@ -584,7 +601,7 @@ def check_writable_file(path: str | os.PathLike, *, overwrite: bool = False) -> 
     p = Path(path)
     if p.exists() and not overwrite:
         raise OutputExistsError(p)
-    if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
+    if not p.parent.is_dir() or not folder_writable(p.parent):
         raise OutputError(f"cannot write {p}: the folder {p.parent} does not exist or is not writable.")
     return p
 

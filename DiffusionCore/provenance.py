@@ -146,12 +146,15 @@ _DERIVATION = re.compile(
     r"settings (?P<settings>.*)$", re.S)
 
 
-def _header_text(path: Path, end_marker: bytes) -> str:
-    """The text before ``end_marker`` (or the first :data:`HEADER_READ_LIMIT` bytes)."""
+def _from_header(path: Path, end_marker: bytes, separator: str) -> Provenance | None:
+    """The provenance in the ``key<separator>value`` lines of a text header that ends at ``end_marker`` (or within
+    the first :data:`HEADER_READ_LIMIT` bytes): NRRD (``:=``) and MetaImage (``=``)."""
     with open(path, "rb") as f:
         data = f.read(HEADER_READ_LIMIT)
     end = data.find(end_marker)
-    return (data if end < 0 else data[:end]).decode("latin-1")
+    text = (data if end < 0 else data[:end]).decode("latin-1")
+    pairs = (line.partition(separator) for line in text.splitlines() if separator in line)
+    return _from_fields(read_header_fields({k.strip(): v.strip() for k, _, v in pairs}))
 
 
 def _from_fields(fields: dict[str, str]) -> Provenance | None:
@@ -227,13 +230,9 @@ def read_provenance(path: str | os.PathLike | None) -> Provenance | None:
         if not p.is_file():
             return None
         if name.endswith((".nrrd", ".nhdr")):
-            text = _header_text(p, b"\n\n")
-            pairs = (line.partition(":=") for line in text.splitlines() if ":=" in line)
-            return _from_fields(read_header_fields({k.strip(): v.strip() for k, _, v in pairs}))
+            return _from_header(p, b"\n\n", ":=")
         if name.endswith((".mha", ".mhd")):
-            text = _header_text(p, b"\nElementDataFile")
-            pairs = (line.partition("=") for line in text.splitlines() if "=" in line)
-            return _from_fields(read_header_fields({k.strip(): v.strip() for k, _, v in pairs}))
+            return _from_header(p, b"\nElementDataFile", "=")
         if name.endswith((".nii", ".nii.gz")):
             return _from_nifti(p)
         with open(p, "rb") as f:
@@ -242,6 +241,14 @@ def read_provenance(path: str | os.PathLike | None) -> Provenance | None:
     except Exception as exc:  # noqa: BLE001 - an unreadable file is not a recognised result; loading goes on
         logger.debug("no provenance read from %s: %s", p, exc)
         return None
+
+
+def synthetic_image_notice(name: str, what: str, consequence: str) -> str:
+    """What the tools say of an input that is itself a synthetic image: ``name`` is ``what`` (its title, and the model
+    where known), and ``consequence`` says what rests on that model's estimate (the command line's and the Slicer
+    panels' words)."""
+    return (f"{name} is itself a synthetic image ({what}), not an acquired scan: {consequence}. Use the acquired scan "
+            "where you have it.")
 
 
 def synthetic_input_warning(path: str | os.PathLike) -> str:
@@ -255,6 +262,5 @@ def synthetic_input_warning(path: str | os.PathLike) -> str:
     if record is None:
         return ""
     made_with = f", made with {record.weights}" if record.weights else ""
-    return (f"{Path(path).name} is itself a synthetic image ({record.title}{made_with}), not an acquired scan: a "
-            "result made from it, or scored against it, rests on that model's estimate. Use the acquired scan where "
-            "you have it.")
+    return synthetic_image_notice(Path(path).name, f"{record.title}{made_with}",
+                                  "a result made from it, or scored against it, rests on that model's estimate")

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from .dicom_in import enhanced_ct_in, read_enhanced_ct
 from .errors import GeometryError, InputError, OutputError, OutputExistsError
 from .files import (
     CompressedDataError,
+    folder_writable,
     gzip_file,
     inflated_size,
     native_stderr_captured,
@@ -1155,23 +1155,6 @@ def split_volume_suffix(name: str | os.PathLike) -> tuple[str, str]:
     return text, ""
 
 
-def _folder_writable(folder: Path) -> bool:
-    """Whether a file can be created in ``folder``: a private probe file is created and removed (the
-    permission bits alone do not say it for root, ACLs, read-only or network file systems)."""
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return False
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-    except OSError:
-        return False
-    os.close(fd)
-    try:
-        os.unlink(probe)
-    except OSError:
-        pass
-    return True
-
-
 def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Validate an output path before any work is done (format, folder writable, no silent overwrite), and
     delete the hidden temporary files of this output that a killed earlier run left (``.NAME.*.partial*``
@@ -1185,7 +1168,7 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"the output folder {parent} does not exist; create it first.")
-    if not _folder_writable(parent):
+    if not folder_writable(parent):
         raise OutputError(f"the output folder {parent} is not writable; choose another output path.")
     if p.exists() and not overwrite:
         raise OutputExistsError(p)

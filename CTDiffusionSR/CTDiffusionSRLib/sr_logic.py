@@ -13,7 +13,7 @@ import numpy as np
 from DiffusionCore.degrade import MAX_FACTOR, plan_thin_grid
 from DiffusionCore.errors import DiffusionCoreError, GeometryError, InputError, OutputError
 from DiffusionCore.evaluate import check_scorable
-from DiffusionCore.provenance import sr_label
+from DiffusionCore.provenance import sr_label, synthetic_image_notice
 from DiffusionCore.volume import (
     axis_index,
     check_ct,
@@ -301,9 +301,8 @@ def synthetic_input_notice(node) -> str:
     result rests on a model's estimate, not on an acquired scan (the engine's warning, in the panel's words)."""
     if node is None or node.GetAttribute(ATTR_SYNTHETIC) != "true":
         return ""
-    title = node.GetAttribute(ATTR_TITLE) or "synthetic"
-    return (f"'{node.GetName()}' is itself a synthetic image ({title}), not an acquired scan: this result rests on "
-            "that model's estimate. Use the acquired scan where you have it.")
+    return synthetic_image_notice(f"'{node.GetName()}'", node.GetAttribute(ATTR_TITLE) or "synthetic",
+                                  "this result rests on that model's estimate")
 
 
 def refuse_series_the_job_cannot_read(node):

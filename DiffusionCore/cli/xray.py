@@ -245,14 +245,14 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    from ..inputs import collect_volumes
     from ..xray.data import prepare_dataset
-    from ..xray.train import _ct_paths
 
     res = _int_list(args.resolutions, "--resolutions")
     xres = _int_list(args.xray_resolutions, "--xray-resolutions")
     if len(res) != len(xres):
         raise InputError("--resolutions and --xray-resolutions need the same number of values")
-    paths = _ct_paths(args.data if len(args.data) > 1 else args.data[0])
+    paths = collect_volumes(args.data)  # folders, list files, volume files and CT samples' names
     progress = Progress(args.progress, desc="prepare-xray-data")
     try:
         manifest = prepare_dataset(paths, args.output_dir, resolutions=res, xray_resolutions=xres,

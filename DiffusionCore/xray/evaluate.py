@@ -22,7 +22,6 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +32,7 @@ from .consistency import drr_consistency
 from .data import clinical_look, ct_to_cubes, render_training_drr
 from .drr import cross_view, hu_to_mu, project_parallel_axis
 from .pipeline import XrayToCTGenerator, projection_error, volume_from_unit
-from .radiograph import WINDOW_PERCENTILES
+from .radiograph import window_radiograph
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +112,14 @@ def evaluate_xray(
     finest = refs[cfgs[-1].stage]
     xres = max(c.xray_resolution for c in cascade.configs)
     xray = render_training_drr(torch.from_numpy(finest.array)[None, None], fov, xres, view)
-    lo, hi = np.percentile(xray.numpy(), WINDOW_PERCENTILES)
-    if hi <= lo:  # what the generator would refuse as "the radiograph is blank", which the user did not give
+    try:
+        window_radiograph(xray[0, 0].numpy())  # what the generator refuses as blank: said of the CT the user gave
+    except InputError:
         raise InputError(
             f"{reference_name}: its radiograph in the training geometry (a {view.upper()} view of a {fov:g} mm cube centred on "
             "the body) is blank: too little tissue denser than air lies in that cube. evaluate-xray needs a CT of the "
             "chest in Hounsfield units that covers the body across (air -1000 HU, soft tissue near 0)."
-        )
+        ) from None
     if look is not None:
         xray = clinical_look(xray, *look)
     results: list[dict[str, Any]] = []

@@ -96,12 +96,6 @@ def complete_configs(configs: list[XrayStageConfig]) -> list[XrayStageConfig]:
     return [by_stage.get(s) or load_stage_config(f"stage{s}") for s in range(1, top + 1)]
 
 
-def _ct_paths(data: Any) -> list[Path]:
-    from ..inputs import collect_volumes
-
-    return [Path(p) for p in collect_volumes(data)]  # folders, list files, volume files and CT samples' names
-
-
 def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> list[dict[int, np.ndarray]]:
     """Cubes from a ``prepare-xray-data`` folder (manifest.json) or from CT volumes."""
     from ..volume import read_volume
@@ -128,7 +122,9 @@ def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> lis
                     ).array
             out.append(cubes)
         return out
-    return load_cubes(_ct_paths(data), resolutions, fov_mm)
+    from ..inputs import collect_volumes
+
+    return load_cubes(collect_volumes(data), resolutions, fov_mm)  # folders, list files, volume files, samples' names
 
 
 def patch_origin(cfg: XrayStageConfig, generator: torch.Generator | None = None) -> tuple[int, int, int]:
