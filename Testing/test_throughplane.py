@@ -475,6 +475,59 @@ def test_train_throughplane_learns_exports_resumes_and_continues_from_weights(tr
     assert "initialised" in r.stderr
 
 
+def _torchrun_throughplane(cfg, data, out, *extra):
+    """`torchrun --nproc_per_node=2 -m DiffusionCore train throughplane ...`, as a user starts it."""
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "DiffusionCore",
+         "train", "throughplane", "--config", str(cfg), "--data", str(data), "--out-dir", str(out), *extra],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_train_throughplane_under_torchrun_is_one_run_that_resumes_exactly(training_volume, tmp_path):
+    """Under torchrun the processes train one network together (the gradients of their different pairs averaged):
+    one folder, one export and one summary, counting every process's planes; a run stopped and resumed under
+    torchrun ends with exactly the weights of the run that went straight through (it used to be refused)."""
+    from safetensors.torch import load_file
+
+    data, cfg = training_volume
+    cfg_data = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({**cfg_data, "checkpoint_every": 4}))
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    r = _torchrun_throughplane(cfg, data, straight, "--max-steps", "12")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('"exported"') == 1  # rank 0 alone exports and prints
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["patches"] == 12 * 4 * 2 and summary["this_run"]["processes"] == 2
+    val_steps = [json.loads(line)["step"] for line in (straight / "metrics.jsonl").read_text().splitlines()
+                 if '"val/gain"' in line]
+    assert val_steps == [10]  # one process writes the log
+    for args in (["--max-steps", "8"], ["--max-steps", "12", "--resume"]):
+        r = _torchrun_throughplane(cfg, data, stopped, *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(straight / "throughplane.safetensors"), load_file(stopped / "throughplane.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((stopped / "summary.json").read_text())["patches"] == 96
+
+
+def test_ranks_draw_different_planes_for_the_same_factor_at_each_step():
+    from types import SimpleNamespace
+
+    from DiffusionCore.sr.throughplane_train import ThroughPlaneTrainConfig, _step_generators
+
+    cfg = ThroughPlaneTrainConfig(seed=3)
+    ranks = [SimpleNamespace(distributed=True, rank=r) for r in (0, 1)]
+    for step in (0, 7):
+        draws = [[g.random(4) for g in _step_generators(cfg, info, step, None)] for info in ranks]
+        assert np.array_equal(draws[0][0], draws[1][0])  # the factor: the same head trains on every rank
+        assert not np.array_equal(draws[0][1], draws[1][1])  # the pairs: each rank its own
+    # one process keeps the run's own stream, which each checkpoint saves
+    own = np.random.default_rng(0)
+    assert _step_generators(cfg, SimpleNamespace(distributed=False, rank=0), 5, own) == (own, own)
+
+
 def test_train_throughplane_refuses_bad_options(training_volume, tmp_path):
     data, cfg = training_volume
     for bad in (["--learning-rate", "nan"], ["--max-steps", "0"], ["--ema-decay", "2"]):

@@ -13,7 +13,9 @@ The recipe (every field of :class:`ThroughPlaneTrainConfig` has a default and a 
   average of the weights (what validation scores and export writes);
 * stops after ``max_steps`` or ``max_minutes`` (whichever first), on SIGTERM or a ``STOP`` file, always
   with a checkpoint; ``--resume`` continues exactly; ``--init-from WEIGHTS`` starts from exported weights
-  (training accumulates across sessions).
+  (training accumulates across sessions);
+* one process on the CPU's threads or a GPU (``--device``), or several under ``torchrun --nproc_per_node=N``
+  (DDP: each draws ``batch_size`` planes per step, rank 0 validates, checkpoints and exports).
 """
 
 from __future__ import annotations
@@ -230,26 +232,60 @@ def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any]) 
     return save_safetensors(path, state_dict_for_file(net), meta)
 
 
+def _step_generators(cfg: ThroughPlaneTrainConfig, info: Any, step: int,
+                     rng: np.random.Generator) -> tuple[np.random.Generator, np.random.Generator]:
+    """The generators that draw step ``step``'s factor and pairs. One process draws both from the run's own
+    stream (saved in each checkpoint). Under torchrun the factor comes from ``(seed, step)``, the same on every
+    rank (a step trains one factor's head everywhere: DDP averages the same parameters' gradients), and the
+    pairs from ``(seed, rank, step)``, so that the ranks draw different pairs and a resumed run draws exactly
+    what it would have drawn (rank 0 alone writes the checkpoints)."""
+    if not info.distributed:
+        return rng, rng
+    return (np.random.default_rng([int(cfg.seed), int(step)]),
+            np.random.default_rng([int(cfg.seed), int(info.rank), int(step)]))
+
+
 def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume: bool = False,
-          init_from: str | None = None) -> dict[str, Any]:
-    """Train (or continue training) the predictor; returns a summary and writes ``out_dir/throughplane.safetensors``."""
+          init_from: str | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Train (or continue training) the predictor; returns a summary and writes ``out_dir/throughplane.safetensors``.
+
+    Runs as one process (on the CPU's threads, or on a GPU with ``device="cuda"``) or as several under
+    ``torchrun --nproc_per_node=N`` (DDP: each process draws ``batch_size`` planes per step, the gradients
+    are averaged, so a step learns from N x ``batch_size`` planes; rank 0 validates, checkpoints and exports).
+    """
     from ..inputs import collect_volumes
-    from ..train.checkpoint import find_latest, load_training_state, save_training_state, warn_resumed_config
-    from ..train.ema import ParameterEMA
-    from ..train.logger import TrainLogger
-    from ..train.stop import StopFlag
+    from ..train.distributed import cleanup, init_distributed
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     out = Path(out_dir)
-    paths = collect_volumes(data)
-    train_src, val_src = load_sources(paths, cfg)
+    info = init_distributed(device)  # a device that is not there is refused before any data is read
+    completed = False
+    try:
+        paths = collect_volumes(data)
+        train_src, val_src = load_sources(paths, cfg)
+        summary = _train(cfg, paths, train_src, val_src, out, info, resume=resume, init_from=init_from)
+        completed = True
+    finally:
+        cleanup(info, completed=completed)
+    return summary
+
+
+def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[PlaneSource], val_src: list[PlaneSource],
+           out: Path, info: Any, *, resume: bool, init_from: str | None) -> dict[str, Any]:
+    from ..train.checkpoint import find_latest, load_training_state, save_training_state, warn_resumed_config
+    from ..train.distributed import all_reduce_mean, any_rank, barrier, wrap_model
+    from ..train.ema import ParameterEMA
+    from ..train.logger import TrainLogger
+    from ..train.stop import StopFlag
+
+    dev = info.device
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     net = ThroughPlaneNet(cfg.model)
     if init_from:
         load_predictor_weights(net, init_from)
-    net.to(memory_format=torch.channels_last)  # the CPU convolutions' fast layout (see throughplane.channels_last)
+    net.to(dev, memory_format=torch.channels_last)  # the CPU convolutions' fast layout (see throughplane.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ema = ParameterEMA({MODEL_NAME: net}, cfg.ema_decay) if cfg.ema_decay > 0 else None
     models: dict[str, torch.nn.Module] = {MODEL_NAME: net}
@@ -259,54 +295,65 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     patches_before = 0
     cpu_seconds_before = 0.0
     if resume and find_latest(out) is not None:
-        state = load_training_state(out, models=models, optimizers={"opt": opt}, generators={"data": rng})
-        warn_resumed_config(state, cfg, find_latest(out))
+        state = load_training_state(out, models=models, optimizers={"opt": opt}, generators={"data": rng},
+                                    map_location=dev)
+        if info.is_main:
+            warn_resumed_config(state, cfg, find_latest(out))
         step = int(state["step"])
         patches_before = int(state["extra"].get("patches", 0))
         cpu_seconds_before = float(state["extra"].get("cpu_seconds", 0.0))
+    # after the weights are final (DDP copies rank 0's to the others); a step uses one factor's head only
+    wrapped = wrap_model(net, info, find_unused_parameters=True) if info.distributed else net
     ks, probs = cfg.factor_probabilities()
-    val = validation_batches(val_src, cfg) if val_src else {}
-    log = TrainLogger(out, resume_step=step if resume else None)
+    val = validation_batches(val_src, cfg) if (val_src and info.is_main) else {}
+    val = {k: (a.to(dev), b.to(dev)) for k, (a, b) in val.items()}
+    log = TrainLogger(out, resume_step=step if resume else None, enabled=info.is_main)
     t_start = time.perf_counter()
     cpu_start = time.process_time()
-    best = -float("inf")
     history: list[dict[str, float]] = []
     timing = {"data": 0.0, "step": 0.0}
-    patches = 0
+    patches = 0  # planes drawn by all processes
+    per_step = cfg.batch_size * info.world_size
     last: dict[str, float] = {}
 
     saved_step = -1
+
+    def cpu_seconds() -> float:  # every process's CPU time: the CPU-hours a run costs
+        return float(all_reduce_mean(time.process_time() - cpu_start, info)) * info.world_size
 
     def checkpoint() -> None:
         nonlocal saved_step
         if saved_step == step:  # the last step was checkpointed already
             return
         saved_step = step
-        save_training_state(
-            out, step=step, epoch=0, models=models, optimizers={"opt": opt}, config=config_to_dict(cfg),
-            extra={"patches": patches_before + patches,
-                   "cpu_seconds": cpu_seconds_before + time.process_time() - cpu_start},
-            generators={"data": rng},
-        )
+        used = cpu_seconds()
+        if info.is_main:
+            save_training_state(
+                out, step=step, epoch=0, models=models, optimizers={"opt": opt}, config=config_to_dict(cfg),
+                extra={"patches": patches_before + patches, "cpu_seconds": cpu_seconds_before + used},
+                generators={"data": rng},
+            )
+        barrier(info)
 
     net.train()
     watch = LossWatch(cfg.learning_rate)
     with StopFlag(out / "STOP") as stop:
         while step < cfg.max_steps:
-            if stop.requested:
-                break
-            if cfg.max_minutes and time.perf_counter() - t_start > 60.0 * cfg.max_minutes:
-                logger.info("time limit of %.1f min reached", cfg.max_minutes)
+            over_time = bool(cfg.max_minutes) and time.perf_counter() - t_start > 60.0 * cfg.max_minutes
+            if any_rank(stop.requested or over_time, info):
+                if over_time:
+                    logger.info("time limit of %.1f min reached", cfg.max_minutes)
                 break
             t0 = time.perf_counter()
-            k = int(rng.choice(ks, p=probs))
-            thick_np, thin_np = sample_pairs(train_src, k, cfg.batch_size, cfg.pairs, rng)
-            thick, thin = torch.from_numpy(thick_np), torch.from_numpy(thin_np)
+            k_rng, pair_rng = _step_generators(cfg, info, step, rng)
+            k = int(k_rng.choice(ks, p=probs))
+            thick_np, thin_np = sample_pairs(train_src, k, cfg.batch_size, cfg.pairs, pair_rng)
+            thick, thin = torch.from_numpy(thick_np).to(dev), torch.from_numpy(thin_np).to(dev)
             t1 = time.perf_counter()
             lr = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             for g in opt.param_groups:
                 g["lr"] = lr
-            pred = cubic_planes(thick, k) + net(thick, k)
+            pred = cubic_planes(thick, k) + wrapped(thick, k)
             loss = torch.nn.functional.l1_loss(pred, thin)
             watch(loss, step)
             opt.zero_grad(set_to_none=True)
@@ -315,11 +362,11 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
             if ema is not None:
                 ema.update()
             step += 1
-            patches += cfg.batch_size
+            patches += per_step
             timing["data"] += t1 - t0
             timing["step"] += time.perf_counter() - t1
             if step % 20 == 0:
-                log.scalars({"loss/train": float(loss.detach()), "lr": lr}, step)
+                log.scalars({"loss/train": float(all_reduce_mean(loss.detach(), info)), "lr": lr}, step)
             if val and step % cfg.val_every == 0:
                 if ema is not None:
                     with ema.applied():
@@ -332,7 +379,6 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
                 history.append({"step": step, **last})
                 logger.info("step %d  loss %.4f  %s", step, float(loss.detach()),
                             "  ".join(f"{k_}={v:.3f}" for k_, v in last.items()))
-                best = max(best, last["val/gain"])
             if step % cfg.checkpoint_every == 0:
                 checkpoint()
     checkpoint()
@@ -341,22 +387,27 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     summary = {
         "steps": step,
         "patches": patches_before + patches,
-        "cpu_hours": round((cpu_seconds_before + time.process_time() - cpu_start) / 3600.0, 3),
-        "this_run": {"steps": patches // cfg.batch_size, "seconds": round(elapsed, 1),
+        "cpu_hours": round((cpu_seconds_before + cpu_seconds()) / 3600.0, 3),
+        "this_run": {"steps": patches // per_step, "seconds": round(elapsed, 1),
                      "patches_per_s": round(patches / max(elapsed, 1e-9), 2),
                      "data_seconds": round(timing["data"], 1), "step_seconds": round(timing["step"], 1)},
         "validation": last,
         "init_from": init_from,
         "data": [p.name for p in paths],
     }
+    if info.distributed:
+        summary["this_run"]["processes"] = info.world_size
     if ema is not None:
         ema.copy_to_models()
-    digest = export_predictor(net, out / EXPORT_FILE, summary)
-    summary["exported"] = {"file": str(out / EXPORT_FILE), "sha256": digest}
-    from ..files import write_json_atomic
+    if info.is_main:
+        net.to("cpu")
+        digest = export_predictor(net, out / EXPORT_FILE, summary)
+        summary["exported"] = {"file": str(out / EXPORT_FILE), "sha256": digest}
+        from ..files import write_json_atomic
 
-    write_json_atomic(summary, out / "summary.json")
-    logger.info("exported %s (sha256 %s)", out / EXPORT_FILE, digest)
+        write_json_atomic(summary, out / "summary.json")
+        logger.info("exported %s (sha256 %s)", out / EXPORT_FILE, digest)
+    barrier(info)
     return summary
 
 
@@ -381,23 +432,13 @@ def register(fam: argparse._SubParsersAction) -> None:
     p.add_argument("--init-from", default=None, help="start from an exported weights file (e.g. the shipped one)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="it trains on the CPU: auto and cpu are accepted (as every train command takes --device)")
+                   help="where it trains: auto (a GPU when there is one, else the CPU's threads), cpu or cuda; "
+                        "under torchrun --nproc_per_node=N each process takes its own GPU, or a share of the CPU")
     p.set_defaults(func=run_cli)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from ..config import load_config, read_config_file
-    from ..errors import ConfigError
-
-    if args.device == "cuda":
-        raise ConfigError("'train throughplane' trains on the CPU: give --device auto or cpu, or leave it out.")
-    from ..devices import env_int
-
-    if env_int("WORLD_SIZE", 1) > 1:  # each process would train and write the same folder on its own
-        raise ConfigError(
-            "'train throughplane' runs as one process on the CPU (its small network uses the CPU's threads: "
-            "--threads N), not under torchrun: start it with python -m DiffusionCore train throughplane ..."
-        )
 
     overrides = {
         k: getattr(args, k)
@@ -406,6 +447,8 @@ def run_cli(args: argparse.Namespace) -> int:
     }
     base = dict(read_config_file(args.config)) if args.config else {}
     cfg = load_config({**base, **overrides}, ThroughPlaneTrainConfig)
-    summary = train(cfg, args.data, args.out_dir, resume=args.resume, init_from=args.init_from)
-    print(json.dumps({k: summary[k] for k in ("steps", "patches", "cpu_hours", "validation", "exported")}, indent=1))
+    summary = train(cfg, args.data, args.out_dir, resume=args.resume, init_from=args.init_from,
+                    device=args.device)
+    if "exported" in summary:  # rank 0 (or the one process) exported; the other ranks print nothing
+        print(json.dumps({k: summary[k] for k in ("steps", "patches", "cpu_hours", "validation", "exported")}, indent=1))
     return 0

@@ -121,14 +121,9 @@ class _Run:
         return min(total, t.max_steps) if t.max_steps > 0 else total
 
     def should_stop(self) -> bool:
-        local = self.stop.requested or (self.cancel is not None and self.cancel.is_set())
-        if self.info.distributed:
-            import torch.distributed as dist
+        from ..train.distributed import any_rank
 
-            flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-            dist.all_reduce(flag)
-            return bool(flag.item() > 0)
-        return local
+        return any_rank(self.stop.requested or (self.cancel is not None and self.cancel.is_set()), self.info)
 
     def close(self) -> None:
         """The end of the run: ``completed`` is set by the trainers just before a normal return (every rank then

@@ -96,6 +96,16 @@ def all_reduce_mean(value: float | torch.Tensor, info: DistInfo) -> float | torc
     return float(t.item()) / info.world_size
 
 
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` holds on any process (``flag`` itself for one process). A stop that one rank sees (a
+    STOP file, a signal, its time limit) must stop every rank at the same step, else the others wait forever."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
 def barrier(info: DistInfo) -> None:
     """Wait until every process gets here (no-op for a single process)."""
     if info.distributed and dist.is_initialized():
