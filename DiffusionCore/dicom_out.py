@@ -2,7 +2,7 @@
 
 The series is labelled synthetic wherever it goes: ImageType ``DERIVED\\SECONDARY\\AXIAL``, a
 SeriesDescription ending in the run's title (``"SR x4 (synthetic)"``), ImageComments saying that the image
-was generated, a DerivationDescription naming the model, the weights' sha256 and the settings,
+was generated, a DerivationDescription naming the model, the weights' sha256, the input's UID and the settings,
 and a Source Image Sequence pointing at the input instances.
 
 Identity: a new SeriesInstanceUID and new SOPInstanceUIDs (pydicom's UID root); the patient and study

@@ -88,8 +88,9 @@ class Provenance:
     def derivation(self, limit: int = 1024) -> str:
         """One paragraph for DICOM's DerivationDescription (at most ``limit`` characters)."""
         settings = json.dumps(self.settings, sort_keys=True, separators=(",", ":"), default=str)
+        uid = f"input UID {self.input_uid}; " if self.input_uid else ""  # before the settings: a cut ends those
         text = (f"{self.title} by {self.software} ({self.task}); weights {self.weights} sha256 "
-                f"{self.weights_sha256}; settings {settings}")  # fmt: skip
+                f"{self.weights_sha256}; {uid}settings {settings}")  # fmt: skip
         return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -143,7 +144,7 @@ def read_header_fields(metadata: dict[str, str]) -> dict[str, str]:
 HEADER_READ_LIMIT = 1 << 20
 _DERIVATION = re.compile(
     rf"^(?P<title>.*) by {SOFTWARE} \S+ \((?P<task>[^)]*)\); weights (?P<weights>.*) sha256 (?P<sha>[0-9a-fA-F]*); "
-    r"settings (?P<settings>.*)$", re.S)
+    r"(?:input UID (?P<uid>[0-9.]+); )?settings (?P<settings>.*)$", re.S)
 
 
 def _from_header(path: Path, end_marker: bytes, separator: str) -> Provenance | None:
@@ -204,7 +205,7 @@ def _from_dicom(path: Path) -> Provenance | None:
     fields = {"synthetic": "true"}
     if m:
         fields.update(title=m["title"], task=m["task"], weights=m["weights"], weights_sha256=m["sha"],
-                      settings=m["settings"])
+                      settings=m["settings"], input_uid=m["uid"] or "")
         # "{title} from {input} by CTDiffusion ...": the title may hold " from " itself ("CT from radiograph")
         source = re.search(rf"{re.escape(m['title'])} from (.*) by {SOFTWARE} ", comments)
         fields["input"] = source.group(1) if source and source.group(1) != "the input" else ""

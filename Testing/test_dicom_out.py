@@ -354,8 +354,7 @@ def test_the_provenance_is_read_back_from_every_format_written(tmp_path, make_ph
     assert back is not None
     assert (back.title, back.weights, back.weights_sha256, back.task) == (prov.title, "sr-default", "cd" * 32, prov.task)
     assert back.settings == prov.settings and back.input == "thick.nrrd" and back.date == prov.date
-    if name != "dicom":
-        assert back.input_uid == "1.2.3"
+    assert back.input_uid == "1.2.3"  # the input's series (SR) or radiograph (X-ray to CT), DICOM results too
 
     if name.endswith(".nii.gz"):  # without its sidecar the 80-byte descrip still says what it is
         (tmp_path / "out.json").unlink()
