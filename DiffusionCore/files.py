@@ -596,9 +596,11 @@ def check_writable_file(path: str | os.PathLike, *, overwrite: bool = False) -> 
 
     Raises:
         OutputExistsError: the file exists without ``overwrite``.
-        OutputError: its folder is missing or not writable.
+        OutputError: ``path`` is a folder, or its folder is missing or not writable.
     """
     p = Path(path)
+    if p.is_dir():  # --overwrite would not help: the rename onto a folder fails after the work
+        raise OutputError(f"{p} is a folder: give the name of a file to write, e.g. {p / 'report.json'}")
     if p.exists() and not overwrite:
         raise OutputExistsError(p)
     if not p.parent.is_dir() or not folder_writable(p.parent):

@@ -72,6 +72,14 @@ def planned_files(output: str | os.PathLike, as_dicom: bool) -> list[Path]:
     return [p, sidecar_path(p)] if name.endswith((".nii", ".nii.gz")) else [p]
 
 
+def planned_outputs(output: str | os.PathLike, as_dicom: bool, what: str = "the output") -> list[tuple[str, Path]]:
+    """:func:`planned_files` labelled for :func:`~DiffusionCore.files.refuse_overwriting_inputs`: ``what`` for the
+    result, and the sidecar named as such (``--report ct.json`` beside ``ct.nii.gz`` clashes with the sidecar, a file
+    the user never named)."""
+    files = planned_files(output, as_dicom)
+    return [(what, files[0]), *((f"{what}'s provenance sidecar", f) for f in files[1:])]
+
+
 def check_result_output(output: str | os.PathLike, as_dicom: bool, *, overwrite: bool = False) -> None:
     """Check before any work that the result (and its sidecar) can be written."""
     if as_dicom:

@@ -240,6 +240,17 @@ def check_image_shape(img: sitk.Image, source: str) -> None:
         )
 
 
+#: Attribute set on a :class:`Volume` whose CT doubts were logged already (:func:`mark_ct_checked`).
+_CT_TOLD = "_ct_doubts_told"
+
+
+def mark_ct_checked(vol: Volume) -> Volume:
+    """Record that ``vol``'s intensities were checked and any doubt logged, naming its file: the SR pipeline's own
+    check then refuses what it refuses without logging the same doubt a second time."""
+    setattr(vol, _CT_TOLD, True)
+    return vol
+
+
 def check_ct(vol: Volume | np.ndarray, source: str = "volume") -> list[str]:
     """Refuse non-finite volumes; return (and log) warnings for volumes that do not look like CT in HU.
 
@@ -248,11 +259,12 @@ def check_ct(vol: Volume | np.ndarray, source: str = "volume") -> list[str]:
     """
     arr = vol.array if isinstance(vol, Volume) else np.asarray(vol)
     _require_finite(arr, source)
-    return _ct_doubts(float(arr.min()), float(arr.max()), source)
+    return _ct_doubts(float(arr.min()), float(arr.max()), source, log=not getattr(vol, _CT_TOLD, False))
 
 
-def _ct_doubts(lo: float, hi: float, source: str) -> list[str]:
-    """The warnings (logged, and returned) for a finite volume whose values run from ``lo`` to ``hi``."""
+def _ct_doubts(lo: float, hi: float, source: str, log: bool = True) -> list[str]:
+    """The warnings (logged unless ``log`` is False, and returned) for a finite volume whose values run from ``lo``
+    to ``hi``."""
     warnings: list[str] = []
     if lo == hi:
         warnings.append(f"{source} is constant ({lo:g} everywhere): there is no image content to work with.")
@@ -261,7 +273,7 @@ def _ct_doubts(lo: float, hi: float, source: str) -> list[str]:
             f"{source} does not look like CT in Hounsfield units (values {lo:g} to {hi:g}; CT has air near "
             "-1000 and soft tissue near 0-100). MR or normalised images give meaningless results here."
         )
-    for w in warnings:
+    for w in warnings if log else ():
         logger.warning(w)
     return warnings
 
@@ -304,7 +316,8 @@ def require_ct(vol: Volume | np.ndarray, source: str = "volume") -> None:
             "images give meaningless results. For a CT stored without its rescale intercept, fix the header "
             "(e.g. subtract 1024); if this really is CT in HU, pass --allow-non-ct (allow_non_ct=True in Python)."
         )
-    _ct_doubts(lo, hi, source)  # the milder doubts, as warnings, about what passes (refused volumes are not warned of)
+    # the milder doubts, as warnings, about what passes (refused volumes are not warned of), once per volume
+    _ct_doubts(lo, hi, source, log=not getattr(vol, _CT_TOLD, False))
 
 
 def replace_padding(arr: np.ndarray) -> np.ndarray:

@@ -276,3 +276,80 @@ def test_a_synthetic_input_is_named_as_such_and_the_uncertainty_map_is_labelled(
     )
     assert tiny.returncode == 2 and "internal error" not in tiny.stderr
     assert "a volume of 8x32x32 voxels is too small to score: the 3D SSIM window is 11 voxels" in tiny.stderr
+
+
+def test_a_batch_refuses_a_volume_file_name_as_its_output_folder(tmp_path, capsys):
+    """`sr FOLDER out.nii.gz` made a folder called out.nii.gz, into which a later `sr one.nii.gz out.nii.gz` then
+    wrote without a word."""
+    src = tmp_path / "in"
+    src.mkdir()
+    write_volume(thick_ct(shape=(2, 32, 32)), src / "a.nii.gz")
+    rc = main(["sr", str(src), str(tmp_path / "out.nii.gz"), "--tiny-test-model", "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == 4 and "the input is a batch" in err and "out.nii.gz is a volume file's name: give a folder" in err
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_a_batch_whose_every_volume_fails_writes_nothing_and_says_so(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    _write_nan(src / "bad.nii.gz")
+    _write_isotropic(src / "iso.nii.gz")
+    rc = main(["sr", str(src), str(tmp_path / "out"), "--tiny-test-model", "--progress", "none"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and errors[0].startswith("error: all 2 volumes failed, nothing was written")
+    assert "the others were written" not in errors[0]
+    assert not (tmp_path / "out").exists()  # the folder this run made is gone again
+    (tmp_path / "kept").mkdir()  # a folder the user made stays
+    assert main(["sr", str(src), str(tmp_path / "kept"), "--tiny-test-model", "--progress", "none"]) == 2
+    assert (tmp_path / "kept").is_dir()
+
+
+def test_a_report_that_is_a_folder_or_the_outputs_sidecar_is_refused_before_any_work(tmp_path, thick_file, capsys):
+    """--report DIR --overwrite failed after the result was written (the rename onto a folder), with an internal
+    error; --report OUT.json beside OUT.nii.gz named a file the user never gave."""
+    (tmp_path / "reports").mkdir()
+    out = tmp_path / "thin.nii.gz"
+    rc = main(["sr", str(thick_file), str(out), "--tiny-test-model", "--progress", "none", "--report",
+               str(tmp_path / "reports"), "--overwrite"])
+    assert rc == 4 and "reports is a folder: give the name of a file to write" in capsys.readouterr().err
+    assert not out.exists()
+    rc = main(["sr", str(thick_file), str(out), "--tiny-test-model", "--progress", "none", "--report",
+               str(tmp_path / "thin.json")])
+    err = capsys.readouterr().err
+    assert rc == 4 and "and the output's provenance sidecar" in err and "thin.json are the same file" in err
+    assert not out.exists()
+
+
+def test_an_axis_named_by_hand_that_is_not_the_thick_one_is_warned_of(tmp_path, thick_file, capsys):
+    rc = main(["sr", str(thick_file), str(tmp_path / "a.nii.gz"), "--tiny-test-model", "--progress", "none",
+               "--axis", "x", "--factor", "2", "--num-steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "axis x (0.8 mm) is not the volume's thick axis (z, 4 mm)" in err
+    rc = main(["sr", str(thick_file), str(tmp_path / "b.nii.gz"), "--tiny-test-model", "--progress", "none",
+               "--axis", "z", "--factor", "2", "--num-steps", "1"])
+    assert rc == 0 and "thick axis" not in capsys.readouterr().err
+
+
+def test_a_volume_that_does_not_look_like_ct_is_warned_of_once_by_its_file_name(tmp_path, capsys):
+    src = tmp_path / "faint.nii.gz"
+    write_volume(Volume(np.full((4, 32, 32), -1024.0, np.float32) + np.arange(32, dtype=np.float32) * 10,
+                        spacing=(0.8, 0.8, 3.2)), src)
+    rc = main(["sr", str(src), str(tmp_path / "out.nii.gz"), "--tiny-test-model", "--progress", "none",
+               "--num-steps", "1"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "does not look like CT" in line]
+    assert rc == 0 and len(warnings) == 1 and "faint.nii.gz" in warnings[0]
+
+
+def test_command_line_mistakes_end_with_one_line_naming_the_commands_help(tmp_path, thick_file, capsys):
+    for args, said in (
+        (["sr", str(thick_file), "o.nii.gz", "--factorr", "4"], "unrecognized arguments: --factorr 4"),
+        (["sr", str(thick_file), "o.nii.gz", "--factor", "abc"], "invalid int value: 'abc'"),
+        (["sr", "--adapt", str(thick_file), "o.nii.gz"], "write --adapt after INPUT OUTPUT, or give it a number"),
+    ):
+        assert main(args) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], lines
+        assert lines[0].endswith("; see python -m DiffusionCore sr --help")
+    assert main(["train", "throughplane", "--data", "x"]) == 2
+    assert capsys.readouterr().err.strip().endswith("see python -m DiffusionCore train throughplane --help")

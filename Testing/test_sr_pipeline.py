@@ -176,7 +176,9 @@ def test_output_lies_exactly_on_the_thin_grid_for_an_oblique_volume():
     np.testing.assert_allclose(out.spacing, grid.spacing, rtol=0, atol=1e-12)
     np.testing.assert_allclose(out.origin, grid.origin, rtol=0, atol=1e-9)
     np.testing.assert_allclose(out.direction.ravel(), grid.direction, rtol=0, atol=1e-12)
-    assert report["settings"]["output_shape"] == [18, 24, 40]
+    # the report names its axis order: x, y, z for spacing and size alike (the array's shape is z, y, x)
+    assert report["settings"]["output_size_xyz"] == [40, 24, 18]
+    assert report["settings"]["output_spacing_xyz_mm"] == list(grid.spacing)
 
 
 def test_thick_axis_other_than_z_and_target_spacing():

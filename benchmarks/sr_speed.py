@@ -125,7 +125,7 @@ def run_once(resolver: SuperResolver, src: Path, out: Path, args, steps: int | N
         "wall_seconds": wall,
         "stages_seconds": stages,
         "input_shape": list(vol.shape),
-        "output_shape": list(result.shape),
+        "output_size_xyz": list(result.shape)[::-1],
         "tiles": report["tiles"]["count"],
         "tile_overhead": report["tiles"]["overhead"],
         "patch_size": report["settings"]["patch_size"],
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "sr_speed",
         "data": args.input if args.input != "synthetic" else f"synthetic phantom {tuple(args.shape)} at 5 mm",
-        "input_spacing_mm": list(vol.spacing),
+        "input_spacing_xyz_mm": list(vol.spacing),
         "factor": args.factor,
         "device": str(device),
         "gpu": gpu_name,

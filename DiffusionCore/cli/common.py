@@ -311,9 +311,22 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
     predictor, on by default (:data:`~DiffusionCore.sr.adapt.DEFAULT_ADAPT_STEPS` steps)."""
     from ..sr.adapt import DEFAULT_ADAPT_SECONDS, DEFAULT_ADAPT_STEPS
 
+    number = finite_float(0.0)
+
+    def seconds(text: str) -> float:  # its value is optional, so `sr --adapt in.nii.gz out.nii.gz` takes the input
+        try:
+            float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"takes an optional number of seconds, and the word after it, {text!r}, is none: write --adapt after "
+                "INPUT OUTPUT, or give it a number (--adapt 120)"
+            ) from None
+        return number(text)
+
+    seconds.__name__ = number.__name__
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
-        "--adapt", type=finite_float(0.0), nargs="?", const=DEFAULT_ADAPT_SECONDS, default=None, metavar="SECONDS",
+        "--adapt", type=seconds, nargs="?", const=DEFAULT_ADAPT_SECONDS, default=None, metavar="SECONDS",
         help="adapt for at most SECONDS instead of the default step count (the number of steps then depends on "
         f"the machine's speed; {DEFAULT_ADAPT_SECONDS:g} s when given without a value; 0: no adaptation)",
     )

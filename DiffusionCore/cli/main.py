@@ -30,12 +30,29 @@ logger = logging.getLogger("DiffusionCore")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with the project's error convention (one ``error:`` line, exit code 2)."""
+    """argparse with the project's error convention: one ``error:`` line that names the command's ``--help``
+    (not argparse's usage block, 15-20 lines for most commands), exit code 2."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message}; see {self._command_prog()} --help", file=sys.stderr)
         sys.exit(2)
+
+    def _command_prog(self) -> str:
+        """The ``prog`` of the deepest command named on the command line (``python -m DiffusionCore train
+        throughplane``): an unknown option is reported by the top-level parser, which has no name for it."""
+        parser: argparse.ArgumentParser = self
+        argv = getattr(self, "_argv", [])
+        while parser._subparsers is not None:
+            commands = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+            name = next((t for t in argv if t in commands.choices), None)
+            if name is None:
+                break
+            parser, argv = commands.choices[name], argv[argv.index(name) + 1 :]
+        return parser.prog
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ volumes are independent, so no process group is joined.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -35,7 +36,7 @@ from ..results import (
     OUTPUT_FORMATS,
     check_result_output,
     dicom_source_for,
-    planned_files,
+    planned_outputs,
     wants_dicom,
     write_result,
 )
@@ -44,9 +45,12 @@ from ..tiling import parse_memory_size
 from ..volume import (
     WRITABLE_SUFFIXES,
     axis_index,
+    check_ct,
     check_output_geometry,
     check_output_path,
+    mark_ct_checked,
     read_volume,
+    require_ct,
     split_volume_suffix,
 )
 from .common import (
@@ -198,19 +202,31 @@ def _check_uncertainty_args(args: argparse.Namespace) -> None:
         raise ConfigError("--tiny-test-model cannot be combined with --weights or checkpoints")
 
 
-def _check_folder(folder: Path, what: str) -> Path:
+def _check_folder(folder: Path, what: str) -> bool:
+    """Make sure a batch's output folder exists and is writable; True when this call created it."""
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder} is a file; for several volumes the {what} must be a folder.")
-    if not folder.exists():
+    created = not folder.exists()
+    if created:
         if not folder.parent.is_dir():
             raise OutputError(f"the folder {folder.parent} does not exist; create it first.")
         try:
-            folder.mkdir()
+            folder.mkdir(exist_ok=True)  # under torchrun every process checks it
         except OSError as exc:
             raise OutputError(f"cannot create the {what} folder {folder}: {exc.strerror or exc}") from None
     if not os.access(folder, os.W_OK):
         raise OutputError(f"the {what} folder {folder} is not writable; choose another.")
-    return folder
+    return created
+
+
+def _refuse_file_name_for_batch(folder: Path | None, what: str, count: int) -> None:
+    """A batch writes into folders: a name such as ``out.nii.gz`` would become a folder of that name, into
+    which a later single-volume run would then write without a word."""
+    if folder is not None and not folder.is_dir() and split_volume_suffix(folder.name)[1]:
+        raise OutputError(
+            f"the input is a batch (a folder or list of volumes: {count} found), so the {what} must be a folder, and "
+            f"{folder.name} is a volume file's name: give a folder (it is created), or one volume file as INPUT"
+        )
 
 
 def _input_files(args: argparse.Namespace) -> list[str | None]:
@@ -218,10 +234,11 @@ def _input_files(args: argparse.Namespace) -> list[str | None]:
     return [args.input, args.weights, args.vae_checkpoint, args.diffusion_checkpoint]
 
 
-def plan_jobs(args: argparse.Namespace, info: DistInfo) -> tuple[bool, list[Job]]:
+def plan_jobs(args: argparse.Namespace, info: DistInfo) -> tuple[bool, list[Job], list[Path]]:
     """The volumes this process handles (its share under torchrun) and their output paths, all checked
     before any work: no output, uncertainty map or report may be an input (every planned output against
-    every input, whatever --overwrite says), and each must be writable.
+    every input, whatever --overwrite says), and each must be writable. Also returns the batch folders it
+    created (removed again if no volume is written).
 
     Raises:
         InputError: INPUT missing or holding no volumes. OutputError: an output cannot be written.
@@ -239,22 +256,23 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> tuple[bool, list[Job]
     else:
         names = batch_output_names(sources)
         unc_dir = Path(args.uncertainty) if args.uncertainty else None
+        _refuse_file_name_for_batch(out, "output", len(sources))
+        _refuse_file_name_for_batch(unc_dir, "--uncertainty", len(sources))
         as_dicom = args.output_format == "dicom"
         jobs = [Job(s, out / (_series_folder_name(n) if as_dicom else n), unc_dir / n if unc_dir else None, as_dicom)
                 for s, n in zip(sources, names)]  # fmt: skip
-    planned = [("the output", path) for job in jobs for path in planned_files(job.output, job.as_dicom)]
+    planned = [item for job in jobs for item in planned_outputs(job.output, job.as_dicom)]
     planned += [("--uncertainty", job.uncertainty) for job in jobs]
     refuse_overwriting_inputs([*_input_files(args), *sources], [*planned, ("--report", _report_file(args, info))])
+    created = []
     if batch:  # the folders are created only once no output can hit an input
-        _check_folder(out, "output")
-        if unc_dir is not None:
-            _check_folder(unc_dir, "uncertainty")
+        created = [f for f, what in ((out, "output"), (unc_dir, "uncertainty")) if f is not None and _check_folder(f, what)]
     jobs = shard_list(jobs, info)
     for job in jobs:
         check_result_output(job.output, job.as_dicom, overwrite=args.overwrite)
         if job.uncertainty is not None:
             check_output_path(job.uncertainty, overwrite=args.overwrite)
-    return batch, jobs
+    return batch, jobs, created
 
 
 def _series_folder_name(file_name: str) -> str:
@@ -265,7 +283,7 @@ def _series_folder_name(file_name: str) -> str:
 def sr_provenance(job_source: str | Path, volume_metadata: dict[str, Any], report: dict[str, Any]) -> Provenance:
     """The provenance of one ``sr`` result, from its report."""
     settings = report["settings"]
-    spacing_xyz = settings.get("output_spacing_mm") or []
+    spacing_xyz = settings.get("output_spacing_xyz_mm") or []
     axis = settings.get("axis")  # the thick axis: its output spacing is the new slice spacing
     thin = spacing_xyz[2 - axis_index(axis)] if axis is not None and len(spacing_xyz) == 3 else None
     title = f"{sr_label(settings.get('factor'), thin)} (synthetic)"
@@ -386,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
     info = process_info(args.device)  # its place in a torchrun launch; no group is joined
     settings = run_settings(args, info.device)  # option errors before any volume is read
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
-    batch, jobs = plan_jobs(args, info)
+    batch, jobs, created = plan_jobs(args, info)
     report_path = _report_path(args, info)
     if info.world_size > 1:
         logger.info("process %d of %d: %d volume(s) on %s", info.rank, info.world_size, len(jobs), info.device)
@@ -408,7 +426,9 @@ def run(args: argparse.Namespace) -> int:
                 progress.index = i
                 t0 = time.perf_counter()
                 try:
-                    volume = read_volume(job.source)
+                    volume = read_volume(job.source, check=False)  # checked here, naming the file, once
+                    (check_ct if args.allow_non_ct else require_ct)(volume, str(job.source))
+                    mark_ct_checked(volume)
                     warning = synthetic_input_warning(job.source)
                     if warning:
                         logger.warning("%s", warning)
@@ -462,6 +482,12 @@ def run(args: argparse.Namespace) -> int:
     if report_path is not None:
         data = reports[0] if not batch and reports else {"volumes": reports, "failed": failures}
         write_json_atomic(data, report_path, overwrite=True)
+    if failures and not reports and info.world_size == 1:  # nothing written: the folders this run made go again
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        every = "the batch's one volume" if len(jobs) == 1 else f"all {len(jobs)} volumes"
+        raise InputError(f"{every} failed, nothing was written: " + "; ".join(failures))
     if failures:
         raise InputError(f"{len(failures)} of {len(jobs)} volumes failed (the others were written): " + "; ".join(failures))
     return 0

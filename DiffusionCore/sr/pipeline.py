@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..degrade import enforce_consistency, plan_thin_grid, slab_thickness_note, thin_grid
+from ..degrade import enforce_consistency, plan_thin_grid, slab_thickness_note, thick_axis, thin_grid
 from ..devices import resolve_device
 from ..errors import Cancelled, ConfigError, GeometryError, InputError, ResourceError, WeightsError
 from ..evaluate import register_method
@@ -125,13 +125,14 @@ def _check_cancel(cancel: threading.Event | None) -> None:
 
 # -- reports ----------------------------------------------------------------------------------------
 def _geometry_settings(volume: Volume, grid: Grid, axis: int, factor: int | None) -> dict[str, Any]:
-    """The report's description of the grids of a run."""
+    """The report's description of the grids of a run, in one axis order, x, y, z (3D Slicer's and ITK's), named
+    in each key (the array's z, y, x shape beside x, y, z spacings read as a wrong pairing)."""
     return {
         "factor": factor,
         "axis": "zyx"[axis],
-        "input_spacing_mm": list(volume.spacing),
-        "output_spacing_mm": list(grid.spacing),
-        "output_shape": list(grid.shape),
+        "input_spacing_xyz_mm": list(volume.spacing),
+        "output_spacing_xyz_mm": list(grid.spacing),
+        "output_size_xyz": list(grid.shape)[::-1],
     }
 
 
@@ -341,7 +342,16 @@ class SuperResolver:
         Raises:
             GeometryError: isotropic input (no thick axis), both factor and spacing, bad values.
         """
-        return plan_thin_grid(volume, factor=factor, target_spacing=target_spacing, axis=axis)
+        planned = plan_thin_grid(volume, factor=factor, target_spacing=target_spacing, axis=axis)
+        thick = thick_axis(volume.grid)
+        if axis is not None and thick is not None and thick != planned[1]:  # a thin axis named by hand
+            sp = volume.grid.spacing_zyx
+            logger.warning(
+                "axis %s (%.3g mm) is not the volume's thick axis (%s, %.3g mm): the run up-samples %s and leaves the "
+                "%.3g mm slices as they are, and the model was trained on thick axes; leave --axis out to use %s",
+                "zyx"[planned[1]], sp[planned[1]], "zyx"[thick], sp[thick], "zyx"[planned[1]], sp[thick], "zyx"[thick],
+            )
+        return planned
 
     def run(
         self,
