@@ -246,7 +246,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 def run_prepare(args: argparse.Namespace) -> int:
     from ..inputs import collect_volumes
-    from ..xray.data import prepare_dataset
+    from ..xray.data import named_volumes, prepare_dataset
 
     res = _int_list(args.resolutions, "--resolutions")
     xres = _int_list(args.xray_resolutions, "--xray-resolutions")
@@ -257,7 +257,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     try:
         manifest = prepare_dataset(paths, args.output_dir, resolutions=res, xray_resolutions=xres,
                                    fov_mm=args.fov_mm, view=args.view, augmented_copies=args.augmented_copies,
-                                   seed=args.seed, overwrite=args.overwrite, progress=progress)  # fmt: skip
+                                   seed=args.seed, overwrite=args.overwrite, progress=progress,
+                                   named=named_volumes(args.data))  # fmt: skip
     finally:
         progress.close()
     print(f"wrote {manifest} ({len(paths)} CT volume(s))")
@@ -267,6 +268,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..files import keep_freed_memory, refuse_overwriting_inputs, write_json_atomic
     from ..sampledata import load_reference
+    from ..xray.data import check_cube_size
     from ..xray.evaluate import evaluate_xray, format_xray_table
     from .evaluate import check_scores
 
@@ -275,6 +277,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         check_writable_file(args.json_out, overwrite=args.overwrite)
     methods = tuple(args.methods)
     ref = load_reference(args.reference)
+    check_cube_size(ref, args.reference)  # before the weights are loaded
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     gen = _generator(args)
     progress = Progress(args.progress, desc="evaluate-xray")

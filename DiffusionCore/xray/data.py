@@ -8,6 +8,8 @@
 * :class:`XrayCubeDataset` draws augmented (cube, DRR) pairs: CT flips, small rotations, body-habitus zoom per axis,
   smooth elastic deformation, HU jitter.
 * :func:`prepare_dataset` writes the cubes (NIfTI, int16 HU) and DRRs (``.npy``) plus ``manifest.json``.
+* :func:`cube_size_problem` and :func:`body_fraction` say what makes a CT unusable (too few voxels along an axis:
+  refused, or passed over in a cohort) or of little use (a body filling little of the cube: a warning) here.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import functools
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..inputs import done_through, readable_volumes
+from ..inputs import done_through
 from ..intensity import hu_to_unit
 from ..train.augment import rotation_matrix
 from ..volume import AIR_HU, Volume, write_volume
@@ -67,6 +71,127 @@ def body_ap_offset(cube: Volume) -> float:
     return float((rows[0] + rows[-1]) / 2 - (cube.shape[1] - 1) / 2) * float(cube.spacing[1])
 
 
+#: Fewest voxels a CT may have along any axis: the Gaussian filter that keeps a fine scan from aliasing on the cube
+#: (:func:`_resample_cube`) needs 4. A CT that thin is a slab of a few centimetres at most; one that passes but fills
+#: little of the cube is warned about (:func:`warn_little_body`).
+MIN_CT_VOXELS = 4
+
+#: What X-ray to CT was made for, said when a CT is refused or warned about (chest-lidc: 133 slices of 2.5 mm,
+#: chest-dx: 64 of 5 mm).
+WHOLE_CHEST = "CTs of the whole chest (about 300 mm head to foot, e.g. 60 slices of 5 mm)"
+
+#: Share of the cube's voxels inside the body (:func:`body_fraction`) below which a CT is warned about. Measured on
+#: the 64^3 cube of 350 mm: a whole chest fills 44% (chest-lidc) to 50% (chest-dx); half its length 23%, a quarter
+#: 12%, its middle 180 mm across 17%, a 96x96x40 crop (68 x 68 x 100 mm) 0.8%. Below 20% four fifths of the cube
+#: are air outside the body, which any method matches, so scores on it are inflated (xray-default's 3D SSIM on that
+#: crop 0.88, on the whole chest 0.62) and training on it teaches mostly air.
+MIN_BODY_FRACTION = 0.2
+WHOLE_CHEST_BODY = "44-50%"  # of the cube, as measured above
+
+_AXES = ("slices along z", "voxels along y", "voxels along x")  # array (z, y, x)
+
+
+def cube_size_problem(vol: Volume) -> str:
+    """Why ``vol`` is too small to resample onto a cube (e.g. ``"3 slices along z"``), or ``""`` when it is not."""
+    short = [f"{n} {axis}" for n, axis in zip(vol.shape, _AXES) if n < MIN_CT_VOXELS]
+    return " and ".join(short)
+
+
+def too_small_message(name: str, why: str) -> str:
+    """The refusal of a CT that :func:`cube_size_problem` finds too small (``why``), named ``name``."""
+    return (
+        f"{name} has {why}: X-ray to CT needs a CT volume of at least {MIN_CT_VOXELS} voxels along each axis to "
+        f"resample it onto its cube, and was made for {WHOLE_CHEST}; give such a CT"
+    )
+
+
+def check_cube_size(vol: Volume, name: str) -> None:
+    """Raise InputError naming ``name`` when ``vol`` is too small for the cube (:func:`cube_size_problem`)."""
+    why = cube_size_problem(vol)
+    if why:
+        raise InputError(too_small_message(name, why))
+
+
+def body_fraction(cube: Volume | np.ndarray) -> float:
+    """Share (0..1) of a cube's voxels inside the body (:func:`~DiffusionCore.metrics.body_mask`: HU > -500, the
+    largest component, holes such as the lungs filled). Size-independent: the 64^3 cube is enough."""
+    from ..metrics import body_mask
+
+    return float(body_mask(cube.array if isinstance(cube, Volume) else cube).mean())
+
+
+def warn_little_body(cube: Volume | np.ndarray, name: str, fov_mm: float, consequence: str) -> float:
+    """Warn when the body of ``name`` fills less than :data:`MIN_BODY_FRACTION` of its cube; returns the share.
+
+    Args:
+        cube: the CT's cube (any resolution) in HU.
+        name: the CT as the user knows it.
+        fov_mm: the cube's side.
+        consequence: what follows for the command (:data:`SCORES_ON_AIR`, :data:`TRAINING_ON_AIR`).
+    """
+    share = body_fraction(cube)
+    if share < MIN_BODY_FRACTION:
+        percent = f"{100 * share:.0f}" if share >= 0.01 else f"{100 * share:.1f}"
+        logger.warning("%s: its body fills only %s%% of the %g mm cube that X-ray to CT works on (a whole chest "
+                       "fills %s): %s", name, percent, fov_mm, WHOLE_CHEST_BODY, consequence)  # fmt: skip
+    return share
+
+
+#: What the scores of a reference whose body fills little of the cube mean (:func:`warn_little_body`).
+SCORES_ON_AIR = (
+    f"the scores then measure mostly air, which any method matches, and the model was trained on {WHOLE_CHEST}: "
+    "score against such a CT"
+)
+
+#: What a training CT whose body fills little of the cube teaches (:func:`warn_little_body`).
+TRAINING_ON_AIR = f"the model learns mostly air from it, where X-ray to CT is meant for {WHOLE_CHEST}"
+
+
+def named_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> set[Path]:
+    """The volumes that ``data`` (as :func:`~DiffusionCore.inputs.collect_volumes` takes it) names itself: a volume
+    file, a DICOM series folder or file, a sample's name; not those found in a folder or a list file. A named volume
+    that cannot be used stops the run; one of a cohort is passed over (:func:`usable_volumes`)."""
+    from ..inputs import is_dicom_file, is_volume_file
+    from ..sampledata import sample_or_path
+
+    items = [data] if isinstance(data, str | os.PathLike) else list(data)
+    named = set()
+    for item in items:
+        p = sample_or_path(item, "ct").expanduser()
+        named.add(p.parent if p.is_file() and is_dicom_file(p) and not is_volume_file(p) else p)
+    return named
+
+
+def usable_volumes(paths: Iterable[Path], named: Iterable[Path] = ()) -> Iterator[tuple[Path, Volume]]:
+    """:func:`~DiffusionCore.inputs.readable_volumes` without the CTs too small for the cube (:func:`cube_size_problem`).
+
+    A too small volume of ``named`` (given by name on the command line) stops the run (InputError); one of a cohort
+    (found in a folder or a list) is passed over with a warning naming it and why, as an unreadable series is, and
+    the run goes on with the rest; if none is left: InputError listing why each was passed over.
+    """
+    from ..inputs import readable_volumes
+
+    named = set(named)
+    short: list[str] = []
+    yielded = False
+    for p, vol in readable_volumes(paths):
+        why = cube_size_problem(vol)
+        if why:
+            if Path(p) in named:
+                raise InputError(too_small_message(str(p), why))
+            short.append(f"{p}: {why}")
+            logger.warning("passed over %s: it has %s, and X-ray to CT needs at least %d voxels along each axis "
+                           "and was made for %s", p, why, MIN_CT_VOXELS, WHOLE_CHEST)  # fmt: skip
+            continue
+        yielded = True
+        yield p, vol
+    if not yielded and short:
+        raise InputError(
+            f"none of the CT volumes is large enough for X-ray to CT (at least {MIN_CT_VOXELS} voxels along each "
+            f"axis; it was made for {WHOLE_CHEST}): " + "; ".join(short)
+        )
+
+
 def ct_to_cubes(vol: Volume, resolutions: list[int] | tuple[int, ...], fov_mm: float, *,
                 body_centred: bool = True) -> dict[int, Volume]:
     """Resample a CT (HU) onto isotropic cubes of side ``fov_mm``, one per resolution (air outside), all centred on
@@ -84,7 +209,11 @@ def ct_to_cubes(vol: Volume, resolutions: list[int] | tuple[int, ...], fov_mm: f
     Returns:
         ``{R: Volume (R, R, R) HU}``, spacing fov/R, identity direction, centred on the input's centre
         (front-to-back on the body's middle when ``body_centred``).
+
+    Raises:
+        InputError: ``vol`` has fewer than :data:`MIN_CT_VOXELS` voxels along an axis.
     """
+    check_cube_size(vol, str(vol.metadata.get("source") or "the CT volume"))
     centre = volume_centre(vol)
     if body_centred:
         probe = _resample_cube(vol, BODY_PROBE_RESOLUTION, BODY_PROBE_FOV * fov_mm, centre)
@@ -337,11 +466,16 @@ def warp_cube(
     return out[0, 0].numpy() + AIR_HU
 
 
-def load_cubes(paths: list[Path], resolutions: list[int], fov_mm: float) -> list[dict[int, np.ndarray]]:
-    """Read CTs (or prepared cube folders) and resample them to every requested resolution."""
+def load_cubes(
+    paths: list[Path], resolutions: list[int], fov_mm: float, named: Iterable[Path] = ()
+) -> list[dict[int, np.ndarray]]:
+    """Read CTs (or prepared cube folders) and resample them to every requested resolution; a CT too small for the
+    cube stops the run if it is one of ``named``, else it is passed over (:func:`usable_volumes`)."""
     out = []
-    for p, vol in readable_volumes(paths):
-        out.append({r: cube.array for r, cube in ct_to_cubes(vol, resolutions, fov_mm).items()})
+    for p, vol in usable_volumes(paths, named):
+        cubes = ct_to_cubes(vol, resolutions, fov_mm)
+        warn_little_body(cubes[min(resolutions)], str(p), fov_mm, TRAINING_ON_AIR)
+        out.append({r: cube.array for r, cube in cubes.items()})
         logger.info("loaded %s as cubes %s", p, resolutions)
     return out
 
@@ -359,54 +493,68 @@ def prepare_dataset(
     seed: int = 0,
     overwrite: bool = False,
     progress=None,
+    named: Iterable[Path] = (),
 ) -> Path:
     """Write training cubes and DRRs for every CT; returns the manifest path.
 
     Layout: ``output_dir/<case>/cube_<R>.nii.gz`` (int16 HU), ``drr_<X>.npy`` (clean, float32 [0, 1]) and
     ``drr_<X>_aug<k>.npy`` (augmented), and ``output_dir/manifest.json`` listing every file and setting.
+
+    A CT too small for the cube stops the run if it is one of ``named`` (given by name on the command line), else it
+    is passed over with a warning (:func:`usable_volumes`). A run that stops (a refused CT, an error, a cancel)
+    removes the folders it made: the case folders, and ``output_dir`` if it did not exist before.
     """
     out = Path(output_dir)
+    made = [] if out.exists() else [out]  # removed again if the run stops
     out.mkdir(parents=True, exist_ok=True)
     aug = aug or XrayDataConfig(view=view, fov_mm=fov_mm)
     rng = np.random.default_rng(seed)
     cases = []
     total, done = len(ct_paths), 0
-    for i, (p, vol) in enumerate(readable_volumes(ct_paths)):
-        name = Path(str(p).rstrip("/")).name.split(".")[0] or f"case{i:04d}"
-        case_dir = out / f"{i:04d}_{name}"
-        case_dir.mkdir(exist_ok=True)
-        files: dict[str, str] = {}
-        cubes = ct_to_cubes(vol, resolutions, fov_mm)
-        for r, x in zip(resolutions, xray_resolutions):
-            cube = cubes[r]
-            write_volume(cube, case_dir / f"cube_{r}.nii.gz", overwrite=overwrite, dtype="int16")
-            files[f"cube_{r}"] = str((case_dir / f"cube_{r}.nii.gz").relative_to(out))
-            hu = torch.from_numpy(cube.array)[None, None]
-            drr = render_training_drr(hu, fov_mm, x, view)[0, 0].numpy()
-            _save_npy(case_dir / f"drr_{x}.npy", drr)
-            files[f"drr_{x}"] = str((case_dir / f"drr_{x}.npy").relative_to(out))
-            for k in range(augmented_copies):
-                a = render_training_drr(hu, fov_mm, x, view, rng=rng, aug=aug)[0, 0].numpy()
-                _save_npy(case_dir / f"drr_{x}_aug{k}.npy", a)
-                files[f"drr_{x}_aug{k}"] = str((case_dir / f"drr_{x}_aug{k}.npy").relative_to(out))
-        cases.append({"source": str(p), "files": files})
-        done = done_through(ct_paths, p)  # by the source's place in the list: series passed over count as done
-        if progress is not None:
-            progress(done, total, f"prepared {name}")
-    if progress is not None and done < total:  # the last series were passed over
-        progress(total, total, "the rest passed over")
-    manifest = {
-        "fov_mm": fov_mm,
-        "view": view,
-        "resolutions": list(resolutions),
-        "xray_resolutions": list(xray_resolutions),
-        "drr": "parallel beam, HU -> mu at 70 keV, line integrals scaled to [0, 1] at the 99.5th percentile",
-        "cases": cases,
-    }
-    path = out / MANIFEST
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
+    try:
+        for i, (p, vol) in enumerate(usable_volumes(ct_paths, named)):
+            name = Path(str(p).rstrip("/")).name.split(".")[0] or f"case{i:04d}"
+            cubes = ct_to_cubes(vol, resolutions, fov_mm)
+            warn_little_body(cubes[min(resolutions)], str(p), fov_mm, TRAINING_ON_AIR)
+            case_dir = out / f"{i:04d}_{name}"
+            if not case_dir.exists():
+                case_dir.mkdir()
+                made.append(case_dir)
+            files: dict[str, str] = {}
+            for r, x in zip(resolutions, xray_resolutions):
+                cube = cubes[r]
+                write_volume(cube, case_dir / f"cube_{r}.nii.gz", overwrite=overwrite, dtype="int16")
+                files[f"cube_{r}"] = str((case_dir / f"cube_{r}.nii.gz").relative_to(out))
+                hu = torch.from_numpy(cube.array)[None, None]
+                drr = render_training_drr(hu, fov_mm, x, view)[0, 0].numpy()
+                _save_npy(case_dir / f"drr_{x}.npy", drr)
+                files[f"drr_{x}"] = str((case_dir / f"drr_{x}.npy").relative_to(out))
+                for k in range(augmented_copies):
+                    a = render_training_drr(hu, fov_mm, x, view, rng=rng, aug=aug)[0, 0].numpy()
+                    _save_npy(case_dir / f"drr_{x}_aug{k}.npy", a)
+                    files[f"drr_{x}_aug{k}"] = str((case_dir / f"drr_{x}_aug{k}.npy").relative_to(out))
+            cases.append({"source": str(p), "files": files})
+            done = done_through(ct_paths, p)  # by the source's place in the list: series passed over count as done
+            if progress is not None:
+                progress(done, total, f"prepared {name}")
+        if progress is not None and done < total:  # the last series were passed over
+            progress(total, total, "the rest passed over")
+        manifest = {
+            "fov_mm": fov_mm,
+            "view": view,
+            "resolutions": list(resolutions),
+            "xray_resolutions": list(xray_resolutions),
+            "drr": "parallel beam, HU -> mu at 70 keV, line integrals scaled to [0, 1] at the 99.5th percentile",
+            "cases": cases,
+        }
+        path = out / MANIFEST
+        tmp = path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, path)
+    except BaseException:  # a refused CT, an error, a cancel: nothing is left behind
+        for folder in reversed(made):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     return path
 
 

@@ -29,7 +29,14 @@ from ..errors import InputError
 from ..metrics import HU_RANGE, psnr, ssim3d
 from ..volume import Volume
 from .consistency import drr_consistency
-from .data import clinical_look, ct_to_cubes, render_training_drr
+from .data import (
+    SCORES_ON_AIR,
+    check_cube_size,
+    clinical_look,
+    ct_to_cubes,
+    render_training_drr,
+    warn_little_body,
+)
 from .drr import cross_view, hu_to_mu, project_parallel_axis
 from .pipeline import XrayToCTGenerator, projection_error, volume_from_unit
 from .radiograph import window_radiograph
@@ -107,6 +114,7 @@ def evaluate_xray(
     cfgs = cascade.configs[:n]
     fov = cfgs[0].data.fov_mm
     view = cfgs[0].data.view
+    check_cube_size(reference, reference_name)
     by_resolution = ct_to_cubes(reference, [c.resolution for c in cfgs], fov)
     refs = {c.stage: by_resolution[c.resolution] for c in cfgs}
     finest = refs[cfgs[-1].stage]
@@ -120,6 +128,7 @@ def evaluate_xray(
             "the body) is blank: too little tissue denser than air lies in that cube. evaluate-xray needs a CT of the "
             "chest in Hounsfield units that covers the body across (air -1000 HU, soft tissue near 0)."
         ) from None
+    warn_little_body(by_resolution[cfgs[0].resolution], reference_name, fov, SCORES_ON_AIR)  # scored, but on air
     if look is not None:
         xray = clinical_look(xray, *look)
     results: list[dict[str, Any]] = []

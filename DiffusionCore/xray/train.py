@@ -43,7 +43,7 @@ from .config import (
     tiny_stage_config,
 )
 from .consistency import drr_consistency
-from .data import MANIFEST, XrayCubeDataset, ct_to_cube, load_cubes
+from .data import MANIFEST, XrayCubeDataset, ct_to_cube, load_cubes, named_volumes
 from .drr import cross_view
 from .losses import line_integrals, stage_loss
 
@@ -124,7 +124,9 @@ def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> lis
         return out
     from ..inputs import collect_volumes
 
-    return load_cubes(collect_volumes(data), resolutions, fov_mm)  # folders, list files, volume files, samples' names
+    # folders, list files, volume files, samples' names; a CT too small for the cube stops the run if named, else it
+    # is passed over
+    return load_cubes(collect_volumes(data), resolutions, fov_mm, named=named_volumes(data))
 
 
 def patch_origin(cfg: XrayStageConfig, generator: torch.Generator | None = None) -> tuple[int, int, int]:
