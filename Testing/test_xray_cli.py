@@ -294,6 +294,19 @@ def test_xray2ct_refuses_a_report_it_could_not_write_before_it_runs(files, tmp_p
     assert "Traceback" not in res.stderr and not out.exists()
 
 
+def test_xray2ct_refuses_a_report_that_is_a_folder_or_the_outputs_sidecar_before_it_runs(files, tmp_path, capsys):
+    """--report DIR --overwrite failed after the CT was written (the rename onto a folder); --report OUT.json beside
+    OUT.nii.gz named a file the user never gave."""
+    (tmp_path / "reports").mkdir()
+    out = tmp_path / "ct.nii.gz"
+    common = ["xray2ct", str(files["xr"]), str(out), "--tiny-test-model", "--progress", "none"]
+    assert main([*common, "--report", str(tmp_path / "reports"), "--overwrite"]) == 4
+    assert "reports is a folder: give the name of a file to write" in capsys.readouterr().err
+    assert main([*common, "--report", str(tmp_path / "ct.json")]) == 4
+    assert "and the output's provenance sidecar" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]
+
+
 def _train(argv: list[str]) -> int:
     from DiffusionCore.cli import train as train_cli
 

@@ -174,7 +174,7 @@ def _stage_path(out: Path, stage: int) -> Path:
 
 def run_xray2ct(args: argparse.Namespace) -> int:
     from ..files import keep_freed_memory, refuse_overwriting_inputs, write_json_atomic
-    from ..results import check_result_output, dicom_source_for, planned_files, wants_dicom, write_result
+    from ..results import check_result_output, dicom_source_for, planned_outputs, wants_dicom, write_result
     from ..sampledata import sample_or_path
     from ..xray.radiograph import read_radiograph
 
@@ -183,8 +183,8 @@ def run_xray2ct(args: argparse.Namespace) -> int:
     as_dicom = wants_dicom(args.output_format, source, out)
     planned = args.num_stages or MAX_STAGES  # the weights say how many there are once they are loaded
     stage_files = {s: _stage_path(out, s) for s in range(1, planned)} if args.save_stages else {}
-    outputs = [("the output", f) for f in planned_files(out, as_dicom)]
-    outputs += [("a stage output", f) for p in stage_files.values() for f in planned_files(p, as_dicom)]
+    outputs = planned_outputs(out, as_dicom)
+    outputs += [item for p in stage_files.values() for item in planned_outputs(p, as_dicom, "a stage output")]
     refuse_overwriting_inputs([args.xray, source, args.weights], [*outputs, ("--report", args.report)])
     check_result_output(out, as_dicom, overwrite=args.overwrite)
     if args.report:
