@@ -338,6 +338,8 @@ def test_sr_input_checks_say_why_apply_is_disabled(scene):
     assert check_sr_input(iso, SRSettings(target_spacing=0.5)) == ""
     flat = mrml_io.add_volume_node(scene, Volume(np.zeros((1, 16, 16), np.float32)), "flat")
     assert "2D" in check_sr_input(flat)
+    side = mrml_io.add_volume_node(scene, Volume(np.zeros((6, 32, 1), np.float32)), "side")  # one voxel wide in x
+    assert "'side' is 2D (1x32x6 voxels along x, y, z: one voxel thick)" in check_sr_input(side)
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     assert "no voxels" in check_sr_input(empty)
     good = mrml_io.add_volume_node(scene, phantom_ct(), "thick")

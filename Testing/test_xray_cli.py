@@ -433,3 +433,9 @@ def test_terminate_during_generation_leaves_no_output(files, tmp_path):
         "error: xray2ct was stopped by signal SIGTERM; no output was written."
     ]
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if "ct_out" in p.name] == []
+
+
+def test_prepare_refuses_a_negative_number_of_augmented_copies(tmp_path, capsys):
+    assert main(["prepare-xray-data", "--data", str(tmp_path), "--output-dir", str(tmp_path / "p"),
+                 "--augmented-copies", "-1"]) == 2  # fmt: skip
+    assert "argument --augmented-copies: must be an integer >= 0; got -1" in capsys.readouterr().err

@@ -183,7 +183,8 @@ def check_sr_input(node, settings: SRSettings | None = None) -> str:
         return f"'{node.GetName()}' is a colour/vector image; a greyscale CT is needed."
     dims = image.GetDimensions()
     if min(dims) < MIN_THICK_SLICES:
-        return f"'{node.GetName()}' is 2D ({dims[0]}x{dims[1]}); the X-ray to CT module takes radiographs."
+        return (f"'{node.GetName()}' is 2D ({dims[0]}x{dims[1]}x{dims[2]} voxels along x, y, z: one voxel thick); "
+                "the X-ray to CT module takes radiographs.")
     try:
         vol_grid = job_grid(node)
     except DiffusionCoreError as exc:

@@ -86,7 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--resolutions", default="64,128,256", help="cube sides, comma-separated")
     q.add_argument("--xray-resolutions", default="128,256,512", help="DRR sides, one per cube side")
     q.add_argument("--view", default="pa", choices=("pa", "lateral"), help="DRR view")
-    q.add_argument("--augmented-copies", type=int, default=2, help="augmented DRRs per cube")
+    q.add_argument("--augmented-copies", type=bounded_int(0), default=2, help="augmented DRRs per cube (0: none)")
     q.add_argument("--seed", type=int, default=0, help="augmentation seed")
     q.add_argument("--overwrite", action="store_true", help="replace existing cube files")
     add_progress_argument(q)
