@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from . import sampledata
-from .degrade import thin_grid
-from .errors import DiffusionCoreError
+from .degrade import MAX_FACTOR, thin_grid
+from .errors import ConfigError, DiffusionCoreError, OutputError
 from .evaluate import evaluate, format_table
+from .files import folder_writable
 from .interpolation import interpolate
 from .volume import Volume, read_volume, write_volume
 from .weights.registry import first_available
@@ -109,12 +110,70 @@ def comparison_figure(columns: dict[str, Volume], path: Path, title: str, differ
     return _save_figure(fig, path, title, dpi=90)
 
 
+def check_demo_options(output_dir: Path, *, device: str = "auto", factor: int = 4, steps: int | None = None) -> None:
+    """Refuse options the demo cannot use before it reads or writes anything (the weights are checked where they
+    are loaded, also before any work).
+
+    Raises:
+        OutputError: ``output_dir`` is a file (or lies under one).
+        ConfigError: an unknown device, a factor outside 2..:data:`~DiffusionCore.degrade.MAX_FACTOR`, or steps
+            below 1.
+        ResourceError: a CUDA device on a machine without one.
+    """
+    from .devices import resolve_device
+
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"the output folder {output_dir} {'is' if folder == output_dir else 'lies under'} a "
+                              f"file{'' if folder == output_dir else f' ({folder})'}; give a folder (--output-dir)")
+    resolve_device(device)
+    if isinstance(factor, bool) or not isinstance(factor, int) or not 2 <= factor <= MAX_FACTOR:
+        raise ConfigError(f"factor {factor} is outside 2..{MAX_FACTOR}.")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"steps must be an integer >= 1; got {steps}")
+
+
+def _make_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {output_dir}: {exc.strerror or exc}; choose another "
+                          "folder (--output-dir)") from exc
+    if not folder_writable(output_dir):
+        raise OutputError(f"the output folder {output_dir} is not writable; choose another folder (--output-dir)")
+
+
 def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xray: bool = False,
              sr_weights: str | None = None, xray_weights: str | None = None, steps: int | None = None) -> dict:
-    """Run the whole demo; returns timings and the evaluation report."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Run the whole demo; returns timings and the evaluation report.
+
+    The options and the weights are checked before anything is read or written (:func:`check_demo_options`), so
+    a refused run leaves no folder and no file. ``steps`` sets the sampling steps of the X-ray part, and of the SR
+    part only when the SR weights have a diffusion stage (a through-plane predictor makes one deterministic
+    estimate: no steps); ``None``: the weights' own.
+    """
+    from .sr.pipeline import SuperResolver
+
+    output_dir = Path(output_dir)
+    check_demo_options(output_dir, device=device, factor=factor, steps=steps)
     timings: dict[str, float] = {}
     summary: dict = {"timings": timings, "notes": []}
+    sr_name = sr_weights or first_available("sr")
+    resolver = SuperResolver.from_pretrained(sr_name) if sr_name is not None else None  # checks the weights now
+    sr_steps = steps if resolver is not None and resolver.model is not None else None
+    xname = None if skip_xray else xray_weights or first_available("xray")
+    generator = None
+    if xname is not None:
+        from .xray.pipeline import XrayToCTGenerator
+
+        generator = XrayToCTGenerator.from_pretrained(xname)
+    if steps is not None and resolver is not None and sr_steps is None:
+        used = "is not used (the X-ray part is skipped)" if skip_xray else "applies to the X-ray part only"
+        note = (f"--steps {steps} {used}: the SR weights {sr_name} are a through-plane predictor without a "
+                "diffusion stage (one deterministic estimate, no sampling steps).")
+        print(note)
+        summary["notes"].append(note)
+    _make_output_dir(output_dir)
 
     # 1. data
     paths = _timed(timings, "fetch sample data", lambda: {n: sampledata.fetch(n) for n in ("chest-dx", "chest-lidc")})
@@ -130,19 +189,15 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
     columns = {f"input {thick.spacing_zyx[0]:.1f} mm (nearest)": nearest, f"cubic x{factor}": cubic}
     from .sr.adapt import AdaptSettings
 
-    sr_name = sr_weights or first_available("sr")
     methods = ["nearest", "linear", "cubic"]
-    if sr_name is None:
+    if resolver is None:
         note = ("No default SR weights are installed in this version, so the SR column is left out; "
                 "train them with `python -m DiffusionCore train sr` (README) or pass --sr-weights.")
         print(note)
         summary["notes"].append(note)
     else:
-        from .sr.pipeline import SuperResolver
-
-        resolver = SuperResolver.from_pretrained(sr_name)
         sr, report = _timed(timings, f"SR x{factor} (chest-dx)", resolver.run, thick, factor=factor, device=device,
-                            steps=steps, adapt=AdaptSettings(steps=DEMO_ADAPT_STEPS, optional=True))
+                            steps=sr_steps, adapt=AdaptSettings(steps=DEMO_ADAPT_STEPS, optional=True))
         write_volume(sr, output_dir / f"chest-dx_sr_x{factor}.nii.gz", overwrite=True)
         columns[f"SR x{factor} (synthetic)"] = sr
         columns[f"SR - cubic (HU, +-{DIFFERENCE_WINDOW[1]:g})"] = sr.with_array(sr.array - cubic.array)
@@ -164,7 +219,7 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
     z0, z1 = split_regions(ref.shape[0], recipe.test_fraction, recipe.val_fraction)[2]
     test = crop_slices(ref, "z", z0, z1)
     label = f"chest-lidc slices {z0}-{z1 - 1} (held out)"
-    options = {"weights": sr_name, "num_steps": steps, "device": device, "seed": 0,
+    options = {"weights": sr_name, "num_steps": sr_steps, "device": device, "seed": 0,
                "adapt": AdaptSettings(steps=DEMO_ADAPT_STEPS)}
     report = _timed(timings, f"evaluate x{factor} on {label}", evaluate, test, factor, methods=methods,
                     method_options=options, reference_name=label)
@@ -173,14 +228,13 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
 
     # 4. X-ray to CT
     if not skip_xray:
-        xname = xray_weights or first_available("xray")
-        if xname is None:
+        if generator is None:
             note = ("No default X-ray-to-CT weights are installed in this version; skipping that part "
                     "(train them with `python -m DiffusionCore train xray`, README).")
             print(note)
             summary["notes"].append(note)
         else:
-            _xray_part(output_dir, ref, xname, device, steps, timings, summary)
+            _xray_part(output_dir, ref, generator, device, steps, timings, summary)
 
     print("\ntimings:")
     width = max((len(k) for k in timings), default=0)
@@ -254,16 +308,16 @@ XRAY_TRAINING_CT_NOTE = (
 )
 
 
-def _xray_part(output_dir: Path, ref: Volume, weights: str, device: str, steps: int | None,
+def _xray_part(output_dir: Path, ref: Volume, gen, device: str, steps: int | None,
                timings: dict, summary: dict) -> None:
+    """The X-ray to CT part with the generator ``gen`` (an :class:`~DiffusionCore.xray.pipeline.XrayToCTGenerator`,
+    loaded and checked before the demo began)."""
     import torch
 
     from .xray.data import ct_to_cube, render_training_drr
     from .xray.evaluate import evaluate_xray, format_xray_table
-    from .xray.pipeline import XrayToCTGenerator
     from .xray.radiograph import read_radiograph
 
-    gen = XrayToCTGenerator.from_pretrained(weights)
     cfg = gen.cascade.configs[-1]
     label = ("chest-lidc (one of the two CTs the shipped weights were trained on; the figures on a CT they never "
              "saw are in docs/model_cards/xray-default.md)")  # fmt: skip

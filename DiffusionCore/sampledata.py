@@ -16,6 +16,7 @@ goes where.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import os
@@ -606,11 +607,22 @@ def sample_or_path(name_or_path: str | os.PathLike, kind: str) -> Path:
     here, that sample's file (fetched and sha256-checked): what the commands take where they take a file.
 
     Raises:
-        InputError: the name of a sample of the other kind (the message names the samples of this kind).
+        InputError: the name of a sample of the other kind (the message names the samples of this kind), or a path
+            that does not exist and looks like a mistyped sample name (no folder in it, and no suffix or close to a
+            sample's name: ``chest-foo``): the message names the samples of this kind.
     """
     p = Path(name_or_path)
     name = str(name_or_path)
-    if p.exists() or not isinstance(name_or_path, str) or "/" in name or name not in SAMPLES:
+    plain_name = isinstance(name_or_path, str) and "/" not in name and os.sep not in name
+    if p.exists() or p.expanduser().exists() or not plain_name:
+        return p
+    if name not in SAMPLES:
+        wanted = [n for n, s in SAMPLES.items() if s.kind == kind]
+        close = difflib.get_close_matches(name, wanted, n=1)
+        if close or not p.suffix or difflib.get_close_matches(name, list(SAMPLES), n=1):
+            meant = f" (did you mean {close[0]}?)" if close else ""
+            raise InputError(f"{name} does not exist and is not a sample name{meant}. Check the path (and quote it "
+                             f"if it contains spaces); {_KIND_WORDS[kind][0]} sample names: {', '.join(wanted)}")
         return p
     if SAMPLES[name].kind != kind:
         wanted = ", ".join(n for n, s in SAMPLES.items() if s.kind == kind)

@@ -59,6 +59,86 @@ def test_demo_uses_registered_sr_weights(local_samples, cache_home, tmp_path, ca
     assert np.isfinite(sr["psnr"]) and sr["seconds"] > 0
     assert (out / "chest-dx_sr_x4.nii.gz").exists()
     assert summary["sr_report"]["weights_sha256"]
+    assert summary["sr_report"]["settings"]["steps"] == 2  # weights with a diffusion stage take --steps
+    assert not any("--steps" in n for n in summary["notes"])
+
+
+@pytest.fixture
+def sample_reads(monkeypatch) -> list[str]:
+    """The sample names the demo fetched (none is served: a refused demo must not get that far)."""
+    fetched: list[str] = []
+
+    def fetch(name, **kw):
+        fetched.append(name)
+        raise AssertionError(f"the demo fetched {name} before refusing its options")
+
+    monkeypatch.setattr(sampledata, "fetch", fetch)
+    return fetched
+
+
+REFUSED_OPTIONS = {
+    # options argparse checks when the command line is parsed
+    "factor out of range": (["--factor", "99"], 2, "argument --factor: must be an integer from 2 to 8; got 99"),
+    "unknown device": (["--device", "gpu"], 2, "argument --device: must be auto, cpu, cuda or cuda:N; got 'gpu'"),
+    "steps below 1": (["--steps", "0"], 2, "argument --steps: must be an integer >= 1; got 0"),
+    # options checked at the top of run_demo, before the folder is made
+    "unknown SR weights": (["--sr-weights", "nope"], 3, "no weights named 'nope'"),
+    "X-ray weights as SR weights": (["--sr-weights", "xray-default"], 3,
+                                    "weights list --family sr"),  # fmt: skip
+    "unknown X-ray weights": (["--xray-weights", "nope"], 3, "no weights named 'nope'"),
+    "SR weights as X-ray weights": (["--xray-weights", "sr-default"], 3, "weights list --family xray"),
+}
+
+
+@pytest.mark.parametrize("argv, code, message", list(REFUSED_OPTIONS.values()), ids=list(REFUSED_OPTIONS))
+def test_bad_options_are_refused_before_the_demo_reads_or_writes_anything(argv, code, message, sample_reads,
+                                                                          cache_home, tmp_path, capsys):
+    """A bad --sr-weights, --factor or --device was refused only after the sample data were read and
+    chest-dx_cubic_x4.nii.gz written (and left behind)."""
+    out = tmp_path / "demo out"
+    assert main(["demo", "--output-dir", str(out), *argv]) == code
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not out.exists() and sample_reads == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_missing_gpu_is_refused_before_any_work(sample_reads, cache_home, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["demo", "--output-dir", str(out), "--device", "cuda", "--skip-xray"]) == 5
+    assert "no CUDA GPU is usable here" in capsys.readouterr().err
+    assert not out.exists() and sample_reads == []
+
+
+def test_an_output_dir_that_is_a_file_is_refused(sample_reads, cache_home, tmp_path, capsys):
+    """`demo --output-dir some_existing_file.nii.gz` was an internal error (FileExistsError)."""
+    existing = tmp_path / "ct.nii.gz"
+    existing.write_bytes(b"the user's file")
+    for given, words in ((existing, "ct.nii.gz is a file; give a folder (--output-dir)"),
+                         (existing / "sub", "lies under a file")):  # fmt: skip
+        assert main(["demo", "--output-dir", str(given), "--skip-xray"]) == 4
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: the output folder") and words in err[0], err
+    assert existing.read_bytes() == b"the user's file" and sample_reads == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ct.nii.gz"]
+
+
+def test_steps_go_to_the_sr_part_only_when_its_weights_sample(local_samples, cache_home, tmp_path, capsys,
+                                                              monkeypatch):
+    """`demo --steps 4 --skip-xray` always failed with the shipped sr-default (a through-plane predictor): --steps was
+    passed to the SR part too, which has no sampling steps."""
+    monkeypatch.setattr(demo, "DEMO_ADAPT_STEPS", 1)  # the wiring, not the adaptation, is tested here
+    out = tmp_path / "out"
+    assert main(["demo", "--output-dir", str(out), "--steps", "4", "--skip-xray", "--sr-weights", "sr-default"]) == 0
+    printed = capsys.readouterr().out
+    note = ("--steps 4 is not used (the X-ray part is skipped): the SR weights sr-default are a through-plane "
+            "predictor without a diffusion stage")  # fmt: skip
+    assert note in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert any(n.startswith(note) for n in summary["notes"])
+    assert [r["method"] for r in summary["evaluation"]["results"]][-2:] == ["sr", "sr+adapt"]
+    assert (out / "chest-dx_sr_x4.nii.gz").exists()
 
 
 @pytest.mark.parametrize("rows, cols, blank", [(4, 6, None), (2, 5, (1, 0))])

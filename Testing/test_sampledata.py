@@ -141,7 +141,7 @@ def test_commands_take_a_sample_name_where_they_take_a_file(fake_sample, cache_h
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fake-ct").write_text("a file of the user's")
     assert sample_or_path("fake-ct", "radiograph") == Path("fake-ct")
-    assert sample_or_path("no-such-sample", "ct") == Path("no-such-sample")  # left to the reader's message
+    assert sample_or_path("no-such.nii.gz", "ct") == Path("no-such.nii.gz")  # left to the reader's message
     for argv, message in (
         (["train", "throughplane", "--data", "cxr-pa", "--out-dir", "run"], "cxr-pa is a radiograph sample, and a CT"),
         (["train", "vae", "--data", "shoulder-ap", "--out-dir", "run"], "shoulder-ap is a radiograph sample, and a CT"),
@@ -152,6 +152,37 @@ def test_commands_take_a_sample_name_where_they_take_a_file(fake_sample, cache_h
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_a_mistyped_sample_name_is_answered_with_the_sample_names(cache_home, tmp_path, monkeypatch, capsys):
+    """`sr chest-foo x.nii.gz` said only "chest-foo does not exist. Check the path", while `sample-data chest-foo`
+    listed the valid names: a missing path that looks like a sample's name (no folder in it, and no suffix or close
+    to a name) now names the samples of the kind the command takes, and the closest one."""
+    from DiffusionCore.cli.main import main
+    from DiffusionCore.sampledata import sample_or_path
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"chest-foo does not exist and is not a sample name \(did you mean chest-dx\?\)"):
+        sample_or_path("chest-foo", "ct")
+    with pytest.raises(InputError, match="scan1 does not exist and is not a sample name. Check the path") as refused:
+        sample_or_path("scan1", "ct")  # no suffix: perhaps a sample's name, perhaps a DICOM folder
+    assert str(refused.value).endswith("; CT sample names: chest-lidc, chest-dx") and "did you mean" not in str(refused.value)
+    assert sample_or_path("scan1.nii.gz", "ct") == Path("scan1.nii.gz")  # a file name: the reader's own message
+    assert sample_or_path("sub/chest-foo", "ct") == Path("sub/chest-foo")  # a path: the reader's own message
+    for argv, message in (
+        (["sr", "chest-foo", "out.nii.gz"],
+         "chest-foo does not exist and is not a sample name (did you mean chest-dx?). Check the path (and quote it if "
+         "it contains spaces); CT sample names: chest-lidc, chest-dx"),
+        (["evaluate", "--reference", "chest-lid", "--factor", "2"], "(did you mean chest-lidc?)"),
+        (["xray2ct", "cxr-pb", "out.nii.gz"], "(did you mean cxr-pa?). Check the path (and quote it if it contains "
+         "spaces); radiograph sample names: cxr-pa, shoulder-ap, ct-topogram"),
+        (["sr", "missing.nii.gz", "out.nii.gz"], "missing.nii.gz does not exist. Check the path"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+        assert ("sample names" in err[0]) == ("missing.nii.gz" not in argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing written
 
 
 def test_package_checksum_mismatch_deletes_the_download(fake_sample, cache_home):

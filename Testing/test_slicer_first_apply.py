@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is needed for the Slicer-side tests")
 
@@ -34,7 +36,7 @@ from CTDiffusionSRLib.weights_choice import (  # noqa: E402
 )
 
 import DiffusionCore.weights.registry as registry  # noqa: E402
-from DiffusionCore.errors import WeightsError  # noqa: E402
+from DiffusionCore.errors import OutputExistsError, WeightsError  # noqa: E402
 from DiffusionCore.weights import list_weights  # noqa: E402
 
 SHIPPED = {"sr": "sr-default", "xray": "xray-default"}
@@ -117,6 +119,16 @@ def test_chosen_weights_are_judged_and_a_wrong_family_import_is_refused(user_cac
     assert weights_items("sr", "")[0] == ["sr-default"]
     # a registered entry whose file was deleted is named
     name, _sha = import_weights_file(sr_file, "gone", "sr")
+    # another file under a name already taken: the dialog is told to ask (not the command line's --overwrite)
+    other = tmp_path / "other.safetensors"
+    with safe_open(str(sr_file), "pt") as f:  # the same tensors, other metadata: another file (sha256)
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    save_file(tensors, str(other), metadata={**meta, "note": "retrained"})
+    with pytest.raises(OutputExistsError) as refused:
+        import_weights_file(other, "gone", "sr")
+    assert "replace them, or import these under another name" in str(refused.value)
+    assert "--overwrite" not in str(refused.value)
+    assert import_weights_file(other, "gone", "sr", replace=True)[1] != _sha
     Path(next(e.path for e in registered_weights("sr") if e.name == "gone")).unlink()
     assert "missing" in weights_problem("sr", "gone") and "gone" not in weights_items("sr", "")[0]
 

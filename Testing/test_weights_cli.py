@@ -150,3 +150,31 @@ def test_a_trusted_unregistered_file_is_checked_and_named_once(tmp_path, thick_c
                 "--weights", str(combined), "--allow-unregistered-weights", "--device", "cpu")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("using unregistered weights") == 1
+
+
+def test_a_taken_name_is_replaced_only_with_overwrite(tmp_path, pair):
+    """`weights import other.safetensors --name my-sr` silently replaced the file already registered under that name
+    (exit 0, an info line); every other command asks for --overwrite."""
+    vae, diffusion = pair
+    cache = tmp_path / "cache"
+    folder = cache / "weights"
+    assert _cli(cache, "weights", "import", str(vae), "--name", "my-sr").returncode == 0
+    again = _cli(cache, "weights", "import", str(vae), "--name", "my-sr")  # the very same file: nothing to refuse
+    assert again.returncode == 0, again.stderr
+    registry_before = (folder / "registry.json").read_bytes()
+
+    taken = _cli(cache, "weights", "import", str(diffusion), "--name", "my-sr")
+    assert taken.returncode == 4, taken.stderr
+    error = [line for line in taken.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "the name 'my-sr' is already registered for other weights" in error[0]
+    assert f"sha256 {_sha(vae)[:12]}" in error[0] and "pass --overwrite to replace them" in error[0]
+    assert (folder / "registry.json").read_bytes() == registry_before  # nothing changed, nothing left behind
+    assert _sha(folder / "my-sr.safetensors") == _sha(vae)
+    assert sorted(p.name for p in folder.iterdir()) == ["my-sr.safetensors", "registry.json"]
+
+    replaced = _cli(cache, "weights", "import", str(diffusion), "--name", "my-sr", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert _sha(folder / "my-sr.safetensors") == _sha(diffusion)
+    entry = {e["name"]: e for e in json.loads(_cli(cache, "weights", "list", "--json").stdout)}["my-sr"]
+    assert entry["sha256"] == _sha(diffusion) and entry["available"]
+    assert vae.is_file() and diffusion.is_file()  # the user's own files are never touched

@@ -110,8 +110,11 @@ def test_unregistered_file_refused_unless_allowed(tmp_path):
 
 def test_family_mismatch_is_refused(tmp_path):
     path, _ = _weights_file(tmp_path / "vae.safetensors", family="vae")
-    with pytest.raises(WeightsError, match="'vae' model family.*'sr'"):
+    with pytest.raises(WeightsError, match="'vae' model family.*'sr'") as refused:
         resolve_weights(path, family="sr", allow_unregistered=True)
+    # the command line first (it pointed command-line users at Python only), then the Python API
+    assert "`python -m DiffusionCore weights list --family sr` lists them" in str(refused.value)
+    assert "(in Python: `list_weights(family='sr')`)" in str(refused.value)
     bare = tmp_path / "bare.safetensors"
     save_safetensors(bare, _tensors(), {})
     with pytest.raises(WeightsError, match="family"):
@@ -171,3 +174,38 @@ def test_a_training_folder_given_as_weights_names_the_file_to_give(tmp_path):
     _weights_file(run / "throughplane.safetensors")
     with pytest.raises(WeightsError, match=r"a folder, not a weights file; give the weights file inside it: .*tp/throughplane\.safetensors$"):
         load_safetensors(run)
+
+
+def test_imported_weights_and_the_registry_get_normal_permissions(tmp_path, user_cache):
+    """The copy and registry.json were written owner-only (0600: mkstemp, renamed), so a lab's shared cache
+    (DIFFUSIONCORE_CACHE) could not be read by colleagues."""
+    import os
+    import stat
+
+    path, _ = _weights_file(tmp_path / "w.safetensors")
+    old = os.umask(0o022)
+    try:
+        imported = import_weights(path, "shared-sr")
+    finally:
+        os.umask(old)
+    for f in (imported.path, user_cache / "weights" / "registry.json"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    assert sorted(p.name for p in (user_cache / "weights").iterdir()) == ["registry.json", "shared-sr.safetensors"]
+
+
+def test_a_taken_name_needs_overwrite(tmp_path, user_cache):
+    from DiffusionCore.errors import OutputExistsError
+
+    first, first_sha = _weights_file(tmp_path / "a.safetensors")
+    other = tmp_path / "b.safetensors"
+    other_sha = save_safetensors(other, {"x": torch.ones(2)}, {"family": "sr"})
+    import_weights(first, "my-sr")
+    assert import_weights(first, "my-sr", description="same file again").sha256 == first_sha  # not an error
+    registry = user_cache / "weights" / "registry.json"
+    before = registry.read_bytes()
+    with pytest.raises(OutputExistsError, match="'my-sr' is already registered for other weights") as refused:
+        import_weights(other, "my-sr")
+    assert refused.value.exit_code == 4 and "overwrite=True" in str(refused.value)
+    assert registry.read_bytes() == before and sha256_file(user_cache / "weights" / "my-sr.safetensors") == first_sha
+    assert import_weights(other, "my-sr", overwrite=True).sha256 == other_sha
+    assert resolve_weights("my-sr", family="sr").sha256 == other_sha

@@ -141,19 +141,29 @@ def weights_problem(family: str, chosen: str = "") -> str:
     ).format(chosen=chosen, title=title)
 
 
-def import_weights_file(path: str | os.PathLike, name: str, family: str) -> tuple[str, str]:
+def import_weights_file(path: str | os.PathLike, name: str, family: str, *, replace: bool = False) -> tuple[str, str]:
     """Copy a .safetensors file into the user registry under ``name`` (checked to be ``family`` weights).
+
+    Args:
+        replace: replace other weights registered under ``name`` (the user agreed to it).
 
     Returns:
         ``(name, sha256)`` of the imported weights.
 
     Raises:
-        WeightsError: not safetensors, wrong family, name taken, ...
+        WeightsError: not safetensors, wrong family, bundled name, ...
+        OutputExistsError: ``name`` is registered for other weights and ``replace`` is not set (the dialog then
+            asks whether to replace them).
     """
+    from DiffusionCore.errors import OutputExistsError
     from DiffusionCore.weights import import_weights
 
     title = FAMILY_TITLES.get(family, family)
-    resolved = import_weights(path, name.strip(), family=family, description=_("{title} weights imported in 3D Slicer").format(title=title))
+    try:
+        resolved = import_weights(path, name.strip(), family=family, overwrite=replace,
+                                  description=_("{title} weights imported in 3D Slicer").format(title=title))
+    except OutputExistsError as exc:  # the command line's advice (--overwrite) means nothing in the dialog
+        raise exc.advising(_("replace them, or import these under another name")) from None
     return str(resolved.name), str(resolved.sha256)
 
 

@@ -110,8 +110,14 @@ def importWeights(family: str, statusLabel) -> str:
         return ""
     with slicer.util.tryWithErrorDisplay(_("Could not import the weights."), waitCursor=True):
         from CTDiffusionSRLib.weights_choice import import_weights_file
+        from DiffusionCore.errors import OutputExistsError
 
-        imported, sha256 = import_weights_file(path, name, family)
+        try:
+            imported, sha256 = import_weights_file(path, name, family)
+        except OutputExistsError as exc:
+            if not slicer.util.confirmYesNoDisplay(str(exc) + "\n\n" + _("Replace them?")):
+                return ""
+            imported, sha256 = import_weights_file(path, name, family, replace=True)
         statusLabel.text = _("Imported {name} (sha256 {sha}...).").format(name=imported, sha=sha256[:12])
         return imported
     return ""

@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
+from ..degrade import MAX_FACTOR
 from ..demo import run_demo
 from ..files import write_json_atomic
+from .common import bounded_int
+
+#: What ``--device`` takes; anything else is refused when the command line is parsed.
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_name(text: str) -> str:
+    """An argparse ``type`` for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``error: argument --device:
+    must be auto, cpu, cuda or cuda:N; got 'gpu'``, exit code 2). Whether the machine has that GPU is checked before
+    the demo starts working (:func:`~DiffusionCore.demo.check_demo_options`)."""
+    name = text.strip().lower()
+    if not _DEVICE.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N; got {text!r}")
+    return name
+
+
+device_name.__name__ = "device"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,9 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "against interpolation on a 2.5 mm chest CT, and X-ray to CT when weights are installed.",
     )
     p.add_argument("--output-dir", default="demo-output", help="folder for volumes, pictures, summary.json")
-    p.add_argument("--factor", type=int, default=4, help="up-sampling factor along z (default 4)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the weights' own)")
+    p.add_argument("--factor", type=bounded_int(2, MAX_FACTOR), default=4,
+                   help=f"up-sampling factor along z, 2..{MAX_FACTOR} (default 4)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--steps", type=bounded_int(1), default=None,
+                   help="sampling steps of the X-ray to CT part, and of the SR part when the SR weights have a "
+                   "diffusion stage (the default sr-default, a through-plane predictor, takes none); default: the "
+                   "weights' own")
     p.add_argument("--sr-weights", default=None, help="SR weights name or file (default: the registered default)")
     p.add_argument("--xray-weights", default=None, help="X-ray to CT weights (default: the registered default)")
     p.add_argument("--skip-xray", action="store_true", help="leave out the X-ray to CT part")

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--name", required=True, help="the name to use with --weights (letters, digits, . _ -)")
     imp.add_argument("--family", choices=FAMILIES, default=None, help="model family (default: the file's own)")
     imp.add_argument("--description", default=None, help="one sentence for listings (default: the file's own)")
+    imp.add_argument("--overwrite", action="store_true",
+                     help="replace weights already registered under NAME for another file (importing the same file "
+                     "again needs no --overwrite)")
     imp.set_defaults(func=_import)
 
     rm = actions.add_parser("remove", help="unregister imported weights and delete their copy")
@@ -71,7 +74,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    rw = registry.import_weights(args.file, args.name, family=args.family, description=args.description)
+    rw = registry.import_weights(args.file, args.name, family=args.family, description=args.description,
+                                 overwrite=args.overwrite)
     print(f"imported {args.name} (sha256 {rw.sha256}) as {rw.path}; use it with --weights {args.name}")
     return 0
 

@@ -45,8 +45,8 @@ from typing import Any
 
 import torch
 
-from ..errors import OutputError, WeightsError
-from ..files import cache_dir, sha256_file
+from ..errors import OutputError, OutputExistsError, WeightsError
+from ..files import cache_dir, partial_file, publish, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,6 @@ def save_safetensors(
         OutputError: the folder cannot be written.
     """
     from safetensors.torch import save_file
-
-    from ..files import publish
 
     p = Path(path)
     prepared: dict[str, torch.Tensor] = {}
@@ -315,14 +313,17 @@ def read_registry(path: Path) -> dict[str, dict[str, Any]]:
 def write_registry(path: Path, entries: Mapping[str, Any]) -> None:
     """Write ``entries`` as the registry file ``path``, sorted by name, atomically."""
     text = json.dumps({"weights": dict(sorted(entries.items()))}, indent=2) + "\n"
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".registry.", suffix=".partial", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        tmp = partial_file(path)
+        Path(tmp).write_text(text, encoding="utf-8")
+        publish(tmp, path)  # mkstemp made it owner-only; a lab's shared cache is read by colleagues (umask)
     except OSError as exc:
         raise OutputError(f"cannot update weights registry {path}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _registries() -> list[tuple[str, Path, dict[str, dict[str, Any]]]]:
@@ -425,7 +426,8 @@ def _check_family(
     if found != family:
         raise WeightsError(
             f"{path} holds weights of the {found!r} model family, but a {family!r} model was asked for: "
-            f"choose weights made for {family!r} (see `list_weights(family={family!r})`)"
+            f"choose weights made for {family!r}: `python -m DiffusionCore weights list --family {family}` lists "
+            f"them (in Python: `list_weights(family={family!r})`)"
         )
 
 
@@ -495,9 +497,17 @@ def resolve_weights(
 
 
 def import_weights(
-    path: str | os.PathLike, name: str, *, family: str | None = None, description: str | None = None
+    path: str | os.PathLike,
+    name: str,
+    *,
+    family: str | None = None,
+    description: str | None = None,
+    overwrite: bool = False,
 ) -> ResolvedWeights:
     """Copy a safetensors file into the user cache and register it under ``name``.
+
+    The copy and the user registry get the permissions of any file the user writes (0666 less the umask), so a
+    shared cache (``DIFFUSIONCORE_CACHE``) can be read by colleagues.
 
     Args:
         path: the ``.safetensors`` file to import.
@@ -505,12 +515,16 @@ def import_weights(
         family: model family; defaults to the file's metadata ``family`` (one of the two is required, and
             they must agree).
         description: one sentence for listings; defaults to the metadata ``description``.
+        overwrite: replace weights already registered under ``name`` for another file (importing the same
+            file, by sha256, again is allowed without it).
 
     Returns:
         The registered weights (``path`` inside ``cache_dir()/weights``).
 
     Raises:
         WeightsError: invalid name, bundled name, not a safetensors file, no family known, family conflict.
+        OutputExistsError: ``name`` is registered for another file and ``overwrite`` is not set (nothing is
+            copied or changed).
         OutputError: the cache folder cannot be written.
     """
     if not _NAME_PATTERN.match(name):
@@ -531,24 +545,33 @@ def import_weights(
         raise WeightsError(
             f"{src} does not say which model it belongs to (no 'family' in its metadata): pass family=..."
         )
+    sha = sha256_file(src)
+    entries = read_registry(user_registry_path())
+    registered = str(entries.get(name, {}).get("sha256", "")).lower()
+    if name in entries and registered != sha and not overwrite:
+        raise OutputExistsError(
+            f"the name {name!r}",
+            f"is already registered for other weights (sha256 {registered[:12] or 'none'}..., "
+            f"{_entry_path(user_registry_path().parent, entries[name])})",
+            "pass --overwrite to replace them (in Python: overwrite=True), or choose another name",
+        )
     folder = user_registry_path().parent
     dest = folder / f"{name}.safetensors"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=folder)
-        os.close(fd)
+        tmp = partial_file(dest)
         try:
             shutil.copyfile(src, tmp)
-            sha = sha256_file(tmp)
-            os.replace(tmp, dest)
-        except BaseException:
+            copied = sha256_file(tmp)
+            if copied != sha:
+                raise WeightsError(f"{src} changed while it was being imported: import it again once it is complete")
+            publish(tmp, dest)  # mkstemp made it owner-only; weights are shared like any file the user writes
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
     except OSError as exc:
         raise OutputError(f"cannot copy {src} into {folder}: {exc.strerror or exc}") from exc
-    entries = read_registry(user_registry_path())
-    if name in entries and entries[name].get("sha256") != sha:
-        logger.info("replacing user weights %r (was sha256 %s)", name, entries[name].get("sha256"))
+    if name in entries and registered != sha:
+        logger.info("replacing user weights %r (was sha256 %s)", name, registered)
     entries[name] = {
         "file": dest.name,
         "sha256": sha,
