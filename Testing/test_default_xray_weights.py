@@ -62,7 +62,9 @@ def test_demo_xray_part_uses_the_default_and_draws_every_picture(tmp_path, monke
     write_volume(Volume(drr[None].astype(np.float32), (1.0, 1.0, 1.0)), pa)
     monkeypatch.setattr(sampledata, "fetch", lambda name, **kw: pa)
     summary: dict = {"notes": []}
-    demo._xray_part(tmp_path, ref, default_weights_name(), "cpu", 1, {}, summary)
+    from DiffusionCore.xray.pipeline import XrayToCTGenerator
+
+    demo._xray_part(tmp_path, ref, XrayToCTGenerator.from_pretrained(default_weights_name()), "cpu", 1, {}, summary)
     rows = summary["xray_evaluation"]["results"]
     assert {r["method"] for r in rows} == {"model", "model-raw", "mean-ct", "lifting-only", "lifting+dc"}
     assert summary["xray_evaluation"]["settings"]["weights_sha256"] == _entry()["sha256"]

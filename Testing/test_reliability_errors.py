@@ -486,3 +486,18 @@ def test_the_memory_limit_says_what_it_covers(files, tmp_path):
     sr_parser = build_parser()._subparsers._group_actions[0].choices["sr"]
     [option] = [a for a in sr_parser._actions if "--memory-limit" in a.option_strings]
     assert "the process itself (Python, PyTorch and the weights" in option.help
+
+
+@pytest.mark.parametrize("command", [
+    ["sr", "in.nii.gz", "out.nii.gz"], ["evaluate", "--reference", "ct.nii.gz", "--factor", "4"],
+    ["xray2ct", "xr.dcm", "ct.nii.gz"], ["evaluate-xray"], ["prepare-latents", "--data", "d", "--vae", "v",
+    "--output-dir", "o"], ["demo"], ["train", "sr", "--data", "d", "--out-dir", "o"],
+    ["train", "xray", "--data", "d", "--output-dir", "o"], ["train", "throughplane", "--data", "d", "--out-dir", "o"],
+])  # fmt: skip
+def test_every_command_refuses_an_unknown_device_when_it_is_parsed(command, capsys):
+    """`evaluate --device gpu` computed cubic interpolation first and then failed; with interpolation methods only it
+    was accepted without a word. Every command now takes the same devices and says so at once."""
+    assert main([*command, "--device", "gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: argument --device: must be auto, cpu, cuda or cuda:N; got 'gpu'"), err
+    assert len(err.splitlines()) == 1

@@ -169,7 +169,7 @@ def test_every_numeric_option_of_every_train_family_is_checked_when_parsed():
 def test_bad_numeric_options_exit_2_before_any_work(family, option, message, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", family, "--data", "nowhere", "--out-dir", str(out), *option]) == 2
-    assert _errors(capsys.readouterr().err) == [f"error: {message}"]
+    assert _errors(capsys.readouterr().err) == [f"error: {message}; see python -m DiffusionCore train {family} --help"]
     assert not out.exists()
 
 

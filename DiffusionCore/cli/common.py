@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import signal
 import sys
 import threading
@@ -304,6 +305,23 @@ def check_result(vol: Volume, what: str, *, hu_range: tuple[float, float] = RESU
                              f"{hu_range[0]:g}..{hu_range[1]:g} HU: the computation failed numerically{tail}")  # fmt: skip
     if lo == hi and not allow_constant:
         raise NumericalError(f"{what} is constant ({lo:g} HU everywhere): an empty result{tail}")
+
+
+#: What ``--device`` takes; anything else is refused when the command line is parsed.
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_name(text: str) -> str:
+    """An argparse ``type`` for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``error: argument --device:
+    must be auto, cpu, cuda or cuda:N; got 'gpu'``, exit code 2). Whether the machine has that GPU is checked before
+    the command starts working (:func:`~DiffusionCore.devices.resolve_device`)."""
+    name = text.strip().lower()
+    if not _DEVICE.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N; got {text!r}")
+    return name
+
+
+device_name.__name__ = "device"
 
 
 def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,29 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from ..degrade import MAX_FACTOR
 from ..demo import run_demo
 from ..files import write_json_atomic
-from .common import bounded_int
-
-#: What ``--device`` takes; anything else is refused when the command line is parsed.
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def device_name(text: str) -> str:
-    """An argparse ``type`` for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``error: argument --device:
-    must be auto, cpu, cuda or cuda:N; got 'gpu'``, exit code 2). Whether the machine has that GPU is checked before
-    the demo starts working (:func:`~DiffusionCore.demo.check_demo_options`)."""
-    name = text.strip().lower()
-    if not _DEVICE.fullmatch(name):
-        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N; got {text!r}")
-    return name
-
-
-device_name.__name__ = "device"
+from .common import bounded_int, device_name
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -12,7 +12,14 @@ from ..files import check_writable_file, refuse_overwriting_inputs, write_json_a
 from ..provenance import synthetic_input_warning
 from ..sampledata import load_reference
 from ..volume import crop_slices
-from .common import NameList, Progress, adapt_settings, add_adapt_arguments, add_progress_argument
+from .common import (
+    NameList,
+    Progress,
+    adapt_settings,
+    add_adapt_arguments,
+    add_progress_argument,
+    device_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-unregistered-weights", action="store_true", help="accept a weights file that is in no registry (only files you trust)")
     p.add_argument("--estimate", choices=("mean", "sample"), default=None, help="sr: the posterior mean (one step; the weights' default) or a posterior sample")
     p.add_argument("--num-steps", type=int, default=None, help="sampling steps for model methods (sr: implies --estimate sample)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (model methods)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (model methods)")
     p.add_argument("--seed", type=int, default=0, help="random seed for model methods")
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")

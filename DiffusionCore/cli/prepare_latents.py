@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import Progress, add_progress_argument
+from .common import Progress, add_progress_argument, device_name
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--factors", type=int, nargs="+", default=[2, 3, 4], help="thick/thin factors (default 2 3 4)"
     )
     p.add_argument("--degradation", choices=("slab", "decimate"), default="slab", help="default slab")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace existing latent files")
     add_progress_argument(p)
     p.set_defaults(func=run)

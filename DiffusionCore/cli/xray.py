@@ -15,6 +15,7 @@ from .common import (
     add_progress_argument,
     bounded_int,
     check_result,
+    device_name,
     finite_float,
     sigterm_cancels,
 )
@@ -55,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="samples averaged per stage (default: the weights' config); their mean is the most "
                    "likely CT, each costs one more run of the stage")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--fov-mm", type=finite_float(0.0, low_open=True), default=None, help="side of the output cube in mm")
     p.add_argument(
         "--save-stages", action="store_true", help="also write OUTPUT_stageN files for every stage"
@@ -120,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--num-samples", type=bounded_int(1), default=None,
                    help="samples averaged per stage (default: the weights' config)")  # fmt: skip
     e.add_argument("--seed", type=int, default=0, help="noise seed")
-    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     e.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
     e.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)

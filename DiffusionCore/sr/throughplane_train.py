@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..cli.common import device_name
 from ..config import config_to_dict
 from ..errors import ConfigError, InputError, NumericalError
 from ..train.numerics import LossWatch, check_training_numbers
@@ -431,7 +432,7 @@ def register(fam: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--init-from", default=None, help="start from an exported weights file (e.g. the shipped one)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", type=device_name, default="auto",
                    help="where it trains: auto (a GPU when there is one, else the CPU's threads), cpu or cuda; "
                         "under torchrun --nproc_per_node=N each process takes its own GPU, or a share of the CPU")
     p.set_defaults(func=run_cli)

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..cli.common import device_name
 from ..config import config_help, config_to_dict, load_config, read_config_file
 from ..errors import ConfigError, InputError
 from .config import SRConfig
@@ -55,7 +56,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="training patch on the thin grid (default 32 128 128)",
     )
-    p.add_argument("--device", default=None, help="auto, cpu or cuda")
+    p.add_argument("--device", type=device_name, default=None, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--use-amp", action="store_true", default=None, help="bf16 autocast (GPU only)")
     p.add_argument(
         "--channels-last", action="store_true", default=None, help="channels_last_3d memory format"

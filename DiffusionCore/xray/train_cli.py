@@ -7,6 +7,7 @@ import json
 import logging
 import os
 
+from ..cli.common import device_name
 from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def register(fam: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --output-dir"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun sets one GPU per process)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (torchrun sets one GPU per process)")
     p.add_argument(
         "--max-steps", type=int, default=None, help="stop after this many steps (default: the config's)"
     )
