@@ -160,3 +160,21 @@ def test_evaluate_xray_warns_when_the_reference_body_fills_little_of_the_cube(tm
     if warned:
         assert warning[0].startswith(f"warning: {ref}: its body fills only ")
         assert "the scores then measure mostly air" in warning[0] and "whole chest" in warning[0]
+
+
+def test_the_x_ray_modules_reference_scores_warn_of_a_small_crop(caplog):
+    """The X-ray to CT module's reference (XrayToCTGenerate --referenceVolume) is scored by reference_scores, which
+    warned of nothing on a crop whose cube is mostly air, as evaluate-xray does now."""
+    import logging
+
+    from DiffusionCore.xray.evaluate import reference_scores
+
+    for spacing, warned in ((14.0, False), (3.0, True)):
+        reference = Volume(chest_like_ct(), (spacing,) * 3, metadata={"source": "ref.nii.gz"})
+        cube = ct_to_cube(reference, 32, 350.0)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="DiffusionCore"):
+            scores = reference_scores(Volume(cube.array, cube.spacing, (-(32 - 1) / 2 * cube.spacing[0],) * 3), reference)
+        assert scores["psnr"] > 40.0
+        said = [r.getMessage() for r in caplog.records if "fills only" in r.getMessage()]
+        assert bool(said) is warned and (not warned or said[0].startswith("ref.nii.gz: its body fills only"))

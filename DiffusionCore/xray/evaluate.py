@@ -54,7 +54,10 @@ def reference_scores(result: Volume, reference: Volume) -> dict[str, float]:
     something when the radiograph shows that CT in the training geometry (its DRR, or a radiograph of the same
     patient taken alike); any reference size works, even one thinner than the SSIM window."""
     r = int(result.shape[0])
-    ref = ct_to_cubes(reference, [r], float(result.spacing[0]) * r)[r].array
+    fov = float(result.spacing[0]) * r
+    cube = ct_to_cubes(reference, [r], fov)[r]
+    warn_little_body(cube, str(reference.metadata.get("source") or "the reference CT"), fov, SCORES_ON_AIR)
+    ref = cube.array
     return {"psnr": psnr(ref, result.array, HU_RANGE), "ssim": ssim3d(ref, result.array, HU_RANGE)}
 
 
