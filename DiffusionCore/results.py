@@ -95,6 +95,23 @@ def check_result_output(output: str | os.PathLike, as_dicom: bool, *, overwrite:
             check_output_path(path, overwrite=overwrite)
 
 
+def check_replaced_result(output: str | os.PathLike, what: str = "the output") -> None:
+    """A result volume that a Slicer CLI module writes, checked before any work: replaced when it exists (Slicer hands
+    over fresh temporary paths and re-runs into the same node), and so is a NIfTI output's provenance sidecar when it
+    comes with that volume; a sidecar that exists without it (beside ``out.nii`` when ``out.nii.gz`` is asked for)
+    belongs to another result and is refused.
+
+    Raises:
+        OutputError: exit code 4; the folder is missing or not writable, the format unknown, or the sidecar exists.
+    """
+    from .errors import OutputExistsError
+
+    try:
+        check_result_output(output, False, overwrite=Path(output).exists())
+    except OutputExistsError as exc:
+        raise exc.advising(f"this run would replace it: move it away, or give {what} another name") from None
+
+
 def write_result(
     vol: Volume,
     output: str | os.PathLike,

@@ -630,7 +630,10 @@ def test_the_xray_panel_shows_each_stage_and_its_projection_error(panels, scene)
     node.SetSpacing(5.0, 5.0, 1.0)
     p.inputRadiograph = node
     assert ui.applyButton.enabled, ui.applyButton.toolTip
+    p.referenceVolume = node  # the radiograph itself picked as the reference: said before any work
+    assert not ui.applyButton.enabled and "Reference CT 'chest PA' is 2D" in ui.applyButton.toolTip
     p.referenceVolume = mrml_io.add_volume_node(scene, phantom_ct(shape=(12, 32, 32), spacing=(8.0, 8.0, 8.0)), "ref")
+    assert ui.applyButton.enabled, ui.applyButton.toolTip
     ui.applyButton.emit("clicked(bool)", True)
     assert panel.monitor.running and ui.projectionErrorLabel.text == "-"
     _until_idle(panel)

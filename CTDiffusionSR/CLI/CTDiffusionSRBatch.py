@@ -142,14 +142,58 @@ def run_settings(settings: dict):
     return SRRunSettings(**{**settings, "adapt": adapt_settings(settings["adapt"])})
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every file the run writes, checked before any work as ``sr`` checks its own (``plan_jobs``): no output, sidecar,
+    report or return-parameter file may be an input (the volume, the weights) or another output, whatever is
+    replaced; each must be writable, and the report and the return-parameter file must not be folders.
+
+    Raises:
+        OutputError: exit code 4; the message names the file and what to do.
+    """
+    from DiffusionCore.files import check_writable_file, refuse_overwriting_inputs
+    from DiffusionCore.results import check_replaced_result, planned_outputs
+
+    volumes = [("the output", args.outputVolume), ("--uncertaintyVolume", args.uncertaintyVolume)]
+    volumes = [(what, path) for what, path in volumes if path]
+    files = [("--reportFile", args.reportFile), ("--returnparameterfile", args.returnparameterfile)]
+    files = [(what, path) for what, path in files if path]
+    planned = [item for what, path in volumes for item in planned_outputs(path, False, what)]
+    refuse_overwriting_inputs([args.inputVolume, args.weights or None], [*planned, *files])
+    for what, path in volumes:
+        check_replaced_result(path, what)
+    for _, path in files:  # files the user (or Slicer) named: replaced, but never a folder
+        check_writable_file(path, overwrite=True)
+
+
 def run(args: argparse.Namespace) -> int:
+    """The run, with SIGTERM (Slicer's Cancel, ``kill``) stopping it between steps: exit code 130, one line, and
+    no output left (what was published before the signal is removed again)."""
+    import threading
+
+    from DiffusionCore.cli.common import sigterm_cancels
+    from DiffusionCore.errors import Cancelled
+
+    cancel = threading.Event()
+    written: list = []
+    with sigterm_cancels(cancel, "super-resolution"):
+        try:
+            return _super_resolve(args, cancel, written)
+        except Cancelled:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+
+
+def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
+    from pathlib import Path
+
     from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
     from DiffusionCore.cli.sr import sr_provenance, uncertainty_provenance
     from DiffusionCore.errors import InputError
     from DiffusionCore.files import write_json_atomic
     from DiffusionCore.results import write_result
     from DiffusionCore.sr.pipeline import SuperResolver
-    from DiffusionCore.volume import check_output_path, read_volume
+    from DiffusionCore.volume import read_volume
 
     t0 = time.perf_counter()
     if args.uncertaintyVolume and args.numSamples < 2:
@@ -159,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     from DiffusionCore.files import keep_freed_memory
 
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
-    check_output_path(args.outputVolume, overwrite=True)
+    check_outputs(args)  # before any work: no output may be an input, and each can be written
     volume = read_volume(args.inputVolume)
     if args.sliceThickness > 0:  # what the DICOM series said, for the note on overlapping or interspaced slices
         volume.metadata["slice_thickness_mm"] = float(args.sliceThickness)
@@ -176,22 +220,26 @@ def run(args: argparse.Namespace) -> int:
     model_name = str(resolver.weights_name or args.weights or "default")
     progress = Progress("slicer")
     print("<filter-comment>super-resolving</filter-comment>", flush=True)
-    result, report = resolver.run(volume, engine_settings, progress=progress)
+    result, report = resolver.run(volume, engine_settings, progress=progress, cancel=cancel)
     check_result(result, f"the super-resolved volume of {args.inputVolume}")
     uncertainty = report.get("uncertainty")
     if args.uncertaintyVolume and uncertainty is not None:
         check_result(uncertainty, "the uncertainty map", hu_range=(0.0, 32767.0), allow_constant=True)
     # with the provenance in the file: Slicer reads it into the output node, which the modules then label synthetic
     provenance = sr_provenance(args.inputVolume, volume.metadata, report)
-    write_result(result, args.outputVolume, provenance, overwrite=True, dtype="float32", compress=False)
+    written += write_result(result, args.outputVolume, provenance, overwrite=True, dtype="float32", compress=False)
     if args.uncertaintyVolume and uncertainty is not None:
-        write_result(uncertainty, args.uncertaintyVolume, uncertainty_provenance(provenance), overwrite=True,
-                     dtype="float32", compress=False)
+        written += write_result(uncertainty, args.uncertaintyVolume, uncertainty_provenance(provenance),
+                                overwrite=True, dtype="float32", compress=False)
     sha = str(report.get("weights_sha256") or resolver.weights_sha256)
     elapsed = time.perf_counter() - t0
     if args.reportFile:
         clean = {k: v for k, v in report.items() if k != "uncertainty"}
-        write_json_atomic({"model": model_name, "settings": settings, "seconds": elapsed, **clean}, args.reportFile)
+        written.append(
+            write_json_atomic({"model": model_name, "settings": settings, "seconds": elapsed, **clean}, args.reportFile)
+        )
+    if args.returnparameterfile:  # written in place, not atomically: listed first
+        written.append(Path(args.returnparameterfile))
     write_return_parameters(
         args.returnparameterfile,
         {"weightsSha256": sha, "modelName": model_name, "elapsedSeconds": f"{elapsed:.3f}"},

@@ -137,19 +137,94 @@ def load_radiograph(path: str, invert: bool, dicom_header: str = ""):
     return radiograph
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every file the run writes, checked before any work as ``xray2ct`` checks its own: no output, sidecar, stage
+    preview, report or return-parameter file may be an input (the radiograph, the reference CT, the DICOM header,
+    the weights) or another output, whatever is replaced; each must be writable, and the report and the
+    return-parameter file must not be folders.
+
+    Raises:
+        OutputError: exit code 4; the message names the file and what to do.
+    """
+    from DiffusionCore.cli.xray import MAX_STAGES
+    from DiffusionCore.errors import OutputError
+    from DiffusionCore.files import check_writable_file, refuse_overwriting_inputs
+    from DiffusionCore.results import check_replaced_result, planned_outputs
+
+    stages = Path(args.stageDirectory) if args.stageDirectory else None
+    if stages is not None and stages.exists() and not stages.is_dir():
+        raise OutputError(f"--stageDirectory {stages} is a file: give a folder for the stage previews (it is created)")
+    previews = [("a stage preview", stages / f"stage{s}.nrrd") for s in range(1, MAX_STAGES + 1)] if stages else []
+    files = [("--reportFile", args.reportFile), ("--returnparameterfile", args.returnparameterfile)]
+    files = [(what, path) for what, path in files if path]
+    inputs = [args.inputRadiograph, args.referenceVolume, args.dicomHeader, args.weights]
+    refuse_overwriting_inputs([p or None for p in inputs], [*planned_outputs(args.outputVolume, False), *previews, *files])
+    check_replaced_result(args.outputVolume)
+    for _, path in files:  # files the user (or Slicer) named: replaced, but never a folder
+        check_writable_file(path, overwrite=True)
+
+
+def read_reference(path: str):
+    """The reference CT of --referenceVolume, read and checked before any work (the scores are computed only after
+    the whole generation): a 3D volume of at least ``MIN_CT_VOXELS`` along each axis, in Hounsfield units.
+
+    Raises:
+        InputError: exit code 2; missing or unreadable, a 2D image, too small, or not CT-like.
+    """
+    from DiffusionCore.errors import InputError
+    from DiffusionCore.volume import check_ct, mark_ct_checked, read_volume
+    from DiffusionCore.xray.data import check_cube_size
+
+    reference = read_volume(path, check=False)
+    name = f"the reference CT {path}"
+    check_cube_size(reference, name)
+    doubts = check_ct(mark_ct_checked(reference), name)  # refused below, so not logged as a warning
+    if doubts:
+        raise InputError(f"{doubts[0]} The reference scores need a CT in Hounsfield units: give another "
+                         "--referenceVolume, or none.")  # fmt: skip
+    return reference
+
+
 def run(args: argparse.Namespace) -> int:
+    """The run, with SIGTERM (Slicer's Cancel, ``kill``) stopping it between steps: exit code 130, one line, and
+    no output left (the stage previews, their folder if the run made it, and what was published before the signal
+    are removed again)."""
+    import contextlib
+    import threading
+
+    from DiffusionCore.cli.common import sigterm_cancels
+    from DiffusionCore.errors import Cancelled
+
+    cancel = threading.Event()
+    written: list[Path] = []
+    with sigterm_cancels(cancel, "X-ray to CT"):
+        try:
+            return _generate(args, cancel, written)
+        except Cancelled:
+            for path in reversed(written):
+                with contextlib.suppress(OSError):  # a folder goes only once emptied
+                    if path.is_dir():
+                        path.rmdir()
+                    else:
+                        path.unlink(missing_ok=True)
+            raise
+
+
+def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
     from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
     from DiffusionCore.cli.xray import xray_provenance
     from DiffusionCore.files import keep_freed_memory, write_json_atomic
     from DiffusionCore.results import write_result
-    from DiffusionCore.volume import check_output_path, read_volume, write_volume
+    from DiffusionCore.volume import write_volume
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
 
     t0 = time.perf_counter()
-    check_output_path(args.outputVolume, overwrite=True)
-    if args.stageDirectory:
-        Path(args.stageDirectory).mkdir(parents=True, exist_ok=True)
+    check_outputs(args)  # before any work: no output may be an input, and each can be written
+    reference = read_reference(args.referenceVolume) if args.referenceVolume else None
     radiograph = load_radiograph(args.inputRadiograph, args.invertIntensities, args.dicomHeader)
+    if args.stageDirectory and not Path(args.stageDirectory).is_dir():
+        written.append(Path(args.stageDirectory))  # made by this run: removed again if it is cancelled
+        Path(args.stageDirectory).mkdir(parents=True, exist_ok=True)
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     if args.tinyTestModel:
         generator = XrayToCTGenerator.tiny(seed=0)
@@ -182,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
         if args.stageDirectory:
             check_result(volume, f"the stage {stage} volume")
             path = Path(args.stageDirectory) / f"stage{int(stage)}.nrrd"
+            written.append(path)  # a preview: removed again if the run is cancelled
             write_volume(volume, path, overwrite=True, dtype="float32", compress=False)
             record["file"] = str(path)
         print(STAGE_LINE_PREFIX + json.dumps(record), flush=True)
@@ -189,20 +265,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"<filter-comment>stage {stage} ready: {text}</filter-comment>", flush=True)
 
     progress = Progress("slicer")
-    result, report = generator.run(radiograph, progress=progress, on_stage=on_stage, **settings)
+    result, report = generator.run(radiograph, progress=progress, on_stage=on_stage, cancel=cancel, **settings)
     check_result(result, "the generated CT")
     # with the provenance in the file: Slicer reads it into the output node, which the modules then label synthetic
-    write_result(result, args.outputVolume, xray_provenance(Path(args.inputRadiograph), report, model_name),
-                 overwrite=True, dtype="float32", compress=False)
+    written += write_result(result, args.outputVolume, xray_provenance(Path(args.inputRadiograph), report, model_name),
+                            overwrite=True, dtype="float32", compress=False)
     metrics = {}
-    if args.referenceVolume:  # scored as evaluate-xray scores: on the reference's body-centred cube
+    if reference is not None:  # scored as evaluate-xray scores: on the reference's body-centred cube
         from DiffusionCore.xray.evaluate import reference_scores
 
-        metrics = reference_scores(result, read_volume(args.referenceVolume))
+        metrics = reference_scores(result, reference)
     elapsed = time.perf_counter() - t0
     sha = str(report.get("weights_sha256", ""))
     if args.reportFile:
-        write_json_atomic(
+        written.append(write_json_atomic(
             {
                 "model": model_name,
                 "settings": settings,
@@ -212,7 +288,9 @@ def run(args: argparse.Namespace) -> int:
                 **report,
             },
             args.reportFile,
-        )
+        ))
+    if args.returnparameterfile:  # written in place, not atomically: listed first
+        written.append(Path(args.returnparameterfile))
     write_return_parameters(
         args.returnparameterfile,
         {

@@ -14,6 +14,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import SimpleITK as sitk
@@ -229,6 +230,42 @@ def check_xray_input(node, tags: dict[str, str] | None = None) -> str:
     return ""
 
 
+def check_reference_input(node) -> str:
+    """Why ``node`` cannot be the Reference CT the generated CT is scored against, or ``""`` when it can (also when
+    none is chosen: the reference is optional). Checked when Apply is pressed, as XrayToCTGenerate checks its
+    --referenceVolume before any work: the scores are computed only after the whole generation, so a bad reference
+    found then would throw the generated CT away. Refused: no greyscale volume, a 2D image (the radiograph itself),
+    fewer than ``MIN_CT_VOXELS`` voxels along an axis, NaN or infinite voxels, intensities that are not CT in HU."""
+    from vtk.util import numpy_support
+
+    from DiffusionCore.volume import check_ct
+    from DiffusionCore.xray.data import cube_size_problem, too_small_message
+
+    if node is None:
+        return ""
+    name = f"Reference CT '{node.GetName()}'"
+    fix = "choose the CT this radiograph shows, or no reference."
+    if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+        return f"{name} is not a scalar (greyscale) volume: {fix}"
+    image = node.GetImageData()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        return f"{name} holds no voxels: {fix}"
+    scalars = image.GetPointData().GetScalars()
+    if scalars.GetNumberOfComponents() != 1:
+        return f"{name} is a colour/vector image; a greyscale CT is needed: {fix}"
+    nx, ny, nz = image.GetDimensions()
+    if min(nx, ny, nz) == 1:
+        return f"{name} is 2D ({nx}x{ny}x{nz} voxels along x, y, z), a radiograph or one slice, not a CT volume: {fix}"
+    why = cube_size_problem(SimpleNamespace(shape=(nz, ny, nx)))  # the voxel counts (a tilted series under
+    if why:  # Slicer's regularization transform has no plain grid, and is read from its files for the job)
+        return too_small_message(name, why)
+    try:
+        doubts = check_ct(numpy_support.vtk_to_numpy(scalars), name)  # a view of the voxels, no copy
+    except InputError as exc:
+        return str(exc)
+    return f"{doubts[0]} The reference scores need a CT in Hounsfield units: {fix}" if doubts else ""
+
+
 def write_radiograph(node, path: str | Path) -> Path:
     """Write the radiograph node as a 2D float32 image (MetaImage keeps values and pixel spacing)."""
     pixels, (row_mm, col_mm) = radiograph_from_node(node)
@@ -252,6 +289,9 @@ class XrayJob(CLIJob):
         super().__init__(scene, **kwargs)
         tags = dicom_header_tags(input_node)  # read once: the checks below and the command's --dicomHeader use it
         reason = check_xray_input(input_node, tags)
+        if reason:
+            raise InputError(reason)
+        reason = check_reference_input(reference_node)  # now, not after the whole generation
         if reason:
             raise InputError(reason)
         if not 0 <= settings.num_stages <= 3:

@@ -90,6 +90,18 @@ class XrayToCTLogic(ScriptedLoadableModuleLogic):
         return check_xray_input(node)
 
     @staticmethod
+    def referenceProblem(node) -> str:
+        """Why the chosen reference CT cannot score the result ("" for none, or a usable one): said on the disabled
+        Apply button, before the generation, not after it."""
+        if node is None:
+            return ""
+        try:
+            from .xray_logic import check_reference_input
+        except ImportError:  # packages not installed yet: Apply installs them first, and the job checks it
+            return ""
+        return check_reference_input(node)
+
+    @staticmethod
     def photometricInterpretation(node) -> str:
         """The DICOM Photometric Interpretation of the file the node was loaded from ("" when not DICOM)."""
         from .xray_logic import photometric_interpretation
@@ -146,7 +158,7 @@ class XrayWidget(ModuleWidget):
         self.monitor.timer.connect("timeout()", self.onStagePoll)
 
     def inputProblem(self, p) -> str:
-        return self.logic.inputProblem(p.inputRadiograph)
+        return self.logic.inputProblem(p.inputRadiograph) or self.logic.referenceProblem(p.referenceVolume)
 
     def applyTexts(self) -> tuple[str, str]:
         return (
