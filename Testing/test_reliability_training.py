@@ -408,3 +408,38 @@ def test_claim_output_dir_in_process(tmp_path):
             pass
     # the foreign lock stays: only its host can tell whether that run ended
     assert json.loads((out / "train.lock").read_text()) == other_host
+
+
+def _without_config(args: list[str]) -> list[str]:
+    i = args.index("--config")
+    return args[:i] + args[i + 2 :]
+
+
+@pytest.mark.parametrize("family", ["throughplane", "vae", "xray"])
+def test_resume_without_a_config_continues_with_the_settings_the_run_recorded(family, files, tmp_path, capsys):
+    """`--resume` without `--config` built the family's default network and stopped ("checkpoint ... does not fit
+    model ..."), exit 3, for every family: a run started with a config file could be continued only by naming that
+    file again. The checkpoint records the settings; they are what resume continues with."""
+    out = tmp_path / "run"
+    out_flag = "--output-dir" if family == "xray" else "--out-dir"
+    args = _family_args(family, files)
+    assert main(["train", family, *args, out_flag, str(out), "--max-steps", "2"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["train", family, *_without_config(args), out_flag, str(out), "--max-steps", "4", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "continuing with the settings the run recorded" in err and "does not fit" not in err
+    state = json.loads((out / json.loads((out / "latest.json").read_text())["checkpoint"] / "state.json").read_text())
+    assert state["step"] == 4
+
+
+@pytest.mark.parametrize("family", ["throughplane", "vae", "xray"])
+def test_resume_on_a_folder_without_a_run_is_refused(family, files, tmp_path, capsys):
+    """`train throughplane --resume` into a folder without a checkpoint (a mistyped name) started a new run without a
+    word, and `train xray` said so in a warning: as if the earlier training had gone on. Every family refuses it."""
+    (tmp_path / "empty").mkdir()
+    out_flag = "--output-dir" if family == "xray" else "--out-dir"
+    rc = main(["train", family, *_family_args(family, files), out_flag, str(tmp_path / "empty"), "--resume"])
+    assert rc == 2
+    assert _errors(capsys.readouterr().err) == [
+        f"error: --resume: no checkpoint in {tmp_path / 'empty'}; check the folder's name, or start without --resume"]
+    assert os.listdir(tmp_path / "empty") == []

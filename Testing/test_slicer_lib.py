@@ -1236,3 +1236,99 @@ def test_training_overwrite_is_passed_and_a_previous_run_is_explained_first(scen
     job, argv = train(overwrite=True)
     assert job.state == JobState.COMPLETED and "--overwrite" in argv and "--resume" not in argv
     assert (run / "model.safetensors").read_text() == "new run"
+
+
+def test_the_training_panel_resumes_a_run_started_on_the_command_line_with_its_recorded_settings(scene, tmp_path):
+    """Resume in the panel on a run made by `train throughplane --config ...` (no config.json in its folder) wrote
+    the panel's text as the run's config.json and failed on the checkpoint; every later Resume reused that file. Now
+    the run is resumed without --config, so the train command continues with what its checkpoint recorded."""
+    from conftest import ct_phantom_array
+    from CTDiffusionSRLib.training import run_config
+
+    from DiffusionCore.cli.main import main
+    from DiffusionCore.volume import write_volume
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_volume(Volume(ct_phantom_array((60, 64, 64), seed=3), spacing=(0.8, 0.8, 1.0)), data / "thin.nii.gz")
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"model": {"channels": 8, "blocks": 1, "factors": [2, 4]},
+                               "pairs": {"thick_rows": 6, "width": 32}, "batch_size": 4, "val_every": 2,
+                               "checkpoint_every": 2, "val_pairs": 4}))  # fmt: skip
+    run = tmp_path / "run"
+    assert main(["train", "throughplane", "--config", str(cfg), "--data", str(data), "--out-dir", str(run),
+                 "--max-steps", "2"]) == 0  # fmt: skip
+    assert run_config('{"model": {"channels": 32}}', run, resume=True) == (None, True)
+    assert not (run / "config.json").exists()  # the panel's text is not written into the run
+    job = TrainingJob(scene, family="throughplane", config_path=None, data=data, output_dir=run, resume=True,
+                      extra_arguments="--max-steps 4")  # fmt: skip
+    assert job.run(timeout=240) == JobState.COMPLETED, job.error
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    with pytest.raises(ConfigError, match="only Resume"):
+        TrainingJob(scene, family="throughplane", config_path=None, data=data, output_dir=tmp_path / "new")
+    # a new run, and a run the panel started, keep using the text and the run's own config.json
+    assert run_config('{"batch_size": 4}', tmp_path / "new", resume=False) == (tmp_path / "new" / "config.json", False)
+    assert run_config("{}", tmp_path / "new", resume=True) == (tmp_path / "new" / "config.json", True)
+
+
+def _two_head_weights(tmp_path) -> Path:
+    """An unregistered weights file of a tiny through-plane predictor with heads for x2 and x4 only."""
+    from DiffusionCore.config import config_to_dict
+    from DiffusionCore.sr.throughplane import (
+        ThroughPlaneConfig,
+        ThroughPlaneNet,
+        random_weights,
+        state_dict_for_file,
+    )
+    from DiffusionCore.weights.registry import save_safetensors
+
+    net = random_weights(ThroughPlaneNet(ThroughPlaneConfig(channels=4, blocks=1, factors=[2, 4])), seed=2)
+    path = tmp_path / "two-heads.safetensors"
+    save_safetensors(path, state_dict_for_file(net), {"family": "sr", "component": "throughplane",
+                                                      "config": {"throughplane": config_to_dict(net.config)}})
+    return path
+
+
+def test_evaluation_takes_the_allow_unregistered_weights_setting_that_apply_takes(scene, tmp_path):
+    """With SRSettings(weights=<a file of one's own>, allow_unregistered_weights=True) Apply ran, and "Evaluate on this
+    volume" with the same settings failed in the background with a message about command-line flags: the evaluation
+    job had no such setting. Now it passes it on; without it the file is refused when the job is made, as Apply's."""
+    from CTDiffusionSRLib.sr_logic import evaluation_methods
+
+    from DiffusionCore.errors import WeightsError
+
+    weights = str(_two_head_weights(tmp_path))
+    node = mrml_io.add_volume_node(scene, phantom_ct(shape=(16, 24, 24), spacing=(1.0, 1.0, 1.0)), "thin CT")
+    settings = SRSettings(weights=weights, allow_unregistered_weights=True, adapt_to_scan=False, device="cpu")
+    with pytest.raises(WeightsError, match="is not a registered weights file"):
+        EvaluationJob(scene, node, factor=2, methods=evaluation_methods(settings), weights=weights)
+    job = EvaluationJob.for_settings(scene, node, 2, settings, axis="z")
+    assert "--allow-unregistered-weights" in job.prepare(tmp_path)
+    assert job.run(timeout=240) == JobState.COMPLETED, job.error
+    table = job.table_node.GetTable()
+    assert [table.GetValue(r, 0).ToString() for r in range(table.GetNumberOfRows())] == ["cubic", "cubic+dc", "sr"]
+    assert np.isfinite(table.GetColumnByName("PSNR (dB)").GetValue(2))
+    direct = EvaluationJob(scene, node, factor=2, methods=("cubic", "sr"), weights=weights, allow_unregistered_weights=True)
+    assert "--allow-unregistered-weights" in direct.prepare(tmp_path)
+
+
+def test_sr_job_says_when_the_weights_have_no_head_for_the_factor(scene, tmp_path):
+    """Weights of one's own with heads x2 and x4: x3 is the x2 head's result resampled. The panel says so after the
+    job, as the command's warning (in the job's log) does; a factor with a head, and the shipped weights, say nothing."""
+    weights = str(_two_head_weights(tmp_path))
+    node = mrml_io.add_volume_node(scene, phantom_ct(shape=(6, 32, 32)), "CT_08")  # 4 mm slices, 0.8 mm in-plane
+    lines = []
+    job = SRJob(scene, node, SRSettings(factor=3, weights=weights, allow_unregistered_weights=True, adapt_to_scan=False,
+                                        device="cpu"), on_line=lines.append)  # fmt: skip
+    notice = (f"The weights {weights} have through-plane predictor heads for x2, x4 only: x3 was made with the x2 head "
+              "and resampled onto the x3 grid; for a direct result choose factor 2 or 4, or train weights with factor 3 "
+              "(model.factors).")  # fmt: skip
+    assert job.notices == [notice]
+    assert job.run(timeout=240) == JobState.COMPLETED, job.error
+    assert job.result_nodes[0].GetName() == "CT_08 SR x3 (synthetic)"
+    assert [line for line in lines if "heads for x2, x4 only: x3 was made with the x2 head" in line], lines
+    suggested = SRJob(scene, node, SRSettings(weights=weights, allow_unregistered_weights=True, device="cpu"))
+    assert [n for n in suggested.notices if "x5 was made with the x4 head" in n]  # 4 / 0.8 mm: x5 suggested
+    for quiet in (SRSettings(factor=4, weights=weights, allow_unregistered_weights=True, device="cpu"),
+                  SRSettings(factor=3, device="cpu"), SRSettings(device="cpu")):  # the shipped weights: heads 2..8
+        assert not [n for n in SRJob(scene, node, quiet).notices if "head" in n], quiet

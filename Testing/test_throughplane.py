@@ -587,3 +587,67 @@ def test_a_volume_thick_along_x_gives_the_transposed_result_of_the_same_volume_t
     out_x, rep_x = resolver.run(vol_x, factor=2, device="cpu")
     assert rep_x["settings"]["axis"] == "x" and rep_x["predictor"]["used"]
     np.testing.assert_allclose(np.transpose(out_x.array, (2, 1, 0)), out_z.array, atol=1e-2)
+
+
+# -- a factor the weights have no head for ------------------------------------------------------------------
+def _two_head_resolver() -> SuperResolver:
+    """A tiny predictor with heads for x2 and x4 only, like weights trained with "factors": [2, 4]."""
+    net = random_weights(ThroughPlaneNet(ThroughPlaneConfig(channels=4, blocks=1, factors=[2, 4])), seed=2)
+    return SuperResolver(None, predictor=net, weights_name="mine.safetensors", weights_sha256="2" * 64)
+
+
+def test_a_whole_factor_the_weights_have_no_head_for_is_warned_of_and_noted_in_the_report(caplog):
+    """x3 with heads x2 and x4 ran the x2 head and resampled onto the x3 grid; only --report showed it, while the log
+    said x2 and the provenance SR x3. Now a warning and a note say so, whether the factor is given, suggested from the
+    spacing (4 mm / 0.8 mm: x5) or a target spacing that many times finer; a spacing between factors stays quiet."""
+    import logging
+
+    vol = thick_phantom((8, 32, 32))
+    resolver = _two_head_resolver()
+    for options, asked, head in (({"factor": 3}, 3, 2), ({}, 5, 4), ({"target_spacing": 4.0 / 3.0}, 3, 2)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="DiffusionCore.sr.pipeline"):
+            out, report = resolver.run(vol, device="cpu", **options)
+        expected = (f"the weights mine.safetensors have through-plane predictor heads for x2, x4 only: x{asked} was "
+                    f"made with the x{head} head and resampled onto the x{asked} grid; for a direct result choose "
+                    f"factor 2 or 4, or train weights with factor {asked} (model.factors)")  # fmt: skip
+        assert report["predictor"]["factor"] == head and report["predictor"]["resampled_to_grid"], options
+        assert report["notes"] == [expected], options
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [expected], options
+        assert out.shape[0] == 8 * asked
+    for options in ({"factor": 4}, {"factor": 2}, {"target_spacing": 1.6}):  # a head; a spacing between x2 and x4
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="DiffusionCore.sr.pipeline"):
+            _, report = resolver.run(vol, device="cpu", **options)
+        assert "notes" not in report and not caplog.records, options
+
+
+def test_the_shipped_heads_2_to_8_never_warn_of_a_missing_head():
+    from DiffusionCore.sr.pipeline import missing_head_note
+
+    shipped = ThroughPlaneConfig().factors
+    assert shipped == [2, 3, 4, 5, 6, 7, 8]
+    assert [missing_head_note(shipped, k) for k in range(2, 9)] == [""] * 7
+    assert missing_head_note(shipped, 2.5) == missing_head_note(shipped, 10.0) == ""  # between factors, above 8
+    assert missing_head_note([2, 3, 5], 4.0).endswith("choose factor 2, 3 or 5, or train weights with factor 4 "
+                                                       "(model.factors)")  # fmt: skip
+    _, report = SuperResolver.tiny_predictor().run(thick_phantom((8, 32, 32)), factor=3, device="cpu")
+    assert report["predictor"]["factor"] == 3 and "notes" not in report
+
+
+def test_sr_cli_warns_of_a_factor_the_weights_have_no_head_for(tmp_path, capsys):
+    from DiffusionCore.cli.main import main
+
+    net = random_weights(ThroughPlaneNet(ThroughPlaneConfig(channels=4, blocks=1, factors=[2, 4])), seed=2)
+    weights = _weights_file(tmp_path, net)
+    src, out, report = tmp_path / "crop.nii.gz", tmp_path / "e3.nii.gz", tmp_path / "report.json"
+    write_volume(thick_phantom((8, 32, 32)), src)
+    rc = main(["sr", str(src), str(out), "--weights", str(weights), "--allow-unregistered-weights", "--no-adapt",
+               "--factor", "3", "--progress", "none", "--report", str(report)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    line = (f"warning: the weights {weights} have through-plane predictor heads for x2, x4 only: x3 was made with the x2 "
+            "head and resampled onto the x3 grid; for a direct result choose factor 2 or 4, or train weights with "
+            "factor 3 (model.factors)")  # fmt: skip
+    assert line in err.splitlines(), err
+    assert json.loads(report.read_text())["notes"] == [line.removeprefix("warning: ")]

@@ -297,6 +297,23 @@ def target_spacing_problem(node, settings: SRSettings, resolved) -> str:
                                      ThroughPlaneConfig(**config).factors)
 
 
+def missing_head_notice(node, settings: SRSettings, resolved, name: str) -> str:
+    """What the panel says after a job whose whole factor (asked for, suggested from the spacing, or a target spacing
+    that many times finer) the chosen weights' through-plane predictor has no head for (``""`` otherwise): the result
+    is another head's, resampled (the engine's warning, :func:`DiffusionCore.sr.pipeline.missing_head_note`, which
+    the job's log shows too). Never for the shipped weights, which have heads 2..8."""
+    config = (resolved.metadata.get("config") or {}).get("throughplane") if resolved is not None else None
+    if not isinstance(config, dict):  # no predictor, or weights that are not here: nothing to say
+        return ""
+    from DiffusionCore.sr.pipeline import missing_head_note
+    from DiffusionCore.sr.throughplane import ThroughPlaneConfig
+
+    grid = job_grid(node)
+    thin, axis, _ = plan_thin_grid(grid, **settings.thin_grid_options())
+    note = missing_head_note(ThroughPlaneConfig(**config).factors, grid.spacing_zyx[axis] / thin.spacing_zyx[axis], name)
+    return f"{note[0].upper()}{note[1:]}." if note else ""
+
+
 def synthetic_input_notice(node) -> str:
     """What the panel says after a job whose input is itself a result of these modules (``""`` otherwise): its
     result rests on a model's estimate, not on an acquired scan (the engine's warning, in the panel's words)."""
@@ -353,6 +370,9 @@ class SRJob(CLIJob):
             problem = sampling_problem(settings.steps, settings.num_samples, resolved, weights)
             if problem:
                 raise InputError(problem)
+            notice = missing_head_notice(input_node, settings, resolved, weights)
+            if notice:
+                self.notices.append(notice)
         self.input_node = input_node
         self.output_node = output_node
         self.settings = settings
@@ -464,7 +484,9 @@ class EvaluationJob(CLIJob):
 
     Runs ``python -m DiffusionCore evaluate`` in a background process (the same command-line protocol).
     ``adapt_steps`` / ``adapt_seconds``: how long ``sr+adapt`` adapts (the panel's settings; a time budget
-    when ``adapt_seconds`` > 0).
+    when ``adapt_seconds`` > 0). ``weights`` / ``allow_unregistered_weights``: the model methods' weights, as
+    :class:`SRSettings` has them (:meth:`for_settings` takes them from there); they are checked when the job is
+    made, as :class:`SRJob` checks its own.
     """
 
     script_name = "DiffusionCore evaluate"
@@ -483,6 +505,7 @@ class EvaluationJob(CLIJob):
         degradation: str = "slab",
         adapt_steps: int = 400,
         adapt_seconds: float = 0.0,
+        allow_unregistered_weights: bool = False,
         **kwargs,
     ):
         super().__init__(scene, **kwargs)
@@ -490,11 +513,12 @@ class EvaluationJob(CLIJob):
             raise InputError("Select a thin-slice CT volume to evaluate on.")
         if factor < 2:
             raise InputError("The evaluation factor must be 2 or more (thin slices per simulated thick slice).")
-        if int(steps) > 0 and {"sr", "sr+adapt"} & set(methods):
+        if {"sr", "sr+adapt"} & set(methods):
             from DiffusionCore.weights.registry import first_available
 
             name = weights or first_available("sr")
-            problem = sampling_problem(int(steps), 1, check_weights(name, "sr", False) if name else None, name)
+            resolved = check_weights(name, "sr", bool(allow_unregistered_weights)) if name else None
+            problem = sampling_problem(int(steps), 1, resolved, name)
             if problem:
                 raise InputError(problem)
         self.series = refuse_series_the_job_cannot_read(input_node)
@@ -506,7 +530,19 @@ class EvaluationJob(CLIJob):
         self.factor, self.axis, self.methods = int(factor), axis, tuple(methods)
         self.weights, self.steps, self.device, self.degradation = weights, int(steps), device, degradation
         self.adapt_steps, self.adapt_seconds = int(adapt_steps), float(adapt_seconds)
+        self.allow_unregistered_weights = bool(allow_unregistered_weights)
         self.table_node = None
+
+    @classmethod
+    def for_settings(cls, scene, input_node, factor: int, settings: SRSettings, **kwargs) -> EvaluationJob:
+        """"Evaluate on this volume" with the settings Apply runs with: the methods of
+        :func:`evaluation_methods`, and the weights (registered or allowed unregistered), steps, device and
+        adaptation budget of ``settings``; ``kwargs`` as for the constructor (``axis``, ``on_line``, ...)."""
+        return cls(
+            scene, input_node, factor=factor, methods=evaluation_methods(settings), weights=settings.weights,
+            allow_unregistered_weights=settings.allow_unregistered_weights, steps=settings.steps,
+            device=settings.device, adapt_steps=settings.adapt_steps, adapt_seconds=settings.adapt_seconds, **kwargs,
+        )  # fmt: skip
 
     def argv(self, args):
         from .process import python_executable
@@ -527,6 +563,8 @@ class EvaluationJob(CLIJob):
         ]
         if self.weights:
             args += ["--weights", self.weights]
+        if self.allow_unregistered_weights:
+            args.append("--allow-unregistered-weights")
         if self.steps:
             args += ["--num-steps", str(self.steps)]
         if "sr+adapt" in self.methods:

@@ -127,20 +127,9 @@ class CTDiffusionSRLogic(ScriptedLoadableModuleLogic):
         return SRJob(slicer.mrmlScene, inputNode, settings, output_node=outputNode, on_line=onLine)
 
     def createEvaluationJob(self, inputNode, factor: int, settings, onLine=None):
-        from CTDiffusionSRLib.sr_logic import EvaluationJob, evaluation_methods
+        from CTDiffusionSRLib.sr_logic import EvaluationJob
 
-        return EvaluationJob(
-            slicer.mrmlScene,
-            inputNode,
-            factor=factor,
-            methods=evaluation_methods(settings),
-            weights=settings.weights,
-            steps=settings.steps,
-            device=settings.device,
-            adapt_steps=settings.adapt_steps,
-            adapt_seconds=settings.adapt_seconds,
-            on_line=onLine,
-        )
+        return EvaluationJob.for_settings(slicer.mrmlScene, inputNode, factor, settings, on_line=onLine)
 
     def process(self, inputNode, outputNode=None, timeout: float | None = None, **settings):
         """Run the super-resolution and wait (scripts, self-test). Returns the result node.

@@ -136,17 +136,24 @@ def write_config_text(text: str, output_dir: str | os.PathLike) -> Path:
     return path
 
 
-def run_config(text: str, output_dir: str | os.PathLike, resume: bool) -> tuple[Path, bool]:
-    """The config file a run from the training panel uses, and whether it is the run's own.
+def run_config(text: str, output_dir: str | os.PathLike, resume: bool) -> tuple[Path | None, bool]:
+    """The config file a run from the training panel uses (None: the run's recorded settings), and whether it is the
+    run's own.
 
     Resuming continues with the settings the run started with: its ``config.json`` is kept and used, whatever the
     panel's text now says (after a restart the text is back at the defaults, and writing it would have changed
-    the run's settings half-way and lost the record of them). Otherwise ``text`` is checked and written
-    (:func:`write_config_text`).
+    the run's settings half-way and lost the record of them). A run started elsewhere (the command line, a
+    headless script) has no ``config.json``: it is resumed without ``--config``, so the train command continues with
+    the settings its checkpoint recorded; the panel's text is neither used nor written into the run's folder (it
+    was, and then every later Resume reused it). Otherwise ``text`` is checked and written (:func:`write_config_text`).
     """
+    from DiffusionCore.train.checkpoint import recorded_config
+
     own = Path(output_dir) / "config.json"
     if resume and own.is_file():
         return own, True
+    if resume and recorded_config(output_dir) is not None:
+        return None, True
     return write_config_text(text, output_dir), False
 
 
@@ -278,7 +285,7 @@ class TrainingJob(CLIJob):
     Args:
         scene: MRML scene for the loss curve.
         family: "throughplane" (the shipped SR design), "sr", "vae" or "xray".
-        config_path: JSON/YAML config file.
+        config_path: JSON/YAML config file; None when resuming with the settings the run recorded.
         data: a folder of CT volumes or a list file.
         output_dir: checkpoints, weights, TensorBoard and metrics go here.
         resume: continue from the latest checkpoint in ``output_dir``.
@@ -296,7 +303,7 @@ class TrainingJob(CLIJob):
         scene,
         *,
         family: str,
-        config_path: str | os.PathLike,
+        config_path: str | os.PathLike | None,
         data: str | os.PathLike,
         output_dir: str | os.PathLike,
         resume: bool = False,
@@ -322,9 +329,12 @@ class TrainingJob(CLIJob):
             raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}.")
         if not data or not Path(data).exists():
             raise InputError(f"training data {str(data)!r} does not exist; choose a folder of CT volumes or a list file.")
-        if Path(config_path).is_file():
+        if config_path is None and not resume:
+            raise ConfigError("choose a training configuration (only Resume continues with the run's own settings).")
+        if config_path is not None and Path(config_path).is_file():
             check_training_config(family, config_path)
-        self.family, self.config_path, self.data = family, Path(config_path), Path(data)
+        self.family, self.data = family, Path(data)
+        self.config_path = Path(config_path) if config_path is not None else None
         self.output_dir = Path(output_dir)
         self.resume, self.overwrite = resume, overwrite
         self.device, self.extra_arguments = device, extra_arguments
@@ -349,7 +359,7 @@ class TrainingJob(CLIJob):
         if not self.resume and (self.output_dir / METRICS_FILE).exists():  # a new run: plot only its own
             self.follower.offset = (self.output_dir / METRICS_FILE).stat().st_size
         args = [
-            "--family", self.family, "--config", str(self.config_path), "--data", str(self.data),
+            "--family", self.family, "--config", str(self.config_path or ""), "--data", str(self.data),
             "--outputDirectory", str(self.output_dir), "--device", self.device,
         ]
         if self.resume:

@@ -264,8 +264,8 @@ class TrainingPanel:
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
             config, ownConfig = run_config(self.ui.trainingConfigTextEdit.toPlainText(), output, p.trainingResume)
-            if ownConfig:  # resuming: the run's own settings, shown
-                self.ui.trainingConfigTextEdit.setPlainText(config.read_text(encoding="utf-8"))
+            if ownConfig and config is not None:  # resuming: the run's own settings, shown (a run started elsewhere
+                self.ui.trainingConfigTextEdit.setPlainText(config.read_text(encoding="utf-8"))  # has its checkpoint's)
             if p.trainingUseSceneVolumes:
                 nodes = self.ui.trainingVolumesSelector.checkedNodes()
                 data = export_training_volumes(nodes, pathlib.Path(output) / "scene_volumes")

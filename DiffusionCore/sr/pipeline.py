@@ -36,14 +36,21 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..degrade import enforce_consistency, plan_thin_grid, slab_thickness_note, thick_axis, thin_grid
+from ..degrade import (
+    MAX_FACTOR,
+    enforce_consistency,
+    plan_thin_grid,
+    slab_thickness_note,
+    thick_axis,
+    thin_grid,
+)
 from ..devices import resolve_device
 from ..errors import Cancelled, ConfigError, GeometryError, InputError, ResourceError, WeightsError
 from ..evaluate import register_method
@@ -121,6 +128,38 @@ def tile_weight(tile: Tile, device: torch.device) -> torch.Tensor:
 def _check_cancel(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("super-resolution cancelled; no output was written.")
+
+
+# -- the through-plane predictor's heads -------------------------------------------------------------
+def nearest_head(factors: Sequence[int], ratio: float) -> int:
+    """The through-plane predictor's head (a trained factor) that a run at spacing ratio ``ratio`` (input / output
+    slice spacing) uses: the nearest, the smaller of two equally near. The result is resampled onto the asked-for
+    grid when the ratio is not that factor."""
+    return min((int(f) for f in factors), key=lambda f: (abs(f - ratio), f))
+
+
+def missing_head_note(factors: Sequence[int], ratio: float, weights: str = "") -> str:
+    """What to tell the user when a run asks for a whole factor (given, suggested from the spacing, or a target
+    spacing that many times finer) that the through-plane predictor has no head for, or ``""``: the result is then
+    another head's, resampled onto the grid. Quiet for a ratio between factors (every predictor resamples there, as
+    the README says) and so for the shipped weights, whose heads are 2..8.
+
+    Args:
+        factors: the predictor's heads (``ThroughPlaneNet.factors``). ratio: input / output slice spacing.
+        weights: the weights' name or file, for the message.
+    """
+    asked = int(round(ratio))
+    if abs(ratio - asked) > 1e-6 or not 2 <= asked <= MAX_FACTOR or asked in factors:
+        return ""
+    heads = ", ".join(f"x{int(f)}" for f in sorted(factors))
+    used = nearest_head(factors, ratio)
+    usable = [str(int(f)) for f in sorted(factors) if 2 <= f <= MAX_FACTOR]
+    choices = " or ".join([", ".join(usable[:-1]), usable[-1]] if len(usable) > 1 else usable)
+    return (
+        f"{'the weights ' + weights if weights else 'these weights'} have through-plane predictor heads for {heads} "
+        f"only: x{asked} was made with the x{used} head and resampled onto the x{asked} grid; for a direct result "
+        f"choose factor {choices}, or train weights with factor {asked} (model.factors)"
+    )
 
 
 # -- reports ----------------------------------------------------------------------------------------
@@ -423,7 +462,7 @@ class SuperResolver:
         ratio = float(volume.spacing_zyx[axis]) / float(grid.spacing_zyx[axis])
         if ratio < MIN_PREDICTOR_RATIO:
             return None
-        k = min(self.predictor.factors, key=lambda f: (abs(f - ratio), f))
+        k = nearest_head(self.predictor.factors, ratio)
         return k if volume.shape[axis] >= 2 else None
 
     def starting_point(
@@ -592,7 +631,8 @@ class SuperResolver:
         }
         _add_consistency_psnr(report, output, volume, axis, factor)
         tell(total, "done")
-        logger.info("super-resolution done in %.1f s (through-plane predictor, x%d)", timings["total"], predictor_factor)
+        logger.info("super-resolution done in %.1f s (through-plane predictor, x%d head%s)", timings["total"],
+                    predictor_factor, ", resampled onto the asked-for grid" if predictor_report["resampled_to_grid"] else "")
         return output, report
 
     def _memory_limits(self, dev: torch.device, memory_limit: int | None) -> tuple[int, int | None]:
@@ -621,20 +661,32 @@ class SuperResolver:
         Arguments as for :meth:`run`; ``factor`` (when the grid is an integer subdivision) only labels the
         report and enables its ``consistency_psnr``; ``target_spacing`` and ``allow_non_ct`` are not used.
         The run is :meth:`plan`, then the tile loop (:meth:`_refine`), then the report (:meth:`_tiled_report`).
+        A whole factor the predictor has no head for is warned of, and said in the report's ``notes``
+        (:func:`missing_head_note`).
         """
         t_start = time.perf_counter()
         settings = SRRunSettings.of(settings, overrides)
         plan = self.plan(volume, grid, settings)
+        note = ""
+        if self.predictor is not None and plan.predictor_factor is not None:
+            ratio = float(volume.spacing_zyx[plan.axis]) / float(grid.spacing_zyx[plan.axis])
+            note = missing_head_note(self.predictor.factors, ratio, self.weights_name)
+            if note:
+                logger.warning(note)
         if self.model is None:
-            return self._run_predictor_only(
+            out, report = self._run_predictor_only(
                 volume, plan, settings, progress=progress, cancel=cancel, t_start=t_start
             )
-        mean, m2, timings, predictor_report = self._refine(
-            volume, plan, settings, progress=progress, cancel=cancel
-        )
-        return self._tiled_report(
-            volume, plan, settings, mean, m2, timings, predictor_report, progress=progress, t_start=t_start
-        )
+        else:
+            mean, m2, timings, predictor_report = self._refine(
+                volume, plan, settings, progress=progress, cancel=cancel
+            )
+            out, report = self._tiled_report(
+                volume, plan, settings, mean, m2, timings, predictor_report, progress=progress, t_start=t_start
+            )
+        if note:
+            report["notes"] = [*report.get("notes", []), note]
+        return out, report
 
     def plan(self, volume: Volume, grid: Grid, settings: SRRunSettings) -> SRPlan:
         """Everything a run onto ``grid`` decides before any heavy work: the checks that depend on the weights

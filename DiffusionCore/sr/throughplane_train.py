@@ -255,11 +255,14 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     are averaged, so a step learns from N x ``batch_size`` planes; rank 0 validates, checkpoints and exports).
     """
     from ..inputs import collect_volumes
+    from ..train.checkpoint import find_latest, nothing_to_resume
     from ..train.distributed import cleanup, init_distributed
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     out = Path(out_dir)
+    if resume and find_latest(out) is None:
+        raise nothing_to_resume(out)
     info = init_distributed(device)  # a device that is not there is refused before any data is read
     completed = False
     try:
@@ -440,13 +443,14 @@ def register(fam: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     from ..config import load_config, read_config_file
+    from ..train.checkpoint import resumed_settings
 
     overrides = {
         k: getattr(args, k)
         for k in ("max_steps", "max_minutes", "batch_size", "learning_rate", "ema_decay", "threads", "seed")
         if getattr(args, k) is not None
     }
-    base = dict(read_config_file(args.config)) if args.config else {}
+    base = dict(read_config_file(args.config)) if args.config else resumed_settings(args.resume, args.out_dir) or {}
     cfg = load_config({**base, **overrides}, ThroughPlaneTrainConfig)
     summary = train(cfg, args.data, args.out_dir, resume=args.resume, init_from=args.init_from,
                     device=args.device)

@@ -15,6 +15,7 @@ from typing import Any
 from ..cli.common import device_name
 from ..config import config_help, config_to_dict, load_config, read_config_file
 from ..errors import ConfigError, InputError
+from ..train.checkpoint import resumed_settings
 from .config import SRConfig
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,8 @@ def _split_lines(path: str, root: str | None) -> list[str]:
 
 def build_config(args: argparse.Namespace, family: str) -> SRConfig:
     """Defaults <- ``--config`` file <- command-line options."""
-    base: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    base: dict[str, Any] = (read_config_file(args.config) if args.config
+                            else resumed_settings(args.resume, args.out_dir) or {})
     cfg = load_config(base, SRConfig)
     d: dict[str, Any] = config_to_dict(cfg)
     t, u, df = d["train"], d["unet"], d["diffusion"]

@@ -151,6 +151,7 @@ def _fit(
         find_latest,
         load_training_state,
         mark_best,
+        nothing_to_resume,
         read_checkpoint_info,
         save_training_state,
         warn_resumed_config,
@@ -171,7 +172,7 @@ def _fit(
     if resume:
         latest = find_latest(run.out)
         if latest is None:
-            raise InputError(f"--resume: no checkpoint in {run.out}; start without --resume")
+            raise nothing_to_resume(run.out)
         has_ema = f"{EMA_MODEL}.safetensors" in read_checkpoint_info(latest).get("files", {})
         state = load_training_state(
             latest,

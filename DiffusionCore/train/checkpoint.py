@@ -601,6 +601,34 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
 
 
+def recorded_config(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The settings the run in ``out_dir`` was checkpointed with (its latest checkpoint's ``state.json``), or None
+    when it holds no checkpoint: what ``--resume`` without ``--config`` continues with."""
+    latest = find_latest(out_dir)
+    if latest is None:
+        return None
+    config = read_checkpoint_info(latest).get("config")
+    return config if isinstance(config, dict) and config else None
+
+
+def resumed_settings(resume: bool, out_dir: str | os.PathLike | None) -> dict[str, Any] | None:
+    """For ``--resume`` without ``--config``: the run's recorded settings (:func:`recorded_config`), said in the log;
+    None otherwise (then the family's defaults apply, as for a new run)."""
+    if not resume or not out_dir:
+        return None
+    config = recorded_config(out_dir)
+    if config is not None:
+        logger.info("--resume without --config: continuing with the settings the run recorded (%s)",
+                    find_latest(out_dir) / STATE_FILE)  # fmt: skip
+    return config
+
+
+def nothing_to_resume(out_dir: str | os.PathLike) -> InputError:
+    """The refusal of ``--resume`` on a folder that holds no checkpoint (a mistyped folder would otherwise start a new
+    run in it, as if the earlier training had gone on)."""
+    return InputError(f"--resume: no checkpoint in {out_dir}; check the folder's name, or start without --resume")
+
+
 def warn_resumed_config(state: dict, current: Any, checkpoint: str | os.PathLike) -> list[str]:
     """Warn when a run is resumed with settings other than those it was checkpointed with (``state["config"]``,
     from :func:`load_training_state`): they apply from here on, which may be meant (a lower learning rate) or not

@@ -421,7 +421,13 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     Raises:
         ConfigError, InputError, WeightsError: bad configs, data or starting weights.
     """
-    from ..train.checkpoint import find_latest, load_training_state, save_training_state, warn_resumed_config
+    from ..train.checkpoint import (
+        find_latest,
+        load_training_state,
+        nothing_to_resume,
+        save_training_state,
+        warn_resumed_config,
+    )
     from ..train.distributed import all_reduce_mean, cleanup, init_distributed, wrap_model
     from ..train.ema import EMA_MODEL, ParameterEMA
     from ..train.logger import TrainLogger
@@ -504,7 +510,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     if opts.resume:
         latest = find_latest(out_dir)
         if latest is None:
-            logger.warning("--resume: no checkpoint in %s; starting from scratch", out_dir)
+            raise nothing_to_resume(out_dir)
         else:
             state = load_training_state(latest, models=models, optimizers={"opt": opt},
                                         schedulers={"lr": sched}, generators={"data": rng},

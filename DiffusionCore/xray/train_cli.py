@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..config import config_help
+    from ..train.checkpoint import resumed_settings
     from .config import DEFAULT_CONFIG, XrayStageConfig, load_stage_config
     from .train import XrayTrainOptions, train_xray
 
@@ -71,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     missing = [n for n, v in (("--data", args.data), ("--output-dir", args.output_dir)) if not v]
     if missing:
         raise ConfigError(f"train xray needs {', '.join(missing)}; see --help")
+    recorded = None if args.config else resumed_settings(args.resume, args.output_dir)
+    if recorded is not None:  # --resume: the stages the run was checkpointed with
+        args.config = list(recorded.get("configs") or [])
     if not args.config:
         args.config = [DEFAULT_CONFIG]
         logger.info("no --config: training stage 1 with %s, the recipe of the shipped xray-default weights", DEFAULT_CONFIG)
