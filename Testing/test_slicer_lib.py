@@ -871,6 +871,9 @@ def test_radiograph_node_checks_and_export(scene, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(img), pixels)
     assert "3D volume" in check_xray_input(mrml_io.add_volume_node(scene, phantom_ct(), "ct"))
     assert "pixels" in check_xray_input(_radiograph_node(scene, np.ones((10, 10), np.float32)))
+    labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "lungs")  # a 2D label map: not a radiograph
+    labels.SetAndObserveImageData(node.GetImageData())
+    assert check_xray_input(labels) == "'lungs' is a label map, not a radiograph: choose the image itself."
 
 
 def test_a_greyscale_radiograph_loaded_as_colour_gives_the_greyscale_pixels(scene):

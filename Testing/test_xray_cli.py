@@ -439,3 +439,14 @@ def test_prepare_refuses_a_negative_number_of_augmented_copies(tmp_path, capsys)
     assert main(["prepare-xray-data", "--data", str(tmp_path), "--output-dir", str(tmp_path / "p"),
                  "--augmented-copies", "-1"]) == 2  # fmt: skip
     assert "argument --augmented-copies: must be an integer >= 0; got -1" in capsys.readouterr().err
+
+
+def test_a_folder_given_as_the_radiographs_dicom_header_is_named_as_a_folder(tmp_path):
+    """XrayToCTGenerate --dicomHeader FOLDER said "the DICOM file FOLDER does not exist"."""
+    from DiffusionCore.errors import InputError
+    from DiffusionCore.xray.radiograph import read_dicom_header
+
+    with pytest.raises(InputError, match=r"is a folder; give the DICOM file the radiograph was loaded from, inside it"):
+        read_dicom_header(tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        read_dicom_header(tmp_path / "gone.dcm")

@@ -397,6 +397,8 @@ def read_dicom_header(path: str | os.PathLike) -> dict[str, str]:
         InputError: the file is missing or is not DICOM.
     """
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{p} is a folder; give the DICOM file the radiograph was loaded from, inside it.")
     if not p.is_file():
         raise InputError(f"the DICOM file {p} does not exist; give the file the radiograph was loaded from.")
     reader = sitk.ImageFileReader()

@@ -220,6 +220,8 @@ def check_xray_input(node, tags: dict[str, str] | None = None) -> str:
     header tags when the caller has read them (:func:`dicom_header_tags`)."""
     if node is None:
         return "Select a radiograph (load a DICOM CR/DX, PNG or JPEG image)."
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):  # a segmentation's labels, not intensities (as the SR module says)
+        return f"'{node.GetName()}' is a label map, not a radiograph: choose the image itself."
     try:
         pixels, _ = radiograph_from_node(node)
         check_projection_modality(dicom_header_tags(node) if tags is None else tags, f"'{node.GetName()}'")
