@@ -191,6 +191,16 @@ def ct_phantom_array(shape: tuple[int, int, int] = (24, 32, 32), seed: int = 0) 
 
 
 @pytest.fixture
+def scene():
+    """A fresh MRML scene (slicer-core), set as ``slicer.mrmlScene`` for the helpers that look it up there."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is needed for the Slicer-side tests")
+    s = slicer.vtkMRMLScene()
+    slicer.mrmlScene = s
+    yield s
+    s.Clear(True)
+
+
+@pytest.fixture
 def phantom() -> Volume:
     """A 24x32x32 chest-like CT phantom, 0.8 x 0.8 x 2.0 mm, axis-aligned, origin at (-12, -12, -20) mm."""
     return Volume(ct_phantom_array(), spacing=(0.8, 0.8, 2.0), origin=(-12.0, -12.0, -20.0))

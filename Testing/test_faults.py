@@ -145,14 +145,6 @@ def test_kill_9_during_sr_leaves_no_output_and_no_temporary_file(tmp_path):
 
 
 # -- Slicer jobs: a worker that dies, a cancel -------------------------------------------------------------------
-@pytest.fixture
-def scene():
-    slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is needed for the Slicer-side tests")
-    s = slicer.vtkMRMLScene()
-    yield s
-    s.Clear(True)
-
-
 def _radiograph_node(scene):
     import vtk
     from CTDiffusionSRLib.testing import phantom_radiograph

@@ -134,14 +134,6 @@ def read_return_file(path: Path) -> dict[str, str]:
     return out
 
 
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    slicer.mrmlScene = s
-    yield s
-    s.Clear(True)
-
-
 # -- XML -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(CLI_FILES))
 def test_cli_xml_is_valid_for_slicer(name):

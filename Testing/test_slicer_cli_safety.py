@@ -259,14 +259,6 @@ def test_xray_cli_stops_on_sigterm_with_130_one_line_and_no_output(tmp_path, rad
 
 
 # -- C: the X-ray module refuses a bad Reference CT when Apply is pressed ---------------------------------------------
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    slicer.mrmlScene = s
-    yield s
-    s.Clear(True)
-
-
 def _radiograph_node(scene):
     from test_slicer_lib import _radiograph_node as make
 

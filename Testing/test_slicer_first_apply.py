@@ -43,14 +43,6 @@ SHIPPED = {"sr": "sr-default", "xray": "xray-default"}
 
 
 @pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    slicer.mrmlScene = s
-    yield s
-    s.Clear(True)
-
-
-@pytest.fixture
 def user_cache(tmp_path, monkeypatch):
     """An empty user cache (imported weights go here), as the module's cache-folder setting exports it."""
     cache = tmp_path / "cache"
