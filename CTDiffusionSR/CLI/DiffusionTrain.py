@@ -68,8 +68,30 @@ def train_argv(args: argparse.Namespace, supported: set[str]) -> list[str]:
         argv.append(flag)
     if "--progress" in supported:
         argv += ["--progress", "slicer"]
-    argv += shlex.split(args.extraArguments)
+    argv += extra_options(args.extraArguments)
     return argv
+
+
+#: Options the panel sets in fields of its own: given again in More options they would override those fields (the
+#: run would train into another folder than the panel follows and stops).
+PANEL_OPTIONS = {"--config", "--data", "--out-dir", "--output-dir", "--device", "--resume", "--overwrite", "--progress"}
+
+
+def extra_options(text: str) -> list[str]:
+    """The options of the More options field, split as a shell would.
+
+    Raises:
+        ValueError: the text cannot be split (an unclosed quote), or it sets what a field of the panel sets.
+    """
+    try:
+        extra = shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"More options ({text!r}) cannot be read: {exc}; check its quotes") from None
+    clash = sorted({token.split("=", 1)[0] for token in extra} & PANEL_OPTIONS)
+    if clash:
+        raise ValueError(f"More options sets {', '.join(clash)}, which the panel's own fields set: set it there "
+                         "instead (the run would otherwise not be the one the panel shows and stops)")
+    return extra
 
 
 def family_options(family: str) -> set[str]:
