@@ -278,23 +278,31 @@ def sampling_problem(steps: int, num_samples: int, resolved, name: str) -> str:
     )
 
 
+def _predictor_plan(node, settings: SRSettings, resolved):
+    """``(factors, grid, thin grid, axis)`` of a run of the chosen weights' through-plane predictor on ``node``, or
+    None when the weights hold no predictor (or are not here)."""
+    config = (resolved.metadata.get("config") or {}).get("throughplane") if resolved is not None else None
+    if not isinstance(config, dict):
+        return None
+    from DiffusionCore.sr.throughplane import ThroughPlaneConfig
+
+    grid = job_grid(node)
+    thin, axis, _ = plan_thin_grid(grid, **settings.thin_grid_options())
+    return ThroughPlaneConfig(**config).factors, grid, thin, axis
+
+
 def target_spacing_problem(node, settings: SRSettings, resolved) -> str:
     """Why the chosen weights cannot make ``settings.target_spacing`` from ``node`` (``""`` when they can, or
     when no target spacing is asked): a through-plane predictor needs the output at least 1.5 times finer
     than the input (its smallest factor is 2). The job would stop with the same message; the module says it
     when Apply is pressed, with the spacings that work."""
-    if settings.target_spacing <= 0 or resolved is None:
-        return ""
-    config = (resolved.metadata.get("config") or {}).get("throughplane")
-    if not isinstance(config, dict):  # no predictor: any finer spacing works (cubic start)
+    plan = _predictor_plan(node, settings, resolved) if settings.target_spacing > 0 else None
+    if plan is None:  # no target spacing, or no predictor: any finer spacing works (cubic start)
         return ""
     from DiffusionCore.sr.settings import predictor_spacing_problem
-    from DiffusionCore.sr.throughplane import ThroughPlaneConfig
 
-    grid = job_grid(node)
-    _, axis, _ = plan_thin_grid(grid, **settings.thin_grid_options())
-    return predictor_spacing_problem(grid.spacing_zyx[axis], settings.target_spacing,
-                                     ThroughPlaneConfig(**config).factors)
+    factors, grid, _, axis = plan
+    return predictor_spacing_problem(grid.spacing_zyx[axis], settings.target_spacing, factors)
 
 
 def missing_head_notice(node, settings: SRSettings, resolved, name: str) -> str:
@@ -302,15 +310,13 @@ def missing_head_notice(node, settings: SRSettings, resolved, name: str) -> str:
     that many times finer) the chosen weights' through-plane predictor has no head for (``""`` otherwise): the result
     is another head's, resampled (the engine's warning, :func:`DiffusionCore.sr.pipeline.missing_head_note`, which
     the job's log shows too). Never for the shipped weights, which have heads 2..8."""
-    config = (resolved.metadata.get("config") or {}).get("throughplane") if resolved is not None else None
-    if not isinstance(config, dict):  # no predictor, or weights that are not here: nothing to say
+    plan = _predictor_plan(node, settings, resolved)
+    if plan is None:  # no predictor, or weights that are not here: nothing to say
         return ""
     from DiffusionCore.sr.pipeline import missing_head_note
-    from DiffusionCore.sr.throughplane import ThroughPlaneConfig
 
-    grid = job_grid(node)
-    thin, axis, _ = plan_thin_grid(grid, **settings.thin_grid_options())
-    note = missing_head_note(ThroughPlaneConfig(**config).factors, grid.spacing_zyx[axis] / thin.spacing_zyx[axis], name)
+    factors, grid, thin, axis = plan
+    note = missing_head_note(factors, grid.spacing_zyx[axis] / thin.spacing_zyx[axis], name)
     return f"{note[0].upper()}{note[1:]}." if note else ""
 
 

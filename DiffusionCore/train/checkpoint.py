@@ -605,21 +605,22 @@ def recorded_config(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The settings the run in ``out_dir`` was checkpointed with (its latest checkpoint's ``state.json``), or None
     when it holds no checkpoint: what ``--resume`` without ``--config`` continues with."""
     latest = find_latest(out_dir)
-    if latest is None:
-        return None
-    config = read_checkpoint_info(latest).get("config")
+    return None if latest is None else _recorded_in(latest)
+
+
+def _recorded_in(checkpoint: Path) -> dict[str, Any] | None:
+    config = read_checkpoint_info(checkpoint).get("config")
     return config if isinstance(config, dict) and config else None
 
 
 def resumed_settings(resume: bool, out_dir: str | os.PathLike | None) -> dict[str, Any] | None:
     """For ``--resume`` without ``--config``: the run's recorded settings (:func:`recorded_config`), said in the log;
     None otherwise (then the family's defaults apply, as for a new run)."""
-    if not resume or not out_dir:
-        return None
-    config = recorded_config(out_dir)
+    latest = find_latest(out_dir) if resume and out_dir else None
+    config = None if latest is None else _recorded_in(latest)
     if config is not None:
         logger.info("--resume without --config: continuing with the settings the run recorded (%s)",
-                    find_latest(out_dir) / STATE_FILE)  # fmt: skip
+                    latest / STATE_FILE)  # fmt: skip
     return config
 
 

@@ -91,9 +91,10 @@ WHOLE_CHEST_BODY = "44-50%"  # of the cube, as measured above
 _AXES = ("slices along z", "voxels along y", "voxels along x")  # array (z, y, x)
 
 
-def cube_size_problem(vol: Volume) -> str:
-    """Why ``vol`` is too small to resample onto a cube (e.g. ``"3 slices along z"``), or ``""`` when it is not."""
-    short = [f"{n} {axis}" for n, axis in zip(vol.shape, _AXES) if n < MIN_CT_VOXELS]
+def cube_size_problem(shape: tuple[int, int, int]) -> str:
+    """Why a CT of array shape ``(z, y, x)`` is too small to resample onto a cube (e.g. ``"3 slices along z"``), or
+    ``""`` when it is not."""
+    short = [f"{n} {axis}" for n, axis in zip(shape, _AXES) if n < MIN_CT_VOXELS]
     return " and ".join(short)
 
 
@@ -107,7 +108,7 @@ def too_small_message(name: str, why: str) -> str:
 
 def check_cube_size(vol: Volume, name: str) -> None:
     """Raise InputError naming ``name`` when ``vol`` is too small for the cube (:func:`cube_size_problem`)."""
-    why = cube_size_problem(vol)
+    why = cube_size_problem(vol.shape)
     if why:
         raise InputError(too_small_message(name, why))
 
@@ -175,7 +176,7 @@ def usable_volumes(paths: Iterable[Path], named: Iterable[Path] = ()) -> Iterato
     short: list[str] = []
     yielded = False
     for p, vol in readable_volumes(paths):
-        why = cube_size_problem(vol)
+        why = cube_size_problem(vol.shape)
         if why:
             if Path(p) in named:
                 raise InputError(too_small_message(str(p), why))

@@ -14,7 +14,6 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import SimpleITK as sitk
@@ -258,8 +257,8 @@ def check_reference_input(node) -> str:
     nx, ny, nz = image.GetDimensions()
     if min(nx, ny, nz) == 1:
         return f"{name} is 2D ({nx}x{ny}x{nz} voxels along x, y, z), a radiograph or one slice, not a CT volume: {fix}"
-    why = cube_size_problem(SimpleNamespace(shape=(nz, ny, nx)))  # the voxel counts (a tilted series under
-    if why:  # Slicer's regularization transform has no plain grid, and is read from its files for the job)
+    why = cube_size_problem((nz, ny, nx))  # the voxel counts (a tilted series under Slicer's regularization
+    if why:  # transform has no plain grid, and is read from its files for the job)
         return too_small_message(name, why)
     try:
         doubts = check_ct(numpy_support.vtk_to_numpy(scalars), name)  # a view of the voxels, no copy
