@@ -16,14 +16,18 @@ every family shares is added here, once:
   so a stopped background run is not lost) and then exit with 130; during setup or the export they stop at
   once with 130. A second signal aborts without a checkpoint. A loss that becomes NaN/Inf stops the run with
   exit code 1 and no export (``DiffusionCore.train.numerics``).
+* **under torchrun only rank 0 logs**: every process runs the same setup; the others log errors only, so each
+  setup line and each warning about the user's data comes once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .common import bounded_int, finite_float, sigterm_cancels
 
@@ -72,6 +76,20 @@ def _output_dir(args: argparse.Namespace) -> str | None:
     return getattr(args, "out_dir", None) or getattr(args, "output_dir", None)
 
 
+@contextlib.contextmanager
+def _quiet_unless_main(is_main: bool) -> Iterator[None]:
+    """Under torchrun every process runs the same setup: only rank 0 logs it (its info lines and the warnings about
+    the user's data, which would otherwise come once per process); the other ranks still report their errors."""
+    log = logging.getLogger("DiffusionCore")
+    level = log.level
+    if not is_main:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _run_in_claimed_folder(
     family_run: Callable[[argparse.Namespace], int],
 ) -> Callable[[argparse.Namespace], int]:
@@ -97,7 +115,7 @@ def _run_in_claimed_folder(
         # outside the training loop (setup, export) SIGTERM stops at once (exit 130); the loop installs its
         # own handlers (a clean stop) and puts these back after
         outcome = f" outside its training loop; the checkpoints in {out} (if any) can be continued with --resume"
-        with sigterm_cancels(what="training", outcome=outcome), claim:
+        with sigterm_cancels(what="training", outcome=outcome), claim, _quiet_unless_main(is_main):
             stop.forget_signals()
             code = family_run(args)
             name = stop.stopped_by_signal()

@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "predictor"
 EXPORT_FILE = "throughplane.safetensors"
+#: Slices at most this thick (mm) are thin enough to be the through-plane target: averaged k at a time they give the
+#: 5-10 mm inputs that the SR command is run on. Thicker ones only teach thick-to-thicker (see :func:`load_sources`).
+THIN_SLICE_MM = 3.0
 
 
 @dataclass
@@ -149,7 +152,24 @@ def load_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig) -> tuple[list[
             val.append(PlaneSource(p.name + "[val]", arr, vol.spacing_zyx, *va))
     if not train:
         raise InputError("none of the CT volumes is long enough to train on: " + "; ".join(short))
+    warn_thick_slices(train)
     return train, val
+
+
+def warn_thick_slices(sources: list[PlaneSource]) -> bool:
+    """Warn (once, and return True) when every training CT has slices thicker than :data:`THIN_SLICE_MM`: its
+    through-plane pairs (k slices averaged into one) then teach thick-to-thicker slices, so thin detail comes from
+    the in-plane pairs alone. One thin-slice CT among them is enough to stay quiet (the shipped recipe pairs a 2.5 mm
+    CT with a 5 mm one)."""
+    if not sources or any(src.spacing[0] <= THIN_SLICE_MM for src in sources):
+        return False
+    listed = ", ".join(f"{src.name} at {src.spacing[0]:g} mm" for src in sources)
+    logger.warning(
+        "every training CT has slices thicker than %g mm (%s): its through-plane pairs then teach thick-to-thicker "
+        "slices, and the predictor learns thin detail only from the in-plane pairs; add a thin-slice CT (slices of "
+        "%g mm or less) to --data", THIN_SLICE_MM, listed, THIN_SLICE_MM,
+    )
+    return True
 
 
 def validation_batches(
@@ -255,20 +275,24 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     are averaged, so a step learns from N x ``batch_size`` planes; rank 0 validates, checkpoints and exports).
     """
     from ..inputs import collect_volumes
-    from ..train.checkpoint import find_latest, nothing_to_resume
+    from ..train.checkpoint import nothing_to_resume, resumable_checkpoint
     from ..train.distributed import cleanup, init_distributed
+    from ..train.starting_weights import THROUGHPLANE, check_starting_weights
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     out = Path(out_dir)
-    if resume and find_latest(out) is None:
+    check_starting_weights(init_from, option="train throughplane --init-from", accepts=THROUGHPLANE,
+                           needs="through-plane predictor weights (e.g. sr-default)")  # fmt: skip
+    start = resumable_checkpoint(out) if resume else None  # the newest intact checkpoint (a damaged one is named)
+    if resume and start is None:
         raise nothing_to_resume(out)
     info = init_distributed(device)  # a device that is not there is refused before any data is read
     completed = False
     try:
         paths = collect_volumes(data)
         train_src, val_src = load_sources(paths, cfg)
-        summary = _train(cfg, paths, train_src, val_src, out, info, resume=resume, init_from=init_from)
+        summary = _train(cfg, paths, train_src, val_src, out, info, start=start, init_from=init_from)
         completed = True
     finally:
         cleanup(info, completed=completed)
@@ -276,8 +300,15 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
 
 
 def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[PlaneSource], val_src: list[PlaneSource],
-           out: Path, info: Any, *, resume: bool, init_from: str | None) -> dict[str, Any]:
-    from ..train.checkpoint import find_latest, load_training_state, save_training_state, warn_resumed_config
+           out: Path, info: Any, *, start: Path | None, init_from: str | None) -> dict[str, Any]:
+    """The loop of :func:`train`; ``start``: the checkpoint a resumed run continues from (None: a new run)."""
+    from ..train.checkpoint import (
+        load_training_state,
+        save_training_state,
+        volume_record,
+        warn_resumed_config,
+        warn_resumed_data,
+    )
     from ..train.distributed import all_reduce_mean, any_rank, barrier, wrap_model
     from ..train.ema import ParameterEMA
     from ..train.logger import TrainLogger
@@ -298,20 +329,25 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
     step = 0
     patches_before = 0
     cpu_seconds_before = 0.0
-    if resume and find_latest(out) is not None:
-        state = load_training_state(out, models=models, optimizers={"opt": opt}, generators={"data": rng},
+    volumes = volume_record(paths)  # what this stretch trains on
+    trained_on = list(volumes)  # what the run has trained on, over every stretch (summary.json's "data")
+    if start is not None:
+        state = load_training_state(start, models=models, optimizers={"opt": opt}, generators={"data": rng},
                                     map_location=dev)
+        extra = state["extra"]
         if info.is_main:
-            warn_resumed_config(state, cfg, find_latest(out))
+            warn_resumed_config(state, cfg, start)
+            warn_resumed_data(extra.get("data"), volumes, start)
+        trained_on = list(dict.fromkeys([*extra.get("trained_on", extra.get("data", [])), *volumes]))
         step = int(state["step"])
-        patches_before = int(state["extra"].get("patches", 0))
-        cpu_seconds_before = float(state["extra"].get("cpu_seconds", 0.0))
+        patches_before = int(extra.get("patches", 0))
+        cpu_seconds_before = float(extra.get("cpu_seconds", 0.0))
     # after the weights are final (DDP copies rank 0's to the others); a step uses one factor's head only
     wrapped = wrap_model(net, info, find_unused_parameters=True) if info.distributed else net
     ks, probs = cfg.factor_probabilities()
     val = validation_batches(val_src, cfg) if (val_src and info.is_main) else {}
     val = {k: (a.to(dev), b.to(dev)) for k, (a, b) in val.items()}
-    log = TrainLogger(out, resume_step=step if resume else None, enabled=info.is_main)
+    log = TrainLogger(out, resume_step=step if start is not None else None, enabled=info.is_main)
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     history: list[dict[str, float]] = []
@@ -334,7 +370,8 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
         if info.is_main:
             save_training_state(
                 out, step=step, epoch=0, models=models, optimizers={"opt": opt}, config=config_to_dict(cfg),
-                extra={"patches": patches_before + patches, "cpu_seconds": cpu_seconds_before + used},
+                extra={"patches": patches_before + patches, "cpu_seconds": cpu_seconds_before + used,
+                       "data": volumes, "trained_on": trained_on},
                 generators={"data": rng},
             )
         barrier(info)
@@ -397,7 +434,7 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
                      "data_seconds": round(timing["data"], 1), "step_seconds": round(timing["step"], 1)},
         "validation": last,
         "init_from": init_from,
-        "data": [p.name for p in paths],
+        "data": [Path(p).name for p in trained_on],  # every stretch's volumes, this one's last
     }
     if info.distributed:
         summary["this_run"]["processes"] = info.world_size

@@ -148,11 +148,11 @@ def _fit(
 ) -> dict[str, Any]:
     """The optimisation loop shared by both families (see the module docstring)."""
     from ..train.checkpoint import (
-        find_latest,
         load_training_state,
         mark_best,
         nothing_to_resume,
         read_checkpoint_info,
+        resumable_checkpoint,
         save_training_state,
         warn_resumed_config,
     )
@@ -170,7 +170,7 @@ def _fit(
     saved_models = {**models, EMA_MODEL: ema} if ema is not None else dict(models)
     step, best = 0, -math.inf
     if resume:
-        latest = find_latest(run.out)
+        latest = resumable_checkpoint(run.out, warn=info.is_main)  # the newest intact one (a damaged one is named)
         if latest is None:
             raise nothing_to_resume(run.out)
         has_ema = f"{EMA_MODEL}.safetensors" in read_checkpoint_info(latest).get("files", {})
@@ -189,7 +189,8 @@ def _fit(
         extra = state["extra"] or {}
         best = float(extra.get("best_score", -math.inf))
         restore_extra(extra)
-        warn_resumed_config(state, cfg, latest)  # after what training measured is restored into cfg
+        if info.is_main:
+            warn_resumed_config(state, cfg, latest)  # after what training measured is restored into cfg
         logger.info("resumed at step %d from %s", step, latest)
     for m in saved_models.values():
         m.to(run.device)
@@ -494,10 +495,18 @@ def train_sr(
     Returns:
         ``{"steps", "best_score" (validation PSNR dB), "cubic_psnr", "stopped", "out_dir", "weights", ...}``.
     """
+    from ..train.starting_weights import SR_DENOISER, SR_VAE, check_starting_weights
+
     cfg = resolve_config(config)
     t = cfg.train
     if not t.vae_weights:
         raise ConfigError("train sr needs a trained VAE: pass --vae FILE_OR_DIR (the output of `train vae`)")
+    check_starting_weights(t.vae_weights, option="train sr --vae", accepts=SR_VAE,
+                           needs="SR VAE weights (a `train vae` output folder or its vae.safetensors)")  # fmt: skip
+    if t.init_from and not resume:
+        check_starting_weights(t.init_from, option="train sr --init-from", accepts=SR_DENOISER,
+                               needs="SR latent diffusion weights (a `train sr` output folder or its "
+                                     "sr_model.safetensors)")  # fmt: skip
     vae_cfg, vae_tensors = load_vae_weights(t.vae_weights)
     if vae_cfg:
         cfg = replace(cfg, vae=load_config(vae_cfg, type(cfg.vae)))

@@ -5,6 +5,7 @@
   place in a launch are :mod:`DiffusionCore.devices`, the training volumes :mod:`DiffusionCore.inputs`;
 * :mod:`.logger` - ``metrics.jsonl`` (always) and TensorBoard (when installed);
 * :mod:`.stop` - clean stop on Ctrl+C, SIGTERM or a STOP file;
+* :mod:`.starting_weights` - ``--init-from`` refuses weights of another model, naming what they hold;
 * :mod:`.augment` - reproducible 3D augmentation (crop, flip, rotation/zoom, elastic, HU jitter).
 """
 

@@ -14,7 +14,9 @@ Layout of a training output folder::
 A checkpoint is assembled in a hidden temporary folder beside the final one and renamed into place in one
 step; ``latest.json`` is then replaced atomically. A crash at any moment leaves the previous checkpoint and
 ``latest.json`` intact, and :func:`find_latest` only ever returns complete checkpoints. Non-tensor state is
-stored as JSON in the safetensors header; nothing is pickled.
+stored as JSON in the safetensors header; nothing is pickled. ``--resume`` goes through
+:func:`resumable_checkpoint`, which also checks every file against its sha256 and passes over a damaged latest
+checkpoint (a disk that filled up, a copy cut short) for the newest intact one, with a warning.
 
 Resuming restores the torch (CPU and CUDA), NumPy and Python global RNG states, and optionally named
 ``numpy.random.Generator`` / ``torch.Generator`` objects, so the next optimizer step is bit-identical to
@@ -31,7 +33,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +43,9 @@ from torch import nn
 
 from ..config import config_to_dict
 from ..errors import InputError, NumericalError, OutputError, WeightsError
-from ..files import shared_mode, write_json_atomic
+from ..files import sha256_file, shared_mode, write_json_atomic
 from ..nn.architecture import load_state
-from ..weights.registry import load_safetensors, save_safetensors
+from ..weights.registry import load_safetensors, read_safetensors_header, save_safetensors
 from .numerics import nonfinite_tensors
 
 logger = logging.getLogger(__name__)
@@ -418,6 +420,59 @@ def find_latest(out_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def checkpoint_damage(ckpt: str | os.PathLike) -> str | None:
+    """Why the checkpoint folder ``ckpt`` cannot be resumed from, or None when it is intact: its ``state.json`` is
+    missing or unreadable, or a file it lists is missing, not a complete safetensors file, or fails its sha256 (a
+    disk that filled up, a copy cut short, a file edited by hand). Reads every file once; unpickles nothing."""
+    ckpt = Path(ckpt)
+    state = _read_json(ckpt / STATE_FILE)
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or not isinstance(state.get("step"), int):
+        what = "is unreadable" if (ckpt / STATE_FILE).is_file() else "is missing"
+        return f"{ckpt / STATE_FILE} {what}"
+    for name, expected in state["files"].items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            read_safetensors_header(path)
+        except WeightsError as exc:  # "<path> is truncated (...): the download ..." -> "<path> is truncated (...)"
+            return f"{path} {str(exc).removeprefix(str(path)).split(':')[0].strip()}"
+        if sha256_file(path) != str(expected).lower():
+            return f"{path} fails its sha256 check (it changed after it was written)"
+    return None
+
+
+def resumable_checkpoint(out_dir: str | os.PathLike, *, warn: bool = True) -> Path | None:
+    """The checkpoint ``--resume`` continues from: the newest intact one in ``out_dir`` (:func:`checkpoint_damage`).
+
+    Newer checkpoints that are damaged are passed over; with ``warn`` a warning names each damaged file and the
+    checkpoint used instead (every family resumes through this function, so they all say the same).
+
+    Returns:
+        The checkpoint folder, or None when ``out_dir`` holds no checkpoint at all.
+
+    Raises:
+        WeightsError: ``out_dir`` holds checkpoints but none of them is intact.
+    """
+    out = Path(out_dir)
+    damaged: list[str] = []
+    for _, ckpt in reversed(_checkpoint_dirs(out)):
+        problem = checkpoint_damage(ckpt)
+        if problem is None:
+            if damaged and warn:
+                logger.warning("--resume: the latest checkpoint is damaged (%s); resuming from %s (step %d) "
+                               "instead: the steps after it are trained again", "; ".join(damaged), ckpt,
+                               int(_read_json(ckpt / STATE_FILE)["step"]))  # fmt: skip
+            return ckpt
+        damaged.append(problem)
+    if damaged:
+        raise WeightsError(
+            f"--resume: no intact checkpoint in {out} ({'; '.join(damaged)}): the run cannot be continued; start it "
+            "again with --overwrite, or train into another --out-dir"
+        )
+    return None
+
+
 def _resolve_checkpoint(ckpt_dir: str | os.PathLike) -> Path:
     p = Path(ckpt_dir)
     if (p / STATE_FILE).is_file():
@@ -602,9 +657,13 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
 
 
 def recorded_config(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The settings the run in ``out_dir`` was checkpointed with (its latest checkpoint's ``state.json``), or None
-    when it holds no checkpoint: what ``--resume`` without ``--config`` continues with."""
-    latest = find_latest(out_dir)
+    """The settings the run in ``out_dir`` was checkpointed with (the ``state.json`` of the checkpoint ``--resume``
+    continues from, :func:`resumable_checkpoint`), or None when it holds no intact checkpoint: what ``--resume``
+    without ``--config`` continues with."""
+    try:
+        latest = resumable_checkpoint(out_dir, warn=False)
+    except WeightsError:  # none intact: the resume itself says so
+        return None
     return None if latest is None else _recorded_in(latest)
 
 
@@ -616,7 +675,7 @@ def _recorded_in(checkpoint: Path) -> dict[str, Any] | None:
 def resumed_settings(resume: bool, out_dir: str | os.PathLike | None) -> dict[str, Any] | None:
     """For ``--resume`` without ``--config``: the run's recorded settings (:func:`recorded_config`), said in the log;
     None otherwise (then the family's defaults apply, as for a new run)."""
-    latest = find_latest(out_dir) if resume and out_dir else None
+    latest = resumable_checkpoint(out_dir, warn=False) if resume and out_dir else None  # the resume warns of damage
     config = None if latest is None else _recorded_in(latest)
     if config is not None:
         logger.info("--resume without --config: continuing with the settings the run recorded (%s)",
@@ -630,14 +689,65 @@ def nothing_to_resume(out_dir: str | os.PathLike) -> InputError:
     return InputError(f"--resume: no checkpoint in {out_dir}; check the folder's name, or start without --resume")
 
 
+def volume_record(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The training volumes as a checkpoint records them (``extra["data"]``): absolute paths, in order, once each."""
+    return list(dict.fromkeys(str(Path(p).expanduser().resolve()) for p in paths))
+
+
+def warn_resumed_data(recorded: Sequence[str] | None, current: Sequence[str], checkpoint: str | os.PathLike
+                      ) -> tuple[list[str], list[str]]:  # fmt: skip
+    """Warn when a run is resumed on other training volumes than those it recorded (``recorded``; None: a checkpoint
+    that recorded none, so nothing to compare): the volumes added and those dropped. Training goes on with
+    ``current`` from this step on, which may be meant (more data) or not (a mistyped folder, another cohort).
+
+    Returns:
+        ``(added, dropped)``.
+    """
+    if recorded is None:
+        return [], []
+    added = [v for v in current if v not in set(recorded)]
+    dropped = [v for v in recorded if v not in set(current)]
+
+    def listed(volumes: list[str]) -> str:
+        return ", ".join(volumes[:8]) + (f" and {len(volumes) - 8} more" if len(volumes) > 8 else "")
+
+    if added or dropped:
+        said = [f"added {listed(added)}"] if added else []
+        said += [f"dropped {listed(dropped)}"] if dropped else []
+        logger.warning("resuming with other training data than the run recorded (%s): %s; from this step on it "
+                       "trains on the %d volume(s) given", checkpoint, "; ".join(said), len(current))  # fmt: skip
+    return added, dropped
+
+
+def _data_entry(entry: Any) -> str:
+    """A ``data`` entry of a config (a path, a folder, a list file or a sample's name) as :func:`volume_record` keeps
+    a path, so that ``a.nii.gz`` and ``./a.nii.gz`` are the same volume."""
+    path = Path(str(entry)).expanduser()
+    return str(path.resolve()) if path.exists() else str(entry)
+
+
+def _pop_data(config: dict) -> list[str] | None:
+    """Take the training-data list out of a JSON-ready config (``data`` or ``train.data``; None when it has none):
+    resuming compares it volume by volume (:func:`warn_resumed_data`), not as one setting."""
+    for section in (config, config.get("train")):
+        if isinstance(section, dict) and isinstance(section.get("data"), list):
+            return [_data_entry(e) for e in section.pop("data")]
+    return None
+
+
 def warn_resumed_config(state: dict, current: Any, checkpoint: str | os.PathLike) -> list[str]:
     """Warn when a run is resumed with settings other than those it was checkpointed with (``state["config"]``,
     from :func:`load_training_state`): they apply from here on, which may be meant (a lower learning rate) or not
-    (another config file by mistake). Returns the differences."""
-    saved = state.get("config") or {}
+    (another config file by mistake). Training data listed in the config (``train.data``) is compared volume by
+    volume (:func:`warn_resumed_data`). Returns the differences."""
+    saved = config_to_dict(state.get("config") or {})  # a copy: the data list is taken out of it
     if not saved:
         return []
-    differences = config_differences(saved, config_to_dict(current))
+    now = config_to_dict(current)
+    saved_data, current_data = _pop_data(saved), _pop_data(now)
+    if saved_data is not None and current_data is not None:
+        warn_resumed_data(saved_data, current_data, checkpoint)
+    differences = config_differences(saved, now)
     if differences:
         shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
         logger.warning(

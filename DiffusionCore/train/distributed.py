@@ -61,14 +61,46 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float = 180
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, is_main=rank == 0)
 
 
+def _plain_strides(sizes: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(sizes):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(strides))
+
+
+def settle_ambiguous_strides(model: nn.Module) -> int:
+    """Give each parameter outside a convolution that ``channels_last`` left with odd strides on its size-1
+    dimensions the plain strides of a contiguous tensor; returns how many. Values and memory order stay as they are.
+
+    ``model.to(memory_format=torch.channels_last)`` turns a ``(1, C, 1, 1)`` parameter (the through-plane predictor's
+    factor embedding) into strides ``(C, 1, C, C)``, where a contiguous one has ``(C, 1, 1, 1)``: the same memory.
+    DDP lays out each gradient bucket view with its parameter's strides, while the gradient of such a parameter (a
+    sum over the broadcast dimensions) comes with the plain ones, so every process warned "Grad strides do not match
+    bucket view strides" at its first backward pass. Convolution weights keep theirs: a convolution picks its memory
+    format from its weight, and their gradients come in the weight's layout.
+    """
+    settled = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_contiguous() and param.stride() != _plain_strides(param.shape):
+                param.data = param.data.clone(memory_format=torch.contiguous_format)  # same values, same order
+                settled += 1
+    return settled
+
+
 def wrap_model(model: nn.Module, info: DistInfo, **ddp_kwargs) -> nn.Module:
     """``DistributedDataParallel(model)`` when several processes train, else the model itself.
 
     The model must already be on ``info.device``. Extra keyword arguments go to DDP (e.g.
-    ``find_unused_parameters=True`` for models with conditional branches).
+    ``find_unused_parameters=True`` for models with conditional branches). Parameters whose strides are ambiguous
+    (:func:`settle_ambiguous_strides`) get the plain ones first, so that DDP's bucket views match their gradients.
     """
     if not info.distributed:
         return model
+    settle_ambiguous_strides(model)
     if info.device.type == "cuda":
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index], output_device=info.device.index, **ddp_kwargs

@@ -96,11 +96,30 @@ def complete_configs(configs: list[XrayStageConfig]) -> list[XrayStageConfig]:
     return [by_stage.get(s) or load_stage_config(f"stage{s}") for s in range(1, top + 1)]
 
 
-def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> list[dict[int, np.ndarray]]:
-    """Cubes from a ``prepare-xray-data`` folder (manifest.json) or from CT volumes."""
+def _is_prepared(data: Any) -> bool:
+    return isinstance(data, str | os.PathLike) and (Path(data) / MANIFEST).is_file()
+
+
+def training_volumes(data: Any) -> list[str]:
+    """The CTs a run on ``data`` trains on, as its checkpoints record them (``extra["data"]``): the volumes found (see
+    :func:`~DiffusionCore.inputs.collect_volumes`), or a ``prepare-xray-data`` folder's cases by their source CT."""
+    from ..train.checkpoint import volume_record
+
+    if _is_prepared(data):
+        cases = json.loads((Path(data) / MANIFEST).read_text())["cases"]
+        return [str(case.get("source") or Path(data) / f"case {i}") for i, case in enumerate(cases)]
+    from ..inputs import collect_volumes
+
+    return volume_record(collect_volumes(data))
+
+
+def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float,
+                        volumes: list[str] | None = None) -> list[dict[int, np.ndarray]]:  # fmt: skip
+    """Cubes from a ``prepare-xray-data`` folder (manifest.json) or from CT volumes (``volumes``: those
+    :func:`training_volumes` found in ``data`` already, so that they are not looked for twice)."""
     from ..volume import read_volume
 
-    if isinstance(data, str | os.PathLike) and (Path(data) / MANIFEST).is_file():
+    if _is_prepared(data):
         root = Path(data)
         manifest = json.loads((root / MANIFEST).read_text())
         if abs(float(manifest["fov_mm"]) - fov_mm) > 1e-3:
@@ -126,7 +145,8 @@ def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> lis
 
     # folders, list files, volume files, samples' names; a CT too small for the cube stops the run if named, else it
     # is passed over
-    return load_cubes(collect_volumes(data), resolutions, fov_mm, named=named_volumes(data))
+    paths = [Path(v) for v in volumes] if volumes is not None else collect_volumes(data)
+    return load_cubes(paths, resolutions, fov_mm, named=named_volumes(data))
 
 
 def patch_origin(cfg: XrayStageConfig, generator: torch.Generator | None = None) -> tuple[int, int, int]:
@@ -422,15 +442,17 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
         ConfigError, InputError, WeightsError: bad configs, data or starting weights.
     """
     from ..train.checkpoint import (
-        find_latest,
         load_training_state,
         nothing_to_resume,
+        resumable_checkpoint,
         save_training_state,
         warn_resumed_config,
+        warn_resumed_data,
     )
     from ..train.distributed import all_reduce_mean, cleanup, init_distributed, wrap_model
     from ..train.ema import EMA_MODEL, ParameterEMA
     from ..train.logger import TrainLogger
+    from ..train.starting_weights import XRAY, check_starting_weights
     from ..train.stop import StopFlag
 
     configs = complete_configs(opts.configs)
@@ -440,6 +462,10 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     top = configs[-1]
     tcfg = top.training
     check_training_numbers(tcfg, "training.")
+    starts = [(f"--stage{s}-checkpoint", src) for s, src in sorted(opts.stage_checkpoints.items())]
+    for option, source in [*starts, ("--init-from", opts.load_all_stages)]:
+        check_starting_weights(source, option=f"train xray {option}", accepts=XRAY,
+                               needs="X-ray to CT weights (e.g. xray-default)")  # fmt: skip
     info = init_distributed(opts.device)
     torch.manual_seed(tcfg.seed + info.rank)
     rng = np.random.default_rng(tcfg.seed + info.rank)
@@ -496,7 +522,9 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     max_steps = opts.max_steps or tcfg.max_steps or tcfg.epochs * tcfg.steps_per_epoch
     out_dir = Path(opts.output_dir)
     resolutions = sorted({c.resolution for c in configs[: top.stage]})
-    cubes = load_training_cubes(opts.data, resolutions, top.data.fov_mm)
+    volumes = training_volumes(opts.data)
+    cubes = load_training_cubes(opts.data, resolutions, top.data.fov_mm,
+                                volumes=None if _is_prepared(opts.data) else volumes)  # fmt: skip
     r1 = configs[0].resolution
     mean_hu = np.mean([c[r1] for c in cubes], axis=0)
     cascade.set_mean_ct(hu_to_unit(torch.from_numpy(mean_hu))[None, None])
@@ -508,7 +536,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     step, epoch = 0, 0
     config_dict = {"configs": [config_to_dict(c) for c in configs], "trained": trained}
     if opts.resume:
-        latest = find_latest(out_dir)
+        latest = resumable_checkpoint(out_dir, warn=info.is_main)  # the newest intact one (a damaged one is named)
         if latest is None:
             raise nothing_to_resume(out_dir)
         else:
@@ -517,6 +545,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
                                         map_location=info.device)  # fmt: skip
             if info.is_main:
                 warn_resumed_config(state, config_dict, latest)
+                warn_resumed_data((state["extra"] or {}).get("data"), volumes, latest)
             step, epoch = int(state["step"]), int(state["epoch"])
             if info.rank > 0:  # the checkpoint holds rank 0's random streams; the others draw their own
                 rng = np.random.default_rng([tcfg.seed, info.rank, step])
@@ -537,7 +566,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
             saved_step = step
             save_training_state(out_dir, step=step, epoch=epoch, models=models,
                                 optimizers={"opt": opt}, schedulers={"lr": sched}, config=config_dict,
-                                extra={"trained": trained}, generators={"data": rng},
+                                extra={"trained": trained, "data": volumes}, generators={"data": rng},
                                 keep=tcfg.keep_checkpoints)  # fmt: skip
 
     stopped = None
