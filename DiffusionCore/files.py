@@ -183,7 +183,8 @@ def _file_identity(path: PathLike) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterable[tuple[str, PathLike | None]]) -> None:
+def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterable[tuple[str, PathLike | None]],
+                              overwrite_option: str | None = "--overwrite") -> None:
     """Refuse, whatever ``--overwrite`` says, any output that is an input file or lies inside an input folder,
     and two outputs that are one file. Called by every command with all its planned outputs before any work.
 
@@ -197,10 +198,13 @@ def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterab
             ``None`` and paths that do not exist (sample names) are skipped.
         outputs: ``(what, path)`` for every file the command will write, e.g. ``("--report", "r.json")``;
             ``what`` starts the message (``"the output"``, ``"--report"``). ``None`` paths are skipped.
+        overwrite_option: the front end's option that replaces outputs, which the message says does not lift the
+            refusal; ``None`` for a front end without one (the Slicer CLI modules, which replace their outputs).
 
     Raises:
         OutputError: exit code 4; the message names the output, the input and what to do.
     """
+    even = f" even with {overwrite_option}" if overwrite_option else ""
     files: dict[tuple[int, int], Path] = {}
     folders: dict[tuple[int, int], Path] = {}
     for item in inputs:
@@ -229,14 +233,14 @@ def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterab
             same = "" if os.path.abspath(out) == os.path.abspath(files[ident]) else " (the same file under another name)"
             raise OutputError(
                 f"{what} {out} is the input {files[ident]}{same}: writing it would destroy the input, so it is "
-                f"refused even with --overwrite. Choose another path for {what}."
+                f"refused{even}. Choose another path for {what}."
             )
         real = Path(os.path.realpath(out))  # links and '..' resolved the way the file would be opened
         for folder in (real, *real.parents):
             if (ident := _file_identity(folder)) in folders:
                 raise OutputError(
                     f"{what} {out} lies inside the input folder {folders[ident]}: writing there would change "
-                    "the input series, so it is refused even with --overwrite. Choose a path outside it."
+                    f"the input series, so it is refused{even}. Choose a path outside it."
                 )
         key = os.path.normcase(str(real))
         if key in seen:

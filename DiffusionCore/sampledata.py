@@ -602,9 +602,11 @@ def cache_state(name: str) -> str:
 _KIND_WORDS = {"ct": ("CT", "CT volume"), "radiograph": ("radiograph", "radiograph")}
 
 
-def sample_or_path(name_or_path: str | os.PathLike, kind: str) -> Path:
-    """A path as given, or, for the name of a sample of ``kind`` (``"ct"`` or ``"radiograph"``) that is no path
-    here, that sample's file (fetched and sha256-checked): what the commands take where they take a file.
+def sample_named(name_or_path: str | os.PathLike, kind: str) -> str | None:
+    """The name of the sample of ``kind`` (``"ct"`` or ``"radiograph"``) that ``name_or_path`` names, or None for a
+    path: one that exists here, has a folder in it, or is no sample's name and does not look like a mistyped one.
+    What :func:`sample_or_path` decides, without fetching anything (a Slicer panel checks its fields with it before
+    its job starts; the job fetches).
 
     Raises:
         InputError: the name of a sample of the other kind (the message names the samples of this kind), or a path
@@ -615,7 +617,7 @@ def sample_or_path(name_or_path: str | os.PathLike, kind: str) -> Path:
     name = str(name_or_path)
     plain_name = isinstance(name_or_path, str) and "/" not in name and os.sep not in name
     if p.exists() or p.expanduser().exists() or not plain_name:
-        return p
+        return None
     if name not in SAMPLES:
         wanted = [n for n, s in SAMPLES.items() if s.kind == kind]
         close = difflib.get_close_matches(name, wanted, n=1)
@@ -623,12 +625,51 @@ def sample_or_path(name_or_path: str | os.PathLike, kind: str) -> Path:
             meant = f" (did you mean {close[0]}?)" if close else ""
             raise InputError(f"{name} does not exist and is not a sample name{meant}. Check the path (and quote it "
                              f"if it contains spaces); {_KIND_WORDS[kind][0]} sample names: {', '.join(wanted)}")
-        return p
+        return None
     if SAMPLES[name].kind != kind:
         wanted = ", ".join(n for n, s in SAMPLES.items() if s.kind == kind)
         raise InputError(f"{name} is a {_KIND_WORDS[SAMPLES[name].kind][0]} sample, and a {_KIND_WORDS[kind][1]} is "
                          f"needed here: use {wanted}, or a file of your own")
-    return Path(fetch(name))
+    return name
+
+
+def sample_or_path(name_or_path: str | os.PathLike, kind: str) -> Path:
+    """A path as given, or, for the name of a sample of ``kind`` (``"ct"`` or ``"radiograph"``) that is no path
+    here, that sample's file (fetched and sha256-checked): what the commands take where they take a file.
+
+    Raises:
+        InputError: as :func:`sample_named` (a sample of the other kind, a mistyped sample name).
+    """
+    name = sample_named(name_or_path, kind)
+    return Path(name_or_path) if name is None else Path(fetch(name))
+
+
+def data_entries(text: str | os.PathLike, kind: str = "ct") -> list[str]:
+    """The entries of a one-line data field (the Slicer training panel's data, its DiffusionTrain CLI's ``--data``)
+    as ``train --data`` takes them: the whole text when it is a path here (a folder, list file or volume, spaces and
+    all), else its space-separated entries (a path that holds spaces quoted), each a path here or the name of a
+    sample of ``kind`` (``chest-lidc chest-dx``). Checked as :func:`sample_named` checks names, without fetching.
+
+    Raises:
+        InputError: nothing given, an unclosed quote, or an entry that is neither a path here nor a sample's name.
+    """
+    import shlex
+
+    whole = str(text).strip()
+    if not whole:
+        raise InputError(f"no data given: choose a folder of {_KIND_WORDS[kind][1]}s, a list file, or sample names")
+    if Path(whole).expanduser().exists():
+        return [whole]
+    try:
+        entries = shlex.split(whole)
+    except ValueError as exc:
+        raise InputError(f"the data {whole!r} cannot be read ({exc}): check its quotes") from None
+    wanted = ", ".join(n for n, s in SAMPLES.items() if s.kind == kind)
+    for entry in entries:
+        if sample_named(entry, kind) is None and not Path(entry).expanduser().exists():
+            raise InputError(f"{entry} does not exist and is not a sample name. Check the path (and quote it if it "
+                             f"contains spaces); {_KIND_WORDS[kind][0]} sample names: {wanted}")
+    return entries
 
 
 def load_reference(name_or_path: str | os.PathLike):

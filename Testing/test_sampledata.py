@@ -154,6 +154,25 @@ def test_commands_take_a_sample_name_where_they_take_a_file(fake_sample, cache_h
     assert not (tmp_path / "out.nii.gz").exists()
 
 
+def test_a_one_line_data_field_names_folders_or_sample_names_as_train_data_takes_them(fake_sample, cache_home, tmp_path):
+    """The Slicer training panel has one text field for `train --data`: a folder (spaces and all), or sample names and
+    paths separated by spaces. Its entries are checked as sample_or_path checks names, and nothing is fetched (the
+    training job fetches)."""
+    from DiffusionCore.sampledata import data_entries
+
+    folder = tmp_path / "my scans"
+    folder.mkdir()
+    assert data_entries(f"  {folder} ") == [str(folder)]  # a path here: the whole text
+    assert data_entries(f"fake-ct '{folder}' chest-dx") == ["fake-ct", str(folder), "chest-dx"]
+    assert not (cache_home / "sample-data" / "fake-ct").exists()  # checked, not fetched
+    for text, said in (("fake-ct cxr-pa", "cxr-pa is a radiograph sample, and a CT volume is needed here"),
+                       ("chest-foo", r"chest-foo does not exist and is not a sample name \(did you mean chest-dx\?\)"),
+                       (f"{tmp_path / 'gone'} fake-ct", f"{tmp_path / 'gone'} does not exist and is not a sample name"),
+                       ("'fake-ct", "cannot be read .*check its quotes"), ("  ", "no data given")):  # fmt: skip
+        with pytest.raises(InputError, match=said):
+            data_entries(text)
+
+
 def test_a_mistyped_sample_name_is_answered_with_the_sample_names(cache_home, tmp_path, monkeypatch, capsys):
     """`sr chest-foo x.nii.gz` said only "chest-foo does not exist. Check the path", while `sample-data chest-foo`
     listed the valid names: a missing path that looks like a sample's name (no folder in it, and no suffix or close

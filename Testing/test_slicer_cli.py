@@ -311,6 +311,33 @@ def test_sr_cli_goes_on_without_adaptation_for_weights_without_a_predictor(scene
     assert (tmp_path / "out.nrrd").exists()
 
 
+def test_sr_cli_says_once_that_diffusion_options_do_nothing_with_the_shipped_weights(scene, tmp_path):
+    """Run as Slicer runs it with the shipped sr-default (a through-plane predictor, no diffusion stage): a guidance
+    scale, patch size and overlap set away from their defaults are named in one line as having no effect, and the
+    result is the one without them; at their defaults nothing is said. Steps and samples, which it cannot give, are
+    refused in this CLI's own names (the engine's refusal names the sr command's --num-steps)."""
+    inp = write_like_slicer(scene, mrml_io.add_volume_node(scene, phantom_ct(), "CT_01"), tmp_path / "input.nrrd")
+    base = {"inputVolume": inp, "factor": 2, "device": "cpu", "noAdapt": True}
+    results = {}
+    for run, options in (("set", {"guidanceScale": 3.0, "patchSize": "8,32,32", "overlap": "2,8,8"}), ("default", {})):
+        proc, _ = run_like_slicer(slicer_command_line(
+            "CTDiffusionSRBatch", {**base, **options, "outputVolume": tmp_path / f"{run}.nrrd"}))  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        said = [line for line in proc.stderr.splitlines() if "no effect" in line]
+        expected = ["warning: --guidanceScale, --patchSize and --overlap have no effect with the weights sr-default: "
+                    "they act on the latent diffusion stage alone, and these weights are a through-plane predictor "
+                    "without one"] if options else []  # fmt: skip
+        assert said == expected, proc.stderr
+        results[run] = mrml_io.volume_from_node(read_like_slicer(scene, tmp_path / f"{run}.nrrd", run)).array
+    np.testing.assert_array_equal(results["set"], results["default"])
+    proc, _ = run_like_slicer(slicer_command_line(
+        "CTDiffusionSRBatch", {**base, "numSteps": 3, "outputVolume": tmp_path / "steps.nrrd"}))  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert "so --numSteps 3 cannot be used. Set numSteps to 0" in errors[0] and "--num-steps" not in errors[0]
+    assert not (tmp_path / "steps.nrrd").exists()
+
+
 def test_sr_cli_failure_is_one_error_line_with_the_error_code(scene, tmp_path):
     node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_01")
     inp = write_like_slicer(scene, node, tmp_path / "input.nrrd")
@@ -404,6 +431,33 @@ def test_xray_cli_runs_as_slicer_runs_it(scene, tmp_path):
     assert len(ret["projectionErrors"].split(",")) == 2 and ret["modelName"].startswith("tiny-test-model")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["fov_source"].startswith("pixel spacing")  # the 5 mm header spacing reached the model
+
+
+def test_xray_cli_prints_the_reference_scores_with_or_without_a_report_file(scene, tmp_path):
+    """With a reference CT the run scores its result (3D PSNR, 3D SSIM); without --reportFile those figures were
+    computed and thrown away. They are printed on stdout, the output a CLI module's user sees, either way."""
+    import SimpleITK as sitk
+
+    from DiffusionCore.volume import read_volume
+    from DiffusionCore.xray.evaluate import reference_scores
+
+    image = sitk.GetImageFromArray((phantom_radiograph(64) * 3000).astype(np.float32))
+    image.SetSpacing((5.0, 5.0))
+    sitk.WriteImage(image, str(tmp_path / "radiograph.mha"))
+    reference = write_like_slicer(scene, mrml_io.add_volume_node(scene, phantom_ct(shape=(12, 32, 32), spacing=(8.0, 8.0, 8.0)),
+                                                                 "reference"), tmp_path / "reference.nrrd")  # fmt: skip
+    for report in ("", tmp_path / "report.json"):
+        out = tmp_path / f"ct{'_reported' if report else ''}.nrrd"
+        proc, _ = run_like_slicer(slicer_command_line("XrayToCTGenerate", {
+            "inputRadiograph": tmp_path / "radiograph.mha", "outputVolume": out, "referenceVolume": reference,
+            "numStages": 1, "numSteps": 1, "device": "cpu", "tinyTestModel": True, "reportFile": report}))  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        scores = reference_scores(read_volume(out), read_volume(reference))
+        lines = proc.stdout.splitlines()
+        start = lines.index(f"reference scores against {reference} (its body-centred cube, HU clipped to [-1024, 2048]):")
+        assert lines[start + 1:start + 3] == [f"  3D PSNR  {scores['psnr']:.2f} dB", f"  3D SSIM  {scores['ssim']:.3f}"]
+        if report:
+            assert json.loads(report.read_text())["reference_metrics"] == pytest.approx(scores, rel=1e-4)
 
 
 def _train_registered() -> bool:

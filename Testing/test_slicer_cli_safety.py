@@ -118,6 +118,40 @@ def test_sr_cli_refuses_an_output_that_hits_an_input_or_a_folder_before_any_work
     assert_refused_before_any_work(proc, code, words, tmp_path, before)
 
 
+def test_the_cli_modules_refuse_writing_over_an_input_without_naming_an_overwrite_option_they_lack(tmp_path, ct_file,
+                                                                                                     radiograph_file):
+    """The core's refusal says "refused even with --overwrite"; the CLI modules have no --overwrite (they replace their
+    outputs), so their users read of an option they cannot find. Their refusal names what to do instead, choosing
+    another path, and the sr command keeps its own words."""
+    from conftest import write_dicom_series
+
+    series = tmp_path / "series"
+    write_dicom_series(series, phantom_ct())
+    runs = (
+        (SR, {"inputVolume": ct_file, "outputVolume": ct_file, "factor": 2, "tinyTestModel": True},
+         f"the output {ct_file} is the input {ct_file}: writing it would destroy the input, so it is refused. Choose "
+         "another path for the output."),
+        (SR, {"inputVolume": series, "outputVolume": tmp_path / "out.nrrd", "reportFile": series / "report.json",
+              "factor": 2, "tinyTestModel": True},
+         f"--reportFile {series / 'report.json'} lies inside the input folder {series}: writing there would change the "
+         "input series, so it is refused. Choose a path outside it."),
+        (XRAY, {"inputRadiograph": radiograph_file, "outputVolume": tmp_path / "ct.nrrd", "reportFile": radiograph_file,
+                "tinyTestModel": True},
+         f"--reportFile {radiograph_file} is the input {radiograph_file}: writing it would destroy the input, so it is "
+         "refused. Choose another path for --reportFile."),
+    )  # fmt: skip
+    for name, values, said in runs:
+        before = files_in(tmp_path)
+        proc, _ = run_like_slicer(slicer_command_line(name, {"device": "cpu", **values}))
+        assert_refused_before_any_work(proc, 4, (said,), tmp_path, before)
+        assert "overwrite" not in proc.stderr.lower()
+    core = subprocess.run([sys.executable, "-m", "DiffusionCore", "sr", str(ct_file), str(ct_file), "--overwrite",
+                           "--tiny-test-model"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert core.returncode == 4 and error_lines(core.stderr) == [
+        f"error: the output {ct_file} is the input {ct_file}: writing it would destroy the input, so it is refused even "
+        "with --overwrite. Choose another path for the output."], core.stderr  # fmt: skip
+
+
 def test_sr_cli_as_readme_shows_it_refuses_its_input_as_output_and_replaces_its_own_output(tmp_path, ct_file):
     """``python CTDiffusionSRBatch.py --factor 2 --noAdapt in.nrrd in.nrrd`` replaced the scan with its result (exit
     0). The output Slicer asks for is still replaced, sidecar and all: Slicer re-runs into the same node."""

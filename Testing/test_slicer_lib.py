@@ -637,6 +637,25 @@ def test_sr_job_refuses_steps_and_samples_that_predictor_weights_cannot_give(sce
                                   device="cpu"))  # fmt: skip
 
 
+def test_sr_job_says_that_diffusion_options_do_nothing_with_the_shipped_weights(scene):
+    """Guidance scale, Patch size and Overlap act on a diffusion stage, and the shipped sr-default (the preselected
+    weights) has none: set away from their defaults, the panel says after the job, in one notice, that they had no
+    effect; the job still makes its result. At their defaults it says nothing."""
+    node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_09")
+    settings = SRSettings(factor=2, guidance=3.0, patch_size=(8, 32, 32), overlap=(2, 8, 8), adapt_to_scan=False,
+                          device="cpu")  # fmt: skip
+    job = SRJob(scene, node, settings)
+    assert job.notices == ["Guidance scale, Patch size and Overlap have no effect with the weights sr-default: they "
+                           "act on the latent diffusion stage alone, and these weights are a through-plane predictor "
+                           "without one."]  # fmt: skip
+    assert job.run(timeout=240) == JobState.COMPLETED, job.error
+    assert job.result_nodes[0].GetName() == "CT_09 SR x2 (synthetic)"
+    assert SRJob(scene, node, SRSettings(factor=2, guidance=3.0, weights="sr-default", device="cpu")).notices == [
+        "Guidance scale has no effect with the weights sr-default: it acts on the latent diffusion stage alone, and "
+        "these weights are a through-plane predictor without one."]  # fmt: skip
+    assert SRJob(scene, node, SRSettings(factor=2, device="cpu")).notices == []
+
+
 def test_sr_job_passes_the_dicom_series_slice_thickness_and_the_log_names_an_overlapping_one(
     scene, tmp_path, monkeypatch
 ):
@@ -830,6 +849,33 @@ def test_training_job_plots_metrics_and_stop_requests_a_clean_end(scene, tmp_pat
 def test_training_job_refuses_missing_data(scene, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         TrainingJob(scene, family="sr", config_path="c.json", data=tmp_path / "nope", output_dir=tmp_path)
+
+
+def test_the_training_panel_takes_ct_sample_names_as_the_train_command_does(scene, tmp_path):
+    """`train throughplane --data chest-lidc chest-dx` trains on the two sample CTs; the panel refused the same names
+    as "does not exist". Typed into its data field they start a real run that trains on both (DiffusionTrain hands
+    them to the train command as two --data values); a mistyped name and a radiograph sample are refused at once, in
+    the command's words."""
+    from CTDiffusionSRLib.training import run_config
+
+    from DiffusionCore.sampledata import cache_state
+
+    if any(cache_state(name) != "cached" for name in ("chest-lidc", "chest-dx")):
+        pytest.skip("the chest-lidc and chest-dx samples are not cached here (python -m DiffusionCore sample-data)")
+    for data, said in (("chest-lidc chest-foo", r"chest-foo does not exist and is not a sample name \(did you mean "
+                                                r"chest-dx\?\).*CT sample names: chest-lidc, chest-dx"),
+                       ("cxr-pa", "cxr-pa is a radiograph sample, and a CT volume is needed here")):  # fmt: skip
+        with pytest.raises(InputError, match=f"training data: {said}"):
+            TrainingJob(scene, family="throughplane", config_path=None, data=data, output_dir=tmp_path / "x", resume=True)
+    out = tmp_path / "run"
+    config, _ = run_config("{}", out, resume=False)
+    lines: list[str] = []
+    job = TrainingJob(scene, family="throughplane", config_path=config, data=Path("chest-lidc chest-dx"), output_dir=out,
+                      device="cpu", extra_arguments="--max-steps 1 --batch-size 2", on_line=lines.append)  # fmt: skip
+    assert job.run(timeout=240) == JobState.COMPLETED, job.error
+    assert any("found 2 CT volume(s)" in line for line in lines), lines
+    assert any(line.startswith("info: chest-dx.nii.gz: train slices") for line in lines), lines
+    assert (out / "throughplane.safetensors").is_file()
 
 
 def test_dependency_installs_never_touch_slicers_numpy_or_simpleitk(tmp_path):

@@ -353,3 +353,37 @@ def test_command_line_mistakes_end_with_one_line_naming_the_commands_help(tmp_pa
         assert lines[0].endswith("; see python -m DiffusionCore sr --help")
     assert main(["train", "throughplane", "--data", "x"]) == 2
     assert capsys.readouterr().err.strip().endswith("see python -m DiffusionCore train throughplane --help")
+
+
+def test_options_of_a_diffusion_stage_are_said_once_to_do_nothing_with_the_shipped_weights(tmp_path):
+    """The shipped sr-default is a through-plane predictor with no diffusion stage: --guidance-scale, --use-patches,
+    --patch-size, --overlap and --tile-batch act on that stage alone. Given, they are named once for the whole batch,
+    in one line, and the volumes are written as without them; left out, nothing is said."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.nrrd", "b.nrrd"):
+        write_volume(thick_ct(shape=(4, 24, 32), seed=len(name)), src / name)
+    diffusion = ["--guidance-scale", "3", "--use-patches", "--patch-size", "8", "32", "32", "--overlap", "2", "8", "8",
+                 "--tile-batch", "2"]  # fmt: skip
+    outputs = {}
+    for run, options in (("given", diffusion), ("left-out", [])):
+        res = sr_command(str(src), str(tmp_path / run), "--weights", "sr-default", "--factor", "2", "--no-adapt",
+                         "--progress", "none", *options)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        said = [line for line in res.stderr.splitlines() if "no effect" in line]
+        outputs[run] = [read_volume(tmp_path / run / name).array for name in ("a.nrrd", "b.nrrd")]
+        if options:
+            assert said == ["warning: --guidance-scale, --use-patches, --patch-size, --overlap and --tile-batch have no "
+                            "effect with the weights sr-default: they act on the latent diffusion stage alone, and these "
+                            "weights are a through-plane predictor without one"], res.stderr
+            assert "using patches as requested" not in res.stderr
+        else:
+            assert said == [], res.stderr
+    for given, plain in zip(outputs["given"], outputs["left-out"]):
+        np.testing.assert_array_equal(given, plain)
+    one = sr_command(str(src / "a.nrrd"), str(tmp_path / "one.nrrd"), "--factor", "2", "--no-adapt", "--overlap", "2",
+                     "8", "8", "--progress", "none")  # the default weights, one option  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    assert [line for line in one.stderr.splitlines() if "no effect" in line] == [
+        "warning: --overlap has no effect with the weights sr-default: it acts on the latent diffusion stage alone, and "
+        "these weights are a through-plane predictor without one"]  # fmt: skip

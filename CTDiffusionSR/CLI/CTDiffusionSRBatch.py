@@ -142,6 +142,38 @@ def run_settings(settings: dict):
     return SRRunSettings(**{**settings, "adapt": adapt_settings(settings["adapt"])})
 
 
+#: How this CLI names the options of ``DiffusionCore.sr.pipeline.DIFFUSION_STAGE_SETTINGS`` it has.
+DIFFUSION_STAGE_FLAGS = {"guidance": "--guidanceScale", "patch_size": "--patchSize", "overlap": "--overlap"}
+
+
+def check_options_for_weights(args: argparse.Namespace, engine_settings, resolver) -> None:
+    """Options the chosen weights cannot act on, with this CLI's names for them: steps and samples (posterior
+    samples of a diffusion stage) are refused for weights without one (the engine's refusal names the ``sr``
+    command's options); the diffusion stage's own options (guidance, patches) are said, once and in one line, to
+    have no effect, and the run goes on.
+
+    Raises:
+        ConfigError: --numSteps above 0 or --numSamples above 1 with weights that have no diffusion stage.
+    """
+    from DiffusionCore.errors import ConfigError
+    from DiffusionCore.sr.pipeline import no_diffusion_stage_note
+
+    name = str(resolver.weights_name or args.weights or "default")
+    if not resolver.has_diffusion_stage:
+        asked = [f"{flag} {value}" for flag, value, on in (
+            ("--numSteps", args.numSteps, args.numSteps > 0), ("--numSamples", args.numSamples, args.numSamples > 1),
+        ) if on]  # fmt: skip
+        if asked:
+            raise ConfigError(
+                f"the weights {name} are a through-plane predictor without a diffusion stage: they give one "
+                f"deterministic estimate, so {' and '.join(asked)} cannot be used. Set numSteps to 0 and numSamples "
+                "to 1, or use weights with a diffusion stage."
+            )
+    unused = [DIFFUSION_STAGE_FLAGS.get(option, option) for option in resolver.unused_settings(engine_settings)]
+    if unused:
+        logger.warning("%s", no_diffusion_stage_note(unused, name))
+
+
 def check_outputs(args: argparse.Namespace) -> None:
     """Every file the run writes, checked before any work as ``sr`` checks its own (``plan_jobs``): no output, sidecar,
     report or return-parameter file may be an input (the volume, the weights) or another output, whatever is
@@ -158,7 +190,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     files = [("--reportFile", args.reportFile), ("--returnparameterfile", args.returnparameterfile)]
     files = [(what, path) for what, path in files if path]
     planned = [item for what, path in volumes for item in planned_outputs(path, False, what)]
-    refuse_overwriting_inputs([args.inputVolume, args.weights or None], [*planned, *files])
+    refuse_overwriting_inputs([args.inputVolume, args.weights or None], [*planned, *files], overwrite_option=None)
     for what, path in volumes:
         check_replaced_result(path, what)
     for _, path in files:  # files the user (or Slicer) named: replaced, but never a folder
@@ -217,6 +249,7 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
         )
     else:
         resolver = SuperResolver.from_pretrained(installed_default_weights())
+    check_options_for_weights(args, engine_settings, resolver)
     model_name = str(resolver.weights_name or args.weights or "default")
     progress = Progress("slicer")
     print("<filter-comment>super-resolving</filter-comment>", flush=True)

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", choices=FAMILIES, default="throughplane")
     p.add_argument("--config", default="", help="JSON or YAML training config")
-    p.add_argument("--data", default="", help="folder of CT volumes or a text file listing them")
+    p.add_argument("--data", default="",
+                   help="folder of CT volumes, a text file listing them, or CT sample names (chest-lidc chest-dx)")
     p.add_argument("--outputDirectory", default="", help="checkpoints, weights and logs go here")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the previous run in the output folder")
@@ -59,7 +60,7 @@ def train_argv(args: argparse.Namespace, supported: set[str]) -> list[str]:
             continue
         if flag not in supported:
             raise ValueError(f"'train {args.family}' has no {flag} option in this DiffusionCore; update the extension.")
-        argv += [flag, str(value)]
+        argv += [flag, *(data_entries(value) if flag == "--data" else [str(value)])]
     for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite)):
         if not on:
             continue
@@ -70,6 +71,23 @@ def train_argv(args: argparse.Namespace, supported: set[str]) -> list[str]:
         argv += ["--progress", "slicer"]
     argv += extra_options(args.extraArguments)
     return argv
+
+
+def data_entries(text: str) -> list[str]:
+    """The values of ``--data`` for the train command: a folder, list file or volume (the whole text, when it is a path
+    here), or CT sample names and paths separated by spaces (``chest-lidc chest-dx``), as the command line takes them
+    (:func:`DiffusionCore.sampledata.data_entries`).
+
+    Raises:
+        ValueError: an entry that is neither a path here nor a CT sample's name (the message says which).
+    """
+    from DiffusionCore.errors import InputError
+    from DiffusionCore.sampledata import data_entries as entries
+
+    try:
+        return entries(text, "ct")
+    except InputError as exc:
+        raise ValueError(f"--data: {exc}") from None
 
 
 #: Options the panel sets in fields of its own: given again in More options they would override those fields (the

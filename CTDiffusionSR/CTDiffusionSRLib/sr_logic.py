@@ -278,6 +278,32 @@ def sampling_problem(steps: int, num_samples: int, resolved, name: str) -> str:
     )
 
 
+#: How the panel names the options of ``DiffusionCore.sr.pipeline.DIFFUSION_STAGE_SETTINGS`` it has (its labels).
+DIFFUSION_STAGE_LABELS = {"guidance": "Guidance scale", "patch_size": "Patch size", "overlap": "Overlap"}
+
+
+def unused_options_notice(settings: SRSettings, resolved, name: str) -> str:
+    """What the panel says after a job whose settings set options that the chosen weights leave unused (``""``
+    otherwise): Guidance scale, Patch size and Overlap act on a diffusion stage alone, and weights that hold a
+    through-plane predictor alone (the shipped sr-default) have none (the engine's words,
+    :func:`DiffusionCore.sr.pipeline.no_diffusion_stage_note`, which the job's log shows too). Only options set away
+    from their default (0 = automatic) count."""
+    if resolved is None:
+        return ""
+    from DiffusionCore.errors import DiffusionCoreError
+    from DiffusionCore.sr.pipeline import diffusion_stage_settings, no_diffusion_stage_note
+    from DiffusionCore.sr.throughplane import COMPONENT
+
+    if resolved.metadata.get("component") != COMPONENT:
+        return ""
+    try:
+        unused = diffusion_stage_settings(settings.run_settings())  # 0 / (0, 0, 0): the default, not set
+    except DiffusionCoreError:  # settings the job refuses, with its own message
+        return ""
+    note = no_diffusion_stage_note([DIFFUSION_STAGE_LABELS.get(option, option) for option in unused], name)
+    return f"{note[0].upper()}{note[1:]}." if note else ""
+
+
 def _predictor_plan(node, settings: SRSettings, resolved):
     """``(factors, grid, thin grid, axis)`` of a run of the chosen weights' through-plane predictor on ``node``, or
     None when the weights hold no predictor (or are not here)."""
@@ -376,9 +402,10 @@ class SRJob(CLIJob):
             problem = sampling_problem(settings.steps, settings.num_samples, resolved, weights)
             if problem:
                 raise InputError(problem)
-            notice = missing_head_notice(input_node, settings, resolved, weights)
-            if notice:
-                self.notices.append(notice)
+            for notice in (missing_head_notice(input_node, settings, resolved, weights),
+                           unused_options_notice(settings, resolved, weights)):  # fmt: skip
+                if notice:
+                    self.notices.append(notice)
         self.input_node = input_node
         self.output_node = output_node
         self.settings = settings

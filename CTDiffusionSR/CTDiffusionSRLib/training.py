@@ -157,6 +157,23 @@ def run_config(text: str, output_dir: str | os.PathLike, resume: bool) -> tuple[
     return write_config_text(text, output_dir), False
 
 
+def training_data_entries(data: str | os.PathLike | None) -> list[str]:
+    """The training data the panel's field names, as ``train --data`` takes them: a folder of CT volumes, a list file or
+    a volume (the whole text, when it is a path here), or CT sample names and paths separated by spaces
+    (``chest-lidc chest-dx``), checked by :func:`DiffusionCore.sampledata.data_entries` without fetching (the training
+    command fetches a sample that is not cached yet).
+
+    Raises:
+        InputError: nothing chosen, or an entry that is neither a path here nor a CT sample's name.
+    """
+    from DiffusionCore.sampledata import data_entries
+
+    try:
+        return data_entries("" if data is None else data, "ct")
+    except InputError as exc:
+        raise InputError(f"training data: {exc}") from None
+
+
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "volume"
 
@@ -286,7 +303,7 @@ class TrainingJob(CLIJob):
         scene: MRML scene for the loss curve.
         family: "throughplane" (the shipped SR design), "sr", "vae" or "xray".
         config_path: JSON/YAML config file; None when resuming with the settings the run recorded.
-        data: a folder of CT volumes or a list file.
+        data: a folder of CT volumes, a list file, or CT sample names separated by spaces (``chest-lidc chest-dx``).
         output_dir: checkpoints, weights, TensorBoard and metrics go here.
         resume: continue from the latest checkpoint in ``output_dir``.
         overwrite: replace the previous run in ``output_dir`` (its checkpoints; its weights on export).
@@ -327,13 +344,12 @@ class TrainingJob(CLIJob):
             extra_arguments = f"--init-from {SHIPPED_WEIGHTS[family]} {extra_arguments}".strip()
         if family not in FAMILIES:
             raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}.")
-        if not data or not Path(data).exists():
-            raise InputError(f"training data {str(data)!r} does not exist; choose a folder of CT volumes or a list file.")
+        training_data_entries(data)  # refused now, in the train command's words, not by the background job
         if config_path is None and not resume:
             raise ConfigError("choose a training configuration (only Resume continues with the run's own settings).")
         if config_path is not None and Path(config_path).is_file():
             check_training_config(family, config_path)
-        self.family, self.data = family, Path(data)
+        self.family, self.data = family, str(data).strip()  # DiffusionTrain splits it as training_data_entries did
         self.config_path = Path(config_path) if config_path is not None else None
         self.output_dir = Path(output_dir)
         self.resume, self.overwrite = resume, overwrite

@@ -362,6 +362,26 @@ def load_resolver(args: argparse.Namespace):
     return SuperResolver.from_pretrained(name, allow_unregistered=args.allow_unregistered_weights)
 
 
+#: How this command names the options of :data:`~DiffusionCore.sr.pipeline.DIFFUSION_STAGE_SETTINGS`.
+DIFFUSION_STAGE_FLAGS = {"guidance": "--guidance-scale", "patch_size": "--patch-size", "overlap": "--overlap",
+                         "tile_batch": "--tile-batch"}  # fmt: skip
+
+
+def tell_unused_options(args: argparse.Namespace, settings: SRRunSettings, resolver) -> None:
+    """Say once, in one line, which options given on the command line the loaded weights leave unused (those of the
+    diffusion stage, with weights that have none: :func:`~DiffusionCore.sr.pipeline.no_diffusion_stage_note`); else
+    that --patch-size / --overlap without --use-patches use patches as asked."""
+    from ..sr.pipeline import no_diffusion_stage_note
+
+    unused = [DIFFUSION_STAGE_FLAGS[name] for name in resolver.unused_settings(settings)]
+    if args.use_patches and not resolver.has_diffusion_stage:
+        unused.insert(int(args.guidance_scale is not None), "--use-patches")  # in the order of --help
+    if unused:
+        logger.warning("%s", no_diffusion_stage_note(unused, str(resolver.weights_name or "")))
+    elif (args.patch_size or args.overlap) and not args.use_patches:
+        logger.info("--patch-size/--overlap given: using patches as requested")
+
+
 class _BatchProgress:
     """Maps each volume's ``progress(done, total)`` onto one bar over the whole batch (per mille units)."""
 
@@ -411,8 +431,6 @@ def run(args: argparse.Namespace) -> int:
         logger.info("process %d of %d: %d volume(s) on %s", info.rank, info.world_size, len(jobs), info.device)
     resolver = None  # loaded after the first volume is read: input problems are reported first
     memory_limit = settings.memory_limit
-    if (args.patch_size or args.overlap) and not args.use_patches:
-        logger.info("--patch-size/--overlap given: using patches as requested")
 
     cancel = threading.Event()
 
@@ -448,6 +466,7 @@ def run(args: argparse.Namespace) -> int:
                 t_read = time.perf_counter() - t0
                 if resolver is None:
                     resolver = load_resolver(args)
+                    tell_unused_options(args, settings, resolver)  # once, for the whole batch
                 rss_before = current_rss_bytes()
                 try:
                     output, report = resolver.run(volume, settings, progress=progress, cancel=cancel)

@@ -162,6 +162,38 @@ def missing_head_note(factors: Sequence[int], ratio: float, weights: str = "") -
     )
 
 
+#: The options of a run (fields of :class:`~DiffusionCore.sr.settings.SRRunSettings`) that act on the latent diffusion
+#: stage alone (its guidance, its patches, its patches per call): weights without one (a through-plane predictor alone,
+#: as the shipped sr-default) leave them unused. The step and sample counts ask for posterior samples, which such
+#: weights cannot give: :meth:`SuperResolver.resolve_estimate` refuses them instead.
+DIFFUSION_STAGE_SETTINGS = ("guidance", "patch_size", "overlap", "tile_batch")
+
+
+def diffusion_stage_settings(settings: SRRunSettings) -> list[str]:
+    """The options of :data:`DIFFUSION_STAGE_SETTINGS` that ``settings`` sets (``None`` is the default), in that order."""
+    return [name for name in DIFFUSION_STAGE_SETTINGS if getattr(settings, name) is not None]
+
+
+def no_diffusion_stage_note(options: Sequence[str], weights: str = "") -> str:
+    """One line for a user who set ``options`` (named as the front end names them: ``--guidance-scale``,
+    ``--guidanceScale``, ``Guidance scale``) that act on the diffusion stage alone, with weights that have none: they
+    have no effect, and why. ``""`` when ``options`` is empty. Each front end says it once per run.
+
+    Args:
+        options: the options set, as the user knows them. weights: the weights' name or file, for the message.
+    """
+    options = list(options)
+    if not options:
+        return ""
+    named = options[0] if len(options) == 1 else f"{', '.join(options[:-1])} and {options[-1]}"
+    one = len(options) == 1
+    return (
+        f"{named} {'has' if one else 'have'} no effect with {'the weights ' + weights if weights else 'these weights'}: "
+        f"{'it acts' if one else 'they act'} on the latent diffusion stage alone, and these weights are a through-plane "
+        "predictor without one"
+    )
+
+
 # -- reports ----------------------------------------------------------------------------------------
 def _geometry_settings(volume: Volume, grid: Grid, axis: int, factor: int | None) -> dict[str, Any]:
     """The report's description of the grids of a run, in one axis order, x, y, z (3D Slicer's and ITK's), named
@@ -307,6 +339,16 @@ class SuperResolver:
         return cls.from_pretrained(default_weights_name())
 
     # -- defaults ----------------------------------------------------------------------------------
+    @property
+    def has_diffusion_stage(self) -> bool:
+        """Whether the weights hold a latent diffusion stage (else a through-plane predictor alone)."""
+        return self.model is not None
+
+    def unused_settings(self, settings: SRRunSettings) -> list[str]:
+        """The options ``settings`` sets that these weights leave unused: those of the diffusion stage
+        (:func:`diffusion_stage_settings`) when they have none; ``[]`` otherwise."""
+        return [] if self.has_diffusion_stage else diffusion_stage_settings(settings)
+
     @property
     def default_steps(self) -> int:
         cfg = getattr(getattr(self.model, "config", None), "diffusion", None)

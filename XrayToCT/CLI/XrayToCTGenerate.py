@@ -158,7 +158,8 @@ def check_outputs(args: argparse.Namespace) -> None:
     files = [("--reportFile", args.reportFile), ("--returnparameterfile", args.returnparameterfile)]
     files = [(what, path) for what, path in files if path]
     inputs = [args.inputRadiograph, args.referenceVolume, args.dicomHeader, args.weights]
-    refuse_overwriting_inputs([p or None for p in inputs], [*planned_outputs(args.outputVolume, False), *previews, *files])
+    outputs = [*planned_outputs(args.outputVolume, False), *previews, *files]
+    refuse_overwriting_inputs([p or None for p in inputs], outputs, overwrite_option=None)
     check_replaced_result(args.outputVolume)
     for _, path in files:  # files the user (or Slicer) named: replaced, but never a folder
         check_writable_file(path, overwrite=True)
@@ -272,9 +273,11 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
                             overwrite=True, dtype="float32", compress=False)
     metrics = {}
     if reference is not None:  # scored as evaluate-xray scores: on the reference's body-centred cube
+        from DiffusionCore.cli.xray import format_reference_scores
         from DiffusionCore.xray.evaluate import reference_scores
 
         metrics = reference_scores(result, reference)
+        print(format_reference_scores(metrics, args.referenceVolume), flush=True)  # with or without --reportFile
     elapsed = time.perf_counter() - t0
     sha = str(report.get("weights_sha256", ""))
     if args.reportFile:
