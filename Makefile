@@ -3,8 +3,12 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; installed first and on its own so that no loose requirement pulls a CUDA build.
+# torch is installed first and on its own, so that no loose requirement pulls another build. PyPI's Linux wheels
+# are CUDA builds of several GB, so pip also looks in TORCH_INDEX, PyTorch's index of CPU builds: the same version
+# with a "+cpu" label is preferred to PyPI's. For a GPU: TORCH_INDEX=https://download.pytorch.org/whl/cu128 (a
+# "+cu128" build); TORCH_INDEX= for PyPI alone. An index that cannot be reached is passed over with a warning.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup demo test lint format clean-venv
@@ -12,7 +16,7 @@ STAMP := $(VENV)/.setup-stamp
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --retries 1 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[train,test,demo]"
 	# DiffDRR: the reference renderer the DRR test compares against; --no-deps keeps its GPU extras out.
 	$(PY) -m pip install -q --no-deps diffdrr==0.6.1
