@@ -338,6 +338,21 @@ def enforce_consistency(
     return output if arr is output.array else output.with_array(arr)
 
 
+#: How close the ratio of a slice spacing to a target spacing must be to a whole number to count as one: spacings
+#: carry the rounding of their files (a float32 NIfTI header stores 1.4 mm as 1.39999998, DICOM positions written
+#: with four decimals give 4.9999999 mm), far below this; slice spacings that really differ by 0.01% do not occur.
+WHOLE_FACTOR_RTOL = 1e-4
+
+
+def whole_factor(spacing: float, target_spacing: float) -> int | None:
+    """``k`` when ``target_spacing`` is ``spacing / k`` for a whole ``k`` in 2..:data:`MAX_FACTOR`, up to the
+    rounding of files (:data:`WHOLE_FACTOR_RTOL`); else None. Such a target spacing gives exactly ``--factor k``'s
+    grid and run."""
+    ratio = float(spacing) / float(target_spacing)
+    k = int(round(ratio))
+    return k if 2 <= k <= MAX_FACTOR and abs(ratio - k) <= WHOLE_FACTOR_RTOL * k else None
+
+
 def thin_grid(
     thick: Volume | Grid,
     factor: int | None = None,
@@ -392,7 +407,12 @@ def thin_grid(
             )
         if s / t > MAX_FACTOR + 1e-6:
             raise GeometryError(f"target spacing {t} mm is more than {MAX_FACTOR}x finer than {s:.3g} mm.")
-        n_new = int(np.floor(n * s / t + 1e-6))
+        k = whole_factor(s, t)
+        if k is not None:  # the slice spacing over a whole number, within the rounding of files: --factor k's grid
+            t = s / k
+            n_new = n * k
+        else:
+            n_new = int(np.floor(n * s / t + 1e-6))
     shape = list(grid.shape)
     shape[ax] = n_new
     # first thin centre: lower slab edge (-s/2) plus half a thin slice (t/2), in units of thick voxels
@@ -446,4 +466,6 @@ def plan_thin_grid(
             )
             factor = MAX_FACTOR
     out = thin_grid(grid, factor, target_spacing=target_spacing, axis=ax)
+    if factor is None:  # a target spacing of the slice spacing over a whole number is that factor
+        factor = whole_factor(grid.spacing_zyx[ax], target_spacing)
     return out, ax, (int(factor) if factor is not None else None)

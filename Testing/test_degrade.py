@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from DiffusionCore.degrade import crop_to_slabs, degrade, thin_grid
+from DiffusionCore.degrade import crop_to_slabs, degrade, plan_thin_grid, thin_grid
 from DiffusionCore.errors import GeometryError, InputError
 from DiffusionCore.volume import Grid, Volume
 
@@ -94,6 +94,24 @@ def test_target_spacing_matches_the_equivalent_factor(oblique_phantom):
     # the first thin slice starts half a thin slice inside the first slab
     lower_edge = slice_centre(thick.grid, 0, -0.5)
     np.testing.assert_allclose(slice_centre(g, 0, -0.5), lower_edge, atol=1e-9)
+
+
+@pytest.mark.parametrize("stored, target, k", [
+    (np.float32(1.4), 0.7, 2),  # a float32 NIfTI header: 1.39999998 mm
+    (4.999999903, 1.25, 4),  # DICOM positions written with a few decimals
+    (5.0000001, 0.625, 8),
+    (2.5, 2.5 / 3, 3),  # a target that is itself rounded (0.8333...)
+])
+def test_a_target_spacing_within_the_rounding_of_files_gives_the_factor_run(stored, target, k):
+    """A radiologist asking for 0.7 mm from 1.4 mm slices gets every slice --factor 2 gives, and the same run: the
+    file's 1.39999998 mm made the grid one slice short and sent the run down the resampling path."""
+    thick = Grid(shape=(100, 16, 16), spacing=(0.7, 0.7, float(stored)), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    assert_grids_equal(thin_grid(thick, target_spacing=target), thin_grid(thick, k))
+    grid, axis, factor = plan_thin_grid(thick, target_spacing=target)
+    assert (grid.shape, axis, factor) == ((100 * k, 16, 16), 0, k)
+    # a target spacing that is no whole fraction of the slices stays a resampling onto that spacing
+    grid, _, factor = plan_thin_grid(thick, target_spacing=float(stored) / 2.5)
+    assert factor is None and grid.shape[0] == 250
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, 10.0, 12.0, 1.0])
