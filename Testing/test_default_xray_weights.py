@@ -102,3 +102,15 @@ def test_train_xray_without_a_config_continues_the_shipped_weights(tmp_path, cap
     rc = main(["train", "xray", "--config", "stage1_cpu", "--data", str(ct), "--output-dir", str(tmp_path / "other"),
                "--max-steps", "1", "--init-from", DEFAULT])  # fmt: skip
     assert rc == 3 and "--config stage1_default" in capsys.readouterr().err
+
+
+def test_the_generator_is_where_the_package_says():
+    """The package's docstring sends an ML engineer to ``DiffusionCore.xray`` for the X-ray generator, as to
+    ``DiffusionCore.sr`` for the super-resolver: both import from there."""
+    import DiffusionCore
+    from DiffusionCore.sr import SuperResolver
+    from DiffusionCore.xray import XrayToCTGenerator as Generator
+
+    assert Generator is XrayToCTGenerator
+    assert "``XrayToCTGenerator`` (``DiffusionCore.xray``)" in DiffusionCore.__doc__
+    assert SuperResolver.__module__ == "DiffusionCore.sr.pipeline"
