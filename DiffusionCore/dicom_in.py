@@ -1,4 +1,9 @@
-"""Reading an enhanced (multi-frame) CT DICOM file with pydicom.
+"""Reading DICOM CT input with pydicom: which series of a folder is the CT, and enhanced (multi-frame) CT files.
+
+A folder may hold several series (a PET/CT export: the CT and the PET; a CT with its scout series): the CT series
+is chosen (:func:`choose_ct_series`), series of other modalities passed over with an info line, each series named
+as a user knows it (series number, description, modality). A folder holding only localizers (topograms, scouts)
+or no CT series at all is refused with a message saying so.
 
 A classic CT series is one file per slice and is read through SimpleITK/GDCM (:mod:`DiffusionCore.volume`),
 which also decodes the compressed transfer syntaxes scanners and PACS send (JPEG lossless, JPEG-LS,
@@ -14,6 +19,7 @@ so this module does, frame by frame:
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +28,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import InputError
+
+logger = logging.getLogger(__name__)
 
 ENHANCED_CT_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
@@ -155,3 +163,101 @@ def read_enhanced_ct(path: str | os.PathLike) -> EnhancedCT:
         hu, (col_spacing, row_spacing, step), tuple(float(v) for v in positions[order[0]]), direction,
         {"series_uid": str(ds.get("SeriesInstanceUID", "")), "enhanced_ct": True}, positions[order],
     )
+
+
+#: DICOM modalities of volumes that are not CT: PET, MR, nuclear medicine (SPECT), a radiotherapy dose grid. With
+#: :data:`DiffusionCore.inputs.NOT_VOLUME_MODALITIES` (radiographs, reports, ...), the series a folder's CT is chosen
+#: from pass over these.
+NON_CT_VOLUME_MODALITIES = frozenset({"PT", "MR", "NM", "RTDOSE"})
+
+
+def localizers_only_error(folder: str | os.PathLike) -> InputError:
+    """The error for a DICOM series or folder that holds only localizer images (the reader's and the volume
+    finder's, in the same words)."""
+    return InputError(
+        f"the DICOM series in {folder} holds only localizer images (topograms or scouts), no CT slices: point to "
+        "the folder of the CT series itself."
+    )
+
+
+class DicomSeries(NamedTuple):
+    """One series of a folder: its files and what its first file's header says about it."""
+
+    uid: str  # SeriesInstanceUID
+    files: list[str]
+    modality: str  # (0008,0060), upper case; "" when absent or unreadable
+    number: str  # SeriesNumber (0020,0011); "" when absent
+    description: str  # SeriesDescription (0008,103E); "" when absent
+
+    @property
+    def label(self) -> str:
+        """The series as a user recognises it: ``series 2 "CT 5mm" (CT, 24 files)``; the tail of its UID when the
+        files carry neither number nor description."""
+        parts = (f"series {self.number}" if self.number else "", f'"{self.description}"' if self.description else "")
+        name = " ".join(part for part in parts if part) or f"series ...{self.uid[-12:]}"
+        n = len(self.files)
+        count = f"{n} file" if n == 1 else f"{n} files"
+        return f"{name} ({self.modality}, {count})" if self.modality else f"{name} ({count})"
+
+
+def describe_series(uid: str, files: list[str]) -> DicomSeries:
+    """A :class:`DicomSeries` from the header of the first of ``files`` (fields left empty where it cannot be
+    read: the volume reader names a damaged file)."""
+    fields = {"Modality": "", "SeriesNumber": "", "SeriesDescription": ""}
+    try:
+        import pydicom
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=list(fields))
+            for key in fields:
+                value = ds.get(key)
+                fields[key] = "" if value is None else str(value).strip()
+    except Exception:  # noqa: BLE001 - not readable here: the series is named by its UID
+        pass
+    return DicomSeries(uid, list(files), fields["Modality"].upper(), fields["SeriesNumber"],
+                       fields["SeriesDescription"])  # fmt: skip
+
+
+def choose_ct_series(folder: str | os.PathLike, series: dict[str, list[str]]) -> tuple[DicomSeries, str]:
+    """The CT series of a folder holding ``series`` (SeriesInstanceUID -> files), and a note for the run's notes
+    (``""`` when there was nothing to choose).
+
+    Series of modalities that are not CT volumes (:data:`NON_CT_VOLUME_MODALITIES`, and radiographs, reports and
+    the like) are passed over with an info line naming them; among the rest (CT, or no modality recorded) the
+    largest is taken, with a warning naming the others.
+
+    Raises:
+        InputError: no series is CT (naming the modalities found), or the largest ones are the same size.
+    """
+    from .inputs import NOT_VOLUME_MODALITIES
+
+    everything = [describe_series(uid, files) for uid, files in series.items()]
+    not_ct = NOT_VOLUME_MODALITIES | NON_CT_VOLUME_MODALITIES
+    passed = [s for s in everything if s.modality in not_ct]
+    candidates = [s for s in everything if s.modality not in not_ct]
+    if not candidates:
+        modalities = ", ".join(sorted({s.modality for s in passed}))
+        raise InputError(
+            f"{folder} holds no CT series, only {modalities}: {'; '.join(s.label for s in passed)}. This tool works "
+            "on CT only: point to the folder of a CT series."
+        )
+    notes = []
+    if passed:
+        msg = f"{folder}: passed over the series that are not CT: {'; '.join(s.label for s in passed)}"
+        logger.info(msg)
+        notes.append(msg + ".")
+    held = f"{len(candidates)} DICOM series" if not passed else f"{len(candidates)} CT series"
+    chosen = max(candidates, key=lambda s: len(s.files))
+    if sum(len(s.files) == len(chosen.files) for s in candidates) > 1:
+        raise InputError(
+            f"{folder} holds {held} and the largest ones are the same size ({'; '.join(s.label for s in candidates)}): "
+            "there is no telling which one is meant. Put each series in its own folder and choose one."
+        )
+    if len(candidates) > 1:
+        others = "; ".join(s.label for s in candidates if s is not chosen)
+        msg = (f"{folder} holds {held}; using the largest, {chosen.label} (others: {others}). Put one series per "
+               "folder to choose another.")  # fmt: skip
+        logger.warning(msg)
+        notes.append(msg)
+    return chosen, " ".join(notes)

@@ -86,7 +86,7 @@ def _dicom_kind(path: Path) -> tuple[str, int] | None:
     if modality in NOT_VOLUME_MODALITIES:
         return f"{modality} images", frames
     if is_localizer(tag("0008|0008")):
-        return "CT localizers (topograms or scouts)", frames
+        return _LOCALIZERS, frames
     return "", frames
 
 
@@ -109,7 +109,11 @@ def _not_a_ct_series(dicom_files: Iterable[Path]) -> str:
     return ", ".join(sorted(kinds))
 
 
-def _scan_folder(folder: Path, skipped: list[str]) -> list[Path]:
+#: Why a DICOM folder holding only CT localizers is no CT series (:func:`_dicom_kind`).
+_LOCALIZERS = "CT localizers (topograms or scouts)"
+
+
+def _scan_folder(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -122,14 +126,13 @@ def _scan_folder(folder: Path, skipped: list[str]) -> list[Path]:
             continue
         why = _not_a_ct_series(itertools.chain([first], dicom))
         if why:
-            skipped.append(f"{root_path} holds {why}")
-            logger.warning("skipped %s: its DICOM files are %s, not a CT series", root_path, why)
+            skipped.append((root_path, why))  # said once the scan is over: in the error, if nothing is left
             continue
         found.append(root_path)
     return found
 
 
-def _read_list_file(path: Path, skipped: list[str]) -> list[Path]:
+def _read_list_file(path: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -151,7 +154,7 @@ def _read_list_file(path: Path, skipped: list[str]) -> list[Path]:
     return out
 
 
-def _expand(path: Path, skipped: list[str]) -> list[Path]:
+def _expand(path: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
     if path.is_dir():
         return _scan_folder(path, skipped)
     if is_volume_file(path) or is_dicom_file(path):
@@ -178,7 +181,7 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> li
     if not items:
         raise InputError("no training data given: pass a folder of CT volumes, a list file, or volume files")
     found: list[Path] = []
-    skipped: list[str] = []  # DICOM folders that hold no CT series, and why
+    skipped: list[tuple[Path, str]] = []  # DICOM folders that hold no CT series, and why
     for item in items:
         p = sample_or_path(item, "ct").expanduser()  # a CT sample's name that is no path here: its fetched file
         if not p.exists():
@@ -186,12 +189,18 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> li
         found.extend(_expand(p, skipped))
     unique = list(dict.fromkeys(found))
     if not unique:
+        if len(items) == 1 and skipped == [(p, _LOCALIZERS)]:  # the folder given is a scout series: say just that
+            from .dicom_in import localizers_only_error
+
+            raise localizers_only_error(p)
         where = ", ".join(str(i) for i in items)
-        passed_over = f" ({'; '.join(skipped)})" if skipped else ""
+        passed_over = f" ({'; '.join(f'{folder} holds {why}' for folder, why in skipped)})" if skipped else ""
         raise InputError(
             f"no CT volumes found in {where}{passed_over}: expected NIfTI (.nii, .nii.gz), NRRD, MHA/MHD files or "
             "folders holding DICOM series of CT slices"
         )
+    for folder, why in skipped:
+        logger.warning("skipped %s: its DICOM files are %s, not a CT series", folder, why)
     logger.info("found %d CT volume(s)", len(unique))
     return unique
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .dicom_in import enhanced_ct_in, read_enhanced_ct
+from .dicom_in import choose_ct_series, enhanced_ct_in, localizers_only_error, read_enhanced_ct
 from .errors import GeometryError, InputError, OutputError, OutputExistsError
 from .files import (
     CompressedDataError,
@@ -416,22 +416,11 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
             f"{folder} is a folder without a readable DICOM series. Point to the folder that holds the "
             "slices of one CT series (files ending in .dcm or without extension)."
         )
-    uid, files = max(series.items(), key=lambda kv: len(kv[1]))
-    meta: dict = {"series_uid": uid, "n_files": len(files)}
-    if sum(len(f) == len(files) for f in series.values()) > 1:
-        listing = ", ".join(f"...{u[-12:]} ({len(f)} files)" for u, f in series.items())
-        raise InputError(
-            f"{folder} holds {len(series)} DICOM series and the largest ones are the same size ({listing}): "
-            "there is no telling which one is meant. Put each series in its own folder and choose one."
-        )
-    if len(series) > 1:
-        others = ", ".join(f"{u[-12:]} ({len(f)} files)" for u, f in series.items() if u != uid)
-        msg = (
-            f"{folder} holds {len(series)} DICOM series; using the largest, ...{uid[-12:]} with {len(files)} "
-            f"files (others: {others}). Put one series per folder to choose another."
-        )
-        logger.warning(msg)
-        meta["note"] = msg
+    chosen, note = choose_ct_series(folder, series)  # the CT series; the others (PET, a scout series) named
+    files = chosen.files
+    meta: dict = {"series_uid": chosen.uid, "n_files": len(files)}
+    if note:
+        meta["note"] = note
     headers = {f: dicom_header(f) for f in files}  # each file's header read once, for every check below
     files = _without_localizers(files, headers, folder, meta)
     thickness = _slice_thickness(headers[files[0]])
@@ -493,10 +482,7 @@ def _without_localizers(
         if not _header_is_localizer(headers[f]):
             kept.append(f)
     if not kept:
-        raise InputError(
-            f"the DICOM series in {folder} holds only localizer images (topograms or scouts), no CT slices: point to "
-            "the folder of the CT series itself."
-        )
+        raise localizers_only_error(folder)
     if len(kept) < len(files):
         msg = (f"{folder}: left out {len(files) - len(kept)} localizer image(s) (topogram or scout) of the series; "
                "they are projections, not slices")
@@ -1092,7 +1078,7 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
     """Read a CT volume from a file or a DICOM series folder.
 
     Args:
-        path: NIfTI / NRRD / MHA file, or a folder of DICOM slices (the largest series is used).
+        path: NIfTI / NRRD / MHA file, or a folder of DICOM slices (its CT series; the largest, if several).
         check: run :func:`check_ct` (refuse NaN/Inf, warn on non-CT intensities).
 
     Returns:
