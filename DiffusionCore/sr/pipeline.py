@@ -17,6 +17,10 @@ The steps of :meth:`SuperResolver.run`:
 6. with ``num_samples`` N > 1 the output is the mean of N samples and the report carries the per-voxel
    standard deviation (HU) as a Volume on the same grid: where the model is unsure.
 
+The networks see the input in one canonical storage order (:func:`storage_flips`: an array axis stored against
+its physical direction is reversed first, and their output reversed back), so that the same scan stored with its
+rows, columns or slices reversed (a DICOM series and its NIfTI) gives the same result; the grids stay as they are.
+
 The options of a run are one :class:`~DiffusionCore.sr.settings.SRRunSettings` (or the same names as keyword
 arguments); :meth:`SuperResolver.plan` makes the checks that depend on the weights and decides the tiling
 before any heavy work.
@@ -128,6 +132,37 @@ def tile_weight(tile: Tile, device: torch.device) -> torch.Tensor:
 def _check_cancel(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("super-resolution cancelled; no output was written.")
+
+
+def _require_volume(volume: Any, what: str) -> None:
+    """Refuse anything but a :class:`~DiffusionCore.volume.Volume` (a bare array has no spacing: no thick axis)."""
+    if not isinstance(volume, Volume):
+        raise InputError(
+            f"{what} needs a DiffusionCore Volume (a (z, y, x) array in HU with its spacing, origin and direction), "
+            f"not a {type(volume).__module__}.{type(volume).__name__}: read a file or DICOM folder with "
+            "DiffusionCore.read_volume(path), or wrap an array with DiffusionCore.Volume(array, spacing=(x_mm, y_mm, "
+            "z_mm), origin=(x, y, z), direction=3x3 matrix)"
+        )
+
+
+# -- the storage order the networks see ---------------------------------------------------------------
+def storage_flips(direction: np.ndarray | Sequence[float]) -> tuple[int, ...]:
+    """The array axes (0, 1, 2 = z, y, x) stored in reverse of the canonical order that the networks are shown.
+
+    The canonical order runs each array axis the positive way along its dominant physical (LPS) axis: an identity
+    direction matrix (DICOM's axial order) is canonical and is never flipped. The same scan stored with its rows,
+    columns or slices reversed (another sign in the direction matrix: a dcm2niix NIfTI beside its DICOM series)
+    is flipped back to that order before a network sees it, and the networks' output flipped again, so that the
+    result depends on the physical data only: the networks are not flip-equivariant. The grids stay as they are.
+
+    Args:
+        direction: the 3x3 direction cosines (column c = index axis c, ITK's convention; x, y, z).
+
+    Returns:
+        The array axes to flip, ascending (``()`` for an identity direction).
+    """
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    return tuple(sorted(2 - c for c in range(3) if d[int(np.argmax(np.abs(d[:, c]))), c] < 0))
 
 
 # -- the through-plane predictor's heads -------------------------------------------------------------
@@ -470,11 +505,13 @@ class SuperResolver:
             factor, ``consistency_psnr`` (dB).
 
         Raises:
-            InputError: NaN/Inf voxels, a constant volume, non-CT intensities (unless ``allow_non_ct``).
+            InputError: not a Volume (a bare array has no geometry), NaN/Inf voxels, a constant volume, non-CT
+                intensities (unless ``allow_non_ct``).
             GeometryError: isotropic input, bad factor or spacing, both a factor and a spacing.
             ConfigError: settings that contradict each other or the weights.
             ResourceError: not enough memory even for the smallest patch. Cancelled: cancel was set.
         """
+        _require_volume(volume, "SuperResolver.run")
         settings = SRRunSettings.of(settings, overrides)
         if settings.allow_non_ct:
             check_ct(volume, "input volume")
@@ -485,7 +522,8 @@ class SuperResolver:
         grid, ax, k = self.target_grid(
             volume, factor=settings.factor, target_spacing=settings.target_spacing, axis=settings.axis
         )
-        settings = settings.replace(factor=k, axis=ax)
+        # a target spacing of the slices over a whole number is that factor's run (degrade.whole_factor)
+        settings = settings.replace(factor=k, axis=ax, target_spacing=None if k is not None else settings.target_spacing)
         note = slab_thickness_note(volume, ax)
         if note:
             logger.warning(note)
@@ -553,14 +591,18 @@ class SuperResolver:
         net = self.predictor
         k = int(factor)
         thick = np.moveaxis(volume.array, axis, 0)
-        spacing = tuple(float(volume.spacing_zyx[a]) for a in [axis] + [a for a in range(3) if a != axis])
+        order = [axis] + [a for a in range(3) if a != axis]
+        spacing = tuple(float(volume.spacing_zyx[a]) for a in order)
+        # the networks see the canonical storage order (storage_flips), thick axis first; the grids stay as they are
+        flips = tuple(order.index(a) for a in storage_flips(volume.direction))
         offset = 0
         adapt_report = None
         box = box or body_box(thick)  # the air around the patient has no residual: not predicted
         if adapt is not None:
             units = adaptation_units(adapt, net, thick.shape[0], box, k, device) if adapt_units is None else adapt_units
             net, adapt_report = adapt_predictor(
-                net, np.ascontiguousarray(thick, dtype=np.float32), spacing, k, adapt, seed=seed, device=device,
+                net, np.ascontiguousarray(np.flip(thick, flips), dtype=np.float32), spacing, k, adapt, seed=seed,
+                device=device,
                 progress=lambda frac, msg: tell(int(round(frac * units)), msg), cancel=cancel,
             )
             timings["adapt"] = time.perf_counter() - t0
@@ -578,11 +620,14 @@ class SuperResolver:
         t0 = time.perf_counter()
         net.to(device).eval()
         h0, h1, w0, w1 = box
-        thick_units = torch.from_numpy(hu_to_unit(thick[:, h0:h1, w0:w1]))  # a new (m, h, w) array
+        # a new (m, h, w) array; the body box is mirror-symmetric, so the flipped crop is the canonical array's crop
+        thick_units = torch.from_numpy(np.ascontiguousarray(np.flip(hu_to_unit(thick[:, h0:h1, w0:w1]), flips)))
         residual = predict_residual(
             net, thick_units, k, device=device, cancel=cancel,
             progress=lambda d, _t, msg: tell(offset + d, msg),
         )
+        if flips:  # back to the stored order; reversed slabs give their thin slices reversed
+            residual = torch.flip(residual, flips)
         target = torch.from_numpy(np.moveaxis(hu, axis, 0))[:, h0:h1, w0:w1]
         target.add_(residual.mul_(HU_PER_UNIT))  # in place, all cores
         del residual, thick_units, target
@@ -707,6 +752,7 @@ class SuperResolver:
         (:func:`missing_head_note`).
         """
         t_start = time.perf_counter()
+        _require_volume(volume, "SuperResolver.run_to_grid")
         settings = SRRunSettings.of(settings, overrides)
         plan = self.plan(volume, grid, settings)
         note = ""
@@ -860,7 +906,8 @@ class SuperResolver:
         )  # fmt: skip
         t0 = time.perf_counter()
         hu_to_unit_(torch.from_numpy(units))
-        cond = torch.from_numpy(tiling.pad(np.moveaxis(units, axis, 0)))
+        flips = storage_flips(volume.direction)  # the model sees the canonical storage order, as the predictor does
+        cond = torch.from_numpy(tiling.pad(np.moveaxis(np.flip(units, flips), axis, 0)))
         del units
         timings["interpolate"] += time.perf_counter() - t0
         done = plan.adapt_units + plan.pre_units
@@ -870,6 +917,7 @@ class SuperResolver:
             steps=plan.steps, guidance=plan.guidance, estimate=plan.estimate, seed=settings.seed, dev=dev,
             budget=plan.budget, cancel=cancel, data_consistency=settings.data_consistency, timings=timings,
             done=done, tell=lambda at, message: progress(at, total, message) if progress is not None else None,
+            flips=flips,
         )  # fmt: skip
         return mean, m2, timings, predictor_report
 
@@ -953,11 +1001,12 @@ class SuperResolver:
         self, model, cond: torch.Tensor, plan, volume: Volume, grid: Grid, axis: int, *, num_samples: int,
         batch: int, steps: int, guidance: float, estimate: str, seed: int, dev: torch.device, budget,
         cancel: threading.Event | None, data_consistency: bool, timings: dict[str, float], done: int,
-        tell: Callable[[int, str], None],
+        tell: Callable[[int, str], None], flips: tuple[int, ...] = (),
     ) -> tuple[np.ndarray, np.ndarray | None, int]:
         """The tile loop of :meth:`run_to_grid`: every sample over every tile (``batch`` tiles per model call),
         blended, made consistent with the input, and folded into a running mean and variance (Welford, HU).
-        ``tell(done, message)`` reports progress, counting from ``done``.
+        ``tell(done, message)`` reports progress, counting from ``done``. ``flips``: the array axes the condition
+        was flipped along (:func:`storage_flips`); each sample is flipped back before consistency.
 
         Returns:
             The mean volume's array on ``grid``, the sum of squared deviations (``None`` for one sample) and the
@@ -1020,7 +1069,9 @@ class SuperResolver:
                 hu = unit_to_hu_(acc).numpy()
                 del acc
                 # copies only where the crop or the axis order needs it
-                sample_vol = Volume.from_grid(grid, np.ascontiguousarray(np.moveaxis(plan.crop(hu), 0, axis)))
+                sample_vol = Volume.from_grid(
+                    grid, np.ascontiguousarray(np.flip(np.moveaxis(plan.crop(hu), 0, axis), flips))
+                )
                 del hu
                 timings["blend"] += time.perf_counter() - t0
                 if data_consistency:
