@@ -31,6 +31,15 @@ from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
+#: DICOM modalities whose files are never slices of a volume: radiographs, mammograms, dental and fluoroscopy images,
+#: ultrasound, photographs, reports, presentation states, segmentations, structure sets and plans. A folder that holds
+#: only these (or only CT localizers) is skipped when volumes are collected: a cohort's patient folders (e.g.
+#: LIDC-IDRI's) hold such series beside the CTs.
+NOT_VOLUME_MODALITIES = frozenset({
+    "CR", "DX", "RG", "MG", "IO", "PX", "XA", "RF", "US", "ES", "XC", "SM", "OP", "SR", "PR", "KO", "SEG",
+    "RTSTRUCT", "RTPLAN", "RTRECORD", "DOC",
+})
+
 ENHANCED_CT_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
     "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
@@ -166,7 +175,7 @@ def read_enhanced_ct(path: str | os.PathLike) -> EnhancedCT:
 
 
 #: DICOM modalities of volumes that are not CT: PET, MR, nuclear medicine (SPECT), a radiotherapy dose grid. With
-#: :data:`DiffusionCore.inputs.NOT_VOLUME_MODALITIES` (radiographs, reports, ...), the series a folder's CT is chosen
+#: :data:`NOT_VOLUME_MODALITIES` (radiographs, reports, ...), the series a folder's CT is chosen
 #: from pass over these.
 NON_CT_VOLUME_MODALITIES = frozenset({"PT", "MR", "NM", "RTDOSE"})
 
@@ -230,7 +239,6 @@ def choose_ct_series(folder: str | os.PathLike, series: dict[str, list[str]]) ->
     Raises:
         InputError: no series is CT (naming the modalities found), or the largest ones are the same size.
     """
-    from .inputs import NOT_VOLUME_MODALITIES
 
     everything = [describe_series(uid, files) for uid, files in series.items()]
     not_ct = NOT_VOLUME_MODALITIES | NON_CT_VOLUME_MODALITIES

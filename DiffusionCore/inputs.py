@@ -24,18 +24,11 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .dicom_in import NOT_VOLUME_MODALITIES, localizers_only_error
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
-#: DICOM modalities whose files are never slices of a volume: radiographs, mammograms, dental and fluoroscopy images,
-#: ultrasound, photographs, reports, presentation states, segmentations, structure sets and plans. A folder that holds
-#: only these (or only CT localizers) is skipped when volumes are collected: a cohort's patient folders (e.g.
-#: LIDC-IDRI's) hold such series beside the CTs.
-NOT_VOLUME_MODALITIES = frozenset({
-    "CR", "DX", "RG", "MG", "IO", "PX", "XA", "RF", "US", "ES", "XC", "SM", "OP", "SR", "PR", "KO", "SEG",
-    "RTSTRUCT", "RTPLAN", "RTRECORD", "DOC",
-})
 #: Suffixes of single-file volumes (".dcm" files are grouped into series folders instead).
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _DICOM_MAGIC_OFFSET = 128
@@ -190,8 +183,6 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> li
     unique = list(dict.fromkeys(found))
     if not unique:
         if len(items) == 1 and skipped == [(p, _LOCALIZERS)]:  # the folder given is a scout series: say just that
-            from .dicom_in import localizers_only_error
-
             raise localizers_only_error(p)
         where = ", ".join(str(i) for i in items)
         passed_over = f" ({'; '.join(f'{folder} holds {why}' for folder, why in skipped)})" if skipped else ""
