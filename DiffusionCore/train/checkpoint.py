@@ -25,6 +25,7 @@ the one an uninterrupted run would have taken.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -423,8 +424,22 @@ def find_latest(out_dir: str | os.PathLike) -> Path | None:
 def checkpoint_damage(ckpt: str | os.PathLike) -> str | None:
     """Why the checkpoint folder ``ckpt`` cannot be resumed from, or None when it is intact: its ``state.json`` is
     missing or unreadable, or a file it lists is missing, not a complete safetensors file, or fails its sha256 (a
-    disk that filled up, a copy cut short, a file edited by hand). Reads every file once; unpickles nothing."""
+    disk that filled up, a copy cut short, a file edited by hand). Unpickles nothing.
+
+    A resume asks this up to twice (the recorded settings, then the checkpoint to load): the answer is kept for as
+    long as the folder's files keep their sizes and modification times, so each file is hashed once."""
     ckpt = Path(ckpt)
+    try:
+        stamp = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(ckpt)))
+    except OSError:
+        stamp = None  # no such folder (its state.json is missing)
+    return _checkpoint_damage(str(ckpt), stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _checkpoint_damage(folder: str, stamp: tuple | None) -> str | None:
+    """:func:`checkpoint_damage` of ``folder`` whose files are as ``stamp`` says (names, sizes, times)."""
+    ckpt = Path(folder)
     state = _read_json(ckpt / STATE_FILE)
     if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or not isinstance(state.get("step"), int):
         what = "is unreadable" if (ckpt / STATE_FILE).is_file() else "is missing"
