@@ -165,20 +165,6 @@ def xray_provenance(source: Path, report: dict, weights: str, input_uid: str = "
                       input=str(source), input_uid=input_uid)  # fmt: skip
 
 
-def format_reference_scores(scores: dict[str, float], reference: str) -> str:
-    """The scores of a generated CT against a reference CT
-    (:func:`~DiffusionCore.xray.evaluate.reference_scores`: ``psnr``, ``ssim``) as a short block for the terminal or a
-    CLI module's output, whether or not they also go into a report file."""
-    from ..metrics import HU_RANGE
-
-    low, high = HU_RANGE
-    lines = [f"reference scores against {reference} (its body-centred cube, HU clipped to [{low:g}, {high:g}]):"]
-    for key, label, unit, digits in (("psnr", "3D PSNR", " dB", 2), ("ssim", "3D SSIM", "", 3)):
-        if key in scores:
-            lines.append(f"  {label}  {float(scores[key]):.{digits}f}{unit}")
-    return "\n".join(lines)
-
-
 def _stage_path(out: Path, stage: int) -> Path:
     """Where --save-stages writes stage ``stage``: OUTPUT_stageN with OUTPUT's suffix."""
     from ..volume import split_volume_suffix

@@ -211,6 +211,20 @@ def run(args: argparse.Namespace) -> int:
             raise
 
 
+def format_reference_scores(scores: dict[str, float], reference: str) -> str:
+    """The scores of a generated CT against a reference CT
+    (:func:`~DiffusionCore.xray.evaluate.reference_scores`: ``psnr``, ``ssim``) as a short block for the module's
+    output, whether or not they also go into a report file."""
+    from DiffusionCore.metrics import HU_RANGE
+
+    low, high = HU_RANGE
+    lines = [f"reference scores against {reference} (its body-centred cube, HU clipped to [{low:g}, {high:g}]):"]
+    for key, label, unit, digits in (("psnr", "3D PSNR", " dB", 2), ("ssim", "3D SSIM", "", 3)):
+        if key in scores:
+            lines.append(f"  {label}  {float(scores[key]):.{digits}f}{unit}")
+    return "\n".join(lines)
+
+
 def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
     from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
     from DiffusionCore.cli.xray import xray_provenance
@@ -273,7 +287,6 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
                             overwrite=True, dtype="float32", compress=False)
     metrics = {}
     if reference is not None:  # scored as evaluate-xray scores: on the reference's body-centred cube
-        from DiffusionCore.cli.xray import format_reference_scores
         from DiffusionCore.xray.evaluate import reference_scores
 
         metrics = reference_scores(result, reference)
