@@ -254,6 +254,14 @@ def terminate_after(argv: list[str], marker: str, timeout: float = 120) -> tuple
     return proc.returncode, "".join(seen) + out, err
 
 
+def assert_stopped_by_sigterm(code: int, err: str, what: str) -> None:
+    """Exit 130 with one error line that says the run was stopped and nothing was written, and no traceback."""
+    errors = error_lines(err)
+    assert code == 130, err
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0] == f"error: {what} was stopped by signal SIGTERM; no output was written."
+
+
 def test_sr_cli_stops_on_sigterm_with_130_one_line_and_no_output(tmp_path, ct_file):
     """Slicer's Cancel sends SIGTERM: the script ended with 143, no message, and could leave .partial files."""
     argv = slicer_command_line(
@@ -264,10 +272,7 @@ def test_sr_cli_stops_on_sigterm_with_130_one_line_and_no_output(tmp_path, ct_fi
     )  # fmt: skip
     before = sha256(ct_file)
     code, _out, err = terminate_after(argv, "<filter-progress>")
-    errors = error_lines(err)
-    assert code == 130, err
-    assert len(errors) == 1 and "Traceback" not in err, err
-    assert errors[0] == "error: super-resolution was stopped by signal SIGTERM; no output was written."
+    assert_stopped_by_sigterm(code, err, "super-resolution")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thick.nrrd"]  # no output, report, return file or partial
     assert sha256(ct_file) == before
 
@@ -283,10 +288,7 @@ def test_xray_cli_stops_on_sigterm_with_130_one_line_and_no_output(tmp_path, rad
     )  # fmt: skip
     before = sha256(radiograph_file)
     code, out, err = terminate_after(argv, "stage-ready ")
-    errors = error_lines(err)
-    assert code == 130, err
-    assert len(errors) == 1 and "Traceback" not in err, err
-    assert errors[0] == "error: X-ray to CT was stopped by signal SIGTERM; no output was written."
+    assert_stopped_by_sigterm(code, err, "X-ray to CT")
     assert '"stage": 2' not in out  # it stopped during stage 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.mha"]  # no output, preview, report or partial
     assert sha256(radiograph_file) == before
