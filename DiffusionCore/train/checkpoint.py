@@ -427,7 +427,8 @@ def checkpoint_damage(ckpt: str | os.PathLike) -> str | None:
     disk that filled up, a copy cut short, a file edited by hand). Unpickles nothing.
 
     A resume asks this up to twice (the recorded settings, then the checkpoint to load): the answer is kept for as
-    long as the folder's files keep their sizes and modification times, so each file is hashed once."""
+    long as the folder's files keep their sizes and modification times, so this check hashes each file once (loading
+    the checkpoint checks its sha256 again)."""
     ckpt = Path(ckpt)
     try:
         stamp = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(ckpt)))
