@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 
 from .errors import GeometryError, InputError, NumericalError
+from .geometry import storage_flips
 from .interpolation import cubic_matrix
 from .volume import AIR_HU, Grid, Volume, axis_index, suggested_factor, thick_axis
 
@@ -136,7 +137,7 @@ def consistency_operator(
     b_mat = cubic_matrix(thick.shape[axis], coords)
     system = s_mat @ b_mat  # (r x m): slab averages of each spline basis function
     m_mat = b_mat @ np.linalg.pinv(system)
-    return m_mat, s_mat, rows, slab_of(coords, thick.shape[axis])
+    return m_mat, s_mat, rows, slab_of(coords, thick.shape[axis], reverse=axis in storage_flips(thick.direction))
 
 
 def slab_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -147,7 +148,7 @@ def slab_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.nd
     to_thick = np.linalg.inv(thick.index_to_physical()) @ thin.index_to_physical()
     n, m = thin.shape[axis], thick.shape[axis]
     coords = to_thick[idx, idx] * np.arange(n) + to_thick[idx, 3]
-    slab = slab_of(coords, m)
+    slab = slab_of(coords, m, reverse=axis in storage_flips(thick.direction))
     inside = slab >= 0
     counts = np.bincount(slab[inside], minlength=m)
     rows = np.flatnonzero(counts > 0)
@@ -189,10 +190,12 @@ def slab_thickness_note(volume: Volume, axis: int) -> str:
     return ""
 
 
-def slab_of(coords: np.ndarray, m: int) -> np.ndarray:
+def slab_of(coords: np.ndarray, m: int, *, reverse: bool = False) -> np.ndarray:
     """The thick slab (0..m-1) whose extent holds each thin slice centre (``coords`` in thick index units), or -1
-    for a centre outside all ``m`` slabs."""
-    slab = np.floor(coords + 0.5).astype(int)
+    for a centre outside all ``m`` slabs. A centre on the border of two slabs belongs to the one further along the
+    axis's physical direction (:func:`~DiffusionCore.geometry.storage_flips`): the higher index, or the lower one
+    when the array axis is stored ``reverse`` of it, so the same slices fall in the same slabs in either order."""
+    slab = (np.ceil(coords - 0.5) if reverse else np.floor(coords + 0.5)).astype(int)
     slab[(slab < 0) | (slab >= m)] = -1
     return slab
 
@@ -364,7 +367,9 @@ def thin_grid(
 
     Thin slices tile each thick slab: the first thin slice centre lies half a thin spacing above the lower
     edge of the first slab. For a volume made by ``degrade(vol, k, method="slab")`` with ``factor=k`` this
-    is exactly the grid of ``crop_to_slabs(vol, k)``.
+    is exactly the grid of ``crop_to_slabs(vol, k)``. With a target spacing that does not divide the slice
+    spacing, the thin slices are centred in the thick extent (the part of a thin spacing left over is split
+    between both ends), so a scan stored in reverse order gets the same slice positions.
 
     Args:
         thick: the thick volume (or its grid).
@@ -415,8 +420,12 @@ def thin_grid(
             n_new = int(np.floor(n * s / t + 1e-6))
     shape = list(grid.shape)
     shape[ax] = n_new
-    # first thin centre: lower slab edge (-s/2) plus half a thin slice (t/2), in units of thick voxels
-    offset_thick = (-s / 2.0 + t / 2.0) / s
+    # first thin centre: lower slab edge (-s/2) plus half a thin slice (t/2), in units of thick voxels; when the
+    # thin slices do not fill the thick extent exactly (a target spacing that does not divide the slice spacing),
+    # what is left over is split between both ends, so the grid is the same physical set of slices whichever
+    # end of the scan its file stores first
+    leftover = max(n * s - n_new * t, 0.0)
+    offset_thick = (-s / 2.0 + leftover / 2.0 + t / 2.0) / s
     return Grid(
         shape=tuple(shape),  # type: ignore[arg-type]
         spacing=_scaled_spacing(grid.spacing, ax, t / s),

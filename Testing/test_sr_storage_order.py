@@ -93,6 +93,21 @@ def test_a_scan_stored_reversed_gives_the_same_result_on_the_same_physical_grid(
     assert_same_physical_result(run(resolver, vol), run(resolver, flip_store(vol, axis)), axis)
 
 
+@pytest.mark.parametrize("target", [1.5, 1.3])
+def test_a_target_spacing_that_does_not_divide_the_slices_gives_the_same_slices_in_either_order(target):
+    # 8 slices of 4 mm: 1.5 mm leaves 0.5 mm of the extent over, 1.3 mm leaves 0.8 mm; the thin slices are
+    # centred in the extent, so the slab the file stores first does not decide where they lie
+    resolver = SuperResolver.tiny_predictor(seed=1)
+    vol = thick_volume(0)
+    out = resolver.run(vol, target_spacing=target, device="cpu")[0]
+    out_flipped = resolver.run(flip_store(vol, 0), target_spacing=target, device="cpu")[0]
+    assert out.shape[0] == int(8 * 4.0 / target)
+    thick_centre = vol.grid.index_to_physical() @ np.array([0.0, 0.0, 3.5, 1.0])
+    thin_centre = out.grid.index_to_physical() @ np.array([0.0, 0.0, (out.shape[0] - 1) / 2.0, 1.0])
+    np.testing.assert_allclose(thin_centre[2], thick_centre[2], atol=1e-9)
+    assert_same_physical_result(out, out_flipped, 0)
+
+
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_adaptation_learns_from_the_same_pairs_whatever_the_storage_order(axis):
     resolver = SuperResolver.tiny_predictor(seed=2)

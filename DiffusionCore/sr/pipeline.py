@@ -58,6 +58,7 @@ from ..degrade import (
 from ..devices import resolve_device
 from ..errors import Cancelled, ConfigError, GeometryError, InputError, ResourceError, WeightsError
 from ..evaluate import register_method
+from ..geometry import storage_flips
 from ..intensity import HU_PER_UNIT, hu_to_unit, hu_to_unit_, unit_to_hu_
 from ..interpolation import interpolate
 from ..tiling import (
@@ -146,25 +147,6 @@ def _require_volume(volume: Any, what: str) -> None:
 
 
 # -- the storage order the networks see ---------------------------------------------------------------
-def storage_flips(direction: np.ndarray | Sequence[float]) -> tuple[int, ...]:
-    """The array axes (0, 1, 2 = z, y, x) stored in reverse of the canonical order that the networks are shown.
-
-    The canonical order runs each array axis the positive way along its dominant physical (LPS) axis: an identity
-    direction matrix (DICOM's axial order) is canonical and is never flipped. The same scan stored with its rows,
-    columns or slices reversed (another sign in the direction matrix: a dcm2niix NIfTI beside its DICOM series)
-    is flipped back to that order before a network sees it, and the networks' output flipped again, so that the
-    result depends on the physical data only: the networks are not flip-equivariant. The grids stay as they are.
-
-    Args:
-        direction: the 3x3 direction cosines (column c = index axis c, ITK's convention; x, y, z).
-
-    Returns:
-        The array axes to flip, ascending (``()`` for an identity direction).
-    """
-    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
-    return tuple(sorted(2 - c for c in range(3) if d[int(np.argmax(np.abs(d[:, c]))), c] < 0))
-
-
 # -- the through-plane predictor's heads -------------------------------------------------------------
 def nearest_head(factors: Sequence[int], ratio: float) -> int:
     """The through-plane predictor's head (a trained factor) that a run at spacing ratio ``ratio`` (input / output
