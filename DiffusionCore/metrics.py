@@ -62,6 +62,7 @@ class ReferenceStats:
 
     def __init__(self, reference: Volume | np.ndarray) -> None:
         self.array = _arr(reference)
+        self.slice_axis = axial_axis(reference)  # where the body mask fills holes slice by slice
         if self.array.ndim != 3:
             raise ValueError(f"a reference needs a 3D array (z, y, x); got shape {self.array.shape}")
         self._masks: dict[float, np.ndarray] = {}
@@ -75,7 +76,7 @@ class ReferenceStats:
         """The reference's :func:`body_mask` (bool, read-only)."""
         key = float(threshold)
         if key not in self._masks:
-            mask = _body_mask(self.array, key)
+            mask = _body_mask(self.array, key, self.slice_axis)
             mask.setflags(write=False)
             self._masks[key] = mask
         return self._masks[key]
@@ -189,6 +190,15 @@ _FACES_IN_SLICE = np.zeros((3, 3, 3), bool)
 _FACES_IN_SLICE[1] = ndimage.generate_binary_structure(2, 1)
 
 
+def axial_axis(ref: Volume | np.ndarray) -> int:
+    """The array axis that steps from one axial slice to the next: the one whose direction runs most nearly
+    along the patient's head-foot (LPS S) axis; 0 for a bare array (``(z, y, x)`` with z the slice axis)."""
+    if not isinstance(ref, Volume):
+        return 0
+    d = np.asarray(ref.direction, dtype=np.float64).reshape(3, 3)
+    return 2 - int(np.argmax(np.abs(d[2])))  # index axis c (x, y, z) -> array axis 2 - c
+
+
 def _fill_holes(mask: np.ndarray, structure: np.ndarray, border_axes: tuple[int, ...]) -> np.ndarray:
     """``mask`` with every background component that touches no border of ``border_axes`` filled.
 
@@ -204,7 +214,7 @@ def _fill_holes(mask: np.ndarray, structure: np.ndarray, border_axes: tuple[int,
     return ~open_to_border[labels]
 
 
-def _body_mask(a: np.ndarray, threshold: float) -> np.ndarray:
+def _body_mask(a: np.ndarray, threshold: float, slice_axis: int = 0) -> np.ndarray:
     labels, n = ndimage.label(a > threshold)
     if n == 0:
         return np.zeros(a.shape, dtype=bool)
@@ -213,19 +223,22 @@ def _body_mask(a: np.ndarray, threshold: float) -> np.ndarray:
     mask = labels == int(np.argmax(sizes))
     del labels
     mask = _fill_holes(mask, _FACES_3D, (0, 1, 2))
-    return _fill_holes(mask, _FACES_IN_SLICE, (1, 2))
+    in_slice = np.moveaxis(_FACES_IN_SLICE, 0, slice_axis)
+    return _fill_holes(mask, in_slice, tuple(a for a in range(3) if a != slice_axis))
 
 
 def body_mask(ref: Volume | np.ndarray | ReferenceStats, threshold: float = BODY_THRESHOLD_HU) -> np.ndarray:
     """Boolean body mask of a CT: ``HU > threshold``, the largest 3D component, holes filled.
 
-    Holes are filled in 3D and then in every axial slice (array axis 0), so air spaces open to the edge
-    of the scan in 3D (airways, lungs reaching the top slice) still count as body. For a
-    :class:`ReferenceStats` this is its cached (read-only) mask.
+    Holes are filled in 3D and then in every axial slice (:func:`axial_axis`: array axis 0 for a bare array,
+    else the axis the volume's direction puts along the patient's head-foot axis, so a scan stored in sagittal
+    or coronal slices gets the same mask), so air spaces open to the edge of the scan in 3D (airways, lungs
+    reaching the top slice) still count as body. For a :class:`ReferenceStats` this is its cached (read-only)
+    mask.
     """
     if isinstance(ref, ReferenceStats):
         return ref.body_mask(threshold)
-    return _body_mask(_arr(ref), threshold)
+    return _body_mask(_arr(ref), threshold, axial_axis(ref) if isinstance(ref, Volume) else 0)
 
 
 def _gaussian_kernel(sigma: float, truncate: float) -> np.ndarray:

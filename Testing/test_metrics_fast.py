@@ -18,6 +18,7 @@ from DiffusionCore.degrade import crop_to_slabs, degrade, thin_grid
 from DiffusionCore.evaluate import evaluate
 from DiffusionCore.interpolation import interpolate
 from DiffusionCore.metrics import ReferenceStats, body_mask, hu_mae, psnr, quality_report, ssim3d
+from DiffusionCore.volume import Volume
 
 
 def direct_ssim3d(ref, test, hu_range=(-1024.0, 2048.0), sigma=1.5, truncate=3.5):
@@ -146,3 +147,22 @@ def test_evaluate_scores_each_method_as_if_alone(phantom):
         assert row["ssim"] == pytest.approx(
             direct_ssim3d(ref.array, interpolate(thick, grid, name).array), abs=1e-6
         )
+
+
+def test_the_body_mask_fills_axial_slices_however_the_scan_is_stored():
+    # a trunk with an airway along the head-foot axis that runs out of the scan at both ends: 3D hole filling
+    # leaves it open, filling each axial slice closes it; a scan stored in sagittal slices (array axis 0 along
+    # the patient's left-right) must get the same mask, not one filled in its sagittal planes
+    z, y, x = np.meshgrid(np.arange(12), np.arange(32), np.arange(32), indexing="ij")
+    r2 = (y - 15.5) ** 2 + (x - 15.5) ** 2
+    arr = np.full((12, 32, 32), -1000.0, np.float32)
+    arr[r2 < 13**2] = 40.0
+    arr[r2 < 3**2] = -1000.0
+    axial = Volume(arr, (0.8, 0.8, 2.5), (0.0, 0.0, 0.0))
+    assert body_mask(axial)[6, 16, 16]  # the airway counts as body
+    # the same voxels stored as (x, z, y): index i runs along y, j along z, k along x
+    direction = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    sagittal = Volume(np.ascontiguousarray(arr.transpose(2, 0, 1)), (0.8, 2.5, 0.8), (0.0, 0.0, 0.0), direction)
+    expected = body_mask(axial).transpose(2, 0, 1)
+    assert np.array_equal(body_mask(sagittal), expected)
+    assert np.array_equal(ReferenceStats(sagittal).body_mask(), expected)
