@@ -640,3 +640,35 @@ def test_every_training_front_end_offers_the_same_families_as_the_train_command(
         field = next(n for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) and ast.unparse(n.target) == "trainingFamily")
         choices = ast.literal_eval(next(c for c in ast.walk(field.annotation) if isinstance(c, ast.List)))
         assert set(choices) == set(FAMILIES) and choices[0] == first and field.value.value == first
+
+
+#: Runs a CLI script as Slicer does, with the named top-level packages made unimportable (Slicer before the first
+#: Apply has numpy, scipy and pydicom, but not torch, tqdm, einops, safetensors or nibabel).
+_WITHOUT_PACKAGES = """
+import runpy, sys
+blocked = set(sys.argv[1].split(","))
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name.split(".")[0])
+sys.meta_path.insert(0, Block())
+script = sys.argv[2]
+sys.argv = sys.argv[2:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("blocked", ["torch", "tqdm"])
+@pytest.mark.parametrize("name,module", [("CTDiffusionSRBatch", "CT Diffusion SR"),
+                                         ("XrayToCTGenerate", "X-ray to CT"), ("DiffusionTrain", "CT Diffusion SR")])
+def test_a_cli_run_before_the_packages_are_installed_says_which_and_how_to_install_them(tmp_path, name, module, blocked):
+    args = {"DiffusionTrain": ["--outputDirectory", str(tmp_path / "run")],
+            "CTDiffusionSRBatch": [str(tmp_path / "in.nrrd"), str(tmp_path / "out.nrrd")],
+            "XrayToCTGenerate": [str(tmp_path / "in.png"), str(tmp_path / "out.nrrd")]}[name]
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_PACKAGES, blocked, str(CLI_FILES[name].with_suffix(".py")), *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"error: the Python package '{blocked}', which CT Diffusion needs, is not installed here" in proc.stderr
+    assert f"open the {module} module and press Apply once" in proc.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out.nrrd").exists()

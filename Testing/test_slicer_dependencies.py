@@ -57,6 +57,11 @@ def test_one_confirmation_lists_torch_and_every_missing_package():
     assert f"PyTorch (torch{TORCH_REQUIREMENT}) through the PyTorch extension" in text
     assert "- einops>=0.7,<1" in text and "- scipy>=1.10,<2 (installed: 1.9.0)" in text
     assert "numpy and SimpleITK are kept" in text
+    # what torch costs depends on the build the PyTorch extension picks: both are named before anyone agrees
+    assert "CUDA build of a few GB where an NVIDIA GPU driver is found" in text and "CPU build of several hundred MB" in text
+    assert "torchvision" in text
+    without_torch = plan_dependencies(True, version_of=versions(einops=None)).confirmation_text()
+    assert "- einops>=0.7,<1" in without_torch and "CUDA" not in without_torch  # only pip's small packages
 
 
 def test_an_installed_torch_is_checked_against_the_requirement():
@@ -190,6 +195,28 @@ def test_a_failed_torch_install_stops_with_the_cause_and_installs_nothing_else(t
     assert not outcome.ok and "the disk is full" in outcome.message and "No space left" in outcome.details
     assert [c[0] for c in installer.calls] == ["torch"]
     assert "No space left" in capsys.readouterr().out  # the log still reaches Slicer's console
+
+
+def test_in_slicer_5_12_a_failed_package_install_shows_one_dialog_the_one_naming_the_cause(tmp_path):
+    dialogs, calls = [], []
+
+    def packaging_pip_install(args, show_progress=True, **kwargs):  # slicer.packaging.pip_install's contract
+        calls.append((list(args), show_progress))
+        print("ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device")
+        if show_progress:
+            dialogs.append("Package installation failed.")
+        raise subprocess.CalledProcessError(1, "pip install")
+
+    def util_pip_install(args):
+        raise AssertionError("Slicer 5.12's packaging installer must be used where it exists")
+
+    plan = plan_dependencies(True, version_of=versions(nibabel=None))
+    outcome = run_install(plan, install_torch=Installer().install_torch, replan=lambda: plan, constraints_folder=tmp_path,
+                          pip_install=dependencies.quiet_pip_install(util_pip_install, packaging_pip_install))  # fmt: skip
+    assert not outcome.ok and "the disk is full" in outcome.message  # the module's own dialog: the only one
+    assert dialogs == [] and calls and all(shown is False for _, shown in calls)
+    # before Slicer 5.12 there is no packaging module: slicer.util.pip_install, which shows no dialog, is used as is
+    assert dependencies.quiet_pip_install(util_pip_install, None) is util_pip_install
 
 
 def test_a_declined_or_failed_package_install_is_reported(tmp_path):

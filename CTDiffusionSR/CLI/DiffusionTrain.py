@@ -130,13 +130,19 @@ def family_options(family: str) -> set[str]:
     return {opt for action in sub._actions for opt in action.option_strings}
 
 
+def _core_main():
+    import torch  # noqa: F401  (training needs it; imported here so that a missing torch is said before anything runs)
+
+    from DiffusionCore.cli.main import main
+
+    return main
+
+
 def main(argv: list[str] | None = None) -> int:
+    from DiffusionCore.cli.missing import needs_packages  # needs only what Slicer itself ships
+
     args = build_parser().parse_args(argv)
-    try:
-        from DiffusionCore.cli.main import main as core_main
-    except ImportError as exc:
-        print(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.", file=sys.stderr)
-        return 1
+    core_main = needs_packages(_core_main, "CT Diffusion SR")
     supported = family_options(args.family)
     if not supported:
         print(

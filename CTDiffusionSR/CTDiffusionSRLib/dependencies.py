@@ -177,9 +177,14 @@ class DependencyPlan:
         """The one question asked before anything is installed."""
         text = _(
             "CT Diffusion needs these Python packages, which will be downloaded and installed now "
-            "(a network connection is needed; PyTorch alone is several hundred MB and may take minutes):"
+            "(a network connection is needed, and it may take minutes):"
         )
         text += "\n\n" + "\n".join(f"- {item}" for item in self.missing) + "\n\n"
+        if self.install_torch:
+            text += _(
+                "The PyTorch extension installs torch with torchvision and picks the build for this computer: a CUDA "
+                "build of a few GB where an NVIDIA GPU driver is found, otherwise a CPU build of several hundred MB."
+            ) + "\n\n"
         text += _("Slicer's own numpy and SimpleITK are kept as they are.")
         return text
 
@@ -223,6 +228,25 @@ def constraints_text(version_of: Callable[[str], str | None] = installed_version
         if version is not None:
             lines.append(f"{name}=={version}")
     return "\n".join(lines) + "\n"
+
+
+def quiet_pip_install(
+    util_pip_install: Callable[[list[str]], object], packaging_pip_install: Callable[..., object] | None = None
+) -> Callable[[list[str]], object]:
+    """The ``pip_install`` that :func:`run_install` calls inside Slicer.
+
+    Slicer 5.12 and later (``slicer.packaging.pip_install``) show their own progress dialog and, when pip fails, a
+    "Package installation failed." dialog before raising; :func:`run_install`'s failure then showed a second one.
+    There it is called with ``show_progress=False`` (the busy cursor shows the wait), so the one dialog is the one
+    that names the cause and what to do. Earlier Slicers' ``slicer.util.pip_install`` shows no dialog of its own.
+
+    Args:
+        util_pip_install: ``slicer.util.pip_install``.
+        packaging_pip_install: ``slicer.packaging.pip_install`` where it exists (Slicer 5.12+), else None.
+    """
+    if packaging_pip_install is None:
+        return util_pip_install
+    return lambda args: packaging_pip_install(args, show_progress=False)
 
 
 def pip_install_arguments(requirements: list[str], constraints_file: str | Path) -> list[str]:

@@ -46,6 +46,11 @@ def ensureDependencies(training: bool = False) -> bool:
     if not slicer.util.confirmOkCancelDisplay(plan.confirmation_text(), _("Install Python packages")):
         return False
 
+    try:  # Slicer 5.12+: its own installer, told not to show a failure dialog of its own
+        from slicer.packaging import pip_install as packagingPipInstall
+    except ImportError:
+        packagingPipInstall = None
+
     def installTorch(requirement):
         return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement)
 
@@ -53,7 +58,7 @@ def ensureDependencies(training: bool = False) -> bool:
         outcome = dependencies.run_install(
             plan,
             install_torch=installTorch,
-            pip_install=slicer.util.pip_install,
+            pip_install=dependencies.quiet_pip_install(slicer.util.pip_install, packagingPipInstall),
             replan=lambda: dependencies.plan_dependencies(PyTorchUtils is not None, training=training),
             constraints_folder=folder,
         )

@@ -101,16 +101,22 @@ def one_line(text: str, limit: int | None = None) -> str:
 
 
 def run_guarded(
-    fn: Callable[[], int | None], *, debug: bool = False, memory_hint: str = "use smaller patches"
+    fn: Callable[[], int | None],
+    *,
+    debug: bool = False,
+    memory_hint: str = "use smaller patches",
+    install_hint: str | None = None,
 ) -> int:
     """Run a command body with the project's error convention.
 
     Errors of the project's types print one ``error: ...`` line on stderr and return their exit code;
-    an interrupt returns 130, out of memory 5, and any other exception (a bug) 1 with a plea to report
-    it. ``debug`` re-raises instead, for the traceback. Used by ``python -m DiffusionCore`` and by the
+    an interrupt returns 130, out of memory 5, a package DiffusionCore needs that is not installed 1 with
+    ``install_hint`` (default: :data:`.missing.PIP_INSTALL_HINT`), and any other exception (a bug) 1 with a plea
+    to report it. ``debug`` re-raises instead, for the traceback. Used by ``python -m DiffusionCore`` and by the
     Slicer scripted CLI modules alike.
     """
     from ..errors import DiffusionCoreError
+    from .missing import PIP_INSTALL_HINT, missing_package_message
 
     try:
         return int(fn() or 0)
@@ -127,6 +133,11 @@ def run_guarded(
             raise
         print(f"error: out of memory: {memory_hint}, or use a machine with more memory.", file=sys.stderr)
         return 5
+    except ModuleNotFoundError as exc:  # imported where it is first used: torch, safetensors, nibabel, ...
+        if debug:
+            raise
+        print(f"error: {missing_package_message(exc, install_hint or PIP_INSTALL_HINT)}", file=sys.stderr)
+        return 1
     except Exception as exc:  # a bug: say so plainly, keep the traceback behind --debug
         if debug:
             raise

@@ -320,18 +320,19 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
     return 0
 
 
+def _load():
+    from DiffusionCore.cli.common import run_guarded, setup_logging
+
+    return build_parser(), run_guarded, setup_logging  # the parser reads DiffusionCore's defaults
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from DiffusionCore.cli.common import run_guarded, setup_logging
-    except ImportError as exc:
-        print(
-            f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.",
-            file=sys.stderr,
-        )
-        return 1
+    from DiffusionCore.cli.missing import needs_packages, slicer_install_hint  # needs only what Slicer ships
+
+    parser, run_guarded, setup_logging = needs_packages(_load, "X-ray to CT")
+    args = parser.parse_args(argv)
     setup_logging()
-    return run_guarded(lambda: run(args), memory_hint="run fewer stages or use the GPU")
+    return run_guarded(lambda: run(args), install_hint=slicer_install_hint("X-ray to CT"), memory_hint="run fewer stages or use the GPU")
 
 
 if __name__ == "__main__":
