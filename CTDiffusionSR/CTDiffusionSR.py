@@ -50,6 +50,8 @@ See the <a href="https://github.com/SlicerCTDiffusion/SlicerCTDiffusion">documen
 """)
         self.parent.acknowledgementText = _("""
 Built on DiffusionCore (PyTorch). Method ideas from ResShift (Yue et al.) and ControlNet (Zhang et al.).
+The shipped weights were trained on LIDC-IDRI-0001 (Armato et al., Med Phys 2011; TCIA; CC BY 3.0) and
+Lung-PET-CT-Dx A0001 (Li et al., TCIA 2020; CC BY 4.0): see the model cards in docs/model_cards.
 """)
         from CTDiffusionSRLib.slicer_version import check_slicer_version
 

@@ -44,7 +44,11 @@ stage (how well the generated CT re-projects onto the radiograph) is shown. The 
 anatomy consistent with the projection, not a measurement: never use it for diagnosis.
 See the <a href="https://github.com/SlicerCTDiffusion/SlicerCTDiffusion">documentation</a>.
 """)
-        self.parent.acknowledgementText = _("Built on DiffusionCore (PyTorch).")
+        self.parent.acknowledgementText = _("""
+Built on DiffusionCore (PyTorch).
+The shipped weights were trained on LIDC-IDRI-0001 (Armato et al., Med Phys 2011; TCIA; CC BY 3.0) and
+Lung-PET-CT-Dx A0001 (Li et al., TCIA 2020; CC BY 4.0): see the model cards in docs/model_cards.
+""")
         from CTDiffusionSRLib.slicer_version import check_slicer_version
 
         check_slicer_version(self.parent.title)
