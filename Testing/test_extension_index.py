@@ -553,11 +553,12 @@ def test_the_modules_and_the_readme_credit_the_data_the_shipped_weights_were_tra
     # both CTs are CC BY: whoever installs the weights sees the credit in Slicer (each module's acknowledgement)
     # and in the README, with the licences and the DOIs to cite
     for path in (ROOT / "CTDiffusionSR" / "CTDiffusionSR.py", ROOT / "XrayToCT" / "XrayToCT.py"):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         text = next(ast.literal_eval(n.value.args[0]) for n in ast.walk(tree) if isinstance(n, ast.Assign)
                     and ast.unparse(n.targets[0]) == "self.parent.acknowledgementText")  # fmt: skip
         for credit in ("LIDC-IDRI", "CC BY 3.0", "Lung-PET-CT-Dx", "CC BY 4.0", "docs/model_cards"):
             assert credit in text, (path.name, credit)
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for doi in ("doi:10.7937/K9/TCIA.2015.LO9QL9SX", "doi:10.7937/TCIA.2020.NNC2-0461"):
         assert doi in readme.split("## Licence")[0].split("## Sample data and attribution")[1]
+
