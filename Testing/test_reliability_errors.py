@@ -501,3 +501,21 @@ def test_every_command_refuses_an_unknown_device_when_it_is_parsed(command, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: argument --device: must be auto, cpu, cuda or cuda:N; got 'gpu'"), err
     assert len(err.splitlines()) == 1
+
+
+def test_a_message_logged_while_a_progress_bar_is_drawn_gets_a_line_of_its_own(capsys):
+    # the terminal showed "...| 48/48 [00:12, predictor]info: super-resolution done in 12 s": the message went on
+    # the end of the bar's line
+    import logging
+
+    from DiffusionCore.cli.common import Progress, setup_logging
+
+    setup_logging()
+    progress = Progress("bar", desc="sr")
+    progress(3, 8, "predictor")
+    logging.getLogger("DiffusionCore.test").info("super-resolution done in 12 s")
+    progress.close()
+    err = capsys.readouterr().err
+    lines = [part.strip() for part in err.replace("\r", "\n").split("\n")]
+    assert "info: super-resolution done in 12 s" in lines
+    assert any("predictor" in line for line in lines)  # the bar was drawn

@@ -28,8 +28,19 @@ class _LowerLevelFormatter(logging.Formatter):
         return super().format(record)
 
 
+class _AboveTheBarHandler(logging.StreamHandler):
+    """Writes each message above the terminal's progress bar (``tqdm.write``: the bar is cleared, the line
+    written, the bar drawn again), so that a message never lands on the end of the bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(verbose: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _AboveTheBarHandler(sys.stderr)
     handler.setFormatter(_LowerLevelFormatter("%(levelname_lower)s: %(message)s"))
     root = logging.getLogger("DiffusionCore")
     root.handlers[:] = [handler]
