@@ -16,8 +16,10 @@ gantry-tilted grid (sheared along k only: the slices step along the table, not t
 tilted acquisition is, each slice at its own position. Voxels are int16 HU (rounded,
 clipped) with Rescale Slope 1 and Intercept 0.
 
-The series is written into a hidden folder beside the output and renamed into place when every file is
-written, so a failed or cancelled run leaves no partial series.
+The series is written into a hidden folder beside the output (``.NAME.PID.XXXXXXXX.partial``) and renamed into
+place, with the permissions of any folder the user creates (umask), when every file is written, so a failed or
+cancelled run leaves no partial series. A run killed outright (``kill -9``) cannot remove its hidden folder: the
+next write of the same series removes it (and keeps one of a run still writing).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, OutputError, OutputExistsError
+from .files import partial_folder, publish, remove_stale_partials
 from .provenance import NOT_ACQUIRED, SOFTWARE, Provenance
 from .volume import Volume
 
@@ -314,8 +316,9 @@ def write_dicom_series(
     pixels = np.clip(np.rint(vol.array), -32768, 32767).astype("<i2")
     orientation = [_fmt(v) for v in (*d[:, 0], *d[:, 1])]
     spacing = [_fmt(sy), _fmt(sx)]  # row spacing (between rows), then column spacing
-    parent = out.parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    if removed := remove_stale_partials(out):
+        logger.info("removed what an interrupted earlier run left beside %s: %s", out.name, ", ".join(removed))
+    tmp = partial_folder(out)
     try:
         for k in range(nz):
             ds = base.copy()
@@ -382,11 +385,13 @@ def check_dicom_output(folder: str | os.PathLike, *, overwrite: bool = False) ->
 
 
 def _publish_folder(tmp: Path, out: Path) -> None:
-    """Move the finished series into place; a replaced series is removed only after the rename."""
+    """Move the finished series into place, readable as any folder the user creates (umask); a replaced series
+    is moved aside (into ``.NAME.PID.XXXXXXXX.partial.old``, stale once its process is gone) and removed only
+    after the rename."""
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old = partial_folder(out, ".old")
         os.replace(out, old / "series")
-    os.replace(tmp, out)
+    publish(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -127,6 +129,14 @@ def partial_file(final: str | os.PathLike, suffix: str = "") -> str:
     return tmp
 
 
+def partial_folder(final: str | os.PathLike, suffix: str = "") -> Path:
+    """Create the hidden temporary folder (mode 0700) that :func:`publish` later renames to the folder ``final``
+    (a DICOM series): ``.NAME.PID.XXXXXXXX.partial[SUFFIX]`` beside it, named as :func:`partial_file` names
+    files, so that :func:`remove_stale_partials` removes it once its process was killed."""
+    p = Path(final)
+    return Path(tempfile.mkdtemp(prefix=f".{p.name}.{os.getpid()}.", suffix=PARTIAL + suffix, dir=p.parent))
+
+
 def _pid_running(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -140,25 +150,32 @@ def _pid_running(pid: int) -> bool:
 
 
 def remove_stale_partials(final: str | os.PathLike) -> list[str]:
-    """Delete the temporary files that earlier runs writing ``final`` left behind when they were killed
-    (``kill -9``, out of memory) while writing: ``.NAME.*.partial*`` beside it whose process no longer runs.
-    A file of a process that still runs (another run writing the same output now) is kept.
+    """Delete the temporary files and folders that earlier runs writing ``final`` left behind when they were
+    killed (``kill -9``, out of memory) while writing: ``.NAME.PID.XXXXXXXX.partial*`` beside it (from
+    :func:`partial_file` and :func:`partial_folder`) whose process no longer runs, and those named without a
+    process id (``.NAME.XXXXXXXX.partial*``, by versions before it was added). One of a process that still runs
+    (another run writing the same output now) is kept, and so is one of another output whose name starts
+    with NAME (``.NAME.json.PID.XXXXXXXX.partial``).
 
     Returns:
         The names removed.
     """
     p = Path(final)
     removed = []
+    ours = re.compile(rf"\.{re.escape(p.name)}\.(?:(\d+)\.)?[^.]+{re.escape(PARTIAL)}.*", re.DOTALL)
     try:
         candidates = list(p.parent.glob(f".{glob_escape(p.name)}.*{PARTIAL}*"))
     except OSError:
         return removed
     for c in candidates:
-        middle = c.name[len(p.name) + 2 :].split(".", 1)[0]
-        if middle.isdigit() and _pid_running(int(middle)):
+        match = ours.fullmatch(c.name)
+        if match is None or (match[1] is not None and _pid_running(int(match[1]))):
             continue
         try:
-            c.unlink()
+            if c.is_dir() and not c.is_symlink():
+                shutil.rmtree(c)
+            else:
+                c.unlink()
             removed.append(c.name)
         except OSError:
             pass
