@@ -209,21 +209,34 @@ class DicomSeries(NamedTuple):
         return f"{name} ({self.modality}, {count})" if self.modality else f"{name} ({count})"
 
 
+def header_values(path: str | os.PathLike, keywords: list[str]) -> dict[str, str] | None:
+    """The values of a DICOM file's header elements named by ``keywords`` (``"Modality"``, ``"ImageType"``), read
+    with pydicom (header only), as text: ``""`` where absent, multiple values joined by ``\\`` as DICOM stores them.
+    Reads objects without an image too (structure sets, plans, reports), which SimpleITK cannot, and files without
+    the 128-byte preamble (a file that is no DICOM then gives every value empty). ``None`` when the file cannot be
+    read (the volume reader names a damaged file)."""
+    try:
+        import pydicom
+        from pydicom.multival import MultiValue
+
+        with warnings.catch_warnings():  # a damaged file is the reader's to report, in our words
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(keywords), force=True)
+            values = {}
+            for key in keywords:
+                value = ds.get(key)  # values are decoded (and checked) when read
+                parts = list(value) if isinstance(value, MultiValue) else [] if value is None else [value]
+                values[key] = "\\".join(str(v).strip() for v in parts)
+    except Exception:  # noqa: BLE001 - not DICOM, unreadable: the caller decides
+        return None
+    return values
+
+
 def describe_series(uid: str, files: list[str]) -> DicomSeries:
     """A :class:`DicomSeries` from the header of the first of ``files`` (fields left empty where it cannot be
     read: the volume reader names a damaged file)."""
-    fields = {"Modality": "", "SeriesNumber": "", "SeriesDescription": ""}
-    try:
-        import pydicom
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=list(fields))
-            for key in fields:
-                value = ds.get(key)
-                fields[key] = "" if value is None else str(value).strip()
-    except Exception:  # noqa: BLE001 - not readable here: the series is named by its UID
-        pass
+    keywords = ["Modality", "SeriesNumber", "SeriesDescription"]
+    fields = header_values(files[0], keywords) or dict.fromkeys(keywords, "")
     return DicomSeries(uid, list(files), fields["Modality"].upper(), fields["SeriesNumber"],
                        fields["SeriesDescription"])  # fmt: skip
 

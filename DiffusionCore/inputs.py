@@ -3,9 +3,10 @@
 Volumes can be given as
 
 * a folder: every NIfTI / NRRD / MetaImage file below it, and every folder holding a DICOM series
-  (``.dcm`` files or extension-less files with the DICOM preamble), recursively; hidden entries skipped, and DICOM
-  folders that hold no CT series (radiographs, scouts, single images, reports: :data:`NOT_VOLUME_MODALITIES`) passed
-  over with a warning;
+  (``.dcm`` files or extension-less files with the DICOM preamble), recursively, through symbolic links to folders
+  too (each real folder searched once, so a link loop ends); hidden entries skipped, and DICOM folders that hold no
+  CT series (radiographs, scouts, single images, reports, structure sets, plans: :data:`NOT_VOLUME_MODALITIES`, and
+  any object without an image) passed over with a warning;
 * a text file with one path per line (relative paths are relative to the text file; ``#`` starts a comment);
 * a single volume file;
 * the name of a CT sample (``chest-lidc``, ``chest-dx``: fetched and sha256-checked, as ``sr`` takes it) where no such
@@ -24,7 +25,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .dicom_in import NOT_VOLUME_MODALITIES, localizers_only_error
+from .dicom_in import NOT_VOLUME_MODALITIES, header_values, localizers_only_error
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -58,27 +59,43 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
-def _dicom_kind(path: Path) -> tuple[str, int] | None:
-    """``(what the file is if it is no slice of a volume, or "", its number of frames)`` from its header, or None
-    when the header cannot be read (left to the volume reader, which names the file)."""
-    from .volume import dicom_header, is_localizer
+#: The header elements :func:`_dicom_kind` decides from: keyword -> SimpleITK's tag key.
+_KIND_TAGS = {"SOPClassUID": "0008|0016", "Modality": "0008|0060", "NumberOfFrames": "0028|0008",
+              "ImageType": "0008|0008", "Rows": "0028|0010"}  # fmt: skip
+
+
+def _kind_fields(path: Path) -> dict[str, str] | None:
+    """:data:`_KIND_TAGS` of a DICOM file's header, read by SimpleITK, or by pydicom where SimpleITK cannot (it reads
+    no object without an image: structure sets, plans, reports); None when neither can."""
+    from .volume import dicom_header
 
     try:
         r = dicom_header(str(path))
     except InputError:
+        fields = header_values(path, list(_KIND_TAGS))
+        return fields if fields and (fields["SOPClassUID"] or fields["Modality"]) else None  # else: no DICOM
+    fields = {name: r.GetMetaData(key).strip() if r.HasMetaDataKey(key) else "" for name, key in _KIND_TAGS.items()}
+    return {**fields, "Rows": str(r.GetSize()[1])}  # SimpleITK reads the headers of images only
+
+
+def _dicom_kind(path: Path) -> tuple[str, int] | None:
+    """``(what the file is if it is no slice of a volume, or "", its number of frames)`` from its header, or None
+    when the header cannot be read (left to the volume reader, which names the file)."""
+    from .volume import is_localizer
+
+    fields = _kind_fields(path)
+    if fields is None:
         return None
-
-    def tag(key: str) -> str:
-        return r.GetMetaData(key).strip() if r.HasMetaDataKey(key) else ""
-
-    modality = tag("0008|0060").upper()
+    modality = fields["Modality"].upper()
     try:
-        frames = int(tag("0028|0008") or 1)
+        frames = int(fields["NumberOfFrames"] or 1)
     except ValueError:
         frames = 1
+    if not fields["Rows"]:  # no Image Pixel module: a structure set, plan, report, key object, DICOMDIR, ...
+        return f"{modality or 'DICOM'} objects (no image)", frames
     if modality in NOT_VOLUME_MODALITIES:
         return f"{modality} images", frames
-    if is_localizer(tag("0008|0008")):
+    if is_localizer(fields["ImageType"]):
         return _LOCALIZERS, frames
     return "", frames
 
@@ -106,11 +123,27 @@ def _not_a_ct_series(dicom_files: Iterable[Path]) -> str:
 _LOCALIZERS = "CT localizers (topograms or scouts)"
 
 
-def _scan_folder(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+class _Scan:
+    """What a search for volumes keeps across the folders and list files it goes through."""
+
+    def __init__(self) -> None:
+        self.skipped: list[tuple[Path, str]] = []  # DICOM folders that hold no CT series, and why
+        self.searched: dict[str, Path] = {}  # real path of each folder searched -> the path it was searched by
+
+
+def _scan_folder(folder: Path, scan: _Scan) -> list[Path]:
     found: list[Path] = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for root, dirs, files in os.walk(folder, followlinks=True):  # a cohort split into train/val by links to series
         root_path = Path(root)
+        real = os.path.realpath(root)
+        if real in scan.searched:  # a link loop, two links to one folder, a folder given twice: searched once
+            dirs[:] = []
+            if scan.searched[real] != root_path:
+                logger.info("skipped %s: the same folder (%s) as %s, searched already", root_path, real,
+                            scan.searched[real])  # fmt: skip
+            continue
+        scan.searched[real] = root_path
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         paths = [root_path / n for n in sorted(files) if not n.startswith(".")]
         found.extend(p for p in paths if is_volume_file(p))
         dicom = (p for p in paths if not is_volume_file(p) and is_dicom_file(p))  # read lazily: few are needed
@@ -119,13 +152,13 @@ def _scan_folder(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
             continue
         why = _not_a_ct_series(itertools.chain([first], dicom))
         if why:
-            skipped.append((root_path, why))  # said once the scan is over: in the error, if nothing is left
+            scan.skipped.append((root_path, why))  # said once the scan is over: in the error, if nothing is left
             continue
         found.append(root_path)
     return found
 
 
-def _read_list_file(path: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+def _read_list_file(path: Path, scan: _Scan) -> list[Path]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -143,16 +176,16 @@ def _read_list_file(path: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
             p = path.parent / p
         if not p.exists():
             raise InputError(f"{path}, line {number}: {entry} does not exist; fix or remove that line")
-        out.extend(_expand(p, skipped))
+        out.extend(_expand(p, scan))
     return out
 
 
-def _expand(path: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+def _expand(path: Path, scan: _Scan) -> list[Path]:
     if path.is_dir():
-        return _scan_folder(path, skipped)
+        return _scan_folder(path, scan)
     if is_volume_file(path) or is_dicom_file(path):
         return [path.parent] if path.suffix.lower() == ".dcm" or not path.suffix else [path]
-    return _read_list_file(path, skipped)
+    return _read_list_file(path, scan)
 
 
 def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -174,13 +207,14 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> li
     if not items:
         raise InputError("no training data given: pass a folder of CT volumes, a list file, or volume files")
     found: list[Path] = []
-    skipped: list[tuple[Path, str]] = []  # DICOM folders that hold no CT series, and why
+    scan = _Scan()
     for item in items:
         p = sample_or_path(item, "ct").expanduser()  # a CT sample's name that is no path here: its fetched file
         if not p.exists():
             raise InputError(f"{p} does not exist: check the path")
-        found.extend(_expand(p, skipped))
+        found.extend(_expand(p, scan))
     unique = list(dict.fromkeys(found))
+    skipped = scan.skipped
     if not unique:
         if len(items) == 1 and skipped == [(p, _LOCALIZERS)]:  # the folder given is a scout series: say just that
             raise localizers_only_error(p)
@@ -192,7 +226,9 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> li
         )
     for folder, why in skipped:
         logger.warning("skipped %s: its DICOM files are %s, not a CT series", folder, why)
-    logger.info("found %d CT volume(s)", len(unique))
+    # candidates, not yet read (readable_volumes counts the CT volumes); one input that is itself a volume: no news
+    logger.log(logging.INFO if len(unique) > 1 or skipped else logging.DEBUG,
+               "found %d DICOM series or volume file(s) to read", len(unique))  # fmt: skip
     return unique
 
 
@@ -203,12 +239,13 @@ def readable_volumes(paths: Iterable[str | os.PathLike]):
     in mixed orientations, a corrupt file, no CT values) is passed over with a warning naming it and why, as folders
     holding no CT series are when the volumes are collected: a cohort (e.g. LIDC-IDRI) holds a few such series, and
     one of them must not stop a training run on the rest. A volume file that cannot be read stops with its error, and
-    so does a run in which no volume can be read (InputError listing why each failed).
+    so does a run in which no volume can be read (InputError listing why each failed). Once all are read, an info
+    line counts the CT volumes read, and those passed over.
     """
     from .volume import read_volume
 
     failed: list[str] = []
-    yielded = False
+    read = 0
     for p in paths:
         path = Path(p)
         try:
@@ -219,10 +256,12 @@ def readable_volumes(paths: Iterable[str | os.PathLike]):
             failed.append(f"{path}: {exc}")
             logger.warning("passed over %s: %s", path, exc)
             continue
-        yielded = True
+        read += 1
         yield path, vol
-    if not yielded and failed:
+    if not read and failed:
         raise InputError("none of the CT volumes could be read: " + "; ".join(failed))
+    passed = f"; passed over {len(failed)} of the {read + len(failed)} found (see the warnings above)" if failed else ""
+    logger.info("found %d CT volume(s)%s", read, passed)
 
 
 def done_through(paths: Sequence[str | os.PathLike], path: str | os.PathLike) -> int:
