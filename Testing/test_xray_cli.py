@@ -324,8 +324,8 @@ def test_xray_training_data_passes_over_cohort_series_that_cannot_be_read(tmp_pa
     from DiffusionCore.xray.data import load_cubes
 
     paths = write_cohort_with_unreadable_series(tmp_path / "cohort")
-    cubes = load_cubes(paths, [16], 350.0)
-    assert len(cubes) == 1 and cubes[0][16].shape == (16, 16, 16)
+    cubes, used = load_cubes(paths, [16], 350.0)
+    assert len(cubes) == 1 and cubes[0][16].shape == (16, 16, 16) and used == [paths[0]]
     said = passed_over(diffusioncore_log)
     assert len(said) == 2 and "p2/ct" in said[0] and "p3/ct" in said[1]
     data = tmp_path / "prepared"

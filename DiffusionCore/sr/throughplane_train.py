@@ -132,9 +132,17 @@ def split_regions(n: int, test_fraction: float, val_fraction: float) -> tuple[tu
 
 def load_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig) -> tuple[list[PlaneSource], list[PlaneSource]]:
     """Training and validation plane sources (HU, slice axis first) from thin-slice CT files."""
+    train, val, _ = read_sources(paths, cfg)
+    return train, val
+
+
+def read_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig
+                 ) -> tuple[list[PlaneSource], list[PlaneSource], list[Path]]:  # fmt: skip
+    """:func:`load_sources`, and the volumes of ``paths`` they come from: those read and used, not those passed over
+    (an unreadable series, one too short to hold out test and validation slices)."""
     from ..inputs import readable_volumes
 
-    train, val, short = [], [], []
+    train, val, short, used = [], [], [], []
     for p, vol in readable_volumes(paths):
         arr = np.ascontiguousarray(vol.array, dtype=np.float32)
         try:
@@ -148,12 +156,13 @@ def load_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig) -> tuple[list[
         logger.info("%s: train slices %d-%d, validation %d-%d, test %d-%d (never read)", p.name, tr[0], tr[1] - 1,
                     va[0], va[1] - 1, te[0], te[1] - 1)
         train.append(PlaneSource(p.name, arr, vol.spacing_zyx, *tr))
+        used.append(p)
         if va[1] > va[0]:
             val.append(PlaneSource(p.name + "[val]", arr, vol.spacing_zyx, *va))
     if not train:
         raise InputError("none of the CT volumes is long enough to train on: " + "; ".join(short))
     warn_thick_slices(train)
-    return train, val
+    return train, val, used
 
 
 def warn_thick_slices(sources: list[PlaneSource]) -> bool:
@@ -275,7 +284,7 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     are averaged, so a step learns from N x ``batch_size`` planes; rank 0 validates, checkpoints and exports).
     """
     from ..inputs import collect_volumes
-    from ..train.checkpoint import nothing_to_resume, resumable_checkpoint
+    from ..train.checkpoint import log_volumes_used, nothing_to_resume, resumable_checkpoint
     from ..train.distributed import cleanup, init_distributed
     from ..train.starting_weights import THROUGHPLANE, check_starting_weights
 
@@ -291,8 +300,10 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     completed = False
     try:
         paths = collect_volumes(data)
-        train_src, val_src = load_sources(paths, cfg)
-        summary = _train(cfg, paths, train_src, val_src, out, info, start=start, init_from=init_from)
+        train_src, val_src, used = read_sources(paths, cfg)
+        if info.is_main:
+            log_volumes_used(paths, used)
+        summary = _train(cfg, used, train_src, val_src, out, info, start=start, init_from=init_from)
         completed = True
     finally:
         cleanup(info, completed=completed)
@@ -301,10 +312,12 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
 
 def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[PlaneSource], val_src: list[PlaneSource],
            out: Path, info: Any, *, start: Path | None, init_from: str | None) -> dict[str, Any]:
-    """The loop of :func:`train`; ``start``: the checkpoint a resumed run continues from (None: a new run)."""
+    """The loop of :func:`train`; ``paths``: the volumes ``train_src`` and ``val_src`` come from; ``start``: the
+    checkpoint a resumed run continues from (None: a new run)."""
     from ..train.checkpoint import (
         load_training_state,
         save_training_state,
+        volume_names,
         volume_record,
         warn_resumed_config,
         warn_resumed_data,
@@ -434,7 +447,7 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
                      "data_seconds": round(timing["data"], 1), "step_seconds": round(timing["step"], 1)},
         "validation": last,
         "init_from": init_from,
-        "data": [Path(p).name for p in trained_on],  # every stretch's volumes, this one's last
+        "data": volume_names(trained_on),  # every stretch's volumes, this one's last
     }
     if info.distributed:
         summary["this_run"]["processes"] = info.world_size

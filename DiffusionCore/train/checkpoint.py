@@ -710,6 +710,30 @@ def volume_record(paths: Sequence[str | os.PathLike]) -> list[str]:
     return list(dict.fromkeys(str(Path(p).expanduser().resolve()) for p in paths))
 
 
+def volume_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Short names of training volumes, for summaries, exported weights and logs: each one's file or folder name, or
+    as many of its last path parts as tell it from the others (cohort trees repeat series folder names: ``p1/ct``,
+    ``p2/ct``)."""
+    parts = [Path(p).parts for p in paths]
+    names = []
+    for mine in parts:
+        k = 1
+        while k < len(mine) and any(other != mine and other[-k:] == mine[-k:] for other in parts):
+            k += 1
+        names.append(str(Path(*mine[-k:])))
+    return names
+
+
+def log_volumes_used(found: Sequence[str | os.PathLike], used: Sequence[str | os.PathLike]) -> None:
+    """Say in one line how many of the volumes ``found`` a run trains on (``used``: those read and kept) and which it
+    passed over (each was warned of with its reason as it was read); nothing when it uses them all."""
+    kept = {Path(p) for p in used}
+    passed = [name for p, name in zip(found, volume_names(found)) if Path(p) not in kept]
+    if passed:
+        logger.info("training on %d of the %d DICOM series or volume file(s) found (passed over: %s)", len(used), len(found),
+                    ", ".join(passed))  # fmt: skip
+
+
 def warn_resumed_data(recorded: Sequence[str] | None, current: Sequence[str], checkpoint: str | os.PathLike
                       ) -> tuple[list[str], list[str]]:  # fmt: skip
     """Warn when a run is resumed on other training volumes than those it recorded (``recorded``; None: a checkpoint

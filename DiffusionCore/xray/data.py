@@ -469,16 +469,21 @@ def warp_cube(
 
 def load_cubes(
     paths: list[Path], resolutions: list[int], fov_mm: float, named: Iterable[Path] = ()
-) -> list[dict[int, np.ndarray]]:
+) -> tuple[list[dict[int, np.ndarray]], list[Path]]:
     """Read CTs (or prepared cube folders) and resample them to every requested resolution; a CT too small for the
-    cube stops the run if it is one of ``named``, else it is passed over (:func:`usable_volumes`)."""
-    out = []
+    cube stops the run if it is one of ``named``, else it is passed over (:func:`usable_volumes`).
+
+    Returns:
+        ``(cubes, used)``: one ``{resolution: cube}`` per CT used, and the paths of those CTs (not those passed over).
+    """
+    out, used = [], []
     for p, vol in usable_volumes(paths, named):
         cubes = ct_to_cubes(vol, resolutions, fov_mm)
         warn_little_body(cubes[min(resolutions)], str(p), fov_mm, TRAINING_ON_AIR)
         out.append({r: cube.array for r, cube in cubes.items()})
+        used.append(p)
         logger.info("loaded %s as cubes %s", p, resolutions)
-    return out
+    return out, used
 
 
 def prepare_dataset(

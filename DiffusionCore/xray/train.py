@@ -100,23 +100,17 @@ def _is_prepared(data: Any) -> bool:
     return isinstance(data, str | os.PathLike) and (Path(data) / MANIFEST).is_file()
 
 
-def training_volumes(data: Any) -> list[str]:
-    """The CTs a run on ``data`` trains on, as its checkpoints record them (``extra["data"]``): the volumes found (see
-    :func:`~DiffusionCore.inputs.collect_volumes`), or a ``prepare-xray-data`` folder's cases by their source CT."""
-    from ..train.checkpoint import volume_record
-
-    if _is_prepared(data):
-        cases = json.loads((Path(data) / MANIFEST).read_text())["cases"]
-        return [str(case.get("source") or Path(data) / f"case {i}") for i, case in enumerate(cases)]
-    from ..inputs import collect_volumes
-
-    return volume_record(collect_volumes(data))
+def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> list[dict[int, np.ndarray]]:
+    """Cubes from a ``prepare-xray-data`` folder (manifest.json) or from CT volumes (see :func:`training_cubes`)."""
+    return training_cubes(data, resolutions, fov_mm)[0]
 
 
-def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float,
-                        volumes: list[str] | None = None) -> list[dict[int, np.ndarray]]:  # fmt: skip
-    """Cubes from a ``prepare-xray-data`` folder (manifest.json) or from CT volumes (``volumes``: those
-    :func:`training_volumes` found in ``data`` already, so that they are not looked for twice)."""
+def training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> tuple[list[dict[int, np.ndarray]], list[str]]:
+    """The cubes a run on ``data`` trains on, and the CTs they come from as its checkpoints record them
+    (``extra["data"]``): a ``prepare-xray-data`` folder's cases by their source CT, or of the CT volumes found (see
+    :func:`~DiffusionCore.inputs.collect_volumes`) those read and used, not those passed over (unreadable, or too
+    small for the cube)."""
+    from ..train.checkpoint import log_volumes_used, volume_record
     from ..volume import read_volume
 
     if _is_prepared(data):
@@ -140,13 +134,15 @@ def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float,
                         read_volume(root / case["files"][f"cube_{finest}"]), r, fov_mm
                     ).array
             out.append(cubes)
-        return out
+        return out, [str(case.get("source") or root / f"case {i}") for i, case in enumerate(manifest["cases"])]
     from ..inputs import collect_volumes
 
     # folders, list files, volume files, samples' names; a CT too small for the cube stops the run if named, else it
     # is passed over
-    paths = [Path(v) for v in volumes] if volumes is not None else collect_volumes(data)
-    return load_cubes(paths, resolutions, fov_mm, named=named_volumes(data))
+    paths = collect_volumes(data)
+    out, used = load_cubes(paths, resolutions, fov_mm, named=named_volumes(data))
+    log_volumes_used(paths, used)
+    return out, volume_record(used)
 
 
 def patch_origin(cfg: XrayStageConfig, generator: torch.Generator | None = None) -> tuple[int, int, int]:
@@ -446,6 +442,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
         nothing_to_resume,
         resumable_checkpoint,
         save_training_state,
+        volume_names,
         warn_resumed_config,
         warn_resumed_data,
     )
@@ -522,9 +519,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     max_steps = opts.max_steps or tcfg.max_steps or tcfg.epochs * tcfg.steps_per_epoch
     out_dir = Path(opts.output_dir)
     resolutions = sorted({c.resolution for c in configs[: top.stage]})
-    volumes = training_volumes(opts.data)
-    cubes = load_training_cubes(opts.data, resolutions, top.data.fov_mm,
-                                volumes=None if _is_prepared(opts.data) else volumes)  # fmt: skip
+    cubes, volumes = training_cubes(opts.data, resolutions, top.data.fov_mm)
     r1 = configs[0].resolution
     mean_hu = np.mean([c[r1] for c in cubes], axis=0)
     cascade.set_mean_ct(hu_to_unit(torch.from_numpy(mean_hu))[None, None])
@@ -623,7 +618,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
                 "trained_stages": trained,
                 "steps": step,
                 "weight_average": bool(ema is not None),
-                "data": str(opts.data),
+                "data": volume_names(volumes),
                 "description": "X-ray to CT cascade trained with DiffusionCore train xray",
             },
         )
