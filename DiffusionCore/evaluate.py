@@ -111,7 +111,8 @@ def evaluate(
             hu_range=hu_range,
         )
         results.append({"method": name, **{k: float(v) for k, v in scores.items()}, "seconds": seconds})
-        logger.info("%s: %s", name, scores)
+        logger.info("%s: body PSNR %.2f dB, 3D SSIM %.3f, body MAE %.1f HU (%.1f s)", name, scores["psnr_body"],
+                    scores["ssim"], scores["hu_mae_body"], seconds)  # fmt: skip
     if progress:
         progress(total, total, "done")
     return {

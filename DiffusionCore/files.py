@@ -426,8 +426,14 @@ def check_memory_for(n_bytes: int, what: str, advice: str) -> None:
     """
     from .errors import ResourceError
 
-    limit = memory_limit_from_env() or host_available_memory()
+    capped = memory_limit_from_env()
+    limit = capped or host_available_memory()
     if n_bytes > limit:
+        if capped:  # the user's own cap, not what the machine has
+            raise ResourceError(
+                f"not enough memory: {what} needs about {format_bytes(n_bytes)}, but {MEMORY_LIMIT_ENV} allows "
+                f"{format_bytes(limit)}. {advice[:1].upper() + advice[1:]}, or raise {MEMORY_LIMIT_ENV}."
+            )
         raise ResourceError(
             f"not enough memory: {what} needs about {format_bytes(n_bytes)}, but {format_bytes(limit)} is "
             f"available. {advice[:1].upper() + advice[1:]}, free memory, or use a machine with more memory."

@@ -260,3 +260,15 @@ def test_command_line_turns_allocation_failures_into_exit_code_5(capsys):
         "error: out of memory: use smaller patches (--patch-size), or use a machine with more memory."
     ]
     assert run_guarded(lambda: (_ for _ in ()).throw(RuntimeError("a bug"))) == 1
+
+
+def test_a_memory_refusal_under_the_users_cap_says_it_is_the_cap(monkeypatch):
+    # "... but 2.0 GiB is available" read as the machine's free memory when it was the variable's cap
+    from DiffusionCore.files import check_memory_for
+
+    monkeypatch.setenv("DIFFUSIONCORE_MEMORY_LIMIT", "1MiB")
+    with pytest.raises(ResourceError) as caught:
+        check_memory_for(8 << 20, "super-resolving onto 16x512x512 voxels", "use a smaller factor")
+    message = str(caught.value)
+    assert "needs about 8.0 MiB, but DIFFUSIONCORE_MEMORY_LIMIT allows 1.0 MiB" in message
+    assert "Use a smaller factor, or raise DIFFUSIONCORE_MEMORY_LIMIT." in message and "is available" not in message

@@ -284,10 +284,28 @@ def test_a_batch_refuses_a_volume_file_name_as_its_output_folder(tmp_path, capsy
     src = tmp_path / "in"
     src.mkdir()
     write_volume(thick_ct(shape=(2, 32, 32)), src / "a.nii.gz")
+    write_volume(thick_ct(shape=(2, 32, 32)), src / "b.nii.gz")
     rc = main(["sr", str(src), str(tmp_path / "out.nii.gz"), "--tiny-test-model", "--progress", "none"])
     err = capsys.readouterr().err
     assert rc == 4 and "the input is a batch" in err and "out.nii.gz is a volume file's name: give a folder" in err
     assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_a_patient_folder_holding_one_ct_series_is_one_input(tmp_path, capsys):
+    # a patient's folder: its CT series in one subfolder, a treatment plan in another (passed over); OUTPUT a file
+    from conftest import write_dicom_series
+    from pydicom.data import get_testdata_file
+
+    patient = tmp_path / "patient"
+    write_dicom_series(patient / "ct", thick_ct(shape=(3, 32, 32)))
+    (patient / "plan").mkdir()
+    (patient / "plan" / "plan.dcm").write_bytes(Path(get_testdata_file("rtplan.dcm")).read_bytes())
+    out = tmp_path / "thin.nii.gz"
+    rc = main(["sr", str(patient), str(out), "--tiny-test-model", "--no-adapt", "--factor", "2", "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert out.is_file() and read_volume(out).shape[0] == 6
+    assert f"{patient} holds one CT volume, {patient / 'ct'}" in err
 
 
 def test_a_batch_whose_every_volume_fails_writes_nothing_and_says_so(tmp_path, capsys):

@@ -244,8 +244,14 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> tuple[bool, list[Job]
     Raises:
         InputError: INPUT missing or holding no volumes. OutputError: an output cannot be written.
     """
-    batch, sources = _is_batch(sample_or_path(args.input, "ct"))  # a path, or a CT sample's name (chest-dx)
+    given = sample_or_path(args.input, "ct")  # a path, or a CT sample's name (chest-dx)
+    batch, sources = _is_batch(given)
     out = Path(args.output)
+    if batch and len(sources) == 1 and given.is_dir() and not out.is_dir() and split_volume_suffix(out.name)[1]:
+        # a patient's folder that holds one CT series (beside a scout or a structure set) and a volume file as
+        # OUTPUT: that one volume, as evaluate --reference takes the same folder
+        logger.info("%s holds one CT volume, %s: super-resolving it into %s", given, sources[0], out)
+        batch = False
     if not batch:
         as_dicom = wants_dicom(args.output_format, sources[0], out)
         if out.is_dir() and not as_dicom:
