@@ -157,6 +157,12 @@ def slab_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.nd
     return s_mat[rows] / counts[rows, None], rows, coords
 
 
+#: Slices at most this thick (mm) are thin enough to be the through-plane target: averaged k at a time they give the
+#: 5-10 mm inputs that the SR command is run on. Thicker ones only teach thick-to-thicker (training pairs) and are no
+#: thin truth to score against (an evaluation reference).
+THIN_SLICE_MM = 3.0
+
+
 #: How far a series' recorded slice thickness may differ from its slice spacing (as a share of the spacing) before a
 #: run says that its slices are not the contiguous slabs that super-resolution assumes.
 SLAB_THICKNESS_TOLERANCE = 0.2

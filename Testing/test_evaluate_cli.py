@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,18 @@ def test_evaluate_sr_with_a_weights_file_and_the_estimate_options(tmp_path, smal
     assert proc.returncode == 0, proc.stderr
     by = {r["method"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
     assert set(by) == {"cubic", "sr"} and np.isfinite(by["sr"]["psnr"])
+
+
+def test_a_thick_reference_is_scored_with_a_warning_and_the_scores_are_logged_in_words(tmp_path, make_phantom):
+    thin = write_volume(make_phantom(shape=(24, 32, 32), spacing=(0.8, 0.8, 1.0)), tmp_path / "thin.nii.gz")
+    thick = write_volume(make_phantom(shape=(24, 32, 32), spacing=(0.8, 0.8, 5.0)), tmp_path / "thick.nii.gz")
+    said = {}
+    for name, ref in (("thin", thin), ("thick", thick)):
+        proc = run_cli("evaluate", "--reference", str(ref), "--factor", "4", "--methods", "cubic", "--progress", "none",
+                       cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        said[name] = proc.stderr
+    assert "simulates" not in said["thin"]
+    assert "its slices are 5 mm apart, so x4 simulates 20 mm slabs" in said["thick"]
+    assert "use a reference of 3 mm or less" in said["thick"]
+    assert re.search(r"info: cubic: body PSNR [\d.]+ dB, 3D SSIM [\d.]+, body MAE [\d.]+ HU", said["thin"])

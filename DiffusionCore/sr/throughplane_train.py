@@ -34,6 +34,7 @@ import torch
 
 from ..cli.common import device_name
 from ..config import config_to_dict
+from ..degrade import THIN_SLICE_MM
 from ..errors import ConfigError, InputError, NumericalError
 from ..train.numerics import LossWatch, check_training_numbers
 from .planes import PairSettings, PlaneSource, sample_pairs
@@ -43,9 +44,6 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "predictor"
 EXPORT_FILE = "throughplane.safetensors"
-#: Slices at most this thick (mm) are thin enough to be the through-plane target: averaged k at a time they give the
-#: 5-10 mm inputs that the SR command is run on. Thicker ones only teach thick-to-thicker (see :func:`load_sources`).
-THIN_SLICE_MM = 3.0
 
 
 @dataclass
