@@ -440,6 +440,22 @@ def thin_grid(
     )
 
 
+def factor_cap_note(thick: Volume | Grid, axis: int) -> str:
+    """What a run without ``--factor`` or ``--target-spacing`` says when its suggested factor (slices as thin as the
+    in-plane spacing) is above :data:`MAX_FACTOR`, or ``""``: the output's slices are the finest the model makes,
+    thicker than the in-plane spacing."""
+    grid = thick.grid if isinstance(thick, Volume) else thick
+    if suggested_factor(grid, axis) <= MAX_FACTOR:
+        return ""
+    s = float(grid.spacing_zyx[axis])
+    inplane = float(np.delete(np.asarray(grid.spacing_zyx), axis).max())
+    return (
+        f"the slices are {s:g} mm apart, {s / inplane:.3g} times the in-plane spacing; using the largest supported "
+        f"factor {MAX_FACTOR}: slices of {s / MAX_FACTOR:.3g} mm, not the {inplane:.3g} mm of the in-plane spacing "
+        f"(no model here goes finer than {MAX_FACTOR} times the slice spacing)"
+    )
+
+
 def plan_thin_grid(
     thick: Volume | Grid,
     *,
@@ -475,10 +491,7 @@ def plan_thin_grid(
                 f"{', '.join(f'{s:.3g}' for s in grid.spacing_zyx)} mm): give --factor or --target-spacing."
             )
         if factor > MAX_FACTOR:
-            logger.warning(
-                "the slices are %.3g times thicker than the in-plane spacing; using the largest supported "
-                "factor %d", grid.spacing_zyx[ax] / min(np.delete(np.asarray(grid.spacing_zyx), ax)), MAX_FACTOR
-            )
+            logger.warning(factor_cap_note(grid, ax))
             factor = MAX_FACTOR
     out = thin_grid(grid, factor, target_spacing=target_spacing, axis=ax)
     if factor is None:  # a target spacing of the slice spacing over a whole number is that factor

@@ -522,3 +522,20 @@ def test_gpu_memory_counts_what_the_allocator_caches_from_an_earlier_run(monkeyp
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 60 * gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 1 * gib)
     assert device_available_memory("cuda") == 61 * gib
+
+
+def test_slices_far_thicker_than_the_pixels_get_the_largest_factor_and_the_report_says_so(caplog):
+    # 12 mm slices over 0.8 mm pixels would ask for x15: the model goes to x8 (1.5 mm slices), and a report read
+    # later (the batch CLI's, the module's) must say why the slices are not as thin as the pixels
+    from conftest import ct_phantom_array
+
+    arr = ct_phantom_array((4, 32, 32), seed=3)
+    vol = Volume(arr, (0.8, 0.8, 12.0), (0.0, 0.0, 0.0))
+    resolver = SuperResolver.tiny_predictor(seed=1)
+    with caplog.at_level("WARNING", logger="DiffusionCore"):
+        out, report = resolver.run(vol, device="cpu")
+    assert out.shape[0] == 32 and out.spacing[2] == pytest.approx(1.5)
+    said = [n for n in report.get("notes", []) if "largest supported factor 8" in n]
+    assert len(said) == 1 and "slices of 1.5 mm, not the 0.8 mm of the in-plane spacing" in said[0]
+    assert said[0] in caplog.text
+    assert not resolver.run(vol, factor=8, device="cpu")[1].get("notes")  # asked for: nothing to explain

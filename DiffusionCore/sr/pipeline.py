@@ -50,6 +50,7 @@ import torch
 from ..degrade import (
     MAX_FACTOR,
     enforce_consistency,
+    factor_cap_note,
     plan_thin_grid,
     slab_thickness_note,
     thick_axis,
@@ -504,14 +505,17 @@ class SuperResolver:
         grid, ax, k = self.target_grid(
             volume, factor=settings.factor, target_spacing=settings.target_spacing, axis=settings.axis
         )
+        # the factor suggested from the spacing, capped (plan_thin_grid has said so): the report keeps it too
+        capped = factor_cap_note(volume, ax) if settings.factor is None and settings.target_spacing is None else ""
         # a target spacing of the slices over a whole number is that factor's run (degrade.whole_factor)
         settings = settings.replace(factor=k, axis=ax, target_spacing=None if k is not None else settings.target_spacing)
         note = slab_thickness_note(volume, ax)
         if note:
             logger.warning(note)
         out, report = self.run_to_grid(volume, grid, settings, progress=progress, cancel=cancel)
-        if note:
-            report["notes"] = [*report.get("notes", []), note]
+        notes = [n for n in (capped, note) if n]
+        if notes:
+            report["notes"] = [*report.get("notes", []), *notes]
         return out, report
 
     # -- the starting point: cubic interpolation plus the through-plane predictor --------------------
