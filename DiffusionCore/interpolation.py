@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from .errors import InputError
 from .volume import Grid, Volume
@@ -59,6 +58,8 @@ def cubic_matrix(n: int, coords: np.ndarray) -> np.ndarray:
     the same operator as ``scipy.ndimage`` order 3 and SimpleITK's ``sitkBSpline``.
     """
     u = np.clip(np.asarray(coords, dtype=np.float64), 0.0, n - 1.0)
+    from scipy import ndimage  # imported on first use: `import DiffusionCore` stays light (Slicer's start)
+
     prefilter = ndimage.spline_filter1d(np.eye(n), order=3, axis=0, mode="mirror")  # column k: the k-th impulse
     i0 = np.floor(u).astype(int)
     t = u - i0

@@ -27,7 +27,6 @@ import math
 from collections.abc import Iterator
 
 import numpy as np
-from scipy import ndimage
 
 from .degrade import Degradation, degrade
 from .volume import Volume
@@ -185,9 +184,12 @@ def hu_mae(
 
 
 #: Face connectivity in 3D, and face connectivity inside each axial slice only (no link along axis 0).
-_FACES_3D = ndimage.generate_binary_structure(3, 1)
+#: Face connectivity (scipy.ndimage.generate_binary_structure(3, 1)), and the same within one slice; scipy.ndimage is
+#: imported only where a mask is computed, so that `import DiffusionCore` stays light (3D Slicer imports it at start).
+_FACES_3D = np.zeros((3, 3, 3), bool)
+_FACES_3D[1, 1, :] = _FACES_3D[1, :, 1] = _FACES_3D[:, 1, 1] = True
 _FACES_IN_SLICE = np.zeros((3, 3, 3), bool)
-_FACES_IN_SLICE[1] = ndimage.generate_binary_structure(2, 1)
+_FACES_IN_SLICE[1] = _FACES_3D[1]
 
 
 def axial_axis(ref: Volume | np.ndarray) -> int:
@@ -205,6 +207,8 @@ def _fill_holes(mask: np.ndarray, structure: np.ndarray, border_axes: tuple[int,
     With ``structure`` face connectivity this is ``scipy.ndimage.binary_fill_holes`` (in 3D, or in every
     slice when the structure links no slices and the borders are those of the slices), in one labelling.
     """
+    from scipy import ndimage
+
     labels, n = ndimage.label(~mask, structure)
     open_to_border = np.zeros(n + 1, bool)  # per label; label 0 is the mask itself, kept
     for ax in border_axes:
@@ -215,6 +219,8 @@ def _fill_holes(mask: np.ndarray, structure: np.ndarray, border_axes: tuple[int,
 
 
 def _body_mask(a: np.ndarray, threshold: float, slice_axis: int = 0) -> np.ndarray:
+    from scipy import ndimage
+
     labels, n = ndimage.label(a > threshold)
     if n == 0:
         return np.zeros(a.shape, dtype=bool)

@@ -562,3 +562,15 @@ def test_the_modules_and_the_readme_credit_the_data_the_shipped_weights_were_tra
     for doi in ("doi:10.7937/K9/TCIA.2015.LO9QL9SX", "doi:10.7937/TCIA.2020.NNC2-0461"):
         assert doi in readme.split("## Licence")[0].split("## Sample data and attribution")[1]
 
+
+
+def test_registering_the_sample_data_at_slicer_start_loads_no_image_processing():
+    # Slicer registers the Sample Data buttons at every start, through DiffusionCore.sampledata: that must not pull in
+    # scipy's image modules or torch (half a second before; numpy and SimpleITK are loaded in Slicer anyway)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from CTDiffusionSRLib import sample_data; "
+            "[sample_data.registration_arguments(s, sys.argv[1]) for s in sample_data.SAMPLE_SOURCES]; "
+            "print(sorted(m for m in ('scipy.ndimage', 'torch') if m in sys.modules))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "CTDiffusionSR")], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
