@@ -672,3 +672,11 @@ def test_a_cli_run_before_the_packages_are_installed_says_which_and_how_to_insta
     assert f"error: the Python package '{blocked}', which CT Diffusion needs, is not installed here" in proc.stderr
     assert f"open the {module} module and press Apply once" in proc.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "out.nrrd").exists()
+
+
+@pytest.mark.parametrize("name", ["CTDiffusionSRBatch", "XrayToCTGenerate", "DiffusionTrain"])
+def test_a_cli_without_diffusioncore_says_to_install_the_extension_again(tmp_path, name):
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_PACKAGES, "DiffusionCore", str(CLI_FILES[name].with_suffix(".py")),
+                           str(tmp_path / "a.nrrd"), str(tmp_path / "b.nrrd")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: DiffusionCore is not installed in this Python" in proc.stderr and "install the extension again" in proc.stderr

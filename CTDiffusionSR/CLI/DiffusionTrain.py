@@ -139,7 +139,10 @@ def _core_main():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from DiffusionCore.cli.missing import needs_packages  # needs only what Slicer itself ships
+    try:  # stdlib only, inside DiffusionCore: fails only where DiffusionCore itself is missing
+        from DiffusionCore.cli.missing import needs_packages
+    except ImportError as exc:
+        sys.exit(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.")
 
     args = build_parser().parse_args(argv)
     core_main = needs_packages(_core_main, "CT Diffusion SR")

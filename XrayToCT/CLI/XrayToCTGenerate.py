@@ -327,7 +327,10 @@ def _load():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from DiffusionCore.cli.missing import needs_packages, slicer_install_hint  # needs only what Slicer ships
+    try:  # stdlib only, inside DiffusionCore: fails only where DiffusionCore itself is missing
+        from DiffusionCore.cli.missing import needs_packages, slicer_install_hint
+    except ImportError as exc:
+        sys.exit(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.")
 
     parser, run_guarded, setup_logging = needs_packages(_load, "X-ray to CT")
     args = parser.parse_args(argv)
