@@ -133,17 +133,22 @@ def consistency_operator(
         ``rows`` (those holding at least one thin slice centre) to the thin-grid correction; ``S`` (r x n)
         is the slab average (:func:`slab_operator`); ``slab`` (n,) the slab of each thin slice (:func:`slab_of`).
     """
-    s_mat, rows, coords = slab_operator(thick, thin, axis)
+    s_mat, rows, coords, slab = _slab_operator(thick, thin, axis)
     b_mat = cubic_matrix(thick.shape[axis], coords)
     system = s_mat @ b_mat  # (r x m): slab averages of each spline basis function
     m_mat = b_mat @ np.linalg.pinv(system)
-    return m_mat, s_mat, rows, slab_of(coords, thick.shape[axis], reverse=axis in storage_flips(thick.direction))
+    return m_mat, s_mat, rows, slab
 
 
 def slab_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(S, rows, coords)``: ``S`` (r x n) averages the thin slices whose centres fall in each of the ``r``
     thick slabs listed in ``rows`` (those holding at least one); ``coords`` are the thin slice centres in
     thick index units."""
+    return _slab_operator(thick, thin, axis)[:3]
+
+
+def _slab_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`slab_operator` and the slab of each thin slice (:func:`slab_of`)."""
     idx = 2 - axis
     to_thick = np.linalg.inv(thick.index_to_physical()) @ thin.index_to_physical()
     n, m = thin.shape[axis], thick.shape[axis]
@@ -154,7 +159,7 @@ def slab_operator(thick: Grid, thin: Grid, axis: int) -> tuple[np.ndarray, np.nd
     rows = np.flatnonzero(counts > 0)
     s_mat = np.zeros((m, n))
     s_mat[slab[inside], np.flatnonzero(inside)] = 1.0
-    return s_mat[rows] / counts[rows, None], rows, coords
+    return s_mat[rows] / counts[rows, None], rows, coords, slab
 
 
 #: Slices at most this thick (mm) are thin enough to be the through-plane target: averaged k at a time they give the

@@ -428,16 +428,11 @@ def check_memory_for(n_bytes: int, what: str, advice: str) -> None:
 
     capped = memory_limit_from_env()
     limit = capped or host_available_memory()
-    if n_bytes > limit:
-        if capped:  # the user's own cap, not what the machine has
-            raise ResourceError(
-                f"not enough memory: {what} needs about {format_bytes(n_bytes)}, but {MEMORY_LIMIT_ENV} allows "
-                f"{format_bytes(limit)}. {advice[:1].upper() + advice[1:]}, or raise {MEMORY_LIMIT_ENV}."
-            )
-        raise ResourceError(
-            f"not enough memory: {what} needs about {format_bytes(n_bytes)}, but {format_bytes(limit)} is "
-            f"available. {advice[:1].upper() + advice[1:]}, free memory, or use a machine with more memory."
-        )
+    if n_bytes > limit:  # the user's own cap is no statement of what the machine has
+        bound, more = ((f"{MEMORY_LIMIT_ENV} allows {format_bytes(limit)}", f"or raise {MEMORY_LIMIT_ENV}") if capped else
+                       (f"{format_bytes(limit)} is available", "free memory, or use a machine with more memory"))
+        raise ResourceError(f"not enough memory: {what} needs about {format_bytes(n_bytes)}, but {bound}. "
+                            f"{advice[:1].upper() + advice[1:]}, {more}.")  # fmt: skip
 
 
 def current_rss_bytes() -> int | None:
