@@ -66,6 +66,11 @@ def test_sr_writes_thin_grid_output_with_slicer_progress_and_report(tmp_path, th
                  for line in res.stdout.splitlines() if line.startswith("<filter-progress>")]
     assert len(fractions) >= 4 and fractions[-1] == 1.0
     assert all(0.0 <= a <= b <= 1.0 for a, b in zip(fractions, fractions[1:]))
+    # the bar does not sit at 1.0 while the file is written: writing has its own comment and the last step
+    lines = res.stdout.splitlines()
+    writing = lines.index("<filter-comment>writing thin.nii.gz</filter-comment>")
+    assert float(lines[writing + 1][len("<filter-progress>"):-len("</filter-progress>")]) < 1.0
+    assert lines[writing + 2:] == ["<filter-comment>written</filter-comment>", "<filter-progress>1.0000</filter-progress>"]
     assert "meaningless" in res.stderr
     import json
 
@@ -405,3 +410,21 @@ def test_options_of_a_diffusion_stage_are_said_once_to_do_nothing_with_the_shipp
     assert [line for line in one.stderr.splitlines() if "no effect" in line] == [
         "warning: --overlap has no effect with the weights sr-default: it acts on the latent diffusion stage alone, and "
         "these weights are a through-plane predictor without one"]  # fmt: skip
+
+
+def test_allow_non_ct_accepts_a_result_in_the_inputs_own_range(tmp_path):
+    """``--allow-non-ct`` on an MR volume stored as values up to 35,000: the run passed every check and then
+    stopped after the work with "failed numerically ... report it", since its result (values like its input's) lay
+    above 32767, the final check's CT range. Now the check takes the input's own range when non-CT values are
+    allowed; without the option the input is refused before any work, as before."""
+    rng = np.random.default_rng(0)
+    mr = Volume((rng.random((4, 32, 32)) * 30000 + 5000).astype(np.float32), (0.8, 0.8, 4.0), (0, 0, 0), np.eye(3))
+    src = write_volume(mr, tmp_path / "mr.nrrd", dtype="float32")
+    out = tmp_path / "mr_thin.nrrd"
+    res = sr_command(str(src), str(out), "--tiny-test-model", "--factor", "2", "--progress", "none",
+                     "--allow-non-ct")
+    assert res.returncode == 0, res.stderr
+    assert read_volume(out, check=False).array.max() > 32767
+    res = sr_command(str(src), str(tmp_path / "refused.nrrd"), "--tiny-test-model", "--factor", "2",
+                     "--progress", "none")
+    assert res.returncode == 2 and "does not look like CT" in res.stderr

@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
 def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
     from pathlib import Path
 
-    from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
+    from DiffusionCore.cli.common import Progress, check_result, result_range, write_return_parameters
     from DiffusionCore.cli.sr import sr_provenance, uncertainty_provenance
     from DiffusionCore.errors import InputError
     from DiffusionCore.files import write_json_atomic
@@ -254,7 +254,8 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
     progress = Progress("slicer")
     print("<filter-comment>super-resolving</filter-comment>", flush=True)
     result, report = resolver.run(volume, engine_settings, progress=progress, cancel=cancel)
-    check_result(result, f"the super-resolved volume of {args.inputVolume}")
+    check_result(result, f"the super-resolved volume of {args.inputVolume}",
+                 hu_range=result_range(volume, args.allowNonCT))
     uncertainty = report.get("uncertainty")
     if args.uncertaintyVolume and uncertainty is not None:
         check_result(uncertainty, "the uncertainty map", hu_range=(0.0, 32767.0), allow_constant=True)

@@ -69,7 +69,14 @@ def array_to_matrix(arr: np.ndarray) -> vtk.vtkMatrix4x4:
 
 
 def ijk_to_ras(node) -> np.ndarray:
-    """The node's IJK-to-RAS matrix in world coordinates (a linear parent transform is applied).
+    """The node's own IJK-to-RAS matrix: the frame its voxels were acquired in, for voxel (0, 0, 0) of the stored
+    array (an image whose extent does not start at 0, as some filters leave it, is accounted for).
+
+    A linear parent transform (a registration, a manual move) is not applied: jobs work on the voxels in this frame
+    and put their results under the same transform (:func:`follow_transform`), as Slicer's Crop Volume does, so a
+    result stays on its input when the transform is edited later, and an exported DICOM series keeps the acquired
+    series' frame of reference with the acquired geometry. Slicer's CLI modules, which write the node through its
+    storage node, see the same frame.
 
     Raises:
         InputError: the volume sits under a non-linear transform (harden it first).
@@ -78,19 +85,40 @@ def ijk_to_ras(node) -> np.ndarray:
     node.GetIJKToRASMatrix(m)
     ijk = matrix_to_array(m)
     parent = node.GetParentTransformNode()
-    if parent is not None:
-        if not parent.IsTransformToWorldLinear():
-            raise InputError(
-                f"volume '{node.GetName()}' is under a non-linear transform; harden the transform first "
-                "(Data module: right-click the volume > Harden transform). A gantry-tilted CT series that Slicer "
-                "loaded with its acquisition-geometry regularization is read from its DICOM files instead, but only "
-                "while Slicer's DICOM database still holds them and the transform is the one the DICOM module made; "
-                "the command python -m DiffusionCore sr SERIES_FOLDER OUTPUT corrects the tilt from the files too."
-            )
-        to_world = vtk.vtkMatrix4x4()
-        parent.GetMatrixTransformToWorld(to_world)
-        ijk = matrix_to_array(to_world) @ ijk
+    if parent is not None and not parent.IsTransformToWorldLinear():
+        raise InputError(
+            f"volume '{node.GetName()}' is under a non-linear transform; harden the transform first "
+            "(Data module: right-click the volume > Harden transform). A gantry-tilted CT series that Slicer "
+            "loaded with its acquisition-geometry regularization is read from its DICOM files instead, but only "
+            "while Slicer's DICOM database still holds them and the transform is the one the DICOM module made; "
+            "the command python -m DiffusionCore sr SERIES_FOLDER OUTPUT corrects the tilt from the files too."
+        )
+    image = node.GetImageData()
+    if image is not None:
+        start = np.array(image.GetExtent()[::2], dtype=np.float64)
+        if start.any():  # voxel (0, 0, 0) of the array is IJK index ``start``
+            ijk[:3, 3] += ijk[:3, :3] @ start
     return ijk
+
+
+def input_stamp(node) -> tuple:
+    """What changes when a node's voxels or geometry are changed (its image's modification time, which VTK's global
+    counter makes different for a replaced image too, and its own IJK-to-RAS matrix): taken when a job reads its
+    input and compared when the result comes back."""
+    image = node.GetImageData()
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    scalars = image.GetPointData().GetScalars() if image is not None and image.GetPointData() is not None else None
+    return (image.GetMTime() if image is not None else None, scalars.GetMTime() if scalars is not None else None,
+            tuple(matrix_to_array(m).ravel()))  # fmt: skip
+
+
+def follow_transform(source, result) -> None:
+    """Put ``result`` under ``source``'s parent transform (none when it has none or is no longer in the scene): a
+    result computed in ``source``'s own frame (:func:`ijk_to_ras`) then lies on it, and moves with it."""
+    transform_id = source.GetTransformNodeID() if source is not None and source.GetScene() is not None else None
+    if result.GetTransformNodeID() != transform_id:
+        result.SetAndObserveTransformNodeID(transform_id)
 
 
 def geometry_from_ijk_to_ras(ijk_to_ras_matrix: np.ndarray) -> tuple[tuple, tuple, np.ndarray]:
@@ -166,7 +194,15 @@ def add_volume_node(scene, vol: Volume, name: str, *, like=None, class_name: str
     """A new volume node in ``scene`` holding ``vol``; display settings copied from ``like`` when given."""
     node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
     set_node_from_volume(node, vol)
-    node.CreateDefaultDisplayNodes()
+    show_like(node, like)
+    return node
+
+
+def show_like(node, like=None) -> None:
+    """Give ``node`` a display node (when it has none) and, from ``like`` when given, its window/level, colour table
+    and interpolation, so that a result looks like its input side by side."""
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     like_display = like.GetDisplayNode() if like is not None else None
     if display is not None and like_display is not None:
@@ -174,7 +210,7 @@ def add_volume_node(scene, vol: Volume, name: str, *, like=None, class_name: str
         display.SetWindowLevel(like_display.GetWindow(), like_display.GetLevel())
         if like_display.GetColorNodeID():
             display.SetAndObserveColorNodeID(like_display.GetColorNodeID())
-    return node
+        display.SetInterpolate(like_display.GetInterpolate())
 
 
 def subject_hierarchy(scene):
@@ -215,6 +251,20 @@ def place_beside(scene, source_node, result_node) -> int:
     return item
 
 
+def claim_output(scene, node) -> None:
+    """Make an existing node that a job writes its result into (an output the user chose) a result's node: the
+    DICOM identity of the image it held goes (Slicer's instance UIDs, its subject hierarchy item's DICOM UID: an
+    export or the DICOM browser would otherwise give the synthetic image that acquired series' identity), and its
+    name says "(synthetic)" when it did not."""
+    node.RemoveAttribute(ATTR_DICOM_INSTANCES)
+    sh = subject_hierarchy(scene)
+    item = sh.GetItemByDataNode(node)
+    if item and sh.HasItemUID(item, "DICOM"):
+        sh.RemoveItemUID(item, "DICOM")
+    if "synthetic" not in (node.GetName() or "").lower():
+        node.SetName(f"{node.GetName()} (synthetic)")
+
+
 def synthetic_name(source_name: str, label: str) -> str:
     """Node name that says what it is: ``"CT_01 SR x4 (synthetic)"``."""
     return f"{source_name} {label} (synthetic)"
@@ -238,9 +288,11 @@ def set_provenance(
     for attr, value in zip((ATTR_INPUT, ATTR_INPUT_UID), recorded_input):
         if value:
             node.SetAttribute(attr, value)
+    node.RemoveAttribute(ATTR_SOURCE)  # an ID as text goes stale when a saved scene is imported: the reference follows
     if source is not None and source.GetScene() is not None:  # a deleted source's ID may name another node later
-        node.SetAttribute(ATTR_SOURCE, source.GetID())
         node.SetNodeReferenceID(SOURCE_REFERENCE_ROLE, source.GetID())
+        if not recorded_input[0]:
+            node.SetAttribute(ATTR_INPUT, source.GetName() or "")  # for the record, in the Data module
     description = (
         f"SYNTHETIC image generated by a model ({model}, weights sha256 {weights_sha256[:12]}). "
         "Not an acquired image: do not use for diagnosis."
@@ -434,7 +486,7 @@ def provenance(node) -> dict[str, Any]:
         "weights_sha256": node.GetAttribute(ATTR_WEIGHTS_SHA256),
         "settings": json.loads(node.GetAttribute(ATTR_SETTINGS) or "{}"),
         "date": node.GetAttribute(ATTR_DATE),
-        "source": node.GetAttribute(ATTR_SOURCE),
+        "source": node.GetNodeReferenceID(SOURCE_REFERENCE_ROLE),
     }
 
 

@@ -28,14 +28,18 @@ from .mrml_io import (
     ATTR_SYNTHETIC,
     ATTR_TITLE,
     add_volume_node,
+    claim_output,
     dicom_source_files,
+    follow_transform,
     in_scene,
+    input_stamp,
     job_grid,
     place_beside,
     read_volume_file,
     series_to_read_from_files,
     set_node_from_volume,
     set_provenance,
+    show_like,
     synthetic_name,
     write_job_input,
 )
@@ -390,6 +394,10 @@ class SRJob(CLIJob):
             raise InputError(reason)
         if output_node is not None and output_node.GetID() == input_node.GetID():
             raise OutputError("the output must be a new volume, not the input (the input is never modified).")
+        if output_node is not None and (not output_node.IsA("vtkMRMLScalarVolumeNode") or any(
+                output_node.IsA(kind) for kind in ("vtkMRMLLabelMapVolumeNode", "vtkMRMLVectorVolumeNode"))):
+            raise OutputError(f"the output '{output_node.GetName()}' is a {output_node.GetClassName()}, not a scalar "
+                              "volume: choose a scalar volume or create a new one.")
         self.series = refuse_series_the_job_cannot_read(input_node)
         if not (settings.tiny_test_model or settings.tiny_test_predictor):
             from DiffusionCore.weights.registry import first_available
@@ -411,12 +419,14 @@ class SRJob(CLIJob):
         self.settings = settings
         self.factor = effective_factor(input_node, settings)
         self.uncertainty_node = None
+        self.input_stamp: tuple | None = None  # the input as the job read it (prepare)
         notice = synthetic_input_notice(input_node)
         if notice:
             self.notices.append(notice)
 
     def prepare(self, tempdir: Path) -> list[str]:
         source = write_job_input(self.input_node, tempdir, "input", series=self.series)
+        self.input_stamp = input_stamp(self.input_node)
         args = self.settings.cli_arguments()
         if self.settings.num_samples >= 2:
             args += ["--uncertaintyVolume", str(tempdir / "uncertainty.nrrd")]
@@ -442,6 +452,9 @@ class SRJob(CLIJob):
         if in_scene(self.scene, self.output_node):
             node = self.output_node
             set_node_from_volume(node, result)
+            claim_output(self.scene, node)
+            if node.GetDisplayNode() is None:  # e.g. a node a script made: shown like the input, as a new one is
+                show_like(node, self.input_node)
         else:
             if self.output_node is not None:
                 self.notices.append(
@@ -453,6 +466,15 @@ class SRJob(CLIJob):
         set_provenance(node, kind="super-resolution", model=model, weights_sha256=sha, settings=settings,
                        source=self.input_node, title=f"{label} (synthetic)")  # fmt: skip
         place_beside(self.scene, self.input_node, node)
+        # the result is in the input's own frame (the files' frame when they were read): under its transform
+        frame = self.input_node if self.series is None else None
+        follow_transform(frame, node)
+        if self.input_stamp is not None and in_scene(self.scene, self.input_node) \
+                and input_stamp(self.input_node) != self.input_stamp:
+            self.notices.append(
+                f"'{self.input_node.GetName()}' was changed while the job ran; the result was made from it as it was "
+                "when the job started. Apply again for a result of the volume as it is now."
+            )
         nodes = [node]
         unc_file = tempdir / "uncertainty.nrrd"
         if unc_file.is_file():
@@ -460,6 +482,7 @@ class SRJob(CLIJob):
                 self.scene, read_volume_file(str(unc_file)), synthetic_name(self.input_node.GetName(), f"{label} uncertainty")
             )
             self.created_nodes.append(unc)
+            follow_transform(frame, unc)
             set_provenance(unc, kind="uncertainty", model=model, weights_sha256=sha, settings=settings,
                            source=self.input_node, title=f"{label} uncertainty (synthetic)")  # fmt: skip
             place_beside(self.scene, self.input_node, unc)

@@ -150,12 +150,21 @@ class CTDiffusionSRLogic(ScriptedLoadableModuleLogic):
         CTDiffusionSRBatch.xml, e.g. ``factor=4, numSteps=15, device="cuda"``. The output file carries the
         provenance, so the output node is labelled synthetic when Slicer reads it back
         (:func:`CTDiffusionSRLib.mrml_io.recognise_result_file`), but it is not placed beside the input and has no
-        link to it: use :meth:`process` for a result beside the input that export ties to its patient.
+        link to it: use :meth:`process` for a result beside the input that export ties to its patient. Slicer hands
+        the CLI the input in its own frame (its storage node leaves a parent transform out), so the result is in
+        that frame too: with ``wait`` it is put under the input's transform, as :meth:`process` puts its result;
+        without, do that yourself when the CLI node completes (``outputNode.SetAndObserveTransformNodeID(
+        inputNode.GetTransformNodeID())``).
         """
         cliParameters = {"inputVolume": inputNode.GetID(), "outputVolume": outputNode.GetID(), **parameters}
-        return slicer.cli.run(
+        cliNode = slicer.cli.run(
             slicer.modules.ctdiffusionsrbatch, None, cliParameters, wait_for_completion=wait
         )
+        if wait and cliNode.GetStatus() == cliNode.Completed:
+            from CTDiffusionSRLib.mrml_io import follow_transform
+
+            follow_transform(inputNode, outputNode)
+        return cliNode
 
     # -- views ----------------------------------------------------------------------------------------
     def compareSideBySide(self, inputNode, resultNode) -> None:

@@ -295,6 +295,19 @@ class NameList(argparse.Action):
 RESULT_HU_RANGE = (-2048.0, 32767.0)
 
 
+def result_range(source: Volume | None = None, allow_non_ct: bool = False) -> tuple[float, float]:
+    """The range :func:`check_result` accepts for a super-resolved ``source``: :data:`RESULT_HU_RANGE`, widened to
+    the input's own values and half their span beyond when non-CT values are allowed (``--allow-non-ct``): an MR
+    volume of values up to 35,000 gives a result up to about that, which is not a numerical failure."""
+    if not allow_non_ct or source is None:
+        return RESULT_HU_RANGE
+    import numpy as np
+
+    lo, hi = float(np.nanmin(source.array)), float(np.nanmax(source.array))
+    margin = 0.5 * (hi - lo)
+    return min(RESULT_HU_RANGE[0], lo - margin), max(RESULT_HU_RANGE[1], hi + margin)
+
+
 def check_result(vol: Volume, what: str, *, hu_range: tuple[float, float] = RESULT_HU_RANGE,
                  allow_constant: bool = False) -> None:
     """Refuse a result that cannot be a CT: NaN or infinite voxels, values outside ``hu_range``, or one value

@@ -61,6 +61,7 @@ from .common import (
     check_result,
     device_name,
     finite_float,
+    result_range,
     sigterm_cancels,
 )
 
@@ -389,19 +390,35 @@ def tell_unused_options(args: argparse.Namespace, settings: SRRunSettings, resol
 
 
 class _BatchProgress:
-    """Maps each volume's ``progress(done, total)`` onto one bar over the whole batch (per mille units)."""
+    """Maps each volume's ``progress(done, total)`` onto one bar over the whole batch (per mille units).
+
+    The last :attr:`WRITE_SHARE` of each volume's part of the bar is its writing: a thin-slice volume of a few
+    hundred MB takes seconds to tens of seconds to compress and write (a DICOM series longer), which the bar
+    shows as "writing NAME" rather than sitting at "done".
+    """
 
     SCALE = 1000
+    WRITE_SHARE = 0.02
 
     def __init__(self, sink: Progress, n_volumes: int):
         self.sink = sink
         self.n = n_volumes
         self.index = 0
 
-    def __call__(self, done: int, total: int, message: str = "") -> None:
-        frac = 0.0 if total <= 0 else min(1.0, done / total)
+    def _tell(self, frac: float, message: str) -> None:
         prefix = f"volume {self.index + 1}/{self.n}: " if self.n > 1 else ""
         self.sink(int(round((self.index + frac) * self.SCALE)), self.n * self.SCALE, prefix + message)
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        frac = 0.0 if total <= 0 else min(1.0, done / total)
+        self._tell(frac * (1.0 - self.WRITE_SHARE), message)
+
+    def writing(self, path: Path) -> None:
+        """Say that the volume's result is being written to ``path``."""
+        self._tell(1.0 - self.WRITE_SHARE, f"writing {path.name}")
+
+    def written(self) -> None:
+        self._tell(1.0, "written")
 
 
 def _json_report(job: Job, report: dict[str, Any], extra: dict[str, float]) -> dict[str, Any]:
@@ -486,17 +503,20 @@ def run(args: argparse.Namespace) -> int:
                     _tell_memory_limit(report, memory_limit, rss_before)
                 t0 = time.perf_counter()
                 std = report["uncertainty"] if job.uncertainty is not None else None
-                check_result(output, f"the sr result for {job.source}")  # before any integer cast
+                check_result(output, f"the sr result for {job.source}",  # before any integer cast
+                             hu_range=result_range(volume, args.allow_non_ct))
                 if std is not None:  # a spread of 0 everywhere is an answer, not an empty result
                     check_result(std, f"the uncertainty map for {job.source}", hu_range=UNCERTAINTY_HU_RANGE,
                                  allow_constant=True)  # fmt: skip
                 provenance = sr_provenance(job.source, volume.metadata, report)
                 report["provenance"] = provenance.as_dict()
+                progress.writing(job.output)
                 write_result(output, job.output, provenance, as_dicom=job.as_dicom, dicom_source=dicom_source,
                              overwrite=args.overwrite, dtype=args.output_dtype)  # fmt: skip
                 if std is not None:
                     write_result(std, job.uncertainty, uncertainty_provenance(provenance), overwrite=args.overwrite,
                                  dtype="float32")
+                progress.written()
                 t_write = time.perf_counter() - t0
                 reports.append(_json_report(job, report, {"read": t_read, "write": t_write}))
                 logger.info(
