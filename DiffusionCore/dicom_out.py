@@ -37,7 +37,7 @@ from . import __version__
 from .errors import InputError, OutputError, OutputExistsError
 from .files import partial_folder, publish, remove_stale_partials
 from .provenance import NOT_ACQUIRED, SOFTWARE, Provenance
-from .volume import Volume
+from .volume import Volume, is_localizer
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ _PATIENT_STUDY_KEYWORDS = (
 _SERIES_KEYWORDS = ("PatientPosition", "BodyPartExamined", "KVP", "ConvolutionKernel", "ContrastBolusAgent")
 #: The General Series' SeriesNumber of a derived series: the input's plus this (or this alone).
 SERIES_NUMBER_OFFSET = 1000
-#: Standard windows when the input has none (xray2ct): mediastinum.
+#: The window of a written CT when its input gives none in HU (xray2ct: a radiograph's is in its own units): mediastinum.
 DEFAULT_WINDOW = (40.0, 400.0)
 
 
@@ -265,12 +265,22 @@ def _base_dataset(source: DicomSource | None, prov: Provenance, *, keep_frame: b
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
     centre, width = DEFAULT_WINDOW
-    if src is not None and "WindowCenter" in src and "WindowWidth" in src:
+    if _window_in_hu(src):
         ds.WindowCenter = src.WindowCenter
         ds.WindowWidth = src.WindowWidth
     else:
         ds.WindowCenter, ds.WindowWidth = _fmt(centre), _fmt(width)
     return ds, uids
+
+
+def _window_in_hu(src: Any) -> bool:
+    """Whether the input's WindowCenter/WindowWidth may be copied to the written CT: only a CT image's (in HU), not a
+    radiograph's or a CT localizer's (in their own pixel units, e.g. 15000/30000), which would show the CT blank."""
+    if src is None or "WindowCenter" not in src or "WindowWidth" not in src:
+        return False
+    value = src.get("ImageType") or ""
+    image_type = value if isinstance(value, str) else "\\".join(str(v) for v in value)
+    return str(src.get("Modality", "")).upper() == "CT" and not is_localizer(image_type)
 
 
 def write_dicom_series(

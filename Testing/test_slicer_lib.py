@@ -902,6 +902,7 @@ def _radiograph_node(scene, pixels, spacing=(0.5, 0.5)):
     image.SetDimensions(w, h, 1)
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(pixels).ravel(), deep=True))
     node.SetAndObserveImageData(image)
+    node.SetIJKToRASDirections(-1, 0, 0, 0, -1, 0, 0, 0, 1)  # as Slicer loads a 2D image file: shown as stored
     node.SetSpacing(spacing[1], spacing[0], 1.0)
     return node
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import ConfigError, InputError
 from ..files import check_writable_file
 from ..results import OUTPUT_FORMATS
+from ..xray.radiograph import RADIOGRAPH_FORMATS
 from .common import (
     NameList,
     Progress,
@@ -29,10 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "xray2ct",
         help="generate a CT volume from a chest radiograph (synthetic; not for diagnosis)",
-        description="Generate a synthetic CT from one radiograph (DICOM CR/DX, PNG or JPEG) with the X-ray "
-        "to CT cascade; each stage is checked by re-projecting it (DRR) against the radiograph.",
+        description="Generate a synthetic CT from one radiograph with the X-ray to CT cascade; each stage is checked "
+        "by re-projecting it (DRR) against the radiograph. The radiograph must be a frontal (PA or AP) chest view, "
+        "head up, bones bright: a DICOM header's orientation is applied (and a 2D NRRD, MetaImage or NIfTI image is "
+        "taken as 3D Slicer displays it), but a rotated, mirrored or inverted image without one (PNG, JPEG) is "
+        "taken as it is (use --invert for bones dark). Its pixel spacing, from the header, sets the cube's size.",
     )
-    p.add_argument("xray", help="radiograph file (DICOM, PNG, JPEG) or a sample name (cxr-pa)")
+    p.add_argument("xray", help=f"radiograph file: {RADIOGRAPH_FORMATS}; or a sample name (cxr-pa)")
     p.add_argument("output", help="output volume (.nii.gz, .nrrd, .mha) or, for a DICOM series, a new folder")
     p.add_argument(
         "--num-stages", type=bounded_int(1, MAX_STAGES), default=None,
@@ -55,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=bounded_int(1), default=None,
                    help="samples averaged per stage (default: the weights' config); their mean is the most "
                    "likely CT, each costs one more run of the stage")  # fmt: skip
+    p.add_argument("--invert", action="store_true",
+                   help="invert the radiograph's intensities first, for an image whose bones appear dark (a negative "
+                   "saved as PNG or JPEG); never needed for DICOM MONOCHROME1, which is read bone bright")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--fov-mm", type=finite_float(0.0, low_open=True), default=None, help="side of the output cube in mm")
@@ -210,7 +217,7 @@ def run_xray2ct(args: argparse.Namespace) -> int:
                                   num_samples=args.num_samples, lifting_start_t=args.lifting_start,
                                   device=args.device, view=args.view,
                                   fov_mm=args.fov_mm, progress=progress, on_stage=on_stage,
-                                  consistency=args.consistency)  # fmt: skip
+                                  consistency=args.consistency, invert=args.invert)  # fmt: skip
         finally:
             progress.close()
         check_result(vol, "the xray2ct result")
@@ -271,13 +278,24 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..sampledata import load_reference
     from ..xray.data import check_cube_size
     from ..xray.evaluate import evaluate_xray, format_xray_table
+    from ..xray.radiograph import radiograph_file_kind
     from .evaluate import check_scores
 
     refuse_overwriting_inputs([args.reference, args.weights], [("--json", args.json_out)])
     if args.json_out:
         check_writable_file(args.json_out, overwrite=args.overwrite)
     methods = tuple(args.methods)
-    ref = load_reference(args.reference)
+    try:
+        ref = load_reference(args.reference)
+    except InputError as exc:
+        what = radiograph_file_kind(args.reference)
+        if not what:
+            raise
+        raise InputError(
+            f"{args.reference} is {what}, not a CT: evaluate-xray needs a CT volume of the chest (a file or a DICOM "
+            "series folder, or a sample: chest-dx), renders its radiograph itself and scores what the model makes of "
+            f"it. To make a CT from this radiograph, run: python -m DiffusionCore xray2ct {args.reference} OUTPUT"
+        ) from exc
     check_cube_size(ref, args.reference)  # before the weights are loaded
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     gen = _generator(args)

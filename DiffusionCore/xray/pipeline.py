@@ -6,14 +6,20 @@ stage's volume as soon as it is ready (a preview after stage 1).
 
 Output geometry: a cube of side ``fov_mm`` centred at the LPS origin, identity direction, array (z, y, x)
 with z superior-increasing. ``fov_mm`` is, in order: the user's value; the radiograph's pixel spacing times
-the side of its central square crop divided by the detector's magnification of the anatomy (from its DICOM header:
+the side of its square crop divided by the detector's magnification of the anatomy (from its DICOM header:
 :func:`~DiffusionCore.xray.radiograph.header_magnification`, 1 for a CT localizer, else the header's factor or
 :data:`~DiffusionCore.xray.radiograph.NOMINAL_MAGNIFICATION`, 1.1 for a PA chest at 180 cm); else the field of
 view the model was trained on.
 
-Real radiographs read from files are windowed (0.5 / 99.5 percentiles) and then quantile-matched to the DRR of
-the mean training CT stored in the weights (its in-body pixels), so their grey levels follow the DRR style the model was trained on;
-arrays (e.g. DRRs) are only windowed.
+Before the square crop, a radiograph is resampled to square pixels when its header says they are not
+(:func:`~DiffusionCore.xray.radiograph.square_pixels`), and one read from a file is cropped to its exposed region
+when it is mostly dark background (:func:`~DiffusionCore.xray.radiograph.crop_to_exposed_region`: a small chest on a
+black frame, burned-in text). Real radiographs read from files are windowed (0.5 / 99.5 percentiles) and then
+quantile-matched to the DRR of the mean training CT stored in the weights (its in-body pixels), so their grey levels
+follow the DRR style the model was trained on; arrays (e.g. DRRs) are only windowed.
+
+After the run, a stage whose re-projection agrees poorly with the input (:data:`LOW_PROJECTION_PSNR_DB`) and a
+frontal input that looks inverted (:data:`~DiffusionCore.xray.radiograph.INVERTED_SCORE`) get a warning.
 """
 
 from __future__ import annotations
@@ -35,18 +41,29 @@ from .cascade import FAMILY, UnifiedHybridViTCascade
 from .consistency import drr_consistency
 from .drr import hu_to_mu, project_parallel_axis, radiograph_style
 from .radiograph import (
+    INVERTED_SCORE,
     NOMINAL_MAGNIFICATION,
     Radiograph,
     as_radiograph,
     body_part_note,
+    crop_to_exposed_region,
+    inversion_score,
+    invert_radiograph,
     match_drr_style,
     resize_radiograph,
+    square_pixels,
 )
 
 logger = logging.getLogger(__name__)
 
 #: DRR pixels below this (attenuation style) are air beside the body, left out of the style reference.
 BODY_DRR_THRESHOLD = 0.05
+#: A stage whose re-projection PSNR (dB, with the consistency step) is below this gets a warning: the shipped weights
+#: give about 31 dB on the real radiographs (cxr-pa 31.2, the ct-topogram sample 32.8) and more on DRRs; an image with
+#: bright shutter strips gave 11.6. Its NCC can still be 1.000: the consistency step makes the volume's line
+#: integrals proportional to the input, and NCC ignores the overall gain, where the PSNR compares both scaled by
+#: their own 99.5th percentile, which such an input (its brightest pixels well below 1 after the style matching) fails.
+LOW_PROJECTION_PSNR_DB = 20.0
 
 
 def volume_from_unit(vol_unit: torch.Tensor, fov_mm: float, **metadata: Any) -> Volume:
@@ -136,10 +153,23 @@ class XrayToCTGenerator:
         return self.cascade.num_stages
 
     def prepare_input(
-        self, image: Radiograph | np.ndarray | str, fov_mm: float | None
+        self, image: Radiograph | np.ndarray | str, fov_mm: float | None, notes: list[str] | None = None
     ) -> tuple[torch.Tensor, float, str]:
-        """(1, 1, X, X) model input, field of view (mm) and where it came from."""
+        """(1, 1, X, X) model input, field of view (mm) and where it came from.
+
+        The radiograph is resampled to square pixels (:func:`.radiograph.square_pixels`), cropped to its exposed
+        region when it is mostly background and was read from a file (:func:`.radiograph.crop_to_exposed_region`),
+        centre-cropped to a square and resized; what was done beyond the square crop is logged and appended to
+        ``notes``."""
         rad = as_radiograph(image)
+        said: list[tuple[int, str]] = []
+        rad, resampled = square_pixels(rad)
+        if resampled:
+            said.append((logging.INFO, f"the radiograph was {resampled}"))
+        if rad.metadata.get("source", "array") != "array":  # arrays (DRRs, the API's own) are taken as they are
+            rad, cropped = crop_to_exposed_region(rad)
+            if cropped:
+                said.append((logging.WARNING, cropped))
         h, w = rad.shape
         if fov_mm is not None:
             if not 50.0 <= fov_mm <= 1000.0:
@@ -154,6 +184,13 @@ class XrayToCTGenerator:
             source = f"pixel spacing / magnification {magnification:.3g}: {why}"
         else:
             fov, source = float(self.cascade.configs[0].data.fov_mm), "training field of view"
+            if rad.metadata.get("spacing_problem"):
+                said.append((logging.INFO, f"{rad.metadata['spacing_problem']}; using the training field of view "
+                                           f"({fov:g} mm)"))  # fmt: skip
+        for level, text in said:
+            logger.log(level, text)
+            if notes is not None:
+                notes.append(text)
         x = max(c.xray_resolution for c in self.cascade.configs)
         rad = resize_radiograph(rad, x)
         reference = self.reference_drr(x) if rad.metadata.get("source", "array") != "array" else None
@@ -191,6 +228,7 @@ class XrayToCTGenerator:
         consistency: bool = True,
         num_samples: int | None = None,
         lifting_start_t: float | None = None,
+        invert: bool = False,
     ) -> tuple[Volume, dict[str, Any]]:
         """Generate a CT from a radiograph.
 
@@ -213,6 +251,9 @@ class XrayToCTGenerator:
             num_samples: samples averaged per stage (default: each stage's ``diffusion.num_samples``).
             lifting_start_t: where stage 1 starts: its lifting-only volume noised to this time (< 1), or pure
                 noise (1.0); default: the weights' ``diffusion.lifting_start_t``.
+            invert: invert the radiograph's intensities first, for an image whose bones appear dark (a negative
+                exported as PNG or JPEG; never needed for DICOM MONOCHROME1, which is read bone bright). A frontal
+                input that still looks inverted gets a warning (:func:`.radiograph.inversion_score`).
 
         Returns:
             (Volume in HU, report with ``stages`` (per stage: resolution, seconds, projection error),
@@ -221,6 +262,8 @@ class XrayToCTGenerator:
         from ..devices import resolve_device
 
         rad = as_radiograph(image)
+        if invert:
+            rad = invert_radiograph(rad)
         trained_view = self.cascade.configs[0].data.view
         from_header = view is None and "view" in rad.metadata
         view = view or rad.metadata.get("view") or "pa"
@@ -250,7 +293,16 @@ class XrayToCTGenerator:
             logger.warning(other_part)
             notes.append(other_part)
         t0 = time.time()
-        xray, fov, fov_source = self.prepare_input(rad, fov_mm)
+        xray, fov, fov_source = self.prepare_input(rad, fov_mm, notes)
+        if view == "pa":
+            score = inversion_score(xray[0, 0].numpy())
+            if score < INVERTED_SCORE:
+                fix = ("it was inverted as asked (--invert, 'Invert intensities'): run it without" if invert else
+                       "if its bones are dark, run it again with --invert (in Slicer: tick 'Invert intensities')")
+                note = (f"the radiograph looks inverted (bones dark): the middle of the chest (spine, heart) is darker "
+                        f"than the lung fields beside it; {fix}")  # fmt: skip
+                logger.warning(note)
+                notes.append(note)
         dev = resolve_device(device)
         self.cascade.to(dev)
         xray = xray.to(dev)
@@ -299,6 +351,18 @@ class XrayToCTGenerator:
                                      num_samples=num_samples, lifting_start_t=lifting_start_t)  # fmt: skip
         for info in stages:
             info["consistency"] = corrections.get(info["stage"])
+        poor = [info for info in stages if info["projection_psnr"] < LOW_PROJECTION_PSNR_DB]
+        if consistency and poor:
+            worst = min(poor, key=lambda info: info["projection_psnr"])
+            note = (
+                f"stage {worst['stage']}'s re-projection agrees poorly with the radiograph (projection PSNR "
+                f"{worst['projection_psnr']:.1f} dB, where real chest radiographs give about 30 dB; its NCC "
+                f"{worst['projection_ncc']:.3f} ignores the overall brightness): the image is probably not what the "
+                "model expects. Likely causes: bright or dark borders or collimator shutters (crop the image to the "
+                "chest), an inverted image (bones dark: --invert), or not a frontal chest radiograph"
+            )
+            logger.warning(note)
+            notes.append(note)
         report = {
             "stages": stages,
             "weights_sha256": self.weights_sha256,

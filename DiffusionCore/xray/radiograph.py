@@ -46,6 +46,8 @@ VIEW_POSITIONS = {"PA": "pa", "AP": "pa", "LLD": "pa", "RLD": "pa", "LL": "later
 #: L/R left/right, A/P anterior/posterior, H/F head/feet). See the module docstring and DiffusionCore.xray.drr.
 CANONICAL_DIRECTIONS = {"pa": ("L", "F"), "lateral": ("P", "F")}
 _OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
+#: Pixels whose height and width differ by less than this share are square (no resampling).
+SQUARE_PIXEL_TOLERANCE = 0.01
 #: BodyPartExamined (0018,0015) values of a chest radiograph (DICOM's defined term is CHEST; the others are in use).
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "HEART", "RIBS", "CHEST_PA", "CHEST_AP", "TORSO"}
 
@@ -149,6 +151,8 @@ def _dicom_tags(reader: sitk.ImageFileReader) -> dict[str, str]:
         ("0018|1110", "source_detector_mm"),
         ("0018|1111", "source_patient_mm"),
         ("0028|0a02", "spacing_calibration"),
+        ("0028|0034", "pixel_aspect_ratio"),
+        ("0028|0008", "number_of_frames"),
     ):
         if reader.HasMetaDataKey(key):
             tags[name] = reader.GetMetaData(key).strip()
@@ -171,6 +175,33 @@ def header_spacing(tags: dict[str, str]) -> tuple[float, float] | None:
     """``(row, col)`` pixel spacing in mm from a DICOM header's PixelSpacing, else its ImagerPixelSpacing (the
     detector's, as CR and DX images often give only that); None when it gives neither."""
     return _parse_spacing(tags.get("pixel_spacing")) or _parse_spacing(tags.get("imager_pixel_spacing"))
+
+
+def _spacing_text(text: str) -> str:
+    """A header's spacing value as a message shows it: ``0 x 0 mm`` for ``0\\0``, else the value itself."""
+    try:
+        return " x ".join(f"{float(v):g}" for v in text.replace(",", "\\").split("\\")) + " mm"
+    except ValueError:
+        return repr(text)
+
+
+def spacing_problem(tags: dict[str, str]) -> str:
+    """What is wrong with a DICOM header's pixel spacing when it gives one that cannot be used (zero, negative,
+    not two numbers: e.g. the cxr-pa sample's PixelSpacing ``0\\0``) and no usable other one, or ``""``."""
+    if header_spacing(tags) is not None:
+        return ""
+    bad = [(name, tags[key]) for key, name in (("pixel_spacing", "PixelSpacing"),
+                                                ("imager_pixel_spacing", "ImagerPixelSpacing")) if tags.get(key)]  # fmt: skip
+    if not bad:
+        return ""
+    said = " and ".join(f"{_spacing_text(text)} ({name})" for name, text in bad)
+    return f"the header's pixel spacing {said} is unusable"
+
+
+def header_pixel_aspect(tags: dict[str, str]) -> tuple[float, float] | None:
+    """``(row, col)`` relative pixel size from a DICOM header's PixelAspectRatio (vertical\\horizontal, e.g. ``2\\1``
+    for pixels twice as tall as wide); None when it gives none or an unusable one."""
+    return _parse_spacing(tags.get("pixel_aspect_ratio"))
 
 
 #: Detector-plane magnification assumed for a radiograph whose header does not give one: a PA chest at 180 cm
@@ -273,6 +304,31 @@ def header_view(tags: dict[str, str], directions: tuple[str, str] | None) -> tup
     return None
 
 
+def _axis(letter: str) -> frozenset:
+    return frozenset((letter, _OPPOSITE[letter]))
+
+
+def _turn(
+    arr: np.ndarray, spacing: tuple[float, float] | None, directions: tuple[str, str], want: tuple[str, str],
+    across: str = "left-right",
+) -> tuple[np.ndarray, tuple[float, float] | None, str]:
+    """Transpose and/or flip ``arr``, whose rows and columns point along ``directions`` ``(along a row, down a
+    column)``, so that they point along ``want`` (the same two axes); ``across`` names the flip along a row."""
+    row, col = directions
+    done = []
+    if _axis(row) == _axis(want[1]):  # the axis wanted down the columns runs along the rows
+        arr, row, col = arr.T, col, row
+        spacing = None if spacing is None else (spacing[1], spacing[0])
+        done.append("transposed")
+    if row != want[0]:
+        arr = arr[:, ::-1]
+        done.append(f"flipped {across}")
+    if col != want[1]:
+        arr = arr[::-1, :]
+        done.append("flipped upside down")
+    return np.ascontiguousarray(arr), spacing, " and ".join(done)
+
+
 def orient_to_model(
     arr: np.ndarray, spacing: tuple[float, float] | None, directions: tuple[str, str] | None, view: str | None
 ) -> tuple[np.ndarray, tuple[float, float] | None, str]:
@@ -284,25 +340,41 @@ def orient_to_model(
         ``(array, (row, col) spacing, what was done or "")``.
     """
     want = CANONICAL_DIRECTIONS.get(view or "")
-
-    def axis(letter: str) -> frozenset:
-        return frozenset((letter, _OPPOSITE[letter]))
-
-    if want is None or directions is None or {axis(d) for d in directions} != {axis(d) for d in want}:
+    if want is None or directions is None or {_axis(d) for d in directions} != {_axis(d) for d in want}:
         return arr, spacing, ""  # not this view's axes (e.g. a lateral image called frontal): left alone
-    row, col = directions
-    done = []
-    if axis(row) == axis(want[1]):  # the head-feet axis runs along the rows
-        arr, row, col = arr.T, col, row
-        spacing = None if spacing is None else (spacing[1], spacing[0])
-        done.append("transposed")
-    if row != want[0]:
-        arr = arr[:, ::-1]
-        done.append("flipped left-right" if view == "pa" else "flipped front-back")
-    if col != want[1]:
-        arr = arr[::-1, :]
-        done.append("flipped upside down")
-    return np.ascontiguousarray(arr), spacing, " and ".join(done)
+    return _turn(arr, spacing, directions, want, "left-right" if view == "pa" else "front-back")
+
+
+#: How 3D Slicer shows a 2D image in the view of its plane, by the axis (LPS x, y, z) the image's normal runs along:
+#: the patient directions to the right of the screen and down it (the axial view: patient's left on the right,
+#: posterior down; coronal: left on the right, feet down; sagittal: posterior on the right, feet down). An image
+#: file without directions (PNG, JPEG, a NRRD or MetaImage with an identity direction) is shown as it is stored.
+DISPLAYED_DIRECTIONS = {2: ("L", "P"), 1: ("L", "F"), 0: ("P", "F")}
+
+
+def orient_as_displayed(
+    arr: np.ndarray, spacing: tuple[float, float] | None, direction: np.ndarray
+) -> tuple[np.ndarray, tuple[float, float] | None, str]:
+    """Turn a 2D image to how 3D Slicer displays it (:data:`DISPLAYED_DIRECTIONS`), from the LPS directions of its
+    index axes: e.g. a NRRD, MetaImage or NIfTI radiograph stored mirrored with a direction of -1 along x, which
+    Slicer shows the right way round.
+
+    Args:
+        arr: ``(rows, cols)`` pixels in file order.
+        spacing: ``(row, col)`` mm, or None.
+        direction: ``(3, 2)`` LPS direction cosines of the image's column axis (along a row) and row axis (down a
+            column), as columns.
+
+    Returns:
+        ``(array, (row, col) spacing, what was done or "")``; an oblique image is left as it is.
+    """
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 2)
+    normal = np.cross(d[:, 0], d[:, 1])
+    want = DISPLAYED_DIRECTIONS[int(np.argmax(np.abs(normal)))]
+    letters = (_direction_letter(list(d[:, 0])), _direction_letter(list(d[:, 1])))
+    if None in letters or {_axis(v) for v in letters} != {_axis(v) for v in want}:  # type: ignore[arg-type]
+        return arr, spacing, ""
+    return _turn(arr, spacing, letters, want)  # type: ignore[arg-type]
 
 
 def _check_size(p: Path, size: list[int], components: int) -> None:
@@ -316,19 +388,103 @@ def _check_size(p: Path, size: list[int], components: int) -> None:
     )
 
 
+#: Image formats whose header carries a pixel spacing worth reading (PNG, JPEG, TIFF and BMP are taken without one);
+#: exactly 1 x 1 mm in them means "unknown" (what readers report for an image without spacing, and what 3D Slicer
+#: writes for a PNG it loaded), since a radiograph's pixels are far smaller.
+SPACING_HEADER_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz")
+#: What ``xray2ct`` reads, as its help and messages name it.
+RADIOGRAPH_FORMATS = "DICOM (CR, DX, a CT topogram), PNG, JPEG, TIFF, BMP, or a 2D NRRD, MetaImage (.mha/.mhd) or NIfTI"
+#: DICOM's Media Storage SOP Class of a DICOMDIR (the index of a DICOM disc or folder, no image).
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+def dicomdir_message(path: Path) -> str:
+    """What to say of a DICOMDIR given as a radiograph (naming an image file it lists), or ``""`` when ``path`` is
+    not one."""
+    import pydicom
+
+    try:
+        with path.open("rb") as f:
+            if f.read(132)[128:132] != b"DICM":  # a DICOMDIR is a DICOM file (Part 10), with its mark
+                return ""
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 (any unreadable file: not a DICOMDIR, said by the caller's own message)
+        return ""
+    sop_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+    if sop_class != DICOMDIR_SOP_CLASS and "DirectoryRecordSequence" not in ds:
+        return ""
+    images = [r for r in ds.get("DirectoryRecordSequence", []) if str(r.get("DirectoryRecordType", "")).upper() == "IMAGE"]
+    example = ""
+    if images and images[0].get("ReferencedFileID"):
+        parts = images[0].ReferencedFileID
+        parts = [parts] if isinstance(parts, str) else list(parts)
+        example = f", e.g. {path.parent.joinpath(*map(str, parts))}"
+    listed = f" ({len(images)} image(s) listed)" if images else ""
+    return (f"{path} is a DICOMDIR, the index of the files on a DICOM disc or folder, not an image: give one of the "
+            f"image files it lists{example}{listed}.")  # fmt: skip
+
+
+def _is_dicom(p: Path, reader: sitk.ImageFileReader) -> bool:
+    """Whether the file ``reader`` read is DICOM: by its suffix, its reader, or the ``DICM`` mark at byte 128 (the
+    files of a DICOM disc are named IM000000 and the like, without a suffix)."""
+    if reader.GetImageIO() == "GDCMImageIO" or p.suffix.lower() == ".dcm":
+        return True
+    with p.open("rb") as f:
+        return f.read(132)[128:132] == b"DICM"
+
+
+def check_single_frame(arr: np.ndarray, tags: dict[str, str], name: str) -> None:
+    """Refuse a multi-frame DICOM radiograph (a series of exposures in one file) by what it is.
+
+    Raises:
+        InputError: ``arr`` holds more than one frame.
+    """
+    if arr.ndim == 3 and arr.shape[0] > 1:
+        modality = tags.get("modality", "").strip().upper()
+        said = f", DICOM Modality {modality}" if modality else ""
+        raise InputError(
+            f"{name} is a multi-frame radiograph ({arr.shape[0]} frames{said}); xray2ct takes one frontal chest "
+            "radiograph: save the frame you want as a single-frame image (e.g. with a DICOM viewer, or in 3D Slicer) "
+            "and give that file."
+        )
+
+
+def image_geometry(img: sitk.Image, p: Path) -> tuple[tuple[float, float] | None, np.ndarray]:
+    """The ``(row, col)`` pixel spacing (mm, None when unknown) and the ``(3, 2)`` LPS directions of the column and
+    row axes of a 2D image read from a non-DICOM file (a single-slice 3D image: of its two axes longer than 1)."""
+    size = img.GetSize()
+    dim = img.GetDimension()
+    axes = [a for a in range(dim) if size[a] > 1][:2] if dim == 3 else [0, 1]
+    if len(axes) < 2:
+        axes = [0, 1]
+    col_axis, row_axis = axes
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)
+    cosines = np.zeros((3, 2))
+    cosines[:dim, 0], cosines[:dim, 1] = direction[:, col_axis], direction[:, row_axis]
+    spacing: tuple[float, float] | None = None
+    if p.name.lower().endswith(SPACING_HEADER_SUFFIXES):
+        row_mm, col_mm = float(img.GetSpacing()[row_axis]), float(img.GetSpacing()[col_axis])
+        usable = all(np.isfinite(v) and v > 0 for v in (row_mm, col_mm))
+        spacing = (row_mm, col_mm) if usable and (row_mm, col_mm) != (1.0, 1.0) else None
+    return spacing, cosines
+
+
 def read_radiograph(path: str | os.PathLike) -> Radiograph:
     """Read a radiograph file into attenuation style.
 
     Args:
-        path: DICOM (CR/DX/DX-like, any transfer syntax SimpleITK reads), PNG, JPEG, TIFF or BMP.
+        path: DICOM (CR/DX/DX-like, any transfer syntax SimpleITK reads), PNG, JPEG, TIFF, BMP, or a 2D NRRD,
+            MetaImage or NIfTI image (:data:`RADIOGRAPH_FORMATS`).
 
     Returns:
         :class:`Radiograph` with ``array`` (H, W) float32 in [0, 1] (MONOCHROME1 inverted, percentile
-        windowed), ``pixel_spacing`` (row, col) mm from the DICOM header or None.
+        windowed), ``pixel_spacing`` (row, col) mm from the DICOM header (or a NRRD, MetaImage or NIfTI header) or
+        None. A DICOM image is turned as its header says (:func:`apply_dicom_header`); a NRRD, MetaImage or NIfTI
+        image as 3D Slicer displays it (:func:`orient_as_displayed`).
 
     Raises:
-        InputError: missing/unreadable/corrupt file, colour image, 3D volume, image smaller than
-            :data:`MIN_RADIOGRAPH_SIDE` pixels per side.
+        InputError: missing/unreadable/corrupt file, a DICOMDIR, colour image, 3D volume, multi-frame
+            radiograph, image smaller than :data:`MIN_RADIOGRAPH_SIDE` pixels per side.
     """
     p = Path(path)
     if not p.is_file():
@@ -341,22 +497,35 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
         _check_size(p, [int(v) for v in reader.GetSize()], int(reader.GetNumberOfComponents()))
         img = reader.Execute()
     except RuntimeError as exc:
+        index = dicomdir_message(p)
+        if index:
+            raise InputError(index) from exc
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise InputError(
-            f"cannot read {p} as an image ({first[:200]}). The file is corrupt or not a DICOM/PNG/JPEG "
-            "radiograph; re-export it from the PACS or viewer."
+            f"cannot read {p} as an image ({first[:200]}). The file is corrupt or not a radiograph in a format "
+            f"xray2ct reads ({RADIOGRAPH_FORMATS}); re-export it from the PACS or viewer."
         ) from exc
-    is_dicom = reader.GetImageIO() == "GDCMImageIO" or p.suffix.lower() == ".dcm"
+    is_dicom = _is_dicom(p, reader)
     tags = _dicom_tags(reader) if is_dicom else {}
     check_projection_modality(tags, p.name)  # before the pixel checks: a colour ultrasound is refused as ultrasound
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
     if img.GetNumberOfComponentsPerPixel() > 1:  # greyscale saved in colour (grey + alpha too); real colour refused
         arr = greyscale_pixels(arr, p.name)
+    if is_dicom:
+        check_single_frame(arr, tags, p.name)
     arr = radiograph_pixels(arr, p.name)
     # MONOCHROME1 (high values display dark): SimpleITK's GDCM reader already returns such images inverted
     # to MONOCHROME2 semantics (2^BitsStored - 1 - value), so bright = attenuating here for both; checked
     # on a crafted MONOCHROME1 file in Testing/test_xray_cli.py.
-    arr, spacing, meta = apply_dicom_header(arr, header_spacing(tags), tags, p.name)
+    if is_dicom:
+        arr, spacing, meta = apply_dicom_header(arr, header_spacing(tags), tags, p.name)
+    else:
+        spacing, cosines = image_geometry(img, p)
+        arr, spacing, turned = orient_as_displayed(arr, spacing, cosines)
+        meta = {}
+        if turned:
+            meta["oriented"] = f"{turned} to show it as 3D Slicer displays it, as its header's directions say"
+            logger.info("%s: %s", p.name, meta["oriented"])
     meta = {"source": str(p), "format": "dicom" if is_dicom else p.suffix.lower().lstrip("."), **meta}
     return Radiograph(window_radiograph(arr), spacing, meta)
 
@@ -370,7 +539,8 @@ def apply_dicom_header(
 
     Returns:
         ``(array, (row, col) spacing, metadata)``: the header's tags, with ``view`` and ``view_from`` when it gives a
-        view and ``oriented`` when the image was turned.
+        view, ``oriented`` when the image was turned, ``pixel_aspect`` ``(row, col)`` when it gives no spacing but a
+        PixelAspectRatio of pixels that are not square, and ``spacing_problem`` when the spacing it gives is unusable.
 
     Raises:
         InputError: the header says the image is not a radiograph.
@@ -382,11 +552,50 @@ def apply_dicom_header(
     view = header_view(tags, directions)
     if view is not None:
         meta["view"], meta["view_from"] = view
+    aspect = header_pixel_aspect(tags) if spacing is None else None
     arr, spacing, turned = orient_to_model(arr, spacing, directions, meta.get("view"))
     if turned:
         meta["oriented"] = f"{turned} to the model's orientation, as its header says ({directions[0]}\\{directions[1]})"  # type: ignore[index]
         logger.info("%s: %s", name, meta["oriented"])
+    if aspect is not None and "transposed" in turned:
+        aspect = (aspect[1], aspect[0])
+    if aspect is not None and not np.isclose(aspect[0], aspect[1], rtol=SQUARE_PIXEL_TOLERANCE):
+        meta["pixel_aspect"] = aspect
+    if spacing is None and spacing_problem(tags):
+        meta["spacing_problem"] = spacing_problem(tags)
     return arr, spacing, meta
+
+
+#: DICOM modalities of projection radiographs (a CT localizer is one too).
+RADIOGRAPH_MODALITIES = {"CR": "a radiograph", "DX": "a radiograph", "RF": "a fluoroscopy image",
+                         "XA": "an angiography image"}  # fmt: skip
+
+
+def radiograph_file_kind(path: str | os.PathLike) -> str:
+    """What a file given where a CT volume is needed is, when it is a radiograph or another 2D image (from its
+    header, without decoding its pixels): e.g. ``"a radiograph (DICOM Modality DX)"``, ``"a CT topogram (a
+    localizer)"``, ``"a 2D image (1841x1955 pixels)"``; ``""`` when it is none of these or cannot be read."""
+    p = Path(path)
+    if not p.is_file():
+        return ""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return ""
+    size = [int(v) for v in reader.GetSize()]
+    if _is_dicom(p, reader):
+        tags = _dicom_tags(reader)
+        modality = tags.get("modality", "").strip().upper()
+        if modality == "CT" and is_localizer(tags.get("image_type", "")):
+            return "a CT topogram (a localizer, DICOM Modality CT), a radiograph"
+        if modality in RADIOGRAPH_MODALITIES:
+            return f"{RADIOGRAPH_MODALITIES[modality]} (DICOM Modality {modality})"
+        return ""
+    if len(size) == 2 or (len(size) == 3 and sorted(size)[0] == 1):
+        return f"a 2D image ({'x'.join(str(v) for v in size if v > 1)} pixels)"
+    return ""
 
 
 def read_dicom_header(path: str | os.PathLike) -> dict[str, str]:
@@ -423,6 +632,147 @@ def window_radiograph(arr: np.ndarray, percentiles: tuple[float, float] = WINDOW
     return np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
+def _interpolate(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``arr`` (H, W) resampled to ``size`` (rows, cols): bilinear, antialiased when shrinking."""
+    import torch  # here, so that reading and checking radiographs (the Slicer module's input check) need no torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
+
+
+def square_pixels(rad: Radiograph) -> tuple[Radiograph, str]:
+    """Resample a radiograph whose pixels are not square (a pixel spacing of 0.4 x 0.2 mm, a DICOM PixelAspectRatio
+    of 2\\1) to square pixels of its finer spacing, so that the chest keeps its shape and every later crop reasons
+    in millimetres; a radiograph of square pixels, or of unknown ones, is returned as it is.
+
+    Returns:
+        ``(radiograph, what was done or "")``.
+    """
+    size = rad.pixel_spacing or rad.metadata.get("pixel_aspect")
+    if size is None:
+        return rad, ""
+    row, col = float(size[0]), float(size[1])
+    if np.isclose(row, col, rtol=SQUARE_PIXEL_TOLERANCE):
+        return rad, ""
+    h, w = rad.shape
+    fine = min(row, col)
+    rows, cols = max(1, round(h * row / fine)), max(1, round(w * col / fine))
+    arr = np.clip(_interpolate(rad.array, (rows, cols)), 0.0, 1.0)
+    spacing = None if rad.pixel_spacing is None else (h * row / rows, w * col / cols)
+    said = f"{row:g} x {col:g} mm" if rad.pixel_spacing is not None else f"{row:g}:{col:g} (PixelAspectRatio)"
+    note = (f"resampled from {h}x{w} to {rows}x{cols} pixels to make its pixels square: they are {said} "
+            "(height x width)")  # fmt: skip
+    return Radiograph(arr, spacing, {**rad.metadata, "square_pixels_from": [h, w]}), note
+
+
+#: Side (pixels) of the coarse grid on which the exposed region is found (the image is block-averaged down to it).
+REGION_GRID = 256
+#: Pixels at or below this share of the way from the image's darkest value to its bright end (99.5th percentile) are
+#: background: a black border or canvas around the exposed field (air in the attenuation style is dark too).
+BACKGROUND_LEVEL = 0.02
+#: Side of the opening (a share of the coarse grid's side) that cuts burned-in text, markers and lines in the
+#: background from the exposed region before the largest connected region is taken.
+REGION_OPENING = 0.015
+#: The exposed region is cropped to when more than this share of the square the model would otherwise see (the
+#: image's middle square) lies outside it. Radiographs and training-geometry DRRs stay below it (cxr-pa 0%, the
+#: DRRs of the sample CTs 5-8%, the ct-topogram sample, whose bottom 30% lies beyond its scan, 30%).
+CROP_BACKGROUND_SHARE = 0.4
+#: An exposed region below this share of the image is no chest (noise, a label): nothing is cropped.
+MIN_REGION_SHARE = 0.05
+#: An exposed region whose pixels (in [0, 1]) vary less than this (standard deviation) is a flat field, not anatomy:
+#: nothing is cropped (a chest radiograph's varies by about 0.2).
+MIN_REGION_CONTRAST = 0.02
+
+
+@dataclass(frozen=True)
+class ExposedRegion:
+    """Where a radiograph's exposed body region lies.
+
+    Attributes:
+        box: ``(row0, row1, col0, col1)`` of the region's bounding box in pixels (ends exclusive).
+        share_outside: the share of the image's middle square (what the model would see without a crop) outside
+            the box.
+        share_of_image: the box's share of the image's area.
+    """
+
+    box: tuple[int, int, int, int]
+    share_outside: float
+    share_of_image: float
+
+
+def exposed_region(arr: np.ndarray) -> ExposedRegion | None:
+    """The exposed region of a radiograph: the bounding box of the largest connected region of pixels brighter than
+    the background (:data:`BACKGROUND_LEVEL`), after an opening that cuts burned-in text and markers lying in the
+    background from it; found on a block-averaged copy of at most :data:`REGION_GRID` pixels a side, then trimmed to
+    the full-resolution pixels. None when the image holds no such region.
+
+    Args:
+        arr: ``(H, W)`` attenuation style (background dark).
+    """
+    from scipy import ndimage  # on first use: reading and checking radiographs needs no scipy
+
+    h, w = arr.shape
+    f = max(1, int(np.ceil(max(h, w) / REGION_GRID)))
+    rows, cols = -(-h // f), -(-w // f)
+    padded = np.pad(arr, ((0, rows * f - h), (0, cols * f - w)), mode="edge")
+    small = padded.reshape(rows, f, cols, f).mean(axis=(1, 3))
+    low, high = float(arr.min()), float(np.percentile(small, 99.5))
+    if high <= low:
+        return None
+    level = low + BACKGROUND_LEVEL * (high - low)
+    k = max(3, round(REGION_OPENING * max(rows, cols)) | 1)
+    foreground = ndimage.binary_opening(small > level, structure=np.ones((k, k), bool))
+    labels, n = ndimage.label(foreground, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return None
+    largest = 1 + int(np.argmax(ndimage.sum_labels(foreground, labels, index=np.arange(1, n + 1))))
+    r_idx, c_idx = np.nonzero(labels == largest)
+    r0, r1 = int(r_idx.min()) * f, min(h, (int(r_idx.max()) + 1) * f)
+    c0, c1 = int(c_idx.min()) * f, min(w, (int(c_idx.max()) + 1) * f)
+    # the coarse box is whole blocks: trim its edge blocks to the first and last full-resolution rows and columns
+    # that hold exposed pixels
+    inside = arr[r0:r1, c0:c1] > level
+    row_any, col_any = inside.any(axis=1), inside.any(axis=0)
+    if row_any.any() and col_any.any():
+        top, bottom = int(np.argmax(row_any)), len(row_any) - int(np.argmax(row_any[::-1]))
+        left, right = int(np.argmax(col_any)), len(col_any) - int(np.argmax(col_any[::-1]))
+        r0, r1 = r0 + min(top, f), r0 + max(bottom, len(row_any) - f)
+        c0, c1 = c0 + min(left, f), c0 + max(right, len(col_any) - f)
+    side = min(h, w)
+    s0, t0 = (h - side) // 2, (w - side) // 2
+    overlap = max(0, min(r1, s0 + side) - max(r0, s0)) * max(0, min(c1, t0 + side) - max(c0, t0))
+    return ExposedRegion((r0, r1, c0, c1), 1.0 - overlap / side**2, (r1 - r0) * (c1 - c0) / (h * w))
+
+
+def crop_to_exposed_region(rad: Radiograph) -> tuple[Radiograph, str]:
+    """Crop a radiograph to its exposed region (:func:`exposed_region`) when more than
+    :data:`CROP_BACKGROUND_SHARE` of the square the model would otherwise see is background around it: a small chest
+    on a large black frame, a radiograph pasted on a black canvas with burned-in text. Otherwise it is returned as it
+    is (so are radiographs whose field is exposed to its edges and DRRs of the training geometry).
+
+    Returns:
+        ``(radiograph, a warning saying what was cropped and why, or "")``.
+    """
+    region = exposed_region(rad.array)
+    if region is None or region.share_outside <= CROP_BACKGROUND_SHARE or region.share_of_image < MIN_REGION_SHARE:
+        return rad, ""
+    r0, r1, c0, c1 = region.box
+    if min(r1 - r0, c1 - c0) < MIN_RADIOGRAPH_SIDE:
+        return rad, ""
+    h, w = rad.shape
+    arr = rad.array[r0:r1, c0:c1]
+    if float(arr.std()) < MIN_REGION_CONTRAST:  # a flat field (a test pattern, a blank exposure): no anatomy to keep
+        return rad, ""
+    note = (
+        f"the radiograph is mostly dark background ({100 * region.share_outside:.0f}% of its middle square lies "
+        f"outside the exposed region): only that region is used, rows {r0}-{r1} and columns {c0}-{c1} "
+        f"({r1 - r0}x{c1 - c0} of {h}x{w} pixels), leaving out the border and the text or markers burned into it. "
+        "Crop the image to the chest if this region is not the chest."
+    )
+    return Radiograph(arr, rad.pixel_spacing, {**rad.metadata, "cropped_to": [r0, r1, c0, c1]}), note
+
+
 #: A radiograph whose shorter side is below this share of its longer one loses much of itself to the square crop.
 MIN_SQUARE_SHARE = 0.7
 
@@ -431,9 +781,10 @@ def resize_radiograph(rad: Radiograph, size: int | tuple[int, int], *, square: b
     """Centre-crop to a square (optional) and resize with antialiasing.
 
     Args:
-        rad: input radiograph.
+        rad: input radiograph, of square pixels (:func:`square_pixels`) for the crop to keep the chest's shape.
         size: output side or (rows, cols).
-        square: crop the longer side symmetrically first so the aspect ratio is kept.
+        square: crop the longer side symmetrically first so the aspect ratio is kept; a warning (in millimetres when
+            the pixel spacing is known) says how much is left out when it is much.
 
     Returns:
         A new :class:`Radiograph`; pixel spacing rescaled when known.
@@ -443,24 +794,53 @@ def resize_radiograph(rad: Radiograph, size: int | tuple[int, int], *, square: b
     if square and h != w:
         s = min(h, w)
         if s < MIN_SQUARE_SHARE * max(h, w):
+            if rad.pixel_spacing is not None:
+                mm = rad.pixel_spacing[0]
+                sides = f"{h * mm:.0f}x{w * mm:.0f} mm ({h}x{w} pixels)"
+                middle = f"{s * mm:.0f}x{s * mm:.0f} mm"
+            else:
+                sides, middle = f"{h}x{w} pixels", f"{s}x{s}"
             logger.warning(
-                "the radiograph is %dx%d pixels: only its middle %dx%d square is used (%.0f%% of the image). A chest "
+                "the radiograph is %s: only its middle %s square is used (%.0f%% of the image). A chest "
                 "radiograph is about as wide as it is tall; crop the image to the chest if this is not one.",
-                h, w, s, s, 100.0 * s / max(h, w),
+                sides, middle, 100.0 * s / max(h, w),
             )  # fmt: skip
         r0, c0 = (h - s) // 2, (w - s) // 2
         arr = arr[r0 : r0 + s, c0 : c0 + s]
         h = w = s
-    import torch  # here, so that reading and checking radiographs (the Slicer module's input check) need no torch
-    import torch.nn.functional as F
-
     rows, cols = (size, size) if isinstance(size, int) else size
-    t = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
-    out = F.interpolate(t, size=(rows, cols), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    out = _interpolate(arr, (rows, cols))
     spacing = None
     if rad.pixel_spacing is not None:
         spacing = (rad.pixel_spacing[0] * h / rows, rad.pixel_spacing[1] * w / cols)
-    return Radiograph(out.clamp(0, 1).numpy(), spacing, {**rad.metadata, "resized_from": [h, w]})
+    return Radiograph(np.clip(out, 0, 1), spacing, {**rad.metadata, "resized_from": [h, w]})
+
+
+#: :func:`inversion_score` below this: the radiograph looks inverted (bones dark). Frontal chest radiographs and
+#: DRRs score +0.14 (the ct-topogram sample) to +0.48, their inverted copies as much below 0; a non-chest image
+#: scores near 0 (the shoulder-ap sample: 0.007) and is not called inverted.
+INVERTED_SCORE = -0.05
+
+
+def inversion_score(arr: np.ndarray) -> float:
+    """How much brighter the middle column of a frontal chest radiograph (spine and mediastinum) is than the lung
+    fields on either side of it: the median of the middle tenth of the width minus that of the bands at 20-35% and
+    65-80% of the width, over 25-65% of the height. Positive in the attenuation style (bone bright); negative when
+    the image is inverted (bones dark).
+
+    Args:
+        arr: ``(H, W)`` the model's square input, attenuation style, head up.
+    """
+    h, w = arr.shape
+    band = arr[int(0.25 * h) : int(0.65 * h)]
+    centre = band[:, int(0.45 * w) : int(0.55 * w)]
+    lungs = np.concatenate([band[:, int(0.2 * w) : int(0.35 * w)].ravel(), band[:, int(0.65 * w) : int(0.8 * w)].ravel()])
+    return float(np.median(centre) - np.median(lungs))
+
+
+def invert_radiograph(rad: Radiograph) -> Radiograph:
+    """The radiograph with its intensities inverted (for an image whose bones appear dark)."""
+    return Radiograph((1.0 - rad.array).astype(np.float32), rad.pixel_spacing, {**rad.metadata, "inverted": True})
 
 
 def match_drr_style(image: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:

@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     from DiffusionCore.cli.common import finite_float
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("inputRadiograph", help="radiograph (DICOM, PNG, JPEG, MHA/NRRD single slice)")
+    p.add_argument("inputRadiograph", help="a frontal chest radiograph, head up: DICOM (CR, DX, a CT topogram), PNG, "
+                   "JPEG, TIFF, BMP, or a 2D NRRD, MetaImage or NIfTI (taken as 3D Slicer displays it, with its pixel "
+                   "spacing)")
     p.add_argument("outputVolume", help="generated CT volume to write")
     p.add_argument("--stageDirectory", default="", help="write stage<N>.nrrd previews into this folder")
     p.add_argument("--referenceVolume", default="", help="reference CT for PSNR/SSIM in the report")
@@ -73,10 +75,6 @@ def projection_figures(info: dict) -> dict[str, float]:
     return {k: float(v) for k, v in info.items() if "projection" in k and isinstance(v, int | float)}
 
 
-#: Formats whose header carries a trustworthy pixel spacing (Slicer writes its radiographs as these).
-SPACING_HEADER_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz")
-
-
 def installed_default_weights() -> str:
     """The registered X-ray weights a run uses when none are chosen (the first whose file is here).
 
@@ -97,33 +95,26 @@ def installed_default_weights() -> str:
 def load_radiograph(path: str, invert: bool, dicom_header: str = ""):
     """The radiograph as DiffusionCore reads it (attenuation style in [0, 1]), optionally inverted.
 
-    DICOM spacing comes from its tags; MetaImage/NRRD/NIfTI files (what Slicer hands over) carry the
-    pixel spacing in their header, which is used when the reader found none, unless it is exactly 1 x 1 mm:
-    that is what images without spacing information (PNG, JPEG loaded in Slicer) report, and a real
-    radiograph's pixels are far smaller, so it is treated as unknown (the model's field of view is used).
+    The engine's reader (:func:`DiffusionCore.xray.radiograph.read_radiograph`) takes a DICOM file's spacing from its
+    tags, and a MetaImage/NRRD/NIfTI file's (what Slicer hands over) from its header unless it is exactly 1 x 1 mm:
+    that is what images without spacing information (PNG, JPEG loaded in Slicer) report, and a real radiograph's
+    pixels are far smaller, so it is treated as unknown (the model's field of view is used). A MetaImage/NRRD/NIfTI
+    image is turned as 3D Slicer displays it (the module hands its node's pixels over that way already).
 
     ``dicom_header``: the DICOM file a Slicer node was loaded from. Slicer keeps the file's row and column order in
     the node, so the header's modality, view and orientation apply to the pixels handed over as they would to the
     file itself (:func:`DiffusionCore.xray.radiograph.apply_dicom_header`).
     """
-    import SimpleITK as sitk
-
     from DiffusionCore.xray.radiograph import (
         Radiograph,
         apply_dicom_header,
         header_spacing,
+        invert_radiograph,
         read_dicom_header,
         read_radiograph,
     )
 
     radiograph = read_radiograph(path)
-    if radiograph.pixel_spacing is None and str(path).lower().endswith(SPACING_HEADER_SUFFIXES):
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        col_mm, row_mm = reader.GetSpacing()[:2]
-        if (float(row_mm), float(col_mm)) != (1.0, 1.0):
-            radiograph.pixel_spacing = (float(row_mm), float(col_mm))
     if dicom_header and radiograph.metadata.get("format") == "dicom":
         logger.info("the input is DICOM: its own header is used, not %s", dicom_header)  # else turned twice
     elif dicom_header:
@@ -132,9 +123,7 @@ def load_radiograph(path: str, invert: bool, dicom_header: str = ""):
         spacing = radiograph.pixel_spacing or header_spacing(tags)
         array, spacing, said = apply_dicom_header(radiograph.array, spacing, tags, Path(dicom_header).name)
         radiograph = Radiograph(array, spacing, {**radiograph.metadata, **said, "dicom_header": str(dicom_header)})
-    if invert:
-        radiograph.array = (1.0 - radiograph.array).astype("float32")
-    return radiograph
+    return invert_radiograph(radiograph) if invert else radiograph
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -236,7 +225,7 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
     t0 = time.perf_counter()
     check_outputs(args)  # before any work: no output may be an input, and each can be written
     reference = read_reference(args.referenceVolume) if args.referenceVolume else None
-    radiograph = load_radiograph(args.inputRadiograph, args.invertIntensities, args.dicomHeader)
+    radiograph = load_radiograph(args.inputRadiograph, False, args.dicomHeader)  # inverted by the generator
     if args.stageDirectory and not Path(args.stageDirectory).is_dir():
         written.append(Path(args.stageDirectory))  # made by this run: removed again if it is cancelled
         Path(args.stageDirectory).mkdir(parents=True, exist_ok=True)
@@ -262,6 +251,7 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
         "device": args.device,
         "view": None if args.view == "auto" else args.view,
         "fov_mm": args.fieldOfView or None,
+        "invert": bool(args.invertIntensities),
     }
     errors: list[dict[str, float]] = []
 

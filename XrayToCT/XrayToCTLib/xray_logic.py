@@ -35,10 +35,12 @@ from CTDiffusionSRLib.sr_logic import check_weights
 
 from DiffusionCore.errors import InputError, OutputError
 from DiffusionCore.xray.radiograph import (
+    RADIOGRAPH_MODALITIES,
     check_projection_modality,
     greyscale_pixels,
     header_view,
     image_directions,
+    orient_as_displayed,
     radiograph_pixels,
     read_dicom_header,
 )
@@ -115,10 +117,10 @@ class XraySettings:
         return args
 
 
-def _pixels(node) -> np.ndarray:
-    """The node's pixels as ``(H, W)`` float32; colour-encoded greyscale is accepted. Refused as ``xray2ct`` refuses
-    them (:func:`~DiffusionCore.xray.radiograph.radiograph_pixels`): real colour, a thumbnail, NaN or infinite
-    values."""
+def _pixels(node, tags: dict[str, str] | None = None) -> np.ndarray:
+    """The node's pixels as ``(H, W)`` float32 in file order; colour-encoded greyscale is accepted. Refused as
+    ``xray2ct`` refuses them (:func:`~DiffusionCore.xray.radiograph.radiograph_pixels`): real colour, a thumbnail, NaN
+    or infinite values, a 3D volume, and a multi-frame radiograph (named so from ``tags``, its DICOM header)."""
     from vtk.util import numpy_support
 
     image = node.GetImageData()
@@ -126,6 +128,13 @@ def _pixels(node) -> np.ndarray:
         raise InputError(f"'{node.GetName()}' holds no pixels; load a radiograph first.")
     nx, ny, nz = image.GetDimensions()
     if nz != 1:
+        modality = (tags or {}).get("modality", "").strip().upper()
+        if modality in RADIOGRAPH_MODALITIES:
+            raise InputError(
+                f"'{node.GetName()}' is a multi-frame radiograph ({nz} frames of {nx}x{ny}, DICOM Modality {modality}); "
+                "X-ray to CT takes one frontal chest radiograph: save the frame you want as a single-frame image and "
+                "load that."
+            )
         raise InputError(
             f"'{node.GetName()}' is a 3D volume ({nx}x{ny}x{nz}); a single 2D radiograph is needed "
             "(for a CT volume use the CT Diffusion SR module)."
@@ -137,11 +146,27 @@ def _pixels(node) -> np.ndarray:
     return radiograph_pixels(greyscale_pixels(arr, name) if ncomp > 1 else arr[..., 0], name)
 
 
-def radiograph_from_node(node) -> tuple[np.ndarray, tuple[float, float]]:
-    """``(pixels (H, W) float32, pixel spacing (row, col) mm)`` of a radiograph node; the node is untouched."""
-    pixels = _pixels(node)
-    spacing, _origin, _direction = geometry_from_ijk_to_ras(ijk_to_ras(node))
-    return pixels, (float(spacing[1]), float(spacing[0]))
+def radiograph_from_node(
+    node, *, as_displayed: bool = False, tags: dict[str, str] | None = None
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """``(pixels (H, W) float32, pixel spacing (row, col) mm)`` of a radiograph node; the node is untouched.
+
+    Args:
+        as_displayed: turn the pixels to how Slicer shows the node in the view of its plane
+            (:func:`~DiffusionCore.xray.radiograph.orient_as_displayed`: e.g. an image stored mirrored with a
+            direction of -1 along x, which Slicer shows the right way round); else the stored row and column order
+            (which a DICOM header's PatientOrientation describes).
+        tags: the node's DICOM header tags, when the caller has read them (:func:`dicom_header_tags`).
+    """
+    pixels = _pixels(node, tags)
+    spacing, _origin, direction = geometry_from_ijk_to_ras(ijk_to_ras(node))
+    row_col = (float(spacing[1]), float(spacing[0]))
+    if not as_displayed:
+        return pixels, row_col
+    pixels, turned_spacing, turned = orient_as_displayed(pixels, row_col, np.asarray(direction)[:, :2])
+    if turned:
+        logger.info("'%s' is %s, as Slicer displays it", node.GetName(), turned)
+    return pixels, turned_spacing or row_col
 
 
 def photometric_note(photometric_interpretation: str) -> str:
@@ -221,9 +246,10 @@ def check_xray_input(node, tags: dict[str, str] | None = None) -> str:
         return "Select a radiograph (load a DICOM CR/DX, PNG or JPEG image)."
     if node.IsA("vtkMRMLLabelMapVolumeNode"):  # a segmentation's labels, not intensities (as the SR module says)
         return f"'{node.GetName()}' is a label map, not a radiograph: choose the image itself."
+    tags = dicom_header_tags(node) if tags is None else tags
     try:
-        pixels, _ = radiograph_from_node(node)
-        check_projection_modality(dicom_header_tags(node) if tags is None else tags, f"'{node.GetName()}'")
+        pixels, _ = radiograph_from_node(node, tags=tags)
+        check_projection_modality(tags, f"'{node.GetName()}'")
     except InputError as exc:
         return str(exc)
     if float(pixels.max()) <= float(pixels.min()):
@@ -267,9 +293,15 @@ def check_reference_input(node) -> str:
     return f"{doubts[0]} The reference scores need a CT in Hounsfield units: {fix}" if doubts else ""
 
 
-def write_radiograph(node, path: str | Path) -> Path:
-    """Write the radiograph node as a 2D float32 image (MetaImage keeps values and pixel spacing)."""
-    pixels, (row_mm, col_mm) = radiograph_from_node(node)
+def write_radiograph(node, path: str | Path, as_displayed: bool | None = None) -> Path:
+    """Write the radiograph node as a 2D float32 image (MetaImage keeps values and pixel spacing).
+
+    ``as_displayed``: the pixels as Slicer displays the node (:func:`radiograph_from_node`); by default so for a node
+    not loaded from DICOM (a PNG, JPEG, NRRD, MetaImage or NIfTI file), and in the stored order for one loaded from
+    Slicer's DICOM database, whose header's orientation the command applies (``--dicomHeader``)."""
+    if as_displayed is None:
+        as_displayed = not dicom_header_file(node)
+    pixels, (row_mm, col_mm) = radiograph_from_node(node, as_displayed=as_displayed)
     image = sitk.GetImageFromArray(pixels)
     image.SetSpacing((col_mm, row_mm))
     sitk.WriteImage(image, str(path))
@@ -321,7 +353,8 @@ class XrayJob(CLIJob):
         return Path(__file__).resolve().parent.parent
 
     def prepare(self, tempdir: Path) -> list[str]:
-        write_radiograph(self.input_node, tempdir / "radiograph.mha")
+        # as Slicer displays it, unless the command turns it by the DICOM header it is handed
+        write_radiograph(self.input_node, tempdir / "radiograph.mha", as_displayed=not self.dicom_header)
         args = self.settings.cli_arguments()
         if self.reference_node is not None:  # a tilted series is read from its files, as the SR module reads it
             args += ["--referenceVolume", write_job_input(self.reference_node, tempdir, "reference")]
