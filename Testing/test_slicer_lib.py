@@ -962,9 +962,9 @@ def test_xray_job_shows_stage_previews_then_the_final_volume(scene, tmp_path, mo
         time.sleep(0.02)
     assert job.state == JobState.COMPLETED, job.error
     result = job.result_nodes[0]
-    assert result is job.preview_node and result.GetName() == "chest PA CT stage 2 (synthetic)"
+    assert result is job.preview_node and result.GetName() == "chest PA CT (synthetic)"  # the last stage: the result
     assert job.stages_shown[:2] == [1, 2]  # stage 1 was shown before stage 2 replaced it
-    assert set(names) <= {"chest PA CT stage 1 (synthetic)", "chest PA CT stage 2 (synthetic)"}
+    assert set(names) <= {"chest PA CT stage 1 (synthetic)", "chest PA CT (synthetic)"}
     assert sorted(job.stage_errors) == [1, 2] and all("projection_psnr" in v for v in job.stage_errors.values())
     vol = mrml_io.volume_from_node(result)
     assert vol.shape == (32, 32, 32) and np.isfinite(vol.array).all()
@@ -1013,7 +1013,8 @@ def test_xray_job_runs_every_stage_the_weights_have_by_default_without_a_warning
     lines = []
     job = XrayJob(scene, node, XraySettings(steps=1, device="cpu", tiny_test_model=True), on_line=lines.append)
     assert job.run(timeout=180) == JobState.COMPLETED, job.error
-    assert job.result_nodes[0].GetName() == "chest PA CT stage 2 (synthetic)"  # the tiny model's two stages
+    assert job.result_nodes[0].GetName() == "chest PA CT (synthetic)"
+    assert job.stages_shown[-1] == 2  # the tiny model's two stages
     assert not [line for line in lines if "were asked for" in line], lines
     asked = []
     again = XrayJob(scene, node, XraySettings(num_stages=3, steps=1, device="cpu", tiny_test_model=True),
@@ -1056,7 +1057,7 @@ def test_xray_job_whose_preview_is_deleted_while_it_runs_puts_the_next_stage_in_
     assert job.wait(180) == JobState.COMPLETED, job.error
     result = job.result_nodes[0]
     assert result is not deleted and scene.IsNodePresent(result)
-    assert result.GetName() == "chest PA CT stage 2 (synthetic)"
+    assert result.GetName() == "chest PA CT (synthetic)"
     assert mrml_io.volume_from_node(result).shape == (32, 32, 32)
     assert job.notices and "was deleted while the job ran; stage 2 is in a new volume" in job.notices[0]
     assert _stale_hierarchy_items(scene) == []

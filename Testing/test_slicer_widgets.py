@@ -640,7 +640,7 @@ def test_the_xray_panel_shows_each_stage_and_its_projection_error(panels, scene)
     assert panels.dialogs.errors == [] and ui.statusLabel.text.startswith("Done in "), ui.statusLabel.text
     assert "Against the reference CT: " in ui.statusLabel.text and "psnr" in ui.statusLabel.text.lower()
     result = p.resultVolume
-    assert result is not None and result.GetName() == "chest PA CT stage 1 (synthetic)"
+    assert result is not None and result.GetName() == "chest PA CT (synthetic)"
     assert ui.projectionErrorLabel.text.startswith("stage 1: PSNR ") and "NCC" in ui.projectionErrorLabel.text
     assert panels.views.layers[-1] == {"background": result, "fit": True}
     assert ui.exportResultButton.enabled

@@ -130,6 +130,6 @@ class XrayToCTTest(ScriptedLoadableModuleTest):
         volume = mrml_io.volume_from_node(result)
         self.assertEqual(len(volume.shape), 3)
         self.assertTrue(np.isfinite(volume.array).all())
-        self.assertEqual(result.GetName(), "Phantom PA CT stage 1 (synthetic)")
+        self.assertEqual(result.GetName(), "Phantom PA CT (synthetic)")
         self.assertEqual(result.GetAttribute("CTDiffusion.Synthetic"), "true")
         self.delayDisplay(_("Test passed"))

@@ -68,9 +68,11 @@ def array_to_matrix(arr: np.ndarray) -> vtk.vtkMatrix4x4:
     return m
 
 
-def ijk_to_ras(node) -> np.ndarray:
+def ijk_to_ras(node, *, world: bool = False) -> np.ndarray:
     """The node's own IJK-to-RAS matrix: the frame its voxels were acquired in, for voxel (0, 0, 0) of the stored
-    array (an image whose extent does not start at 0, as some filters leave it, is accounted for).
+    array (an image whose extent does not start at 0, as some filters leave it, is accounted for). ``world``: with
+    its linear parent transforms applied instead, where Slicer displays it (the X-ray module hands a radiograph over
+    as displayed and scores against a reference CT where it is shown).
 
     A linear parent transform (a registration, a manual move) is not applied: jobs work on the voxels in this frame
     and put their results under the same transform (:func:`follow_transform`), as Slicer's Crop Volume does, so a
@@ -85,6 +87,9 @@ def ijk_to_ras(node) -> np.ndarray:
     node.GetIJKToRASMatrix(m)
     ijk = matrix_to_array(m)
     parent = node.GetParentTransformNode()
+    if world and parent is not None and not parent.IsTransformToWorldLinear():
+        raise InputError(f"volume '{node.GetName()}' is under a non-linear transform; harden the transform first "
+                         "(Data module: right-click the volume > Harden transform).")
     if parent is not None and not parent.IsTransformToWorldLinear():
         raise InputError(
             f"volume '{node.GetName()}' is under a non-linear transform; harden the transform first "
@@ -98,6 +103,10 @@ def ijk_to_ras(node) -> np.ndarray:
         start = np.array(image.GetExtent()[::2], dtype=np.float64)
         if start.any():  # voxel (0, 0, 0) of the array is IJK index ``start``
             ijk[:3, 3] += ijk[:3, :3] @ start
+    if world and parent is not None:
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        ijk = matrix_to_array(to_world) @ ijk
     return ijk
 
 
@@ -140,13 +149,14 @@ def ijk_to_ras_from_volume(vol: Volume) -> np.ndarray:
     return m
 
 
-def grid_from_node(node) -> Grid:
-    """The node's voxel grid (LPS, ITK conventions) without copying its voxels (cheap: for input checks)."""
+def grid_from_node(node, *, world: bool = False) -> Grid:
+    """The node's voxel grid (LPS, ITK conventions) without copying its voxels (cheap: for input checks); ``world``:
+    with its linear parent transforms applied (:func:`ijk_to_ras`)."""
     image = node.GetImageData()
     if image is None:
         raise InputError(f"volume '{node.GetName()}' has no image data; load or select a volume that holds voxels.")
     nx, ny, nz = image.GetDimensions()
-    spacing, origin, direction = geometry_from_ijk_to_ras(ijk_to_ras(node))
+    spacing, origin, direction = geometry_from_ijk_to_ras(ijk_to_ras(node, world=world))
     return Grid((nz, ny, nx), spacing, origin, tuple(float(v) for v in direction.ravel()))
 
 
@@ -170,10 +180,11 @@ def array_from_node(node) -> np.ndarray:
     return numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx).copy()
 
 
-def volume_from_node(node) -> Volume:
-    """A DiffusionCore ``Volume`` (float32 HU, LPS geometry) from a scalar volume node; the node is untouched."""
+def volume_from_node(node, *, world: bool = False) -> Volume:
+    """A DiffusionCore ``Volume`` (float32 HU, LPS geometry) from a scalar volume node; the node is untouched.
+    ``world``: with its linear parent transforms applied (:func:`ijk_to_ras`)."""
     arr = array_from_node(node).astype(np.float32)
-    spacing, origin, direction = geometry_from_ijk_to_ras(ijk_to_ras(node))
+    spacing, origin, direction = geometry_from_ijk_to_ras(ijk_to_ras(node, world=world))
     return Volume(arr, spacing, origin, direction, {"source": node.GetName()})
 
 
@@ -652,14 +663,15 @@ FIND_SERIES = object()
 
 
 def write_job_input(node, folder: str | os.PathLike, name: str, *, dtype: str = "float32", compress: bool = False,
-                    series: IrregularSeries | None | object = FIND_SERIES) -> str:
-    """The node as a background job's input in ``folder``: ``name.nrrd`` (world geometry; ``dtype`` and ``compress`` as
+                    series: IrregularSeries | None | object = FIND_SERIES, world: bool = False) -> str:
+    """The node as a background job's input in ``folder``: ``name.nrrd`` (the node's own frame, :func:`ijk_to_ras`; ``dtype`` and ``compress`` as
     :func:`DiffusionCore.volume.write_volume` takes them: by default float32, uncompressed, for a job that starts at
     once), or for a series Slicer could not load as a regular grid (:func:`series_to_read_from_files`) a folder ``name``
     holding its DICOM files (linked, or copied where links cannot be made), which DiffusionCore reads as
     ``sr SERIES_FOLDER`` does (a tilt resampled onto an orthogonal grid). ``series``: what
-    :func:`series_to_read_from_files` returned for the node, when the caller has it already. The node is never
-    modified. Returns the path to pass to the job."""
+    :func:`series_to_read_from_files` returned for the node, when the caller has it already. ``world``: the node's
+    voxels with its linear parent transforms applied (:func:`ijk_to_ras`; a series read from its files has none).
+    The node is never modified. Returns the path to pass to the job."""
     import shutil
     from pathlib import Path
 
@@ -669,7 +681,7 @@ def write_job_input(node, folder: str | os.PathLike, name: str, *, dtype: str = 
         series = series_to_read_from_files(node)
     if series is None:
         path = Path(folder) / f"{name}.nrrd"
-        write_volume(volume_from_node(node), path, overwrite=True, dtype=dtype, compress=compress)
+        write_volume(volume_from_node(node, world=world), path, overwrite=True, dtype=dtype, compress=compress)
         return str(path)
     target = Path(folder) / name
     target.mkdir(parents=True, exist_ok=True)
@@ -752,7 +764,7 @@ def export_chosen(node, chosen_path: str, chosen_filter: str) -> list:
 
 
 def write_node_to_file(node, path: str) -> None:
-    """Write a volume node (geometry in world coordinates) with DiffusionCore's writer (NRRD/NIfTI/MHA)."""
+    """Write a volume node (in its own frame, as Slicer's Save writes it) with DiffusionCore's writer (NRRD/NIfTI/MHA)."""
     from DiffusionCore.volume import write_volume
 
     write_volume(volume_from_node(node), path, overwrite=True, dtype="float32")

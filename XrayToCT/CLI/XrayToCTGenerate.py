@@ -6,9 +6,9 @@ bare flags, ``--returnparameterfile FILE``) and as a plain script:
 
     python XrayToCTGenerate.py --numStages 2 --view pa chest.dcm ct.nrrd
 
-Each finished stage is announced on stdout as ``stage-ready {json}`` (stage, file, projection error) and,
-with ``--stageDirectory``, written there as ``stage<N>.nrrd`` so that Slicer can show a preview while the
-next stage runs. The interface is XrayToCTGenerate.xml; this parser mirrors it (a test checks that).
+Each finished stage is announced on stdout as ``stage-ready {json}`` (stage, the number of stages the run makes,
+file, projection error) and, with ``--stageDirectory``, written there as ``stage<N>.nrrd`` so that Slicer can show
+a preview while the next stage runs. The interface is XrayToCTGenerate.xml; this parser mirrors it (a test checks that).
 """
 
 from __future__ import annotations
@@ -254,11 +254,12 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
         "invert": bool(args.invertIntensities),
     }
     errors: list[dict[str, float]] = []
+    planned = min(args.numStages or generator.num_stages, generator.num_stages)  # the generator caps it, with a note
 
     def on_stage(stage: int, volume, info: dict) -> None:
         figures = projection_figures(info)
         errors.append(figures)
-        record = {"stage": int(stage), "projection": figures, "shape": list(volume.shape), "file": ""}
+        record = {"stage": int(stage), "stages": planned, "projection": figures, "shape": list(volume.shape), "file": ""}
         if args.stageDirectory:
             check_result(volume, f"the stage {stage} volume")
             path = Path(args.stageDirectory) / f"stage{int(stage)}.nrrd"

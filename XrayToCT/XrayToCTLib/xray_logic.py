@@ -3,7 +3,12 @@
 A radiograph loaded in Slicer (DICOM CR/DX, PNG, JPEG) is a single-slice scalar volume node (or a vector
 node for colour-encoded greyscale files). It is written to a private temporary file, the XrayToCTGenerate
 CLI runs in a background process, and each finished stage updates ONE result node in place: "<input> CT
-stage 1 (synthetic)" appears after the first stage, then becomes stage 2, stage 3. A cancel removes it.
+stage 1 (synthetic)" appears after the first stage, then becomes stage 2, and the last stage's volume is "<input> CT
+(synthetic)". A cancel removes it.
+
+Geometry: the radiograph is handed over as Slicer displays it, with its linear parent transforms, and a reference CT
+is scored where Slicer shows it (``world=True`` of :mod:`CTDiffusionSRLib.mrml_io`); a non-linear transform is
+refused, naming the volume.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from CTDiffusionSRLib.mrml_io import (
     geometry_from_ijk_to_ras,
     ijk_to_ras,
     in_scene,
+    input_stamp,
+    irregular_dicom_series,
     place_beside,
     read_volume_file,
     set_node_from_volume,
@@ -117,17 +124,44 @@ class XraySettings:
         return args
 
 
-def _pixels(node, tags: dict[str, str] | None = None) -> np.ndarray:
-    """The node's pixels as ``(H, W)`` float32 in file order; colour-encoded greyscale is accepted. Refused as
-    ``xray2ct`` refuses them (:func:`~DiffusionCore.xray.radiograph.radiograph_pixels`): real colour, a thumbnail, NaN
-    or infinite values, a 3D volume, and a multi-frame radiograph (named so from ``tags``, its DICOM header)."""
+def transform_problem(node, what: str) -> str:
+    """Why the transform ``node`` sits under cannot be used (``""`` when it can: none, or a linear one, applied as
+    Slicer displays it): a non-linear one (a warp), which the module does not resample through. ``what`` names the
+    node's role, e.g. ``"The radiograph"``."""
+    parent = node.GetParentTransformNode() if node is not None else None
+    if parent is None or parent.IsTransformToWorldLinear():
+        return ""
+    return (
+        f"{what} '{node.GetName()}' is under a non-linear transform ('{parent.GetName()}'): harden the transform "
+        "first (Data module: right-click the volume > Harden transform), or take the volume out from under it."
+    )
+
+
+def _world_ijk_to_ras(node, what: str) -> np.ndarray:
+    """The node's IJK-to-RAS as Slicer displays it (its linear parent transforms applied).
+
+    Raises:
+        InputError: a non-linear transform (:func:`transform_problem`, naming ``what``).
+    """
+    problem = transform_problem(node, what)
+    if problem:
+        raise InputError(problem)
+    return ijk_to_ras(node, world=True)
+
+
+def _pixels(node, tags: dict[str, str] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """The node's pixels as ``(H, W)`` float32 in file order, and which IJK axes are its columns and its rows; a
+    volume one voxel thick along any axis is a 2D image (e.g. a W x 1 x H coronal projection computed in Slicer);
+    colour-encoded greyscale is accepted. Refused as ``xray2ct`` refuses them
+    (:func:`~DiffusionCore.xray.radiograph.radiograph_pixels`): real colour, a thumbnail, NaN or infinite values, a 3D
+    volume, and a multi-frame radiograph (named so from ``tags``, its DICOM header)."""
     from vtk.util import numpy_support
 
     image = node.GetImageData()
     if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
         raise InputError(f"'{node.GetName()}' holds no pixels; load a radiograph first.")
     nx, ny, nz = image.GetDimensions()
-    if nz != 1:
+    if 1 not in (nx, ny, nz):
         modality = (tags or {}).get("modality", "").strip().upper()
         if modality in RADIOGRAPH_MODALITIES:
             raise InputError(
@@ -139,11 +173,13 @@ def _pixels(node, tags: dict[str, str] | None = None) -> np.ndarray:
             f"'{node.GetName()}' is a 3D volume ({nx}x{ny}x{nz}); a single 2D radiograph is needed "
             "(for a CT volume use the CT Diffusion SR module)."
         )
+    flat = 2 if nz == 1 else (nx, ny).index(1)  # the IJK axis one voxel thick
+    columns, rows = (axis for axis in range(3) if axis != flat)
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     ncomp = image.GetPointData().GetScalars().GetNumberOfComponents()
-    arr = scalars.reshape(ny, nx, ncomp).astype(np.float32)
+    arr = np.take(scalars.reshape(nz, ny, nx, ncomp), 0, axis=2 - flat).astype(np.float32)  # (rows, columns, ncomp)
     name = f"'{node.GetName()}'"
-    return radiograph_pixels(greyscale_pixels(arr, name) if ncomp > 1 else arr[..., 0], name)
+    return radiograph_pixels(greyscale_pixels(arr, name) if ncomp > 1 else arr[..., 0], name), (columns, rows)
 
 
 def radiograph_from_node(
@@ -157,13 +193,19 @@ def radiograph_from_node(
             direction of -1 along x, which Slicer shows the right way round); else the stored row and column order
             (which a DICOM header's PatientOrientation describes).
         tags: the node's DICOM header tags, when the caller has read them (:func:`dicom_header_tags`).
+
+    The geometry is the node's as Slicer displays it: with its linear parent transforms (e.g. an image stored upside
+    down and shown upright by a 180-degree rotation).
+
+    Raises:
+        InputError: no usable pixels (:func:`_pixels`), or a non-linear transform (:func:`transform_problem`).
     """
-    pixels = _pixels(node, tags)
-    spacing, _origin, direction = geometry_from_ijk_to_ras(ijk_to_ras(node))
-    row_col = (float(spacing[1]), float(spacing[0]))
+    pixels, (columns, rows) = _pixels(node, tags)
+    spacing, _origin, direction = geometry_from_ijk_to_ras(_world_ijk_to_ras(node, "The radiograph"))
+    row_col = (float(spacing[rows]), float(spacing[columns]))
     if not as_displayed:
         return pixels, row_col
-    pixels, turned_spacing, turned = orient_as_displayed(pixels, row_col, np.asarray(direction)[:, :2])
+    pixels, turned_spacing, turned = orient_as_displayed(pixels, row_col, np.asarray(direction)[:, [columns, rows]])
     if turned:
         logger.info("'%s' is %s, as Slicer displays it", node.GetName(), turned)
     return pixels, turned_spacing or row_col
@@ -262,7 +304,8 @@ def check_reference_input(node) -> str:
     none is chosen: the reference is optional). Checked when Apply is pressed, as XrayToCTGenerate checks its
     --referenceVolume before any work: the scores are computed only after the whole generation, so a bad reference
     found then would throw the generated CT away. Refused: no greyscale volume, a 2D image (the radiograph itself),
-    fewer than ``MIN_CT_VOXELS`` voxels along an axis, NaN or infinite voxels, intensities that are not CT in HU."""
+    fewer than ``MIN_CT_VOXELS`` voxels along an axis, NaN or infinite voxels, intensities that are not CT in HU, a
+    non-linear transform (but Slicer's regularization of a tilted DICOM series, which is read from its files)."""
     from vtk.util import numpy_support
 
     from DiffusionCore.volume import check_ct
@@ -280,6 +323,9 @@ def check_reference_input(node) -> str:
     scalars = image.GetPointData().GetScalars()
     if scalars.GetNumberOfComponents() != 1:
         return f"{name} is a colour/vector image; a greyscale CT is needed: {fix}"
+    problem = transform_problem(node, "The reference CT")
+    if problem and irregular_dicom_series(node) is None:  # a tilted series under the regularization: its files are read
+        return problem
     nx, ny, nz = image.GetDimensions()
     if min(nx, ny, nz) == 1:
         return f"{name} is 2D ({nx}x{ny}x{nz} voxels along x, y, z), a radiograph or one slice, not a CT volume: {fix}"
@@ -308,15 +354,77 @@ def write_radiograph(node, path: str | Path, as_displayed: bool | None = None) -
     return Path(path)
 
 
+def dicom_patient_id(node) -> str:
+    """The DICOM PatientID of the files ``node`` was loaded from (through Slicer's DICOM database); ``""`` when it was
+    not loaded from DICOM, the files are gone, or the header gives none."""
+    from DiffusionCore.dicom_in import header_values
+
+    files = dicom_source_files(node) if node is not None else []
+    values = header_values(files[0], ["PatientID"]) if files else None
+    return (values or {}).get("PatientID", "").strip()
+
+
+def different_patients_notice(radiograph_node, reference_node) -> str:
+    """What the module says when the radiograph and the reference CT are of two patients, by their DICOM PatientIDs
+    (``""`` when they agree, or when either is unknown: not loaded from DICOM)."""
+    if reference_node is None:
+        return ""
+    ids = dicom_patient_id(radiograph_node), dicom_patient_id(reference_node)
+    if not all(ids) or ids[0] == ids[1]:
+        return ""
+    return (
+        f"The radiograph '{radiograph_node.GetName()}' (PatientID {ids[0]}) and the reference CT "
+        f"'{reference_node.GetName()}' (PatientID {ids[1]}) are of different patients: the reference scores compare "
+        "two different patients and mean little."
+    )
+
+
+def turned_by_transform(node) -> bool:
+    """Whether a linear parent transform turns, mirrors or scales ``node`` (its displayed axes differ from its own)."""
+    parent = node.GetParentTransformNode()
+    if parent is None or not parent.IsTransformToWorldLinear():
+        return False
+    return not np.allclose(ijk_to_ras(node, world=True)[:3, :3], ijk_to_ras(node)[:3, :3], atol=1e-6)
+
+
+def _geometry_stamp(node) -> tuple:
+    """:func:`~CTDiffusionSRLib.mrml_io.input_stamp` with the node's displayed geometry (a transform edited while a job
+    runs changes what the job would be handed too)."""
+    try:
+        world = tuple(ijk_to_ras(node, world=True).ravel())
+    except InputError:  # put under a non-linear transform meanwhile
+        world = None
+    return input_stamp(node), world
+
+
+def free_name(scene, name: str, node=None) -> str:
+    """``name``, or ``name_1``, ``name_2``, ... as Slicer makes names unique, when a node other than ``node`` has it."""
+
+    def taken(candidate: str) -> bool:
+        nodes = scene.GetNodesByName(candidate)
+        return any(nodes.GetItemAsObject(i) is not node for i in range(nodes.GetNumberOfItems()))
+
+    candidate, n = name, 0
+    while taken(candidate):
+        n += 1
+        candidate = f"{name}_{n}"
+    return candidate
+
+
 class XrayJob(CLIJob):
     """Generate a synthetic CT from a radiograph node with XrayToCTGenerate in a background process.
 
     ``stage_errors`` maps stage -> re-projection figures (``{"projection_psnr": dB, "projection_ncc": r}``)
-    as the stages finish; ``preview_node`` is the result
-    node, updated after every stage.
+    as the stages finish; ``preview_node`` is the result node, updated after every stage: "<input> CT stage N
+    (synthetic)" for an earlier stage's preview, "<input> CT (synthetic)" for the last stage's volume (a name the user
+    gave it meanwhile is kept; made unique in the scene). The log lines and the error name the nodes the user chose,
+    not the files they were handed over in.
     """
 
     script_name = "XrayToCTGenerate"
+    #: the hand-off files in the job's temporary folder
+    RADIOGRAPH_FILE = "radiograph.mha"
+    REFERENCE_NAME = "reference"
 
     def __init__(self, scene, input_node, settings: XraySettings, *, reference_node=None, **kwargs):
         super().__init__(scene, **kwargs)
@@ -342,22 +450,41 @@ class XrayJob(CLIJob):
         self.settings = settings
         #: the DICOM file the radiograph was loaded from: the command reads its modality, view and orientation
         self.dicom_header = dicom_header_file(input_node) if tags else ""
+        if self.dicom_header and turned_by_transform(input_node):
+            self.notices.append(
+                f"'{input_node.GetName()}' is under a transform that turns or scales it in the views; a radiograph "
+                "loaded from DICOM is used as its DICOM header orients it, not as the transform shows it."
+            )
+        notice = different_patients_notice(input_node, reference_node)
+        if notice:
+            self.notices.append(notice)
         self.preview_node = None
         self.stage_errors: dict[int, dict[str, float]] = {}
         self.stages_shown: list[int] = []
+        #: the number of stages the command runs, once its first stage says so
+        self.stages_planned: int | None = None
+        self._given_name = ""  # the name the job last gave the preview: another one is the user's
         self._pending: list[dict] = []
         self._pending_lock = threading.Lock()
         self.reference_metrics: dict = {}
+        self._stamps: dict[str, tuple] = {}  # the inputs as the job read them (prepare)
+        self._handed_over: list[tuple[str, str]] = []  # (hand-off path, how the log names it)
 
     def module_dir(self) -> Path:
         return Path(__file__).resolve().parent.parent
 
     def prepare(self, tempdir: Path) -> list[str]:
         # as Slicer displays it, unless the command turns it by the DICOM header it is handed
-        write_radiograph(self.input_node, tempdir / "radiograph.mha", as_displayed=not self.dicom_header)
+        radiograph = tempdir / self.RADIOGRAPH_FILE
+        write_radiograph(self.input_node, radiograph, as_displayed=not self.dicom_header)
+        self._stamps = {"radiograph": _geometry_stamp(self.input_node)}
+        self._handed_over = [(str(radiograph), f"the radiograph '{self.input_node.GetName()}'")]
         args = self.settings.cli_arguments()
         if self.reference_node is not None:  # a tilted series is read from its files, as the SR module reads it
-            args += ["--referenceVolume", write_job_input(self.reference_node, tempdir, "reference")]
+            reference = write_job_input(self.reference_node, tempdir, self.REFERENCE_NAME, world=True)
+            self._stamps["reference"] = _geometry_stamp(self.reference_node)
+            self._handed_over.append((reference, f"the reference CT '{self.reference_node.GetName()}'"))
+            args += ["--referenceVolume", reference]
         if self.dicom_header:
             args += ["--dicomHeader", self.dicom_header]
         args += [
@@ -365,7 +492,27 @@ class XrayJob(CLIJob):
             "--reportFile", str(tempdir / "report.json"),
             "--returnparameterfile", str(tempdir / "return.txt"),
         ]
-        return [*args, str(tempdir / "radiograph.mha"), str(tempdir / "output.nrrd")]
+        return [*args, str(radiograph), str(tempdir / "output.nrrd")]
+
+    def named(self, text: str) -> str:
+        """``text`` (a log line, the error) with the hand-off files named by the nodes they hold: the command only
+        knows ``/tmp/ctdiffusion-.../reference.nrrd``, the user chose "LIDC ref"."""
+        for path, label in self._handed_over:
+            file_name = Path(path).name if Path(path).suffix else ""  # a folder's bare name is a common word
+            for said in (f"the reference CT {path}", f"the radiograph {path}", path, file_name):
+                if said:
+                    text = text.replace(said, label)
+        return text
+
+    def _on_line(self, line: str) -> None:
+        self.handle_line(line)  # the stage records, with their files, as the command wrote them
+        if self.on_line:
+            self.on_line(self.named(line))
+
+    def _finish(self, state) -> None:
+        super()._finish(state)
+        self.error = self.named(self.error)
+        self.log = [self.named(line) for line in self.log]
 
     def handle_line(self, line: str) -> None:
         if line.startswith(STAGE_LINE_PREFIX):
@@ -377,7 +524,9 @@ class XrayJob(CLIJob):
                 self._pending.append(record)
 
     def _stage_name(self, stage: int) -> str:
-        return synthetic_name(self.input_node.GetName(), f"CT stage {stage}")
+        """The result's name after ``stage``: the last stage's without its number (it is the result, not a preview)."""
+        last = self.stages_planned is not None and stage >= self.stages_planned
+        return synthetic_name(self.input_node.GetName(), "CT" if last else f"CT stage {stage}")
 
     def _show(self, volume, stage: int) -> None:
         if self.preview_node is not None and not in_scene(self.scene, self.preview_node):
@@ -394,9 +543,12 @@ class XrayJob(CLIJob):
                 display.SetAutoWindowLevel(False)
                 display.SetWindowLevel(*CT_WINDOW_LEVEL)
             place_beside(self.scene, self.input_node, self.preview_node)
+            self._given_name = self.preview_node.GetName()
         else:
             set_node_from_volume(self.preview_node, volume)
-            self.preview_node.SetName(self._stage_name(stage))
+            if self.preview_node.GetName() == self._given_name:  # else the user renamed it: theirs is kept
+                self.preview_node.SetName(free_name(self.scene, self._stage_name(stage), self.preview_node))
+                self._given_name = self.preview_node.GetName()
         self._record_provenance(stage)
         self.stages_shown.append(stage)
 
@@ -411,9 +563,30 @@ class XrayJob(CLIJob):
             pending, self._pending = self._pending, []
         for record in pending:
             stage = int(record["stage"])
+            if record.get("stages"):
+                self.stages_planned = int(record["stages"])
             self.stage_errors[stage] = dict(record.get("projection") or {})
             if record.get("file") and Path(record["file"]).is_file():
                 self._show(read_volume_file(record["file"]), stage)
+
+    def _changed_inputs_notices(self) -> list[str]:
+        """What the user should know about an input changed while the job ran (the result was made from, and the
+        reference scores compare with, the input as it was when the job started)."""
+        notices = []
+        radiograph, reference = self._stamps.get("radiograph"), self._stamps.get("reference")
+        if radiograph is not None and in_scene(self.scene, self.input_node) \
+                and _geometry_stamp(self.input_node) != radiograph:
+            notices.append(
+                f"'{self.input_node.GetName()}' was changed while the job ran; the result was made from it as it was "
+                "when the job started. Apply again for a result of the radiograph as it is now."
+            )
+        if reference is not None and in_scene(self.scene, self.reference_node) \
+                and _geometry_stamp(self.reference_node) != reference:
+            notices.append(
+                f"The reference CT '{self.reference_node.GetName()}' was changed while the job ran; the scores compare "
+                "the result with it as it was when the job started."
+            )
+        return notices
 
     def import_results(self, tempdir: Path) -> list:
         self.update()
@@ -421,10 +594,12 @@ class XrayJob(CLIJob):
         if not out.is_file():
             raise OutputError("the generation finished without writing its output; see the log.")
         last = max(self.stage_errors) if self.stage_errors else max(1, self.settings.num_stages)
+        self.stages_planned = last  # the output is the last stage's volume
         self._show(read_volume_file(str(out)), last)
         report = json.loads((tempdir / "report.json").read_text()) if (tempdir / "report.json").is_file() else {}
         model = self.return_values.get("modelName") or str(report.get("model", ""))
         sha = self.return_values.get("weightsSha256") or str(report.get("weights_sha256", ""))
         self._record_provenance(last, model, sha)
         self.reference_metrics = report.get("reference_metrics", {})
+        self.notices += self._changed_inputs_notices()
         return [self.preview_node]
