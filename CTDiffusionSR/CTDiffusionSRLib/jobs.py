@@ -111,6 +111,8 @@ class CLIJob:
         self.return_values: dict[str, str] = {}
         #: what the user should know about a completed job (e.g. a chosen output deleted while it ran)
         self.notices: list[str] = []
+        #: the files the job hands its input nodes over in: (path, the node's role, how the log names it); see named()
+        self.handed_over: list[tuple[str, str, str]] = []
 
     # -- to override -------------------------------------------------------------------------------
     def module_dir(self) -> Path:
@@ -149,10 +151,25 @@ class CLIJob:
         self.state = JobState.RUNNING
         return self
 
+    def hand_over(self, path: str | Path, role: str, node) -> None:
+        """Record that ``node`` (in the role ``role``, e.g. ``"the reference CT"``) goes to the command as ``path``, so
+        that the log and the error name the node (:meth:`named`)."""
+        self.handed_over.append((str(path), role, f"{role} '{node.GetName()}'"))
+
+    def named(self, text: str) -> str:
+        """``text`` (a log line, the error) with the hand-off files named by the nodes they hold: the command only
+        knows ``/tmp/ctdiffusion-.../reference.nrrd``, the user chose "LIDC ref"."""
+        for path, role, label in self.handed_over:
+            file_name = Path(path).name if Path(path).suffix else ""  # a folder's bare name is a common word
+            for said in (f"{role} {path}", path, file_name):
+                if said:
+                    text = text.replace(said, label)
+        return text
+
     def _on_line(self, line: str) -> None:
-        self.handle_line(line)
+        self.handle_line(line)  # what the command wrote, hand-off files included (e.g. stage records)
         if self.on_line:
-            self.on_line(line)
+            self.on_line(self.named(line))
 
     @property
     def progress(self) -> float:
@@ -222,6 +239,8 @@ class CLIJob:
                 self._remove_created_nodes()
         finally:
             self._cleanup()
+        self.error = self.named(self.error)
+        self.log = [self.named(line) for line in self.log]
         logger.info("job %s ended: %s %s", self.script_name, self.state.value, self.error)
 
     def _remove_created_nodes(self) -> None:

@@ -68,7 +68,20 @@ def array_to_matrix(arr: np.ndarray) -> vtk.vtkMatrix4x4:
     return m
 
 
-def ijk_to_ras(node, *, world: bool = False) -> np.ndarray:
+def transform_problem(node, what: str = "The volume") -> str:
+    """Why the transform ``node`` sits under cannot be used where the node is taken as Slicer displays it (``""`` when
+    it can: none, or a linear one): a non-linear one (a warp), which is not resampled through. ``what`` names the node's
+    role, e.g. ``"The radiograph"``."""
+    parent = node.GetParentTransformNode() if node is not None else None
+    if parent is None or parent.IsTransformToWorldLinear():
+        return ""
+    return (
+        f"{what} '{node.GetName()}' is under a non-linear transform ('{parent.GetName()}'): harden the transform "
+        "first (Data module: right-click the volume > Harden transform), or take the volume out from under it."
+    )
+
+
+def ijk_to_ras(node, *, world: bool = False, what: str = "The volume") -> np.ndarray:
     """The node's own IJK-to-RAS matrix: the frame its voxels were acquired in, for voxel (0, 0, 0) of the stored
     array (an image whose extent does not start at 0, as some filters leave it, is accounted for). ``world``: with
     its linear parent transforms applied instead, where Slicer displays it (the X-ray module hands a radiograph over
@@ -81,15 +94,15 @@ def ijk_to_ras(node, *, world: bool = False) -> np.ndarray:
     storage node, see the same frame.
 
     Raises:
-        InputError: the volume sits under a non-linear transform (harden it first).
+        InputError: the volume sits under a non-linear transform (harden it first); with ``world`` the message names
+            it by ``what`` (:func:`transform_problem`).
     """
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     ijk = matrix_to_array(m)
     parent = node.GetParentTransformNode()
-    if world and parent is not None and not parent.IsTransformToWorldLinear():
-        raise InputError(f"volume '{node.GetName()}' is under a non-linear transform; harden the transform first "
-                         "(Data module: right-click the volume > Harden transform).")
+    if world and transform_problem(node):
+        raise InputError(transform_problem(node, what))
     if parent is not None and not parent.IsTransformToWorldLinear():
         raise InputError(
             f"volume '{node.GetName()}' is under a non-linear transform; harden the transform first "

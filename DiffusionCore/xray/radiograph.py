@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..inputs import is_dicom_file
 from ..volume import check_metaimage_header, is_localizer
 
 logger = logging.getLogger(__name__)
@@ -403,10 +404,9 @@ def dicomdir_message(path: Path) -> str:
     not one."""
     import pydicom
 
+    if not is_dicom_file(path):  # a DICOMDIR is a DICOM file (Part 10), with its mark
+        return ""
     try:
-        with path.open("rb") as f:
-            if f.read(132)[128:132] != b"DICM":  # a DICOMDIR is a DICOM file (Part 10), with its mark
-                return ""
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:  # noqa: BLE001 (any unreadable file: not a DICOMDIR, said by the caller's own message)
         return ""
@@ -427,10 +427,7 @@ def dicomdir_message(path: Path) -> str:
 def _is_dicom(p: Path, reader: sitk.ImageFileReader) -> bool:
     """Whether the file ``reader`` read is DICOM: by its suffix, its reader, or the ``DICM`` mark at byte 128 (the
     files of a DICOM disc are named IM000000 and the like, without a suffix)."""
-    if reader.GetImageIO() == "GDCMImageIO" or p.suffix.lower() == ".dcm":
-        return True
-    with p.open("rb") as f:
-        return f.read(132)[128:132] == b"DICM"
+    return reader.GetImageIO() == "GDCMImageIO" or is_dicom_file(p)
 
 
 def check_single_frame(arr: np.ndarray, tags: dict[str, str], name: str) -> None:

@@ -36,6 +36,7 @@ from CTDiffusionSRLib.mrml_io import (
     set_node_from_volume,
     set_provenance,
     synthetic_name,
+    transform_problem,
     write_job_input,
 )
 from CTDiffusionSRLib.sr_logic import check_weights
@@ -124,31 +125,6 @@ class XraySettings:
         return args
 
 
-def transform_problem(node, what: str) -> str:
-    """Why the transform ``node`` sits under cannot be used (``""`` when it can: none, or a linear one, applied as
-    Slicer displays it): a non-linear one (a warp), which the module does not resample through. ``what`` names the
-    node's role, e.g. ``"The radiograph"``."""
-    parent = node.GetParentTransformNode() if node is not None else None
-    if parent is None or parent.IsTransformToWorldLinear():
-        return ""
-    return (
-        f"{what} '{node.GetName()}' is under a non-linear transform ('{parent.GetName()}'): harden the transform "
-        "first (Data module: right-click the volume > Harden transform), or take the volume out from under it."
-    )
-
-
-def _world_ijk_to_ras(node, what: str) -> np.ndarray:
-    """The node's IJK-to-RAS as Slicer displays it (its linear parent transforms applied).
-
-    Raises:
-        InputError: a non-linear transform (:func:`transform_problem`, naming ``what``).
-    """
-    problem = transform_problem(node, what)
-    if problem:
-        raise InputError(problem)
-    return ijk_to_ras(node, world=True)
-
-
 def _pixels(node, tags: dict[str, str] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """The node's pixels as ``(H, W)`` float32 in file order, and which IJK axes are its columns and its rows; a
     volume one voxel thick along any axis is a 2D image (e.g. a W x 1 x H coronal projection computed in Slicer);
@@ -198,10 +174,11 @@ def radiograph_from_node(
     down and shown upright by a 180-degree rotation).
 
     Raises:
-        InputError: no usable pixels (:func:`_pixels`), or a non-linear transform (:func:`transform_problem`).
+        InputError: no usable pixels (:func:`_pixels`), or a non-linear transform
+            (:func:`~CTDiffusionSRLib.mrml_io.transform_problem`).
     """
     pixels, (columns, rows) = _pixels(node, tags)
-    spacing, _origin, direction = geometry_from_ijk_to_ras(_world_ijk_to_ras(node, "The radiograph"))
+    spacing, _origin, direction = geometry_from_ijk_to_ras(ijk_to_ras(node, world=True, what="The radiograph"))
     row_col = (float(spacing[rows]), float(spacing[columns]))
     if not as_displayed:
         return pixels, row_col
@@ -468,7 +445,6 @@ class XrayJob(CLIJob):
         self._pending_lock = threading.Lock()
         self.reference_metrics: dict = {}
         self._stamps: dict[str, tuple] = {}  # the inputs as the job read them (prepare)
-        self._handed_over: list[tuple[str, str]] = []  # (hand-off path, how the log names it)
 
     def module_dir(self) -> Path:
         return Path(__file__).resolve().parent.parent
@@ -478,12 +454,13 @@ class XrayJob(CLIJob):
         radiograph = tempdir / self.RADIOGRAPH_FILE
         write_radiograph(self.input_node, radiograph, as_displayed=not self.dicom_header)
         self._stamps = {"radiograph": _geometry_stamp(self.input_node)}
-        self._handed_over = [(str(radiograph), f"the radiograph '{self.input_node.GetName()}'")]
+        self.handed_over = []
+        self.hand_over(radiograph, "the radiograph", self.input_node)
         args = self.settings.cli_arguments()
         if self.reference_node is not None:  # a tilted series is read from its files, as the SR module reads it
             reference = write_job_input(self.reference_node, tempdir, self.REFERENCE_NAME, world=True)
             self._stamps["reference"] = _geometry_stamp(self.reference_node)
-            self._handed_over.append((reference, f"the reference CT '{self.reference_node.GetName()}'"))
+            self.hand_over(reference, "the reference CT", self.reference_node)
             args += ["--referenceVolume", reference]
         if self.dicom_header:
             args += ["--dicomHeader", self.dicom_header]
@@ -493,26 +470,6 @@ class XrayJob(CLIJob):
             "--returnparameterfile", str(tempdir / "return.txt"),
         ]
         return [*args, str(radiograph), str(tempdir / "output.nrrd")]
-
-    def named(self, text: str) -> str:
-        """``text`` (a log line, the error) with the hand-off files named by the nodes they hold: the command only
-        knows ``/tmp/ctdiffusion-.../reference.nrrd``, the user chose "LIDC ref"."""
-        for path, label in self._handed_over:
-            file_name = Path(path).name if Path(path).suffix else ""  # a folder's bare name is a common word
-            for said in (f"the reference CT {path}", f"the radiograph {path}", path, file_name):
-                if said:
-                    text = text.replace(said, label)
-        return text
-
-    def _on_line(self, line: str) -> None:
-        self.handle_line(line)  # the stage records, with their files, as the command wrote them
-        if self.on_line:
-            self.on_line(self.named(line))
-
-    def _finish(self, state) -> None:
-        super()._finish(state)
-        self.error = self.named(self.error)
-        self.log = [self.named(line) for line in self.log]
 
     def handle_line(self, line: str) -> None:
         if line.startswith(STAGE_LINE_PREFIX):
