@@ -53,8 +53,13 @@ _PATIENT_STUDY_KEYWORDS = (
 _SERIES_KEYWORDS = ("PatientPosition", "BodyPartExamined", "KVP", "ConvolutionKernel", "ContrastBolusAgent")
 #: The General Series' SeriesNumber of a derived series: the input's plus this (or this alone).
 SERIES_NUMBER_OFFSET = 1000
-#: The window of a written CT when its input gives none in HU (xray2ct: a radiograph's is in its own units): mediastinum.
+#: The window of a written CT when its input gives none in HU: mediastinum.
 DEFAULT_WINDOW = (40.0, 400.0)
+#: The windows of a CT made from a radiograph (centre, width, explanation), the first the one the X-ray to CT module
+#: shows it in: a coarse synthetic CT is read whole (lungs, mediastinum, bone) before any detail. A viewer opens the
+#: first; the second is the mediastinum window a CT series usually has. (A radiograph's own window is in its pixel
+#: units, so it is never copied.)
+SYNTHETIC_CT_WINDOWS = ((-300.0, 1500.0, "LUNG AND SOFT TISSUE"), (40.0, 400.0, "MEDIASTINUM"))
 
 
 def _pydicom():
@@ -264,12 +269,15 @@ def _base_dataset(source: DicomSource | None, prov: Provenance, *, keep_frame: b
     ds.RescaleIntercept = "0"
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
-    centre, width = DEFAULT_WINDOW
     if _window_in_hu(src):
         ds.WindowCenter = src.WindowCenter
         ds.WindowWidth = src.WindowWidth
+    elif prov.task == "xray2ct":
+        ds.WindowCenter = [_fmt(c) for c, _, _ in SYNTHETIC_CT_WINDOWS]
+        ds.WindowWidth = [_fmt(w) for _, w, _ in SYNTHETIC_CT_WINDOWS]
+        ds.WindowCenterWidthExplanation = [name for _, _, name in SYNTHETIC_CT_WINDOWS]
     else:
-        ds.WindowCenter, ds.WindowWidth = _fmt(centre), _fmt(width)
+        ds.WindowCenter, ds.WindowWidth = (_fmt(v) for v in DEFAULT_WINDOW)
     return ds, uids
 
 

@@ -170,13 +170,14 @@ def test_the_square_crop_warning_reasons_in_millimetres(tmp_path, capsys):
 def test_the_dicom_ct_from_a_radiograph_gets_a_ct_window_not_the_radiographs(tmp_path):
     import pydicom
 
-    from DiffusionCore.dicom_out import DEFAULT_WINDOW
-
     src = _dicom(tmp_path / "cr.dcm", (chest(64) * 30000).astype(np.uint16), WindowCenter=15000, WindowWidth=30000)
     out = tmp_path / "ct_series"
     assert main(["xray2ct", str(src), str(out), "--output-format", "dicom", *TINY]) == 0
     ds = pydicom.dcmread(sorted(out.iterdir())[0], stop_before_pixels=True)
-    assert (float(ds.WindowCenter), float(ds.WindowWidth)) == DEFAULT_WINDOW
+    # first the window the X-ray to CT module shows the result in (a viewer opens the first), then the mediastinum's
+    assert [float(v) for v in ds.WindowCenter] == [-300.0, 40.0]
+    assert [float(v) for v in ds.WindowWidth] == [1500.0, 400.0]
+    assert list(ds.WindowCenterWidthExplanation) == ["LUNG AND SOFT TISSUE", "MEDIASTINUM"]
 
 
 # -- 4. inverted radiographs -----------------------------------------------------------------------------------------

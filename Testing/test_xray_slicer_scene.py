@@ -263,6 +263,8 @@ def test_repeated_runs_give_results_their_own_names_without_the_last_stage_numbe
         names.append(job.result_nodes[0].GetName())
         assert shown_while_running <= {names[-1]}  # the one stage is the result, never called "stage 1"
     assert names == ["chest PA CT (synthetic)", "chest PA CT (synthetic)_1"]
+    display = job.result_nodes[0].GetDisplayNode()  # shown in the first window its DICOM series carries
+    assert (display.GetWindow(), display.GetLevel()) == (1500.0, -300.0)
 
 
 def test_a_preview_renamed_by_the_user_keeps_its_name(scene):

@@ -41,6 +41,7 @@ from CTDiffusionSRLib.mrml_io import (
 )
 from CTDiffusionSRLib.sr_logic import check_weights
 
+from DiffusionCore.dicom_out import SYNTHETIC_CT_WINDOWS
 from DiffusionCore.errors import InputError, OutputError
 from DiffusionCore.xray.radiograph import (
     RADIOGRAPH_MODALITIES,
@@ -64,8 +65,8 @@ except ImportError:  # outside the Slicer application (tests, plain Python): the
 logger = logging.getLogger(__name__)
 
 STAGE_LINE_PREFIX = "stage-ready "
-#: Display window/level for generated CT (HU), a soft-tissue/lung compromise.
-CT_WINDOW_LEVEL = (1500.0, -300.0)
+#: Display window/level for generated CT (HU): the first window its DICOM series carries, a soft-tissue/lung compromise.
+CT_WINDOW_LEVEL = (SYNTHETIC_CT_WINDOWS[0][1], SYNTHETIC_CT_WINDOWS[0][0])
 
 
 @dataclass
