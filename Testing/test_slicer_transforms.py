@@ -162,6 +162,32 @@ def test_an_output_the_user_chose_is_made_a_synthetic_result_on_the_input(scene)
     assert result.GetName() == "scripted output (synthetic)"
 
 
+def test_a_loaded_scan_chosen_as_the_output_is_not_overwritten_by_save(scene, tmp_path):
+    """A volume loaded from a file and chosen as the output (a slip in the output selector) kept its storage node:
+    Slicer's Save, which writes every modified node to its storage node's file, wrote the synthetic result over
+    the acquired scan. Now the claimed node forgets the file; the scan on disk stays as it was."""
+    from DiffusionCore.volume import write_volume
+
+    acquired = tmp_path / "acquired CT 2.nrrd"
+    write_volume(phantom_ct(shape=(6, 32, 32), seed=5), acquired)
+    before = acquired.read_bytes()
+    node = mrml_io.add_volume_node(scene, phantom_ct(shape=(6, 32, 32)), "CT 1")
+    chosen = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT 2")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(acquired))
+    assert storage.ReadData(chosen)
+    chosen.SetAndObserveStorageNodeID(storage.GetID())
+
+    (result,) = _run(scene, node, output_node=chosen).result_nodes
+    assert result is chosen and scene.GetNodeByID(storage.GetID()) is None  # no other node used it
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLStorableNode")):  # what Save does with modified nodes
+        other = scene.GetNthNodeByClass(i, "vtkMRMLStorableNode")
+        if other.GetStorageNode() is not None and other.GetStorageNode().GetFileName():
+            other.GetStorageNode().WriteData(other)
+    assert acquired.read_bytes() == before
+    assert chosen.GetStorageNode() is None or not chosen.GetStorageNode().GetFileName()
+
+
 @pytest.mark.parametrize("class_name", ["vtkMRMLLabelMapVolumeNode", "vtkMRMLVectorVolumeNode"])
 def test_a_label_map_or_vector_volume_is_refused_as_the_output(scene, class_name):
     node = mrml_io.add_volume_node(scene, phantom_ct(), "CT")

@@ -287,6 +287,28 @@ def claim_output(scene, node) -> None:
         sh.RemoveItemUID(item, "DICOM")
     if "synthetic" not in (node.GetName() or "").lower():
         node.SetName(f"{node.GetName()} (synthetic)")
+    _forget_files(scene, node)
+
+
+def _forget_files(scene, node) -> None:
+    """A node whose image was replaced no longer holds what its files hold, and Slicer's Save writes a modified node
+    to its storage node's file: a volume loaded from a file and chosen as the output would have the synthetic result
+    written over that acquired scan. So its storage nodes go (those no other node uses leave the scene), and Save
+    names a new file after the node, as for any new result."""
+    ids = [node.GetNthStorageNodeID(i) for i in range(node.GetNumberOfStorageNodes())]
+    node.RemoveNodeReferenceIDs("storage")
+    for storage_id in filter(None, ids):
+        storage = scene.GetNodeByID(storage_id)
+        if storage is None:
+            continue
+        users = [
+            other
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLStorableNode"))
+            for other in [scene.GetNthNodeByClass(i, "vtkMRMLStorableNode")]
+            if any(other.GetNthStorageNodeID(j) == storage_id for j in range(other.GetNumberOfStorageNodes()))
+        ]
+        if not users:
+            scene.RemoveNode(storage)
 
 
 def synthetic_name(source_name: str, label: str) -> str:
