@@ -5,6 +5,7 @@ use."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -480,6 +481,23 @@ def keep_freed_memory() -> bool:
         return False
     _ALLOCATOR_TUNED = bool(ok)
     return _ALLOCATOR_TUNED
+
+
+def no_room_reason(folder: str | os.PathLike, needed_bytes: int, exc: BaseException | None = None) -> str:
+    """Why a write into ``folder`` that failed most likely failed for want of disk space, in words (``""`` when the
+    disk it is on has room for ``needed_bytes`` and ``exc`` is no "no space left" error): ITK says only "Error
+    writing", with no reason."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full and free >= needed_bytes:
+        return ""
+    return (
+        f"the disk holding {folder} is full ({format_bytes(free)} free; the file needs up to "
+        f"{format_bytes(needed_bytes)}): free some space there or write to another folder"
+    )
 
 
 def format_bytes(n: float) -> str:

@@ -20,10 +20,12 @@ a sheared grid is never written to NIfTI, which would orthogonalise it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +43,7 @@ from .files import (
     gzip_file,
     inflated_size,
     native_stderr_captured,
+    no_room_reason,
     partial_file,
     publish,
     remove_stale_partials,
@@ -1285,17 +1288,33 @@ def write_volume(
         for ext in (".nii", suffix) if gzip_after else (suffix,):
             temps.append(partial_file(p, ext))
         _itk(sitk.WriteImage, img, temps[0], compress and suffix in (".nrrd", ".mha"))
+        _check_complete(temps[0], out.nbytes, compressed=compress and suffix in (".nrrd", ".mha"))
         if gzip_after:
             gzip_file(temps[0], temps[1])
         publish(temps[-1], p)
     except (RuntimeError, OSError) as exc:
-        msg = _sitk_message(exc) if isinstance(exc, RuntimeError) else str(exc)
+        msg = no_room_reason(p.parent, out.nbytes, exc) or (_sitk_message(exc) if isinstance(exc, RuntimeError) else str(exc))
         raise OutputError(f"could not write {p}: {msg}") from None
     finally:
         for tmp in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return p
+
+
+#: Free space below which a compressed file ITK has just written is taken as cut short (its size cannot be checked).
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _check_complete(path: str, voxel_bytes: int, *, compressed: bool) -> None:
+    """Raise ``OSError(ENOSPC)`` when ITK's write of ``path`` cannot be whole: on a full disk ITK reports success for a
+    NRRD of 0 bytes. An uncompressed file holds at least its voxels' bytes; a compressed one that leaves the disk
+    (nearly) full is taken as cut short."""
+    short = os.path.getsize(path) < voxel_bytes if not compressed else (
+        os.path.getsize(path) == 0 or shutil.disk_usage(os.path.dirname(path) or ".").free < _NEARLY_FULL_BYTES
+    )
+    if short:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
 
 def crop_slices(vol: Volume, axis: str | int, start: int, stop: int) -> Volume:
