@@ -226,3 +226,19 @@ def test_an_input_changed_while_its_job_runs_is_said_to_have_changed(scene):
 
     quiet = _run(scene, node)
     assert not any("changed" in n for n in quiet.notices)
+
+
+def test_an_input_deleted_while_its_job_runs_is_still_named_by_its_result(scene):
+    """The input deleted mid-run: the result recorded no input at all (no name, no DICOM UID), so the synthetic
+    volume could not be traced to the scan it was made from, and nothing was said."""
+    from CTDiffusionSRLib.jobs import remove_node_and_helpers
+
+    node = mrml_io.add_volume_node(scene, phantom_ct(shape=(6, 32, 32)), "LIDC-0001 chest")
+    node.SetAttribute(mrml_io.ATTR_DICOM_INSTANCES, "1.2.3.4 1.2.3.5")
+    job = SRJob(scene, node, SRSettings(**FAST)).start()
+    remove_node_and_helpers(scene, node)
+    assert job.wait(240) == JobState.COMPLETED, job.error
+    assert job.notices == ["'LIDC-0001 chest' was deleted while the job ran; the result was made from it as it was "
+                           "when the job started, and records its name."]  # fmt: skip
+    record = mrml_io.provenance_record(job.result_nodes[0])
+    assert (record.input, record.input_uid) == ("LIDC-0001 chest", "1.2.3.4")

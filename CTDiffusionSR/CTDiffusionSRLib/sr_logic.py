@@ -25,6 +25,7 @@ from DiffusionCore.volume import (
 
 from .jobs import CLIJob
 from .mrml_io import (
+    ATTR_DICOM_INSTANCES,
     ATTR_SYNTHETIC,
     ATTR_TITLE,
     add_volume_node,
@@ -420,6 +421,7 @@ class SRJob(CLIJob):
         self.factor = effective_factor(input_node, settings)
         self.uncertainty_node = None
         self.input_stamp: tuple | None = None  # the input as the job read it (prepare)
+        self.recorded_input = ("", "")  # its name and DICOM UID then (prepare)
         notice = synthetic_input_notice(input_node)
         if notice:
             self.notices.append(notice)
@@ -427,6 +429,9 @@ class SRJob(CLIJob):
     def prepare(self, tempdir: Path) -> list[str]:
         source = write_job_input(self.input_node, tempdir, "input", series=self.series)
         self.input_stamp = input_stamp(self.input_node)
+        # what the result records of its input, from the node as read: the node may be deleted before the end
+        self.recorded_input = (self.input_node.GetName() or "",
+                               (self.input_node.GetAttribute(ATTR_DICOM_INSTANCES) or "").split(" ")[0])
         args = self.settings.cli_arguments()
         if self.settings.num_samples >= 2:
             args += ["--uncertaintyVolume", str(tempdir / "uncertainty.nrrd")]
@@ -464,13 +469,18 @@ class SRJob(CLIJob):
             node = add_volume_node(self.scene, result, synthetic_name(self.input_node.GetName(), label), like=self.input_node)
             self.created_nodes.append(node)
         set_provenance(node, kind="super-resolution", model=model, weights_sha256=sha, settings=settings,
-                       source=self.input_node, title=f"{label} (synthetic)")  # fmt: skip
+                       source=self.input_node, title=f"{label} (synthetic)",
+                       recorded_input=self.recorded_input)  # fmt: skip
         place_beside(self.scene, self.input_node, node)
         # the result is in the input's own frame (the files' frame when they were read): under its transform
         frame = self.input_node if self.series is None else None
         follow_transform(frame, node)
-        if self.input_stamp is not None and in_scene(self.scene, self.input_node) \
-                and input_stamp(self.input_node) != self.input_stamp:
+        if not in_scene(self.scene, self.input_node):
+            self.notices.append(
+                f"'{self.recorded_input[0]}' was deleted while the job ran; the result was made from it as it was "
+                "when the job started, and records its name."
+            )
+        elif self.input_stamp is not None and input_stamp(self.input_node) != self.input_stamp:
             self.notices.append(
                 f"'{self.input_node.GetName()}' was changed while the job ran; the result was made from it as it was "
                 "when the job started. Apply again for a result of the volume as it is now."
@@ -484,7 +494,8 @@ class SRJob(CLIJob):
             self.created_nodes.append(unc)
             follow_transform(frame, unc)
             set_provenance(unc, kind="uncertainty", model=model, weights_sha256=sha, settings=settings,
-                           source=self.input_node, title=f"{label} uncertainty (synthetic)")  # fmt: skip
+                           source=self.input_node, title=f"{label} uncertainty (synthetic)",
+                           recorded_input=self.recorded_input)  # fmt: skip
             place_beside(self.scene, self.input_node, unc)
             self.uncertainty_node = unc
             nodes.append(unc)
