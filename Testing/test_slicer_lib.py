@@ -848,6 +848,30 @@ def test_training_job_plots_metrics_and_stop_requests_a_clean_end(scene, tmp_pat
     assert job.tensorboard_dir == tmp_path / "run"
 
 
+def test_a_training_curve_comes_back_after_the_scene_is_closed(scene, tmp_path, monkeypatch):
+    """Closing the scene does not stop a training run (it is not the scene's), but its curve went on filling tables
+    that were no longer in any scene: the plot was gone for the rest of the run. It is now drawn again, whole."""
+    write_fake_trainer(tmp_path)
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(TrainingJob, "module_dir", lambda self: tmp_path)
+    job = TrainingJob(scene, family="sr", config_path=tmp_path / "c.json", data=tmp_path / "data",
+                      output_dir=tmp_path / "run", curve_name="t").start()  # fmt: skip
+    deadline = time.monotonic() + 30
+    while (job.curve is None or len(job.curve.values("train/loss")) < 3) and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    before = len(job.curve.values("train/loss"))
+    scene.Clear(0)
+    while (scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 0 or len(job.curve.values("train/loss")) <= before
+           ) and time.monotonic() < deadline:  # fmt: skip
+        job.poll()
+        time.sleep(0.05)
+    assert scene.IsNodePresent(job.curve.chart)
+    steps = [s for s, _ in job.curve.values("train/loss")]
+    assert len(steps) > before and steps == list(range(1, len(steps) + 1))  # the whole run, from its first step
+    job.cancel()
+
+
 def test_training_job_refuses_missing_data(scene, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         TrainingJob(scene, family="sr", config_path="c.json", data=tmp_path / "nope", output_dir=tmp_path)

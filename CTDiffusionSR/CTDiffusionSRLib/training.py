@@ -356,6 +356,7 @@ class TrainingJob(CLIJob):
         self.device, self.extra_arguments = device, extra_arguments
         self.curve_name = curve_name
         self.curve: LossCurve | None = None
+        self.plotted: list[dict] = []  # every record drawn so far, to draw them again in a new scene
         self.follower = MetricsFollower(self.output_dir / METRICS_FILE)
         self._stop_requested_at: float | None = None
 
@@ -388,6 +389,10 @@ class TrainingJob(CLIJob):
 
     def update(self) -> None:
         records = self.follower.read_new()
+        self.plotted.extend(records)
+        if self.curve is not None and not self.scene.IsNodePresent(self.curve.chart):
+            # the scene was closed (or the chart deleted): the run goes on, so its curve is drawn again, whole
+            self.curve, records = None, list(self.plotted)
         if records:
             if self.curve is None:
                 self.curve = LossCurve(self.scene, self.curve_name)
