@@ -242,3 +242,17 @@ def test_an_input_deleted_while_its_job_runs_is_still_named_by_its_result(scene)
                            "when the job started, and records its name."]  # fmt: skip
     record = mrml_io.provenance_record(job.result_nodes[0])
     assert (record.input, record.input_uid) == ("LIDC-0001 chest", "1.2.3.4")
+
+
+def test_the_sr_log_and_errors_name_the_volume_not_its_hand_off_file(scene):
+    """"warning: /tmp/ctdiffusion-4fqcns1q/input.nrrd does not look like CT": the user chose "CT 2019 unsigned"."""
+    vol = phantom_ct(shape=(6, 32, 32))
+    unsigned = Volume(vol.array + 1024.0, vol.spacing, vol.origin, vol.direction)  # stored without the HU offset
+    node = mrml_io.add_volume_node(scene, unsigned, "CT 2019 unsigned")
+    lines = []
+    job = SRJob(scene, node, SRSettings(**FAST, allow_non_ct=True), on_line=lines.append)
+    assert job.run(timeout=240) == JobState.COMPLETED, job.error
+    assert [line for line in lines if "the volume 'CT 2019 unsigned'" in line and "look like CT" in line], lines
+    assert not [line for line in lines + job.log if "ctdiffusion-" in line or "input.nrrd" in line]
+    assert job.named(f"reading {job.tempdir}/output.nrrd needs about 4.7 GiB") == (
+        "reading the result of 'CT 2019 unsigned' needs about 4.7 GiB")

@@ -428,6 +428,9 @@ class SRJob(CLIJob):
 
     def prepare(self, tempdir: Path) -> list[str]:
         source = write_job_input(self.input_node, tempdir, "input", series=self.series)
+        self.handed_over = []  # the log and the error name the volume, not its hand-off file
+        self.hand_over(source, "the volume", self.input_node)
+        self.handed_over.append((str(tempdir / "output.nrrd"), "the result", f"the result of '{self.input_node.GetName()}'"))
         self.input_stamp = input_stamp(self.input_node)
         # what the result records of its input, from the node as read: the node may be deleted before the end
         self.recorded_input = (self.input_node.GetName() or "",
@@ -623,6 +626,8 @@ class EvaluationJob(CLIJob):
         if np.count_nonzero(voxels > -500) == 0:
             raise InputError(f"'{self.input_node.GetName()}' has no voxel above -500 HU: no body to evaluate in.")
         reference = write_job_input(self.input_node, tempdir, "reference", series=self.series)
+        self.handed_over = []
+        self.hand_over(reference, "the volume", self.input_node)
         args = [
             "evaluate", "--reference", reference, "--factor", str(self.factor),
             "--axis", self.axis, "--degradation", self.degradation, "--methods", ",".join(self.methods),
