@@ -324,9 +324,12 @@ def require_ct(vol: Volume | np.ndarray, source: str = "volume") -> None:
 
 
 def replace_padding(arr: np.ndarray) -> np.ndarray:
-    """Padding markers outside the scan circle (-2048, -3024, -32768, ...) become air (-1024 HU)."""
-    out = np.array(arr, dtype=np.float32, copy=True)
-    out[out < PADDING_THRESHOLD_HU] = AIR_HU
+    """Padding markers outside the scan circle (-2048, -3024, -32768, ...) become air (-1024 HU), in place when
+    ``arr`` is a writable float32 array of its own (a volume just read: no second copy of a large result), else in a
+    float32 copy."""
+    own = arr.dtype == np.float32 and arr.flags.writeable and arr.flags.c_contiguous and arr.base is None
+    out = arr if own else np.array(arr, dtype=np.float32, copy=True)
+    np.copyto(out, np.float32(AIR_HU), where=out < PADDING_THRESHOLD_HU)
     return out
 
 
@@ -1132,6 +1135,7 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
         if _suffix(p) in (".nii", ".nii.gz"):
             img = _nifti_sform_geometry(img, p, meta)
     vol = Volume.from_sitk(img, source=str(p), **meta)
+    del img  # the voxels are in the array now: a large volume is not held twice
     vol.metadata["source"] = str(p)
     if nonfinite is not None and nonfinite.shape == vol.shape:
         vol.array[nonfinite] = np.nan  # ITK read them as 0

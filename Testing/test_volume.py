@@ -373,3 +373,23 @@ def test_a_full_disk_while_compressing_leaves_no_temporaries_and_keeps_the_old_f
         write_volume(phantom, path, overwrite=True)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]
+
+
+def test_reading_a_large_volume_holds_its_voxels_once(tmp_path):
+    """The Slicer modules read each result back (512x512x1200 float32: 1.2 GB); replacing the padding used to copy
+    the whole array once more, so reading took three times the result's size at its peak. Now the array read is
+    the one returned (numpy's allocations, as tracemalloc sees them: ITK's own buffer is freed as soon as it is
+    copied)."""
+    import tracemalloc
+
+    arr = np.full((64, 128, 128), 40.0, np.float32)
+    arr[:, :4] = -3024.0  # padding outside the scan circle
+    path = write_volume(Volume(arr, (0.8, 0.8, 2.0)), tmp_path / "result.nrrd", dtype="float32", compress=False)
+    tracemalloc.start()
+    try:
+        vol = read_volume(path, check=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert float(vol.array.min()) == -1024.0 and float(vol.array.max()) == 40.0
+    assert peak < 1.5 * arr.nbytes, f"peak {peak / arr.nbytes:.2f} times the voxels"

@@ -471,6 +471,7 @@ class SRJob(CLIJob):
                 )
             node = add_volume_node(self.scene, result, synthetic_name(self.input_node.GetName(), label), like=self.input_node)
             self.created_nodes.append(node)
+        del result  # the node holds a copy: a large result is not held twice while the rest is imported
         set_provenance(node, kind="super-resolution", model=model, weights_sha256=sha, settings=settings,
                        source=self.input_node, title=f"{label} (synthetic)",
                        recorded_input=self.recorded_input)  # fmt: skip
