@@ -138,7 +138,10 @@ def partial_folder(final: str | os.PathLike, suffix: str = "") -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{p.name}.{os.getpid()}.", suffix=PARTIAL + suffix, dir=p.parent))
 
 
-def _pid_running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` (on this machine) still runs: what tells a temporary file or folder of a killed
+    process (stale: safe to remove) from one being written now. A process that cannot be told (another user's)
+    counts as running, so that its files are kept."""
     if pid == os.getpid():
         return True
     try:
@@ -170,7 +173,7 @@ def remove_stale_partials(final: str | os.PathLike) -> list[str]:
         return removed
     for c in candidates:
         match = ours.fullmatch(c.name)
-        if match is None or (match[1] is not None and _pid_running(int(match[1]))):
+        if match is None or (match[1] is not None and pid_running(int(match[1]))):
             continue
         try:
             if c.is_dir() and not c.is_symlink():

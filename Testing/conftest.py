@@ -195,9 +195,12 @@ def scene():
     """A fresh MRML scene (slicer-core), set as ``slicer.mrmlScene`` for the helpers that look it up there."""
     slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is needed for the Slicer-side tests")
     s = slicer.vtkMRMLScene()
+    color_logic = slicer.vtkMRMLColorLogic()  # Slicer's colour tables, which display nodes refer to
+    color_logic.SetMRMLScene(s)
     slicer.mrmlScene = s
     yield s
     s.Clear(True)
+    del color_logic
 
 
 @pytest.fixture

@@ -33,17 +33,6 @@ from DiffusionCore.volume import Volume, read_volume  # noqa: E402
 FAST = {"factor": 2, "device": "cpu", "tiny_test_predictor": True, "adapt_to_scan": False}
 
 
-@pytest.fixture
-def scene():
-    s = slicer.vtkMRMLScene()
-    color_logic = slicer.vtkMRMLColorLogic()
-    color_logic.SetMRMLScene(s)
-    slicer.mrmlScene = s
-    yield s
-    s.Clear(True)
-    del color_logic
-
-
 def _own_matrix(node) -> np.ndarray:
     import vtk
 

@@ -26,6 +26,7 @@ for _module_dir in (ROOT / "CTDiffusionSR", ROOT / "XrayToCT"):
 from CTDiffusionSRLib import mrml_io  # noqa: E402
 from CTDiffusionSRLib.process import JobState  # noqa: E402
 from CTDiffusionSRLib.testing import DicomDatabaseStandIn, load_dicom_node, phantom_ct, phantom_radiograph  # noqa: E402
+from test_slicer_widgets import _open, _run_timer, panels, widgets  # noqa: E402, F401  (the Qt stand-in's fixtures)
 from XrayToCTLib import XrayJob, XraySettings, check_xray_input, write_radiograph  # noqa: E402
 from XrayToCTLib.xray_logic import check_reference_input  # noqa: E402
 
@@ -291,3 +292,152 @@ def test_the_log_and_the_error_name_the_volumes_not_the_hand_off_files(scene):
     said = [line for line in lines + job.log if not line.startswith("stage-ready ")]  # the preview files' protocol
     assert not [line for line in said if "ctdiffusion-" in line or "reference.nrrd" in line]
     assert job.named(f"cannot read {job.tempdir}/radiograph.mha") == "cannot read the radiograph 'chest PA'"
+
+
+# -- a job that does not complete keeps the stages it showed ------------------------------------------------------
+def _until_stage_1_is_shown(job) -> None:
+    deadline = time.monotonic() + 120
+    while job.poll() == JobState.RUNNING and job.preview_node is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert job.state == JobState.RUNNING and job.stages_shown == [1], "stage 1's preview expected first"
+
+
+def _assert_records_stage_1_of_2(node, radiograph) -> str:
+    """The node says it is stage 1 of 2, on its grid, made from ``radiograph``; returns its grid ("64^3")."""
+    import json
+
+    from XrayToCTLib.xray_logic import grid_text
+
+    grid = grid_text(mrml_io.array_from_node(node).shape)
+    settings = json.loads(node.GetAttribute(mrml_io.ATTR_SETTINGS))
+    assert (settings["stage"], settings["stages_planned"], settings["grid"]) == (1, 2, grid)
+    assert node.GetAttribute(mrml_io.ATTR_SYNTHETIC) == "true"
+    assert node.GetAttribute(mrml_io.ATTR_TITLE) == f"CT from radiograph, stage 1 of 2, {grid} (synthetic)"
+    assert node.GetAttribute(mrml_io.ATTR_INPUT) == radiograph.GetName()
+    assert node.GetDisplayNode() is not None and scene_item(node)
+    return grid
+
+
+def scene_item(node) -> int:
+    """The node's subject hierarchy item (0: none)."""
+    return node.GetScene().GetSubjectHierarchyNode().GetItemByDataNode(node)
+
+
+def test_a_cancel_during_stage_2_keeps_stage_1s_result_under_the_users_name(scene):
+    """Stage 1's preview, renamed by the user, was deleted by Cancel: on a CPU minutes of work thrown away."""
+    radiograph = _radiograph_node(scene, _shown(), spacing=(5.0, 5.0, 1.0))
+    job = XrayJob(scene, radiograph, TWO_SLOW_STAGES).start()
+    _until_stage_1_is_shown(job)
+    preview = job.preview_node
+    preview.SetName("my lungs, stage 1")
+    job.cancel()
+    assert job.state == JobState.CANCELLED and job.result_nodes == []
+    assert scene.IsNodePresent(preview) and preview.GetName() == "my lungs, stage 1"
+    grid = _assert_records_stage_1_of_2(preview, radiograph)
+    assert job.notices == [
+        f"Cancelled during stage 2 of 2; stage 1's result ({grid}) was kept as 'my lungs, stage 1'. It is a "
+        "lower-resolution synthetic CT; Apply again for the full result."
+    ]
+    assert job.kept_notice() == job.notices[0] and not Path(job.tempdir).exists()
+    assert job.poll() == JobState.CANCELLED and len(job.notices) == 1  # said once
+
+
+def test_a_worker_killed_during_stage_2_keeps_stage_1s_result(scene):
+    """The worker killed (as by the system when memory runs out) during stage 2: stage 1 was removed, and the
+    message said "nothing was imported"."""
+    import os
+    import signal
+
+    radiograph = _radiograph_node(scene, _shown(), spacing=(5.0, 5.0, 1.0))
+    job = XrayJob(scene, radiograph, TWO_SLOW_STAGES).start()
+    _until_stage_1_is_shown(job)
+    os.kill(job.runner.pid, signal.SIGKILL)
+    assert job.wait(30) == JobState.FAILED
+    preview = job.preview_node
+    assert scene.IsNodePresent(preview) and preview.GetName() == "chest PA CT stage 1 (synthetic)"
+    grid = _assert_records_stage_1_of_2(preview, radiograph)
+    assert job.error.startswith("the job's process was killed (SIGKILL)") and "nothing was imported" not in job.error
+    assert "only stage 1's result was kept" in job.error
+    assert job.notices == [
+        f"The generation stopped during stage 2 of 2; stage 1's result ({grid}) was kept as 'chest PA CT stage 1 "
+        "(synthetic)'. It is a lower-resolution synthetic CT; Apply again for the full result."
+    ]
+
+
+def test_a_cancel_before_any_stage_is_shown_leaves_nothing(scene):
+    radiograph = _radiograph_node(scene, _shown(), spacing=(5.0, 5.0, 1.0))
+    volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    job = XrayJob(scene, radiograph, TWO_SLOW_STAGES).start()
+    job.cancel()
+    assert job.state == JobState.CANCELLED and job.preview_node is None and job.notices == []
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes
+
+
+@pytest.mark.parametrize("trouble", ["memory", "damaged file"])
+def test_a_stage_preview_that_cannot_be_read_is_said_and_the_job_goes_on(scene, monkeypatch, trouble):
+    """Reading stage 1's preview ran out of memory (or met a damaged file): a traceback came out of poll() and
+    nothing said why no preview appeared."""
+    import XrayToCTLib.xray_logic as xray_logic
+
+    read = xray_logic.read_volume_file
+    calls = []
+
+    def read_first_badly(path):
+        calls.append(path)
+        if len(calls) == 1 and trouble == "memory":
+            raise MemoryError("Unable to allocate 512 MiB for an array")
+        if len(calls) == 1:
+            Path(path).write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 64 64\n")  # cut short
+        return read(path)
+
+    monkeypatch.setattr(xray_logic, "read_volume_file", read_first_badly)
+    radiograph = _radiograph_node(scene, _shown(), spacing=(5.0, 5.0, 1.0))
+    lines = []
+    job = XrayJob(scene, radiograph, XraySettings(num_stages=2, steps=2, device="cpu", tiny_test_model=True),
+                  on_line=lines.append).start()  # fmt: skip
+    deadline = time.monotonic() + 180
+    while job.poll() == JobState.RUNNING and time.monotonic() < deadline:  # raised the MemoryError
+        time.sleep(0.02)
+    assert job.state == JobState.COMPLETED and job.error == ""
+    assert job.result_nodes[0].GetName() == "chest PA CT (synthetic)" and 1 not in job.stages_shown
+    notice = job.notices[0]
+    assert len(job.notices) == 1
+    assert notice.endswith(". The generation goes on; its result is added when it finishes.")
+    why = "there was not enough memory to read it" if trouble == "memory" else "its file could not be read (damaged"
+    assert notice.startswith(f"Stage 1's preview could not be shown: {why}")
+    said = [line for line in lines if line.startswith("warning: " + notice + " (")]  # with the reader's message
+    assert len(said) == 1 and ("Unable to allocate 512 MiB" in said[0]) == (trouble == "memory")
+    assert not [text for text in [notice, *said] if "\n" in text or "ctdiffusion-" in text or "Traceback" in text]
+
+
+def test_the_xray_panel_says_what_a_cancel_or_a_failure_kept(request, scene, monkeypatch):
+    """The panel said "Cancelled; nothing was added to the scene." and showed no notice after a cancel or a failure
+    (the shared job monitor shows notices only when a job completes). The panel runs on test_slicer_widgets.py's
+    stand-in for Qt."""
+    import os
+    import signal
+
+    stand_in = request.getfixturevalue("panels")
+    panel, p, ui = _open(stand_in.xray.XrayWidget)
+    monkeypatch.setattr(panel.logic, "settingsFrom", lambda _p: TWO_SLOW_STAGES)  # the shipped weights have 1 stage
+    p.inputRadiograph = _radiograph_node(scene, _shown(), spacing=(5.0, 5.0, 1.0))
+    for ending in ("cancel", "kill"):
+        ui.applyButton.emit("clicked(bool)", True)
+        job = panel.monitor.job
+        assert ui.applyButton.toolTip == "Stop the generation; a stage already shown is kept as a lower-resolution result."
+        _run_timer(panel.monitor.timer, lambda job=job: bool(job.stages_shown), 120)
+        assert job.stages_shown == [1] and panel.monitor.running
+        if ending == "cancel":
+            ui.applyButton.emit("clicked(bool)", True)  # the button is Cancel while the job runs
+        else:
+            os.kill(job.runner.pid, signal.SIGKILL)
+            _run_timer(panel.monitor.timer, lambda: not panel.monitor.running, 30)
+        kept = job.kept_notice()
+        assert kept and scene.IsNodePresent(job.preview_node) and kept in ui.logTextEdit.lines
+        if ending == "cancel":
+            assert job.state == JobState.CANCELLED and ui.statusLabel.text == "Cancelled. " + kept
+            assert stand_in.dialogs.errors == []
+        else:
+            assert job.state == JobState.FAILED and ui.statusLabel.text == f"Failed: {job.error} {kept}"
+            assert stand_in.dialogs.errors == [f"The generation failed: {job.error}\n\n{kept}"]
+    panel.cleanup()

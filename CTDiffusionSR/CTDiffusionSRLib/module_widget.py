@@ -192,7 +192,7 @@ class ModuleWidget(VTKObservationMixin, abc.ABC):
 
         self._checkCanApply()
         if state == JobState.FAILED:
-            slicer.util.errorDisplay(self.failureText(job.error))
+            slicer.util.errorDisplay("\n\n".join([self.failureText(job.error), *job.notices]))
             return
         if state == JobState.COMPLETED:
             self.showResult(job)

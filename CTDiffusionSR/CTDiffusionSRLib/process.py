@@ -111,6 +111,8 @@ class ProcessRunner:
         self._proc: subprocess.Popen | None = None
         self._threads: list[threading.Thread] = []
         self._cancelled = False
+        #: :meth:`wait` cancelled the job because it ran past its timeout
+        self.timed_out = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> ProcessRunner:
@@ -188,6 +190,7 @@ class ProcessRunner:
         try:
             self._proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            self.timed_out = True
             self.cancel()
         return self.result()
 

@@ -23,7 +23,7 @@ from DiffusionCore.volume import (
     thick_axis,
 )
 
-from .jobs import CLIJob
+from .jobs import CLIJob, check_temp_room
 from .mrml_io import (
     ATTR_DICOM_INSTANCES,
     ATTR_SYNTHETIC,
@@ -427,6 +427,7 @@ class SRJob(CLIJob):
             self.notices.append(notice)
 
     def prepare(self, tempdir: Path) -> list[str]:
+        check_temp_room(tempdir, self.hand_off_bytes(), "the input and the result")
         source = write_job_input(self.input_node, tempdir, "input", series=self.series)
         self.handed_over = []  # the log and the error name the volume, not its hand-off file
         self.hand_over(source, "the volume", self.input_node)
@@ -443,6 +444,21 @@ class SRJob(CLIJob):
             args += ["--sliceThickness", repr(float(thickness))]
         args += ["--reportFile", str(tempdir / "report.json"), "--returnparameterfile", str(tempdir / "return.txt")]
         return [*args, source, str(tempdir / "output.nrrd")]
+
+    def hand_off_bytes(self) -> int:
+        """About what the job's files take in its temporary folder: the input and the result (and the uncertainty
+        map) as float32 volumes; the result is the input with the thick axis ``factor`` (or spacing / target spacing)
+        times as long. A series read from its DICOM files is linked, not copied: counted all the same."""
+        voxels = int(np.prod(self.input_node.GetImageData().GetDimensions()))
+        ratio = float(self.factor)
+        if self.settings.target_spacing > 0:
+            ratio = max(self.input_node.GetSpacing()) / self.settings.target_spacing
+        outputs = 2 if self.settings.num_samples >= 2 else 1
+        return int(4 * voxels * (1 + outputs * ratio))
+
+    def result_files(self, tempdir: Path) -> list[tuple[Path, str]]:
+        label = sr_label(None if self.settings.target_spacing > 0 else self.factor, self.settings.target_spacing)
+        return [(tempdir / "output.nrrd", f"{synthetic_name(self.input_node.GetName(), label)}.nrrd")]
 
     def import_results(self, tempdir: Path) -> list:
         out_file = tempdir / "output.nrrd"

@@ -314,6 +314,8 @@ class TrainingJob(CLIJob):
     """
 
     script_name = "DiffusionTrain"
+    #: a run is not the scene's: it goes on when the scene is closed, and its curve is drawn again in the next one
+    stop_when_scene_closes = False
 
     def __init__(
         self,

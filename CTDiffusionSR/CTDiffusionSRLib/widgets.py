@@ -190,21 +190,30 @@ class JobMonitor:
             self.progressBar.value = int(runner.progress * PROGRESS_STEPS)
             elapsed = time.monotonic() - self.startTime
             self.statusLabel.text = _("{what} ({seconds} s)").format(what=runner.comment or _("running"), seconds=f"{elapsed:.0f}")
+            if self.job.state == JobState.RUNNING and runner.poll() == JobState.COMPLETED:
+                # the command has ended: loading a large result into the scene takes seconds, in this thread
+                self.timer.stop()  # (no poll from the events processed here)
+                self.statusLabel.text = _("Loading the result into the scene...")
+                app = getattr(slicer, "app", None)
+                if app is not None and hasattr(app, "processEvents"):
+                    app.processEvents()
         state = self.job.poll()
         if state == JobState.RUNNING:
             return
         self.timer.stop()
         elapsed = time.monotonic() - self.startTime
+        notices = list(self.job.notices)  # said however the job ended (e.g. what a cancelled job kept)
         if state == JobState.COMPLETED:
             self.progressBar.value = PROGRESS_STEPS
-            self.statusLabel.text = " ".join([_("Done in {seconds} s.").format(seconds=f"{elapsed:.1f}"), *self.job.notices])
-            for notice in self.job.notices:
-                self.logTextEdit.appendPlainText(notice)
+            said = _("Done in {seconds} s.").format(seconds=f"{elapsed:.1f}")
         elif state == JobState.CANCELLED:
-            self.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+            said = _("Cancelled.") if self.job.kept_nodes() else _("Cancelled; nothing was added to the scene.")
         else:
-            self.statusLabel.text = _("Failed: {error}").format(error=self.job.error)
+            said = _("Failed: {error}").format(error=self.job.error)
             self.logTextEdit.appendPlainText(_("error: {error}").format(error=self.job.error))
+        self.statusLabel.text = " ".join([said, *notices])
+        for notice in notices:
+            self.logTextEdit.appendPlainText(notice)
         job, self.job = self.job, None
         self.onFinished(job, state)
 

@@ -4,7 +4,9 @@ A radiograph loaded in Slicer (DICOM CR/DX, PNG, JPEG) is a single-slice scalar 
 node for colour-encoded greyscale files). It is written to a private temporary file, the XrayToCTGenerate
 CLI runs in a background process, and each finished stage updates ONE result node in place: "<input> CT
 stage 1 (synthetic)" appears after the first stage, then becomes stage 2, and the last stage's volume is "<input> CT
-(synthetic)". A cancel removes it.
+(synthetic)". A finished stage is a result of its own, of lower resolution: a cancel or a failure during a later stage
+keeps the node as that stage made it (its name and provenance say which stage), and a notice says so. A stage
+preview that cannot be read (a damaged file, memory running out) is said in a notice; the job goes on.
 
 Geometry: the radiograph is handed over as Slicer displays it, with its linear parent transforms, and a reference CT
 is scored where Slicer shows it (``world=True`` of :mod:`CTDiffusionSRLib.mrml_io`); a non-linear transform is
@@ -39,6 +41,7 @@ from CTDiffusionSRLib.mrml_io import (
     transform_problem,
     write_job_input,
 )
+from CTDiffusionSRLib.process import JobState
 from CTDiffusionSRLib.sr_logic import check_weights
 
 from DiffusionCore.dicom_out import SYNTHETIC_CT_WINDOWS
@@ -375,6 +378,23 @@ def _geometry_stamp(node) -> tuple:
     return input_stamp(node), world
 
 
+def grid_text(shape) -> str:
+    """A volume's grid as a reader says it: ``64^3`` for a cube, else ``64x64x32`` (``(z, y, x)`` voxels)."""
+    sizes = [int(n) for n in shape]
+    return f"{sizes[0]}^3" if len(set(sizes)) == 1 else "x".join(map(str, sizes))
+
+
+def unreadable_reason(exc: BaseException, path: str = "") -> tuple[str, str]:
+    """Why a volume file could not be read: ``(what the user is told, the reader's message)``. The message is cut to
+    its first line, without the job's private file ``path``."""
+    detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "") or type(exc).__name__
+    if path:
+        detail = detail.replace(path, "the file")
+    if isinstance(exc, MemoryError):
+        return "there was not enough memory to read it", detail
+    return "its file could not be read (damaged or cut short)", detail
+
+
 def free_name(scene, name: str, node=None) -> str:
     """``name``, or ``name_1``, ``name_2``, ... as Slicer makes names unique, when a node other than ``node`` has it."""
 
@@ -397,9 +417,16 @@ class XrayJob(CLIJob):
     (synthetic)" for an earlier stage's preview, "<input> CT (synthetic)" for the last stage's volume (a name the user
     gave it meanwhile is kept; made unique in the scene). The log lines and the error name the nodes the user chose,
     not the files they were handed over in.
+
+    A shown stage is a result in its own right, so the preview node is in ``created_nodes`` (what a job that does not
+    complete removes) only while it is being made: a cancel or a failure during a later stage keeps it as the last
+    shown stage made it, and a notice names it (:meth:`kept_notice`). A stage preview that cannot be read is skipped
+    with a notice and a log line; the job goes on.
     """
 
     script_name = "XrayToCTGenerate"
+    #: the weights the previews record: (name, sha256), when known before the job runs
+    _weights: tuple[str, str] = ("", "")
     #: the hand-off files in the job's temporary folder
     RADIOGRAPH_FILE = "radiograph.mha"
     REFERENCE_NAME = "reference"
@@ -423,6 +450,8 @@ class XrayJob(CLIJob):
             problem = view_problem(input_node, settings, resolved, weights, tags)
             if problem:
                 raise InputError(problem)
+            if resolved is not None:  # recorded on the stage previews; the final result records the command's report
+                self._weights = (weights, resolved.sha256)
         self.input_node = input_node
         self.reference_node = reference_node
         self.settings = settings
@@ -442,6 +471,8 @@ class XrayJob(CLIJob):
         #: the number of stages the command runs, once its first stage says so
         self.stages_planned: int | None = None
         self._given_name = ""  # the name the job last gave the preview: another one is the user's
+        self._grid = ""  # the preview's grid (grid_text) as the last shown stage made it
+        self._said_what_was_kept = False
         self._pending: list[dict] = []
         self._pending_lock = threading.Lock()
         self.reference_metrics: dict = {}
@@ -495,7 +526,7 @@ class XrayJob(CLIJob):
             self.preview_node = None
         if self.preview_node is None:
             self.preview_node = add_volume_node(self.scene, volume, self._stage_name(stage))
-            self.created_nodes.append(self.preview_node)
+            self.created_nodes.append(self.preview_node)  # until its stage is shown (below)
             display = self.preview_node.GetDisplayNode()
             if display is not None:
                 display.SetAutoWindowLevel(False)
@@ -507,13 +538,24 @@ class XrayJob(CLIJob):
             if self.preview_node.GetName() == self._given_name:  # else the user renamed it: theirs is kept
                 self.preview_node.SetName(free_name(self.scene, self._stage_name(stage), self.preview_node))
                 self._given_name = self.preview_node.GetName()
+        self._grid = grid_text(volume.shape)
         self._record_provenance(stage)
         self.stages_shown.append(stage)
+        # a finished stage is a result: a cancel or a failure later on keeps it (see kept_notice)
+        self.created_nodes = [node for node in self.created_nodes if node is not self.preview_node]
 
     def _record_provenance(self, stage: int, model: str = "", sha: str = "") -> None:
-        settings = {**dataclasses.asdict(self.settings), "stage": stage, "projection_errors": self.stage_errors}
-        set_provenance(self.preview_node, kind="xray-to-ct", model=model, weights_sha256=sha, settings=settings,
-                       source=self.input_node, title="CT from radiograph (synthetic)")  # fmt: skip
+        """Record on the preview node how it was made: the stage it holds, of how many, on which grid."""
+        planned = self.stages_planned
+        settings = {**dataclasses.asdict(self.settings), "stage": stage, "stages_planned": planned,
+                    "grid": self._grid, "projection_errors": self.stage_errors}  # fmt: skip
+        title = "CT from radiograph (synthetic)"
+        if planned is None or stage < planned:  # a stage preview, which a cancel or a failure may leave as the result
+            of = f" of {planned}" if planned else ""
+            title = f"CT from radiograph, stage {stage}{of}, {self._grid} (synthetic)"
+        set_provenance(self.preview_node, kind="xray-to-ct", model=model or self._weights[0],
+                       weights_sha256=sha or self._weights[1], settings=settings, source=self.input_node,
+                       title=title)  # fmt: skip
         self.preview_node.SetAttribute("CTDiffusion.ProjectionErrors", json.dumps(self.stage_errors))
 
     def update(self) -> None:
@@ -525,7 +567,70 @@ class XrayJob(CLIJob):
                 self.stages_planned = int(record["stages"])
             self.stage_errors[stage] = dict(record.get("projection") or {})
             if record.get("file") and Path(record["file"]).is_file():
-                self._show(read_volume_file(record["file"]), stage)
+                try:
+                    volume = read_volume_file(record["file"])
+                except Exception as exc:  # a damaged file, memory running out: the job goes on without this preview
+                    self._preview_unreadable(stage, *unreadable_reason(exc, record["file"]))
+                    continue
+                self._show(volume, stage)
+
+    def _preview_unreadable(self, stage: int, reason: str, detail: str) -> None:
+        """Say that stage ``stage``'s preview is not shown, and why (the job goes on; its result comes at the end);
+        the log has the reader's message (``detail``) too."""
+        notice = f"Stage {stage}'s preview could not be shown: {reason}."
+        if self.stages_shown and in_scene(self.scene, self.preview_node):
+            notice += f" '{self.preview_node.GetName()}' still shows stage {self.stages_shown[-1]}."
+        notice += " The generation goes on; its result is added when it finishes."
+        logger.warning("%s (%s)", notice, detail)
+        self.notices.append(notice)
+        if self.on_line:
+            self.on_line(f"warning: {notice} ({detail})")
+
+    # -- a job that does not complete keeps its last shown stage ------------------------------------------------
+    def kept_notice(self) -> str:
+        """What a cancelled or failed job kept (``""`` when nothing): the preview node, as the last shown stage made
+        it, e.g. "Cancelled during stage 2 of 2; stage 1's result (64^3) was kept as 'chest PA CT stage 1
+        (synthetic)'." """
+        if self.state not in (JobState.CANCELLED, JobState.FAILED) or not self.stages_shown:
+            return ""
+        if self.preview_node is None or not in_scene(self.scene, self.preview_node) or self.scene.IsClosing():
+            return ""  # deleted by the user, or going with the scene
+        stage, planned = self.stages_shown[-1], self.stages_planned
+        how = "Cancelled" if self.state == JobState.CANCELLED else "The generation stopped"
+        if planned is not None and stage >= planned:
+            return f"{how} after its last stage; the result ({self._grid}) was kept as '{self.preview_node.GetName()}'."
+        of = f" of {planned}" if planned else ""
+        return (
+            f"{how} during stage {stage + 1}{of}; stage {stage}'s result ({self._grid}) was kept as "
+            f"'{self.preview_node.GetName()}'. It is a lower-resolution synthetic CT; Apply again for the full result."
+        )
+
+    def _say_what_was_kept(self) -> None:
+        if self._said_what_was_kept or self.state not in (JobState.CANCELLED, JobState.FAILED):
+            return
+        self._said_what_was_kept = True
+        notice = self.kept_notice()
+        if notice:
+            logger.info("%s", notice)
+            self.notices.append(notice)
+            # the shared runner's message for a killed worker says nothing was imported: a stage was kept
+            kept = f"only stage {self.stages_shown[-1]}'s result was kept"
+            if "nothing was imported" in self.error:
+                self.error = self.error.replace("nothing was imported", kept)
+            elif self.error and self.state == JobState.FAILED:
+                self.error = f"{self.error.rstrip('.')}; {kept}."
+
+    def kept_nodes(self) -> list:
+        return [self.preview_node] if self.kept_notice() else []
+
+    def poll(self) -> JobState:
+        state = super().poll()
+        self._say_what_was_kept()
+        return state
+
+    def cancel(self) -> None:
+        super().cancel()
+        self._say_what_was_kept()
 
     def _changed_inputs_notices(self) -> list[str]:
         """What the user should know about an input changed while the job ran (the result was made from, and the

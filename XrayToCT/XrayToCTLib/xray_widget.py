@@ -4,7 +4,8 @@ The module file (XrayToCT.py) only builds :class:`XrayWidget` and forwards its l
 the job monitor, the dependency handling and the training panel are shared with the CT Diffusion SR module
 through CTDiffusionSRLib (``module_widget``, ``widgets``), never through its module file. The work is done by
 the Qt-free xray_logic, which runs the XrayToCTGenerate command-line module in a background process; each
-finished stage updates the result node, so the 64^3 stage-1 preview appears first.
+finished stage updates the result node, so the 64^3 stage-1 preview appears first; a cancel or a failure during a
+later stage keeps the last stage shown, and the panel says so.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class XrayWidget(ModuleWidget):
     def applyTexts(self) -> tuple[str, str]:
         return (
             _("Generate a synthetic CT from the radiograph."),
-            _("Stop the generation; the partial result is removed."),
+            _("Stop the generation; a stage already shown is kept as a lower-resolution result."),
         )
 
     def updateResultButtons(self, p) -> None:
