@@ -24,7 +24,7 @@ def _index_map(src: Grid, dst: Grid) -> np.ndarray:
     return np.linalg.inv(src.index_to_physical()) @ dst.index_to_physical()
 
 
-def _single_axis(src: Grid, dst: Grid, tol: float = 1e-4) -> int | None:
+def single_axis(src: Grid, dst: Grid, tol: float = 1e-4) -> int | None:
     """Array axis along which ``dst`` differs from ``src`` when all other axes coincide, else ``None``."""
     m = _index_map(src, dst)
     lin, shift = m[:3, :3], m[:3, 3]
@@ -115,7 +115,7 @@ def interpolate(vol: Volume, grid: Grid, method: str = "cubic") -> Volume:
     """
     if method not in INTERPOLATION_METHODS:
         raise InputError(f"unknown interpolation {method!r}: use one of {', '.join(INTERPOLATION_METHODS)}")
-    ax = _single_axis(vol.grid, grid)
+    ax = single_axis(vol.grid, grid)
     if ax is not None:
         m = _index_map(vol.grid, grid)
         idx = 2 - ax

@@ -286,6 +286,10 @@ def test_sr_cli_adapts_to_the_scan_before_super_resolving(scene, tmp_path):
     proc, fractions = run_like_slicer(argv)
     assert proc.returncode == 0, proc.stderr
     assert fractions and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    # the bar reaches its end only once the result is written: "done" at 100% while it was written before
+    said = [(f, c) for f, c in map(parse_progress_line, proc.stdout.splitlines()) if f is not None or c]
+    writing = next(i for i, (_, c) in enumerate(said) if c == "writing out.nrrd")
+    assert all(f is None or f < 1.0 for f, _ in said[:writing]) and any(c == "written" for _, c in said[writing:])
     got = mrml_io.volume_from_node(read_like_slicer(scene, tmp_path / "out.nrrd", "result"))
     assert got.shape == thin_grid(vol, 4, axis=0).shape and np.isfinite(got.array).all()
     report = json.loads((tmp_path / "report.json").read_text())

@@ -543,7 +543,11 @@ def test_the_sr_panel_runs_the_shipped_weights_on_the_scenes_ct_and_shows_the_re
     ui.applyButton.emit("clicked(bool)", True)
     assert panel.monitor.running and ui.applyButton.text == "Cancel" and ui.applyButton.enabled
     assert ui.progressBar.visible
+    job, said_while_importing = panel.monitor.job, []
+    importing = job.import_results
+    job.import_results = lambda folder: said_while_importing.append(ui.statusLabel.text) or importing(folder)
     _until_idle(panel)
+    assert said_while_importing == ["Loading the result into the scene..."]  # not "written" at 100% for seconds
     assert panels.dialogs.errors == [] and ui.statusLabel.text.startswith("Done in "), ui.statusLabel.text
     result = p.resultVolume
     assert result is not None and result.GetName() == "CT_01 SR x5 (synthetic)"

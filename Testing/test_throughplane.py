@@ -206,6 +206,17 @@ def test_pipeline_with_a_fresh_predictor_equals_cubic_plus_consistency():
     assert out.metadata["synthetic"] and report["weights_sha256"] == "1" * 64
 
 
+def host_units(vol, factor: int) -> int:
+    """Progress units of the cubic interpolation and the data consistency of a run at ``factor`` (:meth:`plan`)."""
+    from DiffusionCore.sr.settings import SRRunSettings
+
+    resolver = SuperResolver.tiny_predictor()
+    grid, axis, _ = resolver.target_grid(vol, factor=factor)
+    plan = resolver.plan(vol, grid, SRRunSettings(factor=factor, axis=axis, device="cpu"))
+    assert plan.interp_units > 0 and plan.consistency_units > 0
+    return plan.interp_units + plan.consistency_units
+
+
 def test_pipeline_with_a_predictor_never_changes_the_input_and_reports_progress():
     vol = thick_phantom()
     before = vol.array.copy()
@@ -215,7 +226,7 @@ def test_pipeline_with_a_predictor_never_changes_the_input_and_reports_progress(
     np.testing.assert_array_equal(vol.array, before)
     assert out.shape == (24, 48, 48) and np.isfinite(out.array).all()
     totals = {t for _, t in seen}
-    assert totals == {48 + 48} and seen[-1][0] == seen[-1][1]
+    assert totals == {48 + 48 + host_units(vol, 2)} and seen[-1][0] == seen[-1][1]  # planes, interpolation, consistency
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     # the output reproduces the input when thickened again (data consistency)
     np.testing.assert_allclose(degrade(out, 2).array, vol.array, atol=0.05)
@@ -237,7 +248,7 @@ def test_adaptation_takes_the_share_of_the_progress_bar_that_its_work_takes():
         assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen)
         return seen[-1][1], max(d for d, _, m in seen if m.startswith("adapting to this scan"))
 
-    planes = 48 + 48
+    planes = 48 + 48 + host_units(vol, 2)  # and the interpolation's and consistency's units
     total, adapted = run(AdaptSettings(steps=4))
     assert total == adapted + planes and adapted > 0
     total8, adapted8 = run(AdaptSettings(steps=8))

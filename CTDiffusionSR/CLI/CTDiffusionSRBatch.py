@@ -220,7 +220,7 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
     from pathlib import Path
 
     from DiffusionCore.cli.common import Progress, check_result, result_range, write_return_parameters
-    from DiffusionCore.cli.sr import sr_provenance, uncertainty_provenance
+    from DiffusionCore.cli.sr import BatchProgress, sr_provenance, uncertainty_provenance
     from DiffusionCore.errors import InputError
     from DiffusionCore.files import write_json_atomic
     from DiffusionCore.results import write_result
@@ -251,9 +251,11 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
         resolver = SuperResolver.from_pretrained(installed_default_weights())
     check_options_for_weights(args, engine_settings, resolver)
     model_name = str(resolver.weights_name or args.weights or "default")
-    progress = Progress("slicer")
-    print("<filter-comment>super-resolving</filter-comment>", flush=True)
+    # the writing's share of the bar: an uncompressed float32 file, 1.9 s of a 13-minute run on 300 slices to 1200
+    progress = BatchProgress(Progress("slicer"), 1, write_share=0.01)
+    progress.before_run("super-resolving")
     result, report = resolver.run(volume, engine_settings, progress=progress, cancel=cancel)
+    progress.after_run("checking the result")
     check_result(result, f"the super-resolved volume of {args.inputVolume}",
                  hu_range=result_range(volume, args.allowNonCT))
     uncertainty = report.get("uncertainty")
@@ -261,10 +263,12 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
         check_result(uncertainty, "the uncertainty map", hu_range=(0.0, 32767.0), allow_constant=True)
     # with the provenance in the file: Slicer reads it into the output node, which the modules then label synthetic
     provenance = sr_provenance(args.inputVolume, volume.metadata, report)
+    progress.writing(Path(args.outputVolume))
     written += write_result(result, args.outputVolume, provenance, overwrite=True, dtype="float32", compress=False)
     if args.uncertaintyVolume and uncertainty is not None:
         written += write_result(uncertainty, args.uncertaintyVolume, uncertainty_provenance(provenance),
                                 overwrite=True, dtype="float32", compress=False)
+    progress.written()
     sha = str(report.get("weights_sha256") or resolver.weights_sha256)
     elapsed = time.perf_counter() - t0
     if args.reportFile:

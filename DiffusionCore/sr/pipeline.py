@@ -25,7 +25,9 @@ The options of a run are one :class:`~DiffusionCore.sr.settings.SRRunSettings` (
 arguments); :meth:`SuperResolver.plan` makes the checks that depend on the weights and decides the tiling
 before any heavy work.
 
-Progress is reported over ``samples x tiles x steps`` (1 step for the mean) (known before the first step); the cancel event is
+Progress is reported over adaptation, cubic interpolation (in chunks), the predictor's planes, resampling, data
+consistency and ``samples x tiles x steps`` (1 step for the mean), each weighed by its measured cost and named in the
+messages (known before the first step: :meth:`SuperResolver.plan`); the cancel event is
 checked between steps and tiles and raises :class:`~DiffusionCore.errors.Cancelled`. The input Volume is
 never modified. The output lies exactly on the thin grid.
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import resource
 import threading
@@ -61,7 +64,7 @@ from ..errors import Cancelled, ConfigError, GeometryError, InputError, Resource
 from ..evaluate import register_method
 from ..geometry import storage_flips
 from ..intensity import HU_PER_UNIT, hu_to_unit, hu_to_unit_, unit_to_hu_
-from ..interpolation import interpolate
+from ..interpolation import interpolate, single_axis
 from ..tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_PATCH_SIZE,
@@ -91,6 +94,21 @@ ProgressFn = Callable[[int, int, str], None]
 #: Forward passes' worth of work in one optimizer step of test-time adaptation: its forward, and a backward of about
 #: twice that. Weighs adaptation against the predictor on the progress bar (:func:`adaptation_units`).
 ADAPT_STEP_PASSES = 3
+#: What the whole-volume steps on the host cost against the through-plane predictor: their seconds per thin voxel over
+#: the predictor's seconds per thin voxel it predicts (each voxel of the body box twice, once per in-plane
+#: orientation); cubic interpolation's per thin voxel and input slice (a dense matrix over the slices). They weigh
+#: these steps on the progress bar (:func:`host_step_units`). One torch thread, chest-dx (512x512x64 at 5 mm, x4):
+#: the predictor 131 s for 1,024 planes (1.0 us per predicted voxel), consistency 4.1 s (63 ns per thin voxel; 9.0 s
+#: for 128 slices), cubic 0.3-0.6 s (0.1 ns per voxel and slice), 7.9 s for 128 slices (0.46 ns) and 25 s for 300
+#: slices to 1200 (0.26 ns).
+CUBIC_COST = 3e-4
+CONSISTENCY_COST = 0.065
+#: Chunks the cubic interpolation runs in (slabs along an in-plane axis), so that the bar moves and cancel is checked
+#: inside it; each column along the thick axis is interpolated alone, so the result is the whole volume's bit for bit.
+INTERPOLATION_CHUNKS = 16
+#: Columns of a float32 matrix product that BLAS kernels work on together (a multiple of any of their unrolls): a
+#: chunk whose columns start at a multiple of it gets the whole product's arithmetic, bit for bit.
+BLAS_ALIGN = 64
 #: Used when the model's configuration does not say (the seed's defaults).
 FALLBACK_STEPS = 15
 FALLBACK_GUIDANCE = 1.0
@@ -145,6 +163,65 @@ def _require_volume(volume: Any, what: str) -> None:
             "DiffusionCore.read_volume(path), or wrap an array with DiffusionCore.Volume(array, spacing=(x_mm, y_mm, "
             "z_mm), origin=(x, y, z), direction=3x3 matrix)"
         )
+
+
+def interpolate_cubic(
+    volume: Volume,
+    grid: Grid,
+    axis: int,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> np.ndarray:
+    """Cubic B-spline interpolation of ``volume`` onto ``grid`` (:func:`~DiffusionCore.interpolation.interpolate`),
+    in :data:`INTERPOLATION_CHUNKS` slabs along an in-plane axis: ``progress(chunks_done, chunks)`` after each, cancel
+    checked before each. A new float32 array in ``grid``'s layout, equal bit for bit to the whole volume's.
+
+    Each slab keeps the whole grids' origin and spacing (only its in-plane size differs), so its index map along
+    ``axis``, and with it every interpolation weight, is the whole volume's; only the slab's array is used.
+    """
+    along = next(a for a in range(3) if a != axis)  # the outer in-plane axis: contiguous slabs
+    size = grid.shape[along]
+    # a slab's columns of the matrix product (its voxels per thin slice) a multiple of BLAS_ALIGN: every column is
+    # computed by the same kernel as in the whole volume's product, so the sums are the same bit for bit
+    inner = int(np.prod([grid.shape[a] for a in range(3) if a not in (axis, along)]))
+    step = BLAS_ALIGN // math.gcd(inner, BLAS_ALIGN)
+    chunks = max(1, min(INTERPOLATION_CHUNKS, size // step))
+    if single_axis(volume.grid, grid) is None:  # resampled in 3D (SimpleITK): slabs would see other neighbours
+        chunks = 1
+    if chunks == 1:
+        _check_cancel(cancel)
+        whole = interpolate(volume, grid, "cubic").array
+        whole = whole.astype(np.float32) if np.may_share_memory(whole, volume.array) else whole
+        if progress is not None:
+            progress(1, 1)
+        return whole
+    out = np.empty(grid.shape, dtype=np.float32)
+    edges = [min(size, step * int(round(i * size / step / chunks))) for i in range(chunks)] + [size]
+    for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+        _check_cancel(cancel)
+        cut = [slice(None)] * 3
+        cut[along] = slice(int(a), int(b))
+        src_shape, dst_shape = list(volume.shape), list(grid.shape)
+        src_shape[along] = dst_shape[along] = int(b - a)
+        src = Volume.from_grid(Grid(tuple(src_shape), volume.grid.spacing, volume.grid.origin, volume.grid.direction),
+                               volume.array[tuple(cut)])
+        dst = Grid(tuple(dst_shape), grid.spacing, grid.origin, grid.direction)
+        out[tuple(cut)] = interpolate(src, dst, "cubic").array
+        if progress is not None:
+            progress(i + 1, chunks)
+    return out
+
+
+def host_step_units(cost: float, thin_voxels: int, m: int, box: tuple[int, int, int, int], factor: int) -> int:
+    """Progress units (the predictor's planes) of a whole-volume step on the host that costs ``cost`` per thin voxel
+    (:data:`CONSISTENCY_COST`; :data:`CUBIC_COST` times the input's slices) over ``thin_voxels``, against the
+    predictor's ``m`` thick slices, ``factor`` and body ``box``: a plane is ``factor x m`` thin rows of the box's mean
+    plane width (as in :func:`adaptation_units`), predicted once."""
+    h0, h1, w0, w1 = box
+    h, w = max(1, h1 - h0), max(1, w1 - w0)
+    plane_voxels = factor * m * 2.0 * h * w / (h + w)
+    return max(1, int(round(cost * thin_voxels / plane_voxels)))
 
 
 # -- the storage order the networks see ---------------------------------------------------------------
@@ -248,7 +325,9 @@ class SRPlan:
         device: where the networks run.
         predictor_factor: the factor the through-plane predictor runs at (None: cubic interpolation only).
         box: the body box the predictor runs in (thick axis first), or None.
-        adapt_units, pre_units: progress units of the adaptation and of the predictor.
+        adapt_units, interp_units, pre_units, resample_units, consistency_units: progress units (the predictor's
+            planes) of the adaptation, the cubic interpolation, the predictor, the resampling onto a grid that is not
+            the predictor's factor, and the data consistency of a run without a diffusion stage.
         tiling: the patches (None for weights without a diffusion stage). budget: its memory estimate.
         reduced_from: the patch sizes tried first that did not fit in memory. batch: patches per model call.
         total: the progress total.
@@ -268,11 +347,20 @@ class SRPlan:
     box: tuple[int, int, int, int] | None
     adapt_units: int
     pre_units: int
+    interp_units: int = 0
+    resample_units: int = 0
+    consistency_units: int = 0
     tiling: TilePlan | None = None
     budget: MemoryBudget | None = None
     reduced_from: list[tuple[int, int, int]] = field(default_factory=list)
     batch: int = 1
     total: int = 0
+
+    @property
+    def start_units(self) -> int:
+        """Progress units of the starting point (:meth:`SuperResolver.starting_point`): adaptation, interpolation,
+        predictor and resampling."""
+        return self.adapt_units + self.interp_units + self.pre_units + self.resample_units
 
 
 class SuperResolver:
@@ -545,16 +633,18 @@ class SuperResolver:
         cancel: threading.Event | None = None,
         timings: dict[str, float] | None = None,
         box: tuple[int, int, int, int] | None = None,
-        adapt_units: int | None = None,
+        units: SRPlan | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """The thin-grid volume (HU, float32, a new array in ``grid``'s layout) that the diffusion stage
         refines, or that is the result when there is none: cubic interpolation plus the through-plane
         predictor's residual at ``factor`` (see :meth:`predictor_factor`; None: cubic only).
 
-        Progress counts ``adapt_units`` for adaptation (when asked; default :func:`adaptation_units`) and then one
-        unit per predicted plane (the two in-plane sizes of the body box added), so that the bar moves with the
-        time spent. ``box`` is the body box (:func:`~DiffusionCore.sr.throughplane.body_box` of the input, thick
-        axis first) when the caller already has it.
+        Progress counts, in the units of the run's plan (``units``: :meth:`plan`, whose units weigh each step by its
+        cost), adaptation (when asked; without a plan :func:`adaptation_units`), the cubic interpolation (in chunks:
+        :func:`interpolate_cubic`), one unit per predicted plane (the two in-plane sizes of the body box added) and
+        the resampling onto a grid that is not the predictor's factor, so that the bar moves with the time spent;
+        each step's messages name it. ``box`` is the body box (:func:`~DiffusionCore.sr.throughplane.body_box` of
+        the input, thick axis first) when the caller already has it.
 
         Returns:
             ``(hu, report)``: the volume, and ``{"used", "factor", "adaptation", ...}`` for the run report.
@@ -565,11 +655,14 @@ class SuperResolver:
             if progress is not None:
                 progress(d, message)
 
+        def interpolating(start: int, n_units: int, what: str = "interpolating (cubic)") -> Callable[[int, int], None]:
+            """A chunk callback of :func:`interpolate_cubic` counting ``n_units`` from ``start``."""
+            return lambda i, n: tell(start + n_units * i // n, f"{what}, {i}/{n}")
+
         t0 = time.perf_counter()
         if factor is None or self.predictor is None:
-            hu = interpolate(volume, grid, "cubic").array
-            if np.may_share_memory(hu, volume.array) or hu.dtype != np.float32:
-                hu = hu.astype(np.float32)  # the caller may change it in place: never the input's array
+            tell(0, "interpolating (cubic)")
+            hu = interpolate_cubic(volume, grid, axis, cancel=cancel)  # a new float32 array: the caller may change it
             timings["interpolate"] = timings.get("interpolate", 0.0) + time.perf_counter() - t0
             why = "no through-plane predictor in these weights" if self.predictor is None else (
                 f"no trained factor near the spacing ratio (trained: {self.predictor.factors})")
@@ -585,23 +678,21 @@ class SuperResolver:
         adapt_report = None
         box = box or body_box(thick)  # the air around the patient has no residual: not predicted
         if adapt is not None:
-            units = adaptation_units(adapt, net, thick.shape[0], box, k, device) if adapt_units is None else adapt_units
+            a_units = adaptation_units(adapt, net, thick.shape[0], box, k, device) if units is None else units.adapt_units
+            tell(0, "adapting to this scan")
             net, adapt_report = adapt_predictor(
                 net, np.ascontiguousarray(np.flip(thick, flips), dtype=np.float32), spacing, k, adapt, seed=seed,
                 device=device,
-                progress=lambda frac, msg: tell(int(round(frac * units)), msg), cancel=cancel,
+                progress=lambda frac, msg: tell(int(round(frac * a_units)), msg), cancel=cancel,
             )
             timings["adapt"] = time.perf_counter() - t0
-            offset = units
+            offset = a_units
             t0 = time.perf_counter()
-        kgrid = thin_grid(volume, k, axis=axis)
-        exact = kgrid.shape == grid.shape and np.allclose(kgrid.spacing, grid.spacing, rtol=0, atol=1e-6) and np.allclose(
-            kgrid.origin, grid.origin, rtol=0, atol=1e-4)
-        if exact:
-            kgrid = grid
-        hu = interpolate(volume, kgrid, "cubic").array
-        if np.may_share_memory(hu, volume.array) or hu.dtype != np.float32:
-            hu = hu.astype(np.float32)
+        kgrid, exact = predictor_grid(volume, grid, axis, k)
+        i_units = 0 if units is None else units.interp_units
+        tell(offset, "interpolating (cubic)")
+        hu = interpolate_cubic(volume, kgrid, axis, progress=interpolating(offset, i_units), cancel=cancel)
+        offset += i_units
         timings["interpolate"] = timings.get("interpolate", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         net.to(device).eval()
@@ -618,7 +709,11 @@ class SuperResolver:
         target.add_(residual.mul_(HU_PER_UNIT))  # in place, all cores
         del residual, thick_units, target
         if not exact:  # the predictor's own integer grid, resampled onto the asked-for spacing
-            hu = interpolate(Volume.from_grid(kgrid, hu), grid, "cubic").array.astype(np.float32, copy=False)
+            offset += planes_in(box)
+            r_units = 0 if units is None else units.resample_units
+            tell(offset, "resampling onto the grid (cubic)")
+            hu = interpolate_cubic(Volume.from_grid(kgrid, hu), grid, axis, cancel=cancel,
+                                   progress=interpolating(offset, r_units, "resampling onto the grid (cubic)"))
         timings["predictor"] = time.perf_counter() - t0
         return hu, {"used": True, "factor": k, "resampled_to_grid": not exact, "adaptation": adapt_report}
 
@@ -659,18 +754,20 @@ class SuperResolver:
             if progress is not None:
                 progress(min(d, total), total, message)
 
-        tell(0, "through-plane predictor" + (" with adaptation" if adapt is not None else ""))
         timings: dict[str, float] = {"consistency": 0.0}
         hu, predictor_report = self.starting_point(
             volume, grid, axis, predictor_factor, adapt=adapt, seed=seed, device=dev, progress=tell, cancel=cancel,
-            timings=timings, box=box, adapt_units=plan.adapt_units,
+            timings=timings, box=box, units=plan,
         )
         _check_cancel(cancel)
         out = Volume.from_grid(grid, hu)
-        if data_consistency:
+        if data_consistency:  # one call (DiffusionCore.degrade): the bar moves past it when it is done
+            tell(plan.start_units, "data consistency")
             t0 = time.perf_counter()
             out = enforce_consistency(out, volume, axis, in_place=True)
             timings["consistency"] = time.perf_counter() - t0
+            _check_cancel(cancel)
+            tell(plan.start_units + plan.consistency_units, "data consistency done")
         output = Volume.from_grid(
             grid, out.array, source=volume.metadata.get("source", ""), method="sr", synthetic=True,
             weights_sha256=self.weights_sha256,
@@ -797,16 +894,24 @@ class SuperResolver:
         predictor_factor = self.predictor_factor(volume, grid, axis)
         box = body_box(np.moveaxis(volume.array, axis, 0)) if predictor_factor is not None else None
         pre_units = planes_in(box) if box is not None else 0
-        adapt_units = 0
-        if adapt is not None and predictor_factor is not None and box is not None and self.predictor is not None:
-            m = volume.shape[axis]
-            adapt_units = adaptation_units(adapt, self.predictor, m, box, predictor_factor, dev)
+        adapt_units = interp_units = resample_units = consistency_units = 0
+        if predictor_factor is not None and box is not None:
+            m, k = volume.shape[axis], predictor_factor
+            if adapt is not None and self.predictor is not None:
+                adapt_units = adaptation_units(adapt, self.predictor, m, box, k, dev)
+            kgrid, exact = predictor_grid(volume, grid, axis, k)
+            interp_units = host_step_units(CUBIC_COST * m, int(np.prod(kgrid.shape)), m, box, k)
+            if not exact:
+                resample_units = host_step_units(CUBIC_COST * k * m, int(np.prod(grid.shape)), m, box, k)
+            if model is None and settings.data_consistency:
+                consistency_units = host_step_units(CONSISTENCY_COST, int(np.prod(grid.shape)), m, box, k)
         plan = SRPlan(
             grid=grid, axis=axis, factor=settings.factor, estimate=estimate, steps=steps,
             requested_steps=requested_steps, guidance=guidance, patch_size=patch_req, overlap=overlap_req,
             device=dev, predictor_factor=predictor_factor, box=box, adapt_units=adapt_units, pre_units=pre_units,
-            total=adapt_units + pre_units,
+            interp_units=interp_units, resample_units=resample_units, consistency_units=consistency_units,
         )  # fmt: skip
+        plan.total = plan.start_units + consistency_units
         if model is None:
             return plan
         model.to(dev)
@@ -846,7 +951,7 @@ class SuperResolver:
             )  # fmt: skip
         plan.tiling, plan.budget, plan.reduced_from = tiling, budget, tried
         plan.batch = self._tile_batch(settings.tile_batch, tiling, dev, device_limit)
-        plan.total = adapt_units + pre_units + num_samples * tiling.n_tiles * steps
+        plan.total = plan.start_units + num_samples * tiling.n_tiles * steps
         return plan
 
     def _refine(
@@ -888,7 +993,7 @@ class SuperResolver:
         timings = {"model": 0.0, "blend": 0.0, "consistency": 0.0}
         units, predictor_report = self.starting_point(
             volume, grid, axis, plan.predictor_factor, adapt=settings.adapt, seed=settings.seed, device=dev,
-            progress=pre_progress, cancel=cancel, timings=timings, box=plan.box, adapt_units=plan.adapt_units,
+            progress=pre_progress, cancel=cancel, timings=timings, box=plan.box, units=plan,
         )  # fmt: skip
         t0 = time.perf_counter()
         hu_to_unit_(torch.from_numpy(units))
@@ -896,7 +1001,7 @@ class SuperResolver:
         cond = torch.from_numpy(tiling.pad(np.moveaxis(np.flip(units, flips), axis, 0)))
         del units
         timings["interpolate"] += time.perf_counter() - t0
-        done = plan.adapt_units + plan.pre_units
+        done = plan.start_units
 
         mean, m2, done = self._sample_tiles(
             model, cond, tiling, volume, grid, axis, num_samples=settings.num_samples, batch=plan.batch,
@@ -1086,6 +1191,15 @@ class SuperResolver:
 
 
 # -- weights, default weights and the evaluate methods ----------------------------------------------
+def predictor_grid(volume: Volume, grid: Grid, axis: int, factor: int) -> tuple[Grid, bool]:
+    """The thin grid the through-plane predictor writes at ``factor`` and whether it is ``grid`` (then it is returned
+    itself); else the run resamples it onto ``grid``."""
+    kgrid = thin_grid(volume, factor, axis=axis)
+    exact = kgrid.shape == grid.shape and np.allclose(kgrid.spacing, grid.spacing, rtol=0, atol=1e-6) and np.allclose(
+        kgrid.origin, grid.origin, rtol=0, atol=1e-4)
+    return (grid, True) if exact else (kgrid, False)
+
+
 def planes_in(box: tuple[int, int, int, int]) -> int:
     """Planes the through-plane predictor runs on inside a body box (the progress units of that stage)."""
     h0, h1, w0, w1 = box
