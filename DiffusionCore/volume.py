@@ -1306,6 +1306,21 @@ def write_volume(
     return p
 
 
+def write_image(img: sitk.Image, path: str | os.PathLike) -> Path:
+    """Write a SimpleITK image as it is (e.g. a 2D radiograph handed to a command), uncompressed, with the checks of
+    :func:`write_volume`: a full disk or an unwritable folder is an OutputError that says why (ITK's own exception
+    quotes its source files). Not atomic: for files in a job's private folder."""
+    p = Path(path)
+    nbytes = img.GetNumberOfPixels() * img.GetNumberOfComponentsPerPixel() * img.GetSizeOfPixelComponent()
+    try:
+        _itk(sitk.WriteImage, img, str(p))
+        _check_complete(str(p), nbytes, compressed=False)
+    except (RuntimeError, OSError) as exc:
+        msg = no_room_reason(p.parent, nbytes, exc) or (_sitk_message(exc) if isinstance(exc, RuntimeError) else str(exc))
+        raise OutputError(f"could not write {p}: {msg}") from None
+    return p
+
+
 #: Free space below which a compressed file ITK has just written is taken as cut short (its size cannot be checked).
 _NEARLY_FULL_BYTES = 1 << 20
 

@@ -554,5 +554,9 @@ def test_a_volume_written_to_a_full_disk_says_the_disk_is_full(tmp_path):
                 write_volume(Volume(np.zeros((1, 16, 16), np.float32), (1.0, 1.0, 1.0)), full / "tiny.nrrd",
                              compress=compress)  # fmt: skip
             assert not (full / "tiny.nrrd").exists()
+        from DiffusionCore.volume import write_image  # a 2D radiograph handed to X-ray to CT's command
+
+        with pytest.raises(OutputError, match=r"could not write .*radiograph\.mha: the disk holding .* is full"):
+            write_image(sitk.GetImageFromArray(np.ones((64, 64), np.float32)), full / "radiograph.mha")
     finally:
         subprocess.run(["umount", str(full)], capture_output=True)

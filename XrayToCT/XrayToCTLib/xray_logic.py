@@ -329,10 +329,11 @@ def write_radiograph(node, path: str | Path, as_displayed: bool | None = None) -
     if as_displayed is None:
         as_displayed = not dicom_header_file(node)
     pixels, (row_mm, col_mm) = radiograph_from_node(node, as_displayed=as_displayed)
+    from DiffusionCore.volume import write_image
+
     image = sitk.GetImageFromArray(pixels)
     image.SetSpacing((col_mm, row_mm))
-    sitk.WriteImage(image, str(path))
-    return Path(path)
+    return write_image(image, path)
 
 
 def dicom_patient_id(node) -> str:
