@@ -337,7 +337,9 @@ def test_sr_input_checks_say_why_apply_is_disabled(scene):
     assert check_sr_input(None) == "Select an input CT volume."
     iso = mrml_io.add_volume_node(scene, Volume(np.zeros((8, 8, 8), np.float32)), "iso")
     assert "isotropic" in check_sr_input(iso)
-    assert check_sr_input(iso, SRSettings(target_spacing=0.5)) == ""
+    # a target spacing does not say along which axis ("Pass --axis" came only from the job)
+    assert "isotropic" in check_sr_input(iso, SRSettings(target_spacing=0.5))
+    assert check_sr_input(iso, SRSettings(target_spacing=0.5, axis="z")) == ""
     flat = mrml_io.add_volume_node(scene, Volume(np.zeros((1, 16, 16), np.float32)), "flat")
     assert "2D" in check_sr_input(flat)
     side = mrml_io.add_volume_node(scene, Volume(np.zeros((6, 32, 1), np.float32)), "side")  # one voxel wide in x

@@ -99,6 +99,20 @@ def test_a_target_spacing_names_the_result_by_its_slice_spacing(tmp_path):
     assert json.loads((tmp_path / "x2.json").read_text())["provenance"]["title"] == "SR x2 (synthetic)"
 
 
+def test_a_thin_scan_made_finer_than_its_pixels_is_warned_of(tmp_path, capsys):
+    """A thin 0.6 mm CT given by mistake with --factor 4 --axis z: 0.15 mm slices, four times the data, nothing to
+    gain, and not a word said."""
+    vol = thick_ct()
+    src = write_volume(Volume(vol.array, (0.6, 0.6, 0.6)), tmp_path / "thin 0.6 mm.nrrd")
+    assert main(["sr", str(src), str(tmp_path / "finer.nii.gz"), "--tiny-test-model", "--factor", "4", "--axis", "z",
+                 "--progress", "none"]) == 0  # fmt: skip
+    assert ("warning: the result's slices will be 0.15 mm apart, finer than the input's 0.6 mm pixels "
+            f"({vol.shape[0] * 4} slices, ") in capsys.readouterr().err
+    assert main(["sr", str(tmp_path / "finer.nii.gz"), str(tmp_path / "x2.nii.gz"), "--tiny-test-model", "--factor",
+                 "2", "--axis", "x", "--progress", "none"]) == 0  # 0.6 mm to 0.3 mm beside 0.15 mm pixels: no warning
+    assert "finer than" not in capsys.readouterr().err
+
+
 def test_batch_folder_is_shared_across_ranks_and_keeps_names(tmp_path):
     src = tmp_path / "in"
     src.mkdir()

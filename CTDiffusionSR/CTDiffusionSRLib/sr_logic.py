@@ -194,7 +194,7 @@ def check_sr_input(node, settings: SRSettings | None = None) -> str:
         vol_grid = job_grid(node)
     except DiffusionCoreError as exc:
         return str(exc)
-    if settings.axis == "auto" and thick_axis(vol_grid) is None and settings.target_spacing <= 0:
+    if settings.axis == "auto" and thick_axis(vol_grid) is None:  # with a target spacing too: along which axis?
         return (
             f"'{node.GetName()}' is nearly isotropic (spacing {', '.join(f'{s:.2f}' for s in vol_grid.spacing)} mm): "
             "choose the axis and a factor or target spacing."
