@@ -392,9 +392,10 @@ def tell_unused_options(args: argparse.Namespace, settings: SRRunSettings, resol
 class BatchProgress:
     """Maps each volume's ``progress(done, total)`` onto one bar over the whole batch (per mille units).
 
-    The volume's reading (one call) shows as "reading NAME" where its part starts. The last :attr:`WRITE_SHARE` of
-    its part is the writing: a thin-slice volume of a few hundred MB takes seconds to tens of seconds to compress and
-    write (a DICOM series longer), which the bar shows as "writing NAME" rather than sitting at "done".
+    The volume's reading (one call) shows as "reading NAME" where its part starts. The last ``write_share`` (by
+    default :attr:`WRITE_SHARE`) of its part is the writing: a thin-slice volume of a few hundred MB takes seconds
+    to tens of seconds to compress and write (a DICOM series longer), which the bar shows as "writing NAME" rather
+    than sitting at "done".
     """
 
     SCALE = 1000
@@ -407,7 +408,7 @@ class BatchProgress:
         self.sink = sink
         self.n = n_volumes
         self.index = 0
-        self.WRITE_SHARE = float(write_share)
+        self.write_share = float(write_share)
 
     def _tell(self, frac: float, message: str) -> None:
         prefix = f"volume {self.index + 1}/{self.n}: " if self.n > 1 else ""
@@ -415,7 +416,7 @@ class BatchProgress:
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
         frac = 0.0 if total <= 0 else min(1.0, done / total)
-        self._tell(frac * (1.0 - self.WRITE_SHARE), message)
+        self._tell(frac * (1.0 - self.write_share), message)
 
     def before_run(self, message: str) -> None:
         """Say what happens before the volume's run (reading it, loading the weights): the start of its part."""
@@ -423,11 +424,11 @@ class BatchProgress:
 
     def after_run(self, message: str) -> None:
         """Say what happens between the run and the writing (checks of the result): the run's end."""
-        self._tell(1.0 - self.WRITE_SHARE, message)
+        self._tell(1.0 - self.write_share, message)
 
     def writing(self, path: Path) -> None:
         """Say that the volume's result is being written to ``path``."""
-        self._tell(1.0 - self.WRITE_SHARE, f"writing {path.name}")
+        self._tell(1.0 - self.write_share, f"writing {path.name}")
 
     def written(self) -> None:
         self._tell(1.0, "written")
