@@ -316,3 +316,18 @@ def test_a_job_whose_files_will_not_fit_in_the_temp_folder_is_refused_before_any
         assert os.listdir(small) == [] and _node_ids(scene) == before
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def test_a_second_job_into_the_output_of_a_running_one_is_refused(scene, job_tmp):
+    """Two jobs writing into the same chosen output: the one that finished last silently replaced the other's
+    result, and both reported success (a script; the panel runs one job at a time)."""
+    first_input = mrml_io.add_volume_node(scene, phantom_ct(), "CT_01")
+    second_input = mrml_io.add_volume_node(scene, phantom_ct(seed=3), "CT_02")
+    output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my output")
+    job = SRJob(scene, first_input, SRSettings(**SLOW), output_node=output).start()
+    try:
+        with pytest.raises(OutputError, match="'my output' is the output of a job that is still running"):
+            SRJob(scene, second_input, SRSettings(**FAST), output_node=output)
+    finally:
+        job.cancel()
+    assert SRJob(scene, second_input, SRSettings(**FAST), output_node=output).run(timeout=240) == JobState.COMPLETED

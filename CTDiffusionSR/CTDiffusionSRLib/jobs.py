@@ -143,6 +143,11 @@ def exception_text(exc: BaseException) -> str:
 _RUNNING_JOBS: weakref.WeakSet = weakref.WeakSet()
 
 
+def running_jobs() -> list:
+    """The jobs started in this process that have not ended."""
+    return list(_RUNNING_JOBS)
+
+
 @atexit.register
 def _stop_running_jobs() -> None:
     """Python exits (a script ends, Slicer quits) while jobs run: stop their processes, remove their folders."""

@@ -23,7 +23,7 @@ from DiffusionCore.volume import (
     thick_axis,
 )
 
-from .jobs import CLIJob, check_temp_room
+from .jobs import CLIJob, check_temp_room, running_jobs
 from .mrml_io import (
     ATTR_DICOM_INSTANCES,
     ATTR_SYNTHETIC,
@@ -395,6 +395,9 @@ class SRJob(CLIJob):
             raise InputError(reason)
         if output_node is not None and output_node.GetID() == input_node.GetID():
             raise OutputError("the output must be a new volume, not the input (the input is never modified).")
+        if output_node is not None and any(getattr(job, "output_node", None) is output_node for job in running_jobs()):
+            raise OutputError(f"'{output_node.GetName()}' is the output of a job that is still running: the later "
+                              "result would silently replace the earlier. Choose another output, or wait.")
         if output_node is not None and (not output_node.IsA("vtkMRMLScalarVolumeNode") or any(
                 output_node.IsA(kind) for kind in ("vtkMRMLLabelMapVolumeNode", "vtkMRMLVectorVolumeNode"))):
             raise OutputError(f"the output '{output_node.GetName()}' is a {output_node.GetClassName()}, not a scalar "
