@@ -431,7 +431,7 @@ class SRJob(CLIJob):
 
     def prepare(self, tempdir: Path) -> list[str]:
         check_temp_room(tempdir, self.hand_off_bytes(), "the input and the result")
-        source = write_job_input(self.input_node, tempdir, "input", series=self.series)
+        source = write_job_input(self.input_node, tempdir, "input", series=self.series, dtype=self.hand_off_dtype())
         self.handed_over = []  # the log and the error name the volume, not its hand-off file
         self.hand_over(source, "the volume", self.input_node)
         self.handed_over.append((str(tempdir / "output.nrrd"), "the result", f"the result of '{self.input_node.GetName()}'"))
@@ -448,16 +448,25 @@ class SRJob(CLIJob):
         args += ["--reportFile", str(tempdir / "report.json"), "--returnparameterfile", str(tempdir / "return.txt")]
         return [*args, source, str(tempdir / "output.nrrd")]
 
+    def hand_off_dtype(self) -> str:
+        """How the input is handed over: as int16 when its voxels are stored in a type int16 holds exactly (a CT
+        loaded from DICOM is int16: half the bytes of float32 to write, store and read), else float32."""
+        import vtk
+
+        exact = (vtk.VTK_SHORT, vtk.VTK_SIGNED_CHAR, vtk.VTK_UNSIGNED_CHAR, vtk.VTK_CHAR)
+        return "int16" if self.input_node.GetImageData().GetScalarType() in exact else "float32"
+
     def hand_off_bytes(self) -> int:
-        """About what the job's files take in its temporary folder: the input and the result (and the uncertainty
-        map) as float32 volumes; the result is the input with the thick axis ``factor`` (or spacing / target spacing)
-        times as long. A series read from its DICOM files is linked, not copied: counted all the same."""
+        """About what the job's files take in its temporary folder: the input as handed over (:meth:`hand_off_dtype`)
+        and the result (and the uncertainty map) as float32 volumes; the result is the input with the thick axis
+        ``factor`` (or spacing / target spacing) times as long. A series read from its DICOM files is linked, not
+        copied: counted all the same."""
         voxels = int(np.prod(self.input_node.GetImageData().GetDimensions()))
         ratio = float(self.factor)
         if self.settings.target_spacing > 0:
             ratio = max(self.input_node.GetSpacing()) / self.settings.target_spacing
         outputs = 2 if self.settings.num_samples >= 2 else 1
-        return int(4 * voxels * (1 + outputs * ratio))
+        return int(voxels * ((2 if self.hand_off_dtype() == "int16" else 4) + 4 * outputs * ratio))
 
     def result_files(self, tempdir: Path) -> list[tuple[Path, str]]:
         label = sr_label(None if self.settings.target_spacing > 0 else self.factor, self.settings.target_spacing)
