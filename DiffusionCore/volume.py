@@ -1297,8 +1297,7 @@ def write_volume(
             gzip_file(temps[0], temps[1])
         publish(temps[-1], p)
     except (RuntimeError, OSError) as exc:
-        msg = no_room_reason(p.parent, out.nbytes, exc) or (_sitk_message(exc) if isinstance(exc, RuntimeError) else str(exc))
-        raise OutputError(f"could not write {p}: {msg}") from None
+        raise _write_failure(p, out.nbytes, exc) from None
     finally:
         for tmp in temps:
             if os.path.exists(tmp):
@@ -1316,9 +1315,16 @@ def write_image(img: sitk.Image, path: str | os.PathLike) -> Path:
         _itk(sitk.WriteImage, img, str(p))
         _check_complete(str(p), nbytes, compressed=False)
     except (RuntimeError, OSError) as exc:
-        msg = no_room_reason(p.parent, nbytes, exc) or (_sitk_message(exc) if isinstance(exc, RuntimeError) else str(exc))
-        raise OutputError(f"could not write {p}: {msg}") from None
+        raise _write_failure(p, nbytes, exc) from None
     return p
+
+
+def _write_failure(path: Path, voxel_bytes: int, exc: RuntimeError | OSError) -> OutputError:
+    """Why writing ``path`` failed, in words: a full disk (:func:`~DiffusionCore.files.no_room_reason`), else what ITK
+    or the system said."""
+    why = no_room_reason(path.parent, voxel_bytes, exc) or (
+        _sitk_message(exc) if isinstance(exc, RuntimeError) else str(exc))
+    return OutputError(f"could not write {path}: {why}")
 
 
 #: Free space below which a compressed file ITK has just written is taken as cut short (its size cannot be checked).

@@ -295,7 +295,29 @@ def test_the_log_and_the_error_name_the_volumes_not_the_hand_off_files(scene):
 
 
 # -- a job that does not complete keeps the stages it showed ------------------------------------------------------
+def _hold_after_stage_1(job) -> None:
+    """Stop (SIGSTOP) the job's worker as soon as it reports stage 1, so that the test acts during stage 2 however
+    fast the tiny model's stage 2 is (half a second): a cancel then takes the runner's grace period, a kill is at
+    once."""
+    import json
+    import os
+    import signal
+
+    from XrayToCTLib.xray_logic import STAGE_LINE_PREFIX
+
+    handle = job.handle_line
+
+    def hold(line: str) -> None:
+        handle(line)
+        if line.startswith(STAGE_LINE_PREFIX) and json.loads(line[len(STAGE_LINE_PREFIX):]).get("stage") == 1:
+            os.killpg(job.runner.pid, signal.SIGSTOP)
+
+    job.handle_line = hold
+
+
 def _until_stage_1_is_shown(job) -> None:
+    """Wait for stage 1's preview of a job just started, its worker held in stage 2 (:func:`_hold_after_stage_1`)."""
+    _hold_after_stage_1(job)
     deadline = time.monotonic() + 120
     while job.poll() == JobState.RUNNING and job.preview_node is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -424,6 +446,7 @@ def test_the_xray_panel_says_what_a_cancel_or_a_failure_kept(request, scene, mon
     for ending in ("cancel", "kill"):
         ui.applyButton.emit("clicked(bool)", True)
         job = panel.monitor.job
+        _hold_after_stage_1(job)
         assert ui.applyButton.toolTip == "Stop the generation; a stage already shown is kept as a lower-resolution result."
         _run_timer(panel.monitor.timer, lambda job=job: bool(job.stages_shown), 120)
         assert job.stages_shown == [1] and panel.monitor.running

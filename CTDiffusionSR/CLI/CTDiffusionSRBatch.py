@@ -282,7 +282,6 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
         args.returnparameterfile,
         {"weightsSha256": sha, "modelName": model_name, "elapsedSeconds": f"{elapsed:.3f}"},
     )
-    print("<filter-progress>1.0</filter-progress>", flush=True)
     return 0
 
 

@@ -270,6 +270,10 @@ class CLIJob:
         cancelled or failed job removes what it made; an X-ray to CT job keeps the stages it showed)."""
         return []
 
+    def ended(self) -> None:
+        """Work to do once the job has ended, however it ended (its state and error are set; the nodes of a job that
+        did not complete are removed), e.g. say what a cancelled job kept."""
+
     def update(self) -> None:
         """Work to do in the polling thread while the job runs (e.g. show a stage preview)."""
 
@@ -459,6 +463,7 @@ class CLIJob:
                 self.error = self._cancel_reason
             if self.state != JobState.COMPLETED:
                 self._remove_created_nodes()
+            self.ended()
         except BaseException:  # interrupted while importing (Ctrl-C): nothing half-made stays
             self.state = JobState.CANCELLED
             self.error = "interrupted while the result was imported; nothing was imported."

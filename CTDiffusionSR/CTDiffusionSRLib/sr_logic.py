@@ -468,9 +468,12 @@ class SRJob(CLIJob):
         outputs = 2 if self.settings.num_samples >= 2 else 1
         return int(voxels * ((2 if self.hand_off_dtype() == "int16" else 4) + 4 * outputs * ratio))
 
+    def label(self) -> str:
+        """What the result is called after its input's name: "SR x4", or "SR 1.5 mm" for a target spacing."""
+        return sr_label(None if self.settings.target_spacing > 0 else self.factor, self.settings.target_spacing)
+
     def result_files(self, tempdir: Path) -> list[tuple[Path, str]]:
-        label = sr_label(None if self.settings.target_spacing > 0 else self.factor, self.settings.target_spacing)
-        return [(tempdir / "output.nrrd", f"{synthetic_name(self.input_node.GetName(), label)}.nrrd")]
+        return [(tempdir / "output.nrrd", f"{synthetic_name(self.input_node.GetName(), self.label())}.nrrd")]
 
     def import_results(self, tempdir: Path) -> list:
         out_file = tempdir / "output.nrrd"
@@ -484,7 +487,7 @@ class SRJob(CLIJob):
         if isinstance(used, int) and used >= 2:  # the engine's decision, on the grid it really read
             self.factor = used
         settings = {**self.settings.to_dict(), "factor_used": self.factor, "report_settings": report.get("settings")}
-        label = sr_label(None if self.settings.target_spacing > 0 else self.factor, self.settings.target_spacing)
+        label = self.label()
         if in_scene(self.scene, self.output_node):
             node = self.output_node
             set_node_from_volume(node, result)

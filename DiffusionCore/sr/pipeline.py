@@ -192,7 +192,8 @@ def interpolate_cubic(
     if chunks == 1:
         _check_cancel(cancel)
         whole = interpolate(volume, grid, "cubic").array
-        whole = whole.astype(np.float32) if np.may_share_memory(whole, volume.array) else whole
+        if np.may_share_memory(whole, volume.array) or whole.dtype != np.float32:
+            whole = whole.astype(np.float32)  # the caller may change it in place: never the input's array
         if progress is not None:
             progress(1, 1)
         return whole

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from CTDiffusionSRLib.jobs import CLIJob
+from CTDiffusionSRLib.jobs import CLIJob, exception_text
 from CTDiffusionSRLib.mrml_io import (
     add_volume_node,
     dicom_source_files,
@@ -386,9 +386,10 @@ def grid_text(shape) -> str:
 
 
 def unreadable_reason(exc: BaseException, path: str = "") -> tuple[str, str]:
-    """Why a volume file could not be read: ``(what the user is told, the reader's message)``. The message is cut to
-    its first line, without the job's private file ``path``."""
-    detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "") or type(exc).__name__
+    """Why a volume file could not be read: ``(what the user is told, the reader's message)``. The message is the
+    exception named with its first line (:func:`~CTDiffusionSRLib.jobs.exception_text`), without the job's private
+    file ``path``."""
+    detail = exception_text(exc)
     if path:
         detail = detail.replace(path, "the file")
     if isinstance(exc, MemoryError):
@@ -473,7 +474,6 @@ class XrayJob(CLIJob):
         self.stages_planned: int | None = None
         self._given_name = ""  # the name the job last gave the preview: another one is the user's
         self._grid = ""  # the preview's grid (grid_text) as the last shown stage made it
-        self._said_what_was_kept = False
         self._pending: list[dict] = []
         self._pending_lock = threading.Lock()
         self.reference_metrics: dict = {}
@@ -606,10 +606,8 @@ class XrayJob(CLIJob):
             f"'{self.preview_node.GetName()}'. It is a lower-resolution synthetic CT; Apply again for the full result."
         )
 
-    def _say_what_was_kept(self) -> None:
-        if self._said_what_was_kept or self.state not in (JobState.CANCELLED, JobState.FAILED):
-            return
-        self._said_what_was_kept = True
+    def ended(self) -> None:
+        """Say what a cancelled or failed job kept."""
         notice = self.kept_notice()
         if notice:
             logger.info("%s", notice)
@@ -623,15 +621,6 @@ class XrayJob(CLIJob):
 
     def kept_nodes(self) -> list:
         return [self.preview_node] if self.kept_notice() else []
-
-    def poll(self) -> JobState:
-        state = super().poll()
-        self._say_what_was_kept()
-        return state
-
-    def cancel(self) -> None:
-        super().cancel()
-        self._say_what_was_kept()
 
     def _changed_inputs_notices(self) -> list[str]:
         """What the user should know about an input changed while the job ran (the result was made from, and the
