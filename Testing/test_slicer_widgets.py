@@ -514,7 +514,8 @@ def panels(widgets, monkeypatch):
     sr_widget = importlib.import_module("CTDiffusionSRLib.sr_widget")
     monkeypatch.setattr(sr_widget, "ensureDependencies", lambda training=False: True)
     xray_widget = importlib.import_module("XrayToCTLib.xray_widget")
-    yield types.SimpleNamespace(sr=sr_widget, xray=xray_widget, views=views, dialogs=widgets.dialogs)
+    yield types.SimpleNamespace(sr=sr_widget, xray=xray_widget, module_widget=module_widget, views=views,
+                                dialogs=widgets.dialogs)
     for name in names:
         sys.modules.pop(name, None)
 
@@ -592,6 +593,28 @@ def test_the_sr_panel_says_why_apply_is_disabled_and_a_second_press_cancels(pane
     assert ui.applyButton.text == "Apply" and p.resultVolume is None and panels.dialogs.errors == []
     assert scene.GetNumberOfNodes() == nodes_before
     panel.cleanup()
+
+
+def test_a_double_click_on_apply_starts_the_job_and_does_not_cancel_it(panels, scene, monkeypatch):
+    """Apply turns into Cancel as the job starts; Qt delivers a double click's second click right after the first
+    one's handler returns, which used to cancel the job the first click had just started."""
+    panel, p, ui = _open(panels.sr.SRWidget)
+    p.inputVolume = mrml_io.add_volume_node(scene, phantom_ct(), "CT_03")
+    monkeypatch.setattr(panels.module_widget, "doubleClickSeconds", lambda: 3600.0)  # any click is "soon"
+    ui.applyButton.emit("clicked(bool)", True)
+    ui.applyButton.emit("clicked(bool)", True)  # the second click of the double click
+    assert panel.monitor.running and panels.dialogs.errors == []
+    monkeypatch.setattr(panels.module_widget, "doubleClickSeconds", lambda: 0.0)  # a later, deliberate click
+    ui.applyButton.emit("clicked(bool)", True)
+    assert not panel.monitor.running and ui.statusLabel.text == "Cancelled; nothing was added to the scene."
+    panel.cleanup()
+
+
+def test_the_double_click_interval_is_qts_or_half_a_second(widgets, monkeypatch):
+    assert widgets.doubleClickSeconds() == widgets.DEFAULT_DOUBLE_CLICK_SECONDS  # the stand-in has no QApplication
+    monkeypatch.setattr(sys.modules["qt"], "QApplication", types.SimpleNamespace(doubleClickInterval=lambda: 250),
+                        raising=False)  # fmt: skip
+    assert widgets.doubleClickSeconds() == 0.25
 
 
 def test_closing_the_scene_stops_the_job_without_an_error_dialog(panels, scene):

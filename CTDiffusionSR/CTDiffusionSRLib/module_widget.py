@@ -15,6 +15,7 @@ import abc
 import importlib
 import pathlib
 import sys
+import time
 
 import slicer
 import vtk
@@ -25,6 +26,7 @@ from .widgets import (
     JobMonitor,
     TrainingPanel,
     applyCacheFolderSetting,
+    doubleClickSeconds,
     ensureDependencies,
     exportResultWithDialog,
     fillWeightsComboBox,
@@ -62,6 +64,7 @@ class ModuleWidget(VTKObservationMixin, abc.ABC):
         self.parent = parent
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._appliedAt = 0.0  # when Apply last started a job (a double click's second click does not cancel it)
         self.uiWidget = slicer.util.loadUI(str(self.uiPath))
         self.ui = slicer.util.childWidgetVariables(self.uiWidget)
         self.uiWidget.setMRMLScene(slicer.mrmlScene)
@@ -174,14 +177,18 @@ class ModuleWidget(VTKObservationMixin, abc.ABC):
 
     # -- running --------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
-        """Start the module's job, installing what is missing first; while a job runs, cancel it."""
+        """Start the module's job, installing what is missing first; while a job runs, cancel it (but not on the
+        second click of a double click that started it)."""
         if self.monitor.running:
-            self.monitor.cancel()
+            # Qt delivers a double click's second click once this handler has returned from starting the job
+            if time.monotonic() - self._appliedAt >= doubleClickSeconds():
+                self.monitor.cancel()
             return
         if not ensureDependencies():
             return
         self.startJob(self._parameterNode)
         self._checkCanApply()
+        self._appliedAt = time.monotonic()
 
     @abc.abstractmethod
     def startJob(self, p) -> None:

@@ -20,6 +20,18 @@ CACHE_SETTINGS_KEY = "CTDiffusion/CacheFolder"
 #: Milliseconds between two looks at a running job.
 POLL_INTERVAL_MS = 200
 PROGRESS_STEPS = 1000
+#: How long after a job's start a click on its button is taken as the second click of a double click (Qt's
+#: double-click interval when it can be read): Apply turns into Cancel as the job starts, so a user who double-clicks
+#: Apply would otherwise start the job and cancel it at once.
+DEFAULT_DOUBLE_CLICK_SECONDS = 0.5
+
+
+def doubleClickSeconds() -> float:
+    """The desktop's double-click interval in seconds (Qt's setting), else :data:`DEFAULT_DOUBLE_CLICK_SECONDS`."""
+    try:
+        return max(0.0, float(qt.QApplication.doubleClickInterval()) / 1000.0)
+    except Exception:  # no QApplication (tests' stand-in), or an interval Qt does not give
+        return DEFAULT_DOUBLE_CLICK_SECONDS
 
 
 def ensureDependencies(training: bool = False) -> bool:
