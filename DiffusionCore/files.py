@@ -138,12 +138,18 @@ def partial_folder(final: str | os.PathLike, suffix: str = "") -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{p.name}.{os.getpid()}.", suffix=PARTIAL + suffix, dir=p.parent))
 
 
+#: Whether this is Windows, where :func:`pid_running` must not use ``os.kill``.
+ON_WINDOWS = os.name == "nt"
+
+
 def pid_running(pid: int) -> bool:
     """Whether process ``pid`` (on this machine) still runs: what tells a temporary file or folder of a killed
     process (stale: safe to remove) from one being written now. A process that cannot be told (another user's)
     counts as running, so that its files are kept."""
     if pid == os.getpid():
         return True
+    if ON_WINDOWS:  # os.kill(pid, 0) would end the process there (TerminateProcess), not test it
+        return _windows_pid_running(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -151,6 +157,27 @@ def pid_running(pid: int) -> bool:
     except (PermissionError, OSError):
         return True  # another user's process, or it cannot be told: keep its file
     return True
+
+
+def _windows_pid_running(pid: int) -> bool:
+    """:func:`pid_running` on Windows, asked of the process's exit code (never a signal: on Windows ``os.kill`` with
+    any signal but CTRL_C_EVENT/CTRL_BREAK_EVENT terminates the process). Whatever cannot be told counts as running."""
+    try:
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.OpenProcess(0x1000, False, int(pid))  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return kernel32.GetLastError() != 87  # ERROR_INVALID_PARAMETER: no such process (5, denied: running)
+        try:
+            code = ctypes.c_ulong()
+            if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+                return True
+            return code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    except Exception:  # no ctypes.windll, an API that fails: keep the file
+        return True
 
 
 def remove_stale_partials(final: str | os.PathLike) -> list[str]:

@@ -256,6 +256,73 @@ def test_a_folder_left_by_a_killed_process_is_removed_when_the_next_job_starts(s
     assert _job_folders(job_tmp) == ["ctdiffusion-alive", "ctdiffusion-unmarked"]
 
 
+def test_the_worker_of_a_killed_process_stops_by_itself(tmp_path, job_tmp):
+    """Slicer killed or crashed: its job's worker, in a process group of its own, must not compute on to the end. A
+    worker that prints progress also stops at its next line (the pipe is gone); a silent one (a long step, a training
+    run between its log lines) stops through the watch of the next test."""
+    worker = None
+    try:
+        code, worker, _folder = _start_job_in_a_child(tmp_path, job_tmp, "kill")
+        assert code == -signal.SIGKILL
+        deadline = time.monotonic() + 60
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker), "the worker must stop once the process that started it has ended"
+    finally:
+        if worker is not None and _alive(worker):
+            os.killpg(worker, signal.SIGKILL)
+
+
+def test_a_command_stops_when_the_application_named_as_its_parent_ends(tmp_path):
+    """What a job's command does (:func:`DiffusionCore.cli.common.sigterm_cancels`) when the process its
+    environment names (jobs.job_environment) ends: it stops as on SIGTERM, with exit code 130 and a line saying why."""
+    from DiffusionCore.cli.common import PARENT_PID_VARIABLE
+
+    assert jobs.job_environment()[PARENT_PID_VARIABLE] == str(os.getpid())
+    script = tmp_path / "command.py"
+    script.write_text(textwrap.dedent(
+        """
+        import sys, threading, time
+        from DiffusionCore.cli.common import run_guarded, sigterm_cancels
+
+        def work():
+            with sigterm_cancels(threading.Event(), "the command"):
+                print("working", flush=True)
+                time.sleep(120)
+            return 0
+
+        sys.exit(run_guarded(work))
+        """
+    ), encoding="utf-8")  # fmt: skip
+    application = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        command = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env={**ENV, PARENT_PID_VARIABLE: str(application.pid)})  # fmt: skip
+        assert command.stdout.readline().strip() == "working"
+        time.sleep(1.5)
+        assert command.poll() is None, "the command must run on while the application runs"
+        application.kill()
+        application.wait()
+        _out, err = command.communicate(timeout=60)
+    finally:
+        application.kill()
+        application.wait()
+    assert command.returncode == 130
+    assert f"the command was stopped: the application that started it (process {application.pid}) has ended" in err
+
+
+def test_telling_whether_a_process_runs_never_signals_it_on_windows(monkeypatch):
+    """On Windows, os.kill(pid, 0) terminates the process: asking whether the owner of a stale file runs must not."""
+    from DiffusionCore import files
+
+    def kill(pid, sig):
+        raise AssertionError(f"os.kill({pid}, {sig}) called")
+
+    monkeypatch.setattr(files.os, "kill", kill)
+    monkeypatch.setattr(files, "ON_WINDOWS", True)
+    assert files.pid_running(os.getppid()) is True  # not told here (no Windows API): kept, as the docstring says
+
+
 # -- the scene is closed -------------------------------------------------------------------------------------
 def test_closing_the_scene_stops_the_job(scene, job_tmp):
     """A script's job (no module panel to cancel it) whose scene is closed (File > Close Scene) must not put the

@@ -169,16 +169,18 @@ def find_cli_script(module_dir: str | os.PathLike, name: str) -> Path:
 
 
 def job_environment() -> dict[str, str]:
-    """Environment additions for a job: DiffusionCore importable in the child Python.
+    """Environment additions for a job: DiffusionCore importable in the child Python, and this process named as
+    the one whose end stops the job's command (a killed Slicer leaves no worker computing on).
 
     Inside Slicer, DiffusionCore sits next to the scripted modules, a folder that is on Slicer's
     ``sys.path`` but not necessarily on the ``PYTHONPATH`` a child ``PythonSlicer`` starts with.
     """
     import DiffusionCore
+    from DiffusionCore.cli.common import PARENT_PID_VARIABLE
 
     root = str(Path(DiffusionCore.__file__).resolve().parent.parent)
     paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
-    return {"PYTHONPATH": os.pathsep.join(paths)}
+    return {"PYTHONPATH": os.pathsep.join(paths), PARENT_PID_VARIABLE: str(os.getpid())}
 
 
 def read_return_parameters(path: str | os.PathLike) -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -172,29 +173,69 @@ def write_return_parameters(path: str, values: dict) -> None:
             f.write(f"{key} = {value}\n")
 
 
+#: The environment variable through which an application that starts a command as its job (the Slicer modules) names
+#: its own process: the command stops, as on SIGTERM, once that process has ended (:func:`sigterm_cancels`).
+PARENT_PID_VARIABLE = "DIFFUSIONCORE_PARENT_PID"
+#: How often (seconds) a command started as a job checks that the application that started it still runs.
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _watch_parent(stop: threading.Event, ended: list[int]) -> None:
+    """Until ``stop``: when the process named by :data:`PARENT_PID_VARIABLE` has ended (Slicer killed or crashed),
+    record it in ``ended`` and deliver SIGTERM to the main thread, which stops the command as a cancel does."""
+    import _thread
+
+    from ..files import pid_running
+
+    text = os.environ.get(PARENT_PID_VARIABLE, "")
+    if not text.isdigit() or not pid_running(int(text)):  # not a job, or its application is already gone
+        return
+    while not stop.wait(PARENT_CHECK_SECONDS):
+        if not pid_running(int(text)):
+            ended.append(int(text))
+            if hasattr(signal, "pthread_kill"):  # a real signal: it also ends a wait the main thread is blocked in
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+            else:  # Windows
+                _thread.interrupt_main(signal.SIGTERM)
+            return
+
+
 @contextmanager
 def sigterm_cancels(cancel: threading.Event | None = None, what: str = "the run",
                     outcome: str = "; no output was written.") -> Iterator[None]:
     """While active, SIGTERM (Slicer's Cancel button, ``kill``) sets ``cancel`` and raises Cancelled (exit
     130) with the message ``"{what} was stopped by signal SIGTERM{outcome}"``.
 
+    A command started as an application's job (:data:`PARENT_PID_VARIABLE` set) stops the same way when that
+    application's process ends: a Slicer that was killed or crashed leaves no command computing on for minutes or
+    hours, a training run included (it saves what SIGTERM saves).
+
     Outputs are written atomically after the work, so a terminated command leaves no output file. Only
     the main thread can install signal handlers; elsewhere this does nothing.
     """
     from ..errors import Cancelled
 
+    ended: list[int] = []
+
     def on_signal(signum, frame):
         if cancel is not None:
             cancel.set()
+        if ended:
+            raise Cancelled(f"{what} was stopped: the application that started it (process {ended[0]}) has "
+                            f"ended{outcome}")  # fmt: skip
         raise Cancelled(f"{what} was stopped by signal {signal.Signals(signum).name}{outcome}")
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     old = signal.signal(signal.SIGTERM, on_signal)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_parent, args=(stop, ended), name="parent-watch", daemon=True)
+    watcher.start()
     try:
         yield
     finally:
+        stop.set()
         signal.signal(signal.SIGTERM, old)
 
 
