@@ -11,7 +11,17 @@ from skimage.metrics import structural_similarity
 
 from DiffusionCore.degrade import crop_to_slabs, degrade, thin_grid
 from DiffusionCore.interpolation import interpolate
-from DiffusionCore.metrics import body_mask, consistency_psnr, hu_mae, psnr, quality_report, ssim3d
+from DiffusionCore.metrics import (
+    BODY_MASK_DEFINITION,
+    ReferenceStats,
+    body_mask,
+    consistency_psnr,
+    hu_mae,
+    psnr,
+    quality_report,
+    ssim3d,
+)
+from DiffusionCore.volume import Volume
 
 PEAK = 3072.0  # width of the default HU range [-1024, 2048]
 
@@ -106,6 +116,44 @@ def body_outside_air(arr):
         edge = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))) - {0}
         out[z] = np.isin(labels, list(edge))
     return out
+
+
+def legs_on_a_table() -> Volume:
+    """Two legs apart (fat, muscle, a bone; 48 mm across) on a CT table (a plate 4 mm thick and a 10 mm rail),
+    with specks in the air between them: 12 slices of 2.5 mm, 1 mm pixels."""
+    z, y, x = np.meshgrid(np.arange(12), np.arange(96), np.arange(128), indexing="ij")
+    a = np.full((12, 96, 128), -1000.0, np.float32)
+    for cx, r in ((36, 24), (92, 22)):  # the right leg a little thicker
+        d = np.hypot(y - 44, x - cx)
+        a[d < r] = -90.0  # fat
+        a[d < r - 5] = 40.0  # muscle
+        a[np.hypot(y - 44, x - cx + 2 * np.sin(z / 3)) < 6] = 1100.0  # bone
+    a[:, 74:78, 4:124] = 200.0  # the table top
+    a[:, 78:88, 60:70] = 200.0  # its rail
+    a[5, 20, 64] = a[5:7, 60:62, 64:66] = 50.0  # specks (fluff, a drop of noise)
+    return Volume(a, (1.0, 1.0, 2.5), (0.0, 0.0, 0.0))
+
+
+def test_body_mask_keeps_every_body_part_and_leaves_out_the_table():
+    """Two legs apart are two components: the mask kept the larger only, so body PSNR and MAE measured one leg
+    (50% of the tissue). Now each part that a 25 mm square fits in, and of 10 cm^3 or more, is body; the table
+    (a plate and a rail: no such square) and the specks (too small) are not."""
+    vol = legs_on_a_table()
+    a = vol.array
+    mask = body_mask(vol)
+    legs = (a > -500) & (np.arange(96)[None, :, None] < 70)
+    legs[5, 20, 64] = legs[5:7, 60:62, 64:66] = False  # the specks
+    assert mask[legs].all()  # both legs, not one
+    assert mask[:, 44, 36].all() and mask[:, 44, 92].all()
+    assert not mask[:, 74:].any()  # the table
+    assert not mask[5, 20, 64] and not mask[5, 60, 64]  # the specks
+    assert not mask[:, 44, 62:68].any()  # the air between the legs
+    assert np.array_equal(ReferenceStats(vol).body_mask(), mask)
+    # the same scan stored in sagittal slices (array axis 0 along x): the square lies in the axial plane still
+    direction = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    sagittal = Volume(np.ascontiguousarray(a.transpose(2, 0, 1)), (2.5, 1.0, 1.0), (0.0, 0.0, 0.0), direction)
+    assert np.array_equal(body_mask(sagittal), mask.transpose(2, 0, 1))
+    assert "25 x 25 mm square" in BODY_MASK_DEFINITION and "10 cm^3" in BODY_MASK_DEFINITION
 
 
 def test_body_mask_of_pure_air_is_empty():

@@ -40,14 +40,22 @@ def direct_ssim3d(ref, test, hu_range=(-1024.0, 2048.0), sigma=1.5, truncate=3.5
     return float(s.mean())
 
 
-def direct_body_mask(a, threshold=-500.0):
-    """The body mask as first written: scipy's fill-holes in 3D, then in every axial slice."""
-    labels, n = ndimage.label(a > threshold)
+def direct_body_mask(a, threshold=-500.0, spacing_zyx=(1.0, 1.0, 1.0)):
+    """The body mask from its definition: the largest component of ``a > threshold`` and every other one of at least
+    BODY_PART_MIN_MM3 that holds a BODY_PART_MIN_SIDE_MM square in an axial slice (a binary erosion of the whole
+    thresholded volume by that square, which, face-connected, fits in one component or none), then scipy's
+    fill-holes in 3D and in every axial slice (array axis 0)."""
+    tissue = a > threshold
+    labels, n = ndimage.label(tissue)
     if n == 0:
         return np.zeros(a.shape, bool)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    mask = ndimage.binary_fill_holes(labels == np.argmax(sizes))
+    side = [math.ceil(metrics.BODY_PART_MIN_SIDE_MM / s) for s in spacing_zyx[1:]]
+    fits = np.unique(labels[ndimage.binary_erosion(tissue, np.ones((1, *side), bool))])
+    big = np.flatnonzero(sizes * math.prod(spacing_zyx) >= metrics.BODY_PART_MIN_MM3)
+    mask = np.isin(labels, [np.argmax(sizes), *np.intersect1d(big, fits[fits > 0])])
+    mask = ndimage.binary_fill_holes(mask)
     for z in range(mask.shape[0]):
         mask[z] = ndimage.binary_fill_holes(mask[z])
     return mask
@@ -129,7 +137,27 @@ def test_body_mask_equals_scipy_fill_holes(seed):
 
 
 def test_body_mask_of_the_phantom_equals_scipy_fill_holes(phantom):
-    assert np.array_equal(body_mask(phantom), direct_body_mask(phantom.array))
+    assert np.array_equal(body_mask(phantom), direct_body_mask(phantom.array, spacing_zyx=phantom.spacing_zyx))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_body_mask_with_several_parts_equals_its_definition(seed):
+    """Blobs of every size and shape at 4 mm voxels (125 voxels make the least volume of a body part, 7 x 7 pixels
+    the least square), with holes: each part is kept or dropped as the definition says, and the holes between
+    the parts kept are filled as in one volume."""
+    rng = np.random.default_rng(seed)
+    a = np.where(ndimage.gaussian_filter(rng.normal(size=(12, 64, 64)), 2.0) > 0.08, 40.0, -1000.0)
+    a[rng.random(a.shape) < 0.01] = -800.0  # holes
+    a[:, 56:] = -1000.0
+    a[:, 60:62, 20:40] = 100.0  # a thin plate below the rest, as a table (a candidate by its size)
+    vol = Volume(a.astype(np.float32), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    labels, n = ndimage.label(a > -500)
+    sizes = np.bincount(labels.ravel())[1:]
+    assert n > 3 and (sizes >= 125).sum() > 2  # several candidate parts besides the largest
+    expected = direct_body_mask(vol.array, spacing_zyx=vol.spacing_zyx)
+    assert np.array_equal(body_mask(vol), expected)
+    assert np.array_equal(ReferenceStats(vol).body_mask(), expected)
+    assert not expected[:, 60:62].any()  # the plate is left out
 
 
 def test_evaluate_scores_each_method_as_if_alone(phantom):

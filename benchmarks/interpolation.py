@@ -26,7 +26,7 @@ import torch
 from DiffusionCore import sampledata
 from DiffusionCore.evaluate import evaluate, format_table
 from DiffusionCore.files import write_json_atomic
-from DiffusionCore.metrics import BODY_THRESHOLD_HU, HU_RANGE
+from DiffusionCore.metrics import BODY_MASK_DEFINITION, HU_RANGE
 from DiffusionCore.sampledata import load_reference
 
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference_spacing_xyz_mm": list(ref.spacing),
         "degradation": f"{args.degradation} along z ({'mean of k slices, one per slab' if args.degradation == 'slab' else 'one slice per slab'})",
         "hu_range": list(HU_RANGE),
-        "mask": f"body: HU > {BODY_THRESHOLD_HU:g}, largest component, holes filled (3D and per axial slice)",
+        "mask": f"body: {BODY_MASK_DEFINITION}",
         "ssim": "3D, Gaussian window sigma 1.5, interior voxels",
         "threads": torch.get_num_threads(),
         "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",

@@ -61,8 +61,8 @@ BODY_PROBE_FOV = 1.5
 
 def body_ap_offset(cube: Volume) -> float:
     """How far (mm, along LPS y: + posterior) the middle of the body lies from the centre of an identity-direction
-    cube: the middle of the front-to-back extent of its body mask (HU > -500, largest component, so the table
-    apart from the patient does not count). 0 when the cube holds no body."""
+    cube: the middle of the front-to-back extent of its body mask (:func:`~DiffusionCore.metrics.body_mask` of the bare
+    voxels, each counted as 1 mm: HU > -500, the table apart from the patient left out). 0 when the cube holds no body."""
     from ..metrics import body_mask
 
     rows = np.flatnonzero(body_mask(cube.array).any(axis=(0, 2)))  # array (z, y, x): y is axis 1
@@ -114,8 +114,8 @@ def check_cube_size(vol: Volume, name: str) -> None:
 
 
 def body_fraction(cube: Volume | np.ndarray) -> float:
-    """Share (0..1) of a cube's voxels inside the body (:func:`~DiffusionCore.metrics.body_mask`: HU > -500, the
-    largest component, holes such as the lungs filled). Size-independent: the 64^3 cube is enough."""
+    """Share (0..1) of a cube's voxels inside the body (:func:`~DiffusionCore.metrics.body_mask` of the bare voxels:
+    HU > -500 without the table, holes such as the lungs filled). Size-independent: the 64^3 cube is enough."""
     from ..metrics import body_mask
 
     return float(body_mask(cube.array if isinstance(cube, Volume) else cube).mean())
