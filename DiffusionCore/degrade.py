@@ -65,23 +65,42 @@ def _scaled_spacing(spacing: tuple[float, float, float], axis: int, scale: float
     return tuple(sp)  # type: ignore[return-value]
 
 
+def slab_crop(n: int, factor: int, *, reverse: bool = False) -> slice:
+    """The array indices kept when ``n`` slices are cut to whole slabs of ``factor``.
+
+    The ``n % factor`` slices left over are dropped at the end of the scan that lies furthest along the axis's
+    canonical direction (:func:`~DiffusionCore.geometry.storage_flips`): the last ones of the array, or the first
+    ones when the axis is stored ``reverse`` of that direction. A scan stored either way is then cut into the
+    same physical slabs.
+    """
+    kept = n - n % int(factor)
+    return slice(n - kept, n) if reverse else slice(0, kept)
+
+
+def _kept_slices(vol: Volume, factor: int, axis: int) -> slice:
+    return slab_crop(vol.shape[axis], factor, reverse=axis in storage_flips(vol.direction))
+
+
 def degrade(vol: Volume, factor: int, axis: str | int = "z", method: Degradation = "slab") -> Volume:
     """Simulate a thick-slice acquisition along ``axis``.
 
     Args:
         vol: thin-slice volume.
-        factor: slices per slab ``k`` (2..8). Trailing slices that do not fill a slab are dropped.
+        factor: slices per slab ``k`` (2..8). Slices that do not fill a slab are dropped, at the same physical
+            end whatever the storage order (:func:`slab_crop`; :func:`crop_to_slabs` is the thin volume kept).
         axis: array axis ``z``/``y``/``x`` (0/1/2).
         method: ``"slab"`` (mean of ``k`` slices, a box slice profile) or ``"decimate"`` (keep the slice
             at index ``(k - 1) // 2`` of each slab).
 
     Returns:
-        The thick volume, with spacing ``k`` times larger along the axis and exact origin.
+        The thick volume, with spacing ``k`` times larger along the axis and exact origin: the centre of each
+        slab (slab) or the kept slice (decimate).
     """
     ax = axis_index(axis)
     k = _check_factor(factor, vol.shape[ax], ax)
+    kept = _kept_slices(vol, k, ax)
     m = vol.shape[ax] // k
-    arr = np.moveaxis(vol.array, ax, 0)[: m * k]
+    arr = np.moveaxis(vol.array, ax, 0)[kept]
     if method == "slab":
         thick = arr.reshape(m, k, *arr.shape[1:]).mean(axis=1, dtype=np.float64).astype(np.float32)
         offset = (k - 1) / 2.0
@@ -95,19 +114,21 @@ def degrade(vol: Volume, factor: int, axis: str | int = "z", method: Degradation
     return Volume(
         np.moveaxis(thick, 0, ax),
         _scaled_spacing(vol.spacing, ax, k),
-        _shift_origin(grid, ax, offset),
+        _shift_origin(grid, ax, kept.start + offset),
         vol.direction.copy(),
         {**vol.metadata, "degradation": method, "factor": k, "axis": "zyx"[ax]},
     )
 
 
 def crop_to_slabs(vol: Volume, factor: int, axis: str | int = "z") -> Volume:
-    """The thin volume cut to a whole number of slabs (the reference grid for evaluating ``degrade``)."""
+    """The thin volume cut to a whole number of slabs (the reference grid for evaluating ``degrade``): the
+    slices :func:`slab_crop` keeps, with the origin moved when the first ones are dropped."""
     ax = axis_index(axis)
     k = _check_factor(factor, vol.shape[ax], ax)
-    m = vol.shape[ax] // k
-    arr = np.moveaxis(vol.array, ax, 0)[: m * k]
-    return Volume(np.moveaxis(arr, 0, ax).copy(), vol.spacing, vol.origin, vol.direction.copy(), dict(vol.metadata))
+    kept = _kept_slices(vol, k, ax)
+    arr = np.moveaxis(vol.array, ax, 0)[kept]
+    return Volume(np.moveaxis(arr, 0, ax).copy(), vol.spacing, _shift_origin(vol.grid, ax, kept.start),
+                  vol.direction.copy(), dict(vol.metadata))  # fmt: skip
 
 
 # -- data consistency: the correction that the slab degradation maps back onto the thick input ----------
@@ -378,7 +399,9 @@ def thin_grid(
 
     Thin slices tile each thick slab: the first thin slice centre lies half a thin spacing above the lower
     edge of the first slab. For a volume made by ``degrade(vol, k, method="slab")`` with ``factor=k`` this
-    is exactly the grid of ``crop_to_slabs(vol, k)``. With a target spacing that does not divide the slice
+    is exactly the grid of ``crop_to_slabs(vol, k)``; a decimated volume's slices are no slab centres, so its
+    thin slices are those of the cropped reference instead (``crop_to_slabs(vol, k).grid``, what
+    :func:`~DiffusionCore.evaluate.evaluate` scores on). With a target spacing that does not divide the slice
     spacing, the thin slices are centred in the thick extent (the part of a thin spacing left over is split
     between both ends), so a scan stored in reverse order gets the same slice positions.
 

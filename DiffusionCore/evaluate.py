@@ -1,7 +1,7 @@
 """Evaluate reconstruction methods against a thin-slice reference.
 
 The reference is cut to a whole number of slabs, degraded (slab average or decimation) by ``factor``
-along ``axis``, and every method reconstructs the thin grid from the thick input. Methods are looked up
+along ``axis``, and every method reconstructs the reference's own thin grid from the thick input. Methods are looked up
 in a registry: the interpolation baselines are built in; model-based methods (``sr``) register
 themselves from their own module, loaded on first use.
 """
@@ -9,29 +9,67 @@ themselves from their own module, loaded on first use.
 from __future__ import annotations
 
 import logging
+import math
+import platform
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .degrade import THIN_SLICE_MM, Degradation, crop_to_slabs, degrade, thin_grid
+import numpy as np
+
+from .degrade import (
+    DEGRADATIONS,
+    THIN_SLICE_MM,
+    Degradation,
+    crop_to_slabs,
+    degrade,
+    slab_crop,
+    slab_thickness_note,
+)
 from .errors import InputError
+from .geometry import storage_flips
 from .interpolation import INTERPOLATION_METHODS, interpolate
-from .metrics import HU_RANGE, ReferenceStats, quality_report, ssim_window
+from .metrics import (
+    BODY_MASK_DEFINITION,
+    BODY_THRESHOLD_HU,
+    HU_RANGE,
+    ReferenceStats,
+    quality_report,
+    ssim_window,
+)
 from .volume import Grid, Volume, axis_index
 
 logger = logging.getLogger(__name__)
 
-#: A reconstruction method: (thick volume, target thin grid, options) -> volume on that grid.
+#: A reconstruction method: (thick volume, target thin grid, options) -> volume on that grid. ``options["report"]``
+#: is a dict the method may fill with what a reader of its figures needs (weights, settings, adaptation record).
 Reconstructor = Callable[[Volume, Grid, dict], Volume]
+
+#: The scores of a result row, in the order of the table.
+SCORE_KEYS = ("psnr", "psnr_body", "ssim", "hu_mae_body", "consistency_psnr")
+
+#: What ``null`` in a report's scores stands for (JSON has no infinity; NaN scores are refused, never written).
+NULL_SCORE_MEANING = (
+    "null in a score means +infinity: an exact result (zero error, e.g. nearest's consistency); infinite_scores "
+    "lists each one"
+)
+
+#: Slab-only methods: name -> why they do not fit another degradation.
+_SLAB_ONLY: dict[str, str] = {}
 
 _METHODS: dict[str, Reconstructor] = {}
 
 
-def register_method(name: str, fn: Reconstructor) -> None:
+def register_method(name: str, fn: Reconstructor, *, slab_only: str = "") -> None:
     """Make ``name`` a method of :func:`evaluate`. The interpolations register here; the model methods
     (``sr``, ``sr+adapt``, ``cubic+dc``) register when :mod:`DiffusionCore.sr.pipeline` is imported, which the
-    ``evaluate`` command, the demo and the benchmarks do."""
+    ``evaluate`` command, the demo and the benchmarks do. ``slab_only``: why the method only fits slab-averaged
+    thick slices (it is then refused with ``degradation="decimate"``)."""
     _METHODS[name] = fn
+    if slab_only:
+        _SLAB_ONLY[name] = slab_only
+    else:
+        _SLAB_ONLY.pop(name, None)
 
 
 for _name in INTERPOLATION_METHODS:
@@ -43,6 +81,21 @@ def get_method(name: str) -> Reconstructor:
         hint = "" if "sr" in _METHODS else " (the model methods sr, sr+adapt and cubic+dc need `import DiffusionCore.sr.pipeline` first)"
         raise InputError(f"unknown method {name!r}: choose from {', '.join(sorted(_METHODS))}{hint}")
     return _METHODS[name]
+
+
+def check_method_fits(name: str, degradation: str) -> None:
+    """Refuse a method that assumes slab-averaged thick slices under another degradation.
+
+    Raises:
+        InputError: naming the method, why, and what to do.
+    """
+    if degradation != "slab" and name in _SLAB_ONLY:
+        usable = ", ".join(m for m in sorted(_METHODS) if m not in _SLAB_ONLY)
+        raise InputError(
+            f"the method {name} cannot be scored with --degradation {degradation}: {_SLAB_ONLY[name]}, so its figures "
+            f"would measure a mismatch, not the method. Use --degradation slab for {name}, or leave it out "
+            f"({degradation} fits {usable})"
+        )
 
 
 def check_scorable(shape: tuple[int, ...], factor: int, axis: int, reference_name: str = "reference") -> None:
@@ -64,6 +117,68 @@ def check_scorable(shape: tuple[int, ...], factor: int, axis: int, reference_nam
         )
 
 
+def check_on_grid(out: Volume, grid: Grid, name: str) -> None:
+    """Refuse a reconstruction that is not on the reference's grid: scoring it voxel by voxel would compare
+    different places (a method's thin slices half a slice off, for instance).
+
+    Raises:
+        RuntimeError: naming the method and how far off it is.
+    """
+    if out.shape != grid.shape:
+        raise RuntimeError(f"method {name} returned shape {out.shape}, expected the reference's {grid.shape}")
+    got, want = out.grid, grid
+    tol = 1e-4 * min(want.spacing)  # mm: far below any real offset, far above the rounding of grid arithmetic
+    off = np.abs(np.asarray(got.origin) - np.asarray(want.origin)).max()
+    if (
+        off > tol
+        or not np.allclose(got.spacing, want.spacing, rtol=0, atol=tol)
+        or not np.allclose(got.direction, want.direction, rtol=0, atol=1e-6)
+    ):
+        raise RuntimeError(
+            f"method {name} returned a volume off the reference's grid (origin {np.round(got.origin, 4).tolist()} "
+            f"against {np.round(want.origin, 4).tolist()} mm, {off:.4g} mm apart; spacing "
+            f"{np.round(got.spacing, 5).tolist()} against {np.round(want.spacing, 5).tolist()} mm): its figures would "
+            "compare different places. This is a bug in the method; report it."
+        )
+
+
+def run_environment() -> dict[str, Any]:
+    """What an evaluation's figures also depend on: versions, torch's thread count and the date (UTC)."""
+    import torch
+
+    from . import __version__  # imported here: the package imports this module while it starts
+    from .provenance import now_utc
+
+    return {
+        "date": now_utc(),
+        "diffusioncore_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "torch_threads": int(torch.get_num_threads()),
+    }
+
+
+def _reference_warnings(reference: Volume, factor: int, ax: int, reference_name: str) -> list[str]:
+    """Why the reference may not be thin truth: slices far apart, or thicker than their spacing."""
+    warnings = []
+    spacing = float(reference.spacing_zyx[ax])
+    if spacing > THIN_SLICE_MM:  # the benchmarks score the 5 mm sample so on purpose; a user may not know
+        warnings.append(
+            f"{reference_name}: its slices are {spacing:g} mm apart, so x{factor} simulates {spacing * factor:g} mm "
+            f"slabs and scores against slices that are not thin themselves; for figures that say how a method "
+            f"restores thin slices, use a reference of {THIN_SLICE_MM:g} mm or less"
+        )
+    note = slab_thickness_note(reference, ax)  # what `sr` says of such a series, and what it means for a reference
+    if note:
+        warnings.append(
+            f"{reference_name}: {note}. As an evaluation reference its slices are not the {spacing:g} mm slabs the "
+            f"simulated thick input averages, so the figures score against slices blurred over "
+            f"{reference.metadata.get('slice_thickness_mm'):g} mm (or with gaps); prefer a series reconstructed "
+            "with slice thickness = spacing"
+        )
+    return warnings
+
+
 def evaluate(
     reference: Volume,
     factor: int,
@@ -75,49 +190,87 @@ def evaluate(
     reference_name: str = "reference",
     hu_range: tuple[float, float] = HU_RANGE,
     progress: Callable[[int, int, str], None] | None = None,
+    keep: Callable[[str, Volume], None] | None = None,
 ) -> dict:
-    """Simulate thick slices from ``reference`` and score each method on the thin grid.
+    """Simulate thick slices from ``reference`` and score each method on the reference's grid.
+
+    The reference is cut to whole slabs of ``factor`` along ``axis`` (:func:`~DiffusionCore.degrade.slab_crop`:
+    the slices left over go at the same physical end whatever the storage order) and degraded
+    (:func:`~DiffusionCore.degrade.degrade`: slab average, or decimation keeping slice ``(factor - 1) // 2`` of
+    each slab). Every method reconstructs onto the cropped reference's own grid, which is checked
+    (:func:`check_on_grid`). Model methods that assume slab averaging are refused with another degradation
+    (:func:`check_method_fits`).
+
+    Args:
+        keep: called as ``keep(what, volume)`` with ``"reference"`` (the cropped reference), ``"thick"`` (the
+            simulated input) and each method's name and reconstruction, as soon as each exists (to save them).
 
     Returns:
         ``{"reference", "factor", "axis", "degradation", "hu_range", "results": [{"method", "psnr",
-        "psnr_body", "ssim", "hu_mae_body", "consistency_psnr", "seconds"}]}``; ``seconds`` is the time
-        the method took to reconstruct (metrics not included).
+        "psnr_body", "ssim", "hu_mae_body", "consistency_psnr", "seconds"}], ...}``; ``seconds`` is the time
+        the method took to reconstruct (metrics not included). Also: ``reference_size_xyz``,
+        ``reference_spacing_xyz_mm`` (as scored, after the crop), ``thick_size_xyz``, ``thick_spacing_xyz_mm``,
+        ``slices_scored`` ([start, stop) along the axis, in ``reference``'s indices), ``slices_dropped``,
+        ``body_mask`` (``definition``, ``threshold_hu``, ``voxels``, ``fraction``), ``method_details`` (what
+        each model method reported: weights, settings, adaptation), ``infinite_scores`` ({method: [score keys]}
+        whose value is +inf) and ``null_scores``, ``warnings``, and :func:`run_environment`'s keys.
 
     What depends on the reference alone (body mask, the SSIM's local mean and variance) is computed
     once and shared by all methods (:class:`~DiffusionCore.metrics.ReferenceStats`).
     """
     ax = axis_index(axis)
+    if degradation not in DEGRADATIONS:
+        raise InputError(f"unknown degradation {degradation!r}: use one of {', '.join(DEGRADATIONS)}")
     fns = [(m, get_method(m)) for m in methods]  # fail on unknown names before any work
+    for m in methods:
+        check_method_fits(m, degradation)
     check_scorable(reference.shape, factor, ax, reference_name)
-    spacing = float(reference.spacing_zyx[ax])
-    if spacing > THIN_SLICE_MM:  # the benchmarks score the 5 mm sample so on purpose; a user may not know
-        logger.warning(
-            "%s: its slices are %g mm apart, so x%d simulates %g mm slabs and scores against slices that are not "
-            "thin themselves; for figures that say how a method restores thin slices, use a reference of %g mm or "
-            "less", reference_name, spacing, factor, spacing * factor, THIN_SLICE_MM,
+    warnings = _reference_warnings(reference, factor, ax, reference_name)
+    for w in warnings:
+        logger.warning("%s", w)
+    n = reference.shape[ax]
+    kept = slab_crop(n, factor, reverse=ax in storage_flips(reference.direction))
+    dropped = [i for i in range(n) if not kept.start <= i < kept.stop]
+    if dropped:
+        logger.info(
+            "%s: %d of its %d slices along %s do not fill a whole slab of %d and are left out: %s", reference_name,
+            len(dropped), n, "zyx"[ax], factor, ", ".join(map(str, dropped)),
         )  # fmt: skip
     ref = crop_to_slabs(reference, factor, ax)
     thick = degrade(ref, factor, ax, degradation)
-    grid = thin_grid(thick, factor, axis=ax)
+    grid = ref.grid  # every method reconstructs onto the reference's own thin slices, whatever the degradation
+    if keep:
+        keep("reference", ref)
+        keep("thick", thick)
     ref_stats = ReferenceStats(ref)
     mask = ref_stats.body_mask()
     if not mask.any():
         raise InputError(f"{reference_name}: no voxel above -500 HU, so there is no body to evaluate in.")
     results = []
+    details: dict[str, dict] = {}
+    infinite: dict[str, list[str]] = {}
     total = len(fns)
     for i, (name, fn) in enumerate(fns):
         if progress:
             progress(i, total, f"{name}: reconstructing")
+        method_report: dict[str, Any] = {}
         t0 = time.perf_counter()
-        out = fn(thick, grid, dict(method_options or {}))
+        out = fn(thick, grid, {**(method_options or {}), "report": method_report})
         seconds = time.perf_counter() - t0
-        if out.shape != ref.shape:
-            raise RuntimeError(f"method {name} returned shape {out.shape}, expected {ref.shape}")
+        check_on_grid(out, grid, name)
+        if keep:
+            keep(name, out)
         scores = quality_report(
             ref_stats, out, thick_input=thick, factor=factor, axis=ax, degradation=degradation, mask=mask,
             hu_range=hu_range,
         )
-        results.append({"method": name, **{k: float(v) for k, v in scores.items()}, "seconds": seconds})
+        row = {"method": name, **{k: float(v) for k, v in scores.items()}, "seconds": seconds}
+        results.append(row)
+        if method_report:
+            details[name] = method_report
+        exact = [k for k in SCORE_KEYS if isinstance(row.get(k), float) and math.isinf(row[k])]
+        if exact:
+            infinite[name] = exact
         logger.info("%s: body PSNR %.2f dB, 3D SSIM %.3f, body MAE %.1f HU (%.1f s)", name, scores["psnr_body"],
                     scores["ssim"], scores["hu_mae_body"], seconds)  # fmt: skip
     if progress:
@@ -129,7 +282,55 @@ def evaluate(
         "degradation": degradation,
         "hu_range": [int(hu_range[0]), int(hu_range[1])],
         "results": results,
+        "reference_size_xyz": list(ref.shape)[::-1],
+        "reference_spacing_xyz_mm": [float(s) for s in ref.spacing],
+        "thick_size_xyz": list(thick.shape)[::-1],
+        "thick_spacing_xyz_mm": [float(s) for s in thick.spacing],
+        "slices_scored": [kept.start, kept.stop],
+        "slices_dropped": dropped,
+        "body_mask": {
+            "definition": BODY_MASK_DEFINITION,
+            "threshold_hu": float(BODY_THRESHOLD_HU),
+            "voxels": int(np.count_nonzero(mask)),
+            "fraction": float(np.count_nonzero(mask) / mask.size),
+        },
+        "method_details": details,
+        "infinite_scores": infinite,
+        "null_scores": NULL_SCORE_MEANING,
+        "warnings": warnings,
+        **run_environment(),
     }
+
+
+def aggregate(reports: Sequence[dict]) -> dict:
+    """Mean and sample standard deviation (N - 1) of every score of every method over several volumes' reports.
+
+    Returns:
+        ``{"n", "sd", "results": [{"method", "n", "<score>_mean", "<score>_sd", ...}], "infinite_scores"}``:
+        a method's ``n`` counts the volumes it was scored on; ``_sd`` is None for one volume; a mean over a
+        volume with an infinite score is infinite (listed in ``infinite_scores``), its SD None.
+    """
+    rows: dict[str, dict[str, list[float]]] = {}
+    for report in reports:
+        for r in report["results"]:
+            per = rows.setdefault(r["method"], {})
+            for key in (*SCORE_KEYS, "seconds"):
+                if r.get(key) is not None:
+                    per.setdefault(key, []).append(float(r[key]))
+    results, infinite = [], {}
+    for method, per in rows.items():
+        row: dict[str, Any] = {"method": method, "n": max((len(v) for v in per.values()), default=0)}
+        for key, values in per.items():
+            a = np.asarray(values, dtype=np.float64)
+            if np.isinf(a).any():
+                row[f"{key}_mean"], row[f"{key}_sd"] = float(a.mean()), None  # +inf: PSNRs are never -inf
+                infinite.setdefault(method, []).append(f"{key}_mean")
+            else:
+                row[f"{key}_mean"] = float(a.mean())
+                row[f"{key}_sd"] = float(a.std(ddof=1)) if len(a) > 1 else None
+        results.append(row)
+    return {"n": len(reports), "sd": "sample standard deviation (N - 1) over the volumes", "results": results,
+            "infinite_scores": infinite}  # fmt: skip
 
 
 def format_table(report: dict) -> str:
@@ -138,10 +339,35 @@ def format_table(report: dict) -> str:
         f"reference {report['reference']}  factor x{report['factor']} along {report['axis']}  "
         f"degradation {report['degradation']}  HU {report['hu_range']}"
     )
+    lines = [head]
+    if "slices_scored" in report:
+        start, stop = report["slices_scored"]
+        dropped = report.get("slices_dropped") or []
+        lines.append(
+            f"slices {start}..{stop - 1} along {report['axis']} scored"
+            + (f" ({len(dropped)} left out to make whole slabs: {', '.join(map(str, dropped))})" if dropped else "")
+            + (f"; body mask {report['body_mask']['voxels']} voxels" if "body_mask" in report else "")
+        )
     cols = ("method", "PSNR dB", "PSNR body", "SSIM", "MAE body HU", "consist. dB", "seconds")
-    lines = [head, "  ".join(f"{c:>11}" for c in cols)]
+    fmt = ("{:11.2f}", "{:11.2f}", "{:11.4f}", "{:11.2f}", "{:11.2f}", "{:11.2f}")
+    lines.append("  ".join(f"{c:>11}" for c in cols))
     for r in report["results"]:
         vals = (r["psnr"], r["psnr_body"], r["ssim"], r["hu_mae_body"], r["consistency_psnr"], r["seconds"])
-        fmt = ("{:11.2f}", "{:11.2f}", "{:11.4f}", "{:11.2f}", "{:11.2f}", "{:11.2f}")
         lines.append(f"{r['method']:>11}  " + "  ".join(f.format(v) for f, v in zip(fmt, vals)))
+    return "\n".join(lines)
+
+
+def format_aggregate(agg: dict) -> str:
+    """The aggregate over several volumes as a fixed-width table: mean +- SD per method and score."""
+    lines = [f"mean +- SD over {agg['n']} volume(s)"]
+    cols = (("psnr", "PSNR dB", 2), ("psnr_body", "PSNR body", 2), ("ssim", "SSIM", 4),
+            ("hu_mae_body", "MAE body HU", 2), ("consistency_psnr", "consist. dB", 2))  # fmt: skip
+    lines.append(f"{'method':>11}  {'N':>3}  " + "  ".join(f"{title:>17}" for _, title, _ in cols))
+    for r in agg["results"]:
+        cells = []
+        for key, _, digits in cols:
+            mean, sd = r.get(f"{key}_mean"), r.get(f"{key}_sd")
+            text = "" if mean is None else f"{mean:.{digits}f}" + ("" if sd is None else f" +- {sd:.{digits}f}")
+            cells.append(f"{text:>17}")
+        lines.append(f"{r['method']:>11}  {r['n']:>3}  " + "  ".join(cells))
     return "\n".join(lines)

@@ -18,6 +18,13 @@ from DiffusionCore.volume import write_volume
 
 RESULT_KEYS = {"method", "psnr", "psnr_body", "ssim", "hu_mae_body", "consistency_psnr", "seconds"}
 REPORT_KEYS = {"reference", "factor", "axis", "degradation", "hu_range", "results"}
+#: What makes a figure self-describing (BENCHMARK.md): data, degradation, factor, HU range, mask, device, threads, ...
+DESCRIBING_KEYS = {
+    "reference_size_xyz", "reference_spacing_xyz_mm", "thick_size_xyz", "thick_spacing_xyz_mm", "slices_requested",
+    "slices_scored", "slices_dropped", "body_mask", "method_details", "infinite_scores", "null_scores", "warnings",
+    "date", "diffusioncore_version", "torch_version", "python_version", "torch_threads", "seed", "device",
+    "device_requested", "threads_requested",
+}  # fmt: skip
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -67,7 +74,15 @@ def test_evaluate_writes_the_documented_json(tmp_path, small_ct):
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
-    assert set(report) == REPORT_KEYS
+    assert set(report) == REPORT_KEYS | DESCRIBING_KEYS  # the keys readers had are kept
+    assert report["reference_size_xyz"] == [32, 32, 24] and report["thick_size_xyz"] == [32, 32, 12]
+    assert report["reference_spacing_xyz_mm"] == pytest.approx([0.8, 0.8, 1.0])
+    assert report["thick_spacing_xyz_mm"] == pytest.approx([0.8, 0.8, 2.0])
+    assert report["slices_requested"] is None and report["slices_scored"] == [0, 24] and report["slices_dropped"] == []
+    assert report["body_mask"]["voxels"] > 0 and "HU > -500" in report["body_mask"]["definition"]
+    assert report["seed"] == 0 and report["device"] == "cpu" and report["torch_threads"] >= 1
+    assert report["warnings"] == [] and report["method_details"] == {}
+    assert report["infinite_scores"] == {"nearest": ["consistency_psnr"]}
     assert report["factor"] == 2 and report["axis"] == "z" and report["degradation"] == "slab"
     assert report["hu_range"] == [-1024, 2048]
     assert report["reference"] == str(small_ct)

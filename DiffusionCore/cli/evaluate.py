@@ -1,40 +1,63 @@
-"""``evaluate``: score reconstruction methods on simulated thick slices of a thin-slice reference."""
+"""``evaluate``: score reconstruction methods on simulated thick slices of thin-slice references."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
-from ..errors import ConfigError, NumericalError
-from ..evaluate import evaluate, format_table
+from ..errors import ConfigError, InputError, NumericalError, OutputError, OutputExistsError
+from ..evaluate import aggregate, check_method_fits, evaluate, format_aggregate, format_table, get_method
 from ..files import check_writable_file, refuse_overwriting_inputs, write_json_atomic
-from ..provenance import synthetic_input_warning
-from ..sampledata import load_reference
-from ..volume import crop_slices
+from ..provenance import Provenance, sidecar_path, synthetic_input_warning
+from ..volume import Volume, crop_slices, read_volume, split_volume_suffix
 from .common import (
     NameList,
     Progress,
     adapt_settings,
     add_adapt_arguments,
     add_progress_argument,
+    bounded_int,
     device_name,
 )
 
 logger = logging.getLogger(__name__)
+
+#: The model methods: their weights, device and adaptation are stated in the report.
+MODEL_METHODS = ("sr", "sr+adapt")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="compare methods (nearest, linear, cubic, sr) on simulated thick slices",
-        description="Simulate thick slices from a thin-slice CT, reconstruct with each method, print a "
-        "table and optionally write JSON.",
+        description="Simulate thick slices from thin-slice CTs, reconstruct with each method, print a table per "
+        "volume (and the mean and SD over several) and optionally write JSON. Each reference is cut to whole slabs "
+        "of --factor slices along --axis: the slices left over are dropped at the same physical end of the scan "
+        "whatever its storage order, and the table and JSON say which. Every method reconstructs onto the cropped "
+        "reference's own grid. A gantry-tilted DICOM reference is first resampled onto a regular grid (linear "
+        "in-plane, air beyond each slice's field of view), so part of what is scored is then interpolated; the "
+        "warning is recorded in the JSON.",
     )
-    p.add_argument("--reference", required=True, help="thin-slice CT: file, DICOM folder or sample name")
+    p.add_argument(
+        "--reference", required=True, nargs="+", metavar="REFERENCE",
+        help="thin-slice CT(s): files (NIfTI, NRRD, MHA), DICOM series folders, sample names, a folder holding any "
+        "of these (searched recursively), or a text file listing one per line; one volume gives today's JSON, "
+        "several give {\"volumes\": [...], \"aggregate\": {...}} with the mean and SD over them",
+    )  # fmt: skip
     p.add_argument("--factor", type=int, required=True, help="slices per thick slab (2..8)")
     p.add_argument("--axis", default="z", choices=("z", "y", "x"), help="array axis to degrade (default z)")
-    p.add_argument("--degradation", default="slab", choices=("slab", "decimate"), help="default slab")
+    p.add_argument(
+        "--degradation", default="slab", choices=("slab", "decimate"),
+        help="slab (default): each thick slice is the mean of its k thin slices, the slice profile of a thick "
+        "reconstruction; decimate: each keeps one thin slice, index (k-1)//2 of its slab. cubic+dc, sr and "
+        "sr+adapt assume slab averaging (the network was trained on it, and their data-consistency step "
+        "enforces it), so they are refused with decimate",
+    )  # fmt: skip
     p.add_argument(
         "--methods", action=NameList, default=("nearest", "linear", "cubic"),
         help="methods, comma- or space-separated: nearest, linear, cubic, cubic+dc (cubic then the data-consistency step "
@@ -43,16 +66,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--slices", type=int, nargs=2, default=None, metavar=("START", "STOP"),
-        help="evaluate only reference slices START..STOP-1 along --axis (e.g. a held-out test region)",
+        help="evaluate only reference slices START..STOP-1 along --axis (e.g. a held-out test region); then cut "
+        "to whole slabs",
     )
     p.add_argument("--weights", default=None, help="weights name or file for model methods (sr)")
     p.add_argument("--allow-unregistered-weights", action="store_true", help="accept a weights file that is in no registry (only files you trust)")
     p.add_argument("--estimate", choices=("mean", "sample"), default=None, help="sr: the posterior mean (one step; the weights' default) or a posterior sample")
     p.add_argument("--num-steps", type=int, default=None, help="sampling steps for model methods (sr: implies --estimate sample)")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (model methods)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for model methods")
+    p.add_argument(
+        "--seed", type=int, default=0,
+        help="random seed of the model methods: sr+adapt's adaptation pairs and order (its figures move a little "
+        "with the seed) and sr's sampling with --estimate sample; sr's posterior mean (the default) does not use it",
+    )  # fmt: skip
+    p.add_argument(
+        "--threads", type=bounded_int(0), default=0,
+        help="CPU threads of torch (0: torch's default, from OMP_NUM_THREADS or the cores); sr+adapt's figures "
+        "are reproducible for the same seed, device and thread count; recorded in the JSON",
+    )  # fmt: skip
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
+    p.add_argument(
+        "--save-volumes", default=None, metavar="DIR",
+        help="also write the cropped reference (reference.nii.gz), the simulated thick input (thick.nii.gz) and "
+        "each method's reconstruction (METHOD.nii.gz, float32, with a provenance sidecar) into DIR (created; one "
+        "subfolder per volume when there are several)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing JSON file and saved volumes")
     add_adapt_arguments(p)
     add_progress_argument(p)
     p.set_defaults(func=run)
@@ -75,48 +114,241 @@ def check_scores(results: list[dict], what: str) -> None:
             )
 
 
+def reference_sources(items: list[str]) -> tuple[bool, list[Path]]:
+    """``(several?, the volumes)`` named by ``--reference``: one volume file, DICOM series or sample name is one
+    reference; several items, a folder of volumes or a list file are several (as ``sr`` and ``train --data``
+    take them: :func:`~DiffusionCore.inputs.collect_volumes`)."""
+    from ..inputs import collect_volumes
+    from ..sampledata import sample_or_path
+    from .sr import _is_batch
+
+    if len(items) > 1:
+        return True, collect_volumes(items)
+    return _is_batch(sample_or_path(items[0], "ct").expanduser())
+
+
+@contextmanager
+def logged_warnings() -> Iterator[list[str]]:
+    """The warnings DiffusionCore logs inside the block (a gantry tilt resampled, a thick reference, ...), for the
+    report; they are printed as usual."""
+    said: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    handler = _Keep(logging.WARNING)
+    root = logging.getLogger("DiffusionCore")
+    root.addHandler(handler)
+    try:
+        yield said
+    finally:
+        root.removeHandler(handler)
+
+
+def _unique_stems(sources: list[Path]) -> list[str]:
+    """A folder name per volume for ``--save-volumes``: its file or folder name without the volume suffix, numbered
+    where two are the same."""
+    stems: list[str] = []
+    for src in sources:
+        stem = split_volume_suffix(src.name)[0] or "volume"
+        name, n = stem, 2
+        while name in stems:
+            name, n = f"{stem}_{n}", n + 1
+        stems.append(name)
+    return stems
+
+
+def saved_volume_files(folder: Path, methods: list[str]) -> dict[str, Path]:
+    """What ``--save-volumes`` writes for one volume into ``folder``: name -> file."""
+    return {name: folder / f"{name}.nii.gz" for name in ("reference", "thick", *methods)}
+
+
+def check_save_folder(folder: Path, files: list[Path], overwrite: bool) -> None:
+    """Refuse, before any work, a ``--save-volumes`` folder that cannot be made or holds the files already.
+
+    Raises:
+        OutputError / OutputExistsError: exit code 4.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--save-volumes {folder} is a file: give a folder to write the volumes into")
+    if not folder.exists() and not folder.parent.is_dir():
+        raise OutputError(f"--save-volumes: the folder {folder.parent} does not exist; create it first")
+    for f in files:
+        for p in (f, sidecar_path(f)):
+            if p.exists() and not overwrite:
+                raise OutputExistsError(p)
+
+
+class VolumeSaver:
+    """``keep`` for :func:`~DiffusionCore.evaluate.evaluate`: writes each volume as soon as it exists (atomic
+    float32 NIfTI; the simulated input and the reconstructions with a provenance sidecar, the reference crop as it
+    is)."""
+
+    def __init__(self, files: dict[str, Path], source: str, settings: dict[str, Any], overwrite: bool) -> None:
+        self.files, self.source, self.settings, self.overwrite = files, source, settings, overwrite
+        self.written: list[str] = []
+
+    def __call__(self, name: str, vol: Volume) -> None:
+        from ..results import write_result
+        from ..volume import write_volume
+
+        path = self.files[name]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name == "reference":  # measured data, cropped: no provenance (it is not synthetic)
+            write_volume(vol, path, overwrite=self.overwrite, dtype="float32")
+        else:
+            what = (f"thick input x{self.settings['factor']} {self.settings['degradation']} (simulated)" if name == "thick"
+                    else f"{name} x{self.settings['factor']} from simulated thick slices (synthetic)")  # fmt: skip
+            prov = Provenance(
+                task="evaluate", title=what, weights=str(vol.metadata.get("weights", "")),
+                weights_sha256=str(vol.metadata.get("weights_sha256", "")), settings={**self.settings, "method": name},
+                input=self.source,
+            )  # fmt: skip
+            write_result(vol, path, prov, overwrite=self.overwrite, dtype="float32")
+        self.written.append(str(path))
+
+
+def _model_summary(report: dict) -> dict[str, Any]:
+    """The device the methods ran on and, when a model method ran (``method_details``), its weights, their sha256
+    and the adaptation's record (``requested``: the budget asked for; ``steps``, ``seconds``, the check batch's
+    ``loss_before`` / ``loss_after`` and ``gain_before_db`` / ``gain_after_db`` over cubic)."""
+    details = report.get("method_details", {})
+    ran = [details[m] for m in MODEL_METHODS if m in details]
+    if not ran:
+        return {"device": "cpu"}  # interpolation and the consistency step run in numpy
+    out: dict[str, Any] = {"weights": ran[0].get("weights"), "weights_sha256": ran[0].get("weights_sha256"),
+                           "device": ran[0].get("device")}  # fmt: skip
+    if "sr+adapt" in details:
+        out["adaptation"] = {"requested": details["sr+adapt"].get("adapt"), **(details["sr+adapt"].get("adaptation") or {})}
+    return out
+
+
+def _read_reference(path: Path) -> tuple[Volume, list[str]]:
+    """One reference and the warnings said while reading it (a synthetic input, a gantry tilt resampled, ...)."""
+    with logged_warnings() as said:
+        warning = synthetic_input_warning(path)
+        if warning:
+            logger.warning("%s", warning)
+        vol = read_volume(path)
+    return vol, said
+
+
+def _evaluate_one(ref: Volume, name: str, read_warnings: list[str], args: argparse.Namespace, methods: list[str],
+                  options: dict, saver: VolumeSaver | None, progress) -> dict:  # fmt: skip
+    """One reference cropped and scored: its report, with the slice indices of the file and its warnings."""
+    start = 0
+    if args.slices is not None:
+        try:
+            ref = crop_slices(ref, args.axis, *args.slices)
+        except InputError as exc:
+            raise InputError(f"{name}: {exc}") from None
+        start = args.slices[0]
+    with logged_warnings() as said:
+        report = evaluate(
+            ref, args.factor, axis=args.axis, degradation=args.degradation, methods=methods, method_options=options,
+            reference_name=name, progress=progress, keep=saver,
+        )  # fmt: skip
+    report["slices_requested"] = list(args.slices) if args.slices is not None else None
+    report["slices_scored"] = [s + start for s in report["slices_scored"]]  # indices of the file, not of the crop
+    report["slices_dropped"] = [s + start for s in report["slices_dropped"]]
+    report["warnings"] = list(dict.fromkeys([*read_warnings, *report["warnings"], *said]))
+    report.update(_model_summary(report))
+    if saver is not None:
+        report["saved_volumes"] = list(saver.written)
+    check_scores(report["results"], f"evaluate {name}")
+    return report
+
+
 def run(args: argparse.Namespace) -> int:
     from ..files import keep_freed_memory
 
     keep_freed_memory()  # a one-shot process: the model's buffers are reused, not mapped afresh
+    import torch
+
     from ..sr import pipeline  # noqa: F401  (registers the model methods: sr, sr+adapt, cubic+dc)
 
-    methods = list(args.methods)  # unknown names are refused by evaluate() before any work
+    methods = list(args.methods)
     adapt = adapt_settings(args)
     if "sr+adapt" in methods and adapt is None:
         raise ConfigError(
             "the method sr+adapt adapts the model, but --no-adapt (or --adapt 0) turns adaptation off: drop one "
             "of them (the method sr is the weights without adaptation)"
         )
-    refuse_overwriting_inputs([args.reference, args.weights], [("--json", args.json_out)])
+    for m in methods:  # before any volume is read
+        get_method(m)
+        check_method_fits(m, args.degradation)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    several, sources = reference_sources(list(args.reference))
+    names = [str(p) for p in sources] if several else [str(args.reference[0])]
+    save_root = Path(args.save_volumes) if args.save_volumes else None
+    save_files: list[dict[str, Path]] = []
+    if save_root is not None:
+        folders = [save_root / s for s in _unique_stems(sources)] if several else [save_root]
+        save_files = [saved_volume_files(f, methods) for f in folders]
+    planned = [("--save-volumes", p) for files in save_files for p in files.values()]
+    refuse_overwriting_inputs([*args.reference, *sources, args.weights], [("--json", args.json_out), *planned])
     if args.json_out:
         check_writable_file(args.json_out, overwrite=args.overwrite)
-    ref = load_reference(args.reference)
-    warning = synthetic_input_warning(args.reference)  # "" for a sample name: no such file
-    if warning:
-        logger.warning("%s", warning)
-    if args.slices is not None:
-        ref = crop_slices(ref, args.axis, *args.slices)
+    if save_root is not None:
+        check_save_folder(save_root, [p for _, p in planned], args.overwrite)
     options = {
         "weights": args.weights, "estimate": args.estimate, "num_steps": args.num_steps, "device": args.device,
         "seed": args.seed, "allow_unregistered": args.allow_unregistered_weights, "adapt": adapt,
     }
+    shared = {"seed": args.seed, "device_requested": args.device, "threads_requested": args.threads}
     progress = Progress(args.progress, desc="evaluate")
+    reports: list[dict] = []
+    said_all: list[str] = []
     try:
-        report = evaluate(
-            ref,
-            args.factor,
-            axis=args.axis,
-            degradation=args.degradation,
-            methods=methods,
-            method_options=options,
-            reference_name=str(args.reference),
-            progress=progress,
-        )
+        if not several:
+            ref, said = _read_reference(sources[0])
+            saver = VolumeSaver(save_files[0], names[0], _save_settings(args), args.overwrite) if save_files else None
+            reports.append(_evaluate_one(ref, names[0], said, args, methods, options, saver, progress))
+        else:
+            from ..inputs import readable_volumes
+
+            volumes = readable_volumes(sources)  # DICOM series that cannot be read as one volume: passed over
+            n = len(sources)
+            for i in range(n):
+                with logged_warnings() as said:  # what reading the next volume said (and the series passed over)
+                    item = next(volumes, None)
+                said_all.extend(said)
+                if item is None:
+                    break
+                path, ref = item
+
+                def overall(done: int, total: int, message: str, _i: int = i, _p: Path = path) -> None:
+                    progress(_i * total + done, n * total, f"{_p.name}: {message}")
+
+                saver = (VolumeSaver(save_files[sources.index(path)], str(path), _save_settings(args), args.overwrite)
+                         if save_files else None)  # fmt: skip
+                reports.append(_evaluate_one(ref, str(path), said, args, methods, options, saver, overall))
+                said_all.extend(reports[-1]["warnings"])
+            for _ in volumes:  # the generator's end: its count of volumes read and passed over
+                pass
     finally:
         progress.close()
-    check_scores(report["results"], "evaluate")
-    print(format_table(report))
+    for report in reports:
+        print(format_table(report))
+    if not several:
+        out = {**reports[0], **shared}
+    else:
+        agg = aggregate(reports)
+        print(format_aggregate(agg))
+        common = {k: reports[0][k] for k in ("factor", "axis", "degradation", "hu_range", "null_scores", "body_mask")}
+        common["body_mask"] = {"definition": common["body_mask"]["definition"]}
+        env = {k: reports[0][k] for k in ("date", "diffusioncore_version", "torch_version", "python_version",
+                                            "torch_threads")}  # fmt: skip
+        models = {k: reports[0][k] for k in ("weights", "weights_sha256", "device") if k in reports[0]}
+        out = {**common, **env, **shared, **models, "slices_requested": reports[0]["slices_requested"],
+               "warnings": list(dict.fromkeys(said_all)), "volumes": reports, "aggregate": agg}  # fmt: skip
     if args.json_out:
-        write_json_atomic(report, args.json_out)
+        write_json_atomic(out, args.json_out)
     return 0
+
+
+def _save_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"factor": args.factor, "axis": args.axis, "degradation": args.degradation, "slices": args.slices,
+            "seed": args.seed}  # fmt: skip

@@ -1340,8 +1340,25 @@ def _evaluate_sr(thick: Volume, grid: Grid, options: dict) -> Volume:
         seed=int(options.get("seed") or 0),
         adapt=options.get("adapt") if options.get("adapting") else None,
     )
-    out, _ = resolver.run_to_grid(thick, grid, settings)
+    out, report = resolver.run_to_grid(thick, grid, settings)
+    if isinstance(options.get("report"), dict):  # what evaluate's report says of this method
+        options["report"].update(_evaluation_details(report))
     return out
+
+
+def _evaluation_details(report: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`DiffusionCore.evaluate.evaluate` records of an ``sr`` / ``sr+adapt`` run: the weights and their
+    sha256, the settings the figures depend on, and the adaptation's record (steps, seconds, check-batch loss and
+    gain over cubic before and after)."""
+    settings = report.get("settings", {})
+    keys = ("estimate", "steps", "seed", "device", "torch_threads", "data_consistency", "adapt")
+    return {
+        "weights": settings.get("weights"),
+        "weights_sha256": report.get("weights_sha256"),
+        **{k: settings.get(k) for k in keys},
+        "adaptation": (report.get("predictor") or {}).get("adaptation"),
+        "timings": report.get("timings"),
+    }
 
 
 def _evaluate_cubic_dc(thick: Volume, grid: Grid, options: dict) -> Volume:
@@ -1360,6 +1377,11 @@ def _evaluate_sr_adapt(thick: Volume, grid: Grid, options: dict) -> Volume:
     return _evaluate_sr(thick, grid, {**options, "adapt": options.get("adapt") or AdaptSettings(), "adapting": True})
 
 
-register_method("sr", _evaluate_sr)
-register_method("sr+adapt", _evaluate_sr_adapt)
-register_method("cubic+dc", _evaluate_cubic_dc)
+#: Why the model methods fit slab-averaged thick slices only (``evaluate --degradation decimate`` refuses them).
+_DC_SLAB = "its data-consistency step makes the slab averages of the result equal the thick slices"
+_SR_SLAB = f"the network was trained on slab-averaged thick slices, and {_DC_SLAB}"
+_ADAPT_SLAB = f"the network was trained, and is adapted on pairs made, with slab-averaged thick slices, and {_DC_SLAB}"
+
+register_method("sr", _evaluate_sr, slab_only=_SR_SLAB)
+register_method("sr+adapt", _evaluate_sr_adapt, slab_only=_ADAPT_SLAB)
+register_method("cubic+dc", _evaluate_cubic_dc, slab_only=_DC_SLAB)
