@@ -35,6 +35,7 @@ from CTDiffusionSRLib.sr_logic import (  # noqa: E402
     SRJob,
     SRSettings,
     check_sr_input,
+    check_weights,
     table_from_evaluation,
 )
 from CTDiffusionSRLib.testing import (  # noqa: E402
@@ -771,6 +772,92 @@ def test_evaluation_table_from_report_keeps_missing_values_as_nan(scene):
     node = table_from_evaluation(scene, report, "eval")
     assert np.isnan(node.GetTable().GetColumnByName("SSIM").GetValue(0))
     assert json.loads(node.GetAttribute("CTDiffusion.Evaluation"))["factor"] == 2
+
+
+def test_evaluation_runs_with_the_panels_seed_and_its_tables_say_what_they_hold(scene, tmp_path):
+    """"Evaluate on this volume" ran its command without the panel's seed (so with 0, where Apply passes the
+    panel's: sr+adapt's figures move a little with it), and its table named little beyond the factor: a second
+    run was "... x2 slab_1", not saying whether the model was adapted, nor with which weights. Now the seed is
+    passed and recorded, and each table's name says how the model ran (a counter only for a repeat)."""
+    from CTDiffusionSRLib.sr_logic import evaluation_methods
+
+    from DiffusionCore.weights.registry import first_available
+
+    attribute = "CTDiffusion.Evaluation"
+
+    node = mrml_io.add_volume_node(scene, phantom_ct(shape=(24, 48, 48), spacing=(1.0, 1.0, 1.0)), "thin CT")
+    adapted = EvaluationJob.for_settings(scene, node, 2, SRSettings(seed=7, adapt_steps=3, device="cpu"), axis="z")
+    args = adapted.prepare(tmp_path)
+    assert args[args.index("--seed") + 1] == "7"
+    assert adapted.run(timeout=300) == JobState.COMPLETED, adapted.error
+    plain = EvaluationJob.for_settings(scene, node, 2, SRSettings(seed=7, adapt_to_scan=False, device="cpu"), axis="z")
+    assert plain.run(timeout=300) == JobState.COMPLETED, plain.error
+    names = [job.table_node.GetName() for job in (adapted, plain)]
+    assert names == ["thin CT evaluation x2 slab, adapted 3 steps, seed 7", "thin CT evaluation x2 slab, not adapted"]
+    sha = check_weights(first_available("sr"), "sr", False).sha256
+    for job in (adapted, plain):
+        table = job.table_node
+        assert table.GetAttribute(f"{attribute}.seed") == "7"
+        assert json.loads(table.GetAttribute(f"{attribute}.requested"))["seed"] == 7
+        assert table.GetAttribute(f"{attribute}.factor") == "2"
+        text = table.GetDescription()
+        for line in ("Reference: thin CT", "Degradation: slab", "Factor: 2", "HU range: -1024, 2048", "Seed: 7",
+                     "Device: cpu", f"Weights sha256: {sha}"):  # fmt: skip
+            assert line in text.splitlines(), (line, text)
+        assert "Body mask: " in text and "Weights: " in text and "Adaptation: " in text
+    assert "Adaptation: 3 steps in " in adapted.table_node.GetDescription()
+    assert plain.table_node.GetAttribute(f"{attribute}.adaptation") == "off"
+    # the same run again: the scene adds a counter to the name in use
+    again = EvaluationJob.for_settings(scene, node, 2, SRSettings(seed=7, adapt_to_scan=False, device="cpu"))
+    repeat = table_from_evaluation(scene, {"results": []}, again.table_name())
+    assert repeat.GetName() == "thin CT evaluation x2 slab, not adapted_1"
+    assert EvaluationJob(scene, node, factor=2, methods=("cubic",)).table_name() == "thin CT evaluation x2 slab"
+    assert evaluation_methods(SRSettings(adapt_to_scan=False)) == ("cubic", "cubic+dc", "sr")
+
+
+def test_evaluation_table_records_whatever_the_report_says(scene):
+    """The table keeps the report's facts as attributes of their own and in its description, read from whichever
+    keys the report has (a report of today, one with nested details, one with keys unknown here); what the
+    report does not say is taken from what the job asked for."""
+    attribute = "CTDiffusion.Evaluation"
+    rows = [{"method": "cubic", "psnr": 30.0, "seconds": 0.1}, {"method": "sr+adapt", "psnr": 33.0, "seconds": 9.0}]
+    full = {
+        "reference": "CT", "factor": 4, "axis": "z", "degradation": "slab", "hu_range": [-1024, 2048],
+        "results": rows, "slices_requested": [20, 44], "slices_scored": [20, 44], "slices_dropped": [],
+        "body_mask": {"definition": "HU > -500, ...", "voxels": 1234},
+        "method_details": {"sr+adapt": {"weights": "sr-default", "weights_sha256": "ab" * 32, "seed": 3,
+                                        "device": "cpu", "torch_threads": 2, "adaptation": {"steps": 60}}},
+        "diffusioncore_version": "0.9.0", "torch_version": "2.5.0", "date": "2026-12-06T10:00:00Z",
+        "warnings": ["its slices are 5 mm apart"], "new_key": {"a": 1},
+    }  # fmt: skip
+    node = table_from_evaluation(scene, full, "eval")
+    attr = {k: node.GetAttribute(f"{attribute}.{k}") for k in
+            ("weights", "weights_sha256", "seed", "device", "torch_threads", "adaptation", "new_key", "reference")}
+    assert attr == {"weights": "sr-default", "weights_sha256": "ab" * 32, "seed": "3", "device": "cpu",
+                    "torch_threads": "2", "adaptation": '{"steps": 60}', "new_key": '{"a": 1}', "reference": "CT"}
+    assert node.GetAttribute(f"{attribute}.results") is None  # the rows are the table
+    lines = node.GetDescription().splitlines()
+    assert lines == [
+        "Reference: CT", "Degradation: slab", "Factor: 4", "Axis: z", "HU range: -1024, 2048",
+        "Slices asked for: 20..43 (24 slices)", "Slices scored: 20..43 (24 slices)", "Slices left out: none",
+        "Weights: sr-default", f"Weights sha256: {'ab' * 32}", "Adaptation: 60 steps", "Seed: 3", "Device: cpu",
+        "Threads: 2", "Body mask: HU > -500, ...; 1234 voxels",
+        "DiffusionCore version: 0.9.0", "torch version: 2.5.0", "Date: 2026-12-06T10:00:00Z",
+        "Warnings: its slices are 5 mm apart",
+    ]  # fmt: skip
+    assert json.loads(node.GetAttribute(attribute))["new_key"] == {"a": 1}
+    # a report of the first layout: the job's request fills in
+    old = {"reference": "CT", "factor": 2, "axis": "z", "degradation": "slab", "hu_range": [-1024, 2048],
+           "results": rows}  # fmt: skip
+    requested = {"seed": 5, "weights": "", "device": "cpu", "adaptation": {"steps": 400}}
+    node = table_from_evaluation(scene, old, "eval", requested=requested)
+    assert node.GetAttribute(f"{attribute}.seed") == "5" and node.GetAttribute(f"{attribute}.weights") is None
+    assert node.GetDescription().splitlines()[-3:] == ["Adaptation: 400 steps", "Seed: 5", "Device: cpu"]
+    assert json.loads(node.GetAttribute(f"{attribute}.requested")) == requested
+    assert table_from_evaluation(scene, {}, "empty").GetDescription() == ""
+    from CTDiffusionSRLib.sr_logic import evaluation_facts
+
+    assert list(evaluation_facts({"factor": 2, "seed": None})) == ["factor"]
 
 
 # -- views -------------------------------------------------------------------------------------------------

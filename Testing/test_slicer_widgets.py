@@ -717,7 +717,7 @@ def test_evaluate_on_this_volume_fills_a_table_and_shows_it(panels, scene, monke
     _until_idle(panel)
     assert ui.evaluateButton.enabled and ui.applyButton.text == "Apply"
     assert panels.dialogs.errors == [], panels.dialogs.errors
-    table = scene.GetFirstNodeByName("thin CT evaluation x4 slab")
+    table = scene.GetFirstNodeByName("thin CT evaluation x4 slab, not adapted")
     assert table is not None and shown[-2:] == [table.GetID(), "propagated"]
     methods = [table.GetTable().GetValue(r, 0).ToString() for r in range(table.GetTable().GetNumberOfRows())]
     assert methods == ["cubic", "cubic+dc", "sr"]

@@ -548,8 +548,116 @@ EVALUATION_COLUMNS = (
 )
 
 
-def table_from_evaluation(scene, report: dict, name: str, table_node=None):
-    """A ``vtkMRMLTableNode`` with one row per method of a DiffusionCore evaluation report."""
+#: What an evaluation table records of its run, in this order: (report key, label, where the report may hold it).
+#: Each place is a path of keys into the report ("*": any method in it, e.g. ``method_details``'s ``sr``); the first
+#: place present gives the value. ``requested`` is what the job asked for (:meth:`EvaluationJob.requested`), for a
+#: report that does not say.
+EVALUATION_FACTS: tuple[tuple[str, str, tuple[tuple[str, ...], ...]], ...] = (
+    ("reference", "Reference", (("reference",),)),
+    ("degradation", "Degradation", (("degradation",),)),
+    ("factor", "Factor", (("factor",),)),
+    ("axis", "Axis", (("axis",),)),
+    ("hu_range", "HU range", (("hu_range",),)),
+    ("slices_requested", "Slices asked for", (("slices_requested",),)),
+    ("slices_scored", "Slices scored", (("slices_scored",),)),
+    ("slices_dropped", "Slices left out", (("slices_dropped",),)),
+    ("weights", "Weights", (("weights",), ("method_details", "*", "weights"), ("requested", "weights"))),
+    ("weights_sha256", "Weights sha256", (("weights_sha256",), ("method_details", "*", "weights_sha256"))),
+    ("adaptation", "Adaptation", (("adaptation",), ("method_details", "*", "adaptation"), ("requested", "adaptation"))),
+    ("seed", "Seed", (("seed",), ("method_details", "*", "seed"), ("requested", "seed"))),
+    ("device", "Device", (("device",), ("method_details", "*", "device"), ("requested", "device"))),
+    ("torch_threads", "Threads", (("torch_threads",), ("method_details", "*", "torch_threads"))),
+    ("body_mask", "Body mask", (("body_mask",),)),
+    ("diffusioncore_version", "DiffusionCore version", (("diffusioncore_version",), ("version",))),
+    ("torch_version", "torch version", (("torch_version",),)),
+    ("date", "Date", (("date",),)),
+    ("warnings", "Warnings", (("warnings",),)),
+)
+#: Attribute holding the whole report but its rows (JSON); ``<it>.<key>`` holds each key and each fact.
+ATTR_EVALUATION = "CTDiffusion.Evaluation"
+#: Report keys too large for attributes of their own (the rows, and a multi-volume report's parts).
+_BULKY_KEYS = ("results", "volumes", "aggregate")
+
+
+def _lookup(tree, path: tuple[str, ...]):
+    """The value at ``path`` in nested dicts (``"*"``: the first item that has the rest), or None."""
+    if not path:
+        return tree
+    if not isinstance(tree, dict):
+        return None
+    if path[0] == "*":
+        found = (_lookup(v, path[1:]) for v in tree.values())
+        return next((v for v in found if v not in (None, "")), None)
+    return _lookup(tree.get(path[0]), path[1:])
+
+
+def _readable(value) -> str:
+    """A report value as text: numbers to 6 significant digits, lists and dicts flattened, empty parts left out."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_readable(v)}" for k, v in value.items() if v not in (None, "", [], {}))
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_readable(v) for v in value) if value else "none"
+    return str(value)
+
+
+def _slice_range(value) -> str:
+    """``[start, stop)`` as "start..stop-1 (n slices)"."""
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return f"{value[0]}..{value[1] - 1} ({value[1] - value[0]} slices)"
+    return _readable(value)
+
+
+def _adaptation_text(value) -> str:
+    """An adaptation record (or request) as "N steps in S s, check-batch gain over cubic B -> A dB"."""
+    if not isinstance(value, dict) or not {"steps", "seconds", "skipped"} & set(value):
+        return _readable(value)
+    if value.get("skipped"):
+        return f"skipped: {value['skipped']}"
+    steps, seconds = value.get("steps"), value.get("seconds")
+    text = " in ".join(t for t in (f"{steps} steps" if steps else "", f"{seconds:.3g} s" if seconds else "") if t)
+    before, after = value.get("gain_before_db"), value.get("gain_after_db")
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+        text += f", check-batch gain over cubic {before:.2f} -> {after:.2f} dB"
+    return text
+
+
+def _mask_text(value) -> str:
+    """The body mask record as "definition; N voxels (f% of the volume)"."""
+    if not isinstance(value, dict) or "definition" not in value:
+        return _readable(value)
+    text = str(value["definition"])
+    if isinstance(value.get("voxels"), int):
+        text += f"; {value['voxels']} voxels"
+        if isinstance(value.get("fraction"), float):
+            text += f" ({value['fraction']:.1%} of the volume)"
+    return text
+
+
+#: How a fact reads in the table's description, where :func:`_readable` would not read well.
+_FACT_TEXT = {"slices_requested": _slice_range, "slices_scored": _slice_range, "adaptation": _adaptation_text,
+              "body_mask": _mask_text}  # fmt: skip
+
+
+def evaluation_facts(report: dict, requested: dict | None = None) -> dict[str, tuple[str, object]]:
+    """What ``report`` (an ``evaluate`` JSON report, whatever keys of :data:`EVALUATION_FACTS` it has) says of its
+    run: ``{key: (label, value)}`` for each fact found, in that order; ``requested`` fills what it does not say."""
+    tree = {**report, "requested": requested or {}}
+    facts = {}
+    for key, label, places in EVALUATION_FACTS:
+        value = next((v for v in (_lookup(tree, p) for p in places) if v not in (None, "")), None)
+        if value is not None:
+            facts[key] = (label, value)
+    return facts
+
+
+def table_from_evaluation(scene, report: dict, name: str, table_node=None, *, requested: dict | None = None):
+    """A ``vtkMRMLTableNode`` with one row per method of a DiffusionCore evaluation report, that says what was
+    measured: the report but its rows in the attribute :data:`ATTR_EVALUATION` (JSON), each of its keys and each
+    fact of :func:`evaluation_facts` in ``ATTR_EVALUATION.<key>`` (text as is, other values as JSON), and the facts
+    as "Label: value" lines in the node's description. ``requested``: what the job asked for (kept in
+    ``ATTR_EVALUATION.requested``), for the facts the report does not state."""
     import vtk
 
     node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
@@ -568,7 +676,16 @@ def table_from_evaluation(scene, report: dict, name: str, table_node=None):
         for c, (key, _title) in enumerate(EVALUATION_COLUMNS, start=1):
             value = row.get(key)
             table.SetValue(r, c, vtk.vtkVariant(float("nan") if value is None else float(value)))
-    node.SetAttribute("CTDiffusion.Evaluation", json.dumps({k: v for k, v in report.items() if k != "results"}))
+    node.SetAttribute(ATTR_EVALUATION, json.dumps({k: v for k, v in report.items() if k != "results"}))
+    facts = evaluation_facts(report, requested)
+    recorded = {k: v for k, v in report.items() if k not in _BULKY_KEYS}
+    recorded.update({k: value for k, (_label, value) in facts.items()})
+    if requested:
+        recorded["requested"] = requested
+    for key, value in recorded.items():
+        node.SetAttribute(f"{ATTR_EVALUATION}.{key}", value if isinstance(value, str) else json.dumps(value))
+    node.SetDescription("\n".join(f"{label}: {_FACT_TEXT.get(key, _readable)(value)}"
+                                  for key, (label, value) in facts.items()))  # fmt: skip
     table.Modified()
     node.Modified()
     return node
@@ -588,7 +705,11 @@ class EvaluationJob(CLIJob):
     ``adapt_steps`` / ``adapt_seconds``: how long ``sr+adapt`` adapts (the panel's settings; a time budget
     when ``adapt_seconds`` > 0). ``weights`` / ``allow_unregistered_weights``: the model methods' weights, as
     :class:`SRSettings` has them (:meth:`for_settings` takes them from there); they are checked when the job is
-    made, as :class:`SRJob` checks its own.
+    made, as :class:`SRJob` checks its own. ``seed``: the model methods' random seed (``sr+adapt``'s adaptation
+    depends on it), the panel's as Apply passes it.
+
+    The table (:func:`table_from_evaluation`) is named after the input, the factor, the degradation and how the
+    model ran (:meth:`table_name`), and records the report and what the job asked for (:meth:`requested`).
     """
 
     script_name = "DiffusionCore evaluate"
@@ -608,6 +729,7 @@ class EvaluationJob(CLIJob):
         adapt_steps: int = 400,
         adapt_seconds: float = 0.0,
         allow_unregistered_weights: bool = False,
+        seed: int = 0,
         **kwargs,
     ):
         super().__init__(scene, **kwargs)
@@ -633,18 +755,47 @@ class EvaluationJob(CLIJob):
         self.weights, self.steps, self.device, self.degradation = weights, int(steps), device, degradation
         self.adapt_steps, self.adapt_seconds = int(adapt_steps), float(adapt_seconds)
         self.allow_unregistered_weights = bool(allow_unregistered_weights)
+        self.seed = int(seed)
         self.table_node = None
 
     @classmethod
     def for_settings(cls, scene, input_node, factor: int, settings: SRSettings, **kwargs) -> EvaluationJob:
         """"Evaluate on this volume" with the settings Apply runs with: the methods of
-        :func:`evaluation_methods`, and the weights (registered or allowed unregistered), steps, device and
+        :func:`evaluation_methods`, and the weights (registered or allowed unregistered), steps, device, seed and
         adaptation budget of ``settings``; ``kwargs`` as for the constructor (``axis``, ``on_line``, ...)."""
         return cls(
             scene, input_node, factor=factor, methods=evaluation_methods(settings), weights=settings.weights,
             allow_unregistered_weights=settings.allow_unregistered_weights, steps=settings.steps,
-            device=settings.device, adapt_steps=settings.adapt_steps, adapt_seconds=settings.adapt_seconds, **kwargs,
+            device=settings.device, adapt_steps=settings.adapt_steps, adapt_seconds=settings.adapt_seconds,
+            seed=settings.seed, **kwargs,
         )  # fmt: skip
+
+    def adaptation(self) -> dict | str:
+        """How ``sr+adapt`` adapts, as asked: ``{"seconds": S}`` or ``{"steps": N}``; "off" without it."""
+        if "sr+adapt" not in self.methods:
+            return "off"
+        return {"seconds": self.adapt_seconds} if self.adapt_seconds > 0 else {"steps": self.adapt_steps}
+
+    def requested(self) -> dict:
+        """What the job asked the command for (its table records it, for what the report does not say)."""
+        return {
+            "factor": self.factor, "axis": self.axis, "degradation": self.degradation, "methods": list(self.methods),
+            "weights": self.weights, "allow_unregistered_weights": self.allow_unregistered_weights,
+            "steps": self.steps, "device": self.device, "seed": self.seed, "adaptation": self.adaptation(),
+        }  # fmt: skip
+
+    def table_name(self) -> str:
+        """The table's name: the input, factor and degradation, and whether the model was adapted to the scan (for
+        how long; with the seed when not 0, which the adaptation depends on), e.g. "CT evaluation x4 slab, adapted
+        400 steps" or "CT evaluation x4 slab, not adapted"; the scene adds a counter only to a name in use."""
+        name = f"{self.input_node.GetName()} evaluation x{self.factor} {self.degradation}"
+        budget = self.adaptation()
+        if isinstance(budget, dict):
+            length = f"{budget['seconds']:g} s" if "seconds" in budget else f"{budget['steps']} steps"
+            return f"{name}, adapted {length}" + (f", seed {self.seed}" if self.seed else "")
+        if "sr" in self.methods:
+            return f"{name}, not adapted"
+        return name
 
     def argv(self, args):
         from .process import python_executable
@@ -663,8 +814,9 @@ class EvaluationJob(CLIJob):
         args = [
             "evaluate", "--reference", reference, "--factor", str(self.factor),
             "--axis", self.axis, "--degradation", self.degradation, "--methods", ",".join(self.methods),
-            "--device", self.device, "--json", str(tempdir / "evaluation.json"), "--progress", "slicer",
-        ]
+            "--device", self.device, "--seed", str(self.seed), "--json", str(tempdir / "evaluation.json"),
+            "--progress", "slicer",
+        ]  # fmt: skip
         if self.weights:
             args += ["--weights", self.weights]
         if self.allow_unregistered_weights:
@@ -678,8 +830,7 @@ class EvaluationJob(CLIJob):
     def import_results(self, tempdir: Path) -> list:
         report = json.loads((tempdir / "evaluation.json").read_text())
         report["reference"] = self.input_node.GetName()
-        name = f"{self.input_node.GetName()} evaluation x{self.factor} {self.degradation}"
-        self.table_node = table_from_evaluation(self.scene, report, name)
+        self.table_node = table_from_evaluation(self.scene, report, self.table_name(), requested=self.requested())
         self.created_nodes.append(self.table_node)
         place_beside(self.scene, self.input_node, self.table_node)
         return [self.table_node]
