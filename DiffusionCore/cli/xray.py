@@ -26,6 +26,48 @@ logger = logging.getLogger(__name__)
 #: Stages a cascade can have (64^3, 128^3, 256^3): the most --num-stages accepts when it is parsed.
 MAX_STAGES = 3
 
+
+class PhaseProgress:
+    """One progress bar over a command's phases, each given a share of it (``shares``, in their order): :meth:`start`
+    moves the bar to where a phase begins and names it; :meth:`within` is the ``progress(done, total, message)``
+    callback that fills the phase's share (the generator's stages). The bar so moves through reading, loading the
+    weights and writing too, instead of sitting at 0% and then at 100%.
+
+    Args:
+        sink: the callback drawn (:class:`~.common.Progress`), in per-mille units.
+        shares: phase name -> its share of the bar (any positive numbers; normalised).
+    """
+
+    SCALE = 1000
+
+    def __init__(self, sink: Progress, shares: dict[str, float]):
+        self.sink = sink
+        whole = float(sum(shares.values()))
+        self.bounds: dict[str, tuple[float, float]] = {}
+        at = 0.0
+        for name, share in shares.items():
+            self.bounds[name] = (at / whole, (at + share) / whole)
+            at += share
+
+    def _tell(self, fraction: float, message: str) -> None:
+        self.sink(int(round(min(1.0, max(0.0, fraction)) * self.SCALE)), self.SCALE, message)
+
+    def start(self, phase: str, message: str) -> None:
+        """Phase ``phase`` begins: the bar at its start, with ``message`` (e.g. "loading the weights")."""
+        self._tell(self.bounds[phase][0], message)
+
+    def within(self, phase: str):
+        """The ``progress(done, total, message)`` callback that fills ``phase``'s share of the bar."""
+        low, high = self.bounds[phase]
+
+        def progress(done: float, total: float, message: str = "") -> None:
+            self._tell(low + (high - low) * (0.0 if total <= 0 else min(1.0, done / total)), message)
+
+        return progress
+
+    def finish(self, message: str = "done") -> None:
+        self._tell(1.0, message)
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "xray2ct",

@@ -66,6 +66,26 @@ BODY_DRR_THRESHOLD = 0.05
 LOW_PROJECTION_PSNR_DB = 20.0
 
 
+def stage_step_costs(resolutions: list[int]) -> list[int]:
+    """What one sampling step of one sample costs at each stage, in steps of stage 1: the ratio of the stages' voxel
+    counts, since the network's work per step grows with them (a 128^3 step costs about 8 times a 64^3 one; the tiny
+    test model's 32^3 step 8 times its 16^3 one). The weights of a run's progress: without them the bar moved as fast
+    through a 256^3 stage's steps as through the 64^3 preview's."""
+    first = float(resolutions[0])
+    return [max(1, round((float(r) / first) ** 3)) for r in resolutions]
+
+
+def step_text(stage: int, stages: int, resolution: int, done: int, steps: int, samples: int) -> str:
+    """A stage's progress as the user chose it: ``"stage 1/2 (64^3): step 3/10, sample 2/4"`` for the 13th of its
+    ``steps x samples`` sampling steps (``done``; 0: ``"stage 1/2 (64^3): 10 steps x 4 samples"``); the sample is left
+    out when there is one."""
+    if done <= 0:  # the stage begins
+        return f"stage {stage}/{stages} ({resolution}^3): {steps} steps" + (f" x {samples} samples" if samples > 1 else "")
+    sample = min(samples, (done - 1) // steps + 1)
+    text = f"stage {stage}/{stages} ({resolution}^3): step {done - (sample - 1) * steps}/{steps}"
+    return f"{text}, sample {sample}/{samples}" if samples > 1 else text
+
+
 def volume_from_unit(vol_unit: torch.Tensor, fov_mm: float, **metadata: Any) -> Volume:
     """A :class:`Volume` (HU) from one (1, 1, R, R, R) or (R, R, R) model-unit cube of side ``fov_mm``."""
     arr = unit_to_hu(vol_unit.detach().float().cpu()).reshape(vol_unit.shape[-3:]).numpy()
@@ -194,7 +214,7 @@ class XrayToCTGenerator:
         x = max(c.xray_resolution for c in self.cascade.configs)
         rad = resize_radiograph(rad, x)
         reference = self.reference_drr(x) if rad.metadata.get("source", "array") != "array" else None
-        arr = match_drr_style(rad.array, reference)
+        arr = match_drr_style(rad.array, reference, "the part of the radiograph that the model sees")
         return torch.from_numpy(arr)[None, None], fov, source
 
     @torch.no_grad()
@@ -286,6 +306,25 @@ class XrayToCTGenerator:
             num_stages = self.num_stages
         if num_stages < 1:
             raise InputError("num_stages must be at least 1")
+        if num_samples is not None and num_samples < 1:
+            raise InputError(f"num_samples must be at least 1; got {num_samples}")
+        cfgs = self.cascade.configs[:num_stages]
+        steps_per = [steps or c.diffusion.sampling_steps for c in cfgs]
+        samples_per = [num_samples or c.diffusion.num_samples for c in cfgs]
+        # the work, in sampling steps of one sample at stage 1's grid (stage_step_costs): preparing the input and each
+        # stage's consistency step count as one step of that stage
+        costs = stage_step_costs([c.resolution for c in cfgs])
+        sampling = [n * k * w for n, k, w in zip(steps_per, samples_per, costs)]
+        check = [w if consistency else 0 for w in costs]
+        prepare_units = costs[0]
+        starts = [prepare_units + sum(sampling[:i]) + sum(check[:i]) for i in range(num_stages)]
+        total = starts[-1] + sampling[-1] + check[-1]
+
+        def tell(done: int, message: str) -> None:
+            if progress is not None:
+                progress(int(done), total, message)
+
+        tell(0, "preparing the radiograph (crop, resize, grey levels)")
         if rad.metadata.get("oriented"):
             notes.append(f"the radiograph was {rad.metadata['oriented']}")
         other_part = body_part_note(rad.metadata)
@@ -294,6 +333,7 @@ class XrayToCTGenerator:
             notes.append(other_part)
         t0 = time.time()
         xray, fov, fov_source = self.prepare_input(rad, fov_mm, notes)
+        del rad, image  # the full-resolution radiograph: the model sees the small input only (the caller's may stay)
         if view == "pa":
             score = inversion_score(xray[0, 0].numpy())
             if score < INVERTED_SCORE:
@@ -307,21 +347,16 @@ class XrayToCTGenerator:
         self.cascade.to(dev)
         xray = xray.to(dev)
         gen = torch.Generator(device=dev).manual_seed(int(seed))
-        if num_samples is not None and num_samples < 1:
-            raise InputError(f"num_samples must be at least 1; got {num_samples}")
-        cfgs = self.cascade.configs[:num_stages]
-        steps_per = [steps or c.diffusion.sampling_steps for c in cfgs]
-        samples_per = [num_samples or c.diffusion.num_samples for c in cfgs]
-        work = [n * k for n, k in zip(steps_per, samples_per)]
-        total = sum(work)
-        done_before = [sum(work[:i]) for i in range(num_stages)]
         stages: list[dict[str, Any]] = []
         volumes: list[Volume] = []
         stage_t = [time.time()]
+        tell(prepare_units, step_text(1, num_stages, cfgs[0].resolution, 0, steps_per[0], samples_per[0]))
 
         def step_cb(stage: int, done: int, n: int) -> None:
-            if progress is not None:
-                progress(done_before[stage - 1] + done, total, f"stage {stage}/{num_stages}: step {done}/{n}")
+            i = stage - 1
+            per_sample = max(1, n // samples_per[i])  # the steps each sample takes
+            tell(starts[i] + sampling[i] * done // max(n, 1),
+                 step_text(stage, num_stages, cfgs[i].resolution, done, per_sample, samples_per[i]))  # fmt: skip
 
         def stage_cb(stage: int, vol_unit: torch.Tensor) -> None:
             now = time.time()
@@ -338,10 +373,19 @@ class XrayToCTGenerator:
                         info["seconds"], info["projection_psnr"])  # fmt: skip
             if on_stage is not None:
                 on_stage(stage, vol, info)
+            i = stage - 1
+            if stage < num_stages:  # the next stage's first step comes after a while: say which one runs
+                tell(starts[stage], step_text(stage + 1, num_stages, cfgs[stage].resolution, 0, steps_per[stage],
+                                              samples_per[stage]))  # fmt: skip
+            else:
+                tell(starts[i] + sampling[i] + check[i], f"stage {stage}/{num_stages} ready")
 
         corrections: dict[int, dict[str, float]] = {}
 
         def post_stage(stage: int, vol_unit: torch.Tensor) -> torch.Tensor:
+            i = stage - 1
+            tell(starts[i] + sampling[i], f"stage {stage}/{num_stages}: consistency step (re-projection onto the "
+                                          "radiograph)")  # fmt: skip
             out, corrections[stage] = drr_consistency(vol_unit, xray, fov, view)
             return out
 

@@ -85,35 +85,99 @@ class Radiograph:
         return int(self.array.shape[0]), int(self.array.shape[1])
 
 
+#: Pixels per block in which a colour image is turned greyscale (under 1 MB of float32 per block): never a float
+#: copy of every channel of a large screenshot at once.
+GREY_BLOCK_PIXELS = 1 << 15
+#: A float64 image whose largest magnitude is above this or (non-zero) below :data:`FLOAT32_SAFE_MIN` is divided by
+#: it before it becomes float32, which would turn it infinite or zero; a radiograph's absolute scale does not matter
+#: (it is windowed by its percentiles).
+FLOAT32_SAFE_MAX = 1e30
+FLOAT32_SAFE_MIN = 1e-30
+
+
+def _float32_scale(arr: np.ndarray, source: str) -> float:
+    """What a float image is divided by to become float32 without overflow or underflow: 1, or its largest
+    magnitude when that lies outside [:data:`FLOAT32_SAFE_MIN`, :data:`FLOAT32_SAFE_MAX`] (a float64 image). Checked on
+    the image's own values (no float32 copy first, which would turn 1e300 into inf and 1e-300 into 0).
+
+    Raises:
+        InputError: NaN or infinite values.
+    """
+    if arr.dtype.kind != "f" or arr.size == 0:
+        return 1.0  # integers: every value is finite, and even 2^63 fits float32's range
+    lo, hi = float(arr.min()), float(arr.max())  # NaN propagates; no temporary the size of the image
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise InputError(f"{source} contains NaN or infinite values; re-export the image.")
+    peak = max(abs(lo), abs(hi))
+    if arr.dtype.itemsize > 4 and (peak > FLOAT32_SAFE_MAX or 0.0 < peak < FLOAT32_SAFE_MIN):
+        logger.info("%s: its values reach %.3g, beyond what float32 holds; divided by that (a radiograph's scale does "
+                    "not matter: it is windowed by its percentiles)", source, peak)  # fmt: skip
+        return peak
+    return 1.0
+
+
+def _as_float32(arr: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """``arr / scale`` as float32, without a float64 temporary the size of the image (``arr`` itself when it is
+    float32 and ``scale`` is 1)."""
+    if scale == 1.0:
+        return arr.astype(np.float32, copy=False)
+    out = np.empty(arr.shape, np.float32)
+    np.divide(arr, scale, out=out, casting="same_kind")
+    return out
+
+
 def greyscale_pixels(arr: np.ndarray, source: str = "image") -> np.ndarray:
     """``(H, W)`` float32 from an ``(H, W, C)`` image with 2-4 channels stored per pixel: the grey channel of a
     grey + alpha image, or the mean of red, green and blue when they agree to within
-    :data:`GREY_CHANNEL_TOLERANCE` (greyscale saved in colour); alpha is ignored.
+    :data:`GREY_CHANNEL_TOLERANCE` (greyscale saved in colour); alpha is ignored. The channels are compared and
+    averaged in row blocks of :data:`GREY_BLOCK_PIXELS`: the memory needed is the float32 result and one block.
 
     Raises:
-        InputError: the colour channels differ (a photograph, a colour-mapped picture): not a radiograph.
+        InputError: the colour channels differ (a photograph, a colour-mapped picture, or a greyscale screenshot
+            with a coloured annotation or overlay; the message says what share of the pixels is coloured), or NaN
+            or infinite values.
     """
-    arr = np.asarray(arr, dtype=np.float32)
+    arr = np.asarray(arr)
+    scale = _float32_scale(arr[..., :3], source)
     if arr.shape[-1] == 2:
-        return np.ascontiguousarray(arr[..., 0])
+        return np.ascontiguousarray(_as_float32(arr[..., 0], scale))
     rgb = arr[..., :3]
-    spread = float(rgb.max() - rgb.min()) if rgb.size else 0.0
-    if float(np.abs(rgb - rgb[..., :1]).max(initial=0.0)) > max(1.0, GREY_CHANNEL_TOLERANCE * spread):
+    h, w = rgb.shape[:2]
+    spread = (float(rgb.max()) - float(rgb.min())) / scale if rgb.size else 0.0
+    tolerance = max(1.0, GREY_CHANNEL_TOLERANCE * spread)
+    out = np.empty((h, w), np.float32)
+    coloured = 0
+    rows = max(1, GREY_BLOCK_PIXELS // max(1, w))
+    for r0 in range(0, h, rows):
+        block = _as_float32(rgb[r0 : r0 + rows], scale)  # (rows, W, 3): the only float copy of the channels
+        coloured += int(np.count_nonzero(np.abs(block[..., 1:] - block[..., :1]).max(axis=-1) > tolerance))
+        out[r0 : r0 + rows] = block.mean(axis=-1)
+    if coloured:
+        share = coloured / float(h * w)
+        said = f"{100 * share:.2g}%" if share < 0.1 else f"{100 * share:.0f}%"
+        small = (" (so few are usually an annotation, a measurement or an overlay drawn on a screenshot: export the "
+                 "radiograph without it)" if share < 0.1 else "")  # fmt: skip
         raise InputError(
-            f"{source} is a colour image (its red, green and blue differ); a radiograph is greyscale. Export it "
-            "as a greyscale DICOM/PNG (or convert it, e.g. in 3D Slicer or an image editor) and try again."
+            f"{source} is a colour image (its red, green and blue differ); a radiograph is greyscale. {said} of its "
+            f"pixels are coloured{small}. Export it as a greyscale DICOM/PNG (or convert it, e.g. in 3D Slicer or an "
+            "image editor) and try again."
         )
-    return rgb.mean(axis=-1)
+    return out
 
 
-def radiograph_pixels(arr: np.ndarray, source: str = "image") -> np.ndarray:
+def radiograph_pixels(arr: np.ndarray, source: str = "image", *, keep_integers: bool = False) -> np.ndarray:
     """The ``(H, W)`` float32 pixels of an array that is one greyscale radiograph: greyscale stored in colour
-    (``(H, W, 3)`` or ``(H, W, 4)``) is converted (:func:`greyscale_pixels`) and single-slice axes are dropped.
+    (``(H, W, 3)`` or ``(H, W, 4)``) is converted (:func:`greyscale_pixels`) and single-slice axes are dropped. The
+    checks look at the array as it is (any type): a float64 image beyond float32's range is divided by its largest
+    magnitude first (:func:`_float32_scale`); a float32 array comes back as it is, not copied.
+
+    ``keep_integers``: an integer greyscale image comes back checked but in its own type, not copied (what the X-ray
+    to CT module hands its job: MetaImage keeps the type, and uint16 is half the bytes of float32).
 
     Raises:
         InputError: real colour, a 3D volume, fewer or more than 2 dimensions, a thumbnail, NaN or Inf.
     """
-    arr = np.asarray(arr, dtype=np.float32)
+    arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         arr = greyscale_pixels(arr, source)
     if arr.ndim == 3 and min(arr.shape) > 1:
@@ -130,9 +194,9 @@ def radiograph_pixels(arr: np.ndarray, source: str = "image") -> np.ndarray:
             f"{source} is only {arr.shape[0]}x{arr.shape[1]} pixels; a radiograph needs at least "
             f"{MIN_RADIOGRAPH_SIDE} pixels per side. Use the full-resolution image, not a thumbnail."
         )
-    if not np.all(np.isfinite(arr)):
-        raise InputError(f"{source} contains NaN or infinite values; re-export the image.")
-    return arr
+    if keep_integers and arr.dtype.kind in "iu":
+        return arr
+    return _as_float32(arr, _float32_scale(arr, source))
 
 
 def _dicom_tags(reader: sitk.ImageFileReader) -> dict[str, str]:
@@ -505,26 +569,30 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     is_dicom = _is_dicom(p, reader)
     tags = _dicom_tags(reader) if is_dicom else {}
     check_projection_modality(tags, p.name)  # before the pixel checks: a colour ultrasound is refused as ultrasound
-    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    stored = sitk.GetArrayViewFromImage(img)  # the pixels in their own type, not copied
     if img.GetNumberOfComponentsPerPixel() > 1:  # greyscale saved in colour (grey + alpha too); real colour refused
-        arr = greyscale_pixels(arr, p.name)
+        stored = greyscale_pixels(stored, p.name)
     if is_dicom:
-        check_single_frame(arr, tags, p.name)
-    arr = radiograph_pixels(arr, p.name)
+        check_single_frame(stored, tags, p.name)
+    arr = radiograph_pixels(stored, p.name)  # float32: the one copy of the image kept (windowed in place below)
+    if np.may_share_memory(arr, stored):  # a float32 file: its pixels are the reader's
+        arr = arr.copy()
+    del stored
+    spacing, cosines = (None, None) if is_dicom else image_geometry(img, p)
+    del img  # the reader's copy of the pixels
     # MONOCHROME1 (high values display dark): SimpleITK's GDCM reader already returns such images inverted
     # to MONOCHROME2 semantics (2^BitsStored - 1 - value), so bright = attenuating here for both; checked
     # on a crafted MONOCHROME1 file in Testing/test_xray_cli.py.
     if is_dicom:
         arr, spacing, meta = apply_dicom_header(arr, header_spacing(tags), tags, p.name)
     else:
-        spacing, cosines = image_geometry(img, p)
         arr, spacing, turned = orient_as_displayed(arr, spacing, cosines)
         meta = {}
         if turned:
             meta["oriented"] = f"{turned} to show it as 3D Slicer displays it, as its header's directions say"
             logger.info("%s: %s", p.name, meta["oriented"])
     meta = {"source": str(p), "format": "dicom" if is_dicom else p.suffix.lower().lstrip("."), **meta}
-    return Radiograph(window_radiograph(arr), spacing, meta)
+    return Radiograph(window_radiograph(arr, source=p.name, in_place=True), spacing, meta)
 
 
 def apply_dicom_header(
@@ -617,16 +685,65 @@ def read_dicom_header(path: str | os.PathLike) -> dict[str, str]:
     return _dicom_tags(reader)
 
 
-def window_radiograph(arr: np.ndarray, percentiles: tuple[float, float] = WINDOW_PERCENTILES) -> np.ndarray:
-    """Robust windowing to [0, 1] between two percentiles of the image's values.
+#: Rows per block in which :func:`window_radiograph` windows an image (float64 arithmetic, as for the whole image).
+WINDOW_BLOCK_ROWS = 256
+
+
+def window_bounds(
+    arr: np.ndarray, source: str = "the radiograph", percentiles: tuple[float, float] = WINDOW_PERCENTILES,
+    *, scratch: bool = False,
+) -> tuple[float, float]:
+    """The two percentiles of ``arr`` that :func:`window_radiograph` maps to 0 and 1: the one test of whether an image
+    has anything to show, applied alike by ``xray2ct``, the X-ray to CT module's check of the chosen node and its
+    background job.
+
+    Args:
+        arr: ``(H, W)`` pixels (float32 as :func:`radiograph_pixels` gives them).
+        source: the image as the message names it (e.g. ``"'chest PA'"``, a node; or a file name).
+        scratch: ``arr`` may be reordered in place (no copy the size of the image); its values stay.
+
+    Raises:
+        InputError: the percentiles are equal: the image is blank, or nearly uniform (e.g. a constant image with a
+            few other pixels, a saturated exposure, a black frame with burned-in text); the message says how many
+            pixels have that one value.
+    """
+    lo, hi = (float(v) for v in np.percentile(arr, percentiles, overwrite_input=scratch))
+    if hi > lo:
+        return lo, hi
+    size = int(arr.size)
+    others = size - int(np.count_nonzero(arr == lo))
+    if others == 0:
+        raise InputError(f"{source} is blank: all its pixels have the same value ({lo:g}). Use the radiograph itself.")
+    said = (f"all but {others} of its {size} pixels have the same value ({lo:g})" if others < 0.001 * size
+            else f"{100 * (size - others) / size:.1f}% of its pixels have the same value ({lo:g})")  # fmt: skip
+    raise InputError(
+        f"{source} is nearly uniform: {said}, so there is no picture to window (its {percentiles[0]:g}th and "
+        f"{percentiles[1]:g}th percentiles are equal). Use the radiograph itself, not a blank, a mask or a "
+        "saturated image."
+    )
+
+
+def window_radiograph(
+    arr: np.ndarray, percentiles: tuple[float, float] = WINDOW_PERCENTILES, source: str = "the radiograph",
+    *, in_place: bool = False,
+) -> np.ndarray:
+    """Robust windowing to [0, 1] between two percentiles of the image's values (:func:`window_bounds`).
 
     Args:
         arr: (H, W) any intensity units, bright = attenuating.
+        source: how a message names the image.
+        in_place: window a float32 ``arr`` itself (the caller's own copy): no second image in memory.
+
+    Raises:
+        InputError: nothing to window (:func:`window_bounds`).
     """
-    lo, hi = np.percentile(arr, percentiles)
-    if hi <= lo:
-        raise InputError("the radiograph is blank (all pixels have the same value); check the file.")
-    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    arr = np.asarray(arr, dtype=np.float32)
+    lo, hi = window_bounds(arr, source, percentiles)
+    out = arr if in_place else np.empty_like(arr)
+    for r0 in range(0, arr.shape[0], WINDOW_BLOCK_ROWS):  # float64 per block, not for the whole image
+        rows = slice(r0, r0 + WINDOW_BLOCK_ROWS)
+        out[rows] = np.clip((arr[rows] - lo) / (hi - lo), 0.0, 1.0)
+    return out
 
 
 def _interpolate(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -634,7 +751,10 @@ def _interpolate(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     import torch  # here, so that reading and checking radiographs (the Slicer module's input check) need no torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    arr = np.asarray(arr, dtype=np.float32)
+    if any(stride < 0 for stride in arr.strides):  # torch takes positive strides only
+        arr = np.ascontiguousarray(arr)
+    t = torch.from_numpy(arr)[None, None]  # a crop of a larger image is not copied: interpolate reads it strided
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
 
 
@@ -698,6 +818,21 @@ class ExposedRegion:
     share_of_image: float
 
 
+def _block_means(arr: np.ndarray, f: int) -> np.ndarray:
+    """``(ceil(H/f), ceil(W/f))`` means of ``f x f`` blocks of ``arr`` (H, W), an edge block padded with its last row
+    and column (``np.pad(mode="edge")``); one band of ``f`` rows at a time, never a padded copy of the whole image."""
+    h, w = arr.shape
+    rows, cols = -(-h // f), -(-w // f)
+    small = np.empty((rows, cols), np.float32)
+    for i in range(rows):
+        band = arr[i * f : (i + 1) * f]
+        pad = ((0, f - band.shape[0]), (0, cols * f - w))
+        if pad != ((0, 0), (0, 0)):
+            band = np.pad(band, pad, mode="edge")
+        small[i] = band.reshape(f, cols, f).mean(axis=(0, 2))
+    return small
+
+
 def exposed_region(arr: np.ndarray) -> ExposedRegion | None:
     """The exposed region of a radiograph: the bounding box of the largest connected region of pixels brighter than
     the background (:data:`BACKGROUND_LEVEL`), after an opening that cuts burned-in text and markers lying in the
@@ -712,8 +847,7 @@ def exposed_region(arr: np.ndarray) -> ExposedRegion | None:
     h, w = arr.shape
     f = max(1, int(np.ceil(max(h, w) / REGION_GRID)))
     rows, cols = -(-h // f), -(-w // f)
-    padded = np.pad(arr, ((0, rows * f - h), (0, cols * f - w)), mode="edge")
-    small = padded.reshape(rows, f, cols, f).mean(axis=(1, 3))
+    small = _block_means(arr, f)
     low, high = float(arr.min()), float(np.percentile(small, 99.5))
     if high <= low:
         return None
@@ -729,8 +863,8 @@ def exposed_region(arr: np.ndarray) -> ExposedRegion | None:
     c0, c1 = int(c_idx.min()) * f, min(w, (int(c_idx.max()) + 1) * f)
     # the coarse box is whole blocks: trim its edge blocks to the first and last full-resolution rows and columns
     # that hold exposed pixels
-    inside = arr[r0:r1, c0:c1] > level
-    row_any, col_any = inside.any(axis=1), inside.any(axis=0)
+    inside = arr[r0:r1, c0:c1]  # a view: "any pixel above the level" is "the largest above it", with no mask copy
+    row_any, col_any = inside.max(axis=1) > level, inside.max(axis=0) > level
     if row_any.any() and col_any.any():
         top, bottom = int(np.argmax(row_any)), len(row_any) - int(np.argmax(row_any[::-1]))
         left, right = int(np.argmax(col_any)), len(col_any) - int(np.argmax(col_any[::-1]))
@@ -840,17 +974,20 @@ def invert_radiograph(rad: Radiograph) -> Radiograph:
     return Radiograph((1.0 - rad.array).astype(np.float32), rad.pixel_spacing, {**rad.metadata, "inverted": True})
 
 
-def match_drr_style(image: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+def match_drr_style(
+    image: np.ndarray, reference: np.ndarray | None = None, source: str = "the radiograph"
+) -> np.ndarray:
     """Map a real radiograph's intensities onto the DRR style (quantile matching).
 
     Args:
         image: (H, W) in [0, 1] (e.g. :attr:`Radiograph.array`).
         reference: a DRR in attenuation style to match (its histogram); None only windows the image.
+        source: how a message names ``image`` (:func:`window_bounds`).
 
     Returns:
         (H, W) float32 in [0, 1] whose value distribution follows ``reference``.
     """
-    img = window_radiograph(np.asarray(image, dtype=np.float32))
+    img = window_radiograph(np.asarray(image, dtype=np.float32), source=source)
     if reference is None:
         return img
     qs = np.linspace(0.0, 1.0, 257)

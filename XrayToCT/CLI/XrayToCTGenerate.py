@@ -17,7 +17,10 @@ import argparse
 import json
 import logging
 import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +28,14 @@ logger = logging.getLogger("DiffusionCore")
 
 TINY_MODEL_NAME = "tiny-test-model (random weights)"
 STAGE_LINE_PREFIX = "stage-ready "
+#: The share of the progress bar of each phase of a run (:class:`DiffusionCore.cli.xray.PhaseProgress`). The
+#: generation's share is filled stage by stage, each sampling step weighted by its stage's voxel count
+#: (:func:`DiffusionCore.xray.pipeline.stage_step_costs`). On a CPU, one stage of the shipped weights: reading a
+#: 6000x7000 radiograph took about 1 s, loading the weights 1-2 s, the generation 4-5 s, writing 0.1-0.4 s.
+PHASE_SHARES = {"reading": 4.0, "weights": 6.0, "generation": 86.0, "writing": 2.0, "scoring": 2.0}
+#: The environment variable naming PyTorch's compile cache folder, which torch creates when it is imported
+#: (``torchinductor_<user>`` in the temp folder, left behind by every run otherwise).
+TORCH_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stageDirectory", default="", help="write stage<N>.nrrd previews into this folder")
     p.add_argument("--referenceVolume", default="", help="reference CT for PSNR/SSIM in the report")
     p.add_argument("--numStages", type=int, default=0,
-                   help="stages of the cascade to run (1-3); 0 = every stage the weights have")
+                   help="stages of the cascade to run (1-3); 0 = every stage the weights have; more than they have runs "
+                   "every stage they have, with a warning")
     p.add_argument(
         "--view", choices=("auto", "pa", "lateral"), default="auto",
         help="auto: what the DICOM header says (--dicomHeader or a DICOM input), else pa",
@@ -216,19 +228,28 @@ def format_reference_scores(scores: dict[str, float], reference: str) -> str:
 
 def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
     from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
-    from DiffusionCore.cli.xray import xray_provenance
+    from DiffusionCore.cli.xray import PhaseProgress, xray_provenance
     from DiffusionCore.files import keep_freed_memory, write_json_atomic
     from DiffusionCore.results import write_result
     from DiffusionCore.volume import write_volume
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
 
     t0 = time.perf_counter()
+    shares = {k: v for k, v in PHASE_SHARES.items() if k != "scoring" or args.referenceVolume}
+    bar = PhaseProgress(Progress("slicer"), shares)
     check_outputs(args)  # before any work: no output may be an input, and each can be written
-    reference = read_reference(args.referenceVolume) if args.referenceVolume else None
+    # the reading is said in a comment alone (the bar is at its start anyway): an input refused while it is read
+    # leaves no progress line, as no work was done
+    reference = None
+    if args.referenceVolume:
+        print("<filter-comment>reading the reference CT</filter-comment>", flush=True)
+        reference = read_reference(args.referenceVolume)
+    print("<filter-comment>reading the radiograph</filter-comment>", flush=True)
     radiograph = load_radiograph(args.inputRadiograph, False, args.dicomHeader)  # inverted by the generator
     if args.stageDirectory and not Path(args.stageDirectory).is_dir():
         written.append(Path(args.stageDirectory))  # made by this run: removed again if it is cancelled
         Path(args.stageDirectory).mkdir(parents=True, exist_ok=True)
+    bar.start("weights", "loading the weights")
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     if args.tinyTestModel:
         generator = XrayToCTGenerator.tiny(seed=0)
@@ -270,9 +291,10 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
         text = ", ".join(f"{k} {v:.4g}" for k, v in figures.items()) or "no projection figures"
         print(f"<filter-comment>stage {stage} ready: {text}</filter-comment>", flush=True)
 
-    progress = Progress("slicer")
-    result, report = generator.run(radiograph, progress=progress, on_stage=on_stage, cancel=cancel, **settings)
+    result, report = generator.run(radiograph, progress=bar.within("generation"), on_stage=on_stage, cancel=cancel,
+                                   **settings)  # fmt: skip
     check_result(result, "the generated CT")
+    bar.start("writing", "writing the result")
     # with the provenance in the file: Slicer reads it into the output node, which the modules then label synthetic
     written += write_result(result, args.outputVolume, xray_provenance(Path(args.inputRadiograph), report, model_name),
                             overwrite=True, dtype="float32", compress=False)
@@ -280,6 +302,7 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
     if reference is not None:  # scored as evaluate-xray scores: on the reference's body-centred cube
         from DiffusionCore.xray.evaluate import reference_scores
 
+        bar.start("scoring", "scoring the result against the reference CT")
         metrics = reference_scores(result, reference)
         print(format_reference_scores(metrics, args.referenceVolume), flush=True)  # with or without --reportFile
     elapsed = time.perf_counter() - t0
@@ -307,7 +330,7 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
             "elapsedSeconds": f"{elapsed:.3f}",
         },
     )
-    print("<filter-progress>1.0</filter-progress>", flush=True)
+    bar.finish("done")
     return 0
 
 
@@ -323,10 +346,30 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         sys.exit(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.")
 
-    parser, run_guarded, setup_logging = needs_packages(_load, "X-ray to CT")
-    args = parser.parse_args(argv)
-    setup_logging()
-    return run_guarded(lambda: run(args), install_hint=slicer_install_hint("X-ray to CT"), memory_hint="run fewer stages or use the GPU")
+    own_cache = own_torch_cache()  # before torch is imported (by the parser's defaults already)
+    try:
+        parser, run_guarded, setup_logging = needs_packages(_load, "X-ray to CT")
+        args = parser.parse_args(argv)
+        setup_logging()
+        return run_guarded(lambda: run(args), install_hint=slicer_install_hint("X-ray to CT"),
+                           memory_hint="run fewer stages or use the GPU")  # fmt: skip
+    finally:
+        if own_cache:
+            shutil.rmtree(own_cache, ignore_errors=True)
+
+
+def own_torch_cache() -> str:
+    """Give PyTorch a compile cache folder of this run's own, removed at its end (returned; ``""`` when the user set
+    one): importing torch makes ``torchinductor_<user>`` in the temp folder, which every run of this module left
+    there, outside the job's folder that the module removes. Nothing is compiled, so the folder stays empty."""
+    if os.environ.get(TORCH_CACHE_VARIABLE):
+        return ""
+    try:
+        folder = tempfile.mkdtemp(prefix="xraytoct-torch-")
+    except OSError:  # a full or read-only temp folder: torch's own default then (the run says what is wrong)
+        return ""
+    os.environ[TORCH_CACHE_VARIABLE] = folder
+    return folder
 
 
 if __name__ == "__main__":

@@ -18,13 +18,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from CTDiffusionSRLib.jobs import CLIJob, exception_text
+from CTDiffusionSRLib.jobs import CLIJob, check_temp_room, exception_text
 from CTDiffusionSRLib.mrml_io import (
     add_volume_node,
     dicom_source_files,
@@ -49,12 +51,12 @@ from DiffusionCore.errors import InputError, OutputError
 from DiffusionCore.xray.radiograph import (
     RADIOGRAPH_MODALITIES,
     check_projection_modality,
-    greyscale_pixels,
     header_view,
     image_directions,
     orient_as_displayed,
     radiograph_pixels,
     read_dicom_header,
+    window_bounds,
 )
 
 try:
@@ -68,6 +70,10 @@ except ImportError:  # outside the Slicer application (tests, plain Python): the
 logger = logging.getLogger(__name__)
 
 STAGE_LINE_PREFIX = "stage-ready "
+#: The grids (voxels per side) of the stages when the weights do not say before the job runs (the shipped cascade's;
+#: the tiny test model's are TINY_STAGE_SIDES): what the temp-room check counts the stage previews and the result at.
+DEFAULT_STAGE_SIDES = (64, 128, 256)
+TINY_STAGE_SIDES = (16, 32)
 #: Display window/level for generated CT (HU): the first window its DICOM series carries, a soft-tissue/lung compromise.
 CT_WINDOW_LEVEL = (SYNTHETIC_CT_WINDOWS[0][1], SYNTHETIC_CT_WINDOWS[0][0])
 
@@ -129,12 +135,15 @@ class XraySettings:
         return args
 
 
-def _pixels(node, tags: dict[str, str] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """The node's pixels as ``(H, W)`` float32 in file order, and which IJK axes are its columns and its rows; a
-    volume one voxel thick along any axis is a 2D image (e.g. a W x 1 x H coronal projection computed in Slicer);
-    colour-encoded greyscale is accepted. Refused as ``xray2ct`` refuses them
-    (:func:`~DiffusionCore.xray.radiograph.radiograph_pixels`): real colour, a thumbnail, NaN or infinite values, a 3D
-    volume, and a multi-frame radiograph (named so from ``tags``, its DICOM header)."""
+def _stored_pixels(node, tags: dict[str, str] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """The node's pixels as they are stored, a view of its image data (never copied, never to be written to):
+    ``(H, W)`` or ``(H, W, C)`` for colour-encoded greyscale, in file order and the node's own type; and which IJK
+    axes are its columns and its rows. A volume one voxel thick along any axis is a 2D image (e.g. a W x 1 x H coronal
+    projection computed in Slicer).
+
+    Raises:
+        InputError: no pixels, a 3D volume, or a multi-frame radiograph (named so from ``tags``, its DICOM header).
+    """
     from vtk.util import numpy_support
 
     image = node.GetImageData()
@@ -157,15 +166,26 @@ def _pixels(node, tags: dict[str, str] | None = None) -> tuple[np.ndarray, tuple
     columns, rows = (axis for axis in range(3) if axis != flat)
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     ncomp = image.GetPointData().GetScalars().GetNumberOfComponents()
-    arr = np.take(scalars.reshape(nz, ny, nx, ncomp), 0, axis=2 - flat).astype(np.float32)  # (rows, columns, ncomp)
-    name = f"'{node.GetName()}'"
-    return radiograph_pixels(greyscale_pixels(arr, name) if ncomp > 1 else arr[..., 0], name), (columns, rows)
+    planes = scalars.reshape(nz, ny, nx, ncomp)
+    plane = planes[(slice(None),) * (2 - flat) + (0,)]  # (rows, columns, ncomp): a view, whichever axis is flat
+    return (plane if ncomp > 1 else plane[..., 0]), (columns, rows)
+
+
+def _pixels(node, tags: dict[str, str] | None = None, *, keep_integers: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
+    """The node's pixels as ``(H, W)`` float32 in file order (:func:`_stored_pixels`; ``keep_integers``: an integer
+    image in its own type), and which IJK axes are its columns and its rows; colour-encoded greyscale is accepted.
+    Refused as ``xray2ct`` refuses them (:func:`~DiffusionCore.xray.radiograph.radiograph_pixels`): real colour, a
+    thumbnail, NaN or infinite values, a 3D volume, and a multi-frame radiograph. A float32 image is the node's own
+    pixels, not a copy: never to be written to."""
+    stored, axes = _stored_pixels(node, tags)
+    return radiograph_pixels(stored, f"'{node.GetName()}'", keep_integers=keep_integers), axes
 
 
 def radiograph_from_node(
-    node, *, as_displayed: bool = False, tags: dict[str, str] | None = None
+    node, *, as_displayed: bool = False, tags: dict[str, str] | None = None, keep_integers: bool = False
 ) -> tuple[np.ndarray, tuple[float, float]]:
-    """``(pixels (H, W) float32, pixel spacing (row, col) mm)`` of a radiograph node; the node is untouched.
+    """``(pixels (H, W) float32, pixel spacing (row, col) mm)`` of a radiograph node; the node is untouched (the
+    pixels may be a view of its own: never write to them).
 
     Args:
         as_displayed: turn the pixels to how Slicer shows the node in the view of its plane
@@ -173,6 +193,7 @@ def radiograph_from_node(
             direction of -1 along x, which Slicer shows the right way round); else the stored row and column order
             (which a DICOM header's PatientOrientation describes).
         tags: the node's DICOM header tags, when the caller has read them (:func:`dicom_header_tags`).
+        keep_integers: an integer radiograph's pixels in their own type (what the job hands over), not float32.
 
     The geometry is the node's as Slicer displays it: with its linear parent transforms (e.g. an image stored upside
     down and shown upright by a 180-degree rotation).
@@ -181,7 +202,7 @@ def radiograph_from_node(
         InputError: no usable pixels (:func:`_pixels`), or a non-linear transform
             (:func:`~CTDiffusionSRLib.mrml_io.transform_problem`).
     """
-    pixels, (columns, rows) = _pixels(node, tags)
+    pixels, (columns, rows) = _pixels(node, tags, keep_integers=keep_integers)
     spacing, _origin, direction = geometry_from_ijk_to_ras(ijk_to_ras(node, world=True, what="The radiograph"))
     row_col = (float(spacing[rows]), float(spacing[columns]))
     if not as_displayed:
@@ -262,21 +283,85 @@ def view_problem(node, settings: XraySettings, resolved, name: str, tags: dict[s
     )
 
 
+#: How many nodes' verdicts :func:`check_xray_input` keeps (the most recently checked).
+VERDICTS_KEPT = 8
+#: node ID -> (what the verdict depends on (:func:`_verdict_key`), the verdict)
+_verdicts: OrderedDict[str, tuple[tuple, str]] = OrderedDict()
+
+
+def _verdict_key(node, tags: dict[str, str]) -> tuple:
+    """What :func:`check_xray_input` says of ``node`` depends on: its name and class, its pixels and geometry
+    (:func:`~CTDiffusionSRLib.mrml_io.input_stamp`: the image's and its scalars' modification times, which change when
+    they are edited or replaced, and the IJK-to-RAS matrix), its parent transforms (each one's ID and modification
+    time: a matrix edited, a warp put in) and its DICOM header's ``tags``. The settings (seed, steps, stages) are not
+    in it: changing them does not read the pixels again."""
+    transforms = []
+    parent = node.GetParentTransformNode()
+    while parent is not None and len(transforms) < 64:
+        transforms.append((parent.GetID(), parent.GetMTime()))
+        parent = parent.GetParentTransformNode()
+    return node.GetName(), node.GetClassName(), input_stamp(node), tuple(transforms), tuple(sorted(tags.items()))
+
+
+#: (DICOM file, its modification time) -> its header tags, as :func:`_header_tags` last read them
+_read_headers: OrderedDict[tuple[str, int | None], dict[str, str]] = OrderedDict()
+
+
+def _header_tags(node) -> dict[str, str]:
+    """:func:`dicom_header_tags`, the file read again only when it changed (the panel asks on every change of a
+    setting)."""
+    path = dicom_header_file(node)
+    if not path:
+        return {}
+    try:
+        stamp = (path, os.stat(path).st_mtime_ns)
+    except OSError:
+        stamp = (path, None)
+    if stamp not in _read_headers:
+        _read_headers[stamp] = dicom_header_tags(node)
+        while len(_read_headers) > VERDICTS_KEPT:
+            _read_headers.popitem(last=False)
+    return dict(_read_headers[stamp])
+
+
 def check_xray_input(node, tags: dict[str, str] | None = None) -> str:
-    """Why ``node`` cannot be used as a radiograph, or ``""`` when it can (the Apply tooltip). ``tags``: the node's
-    header tags when the caller has read them (:func:`dicom_header_tags`)."""
+    """Why ``node`` cannot be used as a radiograph, or ``""`` when it can (the Apply tooltip, and the job before it
+    starts). ``tags``: the node's header tags when the caller has read them (:func:`dicom_header_tags`).
+
+    The pixels are read once per change of the node (:func:`_verdict_key`): the panel asks on every change of a
+    setting, and a 6000x7000 colour screenshot took seconds and 1.6 GB each time. The image must have something to
+    show by the test the job's command applies (:func:`~DiffusionCore.xray.radiograph.window_bounds`), so that a nearly
+    uniform image is refused here, not by the background job after it started."""
     if node is None:
         return "Select a radiograph (load a DICOM CR/DX, PNG or JPEG image)."
     if node.IsA("vtkMRMLLabelMapVolumeNode"):  # a segmentation's labels, not intensities (as the SR module says)
         return f"'{node.GetName()}' is a label map, not a radiograph: choose the image itself."
-    tags = dicom_header_tags(node) if tags is None else tags
+    tags = _header_tags(node) if tags is None else tags
+    node_id, key = node.GetID(), _verdict_key(node, tags)
+    known = _verdicts.get(node_id) if node_id else None
+    if known is not None and known[0] == key:
+        _verdicts.move_to_end(node_id)
+        return known[1]
+    verdict = _input_verdict(node, tags)
+    if node_id:
+        _verdicts[node_id] = (key, verdict)
+        while len(_verdicts) > VERDICTS_KEPT:
+            _verdicts.popitem(last=False)
+    return verdict
+
+
+def _input_verdict(node, tags: dict[str, str]) -> str:
+    """:func:`check_xray_input` itself, reading the pixels: the memory it takes is one float32 copy of the image
+    (none more for a float32 node, whose own pixels are checked)."""
+    name = f"'{node.GetName()}'"
     try:
-        pixels, _ = radiograph_from_node(node, tags=tags)
-        check_projection_modality(tags, f"'{node.GetName()}'")
+        stored, _ = _stored_pixels(node, tags)
+        pixels = radiograph_pixels(stored, name)
+        ijk_to_ras(node, world=True, what="The radiograph")  # a non-linear transform is refused
+        check_projection_modality(tags, name)
+        window_bounds(pixels, name, scratch=not np.may_share_memory(pixels, stored))  # the node's own: not reordered
     except InputError as exc:
         return str(exc)
-    if float(pixels.max()) <= float(pixels.min()):
-        return f"'{node.GetName()}' is blank (all pixels equal)."
     return ""
 
 
@@ -321,17 +406,18 @@ def check_reference_input(node) -> str:
 
 
 def write_radiograph(node, path: str | Path, as_displayed: bool | None = None) -> Path:
-    """Write the radiograph node as a 2D float32 image (MetaImage keeps values and pixel spacing).
+    """Write the radiograph node as a 2D image (MetaImage keeps values, their type and the pixel spacing): an integer
+    radiograph in its own type, any other as float32 (colour-encoded greyscale as its grey level).
 
     ``as_displayed``: the pixels as Slicer displays the node (:func:`radiograph_from_node`); by default so for a node
     not loaded from DICOM (a PNG, JPEG, NRRD, MetaImage or NIfTI file), and in the stored order for one loaded from
     Slicer's DICOM database, whose header's orientation the command applies (``--dicomHeader``)."""
     if as_displayed is None:
         as_displayed = not dicom_header_file(node)
-    pixels, (row_mm, col_mm) = radiograph_from_node(node, as_displayed=as_displayed)
+    pixels, (row_mm, col_mm) = radiograph_from_node(node, as_displayed=as_displayed, keep_integers=True)
     from DiffusionCore.volume import write_image
 
-    image = sitk.GetImageFromArray(pixels)
+    image = sitk.GetImageFromArray(pixels)  # an integer radiograph in its own type (uint16: half the bytes)
     image.SetSpacing((col_mm, row_mm))
     return write_image(image, path)
 
@@ -435,7 +521,7 @@ class XrayJob(CLIJob):
 
     def __init__(self, scene, input_node, settings: XraySettings, *, reference_node=None, **kwargs):
         super().__init__(scene, **kwargs)
-        tags = dicom_header_tags(input_node)  # read once: the checks below and the command's --dicomHeader use it
+        tags = _header_tags(input_node)  # read once: the checks below and the command's --dicomHeader use it
         reason = check_xray_input(input_node, tags)
         if reason:
             raise InputError(reason)
@@ -444,6 +530,8 @@ class XrayJob(CLIJob):
             raise InputError(reason)
         if not 0 <= settings.num_stages <= 3:
             raise InputError(f"the number of stages must be 1, 2 or 3 (0: all the weights have); got {settings.num_stages}.")
+        #: the stages' grids (voxels per side), as the weights give them: the temp-room check counts their files
+        self.stage_sides = TINY_STAGE_SIDES if settings.tiny_test_model else DEFAULT_STAGE_SIDES
         if not settings.tiny_test_model:
             from DiffusionCore.weights.registry import first_available
 
@@ -454,6 +542,9 @@ class XrayJob(CLIJob):
                 raise InputError(problem)
             if resolved is not None:  # recorded on the stage previews; the final result records the command's report
                 self._weights = (weights, resolved.sha256)
+                sides = [int((c or {}).get("resolution", 0)) for c in resolved.metadata.get("configs") or []]
+                if sides and all(sides):
+                    self.stage_sides = tuple(sides)
         self.input_node = input_node
         self.reference_node = reference_node
         self.settings = settings
@@ -478,11 +569,29 @@ class XrayJob(CLIJob):
         self._pending_lock = threading.Lock()
         self.reference_metrics: dict = {}
         self._stamps: dict[str, tuple] = {}  # the inputs as the job read them (prepare)
+        self._capped_said = False  # the notice that the weights have fewer stages than chosen (update)
 
     def module_dir(self) -> Path:
         return Path(__file__).resolve().parent.parent
 
+    def hand_off_bytes(self) -> int:
+        """About what the job's files take in its temporary folder, counted before any work: the radiograph as handed
+        over (an integer one in its own type, else float32), the reference CT as float32, a float32 preview of every
+        stage the job runs and the result (the last stage's grid again), each with room for its header."""
+        header = 4096
+        stored, _ = _stored_pixels(self.input_node)  # a view: its type and size, nothing read
+        integer = stored.ndim == 2 and stored.dtype.kind in "iu"
+        needed = stored.shape[0] * stored.shape[1] * (stored.dtype.itemsize if integer else 4) + header
+        if self.reference_node is not None:
+            needed += int(np.prod(self.reference_node.GetImageData().GetDimensions())) * 4 + header
+        stages = self.stage_sides[: self.settings.num_stages or len(self.stage_sides)]
+        needed += sum(4 * side**3 + header for side in stages) + 4 * stages[-1] ** 3 + header
+        return needed
+
     def prepare(self, tempdir: Path) -> list[str]:
+        name = self.input_node.GetName()
+        what = f"the radiograph '{name}'" + (", the reference CT" if self.reference_node is not None else "")
+        check_temp_room(tempdir, self.hand_off_bytes(), f"{what}, the stage previews and the result")
         # as Slicer displays it, unless the command turns it by the DICOM header it is handed
         radiograph = tempdir / self.RADIOGRAPH_FILE
         write_radiograph(self.input_node, radiograph, as_displayed=not self.dicom_header)
@@ -497,6 +606,12 @@ class XrayJob(CLIJob):
             args += ["--referenceVolume", reference]
         if self.dicom_header:
             args += ["--dicomHeader", self.dicom_header]
+        # what the command says of its own files names what they hold, not the job's private folder
+        self.handed_over.append((str(tempdir / "output.nrrd"), "the result", f"the result of '{name}'"))
+        for stage in range(1, len(DEFAULT_STAGE_SIDES) + 1):
+            path = tempdir / "stages" / f"stage{stage}.nrrd"
+            self.handed_over.append((str(path), f"stage {stage}", f"stage {stage}'s preview of '{name}'"))
+        self.handed_over.append((str(tempdir), "the job's folder", f"the temp folder {tempdir.parent}"))
         args += [
             "--stageDirectory", str(tempdir / "stages"),
             "--reportFile", str(tempdir / "report.json"),
@@ -566,6 +681,7 @@ class XrayJob(CLIJob):
             stage = int(record["stage"])
             if record.get("stages"):
                 self.stages_planned = int(record["stages"])
+                self._say_capped_stages()
             self.stage_errors[stage] = dict(record.get("projection") or {})
             if record.get("file") and Path(record["file"]).is_file():
                 try:
@@ -574,6 +690,23 @@ class XrayJob(CLIJob):
                     self._preview_unreadable(stage, *unreadable_reason(exc, record["file"]))
                     continue
                 self._show(volume, stage)
+
+    def _say_capped_stages(self) -> None:
+        """Say once that the weights have fewer stages than Stages asks for: the module runs every stage they have
+        (as the command does, with a warning in its log), and the status line and the log say so."""
+        asked, have = self.settings.num_stages, self.stages_planned
+        if self._capped_said or not asked or have is None or have >= asked:
+            return
+        self._capped_said = True
+        weights = "the tiny test model" if self.settings.tiny_test_model else (
+            f"the weights {self._weights[0] or self.settings.weights or '(default)'}")  # fmt: skip
+        notice = (f"Stages is set to {asked}, but {weights} {'has' if self.settings.tiny_test_model else 'have'} "
+                  f"{have} stage{'s' if have > 1 else ''}: the generation runs {'every one' if have > 1 else 'it'}. "
+                  "Set Stages to 'all the weights have' to run every stage without this notice.")  # fmt: skip
+        logger.warning("%s", notice)
+        self.notices.append(notice)
+        if self.on_line:
+            self.on_line(f"warning: {notice}")
 
     def _preview_unreadable(self, stage: int, reason: str, detail: str) -> None:
         """Say that stage ``stage``'s preview is not shown, and why (the job goes on; its result comes at the end);
@@ -606,8 +739,31 @@ class XrayJob(CLIJob):
             f"'{self.preview_node.GetName()}'. It is a lower-resolution synthetic CT; Apply again for the full result."
         )
 
+    def _finished_before_failing(self) -> bool:
+        """A job that failed after its last stage was shown (its output file could not be written: a full disk; the
+        reference scores failed) made its whole result all the same: it completes, with the result node as the
+        result (Export works) and a notice that says what failed. It had said "only stage 1's result was kept", and
+        the panel showed "Failed" with Export disabled."""
+        if self.state != JobState.FAILED or not self.stages_shown or self.stages_planned is None:
+            return False
+        if self.stages_shown[-1] < self.stages_planned or self.preview_node is None:
+            return False
+        if not in_scene(self.scene, self.preview_node) or self.scene.IsClosing():
+            return False
+        error = self.named(self.error).rstrip(".")
+        self.notices.append(
+            f"The generation finished, but what followed its last stage failed: {error}. "
+            f"'{self.preview_node.GetName()}' holds the full result (stage {self.stages_shown[-1]} of "
+            f"{self.stages_planned}, {self._grid})."
+        )
+        logger.warning("%s", self.notices[-1])
+        self.state, self.error, self.result_nodes = JobState.COMPLETED, "", [self.preview_node]
+        return True
+
     def ended(self) -> None:
-        """Say what a cancelled or failed job kept."""
+        """Say what a cancelled or failed job kept; a job that failed after its last stage completes."""
+        if self._finished_before_failing():
+            return
         notice = self.kept_notice()
         if notice:
             logger.info("%s", notice)
