@@ -6,7 +6,8 @@ Every fixture is tiny (at most 32^3 voxels) so the whole suite stays fast on two
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,20 @@ def scene():
     yield s
     s.Clear(True)
     del color_logic
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 64 KiB disk of its own (a tmpfs mounted at ``tmp_path / "small disk"``), for what a full disk does; the test
+    is skipped where mounting needs root and this is not."""
+    folder = tmp_path / "small disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
 
 
 @pytest.fixture
@@ -457,3 +472,36 @@ def save_scene(scene, nodes, path: Path) -> Path:
     scene.SetURL(str(path))
     assert scene.Commit()
     return path
+
+
+def hold_after_stage_1(job) -> None:
+    """Stop (SIGSTOP) an X-ray job's worker as soon as it reports stage 1, so that a test acts during stage 2 however
+    fast the tiny model's stage 2 is (half a second): a cancel then takes the runner's grace period, a kill is at
+    once."""
+    import json
+    import signal
+
+    from XrayToCTLib.xray_logic import STAGE_LINE_PREFIX
+
+    handle = job.handle_line
+
+    def hold(line: str) -> None:
+        handle(line)
+        if line.startswith(STAGE_LINE_PREFIX) and json.loads(line[len(STAGE_LINE_PREFIX):]).get("stage") == 1:
+            os.killpg(job.runner.pid, signal.SIGSTOP)
+
+    job.handle_line = hold
+
+
+def until_stage_1_is_shown(job) -> None:
+    """Wait for stage 1's preview of an X-ray job just started, its worker held in stage 2
+    (:func:`hold_after_stage_1`)."""
+    import time
+
+    from CTDiffusionSRLib.process import JobState
+
+    hold_after_stage_1(job)
+    deadline = time.monotonic() + 120
+    while job.poll() == JobState.RUNNING and job.preview_node is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert job.state == JobState.RUNNING and job.stages_shown == [1], "stage 1's preview expected first"

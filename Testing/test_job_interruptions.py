@@ -366,24 +366,17 @@ def test_a_read_only_temp_folder_is_named_with_what_to_do(scene, job_tmp, monkey
     assert "TMPDIR" in message and "\n" not in message and _job_folders(job_tmp) == []
 
 
-def test_a_job_whose_files_will_not_fit_in_the_temp_folder_is_refused_before_any_work(scene, tmp_path, monkeypatch):
+def test_a_job_whose_files_will_not_fit_in_the_temp_folder_is_refused_before_any_work(scene, small_disk, monkeypatch):
     """The input fitted in a small temp disk, the whole computation ran, and writing the result failed ("the disk
     ... is full"): minutes lost, for a size known before the start. Now the job is refused at once, with both sizes."""
-    small = tmp_path / "small temp disk"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs needs root here")
-    try:
-        monkeypatch.setattr(tempfile, "tempdir", str(small))
-        node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_01")  # 6x32x32: 24 KiB in, 96 KiB out at x4
-        before = _node_ids(scene)
-        with pytest.raises(OutputError, match=rf"the temp folder {re.escape(str(small))} has .* free; this job needs "
-                                              r"about 120\.0 KiB there for the input and the result\. Free space there, "
-                                              r"or use another folder: set the TMPDIR environment variable"):
-            SRJob(scene, node, SRSettings(**FAST)).start()
-        assert os.listdir(small) == [] and _node_ids(scene) == before
-    finally:
-        subprocess.run(["umount", str(small)], capture_output=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk))
+    node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_01")  # 6x32x32: 24 KiB in, 96 KiB out at x4
+    before = _node_ids(scene)
+    with pytest.raises(OutputError, match=rf"the temp folder {re.escape(str(small_disk))} has .* free; this job needs "
+                                          r"about 120\.0 KiB there for the input and the result\. Free space there, "
+                                          r"or use another folder: set the TMPDIR environment variable"):
+        SRJob(scene, node, SRSettings(**FAST)).start()
+    assert os.listdir(small_disk) == [] and _node_ids(scene) == before
 
 
 def test_a_second_job_into_the_output_of_a_running_one_is_refused(scene, job_tmp):

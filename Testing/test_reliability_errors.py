@@ -521,42 +521,35 @@ def test_a_message_logged_while_a_progress_bar_is_drawn_gets_a_line_of_its_own(c
     assert any("predictor" in line for line in lines)  # the bar was drawn
 
 
-def test_a_volume_written_to_a_full_disk_says_the_disk_is_full(tmp_path):
+def test_a_volume_written_to_a_full_disk_says_the_disk_is_full(small_disk):
     """ITK said only "could not write OUT: Write: Error writing OUT.partial...": no reason. A full temp disk
     under the Slicer modules' hand-off files, or a full output disk, now says so, with the free space."""
     import errno as errno_module
 
     from DiffusionCore.errors import OutputError
 
-    full = tmp_path / "small disk"
-    full.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root here")
+    full = small_disk
+    vol = Volume(np.zeros((8, 64, 64), np.float32) + np.arange(64, dtype=np.float32) * 0.5, (1.0, 1.0, 1.0))
+    for name in ("ct.nrrd", "ct.nii.gz", "ct.mha"):
+        with pytest.raises(OutputError, match=r"the disk holding .*small disk is full \(.* free; the file needs "
+                           r"up to 128\.0 KiB\): free some space there or write to another folder"):
+            write_volume(vol, full / name, dtype="float32", compress=False)
+        assert os.listdir(full) == []  # no partial file left
+    fd = os.open(full / "filler", os.O_WRONLY | os.O_CREAT)  # a disk full to the last block
     try:
-        vol = Volume(np.zeros((8, 64, 64), np.float32) + np.arange(64, dtype=np.float32) * 0.5, (1.0, 1.0, 1.0))
-        for name in ("ct.nrrd", "ct.nii.gz", "ct.mha"):
-            with pytest.raises(OutputError, match=r"the disk holding .*small disk is full \(.* free; the file needs "
-                               r"up to 128\.0 KiB\): free some space there or write to another folder"):
-                write_volume(vol, full / name, dtype="float32", compress=False)
-            assert os.listdir(full) == []  # no partial file left
-        fd = os.open(full / "filler", os.O_WRONLY | os.O_CREAT)  # a disk full to the last block
-        try:
-            for chunk in (4096, 1):
-                with pytest.raises(OSError) as filled:
-                    while True:
-                        os.write(fd, b"\0" * chunk)
-        finally:
-            os.close(fd)
-        assert filled.value.errno == errno_module.ENOSPC
-        for compress in (False, True):  # ITK reported success for a NRRD of 0 bytes here
-            with pytest.raises(OutputError, match=r"is full \(0 B free; the file needs up to 512 B\)"):
-                write_volume(Volume(np.zeros((1, 16, 16), np.float32), (1.0, 1.0, 1.0)), full / "tiny.nrrd",
-                             compress=compress)  # fmt: skip
-            assert not (full / "tiny.nrrd").exists()
-        from DiffusionCore.volume import write_image  # a 2D radiograph handed to X-ray to CT's command
-
-        with pytest.raises(OutputError, match=r"could not write .*radiograph\.mha: the disk holding .* is full"):
-            write_image(sitk.GetImageFromArray(np.ones((64, 64), np.float32)), full / "radiograph.mha")
+        for chunk in (4096, 1):
+            with pytest.raises(OSError) as filled:
+                while True:
+                    os.write(fd, b"\0" * chunk)
     finally:
-        subprocess.run(["umount", str(full)], capture_output=True)
+        os.close(fd)
+    assert filled.value.errno == errno_module.ENOSPC
+    for compress in (False, True):  # ITK reported success for a NRRD of 0 bytes here
+        with pytest.raises(OutputError, match=r"is full \(0 B free; the file needs up to 512 B\)"):
+            write_volume(Volume(np.zeros((1, 16, 16), np.float32), (1.0, 1.0, 1.0)), full / "tiny.nrrd",
+                         compress=compress)  # fmt: skip
+        assert not (full / "tiny.nrrd").exists()
+    from DiffusionCore.volume import write_image  # a 2D radiograph handed to X-ray to CT's command
+
+    with pytest.raises(OutputError, match=r"could not write .*radiograph\.mha: the disk holding .* is full"):
+        write_image(sitk.GetImageFromArray(np.ones((64, 64), np.float32)), full / "radiograph.mha")

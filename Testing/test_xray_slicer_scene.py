@@ -23,6 +23,7 @@ for _module_dir in (ROOT / "CTDiffusionSR", ROOT / "XrayToCT"):
     if str(_module_dir) not in sys.path:
         sys.path.insert(0, str(_module_dir))
 
+from conftest import hold_after_stage_1, until_stage_1_is_shown  # noqa: E402
 from CTDiffusionSRLib import mrml_io  # noqa: E402
 from CTDiffusionSRLib.process import JobState  # noqa: E402
 from CTDiffusionSRLib.testing import DicomDatabaseStandIn, load_dicom_node, phantom_ct, phantom_radiograph  # noqa: E402
@@ -295,35 +296,6 @@ def test_the_log_and_the_error_name_the_volumes_not_the_hand_off_files(scene):
 
 
 # -- a job that does not complete keeps the stages it showed ------------------------------------------------------
-def _hold_after_stage_1(job) -> None:
-    """Stop (SIGSTOP) the job's worker as soon as it reports stage 1, so that the test acts during stage 2 however
-    fast the tiny model's stage 2 is (half a second): a cancel then takes the runner's grace period, a kill is at
-    once."""
-    import json
-    import os
-    import signal
-
-    from XrayToCTLib.xray_logic import STAGE_LINE_PREFIX
-
-    handle = job.handle_line
-
-    def hold(line: str) -> None:
-        handle(line)
-        if line.startswith(STAGE_LINE_PREFIX) and json.loads(line[len(STAGE_LINE_PREFIX):]).get("stage") == 1:
-            os.killpg(job.runner.pid, signal.SIGSTOP)
-
-    job.handle_line = hold
-
-
-def _until_stage_1_is_shown(job) -> None:
-    """Wait for stage 1's preview of a job just started, its worker held in stage 2 (:func:`_hold_after_stage_1`)."""
-    _hold_after_stage_1(job)
-    deadline = time.monotonic() + 120
-    while job.poll() == JobState.RUNNING and job.preview_node is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert job.state == JobState.RUNNING and job.stages_shown == [1], "stage 1's preview expected first"
-
-
 def _assert_records_stage_1_of_2(node, radiograph) -> str:
     """The node says it is stage 1 of 2, on its grid, made from ``radiograph``; returns its grid ("64^3")."""
     import json
@@ -349,7 +321,7 @@ def test_a_cancel_during_stage_2_keeps_stage_1s_result_under_the_users_name(scen
     """Stage 1's preview, renamed by the user, was deleted by Cancel: on a CPU minutes of work thrown away."""
     radiograph = _radiograph_node(scene, _shown(), spacing=(5.0, 5.0, 1.0))
     job = XrayJob(scene, radiograph, TWO_SLOW_STAGES).start()
-    _until_stage_1_is_shown(job)
+    until_stage_1_is_shown(job)
     preview = job.preview_node
     preview.SetName("my lungs, stage 1")
     job.cancel()
@@ -372,7 +344,7 @@ def test_a_worker_killed_during_stage_2_keeps_stage_1s_result(scene):
 
     radiograph = _radiograph_node(scene, _shown(), spacing=(5.0, 5.0, 1.0))
     job = XrayJob(scene, radiograph, TWO_SLOW_STAGES).start()
-    _until_stage_1_is_shown(job)
+    until_stage_1_is_shown(job)
     os.kill(job.runner.pid, signal.SIGKILL)
     assert job.wait(30) == JobState.FAILED
     preview = job.preview_node
@@ -446,7 +418,7 @@ def test_the_xray_panel_says_what_a_cancel_or_a_failure_kept(request, scene, mon
     for ending in ("cancel", "kill"):
         ui.applyButton.emit("clicked(bool)", True)
         job = panel.monitor.job
-        _hold_after_stage_1(job)
+        hold_after_stage_1(job)
         assert ui.applyButton.toolTip == "Stop the generation; a stage already shown is kept as a lower-resolution result."
         _run_timer(panel.monitor.timer, lambda job=job: bool(job.stages_shown), 120)
         assert job.stages_shown == [1] and panel.monitor.running
