@@ -26,9 +26,8 @@ from .errors import (
 )
 from .evaluate import evaluate, register_method
 from .interpolation import interpolate
+from .version import __version__ as __version__
 from .volume import Grid, Volume, read_volume, suggested_factor, thick_axis, write_volume
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Cancelled",

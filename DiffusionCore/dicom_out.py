@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .errors import InputError, OutputError, OutputExistsError
 from .files import partial_folder, publish, remove_stale_partials
 from .provenance import NOT_ACQUIRED, SOFTWARE, Provenance
+from .version import __version__
 from .volume import Volume, is_localizer
 
 logger = logging.getLogger(__name__)

@@ -146,8 +146,8 @@ def run_environment() -> dict[str, Any]:
     """What an evaluation's figures also depend on: versions, torch's thread count and the date (UTC)."""
     import torch
 
-    from . import __version__  # imported here: the package imports this module while it starts
     from .provenance import now_utc
+    from .version import __version__
 
     return {
         "date": now_utc(),

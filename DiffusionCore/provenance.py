@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 

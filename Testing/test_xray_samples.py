@@ -43,7 +43,7 @@ def test_the_mean_of_samples_is_what_is_returned_and_reported():
                           progress=lambda done, total, msg: seen.append((done, total)))  # fmt: skip
     assert report["settings"]["num_samples"] == [3, 3]
     assert [s["num_samples"] for s in report["stages"]] == [3, 3]
-    assert seen[-1] == (12, 12)  # 2 stages x 3 samples x 2 steps
+    assert seen[-1] == (55, 55)  # preparing 1, then 3 samples x 2 steps of stage 1 (1 each) and stage 2 (8 each)
     single, _ = gen.run(_drr(), device="cpu", steps=2, num_samples=1, consistency=False)
     assert not np.array_equal(vol.array, single.array)
     again, _ = gen.run(_drr(), device="cpu", steps=2, num_samples=3, consistency=False)
