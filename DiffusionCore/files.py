@@ -108,11 +108,32 @@ def shared_mode(path: str | os.PathLike) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~current_umask())
 
 
-def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+def publish(tmp: str | os.PathLike, final: str | os.PathLike, *, overwrite: bool = True) -> None:
     """Give a finished temporary file the usual permissions (rw-r--r-- less the umask) and rename it
-    over ``final`` atomically. ``mkstemp`` creates files owner-only; results are meant to be shared."""
+    over ``final`` atomically. ``mkstemp`` creates files owner-only; results are meant to be shared.
+
+    ``overwrite=False``: never replace a file that appeared at ``final`` after the caller's up-front check (another
+    program or run writing the same name meanwhile). The temporary file is hard-linked to ``final``, which fails
+    atomically when ``final`` exists, then unlinked; where linking fails otherwise (a file system without hard
+    links), ``final`` is checked just before the rename (a window of microseconds instead of the whole run).
+
+    Raises:
+        OutputExistsError: ``overwrite`` is False and ``final`` exists; ``tmp`` is left for the caller to remove.
+    """
     shared_mode(tmp)
-    os.replace(tmp, final)
+    if overwrite:
+        os.replace(tmp, final)
+        return
+    try:
+        os.link(tmp, final, follow_symlinks=False)
+    except FileExistsError:
+        raise OutputExistsError(final, "appeared while this run was writing it and was not replaced") from None
+    except (OSError, NotImplementedError):  # no hard links here (FAT, some network shares): check, then rename
+        if os.path.lexists(final):
+            raise OutputExistsError(final, "appeared while this run was writing it and was not replaced") from None
+        os.replace(tmp, final)
+        return
+    os.unlink(tmp)
 
 
 # -- temporary files of an output -------------------------------------------------------------------------
@@ -231,12 +252,76 @@ def _file_identity(path: PathLike) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+#: Most data files one detached header may list (a ``LIST`` or a numbered pattern); more are not followed.
+_MAX_DATA_FILES = 100_000
+
+
+def _numbered_files(folder: Path, words: list[str]) -> list[Path]:
+    """The files of a numbered-pattern data file (NRRD ``data file: slice%03d.raw 1 40 1``, MetaImage
+    ``ElementDataFile = slice%03d.raw 1 40 1``): the printf pattern filled with min, min + step, ... max."""
+    try:
+        start, stop, step = (int(w) for w in words[1:4])
+    except ValueError:
+        return [folder / words[0]]
+    if step == 0 or (stop - start) // step + 1 > _MAX_DATA_FILES:
+        return []
+    out = []
+    for i in range(start, stop + (1 if step > 0 else -1), step):
+        try:
+            out.append(folder / (words[0] % i))
+        except (TypeError, ValueError):
+            return [folder / words[0]]
+    return out
+
+
+def detached_data_files(path: str | os.PathLike) -> list[Path]:
+    """The files a detached volume header reads its voxels from, besides the header itself: the NRRD
+    ``data file:`` (``.nhdr``, or an ``.nrrd`` that names one) and the MetaImage ``ElementDataFile``
+    (``.mhd``/``.mha`` that is not ``LOCAL``), a single file, a ``LIST`` of files or a numbered pattern.
+    Relative names are taken from the header's folder, as ITK and 3D Slicer read them. Empty for any other
+    path (a NIfTI, a folder, a header with attached data, a file that cannot be read).
+
+    Used so that an output never overwrites the data of an input (:func:`refuse_overwriting_inputs`)
+    and to say which file outside the header's folder a header reads (:func:`~DiffusionCore.volume.read_volume`).
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".nrrd", ".nhdr", ".mha", ".mhd") or not p.is_file():
+        return []
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError:
+        return []
+    lines = [raw.decode("latin-1").strip() for raw in head.split(b"\n")]
+    separator = "=" if suffix in (".mha", ".mhd") else ":"
+    for n, line in enumerate(lines):
+        if separator == ":" and not line and n > 0:
+            return []  # the end of an NRRD header without a data file: the voxels follow it
+        key, sep, value = line.partition(separator)
+        key = key.strip().lower()
+        if not sep or line.startswith("#") or key not in ("data file", "datafile", "elementdatafile"):
+            continue
+        words = value.strip().lstrip("=").split()
+        if not words or words[0].upper() == "LOCAL":
+            return []
+        if words[0].upper() == "LIST":  # the names follow, one a line, to the end of the header file
+            names = [x for x in lines[n + 1:] if x and not x.startswith("#")][:_MAX_DATA_FILES]
+            return [p.parent / x for x in names]
+        if len(words) >= 4 and "%" in words[0]:
+            return _numbered_files(p.parent, words)
+        return [p.parent / value.strip().lstrip("=").strip()]
+    return []
+
+
 def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterable[tuple[str, PathLike | None]],
                               overwrite_option: str | None = "--overwrite") -> None:
     """Refuse, whatever ``--overwrite`` says, any output that is an input file or lies inside an input folder,
     and two outputs that are one file. Called by every command with all its planned outputs before any work.
 
-    Files are compared by identity (device and inode), not by name: a symbolic or hard link to an input, a
+    The data files of a detached header (NRRD ``data file:``, MetaImage ``ElementDataFile``, see
+    :func:`detached_data_files`) are inputs too. Files are compared by identity (device
+    and inode), not by name: a symbolic or hard link to an input, a
     path through ``..`` and another spelling of the name on a case-insensitive file system all name the
     input itself. A folder input (a DICOM series) protects everything below it, and the files directly in
     it are compared by identity too.
@@ -255,12 +340,17 @@ def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterab
     even = f" even with {overwrite_option}" if overwrite_option else ""
     files: dict[tuple[int, int], Path] = {}
     folders: dict[tuple[int, int], Path] = {}
+    headers: dict[tuple[int, int], Path] = {}  # the data file of a detached header -> the header
     for item in inputs:
         if item is None or (ident := _file_identity(item)) is None:
             continue
         path = Path(item)
         if not path.is_dir():
             files.setdefault(ident, path)
+            for data in detached_data_files(path):  # a detached header's voxels are an input too
+                if (data_ident := _file_identity(data)) is not None and data_ident not in files:
+                    files[data_ident] = data
+                    headers[data_ident] = path
             continue
         folders.setdefault(ident, path)
         try:
@@ -279,6 +369,8 @@ def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterab
         ident = _file_identity(out)
         if ident in files:
             same = "" if os.path.abspath(out) == os.path.abspath(files[ident]) else " (the same file under another name)"
+            if ident in headers:
+                same += f" (the voxel data that the header {headers[ident]} reads)"
             raise OutputError(
                 f"{what} {out} is the input {files[ident]}{same}: writing it would destroy the input, so it is "
                 f"refused{even}. Choose another path for {what}."
@@ -704,7 +796,7 @@ def write_json_atomic(
             if durable:
                 out.flush()
                 os.fsync(out.fileno())
-        publish(tmp, p)
+        publish(tmp, p, overwrite=overwrite)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -180,11 +180,28 @@ def _read_list_file(path: Path, scan: _Scan) -> list[Path]:
     return out
 
 
+def dicom_file_series(path: Path) -> Path:
+    """The folder read for a single DICOM file given as input (its series is read from the folder), after
+    checking that the file itself is a readable DICOM image: a corrupt file is named, not its folder.
+
+    Raises:
+        InputError: the file's header cannot be read; the message names the file and what to do.
+    """
+    from .volume import dicom_header
+
+    try:
+        dicom_header(str(path))
+    except InputError as exc:
+        raise InputError(f"{exc}. The DICOM file given cannot be read, so neither can its series: copy or export "
+                         f"it again, or give the folder of a readable CT series.") from None  # fmt: skip
+    return path.parent
+
+
 def _expand(path: Path, scan: _Scan) -> list[Path]:
     if path.is_dir():
         return _scan_folder(path, scan)
     if is_volume_file(path) or is_dicom_file(path):
-        return [path.parent] if path.suffix.lower() == ".dcm" or not path.suffix else [path]
+        return [dicom_file_series(path)] if path.suffix.lower() == ".dcm" or not path.suffix else [path]
     return _read_list_file(path, scan)
 
 

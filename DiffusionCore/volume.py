@@ -39,6 +39,7 @@ from .dicom_in import choose_ct_series, enhanced_ct_in, localizers_only_error, r
 from .errors import GeometryError, InputError, OutputError, OutputExistsError
 from .files import (
     CompressedDataError,
+    detached_data_files,
     folder_writable,
     gzip_file,
     inflated_size,
@@ -82,6 +83,11 @@ def axis_index(axis: str | int) -> int:
     if isinstance(axis, str) and axis.lower() in AXIS_NAMES:
         return AXIS_NAMES.index(axis.lower())
     raise InputError(f"unknown axis {axis!r}: use z, y or x (array axes 0, 1, 2)")
+
+
+#: Smallest |determinant| of a volume's direction matrix: direction cosines have |det| 1, and an
+#: (almost) singular matrix maps the voxel grid onto a plane, which no resampling or writer can handle.
+MIN_DIRECTION_DETERMINANT = 1e-6
 
 
 @dataclass(frozen=True)
@@ -151,9 +157,21 @@ class Volume:
         self.array = np.ascontiguousarray(arr, dtype=np.float32)
         self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
         self.origin = tuple(float(o) for o in self.origin)  # type: ignore[assignment]
-        self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        direction = np.asarray(self.direction, dtype=np.float64)
+        if direction.size != 9:
+            raise GeometryError(f"direction needs a 3x3 matrix (9 numbers); got shape {direction.shape}")
+        self.direction = direction.reshape(3, 3)
         if len(self.spacing) != 3 or len(self.origin) != 3:
             raise InputError("spacing and origin need three values each (x, y, z)")
+        finite = bool(np.isfinite(self.direction).all())
+        if not finite or abs(np.linalg.det(self.direction)) < MIN_DIRECTION_DETERMINANT:
+            problem = ("holds NaN or Inf" if not finite else
+                       f"is singular (determinant {np.linalg.det(self.direction):.3g})")  # fmt: skip
+            raise GeometryError(
+                f"the direction matrix {self.direction.tolist()} {problem}: its columns must be the unit "
+                "directions of the x, y and z index axes, e.g. np.eye(3). Fix the orientation in the file "
+                "header or pass a valid direction."
+            )
         if not all(np.isfinite(s) and s > 0 for s in self.spacing):
             raise GeometryError(
                 f"voxel spacing must be positive and finite; got {self.spacing} mm. "
@@ -183,22 +201,45 @@ class Volume:
         return self.grid.index_to_physical()
 
     def with_array(self, array: np.ndarray, **metadata) -> Volume:
-        """A new volume with the same geometry and another array of the same shape."""
-        if tuple(array.shape) != self.shape:
-            raise ValueError(f"array shape {array.shape} differs from the volume's {self.shape}")
+        """A new volume with the same geometry and another array of the same shape.
+
+        Args:
+            array: ``(z, y, x)``, the shape of this volume (converted to float32; a float32 array is shared).
+            **metadata: entries added to (or replacing) a copy of this volume's metadata.
+
+        Raises:
+            GeometryError: the array's shape differs from the volume's.
+        """
+        if tuple(np.shape(array)) != self.shape:
+            raise GeometryError(f"array shape {np.shape(array)} differs from the volume's {self.shape} (z, y, x): "
+                                "with_array keeps the geometry, so the array must have the same shape.")  # fmt: skip
         return Volume(array, self.spacing, self.origin, self.direction.copy(), {**self.metadata, **metadata})
 
     def copy(self) -> Volume:
+        """An independent copy: the array, direction and metadata dict are copied (metadata values are shared)."""
         return Volume(self.array.copy(), self.spacing, self.origin, self.direction.copy(), dict(self.metadata))
 
     @classmethod
     def from_grid(cls, grid: Grid, array: np.ndarray, **metadata) -> Volume:
-        if tuple(array.shape) != tuple(grid.shape):
-            raise ValueError(f"array shape {array.shape} differs from the grid's {grid.shape}")
+        """A volume on ``grid`` (e.g. ``other.grid``) holding ``array``.
+
+        Args:
+            grid: the geometry (shape ``(z, y, x)``, spacing/origin ``(x, y, z)``, direction).
+            array: ``(z, y, x)`` of ``grid.shape``, HU (converted to float32).
+            **metadata: the new volume's metadata.
+
+        Raises:
+            GeometryError: the array's shape differs from the grid's.
+        """
+        if tuple(np.shape(array)) != tuple(grid.shape):
+            raise GeometryError(f"array shape {np.shape(array)} differs from the grid's {grid.shape} (z, y, x): "
+                                "give an array of the grid's shape.")  # fmt: skip
         return cls(array, grid.spacing, grid.origin, grid.direction_matrix, dict(metadata))
 
     # -- SimpleITK ----------------------------------------------------------------------------------
-    def to_sitk(self, dtype=np.float32) -> sitk.Image:
+    def to_sitk(self, dtype: type | np.dtype = np.float32) -> sitk.Image:
+        """This volume as a SimpleITK image: voxels cast to ``dtype`` (float32 by default; ``np.int16`` for
+        compact HU) with spacing, origin and direction set; SimpleITK's index order is ``(x, y, z)``."""
         img = sitk.GetImageFromArray(self.array.astype(dtype, copy=False))
         img.SetSpacing(self.spacing)
         img.SetOrigin(self.origin)
@@ -889,6 +930,23 @@ def _header_fields(p: Path, separator: str) -> tuple[dict[str, str], int] | None
     return None
 
 
+def _warn_data_outside(p: Path) -> None:
+    """Log a warning naming each data file of the detached header ``p`` that lies outside the header's folder
+    (``../``, an absolute path, a link out of it).
+
+    A warning, not a refusal: 3D Slicer, ITK and teem read such headers, and a header kept beside shared raw
+    data (``data file: ../raw/scan.raw``) is a legitimate layout, so a refusal would reject files the user's
+    other tools open. But a header received from someone else can make the command read any file the user
+    can read and put its bytes in the output, so the file actually read is named for the user to check.
+    """
+    folder = Path(os.path.realpath(p.parent))
+    for data in detached_data_files(p):
+        real = Path(os.path.realpath(data))
+        if folder != real and folder not in real.parents:
+            logger.warning("%s reads its voxel data from %s, outside the header's folder: check that this is "
+                           "the file you mean to use (a header can name any file).", p, real)
+
+
 #: Bytes per voxel of MetaImage element types.
 _MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
               "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
@@ -1124,6 +1182,7 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
     else:
         if _suffix(p) in (".nii", ".nii.gz"):
             nonfinite = _check_nifti(p)
+        _warn_data_outside(p)
         _check_read_size(p)
         try:
             img = _itk(sitk.ReadImage, str(p), reading=p)
@@ -1295,7 +1354,9 @@ def write_volume(
         _check_complete(temps[0], out.nbytes, compressed=compress and suffix in (".nrrd", ".mha"))
         if gzip_after:
             gzip_file(temps[0], temps[1])
-        publish(temps[-1], p)
+        publish(temps[-1], p, overwrite=overwrite)  # without overwrite: never over a file that appeared meanwhile
+    except OutputExistsError:
+        raise
     except (RuntimeError, OSError) as exc:
         raise _write_failure(p, out.nbytes, exc) from None
     finally:

@@ -470,3 +470,22 @@ def test_refuse_overwriting_inputs_by_identity_and_folder(tmp_path):
             refuse_overwriting_inputs([v, folder], [("the output", out)])
     with pytest.raises(OutputError, match="are the same file"):
         refuse_overwriting_inputs([v], [("the output", tmp_path / "o.nii.gz"), ("--report", tmp_path / "o.nii.gz")])
+
+
+def test_a_corrupt_dicom_file_given_to_sr_is_named_not_its_folder(tmp_path):
+    """``sr FILE.dcm`` reads FILE's series from its folder; a corrupt FILE is named (and the folder of a good one
+    still reads)."""
+    bad_folder = tmp_path / "bad"
+    bad_folder.mkdir()
+    bad = bad_folder / "scan.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xf0\xff" + b"\0" * 32)  # a value length past the end
+    r = run_cli(["sr", str(bad), str(tmp_path / "out.nii.gz"), "--progress", "none", "--no-adapt"], tmp_path / "cache")
+    assert r.returncode == 2, r.stderr
+    assert f"corrupt DICOM file {bad}" in r.stderr and "copy or export it again" in r.stderr
+    assert "is a folder without" not in r.stderr and "Traceback" not in r.stderr
+    series = tmp_path / "series"
+    write_dicom_series(series, Volume(ct_phantom_array((4, 16, 16)), (0.8, 0.8, 3.2)))
+    one = sorted(series.iterdir())[0]
+    r = run_cli(["sr", str(one), str(tmp_path / "ok.nii.gz"), "--progress", "none", "--no-adapt"], tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    assert sitk.ReadImage(str(tmp_path / "ok.nii.gz")).GetSize()[2] == 16

@@ -177,7 +177,7 @@ def _is_batch(path: Path) -> tuple[bool, list[Path]]:
     """(batch?, sources) for INPUT: a volume file, a DICOM file or a DICOM series folder is one volume; a
     folder of volumes or a list file (.txt, .lst, .list) is a batch. Other files are read as one volume
     (so that an unsupported file gets the reader's explanation)."""
-    from ..inputs import collect_volumes, is_dicom_file
+    from ..inputs import collect_volumes, dicom_file_series, is_dicom_file
 
     if not path.exists():
         raise InputError(f"{path} does not exist. Check the path (and quote it if it contains spaces).")
@@ -185,7 +185,7 @@ def _is_batch(path: Path) -> tuple[bool, list[Path]]:
         if path.suffix.lower() in LIST_SUFFIXES:
             return True, collect_volumes(path)
         if is_dicom_file(path):
-            return False, [path.parent]
+            return False, [dicom_file_series(path)]
         return False, [path]
     sources = collect_volumes(path)
     if sources == [path]:
