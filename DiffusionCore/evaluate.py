@@ -26,7 +26,7 @@ from .degrade import (
     slab_crop,
     slab_thickness_note,
 )
-from .errors import InputError
+from .errors import DiffusionCoreError, InputError
 from .geometry import storage_flips
 from .interpolation import INTERPOLATION_METHODS, interpolate
 from .metrics import (
@@ -117,15 +117,32 @@ def check_scorable(shape: tuple[int, ...], factor: int, axis: int, reference_nam
         )
 
 
+class MethodResultError(DiffusionCoreError, RuntimeError):
+    """A reconstruction method of :func:`evaluate` returned something other than a Volume on the grid it was
+    given (a bug in the method: a custom one from :func:`register_method`, most often). Also a RuntimeError."""
+
+
+#: What a method must return, for the messages of :func:`check_on_grid`.
+METHOD_CONTRACT = ("a method must return a Volume on the grid it is given: fn(thick, grid, options) -> "
+                   "Volume.from_grid(grid, array) with array of shape grid.shape (z, y, x)")  # fmt: skip
+
+
 def check_on_grid(out: Volume, grid: Grid, name: str) -> None:
-    """Refuse a reconstruction that is not on the reference's grid: scoring it voxel by voxel would compare
-    different places (a method's thin slices half a slice off, for instance).
+    """Refuse a reconstruction that is not a Volume on the reference's grid: scoring it voxel by voxel would
+    compare different places (a method's thin slices half a slice off, for instance).
 
     Raises:
-        RuntimeError: naming the method and how far off it is.
+        MethodResultError: naming the method, what it returned (not a Volume, another shape, how far off
+            the grid) and what a method must return.
     """
+    if not isinstance(out, Volume):
+        raise MethodResultError(
+            f"method {name} returned {type(out).__module__}.{type(out).__qualname__}, not a Volume: "
+            f"{METHOD_CONTRACT}."
+        )
     if out.shape != grid.shape:
-        raise RuntimeError(f"method {name} returned shape {out.shape}, expected the reference's {grid.shape}")
+        raise MethodResultError(f"method {name} returned shape {out.shape}, expected the reference's {grid.shape}: "
+                                f"{METHOD_CONTRACT}.")  # fmt: skip
     got, want = out.grid, grid
     tol = 1e-4 * min(want.spacing)  # mm: far below any real offset, far above the rounding of grid arithmetic
     off = np.abs(np.asarray(got.origin) - np.asarray(want.origin)).max()
@@ -134,11 +151,11 @@ def check_on_grid(out: Volume, grid: Grid, name: str) -> None:
         or not np.allclose(got.spacing, want.spacing, rtol=0, atol=tol)
         or not np.allclose(got.direction, want.direction, rtol=0, atol=1e-6)
     ):
-        raise RuntimeError(
+        raise MethodResultError(
             f"method {name} returned a volume off the reference's grid (origin {np.round(got.origin, 4).tolist()} "
             f"against {np.round(want.origin, 4).tolist()} mm, {off:.4g} mm apart; spacing "
             f"{np.round(got.spacing, 5).tolist()} against {np.round(want.spacing, 5).tolist()} mm): its figures would "
-            "compare different places. This is a bug in the method; report it."
+            "compare different places. This is a bug in the method: " + METHOD_CONTRACT + "."
         )
 
 

@@ -29,9 +29,13 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import DataUnavailableError, InputError
 from .files import cache_dir, check_cache_usable, sha256_file, writable_cache_folder
+
+if TYPE_CHECKING:
+    from .volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -672,9 +676,13 @@ def data_entries(text: str | os.PathLike, kind: str = "ct") -> list[str]:
     return entries
 
 
-def load_reference(name_or_path: str | os.PathLike):
-    """A CT volume (:class:`~DiffusionCore.volume.Volume`) from a path, or from a CT sample's name
-    (``chest-lidc``, ``chest-dx``: fetched and sha256-checked)."""
+def load_reference(name_or_path: str | os.PathLike) -> Volume:
+    """A CT volume (:class:`~DiffusionCore.volume.Volume`, HU) from a path, or from a CT sample's name
+    (``chest-lidc``, ``chest-dx``: fetched once into the cache and sha256-checked).
+
+    Raises:
+        InputError: not a CT sample's name nor a readable volume. DataUnavailableError: the sample cannot be fetched.
+    """
     from .volume import read_volume
 
     return read_volume(sample_or_path(name_or_path, "ct"))

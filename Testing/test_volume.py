@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from DiffusionCore import files as files_module
 from DiffusionCore import volume as volume_module
-from DiffusionCore.errors import GeometryError, InputError, OutputError
+from DiffusionCore.errors import GeometryError, InputError, OutputError, OutputExistsError
 from DiffusionCore.volume import (
     Volume,
     axis_index,
@@ -393,3 +393,54 @@ def test_reading_a_large_volume_holds_its_voxels_once(tmp_path):
         tracemalloc.stop()
     assert float(vol.array.min()) == -1024.0 and float(vol.array.max()) == 40.0
     assert peak < 1.5 * arr.nbytes, f"peak {peak / arr.nbytes:.2f} times the voxels"
+
+
+@pytest.mark.parametrize("direction", [np.zeros((3, 3)), [[1, 0, 0], [0, 1, 0], [1, 0, 0]],
+                                       [[1, 0, 0], [0, 1, 0], [0, np.nan, 1]], np.eye(3) * 1e-3, np.ones(4)])  # fmt: skip
+def test_volume_refuses_a_singular_or_non_finite_direction_with_a_geometry_error(direction):
+    with pytest.raises(GeometryError, match="direction"):
+        Volume(np.zeros((2, 3, 4), np.float32), direction=direction)
+    Volume(np.zeros((2, 3, 4), np.float32), direction=np.diag([1.0, -1.0, 1.0]))  # a flip is a valid direction
+
+
+def test_with_array_and_from_grid_refuse_a_shape_mismatch_with_a_geometry_error():
+    vol = Volume(np.zeros((2, 3, 4), np.float32), spacing=(1.0, 1.0, 2.0))
+    with pytest.raises(GeometryError, match=r"array shape \(3, 3, 4\) differs from the volume's \(2, 3, 4\)"):
+        vol.with_array(np.zeros((3, 3, 4)))
+    with pytest.raises(GeometryError, match=r"array shape \(2, 3, 5\) differs from the grid's \(2, 3, 4\)"):
+        Volume.from_grid(vol.grid, np.zeros((2, 3, 5)))
+    assert Volume.from_grid(vol.grid, np.ones((2, 3, 4))).grid == vol.grid
+
+
+def test_write_volume_without_overwrite_never_replaces_a_file_that_appeared_while_it_wrote(tmp_path, monkeypatch):
+    vol = Volume(np.zeros((2, 3, 4), np.float32))
+    out = tmp_path / "out.nrrd"
+    check_complete = volume_module._check_complete
+
+    def another_program_writes_out(*args, **kwargs):  # after the up-front exists-check, before the rename
+        out.write_bytes(b"theirs")
+        return check_complete(*args, **kwargs)
+
+    monkeypatch.setattr(volume_module, "_check_complete", another_program_writes_out)
+    with pytest.raises(OutputExistsError, match="appeared while this run was writing it and was not replaced"):
+        write_volume(vol, out)
+    assert out.read_bytes() == b"theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nrrd"]  # no partial file left
+    write_volume(vol, out, overwrite=True)  # asked for: replaced
+    assert read_volume(out).shape == (2, 3, 4)
+
+
+def test_publish_without_overwrite_where_hard_links_fail_checks_just_before_the_rename(tmp_path, monkeypatch):
+    from DiffusionCore.files import publish, write_json_atomic
+
+    def no_links(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")  # what a FAT file system answers
+
+    monkeypatch.setattr(os, "link", no_links)
+    write_json_atomic({"a": 1}, tmp_path / "r.json", overwrite=False)
+    assert (tmp_path / "r.json").read_text().startswith("{")
+    tmp = tmp_path / "tmp"
+    tmp.write_text("new")
+    with pytest.raises(OutputExistsError, match="appeared while"):
+        publish(tmp, tmp_path / "r.json", overwrite=False)
+    assert tmp.exists() and (tmp_path / "r.json").read_text().startswith("{")

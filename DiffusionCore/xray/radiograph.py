@@ -165,6 +165,16 @@ def greyscale_pixels(arr: np.ndarray, source: str = "image") -> np.ndarray:
     return out
 
 
+#: An array given to :func:`as_radiograph` whose first axis has at most this many slices, each larger than that
+#: on both sides, is taken for a stack of radiographs, not a CT volume (whose slices number in the tens or more).
+MAX_STACK_IMAGES = 16
+
+
+def _stack_message(what: str) -> str:
+    return (f"{what}, not one radiograph: X-ray to CT makes one CT from one radiograph per call. For several, call "
+            "run once per image (XrayToCTGenerator.run(image) in a loop; on the command line, xray2ct once per file).")
+
+
 def radiograph_pixels(arr: np.ndarray, source: str = "image", *, keep_integers: bool = False) -> np.ndarray:
     """The ``(H, W)`` float32 pixels of an array that is one greyscale radiograph: greyscale stored in colour
     (``(H, W, 3)`` or ``(H, W, 4)``) is converted (:func:`greyscale_pixels`) and single-slice axes are dropped. The
@@ -998,11 +1008,24 @@ def match_drr_style(
 
 
 def as_radiograph(image: Radiograph | np.ndarray | str | os.PathLike) -> Radiograph:
-    """A :class:`Radiograph` from a radiograph, a path, or a (H, W) array (windowed to [0, 1])."""
+    """A :class:`Radiograph` from a radiograph, a path, or a (H, W) array (windowed to [0, 1]).
+
+    Raises:
+        InputError: the array is not one radiograph; a list of images or a stack ``(N, H, W)`` of a few gets
+            "one radiograph per call".
+    """
     if isinstance(image, Radiograph):
         return image
     if isinstance(image, str | os.PathLike):
         return read_radiograph(image)
+    if isinstance(image, list | tuple) and image and not np.isscalar(image[0]) and (
+        isinstance(image[0], Radiograph | str | os.PathLike) or np.ndim(image[0]) >= 2
+    ):
+        raise InputError(_stack_message(f"the {type(image).__name__} holds {len(image)} images"))
+    shape = np.shape(image)
+    if len(shape) == 3 and 1 < shape[0] <= MAX_STACK_IMAGES < min(shape[1:]) and shape[-1] not in (3, 4):
+        raise InputError(_stack_message(f"the array looks like a stack of {shape[0]} 2D images of "
+                                        f"{shape[1]}x{shape[2]} pixels (shape {tuple(shape)})"))  # fmt: skip
     arr = radiograph_pixels(image, "the array")
     if arr.min() < 0 or arr.max() > 1:
         arr = window_radiograph(arr)
