@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from DiffusionCore.errors import WeightsError
+from DiffusionCore.sr.throughplane import state_dict_for_file, tiny_predictor
 from DiffusionCore.weights import (
     cache_dir,
     import_weights,
@@ -28,13 +29,16 @@ def user_cache(tmp_path, monkeypatch):
     return cache
 
 
-def _tensors() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"conv.weight": torch.randn(4, 2, 3, 3, 3, generator=g), "conv.bias": torch.zeros(4)}
+#: The metadata of a tiny through-plane predictor: weights that load (import and verify check that they do).
+PREDICTOR_META = {"component": "throughplane", "config": {"throughplane": {"channels": 4, "blocks": 1}}}
 
 
-def _weights_file(path, family="sr"):
-    sha = save_safetensors(path, _tensors(), {"family": family, "config": {"channels": 4}})
+def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    return state_dict_for_file(tiny_predictor(seed))
+
+
+def _weights_file(path, family="sr", seed=0):
+    sha = save_safetensors(path, _tensors(seed), {"family": family, **PREDICTOR_META})
     return path, sha
 
 
@@ -43,7 +47,7 @@ def test_save_then_load_round_trip_with_metadata(tmp_path):
     assert sha == sha256_file(path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
     tensors, meta = load_safetensors(path, expected_sha256=sha)
-    assert meta == {"family": "sr", "config": {"channels": 4}}
+    assert meta == {"family": "sr", **PREDICTOR_META}
     for k, v in _tensors().items():
         assert torch.equal(tensors[k], v)
 
@@ -131,7 +135,8 @@ def test_import_then_resolve_by_name_and_by_path(tmp_path, user_cache, no_bundle
 
     by_name = resolve_weights("my-sr", family="sr")
     assert by_name.name == "my-sr" and by_name.sha256 == sha and by_name.path == imported.path
-    assert torch.equal(by_name.load()["conv.weight"], _tensors()["conv.weight"])
+    loaded = by_name.load()
+    assert loaded.keys() == _tensors().keys() and all(torch.equal(loaded[k], v) for k, v in _tensors().items())
     # The original file is now accepted by path, because its hash is registered.
     assert resolve_weights(path, family="sr").name == "my-sr"
     listed = list_weights(family="sr")
@@ -197,8 +202,7 @@ def test_a_taken_name_needs_overwrite(tmp_path, user_cache):
     from DiffusionCore.errors import OutputExistsError
 
     first, first_sha = _weights_file(tmp_path / "a.safetensors")
-    other = tmp_path / "b.safetensors"
-    other_sha = save_safetensors(other, {"x": torch.ones(2)}, {"family": "sr"})
+    other, other_sha = _weights_file(tmp_path / "b.safetensors", seed=1)
     import_weights(first, "my-sr")
     assert import_weights(first, "my-sr", description="same file again").sha256 == first_sha  # not an error
     registry = user_cache / "weights" / "registry.json"

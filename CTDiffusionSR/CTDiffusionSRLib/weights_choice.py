@@ -155,6 +155,8 @@ def import_weights_file(path: str | os.PathLike, name: str, family: str, *, repl
         OutputExistsError: ``name`` is registered for other weights and ``replace`` is not set (the dialog then
             asks whether to replace them).
     """
+    import DiffusionCore.sr.pipeline  # noqa: F401  (registers the architecture check that import compares with)
+    import DiffusionCore.xray.cascade  # noqa: F401  (the same for X-ray weights)
     from DiffusionCore.errors import OutputExistsError
     from DiffusionCore.weights import import_weights
 

@@ -293,6 +293,12 @@ def run(args: argparse.Namespace) -> int:
         check_writable_file(args.json_out, overwrite=args.overwrite)
     if save_root is not None:
         check_save_folder(save_root, [p for _, p in planned], args.overwrite)
+    if any(m in MODEL_METHODS for m in methods):  # the weights before any volume is read or degraded
+        from ..sr.pipeline import default_weights_name
+        from ..weights.registry import check_weights
+
+        check_weights(args.weights or default_weights_name(), family="sr",
+                      allow_unregistered=args.allow_unregistered_weights)  # fmt: skip
     options = {
         "weights": args.weights, "estimate": args.estimate, "num_steps": args.num_steps, "device": args.device,
         "seed": args.seed, "allow_unregistered": args.allow_unregistered_weights, "adapt": adapt,

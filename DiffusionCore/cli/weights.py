@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 from ..errors import WeightsError
 from ..weights import registry
 
-FAMILIES = ("sr", "xray", "vae")
+FAMILIES = registry.FAMILIES
+#: C0 and C1 control characters (ESC, CR, ...): text from a weights file's metadata is shown with them escaped,
+#: so that a description cannot clear the screen or fake lines in a listing.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(value: object) -> str:
+    """``value`` as one line of text, its control characters escaped as in ``repr`` (``\\x1b``, ``\\n``)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rm.set_defaults(func=_remove)
 
     ver = actions.add_parser(
-        "verify", help="check that registered files exist and match their sha256 (exit 3 if one does not)"
+        "verify", help="check that registered files exist, match their sha256 and load (dtypes, finite values, "
+        "tensors that fit the recorded architecture; exit 3 if one does not)"
     )
     ver.add_argument("names", nargs="*", metavar="NAME", help="names to check (default: all)")
     ver.set_defaults(func=_verify)
@@ -66,14 +76,23 @@ def _list(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no weights registered{f' for family {args.family}' if args.family else ''}")
         return 0
-    for e in entries:
+    for e in entries:  # names, families and descriptions come from registries and weights files: escaped
         state = "available" if e["available"] else "file missing"
-        print(f"{e['name']:20s} {str(e['family']):5s} {e['source']:8s} {state:12s} {e['description']}")
-        print(f"{'':20s} sha256 {e['sha256']}  {e['path']}")
+        print(f"{printable(e['name']):20s} {printable(e['family']):5s} {e['source']:8s} {state:12s} "
+              f"{printable(e['description'])}")
+        print(f"{'':20s} sha256 {printable(e['sha256'])}  {printable(e['path'])}")
     return 0
 
 
+def _register_architecture_checks() -> None:
+    """Import the model modules, which register the checks that import and verify compare files with
+    (:func:`~DiffusionCore.weights.registry.register_architecture_check`)."""
+    from ..sr import pipeline  # noqa: F401
+    from ..xray import cascade  # noqa: F401
+
+
 def _import(args: argparse.Namespace) -> int:
+    _register_architecture_checks()
     rw = registry.import_weights(args.file, args.name, family=args.family, description=args.description,
                                  overwrite=args.overwrite)
     print(f"imported {args.name} (sha256 {rw.sha256}) as {rw.path}; use it with --weights {args.name}")
@@ -87,9 +106,10 @@ def _remove(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    _register_architecture_checks()
     checks = registry.verify_weights(args.names or None)
     for c in checks:
-        print(f"{c.name:20s} {c.source:8s} {'ok' if c.ok else 'FAILED: ' + c.problem}")
+        print(f"{printable(c.name):20s} {c.source:8s} {'ok' if c.ok else 'FAILED: ' + printable(c.problem)}")
     failed = [c.name for c in checks if not c.ok]
     if failed:
         raise WeightsError(f"{len(failed)} of {len(checks)} registered weights failed: {', '.join(failed)}")

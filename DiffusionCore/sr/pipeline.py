@@ -80,6 +80,7 @@ from ..tiling import (
     separable_weight,
 )
 from ..volume import Grid, Volume, axis_index, check_ct, require_ct
+from ..weights.registry import register_architecture_check
 from .adapt import AdaptSettings, adapt_predictor
 from .config import MEAN, SAMPLE
 from .model import requested_estimate
@@ -588,9 +589,12 @@ class SuperResolver:
 
         Returns:
             ``(output, report)``: the thin-slice Volume (HU, exactly on the thin grid) and a dict with
-            ``settings``, ``timings`` (seconds per stage), ``tiles``, ``memory``, ``weights_sha256``,
-            ``uncertainty`` (a Volume of per-voxel standard deviation in HU, or None) and, for an integer
-            factor, ``consistency_psnr`` (dB).
+            ``settings`` (the options used), ``predictor`` (``used``, ``factor``, ``resampled_to_grid``,
+            ``adaptation``), ``timings`` (seconds per stage, e.g. ``predictor``, ``interpolate``, ``model``,
+            ``blend``, ``consistency``, and ``total``, as in :meth:`XrayToCTGenerator.run`), ``tiles``, ``memory``,
+            ``weights_sha256``, ``uncertainty`` (a Volume of per-voxel standard deviation in HU, or None),
+            ``notes`` (when something was changed or is worth saying) and, for an integer factor,
+            ``consistency_psnr`` (dB).
 
         Raises:
             InputError: not a Volume (a bare array has no geometry), NaN/Inf voxels, a constant volume, non-CT
@@ -1266,22 +1270,70 @@ def load_predictor(resolved) -> ThroughPlaneNet:
     Raises:
         WeightsError: no predictor configuration, tensors that do not fit it, or non-finite values.
     """
+    _predictor_config(resolved.path, resolved.metadata)  # before the tensors are read
+    return _predictor_from(resolved.path, resolved.metadata, resolved.load())
+
+
+def _predictor_config(path, metadata: dict[str, Any]) -> dict[str, Any]:
+    config = metadata.get("config")
+    cfg = config.get("throughplane") if isinstance(config, dict) else None
+    if not isinstance(cfg, dict):
+        raise WeightsError(
+            f"{path} says it holds a through-plane predictor but has no configuration for it (its 'config' is "
+            f"{type(config).__name__ if config is not None else 'missing'}, not an object with 'throughplane'): "
+            "the through-plane predictor's configuration is invalid; use other weights, or export them again"
+        )
+    return cfg
+
+
+def _predictor_from(path, metadata: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ThroughPlaneNet:
     from .throughplane import from_state
 
-    cfg = (resolved.metadata.get("config") or {}).get("throughplane")
-    if not isinstance(cfg, dict):
-        raise WeightsError(f"{resolved.path} says it holds a through-plane predictor but has no configuration for it")
-    tensors = resolved.load()
+    cfg = _predictor_config(path, metadata)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise WeightsError(
-            f"{resolved.path} holds non-finite values (NaN/Inf) in {len(bad)} tensor(s), e.g. {bad[0]}: the "
+            f"{path} holds non-finite values (NaN/Inf) in {len(bad)} tensor(s), e.g. {bad[0]}: the "
             "training that wrote it diverged; use other weights"
         )
     try:
-        return from_state(tensors, cfg)
+        return from_state(tensors, cfg, str(path))
     except (TypeError, ValueError, ConfigError) as exc:
-        raise WeightsError(f"{resolved.path}: the through-plane predictor's configuration is invalid ({exc})") from exc
+        raise WeightsError(f"{path}: the through-plane predictor's configuration is invalid ({exc})") from exc
+
+
+def check_weights_architecture(path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Check that the tensors of an ``sr`` family file fit the architecture its metadata records, as loading
+    does (:meth:`SuperResolver.from_pretrained`, :meth:`SRModel.from_files`), without running it: the latent
+    diffusion model is built on the meta device only; a through-plane predictor (small) is built.
+
+    Raises:
+        WeightsError: an unknown component, no or an invalid configuration, or tensors that do not fit it.
+    """
+    from ..config import load_config
+    from ..nn.architecture import build_on_meta, check_state_fits, weights_architecture
+    from .config import SRConfig
+    from .model import SRModel
+
+    component = metadata.get("component", "sr")
+    if component == THROUGHPLANE:
+        _predictor_from(path, metadata, tensors)
+        return
+    prefixes = {"sr": ("vae.", "denoiser."), "vae": ("vae.",), "diffusion": ("denoiser.",)}.get(component) \
+        if isinstance(component, str) else None  # fmt: skip
+    if prefixes is None:
+        raise WeightsError(f"{path} records the SR component {component!r}, which no SR model loads; use other weights")
+    config = metadata.get("config")
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path} has no SR configuration ('config') in its metadata; re-export it with DiffusionCore")
+    with weights_architecture(str(path)):
+        cfg = load_config(config, SRConfig)
+        probe = build_on_meta(lambda: SRModel(cfg), "the SR model")
+    expected = {k: v for k, v in probe.state_dict().items() if k.startswith(prefixes)}
+    check_state_fits(expected, tensors, str(path))
+
+
+register_architecture_check("sr", check_weights_architecture)  # weights import and verify compare with it
 
 
 def default_weights_name() -> str:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import Cancelled, ConfigError
+from ..errors import Cancelled, ConfigError, WeightsError
 from ..interpolation import cubic_matrix
 
 logger = logging.getLogger(__name__)
@@ -68,14 +68,21 @@ class ThroughPlaneConfig:
     post_blocks: int = 0
 
     def __post_init__(self) -> None:
-        if int(self.channels) < 1 or int(self.blocks) < 0 or int(self.low_blocks) < 0 or int(self.post_blocks) < 0:
-            raise ConfigError(f"through-plane predictor: channels >= 1 and block counts >= 0; got {self}")
-        if int(self.post_blocks) > 0 and int(self.low_blocks) == 0:
+        from ..nn.architecture import require_positive
+
+        try:  # integers, never coerced: "32" or 1.5 in a weights file's config is a damaged file, not 32 or 1
+            self.channels = require_positive("channels", self.channels)
+            self.blocks = require_positive("blocks", self.blocks, minimum=0)
+            self.low_blocks = require_positive("low_blocks", self.low_blocks, minimum=0)
+            self.post_blocks = require_positive("post_blocks", self.post_blocks, minimum=0)
+            if not isinstance(self.factors, list | tuple) or not self.factors:
+                raise ConfigError(f"factors must be a list of integers >= 2; got {self.factors!r}")
+            self.factors = sorted({require_positive("factors", k, minimum=2) for k in self.factors})
+        except ConfigError as exc:
+            raise ConfigError(f"through-plane predictor: {exc}") from None
+        if self.post_blocks > 0 and self.low_blocks == 0:
             raise ConfigError("through-plane predictor: post_blocks follow the half-resolution level; set "
                               f"low_blocks > 0 or put the blocks in 'blocks' (got {self})")
-        if not self.factors or any(int(k) < 2 for k in self.factors):
-            raise ConfigError(f"through-plane predictor: factors must be integers >= 2; got {self.factors}")
-        self.factors = sorted({int(k) for k in self.factors})
 
 
 class _ResBlock(nn.Module):
@@ -270,18 +277,28 @@ def state_dict_for_file(net: ThroughPlaneNet) -> dict[str, torch.Tensor]:
     return {PREFIX + k: v for k, v in net.state_dict().items()}
 
 
-def from_state(tensors: dict[str, torch.Tensor], config: dict | ThroughPlaneConfig) -> ThroughPlaneNet:
-    """Build a predictor from a weights file's tensors (those under :data:`PREFIX`) and its config.
+def from_state(
+    tensors: dict[str, torch.Tensor], config: dict | ThroughPlaneConfig, source: str = "the through-plane predictor's weights"
+) -> ThroughPlaneNet:
+    """Build a predictor from a weights file's tensors (all under :data:`PREFIX`) and its config.
+
+    Args:
+        source: the weights, for messages (their file).
 
     Raises:
-        WeightsError: tensors missing or of the wrong shape for the config.
+        WeightsError: tensors outside :data:`PREFIX`, missing or of the wrong shape for the config.
     """
     from ..nn.architecture import build_from_weights
 
     cfg = config if isinstance(config, ThroughPlaneConfig) else ThroughPlaneConfig(**dict(config))
-    state = {k[len(PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(PREFIX)}
-    net = build_from_weights(lambda: ThroughPlaneNet(cfg), state, "the through-plane predictor's weights",
-                             "the through-plane predictor")  # fmt: skip
+    outside = [k for k in tensors if not k.startswith(PREFIX)]
+    if outside:  # as every other loader: a tensor nothing reads means the file is not what it says
+        raise WeightsError(
+            f"{source}: {len(outside)} tensor(s) lie outside {PREFIX!r}, e.g. "
+            f"{outside[0]!r}: the file was changed after export or is not a predictor; use other weights"
+        )
+    state = {k[len(PREFIX):]: v.float() for k, v in tensors.items()}
+    net = build_from_weights(lambda: ThroughPlaneNet(cfg), state, source, "the through-plane predictor")
     net.eval()
     return net
 

@@ -32,16 +32,18 @@ unregistered weights (``--allow-unregistered-weights`` on the command line).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
 import re
-import shutil
+import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -55,7 +57,14 @@ METADATA_KEY = "diffusioncore"
 #: The registry bundled with the package.
 BUNDLED_REGISTRY = Path(__file__).with_name("registry.json")
 #: safetensors refuses headers larger than this; a larger size field means "not a safetensors file".
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_SAFETENSORS_MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: The largest header read: a DiffusionCore file's is a few KiB (a checkpoint's tens of KiB); a JSON header of
+#: tens of MiB (a million empty tensor entries) costs gigabytes to parse, so it is refused before it is read.
+_MAX_HEADER_BYTES = 8 * 1024 * 1024
+#: The largest weights or checkpoint file read into memory (refused before reading: weights are MB, not GB).
+MAX_WEIGHTS_BYTES = 8 * 1024**3
+#: The model families a registered weights file may belong to (``family`` in its metadata).
+FAMILIES = ("sr", "xray", "vae")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -149,46 +158,87 @@ def _describe_foreign_format(head: bytes) -> str | None:
     return None
 
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Check that a file is a complete safetensors file and return its header, reading no tensor data.
+def _open_regular_file(p: Path) -> tuple[BinaryIO, int]:
+    """Open ``p`` for reading, refusing anything that is not a regular file (after symlinks) before reading.
+
+    A FIFO, a socket or a device (``/dev/zero``, ``/dev/stdin``) would block or never end; it is opened
+    non-blocking and checked on the open descriptor, so a file swapped in after the check cannot slip through.
 
     Returns:
-        ``(tensor_entries, metadata)``: tensor name -> ``{"dtype", "shape", "data_offsets"}``, and the
-        decoded ``"diffusioncore"`` metadata (empty dict when absent).
-
-    Raises:
-        WeightsError: missing file, another format (pickles are named as such and never loaded),
-            truncated file, or a corrupt header.
+        ``(file object, size in bytes)``.
     """
-    p = Path(path)
-    if not p.exists():
-        raise WeightsError(f"weights file {p} does not exist: check the path or the weights name")
-    if p.is_dir():
-        exported = sorted(str(f) for f in p.glob("*.safetensors") if f.is_file())  # a training run's export
-        inside = (f"give the weights file inside it: {' or '.join(exported)}" if exported else
-                  "it holds no exported .safetensors file (a training run exports its weights when it ends)")
-        raise WeightsError(f"{p} is a folder, not a weights file; {inside}")
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(8)
-        foreign = _describe_foreign_format(head)
-        if foreign is not None:
+    try:
+        mode = p.stat().st_mode  # Windows has no O_NONBLOCK: check the path first there too
+        if not stat.S_ISREG(mode):
+            raise WeightsError(_not_regular(p, mode))
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise WeightsError(f"cannot read weights file {p}: {exc.strerror or exc}; check the path") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise WeightsError(_not_regular(p, st.st_mode))
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+def _not_regular(p: Path, mode: int) -> str:
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a plain file")
+    return f"{p} is {kind}, not a regular file: weights must be a .safetensors file on disk; give its path"
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for :func:`json.loads`: Python keeps the last of two equal keys while safetensors'
+    own (Rust) parser refuses the header, so a header with one would be read differently by the two."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"the key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _parse_json(p: Path, text: bytes | str, what: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, _DuplicateKey, RecursionError) as exc:
+        reason = exc if isinstance(exc, _DuplicateKey) else "nested too deeply" if isinstance(
+            exc, RecursionError) else "not JSON"
+        raise WeightsError(
+            f"{p} is not a valid safetensors file (corrupt {what}: {reason}): re-download or re-export it"
+        ) from None
+
+
+def _parse_header(p: Path, f: BinaryIO, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header of the safetensors file open as ``f`` (``size`` bytes): see :func:`read_safetensors_header`."""
+    head = f.read(8)
+    foreign = _describe_foreign_format(head)
+    if foreign is not None:
+        raise WeightsError(
+            f"{p} is {foreign}, not safetensors: it is never loaded, because unpickling can run arbitrary "
+            "code. Convert it to safetensors in a trusted environment (load it there and save the state "
+            "dict with safetensors.torch.save_file), then import the converted file"
+        )
+    if len(head) < 8:
+        raise WeightsError(
+            f"{p} is not a safetensors file (only {size} bytes): re-download or re-export it"
+        )
+    header_len = int.from_bytes(head, "little")
+    if header_len > _MAX_HEADER_BYTES:
+        if header_len <= _SAFETENSORS_MAX_HEADER_BYTES:
             raise WeightsError(
-                f"{p} is {foreign}, not safetensors: it is never loaded, because unpickling can run arbitrary "
-                "code. Convert it to safetensors in a trusted environment (load it there and save the state "
-                "dict with safetensors.torch.save_file), then import the converted file"
+                f"{p} has a {header_len / 2**20:.0f} MiB safetensors header (at most "
+                f"{_MAX_HEADER_BYTES // 2**20} MiB is read): it is not a DiffusionCore weights file; use other weights"
             )
-        if len(head) < 8:
-            raise WeightsError(
-                f"{p} is not a safetensors file (only {size} bytes): re-download or re-export it"
-            )
-        header_len = int.from_bytes(head, "little")
-        if header_len > _MAX_HEADER_BYTES:
-            raise WeightsError(
-                f"{p} is not a safetensors file (its first 8 bytes are not a header size): weights must be "
-                "safetensors files exported by DiffusionCore or converted with safetensors.torch.save_file"
-            )
-        raw = f.read(header_len)
+        raise WeightsError(
+            f"{p} is not a safetensors file (its first 8 bytes are not a header size): weights must be "
+            "safetensors files exported by DiffusionCore or converted with safetensors.torch.save_file"
+        )
+    raw = f.read(header_len)
     if len(raw) < header_len:
         if raw[:1] == b"{":
             raise WeightsError(
@@ -196,12 +246,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], di
                 "was interrupted; fetch or export the file again"
             )
         raise WeightsError(f"{p} is not a safetensors file: weights must be .safetensors files")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(
-            f"{p} is not a valid safetensors file (corrupt header): re-download or re-export it"
-        ) from exc
+    header = _parse_json(p, raw, "header")
     if not isinstance(header, dict):
         raise WeightsError(
             f"{p} is not a valid safetensors file (corrupt header): re-download or re-export it"
@@ -230,15 +275,66 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], di
         )
     metadata: dict[str, Any] = {}
     if METADATA_KEY in raw_meta:
-        try:
-            metadata = json.loads(raw_meta[METADATA_KEY])
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise WeightsError(
-                f"{p} has unreadable '{METADATA_KEY}' metadata: re-export the weights"
-            ) from exc
+        if not isinstance(raw_meta[METADATA_KEY], str):
+            raise WeightsError(f"{p} has unreadable '{METADATA_KEY}' metadata: re-export the weights")
+        metadata = _parse_json(p, raw_meta[METADATA_KEY], f"'{METADATA_KEY}' metadata")
         if not isinstance(metadata, dict):
             raise WeightsError(f"{p} has '{METADATA_KEY}' metadata that is not a JSON object: re-export it")
     return header, metadata
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check that a file is a complete safetensors file and return its header, reading no tensor data.
+
+    Returns:
+        ``(tensor_entries, metadata)``: tensor name -> ``{"dtype", "shape", "data_offsets"}``, and the
+        decoded ``"diffusioncore"`` metadata (empty dict when absent).
+
+    Raises:
+        WeightsError: missing file, a folder, not a regular file (FIFO, device), another format (pickles are
+            named as such and never loaded), truncated file, a header over :data:`_MAX_HEADER_BYTES`, or a corrupt
+            header (not JSON, nested too deeply, a key given twice).
+    """
+    p = _existing_file(path)
+    f, size = _open_regular_file(p)
+    with f:
+        return _parse_header(p, f, size)
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise WeightsError(f"weights file {p} does not exist: check the path or the weights name")
+    if p.is_dir():
+        exported = sorted(str(f) for f in p.glob("*.safetensors") if f.is_file())  # a training run's export
+        inside = (f"give the weights file inside it: {' or '.join(exported)}" if exported else
+                  "it holds no exported .safetensors file (a training run exports its weights when it ends)")
+        raise WeightsError(f"{p} is a folder, not a weights file; {inside}")
+    return p
+
+
+def read_weights_bytes(path: str | os.PathLike) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+    """Read a weights file once, after checking its header, so that what is hashed is what is loaded.
+
+    Returns:
+        ``(the file's bytes, tensor_entries, metadata)`` as :func:`read_safetensors_header`.
+
+    Raises:
+        WeightsError: as :func:`read_safetensors_header`, or a file over :data:`MAX_WEIGHTS_BYTES`.
+    """
+    p = _existing_file(path)
+    f, size = _open_regular_file(p)
+    with f:
+        if size > MAX_WEIGHTS_BYTES:
+            raise WeightsError(
+                f"{p} is {size / 2**30:.1f} GiB, more than the {MAX_WEIGHTS_BYTES / 2**30:.0f} GiB a weights file "
+                "may have: it is not a DiffusionCore weights file; use other weights"
+            )
+        data = f.read(size + 1)
+    if len(data) != size:
+        raise WeightsError(f"{p} changed size while it was read: read it again once it is complete")
+    header, metadata = _parse_header(p, io.BytesIO(data), size)
+    return data, header, metadata
 
 
 def load_safetensors(
@@ -250,6 +346,8 @@ def load_safetensors(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a safetensors file after checking its format (and its sha256 when given), and refuse one whose
     floating-point tensors hold NaN or Inf (the file of a diverged training: every result would be NaN).
+
+    The file is read once: the bytes that are hashed are the bytes whose tensors are returned.
 
     Args:
         path: the ``.safetensors`` file.
@@ -265,30 +363,94 @@ def load_safetensors(
         WeightsError: missing, not safetensors (pickles are never loaded), truncated, sha256 mismatch, or
             NaN/Inf values.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     p = Path(path)
-    _, metadata = read_safetensors_header(p)
+    data, _, metadata = read_weights_bytes(p)
     if expected_sha256 is not None:
-        actual = sha256_file(p)
+        actual = hashlib.sha256(data).hexdigest()
         if actual.lower() != expected_sha256.lower():
             raise WeightsError(
                 f"{p} fails its sha256 check (expected {expected_sha256}, file has {actual}): the file is "
                 "corrupt or was replaced; delete it and fetch or import the weights again"
             )
+    tensors = _tensors_from_bytes(p, data, device)
+    del data
+    if check_finite:
+        _refuse_non_finite(p, tensors)
+    return tensors, metadata
+
+
+def _refuse_non_finite(p: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(
+            f"{p} holds non-finite values (NaN/Inf) in {len(bad)} tensor(s), e.g. {bad[0]}: the training "
+            "that wrote it diverged; use other weights"
+        )
+
+
+def check_loadable(path: Path, data: bytes, metadata: Mapping[str, Any], family: Any) -> None:
+    """Check what loading checks, for weights that are registered or verified rather than run: the tensors
+    parse with safetensors' own parser (known dtypes, offsets), are floating point and finite, ``family`` is one
+    of :data:`FAMILIES`, and the tensors fit the architecture the metadata records (checked on the meta device:
+    nothing the size of the network is allocated).
+
+    Args:
+        path: the file, for messages.
+        data: its bytes (those hashed: see :func:`read_weights_bytes`).
+        metadata: its decoded ``"diffusioncore"`` metadata.
+        family: the family it is registered for.
+
+    Raises:
+        WeightsError: the first problem, naming ``path``.
+    """
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise WeightsError(
+            f"{path} is for the model family {family!r}, which is none of {', '.join(FAMILIES)}: "
+            "it cannot be used by any model here; check which file you import"
+        )
+    tensors = _tensors_from_bytes(path, data, "cpu")
+    not_float = [k for k, v in tensors.items() if not v.is_floating_point()]
+    if not_float:
+        raise WeightsError(
+            f"{path} holds {len(not_float)} tensor(s) that are not floating point, e.g. {not_float[0]} "
+            f"({tensors[not_float[0]].dtype}): model weights are float16/bfloat16/float32; re-export them"
+        )
+    _refuse_non_finite(path, tensors)
+    check = _ARCHITECTURE_CHECKS.get(family)
+    if check is not None:
+        check(path, tensors, dict(metadata))
+    elif family in ("sr", "xray"):
+        logger.warning("the tensors of %s were not compared with the architecture its metadata records: the %s "
+                       "models' module, which registers that check, is not imported", path, family)  # fmt: skip
+    # no model here loads a lone "vae" file: nothing more to compare with
+
+
+#: family -> the check that a file's tensors fit the architecture its metadata records, as loading does
+#: (:func:`register_architecture_check`). The families register their own, so that this module, which their loaders
+#: import, imports none of them.
+_ARCHITECTURE_CHECKS: dict[str, Callable[[Path, dict[str, torch.Tensor], dict[str, Any]], None]] = {}
+
+
+def register_architecture_check(
+    family: str, check: Callable[[Path, dict[str, torch.Tensor], dict[str, Any]], None]
+) -> None:
+    """Make :func:`check_loadable` compare ``family`` files with their recorded architecture by ``check(path,
+    tensors, metadata)``, which raises WeightsError (called by the family's module when it is imported)."""
+    _ARCHITECTURE_CHECKS[family] = check
+
+
+def _tensors_from_bytes(p: Path, data: bytes, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file's bytes, parsed by safetensors itself (the parser that loads them)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
     try:
-        tensors = load_file(str(p), device=str(device))
+        tensors = load(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise WeightsError(f"cannot load {p}: {exc}; re-download or re-export the weights") from exc
-    if check_finite:
-        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise WeightsError(
-                f"{p} holds non-finite values (NaN/Inf) in {len(bad)} tensor(s), e.g. {bad[0]}: the training "
-                "that wrote it diverged; use other weights"
-            )
-    return tensors, metadata
+    if str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -306,6 +468,12 @@ def read_registry(path: Path) -> dict[str, dict[str, Any]]:
     if not isinstance(entries, dict):
         raise WeightsError(
             f'weights registry {path} must be {{"weights": {{name: entry}}}}; fix or delete it'
+        )
+    bad = [name for name, entry in entries.items() if not isinstance(entry, dict)]
+    if bad:
+        raise WeightsError(
+            f"weights registry {path} is unreadable (its entry {bad[0]!r} is not a JSON object with 'file', "
+            "'sha256' and 'family'); fix or delete it"
         )
     return entries
 
@@ -534,7 +702,7 @@ def import_weights(
     if name in read_registry(BUNDLED_REGISTRY):
         raise WeightsError(f"{name!r} is the name of bundled weights: choose another name")
     src = Path(path).expanduser()
-    _, metadata = read_safetensors_header(src)
+    data, _, metadata = read_weights_bytes(src)  # the bytes checked, hashed and copied: read once
     meta_family = metadata.get("family")
     if family is not None and meta_family is not None and family != meta_family:
         raise WeightsError(
@@ -545,7 +713,8 @@ def import_weights(
         raise WeightsError(
             f"{src} does not say which model it belongs to (no 'family' in its metadata): pass family=..."
         )
-    sha = sha256_file(src)
+    check_loadable(src, data, metadata, family)
+    sha = hashlib.sha256(data).hexdigest()
     entries = read_registry(user_registry_path())
     registered = str(entries.get(name, {}).get("sha256", "")).lower()
     if name in entries and registered != sha and not overwrite:
@@ -561,10 +730,7 @@ def import_weights(
         folder.mkdir(parents=True, exist_ok=True)
         tmp = partial_file(dest)
         try:
-            shutil.copyfile(src, tmp)
-            copied = sha256_file(tmp)
-            if copied != sha:
-                raise WeightsError(f"{src} changed while it was being imported: import it again once it is complete")
+            Path(tmp).write_bytes(data)
             publish(tmp, dest)  # mkstemp made it owner-only; weights are shared like any file the user writes
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -606,14 +772,33 @@ def remove_weights(name: str) -> Path:
         raise WeightsError(f"no imported weights named {name!r} (imported: {known})")
     path = _entry_path(registry.parent, entries.pop(name))
     write_registry(registry, entries)
-    # The copy lives in the cache folder; a file registered by absolute path elsewhere is the user's own.
-    if path.parent.resolve() == registry.parent.resolve():
+    # import_weights copied the file to NAME.safetensors in the cache folder: that file, and no other, is
+    # deleted, whatever the (hand-edited) entry names: never the registry, another name's file, or a file elsewhere.
+    own = registry.parent / f"{name}.safetensors"
+    if not _NAME_PATTERN.match(name) or os.path.normcase(os.path.abspath(path)) != os.path.normcase(os.path.abspath(own)):
+        logger.warning("unregistered %r but kept %s: only %s would be deleted", name, path, own)
+    else:
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
             raise OutputError(f"unregistered {name!r} but cannot delete {path}: {exc.strerror or exc}") from exc
     logger.info("removed weights %r (%s)", name, path)
     return path
+
+
+def check_weights(name_or_path: str | os.PathLike, *, family: str, allow_unregistered: bool = False) -> ResolvedWeights:
+    """:func:`resolve_weights`, then :func:`check_loadable` on the file's bytes: what a command checks up front,
+    before its long work, and what ``weights verify`` checks.
+
+    Raises:
+        WeightsError: as :func:`resolve_weights` and :func:`check_loadable`.
+    """
+    rw = resolve_weights(name_or_path, family=family, allow_unregistered=allow_unregistered)
+    data, _, metadata = read_weights_bytes(rw.path)
+    if hashlib.sha256(data).hexdigest() != rw.sha256:
+        raise WeightsError(f"{rw.path} changed while it was checked: check that nothing writes it, and run again")
+    check_loadable(rw.path, data, metadata, family)
+    return rw
 
 
 @dataclass(frozen=True)
@@ -628,7 +813,8 @@ class WeightsCheck:
 
 
 def verify_weights(names: list[str] | None = None) -> list[WeightsCheck]:
-    """Check registered weights: the file exists, is safetensors, matches its sha256 and its family.
+    """Check registered weights: the file exists, is safetensors, matches its sha256 and its family, and
+    loads (:func:`check_loadable`: dtypes, finite values, tensors that fit the recorded architecture).
 
     Args:
         names: registered names to check (``None``: every registered name).
@@ -649,7 +835,7 @@ def verify_weights(names: list[str] | None = None) -> list[WeightsCheck]:
     for name in names or list(entries):
         entry = entries[name]
         try:
-            resolve_weights(name, family=entry["family"])
+            check_weights(name, family=entry["family"])
         except WeightsError as exc:
             checks.append(WeightsCheck(name, entry["source"], entry["path"], False, str(exc)))
         else:

@@ -42,6 +42,7 @@ from ..tiling import (
     format_bytes,
     tile_starts,
 )
+from ..weights.registry import register_architecture_check
 from .atlas import register_atlas
 from .config import XrayStageConfig, patch_alignment, tiny_stage_config, windowed_attention
 from .data import gaussian_blur
@@ -942,11 +943,7 @@ class UnifiedHybridViTCascade(nn.Module):
             raise WeightsError(
                 f"these weights are for the {metadata.get('family')!r} family, not X-ray to CT"
             )
-        cfgs = metadata.get("configs")
-        if not cfgs or not isinstance(cfgs, list):
-            raise WeightsError(f"{source} have no stage configurations in their metadata; export them again")
-        with weights_architecture(source):
-            configs = [load_config(c, XrayStageConfig) for c in cfgs]
+        configs = _weights_configs(metadata, source)
         return build_from_weights(lambda: cls(configs), tensors, source, "the X-ray to CT cascade")
 
     @classmethod
@@ -1069,3 +1066,46 @@ class UnifiedHybridViTCascade(nn.Module):
         x = self._as_xray(xray)
         prev = stage2_output if stage2_output is not None else self.generate_stage2(x, **kwargs)
         return self.stages[2].sample(x, prev, **kwargs)
+
+
+def _weights_configs(metadata: dict[str, Any], source: str) -> list[XrayStageConfig]:
+    """The stage configurations a weights file's metadata records, checked (architecture and generation sizes,
+    ``trained_stages`` among the stages present).
+
+    Raises:
+        WeightsError: naming ``source`` and the key.
+    """
+    cfgs = metadata.get("configs")
+    if not cfgs or not isinstance(cfgs, list):
+        raise WeightsError(f"{source} have no stage configurations in their metadata; export them again")
+    with weights_architecture(source):
+        configs = [load_config(c, XrayStageConfig) for c in cfgs]
+    present = [c.stage for c in configs]
+    trained = metadata.get("trained_stages", present)
+    if not isinstance(trained, list) or any(isinstance(t, bool) or t not in present for t in trained):
+        raise WeightsError(
+            f"{source} record trained_stages {trained!r}, which are not among their stages {present}: the file is "
+            "damaged or was edited; use other weights, or export them again"
+        )
+    return configs
+
+
+def check_weights_architecture(path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Check that the tensors of an ``xray`` family file fit the cascade its metadata records, as
+    :meth:`UnifiedHybridViTCascade.from_tensors` does, on the meta device (nothing network-sized is allocated).
+
+    Raises:
+        WeightsError: another family, invalid configurations, or tensors that do not fit them.
+    """
+    from ..nn.architecture import build_on_meta, check_state_fits
+
+    source = str(path)
+    if metadata.get("family") not in (None, FAMILY):
+        raise WeightsError(f"{source} are for the {metadata.get('family')!r} family, not X-ray to CT")
+    configs = _weights_configs(metadata, source)
+    with weights_architecture(source):
+        probe = build_on_meta(lambda: UnifiedHybridViTCascade(configs), "the X-ray to CT cascade")
+    check_state_fits(probe.state_dict(), tensors, source)
+
+
+register_architecture_check("xray", check_weights_architecture)  # weights import and verify compare with it

@@ -15,6 +15,12 @@ from ..errors import ConfigError
 from ..nn.architecture import finite_positive, require_heads, require_positive, require_sizes
 
 CONFIG_DIR = Path(__file__).with_name("configs")
+#: Upper bounds on the sizes a stage's config (or a weights file's metadata) sets for generation: beyond them a
+#: run would only exhaust memory or time (a 10^6-pixel radiograph side is 4 TB; 10^9 DDIM steps never end).
+MAX_XRAY_RESOLUTION = 4096
+MAX_SAMPLING_STEPS = 1000
+MAX_NUM_SAMPLES = 100
+MAX_FOV_MM = 2000.0
 
 
 @dataclass
@@ -379,6 +385,7 @@ class XrayStageConfig:
         if self.stage not in (1, 2, 3):
             raise ConfigError(f"stage must be 1, 2 or 3; got {self.stage}")
         check_xray_architecture(self)
+        check_xray_generation(self)
         if self.resolution % m.patch_size:
             raise ConfigError(
                 f"resolution {self.resolution} must be a multiple of model.patch_size {m.patch_size}"
@@ -504,6 +511,24 @@ def check_xray_architecture(cfg: XrayStageConfig) -> None:
         )
     if m.patch_size > cfg.resolution:
         raise ConfigError(f"model.patch_size {m.patch_size} exceeds the stage resolution {cfg.resolution}")
+
+
+def check_xray_generation(cfg: XrayStageConfig) -> None:
+    """The sizes generation runs with: the radiograph side, DDIM steps, samples and field of view, within bounds
+    (:data:`MAX_XRAY_RESOLUTION`, ...), so that a config or weights file cannot ask for terabytes or years.
+
+    Raises:
+        ConfigError: naming the key and its bound.
+    """
+    bounds = (("xray_resolution", cfg.xray_resolution, MAX_XRAY_RESOLUTION),
+              ("diffusion.sampling_steps", cfg.diffusion.sampling_steps, MAX_SAMPLING_STEPS),
+              ("diffusion.num_samples", cfg.diffusion.num_samples, MAX_NUM_SAMPLES))  # fmt: skip
+    for key, value, most in bounds:
+        if require_positive(key, value) > most:
+            raise ConfigError(f"{key} must be at most {most}; got {value}")
+    fov = finite_positive("data.fov_mm", cfg.data.fov_mm)
+    if fov > MAX_FOV_MM:
+        raise ConfigError(f"data.fov_mm must be at most {MAX_FOV_MM:g} mm; got {fov:g}")
 
 
 def windowed_attention(cfg: XrayStageConfig) -> bool:

@@ -25,6 +25,7 @@ frontal input that looks inverted (:data:`~DiffusionCore.xray.radiograph.INVERTE
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -148,8 +149,9 @@ class XrayToCTGenerator:
         self.cascade = cascade.eval()
 
     @classmethod
-    def from_pretrained(cls, name_or_file: str, allow_unregistered: bool = False) -> XrayToCTGenerator:
-        """Load registered weights (or, with ``allow_unregistered``, any cascade safetensors file)."""
+    def from_pretrained(cls, name_or_file: str | os.PathLike, *, allow_unregistered: bool = False) -> XrayToCTGenerator:
+        """Load registered weights by name, or a safetensors file (checked against the registry; with
+        ``allow_unregistered``, any cascade safetensors file), as :meth:`SuperResolver.from_pretrained`."""
         return cls(
             UnifiedHybridViTCascade.from_pretrained(name_or_file, allow_unregistered=allow_unregistered)
         )
@@ -276,8 +278,12 @@ class XrayToCTGenerator:
                 input that still looks inverted gets a warning (:func:`.radiograph.inversion_score`).
 
         Returns:
-            (Volume in HU, report with ``stages`` (per stage: resolution, seconds, projection error),
-            ``settings``, ``weights_sha256``, ``fov_mm``, ``timings``).
+            ``(volume, report)``: the CT (HU) and a dict with ``stages`` (one dict per stage: ``stage``,
+            ``resolution``, ``seconds``, ``steps``, ``num_samples``, ``spacing_mm``, ``patches``,
+            ``projection_psnr``, ``projection_ncc`` and ``consistency`` (``rays_corrected``, ``rays_emptied``,
+            ``mean_abs_log_ratio``; None without the consistency step)), ``weights_sha256``, ``family``,
+            ``fov_mm`` and ``fov_source`` (where the field of view came from), ``settings`` (the options used),
+            ``timings`` (seconds: ``total``, as in :meth:`SuperResolver.run`) and ``notes``.
         """
         from ..devices import resolve_device
 
@@ -424,7 +430,7 @@ class XrayToCTGenerator:
                 "view": view,
                 "consistency": bool(consistency),
             },  # fmt: skip
-            "timings": {"total_s": time.time() - t0},
+            "timings": {"total": time.time() - t0},
             "notes": notes,
         }
         return volumes[-1], report
