@@ -261,6 +261,23 @@ def test_command_line_turns_allocation_failures_into_exit_code_5(capsys):
     assert run_guarded(lambda: (_ for _ in ()).throw(RuntimeError("a bug"))) == 1
 
 
+def test_x_ray_commands_out_of_memory_advise_fewer_stages_not_patches(monkeypatch, capsys):
+    """xray2ct and evaluate-xray have no --patch-size, which the out-of-memory error advised them."""
+    from DiffusionCore.cli import main as cli_main
+    from DiffusionCore.cli import xray as cli_xray
+
+    def out_of_memory(args):
+        raise MemoryError()
+
+    monkeypatch.setattr(cli_xray, "run_xray2ct", out_of_memory)
+    monkeypatch.setattr(cli_xray, "run_evaluate", out_of_memory)
+    for argv in (["xray2ct", "chest.png", "ct.nrrd"], ["evaluate-xray", "--reference", "ct.nrrd"]):
+        assert cli_main.main(argv) == 5
+        err = capsys.readouterr().err
+        assert "out of memory: run fewer stages or samples (--num-stages, --num-samples)" in err, err
+        assert "--patch-size" not in err
+
+
 def test_a_memory_refusal_under_the_users_cap_says_it_is_the_cap(monkeypatch):
     # "... but 2.0 GiB is available" read as the machine's free memory when it was the variable's cap
     from DiffusionCore.files import check_memory_for

@@ -55,6 +55,10 @@ class _Parser(argparse.ArgumentParser):
         return parser.prog
 
 
+#: What the out-of-memory error advises unless the command sets its own (``set_defaults(memory_hint=...)``).
+DEFAULT_MEMORY_HINT = "use smaller patches (--patch-size) or fewer samples"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m DiffusionCore", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(
         lambda: args.func(args),
         debug=args.debug,
-        memory_hint="use smaller patches (--patch-size) or fewer samples",
+        memory_hint=getattr(args, "memory_hint", DEFAULT_MEMORY_HINT),  # a command's own advice, where it has one
     )
 
 

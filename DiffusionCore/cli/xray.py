@@ -68,6 +68,10 @@ class PhaseProgress:
     def finish(self, message: str = "done") -> None:
         self._tell(1.0, message)
 
+#: What the out-of-memory error advises for X-ray to CT (the commands have no patch size).
+XRAY_MEMORY_HINT = "run fewer stages or samples (--num-stages, --num-samples)"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "xray2ct",
@@ -121,7 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "radiograph is DICOM and OUTPUT has no volume-file suffix")  # fmt: skip
     p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # tests: random tiny net
     add_progress_argument(p)
-    p.set_defaults(func=run_xray2ct)
+    p.set_defaults(func=run_xray2ct, memory_hint=XRAY_MEMORY_HINT)
 
     q = sub.add_parser(
         "prepare-xray-data",
@@ -175,7 +179,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
     e.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)
     add_progress_argument(e)
-    e.set_defaults(func=run_evaluate)
+    e.set_defaults(func=run_evaluate, memory_hint=XRAY_MEMORY_HINT)
 
 
 def _generator(args: argparse.Namespace):
