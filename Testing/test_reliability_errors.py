@@ -553,3 +553,13 @@ def test_a_volume_written_to_a_full_disk_says_the_disk_is_full(small_disk):
 
     with pytest.raises(OutputError, match=r"could not write .*radiograph\.mha: the disk holding .* is full"):
         write_image(sitk.GetImageFromArray(np.ones((64, 64), np.float32)), full / "radiograph.mha")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_size_that_is_not_a_finite_number_is_a_configuration_error(value):
+    """int(nan) raised ValueError and int(inf) OverflowError: not the ConfigError naming the key that callers handle."""
+    from DiffusionCore.errors import ConfigError
+    from DiffusionCore.nn.architecture import require_positive
+
+    with pytest.raises(ConfigError, match=r"channels must be an integer >= 1; got (nan|inf|-inf)"):
+        require_positive("channels", value)

@@ -55,6 +55,7 @@ def require_positive(key: str, value: Any, *, minimum: int = 1) -> int:
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
+        or not math.isfinite(value)  # int() of NaN or infinity raises ValueError / OverflowError, not ConfigError
         or value != int(value)
         or value < minimum
     ):
