@@ -120,11 +120,11 @@ def reference_sources(items: list[str]) -> tuple[bool, list[Path]]:
     take them: :func:`~DiffusionCore.inputs.collect_volumes`)."""
     from ..inputs import collect_volumes
     from ..sampledata import sample_or_path
-    from .sr import _is_batch
+    from .sr import batch_sources
 
     if len(items) > 1:
         return True, collect_volumes(items)
-    return _is_batch(sample_or_path(items[0], "ct").expanduser())
+    return batch_sources(sample_or_path(items[0], "ct").expanduser())
 
 
 @contextmanager

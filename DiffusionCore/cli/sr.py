@@ -173,7 +173,7 @@ def batch_output_names(sources: list[Path]) -> list[str]:
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 
-def _is_batch(path: Path) -> tuple[bool, list[Path]]:
+def batch_sources(path: Path) -> tuple[bool, list[Path]]:
     """(batch?, sources) for INPUT: a volume file, a DICOM file or a DICOM series folder is one volume; a
     folder of volumes or a list file (.txt, .lst, .list) is a batch. Other files are read as one volume
     (so that an unsupported file gets the reader's explanation)."""
@@ -246,7 +246,7 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> tuple[bool, list[Job]
         InputError: INPUT missing or holding no volumes. OutputError: an output cannot be written.
     """
     given = sample_or_path(args.input, "ct")  # a path, or a CT sample's name (chest-dx)
-    batch, sources = _is_batch(given)
+    batch, sources = batch_sources(given)
     out = Path(args.output)
     if batch and len(sources) == 1 and given.is_dir() and not out.is_dir() and split_volume_suffix(out.name)[1]:
         # a patient's folder that holds one CT series (beside a scout or a structure set) and a volume file as
