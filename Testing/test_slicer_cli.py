@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -91,8 +92,9 @@ def slicer_command_line(name: str, values: dict, return_file: Path | None = None
     return [sys.executable, str(CLI_FILES[name].with_suffix(".py")), *args]
 
 
-def run_like_slicer(argv: list[str], timeout: float = 240) -> tuple[subprocess.CompletedProcess, list[float]]:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+def run_like_slicer(argv: list[str], timeout: float = 240, env: dict | None = None
+                    ) -> tuple[subprocess.CompletedProcess, list[float]]:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     fractions = [f for f, _ in map(parse_progress_line, proc.stdout.splitlines()) if f is not None]
     return proc, fractions
 
@@ -239,8 +241,12 @@ def test_sr_cli_runs_as_slicer_runs_it(scene, tmp_path):
         tmp_path / "return.txt",
     )
     assert "--tinyTestModel" in argv and "--noDataConsistency" not in argv  # bare booleans
-    proc, fractions = run_like_slicer(argv)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    proc, fractions = run_like_slicer(argv, env={**env, "TMPDIR": str(temp)})
     assert proc.returncode == 0, proc.stderr
+    assert os.listdir(temp) == []  # importing torch made a torchinductor_<user> folder there, left by every run
     assert fractions and fractions[-1] == 1.0 and fractions == sorted(fractions)
     out = read_like_slicer(scene, tmp_path / "out.nrrd", "result")
     # Slicer's hand-off files are read once and deleted: written without the slow gzip

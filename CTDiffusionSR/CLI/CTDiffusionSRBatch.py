@@ -293,14 +293,16 @@ def _load():
 
 def main(argv: list[str] | None = None) -> int:
     try:  # stdlib only, inside DiffusionCore: fails only where DiffusionCore itself is missing
-        from DiffusionCore.cli.missing import needs_packages, slicer_install_hint
+        from DiffusionCore.cli.missing import needs_packages, own_torch_cache, slicer_install_hint
     except ImportError as exc:
         sys.exit(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.")
 
-    parser, run_guarded, setup_logging = needs_packages(_load, "CT Diffusion SR")
-    args = parser.parse_args(argv)
-    setup_logging()
-    return run_guarded(lambda: run(args), install_hint=slicer_install_hint("CT Diffusion SR"), memory_hint="use a smaller patch size, fewer samples, or the GPU")
+    with own_torch_cache():  # before torch is imported: no torchinductor folder left in the temp folder
+        parser, run_guarded, setup_logging = needs_packages(_load, "CT Diffusion SR")
+        args = parser.parse_args(argv)
+        setup_logging()
+        return run_guarded(lambda: run(args), install_hint=slicer_install_hint("CT Diffusion SR"),
+                           memory_hint="use a smaller patch size, fewer samples, or the GPU")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -140,10 +140,15 @@ def _core_main():
 
 def main(argv: list[str] | None = None) -> int:
     try:  # stdlib only, inside DiffusionCore: fails only where DiffusionCore itself is missing
-        from DiffusionCore.cli.missing import needs_packages
+        from DiffusionCore.cli.missing import needs_packages, own_torch_cache
     except ImportError as exc:
         sys.exit(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.")
 
+    with own_torch_cache():  # before torch is imported: no torchinductor folder left in the temp folder
+        return _main(argv, needs_packages)
+
+
+def _main(argv: list[str] | None, needs_packages) -> int:
     args = build_parser().parse_args(argv)
     core_main = needs_packages(_core_main, "CT Diffusion SR")
     supported = family_options(args.family)

@@ -8,8 +8,12 @@ its ``__init__`` needs only what Slicer ships (numpy, scipy, pydicom).
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -42,3 +46,30 @@ def needs_packages(load: Callable[[], T], module_title: str) -> T:
     except ImportError as exc:
         print(f"error: {missing_package_message(exc, slicer_install_hint(module_title))}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+#: The environment variable naming PyTorch's compile cache folder, which torch creates when it is imported
+#: (``torchinductor_<user>`` in the temp folder).
+TORCH_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
+
+
+@contextmanager
+def own_torch_cache() -> Iterator[str]:
+    """While active, PyTorch's compile cache is a folder of this run's own (yielded; ``""`` when the user set one,
+    or none can be made), removed at the end. Importing torch makes ``torchinductor_<user>`` in the temp folder,
+    which every run of a Slicer CLI module left there, outside the job's folder that the module removes. Nothing is
+    compiled, so the folder stays empty. Entered before torch is imported."""
+    if os.environ.get(TORCH_CACHE_VARIABLE):
+        yield ""
+        return
+    try:
+        folder = tempfile.mkdtemp(prefix="diffusioncore-torch-")
+    except OSError:  # a full or read-only temp folder: torch's own default then (the run says what is wrong)
+        yield ""
+        return
+    os.environ[TORCH_CACHE_VARIABLE] = folder
+    try:
+        yield folder
+    finally:
+        os.environ.pop(TORCH_CACHE_VARIABLE, None)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -68,6 +68,7 @@ class PhaseProgress:
     def finish(self, message: str = "done") -> None:
         self._tell(1.0, message)
 
+
 #: What the out-of-memory error advises for X-ray to CT (the commands have no patch size).
 XRAY_MEMORY_HINT = "run fewer stages or samples (--num-stages, --num-samples)"
 

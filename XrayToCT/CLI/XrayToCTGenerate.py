@@ -17,10 +17,7 @@ import argparse
 import json
 import logging
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,9 +30,6 @@ STAGE_LINE_PREFIX = "stage-ready "
 #: (:func:`DiffusionCore.xray.pipeline.stage_step_costs`). On a CPU, one stage of the shipped weights: reading a
 #: 6000x7000 radiograph took about 1 s, loading the weights 1-2 s, the generation 4-5 s, writing 0.1-0.4 s.
 PHASE_SHARES = {"reading": 4.0, "weights": 6.0, "generation": 86.0, "writing": 2.0, "scoring": 2.0}
-#: The environment variable naming PyTorch's compile cache folder, which torch creates when it is imported
-#: (``torchinductor_<user>`` in the temp folder, left behind by every run otherwise).
-TORCH_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,34 +336,16 @@ def _load():
 
 def main(argv: list[str] | None = None) -> int:
     try:  # stdlib only, inside DiffusionCore: fails only where DiffusionCore itself is missing
-        from DiffusionCore.cli.missing import needs_packages, slicer_install_hint
+        from DiffusionCore.cli.missing import needs_packages, own_torch_cache, slicer_install_hint
     except ImportError as exc:
         sys.exit(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.")
 
-    own_cache = own_torch_cache()  # before torch is imported (by the parser's defaults already)
-    try:
+    with own_torch_cache():  # before torch is imported (by the parser's defaults already)
         parser, run_guarded, setup_logging = needs_packages(_load, "X-ray to CT")
         args = parser.parse_args(argv)
         setup_logging()
         return run_guarded(lambda: run(args), install_hint=slicer_install_hint("X-ray to CT"),
                            memory_hint="run fewer stages or use the GPU")  # fmt: skip
-    finally:
-        if own_cache:
-            shutil.rmtree(own_cache, ignore_errors=True)
-
-
-def own_torch_cache() -> str:
-    """Give PyTorch a compile cache folder of this run's own, removed at its end (returned; ``""`` when the user set
-    one): importing torch makes ``torchinductor_<user>`` in the temp folder, which every run of this module left
-    there, outside the job's folder that the module removes. Nothing is compiled, so the folder stays empty."""
-    if os.environ.get(TORCH_CACHE_VARIABLE):
-        return ""
-    try:
-        folder = tempfile.mkdtemp(prefix="xraytoct-torch-")
-    except OSError:  # a full or read-only temp folder: torch's own default then (the run says what is wrong)
-        return ""
-    os.environ[TORCH_CACHE_VARIABLE] = folder
-    return folder
 
 
 if __name__ == "__main__":
