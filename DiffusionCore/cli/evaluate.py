@@ -146,19 +146,6 @@ def logged_warnings() -> Iterator[list[str]]:
         root.removeHandler(handler)
 
 
-def _unique_stems(sources: list[Path]) -> list[str]:
-    """A folder name per volume for ``--save-volumes``: its file or folder name without the volume suffix, numbered
-    where two are the same."""
-    stems: list[str] = []
-    for src in sources:
-        stem = split_volume_suffix(src.name)[0] or "volume"
-        name, n = stem, 2
-        while name in stems:
-            name, n = f"{stem}_{n}", n + 1
-        stems.append(name)
-    return stems
-
-
 def saved_volume_files(folder: Path, methods: list[str]) -> dict[str, Path]:
     """What ``--save-volumes`` writes for one volume into ``folder``: name -> file."""
     return {name: folder / f"{name}.nii.gz" for name in ("reference", "thick", *methods)}
@@ -285,7 +272,10 @@ def run(args: argparse.Namespace) -> int:
     save_root = Path(args.save_volumes) if args.save_volumes else None
     save_files: list[dict[str, Path]] = []
     if save_root is not None:
-        folders = [save_root / s for s in _unique_stems(sources)] if several else [save_root]
+        from .sr import batch_output_names  # the names sr gives a batch's outputs: one folder each here
+
+        stems = [split_volume_suffix(n)[0] for n in batch_output_names(sources)] if several else [""]
+        folders = [save_root / stem for stem in stems]
         save_files = [saved_volume_files(f, methods) for f in folders]
     planned = [("--save-volumes", p) for files in save_files for p in files.values()]
     refuse_overwriting_inputs([*args.reference, *sources, args.weights], [("--json", args.json_out), *planned])
