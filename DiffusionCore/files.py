@@ -380,7 +380,8 @@ def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterab
             if (ident := _file_identity(folder)) in folders:
                 raise OutputError(
                     f"{what} {out} lies inside the input folder {folders[ident]}: writing there would change "
-                    f"the input series, so it is refused{even}. Choose a path outside it."
+                    f"what is read from that folder (a series, a cohort), so it is refused{even}. Choose a path "
+                    "outside it."
                 )
         key = os.path.normcase(str(real))
         if key in seen:

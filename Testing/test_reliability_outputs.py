@@ -268,7 +268,8 @@ def _(d: Path, s: Shared) -> Case:
 
 # --- 3. an output over an input, whatever --overwrite says (exit 4)
 IS_INPUT = "writing it would destroy the input, so it is refused even with --overwrite"
-INSIDE = "writing there would change the input series, so it is refused even with --overwrite"
+INSIDE = ("writing there would change what is read from that folder (a series, a cohort), so it is refused even "
+          "with --overwrite")
 
 
 @case("sr-output-is-input")

@@ -133,8 +133,8 @@ def test_the_cli_modules_refuse_writing_over_an_input_without_naming_an_overwrit
          "another path for the output."),
         (SR, {"inputVolume": series, "outputVolume": tmp_path / "out.nrrd", "reportFile": series / "report.json",
               "factor": 2, "tinyTestModel": True},
-         f"--reportFile {series / 'report.json'} lies inside the input folder {series}: writing there would change the "
-         "input series, so it is refused. Choose a path outside it."),
+         f"--reportFile {series / 'report.json'} lies inside the input folder {series}: writing there would change what "
+         "is read from that folder (a series, a cohort), so it is refused. Choose a path outside it."),
         (XRAY, {"inputRadiograph": radiograph_file, "outputVolume": tmp_path / "ct.nrrd", "reportFile": radiograph_file,
                 "tinyTestModel": True},
          f"--reportFile {radiograph_file} is the input {radiograph_file}: writing it would destroy the input, so it is "

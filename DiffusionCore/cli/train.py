@@ -27,7 +27,7 @@ import contextlib
 import importlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .common import bounded_int, finite_float, sigterm_cancels
 
@@ -64,6 +64,21 @@ NUMERIC_OPTIONS: dict[str, Callable[[str], object]] = {
 #: Options naming what a run starts from (another run's folder or weights), by ``args`` attribute.
 STARTS_FROM = ("init_from", "load_all_stages", "stage1_checkpoint", "stage2_checkpoint", "vae")
 
+#: Options naming the data a run reads (volumes, folders, list files, a ``prepare-xray-data`` folder), by ``args``
+#: attribute: the output folder may not be one of them or lie inside one.
+READS_DATA = ("data", "val_data", "data_dir")
+
+
+def data_inputs(args: argparse.Namespace, names: Iterable[str] = READS_DATA) -> list[str]:
+    """The paths given to the options ``names`` of ``args`` (each one path or a list of them; unset ones left out)."""
+    found: list[str] = []
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, str | os.PathLike):
+            value = [value]
+        found.extend(str(v) for v in value or () if v)
+    return found
+
 
 def _check_numeric_options(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:
@@ -97,7 +112,7 @@ def _run_in_claimed_folder(
 
     def run(args: argparse.Namespace) -> int:
         from ..errors import Cancelled
-        from ..files import keep_freed_memory
+        from ..files import keep_freed_memory, refuse_overwriting_inputs
         from ..train import stop
         from ..train.outdir import claim_output_dir
 
@@ -106,6 +121,10 @@ def _run_in_claimed_folder(
             return family_run(args)  # nothing is trained; the family says what is missing
         # a one-shot process: every step's activation buffers are reused instead of mapped afresh (train xray
         # went from 29.5 to 37.4 steps per minute on 2 cores, benchmarks/xray_stage1_rays.json)
+        # the run's checkpoints, logs and weights never go into the data it reads: a cohort folder scanned again
+        # would take them in (or lose its files to --overwrite)
+        flag = "--out-dir" if getattr(args, "out_dir", None) else "--output-dir"
+        refuse_overwriting_inputs(data_inputs(args), [(flag, out)])
         keep_freed_memory()
         is_main = os.environ.get("RANK", "0") in ("", "0")  # under torchrun rank 0 holds the folder
         reads = [v for k in STARTS_FROM if isinstance(v := getattr(args, k, None), str) and v]

@@ -300,6 +300,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    from ..files import refuse_overwriting_inputs
     from ..inputs import collect_volumes
     from ..xray.data import named_volumes, prepare_dataset
 
@@ -307,6 +308,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     xres = _int_list(args.xray_resolutions, "--xray-resolutions")
     if len(res) != len(xres):
         raise InputError("--resolutions and --xray-resolutions need the same number of values")
+    refuse_overwriting_inputs(args.data, [("--output-dir", args.output_dir)])  # cubes written into the CT folder
     paths = collect_volumes(args.data)  # folders, list files, volume files and CT samples' names
     progress = Progress(args.progress, desc="prepare-xray-data")
     try:
