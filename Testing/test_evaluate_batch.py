@@ -153,3 +153,33 @@ def test_volume_reversed_in_storage_gives_the_same_figures(tmp_path, make_phanto
     up, down = reports
     assert up["results"][0]["psnr_body"] == pytest.approx(down["results"][0]["psnr_body"], abs=1e-6)
     assert up["slices_dropped"] == [24, 25] and down["slices_dropped"] == [0, 1]
+
+
+def test_a_reference_that_cannot_be_scored_is_passed_over_and_listed(tmp_path, two_cts):
+    """With several references, one unreadable file (or a --slices range beyond one volume) stopped the whole run and
+    threw away the others' figures. It is passed over with a warning, listed in the JSON, and the mean is over the rest;
+    only a run in which none can be scored fails."""
+    folder, a, b = two_cts
+    bad = folder / "c.nii.gz"
+    bad.write_bytes(b"not a volume at all")
+    proc = run_cli("evaluate", "--reference", str(folder), "--factor", "2", "--methods", "cubic", "--json", "r.json",
+                   "--progress", "none", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [v["reference"] for v in report["volumes"]] == [str(a), str(b)]
+    assert report["aggregate"]["n"] == 2
+    assert [p["volume"] for p in report["passed_over"]] == [str(bad)]
+    assert f"passed over {bad}:" in proc.stderr and f"passed over {bad}:" in proc.stdout
+    # a slice range inside a (24 slices) but beyond b's end is b's problem only
+    short = tmp_path / "short.nii.gz"
+    write_volume(Volume(read_volume(a).array[:8], spacing=(0.8, 0.8, 1.0)), short)
+    proc = run_cli("evaluate", "--reference", str(a), str(short), "--slices", "4", "20", "--factor", "2", "--methods",
+                   "cubic", "--json", "s.json", "--progress", "none", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["aggregate"]["n"] == 1 and [p["volume"] for p in report["passed_over"]] == [str(short)]
+    # none scorable: one error naming each
+    proc = run_cli("evaluate", "--reference", str(bad), str(short), "--slices", "4", "20", "--factor", "2", "--methods",
+                   "cubic", "--progress", "none", cwd=tmp_path)  # fmt: skip
+    line = assert_one_error_line(proc, 2, "error: none of the 2 references could be scored: ", str(bad), str(short))
+    assert line.startswith("error: none of the 2 references could be scored: ")

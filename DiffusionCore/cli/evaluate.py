@@ -297,33 +297,35 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(args.progress, desc="evaluate")
     reports: list[dict] = []
     said_all: list[str] = []
+    passed_over: list[dict[str, str]] = []  # several references: the volumes that could not be scored, and why
     try:
         if not several:
             ref, said = _read_reference(sources[0])
             saver = VolumeSaver(save_files[0], names[0], _save_settings(args), args.overwrite) if save_files else None
             reports.append(_evaluate_one(ref, names[0], said, args, methods, options, saver, progress))
         else:
-            from ..inputs import readable_volumes
-
-            volumes = readable_volumes(sources)  # DICOM series that cannot be read as one volume: passed over
             n = len(sources)
-            for i in range(n):
-                with logged_warnings() as said:  # what reading the next volume said (and the series passed over)
-                    item = next(volumes, None)
-                said_all.extend(said)
-                if item is None:
-                    break
-                path, ref = item
+            for i, path in enumerate(sources):
 
                 def overall(done: int, total: int, message: str, _i: int = i, _p: Path = path) -> None:
                     progress(_i * total + done, n * total, f"{_p.name}: {message}")
 
-                saver = (VolumeSaver(save_files[sources.index(path)], str(path), _save_settings(args), args.overwrite)
-                         if save_files else None)  # fmt: skip
-                reports.append(_evaluate_one(ref, str(path), said, args, methods, options, saver, overall))
+                saver = VolumeSaver(save_files[i], str(path), _save_settings(args), args.overwrite) if save_files else None
+                try:
+                    ref, said = _read_reference(path)
+                    reports.append(_evaluate_one(ref, str(path), said, args, methods, options, saver, overall))
+                except InputError as exc:  # this volume's own problem (unreadable, too small, --slices beyond it)
+                    why = str(exc).removeprefix(f"{path}: ")
+                    logger.warning("passed over %s: %s", path, why)
+                    passed_over.append({"volume": str(path), "why": why})
+                    said_all.append(f"passed over {path}: {why}")
+                    continue
                 said_all.extend(reports[-1]["warnings"])
-            for _ in volumes:  # the generator's end: its count of volumes read and passed over
-                pass
+            if not reports:
+                raise InputError(
+                    f"none of the {n} references could be scored: "
+                    + "; ".join(f"{p['volume']}: {p['why']}" for p in passed_over)
+                )
     finally:
         progress.close()
     for report in reports:
@@ -333,13 +335,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         agg = aggregate(reports)
         print(format_aggregate(agg))
+        for p in passed_over:
+            print(f"passed over {p['volume']}: {p['why']}")
         common = {k: reports[0][k] for k in ("factor", "axis", "degradation", "hu_range", "null_scores", "body_mask")}
         common["body_mask"] = {"definition": common["body_mask"]["definition"]}
         env = {k: reports[0][k] for k in ("date", "diffusioncore_version", "torch_version", "python_version",
                                             "torch_threads")}  # fmt: skip
         models = {k: reports[0][k] for k in ("weights", "weights_sha256", "device") if k in reports[0]}
         out = {**common, **env, **shared, **models, "slices_requested": reports[0]["slices_requested"],
-               "warnings": list(dict.fromkeys(said_all)), "volumes": reports, "aggregate": agg}  # fmt: skip
+               "warnings": list(dict.fromkeys(said_all)), "volumes": reports, "passed_over": passed_over,
+               "aggregate": agg}  # fmt: skip
     if args.json_out:
         write_json_atomic(out, args.json_out)
     return 0
