@@ -648,24 +648,48 @@ def sample_or_path(name_or_path: str | os.PathLike, kind: str) -> Path:
     return Path(name_or_path) if name is None else Path(fetch(name))
 
 
-def data_entries(text: str | os.PathLike, kind: str = "ct") -> list[str]:
+def split_words(text: str, windows: bool | None = None) -> list[str]:
+    """The words of a one-line field typed by a user (a data field, a field of more options), split as the user's
+    shell would: at spaces, except inside quotes, the quotes removed.
+
+    On Windows (``windows``; default: this computer's system) a backslash is the path separator and is kept as typed
+    (``C:\\Users\\me\\a.nii.gz``), and only double quotes group (an apostrophe is a letter, as in ``O'Brien``); elsewhere
+    the text is split by POSIX rules (:func:`shlex.split`: a backslash escapes the next character).
+
+    Raises:
+        ValueError: an unclosed quote.
+    """
+    import shlex
+
+    if windows is None:
+        windows = os.name == "nt"
+    if not windows:
+        return shlex.split(text)
+    lexer = shlex.shlex(text, posix=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    lexer.escape = ""  # backslashes are path separators
+    lexer.quotes = '"'
+    return list(lexer)
+
+
+def data_entries(text: str | os.PathLike, kind: str = "ct", *, windows: bool | None = None) -> list[str]:
     """The entries of a one-line data field (the Slicer training panel's data, its DiffusionTrain CLI's ``--data``)
     as ``train --data`` takes them: the whole text when it is a path here (a folder, list file or volume, spaces and
     all), else its space-separated entries (a path that holds spaces quoted), each a path here or the name of a
     sample of ``kind`` (``chest-lidc chest-dx``). Checked as :func:`sample_named` checks names, without fetching.
+    Split by :func:`split_words` (``windows``: Windows rules, backslashes kept; default: this computer's).
 
     Raises:
         InputError: nothing given, an unclosed quote, or an entry that is neither a path here nor a sample's name.
     """
-    import shlex
-
     whole = str(text).strip()
     if not whole:
         raise InputError(f"no data given: choose a folder of {_KIND_WORDS[kind][1]}s, a list file, or sample names")
     if Path(whole).expanduser().exists():
         return [whole]
     try:
-        entries = shlex.split(whole)
+        entries = split_words(whole, windows)
     except ValueError as exc:
         raise InputError(f"the data {whole!r} cannot be read ({exc}): check its quotes") from None
     wanted = ", ".join(n for n, s in SAMPLES.items() if s.kind == kind)

@@ -566,7 +566,8 @@ def _(d: Path, s: Shared) -> Case:
                 api=lambda: SuperResolver.from_pretrained(s.xray_weights, allow_unregistered=True),
                 api_error=WeightsError, api_message="'xray' model family",
                 lib=sr_lib(ct(), tiny_test_model=False, weights=str(s.xray_weights), allow_unregistered_weights=True),
-                lib_error=WeightsError, lib_message="'xray' model family")  # fmt: skip
+                lib_error=WeightsError, lib_message="holds X-ray to CT weights .the X-ray to CT module runs them., not "
+                "CT super-resolution weights")  # fmt: skip
 
 
 @case("weights-wrong-sha256")
@@ -666,7 +667,8 @@ def _(d: Path, s: Shared) -> Case:
                 api_error=WeightsError, api_message="'sr' model family",
                 lib=xray_lib(lambda scene: _image_node(scene, radiograph_pixels().astype(np.float32), "chest"),
                              tiny_test_model=False, weights=str(s.sr_weights), allow_unregistered_weights=True),
-                lib_error=WeightsError, lib_message="'sr' model family")  # fmt: skip
+                lib_error=WeightsError, lib_message="holds CT super-resolution weights .the CT Diffusion SR module runs them., not X-ray "
+                "to CT weights")  # fmt: skip
 
 
 # --- training

@@ -394,6 +394,7 @@ def test_claim_output_dir_in_process(tmp_path):
     assert not out.exists()  # created for the claim, left empty: removed
     out.mkdir()
     (out / "STOP").touch()
+    os.utime(out / "STOP", (1_000_000_000, 1_000_000_000))  # an earlier run's: older than this process
     with claim_output_dir(out, is_main=True):
         assert not (out / "STOP").exists()  # an earlier run's STOP would end this one at once
     (out / "checkpoint-00000002").mkdir()

@@ -545,13 +545,13 @@ def test_train_cli_trains_the_shipped_sr_design_from_slicer(tmp_path):
 
 
 def test_train_cli_refuses_more_options_that_override_the_panels_fields(tmp_path):
-    """`--out-dir X` in More options trained into X while the panel followed (and stopped) its own output folder;
+    """`--out-dir X` in Extra options trained into X while the panel followed (and stopped) its own output folder;
     an unclosed quote said only "No closing quotation"."""
     values = {"family": "throughplane", "data": tmp_path, "outputDirectory": tmp_path / "run"}
-    for extra, said in ((f"--max-steps 5 --out-dir {tmp_path / 'elsewhere'}", "More options sets --out-dir, which the panel's own "
+    for extra, said in ((f"--max-steps 5 --out-dir {tmp_path / 'elsewhere'}", "Extra options sets --out-dir, which the panel's own "
                          "fields set: set it there instead"),
-                        ("--max-steps 5 --data=x", "More options sets --data"),
-                        ("--description 'unclosed", "More options (\"--description 'unclosed\") cannot be read: No "
+                        ("--max-steps 5 --data=x", "Extra options sets --data"),
+                        ("--description 'unclosed", "Extra options (\"--description 'unclosed\") cannot be read: No "
                          "closing quotation; check its quotes")):
         proc = subprocess.run(slicer_command_line("DiffusionTrain", {**values, "extraArguments": extra}),
                               capture_output=True, text=True, timeout=60)

@@ -5,6 +5,10 @@ Inside Slicer (its Python, its installed torch, no window):
     Slicer --no-main-window --python-script <extension>/scripts/headless_train.py -- \\
         --family throughplane --data /data/ct --output-dir runs/tp1 [--resume] [--init-from sr-default]
 
+Without ``--config``, ``throughplane`` trains the recipe of the shipped sr-default weights (the one
+``--init-from sr-default`` fits) and ``xray`` that of xray-default; ``--resume`` continues with the settings the
+run recorded.
+
 With plain Python (DiffusionCore installed, e.g. ``pip install -e .[train]``):
 
     python scripts/headless_train.py --family sr --config sr.json --data /data/ct --output-dir runs/sr1 --device cuda
@@ -27,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="headless_train.py", description=__doc__.splitlines()[0])
     p.add_argument("--family", choices=("throughplane", "sr", "vae", "xray"), default="throughplane",
                    help="model family to train (throughplane: the shipped SR design, on the CPU)")
-    p.add_argument("--config", default=None, help="JSON or YAML training config")
+    p.add_argument("--config", default=None,
+                   help="JSON or YAML training config (default: the shipped weights' recipe for throughplane and "
+                        "xray; with --resume, the settings the run recorded)")
     p.add_argument("--data", default=None, help="folder of CT volumes, or a text file listing them")
     p.add_argument("--output-dir", required=True, help="checkpoints, weights, TensorBoard logs, metrics.jsonl")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")

@@ -14,7 +14,6 @@ holds a previous run is refused unless ``--resume`` (continue it) or ``--overwri
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 
 #: The model families ``train`` has: throughplane is the shipped SR design (the through-plane predictor, trained on
@@ -35,6 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extraArguments", default="", help="more options of the train command")
     p.add_argument("--returnparameterfile", default="", help="accepted for Slicer; nothing is returned")
     return p
+
+
+def attach_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``argv`` with each value of an option that takes one attached to it (``--extraArguments=--seed=3``).
+
+    Slicer's CLI launcher (and the training panel) pass a string parameter as its flag followed by the value, two
+    items. argparse reads a value that starts with ``--`` and holds no space (``--seed=3``, ``--finetune-decoder``:
+    one option typed into Extra options) as an option of its own, and stopped with "expected one argument"; attached
+    with ``=`` it is the value, whatever it starts with.
+    """
+    takes_value = {flag for action in parser._actions if action.nargs is None for flag in action.option_strings}
+    out: list[str] = []
+    items = iter(argv)
+    for item in items:
+        if item in takes_value:
+            value = next(items, None)
+            out.append(item if value is None else f"{item}={value}")  # a flag without a value: argparse says so
+        else:
+            out.append(item)
+    return out
 
 
 def train_argv(args: argparse.Namespace, supported: set[str]) -> list[str]:
@@ -90,24 +109,27 @@ def data_entries(text: str) -> list[str]:
         raise ValueError(f"--data: {exc}") from None
 
 
-#: Options the panel sets in fields of its own: given again in More options they would override those fields (the
+#: Options the panel sets in fields of its own: given again in Extra options they would override those fields (the
 #: run would train into another folder than the panel follows and stops).
 PANEL_OPTIONS = {"--config", "--data", "--out-dir", "--output-dir", "--device", "--resume", "--overwrite", "--progress"}
 
 
-def extra_options(text: str) -> list[str]:
-    """The options of the More options field, split as a shell would.
+def extra_options(text: str, windows: bool | None = None) -> list[str]:
+    """The options of the Extra options field, split as a shell of this computer would
+    (:func:`DiffusionCore.sampledata.split_words`: on Windows, ``windows``, the backslashes of ``C:\\...`` paths kept).
 
     Raises:
         ValueError: the text cannot be split (an unclosed quote), or it sets what a field of the panel sets.
     """
+    from DiffusionCore.sampledata import split_words
+
     try:
-        extra = shlex.split(text)
+        extra = split_words(text, windows)
     except ValueError as exc:
-        raise ValueError(f"More options ({text!r}) cannot be read: {exc}; check its quotes") from None
+        raise ValueError(f"Extra options ({text!r}) cannot be read: {exc}; check its quotes") from None
     clash = sorted({token.split("=", 1)[0] for token in extra} & PANEL_OPTIONS)
     if clash:
-        raise ValueError(f"More options sets {', '.join(clash)}, which the panel's own fields set: set it there "
+        raise ValueError(f"Extra options sets {', '.join(clash)}, which the panel's own fields set: set it there "
                          "instead (the run would otherwise not be the one the panel shows and stops)")
     return extra
 
@@ -149,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None, needs_packages) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(attach_values(sys.argv[1:] if argv is None else list(argv), parser))
     core_main = needs_packages(_core_main, "CT Diffusion SR")
     supported = family_options(args.family)
     if not supported:

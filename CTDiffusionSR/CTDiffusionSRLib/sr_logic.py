@@ -253,11 +253,28 @@ def check_weights(weights: str, family: str, allow_unregistered: bool):
     Raises:
         WeightsError: what :func:`DiffusionCore.weights.resolve_weights` refuses.
     """
+    from DiffusionCore.errors import WeightsError
     from DiffusionCore.weights import list_weights, resolve_weights
 
-    if weights in {w["name"] for w in list_weights()} or Path(weights).expanduser().is_file():
+    from .weights_choice import weights_file_problem
+
+    registered = weights in {w["name"] for w in list_weights()}
+    if not registered and Path(weights).expanduser().is_file():
+        # said in the module's words (its 'Import weights...'), as the Apply button's tooltip says it
+        file = Path(weights).expanduser()
+        problem = weights_file_problem(family, file, allow_unregistered=True)  # another family's weights
+        if problem:
+            raise WeightsError(problem)
+        problem = "" if allow_unregistered else weights_file_problem(family, file)  # not registered
+        if problem:
+            raise WeightsError(f"{problem} {_SCRIPT_UNREGISTERED_HINT}")
+    if registered or Path(weights).expanduser().is_file():
         return resolve_weights(weights, family=family, allow_unregistered=allow_unregistered)
     return None
+
+
+#: What a script (not the panel, which has no such setting) may do with a weights file it trusts.
+_SCRIPT_UNREGISTERED_HINT = "(In a script, allow_unregistered_weights=True in the settings accepts a file you trust.)"
 
 
 def sampling_problem(steps: int, num_samples: int, resolved, name: str) -> str:

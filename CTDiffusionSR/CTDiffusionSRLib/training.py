@@ -14,8 +14,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from DiffusionCore.errors import ConfigError, InputError, OutputError
@@ -75,26 +76,63 @@ def list_presets(family: str) -> dict[str, Path]:
     return {p.stem: p for p in files}
 
 
-def check_training_config(family: str, config_path: str | os.PathLike) -> None:
-    """Validate a training config file against the family's configuration class before a run starts.
+def check_training_config(family: str, config: str | os.PathLike | Mapping) -> None:
+    """Validate a training config (a file, or its settings as a dict) against the family's configuration class
+    before a run starts.
 
     Raises:
         ConfigError: unreadable file, unknown key (with the closest valid one), wrong type or value.
     """
+    source = config if isinstance(config, Mapping) else Path(config)
     if family == "xray":
         from DiffusionCore.xray.config import load_stage_config
 
-        load_stage_config(Path(config_path))
+        load_stage_config(source)
     elif family == "throughplane":
         from DiffusionCore.config import load_config
         from DiffusionCore.sr.throughplane_train import ThroughPlaneTrainConfig
 
-        load_config(Path(config_path), ThroughPlaneTrainConfig)
+        load_config(source, ThroughPlaneTrainConfig)
     else:
         from DiffusionCore.config import load_config
         from DiffusionCore.sr.config import SRConfig
 
-        load_config(Path(config_path), SRConfig)
+        load_config(source, SRConfig)
+
+
+#: The model each family's checkpoints hold (the ``models`` of a checkpoint's ``state.json``), which tells the family
+#: of a run in an output folder; checked in this order (an SR run also holds its autoencoder, ``vae``).
+FAMILY_MODELS = (("throughplane", "predictor"), ("xray", "cascade"), ("sr", "denoiser"), ("vae", "vae"))
+
+
+def run_family(output_dir: str | os.PathLike) -> str | None:
+    """The model family of the training run in ``output_dir``, told by the models its latest checkpoint holds (its
+    ``state.json`` alone, no file hashed); None when it holds no readable checkpoint (the resume itself then says what
+    is wrong), or one of no family known here."""
+    from DiffusionCore.errors import DiffusionCoreError
+    from DiffusionCore.train.checkpoint import read_checkpoint_info
+
+    if not Path(output_dir).is_dir():
+        return None
+    try:
+        models = read_checkpoint_info(output_dir).get("models", [])
+    except (DiffusionCoreError, OSError, ValueError):
+        return None
+    if not isinstance(models, list):
+        return None
+    return next((family for family, model in FAMILY_MODELS if model in models), None)
+
+
+def resume_family_problem(output_dir: str | os.PathLike, family: str) -> str:
+    """Why Resume cannot continue the run in ``output_dir`` as a ``family`` run ("" when it can, or when the folder
+    does not say): it holds a run of another model family."""
+    held = run_family(output_dir)
+    if held is None or held == family:
+        return ""
+    return _(
+        "The output folder {folder} holds a '{held}' training run, not a '{family}' one: to continue it, choose "
+        "'{held}' as the Model family and tick 'Resume'; to train '{family}', choose another output folder."
+    ).format(folder=output_dir, held=held, family=family)
 
 
 def output_folder_problem(output_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> str:
@@ -119,14 +157,24 @@ def output_folder_problem(output_dir: str | os.PathLike, resume: bool = False, o
     ).format(folder=output_dir, files=shown)
 
 
-def write_config_text(text: str, output_dir: str | os.PathLike) -> Path:
-    """Check that ``text`` is a JSON object and save it as ``<output_dir>/config.json`` (what the run uses)."""
+def config_settings(text: str) -> dict:
+    """The settings of the panel's config text: a JSON object (an empty text is ``{}``).
+
+    Raises:
+        ConfigError: not JSON, or not a JSON object.
+    """
     try:
         data = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as exc:
         raise ConfigError(f"the training config is not valid JSON (line {exc.lineno}: {exc.msg}); fix it and retry.") from None
     if not isinstance(data, dict):
         raise ConfigError("the training config must be a JSON object ({...}) of settings.")
+    return data
+
+
+def write_config_text(text: str, output_dir: str | os.PathLike) -> Path:
+    """Check that ``text`` is a JSON object and save it as ``<output_dir>/config.json`` (what the run uses)."""
+    data = config_settings(text)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.json"
@@ -147,14 +195,25 @@ def run_config(text: str, output_dir: str | os.PathLike, resume: bool) -> tuple[
     the settings its checkpoint recorded; the panel's text is neither used nor written into the run's folder (it
     was, and then every later Resume reused it). Otherwise ``text`` is checked and written (:func:`write_config_text`).
     """
+    own, config = own_run_config(output_dir, resume)
+    if own:
+        return config, True
+    return write_config_text(text, output_dir), False
+
+
+def own_run_config(output_dir: str | os.PathLike, resume: bool) -> tuple[bool, Path | None]:
+    """Whether a run from the training panel continues with settings of its own, as :func:`run_config` decides, without
+    writing anything: ``(True, <output_dir>/config.json)`` or ``(True, None)`` (the settings its checkpoint recorded)
+    for a Resume, ``(False, None)`` when the panel's text is the run's config (given to :class:`TrainingJob` as
+    ``config_text``, which writes it once every check has passed)."""
     from DiffusionCore.train.checkpoint import recorded_config
 
     own = Path(output_dir) / "config.json"
     if resume and own.is_file():
-        return own, True
+        return True, own
     if resume and recorded_config(output_dir) is not None:
-        return None, True
-    return write_config_text(text, output_dir), False
+        return True, None
+    return False, None
 
 
 def training_data_entries(data: str | os.PathLike | None) -> list[str]:
@@ -296,6 +355,28 @@ class LossCurve:
         return [self.chart, *self.tables.values(), *self.series.values()]
 
 
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of ``folder``'s path that does not exist yet (what ``mkdir(parents=True)`` would make), or
+    None when ``folder`` exists."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing = path
+    return missing
+
+
+def _put_back(path: Path, content: bytes | None) -> None:
+    """Restore a file written by a start that failed: its earlier ``content``, or no file (None)."""
+    try:
+        if content is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(content)
+    except OSError as exc:
+        logger.warning("could not restore %s after the failed start: %s", path, exc)
+
+
 class TrainingJob(CLIJob):
     """One training run of the DiffusionTrain CLI, followed through ``metrics.jsonl``.
 
@@ -311,6 +392,13 @@ class TrainingJob(CLIJob):
         extra_arguments: more options of the train command (one string).
         from_shipped_weights: start from the family's shipped weights (:data:`SHIPPED_WEIGHTS`, ``--init-from``)
             instead of from scratch.
+        config_text: the training panel's config text, instead of ``config_path``: checked here with everything else,
+            and written as ``<output_dir>/config.json`` (the run's config) only when the job starts.
+        scene_volumes: volume nodes to train on, instead of ``data``: written into ``<output_dir>/scene_volumes``
+            (:func:`export_training_volumes`) only when the job starts.
+
+    A start that is refused (here, or when the job starts) leaves the output folder as it was: nothing is written
+    into it before every check has passed, and a folder made for a start that then fails is removed.
     """
 
     script_name = "DiffusionTrain"
@@ -331,6 +419,8 @@ class TrainingJob(CLIJob):
         extra_arguments: str = "",
         curve_name: str = "Training",
         from_shipped_weights: bool = False,
+        config_text: str | None = None,
+        scene_volumes: Sequence | None = None,
         **kwargs,
     ):
         super().__init__(scene, **kwargs)
@@ -346,11 +436,24 @@ class TrainingJob(CLIJob):
             extra_arguments = f"--init-from {SHIPPED_WEIGHTS[family]} {extra_arguments}".strip()
         if family not in FAMILIES:
             raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}.")
-        training_data_entries(data)  # refused now, in the train command's words, not by the background job
-        if config_path is None and not resume:
+        if scene_volumes is None:
+            training_data_entries(data)  # refused now, in the train command's words, not by the background job
+        elif not scene_volumes:
+            raise InputError("no volumes selected for training; pick volumes in the scene or a data folder.")
+        if resume:  # another family's run: said before its config (of that family) is checked as this family's
+            problem = resume_family_problem(output_dir, family)
+            if problem:
+                raise ConfigError(problem)
+        if config_text is not None and config_path is not None:
+            raise ValueError("give config_path or config_text, not both")
+        self.config_settings = config_settings(config_text) if config_text is not None else None
+        if self.config_settings is not None:
+            check_training_config(family, self.config_settings)
+        elif config_path is None and not resume:
             raise ConfigError("choose a training configuration (only Resume continues with the run's own settings).")
-        if config_path is not None and Path(config_path).is_file():
+        elif config_path is not None and Path(config_path).is_file():
             check_training_config(family, config_path)
+        self.scene_volumes = list(scene_volumes) if scene_volumes is not None else None
         self.family, self.data = family, str(data).strip()  # DiffusionTrain splits it as training_data_entries did
         self.config_path = Path(config_path) if config_path is not None else None
         self.output_dir = Path(output_dir)
@@ -367,11 +470,30 @@ class TrainingJob(CLIJob):
         """The folder to point TensorBoard at (``tensorboard --logdir``)."""
         return self.output_dir
 
+    def start(self) -> TrainingJob:
+        """Write what the run needs into the output folder and start it (:meth:`prepare`); when that fails, the folder
+        is left as it was: a folder made for it is removed, and a ``config.json`` it replaced is put back."""
+        made = _first_missing(self.output_dir)
+        config = self.output_dir / "config.json"
+        before = config.read_bytes() if self.config_settings is not None and config.is_file() else None
+        try:
+            return super().start()
+        except BaseException:
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            elif self.config_settings is not None:
+                _put_back(config, before)
+            raise
+
     def prepare(self, tempdir: Path) -> list[str]:
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create the output folder {self.output_dir}: {exc}") from None
+        if self.config_settings is not None:  # every check has passed: the run's config, then its data
+            self.config_path = write_config_text(json.dumps(self.config_settings), self.output_dir)
+        if self.scene_volumes is not None:
+            self.data = str(export_training_volumes(self.scene_volumes, self.output_dir / "scene_volumes"))
         stop = self.output_dir / STOP_FILE
         if stop.exists():
             stop.unlink()  # a STOP left from the previous run would end this one at once

@@ -28,7 +28,9 @@ except ImportError:  # outside the Slicer application (tests, plain Python): the
 logger = logging.getLogger(__name__)
 
 #: What each model family is called in messages.
-FAMILY_TITLES = {"sr": "CT super-resolution", "xray": "X-ray to CT"}
+FAMILY_TITLES = {"sr": "CT super-resolution", "xray": "X-ray to CT", "vae": "SR autoencoder (vae)"}
+#: The module that runs each family's weights, as its title reads in Slicer's module list.
+FAMILY_MODULES = {"sr": "CT Diffusion SR", "xray": "X-ray to CT"}
 #: The environment variable that overrides DiffusionCore's cache folder (DiffusionCore.files.cache_dir).
 CACHE_ENVIRONMENT_VARIABLE = "DIFFUSIONCORE_CACHE"
 
@@ -134,11 +136,85 @@ def weights_problem(family: str, chosen: str = "") -> str:
         ).format(name=chosen, path=entries[chosen].path)
     path = Path(chosen).expanduser()
     if path.is_file():
-        return ""
+        return weights_file_problem(family, path)
     return _(
         "'{chosen}' is neither registered {title} weights nor an existing file. Choose weights from the "
         "list or press 'Import weights...'."
     ).format(chosen=chosen, title=title)
+
+
+def weights_file_problem(family: str, path: str | os.PathLike, *, allow_unregistered: bool = False) -> str:
+    """Why Apply cannot run with the weights file ``path`` (``""`` when it can): it holds weights of another model
+    family, or it is not registered (Apply refuses a file whose sha256 no registry holds: the module's 'Import
+    weights...' registers it; ``allow_unregistered``, a script's setting, accepts it). Decided as ``DiffusionCore.weights.resolve_weights`` decides, without importing torch:
+    the family is the one the file's metadata records, else the one it is registered under; its sha256 is looked up in
+    the registries that :func:`registered_weights` reads. A file whose header cannot be read is left to Apply, whose
+    check names what is wrong with it.
+    """
+    title = FAMILY_TITLES.get(family, family)
+    path = Path(path)
+    sha = _file_sha256(path)
+    registered = _registered_by_sha256(sha) if sha else None
+    found = _file_family(path)
+    if found is None and registered is not None:
+        found = registered[1]
+    if found is not None and found != family:
+        other = FAMILY_TITLES.get(found, found)
+        module = FAMILY_MODULES.get(found)
+        where = (_(" (the {module} module runs them)").format(module=module) if module else "")
+        return _(
+            "'{file}' holds {other} weights{where}, not {title} weights. Choose {title} weights from the list, or "
+            "add a file of them with 'Import weights...'."
+        ).format(file=path.name, other=other, where=where, title=title)
+    if registered is not None or sha is None or allow_unregistered:
+        return ""
+    return _(
+        "'{file}' is not a registered weights file ({path}). Press 'Import weights...' and choose this file to "
+        "register it under a name; then choose that name in the list."
+    ).format(file=path.name, path=path)
+
+
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str | None:
+    """The sha256 of a file, remembered while its size and time stay the same (Apply's state is recomputed on every
+    change of the panel); None when it cannot be read."""
+    from DiffusionCore.files import sha256_file
+
+    try:
+        info = path.stat()
+        key = (str(path.resolve()), info.st_size, info.st_mtime_ns)
+        if key not in _SHA256_CACHE:
+            _SHA256_CACHE[key] = sha256_file(path)
+    except OSError:
+        return None
+    return _SHA256_CACHE[key]
+
+
+def _registered_by_sha256(sha: str) -> tuple[str, str] | None:
+    """``(name, family)`` of the registered weights whose sha256 is ``sha`` (bundled registry first, then the user's,
+    as the registry looks a file up), or None."""
+    for registry in (bundled_registry_path(), user_registry_path()):
+        for name, entry in _entries(registry).items():
+            if isinstance(entry, dict) and str(entry.get("sha256", "")).lower() == sha:
+                return str(name), str(entry.get("family", ""))
+    return None
+
+
+def _file_family(path: Path) -> str | None:
+    """The model family a safetensors file's DiffusionCore metadata records; None when it records none or the file
+    is not a readable safetensors file (the registry's own header check, which imports no torch, refuses FIFOs,
+    devices, other formats and oversized headers before reading them)."""
+    from DiffusionCore.errors import WeightsError
+    from DiffusionCore.weights.header import read_safetensors_header
+
+    try:
+        _, metadata = read_safetensors_header(path)
+    except WeightsError:
+        return None
+    family = metadata.get("family")
+    return family if isinstance(family, str) else None
 
 
 def import_weights_file(path: str | os.PathLike, name: str, family: str, *, replace: bool = False) -> tuple[str, str]:

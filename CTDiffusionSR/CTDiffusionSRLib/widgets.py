@@ -272,12 +272,7 @@ class TrainingPanel:
         if not ensureDependencies(training=True):
             return
         from CTDiffusionSRLib.dependencies import tensorboard_hint
-        from CTDiffusionSRLib.training import (
-            TrainingJob,
-            export_training_volumes,
-            output_folder_problem,
-            run_config,
-        )
+        from CTDiffusionSRLib.training import TrainingJob, output_folder_problem, own_run_config
 
         p = self.getParameterNode()
         output = str(p.trainingOutputFolder)
@@ -289,19 +284,19 @@ class TrainingPanel:
             slicer.util.errorDisplay(problem)
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
-            config, ownConfig = run_config(self.ui.trainingConfigTextEdit.toPlainText(), output, p.trainingResume)
-            if ownConfig and config is not None:  # resuming: the run's own settings, shown (a run started elsewhere
-                self.ui.trainingConfigTextEdit.setPlainText(config.read_text(encoding="utf-8"))  # has its checkpoint's)
-            if p.trainingUseSceneVolumes:
-                nodes = self.ui.trainingVolumesSelector.checkedNodes()
-                data = export_training_volumes(nodes, pathlib.Path(output) / "scene_volumes")
-            else:
-                data = p.trainingDataFolder
+            # Nothing is written into the output folder here: the job checks everything first, then writes the run's
+            # config.json and the scene volumes as it starts (a refused start leaves the folder as it was).
+            ownConfig, config = own_run_config(output, p.trainingResume)
+            if config is not None:  # resuming: the run's own settings, shown (a run started elsewhere has its
+                self.ui.trainingConfigTextEdit.setPlainText(config.read_text(encoding="utf-8"))  # checkpoint's)
+            nodes = self.ui.trainingVolumesSelector.checkedNodes() if p.trainingUseSceneVolumes else None
             self.job = TrainingJob(
                 slicer.mrmlScene,
                 family=p.trainingFamily,
                 config_path=config,
-                data=data,
+                config_text=None if ownConfig else self.ui.trainingConfigTextEdit.toPlainText(),
+                data="" if nodes is not None else p.trainingDataFolder,
+                scene_volumes=nodes,
                 output_dir=output,
                 resume=p.trainingResume,
                 overwrite=p.trainingOverwrite,

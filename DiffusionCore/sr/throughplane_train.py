@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "predictor"
 EXPORT_FILE = "throughplane.safetensors"
+#: The recipe of the shipped ``sr-default`` weights: what ``train throughplane`` trains when no ``--config`` is named
+#: (a new run; ``--resume`` continues with the settings its run recorded), so that ``--init-from sr-default`` fits.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "throughplane" / "default.json"
 
 
 @dataclass
@@ -61,7 +64,8 @@ class ThroughPlaneTrainConfig:
         ema_decay: decay of the weight average that validation scores and export writes (0: off).
         max_steps: stop after this many optimizer steps in total.
         max_minutes: stop after this many minutes of this run (0: no limit).
-        val_every: validate (and log) every N steps.
+        val_every: validate (and log the scores) every N steps.
+        log_every: log the training loss every N steps (and at the last step), to ``metrics.jsonl`` and TensorBoard.
         checkpoint_every: checkpoint every N steps.
         val_pairs: pairs per validated factor.
         val_factors: factors validated.
@@ -82,6 +86,7 @@ class ThroughPlaneTrainConfig:
     max_steps: int = 100000
     max_minutes: float = 0.0
     val_every: int = 250
+    log_every: int = 20
     checkpoint_every: int = 500
     val_pairs: int = 48
     val_factors: list[int] = field(default_factory=lambda: [2, 4])
@@ -103,7 +108,7 @@ class ThroughPlaneTrainConfig:
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0; got {v}")
-        for name in ("max_steps", "val_every", "val_pairs"):  # here 0 has no meaning
+        for name in ("max_steps", "val_every", "val_pairs", "log_every"):  # here 0 has no meaning
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1; got {getattr(self, name)}")
         if int(self.threads) < 0:
@@ -151,16 +156,32 @@ def read_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig
             short.append(f"{p}: {exc}")  # a series of a cohort (a scout, a few slices): passed over, as unreadable ones
             logger.warning("passed over %s: %s", p, exc)
             continue
-        logger.info("%s: train slices %d-%d, validation %d-%d, test %d-%d (never read)", p.name, tr[0], tr[1] - 1,
-                    va[0], va[1] - 1, te[0], te[1] - 1)
+        validation = f"validation {va[0]}-{va[1] - 1}" if va[1] > va[0] else "no validation slices"
+        logger.info("%s: train slices %d-%d, %s, test %d-%d (never read)", p.name, tr[0], tr[1] - 1, validation,
+                    te[0], te[1] - 1)  # fmt: skip
         train.append(PlaneSource(p.name, arr, vol.spacing_zyx, *tr))
         used.append(p)
         if va[1] > va[0]:
             val.append(PlaneSource(p.name + "[val]", arr, vol.spacing_zyx, *va))
     if not train:
         raise InputError("none of the CT volumes is long enough to train on: " + "; ".join(short))
+    if not val:
+        warn_no_validation(train, cfg)
     warn_thick_slices(train)
     return train, val, used
+
+
+def warn_no_validation(sources: list[PlaneSource], cfg: ThroughPlaneTrainConfig) -> None:
+    """Warn (once) that no training CT leaves a slice for validation: the run trains, but nothing scores it."""
+    lengths = ", ".join(f"{s.name} ({s.array.shape[0]} slices)" for s in sources[:3])
+    if len(sources) > 3:
+        lengths += ", ..."
+    logger.warning(
+        "validation is off: no training CT is long enough to leave a slice for validation below its held-out test "
+        "region (%s; val_fraction %g, test_fraction %g), so the run is never scored and its exported weights are "
+        "unscored; add longer thin-slice CTs (or raise val_fraction) to validate",
+        lengths, cfg.val_fraction, cfg.test_fraction,
+    )  # fmt: skip
 
 
 def warn_thick_slices(sources: list[PlaneSource]) -> bool:
@@ -227,7 +248,9 @@ def load_predictor_weights(net: ThroughPlaneNet, path: str, allow_unregistered: 
     if src.config.channels != net.config.channels or src.config.blocks != net.config.blocks:
         raise ConfigError(
             f"--init-from {path}: its predictor ({src.config.channels} channels, {src.config.blocks} blocks) "
-            f"differs from the configured one ({net.config.channels}, {net.config.blocks})"
+            f"differs from the configured one ({net.config.channels}, {net.config.blocks}): give a --config whose "
+            f"model has {src.config.channels} channels and {src.config.blocks} blocks (sr-default's recipe is "
+            f"{DEFAULT_CONFIG}, what train throughplane uses without --config)"
         )
     own = net.state_dict()
     copied = 0
@@ -282,7 +305,12 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     are averaged, so a step learns from N x ``batch_size`` planes; rank 0 validates, checkpoints and exports).
     """
     from ..inputs import collect_volumes
-    from ..train.checkpoint import log_volumes_used, nothing_to_resume, resumable_checkpoint
+    from ..train.checkpoint import (
+        log_volumes_used,
+        nothing_to_resume,
+        read_checkpoint_info,
+        resumable_checkpoint,
+    )
     from ..train.distributed import cleanup, init_distributed
     from ..train.starting_weights import THROUGHPLANE, check_starting_weights
 
@@ -294,6 +322,14 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     start = resumable_checkpoint(out) if resume else None  # the newest intact checkpoint (a damaged one is named)
     if resume and start is None:
         raise nothing_to_resume(out)
+    if start is not None:
+        done = int(read_checkpoint_info(start).get("step", 0))
+        if done >= cfg.max_steps:  # nothing would be trained: the checkpoint and the export are left as they are
+            raise ConfigError(
+                f"nothing to train: the run in {out} is at step {done} of max_steps {cfg.max_steps}; raise --max-steps "
+                f"(e.g. --max-steps {done + max(1, done)}) to train it further. Its checkpoint and exported weights "
+                "are left unchanged"
+            )
     info = init_distributed(device)  # a device that is not there is refused before any data is read
     completed = False
     try:
@@ -368,6 +404,8 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
     last: dict[str, float] = {}
 
     saved_step = -1
+    logged_step = step  # the last step whose loss is in metrics.jsonl / TensorBoard
+    loss = lr = None
 
     def cpu_seconds() -> float:  # every process's CPU time: the CPU-hours a run costs
         return float(all_reduce_mean(time.process_time() - cpu_start, info)) * info.world_size
@@ -417,8 +455,9 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
             patches += per_step
             timing["data"] += t1 - t0
             timing["step"] += time.perf_counter() - t1
-            if step % 20 == 0:
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
                 log.scalars({"loss/train": float(all_reduce_mean(loss.detach(), info)), "lr": lr}, step)
+                logged_step = step
             if val and step % cfg.val_every == 0:
                 if ema is not None:
                     with ema.applied():
@@ -433,6 +472,8 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
                             "  ".join(f"{k_}={v:.3f}" for k_, v in last.items()))
             if step % cfg.checkpoint_every == 0:
                 checkpoint()
+    if loss is not None and logged_step != step:  # a stop or the time limit between two log steps: its last loss
+        log.scalars({"loss/train": float(all_reduce_mean(loss.detach(), info)), "lr": lr}, step)
     checkpoint()
     log.close()
     elapsed = time.perf_counter() - t_start
@@ -471,7 +512,10 @@ def register(fam: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", default=None, help="JSON or YAML file (ThroughPlaneTrainConfig); options override it")
+    p.add_argument("--config", default=None,
+                   help="JSON or YAML file (ThroughPlaneTrainConfig); options override it. Default: the recipe of "
+                        "the shipped sr-default weights (sr/configs/throughplane/default.json, the one "
+                        "--init-from sr-default needs); --resume without it continues with the run's own settings")
     p.add_argument("--data", nargs="+", required=True, help="thin-slice CT volumes: folders, files, list files or CT sample names (chest-lidc chest-dx)")
     p.add_argument("--out-dir", "--output-dir", dest="out_dir", required=True, help="checkpoints, logs, weights")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
@@ -498,7 +542,15 @@ def run_cli(args: argparse.Namespace) -> int:
         for k in ("max_steps", "max_minutes", "batch_size", "learning_rate", "ema_decay", "threads", "seed")
         if getattr(args, k) is not None
     }
-    base = dict(read_config_file(args.config)) if args.config else resumed_settings(args.resume, args.out_dir) or {}
+    if args.config:
+        base = dict(read_config_file(args.config))
+    else:
+        base = resumed_settings(args.resume, args.out_dir)  # --resume: the settings the run recorded
+        if base is None:  # a new run (a --resume with no checkpoint is refused by train())
+            if not args.resume:
+                logger.info("no --config: training with %s, the recipe of the shipped sr-default weights",
+                            DEFAULT_CONFIG)  # fmt: skip
+            base = dict(read_config_file(DEFAULT_CONFIG))
     cfg = load_config({**base, **overrides}, ThroughPlaneTrainConfig)
     summary = train(cfg, args.data, args.out_dir, resume=args.resume, init_from=args.init_from,
                     device=args.device)

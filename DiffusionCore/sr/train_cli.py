@@ -143,9 +143,10 @@ def register(fam: argparse._SubParsersAction) -> None:
     e = fam.add_parser(
         "export-sr",
         help="write inference weights from an SR/VAE training folder",
-        description="Export the best (else latest) checkpoint as safetensors (family 'sr').",
+        description="Export the best (else latest) checkpoint of a train sr / train vae run as safetensors (family "
+        "'sr'). A train throughplane run needs no export: it writes RUN/throughplane.safetensors when it ends.",
     )
-    e.add_argument("checkpoint", help="training output folder or checkpoint-XXXXXXXX folder")
+    e.add_argument("checkpoint", help="train sr / train vae output folder or checkpoint-XXXXXXXX folder")
     e.add_argument("output", help="the .safetensors file to write")
     e.add_argument(
         "--component",

@@ -101,6 +101,7 @@ class _Run:
     def __init__(self, cfg: SRConfig, out_dir: str | os.PathLike, cancel: threading.Event | None) -> None:
         from ..train.distributed import init_distributed
         from ..train.logger import TrainLogger
+        from ..train.outdir import STOP_FILE, remove_stale_stop
         from ..train.stop import StopFlag
 
         self.cfg = cfg
@@ -109,9 +110,9 @@ class _Run:
         self.device = self.info.device
         self.amp = resolve_amp(bool(cfg.train.use_amp), self.device)  # bfloat16 on a capable GPU, else None
         self.log = TrainLogger(self.out, enabled=self.info.is_main)
-        self.stop = StopFlag(self.out / "STOP")
+        self.stop = StopFlag(self.out / STOP_FILE)
         if self.info.is_main:
-            self.stop.clear_stop_file()
+            remove_stale_stop(self.out)  # one created after this process started is a Stop pressed during start-up
         self.cancel = cancel
         self.completed = False
 
@@ -718,6 +719,7 @@ def export_sr(
     if ckpt is None:
         raise InputError(f"no checkpoint in {ckpt_dir}: train first (train vae / train sr)")
     info = read_checkpoint_info(ckpt)
+    _refuse_throughplane_run(Path(ckpt), info)
     cfg = load_config(info.get("config", {}), SRConfig)
     model = SRModel(cfg)
     names = info.get("models", [])
@@ -741,6 +743,26 @@ def export_sr(
     )
     logger.info("exported %s (%s) from %s", out_file, sha[:12], ckpt)
     return {"weights": str(out_file), "weights_sha256": sha, "checkpoint": str(ckpt)}
+
+
+def _refuse_throughplane_run(ckpt: Path, info: dict[str, Any]) -> None:
+    """``export-sr`` exports ``train vae`` / ``train sr`` checkpoints; a ``train throughplane`` run exports its own
+    weights when it ends (every way it ends but a crash): name that file, or how to get it."""
+    from ..weights.registry import shell_word
+    from .throughplane_train import EXPORT_FILE, MODEL_NAME
+
+    if MODEL_NAME not in (info.get("models") or []):
+        return
+    run = ckpt.parent
+    exported = run / EXPORT_FILE
+    if exported.is_file():
+        where = f"whose weights are already exported at {exported}: use that file (sr --weights, weights import)"
+    else:
+        where = (f"which exports its weights to {exported} when it ends; that file is missing (the run is still "
+                 "training, or was killed): continue it with `python -m DiffusionCore train throughplane --resume "
+                 f"--out-dir {shell_word(run)} --data ...` to export them")  # fmt: skip
+    raise InputError(f"{run} holds a train throughplane run (the through-plane predictor), {where}. export-sr "
+                     "exports train sr / train vae checkpoints")  # fmt: skip
 
 
 def _export_best(out_dir: Path, out_file: Path, component: str) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from ..errors import OutputError
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+#: The folder of the TensorBoard event files, inside the run's folder.
+TENSORBOARD_DIR = "tensorboard"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -122,7 +124,7 @@ class TrainLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             purge = self._resume_step + 1 if self._resume_step is not None else None
-            self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
+            self._writer = SummaryWriter(log_dir=str(self.out_dir / TENSORBOARD_DIR), purge_step=purge)
 
     def _drop_after(self, step: int) -> None:
         path = self.out_dir / METRICS_FILE

@@ -11,13 +11,16 @@ Every ``train`` family claims its folder the same way (the ``train`` command doe
   4) while the first one lives. A lock whose process is gone (killed with SIGKILL, a crash, a reboot) is
   taken over with a warning. The lock is removed when the run ends, however it ends (but ``kill -9``); a
   folder the claim created is removed again if the run left it empty (refused before it began).
-* **A previous run is kept unless asked.** A folder holding checkpoints or exported weights
-  (``*.safetensors``) is refused without ``--resume`` (continue it) or ``--overwrite`` (replace it). With
-  ``--overwrite`` the previous run's checkpoints are moved into a hidden folder that the new run's first
-  checkpoint deletes (until then they can be recovered), so old and new checkpoints never mix; its exported
-  weights are replaced when the new run exports (they may be the new run's ``--init-from``); ``metrics.jsonl``
-  is appended to. ``--init-from`` reads another folder's weights into a new folder: nothing to refuse.
-* A ``STOP`` file left by an earlier run is removed (it would end the new run at once).
+* **A previous run is kept unless asked.** A folder holding checkpoints, exported weights (``*.safetensors``)
+  or training logs (``metrics.jsonl``, ``tensorboard/``: a run killed before its first checkpoint) is refused
+  without ``--resume`` (continue it) or ``--overwrite`` (replace it). With ``--overwrite`` the previous run's
+  checkpoints and logs are moved into a hidden folder that the new run's first checkpoint deletes (until then
+  they can be recovered), so old and new checkpoints and loss curves never mix; its exported weights are
+  replaced when the new run exports (they may be the new run's ``--init-from``). ``--init-from`` reads another
+  folder's weights into a new folder: nothing to refuse.
+* A ``STOP`` file left by an earlier run (older than this process) is removed: it would end the new run at
+  once. One created since this process started (the Slicer panel's Stop pressed while the run starts up) is
+  kept, and ends the run at its first step.
 
 Under ``torchrun`` only rank 0 (``is_main``) takes the lock and changes the folder; every rank checks it.
 """
@@ -39,6 +42,7 @@ from typing import Any
 
 from ..errors import ConfigError, OutputError
 from .checkpoint import _CKPT_PATTERN, _TRASH_PREFIX, BEST_FILE, LATEST_FILE
+from .logger import METRICS_FILE, TENSORBOARD_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,54 @@ def _start_time(pid: int) -> str | None:
         return None
     fields = stat[stat.rfind(")") + 2 :].split()  # the name may hold spaces and parentheses
     return fields[19] if len(fields) > 19 else None
+
+
+def process_start_time() -> float:
+    """When this process started, in seconds since the epoch (``time.time()``'s clock): from ``/proc`` on Linux,
+    ``GetProcessTimes`` on Windows, else the time this module was imported (after the interpreter and before torch's
+    import, which takes the longest of a run's start-up)."""
+    ticks = _start_time(os.getpid())
+    if ticks is not None:
+        try:
+            boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                        if line.startswith("btime "))  # fmt: skip
+            return boot + int(ticks) / os.sysconf("SC_CLK_TCK")
+        except (OSError, StopIteration, ValueError):
+            pass
+    if sys.platform == "win32":
+        import ctypes
+
+        times = [ctypes.c_ulonglong() for _ in range(4)]  # creation, exit, kernel, user: 100 ns since 1601
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        if kernel32.GetProcessTimes(kernel32.GetCurrentProcess(), *(ctypes.byref(t) for t in times)):
+            return times[0].value / 1e7 - 11644473600.0
+    return _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
+#: When a run of this process last released a folder (resolved path -> ``time.time()``): a STOP older than that
+#: belongs to that run, not to the next one in the same process (the Python API, tests).
+_RELEASED_AT: dict[str, float] = {}
+
+
+def remove_stale_stop(out_dir: str | os.PathLike) -> None:
+    """Remove a ``STOP`` file that an earlier run left in ``out_dir`` (it would end this run at once), but keep one
+    created since this process started (and since a run of this process last used the folder): a stop requested
+    while the run starts up. The Slicer panel removes a stale one before it starts the run; its Stop button then
+    creates a new one, which may come while the run still imports torch."""
+    out = Path(out_dir)
+    stop_file = out / STOP_FILE
+    try:
+        created = stop_file.stat().st_mtime
+    except FileNotFoundError:
+        return
+    # /proc's boot time has whole seconds, and file times come from a coarser clock than time.time(): keep what may
+    # be new rather than lose a Stop
+    since = max(process_start_time() - 1.0, _RELEASED_AT.get(str(out.resolve()), 0.0) - 0.1)
+    if created >= since:
+        logger.info("%s was created after this run started: the run stops at its first step", stop_file)
+        return
+    stop_file.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -166,8 +218,9 @@ class _Lock:
 
 # ---------------------------------------------------------------------------------------------- the claim
 def previous_run(out_dir: str | os.PathLike) -> list[str]:
-    """Names in ``out_dir`` that belong to a run: checkpoint folders, ``latest.json`` / ``best.json`` and
-    exported weights (``*.safetensors``); empty for a new or empty folder."""
+    """Names in ``out_dir`` that belong to a run: checkpoint folders, ``latest.json`` / ``best.json``, exported
+    weights (``*.safetensors``) and training logs (``metrics.jsonl``, ``tensorboard/``: a run stopped before its
+    first checkpoint leaves only these); empty for a new or empty folder."""
     out = Path(out_dir)
     if not out.is_dir():
         return []
@@ -175,15 +228,17 @@ def previous_run(out_dir: str | os.PathLike) -> list[str]:
         p.name
         for p in out.iterdir()
         if (p.is_dir() and _CKPT_PATTERN.match(p.name))
-        or p.name in (LATEST_FILE, BEST_FILE)
+        or p.name in (LATEST_FILE, BEST_FILE, METRICS_FILE)
+        or (p.is_dir() and p.name == TENSORBOARD_DIR)
         or (p.is_file() and p.suffix == ".safetensors")
     ]
     return sorted(found)
 
 
 def _set_previous_checkpoints_aside(out: Path) -> None:
-    """Move the previous run's checkpoints (and latest/best) into one hidden folder, deleted by the first
-    checkpoint of the new run (``save_training_state`` removes stale ``.trash-checkpoint-*`` folders)."""
+    """Move the previous run's checkpoints (and latest/best) and its logs (``metrics.jsonl``, ``tensorboard/``) into
+    one hidden folder, deleted by the first checkpoint of the new run (``save_training_state`` removes stale
+    ``.trash-checkpoint-*`` folders): the new run's loss curves start clean."""
     names = [n for n in previous_run(out) if not n.endswith(".safetensors")]
     if not names:
         return
@@ -192,7 +247,7 @@ def _set_previous_checkpoints_aside(out: Path) -> None:
     for name in names:
         os.replace(out / name, aside / name)
     logger.warning(
-        "--overwrite: the previous run's checkpoints (%s) are replaced by this run's", ", ".join(names)
+        "--overwrite: the previous run's checkpoints and logs (%s) are replaced by this run's", ", ".join(names)
     )
 
 
@@ -264,11 +319,12 @@ def claim_output_dir(
             if is_main:
                 _set_previous_checkpoints_aside(out)
         if is_main:
-            (out / STOP_FILE).unlink(missing_ok=True)  # an earlier run's STOP would end this one at once
+            remove_stale_stop(out)
         yield out
     finally:
         if is_main:
             lock.release()
+            _RELEASED_AT[str(out.resolve())] = time.time()
         if created:  # a run refused before it wrote anything leaves no empty folder behind
             with contextlib.suppress(OSError):
                 out.rmdir()

@@ -38,29 +38,31 @@ import json
 import logging
 import os
 import re
-import stat
+import shlex
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from ..errors import OutputError, OutputExistsError, WeightsError
 from ..files import cache_dir, partial_file, publish, sha256_file
+from .header import (  # noqa: F401  (METADATA_KEY and read_safetensors_header stay part of this module's API)
+    METADATA_KEY,
+    existing_weights_file,
+    open_regular_file,
+    parse_header,
+    read_safetensors_header,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Key of the safetensors header metadata that holds DiffusionCore's JSON-encoded description.
-METADATA_KEY = "diffusioncore"
 #: The registry bundled with the package.
 BUNDLED_REGISTRY = Path(__file__).with_name("registry.json")
-#: safetensors refuses headers larger than this; a larger size field means "not a safetensors file".
-_SAFETENSORS_MAX_HEADER_BYTES = 100 * 1024 * 1024
-#: The largest header read: a DiffusionCore file's is a few KiB (a checkpoint's tens of KiB); a JSON header of
-#: tens of MiB (a million empty tensor entries) costs gigabytes to parse, so it is refused before it is read.
-_MAX_HEADER_BYTES = 8 * 1024 * 1024
 #: The largest weights or checkpoint file read into memory (refused before reading: weights are MB, not GB).
 MAX_WEIGHTS_BYTES = 8 * 1024**3
 #: The model families a registered weights file may belong to (``family`` in its metadata).
@@ -143,176 +145,6 @@ def save_safetensors(
     return digest
 
 
-def _describe_foreign_format(head: bytes) -> str | None:
-    """Name the format of a file that is not safetensors, from its first bytes (None if unknown)."""
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "a Python pickle (e.g. a legacy torch.save .pt/.ckpt file)"
-    if head.startswith(b"PK\x03\x04"):
-        return "a zip archive (e.g. a torch.save .pt/.pth/.ckpt file, which contains a pickle)"
-    if head.startswith(b"\x93NUMPY"):
-        return "a NumPy .npy file"
-    if head.startswith(b"\x89HDF"):
-        return "an HDF5 file"
-    if head.startswith(b"\x1f\x8b"):
-        return "a gzip file"
-    return None
-
-
-def _open_regular_file(p: Path) -> tuple[BinaryIO, int]:
-    """Open ``p`` for reading, refusing anything that is not a regular file (after symlinks) before reading.
-
-    A FIFO, a socket or a device (``/dev/zero``, ``/dev/stdin``) would block or never end; it is opened
-    non-blocking and checked on the open descriptor, so a file swapped in after the check cannot slip through.
-
-    Returns:
-        ``(file object, size in bytes)``.
-    """
-    try:
-        mode = p.stat().st_mode  # Windows has no O_NONBLOCK: check the path first there too
-        if not stat.S_ISREG(mode):
-            raise WeightsError(_not_regular(p, mode))
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except OSError as exc:
-        raise WeightsError(f"cannot read weights file {p}: {exc.strerror or exc}; check the path") from exc
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise WeightsError(_not_regular(p, st.st_mode))
-    return os.fdopen(fd, "rb"), st.st_size
-
-
-def _not_regular(p: Path, mode: int) -> str:
-    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a plain file")
-    return f"{p} is {kind}, not a regular file: weights must be a .safetensors file on disk; give its path"
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``object_pairs_hook`` for :func:`json.loads`: Python keeps the last of two equal keys while safetensors'
-    own (Rust) parser refuses the header, so a header with one would be read differently by the two."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(f"the key {key!r} appears twice")
-        out[key] = value
-    return out
-
-
-def _parse_json(p: Path, text: bytes | str, what: str) -> Any:
-    try:
-        return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError, _DuplicateKey, RecursionError) as exc:
-        reason = exc if isinstance(exc, _DuplicateKey) else "nested too deeply" if isinstance(
-            exc, RecursionError) else "not JSON"
-        raise WeightsError(
-            f"{p} is not a valid safetensors file (corrupt {what}: {reason}): re-download or re-export it"
-        ) from None
-
-
-def _parse_header(p: Path, f: BinaryIO, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The header of the safetensors file open as ``f`` (``size`` bytes): see :func:`read_safetensors_header`."""
-    head = f.read(8)
-    foreign = _describe_foreign_format(head)
-    if foreign is not None:
-        raise WeightsError(
-            f"{p} is {foreign}, not safetensors: it is never loaded, because unpickling can run arbitrary "
-            "code. Convert it to safetensors in a trusted environment (load it there and save the state "
-            "dict with safetensors.torch.save_file), then import the converted file"
-        )
-    if len(head) < 8:
-        raise WeightsError(
-            f"{p} is not a safetensors file (only {size} bytes): re-download or re-export it"
-        )
-    header_len = int.from_bytes(head, "little")
-    if header_len > _MAX_HEADER_BYTES:
-        if header_len <= _SAFETENSORS_MAX_HEADER_BYTES:
-            raise WeightsError(
-                f"{p} has a {header_len / 2**20:.0f} MiB safetensors header (at most "
-                f"{_MAX_HEADER_BYTES // 2**20} MiB is read): it is not a DiffusionCore weights file; use other weights"
-            )
-        raise WeightsError(
-            f"{p} is not a safetensors file (its first 8 bytes are not a header size): weights must be "
-            "safetensors files exported by DiffusionCore or converted with safetensors.torch.save_file"
-        )
-    raw = f.read(header_len)
-    if len(raw) < header_len:
-        if raw[:1] == b"{":
-            raise WeightsError(
-                f"{p} is truncated (header cut after {len(raw)} of {header_len} bytes): the download or copy "
-                "was interrupted; fetch or export the file again"
-            )
-        raise WeightsError(f"{p} is not a safetensors file: weights must be .safetensors files")
-    header = _parse_json(p, raw, "header")
-    if not isinstance(header, dict):
-        raise WeightsError(
-            f"{p} is not a valid safetensors file (corrupt header): re-download or re-export it"
-        )
-    raw_meta = header.pop("__metadata__", None) or {}
-    if not isinstance(raw_meta, dict):
-        raise WeightsError(
-            f"{p} is not a valid safetensors file (its __metadata__ is not a mapping): re-download or re-export it"
-        )
-    data_end = 0
-    for name, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
-                raise ValueError("offsets must be two non-negative integers in order")
-        except (TypeError, KeyError, ValueError) as exc:
-            raise WeightsError(
-                f"{p} has a corrupt entry for tensor {name!r}: re-download or re-export it"
-            ) from exc
-        data_end = max(data_end, end)
-    expected = 8 + header_len + data_end
-    if size < expected:
-        raise WeightsError(
-            f"{p} is truncated ({size} bytes, its header describes {expected}): the download or copy was "
-            "interrupted; fetch or export the file again"
-        )
-    metadata: dict[str, Any] = {}
-    if METADATA_KEY in raw_meta:
-        if not isinstance(raw_meta[METADATA_KEY], str):
-            raise WeightsError(f"{p} has unreadable '{METADATA_KEY}' metadata: re-export the weights")
-        metadata = _parse_json(p, raw_meta[METADATA_KEY], f"'{METADATA_KEY}' metadata")
-        if not isinstance(metadata, dict):
-            raise WeightsError(f"{p} has '{METADATA_KEY}' metadata that is not a JSON object: re-export it")
-    return header, metadata
-
-
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Check that a file is a complete safetensors file and return its header, reading no tensor data.
-
-    Returns:
-        ``(tensor_entries, metadata)``: tensor name -> ``{"dtype", "shape", "data_offsets"}``, and the
-        decoded ``"diffusioncore"`` metadata (empty dict when absent).
-
-    Raises:
-        WeightsError: missing file, a folder, not a regular file (FIFO, device), another format (pickles are
-            named as such and never loaded), truncated file, a header over :data:`_MAX_HEADER_BYTES`, or a corrupt
-            header (not JSON, nested too deeply, a key given twice).
-    """
-    p = _existing_file(path)
-    f, size = _open_regular_file(p)
-    with f:
-        return _parse_header(p, f, size)
-
-
-def _existing_file(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise WeightsError(f"weights file {p} does not exist: check the path or the weights name")
-    if p.is_dir():
-        exported = sorted(str(f) for f in p.glob("*.safetensors") if f.is_file())  # a training run's export
-        inside = (f"give the weights file inside it: {' or '.join(exported)}" if exported else
-                  "it holds no exported .safetensors file (a training run exports its weights when it ends)")
-        raise WeightsError(f"{p} is a folder, not a weights file; {inside}")
-    return p
-
-
 def read_weights_bytes(path: str | os.PathLike) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
     """Read a weights file once, after checking its header, so that what is hashed is what is loaded.
 
@@ -322,8 +154,8 @@ def read_weights_bytes(path: str | os.PathLike) -> tuple[bytes, dict[str, Any], 
     Raises:
         WeightsError: as :func:`read_safetensors_header`, or a file over :data:`MAX_WEIGHTS_BYTES`.
     """
-    p = _existing_file(path)
-    f, size = _open_regular_file(p)
+    p = existing_weights_file(path)
+    f, size = open_regular_file(p)
     with f:
         if size > MAX_WEIGHTS_BYTES:
             raise WeightsError(
@@ -333,7 +165,7 @@ def read_weights_bytes(path: str | os.PathLike) -> tuple[bytes, dict[str, Any], 
         data = f.read(size + 1)
     if len(data) != size:
         raise WeightsError(f"{p} changed size while it was read: read it again once it is complete")
-    header, metadata = _parse_header(p, io.BytesIO(data), size)
+    header, metadata = parse_header(p, io.BytesIO(data), size)
     return data, header, metadata
 
 
@@ -565,6 +397,38 @@ def default_weights_name(
     raise WeightsError(f"no default {what} weights are installed: {how_to_get}")
 
 
+def shell_word(text: str | os.PathLike) -> str:
+    """``text`` quoted as one word of a command to paste into this system's shell (a path with spaces, quotes or
+    accents): POSIX shell quoting, or the Windows command line's on Windows."""
+    word = os.fspath(text)
+    return subprocess.list2cmdline([word]) if sys.platform == "win32" else shlex.quote(word)
+
+
+#: A training checkpoint's folder (``checkpoint-00000300``, as ``train.checkpoint`` names them).
+_CHECKPOINT_FOLDER = re.compile(r"^checkpoint-\d{8,}$")
+
+
+def _refuse_training_checkpoint(path: Path, metadata: Mapping[str, Any]) -> None:
+    """Refuse a file of a training checkpoint given as weights (``RUN/checkpoint-00000300/ema.safetensors``): it
+    holds one model's tensors for ``--resume`` and records no model family or architecture. Names the run's exported
+    weights, which are what inference and ``weights import`` take."""
+    in_checkpoint = _CHECKPOINT_FOLDER.match(path.parent.name) and (path.parent / "state.json").is_file()
+    if metadata.get("kind") != "model" and not (in_checkpoint and path.name == "training_state.safetensors"):
+        return
+    what = f"model {metadata['model']!r}, " if metadata.get("model") else ""
+    step = f"step {metadata['step']}" if "step" in metadata else "a training step"
+    run = path.parent.parent if in_checkpoint else path.parent
+    exported = sorted(str(f) for f in run.glob("*.safetensors") if f.is_file()) if run.is_dir() else []
+    if exported:
+        use = f"use the run's exported weights instead: {' or '.join(exported)}"
+    else:
+        use = (f"use the weights the run exports when it ends ({run} holds none yet): continue it with "
+               f"`python -m DiffusionCore train FAMILY --resume --out-dir {shell_word(run)} ...`; a train sr / vae run "
+               f"is exported with `python -m DiffusionCore train export-sr {shell_word(run)} OUT.safetensors`")  # fmt: skip
+    raise WeightsError(f"{path} is a file of a training checkpoint ({what}{step}), kept for --resume, not "
+                       f"weights to run or import: {use}")  # fmt: skip
+
+
 def _lookup_name(name: str) -> tuple[Path, dict[str, Any]] | None:
     for _, folder, entries in _registries():
         if name in entries:
@@ -594,7 +458,7 @@ def _check_family(
     if found != family:
         raise WeightsError(
             f"{path} holds weights of the {found!r} model family, but a {family!r} model was asked for: "
-            f"choose weights made for {family!r}: `python -m DiffusionCore weights list --family {family}` lists "
+            f"choose weights made for {family!r}: `python -m DiffusionCore weights list --family {shell_word(family)}` lists "
             f"them (in Python: `list_weights(family={family!r})`)"
         )
 
@@ -646,13 +510,14 @@ def resolve_weights(
             f"no weights named {text!r} and no such file: give a .safetensors file or one of: {known}"
         )
     _, metadata = read_safetensors_header(path)
+    _refuse_training_checkpoint(path, metadata)
     sha = sha256_file(path)
     name = _lookup_sha(sha)
     if name is None and not allow_unregistered:
         raise WeightsError(
             f"{path} (sha256 {sha}) is not a registered weights file: register it once with "
-            f"`python -m DiffusionCore weights import {path} --name NAME` (in Python: `import_weights`), or "
-            "pass --allow-unregistered-weights (allow_unregistered=True) if you trust it"
+            f"`python -m DiffusionCore weights import {shell_word(path)} --name NAME` (in Python: `import_weights`), "
+            "or pass --allow-unregistered-weights (allow_unregistered=True) if you trust it"
         )
     registered_family = None
     if name is not None:
@@ -703,6 +568,7 @@ def import_weights(
         raise WeightsError(f"{name!r} is the name of bundled weights: choose another name")
     src = Path(path).expanduser()
     data, _, metadata = read_weights_bytes(src)  # the bytes checked, hashed and copied: read once
+    _refuse_training_checkpoint(src, metadata)
     meta_family = metadata.get("family")
     if family is not None and meta_family is not None and family != meta_family:
         raise WeightsError(
