@@ -189,6 +189,20 @@ def localizers_only_error(folder: str | os.PathLike) -> InputError:
     )
 
 
+#: How a series was made, as :func:`describe_series` reads it from its first file, in the order a folder's CT is chosen
+#: in: a scanner's acquired series (ImageType ORIGINAL, or none given) first, then one derived from it by other
+#: software (a reformat: ImageType DERIVED), then a synthetic series of this software's (an SR series exported back
+#: into the patient's study, which always has more slices than its input).
+SERIES_ORIGINS = ("acquired", "derived", "synthetic")
+
+
+#: Why a folder's series of one origin was read rather than the others (the chosen series' origin).
+_PREFERRED = {
+    "acquired": "a series acquired by a scanner is read rather than one derived or generated from it",
+    "derived": "a derived series is read rather than a synthetic one",
+}
+
+
 class DicomSeries(NamedTuple):
     """One series of a folder: its files and what its first file's header says about it."""
 
@@ -197,16 +211,28 @@ class DicomSeries(NamedTuple):
     modality: str  # (0008,0060), upper case; "" when absent or unreadable
     number: str  # SeriesNumber (0020,0011); "" when absent
     description: str  # SeriesDescription (0008,103E); "" when absent
+    origin: str = "acquired"  # one of SERIES_ORIGINS
 
     @property
     def label(self) -> str:
         """The series as a user recognises it: ``series 2 "CT 5mm" (CT, 24 files)``; the tail of its UID when the
-        files carry neither number nor description."""
+        files carry neither number nor description; a series that was not acquired says so (``derived``,
+        ``synthetic``) after its count."""
         parts = (f"series {self.number}" if self.number else "", f'"{self.description}"' if self.description else "")
         name = " ".join(part for part in parts if part) or f"series ...{self.uid[-12:]}"
         n = len(self.files)
         count = f"{n} file" if n == 1 else f"{n} files"
+        if self.origin != "acquired":
+            count = f"{count}, {self.origin}"
         return f"{name} ({self.modality}, {count})" if self.modality else f"{name} ({count})"
+
+
+def series_origin(fields: dict[str, str]) -> str:
+    """Which of :data:`SERIES_ORIGINS` a series is, from its header's ImageType and ImageComments: this software's
+    series (``dicom_out``) begin their comments with "SYNTHETIC"."""
+    if fields.get("ImageComments", "").upper().startswith("SYNTHETIC"):
+        return "synthetic"
+    return "derived" if fields.get("ImageType", "").upper().split("\\")[0].strip() == "DERIVED" else "acquired"
 
 
 def header_values(path: str | os.PathLike, keywords: list[str]) -> dict[str, str] | None:
@@ -235,10 +261,10 @@ def header_values(path: str | os.PathLike, keywords: list[str]) -> dict[str, str
 def describe_series(uid: str, files: list[str]) -> DicomSeries:
     """A :class:`DicomSeries` from the header of the first of ``files`` (fields left empty where it cannot be
     read: the volume reader names a damaged file)."""
-    keywords = ["Modality", "SeriesNumber", "SeriesDescription"]
+    keywords = ["Modality", "SeriesNumber", "SeriesDescription", "ImageType", "ImageComments"]
     fields = header_values(files[0], keywords) or dict.fromkeys(keywords, "")
     return DicomSeries(uid, list(files), fields["Modality"].upper(), fields["SeriesNumber"],
-                       fields["SeriesDescription"])  # fmt: skip
+                       fields["SeriesDescription"], series_origin(fields))  # fmt: skip
 
 
 def choose_ct_series(folder: str | os.PathLike, series: dict[str, list[str]]) -> tuple[DicomSeries, str]:
@@ -246,11 +272,12 @@ def choose_ct_series(folder: str | os.PathLike, series: dict[str, list[str]]) ->
     (``""`` when there was nothing to choose).
 
     Series of modalities that are not CT volumes (:data:`NON_CT_VOLUME_MODALITIES`, and radiographs, reports and
-    the like) are passed over with an info line naming them; among the rest (CT, or no modality recorded) the
-    largest is taken, with a warning naming the others.
+    the like) are passed over with an info line naming them; among the rest (CT, or no modality recorded) an acquired
+    series is preferred to a derived one and that to a synthetic one (:data:`SERIES_ORIGINS`: a study retrieved after
+    an SR series was exported into it holds both), and of those the largest is taken, with a warning naming the others.
 
     Raises:
-        InputError: no series is CT (naming the modalities found), or the largest ones are the same size.
+        InputError: no series is CT (naming the modalities found), or the largest preferred ones are the same size.
     """
 
     everything = [describe_series(uid, files) for uid, files in series.items()]
@@ -269,16 +296,24 @@ def choose_ct_series(folder: str | os.PathLike, series: dict[str, list[str]]) ->
         logger.info(msg)
         notes.append(msg + ".")
     held = f"{len(candidates)} DICOM series" if not passed else f"{len(candidates)} CT series"
-    chosen = max(candidates, key=lambda s: len(s.files))
-    if sum(len(s.files) == len(chosen.files) for s in candidates) > 1:
+    best = min(SERIES_ORIGINS.index(s.origin) for s in candidates)
+    preferred = [s for s in candidates if SERIES_ORIGINS.index(s.origin) == best]
+    chosen = max(preferred, key=lambda s: len(s.files))
+    if sum(len(s.files) == len(chosen.files) for s in preferred) > 1:
+        sizes = "largest ones" if len(preferred) == len(candidates) else f"largest {chosen.origin} ones"
         raise InputError(
-            f"{folder} holds {held} and the largest ones are the same size ({'; '.join(s.label for s in candidates)}): "
+            f"{folder} holds {held} and the {sizes} are the same size ({'; '.join(s.label for s in candidates)}): "
             "there is no telling which one is meant. Put each series in its own folder and choose one."
         )
     if len(candidates) > 1:
         others = "; ".join(s.label for s in candidates if s is not chosen)
-        msg = (f"{folder} holds {held}; using the largest, {chosen.label} (others: {others}). Put one series per "
-               "folder to choose another.")  # fmt: skip
+        if len(preferred) < len(candidates):  # e.g. the acquired CT over the SR series exported from it
+            largest = "the largest of them, " if len(preferred) > 1 else ""
+            msg = (f"{folder} holds {held}; using {largest}{chosen.label}: {_PREFERRED[chosen.origin]} (others: "
+                   f"{others}). Put one series per folder to choose another.")  # fmt: skip
+        else:
+            msg = (f"{folder} holds {held}; using the largest, {chosen.label} (others: {others}). Put one series per "
+                   "folder to choose another.")  # fmt: skip
         logger.warning(msg)
         notes.append(msg)
     return chosen, " ".join(notes)

@@ -24,6 +24,7 @@ next write of the same series removes it (and keeps one of a run still writing).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import shutil
@@ -42,15 +43,19 @@ from .volume import Volume, is_localizer
 logger = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-#: Attributes of the input copied as they are: Patient, General Study, Patient Study modules.
+#: Attributes of the input copied as they are: Patient, General Study, Patient Study modules. pydicom decodes their
+#: text from the input's character set and encodes it in the series' own (:data:`CHARACTER_SET`).
 _PATIENT_STUDY_KEYWORDS = (
     "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
     "PatientSize", "PatientWeight", "OtherPatientIDs", "EthnicGroup", "PatientComments",
     "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-    "StudyDescription", "SpecificCharacterSet",
+    "StudyDescription",
 )  # fmt: skip
-#: Series-level attributes of an input CT that still describe the thin series.
+#: Series-level attributes of an input CT that still describe the thin series (copied for super-resolution only).
 _SERIES_KEYWORDS = ("PatientPosition", "BodyPartExamined", "KVP", "ConvolutionKernel", "ContrastBolusAgent")
+#: The SpecificCharacterSet of every written series: UTF-8. Its descriptions name nodes and files in any script
+#: (e.g. "Thorax Müller 胸部"), which an input's Latin-1 (ISO_IR 100) could not hold: pydicom wrote "?" instead.
+CHARACTER_SET = "ISO_IR 192"
 #: The General Series' SeriesNumber of a derived series: the input's plus this (or this alone).
 SERIES_NUMBER_OFFSET = 1000
 #: The window of a written CT when its input gives none in HU: mediastinum.
@@ -89,6 +94,9 @@ class DicomSource:
 
     header: Any  # pydicom Dataset of the first instance, without pixel data
     instances: list[SourceInstance] = field(default_factory=list)
+    #: the SeriesNumbers of the study's series known besides this one (in the files read, in Slicer's DICOM database),
+    #: which a derived series does not take (:func:`derived_series_number`)
+    study_series_numbers: frozenset[int] = frozenset()
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, series_uid: str | None = None) -> DicomSource:
@@ -127,6 +135,11 @@ class DicomSource:
             chosen = by_series[series_uid]
         else:
             chosen = max(by_series.values(), key=len)
+        study = str(chosen[0].get("StudyInstanceUID", ""))
+        numbers = frozenset(
+            number for datasets in by_series.values() for ds in datasets[:1]
+            if str(ds.get("StudyInstanceUID", "")) == study and (number := _series_number(ds)) is not None
+        )  # fmt: skip
         instances = []
         for ds in chosen:
             pos = ds.get("ImagePositionPatient")
@@ -134,7 +147,7 @@ class DicomSource:
                 str(ds.SOPClassUID), str(ds.SOPInstanceUID),
                 tuple(float(v) for v in pos) if pos is not None and len(pos) == 3 else None,
             ))  # fmt: skip
-        return cls(header=chosen[0], instances=instances)
+        return cls(header=chosen[0], instances=instances, study_series_numbers=numbers)
 
     @property
     def series_uid(self) -> str:
@@ -205,6 +218,56 @@ def _nearest_sources(source: DicomSource | None, positions: np.ndarray, normal: 
     return out
 
 
+def _series_number(ds: Any) -> int | None:
+    """A dataset's SeriesNumber, or None (absent, empty or not a number)."""
+    try:
+        return int(ds.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        return None
+
+
+#: The SeriesNumbers this process has given derived series, by StudyInstanceUID.
+_NUMBERS_GIVEN: dict[str, set[int]] = {}
+
+
+def derived_series_number(source: DicomSource | None, study_uid: str) -> int:
+    """The SeriesNumber of a series derived from ``source`` in the study ``study_uid``: the input's number plus
+    :data:`SERIES_NUMBER_OFFSET` (that offset alone without one), or the first number after it that no series of the
+    study known here has (``source.study_series_numbers``, and those this process has given in the study before): a
+    PACS lists a study's series by number, and the SR series of one CT, its uncertainty map and every later export
+    had the same."""
+    number = _series_number(source.header) if source is not None else None
+    candidate = (number or 0) + SERIES_NUMBER_OFFSET
+    taken = (source.study_series_numbers if source is not None else frozenset()) | _NUMBERS_GIVEN.get(study_uid, set())
+    while candidate in taken:
+        candidate += 1
+    _NUMBERS_GIVEN.setdefault(study_uid, set()).add(candidate)
+    return candidate
+
+
+def local_date_time(iso: str, offset: str = "") -> tuple[Any, Any, str]:
+    """DICOM's DA and TM of the ISO 8601 time ``iso`` (the provenance's date, in UTC; a time without a zone is taken
+    as UTC; an empty or unreadable one is now) in local time, with the TimezoneOffsetFromUTC that says which: DA and TM
+    are local times, so a UTC clock written as they are put a series made in Tokyo at 01:38 on the previous day at
+    16:38. Local is this computer's zone, or ``offset`` (``"+0900"``, the input's TimezoneOffsetFromUTC), which then
+    holds for the study's dates and times copied from the input as well."""
+    _pydicom()
+    from pydicom.valuerep import DA, DT, TM
+
+    try:
+        when = datetime.datetime.fromisoformat(iso)
+    except (TypeError, ValueError):
+        when = datetime.datetime.now(datetime.UTC)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    try:
+        zone = DT(f"20000101{offset.strip()}").tzinfo if offset.strip() else None
+    except ValueError:  # an input's malformed offset: this computer's zone
+        zone = None
+    local = when.astimezone(zone).replace(microsecond=0)
+    return DA(local.date()), TM(local.time()), local.strftime("%z")
+
+
 def _base_dataset(source: DicomSource | None, prov: Provenance, *, keep_frame: bool) -> tuple[Any, dict[str, str]]:
     """The attributes shared by every slice, and the UIDs of the new series."""
     _pydicom()
@@ -217,8 +280,8 @@ def _base_dataset(source: DicomSource | None, prov: Provenance, *, keep_frame: b
         for kw in _PATIENT_STUDY_KEYWORDS:
             if kw in src:
                 setattr(ds, kw, src.data_element(kw).value)
-        if src.get("Modality") == "CT":
-            for kw in _SERIES_KEYWORDS:
+        if prov.task == "sr" and src.get("Modality") == "CT":  # not a CT generated from a topogram, whose
+            for kw in _SERIES_KEYWORDS:  # kVp and kernel are the scout's, not the generated volume's
                 if kw in src:
                     setattr(ds, kw, src.data_element(kw).value)
     uids = {
@@ -226,8 +289,7 @@ def _base_dataset(source: DicomSource | None, prov: Provenance, *, keep_frame: b
         "study": str(ds.get("StudyInstanceUID", "")) or generate_uid(),
         "frame": (str(src.get("FrameOfReferenceUID", "")) if (keep_frame and src is not None) else "") or generate_uid(),
     }
-    if "SpecificCharacterSet" not in ds:
-        ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: descriptions may name files with any characters
+    ds.SpecificCharacterSet = CHARACTER_SET
     for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                "ReferringPhysicianName", "StudyID", "AccessionNumber"):  # fmt: skip
         if kw not in ds:
@@ -238,15 +300,14 @@ def _base_dataset(source: DicomSource | None, prov: Provenance, *, keep_frame: b
     ds.PositionReferenceIndicator = ""
     ds.SOPClassUID = CT_IMAGE_STORAGE
     ds.Modality = "CT"
-    number = src.get("SeriesNumber") if src is not None else None
-    ds.SeriesNumber = (int(number) if number not in (None, "") else 0) + SERIES_NUMBER_OFFSET
+    ds.SeriesNumber = derived_series_number(source, uids["study"])
     ds.SeriesDescription = series_description(source, prov.title)
     if "PatientPosition" not in ds:
         ds.PatientPosition = ""  # type 2C for CT: unknown for a CT made from a radiograph
-    today = prov.date[:10].replace("-", "")
-    clock = prov.date[11:19].replace(":", "")
-    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = today
+    date, clock, offset = local_date_time(prov.date, str(src.get("TimezoneOffsetFromUTC", "")) if src else "")
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
     ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = clock
+    ds.TimezoneOffsetFromUTC = offset
     ds.Manufacturer = SOFTWARE
     ds.ManufacturerModelName = f"{SOFTWARE} {prov.task}"
     ds.SoftwareVersions = __version__

@@ -115,3 +115,43 @@ def test_several_series_are_named_by_number_description_and_modality(tmp_path, m
         read_volume(tie)
     assert 'series 3 "soft tissue" (CT, 4 files)' in str(refused.value)
     assert 'series 4 "lung" (CT, 4 files)' in str(refused.value)
+
+
+def test_a_study_folder_is_read_as_its_acquired_series_not_the_synthetic_one_exported_into_it(
+    tmp_path, make_phantom, diffusioncore_log
+):
+    """Probe 16: a study retrieved after an SR export holds the source series (12 files) and the SR series (24): the
+    largest, the synthetic one, was read and super-resolved again. The acquired series is read, the others named; a
+    scanner's reformat (ImageType DERIVED) comes before a synthetic series; a folder of synthetic series alone still
+    reads, with the usual choice of the largest."""
+    from DiffusionCore.dicom_out import DicomSource
+    from DiffusionCore.dicom_out import write_dicom_series as write_series
+    from DiffusionCore.provenance import Provenance
+
+    study = tmp_path / "study"
+    thick = make_phantom(shape=(4, 16, 16), spacing=(0.8, 0.8, 4.0))
+    uid = "1.2.826.0.1.3680043.8.498.163"  # a study of its own: its derived series is 1003
+    source = write_dicom_series(study / "source", thick, prefix="src", study_uid=uid, series_uid=f"{uid}.1")
+    _relabel(source, SeriesNumber=3, SeriesDescription="Chest 5mm", ImageType=["ORIGINAL", "PRIMARY", "AXIAL"])
+    prov = Provenance("sr", "SR x2 (synthetic)", "w", "0" * 64, {"factor": 2})
+    thin = make_phantom(shape=(8, 16, 16), spacing=(0.8, 0.8, 2.0))
+    write_series(thin, study / "sr", prov, source=DicomSource.from_files(source))
+    vol = read_volume(study)
+    assert vol.shape == (4, 16, 16) and vol.metadata["series_uid"] == str(pydicom.dcmread(source[0]).SeriesInstanceUID)
+    said = [r.getMessage() for r in diffusioncore_log if r.levelno == logging.WARNING]
+    expected = (f'{study} holds 2 DICOM series; using series 3 "Chest 5mm" (CT, 4 files): a series acquired by a '
+                'scanner is read rather than one derived or generated from it (others: series 1003 "Chest 5mm SR x2 '
+                '(synthetic)" (CT, 8 files, synthetic))')  # fmt: skip
+    assert any(expected in m for m in said), said
+    assert expected in vol.metadata["note"]
+    # a reformat of another vendor's (DERIVED, more slices) is read before the synthetic series, after the acquired one
+    reformat = write_dicom_series(study / "mpr", make_phantom(shape=(6, 16, 16), seed=4), study_uid=uid,
+                                  series_uid=f"{uid}.90", prefix="mpr")  # fmt: skip
+    _relabel(reformat, SeriesNumber=4, SeriesDescription="MPR", ImageType=["DERIVED", "SECONDARY", "MPR"])
+    assert read_volume(study).shape == (4, 16, 16)
+    for f in source:
+        os.remove(f)
+    assert read_volume(study).shape == (6, 16, 16)
+    for f in reformat:
+        os.remove(f)
+    assert read_volume(study).shape == (8, 16, 16)  # the synthetic series alone: read (the sr command warns)

@@ -584,7 +584,7 @@ def test_sr_job_whose_chosen_output_or_input_is_deleted_while_it_runs_still_deli
     assert job.wait(240) == JobState.COMPLETED, job.error
     result = job.result_nodes[0]
     assert scene.IsNodePresent(result) and result.GetName().startswith("CT_01 SR x4 (synthetic)")
-    assert sh.GetItemParent(sh.GetItemByDataNode(result)) == sh.GetSceneItemID()
+    assert sh.GetItemParent(sh.GetItemByDataNode(result)) == study  # where the input was: the study is still there
     assert _stale_hierarchy_items(scene) == []
     assert mrml_io.provenance(result)["source"] is None and mrml_io.provenance_record(result).input == "CT_01"
     assert job.notices == ["'CT_01' was deleted while the job ran; the result was made from it as it was when the job "

@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from DiffusionCore.cli.missing import OWNER_FILE, TORCH_CACHE_PREFIX
 from DiffusionCore.errors import DiffusionCoreError, OutputError, ResourceError
 from DiffusionCore.files import format_bytes, pid_running
 
@@ -35,8 +36,10 @@ LineCallback = Callable[[str], None]
 
 #: How a job's temporary folder is named (``tempfile.mkdtemp(prefix=...)``).
 JOB_FOLDER_PREFIX = "ctdiffusion-"
-#: The file in a job's temporary folder that names the process owning it: ``PID HOST``.
-OWNER_FILE = ".owner"
+#: The file in a job's temporary folder that names the process owning it, ``PID HOST``, is ``OWNER_FILE``; the
+#: compile cache folder a job's command makes (``TORCH_CACHE_PREFIX``, DiffusionCore.cli.missing.own_torch_cache)
+#: has it too, naming the command's process.
+STALE_FOLDER_PREFIXES = (JOB_FOLDER_PREFIX, TORCH_CACHE_PREFIX)
 #: What a cancelled job's error says when nothing more is known (the user pressed Cancel).
 CANCELLED = "cancelled"
 
@@ -44,7 +47,8 @@ CANCELLED = "cancelled"
 def remove_stale_job_folders(parent: str | os.PathLike | None = None) -> list[str]:
     """Delete the temporary folders of jobs whose process is gone (killed, or ended without cleaning up).
 
-    Only a folder named ``ctdiffusion-*`` in ``parent`` (the temp folder), owned by this user, holding the
+    Only a folder named ``ctdiffusion-*`` (a job's) or ``diffusioncore-torch-*`` (the compile cache of a job's
+    command, left when it was killed) in ``parent`` (the temp folder), owned by this user, holding the
     :data:`OWNER_FILE` of a process on this machine that no longer runs. A folder without the marker (written by
     an older version, or a job starting this moment) or of a process that runs is kept.
 
@@ -54,7 +58,7 @@ def remove_stale_job_folders(parent: str | os.PathLike | None = None) -> list[st
     folder = Path(parent if parent is not None else tempfile.gettempdir())
     removed = []
     try:
-        candidates = list(folder.glob(f"{JOB_FOLDER_PREFIX}*"))
+        candidates = [path for prefix in STALE_FOLDER_PREFIXES for path in folder.glob(f"{prefix}*")]
     except OSError:
         return removed
     host = socket.gethostname()

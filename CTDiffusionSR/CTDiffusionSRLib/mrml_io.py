@@ -10,10 +10,12 @@ ITK convention in LPS. The two frames differ by a sign flip of the first two phy
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +50,10 @@ ATTR_KIND = ATTRIBUTE_PREFIX + "Kind"
 ATTR_INPUT = ATTRIBUTE_PREFIX + "Input"
 ATTR_INPUT_UID = ATTRIBUTE_PREFIX + "InputUID"
 ATTR_TITLE = ATTRIBUTE_PREFIX + "Title"
+#: The SOP instance UIDs (space-separated, as :data:`ATTR_DICOM_INSTANCES`) of the DICOM series a result derives
+#: from: its input's, or for a result made from a result, those that one recorded. With them a DICOM export finds the
+#: patient and study in Slicer's DICOM database once the input node is gone (deleted, or a scene saved without it).
+ATTR_INPUT_INSTANCES = ATTRIBUTE_PREFIX + "InputInstanceUIDs"
 #: Slicer's DICOM loader records a node's SOP instance UIDs (space-separated) under this attribute.
 ATTR_DICOM_INSTANCES = "DICOM.instanceUIDs"
 #: The task name of :class:`DiffusionCore.provenance.Provenance` for each kind of result node.
@@ -214,9 +220,25 @@ def set_node_from_volume(node, vol: Volume, dtype: type | None = None) -> None:
     node.SetAndObserveImageData(image)
 
 
+def free_name(scene, name: str, node=None) -> str:
+    """``name``, or ``name_1``, ``name_2``, ... as Slicer makes names unique, when a node other than ``node`` has it: a
+    name is given again once its node is gone (Slicer's ``GenerateUniqueName`` only counts up, so after 15 results
+    deleted the next was "..._15"), in both modules alike."""
+
+    def taken(candidate: str) -> bool:
+        nodes = scene.GetNodesByName(candidate)
+        return any(nodes.GetItemAsObject(i) is not node for i in range(nodes.GetNumberOfItems()))
+
+    candidate, n = name, 0
+    while taken(candidate):
+        n += 1
+        candidate = f"{name}_{n}"
+    return candidate
+
+
 def add_volume_node(scene, vol: Volume, name: str, *, like=None, class_name: str = "vtkMRMLScalarVolumeNode"):
     """A new volume node in ``scene`` holding ``vol``; display settings copied from ``like`` when given."""
-    node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+    node = scene.AddNewNodeByClass(class_name, free_name(scene, name))
     set_node_from_volume(node, vol)
     show_like(node, like)
     return node
@@ -258,9 +280,40 @@ def in_scene(scene, node) -> bool:
     return node is not None and bool(scene.IsNodePresent(node))
 
 
+#: Python attribute of a job's input node (VTK's wrapping keeps it while the job holds the node): the subject
+#: hierarchy item the node was under when the job read it (:func:`remember_place`).
+_PARENT_WHEN_READ = "_ctdiffusion_parent_item"
+
+
+def remember_place(node) -> None:
+    """Note where ``node`` (a job's input, being read) is in the subject hierarchy, so that :func:`place_beside` puts
+    the results there should the node be deleted while the job runs. The node itself is not modified."""
+    scene = node.GetScene() if node is not None else None
+    # found, never made: a bare scene (a script's) has no subject hierarchy, so no place to remember
+    sh = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode") if scene is not None else None
+    if sh is None:
+        return
+    item = sh.GetItemByDataNode(node)
+    if item:
+        setattr(node, _PARENT_WHEN_READ, sh.GetItemParent(item))
+
+
+def _remembered_parent(sh, node) -> int:
+    """The item ``node`` was under when a job read it, if that item (a study, a patient, a folder) is still in the
+    subject hierarchy; else the scene's top level."""
+    top = sh.GetSceneItemID()
+    parent = getattr(node, _PARENT_WHEN_READ, None) if node is not None else None
+    if not parent or parent == top:
+        return top
+    items = vtk.vtkIdList()
+    sh.GetItemChildren(top, items, True)
+    return parent if items.IsId(parent) >= 0 else top
+
+
 def place_beside(scene, source_node, result_node) -> int:
-    """Put ``result_node`` under the same subject hierarchy parent (study/patient/folder) as ``source_node``
-    (at the top level when ``source_node`` is no longer in the scene).
+    """Put ``result_node`` under the same subject hierarchy parent (study/patient/folder) as ``source_node``;
+    when ``source_node`` is no longer in the scene (deleted while the job ran), under the parent it had when the job
+    read it (:func:`remember_place`) while that is still there, else at the top level.
 
     Returns:
         the result's subject hierarchy item ID.
@@ -268,8 +321,8 @@ def place_beside(scene, source_node, result_node) -> int:
     sh = subject_hierarchy(scene)
     if in_scene(scene, source_node):
         parent = sh.GetItemParent(_item_of(sh, source_node))
-    else:  # the user deleted the input while the job ran: the result goes to the scene's top level
-        parent = sh.GetSceneItemID()
+    else:  # the user deleted the input while the job ran: the result goes where the input was
+        parent = _remembered_parent(sh, source_node)
     item = _item_of(sh, result_node, parent)
     sh.SetItemParent(item, parent)
     return item
@@ -311,9 +364,14 @@ def _forget_files(scene, node) -> None:
             scene.RemoveNode(storage)
 
 
+#: The mark a result's name ends with (before a counter that made it unique: ``_1``).
+_SYNTHETIC_MARK = re.compile(r" \(synthetic\)(?=(_\d+)?$)")
+
+
 def synthetic_name(source_name: str, label: str) -> str:
-    """Node name that says what it is: ``"CT_01 SR x4 (synthetic)"``."""
-    return f"{source_name} {label} (synthetic)"
+    """Node name that says what it is: ``"CT_01 SR x4 (synthetic)"``; the result of a result says "(synthetic)" once,
+    at the end: ``"CT_01 SR x2 SR x2 (synthetic)"`` (was ``"CT_01 SR x2 (synthetic) SR x2 (synthetic)"``)."""
+    return f"{_SYNTHETIC_MARK.sub('', source_name)} {label} (synthetic)"
 
 
 def set_provenance(
@@ -323,10 +381,14 @@ def set_provenance(
     """Record how a synthetic node was made, as node attributes (saved with the scene). ``title`` is the label
     that ends an exported series' description, e.g. ``"SR x4 (synthetic)"``; ``date`` (ISO 8601) defaults to now;
     ``recorded_input`` is the input's name and DICOM UID as a result file recorded them, when no source node is
-    given."""
+    given. A result made from a result has both steps in its title (``"SR x2 SR x2 (synthetic)"``): its DICOM export
+    is a series of the scan behind both."""
+    title = title or f"{kind} (synthetic)"
+    if source is not None and source.GetAttribute(ATTR_SYNTHETIC) == "true" and source.GetAttribute(ATTR_TITLE):
+        title = f"{_SYNTHETIC_MARK.sub('', source.GetAttribute(ATTR_TITLE))} {title}"
     node.SetAttribute(ATTR_SYNTHETIC, "true")
     node.SetAttribute(ATTR_KIND, kind)
-    node.SetAttribute(ATTR_TITLE, title or f"{kind} (synthetic)")
+    node.SetAttribute(ATTR_TITLE, title)
     node.SetAttribute(ATTR_MODEL, model)
     node.SetAttribute(ATTR_WEIGHTS_SHA256, weights_sha256)
     node.SetAttribute(ATTR_SETTINGS, json.dumps(settings, sort_keys=True, default=str))
@@ -335,6 +397,12 @@ def set_provenance(
         if value:
             node.SetAttribute(attr, value)
     node.RemoveAttribute(ATTR_SOURCE)  # an ID as text goes stale when a saved scene is imported: the reference follows
+    # the DICOM series behind the input, read from the node object: a node deleted while the job ran keeps its attributes
+    instances = " ".join(acquired_instance_uids(source)) if source is not None else ""
+    if instances:
+        node.SetAttribute(ATTR_INPUT_INSTANCES, instances)
+    else:
+        node.RemoveAttribute(ATTR_INPUT_INSTANCES)
     if source is not None and source.GetScene() is not None:  # a deleted source's ID may name another node later
         node.SetNodeReferenceID(SOURCE_REFERENCE_ROLE, source.GetID())
         if not recorded_input[0]:
@@ -543,6 +611,98 @@ def source_node(node):
     return node.GetNodeReference(SOURCE_REFERENCE_ROLE) if node is not None and node.GetScene() is not None else None
 
 
+def recorded_input(node) -> tuple[str, str]:
+    """What a result records of its input when a job starts (``set_provenance``'s ``recorded_input``): its name and
+    its first DICOM instance UID ("" when not loaded from DICOM). The node may be deleted before the job ends."""
+    return node.GetName() or "", ((node.GetAttribute(ATTR_DICOM_INSTANCES) or "").split() or [""])[0]
+
+
+def acquired_instance_uids(node) -> list[str]:
+    """The DICOM SOP instance UIDs of the series ``node`` was loaded from or, for a result of these modules, derives
+    from: a result of a result is followed back to the scan (by what each result recorded, else by its source node
+    while that is in the scene). Empty for a volume not loaded from DICOM. ``node`` may be deleted from its scene."""
+    seen: set[int] = set()
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        uids = (node.GetAttribute(ATTR_DICOM_INSTANCES) or "").split()
+        if uids or node.GetAttribute(ATTR_SYNTHETIC) != "true":
+            return uids
+        uids = (node.GetAttribute(ATTR_INPUT_INSTANCES) or "").split()
+        if uids:
+            return uids
+        node = source_node(node)
+    return []
+
+
+def _database_files(uids: list[str]) -> list[str]:
+    """The files Slicer's DICOM database holds for these instance UIDs; a single UID that names no instance is
+    tried as a series UID (what a result file written outside Slicer records). Empty outside Slicer."""
+    try:
+        import slicer
+
+        database = slicer.dicomDatabase
+    except (ImportError, AttributeError):
+        return []
+    if database is None or not uids:
+        return []
+    files = [f for f in (database.fileForInstance(uid) for uid in uids) if f]
+    if not files and len(uids) == 1 and hasattr(database, "filesForSeries"):
+        files = [f for f in database.filesForSeries(uids[0]) if f]
+    return files
+
+
+def _database_series_numbers(study_uid: str) -> frozenset[int]:
+    """The SeriesNumbers of the study's series in Slicer's DICOM database (ctkDICOMDatabase: ``seriesForStudy``,
+    ``filesForSeries``, ``fileValue``); empty outside Slicer."""
+    try:
+        import slicer
+
+        database = slicer.dicomDatabase
+    except (ImportError, AttributeError):
+        return frozenset()
+    if database is None or not study_uid or not all(
+        hasattr(database, name) for name in ("seriesForStudy", "filesForSeries", "fileValue")
+    ):
+        return frozenset()
+    numbers = set()
+    for series in database.seriesForStudy(study_uid):
+        files = list(database.filesForSeries(series))
+        value = database.fileValue(files[0], "0020,0011") if files else ""
+        if str(value).strip().lstrip("+-").isdigit():
+            numbers.add(int(value))
+    return frozenset(numbers)
+
+
+def result_source_files(node) -> list[str]:
+    """The DICOM files of the series a result derives from, for its DICOM export's patient, study and references: those
+    of its source node while that is in the scene (for a result of a result, those of the scan behind it), else those
+    of the instances it recorded (:data:`ATTR_INPUT_INSTANCES`, :data:`ATTR_INPUT_UID`), from Slicer's DICOM database.
+
+    Raises:
+        InputError: the result derives from a DICOM series none of whose files can be found (the input node is gone
+            and Slicer's DICOM database does not have them): an export would be a new, nameless patient.
+    """
+    source = source_node(node)
+    if source is not None:
+        uids = acquired_instance_uids(source)
+    else:
+        uids = (node.GetAttribute(ATTR_INPUT_INSTANCES) or "").split()
+    recorded = bool(uids)  # the result derives from a series loaded from DICOM
+    if not uids and source is None and node.GetAttribute(ATTR_INPUT_UID):
+        uids = [node.GetAttribute(ATTR_INPUT_UID)]  # a result file's record: a new study when not found (README)
+    files = _database_files(uids)
+    if files or not recorded:
+        return files
+    name = (source.GetName() if source is not None else node.GetAttribute(ATTR_INPUT)) or "its input"
+    where = "is not in Slicer's DICOM database" if source is not None else \
+        "is no longer in the scene, and Slicer's DICOM database does not have its files"
+    raise InputError(
+        f"'{node.GetName()}' was made from '{name}' (DICOM instance {uids[0]}), which {where}: a DICOM export would "
+        "put the result in a new patient and study with no name or ID. Import that series into the DICOM database "
+        "again (DICOM module: Import) and load it, then export again; or export as NRRD or NIfTI."
+    )
+
+
 def provenance_record(node):
     """The node's provenance as a :class:`DiffusionCore.provenance.Provenance` (what exported files carry).
 
@@ -574,18 +734,7 @@ def provenance_record(node):
 def dicom_source_files(node) -> list[str]:
     """The files of the DICOM instances ``node`` was loaded from (through Slicer's DICOM database); empty for a
     node not loaded from DICOM, or outside Slicer."""
-    uids = (node.GetAttribute(ATTR_DICOM_INSTANCES) or "").split()
-    if not uids:
-        return []
-    try:
-        import slicer
-
-        database = slicer.dicomDatabase
-    except (ImportError, AttributeError):
-        return []
-    if database is None:
-        return []
-    return [f for f in (database.fileForInstance(uid) for uid in uids) if f]
+    return _database_files((node.GetAttribute(ATTR_DICOM_INSTANCES) or "").split())
 
 
 @dataclass(frozen=True)
@@ -712,6 +861,7 @@ def write_job_input(node, folder: str | os.PathLike, name: str, *, dtype: str = 
 
     from DiffusionCore.volume import write_volume
 
+    remember_place(node)  # where its results go should it be deleted while the job runs
     if series is FIND_SERIES:
         series = series_to_read_from_files(node)
     if series is None:
@@ -745,9 +895,13 @@ def export_result(node, path: str, *, as_dicom: bool = False, source_files: list
         node: a result node of these modules.
         path: the series folder (DICOM) or the file.
         as_dicom: write a DICOM series.
-        source_files: the input's DICOM files (default: those of the node's source node, from Slicer's DICOM
-            database, when it was loaded from DICOM).
+        source_files: the input's DICOM files (default: :func:`result_source_files`, from Slicer's DICOM
+            database: those of the node's source node, or of the DICOM series the result recorded when that node is
+            gone).
         overwrite: replace an earlier export.
+
+    Raises:
+        InputError: a DICOM export of a result whose input series cannot be found (:func:`result_source_files`).
     """
     from DiffusionCore.dicom_out import DicomSource
     from DiffusionCore.results import check_result_output, write_result
@@ -757,9 +911,11 @@ def export_result(node, path: str, *, as_dicom: bool = False, source_files: list
     source = None
     if as_dicom:
         if source_files is None:
-            input_node = source_node(node)
-            source_files = dicom_source_files(input_node) if input_node is not None else []
+            source_files = result_source_files(node)
         source = DicomSource.from_files(source_files) if source_files else None
+        if source is not None:  # the numbers of the study's series in Slicer's DICOM database are taken too
+            taken = _database_series_numbers(str(source.header.get("StudyInstanceUID", "")))
+            source = dataclasses.replace(source, study_series_numbers=source.study_series_numbers | taken)
     return write_result(volume_from_node(node), path, record, as_dicom=as_dicom, dicom_source=source,
                         keep_frame_of_reference=record.task == "sr", overwrite=overwrite)  # fmt: skip
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -51,6 +54,45 @@ def needs_packages(load: Callable[[], T], module_title: str) -> T:
 #: The environment variable naming PyTorch's compile cache folder, which torch creates when it is imported
 #: (``torchinductor_<user>`` in the temp folder).
 TORCH_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
+#: How the compile cache folder of a run's own is named in the temp folder (``tempfile.mkdtemp(prefix=...)``).
+TORCH_CACHE_PREFIX = "diffusioncore-torch-"
+#: The file in that folder naming the process that owns it, ``PID HOST``: the marker a Slicer job's own temporary
+#: folder has too, so that the next job removes the folder of a process that was killed before it could.
+OWNER_FILE = ".owner"
+#: The exit status of a run stopped by SIGTERM (as ``Cancelled``'s).
+SIGTERM_EXIT_STATUS = 130
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """While active (main thread only), SIGTERM raises SystemExit(130) after one ``error:`` line instead of killing
+    the process at once, so that ``finally`` blocks run: the run's own folders are removed. The run itself installs
+    its own handler (``cli.common.sigterm_cancels``, which stops it between steps) once its packages are loaded;
+    this one covers the seconds before (importing torch) and after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up that follows is not interrupted again
+        print("error: stopped by signal SIGTERM before the run started; no output was written.", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT_STATUS)
+
+    old = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _mark_owner(folder: str) -> None:
+    """Write :data:`OWNER_FILE` (this process, this machine) into ``folder``; nothing when it cannot be written (the
+    folder is then only removed by this run)."""
+    try:
+        with open(os.path.join(folder, OWNER_FILE), "w", encoding="utf-8") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    except OSError:
+        pass
 
 
 @contextmanager
@@ -58,18 +100,24 @@ def own_torch_cache() -> Iterator[str]:
     """While active, PyTorch's compile cache is a folder of this run's own (yielded; ``""`` when the user set one,
     or none can be made), removed at the end. Importing torch makes ``torchinductor_<user>`` in the temp folder,
     which every run of a Slicer CLI module left there, outside the job's folder that the module removes. Nothing is
-    compiled, so the folder stays empty. Entered before torch is imported."""
+    compiled, so the folder stays empty but for :data:`OWNER_FILE`. Entered before torch is imported.
+
+    SIGTERM (Slicer's Cancel, pressed while torch is still being imported) is handled before the folder is made, so
+    that the folder is removed then too; a process killed outright (SIGKILL) leaves it, marked with its process, for
+    the next Slicer job to remove (``CTDiffusionSRLib.jobs.remove_stale_job_folders``)."""
     if os.environ.get(TORCH_CACHE_VARIABLE):
         yield ""
         return
-    try:
-        folder = tempfile.mkdtemp(prefix="diffusioncore-torch-")
-    except OSError:  # a full or read-only temp folder: torch's own default then (the run says what is wrong)
-        yield ""
-        return
-    os.environ[TORCH_CACHE_VARIABLE] = folder
-    try:
-        yield folder
-    finally:
-        os.environ.pop(TORCH_CACHE_VARIABLE, None)
-        shutil.rmtree(folder, ignore_errors=True)
+    with _sigterm_exits():
+        try:
+            folder = tempfile.mkdtemp(prefix=TORCH_CACHE_PREFIX)
+        except OSError:  # a full or read-only temp folder: torch's own default then (the run says what is wrong)
+            yield ""
+            return
+        try:
+            _mark_owner(folder)
+            os.environ[TORCH_CACHE_VARIABLE] = folder
+            yield folder
+        finally:
+            os.environ.pop(TORCH_CACHE_VARIABLE, None)
+            shutil.rmtree(folder, ignore_errors=True)

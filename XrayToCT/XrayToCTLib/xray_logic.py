@@ -30,6 +30,7 @@ from CTDiffusionSRLib.jobs import CLIJob, check_temp_room, exception_text
 from CTDiffusionSRLib.mrml_io import (
     add_volume_node,
     dicom_source_files,
+    free_name,
     geometry_from_ijk_to_ras,
     ijk_to_ras,
     in_scene,
@@ -37,6 +38,8 @@ from CTDiffusionSRLib.mrml_io import (
     irregular_dicom_series,
     place_beside,
     read_volume_file,
+    recorded_input,
+    remember_place,
     set_node_from_volume,
     set_provenance,
     synthetic_name,
@@ -483,20 +486,6 @@ def unreadable_reason(exc: BaseException, path: str = "") -> tuple[str, str]:
     return "its file could not be read (damaged or cut short)", detail
 
 
-def free_name(scene, name: str, node=None) -> str:
-    """``name``, or ``name_1``, ``name_2``, ... as Slicer makes names unique, when a node other than ``node`` has it."""
-
-    def taken(candidate: str) -> bool:
-        nodes = scene.GetNodesByName(candidate)
-        return any(nodes.GetItemAsObject(i) is not node for i in range(nodes.GetNumberOfItems()))
-
-    candidate, n = name, 0
-    while taken(candidate):
-        n += 1
-        candidate = f"{name}_{n}"
-    return candidate
-
-
 class XrayJob(CLIJob):
     """Generate a synthetic CT from a radiograph node with XrayToCTGenerate in a background process.
 
@@ -569,6 +558,7 @@ class XrayJob(CLIJob):
         self._pending_lock = threading.Lock()
         self.reference_metrics: dict = {}
         self._stamps: dict[str, tuple] = {}  # the inputs as the job read them (prepare)
+        self.recorded_input = ("", "")  # the radiograph's name and DICOM UID then (prepare): it may be deleted later
         self._capped_said = False  # the notice that the weights have fewer stages than chosen (update)
 
     def module_dir(self) -> Path:
@@ -596,6 +586,8 @@ class XrayJob(CLIJob):
         radiograph = tempdir / self.RADIOGRAPH_FILE
         write_radiograph(self.input_node, radiograph, as_displayed=not self.dicom_header)
         self._stamps = {"radiograph": _geometry_stamp(self.input_node)}
+        self.recorded_input = recorded_input(self.input_node)
+        remember_place(self.input_node)  # where the CT goes should the radiograph be deleted while the job runs
         self.handed_over = []
         self.hand_over(radiograph, "the radiograph", self.input_node)
         args = self.settings.cli_arguments()
@@ -671,7 +663,7 @@ class XrayJob(CLIJob):
             title = f"CT from radiograph, stage {stage}{of}, {self._grid} (synthetic)"
         set_provenance(self.preview_node, kind="xray-to-ct", model=model or self._weights[0],
                        weights_sha256=sha or self._weights[1], settings=settings, source=self.input_node,
-                       title=title)  # fmt: skip
+                       title=title, recorded_input=self.recorded_input)  # fmt: skip
         self.preview_node.SetAttribute("CTDiffusion.ProjectionErrors", json.dumps(self.stage_errors))
 
     def update(self) -> None:
@@ -779,18 +771,26 @@ class XrayJob(CLIJob):
         return [self.preview_node] if self.kept_notice() else []
 
     def _changed_inputs_notices(self) -> list[str]:
-        """What the user should know about an input changed while the job ran (the result was made from, and the
-        reference scores compare with, the input as it was when the job started)."""
+        """What the user should know about an input changed or deleted while the job ran (the result was made from,
+        and the reference scores compare with, the input as it was when the job started), in the SR job's words."""
         notices = []
         radiograph, reference = self._stamps.get("radiograph"), self._stamps.get("reference")
-        if radiograph is not None and in_scene(self.scene, self.input_node) \
-                and _geometry_stamp(self.input_node) != radiograph:
+        if radiograph is not None and not in_scene(self.scene, self.input_node):
+            notices.append(
+                f"'{self.recorded_input[0]}' was deleted while the job ran; the result was made from it as it was "
+                "when the job started, and records its name."
+            )
+        elif radiograph is not None and _geometry_stamp(self.input_node) != radiograph:
             notices.append(
                 f"'{self.input_node.GetName()}' was changed while the job ran; the result was made from it as it was "
                 "when the job started. Apply again for a result of the radiograph as it is now."
             )
-        if reference is not None and in_scene(self.scene, self.reference_node) \
-                and _geometry_stamp(self.reference_node) != reference:
+        if reference is not None and not in_scene(self.scene, self.reference_node):
+            notices.append(
+                f"The reference CT '{self.reference_node.GetName()}' was deleted while the job ran; the scores compare "
+                "the result with it as it was when the job started."
+            )
+        elif reference is not None and _geometry_stamp(self.reference_node) != reference:
             notices.append(
                 f"The reference CT '{self.reference_node.GetName()}' was changed while the job ran; the scores compare "
                 "the result with it as it was when the job started."
