@@ -222,21 +222,17 @@ def test_a_job_whose_files_will_not_fit_in_the_temp_folder_is_refused_before_any
 def test_a_job_that_fails_after_its_last_stage_completes_with_that_stage_as_its_result(scene):
     """The output file could not be written after the last stage (a full disk): the job failed with "only stage 1's
     result was kept", although the node held the whole result, and Export stayed disabled."""
-    import signal
 
     node = _node(scene, _chest(), spacing=(5.0, 5.0, 1.0))
     job = XrayJob(scene, node, ONE_STAGE)
-    handle = job.handle_line
 
-    def block_the_output(line: str) -> None:  # the last stage is out: its output cannot be written
-        handle(line)
-        if line.startswith(xray_logic.STAGE_LINE_PREFIX):
-            os.killpg(job.runner.pid, signal.SIGSTOP)
-            (Path(job.tempdir) / "output.nrrd").mkdir()
-            (Path(job.tempdir) / "output.nrrd" / "in the way").write_text("")
-            os.killpg(job.runner.pid, signal.SIGCONT)
+    def block_the_output(fraction: float, message: str) -> None:  # the worker's up-front checks are past (its progress
+        output = Path(job.tempdir) / "output.nrrd"  # has begun): a folder takes the output's place, so writing it after
+        if not output.exists():  # the last stage fails (blocking it at the stage line lost the race under load)
+            output.mkdir()
+            (output / "in the way").write_text("")
 
-    job.handle_line = block_the_output
+    job.on_progress = block_the_output
     assert job.run(timeout=120) == JobState.COMPLETED, job.error
     assert job.error == "" and job.result_nodes == [job.preview_node] and job.stages_shown == [1]
     assert job.preview_node.GetName() == "chest PA CT (synthetic)"
