@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from DiffusionCore.errors import ConfigError, InputError, OutputError
+from DiffusionCore.errors import ConfigError, InputError, OutputError, WeightsError
 
 from .jobs import CLIJob
 from .mrml_io import write_job_input
@@ -74,6 +74,49 @@ def list_presets(family: str) -> dict[str, Path]:
     elif family == "sr":
         files = [p for p in files if "vae" not in p.stem] or files
     return {p.stem: p for p in files}
+
+
+def shipped_weights_option(family: str, config: str | os.PathLike | Mapping) -> str:
+    """The train command's option that 'Start from the shipped weights' stands for with this configuration (a preset
+    file, another file, or the panel's edited settings), checked before the run starts.
+
+    For X-ray to CT: a stage-1 configuration continues the whole of ``xray-default`` (``--init-from``), and must build
+    the network it holds (its recipe is the ``stage1_default`` preset); a stage-2 configuration trains stage 2 on the
+    shipped stage 1 (``--stage1-checkpoint``: the run builds stage 1 as the weights record it). Other families continue
+    their shipped weights (``--init-from``).
+
+    Raises:
+        ConfigError: in the panel's words, a configuration the shipped weights cannot start.
+    """
+    shipped = SHIPPED_WEIGHTS[family]
+    if family != "xray":
+        return f"--init-from {shipped}"
+    from DiffusionCore.nn.architecture import build_on_meta
+    from DiffusionCore.xray.cascade import UnifiedHybridViTCascade
+    from DiffusionCore.xray.config import load_stage_config
+    from DiffusionCore.xray.train import check_stage_fits, describe_stage, read_stage_source
+
+    cfg = load_stage_config(config if isinstance(config, Mapping) else Path(config))
+    recipe = SHIPPED_RECIPE_PRESETS[family]
+    if cfg.stage == 2:
+        return f"--stage1-checkpoint {shipped}"
+    if cfg.stage > 2:
+        raise ConfigError(f"'Start from the shipped weights': {shipped} holds stage 1 only, and this configuration "
+                          f"trains stage {cfg.stage}; train stage 2 on them first (a stage-2 preset with 'Start from "
+                          "the shipped weights' ticked), or untick it.")  # fmt: skip
+    source = read_stage_source(shipped)
+    cascade = build_on_meta(lambda: UnifiedHybridViTCascade([cfg]), "the X-ray to CT cascade")
+    try:
+        check_stage_fits(cascade.state_dict(), [cfg], source, [1], "--init-from")
+    except WeightsError:  # told in the panel's words
+        name = Path(config).stem if not isinstance(config, Mapping) else ""
+        which = f"the {name} preset" if name in list_presets(family) else "this configuration"
+        held = f" ({describe_stage(source.configs[1])})" if 1 in source.configs else ""
+        raise ConfigError(f"'Start from the shipped weights' continues {shipped}, which was trained with the {recipe} "
+                          f"preset{held}; {which} builds {describe_stage(cfg)}, which those weights do not fit. "
+                          f"Choose the {recipe} preset as Configuration, a stage-2 preset to train stage 2 on them, "
+                          "or untick 'Start from the shipped weights'.") from None  # fmt: skip
+    return f"--init-from {shipped}"
 
 
 def check_training_config(family: str, config: str | os.PathLike | Mapping) -> None:
@@ -432,8 +475,6 @@ class TrainingJob(CLIJob):
         if from_shipped_weights and resume:
             raise ConfigError("Resume continues the run in the output folder from its own checkpoint; untick "
                               "'Start from the shipped weights' (or Resume) to start a new run from them.")  # fmt: skip
-        if from_shipped_weights:  # the train command's own option, before the user's extra ones
-            extra_arguments = f"--init-from {SHIPPED_WEIGHTS[family]} {extra_arguments}".strip()
         if family not in FAMILIES:
             raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}.")
         if scene_volumes is None:
@@ -453,6 +494,10 @@ class TrainingJob(CLIJob):
             raise ConfigError("choose a training configuration (only Resume continues with the run's own settings).")
         elif config_path is not None and Path(config_path).is_file():
             check_training_config(family, config_path)
+        if from_shipped_weights:  # the train command's own option, before the user's extra ones
+            chosen = self.config_settings if self.config_settings is not None else config_path
+            start = shipped_weights_option(family, chosen) if chosen is not None else f"--init-from {SHIPPED_WEIGHTS[family]}"
+            extra_arguments = f"{start} {extra_arguments}".strip()
         self.scene_volumes = list(scene_volumes) if scene_volumes is not None else None
         self.family, self.data = family, str(data).strip()  # DiffusionTrain splits it as training_data_entries did
         self.config_path = Path(config_path) if config_path is not None else None

@@ -44,7 +44,13 @@ from ..tiling import (
 )
 from ..weights.registry import register_architecture_check
 from .atlas import register_atlas
-from .config import XrayStageConfig, patch_alignment, tiny_stage_config, windowed_attention
+from .config import (
+    XrayStageConfig,
+    patch_alignment,
+    stages_geometry_problem,
+    tiny_stage_config,
+    windowed_attention,
+)
 from .data import gaussian_blur
 from .encoder import XrayEncoder
 from .lifting import DepthLifting, RayProfileHead
@@ -1087,7 +1093,37 @@ def _weights_configs(metadata: dict[str, Any], source: str) -> list[XrayStageCon
             f"{source} record trained_stages {trained!r}, which are not among their stages {present}: the file is "
             "damaged or was edited; use other weights, or export them again"
         )
+    warn_untrained_stages(metadata, source)
+    problem = stages_geometry_problem(configs)
+    if problem and (source, problem) not in _warned_weights:  # once per file; train xray now refuses such stages
+        _warned_weights.add((source, problem))
+        logger.warning("%s: %s; generation uses stage 1's view and field of view for every stage, so a later stage "
+                       "runs on radiographs unlike those it was trained on: retrain it with stage 1's settings",
+                       source, problem)  # fmt: skip
     return configs
+
+
+_warned_weights: set[tuple[str, Any]] = set()  # (file, what was said): each said once
+
+
+def warn_untrained_stages(metadata: dict[str, Any], source: str) -> None:
+    """Warn (once per file) that a cascade's earlier stages were never trained (``untrained_stages``, recorded by
+    ``train xray`` when a stage was trained on top of random earlier stages): what it generates is not a CT estimate."""
+    untrained = metadata.get("untrained_stages")
+    if not isinstance(untrained, list) or not untrained or any(not isinstance(s, int) for s in untrained):
+        return
+    key = (source, tuple(untrained))
+    if key in _warned_weights:
+        return
+    _warned_weights.add(key)
+    stages = ", ".join(str(s) for s in untrained)
+    logger.warning(
+        "%s: stage(s) %s of these weights were never trained (random weights: a later stage was trained on top of "
+        "them without --stage1-checkpoint), so what they generate is not a CT estimate; train stage 1 first, then the "
+        "next stage with train xray --stage1-checkpoint <stage-1 weights>",
+        source,
+        stages,
+    )
 
 
 def check_weights_architecture(path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:

@@ -556,6 +556,19 @@ DEFAULT_CONFIG = "stage1_default"
 SHIPPED_CONFIGS = (DEFAULT_CONFIG, "stage1", "stage2", "stage3", "stage3_384", "stage1_cpu", "stage2_cpu")
 
 
+def stages_geometry_problem(configs: list[XrayStageConfig]) -> str:
+    """What makes a cascade's stage configs disagree on the radiograph they are conditioned on (``data.view``,
+    ``data.fov_mm``: every stage sees the same radiograph of the same field of view), in words; "" when they agree."""
+    first = configs[0]
+    for cfg in configs[1:]:
+        if cfg.data.view != first.data.view or abs(cfg.data.fov_mm - first.data.fov_mm) > 1e-3:
+            return (f"stage {first.stage} is for {first.data.view} radiographs over a {first.data.fov_mm:g} mm field "
+                    f"of view and stage {cfg.stage} for {cfg.data.view} ones over {cfg.data.fov_mm:g} mm; every stage "
+                    "of a cascade sees the same radiograph, so data.view and data.fov_mm must be the same in all "
+                    "stages")  # fmt: skip
+    return ""
+
+
 def load_stage_config(source: str | Path | dict | XrayStageConfig | None) -> XrayStageConfig:
     """A stage config from a file, a dict, a config, or a shipped name (:data:`SHIPPED_CONFIGS`)."""
     if isinstance(source, str) and source in SHIPPED_CONFIGS:

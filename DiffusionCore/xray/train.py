@@ -40,6 +40,7 @@ from .config import (
     XrayStageConfig,
     load_stage_config,
     patch_alignment,
+    stages_geometry_problem,
     tiny_stage_config,
 )
 from .consistency import drr_consistency
@@ -57,12 +58,14 @@ class XrayTrainOptions:
     """What to train and from what (the command line's options).
 
     Attributes:
-        configs: stage configs (the last one is the stage trained; earlier stages come from
-            ``stage_checkpoints`` / ``load_all_stages`` or the shipped configs).
+        configs: stage configs (the last one is the stage trained); an earlier stage not given is built as
+            recorded in the weights it is loaded from (``stage_checkpoints`` / ``load_all_stages``), else from the
+            shipped stageN.json.
         data: CT folder, list file, sample name(s) or a ``prepare-xray-data`` output folder.
         output_dir: training folder (checkpoints, logs, exported weights).
         stage_checkpoints: stage number -> weights file or training folder holding that stage.
-        freeze_previous: keep the earlier stages fixed (``--freeze-stage1``).
+        freeze_previous: keep the earlier stages fixed (``--freeze-stage1``); matters only with ``train_all_stages``
+            (otherwise only the highest stage is trained).
         train_all_stages: train every stage jointly (sum of the stages' losses).
         load_all_stages: a cascade weights file or training folder to start from.
         unfreeze_all: with ``load_all_stages``: fine-tune every stage.
@@ -89,11 +92,80 @@ class XrayTrainOptions:
     tiny_test_model: bool = False
 
 
-def complete_configs(configs: list[XrayStageConfig]) -> list[XrayStageConfig]:
-    """Stage configs 1..S for the highest given stage S, filling gaps with the shipped stageN.json."""
+def complete_configs(
+    configs: list[XrayStageConfig], recorded: dict[int, XrayStageConfig] | None = None
+) -> list[XrayStageConfig]:
+    """Stage configs 1..S for the highest given stage S. A stage not given takes the config recorded with the weights
+    it is loaded from (``recorded``: stage -> config, from :func:`read_stage_source`), else the shipped stageN.json."""
     by_stage = {c.stage: c for c in configs}
     top = max(by_stage)
-    return [by_stage.get(s) or load_stage_config(f"stage{s}") for s in range(1, top + 1)]
+    recorded = recorded or {}
+    return [by_stage.get(s) or recorded.get(s) or load_stage_config(f"stage{s}") for s in range(1, top + 1)]
+
+
+def describe_stage(cfg: XrayStageConfig) -> str:
+    """A stage config in the words a mismatch message needs: grid, radiograph, view, field of view, width."""
+    return (f"stage {cfg.stage} at {cfg.resolution}^3 from {cfg.xray_resolution}-pixel {cfg.data.view} DRRs, "
+            f"{cfg.data.fov_mm:g} mm field of view, {cfg.model.voxel_channels} channels")  # fmt: skip
+
+
+@dataclass
+class StageSource:
+    """A file that stages are loaded from (``--stageN-checkpoint``, ``--init-from``).
+
+    Attributes:
+        name: the source as the user gave it (file, training folder or registered name).
+        path: the safetensors file read.
+        tensors: its tensors.
+        configs: stage number -> the stage config recorded with it (the exported file's metadata, or the training
+            folder's ``state.json``); empty when it records none.
+        metadata: the file's metadata (empty for a checkpoint).
+    """
+
+    name: str
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    configs: dict[int, XrayStageConfig]
+    metadata: dict[str, Any]
+
+
+def _recorded_stage_configs(records: Any) -> dict[int, XrayStageConfig]:
+    out: dict[int, XrayStageConfig] = {}
+    for rec in records if isinstance(records, list) else []:
+        try:
+            cfg = load_stage_config(rec)
+        except (ConfigError, TypeError, ValueError):  # a record this version cannot read: the run's own configs rule
+            continue
+        out[cfg.stage] = cfg
+    return out
+
+
+def read_stage_source(source: str) -> StageSource:
+    """Read a cascade weights file, a registered name (checked against its sha256) or a training folder (its exported
+    weights, else its latest checkpoint), with the stage configs it records."""
+    from ..train.checkpoint import find_latest, read_checkpoint_info
+    from ..weights.registry import load_safetensors, resolve_weights
+
+    p = Path(source)
+    recorded: Any = None
+    if not p.exists():  # a registered name (e.g. the shipped xray-default): checked against its sha256
+        p = resolve_weights(str(source), family="xray").path
+    elif p.is_dir():
+        exported = p / EXPORT_NAME
+        if exported.is_file():
+            p = exported
+        else:
+            latest = find_latest(p) if not (p / "cascade.safetensors").is_file() else p
+            if latest is None:
+                raise WeightsError(f"{source} holds no checkpoint or {EXPORT_NAME}; train that stage first")
+            p = Path(latest) / "cascade.safetensors"
+            config = read_checkpoint_info(Path(latest)).get("config")
+            recorded = config.get("configs") if isinstance(config, dict) else None
+    tensors, meta = load_safetensors(p)
+    meta = dict(meta or {})
+    if recorded is None:
+        recorded = meta.get("configs")
+    return StageSource(str(source), p, tensors, _recorded_stage_configs(recorded), meta)
 
 
 def _is_prepared(data: Any) -> bool:
@@ -105,11 +177,17 @@ def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> lis
     return training_cubes(data, resolutions, fov_mm)[0]
 
 
-def training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> tuple[list[dict[int, np.ndarray]], list[str]]:
+def training_cubes(
+    data: Any, resolutions: list[int], fov_mm: float, view: str | None = None
+) -> tuple[list[dict[int, np.ndarray]], list[str]]:
     """The cubes a run on ``data`` trains on, and the CTs they come from as its checkpoints record them
     (``extra["data"]``): a ``prepare-xray-data`` folder's cases by their source CT, or of the CT volumes found (see
     :func:`~DiffusionCore.inputs.collect_volumes`) those read and used, not those passed over (unreadable, or too
-    small for the cube)."""
+    small for the cube).
+
+    A prepared folder must hold cubes at least as fine as the finest resolution trained (a coarser one is made by
+    resampling the finest prepared cube, a finer one is refused). Its DRRs are not read: training renders its own in
+    the config's ``view``, and a folder prepared for another view is said in a warning."""
     from ..train.checkpoint import log_volumes_used, volume_record
     from ..volume import read_volume
 
@@ -121,15 +199,28 @@ def training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> tuple[li
                 f"the prepared data in {root} has a {manifest['fov_mm']} mm field of view but the config "
                 f"asks for {fov_mm} mm; prepare it again with --fov-mm {fov_mm} or change data.fov_mm"
             )
+        if view is not None and manifest.get("view") not in (None, view):
+            logger.warning(
+                "the prepared data in %s was prepared for %s radiographs, and this run trains on %s ones: train xray "
+                "renders its own DRRs from the prepared cubes in the config's view (data.view) and does not read the "
+                "prepared DRRs, so the run goes on in %s", root, manifest["view"], view, view,
+            )  # fmt: skip
         out = []
         for case in manifest["cases"]:
             cubes = {}
+            prepared = sorted(int(k.split("_")[1]) for k in case["files"] if k.startswith("cube_"))
             for r in resolutions:
                 key = f"cube_{r}"
                 if key in case["files"]:
                     cubes[r] = read_volume(root / case["files"][key], check=False).array
                 else:
-                    finest = max(int(k.split("_")[1]) for k in case["files"] if k.startswith("cube_"))
+                    finest = max(prepared)
+                    if r > finest:  # an upsampled cube would teach the stage blurred targets
+                        raise ConfigError(
+                            f"the prepared data in {root} has cubes of {', '.join(f'{x}^3' for x in prepared)} voxels "
+                            f"and this run trains a stage at {r}^3; prepare it again with --resolutions "
+                            f"{','.join(str(x) for x in sorted(set(resolutions)))}, or give the CT folder as --data"
+                        )
                     cubes[r] = ct_to_cube(
                         read_volume(root / case["files"][f"cube_{finest}"]), r, fov_mm
                     ).array
@@ -325,40 +416,62 @@ def earlier_stages_estimate(
     return vol
 
 
-def _load_stage_weights(cascade: UnifiedHybridViTCascade, source: str, stages: list[int]) -> None:
-    """Copy the given stages' tensors from a cascade weights file, a registered name or a training folder."""
-    from ..train.checkpoint import find_latest
-    from ..weights.registry import load_safetensors, resolve_weights
+def check_stage_fits(
+    own: dict[str, torch.Tensor], configs: list[XrayStageConfig], source: StageSource, stages: list[int],
+    option: str, origins: dict[int, str] | None = None,
+) -> None:
+    """Check that ``source`` holds the given stages with the shapes of ``own`` (a cascade's state dict, possibly on
+    the meta device) built from ``configs``.
 
-    p = Path(source)
-    if not p.exists():  # a registered name (e.g. the shipped xray-default): checked against its sha256
-        p = resolve_weights(str(source), family="xray").path
-    elif p.is_dir():
-        exported = p / EXPORT_NAME
-        if exported.is_file():
-            p = exported
-        else:
-            latest = find_latest(p) if not (p / "cascade.safetensors").is_file() else p
-            if latest is None:
-                raise WeightsError(f"{source} holds no checkpoint or {EXPORT_NAME}; train that stage first")
-            p = Path(latest) / "cascade.safetensors"
-    tensors, _ = load_safetensors(p)
-    own = cascade.state_dict()
-    loaded = 0
+    Raises:
+        WeightsError: the file lacks a stage, or holds it with other shapes: the message says what the file holds
+            (its recorded config) and what this run built, and how to make them agree.
+    """
     for s in stages:
         prefix = f"stages.{s - 1}."
         for k in own:
-            if k.startswith(prefix):
-                if k not in tensors or tensors[k].shape != own[k].shape:
-                    raise WeightsError(
-                        f"{p} does not hold a matching stage {s} (tensor {k} missing or of another shape); "
-                        "use the checkpoint trained with the same stage config (the shipped xray-default weights: "
-                        f"--config {DEFAULT_CONFIG}, or no --config)"
-                    )
-                own[k] = tensors[k]
-                loaded += 1
+            if k.startswith(prefix) and (k not in source.tensors or source.tensors[k].shape != own[k].shape):
+                raise WeightsError(_stage_mismatch(configs, source, s, k, option, (origins or {}).get(s, "")))
+
+
+def _load_stage_weights(
+    cascade: UnifiedHybridViTCascade, source: StageSource, stages: list[int], option: str,
+    origins: dict[int, str] | None = None,
+) -> None:
+    """Copy the given stages' tensors from ``source`` (:func:`read_stage_source`) into ``cascade``, after
+    :func:`check_stage_fits`."""
+    own = cascade.state_dict()
+    check_stage_fits(own, cascade.configs, source, stages, option, origins)
+    keys = [k for k in own if any(k.startswith(f"stages.{s - 1}.") for s in stages)]
+    for k in keys:
+        own[k] = source.tensors[k]
     cascade.load_state_dict(own)
-    logger.info("loaded stage(s) %s from %s (%d tensors)", stages, p, loaded)
+    logger.info("loaded stage(s) %s from %s (%d tensors)", stages, source.path, len(keys))
+
+
+def _stage_mismatch(
+    configs: list[XrayStageConfig], source: StageSource, s: int, key: str, option: str, origin: str
+) -> str:
+    built = configs[s - 1]
+    held = source.configs.get(s)
+    said = f"{option} {source.name} ({source.path}) does not fit stage {s} of this run (tensor {key} "
+    said += "missing or of another shape): "
+    if held is None:
+        present = sorted(source.configs)
+        said += (f"the file holds no stage {s}" if present and s not in present else
+                 f"the file records no stage {s} configuration")  # fmt: skip
+    else:
+        said += f"it holds {describe_stage(held)}"
+    said += f"; this run built {describe_stage(built)}"
+    said += f" (from {origin})" if origin else ""
+    if held is None:
+        return said + f". Give {option} the weights or training folder of a stage {s} trained with that config"
+    if option.startswith("--stage"):
+        return (said + f". Leave stage {s}'s config out of --config (the run then takes it from the file's own record) "
+                f"or give the config that trained it, e.g. --config <stage {s} config> <stage {len(configs)} "
+                "config>")  # fmt: skip
+    return (said + ". Give --config the configuration those weights were trained with (the shipped xray-default: "
+            f"--config {DEFAULT_CONFIG}), or start without {option}")
 
 
 def train_step(
@@ -431,6 +544,125 @@ def _tiny_like(cfg: XrayStageConfig) -> XrayStageConfig:
     return t
 
 
+@dataclass
+class StagePlan:
+    """The stages a run builds and where their weights come from (:func:`plan_stages`).
+
+    Attributes:
+        configs: stage configs 1..S (before ``--tiny-test-model`` shrinks them).
+        sources: stage number -> the ``--stageN-checkpoint`` it is loaded from.
+        init_source: the ``--init-from`` cascade, or None.
+        origins: stage number -> where its config came from, in words (for messages).
+    """
+
+    configs: list[XrayStageConfig]
+    sources: dict[int, StageSource]
+    init_source: StageSource | None
+    origins: dict[int, str]
+
+
+def plan_stages(opts: XrayTrainOptions) -> StagePlan:
+    """Read the starting weights and settle each stage's config: the configs given, then for a stage left out the
+    configuration recorded in the weights it is loaded from (``--stageN-checkpoint``, then ``--init-from``), then the
+    shipped stageN.json.
+
+    Raises:
+        ConfigError: a ``--stageN-checkpoint`` for the trained stage or a later one.
+        WeightsError: starting weights that cannot be read or are of another family.
+    """
+    from ..train.starting_weights import XRAY, check_starting_weights
+
+    given = {c.stage for c in opts.configs}
+    top_stage = max(given)
+    for s in sorted(opts.stage_checkpoints):
+        if s >= top_stage:
+            raise ConfigError(
+                f"--stage{s}-checkpoint given while training stage {top_stage}; it must be earlier"
+            )
+    starts = [(f"--stage{s}-checkpoint", src) for s, src in sorted(opts.stage_checkpoints.items())]
+    for option, source in [*starts, ("--init-from", opts.load_all_stages)]:
+        check_starting_weights(source, option=f"train xray {option}", accepts=XRAY,
+                               needs="X-ray to CT weights (e.g. xray-default)")  # fmt: skip
+    sources = {s: read_stage_source(src) for s, src in opts.stage_checkpoints.items()}
+    init_source = read_stage_source(opts.load_all_stages) if opts.load_all_stages else None
+    # a stage not named in --config is built as the weights it is loaded from were trained, not from stageN.json
+    recorded: dict[int, XrayStageConfig] = {}
+    origins = {s: "this run's config" for s in given}
+    for s, src in [*((k, init_source) for k in range(1, top_stage) if init_source), *sources.items()]:
+        if s not in given and s in src.configs:
+            recorded[s] = src.configs[s]
+            origins[s] = f"the configuration recorded in {src.path}"
+    for s in range(1, top_stage):
+        if s not in given and s in recorded:
+            logger.info("stage %d: built as recorded in %s (%s)", s, sources.get(s, init_source).path,
+                        describe_stage(recorded[s]))  # fmt: skip
+        elif s not in given:
+            origins[s] = f"the shipped stage{s}.json"
+    configs = complete_configs(opts.configs, recorded)
+    problem = stages_geometry_problem(configs)
+    if problem:
+        said = "; ".join(f"stage {s}'s config from {origins[s]}" for s in sorted(origins))
+        raise ConfigError(f"{problem} ({said}): make the trained stage's config match the earlier stages")
+    return StagePlan(configs, sources, init_source, origins)
+
+
+def stage_lineage(
+    top: int, trained: list[int], sources: dict[int, StageSource], init_source: StageSource | None
+) -> tuple[dict[str, str], list[int]]:
+    """Where each stage 1..``top`` of the cascade a run exports comes from, and which were never trained.
+
+    A stage trained in this run is trained (from ``--init-from`` when given); one loaded from a file (``--stageN-
+    checkpoint``, else ``--init-from``) is as that file records it (its ``untrained_stages``); any other stage keeps its
+    random initial weights.
+
+    Returns:
+        (stage number as text -> where it comes from, in words; the stages never trained in this lineage).
+    """
+    from ..files import sha256_file
+
+    lineage: dict[str, str] = {}
+    untrained: list[int] = []
+    digests: dict[Path, str] = {}
+
+    def named(src: StageSource) -> str:
+        digest = digests.setdefault(src.path, sha256_file(src.path))
+        return f"{src.name} (sha256 {digest[:16]})"
+
+    for s in range(1, top + 1):
+        src = sources.get(s) or init_source
+        if s in trained:
+            lineage[str(s)] = "trained with train xray" + (f", starting from {named(src)}" if src else "")
+            continue
+        if src is None:
+            lineage[str(s)] = "never trained (random initial weights)"
+            untrained.append(s)
+            continue
+        before = src.metadata.get("untrained_stages")
+        was_untrained = isinstance(before, list) and s in before
+        lineage[str(s)] = f"loaded from {named(src)}" + (", where it was never trained" if was_untrained else "")
+        if was_untrained:
+            untrained.append(s)
+    return lineage, untrained
+
+
+def _refuse_nothing_to_train(out_dir: Path, max_steps: int, given: int) -> None:
+    """``--resume`` of a run already at or past ``max_steps``: refused before anything is read or written, so its
+    checkpoint and exported weights stay as they are."""
+    from ..train.checkpoint import read_checkpoint_info, resumable_checkpoint
+
+    latest = resumable_checkpoint(out_dir, warn=False)
+    if latest is None:
+        return  # said by the resume itself (no checkpoint to resume)
+    done = int(read_checkpoint_info(latest).get("step", 0))
+    if done >= max_steps:
+        limit = f"--max-steps {given}" if given else f"the config's training.max_steps {max_steps}"
+        raise ConfigError(
+            f"nothing to train: the run in {out_dir} is at step {done}, at or past {limit}; give a larger --max-steps "
+            f"(e.g. --max-steps {done + max(1, done)}) to train it further. Its checkpoint and exported weights are "
+            "left unchanged"
+        )
+
+
 def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     """Train (part of) the cascade; returns a summary (steps, final losses, weights path and sha256).
 
@@ -449,34 +681,29 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     from ..train.distributed import all_reduce_mean, cleanup, init_distributed, wrap_model
     from ..train.ema import EMA_MODEL, ParameterEMA
     from ..train.logger import TrainLogger
-    from ..train.starting_weights import XRAY, check_starting_weights
     from ..train.stop import StopFlag
 
-    configs = complete_configs(opts.configs)
+    plan = plan_stages(opts)
+    configs, sources, init_source, origins = plan.configs, plan.sources, plan.init_source, plan.origins
     if opts.tiny_test_model:
         # tiny networks with the configs' structure: a refinement head and patches where the config has them
         configs = [_tiny_like(c) for c in configs]
     top = configs[-1]
     tcfg = top.training
     check_training_numbers(tcfg, "training.")
-    starts = [(f"--stage{s}-checkpoint", src) for s, src in sorted(opts.stage_checkpoints.items())]
-    for option, source in [*starts, ("--init-from", opts.load_all_stages)]:
-        check_starting_weights(source, option=f"train xray {option}", accepts=XRAY,
-                               needs="X-ray to CT weights (e.g. xray-default)")  # fmt: skip
+    max_steps = opts.max_steps or tcfg.max_steps or tcfg.epochs * tcfg.steps_per_epoch
+    if opts.resume:
+        _refuse_nothing_to_train(Path(opts.output_dir), max_steps, opts.max_steps)
     info = init_distributed(opts.device)
     torch.manual_seed(tcfg.seed + info.rank)
     rng = np.random.default_rng(tcfg.seed + info.rank)
     cascade = UnifiedHybridViTCascade(configs)
     for st, c in zip(cascade.stages, configs):
         st.gradient_checkpointing = c.training.gradient_checkpointing
-    for s, src in sorted(opts.stage_checkpoints.items()):
-        if s >= top.stage:
-            raise ConfigError(
-                f"--stage{s}-checkpoint given while training stage {top.stage}; it must be earlier"
-            )
-        _load_stage_weights(cascade, src, [s])
-    if opts.load_all_stages:
-        _load_stage_weights(cascade, opts.load_all_stages, list(range(1, top.stage + 1)))
+    for s, src in sorted(sources.items()):
+        _load_stage_weights(cascade, src, [s], f"--stage{s}-checkpoint", origins)
+    if init_source is not None:
+        _load_stage_weights(cascade, init_source, list(range(1, top.stage + 1)), "--init-from", origins)
     for c in configs:
         if trains_on_patches(c):
             logger.info("stage %d trains on random %d^3 patches of its %d^3 grid; its DRR loss compares each "
@@ -492,6 +719,9 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
                 top.stage,
                 top.stage - 1,
             )
+    if opts.freeze_previous and not (opts.train_all_stages or opts.unfreeze_all):
+        logger.info("--freeze-stage1 changes nothing here: only stage %d is trained and the earlier stages are always "
+                    "kept fixed (they train only with --train-all-stages)", top.stage)  # fmt: skip
     for s in range(1, top.stage + 1):
         frozen = s not in trained or (opts.freeze_previous and s < top.stage and not opts.unfreeze_all)
         for p in cascade.stages[s - 1].parameters():
@@ -516,10 +746,9 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
         models[EMA_MODEL] = ema
     warm = max(1, tcfg.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
-    max_steps = opts.max_steps or tcfg.max_steps or tcfg.epochs * tcfg.steps_per_epoch
     out_dir = Path(opts.output_dir)
     resolutions = sorted({c.resolution for c in configs[: top.stage]})
-    cubes, volumes = training_cubes(opts.data, resolutions, top.data.fov_mm)
+    cubes, volumes = training_cubes(opts.data, resolutions, top.data.fov_mm, top.data.view)
     r1 = configs[0].resolution
     mean_hu = np.mean([c[r1] for c in cubes], axis=0)
     cascade.set_mean_ct(hu_to_unit(torch.from_numpy(mean_hu))[None, None])
@@ -530,6 +759,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     dataset = XrayCubeDataset(cubes, top.data, top.data.fov_mm)
     step, epoch = 0, 0
     config_dict = {"configs": [config_to_dict(c) for c in configs], "trained": trained}
+    lineage, untrained = stage_lineage(top.stage, trained, sources, init_source)
     if opts.resume:
         latest = resumable_checkpoint(out_dir, warn=info.is_main)  # the newest intact one (a damaged one is named)
         if latest is None:
@@ -541,6 +771,10 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
             if info.is_main:
                 warn_resumed_config(state, config_dict, latest)
                 warn_resumed_data((state["extra"] or {}).get("data"), volumes, latest)
+            recorded_lineage = (state["extra"] or {}).get("stage_lineage")
+            if isinstance(recorded_lineage, dict):  # the checkpoint's weights are the run's, whatever is given now
+                lineage = {str(k): str(v) for k, v in recorded_lineage.items()}
+                untrained = [int(v) for v in (state["extra"] or {}).get("untrained_stages") or []]
             step, epoch = int(state["step"]), int(state["epoch"])
             if info.rank > 0:  # the checkpoint holds rank 0's random streams; the others draw their own
                 rng = np.random.default_rng([tcfg.seed, info.rank, step])
@@ -561,7 +795,8 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
             saved_step = step
             save_training_state(out_dir, step=step, epoch=epoch, models=models,
                                 optimizers={"opt": opt}, schedulers={"lr": sched}, config=config_dict,
-                                extra={"trained": trained, "data": volumes}, generators={"data": rng},
+                                extra={"trained": trained, "data": volumes, "stage_lineage": lineage,
+                                       "untrained_stages": untrained}, generators={"data": rng},
                                 keep=tcfg.keep_checkpoints)  # fmt: skip
 
     stopped = None
@@ -616,6 +851,8 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
             weights,
             {
                 "trained_stages": trained,
+                "stage_lineage": lineage,
+                "untrained_stages": untrained,
                 "steps": step,
                 "weight_average": bool(ema is not None),
                 "data": volume_names(volumes),

@@ -19,7 +19,8 @@ def register(fam: argparse._SubParsersAction) -> None:
         help="train the X-ray to CT cascade (one stage, or all jointly) on DRRs of your CTs",
         description="Train a stage of the X-ray to CT cascade on DRRs rendered from CT volumes. Example: "
         "train xray --config stage2.json --data CTs/ --output-dir runs/s2 --stage1-checkpoint runs/s1 "
-        "--freeze-stage1. Stop with Ctrl-C or by creating OUTPUT_DIR/STOP; continue with --resume.",
+        "(stage 1 is built as recorded in runs/s1 and kept fixed; --stage1-checkpoint xray-default trains stage 2 "
+        "on the shipped stage 1). Stop with Ctrl-C or by creating OUTPUT_DIR/STOP; continue with --resume.",
     )
     p.add_argument("--config", nargs="+", default=None,
                    help="stage config file(s) (JSON/YAML) or shipped names (stage1_default, stage1, stage2, stage3, "
@@ -30,11 +31,14 @@ def register(fam: argparse._SubParsersAction) -> None:
                    "a prepare-xray-data output folder")  # fmt: skip
     p.add_argument("--output-dir", "--out-dir", dest="output_dir", default=None,
                    help="training folder: checkpoints, logs, exported weights (--out-dir as in train sr / vae)")  # fmt: skip
-    p.add_argument("--stage1-checkpoint", default=None, help="weights file or training folder of stage 1")
-    p.add_argument("--stage2-checkpoint", default=None, help="weights file or training folder of stage 2")
-    p.add_argument(
-        "--freeze-stage1", action="store_true", help="keep the earlier stage(s) fixed while training"
-    )
+    p.add_argument("--stage1-checkpoint", default=None,
+                   help="weights file, registered name (xray-default) or training folder of stage 1; with no stage-1 "
+                   "config in --config, stage 1 is built from the configuration recorded in it")  # fmt: skip
+    p.add_argument("--stage2-checkpoint", default=None,
+                   help="weights file, registered name or training folder of stage 2 (as --stage1-checkpoint)")  # fmt: skip
+    p.add_argument("--freeze-stage1", action="store_true",
+                   help="with --train-all-stages: keep the earlier stage(s) fixed. Without --train-all-stages only "
+                   "the highest stage is trained and the earlier ones are always fixed, so it changes nothing")  # fmt: skip
     p.add_argument(
         "--train-all-stages", action="store_true", help="train every stage up to the config's jointly"
     )
