@@ -27,6 +27,7 @@ import difflib
 import enum
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -87,10 +88,11 @@ def read_config_file(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist: check the path (JSON or YAML file expected)")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows Notepad's "UTF-8") is ignored
     except UnicodeDecodeError as exc:
         raise ConfigError(
-            f"{p} is not a text file (byte {exc.start} is not UTF-8): a JSON or YAML config is expected"
+            f"{p} is not a text file (byte {exc.start} is not UTF-8): a JSON or YAML config saved as UTF-8 is "
+            "expected"
         ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
@@ -126,9 +128,25 @@ def _yaml_load(text: str, path: Path) -> Any:
             f"reading {path} needs PyYAML: `pip install pyyaml`, or use a .json config"
         ) from exc
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_yaml_loader(yaml))  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+
+
+#: A float in exponent form without a dot (``1e-3``, ``5E+2``): YAML 1.2 and every programming language read it as
+#: a number, PyYAML (YAML 1.1) as a string; ``--help`` prints defaults in this form.
+_YAML_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+def _yaml_loader(yaml: Any) -> type:
+    """PyYAML's SafeLoader that also reads :data:`_YAML_EXPONENT_FLOAT` as a float, so that
+    ``learning_rate: 1e-3`` is the number it looks like."""
+
+    class _ConfigLoader(yaml.SafeLoader):
+        pass
+
+    _ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_EXPONENT_FLOAT, list("-+0123456789"))
+    return _ConfigLoader
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:

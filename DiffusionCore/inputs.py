@@ -7,7 +7,8 @@ Volumes can be given as
   too (each real folder searched once, so a link loop ends); hidden entries skipped, and DICOM folders that hold no
   CT series (radiographs, scouts, single images, reports, structure sets, plans: :data:`NOT_VOLUME_MODALITIES`, and
   any object without an image) passed over with a warning;
-* a text file with one path per line (relative paths are relative to the text file; ``#`` starts a comment);
+* a text file with one path per line (see :func:`_read_list_file`: UTF-8, relative paths taken from the list file's
+  folder, a line starting with ``#`` a comment);
 * a single volume file;
 * the name of a CT sample (``chest-lidc``, ``chest-dx``: fetched and sha256-checked, as ``sr`` takes it) where no such
   path exists;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -33,6 +35,9 @@ logger = logging.getLogger(__name__)
 #: Suffixes of single-file volumes (".dcm" files are grouped into series folders instead).
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _DICOM_MAGIC_OFFSET = 128
+#: Suffixes of list files as ``sr`` and ``evaluate`` take them (``train --data`` reads any file that is not a volume
+#: as a list). ".csv": a one-column list saved from a spreadsheet (one path per line; a comma is part of the path).
+LIST_SUFFIXES = (".txt", ".lst", ".list", ".csv")
 
 
 def _suffix(path: Path) -> str:
@@ -159,25 +164,56 @@ def _scan_folder(folder: Path, scan: _Scan) -> list[Path]:
 
 
 def _read_list_file(path: Path, scan: _Scan) -> list[Path]:
+    """The volumes a list file names: one path per line, in UTF-8 (a byte-order mark, as Windows tools write, is
+    ignored; so are CR-LF line ends and blank lines).
+
+    * A relative path is taken from the list file's folder, not the working folder.
+    * A line whose first non-blank character is ``#`` is a comment; so is the rest of a line from a ``#`` after a
+      space or tab (``data/case1  # DICOM``), unless the whole line names a path that exists (``Serie #3/``). A
+      ``#`` inside a name (``Patient#12/``) is always part of it.
+    * One pair of double quotes around a path is removed (Windows Explorer's "Copy as path" adds them).
+    """
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start}): save it as "
+            "UTF-8 (e.g. Notepad's \"UTF-8\" encoding, Excel's \"CSV UTF-8\"), one path per line"
+        ) from None
+    except OSError as exc:
         raise InputError(
             f"cannot read {path} as a list of volumes ({exc}): give a folder, a volume file, or a text file "
             "with one path per line"
         ) from exc
     out: list[Path] = []
-    for number, line in enumerate(lines, start=1):
-        entry = line.split("#", 1)[0].strip()
-        if not entry:
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
             continue
-        p = Path(entry).expanduser()
-        if not p.is_absolute():
-            p = path.parent / p
+        p, relative = _list_entry(entry, path.parent)
         if not p.exists():
-            raise InputError(f"{path}, line {number}: {entry} does not exist; fix or remove that line")
+            where = f"{p} (relative paths are taken from the list file's folder)" if relative else str(p)
+            raise InputError(f"{path}, line {number}: {where} does not exist; fix or remove that line")
         out.extend(_expand(p, scan))
     return out
+
+
+def _list_entry(entry: str, folder: Path) -> tuple[Path, bool]:
+    """(the path, relative?) a list file's line names (see :func:`_read_list_file`): the whole line where it
+    exists, else the line without a trailing comment; relative paths taken from ``folder``."""
+
+    def resolved(text: str) -> tuple[Path, bool]:
+        text = text.strip()
+        if len(text) >= 2 and text[0] == text[-1] == '"':
+            text = text[1:-1].strip()
+        p = Path(text).expanduser()
+        return (p, False) if p.is_absolute() else (folder / p, True)
+
+    whole = resolved(entry)
+    comment = re.search(r"\s#", entry)
+    if comment is None or whole[0].exists():
+        return whole
+    return resolved(entry[: comment.start()])
 
 
 def dicom_file_series(path: Path) -> Path:

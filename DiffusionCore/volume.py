@@ -417,14 +417,58 @@ _ITK_READ_FAILURES = ("fail", "not read completely", "error", "cannot", "corrupt
 _ITK_HANDLED_HERE = ("sform",)
 
 
+def itk_path(path: str | os.PathLike) -> str:
+    """``path`` as text SimpleITK can take (it encodes file names as UTF-8).
+
+    Under a locale whose encoding is not UTF-8 (``LC_ALL=C`` with ``PYTHONUTF8=0``), Python holds the non-ASCII
+    bytes of a file name it found on disk as lone surrogates, which SimpleITK cannot convert: the process would
+    abort in C++. Such a name whose bytes are UTF-8 is decoded here (ITK then opens the same bytes); any other
+    is refused.
+
+    Raises:
+        InputError: the name's bytes are not UTF-8; the message names the path and what to do.
+    """
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    raw = os.fsencode(text)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(
+            f"cannot pass the file name {raw.decode('utf-8', 'backslashreplace')} to ITK: it is not UTF-8 text. "
+            "Rename the file or folder with UTF-8 (e.g. ASCII) characters, or run with a UTF-8 locale "
+            "(PYTHONUTF8=1 or LANG=C.UTF-8)."
+        ) from None
+
+
+def _itk_text(value: str) -> str:
+    """``value`` (header text, e.g. an input's file name found on disk) as text SimpleITK can take: bytes kept as
+    lone surrogates read as UTF-8, and any that are not escaped (``\\xe9``); never refused, as a file name is."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(value).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        return value.encode("utf-8", "backslashreplace").decode("ascii")
+
+
 def _itk(call, *args, reading: Path | None = None):
     """``call(*args)`` (a SimpleITK function) with ITK's own console output kept off the terminal
-    (:func:`~DiffusionCore.files.native_stderr_captured`; logged at debug level).
+    (:func:`~DiffusionCore.files.native_stderr_captured`; logged at debug level). Text arguments (file names)
+    pass through :func:`itk_path`.
 
     Args:
         reading: the file being read: output reporting a read failure (while ITK returns an image anyway)
             refuses it with an InputError naming what ITK said.
     """
+    args = tuple(itk_path(a) if isinstance(a, str) else a for a in args)
     with native_stderr_captured() as native:
         result = call(*args)
     said = [_itk_substance(line) for line in native if not line.startswith("WARNING: In ")]
@@ -476,7 +520,7 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
     positions = _slice_positions(files, headers, folder)
     _check_series_size(files, headers, folder)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    reader.SetFileNames([itk_path(f) for f in files])
     try:
         img = _itk(reader.Execute, reading=folder)
     except RuntimeError as exc:
@@ -1049,7 +1093,7 @@ def _check_read_size(p: Path, n_slices: int | None = None) -> None:
     check_metaimage_header(p)
     _check_compressed_data(p)
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
+    reader.SetFileName(itk_path(p))
     try:
         _itk(reader.ReadImageInformation)
     except RuntimeError as exc:
@@ -1124,7 +1168,7 @@ def _check_pixel_spacings(files: Sequence[str], headers: dict[str, sitk.ImageFil
 def dicom_header(file: str) -> sitk.ImageFileReader:
     """A reader holding ``file``'s header (no pixels read); InputError names a corrupt file."""
     reader = sitk.ImageFileReader()
-    reader.SetFileName(file)
+    reader.SetFileName(itk_path(file))
     try:
         _itk(reader.ReadImageInformation)
     except RuntimeError as exc:
@@ -1341,7 +1385,7 @@ def write_volume(
     img.SetOrigin(vol.origin)
     img.SetDirection(tuple(float(v) for v in vol.direction.ravel()))
     for key, value in (header or {}).items():
-        img.SetMetaData(key, value)
+        img.SetMetaData(key, _itk_text(value))
     suffix = _suffix(p)
     # .nii.gz: ITK writes the plain .nii (header and geometry), then all cores gzip it (ITK's own gzip is
     # single-threaded and ~10x slower on a 512x512x256 volume)

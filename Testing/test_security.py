@@ -74,11 +74,33 @@ def unsafe_calls(tree: ast.AST) -> list[tuple[int, str]]:
             found.append((node.lineno, name))
         if name.endswith("torch.load") and not _keyword_true(node, "weights_only"):
             found.append((node.lineno, "torch.load without weights_only=True"))
-        if name in ("yaml.load", "yaml.unsafe_load", "yaml.full_load"):
+        if name in ("yaml.load", "yaml.unsafe_load", "yaml.full_load") and not _config_loader(node):
             found.append((node.lineno, f"{name} (use yaml.safe_load)"))
         if name.endswith(("np.load", "numpy.load")) and _keyword_true(node, "allow_pickle"):
             found.append((node.lineno, "np.load(allow_pickle=True)"))
     return found
+
+
+def _config_loader(node: ast.Call) -> bool:
+    """``yaml.load(text, Loader=_yaml_loader(yaml))``: the config reader's SafeLoader subclass, checked to be safe by
+    :func:`test_the_config_yaml_loader_is_a_safe_loader`."""
+    loader = next((k.value for k in node.keywords if k.arg == "Loader"), None)
+    return isinstance(loader, ast.Call) and _dotted(loader.func) == "_yaml_loader"
+
+
+def test_the_config_yaml_loader_is_a_safe_loader(tmp_path):
+    """The one yaml.load the scan lets through reads with a SafeLoader subclass: a Python tag in a config is refused."""
+    import yaml
+
+    from DiffusionCore.config import _yaml_loader, read_config_file
+    from DiffusionCore.errors import ConfigError
+
+    assert issubclass(_yaml_loader(yaml), yaml.SafeLoader)
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("learning_rate: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_config_file(evil)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_the_scan_finds_what_it_looks_for():

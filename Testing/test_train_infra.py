@@ -376,7 +376,7 @@ def test_collect_volumes_errors(tmp_path):
         collect_volumes(tmp_path / "missing")
     listing = tmp_path / "list.txt"
     listing.write_text("nope.nii.gz\n")
-    with pytest.raises(InputError, match="line 1: nope.nii.gz does not exist"):
+    with pytest.raises(InputError, match=r"line 1: \S*nope.nii.gz \(relative paths are taken from the list file's folder\) does not exist"):
         collect_volumes(listing)
     with pytest.raises(InputError, match="no training data"):
         collect_volumes([])

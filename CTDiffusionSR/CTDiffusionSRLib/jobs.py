@@ -173,8 +173,10 @@ def find_cli_script(module_dir: str | os.PathLike, name: str) -> Path:
 
 
 def job_environment() -> dict[str, str]:
-    """Environment additions for a job: DiffusionCore importable in the child Python, and this process named as
-    the one whose end stops the job's command (a killed Slicer leaves no worker computing on).
+    """Environment additions for a job: DiffusionCore importable in the child Python, this process named as
+    the one whose end stops the job's command (a killed Slicer leaves no worker computing on), and the child's
+    stdout and stderr written as UTF-8, the encoding :class:`~CTDiffusionSRLib.process.ProcessRunner` reads them
+    in (a piped Python on Windows would write cp1252: "José" would reach the module as "Jos\ufffd").
 
     Inside Slicer, DiffusionCore sits next to the scripted modules, a folder that is on Slicer's
     ``sys.path`` but not necessarily on the ``PYTHONPATH`` a child ``PythonSlicer`` starts with.
@@ -184,7 +186,7 @@ def job_environment() -> dict[str, str]:
 
     root = str(Path(DiffusionCore.__file__).resolve().parent.parent)
     paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
-    return {"PYTHONPATH": os.pathsep.join(paths), PARENT_PID_VARIABLE: str(os.getpid())}
+    return {"PYTHONPATH": os.pathsep.join(paths), PARENT_PID_VARIABLE: str(os.getpid()), "PYTHONIOENCODING": "utf-8"}
 
 
 def read_return_parameters(path: str | os.PathLike) -> dict[str, str]:

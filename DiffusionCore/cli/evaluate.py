@@ -328,15 +328,10 @@ def run(args: argparse.Namespace) -> int:
                 )
     finally:
         progress.close()
-    for report in reports:
-        print(format_table(report))
     if not several:
         out = {**reports[0], **shared}
     else:
         agg = aggregate(reports)
-        print(format_aggregate(agg))
-        for p in passed_over:
-            print(f"passed over {p['volume']}: {p['why']}")
         common = {k: reports[0][k] for k in ("factor", "axis", "degradation", "hu_range", "null_scores", "body_mask")}
         common["body_mask"] = {"definition": common["body_mask"]["definition"]}
         env = {k: reports[0][k] for k in ("date", "diffusioncore_version", "torch_version", "python_version",
@@ -345,8 +340,14 @@ def run(args: argparse.Namespace) -> int:
         out = {**common, **env, **shared, **models, "slices_requested": reports[0]["slices_requested"],
                "warnings": list(dict.fromkeys(said_all)), "volumes": reports, "passed_over": passed_over,
                "aggregate": agg}  # fmt: skip
-    if args.json_out:
+    if args.json_out:  # written before the tables: the scores are kept whatever happens to the printing
         write_json_atomic(out, args.json_out)
+    for report in reports:
+        print(format_table(report))
+    if several:
+        print(format_aggregate(out["aggregate"]))
+        for p in passed_over:
+            print(f"passed over {p['volume']}: {p['why']}")
     return 0
 
 

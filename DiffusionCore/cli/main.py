@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .common import run_guarded, setup_logging
@@ -70,7 +71,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _escape_unencodable_output() -> None:
+    """Make stdout and stderr escape what their encoding cannot write (``\\u4e2d``) instead of raising: a cp1252
+    or ASCII console must not turn a finished command into an internal error."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # absent on a stream a caller replaced (io.StringIO)
+        if reconfigure is not None and getattr(stream, "errors", None) in ("strict", None):
+            reconfigure(errors="backslashreplace")
+
+
+def undecodable_argument(argv: list[str]) -> str | None:
+    """The first command-line argument that this locale could not decode, shown with its bytes read as UTF-8;
+    None when all are text.
+
+    Under ``LC_ALL=C`` with ``PYTHONUTF8=0``, Python keeps an argument's non-ASCII bytes as lone surrogates. Such
+    text cannot reach ITK (the process would abort), a JSON report or the weights registry intact, so the command
+    is refused before it starts."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(arg).decode("utf-8", "backslashreplace")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    _escape_unencodable_output()
+    bad = undecodable_argument(list(sys.argv[1:] if argv is None else argv))
+    if bad is not None:
+        print(
+            f"error: the argument {bad!r} holds characters that this locale ({sys.getfilesystemencoding()}) "
+            "cannot decode; run with a UTF-8 locale (PYTHONUTF8=1 or LANG=C.UTF-8)",
+            file=sys.stderr,
+        )
+        return 2
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

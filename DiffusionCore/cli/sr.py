@@ -169,15 +169,11 @@ def batch_output_names(sources: list[Path]) -> list[str]:
     return out
 
 
-#: Text files listing one volume per line.
-LIST_SUFFIXES = (".txt", ".lst", ".list")
-
-
 def batch_sources(path: Path) -> tuple[bool, list[Path]]:
     """(batch?, sources) for INPUT: a volume file, a DICOM file or a DICOM series folder is one volume; a
-    folder of volumes or a list file (.txt, .lst, .list) is a batch. Other files are read as one volume
-    (so that an unsupported file gets the reader's explanation)."""
-    from ..inputs import collect_volumes, dicom_file_series, is_dicom_file
+    folder of volumes or a list file (:data:`~DiffusionCore.inputs.LIST_SUFFIXES`: .txt, .lst, .list, .csv) is a
+    batch. Other files are read as one volume (so that an unsupported file gets the reader's explanation)."""
+    from ..inputs import LIST_SUFFIXES, collect_volumes, dicom_file_series, is_dicom_file
 
     if not path.exists():
         raise InputError(f"{path} does not exist. Check the path (and quote it if it contains spaces).")

@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "be safetensors (pickled .pt/.ckpt files are refused) and say which model family it belongs to.",
     )
     imp.add_argument("file", metavar="FILE", help="the .safetensors weights file (e.g. exported by `train`)")
-    imp.add_argument("--name", required=True, help="the name to use with --weights (letters, digits, . _ -)")
+    imp.add_argument("--name", required=True, help="the name to use with --weights (ASCII letters, digits, . _ -)")
     imp.add_argument("--family", choices=FAMILIES, default=None, help="model family (default: the file's own)")
     imp.add_argument("--description", default=None, help="one sentence for listings (default: the file's own)")
     imp.add_argument("--overwrite", action="store_true",

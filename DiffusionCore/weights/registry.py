@@ -293,9 +293,12 @@ def read_registry(path: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"weights registry {path} is unreadable ({exc}); fix or delete it") from exc
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (an editor's) is fine
+    except (OSError, ValueError) as exc:  # ValueError: JSON syntax, or bytes that are not UTF-8
+        raise WeightsError(
+            f"weights registry {path} is unreadable ({exc}); fix or delete it (deleting it unregisters every "
+            "weights file imported: fix its JSON to keep them)"
+        ) from exc
     entries = data.get("weights", {}) if isinstance(data, dict) else None
     if not isinstance(entries, dict):
         raise WeightsError(
@@ -311,8 +314,22 @@ def read_registry(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_registry(path: Path, entries: Mapping[str, Any]) -> None:
-    """Write ``entries`` as the registry file ``path``, sorted by name, atomically."""
-    text = json.dumps({"weights": dict(sorted(entries.items()))}, indent=2) + "\n"
+    """Write ``entries`` as the registry file ``path``, sorted by name, atomically.
+
+    Raises:
+        WeightsError: a text holds characters that UTF-8 cannot store (lone surrogates: bytes a non-UTF-8 locale
+            could not decode); nothing is written, so the registry stays readable.
+    """
+    document = {"weights": dict(sorted(entries.items()))}
+    try:
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        bad = next(n for n, e in document["weights"].items() if not _utf8_storable(e))
+        raise WeightsError(
+            f"the registry entry {bad!r} holds text that cannot be stored as UTF-8 (bytes this locale could not "
+            "decode); nothing was written. Run with a UTF-8 locale (PYTHONUTF8=1 or LANG=C.UTF-8)"
+        ) from None
+    text = json.dumps(document, indent=2) + "\n"
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,6 +341,24 @@ def write_registry(path: Path, entries: Mapping[str, Any]) -> None:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def _utf8_storable(value: Any) -> bool:
+    """Whether ``value`` (JSON-like) holds only text that UTF-8 can store."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _as_typed(text: str) -> str:
+    """``text`` with the bytes a non-UTF-8 locale kept as lone surrogates read as UTF-8 where they are, else
+    escaped: for a message."""
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("ascii")
 
 
 def _registries() -> list[tuple[str, Path, dict[str, dict[str, Any]]]]:
@@ -544,7 +579,7 @@ def import_weights(
 
     Args:
         path: the ``.safetensors`` file to import.
-        name: registry name (letters, digits, ``.``, ``_``, ``-``); must not be a bundled name.
+        name: registry name (ASCII letters and digits, ``.``, ``_``, ``-``); must not be a bundled name.
         family: model family; defaults to the file's metadata ``family`` (one of the two is required, and
             they must agree).
         description: one sentence for listings; defaults to the metadata ``description``.
@@ -562,7 +597,14 @@ def import_weights(
     """
     if not _NAME_PATTERN.match(name):
         raise WeightsError(
-            f"invalid weights name {name!r}: use letters, digits, '.', '_' and '-' (at most 128 characters)"
+            f"invalid weights name {name!r}: use ASCII letters (a-z, A-Z), digits, '.', '_' and '-', starting "
+            "with a letter or digit (at most 128 characters)"
+        )
+    if description is not None and not _utf8_storable(description):
+        shown = _as_typed(description)
+        raise WeightsError(
+            f"the description {shown!r} holds bytes this locale could not decode, so it cannot be stored as "
+            "UTF-8: run with a UTF-8 locale (PYTHONUTF8=1 or LANG=C.UTF-8)"
         )
     if name in read_registry(BUNDLED_REGISTRY):
         raise WeightsError(f"{name!r} is the name of bundled weights: choose another name")
