@@ -133,7 +133,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="resample CTs to training cubes and render their DRRs (X-ray to CT training data)",
         description="For every CT: cubes per stage (64^3, 128^3, 256^3 over --fov-mm) as int16 NIfTI, the "
         "training-geometry DRR and augmented DRRs (pose jitter, intensity, noise, blur) as .npy, and a "
-        "manifest.json. train xray --data accepts the output folder.",
+        "manifest.json. train xray --data accepts the output folder and trains on its cubes, saving their "
+        "resampling; it renders its own DRRs in its config's view with fresh augmentation every step, so the DRR "
+        "files are for inspection and for other tools.",
     )
     q.add_argument("--data", nargs="+", required=True, help="CT folder(s), list file or sample names")
     q.add_argument("--output-dir", required=True, help="folder for cubes, DRRs and manifest.json")
