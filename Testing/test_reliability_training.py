@@ -479,3 +479,18 @@ def test_prepare_xray_data_into_its_ct_folder_is_refused(files, tmp_path, capsys
         "what is read from that folder (a series, a cohort), so it is refused even with --overwrite. Choose a path "
         "outside it."]
     assert sorted(os.listdir(cohort)) == ["thin.nii.gz"]
+
+
+def test_resume_of_a_vae_run_at_its_last_step_trains_nothing_and_changes_nothing(files, tmp_path, capsys):
+    """`train vae --resume` on a run at its last step rewrote its checkpoint and exported its weights again (a new
+    sha256), as train throughplane and train xray did."""
+    import shutil
+
+    run = tmp_path / "vae"
+    shutil.copytree(files["vae"], run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    rc = main(["train", "vae", *_family_args("vae", files), "--max-steps", "1", "--out-dir", str(run), "--resume"])
+    assert rc == 2
+    (line,) = _errors(capsys.readouterr().err)
+    assert line.startswith(f"error: nothing to train: the run in {run} is at step 1, at or past its last step 1 ")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

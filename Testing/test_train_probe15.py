@@ -212,7 +212,7 @@ def test_resume_of_a_run_at_its_max_steps_trains_nothing_changes_nothing_and_say
     assert main(["train", "throughplane", "--data", str(finished_run.parent / "my scans é"), "--out-dir", str(out),
                  "--resume"]) == 2  # fmt: skip
     (line,) = _errors(capsys.readouterr().err)
-    assert f"nothing to train: the run in {out} is at step 2 of max_steps 2; raise --max-steps" in line
+    assert f"nothing to train: the run in {out} is at step 2, at or past max_steps 2; give a larger --max-steps" in line
     after = {p.relative_to(out): (_sha(p), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
     assert after == before
     # a higher --max-steps continues it

@@ -308,7 +308,7 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     from ..train.checkpoint import (
         log_volumes_used,
         nothing_to_resume,
-        read_checkpoint_info,
+        refuse_nothing_to_train,
         resumable_checkpoint,
     )
     from ..train.distributed import cleanup, init_distributed
@@ -323,13 +323,7 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     if resume and start is None:
         raise nothing_to_resume(out)
     if start is not None:
-        done = int(read_checkpoint_info(start).get("step", 0))
-        if done >= cfg.max_steps:  # nothing would be trained: the checkpoint and the export are left as they are
-            raise ConfigError(
-                f"nothing to train: the run in {out} is at step {done} of max_steps {cfg.max_steps}; raise --max-steps "
-                f"(e.g. --max-steps {done + max(1, done)}) to train it further. Its checkpoint and exported weights "
-                "are left unchanged"
-            )
+        refuse_nothing_to_train(out, cfg.max_steps)  # the checkpoint and the export are left as they are
     info = init_distributed(device)  # a device that is not there is refused before any data is read
     completed = False
     try:

@@ -76,6 +76,23 @@ def psnr_hu(ref_units: np.ndarray, test_units: np.ndarray) -> float:
     return psnr(unit_to_hu(ref_units), unit_to_hu(test_units))
 
 
+def planned_steps(cfg: SRConfig) -> int:
+    """The steps a ``train vae`` / ``train sr`` run ends at: epochs x steps per epoch, at most ``max_steps`` (0: no
+    limit)."""
+    t = cfg.train
+    total = t.epochs * t.steps_per_epoch
+    return min(total, t.max_steps) if t.max_steps > 0 else total
+
+
+def _refuse_finished_run(cfg: SRConfig, out_dir: str | os.PathLike, resume: bool) -> None:
+    """``--resume`` of a run already at its last step trains nothing: refused before any data is read."""
+    from ..train.checkpoint import refuse_nothing_to_train
+
+    if resume:
+        refuse_nothing_to_train(out_dir, planned_steps(cfg), f"its last step {planned_steps(cfg)} (epochs x "
+                                "steps_per_epoch, at most max_steps)")  # fmt: skip
+
+
 def _step_generators(seed: int, rank: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
     np_rng = np.random.default_rng([seed, rank, step])
     torch_gen = torch.Generator().manual_seed(int(np_rng.integers(0, 2**62)))
@@ -117,9 +134,7 @@ class _Run:
         self.completed = False
 
     def total_steps(self) -> int:
-        t = self.cfg.train
-        total = t.epochs * t.steps_per_epoch
-        return min(total, t.max_steps) if t.max_steps > 0 else total
+        return planned_steps(self.cfg)
 
     def should_stop(self) -> bool:
         from ..train.distributed import any_rank
@@ -343,6 +358,7 @@ def train_vae(
         ``{"steps", "best_score" (validation PSNR dB), "stopped", "out_dir", "weights", "weights_sha256"}``.
     """
     cfg = resolve_config(config)
+    _refuse_finished_run(cfg, out_dir, resume)
     t = cfg.train
     torch.manual_seed(t.seed)
     vae = build_checked(lambda: CTAutoencoderKL(cfg.vae), "the SR autoencoder")
@@ -499,6 +515,7 @@ def train_sr(
     from ..train.starting_weights import SR_DENOISER, SR_VAE, check_starting_weights
 
     cfg = resolve_config(config)
+    _refuse_finished_run(cfg, out_dir, resume)
     t = cfg.train
     if not t.vae_weights:
         raise ConfigError("train sr needs a trained VAE: pass --vae FILE_OR_DIR (the output of `train vae`)")

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..config import config_to_dict
-from ..errors import InputError, NumericalError, OutputError, WeightsError
+from ..errors import ConfigError, InputError, NumericalError, OutputError, WeightsError
 from ..files import sha256_file, shared_mode, write_json_atomic
 from ..nn.architecture import load_state
 from ..weights.registry import load_safetensors, read_safetensors_header, save_safetensors
@@ -703,6 +703,27 @@ def nothing_to_resume(out_dir: str | os.PathLike) -> InputError:
     """The refusal of ``--resume`` on a folder that holds no checkpoint (a mistyped folder would otherwise start a new
     run in it, as if the earlier training had gone on)."""
     return InputError(f"--resume: no checkpoint in {out_dir}; check the folder's name, or start without --resume")
+
+
+def refuse_nothing_to_train(out_dir: str | os.PathLike, max_steps: int, limit: str = "") -> None:
+    """Refuse ``--resume`` of a run already at or past ``max_steps`` (0: no limit, nothing refused) before anything is
+    read or written: a run that trained no step would still rewrite its checkpoint and export its weights again
+    with a new sha256 (an imported copy would no longer match). ``limit`` says where ``max_steps`` came from
+    (default ``max_steps N``). Does nothing when the folder holds no checkpoint (the resume itself says so).
+
+    Raises:
+        ConfigError: exit code 2, naming the step reached and a larger ``--max-steps``.
+    """
+    latest = resumable_checkpoint(out_dir, warn=False) if max_steps > 0 else None
+    if latest is None:
+        return
+    done = int(read_checkpoint_info(latest).get("step", 0))
+    if done >= max_steps:
+        raise ConfigError(
+            f"nothing to train: the run in {out_dir} is at step {done}, at or past {limit or f'max_steps {max_steps}'}; "
+            f"give a larger --max-steps (e.g. --max-steps {done + max(1, done)}) to train it further. Its checkpoint "
+            "and exported weights are left unchanged"
+        )
 
 
 def volume_record(paths: Sequence[str | os.PathLike]) -> list[str]:

@@ -645,24 +645,6 @@ def stage_lineage(
     return lineage, untrained
 
 
-def _refuse_nothing_to_train(out_dir: Path, max_steps: int, given: int) -> None:
-    """``--resume`` of a run already at or past ``max_steps``: refused before anything is read or written, so its
-    checkpoint and exported weights stay as they are."""
-    from ..train.checkpoint import read_checkpoint_info, resumable_checkpoint
-
-    latest = resumable_checkpoint(out_dir, warn=False)
-    if latest is None:
-        return  # said by the resume itself (no checkpoint to resume)
-    done = int(read_checkpoint_info(latest).get("step", 0))
-    if done >= max_steps:
-        limit = f"--max-steps {given}" if given else f"the config's training.max_steps {max_steps}"
-        raise ConfigError(
-            f"nothing to train: the run in {out_dir} is at step {done}, at or past {limit}; give a larger --max-steps "
-            f"(e.g. --max-steps {done + max(1, done)}) to train it further. Its checkpoint and exported weights are "
-            "left unchanged"
-        )
-
-
 def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     """Train (part of) the cascade; returns a summary (steps, final losses, weights path and sha256).
 
@@ -672,6 +654,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     from ..train.checkpoint import (
         load_training_state,
         nothing_to_resume,
+        refuse_nothing_to_train,
         resumable_checkpoint,
         save_training_state,
         volume_names,
@@ -693,7 +676,9 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     check_training_numbers(tcfg, "training.")
     max_steps = opts.max_steps or tcfg.max_steps or tcfg.epochs * tcfg.steps_per_epoch
     if opts.resume:
-        _refuse_nothing_to_train(Path(opts.output_dir), max_steps, opts.max_steps)
+        refuse_nothing_to_train(opts.output_dir, max_steps,
+                                f"--max-steps {opts.max_steps}" if opts.max_steps else
+                                f"the config's training.max_steps {max_steps}")  # fmt: skip
     info = init_distributed(opts.device)
     torch.manual_seed(tcfg.seed + info.rank)
     rng = np.random.default_rng(tcfg.seed + info.rank)
