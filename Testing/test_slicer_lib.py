@@ -1398,6 +1398,11 @@ def test_training_overwrite_is_passed_and_a_previous_run_is_explained_first(scen
     problem = output_folder_problem(run)
     assert "already holds a training run (model.safetensors)" in problem and "'Overwrite'" in problem and "'Resume'" in problem
     assert output_folder_problem(run, overwrite=True) == "" and output_folder_problem(run, resume=True) == ""
+    # Resume on a folder that holds no run (a new or mistyped one) is explained before config.json is written there
+    assert output_folder_problem(tmp_path / "run2", resume=True) == (
+        f"The output folder {tmp_path / 'run2'} holds no training run to resume. Untick 'Resume' to start a new run "
+        "there, or choose the folder of the run to continue.")
+    assert not (tmp_path / "run2").exists()
     assert "only one" in output_folder_problem(run, resume=True, overwrite=True)
     with pytest.raises(ConfigError, match="only one"):
         TrainingJob(scene, family="sr", config_path=tmp_path / "c.json", data=data, output_dir=run, resume=True, overwrite=True)

@@ -186,11 +186,16 @@ def output_folder_problem(output_dir: str | os.PathLike, resume: bool = False, o
     """
     if resume and overwrite:
         return _("Resume continues the run in the output folder and Overwrite replaces it: tick only one of them.")
-    if resume or overwrite:
-        return ""
     from DiffusionCore.train.outdir import previous_run
 
     found = previous_run(output_dir) if Path(output_dir).is_dir() else []
+    if resume and not found:  # a new or mistyped folder: said before the run's config.json is written into it
+        return _(
+            "The output folder {folder} holds no training run to resume. Untick 'Resume' to start a new run there, "
+            "or choose the folder of the run to continue."
+        ).format(folder=output_dir)
+    if resume or overwrite:
+        return ""
     if not found:
         return ""
     shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
