@@ -43,13 +43,15 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 _MISSING = dataclasses.MISSING
 
 
-def load_config(source: str | os.PathLike | Mapping | None, cls: type[T]) -> T:
+def load_config(source: str | os.PathLike | Mapping | None, cls: type[T], *, where: str | None = None) -> T:
     """Read a configuration into the dataclass ``cls``.
 
     Args:
         source: a ``.json`` / ``.yaml`` / ``.yml`` file, a dict (e.g. already parsed), ``None`` (all
             defaults) or an instance of ``cls`` (returned as is).
         cls: the (possibly nested) dataclass type.
+        where: what messages call a dict ``source`` (the file it was read from, e.g. with overrides merged);
+            default ``config``.
 
     Returns:
         An instance of ``cls``; fields absent from ``source`` take their defaults.
@@ -67,7 +69,7 @@ def load_config(source: str | os.PathLike | Mapping | None, cls: type[T]) -> T:
         where = "defaults"
     elif isinstance(source, Mapping):
         data = source
-        where = "config"
+        where = where or "config"
     elif isinstance(source, str | os.PathLike):
         data = read_config_file(source)
         where = str(source)

@@ -286,3 +286,23 @@ def test_extra_options_placeholder_is_accepted(ui, families):
     for family in families:
         args, unknown = build_parser().parse_known_args(["train", family, "--data", "d", "--out-dir", "o", *options])
         assert unknown == [], (family, unknown)
+
+
+@pytest.mark.parametrize("family, text", [
+    ("throughplane", '{"model": {"channelz": 3}}'),
+    ("sr", '{"train": {"learning_ratez": 1}}'),
+])
+def test_a_config_key_error_names_the_config_file(family, text, tmp_path, capsys):
+    """train throughplane and train sr read the file, merged the command line's options into it and then said "in
+    config": the user is told which file holds the mistake."""
+    from DiffusionCore.cli.main import main
+
+    config = tmp_path / "my config é.json"
+    config.write_text(text, encoding="utf-8")
+    extra = ["--vae", str(tmp_path)] if family == "sr" else []
+    (tmp_path / "data").mkdir()
+    rc = main(["train", family, "--config", str(config), "--data", str(tmp_path / "data"), "--out-dir",
+               str(tmp_path / "run"), *extra])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"in {config} (did you mean" in err, err

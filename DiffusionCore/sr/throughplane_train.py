@@ -545,7 +545,8 @@ def run_cli(args: argparse.Namespace) -> int:
                 logger.info("no --config: training with %s, the recipe of the shipped sr-default weights",
                             DEFAULT_CONFIG)  # fmt: skip
             base = dict(read_config_file(DEFAULT_CONFIG))
-    cfg = load_config({**base, **overrides}, ThroughPlaneTrainConfig)
+    source = str(args.config) if args.config else "the run's recorded config" if args.resume else str(DEFAULT_CONFIG)
+    cfg = load_config({**base, **overrides}, ThroughPlaneTrainConfig, where=source)
     summary = train(cfg, args.data, args.out_dir, resume=args.resume, init_from=args.init_from,
                     device=args.device)
     if "exported" in summary:  # rank 0 (or the one process) exported; the other ranks print nothing

@@ -173,7 +173,7 @@ def build_config(args: argparse.Namespace, family: str) -> SRConfig:
     """Defaults <- ``--config`` file <- command-line options."""
     base: dict[str, Any] = (read_config_file(args.config) if args.config
                             else resumed_settings(args.resume, args.out_dir) or {})
-    cfg = load_config(base, SRConfig)
+    cfg = load_config(base, SRConfig, where=str(args.config) if args.config else None)
     d: dict[str, Any] = config_to_dict(cfg)
     t, u, df = d["train"], d["unet"], d["diffusion"]
     if args.train_split:
