@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from DiffusionCore.cli.missing import OWNER_FILE, TORCH_CACHE_PREFIX
+from DiffusionCore.cli.missing import OWNER_FILE, TORCH_CACHE_PREFIX, mark_owner
 from DiffusionCore.errors import DiffusionCoreError, OutputError, ResourceError
 from DiffusionCore.files import format_bytes, pid_running
 
@@ -330,7 +330,7 @@ class CLIJob:
         self._folder_finalizer = weakref.finalize(self, shutil.rmtree, self.tempdir, True)
         self._folder_finalizer.atexit = False
         try:
-            (Path(self.tempdir) / OWNER_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n", encoding="utf-8")
+            mark_owner(self.tempdir)
         except OSError as exc:
             self._cleanup()
             raise temp_folder_problem(folder, exc) from exc

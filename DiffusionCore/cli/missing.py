@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -85,14 +85,15 @@ def _sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def _mark_owner(folder: str) -> None:
-    """Write :data:`OWNER_FILE` (this process, this machine) into ``folder``; nothing when it cannot be written (the
-    folder is then only removed by this run)."""
-    try:
-        with open(os.path.join(folder, OWNER_FILE), "w", encoding="utf-8") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
-    except OSError:
-        pass
+def mark_owner(folder: str | os.PathLike) -> None:
+    """Write :data:`OWNER_FILE` (this process, this machine: ``PID HOST``) into ``folder``, the marker by which a later
+    Slicer job removes the folder of a process that died (``CTDiffusionSRLib.jobs.remove_stale_job_folders``).
+
+    Raises:
+        OSError: it cannot be written.
+    """
+    with open(os.path.join(folder, OWNER_FILE), "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
 
 
 @contextmanager
@@ -115,7 +116,8 @@ def own_torch_cache() -> Iterator[str]:
             yield ""
             return
         try:
-            _mark_owner(folder)
+            with suppress(OSError):  # unmarked, the folder is only removed by this run
+                mark_owner(folder)
             os.environ[TORCH_CACHE_VARIABLE] = folder
             yield folder
         finally:
