@@ -243,6 +243,25 @@ def test_registry_with_bom_is_read(tmp_path):
     assert registry.read_registry(path) == {"mine": entry}
 
 
+def test_the_panels_list_a_registry_with_a_bom_as_the_engine_reads_it(tmp_path, monkeypatch):
+    """The engine read a registry saved with a byte-order mark, but the Slicer panels' own reader called it unreadable
+    and offered none of its weights: both read it with weights.entries.read_registry now."""
+    pytest.importorskip("slicer")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CTDiffusionSR"))
+    from CTDiffusionSRLib.weights_choice import registered_weights
+
+    monkeypatch.setenv("DIFFUSIONCORE_CACHE", str(tmp_path))
+    path = tmp_path / "weights" / "registry.json"
+    path.parent.mkdir()
+    (path.parent / "a.safetensors").write_bytes(b"x")
+    entry = {"file": "a.safetensors", "sha256": "0" * 64, "family": "sr", "description": "Modèle"}
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"weights": {"mine": entry}}).encode("utf-8"))
+    mine = [e for e in registered_weights("sr") if e.name == "mine"]
+    assert [(e.source, e.path, e.available, e.description) for e in mine] == [
+        ("user", path.parent / "a.safetensors", True, "Modèle")]
+    assert [w["name"] for w in registry.list_weights("sr")][-1] == "mine"
+
+
 def test_undecodable_description_is_refused_and_never_stored(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUSIONCORE_CACHE", str(tmp_path / "cache"))
     typed = "Mod\udcc3\udca8le"  # "Modèle" typed under a C locale without UTF-8 mode: bytes kept as surrogates

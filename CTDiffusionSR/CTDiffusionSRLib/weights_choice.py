@@ -11,7 +11,6 @@ meaning as ``list_weights``; a test checks that both views agree. Importing a fi
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -63,15 +62,18 @@ def user_registry_path() -> Path:
 
 
 def _entries(path: Path | None) -> dict:
-    if path is None or not path.is_file():
+    """The entries of a registry file as DiffusionCore reads them (``weights.entries.read_registry``, which imports
+    no torch); an unreadable one is warned of and offers nothing."""
+    from DiffusionCore.errors import WeightsError
+    from DiffusionCore.weights.entries import read_registry
+
+    if path is None:
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        logger.warning("weights registry %s is unreadable (%s); its weights are not offered", path, exc)
+        return read_registry(path)
+    except WeightsError as exc:
+        logger.warning("%s; its weights are not offered", exc)
         return {}
-    entries = data.get("weights") if isinstance(data, dict) else None
-    return entries if isinstance(entries, dict) else {}
 
 
 def registered_weights(family: str) -> list[WeightsEntry]:

@@ -51,6 +51,7 @@ import torch
 
 from ..errors import OutputError, OutputExistsError, WeightsError
 from ..files import cache_dir, partial_file, publish, sha256_file
+from .entries import read_registry
 from .header import (  # noqa: F401  (METADATA_KEY and read_safetensors_header stay part of this module's API)
     METADATA_KEY,
     existing_weights_file,
@@ -286,31 +287,6 @@ def _tensors_from_bytes(p: Path, data: bytes, device: str | torch.device) -> dic
 
 
 # ---------------------------------------------------------------------------------------------- registry
-
-
-def read_registry(path: Path) -> dict[str, dict[str, Any]]:
-    """The entries (name -> entry) of the registry file ``path``; empty when there is none."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (an editor's) is fine
-    except (OSError, ValueError) as exc:  # ValueError: JSON syntax, or bytes that are not UTF-8
-        raise WeightsError(
-            f"weights registry {path} is unreadable ({exc}); fix or delete it (deleting it unregisters every "
-            "weights file imported: fix its JSON to keep them)"
-        ) from exc
-    entries = data.get("weights", {}) if isinstance(data, dict) else None
-    if not isinstance(entries, dict):
-        raise WeightsError(
-            f'weights registry {path} must be {{"weights": {{name: entry}}}}; fix or delete it'
-        )
-    bad = [name for name, entry in entries.items() if not isinstance(entry, dict)]
-    if bad:
-        raise WeightsError(
-            f"weights registry {path} is unreadable (its entry {bad[0]!r} is not a JSON object with 'file', "
-            "'sha256' and 'family'); fix or delete it"
-        )
-    return entries
 
 
 def write_registry(path: Path, entries: Mapping[str, Any]) -> None:
