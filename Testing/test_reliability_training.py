@@ -446,39 +446,40 @@ def test_resume_on_a_folder_without_a_run_is_refused(family, files, tmp_path, ca
     assert os.listdir(tmp_path / "empty") == []
 
 
+def _cohort_folder(folder: Path, files: dict[str, Path]) -> Path:
+    """A folder holding the phantom (hard-linked): a cohort a run reads."""
+    folder.mkdir()
+    os.link(files["data"], folder / "thin.nii.gz")
+    return folder
+
+
+def _refused_inside(capsys, cohort: Path, option: str, out: Path) -> None:
+    """The one error line of an output folder inside the cohort, and the cohort left as it was."""
+    assert _errors(capsys.readouterr().err) == [
+        f"error: {option} {out} lies inside the input folder {cohort}: writing there would change what is read from "
+        "that folder (a series, a cohort), so it is refused even with --overwrite. Choose a path outside it."]
+    assert sorted(os.listdir(cohort)) == ["thin.nii.gz"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_run_folder_inside_the_training_data_is_refused_before_any_work(family, files, tmp_path, capsys):
     """A run folder inside the cohort folder put its checkpoints, logs and weights among the scans, where the next scan
     of the folder reads them (and --overwrite sets files aside there). Every family refuses it, whatever --overwrite
     says, before anything is read or written; so is the cohort folder itself."""
-    cohort = tmp_path / "my scans"
-    cohort.mkdir()
-    os.link(files["data"], cohort / "thin.nii.gz")
+    cohort = _cohort_folder(tmp_path / "my scans", files)
     args = [a if a != str(files["data"]) else str(cohort) for a in _family_args(family, files)]
     out_flag = "--output-dir" if family == "xray" else "--out-dir"
     for out in (cohort / "run", cohort):
-        rc = main(["train", family, *args, out_flag, str(out), "--overwrite"])
-        assert rc == 4
-        assert _errors(capsys.readouterr().err) == [
-            f"error: {out_flag} {out} lies inside the input folder {cohort}: writing there would change what is "
-            "read from that folder (a series, a cohort), so it is refused even with --overwrite. Choose a path outside "
-            "it."]
-        assert sorted(os.listdir(cohort)) == ["thin.nii.gz"]
+        assert main(["train", family, *args, out_flag, str(out), "--overwrite"]) == 4
+        _refused_inside(capsys, cohort, out_flag, out)
 
 
 def test_prepare_xray_data_into_its_ct_folder_is_refused(files, tmp_path, capsys):
     """prepare-xray-data wrote its cubes into the CT folder it read, where the next prepare-xray-data or train xray on
     that folder took each cube in as one more CT."""
-    cohort = tmp_path / "cts"
-    cohort.mkdir()
-    os.link(files["data"], cohort / "thin.nii.gz")
-    rc = main(["prepare-xray-data", "--data", str(cohort), "--output-dir", str(cohort / "cubes")])
-    assert rc == 4
-    assert _errors(capsys.readouterr().err) == [
-        f"error: --output-dir {cohort / 'cubes'} lies inside the input folder {cohort}: writing there would change "
-        "what is read from that folder (a series, a cohort), so it is refused even with --overwrite. Choose a path "
-        "outside it."]
-    assert sorted(os.listdir(cohort)) == ["thin.nii.gz"]
+    cohort = _cohort_folder(tmp_path / "cts", files)
+    assert main(["prepare-xray-data", "--data", str(cohort), "--output-dir", str(cohort / "cubes")]) == 4
+    _refused_inside(capsys, cohort, "--output-dir", cohort / "cubes")
 
 
 def test_resume_of_a_vae_run_at_its_last_step_trains_nothing_and_changes_nothing(files, tmp_path, capsys):
