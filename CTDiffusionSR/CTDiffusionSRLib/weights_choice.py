@@ -197,11 +197,10 @@ def _file_sha256(path: Path) -> str | None:
 def _registered_by_sha256(sha: str) -> tuple[str, str] | None:
     """``(name, family)`` of the registered weights whose sha256 is ``sha`` (bundled registry first, then the user's,
     as the registry looks a file up), or None."""
-    for registry in (bundled_registry_path(), user_registry_path()):
-        for name, entry in _entries(registry).items():
-            if isinstance(entry, dict) and str(entry.get("sha256", "")).lower() == sha:
-                return str(name), str(entry.get("family", ""))
-    return None
+    from DiffusionCore.weights.entries import find_sha256
+
+    found = find_sha256((_entries(registry) for registry in (bundled_registry_path(), user_registry_path())), sha)
+    return (found[0], str(found[1].get("family", ""))) if found else None
 
 
 def _file_family(path: Path) -> str | None:

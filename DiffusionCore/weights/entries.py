@@ -4,6 +4,7 @@ what a Slicer panel lists the weights of before the application has loaded torch
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +34,13 @@ def read_registry(path: Path) -> dict[str, dict[str, Any]]:
             "'sha256' and 'family'); fix or delete it"
         )
     return entries
+
+
+def find_sha256(registries: Iterable[dict[str, dict[str, Any]]], sha: str) -> tuple[str, dict[str, Any]] | None:
+    """``(name, entry)`` of the first registered weights whose sha256 is ``sha``, the registries' entries searched in
+    the order given (the bundled registry first, then the user's); None when none holds it."""
+    for entries in registries:
+        for name, entry in entries.items():
+            if str(entry.get("sha256", "")).lower() == sha:
+                return str(name), entry
+    return None

@@ -51,7 +51,7 @@ import torch
 
 from ..errors import OutputError, OutputExistsError, WeightsError
 from ..files import cache_dir, partial_file, publish, sha256_file
-from .entries import read_registry
+from .entries import find_sha256, read_registry
 from .header import (  # noqa: F401  (METADATA_KEY and read_safetensors_header stay part of this module's API)
     METADATA_KEY,
     existing_weights_file,
@@ -448,11 +448,8 @@ def _lookup_name(name: str) -> tuple[Path, dict[str, Any]] | None:
 
 
 def _lookup_sha(sha: str) -> str | None:
-    for _, _, entries in _registries():
-        for name, entry in entries.items():
-            if str(entry.get("sha256", "")).lower() == sha:
-                return name
-    return None
+    found = find_sha256((entries for _, _, entries in _registries()), sha)
+    return found[0] if found else None
 
 
 def _check_family(
