@@ -406,7 +406,7 @@ def ct_file(tmp_path_factory) -> Path:
 #: A stand-in for the modules' DiffusionTrain CLI that behaves like DiffusionCore's trainers: it records its
 #: arguments (argv.json), refuses a folder that holds a run unless told to resume or overwrite, appends
 #: ``train/loss`` lines to metrics.jsonl (``$FAKE_TRAINER_STEPS`` of them, 1000 by default, 20 per second) and
-#: ends cleanly with a checkpoint and weights, early when STOP appears.
+#: ends cleanly with a checkpoint folder and weights, early when STOP appears; ``--resume`` without a checkpoint fails.
 FAKE_TRAINER = """
 import argparse, json, os, pathlib, sys, time
 p = argparse.ArgumentParser()
@@ -420,6 +420,9 @@ out = pathlib.Path(a.outputDirectory)
 if list(out.glob("*.safetensors")) and not (a.resume or a.overwrite):
     print("error: already holds a training run: pass --resume or --overwrite", file=sys.stderr)
     sys.exit(4)
+if a.resume and not list(out.glob("checkpoint-*")):
+    print(f"error: --resume: no checkpoint in {out}; check the folder's name, or start without --resume", file=sys.stderr)
+    sys.exit(3)
 step = 0
 with open(out / "metrics.jsonl", "a") as f:
     for step in range(1, int(os.environ.get("FAKE_TRAINER_STEPS", "1000")) + 1):
@@ -428,7 +431,9 @@ with open(out / "metrics.jsonl", "a") as f:
         if (out / "STOP").exists():
             break
         time.sleep(0.05)
-(out / "checkpoint-clean").write_text(str(step))
+ckpt = out / f"checkpoint-{step:08d}"
+ckpt.mkdir(exist_ok=True)
+(ckpt / "state.json").write_text(json.dumps({"step": step, "files": {}}))
 (out / "model.safetensors").write_text("new run")
 """
 

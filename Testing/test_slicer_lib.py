@@ -938,8 +938,8 @@ def test_training_job_plots_metrics_and_stop_requests_a_clean_end(scene, tmp_pat
     while job.poll() == JobState.RUNNING and time.monotonic() < deadline:
         time.sleep(0.05)
     assert job.state == JobState.COMPLETED
-    assert (tmp_path / "run" / "checkpoint-clean").exists()
     steps = [s for s, _ in job.curve.values("train/loss")]
+    assert (tmp_path / "run" / f"checkpoint-{int(steps[-1]):08d}" / "state.json").exists()  # the clean end's checkpoint
     assert steps == list(range(1, len(steps) + 1))  # every line plotted once, in order
     assert job.tensorboard_dir == tmp_path / "run"
 
@@ -1397,7 +1397,17 @@ def test_training_overwrite_is_passed_and_a_previous_run_is_explained_first(scen
     (run / "model.safetensors").write_text("previous run")
     problem = output_folder_problem(run)
     assert "already holds a training run (model.safetensors)" in problem and "'Overwrite'" in problem and "'Resume'" in problem
-    assert output_folder_problem(run, overwrite=True) == "" and output_folder_problem(run, resume=True) == ""
+    assert output_folder_problem(run, overwrite=True) == ""
+    # Resume on a folder with weights or logs but no checkpoint is refused before config.json is written there
+    problem = output_folder_problem(run, resume=True)
+    assert problem.startswith(f"The output folder {run} holds no checkpoint to resume from, only model.safetensors")
+    assert "'Overwrite' instead of 'Resume'" in problem
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+        TrainingJob(scene, family="sr", config_path=None, config_text="{}", data=data, output_dir=run, resume=True)
+    assert sorted(p.name for p in run.iterdir()) == ["model.safetensors"]  # no config.json written for the refusal
+    (run / "checkpoint-00000010").mkdir()  # a checkpoint (even a damaged one, which the train command names)
+    assert output_folder_problem(run, resume=True) == ""
+    (run / "checkpoint-00000010").rmdir()
     # Resume on a folder that holds no run (a new or mistyped one) is explained before config.json is written there
     assert output_folder_problem(tmp_path / "run2", resume=True) == (
         f"The output folder {tmp_path / 'run2'} holds no training run to resume. Untick 'Resume' to start a new run "

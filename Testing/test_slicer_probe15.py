@@ -128,6 +128,8 @@ def test_a_refused_overwrite_leaves_the_runs_config_and_resume_still_works(widge
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"model": {"channels": 32, "blocks": 6}}, indent=2))
     (run / "model.safetensors").write_text("previous run")
+    (run / "checkpoint-00000010").mkdir()  # what Resume continues from
+    (run / "checkpoint-00000010" / "state.json").write_text("{}")
     before = _folder_state(run)
     panel, ui, p = _panel(widgets, tmp_path, monkeypatch, trainingOutputFolder=str(run), trainingOverwrite=True,
                           trainingDataFolder=str(tmp_path / "my scans é"))  # a typo: refused  # fmt: skip

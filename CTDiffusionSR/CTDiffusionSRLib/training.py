@@ -186,19 +186,26 @@ def output_folder_problem(output_dir: str | os.PathLike, resume: bool = False, o
     """
     if resume and overwrite:
         return _("Resume continues the run in the output folder and Overwrite replaces it: tick only one of them.")
+    from DiffusionCore.train.checkpoint import has_checkpoint
     from DiffusionCore.train.outdir import previous_run
 
     found = previous_run(output_dir) if Path(output_dir).is_dir() else []
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
     if resume and not found:  # a new or mistyped folder: said before the run's config.json is written into it
         return _(
             "The output folder {folder} holds no training run to resume. Untick 'Resume' to start a new run there, "
             "or choose the folder of the run to continue."
         ).format(folder=output_dir)
+    if resume and not has_checkpoint(output_dir):  # logs or weights only: the train command would refuse --resume
+        return _(
+            "The output folder {folder} holds no checkpoint to resume from, only {files} (a run stopped before its "
+            "first checkpoint, or weights copied there). Tick 'Overwrite' instead of 'Resume' to start the run again "
+            "there, or choose the folder of the run to continue."
+        ).format(folder=output_dir, files=shown)
     if resume or overwrite:
         return ""
     if not found:
         return ""
-    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
     return _(
         "The output folder {folder} already holds a training run ({files}). Tick 'Resume' to continue it, "
         "tick 'Overwrite' to replace it, or choose another output folder."
@@ -486,8 +493,8 @@ class TrainingJob(CLIJob):
             training_data_entries(data)  # refused now, in the train command's words, not by the background job
         elif not scene_volumes:
             raise InputError("no volumes selected for training; pick volumes in the scene or a data folder.")
-        if resume:  # another family's run: said before its config (of that family) is checked as this family's
-            problem = resume_family_problem(output_dir, family)
+        if resume:  # nothing to resume, or another family's run: said before its config is checked as this family's
+            problem = output_folder_problem(output_dir, resume=True) or resume_family_problem(output_dir, family)
             if problem:
                 raise ConfigError(problem)
         if config_text is not None and config_path is not None:

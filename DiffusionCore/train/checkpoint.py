@@ -212,6 +212,12 @@ def _checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def has_checkpoint(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a checkpoint folder (intact or not: ``--resume`` names a damaged one), i.e. whether
+    ``--resume`` has something to continue from; logs and exported weights alone are not enough."""
+    return bool(_checkpoint_dirs(Path(out_dir)))
+
+
 def _remove_dir(path: Path) -> None:
     """Hide a folder by renaming it, then delete it (a crash mid-delete leaves nothing visible)."""
     trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
