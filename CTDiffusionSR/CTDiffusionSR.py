@@ -44,7 +44,7 @@ trained on two chest CTs; weights with a latent diffusion stage (ResShift + IRCo
 section or imported, refine its estimate. Pick a thick-slice CT, keep the suggested factor, press Apply. The result is a NEW volume named
 "... SR xN (synthetic)": a plausible thin-slice image, not a measurement. Do not use it for diagnosis.
 "Adapt to this scan" (on by default) first fine-tunes a copy of the model on the input's own in-plane
-detail for 400 steps (about 40 to 90 seconds on 2 CPU cores); untick it for the model as installed. "Evaluate on this volume" simulates thick slices from a thin CT and scores the model, as Apply runs it, against cubic
+detail for 400 steps (about 40 seconds on 2 idle CPU cores); untick it for the model as installed. "Evaluate on this volume" simulates thick slices from a thin CT and scores the model, as Apply runs it, against cubic
 interpolation with and without data consistency. The Training section trains or fine-tunes models on your own data.
 See the <a href="https://github.com/SlicerCTDiffusion/SlicerCTDiffusion">documentation</a>.
 """)
@@ -141,8 +141,8 @@ class CTDiffusionSRWidget(ScriptedLoadableModuleWidget):
 class CTDiffusionSRTest(ScriptedLoadableModuleTest):
     """Self-test: super-resolve a small synthetic oblique CT with the tiny random-weight model on CPU.
 
-    Run it from the module's "Reload and Test" button (developer mode) or
-    ``slicer.util.getModuleTest("CTDiffusionSR").runTest()``.
+    Run it from the module's "Reload and Test" button (developer mode) or from Slicer's Python console with
+    ``slicer.selfTests["CTDiffusionSR"]()``, the entry ScriptedLoadableModule registers for every module.
     """
 
     def setUp(self):

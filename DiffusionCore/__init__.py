@@ -9,7 +9,8 @@ The public API:
 * :func:`evaluate` - score methods on simulated thick slices;
 * ``SuperResolver`` (``DiffusionCore.sr``) and ``XrayToCTGenerator`` (``DiffusionCore.xray``) - the models.
 
-Everything user-facing raises :class:`DiffusionCoreError` subclasses with actionable messages.
+Everything user-facing raises :class:`DiffusionCoreError` subclasses with actionable messages; all of them that a
+caller may catch are importable from here (``from DiffusionCore import NumericalError``).
 """
 
 from .degrade import crop_to_slabs, degrade, thin_grid
@@ -20,11 +21,12 @@ from .errors import (
     DiffusionCoreError,
     GeometryError,
     InputError,
+    NumericalError,
     OutputError,
     ResourceError,
     WeightsError,
 )
-from .evaluate import evaluate, register_method
+from .evaluate import MethodResultError, evaluate, register_method
 from .interpolation import interpolate
 from .version import __version__ as __version__
 from .volume import Grid, Volume, read_volume, suggested_factor, thick_axis, write_volume
@@ -37,6 +39,8 @@ __all__ = [
     "GeometryError",
     "Grid",
     "InputError",
+    "MethodResultError",
+    "NumericalError",
     "OutputError",
     "ResourceError",
     "Volume",

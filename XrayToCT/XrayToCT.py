@@ -91,7 +91,11 @@ class XrayToCTWidget(ScriptedLoadableModuleWidget):
 # XrayToCTTest
 #
 class XrayToCTTest(ScriptedLoadableModuleTest):
-    """Self-test: a synthetic radiograph through the tiny random-weight cascade (one stage, CPU)."""
+    """Self-test: a synthetic radiograph through the tiny random-weight cascade (one stage, CPU).
+
+    Run it from the module's "Reload and Test" button (developer mode) or from Slicer's Python console with
+    ``slicer.selfTests["XrayToCT"]()``.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()

@@ -10,7 +10,8 @@ on the volume; the shipped weights are never changed.
 Adaptation is on by default: ``sr``, the CT Diffusion SR module, its batch CLI and ``evaluate``'s
 ``sr+adapt`` method take :data:`DEFAULT_ADAPT_STEPS` steps unless told otherwise (``sr --no-adapt``). On
 the two scans measured that the weights never saw, it adds +0.3 to +0.7 dB at x4 and +0.7 to +0.8 dB at x2
-over the predictor alone, for 1 to 1.5 minutes on 2 CPU cores (``docs/model_cards/sr-default.md``).
+over the predictor alone, for about 40 s on 2 idle CPU cores (35-41 s for the default 400 steps in the speed
+runs of ``docs/model_cards/sr-default.md``, "Speed").
 
 Determinism: with a step count (the default, or ``sr --adapt-steps N``) the adapted network is the same
 for the same seed, weights, device and thread count. With a time budget (``sr --adapt SECONDS``) the
@@ -36,7 +37,7 @@ from .throughplane import ThroughPlaneNet, channels_last, cubic_planes
 
 logger = logging.getLogger(__name__)
 
-#: Steps of the default adaptation (60-90 s on 2 idle CPU cores; the same output for the same seed).
+#: Steps of the default adaptation (about 40 s on 2 idle CPU cores; the same output for the same seed).
 DEFAULT_ADAPT_STEPS = 400
 #: Time budget of ``sr --adapt`` given without a value, in seconds.
 DEFAULT_ADAPT_SECONDS = 120.0

@@ -406,7 +406,7 @@ class XrayToCTGenerator:
             worst = min(poor, key=lambda info: info["projection_psnr"])
             note = (
                 f"stage {worst['stage']}'s re-projection agrees poorly with the radiograph (projection PSNR "
-                f"{worst['projection_psnr']:.1f} dB, where real chest radiographs give about 30 dB; its NCC "
+                f"{worst['projection_psnr']:.1f} dB, where real chest radiographs give about 31 dB; its NCC "
                 f"{worst['projection_ncc']:.3f} ignores the overall brightness): the image is probably not what the "
                 "model expects. Likely causes: bright or dark borders or collimator shutters (crop the image to the "
                 "chest), an inverted image (bones dark: --invert), or not a frontal chest radiograph"
