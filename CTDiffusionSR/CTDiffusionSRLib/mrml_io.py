@@ -27,6 +27,14 @@ from DiffusionCore.errors import InputError, OutputError
 from DiffusionCore.provenance import read_provenance
 from DiffusionCore.volume import Grid, Volume
 
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # outside the Slicer application (tests, plain Python): the English text
+
+    def _(text: str) -> str:
+        return text
+
+
 logger = logging.getLogger(__name__)
 
 #: Sign flip between RAS (Slicer) and LPS (ITK, DICOM, DiffusionCore).
@@ -609,6 +617,40 @@ def source_node(node):
     reference, never by the ID recorded in the attribute: after a saved scene is imported beside other volumes,
     that ID can name another patient's scan."""
     return node.GetNodeReference(SOURCE_REFERENCE_ROLE) if node is not None and node.GetScene() is not None else None
+
+
+def comparison_source(result, current_input) -> tuple[Any, str]:
+    """The volume to compare the result node ``result`` with, and what to tell the user first ("" when nothing).
+
+    The volume it was made from while that is in the scene (:func:`source_node`), whatever the input selector holds
+    now. A result that records how it was made but no reference to its input (saved by a version before 2026-12-05,
+    whose scenes record only the input's node ID, which an imported scene gives to another volume; or its input was
+    removed from the scene) has no known input: ``current_input`` is returned with a notice, to compare only when the
+    user confirms that it is the scan the result was made from (None and a notice when there is no input). A volume
+    that records nothing (not a result of these modules) is compared with ``current_input``, as the user chose.
+
+    Returns:
+        ``(volume node or None, notice)``.
+    """
+    if result is None:
+        return None, ""
+    source = source_node(result)
+    if source is not None or result.GetAttribute(ATTR_SYNTHETIC) != "true":
+        return source or current_input, ""
+    name, recorded = result.GetName() or "", result.GetAttribute(ATTR_INPUT) or ""
+    if result.GetAttribute(ATTR_SOURCE) is not None:  # only versions before the node reference wrote this attribute
+        why = _("'{result}' was saved by an older version of this module and does not record which volume it was "
+                "made from.").format(result=name)  # fmt: skip
+    elif recorded:
+        why = _("'{result}' was made from '{input}', which is no longer in the scene.").format(result=name, input=recorded)
+    else:
+        why = _("'{result}' does not record which volume it was made from.").format(result=name)
+    if current_input is None:
+        return None, why + " " + _("Select the CT it was made from as the input to compare it with.")
+    return current_input, why + " " + _(
+        "Compare it with the selected input, '{input}'? Do so only if that is the scan it was made from; otherwise "
+        "select that scan as the input first."
+    ).format(input=current_input.GetName() or "")
 
 
 def recorded_input(node) -> tuple[str, str]:

@@ -280,26 +280,42 @@ class SRWidget(ModuleWidget):
         result = job.result_nodes[0]
         p.resultVolume = result
         p.uncertaintyVolume = getattr(job, "uncertainty_node", None)
-        if p.uncertaintyVolume and p.showUncertainty:
-            self.logic.showUncertainty(self.sourceOf(result), p.uncertaintyVolume)
+        source = self.sourceOf(result)
+        if source is None:  # its input was removed while the job ran, and the user did not choose another
+            slicer.util.setSliceViewerLayers(background=result, foreground=None, fit=True)
+        elif p.uncertaintyVolume and p.showUncertainty:
+            self.logic.showUncertainty(source, p.uncertaintyVolume)
         else:
-            self.logic.compareFade(self.sourceOf(result), result, p.fadeOpacity)
+            self.logic.compareFade(source, result, p.fadeOpacity)
         self._checkCanApply()
 
     # -- compare ----------------------------------------------------------------------------------------
     def sourceOf(self, result):
-        """The volume ``result`` was made from (the input may have been changed since), else the current input."""
-        from CTDiffusionSRLib.mrml_io import source_node
+        """The volume ``result`` was made from (the input may have been changed since). For a result that does not
+        record it (saved by an older version, or its input removed from the scene), the current input once the user
+        confirms that it is that scan; else None, and the status line says why nothing is compared
+        (:func:`CTDiffusionSRLib.mrml_io.comparison_source`)."""
+        from CTDiffusionSRLib.mrml_io import comparison_source
 
-        return source_node(result) or self._parameterNode.inputVolume
+        source, notice = comparison_source(result, self._parameterNode.inputVolume)
+        if not notice:
+            return source
+        self.ui.statusLabel.text = notice
+        if source is None or not slicer.util.confirmOkCancelDisplay(notice, _("Compare with the input")):
+            return None
+        return source
 
     def onCompareSideBySide(self) -> None:
         p = self._parameterNode
-        self.logic.compareSideBySide(self.sourceOf(p.resultVolume), p.resultVolume)
+        source = self.sourceOf(p.resultVolume)
+        if source is not None:
+            self.logic.compareSideBySide(source, p.resultVolume)
 
     def onCompareFade(self) -> None:
         p = self._parameterNode
-        self.logic.compareFade(self.sourceOf(p.resultVolume), p.resultVolume, p.fadeOpacity)
+        source = self.sourceOf(p.resultVolume)
+        if source is not None:
+            self.logic.compareFade(source, p.resultVolume, p.fadeOpacity)
 
     def onFadeChanged(self, value: float) -> None:
         self.logic.setFade(value)

@@ -44,6 +44,7 @@ class WeightsEntry:
     source: str  # "bundled" or "user"
     path: Path
     available: bool  # the file is on this machine
+    hidden: bool = False  # the user's own, under a name that is now bundled: the name runs the bundled weights
 
 
 def bundled_registry_path() -> Path | None:
@@ -77,35 +78,57 @@ def _entries(path: Path | None) -> dict:
 
 
 def registered_weights(family: str) -> list[WeightsEntry]:
-    """The registered weights of ``family``: bundled first, then the user's; a name in both is the bundled one."""
-    out, seen = [], set()
+    """The registered weights of ``family``: bundled first, then the user's. A name in both is the bundled one; the
+    user's entry of that name (imported before weights of that name shipped) is listed with ``hidden`` true."""
+    out, bundled = [], set()
     for source, registry in (("bundled", bundled_registry_path()), ("user", user_registry_path())):
         for name, entry in _entries(registry).items():
-            if name in seen or not isinstance(entry, dict) or entry.get("family") != family:
+            hidden = source == "user" and name in bundled
+            if source == "bundled":
+                bundled.add(name)
+            if not isinstance(entry, dict) or entry.get("family") != family:
                 continue
-            seen.add(name)
             file = Path(str(entry.get("file", "")))
             path = file if file.is_absolute() else registry.parent / file
-            out.append(
-                WeightsEntry(str(name), family, str(entry.get("description", "")), source, path, path.is_file())
-            )
+            out.append(WeightsEntry(str(name), family, str(entry.get("description", "")), source, path,
+                                    path.is_file(), hidden))  # fmt: skip
     return out
 
 
 def default_weights(family: str) -> str | None:
     """The weights used when none are named: the first registered entry whose file is here, else None."""
-    return next((e.name for e in registered_weights(family) if e.available), None)
+    return next((e.name for e in registered_weights(family) if e.available and not e.hidden), None)
+
+
+#: Names whose hidden weights were told of in the log in this process (:func:`weights_items`): once each.
+_TOLD_HIDDEN: set[str] = set()
 
 
 def weights_items(family: str, current: str = "") -> tuple[list[str], str]:
     """The names the weights selector lists (those whose file is here) and the one to show selected.
 
     ``current`` is the parameter node's choice ("" = the default); a chosen file path or a name not in the
-    list is kept as the selection (the selector is editable) and judged by :func:`weights_problem`.
+    list is kept as the selection (the selector is editable) and judged by :func:`weights_problem`. The user's own
+    weights under a name that is now bundled (imported before weights of that name shipped) are listed by their
+    file, which runs them (the name runs the shipped ones), and the log says so once.
     """
-    names = [e.name for e in registered_weights(family) if e.available]
+    entries = [e for e in registered_weights(family) if e.available]
+    names = [e.name for e in entries if not e.hidden] + [str(e.path) for e in entries if e.hidden]
+    for e in entries:
+        if e.hidden and e.name not in _TOLD_HIDDEN:
+            _TOLD_HIDDEN.add(e.name)
+            logger.warning(hidden_weights_notice(e))
     selected = current or default_weights(family) or ""
     return names, selected
+
+
+def hidden_weights_notice(entry: WeightsEntry) -> str:
+    """What the panel says of the user's own weights hidden by the shipped weights of their name."""
+    return _(
+        "Your imported weights '{name}' are hidden by the weights of that name that now ship with the extension: "
+        "choosing '{name}' runs the shipped ones. Your weights are listed by their file, {path}; choose that, or "
+        "press 'Import weights...' and import that file under a new name."
+    ).format(name=entry.name, path=entry.path)
 
 
 def weights_problem(family: str, chosen: str = "") -> str:
@@ -116,7 +139,7 @@ def weights_problem(family: str, chosen: str = "") -> str:
         chosen: a registered name, a .safetensors path, or "" for the default.
     """
     title = FAMILY_TITLES.get(family, family)
-    entries = {e.name: e for e in registered_weights(family)}
+    entries = {e.name: e for e in registered_weights(family) if not e.hidden}
     if not chosen:
         if default_weights(family) is not None:
             return ""

@@ -145,7 +145,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--view", default="pa", choices=("pa", "lateral"), help="DRR view")
     q.add_argument("--augmented-copies", type=bounded_int(0), default=2, help="augmented DRRs per cube (0: none)")
     q.add_argument("--seed", type=int, default=0, help="augmentation seed")
-    q.add_argument("--overwrite", action="store_true", help="replace existing cube files")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace the prepared dataset already in --output-dir (without it, such a folder is refused): "
+                   "its manifest.json and files are rewritten, and its case folders that the new manifest does not "
+                   "list are removed")  # fmt: skip
     add_progress_argument(q)
     q.set_defaults(func=run_prepare)
 

@@ -84,13 +84,25 @@ def planned_steps(cfg: SRConfig) -> int:
     return min(total, t.max_steps) if t.max_steps > 0 else total
 
 
+#: The settings of a train sr / train vae run that name files or folders: what each is, and the option that gives it.
+RECORDED_PATHS = {
+    "train.data": ("its training data", "--data"),
+    "train.val_data": ("its validation data", "--val-data"),
+    "train.vae_weights": ("its VAE", "--vae"),
+    "train.latent_dir": ("its latents folder", "--latent-dir"),
+}
+
+
 def _refuse_finished_run(cfg: SRConfig, out_dir: str | os.PathLike, resume: bool) -> None:
-    """``--resume`` of a run already at its last step trains nothing: refused before any data is read."""
-    from ..train.checkpoint import refuse_nothing_to_train
+    """``--resume`` of a run already at its last step trains nothing, and one whose recorded files cannot be found
+    from here (paths relative to the folder it was started from) cannot train: both refused before any data is
+    read, the second naming the record and the option that gives each file again."""
+    from ..train.checkpoint import refuse_nothing_to_train, refuse_unreachable_recorded_paths
 
     if resume:
         refuse_nothing_to_train(out_dir, planned_steps(cfg), f"its last step {planned_steps(cfg)} (epochs x "
                                 "steps_per_epoch, at most max_steps)")  # fmt: skip
+        refuse_unreachable_recorded_paths(out_dir, config_to_dict(cfg), RECORDED_PATHS)
 
 
 def _step_generators(seed: int, rank: int, step: int) -> tuple[np.random.Generator, torch.Generator]:

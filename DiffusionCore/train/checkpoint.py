@@ -659,22 +659,29 @@ RESUME_FREE_SETTINGS = frozenset({
 })  # fmt: skip
 
 
-def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+def config_differences(saved: Any, current: Any, prefix: str = "", added: list[str] | None = None) -> list[str]:
     """``"key: saved -> current"`` for each setting that differs between two JSON-ready configs (nested keys dotted),
-    except those of :data:`RESUME_FREE_SETTINGS`."""
+    except those of :data:`RESUME_FREE_SETTINGS`.
+
+    Args:
+        added: when given, the settings that ``saved`` lacks (options added since the run recorded its settings)
+            are appended to it as ``"key = current"`` instead of being returned as differences.
+    """
     if isinstance(saved, dict) and isinstance(current, dict):
         out: list[str] = []
         for key in sorted(set(saved) | set(current), key=str):
             if key in RESUME_FREE_SETTINGS:
                 continue
             name = f"{prefix}{key}"
-            if key not in saved or key not in current:
+            if key not in saved and added is not None:
+                added.append(f"{name} = {current[key]!r}")
+            elif key not in saved or key not in current:
                 out.append(f"{name}: {saved.get(key, '(none)')!r} -> {current.get(key, '(none)')!r}")
             else:
-                out += config_differences(saved[key], current[key], name + ".")
+                out += config_differences(saved[key], current[key], name + ".", added)
         return out
     if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
-        return [d for i, (a, b) in enumerate(zip(saved, current)) for d in config_differences(a, b, f"{prefix}{i}.")]
+        return [d for i, (a, b) in enumerate(zip(saved, current)) for d in config_differences(a, b, f"{prefix}{i}.", added)]
     return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
 
 
@@ -703,6 +710,60 @@ def resumed_settings(resume: bool, out_dir: str | os.PathLike | None) -> dict[st
         logger.info("--resume without --config: continuing with the settings the run recorded (%s)",
                     latest / STATE_FILE)  # fmt: skip
     return config
+
+
+#: A recorded setting that looks like a file or folder path (not a weights or sample name): it has a folder part or a
+#: file suffix of what runs read.
+_PATH_SUFFIXES = (".safetensors", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".txt", ".list")
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or "\\" in text or text.lower().endswith(_PATH_SUFFIXES)
+
+
+def refuse_unreachable_recorded_paths(out_dir: str | os.PathLike, settings: Mapping[str, Any],
+                                      options: Mapping[str, tuple[str, str]]) -> None:  # fmt: skip
+    """Refuse ``--resume`` when a file or folder the run recorded (in its checkpoint's ``state.json``) and still uses
+    cannot be found from here: a relative path is relative to the folder the run was started from. Says where the
+    path was read from and which option gives it again, instead of the plain "does not exist" of reading it.
+
+    Args:
+        out_dir: the run's folder (nothing is checked when it holds no checkpoint: the resume says so).
+        settings: the settings the resumed run uses (JSON-ready, nested), recorded ones and those given now.
+        options: dotted setting (``"train.vae_weights"``) -> (what it is, e.g. ``"its VAE weights"``, the option
+            that gives it, e.g. ``"--vae"``). A list setting is checked entry by entry.
+
+    Raises:
+        InputError: naming each such path, the ``state.json`` it was recorded in, and its option.
+    """
+    latest = resumable_checkpoint(out_dir, warn=False)
+    recorded = _recorded_in(latest) if latest is not None else None
+    if not recorded:
+        return
+
+    def value(config: Any, dotted: str) -> Any:
+        for part in dotted.split("."):
+            config = config.get(part) if isinstance(config, Mapping) else None
+        return config
+
+    relative, gone = [], []
+    for dotted, (what, option) in options.items():
+        was, now = value(recorded, dotted), value(settings, dotted)
+        was_list = [str(v) for v in (was if isinstance(was, list) else [was]) if v]
+        now_list = [str(v) for v in (now if isinstance(now, list) else [now]) if v]
+        for entry in (v for v in now_list if v in was_list and _looks_like_path(v)):  # from the record
+            path = Path(entry).expanduser()
+            if not path.exists():
+                (gone if path.is_absolute() else relative).append(f"{what} {entry} (give it again with {option})")
+    said = []
+    if relative:
+        said.append(f"paths relative to the folder the run was started from, which do not exist from here "
+                    f"({Path.cwd()}): {', '.join(relative)}; resume from the folder the run was started from, or give "
+                    "them again with these options")  # fmt: skip
+    if gone:
+        said.append(f"files that do not exist any more: {', '.join(gone)}")
+    if said:
+        raise InputError(f"--resume: the run in {out_dir} recorded (in {latest / STATE_FILE}) " + "; and ".join(said))
 
 
 def nothing_to_resume(out_dir: str | os.PathLike) -> InputError:
@@ -814,11 +875,16 @@ def warn_resumed_config(state: dict, current: Any, checkpoint: str | os.PathLike
     saved_data, current_data = _pop_data(saved), _pop_data(now)
     if saved_data is not None and current_data is not None:
         warn_resumed_data(saved_data, current_data, checkpoint)
-    differences = config_differences(saved, now)
+    added: list[str] = []
+    differences = config_differences(saved, now, added=added)
     if differences:
         shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
         logger.warning(
             "resuming with settings that differ from the run's (%s keeps them in state.json), from this step on: %s",
             checkpoint, shown,
         )
+    if added:  # options that did not exist when the run started (a run of an older version): not a change of the user's
+        logger.info("%d option(s) added since this run started are not in its record (%s) and take their defaults "
+                    "(or the values --config gives) from this step on: %s", len(added), Path(checkpoint) / STATE_FILE,
+                    "; ".join(added))  # fmt: skip
     return differences

@@ -25,9 +25,10 @@ Both have the same format::
         }
     }}
 
-A name is looked up in the bundled registry first, then in the user one. A file path given instead of a
-name is accepted only when its sha256 is registered (under any name), unless the caller explicitly allows
-unregistered weights (``--allow-unregistered-weights`` on the command line).
+A name is looked up in the bundled registry first, then in the user one (a user entry under a bundled name, imported
+before weights of that name shipped, is hidden: listed, verified and removable, and told of once per process). A file
+path given instead of a name is accepted only when its sha256 is registered (under any name), unless the caller
+explicitly allows unregistered weights (``--allow-unregistered-weights`` on the command line).
 """
 
 from __future__ import annotations
@@ -354,40 +355,91 @@ def _entry_path(folder: Path, entry: Mapping[str, Any]) -> Path:
 def list_weights(family: str | None = None) -> list[dict[str, Any]]:
     """Registered weights, bundled first, then the user's.
 
+    A user entry under a name that is now bundled (imported before weights of that name shipped) is listed too, after
+    the bundled one, with ``hidden`` true and a description that says so and how to use it again: the name runs the
+    bundled weights (:func:`hidden_user_weights`; the user is told once per process).
+
     Args:
         family: keep only this family (``None``: all).
 
     Returns:
         Dicts with ``name``, ``family``, ``sha256``, ``description``, ``model_card``, ``source``
-        (``"bundled"`` or ``"user"``), ``path`` and ``available`` (the file exists).
+        (``"bundled"`` or ``"user"``), ``path``, ``available`` (the file exists) and ``hidden``.
     """
     out = []
-    seen: set[str] = set()
+    bundled: set[str] = set()
     for source, folder, entries in _registries():
         for name, entry in entries.items():
-            if name in seen or (family is not None and entry.get("family") != family):
+            hidden = name in bundled
+            if source == "bundled":
+                bundled.add(name)
+            if family is not None and entry.get("family") != family:
                 continue
-            seen.add(name)
             path = _entry_path(folder, entry)
+            description = entry.get("description", "")
+            if hidden:
+                description = _hidden_description(name, path, description)
+                _tell_hidden(name, path, entry)
             out.append(
                 {
                     "name": name,
                     "family": entry.get("family"),
                     "sha256": entry.get("sha256"),
-                    "description": entry.get("description", ""),
+                    "description": description,
                     "model_card": entry.get("model_card", ""),
                     "source": source,
                     "path": path,
                     "available": path.is_file(),
+                    "hidden": hidden,
                 }
             )
     return out
 
 
+def hidden_user_weights(name: str) -> tuple[Path, dict[str, Any]] | None:
+    """``(file, entry)`` of the user's own weights registered as ``name`` when ``name`` is also the name of bundled
+    weights, which it runs: weights a user imported under that name before weights of that name shipped (older
+    versions allowed it; :func:`import_weights` now refuses bundled names). None otherwise."""
+    bundled, (_, folder, user) = read_registry(BUNDLED_REGISTRY), _registries()[1]
+    if name not in bundled or name not in user:
+        return None
+    return _entry_path(folder, user[name]), user[name]
+
+
+def _reimport_command(path: Path) -> str:
+    return f"python -m DiffusionCore weights import {shell_word(path)} --name NEW"
+
+
+def _hidden_description(name: str, path: Path, description: str) -> str:
+    """The listing's description of user weights hidden by the bundled weights of their name."""
+    said = (f"HIDDEN: {name!r} runs the shipped weights of that name; to use these, import them under another "
+            f"name: `{_reimport_command(path)}`")  # fmt: skip
+    return f"{said} ({description})" if description else said
+
+
+#: Names whose hidden user weights this process has told of (:func:`_tell_hidden`): once each.
+_TOLD_HIDDEN: set[str] = set()
+
+
+def _tell_hidden(name: str, path: Path, entry: Mapping[str, Any]) -> None:
+    """Warn, once per process and name, that the user's own weights ``name`` are hidden by the bundled weights of
+    that name, and say how to keep using them."""
+    sha = str(entry.get("sha256", "")).lower()
+    if name in _TOLD_HIDDEN or sha == str(read_registry(BUNDLED_REGISTRY).get(name, {}).get("sha256", "")).lower():
+        return  # told already, or the same file as the shipped one: nothing is lost
+    _TOLD_HIDDEN.add(name)
+    logger.warning(
+        "your imported weights %r (sha256 %s..., %s) are hidden by the weights of that name that now ship with the "
+        "extension: --weights %s runs the shipped ones. To keep using yours, import them under a new name: `%s`, "
+        "then pass --weights NEW; once they are imported, `python -m DiffusionCore weights remove %s` deletes the old "
+        "copy (the shipped weights stay)", name, sha[:12] or "unknown", path, name, _reimport_command(path), shell_word(name),
+    )
+
+
 def first_available(family: str) -> str | None:
     """The name of the first registered weights of ``family`` whose file is on this machine (bundled registry
     first, then the user's), or ``None``: the weights used when a command is given none."""
-    return next((str(e["name"]) for e in list_weights(family) if e["available"]), None)
+    return next((str(e["name"]) for e in list_weights(family) if e["available"] and not e["hidden"]), None)
 
 
 def default_weights_name(
@@ -401,7 +453,7 @@ def default_weights_name(
     name = first_available(family)
     if name is not None:
         return name
-    entries = list_weights(family=family)
+    entries = [e for e in list_weights(family=family) if not e["hidden"]]
     if entries:
         names = ", ".join(e["name"] for e in entries)
         raise WeightsError(f"the registered {what} weights ({names}) have no file on this machine: {how_to_reimport}")
@@ -419,15 +471,24 @@ def shell_word(text: str | os.PathLike) -> str:
 _CHECKPOINT_FOLDER = re.compile(r"^checkpoint-\d{8,}$")
 
 
-def _refuse_training_checkpoint(path: Path, metadata: Mapping[str, Any]) -> None:
+def _refuse_training_checkpoint(path: Path, metadata: Mapping[str, Any], name: str | None = None) -> None:
     """Refuse a file of a training checkpoint given as weights (``RUN/checkpoint-00000300/ema.safetensors``): it
     holds one model's tensors for ``--resume`` and records no model family or architecture. Names the run's exported
-    weights, which are what inference and ``weights import`` take."""
+    weights, which are what inference and ``weights import`` take; for such a file registered as ``name`` (older
+    versions imported them), how to register the run's exported weights under that name instead."""
     in_checkpoint = _CHECKPOINT_FOLDER.match(path.parent.name) and (path.parent / "state.json").is_file()
     if metadata.get("kind") != "model" and not (in_checkpoint and path.name == "training_state.safetensors"):
         return
     what = f"model {metadata['model']!r}, " if metadata.get("model") else ""
     step = f"step {metadata['step']}" if "step" in metadata else "a training step"
+    if name is not None:  # the copy in the cache: the run it came from is not recorded
+        raise WeightsError(
+            f"weights {name!r} ({path}) are a file of a training checkpoint ({what}{step}), kept for --resume, not "
+            "weights to run: an older version let it be imported. Register the weights the run exported instead: "
+            f"`python -m DiffusionCore weights remove {shell_word(name)}`, then `python -m DiffusionCore weights "
+            f"import RUN/EXPORTED.safetensors --name {shell_word(name)}` (RUN: the training run's folder; EXPORTED: "
+            "the weights it exported, e.g. sr_model.safetensors of a train sr run, vae.safetensors of a train vae run)"
+        )
     run = path.parent.parent if in_checkpoint else path.parent
     exported = sorted(str(f) for f in run.glob("*.safetensors") if f.is_file()) if run.is_dir() else []
     if exported:
@@ -471,6 +532,28 @@ def _check_family(
         )
 
 
+def _resolve_entry(name: str, folder: Path, entry: Mapping[str, Any], family: str | None) -> ResolvedWeights:
+    """The weights of the registry entry ``entry`` (of the registry in ``folder``) registered as ``name``, checked:
+    the file is there, matches its sha256, is no training checkpoint's file, and is of ``family``."""
+    path = _entry_path(folder, entry)
+    if not path.is_file():
+        raise WeightsError(
+            f"weights {name!r} are registered but their file {path} is missing: import them again "
+            "(`python -m DiffusionCore weights import FILE --name NAME`) or reinstall the extension"
+        )
+    expected = str(entry.get("sha256", "")).lower()
+    _, metadata = read_safetensors_header(path)
+    actual = sha256_file(path)
+    if actual != expected:
+        raise WeightsError(
+            f"weights {name!r} ({path}) fail their sha256 check (registered {expected}, file has {actual}): "
+            "the file is corrupt or was replaced; import or fetch it again"
+        )
+    _refuse_training_checkpoint(path, metadata, name)
+    _check_family(path, metadata, entry.get("family"), family)
+    return ResolvedWeights(path=path, sha256=actual, name=name, metadata=metadata)
+
+
 def resolve_weights(
     name_or_path: str | os.PathLike, *, family: str | None, allow_unregistered: bool = False
 ) -> ResolvedWeights:
@@ -492,23 +575,10 @@ def resolve_weights(
     text = os.fspath(name_or_path)
     found = _lookup_name(text) if isinstance(name_or_path, str) else None
     if found is not None:
-        folder, entry = found
-        path = _entry_path(folder, entry)
-        if not path.is_file():
-            raise WeightsError(
-                f"weights {text!r} are registered but their file {path} is missing: import them again "
-                "(`python -m DiffusionCore weights import FILE --name NAME`) or reinstall the extension"
-            )
-        expected = str(entry.get("sha256", "")).lower()
-        _, metadata = read_safetensors_header(path)
-        actual = sha256_file(path)
-        if actual != expected:
-            raise WeightsError(
-                f"weights {text!r} ({path}) fail their sha256 check (registered {expected}, file has {actual}): "
-                "the file is corrupt or was replaced; import or fetch it again"
-            )
-        _check_family(path, metadata, entry.get("family"), family)
-        return ResolvedWeights(path=path, sha256=actual, name=text, metadata=metadata)
+        hidden = hidden_user_weights(text)
+        if hidden is not None:
+            _tell_hidden(text, *hidden)
+        return _resolve_entry(text, *found, family)
 
     path = Path(text).expanduser()
     if not path.exists():
@@ -634,6 +704,9 @@ def import_weights(
 def remove_weights(name: str) -> Path:
     """Unregister user weights ``name`` and delete the file that :func:`import_weights` copied.
 
+    A bundled name is refused, unless the user registry holds weights of that name too (imported before weights of
+    that name shipped, :func:`hidden_user_weights`): then those are removed, and the bundled weights stay.
+
     Returns:
         The path of the deleted file.
 
@@ -641,7 +714,8 @@ def remove_weights(name: str) -> Path:
         WeightsError: ``name`` is bundled (it ships with the extension) or registered nowhere.
         OutputError: the user registry or the file cannot be changed.
     """
-    if name in read_registry(BUNDLED_REGISTRY):
+    shipped = name in read_registry(BUNDLED_REGISTRY)
+    if shipped and hidden_user_weights(name) is None:
         raise WeightsError(
             f"{name!r} ships with the extension and cannot be removed; import your own weights under "
             "another name and pass --weights NAME"
@@ -663,7 +737,11 @@ def remove_weights(name: str) -> Path:
             path.unlink(missing_ok=True)
         except OSError as exc:
             raise OutputError(f"unregistered {name!r} but cannot delete {path}: {exc.strerror or exc}") from exc
-    logger.info("removed weights %r (%s)", name, path)
+    if shipped:
+        logger.info("removed your imported weights %r (%s); the shipped weights of that name stay: --weights %s runs "
+                    "them", name, path, name)  # fmt: skip
+    else:
+        logger.info("removed weights %r (%s)", name, path)
     return path
 
 
@@ -701,22 +779,35 @@ def verify_weights(names: list[str] | None = None) -> list[WeightsCheck]:
         names: registered names to check (``None``: every registered name).
 
     Returns:
-        One :class:`WeightsCheck` per name, in registry order.
+        One :class:`WeightsCheck` per name, in registry order; a name that is bundled and also holds the user's own
+        weights (:func:`hidden_user_weights`) has one for each.
 
     Raises:
         WeightsError: a name in ``names`` is registered nowhere.
     """
-    entries = {e["name"]: e for e in list_weights()}
+    listed = list_weights()
+    entries = {e["name"]: e for e in listed if not e["hidden"]}
     unknown = [n for n in names or [] if n not in entries]
     if unknown:
         raise WeightsError(
             f"no weights named {', '.join(map(repr, unknown))}; registered: {', '.join(entries) or 'none'}"
         )
+    wanted = set(names or entries)
     checks = []
-    for name in names or list(entries):
-        entry = entries[name]
+    for entry in listed:  # registry order; the user's weights hidden by a bundled name are checked too
+        name = entry["name"]
+        if name not in wanted:
+            continue
         try:
-            check_weights(name, family=entry["family"])
+            if entry["hidden"]:
+                hidden = hidden_user_weights(name)
+                if hidden is None:  # the registry changed meanwhile
+                    continue
+                rw = _resolve_entry(name, user_registry_path().parent, hidden[1], entry["family"])
+                data, _, metadata = read_weights_bytes(rw.path)
+                check_loadable(rw.path, data, metadata, entry["family"])
+            else:
+                check_weights(name, family=entry["family"])
         except WeightsError as exc:
             checks.append(WeightsCheck(name, entry["source"], entry["path"], False, str(exc)))
         else:

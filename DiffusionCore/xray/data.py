@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import InputError, OutputExistsError
 from ..inputs import done_through
 from ..intensity import hu_to_unit
 from ..train.augment import rotation_matrix
@@ -506,11 +507,23 @@ def prepare_dataset(
     Layout: ``output_dir/<case>/cube_<R>.nii.gz`` (int16 HU), ``drr_<X>.npy`` (clean, float32 [0, 1]) and
     ``drr_<X>_aug<k>.npy`` (augmented), and ``output_dir/manifest.json`` listing every file and setting.
 
+    A folder that already holds a prepared dataset (a manifest or case folders) is refused unless ``overwrite``; with
+    it, the files of that dataset that the new manifest does not list (case folders of other CTs or of another order,
+    DRRs of other sizes) are removed once the new manifest is written, so that the folder holds what it lists.
+
     A CT too small for the cube stops the run if it is one of ``named`` (given by name on the command line), else it
     is passed over with a warning (:func:`usable_volumes`). A run that stops (a refused CT, an error, a cancel)
     removes the folders it made: the case folders, and ``output_dir`` if it did not exist before.
     """
     out = Path(output_dir)
+    earlier = prepared_contents(out)
+    if earlier and not overwrite:
+        shown = ", ".join(p.name for p in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+        raise OutputExistsError(
+            out, f"already holds a prepared dataset ({shown})",
+            "pass --overwrite to replace it (its case folders that the new manifest does not list are removed), or "
+            "choose another --output-dir",
+        )
     made = [] if out.exists() else [out]  # removed again if the run stops
     out.mkdir(parents=True, exist_ok=True)
     aug = aug or XrayDataConfig(view=view, fov_mm=fov_mm)
@@ -561,7 +574,52 @@ def prepare_dataset(
         for folder in reversed(made):
             shutil.rmtree(folder, ignore_errors=True)
         raise
+    _remove_unlisted(out, earlier, manifest)  # the new dataset is complete: what it replaces goes
     return path
+
+
+#: A case folder of a prepared dataset: its CT's place in the list, then the CT's name (``0003_ct``).
+_CASE_FOLDER = re.compile(r"^\d{4,}_")
+#: The files :func:`prepare_dataset` writes into a case folder (and what a stopped write leaves).
+_CASE_FILE = re.compile(r"^(cube_\d+\.nii\.gz|drr_\d+(_aug\d+)?\.npy)(\.partial)?$")
+
+
+def prepared_contents(folder: Path) -> list[Path]:
+    """The ``manifest.json`` and case folders of a dataset that :func:`prepare_dataset` wrote into ``folder`` (any
+    version; case folders are those named ``NNNN_name`` that hold its cube or DRR files); empty when none."""
+    if not folder.is_dir():
+        return []
+    found = [folder / MANIFEST] if (folder / MANIFEST).is_file() else []
+    for case in sorted(folder.iterdir()):
+        if case.is_dir() and _CASE_FOLDER.match(case.name) and any(_CASE_FILE.match(f.name) for f in case.iterdir()):
+            found.append(case)
+    return found
+
+
+def _remove_unlisted(out: Path, earlier: list[Path], manifest: dict) -> None:
+    """Remove the files of the dataset ``out`` held before (``earlier``: :func:`prepared_contents`) that ``manifest``
+    does not list: only files :func:`prepare_dataset` writes, then their folder if that is left empty (a folder that
+    also holds other files is kept, and named)."""
+    listed = {out / f for case in manifest["cases"] for f in case["files"].values()}
+    removed, kept = [], []
+    for case in (p for p in earlier if p.is_dir()):
+        try:
+            for f in list(case.iterdir()):
+                if _CASE_FILE.match(f.name) and f not in listed:
+                    f.unlink()
+            if case in {f.parent for f in listed}:
+                continue
+            case.rmdir()
+            removed.append(case.name)
+        except OSError:  # it holds files of the user's, or cannot be changed
+            kept.append(case.name)
+    if removed:
+        logger.info("removed %d case folder(s) of the dataset %s held before, which the new manifest does not list: "
+                    "%s", len(removed), out, ", ".join(removed))  # fmt: skip
+    if kept:
+        logger.warning("kept %s in %s: the new manifest does not list them, and they hold files prepare-xray-data "
+                       "did not write or cannot be changed (its own were removed where they could be); delete them "
+                       "if they are not yours", ", ".join(kept), out)  # fmt: skip
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
