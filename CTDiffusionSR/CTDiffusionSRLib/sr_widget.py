@@ -32,7 +32,7 @@ class CTDiffusionSRParameterNode:
     factor 0 = suggested from the slice spacing; steps 0 = the posterior-mean estimate (N > 0: a posterior
     sample in N steps); guidance 0 = the model's default; patch and overlap 0 = automatic; outputVolume
     None = a new node; adaptToScan (on by default): first fine-tune a copy of the model for adaptSteps steps
-    on the input's own in-plane detail (400 take 1 to 1.5 minutes on 2 CPU cores).
+    on the input's own in-plane detail (400 take about 40 seconds on 2 idle CPU cores).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -80,7 +80,7 @@ class CTDiffusionSRLogic(ScriptedLoadableModuleLogic):
     Example (Slicer's Python console)::
 
         logic = slicer.util.getModuleLogic("CTDiffusionSR")
-        result = logic.process(slicer.util.getNode("CT_01"), factor=4, steps=15)
+        result = logic.process(slicer.util.getNode("CT_01"), factor=4)
     """
 
     def getParameterNode(self):
@@ -147,7 +147,7 @@ class CTDiffusionSRLogic(ScriptedLoadableModuleLogic):
 
         The same command-line module the widget's background job runs, here driven by Slicer (its
         temporary files, its progress and cancel in the CLI node). Parameter names are those of
-        CTDiffusionSRBatch.xml, e.g. ``factor=4, numSteps=15, device="cuda"``. The output file carries the
+        CTDiffusionSRBatch.xml, e.g. ``factor=4, adaptSteps=400, device="cuda"``. The output file carries the
         provenance, so the output node is labelled synthetic when Slicer reads it back
         (:func:`CTDiffusionSRLib.mrml_io.recognise_result_file`), but it is not placed beside the input and has no
         link to it: use :meth:`process` for a result beside the input that export ties to its patient. Slicer hands
