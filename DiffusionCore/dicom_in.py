@@ -258,6 +258,49 @@ def header_values(path: str | os.PathLike, keywords: list[str]) -> dict[str, str
     return values
 
 
+def unread_files_note(files: list[str] | tuple[str, ...]) -> str:
+    """Text naming the files beside a series' slices that look like DICOM (``.dcm``, or the ``DICM`` marker) but that
+    the series reader left out, e.g. a slice cut short by an incomplete copy: said with a "missing slices" refusal,
+    whose gap such a file most likely is. ``""`` when there are none."""
+    known = {os.path.realpath(f) for f in files}
+    sizes = sorted(os.path.getsize(f) for f in files if os.path.isfile(f))
+    usual = sizes[len(sizes) // 2] if sizes else 0
+    unread = []
+    for folder in sorted({os.path.dirname(f) for f in files}):
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(folder, name)
+            if name.startswith(".") or os.path.realpath(path) in known or not os.path.isfile(path):
+                continue
+            if not (name.lower().endswith(".dcm") or (not os.path.splitext(name)[1] and _has_dicom_marker(path))):
+                continue
+            size = os.path.getsize(path)
+            shorter = f" ({_kb(size)} where the slices read are {_kb(usual)}: cut short)" if size < usual else ""
+            unread.append(f"{path}{shorter}")
+    if not unread:
+        return ""
+    shown = "; ".join(unread[:3]) + (f"; and {len(unread) - 3} more" if len(unread) > 3 else "")
+    return (f" {'This file' if len(unread) == 1 else 'These files'} beside the slices could not be read as "
+            f"{'a slice' if len(unread) == 1 else 'slices'} of the series: {shown}. A damaged or incomplete file "
+            "(an interrupted copy or download) is likely the missing slice: copy the series again.")
+
+
+def _has_dicom_marker(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1000:.1f} kB"
+
+
 def describe_series(uid: str, files: list[str]) -> DicomSeries:
     """A :class:`DicomSeries` from the header of the first of ``files`` (fields left empty where it cannot be
     read: the volume reader names a damaged file)."""

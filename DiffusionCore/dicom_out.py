@@ -35,7 +35,14 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, OutputError, OutputExistsError
-from .files import partial_folder, publish, remove_stale_partials
+from .files import (
+    check_name_length,
+    no_room_reason,
+    partial_folder,
+    publish,
+    remove_stale_partials,
+    too_long_error,
+)
 from .provenance import NOT_ACQUIRED, SOFTWARE, Provenance
 from .version import __version__
 from .volume import Volume, is_localizer
@@ -427,12 +434,36 @@ def write_dicom_series(
             ds.save_as(tmp / f"{k + 1:05d}.dcm", enforce_file_format=True)
         _publish_folder(tmp, out)
     except OSError as exc:
-        raise OutputError(f"could not write the DICOM series {out}: {exc.strerror or exc}") from None
+        raise OutputError(f"could not write the DICOM series {out}: {_write_failure_reason(out, pixels.nbytes, exc)}"
+                          ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote %d DICOM slices to %s (%s)", nz, out, base.SeriesDescription)
     return out
+
+
+def _system_error(exc: OSError) -> OSError:
+    """The system's own error behind ``exc``: pydicom re-raises an OSError met while writing an element as a new
+    OSError without its errno, whose text holds the flattened traceback (``With tag (7FE0,0010) got exception: ...;
+    Traceback ...``); the original is its cause."""
+    seen: OSError | BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+def _write_failure_reason(out: Path, voxel_bytes: int, exc: OSError) -> str:
+    """Why writing the series ``out`` failed, in the words volume files get (a full disk:
+    :func:`~DiffusionCore.files.no_room_reason`), else the system's reason, never pydicom's traceback."""
+    system = _system_error(exc)
+    too_long = too_long_error(out, system)
+    if too_long is not None:
+        return str(too_long).removeprefix(f"cannot write {out}: ")
+    parent = out.parent if str(out.parent) else Path(".")
+    return no_room_reason(parent, voxel_bytes, system) or system.strerror or str(system).splitlines()[0]
 
 
 def _is_our_series(folder: Path) -> bool:
@@ -445,6 +476,7 @@ def check_dicom_output(folder: str | os.PathLike, *, overwrite: bool = False) ->
     """Check a series folder before any work: its parent exists and is writable, and the folder is new,
     empty, or (with ``overwrite``) a series written here before. Never deletes anything else."""
     out = Path(folder)
+    check_name_length(out)  # the folder's name and its temporary folder's: ENAMETOOLONG said as such
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"the output folder {parent} does not exist; create it first.")

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .errors import ConfigError, OutputError, OutputExistsError
+from .errors import ConfigError, InputError, OutputError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,71 @@ def partial_file(final: str | os.PathLike, suffix: str = "") -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}.", suffix=PARTIAL + suffix, dir=p.parent)
     os.close(fd)
     return tmp
+
+
+#: Bytes the name of an output's temporary file adds to the output's name (:func:`partial_file`, at most:
+#: ``.NAME.PID.XXXXXXXX.partial.nii.gz``, a process id of up to 7 digits).
+PARTIAL_NAME_EXTRA = len(f"..{10**7 - 1}.{'x' * 8}{PARTIAL}.nii.gz")
+#: The longest name (bytes) and path most file systems take, where the system does not say (ext4, NTFS, APFS: 255).
+_NAME_MAX, _PATH_MAX = 255, 4096
+
+
+def _fs_limit(folder: Path, name: str, default: int) -> int:
+    """The file system's limit ``name`` (``PC_NAME_MAX``, ``PC_PATH_MAX``) for files in ``folder`` (its nearest
+    existing folder), or ``default`` where it cannot be told."""
+    for candidate in (folder, *folder.parents):
+        try:
+            if candidate.is_dir():
+                return int(os.pathconf(candidate, name)) or default
+        except (OSError, ValueError, AttributeError):  # no pathconf (Windows), a name too long itself
+            continue
+    return default
+
+
+def name_too_long(path: str | os.PathLike, with_temporary: bool = True) -> OutputError | None:
+    """The OutputError for an output path too long for its file system (ENAMETOOLONG), or None when it fits:
+    its name, with the hidden temporary file written beside it first (``with_temporary``: :data:`PARTIAL_NAME_EXTRA`
+    bytes more), at most the file system's longest name, and the whole path at most its longest path."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    name_bytes = len(os.fsencode(p.name))
+    longest = name_bytes + (PARTIAL_NAME_EXTRA if with_temporary else 0)
+    name_max = _fs_limit(parent, "PC_NAME_MAX", _NAME_MAX)
+    if longest > name_max:
+        extra = f", {longest} with the temporary file written beside it first" if with_temporary else ""
+        return OutputError(
+            f"cannot write {p}: its name is too long for the file system ({name_bytes} bytes{extra}; a name there "
+            f"may have at most {name_max}): use a shorter name or folder."
+        )
+    full = len(os.fsencode(os.path.abspath(p))) + (PARTIAL_NAME_EXTRA if with_temporary else 0)
+    path_max = _fs_limit(parent, "PC_PATH_MAX", _PATH_MAX)
+    if full >= path_max:
+        return OutputError(
+            f"cannot write {p}: its path is too long for the file system ({full} bytes; a path there may have at "
+            f"most {path_max - 1}): use a shorter name or folder."
+        )
+    return None
+
+
+def check_name_length(path: str | os.PathLike, with_temporary: bool = True) -> None:
+    """Refuse an output path too long for its file system (:func:`name_too_long`) before any work.
+
+    Raises:
+        OutputError: naming the path and saying to use a shorter name or folder.
+    """
+    error = name_too_long(path, with_temporary)
+    if error is not None:
+        raise error
+
+
+def too_long_error(path: str | os.PathLike, exc: OSError) -> OutputError | None:
+    """The OutputError for ``exc`` when it is the system's ENAMETOOLONG about ``path`` (or a file beside it), else
+    None: the path named, and what to do, never an internal error."""
+    if exc.errno != errno.ENAMETOOLONG:
+        return None
+    return name_too_long(path) or OutputError(
+        f"cannot write {path}: its name or path is too long for the file system: use a shorter name or folder."
+    )
 
 
 def partial_folder(final: str | os.PathLike, suffix: str = "") -> Path:
@@ -737,6 +802,46 @@ def _finite_only(value):
     return value
 
 
+#: Suffixes of single-file volumes (".dcm" files are grouped into series folders instead).
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: Suffixes of list files as ``sr`` and ``evaluate`` take them (``train --data`` reads any file that is not a volume
+#: as a list). ".csv": a one-column list saved from a spreadsheet (one path per line; a comma is part of the path).
+LIST_SUFFIXES = (".txt", ".lst", ".list", ".csv")
+#: Bytes of a file read to tell text from an image.
+_TEXT_PROBE_BYTES = 1 << 14
+
+
+def is_text_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a non-empty text file (UTF-8, or Latin-1 without control bytes), judged from its first
+    16 KiB: no NUL byte and no control characters besides tab, CR, LF and form feed. Images (DICOM, PNG, NIfTI,
+    the voxels after a NRRD or MetaImage header) fail this at once."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_TEXT_PROBE_BYTES)
+    except OSError:
+        return False
+    if not head.strip():
+        return False
+    controls = set(range(32)) - {9, 10, 12, 13}
+    return not any(b in controls or b == 127 for b in head)
+
+
+def text_file_error(path: str | os.PathLike) -> InputError | None:
+    """The refusal of a text file given where one volume is read (``sr cases OUT`` with a list of volumes saved
+    without a list suffix: it would be read as an image and refused for its output's name), or None when ``path``
+    is not a text file. A list file (:data:`LIST_SUFFIXES`) is not refused here: the commands read it as a batch;
+    nor is a volume file's text header (:data:`VOLUME_SUFFIXES`)."""
+    p = Path(path)
+    volume = p.name.lower().endswith(VOLUME_SUFFIXES)  # a NRRD or MetaImage header (.nhdr, .mhd) is text too
+    if volume or not p.is_file() or p.suffix.lower() in LIST_SUFFIXES or not is_text_file(p):
+        return None
+    listing = ", ".join(LIST_SUFFIXES[:-1]) + f" or {LIST_SUFFIXES[-1]}"
+    return InputError(
+        f"{p} is a text file, not a volume; a list of volumes needs the suffix {listing} (rename it, e.g. "
+        f"{p.with_suffix('.txt').name}), and a volume is a NIfTI, NRRD or MetaImage file or a DICOM series."
+    )
+
+
 def folder_writable(folder: Path) -> bool:
     """Whether a file can be created in ``folder``: a private probe file is created and removed (the
     permission bits alone do not say it for root, ACLs, read-only or network file systems)."""
@@ -762,6 +867,7 @@ def check_writable_file(path: str | os.PathLike, *, overwrite: bool = False) -> 
         OutputError: ``path`` is a folder, or its folder is missing or not writable.
     """
     p = Path(path)
+    check_name_length(p)
     if p.is_dir():  # --overwrite would not help: the rename onto a folder fails after the work
         raise OutputError(f"{p} is a folder: give the name of a file to write, e.g. {p / 'report.json'}")
     if p.exists() and not overwrite:

@@ -29,15 +29,11 @@ from pathlib import Path
 
 from .dicom_in import NOT_VOLUME_MODALITIES, header_values, localizers_only_error
 from .errors import InputError
+from .files import LIST_SUFFIXES, VOLUME_SUFFIXES  # noqa: F401  (defined with the text-file check; looked up here)
 
 logger = logging.getLogger(__name__)
 
-#: Suffixes of single-file volumes (".dcm" files are grouped into series folders instead).
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _DICOM_MAGIC_OFFSET = 128
-#: Suffixes of list files as ``sr`` and ``evaluate`` take them (``train --data`` reads any file that is not a volume
-#: as a list). ".csv": a one-column list saved from a spreadsheet (one path per line; a comma is part of the path).
-LIST_SUFFIXES = (".txt", ".lst", ".list", ".csv")
 
 
 def _suffix(path: Path) -> str:
@@ -185,17 +181,41 @@ def _read_list_file(path: Path, scan: _Scan) -> list[Path]:
             f"cannot read {path} as a list of volumes ({exc}): give a folder, a volume file, or a text file "
             "with one path per line"
         ) from exc
+    entries = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)]
+    entries = [(number, entry) for number, entry in entries if entry and not entry.startswith("#")]
+    named = [(number, entry, *_list_entry(entry, path.parent)) for number, entry in entries]
+    if named and _is_header(path, named):
+        number, entry = named[0][:2]
+        logger.info("%s, line %d: %s is the column's header, not a path: skipped", path, number, entry)
+        named = named[1:]
     out: list[Path] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        p, relative = _list_entry(entry, path.parent)
-        if not p.exists():
+    for number, _, p, relative in named:
+        if not p.exists():  # as an unreadable entry: named here, then passed over (sr, evaluate) or refused (train)
             where = f"{p} (relative paths are taken from the list file's folder)" if relative else str(p)
-            raise InputError(f"{path}, line {number}: {where} does not exist; fix or remove that line")
+            logger.warning("%s, line %d: %s does not exist; fix or remove that line (the other volumes go on)",
+                           path, number, where)  # fmt: skip
+            out.append(p)
+            continue
         out.extend(_expand(p, scan))
     return out
+
+
+#: First lines of a one-column list saved from a spreadsheet that name the column, not a volume (lower case).
+LIST_HEADERS = ("path", "paths", "file", "files", "filename", "file name", "filepath", "file path", "volume",
+                "volumes", "input", "inputs", "image", "images", "scan", "scans", "ct", "series", "case", "cases")
+
+
+def _is_header(path: Path, named: list[tuple[int, str, Path, bool]]) -> bool:
+    """Whether the first entry of a list file is a spreadsheet's column header (``path``, as Excel writes a one-column
+    CSV with a title): it is no existing path, and it is one of :data:`LIST_HEADERS`, or (in a ``.csv``) every other
+    entry exists."""
+    _, entry, p, _ = named[0]
+    if p.exists():
+        return False
+    if entry.strip('"').strip().lower() in LIST_HEADERS:
+        return True
+    rest = named[1:]
+    return path.suffix.lower() == ".csv" and bool(rest) and all(q.exists() for *_, q, _ in rest)
 
 
 def _list_entry(entry: str, folder: Path) -> tuple[Path, bool]:

@@ -35,10 +35,17 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .dicom_in import choose_ct_series, enhanced_ct_in, localizers_only_error, read_enhanced_ct
+from .dicom_in import (
+    choose_ct_series,
+    enhanced_ct_in,
+    localizers_only_error,
+    read_enhanced_ct,
+    unread_files_note,
+)
 from .errors import GeometryError, InputError, OutputError, OutputExistsError
 from .files import (
     CompressedDataError,
+    check_name_length,
     detached_data_files,
     folder_writable,
     gzip_file,
@@ -48,6 +55,8 @@ from .files import (
     partial_file,
     publish,
     remove_stale_partials,
+    text_file_error,
+    too_long_error,
     usable_cpus,
 )
 from .geometry import (
@@ -439,7 +448,7 @@ def itk_path(path: str | os.PathLike) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(
-            f"cannot pass the file name {raw.decode('utf-8', 'backslashreplace')} to ITK: it is not UTF-8 text. "
+            f"cannot pass the file name {text} to ITK: it is not UTF-8 text. "  # as every other message shows it
             "Rename the file or folder with UTF-8 (e.g. ASCII) characters, or run with a UTF-8 locale "
             "(PYTHONUTF8=1 or LANG=C.UTF-8)."
         ) from None
@@ -646,9 +655,10 @@ def _slice_positions(files: Sequence[str], headers: dict[str, sitk.ImageFileRead
     worst = int(np.argmax(steps))
     big = steps > 1.5 * median
     if big.any() and not np.any(big[1:] & big[:-1]):  # isolated gaps; a run of wider steps is a second spacing
+        damaged = unread_files_note(list(files))  # a slice file cut short, which the series reader left out
         raise InputError(
             f"the DICOM series in {folder} is missing slices: a gap of {steps[worst]:.2f} mm after slice "
-            f"{worst + 1} where the spacing is {median:.2f} mm. Re-export the complete series."
+            f"{worst + 1} where the spacing is {median:.2f} mm.{damaged or ' Re-export the complete series.'}"
         )
     _check_even_spacing(np.sort(pos @ normal), steps, folder)
     return pos
@@ -997,6 +1007,33 @@ _MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "M
               "MET_DOUBLE": 8}  # fmt: skip
 
 
+#: Bytes per voxel of NRRD types (every spelling of the NRRD format's ``type:`` field, lower case).
+_NRRD_BYTES = {
+    **dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
+    **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
+                     "unsigned short", "unsigned short int", "uint16", "uint16_t"), 2),
+    **dict.fromkeys(("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t",
+                     "float"), 4),
+    **dict.fromkeys(("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64",
+                     "int64_t", "ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t",
+                     "double"), 8),
+}  # fmt: skip
+
+
+def _check_nrrd_header_whole(p: Path) -> None:
+    """Refuse a NRRD file cut short inside its header (no blank line ends it before the end of the file): ITK says
+    only ``ReadImageInformation: ...`` with its object's address."""
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(min(size, 1 << 16))
+    except OSError:
+        return
+    if head.startswith(b"NRRD000") and size < (1 << 16) and b"\n\n" not in head.replace(b"\r\n", b"\n"):
+        raise InputError(f"could not read {p}: the file is truncated (it ends inside its header, before the voxel "
+                         "data: an incomplete copy or download). Copy it again.")  # fmt: skip
+
+
 def _check_compressed_data(p: Path) -> None:
     """Check the voxel data of a MetaImage or NRRD file against its header before ITK reads them: ITK's
     MetaImage reader prints "Uncompress failed" and returns garbage voxels (a constant or wild volume) when the
@@ -1030,14 +1067,23 @@ def _check_compressed_data(p: Path) -> None:
     elif suffix == ".nrrd":
         parsed = _header_fields(p, ":")
         if parsed is None:
+            _check_nrrd_header_whole(p)
             return
         fields, offset = parsed
-        if "data file" in fields or "datafile" in fields:
-            return  # detached data: left to ITK
+        if any(key in fields for key in ("data file", "datafile", "byte skip", "byteskip", "line skip", "lineskip")):
+            return  # detached data, or data not right after the header: left to ITK
         encoding = fields.get("encoding", "raw").lower()
-        if encoding not in ("gzip", "gz"):
+        if encoding == "raw":
+            try:
+                item = _NRRD_BYTES[" ".join(fields.get("type", "").lower().split())]
+                expected = math.prod(int(v) for v in fields.get("sizes", "").split()) * item
+            except (KeyError, ValueError):
+                return
+            compressed, claim = False, f"encoding: {encoding}"
+        elif encoding in ("gzip", "gz"):
+            compressed, expected, claim = True, None, f"encoding: {encoding}"
+        else:
             return
-        compressed, expected, claim = True, None, f"encoding: {encoding}"
     else:
         return
     if not p.is_file():
@@ -1084,6 +1130,18 @@ def _check_compressed_data(p: Path) -> None:
             )
 
 
+#: SimpleITK's reader of each volume-file suffix (lower case). ITK picks a reader by the suffix with its case: its
+#: MetaImage reader takes ``x.mha`` but not ``x.MHA`` (a Windows name), which the folder scan collects as a volume.
+_IMAGE_IOS = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
+              ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}  # fmt: skip
+
+
+def image_io(path: str | os.PathLike) -> str:
+    """The SimpleITK ImageIO that reads ``path``, chosen from its lower-cased suffix (:data:`_IMAGE_IOS`); ``""``
+    (ITK chooses) for any other name, e.g. a DICOM file."""
+    return _IMAGE_IOS.get(_suffix(Path(path)), "")
+
+
 def _check_read_size(p: Path, n_slices: int | None = None) -> None:
     """Read only the header of ``p`` and refuse a volume that cannot fit in memory, before ITK allocates it
     (a corrupt or hostile header can claim billions of voxels). ``n_slices`` multiplies a single DICOM
@@ -1094,6 +1152,7 @@ def _check_read_size(p: Path, n_slices: int | None = None) -> None:
     _check_compressed_data(p)
     reader = sitk.ImageFileReader()
     reader.SetFileName(itk_path(p))
+    reader.SetImageIO(image_io(p))
     try:
         _itk(reader.ReadImageInformation)
     except RuntimeError as exc:
@@ -1203,6 +1262,11 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p} does not exist. Check the path (and quote it if it contains spaces).")
+    if p.is_file() and p.stat().st_size == 0:
+        raise InputError(f"could not read {p}: the file is empty (0 bytes: an interrupted copy, download or export). "
+                         "Copy or export it again.")  # fmt: skip
+    if p.is_file() and (text := text_file_error(p)) is not None:
+        raise text  # a list of volumes without a list suffix, a note: said as such, not as ITK's "no reader"
     meta: dict = {}
     nonfinite = None
     enhanced = enhanced_ct_in(p) if p.is_dir() or _suffix(p) not in WRITABLE_SUFFIXES else None
@@ -1229,7 +1293,7 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
         _warn_data_outside(p)
         _check_read_size(p)
         try:
-            img = _itk(sitk.ReadImage, str(p), reading=p)
+            img = _itk(sitk.ReadImage, str(p), sitk.sitkUnknown, image_io(p), reading=p)
         except RuntimeError as exc:
             raise InputError(
                 f"could not read {p}: {_sitk_message(exc)}. Supported: NIfTI (.nii, .nii.gz), NRRD, MHA, "
@@ -1274,15 +1338,21 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
         dicom = (" A DICOM result is a series of files: give a new folder (e.g. "
                  f"{p.with_suffix('')}) with --output-format dicom.") if suffix == ".dcm" else ""
         raise OutputError(f"cannot write {p.name}: use one of {', '.join(WRITABLE_SUFFIXES)}.{dicom}")
+    check_name_length(p)  # the name and its temporary file's: ENAMETOOLONG said as such, before any work
     parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"the output folder {parent} does not exist; create it first.")
-    if not folder_writable(parent):
-        raise OutputError(f"the output folder {parent} is not writable; choose another output path.")
-    if p.exists() and not overwrite:
-        raise OutputExistsError(p)
-    if p.is_dir():
-        raise OutputError(f"{p} is a folder; give a file name such as result.nii.gz")
+    try:
+        if not parent.is_dir():
+            raise OutputError(f"the output folder {parent} does not exist; create it first.")
+        if not folder_writable(parent):
+            raise OutputError(f"the output folder {parent} is not writable; choose another output path.")
+        if p.exists() and not overwrite:
+            raise OutputExistsError(p)
+        if p.is_dir():
+            raise OutputError(f"{p} is a folder; give a file name such as result.nii.gz")
+    except OSError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        raise too_long_error(p, exc) or OutputError(f"cannot write {p}: {exc.strerror or exc}") from None
     removed = remove_stale_partials(p)
     if removed:
         logger.info("removed %d temporary file(s) that an interrupted earlier run left beside %s: %s", len(removed),
@@ -1427,6 +1497,8 @@ def write_image(img: sitk.Image, path: str | os.PathLike) -> Path:
 def _write_failure(path: Path, voxel_bytes: int, exc: RuntimeError | OSError) -> OutputError:
     """Why writing ``path`` failed, in words: a full disk (:func:`~DiffusionCore.files.no_room_reason`), else what ITK
     or the system said."""
+    if isinstance(exc, OSError) and (too_long := too_long_error(path, exc)) is not None:
+        return too_long
     why = no_room_reason(path.parent, voxel_bytes, exc) or (
         _sitk_message(exc) if isinstance(exc, RuntimeError) else str(exc))
     return OutputError(f"could not write {path}: {why}")

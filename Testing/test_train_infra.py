@@ -368,6 +368,8 @@ def test_training_passes_over_cohort_series_that_cannot_be_read_as_one_volume(tm
 
 
 def test_collect_volumes_errors(tmp_path):
+    from DiffusionCore.inputs import readable_volumes
+
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InputError, match="no CT volumes found in .*empty"):
@@ -376,8 +378,11 @@ def test_collect_volumes_errors(tmp_path):
         collect_volumes(tmp_path / "missing")
     listing = tmp_path / "list.txt"
     listing.write_text("nope.nii.gz\n")
-    with pytest.raises(InputError, match=r"line 1: \S*nope.nii.gz \(relative paths are taken from the list file's folder\) does not exist"):
-        collect_volumes(listing)
+    # a missing entry is kept, as an unreadable one is: named now, then refused when read (train) or passed over
+    # (sr, evaluate); a missing INPUT itself (above) is still refused at once
+    assert collect_volumes(listing) == [tmp_path / "nope.nii.gz"]
+    with pytest.raises(InputError, match=r"nope.nii.gz does not exist"):
+        list(readable_volumes(collect_volumes(listing)))
     with pytest.raises(InputError, match="no training data"):
         collect_volumes([])
 

@@ -142,8 +142,27 @@ def run_settings(settings: dict):
     return SRRunSettings(**{**settings, "adapt": adapt_settings(settings["adapt"])})
 
 
-#: How this CLI names the options of ``DiffusionCore.sr.pipeline.DIFFUSION_STAGE_SETTINGS`` it has.
-DIFFUSION_STAGE_FLAGS = {"guidance": "--guidanceScale", "patch_size": "--patchSize", "overlap": "--overlap"}
+#: How this CLI names the engine's options: those of ``DiffusionCore.sr.pipeline.DIFFUSION_STAGE_SETTINGS`` it has
+#: (for the note on options the weights leave unused), and the ``sr`` command's flags that the engine's messages name
+#: (``pass --allow-non-ct``), which :func:`in_cli_terms` turns into this CLI's own.
+ENGINE_FLAGS = {
+    "guidance": "--guidanceScale", "patch_size": "--patchSize", "overlap": "--overlap",
+    "--allow-non-ct": "--allowNonCT", "--no-adapt": "--noAdapt", "--adapt-steps": "--adaptSteps",
+    "--adapt": "--adaptSeconds", "--allow-unregistered-weights": "--allowUnregisteredWeights",
+    "--num-steps": "--numSteps", "--num-samples": "--numSamples", "--guidance-scale": "--guidanceScale",
+    "--patch-size": "--patchSize", "--target-spacing": "--targetSpacing", "--uncertainty": "--uncertaintyVolume",
+    "--no-data-consistency": "--noDataConsistency", "--report": "--reportFile",
+}  # fmt: skip
+
+
+def in_cli_terms(text: str) -> str:
+    """An engine message in this CLI's terms: each ``sr`` flag of :data:`ENGINE_FLAGS` it names becomes this CLI's
+    flag, and the Python spelling the engine adds after it (``(allow_non_ct=True in Python)``) is dropped."""
+    import re
+
+    flags = sorted((k for k in ENGINE_FLAGS if k.startswith("--")), key=len, reverse=True)
+    pattern = re.compile(r"(" + "|".join(map(re.escape, flags)) + r")(?![\w-])(\s*\(\w+=[^()]*\))?")
+    return pattern.sub(lambda m: ENGINE_FLAGS[m[1]], text)
 
 
 def check_options_for_weights(args: argparse.Namespace, engine_settings, resolver) -> None:
@@ -169,7 +188,7 @@ def check_options_for_weights(args: argparse.Namespace, engine_settings, resolve
                 f"deterministic estimate, so {' and '.join(asked)} cannot be used. Set numSteps to 0 and numSamples "
                 "to 1, or use weights with a diffusion stage."
             )
-    unused = [DIFFUSION_STAGE_FLAGS.get(option, option) for option in resolver.unused_settings(engine_settings)]
+    unused = [ENGINE_FLAGS.get(option, option) for option in resolver.unused_settings(engine_settings)]
     if unused:
         logger.warning("%s", no_diffusion_stage_note(unused, name))
 
@@ -203,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     import threading
 
     from DiffusionCore.cli.common import sigterm_cancels
-    from DiffusionCore.errors import Cancelled
+    from DiffusionCore.errors import Cancelled, DiffusionCoreError
 
     cancel = threading.Event()
     written: list = []
@@ -214,6 +233,56 @@ def run(args: argparse.Namespace) -> int:
             for path in written:
                 path.unlink(missing_ok=True)
             raise
+        except DiffusionCoreError as exc:  # the engine's words for options, in this CLI's flags
+            exc.args = (in_cli_terms(str(exc)),)
+            raise
+
+
+def refuse_several_volumes(path: str) -> None:
+    """This module takes one volume per run (as Slicer runs a CLI module: once per volume); a list file or a folder
+    of volume files holding no DICOM series is refused before any work, pointing to the command that takes a whole
+    folder or list, and a text file that is no list is named as such.
+
+    Raises:
+        InputError: naming the input and what to run instead.
+    """
+    import os
+    import shlex
+    from pathlib import Path
+
+    from DiffusionCore.errors import InputError
+    from DiffusionCore.files import LIST_SUFFIXES, is_text_file, text_file_error
+    from DiffusionCore.inputs import is_dicom_file, is_volume_file
+
+    p = Path(path)
+    command = f"python -m DiffusionCore sr {shlex.quote(str(p))} OUT_FOLDER"
+    one = "this module takes one volume per run"
+    if p.is_file() and p.suffix.lower() in LIST_SUFFIXES and is_text_file(p):
+        raise InputError(f"{p} is a list of volumes, and {one}: give one volume file or DICOM series folder, or run "
+                         f"`{command}` to super-resolve every volume of the list into OUT_FOLDER.")  # fmt: skip
+    if p.is_file() and (text := text_file_error(p)) is not None:
+        raise text
+    if not p.is_dir():
+        return
+    volumes, dicom = [], False
+    for root, dirs, files in os.walk(p):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            f = Path(root) / name
+            if name.startswith("."):
+                continue
+            if is_volume_file(f):
+                volumes.append(f)
+            elif is_dicom_file(f):
+                dicom = True
+                break
+        if dicom:
+            return  # a DICOM series (or a patient's folder of them): read as one volume, its CT series
+    if volumes:
+        raise InputError(
+            f"{p} is a folder of {len(volumes)} volume file(s) without a DICOM series, and {one}: give one of them "
+            f"(e.g. {volumes[0]}), or run `{command}` to super-resolve every volume in the folder into OUT_FOLDER."
+        )
 
 
 def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
@@ -235,6 +304,7 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
     from DiffusionCore.files import keep_freed_memory
 
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
+    refuse_several_volumes(args.inputVolume)  # one volume per run: a folder or list of volumes is sr's work
     check_outputs(args)  # before any work: no output may be an input, and each can be written
     volume = read_volume(args.inputVolume)
     if args.sliceThickness > 0:  # what the DICOM series said, for the note on overlapping or interspaced slices

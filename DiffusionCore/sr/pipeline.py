@@ -221,14 +221,25 @@ def finer_than_pixels_note(volume: Volume, grid: Grid, axis: int) -> str:
     otherwise."""
     out_mm = float(grid.spacing_zyx[axis])
     in_plane = min(float(s) for a, s in enumerate(volume.spacing_zyx) if a != axis)
-    if out_mm >= 0.75 * in_plane:
+    if out_mm >= FINER_THAN_PIXELS * in_plane:
         return ""
-    return (
-        f"the result's slices will be {out_mm:.3g} mm apart, finer than the input's {in_plane:.3g} mm pixels "
-        f"({grid.shape[axis]} slices, {format_bytes(4 * int(np.prod(grid.shape)))} as float32): its "
-        f"{float(volume.spacing_zyx[axis]):.3g} mm slices are thin already; super-resolution is for slices several times "
-        "thicker than the pixels"
-    )
+    in_mm = float(volume.spacing_zyx[axis])
+    said = (f"the result's slices will be {out_mm:.3g} mm apart, finer than the input's {in_plane:.3g} mm pixels "
+            f"({grid.shape[axis]} slices, {format_bytes(4 * int(np.prod(grid.shape)))} as float32)")  # fmt: skip
+    useful = int(in_mm / (USEFUL_SLICES_OF_PIXELS * in_plane) + 1e-9)  # the most that keeps slices about a pixel apart
+    if useful < 2:  # the slices are about as thin as the pixels: no factor gains anything
+        return (f"{said}: its {in_mm:.3g} mm slices are thin already; super-resolution is for slices several times "
+                "thicker than the pixels")  # fmt: skip
+    factor = in_mm / out_mm
+    shown = f"x{factor:.0f}" if abs(factor - round(factor)) < 0.01 else f"{factor:.3g} times"
+    return (f"{said}: the factor ({shown}) is too high for {in_mm:.3g} mm slices; the largest useful factor is "
+            f"x{useful} ({in_mm / useful:.3g} mm slices), or a target spacing of {in_mm / useful:.3g} mm or more")
+
+
+#: Slices this much finer than the input's pixels are warned of (:func:`finer_than_pixels_note`).
+FINER_THAN_PIXELS = 0.75
+#: The largest useful factor (:func:`finer_than_pixels_note`) gives slices at least this share of a pixel apart.
+USEFUL_SLICES_OF_PIXELS = 0.9
 
 
 def host_step_units(cost: float, thin_voxels: int, m: int, box: tuple[int, int, int, int], factor: int) -> int:

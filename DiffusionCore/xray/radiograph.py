@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..inputs import is_dicom_file
-from ..volume import check_metaimage_header, is_localizer
+from ..volume import check_metaimage_header, image_io, is_localizer
 
 logger = logging.getLogger(__name__)
 
@@ -558,11 +558,14 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
             radiograph, image smaller than :data:`MIN_RADIOGRAPH_SIDE` pixels per side.
     """
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"radiograph {p} is a folder: give the path of one image file (one radiograph per run).")
     if not p.is_file():
-        raise InputError(f"radiograph {p} does not exist or is a folder; give the path of one image file.")
+        raise InputError(f"radiograph {p} does not exist. Check the path (and quote it if it contains spaces).")
     check_metaimage_header(p)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
+    reader.SetImageIO(image_io(p))  # x.MHA too: ITK matches the suffix with its case
     try:
         reader.ReadImageInformation()
         _check_size(p, [int(v) for v in reader.GetSize()], int(reader.GetNumberOfComponents()))
