@@ -445,7 +445,8 @@ def thin_grid(
                 f"target spacing {target_spacing} mm must be positive and below the current {s:.3g} mm."
             )
         if s / t > MAX_FACTOR + 1e-6:
-            raise GeometryError(f"target spacing {t} mm is more than {MAX_FACTOR}x finer than {s:.3g} mm.")
+            raise GeometryError(f"target spacing {t} mm is more than {MAX_FACTOR}x finer than the {s:.3g} mm slices: give "
+                                f"a target spacing of {s / MAX_FACTOR:.3g} mm or more (or --factor {MAX_FACTOR} at most).")  # fmt: skip
         k = whole_factor(s, t)
         if k is not None:  # the slice spacing over a whole number, within the rounding of files: --factor k's grid
             t = s / k

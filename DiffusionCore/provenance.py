@@ -127,12 +127,12 @@ def nifti_descrip(prov: Provenance) -> str:
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
-    """The JSON sidecar of a NIfTI file: ``x.nii.gz`` / ``x.nii`` -> ``x.json`` in the same folder."""
+    """The JSON sidecar of a NIfTI file: ``x.nii.gz`` / ``x.nii`` (or ``X.NII.GZ``) -> ``x.json`` in the same folder."""
     from .volume import split_volume_suffix
 
     p = Path(path)
     stem, suffix = split_volume_suffix(p.name)
-    return p.with_name((stem if suffix in (".nii", ".nii.gz") else p.name) + ".json")
+    return p.with_name((stem if suffix.lower() in (".nii", ".nii.gz") else p.name) + ".json")
 
 
 def read_header_fields(metadata: dict[str, str]) -> dict[str, str]:

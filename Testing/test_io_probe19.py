@@ -278,3 +278,20 @@ def test_a_dicom_series_on_a_full_disk_says_the_disk_is_full_without_a_traceback
     assert text.endswith("): free some space there or write to another folder"), text
     assert "Traceback" not in text and "With tag" not in text
     assert os.listdir(small_disk) == []
+
+
+def test_upper_case_nifti_outputs_get_the_sidecar_a_lower_case_name_gets(tmp_path):
+    from DiffusionCore.provenance import sidecar_path
+
+    assert sidecar_path(tmp_path / "y.NII") == tmp_path / "y.json"
+    assert sidecar_path(tmp_path / "UPPER.NII.GZ") == tmp_path / "UPPER.json"
+    assert sidecar_path(tmp_path / "y.nii") == tmp_path / "y.json"
+
+
+def test_a_target_spacing_beyond_the_largest_factor_says_what_to_give():
+    from DiffusionCore.degrade import thin_grid
+    from DiffusionCore.errors import GeometryError
+    grid = Grid((40, 16, 16), (0.8, 0.8, 2.5), (0.0, 0.0, 0.0), np.eye(3))
+    with pytest.raises(GeometryError, match=r"more than 8x finer than the 2.5 mm slices: give a target spacing of "
+                       r"0.312 mm or more \(or --factor 8 at most\)"):
+        thin_grid(grid, target_spacing=0.1)

@@ -4,7 +4,7 @@
 Runs the way Slicer runs a scripted CLI (flags first, then ``inputVolume outputVolume``, booleans as bare
 flags, ``--returnparameterfile FILE`` for the output values) and as a plain script:
 
-    python CTDiffusionSRBatch.py --factor 4 --numSteps 15 thick.nrrd thin.nrrd
+    python CTDiffusionSRBatch.py --factor 4 thick.nrrd thin.nrrd
 
 The interface is CTDiffusionSRBatch.xml; this parser mirrors it (a test checks that they agree).
 Progress is printed as ``<filter-progress>`` lines; a failure prints one ``error: ...`` line on stderr
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputVolume", help="thick-slice CT (NRRD, NIfTI, MHA)")
     p.add_argument("outputVolume", help="super-resolved CT to write")
     p.add_argument("--uncertaintyVolume", default="", help="write the voxel-wise std over samples here")
-    p.add_argument("--factor", type=int, default=0, help="upsampling factor; 0 = from the slice spacing")
+    p.add_argument("--factor", type=int, default=0, help="upsampling factor 2..8; 0 = from the slice spacing")
     p.add_argument(
         "--targetSpacing", type=float, default=0.0, help="target slice spacing in mm; 0 = use factor"
     )
