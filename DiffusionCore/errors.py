@@ -73,6 +73,14 @@ class ResourceError(DiffusionCoreError):
     exit_code = 5
 
 
+class PartialBatchError(DiffusionCoreError):
+    """A batch (``sr FOLDER OUT``) ended with some volumes failed and the others written: the closing lines and the
+    ``--report`` name each failed volume and why. Exit code 7, apart from 2 (bad input or options: nothing was done),
+    so that a script can tell a batch to look into from one to fix and run again."""
+
+    exit_code = 7
+
+
 class DataUnavailableError(DiffusionCoreError):
     """Sample data could not be fetched (offline, checksum mismatch, registry error)."""
 

@@ -295,3 +295,15 @@ def test_a_target_spacing_beyond_the_largest_factor_says_what_to_give():
     with pytest.raises(GeometryError, match=r"more than 8x finer than the 2.5 mm slices: give a target spacing of "
                        r"0.312 mm or more \(or --factor 8 at most\)"):
         thin_grid(grid, target_spacing=0.1)
+
+
+def test_sr_given_a_list_without_a_list_suffix_names_the_input_not_the_output(tmp_path):
+    write_volume(_ct(), tmp_path / "a.nii.gz")
+    cases = tmp_path / "cases"  # a list of volumes saved without a suffix
+    cases.write_text("a.nii.gz\n", encoding="utf-8")
+    proc = _run(["-m", "DiffusionCore", "sr", str(cases), str(tmp_path / "o_cases"), "--no-adapt", "--tiny-test-model"],
+                tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    (line,) = _error_lines(proc)
+    assert f"{cases} is a text file, not a volume; a list of volumes needs the suffix .txt" in line, line
+    assert "o_cases" not in line and not (tmp_path / "o_cases").exists()

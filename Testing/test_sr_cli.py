@@ -259,7 +259,11 @@ def test_batch_goes_on_after_a_bad_volume_and_says_which_failed(tmp_path, capsys
     rc = main(["sr", str(src), str(tmp_path / "out"), "--tiny-test-model", "--progress", "none", "--num-steps", "1"])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert rc == 2 and len(errors) == 1 and "1 of 2 volumes failed" in errors[0] and "bad.nii.gz" in errors[0]
+    assert rc == 7 and len(errors) == 1 and "1 of 2 volumes failed" in errors[0]  # 7: some failed, others written
+    assert [line for line in err.splitlines() if line.startswith("warning: failed: ")] == [
+        f"warning: failed: {src / 'bad.nii.gz'}: 1 of 768 voxels are NaN or infinite. Replace "
+        "them (e.g. with -1024 HU for air) before running; the tool does not guess values for them."
+    ]  # each failure on a line of its own, below the closing line
     assert sorted(os.listdir(tmp_path / "out")) == ["good.json", "good.nii.gz"]  # the result and its provenance
 
 

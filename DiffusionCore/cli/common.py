@@ -96,7 +96,7 @@ class Progress:
             self._bar = None
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
     """torch's allocation failures: ``torch.OutOfMemoryError`` (CUDA) and the CPU allocator's
     ``RuntimeError`` ("can't allocate memory"); recognised without importing torch."""
     if type(exc).__name__ == "OutOfMemoryError":
@@ -153,7 +153,7 @@ def run_guarded(
     except Exception as exc:  # a bug: say so plainly, keep the traceback behind --debug
         if debug:
             raise
-        if _is_out_of_memory(exc):
+        if is_out_of_memory(exc):
             print(f"error: out of memory: {memory_hint}, or use a machine with more memory.", file=sys.stderr)
             return 5
         print(
@@ -426,7 +426,7 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--adapt-steps", type=bounded_int(1), default=None, metavar="N",
-        help=f"adapt for exactly N steps (default {DEFAULT_ADAPT_STEPS}, 1 to 1.5 minutes on 2 CPU cores): before "
+        help=f"adapt for exactly N steps (default {DEFAULT_ADAPT_STEPS}, about 40 s on 2 idle CPU cores): before "
         "super-resolving, a copy of the model is fine-tuned on pairs made from this scan's own in-plane slices; "
         "the same output for the same seed; the installed weights are not changed",
     )

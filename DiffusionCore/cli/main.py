@@ -2,7 +2,8 @@
 
 Errors the user can act on print one ``error: ...`` line on stderr and exit with the error's code
 (1 a result that failed its final check, 2 bad input or options, 3 weights, 4 output, 5 resources,
-6 sample data, 130 cancelled); ``--debug`` shows the traceback instead.
+6 sample data, 7 a batch with some volumes failed and the others written, 130 cancelled); ``--debug`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -60,8 +61,14 @@ class _Parser(argparse.ArgumentParser):
 DEFAULT_MEMORY_HINT = "use smaller patches (--patch-size) or fewer samples"
 
 
+#: The exit codes, as ``--help`` lists them (the classes of :mod:`DiffusionCore.errors` carry them).
+EXIT_CODES = ("exit codes: 0 done; 1 a result that failed its final check, or an internal error; 2 bad input or "
+              "options; 3 weights; 4 output; 5 resources (memory); 6 sample data; 7 a batch in which some volumes "
+              "failed and the others were written; 130 cancelled")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m DiffusionCore", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m DiffusionCore", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--verbose", action="store_true", help="log more detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
