@@ -172,7 +172,10 @@ def test_a_stopped_batch_says_what_was_written_writes_its_report_and_continues(t
            "--factor", "4", "--use-patches", "--patch-size", "8", "32", "32", "--progress", "none", "--report",
            str(report)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            encoding="utf-8", env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                            encoding="utf-8", env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # Ctrl-C as in a terminal: a run started in the background of a script inherits SIGINT
+                            # ignored (and Python then installs no handler for it), as CI's shells may start the tests
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     seen = []
     for line in proc.stderr:  # wait until a is written
