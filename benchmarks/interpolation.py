@@ -8,7 +8,9 @@ the body mask, and consistency PSNR. Prints a table and writes JSON.
 
 Usage::
 
-    python benchmarks/interpolation.py results/interpolation.json [--reference chest-lidc] [--factors 2 4]
+    python benchmarks/interpolation.py results/interpolation.json [--reference chest-lidc] [--factors 2 4] [--threads N]
+
+``--threads`` defaults to ``OMP_NUM_THREADS`` when that is set, else 2 (benchmarks/bench_common.py).
 """
 
 from __future__ import annotations
@@ -29,15 +31,23 @@ from DiffusionCore.files import write_json_atomic
 from DiffusionCore.metrics import BODY_MASK_DEFINITION, HU_RANGE
 from DiffusionCore.sampledata import load_reference
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import add_threads_argument  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_out", help="where to write the results (JSON)")
-    parser.add_argument("--reference", default="chest-lidc", help="sample name or path of a thin-slice CT")
-    parser.add_argument("--factors", type=int, nargs="+", default=[2, 4], help="slab factors (default 2 4)")
-    parser.add_argument("--degradation", default="slab", choices=("slab", "decimate"))
-    parser.add_argument("--methods", default="nearest,linear,cubic")
-    parser.add_argument("--threads", type=int, default=2, help="torch / BLAS threads (default 2)")
+    parser.add_argument("--reference", default="chest-lidc",
+                        help="sample name or path of a thin-slice CT (default %(default)s)")
+    parser.add_argument("--factors", type=int, nargs="+", default=[2, 4],
+                        help="slab factors k: each thick slice stands for k thin ones along z (default %(default)s)")
+    parser.add_argument("--degradation", default="slab", choices=("slab", "decimate"),
+                        help="how the thick input is made: slab (the mean of k slices) or decimate (every k-th "
+                             "slice) (default %(default)s)")
+    parser.add_argument("--methods", default="nearest,linear,cubic",
+                        help="comma-separated interpolation methods to score (default %(default)s)")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)

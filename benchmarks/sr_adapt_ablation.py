@@ -36,7 +36,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,6 +52,7 @@ from DiffusionCore.sr.adapt import AdaptSettings
 from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import add_threads_argument  # noqa: E402
 from sr_quality import parse_reference  # noqa: E402
 
 PAIR_KNOBS = ("pair_blur_rows", "pair_noise_hu", "zoom_probability", "rehearsal_probability")
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="thin-slice CTs (sample names or paths, optionally NAME:START:STOP) whose real through-plane "
                    "pairs the variants' rehearsal_probability mixes in")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    add_threads_argument(p)
     args = p.parse_args(argv)
     variants = json.loads(args.variants)
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):

