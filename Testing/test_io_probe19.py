@@ -307,3 +307,11 @@ def test_sr_given_a_list_without_a_list_suffix_names_the_input_not_the_output(tm
     (line,) = _error_lines(proc)
     assert f"{cases} is a text file, not a volume; a list of volumes needs the suffix .txt" in line, line
     assert "o_cases" not in line and not (tmp_path / "o_cases").exists()
+
+
+def test_the_finer_than_pixels_warning_is_in_the_reports_notes_too():
+    from DiffusionCore.sr.pipeline import SuperResolver
+
+    thick = Volume(ct_phantom_array((6, 24, 24), 0), spacing=(0.842, 0.842, 5.0))
+    _, report = SuperResolver.tiny_predictor().run(thick, factor=8)
+    assert any("the factor (x8) is too high for 5 mm slices" in n for n in report.get("notes", [])), report.get("notes")

@@ -869,13 +869,13 @@ class SuperResolver:
         t_start = time.perf_counter()
         _require_volume(volume, "SuperResolver.run_to_grid")
         settings = SRRunSettings.of(settings, overrides)
-        plan = self.plan(volume, grid, settings)
-        note = ""
+        plan = self.plan(volume, grid, settings)  # warns of slices finer than the pixels: the report says it too
+        notes = [finer_than_pixels_note(volume, grid, plan.axis)]
         if self.predictor is not None and plan.predictor_factor is not None:
             ratio = float(volume.spacing_zyx[plan.axis]) / float(grid.spacing_zyx[plan.axis])
-            note = missing_head_note(self.predictor.factors, ratio, self.weights_name)
-            if note:
-                logger.warning(note)
+            notes.append(missing_head_note(self.predictor.factors, ratio, self.weights_name))
+            if notes[-1]:
+                logger.warning(notes[-1])
         if self.model is None:
             out, report = self._run_predictor_only(
                 volume, plan, settings, progress=progress, cancel=cancel, t_start=t_start
@@ -887,8 +887,9 @@ class SuperResolver:
             out, report = self._tiled_report(
                 volume, plan, settings, mean, m2, timings, predictor_report, progress=progress, t_start=t_start
             )
-        if note:
-            report["notes"] = [*report.get("notes", []), note]
+        notes = [n for n in notes if n]
+        if notes:
+            report["notes"] = [*report.get("notes", []), *notes]
         return out, report
 
     def plan(self, volume: Volume, grid: Grid, settings: SRRunSettings) -> SRPlan:
