@@ -142,6 +142,9 @@ def test_the_slicer_panels_offer_the_hidden_own_weights_by_their_file(old_cache,
     assert len(told) == 1 and str(mine) in told[0] and "Import weights" in told[0]
     assert weights_choice.weights_problem("sr", str(mine)) == "" and weights_choice.weights_problem("sr", "") == ""
     assert weights_choice.default_weights("sr") == "sr-default"
+    status = weights_choice.hidden_weights_status("sr")  # the panel's status line, when it lists the weights
+    assert status.startswith("Your imported weights 'sr-default' are hidden") and str(mine) in status
+    assert weights_choice.hidden_weights_status("xray") == ""
     view = [(e.name, e.source, e.path, e.available) for e in weights_choice.registered_weights("sr")]
     assert view == [(e["name"], e["source"], Path(e["path"]), e["available"]) for e in registry.list_weights("sr")]
 

@@ -29,8 +29,11 @@ def test_views_draws_a_row_per_weights_and_input_with_the_lateral_projection(tmp
     assert run.returncode == 0, run.stderr[-2000:]
 
     written = json.loads(report.read_text())
-    assert written["num_samples"] == 1
+    assert written["num_samples_requested"] == 1
     rows = written["rows"]
+    # what each row's generation used, the weights' defaults resolved (no nulls)
+    assert all(r["num_samples"] == [1] and all(isinstance(n, int) and n > 0 for n in r["steps"])
+               and isinstance(r["lifting_start_t"], float) for r in rows), rows
     assert [(Path(r["weights"]).parent.name, r["input"]) for r in rows] == [("tiny0", "drr"), ("tiny1", "drr")]
     assert [r["weights_sha256"] for r in rows] == [hashlib.sha256(w.read_bytes()).hexdigest() for w in weights]
     assert all(0.0 < r["projection_ncc"] <= 1.0 and r["projection_psnr"] > 0 for r in rows)

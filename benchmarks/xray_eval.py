@@ -262,8 +262,8 @@ def views(args: argparse.Namespace) -> dict:
     drr = render_training_drr(torch.from_numpy(cube.array)[None, None], cfg.data.fov_mm, cfg.xray_resolution,
                               cfg.data.view)[0, 0].numpy()  # fmt: skip
     rows = [(f"{args.reference} (reference)", drr, cube)]
-    report = {"reference": str(args.reference), "seed": args.seed, "lifting_start_t": args.lifting_start,
-              "num_samples": args.num_samples, "rows": []}  # fmt: skip
+    report = {"reference": str(args.reference), "seed": args.seed, "lifting_start_t_requested": args.lifting_start,
+              "num_samples_requested": args.num_samples, "rows": []}  # fmt: skip
     for weights, gen in zip(args.weights, gens):
         label = Path(weights).parent.name if weights and weights.endswith(".safetensors") else weights or "default"
         for source in args.inputs:
@@ -273,9 +273,12 @@ def views(args: argparse.Namespace) -> dict:
             seen = gen.prepare_input(image, fov)[0][0, 0].numpy()
             rows.append((f"{label}, {args.reference if source == 'drr' else source}", seen, vol))
             last = rep["stages"][-1]
+            used = rep["settings"]  # what the generation used, the weights' defaults resolved
             report["rows"].append({"weights": weights or "default", "weights_sha256": gen.weights_sha256,
                                    "input": source, "projection_psnr": last["projection_psnr"],
-                                   "projection_ncc": last["projection_ncc"]})  # fmt: skip
+                                   "projection_ncc": last["projection_ncc"], "steps": list(used["steps"]),
+                                   "num_samples": list(used["num_samples"]),
+                                   "lifting_start_t": float(used["lifting_start_t"])})  # fmt: skip
     xray_rows_figure(rows, Path(args.figure), f"X-ray to CT: {', '.join(str(w or 'default') for w in args.weights)}"
                      f" (seed {args.seed}); no ground truth exists for the real radiographs", ("pa", "lateral"))  # fmt: skip
     print(f"picture: {args.figure}")

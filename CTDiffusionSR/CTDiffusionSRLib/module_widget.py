@@ -164,6 +164,11 @@ class ModuleWidget(VTKObservationMixin, abc.ABC):
     def fillWeights(self) -> None:
         current = self._parameterNode.weights if self._parameterNode else ""
         fillWeightsComboBox(self.ui.weightsComboBox, self.family, current)
+        from CTDiffusionSRLib.weights_choice import hidden_weights_status
+
+        notice = hidden_weights_status(self.family)  # own weights under a name that now ships: said where they look
+        if notice:
+            self.ui.statusLabel.text = notice
 
     def onWeightsChanged(self, text: str) -> None:
         if self._parameterNode:

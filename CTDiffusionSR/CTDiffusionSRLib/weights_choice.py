@@ -122,6 +122,12 @@ def weights_items(family: str, current: str = "") -> tuple[list[str], str]:
     return names, selected
 
 
+def hidden_weights_status(family: str) -> str:
+    """What the panel's status line says when the user's own weights of ``family`` are hidden by shipped weights of
+    their name ("" when none are): :func:`hidden_weights_notice` of each whose file is here."""
+    return " ".join(hidden_weights_notice(e) for e in registered_weights(family) if e.hidden and e.available)
+
+
 def hidden_weights_notice(entry: WeightsEntry) -> str:
     """What the panel says of the user's own weights hidden by the shipped weights of their name."""
     return _(
