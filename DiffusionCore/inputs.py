@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .dicom_in import NOT_VOLUME_MODALITIES, header_values, localizers_only_error
 from .errors import InputError
-from .files import LIST_SUFFIXES, VOLUME_SUFFIXES  # noqa: F401  (defined with the text-file check; looked up here)
+from .files import VOLUME_SUFFIXES
 
 logger = logging.getLogger(__name__)
 

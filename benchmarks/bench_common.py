@@ -15,6 +15,8 @@ import argparse
 import os
 import re
 
+from DiffusionCore.cli.common import bounded_int
+
 #: The thread count of the published figures (docs/model_cards/sr-default.md: "CPU, 2 threads").
 CARD_THREADS = 2
 
@@ -34,17 +36,7 @@ def default_threads() -> int:
     return CARD_THREADS
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
-    return value
-
-
 def add_threads_argument(parser: argparse.ArgumentParser, help_extra: str = "") -> None:
     """Add ``--threads`` with the shared default (:func:`default_threads`, read when the parser is built)."""
-    parser.add_argument("--threads", type=positive_int, default=default_threads(), metavar="N",
+    parser.add_argument("--threads", type=bounded_int(1), default=default_threads(), metavar="N",
                         help=THREADS_HELP + (f"; {help_extra}" if help_extra else ""))  # fmt: skip

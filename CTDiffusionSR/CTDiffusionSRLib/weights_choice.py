@@ -80,18 +80,17 @@ def _entries(path: Path | None) -> dict:
 def registered_weights(family: str) -> list[WeightsEntry]:
     """The registered weights of ``family``: bundled first, then the user's. A name in both is the bundled one; the
     user's entry of that name (imported before weights of that name shipped) is listed with ``hidden`` true."""
-    out, bundled = [], set()
-    for source, registry in (("bundled", bundled_registry_path()), ("user", user_registry_path())):
-        for name, entry in _entries(registry).items():
-            hidden = source == "user" and name in bundled
-            if source == "bundled":
-                bundled.add(name)
-            if not isinstance(entry, dict) or entry.get("family") != family:
-                continue
+    from DiffusionCore.weights.entries import registry_rows
+
+    registries = [(source, registry.parent if registry else Path(), _entries(registry))
+                  for source, registry in (("bundled", bundled_registry_path()), ("user", user_registry_path()))]  # fmt: skip
+    out = []
+    for source, folder, name, entry, hidden in registry_rows(registries):
+        if entry.get("family") == family:
             file = Path(str(entry.get("file", "")))
-            path = file if file.is_absolute() else registry.parent / file
-            out.append(WeightsEntry(str(name), family, str(entry.get("description", "")), source, path,
-                                    path.is_file(), hidden))  # fmt: skip
+            path = file if file.is_absolute() else folder / file
+            out.append(WeightsEntry(name, family, str(entry.get("description", "")), source, path, path.is_file(),
+                                    hidden))  # fmt: skip
     return out
 
 

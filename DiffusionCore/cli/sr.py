@@ -288,10 +288,10 @@ def distinct_sources(sources: list[Path]) -> tuple[list[Path], list[tuple[Path, 
 
 def batch_sources(path: Path) -> tuple[bool, list[Path]]:
     """(batch?, sources) for INPUT: a volume file, a DICOM file or a DICOM series folder is one volume; a
-    folder of volumes or a list file (:data:`~DiffusionCore.inputs.LIST_SUFFIXES`: .txt, .lst, .list, .csv) is a
+    folder of volumes or a list file (:data:`~DiffusionCore.files.LIST_SUFFIXES`: .txt, .lst, .list, .csv) is a
     batch. Other files are read as one volume (so that an unsupported file gets the reader's explanation)."""
-    from ..files import text_file_error
-    from ..inputs import LIST_SUFFIXES, collect_volumes, dicom_file_series, is_dicom_file
+    from ..files import LIST_SUFFIXES, text_file_error
+    from ..inputs import collect_volumes, dicom_file_series, is_dicom_file
 
     if not path.exists():
         raise InputError(f"{path} does not exist. Check the path (and quote it if it contains spaces).")

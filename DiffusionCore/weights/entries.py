@@ -4,7 +4,7 @@ what a Slicer panel lists the weights of before the application has loaded torch
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +44,17 @@ def find_sha256(registries: Iterable[dict[str, dict[str, Any]]], sha: str) -> tu
             if str(entry.get("sha256", "")).lower() == sha:
                 return str(name), entry
     return None
+
+
+def registry_rows(
+    registries: Iterable[tuple[str, Path, dict[str, dict[str, Any]]]],
+) -> Iterator[tuple[str, Path, str, dict[str, Any], bool]]:
+    """``(source, folder, name, entry, hidden)`` for every entry of ``registries`` (``(source, folder, entries)``, the
+    bundled registry first): ``hidden`` when a user entry has the name of a bundled one, which that name runs (weights
+    a user imported under it before weights of that name shipped)."""
+    bundled: set[str] = set()
+    for source, folder, entries in registries:
+        for name, entry in entries.items():
+            yield source, folder, str(name), entry, source != "bundled" and name in bundled
+        if source == "bundled":
+            bundled.update(entries)

@@ -52,7 +52,7 @@ import torch
 
 from ..errors import OutputError, OutputExistsError, WeightsError
 from ..files import cache_dir, partial_file, publish, sha256_file
-from .entries import find_sha256, read_registry
+from .entries import find_sha256, read_registry, registry_rows
 from .header import (  # noqa: F401  (METADATA_KEY and read_safetensors_header stay part of this module's API)
     METADATA_KEY,
     existing_weights_file,
@@ -367,14 +367,8 @@ def list_weights(family: str | None = None) -> list[dict[str, Any]]:
         (``"bundled"`` or ``"user"``), ``path``, ``available`` (the file exists) and ``hidden``.
     """
     out = []
-    bundled: set[str] = set()
-    for source, folder, entries in _registries():
-        for name, entry in entries.items():
-            hidden = name in bundled
-            if source == "bundled":
-                bundled.add(name)
-            if family is not None and entry.get("family") != family:
-                continue
+    for source, folder, name, entry, hidden in registry_rows(_registries()):
+        if family is None or entry.get("family") == family:
             path = _entry_path(folder, entry)
             description = entry.get("description", "")
             if hidden:
