@@ -92,6 +92,7 @@ def shipped_weights_option(family: str, config: str | os.PathLike | Mapping) -> 
     if family != "xray":
         return f"--init-from {shipped}"
     from DiffusionCore.nn.architecture import build_on_meta
+    from DiffusionCore.train.checkpoint import model_differences
     from DiffusionCore.xray.cascade import UnifiedHybridViTCascade
     from DiffusionCore.xray.config import load_stage_config
     from DiffusionCore.xray.train import check_stage_fits, describe_stage, read_stage_source
@@ -116,31 +117,12 @@ def shipped_weights_option(family: str, config: str | os.PathLike | Mapping) -> 
         builds = describe_stage(cfg)
         if held_cfg is not None and describe_stage(held_cfg) == builds:  # the same grid and width: say what differs
             differs = model_differences(held_cfg.model, cfg.model, shipped)
-            builds = f"{builds} too, but {differs}" if differs else f"{builds} too, with other tensors"
+            builds = f"{builds} too, but with {differs}" if differs else f"{builds} too, with other tensors"
         raise ConfigError(f"'Start from the shipped weights' continues {shipped}, which was trained with the {recipe} "
                           f"preset{held}; {which} builds {builds}: those weights do not fit it. "
                           f"Choose {recipe} in 'Config preset', a stage-2 preset to train stage 2 on them, "
                           "or untick 'Start from the shipped weights'.") from None  # fmt: skip
     return f"--init-from {shipped}"
-
-
-def model_differences(held, built, held_name: str, most: int = 4) -> str:
-    """The model settings in which a configuration differs from the one the weights ``held_name`` record, in a
-    config file's spelling, e.g. ``"with model.refine_xray false (xray-default: true)"`` ("" when none differ).
-
-    Args:
-        held: the weights' recorded model config (a dataclass).
-        built: the chosen configuration's model config (the same dataclass).
-        most: how many settings to name; the others are counted.
-    """
-    from dataclasses import asdict
-
-    mine, theirs = asdict(built), asdict(held)
-    keys = [k for k in mine if mine[k] != theirs.get(k)]
-    said = [f"model.{k} {json.dumps(mine[k])} ({held_name}: {json.dumps(theirs.get(k))})" for k in keys[:most]]
-    if len(keys) > most:
-        said.append(f"{len(keys) - most} more")
-    return "with " + ", ".join(said) if said else ""
 
 
 def check_training_config(family: str, config: str | os.PathLike | Mapping) -> None:

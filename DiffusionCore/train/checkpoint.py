@@ -667,22 +667,76 @@ def config_differences(saved: Any, current: Any, prefix: str = "", added: list[s
         added: when given, the settings that ``saved`` lacks (options added since the run recorded its settings)
             are appended to it as ``"key = current"`` instead of being returned as differences.
     """
+    differing = _differing_settings(saved, current, prefix, RESUME_FREE_SETTINGS, added)
+    return [f"{name}: {_python_spelling(old)} -> {_python_spelling(new)}" for name, old, new in differing]
+
+
+def model_differences(held: Any, built: Any, held_name: str, most: int = 4, prefix: str = "model.") -> str:
+    """The model settings in which a configuration differs from the one that weights record, in a config file's
+    spelling: ``"model.voxel_channels 96 (xray-default: 128), model.refine_xray true (xray-default: false)"``, in the
+    order ``built`` declares them, the first ``most`` named and the others counted (``", 3 more"``); "" when none
+    differ.
+
+    Args:
+        held: the model config the weights ``held_name`` were trained with (a dataclass or a dict).
+        built: the model config of the run (or panel) that is to load them.
+        held_name: the weights in words (a registered name, a file or folder name).
+        most: how many settings to name.
+        prefix: the section the settings are in, as a config file spells it.
+    """
+    current = config_to_dict(built)
+    differing = _differing_settings(config_to_dict(held), current, prefix, lists_whole=True)
+    declared = {key: i for i, key in enumerate(current)} if isinstance(current, dict) else {}
+    # as the config lists its settings (the walk gives them alphabetically), those only ``held`` has last
+    differing.sort(key=lambda d: declared.get(d[0].removeprefix(prefix).partition(".")[0], len(declared)))
+    said = [f"{name} {_json_spelling(new)} ({held_name}: {_json_spelling(old)})" for name, old, new in differing[:most]]
+    if len(differing) > most:
+        said.append(f"{len(differing) - most} more")
+    return ", ".join(said)
+
+
+#: The value of a setting that one of two compared configs lacks (:func:`_differing_settings`).
+_UNSET = object()
+
+
+def _python_spelling(value: Any) -> str:
+    return repr("(none)" if value is _UNSET else value)
+
+
+def _json_spelling(value: Any) -> str:
+    return "(none)" if value is _UNSET else json.dumps(value)
+
+
+def _differing_settings(
+    saved: Any, current: Any, prefix: str = "", free: frozenset[str] = frozenset(), added: list[str] | None = None,
+    lists_whole: bool = False,
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, current value)`` for each setting in which two JSON-ready configs differ, keys in
+    alphabetical order at each level; a value that one side lacks is ``_UNSET``.
+
+    Args:
+        free: keys passed over at every level.
+        added: when given, the settings that ``saved`` lacks are appended to it as ``"key = current"`` instead.
+        lists_whole: compare lists as one value each (``model.encoder_channels``), not item by item
+            (``model.encoder_channels.1``).
+    """
     if isinstance(saved, dict) and isinstance(current, dict):
-        out: list[str] = []
+        out: list[tuple[str, Any, Any]] = []
         for key in sorted(set(saved) | set(current), key=str):
-            if key in RESUME_FREE_SETTINGS:
+            if key in free:
                 continue
             name = f"{prefix}{key}"
             if key not in saved and added is not None:
                 added.append(f"{name} = {current[key]!r}")
             elif key not in saved or key not in current:
-                out.append(f"{name}: {saved.get(key, '(none)')!r} -> {current.get(key, '(none)')!r}")
+                out.append((name, saved.get(key, _UNSET), current.get(key, _UNSET)))
             else:
-                out += config_differences(saved[key], current[key], name + ".", added)
+                out += _differing_settings(saved[key], current[key], name + ".", free, added, lists_whole)
         return out
-    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
-        return [d for i, (a, b) in enumerate(zip(saved, current)) for d in config_differences(a, b, f"{prefix}{i}.", added)]
-    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
+    if not lists_whole and isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [d for i, (a, b) in enumerate(zip(saved, current))
+                for d in _differing_settings(a, b, f"{prefix}{i}.", free, added, lists_whole)]  # fmt: skip
+    return [] if saved == current else [(prefix.rstrip("."), saved, current)]
 
 
 def recorded_config(out_dir: str | os.PathLike) -> dict[str, Any] | None:

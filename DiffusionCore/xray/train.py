@@ -452,6 +452,10 @@ def _load_stage_weights(
 def _stage_mismatch(
     configs: list[XrayStageConfig], source: StageSource, s: int, key: str, option: str, origin: str
 ) -> str:
+    """The refusal of a stage ``source`` does not fit: what the file holds, what this run built, the model settings in
+    which they differ in a config file's spelling, and how to make them agree."""
+    from ..train.checkpoint import model_differences
+
     built = configs[s - 1]
     held = source.configs.get(s)
     said = f"{option} {source.name} ({source.path}) does not fit stage {s} of this run (tensor {key} "
@@ -466,12 +470,16 @@ def _stage_mismatch(
     said += f" (from {origin})" if origin else ""
     if held is None:
         return said + f". Give {option} the weights or training folder of a stage {s} trained with that config"
+    differs = model_differences(held.model, built.model, Path(source.name).name or source.name)
+    said += f", with {differs}" if differs else ""
     if option.startswith("--stage"):
         return (said + f". Leave stage {s}'s config out of --config (the run then takes it from the file's own record) "
                 f"or give the config that trained it, e.g. --config <stage {s} config> <stage {len(configs)} "
                 "config>")  # fmt: skip
+    same_grid = (held.resolution, held.xray_resolution) == (built.resolution, built.xray_resolution)
+    settle = ", set those model settings as the weights have them" if differs and same_grid else ""
     return (said + ". Give --config the configuration those weights were trained with (the shipped xray-default: "
-            f"--config {DEFAULT_CONFIG}), or start without {option}")
+            f"--config {DEFAULT_CONFIG}){settle}, or start without {option}")
 
 
 def train_step(
