@@ -26,7 +26,10 @@ logger = logging.getLogger(__name__)
 MIN_RADIOGRAPH_SIDE = 32
 #: Percentiles used to window an image to [0, 1] (robust to collimator edges and burned-in labels).
 WINDOW_PERCENTILES = (0.5, 99.5)
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: Channels of an RGB or RGBA image: made grey when the channels agree (:func:`greyscale_pixels`), else refused.
+COLOUR_CHANNELS = (3, 4)
+#: Suffixes of the plain image files (no header) a radiograph can come in.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 #: Largest difference between the colour channels, as a share of the image's value range (at least one grey
 #: level), at which a 3- or 4-channel image is still greyscale stored in colour (as image editors, screenshots and
 #: JPEG exports save radiographs); beyond it the image is refused as colour.
@@ -188,7 +191,7 @@ def radiograph_pixels(arr: np.ndarray, source: str = "image", *, keep_integers: 
         InputError: real colour, a 3D volume, fewer or more than 2 dimensions, a thumbnail, NaN or Inf.
     """
     arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+    if arr.ndim == 3 and arr.shape[-1] in COLOUR_CHANNELS:
         arr = greyscale_pixels(arr, source)
     if arr.ndim == 3 and min(arr.shape) > 1:
         raise InputError(
@@ -452,14 +455,30 @@ def orient_as_displayed(
     return _turn(arr, spacing, letters, want)  # type: ignore[arg-type]
 
 
-def _check_size(p: Path, size: list[int], components: int) -> None:
+#: Bytes per pixel that reading a radiograph needs besides its decoded pixels: the float32 grey image, its windowed
+#: copy and the work of the checks.
+READ_BYTES_PER_PIXEL = 16
+
+
+def _component_bytes(reader: sitk.ImageFileReader) -> int:
+    """The bytes of one channel of one pixel of the image ``reader`` has read the header of (8 when unknown)."""
+    try:
+        return int(sitk.Image([1, 1], reader.GetPixelID(), max(1, reader.GetNumberOfComponents()))
+                   .GetSizeOfPixelComponent())  # fmt: skip
+    except RuntimeError:
+        return 8
+
+
+def _check_size(p: Path, size: list[int], components: int, component_bytes: int = 8) -> None:
     """Refuse, from the header alone, an image that cannot fit in memory (a corrupt header can claim
-    billions of pixels) before it is decoded."""
+    billions of pixels) before it is decoded: its decoded pixels (``components`` channels of ``component_bytes``
+    each) and :data:`READ_BYTES_PER_PIXEL` of work per pixel (a colour image is made grey before that work)."""
     from ..files import check_memory_for
 
-    pixels = int(np.prod(size, dtype=np.float64)) * max(1, components)
+    pixels = int(np.prod(size, dtype=np.float64))
     check_memory_for(
-        pixels * 16, f"decoding {p.name} ({'x'.join(map(str, size))} pixels)", "use a smaller image"
+        pixels * (READ_BYTES_PER_PIXEL + max(1, components) * component_bytes),
+        f"decoding {p.name} ({'x'.join(map(str, size))} pixels)", "use a smaller image",
     )
 
 
@@ -568,7 +587,7 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     reader.SetImageIO(image_io(p))  # x.MHA too: ITK matches the suffix with its case
     try:
         reader.ReadImageInformation()
-        _check_size(p, [int(v) for v in reader.GetSize()], int(reader.GetNumberOfComponents()))
+        _check_size(p, [int(v) for v in reader.GetSize()], int(reader.GetNumberOfComponents()), _component_bytes(reader))
         img = reader.Execute()
     except RuntimeError as exc:
         index = dicomdir_message(p)
@@ -1026,7 +1045,7 @@ def as_radiograph(image: Radiograph | np.ndarray | str | os.PathLike) -> Radiogr
     ):
         raise InputError(_stack_message(f"the {type(image).__name__} holds {len(image)} images"))
     shape = np.shape(image)
-    if len(shape) == 3 and 1 < shape[0] <= MAX_STACK_IMAGES < min(shape[1:]) and shape[-1] not in (3, 4):
+    if len(shape) == 3 and 1 < shape[0] <= MAX_STACK_IMAGES < min(shape[1:]) and shape[-1] not in COLOUR_CHANNELS:
         raise InputError(_stack_message(f"the array looks like a stack of {shape[0]} 2D images of "
                                         f"{shape[1]}x{shape[2]} pixels (shape {tuple(shape)})"))  # fmt: skip
     arr = radiograph_pixels(image, "the array")

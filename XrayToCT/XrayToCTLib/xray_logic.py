@@ -1,7 +1,8 @@
 """Radiograph-to-CT on MRML nodes: the input radiograph, the background job and the per-stage preview.
 
 A radiograph loaded in Slicer (DICOM CR/DX, PNG, JPEG) is a single-slice scalar volume node (or a vector
-node for colour-encoded greyscale files). It is written to a private temporary file, the XrayToCTGenerate
+node for colour-encoded greyscale files). It is written to a private temporary file (a colour-encoded one as its
+channels: the command makes it grey, in its own process, not in Slicer's GUI thread), the XrayToCTGenerate
 CLI runs in a background process, and each finished stage updates ONE result node in place: "<input> CT
 stage 1 (synthetic)" appears after the first stage, then becomes stage 2, and the last stage's volume is "<input> CT
 (synthetic)". A finished stage is a result of its own, of lower resolution: a cancel or a failure during a later stage
@@ -52,6 +53,7 @@ from CTDiffusionSRLib.sr_logic import check_weights
 from DiffusionCore.dicom_out import SYNTHETIC_CT_WINDOWS
 from DiffusionCore.errors import InputError, OutputError
 from DiffusionCore.xray.radiograph import (
+    COLOUR_CHANNELS,
     RADIOGRAPH_MODALITIES,
     check_projection_modality,
     header_view,
@@ -184,6 +186,42 @@ def _pixels(node, tags: dict[str, str] | None = None, *, keep_integers: bool = F
     return radiograph_pixels(stored, f"'{node.GetName()}'", keep_integers=keep_integers), axes
 
 
+def _orient_channels_as_displayed(
+    channels: np.ndarray, spacing: tuple[float, float], direction: np.ndarray
+) -> tuple[np.ndarray, tuple[float, float] | None, str]:
+    """:func:`~DiffusionCore.xray.radiograph.orient_as_displayed` for an ``(H, W, C)`` colour-encoded image: each
+    pixel's C values are turned as one (a record of C values per pixel), so the image is copied once when it is
+    turned, and not at all when it is not."""
+    h, w, c = channels.shape
+    # already contiguous, unless the node is one voxel thick along x or y
+    channels = np.ascontiguousarray(channels)
+    records = channels.view(np.dtype((np.void, c * channels.itemsize))).reshape(h, w)
+    records, spacing, turned = orient_as_displayed(records, spacing, direction)
+    return records.view(channels.dtype).reshape(*records.shape, c), spacing, turned
+
+
+def _placed(
+    node, pixels: np.ndarray, axes: tuple[int, int], as_displayed: bool
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """``(pixels, pixel spacing (row, col) mm)`` of ``node``'s ``pixels`` (``(H, W)``, or ``(H, W, C)`` colour
+    channels; ``axes``: the IJK axes of their columns and rows, :func:`_stored_pixels`), turned to how Slicer shows the
+    node when ``as_displayed`` (see :func:`radiograph_from_node`).
+
+    Raises:
+        InputError: a non-linear transform (:func:`~CTDiffusionSRLib.mrml_io.transform_problem`).
+    """
+    columns, rows = axes
+    spacing, _origin, direction = geometry_from_ijk_to_ras(ijk_to_ras(node, world=True, what="The radiograph"))
+    row_col = (float(spacing[rows]), float(spacing[columns]))
+    if not as_displayed:
+        return pixels, row_col
+    turn = orient_as_displayed if pixels.ndim == 2 else _orient_channels_as_displayed
+    pixels, turned_spacing, turned = turn(pixels, row_col, np.asarray(direction)[:, [columns, rows]])
+    if turned:
+        logger.info("'%s' is %s, as Slicer displays it", node.GetName(), turned)
+    return pixels, turned_spacing or row_col
+
+
 def radiograph_from_node(
     node, *, as_displayed: bool = False, tags: dict[str, str] | None = None, keep_integers: bool = False
 ) -> tuple[np.ndarray, tuple[float, float]]:
@@ -205,15 +243,8 @@ def radiograph_from_node(
         InputError: no usable pixels (:func:`_pixels`), or a non-linear transform
             (:func:`~CTDiffusionSRLib.mrml_io.transform_problem`).
     """
-    pixels, (columns, rows) = _pixels(node, tags, keep_integers=keep_integers)
-    spacing, _origin, direction = geometry_from_ijk_to_ras(ijk_to_ras(node, world=True, what="The radiograph"))
-    row_col = (float(spacing[rows]), float(spacing[columns]))
-    if not as_displayed:
-        return pixels, row_col
-    pixels, turned_spacing, turned = orient_as_displayed(pixels, row_col, np.asarray(direction)[:, [columns, rows]])
-    if turned:
-        logger.info("'%s' is %s, as Slicer displays it", node.GetName(), turned)
-    return pixels, turned_spacing or row_col
+    pixels, axes = _pixels(node, tags, keep_integers=keep_integers)
+    return _placed(node, pixels, axes, as_displayed)
 
 
 def photometric_note(photometric_interpretation: str) -> str:
@@ -286,7 +317,8 @@ def view_problem(node, settings: XraySettings, resolved, name: str, tags: dict[s
     )
 
 
-#: How many nodes' verdicts :func:`check_xray_input` keeps (the most recently checked).
+#: How many nodes' verdicts :func:`check_xray_input` and :func:`check_reference_input` keep (the most recently
+#: checked).
 VERDICTS_KEPT = 8
 #: node ID -> (what the verdict depends on (:func:`_verdict_key`), the verdict)
 _verdicts: OrderedDict[str, tuple[tuple, str]] = OrderedDict()
@@ -368,16 +400,28 @@ def _input_verdict(node, tags: dict[str, str]) -> str:
     return ""
 
 
+#: node ID -> (what the reference CT's voxel check depends on (:func:`_reference_voxels_key`), its verdict)
+_reference_verdicts: OrderedDict[str, tuple[tuple, str]] = OrderedDict()
+
+
+def _reference_voxels_key(node) -> tuple:
+    """What the voxel part of :func:`check_reference_input` says of ``node`` depends on: the node's modification time
+    (a rename: the message names it; a new image) and :func:`~CTDiffusionSRLib.mrml_io.input_stamp` (its image's and
+    its scalars' modification times, which change when the voxels are edited or replaced)."""
+    return node.GetMTime(), input_stamp(node)
+
+
 def check_reference_input(node) -> str:
     """Why ``node`` cannot be the Reference CT the generated CT is scored against, or ``""`` when it can (also when
     none is chosen: the reference is optional). Checked when Apply is pressed, as XrayToCTGenerate checks its
     --referenceVolume before any work: the scores are computed only after the whole generation, so a bad reference
     found then would throw the generated CT away. Refused: no greyscale volume, a 2D image (the radiograph itself),
     fewer than ``MIN_CT_VOXELS`` voxels along an axis, NaN or infinite voxels, intensities that are not CT in HU, a
-    non-linear transform (but Slicer's regularization of a tilted DICOM series, which is read from its files)."""
-    from vtk.util import numpy_support
+    non-linear transform (but Slicer's regularization of a tilted DICOM series, which is read from its files).
 
-    from DiffusionCore.volume import check_ct
+    The panel asks on every change of a setting: the voxels are read once per change of the node
+    (:func:`_reference_voxels_verdict`: a 512x512x600 CT took 0.1-0.2 s and a 157 MB temporary each time), the rest
+    is asked each time."""
     from DiffusionCore.xray.data import cube_size_problem, too_small_message
 
     if node is None:
@@ -401,26 +445,58 @@ def check_reference_input(node) -> str:
     why = cube_size_problem((nz, ny, nx))  # the voxel counts (a tilted series under Slicer's regularization
     if why:  # transform has no plain grid, and is read from its files for the job)
         return too_small_message(name, why)
+    return _reference_voxels_verdict(node, name, fix)
+
+
+def _reference_voxels_verdict(node, name: str, fix: str) -> str:
+    """The part of :func:`check_reference_input` that reads every voxel (NaN or infinite values, the HU range), once
+    per change of the node (:func:`_reference_voxels_key`); ``name`` and ``fix`` are its message's words."""
+    from vtk.util import numpy_support
+
+    from DiffusionCore.volume import check_ct
+
+    node_id, key = node.GetID(), _reference_voxels_key(node)
+    known = _reference_verdicts.get(node_id) if node_id else None
+    if known is not None and known[0] == key:
+        _reference_verdicts.move_to_end(node_id)
+        return known[1]
     try:
+        scalars = node.GetImageData().GetPointData().GetScalars()
         doubts = check_ct(numpy_support.vtk_to_numpy(scalars), name)  # a view of the voxels, no copy
+        verdict = f"{doubts[0]} The reference scores need a CT in Hounsfield units: {fix}" if doubts else ""
     except InputError as exc:
-        return str(exc)
-    return f"{doubts[0]} The reference scores need a CT in Hounsfield units: {fix}" if doubts else ""
+        verdict = str(exc)
+    if node_id:
+        _reference_verdicts[node_id] = (key, verdict)
+        while len(_reference_verdicts) > VERDICTS_KEPT:
+            _reference_verdicts.popitem(last=False)
+    return verdict
 
 
 def write_radiograph(node, path: str | Path, as_displayed: bool | None = None) -> Path:
     """Write the radiograph node as a 2D image (MetaImage keeps values, their type and the pixel spacing): an integer
-    radiograph in its own type, any other as float32 (colour-encoded greyscale as its grey level).
+    radiograph in its own type, any other as float32, and colour-encoded greyscale (RGB, RGBA) as its channels in their
+    own type, which the command's reader (:func:`~DiffusionCore.xray.radiograph.read_radiograph`) makes grey, and
+    refuses when they are real colour, as it does for a colour file.
+
+    This runs in Slicer's GUI thread when Apply is pressed (:meth:`XrayJob.prepare`): making a 4000x5000 RGB image
+    grey there froze Slicer for seconds before the job and its progress bar started; now the job's process does it.
 
     ``as_displayed``: the pixels as Slicer displays the node (:func:`radiograph_from_node`); by default so for a node
     not loaded from DICOM (a PNG, JPEG, NRRD, MetaImage or NIfTI file), and in the stored order for one loaded from
     Slicer's DICOM database, whose header's orientation the command applies (``--dicomHeader``)."""
     if as_displayed is None:
         as_displayed = not dicom_header_file(node)
-    pixels, (row_mm, col_mm) = radiograph_from_node(node, as_displayed=as_displayed, keep_integers=True)
+    stored, axes = _stored_pixels(node)
+    if stored.ndim == 3 and stored.shape[-1] in COLOUR_CHANNELS:
+        pixels = stored  # not made grey here: the command does, in the background
+    else:
+        pixels = radiograph_pixels(stored, f"'{node.GetName()}'", keep_integers=True)
+    pixels, (row_mm, col_mm) = _placed(node, pixels, axes, as_displayed)
     from DiffusionCore.volume import write_image
 
-    image = sitk.GetImageFromArray(pixels)  # an integer radiograph in its own type (uint16: half the bytes)
+    # an integer radiograph in its own type (uint16: half the bytes); colour channels as one vector pixel
+    image = sitk.GetImageFromArray(pixels, isVector=pixels.ndim == 3)
     image.SetSpacing((col_mm, row_mm))
     return write_image(image, path)
 
@@ -566,12 +642,16 @@ class XrayJob(CLIJob):
 
     def hand_off_bytes(self) -> int:
         """About what the job's files take in its temporary folder, counted before any work: the radiograph as handed
-        over (an integer one in its own type, else float32), the reference CT as float32, a float32 preview of every
-        stage the job runs and the result (the last stage's grid again), each with room for its header."""
+        over (an integer one in its own type, a colour-encoded one as its channels, else float32), the reference CT as
+        float32, a float32 preview of every stage the job runs and the result (the last stage's grid again), each with
+        room for its header."""
         header = 4096
         stored, _ = _stored_pixels(self.input_node)  # a view: its type and size, nothing read
-        integer = stored.ndim == 2 and stored.dtype.kind in "iu"
-        needed = stored.shape[0] * stored.shape[1] * (stored.dtype.itemsize if integer else 4) + header
+        if stored.ndim == 3 and stored.shape[-1] in COLOUR_CHANNELS:  # as stored (write_radiograph)
+            per_pixel = stored.dtype.itemsize * stored.shape[-1]
+        else:
+            per_pixel = stored.dtype.itemsize if stored.dtype.kind in "iu" else 4
+        needed = stored.shape[0] * stored.shape[1] * per_pixel + header
         if self.reference_node is not None:
             needed += int(np.prod(self.reference_node.GetImageData().GetDimensions())) * 4 + header
         stages = self.stage_sides[: self.settings.num_stages or len(self.stage_sides)]
