@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from test_sr_pipeline import thick_ct
 
+from DiffusionCore.cli.batch import MAX_NAME_BYTES, batch_output_names
 from DiffusionCore.cli.main import main
-from DiffusionCore.cli.sr import MAX_NAME_BYTES, batch_output_names
 from DiffusionCore.errors import OutputError
 from DiffusionCore.volume import Volume, write_volume
 

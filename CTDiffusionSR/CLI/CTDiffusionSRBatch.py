@@ -288,8 +288,9 @@ def refuse_several_volumes(path: str) -> None:
 def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
     from pathlib import Path
 
+    from DiffusionCore.cli.batch import BatchProgress
     from DiffusionCore.cli.common import Progress, check_result, result_range, write_return_parameters
-    from DiffusionCore.cli.sr import BatchProgress, sr_provenance, uncertainty_provenance
+    from DiffusionCore.cli.sr import sr_provenance, uncertainty_provenance
     from DiffusionCore.errors import InputError
     from DiffusionCore.files import write_json_atomic
     from DiffusionCore.results import write_result

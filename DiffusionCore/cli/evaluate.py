@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     save_root = Path(args.save_volumes) if args.save_volumes else None
     save_files: list[dict[str, Path]] = []
     if save_root is not None:
-        from .sr import batch_output_names  # the names sr gives a batch's outputs: one folder each here
+        from .batch import batch_output_names  # the names sr gives a batch's outputs: one folder each here
 
         stems = [split_volume_suffix(n)[0] for n in batch_output_names(sources)] if several else [""]
         folders = [save_root / stem for stem in stems]

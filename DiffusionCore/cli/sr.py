@@ -9,7 +9,8 @@ on the batch's outcome and exit code.
 A batch goes on past a volume that fails (unreadable, refused, over the memory budget, not writable), names it in
 the closing lines and the ``--report``, and exits 7 when others were written; a full disk stops it. The report is
 written whatever happens (also on SIGTERM / Ctrl-C), and ``--skip-existing`` continues a batch: the names are a
-function of the batch's inputs alone (:func:`batch_output_names`).
+function of the batch's inputs alone (:func:`~.batch.batch_output_names`). What a batch does beyond running one volume
+is shared with ``xray2ct`` (:mod:`.batch`).
 """
 
 from __future__ import annotations
@@ -17,32 +18,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
-import hashlib
 import logging
 import os
 import threading
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..devices import DistInfo, process_info, shard_list
 from ..dicom_out import check_dicom_geometry
 from ..errors import (
-    Cancelled,
     ConfigError,
-    DiffusionCoreError,
     InputError,
-    NumericalError,
     OutputError,
-    OutputExistsError,
-    PartialBatchError,
-    ResourceError,
 )
 from ..files import (
-    check_writable_file,
     current_rss_bytes,
     format_bytes,
     keep_freed_memory,
@@ -52,7 +42,6 @@ from ..files import (
 from ..provenance import Provenance, sr_label, synthetic_input_warning
 from ..results import (
     OUTPUT_FORMATS,
-    check_result_output,
     dicom_source_for,
     planned_files,
     planned_outputs,
@@ -62,15 +51,31 @@ from ..results import (
 from ..sampledata import sample_or_path
 from ..tiling import parse_memory_size
 from ..volume import (
-    WRITABLE_SUFFIXES,
     axis_index,
     check_ct,
     check_output_geometry,
-    check_output_path,
     mark_ct_checked,
     read_volume,
     require_ct,
     split_volume_suffix,
+)
+from .batch import (
+    BatchProgress,
+    Job,
+    Plan,
+    ProcessGroup,
+    all_or_none,
+    batch_output_names,
+    check_batch_folder,
+    check_outputs,
+    distinct_sources,
+    output_name,
+    plan_or_refuse,
+    refuse_file_name_for_batch,
+    remove_if_empty,
+    report_file,
+    run_batch,
+    series_folder_name,
 )
 from .common import (
     Progress,
@@ -80,8 +85,6 @@ from .common import (
     check_result,
     device_name,
     finite_float,
-    is_out_of_memory,
-    one_line,
     result_range,
     sigterm_cancels,
 )
@@ -93,9 +96,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Suffixes kept for outputs; others map to a writable one (DICOM folders become NIfTI).
-_OUTPUT_SUFFIX = {".mhd": ".mha", ".nhdr": ".nrrd"}
-_DEFAULT_OUTPUT_SUFFIX = ".nii.gz"
 #: --guidance-scale: 0 = unconditional, 1 = off; larger values exaggerate the condition (the Slicer module's
 #: range too). Checked when the command line is parsed: a NaN or huge scale gives an all-NaN volume.
 GUIDANCE_SCALE_RANGE = (0.0, 10.0)
@@ -163,129 +163,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-@dataclass
-class Job:
-    """One volume of a run: where it comes from and where its results go. ``skip``: why it is not done (its output
-    exists and --skip-existing was given, or it is a file the batch names twice), else None."""
-
-    source: Path
-    output: Path
-    uncertainty: Path | None
-    as_dicom: bool = False
-    skip: str | None = None
-
-
-def _output_name(source: Path) -> str:
-    name = source.name
-    lower = name.lower()
-    if source.is_dir():
-        return name + _DEFAULT_OUTPUT_SUFFIX
-    for suffix in WRITABLE_SUFFIXES:
-        if lower.endswith(suffix):
-            return name
-    for old, new in _OUTPUT_SUFFIX.items():
-        if lower.endswith(old):
-            return name[: -len(old)] + new
-    return Path(name).stem + _DEFAULT_OUTPUT_SUFFIX
-
-
-#: The longest output name (UTF-8 bytes) a batch gives: file systems take 255, and the hidden temporary file of an
-#: output (``.NAME.PID.XXXXXXXX.partial.nii.gz``) needs about 40 more. Longer names are cut (:func:`_short_name`).
-MAX_NAME_BYTES = 200
-
-
-def _short_name(name: str) -> str:
-    """``name`` when it fits :data:`MAX_NAME_BYTES`, else its stem cut (on a character boundary) and ended with ``~``
-    and 8 hex digits of the full name's sha1, with its volume suffix: the same name always gives the same result."""
-    if len(os.fsencode(name)) <= MAX_NAME_BYTES:  # the bytes on disk (a name found there may not be UTF-8)
-        return name
-    stem, suffix = split_volume_suffix(name)
-    tag = "~" + hashlib.sha1(os.fsencode(name)).hexdigest()[:8]
-    while stem and len(os.fsencode(stem + tag + suffix)) > MAX_NAME_BYTES:
-        stem = stem[:-1]
-    return stem + tag + suffix
-
-
-def _suffix_tag(source: Path, stem: str) -> str:
-    """What tells an input from another of the same stem in a name: its suffix (``x.nii.gz`` -> ``nii_gz``, a
-    DICOM series folder -> ``dicom``)."""
-    if source.is_dir():
-        return "dicom"
-    rest = source.name[len(stem) :] if source.name.startswith(stem) else "".join(source.suffixes)
-    return rest.lstrip(".").replace(".", "_").lower() or "file"
-
-
-def _stem_key(name: str) -> str:
-    """Names that clash: the same stem, whatever the case (a case-insensitive disk) or the suffix (a NIfTI's
-    ``x.json`` sidecar, a batch's DICOM series folders)."""
-    return split_volume_suffix(name)[0].casefold()
-
-
-def batch_output_names(sources: list[Path]) -> list[str]:
-    """Output file names for a batch, a function of the inputs alone (the same inputs give the same names).
-
-    Each input's own name (a DICOM folder ``s`` -> ``s.nii.gz``, ``.mhd`` -> ``.mha``, ``.nhdr`` -> ``.nrrd``). Inputs
-    whose names have one stem (any case) get, first, the folders they lie in relative to the folder those inputs
-    share, joined with ``_`` (``sub1/case`` + ``sub2/case`` -> ``sub1_case``, ``sub2_case``); those of one folder then
-    keep their suffix (``x.nii`` + ``x.nii.gz`` -> ``x_nii.nii``, ``x_nii_gz.nii.gz``; a DICOM folder ``s`` beside
-    ``s.nii.gz`` -> ``s_dicom.nii.gz``, ``s_nii_gz.nii.gz``). Names longer than :data:`MAX_NAME_BYTES` are cut
-    (:func:`_short_name`).
-
-    Raises:
-        InputError: two inputs would still get one name (the same file given twice); the message names them.
-    """
-    names = [_output_name(s) for s in sources]
-    folders = [Path(os.path.abspath(s)).parent for s in sources]
-
-    def clashing(current: list[str]) -> list[list[int]]:
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, n in enumerate(current):
-            groups[_stem_key(n)].append(i)
-        return [g for g in groups.values() if len(g) > 1]
-
-    for group in clashing(names):  # the same name in different folders: their folders as a prefix
-        root = Path(os.path.commonpath([str(folders[i]) for i in group]))
-        for i in group:
-            rel = folders[i].relative_to(root).parts
-            names[i] = "_".join((*rel, names[i]))
-    for group in clashing(names):  # the same folder too: the suffix tells them apart
-        for i in group:
-            stem, suffix = split_volume_suffix(names[i])
-            own_stem = split_volume_suffix(_output_name(sources[i]))[0]
-            names[i] = f"{stem}_{_suffix_tag(sources[i], own_stem)}{suffix}"
-    names = [_short_name(n) for n in names]
-    left = clashing(names)
-    if left:
-        pairs = "; ".join(" and ".join(str(sources[i]) for i in g) + f" (both {names[g[0]]})" for g in left)
-        raise InputError(f"several inputs would be written to the same output name: {pairs}; rename one of them, "
-                         "or give them in separate batches")  # fmt: skip
-    return names
-
-
-def _file_identity(path: Path) -> tuple[int, int] | str:
-    """What tells one file (or DICOM folder) from another: device and inode, else the resolved path."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return os.path.realpath(path)
-    return (st.st_dev, st.st_ino)
-
-
-def distinct_sources(sources: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
-    """``sources`` with each file once (by identity: a link to a file of the batch, a path through ``..``), and the
-    ``(left out, the same file as)`` pairs."""
-    seen: dict[tuple[int, int] | str, Path] = {}
-    kept, twice = [], []
-    for s in sources:
-        key = _file_identity(s)
-        if key in seen:
-            twice.append((s, seen[key]))
-        else:
-            seen[key] = s
-            kept.append(s)
-    return kept, twice
-
-
 def batch_sources(path: Path) -> tuple[bool, list[Path]]:
     """(batch?, sources) for INPUT: a volume file, a DICOM file or a DICOM series folder is one volume; a
     folder of volumes or a list file (:data:`~DiffusionCore.files.LIST_SUFFIXES`: .txt, .lst, .list, .csv) is a
@@ -321,99 +198,9 @@ def _check_uncertainty_args(args: argparse.Namespace) -> None:
         raise ConfigError("--tiny-test-model cannot be combined with --weights or checkpoints")
 
 
-def _check_folder(folder: Path, what: str) -> bool:
-    """Make sure a batch's output folder exists and is writable; True when this call created it."""
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder} is a file; for several volumes the {what} must be a folder.")
-    created = not folder.exists()
-    if created:
-        if not folder.parent.is_dir():
-            raise OutputError(f"the folder {folder.parent} does not exist; create it first.")
-        try:
-            folder.mkdir(exist_ok=True)  # under torchrun every process checks it
-        except OSError as exc:
-            raise OutputError(f"cannot create the {what} folder {folder}: {exc.strerror or exc}") from None
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"the {what} folder {folder} is not writable; choose another.")
-    return created
-
-
-def _refuse_file_name_for_batch(folder: Path | None, what: str, count: int) -> None:
-    """A batch writes into folders: a name such as ``out.nii.gz`` would become a folder of that name, into
-    which a later single-volume run would then write without a word."""
-    if folder is not None and not folder.is_dir() and split_volume_suffix(folder.name)[1]:
-        raise OutputError(
-            f"the input is a batch (a folder or list of volumes: {count} found), so the {what} must be a folder, and "
-            f"{folder.name} is a volume file's name: give a folder (it is created), or one volume file as INPUT"
-        )
-
-
 def _input_files(args: argparse.Namespace) -> list[str | None]:
     """Files the command reads besides the volumes: INPUT itself (a list file) and weights files."""
     return [args.input, args.weights, args.vae_checkpoint, args.diffusion_checkpoint]
-
-
-@dataclass
-class Plan:
-    """What a run does: its jobs (this process's share under torchrun; those to skip marked), whether INPUT is a
-    batch, the output folder of a batch, and the folders this run created (removed again if nothing is written)."""
-
-    batch: bool
-    jobs: list[Job]
-    created: list[Path] = field(default_factory=list)
-    folder: Path | None = None
-
-
-#: How a skipped volume's reason ends when its outputs exist.
-SKIP_EXISTING_NOTE = " (--skip-existing)"
-#: What a batch's refusal of an existing output advises.
-BATCH_EXISTS_ADVICE = ("pass --skip-existing to keep it and do the batch's other volumes (a stopped batch continues so), "
-                       "or --overwrite to replace it")  # fmt: skip
-
-
-def _existing_output(job: Job) -> str | None:
-    """Why ``job``'s outputs count as done: every file it writes (with a NIfTI's provenance sidecar, and the
-    --uncertainty map) exists. Outputs are written to hidden temporary files and renamed, so one that exists is whole.
-    None when none exists.
-
-    Raises:
-        OutputExistsError: some of them exist and others not: not an output this command finished.
-    """
-    files = [job.output] if job.as_dicom else planned_files(job.output, False)
-    if job.uncertainty is not None:
-        files += planned_files(job.uncertainty, False)
-    there = [f for f in files if os.path.lexists(f)]
-    if not there:
-        return None
-    if job.as_dicom:
-        try:
-            check_result_output(job.output, True)
-        except OutputExistsError:  # our series, whole (a series folder is renamed into place once written)
-            there = [job.output]
-        else:
-            return None  # an empty folder: nothing done yet
-    if len(there) < len(files):
-        missing = ", ".join(str(f) for f in files if f not in there)
-        raise OutputExistsError(there[0], f"exists without {missing}, so it is not an output this command finished",
-                                "move it away, or pass --overwrite to replace it")  # fmt: skip
-    return f"its output {job.output} exists{SKIP_EXISTING_NOTE}"
-
-
-def _check_outputs(jobs: list[Job], args: argparse.Namespace, batch: bool) -> None:
-    """Check before any work that each job's outputs can be written; with --skip-existing, mark the done ones."""
-    for job in jobs:
-        if job.skip is not None:
-            continue
-        if args.skip_existing:
-            job.skip = _existing_output(job)
-            if job.skip is not None:
-                continue
-        try:
-            check_result_output(job.output, job.as_dicom, overwrite=args.overwrite)
-            if job.uncertainty is not None:
-                check_output_path(job.uncertainty, overwrite=args.overwrite)
-        except OutputExistsError as exc:
-            raise exc.advising(BATCH_EXISTS_ADVICE) if batch else exc from None
 
 
 def _refuse_uncertainty_in_output_folder(out: Path, unc_dir: Path | None) -> None:
@@ -452,49 +239,37 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     if not batch:
         as_dicom = wants_dicom(args.output_format, sources[0], out)
         if out.is_dir() and not as_dicom:
-            out = out / _output_name(sources[0])
+            out = out / output_name(sources[0])
         unc = Path(args.uncertainty) if args.uncertainty else None
         if unc is not None and unc.is_dir():
-            unc = unc / _output_name(sources[0])
+            unc = unc / output_name(sources[0])
         jobs = [Job(sources[0], out, unc, as_dicom)]
     else:
         sources, twice = distinct_sources(sources)
         unc_dir = Path(args.uncertainty) if args.uncertainty else None
-        _refuse_file_name_for_batch(out, "output", len(sources))
-        _refuse_file_name_for_batch(unc_dir, "--uncertainty", len(sources))
+        refuse_file_name_for_batch(out, "output", len(sources))
+        refuse_file_name_for_batch(unc_dir, "--uncertainty", len(sources))
         _refuse_uncertainty_in_output_folder(out, unc_dir)
         names = batch_output_names(sources)
         as_dicom = args.output_format == "dicom"
-        jobs = [Job(s, out / (_series_folder_name(n) if as_dicom else n), unc_dir / n if unc_dir else None, as_dicom)
+        jobs = [Job(s, out / (series_folder_name(n) if as_dicom else n), unc_dir / n if unc_dir else None, as_dicom)
                 for s, n in zip(sources, names)]  # fmt: skip
     planned = [item for job in jobs for item in planned_outputs(job.output, job.as_dicom)]
     planned += [("--uncertainty", job.uncertainty) for job in jobs]
-    refuse_overwriting_inputs([*_input_files(args), *sources], [*planned, ("--report", _report_file(args, info))])
+    refuse_overwriting_inputs([*_input_files(args), *sources], [*planned, ("--report", report_file(args, info))])
     by_source = {job.source: job for job in jobs}
     for dup, first in twice:  # reported as skipped (after the others: the shares stay those of the distinct files)
         jobs.append(Job(dup, by_source[first].output, None, as_dicom, skip=f"the same file as {first}: done once"))
     created: list[Path] = []
     if batch:  # the folders are created only once no output can hit an input
-        created = [f for f, what in ((out, "output"), (unc_dir, "uncertainty")) if f is not None and _check_folder(f, what)]
+        created = [f for f, what in ((out, "output"), (unc_dir, "uncertainty")) if f is not None and check_batch_folder(f, what)]
     try:
         jobs = shard_list(jobs, info)
-        _check_outputs(jobs, args, batch)
+        check_outputs(jobs, args, batch)
     except BaseException:
-        _remove_if_empty(created)
+        remove_if_empty(created)
         raise
     return Plan(batch, jobs, created, out if batch else None)
-
-
-def _remove_if_empty(folders: list[Path]) -> None:
-    """Remove the folders a run created, those that are still empty."""
-    for folder in folders:
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # only when empty
-
-
-def _series_folder_name(file_name: str) -> str:
-    """A batch's DICOM series folder for an input: its output file name without the volume suffix."""
-    return split_volume_suffix(file_name)[0]
 
 
 def sr_provenance(job_source: str | Path, volume_metadata: dict[str, Any], report: dict[str, Any]) -> Provenance:
@@ -514,24 +289,6 @@ def sr_provenance(job_source: str | Path, volume_metadata: dict[str, Any], repor
 def uncertainty_provenance(provenance: Provenance) -> Provenance:
     """The provenance of the uncertainty map that goes with an ``sr`` result (its title says what it is)."""
     return dataclasses.replace(provenance, title=provenance.title.replace(" (synthetic)", " uncertainty (synthetic)"))
-
-
-def _report_file(args: argparse.Namespace, info: DistInfo) -> Path | None:
-    """This process's --report path (one per process under torchrun), unchecked."""
-    if not args.report:
-        return None
-    p = Path(args.report)
-    if info.world_size > 1:
-        p = p.with_name(f"{p.stem}.rank{info.rank}{p.suffix or '.json'}")
-    return p
-
-
-def _report_path(args: argparse.Namespace, info: DistInfo) -> Path | None:
-    p = _report_file(args, info)
-    if p is None:
-        return None
-    # a batch continued with --skip-existing writes the report of this run over the first run's
-    return check_writable_file(p, overwrite=args.overwrite or getattr(args, "skip_existing", False))
 
 
 def run_settings(args: argparse.Namespace, device: str | torch.device | None = None) -> SRRunSettings:
@@ -599,51 +356,6 @@ def tell_unused_options(args: argparse.Namespace, settings: SRRunSettings, resol
         logger.info("--patch-size/--overlap given: using patches as requested")
 
 
-class BatchProgress:
-    """Maps each volume's ``progress(done, total)`` onto one bar over the whole batch (per mille units).
-
-    The volume's reading (one call) shows as "reading NAME" where its part starts. The last ``write_share`` (by
-    default :attr:`WRITE_SHARE`) of its part is the writing: a thin-slice volume of a few hundred MB takes seconds
-    to tens of seconds to compress and write (a DICOM series longer), which the bar shows as "writing NAME" rather
-    than sitting at "done".
-    """
-
-    SCALE = 1000
-    #: The writing's share of each volume's part of the bar: chest-dx at x4 (256x512x512), one torch thread, with
-    #: adaptation: the compressed .nii.gz took 14 s of 244 s (6%), the run 228 s. An uncompressed hand-off file (the
-    #: Slicer batch CLI's) takes far less: give ``write_share``.
-    WRITE_SHARE = 0.06
-
-    def __init__(self, sink: Progress, n_volumes: int, write_share: float = WRITE_SHARE):
-        self.sink = sink
-        self.n = n_volumes
-        self.index = 0
-        self.write_share = float(write_share)
-
-    def _tell(self, frac: float, message: str) -> None:
-        prefix = f"volume {self.index + 1}/{self.n}: " if self.n > 1 else ""
-        self.sink(int(round((self.index + frac) * self.SCALE)), self.n * self.SCALE, prefix + message)
-
-    def __call__(self, done: int, total: int, message: str = "") -> None:
-        frac = 0.0 if total <= 0 else min(1.0, done / total)
-        self._tell(frac * (1.0 - self.write_share), message)
-
-    def before_run(self, message: str) -> None:
-        """Say what happens before the volume's run (reading it, loading the weights): the start of its part."""
-        self._tell(0.0, message)
-
-    def after_run(self, message: str) -> None:
-        """Say what happens between the run and the writing (checks of the result): the run's end."""
-        self._tell(1.0 - self.write_share, message)
-
-    def writing(self, path: Path) -> None:
-        """Say that the volume's result is being written to ``path``."""
-        self._tell(1.0 - self.write_share, f"writing {path.name}")
-
-    def written(self) -> None:
-        self._tell(1.0, "written")
-
-
 def _json_report(job: Job, report: dict[str, Any], extra: dict[str, float]) -> dict[str, Any]:
     clean = {k: v for k, v in report.items() if k != "uncertainty"}
     clean["timings"] = {**report["timings"], **extra}
@@ -664,202 +376,6 @@ def _tell_memory_limit(report: dict[str, Any], limit: int, rss_before: int | Non
         logger.info("--memory-limit %s caps the working memory the run plans (volumes and patches); the process "
                     "peaked at %s%s (Python, PyTorch and the weights come on top of the limit)",
                     format_bytes(limit), format_bytes(peak), before)  # fmt: skip
-
-
-#: How long (seconds) the processes of a torchrun batch wait for each other at its end: the slowest one's share.
-BATCH_WAIT_SECONDS = 30 * 24 * 3600.0
-#: What one volume of a batch can fail with while the batch goes on (a full disk stops it: :func:`_disk_full`).
-VOLUME_FAILURES = (InputError, OutputError, ResourceError, NumericalError, MemoryError)
-#: The exit codes a volume's failure can have (counted per code across torchrun's processes).
-FAILURE_CODES = (1, 2, 4, 5)
-
-
-def _volume_failure(exc: BaseException) -> bool:
-    return isinstance(exc, VOLUME_FAILURES) or is_out_of_memory(exc)
-
-
-def _failure_code(exc: BaseException) -> int:
-    return exc.exit_code if isinstance(exc, DiffusionCoreError) else 5  # MemoryError, torch's out of memory
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """Whether a write failed for want of space: "no space left" (or over quota) in the error or its causes, or the
-    writer's own words for it (:func:`~DiffusionCore.files.no_room_reason`)."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            break
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return isinstance(exc, OutputError) and "is full (" in str(exc)
-
-
-def format_seconds(seconds: float) -> str:
-    """A duration as a person reads it: ``4.2 s``, ``2:38``, ``1:02:05``."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m}:{s:02d}" if m < 60 else f"{m // 60}:{m % 60:02d}:{s:02d}"
-
-
-class _NamedWarnings(logging.Filter):
-    """Starts each warning logged while a batch's volume runs (the pipeline's, the reader's) with the volume's
-    name, unless the message names it already: in a log of many volumes each warning says which it is about."""
-
-    def __init__(self, source: Path):
-        super().__init__()
-        self.source = source
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING and record.name != logger.name:  # this module's name the volume or all
-            text = record.getMessage()
-            if str(self.source) not in text and self.source.name not in text:
-                record.msg, record.args = f"{self.source}: {text}", None
-        return True
-
-
-@contextlib.contextmanager
-def _warnings_named(source: Path | None):
-    handlers = logging.getLogger("DiffusionCore").handlers if source is not None else []
-    named = _NamedWarnings(source) if source is not None else None
-    for h in handlers:
-        h.addFilter(named)
-    try:
-        yield
-    finally:
-        for h in handlers:
-            h.removeFilter(named)
-
-
-class ProcessGroup:
-    """The processes of one torchrun batch, joined (Gloo, on the CPU) only to agree on the outcome: each does its
-    share, then they sum their counts, so that every process ends with the same exit code and none is cut short by
-    another's early exit (torchrun stops the others when one exits with an error). One process alone: no group."""
-
-    def __init__(self, info: DistInfo):
-        self.info = info
-        self.joined = False
-        if info.world_size <= 1 or not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
-            return
-        import datetime
-
-        import torch.distributed as dist
-
-        if not dist.is_available():
-            return
-        try:
-            if not dist.is_initialized():
-                dist.init_process_group("gloo", init_method="env://", rank=info.rank, world_size=info.world_size,
-                                        timeout=datetime.timedelta(seconds=BATCH_WAIT_SECONDS))  # fmt: skip
-            self.joined = True
-        except (RuntimeError, ValueError) as exc:
-            logger.warning("process %d: could not join the other processes (%s); its exit code is its own share's",
-                           info.rank, one_line(str(exc), 200))  # fmt: skip
-
-    def reduce(self, values: list[int], op: str = "sum") -> list[int]:
-        """``values`` summed (``op="max"``: their maximum) over the processes; ``values`` alone without a group."""
-        if not self.joined:
-            return list(values)
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.int64)
-        try:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        except RuntimeError as exc:  # another process is gone: say so, and go on with this one's own outcome
-            logger.warning("could not agree with the other processes (%s)", one_line(str(exc), 200))
-            self.leave()
-            return list(values)
-        return [int(v) for v in t.tolist()]
-
-    def leave(self) -> None:
-        if self.joined:
-            import torch.distributed as dist
-
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
-            self.joined = False
-
-
-@dataclass
-class BatchLog:
-    """What a batch did: for the closing lines, the ``--report`` and the exit code."""
-
-    jobs: list[Job]
-    folder: Path | None
-    reports: list[dict[str, Any]] = field(default_factory=list)
-    failed: list[dict[str, str]] = field(default_factory=list)
-    failed_codes: list[int] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    not_tried: list[dict[str, str]] = field(default_factory=list)
-    stopped: str | None = None
-    started: float = field(default_factory=time.perf_counter)
-
-    def fail(self, job: Job, exc: BaseException) -> None:
-        why = str(exc) if isinstance(exc, DiffusionCoreError) else f"out of memory ({one_line(str(exc), 200)})"
-        self.failed.append({"volume": str(job.source), "why": why})
-        self.failed_codes.append(_failure_code(exc))
-
-    def stop(self, why: str, after: int) -> None:
-        """The batch stops before job ``after``: the rest are not tried."""
-        self.stopped = why
-        self.not_tried = [{"volume": str(j.source), "why": f"not tried: {why}"} for j in self.jobs[after:]
-                          if j.skip is None]  # fmt: skip
-
-    def as_report(self) -> dict[str, Any]:
-        return {"volumes": self.reports, "failed": self.failed, "skipped": self.skipped, "not_tried": self.not_tried,
-                "stopped": self.stopped,
-                "summary": {"volumes": len(self.jobs), "written": len(self.reports), "failed": len(self.failed),
-                            "skipped": len(self.skipped), "not_tried": len(self.not_tried),
-                            "output": str(self.folder) if self.folder else None,
-                            "seconds": round(time.perf_counter() - self.started, 3)}}  # fmt: skip
-
-    @property
-    def kept(self) -> int:
-        """The skipped volumes whose outputs exist (--skip-existing), not those of a file named twice."""
-        return sum(item["why"].endswith(SKIP_EXISTING_NOTE) for item in self.skipped)
-
-    def counts(self) -> list[int]:
-        """written, failed, skipped, not tried, stopped, the share's volumes, kept, and the failures per
-        FAILURE_CODES."""
-        per_code = [sum(c == code for c in self.failed_codes) for code in FAILURE_CODES]
-        per_code[FAILURE_CODES.index(2)] += sum(c not in FAILURE_CODES for c in self.failed_codes)
-        return [len(self.reports), len(self.failed), len(self.skipped), len(self.not_tried), int(bool(self.stopped)),
-                len(self.jobs), self.kept, *per_code]  # fmt: skip
-
-    def tell(self, who: str) -> None:
-        """The closing lines of this process's share: one line of counts, then each failure on its own line."""
-        n = len(self.jobs)
-        where = f" to {self.folder}" if self.folder else ""
-        line = f"{who}{len(self.reports)} of {n} volume(s) written{where} in {format_seconds(time.perf_counter() - self.started)}"
-        if self.skipped:
-            kinds = [f"{n} {what}" for n, what in ((self.kept, "done before"),
-                                                   (len(self.skipped) - self.kept, "named twice")) if n]  # fmt: skip
-            line += f"; {len(self.skipped)} skipped ({', '.join(kinds)})"
-        if self.not_tried:
-            line += f"; {len(self.not_tried)} not tried"
-        if self.failed:
-            line += f"; {len(self.failed)} failed, listed below"
-        logger.info("%s", line)
-        for item in self.failed:
-            logger.warning("failed: %s", _naming(item["volume"], item["why"]))
-
-
-def _naming(volume: str | Path, why: str, limit: int = 400) -> str:
-    """``VOLUME: WHY`` in one line (cut to ``limit``), the volume said once where the message starts with it."""
-    why = one_line(why, limit)
-    return why if why.startswith(str(volume)) else f"{volume}: {why}"
-
-
-def _report_after(path: Path | None, data: dict[str, Any] | None) -> None:
-    """Write the --report, saying so when that fails too (a full disk): the run's own outcome stays the message."""
-    if path is None or data is None:
-        return
-    try:
-        write_json_atomic(data, path, overwrite=True)
-    except (OutputError, OSError) as exc:
-        logger.warning("could not write the report %s: %s", path, one_line(str(exc), 300))
 
 
 class _VolumeRun:
@@ -909,19 +425,12 @@ class _VolumeRun:
         progress.writing(job.output)
         files = [] if job.as_dicom else planned_files(job.output, False)
         files += planned_files(job.uncertainty, False) if std is not None else []
-        before = {f: _identity_if_there(f) for f in files}
-        try:
+        with all_or_none(files):
             write_result(output, job.output, provenance, as_dicom=job.as_dicom, dicom_source=dicom_source,
                          overwrite=args.overwrite, dtype=args.output_dtype)  # fmt: skip
             if std is not None:
                 write_result(std, job.uncertainty, uncertainty_provenance(provenance), overwrite=args.overwrite,
                              dtype="float32")
-        except BaseException:  # a result without its sidecar or map is no finished output (--skip-existing)
-            for f, ident in before.items():
-                if _identity_if_there(f) not in (None, ident):
-                    with contextlib.suppress(OSError):
-                        os.unlink(f)
-            raise
         progress.written()
         t_write = time.perf_counter() - t0
         logger.info(
@@ -929,14 +438,6 @@ class _VolumeRun:
             "x".join(map(str, output.shape)), report["timings"]["total"] + t_read + t_write,
         )
         return _json_report(job, report, {"read": t_read, "write": t_write})
-
-
-def _identity_if_there(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
 
 
 def _refuse_extra_paths(args: argparse.Namespace) -> None:
@@ -948,33 +449,6 @@ def _refuse_extra_paths(args: argparse.Namespace) -> None:
         )
 
 
-def _planned(args: argparse.Namespace, info: DistInfo, group: ProcessGroup) -> tuple[Plan, Path | None]:
-    """:func:`plan_jobs` and the --report path; under torchrun every process learns when another refused the run
-    (before any work), so that all end together."""
-    error: Exception | None = None
-    plan = None
-    try:
-        plan = plan_jobs(args, info)
-        report_path = _report_path(args, info)
-    except Exception as exc:
-        error = exc
-        if plan is not None:  # the report refused: no empty output folder stays behind
-            _remove_if_empty(plan.created)
-    code = 0 if error is None else error.exit_code if isinstance(error, DiffusionCoreError) else 1
-    worst = group.reduce([code], "max")[0]
-    if error is not None:
-        group.leave()
-        raise error
-    if worst:
-        group.leave()
-        _remove_if_empty(plan.created)
-        refused = DiffusionCoreError("another process of this torchrun launch refused the run before any work; "
-                                     "its error says why")  # fmt: skip
-        refused.exit_code = worst
-        raise refused
-    return plan, report_path
-
-
 def run(args: argparse.Namespace) -> int:
     _refuse_extra_paths(args)
     _check_uncertainty_args(args)
@@ -983,10 +457,14 @@ def run(args: argparse.Namespace) -> int:
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     group = ProcessGroup(info)
     try:
-        plan, report_path = _planned(args, info, group)
+        plan, report_path = plan_or_refuse(plan_jobs, args, info, group)
         if not plan.batch:
             return _run_one(args, settings, plan, report_path)
-        return _run_batch(args, settings, plan, report_path, info, group)
+
+        def make_one(progress: BatchProgress, cancel: threading.Event) -> _VolumeRun:
+            return _VolumeRun(args, settings, progress, cancel)
+
+        return run_batch("sr", make_one, plan, report_path, info, group, progress_style=args.progress)
     finally:
         group.leave()
 
@@ -1008,104 +486,3 @@ def _run_one(args: argparse.Namespace, settings: SRRunSettings, plan: Plan, repo
             sink.close()
     return 0
 
-
-def _run_batch(args: argparse.Namespace, settings: SRRunSettings, plan: Plan, report_path: Path | None,
-               info: DistInfo, group: ProcessGroup) -> int:  # fmt: skip
-    """A batch: each volume's failure is named and the batch goes on; a full disk stops it; the report is written
-    whatever happens; the processes of a torchrun launch agree on the exit code once all are done."""
-    who = f"process {info.rank} of {info.world_size}: " if info.world_size > 1 else ""
-    if info.world_size > 1:
-        logger.info("%s%d volume(s) on %s", who, len(plan.jobs), info.device)
-    cancel = threading.Event()
-    log = BatchLog(plan.jobs, plan.folder)
-    sink = Progress(args.progress, desc="sr")
-    progress = BatchProgress(sink, len(plan.jobs))
-    one = _VolumeRun(args, settings, progress, cancel)
-    index = 0
-    try:
-        with sigterm_cancels(cancel, "sr", outcome=""):  # the message is completed below
-            for index, job in enumerate(plan.jobs):
-                progress.index = index
-                if job.skip is not None:
-                    log.skipped.append({"volume": str(job.source), "why": job.skip})
-                    logger.info("skipped %s: %s", job.source, job.skip)
-                    progress.written()
-                    continue
-                try:
-                    with _warnings_named(job.source):
-                        log.reports.append(one(job))
-                except Exception as exc:
-                    if not _volume_failure(exc):
-                        raise
-                    log.fail(job, exc)
-                    if _disk_full(exc):
-                        log.stop(f"the disk is full: {one_line(str(exc), 300)}", index + 1)
-                        logger.warning("stopping the batch: %s", _naming(job.source, str(exc)))
-                        break
-                    logger.warning("skipping %s", _naming(job.source, str(exc)))
-    except (Cancelled, KeyboardInterrupt) as exc:
-        log.stop("the batch was stopped (a signal, Ctrl-C or Slicer's Cancel)", index)
-        _report_after(report_path, log.as_report())
-        sink.close()
-        _remove_if_empty(plan.created)
-        how = str(exc) if isinstance(exc, Cancelled) else "sr was interrupted"
-        raise Cancelled(f"{how} after {index} of {len(plan.jobs)} volume(s): {_done_text(log)}; the one being worked "
-                        "on was not written; run the same command again with --skip-existing to do the other "
-                        f"{len(log.not_tried)}{_report_text(report_path)}") from None  # fmt: skip
-    except BaseException as exc:  # a bug, or a problem of the whole batch (the weights): what was done is reported
-        log.stop(f"the batch stopped: {one_line(str(exc), 300)}", index)
-        _report_after(report_path, log.as_report())
-        sink.close()
-        if not log.reports:
-            _remove_if_empty(plan.created)
-        raise
-    sink.close()
-    _report_after(report_path, log.as_report())
-    log.tell(who)
-    if not log.reports and info.world_size == 1:  # nothing written: the folders this run made go again
-        _remove_if_empty(plan.created)
-    return _batch_outcome(log, group, report_path, info)
-
-
-def _done_text(log: BatchLog) -> str:
-    where = f" to {log.folder}" if log.folder else ""
-    kept = f" ({len(log.skipped)} done before were kept)" if log.skipped else ""
-    if not log.reports:
-        return f"none written{kept}"
-    return f"{len(log.reports)} written{where}, complete{kept}"
-
-
-def _report_text(report_path: Path | None) -> str:
-    return f"; report: {report_path}" if report_path is not None else ""
-
-
-def _batch_outcome(log: BatchLog, group: ProcessGroup, report_path: Path | None, info: DistInfo) -> int:
-    """The exit code of a batch, the same in every process of a torchrun launch: 0 all written (or skipped); 7 some
-    failed and others written; the failures' code (2 when they differ) when none was written; 4 stopped by a full
-    disk. The error says it in one line; the closing lines above list the failures."""
-    counts = group.reduce(log.counts())
-    written, failed, skipped, not_tried, stopped, total, kept = counts[:7]
-    per_code = dict(zip(FAILURE_CODES, counts[7:]))
-    several = info.world_size > 1 and group.joined
-    if several and info.is_main:
-        logger.info("all %d processes: %d of %d volume(s) written to %s", info.world_size, written, total, log.folder)
-    reports = f"{report_path}" if report_path is not None else ""
-    if several and report_path is not None:
-        reports = "the --report file of each process"
-    see = f" (listed above{'; also in ' + reports if reports else ''})"
-    if stopped:
-        why = log.stopped or "another process found the disk full"
-        raise OutputError(f"the batch stopped after {written + skipped + failed} of {total} volumes, {why}; "
-                          f"{written} written to {log.folder}, {failed} failed, {not_tried} not tried{see}: free "
-                          "some space and run the same command again with --skip-existing to go on")  # fmt: skip
-    if not failed:
-        return 0
-    if written + kept == 0:
-        codes = [c for c, n in per_code.items() if n]
-        err: DiffusionCoreError = InputError(f"all {failed} volumes failed, nothing was written{see}")
-        err.exit_code = codes[0] if len(codes) == 1 else 2
-        raise err
-    before = f" ({kept} done before kept)" if kept else ""
-    raise PartialBatchError(f"{failed} of {total} volumes failed{see}; {written} written to {log.folder}{before}; fix "
-                            "those inputs (or options) and run the same command again with --skip-existing to do only "
-                            "them")  # fmt: skip

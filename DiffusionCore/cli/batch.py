@@ -1,0 +1,701 @@
+"""What the batch commands share (``sr`` and ``xray2ct`` over a folder or list of inputs): the outputs' names, the
+checks before any work, the batch's progress bar, its log, ``--report`` and exit code, and the loop that goes on past an
+input that fails.
+
+A batch goes on past an input that fails (unreadable, refused, over the memory budget, not writable), names it in
+the closing lines and the ``--report``, and exits 7 when others were written; a full disk stops it. The report is
+written whatever happens (also on SIGTERM / Ctrl-C), and ``--skip-existing`` continues a batch: the names are a
+function of the batch's inputs alone (:func:`batch_output_names`). Under ``torchrun`` the processes join a Gloo group
+only to agree, once all have finished their shares, on the batch's outcome and exit code (:class:`ProcessGroup`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..devices import DistInfo
+from ..errors import (
+    Cancelled,
+    DiffusionCoreError,
+    InputError,
+    NumericalError,
+    OutputError,
+    OutputExistsError,
+    PartialBatchError,
+    ResourceError,
+)
+from ..files import check_writable_file, write_json_atomic
+from ..results import check_result_output, planned_files
+from ..volume import WRITABLE_SUFFIXES, check_output_path, split_volume_suffix
+from .common import Progress, is_out_of_memory, one_line, sigterm_cancels
+
+logger = logging.getLogger(__name__)
+
+#: Suffixes kept for outputs; others map to a writable one (DICOM folders become NIfTI).
+_OUTPUT_SUFFIX = {".mhd": ".mha", ".nhdr": ".nrrd"}
+_DEFAULT_OUTPUT_SUFFIX = ".nii.gz"
+
+
+@dataclass
+class Job:
+    """One volume of a run: where it comes from and where its results go. ``skip``: why it is not done (its output
+    exists and --skip-existing was given, or it is a file the batch names twice), else None."""
+
+    source: Path
+    output: Path
+    uncertainty: Path | None
+    as_dicom: bool = False
+    skip: str | None = None
+
+
+def output_name(source: Path) -> str:
+    name = source.name
+    lower = name.lower()
+    if source.is_dir():
+        return name + _DEFAULT_OUTPUT_SUFFIX
+    for suffix in WRITABLE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name
+    for old, new in _OUTPUT_SUFFIX.items():
+        if lower.endswith(old):
+            return name[: -len(old)] + new
+    return Path(name).stem + _DEFAULT_OUTPUT_SUFFIX
+
+
+#: The longest output name (UTF-8 bytes) a batch gives: file systems take 255, and the hidden temporary file of an
+#: output (``.NAME.PID.XXXXXXXX.partial.nii.gz``) needs about 40 more. Longer names are cut (:func:`short_name`).
+MAX_NAME_BYTES = 200
+
+
+def short_name(name: str) -> str:
+    """``name`` when it fits :data:`MAX_NAME_BYTES`, else its stem cut (on a character boundary) and ended with ``~``
+    and 8 hex digits of the full name's sha1, with its volume suffix: the same name always gives the same result."""
+    if len(os.fsencode(name)) <= MAX_NAME_BYTES:  # the bytes on disk (a name found there may not be UTF-8)
+        return name
+    stem, suffix = split_volume_suffix(name)
+    tag = "~" + hashlib.sha1(os.fsencode(name)).hexdigest()[:8]
+    while stem and len(os.fsencode(stem + tag + suffix)) > MAX_NAME_BYTES:
+        stem = stem[:-1]
+    return stem + tag + suffix
+
+
+def _suffix_tag(source: Path, stem: str) -> str:
+    """What tells an input from another of the same stem in a name: its suffix (``x.nii.gz`` -> ``nii_gz``, a
+    DICOM series folder -> ``dicom``)."""
+    if source.is_dir():
+        return "dicom"
+    rest = source.name[len(stem) :] if source.name.startswith(stem) else "".join(source.suffixes)
+    return rest.lstrip(".").replace(".", "_").lower() or "file"
+
+
+def _stem_key(name: str) -> str:
+    """Names that clash: the same stem, whatever the case (a case-insensitive disk) or the suffix (a NIfTI's
+    ``x.json`` sidecar, a batch's DICOM series folders)."""
+    return split_volume_suffix(name)[0].casefold()
+
+
+def batch_output_names(sources: list[Path]) -> list[str]:
+    """Output file names for a batch, a function of the inputs alone (the same inputs give the same names).
+
+    Each input's own name (a DICOM folder ``s`` -> ``s.nii.gz``, ``.mhd`` -> ``.mha``, ``.nhdr`` -> ``.nrrd``). Inputs
+    whose names have one stem (any case) get, first, the folders they lie in relative to the folder those inputs
+    share, joined with ``_`` (``sub1/case`` + ``sub2/case`` -> ``sub1_case``, ``sub2_case``); those of one folder then
+    keep their suffix (``x.nii`` + ``x.nii.gz`` -> ``x_nii.nii``, ``x_nii_gz.nii.gz``; a DICOM folder ``s`` beside
+    ``s.nii.gz`` -> ``s_dicom.nii.gz``, ``s_nii_gz.nii.gz``). Names longer than :data:`MAX_NAME_BYTES` are cut
+    (:func:`short_name`).
+
+    Raises:
+        InputError: two inputs would still get one name (the same file given twice); the message names them.
+    """
+    names = [output_name(s) for s in sources]
+    folders = [Path(os.path.abspath(s)).parent for s in sources]
+
+    def clashing(current: list[str]) -> list[list[int]]:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, n in enumerate(current):
+            groups[_stem_key(n)].append(i)
+        return [g for g in groups.values() if len(g) > 1]
+
+    for group in clashing(names):  # the same name in different folders: their folders as a prefix
+        root = Path(os.path.commonpath([str(folders[i]) for i in group]))
+        for i in group:
+            rel = folders[i].relative_to(root).parts
+            names[i] = "_".join((*rel, names[i]))
+    for group in clashing(names):  # the same folder too: the suffix tells them apart
+        for i in group:
+            stem, suffix = split_volume_suffix(names[i])
+            own_stem = split_volume_suffix(output_name(sources[i]))[0]
+            names[i] = f"{stem}_{_suffix_tag(sources[i], own_stem)}{suffix}"
+    names = [short_name(n) for n in names]
+    left = clashing(names)
+    if left:
+        pairs = "; ".join(" and ".join(str(sources[i]) for i in g) + f" (both {names[g[0]]})" for g in left)
+        raise InputError(f"several inputs would be written to the same output name: {pairs}; rename one of them, "
+                         "or give them in separate batches")  # fmt: skip
+    return names
+
+
+def _file_identity(path: Path) -> tuple[int, int] | str:
+    """What tells one file (or DICOM folder) from another: device and inode, else the resolved path."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
+
+
+def distinct_sources(sources: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """``sources`` with each file once (by identity: a link to a file of the batch, a path through ``..``), and the
+    ``(left out, the same file as)`` pairs."""
+    seen: dict[tuple[int, int] | str, Path] = {}
+    kept, twice = [], []
+    for s in sources:
+        key = _file_identity(s)
+        if key in seen:
+            twice.append((s, seen[key]))
+        else:
+            seen[key] = s
+            kept.append(s)
+    return kept, twice
+
+
+def check_batch_folder(folder: Path, what: str) -> bool:
+    """Make sure a batch's output folder exists and is writable; True when this call created it."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} is a file; for a batch the {what} must be a folder.")
+    created = not folder.exists()
+    if created:
+        if not folder.parent.is_dir():
+            raise OutputError(f"the folder {folder.parent} does not exist; create it first.")
+        try:
+            folder.mkdir(exist_ok=True)  # under torchrun every process checks it
+        except OSError as exc:
+            raise OutputError(f"cannot create the {what} folder {folder}: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"the {what} folder {folder} is not writable; choose another.")
+    return created
+
+
+def refuse_file_name_for_batch(folder: Path | None, what: str, count: int, noun: str = "volume") -> None:
+    """A batch writes into folders: a name such as ``out.nii.gz`` would become a folder of that name, into
+    which a later single-volume run would then write without a word."""
+    if folder is not None and not folder.is_dir() and split_volume_suffix(folder.name)[1]:
+        raise OutputError(
+            f"the input is a batch (a folder or list of {noun}s: {count} found), so the {what} must be a folder, and "
+            f"{folder.name} is a volume file's name: give a folder (it is created), or one {noun} file as INPUT"
+        )
+
+
+@dataclass
+class Plan:
+    """What a run does: its jobs (this process's share under torchrun; those to skip marked), whether INPUT is a
+    batch, the output folder of a batch, and the folders this run created (removed again if nothing is written)."""
+
+    batch: bool
+    jobs: list[Job]
+    created: list[Path] = field(default_factory=list)
+    folder: Path | None = None
+
+
+#: How a skipped volume's reason ends when its outputs exist.
+SKIP_EXISTING_NOTE = " (--skip-existing)"
+#: What a batch's refusal of an existing output advises.
+BATCH_EXISTS_ADVICE = ("pass --skip-existing to keep it and do the batch's other inputs (a stopped batch continues so), "
+                       "or --overwrite to replace it")  # fmt: skip
+
+
+def existing_output(job: Job) -> str | None:
+    """Why ``job``'s outputs count as done: every file it writes (with a NIfTI's provenance sidecar, and the
+    --uncertainty map) exists. Outputs are written to hidden temporary files and renamed, so one that exists is whole.
+    None when none exists.
+
+    Raises:
+        OutputExistsError: some of them exist and others not: not an output this command finished.
+    """
+    files = [job.output] if job.as_dicom else planned_files(job.output, False)
+    if job.uncertainty is not None:
+        files += planned_files(job.uncertainty, False)
+    there = [f for f in files if os.path.lexists(f)]
+    if not there:
+        return None
+    if job.as_dicom:
+        try:
+            check_result_output(job.output, True)
+        except OutputExistsError:  # our series, whole (a series folder is renamed into place once written)
+            there = [job.output]
+        else:
+            return None  # an empty folder: nothing done yet
+    if len(there) < len(files):
+        missing = ", ".join(str(f) for f in files if f not in there)
+        raise OutputExistsError(there[0], f"exists without {missing}, so it is not an output this command finished",
+                                "move it away, or pass --overwrite to replace it")  # fmt: skip
+    return f"its output {job.output} exists{SKIP_EXISTING_NOTE}"
+
+
+def check_outputs(jobs: list[Job], args: argparse.Namespace, batch: bool) -> None:
+    """Check before any work that each job's outputs can be written; with --skip-existing, mark the done ones."""
+    for job in jobs:
+        if job.skip is not None:
+            continue
+        if args.skip_existing:
+            job.skip = existing_output(job)
+            if job.skip is not None:
+                continue
+        try:
+            check_result_output(job.output, job.as_dicom, overwrite=args.overwrite)
+            if job.uncertainty is not None:
+                check_output_path(job.uncertainty, overwrite=args.overwrite)
+        except OutputExistsError as exc:
+            raise exc.advising(BATCH_EXISTS_ADVICE) if batch else exc from None
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders a run created, those that are still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
+
+
+def series_folder_name(file_name: str) -> str:
+    """A batch's DICOM series folder for an input: its output file name without the volume suffix."""
+    return split_volume_suffix(file_name)[0]
+
+
+def report_file(args: argparse.Namespace, info: DistInfo) -> Path | None:
+    """This process's --report path (one per process under torchrun), unchecked."""
+    if not args.report:
+        return None
+    p = Path(args.report)
+    if info.world_size > 1:
+        p = p.with_name(f"{p.stem}.rank{info.rank}{p.suffix or '.json'}")
+    return p
+
+
+def checked_report_path(args: argparse.Namespace, info: DistInfo) -> Path | None:
+    p = report_file(args, info)
+    if p is None:
+        return None
+    # a batch continued with --skip-existing writes the report of this run over the first run's
+    return check_writable_file(p, overwrite=args.overwrite or getattr(args, "skip_existing", False))
+
+
+class BatchProgress:
+    """Maps each volume's ``progress(done, total)`` onto one bar over the whole batch (per mille units).
+
+    The volume's reading (one call) shows as "reading NAME" where its part starts. The last ``write_share`` (by
+    default :attr:`WRITE_SHARE`) of its part is the writing: a thin-slice volume of a few hundred MB takes seconds
+    to tens of seconds to compress and write (a DICOM series longer), which the bar shows as "writing NAME" rather
+    than sitting at "done".
+    """
+
+    SCALE = 1000
+    #: The writing's share of each volume's part of the bar: chest-dx at x4 (256x512x512), one torch thread, with
+    #: adaptation: the compressed .nii.gz took 14 s of 244 s (6%), the run 228 s. An uncompressed hand-off file (the
+    #: Slicer batch CLI's) takes far less: give ``write_share``.
+    WRITE_SHARE = 0.06
+
+    def __init__(self, sink: Progress, n_volumes: int, write_share: float = WRITE_SHARE, noun: str = "volume"):
+        self.sink = sink
+        self.n = n_volumes
+        self.index = 0
+        self.write_share = float(write_share)
+        self.noun = noun
+
+    def _tell(self, frac: float, message: str) -> None:
+        prefix = f"{self.noun} {self.index + 1}/{self.n}: " if self.n > 1 else ""
+        self.sink(int(round((self.index + frac) * self.SCALE)), self.n * self.SCALE, prefix + message)
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        frac = 0.0 if total <= 0 else min(1.0, done / total)
+        self._tell(frac * (1.0 - self.write_share), message)
+
+    def before_run(self, message: str) -> None:
+        """Say what happens before the volume's run (reading it, loading the weights): the start of its part."""
+        self._tell(0.0, message)
+
+    def after_run(self, message: str) -> None:
+        """Say what happens between the run and the writing (checks of the result): the run's end."""
+        self._tell(1.0 - self.write_share, message)
+
+    def writing(self, path: Path) -> None:
+        """Say that the volume's result is being written to ``path``."""
+        self._tell(1.0 - self.write_share, f"writing {path.name}")
+
+    def written(self) -> None:
+        self._tell(1.0, "written")
+
+
+#: How long (seconds) the processes of a torchrun batch wait for each other at its end: the slowest one's share.
+BATCH_WAIT_SECONDS = 30 * 24 * 3600.0
+#: What one volume of a batch can fail with while the batch goes on (a full disk stops it: :func:`disk_full`).
+VOLUME_FAILURES = (InputError, OutputError, ResourceError, NumericalError, MemoryError)
+#: The exit codes a volume's failure can have (counted per code across torchrun's processes).
+FAILURE_CODES = (1, 2, 4, 5)
+
+
+def volume_failure(exc: BaseException) -> bool:
+    return isinstance(exc, VOLUME_FAILURES) or is_out_of_memory(exc)
+
+
+def failure_code(exc: BaseException) -> int:
+    return exc.exit_code if isinstance(exc, DiffusionCoreError) else 5  # MemoryError, torch's out of memory
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a write failed for want of space: "no space left" (or over quota) in the error or its causes, or the
+    writer's own words for it (:func:`~DiffusionCore.files.no_room_reason`)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(exc, OutputError) and "is full (" in str(exc)
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration as a person reads it: ``4.2 s``, ``2:38``, ``1:02:05``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}:{s:02d}" if m < 60 else f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+class _NamedWarnings(logging.Filter):
+    """Starts each warning logged while a batch's volume runs (the pipeline's, the reader's) with the volume's
+    name, unless the message names it already: in a log of many volumes each warning says which it is about."""
+
+    def __init__(self, source: Path):
+        super().__init__()
+        self.source = source
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # the commands' own warnings name the input, or are about the whole batch
+        if record.levelno >= logging.WARNING and not record.name.startswith(__package__):
+            text = record.getMessage()
+            if str(self.source) not in text and self.source.name not in text:
+                record.msg, record.args = f"{self.source}: {text}", None
+        return True
+
+
+@contextlib.contextmanager
+def warnings_named(source: Path | None):
+    handlers = logging.getLogger("DiffusionCore").handlers if source is not None else []
+    named = _NamedWarnings(source) if source is not None else None
+    for h in handlers:
+        h.addFilter(named)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(named)
+
+
+class ProcessGroup:
+    """The processes of one torchrun batch, joined (Gloo, on the CPU) only to agree on the outcome: each does its
+    share, then they sum their counts, so that every process ends with the same exit code and none is cut short by
+    another's early exit (torchrun stops the others when one exits with an error). One process alone: no group."""
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+        self.joined = False
+        if info.world_size <= 1 or not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+            return
+        import datetime
+
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            return
+        try:
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", init_method="env://", rank=info.rank, world_size=info.world_size,
+                                        timeout=datetime.timedelta(seconds=BATCH_WAIT_SECONDS))  # fmt: skip
+            self.joined = True
+        except (RuntimeError, ValueError) as exc:
+            logger.warning("process %d: could not join the other processes (%s); its exit code is its own share's",
+                           info.rank, one_line(str(exc), 200))  # fmt: skip
+
+    def reduce(self, values: list[int], op: str = "sum") -> list[int]:
+        """``values`` summed (``op="max"``: their maximum) over the processes; ``values`` alone without a group."""
+        if not self.joined:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.int64)
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        except RuntimeError as exc:  # another process is gone: say so, and go on with this one's own outcome
+            logger.warning("could not agree with the other processes (%s)", one_line(str(exc), 200))
+            self.leave()
+            return list(values)
+        return [int(v) for v in t.tolist()]
+
+    def leave(self) -> None:
+        if self.joined:
+            import torch.distributed as dist
+
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+            self.joined = False
+
+
+@dataclass
+class BatchLog:
+    """What a batch did: for the closing lines, the ``--report`` and the exit code."""
+
+    jobs: list[Job]
+    folder: Path | None
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    failed_codes: list[int] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    not_tried: list[dict[str, str]] = field(default_factory=list)
+    stopped: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    #: What the batch's inputs are ("volume", "radiograph"): the report's keys and the closing lines say it.
+    noun: str = "volume"
+
+    def fail(self, job: Job, exc: BaseException) -> None:
+        why = str(exc) if isinstance(exc, DiffusionCoreError) else f"out of memory ({one_line(str(exc), 200)})"
+        self.failed.append({self.noun: str(job.source), "why": why})
+        self.failed_codes.append(failure_code(exc))
+
+    def stop(self, why: str, after: int) -> None:
+        """The batch stops before job ``after``: the rest are not tried."""
+        self.stopped = why
+        self.not_tried = [{self.noun: str(j.source), "why": f"not tried: {why}"} for j in self.jobs[after:]
+                          if j.skip is None]  # fmt: skip
+
+    def as_report(self) -> dict[str, Any]:
+        many = f"{self.noun}s"
+        return {many: self.reports, "failed": self.failed, "skipped": self.skipped, "not_tried": self.not_tried,
+                "stopped": self.stopped,
+                "summary": {many: len(self.jobs), "written": len(self.reports), "failed": len(self.failed),
+                            "skipped": len(self.skipped), "not_tried": len(self.not_tried),
+                            "output": str(self.folder) if self.folder else None,
+                            "seconds": round(time.perf_counter() - self.started, 3)}}  # fmt: skip
+
+    def skip(self, job: Job) -> None:
+        """``job`` is not done (:attr:`Job.skip` says why)."""
+        self.skipped.append({self.noun: str(job.source), "why": str(job.skip)})
+        logger.info("skipped %s: %s", job.source, job.skip)
+
+    @property
+    def kept(self) -> int:
+        """The skipped volumes whose outputs exist (--skip-existing), not those of a file named twice."""
+        return sum(item["why"].endswith(SKIP_EXISTING_NOTE) for item in self.skipped)
+
+    def counts(self) -> list[int]:
+        """written, failed, skipped, not tried, stopped, the share's volumes, kept, and the failures per
+        FAILURE_CODES."""
+        per_code = [sum(c == code for c in self.failed_codes) for code in FAILURE_CODES]
+        per_code[FAILURE_CODES.index(2)] += sum(c not in FAILURE_CODES for c in self.failed_codes)
+        return [len(self.reports), len(self.failed), len(self.skipped), len(self.not_tried), int(bool(self.stopped)),
+                len(self.jobs), self.kept, *per_code]  # fmt: skip
+
+    def tell(self, who: str) -> None:
+        """The closing lines of this process's share: one line of counts, then each failure on its own line."""
+        n = len(self.jobs)
+        where = f" to {self.folder}" if self.folder else ""
+        line = f"{who}{len(self.reports)} of {n} {self.noun}(s) written{where} in {format_seconds(time.perf_counter() - self.started)}"
+        if self.skipped:
+            kinds = [f"{n} {what}" for n, what in ((self.kept, "done before"),
+                                                   (len(self.skipped) - self.kept, "named twice")) if n]  # fmt: skip
+            line += f"; {len(self.skipped)} skipped ({', '.join(kinds)})"
+        if self.not_tried:
+            line += f"; {len(self.not_tried)} not tried"
+        if self.failed:
+            line += f"; {len(self.failed)} failed, listed below"
+        logger.info("%s", line)
+        for item in self.failed:
+            logger.warning("failed: %s", named_line(item[self.noun], item["why"]))
+
+
+def named_line(volume: str | Path, why: str, limit: int = 400) -> str:
+    """``VOLUME: WHY`` in one line (cut to ``limit``), the volume said once where the message starts with it."""
+    why = one_line(why, limit)
+    return why if why.startswith(str(volume)) else f"{volume}: {why}"
+
+
+def report_after(path: Path | None, data: dict[str, Any] | None) -> None:
+    """Write the --report, saying so when that fails too (a full disk): the run's own outcome stays the message."""
+    if path is None or data is None:
+        return
+    try:
+        write_json_atomic(data, path, overwrite=True)
+    except (OutputError, OSError) as exc:
+        logger.warning("could not write the report %s: %s", path, one_line(str(exc), 300))
+
+
+def _identity_if_there(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+@contextlib.contextmanager
+def all_or_none(files: list[Path]) -> Iterator[None]:
+    """The ``files`` an input's outputs are (a result, its provenance sidecar, its uncertainty map or stage files) that
+    the block writes are removed again when it fails: a result without the rest is no finished output, which
+    ``--skip-existing`` would keep. Files that were there before and were not replaced are left."""
+    before = {f: _identity_if_there(f) for f in files}
+    try:
+        yield
+    except BaseException:
+        for f, ident in before.items():
+            if _identity_if_there(f) not in (None, ident):
+                with contextlib.suppress(OSError):
+                    os.unlink(f)
+        raise
+
+
+def plan_or_refuse(plan_jobs: Callable[[argparse.Namespace, DistInfo], Plan], args: argparse.Namespace,
+                   info: DistInfo, group: ProcessGroup) -> tuple[Plan, Path | None]:  # fmt: skip
+    """``plan_jobs(args, info)`` (the command's) and the --report path; under torchrun every process learns when
+    another refused the run (before any work), so that all end together."""
+    error: Exception | None = None
+    plan = None
+    try:
+        plan = plan_jobs(args, info)
+        report_path = checked_report_path(args, info)
+    except Exception as exc:
+        error = exc
+        if plan is not None:  # the report refused: no empty output folder stays behind
+            remove_if_empty(plan.created)
+    code = 0 if error is None else error.exit_code if isinstance(error, DiffusionCoreError) else 1
+    worst = group.reduce([code], "max")[0]
+    if error is not None:
+        group.leave()
+        raise error
+    if worst:
+        group.leave()
+        remove_if_empty(plan.created)
+        refused = DiffusionCoreError("another process of this torchrun launch refused the run before any work; "
+                                     "its error says why")  # fmt: skip
+        refused.exit_code = worst
+        raise refused
+    return plan, report_path
+
+
+#: ``make_one(progress, cancel)``: the command's runner of one input, ``one(job)`` -> that input's report entry.
+OneRunner = Callable[[BatchProgress, threading.Event], Callable[[Job], dict[str, Any]]]
+
+
+def run_batch(command: str, make_one: OneRunner, plan: Plan, report_path: Path | None, info: DistInfo,
+              group: ProcessGroup, *, progress_style: str = "auto", noun: str = "volume") -> int:  # fmt: skip
+    """A batch of ``command`` (``sr``, ``xray2ct``): each input's failure is named and the batch goes on; a full disk
+    stops it; the report is written whatever happens; the processes of a torchrun launch agree on the exit code once
+    all are done. ``progress_style``: the command's ``--progress``; ``noun``: what the inputs are."""
+    who = f"process {info.rank} of {info.world_size}: " if info.world_size > 1 else ""
+    if info.world_size > 1:
+        logger.info("%s%d %s(s) on %s", who, len(plan.jobs), noun, info.device)
+    cancel = threading.Event()
+    log = BatchLog(plan.jobs, plan.folder, noun=noun)
+    sink = Progress(progress_style, desc=command)
+    progress = BatchProgress(sink, len(plan.jobs), noun=noun)
+    one = make_one(progress, cancel)
+    index = 0
+    try:
+        with sigterm_cancels(cancel, command, outcome=""):  # the message is completed below
+            for index, job in enumerate(plan.jobs):
+                progress.index = index
+                if job.skip is not None:
+                    log.skip(job)
+                    progress.written()
+                    continue
+                try:
+                    with warnings_named(job.source):
+                        log.reports.append(one(job))
+                except Exception as exc:
+                    if not volume_failure(exc):
+                        raise
+                    log.fail(job, exc)
+                    if disk_full(exc):
+                        log.stop(f"the disk is full: {one_line(str(exc), 300)}", index + 1)
+                        logger.warning("stopping the batch: %s", named_line(job.source, str(exc)))
+                        break
+                    logger.warning("skipping %s", named_line(job.source, str(exc)))
+    except (Cancelled, KeyboardInterrupt) as exc:
+        log.stop("the batch was stopped (a signal, Ctrl-C or Slicer's Cancel)", index)
+        report_after(report_path, log.as_report())
+        sink.close()
+        remove_if_empty(plan.created)
+        how = str(exc) if isinstance(exc, Cancelled) else f"{command} was interrupted"
+        raise Cancelled(f"{how} after {index} of {len(plan.jobs)} {noun}(s): {done_text(log)}; the one being worked "
+                        "on was not written; run the same command again with --skip-existing to do the other "
+                        f"{len(log.not_tried)}{report_text(report_path)}") from None  # fmt: skip
+    except BaseException as exc:  # a bug, or a problem of the whole batch (the weights): what was done is reported
+        log.stop(f"the batch stopped: {one_line(str(exc), 300)}", index)
+        report_after(report_path, log.as_report())
+        sink.close()
+        if not log.reports:
+            remove_if_empty(plan.created)
+        raise
+    sink.close()
+    report_after(report_path, log.as_report())
+    log.tell(who)
+    if not log.reports and info.world_size == 1:  # nothing written: the folders this run made go again
+        remove_if_empty(plan.created)
+    return batch_outcome(log, group, report_path, info)
+
+
+def done_text(log: BatchLog) -> str:
+    where = f" to {log.folder}" if log.folder else ""
+    kept = f" ({len(log.skipped)} done before were kept)" if log.skipped else ""
+    if not log.reports:
+        return f"none written{kept}"
+    return f"{len(log.reports)} written{where}, complete{kept}"
+
+
+def report_text(report_path: Path | None) -> str:
+    return f"; report: {report_path}" if report_path is not None else ""
+
+
+def batch_outcome(log: BatchLog, group: ProcessGroup, report_path: Path | None, info: DistInfo) -> int:
+    """The exit code of a batch, the same in every process of a torchrun launch: 0 all written (or skipped); 7 some
+    failed and others written; the failures' code (2 when they differ) when none was written; 4 stopped by a full
+    disk. The error says it in one line; the closing lines above list the failures."""
+    counts = group.reduce(log.counts())
+    written, failed, skipped, not_tried, stopped, total, kept = counts[:7]
+    per_code = dict(zip(FAILURE_CODES, counts[7:]))
+    several = info.world_size > 1 and group.joined
+    if several and info.is_main:
+        logger.info("all %d processes: %d of %d %s(s) written to %s", info.world_size, written, total, log.noun,
+                    log.folder)  # fmt: skip
+    reports = f"{report_path}" if report_path is not None else ""
+    if several and report_path is not None:
+        reports = "the --report file of each process"
+    see = f" (listed above{'; also in ' + reports if reports else ''})"
+    if stopped:
+        why = log.stopped or "another process found the disk full"
+        raise OutputError(f"the batch stopped after {written + skipped + failed} of {total} {log.noun}s, {why}; "
+                          f"{written} written to {log.folder}, {failed} failed, {not_tried} not tried{see}: free "
+                          "some space and run the same command again with --skip-existing to go on")  # fmt: skip
+    if not failed:
+        return 0
+    if written + kept == 0:
+        codes = [c for c, n in per_code.items() if n]
+        err: DiffusionCoreError = InputError(f"all {failed} {log.noun}s failed, nothing was written{see}")
+        err.exit_code = codes[0] if len(codes) == 1 else 2
+        raise err
+    before = f" ({kept} done before kept)" if kept else ""
+    raise PartialBatchError(f"{failed} of {total} {log.noun}s failed{see}; {written} written to {log.folder}{before}; fix "
+                            "those inputs (or options) and run the same command again with --skip-existing to do only "
+                            "them")  # fmt: skip
