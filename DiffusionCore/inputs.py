@@ -24,7 +24,7 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .dicom_in import NOT_VOLUME_MODALITIES, header_values, localizers_only_error
@@ -132,20 +132,31 @@ class _Scan:
         self.searched: dict[str, Path] = {}  # real path of each folder searched -> the path it was searched by
 
 
-def _scan_folder(folder: Path, scan: _Scan) -> list[Path]:
-    found: list[Path] = []
-    for root, dirs, files in os.walk(folder, followlinks=True):  # a cohort split into train/val by links to series
+def walk_folder(folder: Path, searched: dict[str, Path]) -> Iterator[tuple[Path, list[Path]]]:
+    """Each folder below ``folder`` (itself first, then its subfolders, sorted) with its files, sorted: recursively,
+    through symbolic links to folders too (a cohort split into train/val by links to series), hidden entries skipped.
+
+    Args:
+        searched: real path of each folder searched -> the path it was searched by, shared across the calls of one
+            search, so that a link loop ends and a folder reached twice (two links, given twice) is searched once.
+    """
+    for root, dirs, files in os.walk(folder, followlinks=True):
         root_path = Path(root)
         real = os.path.realpath(root)
-        if real in scan.searched:  # a link loop, two links to one folder, a folder given twice: searched once
+        if real in searched:
             dirs[:] = []
-            if scan.searched[real] != root_path:
+            if searched[real] != root_path:
                 logger.info("skipped %s: the same folder (%s) as %s, searched already", root_path, real,
-                            scan.searched[real])  # fmt: skip
+                            searched[real])  # fmt: skip
             continue
-        scan.searched[real] = root_path
+        searched[real] = root_path
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        paths = [root_path / n for n in sorted(files) if not n.startswith(".")]
+        yield root_path, [root_path / n for n in sorted(files) if not n.startswith(".")]
+
+
+def _scan_folder(folder: Path, scan: _Scan) -> list[Path]:
+    found: list[Path] = []
+    for root_path, paths in walk_folder(folder, scan.searched):
         found.extend(p for p in paths if is_volume_file(p))
         dicom = (p for p in paths if not is_volume_file(p) and is_dicom_file(p))  # read lazily: few are needed
         first = next(dicom, None)
@@ -160,8 +171,14 @@ def _scan_folder(folder: Path, scan: _Scan) -> list[Path]:
 
 
 def _read_list_file(path: Path, scan: _Scan) -> list[Path]:
-    """The volumes a list file names: one path per line, in UTF-8 (a byte-order mark, as Windows tools write, is
-    ignored; so are CR-LF line ends and blank lines).
+    """The volumes a list file names (:func:`read_list_file`), folders among them searched for volumes."""
+    return read_list_file(path, lambda p: _expand(p, scan))
+
+
+def read_list_file(path: Path, expand: Callable[[Path], list[Path]], noun: str = "volume") -> list[Path]:
+    """The inputs a list file names, each existing path given to ``expand`` (a folder searched, a file kept, as the
+    command takes them); ``noun``: what they are, for the messages. One path per line, in UTF-8 (a byte-order mark,
+    as Windows tools write, is ignored; so are CR-LF line ends and blank lines).
 
     * A relative path is taken from the list file's folder, not the working folder.
     * A line whose first non-blank character is ``#`` is a comment; so is the rest of a line from a ``#`` after a
@@ -178,7 +195,7 @@ def _read_list_file(path: Path, scan: _Scan) -> list[Path]:
         ) from None
     except OSError as exc:
         raise InputError(
-            f"cannot read {path} as a list of volumes ({exc}): give a folder, a volume file, or a text file "
+            f"cannot read {path} as a list of {noun}s ({exc}): give a folder, a {noun} file, or a text file "
             "with one path per line"
         ) from exc
     entries = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)]
@@ -192,17 +209,18 @@ def _read_list_file(path: Path, scan: _Scan) -> list[Path]:
     for number, _, p, relative in named:
         if not p.exists():  # as an unreadable entry: named here, then passed over (sr, evaluate) or refused (train)
             where = f"{p} (relative paths are taken from the list file's folder)" if relative else str(p)
-            logger.warning("%s, line %d: %s does not exist; fix or remove that line (the other volumes go on)",
-                           path, number, where)  # fmt: skip
+            logger.warning("%s, line %d: %s does not exist; fix or remove that line (the other %ss go on)",
+                           path, number, where, noun)  # fmt: skip
             out.append(p)
             continue
-        out.extend(_expand(p, scan))
+        out.extend(expand(p))
     return out
 
 
 #: First lines of a one-column list saved from a spreadsheet that name the column, not a volume (lower case).
 LIST_HEADERS = ("path", "paths", "file", "files", "filename", "file name", "filepath", "file path", "volume",
-                "volumes", "input", "inputs", "image", "images", "scan", "scans", "ct", "series", "case", "cases")
+                "volumes", "input", "inputs", "image", "images", "scan", "scans", "ct", "series", "case", "cases",
+                "radiograph", "radiographs", "xray", "x-ray", "xrays", "x-rays")
 
 
 def _is_header(path: Path, named: list[tuple[int, str, Path, bool]]) -> bool:

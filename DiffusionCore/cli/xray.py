@@ -4,12 +4,36 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
+from ..devices import DistInfo, process_info, shard_list
 from ..errors import ConfigError, InputError
-from ..files import check_writable_file
-from ..results import OUTPUT_FORMATS
+from ..files import check_writable_file, refuse_overwriting_inputs
+from ..results import OUTPUT_FORMATS, check_result_output
+from ..volume import split_volume_suffix
 from ..xray.radiograph import RADIOGRAPH_FORMATS
+from .batch import (
+    BatchProgress,
+    Job,
+    Plan,
+    ProcessGroup,
+    all_or_none,
+    batch_output_names,
+    check_batch_folder,
+    check_outputs,
+    distinct_sources,
+    output_name,
+    plan_or_refuse,
+    refuse_file_name_for_batch,
+    remove_if_empty,
+    report_file,
+    run_batch,
+    series_folder_name,
+)
 from .common import (
     NameList,
     Progress,
@@ -81,10 +105,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "by re-projecting it (DRR) against the radiograph. The radiograph must be a frontal (PA or AP) chest view, "
         "head up, bones bright: a DICOM header's orientation is applied (and a 2D NRRD, MetaImage or NIfTI image is "
         "taken as 3D Slicer displays it), but a rotated, mirrored or inverted image without one (PNG, JPEG) is "
-        "taken as it is (use --invert for bones dark). Its pixel spacing, from the header, sets the cube's size.",
+        "taken as it is (use --invert for bones dark). Its pixel spacing, from the header, sets the cube's size. "
+        "A batch: INPUT a folder of radiographs (searched recursively; files that are no radiograph, such as CT "
+        "slices, are passed over) or a list file (.txt, .lst, .list, .csv: one path per line), OUTPUT a folder; each "
+        "CT is named after its radiograph (a.png -> a.nii.gz; with --output-format dicom a series folder a), as sr "
+        "names a batch's outputs. A radiograph that fails is named and the batch goes on; --report lists every one; "
+        "the same command with --skip-existing continues a stopped batch. Exit codes: 0 every CT written (or skipped), "
+        "7 some radiographs failed and the others were written, 2 (or the failures' own code) none written, 4 "
+        "stopped by a full disk, 130 cancelled.",
     )
-    p.add_argument("xray", help=f"radiograph file: {RADIOGRAPH_FORMATS}; or a sample name (cxr-pa)")
-    p.add_argument("output", help="output volume (.nii.gz, .nrrd, .mha) or, for a DICOM series, a new folder")
+    p.add_argument("xray", metavar="INPUT", help=f"radiograph file ({RADIOGRAPH_FORMATS}), a sample name (cxr-pa), "
+                   "or for a batch a folder of radiographs or a list file")  # fmt: skip
+    p.add_argument("output", metavar="OUTPUT", help="output volume (.nii.gz, .nrrd, .mha) or, for a DICOM series, a "
+                   "new folder; for a batch, a folder (created)")  # fmt: skip
+    p.add_argument("extra_paths", nargs="*", help=argparse.SUPPRESS)  # refused with advice: several INPUTs
     p.add_argument(
         "--num-stages", type=bounded_int(1, MAX_STAGES), default=None,
         help="cascade stages to run (1: 64^3 preview ... 3: 256^3; default: every stage the weights have); more "
@@ -118,8 +152,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-consistency", dest="consistency", action="store_false",
                    help="skip the re-projection consistency step that makes each stage's DRR match the input "
                    "(shows the network's output alone)")  # fmt: skip
-    p.add_argument("--report", default=None, help="write the JSON report (projection error per stage) here")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--report", default=None, help="write the JSON report (projection error per stage) here; for a "
+                   "batch: each radiograph's, and those failed, skipped and not tried (as {radiograph, why}), written "
+                   "whatever happens, also when stopped")  # fmt: skip
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="in a batch, leave a radiograph whose CT (with its provenance sidecar) exists, and do "
+                          "the others: rerun a stopped or partly failed batch with this to continue it")  # fmt: skip
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto",
                    help="dicom: OUTPUT is a folder for a CT DICOM series labelled synthetic, in the radiograph's "
                    "study; file: NIfTI, NRRD or MHA by OUTPUT's suffix; auto (default): a DICOM series when the "
@@ -232,65 +272,170 @@ def _stage_path(out: Path, stage: int) -> Path:
     return out.with_name(f"{stem}_stage{stage}{suffix}")
 
 
-def run_xray2ct(args: argparse.Namespace) -> int:
-    from ..files import keep_freed_memory, refuse_overwriting_inputs, write_json_atomic
-    from ..results import check_result_output, dicom_source_for, planned_outputs, wants_dicom, write_result
+def _refuse_extra_paths(args: argparse.Namespace) -> None:
+    if args.extra_paths:
+        paths = [args.xray, args.output, *args.extra_paths]
+        raise ConfigError(
+            f"xray2ct takes one INPUT and one OUTPUT, and got {len(paths)} paths ({', '.join(paths)}): for several "
+            "radiographs give a folder of them, or a list file (.txt, one path per line), as INPUT and a folder as "
+            "OUTPUT"
+        )
+
+
+def _stage_files(job: Job, stages: int) -> dict[int, Path]:
+    """Where --save-stages writes the stages before the last of ``job`` (``stages``: the stages run or planned)."""
+    return {s: _stage_path(job.output, s) for s in range(1, stages)}
+
+
+def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
+    """The radiographs this process handles (its share under torchrun) and their outputs, checked before any work
+    as ``sr`` checks its own (:func:`~.sr.plan_jobs`): no output, stage output or report may be an input, and each
+    must be writable (or done already, with --skip-existing)."""
+    from ..results import planned_outputs, wants_dicom
     from ..sampledata import sample_or_path
-    from ..xray.radiograph import read_radiograph
+    from ..xray.collect import radiograph_batch
 
-    source = sample_or_path(args.xray, "radiograph")  # a path, or a radiograph sample's name (fetched, checked)
+    given = sample_or_path(args.xray, "radiograph")  # a path, or a radiograph sample's name (fetched, checked)
+    batch, sources = radiograph_batch(given)
     out = Path(args.output)
-    as_dicom = wants_dicom(args.output_format, source, out)
-    planned = args.num_stages or MAX_STAGES  # the weights say how many there are once they are loaded
-    stage_files = {s: _stage_path(out, s) for s in range(1, planned)} if args.save_stages else {}
-    outputs = planned_outputs(out, as_dicom)
-    outputs += [item for p in stage_files.values() for item in planned_outputs(p, as_dicom, "a stage output")]
-    refuse_overwriting_inputs([args.xray, source, args.weights], [*outputs, ("--report", args.report)])
-    check_result_output(out, as_dicom, overwrite=args.overwrite)
-    if args.report:
-        check_writable_file(args.report, overwrite=args.overwrite)
-    rad = read_radiograph(source)
-    dicom_source = dicom_source_for(source) if as_dicom else None
-    keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
-    gen = _generator(args)
-    num_stages = args.num_stages or gen.num_stages
-    stage_files = {s: p for s, p in stage_files.items() if s < num_stages}
-    stage_volumes: list[tuple] = []  # written with the final result, once every volume passed its check
+    if batch and len(sources) == 1 and given.is_dir() and not out.is_dir() and split_volume_suffix(out.name)[1]:
+        logger.info("%s holds one radiograph, %s: generating its CT into %s", given, sources[0], out)
+        batch = False
+    twice: list[tuple[Path, Path]] = []
+    if not batch:
+        as_dicom = wants_dicom(args.output_format, sources[0], out)
+        if out.is_dir() and not as_dicom:
+            out = out / output_name(sources[0])
+        jobs = [Job(sources[0], out, None, as_dicom)]
+    else:
+        sources, twice = distinct_sources(sources)
+        refuse_file_name_for_batch(out, "output", len(sources), noun="radiograph")
+        as_dicom = args.output_format == "dicom"
+        jobs = [Job(s, out / (series_folder_name(n) if as_dicom else n), None, as_dicom)
+                for s, n in zip(sources, batch_output_names(sources))]  # fmt: skip
+    stages = args.num_stages or MAX_STAGES  # the weights say how many there are once they are loaded
+    planned = [item for job in jobs for item in planned_outputs(job.output, job.as_dicom)]
+    if args.save_stages:
+        planned += [item for job in jobs for p in _stage_files(job, stages).values()
+                    for item in planned_outputs(p, job.as_dicom, "a stage output")]  # fmt: skip
+    refuse_overwriting_inputs([args.xray, given, args.weights, *sources],
+                              [*planned, ("--report", report_file(args, info))])  # fmt: skip
+    by_source = {job.source: job for job in jobs}
+    for dup, first in twice:
+        jobs.append(Job(dup, by_source[first].output, None, as_dicom, skip=f"the same file as {first}: done once"))
+    created = [out] if batch and check_batch_folder(out, "output") else []
+    try:
+        jobs = shard_list(jobs, info)
+        check_outputs(jobs, args, batch)
+        if args.save_stages:  # with the result: a stage's file is written before its result, so checked with it
+            for job in (j for j in jobs if j.skip is None):
+                for p in _stage_files(job, stages).values():
+                    check_result_output(p, job.as_dicom, overwrite=args.overwrite)
+    except BaseException:
+        remove_if_empty(created)
+        raise
+    return Plan(batch, jobs, created, out if batch else None)
 
-    def on_stage(stage: int, vol, info: dict) -> None:
-        if stage in stage_files:
-            check_result(vol, f"stage {stage} of the xray2ct result")
-            stage_volumes.append((vol, stage_files[stage]))
 
-    progress = Progress(args.progress, desc="xray2ct")
-    with sigterm_cancels(what="xray2ct"):
-        try:
-            vol, report = gen.run(rad, num_stages=num_stages, steps=args.steps, seed=args.seed,
-                                  num_samples=args.num_samples, lifting_start_t=args.lifting_start,
-                                  device=args.device, view=args.view,
-                                  fov_mm=args.fov_mm, progress=progress, on_stage=on_stage,
-                                  consistency=args.consistency, invert=args.invert)  # fmt: skip
-        finally:
-            progress.close()
+class _RadiographRun:
+    """Runs one radiograph of a run, from its file to its written CT (the weights loaded with the first)."""
+
+    def __init__(self, args: argparse.Namespace, info: DistInfo, progress: BatchProgress, cancel: threading.Event):
+        self.args, self.info, self.progress, self.cancel = args, info, progress, cancel
+        self.gen = None  # loaded after the first radiograph is read: input problems are reported first
+
+    def __call__(self, job: Job) -> dict[str, Any]:
+        from ..results import dicom_source_for, planned_files, write_result
+        from ..xray.radiograph import read_radiograph
+
+        args, progress = self.args, self.progress
+        t0 = time.perf_counter()
+        progress.before_run(f"reading {job.source.name}")
+        rad = read_radiograph(job.source)
+        dicom_source = dicom_source_for(job.source) if job.as_dicom else None
+        if self.gen is None:
+            progress.before_run("loading the weights")
+            self.gen = _generator(args)
+        gen = self.gen
+        num_stages = args.num_stages or gen.num_stages
+        stage_files = _stage_files(job, num_stages) if args.save_stages else {}
+        stage_volumes: list[tuple] = []  # written with the final result, once every volume passed its check
+
+        def on_stage(stage: int, vol, info: dict) -> None:
+            if stage in stage_files:
+                check_result(vol, f"stage {stage} of the xray2ct result")
+                stage_volumes.append((vol, stage_files[stage]))
+
+        vol, report = gen.run(rad, num_stages=num_stages, steps=args.steps, seed=args.seed,
+                              num_samples=args.num_samples, lifting_start_t=args.lifting_start,
+                              device=self.info.device, view=args.view, fov_mm=args.fov_mm, progress=progress,
+                              on_stage=on_stage, cancel=self.cancel, consistency=args.consistency,
+                              invert=args.invert)  # fmt: skip
+        progress.after_run("checking the result")
         check_result(vol, "the xray2ct result")
         uid = str(dicom_source.header.get("SOPInstanceUID", "")) if dicom_source is not None else ""
-        provenance = xray_provenance(source, report, _weights_label(args), uid)
+        # the input's absolute path: the provenance is read beside the output, from anywhere
+        provenance = xray_provenance(Path(os.path.abspath(job.source)), report, _weights_label(args), uid)
         report["provenance"] = provenance.as_dict()
-        for stage_vol, path in stage_volumes:
-            write_result(stage_vol, path, provenance, as_dicom=as_dicom, dicom_source=dicom_source,
+        progress.writing(job.output)
+        paths = [p for _, p in stage_volumes] + [job.output]
+        files = [] if job.as_dicom else [f for p in paths for f in planned_files(p, False)]
+        with all_or_none(files):  # the stage files are written first, the result last
+            for stage_vol, path in stage_volumes:
+                write_result(stage_vol, path, provenance, as_dicom=job.as_dicom, dicom_source=dicom_source,
+                             keep_frame_of_reference=False, overwrite=args.overwrite)  # fmt: skip
+            write_result(vol, job.output, provenance, as_dicom=job.as_dicom, dicom_source=dicom_source,
                          keep_frame_of_reference=False, overwrite=args.overwrite)  # fmt: skip
-        write_result(vol, out, provenance, as_dicom=as_dicom, dicom_source=dicom_source,
-                     keep_frame_of_reference=False, overwrite=args.overwrite)  # fmt: skip
-    stage_paths = [str(path) for _, path in stage_volumes]
-    report["output"] = str(out)
-    report["stage_outputs"] = stage_paths
-    for s in report["stages"]:
-        logger.info("stage %d: %d^3 at %.2f mm, projection PSNR %.2f dB, NCC %.3f", s["stage"], s["resolution"],
-                    s["spacing_mm"], s["projection_psnr"], s["projection_ncc"])  # fmt: skip
-    if args.report:
-        write_json_atomic(report, args.report)
-    what = "a DICOM series" if as_dicom else f"{vol.shape[0]}^3 at {vol.spacing[0]:.2f} mm"
-    print(f"wrote {out} ({what}; synthetic CT)")
+        progress.written()
+        for st in report["stages"]:
+            logger.info("stage %d: %d^3 at %.2f mm, projection PSNR %.2f dB, NCC %.3f", st["stage"], st["resolution"],
+                        st["spacing_mm"], st["projection_psnr"], st["projection_ncc"])  # fmt: skip
+        what = "a DICOM series" if job.as_dicom else f"{vol.shape[0]}^3 at {vol.spacing[0]:.2f} mm"
+        seconds = time.perf_counter() - t0
+        logger.info("%s -> %s (%s, %.1f s)", job.source, job.output, what, seconds)
+        return {"input": str(job.source), **report, "output": str(job.output), "result": what,
+                "stage_outputs": [str(p) for _, p in stage_volumes], "seconds": round(seconds, 3)}  # fmt: skip
+
+
+def run_xray2ct(args: argparse.Namespace) -> int:
+    from ..files import keep_freed_memory
+
+    _refuse_extra_paths(args)
+    info = process_info(args.device)  # its place in a torchrun launch
+    group = ProcessGroup(info)
+    try:
+        plan, report_path = plan_or_refuse(plan_xray_jobs, args, info, group)
+        keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
+
+        def make_one(progress: BatchProgress, cancel: threading.Event) -> _RadiographRun:
+            return _RadiographRun(args, info, progress, cancel)
+
+        if plan.batch:
+            return run_batch("xray2ct", make_one, plan, report_path, info, group, progress_style=args.progress,
+                             noun="radiograph")  # fmt: skip
+        return _run_one(args, plan, report_path, make_one)
+    finally:
+        group.leave()
+
+
+def _run_one(args: argparse.Namespace, plan: Plan, report_path: Path | None, make_one) -> int:
+    """One radiograph: its errors end the run (exit code of the error); nothing is written unless it succeeds."""
+    from ..files import write_json_atomic
+
+    cancel = threading.Event()
+    with sigterm_cancels(cancel, "xray2ct"):
+        sink = Progress(args.progress, desc="xray2ct")
+        try:
+            for job in plan.jobs:  # one, or none under torchrun beyond the first process
+                if job.skip is not None:
+                    logger.info("%s: %s; nothing to do", job.source, job.skip)
+                    continue
+                entry = make_one(BatchProgress(sink, 1, noun="radiograph"), cancel)(job)
+                if report_path is not None:
+                    write_json_atomic(entry, report_path, overwrite=True)
+                print(f"wrote {job.output} ({entry['result']}; synthetic CT)")
+        finally:
+            sink.close()
     return 0
 
 

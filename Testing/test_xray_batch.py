@@ -1,0 +1,172 @@
+"""``xray2ct`` over a folder or list of radiographs: one synthetic CT per radiograph, named after it, a radiograph that
+fails named while the batch goes on (exit 7), a report written whatever happens, ``--skip-existing`` to continue, and
+files that are no radiograph (CT slices, notes) passed over. The tiny random network stands in for the weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import write_dicom_series
+from PIL import Image
+
+from DiffusionCore.cli.main import main
+from DiffusionCore.volume import Volume
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--tiny-test-model", "--progress", "none"]
+
+
+def _png(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((72, 64)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _dx_dicom(path: Path, seed: int = 0) -> Path:
+    """A DX DICOM radiograph (MONOCHROME2), written without a suffix as a PACS export names its files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = sitk.GetImageFromArray((np.random.default_rng(seed).random((64, 64)) * 4000).astype(np.uint16))
+    img.SetMetaData("0008|0060", "DX")
+    img.SetMetaData("0028|0030", "0.5\\0.5")
+    sitk.WriteImage(img, str(path.with_suffix(".dcm")))
+    path.with_suffix(".dcm").rename(path)
+    return path
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "DiffusionCore", "xray2ct", *args, *TINY], cwd=cwd, env=env,
+                          capture_output=True, text=True, encoding="utf-8", timeout=300)  # fmt: skip
+
+
+@pytest.fixture
+def radiographs(tmp_path) -> Path:
+    """A folder as a researcher's export holds it: radiographs in subfolders (two of one name), a PACS export's
+    DICOM radiograph without suffix, a corrupt PNG, a CT series' slices and a text file."""
+    folder = tmp_path / "radiographs"
+    _png(folder / "a.png", 0)
+    _png(folder / "sub" / "a.png", 1)
+    _png(folder / "b.jpg", 2)
+    _dx_dicom(folder / "pacs" / "IM0001", 3)
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    (folder / "notes.txt").write_text("radiographs of the study\n", encoding="utf-8")
+    ct = Volume(np.full((3, 16, 16), -1000.0, np.float32), (1.0, 1.0, 5.0))
+    write_dicom_series(folder / "ct series", ct)
+    return folder
+
+
+def test_a_folder_gives_one_ct_per_radiograph_and_goes_on_past_a_broken_one(radiographs, tmp_path):
+    before = _digests(radiographs)
+    out = tmp_path / "cts"
+    proc = _cli([str(radiographs), str(out), "--report", str(tmp_path / "report.json")], tmp_path)
+    assert proc.returncode == 7, proc.stderr
+    assert "Traceback" not in proc.stderr
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["IM0001.json", "IM0001.nii.gz", "a.json", "a.nii.gz", "b.json", "b.nii.gz", "sub_a.json",
+                       "sub_a.nii.gz"]  # fmt: skip
+    for name in ("a", "sub_a", "b", "IM0001"):
+        ct = sitk.ReadImage(str(out / f"{name}.nii.gz"))
+        assert ct.GetSize() == (32, 32, 32)  # the tiny network's last stage
+    # the CT's provenance names its own radiograph, by its absolute path
+    provenance = json.loads((out / "sub_a.json").read_text(encoding="utf-8"))["provenance"]
+    assert provenance["input"] == str(radiographs / "sub" / "a.png") and provenance["synthetic"] is True
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert report["summary"] == {**report["summary"], "radiographs": 5, "written": 4, "failed": 1, "skipped": 0}
+    assert [f["radiograph"] for f in report["failed"]] == [str(radiographs / "broken.png")]
+    assert "cannot read" in report["failed"][0]["why"]
+    assert {Path(r["input"]).name for r in report["radiographs"]} == {"a.png", "b.jpg", "IM0001"}
+    assert all(r["stages"] and r["output"].startswith(str(out)) for r in report["radiographs"])
+    # the CT slices and the text file are passed over, counted and named in one line, not tried
+    passed = [line for line in proc.stderr.splitlines() if "passed over" in line]
+    assert len(passed) == 1 and "passed over 4 file(s)" in passed[0] and "notes.txt" not in proc.stdout
+    assert "1 of 5 radiographs failed" in proc.stderr and "--skip-existing" in proc.stderr
+    assert _digests(radiographs) == before  # no input touched
+
+    # the broken file replaced: the same command with --skip-existing does only it
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    _png(radiographs / "broken.png", 4)
+    again = _cli([str(radiographs), str(out), "--report", str(tmp_path / "report.json"), "--skip-existing"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in kept} == kept
+    assert (out / "broken.nii.gz").is_file()
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert report["summary"]["written"] == 1 and report["summary"]["skipped"] == 4
+    assert all(s["why"].endswith("(--skip-existing)") for s in report["skipped"])
+
+
+def test_without_skip_existing_an_existing_ct_refuses_the_batch_before_any_work(radiographs, tmp_path):
+    out = tmp_path / "cts"
+    out.mkdir()
+    (out / "b.nii.gz").write_bytes(b"an earlier result")
+    assert main(["xray2ct", str(radiographs), str(out), *TINY]) == 4
+    assert sorted(p.name for p in out.iterdir()) == ["b.nii.gz"]  # nothing written, the file kept
+
+
+def test_a_list_file_names_radiographs_and_a_missing_one_is_failed_not_fatal(tmp_path, capsys):
+    _png(tmp_path / "x" / "first.png", 0)
+    _dx_dicom(tmp_path / "y" / "second", 1)
+    listing = tmp_path / "list.csv"
+    listing.write_text('path\nx/first.png\n"y/second"\nx/gone.png\n', encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["xray2ct", str(listing), str(out), *TINY]) == 7
+    err = capsys.readouterr().err
+    assert "line 4: " in err and "gone.png does not exist" in err and "the other radiographs go on" in err
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["first.nii.gz", "second.nii.gz"]
+
+
+def test_a_folder_holding_one_radiograph_and_a_file_as_output_is_one_run(tmp_path, capsys):
+    _png(tmp_path / "study" / "chest.png")
+    (tmp_path / "study" / "report.txt").write_text("findings\n", encoding="utf-8")
+    assert main(["xray2ct", str(tmp_path / "study"), str(tmp_path / "ct.nrrd"), *TINY]) == 0
+    assert (tmp_path / "ct.nrrd").is_file()
+    assert "wrote " in capsys.readouterr().out
+
+
+def test_a_batch_with_a_volume_file_as_output_is_refused_and_creates_nothing(radiographs, tmp_path, capsys):
+    assert main(["xray2ct", str(radiographs), str(tmp_path / "ct.nii.gz"), *TINY]) == 4
+    assert "a folder or list of radiographs: 5 found" in capsys.readouterr().err
+    assert not (tmp_path / "ct.nii.gz").exists()
+
+
+def test_a_folder_without_radiographs_says_what_it_holds(tmp_path, capsys):
+    folder = tmp_path / "only ct"
+    write_dicom_series(folder, Volume(np.full((3, 16, 16), -1000.0, np.float32), (1.0, 1.0, 5.0)))
+    assert main(["xray2ct", str(folder), str(tmp_path / "out"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"no radiographs found in {folder} (3 other file(s) passed over, e.g. slice000.dcm)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_several_inputs_are_refused_with_the_batch_forms(tmp_path, capsys):
+    a, b = _png(tmp_path / "a.png"), _png(tmp_path / "b.png")
+    assert main(["xray2ct", str(a), str(b), str(tmp_path / "out"), *TINY]) == 2
+    assert "give a folder of them, or a list file" in capsys.readouterr().err
+
+
+def test_a_batch_saves_each_radiographs_stages_and_dicom_series_folders(tmp_path):
+    folder = tmp_path / "in"
+    _png(folder / "a.png", 0)
+    _png(folder / "b.png", 1)
+    out = tmp_path / "out"
+    assert main(["xray2ct", str(folder), str(out), "--save-stages", *TINY]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz", "a_stage1.nii.gz", "b.nii.gz",
+                                                            "b_stage1.nii.gz"]  # fmt: skip
+    assert sitk.ReadImage(str(out / "a_stage1.nii.gz")).GetSize() == (16, 16, 16)
+    series = tmp_path / "series"
+    assert main(["xray2ct", str(folder), str(series), "--output-format", "dicom", *TINY]) == 0
+    assert sorted(p.name for p in series.iterdir()) == ["a", "b"]
+    assert len(list((series / "a").glob("*.dcm"))) == 32
