@@ -319,24 +319,29 @@ def evaluate(
     }
 
 
-def aggregate(reports: Sequence[dict]) -> dict:
+def aggregate(reports: Sequence[dict], scores: Sequence[str] = SCORE_KEYS, by: Sequence[str] = ("method",)) -> dict:
     """Mean and sample standard deviation (N - 1) of every score of every method over several volumes' reports.
+
+    Args:
+        scores: the score keys of the reports' rows (``seconds`` is averaged too).
+        by: the keys that make one row of the aggregate (``evaluate-xray``'s: the method and the stage).
 
     Returns:
         ``{"n", "sd", "results": [{"method", "n", "<score>_mean", "<score>_sd", ...}], "infinite_scores"}``:
         a method's ``n`` counts the volumes it was scored on; ``_sd`` is None for one volume; a mean over a
-        volume with an infinite score is infinite (listed in ``infinite_scores``), its SD None.
+        volume with an infinite score is infinite (listed in ``infinite_scores``, by method), its SD None.
     """
-    rows: dict[str, dict[str, list[float]]] = {}
+    rows: dict[tuple, dict[str, list[float]]] = {}
     for report in reports:
         for r in report["results"]:
-            per = rows.setdefault(r["method"], {})
-            for key in (*SCORE_KEYS, "seconds"):
+            per = rows.setdefault(tuple(r[k] for k in by), {})
+            for key in (*scores, "seconds"):
                 if r.get(key) is not None:
                     per.setdefault(key, []).append(float(r[key]))
     results, infinite = [], {}
-    for method, per in rows.items():
-        row: dict[str, Any] = {"method": method, "n": max((len(v) for v in per.values()), default=0)}
+    for group, per in rows.items():
+        method = group[0]
+        row: dict[str, Any] = {**dict(zip(by, group)), "n": max((len(v) for v in per.values()), default=0)}
         for key, values in per.items():
             a = np.asarray(values, dtype=np.float64)
             if np.isinf(a).any():

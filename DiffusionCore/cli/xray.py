@@ -196,9 +196,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate-xray",
         help="score X-ray to CT stages against a reference CT (model, mean-ct, lifting-only)",
         description="Render the training-geometry DRR of a reference CT, generate from it, and report 3D PSNR, "
-        "3D SSIM (HU [-1024, 2048]) and re-projection PSNR per stage for the model and its baselines.",
+        "3D SSIM (HU [-1024, 2048]) and re-projection PSNR per stage for the model and its baselines. Several "
+        "references (a folder of CTs, a list file, or several paths) are scored one by one, then the mean and "
+        "standard deviation over them per method and stage; a reference that cannot be scored is passed over and "
+        "named.",
     )
-    e.add_argument("--reference", required=True, help="reference CT: file, DICOM folder or sample name")
+    e.add_argument("--reference", required=True, nargs="+", metavar="REFERENCE",
+                   help="reference CT(s): a volume file, DICOM series folder or sample name (chest-dx); or several, "
+                   "a folder of CTs or a list file (.txt, one path per line)")  # fmt: skip
     e.add_argument("--num-stages", type=bounded_int(1, MAX_STAGES), default=None,
                    help="stages to evaluate (default: all the weights have; more is refused)")
     e.add_argument("--methods", action=NameList,
@@ -472,42 +477,92 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    from ..files import keep_freed_memory, refuse_overwriting_inputs, write_json_atomic
+def _reference_ct(path: str | Path):
+    """A reference CT for evaluate-xray, read and checked for the cube (before the weights are loaded).
+
+    Raises:
+        InputError: unreadable, not a CT (a radiograph is named as one, with the command that takes it), too small.
+    """
     from ..sampledata import load_reference
     from ..xray.data import check_cube_size
-    from ..xray.evaluate import evaluate_xray, format_xray_table
     from ..xray.radiograph import radiograph_file_kind
-    from .evaluate import check_scores
 
-    refuse_overwriting_inputs([args.reference, args.weights], [("--json", args.json_out)])
-    if args.json_out:
-        check_writable_file(args.json_out, overwrite=args.overwrite)
-    methods = tuple(args.methods)
     try:
-        ref = load_reference(args.reference)
+        ref = load_reference(path)
     except InputError as exc:
-        what = radiograph_file_kind(args.reference)
+        what = radiograph_file_kind(path)
         if not what:
             raise
         raise InputError(
-            f"{args.reference} is {what}, not a CT: evaluate-xray needs a CT volume of the chest (a file or a DICOM "
+            f"{path} is {what}, not a CT: evaluate-xray needs a CT volume of the chest (a file or a DICOM "
             "series folder, or a sample: chest-dx), renders its radiograph itself and scores what the model makes of "
-            f"it. To make a CT from this radiograph, run: python -m DiffusionCore xray2ct {args.reference} OUTPUT"
+            f"it. To make a CT from this radiograph, run: python -m DiffusionCore xray2ct {path} OUTPUT"
         ) from exc
-    check_cube_size(ref, args.reference)  # before the weights are loaded
+    check_cube_size(ref, str(path))
+    return ref
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from ..files import keep_freed_memory, refuse_overwriting_inputs, write_json_atomic
+    from ..xray.evaluate import aggregate_xray, evaluate_xray, format_xray_aggregate, format_xray_table
+    from .evaluate import check_scores, reference_sources
+
+    several, sources = reference_sources(list(args.reference))
+    refuse_overwriting_inputs([*args.reference, *sources, args.weights], [("--json", args.json_out)])
+    if args.json_out:
+        check_writable_file(args.json_out, overwrite=args.overwrite)
+    methods = tuple(args.methods)
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
-    gen = _generator(args)
+    loaded: list = []
+
+    def generator():  # loaded once the first reference passed its checks: its problems are reported first
+        if not loaded:
+            loaded.append(_generator(args))
+        return loaded[0]
+
     progress = Progress(args.progress, desc="evaluate-xray")
+    settings = {"num_stages": args.num_stages, "methods": methods, "steps": args.steps, "num_samples": args.num_samples,
+                "lifting_start_t": args.lifting_start, "seed": args.seed, "device": args.device}  # fmt: skip
+    reports: list[dict] = []
+    passed_over: list[dict[str, str]] = []
     try:
-        report = evaluate_xray(gen, ref, num_stages=args.num_stages, methods=methods, steps=args.steps,
-                               num_samples=args.num_samples, lifting_start_t=args.lifting_start,
-                               seed=args.seed, device=args.device, reference_name=str(args.reference),
-                               progress=progress)  # fmt: skip
+        if not several:
+            ref = _reference_ct(args.reference[0])
+            reports.append(evaluate_xray(generator(), ref, reference_name=str(args.reference[0]), progress=progress,
+                                         **settings))  # fmt: skip
+        else:
+            n = len(sources)
+            for i, path in enumerate(sources):
+
+                def overall(done: float, total: float, message: str = "", _i: int = i, _p: Path = path) -> None:
+                    progress(int(round((_i + (done / total if total else 0.0)) * 1000)), n * 1000, f"{_p.name}: {message}")
+
+                try:
+                    ref = _reference_ct(path)
+                    reports.append(evaluate_xray(generator(), ref, reference_name=str(path), progress=overall,
+                                                 **settings))  # fmt: skip
+                except InputError as exc:  # this CT's own problem (unreadable, not a CT, too small, blank DRR)
+                    why = str(exc).removeprefix(f"{path}: ")
+                    logger.warning("passed over %s: %s", path, why)
+                    passed_over.append({"reference": str(path), "why": why})
+                    continue
+            if not reports:
+                raise InputError(f"none of the {n} references could be scored: "
+                                 + "; ".join(f"{p['reference']}: {p['why']}" for p in passed_over))  # fmt: skip
     finally:
         progress.close()
-    check_scores(report["results"], "evaluate-xray")
-    print(format_xray_table(report))
-    if args.json_out:
-        write_json_atomic(report, args.json_out, overwrite=True)
+    for report in reports:
+        check_scores(report["results"], f"evaluate-xray {report['reference']}" if several else "evaluate-xray")
+    out = reports[0]
+    if several:
+        out = {"references": reports, "passed_over": passed_over, "aggregate": aggregate_xray(reports),
+               "settings": reports[0]["settings"]}  # fmt: skip
+    if args.json_out:  # written before the tables: the scores are kept whatever happens to the printing
+        write_json_atomic(out, args.json_out, overwrite=True)
+    for report in reports:
+        print(format_xray_table(report))
+    if several:
+        print(format_xray_aggregate(out["aggregate"]))
+        for p in passed_over:
+            print(f"passed over {p['reference']}: {p['why']}")
     return 0

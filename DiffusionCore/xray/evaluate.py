@@ -219,6 +219,33 @@ def evaluate_xray(
     }
 
 
+#: The scores of a row of an :func:`evaluate_xray` report.
+XRAY_SCORE_KEYS = ("psnr3d", "ssim3d", "reprojection_psnr", "cross_view_psnr")
+
+
+def aggregate_xray(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation of every score per method and stage over several references' reports
+    (:func:`~DiffusionCore.evaluate.aggregate`)."""
+    from ..evaluate import aggregate
+
+    return aggregate(reports, XRAY_SCORE_KEYS, by=("method", "stage"))
+
+
+def format_xray_aggregate(agg: dict[str, Any]) -> str:
+    """:func:`aggregate_xray` as a plain-text table: mean +- SD per method, stage and score."""
+    lines = [f"mean +- SD over {agg['n']} reference CT(s)",
+             f"{'method':<18}{'stage':>6}{'N':>4}{'PSNR3D dB':>16}{'SSIM3D':>16}{'reproj dB':>16}"
+             f"{'cross-view dB':>16}"]  # fmt: skip
+    for r in agg["results"]:
+        cells = []
+        for key, digits in zip(XRAY_SCORE_KEYS, (2, 3, 2, 2)):
+            mean, sd = r.get(f"{key}_mean"), r.get(f"{key}_sd")
+            text = "" if mean is None else f"{mean:.{digits}f}" + ("" if sd is None else f" +- {sd:.{digits}f}")
+            cells.append(f"{text:>16}")
+        lines.append(f"{r['method']:<18}{r['stage']:>6}{r['n']:>4}" + "".join(cells))
+    return "\n".join(lines)
+
+
 def format_xray_table(report: dict[str, Any]) -> str:
     """A plain-text table of an :func:`evaluate_xray` report."""
     lines = [f"reference: {report['reference']}",
