@@ -7,8 +7,8 @@ Volumes can be given as
   too (each real folder searched once, so a link loop ends); hidden entries skipped, and DICOM folders that hold no
   CT series (radiographs, scouts, single images, reports, structure sets, plans: :data:`NOT_VOLUME_MODALITIES`, and
   any object without an image) passed over with a warning;
-* a text file with one path per line (see :func:`_read_list_file`: UTF-8, relative paths taken from the list file's
-  folder, a line starting with ``#`` a comment);
+* a text file with one path per line (see :func:`read_list_file`: UTF-8, relative paths taken from the list file's
+  folder, a line starting with ``#`` a comment, the first column of a spreadsheet's ``.csv``);
 * a single volume file;
 * the name of a CT sample (``chest-lidc``, ``chest-dx``: fetched and sha256-checked, as ``sr`` takes it) where no such
   path exists;
@@ -20,12 +20,14 @@ Each returned path is something :func:`DiffusionCore.volume.read_volume` opens (
 
 from __future__ import annotations
 
+import csv
 import itertools
 import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from .dicom_in import NOT_VOLUME_MODALITIES, header_values, localizers_only_error
 from .errors import InputError
@@ -185,6 +187,15 @@ def read_list_file(path: Path, expand: Callable[[Path], list[Path]], noun: str =
       space or tab (``data/case1  # DICOM``), unless the whole line names a path that exists (``Serie #3/``). A
       ``#`` inside a name (``Patient#12/``) is always part of it.
     * One pair of double quotes around a path is removed (Windows Explorer's "Copy as path" adds them).
+    * In a ``.csv`` (a spreadsheet's, e.g. ``filename,label``), a line of several columns that names no existing path
+      as a whole names its first column (:func:`first_column`: quoted fields may hold commas); the others are ignored
+      (said once). A first line naming a column (:data:`LIST_HEADERS`) is skipped, as in a one-column list.
+    * Where the system's separator is ``/``, a missing path written with Windows separators (``..\\in\\chest.png``)
+      is read with ``/`` when that exists (said once); when it does not either, the warning says that ``\\`` is no
+      separator here.
+
+    A line naming no existing path is warned about (a broken symbolic link as such, with its target) and returned
+    as it is, for the command to pass over as unreadable (``sr``, ``xray2ct``) or refuse (``train``).
     """
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -198,22 +209,30 @@ def read_list_file(path: Path, expand: Callable[[Path], list[Path]], noun: str =
             f"cannot read {path} as a list of {noun}s ({exc}): give a folder, a {noun} file, or a text file "
             "with one path per line"
         ) from exc
-    entries = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)]
-    entries = [(number, entry) for number, entry in entries if entry and not entry.startswith("#")]
-    named = [(number, entry, *_list_entry(entry, path.parent)) for number, entry in entries]
-    if named and _is_header(path, named):
-        number, entry = named[0][:2]
-        logger.info("%s, line %d: %s is the column's header, not a path: skipped", path, number, entry)
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)]
+    in_columns = path.suffix.lower() == ".csv"
+    named = [(number, line, _list_entry(line, path.parent, in_columns)) for number, line in lines
+             if line and not line.startswith("#")]  # fmt: skip
+    if named and _is_header(path, [entry for *_, entry in named]):
+        number, line, _ = named[0]
+        logger.info("%s, line %d: %s is the column's header, not a path: skipped", path, number, line)
         named = named[1:]
+    columns = next(((number, line) for number, line, entry in named if entry.first_column), None)
+    if columns is not None:
+        logger.info("%s has several columns (line %d: %s): the first is taken as the %s's path, the others are "
+                    "ignored", path, *columns, noun)  # fmt: skip
+    slashes = next(((number, line, entry.path) for number, line, entry in named if entry.slashes), None)
+    if slashes is not None:
+        logger.info("%s writes its paths with Windows separators (\\); read with / instead (line %d: %s is %s)",
+                    path, *slashes)  # fmt: skip
     out: list[Path] = []
-    for number, _, p, relative in named:
-        if not p.exists():  # as an unreadable entry: named here, then passed over (sr, evaluate) or refused (train)
-            where = f"{p} (relative paths are taken from the list file's folder)" if relative else str(p)
-            logger.warning("%s, line %d: %s does not exist; fix or remove that line (the other %ss go on)",
-                           path, number, where, noun)  # fmt: skip
-            out.append(p)
+    for number, _, entry in named:
+        if not entry.path.exists():  # as an unreadable entry: named here, then passed over (sr, xray2ct) or refused
+            logger.warning("%s, line %d: %s; fix or remove that line (the other %ss go on)", path, number,
+                           _missing_entry(entry), noun)  # fmt: skip
+            out.append(entry.path)
             continue
-        out.extend(expand(p))
+        out.extend(expand(entry.path))
     return out
 
 
@@ -223,35 +242,94 @@ LIST_HEADERS = ("path", "paths", "file", "files", "filename", "file name", "file
                 "radiograph", "radiographs", "xray", "x-ray", "xrays", "x-rays")
 
 
-def _is_header(path: Path, named: list[tuple[int, str, Path, bool]]) -> bool:
+class _ListEntry(NamedTuple):
+    """The path a list file's line names (:func:`_list_entry`)."""
+
+    path: Path
+    relative: bool  # taken from the list file's folder
+    text: str  # the part of the line it was read from, unquoted
+    first_column: bool = False  # the first column of a CSV line of several
+    slashes: bool = False  # written with Windows separators, read with /
+
+
+def _is_header(path: Path, named: list[_ListEntry]) -> bool:
     """Whether the first entry of a list file is a spreadsheet's column header (``path``, as Excel writes a one-column
-    CSV with a title): it is no existing path, and it is one of :data:`LIST_HEADERS`, or (in a ``.csv``) every other
-    entry exists."""
-    _, entry, p, _ = named[0]
-    if p.exists():
+    CSV with a title; ``filename`` of ``filename,label``): it is no existing path, and it is one of
+    :data:`LIST_HEADERS`, or (in a ``.csv``) every other entry exists."""
+    first, rest = named[0], named[1:]
+    if first.path.exists():
         return False
-    if entry.strip('"').strip().lower() in LIST_HEADERS:
+    if first.text.lower() in LIST_HEADERS:
         return True
-    rest = named[1:]
-    return path.suffix.lower() == ".csv" and bool(rest) and all(q.exists() for *_, q, _ in rest)
+    return path.suffix.lower() == ".csv" and bool(rest) and all(e.path.exists() for e in rest)
 
 
-def _list_entry(entry: str, folder: Path) -> tuple[Path, bool]:
-    """(the path, relative?) a list file's line names (see :func:`_read_list_file`): the whole line where it
-    exists, else the line without a trailing comment; relative paths taken from ``folder``."""
+#: Column separators of a spreadsheet's CSV: the comma, and the semicolon Excel writes where the decimal mark is one.
+CSV_DELIMITERS = (",", ";")
 
-    def resolved(text: str) -> tuple[Path, bool]:
+
+def first_column(line: str) -> str | None:
+    """The first field of a CSV line of several (``chest.png,1``, ``x.png,``, ``"a,b.png",1``, ``chest.png;1``),
+    read by the :mod:`csv` module; None for a line of one field or an empty first one."""
+    for delimiter in CSV_DELIMITERS:
+        try:
+            fields = next(csv.reader([line], delimiter=delimiter))
+        except (csv.Error, StopIteration):
+            continue
+        if len(fields) > 1:
+            return fields[0].strip() or None
+    return None
+
+
+def _list_entry(line: str, folder: Path, in_columns: bool = False) -> _ListEntry:
+    """The path a list file's line names (see :func:`read_list_file`), relative paths taken from ``folder``: the
+    first that exists of the whole line, the line without a trailing comment, and (``in_columns``: a ``.csv``) its
+    first column; each as written, then (where the separator is ``/``) with its ``\\`` read as ``/``. When none
+    exists, the last of them as written (the one the line most likely means: its first column, in a CSV)."""
+
+    def resolved(text: str, first: bool = False) -> _ListEntry:
         text = text.strip()
         if len(text) >= 2 and text[0] == text[-1] == '"':
             text = text[1:-1].strip()
         p = Path(text).expanduser()
-        return (p, False) if p.is_absolute() else (folder / p, True)
+        return _ListEntry(p, False, text, first) if p.is_absolute() else _ListEntry(folder / p, True, text, first)
 
-    whole = resolved(entry)
-    comment = re.search(r"\s#", entry)
-    if comment is None or whole[0].exists():
-        return whole
-    return resolved(entry[: comment.start()])
+    tried = [resolved(line)]
+    comment = re.search(r"\s#", line)
+    if comment is not None:
+        tried.append(resolved(line[: comment.start()]))
+    first = first_column(line) if in_columns else None
+    if first is not None:
+        tried.append(resolved(first, first=True))
+    found = next((entry for entry in tried if entry.path.exists()), None)
+    if found is None and os.sep == "/":
+        forward = (resolved(e.text.replace("\\", "/"), e.first_column)._replace(slashes=True)
+                   for e in tried if "\\" in e.text)  # fmt: skip
+        found = next((entry for entry in forward if entry.path.exists()), None)
+    return found or tried[-1]
+
+
+def broken_link_note(path: Path) -> str:
+    """``"PATH is a broken symbolic link (to TARGET, which does not exist)"`` for a missing path that is a link, else
+    ``""``."""
+    if not path.is_symlink():
+        return ""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return f"{path} is a broken symbolic link"
+    return f"{path} is a broken symbolic link (to {target}, which does not exist)"
+
+
+def _missing_entry(entry: _ListEntry) -> str:
+    """What a list file's warning says of an entry that names no existing path."""
+    broken = broken_link_note(entry.path)
+    if broken:
+        return broken
+    said = f"{entry.path} (relative paths are taken from the list file's folder)" if entry.relative else str(entry.path)
+    windows = os.sep == "/" and "\\" in entry.text
+    hint = " (on Linux and macOS \\ is not a folder separator: write / between folders)" if windows else ""
+    return f"{said} does not exist{hint}"
 
 
 def dicom_file_series(path: Path) -> Path:
@@ -302,7 +380,7 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> li
     for item in items:
         p = sample_or_path(item, "ct").expanduser()  # a CT sample's name that is no path here: its fetched file
         if not p.exists():
-            raise InputError(f"{p} does not exist: check the path")
+            raise InputError(f"{broken_link_note(p) or f'{p} does not exist'}: check the path")
         found.extend(_expand(p, scan))
     unique = list(dict.fromkeys(found))
     skipped = scan.skipped

@@ -559,6 +559,155 @@ def image_geometry(img: sitk.Image, p: Path) -> tuple[tuple[float, float] | None
     return spacing, cosines
 
 
+#: The first bytes of a PNG file, and the IHDR colour type of a grey + alpha PNG (Pillow's mode "LA"), which
+#: SimpleITK cannot read ("Unknown PixelType"): named as such rather than as a corrupt file.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_GREY_ALPHA = 4
+
+
+def is_grey_alpha_png(path: Path) -> bool:
+    """Whether ``path`` is a grey + alpha PNG, from its IHDR."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return False
+    return len(head) == 26 and head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and head[25] == PNG_GREY_ALPHA
+
+
+#: The EXIF Orientation tag (in a JPEG's APP1 segment), and what each of its values asks of the stored pixels to show
+#: the image as viewers do: (flip left-right first?, then quarter turns anticlockwise as ``np.rot90`` counts them,
+#: what a message calls it). 1 is upright as stored.
+EXIF_ORIENTATION_TAG = 0x0112
+EXIF_ORIENTATIONS = {
+    2: (True, 0, "flipped left-right"), 3: (False, 2, "turned 180°"), 4: (True, 2, "flipped upside down"),
+    5: (True, 1, "flipped left-right and turned 90° anticlockwise"), 6: (False, -1, "turned 90° clockwise"),
+    7: (True, -1, "flipped left-right and turned 90° clockwise"), 8: (False, 1, "turned 90° anticlockwise"),
+}  # fmt: skip
+
+
+def _tiff_orientation(data: bytes) -> int:
+    """The Orientation in the first IFD of the TIFF structure ``data`` (an EXIF block), or 1."""
+    order = {b"II": "little", b"MM": "big"}.get(data[:2])
+    if order is None or len(data) < 8:
+        return 1
+    ifd = int.from_bytes(data[4:8], order)
+    count = int.from_bytes(data[ifd : ifd + 2], order) if ifd + 2 <= len(data) else 0
+    for at in range(ifd + 2, ifd + 2 + 12 * count, 12):
+        entry = data[at : at + 12]
+        if len(entry) < 12:
+            break
+        if int.from_bytes(entry[:2], order) == EXIF_ORIENTATION_TAG:
+            kind = int.from_bytes(entry[2:4], order)  # SHORT (3), as EXIF says; a LONG (4) from some writers
+            value = int.from_bytes(entry[8:12] if kind == 4 else entry[8:10], order)
+            return value if value in EXIF_ORIENTATIONS else 1
+    return 1
+
+
+def exif_orientation(path: Path) -> int:
+    """The EXIF Orientation (1-8) of a JPEG file, read from its segments before the pixels without decoding them
+    (SimpleITK ignores it; Pillow, which reads it, is no dependency of this package, and the tag is a few bytes): 6
+    for a photo of a screen or film taken with the phone turned, stored sideways and shown upright by every viewer.
+    1 (upright as stored) for a JPEG that says none and for any other file."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\xff\xd8":
+                return 1
+            while True:
+                marker = f.read(2)
+                if len(marker) < 2 or marker[0] != 0xFF or marker[1] in (0xD9, 0xDA):
+                    return 1  # the end, or the pixels start: no EXIF before them
+                if marker[1] == 0xFF:  # a fill byte before the marker
+                    f.seek(-1, os.SEEK_CUR)
+                    continue
+                length = int.from_bytes(f.read(2), "big")
+                if length < 2:
+                    return 1
+                if marker[1] == 0xE1:  # APP1
+                    data = f.read(length - 2)
+                    if data.startswith(b"Exif\0\0"):
+                        return _tiff_orientation(data[6:])
+                else:
+                    f.seek(length - 2, os.SEEK_CUR)
+    except OSError:
+        return 1
+
+
+def apply_exif_orientation(
+    arr: np.ndarray, spacing: tuple[float, float] | None, orientation: int
+) -> tuple[np.ndarray, tuple[float, float] | None, str]:
+    """Turn ``arr`` (``(rows, cols)`` as stored) as its EXIF ``orientation`` asks (:data:`EXIF_ORIENTATIONS`).
+
+    Returns:
+        ``(array, (row, col) spacing, what was done or "")``.
+    """
+    if orientation not in EXIF_ORIENTATIONS:
+        return arr, spacing, ""
+    flip, quarter_turns, done = EXIF_ORIENTATIONS[orientation]
+    if flip:
+        arr = arr[:, ::-1]
+    arr = np.rot90(arr, quarter_turns)
+    if spacing is not None and quarter_turns % 2:
+        spacing = (spacing[1], spacing[0])
+    return np.ascontiguousarray(arr), spacing, done
+
+
+def is_tiff(path: Path) -> bool:
+    """Whether ``path`` starts as a TIFF (or BigTIFF) file does, in either byte order."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+    except OSError:
+        return False
+
+
+def check_single_page(p: Path, size: list[int]) -> None:
+    """Refuse, from its header, a multi-page TIFF (which SimpleITK reads as a stack: ``size`` ``[W, H, pages]``).
+
+    Raises:
+        InputError: the file is a TIFF of more than one page.
+    """
+    if len(size) == 3 and size[2] > 1 and is_tiff(p):
+        raise InputError(
+            f"{p.name} is a multi-page TIFF of {size[2]} pages ({size[0]}x{size[1]} pixels each), not one "
+            "radiograph: xray2ct takes one radiograph per file. Save the page you want as its own file (e.g. in an "
+            "image viewer or editor, or with tiffsplit) and give that file."
+        )
+
+
+def _read_image(p: Path) -> tuple[sitk.ImageFileReader, sitk.Image]:
+    """``(reader, image)``: ``p`` read by SimpleITK after checking, from its header, that it is one image
+    (:func:`check_single_page`) that fits in memory (:func:`_check_size`).
+
+    Raises:
+        InputError: the file cannot be read as an image (a DICOMDIR and a grey + alpha PNG are named as such), or it
+            is a multi-page TIFF.
+    """
+    check_metaimage_header(p)
+    if is_grey_alpha_png(p):
+        raise InputError(f"{p} is a grey + alpha PNG (a greyscale image with transparency), which xray2ct cannot read: "
+                         "save it as a greyscale PNG without transparency (or as RGBA) and give that file.")  # fmt: skip
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    reader.SetImageIO(image_io(p))  # x.MHA too: ITK matches the suffix with its case
+    try:
+        reader.ReadImageInformation()
+        size = [int(v) for v in reader.GetSize()]
+        check_single_page(p, size)
+        _check_size(p, size, int(reader.GetNumberOfComponents()), _component_bytes(reader))
+        img = reader.Execute()
+    except RuntimeError as exc:
+        index = dicomdir_message(p)
+        if index:
+            raise InputError(index) from exc
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"cannot read {p} as an image ({first[:200]}). The file is corrupt or not a radiograph in a format "
+            f"xray2ct reads ({RADIOGRAPH_FORMATS}); re-export it from the PACS or viewer."
+        ) from exc
+    return reader, img
+
+
 def read_radiograph(path: str | os.PathLike) -> Radiograph:
     """Read a radiograph file into attenuation style.
 
@@ -570,34 +719,19 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
         :class:`Radiograph` with ``array`` (H, W) float32 in [0, 1] (MONOCHROME1 inverted, percentile
         windowed), ``pixel_spacing`` (row, col) mm from the DICOM header (or a NRRD, MetaImage or NIfTI header) or
         None. A DICOM image is turned as its header says (:func:`apply_dicom_header`); a NRRD, MetaImage or NIfTI
-        image as 3D Slicer displays it (:func:`orient_as_displayed`).
+        image as 3D Slicer displays it (:func:`orient_as_displayed`); a JPEG as its EXIF Orientation says, as image
+        viewers show it (:func:`apply_exif_orientation`). Each turn is said in ``metadata["oriented"]`` and the log.
 
     Raises:
         InputError: missing/unreadable/corrupt file, a DICOMDIR, colour image, 3D volume, multi-frame
-            radiograph, image smaller than :data:`MIN_RADIOGRAPH_SIDE` pixels per side.
+            radiograph, multi-page TIFF or grey + alpha PNG, image smaller than :data:`MIN_RADIOGRAPH_SIDE` pixels per side.
     """
     p = Path(path)
     if p.is_dir():
         raise InputError(f"radiograph {p} is a folder: give the path of one image file (one radiograph per run).")
     if not p.is_file():
         raise InputError(f"radiograph {p} does not exist. Check the path (and quote it if it contains spaces).")
-    check_metaimage_header(p)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
-    reader.SetImageIO(image_io(p))  # x.MHA too: ITK matches the suffix with its case
-    try:
-        reader.ReadImageInformation()
-        _check_size(p, [int(v) for v in reader.GetSize()], int(reader.GetNumberOfComponents()), _component_bytes(reader))
-        img = reader.Execute()
-    except RuntimeError as exc:
-        index = dicomdir_message(p)
-        if index:
-            raise InputError(index) from exc
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"cannot read {p} as an image ({first[:200]}). The file is corrupt or not a radiograph in a format "
-            f"xray2ct reads ({RADIOGRAPH_FORMATS}); re-export it from the PACS or viewer."
-        ) from exc
+    reader, img = _read_image(p)
     is_dicom = _is_dicom(p, reader)
     tags = _dicom_tags(reader) if is_dicom else {}
     check_projection_modality(tags, p.name)  # before the pixel checks: a colour ultrasound is refused as ultrasound
@@ -618,10 +752,16 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     if is_dicom:
         arr, spacing, meta = apply_dicom_header(arr, header_spacing(tags), tags, p.name)
     else:
-        arr, spacing, turned = orient_as_displayed(arr, spacing, cosines)
         meta = {}
+        orientation = exif_orientation(p)
+        arr, spacing, turned = apply_exif_orientation(arr, spacing, orientation)
         if turned:
-            meta["oriented"] = f"{turned} to show it as 3D Slicer displays it, as its header's directions say"
+            meta["oriented"] = f"{turned} as its EXIF Orientation ({orientation}) says, as image viewers show it"
+        else:
+            arr, spacing, turned = orient_as_displayed(arr, spacing, cosines)
+            if turned:
+                meta["oriented"] = f"{turned} to show it as 3D Slicer displays it, as its header's directions say"
+        if turned:
             logger.info("%s: %s", p.name, meta["oriented"])
     meta = {"source": str(p), "format": "dicom" if is_dicom else p.suffix.lower().lstrip("."), **meta}
     return Radiograph(window_radiograph(arr, source=p.name, in_place=True), spacing, meta)
