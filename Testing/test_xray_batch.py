@@ -147,7 +147,8 @@ def test_a_folder_without_radiographs_says_what_it_holds(tmp_path, capsys):
     write_dicom_series(folder, Volume(np.full((3, 16, 16), -1000.0, np.float32), (1.0, 1.0, 5.0)))
     assert main(["xray2ct", str(folder), str(tmp_path / "out"), *TINY]) == 2
     err = capsys.readouterr().err
-    assert f"no radiographs found in {folder} (3 other file(s) passed over, e.g. slice000.dcm)" in err
+    assert f"no radiographs found in {folder} (3 other file(s) passed over, e.g. slice000.dcm: DICOM files of " \
+           "Modality CT)" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -170,3 +171,104 @@ def test_a_batch_saves_each_radiographs_stages_and_dicom_series_folders(tmp_path
     assert main(["xray2ct", str(folder), str(series), "--output-format", "dicom", *TINY]) == 0
     assert sorted(p.name for p in series.iterdir()) == ["a", "b"]
     assert len(list((series / "a").glob("*.dcm"))) == 32
+
+
+# -- probe 23 ------------------------------------------------------------------------------------------------------
+def test_skip_existing_refuses_outputs_made_from_another_radiograph(tmp_path, capsys):
+    """A second chest.png added beside the first renamed the first's CT (sub/chest.png -> sub_chest): --skip-existing
+    then kept sub/chest.png's CT as the new chest.png's and left the new one without its own."""
+    folder = tmp_path / "in"
+    _png(folder / "sub" / "chest.png", 0)
+    out = tmp_path / "out"
+    assert main(["xray2ct", str(folder), str(out), *TINY]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["chest.nii.gz"]
+    _png(folder / "chest.png", 1)  # a new export of the same name
+    capsys.readouterr()
+    assert main(["xray2ct", str(folder), str(out), "--skip-existing", *TINY]) == 4
+    err = capsys.readouterr().err
+    assert f"{out / 'chest.nii.gz'} exists but was made from {folder / 'sub' / 'chest.png'}, not from " \
+           f"{folder / 'chest.png'}" in err and "write the batch into a new output folder" in err
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["chest.nii.gz"]  # nothing written or removed
+
+
+def _with_view(path: Path, view: str) -> Path:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.ViewPosition = view
+    ds.save_as(path)
+    return path
+
+
+def test_a_lateral_in_a_batch_is_passed_over_and_an_overriding_view_is_noted(tmp_path, capsys):
+    """A PA and lateral study: the lateral failed with "fix those inputs" (exit 7) in every ordinary export, and
+    --view pa made a CT of it without a word."""
+    folder = tmp_path / "study"
+    _with_view(_dx_dicom(folder / "pa", 0), "PA")
+    _with_view(_dx_dicom(folder / "lat", 1), "LL")
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    assert main(["xray2ct", str(folder), str(out), "--report", str(report), *TINY]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["pa.nii.gz"]
+    data = json.loads(report.read_text(encoding="utf-8"))
+    [skipped] = data["skipped"]
+    assert skipped["radiograph"] == str(folder / "lat") and "marks a lateral view (ViewPosition LL)" in skipped["why"]
+    assert "1 skipped (1 passed over)" in capsys.readouterr().err
+    report = tmp_path / "both.json"
+    assert main(["xray2ct", str(folder), str(tmp_path / "both"), "--view", "pa", "--report", str(report), *TINY]) == 0
+    data = json.loads(report.read_text(encoding="utf-8"))
+    [lateral] = [r for r in data["radiographs"] if r["input"] == str(folder / "lat")]
+    assert any("marks a lateral view (ViewPosition LL); taken as pa, as --view says" in n for n in lateral["notes"])
+    assert "taken as pa, as --view says" in capsys.readouterr().err
+
+
+def test_a_continued_batch_keeps_the_first_runs_entries_and_the_report_lists_what_was_passed_over(radiographs, tmp_path):
+    out, report = tmp_path / "cts", tmp_path / "r.json"
+    assert main(["xray2ct", str(radiographs), str(out), "--report", str(report), *TINY]) == 7
+    first = json.loads(report.read_text(encoding="utf-8"))
+    kinds = {(Path(p["folder"]).name, p["why"].split(":")[0], p["files"]) for p in first["passed_over"]}
+    assert kinds == {("radiographs", "files that are no radiograph (not an image, or a 3D volume)", 1),
+                     ("ct series", "DICOM files of Modality CT", 3)}  # fmt: skip
+    _png(radiographs / "broken.png", 4)
+    assert main(["xray2ct", str(radiographs), str(out), "--report", str(report), "--skip-existing", *TINY]) == 0
+    data = json.loads(report.read_text(encoding="utf-8"))
+    assert len(data["radiographs"]) == 5 and sum(bool(r.get("from_earlier_run")) for r in data["radiographs"]) == 4
+    earlier = {r["output"]: r["stages"] for r in first["radiographs"]}
+    assert all(r["stages"] == earlier[r["output"]] for r in data["radiographs"] if r.get("from_earlier_run"))
+
+
+def test_a_report_that_cannot_be_written_is_no_success(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import DiffusionCore.cli.batch as batch
+
+    folder = tmp_path / "in"
+    _png(folder / "a.png")
+    _png(folder / "b.png", 1)
+
+    def full(data, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(batch, "write_json_atomic", full)
+    assert main(["xray2ct", str(folder), str(tmp_path / "out"), "--report", str(tmp_path / "r.json"), *TINY]) == 4
+    err = capsys.readouterr().err
+    assert "could not write the report" in err and "2 written to" in err and "but its report" in err
+
+
+def test_a_dicomdir_given_as_input_stands_for_its_folder(tmp_path):
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    export = tmp_path / "export"
+    _dx_dicom(export / "IMG" / "IM0001", 0)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    index = Dataset()
+    index.file_meta = meta
+    index.DirectoryRecordSequence = []
+    pydicom.dcmwrite(export / "DICOMDIR", index, enforce_file_format=True)
+    out = tmp_path / "out"
+    assert main(["xray2ct", str(export / "DICOMDIR"), str(out), *TINY]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["IM0001.nii.gz"]

@@ -138,6 +138,10 @@ def batch_output_names(sources: list[Path]) -> list[str]:
             stem, suffix = split_volume_suffix(names[i])
             own_stem = split_volume_suffix(output_name(sources[i]))[0]
             names[i] = f"{stem}_{_suffix_tag(sources[i], own_stem)}{suffix}"
+    for group in clashing(names):  # a suffix tag that is another input's name (a.png, a_png.png): the path's hash
+        for i in group:
+            stem, suffix = split_volume_suffix(names[i])
+            names[i] = f"{stem}~{hashlib.sha1(os.fsencode(os.path.abspath(sources[i]))).hexdigest()[:8]}{suffix}"
     names = [short_name(n) for n in names]
     left = clashing(names)
     if left:
@@ -169,6 +173,14 @@ def distinct_sources(sources: list[Path]) -> tuple[list[Path], list[tuple[Path, 
             seen[key] = s
             kept.append(s)
     return kept, twice
+
+
+def named_twice_jobs(twice: list[tuple[Path, Path]], jobs: list[Job], as_dicom: bool) -> list[Job]:
+    """The jobs of the inputs a batch names twice (:func:`distinct_sources`' pairs): skipped, each with the output of
+    the one it is the same file as (listed after the others, so the torchrun shares stay those of the distinct files)."""
+    by_source = {job.source: job for job in jobs}
+    return [Job(dup, by_source[first].output, None, as_dicom, skip=f"{NAMED_TWICE}{first}: done once")
+            for dup, first in twice]  # fmt: skip
 
 
 def check_batch_folder(folder: Path, what: str) -> bool:
@@ -207,8 +219,17 @@ class Plan:
     jobs: list[Job]
     created: list[Path] = field(default_factory=list)
     folder: Path | None = None
+    #: what the search of INPUT passed over, for the report: ``{"folder", "why", "files", "first"}`` per kind
+    passed_over: list[dict[str, Any]] = field(default_factory=list)
 
 
+class SkipInput(Exception):  # noqa: N818 - not an error: the input is passed over, as one whose output exists
+    """Raised by a command's runner of one input to pass it over (``sr`` never does; ``xray2ct`` for a lateral view in
+    a batch of frontal weights): the batch lists it as skipped, with the message as why, and goes on."""
+
+
+#: Why a skipped input was named twice: how its reason starts.
+NAMED_TWICE = "the same file as "
 #: How a skipped volume's reason ends when its outputs exist.
 SKIP_EXISTING_NOTE = " (--skip-existing)"
 #: What a batch's refusal of an existing output advises.
@@ -241,7 +262,38 @@ def existing_output(job: Job) -> str | None:
         missing = ", ".join(str(f) for f in files if f not in there)
         raise OutputExistsError(there[0], f"exists without {missing}, so it is not an output this command finished",
                                 "move it away, or pass --overwrite to replace it")  # fmt: skip
+    made_from = _recorded_input(job.output, job.as_dicom)
+    if made_from is not None and not _same_input(made_from, job.source):
+        raise OutputExistsError(
+            job.output, f"exists but was made from {made_from}, not from {job.source}: the batch's output names depend "
+            "on all its inputs, and inputs added or removed since the first run (a second file of the same name) "
+            "changed them, so the files there do not belong to these inputs",
+            "write the batch into a new output folder, or pass --overwrite to redo every input")  # fmt: skip
     return f"its output {job.output} exists{SKIP_EXISTING_NOTE}"
+
+
+def _recorded_input(output: Path, as_dicom: bool) -> str | None:
+    """The input an existing output records in its provenance (a DICOM series: its first file's), or None when it
+    records none (a file of another program, a provenance without its input)."""
+    from ..provenance import read_provenance
+
+    if as_dicom:
+        files = sorted(p for p in output.iterdir() if p.is_file()) if output.is_dir() else []
+        output = files[0] if files else output
+    recorded = read_provenance(output)
+    return recorded.input if recorded is not None and recorded.input else None
+
+
+def _same_input(recorded: str, source: Path) -> bool:
+    """Whether an output's recorded input is ``source``: the same file for an absolute path (what this software
+    records since 2026-12-06), the same name for a relative one (recorded from another working folder)."""
+    if not os.path.isabs(recorded):
+        return Path(recorded).name == source.name
+    if os.path.realpath(recorded) == os.path.realpath(source):
+        return True
+    with contextlib.suppress(OSError):
+        return os.path.samefile(recorded, source)
+    return False
 
 
 def check_outputs(jobs: list[Job], args: argparse.Namespace, batch: bool) -> None:
@@ -469,6 +521,12 @@ class BatchLog:
     started: float = field(default_factory=time.perf_counter)
     #: What the batch's inputs are ("volume", "radiograph"): the report's keys and the closing lines say it.
     noun: str = "volume"
+    #: what the search of INPUT passed over (:attr:`Plan.passed_over`)
+    passed_over: list[dict[str, Any]] = field(default_factory=list)
+    #: output -> its entry in the report an earlier run of the batch left at the --report path (:func:`earlier_entries`)
+    earlier: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the earlier run's entries of the inputs skipped as done (carried into this run's report)
+    carried: list[dict[str, Any]] = field(default_factory=list)
 
     def fail(self, job: Job, exc: BaseException) -> None:
         why = str(exc) if isinstance(exc, DiffusionCoreError) else f"out of memory ({one_line(str(exc), 200)})"
@@ -483,17 +541,22 @@ class BatchLog:
 
     def as_report(self) -> dict[str, Any]:
         many = f"{self.noun}s"
-        return {many: self.reports, "failed": self.failed, "skipped": self.skipped, "not_tried": self.not_tried,
-                "stopped": self.stopped,
+        order = {str(j.output): i for i, j in enumerate(self.jobs)}  # the inputs' order, earlier runs' entries too
+        entries = sorted([*self.carried, *self.reports], key=lambda e: order.get(str(e.get("output")), len(order)))
+        return {many: entries, "failed": self.failed, "skipped": self.skipped, "not_tried": self.not_tried,
+                "stopped": self.stopped, "passed_over": self.passed_over,
                 "summary": {many: len(self.jobs), "written": len(self.reports), "failed": len(self.failed),
                             "skipped": len(self.skipped), "not_tried": len(self.not_tried),
                             "output": str(self.folder) if self.folder else None,
                             "seconds": round(time.perf_counter() - self.started, 3)}}  # fmt: skip
 
     def skip(self, job: Job) -> None:
-        """``job`` is not done (:attr:`Job.skip` says why)."""
+        """``job`` is not done (:attr:`Job.skip` says why); one done by an earlier run keeps that run's report entry."""
         self.skipped.append({self.noun: str(job.source), "why": str(job.skip)})
         logger.info("skipped %s: %s", job.source, job.skip)
+        entry = self.earlier.get(str(job.output)) if str(job.skip).endswith(SKIP_EXISTING_NOTE) else None
+        if entry is not None:
+            self.carried.append({**entry, "from_earlier_run": True})
 
     @property
     def kept(self) -> int:
@@ -514,8 +577,9 @@ class BatchLog:
         where = f" to {self.folder}" if self.folder else ""
         line = f"{who}{len(self.reports)} of {n} {self.noun}(s) written{where} in {format_seconds(time.perf_counter() - self.started)}"
         if self.skipped:
-            kinds = [f"{n} {what}" for n, what in ((self.kept, "done before"),
-                                                   (len(self.skipped) - self.kept, "named twice")) if n]  # fmt: skip
+            twice = sum(item["why"].startswith(NAMED_TWICE) for item in self.skipped)
+            kinds = [f"{n} {what}" for n, what in ((self.kept, "done before"), (twice, "named twice"),
+                                                   (len(self.skipped) - self.kept - twice, "passed over")) if n]  # fmt: skip
             line += f"; {len(self.skipped)} skipped ({', '.join(kinds)})"
         if self.not_tried:
             line += f"; {len(self.not_tried)} not tried"
@@ -532,14 +596,35 @@ def named_line(volume: str | Path, why: str, limit: int = 400) -> str:
     return why if why.startswith(str(volume)) else f"{volume}: {why}"
 
 
-def report_after(path: Path | None, data: dict[str, Any] | None) -> None:
-    """Write the --report, saying so when that fails too (a full disk): the run's own outcome stays the message."""
+def report_after(path: Path | None, data: dict[str, Any] | None) -> bool:
+    """Write the --report, saying so when that fails too (a full disk): the run's own outcome stays the message.
+    False when it could not be written."""
     if path is None or data is None:
-        return
+        return True
     try:
         write_json_atomic(data, path, overwrite=True)
     except (OutputError, OSError) as exc:
         logger.warning("could not write the report %s: %s", path, one_line(str(exc), 300))
+        return False
+    return True
+
+
+def earlier_entries(report_path: Path | None, noun: str) -> dict[str, dict[str, Any]]:
+    """output -> entry of the report a run of the batch left at ``report_path`` (a stopped or partly failed run that
+    this one continues with --skip-existing: the entries of the inputs it skips are carried into this run's report);
+    empty when there is none or it is no batch report of these inputs."""
+    import json
+
+    if report_path is None or not report_path.is_file():
+        return {}
+    try:
+        data = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    entries = data.get(f"{noun}s") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return {}
+    return {str(e["output"]): e for e in entries if isinstance(e, dict) and e.get("output")}
 
 
 def _identity_if_there(path: Path) -> tuple[int, int] | None:
@@ -607,7 +692,8 @@ def run_batch(command: str, make_one: OneRunner, plan: Plan, report_path: Path |
     if info.world_size > 1:
         logger.info("%s%d %s(s) on %s", who, len(plan.jobs), noun, info.device)
     cancel = threading.Event()
-    log = BatchLog(plan.jobs, plan.folder, noun=noun)
+    log = BatchLog(plan.jobs, plan.folder, noun=noun, passed_over=plan.passed_over,
+                   earlier=earlier_entries(report_path, noun))  # fmt: skip
     sink = Progress(progress_style, desc=command)
     progress = BatchProgress(sink, len(plan.jobs), noun=noun)
     one = make_one(progress, cancel)
@@ -623,6 +709,10 @@ def run_batch(command: str, make_one: OneRunner, plan: Plan, report_path: Path |
                 try:
                     with warnings_named(job.source):
                         log.reports.append(one(job))
+                except SkipInput as skip:
+                    job.skip = str(skip)
+                    log.skip(job)
+                    progress.written()
                 except Exception as exc:
                     if not volume_failure(exc):
                         raise
@@ -636,6 +726,7 @@ def run_batch(command: str, make_one: OneRunner, plan: Plan, report_path: Path |
         log.stop("the batch was stopped (a signal, Ctrl-C or Slicer's Cancel)", index)
         report_after(report_path, log.as_report())
         sink.close()
+        log.tell(who)  # what was written, and each failure before the stop
         remove_if_empty(plan.created)
         how = str(exc) if isinstance(exc, Cancelled) else f"{command} was interrupted"
         raise Cancelled(f"{how} after {index} of {len(plan.jobs)} {noun}(s): {done_text(log)}; the one being worked "
@@ -649,11 +740,16 @@ def run_batch(command: str, make_one: OneRunner, plan: Plan, report_path: Path |
             remove_if_empty(plan.created)
         raise
     sink.close()
-    report_after(report_path, log.as_report())
+    reported = report_after(report_path, log.as_report())
     log.tell(who)
     if not log.reports and info.world_size == 1:  # nothing written: the folders this run made go again
         remove_if_empty(plan.created)
-    return batch_outcome(log, group, report_path, info)
+    code = batch_outcome(log, group, report_path, info)
+    if not reported:  # a script reads the report: its absence is no success
+        raise OutputError(f"the batch's {noun}s were done ({len(log.reports)} written to {plan.folder}), but its report "
+                          f"{report_path} could not be written (said above): free some space or give --report another "
+                          "path, and run the same command again with --skip-existing to write it")  # fmt: skip
+    return code
 
 
 def done_text(log: BatchLog) -> str:

@@ -69,6 +69,7 @@ from .batch import (
     check_batch_folder,
     check_outputs,
     distinct_sources,
+    named_twice_jobs,
     output_name,
     plan_or_refuse,
     refuse_file_name_for_batch,
@@ -121,8 +122,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "The same INPUT gives the same names, so the same command with --skip-existing continues a batch. One file "
         "named twice (a link, a path through ..) is done once. A volume that fails is named and the batch goes on; "
         "a full disk stops it; a closing line counts what was written. Exit codes: 0 every volume written (or "
-        "skipped), 7 some failed and the others were written, 2 (or the failures' own code) none written, 4 "
-        "stopped by a full disk, 130 cancelled.",
+        "skipped), 7 some failed and the others were written, 2 (or the failures' own code) none written, 4 an "
+        "output that cannot be written (refused before any work) or a full disk (the batch stops), 130 cancelled "
+        "(the outputs finished before are kept).",
     )
     p.add_argument("input", metavar="INPUT", help="volume file, DICOM series folder, folder of volumes, list file, or a CT sample name (chest-dx)")
     p.add_argument("output", metavar="OUTPUT", help="output volume (.nii.gz, .nii, .nrrd, .mha), or a folder (batch)")
@@ -152,11 +154,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing output files")
     existing.add_argument("--skip-existing", action="store_true", help="leave a volume whose output (with its "
-                          "provenance sidecar and --uncertainty map) exists, and do the others: rerun a stopped or "
-                          "partly failed batch with this to continue it; the report lists them as skipped")
+                          "provenance sidecar and --uncertainty map) exists, made from that volume, and do the "
+                          "others: rerun a stopped or partly failed batch with this to continue it; the report lists "
+                          "them as skipped and keeps the entries of the run it continues. The outputs kept are not "
+                          "checked against this run's options")
     p.add_argument("--output-dtype", choices=("float32", "int16"), default="float32", help="voxel type of the output file (default float32; a DICOM series is always int16 HU)")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto", help="dicom: write OUTPUT as a folder holding a DICOM series labelled synthetic (for a batch: one series folder per input); file: NIfTI, NRRD or MHA by OUTPUT's suffix; auto (default): a DICOM series when the input is DICOM and OUTPUT has no volume-file suffix, else a file. In a batch auto writes a .nii.gz file for every input, DICOM ones too: give dicom for series")
-    p.add_argument("--report", default=None, metavar="JSON", help="write settings, timings, memory and the weights' sha256 as JSON; for a batch: each volume's, and the volumes failed, skipped and not tried (as {volume, why}), written whatever happens, also when stopped (one file per process under torchrun: JSON.rankN.json)")
+    p.add_argument("--report", default=None, metavar="JSON", help="write settings, timings, memory and the weights' sha256 as JSON; for a batch: each volume's (with --skip-existing, those of the run it continues too), and the volumes failed, skipped and not tried (as {volume, why}), written whatever happens once the work has begun, also when stopped (one file per process under torchrun: JSON.rankN.json)")
     p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # random weights: meaningless images
     add_adapt_arguments(p)
     add_progress_argument(p)
@@ -257,9 +261,7 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     planned = [item for job in jobs for item in planned_outputs(job.output, job.as_dicom)]
     planned += [("--uncertainty", job.uncertainty) for job in jobs]
     refuse_overwriting_inputs([*_input_files(args), *sources], [*planned, ("--report", report_file(args, info))])
-    by_source = {job.source: job for job in jobs}
-    for dup, first in twice:  # reported as skipped (after the others: the shares stay those of the distinct files)
-        jobs.append(Job(dup, by_source[first].output, None, as_dicom, skip=f"the same file as {first}: done once"))
+    jobs += named_twice_jobs(twice, jobs, as_dicom)
     created: list[Path] = []
     if batch:  # the folders are created only once no output can hit an input
         created = [f for f, what in ((out, "output"), (unc_dir, "uncertainty")) if f is not None and check_batch_folder(f, what)]

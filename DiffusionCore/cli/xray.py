@@ -21,11 +21,13 @@ from .batch import (
     Job,
     Plan,
     ProcessGroup,
+    SkipInput,
     all_or_none,
     batch_output_names,
     check_batch_folder,
     check_outputs,
     distinct_sources,
+    named_twice_jobs,
     output_name,
     plan_or_refuse,
     refuse_file_name_for_batch,
@@ -106,13 +108,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "head up, bones bright: a DICOM header's orientation is applied (and a 2D NRRD, MetaImage or NIfTI image is "
         "taken as 3D Slicer displays it), but a rotated, mirrored or inverted image without one (PNG, JPEG) is "
         "taken as it is (use --invert for bones dark). Its pixel spacing, from the header, sets the cube's size. "
-        "A batch: INPUT a folder of radiographs (searched recursively; files that are no radiograph, such as CT "
-        "slices, are passed over) or a list file (.txt, .lst, .list, .csv: one path per line), OUTPUT a folder; each "
-        "CT is named after its radiograph (a.png -> a.nii.gz; with --output-format dicom a series folder a), as sr "
-        "names a batch's outputs. A radiograph that fails is named and the batch goes on; --report lists every one; "
-        "the same command with --skip-existing continues a stopped batch. Exit codes: 0 every CT written (or skipped), "
-        "7 some radiographs failed and the others were written, 2 (or the failures' own code) none written, 4 "
-        "stopped by a full disk, 130 cancelled.",
+        "A batch: INPUT a folder of radiographs (searched recursively, hidden files left out; files that are no "
+        "radiograph, such as CT slices or secondary captures, are passed over and counted) or a list file (.txt, "
+        ".lst, .list, .csv: one path per line), OUTPUT a folder; each CT is named after its radiograph (a.png -> "
+        "a.nii.gz, also for a DICOM radiograph unless --output-format dicom: then a series folder a), as sr names a "
+        "batch's outputs. A radiograph that fails is named and the batch goes on; one whose DICOM header marks a view "
+        "the weights do not take (a lateral) is passed over unless --view is given; --report lists every one; the "
+        "same command with --skip-existing continues a stopped batch. Exit codes: 0 every CT written (or skipped), 7 "
+        "some radiographs failed and the others were written, 2 (or the failures' own code) none written, 4 an output "
+        "that cannot be written (refused before any work) or a full disk (the batch stops), 130 cancelled (the "
+        "outputs finished before are kept).",
     )
     p.add_argument("xray", metavar="INPUT", help=f"radiograph file ({RADIOGRAPH_FORMATS}), a sample name (cxr-pa), "
                    "or for a batch a folder of radiographs or a list file")  # fmt: skip
@@ -153,13 +158,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip the re-projection consistency step that makes each stage's DRR match the input "
                    "(shows the network's output alone)")  # fmt: skip
     p.add_argument("--report", default=None, help="write the JSON report (projection error per stage) here; for a "
-                   "batch: each radiograph's, and those failed, skipped and not tried (as {radiograph, why}), written "
-                   "whatever happens, also when stopped")  # fmt: skip
+                   "batch: each radiograph's (with --skip-existing, those of the run it continues too), those failed, "
+                   "skipped and not tried (as {radiograph, why}) and what the search passed over, written whatever "
+                   "happens once the work has begun, also when stopped (under torchrun one file per process: "
+                   "JSON.rankN.json)")  # fmt: skip
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     existing.add_argument("--skip-existing", action="store_true",
-                          help="in a batch, leave a radiograph whose CT (with its provenance sidecar) exists, and do "
-                          "the others: rerun a stopped or partly failed batch with this to continue it")  # fmt: skip
+                          help="in a batch, leave a radiograph whose CT exists (with a NIfTI's provenance sidecar, "
+                          "made from that radiograph), and do the others: rerun a stopped or partly failed batch with "
+                          "this to continue it. The CTs kept are not checked against this run's options (a one-stage "
+                          "preview stays one)")  # fmt: skip
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto",
                    help="dicom: OUTPUT is a folder for a CT DICOM series labelled synthetic, in the radiograph's "
                    "study; file: NIfTI, NRRD or MHA by OUTPUT's suffix; auto (default): a DICOM series when the "
@@ -301,10 +310,10 @@ def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     from ..xray.collect import radiograph_batch
 
     given = sample_or_path(args.xray, "radiograph")  # a path, or a radiograph sample's name (fetched, checked)
-    batch, sources = radiograph_batch(given)
+    batch, sources, passed_over, folder = radiograph_batch(given)
     out = Path(args.output)
-    if batch and len(sources) == 1 and given.is_dir() and not out.is_dir() and split_volume_suffix(out.name)[1]:
-        logger.info("%s holds one radiograph, %s: generating its CT into %s", given, sources[0], out)
+    if batch and len(sources) == 1 and folder is not None and not out.is_dir() and split_volume_suffix(out.name)[1]:
+        logger.info("%s holds one radiograph, %s: generating its CT into %s", folder, sources[0], out)
         batch = False
     twice: list[tuple[Path, Path]] = []
     if not batch:
@@ -325,9 +334,7 @@ def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
                     for item in planned_outputs(p, job.as_dicom, "a stage output")]  # fmt: skip
     refuse_overwriting_inputs([args.xray, given, args.weights, *sources],
                               [*planned, ("--report", report_file(args, info))])  # fmt: skip
-    by_source = {job.source: job for job in jobs}
-    for dup, first in twice:
-        jobs.append(Job(dup, by_source[first].output, None, as_dicom, skip=f"the same file as {first}: done once"))
+    jobs += named_twice_jobs(twice, jobs, as_dicom)
     created = [out] if batch and check_batch_folder(out, "output") else []
     try:
         jobs = shard_list(jobs, info)
@@ -339,15 +346,37 @@ def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     except BaseException:
         remove_if_empty(created)
         raise
-    return Plan(batch, jobs, created, out if batch else None)
+    return Plan(batch, jobs, created, out if batch else None, passed_over)
 
 
 class _RadiographRun:
     """Runs one radiograph of a run, from its file to its written CT (the weights loaded with the first)."""
 
-    def __init__(self, args: argparse.Namespace, info: DistInfo, progress: BatchProgress, cancel: threading.Event):
-        self.args, self.info, self.progress, self.cancel = args, info, progress, cancel
+    def __init__(self, args: argparse.Namespace, info: DistInfo, progress: BatchProgress, cancel: threading.Event,
+                 batch: bool = False):  # fmt: skip
+        self.args, self.info, self.progress, self.cancel, self.batch = args, info, progress, cancel, batch
         self.gen = None  # loaded after the first radiograph is read: input problems are reported first
+
+    def _view_note(self, job: Job, rad, trained: str) -> str:
+        """A batch of frontal weights passes over a radiograph its DICOM header marks lateral (a PA and lateral study
+        holds both); a --view that overrides the header is noted. Returns the note ("" when there is none).
+
+        Raises:
+            SkipInput: in a batch, without --view, a view the weights were not trained on.
+        """
+        marked, said = rad.metadata.get("view"), rad.metadata.get("view_from")
+        if not marked:
+            return ""
+        if self.args.view is None:
+            if self.batch and marked != trained:
+                raise SkipInput(f"its DICOM header marks a {marked} view ({said}), and the weights take {trained} "
+                                f"radiographs; give --view {trained} if the header is wrong")  # fmt: skip
+            return ""
+        if self.args.view != marked:
+            note = f"its DICOM header marks a {marked} view ({said}); taken as {self.args.view}, as --view says"
+            logger.warning("%s: %s", job.source, note)
+            return note
+        return ""
 
     def __call__(self, job: Job) -> dict[str, Any]:
         from ..results import dicom_source_for, planned_files, write_result
@@ -362,6 +391,7 @@ class _RadiographRun:
             progress.before_run("loading the weights")
             self.gen = _generator(args)
         gen = self.gen
+        view_note = self._view_note(job, rad, gen.cascade.configs[0].data.view)
         num_stages = args.num_stages or gen.num_stages
         stage_files = _stage_files(job, num_stages) if args.save_stages else {}
         stage_volumes: list[tuple] = []  # written with the final result, once every volume passed its check
@@ -376,6 +406,8 @@ class _RadiographRun:
                               device=self.info.device, view=args.view, fov_mm=args.fov_mm, progress=progress,
                               on_stage=on_stage, cancel=self.cancel, consistency=args.consistency,
                               invert=args.invert)  # fmt: skip
+        if view_note:
+            report.setdefault("notes", []).append(view_note)
         progress.after_run("checking the result")
         check_result(vol, "the xray2ct result")
         uid = str(dicom_source.header.get("SOPInstanceUID", "")) if dicom_source is not None else ""
@@ -413,7 +445,7 @@ def run_xray2ct(args: argparse.Namespace) -> int:
         keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
 
         def make_one(progress: BatchProgress, cancel: threading.Event) -> _RadiographRun:
-            return _RadiographRun(args, info, progress, cancel)
+            return _RadiographRun(args, info, progress, cancel, plan.batch)
 
         if plan.batch:
             return run_batch("xray2ct", make_one, plan, report_path, info, group, progress_style=args.progress,

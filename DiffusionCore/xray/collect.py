@@ -3,8 +3,10 @@
 A folder's radiographs are its image files (PNG, JPEG, TIFF, BMP: each tried, so that a broken one is named rather
 than left out) and the files whose header shows a radiograph (:func:`~.radiograph.radiograph_file_kind`: a DICOM
 CR, DX, RF or XA image or a CT topogram, a 2D NRRD, MetaImage or NIfTI image). Other files (a CT series' slices, 3D
-volumes, reports, a MetaImage's pixel file) are passed over and counted. Hidden entries are skipped; symbolic links to
-folders are followed, each real folder searched once (:func:`~DiffusionCore.inputs.walk_folder`). A list file (one
+volumes, reports, a MetaImage's pixel file, DICOM secondary captures, which may show anything) are passed over, counted
+per folder and kind for the log and the report. Hidden entries are skipped; symbolic links to folders are followed,
+each real folder searched once (:func:`~DiffusionCore.inputs.walk_folder`). A DICOMDIR (the index of a DICOM disc or
+export) stands for the folder that holds it. A list file (one
 path per line, as ``sr`` takes it: :func:`~DiffusionCore.inputs.read_list_file`) names radiograph files or folders of
 them; a line naming a missing file is warned about and kept, so that the batch names it as failed.
 """
@@ -12,21 +14,37 @@ them; a line naming a missing file is warned about and kept, so that the batch n
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
+from typing import Any, NamedTuple
 
+from ..dicom_in import header_values
 from ..errors import InputError
 from ..files import LIST_SUFFIXES, text_file_error
-from ..inputs import read_list_file, walk_folder
-from .radiograph import IMAGE_SUFFIXES, RADIOGRAPH_FORMATS, radiograph_file_kind
+from ..inputs import is_dicom_file, read_list_file, walk_folder
+from .radiograph import IMAGE_SUFFIXES, RADIOGRAPH_FORMATS, dicomdir_message, radiograph_file_kind
 
 logger = logging.getLogger(__name__)
 
-#: How many passed-over files a folder's log line names before it counts the rest.
+#: How many kinds of passed-over files the log line names before it counts the rest.
 NAMED_PASSED_OVER = 3
+#: DICOM modalities of pictures whose content the header does not say (a scanned film, a screenshot, a report page).
+SECONDARY_CAPTURE = {"OT": "secondary captures (Modality OT)", "SC": "secondary captures (Modality SC)"}
 
 
 def _is_radiograph_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES or bool(radiograph_file_kind(path))
+
+
+def _why_passed_over(path: Path) -> str:
+    """What a file that is no radiograph is, in a few words, for the log and the report."""
+    if is_dicom_file(path):
+        modality = ((header_values(path, ["Modality"]) or {}).get("Modality") or "").strip().upper()
+        if modality in SECONDARY_CAPTURE:
+            return (f"DICOM {SECONDARY_CAPTURE[modality]}: pictures of anything; give one alone as INPUT if it is a "
+                    "radiograph")  # fmt: skip
+        return f"DICOM files of Modality {modality}" if modality else "DICOM files without an image"
+    return "files that are no radiograph (not an image, or a 3D volume)"
 
 
 class _Search:
@@ -34,14 +52,25 @@ class _Search:
 
     def __init__(self) -> None:
         self.searched: dict[str, Path] = {}
-        self.passed_over: list[Path] = []
+        self.passed_over: Counter[tuple[Path, str]] = Counter()  # (folder, why) -> files
+        self.first: dict[tuple[Path, str], str] = {}  # (folder, why) -> the first such file's name
 
     def folder(self, folder: Path) -> list[Path]:
         found: list[Path] = []
-        for _, files in walk_folder(folder, self.searched):
+        for root, files in walk_folder(folder, self.searched):
             for f in files:
-                (found if _is_radiograph_file(f) else self.passed_over).append(f)
+                if _is_radiograph_file(f):
+                    found.append(f)
+                    continue
+                kind = (root, _why_passed_over(f))
+                self.passed_over[kind] += 1
+                self.first.setdefault(kind, f.name)
         return found
+
+    def report(self) -> list[dict[str, Any]]:
+        """What was passed over: ``{"folder", "why", "files", "first"}`` per folder and kind."""
+        return [{"folder": str(folder), "why": why, "files": n, "first": self.first[(folder, why)]}
+                for (folder, why), n in self.passed_over.items()]  # fmt: skip
 
     def expand(self, path: Path) -> list[Path]:
         if path.is_dir():
@@ -51,10 +80,19 @@ class _Search:
         return [path]
 
 
-def radiograph_batch(path: Path) -> tuple[bool, list[Path]]:
+class RadiographBatch(NamedTuple):
+    """What ``xray2ct``'s INPUT names (:func:`radiograph_batch`)."""
+
+    batch: bool  # a folder, a list file or a DICOMDIR
+    sources: list[Path]  # the radiographs
+    passed_over: list[dict[str, Any]]  # what the search passed over (:meth:`_Search.report`)
+    folder: Path | None  # the folder searched (a DICOMDIR's), or None for a list file or one radiograph
+
+
+def radiograph_batch(path: Path) -> RadiographBatch:
     """(batch?, radiographs) for ``xray2ct``'s INPUT: a folder or a list file (:data:`~DiffusionCore.files.LIST_SUFFIXES`)
     is a batch, found as the module docstring says, in the order of the list (a folder's sorted by path), each file
-    once; any other file is one radiograph.
+    once; a DICOMDIR is the batch of its folder; any other file is one radiograph.
 
     Raises:
         InputError: the path does not exist, a list file without a list suffix, or no radiograph found.
@@ -62,20 +100,25 @@ def radiograph_batch(path: Path) -> tuple[bool, list[Path]]:
     if not path.exists():
         raise InputError(f"{path} does not exist. Check the path (and quote it if it contains spaces).")
     if path.is_file() and path.suffix.lower() not in LIST_SUFFIXES:
-        text = text_file_error(path)  # a list of radiographs saved without a list suffix: named as such
-        if text is not None:
-            raise text
-        return False, [path]
+        if dicomdir_message(path):
+            logger.info("%s is a DICOMDIR, the index of a DICOM disc or export: doing the radiographs of its folder %s",
+                        path, path.parent)  # fmt: skip
+            path = path.parent
+        else:
+            text = text_file_error(path)  # a list of radiographs saved without a list suffix: named as such
+            if text is not None:
+                raise text
+            return RadiographBatch(False, [path], [], None)
     search = _Search()
     found = list(dict.fromkeys(search.expand(path)))
-    passed = search.passed_over
+    passed = search.report()
+    total = sum(p["files"] for p in passed)
     if passed:
-        names = ", ".join(p.name for p in passed[:NAMED_PASSED_OVER])
-        more = f" and {len(passed) - NAMED_PASSED_OVER} more" if len(passed) > NAMED_PASSED_OVER else ""
-        logger.info("passed over %d file(s) in %s that are not radiographs (%s%s): CT slices, 3D volumes and other "
-                    "files", len(passed), path, names, more)  # fmt: skip
+        kinds = "; ".join(f"{p['files']} in {p['folder']}: {p['why']} (e.g. {p['first']})" for p in passed[:NAMED_PASSED_OVER])
+        more = f"; and {len(passed) - NAMED_PASSED_OVER} more folder(s) or kind(s)" if len(passed) > NAMED_PASSED_OVER else ""
+        logger.info("passed over %d file(s) that are not radiographs: %s%s", total, kinds, more)
     if not found:
-        other = f" ({len(passed)} other file(s) passed over, e.g. {passed[0].name})" if passed else ""
+        other = f" ({total} other file(s) passed over, e.g. {passed[0]['first']}: {passed[0]['why']})" if passed else ""
         raise InputError(f"no radiographs found in {path}{other}: expected {RADIOGRAPH_FORMATS} files, one radiograph "
                          "each")  # fmt: skip
-    return True, found
+    return RadiographBatch(True, found, passed, path if path.is_dir() else None)
