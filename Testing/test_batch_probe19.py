@@ -333,3 +333,37 @@ def test_exit_codes_of_a_batch_tell_partial_from_none(tmp_path, capsys):
     src = folder_of(tmp_path, {"bad.nii.gz": (0, 0, 0), "bad2.nii.gz": (0, 0, 0)})
     assert main(["sr", str(src), str(tmp_path / "out"), *FAST]) == 2
     assert lines(capsys.readouterr().err, "error:")[0].startswith("error: all 2 volumes failed, nothing was written")
+
+
+LEAVE_CHECK = '''
+import os, sys
+from DiffusionCore.cli.batch import ProcessGroup
+from DiffusionCore.devices import process_info
+
+group = ProcessGroup(process_info("cpu"))
+assert group.joined
+group.reduce([1, 2])
+import torch.distributed.nn  # what building a model on the meta device imports, mid-batch
+group.reduce([3])
+group.leave()
+left = [n for n in (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+        if "gloo" in n]
+print("gloo threads after leave:", left, flush=True)
+sys.exit(3 if left else 0)
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts the process's threads in /proc (Linux)")
+def test_under_torchrun_the_group_and_its_threads_are_gone_when_a_process_leaves(tmp_path):
+    """Probe 23: xray2ct under torchrun aborted after its work in a third of the runs ("terminate called without an
+    active exception", exit -6): torch.distributed.nn, imported mid-batch, bound the group in its functions' defaults,
+    so destroying it left its Gloo threads running into Python's exit."""
+    script = tmp_path / "leave_check.py"
+    script.write_text(LEAVE_CHECK, encoding="utf-8")
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)],
+        capture_output=True, text=True, encoding="utf-8", timeout=300, cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.count("gloo threads after leave: []") == 2

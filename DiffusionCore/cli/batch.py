@@ -472,6 +472,12 @@ class ProcessGroup:
 
         if not dist.is_available():
             return
+        # imported before the group exists: its functions' ``group=group.WORLD`` defaults are bound at import, and
+        # torch._dynamo imports it lazily mid-batch (building a model on the meta device does). Bound to this group
+        # they keep it alive after destroy_process_group(): its Gloo threads then outlive leave(), and one still
+        # releasing the last all_reduce's tensor (which needs the GIL) while Python exits aborts the process
+        # ("terminate called without an active exception", exit -6; xray2ct under torchrun, a third of the runs)
+        import torch.distributed.nn  # noqa: F401
         try:
             if not dist.is_initialized():
                 dist.init_process_group("gloo", init_method="env://", rank=info.rank, world_size=info.world_size,
