@@ -272,3 +272,16 @@ def test_a_dicomdir_given_as_input_stands_for_its_folder(tmp_path):
     out = tmp_path / "out"
     assert main(["xray2ct", str(export / "DICOMDIR"), str(out), *TINY]) == 0
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["IM0001.nii.gz"]
+
+
+def test_the_bar_in_a_log_file_is_drawn_every_few_seconds_not_at_every_step(capsys):
+    """A batch of 400 radiographs wrote 1.4 MB of progress to a log file: every step drew the bar again."""
+    from DiffusionCore.cli.common import Progress
+
+    progress = Progress("bar", desc="xray2ct")
+    for i in range(500):
+        progress(i, 500, f"step {i}")
+    progress(500, 500, "written")
+    progress.close()
+    err = capsys.readouterr().err
+    assert err.count("step ") <= 2 and "written" in err  # the first drawing and the last

@@ -727,7 +727,7 @@ def run_batch(command: str, make_one: OneRunner, plan: Plan, report_path: Path |
                         log.stop(f"the disk is full: {one_line(str(exc), 300)}", index + 1)
                         logger.warning("stopping the batch: %s", named_line(job.source, str(exc)))
                         break
-                    logger.warning("skipping %s", named_line(job.source, str(exc)))
+                    logger.warning("failed, going on with the others: %s", named_line(job.source, str(exc)))
     except (Cancelled, KeyboardInterrupt) as exc:
         log.stop("the batch was stopped (a signal, Ctrl-C or Slicer's Cancel)", index)
         report_after(report_path, log.as_report())

@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -65,11 +66,20 @@ class Progress:
     ``<filter-comment>text</filter-comment>``, each on its own line of stdout, flushed.
     """
 
+    #: Seconds between two drawings of the bar when stderr is no terminal (a log file): each drawing is a line there,
+    #: and a batch of 400 radiographs wrote 1.4 MB of them. On a terminal it is redrawn at every call.
+    FILE_INTERVAL = 5.0
+
     def __init__(self, style: str = "bar", desc: str = ""):
         self.style = style
         self.desc = desc
         self._bar: tqdm | None = None
         self._lock = threading.Lock()
+        self._drawn = -float("inf")
+        try:
+            self._interval = 0.0 if sys.stderr.isatty() else self.FILE_INTERVAL
+        except (AttributeError, ValueError):  # a closed or replaced stderr
+            self._interval = self.FILE_INTERVAL
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
         with self._lock:
@@ -88,7 +98,10 @@ class Progress:
                 self._bar.n = done
                 if message:
                     self._bar.set_postfix_str(message, refresh=False)
-                self._bar.refresh()
+                now = time.monotonic()
+                if now - self._drawn >= self._interval or done >= total:
+                    self._bar.refresh()
+                    self._drawn = now
 
     def close(self) -> None:
         if self._bar is not None:

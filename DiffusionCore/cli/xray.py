@@ -424,7 +424,7 @@ class _RadiographRun:
             write_result(vol, job.output, provenance, as_dicom=job.as_dicom, dicom_source=dicom_source,
                          keep_frame_of_reference=False, overwrite=args.overwrite)  # fmt: skip
         progress.written()
-        for st in report["stages"]:
+        for st in report["stages"] if not self.batch else ():  # a batch's log: the pipeline's line per stage
             logger.info("stage %d: %d^3 at %.2f mm, projection PSNR %.2f dB, NCC %.3f", st["stage"], st["resolution"],
                         st["spacing_mm"], st["projection_psnr"], st["projection_ncc"])  # fmt: skip
         what = "a DICOM series" if job.as_dicom else f"{vol.shape[0]}^3 at {vol.spacing[0]:.2f} mm"
