@@ -522,6 +522,9 @@ def plan_thin_grid(
         if factor > MAX_FACTOR:
             logger.warning(factor_cap_note(grid, ax))
             factor = MAX_FACTOR
+        else:
+            logger.info("factor %d, from the spacing: %.3g mm slices to %.3g mm, about the in-plane pixel (a factor or a "
+                        "target spacing given chooses another)", factor, grid.spacing_zyx[ax], grid.spacing_zyx[ax] / factor)  # fmt: skip
     out = thin_grid(grid, factor, target_spacing=target_spacing, axis=ax)
     if factor is None:  # a target spacing of the slice spacing over a whole number is that factor
         factor = whole_factor(grid.spacing_zyx[ax], target_spacing)

@@ -20,6 +20,7 @@ Parts that need default weights say so plainly when none are installed and carry
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,7 @@ from .errors import ConfigError, DiffusionCoreError, OutputError
 from .evaluate import evaluate, format_table
 from .files import folder_writable
 from .interpolation import interpolate
+from .results import write_result
 from .volume import Volume, read_volume, write_volume
 from .weights.registry import first_available
 
@@ -44,6 +46,25 @@ DIFFERENCE_WINDOW = (-150.0, 150.0)
 #: Adaptation steps of the demo's SR runs; None: the ``sr`` command's default
 #: (:data:`DiffusionCore.sr.adapt.DEFAULT_ADAPT_STEPS`).
 DEMO_ADAPT_STEPS: int | None = None
+
+
+#: Seconds between two progress lines of the demo's long steps (adaptation and super-resolution, the evaluation).
+PROGRESS_SECONDS = 20.0
+
+
+def _every(seconds: float, what: str) -> Callable[[int, int, str], None]:
+    """A ``progress(done, total, message)`` callback that prints a line at most every ``seconds``: the demo's long
+    steps say where they are instead of staying silent for minutes."""
+    last = [time.monotonic()]
+
+    def progress(done: int, total: int, message: str = "") -> None:
+        now = time.monotonic()
+        if now - last[0] >= seconds:
+            last[0] = now
+            share = f"{100.0 * done / total:.0f}%" if total else ""
+            print(f"  {what}: {share} {message}".rstrip(), flush=True)
+
+    return progress
 
 
 def _timed(timings: dict, name: str, fn: Callable, *args, **kwargs):
@@ -196,9 +217,14 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
         print(note)
         summary["notes"].append(note)
     else:
+        from .cli.sr import sr_provenance
+
         sr, report = _timed(timings, f"SR x{factor} (chest-dx)", resolver.run, thick, factor=factor, device=device,
-                            steps=sr_steps, adapt=AdaptSettings(steps=DEMO_ADAPT_STEPS, optional=True))
-        write_volume(sr, output_dir / f"chest-dx_sr_x{factor}.nii.gz", overwrite=True)
+                            steps=sr_steps, adapt=AdaptSettings(steps=DEMO_ADAPT_STEPS, optional=True),
+                            progress=_every(PROGRESS_SECONDS, f"SR x{factor}"))  # fmt: skip
+        # labelled synthetic in the file, as sr writes it (a viewer shows the description; a JSON sidecar beside it)
+        write_result(sr, output_dir / f"chest-dx_sr_x{factor}.nii.gz",
+                     sr_provenance(os.path.abspath(paths["chest-dx"]), thick.metadata, report), overwrite=True)
         columns[f"SR x{factor} (synthetic)"] = sr
         columns[f"SR - cubic (HU, +-{DIFFERENCE_WINDOW[1]:g})"] = sr.with_array(sr.array - cubic.array)
         summary["sr_report"] = {k: v for k, v in report.items() if k != "uncertainty"}
@@ -222,7 +248,7 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
     options = {"weights": sr_name, "num_steps": sr_steps, "device": device, "seed": 0,
                "adapt": AdaptSettings(steps=DEMO_ADAPT_STEPS)}
     report = _timed(timings, f"evaluate x{factor} on {label}", evaluate, test, factor, methods=methods,
-                    method_options=options, reference_name=label)
+                    method_options=options, reference_name=label, progress=_every(PROGRESS_SECONDS, "evaluation"))
     print(format_table(report))
     summary["evaluation"] = report
 
@@ -234,7 +260,7 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
             print(note)
             summary["notes"].append(note)
         else:
-            _xray_part(output_dir, ref, generator, device, steps, timings, summary)
+            _xray_part(output_dir, ref, generator, str(xname), device, steps, timings, summary)
 
     print("\ntimings:")
     width = max((len(k) for k in timings), default=0)
@@ -308,12 +334,13 @@ XRAY_TRAINING_CT_NOTE = (
 )
 
 
-def _xray_part(output_dir: Path, ref: Volume, gen, device: str, steps: int | None,
+def _xray_part(output_dir: Path, ref: Volume, gen, weights: str, device: str, steps: int | None,
                timings: dict, summary: dict) -> None:
     """The X-ray to CT part with the generator ``gen`` (an :class:`~DiffusionCore.xray.pipeline.XrayToCTGenerator`,
     loaded and checked before the demo began)."""
     import torch
 
+    from .cli.xray import xray_provenance
     from .xray.data import ct_to_cube, render_training_drr
     from .xray.evaluate import evaluate_xray, format_xray_table
     from .xray.radiograph import read_radiograph
@@ -335,12 +362,17 @@ def _xray_part(output_dir: Path, ref: Volume, gen, device: str, steps: int | Non
     pictures = [output_dir / "xray2ct_drr.png"]
     for sample, what, stem, key in REAL_RADIOGRAPHS:
         try:
-            image = read_radiograph(sampledata.fetch(sample))
+            source = sampledata.fetch(sample)
+            image = read_radiograph(source)
         except DiffusionCoreError as exc:
-            summary["notes"].append(f"{what} part skipped: {exc}")
+            note = f"{what} part skipped: {exc}"
+            print(note)
+            summary["notes"].append(note)
             continue
         vol, rep = _timed(timings, f"X-ray to CT ({what})", gen.run, image, device=device, steps=steps)
-        write_volume(vol, output_dir / f"{stem}.nii.gz", overwrite=True)
+        write_result(vol, output_dir / f"{stem}.nii.gz",
+                     xray_provenance(Path(os.path.abspath(source)), rep, weights),
+                     keep_frame_of_reference=False, overwrite=True)  # fmt: skip
         seen = gen.prepare_input(image, None)[0][0, 0].numpy()
         pictures.append(xray_figure(seen, {"generated (synthetic)": vol}, output_dir / f"{stem}.png",
                                     f"X-ray to CT from a {what} ({sample}): no ground-truth CT exists for it",

@@ -12,6 +12,7 @@ from conftest import ct_phantom_array
 from DiffusionCore import demo, sampledata
 from DiffusionCore.cli.main import main
 from DiffusionCore.files import sha256_file
+from DiffusionCore.provenance import read_provenance
 from DiffusionCore.volume import Volume, read_volume, write_volume
 from DiffusionCore.weights import list_weights
 from DiffusionCore.xray.data import render_training_drr
@@ -64,7 +65,8 @@ def test_demo_xray_part_uses_the_default_and_draws_every_picture(tmp_path, monke
     summary: dict = {"notes": []}
     from DiffusionCore.xray.pipeline import XrayToCTGenerator
 
-    demo._xray_part(tmp_path, ref, XrayToCTGenerator.from_pretrained(default_weights_name()), "cpu", 1, {}, summary)
+    demo._xray_part(tmp_path, ref, XrayToCTGenerator.from_pretrained(default_weights_name()), default_weights_name(),
+                    "cpu", 1, {}, summary)
     rows = summary["xray_evaluation"]["results"]
     assert {r["method"] for r in rows} == {"model", "model-raw", "mean-ct", "lifting-only", "lifting+dc"}
     assert summary["xray_evaluation"]["settings"]["weights_sha256"] == _entry()["sha256"]
@@ -72,6 +74,10 @@ def test_demo_xray_part_uses_the_default_and_draws_every_picture(tmp_path, monke
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     for name in ("xray2ct_pa.nii.gz", "xray2ct_topogram.nii.gz"):  # both real radiographs: PA and the AP topogram
         assert read_volume(tmp_path / name).shape == (64, 64, 64)
+        # labelled synthetic as xray2ct labels its results (probe 24: the demo's files had no label)
+        recorded = read_provenance(tmp_path / name)
+        assert recorded is not None and recorded.task == "xray2ct" and recorded.input == str(pa)
+        assert recorded.weights == default_weights_name() and recorded.weights_sha256 == _entry()["sha256"]
     assert summary["xray_report"]["weights_sha256"] == summary["xray_topogram_report"]["weights_sha256"]
 
 

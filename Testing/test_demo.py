@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 
 from DiffusionCore import degrade, demo, sampledata, write_volume
 from DiffusionCore.cli.main import main
+from DiffusionCore.provenance import read_provenance
 from DiffusionCore.sr.model import SRModel
 from DiffusionCore.weights.registry import import_weights
 
@@ -59,6 +61,10 @@ def test_demo_uses_registered_sr_weights(local_samples, cache_home, tmp_path, ca
     assert np.isfinite(sr["psnr"]) and sr["seconds"] > 0
     assert (out / "chest-dx_sr_x4.nii.gz").exists()
     assert summary["sr_report"]["weights_sha256"]
+    # labelled synthetic as sr labels its results (probe 24: the demo's file had an empty description, no sidecar)
+    recorded = read_provenance(out / "chest-dx_sr_x4.nii.gz")
+    assert recorded is not None and recorded.task == "sr" and recorded.weights_sha256 == summary["sr_report"]["weights_sha256"]
+    assert nib.load(out / "chest-dx_sr_x4.nii.gz").header["descrip"].tobytes().startswith(b"SYNTHETIC")
     assert summary["sr_report"]["settings"]["steps"] == 2  # weights with a diffusion stage take --steps
     assert not any("--steps" in n for n in summary["notes"])
 

@@ -75,3 +75,22 @@ def test_a_cohort_where_no_ct_can_be_scored_names_each(tmp_path, capsys):
     assert main(["evaluate-xray", "--reference", str(folder), *TINY]) == 2
     err = capsys.readouterr().err
     assert "none of the 2 references could be scored" in err and "a.nii.gz" in err and "b.nii.gz" in err
+
+
+def test_a_reference_the_weights_were_trained_on_is_said_to_be_one(tmp_path, monkeypatch):
+    """Probe 24: `evaluate-xray --reference chest-dx` printed the model below its lifting-only volume with no word that
+    chest-dx is one of the two CTs the shipped weights were trained on (the demo says so of chest-lidc)."""
+    from DiffusionCore import sampledata
+    from DiffusionCore.cli.xray import training_ct_note
+    from DiffusionCore.xray.pipeline import XrayToCTGenerator
+
+    trained = XrayToCTGenerator.default().cascade.training_data
+    assert trained == ["chest-lidc", "chest-dx"]  # what the shipped weights record
+    assert "one of the CTs these weights were trained on" in training_ct_note("chest-dx", trained)
+    monkeypatch.setattr(sampledata, "sample_dir", lambda name: tmp_path / "samples" / name)
+    cached = tmp_path / "samples" / "chest-lidc" / "cxr.nii.gz"
+    cached.parent.mkdir(parents=True)
+    _ct(cached)
+    assert "the sample CT chest-lidc" in training_ct_note(str(cached), trained)
+    own = _ct(tmp_path / "mine.nii.gz")
+    assert training_ct_note(str(own), trained) == "" and training_ct_note("chest-dx", []) == ""

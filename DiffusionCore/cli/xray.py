@@ -534,6 +534,27 @@ def _reference_ct(path: str | Path):
     return ref
 
 
+def training_ct_note(reference: str | Path, training_data: list[str]) -> str:
+    """What to say when ``reference`` is one of the sample CTs the weights were trained on (their metadata's ``data``):
+    its scores show how the weights fit their training data, not how they do on a new patient; ``""`` otherwise."""
+    from ..sampledata import SAMPLES, sample_dir, sample_named
+
+    try:
+        name = sample_named(str(reference), "ct")
+    except InputError:
+        name = None
+    if name is None:
+        real = os.path.realpath(reference)
+        name = next((n for n in training_data if n in SAMPLES
+                     and real.startswith(os.path.realpath(sample_dir(n)) + os.sep)), None)  # fmt: skip
+    if name is None or name not in training_data:
+        return ""
+    return (f"{reference} is the sample CT {name}, one of the CTs these weights were trained on: its scores show how "
+            "the weights fit their training data (the lifting-only volume is close to it there), not how they do on a "
+            "new patient; the leave-one-out tables of docs/model_cards/xray-default.md give those, or score a CT of "
+            "your own")
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..files import keep_freed_memory, refuse_overwriting_inputs, write_json_atomic
     from ..xray.evaluate import aggregate_xray, evaluate_xray, format_xray_aggregate, format_xray_table
@@ -585,6 +606,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         progress.close()
     for report in reports:
         check_scores(report["results"], f"evaluate-xray {report['reference']}" if several else "evaluate-xray")
+        note = training_ct_note(report["reference"], generator().cascade.training_data)
+        if note:
+            logger.warning("%s", note)
+            report.setdefault("notes", []).append(note)
     out = reports[0]
     if several:
         out = {"references": reports, "passed_over": passed_over, "aggregate": aggregate_xray(reports),

@@ -910,6 +910,8 @@ class UnifiedHybridViTCascade(nn.Module):
         #: Mean training CT at stage-1 resolution, model units (the prior-only baseline); air until trained.
         self.register_buffer("mean_ct", torch.full((1, 1, r1, r1, r1), -1.0))
         self.weights_sha256 = ""
+        #: the sample CTs the weights record that they were trained on (their metadata's ``data``), for caveats
+        self.training_data: list[str] = []
         self.derive_priors()
         self.register_load_state_dict_post_hook(lambda module, _keys: module.derive_priors())
 
@@ -969,6 +971,7 @@ class UnifiedHybridViTCascade(nn.Module):
         tensors, meta = load_safetensors(resolved.path, expected_sha256=resolved.sha256)
         model = cls.from_tensors(tensors, meta, str(resolved.path))
         model.weights_sha256 = resolved.sha256
+        model.training_data = _recorded_names(meta.get("data"))
         model.eval()
         return model
 
@@ -1072,6 +1075,19 @@ class UnifiedHybridViTCascade(nn.Module):
         x = self._as_xray(xray)
         prev = stage2_output if stage2_output is not None else self.generate_stage2(x, **kwargs)
         return self.stages[2].sample(x, prev, **kwargs)
+
+
+def _recorded_names(value: Any) -> list[str]:
+    """The names a weights file records (its metadata's ``data``: a list, or the list written out as text, as
+    ``train xray`` records it: ``"['chest-lidc', 'chest-dx']"``); read as a literal, never evaluated."""
+    import ast
+
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return [value] if value else []
+    return [str(v) for v in value] if isinstance(value, list | tuple) else []
 
 
 def _weights_configs(metadata: dict[str, Any], source: str) -> list[XrayStageConfig]:
