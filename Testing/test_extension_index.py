@@ -255,7 +255,10 @@ def test_licence_file_at_the_root_is_the_licence_the_project_states():
     assert found, f"check_license_file: one of {LICENSE_FILE_NAMES} at the repository root"
     text = found[0].read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0" in text and len(text) > 10_000  # the full text
-    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]  # SPDX, as setuptools asks
     assert re.search(r"## Licence\s+Apache-2\.0", (ROOT / "README.md").read_text(encoding="utf-8"))
 
 

@@ -29,7 +29,8 @@ def slicer_install_hint(module_title: str) -> str:
 
 
 #: What to do outside Slicer (``python -m DiffusionCore``, a script).
-PIP_INSTALL_HINT = "install DiffusionCore's requirements (in the project folder: make setup, or pip install -e .)"
+PIP_INSTALL_HINT = ("install DiffusionCore's requirements (in the project folder: make setup, or .venv/bin/python -m "
+                    "pip install -e .)")
 
 
 def missing_package_message(exc: ImportError, hint: str = PIP_INSTALL_HINT) -> str:
