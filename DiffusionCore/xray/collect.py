@@ -6,9 +6,9 @@ CR, DX, RF or XA image or a CT topogram, a 2D NRRD, MetaImage or NIfTI image). O
 volumes, reports, a MetaImage's pixel file, DICOM secondary captures, which may show anything) are passed over, counted
 per folder and kind for the log and the report. Hidden entries are skipped; symbolic links to folders are followed,
 each real folder searched once (:func:`~DiffusionCore.inputs.walk_folder`). A DICOMDIR (the index of a DICOM disc or
-export) stands for the folder that holds it. A list file (one
-path per line, as ``sr`` takes it: :func:`~DiffusionCore.inputs.read_list_file`) names radiograph files or folders of
-them; a line naming a missing file is warned about and kept, so that the batch names it as failed.
+export) stands for the folder that holds it. A list file (one path per line, as ``sr`` takes it:
+:func:`~DiffusionCore.inputs.read_list_file`) names radiograph files or folders of them; a line naming a missing file
+is warned about and kept, so that the batch names it as failed.
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ class RadiographBatch(NamedTuple):
 
 
 def radiograph_batch(path: Path) -> RadiographBatch:
-    """(batch?, radiographs) for ``xray2ct``'s INPUT: a folder or a list file (:data:`~DiffusionCore.files.LIST_SUFFIXES`)
-    is a batch, found as the module docstring says, in the order of the list (a folder's sorted by path), each file
+    """What ``xray2ct``'s INPUT names (:class:`RadiographBatch`): a folder or a list file
+    (:data:`~DiffusionCore.files.LIST_SUFFIXES`) is a batch, found as the module docstring says, in the order of the list (a folder's sorted by path), each file
     once; a DICOMDIR is the batch of its folder; any other file is one radiograph.
 
     Raises:
