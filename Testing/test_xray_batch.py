@@ -285,3 +285,18 @@ def test_the_bar_in_a_log_file_is_drawn_every_few_seconds_not_at_every_step(caps
     progress.close()
     err = capsys.readouterr().err
     assert err.count("step ") <= 2 and "written" in err  # the first drawing and the last
+
+
+def test_a_header_value_the_standard_does_not_allow_prints_no_library_warning(tmp_path):
+    """Probe 23: pydicom's "UserWarning: Invalid value for VR AS: '59Y'", with its source path, came twice in a run
+    that wrote a DICOM series from a radiograph whose header held such a PatientAge."""
+    import pydicom
+
+    path = _dx_dicom(tmp_path / "in" / "cr", 0)
+    ds = pydicom.dcmread(path)
+    ds.PatientAge = "59Y"
+    ds.save_as(path)
+    proc = _cli([str(path), str(tmp_path / "series"), "--output-format", "dicom"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "UserWarning" not in proc.stderr and "valuerep" not in proc.stderr
+    assert str(pydicom.dcmread(next((tmp_path / "series").glob("*.dcm"))).PatientAge) == "59Y"  # copied as it is

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -48,6 +49,10 @@ def setup_logging(verbose: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+    # pydicom warns, with its own source path, each time it reads a header value the standard does not allow (a
+    # PatientAge of "59Y"): such values are the input's, copied as they are into a DICOM output, and the warning gives
+    # the user nothing to act on
+    warnings.filterwarnings("ignore", message=r"Invalid value for VR", category=UserWarning)
 
 
 def add_progress_argument(parser: argparse.ArgumentParser) -> None:
