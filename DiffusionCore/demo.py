@@ -19,15 +19,17 @@ Parts that need default weights say so plainly when none are installed and carry
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from . import sampledata
+from .cli.common import Progress
 from .degrade import MAX_FACTOR, thin_grid
 from .errors import ConfigError, DiffusionCoreError, OutputError
 from .evaluate import evaluate, format_table
@@ -48,23 +50,15 @@ DIFFERENCE_WINDOW = (-150.0, 150.0)
 DEMO_ADAPT_STEPS: int | None = None
 
 
-#: Seconds between two progress lines of the demo's long steps (adaptation and super-resolution, the evaluation).
-PROGRESS_SECONDS = 20.0
-
-
-def _every(seconds: float, what: str) -> Callable[[int, int, str], None]:
-    """A ``progress(done, total, message)`` callback that prints a line at most every ``seconds``: the demo's long
-    steps say where they are instead of staying silent for minutes."""
-    last = [time.monotonic()]
-
-    def progress(done: int, total: int, message: str = "") -> None:
-        now = time.monotonic()
-        if now - last[0] >= seconds:
-            last[0] = now
-            share = f"{100.0 * done / total:.0f}%" if total else ""
-            print(f"  {what}: {share} {message}".rstrip(), flush=True)
-
-    return progress
+@contextlib.contextmanager
+def _progress_bar(desc: str) -> Iterator[Progress]:
+    """The commands' progress bar (:class:`~DiffusionCore.cli.common.Progress`) for one of the demo's long steps, which
+    stayed silent for minutes: redrawn at every step on a terminal, every few seconds in a log file."""
+    bar = Progress("bar", desc=desc)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def _timed(timings: dict, name: str, fn: Callable, *args, **kwargs):
@@ -219,9 +213,10 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
     else:
         from .cli.sr import sr_provenance
 
-        sr, report = _timed(timings, f"SR x{factor} (chest-dx)", resolver.run, thick, factor=factor, device=device,
-                            steps=sr_steps, adapt=AdaptSettings(steps=DEMO_ADAPT_STEPS, optional=True),
-                            progress=_every(PROGRESS_SECONDS, f"SR x{factor}"))  # fmt: skip
+        with _progress_bar(f"SR x{factor}") as progress:
+            sr, report = _timed(timings, f"SR x{factor} (chest-dx)", resolver.run, thick, factor=factor,
+                                device=device, steps=sr_steps, progress=progress,
+                                adapt=AdaptSettings(steps=DEMO_ADAPT_STEPS, optional=True))  # fmt: skip
         # labelled synthetic in the file, as sr writes it (a viewer shows the description; a JSON sidecar beside it)
         write_result(sr, output_dir / f"chest-dx_sr_x{factor}.nii.gz",
                      sr_provenance(os.path.abspath(paths["chest-dx"]), thick.metadata, report), overwrite=True)
@@ -247,8 +242,9 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
     label = f"chest-lidc slices {z0}-{z1 - 1} (held out)"
     options = {"weights": sr_name, "num_steps": sr_steps, "device": device, "seed": 0,
                "adapt": AdaptSettings(steps=DEMO_ADAPT_STEPS)}
-    report = _timed(timings, f"evaluate x{factor} on {label}", evaluate, test, factor, methods=methods,
-                    method_options=options, reference_name=label, progress=_every(PROGRESS_SECONDS, "evaluation"))
+    with _progress_bar("evaluation") as progress:
+        report = _timed(timings, f"evaluate x{factor} on {label}", evaluate, test, factor, methods=methods,
+                        method_options=options, reference_name=label, progress=progress)
     print(format_table(report))
     summary["evaluation"] = report
 

@@ -37,7 +37,7 @@ from ..errors import (
     ResourceError,
 )
 from ..files import check_writable_file, write_json_atomic
-from ..results import check_result_output, planned_files
+from ..results import check_result_output, planned_files, wants_dicom
 from ..volume import WRITABLE_SUFFIXES, check_output_path, split_volume_suffix
 from .common import Progress, is_out_of_memory, one_line, sigterm_cancels
 
@@ -173,6 +173,41 @@ def distinct_sources(sources: list[Path]) -> tuple[list[Path], list[tuple[Path, 
             seen[key] = s
             kept.append(s)
     return kept, twice
+
+
+def one_in_a_folder(batch: bool, sources: list[Path], folder: Path | None, out: Path) -> bool:
+    """Whether a batch is one run after all: a folder (``folder``: the one searched, None for a list file) that holds
+    one input, and a volume file's name as OUTPUT (a patient's folder with one CT series beside a scout, a study with
+    one radiograph): that one input, as ``evaluate --reference`` takes the same folder."""
+    return batch and len(sources) == 1 and folder is not None and not out.is_dir() and bool(split_volume_suffix(out.name)[1])
+
+
+def single_job(source: Path, out: Path, output_format: str, uncertainty: Path | None = None) -> Job:
+    """The job of a run of one input: OUTPUT as given, or the input's name inside it when it is a folder (a DICOM
+    series is written as that folder); an uncertainty map's folder the same way."""
+    as_dicom = wants_dicom(output_format, source, out)
+    if out.is_dir() and not as_dicom:
+        out = out / output_name(source)
+    if uncertainty is not None and uncertainty.is_dir():
+        uncertainty = uncertainty / output_name(source)
+    return Job(source, out, uncertainty, as_dicom)
+
+
+def batch_jobs(sources: list[Path], out: Path, as_dicom: bool, noun: str = "volume",
+               uncertainty: Path | None = None) -> tuple[list[Job], list[tuple[Path, Path]]]:  # fmt: skip
+    """The jobs of a batch's distinct inputs, each named after its input (:func:`batch_output_names`) in the folder
+    ``out`` (a DICOM series folder each with ``as_dicom``), its uncertainty map in the folder ``uncertainty``; and the
+    ``(left out, the same file as)`` pairs of inputs named twice (:func:`named_twice_jobs`).
+
+    Raises:
+        OutputError: OUTPUT (or the uncertainty folder) is a volume file's name.
+    """
+    sources, twice = distinct_sources(sources)
+    refuse_file_name_for_batch(out, "output", len(sources), noun)
+    refuse_file_name_for_batch(uncertainty, "--uncertainty", len(sources), noun)
+    jobs = [Job(s, out / (series_folder_name(n) if as_dicom else n), uncertainty / n if uncertainty else None, as_dicom)
+            for s, n in zip(sources, batch_output_names(sources))]  # fmt: skip
+    return jobs, twice
 
 
 def named_twice_jobs(twice: list[tuple[Path, Path]], jobs: list[Job], as_dicom: bool) -> list[Job]:
@@ -687,6 +722,29 @@ def plan_or_refuse(plan_jobs: Callable[[argparse.Namespace, DistInfo], Plan], ar
 
 #: ``make_one(progress, cancel)``: the command's runner of one input, ``one(job)`` -> that input's report entry.
 OneRunner = Callable[[BatchProgress, threading.Event], Callable[[Job], dict[str, Any]]]
+
+
+def run_one(command: str, make_one: OneRunner, plan: Plan, report_path: Path | None, *, progress_style: str = "auto",
+            done: Callable[[Job, dict[str, Any]], None] | None = None) -> int:  # fmt: skip
+    """A run of one input (``plan`` of no batch): its errors end the run (exit code of the error), nothing is written
+    unless it succeeds, a terminate request (Slicer's Cancel, kill) stops it writing nothing. ``done(job, entry)``: what
+    the command says once the input is written."""
+    cancel = threading.Event()
+    with sigterm_cancels(cancel, command):
+        sink = Progress(progress_style, desc=command)
+        try:
+            for job in plan.jobs:  # one, or none under torchrun beyond the first process
+                if job.skip is not None:
+                    logger.info("%s: %s; nothing to do", job.source, job.skip)
+                    continue
+                entry = make_one(BatchProgress(sink, 1), cancel)(job)
+                if report_path is not None:
+                    write_json_atomic(entry, report_path, overwrite=True)
+                if done is not None:
+                    done(job, entry)
+        finally:
+            sink.close()
+    return 0
 
 
 def run_batch(command: str, make_one: OneRunner, plan: Plan, report_path: Path | None, info: DistInfo,

@@ -37,7 +37,6 @@ from ..files import (
     format_bytes,
     keep_freed_memory,
     refuse_overwriting_inputs,
-    write_json_atomic,
 )
 from ..provenance import Provenance, sr_label, synthetic_input_warning
 from ..results import (
@@ -45,7 +44,6 @@ from ..results import (
     dicom_source_for,
     planned_files,
     planned_outputs,
-    wants_dicom,
     write_result,
 )
 from ..sampledata import sample_or_path
@@ -57,7 +55,6 @@ from ..volume import (
     mark_ct_checked,
     read_volume,
     require_ct,
-    split_volume_suffix,
 )
 from .batch import (
     BatchProgress,
@@ -65,21 +62,19 @@ from .batch import (
     Plan,
     ProcessGroup,
     all_or_none,
-    batch_output_names,
+    batch_jobs,
     check_batch_folder,
     check_outputs,
-    distinct_sources,
     named_twice_jobs,
-    output_name,
+    one_in_a_folder,
     plan_or_refuse,
-    refuse_file_name_for_batch,
     remove_if_empty,
     report_file,
     run_batch,
-    series_folder_name,
+    run_one,
+    single_job,
 )
 from .common import (
-    Progress,
     adapt_settings,
     add_adapt_arguments,
     add_progress_argument,
@@ -87,7 +82,6 @@ from .common import (
     device_name,
     finite_float,
     result_range,
-    sigterm_cancels,
 )
 
 if TYPE_CHECKING:
@@ -233,31 +227,20 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     given = sample_or_path(args.input, "ct")  # a path, or a CT sample's name (chest-dx)
     batch, sources = batch_sources(given)
     out = Path(args.output)
-    if batch and len(sources) == 1 and given.is_dir() and not out.is_dir() and split_volume_suffix(out.name)[1]:
-        # a patient's folder that holds one CT series (beside a scout or a structure set) and a volume file as
-        # OUTPUT: that one volume, as evaluate --reference takes the same folder
+    if one_in_a_folder(batch, sources, given if given.is_dir() else None, out):
         logger.info("%s holds one CT volume, %s: super-resolving it into %s", given, sources[0], out)
         batch = False
-    unc_dir = None
+    unc_dir = Path(args.uncertainty) if args.uncertainty else None
     twice: list[tuple[Path, Path]] = []
     if not batch:
-        as_dicom = wants_dicom(args.output_format, sources[0], out)
-        if out.is_dir() and not as_dicom:
-            out = out / output_name(sources[0])
-        unc = Path(args.uncertainty) if args.uncertainty else None
-        if unc is not None and unc.is_dir():
-            unc = unc / output_name(sources[0])
-        jobs = [Job(sources[0], out, unc, as_dicom)]
+        jobs = [single_job(sources[0], out, args.output_format, unc_dir)]
+        as_dicom = jobs[0].as_dicom
+        unc_dir = None
     else:
-        sources, twice = distinct_sources(sources)
-        unc_dir = Path(args.uncertainty) if args.uncertainty else None
-        refuse_file_name_for_batch(out, "output", len(sources))
-        refuse_file_name_for_batch(unc_dir, "--uncertainty", len(sources))
         _refuse_uncertainty_in_output_folder(out, unc_dir)
-        names = batch_output_names(sources)
         as_dicom = args.output_format == "dicom"
-        jobs = [Job(s, out / (series_folder_name(n) if as_dicom else n), unc_dir / n if unc_dir else None, as_dicom)
-                for s, n in zip(sources, names)]  # fmt: skip
+        jobs, twice = batch_jobs(sources, out, as_dicom, uncertainty=unc_dir)
+        sources = [job.source for job in jobs]
     planned = [item for job in jobs for item in planned_outputs(job.output, job.as_dicom)]
     planned += [("--uncertainty", job.uncertainty) for job in jobs]
     refuse_overwriting_inputs([*_input_files(args), *sources], [*planned, ("--report", report_file(args, info))])
@@ -460,31 +443,15 @@ def run(args: argparse.Namespace) -> int:
     group = ProcessGroup(info)
     try:
         plan, report_path = plan_or_refuse(plan_jobs, args, info, group)
-        if not plan.batch:
-            return _run_one(args, settings, plan, report_path)
 
         def make_one(progress: BatchProgress, cancel: threading.Event) -> _VolumeRun:
             return _VolumeRun(args, settings, progress, cancel)
 
+        if not plan.batch:
+            return run_one("sr", make_one, plan, report_path, progress_style=args.progress)
         return run_batch("sr", make_one, plan, report_path, info, group, progress_style=args.progress)
     finally:
         group.leave()
 
 
-def _run_one(args: argparse.Namespace, settings: SRRunSettings, plan: Plan, report_path: Path | None) -> int:
-    """One volume: its errors end the run (exit code of the error); nothing is written unless it succeeds."""
-    cancel = threading.Event()
-    with sigterm_cancels(cancel, "sr"):  # a terminate request (Slicer's Cancel, kill) stops, writing nothing
-        sink = Progress(args.progress, desc="sr")
-        try:
-            for job in plan.jobs:  # one, or none under torchrun beyond the first process
-                if job.skip is not None:
-                    logger.info("%s: %s; nothing to do", job.source, job.skip)
-                    continue
-                entry = _VolumeRun(args, settings, BatchProgress(sink, 1), cancel)(job)
-                if report_path is not None:
-                    write_json_atomic(entry, report_path, overwrite=True)
-        finally:
-            sink.close()
-    return 0
 

@@ -23,18 +23,17 @@ from .batch import (
     ProcessGroup,
     SkipInput,
     all_or_none,
-    batch_output_names,
+    batch_jobs,
     check_batch_folder,
     check_outputs,
-    distinct_sources,
     named_twice_jobs,
-    output_name,
+    one_in_a_folder,
     plan_or_refuse,
-    refuse_file_name_for_batch,
     remove_if_empty,
     report_file,
     run_batch,
-    series_folder_name,
+    run_one,
+    single_job,
 )
 from .common import (
     NameList,
@@ -44,7 +43,6 @@ from .common import (
     check_result,
     device_name,
     finite_float,
-    sigterm_cancels,
 )
 
 logger = logging.getLogger(__name__)
@@ -280,7 +278,6 @@ def xray_provenance(source: Path, report: dict, weights: str, input_uid: str = "
 
 def _stage_path(out: Path, stage: int) -> Path:
     """Where --save-stages writes stage ``stage``: OUTPUT_stageN with OUTPUT's suffix."""
-    from ..volume import split_volume_suffix
 
     stem, suffix = split_volume_suffix(out.name)
     return out.with_name(f"{stem}_stage{stage}{suffix}")
@@ -305,28 +302,24 @@ def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     """The radiographs this process handles (its share under torchrun) and their outputs, checked before any work
     as ``sr`` checks its own (:func:`~.sr.plan_jobs`): no output, stage output or report may be an input, and each
     must be writable (or done already, with --skip-existing)."""
-    from ..results import planned_outputs, wants_dicom
+    from ..results import planned_outputs
     from ..sampledata import sample_or_path
     from ..xray.collect import radiograph_batch
 
     given = sample_or_path(args.xray, "radiograph")  # a path, or a radiograph sample's name (fetched, checked)
     batch, sources, passed_over, folder = radiograph_batch(given)
     out = Path(args.output)
-    if batch and len(sources) == 1 and folder is not None and not out.is_dir() and split_volume_suffix(out.name)[1]:
+    if one_in_a_folder(batch, sources, folder, out):
         logger.info("%s holds one radiograph, %s: generating its CT into %s", folder, sources[0], out)
         batch = False
     twice: list[tuple[Path, Path]] = []
     if not batch:
-        as_dicom = wants_dicom(args.output_format, sources[0], out)
-        if out.is_dir() and not as_dicom:
-            out = out / output_name(sources[0])
-        jobs = [Job(sources[0], out, None, as_dicom)]
+        jobs = [single_job(sources[0], out, args.output_format)]
+        as_dicom = jobs[0].as_dicom
     else:
-        sources, twice = distinct_sources(sources)
-        refuse_file_name_for_batch(out, "output", len(sources), noun="radiograph")
         as_dicom = args.output_format == "dicom"
-        jobs = [Job(s, out / (series_folder_name(n) if as_dicom else n), None, as_dicom)
-                for s, n in zip(sources, batch_output_names(sources))]  # fmt: skip
+        jobs, twice = batch_jobs(sources, out, as_dicom, noun="radiograph")
+        sources = [job.source for job in jobs]
     stages = args.num_stages or MAX_STAGES  # the weights say how many there are once they are loaded
     planned = [item for job in jobs for item in planned_outputs(job.output, job.as_dicom)]
     if args.save_stages:
@@ -450,30 +443,10 @@ def run_xray2ct(args: argparse.Namespace) -> int:
         if plan.batch:
             return run_batch("xray2ct", make_one, plan, report_path, info, group, progress_style=args.progress,
                              noun="radiograph")  # fmt: skip
-        return _run_one(args, plan, report_path, make_one)
+        return run_one("xray2ct", make_one, plan, report_path, progress_style=args.progress,
+                       done=lambda job, entry: print(f"wrote {job.output} ({entry['result']}; synthetic CT)"))
     finally:
         group.leave()
-
-
-def _run_one(args: argparse.Namespace, plan: Plan, report_path: Path | None, make_one) -> int:
-    """One radiograph: its errors end the run (exit code of the error); nothing is written unless it succeeds."""
-    from ..files import write_json_atomic
-
-    cancel = threading.Event()
-    with sigterm_cancels(cancel, "xray2ct"):
-        sink = Progress(args.progress, desc="xray2ct")
-        try:
-            for job in plan.jobs:  # one, or none under torchrun beyond the first process
-                if job.skip is not None:
-                    logger.info("%s: %s; nothing to do", job.source, job.skip)
-                    continue
-                entry = make_one(BatchProgress(sink, 1, noun="radiograph"), cancel)(job)
-                if report_path is not None:
-                    write_json_atomic(entry, report_path, overwrite=True)
-                print(f"wrote {job.output} ({entry['result']}; synthetic CT)")
-        finally:
-            sink.close()
-    return 0
 
 
 def _int_list(text: str, what: str) -> tuple[int, ...]:

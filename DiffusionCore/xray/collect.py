@@ -22,7 +22,14 @@ from ..dicom_in import header_values
 from ..errors import InputError
 from ..files import LIST_SUFFIXES, text_file_error
 from ..inputs import is_dicom_file, read_list_file, walk_folder
-from .radiograph import IMAGE_SUFFIXES, RADIOGRAPH_FORMATS, dicomdir_message, radiograph_file_kind
+from ..volume import is_localizer
+from .radiograph import (
+    IMAGE_SUFFIXES,
+    RADIOGRAPH_FORMATS,
+    RADIOGRAPH_MODALITIES,
+    dicomdir_message,
+    radiograph_file_kind,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +39,22 @@ NAMED_PASSED_OVER = 3
 SECONDARY_CAPTURE = {"OT": "secondary captures (Modality OT)", "SC": "secondary captures (Modality SC)"}
 
 
-def _is_radiograph_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES or bool(radiograph_file_kind(path))
-
-
 def _why_passed_over(path: Path) -> str:
-    """What a file that is no radiograph is, in a few words, for the log and the report."""
+    """``""`` for a radiograph, else what the file is, in a few words, for the log and the report. A DICOM file's header
+    is read once (its Modality and ImageType); an image file is tried whatever it holds."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return ""
     if is_dicom_file(path):
-        modality = ((header_values(path, ["Modality"]) or {}).get("Modality") or "").strip().upper()
+        fields = header_values(path, ["Modality", "ImageType"]) or {}
+        modality = (fields.get("Modality") or "").strip().upper()
+        if modality in RADIOGRAPH_MODALITIES or (modality == "CT" and is_localizer(fields.get("ImageType", ""))):
+            return ""
         if modality in SECONDARY_CAPTURE:
             return (f"DICOM {SECONDARY_CAPTURE[modality]}: pictures of anything; give one alone as INPUT if it is a "
                     "radiograph")  # fmt: skip
         return f"DICOM files of Modality {modality}" if modality else "DICOM files without an image"
-    return "files that are no radiograph (not an image, or a 3D volume)"
+    # a 2D NRRD, MetaImage or NIfTI image, or a DICOM file without the preamble's mark, by its header
+    return "" if radiograph_file_kind(path) else "files that are no radiograph (not an image, or a 3D volume)"
 
 
 class _Search:
@@ -59,10 +69,11 @@ class _Search:
         found: list[Path] = []
         for root, files in walk_folder(folder, self.searched):
             for f in files:
-                if _is_radiograph_file(f):
+                why = _why_passed_over(f)
+                if not why:
                     found.append(f)
                     continue
-                kind = (root, _why_passed_over(f))
+                kind = (root, why)
                 self.passed_over[kind] += 1
                 self.first.setdefault(kind, f.name)
         return found

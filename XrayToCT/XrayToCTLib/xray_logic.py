@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,6 +325,22 @@ VERDICTS_KEPT = 8
 _verdicts: OrderedDict[str, tuple[tuple, str]] = OrderedDict()
 
 
+def _remembered(verdicts: OrderedDict[str, tuple[tuple, str]], node, key: tuple, judge: Callable[[], str]) -> str:
+    """``judge()``, kept in ``verdicts`` for ``node`` (its ID) under ``key`` (what the verdict depends on): asked again
+    with the same key, the kept verdict; the :data:`VERDICTS_KEPT` most recently asked nodes are kept."""
+    node_id = node.GetID()
+    known = verdicts.get(node_id) if node_id else None
+    if known is not None and known[0] == key:
+        verdicts.move_to_end(node_id)
+        return known[1]
+    verdict = judge()
+    if node_id:
+        verdicts[node_id] = (key, verdict)
+        while len(verdicts) > VERDICTS_KEPT:
+            verdicts.popitem(last=False)
+    return verdict
+
+
 def _verdict_key(node, tags: dict[str, str]) -> tuple:
     """What :func:`check_xray_input` says of ``node`` depends on: its name and class, its pixels and geometry
     (:func:`~CTDiffusionSRLib.mrml_io.input_stamp`: the image's and its scalars' modification times, which change when
@@ -372,17 +389,7 @@ def check_xray_input(node, tags: dict[str, str] | None = None) -> str:
     if node.IsA("vtkMRMLLabelMapVolumeNode"):  # a segmentation's labels, not intensities (as the SR module says)
         return f"'{node.GetName()}' is a label map, not a radiograph: choose the image itself."
     tags = _header_tags(node) if tags is None else tags
-    node_id, key = node.GetID(), _verdict_key(node, tags)
-    known = _verdicts.get(node_id) if node_id else None
-    if known is not None and known[0] == key:
-        _verdicts.move_to_end(node_id)
-        return known[1]
-    verdict = _input_verdict(node, tags)
-    if node_id:
-        _verdicts[node_id] = (key, verdict)
-        while len(_verdicts) > VERDICTS_KEPT:
-            _verdicts.popitem(last=False)
-    return verdict
+    return _remembered(_verdicts, node, _verdict_key(node, tags), lambda: _input_verdict(node, tags))
 
 
 def _input_verdict(node, tags: dict[str, str]) -> str:
@@ -455,22 +462,15 @@ def _reference_voxels_verdict(node, name: str, fix: str) -> str:
 
     from DiffusionCore.volume import check_ct
 
-    node_id, key = node.GetID(), _reference_voxels_key(node)
-    known = _reference_verdicts.get(node_id) if node_id else None
-    if known is not None and known[0] == key:
-        _reference_verdicts.move_to_end(node_id)
-        return known[1]
-    try:
-        scalars = node.GetImageData().GetPointData().GetScalars()
-        doubts = check_ct(numpy_support.vtk_to_numpy(scalars), name)  # a view of the voxels, no copy
-        verdict = f"{doubts[0]} The reference scores need a CT in Hounsfield units: {fix}" if doubts else ""
-    except InputError as exc:
-        verdict = str(exc)
-    if node_id:
-        _reference_verdicts[node_id] = (key, verdict)
-        while len(_reference_verdicts) > VERDICTS_KEPT:
-            _reference_verdicts.popitem(last=False)
-    return verdict
+    def judge() -> str:
+        try:
+            scalars = node.GetImageData().GetPointData().GetScalars()
+            doubts = check_ct(numpy_support.vtk_to_numpy(scalars), name)  # a view of the voxels, no copy
+        except InputError as exc:
+            return str(exc)
+        return f"{doubts[0]} The reference scores need a CT in Hounsfield units: {fix}" if doubts else ""
+
+    return _remembered(_reference_verdicts, node, _reference_voxels_key(node), judge)
 
 
 def write_radiograph(node, path: str | Path, as_displayed: bool | None = None) -> Path:
