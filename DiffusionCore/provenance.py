@@ -120,9 +120,15 @@ def header_fields(prov: Provenance) -> dict[str, str]:
     return {HEADER_PREFIX + k: " ".join(str(v).split()) for k, v in fields.items()}
 
 
+#: The end of every title (``"SR x4 (synthetic)"``); ``descrip`` says "SYNTHETIC" first instead of twice.
+SYNTHETIC_SUFFIX = " (synthetic)"
+
+
 def nifti_descrip(prov: Provenance) -> str:
-    """NIfTI's ``descrip`` (80 bytes): "SYNTHETIC" first, so that a cut text still says it."""
-    text = f"SYNTHETIC {prov.title} {SOFTWARE} sha256:{prov.weights_sha256[:12]}"
+    """NIfTI's ``descrip`` (80 bytes): "SYNTHETIC" first, so that a cut text still says it, then the title without
+    its own " (synthetic)" (``SYNTHETIC SR x4 CTDiffusion sha256:...``)."""
+    title = prov.title.removesuffix(SYNTHETIC_SUFFIX)
+    text = f"SYNTHETIC {title} {SOFTWARE} sha256:{prov.weights_sha256[:12]}"
     return text.encode("ascii", "replace")[:79].decode("ascii")
 
 
@@ -189,8 +195,11 @@ def _from_nifti(path: Path) -> Provenance | None:
         return None
     text = descrip[len("SYNTHETIC"):].strip()  # "{title} CTDiffusion sha256:{prefix}", possibly cut at 80 bytes
     title, _, rest = text.partition(f" {SOFTWARE}")
+    title = title.strip()
+    if title and "synthetic" not in title.lower():  # the title as written, its suffix restored
+        title += SYNTHETIC_SUFFIX
     sha = rest.partition("sha256:")[2].strip()
-    return Provenance(task="", title=title.strip() or "synthetic", weights="", weights_sha256=sha, date="")
+    return Provenance(task="", title=title or "synthetic", weights="", weights_sha256=sha, date="")
 
 
 def _from_dicom(path: Path) -> Provenance | None:

@@ -215,7 +215,7 @@ def test_provenance_in_nrrd_and_nifti(tmp_path, make_phantom):
 
     out = tmp_path / "thin.nii.gz"
     assert _sr(nifti, out, "--factor", "2").returncode == 0
-    assert nib.load(out).header["descrip"].tobytes().startswith(b"SYNTHETIC SR x2 (synthetic)")
+    assert nib.load(out).header["descrip"].tobytes().startswith(b"SYNTHETIC SR x2 CTDiffusion sha256:")
     side = json.loads((tmp_path / "thin.json").read_text())["provenance"]
     assert side["synthetic"] is True and side["input"].endswith("ct.nii.gz") and side["settings"]["factor"] == 2
 

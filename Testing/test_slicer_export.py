@@ -92,7 +92,7 @@ def test_slicers_own_save_of_a_result_keeps_the_provenance(tmp_path, scene_with_
     if name.endswith(".nii.gz"):
         import nibabel as nib
 
-        assert bytes(nib.load(str(path)).header["descrip"]).startswith(b"SYNTHETIC SR x2 (synthetic)")
+        assert bytes(nib.load(str(path)).header["descrip"]).startswith(b"SYNTHETIC SR x2 CTDiffusion sha256:")
         side = json.loads((tmp_path / "saved.json").read_text())["provenance"]
         assert side["synthetic"] is True and side["weights_sha256"] == "ab" * 32
     else:
