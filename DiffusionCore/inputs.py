@@ -357,11 +357,14 @@ def _expand(path: Path, scan: _Scan) -> list[Path]:
     return _read_list_file(path, scan)
 
 
-def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike],
+                    searched: dict[str, Path] | None = None) -> list[Path]:
     """All CT volumes named by ``data`` (folder, list file, volume file, or a list of these).
 
     Args:
         data: see the module docstring.
+        searched: filled, when given, with the real path of every folder searched -> the path it was searched by
+            (those a list file names too), for a caller that must keep its outputs out of them.
 
     Returns:
         Volume files and DICOM series folders, without duplicates; folder contents sorted by path, list
@@ -377,6 +380,8 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike]) -> li
         raise InputError("no training data given: pass a folder of CT volumes, a list file, or volume files")
     found: list[Path] = []
     scan = _Scan()
+    if searched is not None:
+        scan.searched = searched
     for item in items:
         p = sample_or_path(item, "ct").expanduser()  # a CT sample's name that is no path here: its fetched file
         if not p.exists():

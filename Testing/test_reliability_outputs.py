@@ -338,6 +338,36 @@ def _(d: Path, s: Shared) -> Case:
                 f"the output {out} lies inside the input folder {series}: {INSIDE}", [series], [out])  # fmt: skip
 
 
+def _listed_folder(d: Path, src: Path, suffix: str, listing: str) -> tuple[Path, Path]:
+    """A folder of two copies of ``src`` and a list file (``listing``'s text) naming it: (folder, list file)."""
+    folder = d / "cohort"
+    folder.mkdir()
+    for name in ("a", "b"):
+        copy(src, folder / f"{name}{suffix}")
+    path = d / listing.split("\n", 1)[0]
+    path.write_text(listing.split("\n", 1)[1], encoding="utf-8")
+    return folder, path
+
+
+# a list naming a folder protects it as the folder itself given would: a rerun would read the outputs as inputs
+@case("sr-output-folder-inside-a-folder-a-list-names")
+def _(d: Path, s: Shared) -> Case:
+    cohort, listing = _listed_folder(d, s.thick, ".nii.gz", "cases.txt\ncohort\n")
+    out = cohort / "thin"
+    return Case(tiny_sr(listing, out, "--factor", "2"), 4,
+                f"the output {out / 'a.nii.gz'} lies inside the input folder {cohort}: {INSIDE}", [cohort, listing],
+                [out])  # fmt: skip
+
+
+@case("xray2ct-output-folder-inside-a-folder-a-list-names")
+def _(d: Path, s: Shared) -> Case:
+    pictures, listing = _listed_folder(d, s.xray, ".png", "radiographs.csv\npath\ncohort\n")
+    out = pictures / "ct"
+    return Case(["xray2ct", str(listing), str(out), "--tiny-test-model", "--progress", "none"], 4,
+                f"the output {out / 'a.nii.gz'} lies inside the input folder {pictures}: {INSIDE}",
+                [pictures, listing], [out])  # fmt: skip
+
+
 @case("sr-dicom-folder-as-its-own-output-folder")
 def _(d: Path, s: Shared) -> Case:
     series = d / "series"

@@ -161,10 +161,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def batch_sources(path: Path) -> tuple[bool, list[Path]]:
+def batch_sources(path: Path, searched: dict[str, Path] | None = None) -> tuple[bool, list[Path]]:
     """(batch?, sources) for INPUT: a volume file, a DICOM file or a DICOM series folder is one volume; a
     folder of volumes or a list file (:data:`~DiffusionCore.files.LIST_SUFFIXES`: .txt, .lst, .list, .csv) is a
-    batch. Other files are read as one volume (so that an unsupported file gets the reader's explanation)."""
+    batch. Other files are read as one volume (so that an unsupported file gets the reader's explanation).
+    ``searched``: filled with the folders searched, as :func:`~DiffusionCore.inputs.collect_volumes` fills it."""
     from ..files import LIST_SUFFIXES, text_file_error
     from ..inputs import collect_volumes, dicom_file_series, is_dicom_file
 
@@ -172,14 +173,14 @@ def batch_sources(path: Path) -> tuple[bool, list[Path]]:
         raise InputError(f"{path} does not exist. Check the path (and quote it if it contains spaces).")
     if path.is_file():
         if path.suffix.lower() in LIST_SUFFIXES:
-            return True, collect_volumes(path)
+            return True, collect_volumes(path, searched)
         if is_dicom_file(path):
             return False, [dicom_file_series(path)]
         text = text_file_error(path)  # a list of volumes saved without a list suffix: named as such, not as an image
         if text is not None:
             raise text
         return False, [path]
-    sources = collect_volumes(path)
+    sources = collect_volumes(path, searched)
     if sources == [path]:
         return False, [path]  # the folder is itself a DICOM series
     return True, sources
@@ -225,7 +226,8 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
         InputError: INPUT missing or holding no volumes. OutputError: an output cannot be written.
     """
     given = sample_or_path(args.input, "ct")  # a path, or a CT sample's name (chest-dx)
-    batch, sources = batch_sources(given)
+    searched: dict[str, Path] = {}  # the folders searched, those a list file names too: no output goes inside them
+    batch, sources = batch_sources(given, searched)
     out = Path(args.output)
     if one_in_a_folder(batch, sources, given if given.is_dir() else None, out):
         logger.info("%s holds one CT volume, %s: super-resolving it into %s", given, sources[0], out)
@@ -243,7 +245,8 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
         sources = [job.source for job in jobs]
     planned = [item for job in jobs for item in planned_outputs(job.output, job.as_dicom)]
     planned += [("--uncertainty", job.uncertainty) for job in jobs]
-    refuse_overwriting_inputs([*_input_files(args), *sources], [*planned, ("--report", report_file(args, info))])
+    refuse_overwriting_inputs([*_input_files(args), *searched.values(), *sources],
+                              [*planned, ("--report", report_file(args, info))])  # fmt: skip
     jobs += named_twice_jobs(twice, jobs, as_dicom)
     created: list[Path] = []
     if batch:  # the folders are created only once no output can hit an input

@@ -307,7 +307,7 @@ def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     from ..xray.collect import radiograph_batch
 
     given = sample_or_path(args.xray, "radiograph")  # a path, or a radiograph sample's name (fetched, checked)
-    batch, sources, passed_over, folder = radiograph_batch(given)
+    batch, sources, passed_over, folder, searched = radiograph_batch(given)
     out = Path(args.output)
     if one_in_a_folder(batch, sources, folder, out):
         logger.info("%s holds one radiograph, %s: generating its CT into %s", folder, sources[0], out)
@@ -325,7 +325,7 @@ def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     if args.save_stages:
         planned += [item for job in jobs for p in _stage_files(job, stages).values()
                     for item in planned_outputs(p, job.as_dicom, "a stage output")]  # fmt: skip
-    refuse_overwriting_inputs([args.xray, given, args.weights, *sources],
+    refuse_overwriting_inputs([args.xray, given, args.weights, *searched, *sources],
                               [*planned, ("--report", report_file(args, info))])  # fmt: skip
     jobs += named_twice_jobs(twice, jobs, as_dicom)
     created = [out] if batch and check_batch_folder(out, "output") else []

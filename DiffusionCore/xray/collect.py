@@ -98,6 +98,7 @@ class RadiographBatch(NamedTuple):
     sources: list[Path]  # the radiographs
     passed_over: list[dict[str, Any]]  # what the search passed over (:meth:`_Search.report`)
     folder: Path | None  # the folder searched (a DICOMDIR's), or None for a list file or one radiograph
+    searched: list[Path] = []  # every folder searched, those a list file names too (no output may go inside them)
 
 
 def radiograph_batch(path: Path) -> RadiographBatch:
@@ -132,4 +133,4 @@ def radiograph_batch(path: Path) -> RadiographBatch:
         other = f" ({total} other file(s) passed over, e.g. {passed[0]['first']}: {passed[0]['why']})" if passed else ""
         raise InputError(f"no radiographs found in {path}{other}: expected {RADIOGRAPH_FORMATS} files, one radiograph "
                          "each")  # fmt: skip
-    return RadiographBatch(True, found, passed, path if path.is_dir() else None)
+    return RadiographBatch(True, found, passed, path if path.is_dir() else None, list(search.searched.values()))
