@@ -408,7 +408,7 @@ def suggested_factor(vol: Volume | Grid, axis: int | None = None) -> int:
 
 
 # -- reading -----------------------------------------------------------------------------------------
-def _sitk_message(exc: Exception) -> str:
+def sitk_message(exc: Exception) -> str:
     """The substance of a SimpleITK exception, without ITK's source paths and object addresses."""
     text = str(exc).strip().splitlines()
     for line in text:
@@ -533,7 +533,7 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
     try:
         img = _itk(reader.Execute, reading=folder)
     except RuntimeError as exc:
-        raise InputError(f"could not read the DICOM series in {folder}: {_sitk_message(exc)}") from None
+        raise InputError(f"could not read the DICOM series in {folder}: {sitk_message(exc)}") from None
     img = _regularize_gantry_tilt(img, positions, folder, meta)
     return img, meta
 
@@ -1157,7 +1157,7 @@ def _check_read_size(p: Path, n_slices: int | None = None) -> None:
         _itk(reader.ReadImageInformation)
     except RuntimeError as exc:
         raise InputError(
-            f"could not read {p}: {_sitk_message(exc)}. Supported: NIfTI (.nii, .nii.gz), NRRD, MHA, "
+            f"could not read {p}: {sitk_message(exc)}. Supported: NIfTI (.nii, .nii.gz), NRRD, MHA, "
             "or a folder with a DICOM series. The file may be corrupt or truncated."
         ) from None
     size = [int(v) for v in reader.GetSize()]
@@ -1231,7 +1231,7 @@ def dicom_header(file: str) -> sitk.ImageFileReader:
     try:
         _itk(reader.ReadImageInformation)
     except RuntimeError as exc:
-        raise InputError(f"corrupt DICOM file {file}: {_sitk_message(exc)}") from None
+        raise InputError(f"corrupt DICOM file {file}: {sitk_message(exc)}") from None
     return reader
 
 
@@ -1296,7 +1296,7 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
             img = _itk(sitk.ReadImage, str(p), sitk.sitkUnknown, image_io(p), reading=p)
         except RuntimeError as exc:
             raise InputError(
-                f"could not read {p}: {_sitk_message(exc)}. Supported: NIfTI (.nii, .nii.gz), NRRD, MHA, "
+                f"could not read {p}: {sitk_message(exc)}. Supported: NIfTI (.nii, .nii.gz), NRRD, MHA, "
                 "or a folder with a DICOM series. The file may be corrupt or truncated."
             ) from None
         if _suffix(p) in (".nii", ".nii.gz"):
@@ -1500,7 +1500,7 @@ def _write_failure(path: Path, voxel_bytes: int, exc: RuntimeError | OSError) ->
     if isinstance(exc, OSError) and (too_long := too_long_error(path, exc)) is not None:
         return too_long
     why = no_room_reason(path.parent, voxel_bytes, exc) or (
-        _sitk_message(exc) if isinstance(exc, RuntimeError) else str(exc))
+        sitk_message(exc) if isinstance(exc, RuntimeError) else str(exc))
     return OutputError(f"could not write {path}: {why}")
 
 

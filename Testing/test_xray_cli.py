@@ -48,6 +48,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     assert b"MONOCHROME2" in raw
     (d / "m1.dcm").write_bytes(raw.replace(b"MONOCHROME2", b"MONOCHROME1"))  # same length, valid DICOM
     (d / "corrupt.dcm").write_bytes(raw[:200] + os.urandom(300))
+    png = bytearray((d / "xr.png").read_bytes())
+    png[60:120] = bytes(b ^ 0x55 for b in png[60:120])  # damaged image data: the PNG reader fails part-way
+    (d / "damaged.png").write_bytes(bytes(png))
     return {p.stem.split(".")[0]: p for p in d.iterdir()} | {"dir": d}
 
 
@@ -74,6 +77,7 @@ def test_read_radiograph_dicom_monochrome_and_spacing(files):
         ("ct", "3D volume"),
         ("tiny", "10x10"),
         ("corrupt", "corrupt"),
+        ("damaged", "cannot read"),
         ("missing", "does not"),
     ],
 )
@@ -84,6 +88,7 @@ def test_bad_radiographs_give_one_error_line(files, tmp_path, capsys, name, mess
     code = main(["xray2ct", str(src), str(tmp_path / "o.nii.gz"), "--tiny-test-model", "--progress", "none"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and message in err[-1]
+    assert "ITK ERROR" not in err[-1] and not re.search(r"0x[0-9a-f]{6}", err[-1])  # the reader's words only
     assert not (tmp_path / "o.nii.gz").exists()
 
 

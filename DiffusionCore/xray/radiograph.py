@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..inputs import is_dicom_file
-from ..volume import check_metaimage_header, image_io, is_localizer
+from ..volume import check_metaimage_header, image_io, is_localizer, sitk_message
 
 logger = logging.getLogger(__name__)
 
@@ -700,9 +700,8 @@ def _read_image(p: Path) -> tuple[sitk.ImageFileReader, sitk.Image]:
         index = dicomdir_message(p)
         if index:
             raise InputError(index) from exc
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise InputError(
-            f"cannot read {p} as an image ({first[:200]}). The file is corrupt or not a radiograph in a format "
+            f"cannot read {p} as an image ({sitk_message(exc)[:200]}). The file is corrupt or not a radiograph in a format "
             f"xray2ct reads ({RADIOGRAPH_FORMATS}); re-export it from the PACS or viewer."
         ) from exc
     return reader, img
