@@ -169,8 +169,10 @@ def test_a_partly_failed_batch_continues_with_skip_existing_under_the_same_names
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_batch_says_what_was_written_writes_its_report_and_continues(tmp_path, sig):
-    """D4: SIGTERM after some volumes said "no output was written" (they were, complete) and wrote no report."""
-    src = folder_of(tmp_path, {"a.nii.gz": (2, 12, 12), "b.nii.gz": (8, 64, 64), "c.nii.gz": (8, 64, 64)})
+    """D4: SIGTERM after some volumes said "no output was written" (they were, complete) and wrote no report. A volume
+    that failed before the stop is listed on its own line, as at the end of a whole batch."""
+    src = folder_of(tmp_path, {"a.nii.gz": (2, 12, 12), "a_bad.nii.gz": (0, 0, 0), "b.nii.gz": (8, 64, 64),
+                               "c.nii.gz": (8, 64, 64)})  # fmt: skip
     out, report = tmp_path / "out", tmp_path / "r.json"
     cmd = [sys.executable, "-m", "DiffusionCore", "sr", str(src), str(out), "--tiny-test-model", "--no-adapt",
            "--factor", "4", "--use-patches", "--patch-size", "8", "32", "32", "--progress", "none", "--report",
@@ -193,11 +195,14 @@ def test_a_stopped_batch_says_what_was_written_writes_its_report_and_continues(t
     proc.wait(timeout=60)
     assert proc.returncode == 130, err
     [error] = lines(err, "error:")
-    assert "after 1 of 3 volume(s): 1 written to " in error and "--skip-existing" in error and str(report) in error
+    assert "after 2 of 4 volume(s): 1 written to " in error and "--skip-existing" in error and str(report) in error
     assert "no output was written" not in error
+    [failed] = lines(err, "warning: failed:")
+    assert str(src / "a_bad.nii.gz") in failed
     data = json.loads(report.read_text(encoding="utf-8"))
     assert len(data["volumes"]) == 1 and [v["volume"] for v in data["not_tried"]] == [str(src / "b.nii.gz"),
                                                                                         str(src / "c.nii.gz")]  # fmt: skip
+    assert [v["volume"] for v in data["failed"]] == [str(src / "a_bad.nii.gz")]
     assert sorted(os.listdir(out)) == ["a.json", "a.nii.gz"]
 
 
