@@ -373,3 +373,43 @@ def test_under_torchrun_the_group_and_its_threads_are_gone_when_a_process_leaves
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert [(tmp_path / f"rank{k}.txt").read_text(encoding="utf-8") for k in (0, 1)] == ["[]", "[]"]
+
+
+def test_skip_existing_keeps_only_outputs_made_with_this_runs_weights_and_settings(tmp_path, capsys):
+    """--skip-existing kept a volume's output whatever it had been made with: a batch run again with another factor,
+    seed, adaptation or weights into the same folder mixed two settings without a word. Now an output whose provenance
+    records other weights or settings is refused before any work, naming each difference; the same command keeps
+    it."""
+    from DiffusionCore.sr.throughplane import tiny_predictor
+    from DiffusionCore.sr.throughplane_train import export_predictor
+
+    weights = {}
+    for seed in (0, 1):
+        weights[seed] = tmp_path / f"w{seed}.safetensors"
+        export_predictor(tiny_predictor(seed), weights[seed], {})
+    src = folder_of(tmp_path, {"a.nii.gz": (4, 24, 24), "b.nii.gz": (4, 24, 24)})
+    out = tmp_path / "out"
+
+    def sr(*extra: str, factor: str = "2", adapt: tuple[str, ...] = ("--adapt-steps", "2"), w: int = 0) -> tuple[int, str]:
+        code = main(["sr", str(src), str(out), "--progress", "none", "--weights", str(weights[w]),
+                     "--allow-unregistered-weights", "--factor", factor, *adapt, *extra])  # fmt: skip
+        return code, capsys.readouterr().err
+
+    assert sr()[0] == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    code, err = sr("--skip-existing")
+    assert code == 0 and "2 skipped (2 done before)" in err
+    refused = {
+        "--factor: 2 (this run: 4)": sr("--skip-existing", factor="4"),
+        "--seed: 0 (this run: 5)": sr("--skip-existing", "--seed", "5"),
+        "adaptation (--adapt, --adapt-steps, --no-adapt): steps 2 (this run: none)": sr("--skip-existing",
+                                                                                        adapt=("--no-adapt",)),
+        "adaptation (--adapt, --adapt-steps, --no-adapt): steps 2 (this run: steps 400)": sr("--skip-existing", adapt=()),
+        "data consistency (--no-data-consistency): on (this run: off)": sr("--skip-existing", "--no-data-consistency"),
+        f"weights {weights[0]} (sha256 ": sr("--skip-existing", w=1),
+    }  # fmt: skip
+    for difference, (code, err) in refused.items():
+        [error] = lines(err, "error:")
+        assert code == 4 and f"{out / 'a.nii.gz'} exists but was made with other settings than this run's" in error
+        assert difference in error and "--overwrite to redo every input" in error, error
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing was redone or removed

@@ -300,3 +300,21 @@ def test_a_header_value_the_standard_does_not_allow_prints_no_library_warning(tm
     assert proc.returncode == 0, proc.stderr
     assert "UserWarning" not in proc.stderr and "valuerep" not in proc.stderr
     assert str(pydicom.dcmread(next((tmp_path / "series").glob("*.dcm"))).PatientAge) == "59Y"  # copied as it is
+
+
+def test_skip_existing_refuses_ct_made_with_other_settings(tmp_path, capsys):
+    """A batch of radiographs continued with --skip-existing kept CTs made with another seed, --invert or number of
+    steps; now each difference is named before any work, and the same options keep them."""
+    src = tmp_path / "in"
+    for name in ("a", "b"):
+        _png(src / f"{name}.png", seed=len(name))
+    out = tmp_path / "out"
+    assert main(["xray2ct", str(src), str(out), *TINY, "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(["xray2ct", str(src), str(out), *TINY, "--steps", "2", "--skip-existing"]) == 0
+    assert "2 skipped (2 done before)" in capsys.readouterr().err
+    code = main(["xray2ct", str(src), str(out), *TINY, "--steps", "3", "--seed", "1", "--invert", "--skip-existing"])
+    err = capsys.readouterr().err
+    assert code == 4 and f"{out / 'a.nii.gz'} exists but was made with other settings than this run's" in err
+    assert "--seed: 0 (this run: 1)" in err and "--invert: off (this run: on)" in err
+    assert "--steps: 2/2 (this run: 3)" in err  # one value per stage of the (two-stage) tiny network

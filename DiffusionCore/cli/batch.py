@@ -272,13 +272,52 @@ BATCH_EXISTS_ADVICE = ("pass --skip-existing to keep it and do the batch's other
                        "or --overwrite to replace it")  # fmt: skip
 
 
-def existing_output(job: Job) -> str | None:
+@dataclass(frozen=True)
+class KeptCheck:
+    """What an output that ``--skip-existing`` keeps must have been made with, as far as a run knows it before any
+    input is read: the weights' sha256 (``None``: not compared) and ``settings``, the provenance's settings this run
+    fixes: key as the provenance records it -> (the option that sets it, this run's value)."""
+
+    weights_sha256: str | None
+    settings: dict[str, tuple[str, Any]]
+
+
+def _setting_text(value: Any) -> str:
+    """A recorded setting as a user reads it: none, on/off, ``steps 400``, ``12/12`` (one value per stage)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_setting_text(v)}" for k, v in value.items() if v not in (None, 0, 0.0)) or "default"
+    if isinstance(value, list):
+        return "/".join(_setting_text(v) for v in value)
+    return str(value)
+
+
+def settings_differences(recorded: dict[str, Any], planned: dict[str, tuple[str, Any]]) -> list[str]:
+    """``"OPTION: RECORDED (this run: PLANNED)"`` for each key of ``planned`` (:attr:`KeptCheck.settings`) whose
+    recorded value differs. A key the output does not record is not compared; a recorded list (one value per stage)
+    agrees with a single planned value when each of its items equals it."""
+    out = []
+    for key, (option, value) in planned.items():
+        if key not in recorded:
+            continue
+        was = recorded[key]
+        same = all(item == value for item in was) if isinstance(was, list) and not isinstance(value, list) else was == value
+        if not same:
+            out.append(f"{option}: {_setting_text(was)} (this run: {_setting_text(value)})")
+    return out
+
+
+def existing_output(job: Job, kept: KeptCheck | None = None) -> str | None:
     """Why ``job``'s outputs count as done: every file it writes (with a NIfTI's provenance sidecar, and the
     --uncertainty map) exists. Outputs are written to hidden temporary files and renamed, so one that exists is whole.
     None when none exists.
 
     Raises:
-        OutputExistsError: some of them exist and others not: not an output this command finished.
+        OutputExistsError: some of them exist and others not: not an output this command finished; or its provenance
+            records another input, other weights or other settings (``kept``) than this run's.
     """
     files = [job.output] if job.as_dicom else planned_files(job.output, False)
     if job.uncertainty is not None:
@@ -297,26 +336,37 @@ def existing_output(job: Job) -> str | None:
         missing = ", ".join(str(f) for f in files if f not in there)
         raise OutputExistsError(there[0], f"exists without {missing}, so it is not an output this command finished",
                                 "move it away, or pass --overwrite to replace it")  # fmt: skip
-    made_from = _recorded_input(job.output, job.as_dicom)
+    recorded = _recorded(job.output, job.as_dicom)
+    made_from = recorded.input if recorded is not None and recorded.input else None
     if made_from is not None and not _same_input(made_from, job.source):
         raise OutputExistsError(
             job.output, f"exists but was made from {made_from}, not from {job.source}: the batch's output names depend "
             "on all its inputs, and inputs added or removed since the first run (a second file of the same name) "
             "changed them, so the files there do not belong to these inputs",
             "write the batch into a new output folder, or pass --overwrite to redo every input")  # fmt: skip
+    if recorded is not None and kept is not None:
+        differ = settings_differences(recorded.settings, kept.settings)
+        sha = recorded.weights_sha256.lower()
+        if kept.weights_sha256 and sha and not kept.weights_sha256.startswith(sha):  # a NIfTI without sidecar: a prefix
+            differ.insert(0, f"weights {recorded.weights or sha[:12]} (sha256 {sha[:12]}...; this run's: "
+                             f"{kept.weights_sha256[:12]}...)")  # fmt: skip
+        if differ:
+            raise OutputExistsError(
+                job.output, f"exists but was made with other settings than this run's: {'; '.join(differ)}",
+                "run the batch with the settings it was made with, write it into a new output folder, or pass "
+                "--overwrite to redo every input")  # fmt: skip
     return f"its output {job.output} exists{SKIP_EXISTING_NOTE}"
 
 
-def _recorded_input(output: Path, as_dicom: bool) -> str | None:
-    """The input an existing output records in its provenance (a DICOM series: its first file's), or None when it
-    records none (a file of another program, a provenance without its input)."""
+def _recorded(output: Path, as_dicom: bool):
+    """The provenance of an existing output (a DICOM series: its first file's), or None when it records none (a file
+    of another program)."""
     from ..provenance import read_provenance
 
     if as_dicom:
         files = sorted(p for p in output.iterdir() if p.is_file()) if output.is_dir() else []
         output = files[0] if files else output
-    recorded = read_provenance(output)
-    return recorded.input if recorded is not None and recorded.input else None
+    return read_provenance(output)
 
 
 def _same_input(recorded: str, source: Path) -> bool:
@@ -331,13 +381,14 @@ def _same_input(recorded: str, source: Path) -> bool:
     return False
 
 
-def check_outputs(jobs: list[Job], args: argparse.Namespace, batch: bool) -> None:
-    """Check before any work that each job's outputs can be written; with --skip-existing, mark the done ones."""
+def check_outputs(jobs: list[Job], args: argparse.Namespace, batch: bool, kept: KeptCheck | None = None) -> None:
+    """Check before any work that each job's outputs can be written; with --skip-existing, mark the done ones (made
+    from the same input, and with what ``kept`` says this run would use)."""
     for job in jobs:
         if job.skip is not None:
             continue
         if args.skip_existing:
-            job.skip = existing_output(job)
+            job.skip = existing_output(job, kept)
             if job.skip is not None:
                 continue
         try:

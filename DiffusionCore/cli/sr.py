@@ -59,6 +59,7 @@ from ..volume import (
 from .batch import (
     BatchProgress,
     Job,
+    KeptCheck,
     Plan,
     ProcessGroup,
     all_or_none,
@@ -150,8 +151,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     existing.add_argument("--skip-existing", action="store_true", help="leave a volume whose output (with its "
                           "provenance sidecar and --uncertainty map) exists, made from that volume, and do the "
                           "others: rerun a stopped or partly failed batch with this to continue it; the report lists "
-                          "them as skipped and keeps the entries of the run it continues. The outputs kept are not "
-                          "checked against this run's options")
+                          "them as skipped and keeps the entries of the run it continues. An output made with other "
+                          "weights or settings (--factor, --seed, adaptation, ...) is refused before any work")
     p.add_argument("--output-dtype", choices=("float32", "int16"), default="float32", help="voxel type of the output file (default float32; a DICOM series is always int16 HU)")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto", help="dicom: write OUTPUT as a folder holding a DICOM series labelled synthetic (for a batch: one series folder per input); file: NIfTI, NRRD or MHA by OUTPUT's suffix; auto (default): a DICOM series when the input is DICOM and OUTPUT has no volume-file suffix, else a file. In a batch auto writes a .nii.gz file for every input, DICOM ones too: give dicom for series")
     p.add_argument("--report", default=None, metavar="JSON", help="write settings, timings, memory and the weights' sha256 as JSON; for a batch: each volume's (with --skip-existing, those of the run it continues too), and the volumes failed, skipped and not tried (as {volume, why}), written whatever happens once the work has begun, also when stopped (one file per process under torchrun: JSON.rankN.json)")
@@ -253,11 +254,30 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
         created = [f for f, what in ((out, "output"), (unc_dir, "uncertainty")) if f is not None and check_batch_folder(f, what)]
     try:
         jobs = shard_list(jobs, info)
-        check_outputs(jobs, args, batch)
+        check_outputs(jobs, args, batch, kept_check(args) if args.skip_existing else None)
     except BaseException:
         remove_if_empty(created)
         raise
     return Plan(batch, jobs, created, out if batch else None)
+
+
+def kept_check(args: argparse.Namespace) -> KeptCheck:
+    """What an output kept by --skip-existing must have been made with: the weights, and the settings the command
+    line fixes before any volume is read (a factor or axis chosen from a volume's spacing is compared only when
+    given)."""
+    from ..weights.registry import expected_sha256
+
+    adapt = adapt_settings(args)
+    settings: dict[str, tuple[str, Any]] = {
+        "seed": ("--seed", args.seed), "num_samples": ("--num-samples", args.num_samples),
+        "data_consistency": ("data consistency (--no-data-consistency)", not args.no_data_consistency),
+        "adapt": ("adaptation (--adapt, --adapt-steps, --no-adapt)",
+                  None if adapt is None else {"seconds": adapt.seconds, "steps": adapt.steps}),
+    }  # fmt: skip
+    settings.update({key: (f"--{key}", value) for key, value in (("factor", args.factor), ("axis", args.axis))
+                     if value is not None})  # fmt: skip
+    own = args.tiny_test_model or args.vae_checkpoint
+    return KeptCheck(None if own else expected_sha256(args.weights, "sr"), settings)
 
 
 def sr_provenance(job_source: str | Path, volume_metadata: dict[str, Any], report: dict[str, Any]) -> Provenance:

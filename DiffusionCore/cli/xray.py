@@ -19,6 +19,7 @@ from ..xray.radiograph import RADIOGRAPH_FORMATS
 from .batch import (
     BatchProgress,
     Job,
+    KeptCheck,
     Plan,
     ProcessGroup,
     SkipInput,
@@ -165,8 +166,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     existing.add_argument("--skip-existing", action="store_true",
                           help="in a batch, leave a radiograph whose CT exists (with a NIfTI's provenance sidecar, "
                           "made from that radiograph), and do the others: rerun a stopped or partly failed batch with "
-                          "this to continue it. The CTs kept are not checked against this run's options (a one-stage "
-                          "preview stays one)")  # fmt: skip
+                          "this to continue it. A CT made with other weights or settings (--seed, --invert, --steps, "
+                          "...) is refused before any work")  # fmt: skip
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto",
                    help="dicom: OUTPUT is a folder for a CT DICOM series labelled synthetic, in the radiograph's "
                    "study; file: NIfTI, NRRD or MHA by OUTPUT's suffix; auto (default): a DICOM series when the "
@@ -331,7 +332,7 @@ def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     created = [out] if batch and check_batch_folder(out, "output") else []
     try:
         jobs = shard_list(jobs, info)
-        check_outputs(jobs, args, batch)
+        check_outputs(jobs, args, batch, _kept_check(args) if args.skip_existing else None)
         if args.save_stages:  # with the result: a stage's file is written before its result, so checked with it
             for job in (j for j in jobs if j.skip is None):
                 for p in _stage_files(job, stages).values():
@@ -340,6 +341,20 @@ def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
         remove_if_empty(created)
         raise
     return Plan(batch, jobs, created, out if batch else None, passed_over)
+
+
+def _kept_check(args: argparse.Namespace) -> KeptCheck:
+    """What a CT kept by --skip-existing must have been made with: the weights, and the settings the command line
+    fixes (the view, field of view, stages, steps, samples and start time only where given)."""
+    from ..weights.registry import expected_sha256
+
+    given = (("view", "--view", args.view), ("fov_mm", "--fov-mm", args.fov_mm),
+             ("num_stages", "--num-stages", args.num_stages), ("steps", "--steps", args.steps),
+             ("num_samples", "--num-samples", args.num_samples), ("lifting_start_t", "--lifting-start", args.lifting_start))
+    settings = {"seed": ("--seed", args.seed), "invert": ("--invert", args.invert),
+                "consistency": ("re-projection consistency (--no-consistency)", args.consistency)}
+    settings.update({key: (option, value) for key, option, value in given if value is not None})
+    return KeptCheck(None if args.tiny_test_model else expected_sha256(args.weights, "xray"), settings)
 
 
 class _RadiographRun:

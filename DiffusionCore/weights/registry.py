@@ -454,6 +454,24 @@ def default_weights_name(
     raise WeightsError(f"no default {what} weights are installed: {how_to_get}")
 
 
+def expected_sha256(name_or_path: str | os.PathLike | None, family: str) -> str | None:
+    """The sha256 of the weights a command will load, known before it loads them: a registered name's registered
+    sha256, a file's own, the default of ``family`` (:func:`first_available`) when ``None``; ``None`` when it cannot be
+    told here (no such name or file, no default): loading them then says why."""
+    if name_or_path is None:
+        name_or_path = first_available(family)
+        if name_or_path is None:
+            return None
+    found = _lookup_name(name_or_path) if isinstance(name_or_path, str) else None
+    if found is not None:
+        return str(found[1].get("sha256", "")).lower() or None
+    path = Path(os.fspath(name_or_path)).expanduser()
+    try:
+        return sha256_file(path) if path.is_file() else None
+    except OSError:
+        return None
+
+
 def shell_word(text: str | os.PathLike) -> str:
     """``text`` quoted as one word of a command to paste into this system's shell (a path with spaces, quotes or
     accents): POSIX shell quoting, or the Windows command line's on Windows."""

@@ -429,6 +429,8 @@ class XrayToCTGenerator:
                 "device": str(dev),
                 "view": view,
                 "consistency": bool(consistency),
+                "invert": bool(invert),
+                "fov_mm": fov,
             },  # fmt: skip
             "timings": {"total": time.time() - t0},
             "notes": notes,
