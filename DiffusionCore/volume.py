@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,7 @@ from .dicom_in import (
     read_enhanced_ct,
     unread_files_note,
 )
-from .errors import GeometryError, InputError, OutputError, OutputExistsError
+from .errors import DiffusionCoreError, GeometryError, InputError, OutputError, OutputExistsError
 from .files import (
     CompressedDataError,
     check_name_length,
@@ -426,13 +427,13 @@ _ITK_READ_FAILURES = ("fail", "not read completely", "error", "cannot", "corrupt
 _ITK_HANDLED_HERE = ("sform",)
 
 
-def itk_path(path: str | os.PathLike) -> str:
+def itk_path(path: str | os.PathLike, error: type[DiffusionCoreError] = InputError) -> str:
     """``path`` as text SimpleITK can take (it encodes file names as UTF-8).
 
     Under a locale whose encoding is not UTF-8 (``LC_ALL=C`` with ``PYTHONUTF8=0``), Python holds the non-ASCII
     bytes of a file name it found on disk as lone surrogates, which SimpleITK cannot convert: the process would
-    abort in C++. Such a name whose bytes are UTF-8 is decoded here (ITK then opens the same bytes); any other
-    is refused.
+    abort in C++. Such a name whose bytes are UTF-8 is decoded here (ITK then opens the same bytes); any other (a
+    Latin-1 name copied from a Windows share) is refused with ``error`` (an output's: :class:`OutputError`).
 
     Raises:
         InputError: the name's bytes are not UTF-8; the message names the path and what to do.
@@ -447,11 +448,13 @@ def itk_path(path: str | os.PathLike) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise InputError(
-            f"cannot pass the file name {text} to ITK: it is not UTF-8 text. "  # as every other message shows it
-            "Rename the file or folder with UTF-8 (e.g. ASCII) characters, or run with a UTF-8 locale "
-            "(PYTHONUTF8=1 or LANG=C.UTF-8)."
-        ) from None
+        shown = raw.decode("utf-8", "backslashreplace")  # the bytes that are not UTF-8 as \xeb
+        utf8 = sys.getfilesystemencoding().lower().replace("-", "") == "utf8"
+        how = ("Rename the file or folder with UTF-8 (e.g. ASCII) characters: its name is in another encoding "
+               "(e.g. Latin-1, as a Windows share or an old USB stick may give it)") if utf8 else (
+               "Rename the file or folder with UTF-8 (e.g. ASCII) characters, or run with a UTF-8 locale "
+               "(PYTHONUTF8=1 or LANG=C.UTF-8)")  # fmt: skip
+        raise error(f"cannot pass the file name {shown} to ITK: it is not UTF-8 text. {how}.") from None
 
 
 def _itk_text(value: str) -> str:
@@ -1439,6 +1442,7 @@ def write_volume(
             grid in NIfTI: see :func:`check_output_geometry`).
     """
     p = check_output_path(path, overwrite=overwrite)
+    itk_path(p, OutputError)  # a name ITK cannot take, said of the user's path (not of its temporary file)
     check_output_geometry(vol, p)
     arr = vol.array
     if dtype == "auto":

@@ -318,3 +318,29 @@ def test_skip_existing_refuses_ct_made_with_other_settings(tmp_path, capsys):
     assert code == 4 and f"{out / 'a.nii.gz'} exists but was made with other settings than this run's" in err
     assert "--seed: 0 (this run: 1)" in err and "--invert: off (this run: on)" in err
     assert "--steps: 2/2 (this run: 3)" in err  # one value per stage of the (two-stage) tiny network
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names are bytes on Linux; other systems store Unicode")
+def test_a_radiograph_whose_name_is_not_utf8_fails_alone_instead_of_aborting_the_process(tmp_path):
+    """A Latin-1 file name (a Windows share, an old USB stick) reached SimpleITK as is, which aborted the whole
+    process in C++ (exit 134): the batch, its report and the radiographs after it were lost. Now that radiograph
+    fails with a message that says to rename it, and the others are done (exit 7)."""
+    from DiffusionCore.errors import InputError
+    from DiffusionCore.xray.radiograph import read_radiograph
+
+    src = tmp_path / "in"
+    good = _png(src / "good.png")
+    latin1 = os.path.join(os.fsencode(src), b"r\xf6ntgen.dcm")  # "röntgen" in Latin-1: not UTF-8
+    _dx_dicom(tmp_path / "dx")
+    with open(latin1, "wb") as f:
+        f.write((tmp_path / "dx").read_bytes())
+    bad = os.fsdecode(latin1)
+    with pytest.raises(InputError, match=r"r\\xf6ntgen.dcm to ITK: it is not UTF-8 text. Rename the file"):
+        read_radiograph(bad)
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    r = _cli([str(src), str(out), "--report", str(report)], tmp_path)
+    assert r.returncode == 7, r.stderr[-2000:]
+    assert "not UTF-8 text" in r.stderr and "Rename the file" in r.stderr
+    assert (out / f"{good.stem}.nii.gz").is_file()
+    data = json.loads(report.read_text(encoding="utf-8"))
+    assert len(data["failed"]) == 1 and len(data["radiographs"]) == 1

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..inputs import is_dicom_file
-from ..volume import check_metaimage_header, image_io, is_localizer, sitk_message
+from ..volume import check_metaimage_header, image_io, is_localizer, itk_path, sitk_message
 
 logger = logging.getLogger(__name__)
 
@@ -688,7 +688,7 @@ def _read_image(p: Path) -> tuple[sitk.ImageFileReader, sitk.Image]:
         raise InputError(f"{p} is a grey + alpha PNG (a greyscale image with transparency), which xray2ct cannot read: "
                          "save it as a greyscale PNG without transparency (or as RGBA) and give that file.")  # fmt: skip
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
+    reader.SetFileName(itk_path(p))  # a name ITK cannot take (not UTF-8) refused, not a C++ abort
     reader.SetImageIO(image_io(p))  # x.MHA too: ITK matches the suffix with its case
     try:
         reader.ReadImageInformation()
@@ -815,7 +815,10 @@ def radiograph_file_kind(path: str | os.PathLike) -> str:
     if not p.is_file():
         return ""
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
+    try:
+        reader.SetFileName(itk_path(p))
+    except InputError:  # tried as a radiograph, so that reading it names the problem
+        return "a file whose name is not UTF-8 text"
     try:
         reader.ReadImageInformation()
     except RuntimeError:
@@ -848,7 +851,7 @@ def read_dicom_header(path: str | os.PathLike) -> dict[str, str]:
         raise InputError(f"the DICOM file {p} does not exist; give the file the radiograph was loaded from.")
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
-    reader.SetFileName(str(p))
+    reader.SetFileName(itk_path(p))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
