@@ -448,13 +448,13 @@ def itk_path(path: str | os.PathLike, error: type[DiffusionCoreError] = InputErr
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        shown = raw.decode("utf-8", "backslashreplace")  # the bytes that are not UTF-8 as \xeb
         utf8 = sys.getfilesystemencoding().lower().replace("-", "") == "utf8"
         how = ("Rename the file or folder with UTF-8 (e.g. ASCII) characters: its name is in another encoding "
                "(e.g. Latin-1, as a Windows share or an old USB stick may give it)") if utf8 else (
                "Rename the file or folder with UTF-8 (e.g. ASCII) characters, or run with a UTF-8 locale "
                "(PYTHONUTF8=1 or LANG=C.UTF-8)")  # fmt: skip
-        raise error(f"cannot pass the file name {shown} to ITK: it is not UTF-8 text. {how}.") from None
+        # the name as every other message shows it (lone surrogates, \udce9), not in a second spelling
+        raise error(f"cannot pass the file name {text} to ITK: it is not UTF-8 text. {how}.") from None
 
 
 def _itk_text(value: str) -> str:

@@ -106,13 +106,18 @@ def test_header_text_with_undecoded_bytes_is_written_as_utf8(tmp_path, make_phan
     assert reader.GetMetaData("ctdiffusion_input") == "thick_中.nii.gz"
 
 
-def test_itk_path_decodes_utf8_bytes_and_refuses_others():
+def test_itk_path_decodes_utf8_bytes_and_refuses_others(monkeypatch):
     from DiffusionCore.volume import itk_path
 
     assert itk_path("plain/é.nii.gz") == "plain/é.nii.gz"
     assert itk_path(os.fsdecode("thick_中文.nii.gz".encode())) == "thick_中文.nii.gz"
     latin1 = b"thick_\xe9.nii.gz".decode("ascii", "surrogateescape")
-    # the name as Python holds it (and as every other message and log line shows it: \udce9), not a second spelling
+    # the name as Python holds it (and as every other message and log line shows it: \udce9), not a second spelling;
+    # in a UTF-8 locale the name is in another encoding (probe 25: the advice to use a UTF-8 locale did not apply)
+    with pytest.raises(InputError, match=r"thick_\udce9.*not UTF-8.*another encoding \(e.g. Latin-1") as info:
+        itk_path(latin1)
+    assert "PYTHONUTF8" not in str(info.value)
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "ascii")  # LC_ALL=C with PYTHONUTF8=0
     with pytest.raises(InputError, match=r"thick_\udce9.*not UTF-8.*PYTHONUTF8=1"):
         itk_path(latin1)
 
