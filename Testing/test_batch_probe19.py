@@ -387,7 +387,7 @@ def test_skip_existing_keeps_only_outputs_made_with_this_runs_weights_and_settin
     for seed in (0, 1):
         weights[seed] = tmp_path / f"w{seed}.safetensors"
         export_predictor(tiny_predictor(seed), weights[seed], {})
-    src = folder_of(tmp_path, {"a.nii.gz": (4, 24, 24), "b.nii.gz": (4, 24, 24)})
+    src = folder_of(tmp_path, {"a.nii.gz": (4, 40, 40), "b.nii.gz": (4, 40, 40)})  # big enough to adapt
     out = tmp_path / "out"
 
     def sr(*extra: str, factor: str = "2", adapt: tuple[str, ...] = ("--adapt-steps", "2"), w: int = 0) -> tuple[int, str]:
@@ -402,9 +402,9 @@ def test_skip_existing_keeps_only_outputs_made_with_this_runs_weights_and_settin
     refused = {
         "--factor: 2 (this run: 4)": sr("--skip-existing", factor="4"),
         "--seed: 0 (this run: 5)": sr("--skip-existing", "--seed", "5"),
-        "adaptation (--adapt, --adapt-steps, --no-adapt): steps 2 (this run: none)": sr("--skip-existing",
+        "adaptation (--adapt, --adapt-steps, --no-adapt): steps 2, steps_run 2 (this run: none)": sr("--skip-existing",
                                                                                         adapt=("--no-adapt",)),
-        "adaptation (--adapt, --adapt-steps, --no-adapt): steps 2 (this run: steps 400)": sr("--skip-existing", adapt=()),
+        "adaptation (--adapt, --adapt-steps, --no-adapt): steps 2, steps_run 2 (this run: steps 400)": sr("--skip-existing", adapt=()),
         "data consistency (--no-data-consistency): on (this run: off)": sr("--skip-existing", "--no-data-consistency"),
         f"weights {weights[0]} (sha256 ": sr("--skip-existing", w=1),
     }  # fmt: skip

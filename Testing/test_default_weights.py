@@ -55,7 +55,7 @@ def test_sr_without_weights_uses_the_default(tmp_path, make_phantom):
     # adapted to the scan first, by default, for the default (deterministic) number of steps
     adaptation = report["predictor"]["adaptation"]
     assert adaptation["steps"] == DEFAULT_ADAPT_STEPS and adaptation["skipped"] is None
-    assert report["settings"]["adapt"] == {"seconds": 0.0, "steps": DEFAULT_ADAPT_STEPS}
+    assert report["settings"]["adapt"] == {"seconds": 0.0, "steps": DEFAULT_ADAPT_STEPS, "steps_run": DEFAULT_ADAPT_STEPS}
     # --no-adapt: the weights as they are
     rc = main(["sr", str(src), str(out), "--factor", "4", "--report", str(rep), "--progress", "none", "--overwrite",
                "--no-adapt"])

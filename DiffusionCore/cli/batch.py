@@ -298,13 +298,20 @@ def _setting_text(value: Any) -> str:
 def settings_differences(recorded: dict[str, Any], planned: dict[str, tuple[str, Any]]) -> list[str]:
     """``"OPTION: RECORDED (this run: PLANNED)"`` for each key of ``planned`` (:attr:`KeptCheck.settings`) whose
     recorded value differs. A key the output does not record is not compared; a recorded list (one value per stage)
-    agrees with a single planned value when each of its items equals it."""
+    agrees with a single planned value when each of its items equals it, and a recorded record with a planned one
+    when it holds the same values under the planned keys (what was asked; it may also record what was done: an
+    adaptation's steps run)."""
     out = []
     for key, (option, value) in planned.items():
         if key not in recorded:
             continue
         was = recorded[key]
-        same = all(item == value for item in was) if isinstance(was, list) and not isinstance(value, list) else was == value
+        if isinstance(was, list) and not isinstance(value, list):
+            same = all(item == value for item in was)
+        elif isinstance(was, dict) and isinstance(value, dict):
+            same = all(was.get(k) == v for k, v in value.items())
+        else:
+            same = was == value
         if not same:
             out.append(f"{option}: {_setting_text(was)} (this run: {_setting_text(value)})")
     return out

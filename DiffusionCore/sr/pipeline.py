@@ -392,6 +392,19 @@ class SRPlan:
         return self.adapt_units + self.interp_units + self.pre_units + self.resample_units
 
 
+def adapt_record(adapt: AdaptSettings | None, done: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a result's provenance records of its adaptation: the request (``seconds``, ``steps``: what the command line
+    asked, which a rerun compares), the optimizer steps it ran (``steps_run``: a time budget's count, which
+    ``--adapt-steps`` reproduces) and, where it was not done, why (``skipped``); None without adaptation."""
+    if adapt is None:
+        return None
+    done = done or {}
+    record: dict[str, Any] = {"seconds": adapt.seconds, "steps": adapt.steps, "steps_run": int(done.get("steps", 0))}
+    if not done or done.get("skipped"):
+        record["skipped"] = done.get("skipped") or "not run"
+    return record
+
+
 class SuperResolver:
     """Thick-slice CT -> thin-slice CT: a through-plane predictor and/or a latent diffusion model.
 
@@ -821,7 +834,7 @@ class SuperResolver:
                 "data_consistency": bool(data_consistency),
                 "weights": self.weights_name,
                 "torch_threads": torch.get_num_threads(),
-                "adapt": None if adapt is None else {"seconds": adapt.seconds, "steps": adapt.steps},
+                "adapt": adapt_record(adapt, predictor_report.get("adaptation")),
             },
             "predictor": predictor_report,
             "timings": timings,
