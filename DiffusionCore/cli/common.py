@@ -114,13 +114,48 @@ class Progress:
             self._bar = None
 
 
+#: How torch's CPU side says an allocation failed, in lower case: its own allocator, and oneDNN (the convolutions),
+#: which reports a buffer it could not allocate as a primitive it "could not create" (seen under ``ulimit -v``). Its
+#: "could not create a primitive descriptor" is another matter (a shape or type it does not support): a bug.
+_OUT_OF_MEMORY_TEXT = re.compile(r"can't allocate memory|out of memory|could not create a primitive(?! descriptor)")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's allocation failures: ``torch.OutOfMemoryError`` (CUDA) and the CPU allocator's
-    ``RuntimeError`` ("can't allocate memory"); recognised without importing torch."""
+    """torch's allocation failures: ``torch.OutOfMemoryError`` (CUDA) and the CPU's ``RuntimeError`` (see
+    :data:`_OUT_OF_MEMORY_TEXT`); recognised without importing torch."""
     if type(exc).__name__ == "OutOfMemoryError":
         return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+    return isinstance(exc, RuntimeError) and _OUT_OF_MEMORY_TEXT.search(str(exc).lower()) is not None
+
+
+#: The most bytes one name in a path, and a whole path, may have on Linux file systems (NAME_MAX, PATH_MAX).
+NAME_MAX_BYTES, PATH_MAX_BYTES = 255, 4096
+
+
+def environment_problem(exc: BaseException) -> tuple[str, int] | None:
+    """The message and exit code for an error of the machine's set-up rather than of the program, which no
+    DiffusionCore error type carries (it can come from any library, e.g. torch asking for a temporary folder):
+
+    - no writable temporary folder at all (``tempfile``'s FileNotFoundError "No usable temporary directory"):
+      exit 4, as for an output that cannot be written;
+    - a path with a name over 255 bytes, or over 4096 bytes in all (ENAMETOOLONG, which ``Path.exists()`` raises
+      from Python 3.11 on): exit 2, as for an input or option the user can correct.
+
+    None for any other exception.
+    """
+    import errno
+
+    if isinstance(exc, FileNotFoundError) and "no usable temporary directory" in str(exc).lower():
+        tried = str(exc.strerror or exc).partition(" found in ")[2].strip("[] ").replace("'", "") or "none"
+        return (f"no writable temporary folder (tried {tried}): set TMPDIR to a folder you can write", 4)
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        path = os.fsdecode(exc.filename) if exc.filename is not None else ""
+        longest = max((len(os.fsencode(part)) for part in path.split(os.sep)), default=0)
+        what = (f"the path {path} ({len(os.fsencode(path))} bytes; its longest name has {longest})" if path
+                else "a path")  # fmt: skip
+        return (f"{what} is too long for the file system: a name there may have at most {NAME_MAX_BYTES} bytes; "
+                f"a path at most {PATH_MAX_BYTES}: use a shorter name or folder", 2)  # fmt: skip
+    return None
 
 
 def one_line(text: str, limit: int | None = None) -> str:
@@ -174,6 +209,10 @@ def run_guarded(
         if is_out_of_memory(exc):
             print(f"error: out of memory: {memory_hint}, or use a machine with more memory.", file=sys.stderr)
             return 5
+        environment = environment_problem(exc)
+        if environment is not None:
+            print(f"error: {one_line(environment[0])}", file=sys.stderr)
+            return environment[1]
         print(
             f"error: internal error ({type(exc).__name__}: {one_line(str(exc), 300)}). Run again with --debug for "
             "the traceback and report it.",

@@ -135,14 +135,17 @@ def build_on_meta(factory: Callable[[], M], what: str) -> M:
 
     Raises:
         ConfigError: the configuration cannot be built (the constructor failed: the message says how).
+        OSError, MemoryError: unchanged: the machine's, not the configuration's (torch asks for a temporary folder
+            while some layers are built; with none writable it raises FileNotFoundError, which must not be
+            reported as weights that are "damaged or edited").
     """
     mode = _ShapesOnly()
     try:
         with mode:
             return factory()
-    except (ConfigError, WeightsError):
+    except (ConfigError, WeightsError, OSError, MemoryError):
         raise
-    except (_TooLarge, MemoryError):
+    except _TooLarge:
         if mode.tensors > MAX_TENSORS:
             size = f"more than {MAX_TENSORS} weight tensors (layers)"
         else:
