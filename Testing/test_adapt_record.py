@@ -5,7 +5,6 @@ keeps what it made."""
 
 from __future__ import annotations
 
-
 import pytest
 from test_sr_pipeline import thick_ct
 

@@ -79,6 +79,7 @@ from .common import (
     adapt_settings,
     add_adapt_arguments,
     add_progress_argument,
+    bounded_int,
     check_result,
     device_name,
     finite_float,
@@ -97,6 +98,28 @@ logger = logging.getLogger(__name__)
 GUIDANCE_SCALE_RANGE = (0.0, 10.0)
 #: The standard-deviation map (--uncertainty) is checked against this range (HU) before it is written.
 UNCERTAINTY_HU_RANGE = (0.0, 32767.0)
+#: The largest --seed of sr and xray2ct, 2**32 - 1 (:data:`~DiffusionCore.sr.adapt.MAX_SEED`): the adaptation's pair
+#: generator keeps 32 bits of a seed, so a larger one would repeat a smaller one's output; refused when parsed.
+MAX_SEED = 2**32 - 1
+#: The help of --threads (sr and xray2ct), as evaluate's --threads says it.
+THREADS_HELP = ("CPU threads of torch (default 0: torch's default, from OMP_NUM_THREADS or the cores); the output "
+                "depends on it: the same seed, device and thread count give the same output; recorded in the "
+                "provenance (torch_threads)")
+
+
+def seed_number(text: str) -> int:
+    """The argparse ``type`` of --seed: a whole number from 0 to :data:`MAX_SEED`, else exit 2 with
+    ``error: argument --seed: must be a whole number from 0 to 4294967295 ...``."""
+    try:
+        return bounded_int(0, MAX_SEED)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 0 to {MAX_SEED} (2**32 - 1: a larger seed would repeat a smaller one's "
+            f"output); got {text!r}"
+        ) from None
+
+
+seed_number.__name__ = "seed"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -145,7 +168,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="average N posterior samples (implies --estimate sample); with --uncertainty also write their per-voxel standard deviation")
     p.add_argument("--uncertainty", default=None, metavar="OUT", help="write the per-voxel standard deviation (HU) here (a folder for a batch); needs --num-samples 2 or more")
     p.add_argument("--no-data-consistency", action="store_true", help="skip the correction that makes the output, thickened again, reproduce the input")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same device: same output)")
+    p.add_argument("--seed", type=seed_number, default=0, help=f"random seed, 0 to {MAX_SEED} (the same seed, "
+                   "device and thread count give the same output; --threads pins the thread count)")
+    p.add_argument("--threads", type=bounded_int(0), default=0, metavar="N", help=THREADS_HELP)
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing output files")
     existing.add_argument("--skip-existing", action="store_true", help="leave a volume whose output (with its "
@@ -458,6 +483,10 @@ def _refuse_extra_paths(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads:  # before any work: the adapted output depends on the thread count
+        import torch
+
+        torch.set_num_threads(args.threads)
     _refuse_extra_paths(args)
     _check_uncertainty_args(args)
     info = process_info(args.device)  # its place in a torchrun launch

@@ -45,6 +45,7 @@ from .common import (
     device_name,
     finite_float,
 )
+from .sr import MAX_SEED, THREADS_HELP, seed_number
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--invert", action="store_true",
                    help="invert the radiograph's intensities first, for an image whose bones appear dark (a negative "
                    "saved as PNG or JPEG); never needed for DICOM MONOCHROME1, which is read bone bright")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--seed", type=seed_number, default=0, help=f"noise seed, 0 to {MAX_SEED} (the same seed, device "
+                   "and thread count give the same CT; --threads pins the thread count)")  # fmt: skip
+    p.add_argument("--threads", type=bounded_int(0), default=0, metavar="N", help=THREADS_HELP)
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--fov-mm", type=finite_float(0.0, low_open=True), default=None, help="side of the output cube in mm")
     p.add_argument(
@@ -357,6 +360,19 @@ def _kept_check(args: argparse.Namespace) -> KeptCheck:
     return KeptCheck(None if args.tiny_test_model else expected_sha256(args.weights, "xray"), settings)
 
 
+def _radiograph_uid(source: Path, dicom_source) -> str:
+    """The SOPInstanceUID of a DICOM radiograph ("" for other files), for the provenance of every output format: the
+    headers read for a DICOM output (``dicom_source``), else read here."""
+    from ..results import dicom_source_for
+
+    if dicom_source is None:
+        try:
+            dicom_source = dicom_source_for(source)
+        except InputError:  # read as a radiograph, but with no SOPInstanceUID to record
+            return ""
+    return "" if dicom_source is None else str(dicom_source.header.get("SOPInstanceUID", ""))
+
+
 class _RadiographRun:
     """Runs one radiograph of a run, from its file to its written CT (the weights loaded with the first)."""
 
@@ -395,6 +411,7 @@ class _RadiographRun:
         progress.before_run(f"reading {job.source.name}")
         rad = read_radiograph(job.source)
         dicom_source = dicom_source_for(job.source) if job.as_dicom else None
+        uid = _radiograph_uid(job.source, dicom_source)  # recorded whatever the output format
         if self.gen is None:
             progress.before_run("loading the weights")
             self.gen = _generator(args)
@@ -418,7 +435,6 @@ class _RadiographRun:
             report.setdefault("notes", []).append(view_note)
         progress.after_run("checking the result")
         check_result(vol, "the xray2ct result")
-        uid = str(dicom_source.header.get("SOPInstanceUID", "")) if dicom_source is not None else ""
         # the input's absolute path: the provenance is read beside the output, from anywhere
         provenance = xray_provenance(Path(os.path.abspath(job.source)), report, _weights_label(args), uid)
         report["provenance"] = provenance.as_dict()
@@ -445,6 +461,10 @@ class _RadiographRun:
 def run_xray2ct(args: argparse.Namespace) -> int:
     from ..files import keep_freed_memory
 
+    if args.threads:  # before any work: the CT depends on the thread count (slightly)
+        import torch
+
+        torch.set_num_threads(args.threads)
     _refuse_extra_paths(args)
     info = process_info(args.device)  # its place in a torchrun launch
     group = ProcessGroup(info)

@@ -20,11 +20,12 @@ number of steps depends on the machine's speed; the report records it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +38,14 @@ from .throughplane import ThroughPlaneNet, channels_last, cubic_planes
 
 logger = logging.getLogger(__name__)
 
-#: Steps of the default adaptation (about 40 s on 2 idle CPU cores; the same output for the same seed).
+#: Steps of the default adaptation (about 40 s on 2 idle CPU cores; the same output for the same seed, device and
+#: thread count).
 DEFAULT_ADAPT_STEPS = 400
 #: Time budget of ``sr --adapt`` given without a value, in seconds.
 DEFAULT_ADAPT_SECONDS = 120.0
+#: The seeds adaptation takes, 0 to 2**32 - 1: numpy's pair generator keeps 32 bits of a seed, so a larger one
+#: would repeat a smaller one's output (2**32 the same as 0); it is refused instead.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -126,6 +131,35 @@ def scan_noise_hu(thick_hu: np.ndarray, max_slices: int = 16) -> float:
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2.0))
 
 
+def check_seed(seed: int) -> int:
+    """``seed`` as an int, when it is one adaptation takes (0 to :data:`MAX_SEED`).
+
+    Raises:
+        ConfigError: a seed that is not a whole number, or outside 0 to 2**32 - 1.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ConfigError(f"the seed must be a whole number from 0 to {MAX_SEED}; got {seed!r}")
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ConfigError(f"the seed must be from 0 to {MAX_SEED} (2**32 - 1); got {int(seed)}. The adaptation's "
+                          "random pairs take 32-bit seeds, so outside that range two seeds would give the same "
+                          f"output (2**32 the same as 0): give a seed from 0 to {MAX_SEED}")
+    return int(seed)
+
+
+@contextlib.contextmanager
+def seeded_torch_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's global generators of the CPU and of ``device`` (a CUDA device) seeded with ``seed`` for the block, as
+    ``torch.manual_seed(seed)`` seeds them, and put back as the caller left them afterwards: a script that calls the
+    adaptation goes on drawing from its own random stream."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def _plane_size(shape_bc: tuple[int, int], pitch: float, thick_mm: float, k: int, s: AdaptSettings) -> tuple[int, int] | None:
     """``(thick_rows, width)`` that fit in-plane slices of ``shape_bc``, or None when none do."""
     ratio = max(thick_mm / k, pitch) / pitch
@@ -157,16 +191,21 @@ def adapt_predictor(
         spacing: its spacing in mm along ``(m, H, W)``.
         factor: thin slices per thick slice.
         settings: time or step budget and optimiser settings.
-        seed: random seed of the pairs and of the order they are drawn in.
+        seed: random seed of the pairs and of the order they are drawn in, 0 to 2**32 - 1 (:data:`MAX_SEED`). The
+            caller's global torch random state is the same after the call as before it.
         device: where to train.
         progress: ``progress(fraction_done, message)``, called after each step.
         cancel: checked after each step (raises :class:`~DiffusionCore.errors.Cancelled`).
+
+    Raises:
+        ConfigError: a seed outside 0 to 2**32 - 1.
 
     Returns:
         ``(adapted, report)``: the adapted copy (eval mode), and ``{"seconds", "steps", "loss_before",
         "loss_after", "gain_before_db", "gain_after_db", "pairs_per_step", "skipped"}``; the losses are the
         L1 (model units) on a fixed check batch from the scan, the gains its PSNR over cubic interpolation.
     """
+    seed = check_seed(seed)
     k = int(factor)
     t_start = time.perf_counter()
     pitch = float(min(spacing[1], spacing[2]))
@@ -186,10 +225,10 @@ def adapt_predictor(
     pairs = PairSettings(thick_rows=rows, width=width, through_plane_probability=0.0,
                          thick_mm=float(spacing[0]), intensity_jitter=0.02, input_noise_hu=(noise, noise))
     source = PlaneSource("input", thick_hu, tuple(float(s) for s in spacing), thin_reference=False)
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 7])
+    rng = np.random.default_rng([seed, 7])
     check_thick, check_thin = (torch.from_numpy(a) for a in sample_pairs(
         [source], k, settings.check_pairs, PairSettings(**{**pairs.__dict__, "intensity_jitter": 0.0}),
-        np.random.default_rng([int(seed) & 0xFFFFFFFF, 8])))
+        np.random.default_rng([seed, 8])))
 
     dev = torch.device(device)
     adapted = channels_last(net).to(dev)  # a copy, in the layout the CPU convolutions run fastest in
@@ -206,29 +245,29 @@ def adapt_predictor(
         return loss, 10.0 * math.log10(max(mse_cubic, 1e-12) / max(mse, 1e-12))
 
     report["loss_before"], report["gain_before_db"] = check()
-    torch.manual_seed(int(seed))
-    opt = torch.optim.Adam(adapted.parameters(), lr=settings.learning_rate)
-    adapted.train()
-    steps = 0
-    t_train = time.perf_counter()
-    while True:
-        if settings.steps is not None and steps >= int(settings.steps):
-            break
-        elapsed = time.perf_counter() - t_train
-        if settings.steps is None and elapsed >= settings.seconds:
-            break
-        thick_np, thin_np = sample_pairs([source], k, settings.batch_size, pairs, rng)
-        thick, thin = torch.from_numpy(thick_np).to(dev), torch.from_numpy(thin_np).to(dev)
-        loss = torch.nn.functional.l1_loss(cubic_planes(thick, k) + adapted(thick, k), thin)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steps += 1
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("super-resolution cancelled during adaptation; no output was written.")
-        if progress is not None:
-            frac = steps / int(settings.steps) if settings.steps is not None else (time.perf_counter() - t_train) / settings.seconds
-            progress(min(1.0, frac), f"adapting to this scan, step {steps}")
+    with seeded_torch_rng(seed, dev):  # the caller's global random stream is left as it was
+        opt = torch.optim.Adam(adapted.parameters(), lr=settings.learning_rate)
+        adapted.train()
+        steps = 0
+        t_train = time.perf_counter()
+        while True:
+            if settings.steps is not None and steps >= int(settings.steps):
+                break
+            elapsed = time.perf_counter() - t_train
+            if settings.steps is None and elapsed >= settings.seconds:
+                break
+            thick_np, thin_np = sample_pairs([source], k, settings.batch_size, pairs, rng)
+            thick, thin = torch.from_numpy(thick_np).to(dev), torch.from_numpy(thin_np).to(dev)
+            loss = torch.nn.functional.l1_loss(cubic_planes(thick, k) + adapted(thick, k), thin)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("super-resolution cancelled during adaptation; no output was written.")
+            if progress is not None:
+                frac = steps / int(settings.steps) if settings.steps is not None else (time.perf_counter() - t_train) / settings.seconds
+                progress(min(1.0, frac), f"adapting to this scan, step {steps}")
     report["loss_after"], report["gain_after_db"] = check()
     adapted.eval()
     report.update(steps=steps, seconds=round(time.perf_counter() - t_start, 2), pairs_per_step=settings.batch_size,

@@ -259,7 +259,7 @@ class XrayToCTGenerator:
             num_stages: 1..the number of stages of the weights (default: all; more than it has is capped, with a
                 warning and a note in the report).
             steps: DDIM steps per stage (default: each stage's config).
-            seed: noise seed (same seed, same output).
+            seed: noise seed (the same seed, device and thread count give the same output).
             device: auto, cpu or cuda.
             view: the radiograph's view (``"pa"``: any frontal view; ``"lateral"``); must be the one the weights
                 were trained on. Default: what a DICOM radiograph's header says (:func:`.radiograph.header_view`),
@@ -431,6 +431,7 @@ class XrayToCTGenerator:
                 "consistency": bool(consistency),
                 "invert": bool(invert),
                 "fov_mm": fov,
+                "torch_threads": torch.get_num_threads(),  # the CT depends on it (slightly) on the CPU
             },  # fmt: skip
             "timings": {"total": time.time() - t0},
             "notes": notes,
