@@ -347,6 +347,39 @@ def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+#: The largest --seed of sr and xray2ct, 2**32 - 1 (as :data:`DiffusionCore.sr.adapt.MAX_SEED`, which the Python API
+#: checks; kept here too so that parsing imports no torch): the adaptation's pair generator keeps 32 bits of a seed, so
+#: a larger one would repeat a smaller one's output; refused when parsed.
+MAX_SEED = 2**32 - 1
+#: The help of --threads (sr and xray2ct; evaluate says it of its figures).
+THREADS_HELP = ("CPU threads of torch (default 0: torch's default, from OMP_NUM_THREADS or the cores); the output "
+                "depends on it: the same seed, device and thread count give the same output; recorded in the "
+                "provenance (torch_threads)")
+
+
+def seed_number(text: str) -> int:
+    """The argparse ``type`` of --seed: a whole number from 0 to :data:`MAX_SEED`, else exit 2 with
+    ``error: argument --seed: must be a whole number from 0 to 4294967295 ...``."""
+    try:
+        return bounded_int(0, MAX_SEED)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 0 to {MAX_SEED} (2**32 - 1: a larger seed would repeat a smaller one's "
+            f"output); got {text!r}"
+        ) from None
+
+
+seed_number.__name__ = "seed"
+
+
+def set_torch_threads(threads: int) -> None:
+    """--threads of a command, applied before any work: torch's CPU threads (0: torch's default, left as it is)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def name_list(choices: tuple[str, ...] | None = None) -> Callable[[str], tuple[str, ...]]:
     """An argparse ``type`` for a comma-separated list of names (``--methods cubic,sr``), checked when the command
     line is parsed (exit code 2): at least one name, no empty entry (``a,,b``, a trailing comma), no name twice,

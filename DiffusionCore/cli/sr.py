@@ -76,6 +76,8 @@ from .batch import (
     single_job,
 )
 from .common import (
+    MAX_SEED,
+    THREADS_HELP,
     adapt_settings,
     add_adapt_arguments,
     add_progress_argument,
@@ -84,6 +86,8 @@ from .common import (
     device_name,
     finite_float,
     result_range,
+    seed_number,
+    set_torch_threads,
 )
 
 if TYPE_CHECKING:
@@ -98,28 +102,6 @@ logger = logging.getLogger(__name__)
 GUIDANCE_SCALE_RANGE = (0.0, 10.0)
 #: The standard-deviation map (--uncertainty) is checked against this range (HU) before it is written.
 UNCERTAINTY_HU_RANGE = (0.0, 32767.0)
-#: The largest --seed of sr and xray2ct, 2**32 - 1 (:data:`~DiffusionCore.sr.adapt.MAX_SEED`): the adaptation's pair
-#: generator keeps 32 bits of a seed, so a larger one would repeat a smaller one's output; refused when parsed.
-MAX_SEED = 2**32 - 1
-#: The help of --threads (sr and xray2ct), as evaluate's --threads says it.
-THREADS_HELP = ("CPU threads of torch (default 0: torch's default, from OMP_NUM_THREADS or the cores); the output "
-                "depends on it: the same seed, device and thread count give the same output; recorded in the "
-                "provenance (torch_threads)")
-
-
-def seed_number(text: str) -> int:
-    """The argparse ``type`` of --seed: a whole number from 0 to :data:`MAX_SEED`, else exit 2 with
-    ``error: argument --seed: must be a whole number from 0 to 4294967295 ...``."""
-    try:
-        return bounded_int(0, MAX_SEED)(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"must be a whole number from 0 to {MAX_SEED} (2**32 - 1: a larger seed would repeat a smaller one's "
-            f"output); got {text!r}"
-        ) from None
-
-
-seed_number.__name__ = "seed"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -483,10 +465,7 @@ def _refuse_extra_paths(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:  # before any work: the adapted output depends on the thread count
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)  # before any work: the adapted output depends on the thread count
     _refuse_extra_paths(args)
     _check_uncertainty_args(args)
     info = process_info(args.device)  # its place in a torchrun launch

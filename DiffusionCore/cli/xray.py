@@ -37,6 +37,8 @@ from .batch import (
     single_job,
 )
 from .common import (
+    MAX_SEED,
+    THREADS_HELP,
     NameList,
     Progress,
     add_progress_argument,
@@ -44,8 +46,9 @@ from .common import (
     check_result,
     device_name,
     finite_float,
+    seed_number,
+    set_torch_threads,
 )
-from .sr import MAX_SEED, THREADS_HELP, seed_number
 
 logger = logging.getLogger(__name__)
 
@@ -461,10 +464,7 @@ class _RadiographRun:
 def run_xray2ct(args: argparse.Namespace) -> int:
     from ..files import keep_freed_memory
 
-    if args.threads:  # before any work: the CT depends on the thread count (slightly)
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)  # before any work: the CT depends on the thread count (slightly)
     _refuse_extra_paths(args)
     info = process_info(args.device)  # its place in a torchrun launch
     group = ProcessGroup(info)
