@@ -298,11 +298,14 @@ def sigterm_cancels(cancel: threading.Event | None = None, what: str = "the run"
 
 # -- option types: every number is checked when the command line is parsed, before any work ---------
 def _range_text(low: float | None, high: float | None, low_open: bool) -> str:
+    def num(v: float) -> str:  # an int as it is written (4294967295, not 4.29497e+09)
+        return str(v) if isinstance(v, int) else f"{v:g}"
+
     if low is not None and high is not None:
-        return f"above {low:g} and at most {high:g}" if low_open else f"from {low:g} to {high:g}"
+        return f"above {num(low)} and at most {num(high)}" if low_open else f"from {num(low)} to {num(high)}"
     if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
-    return f"<= {high:g}" if high is not None else ""
+        return f"{'>' if low_open else '>='} {num(low)}"
+    return f"<= {num(high)}" if high is not None else ""
 
 
 def finite_float(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> Callable[[str], float]:
@@ -518,7 +521,7 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         "--adapt-steps", type=bounded_int(1), default=None, metavar="N",
         help=f"adapt for exactly N steps (default {DEFAULT_ADAPT_STEPS}, about 40 s on 2 idle CPU cores): before "
         "super-resolving, a copy of the model is fine-tuned on pairs made from this scan's own in-plane slices; "
-        "the same output for the same seed; the installed weights are not changed",
+        "the same output for the same seed, device and thread count; the installed weights are not changed",
     )
     group.add_argument(
         "--no-adapt", action="store_true",

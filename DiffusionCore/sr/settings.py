@@ -61,7 +61,7 @@ class SRRunSettings:
         estimate: 'mean' or 'sample' (see :meth:`SuperResolver.resolve_estimate
             <DiffusionCore.sr.pipeline.SuperResolver.resolve_estimate>`); default: from ``steps``,
             ``num_samples`` and the weights.
-        seed: random seed; the same seed gives the same output on the same device.
+        seed: random seed; the same seed gives the same output on the same device with the same thread count.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or a ``torch.device``.
         patch_size: patch ``(D, H, W)`` on the thin grid, D along the axis (default 32x256x256).
         overlap: overlap between patches ``(D, H, W)`` (default 8x64x64).
