@@ -34,23 +34,52 @@ _CHUNK = 1 << 20
 CACHE_ENV = "DIFFUSIONCORE_CACHE"
 
 
+#: The cache folder when ``$DIFFUSIONCORE_CACHE`` is unset, under the user's home folder.
+DEFAULT_CACHE = "~/.cache/diffusioncore"
+
+
 def cache_dir() -> Path:
     """DiffusionCore's user cache folder: ``$DIFFUSIONCORE_CACHE`` or ``~/.cache/diffusioncore``.
 
     Sample data live in ``cache_dir()/sample-data``, imported weights in ``cache_dir()/weights``. Not
     created here (see :func:`writable_cache_folder`).
+
+    Raises:
+        OutputError: the folder cannot be told: ``~`` has no meaning for an account with no home folder (``HOME``
+            unset and no entry in the user database: a container, a systemd ``DynamicUser`` service); the message
+            says to set ``$DIFFUSIONCORE_CACHE`` (exit code 4).
     """
     env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "diffusioncore"
+    try:
+        return Path(env).expanduser() if env else Path(DEFAULT_CACHE).expanduser()
+    except RuntimeError:  # Path.expanduser: "Could not determine home directory."
+        named = f"{CACHE_ENV}={env} starts with ~" if env else f"{CACHE_ENV} is unset"
+        raise OutputError(
+            f"no cache folder: {named}, and this account has no home folder (HOME is unset and the user database "
+            f"has no entry for it), so {env or DEFAULT_CACHE} names no folder here; set {CACHE_ENV} to the full path "
+            "of a folder you can write"
+        ) from None
+
+
+def cache_dir_shown() -> Path:
+    """:func:`cache_dir` for help texts and messages, which must not fail: where it cannot be told (no home folder),
+    the setting as written (``~/.cache/diffusioncore``, or ``$DIFFUSIONCORE_CACHE``), which names no folder here.
+    Nothing may be read from or written to it then: :func:`check_cache_usable` raises."""
+    try:
+        return cache_dir()
+    except OutputError:
+        return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
 def _cache_setting() -> str:
-    where = f"{CACHE_ENV}={os.environ[CACHE_ENV]}" if os.environ.get(CACHE_ENV) else f"the cache folder {cache_dir()}"
+    where = (f"{CACHE_ENV}={os.environ[CACHE_ENV]}" if os.environ.get(CACHE_ENV)
+             else f"the cache folder {cache_dir_shown()}")  # fmt: skip
     return f"{where}: point {CACHE_ENV} to a folder you can write (or unset it for ~/.cache/diffusioncore)"
 
 
 def check_cache_usable() -> Path:
-    """The cache folder, refused when it cannot be one: the path (or a folder above it) is a file.
+    """The cache folder, refused when it cannot be one: the path (or a folder above it) is a file, or there is no
+    home folder for ``~/.cache/diffusioncore`` (:func:`cache_dir`).
 
     Raises:
         OutputError: naming ``$DIFFUSIONCORE_CACHE`` and what to do (exit code 4).
@@ -671,15 +700,50 @@ def keep_freed_memory() -> bool:
     return _ALLOCATOR_TUNED
 
 
+def file_size_limit() -> int | None:
+    """This process's file-size limit in bytes (``ulimit -f``, the soft ``RLIMIT_FSIZE``), or None when there is none
+    (unlimited, or a system without the ``resource`` module: Windows). A write past it fails with ``EFBIG``, or stops
+    short without a word in a library that ignores the error (ITK)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
+
+
+def _file_size_reason(folder: str | os.PathLike, needed_bytes: int, exc: BaseException | None) -> str:
+    """Why a write failed when it hit a limit on the size of one file (``""`` when it did not): this session's
+    ``ulimit -f`` (below ``needed_bytes``, or ``exc`` is ``EFBIG``), or, for ``EFBIG`` with no such limit, the largest
+    file the file system holding ``folder`` takes (FAT32: 4 GiB)."""
+    too_large = isinstance(exc, OSError) and exc.errno == errno.EFBIG
+    other_error = isinstance(exc, OSError) and exc.errno is not None and not too_large  # EACCES, EIO: not the limit
+    limit = file_size_limit()
+    if limit is not None and (too_large or (limit < needed_bytes and not other_error)):
+        return (f"the file would exceed this session's file-size limit (ulimit -f: {format_bytes(limit)}; the file "
+                f"needs up to {format_bytes(needed_bytes)}): raise it (ulimit -f unlimited) or write a smaller file")  # fmt: skip
+    if too_large:
+        return (f"the file is larger than the file system holding {folder} takes (it needs up to "
+                f"{format_bytes(needed_bytes)}; FAT32, e.g. on a USB stick, takes at most 4 GiB): write to another "
+                "folder, or a smaller file")  # fmt: skip
+    return ""
+
+
 def no_room_reason(folder: str | os.PathLike, needed_bytes: int, exc: BaseException | None = None) -> str:
-    """Why a write into ``folder`` that failed most likely failed for want of disk space, in words (``""`` when the
-    disk it is on has room for ``needed_bytes`` and ``exc`` is no "no space left" error): ITK says only "Error
-    writing", with no reason."""
+    """Why a write into ``folder`` that failed most likely failed for want of room, in words (``""`` when the disk it
+    is on has room for ``needed_bytes``, no file-size limit is below it, and ``exc`` is no "no space left" or "file too
+    large" error): ITK says only "Error writing", with no reason. A file-size limit (``ulimit -f``, ``EFBIG``) is told
+    apart from a full disk."""
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full and (limited := _file_size_reason(folder, needed_bytes, exc)):
+        return limited
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return ""
-    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
     if not full and free >= needed_bytes:
         return ""
     return (
@@ -717,9 +781,18 @@ def native_stderr_captured() -> Iterator[list[str]]:
         yield lines
         return
     try:
-        sys.stderr.flush()
+        try:
+            sink = tempfile.TemporaryFile()
+        except OSError as exc:  # no writable temporary folder at all: the block runs, its console output uncaptured
+            logger.debug("native library output is not captured: no temporary file can be made (%s)", exc)
+            sink = None
+        if sink is None:
+            yield lines
+            return
+        if sys.stderr is not None:
+            sys.stderr.flush()
         saved = os.dup(2)
-        with tempfile.TemporaryFile() as sink:
+        with sink:
             os.dup2(sink.fileno(), 2)
             try:
                 yield lines
@@ -891,20 +964,28 @@ def write_json_atomic(
             keeps Python's ``NaN`` / ``Infinity`` (state read back by DiffusionCore itself).
 
     Raises:
-        OutputError: the file exists without ``overwrite``, or its folder is missing or not writable.
+        OutputError: the file exists without ``overwrite``, its folder is missing or not writable, or the file cannot
+            be written whole (a full disk, a file-size limit: the message says which, as a volume's does); no partial
+            file is left.
     """
     p = check_writable_file(path, overwrite=overwrite)
+    text = json.dumps(_finite_only(data) if nonfinite_as_null else data, indent=2, default=_jsonable) + "\n"
     remove_stale_partials(p)
-    tmp = partial_file(p)
+    tmp = None
     try:
+        tmp = partial_file(p)
         with open(tmp, "w", encoding="utf-8") as out:
-            json.dump(_finite_only(data) if nonfinite_as_null else data, out, indent=2, default=_jsonable)
-            out.write("\n")
+            out.write(text)
             if durable:
                 out.flush()
                 os.fsync(out.fileno())
         publish(tmp, p, overwrite=overwrite)
+    except OutputError:  # OutputExistsError: a file appeared at ``p`` meanwhile
+        raise
+    except OSError as exc:
+        why = no_room_reason(p.parent, len(text.encode("utf-8")), exc) or exc.strerror or str(exc)
+        raise OutputError(f"could not write {p}: {why}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return p

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import DataUnavailableError, InputError
-from .files import cache_dir, check_cache_usable, sha256_file, writable_cache_folder
+from .files import cache_dir, cache_dir_shown, check_cache_usable, sha256_file, writable_cache_folder
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -237,8 +237,11 @@ Downloader = Callable[[Package, Path], Path]
 
 # -- paths -------------------------------------------------------------------------------------------
 def sample_root() -> Path:
-    """``cache_dir()/sample-data``."""
-    return cache_dir() / "sample-data"
+    """``cache_dir()/sample-data``. Never fails, so that help texts can name it: on an account with no home folder
+    (and ``$DIFFUSIONCORE_CACHE`` unset) it is ``~/.cache/diffusioncore/sample-data`` as written
+    (:func:`~DiffusionCore.files.cache_dir_shown`), and :func:`fetch` and :func:`cache_state` raise
+    :class:`~DiffusionCore.errors.OutputError` saying to set ``$DIFFUSIONCORE_CACHE``."""
+    return cache_dir_shown() / "sample-data"
 
 
 def sample_dir(name: str) -> Path:
@@ -583,8 +586,14 @@ def _ensure_attribution(sample: Sample) -> None:
 
 def cache_state(name: str) -> str:
     """``"cached"``, ``"not cached"`` or ``"corrupt"`` (a cached file fails its sha256; the next :func:`fetch`
-    downloads it again). Reads and hashes the cached files; changes nothing."""
+    downloads it again). Reads and hashes the cached files; changes nothing.
+
+    Raises:
+        OutputError: there is no cache folder to look in (:func:`~DiffusionCore.files.cache_dir`: no home folder and
+            ``$DIFFUSIONCORE_CACHE`` unset); the message says to set it.
+    """
     sample = get_sample(name)
+    cache_dir()
     folder = sample_dir(name)
     target = folder / sample.filename
     if sample.is_series:

@@ -1515,12 +1515,20 @@ _NEARLY_FULL_BYTES = 1 << 20
 def _check_complete(path: str, voxel_bytes: int, *, compressed: bool) -> None:
     """Raise ``OSError(ENOSPC)`` when ITK's write of ``path`` cannot be whole: on a full disk ITK reports success for a
     NRRD of 0 bytes. An uncompressed file holds at least its voxels' bytes; a compressed one that leaves the disk
-    (nearly) full is taken as cut short."""
-    short = os.path.getsize(path) < voxel_bytes if not compressed else (
-        os.path.getsize(path) == 0 or shutil.disk_usage(os.path.dirname(path) or ".").free < _NEARLY_FULL_BYTES
-    )
+    (nearly) full is taken as cut short. ``OSError(EFBIG)`` instead when the file-size limit (``ulimit -f``) cut it:
+    the file reached the limit, or an uncompressed file's voxels alone exceed it."""
+    from .files import file_size_limit
+
+    size = os.path.getsize(path)
+    limit = file_size_limit()
+    at_limit = limit is not None and size >= limit  # a write stops there, whether or not ITK noticed
+    short = at_limit or (size < voxel_bytes if not compressed else (
+        size == 0 or shutil.disk_usage(os.path.dirname(path) or ".").free < _NEARLY_FULL_BYTES
+    ))
     if short:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        limited = at_limit or (not compressed and limit is not None and limit < voxel_bytes)
+        code = errno.EFBIG if limited else errno.ENOSPC
+        raise OSError(code, os.strerror(code), path)
 
 
 def crop_slices(vol: Volume, axis: str | int, start: int, stop: int) -> Volume:

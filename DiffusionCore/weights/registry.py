@@ -51,7 +51,17 @@ from typing import Any
 import torch
 
 from ..errors import OutputError, OutputExistsError, WeightsError
-from ..files import cache_dir, partial_file, publish, sha256_file
+from ..files import (
+    CACHE_ENV,
+    cache_dir,
+    cache_dir_shown,
+    check_cache_usable,
+    no_room_reason,
+    partial_file,
+    publish,
+    sha256_file,
+    writable_cache_folder,
+)
 from .entries import find_sha256, read_registry, registry_rows
 from .header import (  # noqa: F401  (METADATA_KEY and read_safetensors_header stay part of this module's API)
     METADATA_KEY,
@@ -95,8 +105,11 @@ class ResolvedWeights:
 
 
 def user_registry_path() -> Path:
-    """The user registry file, ``cache_dir()/weights/registry.json``."""
-    return cache_dir() / "weights" / "registry.json"
+    """The user registry file, ``cache_dir()/weights/registry.json``. Never fails, so that help texts can name it: on
+    an account with no home folder (and ``$DIFFUSIONCORE_CACHE`` unset) it is the path as written,
+    ``~/.cache/diffusioncore/weights/registry.json`` (:func:`~DiffusionCore.files.cache_dir_shown`); there is no user
+    registry then, and :func:`import_weights` says to set ``$DIFFUSIONCORE_CACHE``."""
+    return cache_dir_shown() / "weights" / "registry.json"
 
 
 def save_safetensors(
@@ -339,11 +352,18 @@ def _as_typed(text: str) -> str:
 
 
 def _registries() -> list[tuple[str, Path, dict[str, dict[str, Any]]]]:
-    """(source, registry folder, entries) for the bundled then the user registry."""
+    """(source, registry folder, entries) for the bundled then the user registry. Without a cache folder (an account
+    with no home folder, ``$DIFFUSIONCORE_CACHE`` unset) the user registry is empty: the bundled weights still run."""
     user = user_registry_path()
+    try:
+        cache_dir()
+    except OutputError:  # no home folder: nothing was ever imported here
+        user_entries: dict[str, dict[str, Any]] = {}
+    else:
+        user_entries = read_registry(user)
     return [
         ("bundled", BUNDLED_REGISTRY.parent, read_registry(BUNDLED_REGISTRY)),
-        ("user", user.parent, read_registry(user)),
+        ("user", user.parent, user_entries),
     ]
 
 
@@ -474,8 +494,12 @@ def expected_sha256(name_or_path: str | os.PathLike | None, family: str) -> str 
 
 def shell_word(text: str | os.PathLike) -> str:
     """``text`` quoted as one word of a command to paste into this system's shell (a path with spaces, quotes or
-    accents): POSIX shell quoting, or the Windows command line's on Windows."""
+    accents): POSIX shell quoting, or the Windows command line's on Windows. A path (``os.PathLike``) that starts
+    with ``-`` is written ``./-w.safetensors`` (``.\\-w.safetensors`` on Windows), which the command cannot take for
+    an option; a name (``str``) is quoted as it is."""
     word = os.fspath(text)
+    if isinstance(text, os.PathLike) and word.startswith("-"):
+        word = os.curdir + os.sep + word
     return subprocess.list2cmdline([word]) if sys.platform == "win32" else shlex.quote(word)
 
 
@@ -648,7 +672,8 @@ def import_weights(
         WeightsError: invalid name, bundled name, not a safetensors file, no family known, family conflict.
         OutputExistsError: ``name`` is registered for another file and ``overwrite`` is not set (nothing is
             copied or changed).
-        OutputError: the cache folder cannot be written.
+        OutputError: there is no cache folder (no home folder and ``$DIFFUSIONCORE_CACHE`` unset), or it cannot be
+            written (read-only, full); the message says what to do.
     """
     if not _NAME_PATTERN.match(name):
         raise WeightsError(
@@ -663,6 +688,7 @@ def import_weights(
         )
     if name in read_registry(BUNDLED_REGISTRY):
         raise WeightsError(f"{name!r} is the name of bundled weights: choose another name")
+    registry_file = check_cache_usable() / "weights" / "registry.json"  # no cache folder: OutputError, exit code 4
     src = Path(path).expanduser()
     data, _, metadata = read_weights_bytes(src)  # the bytes checked, hashed and copied: read once
     _refuse_training_checkpoint(src, metadata)
@@ -678,19 +704,18 @@ def import_weights(
         )
     check_loadable(src, data, metadata, family)
     sha = hashlib.sha256(data).hexdigest()
-    entries = read_registry(user_registry_path())
+    entries = read_registry(registry_file)
     registered = str(entries.get(name, {}).get("sha256", "")).lower()
     if name in entries and registered != sha and not overwrite:
         raise OutputExistsError(
             f"the name {name!r}",
             f"is already registered for other weights (sha256 {registered[:12] or 'none'}..., "
-            f"{_entry_path(user_registry_path().parent, entries[name])})",
+            f"{_entry_path(registry_file.parent, entries[name])})",
             "pass --overwrite to replace them (in Python: overwrite=True), or choose another name",
         )
-    folder = user_registry_path().parent
+    folder = writable_cache_folder(registry_file.parent)  # read-only: OutputError saying to move DIFFUSIONCORE_CACHE
     dest = folder / f"{name}.safetensors"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         tmp = partial_file(dest)
         try:
             Path(tmp).write_bytes(data)
@@ -698,7 +723,9 @@ def import_weights(
         finally:
             Path(tmp).unlink(missing_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot copy {src} into {folder}: {exc.strerror or exc}") from exc
+        why = no_room_reason(folder, len(data), exc) or (
+            f"{exc.strerror or exc}; point {CACHE_ENV} to a folder you can write")
+        raise OutputError(f"cannot copy {src} into {folder}: {why}") from exc
     if name in entries and registered != sha:
         logger.info("replacing user weights %r (was sha256 %s)", name, registered)
     entries[name] = {
@@ -708,7 +735,7 @@ def import_weights(
         "description": description if description is not None else str(metadata.get("description", "")),
         "model_card": str(metadata.get("model_card", "")),
     }
-    write_registry(user_registry_path(), entries)
+    write_registry(registry_file, entries)
     logger.info("imported weights %r (%s, sha256 %s) into %s", name, family, sha, dest)
     return ResolvedWeights(path=dest, sha256=sha, name=name, metadata=metadata)
 
