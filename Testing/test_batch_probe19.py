@@ -413,3 +413,22 @@ def test_skip_existing_keeps_only_outputs_made_with_this_runs_weights_and_settin
         assert code == 4 and f"{out / 'a.nii.gz'} exists but was made with other settings than this run's" in error
         assert difference in error and "--overwrite to redo every input" in error, error
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing was redone or removed
+
+
+def test_skip_existing_keeps_outputs_after_the_input_folder_was_moved(tmp_path, capsys):
+    """Probe 26: a batch continued after its input folder was moved or renamed was refused with "inputs added or
+    removed since the first run (a second file of the same name) changed them". An input recorded at a path that is
+    gone, with the name of the input now named, is that input."""
+    src = folder_of(tmp_path, {"a.nii.gz": (2, 12, 12), "b.nii.gz": (2, 12, 12)})
+    out = tmp_path / "out"
+    assert main(["sr", str(src), str(out), *FAST]) == 0
+    moved = src.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["sr", str(moved), str(out), *FAST, "--skip-existing"]) == 0
+    assert "2 skipped (2 done before)" in capsys.readouterr().err
+    (tmp_path / "x").mkdir()
+    other = folder_of(tmp_path / "x", {"c.nii.gz": (2, 12, 12)})  # where names differ it is still refused
+    (out / "a.nii.gz").rename(out / "c.nii.gz")
+    (out / "a.json").rename(out / "c.json")
+    assert main(["sr", str(other), str(out), *FAST, "--skip-existing"]) == 4
+    assert "exists but was made from" in capsys.readouterr().err

@@ -378,8 +378,10 @@ def _recorded(output: Path, as_dicom: bool):
 
 def _same_input(recorded: str, source: Path) -> bool:
     """Whether an output's recorded input is ``source``: the same file for an absolute path (what this software
-    records since 2026-12-06), the same name for a relative one (recorded from another working folder)."""
-    if not os.path.isabs(recorded):
+    records since 2026-12-06), the same name for a relative one (recorded from another working folder) and for an
+    absolute one that is no longer there (the input folder was moved or renamed since: a batch continued from its
+    new place)."""
+    if not os.path.isabs(recorded) or not os.path.lexists(recorded):
         return Path(recorded).name == source.name
     if os.path.realpath(recorded) == os.path.realpath(source):
         return True
