@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +14,9 @@ from typing import Any
 from ..errors import ConfigError, InputError, NumericalError, OutputError, OutputExistsError
 from ..evaluate import aggregate, check_method_fits, evaluate, format_aggregate, format_table, get_method
 from ..files import check_writable_file, refuse_overwriting_inputs, write_json_atomic
-from ..provenance import Provenance, sidecar_path, synthetic_input_warning
+from ..provenance import Provenance, environment, sidecar_path, sidecar_record, synthetic_input_warning
 from ..volume import Volume, crop_slices, read_volume, split_volume_suffix
+from .batch import remove_if_empty
 from .common import (
     NameList,
     Progress,
@@ -167,14 +169,30 @@ def check_save_folder(folder: Path, files: list[Path], overwrite: bool) -> None:
                 raise OutputExistsError(p)
 
 
+#: What a saved model volume's provenance settings take from its method's record (``method_details``): what ``sr``
+#: records of the same run, so that the volume can be made again.
+MODEL_SETTINGS = ("estimate", "steps", "seed", "device", "torch_threads", "data_consistency", "adapt")
+
+
 class VolumeSaver:
     """``keep`` for :func:`~DiffusionCore.evaluate.evaluate`: writes each volume as soon as it exists (atomic
     float32 NIfTI; the simulated input and the reconstructions with a provenance sidecar, the reference crop as it
-    is)."""
+    is). A model method's sidecar is completed by :meth:`record_details` once the evaluation has its record (the
+    device it ran on, its threads, the adaptation steps it ran), as ``sr`` records them.
 
-    def __init__(self, files: dict[str, Path], source: str, settings: dict[str, Any], overwrite: bool) -> None:
-        self.files, self.source, self.settings, self.overwrite = files, source, settings, overwrite
+    Args:
+        files: what to write, name -> path (:func:`saved_volume_files`).
+        source: the reference's file (recorded as an absolute path).
+        settings: the evaluation's settings (factor, axis, degradation, slices, seed).
+        weights: the model methods' weights (name or file), as their provenance names them.
+    """
+
+    def __init__(self, files: dict[str, Path], source: str | Path, settings: dict[str, Any], overwrite: bool,
+                 weights: str = "") -> None:  # fmt: skip
+        self.files, self.settings, self.overwrite, self.weights = files, settings, overwrite, weights
+        self.source = os.path.abspath(source)
         self.written: list[str] = []
+        self.provenance: dict[str, Provenance] = {}
 
     def __call__(self, name: str, vol: Volume) -> None:
         from ..results import write_result
@@ -188,12 +206,26 @@ class VolumeSaver:
             what = (f"thick input x{self.settings['factor']} {self.settings['degradation']} (simulated)" if name == "thick"
                     else f"{name} x{self.settings['factor']} from simulated thick slices (synthetic)")  # fmt: skip
             prov = Provenance(
-                task="evaluate", title=what, weights=str(vol.metadata.get("weights", "")),
+                task="evaluate", title=what, weights=self.weights if name in MODEL_METHODS else "",
                 weights_sha256=str(vol.metadata.get("weights_sha256", "")), settings={**self.settings, "method": name},
                 input=self.source,
             )  # fmt: skip
             write_result(vol, path, prov, overwrite=self.overwrite, dtype="float32")
+            self.provenance[name] = prov
         self.written.append(str(path))
+
+    def record_details(self, method_details: dict[str, dict[str, Any]]) -> None:
+        """Complete the sidecars written: a model volume's with what its method reported (the evaluation's
+        ``method_details``: the weights as named, and :data:`MODEL_SETTINGS`), each with the name of its volume
+        (:func:`~DiffusionCore.provenance.sidecar_record`)."""
+        for name, prov in self.provenance.items():
+            details = method_details.get(name)
+            if details:
+                prov.weights = str(details.get("weights") or prov.weights)
+                prov.weights_sha256 = str(details.get("weights_sha256") or prov.weights_sha256)
+                prov.settings = {**prov.settings, **{k: details.get(k) for k in MODEL_SETTINGS if k in details}}
+                prov.environment = environment(str(prov.settings.get("device") or ""))  # its GPU, where it ran on one
+            write_json_atomic(sidecar_record(prov, self.files[name]), sidecar_path(self.files[name]), overwrite=True)
 
 
 def _model_summary(report: dict) -> dict[str, Any]:
@@ -242,6 +274,7 @@ def _evaluate_one(ref: Volume, name: str, read_warnings: list[str], args: argpar
     report["warnings"] = list(dict.fromkeys([*read_warnings, *report["warnings"], *said]))
     report.update(_model_summary(report))
     if saver is not None:
+        saver.record_details(report["method_details"])
         report["saved_volumes"] = list(saver.written)
     check_scores(report["results"], f"evaluate {name}")
     return report
@@ -283,12 +316,13 @@ def run(args: argparse.Namespace) -> int:
         check_writable_file(args.json_out, overwrite=args.overwrite)
     if save_root is not None:
         check_save_folder(save_root, [p for _, p in planned], args.overwrite)
+    weights = ""
     if any(m in MODEL_METHODS for m in methods):  # the weights before any volume is read or degraded
         from ..sr.pipeline import default_weights_name
         from ..weights.registry import check_weights
 
-        check_weights(args.weights or default_weights_name(), family="sr",
-                      allow_unregistered=args.allow_unregistered_weights)  # fmt: skip
+        weights = args.weights or default_weights_name()
+        check_weights(weights, family="sr", allow_unregistered=args.allow_unregistered_weights)
     options = {
         "weights": args.weights, "estimate": args.estimate, "num_steps": args.num_steps, "device": args.device,
         "seed": args.seed, "allow_unregistered": args.allow_unregistered_weights, "adapt": adapt,
@@ -298,10 +332,15 @@ def run(args: argparse.Namespace) -> int:
     reports: list[dict] = []
     said_all: list[str] = []
     passed_over: list[dict[str, str]] = []  # several references: the volumes that could not be scored, and why
+    # the --save-volumes folders this run makes (on its first write): removed again if the run fails before
+    # writing into them (a full disk, a reference that cannot be read), subfolders first
+    folders_used = [p.parent for files in save_files for p in files.values()] + ([save_root] if save_root else [])
+    created = [f for f in dict.fromkeys(folders_used) if not f.exists()]
     try:
         if not several:
             ref, said = _read_reference(sources[0])
-            saver = VolumeSaver(save_files[0], names[0], _save_settings(args), args.overwrite) if save_files else None
+            saver = (VolumeSaver(save_files[0], sources[0], _save_settings(args), args.overwrite, weights)
+                     if save_files else None)  # fmt: skip
             reports.append(_evaluate_one(ref, names[0], said, args, methods, options, saver, progress))
         else:
             n = len(sources)
@@ -310,7 +349,8 @@ def run(args: argparse.Namespace) -> int:
                 def overall(done: int, total: int, message: str, _i: int = i, _p: Path = path) -> None:
                     progress(_i * total + done, n * total, f"{_p.name}: {message}")
 
-                saver = VolumeSaver(save_files[i], str(path), _save_settings(args), args.overwrite) if save_files else None
+                saver = (VolumeSaver(save_files[i], path, _save_settings(args), args.overwrite, weights)
+                         if save_files else None)  # fmt: skip
                 try:
                     ref, said = _read_reference(path)
                     reports.append(_evaluate_one(ref, str(path), said, args, methods, options, saver, overall))
@@ -326,6 +366,9 @@ def run(args: argparse.Namespace) -> int:
                     f"none of the {n} references could be scored: "
                     + "; ".join(f"{p['volume']}: {p['why']}" for p in passed_over)
                 )
+    except BaseException:
+        remove_if_empty(created)
+        raise
     finally:
         progress.close()
     if not several:

@@ -19,6 +19,7 @@ lie along its rays; the cross view shows exactly that (the spine behind the hear
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -26,8 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..evaluate import run_environment
 from ..metrics import HU_RANGE, psnr, ssim3d
 from ..volume import Volume
+from .cascade import FAMILY
 from .consistency import drr_consistency
 from .data import (
     SCORES_ON_AIR,
@@ -96,6 +99,7 @@ def evaluate_xray(
     reference_name: str = "reference",
     progress=None,
     look: tuple[float, float, float] | None = None,
+    weights: str | None = None,
 ) -> dict[str, Any]:
     """Score methods on one reference CT.
 
@@ -103,9 +107,19 @@ def evaluate_xray(
     clinical radiograph first (:func:`~DiffusionCore.xray.data.clinical_look`, e.g. ``data.CLINICAL_LOOK``): how
     well a model reads a radiograph that is not a plain DRR.
 
+    Args:
+        reference_name: how the report and the messages name the reference; a sample CT's fetched file is named by
+            the sample's name (:func:`reference_label`), however it was given.
+        weights: the weights' name or file as the run named them; None: the registered name of the generator's
+            weights (by their sha256), ``""`` for weights in no registry.
+
     Returns:
-        ``{"reference": str, "results": [{"method", "stage", "psnr3d", "ssim3d", "reprojection_psnr",
-        "cross_view_psnr", "seconds"}], "settings": {...}}``.
+        ``{"reference": str, "reference_file": str, "results": [{"method", "stage", "psnr3d", "ssim3d",
+        "reprojection_psnr", "cross_view_psnr", "seconds"}], "settings": {...}}``, and what ``evaluate``'s report
+        also records (:func:`~DiffusionCore.evaluate.run_environment`: ``date``, ``diffusioncore_version``,
+        ``torch_version``, ``python_version``, ``torch_threads``), ``weights``, ``weights_sha256`` and ``device``.
+        ``settings`` holds the values used: ``steps`` and ``num_samples`` per stage and ``lifting_start_t`` (the
+        weights' own where none were given; None when no diffusion ran), ``device`` and ``torch_threads``.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -151,6 +165,7 @@ def evaluate_xray(
         })  # fmt: skip
 
     last: dict[str, torch.Tensor] = {}  # the model's previous stage, for previous-stage
+    used: dict[str, Any] = {"steps": None, "num_samples": None, "lifting_start_t": None, "device": "cpu"}  # no diffusion
     for method in ("model", "model-raw"):
         if method not in methods:
             continue
@@ -173,10 +188,11 @@ def evaluate_xray(
                     score("previous-stage+dc", stage, corrected, time.time() - t0)
             last["prev"] = unit
 
-        generator.run(xray[0, 0].numpy(), num_stages=n, steps=steps, seed=seed, device=device, view=view,
-                      num_samples=num_samples, lifting_start_t=lifting_start_t,
-                      fov_mm=fov, on_stage=on_stage, progress=progress,
-                      consistency=method == "model")  # fmt: skip
+        _, run_report = generator.run(xray[0, 0].numpy(), num_stages=n, steps=steps, seed=seed, device=device,
+                                      view=view, num_samples=num_samples, lifting_start_t=lifting_start_t,
+                                      fov_mm=fov, on_stage=on_stage, progress=progress,
+                                      consistency=method == "model")  # fmt: skip
+        used = run_report["settings"]  # the values the cascade ran with: the weights' own where none were given
     with torch.no_grad():
         for c in cfgs:
             r = c.resolution
@@ -200,23 +216,55 @@ def evaluate_xray(
             if "atlas" in methods and stage.uses_atlas:
                 t0 = time.time()
                 score("atlas", c.stage, stage.registered_atlas(xray), time.time() - t0)
+    env = run_environment()
+    name = registered_name(generator.weights_sha256) if weights is None else str(weights)
     return {
-        "reference": reference_name,
+        "reference": reference_label(reference_name),
+        "reference_file": os.path.abspath(str(reference.metadata.get("source") or reference_name)),
         "results": results,
+        **env,
+        "weights": name,
+        "weights_sha256": generator.weights_sha256,
+        "device": used["device"],
         "settings": {
             "fov_mm": fov,
             "view": view,
             "num_stages": n,
-            "steps": steps,
-            "num_samples": num_samples,
-            "lifting_start_t": lifting_start_t,
+            "steps": used["steps"],
+            "num_samples": used["num_samples"],
+            "lifting_start_t": used["lifting_start_t"],
             "seed": seed,
+            "device": used["device"],
+            "torch_threads": env["torch_threads"],
             "hu_range": list(HU_RANGE),
+            "weights": name,
             "weights_sha256": generator.weights_sha256,
             "input": "parallel-beam DRR of the reference at 70 keV (training geometry)"
             + ("" if look is None else f", given a clinical look (amount, sigma px at 128^2, flattening) {list(look)}"),
         },  # fmt: skip
     }
+
+
+def reference_label(name: str | os.PathLike) -> str:
+    """How a report names a reference CT: a sample CT by its name (``chest-dx``), whether it was given so or came
+    from a folder or a list as the sample's fetched file; any other CT by the name it was given."""
+    from ..sampledata import SAMPLES, sample_dir
+
+    text = str(name)
+    if text in SAMPLES:
+        return text
+    real = os.path.realpath(text)
+    for sample, info in SAMPLES.items():
+        if info.kind == "ct" and real.startswith(os.path.realpath(sample_dir(sample)) + os.sep):
+            return sample
+    return text
+
+
+def registered_name(sha256: str) -> str:
+    """The registered name of the X-ray to CT weights with this sha256 (the first one), ``""`` when none is."""
+    from ..weights.registry import list_weights
+
+    return next((w["name"] for w in list_weights(FAMILY) if w["sha256"] == sha256 and not w["hidden"]), "")
 
 
 #: The scores of a row of an :func:`evaluate_xray` report.
