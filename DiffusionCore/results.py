@@ -21,7 +21,7 @@ from pathlib import Path
 from .dicom_out import DicomSource, check_dicom_output, write_dicom_series
 from .errors import OutputError
 from .files import partial_file, publish, write_json_atomic
-from .provenance import HEADER_PREFIX, Provenance, header_fields, nifti_descrip, sidecar_path
+from .provenance import HEADER_PREFIX, Provenance, header_fields, nifti_descrip, sidecar_path, sidecar_record
 from .volume import WRITABLE_SUFFIXES, Volume, check_output_path, write_volume
 
 #: ``--output-format`` choices: ``auto`` (DICOM for a DICOM input written to a folder, else the suffix),
@@ -134,7 +134,7 @@ def write_result(
     written = [write_volume(vol, p, overwrite=overwrite, dtype=dtype, compress=compress, header=header)]
     if p.name.lower().endswith((".nii", ".nii.gz")):
         written.append(
-            write_json_atomic({"provenance": provenance.as_dict()}, sidecar_path(p), overwrite=True)
+            write_json_atomic(sidecar_record(provenance, p), sidecar_path(p), overwrite=True)
         )
     return written
 
@@ -196,7 +196,7 @@ def stamp_provenance(path: str | os.PathLike, provenance: Provenance) -> bool:
             tmp = partial_file(p)
             Path(tmp).write_bytes(gzip.compress(bytes(data), compresslevel=6) if gz else bytes(data))
             publish(tmp, p)
-            write_json_atomic({"provenance": provenance.as_dict()}, sidecar_path(p), overwrite=True)
+            write_json_atomic(sidecar_record(provenance, p), sidecar_path(p), overwrite=True)
             return True
         if name.endswith((".nrrd", ".nhdr")):
             stamped = _stamped_nrrd(p.read_bytes(), fields)

@@ -426,9 +426,8 @@ def test_skip_existing_keeps_outputs_after_the_input_folder_was_moved(tmp_path, 
     capsys.readouterr()
     assert main(["sr", str(moved), str(out), *FAST, "--skip-existing"]) == 0
     assert "2 skipped (2 done before)" in capsys.readouterr().err
-    (tmp_path / "x").mkdir()
-    other = folder_of(tmp_path / "x", {"c.nii.gz": (2, 12, 12)})  # where names differ it is still refused
-    (out / "a.nii.gz").rename(out / "c.nii.gz")
-    (out / "a.json").rename(out / "c.json")
-    assert main(["sr", str(other), str(out), *FAST, "--skip-existing"]) == 4
-    assert "exists but was made from" in capsys.readouterr().err
+    side = json.loads((out / "a.json").read_text(encoding="utf-8"))  # made from another file, gone too
+    side["provenance"]["input"] = str(tmp_path / "gone" / "other.nii.gz")
+    (out / "a.json").write_text(json.dumps(side), encoding="utf-8")
+    assert main(["sr", str(moved), str(out), *FAST, "--skip-existing"]) == 4  # where names differ it is refused
+    assert f"exists but was made from {tmp_path / 'gone' / 'other.nii.gz'}" in capsys.readouterr().err

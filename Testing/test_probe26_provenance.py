@@ -226,6 +226,7 @@ def test_a_nifti_file_is_never_described_by_the_sidecar_of_its_namesake(tmp_path
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr
     gz, plain = read_provenance(tmp_path / "q.nii.gz"), read_provenance(tmp_path / "q.nii")
+    assert json.loads((tmp_path / "q.json").read_text(encoding="utf-8"))["output"] == "q.nii"  # the sidecar says whose
     assert plain.settings["factor"] == 2 and plain.input.endswith("dxB.nii.gz")
     assert gz.title == "SR x4 (synthetic)" and gz.settings.get("factor") != 2 and "dxB" not in gz.input
 
