@@ -160,15 +160,17 @@ def check_on_grid(out: Volume, grid: Grid, name: str) -> None:
 
 
 def run_environment() -> dict[str, Any]:
-    """What an evaluation's figures also depend on: versions, torch's thread count and the date (UTC)."""
+    """What an evaluation's figures also depend on: versions (and the source's git commit when it runs from a
+    checkout, ``""`` for an installed copy), torch's thread count and the date (UTC)."""
     import torch
 
     from .provenance import now_utc
-    from .version import __version__
+    from .version import __version__, source_commit
 
     return {
         "date": now_utc(),
         "diffusioncore_version": __version__,
+        "source_commit": source_commit(),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "torch_threads": int(torch.get_num_threads()),

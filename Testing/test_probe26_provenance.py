@@ -169,7 +169,7 @@ def test_the_evaluate_xray_json_records_what_evaluate_records_and_the_values_use
     out = tmp_path / "x.json"
     assert main(["evaluate-xray", "--reference", str(ct), "--json", str(out), "--seed", "2", *TINY]) == 0
     report = json.loads(out.read_text(encoding="utf-8"))
-    for key in ("date", "diffusioncore_version", "torch_version", "python_version", "torch_threads", "device",
+    for key in ("date", "diffusioncore_version", "source_commit", "torch_version", "python_version", "torch_threads", "device",
                 "weights", "weights_sha256"):  # fmt: skip
         assert key in report, key
     assert report["torch_version"] == torch.__version__ and report["device"] == "cpu"
