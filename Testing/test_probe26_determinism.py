@@ -25,7 +25,8 @@ from conftest import ct_phantom_array
 
 from DiffusionCore.errors import ConfigError
 from DiffusionCore.provenance import read_provenance
-from DiffusionCore.sr.adapt import MAX_SEED, AdaptSettings
+from DiffusionCore.seeds import MAX_SEED
+from DiffusionCore.sr.adapt import AdaptSettings
 from DiffusionCore.sr.pipeline import SuperResolver
 from DiffusionCore.volume import Volume, write_volume
 
@@ -168,9 +169,3 @@ def test_xray2ct_records_a_dicom_radiographs_uid_in_nifti_and_nrrd_outputs(dicom
         assert prov is not None and prov.input_uid == uid, name
     assert json.loads((tmp_path / "ct.json").read_text())["provenance"]["input_uid"] == uid
 
-
-def test_the_command_lines_largest_seed_is_the_one_adaptation_takes():
-    """The limit is kept twice (parsing imports no torch): both must say the same."""
-    from DiffusionCore.cli.common import MAX_SEED as PARSED
-
-    assert PARSED == MAX_SEED == 2**32 - 1

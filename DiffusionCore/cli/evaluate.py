@@ -25,6 +25,7 @@ from .common import (
     add_progress_argument,
     bounded_int,
     device_name,
+    seed_number,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-steps", type=int, default=None, help="sampling steps for model methods (sr: implies --estimate sample)")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (model methods)")
     p.add_argument(
-        "--seed", type=int, default=0,
+        "--seed", type=seed_number, default=0,
         help="random seed of the model methods: sr+adapt's adaptation pairs and order (its figures move a little "
         "with the seed) and sr's sampling with --estimate sample; sr's posterior mean (the default) does not use it",
     )  # fmt: skip

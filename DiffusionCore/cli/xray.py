@@ -238,7 +238,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "weights' own, 1.0 for xray-default)")  # fmt: skip
     e.add_argument("--num-samples", type=bounded_int(1), default=None,
                    help="samples averaged per stage (default: the weights' config)")  # fmt: skip
-    e.add_argument("--seed", type=int, default=0, help="noise seed")
+    e.add_argument("--seed", type=seed_number, default=0, help=f"noise seed, 0 to {MAX_SEED}")
     e.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     e.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import Cancelled, ConfigError
+from ..seeds import check_seed
 from .planes import PairSettings, PlaneSource, sample_pairs
 from .throughplane import ThroughPlaneNet, channels_last, cubic_planes
 
@@ -43,9 +44,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_ADAPT_STEPS = 400
 #: Time budget of ``sr --adapt`` given without a value, in seconds.
 DEFAULT_ADAPT_SECONDS = 120.0
-#: The seeds adaptation takes, 0 to 2**32 - 1: numpy's pair generator keeps 32 bits of a seed, so a larger one
-#: would repeat a smaller one's output (2**32 the same as 0); it is refused instead.
-MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -131,21 +129,6 @@ def scan_noise_hu(thick_hu: np.ndarray, max_slices: int = 16) -> float:
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2.0))
 
 
-def check_seed(seed: int) -> int:
-    """``seed`` as an int, when it is one adaptation takes (0 to :data:`MAX_SEED`).
-
-    Raises:
-        ConfigError: a seed that is not a whole number, or outside 0 to 2**32 - 1.
-    """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ConfigError(f"the seed must be a whole number from 0 to {MAX_SEED}; got {seed!r}")
-    if not 0 <= int(seed) <= MAX_SEED:
-        raise ConfigError(f"the seed must be from 0 to {MAX_SEED} (2**32 - 1); got {int(seed)}. The adaptation's "
-                          "random pairs take 32-bit seeds, so outside that range two seeds would give the same "
-                          f"output (2**32 the same as 0): give a seed from 0 to {MAX_SEED}")
-    return int(seed)
-
-
 @contextlib.contextmanager
 def seeded_torch_rng(seed: int, device: torch.device) -> Iterator[None]:
     """torch's global generators of the CPU and of ``device`` (a CUDA device) seeded with ``seed`` for the block, as
@@ -191,7 +174,7 @@ def adapt_predictor(
         spacing: its spacing in mm along ``(m, H, W)``.
         factor: thin slices per thick slice.
         settings: time or step budget and optimiser settings.
-        seed: random seed of the pairs and of the order they are drawn in, 0 to 2**32 - 1 (:data:`MAX_SEED`). The
+        seed: random seed of the pairs and of the order they are drawn in, 0 to 2**32 - 1 (:data:`~DiffusionCore.seeds.MAX_SEED`). The
             caller's global torch random state is the same after the call as before it.
         device: where to train.
         progress: ``progress(fraction_done, message)``, called after each step.

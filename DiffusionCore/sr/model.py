@@ -422,7 +422,8 @@ class SRModel(nn.Module):
             cond: ``(B, 1, D, H, W)`` model units on the THIN grid: the cubic-interpolated thick input.
             steps: sampling steps for the 'sample' estimate (default ``config.diffusion.num_inference_steps``).
             guidance: classifier-free guidance scale (default from config; 1.0 = off).
-            generator: CPU generator for the sampling noise (same result on any device).
+            generator: CPU generator for the sampling noise (the same noise on any device; the result also depends on the
+                device and the thread count).
             cancel: checked before every network evaluation; when set, raises Cancelled.
             step_callback: ``step_callback(done, total)`` after every step.
             control: False skips the ControlNet (see :meth:`predict`).

@@ -1114,6 +1114,7 @@ class SuperResolver:
                 "data_consistency": bool(settings.data_consistency),
                 "weights": self.weights_name,
                 "torch_threads": torch.get_num_threads(),
+                "adapt": adapt_record(settings.adapt, predictor_report.get("adaptation")),
             },
             "predictor": predictor_report,
             "timings": timings,

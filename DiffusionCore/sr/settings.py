@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, GeometryError
+from ..seeds import check_seed
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +110,7 @@ class SRRunSettings:
         """The checks that need no weights (run when the settings are built; see the class's Raises)."""
         from .model import requested_estimate  # it imports torch; this module does not
 
+        check_seed(self.seed)  # 32 bits: a larger one repeated a smaller one's output
         if self.steps is not None and int(self.steps) < 1:
             raise ConfigError(f"the number of sampling steps must be at least 1; got {self.steps}")
         if self.num_samples < 1:

@@ -36,6 +36,7 @@ import torch
 
 from ..errors import InputError
 from ..intensity import unit_to_hu
+from ..seeds import check_seed
 from ..volume import Volume
 from .atlas import normalised_cross_correlation
 from .cascade import FAMILY, UnifiedHybridViTCascade
@@ -287,6 +288,7 @@ class XrayToCTGenerator:
         """
         from ..devices import resolve_device
 
+        seed = check_seed(seed)  # 32 bits, as every front end takes it
         rad = as_radiograph(image)
         if invert:
             rad = invert_radiograph(rad)
@@ -352,7 +354,7 @@ class XrayToCTGenerator:
         dev = resolve_device(device)
         self.cascade.to(dev)
         xray = xray.to(dev)
-        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        gen = torch.Generator(device=dev).manual_seed(seed)
         stages: list[dict[str, Any]] = []
         volumes: list[Volume] = []
         stage_t = [time.time()]
