@@ -224,13 +224,15 @@ def test_an_input_deleted_while_its_job_runs_is_still_named_by_its_result(scene)
 
     node = mrml_io.add_volume_node(scene, phantom_ct(shape=(6, 32, 32)), "LIDC-0001 chest")
     node.SetAttribute(mrml_io.ATTR_DICOM_INSTANCES, "1.2.3.4 1.2.3.5")
+    sh = mrml_io.subject_hierarchy(scene)
+    sh.SetItemUID(sh.CreateItem(sh.GetSceneItemID(), node), "DICOM", "1.2.3")  # its series, as Slicer records it
     job = SRJob(scene, node, SRSettings(**FAST)).start()
     remove_node_and_helpers(scene, node)
     assert job.wait(240) == JobState.COMPLETED, job.error
     assert job.notices == ["'LIDC-0001 chest' was deleted while the job ran; the result was made from it as it was "
                            "when the job started, and records its name."]  # fmt: skip
     record = mrml_io.provenance_record(job.result_nodes[0])
-    assert (record.input, record.input_uid) == ("LIDC-0001 chest", "1.2.3.4")
+    assert (record.input, record.input_uid) == ("LIDC-0001 chest", "1.2.3")  # the series UID, as sr records it
 
 
 def test_the_sr_log_and_errors_name_the_volume_not_its_hand_off_file(scene):

@@ -28,11 +28,24 @@ def _int_vector(text: str) -> tuple[int, ...]:
     return values
 
 
+#: What the out-of-memory error advises, in the module's terms (its panel shows the error line) with this script's
+#: flags: advice that holds for the shipped sr-default (a through-plane predictor: no patches, one sample) and for
+#: diffusion weights alike. ``sr``'s own (``MEMORY_HINTS`` in DiffusionCore/cli/main.py) names its flags and its
+#: --memory-limit, which this CLI does not have.
+MEMORY_HINT = ("use a smaller upsampling factor (--factor) or a larger target slice spacing (--targetSpacing), or skip "
+               "the adaptation (untick 'Adapt to this scan'; --noAdapt) or give it fewer steps (--adaptSteps); with "
+               "weights that have a diffusion stage, also fewer samples (--numSamples) or a smaller patch size "
+               "(--patchSize)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from DiffusionCore.cli.common import finite_float
+    from DiffusionCore.cli.common import finite_float, seed_number
+    from DiffusionCore.cli.main import CommandParser
     from DiffusionCore.sr.adapt import DEFAULT_ADAPT_STEPS
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the commands' parser: one error line, a dash-led file name pointed out; no abbreviations, which Slicer never
+    # passes and which would name the hidden test options (--tinyTest could match --tinyTestModel, ...)
+    p = CommandParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("inputVolume", help="thick-slice CT (NRRD, NIfTI, MHA)")
     p.add_argument("outputVolume", help="super-resolved CT to write")
     p.add_argument("--uncertaintyVolume", default="", help="write the voxel-wise std over samples here")
@@ -58,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noAdapt", action="store_true", help="no adaptation to the scan")
     p.add_argument("--patchSize", type=_int_vector, default=(0, 0, 0), help="D,H,W; 0,0,0 = automatic")
     p.add_argument("--overlap", type=_int_vector, default=(0, 0, 0), help="D,H,W; 0,0,0 = default")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_number, default=0)
     p.add_argument("--numSamples", type=int, default=1)
     p.add_argument("--noDataConsistency", action="store_true", help="skip the projection onto the input")
     p.add_argument("--allowNonCT", action="store_true", help="run on intensities that do not look like CT")
@@ -345,7 +358,8 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
     if args.reportFile:
         clean = {k: v for k, v in report.items() if k != "uncertainty"}
         written.append(
-            write_json_atomic({"model": model_name, "settings": settings, "seconds": elapsed, **clean}, args.reportFile)
+            write_json_atomic({"model": model_name, "settings": settings, "seconds": elapsed, **clean,
+                               "provenance": provenance.as_dict()}, args.reportFile)  # fmt: skip
         )
     if args.returnparameterfile:  # written in place, not atomically: listed first
         written.append(Path(args.returnparameterfile))
@@ -358,8 +372,9 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
 
 def _load():
     from DiffusionCore.cli.common import run_guarded, setup_logging
+    from DiffusionCore.cli.main import standard_streams
 
-    return build_parser(), run_guarded, setup_logging  # the parser reads DiffusionCore's defaults
+    return build_parser(), run_guarded, setup_logging, standard_streams  # the parser reads DiffusionCore's defaults
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,11 +384,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.")
 
     with own_torch_cache():  # before torch is imported: no torchinductor folder left in the temp folder
-        parser, run_guarded, setup_logging = needs_packages(_load, "CT Diffusion SR")
-        args = parser.parse_args(argv)
-        setup_logging()
-        return run_guarded(lambda: run(args), install_hint=slicer_install_hint("CT Diffusion SR"),
-                           memory_hint="use a smaller patch size, fewer samples, or the GPU")  # fmt: skip
+        parser, run_guarded, setup_logging, standard_streams = needs_packages(_load, "CT Diffusion SR")
+        from DiffusionCore.cli.common import SLICER_BUG_HINT
+
+        # as python -m DiffusionCore: a closed stdout or stderr, or a reader that left (| head), fails no run
+        with standard_streams():
+            args = parser.parse_args(argv)
+            setup_logging()
+            return run_guarded(lambda: run(args), install_hint=slicer_install_hint("CT Diffusion SR"),
+                               memory_hint=MEMORY_HINT, bug_hint=SLICER_BUG_HINT)  # fmt: skip
 
 
 if __name__ == "__main__":

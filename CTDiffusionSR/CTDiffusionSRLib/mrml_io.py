@@ -58,6 +58,10 @@ ATTR_KIND = ATTRIBUTE_PREFIX + "Kind"
 ATTR_INPUT = ATTRIBUTE_PREFIX + "Input"
 ATTR_INPUT_UID = ATTRIBUTE_PREFIX + "InputUID"
 ATTR_TITLE = ATTRIBUTE_PREFIX + "Title"
+#: The environment of the run that made the voxels (JSON: :func:`DiffusionCore.provenance.environment` as the job's
+#: output file, or a loaded result file, records it); ``{}`` when unknown. An export records it, never the
+#: environment of the Slicer exporting it (another commit or torch after an upgrade, another machine, no GPU).
+ATTR_ENVIRONMENT = ATTRIBUTE_PREFIX + "Environment"
 #: The SOP instance UIDs (space-separated, as :data:`ATTR_DICOM_INSTANCES`) of the DICOM series a result derives
 #: from: its input's, or for a result made from a result, those that one recorded. With them a DICOM export finds the
 #: patient and study in Slicer's DICOM database once the input node is gone (deleted, or a scene saved without it).
@@ -384,13 +388,14 @@ def synthetic_name(source_name: str, label: str) -> str:
 
 def set_provenance(
     node, *, kind: str, model: str, weights_sha256: str, settings: dict[str, Any], source=None, title: str = "",
-    date: str = "", recorded_input: tuple[str, str] = ("", ""),
+    date: str = "", recorded_input: tuple[str, str] = ("", ""), environment: dict[str, str] | None = None,
 ) -> None:
     """Record how a synthetic node was made, as node attributes (saved with the scene). ``title`` is the label
     that ends an exported series' description, e.g. ``"SR x4 (synthetic)"``; ``date`` (ISO 8601) defaults to now;
     ``recorded_input`` is the input's name and DICOM UID as a result file recorded them, when no source node is
-    given. A result made from a result has both steps in its title (``"SR x2 SR x2 (synthetic)"``): its DICOM export
-    is a series of the scan behind both."""
+    given. ``environment`` is the run's (:func:`run_environment`; a result file's record): ``None`` or ``{}`` when
+    unknown, and its exports then record ``{}``. A result made from a result has both steps in its title
+    (``"SR x2 SR x2 (synthetic)"``): its DICOM export is a series of the scan behind both."""
     title = title or f"{kind} (synthetic)"
     if source is not None and source.GetAttribute(ATTR_SYNTHETIC) == "true" and source.GetAttribute(ATTR_TITLE):
         title = f"{_SYNTHETIC_MARK.sub('', source.GetAttribute(ATTR_TITLE))} {title}"
@@ -400,6 +405,7 @@ def set_provenance(
     node.SetAttribute(ATTR_MODEL, model)
     node.SetAttribute(ATTR_WEIGHTS_SHA256, weights_sha256)
     node.SetAttribute(ATTR_SETTINGS, json.dumps(settings, sort_keys=True, default=str))
+    node.SetAttribute(ATTR_ENVIRONMENT, json.dumps(environment or {}, sort_keys=True, default=str))
     node.SetAttribute(ATTR_DATE, date or datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     for attr, value in zip((ATTR_INPUT, ATTR_INPUT_UID), recorded_input):
         if value:
@@ -535,7 +541,8 @@ def recognise_result_file(node) -> bool:
         logger.info("%s holds another result now (%s): its provenance is that result's", node.GetName(), key[0])
     set_provenance(node, kind=_kind_of(record.task, record.title), model=record.weights,
                    weights_sha256=record.weights_sha256, settings=record.settings, title=record.title,
-                   date=record.date or "unrecorded", recorded_input=(record.input, record.input_uid))  # fmt: skip
+                   date=record.date or "unrecorded", recorded_input=(record.input, record.input_uid),
+                   environment=record.environment)  # fmt: skip
     if "synthetic" not in (node.GetName() or "").lower():
         node.SetName(f"{node.GetName()} (synthetic)")
     logger.info("%s was loaded from a result file (%s): labelled synthetic", node.GetName(), key[0])
@@ -609,7 +616,38 @@ def provenance(node) -> dict[str, Any]:
         "settings": json.loads(node.GetAttribute(ATTR_SETTINGS) or "{}"),
         "date": node.GetAttribute(ATTR_DATE),
         "source": node.GetNodeReferenceID(SOURCE_REFERENCE_ROLE),
+        "environment": _environment_attribute(node),
     }
+
+
+def _environment_attribute(node) -> dict[str, str]:
+    """The run's environment the node records (:data:`ATTR_ENVIRONMENT`); ``{}`` when it records none (a result of
+    a version before it was kept, a scene edited by hand)."""
+    try:
+        value = json.loads(node.GetAttribute(ATTR_ENVIRONMENT) or "{}")
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def read_job_report(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON report a job's command wrote (``--reportFile``); ``{}`` when it wrote none."""
+    from pathlib import Path
+
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_environment(output_file: str | os.PathLike, report: dict[str, Any] | None = None) -> dict[str, str]:
+    """The environment of the run that wrote ``output_file`` (:func:`DiffusionCore.provenance.environment`: commit,
+    torch, Python, platform, the GPU it ran on), as that file records it, else as its ``report``'s ``provenance``
+    object does; ``{}`` when neither says. Never this process's: Slicer's is not the job's (a GPU the panel named
+    "auto", another torch)."""
+    record = read_provenance(output_file)
+    if record is not None and record.environment:
+        return dict(record.environment)
+    recorded = ((report or {}).get("provenance") or {}).get("environment")
+    return {str(k): str(v) for k, v in recorded.items()} if isinstance(recorded, dict) else {}
 
 
 def source_node(node):
@@ -653,10 +691,34 @@ def comparison_source(result, current_input) -> tuple[Any, str]:
     ).format(input=current_input.GetName() or "")
 
 
-def recorded_input(node) -> tuple[str, str]:
+def recorded_input(node, *, series: bool = False) -> tuple[str, str]:
     """What a result records of its input when a job starts (``set_provenance``'s ``recorded_input``): its name and
-    its first DICOM instance UID ("" when not loaded from DICOM). The node may be deleted before the job ends."""
+    its DICOM UID ("" when not loaded from DICOM): with ``series`` (a CT, for super-resolution) its series' UID
+    (:func:`dicom_series_uid`), as ``sr`` records it; else its first instance UID (a radiograph's, as ``xray2ct``
+    records it). The node may be deleted before the job ends."""
+    if series:
+        return node.GetName() or "", dicom_series_uid(node)
     return node.GetName() or "", ((node.GetAttribute(ATTR_DICOM_INSTANCES) or "").split() or [""])[0]
+
+
+def dicom_series_uid(node) -> str:
+    """The SeriesInstanceUID of the DICOM series ``node`` was loaded from: the DICOM UID of its subject hierarchy item
+    (where Slicer's DICOM module puts it), else the header of its first file in Slicer's DICOM database; ``""`` for a
+    node not loaded from DICOM (a result of these modules among them: :func:`claim_output` drops that identity)."""
+    if node is None or not node.GetAttribute(ATTR_DICOM_INSTANCES):
+        return ""
+    scene = node.GetScene()
+    sh = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode") if scene is not None else None
+    item = sh.GetItemByDataNode(node) if sh is not None else 0
+    if item and sh.HasItemUID(item, "DICOM") and sh.GetItemUID(item, "DICOM"):
+        return str(sh.GetItemUID(item, "DICOM"))
+    files = dicom_source_files(node)
+    if not files:
+        return ""
+    from DiffusionCore.dicom_in import header_values
+
+    values = header_values(files[0], ["SeriesInstanceUID"]) or {}
+    return str(values.get("SeriesInstanceUID", "") or "")
 
 
 def acquired_instance_uids(node) -> list[str]:
@@ -760,16 +822,21 @@ def provenance_record(node):
             "with Slicer's own Save or DICOM export"
         )
     source = source_node(node)
+    task = TASK_OF_KIND.get(info["kind"] or "", info["kind"] or "")
+    if source is None:
+        input_uid = node.GetAttribute(ATTR_INPUT_UID) or ""
+    else:  # the input's series (SR) or instance (a radiograph), as the Provenance docstring says
+        input_uid = recorded_input(source, series=task == "sr")[1]
     return Provenance(
-        task=TASK_OF_KIND.get(info["kind"] or "", info["kind"] or ""),
+        task=task,
         title=node.GetAttribute(ATTR_TITLE) or f"{info['kind']} (synthetic)",
         weights=str(info["model"] or ""),
         weights_sha256=str(info["weights_sha256"] or ""),
         settings=info["settings"],
         input=source.GetName() if source is not None else node.GetAttribute(ATTR_INPUT) or "",
-        input_uid=((source.GetAttribute(ATTR_DICOM_INSTANCES) or "").split(" ")[0] if source is not None
-                   else node.GetAttribute(ATTR_INPUT_UID) or ""),
+        input_uid=input_uid,
         date=str(info["date"] or ""),
+        environment=info["environment"],  # the run's; {} when unknown, never this process's
     )
 
 

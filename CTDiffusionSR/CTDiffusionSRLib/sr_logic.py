@@ -25,7 +25,6 @@ from DiffusionCore.volume import (
 
 from .jobs import CLIJob, check_temp_room, running_jobs
 from .mrml_io import (
-    ATTR_DICOM_INSTANCES,
     ATTR_SYNTHETIC,
     ATTR_TITLE,
     add_volume_node,
@@ -36,7 +35,10 @@ from .mrml_io import (
     input_stamp,
     job_grid,
     place_beside,
+    read_job_report,
     read_volume_file,
+    recorded_input,
+    run_environment,
     series_to_read_from_files,
     set_node_from_volume,
     set_provenance,
@@ -441,7 +443,7 @@ class SRJob(CLIJob):
         self.factor = effective_factor(input_node, settings)
         self.uncertainty_node = None
         self.input_stamp: tuple | None = None  # the input as the job read it (prepare)
-        self.recorded_input = ("", "")  # its name and DICOM UID then (prepare)
+        self.recorded_input = ("", "")  # its name and DICOM series UID then (prepare)
         notice = synthetic_input_notice(input_node)
         if notice:
             self.notices.append(notice)
@@ -454,8 +456,7 @@ class SRJob(CLIJob):
         self.handed_over.append((str(tempdir / "output.nrrd"), "the result", f"the result of '{self.input_node.GetName()}'"))
         self.input_stamp = input_stamp(self.input_node)
         # what the result records of its input, from the node as read: the node may be deleted before the end
-        self.recorded_input = (self.input_node.GetName() or "",
-                               (self.input_node.GetAttribute(ATTR_DICOM_INSTANCES) or "").split(" ")[0])
+        self.recorded_input = recorded_input(self.input_node, series=True)  # its series' UID, as sr records it
         args = self.settings.cli_arguments()
         if self.settings.num_samples >= 2:
             args += ["--uncertaintyVolume", str(tempdir / "uncertainty.nrrd")]
@@ -497,7 +498,8 @@ class SRJob(CLIJob):
         if not out_file.is_file():
             raise OutputError("the super-resolution finished without writing its output; see the log.")
         result = read_volume_file(str(out_file))
-        report = json.loads((tempdir / "report.json").read_text()) if (tempdir / "report.json").is_file() else {}
+        report = read_job_report(tempdir / "report.json")
+        environment = run_environment(out_file, report)  # the job's, as its output file records it
         model = self.return_values.get("modelName") or report.get("model", "")
         sha = self.return_values.get("weightsSha256") or str(report.get("weights_sha256", ""))
         used = (report.get("settings") or {}).get("factor")
@@ -522,7 +524,7 @@ class SRJob(CLIJob):
         del result  # the node holds a copy: a large result is not held twice while the rest is imported
         set_provenance(node, kind="super-resolution", model=model, weights_sha256=sha, settings=settings,
                        source=self.input_node, title=f"{label} (synthetic)",
-                       recorded_input=self.recorded_input)  # fmt: skip
+                       recorded_input=self.recorded_input, environment=environment)  # fmt: skip
         place_beside(self.scene, self.input_node, node)
         # the result is in the input's own frame (the files' frame when they were read): under its transform
         frame = self.input_node if self.series is None else None
@@ -547,7 +549,7 @@ class SRJob(CLIJob):
             follow_transform(frame, unc)
             set_provenance(unc, kind="uncertainty", model=model, weights_sha256=sha, settings=settings,
                            source=self.input_node, title=f"{label} uncertainty (synthetic)",
-                           recorded_input=self.recorded_input)  # fmt: skip
+                           recorded_input=self.recorded_input, environment=environment)  # fmt: skip
             place_beside(self.scene, self.input_node, unc)
             self.uncertainty_node = unc
             nodes.append(unc)

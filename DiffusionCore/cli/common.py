@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from ..seeds import MAX_SEED
+
 if TYPE_CHECKING:
     from ..volume import Volume
 
@@ -165,20 +167,30 @@ def one_line(text: str, limit: int | None = None) -> str:
     return text if limit is None or len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
+#: What the internal-error line of ``python -m DiffusionCore`` advises: it has --debug.
+DEBUG_BUG_HINT = "Run again with --debug for the traceback and report it."
+#: What the internal-error line of the Slicer scripted CLI modules advises: they have no --debug, and Slicer shows
+#: their output in the module's panel and in its Error Log (View > Error Log).
+SLICER_BUG_HINT = ("Please report it with this line and the output above it (in 3D Slicer: the module's message and "
+                   "View > Error Log).")
+
+
 def run_guarded(
     fn: Callable[[], int | None],
     *,
     debug: bool = False,
     memory_hint: str = "use smaller patches",
     install_hint: str | None = None,
+    bug_hint: str = DEBUG_BUG_HINT,
 ) -> int:
     """Run a command body with the project's error convention.
 
     Errors of the project's types print one ``error: ...`` line on stderr and return their exit code;
     an interrupt returns 130, out of memory 5, a package DiffusionCore needs that is not installed 1 with
-    ``install_hint`` (default: :data:`.missing.PIP_INSTALL_HINT`), and any other exception (a bug) 1 with a plea
-    to report it. ``debug`` re-raises instead, for the traceback. Used by ``python -m DiffusionCore`` and by the
-    Slicer scripted CLI modules alike.
+    ``install_hint`` (default: :data:`.missing.PIP_INSTALL_HINT`), and any other exception (a bug) 1 with
+    ``bug_hint``, the front end's way to report it (default :data:`DEBUG_BUG_HINT`; the Slicer CLIs, which have no
+    --debug, give :data:`SLICER_BUG_HINT`). ``debug`` re-raises instead, for the traceback. Used by
+    ``python -m DiffusionCore`` and by the Slicer scripted CLI modules alike.
     """
     from ..errors import DiffusionCoreError
     from .missing import PIP_INSTALL_HINT, missing_package_message
@@ -214,8 +226,7 @@ def run_guarded(
             print(f"error: {one_line(environment[0])}", file=sys.stderr)
             return environment[1]
         print(
-            f"error: internal error ({type(exc).__name__}: {one_line(str(exc), 300)}). Run again with --debug for "
-            "the traceback and report it.",
+            f"error: internal error ({type(exc).__name__}: {one_line(str(exc), 300)}). {bug_hint}",
             file=sys.stderr,
         )
         return 1
@@ -350,10 +361,6 @@ def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-#: The largest --seed of sr and xray2ct, 2**32 - 1 (as :data:`DiffusionCore.sr.adapt.MAX_SEED`, which the Python API
-#: checks; kept here too so that parsing imports no torch): the adaptation's pair generator keeps 32 bits of a seed, so
-#: a larger one would repeat a smaller one's output; refused when parsed.
-MAX_SEED = 2**32 - 1
 #: The help of --threads (sr and xray2ct; evaluate says it of its figures).
 THREADS_HELP = ("CPU threads of torch (default 0: torch's default, from OMP_NUM_THREADS or the cores); the output "
                 "depends on it: the same seed, device and thread count give the same output; recorded in the "

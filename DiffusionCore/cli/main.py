@@ -34,7 +34,7 @@ COMMAND_MODULES = [
 logger = logging.getLogger("DiffusionCore")
 
 
-class _Parser(argparse.ArgumentParser):
+class CommandParser(argparse.ArgumentParser):
     """argparse with the project's error convention: one ``error:`` line that names the command's ``--help``
     (not argparse's usage block, 15-20 lines for most commands), exit code 2."""
 
@@ -127,10 +127,10 @@ EXIT_CODES = ("exit codes: 0 done; 1 a result that failed its final check, or an
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m DiffusionCore", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
+    parser = CommandParser(prog="python -m DiffusionCore", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--verbose", action="store_true", help="log more detail")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     sub.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__package__}.{name}").register(sub)
@@ -159,6 +159,18 @@ def undecodable_argument(argv: list[str]) -> str | None:
         except UnicodeEncodeError:
             return os.fsencode(arg).decode("utf-8", "backslashreplace")
     return None
+
+
+def undecodable_argument_advice(shown: str) -> str:
+    """What to do about an argument :func:`undecodable_argument` found (``shown``: its bytes read as UTF-8). Under a
+    UTF-8 locale its bytes are in another encoding (a Latin-1 file name from a Windows share or an old USB stick),
+    and only a new name helps; under another locale (``LC_ALL=C``) a UTF-8 locale lets Python decode it."""
+    encoding = sys.getfilesystemencoding()
+    if encoding.lower().replace("-", "").replace("_", "") == "utf8":
+        return (f"the argument {shown!r} is not UTF-8 text: a file or folder name in another encoding (e.g. Latin-1, "
+                "as a Windows share or an old USB stick may give it); rename it with UTF-8 (e.g. ASCII) characters")
+    return (f"the argument {shown!r} holds characters that this locale ({encoding}) cannot decode; run with a UTF-8 "
+            "locale (PYTHONUTF8=1 or LANG=C.UTF-8)")
 
 
 class _ReaderMayLeave:
@@ -224,10 +236,10 @@ def _open_devnull_for_closed(name: str, fd: int):
 
 
 @contextmanager
-def _standard_streams() -> Iterator[None]:
-    """For the command's run: a None stdout or stderr replaced by os.devnull, and both made to drop what a
-    reader that left can no longer take (:class:`_ReaderMayLeave`). Restored when the command returns (tests call
-    :func:`main` in their own process)."""
+def standard_streams() -> Iterator[None]:
+    """For a command's run (``python -m DiffusionCore`` and the Slicer scripted CLI modules alike): a None stdout
+    or stderr replaced by os.devnull, and both made to drop what a reader that left can no longer take
+    (:class:`_ReaderMayLeave`). Restored when the command returns (tests call :func:`main` in their own process)."""
     saved = sys.stdout, sys.stderr
     for name, fd in (("stdout", 1), ("stderr", 2)):
         if getattr(sys, name) is None:
@@ -243,18 +255,14 @@ def _standard_streams() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    with _standard_streams():
+    with standard_streams():
         return _main(argv)
 
 
 def _main(argv: list[str] | None) -> int:
     bad = undecodable_argument(list(sys.argv[1:] if argv is None else argv))
     if bad is not None:
-        print(
-            f"error: the argument {bad!r} holds characters that this locale ({sys.getfilesystemencoding()}) "
-            "cannot decode; run with a UTF-8 locale (PYTHONUTF8=1 or LANG=C.UTF-8)",
-            file=sys.stderr,
-        )
+        print(f"error: {undecodable_argument_advice(bad)}", file=sys.stderr)
         return 2
     parser = build_parser()
     try:

@@ -363,7 +363,7 @@ def _kept_check(args: argparse.Namespace) -> KeptCheck:
     return KeptCheck(None if args.tiny_test_model else expected_sha256(args.weights, "xray"), settings)
 
 
-def _radiograph_uid(source: Path, dicom_source) -> str:
+def radiograph_uid(source: Path, dicom_source) -> str:
     """The SOPInstanceUID of a DICOM radiograph ("" for other files), for the provenance of every output format: the
     headers read for a DICOM output (``dicom_source``), else read here."""
     from ..results import dicom_source_for
@@ -414,7 +414,7 @@ class _RadiographRun:
         progress.before_run(f"reading {job.source.name}")
         rad = read_radiograph(job.source)
         dicom_source = dicom_source_for(job.source) if job.as_dicom else None
-        uid = _radiograph_uid(job.source, dicom_source)  # recorded whatever the output format
+        uid = radiograph_uid(job.source, dicom_source)  # recorded whatever the output format
         if self.gen is None:
             progress.before_run("loading the weights")
             self.gen = _generator(args)

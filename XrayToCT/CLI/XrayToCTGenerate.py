@@ -33,9 +33,12 @@ PHASE_SHARES = {"reading": 4.0, "weights": 6.0, "generation": 86.0, "writing": 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from DiffusionCore.cli.common import finite_float
+    from DiffusionCore.cli.common import finite_float, seed_number
+    from DiffusionCore.cli.main import CommandParser
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the commands' parser: one error line, a dash-led file name pointed out; no abbreviations, which Slicer never
+    # passes and which would name the hidden test option
+    p = CommandParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("inputRadiograph", help="a frontal chest radiograph, head up: DICOM (CR, DX, a CT topogram), PNG, "
                    "JPEG, TIFF, BMP, or a 2D NRRD, MetaImage or NIfTI (taken as 3D Slicer displays it, with its pixel "
                    "spacing)")
@@ -67,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noConsistency", action="store_true", help="skip the re-projection consistency step")
     p.add_argument("--numSteps", type=int, default=0, help="sampling steps per stage; 0 = model default")
     p.add_argument("--numSamples", type=int, default=0, help="samples averaged per stage; 0 = model default")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_number, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--tinyTestModel", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--reportFile", default="", help="write a JSON report here")
@@ -130,6 +133,17 @@ def load_radiograph(path: str, invert: bool, dicom_header: str = ""):
         array, spacing, said = apply_dicom_header(radiograph.array, spacing, tags, Path(dicom_header).name)
         radiograph = Radiograph(array, spacing, {**radiograph.metadata, **said, "dicom_header": str(dicom_header)})
     return invert_radiograph(radiograph) if invert else radiograph
+
+
+def radiograph_uid(path: str, dicom_header: str = "") -> str:
+    """The SOPInstanceUID the provenance records as the input's, as ``xray2ct`` records it: a DICOM input's own (its
+    header is the one used, see :func:`load_radiograph`), else that of ``dicom_header``, the DICOM file a Slicer
+    node was loaded from; "" when neither is DICOM or holds one."""
+    from DiffusionCore.cli.xray import radiograph_uid as read_uid
+    from DiffusionCore.results import is_dicom_input
+
+    source = path if is_dicom_input(path) or not dicom_header else dicom_header
+    return read_uid(Path(source), None)  # as xray2ct reads it
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -240,6 +254,7 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
         reference = read_reference(args.referenceVolume)
     print("<filter-comment>reading the radiograph</filter-comment>", flush=True)
     radiograph = load_radiograph(args.inputRadiograph, False, args.dicomHeader)  # inverted by the generator
+    uid = radiograph_uid(args.inputRadiograph, args.dicomHeader)
     if args.stageDirectory and not Path(args.stageDirectory).is_dir():
         written.append(Path(args.stageDirectory))  # made by this run: removed again if it is cancelled
         Path(args.stageDirectory).mkdir(parents=True, exist_ok=True)
@@ -290,8 +305,8 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
     check_result(result, "the generated CT")
     bar.start("writing", "writing the result")
     # with the provenance in the file: Slicer reads it into the output node, which the modules then label synthetic
-    written += write_result(result, args.outputVolume, xray_provenance(Path(args.inputRadiograph), report, model_name),
-                            overwrite=True, dtype="float32", compress=False)
+    provenance = xray_provenance(Path(args.inputRadiograph), report, model_name, uid)
+    written += write_result(result, args.outputVolume, provenance, overwrite=True, dtype="float32", compress=False)
     metrics = {}
     if reference is not None:  # scored as evaluate-xray scores: on the reference's body-centred cube
         from DiffusionCore.xray.evaluate import reference_scores
@@ -310,6 +325,7 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
                 "projection_errors": errors,
                 "reference_metrics": metrics,
                 **report,
+                "provenance": provenance.as_dict(),
             },
             args.reportFile,
         ))
@@ -330,8 +346,9 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
 
 def _load():
     from DiffusionCore.cli.common import run_guarded, setup_logging
+    from DiffusionCore.cli.main import standard_streams
 
-    return build_parser(), run_guarded, setup_logging  # the parser reads DiffusionCore's defaults
+    return build_parser(), run_guarded, setup_logging, standard_streams  # the parser reads DiffusionCore's defaults
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,11 +358,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"error: DiffusionCore is not installed in this Python ({exc}); install the extension again.")
 
     with own_torch_cache():  # before torch is imported (by the parser's defaults already)
-        parser, run_guarded, setup_logging = needs_packages(_load, "X-ray to CT")
-        args = parser.parse_args(argv)
-        setup_logging()
-        return run_guarded(lambda: run(args), install_hint=slicer_install_hint("X-ray to CT"),
-                           memory_hint="run fewer stages or use the GPU")  # fmt: skip
+        parser, run_guarded, setup_logging, standard_streams = needs_packages(_load, "X-ray to CT")
+        from DiffusionCore.cli.common import SLICER_BUG_HINT
+
+        # as python -m DiffusionCore: a closed stdout or stderr, or a reader that left (| head), fails no run
+        with standard_streams():
+            args = parser.parse_args(argv)
+            setup_logging()
+            return run_guarded(lambda: run(args), install_hint=slicer_install_hint("X-ray to CT"),
+                               memory_hint="run fewer stages or use the GPU", bug_hint=SLICER_BUG_HINT)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -39,9 +39,11 @@ from CTDiffusionSRLib.mrml_io import (
     input_stamp,
     irregular_dicom_series,
     place_beside,
+    read_job_report,
     read_volume_file,
     recorded_input,
     remember_place,
+    run_environment,
     set_node_from_volume,
     set_provenance,
     synthetic_name,
@@ -635,6 +637,10 @@ class XrayJob(CLIJob):
         self.reference_metrics: dict = {}
         self._stamps: dict[str, tuple] = {}  # the inputs as the job read them (prepare)
         self.recorded_input = ("", "")  # the radiograph's name and DICOM UID then (prepare): it may be deleted later
+        #: the engine's settings as run (the report's ``settings``: steps, device, view, torch_threads, ...) and the
+        #: run's environment (its output file's record): known once the job ends; the stage previews record None / {}
+        self.report_settings: dict | None = None
+        self.environment: dict[str, str] = {}
         self._capped_said = False  # the notice that the weights have fewer stages than chosen (update)
 
     def module_dir(self) -> Path:
@@ -733,17 +739,20 @@ class XrayJob(CLIJob):
         self.created_nodes = [node for node in self.created_nodes if node is not self.preview_node]
 
     def _record_provenance(self, stage: int, model: str = "", sha: str = "") -> None:
-        """Record on the preview node how it was made: the stage it holds, of how many, on which grid."""
+        """Record on the preview node how it was made: the stage it holds, of how many, on which grid; the panel's
+        settings and, once the job has reported them, the engine's as run (``report_settings``, as the SR module
+        records them) and the run's environment."""
         planned = self.stages_planned
         settings = {**dataclasses.asdict(self.settings), "stage": stage, "stages_planned": planned,
-                    "grid": self._grid, "projection_errors": self.stage_errors}  # fmt: skip
+                    "grid": self._grid, "projection_errors": self.stage_errors,
+                    "report_settings": self.report_settings}  # fmt: skip
         title = "CT from radiograph (synthetic)"
         if planned is None or stage < planned:  # a stage preview, which a cancel or a failure may leave as the result
             of = f" of {planned}" if planned else ""
             title = f"CT from radiograph, stage {stage}{of}, {self._grid} (synthetic)"
         set_provenance(self.preview_node, kind="xray-to-ct", model=model or self._weights[0],
                        weights_sha256=sha or self._weights[1], settings=settings, source=self.input_node,
-                       title=title, recorded_input=self.recorded_input)  # fmt: skip
+                       title=title, recorded_input=self.recorded_input, environment=self.environment)  # fmt: skip
         self.preview_node.SetAttribute("CTDiffusion.ProjectionErrors", json.dumps(self.stage_errors))
 
     def update(self) -> None:
@@ -885,7 +894,9 @@ class XrayJob(CLIJob):
         last = max(self.stage_errors) if self.stage_errors else max(1, self.settings.num_stages)
         self.stages_planned = last  # the output is the last stage's volume
         self._show(read_volume_file(str(out)), last)
-        report = json.loads((tempdir / "report.json").read_text()) if (tempdir / "report.json").is_file() else {}
+        report = read_job_report(tempdir / "report.json")
+        self.report_settings = report.get("settings")
+        self.environment = run_environment(out, report)  # the job's, as its output file records it
         model = self.return_values.get("modelName") or str(report.get("model", ""))
         sha = self.return_values.get("weightsSha256") or str(report.get("weights_sha256", ""))
         self._record_provenance(last, model, sha)
