@@ -635,7 +635,7 @@ def read_job_report(path: str | os.PathLike) -> dict[str, Any]:
     from pathlib import Path
 
     path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def run_environment(output_file: str | os.PathLike, report: dict[str, Any] | None = None) -> dict[str, str]:
