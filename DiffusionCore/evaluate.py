@@ -60,6 +60,11 @@ _SLAB_ONLY: dict[str, str] = {}
 _METHODS: dict[str, Reconstructor] = {}
 
 
+#: The settings a model method's record (``method_details``) holds, as ``sr`` records them of the same run: what a
+#: figure, or a saved volume of ``evaluate --save-volumes``, depends on besides the weights.
+MODEL_SETTINGS = ("estimate", "steps", "seed", "device", "torch_threads", "data_consistency", "adapt")
+
+
 def register_method(name: str, fn: Reconstructor, *, slab_only: str = "") -> None:
     """Make ``name`` a method of :func:`evaluate`. The interpolations register here; the model methods
     (``sr``, ``sr+adapt``, ``cubic+dc``) register when :mod:`DiffusionCore.sr.pipeline` is imported, which the

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError, NumericalError, OutputError, OutputExistsError
-from ..evaluate import aggregate, check_method_fits, evaluate, format_aggregate, format_table, get_method
+from ..evaluate import (
+    MODEL_SETTINGS,
+    aggregate,
+    check_method_fits,
+    evaluate,
+    format_aggregate,
+    format_table,
+    get_method,
+)
 from ..files import check_writable_file, refuse_overwriting_inputs, write_json_atomic
 from ..provenance import Provenance, environment, sidecar_path, sidecar_record, synthetic_input_warning
 from ..volume import Volume, crop_slices, read_volume, split_volume_suffix
@@ -170,10 +178,6 @@ def check_save_folder(folder: Path, files: list[Path], overwrite: bool) -> None:
                 raise OutputExistsError(p)
 
 
-#: What a saved model volume's provenance settings take from its method's record (``method_details``): what ``sr``
-#: records of the same run, so that the volume can be made again.
-MODEL_SETTINGS = ("estimate", "steps", "seed", "device", "torch_threads", "data_consistency", "adapt")
-
 
 class VolumeSaver:
     """``keep`` for :func:`~DiffusionCore.evaluate.evaluate`: writes each volume as soon as it exists (atomic
@@ -217,7 +221,7 @@ class VolumeSaver:
 
     def record_details(self, method_details: dict[str, dict[str, Any]]) -> None:
         """Complete the sidecars written: a model volume's with what its method reported (the evaluation's
-        ``method_details``: the weights as named, and :data:`MODEL_SETTINGS`), each with the name of its volume
+        ``method_details``: the weights as named, and :data:`~DiffusionCore.evaluate.MODEL_SETTINGS`), each with the name of its volume
         (:func:`~DiffusionCore.provenance.sidecar_record`)."""
         for name, prov in self.provenance.items():
             details = method_details.get(name)

@@ -61,7 +61,7 @@ from ..degrade import (
 )
 from ..devices import resolve_device
 from ..errors import Cancelled, ConfigError, GeometryError, InputError, ResourceError, WeightsError
-from ..evaluate import register_method
+from ..evaluate import MODEL_SETTINGS, register_method
 from ..geometry import storage_flips
 from ..intensity import HU_PER_UNIT, hu_to_unit, hu_to_unit_, unit_to_hu_
 from ..interpolation import interpolate, single_axis
@@ -1429,11 +1429,10 @@ def _evaluation_details(report: dict[str, Any]) -> dict[str, Any]:
     sha256, the settings the figures depend on, and the adaptation's record (steps, seconds, check-batch loss and
     gain over cubic before and after)."""
     settings = report.get("settings", {})
-    keys = ("estimate", "steps", "seed", "device", "torch_threads", "data_consistency", "adapt")
     return {
         "weights": settings.get("weights"),
         "weights_sha256": report.get("weights_sha256"),
-        **{k: settings.get(k) for k in keys},
+        **{k: settings.get(k) for k in MODEL_SETTINGS},
         "adaptation": (report.get("predictor") or {}).get("adaptation"),
         "timings": report.get("timings"),
     }
