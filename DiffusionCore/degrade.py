@@ -282,7 +282,7 @@ def check_ringing_depth(lowest_value: float, floor: float, highest_input: float)
         raise NumericalError(
             f"the super-resolved volume reaches {lowest_value:.6g} HU, more than twice the input's value range "
             f"below air ({bound:.6g} HU); interpolation ringing does not go that deep, so the computation failed "
-            "numerically. Nothing was written. Check the weights and options, or run again with --debug and report it."
+            "numerically. Nothing was written. Check the weights and options; if they are right, report it (on the command line, --debug shows the traceback)."
         )
 
 

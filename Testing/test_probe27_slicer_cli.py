@@ -233,3 +233,17 @@ def test_argument_errors_name_no_hidden_option_and_point_out_a_dash_led_file(tmp
     assert proc.returncode == 2
     (line,) = error_lines(proc.stderr)
     assert "-w.nrrd looks like an option" in line and "./-w.nrrd" in line, line  # before: "required: outputVolume"
+
+
+def test_a_result_that_fails_its_final_check_advises_what_every_front_end_has():
+    """Probe 27: "run again with --debug" reached the Slicer CLIs' and modules' users, who have no --debug."""
+    import numpy as np
+
+    from DiffusionCore.cli.common import check_result
+    from DiffusionCore.errors import NumericalError
+    from DiffusionCore.volume import Volume
+
+    with pytest.raises(NumericalError) as info:
+        check_result(Volume(np.full((4, 8, 8), np.nan, np.float32), (1.0, 1.0, 1.0)), "the generated CT")
+    assert "if they are right, report it (on the command line, --debug shows the traceback)" in str(info.value)
+    assert "run again with --debug" not in str(info.value)

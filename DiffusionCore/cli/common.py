@@ -469,7 +469,7 @@ def check_result(vol: Volume, what: str, *, hu_range: tuple[float, float] = RESU
     from ..errors import NumericalError
 
     arr = vol.array
-    tail = "; nothing was written. Check the weights and options, or run again with --debug and report it."
+    tail = "; nothing was written. Check the weights and options; if they are right, report it (on the command line, --debug shows the traceback)."
     finite = np.isfinite(arr)
     if not finite.all():
         bad = int(arr.size - np.count_nonzero(finite))

@@ -121,7 +121,7 @@ def check_scores(results: list[dict], what: str) -> None:
             label = row.get("method", "?") + (f" (stage {row['stage']})" if "stage" in row else "")
             raise NumericalError(
                 f"{what}: method {label} scored NaN ({', '.join(bad)}): its result failed numerically; nothing "
-                "was written. Check the weights and options, or run again with --debug and report it."
+                "was written. Check the weights and options; if they are right, report it (on the command line, --debug shows the traceback)."
             )
 
 
