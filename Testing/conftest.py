@@ -344,6 +344,22 @@ def write_dicom_series(
     return paths
 
 
+def write_cr_radiograph(path: Path) -> Path:
+    """A small DICOM radiograph at ``path`` (CR, MONOCHROME2, 64x64, 0.5 x 0.4 mm pixels; SimpleITK gives it a
+    SOPInstanceUID): a chest-like left/right step and a block."""
+    import SimpleITK as sitk
+
+    pixels = np.zeros((64, 64), np.uint16)
+    pixels[:, 32:] = 1000
+    pixels[20:40, 10:20] = 600
+    img = sitk.GetImageFromArray(pixels)
+    img.SetMetaData("0008|0060", "CR")
+    img.SetMetaData("0028|0030", "0.5\\0.4")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
 @pytest.fixture
 def dicom_series_writer() -> Callable[..., list]:
     """:func:`write_dicom_series` as a fixture (``writer(folder, volume, intercept=..., skip=...)``)."""

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
-from conftest import ct_phantom_array
+from conftest import ct_phantom_array, write_cr_radiograph
 
 from DiffusionCore.errors import ConfigError
 from DiffusionCore.provenance import read_provenance
@@ -51,15 +50,7 @@ def thick_ct(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dicom_radiograph(tmp_path_factory) -> Path:
     """A small DICOM radiograph (CR, MONOCHROME2, 0.5 x 0.4 mm pixels) with its SOPInstanceUID."""
-    d = tmp_path_factory.mktemp("xr")
-    pixels = np.zeros((64, 64), np.uint16)
-    pixels[:, 32:] = 1000
-    pixels[20:40, 10:20] = 600
-    img = sitk.GetImageFromArray(pixels)
-    img.SetMetaData("0008|0060", "CR")
-    img.SetMetaData("0028|0030", "0.5\\0.4")
-    sitk.WriteImage(img, str(d / "chest.dcm"))
-    return d / "chest.dcm"
+    return write_cr_radiograph(tmp_path_factory.mktemp("xr") / "chest.dcm")
 
 
 def settings_of(output: Path) -> dict:

@@ -165,13 +165,13 @@ def test_the_xray_modules_result_records_the_engines_settings_and_the_runs_envir
 
 
 def test_the_runs_environment_is_read_from_its_output_file_else_from_its_reports_provenance(tmp_path):
-    """:func:`mrml_io.run_environment`: the output file's record first, the report's ``provenance`` object (``sr
+    """:func:`mrml_io.recorded_environment`: the output file's record first, the report's ``provenance`` object (``sr
     --report`` has one) when the file has none, ``{}`` when neither says."""
     record = Provenance(task="sr", title="SR x2 (synthetic)", weights="w", weights_sha256="ab" * 32,
                         environment=dict(ELSEWHERE))  # fmt: skip
     write_result(phantom_ct(), tmp_path / "out.nrrd", record, dtype="float32")
     report = {"provenance": {"environment": {"torch": "from the report"}}}
-    assert mrml_io.run_environment(tmp_path / "out.nrrd", report) == ELSEWHERE
-    assert mrml_io.run_environment(tmp_path / "none.nrrd", report) == {"torch": "from the report"}
-    assert mrml_io.run_environment(tmp_path / "none.nrrd", {}) == {}
+    assert mrml_io.recorded_environment(tmp_path / "out.nrrd", report) == ELSEWHERE
+    assert mrml_io.recorded_environment(tmp_path / "none.nrrd", report) == {"torch": "from the report"}
+    assert mrml_io.recorded_environment(tmp_path / "none.nrrd", {}) == {}
     assert mrml_io.read_job_report(tmp_path / "none.json") == {}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_cr_radiograph
 
 ROOT = Path(__file__).resolve().parents[1]
 SR_SCRIPT = ROOT / "CTDiffusionSR" / "CLI" / "CTDiffusionSRBatch.py"
@@ -53,17 +54,7 @@ def ct_file(tmp_path) -> Path:
 @pytest.fixture
 def dicom_radiograph(tmp_path) -> Path:
     """A small DICOM radiograph (CR, 0.5 x 0.4 mm pixels); SimpleITK gives it a SOPInstanceUID."""
-    import SimpleITK as sitk
-
-    pixels = np.zeros((64, 64), np.uint16)
-    pixels[:, 32:] = 1000
-    pixels[20:40, 10:20] = 600
-    img = sitk.GetImageFromArray(pixels)
-    img.SetMetaData("0008|0060", "CR")
-    img.SetMetaData("0028|0030", "0.5\\0.4")
-    (tmp_path / "dicom").mkdir()
-    sitk.WriteImage(img, str(tmp_path / "dicom" / "chest.dcm"))
-    return tmp_path / "dicom" / "chest.dcm"
+    return write_cr_radiograph(tmp_path / "dicom" / "chest.dcm")
 
 
 def sop_instance_uid(path: Path) -> str:

@@ -393,7 +393,7 @@ def set_provenance(
     """Record how a synthetic node was made, as node attributes (saved with the scene). ``title`` is the label
     that ends an exported series' description, e.g. ``"SR x4 (synthetic)"``; ``date`` (ISO 8601) defaults to now;
     ``recorded_input`` is the input's name and DICOM UID as a result file recorded them, when no source node is
-    given. ``environment`` is the run's (:func:`run_environment`; a result file's record): ``None`` or ``{}`` when
+    given. ``environment`` is the run's (:func:`recorded_environment`; a result file's record): ``None`` or ``{}`` when
     unknown, and its exports then record ``{}``. A result made from a result has both steps in its title
     (``"SR x2 SR x2 (synthetic)"``): its DICOM export is a series of the scan behind both."""
     title = title or f"{kind} (synthetic)"
@@ -638,7 +638,7 @@ def read_job_report(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def run_environment(output_file: str | os.PathLike, report: dict[str, Any] | None = None) -> dict[str, str]:
+def recorded_environment(output_file: str | os.PathLike, report: dict[str, Any] | None = None) -> dict[str, str]:
     """The environment of the run that wrote ``output_file`` (:func:`DiffusionCore.provenance.environment`: commit,
     torch, Python, platform, the GPU it ran on), as that file records it, else as its ``report``'s ``provenance``
     object does; ``{}`` when neither says. Never this process's: Slicer's is not the job's (a GPU the panel named

@@ -37,8 +37,8 @@ from .mrml_io import (
     place_beside,
     read_job_report,
     read_volume_file,
+    recorded_environment,
     recorded_input,
-    run_environment,
     series_to_read_from_files,
     set_node_from_volume,
     set_provenance,
@@ -499,7 +499,7 @@ class SRJob(CLIJob):
             raise OutputError("the super-resolution finished without writing its output; see the log.")
         result = read_volume_file(str(out_file))
         report = read_job_report(tempdir / "report.json")
-        environment = run_environment(out_file, report)  # the job's, as its output file records it
+        environment = recorded_environment(out_file, report)  # the job's, as its output file records it
         model = self.return_values.get("modelName") or report.get("model", "")
         sha = self.return_values.get("weightsSha256") or str(report.get("weights_sha256", ""))
         used = (report.get("settings") or {}).get("factor")

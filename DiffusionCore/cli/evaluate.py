@@ -34,6 +34,7 @@ from .common import (
     bounded_int,
     device_name,
     seed_number,
+    set_torch_threads,
 )
 
 logger = logging.getLogger(__name__)
@@ -289,7 +290,6 @@ def run(args: argparse.Namespace) -> int:
     from ..files import keep_freed_memory
 
     keep_freed_memory()  # a one-shot process: the model's buffers are reused, not mapped afresh
-    import torch
 
     from ..sr import pipeline  # noqa: F401  (registers the model methods: sr, sr+adapt, cubic+dc)
 
@@ -303,8 +303,7 @@ def run(args: argparse.Namespace) -> int:
     for m in methods:  # before any volume is read
         get_method(m)
         check_method_fits(m, args.degradation)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     several, sources = reference_sources(list(args.reference))
     names = [str(p) for p in sources] if several else [str(args.reference[0])]
     save_root = Path(args.save_volumes) if args.save_volumes else None

@@ -544,7 +544,8 @@ def _lookup_name(name: str) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def _lookup_sha(sha: str) -> str | None:
+def registered_name(sha: str) -> str | None:
+    """The name under which weights with this sha256 are registered (bundled registry first), or None."""
     found = find_sha256((entries for _, _, entries in _registries()), sha)
     return found[0] if found else None
 
@@ -626,7 +627,7 @@ def resolve_weights(
     _, metadata = read_safetensors_header(path)
     _refuse_training_checkpoint(path, metadata)
     sha = sha256_file(path)
-    name = _lookup_sha(sha)
+    name = registered_name(sha)
     if name is None and not allow_unregistered:
         raise WeightsError(
             f"{path} (sha256 {sha}) is not a registered weights file: register it once with "

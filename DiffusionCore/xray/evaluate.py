@@ -30,7 +30,6 @@ from ..errors import InputError
 from ..evaluate import run_environment
 from ..metrics import HU_RANGE, psnr, ssim3d
 from ..volume import Volume
-from .cascade import FAMILY
 from .consistency import drr_consistency
 from .data import (
     SCORES_ON_AIR,
@@ -217,7 +216,9 @@ def evaluate_xray(
                 t0 = time.time()
                 score("atlas", c.stage, stage.registered_atlas(xray), time.time() - t0)
     env = run_environment()
-    name = registered_name(generator.weights_sha256) if weights is None else str(weights)
+    from ..weights.registry import registered_name
+
+    name = (registered_name(generator.weights_sha256) or "") if weights is None else str(weights)
     return {
         "reference": reference_label(reference_name),
         "reference_file": os.path.abspath(str(reference.metadata.get("source") or reference_name)),
@@ -258,13 +259,6 @@ def reference_label(name: str | os.PathLike) -> str:
         if info.kind == "ct" and real.startswith(os.path.realpath(sample_dir(sample)) + os.sep):
             return sample
     return text
-
-
-def registered_name(sha256: str) -> str:
-    """The registered name of the X-ray to CT weights with this sha256 (the first one), ``""`` when none is."""
-    from ..weights.registry import list_weights
-
-    return next((w["name"] for w in list_weights(FAMILY) if w["sha256"] == sha256 and not w["hidden"]), "")
 
 
 #: The scores of a row of an :func:`evaluate_xray` report.

@@ -41,9 +41,9 @@ from CTDiffusionSRLib.mrml_io import (
     place_beside,
     read_job_report,
     read_volume_file,
+    recorded_environment,
     recorded_input,
     remember_place,
-    run_environment,
     set_node_from_volume,
     set_provenance,
     synthetic_name,
@@ -896,7 +896,7 @@ class XrayJob(CLIJob):
         self._show(read_volume_file(str(out)), last)
         report = read_job_report(tempdir / "report.json")
         self.report_settings = report.get("settings")
-        self.environment = run_environment(out, report)  # the job's, as its output file records it
+        self.environment = recorded_environment(out, report)  # the job's, as its output file records it
         model = self.return_values.get("modelName") or str(report.get("model", ""))
         sha = self.return_values.get("weightsSha256") or str(report.get("weights_sha256", ""))
         self._record_provenance(last, model, sha)
