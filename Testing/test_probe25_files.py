@@ -94,8 +94,8 @@ def _leftovers(folder: Path) -> list[str]:
 @posix_only
 def test_without_a_home_folder_help_and_local_files_work_and_the_cache_asks_for_diffusioncore_cache(tmp_path):
     """HOME unset and no passwd entry: `--help` and `sr` with the shipped weights on a local file work; what needs the
-    cache (`sample-data --list`, a sample's name, `weights import`) stops with one line saying to set
-    DIFFUSIONCORE_CACHE, exit 4, not a traceback."""
+    cache (a sample's name, `weights import`) stops with one line saying to set DIFFUSIONCORE_CACHE, exit 4, not a
+    traceback; `sample-data --list` lists the samples, their state unknown, and says the same in its last line."""
     write_volume(_ct(), tmp_path / "ct.nii.gz")
     script = tmp_path / "no_passwd_entry.py"
     script.write_text(NO_PASSWD_ENTRY, encoding="utf-8")
@@ -117,7 +117,14 @@ def test_without_a_home_folder_help_and_local_files_work_and_the_cache_asks_for_
     proc = run("weights", "list")
     assert proc.returncode == 0 and "sr-default" in proc.stdout, proc.stderr
 
-    for args in (["sample-data", "--list"], ["sr", "chest-dx", "out2.nii.gz"],
+    # listing needs no cache: every sample with its licence, the state unknown, and the last line says what to set
+    proc = run("sample-data", "--list")
+    assert proc.returncode == 0 and _no_traceback(proc.stderr), proc.stderr
+    assert "chest-lidc" in proc.stdout and "licence" in proc.stdout and " unknown " in proc.stdout, proc.stdout
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("cache: no cache folder") and "set DIFFUSIONCORE_CACHE" in last, last
+
+    for args in (["sr", "chest-dx", "out2.nii.gz"],
                  ["weights", "import", str(SHIPPED_SR), "--name", "mine"]):  # fmt: skip
         proc = run(*args)
         assert proc.returncode == 4, (args, proc.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from .. import sampledata
+from ..errors import OutputError
+from ..files import cache_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,12 +29,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _list() -> int:
+    """The samples, their licences and whether each is cached. Without a cache folder (no home folder and
+    ``DIFFUSIONCORE_CACHE`` unset) the list is still printed, each state as ``unknown``, and the last line says why
+    and what to set: listing needs no cache."""
+    no_cache = ""
+    try:
+        cache_dir()
+    except OutputError as exc:
+        no_cache = str(exc)
     for name, s in sampledata.SAMPLES.items():
-        state = sampledata.cache_state(name)  # "corrupt": a cached file fails its sha256
+        state = "unknown" if no_cache else sampledata.cache_state(name)  # "corrupt": a cached file fails its sha256
         shown = "corrupt (fetched again on next use)" if state == "corrupt" else state
         print(f"{name:12s} {s.kind:10s} {shown:10s} {s.description}")
         print(f"{'':12s} {s.package.registry} {s.package.spec}; licence: {s.licence}")
-    print(f"cache: {sampledata.sample_root()}")
+    print(f"cache: {no_cache}" if no_cache else f"cache: {sampledata.sample_root()}")
     return 0
 
 
