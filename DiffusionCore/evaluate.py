@@ -166,16 +166,18 @@ def check_on_grid(out: Volume, grid: Grid, name: str) -> None:
 
 def run_environment() -> dict[str, Any]:
     """What an evaluation's figures also depend on: versions (and the source's git commit when it runs from a
-    checkout, ``""`` for an installed copy), torch's thread count and the date (UTC)."""
+    checkout, ``""`` for an installed copy; ``source_modified`` names code files edited since that commit, ``""``
+    when none were), torch's thread count and the date (UTC)."""
     import torch
 
     from .provenance import now_utc
-    from .version import __version__, source_commit
+    from .version import __version__, source_commit, source_modified
 
     return {
         "date": now_utc(),
         "diffusioncore_version": __version__,
         "source_commit": source_commit(),
+        "source_modified": source_modified(),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "torch_threads": int(torch.get_num_threads()),

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .version import __version__, source_commit
+from .version import __version__, source_commit, source_modified
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +57,16 @@ def _process_environment() -> tuple[tuple[str, str], ...]:
         torch_version = str(torch.__version__)
     except ImportError:  # a reader of provenance without torch (a 3D Slicer panel before installing it)
         torch_version = ""
-    record = {"commit": source_commit(), "torch": torch_version, "python": platform.python_version(),
-              "platform": platform.platform()}  # fmt: skip
+    record = {"commit": source_commit(), "modified": source_modified(), "torch": torch_version,
+              "python": platform.python_version(), "platform": platform.platform()}  # fmt: skip
     return tuple((k, v) for k, v in record.items() if v)
 
 
 def environment(device: str | None = None) -> dict[str, str]:
     """What a result depends on besides the weights, the settings and the input: ``commit`` (the git commit of the
     DiffusionCore source when it runs from a git checkout; absent for an installed copy, where the version says it),
-    ``torch`` and ``python`` (versions), ``platform`` and, when ``device`` is a CUDA device, ``gpu`` (its name).
+    ``modified`` (only when that checkout's code files differ from the commit: how many and which,
+    :func:`~DiffusionCore.version.source_modified`), ``torch`` and ``python`` (versions), ``platform`` and, when ``device`` is a CUDA device, ``gpu`` (its name).
     A rerun that should give the same voxels needs the same of these (docs/reliability.md)."""
     record = dict(_process_environment())
     if device and str(device).startswith("cuda"):

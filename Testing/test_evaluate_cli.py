@@ -22,7 +22,7 @@ REPORT_KEYS = {"reference", "factor", "axis", "degradation", "hu_range", "result
 DESCRIBING_KEYS = {
     "reference_size_xyz", "reference_spacing_xyz_mm", "thick_size_xyz", "thick_spacing_xyz_mm", "slices_requested",
     "slices_scored", "slices_dropped", "body_mask", "method_details", "infinite_scores", "null_scores", "warnings",
-    "date", "diffusioncore_version", "source_commit", "torch_version", "python_version", "torch_threads", "seed", "device",
+    "date", "diffusioncore_version", "source_commit", "source_modified", "torch_version", "python_version", "torch_threads", "seed", "device",
     "device_requested", "threads_requested",
 }  # fmt: skip
 
