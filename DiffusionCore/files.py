@@ -566,9 +566,28 @@ def _cgroup_available() -> int | None:
         return None
 
 
+def address_space_left() -> int | None:
+    """Bytes this process may still map under its address-space limit (``ulimit -v``, the soft ``RLIMIT_AS``): the
+    limit minus what is mapped now (``/proc/self/status`` ``VmSize``). None when there is no such limit (the usual
+    case) or it cannot be read (Windows, no ``/proc``). Under the limit an allocation fails however much memory is
+    free, so it caps what a run may plan to use."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError, AttributeError):
+        return None
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    mapped = proc_bytes("/proc/self/status", "VmSize")
+    return None if mapped is None else max(0, int(soft) - mapped)
+
+
 def host_available_memory() -> int:
-    """Bytes of host memory available to this process (MemAvailable, capped by a cgroup limit)."""
-    candidates = [v for v in (proc_bytes("/proc/meminfo", "MemAvailable"), _cgroup_available()) if v is not None]
+    """Bytes of memory available to this process: MemAvailable, capped by a cgroup limit and by what this process's
+    address-space limit (``ulimit -v``) leaves it (:func:`address_space_left`)."""
+    candidates = [v for v in (proc_bytes("/proc/meminfo", "MemAvailable"), _cgroup_available(), address_space_left())
+                  if v is not None]  # fmt: skip
     if not candidates:
         try:
             candidates.append(int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")))
@@ -647,8 +666,14 @@ def check_memory_for(n_bytes: int, what: str, advice: str) -> None:
     capped = memory_limit_from_env()
     limit = capped or host_available_memory()
     if n_bytes > limit:  # the user's own cap is no statement of what the machine has
-        bound, more = ((f"{MEMORY_LIMIT_ENV} allows {format_bytes(limit)}", f"or raise {MEMORY_LIMIT_ENV}") if capped else
-                       (f"{format_bytes(limit)} is available", "free memory, or use a machine with more memory"))
+        left = None if capped else address_space_left()
+        if capped:
+            bound, more = f"{MEMORY_LIMIT_ENV} allows {format_bytes(limit)}", f"or raise {MEMORY_LIMIT_ENV}"
+        elif left is not None and left <= limit:  # the session's limit binds, not the machine
+            bound = f"this session's address-space limit (ulimit -v) leaves {format_bytes(left)}"
+            more = "or raise that limit (ulimit -v, or the job scheduler's memory request)"
+        else:
+            bound, more = f"{format_bytes(limit)} is available", "free memory, or use a machine with more memory"
         raise ResourceError(f"not enough memory: {what} needs about {format_bytes(n_bytes)}, but {bound}. "
                             f"{advice[:1].upper() + advice[1:]}, {more}.")  # fmt: skip
 
