@@ -39,7 +39,7 @@ MEMORY_HINT = ("use a smaller upsampling factor (--factor) or a larger target sl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from DiffusionCore.cli.common import finite_float, seed_number
+    from DiffusionCore.cli.common import THREADS_HELP, bounded_int, finite_float, seed_number
     from DiffusionCore.cli.main import CommandParser
     from DiffusionCore.sr.adapt import DEFAULT_ADAPT_STEPS
 
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patchSize", type=_int_vector, default=(0, 0, 0), help="D,H,W; 0,0,0 = automatic")
     p.add_argument("--overlap", type=_int_vector, default=(0, 0, 0), help="D,H,W; 0,0,0 = default")
     p.add_argument("--seed", type=seed_number, default=0)
+    p.add_argument("--threads", type=bounded_int(0), default=0, help=THREADS_HELP)
     p.add_argument("--numSamples", type=int, default=1)
     p.add_argument("--noDataConsistency", action="store_true", help="skip the projection onto the input")
     p.add_argument("--allowNonCT", action="store_true", help="run on intensities that do not look like CT")
@@ -315,7 +316,10 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
         raise InputError("an uncertainty map needs at least 2 samples: set numSamples to 2 or more.")
     settings = settings_from_args(args)
     engine_settings = run_settings(settings)  # option errors before any volume is read
+    from DiffusionCore.cli.common import set_torch_threads
     from DiffusionCore.files import keep_freed_memory
+
+    set_torch_threads(args.threads)  # before any work: the result depends on it (recorded as torch_threads)
 
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     refuse_several_volumes(args.inputVolume)  # one volume per run: a folder or list of volumes is sr's work

@@ -69,6 +69,8 @@ class SRSettings:
         patch_size: tile (D, H, W) in thin voxels; (0, 0, 0) = automatic.
         overlap: tile overlap (D, H, W); (0, 0, 0) = default.
         seed: sampler seed.
+        threads: CPU threads of the computation; 0 = automatic (``OMP_NUM_THREADS`` or all cores). The result depends
+            on it (the same seed, device and thread count give the same result).
         num_samples: samples averaged; >= 2 gives an uncertainty map.
         data_consistency: project the result back onto the measured slices.
         allow_non_ct: run on intensities that do not look like CT in HU (e.g. a CT cropped inside the body).
@@ -92,6 +94,7 @@ class SRSettings:
     patch_size: tuple[int, int, int] = (0, 0, 0)
     overlap: tuple[int, int, int] = (0, 0, 0)
     seed: int = 0
+    threads: int = 0
     num_samples: int = 1
     data_consistency: bool = True
     allow_non_ct: bool = False
@@ -117,6 +120,8 @@ class SRSettings:
             "--adaptSteps", str(int(self.adapt_steps)),
             "--adaptSeconds", repr(float(self.adapt_seconds)),
         ]
+        if self.threads:
+            args += ["--threads", str(int(self.threads))]
         if not self.adapt_to_scan:
             args.append("--noAdapt")
         if self.weights:
@@ -725,7 +730,8 @@ class EvaluationJob(CLIJob):
     when ``adapt_seconds`` > 0). ``weights`` / ``allow_unregistered_weights``: the model methods' weights, as
     :class:`SRSettings` has them (:meth:`for_settings` takes them from there); they are checked when the job is
     made, as :class:`SRJob` checks its own. ``seed``: the model methods' random seed (``sr+adapt``'s adaptation
-    depends on it), the panel's as Apply passes it.
+    depends on it), the panel's as Apply passes it; ``threads``: CPU threads (0 = automatic), which the adapted
+    result depends on too.
 
     The table (:func:`table_from_evaluation`) is named after the input, the factor, the degradation and how the
     model ran (:meth:`table_name`), and records the report and what the job asked for (:meth:`requested`).
@@ -749,6 +755,7 @@ class EvaluationJob(CLIJob):
         adapt_seconds: float = 0.0,
         allow_unregistered_weights: bool = False,
         seed: int = 0,
+        threads: int = 0,
         **kwargs,
     ):
         super().__init__(scene, **kwargs)
@@ -774,19 +781,19 @@ class EvaluationJob(CLIJob):
         self.weights, self.steps, self.device, self.degradation = weights, int(steps), device, degradation
         self.adapt_steps, self.adapt_seconds = int(adapt_steps), float(adapt_seconds)
         self.allow_unregistered_weights = bool(allow_unregistered_weights)
-        self.seed = int(seed)
+        self.seed, self.threads = int(seed), int(threads)
         self.table_node = None
 
     @classmethod
     def for_settings(cls, scene, input_node, factor: int, settings: SRSettings, **kwargs) -> EvaluationJob:
         """"Evaluate on this volume" with the settings Apply runs with: the methods of
-        :func:`evaluation_methods`, and the weights (registered or allowed unregistered), steps, device, seed and
-        adaptation budget of ``settings``; ``kwargs`` as for the constructor (``axis``, ``on_line``, ...)."""
+        :func:`evaluation_methods`, and the weights (registered or allowed unregistered), steps, device, seed, threads
+        and adaptation budget of ``settings``; ``kwargs`` as for the constructor (``axis``, ``on_line``, ...)."""
         return cls(
             scene, input_node, factor=factor, methods=evaluation_methods(settings), weights=settings.weights,
             allow_unregistered_weights=settings.allow_unregistered_weights, steps=settings.steps,
             device=settings.device, adapt_steps=settings.adapt_steps, adapt_seconds=settings.adapt_seconds,
-            seed=settings.seed, **kwargs,
+            seed=settings.seed, threads=settings.threads, **kwargs,
         )  # fmt: skip
 
     def adaptation(self) -> dict | str:
@@ -800,7 +807,8 @@ class EvaluationJob(CLIJob):
         return {
             "factor": self.factor, "axis": self.axis, "degradation": self.degradation, "methods": list(self.methods),
             "weights": self.weights, "allow_unregistered_weights": self.allow_unregistered_weights,
-            "steps": self.steps, "device": self.device, "seed": self.seed, "adaptation": self.adaptation(),
+            "steps": self.steps, "device": self.device, "seed": self.seed, "threads": self.threads,
+            "adaptation": self.adaptation(),
         }  # fmt: skip
 
     def table_name(self) -> str:
@@ -842,6 +850,8 @@ class EvaluationJob(CLIJob):
             args.append("--allow-unregistered-weights")
         if self.steps:
             args += ["--num-steps", str(self.steps)]
+        if self.threads:
+            args += ["--threads", str(self.threads)]
         if "sr+adapt" in self.methods:
             args += ["--adapt", repr(self.adapt_seconds)] if self.adapt_seconds > 0 else ["--adapt-steps", str(self.adapt_steps)]
         return args

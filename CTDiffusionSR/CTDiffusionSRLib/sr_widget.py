@@ -55,6 +55,7 @@ class CTDiffusionSRParameterNode:
     overlapHeight: Annotated[int, WithinRange(0, 512)] = 0
     overlapWidth: Annotated[int, WithinRange(0, 512)] = 0
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    threads: Annotated[int, WithinRange(0, 1024)] = 0
     numSamples: Annotated[int, WithinRange(1, 16)] = 1
     dataConsistency: bool = True
     showUncertainty: bool = True
@@ -104,6 +105,7 @@ class CTDiffusionSRLogic(ScriptedLoadableModuleLogic):
             patch_size=(p.patchDepth, p.patchHeight, p.patchWidth),
             overlap=(p.overlapDepth, p.overlapHeight, p.overlapWidth),
             seed=p.seed,
+            threads=p.threads,
             num_samples=p.numSamples,
             data_consistency=p.dataConsistency,
             adapt_to_scan=p.adaptToScan,

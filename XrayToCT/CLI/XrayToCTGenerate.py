@@ -33,7 +33,7 @@ PHASE_SHARES = {"reading": 4.0, "weights": 6.0, "generation": 86.0, "writing": 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from DiffusionCore.cli.common import finite_float, seed_number
+    from DiffusionCore.cli.common import THREADS_HELP, bounded_int, finite_float, seed_number
     from DiffusionCore.cli.main import CommandParser
 
     # the commands' parser: one error line, a dash-led file name pointed out; no abbreviations, which Slicer never
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--numSteps", type=int, default=0, help="sampling steps per stage; 0 = model default")
     p.add_argument("--numSamples", type=int, default=0, help="samples averaged per stage; 0 = model default")
     p.add_argument("--seed", type=seed_number, default=0)
+    p.add_argument("--threads", type=bounded_int(0), default=0, help=THREADS_HELP)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--tinyTestModel", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--reportFile", default="", help="write a JSON report here")
@@ -235,7 +236,7 @@ def format_reference_scores(scores: dict[str, float], reference: str) -> str:
 
 
 def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
-    from DiffusionCore.cli.common import Progress, check_result, write_return_parameters
+    from DiffusionCore.cli.common import Progress, check_result, set_torch_threads, write_return_parameters
     from DiffusionCore.cli.xray import PhaseProgress, xray_provenance
     from DiffusionCore.files import keep_freed_memory, write_json_atomic
     from DiffusionCore.results import write_result
@@ -246,6 +247,7 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
     shares = {k: v for k, v in PHASE_SHARES.items() if k != "scoring" or args.referenceVolume}
     bar = PhaseProgress(Progress("slicer"), shares)
     check_outputs(args)  # before any work: no output may be an input, and each can be written
+    set_torch_threads(args.threads)  # the result depends on it (recorded as torch_threads)
     # the reading is said in a comment alone (the bar is at its start anyway): an input refused while it is read
     # leaves no progress line, as no work was done
     reference = None

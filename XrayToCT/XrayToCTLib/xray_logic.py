@@ -101,6 +101,8 @@ class XraySettings:
         steps: sampling steps per stage; 0 = model default.
         num_samples: samples averaged per stage; 0 = model default.
         seed: sampler seed.
+        threads: CPU threads of the computation; 0 = automatic (``OMP_NUM_THREADS`` or all cores). The result depends
+            on it (the same seed, device and thread count give the same result).
         device: "auto", "cpu" or "cuda".
         tiny_test_model: a random tiny model (self-tests only).
         consistency: make each stage re-project onto the radiograph (off: the network's output alone).
@@ -115,6 +117,7 @@ class XraySettings:
     steps: int = 0
     num_samples: int = 0
     seed: int = 0
+    threads: int = 0
     device: str = "auto"
     tiny_test_model: bool = False
     consistency: bool = True
@@ -130,6 +133,8 @@ class XraySettings:
             "--seed", str(int(self.seed)),
             "--device", self.device,
         ]
+        if self.threads:
+            args += ["--threads", str(int(self.threads))]
         if self.weights:
             args += ["--weights", self.weights]
         for flag, on in (

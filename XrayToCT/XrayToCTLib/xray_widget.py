@@ -38,6 +38,7 @@ class XrayToCTParameterNode:
     weights: str = ""
     steps: Annotated[int, WithinRange(0, 1000)] = 0
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    threads: Annotated[int, WithinRange(0, 1024)] = 0
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     trainingFamily: Annotated[str, Choice(["xray", "throughplane", "sr", "vae"])] = "xray"
     trainingDataFolder: pathlib.Path = pathlib.Path()
@@ -77,6 +78,7 @@ class XrayToCTLogic(ScriptedLoadableModuleLogic):
             weights=p.weights,
             steps=p.steps,
             seed=p.seed,
+            threads=p.threads,
             device=p.device,
         )
 
