@@ -75,7 +75,7 @@ def register_atlas(
     atlas = atlas.detach().float()
     target = gaussian_blur(F.interpolate(xray.detach().float(), size=(s["size"],) * 2, mode="bilinear",
                                          align_corners=False, antialias=True), s["sigma_px"])  # fmt: skip
-    params = torch.zeros(xray.shape[0], 4, device=xray.device, requires_grad=True)
+    params = torch.zeros(xray.shape[0], 4, device=xray.device, dtype=atlas.dtype, requires_grad=True)
     opt = torch.optim.Adam([params], lr=s["lr"])
     with torch.enable_grad():
         for _ in range(s["iters"]):

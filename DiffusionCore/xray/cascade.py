@@ -370,6 +370,12 @@ class StageModel(nn.Module):
         return prev
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The type of the stage's weights: every tensor a run makes (noise, times) takes it, not torch's default type
+        (a caller's ``torch.set_default_dtype(torch.float64)`` would otherwise meet float32 weights)."""
+        return next(self.parameters()).dtype
+
+    @property
     def refine_halo(self) -> int:
         """Voxels of context the refinement head reads around a voxel (0 without the head)."""
         if self.refine is None:
@@ -790,7 +796,7 @@ class StageModel(nn.Module):
         """The lifting-only estimate (B, 1, R, R, R) in model units (zeros = -1 HU-window mid without lifting)."""
         if self.lifting is None:
             r = self.cfg.resolution
-            return torch.zeros(xray.shape[0], 1, r, r, r, device=xray.device)
+            return torch.zeros(xray.shape[0], 1, r, r, r, device=xray.device, dtype=self.dtype)
         prepared = self.prepare_xray(xray)
         feats, _, _ = self.encoder(prepared)
         profile = self._ray_profile(feats, prepared)
@@ -817,7 +823,7 @@ class StageModel(nn.Module):
             x0 = self._lifting_volume(ctx, (0, 0, 0), self.cfg.resolution).clamp(-1.0, 1.0)  # type: ignore[union-attr]
         else:
             return 1.0, noise
-        return t0, q_sample(x0, torch.tensor(t0), noise)
+        return t0, q_sample(x0, torch.tensor(t0, dtype=noise.dtype), noise)
 
     @torch.no_grad()
     def quick_estimate(
@@ -833,10 +839,10 @@ class StageModel(nn.Module):
         this stage's own kind of errors (depth misplacement, blur) and not only noised ground truth.
         ``lifting_start_t`` is stage 1's start time, as in :meth:`sample` (default: the weights')."""
         r = self.cfg.resolution
-        noise = torch.randn(xray.shape[0], 1, r, r, r, generator=generator, device=xray.device)
+        noise = torch.randn(xray.shape[0], 1, r, r, r, generator=generator, device=xray.device, dtype=self.dtype)
         ctx = self.condition(xray, prev)
         t0, x_start = self._start(ctx, noise, lifting_start_t)
-        out = self.predict(x_start, torch.full((xray.shape[0],), t0, device=xray.device), ctx)
+        out = self.predict(x_start, torch.full((xray.shape[0],), t0, device=xray.device, dtype=self.dtype), ctx)
         return out.clamp(-1.0, 1.0)  # type: ignore[union-attr]
 
     @torch.no_grad()
@@ -865,7 +871,7 @@ class StageModel(nn.Module):
         r = self.cfg.resolution
         b = xray.shape[0]
         steps = steps or self.cfg.diffusion.sampling_steps
-        noise = torch.randn(b, 1, r, r, r, generator=generator, device=xray.device)
+        noise = torch.randn(b, 1, r, r, r, generator=generator, device=xray.device, dtype=self.dtype)
         ctx = self.condition(xray, prev)
         diffusion = VDiffusion(prediction="x0")
         t0, x_start = self._start(ctx, noise, lifting_start_t)
@@ -909,6 +915,7 @@ class UnifiedHybridViTCascade(nn.Module):
         r1 = configs[0].resolution
         #: Mean training CT at stage-1 resolution, model units (the prior-only baseline); air until trained.
         self.register_buffer("mean_ct", torch.full((1, 1, r1, r1, r1), -1.0))
+        self.float()  # float32 (what weights files hold) whatever torch's default type; a no-op under its usual one
         self.weights_sha256 = ""
         #: the sample CTs the weights record that they were trained on (their metadata's ``data``), for caveats
         self.training_data: list[str] = []
@@ -933,9 +940,11 @@ class UnifiedHybridViTCascade(nn.Module):
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
     def tiny(cls, seed: int = 0, resolutions: tuple[int, ...] = (16, 32)) -> UnifiedHybridViTCascade:
-        """A tiny random-weight cascade for tests and self-tests (CPU, seconds)."""
-        torch.manual_seed(seed)
-        return cls([tiny_stage_config(i + 1, r) for i, r in enumerate(resolutions)])
+        """A tiny random-weight cascade for tests and self-tests (CPU, seconds): its weights are drawn from torch's
+        generator seeded with ``seed``, whose state (the caller's) is put back afterwards."""
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: the networks are built on the CPU
+            torch.random.default_generator.manual_seed(seed)
+            return cls([tiny_stage_config(i + 1, r) for i, r in enumerate(resolutions)])
 
     @classmethod
     def from_tensors(

@@ -16,7 +16,8 @@ Before the square crop, a radiograph is resampled to square pixels when its head
 when it is mostly dark background (:func:`~DiffusionCore.xray.radiograph.crop_to_exposed_region`: a small chest on a
 black frame, burned-in text). Real radiographs read from files are windowed (0.5 / 99.5 percentiles) and then
 quantile-matched to the DRR of the mean training CT stored in the weights (its in-body pixels), so their grey levels
-follow the DRR style the model was trained on; arrays (e.g. DRRs) are only windowed.
+follow the DRR style the model was trained on; arrays (e.g. DRRs) are only windowed, and the report's notes say
+so (:data:`ARRAY_INPUT_NOTE`): pass a real radiograph as its path or :class:`Radiograph`, not its array.
 
 After the run, a stage whose re-projection agrees poorly with the input (:data:`LOW_PROJECTION_PSNR_DB`) and a
 frontal input that looks inverted (:data:`~DiffusionCore.xray.radiograph.INVERTED_SCORE`) get a warning.
@@ -25,6 +26,7 @@ frontal input that looks inverted (:data:`~DiffusionCore.xray.radiograph.INVERTE
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import threading
 import time
@@ -54,6 +56,7 @@ from .radiograph import (
     match_drr_style,
     resize_radiograph,
     square_pixels,
+    window_bounds,
 )
 
 logger = logging.getLogger(__name__)
@@ -124,6 +127,48 @@ def projection_error(
     return {"projection_psnr": float(10 * np.log10(1.0 / max(mse, 1e-12))), "projection_ncc": ncc}
 
 
+#: The views :meth:`XrayToCTGenerator.run` takes (case-insensitive) and the one each means: ``"ap"`` is a frontal view
+#: as ``"pa"`` is (a DICOM header's ViewPosition AP is read as ``"pa"`` too; :data:`.radiograph.VIEW_POSITIONS`).
+VIEW_NAMES = {"pa": "pa", "ap": "pa", "lateral": "lateral"}
+#: What :meth:`XrayToCTGenerator.run` notes when the image is an array (or a :class:`Radiograph` with no file as its
+#: source): what such an input is not given that a radiograph read from a file is.
+ARRAY_INPUT_NOTE = (
+    "the image was given as an array, so it was taken as it is (as a DRR): not cropped to its exposed region and "
+    "its grey levels only windowed (0.5 / 99.5 percentiles), not matched to the DRR style the model was trained on. "
+    "For a real radiograph pass its file path or read_radiograph(path), as xray2ct and the X-ray to CT module do"
+)
+
+
+def check_view(view: str | None) -> str | None:
+    """A run's ``view`` as the weights name views (``"pa"`` or ``"lateral"``), or None when it is not given.
+
+    Raises:
+        InputError: not one of :data:`VIEW_NAMES`.
+    """
+    if view is None:
+        return None
+    name = VIEW_NAMES.get(view.strip().lower()) if isinstance(view, str) else None
+    if name is None:
+        raise InputError(f"view must be 'pa' (any frontal view: PA and AP alike; 'ap' is taken as 'pa') or "
+                         f"'lateral'; got {view!r}")  # fmt: skip
+    return name
+
+
+def check_count(value: int | None, name: str) -> int | None:
+    """A run's step or sample count: a whole number of at least 1, or None (the weights' own).
+
+    Raises:
+        InputError: anything else (0, a negative or fractional number, a bool).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{name} must be a whole number of at least 1 (or None: the weights' own); got {value!r}")
+    if value < 1:
+        raise InputError(f"{name} must be at least 1; got {value}")
+    return int(value)
+
+
 def default_weights_name() -> str:
     """The registered X-ray-to-CT weights used when none are named: the first available entry of family
     ``xray`` (bundled registry first, then the user's; the shipped ones are ``xray-default``).
@@ -183,16 +228,25 @@ class XrayToCTGenerator:
         The radiograph is resampled to square pixels (:func:`.radiograph.square_pixels`), cropped to its exposed
         region when it is mostly background and was read from a file (:func:`.radiograph.crop_to_exposed_region`),
         centre-cropped to a square and resized; what was done beyond the square crop is logged and appended to
-        ``notes``."""
+        ``notes``, and so is that an array was taken as it is (:data:`ARRAY_INPUT_NOTE`).
+
+        Raises:
+            InputError: the image is blank or nearly uniform (:func:`.radiograph.window_bounds`, on the image as
+                given: resampling would turn a constant into rounding noise).
+        """
         rad = as_radiograph(image)
+        window_bounds(rad.array)  # before any resampling, whatever the input
         said: list[tuple[int, str]] = []
         rad, resampled = square_pixels(rad)
         if resampled:
             said.append((logging.INFO, f"the radiograph was {resampled}"))
-        if rad.metadata.get("source", "array") != "array":  # arrays (DRRs, the API's own) are taken as they are
+        from_file = rad.metadata.get("source", "array") != "array"
+        if from_file:  # arrays (DRRs, the API's own) are taken as they are
             rad, cropped = crop_to_exposed_region(rad)
             if cropped:
                 said.append((logging.WARNING, cropped))
+        else:  # in the report for a researcher; only a debug line: evaluate-xray and the demo give DRRs
+            said.append((logging.DEBUG, ARRAY_INPUT_NOTE))
         h, w = rad.shape
         if fov_mm is not None:
             if not 50.0 <= fov_mm <= 1000.0:
@@ -216,7 +270,7 @@ class XrayToCTGenerator:
                 notes.append(text)
         x = max(c.xray_resolution for c in self.cascade.configs)
         rad = resize_radiograph(rad, x)
-        reference = self.reference_drr(x) if rad.metadata.get("source", "array") != "array" else None
+        reference = self.reference_drr(x) if from_file else None
         arr = match_drr_style(rad.array, reference, "the part of the radiograph that the model sees")
         return torch.from_numpy(arr)[None, None], fov, source
 
@@ -256,22 +310,30 @@ class XrayToCTGenerator:
         """Generate a CT from a radiograph.
 
         Args:
-            image: :class:`Radiograph`, a (H, W) array, or a file path.
+            image: a file path, a :class:`Radiograph` (:func:`.radiograph.read_radiograph`), or a (H, W) array. A
+                radiograph read from a file is cropped to its exposed region when it is mostly dark background and
+                its grey levels are matched to the DRR style the model was trained on (what ``xray2ct`` and the
+                X-ray to CT module do). An array (or a :class:`Radiograph` with no file as its ``source``) is taken
+                as it is, as a DRR: no crop to the exposed region and no style matching, only windowing (values
+                outside [0, 1] first windowed by their 0.5 / 99.5 percentiles); the report's ``notes`` say so. Pass an
+                array only for a DRR (e.g. one rendered from a CT); for a real radiograph pass the path or
+                ``read_radiograph(path)``: its CT can differ by hundreds of HU from that of its ``.array``.
             num_stages: 1..the number of stages of the weights (default: all; more than it has is capped, with a
                 warning and a note in the report).
-            steps: DDIM steps per stage (default: each stage's config).
+            steps: DDIM steps per stage, at least 1 (default: each stage's config).
             seed: noise seed (the same seed, device and thread count give the same output).
             device: auto, cpu or cuda.
-            view: the radiograph's view (``"pa"``: any frontal view; ``"lateral"``); must be the one the weights
-                were trained on. Default: what a DICOM radiograph's header says (:func:`.radiograph.header_view`),
-                else ``"pa"``.
+            view: the radiograph's view, case-insensitive: ``"pa"`` for any frontal view, PA and AP alike (``"ap"``
+                is taken as ``"pa"``, as a DICOM header's ViewPosition AP is), or ``"lateral"``; it must be the one
+                the weights were trained on (the shipped ones: ``"pa"``). Default: what a DICOM radiograph's header
+                says (:func:`.radiograph.header_view`), else ``"pa"``.
             fov_mm: side of the output cube in mm (see module docstring for the default).
             progress: ``progress(done, total, message)``.
             cancel: set to stop between steps (raises :class:`Cancelled`; nothing is returned).
             on_stage: ``on_stage(stage, volume, info)`` after each stage.
             consistency: after each stage, scale every ray's attenuation so the volume re-projects onto the
                 input (:func:`.consistency.drr_consistency`); the next stage starts from the corrected volume.
-            num_samples: samples averaged per stage (default: each stage's ``diffusion.num_samples``).
+            num_samples: samples averaged per stage, at least 1 (default: each stage's ``diffusion.num_samples``).
             lifting_start_t: where stage 1 starts: its lifting-only volume noised to this time (< 1), or pure
                 noise (1.0); default: the weights' ``diffusion.lifting_start_t``.
             invert: invert the radiograph's intensities first, for an image whose bones appear dark (a negative
@@ -289,6 +351,8 @@ class XrayToCTGenerator:
         from ..devices import resolve_device
 
         seed = check_seed(seed)  # 32 bits, as every front end takes it
+        steps, num_samples = check_count(steps, "steps"), check_count(num_samples, "num_samples")
+        view = check_view(view)
         rad = as_radiograph(image)
         if invert:
             rad = invert_radiograph(rad)
@@ -314,8 +378,6 @@ class XrayToCTGenerator:
             num_stages = self.num_stages
         if num_stages < 1:
             raise InputError("num_stages must be at least 1")
-        if num_samples is not None and num_samples < 1:
-            raise InputError(f"num_samples must be at least 1; got {num_samples}")
         cfgs = self.cascade.configs[:num_stages]
         steps_per = [steps or c.diffusion.sampling_steps for c in cfgs]
         samples_per = [num_samples or c.diffusion.num_samples for c in cfgs]
@@ -375,7 +437,8 @@ class XrayToCTGenerator:
             info["patches"] = plan.describe() if plan is not None else None  # None: one whole-grid pass
             info.update(projection_error(vol_unit, xray, fov, view))
             stages.append(info)
-            vol = volume_from_unit(vol_unit[:1], fov, synthetic=True, stage=stage, source="xray2ct")
+            vol = volume_from_unit(vol_unit[:1], fov, synthetic=True, stage=stage, source="xray2ct", method="xray2ct",
+                                  weights_sha256=self.weights_sha256)  # what write_volume stamps
             volumes.append(vol)
             logger.info("stage %d: %d^3, %.1f s, projection PSNR %.1f dB", stage, info["resolution"],
                         info["seconds"], info["projection_psnr"])  # fmt: skip

@@ -859,6 +859,10 @@ def read_dicom_header(path: str | os.PathLike) -> dict[str, str]:
     return _dicom_tags(reader)
 
 
+#: Two window bounds closer than this share of their magnitude (16 float32 steps) are equal: an image is blank when its
+#: percentiles differ only by float32 rounding (a constant image resampled: 0.5 became 0.5 and 0.50000006).
+BLANK_RELATIVE_TOLERANCE = 16 * float(np.finfo(np.float32).eps)
+
 #: Rows per block in which :func:`window_radiograph` windows an image (float64 arithmetic, as for the whole image).
 WINDOW_BLOCK_ROWS = 256
 
@@ -877,15 +881,17 @@ def window_bounds(
         scratch: ``arr`` may be reordered in place (no copy the size of the image); its values stay.
 
     Raises:
-        InputError: the percentiles are equal: the image is blank, or nearly uniform (e.g. a constant image with a
-            few other pixels, a saturated exposure, a black frame with burned-in text); the message says how many
-            pixels have that one value.
+        InputError: the percentiles are equal (to :data:`BLANK_RELATIVE_TOLERANCE` of their magnitude): the image is
+            blank, or nearly uniform (e.g. a constant image with a few other pixels, a saturated exposure, a black
+            frame with burned-in text); the message says how many pixels have that one value.
     """
     lo, hi = (float(v) for v in np.percentile(arr, percentiles, overwrite_input=scratch))
-    if hi > lo:
+    spread, tolerance = hi - lo, BLANK_RELATIVE_TOLERANCE * max(abs(lo), abs(hi))
+    if spread > tolerance:
         return lo, hi
     size = int(arr.size)
-    others = size - int(np.count_nonzero(arr == lo))
+    same = arr == lo if spread == 0 else np.abs(arr - lo) <= tolerance  # within rounding: the same value
+    others = size - int(np.count_nonzero(same))
     if others == 0:
         raise InputError(f"{source} is blank: all its pixels have the same value ({lo:g}). Use the radiograph itself.")
     said = (f"all but {others} of its {size} pixels have the same value ({lo:g})" if others < 0.001 * size
@@ -928,6 +934,8 @@ def _interpolate(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     arr = np.asarray(arr, dtype=np.float32)
     if any(stride < 0 for stride in arr.strides):  # torch takes positive strides only
         arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # torch warns of a read-only array (interpolate only reads it): one 2D copy
+        arr = arr.copy()
     t = torch.from_numpy(arr)[None, None]  # a crop of a larger image is not copied: interpolate reads it strided
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
 

@@ -126,7 +126,7 @@ class VDiffusion:
         if steps is None:
             raise ValueError("VDiffusion has no default step count: pass steps")
         steps = max(1, int(steps))
-        return torch.linspace(t_start, 0.0, steps + 1, device=device)[:-1]
+        return torch.linspace(t_start, 0.0, steps + 1, device=device, dtype=torch.float32)[:-1]
 
     def add_noise(
         self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, *, y: torch.Tensor | None = None
@@ -146,7 +146,7 @@ class VDiffusion:
         """DDIM from ``t`` to ``t_prev`` (None: 0) with the (clipped) x0 and eps implied by ``output``."""
         x0, eps = predict_x0_eps(output.float(), x_t, t, self.predicts, self.clip)
         if t_prev is None:
-            t_prev = torch.zeros((), device=x_t.device)
+            t_prev = torch.zeros((), device=x_t.device, dtype=t.dtype)
         a, s = alpha_sigma(t_prev)
         return StepOutput(ddim_step(x0, eps, a, s), x0)
 
