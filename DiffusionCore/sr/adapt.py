@@ -20,12 +20,12 @@ number of steps depends on the machine's speed; the report records it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
+import numbers
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 #: Steps of the default adaptation (about 40 s on 2 idle CPU cores; the same output for the same seed, device and
 #: thread count).
 DEFAULT_ADAPT_STEPS = 400
+#: Steps between the checks of the training loss for a divergence (a NaN or infinite loss stops training).
+DIVERGENCE_CHECK_STEPS = 8
 #: Time budget of ``sr --adapt`` given without a value, in seconds.
 DEFAULT_ADAPT_SECONDS = 120.0
 
@@ -79,14 +81,34 @@ class AdaptSettings:
     optional: bool = field(default=False, compare=False)  # how a missing predictor is met, not what is done
 
     def __post_init__(self) -> None:
-        if not math.isfinite(float(self.seconds)) or self.seconds < 0:
+        self.seconds = _number("seconds", "the adaptation time in seconds", self.seconds)
+        if not math.isfinite(self.seconds) or self.seconds < 0:
             raise ConfigError(f"the adaptation time must be a finite number of seconds >= 0; got {self.seconds}")
-        if self.steps is not None and int(self.steps) < 1:
-            raise ConfigError(f"the adaptation steps must be 1 or more; got {self.steps}")
+        if self.steps is not None:
+            self.steps = _count("steps", "the adaptation steps", self.steps)
         if self.steps is None and self.seconds == 0:
             self.steps = DEFAULT_ADAPT_STEPS
+        self.learning_rate = _number("learning_rate", "the adaptation learning rate", self.learning_rate)
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError(f"the adaptation learning rate must be > 0; got {self.learning_rate}")
+        for name in ("batch_size", "thick_rows", "width", "check_pairs"):
+            setattr(self, name, _count(name, f"the adaptation's {name.replace('_', ' ')}", getattr(self, name)))
+
+
+def _number(name: str, what: str, value: Any) -> Any:
+    """``value`` when it is a real number (not a bool or a string), else :class:`ConfigError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{what} (AdaptSettings.{name}) must be a number; got {value!r}")
+    return value
+
+
+def _count(name: str, what: str, value: Any) -> int:
+    """``value`` as an int when it is a whole number of 1 or more (a float such as 2.0 too, as JSON gives it; not a
+    bool, 2.5 or a string), else :class:`ConfigError` naming ``name``."""
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer())
+    if isinstance(value, bool) or not whole or int(value) < 1:
+        raise ConfigError(f"{what} (AdaptSettings.{name}) must be a whole number of 1 or more; got {value!r}")
+    return int(value)
 
 
 def budget_fields(steps: int, seconds: float, *, optional: bool = False) -> dict[str, Any]:
@@ -129,20 +151,6 @@ def scan_noise_hu(thick_hu: np.ndarray, max_slices: int = 16) -> float:
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2.0))
 
 
-@contextlib.contextmanager
-def seeded_torch_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """torch's global generators of the CPU and of ``device`` (a CUDA device) seeded with ``seed`` for the block, as
-    ``torch.manual_seed(seed)`` seeds them, and put back as the caller left them afterwards: a script that calls the
-    adaptation goes on drawing from its own random stream."""
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        torch.random.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
-
-
 def _plane_size(shape_bc: tuple[int, int], pitch: float, thick_mm: float, k: int, s: AdaptSettings) -> tuple[int, int] | None:
     """``(thick_rows, width)`` that fit in-plane slices of ``shape_bc``, or None when none do."""
     ratio = max(thick_mm / k, pitch) / pitch
@@ -152,6 +160,35 @@ def _plane_size(shape_bc: tuple[int, int], pitch: float, thick_mm: float, k: int
     if rows < 4 or width < 16:
         return None
     return rows, width
+
+
+#: How far (dB) the adapted network's gain over cubic interpolation on the check batch may fall below the unadapted
+#: network's before the adaptation is discarded. The check batch is a fixed draw of the scan's own pairs, so a small dip
+#: is noise; a learning rate that diverges loses several dB (or gives NaN). The default adaptation gains there on the
+#: sample scans, far above that margin (over cubic, after the default 400 steps: a 16x128x128 crop of chest-lidc at x4
+#: 1.22 -> 4.47 dB; chest-dx's own 5 mm slices, 16x192x192, at x4 3.16 -> 3.72 dB; chest-dx degraded x4 / x2
+#: 3.05 -> 6.19 / 2.40 -> 4.90 dB).
+DISCARD_BELOW_DB = 0.5
+
+
+def _check_gain_db(mse_cubic: float, mse: float) -> float | None:
+    """PSNR gain (dB) of a prediction over cubic interpolation from their mean squared errors; None when the
+    prediction's error is not finite (a diverged network)."""
+    if not (math.isfinite(mse) and math.isfinite(mse_cubic)):
+        return None
+    return 10.0 * math.log10(max(mse_cubic, 1e-12) / max(mse, 1e-12))
+
+
+def discard_reason(report: dict[str, Any]) -> str:
+    """Why an adaptation's network is not used (``""``: it is): a non-finite loss, or a check-batch gain over cubic
+    interpolation more than :data:`DISCARD_BELOW_DB` below the unadapted network's."""
+    before, after = report.get("gain_before_db"), report.get("gain_after_db")
+    if report.get("diverged") or after is None or report.get("loss_after") is None:
+        return "the adaptation diverged (its loss is not finite): lower the learning rate"
+    if before is not None and after < before - DISCARD_BELOW_DB:
+        return (f"the adapted network is worse on the scan's check batch than before ({after:.2f} dB over cubic "
+                f"against {before:.2f} dB): lower the learning rate")
+    return ""
 
 
 def adapt_predictor(
@@ -168,14 +205,23 @@ def adapt_predictor(
 ) -> tuple[ThroughPlaneNet, dict[str, Any]]:
     """Fine-tune a copy of ``net`` on pairs made from the scan's own in-plane axes.
 
+    The adaptation trains whatever the caller's grad mode (a ``torch.no_grad()`` or ``torch.inference_mode()``
+    block gives the same network as none). Its randomness is a numpy generator seeded with ``seed``: torch's global
+    random state is neither read nor changed (other threads' draws are left alone).
+
+    The adapted network is discarded, with a warning in the log, when its loss on the check batch (a fixed batch of
+    the scan's pairs, drawn apart from the training's) is not finite, or its gain over cubic interpolation there falls
+    more than :data:`DISCARD_BELOW_DB` below the unadapted network's: ``net`` itself is returned and the report says
+    why under ``"discarded"`` (a learning rate that diverges). A smaller dip counts as noise and keeps the adapted
+    network, so the default adaptation of a real scan is not discarded for it.
+
     Args:
         net: the trained predictor (not modified).
         thick_hu: the input scan in HU, ``(m, H, W)`` with the thick axis first (not modified).
         spacing: its spacing in mm along ``(m, H, W)``.
         factor: thin slices per thick slice.
         settings: time or step budget and optimiser settings.
-        seed: random seed of the pairs and of the order they are drawn in, 0 to 2**32 - 1 (:data:`~DiffusionCore.seeds.MAX_SEED`). The
-            caller's global torch random state is the same after the call as before it.
+        seed: random seed of the pairs and of the order they are drawn in, 0 to 2**32 - 1 (:data:`~DiffusionCore.seeds.MAX_SEED`).
         device: where to train.
         progress: ``progress(fraction_done, message)``, called after each step.
         cancel: checked after each step (raises :class:`~DiffusionCore.errors.Cancelled`).
@@ -184,11 +230,39 @@ def adapt_predictor(
         ConfigError: a seed outside 0 to 2**32 - 1.
 
     Returns:
-        ``(adapted, report)``: the adapted copy (eval mode), and ``{"seconds", "steps", "loss_before",
-        "loss_after", "gain_before_db", "gain_after_db", "pairs_per_step", "skipped"}``; the losses are the
-        L1 (model units) on a fixed check batch from the scan, the gains its PSNR over cubic interpolation.
+        ``(adapted, report)``: the adapted copy (eval mode; ``net`` when discarded), and ``{"seconds", "steps",
+        "loss_before", "loss_after", "gain_before_db", "gain_after_db", "pairs_per_step", "skipped",
+        "discarded"}``; the losses are the L1 (model units) on a fixed check batch from the scan, the gains its PSNR
+        over cubic interpolation (None when not finite), ``discarded`` None or why the adapted network is not used.
     """
     seed = check_seed(seed)
+    with torch.inference_mode(False), torch.enable_grad():  # training, whatever the caller's grad mode
+        adapted, report = _adapt(net, thick_hu, spacing, factor, settings, seed, torch.device(device), progress, cancel)
+    if report.get("skipped"):
+        return adapted, report
+    why = discard_reason(report)
+    report.pop("diverged", None)
+    report["discarded"] = why or None
+    if why:
+        logger.warning("adaptation discarded, the unadapted predictor is used: %s (learning rate %g, %d steps)",
+                       why, settings.learning_rate, report["steps"])
+        return net, report
+    return adapted, report
+
+
+def _adapt(
+    net: ThroughPlaneNet,
+    thick_hu: np.ndarray,
+    spacing: tuple[float, float, float],
+    factor: int,
+    settings: AdaptSettings,
+    seed: int,
+    dev: torch.device,
+    progress: Callable[[float, str], None] | None,
+    cancel: threading.Event | None,
+) -> tuple[ThroughPlaneNet, dict[str, Any]]:
+    """The training of :func:`adapt_predictor` (in its grad mode), with the check batch's loss and gain before and
+    after; ``"diverged"`` in the report when a training loss was not finite (training stops there)."""
     k = int(factor)
     t_start = time.perf_counter()
     pitch = float(min(spacing[1], spacing[2]))
@@ -213,48 +287,56 @@ def adapt_predictor(
         [source], k, settings.check_pairs, PairSettings(**{**pairs.__dict__, "intensity_jitter": 0.0}),
         np.random.default_rng([seed, 8])))
 
-    dev = torch.device(device)
     adapted = channels_last(net).to(dev)  # a copy, in the layout the CPU convolutions run fastest in
     check_thick, check_thin = check_thick.to(dev), check_thin.to(dev)
     cubic_check = cubic_planes(check_thick, k)
 
-    def check() -> tuple[float, float]:
+    def check() -> tuple[float, float | None]:
         adapted.eval()
         with torch.no_grad():
             pred = cubic_check + adapted(check_thick, k)
             loss = float(torch.mean(torch.abs(pred - check_thin)))
             mse, mse_cubic = float(torch.mean((pred - check_thin) ** 2)), float(torch.mean((cubic_check - check_thin) ** 2))
         adapted.train()
-        return loss, 10.0 * math.log10(max(mse_cubic, 1e-12) / max(mse, 1e-12))
+        return loss, _check_gain_db(mse_cubic, mse)
 
     report["loss_before"], report["gain_before_db"] = check()
-    with seeded_torch_rng(seed, dev):  # the caller's global random stream is left as it was
-        opt = torch.optim.Adam(adapted.parameters(), lr=settings.learning_rate)
-        adapted.train()
-        steps = 0
-        t_train = time.perf_counter()
-        while True:
-            if settings.steps is not None and steps >= int(settings.steps):
-                break
-            elapsed = time.perf_counter() - t_train
-            if settings.steps is None and elapsed >= settings.seconds:
-                break
-            thick_np, thin_np = sample_pairs([source], k, settings.batch_size, pairs, rng)
-            thick, thin = torch.from_numpy(thick_np).to(dev), torch.from_numpy(thin_np).to(dev)
-            loss = torch.nn.functional.l1_loss(cubic_planes(thick, k) + adapted(thick, k), thin)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("super-resolution cancelled during adaptation; no output was written.")
-            if progress is not None:
-                frac = steps / int(settings.steps) if settings.steps is not None else (time.perf_counter() - t_train) / settings.seconds
-                progress(min(1.0, frac), f"adapting to this scan, step {steps}")
+    opt = torch.optim.Adam(adapted.parameters(), lr=settings.learning_rate)
+    adapted.train()
+    steps = 0
+    t_train = time.perf_counter()
+    while True:
+        if settings.steps is not None and steps >= int(settings.steps):
+            break
+        elapsed = time.perf_counter() - t_train
+        if settings.steps is None and elapsed >= settings.seconds:
+            break
+        thick_np, thin_np = sample_pairs([source], k, settings.batch_size, pairs, rng)
+        thick, thin = torch.from_numpy(thick_np).to(dev), torch.from_numpy(thin_np).to(dev)
+        loss = torch.nn.functional.l1_loss(cubic_planes(thick, k) + adapted(thick, k), thin)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+        if steps % DIVERGENCE_CHECK_STEPS == 0 and not math.isfinite(float(loss.detach())):  # nothing left to learn
+            report["diverged"] = True
+            break
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("super-resolution cancelled during adaptation; no output was written.")
+        if progress is not None:
+            frac = steps / int(settings.steps) if settings.steps is not None else (time.perf_counter() - t_train) / settings.seconds
+            progress(min(1.0, frac), f"adapting to this scan, step {steps}")
     report["loss_after"], report["gain_after_db"] = check()
     adapted.eval()
     report.update(steps=steps, seconds=round(time.perf_counter() - t_start, 2), pairs_per_step=settings.batch_size,
                   plane=[rows * k, width], skipped=None)
-    logger.info("adapted to the scan in %.1f s (%d steps): check-batch gain over cubic %.2f -> %.2f dB",
-                report["seconds"], steps, report["gain_before_db"], report["gain_after_db"])
+    logger.info("adapted to the scan in %.1f s (%d steps): check-batch gain over cubic %s -> %s dB",
+                report["seconds"], steps, _db(report["gain_before_db"]), _db(report["gain_after_db"]))
+    for key in ("loss_before", "loss_after"):  # the report is JSON: no NaN
+        if not math.isfinite(report[key]):
+            report[key] = None
     return adapted, report
+
+
+def _db(value: float | None) -> str:
+    return "not finite" if value is None else f"{value:.2f}"

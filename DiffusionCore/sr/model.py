@@ -63,13 +63,25 @@ def build_process(cfg: SRConfig) -> ResShiftProcess | DDIMProcess:
     return DDIMProcess(d.num_train_timesteps)
 
 
+def check_estimate(estimate: str | None) -> None:
+    """Refuse an estimate other than None (the weights' default), 'mean' or 'sample'.
+
+    Raises:
+        ConfigError: naming the estimates there are.
+    """
+    if estimate is not None and estimate not in ESTIMATES:
+        raise ConfigError(f"estimate {estimate!r}: use one of {', '.join(ESTIMATES)}")
+
+
 def requested_estimate(estimate: str | None, steps: int | None, num_samples: int) -> str | None:
     """The estimate that the options ask for, before the weights are known: ``estimate`` itself, 'sample'
     when only a step count or several samples are given, else None (the weights' default).
 
     Raises:
-        ConfigError: 'mean' with several samples or with a step count other than 1.
+        ConfigError: an estimate other than 'mean' or 'sample', 'mean' with several samples or with a step count
+            other than 1.
     """
+    check_estimate(estimate)
     if estimate == MEAN and num_samples > 1:
         raise ConfigError(
             "the mean estimate is deterministic, so several samples of it would be identical: use "
@@ -381,8 +393,7 @@ class SRModel(nn.Module):
                     f"the weights' config has estimate {estimate!r}; expected one of {', '.join(ESTIMATES)}"
                 )
             return estimate
-        if estimate not in ESTIMATES:
-            raise ConfigError(f"estimate {estimate!r}: use one of {', '.join(ESTIMATES)}")
+        check_estimate(estimate)
         if estimate == MEAN and not resshift:
             raise ConfigError(
                 "these weights use plain latent diffusion (DDIM, trained with --no-predict-residual), which has "

@@ -60,7 +60,15 @@ from ..degrade import (
     thin_grid,
 )
 from ..devices import resolve_device
-from ..errors import Cancelled, ConfigError, GeometryError, InputError, ResourceError, WeightsError
+from ..errors import (
+    Cancelled,
+    ConfigError,
+    GeometryError,
+    InputError,
+    NumericalError,
+    ResourceError,
+    WeightsError,
+)
 from ..evaluate import MODEL_SETTINGS, register_method
 from ..geometry import storage_flips
 from ..intensity import HU_PER_UNIT, hu_to_unit, hu_to_unit_, unit_to_hu_
@@ -395,14 +403,74 @@ class SRPlan:
 def adapt_record(adapt: AdaptSettings | None, done: dict[str, Any] | None) -> dict[str, Any] | None:
     """What a result's provenance records of its adaptation: the request (``seconds``, ``steps``: what the command line
     asked, which a rerun compares), the optimizer steps it ran (``steps_run``: a time budget's count, which
-    ``--adapt-steps`` reproduces) and, where it was not done, why (``skipped``); None without adaptation."""
+    ``--adapt-steps`` reproduces), where it was not done, why (``skipped``), and where its network was not used
+    (it diverged: :func:`~DiffusionCore.sr.adapt.discard_reason`), why (``discarded``); None without adaptation."""
     if adapt is None:
         return None
     done = done or {}
     record: dict[str, Any] = {"seconds": adapt.seconds, "steps": adapt.steps, "steps_run": int(done.get("steps", 0))}
     if not done or done.get("skipped"):
         record["skipped"] = done.get("skipped") or "not run"
+    elif done.get("discarded"):
+        record["discarded"] = done["discarded"]
     return record
+
+
+def adaptation_note(predictor_report: dict[str, Any] | None) -> str:
+    """The report's note for an adaptation whose network was discarded (``""`` for any other)."""
+    done = (predictor_report or {}).get("adaptation") or {}
+    if not done.get("discarded"):
+        return ""
+    return f"adaptation discarded, the result uses the unadapted predictor: {done['discarded']}"
+
+
+def require_finite_output(hu: np.ndarray, what: str) -> None:
+    """Refuse a result that holds NaN or infinite voxels (one pass, no scratch volume).
+
+    Raises:
+        NumericalError: naming how many voxels are not finite.
+    """
+    if math.isfinite(float(hu.sum(dtype=np.float64))):
+        return
+    bad = int(np.count_nonzero(~np.isfinite(hu)))
+    raise NumericalError(  # worded as the command line's final check (cli.common.check_result), which it precedes
+        f"{what} holds {bad} NaN or infinite voxels (of {hu.size}): the computation failed numerically; nothing was "
+        "written or returned. Check the weights and options; if they are right, report it"
+    )
+
+
+def check_same_in_plane(volume: Volume, grid: Grid, axis: int) -> None:
+    """Refuse a thin ``grid`` for :meth:`SuperResolver.run_to_grid` that differs from ``volume``'s grid other than
+    along array ``axis``: another in-plane size, spacing, direction, or in-plane position.
+
+    Raises:
+        GeometryError: naming what differs.
+    """
+    src = volume.grid
+    problems = []
+    for a in range(3):
+        if a == axis:
+            continue
+        name = "zyx"[a]
+        if src.shape[a] != grid.shape[a]:
+            problems.append(f"{grid.shape[a]} voxels along {name} where the input has {src.shape[a]}")
+        elif not math.isclose(src.spacing_zyx[a], grid.spacing_zyx[a], rel_tol=1e-5):
+            problems.append(f"a spacing of {grid.spacing_zyx[a]:.6g} mm along {name} where the input's is "
+                            f"{src.spacing_zyx[a]:.6g} mm")
+    if not problems and not np.allclose(src.direction_matrix, grid.direction_matrix, rtol=0, atol=1e-6):
+        problems.append("another direction")
+    if not problems:
+        # the origin's move in the grid's own axes (not the transpose: a sheared grid's axes are not orthogonal)
+        shift = np.linalg.solve(grid.direction_matrix, np.asarray(grid.origin, float) - np.asarray(src.origin, float))
+        for a in range(3):  # the origin's shift along each in-plane index axis (column 2 - a)
+            if a != axis and abs(shift[2 - a]) > 1e-3 * src.spacing_zyx[a]:
+                problems.append(f"its origin moved {shift[2 - a]:.4g} mm along {'zyx'[a]}")
+    if problems:
+        raise GeometryError(
+            f"run_to_grid writes the input's own in-plane grid and refines only axis {'zyx'[axis]}; the grid given has "
+            f"{'; '.join(problems)}. Make the grid with DiffusionCore.thin_grid(volume, factor, axis=...), or resample "
+            "the result afterwards"
+        )
 
 
 class SuperResolver:
@@ -475,10 +543,14 @@ class SuperResolver:
 
     @classmethod
     def tiny_predictor(cls, seed: int = 0) -> SuperResolver:
-        """A tiny random-weight through-plane predictor without a diffusion stage, for tests and self-tests."""
+        """A tiny random-weight through-plane predictor without a diffusion stage, for tests and self-tests. torch's
+        global random state is as it was (the layers' default initialisation draws from it, then is overwritten by
+        the seeded weights)."""
         from .throughplane import tiny_predictor
 
-        return cls(None, predictor=tiny_predictor(seed), weights_name="tiny-test-predictor (random weights)",
+        with torch.random.fork_rng(devices=[]):
+            predictor = tiny_predictor(seed)
+        return cls(None, predictor=predictor, weights_name="tiny-test-predictor (random weights)",
                    weights_sha256="0" * 64)
 
     @classmethod
@@ -597,7 +669,11 @@ class SuperResolver:
             volume: the thick-slice CT (HU); not modified.
             settings: the run's options (:class:`~DiffusionCore.sr.settings.SRRunSettings`: factor or target
                 spacing, axis, estimate, steps, guidance, seed, device, patches, samples, data consistency,
-                memory limit, tile batch, non-CT input, adaptation); default: all defaults.
+                memory limit, tile batch, non-CT input, adaptation); default: all defaults. ``adapt`` is an
+                :class:`~DiffusionCore.sr.adapt.AdaptSettings`, ``True`` for the default ``AdaptSettings()`` (what
+                the ``sr`` command does unless ``--no-adapt``), or None / ``False`` for no adaptation (the default
+                here); anything else is a ConfigError. An adaptation that diverges is discarded: the result is the
+                unadapted predictor's, and ``notes`` and the adaptation's record say why.
             progress: ``progress(done, total, message)``; ``total`` = samples x tiles x steps.
             cancel: set it to stop between steps and tiles (raises Cancelled).
             **overrides: options by name (the fields of ``SRRunSettings``), applied over ``settings``:
@@ -624,7 +700,8 @@ class SuperResolver:
             InputError: not a Volume (a bare array has no geometry), NaN/Inf voxels, a constant volume, non-CT
                 intensities (unless ``allow_non_ct``).
             GeometryError: isotropic input, bad factor or spacing, both a factor and a spacing.
-            ConfigError: settings that contradict each other or the weights.
+            ConfigError: settings that contradict each other or the weights, an ``adapt`` of another type.
+            NumericalError: a result with NaN or infinite voxels (never returned).
             ResourceError: not enough memory even for the smallest patch. Cancelled: cancel was set.
         """
         _require_volume(volume, "SuperResolver.run")
@@ -813,6 +890,7 @@ class SuperResolver:
             timings["consistency"] = time.perf_counter() - t0
             _check_cancel(cancel)
             tell(plan.start_units + plan.consistency_units, "data consistency done")
+        require_finite_output(out.array, "the super-resolved volume")
         output = Volume.from_grid(
             grid, out.array, source=volume.metadata.get("source", ""), method="sr", synthetic=True,
             weights_sha256=self.weights_sha256,
@@ -871,7 +949,7 @@ class SuperResolver:
         **overrides: Any,
     ) -> tuple[Volume, dict[str, Any]]:
         """:meth:`run` onto a given thin ``grid`` (differing from the input's only along the settings' ``axis``,
-        which must be given).
+        which must be given: the same size, spacing, direction and position in-plane, else GeometryError).
 
         Arguments as for :meth:`run`; ``factor`` (when the grid is an integer subdivision) only labels the
         report and enables its ``consistency_psnr``; ``target_spacing`` and ``allow_non_ct`` are not used.
@@ -882,6 +960,8 @@ class SuperResolver:
         t_start = time.perf_counter()
         _require_volume(volume, "SuperResolver.run_to_grid")
         settings = SRRunSettings.of(settings, overrides)
+        if settings.axis is not None:
+            check_same_in_plane(volume, grid, axis_index(settings.axis))
         plan = self.plan(volume, grid, settings)  # warns of slices finer than the pixels: the report says it too
         notes = [finer_than_pixels_note(volume, grid, plan.axis)]
         if self.predictor is not None and plan.predictor_factor is not None:
@@ -900,6 +980,11 @@ class SuperResolver:
             out, report = self._tiled_report(
                 volume, plan, settings, mean, m2, timings, predictor_report, progress=progress, t_start=t_start
             )
+        notes.append(adaptation_note(report.get("predictor")))
+        unused = no_diffusion_stage_note(self.unused_settings(settings), str(self.weights_name or ""))
+        if unused:  # the front ends say it in their own option names (DIFFUSION_STAGE_FLAGS); a script reads it here
+            logger.debug(unused)
+            notes.append(unused)
         notes = [n for n in notes if n]
         if notes:
             report["notes"] = [*report.get("notes", []), *notes]
@@ -1081,6 +1166,7 @@ class SuperResolver:
         # voxels the model processes per output voxel (overlap and padding make it > 1)
         overhead = tiling.n_tiles * float(np.prod(tiling.patch_size)) / float(np.prod(tiling.volume_shape))
         tiles_info = {"count": tiling.n_tiles, "grid": list(tiling.grid_counts), "overhead": overhead}
+        require_finite_output(mean, "the super-resolved volume")
         output = Volume.from_grid(
             grid,
             mean,

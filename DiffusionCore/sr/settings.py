@@ -13,6 +13,8 @@ This module imports no torch at its top (the ``DiffusionCore.sr`` package does).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -47,6 +49,28 @@ def predictor_spacing_problem(input_spacing: float, target_spacing: float, facto
     )
 
 
+def adapt_settings(adapt: Any) -> AdaptSettings | None:
+    """The :class:`~DiffusionCore.sr.adapt.AdaptSettings` of a run's ``adapt`` option: itself, ``True`` for the
+    default adaptation (as the ``sr`` command adapts by default), None for ``False`` or None (none).
+
+    Raises:
+        ConfigError: anything else (a dict, a number of steps), naming ``AdaptSettings``.
+    """
+    if adapt is None or adapt is False:
+        return None
+    from .adapt import AdaptSettings  # it imports torch; this module does not
+
+    if adapt is True:
+        return AdaptSettings()
+    if not isinstance(adapt, AdaptSettings):
+        raise ConfigError(
+            f"adapt must be an AdaptSettings (from DiffusionCore.sr.adapt import AdaptSettings; e.g. "
+            f"adapt=AdaptSettings(steps=100)), True for the default adaptation, or None/False for none; got "
+            f"{type(adapt).__name__} {adapt!r}"
+        )
+    return adapt
+
+
 @dataclass(frozen=True)
 class SRRunSettings:
     """What one super-resolution run is asked to do (``None`` means "the default" where it is allowed).
@@ -72,14 +96,16 @@ class SRRunSettings:
         tile_batch: patches per model call (default: 1 on the CPU, on a GPU as many as fit).
         allow_non_ct: run on a volume whose intensities do not look like CT in HU.
         adapt: fine-tune a copy of the through-plane predictor on the input scan first
-            (:class:`~DiffusionCore.sr.adapt.AdaptSettings`); None: no adaptation. This object's default is
-            None; the ``sr`` command, the Slicer module and its batch CLI pass ``AdaptSettings(optional=True)``
-            unless told not to (adaptation is on by default for users).
+            (:class:`~DiffusionCore.sr.adapt.AdaptSettings`); ``True``: the default ``AdaptSettings()``; None or
+            ``False``: no adaptation (anything else is a ConfigError). This object's default is None; the ``sr``
+            command, the Slicer module and its batch CLI pass ``AdaptSettings(optional=True)`` unless told not to
+            (adaptation is on by default for users).
 
     Raises:
-        ConfigError: a step count below 1, fewer than 1 sample, an estimate that contradicts the steps or
-            samples, a patch size or overlap that is not three positive (non-negative) values, a tile batch
-            below 1. GeometryError: both a factor and a target spacing.
+        ConfigError: a step count below 1, fewer than 1 sample, an unknown estimate or one that contradicts the
+            steps or samples, a patch size or overlap that is not three positive (non-negative) values, a tile batch
+            below 1, a memory limit that is not a positive number of bytes, an ``adapt`` that is not an
+            ``AdaptSettings``, a bool or None. GeometryError: both a factor and a target spacing.
     """
 
     factor: int | None = None
@@ -104,6 +130,8 @@ class SRRunSettings:
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
+        if self.adapt is not None:
+            object.__setattr__(self, "adapt", adapt_settings(self.adapt))
         self.check()
 
     def check(self) -> None:
@@ -122,6 +150,10 @@ class SRRunSettings:
             raise ConfigError(f"overlap needs three values of 0 or more (D H W); got {self.overlap}")
         if self.tile_batch is not None and int(self.tile_batch) < 1:
             raise ConfigError(f"tile batch must be 1 or more; got {self.tile_batch}")
+        limit = self.memory_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Real)
+                                  or not math.isfinite(limit) or limit <= 0):
+            raise ConfigError(f"the memory limit must be a positive number of bytes; got {limit!r}")
         if self.factor is not None and self.target_spacing is not None:
             raise GeometryError("give either a factor or a target spacing, not both.")
 
