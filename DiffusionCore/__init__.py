@@ -7,6 +7,7 @@ The public API:
 * :func:`interpolate` - nearest / linear / cubic B-spline baselines;
 * :mod:`DiffusionCore.metrics` - PSNR, 3D SSIM, HU-MAE, body mask, consistency;
 * :func:`evaluate` - score methods on simulated thick slices;
+* :func:`save_result` - write a model's result with its full provenance (marked synthetic, settings, weights);
 * ``SuperResolver`` (``DiffusionCore.sr``) and ``XrayToCTGenerator`` (``DiffusionCore.xray``) - the models.
 
 Everything user-facing raises :class:`DiffusionCoreError` subclasses with actionable messages; all of them that a
@@ -28,6 +29,7 @@ from .errors import (
 )
 from .evaluate import MethodResultError, evaluate, register_method
 from .interpolation import interpolate
+from .results import save_result
 from .version import __version__ as __version__
 from .volume import Grid, Volume, read_volume, suggested_factor, thick_axis, write_volume
 
@@ -51,6 +53,7 @@ __all__ = [
     "interpolate",
     "read_volume",
     "register_method",
+    "save_result",
     "suggested_factor",
     "thick_axis",
     "thin_grid",

@@ -26,7 +26,7 @@ from .degrade import (
     slab_crop,
     slab_thickness_note,
 )
-from .errors import DiffusionCoreError, InputError
+from .errors import ConfigError, DiffusionCoreError, InputError, NumericalError
 from .geometry import storage_flips
 from .interpolation import INTERPOLATION_METHODS, interpolate
 from .metrics import (
@@ -65,11 +65,24 @@ _METHODS: dict[str, Reconstructor] = {}
 MODEL_SETTINGS = ("estimate", "steps", "seed", "device", "torch_threads", "data_consistency", "adapt")
 
 
-def register_method(name: str, fn: Reconstructor, *, slab_only: str = "") -> None:
+def register_method(name: str, fn: Reconstructor, *, slab_only: str = "", replace: bool = False) -> None:
     """Make ``name`` a method of :func:`evaluate`. The interpolations register here; the model methods
     (``sr``, ``sr+adapt``, ``cubic+dc``) register when :mod:`DiffusionCore.sr.pipeline` is imported, which the
     ``evaluate`` command, the demo and the benchmarks do. ``slab_only``: why the method only fits slab-averaged
-    thick slices (it is then refused with ``degradation="decimate"``)."""
+    thick slices (it is then refused with ``degradation="decimate"``). ``replace``: replace a built-in method
+    (one that DiffusionCore registers) for the rest of the process; a method of your own is replaced without it.
+
+    Raises:
+        ConfigError: ``name`` is a built-in method, ``fn`` is another function and ``replace`` is not True.
+    """
+    if not callable(fn):
+        raise ConfigError(f"register_method({name!r}, ...): the method must be a function fn(thick, grid, options) -> "
+                          f"Volume; got {type(fn).__name__}")  # fmt: skip
+    old = _METHODS.get(name)
+    builtin = old is not None and str(getattr(old, "__module__", "")).startswith("DiffusionCore.")
+    if builtin and not replace and getattr(fn, "__module__", None) != old.__module__:  # a module's re-import: its own
+        raise ConfigError(f"{name!r} is a built-in method of evaluate: give your method another name, or pass "
+                          f"replace=True to replace the built-in {name} for the rest of this process")  # fmt: skip
     _METHODS[name] = fn
     if slab_only:
         _SLAB_ONLY[name] = slab_only
@@ -134,11 +147,12 @@ METHOD_CONTRACT = ("a method must return a Volume on the grid it is given: fn(th
 
 def check_on_grid(out: Volume, grid: Grid, name: str) -> None:
     """Refuse a reconstruction that is not a Volume on the reference's grid: scoring it voxel by voxel would
-    compare different places (a method's thin slices half a slice off, for instance).
+    compare different places (a method's thin slices half a slice off, for instance); and one holding NaN or
+    infinite voxels, which no score describes.
 
     Raises:
         MethodResultError: naming the method, what it returned (not a Volume, another shape, how far off
-            the grid) and what a method must return.
+            the grid, non-finite voxels) and what a method must return.
     """
     if not isinstance(out, Volume):
         raise MethodResultError(
@@ -161,6 +175,13 @@ def check_on_grid(out: Volume, grid: Grid, name: str) -> None:
             f"against {np.round(want.origin, 4).tolist()} mm, {off:.4g} mm apart; spacing "
             f"{np.round(got.spacing, 5).tolist()} against {np.round(want.spacing, 5).tolist()} mm): its figures would "
             "compare different places. This is a bug in the method: " + METHOD_CONTRACT + "."
+        )
+    bad = int(np.size(out.array) - np.count_nonzero(np.isfinite(out.array)))
+    if bad:
+        raise MethodResultError(
+            f"method {name} returned {bad} NaN or infinite voxel(s) of {out.array.size}: no score means anything "
+            f"then. This is a bug in the method (a division by zero, a log of a negative value, ...): "
+            f"{METHOD_CONTRACT}, every voxel a finite HU value."
         )
 
 
@@ -281,7 +302,11 @@ def evaluate(
             progress(i, total, f"{name}: reconstructing")
         method_report: dict[str, Any] = {}
         t0 = time.perf_counter()
-        out = fn(thick, grid, {**(method_options or {}), "report": method_report})
+        # each method its own copy of the thick input: one that edits it in place changes no other method's score
+        try:
+            out = fn(thick.copy(), grid, {**(method_options or {}), "report": method_report})
+        except NumericalError as exc:  # e.g. a model whose result held NaN voxels: say which method
+            raise NumericalError(f"method {name}: {exc}") from None
         seconds = time.perf_counter() - t0
         check_on_grid(out, grid, name)
         if keep:

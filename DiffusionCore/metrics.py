@@ -29,6 +29,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .degrade import Degradation, degrade
+from .errors import GeometryError, InputError
 from .volume import Volume
 
 HU_RANGE: tuple[float, float] = (-1024.0, 2048.0)
@@ -82,7 +83,7 @@ class ReferenceStats:
         self.slice_axis = axial_axis(reference)  # where the body mask fills holes slice by slice
         self.spacing_zyx = _spacing_zyx(reference)  # what sizes the body mask's parts in mm
         if self.array.ndim != 3:
-            raise ValueError(f"a reference needs a 3D array (z, y, x); got shape {self.array.shape}")
+            raise InputError(f"a reference needs a 3D array (z, y, x); got shape {self.array.shape}")
         self._masks: dict[float, np.ndarray] = {}
         self._moments: dict[tuple[float, float, float], tuple[np.ndarray, np.ndarray]] = {}
 
@@ -139,7 +140,9 @@ def _spacing_zyx(x: Volume | np.ndarray) -> tuple[float, float, float]:
 
 def _check_pair(ref: np.ndarray, test: np.ndarray) -> None:
     if ref.shape != test.shape:
-        raise ValueError(f"shapes differ: reference {ref.shape}, test {test.shape}")
+        raise GeometryError(f"shapes differ: reference {ref.shape}, test {test.shape} (z, y, x): scores compare voxel "
+                            "by voxel, so both volumes must be on the same grid (resample one onto the other's grid "
+                            "first, e.g. DiffusionCore.interpolate(test, ref.grid, 'cubic'))")  # fmt: skip
 
 
 def _slabs(shape: tuple[int, ...], voxels: int, start: int = 0, stop: int | None = None) -> Iterator[slice]:
@@ -159,7 +162,8 @@ def _clipped_differences(
 ) -> Iterator[np.ndarray]:
     """``clip(ref) - clip(test)`` in float64 (exact for float32 input), slab by slab, inside ``mask``."""
     if mask is not None and mask.shape != ref.shape:
-        raise ValueError(f"the mask has shape {mask.shape}, the volumes {ref.shape}")
+        raise GeometryError(f"the mask has shape {mask.shape}, the volumes {ref.shape}: give a mask of the volumes' "
+                            "shape (e.g. body_mask(ref))")  # fmt: skip
     for sl in _slabs(ref.shape, CHUNK_VOXELS):
         d = clip_hu(ref[sl], hu_range).astype(np.float64)  # clipping first is exact and cheaper
         d -= clip_hu(test[sl], hu_range)
@@ -183,7 +187,7 @@ def psnr(
         sq += float(np.dot(d.ravel(), d.ravel()))
         n += d.size
     if n == 0:
-        raise ValueError("the mask is empty")
+        raise InputError("the mask is empty: no voxel to score; give a mask that selects some voxels")
     mse = sq / n
     peak = hu_range[1] - hu_range[0]
     return math.inf if mse == 0.0 else 10.0 * math.log10(peak * peak / mse)
@@ -203,7 +207,7 @@ def hu_mae(
         total += float(np.abs(d, out=d).sum())
         n += d.size
     if n == 0:
-        raise ValueError("the mask is empty")
+        raise InputError("the mask is empty: no voxel to score; give a mask that selects some voxels")
     return total / n
 
 
@@ -341,7 +345,8 @@ def ssim_window(sigma: float = SSIM_SIGMA) -> int:
 def _check_window(shape: tuple[int, ...], taps: np.ndarray) -> None:
     rad = _radius(taps)
     if min(shape) <= 2 * rad:
-        raise ValueError(f"volume {tuple(shape)} is too small for a {2 * rad + 1}-voxel SSIM window")
+        raise InputError(f"volume {tuple(shape)} is too small for a {2 * rad + 1}-voxel SSIM window: score volumes "
+                         f"of at least {2 * rad + 1} voxels along each axis")  # fmt: skip
 
 
 def _gaussian_valid(a: np.ndarray, taps: np.ndarray) -> np.ndarray:
@@ -446,9 +451,9 @@ def consistency_psnr(
     """
     again = degrade(output, factor, axis, degradation)
     if again.shape != thick_input.shape:
-        raise ValueError(
+        raise GeometryError(
             f"the output degraded again has shape {again.shape}, the input {thick_input.shape}: "
-            "the output is not on the input's thin grid"
+            "the output is not on the input's thin grid (give the factor and axis that made the thick input)"
         )
     return psnr(thick_input, again, hu_range)
 

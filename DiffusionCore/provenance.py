@@ -185,13 +185,37 @@ def nifti_descrip(prov: Provenance) -> str:
     return text.encode("ascii", "replace")[:79].decode("ascii")
 
 
+#: The title of a result whose run is not known (a volume written by :func:`~DiffusionCore.volume.write_volume`), by
+#: the ``method`` its metadata names.
+_MINIMAL_TITLES = {"sr": "SR (synthetic)", "xray2ct": "CT from radiograph (synthetic)"}
+
+
+def minimal_provenance(metadata: dict[str, Any]) -> Provenance:
+    """The least provenance of a synthetic volume, from its ``metadata`` only (``synthetic``, ``method`` or
+    ``source``, ``weights_sha256``: what the runs put there): it marks a file synthetic and names the weights'
+    sha256, without the run's settings, input or weights' name (:func:`DiffusionCore.save_result` writes those)."""
+    task = str(metadata.get("method") or ("xray2ct" if metadata.get("source") == "xray2ct" else ""))
+    return Provenance(task=task, title=_MINIMAL_TITLES.get(task, "synthetic"), weights="",
+                      weights_sha256=str(metadata.get("weights_sha256") or ""), environment={})  # fmt: skip
+
+
+def provenance_header(prov: Provenance) -> dict[str, str]:
+    """Every header text field of a volume file that holds ``prov``: the NRRD / MetaImage fields and the NIfTI
+    ``descrip`` (as ITK's ``ITK_FileNotes``)."""
+    return {**header_fields(prov), "ITK_FileNotes": nifti_descrip(prov)}
+
+
+def has_provenance_fields(header: dict[str, str] | None) -> bool:
+    """Whether a header dictionary already holds provenance fields."""
+    return any(str(k).startswith(HEADER_PREFIX) for k in header or {})
+
+
 def sidecar_path(path: str | os.PathLike) -> Path:
     """The JSON sidecar of a NIfTI file: ``x.nii.gz`` / ``x.nii`` (or ``X.NII.GZ``) -> ``x.json`` in the same folder."""
-    from .volume import split_volume_suffix
-
     p = Path(path)
-    stem, suffix = split_volume_suffix(p.name)
-    return p.with_name((stem if suffix.lower() in (".nii", ".nii.gz") else p.name) + ".json")
+    name = p.name
+    suffix = next((s for s in (".nii.gz", ".nii") if name.lower().endswith(s) and len(name) > len(s)), "")
+    return p.with_name(name[: len(name) - len(suffix)] + ".json")
 
 
 def sidecar_record(prov: Provenance, output: str | os.PathLike) -> dict[str, Any]:

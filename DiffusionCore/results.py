@@ -17,12 +17,29 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from typing import Any
 
 from .dicom_out import DicomSource, check_dicom_output, write_dicom_series
-from .errors import OutputError
+from .errors import InputError, OutputError, OutputExistsError
 from .files import partial_file, publish, write_json_atomic
-from .provenance import HEADER_PREFIX, Provenance, header_fields, nifti_descrip, sidecar_path, sidecar_record
-from .volume import WRITABLE_SUFFIXES, Volume, check_output_path, write_volume
+from .provenance import (
+    HEADER_PREFIX,
+    Provenance,
+    header_fields,
+    nifti_descrip,
+    provenance_header,
+    sidecar_path,
+    sidecar_record,
+    sr_label,
+)
+from .volume import (
+    API_OVERWRITE_ADVICE,
+    WRITABLE_SUFFIXES,
+    Volume,
+    axis_index,
+    check_output_path,
+    write_volume,
+)
 
 #: ``--output-format`` choices: ``auto`` (DICOM for a DICOM input written to a folder, else the suffix),
 #: ``dicom`` (a series folder) or ``file`` (the suffix decides: NIfTI, NRRD, MHA).
@@ -130,13 +147,107 @@ def write_result(
         return [write_dicom_series(vol, output, provenance, source=dicom_source,
                                    keep_frame_of_reference=keep_frame_of_reference, overwrite=overwrite)]  # fmt: skip
     p = Path(output)
-    header = {**header_fields(provenance), "ITK_FileNotes": nifti_descrip(provenance)}
+    header = provenance_header(provenance)
     written = [write_volume(vol, p, overwrite=overwrite, dtype=dtype, compress=compress, header=header)]
     if p.name.lower().endswith((".nii", ".nii.gz")):
         written.append(
             write_json_atomic(sidecar_record(provenance, p), sidecar_path(p), overwrite=True)
         )
     return written
+
+
+def sr_provenance(job_source: str | os.PathLike, volume_metadata: dict[str, Any], report: dict[str, Any]) -> Provenance:
+    """The provenance of one super-resolution result, from its report (``volume_metadata``: the input's)."""
+    settings = report["settings"]
+    spacing_xyz = settings.get("output_spacing_xyz_mm") or []
+    axis = settings.get("axis")  # the thick axis: its output spacing is the new slice spacing
+    thin = spacing_xyz[2 - axis_index(axis)] if axis is not None and len(spacing_xyz) == 3 else None
+    title = f"{sr_label(settings.get('factor'), thin)} (synthetic)"
+    return Provenance(
+        task="sr", title=title, weights=str(settings.get("weights", "")),
+        weights_sha256=str(report.get("weights_sha256", "")), settings=settings, input=str(job_source),
+        input_uid=str(volume_metadata.get("series_uid", "")),
+    )  # fmt: skip
+
+
+def xray_provenance(source: str | os.PathLike, report: dict, weights: str, input_uid: str = "") -> Provenance:
+    """The provenance of an X-ray to CT result, from its report."""
+    return Provenance(task="xray2ct", title="CT from radiograph (synthetic)", weights=weights,
+                      weights_sha256=str(report.get("weights_sha256", "")), settings=report.get("settings", {}),
+                      input=str(source), input_uid=input_uid)  # fmt: skip
+
+
+def _is_xray_report(report: dict[str, Any]) -> bool:
+    return report.get("family") == "xray" or "stages" in report
+
+
+def result_provenance(
+    volume: Volume, report: dict[str, Any], *, input: str | os.PathLike | Volume | None = None, weights: str = ""
+) -> Provenance:
+    """The full provenance of a result of ``SuperResolver.run`` or ``XrayToCTGenerator.run`` (the Volume and the
+    report it returned); ``input``: the input's path, or the input Volume (its source and DICOM series UID are
+    recorded; a Radiograph's source); ``weights``: the weights' name where the report does not say it (X-ray to CT).
+
+    Raises:
+        InputError: ``report`` is not the report of a run, or not the report of ``volume``.
+    """
+    if not isinstance(report, dict) or not isinstance(report.get("settings"), dict):
+        raise InputError(f"the report must be the dict that run returned with the volume; got {type(report).__name__}"
+                         ": pass both values of `volume, report = model.run(...)`")  # fmt: skip
+    ran, marked = str(report.get("weights_sha256", "")), str(volume.metadata.get("weights_sha256", ""))
+    if ran and marked and ran != marked:
+        raise InputError(f"the report is of a run with weights sha256 {ran[:12]}..., the volume of weights "
+                         f"{marked[:12]}...: pass the report that run returned with this volume")  # fmt: skip
+    meta = getattr(input, "metadata", None)  # an input Volume (or Radiograph): its source and DICOM UIDs
+    source = str(meta.get("source", "")) if isinstance(meta, dict) else str(input or "")
+    meta = meta if isinstance(meta, dict) else {}
+    if source and source != "array" and Path(source).exists():
+        source = os.path.abspath(source)  # the provenance is read beside the output, from anywhere
+    if _is_xray_report(report):
+        name = weights or str(report.get("weights") or report["settings"].get("weights") or "")
+        if not name and ran:
+            from .weights.registry import registered_name
+
+            name = registered_name(ran) or ""  # the registered weights of that sha256 (a file of one's own: none)
+        return xray_provenance(source, report, name)
+    return sr_provenance(source, meta, report)
+
+
+def save_result(
+    volume: Volume,
+    path: str | os.PathLike,
+    report: dict[str, Any],
+    *,
+    input: str | os.PathLike | Volume | None = None,
+    weights: str = "",
+    overwrite: bool = False,
+    dtype: str = "auto",
+) -> list[Path]:
+    """Write a model's result with its full provenance, as the ``sr`` and ``xray2ct`` commands do: marked synthetic,
+    with the run's settings, the weights and their sha256, the input and the date (NRRD / MetaImage header fields;
+    NIfTI "SYNTHETIC ..." in ``descrip`` and a JSON sidecar ``x.json``; read back with
+    :func:`~DiffusionCore.provenance.read_provenance`).
+
+    Args:
+        volume, report: what ``SuperResolver.run`` or ``XrayToCTGenerator.run`` returned.
+        path: ``.nrrd``, ``.mha``, ``.nii.gz`` or ``.nii``.
+        input: the input's path, Volume or Radiograph, recorded as the result's source (optional).
+        weights: the weights' name when the report does not say it (X-ray to CT; optional).
+        overwrite, dtype: as for :func:`~DiffusionCore.volume.write_volume`.
+
+    Returns:
+        The paths written (the file, and a NIfTI file's sidecar).
+
+    Raises:
+        InputError: ``report`` is not the report of ``volume``'s run.
+        OutputError: the path cannot be written (exists without ``overwrite=True``, unknown format, ...).
+    """
+    provenance = result_provenance(volume, report, input=input, weights=weights)
+    try:
+        check_result_output(path, False, overwrite=overwrite)  # a NIfTI file's sidecar too
+    except OutputExistsError as exc:
+        raise exc.advising(API_OVERWRITE_ADVICE) from None
+    return write_result(volume, path, provenance, overwrite=overwrite, dtype=dtype)
 
 
 def dicom_source_for(path: str | os.PathLike, series_uid: str | None = None) -> DicomSource | None:

@@ -43,7 +43,7 @@ from .dicom_in import (
     read_enhanced_ct,
     unread_files_note,
 )
-from .errors import DiffusionCoreError, GeometryError, InputError, OutputError, OutputExistsError
+from .errors import ConfigError, DiffusionCoreError, GeometryError, InputError, OutputError, OutputExistsError
 from .files import (
     CompressedDataError,
     check_name_length,
@@ -69,6 +69,7 @@ from .geometry import (
     orthogonalisation_shift_mm,
     resample_gantry_tilt,
 )
+from .provenance import has_provenance_fields, minimal_provenance, provenance_header
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ def axis_index(axis: str | int) -> int:
 #: Smallest |determinant| of a volume's direction matrix: direction cosines have |det| 1, and an
 #: (almost) singular matrix maps the voxel grid onto a plane, which no resampling or writer can handle.
 MIN_DIRECTION_DETERMINANT = 1e-6
+#: Largest relative error of the length of a direction column: direction cosines are unit vectors, rounded in
+#: DICOM headers (``ImageOrientationPatient``, a few decimals) and in NIfTI's float32 quaternions.
+DIRECTION_UNIT_TOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -142,9 +146,12 @@ class Grid:
         return img
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class Volume:
     """A CT volume: float32 HU array ``(z, y, x)`` plus ITK geometry (see module docstring).
+
+    ``==`` is identity (two volumes with equal voxels are still two volumes): compare ``a.grid == b.grid`` and
+    ``np.array_equal(a.array, b.array)`` for equal contents.
 
     Attributes:
         array: float32 array, shape ``(z, y, x)``, Hounsfield units.
@@ -164,6 +171,9 @@ class Volume:
         arr = np.asarray(self.array)
         if arr.ndim != 3:
             raise InputError(f"a volume needs a 3D array (z, y, x); got {arr.ndim}D with shape {arr.shape}")
+        if 0 in arr.shape:
+            raise InputError(f"a volume needs at least one voxel along each axis; got an empty array of shape "
+                             f"{arr.shape} (z, y, x): check the slicing or cropping that made it")  # fmt: skip
         self.array = np.ascontiguousarray(arr, dtype=np.float32)
         self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
         self.origin = tuple(float(o) for o in self.origin)  # type: ignore[assignment]
@@ -182,11 +192,29 @@ class Volume:
                 "directions of the x, y and z index axes, e.g. np.eye(3). Fix the orientation in the file "
                 "header or pass a valid direction."
             )
+        lengths = np.linalg.norm(self.direction, axis=0)
+        if np.abs(lengths - 1.0).max() > DIRECTION_UNIT_TOL:
+            raise GeometryError(
+                f"the direction matrix's columns must be unit vectors (the directions of the x, y and z index axes); "
+                f"their lengths are {np.round(lengths, 6).tolist()}. The voxel size goes in `spacing` (x, y, z), not "
+                "in the direction: from an affine A (spacing folded in), pass direction=A[:3, :3] / "
+                "np.linalg.norm(A[:3, :3], axis=0) and spacing=np.linalg.norm(A[:3, :3], axis=0)."
+            )
         if not all(np.isfinite(s) and s > 0 for s in self.spacing):
             raise GeometryError(
                 f"voxel spacing must be positive and finite; got {self.spacing} mm. "
                 "Fix the spacing in the file header (e.g. in 3D Slicer: Volumes > Volume Information)."
             )
+        if not all(np.isfinite(o) for o in self.origin):
+            raise GeometryError(f"the origin must be finite; got {self.origin} mm (x, y, z). Fix the origin in the "
+                                "file header, or pass the position of voxel (0, 0, 0) in mm.")  # fmt: skip
+
+    def __repr__(self) -> str:
+        direction = "identity" if np.array_equal(self.direction, np.eye(3)) else np.round(self.direction, 4).tolist()
+        meta = repr(self.metadata)
+        meta = meta if len(meta) <= 200 else meta[:197] + "..."
+        return (f"Volume(shape={self.shape}, dtype={self.array.dtype}, spacing={self.spacing}, origin={self.origin}, "
+                f"direction={direction}, metadata={meta})")  # fmt: skip
 
     # -- geometry -----------------------------------------------------------------------------------
     @property
@@ -1411,6 +1439,10 @@ def _rounded_int16(arr: np.ndarray) -> np.ndarray:
     return out
 
 
+#: What a library caller does about an output that exists (the command line's own message names ``--overwrite``).
+API_OVERWRITE_ADVICE = "pass overwrite=True to replace it (--overwrite on the command line), or choose another name"
+
+
 def write_volume(
     vol: Volume,
     path: str | os.PathLike,
@@ -1433,15 +1465,23 @@ def write_volume(
             writes in ~1 s instead of ~5 s. ``.nii`` and ``.nii.gz`` follow their suffix.
         header: text fields for the file's header: NRRD and MetaImage keep every key (the provenance of
             :mod:`DiffusionCore.provenance`); NIfTI keeps only ``ITK_FileNotes``, as its ``descrip`` (80 bytes).
+            A volume whose ``metadata`` says it is synthetic (a model's result) is never written unmarked: without
+            provenance fields in ``header`` it gets the least provenance its metadata gives (marked synthetic, the
+            weights' sha256: :func:`~DiffusionCore.provenance.minimal_provenance`); the full record (settings,
+            input, weights) needs :func:`DiffusionCore.save_result`.
 
     Returns:
         The path written.
 
     Raises:
-        OutputError: the path cannot be written, or its format cannot hold the volume's geometry (a sheared
-            grid in NIfTI: see :func:`check_output_geometry`).
+        OutputError: the path cannot be written (it exists and ``overwrite`` is False, ...), or its format cannot
+            hold the volume's geometry (a sheared grid in NIfTI: see :func:`check_output_geometry`).
+        ConfigError: ``dtype`` is not one of the three above.
     """
-    p = check_output_path(path, overwrite=overwrite)
+    try:
+        p = check_output_path(path, overwrite=overwrite)
+    except OutputExistsError as exc:
+        raise exc.advising(API_OVERWRITE_ADVICE) from None
     itk_path(p, OutputError)  # a name ITK cannot take, said of the user's path (not of its temporary file)
     check_output_geometry(vol, p)
     arr = vol.array
@@ -1453,7 +1493,12 @@ def write_volume(
     elif dtype == "float32":
         out = arr.astype(np.float32, copy=False)
     else:
-        raise ValueError(f"dtype must be auto, int16 or float32, not {dtype!r}")
+        raise ConfigError(f"dtype {dtype!r} cannot be written: choose 'auto' (int16 when every voxel is a whole HU "
+                          "value in range, else float32), 'int16' or 'float32'")  # fmt: skip
+    if vol.metadata.get("synthetic") and not has_provenance_fields(header):
+        header = {**(header or {}), **provenance_header(minimal_provenance(vol.metadata))}
+        logger.info("%s is marked synthetic with the weights' sha256 only: DiffusionCore.save_result(volume, path, "
+                    "report) writes the run's full provenance (settings, input, weights)", p.name)  # fmt: skip
     img = sitk.GetImageFromArray(out)
     img.SetSpacing(vol.spacing)
     img.SetOrigin(vol.origin)

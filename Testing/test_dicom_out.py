@@ -192,7 +192,8 @@ def test_a_failed_write_leaves_no_partial_series(tmp_path, make_phantom, monkeyp
         write_series(vol, tmp_path / "series", prov)
     assert list(tmp_path.iterdir()) == []
 
-    sheared = Volume(vol.array, direction=np.array([[1.0, 0.3, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    shear = np.array([[1.0, 0.3, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    sheared = Volume(vol.array, direction=shear / np.linalg.norm(shear, axis=0))  # unit columns, not at 90 degrees
     monkeypatch.setattr(pydicom.Dataset, "save_as", real_save)
     with pytest.raises(OutputError, match="sheared.*NRRD"):
         write_series(sheared, tmp_path / "series", prov)

@@ -243,3 +243,15 @@ def test_a_sidecar_that_names_another_output_is_not_read_for_this_one(tmp_path):
     assert read_provenance(tmp_path / "x.nii.gz").settings["factor"] == 4
     plain = write_volume(vol, tmp_path / "x.nii")  # not a result, beside one: the sidecar is not its
     assert read_provenance(plain) is None
+
+
+def test_evaluate_xray_takes_threads_as_xray2ct_does_and_records_them(tmp_path):
+    """`evaluate-xray --threads N` (it refused the option that xray2ct and the benchmarks take): applied before the
+    work and recorded, so a figure can be rerun at the thread count it was made with."""
+    ct = write_volume(Volume(chest_like_ct(), (14.0, 14.0, 14.0)), tmp_path / "p1.nii.gz")
+    for threads in (1, 2):
+        out = tmp_path / f"x{threads}.json"
+        proc = run_cli("evaluate-xray", "--reference", str(ct), "--json", str(out), "--threads", str(threads), *TINY,
+                       cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(out.read_text(encoding="utf-8"))["torch_threads"] == threads

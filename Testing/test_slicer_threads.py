@@ -25,7 +25,8 @@ from conftest import write_cr_radiograph  # noqa: E402
 
 SR_SCRIPT = ROOT / "CTDiffusionSR" / "CLI" / "CTDiffusionSRBatch.py"
 XRAY_SCRIPT = ROOT / "XrayToCT" / "CLI" / "XrayToCTGenerate.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUTF8": "1"}  # the default the box overrides
+#: the default the box overrides (the test session's workers set MKL_NUM_THREADS=1 too, which torch would take)
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "PYTHONUTF8": "1"}
 
 
 def _run(script: Path, *args) -> subprocess.CompletedProcess:

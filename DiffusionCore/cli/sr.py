@@ -38,18 +38,18 @@ from ..files import (
     keep_freed_memory,
     refuse_overwriting_inputs,
 )
-from ..provenance import Provenance, sr_label, synthetic_input_warning
+from ..provenance import Provenance, synthetic_input_warning
 from ..results import (
     OUTPUT_FORMATS,
     dicom_source_for,
     planned_files,
     planned_outputs,
+    sr_provenance,
     write_result,
 )
 from ..sampledata import sample_or_path
 from ..tiling import parse_memory_size
 from ..volume import (
-    axis_index,
     check_ct,
     check_output_geometry,
     mark_ct_checked,
@@ -285,20 +285,6 @@ def kept_check(args: argparse.Namespace) -> KeptCheck:
                      if value is not None})  # fmt: skip
     own = args.tiny_test_model or args.vae_checkpoint
     return KeptCheck(None if own else expected_sha256(args.weights, "sr"), settings)
-
-
-def sr_provenance(job_source: str | Path, volume_metadata: dict[str, Any], report: dict[str, Any]) -> Provenance:
-    """The provenance of one ``sr`` result, from its report."""
-    settings = report["settings"]
-    spacing_xyz = settings.get("output_spacing_xyz_mm") or []
-    axis = settings.get("axis")  # the thick axis: its output spacing is the new slice spacing
-    thin = spacing_xyz[2 - axis_index(axis)] if axis is not None and len(spacing_xyz) == 3 else None
-    title = f"{sr_label(settings.get('factor'), thin)} (synthetic)"
-    return Provenance(
-        task="sr", title=title, weights=str(settings.get("weights", "")),
-        weights_sha256=str(report.get("weights_sha256", "")), settings=settings, input=str(job_source),
-        input_uid=str(volume_metadata.get("series_uid", "")),
-    )  # fmt: skip
 
 
 def uncertainty_provenance(provenance: Provenance) -> Provenance:

@@ -13,7 +13,7 @@ from typing import Any
 from ..devices import DistInfo, process_info, shard_list
 from ..errors import ConfigError, InputError
 from ..files import check_writable_file, refuse_overwriting_inputs
-from ..results import OUTPUT_FORMATS, check_result_output
+from ..results import OUTPUT_FORMATS, check_result_output, xray_provenance
 from ..volume import split_volume_suffix
 from ..xray.radiograph import RADIOGRAPH_FORMATS
 from .batch import (
@@ -240,6 +240,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="samples averaged per stage (default: the weights' config)")  # fmt: skip
     e.add_argument("--seed", type=seed_number, default=0, help=f"noise seed, 0 to {MAX_SEED}")
     e.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--threads", type=bounded_int(0), default=0, metavar="N", help=THREADS_HELP)
     e.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     e.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
     e.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)
@@ -272,15 +273,6 @@ def _weights_label(args: argparse.Namespace) -> str:
     from ..xray.pipeline import default_weights_name
 
     return "tiny-test-model (random weights)" if args.tiny_test_model else args.weights or default_weights_name()
-
-
-def xray_provenance(source: Path, report: dict, weights: str, input_uid: str = ""):
-    """The provenance of an ``xray2ct`` result."""
-    from ..provenance import Provenance
-
-    return Provenance(task="xray2ct", title="CT from radiograph (synthetic)", weights=weights,
-                      weights_sha256=str(report.get("weights_sha256", "")), settings=report.get("settings", {}),
-                      input=str(source), input_uid=input_uid)  # fmt: skip
 
 
 def _stage_path(out: Path, stage: int) -> Path:
@@ -573,6 +565,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json_out:
         check_writable_file(args.json_out, overwrite=args.overwrite)
     methods = tuple(args.methods)
+    set_torch_threads(args.threads)  # before any work: the scores depend on the thread count (slightly)
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     loaded: list = []
 
