@@ -99,9 +99,12 @@ def axis_index(axis: str | int) -> int:
 #: Smallest |determinant| of a volume's direction matrix: direction cosines have |det| 1, and an
 #: (almost) singular matrix maps the voxel grid onto a plane, which no resampling or writer can handle.
 MIN_DIRECTION_DETERMINANT = 1e-6
-#: Largest relative error of the length of a direction column: direction cosines are unit vectors, rounded in
-#: DICOM headers (``ImageOrientationPatient``, a few decimals) and in NIfTI's float32 quaternions.
+#: Largest relative error of the length of a direction column that is taken as it is: direction cosines are unit
+#: vectors, rounded in DICOM headers (``ImageOrientationPatient``, a few decimals) and in NIfTI's float32 quaternions.
 DIRECTION_UNIT_TOL = 1e-3
+#: Up to this error a column is rounding (an ``ImageOrientationPatient`` written with two decimals, 0.98 / 0.17, is
+#: 0.5% short) and is scaled to unit length; beyond it the matrix is refused (a voxel size folded into it: 2 * I).
+DIRECTION_ROUNDING_TOL = 2e-2
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,12 @@ class Volume:
                 "header or pass a valid direction."
             )
         lengths = np.linalg.norm(self.direction, axis=0)
-        if np.abs(lengths - 1.0).max() > DIRECTION_UNIT_TOL:
+        off = float(np.abs(lengths - 1.0).max())
+        if DIRECTION_UNIT_TOL < off <= DIRECTION_ROUNDING_TOL:  # rounded cosines: the directions they mean
+            logger.info("direction cosines of lengths %s scaled to unit length (rounded in the header)",
+                        np.round(lengths, 6).tolist())  # fmt: skip
+            self.direction = self.direction / lengths
+        elif off > DIRECTION_ROUNDING_TOL:
             raise GeometryError(
                 f"the direction matrix's columns must be unit vectors (the directions of the x, y and z index axes); "
                 f"their lengths are {np.round(lengths, 6).tolist()}. The voxel size goes in `spacing` (x, y, z), not "

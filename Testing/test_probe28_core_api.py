@@ -159,7 +159,7 @@ def test_reimporting_the_model_methods_still_registers_them():
 # -- 11, 12: Volume checks its geometry; == is identity; repr shows the geometry ------------------------------------
 
 
-@pytest.mark.parametrize("direction", [2 * np.eye(3), np.diag([0.7, 0.7, 5.0]), np.diag([1.0, 1.0, 1.01])])
+@pytest.mark.parametrize("direction", [2 * np.eye(3), np.diag([0.7, 0.7, 5.0]), np.diag([1.0, 1.0, 1.05])])
 def test_volume_refuses_direction_columns_that_are_not_unit_vectors(direction):
     with pytest.raises(GeometryError, match="columns must be unit vectors.*spacing"):
         Volume(np.zeros((4, 4, 4)), (0.7, 0.7, 5.0), (0, 0, 0), direction)
@@ -167,7 +167,14 @@ def test_volume_refuses_direction_columns_that_are_not_unit_vectors(direction):
 
 def test_volume_takes_rounded_direction_cosines():
     c, s = round(np.cos(0.3), 5), round(np.sin(0.3), 5)  # as a DICOM header rounds them
-    Volume(np.zeros((4, 4, 4)), (1, 1, 1), (0, 0, 0), [[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    direction = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(Volume(np.zeros((4, 4, 4)), (1, 1, 1), (0, 0, 0), direction).direction, direction)
+    # cosines written with two decimals (0.98, 0.17: 0.5% short) are the directions they round: scaled to unit length
+    rough = np.array([[1.0, 0.0, 0.0], [0.0, 0.98, -0.17], [0.0, 0.17, 0.98]])
+    vol = Volume(np.zeros((4, 4, 4)), (0.7, 0.7, 5.0), (0, 0, 0), rough)
+    np.testing.assert_allclose(np.linalg.norm(vol.direction, axis=0), 1.0, atol=1e-12)
+    np.testing.assert_allclose(vol.direction, rough / np.linalg.norm(rough, axis=0), atol=1e-12)
+    assert vol.spacing == (0.7, 0.7, 5.0)  # the voxel size is the spacing's, not the columns'
 
 
 def test_volume_refuses_a_non_finite_origin_and_an_empty_array():
