@@ -9,6 +9,7 @@ for by callables with the same contract; pip itself is run for real where it can
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -272,8 +273,12 @@ def test_self_test_checks_the_skip_reason_before_anything_else(module):
         assert not any(isinstance(s, ast.Import | ast.ImportFrom) for s in body[:2] if "dependencies" not in ast.unparse(s))
 
 
-def _run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=180)
+def _run_python(code: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter; ``cache``: its DiffusionCore cache folder (a fresh install's, without the
+    weights this machine's user imported)."""
+    env = {**os.environ, "DIFFUSIONCORE_CACHE": str(cache)} if cache is not None else None
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=180,
+                          env=env)  # fmt: skip
 
 
 def test_what_a_module_does_when_opened_imports_no_torch(tmp_path):
@@ -305,7 +310,7 @@ def test_what_a_module_does_when_opened_imports_no_torch(tmp_path):
     assert proc.returncode == 0 and "no torch" in proc.stdout, proc.stderr[-2000:]
 
 
-def test_the_dependency_check_and_weights_list_work_before_anything_is_installed():
+def test_the_dependency_check_and_weights_list_work_before_anything_is_installed(tmp_path):
     blocked = sorted({*REQUIREMENTS, "torch"})  # DiffusionCore itself ships with the extension
     proc = _run_python(
         f"""
@@ -320,7 +325,8 @@ def test_the_dependency_check_and_weights_list_work_before_anything_is_installed
         from CTDiffusionSRLib.weights_choice import weights_items, weights_problem
         plan = plan_dependencies(True)
         print(weights_items("sr", ""), bool(weights_problem("sr", "")))
-        """
+        """,
+        cache=tmp_path / "cache",  # a fresh install: no weights imported by this machine's user
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     # the shipped default is listed and preselected, Apply is enabled (it installs what is missing first)
