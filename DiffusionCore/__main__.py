@@ -25,9 +25,18 @@ if _limit is not None and _limit < MIN_ADDRESS_SPACE:
     os.write(2, _NO_MEMORY % (_limit >> 20))
     sys.exit(5)
 try:
+    import torch  # noqa: F401  (every command loads it; loaded here, a failure for want of memory is said as such)
+
     from .cli.main import main
-except MemoryError:  # PyTorch could not be loaded all the same (the machine itself is out of memory)
-    os.write(2, b"error: not enough memory to start: loading PyTorch failed; free memory, or raise ulimit -v\n")
-    os._exit(5)  # a normal exit would run Python's shutdown, which fails again for want of memory
+except (ImportError, OSError, MemoryError) as exc:
+    # above the threshold PyTorch may still not fit (another build maps more): "failed to map segment" from the
+    # dynamic loader, or a MemoryError; anything else (a broken install) keeps its own traceback
+    if not isinstance(exc, MemoryError) and "failed to map segment" not in str(exc):
+        raise
+    limit = _address_space_limit()
+    said = f"this session's address-space limit (ulimit -v) is {limit >> 20} MiB and " if limit else ""
+    os.write(2, f"error: not enough memory to start: {said}loading PyTorch failed ({type(exc).__name__}): raise the "
+                "limit (ulimit -v, or the job scheduler's memory request), or free memory\n".encode())  # fmt: skip
+    os._exit(5)  # a normal exit would run Python's shutdown, which may fail again for want of memory
 
 sys.exit(main())
