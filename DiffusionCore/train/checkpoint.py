@@ -47,6 +47,7 @@ from ..errors import ConfigError, InputError, NumericalError, OutputError, Weigh
 from ..files import sha256_file, shared_mode, write_json_atomic
 from ..nn.architecture import load_state
 from ..weights.registry import load_safetensors, read_safetensors_header, save_safetensors
+from .logger import METRICS_FILE, TENSORBOARD_DIR
 from .numerics import nonfinite_tensors
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,30 @@ def has_checkpoint(out_dir: str | os.PathLike) -> bool:
     """Whether ``out_dir`` holds a checkpoint folder (intact or not: ``--resume`` names a damaged one), i.e. whether
     ``--resume`` has something to continue from; logs and exported weights alone are not enough."""
     return bool(_checkpoint_dirs(Path(out_dir)))
+
+
+def previous_run(out_dir: str | os.PathLike) -> list[str]:
+    """Names in ``out_dir`` that belong to a run: checkpoint folders, ``latest.json`` / ``best.json``, exported
+    weights (``*.safetensors``) and training logs (``metrics.jsonl``, ``tensorboard/``: a run stopped before its
+    first checkpoint leaves only these); empty for a new or empty folder."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = [
+        p.name
+        for p in out.iterdir()
+        if (p.is_dir() and _CKPT_PATTERN.match(p.name))
+        or p.name in (LATEST_FILE, BEST_FILE, METRICS_FILE)
+        or (p.is_dir() and p.name == TENSORBOARD_DIR)
+        or (p.is_file() and p.suffix == ".safetensors")
+    ]
+    return sorted(found)
+
+
+def only_logs(found: list[str]) -> bool:
+    """Whether a run's names (:func:`previous_run`) are its training logs alone: a run stopped (killed) before its
+    first checkpoint, which ``--resume`` cannot continue."""
+    return bool(found) and set(found) <= {METRICS_FILE, TENSORBOARD_DIR}
 
 
 def _remove_dir(path: Path) -> None:
@@ -822,7 +847,13 @@ def refuse_unreachable_recorded_paths(out_dir: str | os.PathLike, settings: Mapp
 
 def nothing_to_resume(out_dir: str | os.PathLike) -> InputError:
     """The refusal of ``--resume`` on a folder that holds no checkpoint (a mistyped folder would otherwise start a new
-    run in it, as if the earlier training had gone on)."""
+    run in it, as if the earlier training had gone on). A folder holding only a run's logs (a run killed before its
+    first checkpoint) is told to start again with ``--overwrite``: without ``--resume`` it is refused too."""
+    found = previous_run(out_dir)
+    if only_logs(found):
+        return InputError(f"--resume: the run in {out_dir} stopped before its first checkpoint (it left only "
+                          f"{', '.join(found)}): nothing to resume; pass --overwrite instead of --resume to start it "
+                          "again (or choose another --out-dir)")  # fmt: skip
     return InputError(f"--resume: no checkpoint in {out_dir}; check the folder's name, or start without --resume")
 
 

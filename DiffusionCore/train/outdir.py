@@ -13,14 +13,16 @@ Every ``train`` family claims its folder the same way (the ``train`` command doe
   folder the claim created is removed again if the run left it empty (refused before it began).
 * **A previous run is kept unless asked.** A folder holding checkpoints, exported weights (``*.safetensors``)
   or training logs (``metrics.jsonl``, ``tensorboard/``: a run killed before its first checkpoint) is refused
-  without ``--resume`` (continue it) or ``--overwrite`` (replace it). With ``--overwrite`` the previous run's
-  checkpoints and logs are moved into a hidden folder that the new run's first checkpoint deletes (until then
-  they can be recovered), so old and new checkpoints and loss curves never mix; its exported weights are
-  replaced when the new run exports (they may be the new run's ``--init-from``). ``--init-from`` reads another
-  folder's weights into a new folder: nothing to refuse.
+  without ``--resume`` (continue it) or ``--overwrite`` (replace it); one holding only logs has no checkpoint to
+  continue, and its refusal (and ``--resume``'s, :func:`~.checkpoint.nothing_to_resume`) names ``--overwrite``
+  only. With ``--overwrite`` the previous run's checkpoints and logs are moved into a hidden folder that the new
+  run's first checkpoint deletes (until then they can be recovered), so old and new checkpoints and loss curves
+  never mix; its exported weights are replaced when the new run exports (they may be the new run's
+  ``--init-from``). ``--init-from`` reads another folder's weights into a new folder: nothing to refuse.
 * A ``STOP`` file left by an earlier run (older than this process) is removed: it would end the new run at
   once. One created since this process started (the Slicer panel's Stop pressed while the run starts up) is
-  kept, and ends the run at its first step.
+  kept, and ends the run at its first step. The ``STOP`` in the folder when a run that held it ends (the one it
+  stopped at, or one that came too late) is removed then, so that a ``--resume`` started at once trains.
 
 Under ``torchrun`` only rank 0 (``is_main``) takes the lock and changes the folder; every rank checks it.
 """
@@ -41,8 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, OutputError
-from .checkpoint import _CKPT_PATTERN, _TRASH_PREFIX, BEST_FILE, LATEST_FILE
-from .logger import METRICS_FILE, TENSORBOARD_DIR
+from .checkpoint import _TRASH_PREFIX, has_checkpoint, only_logs, previous_run
 
 logger = logging.getLogger(__name__)
 
@@ -189,9 +190,10 @@ class _Lock:
                 continue
             alive = _holder_alive(holder) if holder else True
             if alive is False:
-                logger.warning(
-                    "taking over the lock %s of process %s, which no longer runs (killed or crashed); its last "
-                    "checkpoint can be continued with --resume", self.path, holder.get("pid"))  # fmt: skip
+                after = ("its last checkpoint can be continued with --resume" if has_checkpoint(out) else
+                         "it stopped before its first checkpoint, so there is nothing to continue")  # fmt: skip
+                logger.warning("taking over the lock %s of process %s, which no longer runs (killed or crashed); %s",
+                               self.path, holder.get("pid"), after)  # fmt: skip
                 if self._read()[0] == text:  # still the same dead holder's lock
                     self.path.unlink(missing_ok=True)
                 continue
@@ -217,24 +219,6 @@ class _Lock:
 
 
 # ---------------------------------------------------------------------------------------------- the claim
-def previous_run(out_dir: str | os.PathLike) -> list[str]:
-    """Names in ``out_dir`` that belong to a run: checkpoint folders, ``latest.json`` / ``best.json``, exported
-    weights (``*.safetensors``) and training logs (``metrics.jsonl``, ``tensorboard/``: a run stopped before its
-    first checkpoint leaves only these); empty for a new or empty folder."""
-    out = Path(out_dir)
-    if not out.is_dir():
-        return []
-    found = [
-        p.name
-        for p in out.iterdir()
-        if (p.is_dir() and _CKPT_PATTERN.match(p.name))
-        or p.name in (LATEST_FILE, BEST_FILE, METRICS_FILE)
-        or (p.is_dir() and p.name == TENSORBOARD_DIR)
-        or (p.is_file() and p.suffix == ".safetensors")
-    ]
-    return sorted(found)
-
-
 def _set_previous_checkpoints_aside(out: Path) -> None:
     """Move the previous run's checkpoints (and latest/best) and its logs (``metrics.jsonl``, ``tensorboard/``) into
     one hidden folder, deleted by the first checkpoint of the new run (``save_training_state`` removes stale
@@ -293,6 +277,7 @@ def claim_output_dir(
                 )
     lock = _Lock(out / LOCK_FILE)
     created = is_main and not out.exists()
+    held = False  # the run got the folder (past the lock and the checks)
     if is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -311,6 +296,11 @@ def claim_output_dir(
         if found and not resume:
             if not overwrite:
                 shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+                if only_logs(found):  # --resume would say there is no checkpoint: offer only the way out
+                    raise OutputError(
+                        f"{out} already holds a training run ({shown}) that stopped before its first checkpoint: "
+                        "nothing to resume; pass --overwrite to start it again (or choose another --out-dir)"
+                    )
                 raise OutputError(
                     f"{out} already holds a training run ({shown}): pass --resume to continue it, --overwrite to "
                     "replace it with a new run, or choose another --out-dir (--init-from WEIGHTS starts a new run "
@@ -320,8 +310,12 @@ def claim_output_dir(
                 _set_previous_checkpoints_aside(out)
         if is_main:
             remove_stale_stop(out)
+        held = is_main
         yield out
     finally:
+        if held:  # a STOP there now was meant for this run, which ends: left, it would end the next run at once
+            with contextlib.suppress(OSError):
+                (out / STOP_FILE).unlink(missing_ok=True)
         if is_main:
             lock.release()
             _RELEASED_AT[str(out.resolve())] = time.time()

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -188,8 +192,39 @@ def existing_weights_file(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise WeightsError(f"weights file {p} does not exist: check the path or the weights name")
     if p.is_dir():
+        if _CHECKPOINT_FOLDER.match(p.name) and (p / "state.json").is_file():  # its files are refused as weights
+            raise WeightsError(f"{p} is a training checkpoint, kept for --resume, not weights to run or import: "
+                               f"{run_export_advice(p.parent)}")  # fmt: skip
         exported = sorted(str(f) for f in p.glob("*.safetensors") if f.is_file())  # a training run's export
         inside = (f"give the weights file inside it: {' or '.join(exported)}" if exported else
                   "it holds no exported .safetensors file (a training run exports its weights when it ends)")
         raise WeightsError(f"{p} is a folder, not a weights file; {inside}")
     return p
+
+
+#: A training checkpoint's folder (``checkpoint-00000300``, as ``train.checkpoint`` names them).
+_CHECKPOINT_FOLDER = re.compile(r"^checkpoint-\d{8,}$")
+
+
+def run_export_advice(run: Path) -> str:
+    """What to give instead of a training run's checkpoint (its folder or a file in it): the weights the run exported,
+    or how to get them."""
+    exported = sorted(str(f) for f in run.glob("*.safetensors") if f.is_file()) if run.is_dir() else []
+    if exported:
+        return f"use the run's exported weights instead: {' or '.join(exported)}"
+    return (
+        f"use the weights the run exports when it ends ({run} holds none yet): continue it with "
+        f"`python -m DiffusionCore train FAMILY --resume --out-dir {shell_word(run)} ...`; a train sr / vae run "
+        f"is exported with `python -m DiffusionCore train export-sr {shell_word(run)} OUT.safetensors`"
+    )
+
+
+def shell_word(text: str | os.PathLike) -> str:
+    """``text`` quoted as one word of a command to paste into this system's shell (a path with spaces, quotes or
+    accents): POSIX shell quoting, or the Windows command line's on Windows. A path (``os.PathLike``) that starts
+    with ``-`` is written ``./-w.safetensors`` (``.\\-w.safetensors`` on Windows), which the command cannot take for
+    an option; a name (``str``) is quoted as it is."""
+    word = os.fspath(text)
+    if isinstance(text, os.PathLike) and word.startswith("-"):
+        word = os.curdir + os.sep + word
+    return subprocess.list2cmdline([word]) if sys.platform == "win32" else shlex.quote(word)

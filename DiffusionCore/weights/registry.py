@@ -39,9 +39,6 @@ import json
 import logging
 import os
 import re
-import shlex
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -69,6 +66,8 @@ from .header import (  # noqa: F401  (METADATA_KEY and read_safetensors_header s
     open_regular_file,
     parse_header,
     read_safetensors_header,
+    run_export_advice,
+    shell_word,
 )
 
 logger = logging.getLogger(__name__)
@@ -492,17 +491,6 @@ def expected_sha256(name_or_path: str | os.PathLike | None, family: str) -> str 
         return None
 
 
-def shell_word(text: str | os.PathLike) -> str:
-    """``text`` quoted as one word of a command to paste into this system's shell (a path with spaces, quotes or
-    accents): POSIX shell quoting, or the Windows command line's on Windows. A path (``os.PathLike``) that starts
-    with ``-`` is written ``./-w.safetensors`` (``.\\-w.safetensors`` on Windows), which the command cannot take for
-    an option; a name (``str``) is quoted as it is."""
-    word = os.fspath(text)
-    if isinstance(text, os.PathLike) and word.startswith("-"):
-        word = os.curdir + os.sep + word
-    return subprocess.list2cmdline([word]) if sys.platform == "win32" else shlex.quote(word)
-
-
 #: A training checkpoint's folder (``checkpoint-00000300``, as ``train.checkpoint`` names them).
 _CHECKPOINT_FOLDER = re.compile(r"^checkpoint-\d{8,}$")
 
@@ -526,13 +514,7 @@ def _refuse_training_checkpoint(path: Path, metadata: Mapping[str, Any], name: s
             "the weights it exported, e.g. sr_model.safetensors of a train sr run, vae.safetensors of a train vae run)"
         )
     run = path.parent.parent if in_checkpoint else path.parent
-    exported = sorted(str(f) for f in run.glob("*.safetensors") if f.is_file()) if run.is_dir() else []
-    if exported:
-        use = f"use the run's exported weights instead: {' or '.join(exported)}"
-    else:
-        use = (f"use the weights the run exports when it ends ({run} holds none yet): continue it with "
-               f"`python -m DiffusionCore train FAMILY --resume --out-dir {shell_word(run)} ...`; a train sr / vae run "
-               f"is exported with `python -m DiffusionCore train export-sr {shell_word(run)} OUT.safetensors`")  # fmt: skip
+    use = run_export_advice(run)
     raise WeightsError(f"{path} is a file of a training checkpoint ({what}{step}), kept for --resume, not "
                        f"weights to run or import: {use}")  # fmt: skip
 
