@@ -15,7 +15,8 @@ Volumes can be given as
 * a list of any of these.
 
 Each returned path is something :func:`DiffusionCore.volume.read_volume` opens (a file or a DICOM folder);
-:func:`readable_volumes` reads them for training, passing over DICOM series that cannot be read as one volume.
+:func:`readable_volumes` reads them for training, passing over DICOM series that cannot be read as one volume, and
+volumes that are no acquired CT (this software's synthetic results, ``prepare-xray-data`` cubes, non-CT values).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .dicom_in import NOT_VOLUME_MODALITIES, header_values, localizers_only_error
 from .errors import InputError
@@ -406,34 +407,90 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike],
     return unique
 
 
-def readable_volumes(paths: Iterable[str | os.PathLike]):
-    """Read each volume of ``paths`` (from :func:`collect_volumes`) in turn, yielding ``(path, Volume)``.
+def not_training_ct(path: str | os.PathLike) -> tuple[int, str]:
+    """Why the volume at ``path`` must not be trained on, told before it is read: ``(level, why)``, else
+    ``(0, "")``.
+
+    * a synthetic image this software made (an ``sr`` or ``xray2ct`` result: its header, NIfTI sidecar or DICOM tags
+      say so, :func:`~DiffusionCore.provenance.read_provenance`): a model trained on it learns its own estimate;
+    * a cube that ``prepare-xray-data`` wrote (``NNNN_name/cube_R.nii.gz`` beside that folder's ``manifest.json``): a
+      resampled copy of a CT that is read as such (``train xray`` takes the prepared folder itself).
+    """
+    from .provenance import SOFTWARE, SYNTHETIC_SUFFIX, read_provenance
+
+    p = Path(path)
+    first = next((f for f in sorted(p.iterdir()) if f.is_file()), p) if p.is_dir() else p  # a series: its first file
+    record = read_provenance(first)
+    if record is not None:
+        made_with = f", weights {record.weights}" if record.weights else ""
+        return logging.WARNING, (f"a synthetic image made by {SOFTWARE} ({record.title.removesuffix(SYNTHETIC_SUFFIX)}"
+                                 f"{made_with}), not an acquired CT")  # fmt: skip
+    if p.is_file() and re.fullmatch(r"cube_\d+\.nii\.gz", p.name) and (p.parent.parent / "manifest.json").is_file():
+        return logging.INFO, (f"a resampled copy of a CT that prepare-xray-data wrote into {p.parent.parent} "
+                              "(train xray takes that folder itself as --data)")  # fmt: skip
+    return 0, ""
+
+
+def readable_volumes(paths: Iterable[str | os.PathLike], unusable: Callable[[Path, Any], str] | None = None):
+    """Read each volume of ``paths`` (from :func:`collect_volumes`) in turn, yielding ``(path, Volume)``: the CTs a
+    training run trains on.
 
     A DICOM series folder that cannot be read as one regular CT volume (missing slices, slices unevenly spaced or
     in mixed orientations, a corrupt file, no CT values) is passed over with a warning naming it and why, as folders
     holding no CT series are when the volumes are collected: a cohort (e.g. LIDC-IDRI) holds a few such series, and
-    one of them must not stop a training run on the rest. A volume file that cannot be read stops with its error, and
-    so does a run in which no volume can be read (InputError listing why each failed). Once all are read, an info
-    line counts the CT volumes read, and those passed over.
+    one of them must not stop a training run on the rest. So is, with one line naming it and why, a volume that is no
+    acquired CT (:func:`not_training_ct`: a synthetic result of this software, a ``prepare-xray-data`` cube) or whose
+    values are not CT in HU (as ``sr`` refuses it: :func:`~DiffusionCore.volume.require_ct`). A volume file that
+    cannot be read stops with its error, and so does a run in which no volume is left (InputError listing why each
+    was passed over). ``unusable(path, volume)``, where given, says why a CT read cannot serve the run (e.g. too
+    small for its training planes; "" when it can): that one is passed over too, with a warning naming it and why.
+    Once all are read, an info line counts the CT volumes used, and those passed over.
     """
-    from .volume import read_volume
+    from .volume import check_ct, mark_ct_checked, read_volume, require_ct
 
     failed: list[str] = []
-    read = 0
+    read = chosen = 0  # chosen: passed over for what they are, not because they could not be read
     for p in paths:
         path = Path(p)
+        level, why = not_training_ct(path)
+        if why:
+            chosen += 1
+            failed.append(f"{path}: {why}")
+            logger.log(level, "passed over %s: %s", path, why)
+            continue
         try:
-            vol = read_volume(path)
+            vol = read_volume(path, check=False)
+            doubts = check_ct(mark_ct_checked(vol), str(path))  # NaN/Inf voxels: as a file that cannot be read
         except InputError as exc:
             if not path.is_dir():
                 raise
             failed.append(f"{path}: {exc}")
             logger.warning("passed over %s: %s", path, exc)
             continue
+        lo, hi = (float(vol.array.min()), float(vol.array.max())) if doubts else (0.0, 0.0)
+        try:
+            if lo != hi:  # a constant volume (a blank scout) keeps its doubt, said below, and the other checks
+                require_ct(vol, str(path))
+        except InputError:  # its words name --allow-non-ct, an option of sr: say it as training sees it
+            why = (f"its values run from {lo:g} to {hi:g}, not CT in Hounsfield units (air near -1000, soft tissue "
+                   "near 0-100): MR, PET or normalised images")
+            chosen += 1
+            failed.append(f"{path}: {why}")
+            logger.warning("passed over %s: %s", path, why)
+            continue
+        for doubt in doubts:  # the CT model's doubts about a volume it does train on (a warning each, as read_volume)
+            logger.warning(doubt)
+        why = unusable(path, vol) if unusable is not None else ""
+        if why:
+            chosen += 1
+            failed.append(f"{path}: {why}")
+            logger.warning("passed over %s: %s", path, why)
+            continue
         read += 1
         yield path, vol
     if not read and failed:
-        raise InputError("none of the CT volumes could be read: " + "; ".join(failed))
+        lead = "no CT volume is left to train on" if chosen else "none of the CT volumes could be read"
+        raise InputError(f"{lead}: " + "; ".join(failed))
     passed = f"; passed over {len(failed)} of the {read + len(failed)} found (see the warnings above)" if failed else ""
     logger.info("found %d CT volume(s)%s", read, passed)
 

@@ -192,7 +192,7 @@ def output_folder_problem(output_dir: str | os.PathLike, resume: bool = False, o
     """
     if resume and overwrite:
         return _("Resume continues the run in the output folder and Overwrite replaces it: tick only one of them.")
-    from DiffusionCore.train.checkpoint import has_checkpoint
+    from DiffusionCore.train.checkpoint import has_checkpoint, only_logs
     from DiffusionCore.train.outdir import previous_run
 
     found = previous_run(output_dir) if Path(output_dir).is_dir() else []
@@ -212,6 +212,11 @@ def output_folder_problem(output_dir: str | os.PathLike, resume: bool = False, o
         return ""
     if not found:
         return ""
+    if only_logs(found):  # a run stopped before its first checkpoint: nothing to continue
+        return _(
+            "The output folder {folder} holds a training run that stopped before its first checkpoint ({files}): "
+            "nothing to resume. Tick 'Overwrite' to start it again there, or choose another output folder."
+        ).format(folder=output_dir, files=shown)
     return _(
         "The output folder {folder} already holds a training run ({files}). Tick 'Resume' to continue it, "
         "tick 'Overwrite' to replace it, or choose another output folder."
@@ -512,7 +517,9 @@ class TrainingJob(CLIJob):
             raise ConfigError("choose a training configuration (only Resume continues with the run's own settings).")
         elif config_path is not None and Path(config_path).is_file():
             check_training_config(family, config_path)
-        if from_shipped_weights:  # the train command's own option, before the user's extra ones
+        # the train command's own option, before the user's extra ones; a resumed run continues from its checkpoint,
+        # which records what it started from (the train command refuses --init-from with --resume)
+        if from_shipped_weights and not (resume and family != "xray"):
             chosen = self.config_settings if self.config_settings is not None else config_path
             start = shipped_weights_option(family, chosen) if chosen is not None else f"--init-from {SHIPPED_WEIGHTS[family]}"
             extra_arguments = f"{start} {extra_arguments}".strip()

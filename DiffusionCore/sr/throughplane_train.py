@@ -135,18 +135,20 @@ def split_regions(n: int, test_fraction: float, val_fraction: float) -> tuple[tu
 
 def load_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig) -> tuple[list[PlaneSource], list[PlaneSource]]:
     """Training and validation plane sources (HU, slice axis first) from thin-slice CT files."""
-    train, val, _ = read_sources(paths, cfg)
+    train, val, _ = read_sources(paths, cfg, sizes=False)
     return train, val
 
 
-def read_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig
+def read_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig, *, sizes: bool = True
                  ) -> tuple[list[PlaneSource], list[PlaneSource], list[Path]]:  # fmt: skip
     """:func:`load_sources`, and the volumes of ``paths`` they come from: those read and used, not those passed over
-    (an unreadable series, one too short to hold out test and validation slices)."""
+    (an unreadable series, one too short to hold out test and validation slices, and with ``sizes`` one too small
+    for any training plane: :func:`plane_size_problem`; :func:`load_sources` reads planes of any size)."""
     from ..inputs import readable_volumes
 
     train, val, short, used = [], [], [], []
-    for p, vol in readable_volumes(paths):
+    too_small = (lambda _p, v: plane_size_problem(v.shape, cfg)) if sizes else None
+    for p, vol in readable_volumes(paths, too_small):
         arr = np.ascontiguousarray(vol.array, dtype=np.float32)
         try:
             tr, va, te = split_regions(arr.shape[0], cfg.test_fraction, cfg.val_fraction)
@@ -169,6 +171,24 @@ def read_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig
         warn_no_validation(train, cfg)
     warn_thick_slices(train)
     return train, val, used
+
+
+def plane_size_problem(shape: tuple[int, ...], cfg: ThroughPlaneTrainConfig) -> str:
+    """Why a CT of ``shape`` (slices, rows, columns) gives no training plane at any factor (the smallest plane is
+    ``thick_rows x smallest factor`` rows by ``width``: :func:`~DiffusionCore.sr.planes.in_plane_pair` cuts it from a
+    slice, :func:`~DiffusionCore.sr.planes.through_plane_pair` across the training slices), else ``""``."""
+    k = min(cfg.model.factors)
+    rows, width = cfg.pairs.thick_rows * k, cfg.pairs.width
+    n, h, w = (int(x) for x in shape[:3])
+    try:
+        train_slices = split_regions(n, cfg.test_fraction, cfg.val_fraction)[0][1]
+    except InputError:
+        train_slices = 0  # too short: said by read_sources
+    if (h > rows and w >= width) or (w > rows and h >= width) or (train_slices >= rows and max(h, w) >= width):
+        return ""
+    return (f"{h}x{w} voxels in-plane ({n} slices), smaller than the {rows}x{width}-voxel training planes "
+            f"(thick_rows {cfg.pairs.thick_rows} x factor {k} by width {width}); it needs at least {rows + 1}x{width} "
+            "voxels in-plane")
 
 
 def warn_no_validation(sources: list[PlaneSource], cfg: ThroughPlaneTrainConfig) -> None:
@@ -261,8 +281,12 @@ def load_predictor_weights(net: ThroughPlaneNet, path: str, allow_unregistered: 
     logger.info("initialised %d of %d tensors from %s", copied, len(own), path)
 
 
-def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any]) -> str:
-    """Write the predictor as an inference weights file (family ``sr``, component ``throughplane``)."""
+def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any],
+                     sources: list[str] | None = None) -> str:
+    """Write the predictor as an inference weights file (family ``sr``, component ``throughplane``).
+
+    ``summary["data"]`` (the volumes' names) goes into the file only as :func:`public_data_record` tells it: how many,
+    and the project's samples by name (``sources``: the volumes' paths, in the same order, tell them)."""
     from ..train.numerics import nonfinite_tensors
     from ..weights.registry import save_safetensors
 
@@ -271,7 +295,10 @@ def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any]) 
         raise NumericalError(f"the predictor holds NaN/Inf in {len(bad)} tensor(s), e.g. {bad[0]}: training "
                              f"diverged; {path} was not written")  # fmt: skip
     factors = net.config.factors
-    trained_on = ", ".join(summary.get("data") or []) or "unrecorded data"
+    recorded = public_data_record(summary.get("data") or [], sources)
+    trained_on = recorded["description"]
+    if "data" in summary:
+        summary = {**summary, "data": recorded["names"], "volumes": recorded["count"]}
     meta = {
         "family": "sr",
         "component": COMPONENT,
@@ -281,6 +308,36 @@ def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any]) 
         "training": summary,
     }
     return save_safetensors(path, state_dict_for_file(net), meta)
+
+
+def public_data_record(names: list[str], sources: list[str] | None = None) -> dict[str, Any]:
+    """What a shared weights file says of the volumes it was trained on: how many, naming only the project's own
+    samples (:data:`~DiffusionCore.sampledata.SAMPLES`, by name or by their fetched file among ``sources``); a
+    user's file and folder names (often a patient's name, MRN or accession number) stay in the run folder's
+    ``summary.json``. ``{"count", "names", "description"}``."""
+    from ..sampledata import CT_SAMPLES, sample_dir
+
+    folders = {n: sample_dir(n).resolve() for n in CT_SAMPLES}
+
+    def sample(name: str, source: str | None) -> str | None:
+        if name in folders:
+            return name
+        where = Path(source).resolve() if source else None
+        return next((n for n, f in folders.items() if where is not None and where.is_relative_to(f)), None)
+
+    paired = sources if sources is not None and len(sources) == len(names) else [None] * len(names)
+    samples = [n for n in (sample(name, src) for name, src in zip(names, paired, strict=True)) if n]
+    if not names:
+        return {"count": 0, "names": [], "description": "unrecorded data"}
+    text = f"{len(names)} CT volume{'s' if len(names) != 1 else ''}"
+    if samples:
+        text += f" ({', '.join(samples)}{', ...' if len(samples) < len(names) else ''})"
+    return {"count": len(names), "names": samples, "description": text}
+
+
+def resume_with_init_from(out: str | Path) -> str:
+    """The refusal of ``--resume`` with ``--init-from``: a resumed run continues from its checkpoint's weights."""
+    return f"--init-from starts a new run; drop it to continue the run in {out} with --resume"
 
 
 def _step_generators(cfg: ThroughPlaneTrainConfig, info: Any, step: int,
@@ -314,9 +371,11 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     from ..train.distributed import cleanup, init_distributed
     from ..train.starting_weights import THROUGHPLANE, check_starting_weights
 
+    out = Path(out_dir)
+    if resume and init_from:
+        raise ConfigError(resume_with_init_from(out))
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    out = Path(out_dir)
     check_starting_weights(init_from, option="train throughplane --init-from", accepts=THROUGHPLANE,
                            needs="through-plane predictor weights (e.g. sr-default)")  # fmt: skip
     start = resumable_checkpoint(out) if resume else None  # the newest intact checkpoint (a damaged one is named)
@@ -359,7 +418,7 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     net = ThroughPlaneNet(cfg.model)
-    if init_from:
+    if init_from and start is None:  # a resumed run's weights come from its checkpoint
         load_predictor_weights(net, init_from)
     net.to(dev, memory_format=torch.channels_last)  # the CPU convolutions' fast layout (see throughplane.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -380,6 +439,7 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
             warn_resumed_config(state, cfg, start)
             warn_resumed_data(extra.get("data"), volumes, start)
         trained_on = list(dict.fromkeys([*extra.get("trained_on", extra.get("data", [])), *volumes]))
+        init_from = extra.get("init_from")  # what the run started from, kept across resumes
         step = int(state["step"])
         patches_before = int(extra.get("patches", 0))
         cpu_seconds_before = float(extra.get("cpu_seconds", 0.0))
@@ -414,7 +474,7 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
             save_training_state(
                 out, step=step, epoch=0, models=models, optimizers={"opt": opt}, config=config_to_dict(cfg),
                 extra={"patches": patches_before + patches, "cpu_seconds": cpu_seconds_before + used,
-                       "data": volumes, "trained_on": trained_on},
+                       "data": volumes, "trained_on": trained_on, "init_from": init_from},
                 generators={"data": rng},
             )
         barrier(info)
@@ -488,7 +548,7 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
         ema.copy_to_models()
     if info.is_main:
         net.to("cpu")
-        digest = export_predictor(net, out / EXPORT_FILE, summary)
+        digest = export_predictor(net, out / EXPORT_FILE, summary, [str(p) for p in trained_on])
         summary["exported"] = {"file": str(out / EXPORT_FILE), "sha256": digest}
         from ..files import write_json_atomic
 
