@@ -1,6 +1,8 @@
 import os
 import sys
 
+from .files import soft_limit  # the standard library only: read before PyTorch is loaded
+
 #: Below this address-space limit (``ulimit -v``) loading PyTorch fails: an ImportError ("failed to map segment"), a
 #: MemoryError, or, just under 1 GiB, a loop that never ends (measured with torch 2.x on x86_64 Linux). No run fits in
 #: it anyway, so the command says so before it tries.
@@ -9,18 +11,7 @@ _NO_MEMORY = (b"error: not enough memory to start: this session's address-space 
               b"loading PyTorch alone needs about 1 GiB of it (a run needs several GiB more): raise the limit "
               b"(ulimit -v, or the job scheduler's memory request)\n")  # fmt: skip
 
-
-def _address_space_limit() -> int | None:
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    except (ImportError, OSError, ValueError, AttributeError):  # Windows has no resource module
-        return None
-    return None if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
-
-
-_limit = _address_space_limit()
+_limit = soft_limit("RLIMIT_AS")
 if _limit is not None and _limit < MIN_ADDRESS_SPACE:
     os.write(2, _NO_MEMORY % (_limit >> 20))
     sys.exit(5)
@@ -33,8 +24,7 @@ except (ImportError, OSError, MemoryError) as exc:
     # dynamic loader, or a MemoryError; anything else (a broken install) keeps its own traceback
     if not isinstance(exc, MemoryError) and "failed to map segment" not in str(exc):
         raise
-    limit = _address_space_limit()
-    said = f"this session's address-space limit (ulimit -v) is {limit >> 20} MiB and " if limit else ""
+    said = f"this session's address-space limit (ulimit -v) is {_limit >> 20} MiB and " if _limit else ""
     os.write(2, f"error: not enough memory to start: {said}loading PyTorch failed ({type(exc).__name__}): raise the "
                 "limit (ulimit -v, or the job scheduler's memory request), or free memory\n".encode())  # fmt: skip
     os._exit(5)  # a normal exit would run Python's shutdown, which may fail again for want of memory

@@ -571,16 +571,22 @@ def address_space_left() -> int | None:
     limit minus what is mapped now (``/proc/self/status`` ``VmSize``). None when there is no such limit (the usual
     case) or it cannot be read (Windows, no ``/proc``). Under the limit an allocation fails however much memory is
     free, so it caps what a run may plan to use."""
+    limit = soft_limit("RLIMIT_AS")
+    mapped = proc_bytes("/proc/self/status", "VmSize") if limit is not None else None
+    return None if limit is None or mapped is None else max(0, limit - mapped)
+
+
+def soft_limit(name: str) -> int | None:
+    """This process's soft limit ``resource.<name>`` in bytes (``RLIMIT_AS``: ``ulimit -v``; ``RLIMIT_FSIZE``:
+    ``ulimit -f``), or None when there is none (unlimited, or no ``resource`` module: Windows). Standard library
+    only: ``python -m DiffusionCore`` reads it before it loads PyTorch."""
     try:
         import resource
 
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        soft, _ = resource.getrlimit(getattr(resource, name))
     except (ImportError, OSError, ValueError, AttributeError):
         return None
-    if soft == resource.RLIM_INFINITY or soft < 0:
-        return None
-    mapped = proc_bytes("/proc/self/status", "VmSize")
-    return None if mapped is None else max(0, int(soft) - mapped)
+    return None if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
 
 
 def host_available_memory() -> int:
@@ -729,15 +735,7 @@ def file_size_limit() -> int | None:
     """This process's file-size limit in bytes (``ulimit -f``, the soft ``RLIMIT_FSIZE``), or None when there is none
     (unlimited, or a system without the ``resource`` module: Windows). A write past it fails with ``EFBIG``, or stops
     short without a word in a library that ignores the error (ITK)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    try:
-        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return None if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
+    return soft_limit("RLIMIT_FSIZE")
 
 
 def _file_size_reason(folder: str | os.PathLike, needed_bytes: int, exc: BaseException | None) -> str:

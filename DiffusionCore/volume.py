@@ -43,7 +43,15 @@ from .dicom_in import (
     read_enhanced_ct,
     unread_files_note,
 )
-from .errors import ConfigError, DiffusionCoreError, GeometryError, InputError, OutputError, OutputExistsError
+from .errors import (
+    ConfigError,
+    DiffusionCoreError,
+    GeometryError,
+    InputError,
+    NumericalError,
+    OutputError,
+    OutputExistsError,
+)
 from .files import (
     CompressedDataError,
     check_name_length,
@@ -378,6 +386,24 @@ def _require_finite(arr: np.ndarray, source: str) -> None:
             f"{source}: {bad} of {arr.size} voxels are NaN or infinite. Replace them (e.g. with -1024 HU for "
             "air) before running; the tool does not guess values for them."
         )
+
+
+#: What a failed result's message ends with where the library refuses it (the commands add their own ending).
+NOT_RETURNED = "; nothing was written or returned. Check the weights and options; if they are right, report it"
+
+
+def require_finite_voxels(hu: np.ndarray, what: str, tail: str = NOT_RETURNED) -> None:
+    """Refuse a result that holds NaN or infinite voxels (one pass, no scratch volume), before it is written or
+    returned (an integer cast would turn NaN into 0 HU and hide the failure).
+
+    Raises:
+        NumericalError: naming how many voxels are not finite, then ``tail``.
+    """
+    if math.isfinite(float(hu.sum(dtype=np.float64))):
+        return
+    bad = int(np.count_nonzero(~np.isfinite(hu)))
+    raise NumericalError(f"{what} holds {bad} NaN or infinite voxels (of {hu.size}): the computation failed "
+                         f"numerically{tail}")  # fmt: skip
 
 
 def require_ct(vol: Volume | np.ndarray, source: str = "volume") -> None:

@@ -21,8 +21,10 @@ for _module_dir in (ROOT / "CTDiffusionSR", ROOT / "XrayToCT"):
     if str(_module_dir) not in sys.path:
         sys.path.insert(0, str(_module_dir))
 
+import test_probe27_slicer_cli  # noqa: E402
 from conftest import write_cr_radiograph  # noqa: E402
 
+ct_file = test_probe27_slicer_cli.ct_file  # the fixture: a small thick CT file
 SR_SCRIPT = ROOT / "CTDiffusionSR" / "CLI" / "CTDiffusionSRBatch.py"
 XRAY_SCRIPT = ROOT / "XrayToCT" / "CLI" / "XrayToCTGenerate.py"
 #: the default the box overrides (the test session's workers set MKL_NUM_THREADS=1 too, which torch would take)
@@ -36,15 +38,6 @@ def _run(script: Path, *args) -> subprocess.CompletedProcess:
 
 def _threads_recorded(report: Path) -> int:
     return int(json.loads(report.read_text())["provenance"]["settings"]["torch_threads"])
-
-
-@pytest.fixture
-def ct_file(tmp_path) -> Path:
-    from DiffusionCore.volume import Volume, write_volume
-
-    arr = np.full((4, 24, 24), -1000.0, np.float32)
-    arr[:, 6:18, 6:18] = 40.0
-    return write_volume(Volume(arr, (0.8, 0.8, 3.2)), tmp_path / "thick.nrrd", dtype="float32")
 
 
 def test_the_sr_modules_thread_count_reaches_the_run_and_its_record(tmp_path, ct_file):

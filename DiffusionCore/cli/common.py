@@ -464,17 +464,13 @@ def check_result(vol: Volume, what: str, *, hu_range: tuple[float, float] = RESU
     Raises:
         NumericalError: the result failed; the message says how. Exit code 1.
     """
-    import numpy as np
 
     from ..errors import NumericalError
+    from ..volume import require_finite_voxels
 
     arr = vol.array
     tail = "; nothing was written. Check the weights and options; if they are right, report it (on the command line, --debug shows the traceback)."
-    finite = np.isfinite(arr)
-    if not finite.all():
-        bad = int(arr.size - np.count_nonzero(finite))
-        raise NumericalError(f"{what} holds {bad} NaN or infinite voxels (of {arr.size}): the computation "
-                             f"failed numerically{tail}")  # fmt: skip
+    require_finite_voxels(arr, what, tail)
     lo, hi = float(arr.min()), float(arr.max())
     if lo < hu_range[0] or hi > hu_range[1]:
         raise NumericalError(f"{what} holds values from {lo:.6g} to {hi:.6g} HU, far outside the plausible "

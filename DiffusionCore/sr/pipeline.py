@@ -65,7 +65,6 @@ from ..errors import (
     ConfigError,
     GeometryError,
     InputError,
-    NumericalError,
     ResourceError,
     WeightsError,
 )
@@ -87,7 +86,7 @@ from ..tiling import (
     memory_limit_from_env,
     separable_weight,
 )
-from ..volume import Grid, Volume, axis_index, check_ct, require_ct
+from ..volume import Grid, Volume, axis_index, check_ct, require_ct, require_finite_voxels
 from ..weights.registry import register_architecture_check
 from .adapt import AdaptSettings, adapt_predictor
 from .config import MEAN, SAMPLE
@@ -422,21 +421,6 @@ def adaptation_note(predictor_report: dict[str, Any] | None) -> str:
     if not done.get("discarded"):
         return ""
     return f"adaptation discarded, the result uses the unadapted predictor: {done['discarded']}"
-
-
-def require_finite_output(hu: np.ndarray, what: str) -> None:
-    """Refuse a result that holds NaN or infinite voxels (one pass, no scratch volume).
-
-    Raises:
-        NumericalError: naming how many voxels are not finite.
-    """
-    if math.isfinite(float(hu.sum(dtype=np.float64))):
-        return
-    bad = int(np.count_nonzero(~np.isfinite(hu)))
-    raise NumericalError(  # worded as the command line's final check (cli.common.check_result), which it precedes
-        f"{what} holds {bad} NaN or infinite voxels (of {hu.size}): the computation failed numerically; nothing was "
-        "written or returned. Check the weights and options; if they are right, report it"
-    )
 
 
 def check_same_in_plane(volume: Volume, grid: Grid, axis: int) -> None:
@@ -890,7 +874,7 @@ class SuperResolver:
             timings["consistency"] = time.perf_counter() - t0
             _check_cancel(cancel)
             tell(plan.start_units + plan.consistency_units, "data consistency done")
-        require_finite_output(out.array, "the super-resolved volume")
+        require_finite_voxels(out.array, "the super-resolved volume")
         output = Volume.from_grid(
             grid, out.array, source=volume.metadata.get("source", ""), method="sr", synthetic=True,
             weights_sha256=self.weights_sha256,
@@ -1166,7 +1150,7 @@ class SuperResolver:
         # voxels the model processes per output voxel (overlap and padding make it > 1)
         overhead = tiling.n_tiles * float(np.prod(tiling.patch_size)) / float(np.prod(tiling.volume_shape))
         tiles_info = {"count": tiling.n_tiles, "grid": list(tiling.grid_counts), "overhead": overhead}
-        require_finite_output(mean, "the super-resolved volume")
+        require_finite_voxels(mean, "the super-resolved volume")
         output = Volume.from_grid(
             grid,
             mean,
