@@ -9,6 +9,7 @@ its ``__init__`` needs only what Slicer ships (numpy, scipy, pydicom).
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -111,16 +112,25 @@ def own_torch_cache() -> Iterator[str]:
         yield ""
         return
     with _sigterm_exits():
+        # named before it is made, so that a SIGTERM arriving just after it is made (before mkdtemp would have
+        # returned its name) still finds it in the cleanup below
+        folder = os.path.join(tempfile.gettempdir(), TORCH_CACHE_PREFIX + secrets.token_hex(6))
+        another = False  # the name is another's folder (48 random bits: practically never): not ours to remove
         try:
-            folder = tempfile.mkdtemp(prefix=TORCH_CACHE_PREFIX)
-        except OSError:  # a full or read-only temp folder: torch's own default then (the run says what is wrong)
-            yield ""
-            return
-        try:
+            try:
+                os.mkdir(folder, 0o700)
+            except FileExistsError:
+                another = True
+                yield ""
+                return
+            except OSError:  # a full or read-only temp folder: torch's own default then (the run says what is wrong)
+                yield ""
+                return
             with suppress(OSError):  # unmarked, the folder is only removed by this run
                 mark_owner(folder)
             os.environ[TORCH_CACHE_VARIABLE] = folder
             yield folder
         finally:
             os.environ.pop(TORCH_CACHE_VARIABLE, None)
-            shutil.rmtree(folder, ignore_errors=True)
+            if not another:
+                shutil.rmtree(folder, ignore_errors=True)
