@@ -6,7 +6,8 @@
 - A stage 1 that does not fit says what the file holds and what the run built, and how to make them agree.
 - The Slicer training panel trains stage 2 on a stage 1 (Extra options ``--stage1-checkpoint``, or 'Start from the
   shipped weights' with a stage-2 preset), and refuses at Start a stage-1 preset the shipped weights do not fit.
-- ``--resume`` of a run already at ``--max-steps`` is refused (exit 2) and changes nothing.
+- ``--resume`` of a run already at ``--max-steps`` is refused (exit 2) and changes nothing; so is ``--resume`` with
+  ``--init-from`` (a new run's option), before any work.
 - ``--freeze-stage1`` says what it does (it changes something only with --train-all-stages).
 - The ``train xray`` commands of the README and the model card that start from the shipped weights build networks those
   weights fit.
@@ -135,6 +136,22 @@ def test_resume_at_max_steps_is_refused_and_changes_nothing(tiny, capsys):
     assert rc == 2
     assert f"nothing to train: the run in {run} is at step 1, at or past --max-steps 1" in err
     assert "--max-steps 2" in err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_with_init_from_is_refused_before_any_work(tiny, capsys):
+    """--init-from (or its other spelling --load-all-stages) starts a new run; with --resume it was taken silently
+    and the run went on from its checkpoint, so the user believed it continued the weights they named."""
+    run = tiny / "runs" / "s1"
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for spelling in ("--init-from", "--load-all-stages"):
+        rc = main(["train", "xray", "--data", str(tiny / "ct.nii.gz"), "--output-dir", str(run), "--resume",
+                   spelling, str(run), "--max-steps", "3", "--device", "cpu"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert rc == 2
+        assert err.strip().splitlines()[-1] == (
+            f"error: --init-from / --load-all-stages starts a new run; drop it to continue the run in {run} with "
+            "--resume")
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 

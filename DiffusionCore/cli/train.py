@@ -119,12 +119,15 @@ def _run_in_claimed_folder(
         out = _output_dir(args)
         if not out or getattr(args, "show_config", False) or getattr(args, "config_help", False):
             return family_run(args)  # nothing is trained; the family says what is missing
-        if getattr(args, "resume", False) and getattr(args, "init_from", None):
+        starts = getattr(args, "init_from", None) or getattr(args, "load_all_stages", None)
+        if getattr(args, "resume", False) and starts:
             # a resumed run continues from its checkpoint's weights, and records what it first started from
+            # (train xray spells --init-from also --load-all-stages: one dest)
             from ..errors import ConfigError
             from ..sr.throughplane_train import resume_with_init_from
 
-            raise ConfigError(resume_with_init_from(out))
+            option = "--init-from" if getattr(args, "init_from", None) else "--init-from / --load-all-stages"
+            raise ConfigError(resume_with_init_from(out, option))
         # a one-shot process: every step's activation buffers are reused instead of mapped afresh (train xray
         # went from 29.5 to 37.4 steps per minute on 2 cores, benchmarks/xray_stage1_rays.json)
         # the run's checkpoints, logs and weights never go into the data it reads: a cohort folder scanned again

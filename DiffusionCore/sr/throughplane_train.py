@@ -335,9 +335,10 @@ def public_data_record(names: list[str], sources: list[str] | None = None) -> di
     return {"count": len(names), "names": samples, "description": text}
 
 
-def resume_with_init_from(out: str | Path) -> str:
-    """The refusal of ``--resume`` with ``--init-from``: a resumed run continues from its checkpoint's weights."""
-    return f"--init-from starts a new run; drop it to continue the run in {out} with --resume"
+def resume_with_init_from(out: str | Path, option: str = "--init-from") -> str:
+    """The refusal of ``--resume`` with ``--init-from`` (``option``, as the user spelt it): a resumed run continues
+    from its checkpoint's weights."""
+    return f"{option} starts a new run; drop it to continue the run in {out} with --resume"
 
 
 def _step_generators(cfg: ThroughPlaneTrainConfig, info: Any, step: int,
