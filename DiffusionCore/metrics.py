@@ -12,6 +12,10 @@ All metrics clip both volumes to a stated HU range first (default ``[-1024, 2048
   (:data:`BODY_MASK_DEFINITION`), holes filled (in 3D and slice by slice, so the lungs count as body);
 * :func:`consistency_psnr`: a super-resolved volume degraded again the same way against its input.
 
+Both volumes must hold the same voxels: the same shape and, when both are :class:`~DiffusionCore.volume.Volume` objects,
+the same grid in space (:data:`GRID_MATCH_VOXELS`), else a ``GeometryError`` says how far apart they lie; a NaN voxel
+in either is an ``InputError`` that counts them (a score of NaN would pass unnoticed into a table).
+
 Scoring several volumes against one reference: wrap it once in a :class:`ReferenceStats` and pass that
 wherever a reference is asked for. What depends on the reference alone (its body mask, its local SSIM
 mean and variance) is then computed on first use and shared, and the figures are the same as with the
@@ -80,6 +84,7 @@ class ReferenceStats:
 
     def __init__(self, reference: Volume | np.ndarray) -> None:
         self.array = _arr(reference)
+        self.grid = reference.grid if isinstance(reference, Volume) else None  # checked against each test volume
         self.slice_axis = axial_axis(reference)  # where the body mask fills holes slice by slice
         self.spacing_zyx = _spacing_zyx(reference)  # what sizes the body mask's parts in mm
         if self.array.ndim != 3:
@@ -138,11 +143,51 @@ def _spacing_zyx(x: Volume | np.ndarray) -> tuple[float, float, float]:
     return tuple(float(s) for s in x.spacing_zyx) if isinstance(x, Volume) else (1.0, 1.0, 1.0)
 
 
-def _check_pair(ref: np.ndarray, test: np.ndarray) -> None:
-    if ref.shape != test.shape:
-        raise GeometryError(f"shapes differ: reference {ref.shape}, test {test.shape} (z, y, x): scores compare voxel "
-                            "by voxel, so both volumes must be on the same grid (resample one onto the other's grid "
-                            "first, e.g. DiffusionCore.interpolate(test, ref.grid, 'cubic'))")  # fmt: skip
+#: Two volumes of one shape are on the same grid when no voxel lies further apart than this share of the smallest
+#: voxel size: rounding of origins and direction cosines in file headers stays far below it; a one-voxel shift, a
+#: flipped axis or another voxel size is far above it.
+GRID_MATCH_VOXELS = 0.1
+_RESAMPLE_ADVICE = ("scores compare voxel by voxel, so both volumes must be on the same grid (resample one onto the "
+                    "other's grid first, e.g. DiffusionCore.interpolate(test, ref.grid, 'cubic'))")
+
+
+def _grid_of(x: object) -> object:
+    if isinstance(x, Volume):
+        return x.grid
+    return x.grid if isinstance(x, ReferenceStats) else None
+
+
+def _check_pair(ref: Volume | np.ndarray | ReferenceStats, test: Volume | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two volumes' arrays, once they are known to hold the same voxels: the same shape and, where both carry
+    their geometry (a :class:`Volume`), the same place in space."""
+    from .geometry import grid_distance_mm
+
+    r, t = _arr(ref), _arr(test)
+    if r.shape != t.shape:
+        raise GeometryError(f"shapes differ: reference {r.shape}, test {t.shape} (z, y, x): {_RESAMPLE_ADVICE}")
+    a, b = _grid_of(ref), _grid_of(test)
+    if a is not None and b is not None:
+        apart = grid_distance_mm(a.index_to_physical(), b.index_to_physical(), r.shape)
+        if apart > GRID_MATCH_VOXELS * min(min(a.spacing), min(b.spacing)):
+            raise GeometryError(
+                f"the volumes have the same shape {r.shape} but lie on different grids: the same voxel is up to "
+                f"{apart:.3g} mm apart (reference spacing {_mm(a.spacing)}, origin {_mm(a.origin)}; test spacing "
+                f"{_mm(b.spacing)}, origin {_mm(b.origin)}): {_RESAMPLE_ADVICE}")  # fmt: skip
+    return r, t
+
+
+def _mm(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ") mm"
+
+
+def _refuse_nan(value: float, ref: np.ndarray, test: np.ndarray) -> float:
+    """``value`` when it is a number; else the volumes hold NaN voxels, which no score is defined for."""
+    if not math.isnan(value):
+        return value
+    counts = [(name, int(np.count_nonzero(np.isnan(a)))) for name, a in (("reference", ref), ("test", test))]
+    held = " and ".join(f"the {name} volume holds {n:,} NaN voxel{'s' if n != 1 else ''}" for name, n in counts if n)
+    raise InputError(f"cannot score: {held or 'a volume holds NaN voxels'}; a score is defined only for finite HU "
+                     "(replace or mask them first, e.g. np.nan_to_num(array, nan=-1024))")  # fmt: skip
 
 
 def _slabs(shape: tuple[int, ...], voxels: int, start: int = 0, stop: int | None = None) -> Iterator[slice]:
@@ -180,15 +225,14 @@ def psnr(
 
     Returns ``inf`` for identical volumes.
     """
-    r, t = _arr(ref), _arr(test)
-    _check_pair(r, t)
+    r, t = _check_pair(ref, test)
     sq, n = 0.0, 0
     for d in _clipped_differences(r, t, hu_range, mask):
         sq += float(np.dot(d.ravel(), d.ravel()))
         n += d.size
     if n == 0:
         raise InputError("the mask is empty: no voxel to score; give a mask that selects some voxels")
-    mse = sq / n
+    mse = _refuse_nan(sq / n, r, t)
     peak = hu_range[1] - hu_range[0]
     return math.inf if mse == 0.0 else 10.0 * math.log10(peak * peak / mse)
 
@@ -200,15 +244,14 @@ def hu_mae(
     hu_range: tuple[float, float] = HU_RANGE,
 ) -> float:
     """Mean absolute HU error (both clipped to ``hu_range``), inside ``mask`` when given."""
-    r, t = _arr(ref), _arr(test)
-    _check_pair(r, t)
+    r, t = _check_pair(ref, test)
     total, n = 0.0, 0
     for d in _clipped_differences(r, t, hu_range, mask):
         total += float(np.abs(d, out=d).sum())
         n += d.size
     if n == 0:
         raise InputError("the mask is empty: no voxel to score; give a mask that selects some voxels")
-    return total / n
+    return _refuse_nan(total / n, r, t)
 
 
 #: Face connectivity in 3D, and face connectivity inside each axial slice only (no link along axis 0).
@@ -411,8 +454,7 @@ def ssim3d(
         chunk: output slices per slab; by default about :data:`SSIM_SLAB_VOXELS` voxels.
     """
     stats = ref if isinstance(ref, ReferenceStats) else ReferenceStats(ref)
-    r, t = stats.array, _arr(test)
-    _check_pair(r, t)
+    r, t = _check_pair(stats, test)
     taps = _gaussian_kernel(sigma, SSIM_TRUNCATE)
     _check_window(r.shape, taps)
     rad = _radius(taps)
@@ -434,7 +476,7 @@ def ssim3d(
         den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
         num /= den
         total += float(num.sum(dtype=np.float64))
-    return total / mu_x.size
+    return _refuse_nan(total / mu_x.size, r, t)
 
 
 def consistency_psnr(

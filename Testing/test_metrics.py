@@ -61,6 +61,36 @@ def test_shape_mismatch_is_refused():
         psnr(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
 
 
+def test_volumes_on_different_grids_are_refused_and_rounding_is_not():
+    """Two volumes of one shape placed elsewhere in space (a one-slice shift, another spacing) used to be scored
+    voxel by voxel as if they lay on each other; rounding of a file header's origin must still pass."""
+    a = np.random.default_rng(0).normal(0.0, 300.0, (12, 16, 16)).astype(np.float32)
+    ref = Volume(a, (0.7, 0.7, 2.5), origin=(-100.0, 50.0, 10.0))
+    rounded = Volume(a + 5.0, (0.7, 0.7, 2.5), origin=(-100.001, 50.0, 10.002))
+    expected = 10 * math.log10(PEAK**2 / 25.0)
+    assert psnr(ref, rounded) == pytest.approx(expected, abs=0.01)
+    assert psnr(ReferenceStats(ref), rounded) == pytest.approx(expected, abs=0.01)
+    shifted = Volume(a + 5.0, (0.7, 0.7, 2.5), origin=(-100.0, 50.0, 12.5))
+    coarser = Volume(a + 5.0, (0.7, 0.7, 5.0), origin=(-100.0, 50.0, 10.0))
+    for test in (shifted, coarser):
+        for score in (psnr, hu_mae, ssim3d, quality_report):
+            with pytest.raises(ValueError, match="same shape .* but lie on different grids: the same voxel is up to"):
+                score(ReferenceStats(ref) if score is ssim3d else ref, test)
+    assert psnr(a, shifted.array + 0.0) == pytest.approx(expected, abs=0.01)  # bare arrays carry no grid
+
+
+@pytest.mark.parametrize("where", ["reference", "test"])
+def test_a_nan_voxel_is_refused_with_a_count_not_scored_as_nan(where):
+    a = np.zeros((12, 12, 12), np.float32)
+    bad = a.copy()
+    bad[3, 4, 5] = bad[6, 7, 8] = np.nan
+    ref, test = (bad, a + 1.0) if where == "reference" else (a, bad)
+    for score in (psnr, hu_mae, ssim3d):
+        with pytest.raises(ValueError, match=f"cannot score: the {where} volume holds 2 NaN voxels"):
+            score(ref, test)
+    assert psnr(a, np.full_like(a, np.inf)) == pytest.approx(10 * math.log10(PEAK**2 / 2048.0**2))  # clipped
+
+
 def test_hu_mae_by_hand():
     ref = np.zeros((1, 2, 2), np.float32)
     test = np.array([10.0, -20.0, 0.0, 5000.0]).reshape(1, 2, 2)
