@@ -92,6 +92,8 @@ class Provenance:
         settings: the run's settings (factor, steps, seed, ...), JSON-serialisable.
         input: the input's path.
         input_uid: the input DICOM series (SR) or instance (radiograph) UID, when the input is DICOM.
+        input_sha256: the input's content digest (``Volume.content_sha256``, ``Radiograph.content_sha256``: the
+            voxels as read and their grid), the same whatever file or format held them; ``""`` when not recorded.
         date: ISO 8601 UTC time of the run.
         environment: :func:`environment` of the run (left out: this process's, with the GPU of
             ``settings["device"]``); ``{}`` when read from a file written before it was recorded.
@@ -105,6 +107,7 @@ class Provenance:
     input: str = ""
     input_uid: str = ""
     date: str = field(default_factory=now_utc)
+    input_sha256: str = ""
     environment: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
@@ -128,6 +131,7 @@ class Provenance:
             "settings": self.settings,
             "input": self.input,
             "input_uid": self.input_uid,
+            "input_sha256": self.input_sha256,
             "date": self.date,
         }
 
@@ -135,6 +139,7 @@ class Provenance:
         """One paragraph for DICOM's DerivationDescription (at most ``limit`` characters)."""
         settings = json.dumps(self.settings, sort_keys=True, separators=(",", ":"), default=str)
         uid = f"input UID {self.input_uid}; " if self.input_uid else ""  # before the settings: a cut ends those
+        uid += f"input sha256 {self.input_sha256}; " if self.input_sha256 else ""
         env = f"environment {_compact(self.environment)}; " if self.environment else ""
         text = (f"{self.title} by {self.software} ({self.task}); weights {self.weights} sha256 "
                 f"{self.weights_sha256}; {uid}{env}settings {settings}")  # fmt: skip
@@ -168,6 +173,7 @@ def header_fields(prov: Provenance) -> dict[str, str]:
         "settings": _compact(prov.settings),
         "input": prov.input,
         "input_uid": prov.input_uid,
+        "input_sha256": prov.input_sha256,
         "date": prov.date,
     }
     return {HEADER_PREFIX + k: " ".join(str(v).split()) for k, v in fields.items()}
@@ -233,8 +239,8 @@ def read_header_fields(metadata: dict[str, str]) -> dict[str, str]:
 #: Most header bytes read when looking for the provenance of a file (a NRRD or MetaImage header is a few KB).
 HEADER_READ_LIMIT = 1 << 20
 _DERIVATION = re.compile(
-    rf"^(?P<title>.*) by {SOFTWARE} \S+ \((?P<task>[^)]*)\); weights (?P<weights>.*) sha256 (?P<sha>[0-9a-fA-F]*); "
-    r"(?:input UID (?P<uid>[0-9.]+); )?(?:environment (?P<env>\{[^{}]*\}); )?settings (?P<settings>.*)$", re.S)
+    rf"^(?P<title>.*) by {SOFTWARE} \S+ \((?P<task>[^)]*)\); weights (?P<weights>.*?) sha256 (?P<sha>[0-9a-fA-F]*); "
+    r"(?:input UID (?P<uid>[0-9.]+); )?(?:input sha256 (?P<input_sha>[0-9a-f]{64}); )?(?:environment (?P<env>\{[^{}]*\}); )?settings (?P<settings>.*)$", re.S)
 
 
 def _from_header(path: Path, end_marker: bytes, separator: str) -> Provenance | None:
@@ -255,7 +261,7 @@ def _from_fields(fields: dict[str, str]) -> Provenance | None:
     return Provenance(
         task=fields.get("task", ""), title=fields.get("title", "") or "synthetic", weights=fields.get("weights", ""),
         weights_sha256=fields.get("weights_sha256", ""), settings=settings, input=fields.get("input", ""),
-        input_uid=fields.get("input_uid", ""), date=fields.get("date", ""),
+        input_uid=fields.get("input_uid", ""), date=fields.get("date", ""), input_sha256=fields.get("input_sha256", ""),
         environment={str(k): str(v) for k, v in env.items()},  # {} in a file written before it was recorded
     )
 
@@ -327,7 +333,8 @@ def _from_dicom(path: Path) -> Provenance | None:
     fields = {"synthetic": "true"}
     if m:
         fields.update(title=m["title"], task=m["task"], weights=m["weights"], weights_sha256=m["sha"],
-                      settings=m["settings"], input_uid=m["uid"] or "", environment=m["env"] or "{}")
+                      settings=m["settings"], input_uid=m["uid"] or "", input_sha256=m["input_sha"] or "",
+                      environment=m["env"] or "{}")  # fmt: skip
         # "{title} from {input} by CTDiffusion ...": the title may hold " from " itself ("CT from radiograph")
         source = re.search(rf"{re.escape(m['title'])} from (.*) by {SOFTWARE} ", comments)
         fields["input"] = source.group(1) if source and source.group(1) != "the input" else ""

@@ -166,7 +166,7 @@ def sr_provenance(job_source: str | os.PathLike, volume_metadata: dict[str, Any]
     return Provenance(
         task="sr", title=title, weights=str(settings.get("weights", "")),
         weights_sha256=str(report.get("weights_sha256", "")), settings=settings, input=str(job_source),
-        input_uid=str(volume_metadata.get("series_uid", "")),
+        input_uid=str(volume_metadata.get("series_uid", "")), input_sha256=str(report.get("input_sha256", "")),
     )  # fmt: skip
 
 
@@ -174,7 +174,8 @@ def xray_provenance(source: str | os.PathLike, report: dict, weights: str, input
     """The provenance of an X-ray to CT result, from its report."""
     return Provenance(task="xray2ct", title="CT from radiograph (synthetic)", weights=weights,
                       weights_sha256=str(report.get("weights_sha256", "")), settings=report.get("settings", {}),
-                      input=str(source), input_uid=input_uid)  # fmt: skip
+                      input=str(source), input_uid=input_uid,
+                      input_sha256=str(report.get("input_sha256", "")))  # fmt: skip
 
 
 def _is_xray_report(report: dict[str, Any]) -> bool:

@@ -250,6 +250,15 @@ class Volume:
             direction=tuple(float(v) for v in self.direction.ravel()),
         )
 
+    def content_sha256(self) -> str:
+        """Hex sha256 of the voxels (float32, array order) and the grid (shape, spacing, origin, direction): the
+        same for the same CT whatever file or format it was read from. Results record their input's
+        (``input_sha256`` in the report and the provenance), so a result can be traced to the very scan."""
+        from .files import sha256_arrays
+
+        grid = np.concatenate([np.asarray(v, np.float64).ravel() for v in (self.spacing, self.origin, self.direction)])
+        return sha256_arrays(np.asarray(self.array, np.float32), grid)
+
     def index_to_physical(self) -> np.ndarray:
         """4x4 matrix mapping homogeneous ``(i, j, k, 1)`` to LPS millimetres."""
         return self.grid.index_to_physical()

@@ -106,9 +106,11 @@ def test_the_sr_modules_result_records_the_jobs_environment_and_its_series_uid(
     assert mrml_io.provenance(result)["settings"]["report_settings"]["torch_threads"] >= 1
     assert result.GetAttribute(mrml_io.ATTR_INPUT_UID) == SERIES_UID  # item 10: as sr records it
     assert mrml_io.provenance_record(result).input_uid == SERIES_UID
+    digest = result.GetAttribute(mrml_io.ATTR_INPUT_SHA256)  # the scan's content as the job read it
+    assert len(digest) == 64 and int(digest, 16) >= 0
     mrml_io.export_result(result, str(tmp_path / "sr.nrrd"))
     written = read_provenance(tmp_path / "sr.nrrd")
-    assert written.environment == recorded and written.input_uid == SERIES_UID
+    assert written.environment == recorded and written.input_uid == SERIES_UID and written.input_sha256 == digest
     scene.RemoveNode(node)  # the input gone: what the result recorded of it
     assert mrml_io.provenance_record(result).input_uid == SERIES_UID
 

@@ -529,7 +529,8 @@ class SRJob(CLIJob):
         del result  # the node holds a copy: a large result is not held twice while the rest is imported
         set_provenance(node, kind="super-resolution", model=model, weights_sha256=sha, settings=settings,
                        source=self.input_node, title=f"{label} (synthetic)",
-                       recorded_input=self.recorded_input, environment=environment)  # fmt: skip
+                       recorded_input=self.recorded_input, environment=environment,
+                       input_sha256=str(report.get("input_sha256") or ""))  # fmt: skip
         place_beside(self.scene, self.input_node, node)
         # the result is in the input's own frame (the files' frame when they were read): under its transform
         frame = self.input_node if self.series is None else None
@@ -554,7 +555,8 @@ class SRJob(CLIJob):
             follow_transform(frame, unc)
             set_provenance(unc, kind="uncertainty", model=model, weights_sha256=sha, settings=settings,
                            source=self.input_node, title=f"{label} uncertainty (synthetic)",
-                           recorded_input=self.recorded_input, environment=environment)  # fmt: skip
+                           recorded_input=self.recorded_input, environment=environment,
+                           input_sha256=str(report.get("input_sha256") or ""))  # fmt: skip
             place_beside(self.scene, self.input_node, unc)
             self.uncertainty_node = unc
             nodes.append(unc)

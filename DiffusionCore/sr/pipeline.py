@@ -677,8 +677,8 @@ class SuperResolver:
             ``adaptation``), ``timings`` (seconds per stage, e.g. ``predictor``, ``interpolate``, ``model``,
             ``blend``, ``consistency``, and ``total``, as in :meth:`XrayToCTGenerator.run`), ``tiles``, ``memory``,
             ``weights_sha256``, ``uncertainty`` (a Volume of per-voxel standard deviation in HU, or None),
-            ``notes`` (when something was changed or is worth saying) and, for an integer factor,
-            ``consistency_psnr`` (dB).
+            ``notes`` (when something was changed or is worth saying), ``input_sha256`` (the input's
+            :meth:`~DiffusionCore.volume.Volume.content_sha256`) and, for an integer factor, ``consistency_psnr`` (dB).
 
         Raises:
             InputError: not a Volume (a bare array has no geometry), NaN/Inf voxels, a constant volume, non-CT
@@ -972,6 +972,7 @@ class SuperResolver:
         notes = [n for n in notes if n]
         if notes:
             report["notes"] = [*report.get("notes", []), *notes]
+        report["input_sha256"] = volume.content_sha256()  # the result names the very scan it came from
         return out, report
 
     def plan(self, volume: Volume, grid: Grid, settings: SRRunSettings) -> SRPlan:

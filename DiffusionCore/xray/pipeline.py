@@ -346,7 +346,8 @@ class XrayToCTGenerator:
             ``projection_psnr``, ``projection_ncc`` and ``consistency`` (``rays_corrected``, ``rays_emptied``,
             ``mean_abs_log_ratio``; None without the consistency step)), ``weights_sha256``, ``family``,
             ``fov_mm`` and ``fov_source`` (where the field of view came from), ``settings`` (the options used),
-            ``timings`` (seconds: ``total``, as in :meth:`SuperResolver.run`) and ``notes``.
+            ``timings`` (seconds: ``total``, as in :meth:`SuperResolver.run`), ``notes`` and ``input_sha256``
+            (:meth:`.radiograph.Radiograph.content_sha256` of the image as read).
         """
         from ..devices import resolve_device
 
@@ -354,6 +355,7 @@ class XrayToCTGenerator:
         steps, num_samples = check_count(steps, "steps"), check_count(num_samples, "num_samples")
         view = check_view(view)
         rad = as_radiograph(image)
+        input_sha256 = rad.content_sha256()  # the image as read, before --invert (a setting the report records)
         if invert:
             rad = invert_radiograph(rad)
         trained_view = self.cascade.configs[0].data.view
@@ -500,5 +502,6 @@ class XrayToCTGenerator:
             },  # fmt: skip
             "timings": {"total": time.time() - t0},
             "notes": notes,
+            "input_sha256": input_sha256,
         }
         return volumes[-1], report

@@ -87,6 +87,13 @@ class Radiograph:
     def shape(self) -> tuple[int, int]:
         return int(self.array.shape[0]), int(self.array.shape[1])
 
+    def content_sha256(self) -> str:
+        """Hex sha256 of the image as read (float32 in [0, 1]) and its pixel spacing: what results record as their
+        input's ``input_sha256``."""
+        from ..files import sha256_arrays
+
+        return sha256_arrays(self.array, np.asarray(self.pixel_spacing or (0.0, 0.0), np.float64))
+
 
 #: Pixels per block in which a colour image is turned greyscale (under 1 MB of float32 per block): never a float
 #: copy of every channel of a large screenshot at once.

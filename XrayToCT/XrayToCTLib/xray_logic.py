@@ -645,6 +645,7 @@ class XrayJob(CLIJob):
         #: the engine's settings as run (the report's ``settings``: steps, device, view, torch_threads, ...) and the
         #: run's environment (its output file's record): known once the job ends; the stage previews record None / {}
         self.report_settings: dict | None = None
+        self.input_sha256 = ""  # the radiograph's content digest, once the job's report gives it
         self.environment: dict[str, str] = {}
         self._capped_said = False  # the notice that the weights have fewer stages than chosen (update)
 
@@ -757,7 +758,8 @@ class XrayJob(CLIJob):
             title = f"CT from radiograph, stage {stage}{of}, {self._grid} (synthetic)"
         set_provenance(self.preview_node, kind="xray-to-ct", model=model or self._weights[0],
                        weights_sha256=sha or self._weights[1], settings=settings, source=self.input_node,
-                       title=title, recorded_input=self.recorded_input, environment=self.environment)  # fmt: skip
+                       title=title, recorded_input=self.recorded_input, environment=self.environment,
+                       input_sha256=self.input_sha256)  # fmt: skip
         self.preview_node.SetAttribute("CTDiffusion.ProjectionErrors", json.dumps(self.stage_errors))
 
     def update(self) -> None:
@@ -901,6 +903,7 @@ class XrayJob(CLIJob):
         self._show(read_volume_file(str(out)), last)
         report = read_job_report(tempdir / "report.json")
         self.report_settings = report.get("settings")
+        self.input_sha256 = str(report.get("input_sha256") or "")
         self.environment = recorded_environment(out, report)  # the job's, as its output file records it
         model = self.return_values.get("modelName") or str(report.get("model", ""))
         sha = self.return_values.get("weightsSha256") or str(report.get("weights_sha256", ""))
