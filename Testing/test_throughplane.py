@@ -478,12 +478,19 @@ def test_train_throughplane_learns_exports_resumes_and_continues_from_weights(tr
               "--max-steps", "42", "--resume", "--learning-rate", "0.0005"], env=env)
     assert r.returncode == 0, r.stderr
     assert "resuming with settings that differ from the run's" in r.stderr and "learning_rate: 0.003 -> 0.0005" in r.stderr
-    # --init-from starts a new run from exported weights
+    assert json.loads((out / "summary.json").read_text())["validation_at_start"] == {}  # a run from scratch
+    # --init-from starts a new run from exported weights, scored before its first step (the baseline of a fine-tune)
     out2 = tmp_path / "run2"
     r = _run(["train", "throughplane", "--config", str(cfg), "--data", str(data), "--out-dir", str(out2),
               "--max-steps", "1", "--init-from", str(weights)], env=env)
     assert r.returncode == 0, r.stderr
-    assert "initialised" in r.stderr
+    assert "initialised" in r.stderr and f"step 0 (the starting weights, {weights})  val/psnr_x2=" in r.stderr
+    at_start = json.loads((out2 / "summary.json").read_text())["validation_at_start"]
+    assert at_start == json.loads(r.stdout)["validation_at_start"]
+    assert at_start["val/gain"] == pytest.approx(summary["validation"]["val/gain"], abs=0.2)  # its own weights
+    logged = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 0, "tag": "val/gain", "value": at_start["val/gain"]}.items() <= next(
+        rec for rec in logged if rec["tag"] == "val/gain").items()  # the curve starts at the starting weights
 
 
 def _torchrun_throughplane(cfg, data, out, *extra):

@@ -475,11 +475,22 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
             save_training_state(
                 out, step=step, epoch=0, models=models, optimizers={"opt": opt}, config=config_to_dict(cfg),
                 extra={"patches": patches_before + patches, "cpu_seconds": cpu_seconds_before + used,
-                       "data": volumes, "trained_on": trained_on, "init_from": init_from},
+                       "data": volumes, "trained_on": trained_on, "init_from": init_from,
+                       "validation_at_start": at_start},
                 generators={"data": rng},
             )
         barrier(info)
 
+    at_start: dict[str, float] = {}
+    if val and init_from and start is None:  # a fine-tune: what its starting weights score, beside every later score
+        with torch.no_grad():
+            at_start = validate(net, val)
+        log.scalars(at_start, step)
+        history.append({"step": step, **at_start})
+        logger.info("step %d (the starting weights, %s)  %s", step, init_from,
+                    "  ".join(f"{k_}={v:.3f}" for k_, v in at_start.items()))  # fmt: skip
+    elif start is not None:
+        at_start = dict(extra.get("validation_at_start") or {})  # kept across resumes, as init_from is
     net.train()
     watch = LossWatch(cfg.learning_rate)
     with StopFlag(out / "STOP") as stop:
@@ -541,6 +552,7 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
                      "data_seconds": round(timing["data"], 1), "step_seconds": round(timing["step"], 1)},
         "validation": last,
         "init_from": init_from,
+        "validation_at_start": at_start,  # the --init-from weights' scores ({} for a run from scratch)
         "data": volume_names(trained_on),  # every stretch's volumes, this one's last
     }
     if info.distributed:
@@ -611,5 +623,6 @@ def run_cli(args: argparse.Namespace) -> int:
     summary = train(cfg, args.data, args.out_dir, resume=args.resume, init_from=args.init_from,
                     device=args.device)
     if "exported" in summary:  # rank 0 (or the one process) exported; the other ranks print nothing
-        print(json.dumps({k: summary[k] for k in ("steps", "patches", "cpu_hours", "validation", "exported")}, indent=1))
+        keys = ("steps", "patches", "cpu_hours", "validation_at_start", "validation", "exported")
+        print(json.dumps({k: summary[k] for k in keys if k != "validation_at_start" or summary[k]}, indent=1))
     return 0
