@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import GeometryError, InputError, NumericalError
+from .errors import GeometryError, InputError, NumericalError, not_for_this_tool
 from .geometry import storage_flips
 from .interpolation import cubic_matrix
 from .volume import AIR_HU, Grid, Volume, axis_index, suggested_factor, thick_axis
@@ -420,10 +420,10 @@ def thin_grid(
         ax = thick_axis(grid)
         if ax is None:
             sp = ", ".join(f"{s:.3g}" for s in grid.spacing_zyx)
-            raise GeometryError(
+            raise not_for_this_tool(GeometryError(
                 f"the volume is already (nearly) isotropic (spacing z, y, x = {sp} mm): there is no thick "
                 "axis to super-resolve. Pass an axis explicitly if you really want to up-sample one."
-            )
+            ))
     else:
         ax = axis_index(axis)
     s = grid.spacing[2 - ax]
@@ -508,10 +508,10 @@ def plan_thin_grid(
     ax = thick_axis(grid) if axis is None else axis_index(axis)
     if ax is None:
         sp = ", ".join(f"{s:.3g}" for s in grid.spacing_zyx)
-        raise GeometryError(
+        raise not_for_this_tool(GeometryError(
             f"the volume is already (nearly) isotropic (spacing z, y, x = {sp} mm): there is no thick "
             "axis to super-resolve. Pass --axis (and --factor) if you really want to up-sample one."
-        )
+        ))
     if factor is None and target_spacing is None:
         factor = suggested_factor(grid, ax)
         if factor < 2:

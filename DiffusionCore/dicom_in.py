@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,6 +49,68 @@ ENHANCED_CT_CLASSES = {
 #: Relative spread of the slice steps accepted as even (larger: missing or doubled frames).
 _STEP_TOLERANCE = 0.01
 _ORIENTATION_TOLERANCE = 1e-3
+
+
+#: DICOM's Media Storage SOP Class of a DICOMDIR (the index of a DICOM disc or export folder, no image).
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+def is_dicomdir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DICOMDIR file (the index of the files of a DICOM disc or export, not an image): its
+    Media Storage SOP Class, or a Directory Record Sequence (header only)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        import pydicom
+
+        with warnings.catch_warnings():  # a damaged file is the reader's to report, in our words
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["DirectoryRecordSequence"])
+            sop_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+            return sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds
+    except Exception:  # noqa: BLE001 - not DICOM, unreadable: not a DICOMDIR
+        return False
+
+
+#: The attributes every file of one series must share, with what a mix of them means and what to do. A series whose
+#: files mix them holds several patients', studies' or patient spaces' images under one SeriesInstanceUID (a merge or
+#: an anonymisation gone wrong, a re-used UID): read as one volume, one patient's slices would be filed as another's.
+SERIES_IDENTITY = {
+    "PatientID": ("patients", "they are the images of more than one patient", "one patient's files"),
+    "StudyInstanceUID": ("studies", "they are the images of more than one study", "one study's files"),
+    "FrameOfReferenceUID": ("frames of reference", "their slices lie in more than one patient space (separate "
+                            "acquisitions or registrations)", "the files of one frame of reference"),
+}  # fmt: skip
+
+
+def check_series_identity(values: Mapping[str, Mapping[str, str]], series: str) -> None:
+    """Refuse a series whose files differ in an attribute of :data:`SERIES_IDENTITY`, naming it, its values and how
+    many files hold each, as the reader refuses mixed orientations and pixel spacings.
+
+    Args:
+        values: file name -> {keyword: value} for the files read as the volume (an absent value is ``""``).
+        series: the series as the messages name it (its folder).
+
+    Raises:
+        InputError: the attribute, its values (with a file holding each) and what to do.
+    """
+    for keyword, (what, why, keep) in SERIES_IDENTITY.items():
+        counts = Counter(str(v.get(keyword, "")).strip() for v in values.values())
+        if len(counts) < 2:
+            continue
+        example = {}
+        for name, v in values.items():
+            example.setdefault(str(v.get(keyword, "")).strip(), Path(name).name)
+        common = counts.most_common()
+        shown = "; ".join(f"{value or '(none)'} in {n} file{'s' if n != 1 else ''} (e.g. {example[value]})"
+                          for value, n in common[:4])  # fmt: skip
+        more = f"; and {len(common) - 4} other values" if len(common) > 4 else ""
+        raise InputError(
+            f"the DICOM series in {series} mixes {what}: its {len(values)} files differ in {keyword}: {shown}{more}. "
+            f"They are not one volume: {why}. Put {keep} in a folder of their own (sort the files by {keyword}, or "
+            "export the series again from the PACS) and give that folder."
+        )
 
 
 #: A folder holding at most this many files is checked for an enhanced CT file (one file per series).

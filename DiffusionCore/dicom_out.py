@@ -6,9 +6,15 @@ was generated, a DerivationDescription naming the model, the weights' sha256, th
 and a Source Image Sequence pointing at the input instances.
 
 Identity: a new SeriesInstanceUID and new SOPInstanceUIDs (pydicom's UID root); the patient and study
-modules of the input (a CT series for ``sr``, the radiograph for ``xray2ct``); for ``sr`` also the input's
-FrameOfReferenceUID, since the thin grid lies in the same patient space. Without a DICOM input (a NIfTI
-CT), the patient module stays empty and the study is new.
+modules of the input (a CT series for ``sr``, the radiograph for ``xray2ct``) and its de-identification flags; for
+``sr`` also the input's FrameOfReferenceUID, since the thin grid lies in the same patient space. Without a DICOM input
+(a NIfTI CT), the patient module stays empty and the study is new. The header is taken from a slice that was read, not
+from a localizer left out of the series. The SeriesNumber is the one asked for, else derived from the input's
+(:func:`derived_series_number`). The comments name the input by its file or folder name only, never its full path (a
+hospital's folder names hold patients' names and record numbers).
+
+Replacing (``overwrite``) is for a series this module wrote only: every file's header must say so (Manufacturer
+``CTDiffusion``, ImageComments ``SYNTHETIC ...``); a folder of any other DICOM files is refused, naming what it holds.
 
 Geometry: ImagePositionPatient of each slice (LPS, oblique grids too), ImageOrientationPatient,
 PixelSpacing, SliceThickness and SpacingBetweenSlices (along the slices' normal) of the written grid. A
@@ -34,16 +40,18 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, OutputError, OutputExistsError
+from .dicom_in import check_series_identity
+from .errors import ConfigError, InputError, OutputError, OutputExistsError
 from .files import (
     check_name_length,
+    folder_writable,
     no_room_reason,
     partial_folder,
     publish,
     remove_stale_partials,
     too_long_error,
 )
-from .provenance import NOT_ACQUIRED, SOFTWARE, Provenance
+from .provenance import NOT_ACQUIRED, SOFTWARE, Provenance, input_name
 from .version import __version__
 from .volume import Volume, is_localizer
 
@@ -56,7 +64,7 @@ _PATIENT_STUDY_KEYWORDS = (
     "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
     "PatientSize", "PatientWeight", "OtherPatientIDs", "EthnicGroup", "PatientComments",
     "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-    "StudyDescription",
+    "StudyDescription", "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
 )  # fmt: skip
 #: Series-level attributes of an input CT that still describe the thin series (copied for super-resolution only).
 _SERIES_KEYWORDS = ("PatientPosition", "BodyPartExamined", "KVP", "ConvolutionKernel", "ContrastBolusAgent")
@@ -65,6 +73,8 @@ _SERIES_KEYWORDS = ("PatientPosition", "BodyPartExamined", "KVP", "ConvolutionKe
 CHARACTER_SET = "ISO_IR 192"
 #: The General Series' SeriesNumber of a derived series: the input's plus this (or this alone).
 SERIES_NUMBER_OFFSET = 1000
+#: The largest SeriesNumber (an IS value: a signed 32-bit integer); numbers start at 1.
+SERIES_NUMBER_MAX = 2**31 - 1
 #: The window of a written CT when its input gives none in HU: mediastinum.
 DEFAULT_WINDOW = (40.0, 400.0)
 #: The windows of a CT made from a radiograph (centre, width, explanation), the first the one the X-ray to CT module
@@ -99,7 +109,7 @@ class DicomSource:
     """What the written series takes from its DICOM input: the patient and study attributes, the series'
     frame of reference and window, and the instances it derives from."""
 
-    header: Any  # pydicom Dataset of the first instance, without pixel data
+    header: Any  # pydicom Dataset of the first instance read as the volume (no localizer), without pixel data
     instances: list[SourceInstance] = field(default_factory=list)
     #: the SeriesNumbers of the study's series known besides this one (in the files read, in Slicer's DICOM database),
     #: which a derived series does not take (:func:`derived_series_number`)
@@ -124,7 +134,15 @@ class DicomSource:
     def from_files(
         cls, files: list[str | os.PathLike], series_uid: str | None = None, *, where: str = "the given files"
     ) -> DicomSource:
-        """Read the headers of these DICOM files (e.g. the instances a Slicer node was loaded from)."""
+        """Read the headers of these DICOM files (e.g. the instances a Slicer node was loaded from).
+
+        The header is that of the first file (by name) that is no localizer (a topogram stored in the CT series is left
+        out of the volume, and so of the header and the source instances).
+
+        Raises:
+            InputError: no readable DICOM file; the chosen series' files mix patients, studies or frames of reference
+                (:func:`~DiffusionCore.dicom_in.check_series_identity`).
+        """
         pydicom = _pydicom()
         p = where
         by_series: dict[str, list[Any]] = {}
@@ -142,6 +160,11 @@ class DicomSource:
             chosen = by_series[series_uid]
         else:
             chosen = max(by_series.values(), key=len)
+        chosen = [ds for ds in chosen if not is_localizer(_text(ds.get("ImageType")))] or chosen  # the slices read
+        if len(chosen) > 1:
+            values = {str(getattr(ds, "filename", "") or n): {kw: _text(ds.get(kw)) for kw in ("PatientID",
+                      "StudyInstanceUID", "FrameOfReferenceUID")} for n, ds in enumerate(chosen)}  # fmt: skip
+            check_series_identity(values, p)
         study = str(chosen[0].get("StudyInstanceUID", ""))
         numbers = frozenset(
             number for datasets in by_series.values() for ds in datasets[:1]
@@ -225,6 +248,15 @@ def _nearest_sources(source: DicomSource | None, positions: np.ndarray, normal: 
     return out
 
 
+def _text(value: Any) -> str:
+    """A header value as text, a multi-valued one joined by ``\\`` as DICOM stores it (``""`` when absent)."""
+    if value is None:
+        return ""
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        return str(value)
+    return "\\".join(str(v) for v in value)
+
+
 def _series_number(ds: Any) -> int | None:
     """A dataset's SeriesNumber, or None (absent, empty or not a number)."""
     try:
@@ -235,19 +267,89 @@ def _series_number(ds: Any) -> int | None:
 
 #: The SeriesNumbers this process has given derived series, by StudyInstanceUID.
 _NUMBERS_GIVEN: dict[str, set[int]] = {}
+#: What :func:`sibling_series_numbers` read of a folder: (real path, modification time) -> (StudyInstanceUID,
+#: SeriesNumber); a batch writing hundreds of series into one folder reads each sibling's header once.
+_SIBLING_HEADERS: dict[tuple[str, int], tuple[str, int | None]] = {}
 
 
-def derived_series_number(source: DicomSource | None, study_uid: str) -> int:
-    """The SeriesNumber of a series derived from ``source`` in the study ``study_uid``: the input's number plus
-    :data:`SERIES_NUMBER_OFFSET` (that offset alone without one), or the first number after it that no series of the
-    study known here has (``source.study_series_numbers``, and those this process has given in the study before): a
-    PACS lists a study's series by number, and the SR series of one CT, its uncertainty map and every later export
-    had the same."""
-    number = _series_number(source.header) if source is not None else None
-    candidate = (number or 0) + SERIES_NUMBER_OFFSET
+def check_series_number(number: int) -> int:
+    """``number`` when it is a SeriesNumber DICOM can hold (1 to :data:`SERIES_NUMBER_MAX`), else a ConfigError."""
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= SERIES_NUMBER_MAX:
+        raise ConfigError(f"a series number must be a whole number from 1 to {SERIES_NUMBER_MAX} (DICOM's IS "
+                          f"range); got {number!r}")  # fmt: skip
+    return number
+
+
+def _first_file_header(folder: Path) -> tuple[str, int | None] | None:
+    """(StudyInstanceUID, SeriesNumber) of the first file of ``folder`` (by name, not hidden), read without pixels;
+    None when it holds no readable DICOM file there."""
+    pydicom = _pydicom()
+    try:
+        first = min((f for f in folder.iterdir() if not f.name.startswith(".") and f.is_file()), default=None)
+        if first is None:
+            return None
+        ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesNumber"])
+        return str(ds.get("StudyInstanceUID", "")), _series_number(ds)
+    except Exception:  # noqa: BLE001 - not DICOM, unreadable, gone: it names no series number
+        return None
+
+
+def sibling_series_numbers(folder: str | os.PathLike, study_uid: str) -> frozenset[int]:
+    """The SeriesNumbers of the study ``study_uid``'s series in the folders beside ``folder`` (the output's), from
+    one header per folder (its first file; folders that hold no DICOM file, or another study's, count for nothing):
+    the results of several runs filed side by side, and sent to one study, each get a number of their own."""
+    out = Path(folder)
+    parent = out.parent if str(out.parent) else Path(".")
+    numbers = set()
+    try:
+        entries = [e for e in parent.iterdir() if e.name != out.name and not e.name.startswith(".")]
+    except OSError:
+        return frozenset()
+    for entry in entries:
+        try:
+            if not entry.is_dir():
+                continue
+            key = (os.path.realpath(entry), entry.stat().st_mtime_ns)
+        except OSError:
+            continue
+        if key not in _SIBLING_HEADERS:
+            _SIBLING_HEADERS[key] = _first_file_header(entry) or ("", None)
+        study, number = _SIBLING_HEADERS[key]
+        if study == study_uid and number is not None:
+            numbers.add(number)
+    return frozenset(numbers)
+
+
+def derived_series_number(
+    source: DicomSource | None, study_uid: str, folder: str | os.PathLike | None = None, requested: int | None = None
+) -> int:
+    """The SeriesNumber of a series derived from ``source`` in the study ``study_uid``, written into ``folder``.
+
+    ``requested`` (``--series-number``) when given. Else the input's number plus :data:`SERIES_NUMBER_OFFSET` (that
+    offset alone without one, or when the sum would pass :data:`SERIES_NUMBER_MAX`), or the first number after it that
+    no series of the study known here has: ``source.study_series_numbers`` (the input folder's and Slicer's DICOM
+    database's), those this process has given in the study before, and those of the study's series in the folders
+    beside ``folder`` (:func:`sibling_series_numbers`: earlier runs' results). A PACS lists a study's series by
+    number, and the SR series of one CT, its uncertainty map and every later export had the same. Numbers stay within
+    1 .. :data:`SERIES_NUMBER_MAX` (an IS value), wrapping round to 1.
+    """
     taken = (source.study_series_numbers if source is not None else frozenset()) | _NUMBERS_GIVEN.get(study_uid, set())
-    while candidate in taken:
-        candidate += 1
+    if folder is not None:
+        taken |= sibling_series_numbers(folder, study_uid)
+    if requested is not None:
+        candidate = check_series_number(requested)
+        if candidate in taken:
+            logger.warning("series number %d is taken by another series of this study known here; written as asked "
+                           "(--series-number)", candidate)  # fmt: skip
+    else:
+        number = _series_number(source.header) if source is not None else None
+        candidate = (number if number is not None and number > 0 else 0) + SERIES_NUMBER_OFFSET
+        if candidate > SERIES_NUMBER_MAX:  # an input numbered near the IS maximum
+            candidate = SERIES_NUMBER_OFFSET
+        for _ in range(len(taken) + 1):  # at most every taken number is passed
+            if candidate not in taken:
+                break
+            candidate = candidate + 1 if candidate < SERIES_NUMBER_MAX else 1
     _NUMBERS_GIVEN.setdefault(study_uid, set()).add(candidate)
     return candidate
 
@@ -275,8 +377,11 @@ def local_date_time(iso: str, offset: str = "") -> tuple[Any, Any, str]:
     return DA(local.date()), TM(local.time()), local.strftime("%z")
 
 
-def _base_dataset(source: DicomSource | None, prov: Provenance, *, keep_frame: bool) -> tuple[Any, dict[str, str]]:
-    """The attributes shared by every slice, and the UIDs of the new series."""
+def _base_dataset(
+    source: DicomSource | None, prov: Provenance, *, keep_frame: bool, folder: Path | None = None,
+    series_number: int | None = None,
+) -> tuple[Any, dict[str, str]]:
+    """The attributes shared by every slice, and the UIDs of the new series (written into ``folder``)."""
     _pydicom()
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
@@ -307,7 +412,7 @@ def _base_dataset(source: DicomSource | None, prov: Provenance, *, keep_frame: b
     ds.PositionReferenceIndicator = ""
     ds.SOPClassUID = CT_IMAGE_STORAGE
     ds.Modality = "CT"
-    ds.SeriesNumber = derived_series_number(source, uids["study"])
+    ds.SeriesNumber = derived_series_number(source, uids["study"], folder, series_number)
     ds.SeriesDescription = series_description(source, prov.title)
     if "PatientPosition" not in ds:
         ds.PatientPosition = ""  # type 2C for CT: unknown for a CT made from a radiograph
@@ -322,7 +427,7 @@ def _base_dataset(source: DicomSource | None, prov: Provenance, *, keep_frame: b
     ds.Laterality = ""  # type 2C: empty, the series is not of one side of a paired organ
     ds.DerivationDescription = _ds_text(prov.derivation(), 1024)
     ds.ImageComments = _ds_text(
-        f"SYNTHETIC: {NOT_ACQUIRED}. {prov.title} from {prov.input or 'the input'} by {prov.software}, "
+        f"SYNTHETIC: {NOT_ACQUIRED}. {prov.title} from {input_name(prov.input) or 'the input'} by {prov.software}, "
         f"weights {prov.weights} (sha256 {prov.weights_sha256}).", 10240,
     )  # fmt: skip
     if "KVP" not in ds:
@@ -367,6 +472,7 @@ def write_dicom_series(
     source: DicomSource | None = None,
     keep_frame_of_reference: bool = True,
     overwrite: bool = False,
+    series_number: int | None = None,
 ) -> Path:
     """Write ``vol`` (HU) as a CT DICOM series into ``folder``, atomically.
 
@@ -377,15 +483,19 @@ def write_dicom_series(
         source: the DICOM input's headers (:meth:`DicomSource.from_path`), or ``None``.
         keep_frame_of_reference: reuse the input's FrameOfReferenceUID (SR: the same patient space); ``False``
             for a volume whose space is not the input's (a CT generated from a radiograph).
-        overwrite: replace a series previously written here.
+        overwrite: replace a series this function wrote here before (never any other files).
+        series_number: the SeriesNumber (1 to :data:`SERIES_NUMBER_MAX`); default: :func:`derived_series_number`.
 
     Returns:
         The series folder.
 
     Raises:
         OutputError: the folder holds other files, cannot be written, or the grid is sheared.
+        ConfigError: ``series_number`` out of range.
     """
     _pydicom()
+    if series_number is not None:
+        check_series_number(series_number)
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -397,15 +507,17 @@ def write_dicom_series(
     positions = np.stack([origin + k * sz * d[:, 2] for k in range(nz)])
     normal = np.cross(d[:, 0], d[:, 1])
     between = sz * abs(float(d[:, 2] @ normal))  # along the normal: sz itself unless the grid is tilted
-    base, _ = _base_dataset(source, provenance, keep_frame=keep_frame_of_reference)
+    base, _ = _base_dataset(source, provenance, keep_frame=keep_frame_of_reference, folder=out,
+                            series_number=series_number)
     refs = _nearest_sources(source, positions, normal)
     pixels = np.clip(np.rint(vol.array), -32768, 32767).astype("<i2")
     orientation = [_fmt(v) for v in (*d[:, 0], *d[:, 1])]
     spacing = [_fmt(sy), _fmt(sx)]  # row spacing (between rows), then column spacing
     if removed := remove_stale_partials(out):
         logger.info("removed what an interrupted earlier run left beside %s: %s", out.name, ", ".join(removed))
-    tmp = partial_folder(out)
+    tmp = None
     try:
+        tmp = partial_folder(out)  # inside the try: a folder the system refuses (EPERM, ENOSPC) is said as such
         for k in range(nz):
             ds = base.copy()
             ds.SOPInstanceUID = generate_uid()
@@ -437,7 +549,7 @@ def write_dicom_series(
         raise OutputError(f"could not write the DICOM series {out}: {_write_failure_reason(out, pixels.nbytes, exc)}"
                           ) from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote %d DICOM slices to %s (%s)", nz, out, base.SeriesDescription)
     return out
@@ -466,31 +578,81 @@ def _write_failure_reason(out: Path, voxel_bytes: int, exc: OSError) -> str:
     return no_room_reason(parent, voxel_bytes, system) or system.strerror or str(system).splitlines()[0]
 
 
-def _is_our_series(folder: Path) -> bool:
-    """Whether ``folder`` holds only a series written by :func:`write_dicom_series` (``NNNNN.dcm`` files)."""
-    names = [p.name for p in folder.iterdir()]
-    return bool(names) and all(n.endswith(".dcm") and n[:-4].isdigit() for n in names)
+def _file_label(ds: Any) -> str:
+    """What a foreign DICOM file is, as a PACS user knows it: patient, modality, series number and description."""
+    parts = [f"patient {ds.get('PatientID')}" if str(ds.get("PatientID", "")).strip() else "",
+             str(ds.get("Modality", "")).strip(),
+             f"series {ds.get('SeriesNumber')}" if str(ds.get("SeriesNumber", "")).strip() else "",
+             f'"{ds.get("SeriesDescription")}"' if str(ds.get("SeriesDescription", "")).strip() else ""]  # fmt: skip
+    return " ".join(part for part in parts if part) or "no patient or series named"
+
+
+def folder_holdings(folder: Path) -> tuple[bool, str]:
+    """(whether ``folder`` holds only a series written by :func:`write_dicom_series`, what it holds in words).
+
+    Ours: every entry is a file named ``NNNNN.dcm`` whose header (read without pixels) has Manufacturer
+    ``CTDiffusion`` and ImageComments beginning with ``SYNTHETIC``, as :func:`_base_dataset` marks every slice. Else the
+    words say what is there: e.g. ``24 DICOM files of patient P-7 CT series 3 "Thorax" (not written by CTDiffusion)``,
+    or ``2 files that are no DICOM (notes.txt, ...)``."""
+    pydicom = _pydicom()
+    ours, foreign, other = [], [], []
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if not entry.is_file():
+            other.append(name + "/")
+            continue
+        try:
+            ds = pydicom.dcmread(entry, stop_before_pixels=True, specific_tags=[
+                "Manufacturer", "ImageComments", "PatientID", "Modality", "SeriesNumber", "SeriesDescription"])
+            marked = (str(ds.get("Manufacturer", "")) == SOFTWARE
+                      and str(ds.get("ImageComments", "")).startswith("SYNTHETIC"))  # fmt: skip
+        except Exception:  # noqa: BLE001 - no DICOM file, or unreadable: not ours
+            other.append(name)
+            continue
+        if marked and name.endswith(".dcm") and name[:-4].isdigit():
+            ours.append(ds)
+        else:
+            foreign.append(ds)
+    if not foreign and not other:
+        title = str(ours[0].get("SeriesDescription", "")).strip() if ours else ""
+        return bool(ours), f"a DICOM series written by {SOFTWARE} ({len(ours)} files{', ' + title if title else ''})"
+    said = []
+    if foreign:
+        labels = sorted({_file_label(ds) for ds in foreign})
+        shown = "; ".join(labels[:3]) + (f"; and {len(labels) - 3} more" if len(labels) > 3 else "")
+        said.append(f"{len(foreign)} DICOM file{'s' if len(foreign) != 1 else ''} of {shown} (not written by "
+                    f"{SOFTWARE})")  # fmt: skip
+    if other:
+        shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+        said.append(f"{len(other)} other file{'s' if len(other) != 1 else ''} ({shown})")
+    if ours:
+        said.append(f"{len(ours)} slice{'s' if len(ours) != 1 else ''} written by {SOFTWARE}")
+    return False, " and ".join(said)
 
 
 def check_dicom_output(folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Check a series folder before any work: its parent exists and is writable, and the folder is new,
-    empty, or (with ``overwrite``) a series written here before. Never deletes anything else."""
+    """Check a series folder before any work: its parent exists and a folder can be created in it, and the folder is
+    new, empty, or (with ``overwrite``) a series written here before (:func:`folder_holdings`: every file's header
+    says so). Never deletes anything else, whatever ``overwrite`` says."""
     out = Path(folder)
     check_name_length(out)  # the folder's name and its temporary folder's: ENAMETOOLONG said as such
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"the output folder {parent} does not exist; create it first.")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not folder_writable(parent):  # a probe file: the permission bits alone do not say it for root or NFS
         raise OutputError(f"the output folder {parent} is not writable; choose another output path.")
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"{out} is a file; a DICOM series is written into a folder: give a folder name")
         if any(out.iterdir()):
-            if not _is_our_series(out):
+            ours, holds = folder_holdings(out)
+            if not ours:
                 raise OutputError(
-                    f"{out} already holds other files; a DICOM series needs a new or empty folder: give one"
+                    f"{out} already holds other files: {holds}. A DICOM series is written into a new or empty "
+                    f"folder, and only a series {SOFTWARE} wrote is ever replaced (--overwrite too): give another "
+                    "folder"
                 )
-            if not overwrite:
+            if not overwrite:  # ours: the Slicer export's refusal ends in these words too
                 raise OutputExistsError(out, "already holds a DICOM series")
     return out
 

@@ -8,6 +8,10 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+_E = TypeVar("_E", bound=BaseException)
+
 
 class DiffusionCoreError(Exception):
     """Base class: a problem the user can act on. ``exit_code`` is what the command line returns."""
@@ -91,3 +95,11 @@ class Cancelled(DiffusionCoreError):
     """The user cancelled the job; nothing partial was written."""
 
     exit_code = 130
+
+
+def not_for_this_tool(exc: _E) -> _E:
+    """``exc``, marked as saying that its input is not for the command rather than broken (an isotropic volume, a 2D
+    image, a single slice, a colour or 4D image, intensities that are not CT): a batch passes such an input over
+    instead of counting it failed (``DiffusionCore.cli.batch``)."""
+    exc.not_for_this_tool = True  # type: ignore[attr-defined]
+    return exc

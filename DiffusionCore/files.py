@@ -140,6 +140,19 @@ def sha256_arrays(*arrays: Any) -> str:
     return h.hexdigest()
 
 
+def gzip_ends_with_size(path: str | os.PathLike, start: int, expected: int) -> bool:
+    """Whether the gzip stream from byte ``start`` to the end of ``path`` ends with gzip's trailer for ``expected``
+    uncompressed bytes (its last 4 bytes: the size modulo 2**32). A file cut short (a full disk, ``ulimit -f``, an
+    interrupted copy) ends with compressed bytes instead, which match by chance once in 2**32. Cheap: the stream is
+    not inflated, so its CRC-32 is not checked."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() - start < 18:  # a gzip member's header and trailer alone
+            return False
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little") == expected % (1 << 32)
+
+
 def current_umask() -> int:
     """The process's umask (read by setting it and setting it back)."""
     umask = os.umask(0)
@@ -169,6 +182,7 @@ def publish(tmp: str | os.PathLike, final: str | os.PathLike, *, overwrite: bool
     shared_mode(tmp)
     if overwrite:
         os.replace(tmp, final)
+        _note_published(final)
         return
     try:
         os.link(tmp, final, follow_symlinks=False)
@@ -178,8 +192,51 @@ def publish(tmp: str | os.PathLike, final: str | os.PathLike, *, overwrite: bool
         if os.path.lexists(final):
             raise OutputExistsError(final, "appeared while this run was writing it and was not replaced") from None
         os.replace(tmp, final)
+        _note_published(final)
         return
+    _note_published(final)
     os.unlink(tmp)
+
+
+#: The journals of :func:`publish_journal` open in each thread.
+_JOURNALS = threading.local()
+
+
+def _lstat_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _note_published(final: str | os.PathLike) -> None:
+    """Record ``final`` (as :func:`publish` put it in place) in this thread's open journals."""
+    for journal in getattr(_JOURNALS, "open", ()):
+        journal[os.path.abspath(final)] = _lstat_identity(final)
+
+
+@contextlib.contextmanager
+def publish_journal() -> Iterator[dict[str, tuple[int, int] | None]]:
+    """What :func:`publish` puts in place in this thread during the block: absolute path -> (device, inode) of the
+    file (or folder) as published. A caller that undoes a failed block removes only the files it wrote itself, and
+    only while they are still what it wrote (not a file another process published at that name before or since)."""
+    journal: dict[str, tuple[int, int] | None] = {}
+    stack = getattr(_JOURNALS, "open", None)
+    if stack is None:
+        stack = _JOURNALS.open = []
+    stack.append(journal)
+    try:
+        yield journal
+    finally:
+        stack.remove(journal)
+
+
+def still_published(journal: dict[str, tuple[int, int] | None], path: str | os.PathLike) -> bool:
+    """Whether ``path`` is still the file this thread published there (recorded in ``journal``, a
+    :func:`publish_journal`): same device and inode."""
+    recorded = journal.get(os.path.abspath(path))
+    return recorded is not None and _lstat_identity(path) == recorded
 
 
 # -- temporary files of an output -------------------------------------------------------------------------

@@ -146,6 +146,14 @@ class Provenance:
         return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def input_name(source: str) -> str:
+    """The last part of an input's path (its file or folder name; a Slicer node's name as it is): what a DICOM
+    series written into a PACS says of its input. The full path stays in local files (NRRD, NIfTI sidecar, report):
+    a hospital's folder names often hold patients' names or record numbers."""
+    text = str(source or "").rstrip("/\\")
+    return re.split(r"[/\\]", text)[-1] if text else ""
+
+
 def sr_label(factor: int | None, slice_spacing_mm: float | None = None) -> str:
     """The short name of a super-resolution result: ``"SR x4"`` for a factor, ``"SR 1.5 mm"`` for a target slice
     spacing (the output's spacing along the thick axis: a ratio such as 5 -> 1.5 mm is no integer factor)."""
@@ -381,13 +389,31 @@ def synthetic_image_notice(name: str, what: str, consequence: str) -> str:
             "where you have it.")
 
 
-def synthetic_input_warning(path: str | os.PathLike) -> str:
+def _series_file(folder: Path, series_uid: str | None) -> Path:
+    """The first file (by path) of ``folder`` that belongs to the DICOM series ``series_uid`` (the series read from
+    it), else its first file: a folder holding an acquired series and an earlier synthetic one is judged by the one
+    read, not by whichever sorts first."""
+    if series_uid:
+        import pydicom
+
+        for f in sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")):
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            except Exception:  # noqa: BLE001 - not DICOM, unreadable: not a file of the series
+                continue
+            if str(ds.get("SeriesInstanceUID", "")) == series_uid:
+                return f
+    return next((f for f in sorted(folder.iterdir()) if f.is_file()), folder)
+
+
+def synthetic_input_warning(path: str | os.PathLike, series_uid: str | None = None) -> str:
     """A warning when an input (a file, or a DICOM series folder) is itself a result of this software, else ``""``:
     a model's estimate made from another model's estimate compounds the first one's errors, and scores against a
-    synthetic reference measure agreement with that model, not with an acquisition."""
+    synthetic reference measure agreement with that model, not with an acquisition. ``series_uid``: the series read
+    from a folder (a volume's ``metadata["series_uid"]``), whose file is judged; default the folder's first file."""
     p = Path(path)
-    if p.is_dir():  # a DICOM series: its first file says it for the series
-        p = next((f for f in sorted(p.iterdir()) if f.is_file()), p)
+    if p.is_dir():  # a DICOM series: a file of the series read says it for the series
+        p = _series_file(p, series_uid)
     record = read_provenance(p)
     if record is None:
         return ""

@@ -15,6 +15,7 @@ node, whose writer keeps no custom header fields).
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from .volume import (
     check_output_path,
     write_volume,
 )
+
+logger = logging.getLogger(__name__)
 
 #: ``--output-format`` choices: ``auto`` (DICOM for a DICOM input written to a folder, else the suffix),
 #: ``dicom`` (a series folder) or ``file`` (the suffix decides: NIfTI, NRRD, MHA).
@@ -112,6 +115,47 @@ def check_result_output(output: str | os.PathLike, as_dicom: bool, *, overwrite:
             check_output_path(path, overwrite=overwrite)
 
 
+#: Header bytes of one written DICOM slice (patient, study, series, geometry and provenance attributes), an upper bound.
+DICOM_SLICE_HEADER_BYTES = 16 * 1024
+
+
+def check_room_for_result(
+    output: str | os.PathLike, shape: tuple[int, ...], *, dtype: str, as_dicom: bool, extra_bytes: int = 0
+) -> None:
+    """Refuse, before any work, a result of ``shape`` voxels that cannot fit where it goes: a DICOM series or a
+    ``.nii`` file larger than the disk's free space or this session's file-size limit (``ulimit -f``). A compressed
+    file (``.nii.gz``, ``.nrrd``, ``.mha``) is often several times smaller than its voxels, so for it the shortfall is
+    a warning, not a refusal. ``extra_bytes``: what else the run writes there (an uncertainty map's voxels).
+
+    Raises:
+        OutputError: the result cannot fit, naming the free space, what it needs and what to do.
+    """
+    import math
+
+    from .files import no_room_reason
+
+    voxels = math.prod(int(n) for n in shape)
+    out = Path(output)
+    if as_dicom:
+        needed = voxels * 2 + int(shape[0]) * DICOM_SLICE_HEADER_BYTES  # int16 slices, one file each
+        compressed = False
+    else:
+        needed = voxels * (2 if dtype == "int16" else 4)
+        compressed = "".join(out.suffixes[-2:]).lower() == ".nii.gz" or out.suffix.lower() in (".nrrd", ".mha")
+    folder = out.parent if str(out.parent) else Path(".")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # a folder made for the output: the disk of the nearest one that exists
+    per_file = needed if not as_dicom else int(shape[1]) * int(shape[2]) * 2 + DICOM_SLICE_HEADER_BYTES
+    reason = no_room_reason(folder, needed + extra_bytes) or (no_room_reason(folder, per_file) if as_dicom else "")
+    if not reason:
+        return
+    if compressed:
+        logger.warning("%s may not fit: %s (that is its uncompressed size; compressed it is often several times "
+                       "smaller)", out.name, reason)  # fmt: skip
+        return
+    raise OutputError(f"no room for {out}: {reason}. Nothing was computed")
+
+
 def check_replaced_result(output: str | os.PathLike, what: str = "the output") -> None:
     """A result volume that a Slicer CLI module writes, checked before any work: replaced when it exists (Slicer hands
     over fresh temporary paths and re-runs into the same node), and so is a NIfTI output's provenance sidecar when it
@@ -140,12 +184,16 @@ def write_result(
     overwrite: bool = False,
     dtype: str = "auto",
     compress: bool = True,
+    series_number: int | None = None,
 ) -> list[Path]:
     """Write ``vol`` with its provenance; returns the paths written (see module docstring). ``compress`` False
-    writes a volume file without gzip (3D Slicer's hand-off files, read once and deleted)."""
+    writes a volume file without gzip (3D Slicer's hand-off files, read once and deleted). ``series_number``: the
+    SeriesNumber of a DICOM series (default: derived from the input's,
+    :func:`~DiffusionCore.dicom_out.derived_series_number`); a volume file has none."""
     if as_dicom:
         return [write_dicom_series(vol, output, provenance, source=dicom_source,
-                                   keep_frame_of_reference=keep_frame_of_reference, overwrite=overwrite)]  # fmt: skip
+                                   keep_frame_of_reference=keep_frame_of_reference, overwrite=overwrite,
+                                   series_number=series_number)]  # fmt: skip
     p = Path(output)
     header = provenance_header(provenance)
     written = [write_volume(vol, p, overwrite=overwrite, dtype=dtype, compress=compress, header=header)]

@@ -37,6 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .dicom_in import (
+    check_series_identity,
     choose_ct_series,
     enhanced_ct_in,
     localizers_only_error,
@@ -51,6 +52,7 @@ from .errors import (
     NumericalError,
     OutputError,
     OutputExistsError,
+    not_for_this_tool,
 )
 from .files import (
     CompressedDataError,
@@ -322,29 +324,29 @@ def check_image_shape(img: sitk.Image, source: str) -> None:
     """Refuse images that are not single-component 3D volumes with at least two slices on every axis."""
     ncomp = img.GetNumberOfComponentsPerPixel()
     if ncomp > 1:
-        raise InputError(
+        raise not_for_this_tool(InputError(
             f"{source} has {ncomp} components per voxel (RGB or vector image); a greyscale CT volume is "
             "needed. Export the CT itself (scalar HU values), not a screenshot or colour rendering."
-        )
+        ))
     dim = img.GetDimension()
     size = img.GetSize()
     if dim == 2:
-        raise InputError(
+        raise not_for_this_tool(InputError(
             f"{source} is a 2D image ({size[0]}x{size[1]}); a 3D CT volume is needed. For a radiograph use "
             "the X-ray to CT tool (xray2ct); for a CT, load the whole series (the folder of DICOM slices)."
-        )
+        ))
     if dim != 3:
-        raise InputError(
+        raise not_for_this_tool(InputError(
             f"{source} has {dim} dimensions (size {tuple(size)}); a 3D CT volume is needed. "
             "For a 4D (time or multi-phase) series, extract one phase first."
-        )
+        ))
     if min(size) == 0:
         raise InputError(f"{source} is empty (size {tuple(size)}).")
     if min(size) < 2:
-        raise InputError(
+        raise not_for_this_tool(InputError(
             f"{source} has size {tuple(size)} (x, y, z): a single slice, not a volume. "
             "Load the whole series (all slices) instead."
-        )
+        ))
 
 
 #: Attribute set on a :class:`Volume` whose CT doubts were logged already (:func:`mark_ct_checked`).
@@ -435,12 +437,12 @@ def require_ct(vol: Volume | np.ndarray, source: str = "volume") -> None:
             "the right file or series was exported."
         )
     if lo >= 0.0 or (hi - lo) < MIN_CT_RANGE_HU:
-        raise InputError(
+        raise not_for_this_tool(InputError(
             f"{source} does not look like CT in Hounsfield units (values {lo:g} to {hi:g}; CT has air near "
             "-1000 and soft tissue near 0-100): the model is trained on CT only, so MR, PET or normalised "
             "images give meaningless results. For a CT stored without its rescale intercept, fix the header "
             "(e.g. subtract 1024); if this really is CT in HU, pass --allow-non-ct (allow_non_ct=True in Python)."
-        )
+        ))
     # the milder doubts, as warnings, about what passes (refused volumes are not warned of), once per volume
     _ct_doubts(lo, hi, source, log=not getattr(vol, _CT_TOLD, False))
 
@@ -597,6 +599,7 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
         meta["note"] = note
     headers = {f: dicom_header(f) for f in files}  # each file's header read once, for every check below
     files = _without_localizers(files, headers, folder, meta)
+    _check_identity(files, headers, folder)
     thickness = _slice_thickness(headers[files[0]])
     if thickness is not None:
         meta["slice_thickness_mm"] = thickness
@@ -664,6 +667,18 @@ def _without_localizers(
         meta["note"] = f"{meta['note']} {msg}." if meta.get("note") else msg + "."
         meta["n_files"] = len(kept)
     return kept
+
+
+#: SimpleITK's keys of the attributes of :data:`~DiffusionCore.dicom_in.SERIES_IDENTITY`.
+_IDENTITY_TAGS = {"PatientID": "0010|0020", "StudyInstanceUID": "0020|000d", "FrameOfReferenceUID": "0020|0052"}
+
+
+def _check_identity(files: Sequence[str], headers: dict[str, sitk.ImageFileReader], folder: Path) -> None:
+    """Refuse a series whose slices mix patients, studies or frames of reference
+    (:func:`~DiffusionCore.dicom_in.check_series_identity`): GDCM groups files by SeriesInstanceUID alone."""
+    values = {f: {keyword: headers[f].GetMetaData(key) if headers[f].HasMetaDataKey(key) else ""
+                  for keyword, key in _IDENTITY_TAGS.items()} for f in files}  # fmt: skip
+    check_series_identity(values, str(folder))
 
 
 #: Slices whose orientations (ImageOrientationPatient) differ by more than this are not one volume.
@@ -1550,25 +1565,45 @@ def write_volume(
         img.SetMetaData(key, _itk_text(value))
     suffix = _suffix(p)
     # .nii.gz: ITK writes the plain .nii (header and geometry), then all cores gzip it (ITK's own gzip is
-    # single-threaded and ~10x slower on a 512x512x256 volume)
+    # single-threaded and ~10x slower on a 512x512x256 volume). That needs room for both files at once; when the
+    # plain one does not fit (a nearly full disk, ulimit -f) ITK's own one-pass gzip writes the .nii.gz alone.
     gzip_after = suffix == ".nii.gz"
-    temps = []
+    temps: list[str] = []
+
+    def remove_temps() -> None:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        temps.clear()
+
     try:
-        for ext in (".nii", suffix) if gzip_after else (suffix,):
-            temps.append(partial_file(p, ext))
-        _itk(sitk.WriteImage, img, temps[0], compress and suffix in (".nrrd", ".mha"))
-        _check_complete(temps[0], out.nbytes, compressed=compress and suffix in (".nrrd", ".mha"))
-        if gzip_after:
-            gzip_file(temps[0], temps[1])
+        try:
+            for ext in (".nii", suffix) if gzip_after else (suffix,):
+                temps.append(partial_file(p, ext))
+            _itk(sitk.WriteImage, img, temps[0], compress and suffix in (".nrrd", ".mha"))
+            _check_complete(temps[0], out.nbytes, compressed=compress and suffix in (".nrrd", ".mha"))
+            if gzip_after:
+                gzip_file(temps[0], temps[1])
+        except (RuntimeError, OSError) as exc:
+            remove_temps()  # the free space and the limit are judged without them
+            if not (gzip_after and no_room_reason(p.parent, 2 * out.nbytes, exc)):
+                raise
+            logger.info("no room for %s uncompressed beside its .nii.gz: compressing it while it is written (slower)",
+                        p.name)  # fmt: skip
+            try:
+                temps.append(partial_file(p, suffix))
+                _itk(sitk.WriteImage, img, temps[0], True)
+                _check_gzip_complete(temps[0], out.nbytes)
+            except (RuntimeError, OSError):
+                raise exc from None  # it did not fit either: the first failure says why (a full disk, ulimit -f)
         publish(temps[-1], p, overwrite=overwrite)  # without overwrite: never over a file that appeared meanwhile
     except OutputExistsError:
         raise
     except (RuntimeError, OSError) as exc:
+        remove_temps()  # before the free space is measured for the message
         raise _write_failure(p, out.nbytes, exc) from None
     finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        remove_temps()
     return p
 
 
@@ -1594,6 +1629,20 @@ def _write_failure(path: Path, voxel_bytes: int, exc: RuntimeError | OSError) ->
     why = no_room_reason(path.parent, voxel_bytes, exc) or (
         sitk_message(exc) if isinstance(exc, RuntimeError) else str(exc))
     return OutputError(f"could not write {path}: {why}")
+
+
+#: The bytes before the voxels of a single-file NIfTI: NIfTI-1 (348 and 4 extension bytes) and NIfTI-2 (540 and 4).
+_NIFTI_VOXEL_OFFSETS = (352, 544)
+
+
+def _check_gzip_complete(path: str, voxel_bytes: int) -> None:
+    """Raise ``OSError(ENOSPC)`` unless the ``.nii.gz`` ITK has just written ends with gzip's trailer for the whole
+    file (:func:`~DiffusionCore.files.gzip_ends_with_size`): one cut short by a full disk or a file-size limit does not.
+    Cheap: the file is not read."""
+    from .files import gzip_ends_with_size
+
+    if not any(gzip_ends_with_size(path, 0, offset + voxel_bytes) for offset in _NIFTI_VOXEL_OFFSETS):
+        raise OSError(errno.ENOSPC, "the compressed file was cut short", path)
 
 
 #: Free space below which a compressed file ITK has just written is taken as cut short (its size cannot be checked).

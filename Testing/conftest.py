@@ -285,6 +285,24 @@ def cache_home(tmp_path, monkeypatch):
     return root
 
 
+def write_dicomdir(folder) -> Path:
+    """An empty DICOMDIR (the index a CD export or a PACS download puts beside its series) written into ``folder``."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    index = Dataset()
+    index.file_meta = meta
+    index.DirectoryRecordSequence = []
+    path = Path(folder) / "DICOMDIR"
+    pydicom.dcmwrite(path, index, enforce_file_format=True)
+    return path
+
+
 def write_dicom_series(
     folder,
     vol: Volume,

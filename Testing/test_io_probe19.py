@@ -64,6 +64,20 @@ def test_sr_cli_given_a_list_or_a_folder_of_volumes_says_it_takes_one_and_names_
     assert "cases_noted is a text file, not a volume; a list of volumes needs the suffix .txt, .lst, .list or .csv" in line
 
 
+def test_sr_cli_given_a_folder_of_volumes_and_a_series_does_not_quietly_take_the_series(tmp_path):
+    """Probe 32 D2: 11 volume files and a DICOM series in a subfolder: the series alone was super-resolved, exit 0."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for i, name in enumerate(("a.nii.gz", "b.mha")):
+        write_volume(_ct(i), folder / name)
+    write_dicom_series(folder / "series", _ct(2))
+    proc = _run([str(SR_CLI), "--noAdapt", "--tinyTestModel", str(folder), str(tmp_path / "out.nrrd")], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = _error_lines(proc)
+    assert "is a folder of 2 volume file(s) and a DICOM series, and this module takes one volume per run" in line, line
+    assert not (tmp_path / "out.nrrd").exists()
+
+
 def test_sr_cli_names_its_own_flag_for_a_volume_that_is_not_ct(tmp_path):
     """The engine says `pass --allow-non-ct (allow_non_ct=True in Python)`; this CLI's flag is --allowNonCT."""
     mr = write_volume(Volume(np.linspace(0, 900, 4 * 24 * 24, dtype=np.float32).reshape(4, 24, 24), (0.8, 0.8, 4.0)),

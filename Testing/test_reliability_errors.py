@@ -529,7 +529,8 @@ def test_a_volume_written_to_a_full_disk_says_the_disk_is_full(small_disk):
     from DiffusionCore.errors import OutputError
 
     full = small_disk
-    vol = Volume(np.zeros((8, 64, 64), np.float32) + np.arange(64, dtype=np.float32) * 0.5, (1.0, 1.0, 1.0))
+    # noise: no form of it fits, compressed or not (a .nii.gz that fits only compressed is written: test_disk_room)
+    vol = Volume(np.random.default_rng(0).normal(0.0, 300.0, (8, 64, 64)).astype(np.float32), (1.0, 1.0, 1.0))
     for name in ("ct.nrrd", "ct.nii.gz", "ct.mha"):
         with pytest.raises(OutputError, match=r"the disk holding .*small disk is full \(.* free; the file needs "
                            r"up to 128\.0 KiB\): free some space there or write to another folder"):

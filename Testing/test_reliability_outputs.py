@@ -263,7 +263,7 @@ def _(d: Path, s: Shared) -> Case:
     out = d / "scores.json"
     return Case(["evaluate-xray", "--reference", str(s.thin), "--num-stages", "1", "--methods", "model,mean-ct",
                  "--progress", "none", "--json", str(out), *with_weights(s.xray_overflow)], 1,
-                "evaluate-xray: method model (stage 1) scored NaN", [s.thin], [out])  # fmt: skip
+                "evaluate-xray: method model (stage 1) returned 4,096 NaN voxel(s) of 4,096", [s.thin], [out])  # fmt: skip
 
 
 # --- 3. an output over an input, whatever --overwrite says (exit 4)

@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
 
 def refuse_several_volumes(path: str) -> None:
     """This module takes one volume per run (as Slicer runs a CLI module: once per volume); a list file or a folder
-    of volume files holding no DICOM series is refused before any work, pointing to the command that takes a whole
+    holding volume files (with or without a DICOM series beside them) is refused before any work, pointing to the command that takes a whole
     folder or list, and a text file that is no list is named as such.
 
     Raises:
@@ -279,7 +279,7 @@ def refuse_several_volumes(path: str) -> None:
     if not p.is_dir():
         return
     volumes, dicom = [], False
-    for root, dirs, files in os.walk(p):
+    for root, dirs, files in os.walk(p):  # every file: volume files beside a series make the folder a batch too
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             f = Path(root) / name
@@ -287,16 +287,15 @@ def refuse_several_volumes(path: str) -> None:
                 continue
             if is_volume_file(f):
                 volumes.append(f)
-            elif is_dicom_file(f):
+            elif not dicom and is_dicom_file(f):
                 dicom = True
-                break
-        if dicom:
-            return  # a DICOM series (or a patient's folder of them): read as one volume, its CT series
     if volumes:
+        beside = " and a DICOM series" if dicom else " without a DICOM series"
         raise InputError(
-            f"{p} is a folder of {len(volumes)} volume file(s) without a DICOM series, and {one}: give one of them "
+            f"{p} is a folder of {len(volumes)} volume file(s){beside}, and {one}: give one of them "
             f"(e.g. {volumes[0]}), or run `{command}` to super-resolve every volume in the folder into OUT_FOLDER."
         )
+    # else a DICOM series (or a patient's folder of them): read as one volume, its CT series
 
 
 def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:

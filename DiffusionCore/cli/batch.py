@@ -2,11 +2,15 @@
 checks before any work, the batch's progress bar, its log, ``--report`` and exit code, and the loop that goes on past an
 input that fails.
 
-A batch goes on past an input that fails (unreadable, refused, over the memory budget, not writable), names it in
-the closing lines and the ``--report``, and exits 7 when others were written; a full disk stops it. The report is
-written whatever happens (also on SIGTERM / Ctrl-C), and ``--skip-existing`` continues a batch: the names are a
-function of the batch's inputs alone (:func:`batch_output_names`). Under ``torchrun`` the processes join a Gloo group
-only to agree, once all have finished their shares, on the batch's outcome and exit code (:class:`ProcessGroup`).
+A batch goes on past an input that fails (unreadable, refused, over the memory budget, not writable, an output too
+large for the space left), names it in the closing lines and the ``--report``, and exits 7 when others were written; a
+full disk stops it (:func:`disk_left_full`). An input that is not for the command (:func:`not_for_this_tool`) and a
+series of a patient folder that is not the one used are passed over, listed apart, not failed. The report is written
+whatever happens (also on SIGTERM / Ctrl-C), and ``--skip-existing`` continues a batch: the names are a function of the
+batch's inputs alone (:func:`batch_output_names`), but an input whose output exists keeps its name. A batch holds its
+output folder while it runs (:func:`claim_batch_folder`): a second batch into it is refused. Under ``torchrun`` the
+processes join a Gloo group only to agree, once all have finished their shares, on the batch's outcome and exit code
+(:class:`ProcessGroup`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,14 @@ from ..errors import (
     PartialBatchError,
     ResourceError,
 )
-from ..files import check_writable_file, write_json_atomic
+from ..files import (
+    check_writable_file,
+    format_bytes,
+    gzip_ends_with_size,
+    publish_journal,
+    still_published,
+    write_json_atomic,
+)
 from ..results import check_result_output, planned_files, wants_dicom
 from ..volume import WRITABLE_SUFFIXES, check_output_path, split_volume_suffix
 from .common import Progress, is_out_of_memory, one_line, sigterm_cancels
@@ -106,19 +117,24 @@ def _stem_key(name: str) -> str:
     return split_volume_suffix(name)[0].casefold()
 
 
-def batch_output_names(sources: list[Path]) -> list[str]:
-    """Output file names for a batch, a function of the inputs alone (the same inputs give the same names).
+def batch_output_names(sources: list[Path], kept: dict[int, str] | None = None) -> list[str]:
+    """Output file names for a batch, a function of the inputs alone (the same inputs give the same names), but for
+    ``kept``: input index -> the name its existing output has (:func:`existing_names`), which it keeps.
 
     Each input's own name (a DICOM folder ``s`` -> ``s.nii.gz``, ``.mhd`` -> ``.mha``, ``.nhdr`` -> ``.nrrd``). Inputs
     whose names have one stem (any case) get, first, the folders they lie in relative to the folder those inputs
     share, joined with ``_`` (``sub1/case`` + ``sub2/case`` -> ``sub1_case``, ``sub2_case``); those of one folder then
     keep their suffix (``x.nii`` + ``x.nii.gz`` -> ``x_nii.nii``, ``x_nii_gz.nii.gz``; a DICOM folder ``s`` beside
     ``s.nii.gz`` -> ``s_dicom.nii.gz``, ``s_nii_gz.nii.gz``). Names longer than :data:`MAX_NAME_BYTES` are cut
-    (:func:`short_name`).
+    (:func:`short_name`). Names that still clash get ``~`` and 8 hex digits of the sha1 of the input's absolute path
+    (``a.png`` beside ``a_png.png``; names that differ only in case). An input whose output exists (``kept``, found by
+    the provenance of the outputs in the folder) keeps that output's name, whatever the names of inputs added since
+    would give it; an input whose name then clashes with a kept one gets the hash.
 
     Raises:
         InputError: two inputs would still get one name (the same file given twice); the message names them.
     """
+    kept = kept or {}
     names = [output_name(s) for s in sources]
     folders = [Path(os.path.abspath(s)).parent for s in sources]
 
@@ -143,6 +159,15 @@ def batch_output_names(sources: list[Path]) -> list[str]:
             stem, suffix = split_volume_suffix(names[i])
             names[i] = f"{stem}~{hashlib.sha1(os.fsencode(os.path.abspath(sources[i]))).hexdigest()[:8]}{suffix}"
     names = [short_name(n) for n in names]
+    if kept:  # outputs made before keep their names; a new input named as one of them takes the hash
+        taken = {_stem_key(n) for n in kept.values()}
+        for i, n in enumerate(names):
+            if i in kept:
+                names[i] = kept[i]
+            elif _stem_key(n) in taken:
+                stem, suffix = split_volume_suffix(n)
+                names[i] = short_name(f"{stem}~{hashlib.sha1(os.fsencode(os.path.abspath(sources[i]))).hexdigest()[:8]}"
+                                      f"{suffix}")  # fmt: skip
     left = clashing(names)
     if left:
         pairs = "; ".join(" and ".join(str(sources[i]) for i in g) + f" (both {names[g[0]]})" for g in left)
@@ -205,9 +230,43 @@ def batch_jobs(sources: list[Path], out: Path, as_dicom: bool, noun: str = "volu
     sources, twice = distinct_sources(sources)
     refuse_file_name_for_batch(out, "output", len(sources), noun)
     refuse_file_name_for_batch(uncertainty, "--uncertainty", len(sources), noun)
+    names = batch_output_names(sources, existing_names(sources, out, as_dicom))
     jobs = [Job(s, out / (series_folder_name(n) if as_dicom else n), uncertainty / n if uncertainty else None, as_dicom)
-            for s, n in zip(sources, batch_output_names(sources))]  # fmt: skip
+            for s, n in zip(sources, names)]  # fmt: skip
     return jobs, twice
+
+
+def existing_names(sources: list[Path], folder: Path, as_dicom: bool) -> dict[int, str]:
+    """Input index -> the name of the output in ``folder`` whose provenance records that very input file (not only
+    its name: an input folder moved since is matched by :func:`_same_input` later), for the inputs that have one
+    output there: a batch continued after inputs were added keeps the names of what it made before (the new names
+    would redo those inputs beside their old outputs). Empty when the folder does not exist yet."""
+    if not folder.is_dir():
+        return {}
+    real = {}
+    for i, s in enumerate(sources):
+        with contextlib.suppress(OSError):
+            real[os.path.realpath(s)] = i
+    found: dict[int, list[str]] = defaultdict(list)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return {}
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            if as_dicom != entry.is_dir() or (not as_dicom and not split_volume_suffix(entry.name)[1]):
+                continue
+            recorded = _recorded(Path(entry.path), as_dicom)
+        except OSError:
+            continue
+        made_from = recorded.input if recorded is not None else ""
+        if made_from and os.path.isabs(made_from) and os.path.lexists(made_from):
+            i = real.get(os.path.realpath(made_from))
+            if i is not None:
+                found[i].append(entry.name + _DEFAULT_OUTPUT_SUFFIX if as_dicom else entry.name)
+    return {i: names[0] for i, names in found.items() if len(names) == 1}
 
 
 def named_twice_jobs(twice: list[tuple[Path, Path]], jobs: list[Job], as_dicom: bool) -> list[Job]:
@@ -219,7 +278,8 @@ def named_twice_jobs(twice: list[tuple[Path, Path]], jobs: list[Job], as_dicom: 
 
 
 def check_batch_folder(folder: Path, what: str) -> bool:
-    """Make sure a batch's output folder exists and is writable; True when this call created it."""
+    """Make sure a batch's output folder exists and is writable; True when this call created it. The output folder
+    (``what`` "output") is then claimed for the run (:func:`claim_batch_folder`)."""
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder} is a file; for a batch the {what} must be a folder.")
     created = not folder.exists()
@@ -232,7 +292,82 @@ def check_batch_folder(folder: Path, what: str) -> bool:
             raise OutputError(f"cannot create the {what} folder {folder}: {exc.strerror or exc}") from None
     if not os.access(folder, os.W_OK):
         raise OutputError(f"the {what} folder {folder} is not writable; choose another.")
+    if what == "output":
+        try:
+            claim_batch_folder(folder)
+        except BaseException:
+            if created:
+                remove_if_empty([folder])
+            raise
     return created
+
+
+#: The lock file a batch holds in its output folder while it runs (hidden: batch searches pass over hidden files).
+BATCH_LOCK_FILE = ".diffusioncore-batch.lock"
+#: The output folders this process's batches hold (their absolute paths -> the lock).
+_CLAIMS: dict[str, Any] = {}
+_RELEASED_AT_EXIT = False
+
+
+def _batch_lock(path: Path) -> Any:
+    """The lock primitive of ``train``'s output folder (:class:`~DiffusionCore.train.outdir._Lock`: created with
+    ``O_EXCL``, holding pid, host and start time; a lock whose process is gone is taken over), saying a batch's
+    refusal."""
+    from ..train.outdir import _Lock
+
+    class BatchLock(_Lock):
+        def after_dead_holder(self) -> str:
+            return ("the outputs it finished are kept; run its command again with --skip-existing to do the ones "
+                    "it left")  # fmt: skip
+
+        def in_use_error(self, where: str, tail: str) -> OutputError:
+            out = self.path.parent
+            return OutputError(f"{out} is the output folder of another batch that is running ({where}, lock file "
+                               f"{self.path}): two batches into one folder would write the same outputs; wait for it "
+                               "to end and then run this command with --skip-existing to do what it left, or give "
+                               f"another output folder{tail}")  # fmt: skip
+
+    return BatchLock(path)
+
+
+def claim_batch_folder(folder: Path) -> None:
+    """Hold a batch's output folder for the run: one batch per folder at a time. Two batches into one folder (the same
+    command started twice, a second batch over a first one still running) would both write each output, one failing to
+    publish what the other wrote, and both doing the work. The second is refused at once, naming the process that
+    holds the folder; a lock left by a run killed outright (``kill -9``) is taken over, with a warning. Released by
+    :func:`release_batch_folders` when the run ends (:func:`run_batch`, :func:`plan_or_refuse` on a refusal; at exit
+    in any case). Under ``torchrun`` only the first process (``RANK`` 0) claims it: the others write their shares into
+    the same folder. A folder this process holds already (a plan made again before its run) is not claimed twice.
+
+    Raises:
+        OutputError: another batch that is running holds the folder (exit code 4).
+    """
+    from ..devices import env_int
+
+    key = os.path.abspath(folder)
+    if env_int("RANK", 0) != 0 or key in _CLAIMS:
+        return
+    lock = _batch_lock(Path(folder) / BATCH_LOCK_FILE)
+    from ..train.outdir import acquire_folder_lock
+
+    acquire_folder_lock(lock, folder, "a writable one")
+    global _RELEASED_AT_EXIT
+    if not _RELEASED_AT_EXIT:  # released at exit too, however the run ends (but kill -9)
+        import atexit
+
+        atexit.register(release_batch_folders)
+        _RELEASED_AT_EXIT = True
+    _CLAIMS[key] = lock
+
+
+def release_batch_folders(folders: list[Path] | None = None) -> None:
+    """Release the claims (:func:`claim_batch_folder`) this process holds on ``folders`` (default: all of them)."""
+    keys = list(_CLAIMS) if folders is None else [os.path.abspath(f) for f in folders]
+    for key in keys:
+        lock = _CLAIMS.pop(key, None)
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                lock.release()
 
 
 def refuse_file_name_for_batch(folder: Path | None, what: str, count: int, noun: str = "volume") -> None:
@@ -280,6 +415,8 @@ class KeptCheck:
 
     weights_sha256: str | None
     settings: dict[str, tuple[str, Any]]
+    #: the voxel type of the output files (--output-dtype), read from an existing file's header; None: not compared
+    output_dtype: str | None = None
 
 
 def _setting_text(value: Any) -> str:
@@ -343,6 +480,18 @@ def existing_output(job: Job, kept: KeptCheck | None = None) -> str | None:
         missing = ", ".join(str(f) for f in files if f not in there)
         raise OutputExistsError(there[0], f"exists without {missing}, so it is not an output this command finished",
                                 "move it away, or pass --overwrite to replace it")  # fmt: skip
+    dtype = None
+    for f in [] if job.as_dicom else [f for f in files if split_volume_suffix(f.name)[1]]:
+        found, damaged = volume_file_state(f)
+        if damaged:
+            others = ", ".join(str(o) for o in files if o != f)
+            raise OutputExistsError(
+                f, f"exists but is not whole: {damaged}; the batch wrote it whole, so it was damaged since (an "
+                "interrupted copy or sync, a bad disk)",
+                f"delete it{' and ' + others if others else ''} so that --skip-existing redoes it, or pass "
+                "--overwrite to redo every input")  # fmt: skip
+        if f == job.output:
+            dtype = found
     recorded = _recorded(job.output, job.as_dicom)
     made_from = recorded.input if recorded is not None and recorded.input else None
     if made_from is not None and not _same_input(made_from, job.source):
@@ -352,7 +501,12 @@ def existing_output(job: Job, kept: KeptCheck | None = None) -> str | None:
             "changed them, so the files there do not belong to these inputs",
             "write the batch into a new output folder, or pass --overwrite to redo every input")  # fmt: skip
     if recorded is not None and kept is not None:
-        differ = settings_differences(recorded.settings, kept.settings)
+        planned = dict(kept.settings)
+        if not str(recorded.settings.get("device") or "cpu").startswith("cpu"):
+            planned.pop("torch_threads", None)  # the CPU thread count shapes a result made on the CPU only
+        differ = settings_differences(recorded.settings, planned)
+        if kept.output_dtype and dtype and dtype != kept.output_dtype:
+            differ.append(f"--output-dtype: {dtype} (this run: {kept.output_dtype})")
         sha = recorded.weights_sha256.lower()
         if kept.weights_sha256 and sha and not kept.weights_sha256.startswith(sha):  # a NIfTI without sidecar: a prefix
             differ.insert(0, f"weights {recorded.weights or sha[:12]} (sha256 {sha[:12]}...; this run's: "
@@ -392,7 +546,11 @@ def _same_input(recorded: str, source: Path) -> bool:
 
 def check_outputs(jobs: list[Job], args: argparse.Namespace, batch: bool, kept: KeptCheck | None = None) -> None:
     """Check before any work that each job's outputs can be written; with --skip-existing, mark the done ones (made
-    from the same input, and with what ``kept`` says this run would use)."""
+    from the same input, and with what ``kept`` says this run would use; to it are added the settings of ``args``
+    the commands share: torch's thread count, which the output depends on (--threads, recorded as
+    ``torch_threads``), and the voxel type of the files (--output-dtype))."""
+    if kept is not None:
+        kept = _with_shared_settings(kept, args)
     for job in jobs:
         if job.skip is not None:
             continue
@@ -408,8 +566,133 @@ def check_outputs(jobs: list[Job], args: argparse.Namespace, batch: bool, kept: 
             raise exc.advising(BATCH_EXISTS_ADVICE) if batch else exc from None
 
 
+def _with_shared_settings(kept: KeptCheck, args: argparse.Namespace) -> KeptCheck:
+    """``kept`` with the thread count this run uses (``--threads``, set before the plan; 0: torch's default, as the
+    provenance records it) and ``--output-dtype``, where the command has them."""
+    import dataclasses
+
+    settings = dict(kept.settings)
+    if getattr(args, "threads", None) is not None and "torch_threads" not in settings:
+        import torch
+
+        settings["torch_threads"] = ("--threads", int(torch.get_num_threads()))
+    dtype = kept.output_dtype or getattr(args, "output_dtype", None)
+    return dataclasses.replace(kept, settings=settings, output_dtype=dtype)
+
+
+#: Bytes per voxel of the voxel types of NIfTI (``datatype`` code), NRRD (``type``) and MetaImage (``ElementType``),
+#: with the name --output-dtype gives them.
+_NIFTI_TYPES = {2: ("uint8", 1), 4: ("int16", 2), 8: ("int32", 4), 16: ("float32", 4), 64: ("float64", 8),
+                256: ("int8", 1), 512: ("uint16", 2), 768: ("uint32", 4)}  # fmt: skip
+_NRRD_TYPES = {**{t: ("int16", 2) for t in ("short", "short int", "signed short", "signed short int", "int16",
+                                            "int16_t")},
+               **{t: ("uint16", 2) for t in ("ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t")},
+               **{t: ("int8", 1) for t in ("signed char", "int8", "int8_t")},
+               **{t: ("uint8", 1) for t in ("uchar", "unsigned char", "uint8", "uint8_t")},
+               **{t: ("int32", 4) for t in ("int", "signed int", "int32", "int32_t")},
+               **{t: ("uint32", 4) for t in ("uint", "unsigned int", "uint32", "uint32_t")},
+               "float": ("float32", 4), "double": ("float64", 8)}  # fmt: skip
+_MET_TYPES = {"MET_CHAR": ("int8", 1), "MET_UCHAR": ("uint8", 1), "MET_SHORT": ("int16", 2),
+              "MET_USHORT": ("uint16", 2), "MET_INT": ("int32", 4), "MET_UINT": ("uint32", 4),
+              "MET_FLOAT": ("float32", 4), "MET_DOUBLE": ("float64", 8)}  # fmt: skip
+
+
+def volume_file_state(path: Path) -> tuple[str | None, str | None]:
+    """``(voxel type, what is wrong)`` of an existing volume file (NIfTI-1, NRRD, MetaImage; the voxel type as
+    --output-dtype names it, None where not told), from its header and its size alone: what is wrong is None when the
+    file is as long as its header says (a plain file's size; a gzip stream's trailer, whose uncompressed size must be
+    the header's), else why not.
+
+    Cheap on purpose: ``--skip-existing`` looks at every output of a batch of hundreds before any work. A ``.nii.gz``
+    cut short ends with compressed bytes where its trailer should be, so the trailer's size tells it (a wrong match has
+    a chance of 1 in 2**32); its CRC-32, which only inflating the whole file checks, is not read: that would find a
+    flipped byte inside a whole-length file (a bad disk), which a cut-short copy is not, at the cost of reading every
+    output again. A zlib-compressed MetaImage records its compressed size, which the file must hold. Formats and
+    encodings not known here (a detached data file, NIfTI-2) are taken as they are."""
+    import gzip
+    import math
+    import struct
+
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            gz = name.endswith(".gz")
+            with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+                head = f.read(352)
+            if len(head) < 348:
+                return None, f"it ends inside its header ({len(head)} bytes of 348)"
+            order = "<" if struct.unpack("<i", head[:4])[0] == 348 else ">"
+            if struct.unpack(order + "i", head[:4])[0] != 348:
+                return None, None  # not NIfTI-1 (NIfTI-2): taken as it is
+            dims = struct.unpack(order + "8h", head[40:56])
+            code = struct.unpack(order + "h", head[70:72])[0]
+            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            dtype = _NIFTI_TYPES.get(code, (None, 0))[0]
+            if not 1 <= dims[0] <= 7:
+                return dtype, f"its header is damaged (dim[0] = {dims[0]})"
+            expected = max(offset, 352) + math.prod(max(0, d) for d in dims[1 : dims[0] + 1]) * bitpix // 8
+            if gz:
+                whole = gzip_ends_with_size(path, 0, expected)
+            else:
+                whole = path.stat().st_size >= expected
+            if not whole:
+                return dtype, (f"it is shorter than its header says ({format_bytes(expected)} of header and voxels"
+                               f"{' uncompressed' if gz else ''})")  # fmt: skip
+            return dtype, None
+        if name.endswith((".nrrd", ".mha")):
+            with open(path, "rb") as f:
+                head = f.read(1 << 16)
+            nrrd = name.endswith(".nrrd")
+            fields: dict[str, str] = {}
+            offset = 0
+            for raw in head.split(b"\n"):
+                offset += len(raw) + 1
+                line = raw.decode("latin-1").strip()
+                if nrrd and not line and offset > 1:
+                    break
+                key, sep, value = line.partition(":" if nrrd else "=")
+                if sep and not line.startswith("#"):
+                    fields.setdefault(key.strip().lower(), value.strip().lstrip("=").strip())
+                if not nrrd and key.strip().lower() == "elementdatafile":
+                    break
+            else:
+                return None, "it ends inside its header"
+            if nrrd:
+                dtype, size = _NRRD_TYPES.get(fields.get("type", "").lower(), (None, 0))
+                sizes = fields.get("sizes", "").split()
+                if "data file" in fields or "datafile" in fields or not size or not sizes:
+                    return dtype, None
+                voxels = math.prod(int(v) for v in sizes) * size
+                encoding = fields.get("encoding", "raw").lower()
+                if encoding == "raw":
+                    whole = path.stat().st_size >= offset + voxels
+                elif encoding in ("gzip", "gz"):
+                    whole = gzip_ends_with_size(path, offset, voxels)
+                else:
+                    return dtype, None
+            else:
+                dtype, size = _MET_TYPES.get(fields.get("elementtype", "").upper(), (None, 0))
+                dims = fields.get("dimsize", "").split()
+                if fields.get("elementdatafile", "").upper() != "LOCAL" or not size or not dims:
+                    return dtype, None
+                channels = int(fields.get("elementnumberofchannels", "1") or 1)
+                if fields.get("compresseddata", "false").lower() == "true":
+                    compressed = fields.get("compresseddatasize")
+                    whole = compressed is None or path.stat().st_size >= offset + int(compressed)
+                else:
+                    whole = path.stat().st_size >= offset + math.prod(int(v) for v in dims) * size * channels
+            if not whole:
+                return dtype, "it is shorter than its header says"
+            return dtype, None
+    except (OSError, EOFError, ValueError, struct.error, gzip.BadGzipFile) as exc:
+        return None, f"its header cannot be read ({one_line(str(exc), 120)})"
+    return None, None
+
+
 def remove_if_empty(folders: list[Path]) -> None:
-    """Remove the folders a run created, those that are still empty."""
+    """Remove the folders a run created, those that are still empty (the run's claim on them released first)."""
+    release_batch_folders(folders)
     for folder in folders:
         with contextlib.suppress(OSError):
             folder.rmdir()  # only when empty
@@ -498,6 +781,118 @@ def volume_failure(exc: BaseException) -> bool:
 
 def failure_code(exc: BaseException) -> int:
     return exc.exit_code if isinstance(exc, DiffusionCoreError) else 5  # MemoryError, torch's out of memory
+
+
+def not_for_this_tool(exc: BaseException) -> bool:
+    """Whether an input's refusal says it is not for this command rather than broken: an isotropic volume (nothing to
+    super-resolve), a 2D image or a single slice, a colour or 4D image, intensities that are not CT. A batch passes such
+    an input over (listed apart, not failed; exit 7 is kept for real failures): run again, it would be refused again.
+    The refusals say so themselves (:func:`DiffusionCore.errors.not_for_this_tool` marks them where they are raised)."""
+    return bool(getattr(exc, "not_for_this_tool", False))
+
+
+def series_passed_over(job: Job, log: BatchLog) -> None:
+    """After a DICOM folder's volume was written: the other series of that folder (the reader takes the CT series, the
+    largest where there are several, with one warning line) go into the report's ``passed_over`` and the closing count,
+    each with why, so that a batch of hundreds does not lose a series in one line of its log."""
+    if not job.source.is_dir() or not log.reports:
+        return
+    chosen = str((log.reports[-1].get("provenance") or {}).get("input_uid") or "")
+    if not chosen:
+        return
+    try:
+        others = _other_series(job.source, chosen)
+    except Exception as exc:  # noqa: BLE001 - a report's detail: the volume was written
+        logger.debug("could not list the series of %s: %s", job.source, exc)
+        return
+    if not others:
+        return
+    used = next((label for uid, label in others if uid == chosen), chosen)
+    for uid, label in others:
+        if uid == chosen:
+            continue
+        why = (f"{job.source} holds several series and {used} was used; this one, {label}, was not: put it in a "
+               "folder of its own to super-resolve it")  # fmt: skip
+        log.passed_over.append({log.noun: str(job.source), "series": label, "series_uid": uid, "why": why})
+
+
+def _other_series(folder: Path, chosen: str) -> list[tuple[str, str]]:
+    """``(uid, label)`` of each DICOM series in ``folder`` and the folders below it (as the reader searches it),
+    ``chosen`` among them; empty when it holds one series."""
+    import SimpleITK as sitk
+
+    from ..dicom_in import describe_series
+
+    series: dict[str, list[str]] = {}
+    for d in [folder] + sorted(p for p in folder.rglob("*") if p.is_dir()):
+        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)) or ():
+            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), uid))
+            if len(files) > len(series.get(uid, [])):
+                series[uid] = files
+    if len(series) < 2 or chosen not in series:
+        return []
+    return [(uid, describe_series(uid, files).label) for uid, files in series.items()]
+
+
+def free_bytes(folder: Path) -> int | None:
+    """The space left to this user on the disk holding ``folder``, or None where it cannot be told."""
+    import shutil
+
+    try:
+        return int(shutil.disk_usage(folder).free)
+    except (OSError, ValueError):
+        return None
+
+
+#: The room below which a disk counts as full when the batch has no output of its own to measure the next one by.
+MIN_ROOM_BYTES = 1 << 20
+
+
+def _output_bytes(job: Job) -> int:
+    """The room writing ``job``'s outputs took at its peak, from the finished files: their sizes (a DICOM series
+    folder's files summed), and for a ``.nii.gz`` also its uncompressed size (its gzip trailer's), since the writer
+    writes the plain ``.nii`` first and compresses it beside it."""
+    total = 0
+    paths = [job.output] if job.as_dicom else planned_files(job.output, False)
+    if job.uncertainty is not None:
+        paths += planned_files(job.uncertainty, False)
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if path.is_dir():
+                total += sum(f.stat().st_size for f in path.iterdir())
+                continue
+            total += path.stat().st_size
+            if path.name.lower().endswith(".nii.gz"):
+                with open(path, "rb") as f:
+                    f.seek(-4, os.SEEK_END)
+                    total += int.from_bytes(f.read(4), "little")
+    return total
+
+
+def disk_left_full(folder: Path, log: BatchLog) -> str | None:
+    """After an output did not fit on its disk (the writer removed its temporary files): why the batch stops, or None
+    when it goes on.
+
+    One output that does not fit is that volume's failure while smaller ones may still fit: in a batch of mixed sizes
+    one large scan must not cost the rest of the night. The next outputs' sizes are known only once their volumes are
+    read and run, so the smallest output this batch has made (written now or kept from an earlier run) stands for the
+    smallest the others can need, with the room its writing took (:func:`_output_bytes`: a ``.nii.gz`` twice over,
+    about): the batch stops when the space left is less than that, or, with no output made yet, less than
+    :data:`MIN_ROOM_BYTES` (1 MiB); also when the free space cannot be told (as before)."""
+    free = free_bytes(folder)
+    if free is None:
+        return "the free space could not be measured"
+    outputs = {str(e.get("output")) for e in log.reports}
+    made = [_output_bytes(job) for job in log.jobs
+            if str(job.output) in outputs or (job.skip or "").endswith(SKIP_EXISTING_NOTE)]  # fmt: skip
+    made = [n for n in made if n > 0]
+    need = min(made) if made else MIN_ROOM_BYTES
+    if free >= need:
+        logger.info("%s free on the disk of %s: enough for writing an output of the smallest this batch made (%s), so "
+                    "the batch goes on", format_bytes(free), folder, format_bytes(need))  # fmt: skip
+        return None
+    smallest = f"writing the smallest output this batch made needs ({format_bytes(need)})" if made else format_bytes(need)
+    return f"{format_bytes(free)} free on the disk of {folder}, less than {smallest}"
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -634,6 +1029,17 @@ class BatchLog:
         self.failed.append({self.noun: str(job.source), "why": why})
         self.failed_codes.append(failure_code(exc))
 
+    def pass_over(self, job: Job, exc: BaseException) -> None:
+        """``job``'s input is not for this command (:func:`not_for_this_tool`): listed as passed over, not failed."""
+        self.passed_over.append({self.noun: str(job.source), "why": str(exc)})
+        logger.warning("passed over: %s", named_line(job.source, str(exc)))
+
+    @property
+    def passed(self) -> list[dict[str, Any]]:
+        """The inputs this run passed over (:meth:`pass_over`, :func:`series_passed_over`), not what the search of
+        INPUT left out (files that are no inputs, counted per folder)."""
+        return [item for item in self.passed_over if self.noun in item]
+
     def stop(self, why: str, after: int) -> None:
         """The batch stops before job ``after``: the rest are not tried."""
         self.stopped = why
@@ -648,6 +1054,7 @@ class BatchLog:
                 "stopped": self.stopped, "passed_over": self.passed_over,
                 "summary": {many: len(self.jobs), "written": len(self.reports), "failed": len(self.failed),
                             "skipped": len(self.skipped), "not_tried": len(self.not_tried),
+                            "passed_over": len(self.passed),
                             "output": str(self.folder) if self.folder else None,
                             "seconds": round(time.perf_counter() - self.started, 3)}}  # fmt: skip
 
@@ -665,12 +1072,12 @@ class BatchLog:
         return sum(item["why"].endswith(SKIP_EXISTING_NOTE) for item in self.skipped)
 
     def counts(self) -> list[int]:
-        """written, failed, skipped, not tried, stopped, the share's volumes, kept, and the failures per
+        """written, failed, skipped, not tried, stopped, the share's volumes, kept, passed over, and the failures per
         FAILURE_CODES."""
         per_code = [sum(c == code for c in self.failed_codes) for code in FAILURE_CODES]
         per_code[FAILURE_CODES.index(2)] += sum(c not in FAILURE_CODES for c in self.failed_codes)
         return [len(self.reports), len(self.failed), len(self.skipped), len(self.not_tried), int(bool(self.stopped)),
-                len(self.jobs), self.kept, *per_code]  # fmt: skip
+                len(self.jobs), self.kept, len(self.passed), *per_code]  # fmt: skip
 
     def tell(self, who: str) -> None:
         """The closing lines of this process's share: one line of counts, then each failure on its own line."""
@@ -684,9 +1091,13 @@ class BatchLog:
             line += f"; {len(self.skipped)} skipped ({', '.join(kinds)})"
         if self.not_tried:
             line += f"; {len(self.not_tried)} not tried"
+        if self.passed:
+            line += f"; {len(self.passed)} passed over, listed below"
         if self.failed:
             line += f"; {len(self.failed)} failed, listed below"
         logger.info("%s", line)
+        for item in self.passed:
+            logger.info("passed over: %s", named_line(item[self.noun], item["why"]))
         for item in self.failed:
             logger.warning("failed: %s", named_line(item[self.noun], item["why"]))
 
@@ -728,28 +1139,23 @@ def earlier_entries(report_path: Path | None, noun: str) -> dict[str, dict[str, 
     return {str(e["output"]): e for e in entries if isinstance(e, dict) and e.get("output")}
 
 
-def _identity_if_there(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
 @contextlib.contextmanager
 def all_or_none(files: list[Path]) -> Iterator[None]:
     """The ``files`` an input's outputs are (a result, its provenance sidecar, its uncertainty map or stage files) that
     the block writes are removed again when it fails: a result without the rest is no finished output, which
-    ``--skip-existing`` would keep. Files that were there before and were not replaced are left."""
-    before = {f: _identity_if_there(f) for f in files}
-    try:
-        yield
-    except BaseException:
-        for f, ident in before.items():
-            if _identity_if_there(f) not in (None, ident):
-                with contextlib.suppress(OSError):
-                    os.unlink(f)
-        raise
+    ``--skip-existing`` would keep. Only what this block itself put in place (:func:`~DiffusionCore.files.publish`,
+    recorded in this thread's :func:`~DiffusionCore.files.publish_journal`) and is still that file is removed: a file
+    that was there before, or that another process wrote at that name during the block (the reason the block failed,
+    ``OutputExistsError``), is left."""
+    with publish_journal() as journal:
+        try:
+            yield
+        except BaseException:
+            for f in files:
+                if still_published(journal, f):
+                    with contextlib.suppress(OSError):
+                        os.unlink(f)
+            raise
 
 
 def plan_or_refuse(plan_jobs: Callable[[argparse.Namespace, DistInfo], Plan], args: argparse.Namespace,
@@ -768,9 +1174,11 @@ def plan_or_refuse(plan_jobs: Callable[[argparse.Namespace, DistInfo], Plan], ar
     code = 0 if error is None else error.exit_code if isinstance(error, DiffusionCoreError) else 1
     worst = group.reduce([code], "max")[0]
     if error is not None:
+        release_batch_folders()
         group.leave()
         raise error
     if worst:
+        release_batch_folders()
         group.leave()
         remove_if_empty(plan.created)
         refused = DiffusionCoreError("another process of this torchrun launch refused the run before any work; "
@@ -804,6 +1212,7 @@ def run_one(command: str, make_one: OneRunner, plan: Plan, report_path: Path | N
                     done(job, entry)
         finally:
             sink.close()
+            release_batch_folders()
     return 0
 
 
@@ -815,8 +1224,16 @@ def run_batch(command: str, make_one: OneRunner, plan: Plan, report_path: Path |
     who = f"process {info.rank} of {info.world_size}: " if info.world_size > 1 else ""
     if info.world_size > 1:
         logger.info("%s%d %s(s) on %s", who, len(plan.jobs), noun, info.device)
+    try:
+        return _run_batch(command, make_one, plan, report_path, info, group, progress_style, noun, who)
+    finally:
+        release_batch_folders()
+
+
+def _run_batch(command: str, make_one: OneRunner, plan: Plan, report_path: Path | None, info: DistInfo,
+               group: ProcessGroup, progress_style: str, noun: str, who: str) -> int:  # fmt: skip
     cancel = threading.Event()
-    log = BatchLog(plan.jobs, plan.folder, noun=noun, passed_over=plan.passed_over,
+    log = BatchLog(plan.jobs, plan.folder, noun=noun, passed_over=list(plan.passed_over),
                    earlier=earlier_entries(report_path, noun))  # fmt: skip
     sink = Progress(progress_style, desc=command)
     progress = BatchProgress(sink, len(plan.jobs), noun=noun)
@@ -840,12 +1257,23 @@ def run_batch(command: str, make_one: OneRunner, plan: Plan, report_path: Path |
                 except Exception as exc:
                     if not volume_failure(exc):
                         raise
+                    if not_for_this_tool(exc):
+                        log.pass_over(job, exc)
+                        progress.written()
+                        continue
+                    if isinstance(exc, OutputExistsError):  # written meanwhile by another program: the command's words
+                        exc = exc.advising("another program wrote it while this batch ran; move it away and run the "
+                                           "same command again with --skip-existing to redo it")  # fmt: skip
                     log.fail(job, exc)
                     if disk_full(exc):
-                        log.stop(f"the disk is full: {one_line(str(exc), 300)}", index + 1)
-                        logger.warning("stopping the batch: %s", named_line(job.source, str(exc)))
-                        break
+                        full = disk_left_full(plan.folder or job.output.parent, log)
+                        if full is not None:
+                            log.stop(f"the disk is full: {full}; {one_line(str(exc), 300)}", index + 1)
+                            logger.warning("stopping the batch: %s", named_line(job.source, str(exc)))
+                            break
                     logger.warning("failed, going on with the others: %s", named_line(job.source, str(exc)))
+                else:
+                    series_passed_over(job, log)
     except (Cancelled, KeyboardInterrupt) as exc:
         log.stop("the batch was stopped (a signal, Ctrl-C or Slicer's Cancel)", index)
         report_after(report_path, log.as_report())
@@ -893,8 +1321,8 @@ def batch_outcome(log: BatchLog, group: ProcessGroup, report_path: Path | None, 
     failed and others written; the failures' code (2 when they differ) when none was written; 4 stopped by a full
     disk. The error says it in one line; the closing lines above list the failures."""
     counts = group.reduce(log.counts())
-    written, failed, skipped, not_tried, stopped, total, kept = counts[:7]
-    per_code = dict(zip(FAILURE_CODES, counts[7:]))
+    written, failed, skipped, not_tried, stopped, total, kept, passed = counts[:8]
+    per_code = dict(zip(FAILURE_CODES, counts[8:]))
     several = info.world_size > 1 and group.joined
     if several and info.is_main:
         logger.info("all %d processes: %d of %d %s(s) written to %s", info.world_size, written, total, log.noun,
@@ -909,10 +1337,16 @@ def batch_outcome(log: BatchLog, group: ProcessGroup, report_path: Path | None, 
                           f"{written} written to {log.folder}, {failed} failed, {not_tried} not tried{see}: free "
                           "some space and run the same command again with --skip-existing to go on")  # fmt: skip
     if not failed:
+        if passed and written + kept == 0:  # nothing at all could be done
+            raise InputError(f"none of the {passed} {log.noun}s is for this command: each was passed over{see}, and "
+                             "nothing was written; give inputs it takes (or the options they need, such as --axis or "
+                             "--allow-non-ct, as each line says)")  # fmt: skip
         return 0
     if written + kept == 0:
         codes = [c for c, n in per_code.items() if n]
-        err: DiffusionCoreError = InputError(f"all {failed} {log.noun}s failed, nothing was written{see}")
+        what = (f"{failed} {log.noun}(s) failed and {passed} were passed over (not for this command)" if passed else
+                f"all {failed} {log.noun}s failed")  # fmt: skip
+        err: DiffusionCoreError = InputError(f"{what}, nothing was written{see}")
         err.exit_code = codes[0] if len(codes) == 1 else 2
         raise err
     before = f" ({kept} done before kept)" if kept else ""

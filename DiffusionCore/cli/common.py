@@ -361,6 +361,24 @@ def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def series_number_type(text: str) -> int:
+    """The argparse ``type`` of ``--series-number``: a whole number from 1 to
+    :data:`~DiffusionCore.dicom_out.SERIES_NUMBER_MAX` (DICOM's IS range), else exit 2 saying so."""
+    from ..dicom_out import SERIES_NUMBER_MAX
+
+    try:
+        return bounded_int(1, SERIES_NUMBER_MAX)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {SERIES_NUMBER_MAX}, the range of a DICOM "
+                                         f"SeriesNumber; got {text!r}") from None  # fmt: skip
+
+
+#: The help of --series-number (sr and xray2ct).
+SERIES_NUMBER_HELP = ("SeriesNumber of a DICOM output series, 1 to 2147483647 (default: the input's plus 1000, or the "
+                      "next number no series of the study in the input folder, in the folders beside OUTPUT or "
+                      "written before by this run has); in a batch every series gets it")
+
+
 #: The help of --threads (sr and xray2ct; evaluate says it of its figures).
 THREADS_HELP = ("CPU threads of torch (default 0: torch's default, from OMP_NUM_THREADS or the cores); the output "
                 "depends on it: the same seed, device and thread count give the same output; recorded in the "

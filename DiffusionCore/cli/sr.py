@@ -7,7 +7,9 @@ volumes are independent, and the processes join a Gloo group only to agree, once
 on the batch's outcome and exit code.
 
 A batch goes on past a volume that fails (unreadable, refused, over the memory budget, not writable), names it in
-the closing lines and the ``--report``, and exits 7 when others were written; a full disk stops it. The report is
+the closing lines and the ``--report``, and exits 7 when others were written; an input that is not for it (isotropic,
+2D, not CT) is passed over (listed apart, not a failure); an output the disk cannot take fails alone, and a disk too
+full for any more stops it. One batch at a time writes into an output folder (a lock). The report is
 written whatever happens (also on SIGTERM / Ctrl-C), and ``--skip-existing`` continues a batch: the names are a
 function of the batch's inputs alone (:func:`~.batch.batch_output_names`). What a batch does beyond running one volume
 is shared with ``xray2ct`` (:mod:`.batch`).
@@ -19,12 +21,14 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..degrade import plan_thin_grid
 from ..devices import DistInfo, process_info, shard_list
 from ..dicom_out import check_dicom_geometry
 from ..errors import (
@@ -41,6 +45,7 @@ from ..files import (
 from ..provenance import Provenance, synthetic_input_warning
 from ..results import (
     OUTPUT_FORMATS,
+    check_room_for_result,
     dicom_source_for,
     planned_files,
     planned_outputs,
@@ -77,6 +82,7 @@ from .batch import (
 )
 from .common import (
     MAX_SEED,
+    SERIES_NUMBER_HELP,
     THREADS_HELP,
     adapt_settings,
     add_adapt_arguments,
@@ -87,6 +93,7 @@ from .common import (
     finite_float,
     result_range,
     seed_number,
+    series_number_type,
     set_torch_threads,
 )
 
@@ -118,13 +125,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Batch names: each output is named after its input (a DICOM series folder S becomes S.nii.gz, a .mhd file "
         "a .mha, a .nhdr a .nrrd); inputs of the same name in different folders get their folders (from the folder they share) "
         "as a prefix joined with _ (sub1_case.nii.gz), inputs that differ only in their suffix keep it "
-        "(x_nii.nii, x_nii_gz.nii.gz), and a name over 200 bytes is cut and ends in ~ and a hash of the full name. "
+        "(x_nii.nii, x_nii_gz.nii.gz), and a name over 200 bytes is cut and ends in ~ and a hash of the full name; a later input whose name "
+        "would clash with an output already made gets such a ~hash name, and the earlier output keeps its own. "
         "The same INPUT gives the same names, so the same command with --skip-existing continues a batch. One file "
         "named twice (a link, a path through ..) is done once. A volume that fails is named and the batch goes on; "
-        "a full disk stops it; a closing line counts what was written. Exit codes: 0 every volume written (or "
-        "skipped), 7 some failed and the others were written, 2 (or the failures' own code) none written, 4 an "
-        "output that cannot be written (refused before any work) or a full disk (the batch stops), 130 cancelled "
-        "(the outputs finished before are kept).",
+        "an input not for this command (isotropic, 2D, not CT) is passed over; an output the disk cannot take fails "
+        "alone, and a disk too full for any more stops the batch; a closing line counts what was written. One batch "
+        "at a time writes into an OUTPUT folder. Exit codes: 0 every volume written (or skipped or passed over), 7 "
+        "some failed and the others were written, 2 (or the failures' own code) none written, or every input passed "
+        "over, 4 an output that cannot be written (refused before any work), a folder another batch is writing into, "
+        "or a full disk (the batch stops), 130 cancelled (the outputs finished before are kept).",
     )
     p.add_argument("input", metavar="INPUT", help="volume file, DICOM series folder, folder of volumes, list file, or a CT sample name (chest-dx)")
     p.add_argument("output", metavar="OUTPUT", help="output volume (.nii.gz, .nii, .nrrd, .mha), or a folder (batch)")
@@ -144,7 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--use-patches", action="store_true", help="use --patch-size/--overlap (patches are always used for volumes larger than one patch; default 32x256x256, overlap 8x64x64)")
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="patch size on the thin grid (D along the thick axis); smaller when memory is short")
     p.add_argument("--overlap", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="overlap between patches")
-    p.add_argument("--memory-limit", default=None, metavar="SIZE", help="cap on the working memory the run plans, e.g. 4GiB (default: $DIFFUSIONCORE_MEMORY_LIMIT, else the free memory): the volumes and patches, whose estimate must fit (patches shrink to fit, or the run stops with the estimate); the process itself (Python, PyTorch and the weights, about 0.3-0.5 GB on CPU) comes on top")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE", help="cap on the working memory the run plans, e.g. 4GiB (default: $DIFFUSIONCORE_MEMORY_LIMIT, else the free memory): the volumes and patches, whose estimate must fit (with a diffusion stage patches shrink to fit; the shipped predictor holds the whole volume; else the run stops with the estimate before any work); the process itself (Python, PyTorch and the weights, about 0.3-0.5 GB on CPU) comes on top")
     p.add_argument("--allow-non-ct", action="store_true", help="run on a volume whose intensities do not look like CT in HU (e.g. a CT cropped inside the body); the model is trained on CT only")
     p.add_argument("--tile-batch", type=int, default=None, metavar="N", help="patches per model call (default: 1 on the CPU, as many as fit (up to 8) on a GPU)")
     p.add_argument("--num-samples", type=int, default=1, help="average N posterior samples (implies --estimate sample); with --uncertainty also write their per-voxel standard deviation")
@@ -159,9 +169,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "provenance sidecar and --uncertainty map) exists, made from that volume, and do the "
                           "others: rerun a stopped or partly failed batch with this to continue it; the report lists "
                           "them as skipped and keeps the entries of the run it continues. An output made with other "
-                          "weights or settings (--factor, --seed, adaptation, ...) is refused before any work")
+                          "weights or settings (--factor, --seed, adaptation, --threads, --output-dtype, ...) or cut short since "
+                          "it was written is refused before any work")
     p.add_argument("--output-dtype", choices=("float32", "int16"), default="float32", help="voxel type of the output file (default float32; a DICOM series is always int16 HU)")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto", help="dicom: write OUTPUT as a folder holding a DICOM series labelled synthetic (for a batch: one series folder per input); file: NIfTI, NRRD or MHA by OUTPUT's suffix; auto (default): a DICOM series when the input is DICOM and OUTPUT has no volume-file suffix, else a file. In a batch auto writes a .nii.gz file for every input, DICOM ones too: give dicom for series")
+    p.add_argument("--series-number", type=series_number_type, default=None, metavar="N", help=SERIES_NUMBER_HELP)
     p.add_argument("--report", default=None, metavar="JSON", help="write settings, timings, memory and the weights' sha256 as JSON; for a batch: each volume's (with --skip-existing, those of the run it continues too), and the volumes failed, skipped and not tried (as {volume, why}), written whatever happens once the work has begun, also when stopped (one file per process under torchrun: JSON.rankN.json)")
     p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # random weights: meaningless images
     add_adapt_arguments(p)
@@ -174,11 +186,16 @@ def batch_sources(path: Path, searched: dict[str, Path] | None = None) -> tuple[
     folder of volumes or a list file (:data:`~DiffusionCore.files.LIST_SUFFIXES`: .txt, .lst, .list, .csv) is a
     batch. Other files are read as one volume (so that an unsupported file gets the reader's explanation).
     ``searched``: filled with the folders searched, as :func:`~DiffusionCore.inputs.collect_volumes` fills it."""
+    from ..dicom_in import is_dicomdir
     from ..files import LIST_SUFFIXES, text_file_error
     from ..inputs import collect_volumes, dicom_file_series, is_dicom_file
 
     if not path.exists():
         raise InputError(f"{path} does not exist. Check the path (and quote it if it contains spaces).")
+    if path.is_file() and is_dicom_file(path) and is_dicomdir(path):  # as xray2ct takes one
+        logger.info("%s is a DICOMDIR, the index of a DICOM disc or export: reading the series of its folder %s",
+                    path, path.parent)  # fmt: skip
+        path = path.parent
     if path.is_file():
         if path.suffix.lower() in LIST_SUFFIXES:
             return True, collect_volumes(path, searched)
@@ -188,10 +205,28 @@ def batch_sources(path: Path, searched: dict[str, Path] | None = None) -> tuple[
         if text is not None:
             raise text
         return False, [path]
-    sources = collect_volumes(path, searched)
+    sources = [s for s in collect_volumes(path, searched) if not _holds_only_a_dicomdir(s)]
+    if not sources:
+        raise InputError(f"{path} holds a DICOMDIR (the index of a DICOM disc or export) but no CT series in the "
+                         "folders below it: copy the whole disc or export, with the series folders it lists.")
     if sources == [path]:
         return False, [path]  # the folder is itself a DICOM series
     return True, sources
+
+
+def _holds_only_a_dicomdir(source: Path) -> bool:
+    """Whether a folder found as a DICOM series holds no DICOM file of its own but a DICOMDIR (the index of the series
+    in the folders below, found themselves): not a second input."""
+    from ..dicom_in import is_dicomdir
+    from ..inputs import is_dicom_file
+
+    if not source.is_dir():
+        return False
+    try:
+        dicom = [f for f in source.iterdir() if f.is_file() and not f.name.startswith(".") and is_dicom_file(f)]
+    except OSError:
+        return False
+    return bool(dicom) and all(is_dicomdir(f) for f in dicom)
 
 
 def _check_uncertainty_args(args: argparse.Namespace) -> None:
@@ -379,6 +414,20 @@ def _tell_memory_limit(report: dict[str, Any], limit: int, rss_before: int | Non
                     format_bytes(limit), format_bytes(peak), before)  # fmt: skip
 
 
+def _planned_shape(volume, settings: SRRunSettings) -> tuple[int, int, int]:
+    """The shape of the grid the run will write (:func:`~DiffusionCore.degrade.plan_thin_grid`, as the run decides
+    it), without the notes the run itself logs about that decision."""
+    log = logging.getLogger("DiffusionCore.degrade")
+    was = log.disabled
+    log.disabled = True
+    try:
+        grid, _, _ = plan_thin_grid(volume, factor=settings.factor, target_spacing=settings.target_spacing,
+                                    axis=settings.axis)  # fmt: skip
+    finally:
+        log.disabled = was
+    return grid.shape
+
+
 class _VolumeRun:
     """Runs one volume of a run, from its file to its written result (the weights loaded with the first)."""
 
@@ -394,7 +443,7 @@ class _VolumeRun:
         volume = read_volume(job.source, check=False)  # checked here, naming the file, once
         (check_ct if args.allow_non_ct else require_ct)(volume, str(job.source))
         mark_ct_checked(volume)
-        warning = synthetic_input_warning(job.source)
+        warning = synthetic_input_warning(job.source, volume.metadata.get("series_uid"))  # the series read
         if warning:
             logger.warning("%s", warning)
         if job.as_dicom:  # the input's headers and a grid DICOM can hold, checked before any work
@@ -408,6 +457,10 @@ class _VolumeRun:
             progress.before_run("loading the weights")
             self.resolver = load_resolver(args)
             tell_unused_options(args, self.settings, self.resolver)  # once, for the whole batch
+        # the output's size is known from the grid: a disk without room for it is said before the work, not after
+        shape = _planned_shape(volume, self.settings)
+        extra = math.prod(shape) * 4 if job.uncertainty is not None else 0  # float32
+        check_room_for_result(job.output, shape, dtype=args.output_dtype, as_dicom=job.as_dicom, extra_bytes=extra)
         rss_before = current_rss_bytes()
         output, report = self.resolver.run(volume, self.settings, progress=progress, cancel=self.cancel)
         if self.settings.memory_limit is not None:
@@ -428,7 +481,8 @@ class _VolumeRun:
         files += planned_files(job.uncertainty, False) if std is not None else []
         with all_or_none(files):
             write_result(output, job.output, provenance, as_dicom=job.as_dicom, dicom_source=dicom_source,
-                         overwrite=args.overwrite, dtype=args.output_dtype)  # fmt: skip
+                         overwrite=args.overwrite, dtype=args.output_dtype,
+                         series_number=args.series_number)  # fmt: skip
             if std is not None:
                 write_result(std, job.uncertainty, uncertainty_provenance(provenance), overwrite=args.overwrite,
                              dtype="float32")

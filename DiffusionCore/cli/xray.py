@@ -38,6 +38,7 @@ from .batch import (
 )
 from .common import (
     MAX_SEED,
+    SERIES_NUMBER_HELP,
     THREADS_HELP,
     NameList,
     Progress,
@@ -47,6 +48,7 @@ from .common import (
     device_name,
     finite_float,
     seed_number,
+    series_number_type,
     set_torch_threads,
 )
 
@@ -178,6 +180,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dicom: OUTPUT is a folder for a CT DICOM series labelled synthetic, in the radiograph's "
                    "study; file: NIfTI, NRRD or MHA by OUTPUT's suffix; auto (default): a DICOM series when the "
                    "radiograph is DICOM and OUTPUT has no volume-file suffix")  # fmt: skip
+    p.add_argument("--series-number", type=series_number_type, default=None, metavar="N",
+                   help=SERIES_NUMBER_HELP + " (the final CT's; --save-stages series get their own)")
     p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # tests: random tiny net
     add_progress_argument(p)
     p.set_defaults(func=run_xray2ct, memory_hint=XRAY_MEMORY_HINT)
@@ -441,7 +445,8 @@ class _RadiographRun:
                 write_result(stage_vol, path, provenance, as_dicom=job.as_dicom, dicom_source=dicom_source,
                              keep_frame_of_reference=False, overwrite=args.overwrite)  # fmt: skip
             write_result(vol, job.output, provenance, as_dicom=job.as_dicom, dicom_source=dicom_source,
-                         keep_frame_of_reference=False, overwrite=args.overwrite)  # fmt: skip
+                         keep_frame_of_reference=False, overwrite=args.overwrite,
+                         series_number=args.series_number)  # fmt: skip
         progress.written()
         for st in report["stages"] if not self.batch else ():  # a batch's log: the pipeline's line per stage
             logger.info("stage %d: %d^3 at %.2f mm, projection PSNR %.2f dB, NCC %.3f", st["stage"], st["resolution"],

@@ -457,6 +457,23 @@ def check_same_in_plane(volume: Volume, grid: Grid, axis: int) -> None:
         )
 
 
+#: Host memory the through-plane predictor's run needs per output voxel: the thin volume, cubic interpolation, the
+#: two orientations' residuals and data consistency's scratch, about 5 float32 volumes (probe 32 measured 16-20 bytes
+#: at peak, beside the process itself).
+PREDICTOR_BYTES_PER_VOXEL = 20
+
+
+def smaller_factor_advice(needed: int, available: int, factor: int, factors: list[int]) -> str:
+    """What to do when a predictor run of ``factor`` needs ``needed`` bytes and ``available`` are there: the largest
+    smaller factor the weights have whose run fits (the output shrinks in proportion), else crop the volume."""
+    fits = [k for k in factors if k < factor and needed * k / factor <= available]
+    if fits:
+        k = max(fits)
+        return (f"use a smaller factor (--factor {k} needs about {format_bytes(int(needed * k / factor))}), or crop "
+                "the volume")  # fmt: skip
+    return "crop the volume (fewer slices, or a smaller field of view)"
+
+
 class SuperResolver:
     """Thick-slice CT -> thin-slice CT: a through-plane predictor and/or a latent diffusion model.
 
@@ -845,14 +862,15 @@ class SuperResolver:
                 volume.spacing_zyx[axis], grid.spacing_zyx[axis], self.predictor.factors)  # type: ignore[union-attr]
                 or "the through-plane predictor needs at least 2 slices along the thick axis")
         voxels = int(np.prod(grid.shape))
-        if memory_limit is None:  # cubic, residual, resampling and consistency scratch: ~4 volumes
-            check_memory_for(voxels * 16, f"super-resolving onto {'x'.join(map(str, grid.shape))} voxels",
-                             "use a smaller volume or factor")
-        elif voxels * 16 > memory_limit:
+        needed = voxels * PREDICTOR_BYTES_PER_VOXEL
+        available = memory_limit if memory_limit is not None else (memory_limit_from_env() or host_available_memory())
+        advice = smaller_factor_advice(needed, available, predictor_factor, self.predictor.factors)  # type: ignore[union-attr]
+        if memory_limit is None:
+            check_memory_for(needed, f"super-resolving onto {'x'.join(map(str, grid.shape))} voxels", advice)
+        elif needed > memory_limit:
             raise ResourceError(
                 f"not enough memory: super-resolving onto {'x'.join(map(str, grid.shape))} voxels needs about "
-                f"{format_bytes(voxels * 16)}, above the limit of {format_bytes(memory_limit)}; raise the limit "
-                "or use a smaller volume"
+                f"{format_bytes(needed)}, above the limit of {format_bytes(memory_limit)}; raise the limit, or {advice}"
             )
         box, total = plan.box, plan.total  # the body box the plan found; adaptation and predicted planes
 

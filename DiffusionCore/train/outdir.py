@@ -149,6 +149,10 @@ def _holder_alive(holder: dict[str, Any]) -> bool | None:
 
 # ---------------------------------------------------------------------------------------------- the lock
 class _Lock:
+    """An exclusive claim on a folder: the lock file ``path``, created atomically, holding the process id, host, start
+    time and a token; a dead holder's lock (same host, process gone) is taken over. The batch commands claim their
+    output folder with a subclass that says its own refusal (:mod:`DiffusionCore.cli.batch`)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.token = secrets.token_hex(8)
@@ -190,10 +194,8 @@ class _Lock:
                 continue
             alive = _holder_alive(holder) if holder else True
             if alive is False:
-                after = ("its last checkpoint can be continued with --resume" if has_checkpoint(out) else
-                         "it stopped before its first checkpoint, so there is nothing to continue")  # fmt: skip
                 logger.warning("taking over the lock %s of process %s, which no longer runs (killed or crashed); %s",
-                               self.path, holder.get("pid"), after)  # fmt: skip
+                               self.path, holder.get("pid"), self.after_dead_holder())  # fmt: skip
                 if self._read()[0] == text:  # still the same dead holder's lock
                     self.path.unlink(missing_ok=True)
                 continue
@@ -205,12 +207,24 @@ class _Lock:
                 if alive is None or not holder
                 else ""
             )
-            raise OutputError(
-                f"{out} is in use by another training run ({where}, lock file {self.path}): wait for it to end, "
-                f"stop it (create {out / STOP_FILE}), or choose another --out-dir{tail}"
-            )
+            raise self.in_use_error(where, tail)
         raise OutputError(f"could not take the lock {self.path}: it stays empty or keeps changing; if no run uses "
                           f"{out}, delete the lock file and start again")  # fmt: skip
+
+    # what a lock of another kind of run says (``cli.batch`` claims a batch's output folder with a subclass)
+    def after_dead_holder(self) -> str:
+        """What the warning on taking over a dead process's lock adds: what is left of its run."""
+        return ("its last checkpoint can be continued with --resume" if has_checkpoint(self.path.parent) else
+                "it stopped before its first checkpoint, so there is nothing to continue")  # fmt: skip
+
+    def in_use_error(self, where: str, tail: str) -> OutputError:
+        """The refusal while the lock's holder (``where``: ``process PID [on HOST]``) lives; ``tail``: what to do when
+        its liveness cannot be told."""
+        out = self.path.parent
+        return OutputError(
+            f"{out} is in use by another training run ({where}, lock file {self.path}): wait for it to end, "
+            f"stop it (create {out / STOP_FILE}), or choose another --out-dir{tail}"
+        )
 
     def release(self) -> None:
         _, holder = self._read()
@@ -233,6 +247,18 @@ def _set_previous_checkpoints_aside(out: Path) -> None:
     logger.warning(
         "--overwrite: the previous run's checkpoints and logs (%s) are replaced by this run's", ", ".join(names)
     )
+
+
+def acquire_folder_lock(lock: Any, folder: str | os.PathLike, instead: str) -> None:
+    """Take ``lock`` (a training run's or a batch's) on ``folder``: held by another live process it says so (an
+    OutputError of its own); a folder the system refuses is an OutputError that names it and ``instead``."""
+    try:
+        lock.acquire()
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"cannot write into the output folder {folder}: {exc.strerror or exc}; choose {instead}"
+                          ) from exc  # fmt: skip
 
 
 @contextmanager
@@ -285,13 +311,7 @@ def claim_output_dir(
             raise OutputError(f"cannot create the output folder {out}: {exc.strerror or exc}; choose another --out-dir") from exc  # fmt: skip
     try:
         if is_main:
-            try:
-                lock.acquire()
-            except OutputError:
-                raise
-            except OSError as exc:
-                raise OutputError(f"cannot write into the output folder {out}: {exc.strerror or exc}; choose a "
-                                  "writable --out-dir") from exc  # fmt: skip
+            acquire_folder_lock(lock, out, "a writable --out-dir")
         found = previous_run(out)
         if found and not resume:
             if not overwrite:

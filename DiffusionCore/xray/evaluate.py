@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import InputError, NumericalError
 from ..evaluate import run_environment
 from ..metrics import HU_RANGE, psnr, ssim3d
 from ..volume import Volume
@@ -152,6 +152,13 @@ def evaluate_xray(
     def score(method: str, stage: int, vol_unit: torch.Tensor, seconds: float) -> None:
         vol = volume_from_unit(vol_unit, fov)
         ref = refs[stage].array
+        bad = int(vol_unit.isnan().sum())  # no score is defined for NaN (the metrics refuse it): say whose it is
+        if bad:
+            raise NumericalError(
+                f"evaluate-xray: method {method} (stage {stage}) returned {bad:,} NaN voxel(s) of {vol_unit.numel():,}: "
+                "its result failed numerically; nothing was written. Check the weights and options; if they are "
+                "right, report it (on the command line, --debug shows the traceback)."
+            )
         results.append({
             "method": method,
             "stage": stage,
