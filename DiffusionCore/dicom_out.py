@@ -16,6 +16,9 @@ hospital's folder names hold patients' names and record numbers).
 Replacing (``overwrite``) is for a series this module wrote only: every file's header must say so (Manufacturer
 ``CTDiffusion``, ImageComments ``SYNTHETIC ...``); a folder of any other DICOM files is refused, naming what it holds.
 
+InstanceNumber runs 1, 2, ... along the slices the way the input's own numbers run (head first or feet first), so a
+viewer that sorts by number shows the result the way it shows its input.
+
 Geometry: ImagePositionPatient of each slice (LPS, oblique grids too), ImageOrientationPatient,
 PixelSpacing, SliceThickness and SpacingBetweenSlices (along the slices' normal) of the written grid. A
 gantry-tilted grid (sheared along k only: the slices step along the table, not their normal) is written as a
@@ -102,6 +105,7 @@ class SourceInstance:
     sop_class_uid: str
     sop_instance_uid: str
     position: tuple[float, float, float] | None = None
+    instance_number: int | None = None
 
 
 @dataclass
@@ -176,6 +180,7 @@ class DicomSource:
             instances.append(SourceInstance(
                 str(ds.SOPClassUID), str(ds.SOPInstanceUID),
                 tuple(float(v) for v in pos) if pos is not None and len(pos) == 3 else None,
+                _instance_number(ds),
             ))  # fmt: skip
         return cls(header=chosen[0], instances=instances, study_series_numbers=numbers)
 
@@ -255,6 +260,32 @@ def _text(value: Any) -> str:
     if isinstance(value, str) or not hasattr(value, "__iter__"):
         return str(value)
     return "\\".join(str(v) for v in value)
+
+
+def _instance_number(ds: Any) -> int | None:
+    """A dataset's InstanceNumber, or None (absent, empty or not a number)."""
+    try:
+        return int(ds.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        return None
+
+
+def instance_numbers(source: DicomSource | None, positions: np.ndarray, normal: np.ndarray) -> list[int]:
+    """The InstanceNumber of each written slice (at ``positions``): 1, 2, ... in the direction the input's own numbers
+    run along the slices' normal (a scanner numbers head first or feet first, and viewers and hanging protocols that
+    sort by number show the result the way they show its input); in the order of the slices when the input says
+    nothing (no DICOM input, one slice, numbers that do not follow the positions)."""
+    along = positions @ normal
+    order = np.arange(len(along))
+    known = [(float(np.dot(i.position, normal)), i.instance_number) for i in (source.instances if source else [])
+             if i.position is not None and i.instance_number is not None]  # fmt: skip
+    if len(known) >= 2:
+        where, number = np.array(known).T
+        if np.ptp(where) > 0 and np.ptp(number) > 0 and float(np.corrcoef(where, number)[0, 1]) < 0:
+            order = np.argsort(np.argsort(-along, kind="stable"), kind="stable")  # numbers fall along the normal
+        else:
+            order = np.argsort(np.argsort(along, kind="stable"), kind="stable")
+    return [int(r) + 1 for r in order]
 
 
 def _series_number(ds: Any) -> int | None:
@@ -510,6 +541,7 @@ def write_dicom_series(
     base, _ = _base_dataset(source, provenance, keep_frame=keep_frame_of_reference, folder=out,
                             series_number=series_number)
     refs = _nearest_sources(source, positions, normal)
+    numbers = instance_numbers(source, positions, normal)
     pixels = np.clip(np.rint(vol.array), -32768, 32767).astype("<i2")
     orientation = [_fmt(v) for v in (*d[:, 0], *d[:, 1])]
     spacing = [_fmt(sy), _fmt(sx)]  # row spacing (between rows), then column spacing
@@ -521,7 +553,7 @@ def write_dicom_series(
         for k in range(nz):
             ds = base.copy()
             ds.SOPInstanceUID = generate_uid()
-            ds.InstanceNumber = k + 1
+            ds.InstanceNumber = numbers[k]
             ds.ImagePositionPatient = [_fmt(v) for v in positions[k]]
             ds.ImageOrientationPatient = orientation
             ds.PixelSpacing = spacing

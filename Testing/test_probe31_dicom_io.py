@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from conftest import write_dicom_series, write_dicomdir
@@ -239,3 +240,30 @@ def test_a_dicomdir_stands_for_its_folder_and_is_no_input_of_its_own(tmp_path, m
     write_dicomdir(export)
     assert batch_sources(export / "DICOMDIR")[1] == [export / "PT0" / "SE0"]  # before: "corrupt DICOM file"
     assert batch_sources(export)[1] == [export / "PT0" / "SE0"]  # before: the export folder too (done twice)
+
+
+# -- M9: InstanceNumber runs the way the input's does -----------------------------------------------------------------
+def _direction(folder: Path) -> float:
+    """The sign of how InstanceNumber runs along z (LPS: + is superior) in a series folder."""
+    pairs = []
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        pairs.append((float(ds.ImagePositionPatient[2]), int(ds.InstanceNumber)))
+    pairs.sort()
+    numbers = [n for _, n in pairs]
+    assert sorted(numbers) == list(range(1, len(numbers) + 1))  # 1..N, each once
+    return float(np.sign(numbers[-1] - numbers[0]))
+
+
+@pytest.mark.parametrize("head_first", [True, False])
+def test_instance_numbers_run_the_way_the_inputs_do(tmp_path, make_phantom, head_first):
+    """Probe 31 M9: output instance 1 was always the most inferior slice, whichever end the input numbered first, so
+    a viewer sorting by number showed the result flipped against its input."""
+    files = _series(tmp_path / "thick", make_phantom)
+    by_z = sorted(files, key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]), reverse=head_first)
+    for n, f in enumerate(by_z, start=1):
+        _edit([f], InstanceNumber=n)
+    assert _direction(tmp_path / "thick") == (-1.0 if head_first else 1.0)
+    done = _sr(tmp_path / "thick", tmp_path / "thin")
+    assert done.returncode == 0, done.stderr
+    assert _direction(tmp_path / "thin") == _direction(tmp_path / "thick")
