@@ -36,6 +36,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,6 +409,36 @@ def local_date_time(iso: str, offset: str = "") -> tuple[Any, Any, str]:
     return DA(local.date()), TM(local.time()), local.strftime("%z")
 
 
+_AGE = re.compile(r"^\s*0*(\d{1,3})\s*([DWMY])\s*$", re.I)
+
+
+def _copy_valid(src: Any, ds: Any, keyword: str) -> None:
+    """Copy ``keyword`` from the input's header when it holds a value valid for its VR. Scanners and PACS exports
+    write some that are not (PatientAge "59Y " instead of "059Y"), which a validator such as dciodvfy then reports
+    as an error of the written series: an age is written in DICOM's form, anything else invalid is left out (the
+    attributes copied are optional or may be empty), with a line in the log."""
+    if keyword not in src:
+        return
+    from pydicom import config
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import validate_value
+
+    elem = src.data_element(keyword)
+    value = elem.value
+    if elem.VR == "AS" and isinstance(value, str) and (age := _AGE.match(value)):
+        value = f"{int(age[1]):03d}{age[2].upper()}"
+    items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    try:
+        if elem.VR not in ("SQ", "PN", "UN") and value not in (None, ""):
+            for item in items:  # the text each value is written as (a DSfloat, an IS as their strings)
+                validate_value(elem.VR, item if isinstance(item, (str, bytes)) else str(item), config.RAISE)
+    except (ValueError, TypeError) as exc:
+        logger.info("the input's %s is not a valid %s value (%s): left out of the written series", keyword, elem.VR,
+                    exc)  # fmt: skip
+        return
+    setattr(ds, keyword, value)
+
+
 def _base_dataset(
     source: DicomSource | None, prov: Provenance, *, keep_frame: bool, folder: Path | None = None,
     series_number: int | None = None,
@@ -421,12 +452,10 @@ def _base_dataset(
     src = source.header if source is not None else None
     if src is not None:
         for kw in _PATIENT_STUDY_KEYWORDS:
-            if kw in src:
-                setattr(ds, kw, src.data_element(kw).value)
+            _copy_valid(src, ds, kw)
         if prov.task == "sr" and src.get("Modality") == "CT":  # not a CT generated from a topogram, whose
             for kw in _SERIES_KEYWORDS:  # kVp and kernel are the scout's, not the generated volume's
-                if kw in src:
-                    setattr(ds, kw, src.data_element(kw).value)
+                _copy_valid(src, ds, kw)
     uids = {
         "series": generate_uid(),
         "study": str(ds.get("StudyInstanceUID", "")) or generate_uid(),

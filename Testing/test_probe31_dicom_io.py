@@ -267,3 +267,16 @@ def test_instance_numbers_run_the_way_the_inputs_do(tmp_path, make_phantom, head
     done = _sr(tmp_path / "thick", tmp_path / "thin")
     assert done.returncode == 0, done.stderr
     assert _direction(tmp_path / "thin") == _direction(tmp_path / "thick")
+
+
+# -- M12: invalid values of the input are not copied into the written series ----------------------------------------
+def test_an_invalid_value_of_the_input_is_written_in_dicoms_form_or_left_empty(tmp_path, make_phantom):
+    """Probe 31 M12: the topogram's PatientAge "59Y " went into the output as it was, which dciodvfy reports as an
+    error of the written series."""
+    files = _series(tmp_path / "thick", make_phantom)
+    _edit(files, PatientAge="59Y ", StudyDate="2020-01-01", PatientSex="F")
+    done = _sr(tmp_path / "thick", tmp_path / "thin")
+    assert done.returncode == 0, done.stderr
+    out = _first(tmp_path / "thin")
+    assert out.PatientAge == "059Y" and out.PatientSex == "F" and out.PatientName == "Doe^Jane"
+    assert "StudyDate" in out and out.StudyDate == ""  # type 2: present, empty rather than invalid
