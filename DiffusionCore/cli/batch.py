@@ -849,9 +849,9 @@ MIN_ROOM_BYTES = 1 << 20
 
 
 def _output_bytes(job: Job) -> int:
-    """The room writing ``job``'s outputs took at its peak, from the finished files: their sizes (a DICOM series
-    folder's files summed), and for a ``.nii.gz`` also its uncompressed size (its gzip trailer's), since the writer
-    writes the plain ``.nii`` first and compresses it beside it."""
+    """The least room writing ``job``'s outputs needs, from the finished files: their sizes (a DICOM series folder's
+    files summed). A ``.nii.gz`` is written through its uncompressed ``.nii`` where both fit, else compressed in one
+    pass (:func:`~DiffusionCore.volume.write_volume`), so its own size is what it needs at least."""
     total = 0
     paths = [job.output] if job.as_dicom else planned_files(job.output, False)
     if job.uncertainty is not None:
@@ -862,10 +862,6 @@ def _output_bytes(job: Job) -> int:
                 total += sum(f.stat().st_size for f in path.iterdir())
                 continue
             total += path.stat().st_size
-            if path.name.lower().endswith(".nii.gz"):
-                with open(path, "rb") as f:
-                    f.seek(-4, os.SEEK_END)
-                    total += int.from_bytes(f.read(4), "little")
     return total
 
 
@@ -876,8 +872,7 @@ def disk_left_full(folder: Path, log: BatchLog) -> str | None:
     One output that does not fit is that volume's failure while smaller ones may still fit: in a batch of mixed sizes
     one large scan must not cost the rest of the night. The next outputs' sizes are known only once their volumes are
     read and run, so the smallest output this batch has made (written now or kept from an earlier run) stands for the
-    smallest the others can need, with the room its writing took (:func:`_output_bytes`: a ``.nii.gz`` twice over,
-    about): the batch stops when the space left is less than that, or, with no output made yet, less than
+    smallest the others can need, with the room its writing needs at least (:func:`_output_bytes`): the batch stops when the space left is less than that, or, with no output made yet, less than
     :data:`MIN_ROOM_BYTES` (1 MiB); also when the free space cannot be told (as before)."""
     free = free_bytes(folder)
     if free is None:
