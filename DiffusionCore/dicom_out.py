@@ -173,7 +173,7 @@ class DicomSource:
         study = str(chosen[0].get("StudyInstanceUID", ""))
         numbers = frozenset(
             number for datasets in by_series.values() for ds in datasets[:1]
-            if str(ds.get("StudyInstanceUID", "")) == study and (number := _series_number(ds)) is not None
+            if str(ds.get("StudyInstanceUID", "")) == study and (number := _whole_number(ds)) is not None
         )  # fmt: skip
         instances = []
         for ds in chosen:
@@ -181,7 +181,7 @@ class DicomSource:
             instances.append(SourceInstance(
                 str(ds.SOPClassUID), str(ds.SOPInstanceUID),
                 tuple(float(v) for v in pos) if pos is not None and len(pos) == 3 else None,
-                _instance_number(ds),
+                _whole_number(ds, "InstanceNumber"),
             ))  # fmt: skip
         return cls(header=chosen[0], instances=instances, study_series_numbers=numbers)
 
@@ -263,14 +263,6 @@ def _text(value: Any) -> str:
     return "\\".join(str(v) for v in value)
 
 
-def _instance_number(ds: Any) -> int | None:
-    """A dataset's InstanceNumber, or None (absent, empty or not a number)."""
-    try:
-        return int(ds.get("InstanceNumber"))
-    except (TypeError, ValueError):
-        return None
-
-
 def instance_numbers(source: DicomSource | None, positions: np.ndarray, normal: np.ndarray) -> list[int]:
     """The InstanceNumber of each written slice (at ``positions``): 1, 2, ... in the direction the input's own numbers
     run along the slices' normal (a scanner numbers head first or feet first, and viewers and hanging protocols that
@@ -289,10 +281,11 @@ def instance_numbers(source: DicomSource | None, positions: np.ndarray, normal: 
     return [int(r) + 1 for r in order]
 
 
-def _series_number(ds: Any) -> int | None:
-    """A dataset's SeriesNumber, or None (absent, empty or not a number)."""
+def _whole_number(ds: Any, keyword: str = "SeriesNumber") -> int | None:
+    """A dataset's SeriesNumber (or another IS attribute, e.g. InstanceNumber), or None (absent, empty or not a
+    number)."""
     try:
-        return int(ds.get("SeriesNumber"))
+        return int(ds.get(keyword))
     except (TypeError, ValueError):
         return None
 
@@ -321,7 +314,7 @@ def _first_file_header(folder: Path) -> tuple[str, int | None] | None:
         if first is None:
             return None
         ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesNumber"])
-        return str(ds.get("StudyInstanceUID", "")), _series_number(ds)
+        return str(ds.get("StudyInstanceUID", "")), _whole_number(ds)
     except Exception:  # noqa: BLE001 - not DICOM, unreadable, gone: it names no series number
         return None
 
@@ -374,7 +367,7 @@ def derived_series_number(
             logger.warning("series number %d is taken by another series of this study known here; written as asked "
                            "(--series-number)", candidate)  # fmt: skip
     else:
-        number = _series_number(source.header) if source is not None else None
+        number = _whole_number(source.header) if source is not None else None
         candidate = (number if number is not None and number > 0 else 0) + SERIES_NUMBER_OFFSET
         if candidate > SERIES_NUMBER_MAX:  # an input numbered near the IS maximum
             candidate = SERIES_NUMBER_OFFSET

@@ -495,14 +495,14 @@ def _check_size(p: Path, size: list[int], components: int, component_bytes: int 
 SPACING_HEADER_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz")
 #: What ``xray2ct`` reads, as its help and messages name it.
 RADIOGRAPH_FORMATS = "DICOM (CR, DX, a CT topogram), PNG, JPEG, TIFF, BMP, or a 2D NRRD, MetaImage (.mha/.mhd) or NIfTI"
-#: DICOM's Media Storage SOP Class of a DICOMDIR (the index of a DICOM disc or folder, no image).
-DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
 
 def dicomdir_message(path: Path) -> str:
     """What to say of a DICOMDIR given as a radiograph (naming an image file it lists), or ``""`` when ``path`` is
     not one."""
     import pydicom
+
+    from ..dicom_in import DICOMDIR_SOP_CLASS
 
     if not is_dicom_file(path):  # a DICOMDIR is a DICOM file (Part 10), with its mark
         return ""
