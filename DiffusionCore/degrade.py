@@ -326,6 +326,11 @@ def floor_within_slabs(arr: np.ndarray, slab: np.ndarray, floor: float) -> None:
         arr[idx] = block
 
 
+#: Blocks of the first in-plane axis that :func:`enforce_consistency` corrects one at a time (its scratch memory is
+#: about this share of the thin volume, twice).
+CONSISTENCY_BLOCKS = 16
+
+
 def enforce_consistency(
     output: Volume, thick: Volume, axis: int, *, in_place: bool = False, floor: bool = True
 ) -> Volume:
@@ -353,15 +358,22 @@ def enforce_consistency(
             (default); False leaves the values as the correction makes them.
     """
     m_mat, s_mat, rows, slab = consistency_operator(thick.grid, output.grid, axis)
-    means = _along_axis(s_mat, output.array, axis)  # (r, ...) HU, the axis first
-    diff = np.moveaxis(thick.array, axis, 0)[rows].astype(np.float32) - means
-    correction = _along_axis(m_mat, diff, 0)  # (n, ...)
     if in_place and output.array.dtype == np.float32 and output.array.flags.writeable:
         arr = output.array
     else:
         arr = output.array.astype(np.float32)  # a copy
     view = np.moveaxis(arr, axis, 0)
-    view += correction  # in place through the view: float32 sums, no whole-volume temporary
+    thick_rows = np.moveaxis(thick.array, axis, 0)[rows]
+    s32, m32 = s_mat.astype(np.float32), m_mat.astype(np.float32)
+    # in blocks of the first in-plane axis: the slab means, their difference to the input and the correction of a
+    # block at a time, so the correction never takes a whole thin volume beside the output
+    size = view.shape[1]
+    step = max(1, -(-size // CONSISTENCY_BLOCKS))
+    for j in range(0, size, step):
+        block = view[:, j : j + step]
+        flat = np.ascontiguousarray(block).reshape(block.shape[0], -1)
+        diff = thick_rows[:, j : j + step].astype(np.float32).reshape(len(rows), -1) - s32 @ flat
+        block += (m32 @ diff).reshape(block.shape)  # in place through the view: float32 sums
     if floor:
         lowest, highest = physical_floor(thick), physical_ceiling(thick)
         check_ringing_depth(float(view.min()), lowest, float(np.max(thick.array)))

@@ -29,9 +29,11 @@ from DiffusionCore.sr.planes import (
     slab_mean,
 )
 from DiffusionCore.sr.throughplane import (
+    PLANE_BATCH_FEATURE_BYTES,
     ThroughPlaneConfig,
     ThroughPlaneNet,
     cubic_planes,
+    plane_batch_for,
     predict_residual,
     random_weights,
     state_dict_for_file,
@@ -181,6 +183,36 @@ def test_volume_prediction_averages_both_plane_orientations():
         a = net(thick.permute(1, 0, 2).unsqueeze(1), 2)[:, 0].permute(1, 0, 2)  # planes over H
         b = net(thick.permute(2, 0, 1).unsqueeze(1), 2)[:, 0].permute(1, 2, 0)  # planes over W
     torch.testing.assert_close(res, 0.5 * (a + b), atol=1e-5, rtol=1e-5)
+
+
+def test_volume_prediction_adds_into_a_flipped_view_without_a_volume_sized_buffer():
+    """The pipeline adds the residual straight into its cubic volume, seen flipped (reversed slabs): the same values as
+    the returned residual, scaled, flipped back; so a scan needs no second thin-volume array."""
+    net = tiny_predictor(0)
+    thick = torch.randn(5, 9, 11)
+    res = predict_residual(net, thick, 2, plane_batch=4).numpy()
+    base = np.random.default_rng(0).normal(size=(10, 9, 11)).astype(np.float32)
+    target = base.copy()
+    view = np.flip(target, (0, 2))  # negative strides, as np.flip gives them
+    assert predict_residual(net, thick, 2, plane_batch=4, into=view, scale=3.0) is None
+    np.testing.assert_allclose(target, base + 3.0 * np.flip(res, (0, 2)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="float32 array of shape"):
+        predict_residual(net, thick, 2, into=np.zeros((10, 9, 11)))  # float64: would be cast silently
+
+
+def test_plane_batches_shrink_for_planes_of_many_thick_slices():
+    """A plane batch's feature maps stay bounded: 16 planes of a 64-slice 512-wide scan took 64 MiB each (about six
+    at once); a 400-slice scan runs one or two planes per call, and the result does not depend on the batch."""
+    per_plane = 32 * 64 * 512 * 4
+    assert plane_batch_for(32, 64, 512) == min(16, PLANE_BATCH_FEATURE_BYTES // per_plane)
+    assert plane_batch_for(32, 64, 512) * per_plane <= PLANE_BATCH_FEATURE_BYTES
+    assert plane_batch_for(32, 400, 512) in (1, 2)
+    assert plane_batch_for(32, 4000, 4000) == 1  # never none
+    assert plane_batch_for(4, 5, 11) == 16  # small planes: the caller's batch
+    net = tiny_predictor(0)
+    thick = torch.randn(6, 7, 8)
+    torch.testing.assert_close(predict_residual(net, thick, 3, plane_batch=1),
+                               predict_residual(net, thick, 3, plane_batch=16), atol=1e-5, rtol=1e-5)
 
 
 def test_cubic_planes_match_the_volume_interpolation():

@@ -457,10 +457,11 @@ def check_same_in_plane(volume: Volume, grid: Grid, axis: int) -> None:
         )
 
 
-#: Host memory the through-plane predictor's run needs per output voxel: the thin volume, cubic interpolation, the
-#: two orientations' residuals and data consistency's scratch, about 5 float32 volumes (probe 32 measured 16-20 bytes
-#: at peak, beside the process itself).
-PREDICTOR_BYTES_PER_VOXEL = 20
+#: Host memory the through-plane predictor's run needs per output voxel, writing included: the thin volume (the
+#: predictor adds its residual into the cubic interpolation, batch by batch), a block of data consistency's scratch,
+#: and the copies a writer makes (2026-12-07: 11.5-12.6 bytes at peak beside the process itself, for chest-dx at x2
+#: and x4 and chest-lidc at x2 through ``sr``; 16-30 before the residual went straight into the volume).
+PREDICTOR_BYTES_PER_VOXEL = 14
 
 
 def smaller_factor_advice(needed: int, available: int, factor: int, factors: list[int]) -> str:
@@ -822,15 +823,14 @@ class SuperResolver:
         h0, h1, w0, w1 = box
         # a new (m, h, w) array; the body box is mirror-symmetric, so the flipped crop is the canonical array's crop
         thick_units = torch.from_numpy(np.ascontiguousarray(np.flip(hu_to_unit(thick[:, h0:h1, w0:w1]), flips)))
-        residual = predict_residual(
-            net, thick_units, k, device=device, cancel=cancel,
+        # the residual goes straight into the cubic volume, seen in the networks' order (a flipped view: reversed
+        # slabs give their thin slices reversed), so no second volume-sized array is made
+        target = np.flip(np.moveaxis(hu, axis, 0)[:, h0:h1, w0:w1], flips)
+        predict_residual(
+            net, thick_units, k, device=device, cancel=cancel, into=target, scale=HU_PER_UNIT,
             progress=lambda d, _t, msg: tell(offset + d, msg),
         )
-        if flips:  # back to the stored order; reversed slabs give their thin slices reversed
-            residual = torch.flip(residual, flips)
-        target = torch.from_numpy(np.moveaxis(hu, axis, 0))[:, h0:h1, w0:w1]
-        target.add_(residual.mul_(HU_PER_UNIT))  # in place, all cores
-        del residual, thick_units, target
+        del thick_units, target
         if not exact:  # the predictor's own integer grid, resampled onto the asked-for spacing
             offset += planes_in(box)
             r_units = 0 if units is None else units.resample_units
