@@ -22,8 +22,17 @@ viewer that sorts by number shows the result the way it shows its input.
 Geometry: ImagePositionPatient of each slice (LPS, oblique grids too), ImageOrientationPatient,
 PixelSpacing, SliceThickness and SpacingBetweenSlices (along the slices' normal) of the written grid. A
 gantry-tilted grid (sheared along k only: the slices step along the table, not their normal) is written as a
-tilted acquisition is, each slice at its own position. Voxels are int16 HU (rounded,
-clipped) with Rescale Slope 1 and Intercept 0.
+tilted acquisition is, each slice at its own position. SliceLocation follows the input series' own convention (its
+sign and offset against the position along the normal, :func:`slice_location_rule`), else is that position.
+
+Voxels are HU rounded to whole numbers, 16 bits with Rescale Slope 1 (:func:`pixel_encoding`): signed with Intercept 0
+when the values fit -32768..32767 HU; an extended-HU result beyond that (metal up to ~31,000 HU and its overshoot)
+unsigned with a RescaleIntercept (-1024 HU, lower when the values reach lower) when their span fits 65,535; only
+beyond that clipped to -32768..32767 HU, with a warning that counts the clipped voxels.
+
+The input's slice thickness and what it means for the result (an overlapping or interspaced input,
+:attr:`~DiffusionCore.provenance.Provenance.input_slice_note`) end the ImageComments and are in the
+DerivationDescription; SliceThickness and SpacingBetweenSlices are the written grid's (the thin slices' spacing).
 
 The series is written into a hidden folder beside the output (``.NAME.PID.XXXXXXXX.partial``) and renamed into
 place, with the permissions of any folder the user creates (umask), when every file is written, so a failed or
@@ -101,12 +110,14 @@ def _pydicom():
 
 @dataclass(frozen=True)
 class SourceInstance:
-    """One input instance: its SOP class and instance UIDs and, for slices, its position along the normal."""
+    """One input instance: its SOP class and instance UIDs and, for slices, its position (ImagePositionPatient),
+    InstanceNumber and SliceLocation as the input has them."""
 
     sop_class_uid: str
     sop_instance_uid: str
     position: tuple[float, float, float] | None = None
     instance_number: int | None = None
+    slice_location: float | None = None
 
 
 @dataclass
@@ -181,7 +192,7 @@ class DicomSource:
             instances.append(SourceInstance(
                 str(ds.SOPClassUID), str(ds.SOPInstanceUID),
                 tuple(float(v) for v in pos) if pos is not None and len(pos) == 3 else None,
-                _whole_number(ds, "InstanceNumber"),
+                _whole_number(ds, "InstanceNumber"), _decimal_number(ds, "SliceLocation"),
             ))  # fmt: skip
         return cls(header=chosen[0], instances=instances, study_series_numbers=numbers)
 
@@ -288,6 +299,81 @@ def _whole_number(ds: Any, keyword: str = "SeriesNumber") -> int | None:
         return int(ds.get(keyword))
     except (TypeError, ValueError):
         return None
+
+
+def _decimal_number(ds: Any, keyword: str) -> float | None:
+    """A dataset's DS attribute (e.g. SliceLocation) as a finite number, or None (absent, empty or not a number)."""
+    try:
+        value = float(ds.get(keyword))
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+#: How closely (mm) an input's SliceLocation must follow a straight line of its slices' positions along the normal for
+#: the written series to follow that line: DS values rounded to whole millimetres pass; a SliceLocation that is no
+#: function of the position (a table position of another reference, one file of another numbering) does not.
+SLICE_LOCATION_TOLERANCE_MM = 0.5
+
+
+def slice_location_rule(source: DicomSource | None, normal: np.ndarray) -> tuple[float, float]:
+    """``(a, b)``: the SliceLocation of a written slice at ``position`` is ``a * (position . normal) + b``, the input
+    series' own convention. Scanners differ: many write the position along the slices' normal, others the table's
+    z coordinate, which for slices whose normal points to the feet (ImageOrientationPatient 1,0,0/0,-1,0, or a
+    feet-first patient) has the opposite sign; a viewer that overlays SliceLocation then showed opposite numbers for the
+    same anatomy in the input and the result. Fitted to the input's slices that carry SliceLocation (at least two at
+    different positions, within :data:`SLICE_LOCATION_TOLERANCE_MM` of one line; a slope within 1% of +-1 counts as
+    exactly that); ``(1, 0)``, the position along the normal, when the input says nothing usable or is no DICOM."""
+    known = [(float(np.dot(i.position, normal)), i.slice_location) for i in (source.instances if source else [])
+             if i.position is not None and i.slice_location is not None]  # fmt: skip
+    if len(known) < 2:
+        return 1.0, 0.0
+    where, location = np.array(known, dtype=np.float64).T
+    if np.ptp(where) <= SLICE_LOCATION_TOLERANCE_MM:
+        return 1.0, 0.0
+    slope, offset = np.polyfit(where, location, 1)
+    if abs(abs(slope) - 1.0) < 0.01:  # the usual case: +-1, and an offset (0 for most scanners)
+        slope = float(np.sign(slope))
+        offset = float(np.median(location - slope * where))
+    if abs(slope) < 1e-3 or np.max(np.abs(slope * where + offset - location)) > SLICE_LOCATION_TOLERANCE_MM + 1e-6:
+        logger.debug("the input's SliceLocation does not follow its positions: the written series has its own")
+        return 1.0, 0.0
+    return float(slope), float(offset)
+
+
+#: The largest value 16-bit pixels hold: unsigned 0..65535, signed -32768..32767.
+UINT16_MAX = 65535
+INT16_RANGE = (-32768, 32767)
+#: The RescaleIntercept of an unsigned series (HU = stored - 1024: the convention of many CT scanners), unless the
+#: values reach lower.
+UNSIGNED_INTERCEPT = -1024
+
+
+def pixel_encoding(hu: np.ndarray, what: str = "the series") -> tuple[np.ndarray, int, int]:
+    """The stored pixels of ``hu`` (rounded to whole HU), their PixelRepresentation (1 signed, 0 unsigned) and
+    RescaleIntercept (Rescale Slope 1 always).
+
+    Signed 16 bits with intercept 0 when every value fits :data:`INT16_RANGE`, as before and as most CT series are
+    stored. Else unsigned 16 bits with intercept :data:`UNSIGNED_INTERCEPT` (or the lowest value, when lower; or
+    higher, when the top would not fit) when the values' span fits :data:`UINT16_MAX`: an extended-HU result (metal
+    at 31,000 HU, its overshoot to 36,000 HU) is written whole, where int16 clipped 363 voxels at 32,767 HU without a
+    word. Only a span beyond that is clipped to :data:`INT16_RANGE`, with a warning that counts the clipped voxels
+    (``what`` names the series in it).
+    """
+    values = np.rint(hu)
+    lo, hi = float(values.min()), float(values.max())
+    if INT16_RANGE[0] <= lo and hi <= INT16_RANGE[1]:
+        return values.astype("<i2"), 1, 0
+    if hi - lo <= UINT16_MAX:
+        intercept = max(min(int(lo), UNSIGNED_INTERCEPT), int(hi) - UINT16_MAX)
+        return (values - intercept).astype("<u2"), 0, intercept
+    clipped = int(np.count_nonzero(values < INT16_RANGE[0]) + np.count_nonzero(values > INT16_RANGE[1]))
+    logger.warning(
+        "%s: %d voxels clipped to %d..%d HU: the result's values (%.6g to %.6g HU) span more than the %d steps of "
+        "16-bit DICOM pixels; write NRRD or NIfTI (float32) to keep them", what, clipped, *INT16_RANGE, lo, hi,
+        UINT16_MAX,
+    )  # fmt: skip
+    return np.clip(values, *INT16_RANGE).astype("<i2"), 1, 0
 
 
 #: The SeriesNumbers this process has given derived series, by StudyInstanceUID.
@@ -479,9 +565,10 @@ def _base_dataset(
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
     ds.Laterality = ""  # type 2C: empty, the series is not of one side of a paired organ
     ds.DerivationDescription = _ds_text(prov.derivation(), 1024)
+    slices = f" {prov.input_slices()}" if prov.input_slices() else ""  # e.g. 10 mm slices every 5 mm: said to a reader
     ds.ImageComments = _ds_text(
         f"SYNTHETIC: {NOT_ACQUIRED}. {prov.title} from {input_name(prov.input) or 'the input'} by {prov.software}, "
-        f"weights {prov.weights} (sha256 {prov.weights_sha256}).", 10240,
+        f"weights {prov.weights} (sha256 {prov.weights_sha256}).{slices}", 10240,
     )  # fmt: skip
     if "KVP" not in ds:
         ds.KVP = ""
@@ -564,7 +651,9 @@ def write_dicom_series(
                             series_number=series_number)
     refs = _nearest_sources(source, positions, normal)
     numbers = instance_numbers(source, positions, normal)
-    pixels = np.clip(np.rint(vol.array), -32768, 32767).astype("<i2")
+    pixels, base.PixelRepresentation, intercept = pixel_encoding(vol.array, f"the DICOM series {out}")
+    base.RescaleIntercept = str(intercept)
+    location_slope, location_offset = slice_location_rule(source, normal)
     orientation = [_fmt(v) for v in (*d[:, 0], *d[:, 1])]
     spacing = [_fmt(sy), _fmt(sx)]  # row spacing (between rows), then column spacing
     if removed := remove_stale_partials(out):
@@ -581,7 +670,7 @@ def write_dicom_series(
             ds.PixelSpacing = spacing
             ds.SliceThickness = _fmt(between)
             ds.SpacingBetweenSlices = _fmt(between)
-            ds.SliceLocation = _fmt(float(np.dot(positions[k], normal)))
+            ds.SliceLocation = _fmt(location_slope * float(np.dot(positions[k], normal)) + location_offset)
             ds.Rows, ds.Columns = int(vol.shape[1]), int(vol.shape[2])
             if refs[k]:
                 items = []

@@ -18,6 +18,11 @@ import numpy as np
 #: Geometry differences below this fraction of the smallest voxel spacing are rounding (positions written
 #: with few decimals, float32 affines), not misplaced voxels; larger ones are corrected or refused.
 POSITION_TOL_VOXELS = 0.1
+#: Slices whose in-plane positions scatter by up to this fraction of a pixel, and not in proportion to their distance
+#: along the stack (no tilt), are read on the first slice's pixel grid, their jitter taken as rounding: a quarter
+#: pixel is below the in-plane resolution of a CT reconstruction (its kernel spreads a point over several pixels),
+#: whereas shifting every slice by interpolation would blur each one and move the grid off the input's.
+POSITION_JITTER_TOL_VOXELS = 0.25
 
 
 def corner_indices(shape_zyx: Sequence[int]) -> np.ndarray:
@@ -86,6 +91,10 @@ class GantryTilt:
         normal_spacing: distance between slices along their normal, mm (> 0).
         direction: orthonormal 3x3 of the regular grid: the rows' and columns' directions and the normal,
             the normal oriented so that the slice index increases along it.
+        line_drift_mm: the in-plane drift the straight line fitting the slices gives the farthest slice: the
+            part of the drift that is in proportion to the distance (a tilt's); near 0 for random jitter.
+        jitter: the drift is random jitter within :data:`POSITION_JITTER_TOL_VOXELS` of a pixel, not a tilt:
+            its line drifts less than :data:`POSITION_TOL_VOXELS` of a pixel, or the slices do not follow it.
     """
 
     angle_deg: float
@@ -94,13 +103,17 @@ class GantryTilt:
     shifts_ij: np.ndarray
     normal_spacing: float
     direction: np.ndarray
+    line_drift_mm: float = 0.0
+    jitter: bool = False
 
 
 def gantry_tilt(
     positions: np.ndarray, direction: np.ndarray, pixel_spacing: Sequence[float]
 ) -> GantryTilt | None:
     """The tilt of a slice stack, or ``None`` when the slices lie along their normal (within
-    :data:`POSITION_TOL_VOXELS` of a pixel).
+    :data:`POSITION_TOL_VOXELS` of a pixel). A stack whose slices scatter by less than
+    :data:`POSITION_JITTER_TOL_VOXELS` of a pixel, but not along a line, comes back marked ``jitter``: rounding in
+    its positions, not a tilt, to be read on its own grid.
 
     Args:
         positions: ``(n_slices, 3)`` LPS position (mm) of the first pixel of each slice, in array order
@@ -128,7 +141,10 @@ def gantry_tilt(
     angle = float(np.degrees(np.arctan2(np.linalg.norm(mean_step - normal_step * normal), abs(normal_step))))
     shifts = np.c_[offsets @ row / pixel_spacing[0], offsets @ col / pixel_spacing[1]]
     regular = np.c_[row, col, np.sign(normal_step) * normal]
-    return GantryTilt(angle, drift, off_line, shifts, abs(normal_step), regular)
+    line_drift = float(np.linalg.norm(drift_per_mm) * np.max(np.abs(along)))
+    tol, scatter = POSITION_TOL_VOXELS * min(pixel_spacing), POSITION_JITTER_TOL_VOXELS * min(pixel_spacing)
+    jitter = drift <= scatter and (line_drift <= tol or off_line > tol)
+    return GantryTilt(angle, drift, off_line, shifts, abs(normal_step), regular, line_drift, jitter)
 
 
 def resample_gantry_tilt(

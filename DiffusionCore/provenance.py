@@ -26,6 +26,7 @@ import functools
 import gzip
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -97,6 +98,12 @@ class Provenance:
         date: ISO 8601 UTC time of the run.
         environment: :func:`environment` of the run (left out: this process's, with the GPU of
             ``settings["device"]``); ``{}`` when read from a file written before it was recorded.
+        input_slice_thickness_mm: the input series' own SliceThickness (SR of a DICOM series; None when not known,
+            e.g. a NIfTI input). The result's slices are thin estimates; a reader needs the thickness of what was
+            measured (10 mm slices every 5 mm are not 5 mm slabs).
+        input_slice_note: what that thickness means for the result, when it is not the spacing (an overlapping or
+            interspaced series: :func:`~DiffusionCore.degrade.slab_thickness_note`, the warning the run gave);
+            ``""`` otherwise.
     """
 
     task: str
@@ -109,6 +116,8 @@ class Provenance:
     date: str = field(default_factory=now_utc)
     input_sha256: str = ""
     environment: dict[str, str] | None = None
+    input_slice_thickness_mm: float | None = None
+    input_slice_note: str = ""
 
     def __post_init__(self) -> None:
         if self.environment is None:
@@ -132,14 +141,33 @@ class Provenance:
             "input": self.input,
             "input_uid": self.input_uid,
             "input_sha256": self.input_sha256,
+            "input_slice_thickness_mm": self.input_slice_thickness_mm,
+            "input_slice_note": self.input_slice_note,
             "date": self.date,
         }
+
+    def input_slices(self) -> str:
+        """The input's slices in words (``"Input slices 10 mm thick, 5 mm apart: <note>."``), or ``""`` when their
+        thickness is not known; the spacing is the settings' ``input_spacing_xyz_mm`` along the run's axis."""
+        if not self.input_slice_thickness_mm:
+            return ""
+        spacing = self.settings.get("input_spacing_xyz_mm") or []
+        axis = self.settings.get("axis")
+        apart = ""
+        if isinstance(axis, str) and axis in ("z", "y", "x") and len(spacing) == 3:
+            apart = f", {float(spacing['xyz'.index(axis)]):g} mm apart"
+        note = f": {self.input_slice_note}" if self.input_slice_note else ""
+        return f"Input slices {self.input_slice_thickness_mm:g} mm thick{apart}{note}."
 
     def derivation(self, limit: int = 1024) -> str:
         """One paragraph for DICOM's DerivationDescription (at most ``limit`` characters)."""
         settings = json.dumps(self.settings, sort_keys=True, separators=(",", ":"), default=str)
-        uid = f"input UID {self.input_uid}; " if self.input_uid else ""  # before the settings: a cut ends those
+        uid = (
+            f"input UID {self.input_uid}; " if self.input_uid else ""
+        )  # before the settings: a cut ends those
         uid += f"input sha256 {self.input_sha256}; " if self.input_sha256 else ""
+        if self.input_slice_thickness_mm:
+            uid += f"input slice thickness {self.input_slice_thickness_mm:g} mm; "
         env = f"environment {_compact(self.environment)}; " if self.environment else ""
         text = (f"{self.title} by {self.software} ({self.task}); weights {self.weights} sha256 "
                 f"{self.weights_sha256}; {uid}{env}settings {settings}")  # fmt: skip
@@ -182,6 +210,10 @@ def header_fields(prov: Provenance) -> dict[str, str]:
         "input": prov.input,
         "input_uid": prov.input_uid,
         "input_sha256": prov.input_sha256,
+        "input_slice_thickness_mm": ""
+        if prov.input_slice_thickness_mm is None
+        else f"{prov.input_slice_thickness_mm:g}",
+        "input_slice_note": prov.input_slice_note,
         "date": prov.date,
     }
     return {HEADER_PREFIX + k: " ".join(str(v).split()) for k, v in fields.items()}
@@ -248,7 +280,16 @@ def read_header_fields(metadata: dict[str, str]) -> dict[str, str]:
 HEADER_READ_LIMIT = 1 << 20
 _DERIVATION = re.compile(
     rf"^(?P<title>.*) by {SOFTWARE} \S+ \((?P<task>[^)]*)\); weights (?P<weights>.*?) sha256 (?P<sha>[0-9a-fA-F]*); "
-    r"(?:input UID (?P<uid>[0-9.]+); )?(?:input sha256 (?P<input_sha>[0-9a-f]{64}); )?(?:environment (?P<env>\{[^{}]*\}); )?settings (?P<settings>.*)$", re.S)
+    r"(?:input UID (?P<uid>[0-9.]+); )?(?:input sha256 (?P<input_sha>[0-9a-f]{64}); )?"
+    r"(?:input slice thickness (?P<thickness>[0-9.eE+-]+) mm; )?(?:environment (?P<env>\{[^{}]*\}); )?settings (?P<settings>.*)$",
+    re.S,
+)
+
+
+#: The input's slices as :meth:`Provenance.input_slices` writes them at the end of a DICOM series' ImageComments.
+_INPUT_SLICES = re.compile(
+    r"Input slices [0-9.eE+-]+ mm thick(?:, [0-9.eE+-]+ mm apart)?(?:: (?P<note>.*))?\.$", re.S
+)
 
 
 def _from_header(path: Path, end_marker: bytes, separator: str) -> Provenance | None:
@@ -271,7 +312,18 @@ def _from_fields(fields: dict[str, str]) -> Provenance | None:
         weights_sha256=fields.get("weights_sha256", ""), settings=settings, input=fields.get("input", ""),
         input_uid=fields.get("input_uid", ""), date=fields.get("date", ""), input_sha256=fields.get("input_sha256", ""),
         environment={str(k): str(v) for k, v in env.items()},  # {} in a file written before it was recorded
+        input_slice_thickness_mm=_positive_number(fields.get("input_slice_thickness_mm")),
+        input_slice_note=fields.get("input_slice_note", "") or "",
     )
+
+
+def _positive_number(text: str | None) -> float | None:
+    """A header field holding a positive number (``"10"``; a sidecar's ``10.0``), else None (empty, ``null``)."""
+    try:
+        value = float(text or "")
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def _json_object(text: str | None) -> dict[str, Any]:
@@ -342,7 +394,9 @@ def _from_dicom(path: Path) -> Provenance | None:
     if m:
         fields.update(title=m["title"], task=m["task"], weights=m["weights"], weights_sha256=m["sha"],
                       settings=m["settings"], input_uid=m["uid"] or "", input_sha256=m["input_sha"] or "",
-                      environment=m["env"] or "{}")  # fmt: skip
+                      environment=m["env"] or "{}", input_slice_thickness_mm=m["thickness"] or "")  # fmt: skip
+        slices = _INPUT_SLICES.search(comments)
+        fields["input_slice_note"] = (slices["note"] or "") if slices else ""
         # "{title} from {input} by CTDiffusion ...": the title may hold " from " itself ("CT from radiograph")
         source = re.search(rf"{re.escape(m['title'])} from (.*) by {SOFTWARE} ", comments)
         fields["input"] = source.group(1) if source and source.group(1) != "the input" else ""

@@ -211,11 +211,40 @@ def sr_provenance(job_source: str | os.PathLike, volume_metadata: dict[str, Any]
     axis = settings.get("axis")  # the thick axis: its output spacing is the new slice spacing
     thin = spacing_xyz[2 - axis_index(axis)] if axis is not None and len(spacing_xyz) == 3 else None
     title = f"{sr_label(settings.get('factor'), thin)} (synthetic)"
+    thickness = input_slice_thickness(volume_metadata)
     return Provenance(
         task="sr", title=title, weights=str(settings.get("weights", "")),
         weights_sha256=str(report.get("weights_sha256", "")), settings=settings, input=str(job_source),
         input_uid=str(volume_metadata.get("series_uid", "")), input_sha256=str(report.get("input_sha256", "")),
+        input_slice_thickness_mm=thickness, input_slice_note=_input_slice_note(thickness, settings),
     )  # fmt: skip
+
+
+def input_slice_thickness(volume_metadata: dict[str, Any]) -> float | None:
+    """The input series' SliceThickness (mm) as read (``metadata["slice_thickness_mm"]``: a DICOM series, or the
+    Slicer module's node), or None when it is not known or not a positive number."""
+    try:
+        value = float(volume_metadata.get("slice_thickness_mm") or 0.0)
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 and value != float("inf") else None
+
+
+def _input_slice_note(thickness: float | None, settings: dict[str, Any]) -> str:
+    """The run's own note on a slice thickness unlike the spacing (:func:`~DiffusionCore.degrade.slab_thickness_note`,
+    one place for its words), from the report's settings: the thick axis and the input's spacing along it."""
+    spacing, axis = settings.get("input_spacing_xyz_mm") or [], settings.get("axis")
+    if not thickness or axis not in ("z", "y", "x") or len(spacing) != 3:
+        return ""
+    import numpy as np
+
+    from .degrade import slab_thickness_note
+
+    # the note reads the thickness and the spacing only: a one-voxel volume of that grid says the same as the input
+    grid_only = Volume(
+        np.zeros((1, 1, 1), np.float32), tuple(spacing), metadata={"slice_thickness_mm": thickness}
+    )
+    return slab_thickness_note(grid_only, axis_index(axis))
 
 
 def xray_provenance(source: str | os.PathLike, report: dict, weights: str, input_uid: str = "") -> Provenance:
@@ -257,7 +286,9 @@ def result_provenance(
         if not name and ran:
             from .weights.registry import registered_name
 
-            name = registered_name(ran) or ""  # the registered weights of that sha256 (a file of one's own: none)
+            name = (
+                registered_name(ran) or ""
+            )  # the registered weights of that sha256 (a file of one's own: none)
         return xray_provenance(source, report, name)
     return sr_provenance(source, meta, report)
 

@@ -28,7 +28,7 @@ import re
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,13 +447,44 @@ def require_ct(vol: Volume | np.ndarray, source: str = "volume") -> None:
     _ct_doubts(lo, hi, source, log=not getattr(vol, _CT_TOLD, False))
 
 
-def replace_padding(arr: np.ndarray) -> np.ndarray:
-    """Padding markers outside the scan circle (-2048, -3024, -32768, ...) become air (-1024 HU), in place when
-    ``arr`` is a writable float32 array of its own (a volume just read: no second copy of a large result), else in a
-    float32 copy."""
+def replace_padding(arr: np.ndarray, source: str = "volume") -> np.ndarray:
+    """Padding markers outside the scan circle (-2048, -3024, -32768, a DICOM PixelPaddingValue, ...) become air
+    (-1024 HU), in place when ``arr`` is a writable float32 array of its own (a volume just read: no second copy of a
+    large result), else in a float32 copy.
+
+    Padding is what lies below :data:`PADDING_THRESHOLD_HU` *and* reaches the edge of its slice (array axis 0)
+    through such voxels: the outside of the reconstruction circle (or of a smaller field of view) always does, in
+    whichever plane the volume is stored, since the outside of a convex field of view is connected to the image's
+    edge. Voxels that low inside the image (noise in the air or the lungs of a low-dose scan) are measurements and
+    are kept. An info line names ``source`` and the number of voxels replaced (once per call, i.e. per volume).
+    """
+    from scipy import ndimage
+
     own = arr.dtype == np.float32 and arr.flags.writeable and arr.flags.c_contiguous and arr.base is None
     out = arr if own else np.array(arr, dtype=np.float32, copy=True)
-    np.copyto(out, np.float32(AIR_HU), where=out < PADDING_THRESHOLD_HU)
+    if out.ndim != 3:
+        np.copyto(out, np.float32(AIR_HU), where=out < PADDING_THRESHOLD_HU)
+        return out
+    replaced = kept = 0
+    for k in range(out.shape[0]):
+        below = out[k] < PADDING_THRESHOLD_HU
+        n_below = int(np.count_nonzero(below))
+        if not n_below:
+            continue
+        labels, count = ndimage.label(below)  # 4-connected: isolated noise voxels do not chain up to the edge
+        at_edge = np.zeros(count + 1, dtype=bool)
+        at_edge[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
+        at_edge[0] = False
+        padding = at_edge[labels]
+        out[k][padding] = np.float32(AIR_HU)
+        n = int(np.count_nonzero(padding))
+        replaced += n
+        kept += n_below - n
+    if replaced or kept:
+        inside = (f"; {kept} voxel{'s' if kept != 1 else ''} that low inside the image (noise, not padding) kept as "
+                  "read") if kept else ""  # fmt: skip
+        logger.info("%s: %d voxels below %g HU reaching the image's edge (outside the scan circle) taken as padding "
+                    "and set to air (%g HU)%s", source, replaced, PADDING_THRESHOLD_HU, AIR_HU, inside)  # fmt: skip
     return out
 
 
@@ -544,7 +575,7 @@ def _itk_text(value: str) -> str:
         return value.encode("utf-8", "backslashreplace").decode("ascii")
 
 
-def _itk(call, *args, reading: Path | None = None):
+def _itk(call, *args, reading: Path | None = None, handled: Sequence[str] = ()):
     """``call(*args)`` (a SimpleITK function) with ITK's own console output kept off the terminal
     (:func:`~DiffusionCore.files.native_stderr_captured`; logged at debug level). Text arguments (file names)
     pass through :func:`itk_path`.
@@ -552,6 +583,7 @@ def _itk(call, *args, reading: Path | None = None):
     Args:
         reading: the file being read: output reporting a read failure (while ITK returns an image anyway)
             refuses it with an InputError naming what ITK said.
+        handled: beginnings of ITK's lines that the caller checks and reports itself, in its own words (left out).
     """
     args = tuple(itk_path(a) if isinstance(a, str) else a for a in args)
     with native_stderr_captured() as native:
@@ -564,7 +596,7 @@ def _itk(call, *args, reading: Path | None = None):
             f"could not read {reading}: ITK reported \"{failures[0]}\" while reading its voxels, so they are not "
             "what its header describes: the file is corrupt. Export or copy it again."
         )
-    said = [line for line in said if not any(h in line for h in _ITK_HANDLED_HERE)]
+    said = [line for line in said if not any(h in line for h in (*_ITK_HANDLED_HERE, *handled))]
     if reading is not None and said:  # a warning of ITK's about this file, in our words and format
         logger.warning("%s: %s (reported by ITK while reading it)", reading, "; ".join(dict.fromkeys(said)))
     return result
@@ -600,19 +632,83 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
     headers = {f: dicom_header(f) for f in files}  # each file's header read once, for every check below
     files = _without_localizers(files, headers, folder, meta)
     _check_identity(files, headers, folder)
-    thickness = _slice_thickness(headers[files[0]])
+    thickness = series_slice_thickness({f: _slice_thickness(headers[f]) for f in files}, f"the DICOM series in {folder}",
+                                       meta)  # fmt: skip
     if thickness is not None:
         meta["slice_thickness_mm"] = thickness
     positions = _slice_positions(files, headers, folder)
     _check_series_size(files, headers, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([itk_path(f) for f in files])
-    try:
-        img = _itk(reader.Execute, reading=folder)
+    try:  # ITK's "non uniform sampling" line is replaced by _note_uneven_positions' own (missing slices are refused)
+        img = _itk(reader.Execute, reading=folder, handled=(_ITK_NON_UNIFORM,))
     except RuntimeError as exc:
         raise InputError(f"could not read the DICOM series in {folder}: {sitk_message(exc)}") from None
+    _note_uneven_positions(positions, _tag_numbers(headers[files[0]], "0020|0037"), folder, meta)
     img = _regularize_gantry_tilt(img, positions, folder, meta)
     return img, meta
+
+
+#: The beginning of ITK's warning about a series whose slice positions are not exactly evenly spaced (it shows for
+#: a rounding of 0.00007 mm as for a missing slice): :func:`_note_uneven_positions` says what it means instead.
+_ITK_NON_UNIFORM = "Non uniform sampling"
+
+#: Slices closer than this share of the slice spacing to an evenly spaced grid are evenly spaced but for rounding: the
+#: few decimals converters write positions with (0.00005 to 0.005 mm) stay far below it, and a slice placed a
+#: hundredth of a spacing off is moved much less than its own slice profile can resolve, so nothing is said.
+#: Further off (up to :data:`_MAX_SPACING_DEVIATION`, beyond which the series is refused) a note says how far.
+SLICE_POSITION_ROUNDING = 0.01
+
+
+def _note_uneven_positions(positions: np.ndarray, iop: np.ndarray | None, folder: Path, meta: dict) -> None:
+    """Say (warning; ``meta["slice_position_deviation_mm"]``) how far the slices of a series lie from an evenly
+    spaced grid along their normal when that is more than :data:`SLICE_POSITION_ROUNDING` of the spacing: ITK stacks
+    them at their mean spacing (the first to the last slice's distance over the number of steps), so each slice is
+    placed that far at most from where it was acquired."""
+    if iop is None or iop.shape != (6,) or len(positions) < 3:
+        return
+    along = np.sort(positions @ np.cross(iop[:3], iop[3:]))
+    mean = float(along[-1] - along[0]) / (len(along) - 1)
+    deviation = float(np.max(np.abs(along - (along[0] + mean * np.arange(len(along))))))
+    if mean <= 0 or deviation <= SLICE_POSITION_ROUNDING * mean:
+        return
+    meta["slice_position_deviation_mm"] = round(deviation, 4)
+    logger.warning(
+        "the slices of the DICOM series in %s lie up to %.2g mm (%.1f%% of their spacing) from an evenly spaced grid "
+        "along their normal (ImagePositionPatient): stacked at their mean spacing, %.4g mm, so each slice is placed at "
+        "most %.2g mm from where it was acquired", folder, deviation, 100 * deviation / mean, mean, deviation,
+    )  # fmt: skip
+
+
+def series_slice_thickness(
+    values: Mapping[str, float | None], series: str, meta: dict | None = None
+) -> float | None:
+    """The SliceThickness (mm) of a series from that of each of its files (``values``: file -> thickness, None where a
+    file gives none): the value most files give. Files that disagree (beyond rounding) hint at a series mixing two
+    reconstructions; a warning names the values, each with how many files give it and one of them, and ``meta`` (when
+    given) records them as ``slice_thickness_values_mm`` (value -> number of files)."""
+    given = {f: round(v, 3) for f, v in values.items() if v is not None}  # equal but for rounding: one value
+    if not given:
+        return None
+    counts = Counter(given.values())
+    common = counts.most_common()
+    value = next(values[f] for f, v in given.items() if v == common[0][0])  # as written, not rounded
+    if len(common) > 1:
+        example = {}
+        for f, v in given.items():
+            example.setdefault(v, Path(f).name)
+        shown = "; ".join(
+            f"{v:g} mm in {n} file{'s' if n != 1 else ''} (e.g. {example[v]})" for v, n in common[:4]
+        )
+        more = f"; and {len(common) - 4} other values" if len(common) > 4 else ""
+        logger.warning(
+            "%s: its files give different slice thicknesses (SliceThickness): %s%s. Taken as %g mm, the value most "
+            "files give; different thicknesses in one series hint at two reconstructions mixed in one folder: check "
+            "that it holds one series only", series, shown, more, value,
+        )  # fmt: skip
+        if meta is not None:
+            meta["slice_thickness_values_mm"] = {f"{v:g}": n for v, n in common}
+    return float(value)
 
 
 def _slice_thickness(r: sitk.ImageFileReader) -> float | None:
@@ -625,17 +721,20 @@ def _slice_thickness(r: sitk.ImageFileReader) -> float | None:
 
 
 def dicom_slice_thickness(files: list[str]) -> float | None:
-    """The SliceThickness in mm of a CT series given as its files (e.g. those a Slicer node was loaded from): that of
-    its first slice that is not a localizer; None when no file says, or none can be read (the file then only lacks
-    this note: the volume itself comes from elsewhere)."""
+    """The SliceThickness in mm of a CT series given as its files (e.g. those a Slicer node was loaded from): the
+    value most of its slices that are not localizers give (:func:`series_slice_thickness`, which warns when they
+    differ); None when no file says, or none can be read (the file then only lacks this note: the volume itself
+    comes from elsewhere)."""
+    values = {}
     for file in files:
         try:
             reader = dicom_header(file)
         except InputError:
             continue
         if not _header_is_localizer(reader):
-            return _slice_thickness(reader)
-    return None
+            values[file] = _slice_thickness(reader)
+    series = f"the DICOM series of {Path(files[0]).parent}" if files else "the series"
+    return series_slice_thickness(values, series)
 
 
 def is_localizer(image_type: str) -> bool:
@@ -734,12 +833,11 @@ def _slice_positions(files: Sequence[str], headers: dict[str, sitk.ImageFileRead
         positions.append(ipp)
     pos = np.asarray(positions)
     normal = np.cross(first_iop[:3], first_iop[3:])
-    steps = np.diff(np.sort(pos @ normal))
-    if np.any(steps <= 1e-6):
-        raise InputError(
-            f"the DICOM series in {folder} has two slices at the same position: it mixes several series "
-            "or acquisitions. Separate them into one folder per series."
-        )
+    order = np.argsort(pos @ normal, kind="stable")
+    steps = np.diff((pos @ normal)[order])
+    same = np.flatnonzero(steps <= 1e-6)
+    if same.size:
+        raise _same_position_error(files[order[same[0]]], files[order[same[0] + 1]], len(same), folder)
     median = float(np.median(steps))
     worst = int(np.argmax(steps))
     big = steps > 1.5 * median
@@ -751,6 +849,35 @@ def _slice_positions(files: Sequence[str], headers: dict[str, sitk.ImageFileRead
         )
     _check_even_spacing(np.sort(pos @ normal), steps, folder)
     return pos
+
+
+def _same_position_error(first: str, second: str, pairs: int, folder: Path) -> InputError:
+    """The refusal of a series holding two slices at one position (``first`` and ``second``; ``pairs`` positions
+    hold two), naming both files: identical pixel data are one slice stored twice (a PACS re-send or a repeated copy,
+    under a new SOPInstanceUID), different images two acquisitions or reconstructions mixed in one series."""
+    names = [os.path.relpath(f, folder) if os.path.abspath(f).startswith(os.path.abspath(folder)) else Path(f).name
+             for f in (first, second)]  # fmt: skip
+    more = f" ({pairs - 1} other position{'s' if pairs > 2 else ''} hold two slices too)" if pairs > 1 else ""
+    if _same_pixels(first, second):
+        return InputError(
+            f"the DICOM series in {folder} holds the same slice twice: {names[0]} and {names[1]} lie at the same "
+            f"position with identical pixel data{more}, a duplicate file (an image sent twice by the PACS, or copied "
+            f"twice). Remove one of them (e.g. {names[1]}) from the folder and run again."
+        )
+    return InputError(
+        f"the DICOM series in {folder} has two different slices at the same position: {names[0]} and {names[1]} "
+        f"hold different images there{more}, so it mixes several series or acquisitions. Separate them into one "
+        "folder per series."
+    )
+
+
+def _same_pixels(first: str, second: str) -> bool:
+    """Whether two DICOM files hold the same image (size and values in HU); False when either cannot be read."""
+    try:
+        a, b = (sitk.GetArrayFromImage(_itk(sitk.ReadImage, f)) for f in (first, second))
+    except RuntimeError:
+        return False
+    return a.shape == b.shape and bool(np.array_equal(a, b))
 
 
 def check_series_slices(files: Sequence[str], series: str) -> None:
@@ -834,6 +961,16 @@ def _tilt_corrected(
     """
     tilt = gantry_tilt(positions, direction, spacing_xy)
     if tilt is None:
+        return None
+    if tilt.jitter:  # rounding in the positions, not a tilt: the slices stay on their own pixel grid
+        pixels = tilt.drift_mm / min(spacing_xy)
+        msg = (f"the slices of {what} lie up to {tilt.drift_mm:.2g} mm ({pixels:.2f} pixel) off the first slice's "
+               "pixel grid within their plane, scattered rather than drifting with the distance as a gantry tilt "
+               "would (ImagePositionPatient): taken as rounding, the slices are read on the first slice's pixel "
+               "grid, without resampling")  # fmt: skip
+        logger.info(msg)
+        meta["position_jitter_mm"] = round(tilt.drift_mm, 4)
+        meta["geometry_note"] = msg
         return None
     if tilt.off_line_mm > POSITION_TOL_VOXELS * min(spacing_xy):
         raise InputError(
@@ -1338,9 +1475,10 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
         check: run :func:`check_ct` (refuse NaN/Inf, warn on non-CT intensities).
 
     Returns:
-        A :class:`Volume` in HU; padding markers below -1500 HU are replaced by air (-1024 HU). A
-        gantry-tilted DICOM series comes back resampled onto an orthogonal grid (with a warning;
-        ``metadata["gantry_tilt_deg"]``).
+        A :class:`Volume` in HU; padding below -1500 HU reaching the image's edge is replaced by air (-1024 HU,
+        :func:`replace_padding`). A gantry-tilted DICOM series comes back resampled onto an orthogonal grid (with a
+        warning; ``metadata["gantry_tilt_deg"]``); one whose slices only scatter within a fraction of a pixel is
+        read on its own grid (an info line; ``metadata["position_jitter_mm"]``).
 
     Raises:
         InputError: missing or unreadable file, 2D/4D/RGB image, single slice, NaN/Inf voxels; a DICOM
@@ -1371,7 +1509,7 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
             vol = Volume(arr, (*ct.spacing[:2], normal_spacing), origin, regular, extra)
         if check:
             check_ct(vol, str(p))
-        vol.array = replace_padding(vol.array)
+        vol.array = replace_padding(vol.array, str(p))
         return vol
     if p.is_dir():
         img, extra = _read_dicom_series(p)
@@ -1397,7 +1535,7 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
         vol.array[nonfinite] = np.nan  # ITK read them as 0
     if check:
         check_ct(vol, str(p))
-    vol.array = replace_padding(vol.array)
+    vol.array = replace_padding(vol.array, str(p))
     return vol
 
 
@@ -1480,21 +1618,23 @@ def check_output_geometry(vol: Volume | Grid, path: str | os.PathLike) -> None:
     )
 
 
-def _rounded_int16(arr: np.ndarray) -> np.ndarray:
+def _rounded_int16(arr: np.ndarray) -> tuple[np.ndarray, int]:
     """``arr`` rounded to the nearest integer and clipped to the int16 range, slab by slab on all cores
-    (numpy releases the GIL), with one slab-sized temporary per worker."""
+    (numpy releases the GIL), with one slab-sized temporary per worker; and how many voxels were clipped."""
     out = np.empty(arr.shape, dtype=np.int16)
     threads = usable_cpus()
     step = max(1, -(-arr.shape[0] // (4 * threads)))
 
-    def convert(start: int) -> None:
+    def convert(start: int) -> int:
         part = np.round(arr[start : start + step])
+        clipped = int(np.count_nonzero((part < -32768) | (part > 32767)))
         np.clip(part, -32768, 32767, out=part)
         out[start : start + step] = part
+        return clipped
 
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(convert, range(0, arr.shape[0], step)))
-    return out
+        clipped = sum(pool.map(convert, range(0, arr.shape[0], step)))
+    return out, clipped
 
 
 #: What a library caller does about an output that exists (the command line's own message names ``--overwrite``).
@@ -1547,7 +1687,14 @@ def write_volume(
         as_int = bool(np.all(arr == np.round(arr))) and arr.min() >= -32768 and arr.max() <= 32767
         dtype = "int16" if as_int else "float32"
     if dtype == "int16":
-        out = _rounded_int16(arr)
+        out, clipped = _rounded_int16(arr)
+        if clipped:
+            logger.warning(
+                "%s: %d voxel%s outside the int16 range (-32768 to 32767 HU; the volume spans %g to %g HU) clipped to "
+                "it: write float32 to keep %s (--output-dtype float32 on the command line, dtype='float32' in "
+                "Python)", p.name, clipped, "s" if clipped != 1 else "", float(np.nanmin(arr)), float(np.nanmax(arr)),
+                "them" if clipped != 1 else "it",
+            )  # fmt: skip
     elif dtype == "float32":
         out = arr.astype(np.float32, copy=False)
     else:

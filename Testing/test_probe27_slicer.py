@@ -177,3 +177,34 @@ def test_the_runs_environment_is_read_from_its_output_file_else_from_its_reports
     assert mrml_io.recorded_environment(tmp_path / "none.nrrd", report) == {"torch": "from the report"}
     assert mrml_io.recorded_environment(tmp_path / "none.nrrd", {}) == {}
     assert mrml_io.read_job_report(tmp_path / "none.json") == {}
+
+
+def test_the_sr_modules_result_records_the_input_series_slice_thickness_and_exports_it(scene, tmp_path, monkeypatch):
+    """Probe 33 F5 in Slicer: a result of an overlapping series (slices twice as thick as their spacing) keeps what
+    the run recorded of that, on the node (saved with the scene) and in its exports, as `sr` writes it."""
+    import pydicom
+
+    database = DicomDatabaseStandIn()
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    ct = phantom_ct()
+    files = write_dicom_series(tmp_path / "thick", ct, series_uid=SERIES_UID)
+    thickness = 2 * ct.spacing[2]
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SliceThickness = f"{thickness:g}"
+        ds.save_as(f)
+    node = load_dicom_node(scene, files, "CT chest", database, uids=[f"{SERIES_UID}.{i + 1}" for i in range(len(files))])
+    job = SRJob(scene, node, SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False))
+    assert job.run(timeout=240) == JobState.COMPLETED, job.error
+    (result,) = job.result_nodes
+    record = mrml_io.provenance_record(result)
+    assert record.input_slice_thickness_mm == pytest.approx(thickness)
+    assert "an overlapping reconstruction" in record.input_slice_note
+    mrml_io.export_result(result, str(tmp_path / "sr.nrrd"))
+    written = read_provenance(tmp_path / "sr.nrrd")
+    assert written.input_slice_thickness_mm == pytest.approx(thickness)
+    assert written.input_slice_note == record.input_slice_note
+    # another run's result loaded into the node later must not keep this run's thickness
+    mrml_io.set_provenance(result, kind="super-resolution", model="m", weights_sha256="ab" * 32, settings={})
+    assert mrml_io.provenance_record(result).input_slice_thickness_mm is None
+    assert not result.GetAttribute(mrml_io.ATTR_INPUT_SLICE_NOTE)

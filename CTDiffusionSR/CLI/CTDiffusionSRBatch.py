@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--numSamples", type=int, default=1)
     p.add_argument("--noDataConsistency", action="store_true", help="skip the projection onto the input")
     p.add_argument("--allowNonCT", action="store_true", help="run on intensities that do not look like CT")
+    p.add_argument("--allowInterspaced", action="store_true",
+                   help="run on an interspaced series (--sliceThickness at most half the slice spacing), which is "
+                   "refused otherwise; the result may hold bright rims at edges")  # fmt: skip
     p.add_argument(
         "--sliceThickness", type=finite_float(0.0), default=0.0,
         help="the input's slice thickness in mm (DICOM SliceThickness; Slicer passes it); 0 = not known",
@@ -112,6 +115,7 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         "num_samples": args.numSamples,
         "data_consistency": not args.noDataConsistency,
         "allow_non_ct": args.allowNonCT,
+        "allow_interspaced": args.allowInterspaced,
         "adapt": adapt,
     }
 
@@ -161,7 +165,8 @@ def run_settings(settings: dict):
 #: (``pass --allow-non-ct``), which :func:`in_cli_terms` turns into this CLI's own.
 ENGINE_FLAGS = {
     "guidance": "--guidanceScale", "patch_size": "--patchSize", "overlap": "--overlap",
-    "--allow-non-ct": "--allowNonCT", "--no-adapt": "--noAdapt", "--adapt-steps": "--adaptSteps",
+    "--allow-non-ct": "--allowNonCT", "--allow-interspaced": "--allowInterspaced", "--no-adapt": "--noAdapt",
+    "--adapt-steps": "--adaptSteps",
     "--adapt": "--adaptSeconds", "--allow-unregistered-weights": "--allowUnregisteredWeights",
     "--num-steps": "--numSteps", "--num-samples": "--numSamples", "--guidance-scale": "--guidanceScale",
     "--patch-size": "--patchSize", "--target-spacing": "--targetSpacing", "--uncertainty": "--uncertaintyVolume",
@@ -304,6 +309,7 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
     from DiffusionCore.cli.batch import BatchProgress
     from DiffusionCore.cli.common import Progress, check_result, result_range, write_return_parameters
     from DiffusionCore.cli.sr import sr_provenance, uncertainty_provenance
+    from DiffusionCore.degrade import check_interspaced
     from DiffusionCore.errors import InputError
     from DiffusionCore.files import write_json_atomic
     from DiffusionCore.results import write_result
@@ -326,6 +332,10 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
     volume = read_volume(args.inputVolume)
     if args.sliceThickness > 0:  # what the DICOM series said, for the note on overlapping or interspaced slices
         volume.metadata["slice_thickness_mm"] = float(args.sliceThickness)
+    # an interspaced series is refused before the weights are loaded (the run itself checks it again)
+    check_interspaced(
+        volume, engine_settings.axis, allow=engine_settings.allow_interspaced, what=args.inputVolume
+    )
     if args.tinyTestPredictor:
         resolver = SuperResolver.tiny_predictor(seed=0)
     elif args.tinyTestModel:

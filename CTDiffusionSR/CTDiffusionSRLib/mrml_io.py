@@ -60,6 +60,9 @@ ATTR_INPUT_UID = ATTRIBUTE_PREFIX + "InputUID"
 #: The input's content digest as the run read it (``Volume.content_sha256``; a radiograph's
 #: ``Radiograph.content_sha256``), when the run recorded it.
 ATTR_INPUT_SHA256 = ATTRIBUTE_PREFIX + "InputSHA256"
+#: The input series' own SliceThickness (mm) and what it meant for the result, as the run's provenance records them.
+ATTR_INPUT_SLICE_THICKNESS = ATTRIBUTE_PREFIX + "InputSliceThicknessMM"
+ATTR_INPUT_SLICE_NOTE = ATTRIBUTE_PREFIX + "InputSliceNote"
 ATTR_TITLE = ATTRIBUTE_PREFIX + "Title"
 #: The environment of the run that made the voxels (JSON: :func:`DiffusionCore.provenance.environment` as the job's
 #: output file, or a loaded result file, records it); ``{}`` when unknown. An export records it, never the
@@ -393,13 +396,15 @@ def set_provenance(
     node, *, kind: str, model: str, weights_sha256: str, settings: dict[str, Any], source=None, title: str = "",
     date: str = "", recorded_input: tuple[str, str] = ("", ""), environment: dict[str, str] | None = None,
     input_sha256: str = "",
+    input_slices: tuple[float | None, str] = (None, ""),
 ) -> None:
     """Record how a synthetic node was made, as node attributes (saved with the scene). ``title`` is the label
     that ends an exported series' description, e.g. ``"SR x4 (synthetic)"``; ``date`` (ISO 8601) defaults to now;
     ``recorded_input`` is the input's name and DICOM UID as a result file recorded them, when no source node is
     given. ``environment`` is the run's (:func:`recorded_environment`; a result file's record): ``None`` or ``{}`` when
     unknown, and its exports then record ``{}``. ``input_sha256``: the input's content digest as the run's report
-    gives it (``""``: not recorded, and a digest the node held before is removed). A result made from a result has both steps in its title
+    gives it (``""``: not recorded, and a digest the node held before is removed). ``input_slices``: the input series'
+    SliceThickness (mm, None when unknown) and the run's note on it (overlap or gaps), as the provenance records them. A result made from a result has both steps in its title
     (``"SR x2 SR x2 (synthetic)"``): its DICOM export is a series of the scan behind both."""
     title = title or f"{kind} (synthetic)"
     if source is not None and source.GetAttribute(ATTR_SYNTHETIC) == "true" and source.GetAttribute(ATTR_TITLE):
@@ -415,10 +420,13 @@ def set_provenance(
     for attr, value in zip((ATTR_INPUT, ATTR_INPUT_UID), recorded_input):
         if value:
             node.SetAttribute(attr, value)
-    if input_sha256:
-        node.SetAttribute(ATTR_INPUT_SHA256, input_sha256)
-    else:
-        node.RemoveAttribute(ATTR_INPUT_SHA256)
+    for attr, value in ((ATTR_INPUT_SHA256, input_sha256),
+                        (ATTR_INPUT_SLICE_THICKNESS, "" if input_slices[0] is None else f"{input_slices[0]:g}"),
+                        (ATTR_INPUT_SLICE_NOTE, input_slices[1] or "")):  # fmt: skip
+        if value:
+            node.SetAttribute(attr, value)
+        else:
+            node.RemoveAttribute(attr)  # another run's value must not stay
     node.RemoveAttribute(ATTR_SOURCE)  # an ID as text goes stale when a saved scene is imported: the reference follows
     # the DICOM series behind the input, read from the node object: a node deleted while the job ran keeps its attributes
     instances = " ".join(acquired_instance_uids(source)) if source is not None else ""
@@ -544,14 +552,16 @@ def recognise_result_file(node) -> bool:
     if provenance(node):
         if _same_result(provenance_record(node), record):
             return False  # its own file (Slicer's Save of it, stamped)
-        for attr in (ATTR_SOURCE, ATTR_INPUT, ATTR_INPUT_UID, ATTR_INPUT_SHA256):  # another run's: its input is the file's
+        for attr in (ATTR_SOURCE, ATTR_INPUT, ATTR_INPUT_UID, ATTR_INPUT_SHA256, ATTR_INPUT_SLICE_THICKNESS,
+                     ATTR_INPUT_SLICE_NOTE):  # another run's: its input is the file's
             node.RemoveAttribute(attr)
         node.RemoveNodeReferenceIDs(SOURCE_REFERENCE_ROLE)
         logger.info("%s holds another result now (%s): its provenance is that result's", node.GetName(), key[0])
     set_provenance(node, kind=_kind_of(record.task, record.title), model=record.weights,
                    weights_sha256=record.weights_sha256, settings=record.settings, title=record.title,
                    date=record.date or "unrecorded", recorded_input=(record.input, record.input_uid),
-                   environment=record.environment, input_sha256=record.input_sha256)  # fmt: skip
+                   environment=record.environment, input_sha256=record.input_sha256,
+                   input_slices=(record.input_slice_thickness_mm, record.input_slice_note))  # fmt: skip
     if "synthetic" not in (node.GetName() or "").lower():
         node.SetName(f"{node.GetName()} (synthetic)")
     logger.info("%s was loaded from a result file (%s): labelled synthetic", node.GetName(), key[0])
@@ -847,7 +857,18 @@ def provenance_record(node):
         date=str(info["date"] or ""),
         environment=info["environment"],  # the run's; {} when unknown, never this process's
         input_sha256=node.GetAttribute(ATTR_INPUT_SHA256) or "",
+        input_slice_thickness_mm=_positive_mm(node.GetAttribute(ATTR_INPUT_SLICE_THICKNESS)),
+        input_slice_note=node.GetAttribute(ATTR_INPUT_SLICE_NOTE) or "",
     )
+
+
+def _positive_mm(text: str | None) -> float | None:
+    """A node attribute's millimetres, or None when absent or not a positive number (an edited scene file)."""
+    try:
+        value = float(text or "")
+    except ValueError:
+        return None
+    return value if value > 0 and value == value and value != float("inf") else None
 
 
 def dicom_source_files(node) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from DiffusionCore.degrade import MAX_FACTOR, plan_thin_grid
+from DiffusionCore.degrade import MAX_FACTOR, check_interspaced, plan_thin_grid
 from DiffusionCore.errors import DiffusionCoreError, GeometryError, InputError, OutputError
 from DiffusionCore.evaluate import check_scorable
 from DiffusionCore.provenance import sr_label, synthetic_image_notice
@@ -74,6 +74,8 @@ class SRSettings:
         num_samples: samples averaged; >= 2 gives an uncertainty map.
         data_consistency: project the result back onto the measured slices.
         allow_non_ct: run on intensities that do not look like CT in HU (e.g. a CT cropped inside the body).
+        allow_interspaced: run on an interspaced DICOM series (slices at most half as thick as their spacing, with
+            gaps: an HRCT-type protocol), which is refused otherwise; the result may hold bright rims at edges.
         adapt_to_scan: first fine-tune a copy of the model on this scan's own in-plane detail (on by default;
             skipped, with a note in the report, when the weights have no through-plane predictor).
         adapt_steps: training steps of that adaptation (deterministic; 400 = the engine's default).
@@ -98,6 +100,7 @@ class SRSettings:
     num_samples: int = 1
     data_consistency: bool = True
     allow_non_ct: bool = False
+    allow_interspaced: bool = False
     adapt_to_scan: bool = True
     adapt_steps: int = 400  # DiffusionCore.sr.adapt.DEFAULT_ADAPT_STEPS (this module does not import torch)
     adapt_seconds: float = 0.0
@@ -132,6 +135,8 @@ class SRSettings:
             args.append("--noDataConsistency")
         if self.allow_non_ct:
             args.append("--allowNonCT")
+        if self.allow_interspaced:
+            args.append("--allowInterspaced")
         if self.tiny_test_model:
             args.append("--tinyTestModel")
         if self.tiny_test_predictor:
@@ -174,6 +179,7 @@ class SRSettings:
             num_samples=int(self.num_samples),
             data_consistency=bool(self.data_consistency),
             allow_non_ct=bool(self.allow_non_ct),
+            allow_interspaced=bool(self.allow_interspaced),
             adapt=adapt,
         )
 
@@ -384,6 +390,24 @@ def synthetic_input_notice(node) -> str:
                                   "this result rests on that model's estimate")
 
 
+def refuse_interspaced_series(node, settings: SRSettings, thickness: float | None) -> None:
+    """Refuse, when Apply is pressed, a series whose DICOM SliceThickness (``thickness``, read from the node's files:
+    the node keeps only the spacing) is at most half its slice spacing, unless ``settings.allow_interspaced``: the
+    engine's refusal (:func:`DiffusionCore.degrade.check_interspaced`), which the job would otherwise give in the
+    background.
+
+    Raises:
+        InputError: naming the node, what was found, why and what to do.
+    """
+    if not thickness or settings.allow_interspaced:
+        return
+    grid = job_grid(node)
+    _, axis, _ = plan_thin_grid(grid, **settings.thin_grid_options())
+    check_interspaced(grid, axis, thickness_mm=thickness, what=f"'{node.GetName()}'",
+                      how_to_allow="use the CT Diffusion Super-Resolution (batch) module with 'Allow interspaced slices' "
+                      "checked (allow_interspaced=True in SRSettings from Python)")  # fmt: skip
+
+
 def refuse_series_the_job_cannot_read(node):
     """Refuse, when Apply is pressed, a DICOM series that the job would read from its files and then stop on
     (:func:`CTDiffusionSRLib.mrml_io.series_to_read_from_files`: e.g. slices of two spacings, which Slicer's
@@ -427,6 +451,9 @@ class SRJob(CLIJob):
             raise OutputError(f"the output '{output_node.GetName()}' is a {output_node.GetClassName()}, not a scalar "
                               "volume: choose a scalar volume or create a new one.")
         self.series = refuse_series_the_job_cannot_read(input_node)
+        # only a DICOM series knows its slices' thickness; the node keeps their spacing alone
+        self.slice_thickness = dicom_slice_thickness(dicom_source_files(input_node))
+        refuse_interspaced_series(input_node, settings, self.slice_thickness)
         if not (settings.tiny_test_model or settings.tiny_test_predictor):
             from DiffusionCore.weights.registry import first_available
 
@@ -465,9 +492,8 @@ class SRJob(CLIJob):
         args = self.settings.cli_arguments()
         if self.settings.num_samples >= 2:
             args += ["--uncertaintyVolume", str(tempdir / "uncertainty.nrrd")]
-        thickness = dicom_slice_thickness(dicom_source_files(self.input_node))
-        if thickness:  # only a DICOM series knows its slices' thickness; the node keeps their spacing alone
-            args += ["--sliceThickness", repr(float(thickness))]
+        if self.slice_thickness:  # read from the series' files when the job was made
+            args += ["--sliceThickness", repr(float(self.slice_thickness))]
         args += ["--reportFile", str(tempdir / "report.json"), "--returnparameterfile", str(tempdir / "return.txt")]
         return [*args, source, str(tempdir / "output.nrrd")]
 
@@ -527,10 +553,14 @@ class SRJob(CLIJob):
             node = add_volume_node(self.scene, result, synthetic_name(self.input_node.GetName(), label), like=self.input_node)
             self.created_nodes.append(node)
         del result  # the node holds a copy: a large result is not held twice while the rest is imported
+        recorded = report.get("provenance") or {}  # the run's record of the input series' slice thickness
+        thickness = recorded.get("input_slice_thickness_mm")
+        input_slices = (float(thickness) if isinstance(thickness, int | float) and thickness > 0 else None,
+                        str(recorded.get("input_slice_note") or ""))  # fmt: skip
         set_provenance(node, kind="super-resolution", model=model, weights_sha256=sha, settings=settings,
                        source=self.input_node, title=f"{label} (synthetic)",
                        recorded_input=self.recorded_input, environment=environment,
-                       input_sha256=str(report.get("input_sha256") or ""))  # fmt: skip
+                       input_sha256=str(report.get("input_sha256") or ""), input_slices=input_slices)  # fmt: skip
         place_beside(self.scene, self.input_node, node)
         # the result is in the input's own frame (the files' frame when they were read): under its transform
         frame = self.input_node if self.series is None else None
@@ -556,7 +586,7 @@ class SRJob(CLIJob):
             set_provenance(unc, kind="uncertainty", model=model, weights_sha256=sha, settings=settings,
                            source=self.input_node, title=f"{label} uncertainty (synthetic)",
                            recorded_input=self.recorded_input, environment=environment,
-                           input_sha256=str(report.get("input_sha256") or ""))  # fmt: skip
+                           input_sha256=str(report.get("input_sha256") or ""), input_slices=input_slices)  # fmt: skip
             place_beside(self.scene, self.input_node, unc)
             self.uncertainty_node = unc
             nodes.append(unc)

@@ -785,7 +785,8 @@ def failure_code(exc: BaseException) -> int:
 
 def not_for_this_tool(exc: BaseException) -> bool:
     """Whether an input's refusal says it is not for this command rather than broken: an isotropic volume (nothing to
-    super-resolve), a 2D image or a single slice, a colour or 4D image, intensities that are not CT. A batch passes such
+    super-resolve), a 2D image or a single slice, a colour or 4D image, intensities that are not CT, an interspaced
+    series (thin slices with gaps: :func:`DiffusionCore.degrade.check_interspaced`). A batch passes such
     an input over (listed apart, not failed; exit 7 is kept for real failures): run again, it would be refused again.
     The refusals say so themselves (:func:`DiffusionCore.errors.not_for_this_tool` marks them where they are raised)."""
     return bool(getattr(exc, "not_for_this_tool", False))
@@ -1334,8 +1335,8 @@ def batch_outcome(log: BatchLog, group: ProcessGroup, report_path: Path | None, 
     if not failed:
         if passed and written + kept == 0:  # nothing at all could be done
             raise InputError(f"none of the {passed} {log.noun}s is for this command: each was passed over{see}, and "
-                             "nothing was written; give inputs it takes (or the options they need, such as --axis or "
-                             "--allow-non-ct, as each line says)")  # fmt: skip
+                             "nothing was written; give inputs it takes (or the options they need, such as --axis, "
+                             "--allow-non-ct or --allow-interspaced, as each line says)")  # fmt: skip
         return 0
     if written + kept == 0:
         codes = [c for c, n in per_code.items() if n]

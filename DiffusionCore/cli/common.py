@@ -450,25 +450,68 @@ class NameList(argparse.Action):
 
 # -- the final check of every result before it is written ---------------------------------------------
 #: Range (HU) outside which a result voxel is not tissue but a numerical failure: below the padding values
-#: scanners use (-2048 HU; air is -1000) or above what an int16 CT file can hold (32767 HU).
+#: scanners use (-2048 HU; air is -1000) or above what an int16 CT file can hold (32767 HU). A result of an input
+#: whose own values reach further (an extended-HU scale: metal up to ~31,000 HU) gets :func:`result_range`'s bounds.
 RESULT_HU_RANGE = (-2048.0, 32767.0)
+#: How far beyond its input's own values (a fraction of their span, max - min) a super-resolved result may reach
+#: before it counts as a numerical failure: cubic interpolation and the through-plane predictor overshoot next to
+#: dense metal. Measured on an extended-HU series (metal 28,000-31,000 HU in 5 mm slices, -1024..30,970 HU, x2):
+#: the result reached 36,361 HU, 0.17 of the span above the input's maximum (the cubic B-spline alone 34,307 HU, 0.10);
+#: 0.5 leaves three times that, and a blow-up (values of 1e5 HU and more) still fails.
+RESULT_OVERSHOOT_MARGIN = 0.5
+
+
+class ResultRange(tuple):
+    """``(low, high)`` HU that :func:`check_result` accepts (a plain 2-tuple wherever a range is taken), with what
+    its message says beyond the numbers: ``basis``, where the bounds come from (the input's own values), and
+    ``advice``, the likely causes of a result beyond them and the options that test each."""
+
+    basis: str
+    advice: str
+
+    def __new__(cls, low: float, high: float, basis: str = "", advice: str = "") -> ResultRange:
+        self = super().__new__(cls, (float(low), float(high)))
+        self.basis, self.advice = basis, advice
+        return self
+
+
+#: What a super-resolved result out of :func:`result_range` says to do: the likely causes, each with the option that
+#: tests it (an overshoot that large is none of the interpolation's, so it is not the input's values).
+SR_OUT_OF_RANGE_ADVICE = (
+    "Likely causes: weights that do not fit this input (a file of one's own trained on other units or intensities: "
+    "run again without --weights, with the default weights) or a numerical fault of the device (run again with "
+    "--device cpu); an input that is not CT in HU needs --allow-non-ct, which also accepts values below -2048. If the "
+    "default weights on the CPU give the same, report it"
+)
 
 
 def result_range(source: Volume | None = None, allow_non_ct: bool = False) -> tuple[float, float]:
-    """The range :func:`check_result` accepts for a super-resolved ``source``: :data:`RESULT_HU_RANGE`, widened to
-    the input's own values and half their span beyond when non-CT values are allowed (``--allow-non-ct``): an MR
-    volume of values up to 35,000 gives a result up to about that, which is not a numerical failure."""
-    if not allow_non_ct or source is None:
+    """The range :func:`check_result` accepts for a super-resolved ``source``: :data:`RESULT_HU_RANGE`, its top
+    raised to the input's own maximum plus :data:`RESULT_OVERSHOOT_MARGIN` of the input's span (max - min): an
+    extended-HU series whose metal reaches 31,000 HU gives a result up to about 36,000 HU, which is overshoot, not a
+    numerical failure; an ordinary CT's top stays 32,767 HU. With ``allow_non_ct`` (``--allow-non-ct``) the bottom
+    is widened the same way below the input's minimum: an MR volume of values up to 35,000 gives a result up to about
+    that. The range (a :class:`ResultRange`) carries the words its refusal says: where the bounds come from, the
+    likely causes and the options that test them (:data:`SR_OUT_OF_RANGE_ADVICE`)."""
+    if source is None:
         return RESULT_HU_RANGE
     import numpy as np
 
     lo, hi = float(np.nanmin(source.array)), float(np.nanmax(source.array))
-    margin = 0.5 * (hi - lo)
-    return min(RESULT_HU_RANGE[0], lo - margin), max(RESULT_HU_RANGE[1], hi + margin)
+    margin = RESULT_OVERSHOOT_MARGIN * (hi - lo)
+    low = min(RESULT_HU_RANGE[0], lo - margin) if allow_non_ct else RESULT_HU_RANGE[0]
+    high = max(RESULT_HU_RANGE[1], hi + margin)
+    if (low, high) == RESULT_HU_RANGE:
+        basis = f"the input holds {lo:.6g}..{hi:.6g} HU"
+    else:
+        basis = (f"the input's own {lo:.6g}..{hi:.6g} HU widened by {RESULT_OVERSHOOT_MARGIN:g} of that span, more "
+                 "than cubic interpolation or the predictor overshoot next to dense metal")  # fmt: skip
+    return ResultRange(low, high, basis, SR_OUT_OF_RANGE_ADVICE)
 
 
-def check_result(vol: Volume, what: str, *, hu_range: tuple[float, float] = RESULT_HU_RANGE,
-                 allow_constant: bool = False) -> None:
+def check_result(
+    vol: Volume, what: str, *, hu_range: tuple[float, float] = RESULT_HU_RANGE, allow_constant: bool = False
+) -> None:
     """Refuse a result that cannot be a CT: NaN or infinite voxels, values outside ``hu_range``, or one value
     everywhere (unless ``allow_constant``). Run on the float32 HU array, before any integer cast (which would
     turn NaN into 0 HU and hide the failure).
@@ -476,7 +519,8 @@ def check_result(vol: Volume, what: str, *, hu_range: tuple[float, float] = RESU
     Args:
         vol: the result, HU.
         what: what it is, for the message (e.g. ``"the sr result for ct.nii.gz"``).
-        hu_range: the plausible range; e.g. ``(0, 32767)`` for a standard-deviation map.
+        hu_range: the plausible range; e.g. ``(0, 32767)`` for a standard-deviation map; :func:`result_range` for a
+            super-resolved CT (bounds that follow the input's values; the message then says so, and what to try).
         allow_constant: accept a constant volume (a standard deviation of 0 everywhere is an answer).
 
     Raises:
@@ -487,12 +531,16 @@ def check_result(vol: Volume, what: str, *, hu_range: tuple[float, float] = RESU
     from ..volume import require_finite_voxels
 
     arr = vol.array
-    tail = "; nothing was written. Check the weights and options; if they are right, report it (on the command line, --debug shows the traceback)."
+    debug = "(on the command line, --debug shows the traceback)"
+    tail = f"; nothing was written. Check the weights and options; if they are right, report it {debug}."
     require_finite_voxels(arr, what, tail)
     lo, hi = float(arr.min()), float(arr.max())
     if lo < hu_range[0] or hi > hu_range[1]:
+        basis, advice = getattr(hu_range, "basis", ""), getattr(hu_range, "advice", "")
+        where = f" ({basis})" if basis else ""
+        end = f"; nothing was written. {advice} {debug}." if advice else tail
         raise NumericalError(f"{what} holds values from {lo:.6g} to {hi:.6g} HU, far outside the plausible "
-                             f"{hu_range[0]:g}..{hu_range[1]:g} HU: the computation failed numerically{tail}")  # fmt: skip
+                             f"{hu_range[0]:g}..{hu_range[1]:g} HU{where}: the computation failed numerically{end}")  # fmt: skip
     if lo == hi and not allow_constant:
         raise NumericalError(f"{what} is constant ({lo:g} HU everywhere): an empty result{tail}")
 

@@ -8,8 +8,8 @@ on the batch's outcome and exit code.
 
 A batch goes on past a volume that fails (unreadable, refused, over the memory budget, not writable), names it in
 the closing lines and the ``--report``, and exits 7 when others were written; an input that is not for it (isotropic,
-2D, not CT) is passed over (listed apart, not a failure); an output the disk cannot take fails alone, and a disk too
-full for any more stops it. One batch at a time writes into an output folder (a lock). The report is
+2D, not CT, an interspaced series) is passed over (listed apart, not a failure); an output the disk cannot take fails
+alone, and a disk too full for any more stops it. One batch at a time writes into an output folder (a lock). The report is
 written whatever happens (also on SIGTERM / Ctrl-C), and ``--skip-existing`` continues a batch: the names are a
 function of the batch's inputs alone (:func:`~.batch.batch_output_names`). What a batch does beyond running one volume
 is shared with ``xray2ct`` (:mod:`.batch`).
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..degrade import plan_thin_grid
+from ..degrade import check_interspaced, plan_thin_grid
 from ..devices import DistInfo, process_info, shard_list
 from ..dicom_out import check_dicom_geometry
 from ..errors import (
@@ -129,7 +129,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "would clash with an output already made gets such a ~hash name, and the earlier output keeps its own. "
         "The same INPUT gives the same names, so the same command with --skip-existing continues a batch. One file "
         "named twice (a link, a path through ..) is done once. A volume that fails is named and the batch goes on; "
-        "an input not for this command (isotropic, 2D, not CT) is passed over; an output the disk cannot take fails "
+        "an input not for this command (isotropic, 2D, not CT, an interspaced series) is passed over; an output the disk cannot take fails "
         "alone, and a disk too full for any more stops the batch; a closing line counts what was written. One batch "
         "at a time writes into an OUTPUT folder. Exit codes: 0 every volume written (or skipped or passed over), 7 "
         "some failed and the others were written, 2 (or the failures' own code) none written, or every input passed "
@@ -142,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--factor", type=int, default=None, help="slices per thick slice, 2..8 (default: from spacing)")
     size.add_argument("--target-spacing", type=finite_float(0.0, low_open=True), default=None, metavar="MM", help="output slice spacing in mm")
-    p.add_argument("--axis", choices=("z", "y", "x"), default=None, help="thick axis (default: from the spacing)")
+    p.add_argument("--axis", choices=("z", "y", "x"), default=None, help="thick axis (default: from the spacing), as an array axis of the file: z, y, x are its axes from slowest to fastest in storage, not the patient's S-I, A-P, R-L axes, which differ for reformatted or permuted volumes (a coronal stack's thick axis is y)")
     p.add_argument("--weights", default=None, metavar="NAME_OR_FILE", help="registered SR weights name or .safetensors file (default: the installed default)")
     p.add_argument("--vae-checkpoint", default=None, metavar="FILE", help="VAE weights file (with --diffusion-checkpoint)")
     p.add_argument("--diffusion-checkpoint", default=None, metavar="FILE", help="diffusion weights file (with --vae-checkpoint)")
@@ -156,6 +156,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="overlap between patches")
     p.add_argument("--memory-limit", default=None, metavar="SIZE", help="cap on the working memory the run plans, e.g. 4GiB (default: $DIFFUSIONCORE_MEMORY_LIMIT, else the free memory): the volumes and patches, whose estimate must fit (with a diffusion stage patches shrink to fit; the shipped predictor holds the whole volume; else the run stops with the estimate before any work); the process itself (Python, PyTorch and the weights, about 0.3-0.5 GB on CPU) comes on top")
     p.add_argument("--allow-non-ct", action="store_true", help="run on a volume whose intensities do not look like CT in HU (e.g. a CT cropped inside the body); the model is trained on CT only")
+    p.add_argument("--allow-interspaced", action="store_true", help="run on an interspaced series (a DICOM SliceThickness at most half the slice spacing, with gaps between the slices, as HRCT makes), which is refused otherwise: the model restores slabs that cover the whole spacing, and on such gaps it paints bright rims at edges and measured no better than interpolation")
     p.add_argument("--tile-batch", type=int, default=None, metavar="N", help="patches per model call (default: 1 on the CPU, as many as fit (up to 8) on a GPU)")
     p.add_argument("--num-samples", type=int, default=1, help="average N posterior samples (implies --estimate sample); with --uncertainty also write their per-voxel standard deviation")
     p.add_argument("--uncertainty", default=None, metavar="OUT", help="write the per-voxel standard deviation (HU) here (a folder for a batch); needs --num-samples 2 or more")
@@ -353,6 +354,7 @@ def run_settings(args: argparse.Namespace, device: str | torch.device | None = N
         memory_limit=parse_memory_size(args.memory_limit) if args.memory_limit else None,
         tile_batch=args.tile_batch,
         allow_non_ct=args.allow_non_ct,
+        allow_interspaced=args.allow_interspaced,
         adapt=adapt_settings(args),
     )
 
@@ -443,6 +445,10 @@ class _VolumeRun:
         volume = read_volume(job.source, check=False)  # checked here, naming the file, once
         (check_ct if args.allow_non_ct else require_ct)(volume, str(job.source))
         mark_ct_checked(volume)
+        # an interspaced series is refused before the weights are loaded (the run itself checks it again)
+        check_interspaced(
+            volume, self.settings.axis, allow=self.settings.allow_interspaced, what=str(job.source)
+        )
         warning = synthetic_input_warning(job.source, volume.metadata.get("series_uid"))  # the series read
         if warning:
             logger.warning("%s", warning)

@@ -36,6 +36,7 @@ Importing this module registers the ``sr`` method of :func:`DiffusionCore.evalua
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -51,9 +52,12 @@ import numpy as np
 import torch
 
 from ..degrade import (
+    INTERSPACED_RUN_NOTE,
     MAX_FACTOR,
+    check_interspaced,
     enforce_consistency,
     factor_cap_note,
+    interspaced_slices,
     plan_thin_grid,
     slab_thickness_note,
     thick_axis,
@@ -700,7 +704,8 @@ class SuperResolver:
 
         Raises:
             InputError: not a Volume (a bare array has no geometry), NaN/Inf voxels, a constant volume, non-CT
-                intensities (unless ``allow_non_ct``).
+                intensities (unless ``allow_non_ct``), an interspaced series (unless ``allow_interspaced``:
+                :func:`~DiffusionCore.degrade.check_interspaced`; refused before any work).
             GeometryError: isotropic input, bad factor or spacing, both a factor and a spacing.
             ConfigError: settings that contradict each other or the weights, an ``adapt`` of another type.
             NumericalError: a result with NaN or infinite voxels (never returned).
@@ -721,9 +726,18 @@ class SuperResolver:
         capped = factor_cap_note(volume, ax) if settings.factor is None and settings.target_spacing is None else ""
         # a target spacing of the slices over a whole number is that factor's run (degrade.whole_factor)
         settings = settings.replace(factor=k, axis=ax, target_spacing=None if k is not None else settings.target_spacing)
+        check_interspaced(volume, ax, allow=settings.allow_interspaced,
+                          what=str(volume.metadata.get("source") or "the input volume"))  # fmt: skip
         note = slab_thickness_note(volume, ax)
+        if note and interspaced_slices(volume, ax) is not None:  # allowed, or it was refused above
+            note = f"{note}; {INTERSPACED_RUN_NOTE}"
         if note:
             logger.warning(note)
+            # the adaptation's check-batch gain is then measured on another task: it says so (adapt.pairs_caveat)
+            if settings.adapt is not None:
+                thickness = float(volume.metadata["slice_thickness_mm"])
+                adapt = dataclasses.replace(settings.adapt, slice_thickness_mm=thickness)
+                settings = settings.replace(adapt=adapt)
         out, report = self.run_to_grid(volume, grid, settings, progress=progress, cancel=cancel)
         notes = [n for n in (capped, note) if n]
         if notes:

@@ -95,6 +95,9 @@ class SRRunSettings:
         memory_limit: usable bytes (host and GPU); default: ``$DIFFUSIONCORE_MEMORY_LIMIT`` or the free memory.
         tile_batch: patches per model call (default: 1 on the CPU, on a GPU as many as fit).
         allow_non_ct: run on a volume whose intensities do not look like CT in HU.
+        allow_interspaced: run on an interspaced series (slices at most half as thick as their spacing, with gaps
+            between them: an HRCT-type protocol), which is refused otherwise
+            (:func:`~DiffusionCore.degrade.check_interspaced`); the result may then hold bright rims at edges.
         adapt: fine-tune a copy of the through-plane predictor on the input scan first
             (:class:`~DiffusionCore.sr.adapt.AdaptSettings`); ``True``: the default ``AdaptSettings()``; None or
             ``False``: no adaptation (anything else is a ConfigError). This object's default is None; the ``sr``
@@ -123,6 +126,7 @@ class SRRunSettings:
     memory_limit: int | None = None
     tile_batch: int | None = None
     allow_non_ct: bool = False
+    allow_interspaced: bool = False
     adapt: AdaptSettings | None = None
 
     def __post_init__(self) -> None:
