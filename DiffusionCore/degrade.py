@@ -116,8 +116,29 @@ def degrade(vol: Volume, factor: int, axis: str | int = "z", method: Degradation
         _scaled_spacing(vol.spacing, ax, k),
         _shift_origin(grid, ax, kept.start + offset),
         vol.direction.copy(),
-        {**vol.metadata, "degradation": method, "factor": k, "axis": "zyx"[ax]},
+        {**_thick_slices_metadata(vol, ax, k, method), "degradation": method, "factor": k, "axis": "zyx"[ax]},
     )
+
+
+#: What a DICOM reader records of a series' own slices (their thickness, how the files' values and positions
+#: varied): of the thin reference, not of a thick volume simulated from it.
+_SLICE_RECORDS = ("slice_thickness_values_mm", "slice_position_deviation_mm")
+
+
+def _thick_slices_metadata(vol: Volume, ax: int, k: int, method: str) -> dict:
+    """The metadata of a volume simulated by :func:`degrade` from ``vol``: its own, except what it says of the thin
+    slices along the slice axis (array axis 0, the only one with a recorded thickness). A slab average of ``k`` slices
+    is a slice as thick as its new spacing; a decimated series keeps its thin slices' thickness, with gaps between
+    them (an interspaced series, as super-resolution then says). Before 2026-12-07 the thin reference's thickness was
+    kept for slabs too, and a thick volume made from a DICOM reference was refused as interspaced."""
+    meta = dict(vol.metadata)
+    if ax != 0:
+        return meta
+    for key in _SLICE_RECORDS:
+        meta.pop(key, None)
+    if method == "slab" and meta.get("slice_thickness_mm"):
+        meta["slice_thickness_mm"] = float(vol.spacing_zyx[0]) * k
+    return meta
 
 
 def crop_to_slabs(vol: Volume, factor: int, axis: str | int = "z") -> Volume:
@@ -208,6 +229,9 @@ SLAB_THICKNESS_TOLERANCE = 0.05
 #: as the slices, is thus already out of the model's domain; between that and the tolerance the run goes on with the
 #: slab-thickness note.
 INTERSPACED_MAX_RATIO = 0.5
+#: The rounding :data:`INTERSPACED_MAX_RATIO` allows: a spacing measured from positions written to a few decimals
+#: (5.0003 or 4.9997 mm for 5) must not decide whether 2.5 mm slices are refused (probe 35).
+INTERSPACED_ROUNDING = 0.01
 
 
 def slab_thickness_note(volume: Volume, axis: int) -> str:
@@ -252,7 +276,8 @@ def interspaced_slices(
     if not thickness_mm or ax != 0:
         return None
     spacing = float(grid.spacing_zyx[0])
-    return (float(thickness_mm), spacing) if float(thickness_mm) <= spacing * INTERSPACED_MAX_RATIO else None
+    limit = spacing * INTERSPACED_MAX_RATIO * (1 + INTERSPACED_ROUNDING)
+    return (float(thickness_mm), spacing) if float(thickness_mm) <= limit else None
 
 
 def check_interspaced(
@@ -278,10 +303,10 @@ def check_interspaced(
     thickness, spacing = found
     raise not_for_this_tool(InputError(
         f"{what} has {thickness:g} mm slices {spacing:g} mm apart: an interspaced protocol (as HRCT makes), its "
-        f"slices covering {thickness / spacing:.0%} of the spacing with gaps between them. Super-resolution restores "
-        "slabs that cover the whole spacing; on such gaps it paints bright rims at edges and measured no better than "
-        "interpolation. Interpolate the gaps instead (e.g. cubic resampling, which keeps the measured slices), or "
-        f"{how_to_allow} to run it anyway."
+        f"slices covering {thickness / spacing:.0%} of the spacing. To run it anyway, {how_to_allow}; or interpolate "
+        "the gaps instead (cubic resampling keeps the measured slices). Refused because super-resolution restores slabs "
+        "that cover the whole spacing: on such gaps it paints bright rims at edges and measured no better than "
+        "interpolation."
     ))  # fmt: skip
 
 

@@ -148,14 +148,13 @@ class Provenance:
 
     def input_slices(self) -> str:
         """The input's slices in words (``"Input slices 10 mm thick, 5 mm apart: <note>."``), or ``""`` when their
-        thickness is not known; the spacing is the settings' ``input_spacing_xyz_mm`` along the run's axis."""
+        thickness is not known; the spacing is the settings' ``input_spacing_xyz_mm`` along the slices' own axis (a
+        series' slices are its array axis 0, z, whichever axis the run refined: a coronal series refined along y still
+        has its SliceThickness between its coronal slices)."""
         if not self.input_slice_thickness_mm:
             return ""
         spacing = self.settings.get("input_spacing_xyz_mm") or []
-        axis = self.settings.get("axis")
-        apart = ""
-        if isinstance(axis, str) and axis in ("z", "y", "x") and len(spacing) == 3:
-            apart = f", {float(spacing['xyz'.index(axis)]):g} mm apart"
+        apart = f", {float(spacing[2]):g} mm apart" if len(spacing) == 3 else ""
         note = f": {self.input_slice_note}" if self.input_slice_note else ""
         return f"Input slices {self.input_slice_thickness_mm:g} mm thick{apart}{note}."
 
@@ -412,13 +411,16 @@ def read_provenance(path: str | os.PathLike | None) -> Provenance | None:
 
     Reads only headers: NRRD / MetaImage header fields, a NIfTI file's JSON sidecar (else "SYNTHETIC" in its
     ``descrip``: the title and the weights' sha256 prefix only), a DICOM file's tags as :mod:`DiffusionCore.dicom_out`
-    writes them. Never raises: a file that cannot be read is simply not recognised (logged at debug level).
+    writes them; a folder holding a DICOM series (as ``sr`` writes one) is read from its first file. Never raises: a
+    file that cannot be read is simply not recognised (logged at debug level).
     """
     if not path:
         return None
     p = Path(path)
-    name = p.name.lower()
     try:
+        if p.is_dir():  # a DICOM output series: every file records the same provenance
+            p = next((f for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")), p)
+        name = p.name.lower()
         if not p.is_file():
             return None
         if name.endswith((".nrrd", ".nhdr")):

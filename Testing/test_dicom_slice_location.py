@@ -163,3 +163,15 @@ def test_an_input_as_thick_as_its_spacing_is_recorded_without_a_note(tmp_path, m
                                      + "). Input slices 5 mm thick, 5 mm apart.")  # fmt: skip
     back = read_provenance(sorted((tmp_path / "thin").iterdir())[0])
     assert back.input_slice_thickness_mm == 5.0 and back.input_slice_note == ""
+    assert read_provenance(tmp_path / "thin") == back  # the series' folder, as sr's OUTPUT names it (probe 35, N5)
+
+
+def test_the_input_slices_are_said_with_their_own_spacing_whichever_axis_the_run_refined():
+    """Probe 35, N7: a coronal series (its slices array axis 0, 0.7 mm apart, SliceThickness 0.7) refined along y
+    was said to have 'Input slices 0.7 mm thick, 5 mm apart': the thickness paired with the refined axis' spacing."""
+    from DiffusionCore.provenance import Provenance
+
+    prov = Provenance(task="sr", title="SR x2 (synthetic)", weights="w", weights_sha256="ab" * 32,
+                      settings={"axis": "y", "input_spacing_xyz_mm": [0.7, 5.0, 0.7]}, input="coronal",
+                      input_slice_thickness_mm=0.7)  # fmt: skip
+    assert prov.input_slices() == "Input slices 0.7 mm thick, 0.7 mm apart."

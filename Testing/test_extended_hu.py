@@ -135,3 +135,19 @@ def test_pixel_encoding_keeps_int16_for_ct_and_clips_only_what_16_bits_cannot_ho
     assert any("6 voxels clipped to -32768..32767 HU" in m and "NRRD or NIfTI" in m for m in said), said
     back = read_volume(out, check=False).array
     assert back.max() == 32767.0 and int(np.count_nonzero(back == 32767.0)) == 6
+
+
+def test_values_below_minus_2048_inside_the_image_pass_the_result_check_through_sr(tmp_path):
+    """Probe 35, N6: since only padding that reaches the image's edge becomes air, a metal artefact's dark streak at
+    the scanner's floor (-3024 HU) inside the body is kept as read; the result check's bottom then follows the input,
+    where the fixed -2048 HU refused the run after the work as a numerical failure."""
+    thick = extended_hu_thick()
+    arr = np.clip(thick.array, -1024, 3071)  # an ordinary CT ...
+    arr[:, 20:23, 14:34] = -3024.0  # ... with a streak inside the body, not reaching the image's edge
+    streak = thick.with_array(arr)
+    low, high = result_range(streak)
+    assert low < -3024 and high == RESULT_HU_RANGE[1]
+    src = write_volume(streak, tmp_path / "streak.nii.gz", dtype="float32")
+    done = sr(src, tmp_path / "thin.nii.gz")
+    assert done.returncode == 0, done.stderr
+    assert read_volume(tmp_path / "thin.nii.gz", check=False).array.min() < -2048  # the streak, kept

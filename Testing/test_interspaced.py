@@ -67,7 +67,7 @@ def test_an_interspaced_series_is_refused_before_any_work_saying_what_why_and_wh
     said = str(refused.value)
     assert "1 mm slices 4 mm apart: an interspaced protocol" in said
     assert "bright rims at edges" in said and "no better than interpolation" in said
-    assert "--allow-interspaced" in said and "Interpolate the gaps instead" in said
+    assert "--allow-interspaced" in said and "interpolate the gaps instead" in said
     assert getattr(refused.value, "not_for_this_tool", False)
 
     def no_weights(args):
@@ -124,6 +124,9 @@ def test_a_batch_passes_an_interspaced_series_over_and_goes_on(tmp_path, capsys)
     data = json.loads(report.read_text(encoding="utf-8"))
     [passed] = data["passed_over"]
     assert passed["volume"] == str(root / "hrct") and "an interspaced protocol" in passed["why"]
+    # the console's passed-over line (cut at 400 characters) names the way to run it anyway (probe 35, N2)
+    [line] = [x for x in err.splitlines() if "warning: passed over:" in x]
+    assert "--allow-interspaced" in line
 
 
 def test_the_slicer_batch_cli_refuses_in_its_own_flags_and_runs_when_allowed(tmp_path, capsys):
@@ -183,7 +186,8 @@ def test_the_slicer_module_refuses_an_interspaced_series_when_apply_is_pressed(s
     with pytest.raises(InputError, match="'HRCT' has 1 mm slices 4 mm apart: an interspaced protocol") as refused:
         SRJob(scene, node, settings)
     # said the way a Slicer user runs it anyway, not with a command-line flag
-    assert "'Allow interspaced slices'" in str(refused.value) and "--allow-interspaced" not in str(refused.value)
+    assert "SRSettings(allow_interspaced=True)" in str(refused.value) and "(allow_interspaced=True in Python)" not in str(
+        refused.value)  # fmt: skip
     job = SRJob(scene, node, SRSettings(**{**settings.to_dict(), "allow_interspaced": True}))
     (tmp_path / "job").mkdir()
     args = job.prepare(tmp_path / "job")
@@ -229,3 +233,31 @@ def test_the_axis_help_says_z_y_x_are_the_files_array_axes_not_the_patients(caps
     axis = axis[: axis.index("--weights")]
     assert "array axis of the file" in axis and "slowest to fastest in storage" in axis
     assert "not the patient's" in axis and "reformatted or permuted" in axis
+
+
+def test_a_thick_volume_simulated_from_a_dicom_reference_is_not_taken_for_an_interspaced_series(tmp_path):
+    """Probe 35, N1: degrade() kept the thin reference's SliceThickness, so a slab-averaged volume of a DICOM series
+    (2.5 mm slices to 5 or 10 mm slabs) was refused as 'interspaced' by SuperResolver.run. A slab is as thick as its
+    new spacing; a decimated series keeps its thin slices' thickness (it is interspaced, and is said so)."""
+    from DiffusionCore.degrade import degrade, interspaced_slices
+
+    thin = read_volume(series(tmp_path / "thin", 4.0, shape=(16, 48, 48)))  # 4 mm slices 4 mm apart
+    assert thin.metadata["slice_thickness_mm"] == 4.0
+    slabs = degrade(thin, 4)
+    assert slabs.metadata["slice_thickness_mm"] == pytest.approx(16.0) and interspaced_slices(slabs) is None
+    out, _ = SuperResolver.tiny_predictor().run(slabs, factor=4)
+    assert out.shape == (16, 48, 48)
+    decimated = degrade(thin, 4, method="decimate")
+    assert interspaced_slices(decimated) == (4.0, 16.0)
+    assert degrade(thin, 2, axis="x").metadata["slice_thickness_mm"] == 4.0  # along another axis: the slices stay
+
+
+def test_half_the_spacing_is_refused_whatever_the_positions_rounding(tmp_path):
+    """Probe 35, N3: 2.5 mm slices measured 4.9997 or 5.0003 mm apart are one protocol, refused either way."""
+    from DiffusionCore.degrade import interspaced_slices
+    from DiffusionCore.volume import Grid
+
+    for spacing in (4.9997, 5.0, 5.0003):
+        grid = Grid((8, 16, 16), (0.7, 0.7, spacing), (0.0, 0.0, 0.0), np.eye(3))
+        assert interspaced_slices(grid, 0, 2.5) is not None
+    assert interspaced_slices(Grid((8, 16, 16), (0.7, 0.7, 5.0), (0.0, 0.0, 0.0), np.eye(3)), 0, 2.6) is None

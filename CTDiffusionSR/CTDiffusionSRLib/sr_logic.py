@@ -404,8 +404,8 @@ def refuse_interspaced_series(node, settings: SRSettings, thickness: float | Non
     grid = job_grid(node)
     _, axis, _ = plan_thin_grid(grid, **settings.thin_grid_options())
     check_interspaced(grid, axis, thickness_mm=thickness, what=f"'{node.GetName()}'",
-                      how_to_allow="use the CT Diffusion Super-Resolution (batch) module with 'Allow interspaced slices' "
-                      "checked (allow_interspaced=True in SRSettings from Python)")  # fmt: skip
+                      how_to_allow="from Slicer's Python console, give SRSettings(allow_interspaced=True) to the "
+                      "job (or run `python -m DiffusionCore sr --allow-interspaced` on the series' folder)")  # fmt: skip
 
 
 def refuse_series_the_job_cannot_read(node):

@@ -489,9 +489,10 @@ def result_range(source: Volume | None = None, allow_non_ct: bool = False) -> tu
     """The range :func:`check_result` accepts for a super-resolved ``source``: :data:`RESULT_HU_RANGE`, its top
     raised to the input's own maximum plus :data:`RESULT_OVERSHOOT_MARGIN` of the input's span (max - min): an
     extended-HU series whose metal reaches 31,000 HU gives a result up to about 36,000 HU, which is overshoot, not a
-    numerical failure; an ordinary CT's top stays 32,767 HU. With ``allow_non_ct`` (``--allow-non-ct``) the bottom
-    is widened the same way below the input's minimum: an MR volume of values up to 35,000 gives a result up to about
-    that. The range (a :class:`ResultRange`) carries the words its refusal says: where the bounds come from, the
+    numerical failure; an ordinary CT's top stays 32,767 HU. The bottom is widened the same way below the input's
+    minimum when that lies below -2048 HU (values that low inside the image, e.g. a metal artefact's streaks at the
+    scanner's floor, are kept as read) or with ``allow_non_ct`` (``--allow-non-ct``: an MR volume of values up to
+    35,000 gives a result up to about that). The range (a :class:`ResultRange`) carries the words its refusal says: where the bounds come from, the
     likely causes and the options that test them (:data:`SR_OUT_OF_RANGE_ADVICE`)."""
     if source is None:
         return RESULT_HU_RANGE
@@ -499,7 +500,9 @@ def result_range(source: Volume | None = None, allow_non_ct: bool = False) -> tu
 
     lo, hi = float(np.nanmin(source.array)), float(np.nanmax(source.array))
     margin = RESULT_OVERSHOOT_MARGIN * (hi - lo)
-    low = min(RESULT_HU_RANGE[0], lo - margin) if allow_non_ct else RESULT_HU_RANGE[0]
+    # the bottom follows the input too: values below -2048 HU inside the image (a metal artefact's streaks at the
+    # scanner's floor, kept as read since only padding reaching the image's edge becomes air) are the input's own
+    low = min(RESULT_HU_RANGE[0], lo - margin) if (allow_non_ct or lo < RESULT_HU_RANGE[0]) else RESULT_HU_RANGE[0]
     high = max(RESULT_HU_RANGE[1], hi + margin)
     if (low, high) == RESULT_HU_RANGE:
         basis = f"the input holds {lo:.6g}..{hi:.6g} HU"
