@@ -63,14 +63,14 @@ def test_sr_refuses_an_output_without_room_before_any_work_and_warns_for_a_compr
 
 def test_a_memory_refusal_names_the_largest_factor_that_fits(tmp_path):
     """Probe 32 M5: the refusal said "use a smaller volume" where x2 of the same scan fitted."""
-    from DiffusionCore.sr.pipeline import PREDICTOR_BYTES_PER_VOXEL
+    from DiffusionCore.sr.pipeline import PREDICTOR_FIXED_BYTES, predictor_bytes
 
     thick = tmp_path / "thick.nrrd"
     write_volume(_volume(noisy=True), thick, dtype="float32")  # 24 x 40 x 40
-    x4 = 96 * 40 * 40 * PREDICTOR_BYTES_PER_VOXEL
+    x4, x3 = predictor_bytes(96 * 40 * 40), predictor_bytes(72 * 40 * 40)
     # the shipped predictor (it holds the whole volume): x3 and x2 fit, x4 does not
-    done = _sr(thick, tmp_path / "thin.nrrd", "--memory-limit", str(x4 * 3 // 4), tiny=False)
+    done = _sr(thick, tmp_path / "thin.nrrd", "--memory-limit", str((x4 + x3) // 2), tiny=False)
     assert done.returncode == 5, done.stderr
     assert "raise the limit, or use a smaller factor (--factor 3 needs about" in done.stderr, done.stderr
-    done = _sr(thick, tmp_path / "thin.nrrd", "--memory-limit", str(x4 // 8), tiny=False)  # not even x2
+    done = _sr(thick, tmp_path / "thin.nrrd", "--memory-limit", str(PREDICTOR_FIXED_BYTES), tiny=False)  # not x2
     assert "raise the limit, or crop the volume (fewer slices, or a smaller field of view)" in done.stderr

@@ -476,13 +476,13 @@ def test_weights_and_checkpoints_follow_the_umask(tmp_path):
 
 
 def test_the_memory_limit_says_what_it_covers(files, tmp_path):
-    proc = cli(["sr", str(files["thick"]), "out.nii.gz", "--memory-limit", "8MiB", "--report", "r.json",
+    proc = cli(["sr", str(files["thick"]), "out.nii.gz", "--memory-limit", "300MiB", "--report", "r.json",
                 "--progress", "none"], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "--memory-limit 8.0 MiB caps the working memory the run plans (volumes and patches)" in proc.stderr
+    assert "--memory-limit 300.0 MiB caps the working memory the run plans (volumes and patches)" in proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     memory = (report[0] if isinstance(report, list) else report)["memory"]
-    assert memory["limit_bytes"] == 8 << 20 and "not the Python process" in memory["limit_covers"]
+    assert memory["limit_bytes"] == 300 << 20 and "not the Python process" in memory["limit_covers"]
     from DiffusionCore.cli.main import build_parser
 
     sr_parser = build_parser()._subparsers._group_actions[0].choices["sr"]

@@ -463,19 +463,30 @@ def check_same_in_plane(volume: Volume, grid: Grid, axis: int) -> None:
 
 #: Host memory the through-plane predictor's run needs per output voxel, writing included: the thin volume (the
 #: predictor adds its residual into the cubic interpolation, batch by batch), a block of data consistency's scratch,
-#: and the copies a writer makes (2026-12-07: 11.5-12.6 bytes at peak beside the process itself, for chest-dx at x2
-#: and x4 and chest-lidc at x2 through ``sr``; 16-30 before the residual went straight into the volume).
-PREDICTOR_BYTES_PER_VOXEL = 14
+#: and the copies a writer makes (an int16 or DICOM output one more). Measured through ``sr`` on 2026-12-07 (probe 36,
+#: peak RSS above the process's own 0.4 GB): 12.9-13.9 bytes per voxel for chest-dx x4 and chest-lidc x2, 15.6 with
+#: int16 output, 14.6 with adaptation; 16-30 before the residual went straight into the volume.
+PREDICTOR_BYTES_PER_VOXEL = 16
+#: What the run needs beside that, whatever the volume's size: a plane batch's feature maps, the adaptation's
+#: batches and network copies, the writer's buffers (probe 36: 110-340 MB above the process on volumes of 3-10
+#: million output voxels, at most 180 MB beyond what the bytes per voxel say).
+PREDICTOR_FIXED_BYTES = 256 * 2**20
 
 
-def smaller_factor_advice(needed: int, available: int, factor: int, factors: list[int]) -> str:
-    """What to do when a predictor run of ``factor`` needs ``needed`` bytes and ``available`` are there: the largest
-    smaller factor the weights have whose run fits (the output shrinks in proportion), else crop the volume."""
-    fits = [k for k in factors if k < factor and needed * k / factor <= available]
+def predictor_bytes(voxels: int) -> int:
+    """Host memory a through-plane predictor's run onto ``voxels`` output voxels needs, beside the process itself."""
+    return int(voxels) * PREDICTOR_BYTES_PER_VOXEL + PREDICTOR_FIXED_BYTES
+
+
+def smaller_factor_advice(voxels: int, available: int, factor: int, factors: list[int]) -> str:
+    """What to do when a predictor run of ``factor`` onto ``voxels`` output voxels does not fit in ``available``
+    bytes: the largest smaller factor the weights have whose run fits (the output shrinks in proportion), else crop
+    the volume."""
+    fits = [k for k in factors if k < factor and predictor_bytes(voxels * k // factor) <= available]
     if fits:
         k = max(fits)
-        return (f"use a smaller factor (--factor {k} needs about {format_bytes(int(needed * k / factor))}), or crop "
-                "the volume")  # fmt: skip
+        return (f"use a smaller factor (--factor {k} needs about {format_bytes(predictor_bytes(voxels * k // factor))}"
+                "), or crop the volume")  # fmt: skip
     return "crop the volume (fewer slices, or a smaller field of view)"
 
 
@@ -876,9 +887,9 @@ class SuperResolver:
                 volume.spacing_zyx[axis], grid.spacing_zyx[axis], self.predictor.factors)  # type: ignore[union-attr]
                 or "the through-plane predictor needs at least 2 slices along the thick axis")
         voxels = int(np.prod(grid.shape))
-        needed = voxels * PREDICTOR_BYTES_PER_VOXEL
+        needed = predictor_bytes(voxels)
         available = memory_limit if memory_limit is not None else (memory_limit_from_env() or host_available_memory())
-        advice = smaller_factor_advice(needed, available, predictor_factor, self.predictor.factors)  # type: ignore[union-attr]
+        advice = smaller_factor_advice(voxels, available, predictor_factor, self.predictor.factors)  # type: ignore[union-attr]
         if memory_limit is None:
             check_memory_for(needed, f"super-resolving onto {'x'.join(map(str, grid.shape))} voxels", advice)
         elif needed > memory_limit:
