@@ -241,9 +241,7 @@ def _input_slice_note(thickness: float | None, settings: dict[str, Any]) -> str:
     from .degrade import slab_thickness_note
 
     # the note reads the thickness and the spacing only: a one-voxel volume of that grid says the same as the input
-    grid_only = Volume(
-        np.zeros((1, 1, 1), np.float32), tuple(spacing), metadata={"slice_thickness_mm": thickness}
-    )
+    grid_only = Volume(np.zeros((1, 1, 1), np.float32), tuple(spacing), metadata={"slice_thickness_mm": thickness})
     return slab_thickness_note(grid_only, axis_index(axis))
 
 
@@ -286,9 +284,7 @@ def result_provenance(
         if not name and ran:
             from .weights.registry import registered_name
 
-            name = (
-                registered_name(ran) or ""
-            )  # the registered weights of that sha256 (a file of one's own: none)
+            name = registered_name(ran) or ""  # the registered weights of that sha256 (a file of one's own: none)
         return xray_provenance(source, report, name)
     return sr_provenance(source, meta, report)
 

@@ -833,6 +833,7 @@ def provenance_record(node):
         InputError: the node is not a result of these modules (no provenance attributes).
     """
     from DiffusionCore.provenance import Provenance
+    from DiffusionCore.results import input_slice_thickness
 
     info = provenance(node)
     if not info:
@@ -857,18 +858,10 @@ def provenance_record(node):
         date=str(info["date"] or ""),
         environment=info["environment"],  # the run's; {} when unknown, never this process's
         input_sha256=node.GetAttribute(ATTR_INPUT_SHA256) or "",
-        input_slice_thickness_mm=_positive_mm(node.GetAttribute(ATTR_INPUT_SLICE_THICKNESS)),
+        input_slice_thickness_mm=input_slice_thickness({"slice_thickness_mm": node.GetAttribute(ATTR_INPUT_SLICE_THICKNESS)}),
         input_slice_note=node.GetAttribute(ATTR_INPUT_SLICE_NOTE) or "",
     )
 
-
-def _positive_mm(text: str | None) -> float | None:
-    """A node attribute's millimetres, or None when absent or not a positive number (an edited scene file)."""
-    try:
-        value = float(text or "")
-    except ValueError:
-        return None
-    return value if value > 0 and value == value and value != float("inf") else None
 
 
 def dicom_source_files(node) -> list[str]:
