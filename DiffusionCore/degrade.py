@@ -245,7 +245,13 @@ def slab_thickness_note(volume: Volume, axis: int) -> str:
     thickness = volume.metadata.get("slice_thickness_mm")
     if not thickness or axis != 0:
         return ""
-    spacing = float(volume.spacing_zyx[0])
+    return thickness_note(float(thickness), float(volume.spacing_zyx[0]))
+
+
+def thickness_note(thickness: float, spacing: float) -> str:
+    """:func:`slab_thickness_note`'s words for slices ``thickness`` mm thick and ``spacing`` mm apart along the slice
+    axis, or ``""`` when they agree within :data:`SLAB_THICKNESS_TOLERANCE` (also what a result's provenance says of
+    its input: :func:`DiffusionCore.results.sr_provenance`)."""
     if thickness > spacing * (1 + SLAB_THICKNESS_TOLERANCE):
         return (
             f"the series' slices are {thickness:g} mm thick but {spacing:g} mm apart (an overlapping reconstruction): "

@@ -231,18 +231,15 @@ def input_slice_thickness(volume_metadata: dict[str, Any]) -> float | None:
 
 
 def _input_slice_note(thickness: float | None, settings: dict[str, Any]) -> str:
-    """The run's own note on a slice thickness unlike the spacing (:func:`~DiffusionCore.degrade.slab_thickness_note`,
-    one place for its words), from the report's settings: the thick axis and the input's spacing along it."""
+    """The run's own note on a slice thickness unlike the spacing (:func:`~DiffusionCore.degrade.thickness_note`,
+    one place for its words), from the report's settings: the thick axis and the input's spacing along it. Only the
+    slice axis (array axis 0, z) of a series has a recorded thickness."""
     spacing, axis = settings.get("input_spacing_xyz_mm") or [], settings.get("axis")
-    if not thickness or axis not in ("z", "y", "x") or len(spacing) != 3:
+    if not thickness or axis != "z" or len(spacing) != 3:
         return ""
-    import numpy as np
+    from .degrade import thickness_note
 
-    from .degrade import slab_thickness_note
-
-    # the note reads the thickness and the spacing only: a one-voxel volume of that grid says the same as the input
-    grid_only = Volume(np.zeros((1, 1, 1), np.float32), tuple(spacing), metadata={"slice_thickness_mm": thickness})
-    return slab_thickness_note(grid_only, axis_index(axis))
+    return thickness_note(float(thickness), float(spacing[2]))
 
 
 def xray_provenance(source: str | os.PathLike, report: dict, weights: str, input_uid: str = "") -> Provenance:

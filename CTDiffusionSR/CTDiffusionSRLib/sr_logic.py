@@ -553,9 +553,10 @@ class SRJob(CLIJob):
             node = add_volume_node(self.scene, result, synthetic_name(self.input_node.GetName(), label), like=self.input_node)
             self.created_nodes.append(node)
         del result  # the node holds a copy: a large result is not held twice while the rest is imported
+        from DiffusionCore.results import input_slice_thickness
+
         recorded = report.get("provenance") or {}  # the run's record of the input series' slice thickness
-        thickness = recorded.get("input_slice_thickness_mm")
-        input_slices = (float(thickness) if isinstance(thickness, int | float) and thickness > 0 else None,
+        input_slices = (input_slice_thickness({"slice_thickness_mm": recorded.get("input_slice_thickness_mm")}),
                         str(recorded.get("input_slice_note") or ""))  # fmt: skip
         set_provenance(node, kind="super-resolution", model=model, weights_sha256=sha, settings=settings,
                        source=self.input_node, title=f"{label} (synthetic)",

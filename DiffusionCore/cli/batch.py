@@ -258,7 +258,7 @@ def existing_names(sources: list[Path], folder: Path, as_dicom: bool) -> dict[in
         try:
             if as_dicom != entry.is_dir() or (not as_dicom and not split_volume_suffix(entry.name)[1]):
                 continue
-            recorded = _recorded(Path(entry.path), as_dicom)
+            recorded = _recorded(Path(entry.path))
         except OSError:
             continue
         made_from = recorded.input if recorded is not None else ""
@@ -492,7 +492,7 @@ def existing_output(job: Job, kept: KeptCheck | None = None) -> str | None:
                 "--overwrite to redo every input")  # fmt: skip
         if f == job.output:
             dtype = found
-    recorded = _recorded(job.output, job.as_dicom)
+    recorded = _recorded(job.output)
     made_from = recorded.input if recorded is not None and recorded.input else None
     if made_from is not None and not _same_input(made_from, job.source):
         raise OutputExistsError(
@@ -519,14 +519,11 @@ def existing_output(job: Job, kept: KeptCheck | None = None) -> str | None:
     return f"its output {job.output} exists{SKIP_EXISTING_NOTE}"
 
 
-def _recorded(output: Path, as_dicom: bool):
-    """The provenance of an existing output (a DICOM series: its first file's), or None when it records none (a file
-    of another program)."""
+def _recorded(output: Path):
+    """The provenance of an existing output (a DICOM series: its first file's, as :func:`read_provenance` reads a
+    folder), or None when it records none (a file of another program)."""
     from ..provenance import read_provenance
 
-    if as_dicom:
-        files = sorted(p for p in output.iterdir() if p.is_file()) if output.is_dir() else []
-        output = files[0] if files else output
     return read_provenance(output)
 
 

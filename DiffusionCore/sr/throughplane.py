@@ -252,8 +252,9 @@ def predict_residual(
     if into is not None and (into.shape != (m * k, hh, ww) or into.dtype != np.float32):
         raise ValueError(f"predict_residual: into must be a float32 array of shape {(m * k, hh, ww)}; got "
                          f"{into.dtype} {into.shape}")
-    out = torch.zeros((m * k, hh, ww), dtype=torch.float32) if into is None else None
-    half = np.float32(0.5 * scale)
+    out = np.zeros((m * k, hh, ww), dtype=np.float32) if into is None else None
+    target = out if into is None else into
+    half = np.float32(0.5 * (1.0 if into is None else scale))
     channels = int(net.config.channels)
     total = hh + ww
     done = 0
@@ -269,24 +270,16 @@ def predict_residual(
             else:
                 planes = thick_units[:, :, start:stop].permute(2, 0, 1)  # (b, m, H)
             pred = net(planes.unsqueeze(1).to(device, torch.float32), k)[:, 0].float().cpu()  # (b, n, .)
-            if into is not None:  # numpy: ``into`` may be a view with negative strides, which torch cannot hold
-                part = pred.numpy()
-                part *= half
-                if orientation == 0:
-                    into[:, start:stop, :] += part.transpose(1, 0, 2)
-                else:
-                    into[:, :, start:stop] += part.transpose(1, 2, 0)
-            elif orientation == 0:
-                out[:, start:stop, :] += pred.permute(1, 0, 2)
+            part = pred.numpy()  # numpy: ``into`` may be a view with negative strides, which torch cannot hold
+            part *= half
+            if orientation == 0:
+                target[:, start:stop, :] += part.transpose(1, 0, 2)
             else:
-                out[:, :, start:stop] += pred.permute(1, 2, 0)
+                target[:, :, start:stop] += part.transpose(1, 2, 0)
             done += stop - start
             if progress is not None:
                 progress(done, total, f"through-plane predictor, {done}/{total} planes")
-    if out is None:
-        return None
-    out.mul_(0.5)
-    return out
+    return None if out is None else torch.from_numpy(out)
 
 
 def tiny_predictor(seed: int = 0) -> ThroughPlaneNet:
