@@ -282,8 +282,13 @@ def interspaced_slices(
     if not thickness_mm or ax != 0:
         return None
     spacing = float(grid.spacing_zyx[0])
-    limit = spacing * INTERSPACED_MAX_RATIO * (1 + INTERSPACED_ROUNDING)
-    return (float(thickness_mm), spacing) if float(thickness_mm) <= limit else None
+    return (float(thickness_mm), spacing) if is_interspaced(float(thickness_mm), spacing) else None
+
+
+def is_interspaced(thickness: float, spacing: float) -> bool:
+    """Whether slices ``thickness`` mm thick and ``spacing`` mm apart are interspaced: at most
+    :data:`INTERSPACED_MAX_RATIO` of the spacing thick (up to :data:`INTERSPACED_ROUNDING`)."""
+    return thickness <= spacing * INTERSPACED_MAX_RATIO * (1 + INTERSPACED_ROUNDING)
 
 
 def check_interspaced(
@@ -364,9 +369,20 @@ def physical_ceiling(thick: Volume) -> float | None:
     :data:`SATURATED_VOXELS` voxels hold exactly it; both sample chests are clipped so, at 2976 and 3071 HU). Thin
     slices from the same scanner are clipped at that cap too, so the consistency step must not push a thin voxel
     above it (next to metal or dense contrast beside air it did, by up to 2,600 HU). Without such a plateau thin
-    slices may be brighter than any thick slab, and there is no ceiling."""
+    slices may be brighter than any thick slab, up to the highest value the series' files can store
+    (``metadata["stored_max_hu"]``, from a DICOM series' BitsStored and rescale: 3071 HU for 12 bits with an
+    intercept of -1024, which a thin series of the same scanner cannot exceed either); when that is not known either,
+    there is no ceiling."""
     top = float(np.max(thick.array))
-    return top if int(np.count_nonzero(thick.array == top)) >= SATURATED_VOXELS else None
+    if int(np.count_nonzero(thick.array == top)) >= SATURATED_VOXELS:
+        return top
+    stored = thick.metadata.get("stored_max_hu")
+    try:
+        stored = float(stored) if stored is not None else None
+    except (TypeError, ValueError):
+        return None
+    # a file whose pixels lie above what its BitsStored allows (a writer's slip) says nothing about a cap
+    return stored if stored is not None and np.isfinite(stored) and stored >= top else None
 
 
 def check_ringing_depth(lowest_value: float, floor: float, highest_input: float) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -374,7 +375,88 @@ def describe_series(uid: str, files: list[str]) -> DicomSeries:
                        fields["SeriesDescription"], series_origin(fields))  # fmt: skip
 
 
-def choose_ct_series(folder: str | os.PathLike, series: dict[str, list[str]]) -> tuple[DicomSeries, str]:
+_SERIES_CHOICE = re.compile(r"(\.\.\.)?[0-9]+(\.[0-9]+)*")
+
+
+def series_choice(value: int | str) -> int | str:
+    """A series asked for by a user (``read_volume(series=...)``, ``sr --input-series``) as :func:`choose_ct_series`
+    takes it: a SeriesNumber (an int, or text of digits) as an int; a SeriesInstanceUID (digits and dots), or its
+    last components (``498.77``) or the tail a series label shows (``...480426021503``), as text.
+
+    Raises:
+        InputError: neither a number nor a UID.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip() if isinstance(value, str) else ""
+    if re.fullmatch(r"[0-9]+", text):
+        return int(text)
+    if _SERIES_CHOICE.fullmatch(text) and "." in text:
+        return text
+    raise InputError(
+        f"{value!r} names no DICOM series: give its SeriesNumber (a whole number, e.g. 3) or its SeriesInstanceUID "
+        "(digits and dots, e.g. 1.2.840.113619.2.55.3.604688119.969.1268071029.320)."
+    )
+
+
+def series_choice_arg(text: str) -> int | str:
+    """The argparse ``type`` of a command's ``--input-series``: :func:`series_choice`, its refusal said as argparse
+    says a bad value (exit 2)."""
+    import argparse
+
+    try:
+        return series_choice(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _is_wanted(s: DicomSeries, wanted: int | str) -> bool:
+    """Whether ``s`` is the series :func:`series_choice` gave: its SeriesNumber, its UID, or a trailing part of it."""
+    if isinstance(wanted, int):
+        return re.fullmatch(r"\+?[0-9]+", s.number.strip()) is not None and int(s.number) == wanted
+    if wanted.startswith("..."):
+        return s.uid.endswith(wanted[3:])
+    return s.uid == wanted or s.uid.endswith("." + wanted)
+
+
+def _asked(wanted: int | str) -> str:
+    """The series asked for, in a refusal's words."""
+    if isinstance(wanted, int):
+        return f"series number {wanted}"
+    if wanted.startswith("..."):
+        return f"series whose SeriesInstanceUID ends in {wanted[3:]}"
+    return f"series with SeriesInstanceUID {wanted}"
+
+
+def _wanted_series(folder: str | os.PathLike, everything: list[DicomSeries], wanted: int | str,
+                   how_to_choose: str | None) -> DicomSeries:  # fmt: skip
+    """The one series of ``everything`` that is ``wanted``; a refusal naming the series the folder holds, or those
+    that match when more than one does."""
+    found = [s for s in everything if s.uid == wanted] or [s for s in everything if _is_wanted(s, wanted)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        how = (f"{_sentence(how_to_choose)} to choose one of them" if how_to_choose else
+               "Choose one of them by its SeriesNumber or its SeriesInstanceUID")  # fmt: skip
+        raise InputError(f"{folder} holds no {_asked(wanted)}; it holds {len(everything)} series: "
+                         f"{'; '.join(s.label for s in everything)}. {how}.")  # fmt: skip
+    named = "; ".join(f"{s.label}, SeriesInstanceUID {s.uid}" for s in found)
+    if isinstance(wanted, int):
+        which, how = f"numbered {wanted}", "choose it by its SeriesInstanceUID"
+    else:
+        which, how = f"whose SeriesInstanceUID ends in {wanted.lstrip('.')}", "give more of its SeriesInstanceUID"
+    raise InputError(f"{folder} holds {len(found)} series {which}: {named}. There is no telling which one is meant: "
+                     f"{how}.")  # fmt: skip
+
+
+def _sentence(phrase: str) -> str:
+    return phrase[:1].upper() + phrase[1:]
+
+
+def choose_ct_series(
+    folder: str | os.PathLike, series: dict[str, list[str]], *, wanted: int | str | None = None,
+    how_to_choose: str | None = None,
+) -> tuple[DicomSeries, str]:  # fmt: skip
     """The CT series of a folder holding ``series`` (SeriesInstanceUID -> files), and a note for the run's notes
     (``""`` when there was nothing to choose).
 
@@ -383,12 +465,23 @@ def choose_ct_series(folder: str | os.PathLike, series: dict[str, list[str]]) ->
     series is preferred to a derived one and that to a synthetic one (:data:`SERIES_ORIGINS`: a study retrieved after
     an SR series was exported into it holds both), and of those the largest is taken, with a warning naming the others.
 
+    Args:
+        wanted: the series the user chose, as :func:`series_choice` gives it (a SeriesNumber, a SeriesInstanceUID or
+            its tail): that series is taken, whatever the others; None: chosen as above.
+        how_to_choose: how the caller's user chooses a series, as a phrase that "to choose another" ends (e.g.
+            ``"pass --input-series N (its SeriesNumber) or its SeriesInstanceUID"``), said when a series was chosen
+            for them or none can be; None (callers without such an option): "Put one series per folder to choose
+            another."
+
     Raises:
-        InputError: no series is CT (naming the modalities found), or the largest preferred ones are the same size.
+        InputError: no series is CT (naming the modalities found), or the largest preferred ones are the same size;
+            ``wanted`` is in no series of the folder (naming those it holds), in several (naming them), or is not CT.
     """
 
     everything = [describe_series(uid, files) for uid, files in series.items()]
     not_ct = NOT_VOLUME_MODALITIES | NON_CT_VOLUME_MODALITIES
+    if wanted is not None:
+        return _chosen_by_user(folder, everything, series_choice(wanted), how_to_choose)
     passed = [s for s in everything if s.modality in not_ct]
     candidates = [s for s in everything if s.modality not in not_ct]
     if not candidates:
@@ -408,19 +501,43 @@ def choose_ct_series(folder: str | os.PathLike, series: dict[str, list[str]]) ->
     chosen = max(preferred, key=lambda s: len(s.files))
     if sum(len(s.files) == len(chosen.files) for s in preferred) > 1:
         sizes = "largest ones" if len(preferred) == len(candidates) else f"largest {chosen.origin} ones"
+        how = f"{_sentence(how_to_choose)} to choose one." if how_to_choose else ("Put each series in its own folder "
+                                                                               "and choose one.")  # fmt: skip
         raise InputError(
             f"{folder} holds {held} and the {sizes} are the same size ({'; '.join(s.label for s in candidates)}): "
-            "there is no telling which one is meant. Put each series in its own folder and choose one."
+            f"there is no telling which one is meant. {how}"
         )
     if len(candidates) > 1:
         others = "; ".join(s.label for s in candidates if s is not chosen)
+        how = f"{_sentence(how_to_choose or 'put one series per folder')} to choose another."
         if len(preferred) < len(candidates):  # e.g. the acquired CT over the SR series exported from it
             largest = "the largest of them, " if len(preferred) > 1 else ""
             msg = (f"{folder} holds {held}; using {largest}{chosen.label}: {_PREFERRED[chosen.origin]} (others: "
-                   f"{others}). Put one series per folder to choose another.")  # fmt: skip
+                   f"{others}). {how}")  # fmt: skip
         else:
-            msg = (f"{folder} holds {held}; using the largest, {chosen.label} (others: {others}). Put one series per "
-                   "folder to choose another.")  # fmt: skip
+            msg = f"{folder} holds {held}; using the largest, {chosen.label} (others: {others}). {how}"
         logger.warning(msg)
         notes.append(msg)
     return chosen, " ".join(notes)
+
+
+def _chosen_by_user(folder: str | os.PathLike, everything: list[DicomSeries], wanted: int | str,
+                    how_to_choose: str | None) -> tuple[DicomSeries, str]:  # fmt: skip
+    """:func:`choose_ct_series` for a series the user chose: that series if it is one CT series of the folder, with a
+    note naming the others; else a refusal."""
+    chosen = _wanted_series(folder, everything, wanted, how_to_choose)
+    not_ct = NOT_VOLUME_MODALITIES | NON_CT_VOLUME_MODALITIES
+    if chosen.modality in not_ct:
+        ct = [s for s in everything if s.modality not in not_ct]
+        instead = (f"choose a CT series: {'; '.join(s.label for s in ct)}" if ct else
+                   "the folder holds no CT series: point to the folder of a CT series")  # fmt: skip
+        raise InputError(
+            f"the series chosen in {folder}, {chosen.label}, is not CT but {chosen.modality}. This tool works on CT "
+            f"only: {instead}."
+        )
+    if len(everything) == 1:
+        return chosen, ""
+    others = "; ".join(s.label for s in everything if s is not chosen)
+    msg = f"{folder} holds {len(everything)} DICOM series; using {chosen.label}, the series chosen (others: {others})."
+    logger.info(msg)
+    return chosen, msg

@@ -767,6 +767,14 @@ def current_rss_bytes() -> int | None:
         return None
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (``VmHWM`` from /proc/self/status, else ru_maxrss)."""
+    import resource
+
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 _ALLOCATOR_TUNED = False
 
 

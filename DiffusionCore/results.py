@@ -216,7 +216,7 @@ def sr_provenance(job_source: str | os.PathLike, volume_metadata: dict[str, Any]
         task="sr", title=title, weights=str(settings.get("weights", "")),
         weights_sha256=str(report.get("weights_sha256", "")), settings=settings, input=str(job_source),
         input_uid=str(volume_metadata.get("series_uid", "")), input_sha256=str(report.get("input_sha256", "")),
-        input_slice_thickness_mm=thickness, input_slice_note=_input_slice_note(thickness, settings),
+        input_slice_thickness_mm=thickness, input_slice_note=_input_slice_note(thickness, settings, volume_metadata),
     )  # fmt: skip
 
 
@@ -230,16 +230,25 @@ def input_slice_thickness(volume_metadata: dict[str, Any]) -> float | None:
     return value if value > 0 and value != float("inf") else None
 
 
-def _input_slice_note(thickness: float | None, settings: dict[str, Any]) -> str:
+def _input_slice_note(thickness: float | None, settings: dict[str, Any], volume_metadata: dict[str, Any]) -> str:
     """The run's own note on a slice thickness unlike the spacing (:func:`~DiffusionCore.degrade.thickness_note`,
     one place for its words), from the report's settings: the thick axis and the input's spacing along it. Only the
-    slice axis (array axis 0, z) of a series has a recorded thickness."""
+    slice axis (array axis 0, z) of a series has a recorded thickness. An interspaced series that ran as asked
+    (``allow_interspaced``) adds what that means (:data:`~DiffusionCore.degrade.INTERSPACED_RUN_NOTE`), and files
+    that gave different thicknesses (``volume_metadata["slice_thickness_values_mm"]``) are named."""
     spacing, axis = settings.get("input_spacing_xyz_mm") or [], settings.get("axis")
     if not thickness or axis != "z" or len(spacing) != 3:
         return ""
-    from .degrade import thickness_note
+    from .degrade import INTERSPACED_RUN_NOTE, is_interspaced, thickness_note
 
-    return thickness_note(float(thickness), float(spacing[2]))
+    notes = [thickness_note(float(thickness), float(spacing[2]))]
+    if is_interspaced(float(thickness), float(spacing[2])):
+        notes.append(INTERSPACED_RUN_NOTE)
+    values = volume_metadata.get("slice_thickness_values_mm")
+    if isinstance(values, dict) and len(values) > 1:
+        given = ", ".join(f"{v} mm in {n} file{'s' if n != 1 else ''}" for v, n in values.items())
+        notes.append(f"the series' files gave different slice thicknesses ({given}), taken as {float(thickness):g} mm")
+    return "; ".join(n for n in notes if n)
 
 
 def xray_provenance(source: str | os.PathLike, report: dict, weights: str, input_uid: str = "") -> Provenance:

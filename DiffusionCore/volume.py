@@ -28,7 +28,7 @@ import re
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +40,10 @@ from .dicom_in import (
     check_series_identity,
     choose_ct_series,
     enhanced_ct_in,
+    header_values,
     localizers_only_error,
     read_enhanced_ct,
+    series_choice,
     unread_files_note,
 )
 from .errors import (
@@ -607,7 +609,9 @@ def _itk_substance(line: str) -> str:
     return re.sub(r"^\w+ \(0x[0-9a-fA-F]+\):\s*", "", line).strip()
 
 
-def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
+def _read_dicom_series(
+    folder: Path, wanted: int | str | None = None, how_to_choose: str | None = None
+) -> tuple[sitk.Image, dict]:
     series: dict[str, list[str]] = {}
     search_dirs = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir())
     for d in search_dirs:
@@ -624,7 +628,8 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
             f"{folder} is a folder without a readable DICOM series. Point to the folder that holds the "
             "slices of one CT series (files ending in .dcm or without extension)."
         )
-    chosen, note = choose_ct_series(folder, series)  # the CT series; the others (PET, a scout series) named
+    # the CT series (or the one the user chose); the others (PET, a scout series) named
+    chosen, note = choose_ct_series(folder, series, wanted=wanted, how_to_choose=how_to_choose)
     files = chosen.files
     meta: dict = {"series_uid": chosen.uid, "n_files": len(files)}
     if note:
@@ -636,6 +641,9 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
                                        meta)  # fmt: skip
     if thickness is not None:
         meta["slice_thickness_mm"] = thickness
+    stored = series_stored_max_hu(headers[f] for f in files)
+    if stored is not None:
+        meta["stored_max_hu"] = stored
     positions = _slice_positions(files, headers, folder)
     _check_series_size(files, headers, folder)
     reader = sitk.ImageSeriesReader()
@@ -720,19 +728,64 @@ def _slice_thickness(r: sitk.ImageFileReader) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
-def dicom_slice_thickness(files: list[str]) -> float | None:
-    """The SliceThickness in mm of a CT series given as its files (e.g. those a Slicer node was loaded from): the
-    value most of its slices that are not localizers give (:func:`series_slice_thickness`, which warns when they
-    differ); None when no file says, or none can be read (the file then only lacks this note: the volume itself
-    comes from elsewhere)."""
-    values = {}
+def _stored_max_hu(r: sitk.ImageFileReader) -> float | None:
+    """The highest HU a DICOM slice can hold: the largest pixel value its BitsStored (0028,0101) and
+    PixelRepresentation (0028,0103) allow, rescaled by its RescaleSlope and RescaleIntercept; None when the header
+    does not say (or says something unusable)."""
+
+    def number(key: str, default: float | None) -> float | None:
+        if not r.HasMetaDataKey(key):
+            return default
+        try:
+            return float(r.GetMetaData(key).strip().split("\\")[0])
+        except ValueError:
+            return None
+
+    bits, signed = number("0028|0101", None), number("0028|0103", 0.0)
+    slope, intercept = number("0028|1053", 1.0), number("0028|1052", 0.0)
+    if bits is None or signed is None or slope is None or intercept is None or not 1 <= bits <= 32 or slope <= 0:
+        return None
+    top = 2.0 ** (int(bits) - 1) - 1 if signed else 2.0 ** int(bits) - 1
+    value = top * slope + intercept
+    return value if math.isfinite(value) else None
+
+
+def series_stored_max_hu(headers: Iterable[sitk.ImageFileReader]) -> float | None:
+    """The highest HU any slice of a series can hold (:func:`_stored_max_hu`; the largest over its files, which may
+    rescale differently), or None when a file does not say: the scanner's cap on every thin slice it makes, which the
+    consistency step keeps (:func:`DiffusionCore.degrade.physical_ceiling`)."""
+    values = [_stored_max_hu(r) for r in headers]
+    if not values or any(v is None for v in values):
+        return None
+    return max(v for v in values if v is not None)
+
+
+def _slice_headers(files: list[str]) -> dict[str, sitk.ImageFileReader]:
+    """The headers of a CT series given as its files (e.g. those a Slicer node was loaded from), localizers and files
+    that cannot be read left out: the volume itself comes from elsewhere, so such a file only lacks a note."""
+    headers = {}
     for file in files:
         try:
             reader = dicom_header(file)
         except InputError:
             continue
         if not _header_is_localizer(reader):
-            values[file] = _slice_thickness(reader)
+            headers[file] = reader
+    return headers
+
+
+def dicom_stored_max_hu(files: list[str]) -> float | None:
+    """:func:`series_stored_max_hu` of a CT series given as its files (:func:`_slice_headers`); None when no file can
+    be read or one does not say."""
+    return series_stored_max_hu(_slice_headers(files).values())
+
+
+def dicom_slice_thickness(files: list[str]) -> float | None:
+    """The SliceThickness in mm of a CT series given as its files (e.g. those a Slicer node was loaded from): the
+    value most of its slices that are not localizers give (:func:`series_slice_thickness`, which warns when they
+    differ); None when no file says, or none can be read (the file then only lacks this note: the volume itself
+    comes from elsewhere)."""
+    values = {file: _slice_thickness(reader) for file, reader in _slice_headers(files).items()}
     series = f"the DICOM series of {Path(files[0]).parent}" if files else "the series"
     return series_slice_thickness(values, series)
 
@@ -1467,12 +1520,21 @@ def _slice_size(reader: sitk.ImageFileReader) -> tuple[int, int, int]:
     return cols, rows, max(1, int(reader.GetNumberOfComponents()))
 
 
-def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
+def read_volume(
+    path: str | os.PathLike, *, check: bool = True, series: int | str | None = None, how_to_choose: str | None = None
+) -> Volume:
     """Read a CT volume from a file or a DICOM series folder.
 
     Args:
         path: NIfTI / NRRD / MHA file, or a folder of DICOM slices (its CT series; the largest, if several).
         check: run :func:`check_ct` (refuse NaN/Inf, warn on non-CT intensities).
+        series: the series of a DICOM folder to read: its SeriesNumber (an int or text of digits) or its
+            SeriesInstanceUID (or the UID's last components, unique in the folder); ``metadata["series_uid"]`` records
+            it. Refused for a file other than an enhanced CT, and for a series the folder does not hold (the message
+            lists those it holds), holds twice (by number: give the UID) or that is not CT.
+        how_to_choose: how the caller's user chooses a series, said when a folder holds several and one was taken for
+            them (see :func:`~DiffusionCore.dicom_in.choose_ct_series`); e.g. the ``sr`` command's
+            ``"pass --input-series N (its SeriesNumber) or its SeriesInstanceUID"``.
 
     Returns:
         A :class:`Volume` in HU; padding below -1500 HU reaching the image's edge is replaced by air (-1024 HU,
@@ -1496,7 +1558,14 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
         raise text  # a list of volumes without a list suffix, a note: said as such, not as ITK's "no reader"
     meta: dict = {}
     nonfinite = None
+    wanted = None if series is None else series_choice(series)
     enhanced = enhanced_ct_in(p) if p.is_dir() or _suffix(p) not in WRITABLE_SUFFIXES else None
+    if wanted is not None and enhanced is None and not p.is_dir():
+        raise InputError(f"{p} is a file, not a DICOM folder: a series ({series}) is chosen among the series of a "
+                         "DICOM folder. Give the folder that holds the series, or leave the series out.")  # fmt: skip
+    if wanted is not None and enhanced is not None:  # its one series, or a refusal naming it
+        uid = (header_values(enhanced, ["SeriesInstanceUID"]) or {}).get("SeriesInstanceUID", "")
+        choose_ct_series(p, {uid: [str(enhanced)]}, wanted=wanted, how_to_choose=how_to_choose)
     if enhanced is not None:  # one multi-frame file: its geometry is in functional groups ITK does not read
         ct = read_enhanced_ct(enhanced)
         extra = {**ct.metadata, "source": str(p)}
@@ -1512,7 +1581,7 @@ def read_volume(path: str | os.PathLike, *, check: bool = True) -> Volume:
         vol.array = replace_padding(vol.array, str(p))
         return vol
     if p.is_dir():
-        img, extra = _read_dicom_series(p)
+        img, extra = _read_dicom_series(p, wanted, how_to_choose)
         meta.update(extra)
     else:
         if _suffix(p) in (".nii", ".nii.gz"):

@@ -109,6 +109,35 @@ def test_allowed_an_interspaced_series_runs_and_the_warning_names_bright_rims(
     out = tmp_path / "out.nii.gz"
     assert main(["sr", str(folder), str(out), *FAST, "--allow-interspaced"]) == 0
     assert "may hold bright rims at edges" in capsys.readouterr().err and out.is_file()
+    # the result's provenance (its sidecar, and so DICOM comments and Slicer nodes) says it was run anyway
+    from DiffusionCore.provenance import read_provenance
+
+    prov = read_provenance(out)
+    assert prov.input_slice_thickness_mm == 1.0 and "with gaps between them" in prov.input_slice_note
+    assert "run anyway, as asked" in prov.input_slice_note and "bright rims" in prov.input_slice_note
+
+
+def test_files_that_disagree_on_the_thickness_are_named_in_the_results_provenance(tmp_path, capsys):
+    """Two of six files say 2 mm where the others say 4 mm: the run warns, and the result records both values."""
+    from DiffusionCore.provenance import read_provenance
+
+    folder = series(tmp_path / "mixed", 4.0)
+    for f in sorted(folder.iterdir())[:2]:
+        ds = pydicom.dcmread(f)
+        ds.SliceThickness = "2"
+        ds.save_as(f)
+    out = tmp_path / "out.nii.gz"
+    assert main(["sr", str(folder), str(out), *FAST]) == 0
+    assert "different slice thicknesses" in capsys.readouterr().err
+    prov = read_provenance(out)
+    assert prov.input_slice_thickness_mm == 4.0
+    assert "files gave different slice thicknesses (4 mm in 4 files, 2 mm in 2 files), taken as 4 mm" in (
+        prov.input_slice_note
+    )
+    # a series whose files agree records no such note
+    plain = tmp_path / "plain.nii.gz"
+    assert main(["sr", str(series(tmp_path / "same", 4.0)), str(plain), *FAST]) == 0
+    assert read_provenance(plain).input_slice_note == ""
 
 
 def test_a_batch_passes_an_interspaced_series_over_and_goes_on(tmp_path, capsys):

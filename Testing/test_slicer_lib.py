@@ -699,6 +699,37 @@ def test_sr_job_passes_the_dicom_series_slice_thickness_and_the_log_names_an_ove
     assert "--sliceThickness" not in SRJob(scene, plain, settings).prepare(tmp_path / "plain")
 
 
+def test_sr_job_passes_the_stored_maximum_of_a_12_bit_series_and_the_result_stays_below_it(
+    scene, tmp_path, monkeypatch
+):
+    """A node keeps the HU but not what its DICOM files could store; the job reads that from the series' files, so a
+    thin voxel is no brighter than the scanner could have stored, as on the command line (test_stored_cap.py)."""
+    import pydicom
+    from conftest import write_dicom_series
+    from test_stored_cap import dense_plate_thick, twelve_bit
+
+    files = write_dicom_series(tmp_path / "series", dense_plate_thick(), intercept=-2500.0)
+    twelve_bit(files, -2500.0)  # stores at most 1595 HU; the slabs reach about 1,525 HU
+    uids = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
+    node = mrml_io.add_volume_node(scene, read_volume(tmp_path / "series"), "CT 12 bit")
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+    database = DicomDatabaseStandIn()
+    database.files = {uid: str(f) for uid, f in zip(uids, files)}
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    settings = SRSettings(factor=4, device="cpu", tiny_test_predictor=True, adapt_to_scan=False)
+    job = SRJob(scene, node, settings)
+    (tmp_path / "job").mkdir()
+    args = job.prepare(tmp_path / "job")
+    assert float(args[args.index("--storedMaximum") + 1]) == 1595.0
+    assert job.run(timeout=240) == JobState.COMPLETED, job.error
+    result = mrml_io.volume_from_node(job.result_nodes[0]).array
+    assert 1500.0 < float(result.max()) <= 1595.0 + 0.5  # bright, and no brighter than the files could store
+    # a node not loaded from DICOM has no storage range to pass
+    plain = mrml_io.add_volume_node(scene, dense_plate_thick(), "CT plain")
+    (tmp_path / "plain").mkdir()
+    assert "--storedMaximum" not in SRJob(scene, plain, settings).prepare(tmp_path / "plain")
+
+
 def test_sr_job_surfaces_the_cli_error_line(scene):
     node = mrml_io.add_volume_node(scene, phantom_ct(), "CT_04")
     job = SRJob(scene, node, SRSettings(factor=4, weights="/nonexistent/weights.safetensors", device="cpu"))

@@ -448,3 +448,30 @@ def test_allow_non_ct_accepts_a_result_in_the_inputs_own_range(tmp_path):
     res = sr_command(str(src), str(tmp_path / "refused.nrrd"), "--tiny-test-model", "--factor", "2",
                      "--progress", "none")
     assert res.returncode == 2 and "does not look like CT" in res.stderr
+
+
+def test_the_reports_peak_memory_includes_writing_the_result(tmp_path, thick_file, monkeypatch):
+    """--report's peak_rss_bytes is the process's peak with the result written (an integer cast or DICOM slices can
+    take more than the run itself), not the peak the engine saw before writing."""
+    import json
+
+    import DiffusionCore.cli.sr as sr_cli
+    from DiffusionCore.files import peak_rss_bytes
+
+    seen = {}
+    real_write = sr_cli.write_result
+
+    def write_with_a_large_buffer(*args, **kwargs):
+        buffer = np.ones(100_000_000, dtype=np.float64)  # 800 MB touched, far above the tiny run's peak
+        seen["peak"] = peak_rss_bytes()
+        del buffer
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(sr_cli, "write_result", write_with_a_large_buffer)
+    report = tmp_path / "r.json"
+    rc = main(["sr", str(thick_file), str(tmp_path / "out.nii.gz"), "--tiny-test-model", "--factor", "2",
+               "--report", str(report)])  # fmt: skip
+    assert rc == 0
+    recorded = json.loads(report.read_text())["memory"]["peak_rss_bytes"]
+    # the kernel's peak counter lags by a few pages; the engine's own peak was far below 800 MB
+    assert recorded >= seen["peak"] - 2**20 and seen["peak"] > 800_000_000

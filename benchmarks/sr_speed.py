@@ -34,9 +34,9 @@ import torch
 
 from DiffusionCore.cli.common import adapt_settings, add_adapt_arguments
 from DiffusionCore.devices import resolve_device
-from DiffusionCore.files import keep_freed_memory, write_json_atomic
+from DiffusionCore.files import keep_freed_memory, peak_rss_bytes, write_json_atomic
 from DiffusionCore.sampledata import load_reference
-from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name, peak_rss_bytes
+from DiffusionCore.sr.pipeline import SuperResolver, default_weights_name
 from DiffusionCore.volume import Volume, read_volume, write_volume
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the input's slice thickness in mm (DICOM SliceThickness; Slicer passes it); 0 = not known",
     )
     p.add_argument(
+        "--storedMaximum", type=finite_float(0.0), default=0.0,
+        help="the highest HU the input's DICOM files can store (BitsStored and rescale; Slicer passes it): no voxel "
+        "of the result is made brighter; 0 = not known",
+    )
+    p.add_argument(
         "--adaptSeconds", type=float, default=0.0, help="a time budget for the adaptation instead of steps; 0 = use steps"
     )
     p.add_argument("--tinyTestModel", action="store_true", help=argparse.SUPPRESS)
@@ -332,6 +337,8 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
     volume = read_volume(args.inputVolume)
     if args.sliceThickness > 0:  # what the DICOM series said, for the note on overlapping or interspaced slices
         volume.metadata["slice_thickness_mm"] = float(args.sliceThickness)
+    if args.storedMaximum > 0:  # the highest HU the DICOM series' files can store: no thin voxel is made brighter
+        volume.metadata["stored_max_hu"] = float(args.storedMaximum)
     # an interspaced series is refused before the weights are loaded (the run itself checks it again)
     check_interspaced(
         volume, engine_settings.axis, allow=engine_settings.allow_interspaced, what=args.inputVolume

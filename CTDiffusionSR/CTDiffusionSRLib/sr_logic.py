@@ -19,6 +19,7 @@ from DiffusionCore.volume import (
     check_ct,
     check_series_slices,
     dicom_slice_thickness,
+    dicom_stored_max_hu,
     require_ct,
     thick_axis,
 )
@@ -452,7 +453,9 @@ class SRJob(CLIJob):
                               "volume: choose a scalar volume or create a new one.")
         self.series = refuse_series_the_job_cannot_read(input_node)
         # only a DICOM series knows its slices' thickness; the node keeps their spacing alone
-        self.slice_thickness = dicom_slice_thickness(dicom_source_files(input_node))
+        sources = dicom_source_files(input_node)
+        self.slice_thickness = dicom_slice_thickness(sources)
+        self.stored_max_hu = dicom_stored_max_hu(sources) if sources else None  # the scanner's storage cap
         refuse_interspaced_series(input_node, settings, self.slice_thickness)
         if not (settings.tiny_test_model or settings.tiny_test_predictor):
             from DiffusionCore.weights.registry import first_available
@@ -494,6 +497,8 @@ class SRJob(CLIJob):
             args += ["--uncertaintyVolume", str(tempdir / "uncertainty.nrrd")]
         if self.slice_thickness:  # read from the series' files when the job was made
             args += ["--sliceThickness", repr(float(self.slice_thickness))]
+        if self.stored_max_hu is not None:  # the highest HU the series' files can hold: no thin voxel goes above it
+            args += ["--storedMaximum", repr(float(self.stored_max_hu))]
         args += ["--reportFile", str(tempdir / "report.json"), "--returnparameterfile", str(tempdir / "return.txt")]
         return [*args, source, str(tempdir / "output.nrrd")]
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..degrade import check_interspaced, plan_thin_grid
 from ..devices import DistInfo, process_info, shard_list
+from ..dicom_in import series_choice_arg
 from ..dicom_out import check_dicom_geometry
 from ..errors import (
     ConfigError,
@@ -40,6 +41,7 @@ from ..files import (
     current_rss_bytes,
     format_bytes,
     keep_freed_memory,
+    peak_rss_bytes,
     refuse_overwriting_inputs,
 )
 from ..provenance import Provenance, synthetic_input_warning
@@ -139,6 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="INPUT", help="volume file, DICOM series folder, folder of volumes, list file, or a CT sample name (chest-dx)")
     p.add_argument("output", metavar="OUTPUT", help="output volume (.nii.gz, .nii, .nrrd, .mha), or a folder (batch)")
     p.add_argument("extra_paths", nargs="*", help=argparse.SUPPRESS)  # refused with advice: several INPUTs
+    p.add_argument("--input-series", type=series_choice_arg, default=None, metavar="N|UID", help="the series to read from a DICOM folder INPUT that holds several (a study exported from a PACS: e.g. a 5 mm and a 1 mm series of one scan): its SeriesNumber N or its SeriesInstanceUID (or the UID's last components, unique in the folder); the warning about a folder of several series names them (default: the largest CT series, an acquired one before a derived or synthetic one). In a batch it applies to every DICOM folder; a volume file INPUT is refused with it. Not --series-number, which numbers the output series")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--factor", type=int, default=None, help="slices per thick slice, 2..8 (default: from spacing)")
     size.add_argument("--target-spacing", type=finite_float(0.0, low_open=True), default=None, metavar="MM", help="output slice spacing in mm")
@@ -442,7 +445,10 @@ class _VolumeRun:
         args, progress = self.args, self.progress
         t0 = time.perf_counter()
         progress.before_run(f"reading {job.source.name}")
-        volume = read_volume(job.source, check=False)  # checked here, naming the file, once
+        given = Path(args.input)  # --input-series: the series of each DICOM folder; refused for a file INPUT itself
+        series = args.input_series if job.source.is_dir() or job.source == given or not given.exists() else None
+        volume = read_volume(job.source, check=False, series=series,  # checked here, naming the file, once
+                             how_to_choose="pass --input-series N (its SeriesNumber) or its SeriesInstanceUID")
         (check_ct if args.allow_non_ct else require_ct)(volume, str(job.source))
         mark_ct_checked(volume)
         # an interspaced series is refused before the weights are loaded (the run itself checks it again)
@@ -494,6 +500,9 @@ class _VolumeRun:
                              dtype="float32")
         progress.written()
         t_write = time.perf_counter() - t0
+        # the peak the engine saw, raised by what writing took (an integer cast, DICOM slices): the process's peak
+        memory = report.setdefault("memory", {})
+        memory["peak_rss_bytes"] = max(int(memory.get("peak_rss_bytes") or 0), peak_rss_bytes())
         logger.info(
             "%s -> %s (%s, %.1f s)", job.source, job.output,
             "x".join(map(str, output.shape)), report["timings"]["total"] + t_read + t_write,

@@ -41,7 +41,6 @@ import itertools
 import logging
 import math
 import os
-import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -73,6 +72,7 @@ from ..errors import (
     WeightsError,
 )
 from ..evaluate import MODEL_SETTINGS, register_method
+from ..files import peak_rss_bytes
 from ..geometry import storage_flips
 from ..intensity import HU_PER_UNIT, hu_to_unit, hu_to_unit_, unit_to_hu_
 from ..interpolation import interpolate, single_axis
@@ -133,14 +133,6 @@ _VOLUME_ARRAYS_PER_EXTRA_STATS = 2
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (``VmHWM`` from /proc/self/status, else ru_maxrss)."""
-    from ..files import proc_bytes
-
-    peak = proc_bytes("/proc/self/status", "VmHWM")
-    return peak if peak is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 def tile_seed(seed: int, sample: int, tile: int) -> int:
     """Independent, order-free seed for one (sample, tile) pair of a run with ``seed``."""
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(sample), int(tile)]).generate_state(2, np.uint32)
