@@ -419,13 +419,19 @@ def require_finite_voxels(hu: np.ndarray, what: str, tail: str = NOT_RETURNED) -
                          f"numerically{tail}")  # fmt: skip
 
 
-def require_ct(vol: Volume | np.ndarray, source: str = "volume") -> None:
+def require_ct(
+    vol: Volume | np.ndarray,
+    source: str = "volume",
+    how_to_allow: str = "pass --allow-non-ct (allow_non_ct=True in Python)",
+) -> None:
     """Refuse volumes a CT model cannot work on: non-finite voxels (see :func:`check_ct`), a constant
     volume, or intensities that are not CT in Hounsfield units.
 
     CT in HU always holds values below 0 (air near -1000, fat near -100) and spans hundreds of HU; MR,
     PET, normalised images ([0, 1], [-1, 1]) and CT stored without its rescale intercept (0..4095) do
     not.
+
+    ``how_to_allow`` ends the refusal of non-CT intensities: the way the caller's front end runs it anyway.
 
     Raises:
         InputError: NaN/Inf voxels, a constant volume, or non-CT intensities.
@@ -443,7 +449,7 @@ def require_ct(vol: Volume | np.ndarray, source: str = "volume") -> None:
             f"{source} does not look like CT in Hounsfield units (values {lo:g} to {hi:g}; CT has air near "
             "-1000 and soft tissue near 0-100): the model is trained on CT only, so MR, PET or normalised "
             "images give meaningless results. For a CT stored without its rescale intercept, fix the header "
-            "(e.g. subtract 1024); if this really is CT in HU, pass --allow-non-ct (allow_non_ct=True in Python)."
+            f"(e.g. subtract 1024); if this really is CT in HU, {how_to_allow}."
         ))
     # the milder doubts, as warnings, about what passes (refused volumes are not warned of), once per volume
     _ct_doubts(lo, hi, source, log=not getattr(vol, _CT_TOLD, False))

@@ -93,10 +93,13 @@ def test_sr_writes_an_extended_hu_result_whole(tmp_path):
 def test_sr_writes_an_extended_hu_dicom_series_unsigned_with_an_intercept(tmp_path):
     thick = extended_hu_thick()
     source = tmp_path / "metal_dcm"
-    write_dicom_series(
-        source, thick, intercept=-1024.0
-    )  # stored HU + 1024, as Siemens-like extended series are
+    for f in write_dicom_series(source, thick, intercept=-1024.0):  # stored HU + 1024, unsigned 16-bit, as
+        ds = pydicom.dcmread(f)  # Siemens-like extended series are: they store up to 65535 - 1024 HU
+        assert int(ds.pixel_array.min()) >= 0
+        ds.PixelRepresentation = 0
+        ds.save_as(f)
     assert read_volume(source).array.max() == pytest.approx(float(thick.array.max()))
+    assert read_volume(source).metadata["stored_max_hu"] == 65535 - 1024  # room above the input's maximum
     series, nifti = tmp_path / "thin_dcm", tmp_path / "thin.nii.gz"
     done = sr(source, series)
     assert done.returncode == 0, done.stderr

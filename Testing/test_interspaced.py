@@ -193,14 +193,14 @@ def test_the_three_front_ends_build_the_same_allow_interspaced_setting():
     assert "--allowInterspaced" not in SRSettings().cli_arguments()
 
 
-def test_the_slicer_module_refuses_an_interspaced_series_when_apply_is_pressed(scene, tmp_path, monkeypatch):
-    """A node loaded from Slicer's DICOM database: the job reads the thickness from the series' files and refuses at
-    once, naming the node; allowed, it hands the thickness and the permission to its CLI."""
+def hrct_node(scene, tmp_path, monkeypatch):
+    """An interspaced series (1 mm slices every 4 mm) loaded as a node from (a stand-in of) Slicer's DICOM database,
+    so that the job reads its thickness from the files; and the tiny predictor's settings."""
     slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is needed for the Slicer-side tests")
     if str(ROOT / "CTDiffusionSR") not in sys.path:
         sys.path.insert(0, str(ROOT / "CTDiffusionSR"))
     from CTDiffusionSRLib import mrml_io
-    from CTDiffusionSRLib.sr_logic import SRJob, SRSettings
+    from CTDiffusionSRLib.sr_logic import SRSettings
     from CTDiffusionSRLib.testing import DicomDatabaseStandIn
 
     folder = series(tmp_path / "hrct", 1.0)
@@ -211,7 +211,15 @@ def test_the_slicer_module_refuses_an_interspaced_series_when_apply_is_pressed(s
     database = DicomDatabaseStandIn()
     database.files = {uid: str(f) for uid, f in zip(uids, files)}
     monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
-    settings = SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False)
+    return node, SRSettings(factor=2, device="cpu", tiny_test_predictor=True, adapt_to_scan=False)
+
+
+def test_the_slicer_module_refuses_an_interspaced_series_when_apply_is_pressed(scene, tmp_path, monkeypatch):
+    """A node loaded from Slicer's DICOM database: the job reads the thickness from the series' files and refuses at
+    once, naming the node; allowed, it hands the thickness and the permission to its CLI."""
+    from CTDiffusionSRLib.sr_logic import SRJob, SRSettings
+
+    node, settings = hrct_node(scene, tmp_path, monkeypatch)
     with pytest.raises(InputError, match="'HRCT' has 1 mm slices 4 mm apart: an interspaced protocol") as refused:
         SRJob(scene, node, settings)
     # said the way a Slicer user runs it anyway, not with a command-line flag
@@ -290,3 +298,35 @@ def test_half_the_spacing_is_refused_whatever_the_positions_rounding(tmp_path):
         grid = Grid((8, 16, 16), (0.7, 0.7, spacing), (0.0, 0.0, 0.0), np.eye(3))
         assert interspaced_slices(grid, 0, 2.5) is not None
     assert interspaced_slices(Grid((8, 16, 16), (0.7, 0.7, 5.0), (0.0, 0.0, 0.0), np.eye(3)), 0, 2.6) is None
+
+
+def test_slicer_refusals_name_the_panels_checkboxes_and_the_sr_command_keeps_its_flags(scene, tmp_path, monkeypatch,
+                                                                                       capsys):  # fmt: skip
+    """The module's refusals (shown in Slicer's dialog or Apply's tooltip) say to tick the Advanced checkbox first,
+    the Python console only after it, and no command-line flag; the ``sr`` command's own words are unchanged."""
+    from CTDiffusionSRLib import mrml_io
+    from CTDiffusionSRLib.sr_logic import SRJob, SRSettings
+
+    node, settings = hrct_node(scene, tmp_path, monkeypatch)
+    with pytest.raises(InputError) as refused:
+        SRJob(scene, node, settings)
+    said = str(refused.value)
+    assert "To run it anyway, tick 'Allow interspaced slices' under Advanced (or, from Slicer's Python console, give " \
+           "SRSettings(allow_interspaced=True) to the job); or interpolate the gaps instead" in said, said  # fmt: skip
+    assert "--allow-interspaced" not in said and "--allowInterspaced" not in said
+    # intensities that do not look like CT (a CT stored without its intercept: nothing below 0)
+    unsigned = Volume(np.clip(ct().array, -1024.0, None) + 1024.0, (0.8, 0.8, 4.0), (0.0, 0.0, 0.0), np.eye(3))
+    plain = mrml_io.add_volume_node(scene, unsigned, "CT unsigned")
+    with pytest.raises(InputError) as refused:
+        SRJob(scene, plain, settings)
+    said = str(refused.value)
+    assert said.startswith("'CT unsigned' does not look like CT in Hounsfield units"), said
+    assert said.endswith("if this really is CT in HU, tick 'Allow non-CT intensities' under Advanced (or, from "
+                         "Slicer's Python console, give SRSettings(allow_non_ct=True) to the job)."), said  # fmt: skip
+    assert "--allow-non-ct" not in said and "in Python)" not in said
+    SRJob(scene, plain, SRSettings(**{**settings.to_dict(), "allow_non_ct": True}))  # ticked: accepted
+    # the sr command says its own flags, as before
+    out = tmp_path / "out.nii.gz"
+    assert main(["sr", str(tmp_path / "hrct"), str(out), *FAST]) == 2  # the series hrct_node wrote
+    [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "To run it anyway, pass --allow-interspaced" in error and "Allow interspaced slices" not in error, error

@@ -386,3 +386,45 @@ def test_xray_to_ct_shares_the_slicer_glue_without_importing_the_other_module():
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert "CTDiffusionSR" not in imported, f"{path.name} imports the CTDiffusionSR module file"
     assert "from CTDiffusionSRLib.module_widget import ModuleWidget" in PANELS["XrayToCT"].read_text()
+
+
+def test_allow_interspaced_and_non_ct_are_unticked_advanced_checkboxes_passed_to_the_settings():
+    """The two overrides of the engine's refusals (an interspaced series, intensities that do not look like CT) are
+    reachable from the panel: unticked checkboxes under Advanced, beside Data consistency, bound to the parameter node
+    (off by default there too), whose tooltips say what they do and the risk, and which settingsFrom hands on."""
+    module_py = PANELS["CTDiffusionSR"]
+    ui_path = MODULES["CTDiffusionSR"] / "Resources" / "UI" / "CTDiffusionSR.ui"
+    widgets = ui_widgets(ui_path)
+    fields = wrapper_fields(module_py)
+    root = ET.parse(ui_path).getroot()
+    advanced = next(w for w in root.iter("widget") if w.get("name") == "advancedCollapsibleButton")
+    rows = {}  # checkbox name -> its row in the Advanced form
+    for item in advanced.iter("item"):
+        child = item.find("widget")
+        if child is not None and child.get("class") == "QCheckBox":
+            rows[child.get("name")] = int(item.get("row"))
+    expected = {"allowInterspacedCheckBox": ("allowInterspaced", "Allow interspaced slices"),
+                "allowNonCTCheckBox": ("allowNonCT", "Allow non-CT intensities")}  # fmt: skip
+    for name, (param, label) in expected.items():
+        check = widgets[name]
+        assert (check.get("class"), string_property(check, "SlicerParameterName")) == ("QCheckBox", param)
+        assert string_property(check, "text") == label
+        assert check.find("property[@name='checked']").findtext("bool") == "false"
+        assert fields[param] == "bool"
+        assert name in rows and abs(rows[name] - rows["dataConsistencyCheckBox"]) <= 2, rows
+    assert sorted(rows.values()) == sorted(set(rows.values())), f"two checkboxes share a row: {rows}"
+    interspaced = string_property(widgets["allowInterspacedCheckBox"], "toolTip")
+    assert "interspaced" in interspaced and "refused otherwise" in interspaced
+    assert "the result may hold bright rims at edges; on such series super-resolution measured no better than " \
+           "interpolation" in interspaced  # fmt: skip
+    non_ct = string_property(widgets["allowNonCTCheckBox"], "toolTip")
+    assert "do not look like CT in Hounsfield units" in non_ct and "refused otherwise" in non_ct
+    assert "if the data is not CT" in non_ct and "the result is meaningless" in non_ct
+    tree = ast.parse(module_py.read_text())
+    defaults = {n.target.id: ast.literal_eval(n.value) for n in ast.walk(tree)
+                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.value is not None
+                and n.target.id in ("allowInterspaced", "allowNonCT")}  # fmt: skip
+    assert defaults == {"allowInterspaced": False, "allowNonCT": False}
+    settings_from = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "settingsFrom")
+    code = ast.unparse(settings_from)
+    assert "allow_interspaced=p.allowInterspaced" in code and "allow_non_ct=p.allowNonCT" in code

@@ -798,3 +798,104 @@ def test_opening_a_panel_makes_results_of_scenes_loaded_later_keep_their_label_w
     assert loaded.GetStorageNode().WriteData(loaded)
     assert b"ctdiffusion_synthetic:=true" in (tmp_path / "again.nrrd").read_bytes()[:4000]
     panel.cleanup()
+
+
+# -- the overrides of the engine's refusals: Allow interspaced slices, Allow non-CT intensities ---------------------
+def _interspaced_dicom_node(scene, folder: Path, monkeypatch, name: str = "HRCT"):
+    """A node loaded from Slicer's DICOM database (its files known through ``slicer.dicomDatabase``) of a real CT
+    DICOM series with 1 mm slices every 4 mm (an HRCT-type protocol), as Testing/test_interspaced.py makes it."""
+    import pydicom
+    from conftest import ct_phantom_array, write_dicom_series
+    from CTDiffusionSRLib.testing import DicomDatabaseStandIn
+
+    from DiffusionCore.volume import Volume, read_volume
+
+    files = write_dicom_series(folder, Volume(ct_phantom_array((6, 64, 64)), (0.8, 0.8, 4.0), (0.0, 0.0, 0.0)))
+    uids = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SliceThickness = "1"
+        ds.save_as(f)
+        uids.append(str(ds.SOPInstanceUID))
+    database = DicomDatabaseStandIn()
+    database.files = {uid: str(f) for uid, f in zip(uids, files)}
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    node = mrml_io.add_volume_node(scene, read_volume(folder), name)
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+    return node
+
+
+def test_an_interspaced_series_is_refused_naming_the_checkbox_and_runs_once_it_is_ticked(panels, scene, tmp_path,
+                                                                                         monkeypatch):  # fmt: skip
+    """Apply on an HRCT-type series loaded from DICOM: refused at once, the dialog telling the user to tick "Allow
+    interspaced slices" under Advanced (not the sr command's flag); ticked, the same Apply runs the job to a result
+    that records the permission."""
+    node = _interspaced_dicom_node(scene, tmp_path / "hrct", monkeypatch)
+    panel, p, ui = _open(panels.sr.SRWidget)
+    assert p.inputVolume is node and p.allowInterspaced is False and ui.applyButton.enabled, ui.applyButton.toolTip
+    p.adaptToScan = False  # seconds instead of a minute
+    ui.applyButton.emit("clicked(bool)", True)
+    assert not panel.monitor.running and p.resultVolume is None
+    [said] = panels.dialogs.errors
+    assert said.startswith("Could not start the super-resolution.\n'HRCT' has 1 mm slices 4 mm apart"), said
+    assert "To run it anyway, tick 'Allow interspaced slices' under Advanced" in said, said
+    assert "--allow-interspaced" not in said and "(allow_interspaced=True in Python)" not in said, said
+    assert ui.applyButton.text == "Apply" and ui.applyButton.enabled
+    panels.dialogs.errors.clear()
+    p.allowInterspaced = True  # the checkbox, through its parameter node binding
+    assert panel.logic.settingsFrom(p).allow_interspaced is True
+    ui.applyButton.emit("clicked(bool)", True)
+    assert panel.monitor.running, panels.dialogs.errors
+    assert "--allowInterspaced" in panel.monitor.job.settings.cli_arguments()
+    _until_idle(panel)
+    assert panels.dialogs.errors == [] and ui.statusLabel.text.startswith("Done in "), ui.statusLabel.text
+    result = p.resultVolume
+    assert result is not None and result.GetName().startswith("HRCT SR x") and scene.IsNodePresent(result)
+    assert result.GetImageData() is not None and result.GetImageData().GetDimensions()[2] > 6  # thinner slices
+    panel.cleanup()
+
+
+def test_the_non_ct_checkbox_turns_apply_on_and_off_and_its_tooltip_names_the_checkbox(panels, scene, monkeypatch):
+    """A CT stored without its intercept (0..~2000, no values below 0): Apply is disabled, its tooltip saying why and
+    to tick "Allow non-CT intensities" under Advanced; ticking the box enables Apply (and the job gets the
+    permission), unticking disables it again. The voxels are read once per node change or box change, not on every
+    setting."""
+    import numpy as np
+    from CTDiffusionSRLib import sr_logic
+
+    from DiffusionCore.volume import Volume
+
+    ct = phantom_ct()
+    shifted = Volume(np.clip(ct.array, -1024.0, None) + 1024.0, ct.spacing, ct.origin, ct.direction)
+    node = mrml_io.add_volume_node(scene, shifted, "CT unsigned")
+    reads = []
+    judged = sr_logic.intensity_problem
+    monkeypatch.setattr(sr_logic, "intensity_problem", lambda n, s: reads.append(s.allow_non_ct) or judged(n, s))
+    panel, p, ui = _open(panels.sr.SRWidget)
+    assert p.inputVolume is node and p.allowNonCT is False
+    tip = ui.applyButton.toolTip
+    assert not ui.applyButton.enabled and tip.startswith("'CT unsigned' does not look like CT in Hounsfield units"), tip
+    assert "if this really is CT in HU, tick 'Allow non-CT intensities' under Advanced" in tip, tip
+    assert "--allow-non-ct" not in tip and "(allow_non_ct=True in Python)" not in tip, tip
+    p.seed = 3  # another setting: the verdict is kept, the voxels not read again
+    assert not ui.applyButton.enabled and ui.applyButton.toolTip == tip and reads == [False]
+    p.allowNonCT = True  # the checkbox, through its parameter node binding
+    assert ui.applyButton.enabled, ui.applyButton.toolTip
+    assert ui.applyButton.toolTip == "Super-resolve the input into a new synthetic volume." and reads == [False, True]
+    p.allowNonCT = False
+    assert not ui.applyButton.enabled and ui.applyButton.toolTip == tip
+    p.allowNonCT = True
+    p.adaptToScan = False
+    ui.applyButton.emit("clicked(bool)", True)
+    assert panel.monitor.running and panels.dialogs.errors == [], panels.dialogs.errors
+    assert panel.monitor.job.settings.allow_non_ct and "--allowNonCT" in panel.monitor.job.settings.cli_arguments()
+    monkeypatch.setattr(panels.module_widget, "doubleClickSeconds", lambda: 0.0)
+    ui.applyButton.emit("clicked(bool)", True)  # cancel: what the job makes of it is the job's own tests' matter
+    assert not panel.monitor.running
+    # a constant volume stays refused with the box ticked; a real CT is accepted with it unticked
+    p.inputVolume = mrml_io.add_volume_node(scene, Volume(np.zeros((6, 32, 32), np.float32), ct.spacing), "blank")
+    assert not ui.applyButton.enabled and "'blank' is constant" in ui.applyButton.toolTip
+    p.allowNonCT = False
+    p.inputVolume = mrml_io.add_volume_node(scene, phantom_ct(), "CT_04")
+    assert ui.applyButton.enabled, ui.applyButton.toolTip
+    panel.cleanup()

@@ -220,9 +220,20 @@ def check_sr_input(node, settings: SRSettings | None = None) -> str:
     return ""
 
 
+#: How the panel runs an interspaced series anyway (the end of :func:`DiffusionCore.degrade.check_interspaced`'s
+#: refusal, which names the ``sr`` command's flag otherwise).
+ALLOW_INTERSPACED_IN_SLICER = ("tick 'Allow interspaced slices' under Advanced (or, from Slicer's Python console, give "
+                               "SRSettings(allow_interspaced=True) to the job)")  # fmt: skip
+#: How the panel runs a volume whose intensities do not look like CT anyway, instead of the ``sr`` command's flag.
+ALLOW_NON_CT_IN_SLICER = ("tick 'Allow non-CT intensities' under Advanced (or, from Slicer's Python console, give "
+                          "SRSettings(allow_non_ct=True) to the job)")  # fmt: skip
+
+
 def intensity_problem(node, settings: SRSettings) -> str:
     """The pipeline's intensity checks (NaN/Inf, constant, non-CT values) on the node's voxels, or ``""``:
-    run when Apply is pressed, so that the job is refused at once instead of failing in the background."""
+    run when Apply is pressed, so that the job is refused at once instead of failing in the background (and by
+    :func:`remembered_intensity_problem` for Apply's state). A refusal of non-CT values says how to run it anyway in
+    the panel (:data:`ALLOW_NON_CT_IN_SLICER`)."""
     from vtk.util import numpy_support
 
     voxels = numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())  # a view, no copy
@@ -233,10 +244,34 @@ def intensity_problem(node, settings: SRSettings) -> str:
             if float(np.min(voxels)) == float(np.max(voxels)):
                 require_ct(voxels, name)  # constant: refused even when non-CT values are allowed
         else:
-            require_ct(voxels, name)
+            require_ct(voxels, name, how_to_allow=ALLOW_NON_CT_IN_SLICER)
     except InputError as exc:
         return str(exc)
     return ""
+
+
+#: :func:`remembered_intensity_problem`'s verdicts: node ID -> (what it depends on, verdict), the latest few nodes.
+_intensity_verdicts: dict[str, tuple[tuple, str]] = {}
+INTENSITY_VERDICTS_KEPT = 8
+
+
+def remembered_intensity_problem(node, settings: SRSettings) -> str:
+    """:func:`intensity_problem` for Apply's state and tooltip, which the panel asks on every change of a setting: the
+    voxels are read once per change of the node (its modification time: a rename, the message names it; and
+    :func:`~CTDiffusionSRLib.mrml_io.input_stamp`: its voxels edited or replaced) and of ``allow_non_ct`` (the
+    "Allow non-CT intensities" checkbox), not on every setting."""
+    key = (node.GetMTime(), input_stamp(node), bool(settings.allow_non_ct))
+    node_id = node.GetID()
+    known = _intensity_verdicts.get(node_id) if node_id else None
+    if known is not None and known[0] == key:
+        return known[1]
+    verdict = intensity_problem(node, settings)
+    if node_id:
+        _intensity_verdicts.pop(node_id, None)
+        _intensity_verdicts[node_id] = (key, verdict)
+        while len(_intensity_verdicts) > INTENSITY_VERDICTS_KEPT:
+            _intensity_verdicts.pop(next(iter(_intensity_verdicts)))
+    return verdict
 
 
 def effective_factor(node, settings: SRSettings) -> int:
@@ -405,8 +440,7 @@ def refuse_interspaced_series(node, settings: SRSettings, thickness: float | Non
     grid = job_grid(node)
     _, axis, _ = plan_thin_grid(grid, **settings.thin_grid_options())
     check_interspaced(grid, axis, thickness_mm=thickness, what=f"'{node.GetName()}'",
-                      how_to_allow="from Slicer's Python console, give SRSettings(allow_interspaced=True) to the "
-                      "job (or run `python -m DiffusionCore sr --allow-interspaced` on the series' folder)")  # fmt: skip
+                      how_to_allow=ALLOW_INTERSPACED_IN_SLICER)
 
 
 def refuse_series_the_job_cannot_read(node):

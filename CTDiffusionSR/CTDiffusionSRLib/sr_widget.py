@@ -32,7 +32,9 @@ class CTDiffusionSRParameterNode:
     factor 0 = suggested from the slice spacing; steps 0 = the posterior-mean estimate (N > 0: a posterior
     sample in N steps); guidance 0 = the model's default; patch and overlap 0 = automatic; outputVolume
     None = a new node; adaptToScan (on by default): first fine-tune a copy of the model for adaptSteps steps
-    on the input's own in-plane detail (400 take about 40 seconds on 2 idle CPU cores).
+    on the input's own in-plane detail (400 take about 40 seconds on 2 idle CPU cores). allowInterspaced and
+    allowNonCT (off): run on an interspaced DICOM series, or on intensities that do not look like CT in HU, which
+    are refused otherwise.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -58,6 +60,8 @@ class CTDiffusionSRParameterNode:
     threads: Annotated[int, WithinRange(0, 1024)] = 0
     numSamples: Annotated[int, WithinRange(1, 16)] = 1
     dataConsistency: bool = True
+    allowInterspaced: bool = False
+    allowNonCT: bool = False
     showUncertainty: bool = True
     fadeOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     evaluationFactor: Annotated[int, WithinRange(2, 8)] = 4
@@ -108,20 +112,23 @@ class CTDiffusionSRLogic(ScriptedLoadableModuleLogic):
             threads=p.threads,
             num_samples=p.numSamples,
             data_consistency=p.dataConsistency,
+            allow_interspaced=p.allowInterspaced,
+            allow_non_ct=p.allowNonCT,
             adapt_to_scan=p.adaptToScan,
             adapt_steps=p.adaptSteps,
         )
 
     @staticmethod
     def inputProblem(node, settings) -> str:
-        """Why Apply is disabled ("" when it is not)."""
+        """Why Apply is disabled ("" when it is not): the input's checks, then its intensities (NaN/Inf, constant,
+        not CT in HU unless "Allow non-CT intensities" is ticked), read once per change of the node or that box."""
         if node is None:
             return _("Select an input CT volume.")
         if settings is None:  # packages not installed yet: Apply installs them first
             return ""
-        from CTDiffusionSRLib.sr_logic import check_sr_input
+        from CTDiffusionSRLib.sr_logic import check_sr_input, remembered_intensity_problem
 
-        return check_sr_input(node, settings)
+        return check_sr_input(node, settings) or remembered_intensity_problem(node, settings)
 
     def createJob(self, inputNode, settings, outputNode=None, onLine=None):
         from CTDiffusionSRLib.sr_logic import SRJob
