@@ -396,6 +396,9 @@ def format_table(report: dict) -> str:
         f"degradation {report['degradation']}  HU {report['hu_range']}"
     )
     lines = [head]
+    if report.get("weights"):  # a model method ran: which weights (two runs with and without --weights differ here)
+        sha = str(report.get("weights_sha256") or "")
+        lines.append(f"weights {report['weights']}" + (f" (sha256 {sha[:12]}...)" if sha else ""))
     if "slices_scored" in report:
         start, stop = report["slices_scored"]
         dropped = report.get("slices_dropped") or []

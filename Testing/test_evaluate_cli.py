@@ -196,6 +196,12 @@ def test_evaluate_sr_with_a_weights_file_and_the_estimate_options(tmp_path, smal
     assert proc.returncode == 0, proc.stderr
     by = {r["method"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
     assert set(by) == {"cubic", "sr"} and np.isfinite(by["sr"]["psnr"])
+    # the printed table names the weights it scored (probe 38: with and without --weights it looked the same)
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert f"weights {weights} (sha256 {sha[:12]}...)" in proc.stdout.splitlines()[1], proc.stdout
+    plain = run_cli("evaluate", "--reference", str(small_ct), "--factor", "2", "--methods", "cubic", "--progress",
+                    "none", cwd=tmp_path)  # fmt: skip
+    assert plain.returncode == 0 and "weights" not in plain.stdout  # no model ran: no weights line
 
 
 def test_a_thick_reference_is_scored_with_a_warning_and_the_scores_are_logged_in_words(tmp_path, make_phantom):
