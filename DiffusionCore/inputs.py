@@ -49,18 +49,22 @@ def is_volume_file(path: Path) -> bool:
     return _suffix(path) in VOLUME_SUFFIXES
 
 
-def is_dicom_file(path: Path) -> bool:
-    """True for ``*.dcm`` or a file with the ``DICM`` marker after the 128-byte preamble."""
-    if path.suffix.lower() == ".dcm":
-        return True
-    if path.suffix:
-        return False
+def has_dicom_marker(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds the ``DICM`` marker after the 128-byte preamble (a DICOM file, Part 10), whatever its
+    name: DICOM receivers and PACS exports name files by their UID (``1.2.840.113619.2.55.3.12345``), discs
+    ``IM000001``, others ``.dicom``; the preamble itself may be anything (a TIFF header, in a dual-format file)."""
     try:
         with open(path, "rb") as f:
             f.seek(_DICOM_MAGIC_OFFSET)
             return f.read(4) == b"DICM"
     except OSError:
         return False
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True for a file with the ``DICM`` marker (:func:`has_dicom_marker`), whatever its name or suffix, and for a
+    ``*.dcm`` file without it (a dataset written without the preamble)."""
+    return path.suffix.lower() == ".dcm" or has_dicom_marker(path)
 
 
 #: The header elements :func:`_dicom_kind` decides from: keyword -> SimpleITK's tag key.
@@ -196,7 +200,7 @@ def read_list_file(path: Path, expand: Callable[[Path], list[Path]], noun: str =
       separator here.
 
     A line naming no existing path is warned about (a broken symbolic link as such, with its target) and returned
-    as it is, for the command to pass over as unreadable (``sr``, ``xray2ct``) or refuse (``train``).
+    as it is, for the command to pass over as unreadable (``sr``, ``xray2ct``, training: :func:`readable_volumes`).
     """
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -228,7 +232,7 @@ def read_list_file(path: Path, expand: Callable[[Path], list[Path]], noun: str =
                     path, *slashes)  # fmt: skip
     out: list[Path] = []
     for number, _, entry in named:
-        if not entry.path.exists():  # as an unreadable entry: named here, then passed over (sr, xray2ct) or refused
+        if not entry.path.exists():  # as an unreadable entry: named here, then passed over (sr, xray2ct, train)
             logger.warning("%s, line %d: %s; fix or remove that line (the other %ss go on)", path, number,
                            _missing_entry(entry), noun)  # fmt: skip
             out.append(entry.path)
@@ -353,13 +357,31 @@ def dicom_file_series(path: Path) -> Path:
 def _expand(path: Path, scan: _Scan) -> list[Path]:
     if path.is_dir():
         return _scan_folder(path, scan)
-    if is_volume_file(path) or is_dicom_file(path):
-        return [dicom_file_series(path)] if path.suffix.lower() == ".dcm" or not path.suffix else [path]
+    if is_volume_file(path):
+        return [path]
+    if is_dicom_file(path):  # by its content, whatever its name (1.2.840....12345, IM000001, x.dicom): its series
+        return [dicom_file_series(path)]
     return _read_list_file(path, scan)
 
 
+class VolumePaths(list):
+    """What :func:`collect_volumes` found (a list of paths), with ``named``: the volume files named one by one (on the
+    command line or as a CT sample's name), not found inside a folder or a list file. :func:`readable_volumes` stops
+    at one of those that cannot be used (the user chose it), and passes over the others."""
+
+    named: frozenset[Path] = frozenset()
+
+
+def stops_the_run(paths: Iterable[str | os.PathLike], path: str | os.PathLike) -> bool:
+    """Whether ``path`` (one of ``paths``), being unusable, stops a training run rather than being passed over: a
+    volume file named one by one (:attr:`VolumePaths.named`) does; one found in a folder or a list file, and a DICOM
+    series folder, do not. ``paths`` not from :func:`collect_volumes` (a plain list): every volume file does."""
+    named = getattr(paths, "named", None)
+    return Path(path) in named if named is not None else not Path(path).is_dir()
+
+
 def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike],
-                    searched: dict[str, Path] | None = None) -> list[Path]:
+                    searched: dict[str, Path] | None = None) -> VolumePaths:
     """All CT volumes named by ``data`` (folder, list file, volume file, or a list of these).
 
     Args:
@@ -369,7 +391,7 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike],
 
     Returns:
         Volume files and DICOM series folders, without duplicates; folder contents sorted by path, list
-        order kept.
+        order kept (a :class:`VolumePaths`, which knows the files named one by one).
 
     Raises:
         InputError: a path does not exist, or no CT volume was found.
@@ -380,6 +402,7 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike],
     if not items:
         raise InputError("no training data given: pass a folder of CT volumes, a list file, or volume files")
     found: list[Path] = []
+    named: set[Path] = set()  # volume files named one by one, not found in a folder or a list file
     scan = _Scan()
     if searched is not None:
         scan.searched = searched
@@ -388,7 +411,10 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike],
         if not p.exists():
             raise InputError(f"{broken_link_note(p) or f'{p} does not exist'}: check the path")
         found.extend(_expand(p, scan))
-    unique = list(dict.fromkeys(found))
+        if p.is_file() and is_volume_file(p):
+            named.add(p)
+    unique = VolumePaths(dict.fromkeys(found))
+    unique.named = frozenset(named)
     skipped = scan.skipped
     if not unique:
         if len(items) == 1 and skipped == [(p, _LOCALIZERS)]:  # the folder given is a scout series: say just that
@@ -431,7 +457,8 @@ def not_training_ct(path: str | os.PathLike) -> tuple[int, str]:
     return 0, ""
 
 
-def readable_volumes(paths: Iterable[str | os.PathLike], unusable: Callable[[Path, Any], str] | None = None):
+def readable_volumes(paths: Iterable[str | os.PathLike], unusable: Callable[[Path, Any], str] | None = None, *,
+                     passed_over: list[tuple[Path, str]] | None = None):
     """Read each volume of ``paths`` (from :func:`collect_volumes`) in turn, yielding ``(path, Volume)``: the CTs a
     training run trains on.
 
@@ -440,32 +467,42 @@ def readable_volumes(paths: Iterable[str | os.PathLike], unusable: Callable[[Pat
     holding no CT series are when the volumes are collected: a cohort (e.g. LIDC-IDRI) holds a few such series, and
     one of them must not stop a training run on the rest. So is, with one line naming it and why, a volume that is no
     acquired CT (:func:`not_training_ct`: a synthetic result of this software, a ``prepare-xray-data`` cube) or whose
-    values are not CT in HU (as ``sr`` refuses it: :func:`~DiffusionCore.volume.require_ct`). A volume file that
-    cannot be read stops with its error, and so does a run in which no volume is left (InputError listing why each
-    was passed over). ``unusable(path, volume)``, where given, says why a CT read cannot serve the run (e.g. too
-    small for its training planes; "" when it can): that one is passed over too, with a warning naming it and why.
-    Once all are read, an info line counts the CT volumes used, and those passed over.
+    values are not CT in HU (as ``sr`` refuses it: :func:`~DiffusionCore.volume.require_ct`). A volume file found in
+    a folder or a list file that cannot be read (not a volume, damaged, NaN/Inf voxels, a list's missing line) is
+    passed over the same way; one named by itself (:func:`stops_the_run`) stops with its error, and so does a run in
+    which no volume is left (InputError listing why each was passed over). ``unusable(path, volume)``, where given,
+    says why a CT read cannot serve the run (e.g. too small for its training planes; "" when it can): that one is
+    passed over too, with a warning naming it and why. Once all are read, an info line counts the CT volumes used,
+    and those passed over. ``passed_over``, where given, gets ``(path, why)`` of each one passed over.
     """
     from .volume import check_ct, mark_ct_checked, read_volume, require_ct
 
     failed: list[str] = []
     read = chosen = 0  # chosen: passed over for what they are, not because they could not be read
+
+    def pass_over(path: Path, why: object, level: int = logging.WARNING) -> None:
+        failed.append(f"{path}: {why}")
+        if passed_over is not None:
+            passed_over.append((path, str(why)))
+        logger.log(level, "passed over %s: %s", path, why)
+
     for p in paths:
         path = Path(p)
         level, why = not_training_ct(path)
         if why:
             chosen += 1
-            failed.append(f"{path}: {why}")
-            logger.log(level, "passed over %s: %s", path, why)
+            pass_over(path, why, level)
             continue
         try:
             vol = read_volume(path, check=False)
             doubts = check_ct(mark_ct_checked(vol), str(path))  # NaN/Inf voxels: as a file that cannot be read
         except InputError as exc:
-            if not path.is_dir():
+            if stops_the_run(paths, path):  # a file the user named: their choice, so it stops the run
                 raise
-            failed.append(f"{path}: {exc}")
-            logger.warning("passed over %s: %s", path, exc)
+            text, unread = str(exc), f"could not read {path}: "  # the path said once: "passed over PATH: why"
+            why = f"could not read it: {text.removeprefix(unread)}" if text.startswith(unread) else \
+                text.removeprefix(f"{path}: ")
+            pass_over(path, why)  # a series, or a file of a folder or list: one bad one must not stop the rest
             continue
         lo, hi = (float(vol.array.min()), float(vol.array.max())) if doubts else (0.0, 0.0)
         try:
@@ -475,16 +512,14 @@ def readable_volumes(paths: Iterable[str | os.PathLike], unusable: Callable[[Pat
             why = (f"its values run from {lo:g} to {hi:g}, not CT in Hounsfield units (air near -1000, soft tissue "
                    "near 0-100): MR, PET or normalised images")
             chosen += 1
-            failed.append(f"{path}: {why}")
-            logger.warning("passed over %s: %s", path, why)
+            pass_over(path, why)
             continue
         for doubt in doubts:  # the CT model's doubts about a volume it does train on (a warning each, as read_volume)
             logger.warning(doubt)
         why = unusable(path, vol) if unusable is not None else ""
         if why:
             chosen += 1
-            failed.append(f"{path}: {why}")
-            logger.warning("passed over %s: %s", path, why)
+            pass_over(path, why)
             continue
         read += 1
         yield path, vol

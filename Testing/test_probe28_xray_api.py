@@ -134,7 +134,7 @@ def test_view_ap_and_any_case_mean_the_frontal_view():
     for view in ("ap", "AP", "PA", " Pa "):
         got, report = gen.run(_image(), device="cpu", steps=1, num_stages=1, view=view)
         assert report["settings"]["view"] == "pa" and np.array_equal(got.array, expected.array), view
-    with pytest.raises(InputError, match="trained on pa radiographs, the input is marked lateral"):
+    with pytest.raises(InputError, match="trained on pa radiographs, but --view lateral was given"):
         gen.run(_image(), device="cpu", steps=1, view="Lateral")
     with pytest.raises(InputError, match=r"view must be 'pa' \(any frontal view: PA and AP alike"):
         gen.run(_image(), device="cpu", steps=1, view="oblique")

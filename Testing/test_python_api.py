@@ -92,8 +92,8 @@ def test_several_radiographs_are_refused_as_one_radiograph_per_call(images):
         XrayToCTGenerator.tiny().run(given, device="cpu")
 
 
-def test_a_ct_volume_given_as_a_radiograph_still_points_to_the_drr_tools():
+def test_a_ct_volume_given_as_a_radiograph_points_to_evaluate_xray():
     from DiffusionCore.xray.radiograph import as_radiograph
 
-    with pytest.raises(InputError, match="is a 3D volume of shape .*use the DRR tools"):
+    with pytest.raises(InputError, match="is a 3D volume of shape .*give the CT to evaluate-xray"):
         as_radiograph(np.zeros((40, 64, 64), np.float32))

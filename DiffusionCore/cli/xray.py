@@ -152,7 +152,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "likely CT, each costs one more run of the stage")  # fmt: skip
     p.add_argument("--invert", action="store_true",
                    help="invert the radiograph's intensities first, for an image whose bones appear dark (a negative "
-                   "saved as PNG or JPEG); never needed for DICOM MONOCHROME1, which is read bone bright")  # fmt: skip
+                   "saved as PNG or JPEG); never needed for DICOM: MONOCHROME1 and a PresentationLUTShape INVERSE are "
+                   "applied as it is read, bones bright as a DICOM viewer shows them")  # fmt: skip
     p.add_argument("--seed", type=seed_number, default=0, help=f"noise seed, 0 to {MAX_SEED} (the same seed, device "
                    "and thread count give the same CT; --threads pins the thread count)")  # fmt: skip
     p.add_argument("--threads", type=bounded_int(0), default=0, metavar="N", help=THREADS_HELP)
@@ -265,9 +266,10 @@ def _generator(args: argparse.Namespace):
         gen = XrayToCTGenerator.default()
     if args.num_stages is not None and args.num_stages > gen.num_stages:
         sides = ", ".join(f"{c.resolution}^3" for c in gen.cascade.configs)
+        allowed = "1" if gen.num_stages == 1 else f"1 to {gen.num_stages}"  # 0 is refused when parsed
         raise ConfigError(
             f"--num-stages {args.num_stages}: the X-ray to CT weights have {gen.num_stages} stage(s) ({sides}); "
-            f"give --num-stages {gen.num_stages} or less, or leave it out to run every stage"
+            f"give --num-stages {allowed}, or leave it out to run every stage"
         )
     return gen
 
@@ -296,6 +298,15 @@ def _refuse_extra_paths(args: argparse.Namespace) -> None:
         )
 
 
+def save_stages_note(num_stages: int, weights_stages: int, weights: str) -> str:
+    """What --save-stages says when it has nothing to write (one stage is run: its volume is the result), or ``""``."""
+    if num_stages > 1:
+        return ""
+    why = (f"the weights {weights} have 1 stage" if weights_stages == 1
+           else f"--num-stages 1 runs 1 of the {weights_stages} stages of the weights {weights}")  # fmt: skip
+    return f"--save-stages writes no stage file: {why}, so the result is stage 1's volume"
+
+
 def _stage_files(job: Job, stages: int) -> dict[int, Path]:
     """Where --save-stages writes the stages before the last of ``job`` (``stages``: the stages run or planned)."""
     return {s: _stage_path(job.output, s) for s in range(1, stages)}
@@ -310,6 +321,7 @@ def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     from ..xray.collect import radiograph_batch
 
     given = sample_or_path(args.xray, "radiograph")  # a path, or a radiograph sample's name (fetched, checked)
+    _refuse_text_file(given)
     batch, sources, passed_over, folder, searched = radiograph_batch(given)
     out = Path(args.output)
     if one_in_a_folder(batch, sources, folder, out):
@@ -343,6 +355,24 @@ def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
         remove_if_empty(created)
         raise
     return Plan(batch, jobs, created, out if batch else None, passed_over)
+
+
+def _refuse_text_file(path: Path) -> None:
+    """Refuse a text file given as INPUT (a list of radiographs saved without a list suffix, or any other text), in
+    xray2ct's terms: radiographs, not the volumes of :func:`~DiffusionCore.files.text_file_error`.
+
+    Raises:
+        InputError: ``path`` is a text file without a list suffix (nor a volume header: a 2D .mhd or .nhdr).
+    """
+    from ..files import LIST_SUFFIXES, text_file_error
+
+    if text_file_error(path) is None:
+        return
+    listing = ", ".join(LIST_SUFFIXES[:-1]) + f" or {LIST_SUFFIXES[-1]}"
+    raise InputError(
+        f"{path} is a text file, not a radiograph; a list of radiographs needs the suffix {listing} (rename it, e.g. "
+        f"{path.with_suffix('.txt').name}), and a radiograph is one image file: {RADIOGRAPH_FORMATS}."
+    )
 
 
 def _kept_check(args: argparse.Namespace) -> KeptCheck:
@@ -379,6 +409,7 @@ class _RadiographRun:
                  batch: bool = False):  # fmt: skip
         self.args, self.info, self.progress, self.cancel, self.batch = args, info, progress, cancel, batch
         self.gen = None  # loaded after the first radiograph is read: input problems are reported first
+        self.stages_warned = False  # --save-stages with nothing to save: warned once, noted in every report
 
     def _view_note(self, job: Job, rad, trained: str) -> str:
         """A batch of frontal weights passes over a radiograph its DICOM header marks lateral (a PA and lateral study
@@ -418,6 +449,10 @@ class _RadiographRun:
         view_note = self._view_note(job, rad, gen.cascade.configs[0].data.view)
         num_stages = args.num_stages or gen.num_stages
         stage_files = _stage_files(job, num_stages) if args.save_stages else {}
+        stages_note = save_stages_note(num_stages, gen.num_stages, _weights_label(args)) if args.save_stages else ""
+        if stages_note and not self.stages_warned:
+            logger.warning("%s", stages_note)
+            self.stages_warned = True
         stage_volumes: list[tuple] = []  # written with the final result, once every volume passed its check
 
         def on_stage(stage: int, vol, info: dict) -> None:
@@ -430,8 +465,9 @@ class _RadiographRun:
                               device=self.info.device, view=args.view, fov_mm=args.fov_mm, progress=progress,
                               on_stage=on_stage, cancel=self.cancel, consistency=args.consistency,
                               invert=args.invert)  # fmt: skip
-        if view_note:
-            report.setdefault("notes", []).append(view_note)
+        for note in (view_note, stages_note):
+            if note:
+                report.setdefault("notes", []).append(note)
         progress.after_run("checking the result")
         check_result(vol, "the xray2ct result")
         # the input's absolute path: the provenance is read beside the output, from anywhere

@@ -11,9 +11,13 @@ The recipe (every field of :class:`ThroughPlaneTrainConfig` has a default and a 
   (``pairs.input_noise_hu``);
 * L1 loss on the thin plane (cubic + predicted residual) in model units, AdamW, an exponential moving
   average of the weights (what validation scores and export writes);
-* stops after ``max_steps`` or ``max_minutes`` (whichever first), on SIGTERM or a ``STOP`` file, always
-  with a checkpoint; ``--resume`` continues exactly; ``--init-from WEIGHTS`` starts from exported weights
-  (training accumulates across sessions);
+* stops after ``max_steps`` or ``max_minutes`` (whichever first; ``max_minutes`` 0: no time limit), on SIGTERM or a
+  ``STOP`` file, always with a checkpoint and a validation at the step it ends (unless it validated there already:
+  ``summary.json`` and the exported weights' metadata hold it, and the console shows it beside the starting
+  weights' score); a ``STOP`` file there as it starts ends it before anything is trained or exported; ``--resume``
+  continues exactly; ``--init-from WEIGHTS`` starts from exported weights (training accumulates across sessions);
+* volumes of a ``--data`` folder or list file that cannot be used (not readable, NaN voxels, too short or small)
+  are passed over with a warning each and listed in ``summary.json``; a file named by itself stops the run;
 * one process on the CPU's threads or a GPU (``--device``), or several under ``torchrun --nproc_per_node=N``
   (DDP: each draws ``batch_size`` planes per step, rank 0 validates, checkpoints and exports).
 """
@@ -139,23 +143,27 @@ def load_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig) -> tuple[list[
     return train, val
 
 
-def read_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig, *, sizes: bool = True
+def read_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig, *, sizes: bool = True,
+                 passed_over: list[tuple[Path, str]] | None = None
                  ) -> tuple[list[PlaneSource], list[PlaneSource], list[Path]]:  # fmt: skip
     """:func:`load_sources`, and the volumes of ``paths`` they come from: those read and used, not those passed over
-    (an unreadable series, one too short to hold out test and validation slices, and with ``sizes`` one too small
-    for any training plane: :func:`plane_size_problem`; :func:`load_sources` reads planes of any size)."""
-    from ..inputs import readable_volumes
+    (an unreadable series or file of a folder or list, one too short to hold out test and validation slices, and with
+    ``sizes`` one too small for any training plane: :func:`plane_size_problem`; :func:`load_sources` reads planes of
+    any size). ``passed_over``, where given, gets ``(path, why)`` of each one passed over."""
+    from ..inputs import readable_volumes, stops_the_run
 
     train, val, short, used = [], [], [], []
     too_small = (lambda _p, v: plane_size_problem(v.shape, cfg)) if sizes else None
-    for p, vol in readable_volumes(paths, too_small):
+    for p, vol in readable_volumes(paths, too_small, passed_over=passed_over):
         arr = np.ascontiguousarray(vol.array, dtype=np.float32)
         try:
             tr, va, te = split_regions(arr.shape[0], cfg.test_fraction, cfg.val_fraction)
         except InputError as exc:
-            if not Path(p).is_dir():  # a file named on the command line: the user's own choice, so it stops the run
+            if stops_the_run(paths, p):  # a file named on the command line: the user's own choice, so it stops the run
                 raise InputError(f"{p.name}: {exc} (it needs a thin-slice CT; leave it out of --data)") from None
             short.append(f"{p}: {exc}")  # a series of a cohort (a scout, a few slices): passed over, as unreadable ones
+            if passed_over is not None:
+                passed_over.append((Path(p), str(exc)))
             logger.warning("passed over %s: %s", p, exc)
             continue
         validation = f"validation {va[0]}-{va[1] - 1}" if va[1] > va[0] else "no validation slices"
@@ -223,12 +231,14 @@ def warn_thick_slices(sources: list[PlaneSource]) -> bool:
 def validation_batches(
     sources: list[PlaneSource], cfg: ThroughPlaneTrainConfig
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed validation pairs per factor (the same every time)."""
+    """Fixed validation pairs per factor (the same every time): the ``val_factors`` the model has (all of its factors
+    when it has none of them; the default ``[2, 4]`` with a model of factor 2 alone validates 2)."""
     out = {}
+    factors = [int(k) for k in cfg.val_factors if int(k) in cfg.model.factors] or list(cfg.model.factors)
     plain = {"intensity_jitter": 0.0, "kernel_jitter": 0.0, "input_noise_hu": 0.0}  # the pairs as they are
     settings = PairSettings(**{**asdict(cfg.pairs), **plain,
                                "thick_rows": min(8, cfg.pairs.thick_rows), "width": cfg.pairs.width})
-    for k in cfg.val_factors:
+    for k in factors:
         rng = np.random.default_rng(12345 + int(k))
         thick, thin = sample_pairs(sources, int(k), int(cfg.val_pairs), settings, rng)
         out[int(k)] = (torch.from_numpy(thick), torch.from_numpy(thin))
@@ -299,15 +309,26 @@ def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any],
     trained_on = recorded["description"]
     if "data" in summary:
         summary = {**summary, "data": recorded["names"], "volumes": recorded["count"]}
+    if "passed_over" in summary:  # the user's file names stay in summary.json: the weights say how many
+        summary = {**summary, "passed_over": len(summary["passed_over"])}
+    init_from = summary.get("init_from")
+    how = (f"fine-tuned from {_weights_label(init_from)}" if init_from else "trained with train throughplane")
     meta = {
         "family": "sr",
         "component": COMPONENT,
-        "description": f"CT super-resolution, through-plane predictor (factors {min(factors)}-{max(factors)}), trained "
-                       f"with train throughplane for {summary.get('steps', 0)} steps on {trained_on}",
+        "description": f"CT super-resolution, through-plane predictor (factors {min(factors)}-{max(factors)}), {how} "
+                       f"for {summary.get('steps', 0)} steps on {trained_on}",
         "config": {"throughplane": config_to_dict(net.config)},
         "training": summary,
     }
     return save_safetensors(path, state_dict_for_file(net), meta)
+
+
+def _weights_label(init_from: str) -> str:
+    """How the description names the weights a run started from: a registered name as it is, a file by its name (its
+    folders may name a patient or a user; the full path stays in ``training.init_from``)."""
+    text = str(init_from)
+    return Path(text).name if ("/" in text or "\\" in text or text.endswith(".safetensors")) else text
 
 
 def public_data_record(names: list[str], sources: list[str] | None = None) -> dict[str, Any]:
@@ -354,9 +375,55 @@ def _step_generators(cfg: ThroughPlaneTrainConfig, info: Any, step: int,
             np.random.default_rng([int(cfg.seed), int(info.rank), int(step)]))
 
 
+#: Seconds between two progress lines of a training run (on stderr, through the logger).
+PROGRESS_SECONDS = 30.0
+
+
+class _Progress:
+    """A progress line every :data:`PROGRESS_SECONDS` of a training run: the step, the running mean of the loss since
+    the last line, planes per second, and the time left when a limit is known (``max_steps``, ``max_minutes``)."""
+
+    def __init__(self, cfg: ThroughPlaneTrainConfig, step: int, per_step: int, enabled: bool = True) -> None:
+        self.cfg, self.per_step, self.enabled = cfg, per_step, enabled
+        self.t0 = self.t_last = time.perf_counter()
+        self.step0 = step
+        self.loss_sum, self.losses = 0.0, 0  # since the last line
+
+    def __call__(self, step: int, loss: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        self.loss_sum += float(loss.detach())  # a number already (LossWatch read it)
+        self.losses += 1
+        now = time.perf_counter()
+        if now - self.t_last < PROGRESS_SECONDS:
+            return
+        elapsed = now - self.t0
+        rate = (step - self.step0) / max(elapsed, 1e-9)  # steps per second, this run
+        lefts = [(self.cfg.max_steps - step) / max(rate, 1e-9)]
+        if self.cfg.max_minutes:
+            lefts.append(60.0 * self.cfg.max_minutes - elapsed)
+        left = max(0.0, min(lefts))
+        logger.info("step %d of %d  loss %.4f (mean of the last %d)  %.1f planes/s  %s left", step, self.cfg.max_steps,
+                    self.loss_sum / self.losses, self.losses, rate * self.per_step, _duration(left))  # fmt: skip
+        self.loss_sum, self.losses = 0.0, 0
+        self.t_last = now
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as ``1 h 05 min``, ``12 min 30 s`` or ``40 s``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
 def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume: bool = False,
-          init_from: str | None = None, device: str = "cpu") -> dict[str, Any]:
+          init_from: str | None = None, device: str = "cpu", threads_from: str = "the config") -> dict[str, Any]:
     """Train (or continue training) the predictor; returns a summary and writes ``out_dir/throughplane.safetensors``.
+
+    ``threads_from``: where ``cfg.threads`` came from, for the line that says how many threads the run uses. A
+    ``STOP`` file in ``out_dir`` when the run starts ends it before it reads anything: nothing is trained, nothing is
+    written, and the summary has no ``"exported"``.
 
     Runs as one process (on the CPU's threads, or on a GPU with ``device="cuda"``) or as several under
     ``torchrun --nproc_per_node=N`` (DDP: each process draws ``batch_size`` planes per step, the gradients
@@ -369,7 +436,8 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
         refuse_nothing_to_train,
         resumable_checkpoint,
     )
-    from ..train.distributed import cleanup, init_distributed
+    from ..train.distributed import any_rank, cleanup, init_distributed
+    from ..train.outdir import STOP_FILE
     from ..train.starting_weights import THROUGHPLANE, check_starting_weights
 
     out = Path(out_dir)
@@ -377,6 +445,11 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
         raise ConfigError(resume_with_init_from(out))
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+        logger.info("training with %d torch thread(s): threads %d from %s", torch.get_num_threads(), cfg.threads,
+                    threads_from)  # fmt: skip
+    else:
+        logger.info("training with %d torch thread(s): torch's default (threads 0 from %s)", torch.get_num_threads(),
+                    threads_from)  # fmt: skip
     check_starting_weights(init_from, option="train throughplane --init-from", accepts=THROUGHPLANE,
                            needs="through-plane predictor weights (e.g. sr-default)")  # fmt: skip
     start = resumable_checkpoint(out) if resume else None  # the newest intact checkpoint (a damaged one is named)
@@ -387,11 +460,20 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     info = init_distributed(device)  # a device that is not there is refused before any data is read
     completed = False
     try:
+        stop_file = out / STOP_FILE
+        if any_rank(stop_file.exists(), info):  # left there, or a Stop pressed during start-up: train nothing
+            logger.warning("%s is there as this run starts (left from before, or a Stop pressed while it started up): "
+                           "the run ends before its first step; nothing was trained and no weights were exported. "
+                           "It is removed now: run the command again to train", stop_file)  # fmt: skip
+            completed = True
+            return {"steps": 0, "stopped": f"{stop_file} was there as the run started"}
         paths = collect_volumes(data)
-        train_src, val_src, used = read_sources(paths, cfg)
+        passed_over: list[tuple[Path, str]] = []
+        train_src, val_src, used = read_sources(paths, cfg, passed_over=passed_over)
         if info.is_main:
             log_volumes_used(paths, used)
-        summary = _train(cfg, used, train_src, val_src, out, info, start=start, init_from=init_from)
+        summary = _train(cfg, used, train_src, val_src, out, info, start=start, init_from=init_from,
+                         passed_over=passed_over)
         completed = True
     finally:
         cleanup(info, completed=completed)
@@ -399,9 +481,11 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
 
 
 def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[PlaneSource], val_src: list[PlaneSource],
-           out: Path, info: Any, *, start: Path | None, init_from: str | None) -> dict[str, Any]:
+           out: Path, info: Any, *, start: Path | None, init_from: str | None,
+           passed_over: list[tuple[Path, str]] | None = None) -> dict[str, Any]:
     """The loop of :func:`train`; ``paths``: the volumes ``train_src`` and ``val_src`` come from; ``start``: the
-    checkpoint a resumed run continues from (None: a new run)."""
+    checkpoint a resumed run continues from (None: a new run); ``passed_over``: the volumes found but not used, and
+    why (summary.json lists them)."""
     from ..train.checkpoint import (
         load_training_state,
         save_training_state,
@@ -493,9 +577,12 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
         at_start = dict(extra.get("validation_at_start") or {})  # kept across resumes, as init_from is
     net.train()
     watch = LossWatch(cfg.learning_rate)
+    progress = _Progress(cfg, step, per_step, enabled=info.is_main)
+    first_step = step
     with StopFlag(out / "STOP") as stop:
         while step < cfg.max_steps:
-            over_time = bool(cfg.max_minutes) and time.perf_counter() - t_start > 60.0 * cfg.max_minutes
+            over_time = (bool(cfg.max_minutes) and step > first_step  # a time limit lets a run train one step
+                         and time.perf_counter() - t_start > 60.0 * cfg.max_minutes)
             if any_rank(stop.requested or over_time, info):
                 if over_time:
                     logger.info("time limit of %.1f min reached", cfg.max_minutes)
@@ -521,6 +608,7 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
             patches += per_step
             timing["data"] += t1 - t0
             timing["step"] += time.perf_counter() - t1
+            progress(step, loss)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 log.scalars({"loss/train": float(all_reduce_mean(loss.detach(), info)), "lr": lr}, step)
                 logged_step = step
@@ -540,7 +628,26 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
                 checkpoint()
     if loss is not None and logged_step != step:  # a stop or the time limit between two log steps: its last loss
         log.scalars({"loss/train": float(all_reduce_mean(loss.detach(), info)), "lr": lr}, step)
+    if step == first_step and start is None:  # a STOP (or a signal) during set-up: the weights are untrained
+        log.close()
+        logger.warning("the run stopped before its first step: nothing was trained, and no weights were exported")
+        return {"steps": step, "stopped": "before the first step"}
     checkpoint()
+    if val and (not history or history[-1]["step"] != step):  # the score of what is exported, at the step it ends
+        if ema is not None:
+            with ema.applied():
+                last = validate(net, val)
+        else:
+            last = validate(net, val)
+        last["patches_per_s"] = patches / max(time.perf_counter() - t_start, 1e-9)
+        log.scalars(last, step)
+        history.append({"step": step, **last})
+    if last:
+        gain = f"val/gain={last['val/gain']:.3f}"
+        if at_start:
+            gain += f" (at the start {at_start['val/gain']:.3f}: {last['val/gain'] - at_start['val/gain']:+.3f} dB)"
+        logger.info("validation at the last step, %d: %s  %s", step, gain,
+                    "  ".join(f"{k_}={v:.3f}" for k_, v in last.items() if k_ != "val/gain"))  # fmt: skip
     log.close()
     elapsed = time.perf_counter() - t_start
     summary = {
@@ -550,10 +657,12 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
         "this_run": {"steps": patches // per_step, "seconds": round(elapsed, 1),
                      "patches_per_s": round(patches / max(elapsed, 1e-9), 2),
                      "data_seconds": round(timing["data"], 1), "step_seconds": round(timing["step"], 1)},
-        "validation": last,
+        "validation": last,  # the last validation: at the last step ({} when nothing validates)
+        "validation_step": history[-1]["step"] if history else None,
         "init_from": init_from,
         "validation_at_start": at_start,  # the --init-from weights' scores ({} for a run from scratch)
         "data": volume_names(trained_on),  # every stretch's volumes, this one's last
+        "passed_over": [{"volume": str(p), "why": why} for p, why in passed_over or []],  # found, not used: this stretch
     }
     if info.distributed:
         summary["this_run"]["processes"] = info.world_size
@@ -585,12 +694,18 @@ def register(fam: argparse._SubParsersAction) -> None:
                         "--init-from sr-default needs); --resume without it continues with the run's own settings")
     p.add_argument("--data", nargs="+", required=True, help="thin-slice CT volumes: folders, files, list files or CT sample names (chest-lidc chest-dx)")
     p.add_argument("--out-dir", "--output-dir", dest="out_dir", required=True, help="checkpoints, logs, weights")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes of this run")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps in total (default: the config's max_steps, 100000 in the shipped "
+                        "recipe: hours on a CPU; give this or --max-minutes for a short run)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this many minutes of this run (default: the config's max_minutes, 0 in the "
+                        "shipped recipe; 0: no time limit, the run goes on to max_steps)")
     p.add_argument("--batch-size", type=int, default=None, help="planes per step (default 16)")
     p.add_argument("--learning-rate", type=float, default=None, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--ema-decay", type=float, default=None, help="weight-average decay (default 0.999; 0: off)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the config's threads, 2 in the shipped recipe; 0: torch's default, "
+                        "one per core); the run says at its start how many it uses")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--init-from", default=None, help="start from an exported weights file (e.g. the shipped one)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
@@ -620,9 +735,12 @@ def run_cli(args: argparse.Namespace) -> int:
             base = dict(read_config_file(DEFAULT_CONFIG))
     source = str(args.config) if args.config else "the run's recorded config" if args.resume else str(DEFAULT_CONFIG)
     cfg = load_config({**base, **overrides}, ThroughPlaneTrainConfig, where=source)
+    threads_from = "--threads" if args.threads is not None else source
     summary = train(cfg, args.data, args.out_dir, resume=args.resume, init_from=args.init_from,
-                    device=args.device)
+                    device=args.device, threads_from=threads_from)
     if "exported" in summary:  # rank 0 (or the one process) exported; the other ranks print nothing
-        keys = ("steps", "patches", "cpu_hours", "validation_at_start", "validation", "exported")
-        print(json.dumps({k: summary[k] for k in keys if k != "validation_at_start" or summary[k]}, indent=1))
+        keys = ("steps", "patches", "cpu_hours", "validation_at_start", "validation", "passed_over", "exported")
+        optional = ("validation_at_start", "passed_over")  # shown when there is something to show
+        shown = {k: summary[k] for k in keys if k in summary and (summary[k] or k not in optional)}
+        print(json.dumps(shown, indent=1))
     return 0

@@ -105,10 +105,12 @@ def remove_stale_stop(out_dir: str | os.PathLike) -> None:
     # /proc's boot time has whole seconds, and file times come from a coarser clock than time.time(): keep what may
     # be new rather than lose a Stop
     since = max(process_start_time() - 1.0, _RELEASED_AT.get(str(out.resolve()), 0.0) - 0.1)
-    if created >= since:
-        logger.info("%s was created after this run started: the run stops at its first step", stop_file)
+    if created >= since:  # as the run starts, or while it starts up (the Slicer panel's Stop): it ends the run
+        logger.info("%s is there as this run starts (created %.0f s before the process started, or since): the run "
+                    "stops before its first step", stop_file, max(0.0, process_start_time() - created))  # fmt: skip
         return
     stop_file.unlink(missing_ok=True)
+    logger.warning("removed %s, left from before this run (a STOP file ends a run at its next step)", stop_file)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -603,8 +603,17 @@ def resolve_weights(
     if not path.exists():
         names = [w["name"] for w in list_weights(family)]
         known = ", ".join(names) if names else "none registered yet"
+        if "/" in text or os.sep in text or text.lower().endswith(".safetensors"):  # meant as a file: say that
+            raise WeightsError(
+                f"no such file: {text} does not exist; check the path, or give a registered name instead (one of: "
+                f"{known})"
+            )
+        import difflib
+
+        close = difflib.get_close_matches(text, names, n=1)
+        meant = f" (did you mean {close[0]!r}?)" if close else ""
         raise WeightsError(
-            f"no weights named {text!r} and no such file: give a .safetensors file or one of: {known}"
+            f"no weights named {text!r}{meant} and no such file: give a .safetensors file or one of: {known}"
         )
     _, metadata = read_safetensors_header(path)
     _refuse_training_checkpoint(path, metadata)

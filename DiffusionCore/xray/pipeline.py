@@ -55,12 +55,15 @@ from .radiograph import (
     invert_radiograph,
     match_drr_style,
     resize_radiograph,
+    square_crop_note,
     square_pixels,
     window_bounds,
 )
 
 logger = logging.getLogger(__name__)
 
+#: The field of view (mm, the output cube's side) a user may give: from a child's chest to far beyond any adult's.
+FOV_RANGE_MM = (50.0, 1000.0)
 #: DRR pixels below this (attenuation style) are air beside the body, left out of the style reference.
 BODY_DRR_THRESHOLD = 0.05
 #: A stage whose re-projection PSNR (dB, with the consistency step) is below this gets a warning: the shipped weights
@@ -227,8 +230,9 @@ class XrayToCTGenerator:
 
         The radiograph is resampled to square pixels (:func:`.radiograph.square_pixels`), cropped to its exposed
         region when it is mostly background and was read from a file (:func:`.radiograph.crop_to_exposed_region`),
-        centre-cropped to a square and resized; what was done beyond the square crop is logged and appended to
-        ``notes``, and so is that an array was taken as it is (:data:`ARRAY_INPUT_NOTE`).
+        centre-cropped to a square and resized; what was done, the part of the image the square crop leaves out
+        included (:func:`.radiograph.square_crop_note`), is logged and appended to ``notes``, and so is that an array
+        was taken as it is (:data:`ARRAY_INPUT_NOTE`).
 
         Raises:
             InputError: the image is blank or nearly uniform (:func:`.radiograph.window_bounds`, on the image as
@@ -247,12 +251,15 @@ class XrayToCTGenerator:
                 said.append((logging.WARNING, cropped))
         else:  # in the report for a researcher; only a debug line: evaluate-xray and the demo give DRRs
             said.append((logging.DEBUG, ARRAY_INPUT_NOTE))
+        level, crop = square_crop_note(rad)  # what the square crop below leaves out (a warning when it is much)
+        if crop:
+            said.append((level, crop))
         h, w = rad.shape
         if fov_mm is not None:
-            if not 50.0 <= fov_mm <= 1000.0:
-                raise InputError(
-                    f"field of view {fov_mm} mm is implausible; give the chest width in mm (e.g. 350)"
-                )
+            lo, hi = FOV_RANGE_MM
+            if not lo <= fov_mm <= hi:
+                raise InputError(f"field of view {fov_mm:g} mm is implausible: it must be from {lo:g} to {hi:g} mm; "
+                                 "give the chest width in mm (e.g. 350)")  # fmt: skip
             fov, source = float(fov_mm), "user"
         elif rad.pixel_spacing is not None:
             magnification = float(rad.metadata.get("magnification", NOMINAL_MAGNIFICATION))
@@ -337,7 +344,8 @@ class XrayToCTGenerator:
             lifting_start_t: where stage 1 starts: its lifting-only volume noised to this time (< 1), or pure
                 noise (1.0); default: the weights' ``diffusion.lifting_start_t``.
             invert: invert the radiograph's intensities first, for an image whose bones appear dark (a negative
-                exported as PNG or JPEG; never needed for DICOM MONOCHROME1, which is read bone bright). A frontal
+                exported as PNG or JPEG; never needed for DICOM, whose MONOCHROME1 and PresentationLUTShape INVERSE
+                are applied as it is read: bones bright, as a DICOM viewer shows them). A frontal
                 input that still looks inverted gets a warning (:func:`.radiograph.inversion_score`).
 
         Returns:
@@ -354,6 +362,7 @@ class XrayToCTGenerator:
         seed = check_seed(seed)  # 32 bits, as every front end takes it
         steps, num_samples = check_count(steps, "steps"), check_count(num_samples, "num_samples")
         view = check_view(view)
+        given_view = view is not None
         rad = as_radiograph(image)
         input_sha256 = rad.content_sha256()  # the image as read, before --invert (a setting the report records)
         if invert:
@@ -362,10 +371,17 @@ class XrayToCTGenerator:
         from_header = view is None and "view" in rad.metadata
         view = view or rad.metadata.get("view") or "pa"
         if view != trained_view:
-            said = f" (its DICOM header: {rad.metadata.get('view_from')})" if from_header else ""
-            fix = "; if the header is wrong, give the view (--view)" if from_header else ""
+            if from_header:
+                marked = f"the input is marked {view} (its DICOM header: {rad.metadata.get('view_from')})"
+                fix = "; if the header is wrong, give the view (--view)"
+            elif given_view:  # the user's own choice, not the input's
+                marked = f"but --view {view} was given"
+                fix = f"; if it is one, leave --view out or give --view {trained_view}"
+            else:
+                marked = f"the input is taken as {view} (no view given)"
+                fix = f"; give --view {trained_view} if it is one"
             raise InputError(
-                f"these weights were trained on {trained_view} radiographs, the input is marked {view}{said}; "
+                f"these weights were trained on {trained_view} radiographs, {marked}; "
                 f"give a {trained_view} radiograph (or weights trained on {view} views){fix}"
             )
         if from_header:  # the log says what the header decided (also in the X-ray to CT module's log)
@@ -397,8 +413,9 @@ class XrayToCTGenerator:
                 progress(int(done), total, message)
 
         tell(0, "preparing the radiograph (crop, resize, grey levels)")
-        if rad.metadata.get("oriented"):
-            notes.append(f"the radiograph was {rad.metadata['oriented']}")
+        for done in ("presentation_lut", "oriented"):  # what its header said, done as it was read
+            if rad.metadata.get(done):
+                notes.append(f"the radiograph was {rad.metadata[done]}")
         other_part = body_part_note(rad.metadata)
         if other_part:
             logger.warning(other_part)

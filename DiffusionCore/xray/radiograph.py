@@ -3,7 +3,8 @@
 The model sees radiographs in the *attenuation style* of :func:`DiffusionCore.xray.drr.radiograph_style`:
 a float32 (H, W) image in [0, 1], air dark (0), dense bone bright (~1), rows superior first, columns the
 patient's right first for a PA view. Real images are brought there by: MONOCHROME1 inversion (DICOM, done by SimpleITK's reader),
-robust percentile windowing, optional quantile matching to a reference DRR, then resizing.
+robust percentile windowing, inversion of a MONOCHROME2 DICOM marked PresentationLUTShape INVERSE
+(:func:`presentation_lut_inversion`), optional quantile matching to a reference DRR, then resizing.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..inputs import is_dicom_file
+from ..inputs import has_dicom_marker, is_dicom_file
 from ..volume import check_metaimage_header, image_io, is_localizer, itk_path, sitk_message
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,8 @@ def radiograph_pixels(arr: np.ndarray, source: str = "image", *, keep_integers: 
     if arr.ndim == 3 and min(arr.shape) > 1:
         raise InputError(
             f"{source} is a 3D volume of shape {arr.shape}, not a radiograph. xray2ct needs one 2D "
-            "projection image (a chest X-ray); to make a radiograph from a CT use the DRR tools."
+            "projection image (a chest X-ray); to try X-ray to CT on a CT, give the CT to evaluate-xray (--reference "
+            "CT), which renders its radiograph (a DRR), generates a CT from it and scores that against the CT."
         )
     if arr.ndim == 3:
         arr = arr.reshape([s for s in arr.shape if s != 1] or [1])
@@ -238,6 +240,7 @@ def _dicom_tags(reader: sitk.ImageFileReader) -> dict[str, str]:
         ("0028|0a02", "spacing_calibration"),
         ("0028|0034", "pixel_aspect_ratio"),
         ("0028|0008", "number_of_frames"),
+        ("2050|0020", "presentation_lut_shape"),
     ):
         if reader.HasMetaDataKey(key):
             tags[name] = reader.GetMetaData(key).strip()
@@ -525,9 +528,18 @@ def dicomdir_message(path: Path) -> str:
 
 
 def _is_dicom(p: Path, reader: sitk.ImageFileReader) -> bool:
-    """Whether the file ``reader`` read is DICOM: by its suffix, its reader, or the ``DICM`` mark at byte 128 (the
-    files of a DICOM disc are named IM000000 and the like, without a suffix)."""
+    """Whether the file ``reader`` read is DICOM: by its reader, the ``DICM`` mark at byte 128 whatever the file's
+    name (the files of a DICOM disc are named IM000000, those of a PACS export or a DICOM receiver by their UID,
+    1.2.840....12345; others end in .dicom, or were renamed .png), or a .dcm suffix (a file without the preamble)."""
     return reader.GetImageIO() == "GDCMImageIO" or is_dicom_file(p)
+
+
+def _radiograph_io(p: Path) -> str:
+    """The SimpleITK ImageIO that reads ``p``: the DICOM reader for a file with the ``DICM`` mark, whatever its name
+    (else ITK might take it for what its name or its preamble says: a TIFF, as a dual-format DICOM's preamble is, or a
+    PNG), else :func:`~DiffusionCore.volume.image_io`'s (by the suffix; ITK chooses for the others)."""
+    io = image_io(p)
+    return "GDCMImageIO" if not io and has_dicom_marker(p) else io
 
 
 def check_single_frame(arr: np.ndarray, tags: dict[str, str], name: str) -> None:
@@ -660,7 +672,10 @@ def apply_exif_orientation(
 
 
 def is_tiff(path: Path) -> bool:
-    """Whether ``path`` starts as a TIFF (or BigTIFF) file does, in either byte order."""
+    """Whether ``path`` starts as a TIFF (or BigTIFF) file does, in either byte order, and is no DICOM file: DICOM lets
+    the 128-byte preamble before its ``DICM`` mark be a TIFF header (a dual-format file), and the mark wins."""
+    if has_dicom_marker(path):
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(4) in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
@@ -696,7 +711,7 @@ def _read_image(p: Path) -> tuple[sitk.ImageFileReader, sitk.Image]:
                          "save it as a greyscale PNG without transparency (or as RGBA) and give that file.")  # fmt: skip
     reader = sitk.ImageFileReader()
     reader.SetFileName(itk_path(p))  # a name ITK cannot take (not UTF-8) refused, not a C++ abort
-    reader.SetImageIO(image_io(p))  # x.MHA too: ITK matches the suffix with its case
+    reader.SetImageIO(_radiograph_io(p))  # x.MHA too: ITK matches the suffix with its case; DICOM by its mark
     try:
         reader.ReadImageInformation()
         size = [int(v) for v in reader.GetSize()]
@@ -718,12 +733,13 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     """Read a radiograph file into attenuation style.
 
     Args:
-        path: DICOM (CR/DX/DX-like, any transfer syntax SimpleITK reads), PNG, JPEG, TIFF, BMP, or a 2D NRRD,
+        path: DICOM (CR/DX/DX-like, any transfer syntax SimpleITK reads; told by its ``DICM`` mark whatever the file's
+            name, e.g. named by its UID), PNG, JPEG, TIFF, BMP, or a 2D NRRD,
             MetaImage or NIfTI image (:data:`RADIOGRAPH_FORMATS`).
 
     Returns:
         :class:`Radiograph` with ``array`` (H, W) float32 in [0, 1] (MONOCHROME1 inverted, percentile
-        windowed), ``pixel_spacing`` (row, col) mm from the DICOM header (or a NRRD, MetaImage or NIfTI header) or
+        windowed, a PresentationLUTShape INVERSE applied: :func:`presentation_lut_inversion`), ``pixel_spacing`` (row, col) mm from the DICOM header (or a NRRD, MetaImage or NIfTI header) or
         None. A DICOM image is turned as its header says (:func:`apply_dicom_header`); a NRRD, MetaImage or NIfTI
         image as 3D Slicer displays it (:func:`orient_as_displayed`); a JPEG as its EXIF Orientation says, as image
         viewers show it (:func:`apply_exif_orientation`). Each turn is said in ``metadata["oriented"]`` and the log.
@@ -770,7 +786,29 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
         if turned:
             logger.info("%s: %s", p.name, meta["oriented"])
     meta = {"source": str(p), "format": "dicom" if is_dicom else p.suffix.lower().lstrip("."), **meta}
-    return Radiograph(window_radiograph(arr, source=p.name, in_place=True), spacing, meta)
+    arr = window_radiograph(arr, source=p.name, in_place=True)
+    inverse = presentation_lut_inversion(tags) if is_dicom else ""
+    if inverse:  # percentile windowing is symmetric: 1 - window(x) is the window of the inverted image
+        np.subtract(1.0, arr, out=arr)
+        meta["presentation_lut"] = inverse
+        logger.info("%s: %s", p.name, inverse)
+    return Radiograph(arr, spacing, meta)
+
+
+def presentation_lut_inversion(tags: dict[str, str]) -> str:
+    """What is done for a DICOM header's PresentationLUTShape (2050,0020), or ``""`` when nothing is. INVERSE means
+    the image is displayed inverted (its lowest values white, P-Value = maximum - value), as DICOM viewers show it:
+    for a MONOCHROME2 image it is inverted here too (bones bright, when its stored values are a MONOCHROME1's). A
+    MONOCHROME1 image marked INVERSE is what DICOM's image modules ask for ("INVERSE shall be used if Photometric
+    Interpretation is MONOCHROME1"): the one inversion its photometric interpretation says, which the reader has
+    done (bones bright), not a second. IDENTITY or no shape: nothing more."""
+    shape = tags.get("presentation_lut_shape", "").strip().upper()
+    photometric = tags.get("photometric", "").strip().upper()
+    if shape != "INVERSE" or photometric == "MONOCHROME1":
+        return ""
+    said = f"{photometric} " if photometric else ""
+    return (f"inverted as its header's PresentationLUTShape INVERSE says: a DICOM viewer shows this {said}image with "
+            "its lowest values white")  # fmt: skip
 
 
 def apply_dicom_header(
@@ -826,6 +864,7 @@ def radiograph_file_kind(path: str | os.PathLike) -> str:
         reader.SetFileName(itk_path(p))
     except InputError:  # tried as a radiograph, so that reading it names the problem
         return "a file whose name is not UTF-8 text"
+    reader.SetImageIO(_radiograph_io(p))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
@@ -1093,8 +1132,45 @@ def crop_to_exposed_region(rad: Radiograph) -> tuple[Radiograph, str]:
     return Radiograph(arr, rad.pixel_spacing, {**rad.metadata, "cropped_to": [r0, r1, c0, c1]}), note
 
 
-#: A radiograph whose shorter side is below this share of its longer one loses much of itself to the square crop.
+#: A radiograph whose shorter side is below this share of its longer one loses much of itself to the square crop:
+#: a warning says so (a crop that leaves out less, e.g. a portrait detector's 43x35 cm, gets an info line).
 MIN_SQUARE_SHARE = 0.7
+
+
+def square_crop_note(rad: Radiograph) -> tuple[int, str]:
+    """What the square crop of :func:`resize_radiograph` leaves out of ``rad``: ``(logging level, text)``, a warning
+    when the middle square is less than :data:`MIN_SQUARE_SHARE` of the longer side, else an info line; ``(DEBUG,
+    "")`` for a square image. Millimetres are named when the pixel spacing is known (``rad`` has square pixels:
+    :func:`square_pixels`)."""
+    h, w = rad.shape
+    if h == w:
+        return logging.DEBUG, ""
+    s, tall = min(h, w), h > w
+    cut = max(h, w) - s
+    first, second = cut // 2, cut - cut // 2  # as resize_radiograph crops: the odd row or column at the end
+    mm = None if rad.pixel_spacing is None else float(rad.pixel_spacing[0] if tall else rad.pixel_spacing[1])
+    unit = "rows" if tall else "columns"
+
+    def amount(n: int) -> str:
+        said = f"{n} {unit[:-1] if n == 1 else unit}"
+        return said if mm is None else f"{n * mm:.0f} mm ({said})"
+
+    ends = ("top", "bottom") if tall else ("left", "right")
+    dropped = (f"{amount(first)} at the {ends[0]} and at the {ends[1]}" if first == second
+               else f"{amount(first)} at the {ends[0]} and {amount(second)} at the {ends[1]}")  # fmt: skip
+    if mm is not None:
+        sides, middle = f"{h * mm:.0f}x{w * mm:.0f} mm ({h}x{w} pixels)", f"{s * mm:.0f}x{s * mm:.0f} mm"
+    else:
+        sides, middle = f"{h}x{w} pixels", f"{s}x{s}"
+    share = 100.0 * s / max(h, w)
+    if s < MIN_SQUARE_SHARE * max(h, w):
+        return logging.WARNING, (
+            f"the radiograph is {sides}: only its middle {middle} square is used ({share:.0f}% of the image), leaving "
+            f"out {dropped}. A chest radiograph is about as wide as it is tall; crop the image to the chest if this is "
+            "not one."
+        )
+    return logging.INFO, (f"the radiograph is {sides}: its middle {middle} square is used ({share:.0f}% of the image), "
+                          f"leaving out {dropped}")  # fmt: skip
 
 
 def resize_radiograph(rad: Radiograph, size: int | tuple[int, int], *, square: bool = True) -> Radiograph:
@@ -1103,8 +1179,8 @@ def resize_radiograph(rad: Radiograph, size: int | tuple[int, int], *, square: b
     Args:
         rad: input radiograph, of square pixels (:func:`square_pixels`) for the crop to keep the chest's shape.
         size: output side or (rows, cols).
-        square: crop the longer side symmetrically first so the aspect ratio is kept; a warning (in millimetres when
-            the pixel spacing is known) says how much is left out when it is much.
+        square: crop the longer side symmetrically first so the aspect ratio is kept (:func:`square_crop_note` says
+            what that leaves out; the caller logs it).
 
     Returns:
         A new :class:`Radiograph`; pixel spacing rescaled when known.
@@ -1113,18 +1189,6 @@ def resize_radiograph(rad: Radiograph, size: int | tuple[int, int], *, square: b
     h, w = arr.shape
     if square and h != w:
         s = min(h, w)
-        if s < MIN_SQUARE_SHARE * max(h, w):
-            if rad.pixel_spacing is not None:
-                mm = rad.pixel_spacing[0]
-                sides = f"{h * mm:.0f}x{w * mm:.0f} mm ({h}x{w} pixels)"
-                middle = f"{s * mm:.0f}x{s * mm:.0f} mm"
-            else:
-                sides, middle = f"{h}x{w} pixels", f"{s}x{s}"
-            logger.warning(
-                "the radiograph is %s: only its middle %s square is used (%.0f%% of the image). A chest "
-                "radiograph is about as wide as it is tall; crop the image to the chest if this is not one.",
-                sides, middle, 100.0 * s / max(h, w),
-            )  # fmt: skip
         r0, c0 = (h - s) // 2, (w - s) // 2
         arr = arr[r0 : r0 + s, c0 : c0 + s]
         h = w = s

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fieldOfView", type=finite_float(0.0), default=0.0, help="cube width in mm; 0 = automatic")
     p.add_argument(
         "--invertIntensities", action="store_true",
-        help="invert the radiograph first (bones dark); never needed for DICOM MONOCHROME1, which is read inverted",
+        help="invert the radiograph first (bones dark); never needed for DICOM: MONOCHROME1 and PresentationLUTShape "
+        "INVERSE are applied as it is read",
     )
     p.add_argument(
         "--weights", default="",
