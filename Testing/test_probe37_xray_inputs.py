@@ -216,6 +216,26 @@ def test_a_chest_stored_inverted_and_marked_inverse_is_not_called_inverted(tmp_p
     assert [n for n in unmarked["notes"] if "looks inverted" in n]  # the same pixels without the shape: inverted
 
 
+def test_the_slicer_modules_command_applies_the_presentation_lut_of_the_nodes_dicom_file(tmp_path):
+    """The X-ray to CT module hands its node's pixels (as Slicer's reader gives them: MONOCHROME1 applied, the
+    Presentation LUT not) and the DICOM file the node came from: its command reads them as xray2ct reads the file."""
+    import importlib.util
+
+    import SimpleITK as sitk
+
+    spec = importlib.util.spec_from_file_location("xray_cli", Path(__file__).resolve().parents[1] / "XrayToCT" / "CLI"
+                                                  / "XrayToCTGenerate.py")  # fmt: skip
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    marked = dicom_file(tmp_path / "marked.dcm", stored(1.0 - chest()), PresentationLUTShape="INVERSE")
+    node_pixels = tmp_path / "node.nrrd"  # what the module writes of the node: the file's pixels as ITK reads them
+    sitk.WriteImage(sitk.ReadImage(str(marked)), str(node_pixels))
+    as_file = read_radiograph(marked)
+    handed = cli.load_radiograph(str(node_pixels), False, str(marked))
+    assert np.allclose(handed.array, as_file.array, atol=1e-6)
+    assert handed.metadata["presentation_lut"] == as_file.metadata["presentation_lut"]
+
+
 def test_the_help_of_invert_names_the_presentation_lut(capsys):
     assert main(["xray2ct", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())

@@ -787,12 +787,23 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
             logger.info("%s: %s", p.name, meta["oriented"])
     meta = {"source": str(p), "format": "dicom" if is_dicom else p.suffix.lower().lstrip("."), **meta}
     arr = window_radiograph(arr, source=p.name, in_place=True)
-    inverse = presentation_lut_inversion(tags) if is_dicom else ""
-    if inverse:  # percentile windowing is symmetric: 1 - window(x) is the window of the inverted image
-        np.subtract(1.0, arr, out=arr)
-        meta["presentation_lut"] = inverse
-        logger.info("%s: %s", p.name, inverse)
+    if is_dicom:
+        meta.update(apply_presentation_lut(arr, tags, p.name))
     return Radiograph(arr, spacing, meta)
+
+
+def apply_presentation_lut(arr: np.ndarray, tags: dict[str, str], name: str) -> dict:
+    """:func:`presentation_lut_inversion` applied to a windowed radiograph ``arr`` (values in [0, 1], in place: the
+    percentile window is symmetric, so 1 - window(x) is the window of the inverted image); returns the metadata to
+    record (``presentation_lut``), or ``{}``. The reader uses it for a DICOM file, and the X-ray to CT module's command
+    for its node's pixels with the DICOM file the node was loaded from (Slicer's reader, like this one, applies
+    MONOCHROME1 but not the Presentation LUT)."""
+    inverse = presentation_lut_inversion(tags)
+    if not inverse:
+        return {}
+    np.subtract(1.0, arr, out=arr)
+    logger.info("%s: %s", name, inverse)
+    return {"presentation_lut": inverse}
 
 
 def presentation_lut_inversion(tags: dict[str, str]) -> str:

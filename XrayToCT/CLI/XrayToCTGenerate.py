@@ -119,6 +119,7 @@ def load_radiograph(path: str, invert: bool, dicom_header: str = ""):
     from DiffusionCore.xray.radiograph import (
         Radiograph,
         apply_dicom_header,
+        apply_presentation_lut,
         header_spacing,
         invert_radiograph,
         read_dicom_header,
@@ -133,6 +134,9 @@ def load_radiograph(path: str, invert: bool, dicom_header: str = ""):
         # a spacing the image file left unknown (1 x 1 mm, as Slicer shows a header without PixelSpacing) from the tags
         spacing = radiograph.pixel_spacing or header_spacing(tags)
         array, spacing, said = apply_dicom_header(radiograph.array, spacing, tags, Path(dicom_header).name)
+        # the node's pixels as Slicer read them: MONOCHROME1 applied, the Presentation LUT not (the array is this
+        # function's own, or a view of it: inverted in place)
+        said = {**said, **apply_presentation_lut(array, tags, Path(dicom_header).name)}
         radiograph = Radiograph(array, spacing, {**radiograph.metadata, **said, "dicom_header": str(dicom_header)})
     return invert_radiograph(radiograph) if invert else radiograph
 
