@@ -137,8 +137,8 @@ def test_a_batch_folder_tells_dicom_by_content(tmp_path):
     dicom_file(folder / "1.2.826.0.1.3680043.8.498.1", image, ViewPosition="PA")
     dicom_file(folder / "1.2.826.0.1.3680043.8.498.2", image, preamble=TIFF_PREAMBLE, ViewPosition="LL")
     dicom_file(folder / "1.2.826.0.1.3680043.8.498.3", image, preamble=TIFF_PREAMBLE, ViewPosition="AP")
-    for k in (4, 5):
-        dicom_file(folder / f"1.2.826.0.1.3680043.8.498.{k}", ramp(64, 64), modality="CT", ImageType=AXIAL)
+    dicom_file(folder / "1.2.826.0.1.3680043.8.498.4", ramp(64, 64), modality="CT", ImageType=AXIAL)
+    dicom_file(folder / "slice.png", ramp(64, 64), modality="CT", ImageType=AXIAL)  # a CT slice renamed .png
     out, report = tmp_path / "cts", tmp_path / "report.json"
     assert main(["xray2ct", str(folder), str(out), "--report", str(report), *TINY]) == 0
     said = json.loads(report.read_text(encoding="utf-8"))

@@ -42,7 +42,7 @@ SECONDARY_CAPTURE = {"OT": "secondary captures (Modality OT)", "SC": "secondary 
 def _why_passed_over(path: Path) -> str:
     """``""`` for a radiograph, else what the file is, in a few words, for the log and the report. A DICOM file's header
     is read once (its Modality and ImageType); an image file is tried whatever it holds."""
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.suffix.lower() in IMAGE_SUFFIXES and not is_dicom_file(path):  # a DICOM named .png is DICOM
         return ""
     if is_dicom_file(path):
         fields = header_values(path, ["Modality", "ImageType"]) or {}
