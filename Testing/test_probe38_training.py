@@ -268,3 +268,21 @@ def test_init_from_a_misspelt_name_or_a_missing_file(data, tmp_path, capsys):
     assert main(_train(data, tmp_path / "m2", "--max-steps", "1", "--init-from", str(missing))) != 0
     err = capsys.readouterr().err
     assert f"{missing} does not exist" in err and "no weights named" not in err
+
+
+def test_a_volume_stored_with_its_slices_along_another_axis_is_warned_of(data, tmp_path, capsys):
+    """Probe 38, 6: a CT stored sagittally (2.5 mm along array axis 1) was trained on without a word, its 0.8 mm
+    planes taken as slices and its "test region" one side of the patient."""
+    upright = ct_phantom_array((60, 64, 64), seed=3)
+    folder = tmp_path / "sagittal"
+    folder.mkdir()
+    write_volume(Volume(np.ascontiguousarray(upright.transpose(1, 0, 2)), spacing=(0.8, 2.5, 0.8)),
+                 folder / "sag.nii.gz")  # fmt: skip
+    assert main(["train", "throughplane", "--data", str(folder), "--out-dir", str(tmp_path / "run"), "--threads", "1",
+                 "--config", str(data["cfg"]), "--max-steps", "1"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if "not z, which training takes as the slice axis" in ln]
+    assert line.startswith("warning: sag.nii.gz: its voxels are 0.8 x 2.5 x 0.8 mm") and "along array axis y" in line
+    # a volume stored with its slices along z says nothing of the kind
+    assert main(_train(data, tmp_path / "good", "--max-steps", "1")) == 0
+    assert "which training takes as the slice axis" not in capsys.readouterr().err

@@ -169,6 +169,7 @@ def read_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig, *, sizes: bool
         validation = f"validation {va[0]}-{va[1] - 1}" if va[1] > va[0] else "no validation slices"
         logger.info("%s: train slices %d-%d, %s, test %d-%d (never read)", p.name, tr[0], tr[1] - 1, validation,
                     te[0], te[1] - 1)  # fmt: skip
+        warn_slices_not_along_z(p, vol)
         train.append(PlaneSource(p.name, arr, vol.spacing_zyx, *tr))
         used.append(p)
         if va[1] > va[0]:
@@ -179,6 +180,25 @@ def read_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig, *, sizes: bool
         warn_no_validation(train, cfg)
     warn_thick_slices(train)
     return train, val, used
+
+
+def warn_slices_not_along_z(path: Path, vol: Any) -> None:
+    """Warn when ``vol``'s slice axis is not its array axis 0, which training takes as the slices (its thin/thick
+    pairs, and the train, validation and test regions, run along it): a volume stored sagittally or coronally, whose
+    largest spacing lies along array axis 1 or 2 (:func:`~DiffusionCore.volume.thick_axis`). Training goes on: its
+    in-plane pairs still teach, but its pairs "along z" are in-plane ones and its held-out regions are a side of the
+    body, not a range of slices."""
+    from ..volume import thick_axis
+
+    axis = thick_axis(vol)
+    if axis in (None, 0):
+        return
+    z, y, x = vol.spacing_zyx
+    logger.warning(
+        "%s: its voxels are %.3g x %.3g x %.3g mm (array axes z, y, x): the slices are along array axis %s (%.3g mm "
+        "apart), not z, which training takes as the slice axis, so its pairs along z and its validation and test "
+        "regions run across the body instead; store it with its slices along z (e.g. resample it in 3D Slicer) or "
+        "leave it out", path.name, z, y, x, "zyx"[axis], vol.spacing_zyx[axis])  # fmt: skip
 
 
 def plane_size_problem(shape: tuple[int, ...], cfg: ThroughPlaneTrainConfig) -> str:
