@@ -740,12 +740,8 @@ def _stored_max_hu(r: sitk.ImageFileReader) -> float | None:
     does not say (or says something unusable)."""
 
     def number(key: str, default: float | None) -> float | None:
-        if not r.HasMetaDataKey(key):
-            return default
-        try:
-            return float(r.GetMetaData(key).strip().split("\\")[0])
-        except ValueError:
-            return None
+        values = _tag_numbers(r, key)
+        return default if not r.HasMetaDataKey(key) else (float(values[0]) if values is not None else None)
 
     bits, signed = number("0028|0101", None), number("0028|0103", 0.0)
     slope, intercept = number("0028|1053", 1.0), number("0028|1052", 0.0)
@@ -783,7 +779,17 @@ def _slice_headers(files: list[str]) -> dict[str, sitk.ImageFileReader]:
 def dicom_stored_max_hu(files: list[str]) -> float | None:
     """:func:`series_stored_max_hu` of a CT series given as its files (:func:`_slice_headers`); None when no file can
     be read or one does not say."""
-    return series_stored_max_hu(_slice_headers(files).values())
+    return dicom_series_facts(files)[1]
+
+
+def dicom_series_facts(files: list[str]) -> tuple[float | None, float | None]:
+    """What a CT series given as its files (e.g. those a Slicer node was loaded from) says that its voxels do not,
+    each file's header read once: its SliceThickness (:func:`dicom_slice_thickness`) and the highest HU its files can
+    store (:func:`dicom_stored_max_hu`)."""
+    headers = _slice_headers(files)
+    values = {file: _slice_thickness(reader) for file, reader in headers.items()}
+    series = f"the DICOM series of {Path(files[0]).parent}" if files else "the series"
+    return series_slice_thickness(values, series), series_stored_max_hu(headers.values())
 
 
 def dicom_slice_thickness(files: list[str]) -> float | None:
@@ -791,9 +797,7 @@ def dicom_slice_thickness(files: list[str]) -> float | None:
     value most of its slices that are not localizers give (:func:`series_slice_thickness`, which warns when they
     differ); None when no file says, or none can be read (the file then only lacks this note: the volume itself
     comes from elsewhere)."""
-    values = {file: _slice_thickness(reader) for file, reader in _slice_headers(files).items()}
-    series = f"the DICOM series of {Path(files[0]).parent}" if files else "the series"
-    return series_slice_thickness(values, series)
+    return dicom_series_facts(files)[0]
 
 
 def is_localizer(image_type: str) -> bool:

@@ -18,8 +18,7 @@ from DiffusionCore.volume import (
     axis_index,
     check_ct,
     check_series_slices,
-    dicom_slice_thickness,
-    dicom_stored_max_hu,
+    dicom_series_facts,
     require_ct,
     thick_axis,
 )
@@ -488,8 +487,8 @@ class SRJob(CLIJob):
         self.series = refuse_series_the_job_cannot_read(input_node)
         # only a DICOM series knows its slices' thickness; the node keeps their spacing alone
         sources = dicom_source_files(input_node)
-        self.slice_thickness = dicom_slice_thickness(sources)
-        self.stored_max_hu = dicom_stored_max_hu(sources) if sources else None  # the scanner's storage cap
+        # each file's header read once: the slices' thickness and the scanner's storage cap
+        self.slice_thickness, self.stored_max_hu = dicom_series_facts(sources)
         refuse_interspaced_series(input_node, settings, self.slice_thickness)
         if not (settings.tiny_test_model or settings.tiny_test_predictor):
             from DiffusionCore.weights.registry import first_available
