@@ -229,3 +229,45 @@ def test_sr_input_series_super_resolves_the_series_asked_for(tmp_path, make_phan
     assert batch.returncode == 0, batch.stderr
     assert read_volume(tmp_path / "batch" / "study.nii.gz").shape == (12, 32, 32)
     assert read_volume(tmp_path / "batch" / "ct.nii.gz").shape == (10, 32, 32)
+
+
+def _evaluate(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "DiffusionCore", "evaluate", "--factor", "2", "--methods", "cubic",
+                           *map(str, args)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
+def test_evaluate_reference_series_scores_the_series_asked_for(tmp_path, make_phantom):
+    """`evaluate --reference-series 2` scores the 4 mm series of a study (its 12 slices, 6 slabs of 2), not the
+    larger 2 mm one it takes by default (with a warning saying how to choose, in evaluate's words); the JSON records
+    the series scored; a series the folder lacks and a volume file with the option are refused naming the problem."""
+    import json
+
+    folder = tmp_path / "study"  # evaluate scores volumes of at least 11 slices (the SSIM window)
+    thick = make_phantom(shape=(12, 32, 32), spacing=(0.8, 0.8, 4.0), seed=1)
+    thin = make_phantom(shape=(24, 32, 32), spacing=(0.8, 0.8, 2.0), seed=2)
+    _relabel(write_dicom_series(folder, thick, series_uid=THICK_UID, prefix="thick"), SeriesNumber=2,
+             SeriesDescription="CT 4mm")  # fmt: skip
+    _relabel(write_dicom_series(folder, thin, series_uid=THIN_UID, prefix="thin"), SeriesNumber=3,
+             SeriesDescription="CT 2mm")  # fmt: skip
+    done = _evaluate("--reference", folder, "--reference-series", "2", "--json", tmp_path / "thick.json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "thick.json").read_text())
+    assert report["reference_series_uid"] == THICK_UID
+    assert report["slices_scored"] == [0, 12], report["slices_scored"]  # the range scored: 12 slices
+    assert "holds 2 DICOM series; using the largest" not in done.stderr
+
+    done = _evaluate("--reference", folder, "--json", tmp_path / "default.json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "default.json").read_text())["reference_series_uid"] == THIN_UID
+    assert ("Pass --reference-series N (its SeriesNumber) or its SeriesInstanceUID to choose another."
+            in done.stderr), done.stderr  # fmt: skip
+
+    done = _evaluate("--reference", folder, "--reference-series", "7")
+    assert done.returncode != 0 and "holds no series number 7" in done.stderr, done.stderr
+    assert 'series 2 "CT 4mm"' in done.stderr and "Pass --reference-series N" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    nifti = tmp_path / "ct.nii.gz"
+    write_volume(thin, nifti)
+    done = _evaluate("--reference", nifti, "--reference-series", "2")
+    assert done.returncode != 0 and "Traceback" not in done.stderr and "ct.nii.gz" in done.stderr, done.stderr

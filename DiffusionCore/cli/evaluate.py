@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..dicom_in import series_choice_arg
 from ..errors import ConfigError, InputError, NumericalError, OutputError, OutputExistsError
 from ..evaluate import (
     MODEL_SETTINGS,
@@ -60,6 +61,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="thin-slice CT(s): files (NIfTI, NRRD, MHA), DICOM series folders, sample names, a folder holding any "
         "of these (searched recursively), or a text file listing one per line; one volume gives today's JSON, "
         "several give {\"volumes\": [...], \"aggregate\": {...}} with the mean and SD over them",
+    )  # fmt: skip
+    p.add_argument(
+        "--reference-series", type=series_choice_arg, default=None, metavar="N|UID",
+        help="the series to score from a DICOM folder --reference that holds several (a study exported from a "
+        "PACS: e.g. a 1 mm and a 5 mm series of one scan): its SeriesNumber N or its SeriesInstanceUID (or the "
+        "UID's last components, unique in the folder); default: the largest CT series, an acquired one before a "
+        "derived or synthetic one. With several references it applies to every DICOM folder; a volume file is "
+        "refused with it",
     )  # fmt: skip
     p.add_argument("--factor", type=int, required=True, help="slices per thick slab (2..8)")
     p.add_argument("--axis", default="z", choices=("z", "y", "x"), help="array axis to degrade (default z)")
@@ -249,13 +258,24 @@ def _model_summary(report: dict) -> dict[str, Any]:
     return out
 
 
-def _read_reference(path: Path) -> tuple[Volume, list[str]]:
-    """One reference and the warnings said while reading it (a synthetic input, a gantry tilt resampled, ...)."""
+#: How a user of ``evaluate`` chooses the series of a DICOM folder that holds several (said with the folder's series).
+REFERENCE_SERIES_HOW = "pass --reference-series N (its SeriesNumber) or its SeriesInstanceUID"
+
+
+def _series_for(path: Path, series: int | str | None) -> int | str | None:
+    """``--reference-series`` for one of several references: it names a series of each DICOM folder, and is not
+    passed to a volume file among them (one reference that is a file is refused with it by :func:`read_volume`)."""
+    return series if path.is_dir() else None
+
+
+def _read_reference(path: Path, series: int | str | None = None) -> tuple[Volume, list[str]]:
+    """One reference and the warnings said while reading it (a synthetic input, a gantry tilt resampled, ...);
+    ``series``: ``--reference-series``, the series of a DICOM folder to read (:func:`~DiffusionCore.read_volume`)."""
     with logged_warnings() as said:
-        warning = synthetic_input_warning(path)
+        vol = read_volume(path, series=series, how_to_choose=REFERENCE_SERIES_HOW)
+        warning = synthetic_input_warning(path, vol.metadata.get("series_uid"))  # of the series read
         if warning:
             logger.warning("%s", warning)
-        vol = read_volume(path)
     return vol, said
 
 
@@ -274,6 +294,8 @@ def _evaluate_one(ref: Volume, name: str, read_warnings: list[str], args: argpar
             ref, args.factor, axis=args.axis, degradation=args.degradation, methods=methods, method_options=options,
             reference_name=name, progress=progress, keep=saver,
         )  # fmt: skip
+    if ref.metadata.get("series_uid"):  # a DICOM reference: the series scored (--reference-series, or the default)
+        report["reference_series_uid"] = ref.metadata["series_uid"]
     report["slices_requested"] = list(args.slices) if args.slices is not None else None
     report["slices_scored"] = [s + start for s in report["slices_scored"]]  # indices of the file, not of the crop
     report["slices_dropped"] = [s + start for s in report["slices_dropped"]]
@@ -342,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
     created = [f for f in dict.fromkeys(folders_used) if not f.exists()]
     try:
         if not several:
-            ref, said = _read_reference(sources[0])
+            ref, said = _read_reference(sources[0], args.reference_series)
             saver = (VolumeSaver(save_files[0], sources[0], _save_settings(args), args.overwrite, weights)
                      if save_files else None)  # fmt: skip
             reports.append(_evaluate_one(ref, names[0], said, args, methods, options, saver, progress))
@@ -356,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
                 saver = (VolumeSaver(save_files[i], path, _save_settings(args), args.overwrite, weights)
                          if save_files else None)  # fmt: skip
                 try:
-                    ref, said = _read_reference(path)
+                    ref, said = _read_reference(path, _series_for(path, args.reference_series))
                     reports.append(_evaluate_one(ref, str(path), said, args, methods, options, saver, overall))
                 except InputError as exc:  # this volume's own problem (unreadable, too small, --slices beyond it)
                     why = str(exc).removeprefix(f"{path}: ")
