@@ -30,11 +30,11 @@ THICK_LABEL = 'series 2 "CT 4mm" (CT, 6 files)'
 THIN_LABEL = 'series 3 "CT 2mm" (CT, 12 files)'
 
 
-def _study(folder: Path, make_phantom):
-    """A folder holding a thick series (number 2, 6 slices of 4 mm) and a thin one of the same scan (number 3, 12
-    slices of 2 mm: the largest); returns the two volumes written."""
-    thick = make_phantom(shape=(6, 32, 32), spacing=(0.8, 0.8, 4.0), seed=1)
-    thin = make_phantom(shape=(12, 32, 32), spacing=(0.8, 0.8, 2.0), seed=2)
+def _study(folder: Path, make_phantom, thick_slices: int = 6):
+    """A folder holding a thick series (number 2, ``thick_slices`` slices of 4 mm) and a thin one of the same scan
+    (number 3, twice as many slices of 2 mm: the largest); returns the two volumes written."""
+    thick = make_phantom(shape=(thick_slices, 32, 32), spacing=(0.8, 0.8, 4.0), seed=1)
+    thin = make_phantom(shape=(2 * thick_slices, 32, 32), spacing=(0.8, 0.8, 2.0), seed=2)
     _relabel(write_dicom_series(folder, thick, series_uid=THICK_UID, prefix="thick"), SeriesNumber=2,
              SeriesDescription="CT 4mm")  # fmt: skip
     _relabel(write_dicom_series(folder, thin, series_uid=THIN_UID, prefix="thin"), SeriesNumber=3,
@@ -243,13 +243,8 @@ def test_evaluate_reference_series_scores_the_series_asked_for(tmp_path, make_ph
     the series scored; a series the folder lacks and a volume file with the option are refused naming the problem."""
     import json
 
-    folder = tmp_path / "study"  # evaluate scores volumes of at least 11 slices (the SSIM window)
-    thick = make_phantom(shape=(12, 32, 32), spacing=(0.8, 0.8, 4.0), seed=1)
-    thin = make_phantom(shape=(24, 32, 32), spacing=(0.8, 0.8, 2.0), seed=2)
-    _relabel(write_dicom_series(folder, thick, series_uid=THICK_UID, prefix="thick"), SeriesNumber=2,
-             SeriesDescription="CT 4mm")  # fmt: skip
-    _relabel(write_dicom_series(folder, thin, series_uid=THIN_UID, prefix="thin"), SeriesNumber=3,
-             SeriesDescription="CT 2mm")  # fmt: skip
+    folder = tmp_path / "study"
+    _, thin = _study(folder, make_phantom, thick_slices=12)  # evaluate needs 11 slices or more (the SSIM window)
     done = _evaluate("--reference", folder, "--reference-series", "2", "--json", tmp_path / "thick.json")
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "thick.json").read_text())
