@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from DiffusionCore.cli.main import main
 from DiffusionCore.errors import InputError
 from DiffusionCore.inputs import first_column, read_list_file
-from DiffusionCore.xray.radiograph import read_radiograph
+from DiffusionCore.xray.radiograph import read_radiograph, window_radiograph
 
 TINY = ["--tiny-test-model", "--progress", "none"]
 
@@ -87,10 +87,10 @@ def test_a_jpeg_is_turned_as_its_exif_orientation_says(tmp_path, orientation):
 
 
 def test_a_grey_alpha_png_and_a_multi_page_tiff_are_named_as_what_they_are(tmp_path):
-    la = tmp_path / "la.png"
-    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).convert("LA").save(la)
-    with pytest.raises(InputError, match=r"is a grey \+ alpha PNG .* save it as a greyscale PNG without transparency"):
-        read_radiograph(la)
+    la = tmp_path / "la.png"  # read as its grey channel since 2026-12-07 (Testing/test_probe39_xray_inputs.py)
+    grey = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    Image.fromarray(grey).convert("LA").save(la)
+    np.testing.assert_array_equal(read_radiograph(la).array, window_radiograph(grey.astype(np.float32)))
     pages = [Image.fromarray((np.random.default_rng(i).random((48, 40)) * 255).astype(np.uint8)) for i in range(2)]
     tiff = tmp_path / "two.tif"
     pages[0].save(tiff, save_all=True, append_images=pages[1:])

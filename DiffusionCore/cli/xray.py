@@ -312,6 +312,48 @@ def _stage_files(job: Job, stages: int) -> dict[int, Path]:
     return {s: _stage_path(job.output, s) for s in range(1, stages)}
 
 
+def planned_stages(args: argparse.Namespace) -> int:
+    """How many stages a run of these options makes, known before the weights are loaded: ``--num-stages``, else the
+    number of stage configurations the weights file's metadata records (its safetensors header, read without a
+    tensor or a checksum), or that of the tiny test model; :data:`MAX_STAGES` when the header cannot be read (the
+    weights' own check says why when they are loaded, before anything is written)."""
+    import inspect
+
+    from ..errors import WeightsError
+    from ..weights.header import read_safetensors_header
+
+    if args.num_stages:
+        return int(args.num_stages)
+    if args.tiny_test_model:
+        from ..xray.cascade import UnifiedHybridViTCascade
+
+        return len(inspect.signature(UnifiedHybridViTCascade.tiny).parameters["resolutions"].default)
+    try:
+        path = _weights_file(args.weights)
+        configs = read_safetensors_header(path)[1].get("configs") if path is not None else None
+    except (WeightsError, OSError):
+        return MAX_STAGES
+    return len(configs) if isinstance(configs, list) and 1 <= len(configs) <= MAX_STAGES else MAX_STAGES
+
+
+def _weights_file(weights: str | None) -> Path | None:
+    """The file of the weights ``--weights`` names (a registered name or a path; the default weights when None), or
+    None when it names none that exists; nothing is checked (:func:`_generator` loads and checks them).
+
+    Raises:
+        WeightsError: no X-ray to CT weights are registered (``weights`` None).
+    """
+    from ..weights.registry import list_weights
+    from ..xray.pipeline import FAMILY, default_weights_name
+
+    name = weights or default_weights_name()
+    for entry in list_weights(FAMILY):
+        if entry["name"] == name:  # the bundled entry first, as loading takes it
+            return Path(entry["path"])
+    path = Path(name).expanduser()
+    return path if path.is_file() else None
+
+
 def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     """The radiographs this process handles (its share under torchrun) and their outputs, checked before any work
     as ``sr`` checks its own (:func:`~.sr.plan_jobs`): no output, stage output or report may be an input, and each
@@ -335,7 +377,7 @@ def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
         as_dicom = args.output_format == "dicom"
         jobs, twice = batch_jobs(sources, out, as_dicom, noun="radiograph")
         sources = [job.source for job in jobs]
-    stages = args.num_stages or MAX_STAGES  # the weights say how many there are once they are loaded
+    stages = planned_stages(args) if args.save_stages else 1  # the stages whose files --save-stages writes
     planned = [item for job in jobs for item in planned_outputs(job.output, job.as_dicom)]
     if args.save_stages:
         planned += [item for job in jobs for p in _stage_files(job, stages).values()
@@ -434,7 +476,7 @@ class _RadiographRun:
 
     def __call__(self, job: Job) -> dict[str, Any]:
         from ..results import dicom_source_for, planned_files, write_result
-        from ..xray.radiograph import read_radiograph
+        from ..xray.radiograph import check_model_input_size, read_radiograph
 
         args, progress = self.args, self.progress
         t0 = time.perf_counter()
@@ -446,6 +488,7 @@ class _RadiographRun:
             progress.before_run("loading the weights")
             self.gen = _generator(args)
         gen = self.gen
+        check_model_input_size(rad, max(c.xray_resolution for c in gen.cascade.configs), job.source.name)
         view_note = self._view_note(job, rad, gen.cascade.configs[0].data.view)
         num_stages = args.num_stages or gen.num_stages
         stage_files = _stage_files(job, num_stages) if args.save_stages else {}

@@ -20,7 +20,8 @@ follow the DRR style the model was trained on; arrays (e.g. DRRs) are only windo
 so (:data:`ARRAY_INPUT_NOTE`): pass a real radiograph as its path or :class:`Radiograph`, not its array.
 
 After the run, a stage whose re-projection agrees poorly with the input (:data:`LOW_PROJECTION_PSNR_DB`) and a
-frontal input that looks inverted (:data:`~DiffusionCore.xray.radiograph.INVERTED_SCORE`) get a warning.
+frontal input that looks inverted or turned sideways (:func:`~DiffusionCore.xray.radiograph.inversion_note`) get a
+warning.
 """
 
 from __future__ import annotations
@@ -45,13 +46,12 @@ from .cascade import FAMILY, UnifiedHybridViTCascade
 from .consistency import drr_consistency
 from .drr import hu_to_mu, project_parallel_axis, radiograph_style
 from .radiograph import (
-    INVERTED_SCORE,
     NOMINAL_MAGNIFICATION,
     Radiograph,
     as_radiograph,
     body_part_note,
     crop_to_exposed_region,
-    inversion_score,
+    inversion_note,
     invert_radiograph,
     match_drr_style,
     resize_radiograph,
@@ -346,7 +346,7 @@ class XrayToCTGenerator:
             invert: invert the radiograph's intensities first, for an image whose bones appear dark (a negative
                 exported as PNG or JPEG; never needed for DICOM, whose MONOCHROME1 and PresentationLUTShape INVERSE
                 are applied as it is read: bones bright, as a DICOM viewer shows them). A frontal
-                input that still looks inverted gets a warning (:func:`.radiograph.inversion_score`).
+                input that still looks inverted, or turned sideways, gets a warning (:func:`.radiograph.inversion_note`).
 
         Returns:
             ``(volume, report)``: the CT (HU) and a dict with ``stages`` (one dict per stage: ``stage``,
@@ -424,12 +424,8 @@ class XrayToCTGenerator:
         xray, fov, fov_source = self.prepare_input(rad, fov_mm, notes)
         del rad, image  # the full-resolution radiograph: the model sees the small input only (the caller's may stay)
         if view == "pa":
-            score = inversion_score(xray[0, 0].numpy())
-            if score < INVERTED_SCORE:
-                fix = ("it was inverted as asked (--invert, 'Invert intensities'): run it without" if invert else
-                       "if its bones are dark, run it again with --invert (in Slicer: tick 'Invert intensities')")
-                note = (f"the radiograph looks inverted (bones dark): the middle of the chest (spine, heart) is darker "
-                        f"than the lung fields beside it; {fix}")  # fmt: skip
+            note = inversion_note(xray[0, 0].numpy(), invert)  # inverted, or a chest turned sideways
+            if note:
                 logger.warning(note)
                 notes.append(note)
         dev = resolve_device(device)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +25,12 @@ from ..volume import check_metaimage_header, image_io, is_localizer, itk_path, s
 
 logger = logging.getLogger(__name__)
 
-#: Images smaller than this on either side are refused (a thumbnail or an icon, not a radiograph).
+#: Images smaller than this on either side are refused (a thumbnail or an icon, not a radiograph), whatever the model.
 MIN_RADIOGRAPH_SIDE = 32
+#: A radiograph whose shorter side is below this share of the model's input side (the largest ``xray_resolution`` of
+#: its stages: 128 pixels for the shipped weights, so 64) is refused before it is run (:func:`check_model_input_size`):
+#: enlarged more than twice, a thumbnail gives the model a blur with none of the detail it was trained on.
+MIN_MODEL_INPUT_SHARE = 0.5
 #: Percentiles used to window an image to [0, 1] (robust to collimator edges and burned-in labels).
 WINDOW_PERCENTILES = (0.5, 99.5)
 #: Channels of an RGB or RGBA image: made grey when the channels agree (:func:`greyscale_pixels`), else refused.
@@ -35,6 +41,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 #: level), at which a 3- or 4-channel image is still greyscale stored in colour (as image editors, screenshots and
 #: JPEG exports save radiographs); beyond it the image is refused as colour.
 GREY_CHANNEL_TOLERANCE = 0.01
+#: A colour image whose red, green and blue are each, to within this share of its value range (at least
+#: :data:`TINT_MIN_LEVELS` grey levels) at every pixel, a gain and an offset of their mean is greyscale under a uniform
+#: tint (a phone photo of a lightbox, a sepia-toned export): read as that mean, with a warning (:func:`uniform_tint`).
+TINT_TOLERANCE = 0.03
+TINT_MIN_LEVELS = 2.0
+#: The largest ratio of the channels' gains in a tint, all of them positive: beyond it (or with a channel that falls
+#: where the others rise, as in a colour map) the image is colour.
+TINT_MAX_GAIN_RATIO = 2.0
+#: Pixels (at most) of the evenly spaced subsample on which a tint's gains and offsets are fitted.
+TINT_FIT_PIXELS = 1 << 16
+#: The largest share of a tinted image's pixels whose channel the tint pushed beyond the image's darkest or brightest
+#: value (clipped there: a lightbox's highlights); more is a cast that changed the picture, and it is refused.
+TINT_MAX_CLIPPED_SHARE = 0.01
 #: DICOM modalities whose images are not projection radiographs, as a message names them (a CT image is one only
 #: when it is a localizer: a topogram or scout).
 NOT_RADIOGRAPHS = {
@@ -137,16 +156,65 @@ def _as_float32(arr: np.ndarray, scale: float = 1.0) -> np.ndarray:
     return out
 
 
+def uniform_tint(rgb: np.ndarray, scale: float, spread: float) -> str:
+    """How a colour image is tinted when it is greyscale under a uniform tint, or ``""``: each of red, green and blue
+    an affine function (a positive gain and an offset) of their mean, fitted by least squares on an evenly spaced
+    subsample of :data:`TINT_FIT_PIXELS`, and checked at every pixel to within :data:`TINT_TOLERANCE` of the image's
+    value range ``spread`` (in row blocks of :data:`GREY_BLOCK_PIXELS`, as :func:`greyscale_pixels` does); the gains
+    within :data:`TINT_MAX_GAIN_RATIO` of each other. A colour map (a channel that falls as the others rise), a coloured
+    annotation or overlay (pixels off the fit), a cast that saturates a channel, and a photograph are no tint.
+
+    Args:
+        rgb: ``(H, W, 3)`` pixels in their own type.
+        scale: what they are divided by to become float32 (:func:`_float32_scale`).
+        spread: their value range, divided by ``scale``.
+
+    Returns:
+        The tint as a message names it (each channel's gain and offset), or ``""``.
+    """
+    h, w = rgb.shape[:2]
+    step = max(1, int(np.ceil(np.sqrt(h * w / TINT_FIT_PIXELS))))
+    sample = rgb[::step, ::step].reshape(-1, 3).astype(np.float64) / scale
+    mean = sample.mean(axis=1)
+    centred = mean - mean.mean()
+    variance = float(np.dot(centred, centred))
+    if variance <= 0.0:
+        return ""
+    gains = centred @ (sample - sample.mean(axis=0)) / variance  # the least-squares slope of each channel on the mean
+    offsets = sample.mean(axis=0) - gains * mean.mean()
+    if gains.min() <= 0.0 or gains.max() > TINT_MAX_GAIN_RATIO * gains.min():
+        return ""
+    tolerance = max(TINT_MIN_LEVELS, TINT_TOLERANCE * spread)
+    lo = float(rgb.min()) / scale
+    hi = lo + spread
+    g32, o32 = gains.astype(np.float32), offsets.astype(np.float32)
+    rows = max(1, GREY_BLOCK_PIXELS // max(1, w))
+    clipped = 0
+    for r0 in range(0, h, rows):
+        block = _as_float32(rgb[r0 : r0 + rows], scale)
+        fitted = block.mean(axis=-1, keepdims=True) * g32 + o32
+        off = np.abs(block - fitted) > tolerance
+        # a channel held at the darkest or brightest value where the tint would take it beyond: clipped, not colour
+        at_end = ((block <= lo) & (fitted < lo + tolerance)) | ((block >= hi) & (fitted > hi - tolerance))
+        if np.any(off & ~at_end):
+            return ""
+        clipped += int(np.count_nonzero(off.any(axis=-1)))
+    if clipped > TINT_MAX_CLIPPED_SHARE * h * w:
+        return ""
+    return ", ".join(f"{name} {g:.2f} x grey {o:+.3g}" for name, g, o in zip(("red", "green", "blue"), gains, offsets))
+
+
 def greyscale_pixels(arr: np.ndarray, source: str = "image") -> np.ndarray:
     """``(H, W)`` float32 from an ``(H, W, C)`` image with 2-4 channels stored per pixel: the grey channel of a
     grey + alpha image, or the mean of red, green and blue when they agree to within
-    :data:`GREY_CHANNEL_TOLERANCE` (greyscale saved in colour); alpha is ignored. The channels are compared and
+    :data:`GREY_CHANNEL_TOLERANCE` (greyscale saved in colour) or are greyscale under a uniform tint
+    (:func:`uniform_tint`: read with a warning that names the tint); alpha is ignored. The channels are compared and
     averaged in row blocks of :data:`GREY_BLOCK_PIXELS`: the memory needed is the float32 result and one block.
 
     Raises:
-        InputError: the colour channels differ (a photograph, a colour-mapped picture, or a greyscale screenshot
-            with a coloured annotation or overlay; the message says what share of the pixels is coloured), or NaN
-            or infinite values.
+        InputError: the colour channels differ, and not by a uniform tint (a photograph, a colour-mapped picture, or
+            a greyscale screenshot with a coloured annotation or overlay; the message says what share of the pixels
+            is coloured), or NaN or infinite values.
     """
     arr = np.asarray(arr)
     scale = _float32_scale(arr[..., :3], source)
@@ -164,6 +232,12 @@ def greyscale_pixels(arr: np.ndarray, source: str = "image") -> np.ndarray:
         coloured += int(np.count_nonzero(np.abs(block[..., 1:] - block[..., :1]).max(axis=-1) > tolerance))
         out[r0 : r0 + rows] = block.mean(axis=-1)
     if coloured:
+        tint = uniform_tint(rgb, scale, spread)
+        if tint:
+            logger.warning("%s is greyscale with a uniform colour tint (%s): read as the mean of its red, green and "
+                           "blue. If it is a colour picture rather than a tinted radiograph (a photo of a lightbox, a "
+                           "sepia-toned export), give the radiograph itself.", source, tint)  # fmt: skip
+            return out
         share = coloured / float(h * w)
         said = f"{100 * share:.2g}%" if share < 0.1 else f"{100 * share:.0f}%"
         small = (" (so few are usually an annotation, a measurement or an overlay drawn on a screenshot: export the "
@@ -219,6 +293,36 @@ def radiograph_pixels(arr: np.ndarray, source: str = "image", *, keep_integers: 
     if keep_integers and arr.dtype.kind in "iu":
         return arr
     return _as_float32(arr, _float32_scale(arr, source))
+
+
+def min_input_side(model_side: int) -> int:
+    """The fewest pixels a radiograph's shorter side may have for a model whose input is ``model_side`` pixels a side
+    (:data:`MIN_MODEL_INPUT_SHARE` of it, and never under :data:`MIN_RADIOGRAPH_SIDE`)."""
+    return max(MIN_RADIOGRAPH_SIDE, int(np.ceil(MIN_MODEL_INPUT_SHARE * model_side)))
+
+
+def check_model_input_size(rad: Radiograph, model_side: int, name: str) -> None:
+    """Refuse a radiograph too small for the model (a thumbnail or an icon exported instead of the image): its shorter
+    side below :func:`min_input_side` of ``model_side`` (the model's input side, pixels). The message names the size
+    found (in millimetres too when the pixel spacing is known), the minimum and what to do.
+
+    Raises:
+        InputError: the radiograph is smaller than the minimum on either side.
+    """
+    h, w = rad.shape
+    least = min_input_side(model_side)
+    if min(h, w) >= least:
+        return
+    mm = ""
+    if rad.pixel_spacing is not None:
+        row, col = (float(v) for v in rad.pixel_spacing)
+        mm = (f" ({h * row:.0f}x{w * col:.0f} mm at {row:.3g} x {col:.3g} mm per pixel: a radiograph's pixels are "
+              "0.1-0.2 mm)")  # fmt: skip
+    raise InputError(
+        f"{name} is only {h}x{w} pixels{mm}, a thumbnail rather than a radiograph: the model reads {model_side}x"
+        f"{model_side} pixels and needs at least {least} pixels on each side. Export the full-resolution image (the "
+        "DICOM file from the PACS or viewer, or a PNG/JPEG at its original size) and try again."
+    )
 
 
 def _dicom_tags(reader: sitk.ImageFileReader) -> dict[str, str]:
@@ -579,7 +683,7 @@ def image_geometry(img: sitk.Image, p: Path) -> tuple[tuple[float, float] | None
 
 
 #: The first bytes of a PNG file, and the IHDR colour type of a grey + alpha PNG (Pillow's mode "LA"), which
-#: SimpleITK cannot read ("Unknown PixelType"): named as such rather than as a corrupt file.
+#: SimpleITK cannot read ("Unknown PixelType"): read relabelled instead (:func:`relabel_grey_alpha_png`).
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_GREY_ALPHA = 4
 
@@ -592,6 +696,62 @@ def is_grey_alpha_png(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 26 and head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and head[25] == PNG_GREY_ALPHA
+
+
+#: PNG chunks kept when a grey + alpha PNG is relabelled (:func:`relabel_grey_alpha_png`): the critical ones. The
+#: others (gamma, significant bits, background colour, ...) describe the grey + alpha layout and would not fit the
+#: new one; none of them changes the stored pixels.
+PNG_KEPT_CHUNKS = (b"IHDR", b"IDAT", b"IEND")
+#: Bit depth of a grey + alpha PNG -> (bit depth, colour type) of the PNG whose pixels have the same bytes: 8-bit grey
+#: + alpha is 16-bit grey (grey in the high byte), 16-bit grey + alpha is 8-bit RGBA (grey in red and green). Each
+#: has as many bytes per pixel as the original, so its rows, filters and interlacing decode alike.
+PNG_GREY_ALPHA_AS = {8: (16, 0), 16: (8, 6)}
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def relabel_grey_alpha_png(path: Path) -> tuple[bytes, int]:
+    """A grey + alpha PNG (which SimpleITK cannot read: "Unknown PixelType") as a PNG that it reads, byte for byte
+    the same pixels under another colour type (:data:`PNG_GREY_ALPHA_AS`), and the original's bit depth; nothing is
+    decoded here: SimpleITK's PNG reader (libpng) decodes the pixels, only the header's colour type and bit depth
+    change (Pillow reads such files but is no dependency of DiffusionCore, and one file type does not warrant one). :func:`grey_of_relabelled` takes the grey channel back out of what SimpleITK reads of it.
+
+    Raises:
+        InputError: the file is not a well-formed grey + alpha PNG (a truncated file, a bit depth PNG does not
+            allow for grey + alpha).
+    """
+    data = path.read_bytes()
+    chunks, at = [], len(PNG_SIGNATURE)
+    while at + 8 <= len(data):
+        length, kind = struct.unpack(">I", data[at : at + 4])[0], data[at + 4 : at + 8]
+        body = data[at + 8 : at + 8 + length]
+        if len(body) < length:
+            break
+        if kind in PNG_KEPT_CHUNKS:
+            chunks.append((kind, body))
+        at += 12 + length
+        if kind == b"IEND":
+            break
+    depth = chunks[0][1][8] if chunks and chunks[0][0] == b"IHDR" and len(chunks[0][1]) == 13 else 0
+    if depth not in PNG_GREY_ALPHA_AS or chunks[-1][0] != b"IEND":
+        raise InputError(f"cannot read {path} as an image: it starts as a grey + alpha PNG but is truncated or corrupt "
+                         f"(bit depth {depth}). Re-export it as a greyscale PNG and give that file.")  # fmt: skip
+    new_depth, colour_type = PNG_GREY_ALPHA_AS[depth]
+    ihdr = chunks[0][1]
+    chunks[0] = (b"IHDR", ihdr[:8] + bytes([new_depth, colour_type]) + ihdr[10:])
+    return PNG_SIGNATURE + b"".join(_png_chunk(kind, body) for kind, body in chunks), depth
+
+
+def grey_of_relabelled(arr: np.ndarray, depth: int) -> np.ndarray:
+    """The grey channel, in its own bit depth, of the pixels SimpleITK read from a relabelled grey + alpha PNG
+    (:func:`relabel_grey_alpha_png` of a PNG of bit depth ``depth``); the alpha channel is dropped, as it is for an
+    RGBA image."""
+    if depth == 8:  # (H, W) uint16: grey in the high byte, alpha in the low one
+        return (np.asarray(arr, np.uint16) >> 8).astype(np.uint8)
+    arr = np.asarray(arr, np.uint8)  # (H, W, 4): grey's high and low bytes, then alpha's
+    return (arr[..., 0].astype(np.uint16) << 8) | arr[..., 1]
 
 
 #: The EXIF Orientation tag (in a JPEG's APP1 segment), and what each of its values asks of the stored pixels to show
@@ -697,18 +857,50 @@ def check_single_page(p: Path, size: list[int]) -> None:
         )
 
 
+def _read_grey_alpha_png(p: Path) -> tuple[sitk.ImageFileReader, sitk.Image]:
+    """``(reader, image)`` of a grey + alpha PNG (a greyscale image saved with transparency by an image editor), which
+    SimpleITK cannot read as it is: read relabelled (:func:`relabel_grey_alpha_png`) from a temporary copy, and its
+    grey channel kept (alpha ignored, as for an RGBA image). The image is the grey channel alone, in the PNG's own
+    bit depth (8 or 16).
+
+    Raises:
+        InputError: the file is corrupt, or too large for memory.
+    """
+    import tempfile
+
+    relabelled, depth = relabel_grey_alpha_png(p)
+    reader = sitk.ImageFileReader()
+    with tempfile.TemporaryDirectory(prefix="diffusioncore-png-") as tmp:
+        copy = Path(tmp) / "grey_alpha.png"
+        copy.write_bytes(relabelled)
+        del relabelled
+        reader.SetFileName(itk_path(copy))
+        reader.SetImageIO("PNGImageIO")
+        try:
+            reader.ReadImageInformation()
+            size = [int(v) for v in reader.GetSize()]
+            _check_size(p, size, 2, depth // 8)
+            img = reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(
+                f"cannot read {p} as an image ({sitk_message(exc)[:200]}). It is a grey + alpha PNG that is corrupt; "
+                "re-export it as a greyscale PNG and give that file."
+            ) from exc
+    grey = sitk.GetImageFromArray(grey_of_relabelled(sitk.GetArrayViewFromImage(img), depth))
+    logger.info("%s: a grey + alpha PNG; its grey channel is read (the alpha channel, transparency, is ignored)", p.name)
+    return reader, grey
+
+
 def _read_image(p: Path) -> tuple[sitk.ImageFileReader, sitk.Image]:
     """``(reader, image)``: ``p`` read by SimpleITK after checking, from its header, that it is one image
     (:func:`check_single_page`) that fits in memory (:func:`_check_size`).
 
     Raises:
-        InputError: the file cannot be read as an image (a DICOMDIR and a grey + alpha PNG are named as such), or it
-            is a multi-page TIFF.
+        InputError: the file cannot be read as an image (a DICOMDIR is named as such), or it is a multi-page TIFF.
     """
     check_metaimage_header(p)
     if is_grey_alpha_png(p):
-        raise InputError(f"{p} is a grey + alpha PNG (a greyscale image with transparency), which xray2ct cannot read: "
-                         "save it as a greyscale PNG without transparency (or as RGBA) and give that file.")  # fmt: skip
+        return _read_grey_alpha_png(p)
     reader = sitk.ImageFileReader()
     reader.SetFileName(itk_path(p))  # a name ITK cannot take (not UTF-8) refused, not a C++ abort
     reader.SetImageIO(_radiograph_io(p))  # x.MHA too: ITK matches the suffix with its case; DICOM by its mark
@@ -746,7 +938,7 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
 
     Raises:
         InputError: missing/unreadable/corrupt file, a DICOMDIR, colour image, 3D volume, multi-frame
-            radiograph, multi-page TIFF or grey + alpha PNG, image smaller than :data:`MIN_RADIOGRAPH_SIDE` pixels per side.
+            radiograph, multi-page TIFF, image smaller than :data:`MIN_RADIOGRAPH_SIDE` pixels per side.
     """
     p = Path(path)
     if p.is_dir():
@@ -1231,6 +1423,35 @@ def inversion_score(arr: np.ndarray) -> float:
     centre = band[:, int(0.45 * w) : int(0.55 * w)]
     lungs = np.concatenate([band[:, int(0.2 * w) : int(0.35 * w)].ravel(), band[:, int(0.65 * w) : int(0.8 * w)].ravel()])
     return float(np.median(centre) - np.median(lungs))
+
+
+def inversion_note(arr: np.ndarray, invert: bool = False) -> str:
+    """What to say of a frontal model input that looks inverted (:func:`inversion_score` below
+    :data:`INVERTED_SCORE`), or ``""``. A chest radiograph turned by 90° (sideways, with no header to turn it upright:
+    a PNG, a photo) scores low too, since its spine and heart run across the image: when the image's transpose scores
+    higher than the image scores low (its middle *row* is the bright band), the note says it may be sideways or
+    inverted and how to fix either; an upright inverted chest scores near 0 transposed and is called inverted. Nothing
+    is refused.
+
+    Args:
+        arr: ``(H, W)`` the model's square input, attenuation style.
+        invert: the input was inverted as asked (``--invert``).
+    """
+    score = inversion_score(arr)
+    if score >= INVERTED_SCORE:
+        return ""
+    asked = " (it was inverted as asked: --invert, 'Invert intensities')" if invert else ""
+    if inversion_score(np.ascontiguousarray(arr.T)) > -score:
+        return (f"the radiograph looks turned sideways, or inverted{asked}: its middle column is darker than the bands "
+                "beside it, while its middle row is brighter than those above and below it, as in a chest radiograph "
+                "turned by 90° (spine and heart running across). If the chest lies sideways, turn it upright (head at "
+                "the top; e.g. rotate it by 90° in an image viewer, or with 3D Slicer's Transforms module) and run it "
+                "again; if it is upright and its bones are dark, run it again "
+                f"{'without --invert' if invert else 'with --invert (in Slicer: tick Invert intensities)'}")  # fmt: skip
+    fix = ("it was inverted as asked (--invert, 'Invert intensities'): run it without" if invert else
+           "if its bones are dark, run it again with --invert (in Slicer: tick 'Invert intensities')")  # fmt: skip
+    return (f"the radiograph looks inverted (bones dark): the middle of the chest (spine, heart) is darker than the lung "
+            f"fields beside it; {fix}")  # fmt: skip
 
 
 def invert_radiograph(rad: Radiograph) -> Radiograph:
