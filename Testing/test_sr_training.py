@@ -261,7 +261,7 @@ def test_latent_training_data_passes_over_cohort_series_that_cannot_be_read(vae_
 
     write_cohort_with_unreadable_series(tmp_path / "cohort")
     train, val = load_regions([str(tmp_path / "cohort")], [], val_fraction=0.0)
-    assert [(r.name, r.z1 - r.z0) for r in train] == [("ct", 12)] and val == []
+    assert [(r.name, r.z1 - r.z0) for r in train] == [(str(Path("p1", "ct")), 12)] and val == []  # told from p2/ct
     steps = []
     files = prepare_latents([str(tmp_path / "cohort")], vae_dir, tmp_path / "lat", factors=(4,), device="cpu",
                             progress=lambda done, total, _what: steps.append((done, total)))  # fmt: skip

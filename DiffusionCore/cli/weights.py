@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 
 from ..errors import WeightsError
@@ -91,11 +92,23 @@ def _register_architecture_checks() -> None:
     from ..xray import cascade  # noqa: F401
 
 
+def _said_by_the_command(record: logging.LogRecord) -> bool:
+    """False for the registry's own "imported weights ..." line: ``weights import`` confirms the import once, on
+    stdout, with how to use the weights (the library's line is for Python callers)."""
+    return not str(record.msg).startswith("imported weights ")
+
+
 def _import(args: argparse.Namespace) -> int:
     _register_architecture_checks()
-    rw = registry.import_weights(args.file, args.name, family=args.family, description=args.description,
-                                 overwrite=args.overwrite)
-    print(f"imported {args.name} (sha256 {rw.sha256}) as {rw.path}; use it with --weights {args.name}")
+    log = logging.getLogger(registry.__name__)
+    log.addFilter(_said_by_the_command)
+    try:
+        rw = registry.import_weights(args.file, args.name, family=args.family, description=args.description,
+                                     overwrite=args.overwrite)
+    finally:
+        log.removeFilter(_said_by_the_command)
+    family = printable(args.family or rw.metadata.get("family"))
+    print(f"imported {args.name} ({family}, sha256 {rw.sha256}) as {rw.path}; use it with --weights {args.name}")
     return 0
 
 

@@ -46,6 +46,8 @@ def load_regions(
     train: Sequence[str | Path],
     val: Sequence[str | Path] = (),
     val_fraction: float = 0.2,
+    *,
+    passed_over: list[tuple[Path, str]] | None = None,
 ) -> tuple[list[VolumeRegion], list[VolumeRegion]]:
     """Read training and validation volumes as model units.
 
@@ -53,26 +55,32 @@ def load_regions(
         train: folders, files or list files of training volumes (see ``collect_volumes``).
         val: held-out volumes; when empty, the top ``val_fraction`` of each training volume's slices is
             held out (never sampled for training).
+        passed_over: where given, gets ``(path, why)`` of each volume found but passed over
+            (:func:`~DiffusionCore.inputs.readable_volumes`).
 
     Returns:
-        ``(train_regions, val_regions)``.
+        ``(train_regions, val_regions)``, each named by its volume's file or folder name, with as many parent
+        folders as tell it from the others (:func:`~DiffusionCore.train.checkpoint.volume_names`).
 
     Raises:
         InputError: no volumes found, or a volume too small to hold out a z-range.
     """
     from ..inputs import collect_volumes, readable_volumes
+    from ..train.checkpoint import volume_names
 
     if not train:
         raise InputError("no training data given: pass --data DIR_OR_LIST (or --data-dir with --train-split)")
     train_paths = collect_volumes(list(train))
     val_paths = collect_volumes(list(val)) if val else []
+    every = [*train_paths, *val_paths]
+    names = dict(zip((Path(p) for p in every), volume_names(every)))
 
     tr, va = [], []
-    for p, vol in readable_volumes(train_paths):
+    for p, vol in readable_volumes(train_paths, passed_over=passed_over):
         arr = hu_to_unit(vol.array)
         n = arr.shape[0]
         if val_paths or val_fraction <= 0:
-            tr.append(VolumeRegion(Path(p).name, arr, 0, n))
+            tr.append(VolumeRegion(names[Path(p)], arr, 0, n))
         else:
             cut = int(round(n * (1.0 - val_fraction)))
             if cut < 8 or n - cut < 8:
@@ -80,11 +88,11 @@ def load_regions(
                     f"{p} has only {n} slices: too few to hold out {val_fraction:.0%} for validation; "
                     "pass --val-data (or --val-split) with separate volumes"
                 )
-            tr.append(VolumeRegion(Path(p).name, arr, 0, cut))
-            va.append(VolumeRegion(Path(p).name + "[val]", arr, cut, n))
-    for p, vol in readable_volumes(val_paths):
+            tr.append(VolumeRegion(names[Path(p)], arr, 0, cut))
+            va.append(VolumeRegion(names[Path(p)] + "[val]", arr, cut, n))
+    for p, vol in readable_volumes(val_paths, passed_over=passed_over):
         arr = hu_to_unit(vol.array)
-        va.append(VolumeRegion(Path(p).name, arr, 0, arr.shape[0]))
+        va.append(VolumeRegion(names[Path(p)], arr, 0, arr.shape[0]))
     logger.info("training on %d volume(s), validating on %d region(s)", len(tr), len(va))
     return tr, va
 

@@ -149,9 +149,13 @@ def read_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig, *, sizes: bool
     """:func:`load_sources`, and the volumes of ``paths`` they come from: those read and used, not those passed over
     (an unreadable series or file of a folder or list, one too short to hold out test and validation slices, and with
     ``sizes`` one too small for any training plane: :func:`plane_size_problem`; :func:`load_sources` reads planes of
-    any size). ``passed_over``, where given, gets ``(path, why)`` of each one passed over."""
+    any size). ``passed_over``, where given, gets ``(path, why)`` of each one passed over. The log and the sources
+    name each volume by its file or folder name, with as many of its parent folders as tell it from the others
+    (:func:`~DiffusionCore.train.checkpoint.volume_names`: ``a/ct.nii.gz``, ``b/ct.nii.gz``)."""
     from ..inputs import readable_volumes, stops_the_run
+    from ..train.checkpoint import volume_names
 
+    names = dict(zip((Path(p) for p in paths), volume_names(paths), strict=True))
     train, val, short, used = [], [], [], []
     too_small = (lambda _p, v: plane_size_problem(v.shape, cfg)) if sizes else None
     for p, vol in readable_volumes(paths, too_small, passed_over=passed_over):
@@ -160,20 +164,20 @@ def read_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig, *, sizes: bool
             tr, va, te = split_regions(arr.shape[0], cfg.test_fraction, cfg.val_fraction)
         except InputError as exc:
             if stops_the_run(paths, p):  # a file named on the command line: the user's own choice, so it stops the run
-                raise InputError(f"{p.name}: {exc} (it needs a thin-slice CT; leave it out of --data)") from None
+                raise InputError(f"{names[p]}: {exc} (it needs a thin-slice CT; leave it out of --data)") from None
             short.append(f"{p}: {exc}")  # a series of a cohort (a scout, a few slices): passed over, as unreadable ones
             if passed_over is not None:
                 passed_over.append((Path(p), str(exc)))
             logger.warning("passed over %s: %s", p, exc)
             continue
         validation = f"validation {va[0]}-{va[1] - 1}" if va[1] > va[0] else "no validation slices"
-        logger.info("%s: train slices %d-%d, %s, test %d-%d (never read)", p.name, tr[0], tr[1] - 1, validation,
+        logger.info("%s: train slices %d-%d, %s, test %d-%d (never read)", names[p], tr[0], tr[1] - 1, validation,
                     te[0], te[1] - 1)  # fmt: skip
-        warn_slices_not_along_z(p, vol)
-        train.append(PlaneSource(p.name, arr, vol.spacing_zyx, *tr))
+        warn_slices_not_along_z(p, vol, names[p])
+        train.append(PlaneSource(names[p], arr, vol.spacing_zyx, *tr))
         used.append(p)
         if va[1] > va[0]:
-            val.append(PlaneSource(p.name + "[val]", arr, vol.spacing_zyx, *va))
+            val.append(PlaneSource(names[p] + "[val]", arr, vol.spacing_zyx, *va))
     if not train:
         raise InputError("none of the CT volumes is long enough to train on: " + "; ".join(short))
     if not val:
@@ -182,12 +186,12 @@ def read_sources(paths: list[Path], cfg: ThroughPlaneTrainConfig, *, sizes: bool
     return train, val, used
 
 
-def warn_slices_not_along_z(path: Path, vol: Any) -> None:
+def warn_slices_not_along_z(path: Path, vol: Any, name: str | None = None) -> None:
     """Warn when ``vol``'s slice axis is not its array axis 0, which training takes as the slices (its thin/thick
     pairs, and the train, validation and test regions, run along it): a volume stored sagittally or coronally, whose
     largest spacing lies along array axis 1 or 2 (:func:`~DiffusionCore.volume.thick_axis`). Training goes on: its
     in-plane pairs still teach, but its pairs "along z" are in-plane ones and its held-out regions are a side of the
-    body, not a range of slices."""
+    body, not a range of slices. ``name``: how the warning names the volume (default: its file or folder name)."""
     from ..volume import thick_axis
 
     axis = thick_axis(vol)
@@ -198,7 +202,7 @@ def warn_slices_not_along_z(path: Path, vol: Any) -> None:
         "%s: its voxels are %.3g x %.3g x %.3g mm (array axes z, y, x): the slices are along array axis %s (%.3g mm "
         "apart), not z, which training takes as the slice axis, so its pairs along z and its validation and test "
         "regions run across the body instead; store it with its slices along z (e.g. resample it in 3D Slicer) or "
-        "leave it out", path.name, z, y, x, "zyx"[axis], vol.spacing_zyx[axis])  # fmt: skip
+        "leave it out", name or path.name, z, y, x, "zyx"[axis], vol.spacing_zyx[axis])  # fmt: skip
 
 
 def plane_size_problem(shape: tuple[int, ...], cfg: ThroughPlaneTrainConfig) -> str:
@@ -508,6 +512,7 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
     why (summary.json lists them)."""
     from ..train.checkpoint import (
         load_training_state,
+        passed_over_record,
         save_training_state,
         volume_names,
         volume_record,
@@ -682,7 +687,7 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
         "init_from": init_from,
         "validation_at_start": at_start,  # the --init-from weights' scores ({} for a run from scratch)
         "data": volume_names(trained_on),  # every stretch's volumes, this one's last
-        "passed_over": [{"volume": str(p), "why": why} for p, why in passed_over or []],  # found, not used: this stretch
+        "passed_over": passed_over_record(passed_over),  # found, not used: this stretch
     }
     if info.distributed:
         summary["this_run"]["processes"] = info.world_size

@@ -311,10 +311,31 @@ def _fit(
     return result
 
 
-def _regions(cfg: SRConfig, data: Any) -> tuple[list[VolumeRegion], list[VolumeRegion]]:
+def _regions(cfg: SRConfig, data: Any, passed_over: list[tuple[Path, str]] | None = None
+             ) -> tuple[list[VolumeRegion], list[VolumeRegion]]:  # fmt: skip
     t = cfg.train
     train_data = t.data if data is None else ([data] if isinstance(data, str | os.PathLike) else list(data))
-    return load_regions([str(d) for d in train_data], [str(v) for v in t.val_data], t.val_fraction)
+    return load_regions([str(d) for d in train_data], [str(v) for v in t.val_data], t.val_fraction,
+                        passed_over=passed_over)  # fmt: skip
+
+
+def _summarise(result: dict[str, Any], out: Path, regions: list[VolumeRegion],
+               passed_over: list[tuple[Path, str]]) -> None:  # fmt: skip
+    """Write ``out/summary.json``: ``result``, the volumes trained on (``data``: their names, as the log gives them)
+    and those found but passed over, and why (``passed_over``: ``{"volume", "why"}`` each, as train throughplane
+    lists them). ``result`` gets ``passed_over`` too (the command prints it); the exported weights say only how many
+    (:func:`export_sr`'s ``training``)."""
+    from ..files import write_json_atomic
+    from ..train.checkpoint import passed_over_record
+
+    result["passed_over"] = passed_over_record(passed_over)
+    write_json_atomic({**result, "data": [r.name for r in regions]}, out / "summary.json")
+
+
+def _training_record(regions: list[VolumeRegion], passed_over: list[tuple[Path, str]]) -> dict[str, int]:
+    """What exported weights say of a run's data: how many volumes it trained on and passed over, never their names
+    (a user's file and folder names often hold a patient's name; ``summary.json`` keeps them)."""
+    return {"volumes": len(regions), "passed_over": len(passed_over)}
 
 
 def _to_tensor(arr: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -375,7 +396,8 @@ def train_vae(
     torch.manual_seed(t.seed)
     vae = build_checked(lambda: CTAutoencoderKL(cfg.vae), "the SR autoencoder")
     _check_patch(cfg, vae.downsample)
-    train_r, val_r = _regions(cfg, data)
+    passed_over: list[tuple[Path, str]] = []
+    train_r, val_r = _regions(cfg, data, passed_over)
     run = _Run(cfg, out_dir, cancel)
     try:
         if t.channels_last:
@@ -427,7 +449,9 @@ def train_vae(
             restore_extra=lambda extra: None,
         )
         if run.info.is_main:  # also after a stop (STOP file, SIGTERM, Ctrl-C): the checkpoint just written
-            result.update(_export_best(run.out, Path(run.out) / VAE_EXPORT, component="vae"))
+            result.update(_export_best(run.out, Path(run.out) / VAE_EXPORT, component="vae",
+                                       training=_training_record(train_r, passed_over)))  # fmt: skip
+            _summarise(result, run.out, train_r, passed_over)
         run.completed = True
         return result
     finally:
@@ -567,10 +591,11 @@ def train_sr(
         latent_pairs = load_latent_dir(t.latent_dir, t.val_fraction, hold_out=not t.val_data)
     train_r: list[VolumeRegion] = []
     val_r: list[VolumeRegion] = []
+    passed_over: list[tuple[Path, str]] = []
     if latent_pairs is None or data is not None or t.data:
-        train_r, val_r = _regions(cfg, data)
+        train_r, val_r = _regions(cfg, data, passed_over)
     elif t.val_data:
-        val_r, _ = load_regions([str(v) for v in t.val_data], [], 0.0)
+        val_r, _ = load_regions([str(v) for v in t.val_data], [], 0.0, passed_over=passed_over)
     else:
         logger.warning("no image data for validation: best-checkpoint selection falls back to the latest")
     run = _Run(cfg, out_dir, cancel)
@@ -691,7 +716,9 @@ def train_sr(
         if val and run.info.is_main:
             result["cubic_psnr"] = psnr_hu(np.stack([v[0] for v in val]), np.stack([v[1] for v in val]))
         if run.info.is_main:  # also after a stop (STOP file, SIGTERM, Ctrl-C): the checkpoint just written
-            result.update(_export_best(run.out, Path(run.out) / SR_EXPORT, component="sr"))
+            result.update(_export_best(run.out, Path(run.out) / SR_EXPORT, component="sr",
+                                       training=_training_record(train_r, passed_over)))  # fmt: skip
+            _summarise(result, run.out, train_r, passed_over)
         run.completed = True
         return result
     finally:
@@ -728,19 +755,30 @@ def _latent_statistics(
 
 # ---------------------------------------------------------------------------------------------- export
 def export_sr(
-    ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, component: str = "sr"
+    ckpt_dir: str | os.PathLike, out_file: str | os.PathLike, component: str = "sr",
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write inference weights from a training checkpoint (or a training folder: its best, else latest).
+
+    The file's config names none of the run's files or folders (:data:`RECORDED_PATHS`, ``init_from``: emptied, as
+    :func:`~DiffusionCore.train.checkpoint.public_config` does); the checkpoint and ``summary.json`` keep them.
 
     Args:
         ckpt_dir: ``checkpoint-XXXXXXXX`` folder or a ``train vae`` / ``train sr`` output folder.
         out_file: the ``.safetensors`` file to write (atomically).
         component: ``"sr"`` (VAE + denoiser), ``"vae"`` or ``"diffusion"``.
+        training: what the file says of the run's data (its metadata's ``training``: counts, never names).
 
     Returns:
         ``{"weights": path, "weights_sha256": sha, "checkpoint": folder}``.
     """
-    from ..train.checkpoint import find_best, find_latest, load_training_state, read_checkpoint_info
+    from ..train.checkpoint import (
+        find_best,
+        find_latest,
+        load_training_state,
+        public_config,
+        read_checkpoint_info,
+    )
     from ..train.ema import load_checkpoint_averages
 
     p = Path(ckpt_dir)
@@ -749,7 +787,7 @@ def export_sr(
         raise InputError(f"no checkpoint in {ckpt_dir}: train first (train vae / train sr)")
     info = read_checkpoint_info(ckpt)
     _refuse_throughplane_run(Path(ckpt), info)
-    cfg = load_config(info.get("config", {}), SRConfig)
+    cfg = load_config(public_config(info.get("config", {}), [*RECORDED_PATHS, "train.init_from"]), SRConfig)
     model = SRModel(cfg)
     names = info.get("models", [])
     models = {"vae": model.vae}
@@ -768,6 +806,7 @@ def export_sr(
             "step": state["step"], "source_checkpoint": Path(ckpt).name,
             "description": ("CT super-resolution VAE" if component == "vae" else "CT super-resolution, latent diffusion")
             + f", trained with train {'vae' if component == 'vae' else 'sr'} for {state['step']} steps",
+            **({"training": training} if training is not None else {}),
         },
     )
     logger.info("exported %s (%s) from %s", out_file, sha[:12], ckpt)
@@ -794,8 +833,9 @@ def _refuse_throughplane_run(ckpt: Path, info: dict[str, Any]) -> None:
                      "exports train sr / train vae checkpoints")  # fmt: skip
 
 
-def _export_best(out_dir: Path, out_file: Path, component: str) -> dict[str, Any]:
-    return export_sr(out_dir, out_file, component)
+def _export_best(out_dir: Path, out_file: Path, component: str, training: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:  # fmt: skip
+    return export_sr(out_dir, out_file, component, training)
 
 
 def describe(cfg: SRConfig) -> dict[str, Any]:

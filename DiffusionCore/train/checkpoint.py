@@ -897,6 +897,27 @@ def volume_names(paths: Sequence[str | os.PathLike]) -> list[str]:
     return names
 
 
+def passed_over_record(passed_over: Sequence[tuple[str | os.PathLike, str]] | None) -> list[dict[str, str]]:
+    """The volumes a run found but did not use, as its ``summary.json`` lists them: ``{"volume": path, "why": reason}``
+    each. The paths are the user's (a folder may name a patient): they stay in the run folder, and exported weights say
+    only how many (:func:`public_config`)."""
+    return [{"volume": str(p), "why": str(why)} for p, why in passed_over or ()]
+
+
+def public_config(config: Mapping[str, Any], paths: Sequence[str]) -> dict[str, Any]:
+    """``config`` (a config as a dict) as an exported weights file records it: the settings ``paths`` names
+    (``"train.data"``: a section and a key) that hold the user's files and folders emptied, as their type has it (a
+    list ``[]``, a path ``""``), so that the file still loads as the config and names no patient's folder. The run
+    folder's ``summary.json`` and checkpoints keep them."""
+    out = json.loads(json.dumps(config, default=str))
+    for dotted in paths:
+        section, _, key = dotted.rpartition(".")
+        where = out.get(section) if section else out
+        if isinstance(where, dict) and where.get(key):
+            where[key] = [] if isinstance(where[key], list) else ""
+    return out
+
+
 def log_volumes_used(found: Sequence[str | os.PathLike], used: Sequence[str | os.PathLike]) -> None:
     """Say in one line how many of the volumes ``found`` a run trains on (``used``: those read and kept) and which it
     passed over (each was warned of with its reason as it was read); nothing when it uses them all."""
