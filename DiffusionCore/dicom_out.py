@@ -5,9 +5,14 @@ SeriesDescription ending in the run's title (``"SR x4 (synthetic)"``), ImageComm
 was generated, a DerivationDescription naming the model, the weights' sha256, the input's UID and the settings,
 and a Source Image Sequence pointing at the input instances.
 
-Identity: a new SeriesInstanceUID and new SOPInstanceUIDs (pydicom's UID root); the patient and study
-modules of the input (a CT series for ``sr``, the radiograph for ``xray2ct``) and its de-identification flags; for
-``sr`` also the input's FrameOfReferenceUID, since the thin grid lies in the same patient space. Without a DICOM input
+Identity: a new SeriesInstanceUID and new SOPInstanceUIDs under the site's UID root (``$DIFFUSIONCORE_UID_ROOT``,
+:func:`uid_root`; else pydicom's); the patient and study modules of the input (a CT series for ``sr``, the radiograph
+for ``xray2ct``) and its de-identification flags (PatientIdentityRemoved, DeidentificationMethod and its code
+sequence, LongitudinalTemporalInformationModified: a de-identified input's shifted dates stay marked shifted); for
+``sr`` also the input's FrameOfReferenceUID, since the thin grid lies in the same patient space, and its Laterality
+when it names a side (R or L: the thin series is of the same side). Else Laterality is absent when the series'
+BodyPartExamined (the input CT's, ``sr``) is an unpaired body part (:data:`UNPAIRED_BODY_PARTS`), and empty (its side
+unknown) when it names none or a paired one. Without a DICOM input
 (a NIfTI CT), the patient module stays empty and the study is new. The header is taken from a slice that was read, not
 from a localizer left out of the series. The SeriesNumber is the one asked for, else derived from the input's
 (:func:`derived_series_number`). The comments name the input by its file or folder name only, never its full path (a
@@ -17,7 +22,13 @@ Replacing (``overwrite``) is for a series this module wrote only: every file's h
 ``CTDiffusion``, ImageComments ``SYNTHETIC ...``); a folder of any other DICOM files is refused, naming what it holds.
 
 InstanceNumber runs 1, 2, ... along the slices the way the input's own numbers run (head first or feet first), so a
-viewer that sorts by number shows the result the way it shows its input.
+viewer that sorts by number shows the result the way it shows its input; each file is named by its InstanceNumber
+(``00001.dcm`` holds InstanceNumber 1), so a listing of the folder is in the same order.
+
+Dates and times: the series' own (SeriesDate, ContentDate, ...) are the run's time in local time. The input's
+TimezoneOffsetFromUTC is copied when it has one; an input without one gets none either (the offset would hold for the
+StudyDate and StudyTime copied from it too, and reinterpret them), its times taken as this computer's local time; a
+series with no DICOM input (nothing copied) gets this computer's offset.
 
 Geometry: ImagePositionPatient of each slice (LPS, oblique grids too), ImageOrientationPatient,
 PixelSpacing, SliceThickness and SpacingBetweenSlices (along the slices' normal) of the written grid. A
@@ -32,7 +43,9 @@ beyond that clipped to -32768..32767 HU, with a warning that counts the clipped 
 
 The input's slice thickness and what it means for the result (an overlapping or interspaced input,
 :attr:`~DiffusionCore.provenance.Provenance.input_slice_note`) end the ImageComments and are in the
-DerivationDescription; SliceThickness and SpacingBetweenSlices are the written grid's (the thin slices' spacing).
+DerivationDescription; before them, the run's notes that qualify the result
+(:attr:`~DiffusionCore.provenance.Provenance.notes`: a shoulder radiograph gave a chest-like volume) as
+``Caveat: ...``; SliceThickness and SpacingBetweenSlices are the written grid's (the thin slices' spacing).
 
 The series is written into a hidden folder beside the output (``.NAME.PID.XXXXXXXX.partial``) and renamed into
 place, with the permissions of any folder the user creates (umask), when every file is written, so a failed or
@@ -78,9 +91,20 @@ _PATIENT_STUDY_KEYWORDS = (
     "PatientSize", "PatientWeight", "OtherPatientIDs", "EthnicGroup", "PatientComments",
     "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
     "StudyDescription", "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "LongitudinalTemporalInformationModified",
 )  # fmt: skip
 #: Series-level attributes of an input CT that still describe the thin series (copied for super-resolution only).
 _SERIES_KEYWORDS = ("PatientPosition", "BodyPartExamined", "KVP", "ConvolutionKernel", "ContrastBolusAgent")
+#: BodyPartExamined values (DICOM CID 4031) of unpaired body parts, of which a series has no Laterality: the ones
+#: dciodvfy also takes as unpaired. Of any other body part, or none named, the side is unknown and Laterality is empty.
+UNPAIRED_BODY_PARTS = frozenset((
+    "ABDOMEN", "ABDOMENPELVIS", "AORTA", "BLADDER", "BRAIN", "CERVIX", "CHEST", "CHESTABDOMEN", "CHESTABDPELVIS",
+    "COCCYX", "COLON", "CSPINE", "CTSPINE", "DUODENUM", "ESOPHAGUS", "FACE", "GALLBLADDER", "HEAD", "HEADNECK",
+    "HEART", "JAW", "LARYNX", "LIVER", "LSPINE", "LSSPINE", "MEDIASTINUM", "MOUTH", "NECK", "NECKCHEST",
+    "NECKCHESTABDOMEN", "NECKCHESTABDPELV", "NOSE", "PANCREAS", "PELVIS", "PHARYNX", "PROSTATE", "RECTUM", "SKULL",
+    "SPINE", "SPLEEN", "SSPINE", "STERNUM", "STOMACH", "THYROID", "TLSPINE", "TONGUE", "TRACHEA", "TSPINE", "UTERUS",
+    "WHOLEBODY",
+))  # fmt: skip
 #: The SpecificCharacterSet of every written series: UTF-8. Its descriptions name nodes and files in any script
 #: (e.g. "Thorax Müller 胸部"), which an input's Latin-1 (ISO_IR 100) could not hold: pydicom wrote "?" instead.
 CHARACTER_SET = "ISO_IR 192"
@@ -95,6 +119,49 @@ DEFAULT_WINDOW = (40.0, 400.0)
 #: first; the second is the mediastinum window a CT series usually has. (A radiograph's own window is in its pixel
 #: units, so it is never copied.)
 SYNTHETIC_CT_WINDOWS = ((-300.0, 1500.0, "LUNG AND SOFT TISSUE"), (40.0, 400.0, "MEDIASTINUM"))
+
+
+#: Environment variable naming the site's own UID root (an organisation's registered root, e.g. ``1.2.840.99999.5.``):
+#: the written series' SeriesInstanceUID, SOPInstanceUIDs and any new Study or Frame of Reference UID start with it.
+UID_ROOT_ENV = "DIFFUSIONCORE_UID_ROOT"
+#: The longest UID root: the rest of a UID's 64 characters are random digits, at least 32 of them (over 100 bits), so
+#: that UIDs generated on many computers under one root do not collide.
+UID_ROOT_MAX = 32
+_UID_ROOT = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
+
+
+def uid_root() -> str:
+    """The root of the UIDs a written series gets: ``$DIFFUSIONCORE_UID_ROOT`` (a hospital's registered root; a final
+    dot is added when it has none), else pydicom's (``1.2.826.0.1.3680043.8.498.``). A PACS may accept only UIDs
+    under its site's root, and a UID under pydicom's root says nothing of who made the series.
+
+    Raises:
+        ConfigError: the variable is set to something that is no UID root (digits and dots, no component with a
+            leading zero, at most :data:`UID_ROOT_MAX` characters).
+    """
+    from pydicom.uid import PYDICOM_ROOT_UID
+
+    value = os.environ.get(UID_ROOT_ENV, "").strip()
+    if not value:
+        return PYDICOM_ROOT_UID
+    root = value if value.endswith(".") else value + "."
+    if not _UID_ROOT.match(root):
+        raise ConfigError(f"environment variable {UID_ROOT_ENV}: {value!r} is no UID root: give your organisation's "
+                          "registered root, digits separated by dots with no leading zeros (e.g. 1.2.840.99999.5), "
+                          f"or unset {UID_ROOT_ENV} to use pydicom's")  # fmt: skip
+    if len(root) > UID_ROOT_MAX:
+        raise ConfigError(f"environment variable {UID_ROOT_ENV}: {value!r} is {len(root)} characters long (with its "
+                          f"final dot); a UID root may have at most {UID_ROOT_MAX}, so that the UIDs made from it (64 "
+                          "characters at most) keep enough random digits to be unique: use a shorter root (a "
+                          f"sub-root of your organisation's), or unset {UID_ROOT_ENV} to use pydicom's")  # fmt: skip
+    return root
+
+
+def new_uid() -> str:
+    """A new UID under :func:`uid_root`."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(prefix=uid_root()))
 
 
 def _pydicom():
@@ -470,7 +537,8 @@ def local_date_time(iso: str, offset: str = "") -> tuple[Any, Any, str]:
     as UTC; an empty or unreadable one is now) in local time, with the TimezoneOffsetFromUTC that says which: DA and TM
     are local times, so a UTC clock written as they are put a series made in Tokyo at 01:38 on the previous day at
     16:38. Local is this computer's zone, or ``offset`` (``"+0900"``, the input's TimezoneOffsetFromUTC), which then
-    holds for the study's dates and times copied from the input as well."""
+    holds for the study's dates and times copied from the input as well. The offset returned is the zone's; whether
+    it is written is :func:`_base_dataset`'s choice (not for a DICOM input that gives none)."""
     _pydicom()
     from pydicom.valuerep import DA, DT, TM
 
@@ -486,6 +554,12 @@ def local_date_time(iso: str, offset: str = "") -> tuple[Any, Any, str]:
         zone = None
     local = when.astimezone(zone).replace(microsecond=0)
     return DA(local.date()), TM(local.time()), local.strftime("%z")
+
+
+def _valid_offset(value: Any) -> str:
+    """A TimezoneOffsetFromUTC of an input (``"+0900"``), or ``""`` when it has none or one DICOM cannot read."""
+    text = _text(value).strip()
+    return text if re.fullmatch(r"[+-](0\d|1[0-4])[0-5]\d", text) else ""
 
 
 _AGE = re.compile(r"^\s*0*(\d{1,3})\s*([DWMY])\s*$", re.I)
@@ -525,7 +599,6 @@ def _base_dataset(
     """The attributes shared by every slice, and the UIDs of the new series (written into ``folder``)."""
     _pydicom()
     from pydicom.dataset import Dataset
-    from pydicom.uid import generate_uid
 
     ds = Dataset()
     src = source.header if source is not None else None
@@ -535,10 +608,17 @@ def _base_dataset(
         if prov.task == "sr" and src.get("Modality") == "CT":  # not a CT generated from a topogram, whose
             for kw in _SERIES_KEYWORDS:  # kVp and kernel are the scout's, not the generated volume's
                 _copy_valid(src, ds, kw)
+            if _text(src.get("Laterality")).strip().upper() in ("R", "L"):  # the same side of a paired body part
+                ds.Laterality = _text(src.get("Laterality")).strip().upper()
+    # Laterality (type 2C): absent for an unpaired body part (dciodvfy warned on every file of an empty one); empty,
+    # its side unknown, where no body part is named (a radiograph's is never copied: its side is not the side of the
+    # chest-like CT made from it) or a paired one without a side: dciodvfy reports an absent one there as an error
+    if "Laterality" not in ds and _text(ds.get("BodyPartExamined")).strip().upper() not in UNPAIRED_BODY_PARTS:
+        ds.Laterality = ""
     uids = {
-        "series": generate_uid(),
-        "study": str(ds.get("StudyInstanceUID", "")) or generate_uid(),
-        "frame": (str(src.get("FrameOfReferenceUID", "")) if (keep_frame and src is not None) else "") or generate_uid(),
+        "series": new_uid(),
+        "study": str(ds.get("StudyInstanceUID", "")) or new_uid(),
+        "frame": (str(src.get("FrameOfReferenceUID", "")) if (keep_frame and src is not None) else "") or new_uid(),
     }
     ds.SpecificCharacterSet = CHARACTER_SET
     for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -555,20 +635,22 @@ def _base_dataset(
     ds.SeriesDescription = series_description(source, prov.title)
     if "PatientPosition" not in ds:
         ds.PatientPosition = ""  # type 2C for CT: unknown for a CT made from a radiograph
-    date, clock, offset = local_date_time(prov.date, str(src.get("TimezoneOffsetFromUTC", "")) if src else "")
+    input_offset = _valid_offset(src.get("TimezoneOffsetFromUTC")) if src is not None else ""
+    date, clock, offset = local_date_time(prov.date, input_offset)
     ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
     ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = clock
-    ds.TimezoneOffsetFromUTC = offset
+    if src is None or input_offset:  # one offset holds for every date and time of the instance, the study's copied too
+        ds.TimezoneOffsetFromUTC = offset
     ds.Manufacturer = SOFTWARE
     ds.ManufacturerModelName = f"{SOFTWARE} {prov.task}"
     ds.SoftwareVersions = __version__
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-    ds.Laterality = ""  # type 2C: empty, the series is not of one side of a paired organ
     ds.DerivationDescription = _ds_text(prov.derivation(), 1024)
     slices = f" {prov.input_slices()}" if prov.input_slices() else ""  # e.g. 10 mm slices every 5 mm: said to a reader
+    caveats = f" {prov.caveats()}" if prov.caveats() else ""  # e.g. a shoulder radiograph gave a chest-like volume
     ds.ImageComments = _ds_text(
         f"SYNTHETIC: {NOT_ACQUIRED}. {prov.title} from {input_name(prov.input) or 'the input'} by {prov.software}, "
-        f"weights {prov.weights} (sha256 {prov.weights_sha256}).{slices}", 10240,
+        f"weights {prov.weights} (sha256 {prov.weights_sha256}).{caveats}{slices}", 10240,
     )  # fmt: skip
     if "KVP" not in ds:
         ds.KVP = ""
@@ -637,7 +719,7 @@ def write_dicom_series(
     if series_number is not None:
         check_series_number(series_number)
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
 
     out = check_dicom_output(folder, overwrite=overwrite)
     d = check_dicom_geometry(vol)
@@ -663,7 +745,7 @@ def write_dicom_series(
         tmp = partial_folder(out)  # inside the try: a folder the system refuses (EPERM, ENOSPC) is said as such
         for k in range(nz):
             ds = base.copy()
-            ds.SOPInstanceUID = generate_uid()
+            ds.SOPInstanceUID = new_uid()
             ds.InstanceNumber = numbers[k]
             ds.ImagePositionPatient = [_fmt(v) for v in positions[k]]
             ds.ImageOrientationPatient = orientation
@@ -686,7 +768,7 @@ def write_dicom_series(
             meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.file_meta = meta
-            ds.save_as(tmp / f"{k + 1:05d}.dcm", enforce_file_format=True)
+            ds.save_as(tmp / f"{numbers[k]:05d}.dcm", enforce_file_format=True)  # 00001.dcm: InstanceNumber 1
         _publish_folder(tmp, out)
     except OSError as exc:
         raise OutputError(f"could not write the DICOM series {out}: {_write_failure_reason(out, pixels.nbytes, exc)}"
@@ -778,6 +860,7 @@ def check_dicom_output(folder: str | os.PathLike, *, overwrite: bool = False) ->
     new, empty, or (with ``overwrite``) a series written here before (:func:`folder_holdings`: every file's header
     says so). Never deletes anything else, whatever ``overwrite`` says."""
     out = Path(folder)
+    uid_root()  # a bad $DIFFUSIONCORE_UID_ROOT is said before any work, not after the model ran
     check_name_length(out)  # the folder's name and its temporary folder's: ENAMETOOLONG said as such
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():

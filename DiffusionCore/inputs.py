@@ -131,12 +131,27 @@ def _not_a_ct_series(dicom_files: Iterable[Path]) -> str:
 _LOCALIZERS = "CT localizers (topograms or scouts)"
 
 
+#: Why the search of a folder left out its files that are neither a volume file nor DICOM (a folder holding no DICOM).
+NOT_VOLUME_FILES = "files that are no CT volume (not NIfTI, NRRD, MetaImage or DICOM)"
+
+
 class _Scan:
     """What a search for volumes keeps across the folders and list files it goes through."""
 
     def __init__(self) -> None:
         self.skipped: list[tuple[Path, str]] = []  # DICOM folders that hold no CT series, and why
         self.searched: dict[str, Path] = {}  # real path of each folder searched -> the path it was searched by
+        self.left_out: dict[tuple[Path, str], list[Path]] = {}  # (folder, why) -> the files it did not take
+
+    def leave_out(self, folder: Path, why: str, files: list[Path]) -> None:
+        if files:
+            self.left_out.setdefault((folder, why), []).extend(files)
+
+    def left_out_report(self) -> list[dict[str, Any]]:
+        """What the search did not take for a volume: ``{"folder", "why", "files", "first"}`` per folder and kind (as
+        ``xray2ct``'s search reports what it passed over)."""
+        return [{"folder": str(folder), "why": why, "files": len(files), "first": files[0].name}
+                for (folder, why), files in self.left_out.items()]  # fmt: skip
 
 
 def walk_folder(folder: Path, searched: dict[str, Path]) -> Iterator[tuple[Path, list[Path]]]:
@@ -161,17 +176,31 @@ def walk_folder(folder: Path, searched: dict[str, Path]) -> Iterator[tuple[Path,
         yield root_path, [root_path / n for n in sorted(files) if not n.startswith(".")]
 
 
+def _not_volume_files(paths: list[Path]) -> list[Path]:
+    """The files of ``paths`` (one folder's) that are no volume file, nor the voxels of a detached header among them
+    (``a.mhd``'s ``a.raw``, an ``.nhdr``'s ``.raw.gz``: :func:`~DiffusionCore.files.detached_data_files`)."""
+    from .files import detached_data_files
+
+    others = [p for p in paths if not is_volume_file(p)]
+    if not others:
+        return []
+    data = {str(f) for p in paths if _suffix(p) in (".nhdr", ".mhd") for f in detached_data_files(p)}
+    return [p for p in others if str(p) not in data]
+
+
 def _scan_folder(folder: Path, scan: _Scan) -> list[Path]:
     found: list[Path] = []
     for root_path, paths in walk_folder(folder, scan.searched):
         found.extend(p for p in paths if is_volume_file(p))
         dicom = (p for p in paths if not is_volume_file(p) and is_dicom_file(p))  # read lazily: few are needed
         first = next(dicom, None)
-        if first is None:
+        if first is None:  # every file was looked at: those that are no volume file are no DICOM file either
+            scan.leave_out(root_path, NOT_VOLUME_FILES, _not_volume_files(paths))
             continue
         why = _not_a_ct_series(itertools.chain([first], dicom))
         if why:
             scan.skipped.append((root_path, why))  # said once the scan is over: in the error, if nothing is left
+            scan.leave_out(root_path, f"DICOM files of no CT series ({why})", _not_volume_files(paths))
             continue
         found.append(root_path)
     return found
@@ -381,13 +410,19 @@ def stops_the_run(paths: Iterable[str | os.PathLike], path: str | os.PathLike) -
 
 
 def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike],
-                    searched: dict[str, Path] | None = None) -> VolumePaths:
+                    searched: dict[str, Path] | None = None, *,
+                    left_out: list[dict[str, Any]] | None = None) -> VolumePaths:
     """All CT volumes named by ``data`` (folder, list file, volume file, or a list of these).
 
     Args:
         data: see the module docstring.
         searched: filled, when given, with the real path of every folder searched -> the path it was searched by
             (those a list file names too), for a caller that must keep its outputs out of them.
+        left_out: extended, when given, with what the search of the folders did not take for a volume, for a batch's
+            report: ``{"folder", "why", "files", "first"}`` per folder and kind (``files``: how many, ``first``: the
+            first one's name): the files of a folder holding no DICOM that are no volume file (:data:`NOT_VOLUME_FILES`:
+            a ``README.txt``, pictures), and the DICOM folders holding no CT series. Not the files beside a DICOM
+            series that are no DICOM (telling them would read every slice's header), nor hidden ones.
 
     Returns:
         Volume files and DICOM series folders, without duplicates; folder contents sorted by path, list
@@ -415,6 +450,8 @@ def collect_volumes(data: str | os.PathLike | Iterable[str | os.PathLike],
             named.add(p)
     unique = VolumePaths(dict.fromkeys(found))
     unique.named = frozenset(named)
+    if left_out is not None:
+        left_out.extend(scan.left_out_report())
     skipped = scan.skipped
     if not unique:
         if len(items) == 1 and skipped == [(p, _LOCALIZERS)]:  # the folder given is a scout series: say just that

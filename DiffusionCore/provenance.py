@@ -11,6 +11,11 @@ One :class:`Provenance` travels with every result and is written into whatever f
   (``result.nii.gz`` -> ``result.json``, :func:`sidecar_path`);
 - the ``--report`` JSON: the ``provenance`` object (:meth:`Provenance.as_dict`).
 
+The files that travel with the volume (DICOM, NRRD / MetaImage, NIfTI and its sidecar) name the input by its file or
+folder name only (:func:`input_name`), with its sha256 and DICOM UID, which identify it without the folders it lay
+in: a hospital's folder names often hold patients' names or record numbers, and a result is shared with students,
+colleagues, a PACS. Only the ``--report`` JSON, the local record of a run that the user asks for, holds its full path.
+
 Besides the version number (which does not change with every commit), each record holds the run's ``environment``
 (:func:`environment`): the git commit of the source when it runs from a checkout, torch, Python, the platform and,
 on a GPU, its name; results depend on all of them.
@@ -91,7 +96,8 @@ class Provenance:
         weights: the weights' registered name or file.
         weights_sha256: their sha256.
         settings: the run's settings (factor, steps, seed, ...), JSON-serialisable.
-        input: the input's path.
+        input: the input's path as the run named it (the ``--report`` JSON holds it); the files beside the volume
+            record only its name (:func:`input_name`), so a record read back from one holds that name.
         input_uid: the input DICOM series (SR) or instance (radiograph) UID, when the input is DICOM.
         input_sha256: the input's content digest (``Volume.content_sha256``, ``Radiograph.content_sha256``: the
             voxels as read and their grid), the same whatever file or format held them; ``""`` when not recorded.
@@ -104,6 +110,10 @@ class Provenance:
         input_slice_note: what that thickness means for the result, when it is not the spacing (an overlapping or
             interspaced series: :func:`~DiffusionCore.degrade.slab_thickness_note`, the warning the run gave);
             ``""`` otherwise.
+        notes: what the run warned that qualifies the result itself (:func:`result_caveats` of a report's notes:
+            an X-ray to CT result of a shoulder radiograph is a chest-like volume, not a CT of the shoulder), said
+            wherever the result goes (DICOM ImageComments, header fields, sidecar), not only in the run's log;
+            ``[]`` when there is none.
     """
 
     task: str
@@ -118,6 +128,7 @@ class Provenance:
     environment: dict[str, str] | None = None
     input_slice_thickness_mm: float | None = None
     input_slice_note: str = ""
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.environment is None:
@@ -143,6 +154,7 @@ class Provenance:
             "input_sha256": self.input_sha256,
             "input_slice_thickness_mm": self.input_slice_thickness_mm,
             "input_slice_note": self.input_slice_note,
+            "notes": list(self.notes),
             "date": self.date,
         }
 
@@ -158,25 +170,80 @@ class Provenance:
         note = f": {self.input_slice_note}" if self.input_slice_note else ""
         return f"Input slices {self.input_slice_thickness_mm:g} mm thick{apart}{note}."
 
+    def caveats(self) -> str:
+        """The :attr:`notes` in words for a reader (``"Caveat: the result is a chest-like volume, ...."``), or ``""``:
+        what a DICOM series' ImageComments says of the result besides that it is synthetic."""
+        return " ".join(f"Caveat: {note.strip().rstrip('.')}." for note in self.notes if note.strip())
+
     def derivation(self, limit: int = 1024) -> str:
-        """One paragraph for DICOM's DerivationDescription (at most ``limit`` characters)."""
-        settings = json.dumps(self.settings, sort_keys=True, separators=(",", ":"), default=str)
-        uid = (
-            f"input UID {self.input_uid}; " if self.input_uid else ""
-        )  # before the settings: a cut ends those
-        uid += f"input sha256 {self.input_sha256}; " if self.input_sha256 else ""
+        """One paragraph for DICOM's DerivationDescription (an ST: at most ``limit`` characters).
+
+        What a rerun needs comes first and is never cut: the title, software and task, the weights' name and sha256,
+        the input's UID, sha256 and slice thickness, then the settings as one line of JSON with every key (a cut
+        ended the settings mid-JSON and lost ``torch_threads``, which a bit-identical rerun needs). The
+        :func:`environment` comes last and is shortened first when the text is too long, each step said in words,
+        never cut mid-value (:meth:`_environment_tail`). Only when the settings alone are too long are their last
+        keys left out, whole, with how many (the ``--report`` JSON and the NRRD / NIfTI records keep them all)."""
+        head = f"{self.title} by {self.software} ({self.task}); weights {self.weights} sha256 {self.weights_sha256}; "
+        head += f"input UID {self.input_uid}; " if self.input_uid else ""
+        head += f"input sha256 {self.input_sha256}; " if self.input_sha256 else ""
         if self.input_slice_thickness_mm:
-            uid += f"input slice thickness {self.input_slice_thickness_mm:g} mm; "
-        env = f"environment {_compact(self.environment)}; " if self.environment else ""
-        text = (f"{self.title} by {self.software} ({self.task}); weights {self.weights} sha256 "
-                f"{self.weights_sha256}; {uid}{env}settings {settings}")  # fmt: skip
-        return text if len(text) <= limit else text[: limit - 3] + "..."
+            head += f"input slice thickness {self.input_slice_thickness_mm:g} mm; "
+        text = f"{head}settings {_compact(self.settings)}"
+        for tail in self._environment_tail():
+            if len(text) + len(tail) <= limit:
+                return text + tail
+        # the settings alone are too long: whole keys from the end are left out, and how many is said
+        dropped_marker = "; environment left out" if self.environment else ""
+        keys = sorted(self.settings)
+        for kept in range(len(keys) - 1, -1, -1):
+            part = _compact({k: self.settings[k] for k in keys[:kept]})
+            text = f"{head}settings {part} ({len(keys) - kept} more settings left out: too long){dropped_marker}"
+            if len(text) <= limit:
+                return text
+        return text[: limit - 3] + "..."  # a head longer than the limit (a weights name of ~900 characters)
+
+    def _environment_tail(self) -> list[str]:
+        """The endings of :meth:`derivation`, longest first: the whole environment; without ``modified``'s file list
+        (its count kept: the code was edited); also without ``platform``; none (``"environment left out"``). What a
+        shortened one leaves out is said in brackets after it."""
+        env = dict(self.environment or {})
+        if not env:
+            return [""]
+        tails = [f"; environment {_compact(env)}"]
+        dropped = []
+        if ":" in env.get("modified", ""):
+            env["modified"] = env["modified"].split(":", 1)[0]
+            dropped.append("modified's file list")
+            tails.append(f"; environment {_compact(env)} ({', '.join(dropped)} left out: too long)")
+        if env.pop("platform", None):
+            dropped.append("platform")
+            tails.append(f"; environment {_compact(env)} ({', '.join(dropped)} left out: too long)")
+        return [*tails, "; environment left out (too long)"]
+
+
+#: What marks a run's note (a report's ``notes``) as one that qualifies the result itself, not the run: the X-ray to CT
+#: weights are chest models (:func:`~DiffusionCore.xray.radiograph.body_part_note`: a shoulder radiograph gives a
+#: chest-like volume), a result whose re-projection disagrees with its radiograph is probably not of that image, and
+#: one made from an image that looks inverted or turned sideways (:func:`~DiffusionCore.xray.radiograph.inversion_note`)
+#: is the model's reading of a picture it was not trained on.
+#: The other notes (the square crop, a view taken from the header, stages asked for) describe the run and stay in the
+#: report and the log.
+RESULT_CAVEAT_MARKERS = ("not a CT of that region", "agrees poorly with the radiograph", "the radiograph looks inverted",
+                         "the radiograph looks turned sideways")
+
+
+def result_caveats(notes: list[str] | None) -> list[str]:
+    """The notes of a run's report that qualify its result (:data:`RESULT_CAVEAT_MARKERS`), for
+    :attr:`Provenance.notes`: a PACS user sees a DICOM series' ImageComments, never the run's log or report."""
+    return [str(n) for n in notes or [] if any(marker in str(n) for marker in RESULT_CAVEAT_MARKERS)]
 
 
 def input_name(source: str) -> str:
-    """The last part of an input's path (its file or folder name; a Slicer node's name as it is): what a DICOM
-    series written into a PACS says of its input. The full path stays in local files (NRRD, NIfTI sidecar, report):
-    a hospital's folder names often hold patients' names or record numbers."""
+    """The last part of an input's path (its file or folder name; a Slicer node's name as it is): what every file
+    that travels with a result (DICOM, NRRD / MetaImage header, NIfTI sidecar) says of its input. Only the
+    ``--report`` JSON, a local record of the run, keeps the full path: a hospital's folder names often hold patients'
+    names or record numbers."""
     text = str(source or "").rstrip("/\\")
     return re.split(r"[/\\]", text)[-1] if text else ""
 
@@ -195,7 +262,7 @@ def _compact(value: Any) -> str:
 
 
 def header_fields(prov: Provenance) -> dict[str, str]:
-    """Key/value pairs for a NRRD or MetaImage header (string values, no newlines)."""
+    """Key/value pairs for a NRRD or MetaImage header (string values, no newlines); the input by its name only."""
     fields = {
         "synthetic": "true",
         "statement": NOT_ACQUIRED,
@@ -206,13 +273,14 @@ def header_fields(prov: Provenance) -> dict[str, str]:
         "weights": prov.weights,
         "weights_sha256": prov.weights_sha256,
         "settings": _compact(prov.settings),
-        "input": prov.input,
+        "input": input_name(prov.input),
         "input_uid": prov.input_uid,
         "input_sha256": prov.input_sha256,
         "input_slice_thickness_mm": ""
         if prov.input_slice_thickness_mm is None
         else f"{prov.input_slice_thickness_mm:g}",
         "input_slice_note": prov.input_slice_note,
+        "notes": _compact(list(prov.notes)),
         "date": prov.date,
     }
     return {HEADER_PREFIX + k: " ".join(str(v).split()) for k, v in fields.items()}
@@ -264,10 +332,10 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 def sidecar_record(prov: Provenance, output: str | os.PathLike) -> dict[str, Any]:
-    """The JSON of the sidecar of the NIfTI file ``output``: its provenance and the file's name (``"output"``).
-    ``x.nii.gz`` and ``x.nii`` share the sidecar ``x.json``; the name says which of them it describes, and
-    :func:`read_provenance` reads it for that file only."""
-    return {"output": Path(output).name, "provenance": prov.as_dict()}
+    """The JSON of the sidecar of the NIfTI file ``output``: its provenance, the input by its name only
+    (:func:`input_name`), and the file's name (``"output"``). ``x.nii.gz`` and ``x.nii`` share the sidecar ``x.json``;
+    the name says which of them it describes, and :func:`read_provenance` reads it for that file only."""
+    return {"output": Path(output).name, "provenance": {**prov.as_dict(), "input": input_name(prov.input)}}
 
 
 def read_header_fields(metadata: dict[str, str]) -> dict[str, str]:
@@ -280,15 +348,21 @@ HEADER_READ_LIMIT = 1 << 20
 _DERIVATION = re.compile(
     rf"^(?P<title>.*) by {SOFTWARE} \S+ \((?P<task>[^)]*)\); weights (?P<weights>.*?) sha256 (?P<sha>[0-9a-fA-F]*); "
     r"(?:input UID (?P<uid>[0-9.]+); )?(?:input sha256 (?P<input_sha>[0-9a-f]{64}); )?"
-    r"(?:input slice thickness (?P<thickness>[0-9.eE+-]+) mm; )?(?:environment (?P<env>\{[^{}]*\}); )?settings (?P<settings>.*)$",
+    r"(?:input slice thickness (?P<thickness>[0-9.eE+-]+) mm; )?(?:environment (?P<env_before>\{[^{}]*\}); )?"
+    r"settings (?P<settings>.*?)(?: \(\d+ more settings left out[^()]*\))?"
+    r"(?:; environment (?:(?P<env>\{[^{}]*\})(?: \([^()]*\))?|left out(?: \([^()]*\))?))?$",
     re.S,
-)
+)  # before probe 39 the environment came before the settings, and a cut ended the settings
 
 
 #: The input's slices as :meth:`Provenance.input_slices` writes them at the end of a DICOM series' ImageComments.
 _INPUT_SLICES = re.compile(
     r"Input slices [0-9.eE+-]+ mm thick(?:, [0-9.eE+-]+ mm apart)?(?:: (?P<note>.*))?\.$", re.S
 )
+
+
+#: One of :meth:`Provenance.caveats` in a DICOM series' ImageComments (a note may hold ". " itself).
+_CAVEAT = re.compile(r"Caveat: (.*?)\.(?= Caveat: | Input slices |$)", re.S)
 
 
 def _from_header(path: Path, end_marker: bytes, separator: str) -> Provenance | None:
@@ -313,6 +387,7 @@ def _from_fields(fields: dict[str, str]) -> Provenance | None:
         environment={str(k): str(v) for k, v in env.items()},  # {} in a file written before it was recorded
         input_slice_thickness_mm=_positive_number(fields.get("input_slice_thickness_mm")),
         input_slice_note=fields.get("input_slice_note", "") or "",
+        notes=_json_list(fields.get("notes")),  # [] in a file written before they were recorded
     )
 
 
@@ -332,6 +407,15 @@ def _json_object(text: str | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _json_list(text: str | None) -> list[str]:
+    """A header field holding a JSON list of texts (:attr:`Provenance.notes`); ``[]`` when it is missing or not one."""
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def _nifti_descrip(path: Path) -> str:
@@ -384,7 +468,7 @@ def _from_dicom(path: Path) -> Provenance | None:
     import pydicom
 
     ds = pydicom.dcmread(path, stop_before_pixels=True, force=False, specific_tags=[
-        "Manufacturer", "ImageComments", "DerivationDescription", "SeriesDate", "SeriesTime"])
+        "Manufacturer", "ImageComments", "DerivationDescription", "SeriesDate", "SeriesTime", "TimezoneOffsetFromUTC"])
     comments = str(ds.get("ImageComments", ""))
     if ds.get("Manufacturer", "") != SOFTWARE or not comments.startswith("SYNTHETIC"):
         return None
@@ -393,16 +477,30 @@ def _from_dicom(path: Path) -> Provenance | None:
     if m:
         fields.update(title=m["title"], task=m["task"], weights=m["weights"], weights_sha256=m["sha"],
                       settings=m["settings"], input_uid=m["uid"] or "", input_sha256=m["input_sha"] or "",
-                      environment=m["env"] or "{}", input_slice_thickness_mm=m["thickness"] or "")  # fmt: skip
+                      environment=m["env"] or m["env_before"] or "{}",
+                      input_slice_thickness_mm=m["thickness"] or "")  # fmt: skip
         slices = _INPUT_SLICES.search(comments)
         fields["input_slice_note"] = (slices["note"] or "") if slices else ""
+        fields["notes"] = json.dumps(_CAVEAT.findall(comments))
         # "{title} from {input} by CTDiffusion ...": the title may hold " from " itself ("CT from radiograph")
         source = re.search(rf"{re.escape(m['title'])} from (.*) by {SOFTWARE} ", comments)
         fields["input"] = source.group(1) if source and source.group(1) != "the input" else ""
-    day, clock = str(ds.get("SeriesDate", "")), str(ds.get("SeriesTime", ""))
-    if len(day) == 8 and len(clock) >= 6:  # written in UTC from the run's date
-        fields["date"] = f"{day[:4]}-{day[4:6]}-{day[6:]}T{clock[:2]}:{clock[2:4]}:{clock[4:6]}+00:00"
+    fields["date"] = _series_time_utc(str(ds.get("SeriesDate", "")), str(ds.get("SeriesTime", "")),
+                                      str(ds.get("TimezoneOffsetFromUTC", "")))  # fmt: skip
     return _from_fields(fields)
+
+
+def _series_time_utc(day: str, clock: str, offset: str) -> str:
+    """The run's date (ISO 8601, UTC) from a written series' SeriesDate and SeriesTime: local times, in the zone of its
+    TimezoneOffsetFromUTC, else (a series of a DICOM input without one: :mod:`~DiffusionCore.dicom_out`) of this
+    computer, as they were written; ``""`` when they are not a date and a time."""
+    try:
+        when = _dt.datetime.strptime(f"{day[:8]}{clock[:6]}", "%Y%m%d%H%M%S")
+        zone = _dt.datetime.strptime(offset.strip(), "%z").tzinfo if offset.strip() else None
+    except ValueError:
+        return ""
+    local = when.replace(tzinfo=zone) if zone is not None else when.astimezone()
+    return local.astimezone(_dt.UTC).isoformat()
 
 
 def read_provenance(path: str | os.PathLike | None) -> Provenance | None:

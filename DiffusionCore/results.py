@@ -27,8 +27,10 @@ from .provenance import (
     HEADER_PREFIX,
     Provenance,
     header_fields,
+    input_name,
     nifti_descrip,
     provenance_header,
+    result_caveats,
     sidecar_path,
     sidecar_record,
     sr_label,
@@ -256,7 +258,8 @@ def xray_provenance(source: str | os.PathLike, report: dict, weights: str, input
     return Provenance(task="xray2ct", title="CT from radiograph (synthetic)", weights=weights,
                       weights_sha256=str(report.get("weights_sha256", "")), settings=report.get("settings", {}),
                       input=str(source), input_uid=input_uid,
-                      input_sha256=str(report.get("input_sha256", "")))  # fmt: skip
+                      input_sha256=str(report.get("input_sha256", "")),
+                      notes=result_caveats(report.get("notes")))  # fmt: skip
 
 
 def _is_xray_report(report: dict[str, Any]) -> bool:
@@ -284,7 +287,7 @@ def result_provenance(
     source = str(meta.get("source", "")) if isinstance(meta, dict) else str(input or "")
     meta = meta if isinstance(meta, dict) else {}
     if source and source != "array" and Path(source).exists():
-        source = os.path.abspath(source)  # the provenance is read beside the output, from anywhere
+        source = os.path.abspath(source)  # the caller's record; the files written name only the input's file
     if _is_xray_report(report):
         name = weights or str(report.get("weights") or report["settings"].get("weights") or "")
         if not name and ran:
@@ -306,14 +309,15 @@ def save_result(
     dtype: str = "auto",
 ) -> list[Path]:
     """Write a model's result with its full provenance, as the ``sr`` and ``xray2ct`` commands do: marked synthetic,
-    with the run's settings, the weights and their sha256, the input and the date (NRRD / MetaImage header fields;
+    with the run's settings, the weights and their sha256, the input (its file or folder name and sha256, not the
+    folders it lies in: :func:`~DiffusionCore.provenance.input_name`) and the date (NRRD / MetaImage header fields;
     NIfTI "SYNTHETIC ..." in ``descrip`` and a JSON sidecar ``x.json``; read back with
     :func:`~DiffusionCore.provenance.read_provenance`).
 
     Args:
         volume, report: what ``SuperResolver.run`` or ``XrayToCTGenerator.run`` returned.
         path: ``.nrrd``, ``.mha``, ``.nii.gz`` or ``.nii``.
-        input: the input's path, Volume or Radiograph, recorded as the result's source (optional).
+        input: the input's path, Volume or Radiograph, recorded by its name as the result's source (optional).
         weights: the weights' name when the report does not say it (X-ray to CT; optional).
         overwrite, dtype: as for :func:`~DiffusionCore.volume.write_volume`.
 
@@ -332,9 +336,65 @@ def save_result(
     return write_result(volume, path, provenance, overwrite=overwrite, dtype=dtype)
 
 
+def input_digest(source: str | os.PathLike, task: str) -> str:
+    """The content sha256 of an input as ``sr`` (``task`` ``"sr"``) or ``xray2ct`` reads it: the ``input_sha256`` its
+    results record (``Volume.content_sha256``, ``Radiograph.content_sha256``); ``""`` when it cannot be read so (a
+    DICOM folder of several series, a file gone)."""
+    try:
+        if task == "xray2ct":
+            from .xray.radiograph import read_radiograph
+
+            return read_radiograph(source).content_sha256()
+        from .volume import read_volume
+
+        return read_volume(source, check=False).content_sha256()
+    except Exception as exc:  # noqa: BLE001 - an input that cannot be read is matched by no result
+        logger.debug("no content digest of %s: %s", source, exc)
+        return ""
+
+
+def recorded_source(
+    recorded: Provenance, sources: list[Path], digests: dict[int, str] | None = None
+) -> int | None:
+    """The index in ``sources`` of the input a result was made from, as its files record it (its name,
+    :func:`~DiffusionCore.provenance.input_name`, and its ``input_sha256``; no folder), or None: the only input of
+    that name or, where several share it (``sub/chest.png`` beside a new ``chest.png``), the only one of them whose
+    content has the recorded sha256. Only those are read; ``digests`` (index -> sha256) keeps them across calls."""
+    name = input_name(recorded.input)
+    named = [i for i, s in enumerate(sources) if name and Path(s).name == name]
+    if len(named) <= 1 or not recorded.input_sha256:
+        return named[0] if len(named) == 1 else None
+    digests = {} if digests is None else digests
+    for i in named:
+        if i not in digests:
+            digests[i] = input_digest(sources[i], recorded.task)
+    same = [i for i in named if digests[i] == recorded.input_sha256]
+    return same[0] if len(same) == 1 else None
+
+
 def dicom_source_for(path: str | os.PathLike, series_uid: str | None = None) -> DicomSource | None:
     """The DICOM headers of an input, or ``None`` when it is not DICOM."""
     return DicomSource.from_path(path, series_uid) if is_dicom_input(path) else None
+
+
+def named_patient_source(patient_id: str, patient_name: str = "", date: str = "") -> DicomSource:
+    """What a DICOM series made from an input that holds no patient (a NIfTI CT, a PNG radiograph) takes from the
+    command line's ``--patient-id`` and ``--patient-name`` (a PN value, ``Family^Given``), in place of a DICOM input's
+    headers: PatientID, PatientName and, for the new study the series forms, StudyDate and StudyTime, those of the
+    series itself (``date``: the provenance's ISO 8601 date, in this computer's local time, as the writer gives the
+    series' own: :func:`~DiffusionCore.dicom_out.local_date_time`), with the TimezoneOffsetFromUTC that says which
+    (the writer writes the input's, and the one offset holds for every date and time of the series). No
+    StudyInstanceUID, frame of reference or source instances: the writer gives the series a study and a frame of
+    reference of their own, as for no source at all."""
+    from pydicom.dataset import Dataset
+
+    from .dicom_out import local_date_time
+
+    header = Dataset()
+    header.PatientID = patient_id
+    header.PatientName = patient_name
+    header.StudyDate, header.StudyTime, header.TimezoneOffsetFromUTC = local_date_time(date)
+    return DicomSource(header=header)
 
 
 def _nrrd_header_end(data: bytes) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -544,3 +545,13 @@ def until_stage_1_is_shown(job) -> None:
     while job.poll() == JobState.RUNNING and job.preview_node is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert job.state == JobState.RUNNING and job.stages_shown == [1], "stage 1's preview expected first"
+
+
+@pytest.fixture
+def tokyo(monkeypatch):
+    """This computer's clock in Japan's zone (POSIX rule: no time zone database needed)."""
+    monkeypatch.setenv("TZ", "JST-9")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()

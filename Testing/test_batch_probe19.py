@@ -287,9 +287,10 @@ def test_a_folder_prefix_that_makes_a_name_too_long_is_cut_the_same_way_each_tim
     assert "2 skipped (2 done before)" in capsys.readouterr().err and sorted(os.listdir(out)) == names
 
 
-def test_batch_warnings_name_their_volume_and_the_provenance_names_the_input_absolute(tmp_path):
+def test_batch_warnings_name_their_volume_and_the_provenance_names_the_input_file(tmp_path):
     """D10: a pipeline warning in a batch did not say which volume it was about; the provenance recorded the input
-    as typed (relative), so the link broke once the output was read from elsewhere."""
+    as typed (relative), so the link broke once the output was read from elsewhere. It names the input's file (and
+    its sha256), never the folders it lies in: a result travels; only --report keeps the path."""
     src = tmp_path / "in"
     src.mkdir()
     write_volume(Volume(thick_ct(shape=(3, 16, 16)).array, (0.6, 0.6, 0.6)), src / "thin.nii.gz")
@@ -301,7 +302,7 @@ def test_batch_warnings_name_their_volume_and_the_provenance_names_the_input_abs
     assert finer and finer[0].startswith("warning: in/thin.nii.gz: the result's slices will be")
     assert lines(r.stderr, "info: 2 of 2 volume(s) written to out in ")
     sidecar = json.loads((tmp_path / "out" / "thick.json").read_text(encoding="utf-8"))
-    assert sidecar["provenance"]["input"] == str(src / "thick.nii.gz")
+    assert sidecar["provenance"]["input"] == "thick.nii.gz" and len(sidecar["provenance"]["input_sha256"]) == 64
 
 
 def test_several_inputs_are_refused_naming_the_extra_input_not_the_output(tmp_path, capsys):

@@ -76,7 +76,7 @@ def test_demo_xray_part_uses_the_default_and_draws_every_picture(tmp_path, monke
         assert read_volume(tmp_path / name).shape == (64, 64, 64)
         # labelled synthetic as xray2ct labels its results (probe 24: the demo's files had no label)
         recorded = read_provenance(tmp_path / name)
-        assert recorded is not None and recorded.task == "xray2ct" and recorded.input == str(pa)
+        assert recorded is not None and recorded.task == "xray2ct" and recorded.input == pa.name
         assert recorded.weights == default_weights_name() and recorded.weights_sha256 == _entry()["sha256"]
     assert summary["xray_report"]["weights_sha256"] == summary["xray_topogram_report"]["weights_sha256"]
 

@@ -132,10 +132,13 @@ def test_output_format_choices_and_refusals(tmp_path, thick_series, make_phantom
 
     write_volume(make_phantom(shape=(8, 32, 32), spacing=(0.9, 0.9, 4.0)), nifti)
     series = tmp_path / "from-nifti"
-    done = _sr(nifti, series, "--factor", "2", "--output-format", "dicom")
+    refused = _sr(nifti, series, "--factor", "2", "--output-format", "dicom")  # no patient: refused (probe 39)
+    assert refused.returncode == 2 and "--patient-id ID --patient-name NAME" in refused.stderr, refused.stderr
+    assert not series.exists()
+    done = _sr(nifti, series, "--factor", "2", "--output-format", "dicom", "--patient-id", "RES-1")
     assert done.returncode == 0, done.stderr
     first = _dicom_files(series)[0]
-    assert first.PatientID == "" and first.SeriesDescription == "SR x2 (synthetic)"
+    assert first.PatientID == "RES-1" and first.SeriesDescription == "SR x2 (synthetic)"
 
     again = _sr(source, series, "--factor", "2")
     assert again.returncode == 4 and "already holds a DICOM series" in again.stderr and "--overwrite" in again.stderr

@@ -218,16 +218,6 @@ from DiffusionCore.dicom_out import write_dicom_series as write_series  # noqa: 
 from DiffusionCore.provenance import Provenance  # noqa: E402
 
 
-@pytest.fixture
-def tokyo(monkeypatch):
-    """This computer's clock in Japan's zone (POSIX rule: no time zone database needed)."""
-    monkeypatch.setenv("TZ", "JST-9")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
-
-
 def _written(folder: Path, vol, prov: Provenance, source: DicomSource | None = None) -> list[pydicom.Dataset]:
     write_series(vol, folder, prov, source=source)
     return [pydicom.dcmread(f) for f in sorted(folder.iterdir())]

@@ -118,12 +118,15 @@ def test_only_results_are_exported_and_nothing_is_replaced_silently(tmp_path, sc
     with pytest.raises(InputError, match="no provenance"):
         mrml_io.export_result(input_node, str(tmp_path / "ct.nrrd"))
     out = tmp_path / "export"
-    mrml_io.export_result(result, str(out), as_dicom=True)  # no DICOM source known: a new study
+    with pytest.raises(InputError, match="'CT', which was not loaded from DICOM: it holds no patient or study"):
+        mrml_io.export_result(result, str(out), as_dicom=True)  # no DICOM source known: a nameless new patient
+    assert not out.exists()
+    mrml_io.export_result(result, str(out), as_dicom=True, patient_id="P-8")  # the patient named: a new study
     from DiffusionCore.errors import OutputError
 
     with pytest.raises(OutputError, match="--overwrite"):
-        mrml_io.export_result(result, str(out), as_dicom=True)
-    mrml_io.export_result(result, str(out), as_dicom=True, overwrite=True)
+        mrml_io.export_result(result, str(out), as_dicom=True, patient_id="P-8")
+    mrml_io.export_result(result, str(out), as_dicom=True, overwrite=True, patient_id="P-8")
     assert len(list(out.iterdir())) == 6
 
 
@@ -142,9 +145,9 @@ def test_export_replaces_only_what_the_save_dialog_confirmed(tmp_path, scene_wit
     assert read_volume(tmp_path / "result.nrrd").shape == mrml_io.volume_from_node(result).shape
     with pytest.raises(OutputError, match=r"result.nrrd already exists; choose another name in the export dialog\.$"):
         mrml_io.export_chosen(result, str(tmp_path / "result"), nrrd)  # the dialog was asked about "result"
-    mrml_io.export_chosen(result, str(tmp_path / "series"), dicom)
+    mrml_io.export_chosen(result, str(tmp_path / "series"), dicom, patient_id="P-8")  # its input holds no patient
     with pytest.raises(OutputError, match=r"already holds a DICOM series; choose another name in the export dialog\.$"):
-        mrml_io.export_chosen(result, str(tmp_path / "series"), dicom)
+        mrml_io.export_chosen(result, str(tmp_path / "series"), dicom, patient_id="P-8")
 
 
 def test_a_result_finds_its_source_after_its_scene_is_imported_beside_other_volumes(tmp_path, scene_with_result):
@@ -222,7 +225,7 @@ def test_a_result_loaded_from_its_file_is_labelled_synthetic(tmp_path, scene_wit
     dropped the label from the file, and export refused it. Recognised from the file, it is labelled again."""
     scene, _, result, _, _ = scene_with_result
     if name == "dicom":
-        mrml_io.export_result(result, str(tmp_path / "series"), as_dicom=True)
+        mrml_io.export_result(result, str(tmp_path / "series"), as_dicom=True, patient_id="P-8")
         path = sorted((tmp_path / "series").iterdir())[0]
     else:
         path = tmp_path / name
@@ -253,10 +256,11 @@ def test_a_result_loaded_from_its_file_is_labelled_synthetic(tmp_path, scene_wit
     assert loaded.GetStorageNode().WriteData(loaded)
     header = again.read_bytes()[:4000].decode("latin-1")
     assert header.count("ctdiffusion_synthetic:=true") == 1 and "ctdiffusion_input:=CT" in header
-    out = tmp_path / "exported"  # and export makes a new study, labelled
-    mrml_io.export_result(loaded, str(out), as_dicom=True)
+    out = tmp_path / "exported"  # and export makes a new study of the patient named, labelled
+    assert mrml_io.export_needs_patient(loaded)  # its input was not DICOM
+    mrml_io.export_result(loaded, str(out), as_dicom=True, patient_id="P-9")
     first = pydicom.dcmread(sorted(out.iterdir())[0])
-    assert first.SeriesDescription.endswith("SR x2 (synthetic)") and first.PatientID != "P-7"
+    assert first.SeriesDescription.endswith("SR x2 (synthetic)") and first.PatientID == "P-9"
 
 
 def test_results_loaded_before_the_modules_watched_are_recognised_when_a_panel_opens(tmp_path, scene_with_result):

@@ -81,9 +81,11 @@ def test_a_folder_gives_one_ct_per_radiograph_and_goes_on_past_a_broken_one(radi
     for name in ("a", "sub_a", "b", "IM0001"):
         ct = sitk.ReadImage(str(out / f"{name}.nii.gz"))
         assert ct.GetSize() == (32, 32, 32)  # the tiny network's last stage
-    # the CT's provenance names its own radiograph, by its absolute path
+    # the CT's provenance names its own radiograph by its name and content (no folder: a result travels)
     provenance = json.loads((out / "sub_a.json").read_text(encoding="utf-8"))["provenance"]
-    assert provenance["input"] == str(radiographs / "sub" / "a.png") and provenance["synthetic"] is True
+    assert provenance["input"] == "a.png" and provenance["synthetic"] is True
+    other = json.loads((out / "a.json").read_text(encoding="utf-8"))["provenance"]
+    assert len(provenance["input_sha256"]) == 64 and other["input_sha256"] != provenance["input_sha256"]
     report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert report["summary"] == {**report["summary"], "radiographs": 5, "written": 4, "failed": 1, "skipped": 0}
     assert [f["radiograph"] for f in report["failed"]] == [str(radiographs / "broken.png")]
@@ -168,7 +170,7 @@ def test_a_batch_saves_each_radiographs_stages_and_dicom_series_folders(tmp_path
                                                             "b_stage1.nii.gz"]  # fmt: skip
     assert sitk.ReadImage(str(out / "a_stage1.nii.gz")).GetSize() == (16, 16, 16)
     series = tmp_path / "series"
-    assert main(["xray2ct", str(folder), str(series), "--output-format", "dicom", *TINY]) == 0
+    assert main(["xray2ct", str(folder), str(series), "--output-format", "dicom", "--patient-id", "RES-1", *TINY]) == 0
     assert sorted(p.name for p in series.iterdir()) == ["a", "b"]
     assert len(list((series / "a").glob("*.dcm"))) == 32
 

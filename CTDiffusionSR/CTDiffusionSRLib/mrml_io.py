@@ -812,7 +812,7 @@ def result_source_files(node) -> list[str]:
         uids = (node.GetAttribute(ATTR_INPUT_INSTANCES) or "").split()
     recorded = bool(uids)  # the result derives from a series loaded from DICOM
     if not uids and source is None and node.GetAttribute(ATTR_INPUT_UID):
-        uids = [node.GetAttribute(ATTR_INPUT_UID)]  # a result file's record: a new study when not found (README)
+        uids = [node.GetAttribute(ATTR_INPUT_UID)]  # a result file's record: not found, a patient is named
     files = _database_files(uids)
     if files or not recorded:
         return files
@@ -1017,12 +1017,82 @@ def write_job_input(node, folder: str | os.PathLike, name: str, *, dtype: str = 
     return str(target)
 
 
+def export_needs_patient(node) -> bool:
+    """Whether a DICOM export of the result ``node`` must be told its patient (``export_result``'s ``patient_id``): no
+    DICOM series it derives from is known (its input was loaded from NRRD or NIfTI, or is a PNG radiograph; or a result
+    file records a series that Slicer's DICOM database does not hold), so the series would have no patient of its
+    own. False for a node that is not a result (its export is refused), for one whose input's series is found, and
+    for one whose input series was loaded from DICOM but cannot be found (:func:`result_source_files`: its export is
+    refused with what to do; naming a patient would not put it in its study)."""
+    if node is None or not provenance(node):
+        return False
+    try:
+        return not result_source_files(node)
+    except InputError:
+        return False
+
+
+def _no_patient_problem(node) -> str:
+    """Why a DICOM export of ``node``, whose input's DICOM series is not known, is refused without a patient."""
+    source = source_node(node)
+    result = node.GetName() or ""
+    recorded_uid = (node.GetAttribute(ATTR_INPUT_UID) or "") if source is None else ""
+    name = source.GetName() if source is not None else node.GetAttribute(ATTR_INPUT) or ""
+    if recorded_uid:
+        why = _("'{result}' records its input '{input}' (DICOM {uid}), which Slicer's DICOM database does not hold: "
+                "without it there is no patient or study").format(result=result, input=name or _("its input"),
+                                                                  uid=recorded_uid)  # fmt: skip
+        rerun = _("import that series into the DICOM database (DICOM module: Import) and export again so the result "
+                  "joins its patient and study")  # fmt: skip
+    else:
+        if name:
+            why = _("'{result}' was made from '{input}', which was not loaded from DICOM: it holds no patient or "
+                    "study").format(result=result, input=name)  # fmt: skip
+        else:
+            why = _("'{result}' does not record a DICOM series it was made from: there is no patient or study to "
+                    "put it in").format(result=result)  # fmt: skip
+        rerun = _("load the scan from DICOM (DICOM module) and run again so the result joins its patient and study")
+    return _("{why}, so a DICOM series would have no patient name or ID and a study of its own, which a PACS files "
+             "under an unknown patient. Enter the patient's ID (and name) when the export asks for them, export as "
+             "NRRD or NIfTI, or {rerun}.").format(why=why, rerun=rerun)  # fmt: skip
+
+
+def checked_patient(patient_id: str | None, patient_name: str | None = None) -> tuple[str, str] | None:
+    """The patient named for a DICOM export (``(ID, name)``, the name ``""`` when none is given), checked as the
+    commands check ``--patient-id`` and ``--patient-name`` (a DICOM PatientID; a PatientName in DICOM's form
+    Family^Given); None when no ID is given.
+
+    Raises:
+        InputError: a name without an ID, or a value DICOM cannot hold, saying which and what is wrong.
+    """
+    import argparse
+
+    from DiffusionCore.cli.common import patient_id_type, patient_name_type
+
+    name = patient_name if patient_name is not None and patient_name.strip() else ""
+    if patient_id is None:
+        if name:
+            raise InputError(_("A patient name was given without the patient's ID: a PACS files a series by its "
+                               "PatientID, so give the ID too."))  # fmt: skip
+        return None
+    try:
+        patient_id = patient_id_type(patient_id)
+    except argparse.ArgumentTypeError as exc:
+        raise InputError(_("The patient ID {problem}.").format(problem=exc)) from None
+    try:
+        name = patient_name_type(name) if name else ""
+    except argparse.ArgumentTypeError as exc:
+        raise InputError(_("The patient name {problem}.").format(problem=exc)) from None
+    return patient_id, name
+
+
 def export_result(node, path: str, *, as_dicom: bool = False, source_files: list[str] | None = None,
-                  overwrite: bool = False) -> list:  # fmt: skip
+                  overwrite: bool = False, patient_id: str | None = None,
+                  patient_name: str | None = None) -> list:  # fmt: skip
     """Export a result node with its provenance through DiffusionCore's writer: a DICOM series labelled
-    synthetic (``as_dicom``; patient and study from the input's DICOM files when known), or NRRD / MHA with
-    the provenance header fields, or NIfTI with its JSON sidecar. Slicer's own Save and DICOM export do not
-    carry these fields. Returns the paths written.
+    synthetic (``as_dicom``; patient and study from the input's DICOM files when known, else the patient named by
+    ``patient_id`` in a new study), or NRRD / MHA with the provenance header fields, or NIfTI with its JSON sidecar.
+    Slicer's own Save and DICOM export do not carry these fields. Returns the paths written.
 
     Args:
         node: a result node of these modules.
@@ -1032,23 +1102,48 @@ def export_result(node, path: str, *, as_dicom: bool = False, source_files: list
             database: those of the node's source node, or of the DICOM series the result recorded when that node is
             gone).
         overwrite: replace an earlier export.
+        patient_id: the PatientID of a DICOM series whose input's DICOM series is not known
+            (:func:`export_needs_patient`: an input loaded from NRRD or NIfTI, a PNG radiograph), as the commands'
+            ``--patient-id``; the series forms a new study of that patient. Without it such an export is refused.
+        patient_name: that patient's PatientName, in DICOM's form Family^Given (``""`` or None: none); with
+            ``patient_id``.
 
     Raises:
-        InputError: a DICOM export of a result whose input series cannot be found (:func:`result_source_files`).
+        InputError: a DICOM export of a result whose input series cannot be found (:func:`result_source_files`), or
+            whose input holds no patient without ``patient_id``; ``patient_id`` or ``patient_name`` with an input's
+            series known (its patient is kept: another one named would mis-file the series), with a file export, or
+            not valid in DICOM (:func:`checked_patient`). Nothing is written.
     """
     from DiffusionCore.dicom_out import DicomSource
-    from DiffusionCore.results import check_result_output, write_result
+    from DiffusionCore.results import check_result_output, named_patient_source, write_result
 
     record = provenance_record(node)
+    patient = checked_patient(patient_id, patient_name)
+    if patient is not None and not as_dicom:
+        raise InputError(_("A patient ID and name are for a DICOM export, and {path} is written as a volume file, "
+                           "which holds no patient: leave them out, or export as a DICOM series.").format(path=path))
     check_result_output(path, as_dicom, overwrite=overwrite)
     source = None
     if as_dicom:
         if source_files is None:
             source_files = result_source_files(node)
         source = DicomSource.from_files(source_files) if source_files else None
+        if source is not None and patient is not None:
+            raise InputError(_(
+                "'{result}' derives from a DICOM series, whose patient and study its series joins: another patient "
+                "named for it would file it under the wrong one. Export it without a patient ID and name (to change "
+                "the patient, correct the input's own DICOM headers)."
+            ).format(result=node.GetName()))  # fmt: skip
         if source is not None:  # the numbers of the study's series in Slicer's DICOM database are taken too
             taken = _database_series_numbers(str(source.header.get("StudyInstanceUID", "")))
             source = dataclasses.replace(source, study_series_numbers=source.study_series_numbers | taken)
+        elif patient is None:
+            raise InputError(_no_patient_problem(node))
+        else:  # an input of no patient: the one named, in a new study
+            source = named_patient_source(patient[0], patient[1], record.date)
+            logger.info("'%s' is exported under patient ID %r%s, in a new study of its own (its input holds no "
+                        "patient or study)", node.GetName(), patient[0],
+                        f", name {patient[1]!r}" if patient[1] else ", no name")  # fmt: skip
     return write_result(volume_from_node(node), path, record, as_dicom=as_dicom, dicom_source=source,
                         keep_frame_of_reference=record.task == "sr", overwrite=overwrite)  # fmt: skip
 
@@ -1074,15 +1169,19 @@ def export_target(chosen_path: str, chosen_filter: str) -> tuple[str, bool]:
     return chosen_path, False
 
 
-def export_chosen(node, chosen_path: str, chosen_filter: str) -> list:
+def export_chosen(node, chosen_path: str, chosen_filter: str, *, patient_id: str | None = None,
+                  patient_name: str | None = None) -> list:  # fmt: skip
     """Export ``node`` where the export dialog said (:func:`export_target`). Qt's save dialog has already asked
     the user to confirm replacing the file it returns, so that file is replaced; a name that the filter's suffix
-    was added to, or a DICOM series folder, is never replaced without being asked. Returns the paths written."""
+    was added to, or a DICOM series folder, is never replaced without being asked. ``patient_id``, ``patient_name``:
+    the patient the user named for a DICOM series whose input holds none (:func:`export_needs_patient`,
+    :func:`export_result`). Returns the paths written."""
     from DiffusionCore.errors import OutputExistsError
 
     path, as_dicom = export_target(chosen_path, chosen_filter)
     try:
-        return export_result(node, path, as_dicom=as_dicom, overwrite=not as_dicom and path == chosen_path)
+        return export_result(node, path, as_dicom=as_dicom, overwrite=not as_dicom and path == chosen_path,
+                             patient_id=patient_id, patient_name=patient_name)  # fmt: skip
     except OutputExistsError as exc:  # the engine's advice names its command-line flag; here it is the dialog
         raise exc.advising("choose another name in the export dialog") from None
 

@@ -345,8 +345,10 @@ class TrainingPanel:
 
 
 def exportResultWithDialog(node) -> None:
-    """Ask where and how, then write ``node`` with its provenance (DICOM series, NRRD or NIfTI)."""
-    from CTDiffusionSRLib.mrml_io import EXPORT_FILTERS, export_chosen
+    """Ask where and how, then write ``node`` with its provenance (DICOM series, NRRD or NIfTI). A DICOM series whose
+    input holds no patient (:func:`CTDiffusionSRLib.mrml_io.export_needs_patient`) asks for the patient's ID (Cancel:
+    nothing is written) and name; the series forms a new study of that patient."""
+    from CTDiffusionSRLib.mrml_io import EXPORT_FILTERS, export_chosen, export_needs_patient, export_target
 
     if node is None:
         return
@@ -355,8 +357,24 @@ def exportResultWithDialog(node) -> None:
     dialog.setAcceptMode(qt.QFileDialog.AcceptSave)
     if not dialog.exec_():
         return
+    chosenPath, chosenFilter = dialog.selectedFiles()[0], dialog.selectedNameFilter()
+    patientId = patientName = None
+    if export_target(chosenPath, chosenFilter)[1] and export_needs_patient(node):
+        patientId = qt.QInputDialog.getText(
+            slicer.util.mainWindow(), _("Export result"),
+            _("'{name}' has no patient: its input was not loaded from DICOM (or its series is not in Slicer's DICOM "
+              "database), and a DICOM series needs one. The series will form a new study of the patient you name."
+              "\n\nPatient ID (as the PACS knows it):").format(name=node.GetName()),
+            qt.QLineEdit.Normal, "",
+        )  # fmt: skip
+        if not patientId:  # Cancel (PythonQt's getText gives "" for it, as for no ID): nothing is written
+            return
+        patientName = qt.QInputDialog.getText(
+            slicer.util.mainWindow(), _("Export result"),
+            _("Patient name, as Family^Given (e.g. Doe^Jane; leave it empty for none):"), qt.QLineEdit.Normal, "",
+        )  # fmt: skip
     try:
-        written = export_chosen(node, dialog.selectedFiles()[0], dialog.selectedNameFilter())
+        written = export_chosen(node, chosenPath, chosenFilter, patient_id=patientId, patient_name=patientName)
     except Exception as exc:  # noqa: BLE001 - every failure is shown to the user with its message
         slicer.util.errorDisplay(_("Export failed: {error}").format(error=exc))
         return

@@ -48,7 +48,7 @@ from ..files import (
     still_published,
     write_json_atomic,
 )
-from ..results import check_result_output, planned_files, wants_dicom
+from ..results import check_result_output, planned_files, recorded_source, wants_dicom
 from ..volume import WRITABLE_SUFFIXES, check_output_path, split_volume_suffix
 from .common import Progress, is_out_of_memory, one_line, sigterm_cancels
 
@@ -237,8 +237,9 @@ def batch_jobs(sources: list[Path], out: Path, as_dicom: bool, noun: str = "volu
 
 
 def existing_names(sources: list[Path], folder: Path, as_dicom: bool) -> dict[int, str]:
-    """Input index -> the name of the output in ``folder`` whose provenance records that very input file (not only
-    its name: an input folder moved since is matched by :func:`_same_input` later), for the inputs that have one
+    """Input index -> the name of the output in ``folder`` whose provenance records that very input (its name and,
+    where inputs share the name, its content's sha256: :func:`~DiffusionCore.results.recorded_source`; the absolute
+    path that outputs recorded before 2026-12-07), for the inputs that have one
     output there: a batch continued after inputs were added keeps the names of what it made before (the new names
     would redo those inputs beside their old outputs). Empty when the folder does not exist yet."""
     if not folder.is_dir():
@@ -248,6 +249,7 @@ def existing_names(sources: list[Path], folder: Path, as_dicom: bool) -> dict[in
         with contextlib.suppress(OSError):
             real[os.path.realpath(s)] = i
     found: dict[int, list[str]] = defaultdict(list)
+    digests: dict[int, str] = {}  # the contents of inputs that share a name, read once
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError:
@@ -262,10 +264,12 @@ def existing_names(sources: list[Path], folder: Path, as_dicom: bool) -> dict[in
         except OSError:
             continue
         made_from = recorded.input if recorded is not None else ""
-        if made_from and os.path.isabs(made_from) and os.path.lexists(made_from):
-            i = real.get(os.path.realpath(made_from))
-            if i is not None:
-                found[i].append(entry.name + _DEFAULT_OUTPUT_SUFFIX if as_dicom else entry.name)
+        if made_from and os.path.isabs(made_from):  # a path, recorded before 2026-12-07
+            i = real.get(os.path.realpath(made_from)) if os.path.lexists(made_from) else None
+        else:  # its name and sha256 (no folder: results travel): the input of that name and content
+            i = recorded_source(recorded, sources, digests) if made_from else None
+        if i is not None:
+            found[i].append(entry.name + _DEFAULT_OUTPUT_SUFFIX if as_dicom else entry.name)
     return {i: names[0] for i, names in found.items() if len(names) == 1}
 
 
@@ -391,6 +395,10 @@ class Plan:
     folder: Path | None = None
     #: what the search of INPUT passed over, for the report: ``{"folder", "why", "files", "first"}`` per kind
     passed_over: list[dict[str, Any]] = field(default_factory=list)
+    #: what the search of INPUT did not take for an input (files that are no volume, DICOM folders holding no CT
+    #: series: :func:`~DiffusionCore.inputs.collect_volumes`'s ``left_out``), in the same form; the report lists them
+    #: under ``left_out``, apart from the inputs the run passed over
+    left_out: list[dict[str, Any]] = field(default_factory=list)
 
 
 class SkipInput(Exception):  # noqa: N818 - not an error: the input is passed over, as one whose output exists
@@ -1012,6 +1020,8 @@ class BatchLog:
     noun: str = "volume"
     #: what the search of INPUT passed over (:attr:`Plan.passed_over`)
     passed_over: list[dict[str, Any]] = field(default_factory=list)
+    #: what the search of INPUT did not take for an input (:attr:`Plan.left_out`)
+    left_out: list[dict[str, Any]] = field(default_factory=list)
     #: output -> its entry in the report an earlier run of the batch left at the --report path (:func:`earlier_entries`)
     earlier: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: the earlier run's entries of the inputs skipped as done (carried into this run's report)
@@ -1033,6 +1043,13 @@ class BatchLog:
         INPUT left out (files that are no inputs, counted per folder)."""
         return [item for item in self.passed_over if self.noun in item]
 
+    @property
+    def searched_past(self) -> list[dict[str, Any]]:
+        """What the search of INPUT did not take for an input (the report's ``left_out``): :attr:`left_out`, and the
+        entries of :attr:`passed_over` that name a folder, not an input (``{"folder", "why", "files", "first"}``: kept
+        there too, as earlier reports listed them)."""
+        return [*self.left_out, *(item for item in self.passed_over if self.noun not in item)]
+
     def stop(self, why: str, after: int) -> None:
         """The batch stops before job ``after``: the rest are not tried."""
         self.stopped = why
@@ -1043,11 +1060,13 @@ class BatchLog:
         many = f"{self.noun}s"
         order = {str(j.output): i for i, j in enumerate(self.jobs)}  # the inputs' order, earlier runs' entries too
         entries = sorted([*self.carried, *self.reports], key=lambda e: order.get(str(e.get("output")), len(order)))
+        left_out = self.searched_past
         return {many: entries, "failed": self.failed, "skipped": self.skipped, "not_tried": self.not_tried,
-                "stopped": self.stopped, "passed_over": self.passed_over,
+                "stopped": self.stopped, "passed_over": self.passed_over, "left_out": left_out,
                 "summary": {many: len(self.jobs), "written": len(self.reports), "failed": len(self.failed),
                             "skipped": len(self.skipped), "not_tried": len(self.not_tried),
-                            "passed_over": len(self.passed),
+                            "passed_over": len(self.passed),  # inputs found, not run: each in passed_over with why
+                            "left_out": sum(int(item.get("files", 1)) for item in left_out),  # files not taken
                             "output": str(self.folder) if self.folder else None,
                             "seconds": round(time.perf_counter() - self.started, 3)}}  # fmt: skip
 
@@ -1226,7 +1245,7 @@ def run_batch(command: str, make_one: OneRunner, plan: Plan, report_path: Path |
 def _run_batch(command: str, make_one: OneRunner, plan: Plan, report_path: Path | None, info: DistInfo,
                group: ProcessGroup, progress_style: str, noun: str, who: str) -> int:  # fmt: skip
     cancel = threading.Event()
-    log = BatchLog(plan.jobs, plan.folder, noun=noun, passed_over=list(plan.passed_over),
+    log = BatchLog(plan.jobs, plan.folder, noun=noun, passed_over=list(plan.passed_over), left_out=list(plan.left_out),
                    earlier=earlier_entries(report_path, noun))  # fmt: skip
     sink = Progress(progress_style, desc=command)
     progress = BatchProgress(sink, len(plan.jobs), noun=noun)

@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
@@ -23,6 +24,8 @@ from ..seeds import MAX_SEED
 
 if TYPE_CHECKING:
     from ..volume import Volume
+
+logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -377,6 +380,209 @@ def series_number_type(text: str) -> int:
 SERIES_NUMBER_HELP = ("SeriesNumber of a DICOM output series, 1 to 2147483647 (default: the input's plus 1000, or the "
                       "next number no series of the study in the input folder, in the folders beside OUTPUT or "
                       "written before by this run has); in a batch every series gets it")
+
+
+# -- the patient of a DICOM series: taken from a DICOM input, named for any other ------------------------------------
+#: The most characters a PatientID (LO) and a PatientName (PN) hold in DICOM.
+PATIENT_TEXT_MAX = 64
+#: Components of a PatientName: Family^Given^Middle^Prefix^Suffix.
+PATIENT_NAME_COMPONENTS = 5
+
+
+def _patient_text_problem(text: str) -> str:
+    """What makes ``text`` no value of a DICOM PatientID or PatientName, in words ("" when nothing does)."""
+    import unicodedata
+
+    if not text.strip():
+        return "is empty"
+    if len(text) > PATIENT_TEXT_MAX:
+        return f"has {len(text)} characters, and DICOM holds at most {PATIENT_TEXT_MAX}"
+    if "\\" in text:
+        return "holds a backslash, which DICOM reads as the end of one value and the start of another"
+    control = next((c for c in text if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        return f"holds the control character {control!r}, which a DICOM text value may not"
+    return ""
+
+
+def patient_id_type(text: str) -> str:
+    """The argparse ``type`` of ``--patient-id``: a DICOM PatientID (at most 64 characters, no backslash or control
+    character, not empty), else exit 2 saying what is wrong."""
+    problem = _patient_text_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}; give the patient's ID as the PACS knows it; got {text!r}")
+    return text.strip()
+
+
+def patient_name_type(text: str) -> str:
+    """The argparse ``type`` of ``--patient-name``: a DICOM PatientName in its form ``Family^Given`` (at most five
+    ``^``-separated parts: family, given, middle, prefix, suffix; 64 characters, no backslash or control character),
+    else exit 2 saying what is wrong."""
+    problem = _patient_text_problem(text)
+    parts = max((len(group.split("^")) for group in text.split("=")), default=1)
+    if not problem and parts > PATIENT_NAME_COMPONENTS:
+        problem = (f"has {parts} parts separated by ^, and a DICOM name has at most {PATIENT_NAME_COMPONENTS} "
+                   "(Family^Given^Middle^Prefix^Suffix)")  # fmt: skip
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}; give the name in DICOM's form Family^Given (e.g. Doe^Jane); "
+                                         f"got {text!r}")  # fmt: skip
+    return text.strip()
+
+
+patient_id_type.__name__ = "patient ID"
+patient_name_type.__name__ = "patient name"
+
+
+def add_patient_arguments(parser: argparse.ArgumentParser, inputs: str) -> None:
+    """``--patient-id`` and ``--patient-name`` (``sr``, ``xray2ct``): the patient of a DICOM output series made from an
+    input that holds none (``inputs``: which, in the command's words)."""
+    parser.add_argument(
+        "--patient-id", type=patient_id_type, default=None, metavar="ID",
+        help=f"the PatientID of a DICOM output series made from {inputs}, which holds no patient: without it such a "
+        "series is refused (a PACS would file it under an unknown patient). The series forms a new study of its own. "
+        "Refused with a DICOM input, whose own patient and study the series joins, and without a DICOM output; at "
+        f"most {PATIENT_TEXT_MAX} characters, no backslash. In a batch every series gets it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--patient-name", type=patient_name_type, default=None, metavar="NAME",
+        help="the PatientName of that series, in DICOM's form Family^Given (e.g. Doe^Jane); with --patient-id",
+    )  # fmt: skip
+
+
+#: What a non-DICOM input is, by its file name's suffix, for the refusal of a DICOM output made from it.
+_INPUT_KINDS = ((".nii.gz", "a NIfTI file"), (".nii", "a NIfTI file"), (".nrrd", "an NRRD file"),
+                (".nhdr", "an NRRD file"), (".mha", "a MetaImage file"), (".mhd", "a MetaImage file"),
+                (".png", "a PNG image"), (".jpg", "a JPEG image"), (".jpeg", "a JPEG image"), (".tif", "a TIFF image"),
+                (".tiff", "a TIFF image"), (".bmp", "a BMP image"))  # fmt: skip
+
+
+def input_kind(path: Path) -> str:
+    """What an input that is no DICOM is, in words (``"a NIfTI file"``), by its name's suffix."""
+    name = path.name.lower()
+    kind = next((kind for suffix, kind in _INPUT_KINDS if name.endswith(suffix)), None)
+    return kind or ("a folder that holds no DICOM file" if path.is_dir() else "a file that is no DICOM")
+
+
+def _names(paths: list[Path], limit: int = 3) -> str:
+    """Up to ``limit`` paths, each with what it is, and how many more."""
+    shown = ", ".join(f"{p} ({input_kind(p).split(' ', 1)[1]})" for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def check_dicom_patient(jobs: list, args: argparse.Namespace, *, what: str = "series", noun: str = "volume") -> None:
+    """Before any work: refuse a DICOM output series made from an input that holds no patient or study (NIfTI, NRRD,
+    MetaImage, PNG, JPEG), unless ``--patient-id`` names its patient: such a series had an empty PatientID and
+    PatientName in a study of its own, which a PACS files under an unknown patient or quarantines. ``--patient-id``
+    and ``--patient-name`` are refused with a DICOM input (the series joins that input's patient and study; another
+    patient named here would mis-file it) and without a DICOM output. In a batch every input is checked, and one that
+    fails the rule refuses the whole run, naming them (nothing is done: the batch would otherwise stop, or leave
+    inputs undone, hours later for what is known now). ``jobs``: the run's :class:`~.batch.Job` list; ``what``: what
+    a DICOM input is (``"series"``, ``"radiograph"``); ``noun``: what the batch's inputs are.
+
+    Raises:
+        ConfigError: exit 2, naming the inputs and the options that resolve it.
+    """
+    from ..errors import ConfigError
+    from ..results import is_dicom_input
+
+    patient_id, patient_name = getattr(args, "patient_id", None), getattr(args, "patient_name", None)
+    named = patient_id is not None or patient_name is not None
+    if patient_name is not None and patient_id is None:
+        raise ConfigError("--patient-name needs --patient-id: a PACS files a series by its PatientID, and one without "
+                          "it goes under an unknown patient; give --patient-id ID too")  # fmt: skip
+    dicom_jobs = [job for job in jobs if job.as_dicom]
+    if named and not dicom_jobs:
+        output = jobs[0].output if len(jobs) == 1 else Path(args.output)
+        written = "a volume file" if len(jobs) == 1 else "volume files"
+        raise ConfigError(f"--patient-id and --patient-name name the patient of a DICOM series, and this run writes "
+                          f"{output} as {written}, which hold no patient: give --output-format dicom (and a folder as "
+                          "OUTPUT) to write a DICOM series, or leave them out")  # fmt: skip
+    dicom, other = [], []
+    for job in dicom_jobs:
+        (dicom if is_dicom_input(job.source) else other).append(job.source)
+    batch = len(jobs) > 1
+    if named and dicom:
+        if not batch:
+            raise ConfigError(
+                f"--patient-id and --patient-name are for an input that holds no patient (NIfTI, NRRD, MetaImage, "
+                f"PNG, JPEG), and {dicom[0]} is DICOM: the series is written in the input's own patient and study, and "
+                "another patient named here would file it under the wrong one. Leave them out (to change a series' "
+                "patient, correct the input's own headers)"
+            )  # fmt: skip
+        raise ConfigError(
+            f"--patient-id and --patient-name are for inputs that hold no patient (NIfTI, NRRD, MetaImage, PNG, JPEG), "
+            f"and {len(dicom)} of the {len(jobs)} {noun}s of this batch are DICOM ({', '.join(map(str, dicom[:3]))}"
+            f"{f' and {len(dicom) - 3} more' if len(dicom) > 3 else ''}): each of their series is written in its "
+            "input's own patient and study, and another patient named here would file it under the wrong one. Nothing "
+            "was done. Leave the options out, or run the DICOM inputs and the others as separate batches"
+        )  # fmt: skip
+    if other and not named:
+        also = ("give the DICOM " + what + " itself as INPUT (the result then joins its patient and study), "
+                "write NIfTI/NRRD instead (OUTPUT ending .nii.gz / .nrrd, without --output-format dicom), or name "
+                "the patient: --patient-id ID --patient-name NAME")  # fmt: skip
+        if not batch:
+            raise ConfigError(
+                f"{other[0]} is {input_kind(other[0])}: it holds no patient or study, so a DICOM series written from "
+                "it would have no patient name or ID and a study of its own, which a PACS files under an unknown "
+                f"patient. {also[0].upper()}{also[1:]}"
+            )  # fmt: skip
+        advice = ("run them as a batch of their own with --patient-id ID --patient-name NAME if they are one "
+                  "patient's" if dicom else "name their patient, if they are one patient's: --patient-id ID "
+                  "--patient-name NAME")  # fmt: skip
+        raise ConfigError(
+            f"{len(other)} of the {len(jobs)} {noun}s of this batch are not DICOM: {_names(other)}. They hold no "
+            "patient or study, so the DICOM series written from them would have no patient name or ID and studies of "
+            "their own, which a PACS files under an unknown patient. Nothing was done. Give DICOM "
+            f"{what if what.endswith('s') else what + 's'} only (move the others out of INPUT), write NIfTI files "
+            f"instead (without --output-format dicom), or {advice}"
+        )  # fmt: skip
+    if named and other:
+        name = f", name {patient_name!r}" if patient_name else ", no name"
+        if not batch:
+            logger.info("the DICOM series from %s is filed under patient ID %r%s, in a new study of its own (%s "
+                        "holds no study)", other[0], patient_id, name, input_kind(other[0]))  # fmt: skip
+        else:
+            logger.warning("all %d DICOM series of this batch are filed under the one patient ID %r%s, each in a new "
+                           "study of its own: give --patient-id only to a batch of one patient's %ss", len(other),
+                           patient_id, name, noun)  # fmt: skip
+
+
+def warn_taken_series_number(jobs: list, number: int | None) -> None:
+    """Before any work: warn when ``--series-number`` (``number``) is the SeriesNumber of another series of a DICOM
+    output's study known here (one in the input folder, one in the folders beside the output, or one this run gives
+    the number to before: two inputs of one study in a batch), as the writer
+    (:func:`~DiffusionCore.dicom_out.derived_series_number`) finds it, which writes the number as asked and said so
+    only once the work was done. ``jobs``: the run's :class:`~.batch.Job` list (those to skip left out)."""
+    if number is None:
+        return
+    from ..dicom_out import DicomSource, sibling_series_numbers
+    from ..errors import DiffusionCoreError
+    from ..results import is_dicom_input
+
+    first: dict[str, Path] = {}  # study -> the output this run gives the number first
+    for job in jobs:
+        if not job.as_dicom or job.skip is not None or not is_dicom_input(job.source):
+            continue
+        try:
+            source = DicomSource.from_path(job.source)
+        except (DiffusionCoreError, OSError):  # the run says what is wrong with this input
+            continue
+        study = str(source.header.get("StudyInstanceUID", ""))
+        if not study:
+            continue
+        where = []
+        if number in source.study_series_numbers:
+            where.append(f"in {job.source}")
+        elif number in sibling_series_numbers(job.output, study):  # (the input folder may lie beside OUTPUT too)
+            where.append(f"in a folder beside {job.output}")
+        if study in first:
+            where.append(f"{first[study]}, written before it in this run")
+        first.setdefault(study, job.output)
+        if where:
+            logger.warning("series number %d is taken by another series of the study of %s known here (%s); it will "
+                           "be written as asked (--series-number), and a PACS then lists two series %d in that study: "
+                           "give another --series-number to keep them apart", number, job.source, "; ".join(where),
+                           number)  # fmt: skip
 
 
 #: The help of --threads (sr and xray2ct; evaluate says it of its figures).

@@ -49,6 +49,7 @@ from ..results import (
     OUTPUT_FORMATS,
     check_room_for_result,
     dicom_source_for,
+    named_patient_source,
     planned_files,
     planned_outputs,
     sr_provenance,
@@ -88,8 +89,10 @@ from .common import (
     THREADS_HELP,
     adapt_settings,
     add_adapt_arguments,
+    add_patient_arguments,
     add_progress_argument,
     bounded_int,
+    check_dicom_patient,
     check_result,
     device_name,
     finite_float,
@@ -97,6 +100,7 @@ from .common import (
     seed_number,
     series_number_type,
     set_torch_threads,
+    warn_taken_series_number,
 )
 
 if TYPE_CHECKING:
@@ -176,20 +180,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "weights or settings (--factor, --seed, adaptation, --threads, --output-dtype, ...) or cut short since "
                           "it was written is refused before any work")
     p.add_argument("--output-dtype", choices=("float32", "int16"), default="float32", help="voxel type of the output file (default float32; a DICOM series is always int16 HU)")
-    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto", help="dicom: write OUTPUT as a folder holding a DICOM series labelled synthetic (for a batch: one series folder per input); file: NIfTI, NRRD or MHA by OUTPUT's suffix; auto (default): a DICOM series when the input is DICOM and OUTPUT has no volume-file suffix, else a file. In a batch auto writes a .nii.gz file for every input, DICOM ones too: give dicom for series")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto", help="dicom: write OUTPUT as a folder holding a DICOM series labelled synthetic (for a batch: one series folder per input), in the input's patient and study; an input that is no DICOM (NIfTI, NRRD, MHA) holds none, and is refused without --patient-id; file: NIfTI, NRRD or MHA by OUTPUT's suffix; auto (default): a DICOM series when the input is DICOM and OUTPUT has no volume-file suffix, else a file. In a batch auto writes a .nii.gz file for every input, DICOM ones too: give dicom for series")
     p.add_argument("--series-number", type=series_number_type, default=None, metavar="N", help=SERIES_NUMBER_HELP)
-    p.add_argument("--report", default=None, metavar="JSON", help="write settings, timings, memory and the weights' sha256 as JSON; for a batch: each volume's (with --skip-existing, those of the run it continues too), and the volumes failed, skipped and not tried (as {volume, why}), written whatever happens once the work has begun, also when stopped (one file per process under torchrun: JSON.rankN.json)")
+    add_patient_arguments(p, "a NIfTI, NRRD or MetaImage CT")
+    p.add_argument("--report", default=None, metavar="JSON", help="write settings, timings, memory, the weights' sha256 and the provenance as JSON (a local record of the run: it names each input by its full path, which the result files do not: they name only the input's file or folder); for a batch: each volume's (with --skip-existing, those of the run it continues too), and the volumes failed, skipped and not tried (as {volume, why}), written whatever happens once the work has begun, also when stopped (one file per process under torchrun: JSON.rankN.json)")
     p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # random weights: meaningless images
     add_adapt_arguments(p)
     add_progress_argument(p)
     p.set_defaults(func=run)
 
 
-def batch_sources(path: Path, searched: dict[str, Path] | None = None) -> tuple[bool, list[Path]]:
+def batch_sources(path: Path, searched: dict[str, Path] | None = None,
+                  left_out: list[dict[str, Any]] | None = None) -> tuple[bool, list[Path]]:
     """(batch?, sources) for INPUT: a volume file, a DICOM file or a DICOM series folder is one volume; a
     folder of volumes or a list file (:data:`~DiffusionCore.files.LIST_SUFFIXES`: .txt, .lst, .list, .csv) is a
     batch. Other files are read as one volume (so that an unsupported file gets the reader's explanation).
-    ``searched``: filled with the folders searched, as :func:`~DiffusionCore.inputs.collect_volumes` fills it."""
+    ``searched``: filled with the folders searched, and ``left_out`` with what their search did not take for a volume,
+    as :func:`~DiffusionCore.inputs.collect_volumes` fills them."""
     from ..dicom_in import is_dicomdir
     from ..files import LIST_SUFFIXES, text_file_error
     from ..inputs import collect_volumes, dicom_file_series, is_dicom_file
@@ -202,14 +209,14 @@ def batch_sources(path: Path, searched: dict[str, Path] | None = None) -> tuple[
         path = path.parent
     if path.is_file():
         if path.suffix.lower() in LIST_SUFFIXES:
-            return True, collect_volumes(path, searched)
+            return True, collect_volumes(path, searched, left_out=left_out)
         if is_dicom_file(path):
             return False, [dicom_file_series(path)]
         text = text_file_error(path)  # a list of volumes saved without a list suffix: named as such, not as an image
         if text is not None:
             raise text
         return False, [path]
-    sources = [s for s in collect_volumes(path, searched) if not _holds_only_a_dicomdir(s)]
+    sources = [s for s in collect_volumes(path, searched, left_out=left_out) if not _holds_only_a_dicomdir(s)]
     if not sources:
         raise InputError(f"{path} holds a DICOMDIR (the index of a DICOM disc or export) but no CT series in the "
                          "folders below it: copy the whole disc or export, with the series folders it lists.")
@@ -274,7 +281,8 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     """
     given = sample_or_path(args.input, "ct")  # a path, or a CT sample's name (chest-dx)
     searched: dict[str, Path] = {}  # the folders searched, those a list file names too: no output goes inside them
-    batch, sources = batch_sources(given, searched)
+    left_out: list[dict[str, Any]] = []  # what the search did not take for a volume: the report's left_out
+    batch, sources = batch_sources(given, searched, left_out)
     out = Path(args.output)
     if one_in_a_folder(batch, sources, given if given.is_dir() else None, out):
         logger.info("%s holds one CT volume, %s: super-resolving it into %s", given, sources[0], out)
@@ -294,6 +302,7 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     planned += [("--uncertainty", job.uncertainty) for job in jobs]
     refuse_overwriting_inputs([*_input_files(args), *searched.values(), *sources],
                               [*planned, ("--report", report_file(args, info))])  # fmt: skip
+    check_dicom_patient(jobs, args, what="series")  # a DICOM series of no patient: refused before any folder is made
     jobs += named_twice_jobs(twice, jobs, as_dicom)
     created: list[Path] = []
     if batch:  # the folders are created only once no output can hit an input
@@ -304,7 +313,8 @@ def plan_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     except BaseException:
         remove_if_empty(created)
         raise
-    return Plan(batch, jobs, created, out if batch else None)
+    warn_taken_series_number(jobs, args.series_number)  # said before the work, not only once it is written
+    return Plan(batch, jobs, created, out if batch else None, left_out=left_out if batch else [])
 
 
 def kept_check(args: argparse.Namespace) -> KeptCheck:
@@ -485,9 +495,12 @@ class _VolumeRun:
         if std is not None:  # a spread of 0 everywhere is an answer, not an empty result
             check_result(std, f"the uncertainty map for {job.source}", hu_range=UNCERTAINTY_HU_RANGE,
                          allow_constant=True)  # fmt: skip
-        # the input's absolute path: the provenance is read beside the output, from anywhere
+        # the input's absolute path, for --report (the local record of the run); the files beside the result record
+        # only its name (provenance.input_name): a folder's name may be a patient's
         provenance = sr_provenance(Path(os.path.abspath(job.source)), volume.metadata, report)
         report["provenance"] = provenance.as_dict()
+        if job.as_dicom and dicom_source is None and args.patient_id:  # an input of no patient: the one named
+            dicom_source = named_patient_source(args.patient_id, args.patient_name or "", provenance.date)
         progress.writing(job.output)
         files = [] if job.as_dicom else planned_files(job.output, False)
         files += planned_files(job.uncertainty, False) if std is not None else []

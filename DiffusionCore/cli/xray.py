@@ -42,14 +42,17 @@ from .common import (
     THREADS_HELP,
     NameList,
     Progress,
+    add_patient_arguments,
     add_progress_argument,
     bounded_int,
+    check_dicom_patient,
     check_result,
     device_name,
     finite_float,
     seed_number,
     series_number_type,
     set_torch_threads,
+    warn_taken_series_number,
 )
 
 logger = logging.getLogger(__name__)
@@ -165,7 +168,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-consistency", dest="consistency", action="store_false",
                    help="skip the re-projection consistency step that makes each stage's DRR match the input "
                    "(shows the network's output alone)")  # fmt: skip
-    p.add_argument("--report", default=None, help="write the JSON report (projection error per stage) here; for a "
+    p.add_argument("--report", default=None, help="write the JSON report (projection error per stage, and the "
+                   "provenance: a local record of the run that names the radiograph by its full path, which the "
+                   "result files do not) here; for a "
                    "batch: each radiograph's (with --skip-existing, those of the run it continues too), those failed, "
                    "skipped and not tried (as {radiograph, why}) and what the search passed over, written whatever "
                    "happens once the work has begun, also when stopped (under torchrun one file per process: "
@@ -179,10 +184,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "...) is refused before any work")  # fmt: skip
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto",
                    help="dicom: OUTPUT is a folder for a CT DICOM series labelled synthetic, in the radiograph's "
-                   "study; file: NIfTI, NRRD or MHA by OUTPUT's suffix; auto (default): a DICOM series when the "
+                   "patient and study (a radiograph that is no DICOM holds none, and is refused without --patient-id); "
+                   "file: NIfTI, NRRD or MHA by OUTPUT's suffix; auto (default): a DICOM series when the "
                    "radiograph is DICOM and OUTPUT has no volume-file suffix")  # fmt: skip
     p.add_argument("--series-number", type=series_number_type, default=None, metavar="N",
                    help=SERIES_NUMBER_HELP + " (the final CT's; --save-stages series get their own)")
+    add_patient_arguments(p, "a PNG, JPEG, TIFF, BMP, NRRD, MetaImage or NIfTI radiograph")
     p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # tests: random tiny net
     add_progress_argument(p)
     p.set_defaults(func=run_xray2ct, memory_hint=XRAY_MEMORY_HINT)
@@ -384,6 +391,7 @@ def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
                     for item in planned_outputs(p, job.as_dicom, "a stage output")]  # fmt: skip
     refuse_overwriting_inputs([args.xray, given, args.weights, *searched, *sources],
                               [*planned, ("--report", report_file(args, info))])  # fmt: skip
+    check_dicom_patient(jobs, args, what="radiograph", noun="radiograph")  # before the output folder is made
     jobs += named_twice_jobs(twice, jobs, as_dicom)
     created = [out] if batch and check_batch_folder(out, "output") else []
     try:
@@ -396,6 +404,7 @@ def plan_xray_jobs(args: argparse.Namespace, info: DistInfo) -> Plan:
     except BaseException:
         remove_if_empty(created)
         raise
+    warn_taken_series_number(jobs, args.series_number)  # said before the work, not only once it is written
     return Plan(batch, jobs, created, out if batch else None, passed_over)
 
 
@@ -475,7 +484,7 @@ class _RadiographRun:
         return ""
 
     def __call__(self, job: Job) -> dict[str, Any]:
-        from ..results import dicom_source_for, planned_files, write_result
+        from ..results import dicom_source_for, named_patient_source, planned_files, write_result
         from ..xray.radiograph import check_model_input_size, read_radiograph
 
         args, progress = self.args, self.progress
@@ -513,9 +522,12 @@ class _RadiographRun:
                 report.setdefault("notes", []).append(note)
         progress.after_run("checking the result")
         check_result(vol, "the xray2ct result")
-        # the input's absolute path: the provenance is read beside the output, from anywhere
+        # the input's absolute path, for --report (the local record of the run); the files beside the result record
+        # only its name (provenance.input_name): a folder's name may be a patient's
         provenance = xray_provenance(Path(os.path.abspath(job.source)), report, _weights_label(args), uid)
         report["provenance"] = provenance.as_dict()
+        if job.as_dicom and dicom_source is None and args.patient_id:  # a radiograph of no patient: the one named
+            dicom_source = named_patient_source(args.patient_id, args.patient_name or "", provenance.date)
         progress.writing(job.output)
         paths = [p for _, p in stage_volumes] + [job.output]
         files = [] if job.as_dicom else [f for p in paths for f in planned_files(p, False)]
