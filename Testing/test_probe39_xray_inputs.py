@@ -7,6 +7,7 @@ sideways or inverted, not inverted."""
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 import pytest
@@ -200,3 +201,23 @@ def test_a_sideways_chest_is_said_to_be_sideways_or_inverted_and_an_inverted_one
         assert "run it again with --invert" in note
     assert inversion_note(1.0 - upright).startswith("the radiograph looks inverted (bones dark): ")
     assert "run it again without --invert" in inversion_note(np.rot90(upright).copy(), invert=True)
+
+
+def test_the_slicer_modules_command_refuses_a_thumbnail_too(tmp_path):
+    """The X-ray to CT module's command (what Apply runs) refuses a 40x40 image with the shipped weights, as xray2ct
+    does, before generating anything; 64x64 (half the model's 128) is taken."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "XrayToCT" / "CLI" / "XrayToCTGenerate.py"
+    small = tmp_path / "thumb.png"
+    Image.fromarray(_grey((40, 40)).astype(np.uint8)).save(small)
+    out = tmp_path / "ct.nrrd"
+    done = subprocess.run([sys.executable, str(script), "--numSteps", "1", "--numSamples", "1", "--device", "cpu",
+                           str(small), str(out)], capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert ("the radiograph is only 40x40 pixels, a thumbnail rather than a radiograph: the model reads 128x128 pixels "
+            "and needs at least 64 pixels on each side") in done.stderr, done.stderr
+    assert not out.exists()

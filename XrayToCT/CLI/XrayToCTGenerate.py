@@ -279,6 +279,10 @@ def _generate(args: argparse.Namespace, cancel, written: list[Path]) -> int:
             args.weights = installed_default_weights()
             generator = XrayToCTGenerator.from_pretrained(args.weights)
         model_name = args.weights
+    from DiffusionCore.xray.radiograph import check_model_input_size
+
+    # a thumbnail is refused, as xray2ct refuses it
+    check_model_input_size(radiograph, max(c.xray_resolution for c in generator.cascade.configs), "the radiograph")
     settings = {
         "consistency": not args.noConsistency,
         "num_stages": args.numStages or None,
