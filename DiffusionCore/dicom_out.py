@@ -1,7 +1,8 @@
 """Write a generated CT as a DICOM series (CT Image Storage, one file per slice) with pydicom.
 
 The series is labelled synthetic wherever it goes: ImageType ``DERIVED\\SECONDARY\\AXIAL``, a
-SeriesDescription ending in the run's title (``"SR x4 (synthetic)"``), ImageComments saying that the image
+SeriesDescription saying what the series is, its slice spacing, then its input and "(synthetic)"
+(``"SR x4 1.25mm from 5mm (synthetic)"``, :func:`series_description`), ImageComments saying that the image
 was generated, a DerivationDescription naming the model, the weights' sha256, the input's UID and the settings,
 and a Source Image Sequence pointing at the input instances.
 
@@ -77,7 +78,7 @@ from .files import (
     remove_stale_partials,
     too_long_error,
 )
-from .provenance import NOT_ACQUIRED, SOFTWARE, Provenance, input_name
+from .provenance import NOT_ACQUIRED, SOFTWARE, SYNTHETIC_SUFFIX, Provenance, input_name
 from .version import __version__
 from .volume import Volume, is_localizer
 
@@ -299,13 +300,36 @@ def _ds_text(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
-def series_description(source: DicomSource | None, title: str) -> str:
-    """``"<input description> <title>"`` in at most 64 characters, always ending in ``title``."""
+#: The longest SeriesDescription: an LO value, 64 characters.
+DESCRIPTION_MAX = 64
+
+
+def series_description(source: DicomSource | None, title: str, slice_spacing_mm: float | None = None) -> str:
+    """What the series is, then the input it came from, in at most :data:`DESCRIPTION_MAX` characters, always ending in
+    " (synthetic)": ``"SR x4 1.25mm from 5mm (synthetic)"`` for a 1.25 mm result of a "5mm" series (a PACS list that
+    showed "5mm SR x4 ..." had a reader take the thin series for the thick one), ``"CT from radiograph Chest PA
+    (synthetic)"`` for a title that says what it came from itself.
+
+    Args:
+        source: the DICOM input, whose SeriesDescription is named (its own " (synthetic)" left out), or ``None``.
+        title: the run's title (``"SR x4 (synthetic)"``); its " (synthetic)" moves to the end.
+        slice_spacing_mm: the written slices' spacing (along their normal), said after the title's label unless the
+            label says a spacing itself (``"SR 1.5 mm"``); ``None``: not said.
+
+    Too long a text loses the end of the input's description first, then the description, then the end of the label.
+    """
+    label = title.strip().removesuffix(SYNTHETIC_SUFFIX).strip()
+    if label.lower() == "synthetic":  # the title of a result whose run is not known says nothing more
+        label = ""
+    if slice_spacing_mm and 0 < slice_spacing_mm < float("inf") and not re.search(r"\d\s*mm\b", label):
+        label = f"{label} {slice_spacing_mm:.3g}mm".strip()  # "1.25mm", as a scanner's own "5mm" says it
     base = str(source.header.get("SeriesDescription", "")).strip() if source is not None else ""
-    room = 64 - len(title) - 1
-    if not base or room < 4:
-        return title[:64]
-    return f"{base[:room].rstrip()} {title}"
+    base = base.removesuffix(SYNTHETIC_SUFFIX).strip()  # a synthetic input's mark: said once, at the end
+    joint = " " if " from " in f" {label} " else " from "  # "CT from radiograph Chest PA", "SR x4 1.25mm from 5mm"
+    room = DESCRIPTION_MAX - len(label) - len(joint) - len(SYNTHETIC_SUFFIX)
+    if base and room >= 4:
+        return f"{label}{joint}{base[:room].rstrip()}{SYNTHETIC_SUFFIX}".lstrip()
+    return f"{label[: DESCRIPTION_MAX - len(SYNTHETIC_SUFFIX)].rstrip()}{SYNTHETIC_SUFFIX}".lstrip()
 
 
 def _fmt(value: float) -> str:
@@ -594,9 +618,10 @@ def _copy_valid(src: Any, ds: Any, keyword: str) -> None:
 
 def _base_dataset(
     source: DicomSource | None, prov: Provenance, *, keep_frame: bool, folder: Path | None = None,
-    series_number: int | None = None,
+    series_number: int | None = None, slice_spacing_mm: float | None = None,
 ) -> tuple[Any, dict[str, str]]:
-    """The attributes shared by every slice, and the UIDs of the new series (written into ``folder``)."""
+    """The attributes shared by every slice, and the UIDs of the new series (written into ``folder``);
+    ``slice_spacing_mm``: the written slices' spacing, which the SeriesDescription of a super-resolution result says."""
     _pydicom()
     from pydicom.dataset import Dataset
 
@@ -632,7 +657,7 @@ def _base_dataset(
     ds.SOPClassUID = CT_IMAGE_STORAGE
     ds.Modality = "CT"
     ds.SeriesNumber = derived_series_number(source, uids["study"], folder, series_number)
-    ds.SeriesDescription = series_description(source, prov.title)
+    ds.SeriesDescription = series_description(source, prov.title, slice_spacing_mm if prov.task == "sr" else None)
     if "PatientPosition" not in ds:
         ds.PatientPosition = ""  # type 2C for CT: unknown for a CT made from a radiograph
     input_offset = _valid_offset(src.get("TimezoneOffsetFromUTC")) if src is not None else ""
@@ -730,7 +755,7 @@ def write_dicom_series(
     normal = np.cross(d[:, 0], d[:, 1])
     between = sz * abs(float(d[:, 2] @ normal))  # along the normal: sz itself unless the grid is tilted
     base, _ = _base_dataset(source, provenance, keep_frame=keep_frame_of_reference, folder=out,
-                            series_number=series_number)
+                            series_number=series_number, slice_spacing_mm=between)
     refs = _nearest_sources(source, positions, normal)
     numbers = instance_numbers(source, positions, normal)
     pixels, base.PixelRepresentation, intercept = pixel_encoding(vol.array, f"the DICOM series {out}")

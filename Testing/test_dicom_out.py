@@ -76,7 +76,7 @@ def test_a_thick_dicom_series_becomes_a_thin_synthetic_series(tmp_path, thick_se
         assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.FrameOfReferenceUID == src.FrameOfReferenceUID
         assert ds.PatientName == "Doe^Jane" and ds.PatientID == "P-0042"
         assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
-        assert ds.SeriesDescription == "Thorax 4mm SR x2 (synthetic)"
+        assert ds.SeriesDescription == "SR x2 2mm from Thorax 4mm (synthetic)"
         assert "SYNTHETIC" in ds.ImageComments and "not acquired" in ds.ImageComments
         assert "tiny-test" in ds.DerivationDescription and '"factor":2' in ds.DerivationDescription
         assert ds.Manufacturer == "CTDiffusion" and ds.SoftwareVersions
@@ -138,7 +138,7 @@ def test_output_format_choices_and_refusals(tmp_path, thick_series, make_phantom
     done = _sr(nifti, series, "--factor", "2", "--output-format", "dicom", "--patient-id", "RES-1")
     assert done.returncode == 0, done.stderr
     first = _dicom_files(series)[0]
-    assert first.PatientID == "RES-1" and first.SeriesDescription == "SR x2 (synthetic)"
+    assert first.PatientID == "RES-1" and first.SeriesDescription == "SR x2 2mm (synthetic)"
 
     again = _sr(source, series, "--factor", "2")
     assert again.returncode == 4 and "already holds a DICOM series" in again.stderr and "--overwrite" in again.stderr
@@ -171,8 +171,8 @@ def test_a_batch_of_series_becomes_one_synthetic_series_folder_per_input(tmp_pat
     chest, second = _dicom_files(out / "chest"), _dicom_files(out / "second")
     assert len(chest) == 2 * thick.shape[0] and len(second) == 12
     assert {ds.PatientID for ds in chest} == {"P-0042"}  # each series keeps its own input's patient and study
-    assert {ds.SeriesDescription for ds in chest} == {"Thorax 4mm SR x2 (synthetic)"}
-    assert {ds.SeriesDescription for ds in second} == {"SR x2 (synthetic)"}
+    assert {ds.SeriesDescription for ds in chest} == {"SR x2 2mm from Thorax 4mm (synthetic)"}
+    assert {ds.SeriesDescription for ds in second} == {"SR x2 1.5mm (synthetic)"}
     assert {ds.SeriesInstanceUID for ds in chest}.isdisjoint({ds.SeriesInstanceUID for ds in second})
     assert read_volume(out / "second").shape == (12, 24, 24)
 
@@ -294,7 +294,7 @@ def test_xray2ct_writes_a_synthetic_ct_series_in_the_radiographs_study(tmp_path)
         assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == "P-9"
         assert ds.SeriesInstanceUID != src.SeriesInstanceUID and ds.Modality == "CT"
         assert ds.FrameOfReferenceUID != src.FrameOfReferenceUID  # a generated CT is not in the radiograph's space
-        assert ds.SeriesDescription == "Chest PA CT from radiograph (synthetic)"
+        assert ds.SeriesDescription == "CT from radiograph Chest PA (synthetic)"
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
         assert "SYNTHETIC" in ds.ImageComments and list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
     report = json.loads((tmp_path / "r.json").read_text())

@@ -159,7 +159,7 @@ def test_a_result_exported_after_its_input_was_removed_keeps_the_patient_and_stu
     assert (written.PatientID, str(written.PatientName)) == ("PX-42", "Doe^Jane")
     assert written.StudyInstanceUID == source.StudyInstanceUID
     assert written.FrameOfReferenceUID == source.FrameOfReferenceUID
-    assert written.SeriesDescription == "Chest 4mm SR x2 (synthetic)"
+    assert written.SeriesDescription == "SR x2 4mm from Chest 4mm (synthetic)"
     referenced = {item.ReferencedSOPInstanceUID for item in written.SourceImageSequence}
     assert referenced <= {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
 
@@ -172,7 +172,8 @@ def test_the_sr_of_an_sr_result_is_exported_in_the_scans_patient_and_study(scene
     second = _result_of(scene, first)
     written = _exported(second, tmp_path / "with_chain")
     assert written.PatientID == "PX-42" and written.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
-    assert written.SeriesDescription == "Chest 4mm SR x2 SR x2 (synthetic)"  # both steps, from the scan's series
+    # both steps, from the scan's series
+    assert written.SeriesDescription == "SR x2 SR x2 4mm from Chest 4mm (synthetic)"
     remove_node_and_helpers(scene, first)
     remove_node_and_helpers(scene, node)
     written = _exported(second, tmp_path / "chain_removed")

@@ -176,7 +176,7 @@ def test_the_header_comes_from_a_slice_not_from_a_localizer_left_out(tmp_path, m
     assert source.header.SeriesDescription == "Chest 4mm" and source.header.KVP == 120
     assert f"{STUDY}.1.99" not in {s.sop_instance_uid for s in source.instances}
     written = _first(write_series(make_phantom(shape=(4, 16, 16)), tmp_path / "out", _provenance(), source=source))
-    assert written.SeriesDescription == "Chest 4mm SR x2 (synthetic)" and written.KVP == 120
+    assert written.SeriesDescription == "SR x2 2mm from Chest 4mm (synthetic)" and written.KVP == 120
     assert (written.WindowCenter, written.WindowWidth) == (-600, 1600)  # before: the default 40/400
 
 

@@ -124,7 +124,7 @@ def test_sr_patient_options_name_the_patient_of_a_series_made_from_a_nifti_file(
     first = files[0]
     assert first.StudyDate == first.SeriesDate and first.StudyTime == first.SeriesTime  # the new study is made now
     assert len(first.TimezoneOffsetFromUTC) == 5  # the local time they are in, which holds for the study's too
-    assert len({ds.StudyInstanceUID for ds in files}) == 1 and first.SeriesDescription == "SR x2 (synthetic)"
+    assert len({ds.StudyInstanceUID for ds in files}) == 1 and first.SeriesDescription == "SR x2 2mm (synthetic)"
     if shutil.which("dciodvfy"):  # the DICOMDIR warnings of the probe's series are gone
         check = subprocess.run(["dciodvfy", str(sorted(out.glob("*.dcm"))[0])], capture_output=True, text=True)
         report = check.stdout + check.stderr

@@ -53,7 +53,7 @@ def test_export_as_dicom_keeps_the_label_and_the_input_identity(tmp_path, scene_
     written = [pydicom.dcmread(f) for f in sorted(out.iterdir())]
     assert len(written) == 6
     first = written[0]
-    assert first.SeriesDescription == "Chest 4mm SR x2 (synthetic)" and first.PatientID == "P-7"
+    assert first.SeriesDescription == "SR x2 4mm from Chest 4mm (synthetic)" and first.PatientID == "P-7"
     assert list(first.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "SYNTHETIC" in first.ImageComments
     assert "sr-default" in first.DerivationDescription and "ab" * 32 in first.DerivationDescription
     assert first.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
@@ -260,7 +260,8 @@ def test_a_result_loaded_from_its_file_is_labelled_synthetic(tmp_path, scene_wit
     assert mrml_io.export_needs_patient(loaded)  # its input was not DICOM
     mrml_io.export_result(loaded, str(out), as_dicom=True, patient_id="P-9")
     first = pydicom.dcmread(sorted(out.iterdir())[0])
-    assert first.SeriesDescription.endswith("SR x2 (synthetic)") and first.PatientID == "P-9"
+    assert first.SeriesDescription.startswith("SR x2 ") and first.SeriesDescription.endswith(" (synthetic)")
+    assert first.PatientID == "P-9"
 
 
 def test_results_loaded_before_the_modules_watched_are_recognised_when_a_panel_opens(tmp_path, scene_with_result):

@@ -27,8 +27,28 @@ import sys
 logger = logging.getLogger("DiffusionCore")
 
 
+#: What ``--help`` says after the script's own options: the train command's options it passes on, the most used ones
+#: named (the README's examples use them), and where all of them are listed.
+PASSED_THROUGH_HELP = """\
+other options are passed to `python -m DiffusionCore train FAMILY` unchanged; the most used:
+  --init-from WEIGHTS   start from exported weights, e.g. sr-default or xray-default (throughplane, sr, xray)
+  --max-steps N         stop after this many steps in total
+  --max-minutes M       stop after this many minutes with a clean checkpoint; 0: no limit (throughplane, xray)
+  --threads N           torch threads (throughplane)
+  --val-data PATH ...   held-out volumes for validation (sr, vae)
+  --epochs N, --batch-size N, --seed N (where the family has them)
+
+all of a family's options: python -m DiffusionCore train FAMILY --help (e.g. train throughplane --help)
+
+example:
+  headless_train.py --family throughplane --data /data/ct --output-dir runs/tp1 --init-from sr-default \\
+      --max-minutes 120
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="headless_train.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="headless_train.py", description=__doc__.splitlines()[0],
+                                epilog=PASSED_THROUGH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=("throughplane", "sr", "vae", "xray"), default="throughplane",
                    help="model family to train (throughplane: the shipped SR design, on the CPU)")
     p.add_argument("--config", default=None,
