@@ -128,7 +128,7 @@ def test_a_finished_result_that_memory_keeps_from_the_scene_is_kept_on_disk(scen
     monkeypatch.setattr(sr_logic, "read_volume_file", no_memory)
     job = SRJob(scene, node, SRSettings(**FAST))
     assert job.run(timeout=240) == JobState.FAILED
-    kept = sorted(job_tmp.glob("CT_01 SR x4 (synthetic) *.nrrd"))  # "/" is no file name character
+    kept = sorted(job_tmp.glob("*/CT_01 SR x4 (synthetic) *.nrrd"))  # "/" is no file name character; in a private folder
     assert len(kept) == 1 and read_volume(kept[0], check=False).shape == (24, 32, 32)
     assert job.error == (f"not enough memory: reading the result of 'CT/01' (24x32x32 voxels) needs about 4.7 GiB. "
                          f"The result was kept in {kept[0]}: load it (File > Add Data) when memory allows, or delete "

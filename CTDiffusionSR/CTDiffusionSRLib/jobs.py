@@ -12,6 +12,7 @@ and a cancelled or failed job removes any node it had created, so nothing half-m
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -36,6 +37,10 @@ LineCallback = Callable[[str], None]
 
 #: How a job's temporary folder is named (``tempfile.mkdtemp(prefix=...)``).
 JOB_FOLDER_PREFIX = "ctdiffusion-"
+#: How the private folder is named that keeps a finished result memory kept from the scene
+#: (:meth:`CLIJob._keep_result_files`): in the temp folder with the jobs' folders, but not ``ctdiffusion-*``, so that
+#: :func:`remove_stale_job_folders` never takes it for a job's.
+KEPT_RESULT_PREFIX = "ctdiffusion_result_"
 #: The file in a job's temporary folder that names the process owning it, ``PID HOST``, is ``OWNER_FILE``; the
 #: compile cache folder a job's command makes (``TORCH_CACHE_PREFIX``, DiffusionCore.cli.missing.own_torch_cache)
 #: has it too, naming the command's process.
@@ -506,20 +511,33 @@ class CLIJob:
 
     def _keep_result_files(self, exc: BaseException) -> str:
         """A finished result that memory running out kept from the scene is not thrown away with the job's folder:
-        its files move to the temp folder, and the returned sentence (for the error) says where."""
+        its files move to a private folder (``tempfile.mkdtemp``, :data:`KEPT_RESULT_PREFIX`, readable by this user
+        alone, as the job's own folder is) in the temp folder, each file readable by this user alone (a patient's
+        image, under a name that may hold the patient's: the shared temp folder is open to every user of the
+        machine), and the returned sentence (for the error) says where."""
         if not isinstance(exc, MemoryError | ResourceError):
+            return ""
+        results = self.result_files(Path(self.tempdir))
+        if not results:
+            return ""
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=KEPT_RESULT_PREFIX, dir=tempfile.gettempdir()))  # mode 0700
+        except OSError:
             return ""
         kept = []
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        for path, name in self.result_files(Path(self.tempdir)):
+        for path, name in results:
             safe = re.sub(r'[\\/:*?"<>|]', "_", name)  # a node's name may hold what a file name cannot
-            target = Path(tempfile.gettempdir()) / f"{Path(safe).stem} {stamp}{Path(safe).suffix}"
+            target = folder / f"{Path(safe).stem} {stamp}{Path(safe).suffix}"
             try:
                 shutil.move(str(path), target)
             except OSError:
                 continue
+            with contextlib.suppress(OSError):  # a move across file systems copies the job file's mode; the folder
+                os.chmod(target, 0o600)  # is this user's alone all the same
             kept.append(str(target))
         if not kept:
+            shutil.rmtree(folder, ignore_errors=True)
             return ""
         return (f"The result was kept in {', '.join(kept)}: load it (File > Add Data) when memory allows, or delete "
                 "it.")  # fmt: skip

@@ -572,6 +572,12 @@ def orient_as_displayed(
 #: Bytes per pixel that reading a radiograph needs besides its decoded pixels: the float32 grey image, its windowed
 #: copy and the work of the checks.
 READ_BYTES_PER_PIXEL = 16
+#: The largest side, in pixels, of an image read as a radiograph, refused from its header before it is decoded
+#: (:func:`_check_size`). A radiograph has at most about 4,300 pixels a side (a 43 cm detector at 0.1 mm), a mammogram
+#: about 6,000 (24 x 30 cm at 0.05 mm); nearly three times that leaves room for any real image, while a file whose
+#: header claims more is a decompression bomb (a PNG of 30000x30000 zero pixels is 875 KB on disc and took 7.4 GB to
+#: decode, under the free memory the memory check compares with) or a corrupt header.
+MAX_RADIOGRAPH_SIDE = 16384
 
 
 def _component_bytes(reader: sitk.ImageFileReader) -> int:
@@ -584,11 +590,26 @@ def _component_bytes(reader: sitk.ImageFileReader) -> int:
 
 
 def _check_size(p: Path, size: list[int], components: int, component_bytes: int = 8) -> None:
-    """Refuse, from the header alone, an image that cannot fit in memory (a corrupt header can claim
-    billions of pixels) before it is decoded: its decoded pixels (``components`` channels of ``component_bytes``
-    each) and :data:`READ_BYTES_PER_PIXEL` of work per pixel (a colour image is made grey before that work)."""
+    """Refuse, from the header alone, before it is decoded, an image with a side over :data:`MAX_RADIOGRAPH_SIDE`
+    pixels (no radiograph is that large: a decompression bomb or a corrupt header), or one that cannot fit in memory
+    (a corrupt header can claim billions of pixels): its decoded pixels (``components`` channels of
+    ``component_bytes`` each) and :data:`READ_BYTES_PER_PIXEL` of work per pixel (a colour image is made grey before
+    that work).
+
+    Raises:
+        InputError: a side is over :data:`MAX_RADIOGRAPH_SIDE` pixels.
+        ResourceError: the image does not fit in memory.
+    """
     from ..files import check_memory_for
 
+    if size and max(size) > MAX_RADIOGRAPH_SIDE:
+        shown = size[:2] if len(size) == 3 and size[2] == 1 else size  # a DICOM image is read as one slice of 3D
+        raise InputError(
+            f"{p.name} is {'x'.join(map(str, shown))} pixels by its header, more than the {MAX_RADIOGRAPH_SIDE} pixels a "
+            "side xray2ct reads: no radiograph is that large (a chest radiograph has about 4,300 pixels a side, a "
+            "mammogram about 6,000), so the file is corrupt or was enlarged. Export the radiograph at its acquired "
+            "resolution (the DICOM file from the PACS or viewer, or a PNG/TIFF of it as acquired) and give that file."
+        )
     pixels = int(np.prod(size, dtype=np.float64))
     check_memory_for(
         pixels * (READ_BYTES_PER_PIXEL + max(1, components) * component_bytes),

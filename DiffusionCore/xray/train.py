@@ -178,12 +178,12 @@ def load_training_cubes(data: Any, resolutions: list[int], fov_mm: float) -> lis
 
 
 def training_cubes(
-    data: Any, resolutions: list[int], fov_mm: float, view: str | None = None
+    data: Any, resolutions: list[int], fov_mm: float, view: str | None = None, passed_over: list[str] | None = None
 ) -> tuple[list[dict[int, np.ndarray]], list[str]]:
     """The cubes a run on ``data`` trains on, and the CTs they come from as its checkpoints record them
     (``extra["data"]``): a ``prepare-xray-data`` folder's cases by their source CT, or of the CT volumes found (see
     :func:`~DiffusionCore.inputs.collect_volumes`) those read and used, not those passed over (unreadable, or too
-    small for the cube).
+    small for the cube; ``passed_over``, where given, gets their paths).
 
     A prepared folder must hold cubes at least as fine as the finest resolution trained (a coarser one is made by
     resampling the finest prepared cube, a finer one is refused). Its DRRs are not read: training renders its own in
@@ -233,6 +233,9 @@ def training_cubes(
     paths = collect_volumes(data)
     out, used = load_cubes(paths, resolutions, fov_mm, named=named_volumes(data))
     log_volumes_used(paths, used)
+    if passed_over is not None:
+        kept = {Path(p) for p in used}
+        passed_over.extend(str(p) for p in paths if Path(p) not in kept)
     return out, volume_record(used)
 
 
@@ -627,14 +630,15 @@ def stage_lineage(
         (stage number as text -> where it comes from, in words; the stages never trained in this lineage).
     """
     from ..files import sha256_file
+    from ..sr.throughplane_train import _weights_label
 
     lineage: dict[str, str] = {}
     untrained: list[int] = []
     digests: dict[Path, str] = {}
 
-    def named(src: StageSource) -> str:
+    def named(src: StageSource) -> str:  # a file or folder by its own name: the folders above may name a patient
         digest = digests.setdefault(src.path, sha256_file(src.path))
-        return f"{src.name} (sha256 {digest[:16]})"
+        return f"{_weights_label(src.name)} (sha256 {digest[:16]})"
 
     for s in range(1, top + 1):
         src = sources.get(s) or init_source
@@ -659,6 +663,7 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     Raises:
         ConfigError, InputError, WeightsError: bad configs, data or starting weights.
     """
+    from ..sr.throughplane_train import public_data_record
     from ..train.checkpoint import (
         load_training_state,
         nothing_to_resume,
@@ -741,7 +746,8 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
     out_dir = Path(opts.output_dir)
     resolutions = sorted({c.resolution for c in configs[: top.stage]})
-    cubes, volumes = training_cubes(opts.data, resolutions, top.data.fov_mm, top.data.view)
+    passed_over: list[str] = []
+    cubes, volumes = training_cubes(opts.data, resolutions, top.data.fov_mm, top.data.view, passed_over)
     r1 = configs[0].resolution
     mean_hu = np.mean([c[r1] for c in cubes], axis=0)
     cascade.set_mean_ct(hu_to_unit(torch.from_numpy(mean_hu))[None, None])
@@ -840,6 +846,9 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
         if ema is not None:  # export the weight average (the checkpoints keep both)
             ema.copy_to_models()
         weights = out_dir / EXPORT_NAME
+        # the weights, which a user shares, count the volumes and name only the project's samples (a user's file and
+        # folder names are often a patient's name or MRN); the checkpoints' state.json keeps the paths
+        recorded = public_data_record(volume_names(volumes), volumes)
         sha = cascade.save_pretrained(
             weights,
             {
@@ -848,8 +857,11 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
                 "untrained_stages": untrained,
                 "steps": step,
                 "weight_average": bool(ema is not None),
-                "data": volume_names(volumes),
-                "description": "X-ray to CT cascade trained with DiffusionCore train xray",
+                "data": recorded["names"],
+                "volumes": recorded["count"],
+                "passed_over": len(passed_over),
+                "description": f"X-ray to CT cascade trained with DiffusionCore train xray for {step} steps on "
+                               f"{recorded['description']}",
             },
         )
         summary.update({"weights": str(weights), "sha256": sha})
