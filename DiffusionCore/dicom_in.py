@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -118,6 +119,70 @@ def check_series_identity(values: Mapping[str, Mapping[str, str]], series: str) 
 FEW_FILES = 4
 
 
+#: Transfer syntax UID of Deflated Explicit VR Little Endian: the whole dataset after the file meta is deflated.
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+#: Bytes read at a time while measuring a deflated dataset's inflated size.
+_INFLATE_CHUNK = 1 << 20
+
+
+def _deflated_start(path: str | os.PathLike) -> int | None:
+    """Where the deflated dataset of a Deflated Explicit VR Little Endian file starts (after its file meta), or None
+    for any other file (another transfer syntax, no DICOM, unreadable): read from the file meta alone."""
+    try:
+        from pydicom.filereader import read_file_meta_info
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meta = read_file_meta_info(path)
+        if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
+            return None
+        return 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)  # preamble, DICM, the group length element
+    except Exception:  # noqa: BLE001 - no DICOM file meta: not a deflated file
+        return None
+
+
+def inflated_size(path: str | os.PathLike, cap: int) -> int | None:
+    """The size of the deflated dataset of ``path`` once inflated, measured by inflating it a chunk at a time (never
+    held whole), stopping once past ``cap`` bytes (then a value above ``cap``); None for a file that is not deflated
+    or whose data do not inflate (left to the reader, which names a corrupt file)."""
+    start = _deflated_start(path)
+    if start is None:
+        return None
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            while total <= cap:
+                chunk = f.read(_INFLATE_CHUNK)
+                if not chunk:
+                    break
+                while chunk and total <= cap:
+                    total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+                    chunk = inflater.unconsumed_tail
+            if total <= cap:
+                total += len(inflater.flush())  # what the last call held back (less than one window)
+    except (OSError, zlib.error):
+        return None
+    return total
+
+
+def check_deflated_size(path: str | os.PathLike) -> None:
+    """Refuse a Deflated DICOM file whose dataset inflates to more than the memory available
+    (``$DIFFUSIONCORE_MEMORY_LIMIT`` when set), before pydicom inflates it: pydicom inflates the whole dataset in
+    memory even to read its header, so a file of a few hundred kB can take gigabytes (a "deflate bomb")."""
+    from .files import check_memory_for, host_available_memory, memory_limit_from_env
+
+    limit = memory_limit_from_env() or host_available_memory()
+    inflated = inflated_size(path, limit)
+    if inflated is not None:
+        # pydicom holds the deflated bytes, the inflated dataset and, reading the pixels, a copy of them
+        check_memory_for(2 * inflated, f"reading {path} (a Deflated DICOM file whose data inflate to "
+                         f"{'more than ' if inflated > limit else ''}{inflated:,} bytes)",
+                         "export it with an uncompressed or JPEG transfer syntax instead of Deflated")  # fmt: skip
+
+
 def enhanced_ct_in(path: str | os.PathLike) -> Path | None:
     """The enhanced CT file ``path`` is, or the one a small folder holds (a folder of many files is a classic
     series, one file per slice), else ``None``."""
@@ -137,7 +202,12 @@ def enhanced_ct_in(path: str | os.PathLike) -> Path | None:
 
 
 def is_enhanced_ct(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a DICOM file of an enhanced (multi-frame) CT class (header only)."""
+    """Whether ``path`` is a DICOM file of an enhanced (multi-frame) CT class (header only).
+
+    Raises:
+        ResourceError: a Deflated file that inflates to more than the memory available (:func:`check_deflated_size`).
+    """
+    check_deflated_size(path)
     try:
         import pydicom
 
@@ -172,6 +242,28 @@ class EnhancedCT(NamedTuple):
     positions: np.ndarray  # (z, 3) LPS mm of each frame's first pixel, in the array's order (a tilt drifts them)
 
 
+#: Bytes per voxel of an enhanced CT beyond its stored pixels: the float32 pixels, their HU and the HU sorted by
+#: position (:func:`read_enhanced_ct`).
+_ENHANCED_FLOAT_COPIES = 12
+
+
+def _check_enhanced_size(head, p: Path) -> None:
+    """Refuse an enhanced CT whose frames cannot fit in memory, from its header (``head``, read without the pixels):
+    frames x rows x columns x (the stored pixels, their decoded array and :data:`_ENHANCED_FLOAT_COPIES`)."""
+    from .files import check_memory_for
+
+    try:
+        n, rows, cols, bits, samples = (int(head.get(k, 0) or 0) for k in
+                                        ("NumberOfFrames", "Rows", "Columns", "BitsAllocated", "SamplesPerPixel"))
+    except (TypeError, ValueError):
+        return  # left to the checks below, which name what is wrong
+    stored = max(1, -(-bits // 8)) * max(1, samples)  # bytes per pixel as stored, and as decoded
+    voxels = max(n, 0) * max(rows, 0) * max(cols, 0)
+    check_memory_for(voxels * (2 * stored + _ENHANCED_FLOAT_COPIES),
+                     f"reading the enhanced CT {p} ({n} frames of {rows}x{cols} pixels)",
+                     "export a smaller region or fewer frames, or the series as classic single-frame CT images")
+
+
 def read_enhanced_ct(path: str | os.PathLike) -> EnhancedCT:
     """Read an enhanced multi-frame CT file (HU, LPS geometry); :func:`DiffusionCore.volume.read_volume` does
     this for such a file or a folder holding one.
@@ -179,10 +271,19 @@ def read_enhanced_ct(path: str | os.PathLike) -> EnhancedCT:
     Raises:
         InputError: missing functional groups, mixed orientations, uneven or doubled frame positions, pixel
             data that cannot be decoded (with the plugin to install).
+        ResourceError: the frames, or a Deflated file's inflated data, cannot fit in memory (checked from the
+            header, before any pixel is decoded).
     """
     import pydicom
 
     p = Path(path)
+    check_deflated_size(p)
+    try:  # the header first: the voxels' memory is checked before they are read and decoded
+        head = pydicom.dcmread(p, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged file: say so with the file's name
+        raise InputError(f"corrupt DICOM file {p}: {exc}") from None
+    _check_enhanced_size(head, p)
+    del head
     try:
         ds = pydicom.dcmread(p)
     except Exception as exc:  # noqa: BLE001 - a damaged file: say so with the file's name
@@ -307,6 +408,7 @@ def header_values(path: str | os.PathLike, keywords: list[str]) -> dict[str, str
     the 128-byte preamble (a file that is no DICOM then gives every value empty). ``None`` when the file cannot be
     read (the volume reader names a damaged file)."""
     try:
+        check_deflated_size(path)  # pydicom would inflate the whole of a deflate bomb: left to the reader to refuse
         import pydicom
         from pydicom.multival import MultiValue
 

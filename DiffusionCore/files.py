@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -423,6 +424,9 @@ def _file_identity(path: PathLike) -> tuple[int, int] | None:
 #: Most data files one detached header may list (a ``LIST`` or a numbered pattern); more are not followed.
 _MAX_DATA_FILES = 100_000
 
+#: Bytes of a detached header read for its data files (:func:`detached_data_files`).
+_HEADER_PROBE = 1 << 20
+
 
 def _numbered_files(folder: Path, words: list[str]) -> list[Path]:
     """The files of a numbered-pattern data file (NRRD ``data file: slice%03d.raw 1 40 1``, MetaImage
@@ -432,7 +436,7 @@ def _numbered_files(folder: Path, words: list[str]) -> list[Path]:
     except ValueError:
         return [folder / words[0]]
     if step == 0 or (stop - start) // step + 1 > _MAX_DATA_FILES:
-        return []
+        return [folder / words[0]]  # too many to list: the pattern itself, whose folder is checked all the same
     out = []
     for i in range(start, stop + (1 if step > 0 else -1), step):
         try:
@@ -450,7 +454,8 @@ def detached_data_files(path: str | os.PathLike) -> list[Path]:
     path (a NIfTI, a folder, a header with attached data, a file that cannot be read).
 
     Used so that an output never overwrites the data of an input (:func:`refuse_overwriting_inputs`)
-    and to say which file outside the header's folder a header reads (:func:`~DiffusionCore.volume.read_volume`).
+    and to refuse a header whose data file lies outside its folder or is no regular file
+    (:func:`check_detached_data_files`).
     """
     p = Path(path)
     suffix = p.suffix.lower()
@@ -458,7 +463,7 @@ def detached_data_files(path: str | os.PathLike) -> list[Path]:
         return []
     try:
         with open(p, "rb") as f:
-            head = f.read(1 << 20)
+            head = f.read(_HEADER_PROBE)
     except OSError:
         return []
     lines = [raw.decode("latin-1").strip() for raw in head.split(b"\n")]
@@ -480,6 +485,80 @@ def detached_data_files(path: str | os.PathLike) -> list[Path]:
             return _numbered_files(p.parent, words)
         return [p.parent / value.strip().lstrip("=").strip()]
     return []
+
+
+#: Set to ``1`` to read a detached header whose data file lies outside the header's folder (refused otherwise).
+ALLOW_DATA_OUTSIDE_ENV = "DIFFUSIONCORE_ALLOW_DATA_OUTSIDE"
+
+
+def not_regular_kind(path: PathLike) -> str:
+    """What ``path`` is when it is an existing file system entry other than a regular file, after following links
+    (``"a named pipe (FIFO)"``, ``"a device"``, ``"a socket"``, ``"a folder"``); ``""`` for a regular file and for a
+    path that does not exist or cannot be looked at. Told from ``os.stat`` alone: nothing is opened (opening a FIFO
+    waits for a writer forever, and a device such as ``/dev/zero`` never ends)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return ""
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+
+
+def check_detached_data_files(path: PathLike) -> None:
+    """Refuse a detached volume header (:func:`detached_data_files`) whose data files cannot be trusted, before any
+    voxel is read:
+
+    * a data file that is no regular file (a FIFO, a device such as ``/dev/zero``, a socket, a folder): always, as
+      reading it hangs or never ends;
+    * a data file outside the header's folder (``../``, an absolute path, a link out of the folder, judged after
+      resolving links): unless ``$DIFFUSIONCORE_ALLOW_DATA_OUTSIDE`` is ``1`` (then a warning names it). A header
+      received from someone else could otherwise make the command read any file the user can read (``/etc/shadow``,
+      a key) into a result, where its bytes can be recovered. 3D Slicer saves the data file beside its header.
+
+    A data file that does not exist is left to the reader, which names it.
+
+    Raises:
+        InputError: naming the header, the data file, why it is refused and what to do.
+    """
+    p = Path(path)
+    folder = Path(os.path.realpath(p.parent))
+    allowed = os.environ.get(ALLOW_DATA_OUTSIDE_ENV, "").strip() == "1"
+    files = detached_data_files(p)
+    try:
+        too_long = bool(files) and p.stat().st_size > _HEADER_PROBE
+    except OSError:
+        too_long = False
+    if len(files) >= _MAX_DATA_FILES or too_long:  # names past those listed would go unchecked
+        raise InputError(f"could not read {p}: its header lists more data files than can be checked "
+                         f"({len(files):,} or more, or a header over {_HEADER_PROBE // (1 << 20)} MiB). Refused; put "
+                         "the volume in one file (NIfTI, NRRD) or in a detached header with fewer data files.")  # fmt: skip
+    for data in files:
+        real = Path(os.path.realpath(data))
+        kind = not_regular_kind(real)
+        if kind:
+            raise InputError(f"could not read {p}: its header reads its voxel data from {data}, which is {kind}, not "
+                             "a regular file: reading it would hang or never end. Refused; put the volume's data file "
+                             "(a regular file) beside its header, or give a NIfTI, NRRD or DICOM file.")  # fmt: skip
+        if folder == real or folder in real.parents:
+            continue
+        if allowed:
+            logger.warning("%s reads its voxel data from %s, outside the header's folder (allowed by %s=1): check "
+                           "that this is the file you mean to use (a header can name any file).", p, real,
+                           ALLOW_DATA_OUTSIDE_ENV)  # fmt: skip
+            continue
+        raise InputError(
+            f"could not read {p}: its header reads its voxel data from {real}, outside the header's folder "
+            f"{folder}. Refused: a header that points outside its folder can make the tool read any file on this "
+            "computer into a result. Put the data file beside its header (and name it there without a folder, as 3D "
+            f"Slicer saves it), or, if you trust this header, set {ALLOW_DATA_OUTSIDE_ENV}=1."
+        )
 
 
 def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterable[tuple[str, PathLike | None]],

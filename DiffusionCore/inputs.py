@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .dicom_in import NOT_VOLUME_MODALITIES, header_values, localizers_only_error
-from .errors import InputError
-from .files import VOLUME_SUFFIXES
+from .errors import InputError, ResourceError
+from .files import VOLUME_SUFFIXES, not_regular_kind
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ def has_dicom_marker(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds the ``DICM`` marker after the 128-byte preamble (a DICOM file, Part 10), whatever its
     name: DICOM receivers and PACS exports name files by their UID (``1.2.840.113619.2.55.3.12345``), discs
     ``IM000001``, others ``.dicom``; the preamble itself may be anything (a TIFF header, in a dual-format file)."""
+    if not_regular_kind(path):  # a FIFO's open waits for a writer forever; a device never ends
+        return False
     try:
         with open(path, "rb") as f:
             f.seek(_DICOM_MAGIC_OFFSET)
@@ -79,6 +81,8 @@ def _kind_fields(path: Path) -> dict[str, str] | None:
 
     try:
         r = dicom_header(str(path))
+    except ResourceError:
+        return None  # a Deflated file too large to inflate: left to the volume reader, which refuses it by name
     except InputError:
         fields = header_values(path, list(_KIND_TAGS))
         return fields if fields and (fields["SOPClassUID"] or fields["Modality"]) else None  # else: no DICOM
@@ -154,14 +158,41 @@ class _Scan:
                 for (folder, why), files in self.left_out.items()]  # fmt: skip
 
 
+#: Folders of virtual file systems: a link into one is not followed by a folder search (/proc alone holds a link
+#: to / per process, and its files never end).
+_VIRTUAL_FOLDERS = ("/proc", "/sys", "/dev")
+
+
+def _unfollowed_link(link: Path, top: str) -> str:
+    """Why a folder search does not follow the symbolic link ``link`` to a folder, or ``""`` when it does: a link to
+    the file system's root, to the folder searched (``top``, a real path) or one of its parents (the search would
+    cover the whole disk, or come back to where it started), or into a virtual file system
+    (:data:`_VIRTUAL_FOLDERS`)."""
+    real = os.path.realpath(link)
+    if real == os.path.dirname(real):  # "/" (or a drive's root)
+        return f"it links to the file system's root ({real})"
+    if top == real:
+        return f"it links back to the folder searched ({top})"
+    if top.startswith(real.rstrip(os.sep) + os.sep):
+        return f"it links to {real}, which holds the folder searched ({top}): following it would search all of {real}"
+    for virtual in _VIRTUAL_FOLDERS:
+        if real == virtual or real.startswith(virtual + os.sep):
+            return f"it links into {virtual}, a virtual file system"
+    return ""
+
+
 def walk_folder(folder: Path, searched: dict[str, Path]) -> Iterator[tuple[Path, list[Path]]]:
-    """Each folder below ``folder`` (itself first, then its subfolders, sorted) with its files, sorted: recursively,
-    through symbolic links to folders too (a cohort split into train/val by links to series), hidden entries skipped.
+    """Each folder below ``folder`` (itself first, then its subfolders, sorted) with its regular files, sorted:
+    recursively, through symbolic links to folders too (a cohort split into train/val by links to series), hidden
+    entries skipped. A link to the file system's root, to ``folder`` or one of its parents, or into ``/proc``,
+    ``/sys`` or ``/dev`` is not followed (a warning names it: the search would cover the whole disk); files that are
+    no regular file (a FIFO, whose opening waits forever, a device, a socket) are left out with a warning.
 
     Args:
         searched: real path of each folder searched -> the path it was searched by, shared across the calls of one
             search, so that a link loop ends and a folder reached twice (two links, given twice) is searched once.
     """
+    top = os.path.realpath(folder)
     for root, dirs, files in os.walk(folder, followlinks=True):
         root_path = Path(root)
         real = os.path.realpath(root)
@@ -172,8 +203,24 @@ def walk_folder(folder: Path, searched: dict[str, Path]) -> Iterator[tuple[Path,
                             searched[real])  # fmt: skip
             continue
         searched[real] = root_path
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        yield root_path, [root_path / n for n in sorted(files) if not n.startswith(".")]
+        kept = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            why = _unfollowed_link(root_path / d, top) if os.path.islink(root_path / d) else ""
+            if why:
+                logger.warning("did not follow the symbolic link %s: %s. Link to the series folders themselves "
+                               "instead.", root_path / d, why)  # fmt: skip
+            else:
+                kept.append(d)
+        dirs[:] = kept
+        paths = []
+        for n in sorted(n for n in files if not n.startswith(".")):
+            kind = not_regular_kind(root_path / n)
+            if kind:
+                logger.warning("skipped %s: it is %s, not a regular file (reading it would hang or never end)",
+                               root_path / n, kind)  # fmt: skip
+            else:
+                paths.append(root_path / n)
+        yield root_path, paths
 
 
 def _not_volume_files(paths: list[Path]) -> list[Path]:
@@ -386,6 +433,10 @@ def dicom_file_series(path: Path) -> Path:
 def _expand(path: Path, scan: _Scan) -> list[Path]:
     if path.is_dir():
         return _scan_folder(path, scan)
+    kind = not_regular_kind(path)
+    if kind:  # never opened: a FIFO's open waits for a writer forever, a device never ends
+        raise InputError(f"{path} is {kind}, not a regular file: reading it would hang or never end. Give a volume "
+                         "file, a DICOM folder or a list file (a regular file) instead.")  # fmt: skip
     if is_volume_file(path):
         return [path]
     if is_dicom_file(path):  # by its content, whatever its name (1.2.840....12345, IM000001, x.dicom): its series

@@ -37,6 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .dicom_in import (
+    check_deflated_size,
     check_series_identity,
     choose_ct_series,
     enhanced_ct_in,
@@ -54,17 +55,20 @@ from .errors import (
     NumericalError,
     OutputError,
     OutputExistsError,
+    ResourceError,
     not_for_this_tool,
 )
 from .files import (
     CompressedDataError,
+    check_detached_data_files,
     check_name_length,
-    detached_data_files,
+    detached_data_files,  # noqa: F401 - re-exported: callers and tests take it from here
     folder_writable,
     gzip_file,
     inflated_size,
     native_stderr_captured,
     no_room_reason,
+    not_regular_kind,
     partial_file,
     publish,
     remove_stale_partials,
@@ -615,12 +619,28 @@ def _itk_substance(line: str) -> str:
     return re.sub(r"^\w+ \(0x[0-9a-fA-F]+\):\s*", "", line).strip()
 
 
+def _refuse_special_files(folder: Path) -> None:
+    """Refuse a DICOM folder holding a file that is no regular file (a FIFO, a device, a socket), before GDCM's scan
+    of the folder opens it: GDCM then leaves real slices out of the series and the refusal blames them."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return
+    for name in names:
+        kind = not_regular_kind(folder / name)
+        if kind and kind != "a folder":
+            raise InputError(f"could not read the DICOM series in {folder}: {folder / name} is {kind}, not a regular "
+                             "file, and reading it would hang or never end. Move it out of the folder (or copy the "
+                             "series' files to a folder of their own) and try again.")  # fmt: skip
+
+
 def _read_dicom_series(
     folder: Path, wanted: int | str | None = None, how_to_choose: str | None = None
 ) -> tuple[sitk.Image, dict]:
     series: dict[str, list[str]] = {}
     search_dirs = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir())
     for d in search_dirs:
+        _refuse_special_files(d)
         try:
             ids = _itk(sitk.ImageSeriesReader.GetGDCMSeriesIDs, str(d))
         except RuntimeError:
@@ -769,7 +789,7 @@ def _slice_headers(files: list[str]) -> dict[str, sitk.ImageFileReader]:
     for file in files:
         try:
             reader = dicom_header(file)
-        except InputError:
+        except (InputError, ResourceError):  # a deflate bomb: no note
             continue
         if not _header_is_localizer(reader):
             headers[file] = reader
@@ -862,7 +882,7 @@ def dicom_image_position(file: str) -> np.ndarray | None:
     a usable one or cannot be read."""
     try:
         position = _tag_numbers(dicom_header(file), "0020|0032")
-    except InputError:
+    except (InputError, ResourceError):  # a deflate bomb: no note
         return None
     return position if position is not None and position.shape == (3,) and np.all(np.isfinite(position)) else None
 
@@ -1273,23 +1293,6 @@ def _header_fields(p: Path, separator: str) -> tuple[dict[str, str], int] | None
     return None
 
 
-def _warn_data_outside(p: Path) -> None:
-    """Log a warning naming each data file of the detached header ``p`` that lies outside the header's folder
-    (``../``, an absolute path, a link out of it).
-
-    A warning, not a refusal: 3D Slicer, ITK and teem read such headers, and a header kept beside shared raw
-    data (``data file: ../raw/scan.raw``) is a legitimate layout, so a refusal would reject files the user's
-    other tools open. But a header received from someone else can make the command read any file the user
-    can read and put its bytes in the output, so the file actually read is named for the user to check.
-    """
-    folder = Path(os.path.realpath(p.parent))
-    for data in detached_data_files(p):
-        real = Path(os.path.realpath(data))
-        if folder != real and folder not in real.parents:
-            logger.warning("%s reads its voxel data from %s, outside the header's folder: check that this is "
-                           "the file you mean to use (a header can name any file).", p, real)
-
-
 #: Bytes per voxel of MetaImage element types.
 _MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
               "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
@@ -1514,7 +1517,9 @@ def _check_pixel_spacings(files: Sequence[str], headers: dict[str, sitk.ImageFil
 
 
 def dicom_header(file: str) -> sitk.ImageFileReader:
-    """A reader holding ``file``'s header (no pixels read); InputError names a corrupt file."""
+    """A reader holding ``file``'s header (no pixels read); InputError names a corrupt file, ResourceError a Deflated
+    file that inflates to more than the memory available (GDCM inflates the whole dataset to read its header)."""
+    check_deflated_size(file)
     reader = sitk.ImageFileReader()
     reader.SetFileName(itk_path(file))
     try:
@@ -1561,6 +1566,9 @@ def read_volume(
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p} does not exist. Check the path (and quote it if it contains spaces).")
+    if not p.is_dir() and (kind := not_regular_kind(p)):  # looked at, never opened: a FIFO's open waits forever
+        raise InputError(f"could not read {p}: it is {kind}, not a regular file: reading it would hang or never end. "
+                         "Give the volume file itself (NIfTI, NRRD, MetaImage, DICOM) or a DICOM folder.")  # fmt: skip
     if p.is_file() and p.stat().st_size == 0:
         raise InputError(f"could not read {p}: the file is empty (0 bytes: an interrupted copy, download or export). "
                          "Copy or export it again.")  # fmt: skip
@@ -1596,7 +1604,7 @@ def read_volume(
     else:
         if _suffix(p) in (".nii", ".nii.gz"):
             nonfinite = _check_nifti(p)
-        _warn_data_outside(p)
+        check_detached_data_files(p)  # before any voxel is read: no data file outside its folder, no FIFO
         _check_read_size(p)
         try:
             img = _itk(sitk.ReadImage, str(p), sitk.sitkUnknown, image_io(p), reading=p)

@@ -1,5 +1,6 @@
 """Detached volume headers (NRRD ``.nhdr`` ``data file:``, MetaImage ``.mhd`` ``ElementDataFile``): their data
-files are inputs that no output may overwrite, and a data file outside the header's folder is named in a warning.
+files are inputs that no output may overwrite, and a data file outside the header's folder is refused unless
+``DIFFUSIONCORE_ALLOW_DATA_OUTSIDE=1`` (then named in a warning; see test_probe41_volume_security.py).
 
 The command-line cases run ``python -m DiffusionCore sr`` in a subprocess on real files in ``tmp_path``.
 """
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import ct_phantom_array
 
-from DiffusionCore.errors import OutputError
+from DiffusionCore.errors import InputError, OutputError
 from DiffusionCore.files import refuse_overwriting_inputs
 from DiffusionCore.volume import detached_data_files, read_volume
 
@@ -91,22 +92,39 @@ def test_sr_refuses_to_overwrite_the_data_file_of_a_detached_header_even_with_ov
     assert digest(data) == before
 
 
-def test_a_data_file_outside_the_header_folder_is_named_in_a_warning(tmp_path, caplog):
+def test_a_data_file_outside_the_header_folder_is_refused_unless_allowed_then_named_in_a_warning(tmp_path, caplog,
+                                                                                                  monkeypatch):
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "headers").mkdir()
     data = raw_ct(tmp_path / "elsewhere" / "scan.raw")
     inside = raw_ct(tmp_path / "headers" / "scan.raw")
+    monkeypatch.delenv("DIFFUSIONCORE_ALLOW_DATA_OUTSIDE", raising=False)
+    headers = (nhdr(tmp_path / "headers" / "up.nhdr", "../elsewhere/scan.raw"),
+               nhdr(tmp_path / "headers" / "abs.nhdr", str(data)),
+               mhd(tmp_path / "headers" / "up.mhd", "../elsewhere/scan.raw"))  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="DiffusionCore.volume"):
         read_volume(nhdr(tmp_path / "headers" / "inside.nhdr", "scan.raw"))
         assert "outside the header's folder" not in caplog.text
-        for header in (nhdr(tmp_path / "headers" / "up.nhdr", "../elsewhere/scan.raw"),
-                       nhdr(tmp_path / "headers" / "abs.nhdr", str(data)),
-                       mhd(tmp_path / "headers" / "up.mhd", "../elsewhere/scan.raw")):  # fmt: skip
+        for header in headers:
+            with pytest.raises(InputError, match=f"reads its voxel data from {data}, outside the header's folder"):
+                read_volume(header)
+    monkeypatch.setenv("DIFFUSIONCORE_ALLOW_DATA_OUTSIDE", "1")
+    with caplog.at_level(logging.WARNING, logger="DiffusionCore.files"):
+        for header in headers:
             caplog.clear()
             vol = read_volume(header)
             assert f"reads its voxel data from {data}, outside the header's folder" in caplog.text
             np.testing.assert_array_equal(vol.array, read_volume(tmp_path / "headers" / "inside.nhdr").array)
     assert inside.exists()
+    monkeypatch.delenv("DIFFUSIONCORE_ALLOW_DATA_OUTSIDE")
     r = run_sr(tmp_path / "headers" / "up.nhdr", tmp_path / "out.nrrd")
+    assert r.returncode == 2, r.stderr
+    assert f"reads its voxel data from {data}, outside the header's folder" in r.stderr
+    assert not (tmp_path / "out.nrrd").exists()
+    r = subprocess.run([sys.executable, "-m", "DiffusionCore", "sr", str(tmp_path / "headers" / "up.nhdr"),
+                        str(tmp_path / "out.nrrd"), "--device", "cpu", "--no-adapt", "--factor", "2", "--progress",
+                        "none"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+                            "DIFFUSIONCORE_CACHE": str(tmp_path / "cache"), "DIFFUSIONCORE_ALLOW_DATA_OUTSIDE": "1"})
     assert r.returncode == 0, r.stderr
     assert f"reads its voxel data from {data}, outside the header's folder" in r.stderr

@@ -198,3 +198,23 @@ def test_a_result_memory_keeps_from_the_scene_goes_to_a_private_folder(scene, jo
     # a later job's clean-up of stale job folders leaves it alone
     jobs.remove_stale_job_folders(job_tmp)
     assert kept[0].is_file()
+
+
+def test_a_radiograph_header_that_reads_a_file_outside_its_folder_is_refused(tmp_path):
+    """A 2D MetaImage radiograph is read by its own reader (not read_volume): its data file must lie beside it too,
+    else a received header could put any file's bytes into the generated CT."""
+    from DiffusionCore.errors import InputError
+    from DiffusionCore.xray.radiograph import read_radiograph
+
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(bytes(range(256)) * 32)  # 64 x 64 uint16
+    folder = tmp_path / "received"
+    folder.mkdir()
+    header = folder / "chest.mhd"
+    header.write_text("ObjectType = Image\nNDims = 2\nDimSize = 64 64\nElementType = MET_USHORT\n"
+                      "ElementSpacing = 0.2 0.2\nElementDataFile = ../secret.raw\n")  # fmt: skip
+    with pytest.raises(InputError, match=r"outside the header's folder .* set DIFFUSIONCORE_ALLOW_DATA_OUTSIDE=1"):
+        read_radiograph(header)
+    (folder / "secret.raw").write_bytes(secret.read_bytes())
+    header.write_text(header.read_text().replace("../secret.raw", "secret.raw"))
+    assert read_radiograph(header).array.shape == (64, 64)  # beside its header: read

@@ -319,8 +319,9 @@ def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any],
                      sources: list[str] | None = None) -> str:
     """Write the predictor as an inference weights file (family ``sr``, component ``throughplane``).
 
-    ``summary["data"]`` (the volumes' names) goes into the file only as :func:`public_data_record` tells it: how many,
+    ``summary["data"]`` (the volumes' names) goes into the file only as :func:`~DiffusionCore.train.checkpoint.public_data_record` tells it: how many,
     and the project's samples by name (``sources``: the volumes' paths, in the same order, tell them)."""
+    from ..train.checkpoint import public_data_record, weights_label
     from ..train.numerics import nonfinite_tensors
     from ..weights.registry import save_safetensors
 
@@ -336,7 +337,7 @@ def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any],
     if "passed_over" in summary:  # the user's file names stay in summary.json: the weights say how many
         summary = {**summary, "passed_over": len(summary["passed_over"])}
     init_from = summary.get("init_from")
-    how = (f"fine-tuned from {_weights_label(init_from)}" if init_from else "trained with train throughplane")
+    how = (f"fine-tuned from {weights_label(init_from)}" if init_from else "trained with train throughplane")
     meta = {
         "family": "sr",
         "component": COMPONENT,
@@ -346,38 +347,6 @@ def export_predictor(net: ThroughPlaneNet, path: Path, summary: dict[str, Any],
         "training": summary,
     }
     return save_safetensors(path, state_dict_for_file(net), meta)
-
-
-def _weights_label(init_from: str) -> str:
-    """How the description names the weights a run started from: a registered name as it is, a file by its name (its
-    folders may name a patient or a user; the full path stays in ``training.init_from``)."""
-    text = str(init_from)
-    return Path(text).name if ("/" in text or "\\" in text or text.endswith(".safetensors")) else text
-
-
-def public_data_record(names: list[str], sources: list[str] | None = None) -> dict[str, Any]:
-    """What a shared weights file says of the volumes it was trained on: how many, naming only the project's own
-    samples (:data:`~DiffusionCore.sampledata.SAMPLES`, by name or by their fetched file among ``sources``); a
-    user's file and folder names (often a patient's name, MRN or accession number) stay in the run folder's
-    ``summary.json``. ``{"count", "names", "description"}``."""
-    from ..sampledata import CT_SAMPLES, sample_dir
-
-    folders = {n: sample_dir(n).resolve() for n in CT_SAMPLES}
-
-    def sample(name: str, source: str | None) -> str | None:
-        if name in folders:
-            return name
-        where = Path(source).resolve() if source else None
-        return next((n for n, f in folders.items() if where is not None and where.is_relative_to(f)), None)
-
-    paired = sources if sources is not None and len(sources) == len(names) else [None] * len(names)
-    samples = [n for n in (sample(name, src) for name, src in zip(names, paired, strict=True)) if n]
-    if not names:
-        return {"count": 0, "names": [], "description": "unrecorded data"}
-    text = f"{len(names)} CT volume{'s' if len(names) != 1 else ''}"
-    if samples:
-        text += f" ({', '.join(samples)}{', ...' if len(samples) < len(names) else ''})"
-    return {"count": len(names), "names": samples, "description": text}
 
 
 def resume_with_init_from(out: str | Path, option: str = "--init-from") -> str:

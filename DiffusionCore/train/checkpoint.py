@@ -994,3 +994,35 @@ def warn_resumed_config(state: dict, current: Any, checkpoint: str | os.PathLike
                     "(or the values --config gives) from this step on: %s", len(added), Path(checkpoint) / STATE_FILE,
                     "; ".join(added))  # fmt: skip
     return differences
+
+
+def weights_label(init_from: str) -> str:
+    """How the description names the weights a run started from: a registered name as it is, a file by its name (its
+    folders may name a patient or a user; the full path stays in ``training.init_from``)."""
+    text = str(init_from)
+    return Path(text).name if ("/" in text or "\\" in text or text.endswith(".safetensors")) else text
+
+
+def public_data_record(names: list[str], sources: list[str] | None = None) -> dict[str, Any]:
+    """What a shared weights file says of the volumes it was trained on: how many, naming only the project's own
+    samples (:data:`~DiffusionCore.sampledata.SAMPLES`, by name or by their fetched file among ``sources``); a
+    user's file and folder names (often a patient's name, MRN or accession number) stay in the run folder's
+    ``summary.json``. ``{"count", "names", "description"}``."""
+    from ..sampledata import CT_SAMPLES, sample_dir
+
+    folders = {n: sample_dir(n).resolve() for n in CT_SAMPLES}
+
+    def sample(name: str, source: str | None) -> str | None:
+        if name in folders:
+            return name
+        where = Path(source).resolve() if source else None
+        return next((n for n, f in folders.items() if where is not None and where.is_relative_to(f)), None)
+
+    paired = sources if sources is not None and len(sources) == len(names) else [None] * len(names)
+    samples = [n for n in (sample(name, src) for name, src in zip(names, paired, strict=True)) if n]
+    if not names:
+        return {"count": 0, "names": [], "description": "unrecorded data"}
+    text = f"{len(names)} CT volume{'s' if len(names) != 1 else ''}"
+    if samples:
+        text += f" ({', '.join(samples)}{', ...' if len(samples) < len(names) else ''})"
+    return {"count": len(names), "names": samples, "description": text}

@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..files import check_detached_data_files
 from ..inputs import has_dicom_marker, is_dicom_file
 from ..volume import check_metaimage_header, image_io, is_localizer, itk_path, sitk_message
 
@@ -920,6 +921,7 @@ def _read_image(p: Path) -> tuple[sitk.ImageFileReader, sitk.Image]:
         InputError: the file cannot be read as an image (a DICOMDIR is named as such), or it is a multi-page TIFF.
     """
     check_metaimage_header(p)
+    check_detached_data_files(p)  # a 2D .mhd / .nhdr whose data file lies outside its folder, or is a FIFO or device
     if is_grey_alpha_png(p):
         return _read_grey_alpha_png(p)
     reader = sitk.ImageFileReader()

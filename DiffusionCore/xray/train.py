@@ -630,7 +630,7 @@ def stage_lineage(
         (stage number as text -> where it comes from, in words; the stages never trained in this lineage).
     """
     from ..files import sha256_file
-    from ..sr.throughplane_train import _weights_label
+    from ..train.checkpoint import weights_label
 
     lineage: dict[str, str] = {}
     untrained: list[int] = []
@@ -638,7 +638,7 @@ def stage_lineage(
 
     def named(src: StageSource) -> str:  # a file or folder by its own name: the folders above may name a patient
         digest = digests.setdefault(src.path, sha256_file(src.path))
-        return f"{_weights_label(src.name)} (sha256 {digest[:16]})"
+        return f"{weights_label(src.name)} (sha256 {digest[:16]})"
 
     for s in range(1, top + 1):
         src = sources.get(s) or init_source
@@ -663,10 +663,10 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
     Raises:
         ConfigError, InputError, WeightsError: bad configs, data or starting weights.
     """
-    from ..sr.throughplane_train import public_data_record
     from ..train.checkpoint import (
         load_training_state,
         nothing_to_resume,
+        public_data_record,
         refuse_nothing_to_train,
         resumable_checkpoint,
         save_training_state,
