@@ -140,8 +140,8 @@ def test_a_study_folder_is_read_as_its_acquired_series_not_the_synthetic_one_exp
     assert vol.shape == (4, 16, 16) and vol.metadata["series_uid"] == str(pydicom.dcmread(source[0]).SeriesInstanceUID)
     said = [r.getMessage() for r in diffusioncore_log if r.levelno == logging.WARNING]
     expected = (f'{study} holds 2 DICOM series; using series 3 "Chest 5mm" (CT, 4 files): a series acquired by a '
-                'scanner is read rather than one derived or generated from it (others: series 1003 "Chest 5mm SR x2 '
-                '(synthetic)" (CT, 8 files, synthetic))')  # fmt: skip
+                'scanner is read rather than one derived or generated from it (others: series 1003 "SR x2 2mm from Chest '
+                '5mm (synthetic)" (CT, 8 files, synthetic))')  # fmt: skip
     assert any(expected in m for m in said), said
     assert expected in vol.metadata["note"]
     # a reformat of another vendor's (DERIVED, more slices) is read before the synthetic series, after the acquired one
