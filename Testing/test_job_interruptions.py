@@ -49,15 +49,6 @@ def scene(scene):
     return scene
 
 
-@pytest.fixture
-def job_tmp(tmp_path, monkeypatch) -> Path:
-    """The temp folder jobs make their folders in (``tempfile.gettempdir()``), private to the test."""
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
-
-
 def _node_ids(scene) -> set[str]:
     return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 

@@ -19,7 +19,6 @@ import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import zlib
 from pathlib import Path
@@ -150,15 +149,6 @@ def test_train_xray_weights_count_the_volumes_and_name_only_samples(tmp_path, mo
 
 
 # -- 3. a result memory kept from the Slicer scene -------------------------------------------------------------------
-@pytest.fixture
-def job_tmp(tmp_path, monkeypatch) -> Path:
-    """The temp folder jobs make their folders in (``tempfile.gettempdir()``), private to the test."""
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
-
-
 def test_a_result_memory_keeps_from_the_scene_goes_to_a_private_folder(scene, job_tmp, monkeypatch):
     pytest.importorskip("slicer", reason="slicer-core (MRML) is needed for the Slicer-side tests")
     if str(ROOT / "CTDiffusionSR") not in sys.path:
