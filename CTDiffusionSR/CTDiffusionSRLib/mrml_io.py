@@ -1065,9 +1065,7 @@ def checked_patient(patient_id: str | None, patient_name: str | None = None) -> 
     Raises:
         InputError: a name without an ID, or a value DICOM cannot hold, saying which and what is wrong.
     """
-    import argparse
-
-    from DiffusionCore.cli.common import patient_id_type, patient_name_type
+    from DiffusionCore.cli.common import patient_value_problem
 
     name = patient_name if patient_name is not None and patient_name.strip() else ""
     if patient_id is None:
@@ -1075,15 +1073,13 @@ def checked_patient(patient_id: str | None, patient_name: str | None = None) -> 
             raise InputError(_("A patient name was given without the patient's ID: a PACS files a series by its "
                                "PatientID, so give the ID too."))  # fmt: skip
         return None
-    try:
-        patient_id = patient_id_type(patient_id)
-    except argparse.ArgumentTypeError as exc:
-        raise InputError(_("The patient ID {problem}.").format(problem=exc)) from None
-    try:
-        name = patient_name_type(name) if name else ""
-    except argparse.ArgumentTypeError as exc:
-        raise InputError(_("The patient name {problem}.").format(problem=exc)) from None
-    return patient_id, name
+    problem = patient_value_problem(patient_id)
+    if problem:
+        raise InputError(_("The patient ID {problem}.").format(problem=problem))
+    problem = patient_value_problem(name, name=True) if name else ""
+    if problem:
+        raise InputError(_("The patient name {problem}.").format(problem=problem))
+    return patient_id.strip(), name.strip()
 
 
 def export_result(node, path: str, *, as_dicom: bool = False, source_files: list[str] | None = None,

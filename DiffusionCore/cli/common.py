@@ -405,27 +405,34 @@ def _patient_text_problem(text: str) -> str:
     return ""
 
 
-def patient_id_type(text: str) -> str:
-    """The argparse ``type`` of ``--patient-id``: a DICOM PatientID (at most 64 characters, no backslash or control
-    character, not empty), else exit 2 saying what is wrong."""
+def patient_value_problem(text: str, *, name: bool = False) -> str:
+    """What makes ``text`` no DICOM PatientID (``name`` False: at most 64 characters, no backslash or control
+    character, not empty) or PatientName (``name`` True: also in its form ``Family^Given``, at most five
+    ``^``-separated parts: family, given, middle, prefix, suffix), with what to give instead; ``""`` when nothing
+    does. What ``--patient-id`` / ``--patient-name`` and the Slicer export's patient prompt say."""
     problem = _patient_text_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(f"{problem}; give the patient's ID as the PACS knows it; got {text!r}")
-    return text.strip()
-
-
-def patient_name_type(text: str) -> str:
-    """The argparse ``type`` of ``--patient-name``: a DICOM PatientName in its form ``Family^Given`` (at most five
-    ``^``-separated parts: family, given, middle, prefix, suffix; 64 characters, no backslash or control character),
-    else exit 2 saying what is wrong."""
-    problem = _patient_text_problem(text)
+    if not name:
+        return f"{problem}; give the patient's ID as the PACS knows it; got {text!r}" if problem else ""
     parts = max((len(group.split("^")) for group in text.split("=")), default=1)
     if not problem and parts > PATIENT_NAME_COMPONENTS:
         problem = (f"has {parts} parts separated by ^, and a DICOM name has at most {PATIENT_NAME_COMPONENTS} "
                    "(Family^Given^Middle^Prefix^Suffix)")  # fmt: skip
+    return f"{problem}; give the name in DICOM's form Family^Given (e.g. Doe^Jane); got {text!r}" if problem else ""
+
+
+def patient_id_type(text: str) -> str:
+    """The argparse ``type`` of ``--patient-id`` (:func:`patient_value_problem`): exit 2 saying what is wrong."""
+    problem = patient_value_problem(text)
     if problem:
-        raise argparse.ArgumentTypeError(f"{problem}; give the name in DICOM's form Family^Given (e.g. Doe^Jane); "
-                                         f"got {text!r}")  # fmt: skip
+        raise argparse.ArgumentTypeError(problem)
+    return text.strip()
+
+
+def patient_name_type(text: str) -> str:
+    """The argparse ``type`` of ``--patient-name`` (:func:`patient_value_problem`): exit 2 saying what is wrong."""
+    problem = patient_value_problem(text, name=True)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text.strip()
 
 
