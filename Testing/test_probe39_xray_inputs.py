@@ -93,6 +93,18 @@ def test_a_thumbnail_is_refused_before_the_shipped_weights_run(tmp_path, capsys)
     assert not (tmp_path / "o.nii.gz").exists()
 
 
+def test_the_python_api_refuses_a_thumbnail_as_the_command_does(tmp_path):
+    from DiffusionCore.xray.pipeline import XrayToCTGenerator
+
+    gen = XrayToCTGenerator.from_pretrained("xray-default")  # the shipped weights read 128x128 pixels
+    thumb = tmp_path / "thumb.png"
+    Image.fromarray(_grey((40, 48)).astype(np.uint8)).save(thumb)
+    for image, name in ((str(thumb), "thumb.png"), (read_radiograph(thumb), "thumb.png"),
+                        (_grey((40, 48)).astype(np.float32) / 255, "the radiograph")):  # fmt: skip
+        with pytest.raises(InputError, match=rf"{name} is only 40x48 pixels, a thumbnail rather than a radiograph"):
+            gen.run(image, device="cpu")
+
+
 def test_the_minimum_follows_the_model_and_names_millimetres():
     assert min_input_side(128) == 64 and min_input_side(32) == 32  # never under the 32 of any image
     check_model_input_size(Radiograph(np.random.default_rng(0).random((64, 80)).astype(np.float32)), 128, "ok.png")

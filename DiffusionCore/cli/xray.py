@@ -324,17 +324,15 @@ def planned_stages(args: argparse.Namespace) -> int:
     number of stage configurations the weights file's metadata records (its safetensors header, read without a
     tensor or a checksum), or that of the tiny test model; :data:`MAX_STAGES` when the header cannot be read (the
     weights' own check says why when they are loaded, before anything is written)."""
-    import inspect
-
     from ..errors import WeightsError
     from ..weights.header import read_safetensors_header
 
     if args.num_stages:
         return int(args.num_stages)
     if args.tiny_test_model:
-        from ..xray.cascade import UnifiedHybridViTCascade
+        from ..xray.cascade import TINY_RESOLUTIONS
 
-        return len(inspect.signature(UnifiedHybridViTCascade.tiny).parameters["resolutions"].default)
+        return len(TINY_RESOLUTIONS)
     try:
         path = _weights_file(args.weights)
         configs = read_safetensors_header(path)[1].get("configs") if path is not None else None

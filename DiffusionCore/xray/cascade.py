@@ -62,6 +62,10 @@ logger = logging.getLogger(__name__)
 #: Weights family name in the registry.
 FAMILY = "xray"
 
+#: The grid sizes of the tiny random-weight test cascade's stages (:meth:`UnifiedHybridViTCascade.tiny`), one per stage:
+#: ``xray2ct --tiny-test-model`` plans its ``--save-stages`` files from their number before it builds the model.
+TINY_RESOLUTIONS: tuple[int, ...] = (16, 32)
+
 
 # -- patches ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -939,7 +943,7 @@ class UnifiedHybridViTCascade(nn.Module):
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
-    def tiny(cls, seed: int = 0, resolutions: tuple[int, ...] = (16, 32)) -> UnifiedHybridViTCascade:
+    def tiny(cls, seed: int = 0, resolutions: tuple[int, ...] = TINY_RESOLUTIONS) -> UnifiedHybridViTCascade:
         """A tiny random-weight cascade for tests and self-tests (CPU, seconds): its weights are drawn from torch's
         generator seeded with ``seed``, whose state (the caller's) is put back afterwards."""
         with torch.random.fork_rng(devices=[]):  # the CPU generator only: the networks are built on the CPU

@@ -50,6 +50,7 @@ from .radiograph import (
     Radiograph,
     as_radiograph,
     body_part_note,
+    check_model_input_size,
     crop_to_exposed_region,
     inversion_note,
     invert_radiograph,
@@ -324,7 +325,9 @@ class XrayToCTGenerator:
                 as it is, as a DRR: no crop to the exposed region and no style matching, only windowing (values
                 outside [0, 1] first windowed by their 0.5 / 99.5 percentiles); the report's ``notes`` say so. Pass an
                 array only for a DRR (e.g. one rendered from a CT); for a real radiograph pass the path or
-                ``read_radiograph(path)``: its CT can differ by hundreds of HU from that of its ``.array``.
+                ``read_radiograph(path)``: its CT can differ by hundreds of HU from that of its ``.array``. An image
+                whose shorter side is under half the model's input side (64 pixels for the shipped weights) is
+                refused (InputError: a thumbnail, :func:`.radiograph.check_model_input_size`).
             num_stages: 1..the number of stages of the weights (default: all; more than it has is capped, with a
                 warning and a note in the report).
             steps: DDIM steps per stage, at least 1 (default: each stage's config).
@@ -364,6 +367,11 @@ class XrayToCTGenerator:
         view = check_view(view)
         given_view = view is not None
         rad = as_radiograph(image)
+        source = str(rad.metadata.get("source") or "")
+        # a thumbnail is refused here too, as xray2ct and the X-ray to CT module refuse it: enlarged to the model's
+        # input, it would give a blur with none of the detail the weights were trained on
+        check_model_input_size(rad, max(c.xray_resolution for c in self.cascade.configs),
+                               os.path.basename(source) if source not in ("", "array") else "the radiograph")  # fmt: skip
         input_sha256 = rad.content_sha256()  # the image as read, before --invert (a setting the report records)
         if invert:
             rad = invert_radiograph(rad)
