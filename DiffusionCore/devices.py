@@ -7,6 +7,7 @@ Inference and training both use these; only training joins a process group
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import torch
 from .errors import ConfigError, ResourceError
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,20 +46,66 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
-    """The torch device for ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+def cuda_arch_problem(index: int) -> str | None:
+    """Why GPU ``index`` cannot run this PyTorch build's kernels, or None when it can (or when the build does not say).
+
+    A CUDA build of PyTorch holds kernels for a list of GPU architectures (``torch.cuda.get_arch_list()``: ``sm_XY``
+    binaries and ``compute_XY`` PTX that the driver compiles for newer GPUs). A GPU of compute capability X.Y runs an
+    ``sm_XZ`` binary with Z <= Y, or ``compute_XY`` PTX of an older or equal capability. PyTorch's CUDA 12.8 builds
+    from 2.8 on hold none for Maxwell or Pascal (GeForce 900/1000) and from 2.11 none for Volta, yet
+    ``torch.cuda.is_available()`` stays True there: the first kernel then fails with "no kernel image is available".
+    """
+    try:
+        major, minor = torch.cuda.get_device_capability(index)
+        arches = list(torch.cuda.get_arch_list())
+    except Exception:  # noqa: BLE001 - no answer from the driver: let the GPU be tried, as before
+        return None
+    if not arches:
+        return None
+    have = major * 10 + minor
+    for arch in arches:
+        kind, _, number = arch.partition("_")
+        if not number.isdigit():
+            continue
+        code = int(number)
+        if kind == "sm" and code // 10 == major and code <= have:
+            return None
+        if kind == "compute" and code <= have:
+            return None
+    try:
+        name = torch.cuda.get_device_name(index)
+    except Exception:  # noqa: BLE001 - the name is only for the message
+        name = f"GPU {index}"
+    built = ", ".join(a for a in arches if a.startswith("sm_"))
+    return (f"{name} (compute capability {major}.{minor}) is not supported by this PyTorch build (torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda}; kernels for {built})")  # fmt: skip
+
+
+def resolve_device(device: str | torch.device = "auto", local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """The torch device for ``"auto"`` (a CUDA GPU this PyTorch build can run, else CPU), ``"cpu"``, ``"cuda"`` or
+    ``"cuda:N"``.
 
     Args:
         device: the requested device.
         local_rank: GPU index used for a bare ``"cuda"`` / ``"auto"`` (one GPU per process under torchrun).
+        world_size: processes in the launch; with more than one, an explicit ``cuda:N`` is refused (every process
+            would take GPU N).
 
     Raises:
-        ResourceError: CUDA requested on a machine without a usable CUDA GPU.
-        ConfigError: an unknown device string.
+        ResourceError: CUDA requested on a machine without a usable CUDA GPU, or on a GPU this PyTorch build has no
+            kernels for.
+        ConfigError: an unknown device string; ``cuda:N`` under a launch of several processes.
     """
     text = str(device).strip().lower()
     if text == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        problem = cuda_arch_problem(local_rank)
+        if problem is None:
+            return torch.device("cuda", local_rank)
+        logger.warning("%s: computing on the CPU instead. To use the GPU, install a PyTorch build that supports it.",
+                       problem)  # fmt: skip
+        return torch.device("cpu")
     if text == "cpu":
         return torch.device("cpu")
     if text.startswith("cuda"):
@@ -70,11 +119,20 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
             dev = torch.device(text)
         except RuntimeError as exc:
             raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+        if dev.index is not None and world_size > 1:
+            raise ConfigError(
+                f"device {device!r} names one GPU, but this launch runs {world_size} processes, each of which takes "
+                "the GPU of its LOCAL_RANK: give --device cuda (or auto), and choose the GPUs with "
+                "CUDA_VISIBLE_DEVICES"
+            )
         index = dev.index if dev.index is not None else local_rank
         if index >= torch.cuda.device_count():
             raise ResourceError(
                 f"device cuda:{index} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
             )
+        problem = cuda_arch_problem(index)
+        if problem is not None:
+            raise ResourceError(f"{problem}: use --device cpu, or install a PyTorch build that supports this GPU")
         return torch.device("cuda", index)
     raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
 
@@ -94,7 +152,7 @@ def process_info(device: str | torch.device = "auto") -> DistInfo:
     rank, world, local = env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
     if not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} does not fit WORLD_SIZE={world}")
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=resolve_device(device, local),
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=resolve_device(device, local, world),
                     is_main=rank == 0)  # fmt: skip
 
 

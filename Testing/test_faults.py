@@ -255,8 +255,9 @@ def test_command_line_turns_allocation_failures_into_exit_code_5(capsys):
 
     assert run_guarded(body, memory_hint="use smaller patches (--patch-size)") == 5
     err = capsys.readouterr().err.splitlines()
-    assert err == [
-        "error: out of memory: use smaller patches (--patch-size), or use a machine with more memory."
+    assert err == [  # a GPU's: the CPU is offered too
+        "error: out of memory on the GPU: use smaller patches (--patch-size), run on the CPU (--device cpu: slower, "
+        "with the machine's memory), or use a GPU with more memory."
     ]
     assert run_guarded(lambda: (_ for _ in ()).throw(RuntimeError("a bug"))) == 1
 

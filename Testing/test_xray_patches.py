@@ -209,3 +209,17 @@ def test_the_shipped_patch_config_trains_and_generates_with_tiny_networks(tmp_pa
                           device="cpu")  # fmt: skip
     assert vol.shape == (64, 64, 64) and [s["resolution"] for s in report["stages"]] == [16, 32, 64]
     assert gen.cascade.stages[2].last_plan.describe()["patches"] == 8
+
+
+def test_gpu_memory_planned_counts_the_allocators_cache_once(monkeypatch):
+    """On a GPU the sampling plan may use the driver's free memory plus what PyTorch's allocator holds cached from an
+    earlier stage or radiograph, once (an 8 GiB card, 2 GiB free, 4 GiB cached: 6 GiB, times the safety fraction).
+    Counting the cache twice planned for the whole card and ran out of memory where patches would have fitted."""
+    from DiffusionCore.tiling import MEMORY_SAFETY_FRACTION
+    from DiffusionCore.xray.cascade import _usable_memory
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (2 * gib, 8 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 5 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 1 * gib)
+    assert _usable_memory("cuda") == int(6 * gib * MEMORY_SAFETY_FRACTION)

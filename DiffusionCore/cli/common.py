@@ -178,6 +178,16 @@ SLICER_BUG_HINT = ("Please report it with this line and the output above it (in 
                    "View > Error Log).")
 
 
+def out_of_memory_message(exc: BaseException | None, memory_hint: str) -> str:
+    """The ``error:`` line of an allocation failure ``exc`` (None: Python's MemoryError, the host's memory). On a GPU
+    (torch's ``OutOfMemoryError``, or a message naming CUDA) it also offers the CPU, whose memory is usually larger."""
+    on_gpu = exc is not None and (type(exc).__name__ == "OutOfMemoryError" or "cuda" in str(exc).lower())
+    if on_gpu:
+        return (f"error: out of memory on the GPU: {memory_hint}, run on the CPU (--device cpu: slower, with the "
+                "machine's memory), or use a GPU with more memory.")  # fmt: skip
+    return f"error: out of memory: {memory_hint}, or use a machine with more memory."
+
+
 def run_guarded(
     fn: Callable[[], int | None],
     *,
@@ -211,7 +221,7 @@ def run_guarded(
     except MemoryError:
         if debug:
             raise
-        print(f"error: out of memory: {memory_hint}, or use a machine with more memory.", file=sys.stderr)
+        print(out_of_memory_message(None, memory_hint), file=sys.stderr)
         return 5
     except ModuleNotFoundError as exc:  # imported where it is first used: torch, safetensors, nibabel, ...
         if debug:
@@ -222,7 +232,11 @@ def run_guarded(
         if debug:
             raise
         if is_out_of_memory(exc):
-            print(f"error: out of memory: {memory_hint}, or use a machine with more memory.", file=sys.stderr)
+            print(out_of_memory_message(exc, memory_hint), file=sys.stderr)
+            return 5
+        if isinstance(exc, RuntimeError) and "cuda error" in str(exc).lower():
+            print(f"error: the GPU failed ({one_line(str(exc), 300)}). Run again on the CPU (--device cpu), or update "
+                  "the GPU driver or install a PyTorch build made for this GPU.", file=sys.stderr)  # fmt: skip
             return 5
         environment = environment_problem(exc)
         if environment is not None:

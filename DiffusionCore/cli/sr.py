@@ -169,7 +169,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--uncertainty", default=None, metavar="OUT", help="write the per-voxel standard deviation (HU) here (a folder for a batch); needs --num-samples 2 or more")
     p.add_argument("--no-data-consistency", action="store_true", help="skip the correction that makes the output, thickened again, reproduce the input")
     p.add_argument("--seed", type=seed_number, default=0, help=f"random seed, 0 to {MAX_SEED} (the same seed, "
-                   "device and thread count give the same output; --threads pins the thread count)")
+                   "device and thread count give the same output on the CPU; --threads pins the thread count; on a GPU "
+                   "the adaptation is not bit for bit)")
     p.add_argument("--threads", type=bounded_int(0), default=0, metavar="N", help=THREADS_HELP)
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing output files")

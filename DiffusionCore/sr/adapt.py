@@ -14,7 +14,8 @@ over the predictor alone, for about 40 s on 2 idle CPU cores (35-41 s for the de
 runs of ``docs/model_cards/sr-default.md``, "Speed").
 
 Determinism: with a step count (the default, or ``sr --adapt-steps N``) the adapted network is the same
-for the same seed, weights, device and thread count. With a time budget (``sr --adapt SECONDS``) the
+for the same seed, weights, device and thread count on the CPU; on a GPU the backward pass of the replicate padding
+adds with atomic operations, so it may differ in the last bits from run to run (docs/reliability.md). With a time budget (``sr --adapt SECONDS``) the
 number of steps depends on the machine's speed; the report records it.
 """
 
@@ -39,7 +40,7 @@ from .throughplane import ThroughPlaneNet, channels_last, cubic_planes
 
 logger = logging.getLogger(__name__)
 
-#: Steps of the default adaptation (about 40 s on 2 idle CPU cores; the same output for the same seed, device and
+#: Steps of the default adaptation (about 40 s on 2 idle CPU cores; on the CPU the same output for the same seed and
 #: thread count).
 DEFAULT_ADAPT_STEPS = 400
 #: Steps between the checks of the training loss for a divergence (a NaN or infinite loss stops training).

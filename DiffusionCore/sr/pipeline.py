@@ -1296,7 +1296,9 @@ class SuperResolver:
                             f"out of memory on {dev} while running the model on {nb} patch(es) of "
                             f"{'x'.join(map(str, plan.patch_size))} voxels (the estimate was {budget.describe()}). "
                             "Use smaller patches (--patch-size), --tile-batch 1, a lower "
-                            "DIFFUSIONCORE_MEMORY_LIMIT, or a machine with more memory."
+                            "DIFFUSIONCORE_MEMORY_LIMIT, "
+                            + ("the CPU (--device cpu), " if dev.type == "cuda" else "")
+                            + "or a machine with more memory."
                         ) from None
                     if dev.type == "cuda":
                         torch.cuda.synchronize(dev)

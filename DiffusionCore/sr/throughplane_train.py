@@ -512,7 +512,7 @@ def _train(cfg: ThroughPlaneTrainConfig, paths: list[Path], train_src: list[Plan
     trained_on = list(volumes)  # what the run has trained on, over every stretch (summary.json's "data")
     if start is not None:
         state = load_training_state(start, models=models, optimizers={"opt": opt}, generators={"data": rng},
-                                    map_location=dev)
+                                    map_location="cpu")  # moments moved to the parameters' device, step counts on the CPU
         extra = state["extra"]
         if info.is_main:
             warn_resumed_config(state, cfg, start)

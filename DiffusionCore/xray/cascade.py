@@ -178,14 +178,20 @@ def plan_patches(cfg: XrayStageConfig, patch: int, overlap: int | None = None) -
     return PatchPlan(r, padded, side, tuple(starts), windowed, tuple(weights))
 
 
+def _noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+           dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise of ``shape`` on ``device``, drawn where ``generator`` lives (torch's default generator of
+    ``device`` without one). ``XrayToCTGenerator.run`` passes a CPU generator, so that a seed gives the same noise on
+    the CPU and on a GPU (whose generator draws another stream), as SR's sampling does; at most a 256^3 cube of it."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
 def _usable_memory(device: torch.device | str) -> int:
-    """Bytes a sampling run may plan to use on ``device``: its free memory plus, on a GPU, what this process
-    holds cached there (reusable), times ``tiling.MEMORY_SAFETY_FRACTION``."""
-    dev = torch.device(device)
-    free = device_available_memory(dev)
-    if dev.type == "cuda":
-        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
-    return int(free * MEMORY_SAFETY_FRACTION)
+    """Bytes a sampling run may plan to use on ``device``: its free memory (on a GPU that already counts what this
+    process holds cached there, :func:`~DiffusionCore.tiling.device_available_memory`), times
+    ``tiling.MEMORY_SAFETY_FRACTION``."""
+    return int(device_available_memory(torch.device(device)) * MEMORY_SAFETY_FRACTION)
 
 
 def detail_only(x: torch.Tensor) -> torch.Tensor:
@@ -843,7 +849,7 @@ class StageModel(nn.Module):
         this stage's own kind of errors (depth misplacement, blur) and not only noised ground truth.
         ``lifting_start_t`` is stage 1's start time, as in :meth:`sample` (default: the weights')."""
         r = self.cfg.resolution
-        noise = torch.randn(xray.shape[0], 1, r, r, r, generator=generator, device=xray.device, dtype=self.dtype)
+        noise = _noise((xray.shape[0], 1, r, r, r), generator, xray.device, self.dtype)
         ctx = self.condition(xray, prev)
         t0, x_start = self._start(ctx, noise, lifting_start_t)
         out = self.predict(x_start, torch.full((xray.shape[0],), t0, device=xray.device, dtype=self.dtype), ctx)
@@ -875,7 +881,7 @@ class StageModel(nn.Module):
         r = self.cfg.resolution
         b = xray.shape[0]
         steps = steps or self.cfg.diffusion.sampling_steps
-        noise = torch.randn(b, 1, r, r, r, generator=generator, device=xray.device, dtype=self.dtype)
+        noise = _noise((b, 1, r, r, r), generator, xray.device, self.dtype)
         ctx = self.condition(xray, prev)
         diffusion = VDiffusion(prediction="x0")
         t0, x_start = self._start(ctx, noise, lifting_start_t)

@@ -439,7 +439,7 @@ class XrayToCTGenerator:
         dev = resolve_device(device)
         self.cascade.to(dev)
         xray = xray.to(dev)
-        gen = torch.Generator(device=dev).manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # on the CPU: the same noise for a seed on every device
         stages: list[dict[str, Any]] = []
         volumes: list[Volume] = []
         stage_t = [time.time()]

@@ -764,9 +764,11 @@ def train_xray(opts: XrayTrainOptions, progress=None) -> dict[str, Any]:
         if latest is None:
             raise nothing_to_resume(out_dir)
         else:
+            # read on the CPU: the optimizer moves its moments to the parameters' device and keeps its step counters on
+            # the CPU (on a GPU they would be read back at every step)
             state = load_training_state(latest, models=models, optimizers={"opt": opt},
                                         schedulers={"lr": sched}, generators={"data": rng},
-                                        map_location=info.device)  # fmt: skip
+                                        map_location="cpu")  # fmt: skip
             if info.is_main:
                 warn_resumed_config(state, config_dict, latest)
                 warn_resumed_data((state["extra"] or {}).get("data"), volumes, latest)
