@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from .errors import DataUnavailableError, InputError
 from .files import cache_dir, cache_dir_shown, check_cache_usable, sha256_file, writable_cache_folder
+from .processes import child_process_kwargs
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -281,7 +282,8 @@ def _checksum_error(what: str, expected: str, actual: str, hint: str) -> DataUna
 def _run_client(cmd: list[str], cwd: Path, package: Package) -> None:
     try:
         proc = subprocess.run(
-            cmd, cwd=cwd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S, check=False
+            cmd, cwd=cwd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S, check=False,
+            **child_process_kwargs(),  # no console window flashing up over Slicer on Windows
         )
     except subprocess.TimeoutExpired:
         raise DataUnavailableError(

@@ -98,3 +98,14 @@ def test_a_gpu_out_of_memory_offers_the_cpu_and_a_gpu_failure_is_not_called_a_bu
     err = capsys.readouterr().err
     assert err.startswith("error: the GPU failed (CUDA error: no kernel image is available") and "internal" not in err
     assert "Run again on the CPU (--device cpu)" in err
+
+
+def test_training_under_torchrun_refuses_one_named_gpu_too(monkeypatch):
+    from DiffusionCore.train.distributed import init_distributed
+
+    _fake_gpu(monkeypatch, (9, 0), CU128_ARCHES)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match=r"'cuda:1' names one GPU, but this launch runs 2 processes"):
+        init_distributed("cuda:1")  # refused before the GPU is selected or a process group is joined

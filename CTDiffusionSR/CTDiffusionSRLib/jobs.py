@@ -67,12 +67,17 @@ def remove_stale_job_folders(parent: str | os.PathLike | None = None) -> list[st
     except OSError:
         return removed
     host = socket.gethostname()
+    # Windows has no user ids (os.getuid): its temp folder (%TEMP%) is the user's own, and the owner file's process
+    # and host still decide
+    uid = os.getuid() if hasattr(os, "getuid") else None
     for candidate in candidates:
         try:
-            if candidate.is_symlink() or not candidate.is_dir() or candidate.stat().st_uid != os.getuid():
+            if candidate.is_symlink() or not candidate.is_dir():
+                continue
+            if uid is not None and candidate.stat().st_uid != uid:
                 continue
             owner = (candidate / OWNER_FILE).read_text(encoding="utf-8").split()
-        except (OSError, UnicodeDecodeError, AttributeError):  # AttributeError: no os.getuid (Windows)
+        except (OSError, UnicodeDecodeError):
             continue
         if len(owner) != 2 or not owner[0].isdigit() or owner[1] != host or pid_running(int(owner[0])):
             continue
@@ -164,14 +169,24 @@ def _stop_running_jobs() -> None:
         job._stop_at_exit()
 
 
+#: The build configurations of a multi-configuration build tree (Visual Studio, Xcode), whose scripted CLIs Slicer's
+#: ``SlicerMacroBuildScriptedCLI`` puts in ``cli-modules/<CONFIG>``: the usual one first.
+MULTI_CONFIG_BUILD_TYPES = ("Release", "RelWithDebInfo", "Debug", "MinSizeRel")
+
+
 def find_cli_script(module_dir: str | os.PathLike, name: str) -> Path:
-    """Path of a scripted CLI ``<name>.py`` in the source tree (``<module>/CLI``) or a Slicer install.
+    """Path of a scripted CLI ``<name>.py`` in the source tree (``<module>/CLI``), a Slicer install or build tree.
 
     Slicer installs scripted modules into ``lib/Slicer-X.Y/qt-scripted-modules`` and scripted CLIs into
-    ``lib/Slicer-X.Y/cli-modules``; the source tree keeps them in the module's ``CLI`` folder.
+    ``lib/Slicer-X.Y/cli-modules``; the source tree keeps them in the module's ``CLI`` folder. A build tree made by
+    a multi-configuration generator (Visual Studio, Xcode) has the CLIs in ``cli-modules/<CONFIG>`` (e.g.
+    ``cli-modules/Release``), while the scripted modules stay where an install has them.
     """
     base = Path(module_dir)
-    for candidate in (base / "CLI" / f"{name}.py", base.parent / "cli-modules" / f"{name}.py"):
+    installed = base.parent / "cli-modules"
+    candidates = [base / "CLI" / f"{name}.py", installed / f"{name}.py"]
+    candidates += [installed / config / f"{name}.py" for config in MULTI_CONFIG_BUILD_TYPES]
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"the command-line module {name}.py was not found next to {base}; reinstall the extension.")

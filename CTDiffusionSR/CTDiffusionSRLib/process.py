@@ -120,11 +120,12 @@ class ProcessRunner:
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self.env:
             env.update(self.env)
-        kwargs: dict = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-        else:
-            kwargs["start_new_session"] = True  # own process group: cancel reaches every child
+        # imported here, not with this module: DiffusionCore imports torch, and this module is imported (JobState)
+        # before the module's dependencies are installed
+        from DiffusionCore.processes import child_process_kwargs
+
+        # own process group: cancel reaches every child; no console window on Windows (closing it would end the job)
+        kwargs = child_process_kwargs(own_group=True)
         logger.info("starting: %s", " ".join(self.argv))
         self._proc = subprocess.Popen(
             self.argv,
@@ -219,8 +220,11 @@ class ProcessRunner:
             return
         self._cancelled = True
         logger.info("cancelling process tree of pid %s", self._proc.pid)
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._proc.pid)], capture_output=True, check=False)
+        from DiffusionCore import processes
+
+        if processes.ON_WINDOWS:
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._proc.pid)], capture_output=True, check=False,
+                           **processes.child_process_kwargs())  # fmt: skip
         else:
             _signal_group(self._proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + TERMINATE_GRACE_S

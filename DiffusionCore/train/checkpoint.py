@@ -44,7 +44,7 @@ from torch import nn
 
 from ..config import config_to_dict
 from ..errors import ConfigError, InputError, NumericalError, OutputError, WeightsError
-from ..files import sha256_file, shared_mode, write_json_atomic
+from ..files import ON_WINDOWS, sha256_file, shared_mode, write_json_atomic
 from ..nn.architecture import load_state
 from ..weights.registry import load_safetensors, read_safetensors_header, save_safetensors
 from .logger import METRICS_FILE, TENSORBOARD_DIR
@@ -244,16 +244,25 @@ def only_logs(found: list[str]) -> bool:
 
 
 def _remove_dir(path: Path) -> None:
-    """Hide a folder by renaming it, then delete it (a crash mid-delete leaves nothing visible)."""
+    """Hide a folder by renaming it, then delete it (a crash mid-delete leaves nothing visible).
+
+    Raises:
+        OSError: the folder cannot be renamed; on Windows, while a file in it is open in another program.
+    """
     trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
     os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(trash, ignore_errors=True)  # what stays (a file open on Windows) goes at a later save: _clean_stale
 
 
 def _clean_stale(out_dir: Path) -> None:
+    """Delete the hidden folders that a killed save (``.tmp-checkpoint-*``) or an unfinished removal
+    (``.trash-checkpoint-*``) left. One that cannot be deleted now (a file in it open on Windows) is left for the next
+    save: a checkpoint save never fails on what is left of an older one."""
     for p in out_dir.iterdir():
         if p.is_dir() and (p.name.startswith(_TMP_PREFIX) or p.name.startswith(_TRASH_PREFIX)):
             shutil.rmtree(p, ignore_errors=True)
+            if p.exists():
+                logger.info("could not remove %s (in use?); removed at a later save", p)
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -356,10 +365,8 @@ def save_training_state(
             pass  # extra holds tensors or arrays: restored from training_state only
         write_json_atomic(state_json, tmp / STATE_FILE, durable=True, nonfinite_as_null=False)
 
-        if final.exists():
-            _remove_dir(final)
         shared_mode(tmp)  # mkdtemp made it owner-only: a checkpoint is as readable as its files (umask)
-        os.replace(tmp, final)
+        _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -369,6 +376,42 @@ def save_training_state(
     _prune(out, keep)
     logger.info("saved checkpoint %s", final)
     return final
+
+
+#: Seconds to wait before each new try to move a checkpoint into place on Windows, where a folder cannot be renamed
+#: while a file in it is open: an antivirus scanning the files just written lets go within moments.
+REPLACE_RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the checkpoint assembled in ``tmp`` to ``final``, replacing a checkpoint of the same step there.
+
+    On Windows the rename is refused while a file in either folder is open in another program: an antivirus scan of
+    the files just written (for a moment), Explorer's preview, an ``sr`` run or Slicer job reading the old weights. It
+    is tried again a few times (:data:`REPLACE_RETRY_DELAYS_S`) before the save gives up.
+
+    Raises:
+        OutputError: (Windows) still refused after the last try: says what is in use and what to do.
+    """
+    delays = REPLACE_RETRY_DELAYS_S if ON_WINDOWS else ()
+    for delay in (*delays, None):
+        try:
+            if final.exists():
+                _remove_dir(final)
+            os.replace(tmp, final)
+            return
+        except PermissionError as exc:
+            if delay is None:
+                if not ON_WINDOWS:
+                    raise
+                raise OutputError(
+                    f"could not save the checkpoint {final}: Windows refused to rename its folder "
+                    f"({exc.strerror or exc}): a file in {final.name} or in the new checkpoint is open in another "
+                    "program (an sr run or Slicer job using these weights, TensorBoard, Explorer's preview, an "
+                    "antivirus scan). Close that program, then continue the run with --resume from its last checkpoint"
+                ) from exc
+            logger.debug("%s is in use (%s); trying again in %.2f s", final, exc.strerror or exc, delay)
+            time.sleep(delay)
 
 
 def _refuse_nonfinite(
@@ -402,7 +445,12 @@ def _prune(out: Path, keep: int) -> None:
     keep_names = {p.name for _, p in complete[-keep:]} | {best_name, latest_name}
     for _, p in complete:
         if p.name not in keep_names:
-            _remove_dir(p)
+            try:
+                _remove_dir(p)
+            except OSError as exc:  # a file in it open (Windows): this prune is tried again at every save
+                logger.warning("could not remove old checkpoint %s (in use?); removed at a later save (%s)", p,
+                               exc.strerror or exc)  # fmt: skip
+                continue
             logger.debug("pruned checkpoint %s", p)
 
 

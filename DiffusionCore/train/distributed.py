@@ -2,8 +2,8 @@
 
 ``torchrun --nproc_per_node=N`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR`` /
 ``MASTER_PORT``) for each process; :func:`init_distributed` reads them and joins the process group
-(NCCL on CUDA, Gloo on CPU). Without them the same code runs as a single process and every helper
-below becomes a no-op::
+(NCCL on CUDA, Gloo on CPU and where PyTorch has no NCCL: Windows, macOS). Without them the same code runs as a
+single process and every helper below becomes a no-op::
 
     info = init_distributed(cfg.device)
     model = wrap_model(model.to(info.device), info)
@@ -28,6 +28,13 @@ from ..devices import DistInfo, env_int, resolve_device
 
 logger = logging.getLogger(__name__)
 
+
+def process_group_backend(device: torch.device) -> str:
+    """The ``torch.distributed`` backend for processes training on ``device``: NCCL for CUDA where this PyTorch has it
+    (the Linux builds), else Gloo: the Windows and macOS builds of PyTorch have no NCCL."""
+    return "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+
+
 def init_distributed(device: str | torch.device = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Join the torchrun process group if launched by torchrun, else describe a single process.
 
@@ -40,16 +47,19 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float = 180
 
     Raises:
         ResourceError: CUDA requested but unavailable.
-        ConfigError: malformed torchrun environment variables.
+        ConfigError: malformed torchrun environment variables; ``cuda:N`` with several processes.
     """
     world_size = env_int("WORLD_SIZE", 1)
     rank = env_int("RANK", 0)
     local_rank = env_int("LOCAL_RANK", 0)
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, world_size)  # cuda:N refused when several processes train
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        backend = process_group_backend(dev)
+        if dev.type == "cuda" and backend != "nccl" and rank == 0:
+            logger.warning("this PyTorch has no NCCL (its Windows and macOS builds do not): the GPUs exchange "
+                           "gradients through Gloo, which is slower; multi-GPU training is fastest on Linux")
         dist.init_process_group(
             backend=backend,
             init_method="env://",

@@ -53,8 +53,12 @@ STOP_FILE = "STOP"
 
 # ---------------------------------------------------------------------------------------------- processes
 def _start_time(pid: int) -> str | None:
-    """The start time of process ``pid`` in clock ticks since boot (Linux ``/proc``), or None elsewhere; with
-    the pid it names one process, even after the pid is reused."""
+    """When process ``pid`` started, as text that with the pid names one process even after the pid is reused: its
+    start in clock ticks since boot (Linux ``/proc``) or its creation time in 100 ns since 1601 (Windows
+    ``GetProcessTimes``); None where it cannot be asked (macOS, a process gone or not ours to ask)."""
+    if sys.platform == "win32":
+        created = _windows_creation_time(pid)
+        return None if created is None else str(created)
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -63,10 +67,38 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
+#: Seconds from 1601-01-01 (Windows file times) to 1970-01-01 (``time.time()``).
+_WINDOWS_EPOCH_OFFSET_S = 11644473600.0
+
+
+def _windows_creation_time(pid: int) -> int | None:
+    """The creation time of process ``pid`` in 100 ns since 1601 (``OpenProcess`` + ``GetProcessTimes``), or None
+    when it cannot be asked (no such process, access denied, not Windows)."""
+    try:
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.OpenProcess(0x1000, False, int(pid))  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return None
+        try:
+            times = [ctypes.c_ulonglong() for _ in range(4)]  # creation, exit, kernel, user
+            if not kernel32.GetProcessTimes(handle, *(ctypes.byref(t) for t in times)):
+                return None
+            return times[0].value
+        finally:
+            kernel32.CloseHandle(handle)
+    except (AttributeError, OSError):  # no ctypes.windll: not Windows
+        return None
+
+
 def process_start_time() -> float:
     """When this process started, in seconds since the epoch (``time.time()``'s clock): from ``/proc`` on Linux,
     ``GetProcessTimes`` on Windows, else the time this module was imported (after the interpreter and before torch's
     import, which takes the longest of a run's start-up)."""
+    if sys.platform == "win32":
+        created = _windows_creation_time(os.getpid())
+        return created / 1e7 - _WINDOWS_EPOCH_OFFSET_S if created is not None else _IMPORTED_AT
     ticks = _start_time(os.getpid())
     if ticks is not None:
         try:
@@ -75,13 +107,6 @@ def process_start_time() -> float:
             return boot + int(ticks) / os.sysconf("SC_CLK_TCK")
         except (OSError, StopIteration, ValueError):
             pass
-    if sys.platform == "win32":
-        import ctypes
-
-        times = [ctypes.c_ulonglong() for _ in range(4)]  # creation, exit, kernel, user: 100 ns since 1601
-        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-        if kernel32.GetProcessTimes(kernel32.GetCurrentProcess(), *(ctypes.byref(t) for t in times)):
-            return times[0].value / 1e7 - 11644473600.0
     return _IMPORTED_AT
 
 
@@ -139,14 +164,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _holder_alive(holder: dict[str, Any]) -> bool | None:
-    """Whether the process recorded in a lock still runs; None when it cannot be told (another host)."""
+    """Whether the process recorded in a lock still runs; None when it cannot be told: another host, or a process of
+    that pid runs but its start time cannot be compared with the lock's (macOS; a lock without one), so it may be
+    another process that took the pid of a run that crashed (Windows reuses pids quickly)."""
     if holder.get("host") != socket.gethostname():
         return None
     pid = int(holder.get("pid", -1))
     if not _pid_alive(pid):
         return False
     started = holder.get("started")
-    return started is None or _start_time(pid) in (None, started)  # a reused pid is another process
+    now = _start_time(pid) if started is not None else None
+    if now is None:
+        return None
+    return now == started  # a reused pid is another process
 
 
 # ---------------------------------------------------------------------------------------------- the lock
@@ -205,7 +235,7 @@ class _Lock:
                 f" on {holder['host']}" if holder.get("host") not in (None, socket.gethostname()) else ""
             )
             tail = (
-                "; if that run is over (the machine was restarted), delete the lock file"
+                f"; if that run is over (it crashed, or the machine was restarted), delete the lock file {self.path}"
                 if alive is None or not holder
                 else ""
             )
