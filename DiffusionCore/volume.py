@@ -543,8 +543,8 @@ _ITK_READ_FAILURES = ("fail", "not read completely", "error", "cannot", "corrupt
 _ITK_HANDLED_HERE = ("sform",)
 
 
-def itk_path(path: str | os.PathLike, error: type[DiffusionCoreError] = InputError) -> str:
-    """``path`` as text SimpleITK can take (it encodes file names as UTF-8).
+def itk_utf8_name(path: str | os.PathLike, error: type[DiffusionCoreError] = InputError) -> str:
+    """``path`` as UTF-8 text, the encoding SimpleITK passes file names to ITK in.
 
     Under a locale whose encoding is not UTF-8 (``LC_ALL=C`` with ``PYTHONUTF8=0``), Python holds the non-ASCII
     bytes of a file name it found on disk as lone surrogates, which SimpleITK cannot convert: the process would
@@ -571,6 +571,164 @@ def itk_path(path: str | os.PathLike, error: type[DiffusionCoreError] = InputErr
                "(PYTHONUTF8=1 or LANG=C.UTF-8)")  # fmt: skip
         # the name as every other message shows it (lone surrogates, \udce9), not in a second spelling
         raise error(f"cannot pass the file name {text} to ITK: it is not UTF-8 text. {how}.") from None
+
+
+def itk_path(path: str | os.PathLike, error: type[DiffusionCoreError] = InputError) -> str:
+    """``path`` as text ITK can open: UTF-8 (:func:`itk_utf8_name`) and, on Windows without the UTF-8 code page,
+    ASCII (:func:`_itk_ascii_path`: the folder's or file's short 8.3 name).
+
+    Raises:
+        InputError: ``error``, naming the path and what to do: its name is not UTF-8, or on Windows it has
+            characters the code page cannot spell and no ASCII short name.
+    """
+    text = itk_utf8_name(path, error)
+    if not _itk_needs_ascii(text):
+        return text
+    spelled = _itk_ascii_path(text)
+    if spelled is None:
+        raise _no_ascii_spelling(text, error)
+    return spelled
+
+
+# -- Windows: ITK opens files by their name in the ANSI code page --------------------------------------------------
+#: The Windows code page of UTF-8: with it active (Windows' "Beta: Use Unicode UTF-8 for worldwide language support",
+#: or a program manifest that asks for it) ITK opens any name.
+_UTF8_CODE_PAGE = 65001
+#: Where to turn on the UTF-8 code page, as Windows 10 and 11 name the way there.
+_UTF8_SETTING = ('turn on "Beta: Use Unicode UTF-8 for worldwide language support" (Windows Settings > Time & '
+                 'language > Language & region > Administrative language settings > Change system locale) and '
+                 'restart Windows')  # fmt: skip
+
+
+def _on_windows() -> bool:
+    """Whether this is Windows (a function, so that tests can take Windows' way on any system)."""
+    return os.name == "nt"
+
+
+def _windows_ansi_code_page() -> int:
+    """The ANSI code page ITK's file names are read in on Windows (``GetACP``: 1252 in Western Europe, 65001 for
+    UTF-8)."""
+    import ctypes
+
+    return int(ctypes.windll.kernel32.GetACP())  # type: ignore[attr-defined]
+
+
+def _windows_short_path(path: str) -> str | None:
+    """The 8.3 spelling of the existing file or folder ``path`` (``C:\\Users\\JOS~1``; a part without a short name
+    stays long: 8.3 names can be turned off per volume), or None where Windows gives none."""
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    short_path_name = kernel32.GetShortPathNameW
+    short_path_name.argtypes = (wintypes.LPCWSTR, wintypes.LPWSTR, wintypes.DWORD)
+    short_path_name.restype = wintypes.DWORD
+    size = short_path_name(path, None, 0)
+    if not size:
+        return None
+    buffer = ctypes.create_unicode_buffer(size)
+    written = short_path_name(path, buffer, size)
+    return buffer.value if 0 < written < size else None
+
+
+def _itk_needs_ascii(text: str) -> bool:
+    """Whether ITK cannot open the path ``text`` as it is spelled: SimpleITK hands ITK the name in UTF-8 and ITK's
+    readers and writers open it with the narrow (ANSI) fopen, so on Windows a non-ASCII name is not found unless the
+    code page is UTF-8 (SimpleITK issues 651, 1255; ITK issue 4388)."""
+    return not text.isascii() and _on_windows() and _windows_ansi_code_page() != _UTF8_CODE_PAGE
+
+
+def _itk_ascii_path(text: str) -> str | None:
+    """An ASCII spelling of the path ``text`` that opens the same file on Windows, or None where there is none.
+
+    The folder is spelled by its short 8.3 name; so is the file itself when its own name is not ASCII, if that short
+    name keeps what ITK recognises the format by (:func:`_short_name_keeps_format`). A file to be created has no
+    short name yet: its name must be ASCII (:func:`write_volume` writes through an ASCII-named temporary file)."""
+    folder, name = os.path.split(text)
+    if name.isascii() or not os.path.exists(text):
+        if not name.isascii():
+            return None
+        if folder.isascii():  # an ASCII folder, or none: the current one, which ITK opens from whatever its name
+            return text
+        short_folder = _windows_short_path(os.path.abspath(folder))
+        return os.path.join(short_folder, name) if short_folder is not None and short_folder.isascii() else None
+    short = _windows_short_path(os.path.abspath(text))
+    if short is None or not short.isascii():
+        return None
+    return short if os.path.isdir(text) or _short_name_keeps_format(name, os.path.basename(short)) else None
+
+
+def _short_name_keeps_format(name: str, short_name: str) -> bool:
+    """Whether ITK still reads the file ``name`` by its 8.3 name ``short_name``: ITK picks some readers by the suffix
+    (``.jpeg``), and NIfTI tells its kinds by the whole suffix, so ``CT~1.NII`` reads but ``CT~1.GZ`` (a ``.nii.gz``)
+    and ``XR~1.JPE`` do not; ``.NRR`` reads, as the NRRD reader is named explicitly (:func:`image_io`)."""
+    suffix, short_suffix = _suffix(Path(name)), Path(short_name).suffix.lower()
+    return suffix == short_suffix or (image_io(name) == "NrrdImageIO" and suffix[:4] == short_suffix)
+
+
+def _itk_ascii_alias(name: str) -> str:
+    """``name`` in ASCII letters (``Müller.nii.gz`` -> ``Muller.nii.gz``, ``胸部.nrrd`` -> ``__.nrrd``): the name of
+    the temporary file ITK writes where its code page cannot spell the output's own name (:func:`_itk_partial_file`)."""
+    import unicodedata
+
+    return "".join(ch if ch.isascii() else unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode() or "_"
+                   for ch in name)  # fmt: skip
+
+
+def _no_ascii_spelling(
+    path: str | os.PathLike, error: type[DiffusionCoreError], within: str | os.PathLike | None = None
+) -> DiffusionCoreError:
+    """The ``error`` for a path ITK cannot open on this Windows (:func:`_itk_needs_ascii`) for want of an ASCII
+    spelling, naming its non-ASCII parts (those of ``within``, its folder for an output, where given) and the three
+    ways out."""
+    parts = _unspellable_parts(os.fspath(within if within is not None else path))
+    named = " and ".join(f'"{part}"' for part in parts[:3]) or "its name"
+    output = issubclass(error, OutputError)
+    verb, move = ("cannot write", "write it") if output else ("could not read", "move the file")
+    return error(
+        f"{verb} {path}: ITK, which reads and writes the volume files, cannot open a path with {named} in it on this "
+        f"Windows (it takes file names in the code page {_windows_ansi_code_page()}, not in Unicode), and Windows has "
+        f"no short ASCII (8.3) name for {'them' if len(parts) > 1 else 'it'} that ITK can use. Rename {named} with "
+        f"ASCII letters only, {move} to a folder whose path is ASCII only, or {_UTF8_SETTING}."
+    )
+
+
+def _unspellable_parts(text: str) -> list[str]:
+    """The non-ASCII parts of the path ``text`` that ITK cannot be given in ASCII: those without a short 8.3 name
+    (or, for a file, one that keeps its format: :func:`_short_name_keeps_format`); all non-ASCII parts where none of
+    them can be told so (a path that does not exist)."""
+    found, prefix = [], Path(os.path.abspath(text))
+    for current in (prefix, *prefix.parents):
+        if current.name.isascii():
+            continue
+        short = _windows_short_path(str(current)) if current.exists() else None
+        name = os.path.basename(short) if short else ""
+        if not (name.isascii() and name) or not (current.is_dir() or _short_name_keeps_format(current.name, name)):
+            found.append(current.name)
+    return found[::-1] or [part for part in Path(text).parts if not part.isascii()]
+
+
+def _check_itk_can_write(p: Path) -> None:
+    """Refuse, before any work, an output ITK could not create on this Windows (:func:`_itk_needs_ascii`): its folder
+    needs an ASCII spelling (the file itself is written under an ASCII name, then renamed by Python, which takes any).
+    Nothing happens elsewhere.
+
+    Raises:
+        OutputError: the folder has non-ASCII characters and no short 8.3 name; the message says what to do.
+    """
+    if not _itk_needs_ascii(str(p)):
+        return
+    folder = p.parent if str(p.parent) else Path(".")
+    if _itk_ascii_path(str(folder / _itk_ascii_alias(p.name))) is None:
+        raise _no_ascii_spelling(p, OutputError, within=folder)
+
+
+def _itk_partial_file(final: Path, suffix: str) -> str:
+    """:func:`~DiffusionCore.files.partial_file` for a file ITK writes: where ITK cannot create the output's own name
+    (:func:`_itk_needs_ascii`), named after its ASCII alias (:func:`_itk_ascii_alias`) instead, in the same folder."""
+    if _itk_needs_ascii(final.name):
+        return partial_file(final.with_name(_itk_ascii_alias(final.name)), suffix)
+    return partial_file(final, suffix)
 
 
 def _itk_text(value: str) -> str:
@@ -641,12 +799,13 @@ def _read_dicom_series(
     search_dirs = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir())
     for d in search_dirs:
         _refuse_special_files(d)
+        spelled = itk_path(d)  # Windows: the folder's short name where its code page cannot spell it
         try:
-            ids = _itk(sitk.ImageSeriesReader.GetGDCMSeriesIDs, str(d))
+            ids = _itk(sitk.ImageSeriesReader.GetGDCMSeriesIDs, spelled)
         except RuntimeError:
             ids = ()
         for uid in ids:
-            files = list(_itk(sitk.ImageSeriesReader.GetGDCMSeriesFileNames, str(d), uid))
+            files = _respelled(_itk(sitk.ImageSeriesReader.GetGDCMSeriesFileNames, spelled, uid), spelled, str(d))
             if len(files) > len(series.get(uid, [])):
                 series[uid] = files
     if not series:
@@ -681,6 +840,15 @@ def _read_dicom_series(
     _note_uneven_positions(positions, _tag_numbers(headers[files[0]], "0020|0037"), folder, meta)
     img = _regularize_gantry_tilt(img, positions, folder, meta)
     return img, meta
+
+
+def _respelled(files: Sequence[str], spelled: str, folder: str) -> list[str]:
+    """The files GDCM found in the folder it was given as ``spelled`` (its 8.3 name on Windows: :func:`itk_path`), in
+    the folder's own spelling ``folder``, as messages name them; unchanged where the two are one (Linux, macOS)."""
+    if not _itk_needs_ascii(folder) or spelled == folder:
+        return list(files)
+    return [folder + f[len(spelled):] if f.startswith(spelled) and f[len(spelled):][:1] in ("/", "\\") else f
+            for f in files]  # fmt: skip
 
 
 #: The beginning of ITK's warning about a series whose slice positions are not exactly evenly spaced (it shows for
@@ -1667,7 +1835,10 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
         if isinstance(exc, OutputError):
             raise
         raise too_long_error(p, exc) or OutputError(f"cannot write {p}: {exc.strerror or exc}") from None
+    _check_itk_can_write(p)  # Windows: a folder ITK cannot spell in its code page, refused before the work
     removed = remove_stale_partials(p)
+    if _itk_needs_ascii(p.name):  # those of a temporary file named in ASCII (:func:`_itk_partial_file`)
+        removed += remove_stale_partials(p.with_name(_itk_ascii_alias(p.name)))
     if removed:
         logger.info("removed %d temporary file(s) that an interrupted earlier run left beside %s: %s", len(removed),
                     p.name, ", ".join(removed))  # fmt: skip
@@ -1767,7 +1938,7 @@ def write_volume(
         p = check_output_path(path, overwrite=overwrite)
     except OutputExistsError as exc:
         raise exc.advising(API_OVERWRITE_ADVICE) from None
-    itk_path(p, OutputError)  # a name ITK cannot take, said of the user's path (not of its temporary file)
+    itk_utf8_name(p, OutputError)  # a name ITK cannot take, said of the user's path (not of its temporary file)
     check_output_geometry(vol, p)
     arr = vol.array
     if dtype == "auto":
@@ -1813,8 +1984,8 @@ def write_volume(
     try:
         try:
             for ext in (".nii", suffix) if gzip_after else (suffix,):
-                temps.append(partial_file(p, ext))
-            _itk(sitk.WriteImage, img, temps[0], compress and suffix in (".nrrd", ".mha"))
+                temps.append(_itk_partial_file(p, ext))
+            _itk(sitk.WriteImage, img, itk_path(temps[0], OutputError), compress and suffix in (".nrrd", ".mha"))
             _check_complete(temps[0], out.nbytes, compressed=compress and suffix in (".nrrd", ".mha"))
             if gzip_after:
                 gzip_file(temps[0], temps[1])
@@ -1825,8 +1996,8 @@ def write_volume(
             logger.info("no room for %s uncompressed beside its .nii.gz: compressing it while it is written (slower)",
                         p.name)  # fmt: skip
             try:
-                temps.append(partial_file(p, suffix))
-                _itk(sitk.WriteImage, img, temps[0], True)
+                temps.append(_itk_partial_file(p, suffix))
+                _itk(sitk.WriteImage, img, itk_path(temps[0], OutputError), True)
                 _check_gzip_complete(temps[0], out.nbytes)
             except (RuntimeError, OSError):
                 raise exc from None  # it did not fit either: the first failure says why (a full disk, ulimit -f)
@@ -1847,8 +2018,10 @@ def write_image(img: sitk.Image, path: str | os.PathLike) -> Path:
     quotes its source files). Not atomic: for files in a job's private folder."""
     p = Path(path)
     nbytes = img.GetNumberOfPixels() * img.GetNumberOfComponentsPerPixel() * img.GetSizeOfPixelComponent()
+    # Windows: a path its code page cannot spell, as ITK can open it (or refused as an output, before ITK fails)
+    name = itk_path(p, OutputError) if _itk_needs_ascii(str(p)) else str(p)
     try:
-        _itk(sitk.WriteImage, img, str(p))
+        _itk(sitk.WriteImage, img, name)
         _check_complete(str(p), nbytes, compressed=False)
     except (RuntimeError, OSError) as exc:
         raise _write_failure(p, nbytes, exc) from None

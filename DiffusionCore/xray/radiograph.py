@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..files import check_detached_data_files
 from ..inputs import has_dicom_marker, is_dicom_file
-from ..volume import check_metaimage_header, image_io, is_localizer, itk_path, sitk_message
+from ..volume import check_metaimage_header, image_io, is_localizer, itk_path, itk_utf8_name, sitk_message
 
 logger = logging.getLogger(__name__)
 
@@ -1087,9 +1087,10 @@ def radiograph_file_kind(path: str | os.PathLike) -> str:
         return ""
     reader = sitk.ImageFileReader()
     try:
-        reader.SetFileName(itk_path(p))
+        itk_utf8_name(p)
     except InputError:  # tried as a radiograph, so that reading it names the problem
         return "a file whose name is not UTF-8 text"
+    reader.SetFileName(itk_path(p))  # Windows: a name its code page cannot spell refused, saying what to do
     reader.SetImageIO(_radiograph_io(p))
     try:
         reader.ReadImageInformation()
