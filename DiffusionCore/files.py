@@ -36,12 +36,34 @@ _CHUNK = 1 << 20
 CACHE_ENV = "DIFFUSIONCORE_CACHE"
 
 
-#: The cache folder when ``$DIFFUSIONCORE_CACHE`` is unset, under the user's home folder.
+#: The cache folder when ``$DIFFUSIONCORE_CACHE`` is unset, under the user's home folder (not on Windows:
+#: :func:`default_cache`).
 DEFAULT_CACHE = "~/.cache/diffusioncore"
 
 
+def default_cache() -> str:
+    """The cache folder when ``$DIFFUSIONCORE_CACHE`` is unset, as written (``~`` not expanded); the one place that
+    says it (the Slicer modules read it here too).
+
+    On Windows ``%LOCALAPPDATA%\\diffusioncore``: ``~`` there is the user profile, which roaming profiles (common
+    in hospitals) copy to a server at every logon and logoff, and the cache holds about 100 MB of sample data and
+    every imported weights file. A Windows cache made by an earlier version in ``~\\.cache\\diffusioncore`` stays in
+    use while there is none under ``%LOCALAPPDATA%`` (its imported weights would be gone from the lists otherwise).
+    Elsewhere, and on Windows without ``LOCALAPPDATA``, :data:`DEFAULT_CACHE`; also on macOS, whose convention would
+    be ``~/Library/Caches``, so that a cache already there stays in use.
+    """
+    if ON_WINDOWS and (local := os.environ.get("LOCALAPPDATA")):
+        new = os.path.join(local, "diffusioncore")
+        with contextlib.suppress(RuntimeError, OSError):  # no home folder: there is no earlier cache either
+            if not os.path.isdir(new) and os.path.isdir(Path(DEFAULT_CACHE).expanduser()):
+                return DEFAULT_CACHE
+        return new
+    return DEFAULT_CACHE
+
+
 def cache_dir() -> Path:
-    """DiffusionCore's user cache folder: ``$DIFFUSIONCORE_CACHE`` or ``~/.cache/diffusioncore``.
+    """DiffusionCore's user cache folder: ``$DIFFUSIONCORE_CACHE``, else :func:`default_cache`
+    (``~/.cache/diffusioncore``; ``%LOCALAPPDATA%\\diffusioncore`` on Windows).
 
     Sample data live in ``cache_dir()/sample-data``, imported weights in ``cache_dir()/weights``. Not
     created here (see :func:`writable_cache_folder`).
@@ -53,12 +75,12 @@ def cache_dir() -> Path:
     """
     env = os.environ.get(CACHE_ENV)
     try:
-        return Path(env).expanduser() if env else Path(DEFAULT_CACHE).expanduser()
+        return Path(env or default_cache()).expanduser()
     except RuntimeError:  # Path.expanduser: "Could not determine home directory."
         named = f"{CACHE_ENV}={env} starts with ~" if env else f"{CACHE_ENV} is unset"
         raise OutputError(
             f"no cache folder: {named}, and this account has no home folder (HOME is unset and the user database "
-            f"has no entry for it), so {env or DEFAULT_CACHE} names no folder here; set {CACHE_ENV} to the full path "
+            f"has no entry for it), so {env or default_cache()} names no folder here; set {CACHE_ENV} to the full path "
             "of a folder you can write"
         ) from None
 
@@ -70,13 +92,13 @@ def cache_dir_shown() -> Path:
     try:
         return cache_dir()
     except OutputError:
-        return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+        return Path(os.environ.get(CACHE_ENV) or default_cache())
 
 
 def _cache_setting() -> str:
     where = (f"{CACHE_ENV}={os.environ[CACHE_ENV]}" if os.environ.get(CACHE_ENV)
              else f"the cache folder {cache_dir_shown()}")  # fmt: skip
-    return f"{where}: point {CACHE_ENV} to a folder you can write (or unset it for ~/.cache/diffusioncore)"
+    return f"{where}: point {CACHE_ENV} to a folder you can write (or unset it for {default_cache()})"
 
 
 def check_cache_usable() -> Path:
@@ -203,11 +225,17 @@ def publish(tmp: str | os.PathLike, final: str | os.PathLike, *, overwrite: bool
 _JOURNALS = threading.local()
 
 
-def _lstat_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+def _lstat_identity(path: str | os.PathLike) -> tuple[int, ...] | None:
+    """(device, inode) of the entry at ``path`` itself (a link not followed), or None when there is none. Where the
+    file system numbers no inodes (``st_ino`` 0: some Windows network drives), (device, 0, size, modification time)
+    instead: (device, 0) alone would be the same for every file there, also for one another process put at that
+    name since."""
     try:
         st = os.lstat(path)
     except (OSError, ValueError):
         return None
+    if st.st_ino == 0:
+        return st.st_dev, 0, st.st_size, st.st_mtime_ns
     return st.st_dev, st.st_ino
 
 
@@ -218,11 +246,11 @@ def _note_published(final: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def publish_journal() -> Iterator[dict[str, tuple[int, int] | None]]:
+def publish_journal() -> Iterator[dict[str, tuple[int, ...] | None]]:
     """What :func:`publish` puts in place in this thread during the block: absolute path -> (device, inode) of the
     file (or folder) as published. A caller that undoes a failed block removes only the files it wrote itself, and
     only while they are still what it wrote (not a file another process published at that name before or since)."""
-    journal: dict[str, tuple[int, int] | None] = {}
+    journal: dict[str, tuple[int, ...] | None] = {}
     stack = getattr(_JOURNALS, "open", None)
     if stack is None:
         stack = _JOURNALS.open = []
@@ -233,9 +261,10 @@ def publish_journal() -> Iterator[dict[str, tuple[int, int] | None]]:
         stack.remove(journal)
 
 
-def still_published(journal: dict[str, tuple[int, int] | None], path: str | os.PathLike) -> bool:
+def still_published(journal: dict[str, tuple[int, ...] | None], path: str | os.PathLike) -> bool:
     """Whether ``path`` is still the file this thread published there (recorded in ``journal``, a
-    :func:`publish_journal`): same device and inode."""
+    :func:`publish_journal`): same device and inode (where there are no inode numbers, same device, size and
+    modification time: :func:`_lstat_identity`)."""
     recorded = journal.get(os.path.abspath(path))
     return recorded is not None and _lstat_identity(path) == recorded
 
@@ -260,6 +289,38 @@ def partial_file(final: str | os.PathLike, suffix: str = "") -> str:
 PARTIAL_NAME_EXTRA = len(f"..{10**7 - 1}.{'x' * 8}{PARTIAL}.nii.gz")
 #: The longest name (bytes) and path most file systems take, where the system does not say (ext4, NTFS, APFS: 255).
 _NAME_MAX, _PATH_MAX = 255, 4096
+#: Windows' ``MAX_PATH``: a path there has at most 259 characters (and its terminating NUL), unless long paths are
+#: switched on (:func:`_windows_long_paths`).
+_WINDOWS_MAX_PATH = 260
+#: Windows errors that say a path is too long: ERROR_FILENAME_EXCED_RANGE (206), and ERROR_PATH_NOT_FOUND (3), which
+#: Windows also gives for a path over ``MAX_PATH`` (then only when the path is over it: else the folder is missing).
+_WINERROR_TOO_LONG, _WINERROR_PATH_NOT_FOUND = 206, 3
+
+
+def _windows_long_paths() -> bool:
+    """Whether Windows takes paths longer than ``MAX_PATH`` here: the system setting ``LongPathsEnabled`` is 1
+    (``HKLM\\SYSTEM\\CurrentControlSet\\Control\\FileSystem``; off by default). False where it cannot be read."""
+    try:
+        import winreg
+
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"SYSTEM\CurrentControlSet\Control\FileSystem") as key:
+            value, _ = winreg.QueryValueEx(key, "LongPathsEnabled")
+        return int(value) == 1
+    except (ImportError, OSError, ValueError, TypeError):
+        return False
+
+
+def _path_length_and_limit(path: Path, parent: Path, extra: int) -> tuple[int, int, str]:
+    """The length of ``path`` made absolute, plus ``extra``; the limit it must stay under; and the unit both are in.
+    Windows counts characters (UTF-16 units) up to ``MAX_PATH`` (up to :data:`_PATH_MAX` for a ``\\\\?\\`` path or
+    where long paths are on); other systems count bytes up to their ``PC_PATH_MAX``."""
+    absolute = os.path.abspath(path)
+    if ON_WINDOWS:
+        length = len(absolute.encode("utf-16-le")) // 2 + extra
+        if absolute.startswith("\\\\?\\") or _windows_long_paths():
+            return length, _PATH_MAX, "characters"
+        return length, _WINDOWS_MAX_PATH, "characters"
+    return len(os.fsencode(absolute)) + extra, _fs_limit(parent, "PC_PATH_MAX", _PATH_MAX), "bytes"
 
 
 def _fs_limit(folder: Path, name: str, default: int) -> int:
@@ -289,11 +350,10 @@ def name_too_long(path: str | os.PathLike, with_temporary: bool = True) -> Outpu
             f"cannot write {p}: its name is too long for the file system ({name_bytes} bytes{extra}; a name there "
             f"may have at most {name_max}): use a shorter name or folder."
         )
-    full = len(os.fsencode(os.path.abspath(p))) + (PARTIAL_NAME_EXTRA if with_temporary else 0)
-    path_max = _fs_limit(parent, "PC_PATH_MAX", _PATH_MAX)
+    full, path_max, unit = _path_length_and_limit(p, parent, PARTIAL_NAME_EXTRA if with_temporary else 0)
     if full >= path_max:
         return OutputError(
-            f"cannot write {p}: its path is too long for the file system ({full} bytes; a path there may have at "
+            f"cannot write {p}: its path is too long for the file system ({full} {unit}; a path there may have at "
             f"most {path_max - 1}): use a shorter name or folder."
         )
     return None
@@ -311,9 +371,13 @@ def check_name_length(path: str | os.PathLike, with_temporary: bool = True) -> N
 
 
 def too_long_error(path: str | os.PathLike, exc: OSError) -> OutputError | None:
-    """The OutputError for ``exc`` when it is the system's ENAMETOOLONG about ``path`` (or a file beside it), else
-    None: the path named, and what to do, never an internal error."""
-    if exc.errno != errno.ENAMETOOLONG:
+    """The OutputError for ``exc`` when it is the system's ENAMETOOLONG about ``path`` (or a file beside it), or
+    Windows' word for it (``winerror`` 206; 3, "path not found", for a path over ``MAX_PATH``), else None: the path
+    named, and what to do, never an internal error."""
+    winerror = getattr(exc, "winerror", None)
+    if winerror == _WINERROR_PATH_NOT_FOUND:  # also a folder that does not exist: only a path over the limit
+        return name_too_long(path)
+    if exc.errno != errno.ENAMETOOLONG and winerror != _WINERROR_TOO_LONG:
         return None
     return name_too_long(path) or OutputError(
         f"cannot write {path}: its name or path is too long for the file system: use a shorter name or folder."
@@ -412,13 +476,33 @@ def glob_escape(name: str) -> str:
 PathLike = str | os.PathLike
 
 
-def _file_identity(path: PathLike) -> tuple[int, int] | None:
-    """(device, inode) of what ``path`` names after following links, or None when there is nothing there."""
+#: What tells one file from another: (device, inode), or the resolved path where the file system has no inodes.
+FileIdentity = tuple[int, int] | str
+
+
+def resolved_path_key(path: PathLike) -> str:
+    """``path`` with links and ``..`` resolved, in the letter case the system compares names in (``normcase``: lower
+    case on Windows): what tells files apart where their identity cannot (:func:`file_identity`)."""
+    return os.path.normcase(os.path.realpath(path))
+
+
+def _stat_identity(st: os.stat_result, path: PathLike) -> FileIdentity:
+    """(device, inode) from ``st``, the stat of ``path``; :func:`resolved_path_key` when the inode is 0: a file system
+    that numbers no inodes (Windows network drives: sshfs-win, WebDAV, some NAS and VirtualBox shares), where
+    (device, 0) would make every file there one file."""
+    if st.st_ino == 0:
+        return resolved_path_key(path)
+    return st.st_dev, st.st_ino
+
+
+def file_identity(path: PathLike) -> FileIdentity | None:
+    """What tells the file (or folder) ``path`` names, after following links, from any other: (device, inode), else
+    the resolved path (:func:`_stat_identity`); None when there is nothing there."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):
         return None
-    return st.st_dev, st.st_ino
+    return _stat_identity(st, path)
 
 
 #: Most data files one detached header may list (a ``LIST`` or a numbered pattern); more are not followed.
@@ -570,8 +654,10 @@ def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterab
     :func:`detached_data_files`) are inputs too. Files are compared by identity (device
     and inode), not by name: a symbolic or hard link to an input, a
     path through ``..`` and another spelling of the name on a case-insensitive file system all name the
-    input itself. A folder input (a DICOM series) protects everything below it, and the files directly in
-    it are compared by identity too.
+    input itself. On a file system without inode numbers (:func:`file_identity`) the resolved paths are compared
+    instead, which does not see hard links. A folder input (a DICOM series) protects everything below it, and the
+    files directly in it are compared by identity too. Outputs that differ only in letter case are one file on
+    Windows and macOS (whose disks ignore case by default).
 
     Args:
         inputs: the files and folders the command reads: volumes, radiographs, list files, weights.
@@ -585,17 +671,17 @@ def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterab
         OutputError: exit code 4; the message names the output, the input and what to do.
     """
     even = f" even with {overwrite_option}" if overwrite_option else ""
-    files: dict[tuple[int, int], Path] = {}
-    folders: dict[tuple[int, int], Path] = {}
-    headers: dict[tuple[int, int], Path] = {}  # the data file of a detached header -> the header
+    files: dict[FileIdentity, Path] = {}
+    folders: dict[FileIdentity, Path] = {}
+    headers: dict[FileIdentity, Path] = {}  # the data file of a detached header -> the header
     for item in inputs:
-        if item is None or (ident := _file_identity(item)) is None:
+        if item is None or (ident := file_identity(item)) is None:
             continue
         path = Path(item)
         if not path.is_dir():
             files.setdefault(ident, path)
             for data in detached_data_files(path):  # a detached header's voxels are an input too
-                if (data_ident := _file_identity(data)) is not None and data_ident not in files:
+                if (data_ident := file_identity(data)) is not None and data_ident not in files:
                     files[data_ident] = data
                     headers[data_ident] = path
             continue
@@ -603,9 +689,8 @@ def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterab
         try:
             with os.scandir(path) as entries:
                 for entry in entries:
-                    if entry.is_file():
-                        st = entry.stat()
-                        files.setdefault((st.st_dev, st.st_ino), Path(entry.path))
+                    if entry.is_file():  # (on Windows, DirEntry.stat() gives st_ino 0: the path then)
+                        files.setdefault(_stat_identity(entry.stat(), entry.path), Path(entry.path))
         except OSError:
             pass  # an unreadable folder is reported by the reader
     seen: dict[str, tuple[str, Path]] = {}
@@ -613,7 +698,7 @@ def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterab
         if item is None:
             continue
         out = Path(item)
-        ident = _file_identity(out)
+        ident = file_identity(out)
         if ident in files:
             same = "" if os.path.abspath(out) == os.path.abspath(files[ident]) else " (the same file under another name)"
             if ident in headers:
@@ -624,13 +709,15 @@ def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterab
             )
         real = Path(os.path.realpath(out))  # links and '..' resolved the way the file would be opened
         for folder in (real, *real.parents):
-            if (ident := _file_identity(folder)) in folders:
+            if (ident := file_identity(folder)) in folders:
                 raise OutputError(
                     f"{what} {out} lies inside the input folder {folders[ident]}: writing there would change "
                     f"what is read from that folder (a series, a cohort), so it is refused{even}. Choose a path "
                     "outside it."
                 )
         key = os.path.normcase(str(real))
+        if sys.platform == "darwin":  # APFS and HFS+ ignore case by default, and normcase keeps it on macOS
+            key = key.casefold()
         if key in seen:
             raise OutputError(f"{what} {out} and {seen[key][0]} {seen[key][1]} are the same file: give them different names.")
         seen[key] = (what, out)
@@ -742,16 +829,120 @@ def soft_limit(name: str) -> int | None:
     return None if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
 
 
+#: What :func:`host_available_memory` returns when no source tells the free memory: do not refuse work we cannot judge.
+UNKNOWN_MEMORY = 1 << 62
+_UNMEASURED_MEMORY_SAID = False
+
+
+def _windows_available_memory() -> int | None:
+    """Bytes of memory a new allocation can get on Windows (``GlobalMemoryStatusEx``): the free physical memory, capped
+    by what the commit limit (physical memory plus page file) leaves, since Windows refuses an allocation past that
+    limit however much memory is free. None where the call is missing or fails."""
+    try:
+        import ctypes
+
+        class MemoryStatusEx(ctypes.Structure):  # MEMORYSTATUSEX
+            _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32),
+                        ("ullTotalPhys", ctypes.c_uint64), ("ullAvailPhys", ctypes.c_uint64),
+                        ("ullTotalPageFile", ctypes.c_uint64), ("ullAvailPageFile", ctypes.c_uint64),
+                        ("ullTotalVirtual", ctypes.c_uint64), ("ullAvailVirtual", ctypes.c_uint64),
+                        ("ullAvailExtendedVirtual", ctypes.c_uint64)]  # fmt: skip
+
+        status = MemoryStatusEx()
+        status.dwLength = ctypes.sizeof(MemoryStatusEx)
+        kernel32 = ctypes.WinDLL("kernel32")  # type: ignore[attr-defined]  # our own handle: no shared argtypes changed
+        kernel32.GlobalMemoryStatusEx.argtypes = [ctypes.POINTER(MemoryStatusEx)]
+        if not kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+            return None
+        available = int(status.ullAvailPhys)
+        if status.ullAvailPageFile:
+            available = min(available, int(status.ullAvailPageFile))
+        return available or None
+    except Exception:  # no ctypes.WinDLL (not Windows), a call that fails: not measured
+        return None
+
+
+def _sysctl_uint64(libc, name: str) -> int | None:
+    """A 64-bit integer from macOS's ``sysctlbyname`` (``hw.memsize``), or None."""
+    import ctypes
+
+    value, size = ctypes.c_uint64(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint64))
+    if libc.sysctlbyname(name.encode(), ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+        return None
+    return int(value.value) or None
+
+
+#: ``HOST_VM_INFO64`` and ``HOST_VM_INFO64_COUNT`` (``sizeof(vm_statistics64_data_t) / sizeof(integer_t)``) of
+#: ``<mach/host_info.h>``; the counts read are the first fields, ``free_count`` then ``active_count``, ``inactive_count``.
+_HOST_VM_INFO64, _HOST_VM_INFO64_COUNT = 4, 38
+
+
+def _macos_available_memory() -> int | None:
+    """Bytes of memory available on macOS: the free and the inactive pages (``host_statistics64``, as ``vm_stat``
+    counts them: macOS keeps most of its memory in use as caches, and inactive pages are the first it takes back, so
+    the free pages alone would refuse most runs), at most the physical memory (``hw.memsize``). Where the page counts
+    cannot be read, half the physical memory: a cautious guess, which may refuse or shrink a run that would have fit
+    but never plans one past the machine. None where not even ``hw.memsize`` can be read."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)  # the process's own symbols: libSystem on macOS
+        libc.sysctlbyname.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                      ctypes.c_void_p, ctypes.c_size_t]  # fmt: skip
+        physical = _sysctl_uint64(libc, "hw.memsize")
+    except Exception:  # no sysctlbyname (not macOS)
+        return None
+    if physical is None:
+        return None
+    try:
+        libc.mach_host_self.restype = ctypes.c_uint32
+        libc.host_page_size.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_size_t)]
+        libc.host_statistics64.argtypes = [ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p,
+                                           ctypes.POINTER(ctypes.c_uint32)]  # fmt: skip
+        host = libc.mach_host_self()
+        page, counts = ctypes.c_size_t(0), (ctypes.c_uint32 * 64)()  # room to spare past the 38 fields
+        count = ctypes.c_uint32(_HOST_VM_INFO64_COUNT)
+        if (libc.host_page_size(host, ctypes.byref(page)) != 0 or not page.value
+                or libc.host_statistics64(host, _HOST_VM_INFO64, ctypes.byref(counts), ctypes.byref(count)) != 0
+                or count.value < 3):  # fmt: skip
+            raise OSError("host_statistics64 failed")
+        free_and_inactive = (int(counts[0]) + int(counts[2])) * int(page.value)
+        return min(free_and_inactive, physical)
+    except Exception:
+        return physical // 2
+
+
+def _platform_available_memory() -> int | None:
+    """Bytes of free memory from the system's own call where there is no ``/proc`` (Windows, macOS), else None."""
+    if ON_WINDOWS:
+        return _windows_available_memory()
+    if sys.platform == "darwin":
+        return _macos_available_memory()
+    return None
+
+
 def host_available_memory() -> int:
     """Bytes of memory available to this process: MemAvailable, capped by a cgroup limit and by what this process's
-    address-space limit (``ulimit -v``) leaves it (:func:`address_space_left`)."""
+    address-space limit (``ulimit -v``) leaves it (:func:`address_space_left`). Without ``/proc``, the system's own
+    figure (``SC_AVPHYS_PAGES``; on Windows ``GlobalMemoryStatusEx``, on macOS ``host_statistics64``). Where nothing
+    tells it, :data:`UNKNOWN_MEMORY` (work is then neither refused nor made smaller for want of memory), said once
+    in the log with the variable that sets the figure instead."""
+    global _UNMEASURED_MEMORY_SAID
     candidates = [v for v in (proc_bytes("/proc/meminfo", "MemAvailable"), _cgroup_available(), address_space_left())
                   if v is not None]  # fmt: skip
     if not candidates:
         try:
             candidates.append(int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")))
-        except (ValueError, OSError, AttributeError):
-            return 1 << 62  # unknown: do not refuse work we cannot judge
+        except (ValueError, OSError, AttributeError):  # Windows: no sysconf; macOS: no SC_AVPHYS_PAGES
+            measured = _platform_available_memory()
+            if measured is None:
+                if not _UNMEASURED_MEMORY_SAID:
+                    _UNMEASURED_MEMORY_SAID = True
+                    logger.warning("the free memory could not be measured on this system, so no run is refused or "
+                                   "made smaller for want of memory: set %s (e.g. 8GiB) to the memory a run may use",
+                                   MEMORY_LIMIT_ENV)  # fmt: skip
+                return UNKNOWN_MEMORY
+            candidates.append(measured)
     return min(candidates)
 
 
@@ -847,11 +1038,48 @@ def current_rss_bytes() -> int | None:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (``VmHWM`` from /proc/self/status, else ru_maxrss)."""
-    import resource
-
+    """Peak resident memory of this process so far, in bytes: ``VmHWM`` from /proc/self/status (Linux), else
+    ``ru_maxrss`` (kibibytes on Linux and the BSDs, bytes on macOS), else the peak working set (Windows, which has no
+    ``resource`` module); 0 where none can be read. A figure for reports and notes, read when a run has finished:
+    it must never fail that run."""
     peak = proc_bytes("/proc/self/status", "VmHWM")
-    return peak if peak is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    if peak is not None:
+        return peak
+    try:
+        import resource
+
+        maxrss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    except (ImportError, OSError, ValueError, AttributeError):
+        return _windows_peak_working_set() or 0
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
+def _windows_peak_working_set() -> int | None:
+    """This process's peak working set in bytes (``GetProcessMemoryInfo``'s ``PeakWorkingSetSize``, Windows), or None
+    where it cannot be read."""
+    try:
+        import ctypes
+
+        size_t = ctypes.c_size_t
+
+        class ProcessMemoryCounters(ctypes.Structure):  # PROCESS_MEMORY_COUNTERS
+            _fields_ = [("cb", ctypes.c_uint32), ("PageFaultCount", ctypes.c_uint32), ("PeakWorkingSetSize", size_t),
+                        ("WorkingSetSize", size_t), ("QuotaPeakPagedPoolUsage", size_t),
+                        ("QuotaPagedPoolUsage", size_t), ("QuotaPeakNonPagedPoolUsage", size_t),
+                        ("QuotaNonPagedPoolUsage", size_t), ("PagefileUsage", size_t),
+                        ("PeakPagefileUsage", size_t)]  # fmt: skip
+
+        counters = ProcessMemoryCounters()
+        counters.cb = ctypes.sizeof(ProcessMemoryCounters)
+        kernel32, psapi = ctypes.WinDLL("kernel32"), ctypes.WinDLL("psapi")  # type: ignore[attr-defined]
+        kernel32.GetCurrentProcess.restype = ctypes.c_void_p  # a HANDLE (the pseudo handle -1): not a C int
+        psapi.GetProcessMemoryInfo.argtypes = [ctypes.c_void_p, ctypes.POINTER(ProcessMemoryCounters),
+                                               ctypes.c_uint32]  # fmt: skip
+        if not psapi.GetProcessMemoryInfo(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
+            return None
+        return int(counters.PeakWorkingSetSize) or None
+    except Exception:  # no ctypes.WinDLL (not Windows), a call that fails
+        return None
 
 
 _ALLOCATOR_TUNED = False

@@ -30,8 +30,6 @@ logger = logging.getLogger(__name__)
 FAMILY_TITLES = {"sr": "CT super-resolution", "xray": "X-ray to CT", "vae": "SR autoencoder (vae)"}
 #: The module that runs each family's weights, as its title reads in Slicer's module list.
 FAMILY_MODULES = {"sr": "CT Diffusion SR", "xray": "X-ray to CT"}
-#: The environment variable that overrides DiffusionCore's cache folder (DiffusionCore.files.cache_dir).
-CACHE_ENVIRONMENT_VARIABLE = "DIFFUSIONCORE_CACHE"
 
 
 @dataclass(frozen=True)
@@ -56,10 +54,11 @@ def bundled_registry_path() -> Path | None:
 
 
 def user_registry_path() -> Path:
-    """``<cache>/weights/registry.json``, the cache being ``$DIFFUSIONCORE_CACHE`` or ``~/.cache/diffusioncore``."""
-    env = os.environ.get(CACHE_ENVIRONMENT_VARIABLE)
-    cache = Path(env).expanduser() if env else Path.home() / ".cache" / "diffusioncore"
-    return cache / "weights" / "registry.json"
+    """``<cache>/weights/registry.json``, the cache folder as DiffusionCore tells it (``$DIFFUSIONCORE_CACHE``, else
+    its default for this system: :func:`DiffusionCore.files.cache_dir_shown`, which imports no torch)."""
+    from DiffusionCore.files import cache_dir_shown
+
+    return cache_dir_shown() / "weights" / "registry.json"
 
 
 def _entries(path: Path | None) -> dict:

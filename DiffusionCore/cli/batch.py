@@ -41,10 +41,13 @@ from ..errors import (
     ResourceError,
 )
 from ..files import (
+    FileIdentity,
     check_writable_file,
+    file_identity,
     format_bytes,
     gzip_ends_with_size,
     publish_journal,
+    resolved_path_key,
     still_published,
     write_json_atomic,
 )
@@ -127,9 +130,11 @@ def batch_output_names(sources: list[Path], kept: dict[int, str] | None = None) 
     keep their suffix (``x.nii`` + ``x.nii.gz`` -> ``x_nii.nii``, ``x_nii_gz.nii.gz``; a DICOM folder ``s`` beside
     ``s.nii.gz`` -> ``s_dicom.nii.gz``, ``s_nii_gz.nii.gz``). Names longer than :data:`MAX_NAME_BYTES` are cut
     (:func:`short_name`). Names that still clash get ``~`` and 8 hex digits of the sha1 of the input's absolute path
-    (``a.png`` beside ``a_png.png``; names that differ only in case). An input whose output exists (``kept``, found by
-    the provenance of the outputs in the folder) keeps that output's name, whatever the names of inputs added since
-    would give it; an input whose name then clashes with a kept one gets the hash.
+    (``a.png`` beside ``a_png.png``; names that differ only in case), and so do, at once, inputs of one name whose
+    folders share none (on two Windows drives, ``C:\\scans`` and ``D:\\export``, or a drive and a network path). An
+    input whose output exists (``kept``, found by the provenance of the outputs in the folder) keeps that output's
+    name, whatever the names of inputs added since would give it; an input whose name then clashes with a kept one
+    gets the hash.
 
     Raises:
         InputError: two inputs would still get one name (the same file given twice); the message names them.
@@ -144,8 +149,17 @@ def batch_output_names(sources: list[Path], kept: dict[int, str] | None = None) 
             groups[_stem_key(n)].append(i)
         return [g for g in groups.values() if len(g) > 1]
 
+    def path_hashed(i: int, name: str) -> str:
+        stem, suffix = split_volume_suffix(name)
+        return f"{stem}~{hashlib.sha1(os.fsencode(os.path.abspath(sources[i]))).hexdigest()[:8]}{suffix}"
+
     for group in clashing(names):  # the same name in different folders: their folders as a prefix
-        root = Path(os.path.commonpath([str(folders[i]) for i in group]))
+        try:
+            root = Path(os.path.commonpath([str(folders[i]) for i in group]))
+        except ValueError:  # no folder in common (two Windows drives): the path's hash tells them apart
+            for i in group:
+                names[i] = path_hashed(i, names[i])
+            continue
         for i in group:
             rel = folders[i].relative_to(root).parts
             names[i] = "_".join((*rel, names[i]))
@@ -156,8 +170,7 @@ def batch_output_names(sources: list[Path], kept: dict[int, str] | None = None) 
             names[i] = f"{stem}_{_suffix_tag(sources[i], own_stem)}{suffix}"
     for group in clashing(names):  # a suffix tag that is another input's name (a.png, a_png.png): the path's hash
         for i in group:
-            stem, suffix = split_volume_suffix(names[i])
-            names[i] = f"{stem}~{hashlib.sha1(os.fsencode(os.path.abspath(sources[i]))).hexdigest()[:8]}{suffix}"
+            names[i] = path_hashed(i, names[i])
     names = [short_name(n) for n in names]
     if kept:  # outputs made before keep their names; a new input named as one of them takes the hash
         taken = {_stem_key(n) for n in kept.values()}
@@ -165,9 +178,7 @@ def batch_output_names(sources: list[Path], kept: dict[int, str] | None = None) 
             if i in kept:
                 names[i] = kept[i]
             elif _stem_key(n) in taken:
-                stem, suffix = split_volume_suffix(n)
-                names[i] = short_name(f"{stem}~{hashlib.sha1(os.fsencode(os.path.abspath(sources[i]))).hexdigest()[:8]}"
-                                      f"{suffix}")  # fmt: skip
+                names[i] = short_name(path_hashed(i, n))
     left = clashing(names)
     if left:
         pairs = "; ".join(" and ".join(str(sources[i]) for i in g) + f" (both {names[g[0]]})" for g in left)
@@ -176,19 +187,16 @@ def batch_output_names(sources: list[Path], kept: dict[int, str] | None = None) 
     return names
 
 
-def _file_identity(path: Path) -> tuple[int, int] | str:
-    """What tells one file (or DICOM folder) from another: device and inode, else the resolved path."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return os.path.realpath(path)
-    return (st.st_dev, st.st_ino)
+def _file_identity(path: Path) -> FileIdentity:
+    """What tells one file (or DICOM folder) from another: device and inode, else (nothing there, or a network drive
+    that numbers no inodes) the resolved path (:func:`~DiffusionCore.files.file_identity`)."""
+    return file_identity(path) or resolved_path_key(path)
 
 
 def distinct_sources(sources: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
     """``sources`` with each file once (by identity: a link to a file of the batch, a path through ``..``), and the
     ``(left out, the same file as)`` pairs."""
-    seen: dict[tuple[int, int] | str, Path] = {}
+    seen: dict[FileIdentity, Path] = {}
     kept, twice = [], []
     for s in sources:
         key = _file_identity(s)
@@ -828,11 +836,13 @@ def _other_series(folder: Path, chosen: str) -> list[tuple[str, str]]:
     import SimpleITK as sitk
 
     from ..dicom_in import describe_series
+    from ..volume import itk_path
 
     series: dict[str, list[str]] = {}
     for d in [folder] + sorted(p for p in folder.rglob("*") if p.is_dir()):
-        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)) or ():
-            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), uid))
+        spelled = itk_path(d)  # as ITK can open it (Windows: a short name where its code page cannot spell it)
+        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(spelled) or ():
+            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(spelled, uid))
             if len(files) > len(series.get(uid, [])):
                 series[uid] = files
     if len(series) < 2 or chosen not in series:

@@ -144,7 +144,8 @@ def environment_problem(exc: BaseException) -> tuple[str, int] | None:
     - no writable temporary folder at all (``tempfile``'s FileNotFoundError "No usable temporary directory"):
       exit 4, as for an output that cannot be written;
     - a path with a name over 255 bytes, or over 4096 bytes in all (ENAMETOOLONG, which ``Path.exists()`` raises
-      from Python 3.11 on): exit 2, as for an input or option the user can correct.
+      from Python 3.11 on), or over Windows' 259 characters (``winerror`` 206): exit 2, as for an input or option
+      the user can correct.
 
     None for any other exception.
     """
@@ -153,6 +154,11 @@ def environment_problem(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, FileNotFoundError) and "no usable temporary directory" in str(exc).lower():
         tried = str(exc.strerror or exc).partition(" found in ")[2].strip("[] ").replace("'", "") or "none"
         return (f"no writable temporary folder (tried {tried}): set TMPDIR to a folder you can write", 4)
+    if isinstance(exc, OSError) and getattr(exc, "winerror", None) == 206:  # Windows: ERROR_FILENAME_EXCED_RANGE
+        path = os.fsdecode(exc.filename) if exc.filename is not None else ""
+        what = f"the path {path} ({len(path)} characters)" if path else "a path"
+        return (f"{what} is too long for Windows: a path there may have at most 259 characters unless long paths are "
+                "turned on (the system setting LongPathsEnabled): use a shorter name or folder", 2)  # fmt: skip
     if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
         path = os.fsdecode(exc.filename) if exc.filename is not None else ""
         longest = max((len(os.fsencode(part)) for part in path.split(os.sep)), default=0)

@@ -11,7 +11,8 @@ Two JSON files map names to files; the bundled one ships with the package, the u
 that the user imported (``diffusioncore`` keeps them in its cache folder)::
 
     DiffusionCore/weights/registry.json                 bundled, read-only
-    $DIFFUSIONCORE_CACHE/weights/registry.json          user (default cache: ~/.cache/diffusioncore)
+    $DIFFUSIONCORE_CACHE/weights/registry.json          user (default cache: ~/.cache/diffusioncore;
+                                                        %LOCALAPPDATA%\\diffusioncore on Windows)
 
 Both have the same format::
 
