@@ -82,6 +82,21 @@ def test_a_save_whose_old_checkpoint_is_in_use_goes_on_and_prunes_it_at_a_later_
     assert not _hidden(out)
 
 
+def test_overwrite_with_an_old_checkpoint_in_use_changes_nothing_and_says_what_to_do(tmp_path, in_use):
+    out = tmp_path / "run"
+    _save(out, 100)
+    second = _save(out, 200)
+    before = sorted(p.name for p in out.iterdir())
+    in_use.add(out / "latest.json")  # a file another program holds open (Windows refuses to move it)
+    with pytest.raises(OutputError, match=r"--overwrite could not set the previous run's latest\.json in .* aside "
+                                          r"\(Access is denied\): a file in it is open in another program .*Close "
+                                          r"that program and run again; nothing was changed"):  # fmt: skip
+        with outdir.claim_output_dir(out, overwrite=True):
+            pytest.fail("the run must not begin")
+    assert sorted(p.name for p in out.iterdir()) == before  # the previous run as it was: nothing half set aside
+    assert find_latest(out) == second
+
+
 def test_moving_a_checkpoint_into_place_is_tried_again_on_windows(tmp_path, monkeypatch):
     out = tmp_path / "run"
     _save(out, 100)

@@ -29,9 +29,11 @@ def slicer_install_hint(module_title: str) -> str:
             "this module again")  # fmt: skip
 
 
-#: What to do outside Slicer (``python -m DiffusionCore``, a script).
-PIP_INSTALL_HINT = ("install DiffusionCore's requirements (in the project folder: make setup, or .venv/bin/python -m "
-                    "pip install -e .)")
+#: What to do outside Slicer (``python -m DiffusionCore``, a script); Windows has no ``make`` and puts the virtual
+#: environment's Python in ``Scripts``.
+PIP_INSTALL_HINT = ("install DiffusionCore's requirements (in the project folder: .venv\\Scripts\\python -m pip install -e .)"
+                    if os.name == "nt" else "install DiffusionCore's requirements (in the project folder: make setup, "
+                    "or .venv/bin/python -m pip install -e .)")  # fmt: skip
 
 
 def missing_package_message(exc: ImportError, hint: str = PIP_INSTALL_HINT) -> str:

@@ -274,8 +274,22 @@ def _set_previous_checkpoints_aside(out: Path) -> None:
         return
     aside = out / f"{_TRASH_PREFIX}overwritten-{os.getpid()}-{time.monotonic_ns()}"
     aside.mkdir()
-    for name in names:
-        os.replace(out / name, aside / name)
+    moved: list[str] = []
+    try:
+        for name in names:
+            os.replace(out / name, aside / name)
+            moved.append(name)
+    except OSError as exc:  # Windows: a file in it open in another program; the run has not begun
+        for name in reversed(moved):  # the previous run as it was, not half set aside
+            with contextlib.suppress(OSError):
+                os.replace(aside / name, out / name)
+        with contextlib.suppress(OSError):
+            aside.rmdir()
+        raise OutputError(
+            f"--overwrite could not set the previous run's {names[len(moved)]} in {out} aside ({exc.strerror or exc}): "
+            "a file in it is open in another program (an sr run or Slicer job using its weights, TensorBoard, "
+            "Explorer's preview, an antivirus scan). Close that program and run again; nothing was changed"
+        ) from exc
     logger.warning(
         "--overwrite: the previous run's checkpoints and logs (%s) are replaced by this run's", ", ".join(names)
     )
