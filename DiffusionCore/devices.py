@@ -20,6 +20,8 @@ from .errors import ConfigError, ResourceError
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
+#: The unsupported-GPU warnings already given in this process (:func:`resolve_device`).
+_SAID: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -55,19 +57,19 @@ def cuda_arch_problem(index: int) -> str | None:
     from 2.8 on hold none for Maxwell or Pascal (GeForce 900/1000) and from 2.11 none for Volta, yet
     ``torch.cuda.is_available()`` stays True there: the first kernel then fails with "no kernel image is available".
     """
+    if getattr(torch.version, "hip", None):  # a ROCm build: AMD GPUs, named gfx*, whose support this cannot tell
+        return None
     try:
         major, minor = torch.cuda.get_device_capability(index)
         arches = list(torch.cuda.get_arch_list())
     except Exception:  # noqa: BLE001 - no answer from the driver: let the GPU be tried, as before
         return None
-    if not arches:
+    known = [(kind, int(number)) for kind, _, number in (arch.partition("_") for arch in arches)
+             if kind in ("sm", "compute") and number.isdigit()]  # fmt: skip
+    if not known:  # the build names nothing this understands (sm_90a alone): let the GPU be tried
         return None
     have = major * 10 + minor
-    for arch in arches:
-        kind, _, number = arch.partition("_")
-        if not number.isdigit():
-            continue
-        code = int(number)
+    for kind, code in known:
         if kind == "sm" and code // 10 == major and code <= have:
             return None
         if kind == "compute" and code <= have:
@@ -88,13 +90,13 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0, wor
     Args:
         device: the requested device.
         local_rank: GPU index used for a bare ``"cuda"`` / ``"auto"`` (one GPU per process under torchrun).
-        world_size: processes in the launch; with more than one, an explicit ``cuda:N`` is refused (every process
-            would take GPU N).
+        world_size: processes of the launch on this machine (torchrun's ``LOCAL_WORLD_SIZE``); with more than one,
+            an explicit ``cuda:N`` other than ``cuda:<local_rank>`` is refused (every process would take GPU N).
 
     Raises:
         ResourceError: CUDA requested on a machine without a usable CUDA GPU, or on a GPU this PyTorch build has no
             kernels for.
-        ConfigError: an unknown device string; ``cuda:N`` under a launch of several processes.
+        ConfigError: an unknown device string; ``cuda:N`` with several processes of the launch on this machine.
     """
     text = str(device).strip().lower()
     if text == "auto":
@@ -103,8 +105,10 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0, wor
         problem = cuda_arch_problem(local_rank)
         if problem is None:
             return torch.device("cuda", local_rank)
-        logger.warning("%s: computing on the CPU instead. To use the GPU, install a PyTorch build that supports it.",
-                       problem)  # fmt: skip
+        if problem not in _SAID:  # once per process: the Python API resolves "auto" at every run
+            _SAID.add(problem)
+            logger.warning("%s: computing on the CPU instead. To use the GPU, install a PyTorch build that supports "
+                           "it.", problem)  # fmt: skip
         return torch.device("cpu")
     if text == "cpu":
         return torch.device("cpu")
@@ -119,10 +123,10 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0, wor
             dev = torch.device(text)
         except RuntimeError as exc:
             raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
-        if dev.index is not None and world_size > 1:
+        if dev.index is not None and world_size > 1 and dev.index != local_rank:
             raise ConfigError(
-                f"device {device!r} names one GPU, but this launch runs {world_size} processes, each of which takes "
-                "the GPU of its LOCAL_RANK: give --device cuda (or auto), and choose the GPUs with "
+                f"device {device!r} names one GPU, but this machine runs {world_size} processes of the launch, each of "
+                "which takes the GPU of its LOCAL_RANK: give --device cuda (or auto), and choose the GPUs with "
                 "CUDA_VISIBLE_DEVICES"
             )
         index = dev.index if dev.index is not None else local_rank
@@ -152,7 +156,7 @@ def process_info(device: str | torch.device = "auto") -> DistInfo:
     rank, world, local = env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
     if not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} does not fit WORLD_SIZE={world}")
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=resolve_device(device, local, world),
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=resolve_device(device, local, env_int("LOCAL_WORLD_SIZE", world)),
                     is_main=rank == 0)  # fmt: skip
 
 

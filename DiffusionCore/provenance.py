@@ -72,8 +72,8 @@ def environment(device: str | None = None) -> dict[str, str]:
     """What a result depends on besides the weights, the settings and the input: ``commit`` (the git commit of the
     DiffusionCore source when it runs from a git checkout; absent for an installed copy, where the version says it),
     ``modified`` (only when that checkout's code files differ from the commit: how many and which,
-    :func:`~DiffusionCore.version.source_modified`), ``torch`` and ``python`` (versions), ``platform`` and, when ``device`` is a CUDA device, ``gpu`` (its name),
-    ``gpu_capability``, ``cuda`` and ``cudnn`` (the versions torch was built with) and ``tf32_convolutions``.
+    :func:`~DiffusionCore.version.source_modified`), ``torch`` and ``python`` (versions), ``platform`` and, when ``device`` is a CUDA device, ``gpu`` (its
+    name), ``gpu_capability``, ``cuda`` and ``cudnn`` (the versions torch was built with) and ``tf32_convolutions``.
     A rerun that should give the same voxels needs the same of these (docs/reliability.md)."""
     record = dict(_process_environment())
     if device and str(device).startswith("cuda"):
@@ -83,14 +83,18 @@ def environment(device: str | None = None) -> dict[str, str]:
             if torch.cuda.is_available():
                 dev = torch.device(str(device))
                 record["gpu"] = torch.cuda.get_device_name(dev)
+        except Exception as exc:  # noqa: BLE001 - the GPU's name is a courtesy; its absence does not stop a result
+            logger.debug("GPU name not read for %s: %s", device, exc)
+        try:
+            if "gpu" in record:  # what else changes a GPU's voxels: read apart, so that the name stays if it fails
                 major, minor = torch.cuda.get_device_capability(dev)
                 record["gpu_capability"] = f"{major}.{minor}"
                 record["cuda"] = str(torch.version.cuda or "")
                 record["cudnn"] = str(torch.backends.cudnn.version() or "")
                 # TF32 convolutions (the default on Ampere and later) round their inputs to 10-bit mantissas
                 record["tf32_convolutions"] = str(bool(torch.backends.cudnn.allow_tf32)).lower()
-        except Exception as exc:  # noqa: BLE001 - the GPU's name is a courtesy; its absence does not stop a result
-            logger.debug("GPU name not read for %s: %s", device, exc)
+        except Exception as exc:  # noqa: BLE001 - a courtesy too, as the name
+            logger.debug("GPU versions not read for %s: %s", device, exc)
     return record
 
 

@@ -184,6 +184,11 @@ SLICER_BUG_HINT = ("Please report it with this line and the output above it (in 
                    "View > Error Log).")
 
 
+#: CUDA errors of the machine's set-up (a GPU this PyTorch build has no kernels for, a driver too old, no usable
+#: device), in lower case; others, such as a device-side assert or an illegal memory access, are bugs to report.
+_GPU_SETUP_ERROR = re.compile(r"cuda error: (no kernel image|.*(not supported|unsupported)|.*driver|no cuda-capable)")
+
+
 def out_of_memory_message(exc: BaseException | None, memory_hint: str) -> str:
     """The ``error:`` line of an allocation failure ``exc`` (None: Python's MemoryError, the host's memory). On a GPU
     (torch's ``OutOfMemoryError``, or a message naming CUDA) it also offers the CPU, whose memory is usually larger."""
@@ -240,7 +245,7 @@ def run_guarded(
         if is_out_of_memory(exc):
             print(out_of_memory_message(exc, memory_hint), file=sys.stderr)
             return 5
-        if isinstance(exc, RuntimeError) and "cuda error" in str(exc).lower():
+        if isinstance(exc, RuntimeError) and _GPU_SETUP_ERROR.search(str(exc).lower()):
             print(f"error: the GPU failed ({one_line(str(exc), 300)}). Run again on the CPU (--device cpu), or update "
                   "the GPU driver or install a PyTorch build made for this GPU.", file=sys.stderr)  # fmt: skip
             return 5

@@ -157,7 +157,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--estimate", choices=("mean", "sample"), default=None, help="mean: the posterior mean, one network evaluation per patch, deterministic, the closest to the true thin slices on average (default for ResShift weights); sample: a draw from the posterior through --num-steps steps, with plausible fine texture but more squared error (up to twice)")
     p.add_argument("--num-steps", type=int, default=None, help="sampling steps of --estimate sample (giving it implies sample; default: the weights' own, e.g. 4)")
     p.add_argument("--guidance-scale", type=finite_float(*GUIDANCE_SCALE_RANGE), default=None, help="classifier-free guidance scale, 0..10, 1.0 = off (default: the weights' own)")
-    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (a CUDA GPU this PyTorch build supports, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--use-patches", action="store_true", help="use --patch-size/--overlap (patches are always used for volumes larger than one patch; default 32x256x256, overlap 8x64x64)")
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="patch size on the thin grid (D along the thick axis); smaller when memory is short")
     p.add_argument("--overlap", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="overlap between patches")

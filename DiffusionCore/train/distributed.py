@@ -52,7 +52,8 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float = 180
     world_size = env_int("WORLD_SIZE", 1)
     rank = env_int("RANK", 0)
     local_rank = env_int("LOCAL_RANK", 0)
-    dev = resolve_device(device, local_rank, world_size)  # cuda:N refused when several processes train
+    # cuda:N refused when several processes train on this machine
+    dev = resolve_device(device, local_rank, env_int("LOCAL_WORLD_SIZE", world_size))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():

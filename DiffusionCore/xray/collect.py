@@ -54,7 +54,11 @@ def _why_passed_over(path: Path) -> str:
                     "radiograph")  # fmt: skip
         return f"DICOM files of Modality {modality}" if modality else "DICOM files without an image"
     # a 2D NRRD, MetaImage or NIfTI image, or a DICOM file without the preamble's mark, by its header
-    return "" if radiograph_file_kind(path) else "files that are no radiograph (not an image, or a 3D volume)"
+    try:
+        kind = radiograph_file_kind(path)
+    except InputError:  # Windows: a name ITK cannot open there; passed over, as another file the search cannot use
+        return "files whose names ITK cannot open on this Windows (rename them with ASCII letters)"
+    return "" if kind else "files that are no radiograph (not an image, or a 3D volume)"
 
 
 class _Search:
