@@ -25,7 +25,7 @@ import numpy as np
 from .errors import GeometryError, InputError, NumericalError, not_for_this_tool
 from .geometry import storage_flips
 from .interpolation import cubic_matrix
-from .volume import AIR_HU, Grid, Volume, axis_index, suggested_factor, thick_axis
+from .volume import AIR_HU, THICK_AXIS_MIN_RATIO, Grid, Volume, axis_index, suggested_factor, thick_axis
 
 Degradation = Literal["slab", "decimate"]
 DEGRADATIONS = ("slab", "decimate")
@@ -328,11 +328,40 @@ INTERSPACED_RUN_NOTE = (
 )
 
 
+#: How near (in thick-slice units) a thin slice centre must be to the border of two slabs to count as on it: far above
+#: the rounding of the geometry's affines (1e-15), far below any real offset (a 0.001 mm shift of 5 mm slices: 2e-4).
+SLAB_BORDER_TOLERANCE = 1e-6
+
+
+def no_thick_axis(grid: Grid, how: str) -> GeometryError:
+    """The refusal of a volume without one thick axis (:func:`~DiffusionCore.volume.thick_axis` None): (nearly)
+    isotropic, or two axes equally coarse beside a fine one (5 x 5 x 0.8 mm: a reformat), which is not isotropic and
+    needs the axis chosen. ``how`` says how to choose one."""
+    sp = np.asarray(grid.spacing_zyx, dtype=float)
+    shown = ", ".join(f"{s:.3g}" for s in sp)
+    coarse = [a for a in range(3) if sp[a] >= THICK_AXIS_MIN_RATIO * sp.min()]
+    if len(coarse) >= 2:
+        named = " and ".join(f"{'zyx'[a]} ({sp[a]:.3g} mm)" for a in coarse)
+        return not_for_this_tool(GeometryError(
+            f"two axes are equally coarse, {named}, beside a fine one (spacing z, y, x = {shown} mm): there is no "
+            f"single thick axis to super-resolve. {how}"
+        ))  # fmt: skip
+    return not_for_this_tool(GeometryError(
+        f"the volume is already (nearly) isotropic (spacing z, y, x = {shown} mm): there is no thick axis to "
+        f"super-resolve. {how}"
+    ))
+
+
 def slab_of(coords: np.ndarray, m: int, *, reverse: bool = False) -> np.ndarray:
     """The thick slab (0..m-1) whose extent holds each thin slice centre (``coords`` in thick index units), or -1
     for a centre outside all ``m`` slabs. A centre on the border of two slabs belongs to the one further along the
     axis's physical direction (:func:`~DiffusionCore.geometry.storage_flips`): the higher index, or the lower one
-    when the array axis is stored ``reverse`` of it, so the same slices fall in the same slabs in either order."""
+    when the array axis is stored ``reverse`` of it, so the same slices fall in the same slabs in either order. A
+    centre within :data:`SLAB_BORDER_TOLERANCE` of a border is on it: the coordinates come from a product of
+    floating-point affines (5 mm slices to 2 mm ones: 1.499999999999996 for a border at 1.5), and rounding must not
+    decide the slab, or the same scan stored head first and feet first gets other slabs (up to 1254 HU apart)."""
+    border = np.round(coords - 0.5) + 0.5
+    coords = np.where(np.abs(coords - border) < SLAB_BORDER_TOLERANCE, border, coords)
     slab = (np.ceil(coords - 0.5) if reverse else np.floor(coords + 0.5)).astype(int)
     slab[(slab < 0) | (slab >= m)] = -1
     return slab
@@ -548,11 +577,7 @@ def thin_grid(
     if axis is None:
         ax = thick_axis(grid)
         if ax is None:
-            sp = ", ".join(f"{s:.3g}" for s in grid.spacing_zyx)
-            raise not_for_this_tool(GeometryError(
-                f"the volume is already (nearly) isotropic (spacing z, y, x = {sp} mm): there is no thick "
-                "axis to super-resolve. Pass an axis explicitly if you really want to up-sample one."
-            ))
+            raise no_thick_axis(grid, "Pass an axis explicitly if you really want to up-sample one.")
     else:
         ax = axis_index(axis)
     s = grid.spacing[2 - ax]
@@ -636,11 +661,13 @@ def plan_thin_grid(
         raise GeometryError("give either a factor or a target spacing, not both.")
     ax = thick_axis(grid) if axis is None else axis_index(axis)
     if ax is None:
-        sp = ", ".join(f"{s:.3g}" for s in grid.spacing_zyx)
-        raise not_for_this_tool(GeometryError(
-            f"the volume is already (nearly) isotropic (spacing z, y, x = {sp} mm): there is no thick "
-            "axis to super-resolve. Pass --axis (and --factor) if you really want to up-sample one."
-        ))
+        raise no_thick_axis(grid, "Pass --axis (and --factor) if you really want to up-sample one.")
+    others = [a for a in range(3) if a != ax]
+    sp = grid.spacing_zyx
+    if max(sp[a] for a in others) >= THICK_AXIS_MIN_RATIO * min(sp[a] for a in others):
+        logger.warning("the two axes across the slices differ (%s): the model takes both for fine in-plane axes, and a "
+                       "factor from the spacing follows the coarser; super-resolution of such a volume is untested",
+                       ", ".join(f"{'zyx'[a]} {sp[a]:.3g} mm" for a in others))  # fmt: skip
     if factor is None and target_spacing is None:
         factor = suggested_factor(grid, ax)
         if factor < 2:
