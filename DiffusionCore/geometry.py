@@ -190,6 +190,23 @@ def resample_gantry_tilt(
     return out, (int(lo[0]), int(lo[1]))
 
 
+def across_axes_swapped(direction: np.ndarray | Sequence[float], axis: int) -> bool:
+    """Whether the two array axes across ``axis`` (the thick one; 0, 1, 2 = z, y, x) are stored in the other order
+    than the canonical one, in which the axis nearer the physical S-I, then A-P direction comes first (an axial scan:
+    rows A-P, then columns L-R, as DICOM stores them). The same scan stored with rows and columns exchanged (a
+    coronal or sagittal acquisition exported by two converters) is put in that order where a result would otherwise
+    depend on it (the adaptation's random pairs), so that it depends on the physical data only.
+
+    Args:
+        direction: the 3x3 direction cosines (column c = index axis c, ITK's convention; x, y, z).
+        axis: the array axis of the slices' thickness.
+    """
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    first, second = (a for a in range(3) if a != axis)
+    dominant = {a: int(np.argmax(np.abs(d[:, 2 - a]))) for a in (first, second)}  # 0, 1, 2 = L-R, A-P, S-I
+    return dominant[first] < dominant[second]
+
+
 def storage_flips(direction: np.ndarray | Sequence[float]) -> tuple[int, ...]:
     """The array axes (0, 1, 2 = z, y, x) stored in reverse of the canonical order that the networks are shown.
 

@@ -55,3 +55,20 @@ def test_a_second_coarse_axis_across_the_slices_is_warned_of(caplog):
     with caplog.at_level("WARNING", logger="DiffusionCore"):
         plan_thin_grid(Volume(np.zeros((8, 16, 64), np.float32), (0.842, 0.842, 5.0)).grid, factor=4)
     assert "differ" not in caplog.text
+
+
+def test_adaptation_gives_the_same_voxels_when_rows_and_columns_are_stored_exchanged():
+    """A coronal acquisition exported by two converters can hold its rows and columns in either order: the adapted
+    result must depend on the physical data only (its random pairs were drawn by storage order: up to 256 HU apart)."""
+    from DiffusionCore.sr.adapt import AdaptSettings
+
+    arr = ct_phantom_array((10, 40, 48), seed=7)
+    axial = Volume(arr, (0.8, 0.8, 5.0), (-20.0, 15.0, -300.0))
+    exchanged = Volume(np.ascontiguousarray(arr.transpose(0, 2, 1)), (0.8, 0.8, 5.0), (-20.0, 15.0, -300.0),
+                       np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))  # columns A-P, rows L-R
+    resolver = SuperResolver.tiny_predictor(seed=3)
+    settings = AdaptSettings(steps=6, batch_size=4, check_pairs=4)
+    a, ra = resolver.run(axial, factor=2, device="cpu", adapt=settings, seed=1)
+    b, rb = resolver.run(exchanged, factor=2, device="cpu", adapt=settings, seed=1)
+    assert ra["predictor"]["adaptation"]["steps"] == rb["predictor"]["adaptation"]["steps"] == 6
+    np.testing.assert_allclose(b.array.transpose(0, 2, 1), a.array, atol=0.01)

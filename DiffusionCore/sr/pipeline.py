@@ -73,7 +73,7 @@ from ..errors import (
 )
 from ..evaluate import MODEL_SETTINGS, register_method
 from ..files import peak_rss_bytes
-from ..geometry import storage_flips
+from ..geometry import across_axes_swapped, storage_flips
 from ..intensity import HU_PER_UNIT, hu_to_unit, hu_to_unit_, unit_to_hu_
 from ..interpolation import interpolate, single_axis
 from ..tiling import (
@@ -821,8 +821,11 @@ class SuperResolver:
         if adapt is not None:
             a_units = adaptation_units(adapt, net, thick.shape[0], box, k, device) if units is None else units.adapt_units
             tell(0, "adapting to this scan")
+            seen, seen_spacing = np.flip(thick, flips), spacing
+            if across_axes_swapped(volume.direction, axis):  # its random pairs drawn in one order whatever the storage
+                seen, seen_spacing = np.swapaxes(seen, 1, 2), (spacing[0], spacing[2], spacing[1])
             net, adapt_report = adapt_predictor(
-                net, np.ascontiguousarray(np.flip(thick, flips), dtype=np.float32), spacing, k, adapt, seed=seed,
+                net, np.ascontiguousarray(seen, dtype=np.float32), seen_spacing, k, adapt, seed=seed,
                 device=device,
                 progress=lambda frac, msg: tell(int(round(frac * a_units)), msg), cancel=cancel,
             )
