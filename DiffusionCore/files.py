@@ -298,8 +298,19 @@ _WINERROR_TOO_LONG, _WINERROR_PATH_NOT_FOUND = 206, 3
 
 
 def _windows_long_paths() -> bool:
-    """Whether Windows takes paths longer than ``MAX_PATH`` here: the system setting ``LongPathsEnabled`` is 1
-    (``HKLM\\SYSTEM\\CurrentControlSet\\Control\\FileSystem``; off by default). False where it cannot be read."""
+    """Whether Windows takes paths longer than ``MAX_PATH`` in this process. That needs both the system setting
+    ``LongPathsEnabled`` (off by default) and an executable whose manifest declares ``longPathAware`` (python.org's
+    ``python.exe`` does; Slicer's executables may not): ``RtlAreLongPathsEnabled`` (Windows 10 1607 and later) answers
+    for both, so it is asked first. Where that call is missing, the setting alone
+    (``HKLM\\SYSTEM\\CurrentControlSet\\Control\\FileSystem``); False where neither can be read."""
+    try:
+        import ctypes
+
+        enabled = ctypes.WinDLL("ntdll").RtlAreLongPathsEnabled
+        enabled.restype, enabled.argtypes = ctypes.c_ubyte, []
+        return bool(enabled())
+    except Exception:  # no ctypes.WinDLL (not Windows), or a Windows before 10 1607
+        pass
     try:
         import winreg
 
@@ -310,17 +321,25 @@ def _windows_long_paths() -> bool:
         return False
 
 
-def _path_length_and_limit(path: Path, parent: Path, extra: int) -> tuple[int, int, str]:
-    """The length of ``path`` made absolute, plus ``extra``; the limit it must stay under; and the unit both are in.
-    Windows counts characters (UTF-16 units) up to ``MAX_PATH`` (up to :data:`_PATH_MAX` for a ``\\\\?\\`` path or
-    where long paths are on); other systems count bytes up to their ``PC_PATH_MAX``."""
-    absolute = os.path.abspath(path)
+def _length(text: str) -> tuple[int, str]:
+    """The length of the name or path ``text`` as the file system counts it, and its unit: characters (UTF-16 units)
+    on Windows, whose NTFS limits those (a CJK character is one there, three bytes in UTF-8); bytes elsewhere."""
     if ON_WINDOWS:
-        length = len(absolute.encode("utf-16-le")) // 2 + extra
+        return len(text.encode("utf-16-le", "surrogatepass")) // 2, "characters"
+    return len(os.fsencode(text)), "bytes"
+
+
+def _path_length_and_limit(path: Path, parent: Path) -> tuple[int, int, str]:
+    """The length of ``path`` made absolute (:func:`_length`); the limit it must stay under; and the unit both are in.
+    Windows counts characters up to ``MAX_PATH`` (up to :data:`_PATH_MAX` for a ``\\\\?\\`` path or where long paths
+    are on); other systems count bytes up to their ``PC_PATH_MAX``."""
+    absolute = os.path.abspath(path)
+    length, unit = _length(absolute)
+    if ON_WINDOWS:
         if absolute.startswith("\\\\?\\") or _windows_long_paths():
-            return length, _PATH_MAX, "characters"
-        return length, _WINDOWS_MAX_PATH, "characters"
-    return len(os.fsencode(absolute)) + extra, _fs_limit(parent, "PC_PATH_MAX", _PATH_MAX), "bytes"
+            return length, _PATH_MAX, unit
+        return length, _WINDOWS_MAX_PATH, unit
+    return length, _fs_limit(parent, "PC_PATH_MAX", _PATH_MAX), unit
 
 
 def _fs_limit(folder: Path, name: str, default: int) -> int:
@@ -338,23 +357,29 @@ def _fs_limit(folder: Path, name: str, default: int) -> int:
 def name_too_long(path: str | os.PathLike, with_temporary: bool = True) -> OutputError | None:
     """The OutputError for an output path too long for its file system (ENAMETOOLONG), or None when it fits:
     its name, with the hidden temporary file written beside it first (``with_temporary``: :data:`PARTIAL_NAME_EXTRA`
-    bytes more), at most the file system's longest name, and the whole path at most its longest path."""
+    more, ASCII), at most the file system's longest name, and the whole path at most its longest path. The message
+    gives both lengths: the user counts the path they typed, not the temporary file's."""
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
-    name_bytes = len(os.fsencode(p.name))
-    longest = name_bytes + (PARTIAL_NAME_EXTRA if with_temporary else 0)
+    added = PARTIAL_NAME_EXTRA if with_temporary else 0
+
+    def said(length: int, unit: str) -> str:
+        if not added:
+            return f"{length} {unit}"
+        return f"{length} {unit}, {length + added} with the temporary file written beside it first"
+
+    name_length, unit = _length(p.name)
     name_max = _fs_limit(parent, "PC_NAME_MAX", _NAME_MAX)
-    if longest > name_max:
-        extra = f", {longest} with the temporary file written beside it first" if with_temporary else ""
+    if name_length + added > name_max:
         return OutputError(
-            f"cannot write {p}: its name is too long for the file system ({name_bytes} bytes{extra}; a name there "
+            f"cannot write {p}: its name is too long for the file system ({said(name_length, unit)}; a name there "
             f"may have at most {name_max}): use a shorter name or folder."
         )
-    full, path_max, unit = _path_length_and_limit(p, parent, PARTIAL_NAME_EXTRA if with_temporary else 0)
-    if full >= path_max:
+    path_length, path_max, unit = _path_length_and_limit(p, parent)
+    if path_length + added >= path_max:
         return OutputError(
-            f"cannot write {p}: its path is too long for the file system ({full} {unit}; a path there may have at "
-            f"most {path_max - 1}): use a shorter name or folder."
+            f"cannot write {p}: its path is too long for the file system ({said(path_length, unit)}; a path there "
+            f"may have at most {path_max - 1}): use a shorter name or folder."
         )
     return None
 
@@ -689,8 +714,14 @@ def refuse_overwriting_inputs(inputs: Iterable[PathLike | None], outputs: Iterab
         try:
             with os.scandir(path) as entries:
                 for entry in entries:
-                    if entry.is_file():  # (on Windows, DirEntry.stat() gives st_ino 0: the path then)
-                        files.setdefault(_stat_identity(entry.stat(), entry.path), Path(entry.path))
+                    if not entry.is_file():
+                        continue
+                    if ON_WINDOWS:  # DirEntry.stat() gives st_ino 0 there: os.stat's numbers, or a hard link is missed
+                        entry_ident = file_identity(entry.path)
+                    else:  # the numbers DirEntry.stat() gives, with no further system call per file
+                        entry_ident = _stat_identity(entry.stat(), entry.path)
+                    if entry_ident is not None:
+                        files.setdefault(entry_ident, Path(entry.path))
         except OSError:
             pass  # an unreadable folder is reported by the reader
     seen: dict[str, tuple[str, Path]] = {}
@@ -875,6 +906,20 @@ def _sysctl_uint64(libc, name: str) -> int | None:
 #: ``HOST_VM_INFO64`` and ``HOST_VM_INFO64_COUNT`` (``sizeof(vm_statistics64_data_t) / sizeof(integer_t)``) of
 #: ``<mach/host_info.h>``; the counts read are the first fields, ``free_count`` then ``active_count``, ``inactive_count``.
 _HOST_VM_INFO64, _HOST_VM_INFO64_COUNT = 4, 38
+#: This process's host port (``mach_host_self``), taken once: each call adds a reference to the port that nothing
+#: gives back, which would grow in a long-lived process (Slicer's, a notebook) that measures memory for every run.
+_mach_host_port: int | None = None
+
+
+def _mach_host(libc) -> int:
+    """This process's host port (:data:`_mach_host_port`), asked of ``libc`` the first time only."""
+    global _mach_host_port
+    if not _mach_host_port:
+        import ctypes
+
+        libc.mach_host_self.restype = ctypes.c_uint32
+        _mach_host_port = int(libc.mach_host_self())
+    return _mach_host_port
 
 
 def _macos_available_memory() -> int | None:
@@ -895,11 +940,10 @@ def _macos_available_memory() -> int | None:
     if physical is None:
         return None
     try:
-        libc.mach_host_self.restype = ctypes.c_uint32
         libc.host_page_size.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_size_t)]
         libc.host_statistics64.argtypes = [ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p,
                                            ctypes.POINTER(ctypes.c_uint32)]  # fmt: skip
-        host = libc.mach_host_self()
+        host = _mach_host(libc)
         page, counts = ctypes.c_size_t(0), (ctypes.c_uint32 * 64)()  # room to spare past the 38 fields
         count = ctypes.c_uint32(_HOST_VM_INFO64_COUNT)
         if (libc.host_page_size(host, ctypes.byref(page)) != 0 or not page.value

@@ -1311,7 +1311,9 @@ def _nifti_sform_geometry(img: sitk.Image, p: Path, meta: dict) -> sitk.Image:
     if img.GetDimension() != 3:
         return img
     try:
-        sform, code = nib.load(str(p)).header.get_sform(coded=True)
+        header = nib.load(str(p)).header
+        sform, code = header.get_sform(coded=True)
+        qform, qcode = header.get_qform(coded=True)
     except Exception:  # the checks before this one have read the header: nothing to add here
         return img
     if not code or sform is None or not np.all(np.isfinite(sform)):
@@ -1325,6 +1327,7 @@ def _nifti_sform_geometry(img: sitk.Image, p: Path, meta: dict) -> sitk.Image:
     shape = tuple(reversed(img.GetSize()))
     moved = grid_distance_mm(itk_matrix, lps, shape)
     if moved <= POSITION_TOL_VOXELS * float(spacing.min()):
+        _note_qform_disagreement(p, qform, qcode, lps, shape, float(spacing.min()), meta)
         return img
     fields = _nifti1_spacing_fields(p)
     pixdim = fields[0] if fields else img.GetSpacing()
@@ -1339,6 +1342,24 @@ def _nifti_sform_geometry(img: sitk.Image, p: Path, meta: dict) -> sitk.Image:
     img.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
     img.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing).ravel()))
     return img
+
+
+def _note_qform_disagreement(p: Path, qform: np.ndarray | None, qcode: int, sform_lps: np.ndarray,
+                             shape: tuple[int, ...], least_spacing: float, meta: dict) -> None:
+    """Warn (and note in ``meta``) when the NIfTI file ``p`` holds a valid qform that places the voxels elsewhere than
+    its sform, which is read (as nibabel, ITK and 3D Slicer read it): a viewer that reads the qform shows the input
+    elsewhere than the result, whose qform and sform agree."""
+    if not qcode or qform is None or not np.all(np.isfinite(qform)):
+        return
+    q_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(qform, dtype=np.float64)
+    apart = grid_distance_mm(q_lps, sform_lps, shape)
+    if apart <= POSITION_TOL_VOXELS * least_spacing:
+        return
+    msg = (f"{p}: its qform and sform place the voxels up to {apart:.1f} mm apart; the sform is read, as nibabel, ITK "
+           "and 3D Slicer read it (a viewer that reads the qform shows this input elsewhere; the result's qform and "
+           "sform agree)")  # fmt: skip
+    logger.warning(msg)
+    meta.setdefault("geometry_note", msg)
 
 
 def _check_nifti(p: Path) -> np.ndarray | None:

@@ -9,6 +9,7 @@ from ``ntpath``."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import ntpath
@@ -113,8 +114,15 @@ def test_on_windows_the_free_memory_is_measured_and_a_run_too_large_is_refused(m
     assert files.host_available_memory() == 1 * GiB
 
 
-def fake_macos_libc(monkeypatch, *, memsize: int, page: int, free: int, inactive: int, statistics_ok: bool = True):
-    """``ctypes.CDLL(None)`` answering sysctlbyname("hw.memsize"), host_page_size and host_statistics64."""
+def fake_macos_libc(monkeypatch, *, memsize: int, page: int, free: int, inactive: int,
+                    statistics_ok: bool = True) -> list[int]:  # fmt: skip
+    """``ctypes.CDLL(None)`` answering sysctlbyname("hw.memsize"), mach_host_self, host_page_size and
+    host_statistics64, in a process that has not taken its host port yet; returns the ports mach_host_self gave."""
+    taken: list[int] = []
+
+    def mach_host_self():
+        taken.append(7)
+        return 7
 
     def sysctlbyname(name, oldp, oldlenp, newp, newlen):
         assert name == b"hw.memsize" and oldlenp._obj.value == 8
@@ -122,35 +130,43 @@ def fake_macos_libc(monkeypatch, *, memsize: int, page: int, free: int, inactive
         return 0
 
     def host_page_size(host, size_ref):
+        assert host == 7
         size_ref._obj.value = page
         return 0
 
     def host_statistics64(host, flavor, counts_ref, count_ref):
-        assert flavor == 4 and count_ref._obj.value == 38  # HOST_VM_INFO64, HOST_VM_INFO64_COUNT
+        assert host == 7 and flavor == 4 and count_ref._obj.value == 38  # HOST_VM_INFO64, HOST_VM_INFO64_COUNT
         if not statistics_ok:
             return 5  # KERN_FAILURE
         counts = counts_ref._obj
         counts[0], counts[1], counts[2] = free, 999_999, inactive  # free_count, active_count, inactive_count
         return 0
 
-    libc = types.SimpleNamespace(sysctlbyname=sysctlbyname, mach_host_self=lambda: 7,
+    libc = types.SimpleNamespace(sysctlbyname=sysctlbyname, mach_host_self=mach_host_self,
                                  host_page_size=host_page_size,
                                  host_statistics64=host_statistics64)  # fmt: skip
     real_cdll = ctypes.CDLL
     monkeypatch.setattr(ctypes, "CDLL", lambda name, *a, **k: libc if name is None else real_cdll(name, *a, **k))
+    monkeypatch.setattr(files, "_mach_host_port", None, raising=False)
+    return taken
 
 
-def test_on_macos_the_free_memory_is_the_free_and_inactive_pages(monkeypatch, no_proc):
+@pytest.fixture
+def macos(monkeypatch, no_proc):
+    """macOS: no ``SC_AVPHYS_PAGES``, no memory limit set."""
     monkeypatch.delenv(files.MEMORY_LIMIT_ENV, raising=False)
     real_sysconf = os.sysconf
 
-    def sysconf(name):  # macOS has no SC_AVPHYS_PAGES
+    def sysconf(name):
         if name == "SC_AVPHYS_PAGES":
             raise ValueError("unrecognized configuration name")
         return real_sysconf(name)
 
     monkeypatch.setattr(os, "sysconf", sysconf)
     monkeypatch.setattr(sys, "platform", "darwin")
+
+
+def test_on_macos_the_free_memory_is_the_free_and_inactive_pages(monkeypatch, macos):
     fake_macos_libc(monkeypatch, memsize=16 * GiB, page=16384, free=100_000, inactive=60_000)
     assert files.host_available_memory() == 160_000 * 16384  # 2.4 GiB
     with pytest.raises(ResourceError, match=r"but 2\.4 GiB is available"):
@@ -159,6 +175,15 @@ def test_on_macos_the_free_memory_is_the_free_and_inactive_pages(monkeypatch, no
     assert files.host_available_memory() == 8 * GiB  # no page counts: half the physical memory
     fake_macos_libc(monkeypatch, memsize=4 * GiB, page=16384, free=1_000_000, inactive=1_000_000)
     assert files.host_available_memory() == 4 * GiB  # never more than the machine has
+
+
+def test_on_macos_a_long_lived_process_takes_its_host_port_once(monkeypatch, macos):
+    """Before: every measure took a new reference to the host port (mach_host_self) and none was given back, so
+    Slicer's process, which measures for every run, gathered them without end."""
+    taken = fake_macos_libc(monkeypatch, memsize=16 * GiB, page=16384, free=100_000, inactive=60_000)
+    for _ in range(3):
+        assert files.host_available_memory() == 160_000 * 16384
+    assert taken == [7]
 
 
 def test_where_the_free_memory_cannot_be_measured_the_log_says_so_once_and_names_the_variable(
@@ -237,6 +262,46 @@ def test_on_a_share_without_inode_numbers_an_input_is_still_protected_by_its_pat
         files.refuse_overwriting_inputs([folder], [("the output", folder / "x.nii.gz")])
 
 
+class _EntryWithoutInode:
+    """A ``DirEntry`` as Windows gives it: its ``stat()`` (from the folder listing) has ``st_ino`` 0."""
+
+    def __init__(self, entry: os.DirEntry) -> None:
+        self._entry, self.name, self.path = entry, entry.name, entry.path
+
+    def is_file(self, *, follow_symlinks: bool = True) -> bool:
+        return self._entry.is_file(follow_symlinks=follow_symlinks)
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        return self._entry.is_dir(follow_symlinks=follow_symlinks)
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        return _without_inode(self._entry.stat(follow_symlinks=follow_symlinks))
+
+
+def test_on_windows_a_hard_link_to_a_file_of_a_folder_input_is_refused(tmp_path, monkeypatch):
+    """Windows' folder listing numbers no inodes (DirEntry.stat), but os.stat does: before, the files of a DICOM
+    folder input were known by their paths only, so an output elsewhere that is a hard link to one was written."""
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "IM0001.dcm").write_bytes(b"slice")
+    out = tmp_path / "out" / "IM0001.dcm"
+    out.parent.mkdir()
+    os.link(series / "IM0001.dcm", out)
+    real_scandir = os.scandir
+
+    @contextlib.contextmanager
+    def scandir(path):
+        with real_scandir(path) as entries:
+            yield [_EntryWithoutInode(e) for e in entries]
+
+    monkeypatch.setattr(files, "ON_WINDOWS", True)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(OutputError, match=r"the output \S+out/IM0001\.dcm is the input \S+series/IM0001\.dcm \(the "
+                                          r"same file under another name\)"):  # fmt: skip
+        files.refuse_overwriting_inputs([series], [("the output", out)])
+    files.refuse_overwriting_inputs([series], [("the output", tmp_path / "out" / "IM0002.dcm")])  # another file
+
+
 def test_on_a_share_without_inode_numbers_a_batch_tells_its_files_apart_by_path(share):
     names = [share / f"case{i}.nii.gz" for i in range(3)]
     for p in names:
@@ -278,11 +343,70 @@ def test_on_windows_a_path_over_259_characters_is_refused_unless_long_paths_are_
     out = _path_of_270_characters(tmp_path)
     files.check_name_length(out)  # Linux takes 4096 bytes
     monkeypatch.setattr(files, "ON_WINDOWS", True)
-    with pytest.raises(OutputError, match=r"its path is too long for the file system \(\d+ characters; a path there "
-                                          r"may have at most 259\): use a shorter name or folder"):
+    with pytest.raises(OutputError, match=r"its path is too long for the file system \(270 characters, 303 with the "
+                                          r"temporary file written beside it first; a path there may have at most "
+                                          r"259\): use a shorter name or folder"):  # fmt: skip
         files.check_name_length(out)
     monkeypatch.setattr(files, "_windows_long_paths", lambda: True)  # LongPathsEnabled = 1
     files.check_name_length(out)
+
+
+def test_on_windows_an_output_path_is_refused_from_226_characters_and_the_message_says_why(tmp_path, monkeypatch):
+    """The temporary file written beside the output has a name 33 characters longer: before, a path of 240
+    characters was refused as "273 characters", a figure the user could not find."""
+    monkeypatch.setattr(files, "ON_WINDOWS", True)
+    folder = tmp_path / ("d" * 40)
+    folder.mkdir()
+    stem = 226 - len(str(folder)) - 1 - len(".nii.gz")
+    files.check_name_length(folder / ("o" * stem + ".nii.gz"))  # 226 + 33 = 259: the temporary file fits
+    refused = folder / ("o" * (stem + 1) + ".nii.gz")
+    assert len(str(refused)) == 227
+    with pytest.raises(OutputError, match=r"\(227 characters, 260 with the temporary file written beside it first; a "
+                                          r"path there may have at most 259\)"):  # fmt: skip
+        files.check_name_length(refused)
+
+
+def test_on_windows_a_name_is_counted_in_characters_as_ntfs_counts_it(tmp_path, monkeypatch):
+    """NTFS takes 255 UTF-16 units in a name: before, a name of 80 CJK characters (240 bytes in UTF-8) was refused
+    on Windows as too long."""
+    cjk = tmp_path / ("\u4e2d" * 80 + ".nii.gz")
+    with pytest.raises(OutputError, match=r"its name is too long for the file system \(247 bytes, 280 with"):
+        files.check_name_length(cjk)  # Linux: ext4 takes 255 bytes
+    monkeypatch.setattr(files, "ON_WINDOWS", True)
+    files.check_name_length(cjk)
+    with pytest.raises(OutputError, match=r"its name is too long for the file system \(230 characters, 263 with the "
+                                          r"temporary file written beside it first; a name there may have at most "
+                                          r"255\)"):  # fmt: skip
+        files.check_name_length(tmp_path / ("\u4e2d" * 223 + ".nii.gz"))
+
+
+def fake_long_paths(monkeypatch, *, setting: int, process: int | None) -> None:
+    """Windows' answers on long paths: the system setting ``LongPathsEnabled`` (winreg), and this process's
+    ``RtlAreLongPathsEnabled`` (ntdll), ``None`` where ntdll has no such call (before Windows 10 1607)."""
+    calls = {} if process is None else {"RtlAreLongPathsEnabled": lambda: process}
+    monkeypatch.setattr(ctypes, "WinDLL", lambda name: {"ntdll": types.SimpleNamespace(**calls)}[name],
+                        raising=False)  # fmt: skip
+    winreg = types.SimpleNamespace(HKEY_LOCAL_MACHINE=0x80000002,
+                                   OpenKey=lambda root, key: contextlib.nullcontext(key),
+                                   QueryValueEx=lambda key, name: (setting, 4))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "winreg", winreg)
+
+
+def test_on_windows_long_paths_are_taken_only_where_this_process_may_use_them(tmp_path, monkeypatch):
+    """LongPathsEnabled = 1 lifts the limit only for an executable that declares itself long-path aware (Slicer's may
+    not): before, such a path passed the check, and the write failed after the work with "cannot find the path"."""
+    out = _path_of_270_characters(tmp_path)
+    monkeypatch.setattr(files, "ON_WINDOWS", True)
+    fake_long_paths(monkeypatch, setting=1, process=0)
+    with pytest.raises(OutputError, match=r"a path there may have at most 259"):
+        files.check_name_length(out)
+    fake_long_paths(monkeypatch, setting=1, process=1)
+    files.check_name_length(out)
+    fake_long_paths(monkeypatch, setting=1, process=None)  # before Windows 10 1607: the setting alone
+    files.check_name_length(out)
+    fake_long_paths(monkeypatch, setting=0, process=None)
+    with pytest.raises(OutputError, match=r"a path there may have at most 259"):
+        files.check_name_length(out)
 
 
 def test_on_windows_sr_refuses_an_output_path_of_270_characters_before_any_work(tmp_path, monkeypatch, capsys):

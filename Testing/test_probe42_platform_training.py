@@ -102,7 +102,7 @@ def test_moving_a_checkpoint_into_place_is_tried_again_on_windows(tmp_path, monk
     _save(out, 100)
     monkeypatch.setattr(checkpoint, "ON_WINDOWS", True)
     waits: list[float] = []
-    monkeypatch.setattr(checkpoint.time, "sleep", waits.append)
+    monkeypatch.setattr(checkpoint, "_sleep", waits.append)
     real_replace = os.replace
     refused: list[str] = []
 
@@ -123,7 +123,7 @@ def test_a_checkpoint_that_stays_in_use_on_windows_fails_with_what_to_do(tmp_pat
     first = _save(out, 100)
     monkeypatch.setattr(checkpoint, "ON_WINDOWS", True)
     waits: list[float] = []
-    monkeypatch.setattr(checkpoint.time, "sleep", waits.append)
+    monkeypatch.setattr(checkpoint, "_sleep", waits.append)
     in_use.add(first)  # the same step saved again (a resumed run) while its files are open
 
     with pytest.raises(OutputError) as info:
@@ -134,6 +134,34 @@ def test_a_checkpoint_that_stays_in_use_on_windows_fails_with_what_to_do(tmp_pat
     assert waits == list(checkpoint.REPLACE_RETRY_DELAYS_S)  # a few short tries first
     assert _checkpoints(out) == [first.name] and not _hidden(out)  # the earlier one whole, no half-made folder
     assert find_latest(out) == first
+
+
+def test_a_step_saved_again_whose_new_folder_stays_in_use_on_windows_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """Before: the old checkpoint of the step was deleted before the new one was renamed into place, and the new one
+    was deleted when that rename failed: neither was left, and latest.json named a folder that was gone."""
+    out = tmp_path / "run"
+    _save(out, 100)
+    old = _save(out, 200)
+    weights_before = (old / "model.safetensors").read_bytes()
+    files_before = sorted(p.name for p in old.iterdir())
+    monkeypatch.setattr(checkpoint, "ON_WINDOWS", True)
+    waits: list[float] = []
+    monkeypatch.setattr(checkpoint, "_sleep", waits.append)
+    real_replace = os.replace
+
+    def scanned_all_along(src, dst):  # an antivirus keeps scanning the new files on every try
+        if Path(src).name.startswith(".tmp-checkpoint-"):
+            raise PermissionError(13, "Access is denied", str(src), None, str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", scanned_all_along)
+    with pytest.raises(OutputError, match=r"could not save the checkpoint .*Access is denied.*--resume"):
+        _save(out, 200)  # a resumed run saves step 200 again
+    assert waits == list(checkpoint.REPLACE_RETRY_DELAYS_S)
+    assert sorted(p.name for p in old.iterdir()) == files_before  # the old checkpoint of that step, whole
+    assert (old / "model.safetensors").read_bytes() == weights_before
+    latest = json.loads((out / "latest.json").read_text(encoding="utf-8"))["checkpoint"]
+    assert (out / latest).is_dir() and find_latest(out) == old and not _hidden(out)
 
 
 # -- M5: a stale train.lock whose pid another process took --------------------------------------------------------------

@@ -72,3 +72,29 @@ def test_adaptation_gives_the_same_voxels_when_rows_and_columns_are_stored_excha
     b, rb = resolver.run(exchanged, factor=2, device="cpu", adapt=settings, seed=1)
     assert ra["predictor"]["adaptation"]["steps"] == rb["predictor"]["adaptation"]["steps"] == 6
     np.testing.assert_allclose(b.array.transpose(0, 2, 1), a.array, atol=0.01)
+
+
+def test_a_nifti_whose_qform_and_sform_disagree_is_read_by_its_sform_and_said_to(tmp_path, caplog):
+    import nibabel as nib
+
+    from DiffusionCore.volume import read_volume
+
+    affine = np.diag([-0.8, -0.8, 5.0, 1.0])  # RAS: an axial CT as dcm2niix writes it
+    img = nib.Nifti1Image(ct_phantom_array((6, 16, 16), seed=1).transpose(2, 1, 0), affine)
+    img.set_sform(affine, code=1)
+    shifted = affine.copy()
+    shifted[2, 3] = 10.0
+    img.set_qform(shifted, code=1)  # 10 mm away along S-I
+    path = tmp_path / "ct.nii.gz"
+    nib.save(img, path)
+    with caplog.at_level("WARNING", logger="DiffusionCore"):
+        vol = read_volume(path)
+    assert vol.origin[2] == pytest.approx(0.0)  # the sform's place
+    assert "its qform and sform place the voxels up to 10.0 mm apart; the sform is read" in caplog.text
+    assert "up to 10.0 mm apart" in vol.metadata["geometry_note"]
+    caplog.clear()
+    img.set_qform(affine, code=1)
+    nib.save(img, path)
+    with caplog.at_level("WARNING", logger="DiffusionCore"):
+        read_volume(path)
+    assert "qform and sform" not in caplog.text

@@ -249,9 +249,15 @@ def _remove_dir(path: Path) -> None:
     Raises:
         OSError: the folder cannot be renamed; on Windows, while a file in it is open in another program.
     """
-    trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    trash = _trash_path(path)
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)  # what stays (a file open on Windows) goes at a later save: _clean_stale
+
+
+def _trash_path(path: Path) -> Path:
+    """The hidden name, beside it, that the folder ``path`` is renamed to before it is deleted (:func:`_clean_stale`
+    deletes what a crash left under such names)."""
+    return path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
 
 
 def _clean_stale(out_dir: Path) -> None:
@@ -382,36 +388,57 @@ def save_training_state(
 #: while a file in it is open: an antivirus scanning the files just written lets go within moments.
 REPLACE_RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 
+#: The wait between those tries: a name of this module, so that a test replaces it here alone, not ``time.sleep``
+#: of every thread.
+_sleep = time.sleep
+
 
 def _move_into_place(tmp: Path, final: Path) -> None:
     """Rename the checkpoint assembled in ``tmp`` to ``final``, replacing a checkpoint of the same step there.
 
     On Windows the rename is refused while a file in either folder is open in another program: an antivirus scan of
     the files just written (for a moment), Explorer's preview, an ``sr`` run or Slicer job reading the old weights. It
-    is tried again a few times (:data:`REPLACE_RETRY_DELAYS_S`) before the save gives up.
+    is tried again a few times (:data:`REPLACE_RETRY_DELAYS_S`) before the save gives up. The old checkpoint is moved
+    aside (once) rather than deleted, and deleted only once the new one is in place: a save that gives up puts it
+    back, so the step that ``latest.json`` names is never lost.
 
     Raises:
         OutputError: (Windows) still refused after the last try: says what is in use and what to do.
     """
     delays = REPLACE_RETRY_DELAYS_S if ON_WINDOWS else ()
-    for delay in (*delays, None):
-        try:
-            if final.exists():
-                _remove_dir(final)
-            os.replace(tmp, final)
-            return
-        except PermissionError as exc:
-            if delay is None:
-                if not ON_WINDOWS:
-                    raise
-                raise OutputError(
-                    f"could not save the checkpoint {final}: Windows refused to rename its folder "
-                    f"({exc.strerror or exc}): a file in {final.name} or in the new checkpoint is open in another "
-                    "program (an sr run or Slicer job using these weights, TensorBoard, Explorer's preview, an "
-                    "antivirus scan). Close that program, then continue the run with --resume from its last checkpoint"
-                ) from exc
-            logger.debug("%s is in use (%s); trying again in %.2f s", final, exc.strerror or exc, delay)
-            time.sleep(delay)
+    aside: Path | None = None
+    try:
+        for delay in (*delays, None):
+            try:
+                if aside is None and final.exists():
+                    trash = _trash_path(final)
+                    os.replace(final, trash)
+                    aside = trash
+                os.replace(tmp, final)
+                break
+            except PermissionError as exc:
+                if delay is None:
+                    if not ON_WINDOWS:
+                        raise
+                    raise OutputError(
+                        f"could not save the checkpoint {final}: Windows refused to rename its folder "
+                        f"({exc.strerror or exc}): a file in {final.name} or in the new checkpoint is open in another "
+                        "program (an sr run or Slicer job using these weights, TensorBoard, Explorer's preview, an "
+                        "antivirus scan). Close that program, then continue the run with --resume from its last "
+                        "checkpoint"
+                    ) from exc
+                logger.debug("%s is in use (%s); trying again in %.2f s", final, exc.strerror or exc, delay)
+                _sleep(delay)
+    except BaseException:
+        if aside is not None:
+            try:
+                os.replace(aside, final)
+            except OSError as exc:  # whole under its hidden name, which the next save deletes (_clean_stale)
+                logger.error("could not put the checkpoint %s back from %s (%s): rename that folder to %s now, "
+                             "before the run saves again", final, aside, exc.strerror or exc, final.name)  # fmt: skip
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)  # what stays (a file open on Windows) goes at a later save
 
 
 def _refuse_nonfinite(
