@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, OutputError
+from ..files import pid_running
 from .checkpoint import _TRASH_PREFIX, has_checkpoint, only_logs, previous_run
 
 logger = logging.getLogger(__name__)
@@ -139,28 +140,9 @@ def remove_stale_stop(out_dir: str | os.PathLike) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    if sys.platform == "win32":  # os.kill(pid, 0) would send CTRL_C_EVENT there
-        import ctypes
-
-        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return kernel32.GetLastError() == 5  # ERROR_ACCESS_DENIED: it exists
-        code = ctypes.c_ulong()
-        try:
-            ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        finally:
-            kernel32.CloseHandle(handle)
-        return bool(ok) and code.value == 259  # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
+    """Whether the process ``pid`` of a lock still runs (:func:`~DiffusionCore.files.pid_running`: on Windows asked
+    of its exit code; one that cannot be told counts as running, so the lock is kept)."""
+    return pid > 0 and pid_running(pid)
 
 
 def _holder_alive(holder: dict[str, Any]) -> bool | None:
