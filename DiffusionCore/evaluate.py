@@ -34,6 +34,7 @@ from .metrics import (
     BODY_THRESHOLD_HU,
     HU_RANGE,
     ReferenceStats,
+    check_hu_range,
     quality_report,
     ssim_window,
 )
@@ -59,21 +60,44 @@ _SLAB_ONLY: dict[str, str] = {}
 
 _METHODS: dict[str, Reconstructor] = {}
 
+#: The keys of :func:`evaluate`'s ``method_options``: one flat dict, shared by every method of the run. The model
+#: methods (``sr``, ``sr+adapt``; ``cubic+dc`` and the interpolations read none) read these; a method of your own
+#: declares its keys with ``register_method(..., options=...)``. Key -> what it sets.
+METHOD_OPTIONS: dict[str, str] = {
+    "weights": "SR weights: a registered name or a .safetensors file (default: the default SR weights)",
+    "allow_unregistered": "True to use a weights file that is not in the registry (a fine-tuned export of your own)",
+    "resolver": "a ready SuperResolver (instead of weights; loaded once, shared by several evaluate calls)",
+    "estimate": "'mean' or 'sample' (default: from num_steps and the weights)",
+    "num_steps": "sampling steps of the 'sample' estimate (default: the weights' own)",
+    "device": "torch device the network runs on: 'auto' (default), 'cpu', 'cuda', ...",
+    "seed": "random seed of the network's run (default 0)",
+    "adapt": "AdaptSettings of the sr+adapt method's test-time adaptation (default: AdaptSettings()); sr ignores it",
+}
+
+#: The option keys each method of your own declared (``register_method(..., options=...)``); ``None``: undeclared.
+_OWN_OPTIONS: dict[str, frozenset[str] | None] = {}
+
 
 #: The settings a model method's record (``method_details``) holds, as ``sr`` records them of the same run: what a
 #: figure, or a saved volume of ``evaluate --save-volumes``, depends on besides the weights.
 MODEL_SETTINGS = ("estimate", "steps", "seed", "device", "torch_threads", "data_consistency", "adapt")
 
 
-def register_method(name: str, fn: Reconstructor, *, slab_only: str = "", replace: bool = False) -> None:
+def register_method(
+    name: str, fn: Reconstructor, *, slab_only: str = "", replace: bool = False, options: Sequence[str] | None = None
+) -> None:
     """Make ``name`` a method of :func:`evaluate`. The interpolations register here; the model methods
     (``sr``, ``sr+adapt``, ``cubic+dc``) register when :mod:`DiffusionCore.sr.pipeline` is imported, which the
     ``evaluate`` command, the demo and the benchmarks do. ``slab_only``: why the method only fits slab-averaged
     thick slices (it is then refused with ``degradation="decimate"``). ``replace``: replace a built-in method
     (one that DiffusionCore registers) for the rest of the process; a method of your own is replaced without it.
+    ``options``: the keys of ``method_options`` a method of your own reads (besides :data:`METHOD_OPTIONS`); they
+    are then accepted, and a misspelt one refused. Without it, ``evaluate`` cannot tell a key of yours from a typo,
+    and passes every key on unchecked while this method is among the ``methods``.
 
     Raises:
-        ConfigError: ``name`` is a built-in method, ``fn`` is another function and ``replace`` is not True.
+        ConfigError: ``name`` is a built-in method, ``fn`` is another function and ``replace`` is not True;
+            ``options`` is not a list of names.
     """
     if not callable(fn):
         raise ConfigError(f"register_method({name!r}, ...): the method must be a function fn(thick, grid, options) -> "
@@ -83,7 +107,14 @@ def register_method(name: str, fn: Reconstructor, *, slab_only: str = "", replac
     if builtin and not replace and getattr(fn, "__module__", None) != old.__module__:  # a module's re-import: its own
         raise ConfigError(f"{name!r} is a built-in method of evaluate: give your method another name, or pass "
                           f"replace=True to replace the built-in {name} for the rest of this process")  # fmt: skip
+    if options is not None and (isinstance(options, str) or not all(isinstance(k, str) for k in options)):
+        raise ConfigError(f"register_method({name!r}, ..., options=...): give the option keys the method reads as a "
+                          f"list of names, e.g. options=['my_key']; got {options!r}")  # fmt: skip
     _METHODS[name] = fn
+    if str(getattr(fn, "__module__", "")).startswith("DiffusionCore."):
+        _OWN_OPTIONS.pop(name, None)  # a built-in: reads METHOD_OPTIONS or nothing
+    else:
+        _OWN_OPTIONS[name] = None if options is None else frozenset(options)
     if slab_only:
         _SLAB_ONLY[name] = slab_only
     else:
@@ -114,6 +145,55 @@ def check_method_fits(name: str, degradation: str) -> None:
             f"would measure a mismatch, not the method. Use --degradation slab for {name}, or leave it out "
             f"({degradation} fits {usable})"
         )
+
+
+def check_method_options(method_options: Any, methods: Sequence[str] = ()) -> dict[str, Any]:
+    """``method_options`` as a dict, once every key is one that a method reads.
+
+    The options are one flat dict shared by all ``methods`` (``{"weights": "mine.safetensors", "seed": 1}``): the
+    model methods read :data:`METHOD_OPTIONS`, a method of your own the keys it declared
+    (``register_method(..., options=...)``). A key no method reads is refused rather than ignored, since a typo
+    (``"weigths"``) or the per-method form ``{"sr": {"weights": ...}}`` would otherwise score the default weights
+    under your weights' name. When one of ``methods`` is a method of your own registered without ``options``, the
+    keys it may read are unknown and the check is left out.
+
+    Raises:
+        ConfigError: not a dict; a key that names a method (the per-method form: the message shows the flat form);
+            a key that no method reads (the message names it and lists the valid keys).
+    """
+    if method_options is None:
+        return {}
+    if not isinstance(method_options, dict):
+        raise ConfigError(f"method_options must be a dict of option keys, e.g. {{'weights': 'mine.safetensors', "
+                          f"'seed': 0}}; got {type(method_options).__name__}")  # fmt: skip
+    if any(_OWN_OPTIONS.get(m, ()) is None for m in methods if m in _METHODS):
+        return dict(method_options)  # a method of your own that did not declare its keys: any key may be its own
+    valid = set(METHOD_OPTIONS).union(*(k for k in _OWN_OPTIONS.values() if k))
+    unknown = [k for k in method_options if k not in valid]
+    if not unknown:
+        return dict(method_options)
+    listed = ", ".join(sorted(valid))
+    nested = [k for k in unknown if k in _METHODS or k in ("sr", "sr+adapt", "cubic+dc")]
+    if nested:
+        inner = {k: v for m in nested if isinstance(method_options[m], dict) for k, v in method_options[m].items()}
+        flat = ", ".join(f"{k!r}: {v!r}" for k, v in inner.items()) or "'weights': ..."
+        raise ConfigError(
+            f"method_options has a key {nested[0]!r}, the name of a method: method_options is one flat dict shared by "
+            f"every method (the model methods sr, sr+adapt and cubic+dc must score the same weights and settings), so "
+            f"write method_options={{{flat}}} instead of {{{nested[0]!r}: {{...}}}}. Valid keys: {listed}"
+        )
+    import difflib
+
+    said = []
+    for k in unknown:
+        close = difflib.get_close_matches(str(k), sorted(valid), n=1)
+        said.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ConfigError(
+        f"method_options has unknown key{'s' if len(unknown) > 1 else ''} {', '.join(said)}: no method reads "
+        f"{'them, so they' if len(unknown) > 1 else 'it, so it'} would be ignored (a misspelt weights would score "
+        f"the default weights). Valid keys: {listed}. A method of your own declares its keys with "
+        "register_method(name, fn, options=[...])."
+    )
 
 
 def check_scorable(shape: tuple[int, ...], factor: int, axis: int, reference_name: str = "reference") -> None:
@@ -249,6 +329,32 @@ def evaluate(
     (:func:`check_method_fits`).
 
     Args:
+        reference: the thin-slice truth, ``(z, y, x)`` in HU.
+        factor: thin slices per simulated thick slice.
+        axis: the array axis the slices are thickened along (``"z"``, ``"y"``, ``"x"`` or 0, 1, 2).
+        degradation: ``"slab"`` (average of ``factor`` slices) or ``"decimate"`` (keep one of ``factor``).
+        methods: registered method names (:func:`get_method`); ``sr``, ``sr+adapt`` and ``cubic+dc`` need
+            ``import DiffusionCore.sr.pipeline`` first.
+        method_options: settings of the methods: **one flat dict** shared by every method of the run (not one per
+            method: ``{"sr": {...}}`` is refused, with the flat form in the message). The model methods read
+            (:data:`METHOD_OPTIONS`):
+
+            * ``weights``: SR weights, a registered name or a ``.safetensors`` file (default: the default SR
+              weights); with a file of your own (a fine-tuned export) add ``allow_unregistered=True``;
+            * ``allow_unregistered``: accept a weights file that is not in the registry;
+            * ``resolver``: a ready :class:`~DiffusionCore.sr.pipeline.SuperResolver` instead of ``weights``;
+            * ``estimate`` (``"mean"`` or ``"sample"``), ``num_steps`` (sampling steps), ``device`` (``"auto"``,
+              ``"cpu"``, ``"cuda"``, ...), ``seed`` (default 0);
+            * ``adapt``: :class:`~DiffusionCore.sr.adapt.AdaptSettings` of ``sr+adapt`` (``sr`` never adapts).
+
+            ``cubic+dc`` and the interpolations read none. A method of your own gets the same dict, plus
+            ``"report"`` (a dict to fill), and declares the keys it reads with ``register_method(..., options=...)``.
+            An unknown key is a ``ConfigError`` naming it and listing the valid keys, never ignored: which weights
+            were scored is in ``method_details[method]["weights"]``. E.g. ``method_options={"weights":
+            "runs/tp/throughplane.safetensors", "allow_unregistered": True, "device": "cpu", "seed": 1}``.
+        reference_name: how the report and the messages name the reference.
+        hu_range: ``(lo, hi)`` HU both volumes are clipped to before scoring, ``lo < hi``.
+        progress: ``progress(done, total, message)`` per method.
         keep: called as ``keep(what, volume)`` with ``"reference"`` (the cropped reference), ``"thick"`` (the
             simulated input) and each method's name and reconstruction, as soon as each exists (to save them).
 
@@ -264,11 +370,18 @@ def evaluate(
 
     What depends on the reference alone (body mask, the SSIM's local mean and variance) is computed
     once and shared by all methods (:class:`~DiffusionCore.metrics.ReferenceStats`).
+
+    Raises:
+        ConfigError: an unknown ``method_options`` key, or the per-method form; a ``hu_range`` not ``lo < hi``.
+        InputError: an unknown method or degradation, a method that does not fit the degradation, a reference too
+            small to score or without a body.
     """
     ax = axis_index(axis)
     if degradation not in DEGRADATIONS:
         raise InputError(f"unknown degradation {degradation!r}: use one of {', '.join(DEGRADATIONS)}")
     fns = [(m, get_method(m)) for m in methods]  # fail on unknown names before any work
+    method_options = check_method_options(method_options, methods)
+    hu_range = check_hu_range(hu_range)
     for m in methods:
         check_method_fits(m, degradation)
     check_scorable(reference.shape, factor, ax, reference_name)
@@ -304,7 +417,7 @@ def evaluate(
         t0 = time.perf_counter()
         # each method its own copy of the thick input: one that edits it in place changes no other method's score
         try:
-            out = fn(thick.copy(), grid, {**(method_options or {}), "report": method_report})
+            out = fn(thick.copy(), grid, {**method_options, "report": method_report})
         except NumericalError as exc:  # e.g. a model whose result held NaN voxels: say which method
             raise NumericalError(f"method {name}: {exc}") from None
         seconds = time.perf_counter() - t0

@@ -21,19 +21,31 @@ wherever a reference is asked for. What depends on the reference alone (its body
 mean and variance) is then computed on first use and shared, and the figures are the same as with the
 bare array.
 
+Masks select the voxels scored (``True`` inside): a bool array of the volumes' shape ``(z, y, x)``, e.g.
+:func:`body_mask` or ``labels == k``. An integer or float array holding only 0 and 1 (a label file read with
+SimpleITK or nibabel) is taken as ``mask != 0``; any other value, dtype or shape is an ``InputError`` (a uint8 mask
+used as it is would index voxels by number, not select them, and give a wrong score without a word).
+
+``hu_range`` and ``mask`` are keyword-only in every metric (``psnr(ref, test, mask=m)``): :func:`psnr` and
+:func:`hu_mae` once took them by position in opposite orders. A call that still passes them by position works, in the
+old order, with a ``DeprecationWarning``; a range must be two finite numbers ``(lo, hi)`` with ``lo < hi``.
+
 Large volumes are processed in slabs along array axis 0, so the temporaries stay small whatever the
 volume's size.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .degrade import Degradation, degrade
-from .errors import GeometryError, InputError
+from .errors import ConfigError, GeometryError, InputError
 from .volume import Volume
 
 HU_RANGE: tuple[float, float] = (-1024.0, 2048.0)
@@ -114,7 +126,7 @@ class ReferenceStats:
             ``(mean, variance)``, float32, read-only, each of shape ``shape - 2 * radius`` per axis (the
             SSIM window's centres that lie a whole window inside the volume; radius 5 for sigma 1.5).
         """
-        key = (float(hu_range[0]), float(hu_range[1]), float(sigma))
+        key = (*check_hu_range(hu_range), float(sigma))
         if key not in self._moments:
             taps = _gaussian_kernel(sigma, SSIM_TRUNCATE)
             _check_window(self.array.shape, taps)
@@ -198,34 +210,142 @@ def _slabs(shape: tuple[int, ...], voxels: int, start: int = 0, stop: int | None
         yield slice(s, min(s + step, stop))
 
 
+def check_hu_range(hu_range: Any) -> tuple[float, float]:
+    """``hu_range`` as two floats ``(lo, hi)``.
+
+    Raises:
+        ConfigError: it is not two finite numbers with ``lo < hi`` (a reversed or empty range would clip both
+            volumes to one value and score them as identical: PSNR ``inf``).
+    """
+    try:
+        lo, hi = (float(v) for v in hu_range)
+    except (TypeError, ValueError):
+        shape = np.shape(hu_range) if isinstance(hu_range, np.ndarray) else None
+        got = (f"an array of shape {shape}, dtype {hu_range.dtype}" if shape is not None else repr(hu_range)[:80])
+        hint = " (a mask? pass it as mask=...)" if shape is not None and len(shape) == 3 else ""
+        raise ConfigError(f"hu_range must be two numbers (lo, hi) in HU, e.g. {HU_RANGE}; got {got}{hint}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or not lo < hi:
+        raise ConfigError(f"hu_range must be two finite numbers (lo, hi) with lo < hi, e.g. {HU_RANGE}; got "
+                          f"({lo:g}, {hi:g}): both volumes are clipped to it before scoring, so an empty or reversed "
+                          "range would score any two volumes as identical")  # fmt: skip
+    return lo, hi
+
+
+def check_mask(mask: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """``mask`` as a bool array of ``shape`` (``True``: the voxels scored).
+
+    A bool array is returned as it is; an integer or float array holding only 0 and 1 (a label file read with
+    SimpleITK or nibabel is usually uint8, nibabel's ``get_fdata()`` float64) as ``mask != 0``.
+
+    Raises:
+        GeometryError: the mask's shape is not ``shape``.
+        InputError: it holds values other than 0 and 1 (a label map: select a label, ``labels == k``), or is of a
+            dtype that is not bool, integer or float.
+    """
+    m = np.asarray(mask)
+    if m.shape != tuple(shape):
+        raise GeometryError(f"the mask has shape {m.shape}, the volumes {tuple(shape)} (z, y, x): give a mask of the "
+                            "volumes' shape (e.g. body_mask(ref))")  # fmt: skip
+    if m.dtype == np.bool_:
+        return m
+    advice = ("a mask is a bool array, True inside the voxels to score (e.g. body_mask(ref)); an integer or float "
+              "array of 0 and 1 is taken as mask != 0")  # fmt: skip
+    if m.dtype.kind not in "iuf":
+        raise InputError(f"the mask has dtype {m.dtype}: {advice}")
+    if m.dtype.kind in "iu":  # two passes, no temporary of the volume's size
+        bad = 0 if m.size == 0 or (m.min() >= 0 and m.max() <= 1) else int(np.count_nonzero((m != 0) & (m != 1)))
+    else:
+        bad = int(np.count_nonzero((m != 0) & (m != 1)))  # NaN counts as neither
+    if bad:
+        finite = m[np.isfinite(m)] if m.dtype.kind == "f" else m
+        span = f"values from {finite.min():g} to {finite.max():g}" if finite.size else "no finite value"
+        raise InputError(
+            f"the mask (dtype {m.dtype}, shape {m.shape}) holds {bad:,} voxel{'s' if bad != 1 else ''} that are "
+            f"neither 0 nor 1 ({span}): {advice}; for a label map, select the label (labels == k) or the labels "
+            "(labels > 0)"
+        )
+    return m != 0
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _keyword_only(*old_order: str) -> Callable[[_F], _F]:
+    """Make the parameters ``old_order`` keyword-only, as the signature says, while a call that still passes them by
+    position (in ``old_order``, as before) works with a ``DeprecationWarning`` naming the keywords to use."""
+
+    def wrap(fn: _F) -> _F:
+        import inspect
+
+        params = inspect.signature(fn).parameters.values()
+        n_positional = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if len(args) > n_positional:
+                extra = args[n_positional:]
+                if len(extra) > len(old_order):
+                    raise TypeError(f"{fn.__name__}() takes {n_positional} positional arguments but {len(args)} "
+                                    "were given")  # fmt: skip
+                names = old_order[: len(extra)]
+                for name, value in zip(names, extra):
+                    if name in kwargs:
+                        raise TypeError(f"{fn.__name__}() got multiple values for argument {name!r}")
+                    kwargs[name] = value
+                warnings.warn(
+                    f"{fn.__name__}(): passing {', '.join(names)} by position is deprecated and will be refused in a "
+                    f"later version; pass {', '.join(f'{n}=...' for n in names)} by keyword",
+                    DeprecationWarning, stacklevel=2,
+                )  # fmt: skip
+                args = args[:n_positional]
+            return fn(*args, **kwargs)
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
 def clip_hu(arr: np.ndarray, hu_range: tuple[float, float] = HU_RANGE) -> np.ndarray:
-    return np.clip(arr, hu_range[0], hu_range[1])
+    lo, hi = check_hu_range(hu_range)
+    return np.clip(arr, lo, hi)
 
 
 def _clipped_differences(
     ref: np.ndarray, test: np.ndarray, hu_range: tuple[float, float], mask: np.ndarray | None
 ) -> Iterator[np.ndarray]:
-    """``clip(ref) - clip(test)`` in float64 (exact for float32 input), slab by slab, inside ``mask``."""
-    if mask is not None and mask.shape != ref.shape:
-        raise GeometryError(f"the mask has shape {mask.shape}, the volumes {ref.shape}: give a mask of the volumes' "
-                            "shape (e.g. body_mask(ref))")  # fmt: skip
+    """``clip(ref) - clip(test)`` in float64 (exact for float32 input), slab by slab, inside ``mask`` (bool, of the
+    volumes' shape: :func:`check_mask`)."""
     for sl in _slabs(ref.shape, CHUNK_VOXELS):
         d = clip_hu(ref[sl], hu_range).astype(np.float64)  # clipping first is exact and cheaper
         d -= clip_hu(test[sl], hu_range)
         yield d if mask is None else d[mask[sl]]
 
 
+@_keyword_only("hu_range", "mask")
 def psnr(
     ref: Volume | np.ndarray | ReferenceStats,
     test: Volume | np.ndarray,
+    *,
     hu_range: tuple[float, float] = HU_RANGE,
     mask: np.ndarray | None = None,
 ) -> float:
     """PSNR in dB with both volumes clipped to ``hu_range`` and peak = the range's width.
 
+    Args:
+        ref, test: ``(z, y, x)`` in HU, of one shape (and one grid when both are Volumes).
+        hu_range: ``(lo, hi)`` HU, ``lo < hi`` (keyword-only).
+        mask: score only these voxels (keyword-only): bool ``(z, y, x)``, or 0/1 integers or floats
+            (:func:`check_mask`).
+
     Returns ``inf`` for identical volumes.
+
+    Raises:
+        ConfigError: a ``hu_range`` that is not ``lo < hi``. InputError: a mask of values other than 0/1, an empty
+            mask, NaN voxels. GeometryError: shapes or grids that differ.
     """
+    hu_range = check_hu_range(hu_range)
     r, t = _check_pair(ref, test)
+    mask = None if mask is None else check_mask(mask, r.shape)
     sq, n = 0.0, 0
     for d in _clipped_differences(r, t, hu_range, mask):
         sq += float(np.dot(d.ravel(), d.ravel()))
@@ -237,14 +357,21 @@ def psnr(
     return math.inf if mse == 0.0 else 10.0 * math.log10(peak * peak / mse)
 
 
+@_keyword_only("mask", "hu_range")
 def hu_mae(
     ref: Volume | np.ndarray | ReferenceStats,
     test: Volume | np.ndarray,
+    *,
     mask: np.ndarray | None = None,
     hu_range: tuple[float, float] = HU_RANGE,
 ) -> float:
-    """Mean absolute HU error (both clipped to ``hu_range``), inside ``mask`` when given."""
+    """Mean absolute HU error (both clipped to ``hu_range``), inside ``mask`` when given.
+
+    ``mask`` and ``hu_range`` are keyword-only and checked as in :func:`psnr`.
+    """
+    hu_range = check_hu_range(hu_range)
     r, t = _check_pair(ref, test)
+    mask = None if mask is None else check_mask(mask, r.shape)
     total, n = 0.0, 0
     for d in _clipped_differences(r, t, hu_range, mask):
         total += float(np.abs(d, out=d).sum())
@@ -435,9 +562,11 @@ def _ssim_slabs(
             yield out, x, clip_hu(other[inp], hu_range).astype(np.float32, copy=False)
 
 
+@_keyword_only("hu_range", "sigma", "chunk")
 def ssim3d(
     ref: Volume | np.ndarray | ReferenceStats,
     test: Volume | np.ndarray,
+    *,
     hu_range: tuple[float, float] = HU_RANGE,
     sigma: float = SSIM_SIGMA,
     chunk: int | None = None,
@@ -451,8 +580,10 @@ def ssim3d(
     computed once and reused.
 
     Args:
+        hu_range: ``(lo, hi)`` HU, ``lo < hi``; the data range is its width (keyword-only, as ``sigma`` and ``chunk``).
         chunk: output slices per slab; by default about :data:`SSIM_SLAB_VOXELS` voxels.
     """
+    hu_range = check_hu_range(hu_range)
     stats = ref if isinstance(ref, ReferenceStats) else ReferenceStats(ref)
     r, t = _check_pair(stats, test)
     taps = _gaussian_kernel(sigma, SSIM_TRUNCATE)
@@ -479,12 +610,14 @@ def ssim3d(
     return _refuse_nan(total / mu_x.size, r, t)
 
 
+@_keyword_only("hu_range")
 def consistency_psnr(
     output: Volume,
     thick_input: Volume,
     factor: int,
     axis: str | int = "z",
     degradation: Degradation = "slab",
+    *,
     hu_range: tuple[float, float] = HU_RANGE,
 ) -> float:
     """PSNR between ``thick_input`` and ``output`` degraded again the same way.
@@ -497,7 +630,7 @@ def consistency_psnr(
             f"the output degraded again has shape {again.shape}, the input {thick_input.shape}: "
             "the output is not on the input's thin grid (give the factor and axis that made the thick input)"
         )
-    return psnr(thick_input, again, hu_range)
+    return psnr(thick_input, again, hu_range=hu_range)
 
 
 def quality_report(
@@ -514,16 +647,17 @@ def quality_report(
     """All SR metrics at once: psnr, psnr_body, ssim, hu_mae_body and (with an input) consistency_psnr.
 
     Scoring several outputs against one reference: pass ``ReferenceStats(reference)`` as ``reference``
-    (the body mask and the SSIM's reference moments are then computed once).
+    (the body mask and the SSIM's reference moments are then computed once). ``mask``: the region of the
+    ``_body`` scores (default :func:`body_mask` of the reference), checked as in :func:`psnr`.
     """
-    if mask is None:
-        mask = body_mask(reference)
+    hu_range = check_hu_range(hu_range)
+    mask = body_mask(reference) if mask is None else check_mask(mask, _arr(reference).shape)
     out = {
-        "psnr": psnr(reference, output, hu_range),
-        "psnr_body": psnr(reference, output, hu_range, mask),
-        "ssim": ssim3d(reference, output, hu_range),
-        "hu_mae_body": hu_mae(reference, output, mask, hu_range),
+        "psnr": psnr(reference, output, hu_range=hu_range),
+        "psnr_body": psnr(reference, output, hu_range=hu_range, mask=mask),
+        "ssim": ssim3d(reference, output, hu_range=hu_range),
+        "hu_mae_body": hu_mae(reference, output, mask=mask, hu_range=hu_range),
     }
     if thick_input is not None and factor is not None:
-        out["consistency_psnr"] = consistency_psnr(output, thick_input, factor, axis, degradation, hu_range)
+        out["consistency_psnr"] = consistency_psnr(output, thick_input, factor, axis, degradation, hu_range=hu_range)
     return out

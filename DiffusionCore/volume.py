@@ -173,7 +173,10 @@ class Volume:
     ``np.array_equal(a.array, b.array)`` for equal contents.
 
     Attributes:
-        array: float32 array, shape ``(z, y, x)``, Hounsfield units.
+        array: float32 array, shape ``(z, y, x)``, Hounsfield units. Given as a numpy array (a C-contiguous
+            float32 one is shared, not copied) or a torch tensor on any device, with or without ``requires_grad``:
+            it is detached and brought to the CPU as float32, copied unless it is a plain float32 CPU tensor (shared
+            then, as an array is); a tensor that requires grad is always copied, so its graph is never touched.
         spacing: mm per voxel, ``(x, y, z)``.
         origin: LPS mm of voxel ``(0, 0, 0)``.
         direction: 3x3 float64 direction cosines (columns = index axes).
@@ -187,7 +190,7 @@ class Volume:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        arr = np.asarray(self.array)
+        arr = _as_numpy(self.array)
         if arr.ndim != 3:
             raise InputError(f"a volume needs a 3D array (z, y, x); got {arr.ndim}D with shape {arr.shape}")
         if 0 in arr.shape:
@@ -221,8 +224,11 @@ class Volume:
             raise GeometryError(
                 f"the direction matrix's columns must be unit vectors (the directions of the x, y and z index axes); "
                 f"their lengths are {np.round(lengths, 6).tolist()}. The voxel size goes in `spacing` (x, y, z), not "
-                "in the direction: from an affine A (spacing folded in), pass direction=A[:3, :3] / "
-                "np.linalg.norm(A[:3, :3], axis=0) and spacing=np.linalg.norm(A[:3, :3], axis=0)."
+                "in the direction. From a nibabel image, use Volume.from_nibabel(img). From a 4x4 affine A of your "
+                "own: Volume's geometry is LPS (as ITK and DICOM), so an RAS affine (NIfTI, nibabel) needs "
+                "A = np.diag([-1, -1, 1, 1]) @ A first; then spacing = np.linalg.norm(A[:3, :3], axis=0), "
+                "direction = A[:3, :3] / spacing, origin = A[:3, 3], and the array in (z, y, x) order (nibabel's "
+                "(x, y, z) data transposed: data.T)."
             )
         if not all(np.isfinite(s) and s > 0 for s in self.spacing):
             raise GeometryError(
@@ -323,6 +329,111 @@ class Volume:
         check_image_shape(img, source)
         arr = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)
         return cls(arr, img.GetSpacing(), img.GetOrigin(), np.asarray(img.GetDirection()).reshape(3, 3), metadata)
+
+    # -- nibabel ------------------------------------------------------------------------------------
+    @classmethod
+    def from_nibabel(cls, img, *, padding_to_air: bool = True, **metadata) -> Volume:
+        """A Volume from a nibabel image (``nibabel.load(path)``, or a ``Nifti1Image`` built in memory): the same
+        voxels and geometry as :func:`read_volume` gives for the file (``read_volume(path, check=False)``).
+
+        nibabel and this library differ in two conventions, both converted here:
+
+        * nibabel's data is ``(x, y, z)`` (index i first); a Volume's array is ``(z, y, x)``: it is transposed.
+        * nibabel's ``img.affine`` maps ``(i, j, k)`` to **RAS** millimetres; a Volume's spacing, origin and
+          direction are **LPS** (ITK, DICOM): the affine is flipped in x and y (``diag(-1, -1, 1, 1) @ affine``),
+          then ``spacing`` = its column lengths, ``direction`` = its columns over them, ``origin`` = its last column.
+
+        The voxels are ``np.asarray(img.dataobj)`` (the header's scaling, scl_slope and scl_inter, applied) as
+        float32, in a copy: the image and its data are never modified. The affine is nibabel's best one (the sform
+        when its code is set, else the qform), which is what :func:`read_volume` reads too; a NIfTI image that
+        records no orientation (sform and qform codes 0) lies at the origin along the LPS axes with its pixdim
+        spacing, as :func:`read_volume` (ITK) reads it, not centred and flipped in x as nibabel's ``img.affine`` has
+        it.
+
+        Args:
+            img: a nibabel spatial image with 3D data (NIfTI-1/2, MGH, Analyze, ...).
+            padding_to_air: replace padding markers (below -1500 HU reaching a slice's edge, outside the scan
+                circle) by air, as :func:`read_volume` does (:func:`replace_padding`); ``False`` keeps the voxels as
+                stored.
+            **metadata: the volume's metadata (``source`` defaults to the image's file name).
+
+        Raises:
+            InputError: nibabel is not installed; ``img`` is not a nibabel image; data that is not 3D (a 4D
+                image with one volume: ``nibabel.funcs.squeeze_image(img)``; several: pick one, ``img.slicer[...,
+                t]``) or not numeric.
+            GeometryError: an affine with a zero or non-finite voxel size, or a singular one (as :class:`Volume`).
+        """
+        try:
+            import nibabel as nib
+        except ImportError:
+            raise InputError("Volume.from_nibabel needs nibabel, which is not installed: pip install nibabel (or "
+                             "read the file with DiffusionCore.read_volume(path), which needs no nibabel for NRRD, "
+                             "MHA or DICOM)") from None  # fmt: skip
+        if not isinstance(img, nib.spatialimages.SpatialImage):
+            raise InputError(f"Volume.from_nibabel needs a nibabel image (nibabel.load(path)); got "
+                             f"{type(img).__module__}.{type(img).__qualname__}. For a numpy array use "
+                             "Volume(array_zyx, spacing, origin, direction); for a file, read_volume(path).")  # fmt: skip
+        name = img.get_filename()
+        source = str(metadata.get("source") or name or "nibabel image")
+        shape = tuple(int(n) for n in img.shape)
+        if len(shape) != 3:
+            hint = ("nibabel.funcs.squeeze_image(img) drops the trailing axes of length 1"
+                    if len(shape) > 3 and math.prod(shape[3:]) == 1 else
+                    "pick one 3D volume first, e.g. img.slicer[..., 0]" if len(shape) > 3 else
+                    "a CT volume has three axes")  # fmt: skip
+            raise InputError(f"{source}: a volume needs 3D data; this nibabel image's data has shape {shape} "
+                             f"(x, y, z, ...): {hint}")  # fmt: skip
+        header = img.header
+        if isinstance(img, nib.Nifti1Pair) and not int(header["sform_code"]) and not int(header["qform_code"]):
+            # no orientation recorded (NIfTI's "method 1"): read as ITK, hence read_volume, reads it, at the origin
+            # along the LPS axes; nibabel's img.affine would centre it and flip x (the Analyze convention)
+            zooms = np.abs(np.asarray(header.get_zooms()[:3], dtype=np.float64))
+            affine = np.diag([-zooms[0], -zooms[1], zooms[2], 1.0])  # RAS, the LPS identity once flipped below
+        else:
+            affine = np.asarray(img.affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.isfinite(affine).all():
+            raise GeometryError(f"{source}: the image's affine {affine.tolist()} is not a finite 4x4 matrix: fix the "
+                                "header's sform or qform (e.g. with nibabel: img.set_sform(...)) and load it again")  # fmt: skip
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # nibabel's affine is RAS; a Volume's geometry is LPS
+        spacing = np.linalg.norm(lps[:3, :3], axis=0)
+        if not np.all(spacing > 0):
+            raise GeometryError(f"{source}: the image's affine gives a voxel size of "
+                                f"({', '.join(f'{v:g}' for v in spacing)}) mm (x, y, z): a zero voxel size has no "
+                                "geometry; fix the header's sform or qform (or pixdim) and load it again")  # fmt: skip
+        data = np.asarray(img.dataobj)
+        if data.dtype.kind not in "biuf":
+            raise InputError(f"{source}: the image holds {data.dtype} voxels, not numbers (an RGB or complex image?): "
+                             "a CT volume holds one number per voxel, in HU")  # fmt: skip
+        arr = np.array(data.T, dtype=np.float32, order="C")  # (x, y, z) -> (z, y, x), a copy of its own
+        del data
+        vol = cls(arr, tuple(spacing), tuple(lps[:3, 3]), lps[:3, :3] / spacing, {"source": source, **metadata})
+        if padding_to_air:
+            vol.array = replace_padding(vol.array, source)
+        return vol
+
+
+def _as_numpy(array: object) -> np.ndarray:
+    """``array`` as a numpy array: a torch tensor (any device, ``requires_grad`` or not, any float or integer dtype)
+    is detached and brought to the CPU, never changed itself; a CPU tensor that needs no conversion shares its memory,
+    as a float32 numpy array does, and one that requires grad is copied, so that nothing writes into its graph."""
+    if type(array).__module__.split(".")[0] != "torch":
+        return np.asarray(array)
+    import torch
+
+    if not isinstance(array, torch.Tensor):
+        return np.asarray(array)
+    t = array.detach()
+    if t.is_complex():
+        raise InputError(f"a volume holds one real number per voxel (HU); got a complex tensor ({t.dtype}): pass "
+                         "its magnitude (tensor.abs()) or real part (tensor.real)")  # fmt: skip
+    if t.device.type == "meta":
+        raise InputError("the tensor is on the 'meta' device: it holds no voxels (only a shape); compute it on a real "
+                         "device first")  # fmt: skip
+    dtype = t.dtype if t.dtype in (torch.float32, torch.float64) or not t.is_floating_point() else torch.float32
+    t = t.to(device="cpu", dtype=dtype)  # bfloat16/float16 have no numpy dtype: float32 holds them exactly
+    if array.requires_grad and t.data_ptr() == array.data_ptr():
+        t = t.clone()  # the Volume must not share memory with a leaf of the caller's graph
+    return t.numpy()
 
 
 # -- checks ------------------------------------------------------------------------------------------

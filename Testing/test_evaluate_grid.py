@@ -8,8 +8,8 @@ import pytest
 from conftest import ct_phantom_array
 
 from DiffusionCore.degrade import crop_to_slabs, degrade
-from DiffusionCore.errors import InputError
-from DiffusionCore.evaluate import _METHODS, evaluate, register_method
+from DiffusionCore.errors import ConfigError, InputError
+from DiffusionCore.evaluate import _METHODS, _OWN_OPTIONS, METHOD_OPTIONS, evaluate, register_method
 from DiffusionCore.interpolation import interpolate
 from DiffusionCore.volume import Volume
 
@@ -117,3 +117,81 @@ def test_infinite_scores_are_named_in_the_report():
     report = evaluate(_z_varying(), 2, methods=["nearest", "cubic"])
     assert report["infinite_scores"] == {"nearest": ["consistency_psnr"]}
     assert "+infinity" in report["null_scores"]
+
+
+# -- method_options: one flat dict, every key checked (probe 47, finding 2) ------------------------------------------
+def _refusing_method(thick, grid, options):
+    raise AssertionError("a refused method_options must stop evaluate before any method runs")
+
+
+@pytest.fixture
+def own_method():
+    """Registers methods of one's own for a test, and removes them after it."""
+    names = []
+
+    def register(name, fn, **kwargs):
+        register_method(name, fn, **kwargs)
+        names.append(name)
+
+    yield register
+    for name in names:
+        _METHODS.pop(name, None)
+        _OWN_OPTIONS.pop(name, None)
+
+
+def test_a_misspelt_method_option_is_refused_with_the_valid_keys_not_ignored(own_method):
+    """``{"weigths": "mine.safetensors"}`` was ignored, and the default weights scored under the user's name."""
+    own_method("test-refusing", _refusing_method, options=())
+    with pytest.raises(ConfigError, match=r"unknown key 'weigths' \(did you mean 'weights'\?\).*Valid keys: .*weights"):
+        evaluate(_z_varying(), 2, methods=["cubic", "test-refusing"], method_options={"weigths": "mine.safetensors"})
+    with pytest.raises(ConfigError, match=r"unknown keys 'sead' \(did you mean 'seed'\?\), 'report'"):
+        evaluate(_z_varying(), 2, methods=["cubic"], method_options={"sead": 1, "report": {}})
+    with pytest.raises(ConfigError, match="method_options must be a dict"):
+        evaluate(_z_varying(), 2, methods=["cubic"], method_options=[("weights", "x")])
+
+
+def test_the_per_method_form_is_refused_with_the_flat_form_to_write_instead():
+    """``{"sr": {"weights": ...}}``, the form a researcher tries first, silently scored sr-default."""
+    import DiffusionCore.sr.pipeline  # noqa: F401  (registers sr)
+
+    nested = {"sr": {"weights": "runs/tp/throughplane.safetensors", "allow_unregistered": True}}
+    with pytest.raises(ConfigError) as info:
+        evaluate(_z_varying(), 2, methods=["sr"], method_options=nested)
+    said = str(info.value)
+    assert "key 'sr', the name of a method: method_options is one flat dict" in said
+    assert "method_options={'weights': 'runs/tp/throughplane.safetensors', 'allow_unregistered': True}" in said
+
+
+def test_every_documented_option_key_and_every_key_the_commands_pass_is_accepted():
+    """The evaluate command, the demo and the benchmarks pass these keys (some None) with interpolations alone too."""
+    cli_keys = {"weights", "estimate", "num_steps", "device", "seed", "allow_unregistered", "adapt", "resolver"}
+    assert cli_keys == set(METHOD_OPTIONS)
+    report = evaluate(_z_varying(), 2, methods=["cubic"], method_options=dict.fromkeys(METHOD_OPTIONS))
+    assert report["results"][0]["method"] == "cubic"
+    for key in METHOD_OPTIONS:  # each one documented in evaluate's docstring
+        assert f"``{key}``" in evaluate.__doc__, key
+
+
+def test_a_method_of_ones_own_gets_its_declared_options_and_an_undeclared_one_any_key(own_method):
+    seen = []
+
+    def mine(thick, grid, options):
+        seen.append({k: v for k, v in options.items() if k != "report"})
+        return interpolate(thick, grid, "cubic")
+
+    own_method("test-declared", mine, options=["smoothing"])
+    evaluate(_z_varying(), 2, methods=["test-declared"], method_options={"smoothing": 2, "seed": 3})
+    assert seen[-1] == {"smoothing": 2, "seed": 3}
+    with pytest.raises(ConfigError, match=r"unknown key 'smothing' \(did you mean 'smoothing'\?\)"):
+        evaluate(_z_varying(), 2, methods=["test-declared"], method_options={"smothing": 2})
+    own_method("test-undeclared", mine)  # no options=: evaluate cannot tell its keys from typos, and passes them on
+    evaluate(_z_varying(), 2, methods=["test-undeclared"], method_options={"anything": 1})
+    assert seen[-1] == {"anything": 1}
+    with pytest.raises(ConfigError, match="list of names"):
+        register_method("test-bad-options", mine, options="smoothing")
+
+
+def test_a_reversed_hu_range_is_refused_before_any_method_runs(own_method):
+    own_method("test-refusing", _refusing_method, options=())
+    with pytest.raises(ConfigError, match="lo < hi"):
+        evaluate(_z_varying(), 2, methods=["test-refusing"], hu_range=(2048, -1024))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from DiffusionCore.degrade import crop_to_slabs, degrade, thin_grid
+from DiffusionCore.errors import ConfigError, GeometryError, InputError
 from DiffusionCore.interpolation import interpolate
 from DiffusionCore.metrics import (
     BODY_MASK_DEFINITION,
@@ -96,7 +98,7 @@ def test_hu_mae_by_hand():
     test = np.array([10.0, -20.0, 0.0, 5000.0]).reshape(1, 2, 2)
     assert hu_mae(ref, test) == pytest.approx((10 + 20 + 0 + 2048) / 4)  # 5000 clipped to 2048
     mask = np.array([True, True, False, False]).reshape(1, 2, 2)
-    assert hu_mae(ref, test, mask) == pytest.approx(15.0)
+    assert hu_mae(ref, test, mask=mask) == pytest.approx(15.0)
 
 
 def _smooth_random(shape, seed, scale=600.0):
@@ -211,3 +213,95 @@ def test_quality_report_keys_and_cubic_beats_nearest(oblique_phantom):
     assert set(rep["cubic"]) == {"psnr", "psnr_body", "ssim", "hu_mae_body", "consistency_psnr"}
     assert rep["cubic"]["psnr"] > rep["nearest"]["psnr"]
     assert rep["cubic"]["ssim"] > rep["nearest"]["ssim"]
+
+
+# -- masks that are not bool, and the keyword-only hu_range / mask (probe 47, findings 1 and 6) -----------------------
+def _cube_pair(n: int = 12):
+    """A soft-tissue cube in air, and a noisy copy: the masked scores differ clearly from the whole volume's."""
+    ref = np.full((n, n, n), -1000.0, np.float32)
+    ref[3:9, 3:9, 3:9] = 40.0
+    test = ref + np.random.default_rng(0).normal(0.0, 10.0, ref.shape).astype(np.float32)
+    return ref, test
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int64, np.float32, np.float64])
+def test_a_0_1_mask_of_any_number_type_scores_as_the_bool_mask(dtype):
+    """A label file read with SimpleITK or nibabel gives a uint8 (or float64) mask: numpy took it as indices of
+    voxels, not a selection, and psnr scored 49.58 dB instead of 50.22 dB without a word."""
+    ref, test = _cube_pair()
+    mask = body_mask(ref)
+    d = (ref - test).astype(np.float64)[mask]
+    want_psnr, want_mae = 10 * math.log10(PEAK**2 / np.mean(d**2)), float(np.abs(d).mean())
+    labels = mask.astype(dtype)
+    assert psnr(ref, test, mask=labels) == pytest.approx(want_psnr, abs=1e-9)
+    assert hu_mae(ref, test, mask=labels) == pytest.approx(want_mae, abs=1e-9)
+    report = quality_report(Volume(ref), Volume(test), mask=labels)
+    assert report["psnr_body"] == pytest.approx(want_psnr, abs=1e-9)
+    assert report["hu_mae_body"] == pytest.approx(want_mae, abs=1e-9)
+    assert labels.dtype == dtype and labels.max() == 1  # the caller's mask is left as it was
+
+
+@pytest.mark.parametrize(
+    ("mask", "words"),
+    [
+        (lambda m: m.astype(np.uint8) * 2, "uint8.* 216 voxels that are neither 0 nor 1 .values from 0 to 2"),
+        (lambda m: m.astype(np.float32) * 0.5, "float32.* neither 0 nor 1"),
+        (lambda m: np.where(m, np.nan, 0.0), "float64.* neither 0 nor 1 .values from 0 to 0"),
+        (lambda m: m.astype(np.complex64), "dtype complex64"),
+        (lambda m: m.astype(str), "dtype <U5"),
+    ],
+    ids=["label-2", "float-half", "nan", "complex", "text"],
+)
+def test_a_mask_that_is_not_0_and_1_is_refused_with_its_dtype_and_values(mask, words):
+    ref, test = _cube_pair()
+    bad = mask(body_mask(ref))
+    for score in (psnr, hu_mae):
+        with pytest.raises(InputError, match=words) as info:
+            score(ref, test, mask=bad)
+        assert "labels == k" in str(info.value) or "bool array" in str(info.value)
+    with pytest.raises(InputError, match=words):
+        quality_report(Volume(ref), Volume(test), mask=bad)
+
+
+def test_a_mask_of_another_shape_is_a_geometry_error_naming_both_shapes():
+    ref, test = _cube_pair()
+    for score in (psnr, hu_mae):
+        with pytest.raises(GeometryError, match=r"the mask has shape \(12, 12, 11\), the volumes \(12, 12, 12\)"):
+            score(ref, test, mask=np.ones((12, 12, 11), np.uint8))
+
+
+def test_hu_range_and_mask_are_keyword_only_and_the_old_positional_calls_still_work_with_a_warning():
+    ref, test = _cube_pair()
+    mask = body_mask(ref)
+    want = psnr(ref, test, hu_range=(-200.0, 200.0), mask=mask)
+    with pytest.warns(DeprecationWarning, match=r"psnr\(\): passing hu_range, mask by position is deprecated"):
+        assert psnr(ref, test, (-200.0, 200.0), mask) == want
+    with pytest.warns(DeprecationWarning, match=r"hu_mae\(\): passing mask, hu_range by position"):
+        assert hu_mae(ref, test, mask, (-200.0, 200.0)) == hu_mae(ref, test, mask=mask, hu_range=(-200.0, 200.0))
+    with pytest.warns(DeprecationWarning, match=r"ssim3d\(\): passing hu_range by position"):
+        assert ssim3d(ref, test, (-200.0, 200.0)) == ssim3d(ref, test, hu_range=(-200.0, 200.0))
+    with pytest.raises(TypeError, match="multiple values for argument 'mask'"):
+        hu_mae(ref, test, mask, mask=mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the keyword calls warn of nothing
+        psnr(ref, test, mask=mask, hu_range=(-1024.0, 2048.0))
+
+
+def test_a_mask_passed_where_psnr_takes_hu_range_says_to_pass_mask_by_keyword():
+    """``psnr(ref, test, mask)``, written by analogy with the old ``hu_mae(ref, test, mask)``, raised numpy's
+    "boolean subtract" TypeError."""
+    ref, test = _cube_pair()
+    with pytest.raises(ConfigError, match=r"hu_range must be two numbers .*shape \(12, 12, 12\).*pass it as mask="):
+        with pytest.warns(DeprecationWarning):
+            psnr(ref, test, body_mask(ref))
+
+
+@pytest.mark.parametrize("hu_range", [(2048.0, -1024.0), (0.0, 0.0), (-1024.0, math.inf), (1.0,), "wide"])
+def test_an_empty_or_reversed_hu_range_is_refused_not_scored_as_perfect(hu_range):
+    """``psnr(ref, test, hu_range=(2048, -1024))`` clipped both volumes to one value and returned inf."""
+    ref, test = _cube_pair()
+    for score in (psnr, hu_mae, ssim3d):
+        with pytest.raises(ConfigError, match="hu_range must be two"):
+            score(ref, test, hu_range=hu_range)
+    with pytest.raises(ConfigError, match="lo < hi|two numbers"):
+        quality_report(Volume(ref), Volume(test), hu_range=hu_range)

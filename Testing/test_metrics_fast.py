@@ -89,11 +89,11 @@ def test_ssim3d_equals_the_direct_formula(pair):
 @pytest.mark.parametrize(("hu_range", "sigma"), [((-200.0, 300.0), 1.5), ((-1024.0, 2048.0), 1.0)])
 def test_ssim3d_equals_the_direct_formula_for_other_ranges_and_windows(pair, hu_range, sigma):
     ref, test = pair
-    expected = direct_ssim3d(ref, test, hu_range, sigma)
-    assert ssim3d(ref, test, hu_range, sigma) == pytest.approx(expected, abs=1e-6)
+    expected = direct_ssim3d(ref, test, hu_range=hu_range, sigma=sigma)
+    assert ssim3d(ref, test, hu_range=hu_range, sigma=sigma) == pytest.approx(expected, abs=1e-6)
     stats = ReferenceStats(ref)
     ssim3d(stats, test)  # the default range and window are cached too, and must not be reused here
-    assert ssim3d(stats, test, hu_range, sigma) == pytest.approx(expected, abs=1e-6)
+    assert ssim3d(stats, test, hu_range=hu_range, sigma=sigma) == pytest.approx(expected, abs=1e-6)
 
 
 def test_reference_stats_give_the_same_figures_as_the_bare_reference(pair, monkeypatch):
@@ -106,7 +106,7 @@ def test_reference_stats_give_the_same_figures_as_the_bare_reference(pair, monke
     d = np.clip(ref.astype(np.float64), -1024, 2048) - np.clip(test.astype(np.float64), -1024, 2048)
     assert psnr(stats, test) == pytest.approx(10 * math.log10(3072.0**2 / np.mean(d * d)), rel=1e-12)
     assert psnr(stats, test, mask=mask) == pytest.approx(10 * math.log10(3072.0**2 / np.mean(d[mask] ** 2)))
-    assert hu_mae(stats, test, mask) == pytest.approx(np.abs(d[mask]).mean(), rel=1e-12)
+    assert hu_mae(stats, test, mask=mask) == pytest.approx(np.abs(d[mask]).mean(), rel=1e-12)
     assert quality_report(stats, test) == quality_report(ref, test)
 
 

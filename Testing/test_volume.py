@@ -448,3 +448,172 @@ def test_publish_without_overwrite_where_hard_links_fail_checks_just_before_the_
     with pytest.raises(OutputExistsError, match="appeared while"):
         publish(tmp, tmp_path / "r.json", overwrite=False)
     assert tmp.exists() and (tmp_path / "r.json").read_text().startswith("{")
+
+
+# -- Volume.from_nibabel: nibabel's RAS affine and (x, y, z) data (probe 47, finding 3) ------------------------------
+def _nifti_like_read_volume(path: Path) -> tuple[Volume, Volume]:
+    """The file read by the library's reader, and nibabel's image of it converted."""
+    return read_volume(path, check=False), Volume.from_nibabel(nib.load(str(path)))
+
+
+def _assert_same_volume(a: Volume, b: Volume) -> None:
+    np.testing.assert_array_equal(a.array, b.array)
+    assert a.array.dtype == b.array.dtype == np.float32
+    np.testing.assert_allclose(a.spacing, b.spacing, rtol=0, atol=1e-6)  # float32 header fields
+    np.testing.assert_allclose(a.origin, b.origin, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(a.direction, b.direction, rtol=0, atol=1e-6)
+
+
+def _ras_affine(direction_lps: np.ndarray, spacing: tuple[float, ...], origin_lps: tuple[float, ...]) -> np.ndarray:
+    a = np.eye(4)
+    a[:3, :3] = direction_lps @ np.diag(spacing)
+    a[:3, 3] = origin_lps
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ a
+
+
+@pytest.mark.parametrize("case", ["oblique", "flipped-y", "qform-only", "scaled-int16", "no-orientation", "padding"])
+def test_from_nibabel_gives_what_read_volume_gives_for_the_file(tmp_path, oblique_direction, case):
+    """The advice for building a Volume from an affine ignored that nibabel's is RAS and a Volume LPS: following it
+    gave a volume mirrored in x and y (voxel (10, 20, 5) at LPS (219.6, 76.2) instead of (-219.6, -76.2))."""
+    from conftest import ct_phantom_array
+
+    data = ct_phantom_array((12, 20, 16)).T.copy()  # nibabel's order: (x, y, z)
+    direction = oblique_direction if case != "flipped-y" else np.diag([1.0, -1.0, 1.0])
+    affine = _ras_affine(direction, (0.7, 0.9, 2.5), (-101.5, 32.25, -405.0))
+    img = nib.Nifti1Image(data, affine)
+    if case == "qform-only":
+        img.set_sform(None, code=0)
+    elif case == "scaled-int16":
+        img = nib.Nifti1Image(np.round((data + 1024.0) * 2).astype(np.int16), affine)
+        img.header.set_slope_inter(0.5, -1024.0)
+    elif case == "no-orientation":  # sform and qform codes 0: nibabel's affine centres it and flips x; ITK does not
+        img = nib.Nifti1Image(data, None)
+        img.header.set_zooms((0.7, 0.9, 2.5))
+    elif case == "padding":  # the outside of the scan circle: -3024, replaced by air as read_volume does
+        data[:3, :3, :] = -3024.0
+        img = nib.Nifti1Image(data, affine)
+    path = tmp_path / f"{case}.nii.gz"
+    nib.save(img, str(path))
+    read, converted = _nifti_like_read_volume(path)
+    _assert_same_volume(read, converted)
+    assert converted.metadata["source"] == str(path)
+    if case == "padding":
+        assert converted.array.min() == -1024.0
+        assert Volume.from_nibabel(nib.load(str(path)), padding_to_air=False).array.min() == -3024.0
+    if case in ("oblique", "flipped-y"):  # a voxel's place in LPS, from the affine by hand
+        ijk = np.array([10, 15, 5, 1.0])
+        lps = (np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine @ ijk)[:3]
+        np.testing.assert_allclose((converted.index_to_physical() @ ijk)[:3], lps, atol=1e-4)
+        assert converted.array[5, 15, 10] == data[10, 15, 5]
+
+
+def test_from_nibabel_of_an_in_memory_image_never_changes_its_data_and_round_trips(tmp_path, oblique_phantom):
+    data = oblique_phantom.array.T.copy()
+    data[0, 0, :] = -3024.0  # padding, replaced in the volume only
+    before = data.copy()
+    img = nib.Nifti1Image(data, _ras_affine(oblique_phantom.direction, oblique_phantom.spacing, oblique_phantom.origin))
+    vol = Volume.from_nibabel(img, name="mine")
+    np.testing.assert_array_equal(data, before)
+    assert not np.shares_memory(vol.array, data)
+    assert vol.metadata == {"source": "nibabel image", "name": "mine"}
+    assert_same_geometry(vol, oblique_phantom)
+    write_volume(vol, tmp_path / "back.nii.gz")
+    np.testing.assert_allclose(nib.load(str(tmp_path / "back.nii.gz")).affine, img.affine, atol=1e-4)
+
+
+def test_from_nibabel_refuses_what_is_no_3d_image_with_what_to_do(tmp_path):
+    with pytest.raises(InputError, match="needs a nibabel image .*read_volume"):
+        Volume.from_nibabel(np.zeros((4, 4, 4)))
+    with pytest.raises(InputError, match=r"shape \(4, 5, 6, 1\).*squeeze_image"):
+        Volume.from_nibabel(nib.Nifti1Image(np.zeros((4, 5, 6, 1), np.float32), np.eye(4)))
+    with pytest.raises(InputError, match=r"shape \(4, 5, 6, 2\).*img.slicer"):
+        Volume.from_nibabel(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), np.eye(4)))
+    flat = np.eye(4)
+    flat[2, 2] = 0.0  # an sform with a zero voxel size (nibabel refuses to build one in memory: a file holds it)
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), None)
+    img.header.set_sform(flat, code=1)
+    nib.save(img, str(tmp_path / "flat.nii.gz"))
+    with pytest.raises(GeometryError, match=r"flat.nii.gz: the image's affine gives a voxel size of \(1, 1, 0\) mm"):
+        Volume.from_nibabel(nib.load(str(tmp_path / "flat.nii.gz")))
+
+
+def test_from_nibabel_without_nibabel_says_how_to_install_it(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_nibabel(name, *args, **kwargs):
+        if name == "nibabel" or name.startswith("nibabel."):
+            raise ImportError("No module named 'nibabel'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_nibabel)
+    with pytest.raises(InputError, match="needs nibabel, which is not installed: pip install nibabel"):
+        Volume.from_nibabel(object())
+
+
+def test_the_unit_direction_advice_names_from_nibabel_and_the_ras_to_lps_flip():
+    with pytest.raises(GeometryError) as info:
+        Volume(np.zeros((4, 5, 6), np.float32), direction=np.diag([0.5, 0.5, 2.0]))
+    said = str(info.value)
+    assert "Volume.from_nibabel(img)" in said and "LPS" in said and "np.diag([-1, -1, 1, 1]) @ A" in said
+
+
+
+def test_from_nibabel_on_the_chest_dx_sample_when_it_is_cached(tmp_path):
+    """The real sample file (a crop of it, written as it was read by nibabel, with an oblique and a flipped variant)."""
+    from DiffusionCore import sampledata
+
+    path = sampledata.sample_dir("chest-dx") / "chest-dx.nii.gz"
+    if not path.is_file():
+        pytest.skip("chest-dx is not in the sample cache (python -m DiffusionCore sample-data chest-dx)")
+    whole = nib.load(str(path))
+    _assert_same_volume(*_nifti_like_read_volume(path))
+    crop = whole.slicer[160:224, 180:244, 20:36]
+    data, affine = np.asarray(crop.dataobj), crop.affine
+    turn = np.eye(4)
+    turn[:3, :3] = nib.eulerangles.euler2mat(0.3, -0.2, 0.25)
+    flip = affine.copy()
+    flip[:3, 0] *= -1
+    for name, img in (("crop", crop), ("oblique", nib.Nifti1Image(data, turn @ affine, crop.header)),
+                      ("flipped", nib.Nifti1Image(data[::-1], flip, crop.header))):  # fmt: skip
+        nib.save(img, str(tmp_path / f"{name}.nii.gz"))
+        _assert_same_volume(*_nifti_like_read_volume(tmp_path / f"{name}.nii.gz"))
+
+
+# -- torch tensors: detached and brought to the CPU, never changed (probe 47, finding 10) -----------------------------
+def test_a_tensor_that_requires_grad_is_detached_and_copied_not_refused_with_torchs_error():
+    torch = pytest.importorskip("torch")
+    t = torch.linspace(-1000.0, 1000.0, 4 * 8 * 8).reshape(4, 8, 8).requires_grad_(True)
+    before = t.detach().clone()
+    vol = Volume(t, spacing=(0.5, 0.5, 2.0))
+    assert vol.array.dtype == np.float32 and vol.shape == (4, 8, 8)
+    np.testing.assert_array_equal(vol.array, before.numpy())
+    vol.array += 1.0  # the volume's voxels are its own: the caller's tensor and its graph are untouched
+    assert torch.equal(t.detach(), before) and t.requires_grad and t.grad is None
+    out = (t * 2).sum()  # the graph still works
+    out.backward()
+    assert torch.equal(t.grad, torch.full_like(t, 2.0))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64", "int16"])
+def test_tensors_of_every_real_dtype_become_float32_volumes(dtype):
+    torch = pytest.importorskip("torch")
+    t = torch.tensor([[[-1024.0, 0.0], [40.0, 1000.0]]] * 3).to(getattr(torch, dtype))
+    vol = Volume(t[:, :, :].transpose(1, 2))  # a non-contiguous view too
+    np.testing.assert_array_equal(vol.array, t.transpose(1, 2).to(torch.float32).numpy())
+    with pytest.raises(InputError, match="complex tensor"):
+        Volume(torch.zeros(2, 2, 2, dtype=torch.complex64))
+    with pytest.raises(InputError, match="'meta' device"):
+        Volume(torch.zeros(2, 2, 2, device="meta"))
+
+
+def test_a_gpu_tensor_is_brought_to_the_cpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    t = torch.full((3, 4, 5), 40.0, device="cuda", requires_grad=True)
+    vol = Volume(t)
+    assert isinstance(vol.array, np.ndarray) and vol.array.dtype == np.float32
+    np.testing.assert_array_equal(vol.array, np.full((3, 4, 5), 40.0, np.float32))
+    assert t.device.type == "cuda" and t.requires_grad

@@ -307,8 +307,8 @@ def estimates(args: argparse.Namespace) -> dict:
 
     def scores(unit: torch.Tensor) -> dict:
         hu = unit_to_hu(unit.float())[0, 0].numpy()
-        return {"psnr3d": psnr(ref_hu, hu, HU_RANGE), "ssim3d": ssim3d(ref_hu, hu, HU_RANGE),
-                "mae_body_hu": hu_mae(ref_hu, hu, body, HU_RANGE)}  # fmt: skip
+        return {"psnr3d": psnr(ref_hu, hu, hu_range=HU_RANGE), "ssim3d": ssim3d(ref_hu, hu, hu_range=HU_RANGE),
+                "mae_body_hu": hu_mae(ref_hu, hu, mask=body, hu_range=HU_RANGE)}  # fmt: skip
 
     gen_ = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():

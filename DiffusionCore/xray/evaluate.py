@@ -60,7 +60,7 @@ def reference_scores(result: Volume, reference: Volume) -> dict[str, float]:
     cube = ct_to_cubes(reference, [r], fov)[r]
     warn_little_body(cube, str(reference.metadata.get("source") or "the reference CT"), fov, SCORES_ON_AIR)
     ref = cube.array
-    return {"psnr": psnr(ref, result.array, HU_RANGE), "ssim": ssim3d(ref, result.array, HU_RANGE)}
+    return {"psnr": psnr(ref, result.array, hu_range=HU_RANGE), "ssim": ssim3d(ref, result.array, hu_range=HU_RANGE)}
 
 
 def cross_view_psnr(vol_hu: torch.Tensor, ref_hu: torch.Tensor, fov_mm: float, view: str) -> float:
@@ -162,8 +162,8 @@ def evaluate_xray(
         results.append({
             "method": method,
             "stage": stage,
-            "psnr3d": psnr(ref, vol.array, HU_RANGE),
-            "ssim3d": ssim3d(ref, vol.array, HU_RANGE),
+            "psnr3d": psnr(ref, vol.array, hu_range=HU_RANGE),
+            "ssim3d": ssim3d(ref, vol.array, hu_range=HU_RANGE),
             "reprojection_psnr": projection_error(vol_unit.cpu(), xray, fov, view)["projection_psnr"],
             "cross_view_psnr": cross_view_psnr(torch.from_numpy(vol.array)[None, None],
                                                torch.from_numpy(ref)[None, None], fov, view),  # fmt: skip
