@@ -96,3 +96,59 @@ def test_int16_output_in_range_and_auto_say_nothing(tmp_path, diffusioncore_log)
     path = write_volume(Volume(arr, (0.8, 0.8, 2.0)), tmp_path / "auto.nii.gz")  # auto: float32 keeps them
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(path))).max() == 36000.0
     assert not [r for r in diffusioncore_log if r.levelno >= logging.WARNING]
+
+
+def padded_thick_scan() -> np.ndarray:
+    """A small thick-slice chest-like scan (z, y, x) with -3024 HU outside its reconstruction circle."""
+    from conftest import ct_phantom_array
+
+    arr = ct_phantom_array((8, 40, 40))
+    y, x = np.mgrid[-1:1:40j, -1:1:40j]
+    arr[:, x**2 + y**2 > 0.9] = -3024.0
+    return arr
+
+
+def test_sr_run_on_an_in_memory_volume_with_padding_gives_the_result_of_its_file(tmp_path):
+    """Probe 47, finding 5: read_volume turns padding into air, so SR on an in-memory volume (or Volume.from_sitk of
+    an image SimpleITK read) saw -3024 HU beside the body and differed from the ``sr`` command's result."""
+    from DiffusionCore.cli.main import main
+    from DiffusionCore.sr.pipeline import SuperResolver
+
+    arr = padded_thick_scan()
+    given = arr.copy()
+    vol = Volume(arr, (0.8, 0.8, 4.0), (-16.0, -16.0, 0.0))
+    path = write_volume(vol, tmp_path / "padded.nrrd", dtype="float32")
+    resolver = SuperResolver.tiny()
+    in_memory, report = resolver.run(vol, factor=2, device="cpu")
+    assert np.array_equal(vol.array, given)  # the caller's volume is not modified
+    from_file, file_report = resolver.run(read_volume(path), factor=2, device="cpu")
+    assert np.array_equal(in_memory.array, from_file.array)
+    from_sitk, _ = resolver.run(Volume.from_sitk(sitk.ReadImage(str(path))), factor=2, device="cpu")
+    assert np.array_equal(from_sitk.array, from_file.array)
+    said = [n for n in report["notes"] if "taken as padding and set to air" in n]
+    assert len(said) == 1 and said[0].startswith(f"{int((given < -1500).sum())} voxels below -1500 HU")
+    assert not any("padding" in n for n in file_report.get("notes", []))  # read_volume replaced it already
+    out = tmp_path / "cli.nrrd"
+    n = torch_threads()
+    assert main(["sr", str(path), str(out), "--tiny-test-model", "--factor", "2", "--device", "cpu", "--threads",
+                 str(n), "--progress", "none", "--output-dtype", "float32"]) == 0  # fmt: skip
+    assert np.array_equal(read_volume(out).array, in_memory.array)
+
+
+def test_sr_run_keeps_low_values_inside_the_image_and_makes_no_copy_without_padding():
+    from DiffusionCore.sr.pipeline import without_padding
+
+    arr = np.full((4, 16, 16), 40.0, np.float32)
+    arr[:, 6:9, 6:9] = -1700.0  # enclosed: a measurement, kept as read_volume keeps it
+    vol = Volume(arr, (0.8, 0.8, 4.0))
+    assert without_padding(vol) == (vol, "")
+    arr[:, 0, :] = -2048.0
+    out, note = without_padding(vol)
+    assert out is not vol and np.all(out.array[:, 0, :] == AIR_HU) and np.all(out.array[:, 6:9, 6:9] == -1700.0)
+    assert np.all(vol.array[:, 0, :] == -2048.0) and note.startswith("64 voxels below -1500 HU")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

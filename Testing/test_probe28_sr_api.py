@@ -185,3 +185,23 @@ def test_diffusion_options_unused_by_predictor_only_weights_are_noted(resolver, 
 def test_a_memory_limit_that_is_not_a_positive_byte_count_is_a_config_error(resolver, thick, limit):
     with pytest.raises(ConfigError, match="memory limit must be a positive number of bytes"):
         run(resolver, thick, memory_limit=limit)
+
+
+def test_from_pretrained_leaves_the_global_random_stream_alone():
+    """Probe 47, finding 8: building the networks drew from torch's generator before the weights overwrote them, so
+    a notebook that seeded torch and then loaded the model drew other numbers than one that loaded it first."""
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    SuperResolver.from_pretrained("sr-default")  # a through-plane predictor (the shipped weights)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_from_pretrained_of_a_diffusion_model_leaves_the_global_random_stream_alone(tmp_path):
+    from DiffusionCore.sr.model import SRModel
+
+    path = tmp_path / "tiny-sr.safetensors"
+    SRModel.tiny(seed=0).save(path)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    resolver = SuperResolver.from_pretrained(path, allow_unregistered=True)
+    assert resolver.model is not None and torch.equal(torch.get_rng_state(), state)

@@ -159,3 +159,12 @@ def test_tiny_leaves_the_global_generator_alone_and_keeps_its_weights():
         torch.manual_seed(2)
         old = UnifiedHybridViTCascade([tiny_stage_config(1, 16), tiny_stage_config(2, 32)]).state_dict()
     assert made.keys() == old.keys() and all(torch.equal(made[k], old[k]) for k in made)
+
+
+def test_from_pretrained_leaves_the_global_random_stream_alone():
+    """Probe 47, finding 8: as ``tiny()`` already did, loading the shipped weights leaves torch's generator as the
+    caller seeded it (the layers' default initialisation drew from it before the weights overwrote them)."""
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    XrayToCTGenerator.from_pretrained("xray-default")
+    assert torch.equal(torch.get_rng_state(), state)

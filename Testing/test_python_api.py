@@ -97,3 +97,14 @@ def test_a_ct_volume_given_as_a_radiograph_points_to_evaluate_xray():
 
     with pytest.raises(InputError, match="is a 3D volume of shape .*give the CT to evaluate-xray"):
         as_radiograph(np.zeros((40, 64, 64), np.float32))
+
+
+def test_dir_of_the_subpackages_lists_their_lazy_entry_points():
+    """Probe 47, finding 11: ``dir()`` and a notebook's tab completion did not show ``SuperResolver`` and
+    ``XrayToCTGenerator``, which the subpackages import only when asked for."""
+    import DiffusionCore.sr as sr
+    import DiffusionCore.xray as xray
+
+    assert "SuperResolver" in dir(sr) and "SRModel" in dir(sr) and "hu_to_unit" in dir(sr)
+    assert "XrayToCTGenerator" in dir(xray)
+    assert all(hasattr(sr, name) for name in sr.__all__) and all(hasattr(xray, name) for name in xray.__all__)

@@ -156,3 +156,41 @@ def test_a_bare_array_is_refused_with_how_to_make_a_volume():
         resolver.run(vol.array, factor=2)
     with pytest.raises(InputError, match="needs a DiffusionCore Volume"):
         resolver.run_to_grid(vol.array, vol.grid, axis=0)
+
+
+def _warnings(records) -> list[str]:
+    return [r.getMessage() for r in records if r.levelname == "WARNING" and "thickest spacing" in r.getMessage()]
+
+
+def test_spacing_given_in_zyx_order_by_mistake_is_warned_of_naming_both_orders(diffusioncore_log):
+    """Probe 47, finding 9: ``Volume(arr, spacing=(4, 0.8, 0.8))`` for a (z, y, x) array with its slices along z
+    super-resolved its columns without a word."""
+    right = thick_volume(0)
+    wrong = Volume(right.array, (4.0, 0.8, 0.8), right.origin)  # (z, y, x) order where Volume takes (x, y, z)
+    resolver = SuperResolver.tiny()
+    out, report = resolver.run(wrong, factor=2, device="cpu")
+    assert out.shape == (8, 40, 80)  # what was asked: the columns, but not silently
+    (said,) = _warnings(diffusioncore_log)
+    assert "array axis 2 (x, 4 mm)" in said and "(x, y, z) = (4, 0.8, 0.8)" in said
+    assert "Volume(array, spacing=(0.8, 0.8, 4))" in said and "axis='x'" in said
+    assert said in report["notes"]
+    diffusioncore_log.clear()
+    _, report = resolver.run(right, factor=2, device="cpu")  # the right order: nothing to say
+    assert not _warnings(diffusioncore_log) and not any("thickest spacing" in n for n in report.get("notes", []))
+    resolver.run(wrong, factor=2, device="cpu", axis="x")  # the slices really are along x: said so
+    assert not _warnings(diffusioncore_log)
+
+
+def test_a_file_stored_with_its_slices_along_another_axis_is_not_warned_of(tmp_path, diffusioncore_log):
+    """A file's spacing comes from its header: the ``sr`` command (and run on what read_volume gives) takes a scan
+    whose slices are along x or y as it is, without the warning meant for arrays."""
+    from DiffusionCore.cli.main import main
+    from DiffusionCore.volume import read_volume, write_volume
+
+    path = write_volume(thick_volume(2), tmp_path / "sagittal.nrrd", dtype="float32")
+    out, _ = SuperResolver.tiny().run(read_volume(path), factor=2, device="cpu")
+    assert out.shape == (40, 40, 16)
+    assert main(["sr", str(path), str(tmp_path / "out.nrrd"), "--tiny-test-model", "--factor", "2", "--device",
+                 "cpu", "--progress", "none"]) == 0  # fmt: skip
+    assert not _warnings(diffusioncore_log)
+    assert diffusioncore_log  # the handler heard the runs' other lines

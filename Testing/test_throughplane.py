@@ -701,3 +701,42 @@ def test_sr_cli_warns_of_a_factor_the_weights_have_no_head_for(tmp_path, capsys)
             "factor 3 (model.factors)")  # fmt: skip
     assert line in err.splitlines(), err
     assert json.loads(report.read_text())["notes"] == [line.removeprefix("warning: ")]
+
+
+# -- probe 47, finding 7: training from Python leaves the caller's process as it was ------------------------------
+def _small_recipe(**overrides):
+    """The shipped recipe (sr-default's architecture) on small planes, for a few steps."""
+    from DiffusionCore.sr.throughplane_train import ThroughPlaneTrainConfig
+
+    return ThroughPlaneTrainConfig.recipe(pairs={"thick_rows": 8, "width": 32}, batch_size=2, max_steps=2,
+                                          val_every=2, val_pairs=2, checkpoint_every=2, **overrides)  # fmt: skip
+
+
+def test_the_recipe_is_the_shipped_config_and_fine_tunes_sr_default_from_python(training_volume, tmp_path):
+    from DiffusionCore.config import load_config
+    from DiffusionCore.sr.throughplane_train import DEFAULT_CONFIG, ThroughPlaneTrainConfig, train
+
+    assert config_to_dict(ThroughPlaneTrainConfig.recipe()) == config_to_dict(
+        load_config(DEFAULT_CONFIG, ThroughPlaneTrainConfig))  # fmt: skip
+    assert ThroughPlaneTrainConfig.recipe(max_steps=7).max_steps == 7
+    with pytest.raises(ConfigError, match="max_stepz"):
+        ThroughPlaneTrainConfig.recipe(max_stepz=7)
+    cfg = _small_recipe()
+    assert cfg.threads == 2 and torch.get_num_threads() == 1  # the recipe's threads; the caller's one
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    summary = train(cfg, [str(training_volume[0])], str(tmp_path / "run"), init_from="sr-default")
+    assert summary["exported"] and summary["steps"] == 2
+    assert torch.get_num_threads() == 1  # the run's 2 threads were the run's only
+    assert torch.equal(torch.get_rng_state(), state)  # neither reseeded with cfg.seed nor advanced
+
+
+def test_training_that_fails_from_python_also_restores_threads_and_the_random_state(training_volume, tmp_path):
+    from DiffusionCore.sr.throughplane_train import ThroughPlaneTrainConfig, train
+
+    cfg = ThroughPlaneTrainConfig(threads=2, max_steps=2, pairs={"thick_rows": 8, "width": 32})  # a smaller model
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    with pytest.raises(ConfigError, match=r"ThroughPlaneTrainConfig\.recipe\(\)"):  # raised after the run seeded
+        train(cfg, [str(training_volume[0])], str(tmp_path / "run"), init_from="sr-default")
+    assert torch.get_num_threads() == 1 and torch.equal(torch.get_rng_state(), state)

@@ -108,6 +108,8 @@ def test_unregistered_file_refused_unless_allowed(tmp_path):
         resolve_weights(path, family="sr")
     msg = str(info.value)
     assert "not a registered" in msg and "import_weights" in msg and "--allow-unregistered-weights" in msg
+    # where import_weights is (probe 47, finding 11: it is not in DiffusionCore's namespace), and that it is there
+    assert "`DiffusionCore.weights.import_weights(path, name)`" in msg and callable(import_weights)
     resolved = resolve_weights(path, family="sr", allow_unregistered=True)
     assert resolved.sha256 == sha and resolved.name is None and resolved.metadata["family"] == "sr"
 

@@ -364,3 +364,66 @@ def test_evaluate_xray_names_a_radiograph_given_as_its_reference(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {path} is a radiograph (DICOM Modality DX), not a CT: evaluate-xray needs a CT volume")
     assert "single slice" not in err and f"xray2ct {path} OUTPUT" in err
+
+
+# -- probe 47, finding 4: a real radiograph held in memory, given a file's preprocessing explicitly ------------------
+def test_a_raw_in_memory_radiograph_from_array_gives_the_ct_of_its_file():
+    """cxr-pa's raw pydicom pixels (MONOCHROME1, not inverted) gave a CT 410 HU off on average (3069 at most) as an
+    array, and its read_radiograph(path).array one 754 HU off at most: the array was taken as a DRR. Given as
+    ``Radiograph.from_array(pixels, photometric=...)`` it is the file's CT, bit for bit."""
+    pydicom = pytest.importorskip("pydicom")
+    path = cached_or_skip("cxr-pa", "RG1_UNCR.dcm")
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    kept = pixels.copy()
+    rad = Radiograph.from_array(pixels, None, photometric=ds.PhotometricInterpretation)
+    assert np.array_equal(pixels, kept)  # the caller's pixels are not modified
+    read = read_radiograph(path)
+    assert np.array_equal(rad.array, read.array) and rad.kind == "radiograph" and rad.preprocessing == "radiograph"
+    gen = XrayToCTGenerator.from_pretrained("xray-default")
+    options = {"device": "cpu", "steps": 1, "num_samples": 1, "num_stages": 1}
+    by_path, _ = gen.run(str(path), **options)
+    in_memory, report = gen.run(rad, **options)
+    assert np.array_equal(in_memory.array, by_path.array)
+    assert report["input_sha256"] == read.content_sha256()
+    as_drr, drr_report = gen.run(Radiograph(read.array, read.pixel_spacing, read.metadata, kind="drr"), **options)
+    assert np.abs(as_drr.array - by_path.array).max() > 100  # kind="drr": no style matching, whatever the source
+    assert any("taken as it is (as a DRR)" in n for n in drr_report["notes"])
+
+
+def test_kind_and_photometric_of_an_in_memory_radiograph():
+    rng = np.random.default_rng(0)
+    chest = (rng.random((64, 80)) * 3000).astype(np.uint16)
+    mono2 = Radiograph.from_array(chest, (0.2, 0.2))
+    mono1 = Radiograph.from_array(4095 - chest, [0.2, 0.2], photometric="monochrome1 ")  # high values dark
+    assert np.array_equal(mono1.array, mono2.array) and mono1.pixel_spacing == (0.2, 0.2)
+    assert mono2.metadata["photometric"] == "MONOCHROME2" and mono2.metadata["source"] == "the array"
+    assert Radiograph.from_array(chest, kind="drr").preprocessing == "drr"
+    # without a kind, as before: a file's radiograph (read_radiograph records its path), else a DRR
+    assert Radiograph(mono2.array, None, {"source": "chest.png"}).preprocessing == "radiograph"
+    assert Radiograph(mono2.array).preprocessing == "drr"
+    assert Radiograph(mono2.array, None, {"source": "chest.png"}, kind="drr").preprocessing == "drr"
+    for bad, said in (({"kind": "xray"}, "kind must be one of 'radiograph', 'drr'"),
+                      ({"photometric": "RGB"}, "photometric must be one of 'MONOCHROME2', 'MONOCHROME1'"),
+                      ({"pixel_spacing": (0.0, 0.0)}, "pixel_spacing must be two positive numbers"),
+                      ({"pixel_spacing": 0.2}, "pixel_spacing must be two positive numbers")):  # fmt: skip
+        with pytest.raises(InputError, match=said):
+            Radiograph.from_array(chest, **bad)
+    with pytest.raises(InputError, match="a radiograph's kind must be one of"):
+        Radiograph(mono2.array, None, {}, kind="DRR")
+    with pytest.raises(InputError, match="is blank"):
+        Radiograph.from_array(np.zeros((64, 64), np.uint16))
+
+
+def test_the_kind_survives_every_preprocessing_step_and_decides_the_crop():
+    """A real radiograph on a dark frame is cropped to its exposed region when it is marked so, whatever its
+    metadata; a DRR marked so is not, even with a file name as its source."""
+    canvas = np.zeros((256, 256), np.float32)
+    canvas[64:192, 80:176] = 0.2 + 0.6 * np.random.default_rng(1).random((128, 96)).astype(np.float32)
+    gen = XrayToCTGenerator.tiny()
+    notes_real: list[str] = []
+    gen.prepare_input(Radiograph.from_array(canvas, (0.3, 0.2)), None, notes_real)  # non-square: resampled first
+    notes_drr: list[str] = []
+    gen.prepare_input(Radiograph(canvas, (0.3, 0.2), {"source": "drr.png"}, kind="drr"), None, notes_drr)
+    assert any("mostly dark background" in n for n in notes_real) and any("square" in n for n in notes_real)
+    assert not any("mostly dark background" in n for n in notes_drr)

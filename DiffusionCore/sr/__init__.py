@@ -23,3 +23,8 @@ def __getattr__(name: str) -> Any:
 
         return SuperResolver
     raise AttributeError(name)
+
+
+def __dir__() -> list[str]:
+    """List the lazily imported ``SuperResolver`` too, so ``dir()`` and tab completion show it."""
+    return sorted(set(globals()) | set(__all__))

@@ -90,7 +90,17 @@ from ..tiling import (
     memory_limit_from_env,
     separable_weight,
 )
-from ..volume import Grid, Volume, axis_index, check_ct, require_ct, require_finite_voxels
+from ..volume import (
+    AIR_HU,
+    PADDING_THRESHOLD_HU,
+    Grid,
+    Volume,
+    axis_index,
+    check_ct,
+    replace_padding,
+    require_ct,
+    require_finite_voxels,
+)
 from ..weights.registry import register_architecture_check
 from .adapt import AdaptSettings, adapt_predictor
 from .config import MEAN, SAMPLE
@@ -465,6 +475,49 @@ PREDICTOR_BYTES_PER_VOXEL = 16
 PREDICTOR_FIXED_BYTES = 256 * 2**20
 
 
+def without_padding(volume: Volume) -> tuple[Volume, str]:
+    """``volume`` with the padding markers outside the scan circle (-2048, -3024, ... below
+    :data:`~DiffusionCore.volume.PADDING_THRESHOLD_HU` and reaching the edge of their slice) set to air, as
+    :func:`~DiffusionCore.volume.read_volume` sets them in a file's voxels (:func:`~DiffusionCore.volume.replace_padding`),
+    and a note saying how many; ``(volume, "")`` itself when it has none (a volume read from a file). The caller's
+    array is not modified: the replacement is made in a copy.
+
+    An in-memory volume (an array, ``Volume.from_sitk`` of an image read with SimpleITK) is then super-resolved as
+    its file is by the ``sr`` command: the model never sees -3024 HU beside the body."""
+    arr = volume.array
+    if float(arr.min()) >= PADDING_THRESHOLD_HU:  # nothing that low: no copy
+        return volume, ""
+    source = str(volume.metadata.get("source") or "the input volume")
+    out = replace_padding(np.array(arr, dtype=np.float32, copy=True), source)  # its own copy: replaced in place
+    replaced = int(np.count_nonzero(out != arr))
+    if not replaced:  # values that low inside the image only: measurements, kept as read_volume keeps them
+        return volume, ""
+    note = (f"{replaced} voxel{'s' if replaced != 1 else ''} below {PADDING_THRESHOLD_HU:g} HU reaching the image's "
+            f"edge (outside the scan circle) taken as padding and set to air ({AIR_HU:g} HU), as reading a file does "
+            "(the input volume itself is unchanged)")  # fmt: skip
+    return volume.with_array(out), note
+
+
+def spacing_order_note(volume: Volume, grid: Grid, axis: int) -> str:
+    """A warning for a volume built in memory (no ``metadata["source"]``: not read from a file) whose thick axis,
+    found from the spacing, is not array axis 0, the axis a ``(z, y, x)`` numpy array has its slices along: most
+    likely its spacing was given in the array's ``(z, y, x)`` order where :class:`~DiffusionCore.volume.Volume` takes
+    ``(x, y, z)``, and the run would up-sample the rows or columns. ``""`` for any other volume: a file's spacing comes
+    from its header, so a scan read from a file and stored with its slices along another axis is run as it is.
+    """
+    if axis == 0 or "source" in volume.metadata:
+        return ""
+    x, y, z = volume.spacing
+    name = "zyx"[axis]
+    return (
+        f"the volume's thickest spacing is along array axis {axis} ({name}, {volume.spacing_zyx[axis]:.3g} mm), not "
+        f"axis 0 (z), where a (z, y, x) array has its slices: its spacing was given as (x, y, z) = ({x:.3g}, {y:.3g}, "
+        f"{z:.3g}) mm, so the run up-samples array axis {name} ({volume.shape} -> {grid.shape}). If the spacing was "
+        f"meant in the array's (z, y, x) order, give Volume(array, spacing=({z:.3g}, {y:.3g}, {x:.3g})), which is "
+        f"(x, y, z); if the slices really are along {name}, pass axis={name!r} to say so"
+    )
+
+
 def predictor_bytes(voxels: int) -> int:
     """Host memory a through-plane predictor's run onto ``voxels`` output voxels needs, beside the process itself."""
     return int(voxels) * PREDICTOR_BYTES_PER_VOXEL + PREDICTOR_FIXED_BYTES
@@ -521,26 +574,30 @@ class SuperResolver:
         """Load registered weights by name, or a safetensors file (checked against the registry).
 
         A file whose metadata says ``component="throughplane"`` holds a through-plane predictor only; any
-        other SR file is a latent diffusion model (:meth:`SRModel.from_pretrained`).
+        other SR file is a latent diffusion model (:meth:`SRModel.from_pretrained`). torch's global random state is
+        left as it was (the layers' default initialisation draws from it before the weights overwrite them).
         """
         from ..weights.registry import resolve_weights
         from .model import SRModel
 
         resolved = resolve_weights(name_or_file, family="sr", allow_unregistered=allow_unregistered)
-        if resolved.metadata.get("component") == THROUGHPLANE:
-            predictor = load_predictor(resolved)
-            return cls(None, weights_name=str(name_or_file), predictor=predictor, weights_sha256=resolved.sha256)
-        return cls(SRModel.from_resolved(resolved), weights_name=str(name_or_file))  # checked once, warned once
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: the networks are built on the CPU
+            if resolved.metadata.get("component") == THROUGHPLANE:
+                predictor = load_predictor(resolved)
+                return cls(None, weights_name=str(name_or_file), predictor=predictor, weights_sha256=resolved.sha256)
+            return cls(SRModel.from_resolved(resolved), weights_name=str(name_or_file))  # checked once, warned once
 
     @classmethod
     def from_files(
         cls, vae_path: str | os.PathLike, diffusion_path: str | os.PathLike, *, allow_unregistered: bool = False
     ) -> SuperResolver:
         """Load separate VAE and diffusion weights files (``--vae-checkpoint`` and ``--diffusion-checkpoint``),
-        each checked against the registry like ``--weights`` (``allow_unregistered``: accept files in none)."""
+        each checked against the registry like ``--weights`` (``allow_unregistered``: accept files in none); torch's
+        global random state is left as it was, as by :meth:`from_pretrained`."""
         from .model import SRModel
 
-        model = SRModel.from_files(vae_path, diffusion_path, allow_unregistered=allow_unregistered)
+        with torch.random.fork_rng(devices=[]):  # the layers' initialisation draws from the CPU generator
+            model = SRModel.from_files(vae_path, diffusion_path, allow_unregistered=allow_unregistered)
         return cls(model, weights_name=f"{vae_path} + {diffusion_path}")
 
     @classmethod
@@ -675,7 +732,14 @@ class SuperResolver:
         """Super-resolve a thick-slice CT onto its thin grid.
 
         Args:
-            volume: the thick-slice CT (HU); not modified.
+            volume: the thick-slice CT (HU); not modified. Padding markers outside the scan circle (below -1500 HU
+                and reaching the edge of their slice: -2048, -3024, ...) are taken as air (-1024 HU) in a copy,
+                as :func:`~DiffusionCore.volume.read_volume` takes them in a file (:func:`without_padding`), so an
+                in-memory volume (e.g. ``Volume.from_sitk`` of an image read with SimpleITK) gives the ``sr``
+                command's result for its file; ``notes`` say how many voxels were replaced. A volume built in
+                memory (no ``metadata["source"]``) whose thickest spacing is not along array axis 0 gets a warning
+                and a note (:func:`spacing_order_note`: spacing given in the array's (z, y, x) order instead of
+                (x, y, z)) unless ``axis`` is given.
             settings: the run's options (:class:`~DiffusionCore.sr.settings.SRRunSettings`: factor or target
                 spacing, axis, estimate, steps, guidance, seed, device, patches, samples, data consistency,
                 memory limit, tile batch, non-CT input, adaptation); default: all defaults. ``adapt`` is an
@@ -722,9 +786,15 @@ class SuperResolver:
                 require_ct(volume, "input volume")  # constant: refused even when non-CT is allowed
         else:
             require_ct(volume, "input volume")
+        # padding outside the scan circle becomes air, as read_volume does for a file (on a copy; none when read)
+        volume, padding = without_padding(volume)
         grid, ax, k = self.target_grid(
             volume, factor=settings.factor, target_spacing=settings.target_spacing, axis=settings.axis
         )
+        # a volume built from an array with its spacing in (z, y, x) order would be run along its rows or columns
+        order = spacing_order_note(volume, grid, ax) if settings.axis is None else ""
+        if order:
+            logger.warning(order)
         # the factor suggested from the spacing, capped (plan_thin_grid has said so): the report keeps it too
         capped = factor_cap_note(volume, ax) if settings.factor is None and settings.target_spacing is None else ""
         # a target spacing of the slices over a whole number is that factor's run (degrade.whole_factor)
@@ -742,7 +812,7 @@ class SuperResolver:
                 adapt = dataclasses.replace(settings.adapt, slice_thickness_mm=thickness)
                 settings = settings.replace(adapt=adapt)
         out, report = self.run_to_grid(volume, grid, settings, progress=progress, cancel=cancel)
-        notes = [n for n in (capped, note) if n]
+        notes = [n for n in (padding, order, capped, note) if n]
         if notes:
             report["notes"] = [*report.get("notes", []), *notes]
         return out, report

@@ -120,6 +120,20 @@ class ThroughPlaneTrainConfig:
         if self.test_fraction + self.val_fraction >= 0.9:
             raise ConfigError("test_fraction + val_fraction must leave at least 10% of the slices for training")
 
+    @classmethod
+    def recipe(cls, **overrides: Any) -> ThroughPlaneTrainConfig:
+        """The recipe of the shipped ``sr-default`` weights (:data:`DEFAULT_CONFIG`, what ``train throughplane``
+        trains without ``--config``), with ``overrides`` (fields by name, e.g. ``max_steps=200``) applied over it:
+        the configuration to fine-tune ``sr-default`` with (``train(..., init_from="sr-default")``). The class's own
+        defaults (``ThroughPlaneTrainConfig()``, and the fields a ``--config`` file leaves out) are a smaller model.
+
+        Raises:
+            ConfigError: an unknown field or a value the configuration rejects.
+        """
+        from ..config import load_config, read_config_file
+
+        return load_config({**read_config_file(DEFAULT_CONFIG), **overrides}, cls, where=str(DEFAULT_CONFIG))
+
     def factor_probabilities(self) -> tuple[list[int], np.ndarray]:
         ks = list(self.model.factors)
         w = np.array([float(self.factor_weights.get(str(k), 1.0)) for k in ks])
@@ -304,7 +318,8 @@ def load_predictor_weights(net: ThroughPlaneNet, path: str, allow_unregistered: 
             f"--init-from {path}: its predictor ({src.config.channels} channels, {src.config.blocks} blocks) "
             f"differs from the configured one ({net.config.channels}, {net.config.blocks}): give a --config whose "
             f"model has {src.config.channels} channels and {src.config.blocks} blocks (sr-default's recipe is "
-            f"{DEFAULT_CONFIG}, what train throughplane uses without --config)"
+            f"{DEFAULT_CONFIG}, what train throughplane uses without --config; in Python: "
+            "ThroughPlaneTrainConfig.recipe())"
         )
     own = net.state_dict()
     copied = 0
@@ -421,7 +436,29 @@ def train(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume
     Runs as one process (on the CPU's threads, or on a GPU with ``device="cuda"``) or as several under
     ``torchrun --nproc_per_node=N`` (DDP: each process draws ``batch_size`` planes per step, the gradients
     are averaged, so a step learns from N x ``batch_size`` planes; rank 0 validates, checkpoints and exports).
+
+    Called from Python, it leaves the caller's process as it found it: torch's thread count (the run uses
+    ``cfg.threads``) and torch's global random state (the run seeds it with ``cfg.seed``: the CPU generator, and those
+    of the CUDA devices already initialised when it is called) are put back when it returns or raises. To fine-tune
+    the shipped weights, start from their recipe, e.g.
+    ``train(ThroughPlaneTrainConfig.recipe(max_steps=200), ["ct.nii.gz"], "runs/tp", init_from="sr-default")``:
+    ``ThroughPlaneTrainConfig()``'s own defaults are a smaller model that ``sr-default`` does not fit.
     """
+    threads = torch.get_num_threads()
+    # the CUDA generators only where the caller has used CUDA: forking them would start CUDA on every device
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):  # _train seeds torch's global generator with cfg.seed
+            return _train_session(cfg, data, out_dir, resume=resume, init_from=init_from, device=device,
+                                  threads_from=threads_from)  # fmt: skip
+    finally:
+        if torch.get_num_threads() != threads:  # cfg.threads was set for the run
+            torch.set_num_threads(threads)
+
+
+def _train_session(cfg: ThroughPlaneTrainConfig, data: list[str], out_dir: str, *, resume: bool,
+                   init_from: str | None, device: str, threads_from: str) -> dict[str, Any]:
+    """:func:`train`'s work, which sets torch's thread count and seeds its generator (:func:`train` puts both back)."""
     from ..inputs import collect_volumes
     from ..train.checkpoint import (
         log_volumes_used,

@@ -623,7 +623,8 @@ def resolve_weights(
     if name is None and not allow_unregistered:
         raise WeightsError(
             f"{path} (sha256 {sha}) is not a registered weights file: register it once with "
-            f"`python -m DiffusionCore weights import {shell_word(path)} --name NAME` (in Python: `import_weights`), "
+            f"`python -m DiffusionCore weights import {shell_word(path)} --name NAME` (in Python: "
+            "`DiffusionCore.weights.import_weights(path, name)`), "
             "or pass --allow-unregistered-weights (allow_unregistered=True) if you trust it"
         )
     registered_family = None

@@ -18,3 +18,8 @@ def __getattr__(name: str) -> Any:
 
         return XrayToCTGenerator
     raise AttributeError(name)
+
+
+def __dir__() -> list[str]:
+    """List the lazily imported ``XrayToCTGenerator`` too, so ``dir()`` and tab completion show it."""
+    return sorted(set(globals()) | set(__all__))

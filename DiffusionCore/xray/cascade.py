@@ -960,7 +960,7 @@ class UnifiedHybridViTCascade(nn.Module):
     def from_tensors(
         cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], source: str = "the weights"
     ) -> UnifiedHybridViTCascade:
-        """The cascade a weights file describes, with its tensors.
+        """The cascade a weights file describes, with its tensors; torch's global random state is left as it was.
 
         Raises:
             WeightsError: another family, configurations that cannot be built, or tensors that do not fit them
@@ -971,13 +971,17 @@ class UnifiedHybridViTCascade(nn.Module):
                 f"these weights are for the {metadata.get('family')!r} family, not X-ray to CT"
             )
         configs = _weights_configs(metadata, source)
-        return build_from_weights(lambda: cls(configs), tensors, source, "the X-ray to CT cascade")
+        # the layers' default initialisation draws from torch's CPU generator before the tensors overwrite it: the
+        # caller's generator is put back (networks are built on the CPU, so no CUDA generator is drawn from)
+        with torch.random.fork_rng(devices=[]):
+            return build_from_weights(lambda: cls(configs), tensors, source, "the X-ray to CT cascade")
 
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, *, allow_unregistered: bool = True
     ) -> UnifiedHybridViTCascade:
-        """Load from a registered name or a safetensors file (seed API).
+        """Load from a registered name or a safetensors file (seed API); torch's global random state is left as it
+        was (:meth:`from_tensors`), so a caller's seeded draws do not depend on whether a model was loaded first.
 
         Args:
             path: weights name or ``.safetensors`` file written by :meth:`save_pretrained` / ``train xray``.

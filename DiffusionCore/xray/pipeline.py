@@ -17,7 +17,11 @@ when it is mostly dark background (:func:`~DiffusionCore.xray.radiograph.crop_to
 black frame, burned-in text). Real radiographs read from files are windowed (0.5 / 99.5 percentiles) and then
 quantile-matched to the DRR of the mean training CT stored in the weights (its in-body pixels), so their grey levels
 follow the DRR style the model was trained on; arrays (e.g. DRRs) are only windowed, and the report's notes say
-so (:data:`ARRAY_INPUT_NOTE`): pass a real radiograph as its path or :class:`Radiograph`, not its array.
+so (:data:`ARRAY_INPUT_NOTE`): pass a real radiograph as its path or :class:`Radiograph`, not its array. Which of the
+two an image gets is its :attr:`Radiograph.preprocessing <DiffusionCore.xray.radiograph.Radiograph.preprocessing>`: a
+real radiograph held in memory (a pydicom ``pixel_array``) is given the file's treatment by
+:meth:`Radiograph.from_array <DiffusionCore.xray.radiograph.Radiograph.from_array>` (``kind="radiograph"``), and a DRR
+by ``kind="drr"``.
 
 After the run, a stage whose re-projection agrees poorly with the input (:data:`LOW_PROJECTION_PSNR_DB`) and a
 frontal input that looks inverted or turned sideways (:func:`~DiffusionCore.xray.radiograph.inversion_note`) get a
@@ -139,7 +143,8 @@ VIEW_NAMES = {"pa": "pa", "ap": "pa", "lateral": "lateral"}
 ARRAY_INPUT_NOTE = (
     "the image was given as an array, so it was taken as it is (as a DRR): not cropped to its exposed region and "
     "its grey levels only windowed (0.5 / 99.5 percentiles), not matched to the DRR style the model was trained on. "
-    "For a real radiograph pass its file path or read_radiograph(path), as xray2ct and the X-ray to CT module do"
+    "For a real radiograph pass its file path or read_radiograph(path), as xray2ct and the X-ray to CT module do, "
+    "or, for one held in memory, Radiograph.from_array(pixels, pixel_spacing, photometric=...)"
 )
 
 
@@ -230,7 +235,8 @@ class XrayToCTGenerator:
         """(1, 1, X, X) model input, field of view (mm) and where it came from.
 
         The radiograph is resampled to square pixels (:func:`.radiograph.square_pixels`), cropped to its exposed
-        region when it is mostly background and was read from a file (:func:`.radiograph.crop_to_exposed_region`),
+        region when it is mostly background and is a real radiograph (:attr:`.radiograph.Radiograph.preprocessing`:
+        read from a file, or marked ``kind="radiograph"``; :func:`.radiograph.crop_to_exposed_region`),
         centre-cropped to a square and resized; what was done, the part of the image the square crop leaves out
         included (:func:`.radiograph.square_crop_note`), is logged and appended to ``notes``, and so is that an array
         was taken as it is (:data:`ARRAY_INPUT_NOTE`).
@@ -245,7 +251,7 @@ class XrayToCTGenerator:
         rad, resampled = square_pixels(rad)
         if resampled:
             said.append((logging.INFO, f"the radiograph was {resampled}"))
-        from_file = rad.metadata.get("source", "array") != "array"
+        from_file = rad.preprocessing == "radiograph"  # a real radiograph: read from a file, or marked so
         if from_file:  # arrays (DRRs, the API's own) are taken as they are
             rad, cropped = crop_to_exposed_region(rad)
             if cropped:
@@ -325,7 +331,11 @@ class XrayToCTGenerator:
                 as it is, as a DRR: no crop to the exposed region and no style matching, only windowing (values
                 outside [0, 1] first windowed by their 0.5 / 99.5 percentiles); the report's ``notes`` say so. Pass an
                 array only for a DRR (e.g. one rendered from a CT); for a real radiograph pass the path or
-                ``read_radiograph(path)``: its CT can differ by hundreds of HU from that of its ``.array``. An image
+                ``read_radiograph(path)``: its CT can differ by hundreds of HU from that of its ``.array``. A real
+                radiograph held in memory (a pydicom ``pixel_array``, an image from PACS) gets a file's treatment as
+                ``Radiograph.from_array(pixels, pixel_spacing, photometric=...)``
+                (:meth:`.radiograph.Radiograph.from_array`); a :class:`Radiograph`'s ``kind`` (``"radiograph"`` or
+                ``"drr"``) decides it explicitly (:attr:`.radiograph.Radiograph.preprocessing`). An image
                 whose shorter side is under half the model's input side (64 pixels for the shipped weights) is
                 refused (InputError: a thumbnail, :func:`.radiograph.check_model_input_size`).
             num_stages: 1..the number of stages of the weights (default: all; more than it has is capped, with a

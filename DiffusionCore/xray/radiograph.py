@@ -87,22 +87,123 @@ def body_part_note(metadata: dict) -> str:
             "the result is a chest-like volume, not a CT of that region")
 
 
+#: What a :class:`Radiograph` is, for the preprocessing X-ray to CT gives it (:attr:`Radiograph.kind`):
+#: ``"radiograph"``, a real radiograph (cropped to its exposed region when it is mostly dark background, its grey
+#: levels quantile-matched to the DRR style the model was trained on), or ``"drr"``, a digitally reconstructed
+#: radiograph (e.g. rendered from a CT), taken as it is (only windowed).
+RADIOGRAPH_KINDS = ("radiograph", "drr")
+#: The photometric interpretations :meth:`Radiograph.from_array` takes (DICOM's (0028,0004) for greyscale): in
+#: ``"MONOCHROME2"`` pixels high values are bright (attenuating), in ``"MONOCHROME1"`` ones they are dark.
+PHOTOMETRIC_INTERPRETATIONS = ("MONOCHROME2", "MONOCHROME1")
+
+
 @dataclass
 class Radiograph:
     """A radiograph in attenuation style.
+
+    Build one with :func:`read_radiograph` (a file) or :meth:`from_array` (pixels held in memory, e.g. a pydicom
+    ``pixel_array``); ``Radiograph(array, ...)`` itself takes ``array`` as it is.
 
     Attributes:
         array: float32 (H, W) in [0, 1]; bright = more attenuation.
         pixel_spacing: (row, col) mm, or None when the file does not record it.
         metadata: provenance (source, photometric interpretation, modality, ...).
+        kind: what the image is, which decides the preprocessing X-ray to CT gives it (:data:`RADIOGRAPH_KINDS`):
+            ``"radiograph"`` (a real one: crop to the exposed region, grey levels matched to the DRR style) or
+            ``"drr"`` (taken as it is). None (the default): ``"radiograph"`` when ``metadata["source"]`` names a file
+            (what :func:`read_radiograph` records), else ``"drr"``; :attr:`preprocessing` says which applies.
+
+    Raises:
+        InputError: ``kind`` is not one of :data:`RADIOGRAPH_KINDS` (or None).
     """
 
     array: np.ndarray
     pixel_spacing: tuple[float, float] | None = None
     metadata: dict = field(default_factory=dict)
+    kind: str | None = None
 
     def __post_init__(self) -> None:
+        if self.kind is not None and self.kind not in RADIOGRAPH_KINDS:
+            raise InputError(f"a radiograph's kind must be one of {', '.join(map(repr, RADIOGRAPH_KINDS))} (or None); "
+                             f"got {self.kind!r}")  # fmt: skip
         self.array = np.ascontiguousarray(radiograph_pixels(self.array, self.metadata.get("source", "image")))
+
+    @property
+    def preprocessing(self) -> str:
+        """The :data:`RADIOGRAPH_KINDS` entry X-ray to CT preprocesses this image as: :attr:`kind` when it is given,
+        else ``"radiograph"`` for an image read from a file (``metadata["source"]`` a path) and ``"drr"`` for any
+        other (an array, ``metadata["source"] == "array"``)."""
+        if self.kind is not None:
+            return self.kind
+        return "radiograph" if self.metadata.get("source", "array") != "array" else "drr"
+
+    @classmethod
+    def from_array(
+        cls,
+        pixels: np.ndarray,
+        pixel_spacing: tuple[float, float] | None = None,
+        *,
+        kind: str = "radiograph",
+        photometric: str = "MONOCHROME2",
+        name: str = "the array",
+        metadata: dict | None = None,
+    ) -> Radiograph:
+        """A radiograph held in memory (a pydicom ``pixel_array``, an image from PACS or a data loader), given what
+        :func:`read_radiograph` gives a file's pixels, so X-ray to CT treats it as it treats that file.
+
+        The pixels are inverted if ``photometric`` is ``"MONOCHROME1"`` and windowed between their 0.5 / 99.5
+        percentiles (:func:`window_radiograph`), and the result is marked ``kind`` (by default a real radiograph:
+        cropped to its exposed region and matched to the DRR style by
+        :meth:`~DiffusionCore.xray.pipeline.XrayToCTGenerator.run`). The raw pixels of a DICOM file whose header does
+        not turn the image (:func:`apply_dicom_header`) give the same CT as the file itself::
+
+            ds = pydicom.dcmread(path)
+            rad = Radiograph.from_array(ds.pixel_array, None, photometric=ds.PhotometricInterpretation)
+
+        What only a file's header can say is not applied: the image is taken as shown (rows superior first, the
+        patient's right on the left for a PA view; a header's orientation, view, PresentationLUTShape INVERSE and
+        detector magnification are not read; pass ``invert=True`` to ``run`` for an image whose bones look dark,
+        and ``metadata={"magnification": ...}`` for a magnification other than
+        :data:`NOMINAL_MAGNIFICATION`). The caller's array is not modified.
+
+        Args:
+            pixels: (H, W) greyscale pixels in any units (integer or float), or a greyscale image stored as colour.
+            pixel_spacing: (row, col) mm at the detector, or None when unknown (the model's field of view is used).
+            kind: ``"radiograph"`` (default) or ``"drr"`` (:data:`RADIOGRAPH_KINDS`).
+            photometric: ``"MONOCHROME2"`` (default: high values bright, bone bright) or ``"MONOCHROME1"`` (high
+                values dark: a raw MONOCHROME1 DICOM ``pixel_array``); case and spaces ignored.
+            name: how messages name the image.
+            metadata: extra provenance kept in :attr:`metadata` (its ``"source"`` defaults to ``name``).
+
+        Raises:
+            InputError: not one 2D greyscale image, NaN or infinite values, a blank image, a spacing that is not two
+                positive finite numbers, or an unknown ``kind`` or ``photometric``.
+        """
+        interpretation = str(photometric).strip().upper()
+        if interpretation not in PHOTOMETRIC_INTERPRETATIONS:
+            raise InputError(f"photometric must be one of {', '.join(map(repr, PHOTOMETRIC_INTERPRETATIONS))} "
+                             f"(a greyscale radiograph); got {photometric!r}")  # fmt: skip
+        if kind not in RADIOGRAPH_KINDS:
+            raise InputError(f"kind must be one of {', '.join(map(repr, RADIOGRAPH_KINDS))}; got {kind!r}")
+        spacing = None
+        if pixel_spacing is not None:
+            try:
+                spacing = tuple(float(v) for v in pixel_spacing)
+            except (TypeError, ValueError):
+                spacing = ()
+            if len(spacing) != 2 or not all(np.isfinite(v) and v > 0 for v in spacing):
+                raise InputError(f"pixel_spacing must be two positive numbers (row, col) in mm, or None when it is "
+                                 f"unknown; got {pixel_spacing!r}")  # fmt: skip
+        shape = np.shape(pixels)
+        if len(shape) == 3 and 1 < shape[0] <= MAX_STACK_IMAGES < min(shape[1:]) and shape[-1] not in COLOUR_CHANNELS:
+            raise InputError(_stack_message(f"the array looks like a stack of {shape[0]} 2D images of "
+                                            f"{shape[1]}x{shape[2]} pixels (shape {tuple(shape)})"))  # fmt: skip
+        arr = radiograph_pixels(pixels, name)  # float32; the caller's own array when it is float32 already
+        if interpretation == "MONOCHROME1":  # high values dark: negated (a new array), as the reader's inversion
+            arr = np.negative(arr)  # (2^BitsStored - 1 - value) up to an offset, which the window below removes
+        arr = window_radiograph(arr, source=name, in_place=interpretation == "MONOCHROME1")  # the caller's is kept
+        meta = {"source": name, "photometric": interpretation, **(metadata or {})}
+        return cls(arr, spacing, meta, kind)  # type: ignore[arg-type]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -1235,7 +1336,7 @@ def square_pixels(rad: Radiograph) -> tuple[Radiograph, str]:
     said = f"{row:g} x {col:g} mm" if rad.pixel_spacing is not None else f"{row:g}:{col:g} (PixelAspectRatio)"
     note = (f"resampled from {h}x{w} to {rows}x{cols} pixels to make its pixels square: they are {said} "
             "(height x width)")  # fmt: skip
-    return Radiograph(arr, spacing, {**rad.metadata, "square_pixels_from": [h, w]}), note
+    return Radiograph(arr, spacing, {**rad.metadata, "square_pixels_from": [h, w]}, rad.kind), note
 
 
 #: Side (pixels) of the coarse grid on which the exposed region is found (the image is block-averaged down to it).
@@ -1356,7 +1457,7 @@ def crop_to_exposed_region(rad: Radiograph) -> tuple[Radiograph, str]:
         f"({r1 - r0}x{c1 - c0} of {h}x{w} pixels), leaving out the border and the text or markers burned into it. "
         "Crop the image to the chest if this region is not the chest."
     )
-    return Radiograph(arr, rad.pixel_spacing, {**rad.metadata, "cropped_to": [r0, r1, c0, c1]}), note
+    return Radiograph(arr, rad.pixel_spacing, {**rad.metadata, "cropped_to": [r0, r1, c0, c1]}, rad.kind), note
 
 
 #: A radiograph whose shorter side is below this share of its longer one loses much of itself to the square crop:
@@ -1424,7 +1525,7 @@ def resize_radiograph(rad: Radiograph, size: int | tuple[int, int], *, square: b
     spacing = None
     if rad.pixel_spacing is not None:
         spacing = (rad.pixel_spacing[0] * h / rows, rad.pixel_spacing[1] * w / cols)
-    return Radiograph(np.clip(out, 0, 1), spacing, {**rad.metadata, "resized_from": [h, w]})
+    return Radiograph(np.clip(out, 0, 1), spacing, {**rad.metadata, "resized_from": [h, w]}, rad.kind)
 
 
 #: :func:`inversion_score` below this: the radiograph looks inverted (bones dark). Frontal chest radiographs and
@@ -1480,7 +1581,8 @@ def inversion_note(arr: np.ndarray, invert: bool = False) -> str:
 
 def invert_radiograph(rad: Radiograph) -> Radiograph:
     """The radiograph with its intensities inverted (for an image whose bones appear dark)."""
-    return Radiograph((1.0 - rad.array).astype(np.float32), rad.pixel_spacing, {**rad.metadata, "inverted": True})
+    return Radiograph((1.0 - rad.array).astype(np.float32), rad.pixel_spacing, {**rad.metadata, "inverted": True},
+                      rad.kind)
 
 
 def match_drr_style(
@@ -1528,4 +1630,4 @@ def as_radiograph(image: Radiograph | np.ndarray | str | os.PathLike) -> Radiogr
     arr = radiograph_pixels(image, "the array")
     if arr.min() < 0 or arr.max() > 1:
         arr = window_radiograph(arr)
-    return Radiograph(arr, None, {"source": "array"})
+    return Radiograph(arr, None, {"source": "array"}, "drr")
