@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from .degrade import (
     slab_crop,
     slab_thickness_note,
 )
-from .errors import ConfigError, DiffusionCoreError, InputError, NumericalError
+from .errors import Cancelled, ConfigError, DiffusionCoreError, InputError, NumericalError
 from .geometry import storage_flips
 from .interpolation import INTERPOLATION_METHODS, interpolate
 from .metrics import (
@@ -73,6 +74,10 @@ METHOD_OPTIONS: dict[str, str] = {
     "seed": "random seed of the network's run (default 0)",
     "adapt": "AdaptSettings of the sr+adapt method's test-time adaptation (default: AdaptSettings()); sr ignores it",
 }
+
+#: Progress units each method of :func:`evaluate` takes of its ``progress(done, total, message)``'s ``total`` (the
+#: model methods report their own progress within their share).
+PROGRESS_PER_METHOD = 1000
 
 #: The option keys each method of your own declared (``register_method(..., options=...)``); ``None``: undeclared.
 _OWN_OPTIONS: dict[str, frozenset[str] | None] = {}
@@ -318,6 +323,7 @@ def evaluate(
     hu_range: tuple[float, float] = HU_RANGE,
     progress: Callable[[int, int, str], None] | None = None,
     keep: Callable[[str, Volume], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> dict:
     """Simulate thick slices from ``reference`` and score each method on the reference's grid.
 
@@ -354,9 +360,13 @@ def evaluate(
             "runs/tp/throughplane.safetensors", "allow_unregistered": True, "device": "cpu", "seed": 1}``.
         reference_name: how the report and the messages name the reference.
         hu_range: ``(lo, hi)`` HU both volumes are clipped to before scoring, ``lo < hi``.
-        progress: ``progress(done, total, message)`` per method.
+        progress: ``progress(done, total, message)``: each method has :data:`PROGRESS_PER_METHOD` of ``total``'s
+            units, and a model method (``sr``, ``sr+adapt``) moves within its share as its run goes (adaptation,
+            predicted planes), not only once it has finished.
         keep: called as ``keep(what, volume)`` with ``"reference"`` (the cropped reference), ``"thick"`` (the
             simulated input) and each method's name and reconstruction, as soon as each exists (to save them).
+        cancel: set it (from another thread) to stop: checked between methods and, inside a model method, between
+            its adaptation steps and plane batches; raises Cancelled.
 
     Returns:
         ``{"reference", "factor", "axis", "degradation", "hu_range", "results": [{"method", "psnr",
@@ -373,6 +383,7 @@ def evaluate(
 
     Raises:
         ConfigError: an unknown ``method_options`` key, or the per-method form; a ``hu_range`` not ``lo < hi``.
+        Cancelled: ``cancel`` was set.
         InputError: an unknown method or degradation, a method that does not fit the degradation, a reference too
             small to score or without a body.
     """
@@ -409,15 +420,21 @@ def evaluate(
     results = []
     details: dict[str, dict] = {}
     infinite: dict[str, list[str]] = {}
-    total = len(fns)
+    share = PROGRESS_PER_METHOD
+    total = len(fns) * share
     for i, (name, fn) in enumerate(fns):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("evaluation cancelled")
         if progress:
-            progress(i, total, f"{name}: reconstructing")
+            progress(i * share, total, f"{name}: reconstructing")
         method_report: dict[str, Any] = {}
+        run_keys: dict[str, Any] = {"report": method_report}
+        if name not in _OWN_OPTIONS:  # a built-in method: its progress within its share, and the cancel event
+            run_keys.update(progress=_within_share(progress, i, share, total, name), cancel=cancel)
         t0 = time.perf_counter()
         # each method its own copy of the thick input: one that edits it in place changes no other method's score
         try:
-            out = fn(thick.copy(), grid, {**method_options, "report": method_report})
+            out = fn(thick.copy(), grid, {**method_options, **run_keys})
         except NumericalError as exc:  # e.g. a model whose result held NaN voxels: say which method
             raise NumericalError(f"method {name}: {exc}") from None
         seconds = time.perf_counter() - t0
@@ -464,6 +481,21 @@ def evaluate(
         "warnings": warnings,
         **run_environment(),
     }
+
+
+def _within_share(
+    progress: Callable[[int, int, str], None] | None, index: int, share: int, total: int, name: str
+) -> Callable[[int, int, str], None] | None:
+    """A method's own ``progress(done, of, message)`` as :func:`evaluate`'s: ``done / of`` of the ``index``-th
+    method's ``share`` of ``total`` units, the message prefixed with the method's name."""
+    if progress is None:
+        return None
+
+    def within(done: int, of: int, message: str = "") -> None:
+        part = share * min(max(done, 0), of) // of if of > 0 else 0
+        progress(index * share + part, total, f"{name}: {message or 'reconstructing'}")
+
+    return within
 
 
 def aggregate(reports: Sequence[dict], scores: Sequence[str] = SCORE_KEYS, by: Sequence[str] = ("method",)) -> dict:

@@ -1519,8 +1519,36 @@ def _check_nifti(p: Path) -> np.ndarray | None:
     return bad.T.copy() if bad.any() else None
 
 
-#: Bytes per voxel while reading: the file's pixels (up to 8 bytes), the float32 array and its padding-free copy.
+#: Bytes per voxel while reading a DICOM series (or resampling a gantry-tilted one): its slices' pixels (up to 8
+#: bytes), the float32 array and a copy. Not re-measured; a single file's cost is :func:`_read_bytes_per_voxel`'s.
 _READ_BYTES_PER_VOXEL = 16
+
+#: What reading a single file (NIfTI, NRRD, MetaImage) needs per voxel besides its stored pixels' own two copies
+#: (ITK's image and numpy's copy of it): the float32 array (none more for a float32 file: it is numpy's copy itself),
+#: and a margin for the padding and CT checks' boolean masks (1 byte each, one at a time).
+_READ_MARGIN_BYTES_PER_VOXEL = 2
+
+
+def _read_bytes_per_voxel(itemsize: int, is_float32: bool) -> int:
+    """Host memory reading a single volume file needs per voxel stored as ``itemsize``-byte values: ITK's image and
+    numpy's copy of it (``2 x itemsize``), the float32 array (``4``, unless the file is float32 already) and a margin.
+
+    Measured on 2026-12-07 with ``read_volume`` alone (``ru_maxrss`` after the read less before it, in a process that
+    has imported torch and DiffusionCore, 1 thread; probe 46's files): int16 ``.nii.gz`` of 78.6 M and 314.6 M voxels
+    8.17 and 8.04 bytes per voxel (0.64 and 2.53 GB), float32 ``.nii.gz`` of 67.1 M and 251.7 M voxels 8.21 and 8.05.
+    The model says 8 for both; with the margin the check counts 10 (22-25 % above). The flat 16 it replaces refused
+    int16 files that fit (512x512x300 under a 1 GiB limit); a float64 file needs 22.
+    """
+    return 2 * int(itemsize) + (0 if is_float32 else 4) + _READ_MARGIN_BYTES_PER_VOXEL
+
+
+#: Bytes per stored component of ITK's scalar and vector pixel types (any other type: 8, the widest).
+_ITK_COMPONENT_BYTES: dict[int, int] = {
+    **dict.fromkeys((sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkVectorUInt8, sitk.sitkVectorInt8), 1),
+    **dict.fromkeys((sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkVectorUInt16, sitk.sitkVectorInt16), 2),
+    **dict.fromkeys((sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkFloat32, sitk.sitkVectorUInt32, sitk.sitkVectorInt32,
+                     sitk.sitkVectorFloat32), 4),
+}
 
 
 #: MetaImage files with more dimensions than this are refused before ITK parses them.
@@ -1756,8 +1784,11 @@ def _check_read_size(p: Path, n_slices: int | None = None) -> None:
     if n_slices is not None:
         size = size[:2] + [n_slices]
     voxels = int(np.prod(size, dtype=np.float64)) * max(1, int(reader.GetNumberOfComponents()))
+    pixel = reader.GetPixelID()
+    per_voxel = _READ_BYTES_PER_VOXEL if n_slices is not None else _read_bytes_per_voxel(
+        _ITK_COMPONENT_BYTES.get(pixel, 8), pixel == sitk.sitkFloat32)  # fmt: skip
     check_memory_for(
-        voxels * _READ_BYTES_PER_VOXEL,
+        voxels * per_voxel,
         f"reading {p.name} ({'x'.join(map(str, size))} voxels)",
         "crop or downsample the volume (e.g. in 3D Slicer: Crop Volume)",
     )
@@ -2031,6 +2062,97 @@ def _rounded_int16(arr: np.ndarray) -> tuple[np.ndarray, int]:
 API_OVERWRITE_ADVICE = "pass overwrite=True to replace it (--overwrite on the command line), or choose another name"
 
 
+def _itk_image_like(vol: Volume, voxels: np.ndarray, header: Mapping[str, str]) -> sitk.Image:
+    """A SimpleITK image of ``voxels`` (a copy, ``(z, y, x)``) with ``vol``'s geometry and the text fields ``header``."""
+    img = sitk.GetImageFromArray(voxels)
+    img.SetSpacing(vol.spacing)
+    img.SetOrigin(vol.origin)
+    img.SetDirection(tuple(float(v) for v in vol.direction.ravel()))
+    for key, value in header.items():
+        img.SetMetaData(key, _itk_text(value))
+    return img
+
+
+#: Voxels converted and written at a time by :func:`_write_streamed` (16 MiB of float32).
+_STREAM_VOXELS = 1 << 22
+
+
+def _output_slabs(arr: np.ndarray, dtype: np.dtype, counts: list[int]) -> Iterable[np.ndarray]:
+    """``arr`` ``(z, y, x)`` as C-contiguous ``dtype`` slabs of whole slices, in file order. int16 is rounded and
+    clipped as :func:`_rounded_int16` does, the clipped voxels added to ``counts[0]``; float32 slabs of a float32 array
+    are views, not copies."""
+    step = max(1, _STREAM_VOXELS // max(1, arr[:1].size))
+    for start in range(0, arr.shape[0], step):
+        part = arr[start : start + step]
+        if dtype == np.int16:
+            part = np.round(part)
+            counts[0] += int(np.count_nonzero((part < -32768) | (part > 32767)))
+            np.clip(part, -32768, 32767, out=part)
+        yield np.ascontiguousarray(part, dtype=dtype)
+
+
+def _sized_header(head: bytes, suffix: str, shape: tuple[int, int, int], written_z: int) -> bytes | None:
+    """The header ITK wrote for the first ``written_z`` slices of a ``(z, y, x)`` ``shape`` volume, made to say the
+    whole volume's size; None where its size field is not where this expects it (then ITK writes the volume)."""
+    nz, ny, nx = shape
+    if suffix in (".nii", ".nii.gz"):
+        for order in "<>":
+            sizeof_hdr = int(np.frombuffer(head[:4], dtype=order + "i4")[0]) if len(head) >= 4 else 0
+            if sizeof_hdr == 348:  # NIfTI-1: dim[8] int16 at byte 40
+                kind, at = order + "i2", 40
+            elif sizeof_hdr == 540:  # NIfTI-2: dim[8] int64 at byte 16
+                kind, at = order + "i8", 16
+            else:
+                continue
+            dims = np.frombuffer(head, dtype=kind, count=8, offset=at).copy()
+            if list(dims[:4]) != [3, nx, ny, written_z] or nz > np.iinfo(kind).max:
+                return None
+            dims[3] = nz
+            return head[:at] + dims.tobytes() + head[at + dims.nbytes :]
+        return None
+    key = {".nrrd": b"sizes: ", ".mha": b"DimSize = "}.get(suffix)
+    if key is None:
+        return None
+    line = key + f"{nx} {ny} {written_z}\n".encode()
+    if head.count(line) != 1:
+        return None
+    return head.replace(line, key + f"{nx} {ny} {nz}\n".encode())
+
+
+def _write_streamed(
+    vol: Volume, arr: np.ndarray, dtype: np.dtype, header: Mapping[str, str], tmp: str, suffix: str
+) -> int | None:
+    """Write ``arr`` (``(z, y, x)``) uncompressed into ``tmp`` (``.nii``/``.nii.gz``'s plain ``.nii``, ``.nrrd``,
+    ``.mha``) as ITK would, byte for byte, without ITK's whole-volume copy: ITK writes the first two slices (header
+    and geometry), the header is made to say the whole size, then the voxels follow from the array slab by slab.
+
+    Returns:
+        How many voxels were clipped to the int16 range; None (``tmp`` not written) where this cannot be done (a
+        single slice, a header this does not recognise): the caller lets ITK write the whole volume.
+    """
+    if arr.ndim != 3 or arr.shape[0] < 2:
+        return None
+    counts = [0]
+    first = next(iter(_output_slabs(arr[:2], dtype, counts)))
+    _itk(sitk.WriteImage, _itk_image_like(vol, first, header), itk_path(tmp, OutputError), False)
+    written = os.path.getsize(tmp)
+    if written <= first.nbytes:  # cut short (a full disk: ITK reports success): ITK's own write says why
+        return None
+    with open(tmp, "rb") as f:
+        head = f.read(written - first.nbytes)
+        if f.read() != first.tobytes():  # not a header and the raw voxels after it
+            return None
+    head = _sized_header(head, suffix, arr.shape, 2)
+    if head is None:
+        return None
+    counts = [0]
+    with open(tmp, "wb") as f:
+        f.write(head)
+        for slab in _output_slabs(arr, dtype, counts):
+            f.write(memoryview(slab).cast("B"))
+    return counts[0]
+
+
 def write_volume(
     vol: Volume,
     path: str | os.PathLike,
@@ -2076,8 +2198,14 @@ def write_volume(
     if dtype == "auto":
         as_int = bool(np.all(arr == np.round(arr))) and arr.min() >= -32768 and arr.max() <= 32767
         dtype = "int16" if as_int else "float32"
-    if dtype == "int16":
-        out, clipped = _rounded_int16(arr)
+    if dtype not in ("int16", "float32"):
+        raise ConfigError(f"dtype {dtype!r} cannot be written: choose 'auto' (int16 when every voxel is a whole HU "
+                          "value in range, else float32), 'int16' or 'float32'")  # fmt: skip
+    out_dtype = np.dtype(np.int16 if dtype == "int16" else np.float32)
+    nbytes = arr.size * out_dtype.itemsize
+    clipped = 0
+
+    def warn_clipped() -> None:
         if clipped:
             logger.warning(
                 "%s: %d voxel%s outside the int16 range (-32768 to 32767 HU; the volume spans %g to %g HU) clipped to "
@@ -2085,21 +2213,21 @@ def write_volume(
                 "Python)", p.name, clipped, "s" if clipped != 1 else "", float(np.nanmin(arr)), float(np.nanmax(arr)),
                 "them" if clipped != 1 else "it",
             )  # fmt: skip
-    elif dtype == "float32":
-        out = arr.astype(np.float32, copy=False)
-    else:
-        raise ConfigError(f"dtype {dtype!r} cannot be written: choose 'auto' (int16 when every voxel is a whole HU "
-                          "value in range, else float32), 'int16' or 'float32'")  # fmt: skip
+
     if vol.metadata.get("synthetic") and not has_provenance_fields(header):
         header = {**(header or {}), **provenance_header(minimal_provenance(vol.metadata))}
         logger.info("%s is marked synthetic with the weights' sha256 only: DiffusionCore.save_result(volume, path, "
                     "report) writes the run's full provenance (settings, input, weights)", p.name)  # fmt: skip
-    img = sitk.GetImageFromArray(out)
-    img.SetSpacing(vol.spacing)
-    img.SetOrigin(vol.origin)
-    img.SetDirection(tuple(float(v) for v in vol.direction.ravel()))
-    for key, value in (header or {}).items():
-        img.SetMetaData(key, _itk_text(value))
+    fields = header or {}
+
+    def whole_image() -> sitk.Image:  # a copy of every voxel: only where ITK itself must write them all
+        nonlocal clipped
+        if dtype == "int16":
+            out, clipped = _rounded_int16(arr)
+        else:
+            out = arr.astype(np.float32, copy=False)
+        return _itk_image_like(vol, out, fields)
+
     suffix = _suffix(p)
     # .nii.gz: ITK writes the plain .nii (header and geometry), then all cores gzip it (ITK's own gzip is
     # single-threaded and ~10x slower on a 512x512x256 volume). That needs room for both files at once; when the
@@ -2117,20 +2245,28 @@ def write_volume(
         try:
             for ext in (".nii", suffix) if gzip_after else (suffix,):
                 temps.append(_itk_partial_file(p, ext))
-            _itk(sitk.WriteImage, img, itk_path(temps[0], OutputError), compress and suffix in (".nrrd", ".mha"))
-            _check_complete(temps[0], out.nbytes, compressed=compress and suffix in (".nrrd", ".mha"))
+            compressed = compress and suffix in (".nrrd", ".mha")
+            # An uncompressed file is ITK's header and then the raw voxels: the voxels go straight from the volume's
+            # array (int16 converted slab by slab), with no whole-volume copy for ITK (4 bytes per voxel, the peak of
+            # a large run's write). A compressed NRRD or MetaImage (or a single slice) is written by ITK whole.
+            streamed = None if compressed else _write_streamed(vol, arr, out_dtype, fields, temps[0], suffix)
+            if streamed is None:
+                _itk(sitk.WriteImage, whole_image(), itk_path(temps[0], OutputError), compressed)
+            else:
+                clipped = streamed
+            _check_complete(temps[0], nbytes, compressed=compressed)
             if gzip_after:
                 gzip_file(temps[0], temps[1])
         except (RuntimeError, OSError) as exc:
             remove_temps()  # the free space and the limit are judged without them
-            if not (gzip_after and no_room_reason(p.parent, 2 * out.nbytes, exc)):
+            if not (gzip_after and no_room_reason(p.parent, 2 * nbytes, exc)):
                 raise
             logger.info("no room for %s uncompressed beside its .nii.gz: compressing it while it is written (slower)",
                         p.name)  # fmt: skip
             try:
                 temps.append(_itk_partial_file(p, suffix))
-                _itk(sitk.WriteImage, img, itk_path(temps[0], OutputError), True)
-                _check_gzip_complete(temps[0], out.nbytes)
+                _itk(sitk.WriteImage, whole_image(), itk_path(temps[0], OutputError), True)
+                _check_gzip_complete(temps[0], nbytes)
             except (RuntimeError, OSError):
                 raise exc from None  # it did not fit either: the first failure says why (a full disk, ulimit -f)
         publish(temps[-1], p, overwrite=overwrite)  # without overwrite: never over a file that appeared meanwhile
@@ -2138,9 +2274,10 @@ def write_volume(
         raise
     except (RuntimeError, OSError) as exc:
         remove_temps()  # before the free space is measured for the message
-        raise _write_failure(p, out.nbytes, exc) from None
+        raise _write_failure(p, nbytes, exc) from None
     finally:
         remove_temps()
+    warn_clipped()
     return p
 
 

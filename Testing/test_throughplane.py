@@ -440,6 +440,40 @@ def test_evaluate_cubic_dc_is_cubic_made_consistent():
     assert np.isfinite(rows["sr"]["psnr_body"])
 
 
+def test_evaluate_progress_moves_inside_a_model_method():
+    """probe 46: the bar sat at 50 % "sr: reconstructing" for 227 s of a 268 s evaluate run; the sr method's own
+    progress (its planes) now moves within the method's share."""
+    ref = Volume(ct_phantom_array((24, 40, 40)), spacing=(0.8, 0.8, 1.0))
+    seen = []
+    evaluate(ref, 4, methods=["cubic", "sr"], method_options={"resolver": SuperResolver.tiny_predictor()},
+             progress=lambda d, t, m: seen.append((d, t, m)))  # fmt: skip
+    total = seen[0][1]
+    assert {t for _, t, _ in seen} == {total} and seen[-1][0] == total
+    assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen)
+    inside = {d for d, _, m in seen if total // 2 < d < total and m.startswith("sr: ")}
+    assert len(inside) > 2  # several steps strictly inside sr's half, not one jump at its end
+
+
+@pytest.mark.parametrize(("method", "stage"), [("sr", "planes"), ("sr+adapt", "adapting")])
+def test_evaluate_cancel_stops_a_model_method_midway(method, stage):
+    """Cancel set while the sr method predicts its planes (sr+adapt: while it adapts) stops it there."""
+    ref = Volume(ct_phantom_array((24, 40, 40)), spacing=(0.8, 0.8, 1.0))
+    cancel = threading.Event()
+    after = []
+
+    def progress(done, total, message):
+        if cancel.is_set():
+            after.append(message)
+        elif stage in message:
+            cancel.set()
+
+    options = {"resolver": SuperResolver.tiny_predictor(), "adapt": AdaptSettings(steps=50, batch_size=4)}
+    with pytest.raises(Cancelled):
+        evaluate(ref, 4, methods=[method], method_options=options, progress=progress, cancel=cancel)
+    assert cancel.is_set() and not any("80/80 planes" in m or "consistency" in m for m in after)
+    assert len(after) <= 1  # stopped at its next step or plane batch, not at the end of the method
+
+
 # -- the training command -----------------------------------------------------------------------------
 def _run(args, **kw):
     return subprocess.run([sys.executable, "-m", "DiffusionCore", *args], capture_output=True, text=True,

@@ -463,15 +463,31 @@ def check_same_in_plane(volume: Volume, grid: Grid, axis: int) -> None:
         )
 
 
-#: Host memory the through-plane predictor's run needs per output voxel, writing included: the thin volume (the
-#: predictor adds its residual into the cubic interpolation, batch by batch), a block of data consistency's scratch,
-#: and the copies a writer makes (an int16 or DICOM output one more). Measured through ``sr`` on 2026-12-07 (probe 36,
-#: peak RSS above the process's own 0.4 GB): 12.9-13.9 bytes per voxel for chest-dx x4 and chest-lidc x2, 15.6 with
-#: int16 output, 14.6 with adaptation; 16-30 before the residual went straight into the volume.
-PREDICTOR_BYTES_PER_VOXEL = 16
-#: What the run needs beside that, whatever the volume's size: a plane batch's feature maps, the adaptation's
-#: batches and network copies, the writer's buffers (probe 36: 110-340 MB above the process on volumes of 3-10
-#: million output voxels, at most 180 MB beyond what the bytes per voxel say).
+#: Host memory the through-plane predictor's run needs per output voxel, writing included: the thin volume (4 bytes;
+#: the predictor adds its residual into the cubic interpolation, batch by batch), the float32 input (4 / factor), data
+#: consistency's scratch (about 1.5), and the writer's: none for a NIfTI, NRRD or MetaImage file (its voxels are
+#: streamed from the array, :func:`~DiffusionCore.volume.write_volume`), 6 for a DICOM series (its whole-volume
+#: rounded float32 and int16 copies, ``dicom_out.pixel_encoding``). Refitted on 2026-12-07 (probe 46 inputs), with
+#: ``/usr/bin/time -v python -m DiffusionCore sr IN OUT.nii.gz --factor 4 --threads 1`` (shipped sr-default, CPU),
+#: "Maximum resident set size" of the whole process, Python, PyTorch and the weights (0.35-0.4 GB) included:
+#:
+#: * chest-dx 512x512x64 x4 ``--no-adapt`` (67.1 M output voxels): 0.996 GB (1.26 GB before the writer's copy went);
+#: * chest-dx x4, default adaptation, ``--output-dtype int16``: 1.114 GB (the adaptation adds about 0.12 GB);
+#: * 512x512x150 x4 ``--no-adapt`` (157.3 M): 1.801 GB, at data consistency (1.45 GB predicting, 1.37 GB writing);
+#:   the slope between the two sizes is 8.9 bytes per voxel, the intercept 0.40 GB;
+#: * the same volume as a DICOM series: its write adds 6.06 bytes per voxel to the 1.36 GB before it (2.32 GB).
+#:
+#: What the run adds to the process as the check finds it (input read, weights loaded: 0.34-0.36 GB) is then 0.66 and
+#: 0.77 GB at 67.1 M voxels, 1.44 GB at 157.3 M (7.5 bytes per voxel beyond the fixed part) and 1.96 GB for the
+#: DICOM output (10.7 bytes per voxel). The check cannot tell the output's format, so 11 bytes plus 256 MiB: 2 %
+#: above the DICOM output's addition, 30-53 % above a file output's, and within 11 % of the whole process's peak for
+#: the file outputs (1.01 GB at 67.1 M voxels, 2.00 GB at 157.3 M). Making the DICOM writer convert slab by slab would let this fall to about 8.5 bytes. Before: 16
+#: bytes, fitted on 3-10 M-voxel volumes where the process's own memory looked like a per-voxel cost, and the
+#: writer's whole-volume copy: 31-65 % above what large runs took.
+PREDICTOR_BYTES_PER_VOXEL = 11
+#: What the run needs beside that, whatever the volume's size (not the process itself: ``--memory-limit`` caps the
+#: run's working memory): a plane batch's feature maps, the adaptation's batches and network copies (about 0.12 GB),
+#: the writer's buffers.
 PREDICTOR_FIXED_BYTES = 256 * 2**20
 
 
@@ -521,6 +537,30 @@ def spacing_order_note(volume: Volume, grid: Grid, axis: int) -> str:
 def predictor_bytes(voxels: int) -> int:
     """Host memory a through-plane predictor's run onto ``voxels`` output voxels needs, beside the process itself."""
     return int(voxels) * PREDICTOR_BYTES_PER_VOXEL + PREDICTOR_FIXED_BYTES
+
+
+def check_predictor_memory(shape: tuple[int, ...], memory_limit: int | None, factor: int, factors: list[int]) -> None:
+    """Refuse a through-plane predictor's run onto a grid of ``shape`` whose estimate (:func:`predictor_bytes`) exceeds
+    ``memory_limit`` (``--memory-limit``), else ``$DIFFUSIONCORE_MEMORY_LIMIT`` or the free memory
+    (:func:`~DiffusionCore.files.check_memory_for`), naming a smaller factor of ``factors`` that fits
+    (:func:`smaller_factor_advice`). The run makes it once the volume is read; ``sr`` and the Slicer batch CLI make it
+    from a file's header before reading it.
+
+    Raises:
+        ResourceError: the estimate does not fit.
+    """
+    from ..files import check_memory_for
+
+    voxels = math.prod(int(n) for n in shape)
+    needed = predictor_bytes(voxels)
+    available = memory_limit if memory_limit is not None else (memory_limit_from_env() or host_available_memory())
+    advice = smaller_factor_advice(voxels, available, factor, factors)
+    what = f"super-resolving onto {'x'.join(map(str, shape))} voxels"
+    if memory_limit is None:
+        check_memory_for(needed, what, advice)
+    elif needed > memory_limit:
+        raise ResourceError(f"not enough memory: {what} needs about {format_bytes(needed)}, above the limit of "
+                            f"{format_bytes(memory_limit)}; raise the limit, or {advice}")  # fmt: skip
 
 
 def smaller_factor_advice(voxels: int, available: int, factor: int, factors: list[int]) -> str:
@@ -941,8 +981,6 @@ class SuperResolver:
         t_start: float,
     ) -> tuple[Volume, dict[str, Any]]:
         """:meth:`run_to_grid` for weights without a diffusion stage: the starting point, then consistency."""
-        from ..files import check_memory_for
-
         grid, axis, factor, dev = plan.grid, plan.axis, plan.factor, plan.device
         predictor_factor, estimate = plan.predictor_factor, plan.estimate
         seed, memory_limit, adapt = settings.seed, settings.memory_limit, settings.adapt
@@ -951,17 +989,7 @@ class SuperResolver:
             raise GeometryError(predictor_spacing_problem(
                 volume.spacing_zyx[axis], grid.spacing_zyx[axis], self.predictor.factors)  # type: ignore[union-attr]
                 or "the through-plane predictor needs at least 2 slices along the thick axis")
-        voxels = int(np.prod(grid.shape))
-        needed = predictor_bytes(voxels)
-        available = memory_limit if memory_limit is not None else (memory_limit_from_env() or host_available_memory())
-        advice = smaller_factor_advice(voxels, available, predictor_factor, self.predictor.factors)  # type: ignore[union-attr]
-        if memory_limit is None:
-            check_memory_for(needed, f"super-resolving onto {'x'.join(map(str, grid.shape))} voxels", advice)
-        elif needed > memory_limit:
-            raise ResourceError(
-                f"not enough memory: super-resolving onto {'x'.join(map(str, grid.shape))} voxels needs about "
-                f"{format_bytes(needed)}, above the limit of {format_bytes(memory_limit)}; raise the limit, or {advice}"
-            )
+        check_predictor_memory(grid.shape, memory_limit, predictor_factor, self.predictor.factors)  # type: ignore[union-attr]
         box, total = plan.box, plan.total  # the body box the plan found; adaptation and predicted planes
 
         def tell(d: int, message: str) -> None:
@@ -1576,7 +1604,8 @@ def _evaluate_sr(thick: Volume, grid: Grid, options: dict) -> Volume:
 
     Options: ``weights`` (name or file; default: :func:`default_weights_name`), ``estimate``, ``num_steps``, ``device``,
     ``seed``, ``allow_unregistered`` (bool), ``resolver`` (a ready :class:`SuperResolver`, for scripts),
-    ``adapt`` (:class:`~DiffusionCore.sr.adapt.AdaptSettings` for the ``sr+adapt`` method). ``sr`` is the weights
+    ``adapt`` (:class:`~DiffusionCore.sr.adapt.AdaptSettings` for the ``sr+adapt`` method); and evaluate's run keys
+    ``progress`` (``progress(done, total, message)`` of this run) and ``cancel`` (a ``threading.Event``). ``sr`` is the weights
     as they are (``sr --no-adapt``); ``sr+adapt`` is what the ``sr`` command does by default.
     """
     resolver = options.get("resolver") or _resolver_for(options.get("weights"), bool(options.get("allow_unregistered")))
@@ -1599,7 +1628,9 @@ def _evaluate_sr(thick: Volume, grid: Grid, options: dict) -> Volume:
         seed=int(options.get("seed") or 0),
         adapt=options.get("adapt") if options.get("adapting") else None,
     )
-    out, report = resolver.run_to_grid(thick, grid, settings)
+    # evaluate's run keys: the progress within the method's share, and its cancel event (adaptation included)
+    out, report = resolver.run_to_grid(thick, grid, settings, progress=options.get("progress"),
+                                       cancel=options.get("cancel"))  # fmt: skip
     if isinstance(options.get("report"), dict):  # what evaluate's report says of this method
         options["report"].update(_evaluation_details(report))
     return out
