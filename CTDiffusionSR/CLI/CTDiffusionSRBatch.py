@@ -240,6 +240,46 @@ def check_outputs(args: argparse.Namespace) -> None:
         check_writable_file(path, overwrite=True)
 
 
+def load_resolver(args: argparse.Namespace):
+    """The SuperResolver of --tinyTestPredictor, --tinyTestModel, --weights or the installed default weights."""
+    from DiffusionCore.sr.pipeline import SuperResolver
+
+    if args.tinyTestPredictor:
+        return SuperResolver.tiny_predictor(seed=0)
+    if args.tinyTestModel:
+        return SuperResolver.tiny(seed=0)
+    if args.weights:
+        return SuperResolver.from_pretrained(args.weights, allow_unregistered=args.allowUnregisteredWeights)
+    return SuperResolver.from_pretrained(installed_default_weights())
+
+
+def check_room_for_outputs(args: argparse.Namespace, shape: tuple[int, ...]) -> None:
+    """Refuse, before any work, a result of ``shape`` voxels (and its uncertainty map) that the output's disk or this
+    session's file-size limit (``ulimit -f``) cannot take, as ``sr`` does (``check_room_for_result``, with its
+    message). This CLI writes float32 voxels uncompressed (NRRD too, which that check takes as compressed and only
+    warns of), so the size is known: 4 bytes a voxel and the header, for each volume.
+
+    Raises:
+        OutputError: exit code 4, naming the free space or the limit, what the file needs and what to do.
+    """
+    import math
+    from pathlib import Path
+
+    from DiffusionCore.errors import OutputError
+    from DiffusionCore.files import no_room_reason
+
+    voxels = math.prod(int(n) for n in shape)
+    for path in (args.outputVolume, args.uncertaintyVolume):
+        if not path:
+            continue
+        out = Path(path)
+        folder = out.parent if str(out.parent) else Path(".")
+        needed = voxels * 4 + (voxels * 4 if path == args.outputVolume and args.uncertaintyVolume else 0)
+        reason = no_room_reason(folder, needed)
+        if reason:
+            raise OutputError(f"no room for {out}: {reason}. Nothing was computed")
+
+
 def run(args: argparse.Namespace) -> int:
     """The run, with SIGTERM (Slicer's Cancel, ``kill``) stopping it between steps: exit code 130, one line, and
     no output left (what was published before the signal is removed again)."""
@@ -313,12 +353,16 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
 
     from DiffusionCore.cli.batch import BatchProgress
     from DiffusionCore.cli.common import Progress, check_result, result_range, write_return_parameters
-    from DiffusionCore.cli.sr import sr_provenance, uncertainty_provenance
+    from DiffusionCore.cli.sr import (
+        check_memory_from_header,
+        planned_shape,
+        sr_provenance,
+        uncertainty_provenance,
+    )
     from DiffusionCore.degrade import check_interspaced
     from DiffusionCore.errors import InputError
     from DiffusionCore.files import write_json_atomic
     from DiffusionCore.results import write_result
-    from DiffusionCore.sr.pipeline import SuperResolver
     from DiffusionCore.volume import read_volume
 
     t0 = time.perf_counter()
@@ -334,6 +378,15 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
     keep_freed_memory()  # a one-shot process: the network's buffers are reused, not mapped afresh
     refuse_several_volumes(args.inputVolume)  # one volume per run: a folder or list of volumes is sr's work
     check_outputs(args)  # before any work: no output may be an input, and each can be written
+    loaded: list = []  # the weights, loaded once: after the volume is read, or by the header's memory check
+
+    def loaded_resolver():
+        if not loaded:
+            loaded.append(load_resolver(args))
+        return loaded[0]
+
+    # a result too large for the memory is refused from the file's header, before the volume is read (sr's check)
+    check_memory_from_header(args.inputVolume, engine_settings, loaded_resolver)
     volume = read_volume(args.inputVolume)
     if args.sliceThickness > 0:  # what the DICOM series said, for the note on overlapping or interspaced slices
         volume.metadata["slice_thickness_mm"] = float(args.sliceThickness)
@@ -343,16 +396,9 @@ def _super_resolve(args: argparse.Namespace, cancel, written: list) -> int:
     check_interspaced(
         volume, engine_settings.axis, allow=engine_settings.allow_interspaced, what=args.inputVolume
     )
-    if args.tinyTestPredictor:
-        resolver = SuperResolver.tiny_predictor(seed=0)
-    elif args.tinyTestModel:
-        resolver = SuperResolver.tiny(seed=0)
-    elif args.weights:
-        resolver = SuperResolver.from_pretrained(
-            args.weights, allow_unregistered=args.allowUnregisteredWeights
-        )
-    else:
-        resolver = SuperResolver.from_pretrained(installed_default_weights())
+    # the result's files, uncompressed, checked against the disk and `ulimit -f` before the work, not after it
+    check_room_for_outputs(args, planned_shape(volume, engine_settings))
+    resolver = loaded_resolver()
     check_options_for_weights(args, engine_settings, resolver)
     model_name = str(resolver.weights_name or args.weights or "default")
     # the writing's share of the bar: an uncompressed float32 file, 1.9 s of a 13-minute run on 300 slices to 1200

@@ -22,7 +22,7 @@ from ..evaluate import (
     format_table,
     get_method,
 )
-from ..files import check_writable_file, refuse_overwriting_inputs, write_json_atomic
+from ..files import check_writable_file, format_bytes, refuse_overwriting_inputs, write_json_atomic
 from ..provenance import Provenance, environment, sidecar_path, sidecar_record, synthetic_input_warning
 from ..volume import Volume, crop_slices, read_volume, split_volume_suffix
 from .batch import remove_if_empty
@@ -279,9 +279,90 @@ def _read_reference(path: Path, series: int | str | None = None) -> tuple[Volume
     return vol, said
 
 
-def _evaluate_one(ref: Volume, name: str, read_warnings: list[str], args: argparse.Namespace, methods: list[str],
+#: ``evaluate``'s peak memory per scored voxel (the reference cut to --slices and to whole slabs): the reference, its
+#: SSIM moments and body mask, the thick input, one method's reconstruction and the scores' scratch; with a model
+#: method (sr, sr+adapt) its run's working memory too. Measured (2026-12-07, probe 46 follow-up) as the whole
+#: process's peak RSS (``/usr/bin/time -v``) on 512x512 slices of a 1.25 mm chest CT, --factor 4, 1 thread, at 64 and
+#: 192 slices (16.8 and 50.3 million voxels): 767 MB and 1.60 GB with cubic (25.4 bytes per voxel between the two),
+#: 965 MB and 1.87 GB with cubic and sr (27.5). The figures here are those plus about 12 %.
+EVALUATE_BYTES_PER_VOXEL = 28
+EVALUATE_MODEL_BYTES_PER_VOXEL = 31
+#: What an evaluation needs whatever the reference's size, the process itself included (the same runs: 340 MB with
+#: cubic, 527 MB with cubic and sr, where the two lines above meet zero voxels), so that the estimate is never below
+#: the whole process's measured peak.
+EVALUATE_FIXED_BYTES = 640 * 2**20
+
+
+#: What ``--save-volumes`` adds per voxel: the float32 copy a volume is written from.
+SAVE_BYTES_PER_VOXEL = 4
+
+
+def evaluate_bytes(voxels: int, methods: list[str], saving: bool = False) -> int:
+    """Peak memory of an ``evaluate`` process scoring ``methods`` on ``voxels`` reference voxels (after the crop),
+    ``saving`` them (``--save-volumes``) or not."""
+    per_voxel = EVALUATE_MODEL_BYTES_PER_VOXEL if any(m in MODEL_METHODS for m in methods) else EVALUATE_BYTES_PER_VOXEL
+    return int(voxels) * (per_voxel + (SAVE_BYTES_PER_VOXEL if saving else 0)) + EVALUATE_FIXED_BYTES
+
+
+def check_evaluate_memory(path: Path, name: str, args: argparse.Namespace, methods: list[str]) -> None:
+    """Refuse, before the reference ``path`` is read, an evaluation whose peak memory (:func:`evaluate_bytes`, from
+    the file's header and ``--slices``) exceeds ``$DIFFUSIONCORE_MEMORY_LIMIT`` or the free memory, saying what
+    fits. Nothing is checked where the header does not tell the grid (a DICOM series:
+    :func:`~DiffusionCore.cli.sr.header_grid`) or ``--slices`` leaves the volume (the crop then says so); reading
+    the file checks its own size.
+
+    Raises:
+        ResourceError: the estimate does not fit; the message names it, the limit, the slices that fit and what the
+            methods without a model need.
+    """
+    from ..files import check_memory_for, host_available_memory, memory_limit_from_env
+    from ..volume import axis_index
+    from .sr import header_grid
+
+    grid = header_grid(path)
+    if grid is None or args.factor < 1:
+        return
+    ax = axis_index(args.axis)
+    shape = list(grid.shape)
+    start, stop = args.slices if args.slices is not None else (0, shape[ax])
+    if not 0 <= start < stop <= shape[ax]:
+        return
+    shape[ax] = (stop - start) // args.factor * args.factor  # cut to whole slabs
+    if shape[ax] < 1:  # not one slab: evaluate says so
+        return
+    plane = math.prod(shape) // shape[ax]
+    saving = bool(args.save_volumes)
+    needed = evaluate_bytes(math.prod(shape), methods, saving)
+    available = memory_limit_from_env() or host_available_memory()
+    if needed <= available:
+        return
+    per_slice = evaluate_bytes(plane, methods, saving) - EVALUATE_FIXED_BYTES
+    fit = (available - EVALUATE_FIXED_BYTES) // per_slice // args.factor * args.factor if per_slice else 0
+    ways = []
+    if fit >= args.factor:
+        ways.append(f"score fewer slices (--slices {start} {start + fit}: {fit} of them along {'zyx'[ax]} need about "
+                    f"{format_bytes(evaluate_bytes(fit * plane, methods, saving))})")
+    else:
+        ways.append("score a smaller reference (crop it in-plane, or fewer --slices)")
+    model = [m for m in methods if m in MODEL_METHODS]
+    rest = [m for m in methods if m not in MODEL_METHODS]
+    if model and rest:  # the model methods need the most: the others alone, on these slices
+        ways.append(f"fewer methods (without {', '.join(model)}: about "
+                    f"{format_bytes(evaluate_bytes(math.prod(shape), rest, saving))})")
+    check_memory_for(
+        needed,
+        f"evaluating {name} ({'x'.join(map(str, shape))} voxels scored, methods {', '.join(methods)})",
+        ", or ".join(ways),
+    )
+
+
+def _evaluate_one(path: Path, series: int | str | None, name: str, args: argparse.Namespace, methods: list[str],
                   options: dict, saver: VolumeSaver | None, progress) -> dict:  # fmt: skip
-    """One reference cropped and scored: its report, with the slice indices of the file and its warnings."""
+    """One reference read, cropped and scored: its report, with the slice indices of the file and its warnings.
+    Its memory is checked from its header first (:func:`check_evaluate_memory`); the volume read is let go once
+    cropped to ``--slices`` (the crop is a copy: a view would keep the whole volume in memory while it is scored)."""
+    check_evaluate_memory(path, name, args, methods)
+    ref, read_warnings = _read_reference(path, series)
     start = 0
     if args.slices is not None:
         try:
@@ -364,10 +445,10 @@ def run(args: argparse.Namespace) -> int:
     created = [f for f in dict.fromkeys(folders_used) if not f.exists()]
     try:
         if not several:
-            ref, said = _read_reference(sources[0], args.reference_series)
             saver = (VolumeSaver(save_files[0], sources[0], _save_settings(args), args.overwrite, weights)
                      if save_files else None)  # fmt: skip
-            reports.append(_evaluate_one(ref, names[0], said, args, methods, options, saver, progress))
+            reports.append(_evaluate_one(sources[0], args.reference_series, names[0], args, methods, options, saver,
+                                         progress))  # fmt: skip
         else:
             n = len(sources)
             for i, path in enumerate(sources):
@@ -378,8 +459,8 @@ def run(args: argparse.Namespace) -> int:
                 saver = (VolumeSaver(save_files[i], path, _save_settings(args), args.overwrite, weights)
                          if save_files else None)  # fmt: skip
                 try:
-                    ref, said = _read_reference(path, _series_for(path, args.reference_series))
-                    reports.append(_evaluate_one(ref, str(path), said, args, methods, options, saver, overall))
+                    reports.append(_evaluate_one(path, _series_for(path, args.reference_series), str(path), args,
+                                                 methods, options, saver, overall))  # fmt: skip
                 except InputError as exc:  # this volume's own problem (unreadable, too small, --slices beyond it)
                     why = str(exc).removeprefix(f"{path}: ")
                     logger.warning("passed over %s: %s", path, why)
