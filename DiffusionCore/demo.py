@@ -363,8 +363,12 @@ def run_demo(output_dir: Path, *, device: str = "auto", factor: int = 4, skip_xr
     options = {"weights": sr_name, "num_steps": sr_steps, "device": device, "seed": 0,
                "adapt": AdaptSettings(steps=DEMO_ADAPT_STEPS)}
     with _progress_bar("evaluation") as progress:
+        # evaluate counts PROGRESS_PER_METHOD units per method (the model methods move within theirs): shown in percent
+        def percent(done: int, total: int, message: str) -> None:
+            progress(100 * done // max(total, 1), 100, message)
+
         report = _timed(timings, f"evaluate x{factor} on {label}", evaluate, test, factor, methods=methods,
-                        method_options=options, reference_name=label, progress=progress)
+                        method_options=options, reference_name=label, progress=percent)
     print(format_table(report))
     summary["evaluation"] = report
 
