@@ -122,12 +122,20 @@ DICOM_SLICE_HEADER_BYTES = 16 * 1024
 
 
 def check_room_for_result(
-    output: str | os.PathLike, shape: tuple[int, ...], *, dtype: str, as_dicom: bool, extra_bytes: int = 0
+    output: str | os.PathLike,
+    shape: tuple[int, ...],
+    *,
+    dtype: str,
+    as_dicom: bool,
+    extra_bytes: int = 0,
+    compressed: bool | None = None,
 ) -> None:
     """Refuse, before any work, a result of ``shape`` voxels that cannot fit where it goes: a DICOM series or a
     ``.nii`` file larger than the disk's free space or this session's file-size limit (``ulimit -f``). A compressed
     file (``.nii.gz``, ``.nrrd``, ``.mha``) is often several times smaller than its voxels, so for it the shortfall is
     a warning, not a refusal. ``extra_bytes``: what else the run writes there (an uncertainty map's voxels).
+    ``compressed``: whether the file is written compressed; by default told from its suffix (the Slicer batch CLI
+    writes its ``.nrrd`` uncompressed: ``False``).
 
     Raises:
         OutputError: the result cannot fit, naming the free space, what it needs and what to do.
@@ -143,7 +151,8 @@ def check_room_for_result(
         compressed = False
     else:
         needed = voxels * (2 if dtype == "int16" else 4)
-        compressed = "".join(out.suffixes[-2:]).lower() == ".nii.gz" or out.suffix.lower() in (".nrrd", ".mha")
+        if compressed is None:
+            compressed = "".join(out.suffixes[-2:]).lower() == ".nii.gz" or out.suffix.lower() in (".nrrd", ".mha")
     folder = out.parent if str(out.parent) else Path(".")
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # a folder made for the output: the disk of the nearest one that exists

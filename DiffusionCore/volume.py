@@ -581,13 +581,19 @@ def replace_padding(arr: np.ndarray, source: str = "volume") -> np.ndarray:
     edge. Voxels that low inside the image (noise in the air or the lungs of a low-dose scan) are measurements and
     are kept. An info line names ``source`` and the number of voxels replaced (once per call, i.e. per volume).
     """
+    return replace_padding_counted(arr, source)[0]
+
+
+def replace_padding_counted(arr: np.ndarray, source: str = "volume") -> tuple[np.ndarray, int]:
+    """:func:`replace_padding`, and how many voxels it set to air."""
     from scipy import ndimage
 
     own = arr.dtype == np.float32 and arr.flags.writeable and arr.flags.c_contiguous and arr.base is None
     out = arr if own else np.array(arr, dtype=np.float32, copy=True)
     if out.ndim != 3:
-        np.copyto(out, np.float32(AIR_HU), where=out < PADDING_THRESHOLD_HU)
-        return out
+        below = out < PADDING_THRESHOLD_HU
+        np.copyto(out, np.float32(AIR_HU), where=below)
+        return out, int(np.count_nonzero(below))
     replaced = kept = 0
     for k in range(out.shape[0]):
         below = out[k] < PADDING_THRESHOLD_HU
@@ -608,7 +614,7 @@ def replace_padding(arr: np.ndarray, source: str = "volume") -> np.ndarray:
                   "read") if kept else ""  # fmt: skip
         logger.info("%s: %d voxels below %g HU reaching the image's edge (outside the scan circle) taken as padding "
                     "and set to air (%g HU)%s", source, replaced, PADDING_THRESHOLD_HU, AIR_HU, inside)  # fmt: skip
-    return out
+    return out, replaced
 
 
 def thick_axis(vol: Volume | Grid, min_ratio: float = THICK_AXIS_MIN_RATIO) -> int | None:
@@ -1762,6 +1768,40 @@ def image_io(path: str | os.PathLike) -> str:
     return _IMAGE_IOS.get(_suffix(Path(path)), "")
 
 
+def _image_information(p: Path) -> sitk.ImageFileReader:
+    """A reader of the volume file ``p`` that has read its header alone (ITK's ``ReadImageInformation``: no voxel).
+
+    Raises:
+        RuntimeError: ITK could not read the header.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(itk_path(p))
+    reader.SetImageIO(image_io(p))
+    _itk(reader.ReadImageInformation)
+    return reader
+
+
+def header_grid(path: str | os.PathLike) -> Grid | None:
+    """The grid of a volume file (NIfTI, NRRD, MetaImage) from its header alone, no voxel read; ``None`` where a
+    header does not tell it cheaply: a DICOM series (a folder, or an enhanced CT file: the series read and its slice
+    spacing are known only once every file's header has been read, which :func:`read_volume` does), an image that is
+    not one 3D scalar volume, or a header that cannot be read (reading the file then says why)."""
+    p = Path(path)
+    if not image_io(p) or not p.is_file():
+        return None
+    try:
+        check_metaimage_header(p)  # ITK's MetaIO crashes on some headers: read_volume refuses them, naming why
+        reader = _image_information(p)
+    except (RuntimeError, DiffusionCoreError):
+        return None
+    size = [int(n) for n in reader.GetSize()]
+    if len(size) != 3 or min(size) < 1 or int(reader.GetNumberOfComponents()) != 1:
+        return None
+    return Grid(shape=(size[2], size[1], size[0]), spacing=tuple(float(s) for s in reader.GetSpacing()),
+                origin=tuple(float(o) for o in reader.GetOrigin()),
+                direction=tuple(float(d) for d in reader.GetDirection()))  # fmt: skip
+
+
 def _check_read_size(p: Path, n_slices: int | None = None) -> None:
     """Read only the header of ``p`` and refuse a volume that cannot fit in memory, before ITK allocates it
     (a corrupt or hostile header can claim billions of voxels). ``n_slices`` multiplies a single DICOM
@@ -1770,11 +1810,8 @@ def _check_read_size(p: Path, n_slices: int | None = None) -> None:
 
     check_metaimage_header(p)
     _check_compressed_data(p)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(itk_path(p))
-    reader.SetImageIO(image_io(p))
     try:
-        _itk(reader.ReadImageInformation)
+        reader = _image_information(p)
     except RuntimeError as exc:
         raise InputError(
             f"could not read {p}: {sitk_message(exc)}. Supported: NIfTI (.nii, .nii.gz), NRRD, MHA, "

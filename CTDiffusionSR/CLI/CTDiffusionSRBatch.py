@@ -255,29 +255,23 @@ def load_resolver(args: argparse.Namespace):
 
 def check_room_for_outputs(args: argparse.Namespace, shape: tuple[int, ...]) -> None:
     """Refuse, before any work, a result of ``shape`` voxels (and its uncertainty map) that the output's disk or this
-    session's file-size limit (``ulimit -f``) cannot take, as ``sr`` does (``check_room_for_result``, with its
-    message). This CLI writes float32 voxels uncompressed (NRRD too, which that check takes as compressed and only
-    warns of), so the size is known: 4 bytes a voxel and the header, for each volume.
+    session's file-size limit (``ulimit -f``) cannot take: ``sr``'s check (``check_room_for_result``, with its
+    message), told that this CLI writes float32 voxels uncompressed (NRRD too, which it would take as compressed and
+    only warn of).
 
     Raises:
         OutputError: exit code 4, naming the free space or the limit, what the file needs and what to do.
     """
     import math
-    from pathlib import Path
 
-    from DiffusionCore.errors import OutputError
-    from DiffusionCore.files import no_room_reason
+    from DiffusionCore.results import check_room_for_result
 
     voxels = math.prod(int(n) for n in shape)
-    for path in (args.outputVolume, args.uncertaintyVolume):
-        if not path:
-            continue
-        out = Path(path)
-        folder = out.parent if str(out.parent) else Path(".")
-        needed = voxels * 4 + (voxels * 4 if path == args.outputVolume and args.uncertaintyVolume else 0)
-        reason = no_room_reason(folder, needed)
-        if reason:
-            raise OutputError(f"no room for {out}: {reason}. Nothing was computed")
+    if args.outputVolume:
+        check_room_for_result(args.outputVolume, shape, dtype="float32", as_dicom=False, compressed=False,
+                              extra_bytes=voxels * 4 if args.uncertaintyVolume else 0)  # fmt: skip
+    if args.uncertaintyVolume:
+        check_room_for_result(args.uncertaintyVolume, shape, dtype="float32", as_dicom=False, compressed=False)
 
 
 def run(args: argparse.Namespace) -> int:

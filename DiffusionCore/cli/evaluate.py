@@ -308,7 +308,7 @@ def check_evaluate_memory(path: Path, name: str, args: argparse.Namespace, metho
     """Refuse, before the reference ``path`` is read, an evaluation whose peak memory (:func:`evaluate_bytes`, from
     the file's header and ``--slices``) exceeds ``$DIFFUSIONCORE_MEMORY_LIMIT`` or the free memory, saying what
     fits. Nothing is checked where the header does not tell the grid (a DICOM series:
-    :func:`~DiffusionCore.cli.sr.header_grid`) or ``--slices`` leaves the volume (the crop then says so); reading
+    :func:`~DiffusionCore.volume.header_grid`) or ``--slices`` leaves the volume (the crop then says so); reading
     the file checks its own size.
 
     Raises:
@@ -316,8 +316,7 @@ def check_evaluate_memory(path: Path, name: str, args: argparse.Namespace, metho
             methods without a model need.
     """
     from ..files import check_memory_for, host_available_memory, memory_limit_from_env
-    from ..volume import axis_index
-    from .sr import header_grid
+    from ..volume import axis_index, header_grid
 
     grid = header_grid(path)
     if grid is None or args.factor < 1:

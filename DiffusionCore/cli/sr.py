@@ -43,7 +43,6 @@ from ..files import (
     current_rss_bytes,
     format_bytes,
     keep_freed_memory,
-    native_stderr_captured,
     peak_rss_bytes,
     refuse_overwriting_inputs,
 )
@@ -65,6 +64,7 @@ from ..volume import (
     Volume,
     check_ct,
     check_output_geometry,
+    header_grid,
     mark_ct_checked,
     read_volume,
     require_ct,
@@ -453,37 +453,6 @@ def planned_grid(volume: Volume | Grid, settings: SRRunSettings) -> tuple[Grid, 
 def planned_shape(volume: Volume | Grid, settings: SRRunSettings) -> tuple[int, int, int]:
     """The shape of the grid the run will write (:func:`planned_grid`)."""
     return planned_grid(volume, settings)[0].shape
-
-
-def header_grid(path: str | os.PathLike) -> Grid | None:
-    """The grid of a volume file (NIfTI, NRRD, MetaImage) from its header alone, no voxel read; ``None`` where a
-    header does not tell it cheaply: a DICOM series (a folder, or an enhanced CT file: the series read and its slice
-    spacing are known only once every file's header has been read, which :func:`~DiffusionCore.volume.read_volume`
-    does), an image that is not one 3D scalar volume, or a header that cannot be read (reading the file then says
-    why)."""
-    import SimpleITK as sitk
-
-    from ..volume import check_metaimage_header, image_io, itk_path
-
-    p = Path(path)
-    io = image_io(p)
-    if not io or not p.is_file():
-        return None
-    try:
-        check_metaimage_header(p)  # ITK's MetaIO crashes on some headers: read_volume refuses them, naming why
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(itk_path(p))
-        reader.SetImageIO(io)
-        with native_stderr_captured():
-            reader.ReadImageInformation()
-    except (RuntimeError, DiffusionCoreError):
-        return None
-    size = [int(n) for n in reader.GetSize()]
-    if len(size) != 3 or min(size) < 1 or int(reader.GetNumberOfComponents()) != 1:
-        return None
-    return Grid(shape=(size[2], size[1], size[0]), spacing=tuple(float(s) for s in reader.GetSpacing()),
-                origin=tuple(float(o) for o in reader.GetOrigin()),
-                direction=tuple(float(d) for d in reader.GetDirection()))  # fmt: skip
 
 
 def check_memory_from_header(path: str | os.PathLike, settings: SRRunSettings,

@@ -97,7 +97,7 @@ from ..volume import (
     Volume,
     axis_index,
     check_ct,
-    replace_padding,
+    replace_padding_counted,
     require_ct,
     require_finite_voxels,
 )
@@ -504,8 +504,8 @@ def without_padding(volume: Volume) -> tuple[Volume, str]:
     if float(arr.min()) >= PADDING_THRESHOLD_HU:  # nothing that low: no copy
         return volume, ""
     source = str(volume.metadata.get("source") or "the input volume")
-    out = replace_padding(np.array(arr, dtype=np.float32, copy=True), source)  # its own copy: replaced in place
-    replaced = int(np.count_nonzero(out != arr))
+    # its own copy, replaced in place (the caller's array may be one replace_padding would change in place)
+    out, replaced = replace_padding_counted(np.array(arr, dtype=np.float32, copy=True), source)
     if not replaced:  # values that low inside the image only: measurements, kept as read_volume keeps them
         return volume, ""
     note = (f"{replaced} voxel{'s' if replaced != 1 else ''} below {PADDING_THRESHOLD_HU:g} HU reaching the image's "
